@@ -1,0 +1,84 @@
+"""FastAPI application factory; the lifespan builds and closes shared clients."""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from service import __version__
+from service.config import Settings
+from service.db import create_engine, session_factory
+from service.health import readiness
+from service.lightning.client import LndClient
+
+
+class Liveness(BaseModel):
+    status: str
+    version: str
+
+
+class CheckOut(BaseModel):
+    ok: bool
+    detail: str
+    latency_ms: float
+    info: dict | None = None
+
+
+class RelayCheckOut(CheckOut):
+    url: str
+
+
+class ReadinessChecks(BaseModel):
+    database: CheckOut
+    lnd: CheckOut
+    relays: list[RelayCheckOut]
+
+
+class Readiness(BaseModel):
+    status: str
+    checks: ReadinessChecks
+
+
+def build_lnd(settings: Settings) -> LndClient | None:
+    if settings.lnd_tls_cert_path is None or settings.lnd_macaroon_path is None:
+        return None
+    return LndClient.from_files(settings.lnd_grpc_host, settings.lnd_tls_cert_path, settings.lnd_macaroon_path,
+                                timeout=settings.lnd_timeout_seconds)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url)
+        app.state.engine = engine
+        app.state.sessions = session_factory(engine)
+        app.state.lnd = build_lnd(settings)
+        try:
+            yield
+        finally:
+            if app.state.lnd is not None:
+                await app.state.lnd.close()
+            await engine.dispose()
+
+    app = FastAPI(title="fedstr-escrow", version=__version__, lifespan=lifespan,
+                  description="Lightning escrow for a FEDSTR machine-learning training marketplace on Nostr.")
+    app.state.settings = settings
+
+    @app.get("/v1/health/live", response_model=Liveness, tags=["health"])
+    async def live() -> Liveness:
+        """The process is up and serving HTTP."""
+        return Liveness(status="ok", version=__version__)
+
+    @app.get("/v1/health/ready", response_model=Readiness, tags=["health"],
+             responses={503: {"model": Readiness, "description": "a dependency is not ready"}})
+    async def ready(request: Request) -> JSONResponse:
+        """Database, LND (reachable and synced) and relays (at least one answering)."""
+        body = await readiness(request.app.state.engine, request.app.state.lnd, settings.relays)
+        return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+    return app

@@ -1,0 +1,77 @@
+"""Typed settings, read from ``FEDSTR_*`` environment variables (or a ``.env`` file).
+
+Defaults suit a local regtest run; ``devstack/stack env`` prints the values that
+point the service at the local network. Secrets are ``SecretStr`` so they never
+appear in reprs, logs or error messages.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+Network = Literal["mainnet", "testnet", "signet", "regtest"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="FEDSTR_", env_file=".env", extra="ignore")
+
+    network: Network = "regtest"
+    database_url: str = "sqlite+aiosqlite:///./fedstr-escrow.sqlite3"
+
+    lnd_grpc_host: str = "127.0.0.1:10009"
+    lnd_tls_cert_path: Path | None = None
+    lnd_macaroon_path: Path | None = None
+    lnd_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
+
+    relays: Annotated[list[str], NoDecode] = Field(default_factory=list)
+
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=1, le=65535)
+
+    admin_token: SecretStr | None = None
+    webhook_secret: SecretStr | None = None
+
+    @field_validator("lnd_grpc_host")
+    @classmethod
+    def _host_port(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"expected host:port, got {v!r}")
+        return v
+
+    @field_validator("relays", mode="before")
+    @classmethod
+    def _parse_relays(cls, v: object) -> object:
+        # Accept a JSON list or a comma-separated string.
+        if isinstance(v, str):
+            v = v.strip()
+            if not v:
+                return []
+            if v.startswith("["):
+                try:
+                    return json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"FEDSTR_RELAYS is not valid JSON: {e.msg}") from None
+            return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("relays")
+    @classmethod
+    def _check_relays(cls, v: list[str]) -> list[str]:
+        for url in v:
+            u = urlparse(url)
+            if u.scheme not in ("ws", "wss") or not u.hostname:
+                raise ValueError(f"relay URL must be ws:// or wss:// with a host, got {url!r}")
+        return v
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db(cls, v: str) -> str:
+        if not (v.startswith("sqlite+aiosqlite://") or v.startswith("postgresql+asyncpg://")):
+            raise ValueError("database_url must use sqlite+aiosqlite:// or postgresql+asyncpg://")
+        return v

@@ -1,0 +1,1 @@
+"""Lightning adapter: a typed LND client over gRPC (see ``client.py``)."""
