@@ -93,6 +93,10 @@ _MESSAGES: tuple[tuple[str, type[LndError]], ...] = (
     ("there are no existing invoices", LndNotFound),
     ("invoice not found", LndNotFound),
     ("payment isn't initiated", LndNotFound),
+    ("verification failed", LndAuthError),  # macaroon signature/caveat check
+    ("expected 1 macaroon", LndAuthError),
+    ("cannot get macaroon", LndAuthError),
+    ("permission denied", LndAuthError),
     ("server is still in the process of starting", LndUnavailable),
     ("waiting to start", LndUnavailable),
 )
