@@ -1,0 +1,42 @@
+# fedstr-escrow developer commands. Every target does its own set-up.
+#   make run    the main job: local regtest network + relay + the service (Ctrl-C stops the service)
+#   make test   the whole test suite against a real regtest network (started and stopped by the tests)
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install build up down status run test openapi clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+build:
+	devstack/stack build
+
+up: build
+	devstack/stack up
+
+down:
+	devstack/stack down
+
+status:
+	devstack/stack status
+
+run: install up
+	@echo "starting the service; the regtest stack stays up afterwards (make down stops it)"
+	eval "$$(devstack/stack env)" && exec $(BIN)/fedstr-escrow serve
+
+test: install build
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+openapi: install
+	$(BIN)/fedstr-escrow openapi
+
+clean: down
+	rm -rf .devstack build *.egg-info
