@@ -19,7 +19,6 @@ import secrets
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -120,7 +119,7 @@ def stack_desc() -> Iterator[dict]:
     if missing:
         pytest.fail(f"devstack binaries missing in {devstack.BIN} ({', '.join(missing)}): "
                     "run `devstack/stack build` (or `make test`, which does)", pytrace=False)
-    d = Path(tempfile.mkdtemp(prefix="fedstr-test-stack-"))
+    d = ROOT / ".devstack" / "test"
     base = os.environ.get("FEDSTR_TEST_PORT_BASE", "29800")
     cmd = [sys.executable, str(STACK_SCRIPT), "--dir", str(d), "--port-base", base]
     t0 = time.monotonic()
