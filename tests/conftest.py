@@ -109,8 +109,15 @@ def new_preimage() -> tuple[bytes, bytes]:
     return pre, hashlib.sha256(pre).digest()
 
 
+def _say(config: pytest.Config, line: str) -> None:
+    """Print past pytest's capture, so a long set-up shows progress."""
+    reporter = config.pluginmanager.getplugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
-def stack_desc() -> Iterator[dict]:
+def stack_desc(pytestconfig: pytest.Config) -> Iterator[dict]:
     reuse = os.environ.get("FEDSTR_TEST_STACK_DIR")
     if reuse:
         yield json.loads((Path(reuse) / "stack.json").read_text())
@@ -123,10 +130,11 @@ def stack_desc() -> Iterator[dict]:
     base = os.environ.get("FEDSTR_TEST_PORT_BASE", "29800")
     cmd = [sys.executable, str(STACK_SCRIPT), "--dir", str(d), "--port-base", base]
     t0 = time.monotonic()
+    _say(pytestconfig, f"\n[tests] bringing up the regtest stack in {d} (port base {base}) ...")
     r = subprocess.run([*cmd, "up"], capture_output=True, text=True)
     if r.returncode != 0:
         pytest.fail(f"devstack up failed:\n{r.stdout}\n{r.stderr}", pytrace=False)
-    sys.stderr.write(f"\n[tests] regtest stack up in {time.monotonic() - t0:.1f} s ({d})\n")
+    _say(pytestconfig, f"[tests] regtest stack up in {time.monotonic() - t0:.1f} s")
     try:
         yield json.loads((d / "stack.json").read_text())
     finally:
