@@ -52,3 +52,13 @@ async def ping(engine: AsyncEngine) -> None:
 def import_models() -> None:
     """Import every module that defines tables, so ``Base.metadata`` is complete."""
     from service import cursors  # noqa: F401
+    from service.nostr import models as _nostr  # noqa: F401
+
+
+def insert_ignore(session: AsyncSession, table):  # noqa: ANN001, ANN201 - returns a dialect Insert
+    """``INSERT … ON CONFLICT DO NOTHING`` for the session's dialect (SQLite or PostgreSQL)."""
+    if session.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert(table).on_conflict_do_nothing()

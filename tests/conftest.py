@@ -195,3 +195,48 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RelayProcess:
+    """A real nostr-relay process of a test's own, which the test may stop and restart."""
+
+    def __init__(self, directory: Path, auth_roles: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.stack = devstack.Stack(directory, self.port - 50)
+        self.auth_roles = auth_roles
+        self.url = f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.stack.relay_start(self.auth_roles)
+        devstack.wait_for(30, self.stack.relay_ready, f"relay {self.url}",
+                          logfile=self.stack.dir / "relay.log")
+
+    def stop(self) -> None:
+        self.stack.stop("relay")
+
+    def grant(self, pubkey: str, roles: str) -> None:
+        self.stack.relay_roles(pubkey, roles)
+
+
+@pytest.fixture
+def relay_factory(tmp_path: Path) -> Iterator:
+    if not (devstack.RELAY_VENV / "bin" / "nostr-relay").exists():
+        pytest.fail("relay venv missing: run `devstack/stack build`", pytrace=False)
+    started: list[RelayProcess] = []
+
+    def make(auth_roles: dict[str, str] | None = None, start: bool = True) -> RelayProcess:
+        r = RelayProcess(tmp_path / f"relay{len(started)}", auth_roles)
+        started.append(r)
+        if start:
+            r.start()
+        return r
+    yield make
+    for r in started:
+        r.stop()

@@ -1,0 +1,142 @@
+"""The inbox: every verified event is stored once, by id, before anything processes it.
+
+- ``store``/``store_many`` insert with ``ON CONFLICT DO NOTHING`` on the event id, so
+  the same event from several relays, a relay's replay after a reconnect, or the
+  REST API and a relay at once, lands exactly once.
+- ``process_pending`` hands each unhandled event to a handler inside one
+  transaction and marks it handled in that same transaction with a
+  compare-and-set (``UPDATE … WHERE handled_at IS NULL``): the handler's effects
+  and the mark commit together or not at all, and two workers (or replicas) can
+  never both process one event. Unhandled events are simply processed at the next
+  start-up: that is the replay.
+- ``reject`` records refused events with their reason for operators; the log keeps
+  at most ``rejected_retention`` rows.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db import insert_ignore
+from service.nostr.models import InboxEvent, RejectedEvent, utcnow
+from service.nostr.nip01 import Event
+
+log = logging.getLogger(__name__)
+
+RAW_KEEP = 4096  # bytes of a rejected payload kept for inspection
+
+# A handler gets the open session (its writes join the transaction) and the event,
+# and returns a short outcome for the operator ("processed", "ignored: …").
+Handler = Callable[[AsyncSession, Event], Awaitable[str]]
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    id: str
+    raw: str
+    source: str
+
+
+def _row(event: Event, source: str) -> dict:
+    return {"id": event.id, "kind": event.kind, "pubkey": event.pubkey, "created_at": event.created_at,
+            "raw": event.to_json(), "source": source[:300], "received_at": utcnow()}
+
+
+class Inbox:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, rejected_retention: int = 10_000) -> None:
+        self.sessions = sessions
+        self.rejected_retention = rejected_retention
+        self._rejects_since_prune = 0
+
+    async def store(self, event: Event, source: str) -> bool:
+        """Store one verified event; True if it was new."""
+        return await self.store_many([(event, source)]) == 1
+
+    async def store_many(self, items: Sequence[tuple[Event, str]]) -> int:
+        """Store verified events in one transaction; returns how many were new."""
+        if not items:
+            return 0
+        async with self.sessions.begin() as s:
+            return await self.store_in(s, items)
+
+    async def store_in(self, session: AsyncSession, items: Iterable[tuple[Event, str]]) -> int:
+        """Store within the caller's transaction (flush only)."""
+        rows = {}
+        for event, source in items:
+            rows.setdefault(event.id, _row(event, source))  # the same id twice in one batch: keep the first
+        if not rows:
+            return 0
+        res = await session.execute(insert_ignore(session, InboxEvent.__table__), list(rows.values()))
+        return max(res.rowcount, 0)
+
+    async def reject(self, source: str, reason: str, detail: str, raw: object, event_id: str | None = None) -> None:
+        text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
+        async with self.sessions.begin() as s:
+            s.add(RejectedEvent(event_id=event_id if isinstance(event_id, str) and len(event_id) == 64 else None,
+                                source=source[:300], reason=reason[:64], detail=detail[:500],
+                                raw=text[:RAW_KEEP], received_at=utcnow()))
+            self._rejects_since_prune += 1
+            if self._rejects_since_prune >= max(1, self.rejected_retention // 10):
+                self._rejects_since_prune = 0
+                await self._prune(s)
+
+    async def _prune(self, s: AsyncSession) -> None:
+        cutoff = await s.scalar(select(RejectedEvent.seq).order_by(RejectedEvent.seq.desc())
+                                .offset(self.rejected_retention).limit(1))
+        if cutoff is not None:
+            await s.execute(delete(RejectedEvent).where(RejectedEvent.seq <= cutoff))
+
+    async def rejected(self, limit: int = 100) -> list[RejectedEvent]:
+        async with self.sessions() as s:
+            return list((await s.scalars(select(RejectedEvent).order_by(RejectedEvent.seq.desc()).limit(limit))).all())
+
+    async def pending(self, limit: int = 100) -> list[Pending]:
+        async with self.sessions() as s:
+            rows = await s.execute(select(InboxEvent.id, InboxEvent.raw, InboxEvent.source)
+                                   .where(InboxEvent.handled_at.is_(None))
+                                   .order_by(InboxEvent.received_at, InboxEvent.id).limit(limit))
+            return [Pending(*r) for r in rows]
+
+    async def count(self, *, handled: bool | None = None) -> int:
+        q = select(func.count()).select_from(InboxEvent)
+        if handled is not None:
+            q = q.where(InboxEvent.handled_at.is_not(None) if handled else InboxEvent.handled_at.is_(None))
+        async with self.sessions() as s:
+            return int(await s.scalar(q))
+
+    async def process_one(self, item: Pending, handler: Handler) -> bool:
+        """Handle one event exactly once; True if this call processed it."""
+        event = Event.from_dict(json.loads(item.raw))
+        try:
+            async with self.sessions.begin() as s:
+                claimed = await s.execute(update(InboxEvent)
+                                          .where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
+                                          .values(handled_at=utcnow(), outcome="processing"))
+                if claimed.rowcount != 1:
+                    return False  # another worker or replica has it
+                outcome = await handler(s, event)
+                await s.execute(update(InboxEvent).where(InboxEvent.id == item.id)
+                                .values(outcome=(outcome or "processed")[:500]))
+            return True
+        except (OperationalError, DBAPIError):
+            raise  # the database is the problem: leave the event pending, the caller backs off
+        except Exception as e:  # noqa: BLE001 - a handler bug must not wedge the inbox or crash the worker
+            log.exception("handler failed for event %s", item.id)
+            async with self.sessions.begin() as s:
+                await s.execute(update(InboxEvent)
+                                .where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
+                                .values(handled_at=utcnow(), outcome=f"error: {type(e).__name__}: {e}"[:500]))
+            return True
+
+    async def process_pending(self, handler: Handler, *, limit: int = 100) -> int:
+        """Process up to ``limit`` unhandled events in arrival order; returns how many."""
+        done = 0
+        for item in await self.pending(limit):
+            done += await self.process_one(item, handler)
+        return done
