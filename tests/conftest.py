@@ -225,14 +225,48 @@ class RelayProcess:
         self.stack.relay_roles(pubkey, roles)
 
 
+class SdkRelayProcess:
+    """nostr-sdk's (rust-nostr) local relay with an LMDB store, in a subprocess of its own."""
+
+    def __init__(self, directory: Path) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.url = f"ws://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.sdk_relay", str(self.port),
+                                      str(self.dir / "lmdb")], cwd=ROOT, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        line = self.proc.stdout.readline()
+        if not line.startswith("ready"):
+            raise RuntimeError(f"nostr-sdk relay did not start: {line}{self.proc.stdout.read()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+RELAY_IMPLS = ("nostr-relay", "nostr-sdk")
+
+
 @pytest.fixture
 def relay_factory(tmp_path: Path) -> Iterator:
+    """Start real relays of the test's own: ``make(impl="nostr-relay"|"nostr-sdk")``."""
     if not (devstack.RELAY_VENV / "bin" / "nostr-relay").exists():
         pytest.fail("relay venv missing: run `devstack/stack build`", pytrace=False)
-    started: list[RelayProcess] = []
+    started: list = []
 
-    def make(auth_roles: dict[str, str] | None = None, start: bool = True) -> RelayProcess:
-        r = RelayProcess(tmp_path / f"relay{len(started)}", auth_roles)
+    def make(auth_roles: dict[str, str] | None = None, start: bool = True, impl: str = "nostr-relay"):
+        d = tmp_path / f"relay{len(started)}"
+        r = SdkRelayProcess(d) if impl == "nostr-sdk" else RelayProcess(d, auth_roles)
         started.append(r)
         if start:
             r.start()

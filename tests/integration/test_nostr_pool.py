@@ -13,7 +13,7 @@ from service.nostr import outbox
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.pool import PoolConfig, RelayPool, Subscription
-from tests.conftest import wait_until
+from tests.conftest import RELAY_IMPLS, wait_until
 
 pytestmark = pytest.mark.relay
 
@@ -55,7 +55,8 @@ async def stored_ids(inbox: Inbox) -> list[str]:
 
 
 async def test_same_events_from_two_relays_are_stored_once(relay_factory, sessions) -> None:
-    a, b = relay_factory(), relay_factory()
+    """Two independent relay implementations carrying overlapping events."""
+    a, b = relay_factory(impl="nostr-relay"), relay_factory(impl="nostr-sdk")
     escrow, customer = SecretKey.generate(), SecretKey.generate()
     events = [job(customer, i, escrow.public_key_hex) for i in range(20)]
     someone = SecretKey.generate().public_key_hex
@@ -89,8 +90,9 @@ async def _count(inbox: Inbox, n: int) -> bool:
     return await inbox.count() >= n
 
 
-async def test_relay_restart_mid_stream_loses_and_duplicates_nothing(relay_factory, sessions) -> None:
-    relay = relay_factory()
+@pytest.mark.parametrize("impl", RELAY_IMPLS)
+async def test_relay_restart_mid_stream_loses_and_duplicates_nothing(relay_factory, sessions, impl) -> None:
+    relay = relay_factory(impl=impl)
     escrow, customer = SecretKey.generate(), SecretKey.generate()
     pool = make_pool([relay.url], sessions, escrow.public_key_hex)
     await pool.start()
@@ -115,8 +117,9 @@ async def test_relay_restart_mid_stream_loses_and_duplicates_nothing(relay_facto
         await pool.stop()
 
 
-async def test_events_published_while_down_are_picked_up_at_start(relay_factory, sessions) -> None:
-    relay = relay_factory()
+@pytest.mark.parametrize("impl", RELAY_IMPLS)
+async def test_events_published_while_down_are_picked_up_at_start(relay_factory, sessions, impl) -> None:
+    relay = relay_factory(impl=impl)
     escrow, customer = SecretKey.generate(), SecretKey.generate()
     pool = make_pool([relay.url], sessions, escrow.public_key_hex)
     await pool.start()
@@ -190,7 +193,7 @@ async def _auth_publish(url: str, key: SecretKey, ev: Event) -> None:
 
 
 async def test_outbox_delivers_to_every_relay_and_retries_a_down_one(relay_factory, sessions) -> None:
-    a, b = relay_factory(), relay_factory()
+    a, b = relay_factory(impl="nostr-relay"), relay_factory(impl="nostr-sdk")
     escrow = SecretKey.generate()
     b.stop()
     pool = make_pool([a.url, b.url], sessions, escrow.public_key_hex)
