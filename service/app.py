@@ -13,6 +13,9 @@ from service.config import Settings
 from service.db import create_engine, session_factory
 from service.health import readiness
 from service.lightning.client import LndClient
+from service.nostr.keys import load_or_create, parse_secret
+from service.nostr.nip01 import SecretKey
+from service.nostr.service import NostrService
 
 
 class Liveness(BaseModel):
@@ -49,6 +52,12 @@ def build_lnd(settings: Settings) -> LndClient | None:
                                 timeout=settings.lnd_timeout_seconds)
 
 
+def load_key(settings: Settings) -> SecretKey:
+    if settings.nostr_secret_key is not None:
+        return parse_secret(settings.nostr_secret_key.get_secret_value())
+    return load_or_create(settings.nostr_key_file)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -58,9 +67,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.lnd = build_lnd(settings)
+        app.state.nostr = None
+        if settings.relays:
+            app.state.nostr = NostrService(app.state.sessions, settings.relays, load_key(settings))
+            await app.state.nostr.start()
         try:
             yield
         finally:
+            if app.state.nostr is not None:
+                await app.state.nostr.stop()
             if app.state.lnd is not None:
                 await app.state.lnd.close()
             await engine.dispose()
@@ -78,7 +93,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
              responses={503: {"model": Readiness, "description": "a dependency is not ready"}})
     async def ready(request: Request) -> JSONResponse:
         """Database, LND (reachable and synced) and relays (at least one answering)."""
-        body = await readiness(request.app.state.engine, request.app.state.lnd, settings.relays)
+        nostr = request.app.state.nostr
+        body = await readiness(request.app.state.engine, request.app.state.lnd, settings.relays,
+                               pool_status=nostr.pool.status() if nostr else None)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     return app

@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     lnd_timeout_seconds: float = Field(default=15.0, gt=0, le=300)
 
     relays: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # The escrow's Nostr identity: 64 hex characters or nsec1…; if unset, the key file
+    # is used, and created (mode 0600) with a fresh key on first run.
+    nostr_secret_key: SecretStr | None = None
+    nostr_key_file: Path = Path("fedstr-escrow.nostr-key")
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65535)

@@ -78,9 +78,23 @@ async def check_relay(url: str) -> Check:
         return Check(False, f"{type(e).__name__}: {str(e)[:200]}", 0.0)
 
 
-async def readiness(engine: AsyncEngine, lnd: LndClient | None, relays: list[str]) -> dict:
-    db, node, *rel = await asyncio.gather(check_database(engine), check_lnd(lnd),
-                                          *(check_relay(u) for u in relays))
+def pool_check(st: dict) -> Check:
+    """A relay's state as the running pool sees it (no extra connection)."""
+    if st["connected"]:
+        return Check(True, "ok", 0.0, {k: st[k] for k in ("events_received", "events_rejected", "reconnects",
+                                                          "auth_state")})
+    return Check(False, st["last_error"] or "not connected", 0.0, {"reconnects": st["reconnects"]})
+
+
+async def readiness(engine: AsyncEngine, lnd: LndClient | None, relays: list[str],
+                    pool_status: list[dict] | None = None) -> dict:
+    if pool_status is not None:
+        db, node = await asyncio.gather(check_database(engine), check_lnd(lnd))
+        by_url = {st["url"]: st for st in pool_status}
+        rel = [pool_check(by_url[u]) for u in relays]
+    else:
+        db, node, *rel = await asyncio.gather(check_database(engine), check_lnd(lnd),
+                                              *(check_relay(u) for u in relays))
     relays_out = [{"url": u, **asdict(c)} for u, c in zip(relays, rel, strict=True)]
     ready = db.ok and node.ok and (not relays or any(c.ok for c in rel))
     return {"status": "ready" if ready else "not_ready",

@@ -14,7 +14,8 @@ import pytest
 
 from service.app import create_app
 from service.config import Settings
-from tests.conftest import Regtest
+from service.nostr.nip01 import SecretKey
+from tests.conftest import Regtest, wait_until
 
 pytestmark = pytest.mark.lnd
 
@@ -23,20 +24,27 @@ def _settings(regtest: Regtest, database_url: str, **over) -> Settings:
     node = regtest.node("escrow")
     base = dict(network="regtest", database_url=database_url, lnd_grpc_host=node["rpc"],
                 lnd_tls_cert_path=node["tls_cert"], lnd_macaroon_path=node["macaroon"],
-                relays=[regtest.desc["relay"]["url"]])
+                relays=[regtest.desc["relay"]["url"]], nostr_secret_key=SecretKey.generate().to_hex())
     base.update(over)
     return Settings(_env_file=None, **base)
 
 
-async def _get(app, path: str) -> httpx.Response:
+async def _get(app, path: str, *, until_status: int | None = None) -> httpx.Response:
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            return await c.get(path)
+            if until_status is None:
+                return await c.get(path)
+            return await wait_until(lambda: _status_is(c, path, until_status), 15, f"{path} -> {until_status}")
+
+
+async def _status_is(c: httpx.AsyncClient, path: str, status: int) -> httpx.Response | None:
+    r = await c.get(path)
+    return r if r.status_code == status else None
 
 
 async def test_ready_when_db_lnd_and_relay_answer(regtest: Regtest, database_url: str) -> None:
-    r = await _get(create_app(_settings(regtest, database_url)), "/v1/health/ready")
+    r = await _get(create_app(_settings(regtest, database_url)), "/v1/health/ready", until_status=200)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["status"] == "ready"
