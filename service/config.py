@@ -34,6 +34,27 @@ class Settings(BaseSettings):
     nostr_secret_key: SecretStr | None = None
     nostr_key_file: Path = Path("fedstr-escrow.nostr-key")
 
+    # Escrow invoices (see docs/lightning.md).
+    invoice_expiry_seconds: int = Field(default=600, ge=60, le=86_400)   # the payment window
+    hold_block_seconds: int = Field(default=480, ge=1)       # pessimistic block time for CLTV sizing
+    hold_speedup: float = Field(default=1.7, ge=1.0)         # blocks may come this much faster
+    hold_margin_blocks: int = Field(default=36, ge=0)        # on top of the job's own duration
+    hold_max_cltv_blocks: int = Field(default=1008, ge=40, le=2016)  # above this: custodial
+    hold_expiry_delta: int = Field(default=12, ge=1)         # LND's --invoices.holdexpirydelta
+    guard_margin_blocks: int = Field(default=12, ge=1)       # we act this much before LND would
+    sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    # Payouts.
+    payout_fee_floor_msat: int = Field(default=10_000, ge=1)
+    payout_fee_ppm: int = Field(default=5_000, ge=0, le=1_000_000)
+    payout_fee_cap_msat: int = Field(default=5_000_000, ge=1)
+    payout_timeout_seconds: int = Field(default=60, ge=5, le=600)
+    payout_max_attempts: int = Field(default=3, ge=1, le=20)
+    payout_retry_seconds: float = Field(default=60.0, ge=0)
+    payout_invoice_min_expiry_seconds: int = Field(default=300, ge=0)
+    payout_max_final_cltv: int = Field(default=432, ge=18)
+    lnurl_allow_private: bool = False                        # dev/test only: LNURL on loopback
+    webhook_window_seconds: int = Field(default=300, ge=10, le=3600)
+
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65535)
 

@@ -1,0 +1,104 @@
+"""Escrow invoices: hold (non-custodial until settled) or regular (custodial).
+
+A hold invoice locks the customer's money in an HTLC without taking it; it must
+outlive the job. Its final CLTV delta is sized from the time the job needs
+(RoboSats' rule: seconds x speed-up / pessimistic block time), plus LND's
+``holdexpirydelta``, our deadline guard's margin and a safety margin. A job too
+long for ``hold_max_cltv_blocks`` is escrowed custodially instead (``auto``), or
+refused if the customer insisted on ``hold``.
+
+Invoices are created in LND first, then recorded; the payment request only
+leaves the service (in the offer event) after the record is committed, so no
+invoice anyone can pay is unknown to us. The hold preimage is kept in the
+database until settlement and never logged or returned.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.config import Settings
+from service.lightning.client import LndClient
+from service.lightning.models import LnInvoice
+
+
+class InvoiceModeError(ValueError):
+    """The job cannot be escrowed in the requested mode."""
+
+
+@dataclass(frozen=True)
+class HoldSizing:
+    block_seconds: int = 480
+    speedup: float = 1.7
+    margin_blocks: int = 36
+    max_cltv_blocks: int = 1008
+    hold_expiry_delta: int = 12
+    guard_margin_blocks: int = 12
+
+    @classmethod
+    def from_settings(cls, s: Settings) -> HoldSizing:
+        return cls(s.hold_block_seconds, s.hold_speedup, s.hold_margin_blocks, s.hold_max_cltv_blocks,
+                   s.hold_expiry_delta, s.guard_margin_blocks)
+
+    def cltv_blocks(self, hold_seconds: int) -> int:
+        """Final CLTV delta for a hold that must last ``hold_seconds``."""
+        if hold_seconds < 0:
+            raise ValueError("hold_seconds must be >= 0")
+        job_blocks = math.ceil(hold_seconds * self.speedup / self.block_seconds)
+        return job_blocks + self.margin_blocks + self.hold_expiry_delta + self.guard_margin_blocks
+
+    def choose_mode(self, requested: str, hold_seconds: int) -> str:
+        if requested not in ("hold", "custodial", "auto"):
+            raise InvoiceModeError(f"unknown mode {requested!r}")
+        if requested == "custodial":
+            return "custodial"
+        fits = self.cltv_blocks(hold_seconds) <= self.max_cltv_blocks
+        if requested == "hold" and not fits:
+            raise InvoiceModeError(f"the job needs {self.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; "
+                                   f"hold invoices are limited to {self.max_cltv_blocks}")
+        return "hold" if fits else "custodial"
+
+
+class EscrowInvoices:
+    def __init__(self, lnd: LndClient, sizing: HoldSizing, *, expiry_seconds: int = 600) -> None:
+        self.lnd = lnd
+        self.sizing = sizing
+        self.expiry_seconds = expiry_seconds
+
+    async def create(self, session: AsyncSession, *, job_id: str | None, amount_msat: int, mode: str,
+                     hold_seconds: int = 0, memo: str = "", on_deadline: str = "cancel") -> LnInvoice:
+        """Create the invoice in LND and add its record to ``session`` (the caller commits).
+
+        ``mode`` is ``hold``, ``custodial`` or ``auto``; the chosen mode is on the result.
+        """
+        if not 0 < amount_msat <= 2_100_000_000_000_000_000:
+            raise ValueError("amount_msat out of range")
+        if on_deadline not in ("settle", "cancel"):
+            raise ValueError("on_deadline must be 'settle' or 'cancel'")
+        chosen = self.sizing.choose_mode(mode, hold_seconds)
+        memo = memo[:600]
+        now = int(time.time())
+        if chosen == "hold":
+            preimage = os.urandom(32)
+            payment_hash = hashlib.sha256(preimage).digest()
+            cltv = self.sizing.cltv_blocks(hold_seconds)
+            added = await self.lnd.add_hold_invoice(payment_hash, amount_msat, memo=memo,
+                                                    expiry=self.expiry_seconds, cltv_expiry=cltv)
+            row = LnInvoice(payment_hash=payment_hash.hex(), job_id=job_id, mode="hold", amount_msat=amount_msat,
+                            payment_request=added.payment_request, memo=memo, preimage=preimage.hex(),
+                            cltv_expiry=cltv, expires_at=now + self.expiry_seconds, state="open",
+                            on_deadline=on_deadline, add_index=added.add_index)
+        else:
+            added = await self.lnd.add_invoice(amount_msat, memo=memo, expiry=self.expiry_seconds)
+            row = LnInvoice(payment_hash=added.payment_hash.hex(), job_id=job_id, mode="custodial",
+                            amount_msat=amount_msat, payment_request=added.payment_request, memo=memo,
+                            preimage=None, cltv_expiry=0, expires_at=now + self.expiry_seconds, state="open",
+                            on_deadline=on_deadline, add_index=added.add_index)
+        session.add(row)
+        await session.flush()
+        return row

@@ -1,0 +1,110 @@
+"""Tables of the Lightning layer: our invoices, settlement facts, payouts and their attempts."""
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.db import Base
+from service.nostr.models import utcnow
+
+_SEQ = BigInteger().with_variant(Integer, "sqlite")
+
+
+class LnInvoice(Base):
+    """An invoice the escrow issued. ``state`` changes only on a fact confirmed by lookup."""
+
+    __tablename__ = "ln_invoices"
+
+    payment_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    mode: Mapped[str] = mapped_column(String(16), nullable=False)           # hold | custodial
+    amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    payment_request: Mapped[str] = mapped_column(Text, nullable=False)
+    memo: Mapped[str] = mapped_column(String(640), nullable=False, default="")
+    # Hold mode only: our secret until we settle. Never logged, never returned by an API.
+    preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cltv_expiry: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    expires_at: Mapped[int] = mapped_column(BigInteger, nullable=False)   # unix seconds
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
+    amount_paid_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    htlc_expiry_height: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # What the deadline guard does with an accepted hold invoice near its CLTV expiry.
+    on_deadline: Mapped[str] = mapped_column(String(16), nullable=False, default="cancel")  # settle | cancel
+    add_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    settle_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_ln_invoices_state_mode", "state", "mode"),)
+
+
+class LnFact(Base):
+    """A confirmed change of one of our invoices; at most one per (payment hash, kind)."""
+
+    __tablename__ = "ln_facts"
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    payment_hash: Mapped[str] = mapped_column(String(64), ForeignKey("ln_invoices.payment_hash"), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)          # accepted | settled | canceled
+    amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    source: Mapped[str] = mapped_column(String(32), nullable=False)        # stream | single | sweep | webhook | guard
+    observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    consumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    __table_args__ = (UniqueConstraint("payment_hash", "kind", name="uq_ln_facts_hash_kind"),
+                      Index("ix_ln_facts_unconsumed", "consumed_at", "seq"))
+
+
+class Payout(Base):
+    """Money the escrow owes someone: paid through one or more attempts, at most one succeeding."""
+
+    __tablename__ = "ln_payouts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)           # idempotency key from the engine
+    job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    payee: Mapped[str] = mapped_column(String(64), nullable=False)          # payee's Nostr pubkey
+    amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # lud16:<addr> | lnurl:<lnurl> | bolt11:<invoice> | none (waiting for the payee's invoice)
+    destination: Mapped[str] = mapped_column(Text, nullable=False, default="none")
+    # pending -> sending -> succeeded | failed | unknown | needs_invoice
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    fee_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)   # of the succeeding attempt
+    preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    __table_args__ = (Index("ix_ln_payouts_due", "state", "next_attempt_at"),)
+
+
+class PayoutAttempt(Base):
+    """One payment sent (or about to be sent) for a payout; the hash is never used twice."""
+
+    __tablename__ = "ln_payout_attempts"
+
+    payment_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    payout_id: Mapped[str] = mapped_column(String(64), ForeignKey("ln_payouts.id"), nullable=False, index=True)
+    payment_request: Mapped[str] = mapped_column(Text, nullable=False)
+    fee_limit_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # sending -> succeeded | failed | unknown | not_initiated
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="sending")
+    fee_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    failure: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class WebhookSeen(Base):
+    """Signatures of accepted webhooks, kept for the replay window (replay protection)."""
+
+    __tablename__ = "ln_webhooks_seen"
+
+    signature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    expires_at: Mapped[int] = mapped_column(BigInteger, nullable=False, index=True)

@@ -1,0 +1,311 @@
+"""Settlement verification: facts about our invoices, confirmed by LND itself.
+
+Sources of *hints* (none is trusted alone):
+
+- ``SubscribeInvoices`` from the persisted ``add_index``/``settle_index`` cursors (the
+  first run backfills with ``ListInvoices``), which reports OPEN and SETTLED only;
+- ``SubscribeSingleInvoice`` for every open or accepted hold invoice (the only
+  stream that reports ACCEPTED and CANCELED), re-established at start-up;
+- a periodic sweep of every open or accepted invoice (the backstop);
+- webhooks from LND-side notifiers (``webhook.py``) and the deadline guard.
+
+Every hint leads to :meth:`SettlementWatcher.confirm`, which asks
+``LookupInvoiceV2`` and records a fact only if LND says so: the hash matches one of
+our invoices, the state is ACCEPTED / SETTLED / CANCELED, and for ACCEPTED and
+SETTLED the amount paid covers the amount due. The invoice's state moves by
+compare-and-set, and the fact is unique per (hash, kind), so a hint seen by three
+sources is one fact. Facts are what the escrow engine consumes.
+
+When LND is unreachable the watcher backs off, reports it in :attr:`health`, and
+invents nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service import cursors
+from service.db import insert_ignore
+from service.lightning.client import Invoice, InvoiceState, LndClient
+from service.lightning.errors import LndError, LndNotFound
+from service.lightning.models import LnFact, LnInvoice
+from service.nostr.models import utcnow
+
+log = logging.getLogger(__name__)
+
+ADD_CURSOR = "lnd:add_index"
+SETTLE_CURSOR = "lnd:settle_index"
+
+# Invoice state -> (fact kind, states it may move from)
+_TRANSITIONS = {
+    InvoiceState.ACCEPTED: ("accepted", ("open",)),
+    InvoiceState.SETTLED: ("settled", ("open", "accepted")),
+    InvoiceState.CANCELED: ("canceled", ("open", "accepted")),
+}
+
+
+@dataclass
+class WatcherHealth:
+    connected: bool = False
+    last_error: str | None = None
+    last_event_at: float | None = None
+    facts_recorded: int = 0
+    single_streams: int = 0
+    backoff_seconds: float = 0.0
+    started: bool = False
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ConfirmResult:
+    kind: str | None                 # the fact recorded now, or None
+    lnd_state: InvoiceState | None
+    detail: str = ""
+    facts: list[str] = field(default_factory=list)
+
+
+async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None:
+    """Record what a lookup result proves, inside the caller's transaction; returns the new fact kind."""
+    h = inv.payment_hash.hex()
+    row = (await session.execute(select(LnInvoice.amount_msat, LnInvoice.state, LnInvoice.mode)
+                                 .where(LnInvoice.payment_hash == h))).first()
+    if row is None or inv.state not in _TRANSITIONS:
+        return None
+    kind, from_states = _TRANSITIONS[inv.state]
+    if inv.state == InvoiceState.ACCEPTED:
+        paid = sum(x.amt_msat for x in inv.htlcs if x.state.name == "ACCEPTED")
+    else:
+        paid = inv.amt_paid_msat
+    if kind in ("accepted", "settled") and paid < row.amount_msat:
+        log.warning("invoice %s reported %s with %d msat paid of %d due: no fact", h, kind, paid, row.amount_msat)
+        return None
+    values: dict = {"state": kind, "updated_at": utcnow()}
+    if kind in ("accepted", "settled"):
+        values["amount_paid_msat"] = paid
+    if kind == "accepted":
+        heights = [x.expiry_height for x in inv.htlcs if x.state.name == "ACCEPTED"]
+        values["htlc_expiry_height"] = min(heights) if heights else None
+    if kind == "settled":
+        values["settle_index"] = inv.settle_index
+    moved = await session.execute(update(LnInvoice).where(LnInvoice.payment_hash == h,
+                                                          LnInvoice.state.in_(from_states)).values(**values))
+    res = await session.execute(insert_ignore(session, LnFact.__table__),
+                                [{"payment_hash": h, "kind": kind, "source": source, "observed_at": utcnow(),
+                                  "amount_msat": paid if kind != "canceled" else 0}])
+    if res.rowcount != 1:
+        return None
+    if moved.rowcount != 1:
+        # e.g. a late "accepted" after "settled" was recorded: keep the fact log, not the state.
+        log.info("fact %s for %s recorded without a state change (state already %s)", kind, h, row.state)
+    return kind
+
+
+class SettlementWatcher:
+    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], *,
+                 sweep_interval: float = 30.0, backoff_max: float = 30.0,
+                 on_fact: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+        self.lnd = lnd
+        self.sessions = sessions
+        self.sweep_interval = sweep_interval
+        self.backoff_max = backoff_max
+        self.on_fact = on_fact
+        self.health = WatcherHealth()
+        self._singles: dict[str, asyncio.Task] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
+
+    # ---- confirmation ----------------------------------------------------------
+    async def confirm(self, payment_hash: str, source: str) -> ConfirmResult:
+        """Look the invoice up in LND and record whatever fact that proves."""
+        try:
+            inv = await self.lnd.lookup_invoice(bytes.fromhex(payment_hash))
+        except LndNotFound:
+            return ConfirmResult(None, None, "LND does not know this invoice")
+        if inv.payment_hash.hex() != payment_hash:
+            return ConfirmResult(None, inv.state, "lookup returned another hash")
+        async with self.sessions.begin() as s:
+            kind = await record(s, inv, source)
+        if kind:
+            self.health.facts_recorded += 1
+            self.health.last_event_at = time.time()
+            if self.on_fact is not None:
+                await self.on_fact(payment_hash, kind)
+        if inv.state in (InvoiceState.SETTLED, InvoiceState.CANCELED):
+            self._stop_single(payment_hash)
+        return ConfirmResult(kind, inv.state)
+
+    # ---- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self._stop.clear()
+        self.health.started = True
+        self._tasks = [asyncio.create_task(self._global_loop(), name="lnd invoices stream"),
+                       asyncio.create_task(self._sweep_loop(), name="lnd sweep")]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        tasks = self._tasks + list(self._singles.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks, self._singles = [], {}
+        self.health.started = False
+
+    def watch(self, payment_hash: str) -> None:
+        """Follow one hold invoice with SubscribeSingleInvoice (idempotent)."""
+        task = self._singles.get(payment_hash)
+        if task is None or task.done():
+            self._singles[payment_hash] = asyncio.create_task(self._single_loop(payment_hash),
+                                                              name=f"lnd invoice {payment_hash[:12]}")
+        self.health.single_streams = len(self._singles)
+
+    def _stop_single(self, payment_hash: str) -> None:
+        task = self._singles.pop(payment_hash, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+        self.health.single_streams = len(self._singles)
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.backoff_max, 0.25 * 2 ** min(attempt, 10))
+        return random.uniform(cap / 2, cap)
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    # ---- the global stream --------------------------------------------------------
+    async def _global_loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self.lnd.get_info()  # the stream itself says nothing until an invoice changes
+                add_index, settle_index = await self._resume_point()
+                self.health.connected = True
+                self.health.last_error = None
+                self.health.backoff_seconds = 0
+                attempt = 0
+                async for inv in self.lnd.subscribe_invoices(add_index=add_index, settle_index=settle_index):
+                    await self._on_stream_update(inv)
+            except asyncio.CancelledError:
+                raise
+            except LndError as e:
+                self.health.last_error = f"{type(e).__name__}: {e.detail}"[:300]
+            except Exception as e:  # noqa: BLE001 - the watcher must survive anything and retry
+                log.exception("invoice stream failed")
+                self.health.last_error = f"{type(e).__name__}: {e}"[:300]
+            self.health.connected = False
+            delay = self._backoff(attempt)
+            attempt += 1
+            self.health.backoff_seconds = round(delay, 2)
+            await self._sleep(delay)
+
+    async def _resume_point(self) -> tuple[int, int]:
+        async with self.sessions() as s:
+            add_index = await cursors.get(s, ADD_CURSOR, default=-1)
+            settle_index = await cursors.get(s, SETTLE_CURSOR, default=-1)
+        if add_index >= 0 and settle_index >= 0:
+            return add_index, settle_index
+        return await self._backfill()
+
+    async def _backfill(self) -> tuple[int, int]:
+        """First run: read every invoice LND has, confirm ours, and start the cursors at the end."""
+        offset, max_add, max_settle = 0, 0, 0
+        mine = await self._open_hashes(include_all=True)
+        while True:
+            invoices, last = await self.lnd.list_invoices(index_offset=offset, max_invoices=1000)
+            for inv in invoices:
+                max_add = max(max_add, inv.add_index)
+                max_settle = max(max_settle, inv.settle_index)
+                if inv.payment_hash.hex() in mine and inv.state != InvoiceState.OPEN:
+                    await self.confirm(inv.payment_hash.hex(), "backfill")
+            if not invoices or last <= offset:
+                break
+            offset = last
+        async with self.sessions.begin() as s:
+            await cursors.advance(s, ADD_CURSOR, max_add)
+            await cursors.advance(s, SETTLE_CURSOR, max_settle)
+        return max_add, max_settle
+
+    async def _on_stream_update(self, inv: Invoice) -> None:
+        self.health.last_event_at = time.time()
+        h = inv.payment_hash.hex()
+        ours = False
+        if inv.state == InvoiceState.SETTLED:
+            async with self.sessions() as s:
+                ours = await s.scalar(select(LnInvoice.payment_hash).where(LnInvoice.payment_hash == h)) is not None
+            if ours:
+                await self.confirm(h, "stream")
+        # Cursors move after the fact is recorded: a crash in between replays the update.
+        async with self.sessions.begin() as s:
+            if inv.add_index:
+                await cursors.advance(s, ADD_CURSOR, inv.add_index)
+            if inv.settle_index:
+                await cursors.advance(s, SETTLE_CURSOR, inv.settle_index)
+
+    # ---- single-invoice streams ------------------------------------------------------
+    async def _single_loop(self, payment_hash: str) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                async for inv in self.lnd.subscribe_single_invoice(bytes.fromhex(payment_hash)):
+                    attempt = 0
+                    if inv.state != InvoiceState.OPEN:
+                        result = await self.confirm(payment_hash, "single")
+                        if result.lnd_state in (InvoiceState.SETTLED, InvoiceState.CANCELED):
+                            return
+            except asyncio.CancelledError:
+                raise
+            except LndNotFound:
+                await self.confirm(payment_hash, "single")
+                return
+            except Exception as e:  # noqa: BLE001 - resubscribe after a backoff
+                self.health.last_error = f"single {payment_hash[:12]}: {type(e).__name__}"[:300]
+            await self._sleep(self._backoff(attempt))
+            attempt += 1
+
+    # ---- sweep -------------------------------------------------------------------
+    async def _open_hashes(self, *, include_all: bool = False, hold_only: bool = False) -> set[str]:
+        q = select(LnInvoice.payment_hash)
+        if not include_all:
+            q = q.where(LnInvoice.state.in_(("open", "accepted")))
+        if hold_only:
+            q = q.where(LnInvoice.mode == "hold")
+        async with self.sessions() as s:
+            return set((await s.scalars(q)).all())
+
+    async def sweep(self) -> int:
+        """Confirm every open or accepted invoice once; re-follow hold invoices; returns facts recorded."""
+        recorded = 0
+        for h in await self._open_hashes():
+            result = await self.confirm(h, "sweep")
+            recorded += result.kind is not None
+        for h in await self._open_hashes(hold_only=True):
+            self.watch(h)
+        return recorded
+
+    async def _sweep_loop(self) -> None:
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                await self.sweep()
+                attempt = 0
+                await self._sleep(self.sweep_interval)
+            except asyncio.CancelledError:
+                raise
+            except LndError as e:
+                self.health.last_error = f"sweep: {type(e).__name__}: {e.detail}"[:300]
+                await self._sleep(self._backoff(attempt))
+                attempt += 1
+            except Exception:  # noqa: BLE001
+                log.exception("sweep failed")
+                await self._sleep(self._backoff(attempt))
+                attempt += 1
