@@ -77,6 +77,22 @@ class Regtest:
         return await self.customer.pay(payment_request, fee_limit_msat=fee_limit_msat,
                                        timeout_seconds=timeout_seconds)
 
+    async def stop_node(self, node: str) -> None:
+        await asyncio.to_thread(self.stack.stop, f"lnd-{node}")
+
+    async def start_node(self, node: str) -> None:
+        """Start a stopped node again and wait until its channels work."""
+        await asyncio.to_thread(self.stack.lnd_start, node)
+        await asyncio.to_thread(devstack.wait_for, 120,
+                                lambda: self.stack.lnd_state(node) == "SERVER_ACTIVE", f"lnd {node} active")
+        await self.wait_synced(await self.block_height(), timeout=120)
+        peers = {"escrow": ("customer", "payee"), "customer": ("escrow",), "payee": ("escrow",)}[node]
+        for payer, payee in (("customer", "escrow"), ("escrow", "payee")):
+            if node in (payer, payee) or payer in peers and payee in peers:
+                await asyncio.to_thread(devstack.wait_for, 120,
+                                        lambda a=payer, b=payee: self.stack.probe_payment(a, b),
+                                        f"channel {payer}->{payee} usable again")
+
     async def payee_invoice(self, value_msat: int, memo: str = "reward", expiry: int = 3600) -> tuple[str, bytes]:
         inv = await self.payee.add_invoice(value_msat, memo=memo, expiry=expiry)
         return inv.payment_request, inv.payment_hash

@@ -299,3 +299,39 @@ async def test_payee_submits_new_invoice_after_refusal(ln: Ln, regtest: Regtest)
     await ln.payouts.submit_invoice("later", good)
     [outcome] = await ln.payouts.process_due()
     assert outcome.state == "succeeded" and (await ln.payout("later")).payment_hash == h.hex()
+
+
+# ---- crash and restart -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["after_write_ahead", "in_flight"])
+async def test_worker_killed_mid_payout_pays_exactly_once_after_restart(ln: Ln, regtest: Regtest, where: str,
+                                                                         database_url: str) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    amount = 64_000
+    payreq, h = await regtest.payee_invoice(amount)
+    pid = f"crash-{where}"
+    async with ln.sessions.begin() as s:
+        await Payouts.create(s, payout_id=pid, payee="aa" * 32, amount_msat=amount, destination="bolt11:" + payreq)
+    stack_json = str(Path(regtest.desc["dir"]) / "stack.json")
+    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tests.support.payout_crash", database_url,
+                                                 stack_json, where], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 9, r.stderr
+    p = await ln.payout(pid)
+    assert p.state == "sending" and p.attempts == 1
+    async with ln.sessions() as s:
+        [attempt] = (await s.scalars(select(PayoutAttempt).where(PayoutAttempt.payout_id == pid))).all()
+    assert attempt.state == "sending" and attempt.payment_hash == h.hex()
+
+    await asyncio.sleep(1.2)  # the dead worker's lease runs out
+    outcomes = await ln.payouts.reconcile()
+    assert [(o.payout_id, o.state) for o in outcomes] == [(pid, "succeeded")]
+    assert await ln.payouts.reconcile() == [] and await ln.payouts.process_due() == []
+    settled = await regtest.payee.lookup_invoice(h)
+    assert settled.state == InvoiceState.SETTLED and settled.amt_paid_msat == amount, "paid once, not twice"
+    tracked = [x async for x in regtest.escrow.track_payment(h)]
+    assert tracked[-1].status == PaymentStatus.SUCCEEDED
+    p = await ln.payout(pid)
+    assert p.state == "succeeded" and p.attempts == 1 and p.payment_hash == h.hex()
