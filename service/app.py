@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import time
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
@@ -12,7 +14,10 @@ from service import __version__
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.health import readiness
+from service.lightning import webhook
 from service.lightning.client import LndClient
+from service.lightning.errors import LndError
+from service.lightning.service import LightningService
 from service.nostr.keys import load_or_create, parse_secret
 from service.nostr.nip01 import SecretKey
 from service.nostr.service import NostrService
@@ -37,7 +42,22 @@ class RelayCheckOut(CheckOut):
 class ReadinessChecks(BaseModel):
     database: CheckOut
     lnd: CheckOut
+    settlement: CheckOut | None = None
     relays: list[RelayCheckOut]
+
+
+class WebhookAck(BaseModel):
+    accepted: bool
+    payment_hash: str
+    fact: str | None
+    lnd_state: str | None
+    detail: str
+
+
+class WebhookRefusal(BaseModel):
+    accepted: bool
+    reason: str
+    detail: str
 
 
 class Readiness(BaseModel):
@@ -67,6 +87,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.lnd = build_lnd(settings)
+        app.state.lightning = None
+        if app.state.lnd is not None:
+            app.state.lightning = LightningService(app.state.lnd, app.state.sessions, settings)
+            await app.state.lightning.start()
         app.state.nostr = None
         if settings.relays:
             app.state.nostr = NostrService(app.state.sessions, settings.relays, load_key(settings))
@@ -76,6 +100,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             if app.state.nostr is not None:
                 await app.state.nostr.stop()
+            if app.state.lightning is not None:
+                await app.state.lightning.stop()
             if app.state.lnd is not None:
                 await app.state.lnd.close()
             await engine.dispose()
@@ -94,8 +120,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def ready(request: Request) -> JSONResponse:
         """Database, LND (reachable and synced) and relays (at least one answering)."""
         nostr = request.app.state.nostr
+        lightning = request.app.state.lightning
         body = await readiness(request.app.state.engine, request.app.state.lnd, settings.relays,
-                               pool_status=nostr.pool.status() if nostr else None)
+                               pool_status=nostr.pool.status() if nostr else None,
+                               watcher=lightning.watcher.health.as_dict() if lightning else None)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
+
+    @app.post("/v1/webhooks/lnd", response_model=WebhookAck, tags=["webhooks"],
+              responses={401: {"model": WebhookRefusal}, 503: {"model": WebhookRefusal}})
+    async def lnd_webhook(request: Request) -> JSONResponse:
+        """A hint from an LND-side notifier (HMAC-SHA256 + timestamp). It only triggers a lookup in
+        LND; the answer of the lookup, never the webhook, decides what is recorded."""
+        body = await request.body()
+        secret = settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None
+        now = int(time.time())
+        try:
+            h, signature = webhook.verify(secret, {k.lower(): v for k, v in request.headers.items()}, body,
+                                          now=now, window=settings.webhook_window_seconds)
+            async with request.app.state.sessions.begin() as s:
+                await webhook.consume(s, signature, now=now, window=settings.webhook_window_seconds)
+        except webhook.WebhookError as e:
+            webhook.refused[e.reason.value] += 1
+            status = 503 if e.reason == webhook.WebhookReason.NOT_CONFIGURED else 401
+            return JSONResponse({"accepted": False, "reason": e.reason.value, "detail": e.message}, status_code=status)
+        lightning = request.app.state.lightning
+        if lightning is None:
+            return JSONResponse({"accepted": False, "reason": "lnd_not_configured", "detail": "no LND node"},
+                                status_code=503)
+        try:
+            result = await lightning.watcher.confirm(h, "webhook")
+        except LndError as e:
+            return JSONResponse({"accepted": True, "payment_hash": h, "lnd_state": None, "fact": None,
+                                 "detail": f"lookup failed: {type(e).__name__}"}, status_code=202)
+        return JSONResponse({"accepted": True, "payment_hash": h, "fact": result.kind,
+                             "lnd_state": result.lnd_state.name if result.lnd_state else None,
+                             "detail": result.detail}, status_code=202)
 
     return app

@@ -87,7 +87,7 @@ def pool_check(st: dict) -> Check:
 
 
 async def readiness(engine: AsyncEngine, lnd: LndClient | None, relays: list[str],
-                    pool_status: list[dict] | None = None) -> dict:
+                    pool_status: list[dict] | None = None, watcher: dict | None = None) -> dict:
     if pool_status is not None:
         db, node = await asyncio.gather(check_database(engine), check_lnd(lnd))
         by_url = {st["url"]: st for st in pool_status}
@@ -96,6 +96,11 @@ async def readiness(engine: AsyncEngine, lnd: LndClient | None, relays: list[str
         db, node, *rel = await asyncio.gather(check_database(engine), check_lnd(lnd),
                                               *(check_relay(u) for u in relays))
     relays_out = [{"url": u, **asdict(c)} for u, c in zip(relays, rel, strict=True)]
-    ready = db.ok and node.ok and (not relays or any(c.ok for c in rel))
+    settlement = None
+    if watcher is not None:
+        settlement = Check(bool(watcher["connected"]), "ok" if watcher["connected"] else
+                           (watcher["last_error"] or "invoice stream not connected yet"), 0.0, watcher)
+    ready = db.ok and node.ok and (settlement is None or settlement.ok) and (not relays or any(c.ok for c in rel))
     return {"status": "ready" if ready else "not_ready",
-            "checks": {"database": asdict(db), "lnd": asdict(node), "relays": relays_out}}
+            "checks": {"database": asdict(db), "lnd": asdict(node),
+                       "settlement": asdict(settlement) if settlement else None, "relays": relays_out}}

@@ -1,0 +1,78 @@
+"""The running Lightning layer: settlement watcher, deadline guard and payout worker."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.config import Settings
+from service.lightning.client import LndClient
+from service.lightning.errors import LndError
+from service.lightning.guard import guard_once
+from service.lightning.invoices import EscrowInvoices, HoldSizing
+from service.lightning.payouts import PayoutPolicy, Payouts
+from service.lightning.settlement import SettlementWatcher
+
+log = logging.getLogger(__name__)
+
+
+class LightningService:
+    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+        self.lnd = lnd
+        self.settings = settings
+        self.watcher = SettlementWatcher(lnd, sessions, sweep_interval=settings.sweep_interval_seconds)
+        self.invoices = EscrowInvoices(lnd, HoldSizing.from_settings(settings),
+                                       expiry_seconds=settings.invoice_expiry_seconds)
+        self.payouts: Payouts | None = None
+        self.sessions = sessions
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self) -> None:
+        self._stop.clear()
+        await self.watcher.start()
+        self._tasks = [asyncio.create_task(self._guard_loop(), name="hold deadline guard"),
+                       asyncio.create_task(self._payout_loop(), name="payout worker")]
+
+    async def stop(self) -> None:
+        self._stop.set()
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.watcher.stop()
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _guard_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await guard_once(self.watcher, hold_expiry_delta=self.settings.hold_expiry_delta,
+                                 margin_blocks=self.settings.guard_margin_blocks)
+            except LndError as e:
+                log.info("deadline guard skipped a round: %s", e)
+            except Exception:  # noqa: BLE001 - keep guarding
+                log.exception("deadline guard failed")
+            await self._sleep(30)
+
+    async def _payout_loop(self) -> None:
+        reconciled_at = 0.0
+        while not self._stop.is_set():
+            try:
+                if self.payouts is None:  # needs our node's pubkey, known once LND answers
+                    info = await self.lnd.get_info()
+                    self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
+                                           our_pubkey=info.pubkey)
+                loop = asyncio.get_running_loop()
+                if loop.time() - reconciled_at > 60:   # at start-up, then every minute
+                    await self.payouts.reconcile()
+                    reconciled_at = loop.time()
+                await self.payouts.process_due()
+            except LndError as e:
+                log.info("payout worker waiting for LND: %s", e)
+            except Exception:  # noqa: BLE001 - keep paying
+                log.exception("payout worker failed")
+            await self._sleep(2)
