@@ -6,6 +6,8 @@ process can share it; PostgreSQL is used for multi-replica deployments.
 """
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
@@ -63,3 +65,48 @@ def insert_ignore(session: AsyncSession, table):  # noqa: ANN001, ANN201 - retur
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(table).on_conflict_do_nothing()
+
+
+class GroupCommit:
+    """Insert rows from many concurrent callers with one transaction per batch.
+
+    ``await insert(row)`` returns only once the row is committed (or raises what the
+    commit raised), so a caller may act on the row being durable. While one batch
+    commits, new rows queue and go out together in the next: under load the cost of
+    a transaction is shared, and alone a row is committed at once.
+    """
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], table, *, max_batch: int = 500) -> None:  # noqa: ANN001
+        self.sessions = sessions
+        self.table = table
+        self.max_batch = max_batch
+        self._pending: list[tuple[dict, asyncio.Future[None]]] = []
+        self._flushing = False
+
+    async def insert(self, row: dict) -> None:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((row, fut))
+        if not self._flushing:
+            self._flushing = True
+            asyncio.get_running_loop().create_task(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                try:
+                    async with self.sessions.begin() as s:
+                        await s.execute(self.table.insert(), [row for row, _ in batch])
+                except BaseException as e:  # noqa: BLE001 - every waiter learns the outcome
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_exception(e if isinstance(e, Exception) else RuntimeError("commit cancelled"))
+                    if not isinstance(e, Exception):
+                        raise
+                else:
+                    for _, fut in batch:
+                        if not fut.done():
+                            fut.set_result(None)
+        finally:
+            self._flushing = False

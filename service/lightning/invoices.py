@@ -18,13 +18,16 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
+from service.db import GroupCommit
 from service.lightning.client import LndClient
 from service.lightning.models import LnInvoice
+from service.nostr.models import utcnow
 
 
 class InvoiceModeError(ValueError):
@@ -64,16 +67,36 @@ class HoldSizing:
         return "hold" if fits else "custodial"
 
 
+@dataclass(frozen=True)
+class IssuedInvoice:
+    """What the caller needs to publish an offer. ``preimage`` is for settling only: never log it."""
+
+    payment_hash: str
+    job_id: str | None
+    mode: str
+    amount_msat: int
+    payment_request: str
+    preimage: str | None = field(repr=False)
+    cltv_expiry: int
+    expires_at: int
+    add_index: int
+
+
 class EscrowInvoices:
-    def __init__(self, lnd: LndClient, sizing: HoldSizing, *, expiry_seconds: int = 600) -> None:
+    def __init__(self, lnd: LndClient, sizing: HoldSizing, *, expiry_seconds: int = 600,
+                 sessions: async_sessionmaker[AsyncSession] | None = None) -> None:
         self.lnd = lnd
+        self._writer = GroupCommit(sessions, LnInvoice.__table__) if sessions is not None else None
         self.sizing = sizing
         self.expiry_seconds = expiry_seconds
 
-    async def create(self, session: AsyncSession, *, job_id: str | None, amount_msat: int, mode: str,
-                     hold_seconds: int = 0, memo: str = "", on_deadline: str = "cancel") -> LnInvoice:
-        """Create the invoice in LND and add its record to ``session`` (the caller commits).
+    async def create(self, session: AsyncSession | None, *, job_id: str | None, amount_msat: int, mode: str,
+                     hold_seconds: int = 0, memo: str = "", on_deadline: str = "cancel") -> IssuedInvoice:
+        """Create the invoice in LND, then record it.
 
+        With a ``session`` the record joins the caller's transaction (the caller commits).
+        With ``None`` it is committed by a group commit shared with concurrent callers, and
+        is durable when this returns: the payment request may then be published.
         ``mode`` is ``hold``, ``custodial`` or ``auto``; the chosen mode is on the result.
         """
         if not 0 < amount_msat <= 2_100_000_000_000_000_000:
@@ -89,16 +112,22 @@ class EscrowInvoices:
             cltv = self.sizing.cltv_blocks(hold_seconds)
             added = await self.lnd.add_hold_invoice(payment_hash, amount_msat, memo=memo,
                                                     expiry=self.expiry_seconds, cltv_expiry=cltv)
-            row = LnInvoice(payment_hash=payment_hash.hex(), job_id=job_id, mode="hold", amount_msat=amount_msat,
-                            payment_request=added.payment_request, memo=memo, preimage=preimage.hex(),
-                            cltv_expiry=cltv, expires_at=now + self.expiry_seconds, state="open",
-                            on_deadline=on_deadline, add_index=added.add_index)
+            secret: str | None = preimage.hex()
         else:
             added = await self.lnd.add_invoice(amount_msat, memo=memo, expiry=self.expiry_seconds)
-            row = LnInvoice(payment_hash=added.payment_hash.hex(), job_id=job_id, mode="custodial",
-                            amount_msat=amount_msat, payment_request=added.payment_request, memo=memo,
-                            preimage=None, cltv_expiry=0, expires_at=now + self.expiry_seconds, state="open",
-                            on_deadline=on_deadline, add_index=added.add_index)
-        session.add(row)
-        await session.flush()
+            payment_hash, secret, cltv = added.payment_hash, None, 0
+        row = IssuedInvoice(payment_hash=payment_hash.hex(), job_id=job_id, mode=chosen, amount_msat=amount_msat,
+                            payment_request=added.payment_request, preimage=secret, cltv_expiry=cltv,
+                            expires_at=now + self.expiry_seconds, add_index=added.add_index)
+        stamp = utcnow()
+        values = {"payment_hash": row.payment_hash, "job_id": job_id, "mode": chosen, "amount_msat": amount_msat,
+                  "payment_request": row.payment_request, "memo": memo, "preimage": secret, "cltv_expiry": cltv,
+                  "expires_at": row.expires_at, "state": "open", "amount_paid_msat": 0, "on_deadline": on_deadline,
+                  "add_index": row.add_index, "settle_index": 0, "created_at": stamp, "updated_at": stamp}
+        if session is None:
+            if self._writer is None:
+                raise RuntimeError("EscrowInvoices was built without sessions: pass a session")
+            await self._writer.insert(values)   # group commit: durable when this returns
+        else:
+            await session.execute(insert(LnInvoice.__table__), [values])
         return row

@@ -24,7 +24,7 @@ class LightningService:
         self.settings = settings
         self.watcher = SettlementWatcher(lnd, sessions, sweep_interval=settings.sweep_interval_seconds)
         self.invoices = EscrowInvoices(lnd, HoldSizing.from_settings(settings),
-                                       expiry_seconds=settings.invoice_expiry_seconds)
+                                       expiry_seconds=settings.invoice_expiry_seconds, sessions=sessions)
         self.payouts: Payouts | None = None
         self.sessions = sessions
         self._stop = asyncio.Event()

@@ -71,6 +71,7 @@ async def _has(ln: Ln, h: str, kind: str) -> bool:
 async def ln(regtest: Regtest, database_url: str):
     ln = Ln(regtest, database_url)
     await ln.watcher.start()
+    await wait_until(lambda: ln.watcher.health.connected, 60, "invoice stream subscribed (after the backfill)")
     yield ln
     await ln.watcher.stop()
     await ln.engine.dispose()

@@ -1,0 +1,117 @@
+"""The escrow protocol codec: NIP-90-shaped events of the FEDSTR escrow (docs/protocol.md).
+
+Pure functions, no I/O. ``parse_*`` functions take an event whose id and signature
+were already checked (:func:`service.nostr.nip01.verify_event`) and return a frozen
+dataclass, or raise :class:`CodecError` whose ``reason`` (:class:`CodecErrorReason`)
+names the one fault found first. ``build_*`` functions return a :class:`Template`
+``(kind, tags, content)`` to sign with :func:`service.nostr.nip01.sign_event`; each
+refuses (``CodecError``) to write what its parser would refuse.
+
+Modules, one per concept:
+
+* :mod:`.errors` - :class:`CodecError`, the reason codes and their descriptions;
+* :mod:`.fields` - amounts, hex, decimals, URLs, lud16/lnurl/bolt11 shapes, ``e``/``p`` tags;
+* :mod:`.terms` - kinds, modes, policies, :class:`EscrowTerms`;
+* :mod:`.announcement` - kind 31990 (§1);
+* :mod:`.job` - kind 5701 (§2);
+* :mod:`.shards` - its shard tags, plain and private (NIP-44);
+* :mod:`.money` - the money split (§9);
+* :mod:`.result` - kind 6701 (§5);
+* :mod:`.evaluation` - kinds 5702 / 6702 (§6);
+* :mod:`.feedback` - kind 7000: offer, funded, verdicts, rewards, refund, errors, payee invoices;
+* :mod:`.deletion` - kind 5 (NIP-09);
+* :mod:`.examples` - the example events of docs/protocol.md, built with fixed keys.
+
+NIP-40 expiration lives in :mod:`service.nostr.nip40`.
+"""
+from __future__ import annotations
+
+from .announcement import Announcement, build_announcement, parse_announcement
+from .deletion import Deletion, build_deletion, parse_deletion
+from .errors import REASON_DESCRIPTIONS, CodecError, CodecErrorReason
+from .evaluation import (
+    Candidate,
+    EvaluationRequest,
+    EvaluationResult,
+    Score,
+    build_evaluation_request,
+    build_evaluation_result,
+    parse_evaluation_request,
+    parse_evaluation_result,
+)
+from .feedback import (
+    ErrorFeedback,
+    EscrowFeedback,
+    EscrowOffer,
+    Feedback,
+    Funded,
+    PaymentProof,
+    RefundReason,
+    Refunded,
+    RewardClaimable,
+    RewardPaid,
+    ValidationComplete,
+    Verdict,
+    build_error_feedback,
+    build_escrow_offer,
+    build_funded,
+    build_payee_invoice,
+    build_refunded,
+    build_rejection,
+    build_reward_claimable,
+    build_reward_paid,
+    build_validation_complete,
+    parse_error_feedback,
+    parse_escrow_feedback,
+    parse_escrow_offer,
+    parse_feedback,
+    parse_funded,
+    parse_refunded,
+    parse_reward_claimable,
+    parse_reward_paid,
+    parse_validation_complete,
+)
+from .fields import MAX_MSAT, Invoice, Template
+from .job import (
+    JobRequest,
+    JobSpec,
+    Validation,
+    build_job_request,
+    choose_mode,
+    parse_job_request,
+)
+from .money import MoneySplit, money_split, split_shares
+from .result import JobResult, ModelRef, PayoutAddress, build_result, parse_result
+from .shards import Shard, decrypt_shard, encrypt_shard
+from .terms import (
+    KIND_ANNOUNCEMENT,
+    KIND_DELETION,
+    KIND_EVALUATION_REQUEST,
+    KIND_EVALUATION_RESULT,
+    KIND_FEEDBACK,
+    KIND_JOB_REQUEST,
+    KIND_JOB_RESULT,
+    Direction,
+    EscrowTerms,
+    Mode,
+    Network,
+    PayoutPolicy,
+)
+
+__all__ = [
+    "KIND_ANNOUNCEMENT", "KIND_DELETION", "KIND_EVALUATION_REQUEST", "KIND_EVALUATION_RESULT", "KIND_FEEDBACK",
+    "KIND_JOB_REQUEST", "KIND_JOB_RESULT", "MAX_MSAT", "REASON_DESCRIPTIONS",
+    "Announcement", "Candidate", "CodecError", "CodecErrorReason", "Deletion", "Direction", "ErrorFeedback",
+    "EscrowFeedback", "EscrowOffer", "EscrowTerms", "EvaluationRequest", "EvaluationResult", "Feedback",
+    "Funded", "Invoice", "JobRequest", "JobResult", "JobSpec", "Mode", "ModelRef", "MoneySplit", "Network",
+    "PaymentProof", "PayoutAddress", "PayoutPolicy", "RefundReason", "Refunded", "RewardClaimable",
+    "RewardPaid", "Score", "Shard", "Template", "Validation", "ValidationComplete", "Verdict",
+    "build_announcement", "build_deletion", "build_error_feedback", "build_escrow_offer",
+    "build_evaluation_request", "build_evaluation_result", "build_funded", "build_job_request",
+    "build_payee_invoice", "build_refunded", "build_rejection", "build_result", "build_reward_claimable",
+    "build_reward_paid", "build_validation_complete", "choose_mode", "decrypt_shard", "encrypt_shard",
+    "money_split", "parse_announcement", "parse_deletion", "parse_error_feedback", "parse_escrow_feedback",
+    "parse_escrow_offer", "parse_evaluation_request", "parse_evaluation_result", "parse_feedback",
+    "parse_funded", "parse_job_request", "parse_refunded", "parse_result", "parse_reward_claimable",
+    "parse_reward_paid", "parse_validation_complete", "split_shares",
+]

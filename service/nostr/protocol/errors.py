@@ -1,0 +1,230 @@
+"""Codec errors: one stable, specific reason code per fault.
+
+Every parse function raises :class:`CodecError` for anything it refuses; its
+``reason`` is a :class:`CodecErrorReason` (a ``str`` enum, safe to store, to log
+and to publish in a ``["status","error","<reason>: <message>"]`` feedback tag).
+``message`` is a short English explanation; it never echoes attacker-controlled
+text (only tag names and limits), so it can be published as is.
+
+:data:`REASON_DESCRIPTIONS` is the one-line meaning of every code, used to build
+the reason table in ``docs/protocol.md``.
+"""
+from __future__ import annotations
+
+import enum
+
+
+class CodecErrorReason(enum.StrEnum):
+    """Why an event was refused. Values are stable: callers map them, customers read them."""
+
+    # --- any kind ---------------------------------------------------------------------
+    WRONG_KIND = "wrong_kind"
+    NOT_FOR_US = "not_for_us"
+    DUPLICATE_TAG = "duplicate_tag"
+    MISSING_EVENT_REF = "missing_event_ref"
+    INVALID_EVENT_REF = "invalid_event_ref"
+    AMBIGUOUS_EVENT_REFS = "ambiguous_event_refs"
+    MISSING_PUBKEY_REF = "missing_pubkey_ref"
+    INVALID_PUBKEY_REF = "invalid_pubkey_ref"
+    INVALID_RELAY = "invalid_relay"
+    INVALID_EXPIRATION = "invalid_expiration"
+    EXPIRED = "expired"
+    # --- job request (5701) -----------------------------------------------------------
+    INVALID_ESCROW = "invalid_escrow"
+    UNSUPPORTED_INPUT = "unsupported_input"
+    MISSING_SHARDS = "missing_shards"
+    INVALID_SHARD = "invalid_shard"
+    INVALID_SHARD_INDEX = "invalid_shard_index"
+    DUPLICATE_SHARD = "duplicate_shard"
+    TOO_MANY_SHARDS = "too_many_shards"
+    INVALID_PREVIOUS_JOB = "invalid_previous_job"
+    INVALID_PARAM = "invalid_param"
+    DUPLICATE_PARAM = "duplicate_param"
+    MISSING_BID = "missing_bid"
+    INVALID_BID = "invalid_bid"
+    BID_TOO_LOW = "bid_too_low"
+    BID_TOO_HIGH = "bid_too_high"
+    INVALID_VALIDATOR = "invalid_validator"
+    DUPLICATE_VALIDATOR = "duplicate_validator"
+    TOO_MANY_VALIDATORS = "too_many_validators"
+    VALIDATOR_IS_CUSTOMER = "validator_is_customer"
+    VALIDATOR_IS_ESCROW = "validator_is_escrow"
+    MISSING_VALIDATION = "missing_validation"
+    INVALID_VALIDATION = "invalid_validation"
+    INVALID_METRIC = "invalid_metric"
+    INVALID_DIRECTION = "invalid_direction"
+    INVALID_THRESHOLD = "invalid_threshold"
+    INVALID_QUORUM = "invalid_quorum"
+    QUORUM_OUT_OF_RANGE = "quorum_out_of_range"
+    MISSING_PAYOUT = "missing_payout"
+    INVALID_PAYOUT = "invalid_payout"
+    INVALID_VALIDATOR_FEE = "invalid_validator_fee"
+    VALIDATOR_FEE_WITHOUT_VALIDATORS = "validator_fee_without_validators"
+    FEES_EXCEED_BID = "fees_exceed_bid"
+    MISSING_DEADLINE = "missing_deadline"
+    INVALID_DEADLINE = "invalid_deadline"
+    DEADLINE_PASSED = "deadline_passed"
+    DEADLINE_TOO_SOON = "deadline_too_soon"
+    DEADLINE_ORDER = "deadline_order"
+    DEADLINE_TOO_FAR = "deadline_too_far"
+    INVALID_MODE = "invalid_mode"
+    MODE_NOT_OFFERED = "mode_not_offered"
+    HOLD_WINDOW_EXCEEDED = "hold_window_exceeded"
+    INVALID_REFUND = "invalid_refund"
+    INVALID_PROVIDER = "invalid_provider"
+    DUPLICATE_PROVIDER = "duplicate_provider"
+    TOO_MANY_PROVIDERS = "too_many_providers"
+    PROVIDER_CONFLICT = "provider_conflict"
+    # --- result (6701) ----------------------------------------------------------------
+    WRONG_JOB = "wrong_job"
+    WRONG_CUSTOMER = "wrong_customer"
+    SIGNER_IS_CUSTOMER = "signer_is_customer"
+    SIGNER_IS_ESCROW = "signer_is_escrow"
+    SIGNER_IS_VALIDATOR = "signer_is_validator"
+    MISSING_SHARD_REF = "missing_shard_ref"
+    UNKNOWN_SHARD = "unknown_shard"
+    SHARD_MISMATCH = "shard_mismatch"
+    PROVIDER_NOT_ALLOWED = "provider_not_allowed"
+    SHARD_NOT_ASSIGNED = "shard_not_assigned"
+    MISSING_MODEL = "missing_model"
+    INVALID_MODEL = "invalid_model"
+    INVALID_MODEL_SHA256 = "invalid_model_sha256"
+    INVALID_MODEL_SIZE = "invalid_model_size"
+    INVALID_PAYOUT_DESTINATION = "invalid_payout_destination"
+    INVALID_AMOUNT = "invalid_amount"
+    INVALID_BOLT11 = "invalid_bolt11"
+    # --- evaluation request / result (5702 / 6702) ------------------------------------
+    MISSING_CANDIDATES = "missing_candidates"
+    INVALID_CANDIDATE = "invalid_candidate"
+    DUPLICATE_CANDIDATE = "duplicate_candidate"
+    MISSING_SCORES = "missing_scores"
+    INVALID_SCORE = "invalid_score"
+    INVALID_SCORE_VALUE = "invalid_score_value"
+    NON_FINITE_SCORE = "non_finite_score"
+    DUPLICATE_SCORE = "duplicate_score"
+    # --- feedback (7000) and deletion (5) ---------------------------------------------
+    MISSING_STATUS = "missing_status"
+    INVALID_STATUS = "invalid_status"
+    UNSUPPORTED_FEEDBACK = "unsupported_feedback"
+    MISSING_AMOUNT = "missing_amount"
+    INVALID_ESCROW_STATE = "invalid_escrow_state"
+    INVALID_VERDICT = "invalid_verdict"
+    INVALID_PAYMENT = "invalid_payment"
+    INVALID_KIND_REF = "invalid_kind_ref"
+    # --- announcement (31990) and shard decryption ------------------------------------
+    INVALID_ANNOUNCEMENT = "invalid_announcement"
+    UNDECRYPTABLE_SHARD = "undecryptable_shard"
+
+
+R = CodecErrorReason
+
+REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
+    R.WRONG_KIND: "the event's kind is not the one this parser reads",
+    R.NOT_FOR_US: "the job names no escrow tag, or another escrow's key, or another escrow is "
+                  "addressed (`p`); the caller ignores it silently, never answers it",
+    R.DUPLICATE_TAG: "a tag that must appear at most once appears twice",
+    R.MISSING_EVENT_REF: "a required `e` tag is absent",
+    R.INVALID_EVENT_REF: "an `e` tag is malformed (arity, id, relay hint, unknown marker)",
+    R.AMBIGUOUS_EVENT_REFS: "`e` tags mix marked and unmarked forms, repeat a role, are too many, "
+                            "or name one id for two roles",
+    R.MISSING_PUBKEY_REF: "a required `p` tag is absent",
+    R.INVALID_PUBKEY_REF: "a `p` tag is malformed (arity, pubkey, relay hint)",
+    R.INVALID_RELAY: "a relay URL (`relays` tag or relay hint) is not ws:// or wss://",
+    R.INVALID_EXPIRATION: "the NIP-40 `expiration` tag is malformed",
+    R.EXPIRED: "the NIP-40 expiration time is not after `now`",
+    R.INVALID_ESCROW: "the `escrow` tag names us but is malformed (arity, relay hint)",
+    R.UNSUPPORTED_INPUT: "an `i` tag of a type other than `url`, `nip44` or `job`",
+    R.MISSING_SHARDS: "no shard (`i` … `url`/`nip44`) tag",
+    R.INVALID_SHARD: "a shard tag is malformed (arity, URL, relay hint, NIP-44 payload, provider key)",
+    R.INVALID_SHARD_INDEX: "a shard label is not `shard-<k>` with k a canonical integer",
+    R.DUPLICATE_SHARD: "two shards carry the same index",
+    R.TOO_MANY_SHARDS: "more shards than the escrow's `max_shards`",
+    R.INVALID_PREVIOUS_JOB: "the previous-round link `[\"i\", <id>, \"job\"]` is malformed",
+    R.INVALID_PARAM: "a `param` tag is malformed (arity, name charset, value), or too many",
+    R.DUPLICATE_PARAM: "two `param` tags share a name",
+    R.MISSING_BID: "no `bid` tag",
+    R.INVALID_BID: "the bid is not a canonical msat amount",
+    R.BID_TOO_LOW: "the bid is below the escrow's `min_bid_msat`",
+    R.BID_TOO_HIGH: "the bid is above the escrow's `max_bid_msat`",
+    R.INVALID_VALIDATOR: "a `validator` tag is malformed",
+    R.DUPLICATE_VALIDATOR: "a validator is named twice",
+    R.TOO_MANY_VALIDATORS: "more validators than the escrow's `max_validators`",
+    R.VALIDATOR_IS_CUSTOMER: "the customer names itself as a validator (omit validators instead)",
+    R.VALIDATOR_IS_ESCROW: "the escrow is named as a validator",
+    R.MISSING_VALIDATION: "no `validation` tag",
+    R.INVALID_VALIDATION: "the `validation` tag has the wrong arity",
+    R.INVALID_METRIC: "the metric name is empty, too long or outside `[A-Za-z0-9_.:@/+-]`",
+    R.INVALID_DIRECTION: "the direction is not `max` or `min`",
+    R.INVALID_THRESHOLD: "the threshold is not a plain finite decimal",
+    R.INVALID_QUORUM: "the quorum is not a canonical integer",
+    R.QUORUM_OUT_OF_RANGE: "quorum < 1, or > the number of validators (1 when the customer validates)",
+    R.MISSING_PAYOUT: "no `payout` policy tag",
+    R.INVALID_PAYOUT: "the payout policy is not `best` or `split`",
+    R.INVALID_VALIDATOR_FEE: "the `validator_fee` is not a canonical msat amount",
+    R.VALIDATOR_FEE_WITHOUT_VALIDATORS: "a non-zero `validator_fee` with no validator (the customer validates)",
+    R.FEES_EXCEED_BID: "escrow fee + validator fees >= bid: nothing left for providers",
+    R.MISSING_DEADLINE: "no `deadline` tag",
+    R.INVALID_DEADLINE: "the `deadline` tag is malformed",
+    R.DEADLINE_PASSED: "the results deadline is not after `now`",
+    R.DEADLINE_TOO_SOON: "the results deadline is less than `min_results_window_s` after `now`",
+    R.DEADLINE_ORDER: "the validation deadline is not after the results deadline",
+    R.DEADLINE_TOO_FAR: "the validation deadline is more than `max_job_duration_s` after `now`",
+    R.INVALID_MODE: "the mode is not `hold`, `custodial` or `auto`",
+    R.MODE_NOT_OFFERED: "the requested mode is not among the escrow's `modes`",
+    R.HOLD_WINDOW_EXCEEDED: "mode `hold` (or `auto` when only hold is offered) with a validation deadline "
+                            "more than `max_hold_seconds` after `now`",
+    R.INVALID_REFUND: "the `refund` destination is neither a lud16 address nor an lnurl",
+    R.INVALID_PROVIDER: "a provider `p` tag is malformed",
+    R.DUPLICATE_PROVIDER: "a provider is named twice",
+    R.TOO_MANY_PROVIDERS: "more provider `p` tags than the limit",
+    R.PROVIDER_CONFLICT: "a named provider (a `p` tag or a shard's recipient) is the customer, "
+                         "the escrow or a validator",
+    R.WRONG_JOB: "the result's `e` tag is not this job's id",
+    R.WRONG_CUSTOMER: "the result's `p` tag is not this job's customer",
+    R.SIGNER_IS_CUSTOMER: "the result is signed by the customer",
+    R.SIGNER_IS_ESCROW: "the result is signed by the escrow",
+    R.SIGNER_IS_VALIDATOR: "the result is signed by a validator",
+    R.MISSING_SHARD_REF: "the result has no shard `i` tag",
+    R.UNKNOWN_SHARD: "the result names a shard label the job does not have",
+    R.SHARD_MISMATCH: "the result's shard tag is not a verbatim copy of the job's",
+    R.PROVIDER_NOT_ALLOWED: "the signer is not among the job's `p` providers",
+    R.SHARD_NOT_ASSIGNED: "the shard is encrypted to another provider",
+    R.MISSING_MODEL: "the result has no `model` tag",
+    R.INVALID_MODEL: "the `model` tag is malformed (arity, URL)",
+    R.INVALID_MODEL_SHA256: "the model hash is not 64 lowercase hex characters",
+    R.INVALID_MODEL_SIZE: "the model size is not a canonical positive integer within limits",
+    R.INVALID_PAYOUT_DESTINATION: "the result's `payout` tag is malformed (type, lud16, lnurl)",
+    R.INVALID_AMOUNT: "an `amount` tag is malformed or its amount is not a canonical msat amount > 0",
+    R.INVALID_BOLT11: "a BOLT11 invoice string does not have the shape of one",
+    R.MISSING_CANDIDATES: "the evaluation request has no candidate",
+    R.INVALID_CANDIDATE: "a candidate `i` tag is malformed",
+    R.DUPLICATE_CANDIDATE: "a candidate is listed twice",
+    R.MISSING_SCORES: "the evaluation result has no `score` tag",
+    R.INVALID_SCORE: "a `score` tag is malformed (arity, result id, model hash)",
+    R.INVALID_SCORE_VALUE: "a score value is not a plain decimal",
+    R.NON_FINITE_SCORE: "a score value is NaN or infinite",
+    R.DUPLICATE_SCORE: "one evaluation result scores the same result twice",
+    R.MISSING_STATUS: "the feedback has no `status` tag",
+    R.INVALID_STATUS: "the `status` tag is malformed or does not fit this feedback",
+    R.UNSUPPORTED_FEEDBACK: "a feedback status the escrow does not act on (ignored)",
+    R.MISSING_AMOUNT: "a required `amount` tag is absent",
+    R.INVALID_ESCROW_STATE: "the `escrow` state tag of an escrow feedback is malformed or unknown",
+    R.INVALID_VERDICT: "an `accepted`/`rejected` tag is malformed",
+    R.INVALID_PAYMENT: "a `payment` receipt tag is malformed, or the preimage does not hash to the hash",
+    R.INVALID_KIND_REF: "a deletion's `k` tag is not a kind number",
+    R.INVALID_ANNOUNCEMENT: "the announcement's `d`/`k` tags or JSON terms are malformed",
+    R.UNDECRYPTABLE_SHARD: "a NIP-44 shard does not decrypt (wrong key, tampered) or is not a URL",
+}
+
+
+class CodecError(ValueError):
+    """An event (or a value to build one from) was refused; ``reason`` is a :class:`CodecErrorReason`."""
+
+    def __init__(self, reason: CodecErrorReason, message: str) -> None:
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{reason.value}: {message}")
+
+    def feedback_text(self) -> str:
+        """``"<reason>: <message>"``, the third item of an error ``status`` tag."""
+        return f"{self.reason.value}: {self.message}"

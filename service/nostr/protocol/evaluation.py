@@ -1,0 +1,198 @@
+"""The validation round: evaluation request (kind 5702, by the escrow) and evaluation
+result (kind 6702, by a validator): protocol.md §6.
+
+A 6702 references two events. Decision (protocol.md was silent on how to tell them
+apart): the *marked* form ``["e", <id>, <relay-or-"">, "request"|"job"]`` is what we
+write; the design reference's *order* form (first ``e`` = evaluation request, second
+= job, no markers) is accepted too. Whether a score counts (designated validator,
+sha256 equal to the result's, before the validation deadline, first score of that
+validator for that result) is the engine's rule: it needs the stored request and results.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+
+from service.nostr.nip01 import Event
+
+from .errors import CodecError, CodecErrorReason
+from .fields import (
+    Tag,
+    Template,
+    arity,
+    event_refs,
+    event_tag,
+    expect_kind,
+    format_decimal,
+    format_timestamp,
+    named,
+    parse_decimal,
+    parse_hex64,
+    parse_pubkey_ref,
+    parse_relay_hint,
+    parse_timestamp,
+    placeholder_event,
+    pubkey_tag,
+    single_pubkey_ref,
+    template,
+)
+from .terms import KIND_EVALUATION_REQUEST, KIND_EVALUATION_RESULT
+
+R = CodecErrorReason
+
+_NON_FINITE = re.compile(r"[+-]?(?:s?nan|inf|infinity)", re.IGNORECASE)
+_METRIC = re.compile(r"[A-Za-z0-9_.:@/+\-]{1,64}")
+REQUEST_ROLES = ("request", "job")
+
+
+# ----------------------------------------------------------------- 5702 (escrow)
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """``["i", <result event id>, "event", <relay-or-"">]``: one result to score."""
+
+    result_id: str
+    relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationRequest:
+    job_id: str
+    candidates: tuple[Candidate, ...]
+    validators: tuple[str, ...]
+    metric: str
+    deadline: int
+    job_relay: str = ""
+
+
+def _read_param(tags: tuple[Tag, ...], name: str) -> str:
+    found = [tag for tag in named(tags, "param") if len(tag) >= 2 and tag[1] == name]
+    if len(found) != 1:
+        raise CodecError(R.INVALID_PARAM, f"exactly one {name!r} param is required")
+    arity(found[0], 3, 3, R.INVALID_PARAM)
+    return found[0][2]
+
+
+def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUEST) -> EvaluationRequest:
+    expect_kind(event, kind)
+    tags = event.tags
+    job = event_refs(tags, ("job",), ("job",))["job"]
+    candidates: list[Candidate] = []
+    for tag in named(tags, "i"):
+        arity(tag, 3, 4, R.INVALID_CANDIDATE)
+        if tag[2] != "event":
+            raise CodecError(R.INVALID_CANDIDATE, "candidate input type must be 'event'")
+        result_id = parse_hex64(tag[1], R.INVALID_CANDIDATE, "candidate result id")
+        relay = parse_relay_hint(tag[3], R.INVALID_CANDIDATE, "candidate relay hint") if len(tag) == 4 else ""
+        if any(c.result_id == result_id for c in candidates):
+            raise CodecError(R.DUPLICATE_CANDIDATE, "a candidate is listed twice")
+        candidates.append(Candidate(result_id, relay))
+    if not candidates:
+        raise CodecError(R.MISSING_CANDIDATES, "no candidate 'i' tag")
+    validators: list[str] = []
+    for tag in named(tags, "p"):
+        pubkey, _ = parse_pubkey_ref(tag)
+        if pubkey in validators:
+            raise CodecError(R.DUPLICATE_VALIDATOR, "a validator is named twice")
+        validators.append(pubkey)
+    if not validators:
+        raise CodecError(R.MISSING_PUBKEY_REF, "no validator 'p' tag")
+    metric = _read_param(tags, "metric")
+    if _METRIC.fullmatch(metric) is None:
+        raise CodecError(R.INVALID_METRIC, "metric must match [A-Za-z0-9_.:@/+-]{1,64}")
+    deadline = parse_timestamp(_read_param(tags, "deadline"), R.INVALID_DEADLINE, "validation deadline")
+    return EvaluationRequest(job_id=job.id, candidates=tuple(candidates), validators=tuple(validators),
+                             metric=metric, deadline=deadline, job_relay=job.relay)
+
+
+def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVALUATION_REQUEST) -> Template:
+    tags: list[Tag] = [event_tag(request.job_id, request.job_relay)]
+    for candidate in request.candidates:
+        parse_hex64(candidate.result_id, R.INVALID_CANDIDATE, "candidate result id")
+        tags.append(("i", candidate.result_id, "event",
+                     parse_relay_hint(candidate.relay, R.INVALID_CANDIDATE, "candidate relay hint")))
+    tags += [pubkey_tag(validator) for validator in request.validators]
+    tags.append(("param", "metric", request.metric))
+    tags.append(("param", "deadline", format_timestamp(request.deadline, R.INVALID_DEADLINE, "deadline")))
+    result = template(kind, tags, "")
+    parse_evaluation_request(placeholder_event(result), kind=kind)
+    return result
+
+
+# --------------------------------------------------------------- 6702 (validator)
+
+
+@dataclass(frozen=True, slots=True)
+class Score:
+    """``["score", <result id>, <value>, <model sha256>]``: one validator's score of one result."""
+
+    result_id: str
+    value: Decimal
+    model_sha256: str
+
+
+@dataclass(frozen=True, slots=True)
+class EvaluationResult:
+    id: str
+    validator: str
+    created_at: int
+    request_id: str
+    job_id: str
+    escrow: str
+    scores: tuple[Score, ...]
+
+
+def _read_score(tag: Tag) -> Score:
+    arity(tag, 4, 4, R.INVALID_SCORE)
+    _, result_id, value, sha256 = tag
+    parse_hex64(result_id, R.INVALID_SCORE, "scored result id")
+    if _NON_FINITE.fullmatch(value) is not None:
+        raise CodecError(R.NON_FINITE_SCORE, "a score must be a finite number")
+    decimal = parse_decimal(value, R.INVALID_SCORE_VALUE, "score")
+    parse_hex64(sha256, R.INVALID_SCORE, "scored model sha256")
+    return Score(result_id, decimal, sha256)
+
+
+def parse_evaluation_result(event: Event, *, escrow_pubkey: str | None = None,
+                            kind: int = KIND_EVALUATION_RESULT) -> EvaluationResult:
+    """A validator's scores. ``escrow_pubkey``, if given, must be the ``p`` tag (else ``not_for_us``)."""
+    expect_kind(event, kind)
+    tags = event.tags
+    escrow, _ = single_pubkey_ref(tags)
+    if escrow_pubkey is not None and escrow != escrow_pubkey:
+        raise CodecError(R.NOT_FOR_US, "the evaluation result is addressed to another escrow")
+    refs = event_refs(tags, REQUEST_ROLES, REQUEST_ROLES)
+    scores: list[Score] = []
+    seen: set[str] = set()
+    for tag in named(tags, "score"):
+        score = _read_score(tag)
+        if score.result_id in seen:
+            raise CodecError(R.DUPLICATE_SCORE, "one result is scored twice in this event")
+        seen.add(score.result_id)
+        scores.append(score)
+    if not scores:
+        raise CodecError(R.MISSING_SCORES, "no 'score' tag")
+    return EvaluationResult(id=event.id, validator=event.pubkey, created_at=event.created_at,
+                            request_id=refs["request"].id, job_id=refs["job"].id, escrow=escrow,
+                            scores=tuple(scores))
+
+
+def build_evaluation_result(*, request_id: str, job_id: str, escrow: str, scores: tuple[Score, ...],
+                            request_relay: str = "", job_relay: str = "", content: str = "",
+                            kind: int = KIND_EVALUATION_RESULT) -> Template:
+    tags: list[Tag] = [event_tag(request_id, request_relay, "request"), event_tag(job_id, job_relay, "job"),
+                       pubkey_tag(escrow)]
+    for score in scores:
+        tag: Tag = ("score", score.result_id, format_decimal(score.value, R.INVALID_SCORE_VALUE, "score"),
+                    score.model_sha256)
+        if any(type(item) is not str for item in tag):
+            raise TypeError("score result id and sha256 must be strings")
+        tags.append(tag)
+    if type(content) is not str:
+        raise TypeError("content must be a string")
+    result = template(kind, tags, content)
+    parse_evaluation_result(placeholder_event(result), kind=kind)
+    return result
+

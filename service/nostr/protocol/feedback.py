@@ -1,0 +1,536 @@
+"""Job feedback (kind 7000, NIP-90): the escrow's state changes and receipts (§3, §4, §6,
+§7, §8, and rejections), and the one feedback the escrow reads: a payee's invoice (§7).
+
+Every escrow feedback carries ``["status", <NIP-90 status>, <info>]``, the job
+``["e", …]`` and the addressee ``["p", …]``; the ``info`` text and, where present,
+the ``["escrow", <state>, <value>]`` tag say which feedback it is:
+
+==============================  =========================================  ==========================
+status / info                   escrow tag                                 body
+==============================  =========================================  ==========================
+payment-required / escrow       ``["escrow","awaiting-funding",<mode>]``   :class:`EscrowOffer`
+processing / escrow funded      ``["escrow","funded",<msat>]``             :class:`Funded`
+success / validation complete   —                                          :class:`ValidationComplete`
+success / reward claimable      —                                          :class:`RewardClaimable`
+success / reward paid           —                                          :class:`RewardPaid`
+error / refunded: <code>        ``["escrow","refunded",<msat>]``           :class:`Refunded`
+error / <reason>: <message>     —                                          :class:`ErrorFeedback`
+==============================  =========================================  ==========================
+"""
+from __future__ import annotations
+
+import enum
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from service.nostr.nip01 import Event
+
+from .errors import CodecError, CodecErrorReason
+from .fields import (
+    Tag,
+    Tags,
+    Template,
+    amount_tag,
+    arity,
+    check_text,
+    event_refs,
+    event_tag,
+    expect_kind,
+    format_decimal,
+    format_msat,
+    parse_amount_tag,
+    parse_decimal,
+    parse_hex64,
+    parse_msat,
+    placeholder_event,
+    pubkey_tag,
+    single,
+    single_pubkey_ref,
+    template,
+)
+from .terms import KIND_FEEDBACK, Mode
+
+R = CodecErrorReason
+
+STATUSES = ("payment-required", "processing", "error", "success", "partial")
+MAX_INFO = 1024
+_CODE = re.compile(r"[a-z0-9_]{1,64}")
+NO_QUORUM = "no-quorum"
+REWARD_ROLES = ("job", "result")
+
+INFO_OFFER = "escrow"
+INFO_FUNDED = "escrow funded"
+INFO_VALIDATION_COMPLETE = "validation complete"
+INFO_REWARD_CLAIMABLE = "reward claimable"
+INFO_REWARD_PAID = "reward paid"
+REFUNDED_PREFIX = "refunded: "
+
+
+class RefundReason(enum.StrEnum):
+    """The codes the escrow writes after ``refunded: `` (parsers accept any ``[a-z0-9_]{1,64}``)."""
+
+    NO_RESULTS = "no_results"
+    NO_ACCEPTED_RESULT = "no_accepted_result"
+    NO_QUORUM = "no_quorum"
+
+
+# ---------------------------------------------------------------------- bodies
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowOffer:
+    """§3: the invoice to fund the escrow; ``mode`` is the concrete mode (hold or custodial)."""
+
+    job_id: str
+    customer: str
+    amount_msat: int
+    bolt11: str
+    mode: Mode
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Funded:
+    """§4: LND confirmed the funding; providers start now."""
+
+    job_id: str
+    customer: str
+    amount_msat: int
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """``["accepted", <result id>, <median>, <reward msat>]`` or
+    ``["rejected", <result id>, <median> | "no-quorum"]``.
+
+    ``reward_msat`` is what the accepted result's provider is paid (0 for an accepted
+    result that is not the best under ``payout=best``); ``None`` when not stated.
+    """
+
+    result_id: str
+    accepted: bool
+    median: Decimal | None
+    reward_msat: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ValidationComplete:
+    job_id: str
+    customer: str
+    verdicts: tuple[Verdict, ...]
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RewardClaimable:
+    """§7: a reward waits for the payee's invoice; ``earned_by`` = its result or evaluation event."""
+
+    job_id: str
+    payee: str
+    amount_msat: int
+    earned_by: str | None = None
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentProof:
+    """``["payment", <payment hash>, <preimage>, <amount msat>, <routing fee msat>]``."""
+
+    payment_hash: str
+    preimage: str
+    amount_msat: int
+    fee_msat: int
+
+
+@dataclass(frozen=True, slots=True)
+class RewardPaid:
+    job_id: str
+    earned_by: str
+    payee: str
+    payment: PaymentProof
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refunded:
+    """§8: ``reason`` is a code such as :class:`RefundReason`; ``amount_msat`` went back."""
+
+    job_id: str
+    customer: str
+    reason: str
+    amount_msat: int
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorFeedback:
+    """A rejected request: ``["status","error","<reason>: <message>"]`` (``reason``: a codec reason code)."""
+
+    job_id: str
+    customer: str
+    reason: str
+    message: str
+    job_relay: str = ""
+
+
+EscrowFeedback = (EscrowOffer | Funded | ValidationComplete | RewardClaimable | RewardPaid | Refunded
+                  | ErrorFeedback)
+
+
+@dataclass(frozen=True, slots=True)
+class Feedback:
+    """A payee's ``payment-required`` feedback to the escrow: the invoice for its reward."""
+
+    id: str
+    payee: str
+    created_at: int
+    job_id: str
+    escrow: str
+    amount_msat: int
+    bolt11: str
+    info: str = ""
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _read_status(tags: Tags) -> tuple[str, str]:
+    tag = single(tags, "status", R.MISSING_STATUS)
+    assert tag is not None
+    arity(tag, 2, 3, R.INVALID_STATUS)
+    if tag[1] not in STATUSES:
+        raise CodecError(R.INVALID_STATUS, f"status must be one of {', '.join(STATUSES)}")
+    info = check_text(tag[2], R.INVALID_STATUS, "status info", MAX_INFO, empty=True) if len(tag) == 3 else ""
+    return tag[1], info
+
+
+def _expect_status(tags: Tags, status: str, info: str | None) -> str:
+    found, found_info = _read_status(tags)
+    if found != status or (info is not None and found_info != info):
+        raise CodecError(R.INVALID_STATUS, f"expected status {status!r}" + (f" / {info!r}" if info else ""))
+    return found_info
+
+
+def _read_escrow_state(tags: Tags, state: str) -> str:
+    tag = single(tags, "escrow")
+    if tag is None:
+        raise CodecError(R.INVALID_ESCROW_STATE, f"no ['escrow', {state!r}, …] tag")
+    arity(tag, 3, 3, R.INVALID_ESCROW_STATE)
+    if tag[1] != state:
+        raise CodecError(R.INVALID_ESCROW_STATE, f"escrow state must be {state!r}")
+    return tag[2]
+
+
+def _positive_msat(text: str, reason: CodecErrorReason, what: str) -> int:
+    value = parse_msat(text, reason, what)
+    if value == 0:
+        raise CodecError(reason, f"{what} must be positive")
+    return value
+
+
+def _job_and_addressee(tags: Tags) -> tuple[str, str, str]:
+    job = event_refs(tags, ("job",), ("job",))["job"]
+    pubkey, _ = single_pubkey_ref(tags)
+    return job.id, job.relay, pubkey
+
+
+def _status_tag(status: str, info: str) -> Tag:
+    return ("status", status, info)
+
+
+def _finish(tags: list[Tag], parser: object, body: object) -> Template:
+    """Template + self-check: the body's own parser must read back exactly ``body``."""
+    result = template(KIND_FEEDBACK, tags, "")
+    parsed = parser(placeholder_event(result))  # type: ignore[operator]
+    if parsed != body:
+        raise ValueError(f"{type(body).__name__} does not round-trip: check its fields' types")
+    return result
+
+
+def _code_and_text(info: str, prefix: str = "") -> tuple[str, str]:
+    code, sep, message = info[len(prefix):].partition(": ")
+    if _CODE.fullmatch(code) is None:
+        raise CodecError(R.INVALID_STATUS, "status info must be '<code>: <message>' with code [a-z0-9_]{1,64}")
+    return code, message if sep else ""
+
+
+# ------------------------------------------------------------------- 3. offer
+
+
+def parse_escrow_offer(event: Event) -> EscrowOffer:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "payment-required", INFO_OFFER)
+    mode = _read_escrow_state(tags, "awaiting-funding")
+    if mode not in ("hold", "custodial"):
+        raise CodecError(R.INVALID_ESCROW_STATE, "offer mode must be 'hold' or 'custodial'")
+    amount = single(tags, "amount", R.MISSING_AMOUNT)
+    assert amount is not None
+    amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=True)
+    assert bolt11 is not None
+    job_id, relay, customer = _job_and_addressee(tags)
+    return EscrowOffer(job_id=job_id, customer=customer, amount_msat=amount_msat, bolt11=bolt11,
+                       mode=Mode(mode), job_relay=relay)
+
+
+def build_escrow_offer(offer: EscrowOffer) -> Template:
+    tags = [_status_tag("payment-required", INFO_OFFER), amount_tag(offer.amount_msat, offer.bolt11),
+            event_tag(offer.job_id, offer.job_relay), pubkey_tag(offer.customer),
+            ("escrow", "awaiting-funding", str(offer.mode))]
+    return _finish(tags, parse_escrow_offer, offer)
+
+
+# ------------------------------------------------------------------ 4. funded
+
+
+def parse_funded(event: Event) -> Funded:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "processing", INFO_FUNDED)
+    amount = _positive_msat(_read_escrow_state(tags, "funded"), R.INVALID_ESCROW_STATE, "funded amount")
+    job_id, relay, customer = _job_and_addressee(tags)
+    return Funded(job_id=job_id, customer=customer, amount_msat=amount, job_relay=relay)
+
+
+def build_funded(funded: Funded) -> Template:
+    tags = [_status_tag("processing", INFO_FUNDED),
+            ("escrow", "funded", format_msat(funded.amount_msat, R.INVALID_ESCROW_STATE, "funded amount")),
+            event_tag(funded.job_id, funded.job_relay), pubkey_tag(funded.customer)]
+    return _finish(tags, parse_funded, funded)
+
+
+# ----------------------------------------------------- 6. validation complete
+
+
+def _read_verdicts(tags: Tags) -> tuple[Verdict, ...]:
+    verdicts: list[Verdict] = []
+    for tag in tags:
+        if tag[0] not in ("accepted", "rejected"):
+            continue
+        accepted = tag[0] == "accepted"
+        arity(tag, 3, 4 if accepted else 3, R.INVALID_VERDICT)
+        result_id = parse_hex64(tag[1], R.INVALID_VERDICT, "verdict result id")
+        if not accepted and tag[2] == NO_QUORUM:
+            median = None
+        else:
+            median = parse_decimal(tag[2], R.INVALID_VERDICT, "median")
+        reward = parse_msat(tag[3], R.INVALID_VERDICT, "reward") if len(tag) == 4 else None
+        if any(v.result_id == result_id for v in verdicts):
+            raise CodecError(R.INVALID_VERDICT, "a result has two verdicts")
+        verdicts.append(Verdict(result_id, accepted, median, reward))
+    if not verdicts:
+        raise CodecError(R.INVALID_VERDICT, "no 'accepted' or 'rejected' tag")
+    return tuple(verdicts)
+
+
+def parse_validation_complete(event: Event) -> ValidationComplete:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "success", INFO_VALIDATION_COMPLETE)
+    verdicts = _read_verdicts(tags)
+    job_id, relay, customer = _job_and_addressee(tags)
+    return ValidationComplete(job_id=job_id, customer=customer, verdicts=verdicts, job_relay=relay)
+
+
+def _verdict_tag(verdict: Verdict) -> Tag:
+    if verdict.accepted:
+        if verdict.median is None:
+            raise CodecError(R.INVALID_VERDICT, "an accepted verdict needs its median")
+        tag: Tag = ("accepted", verdict.result_id, format_decimal(verdict.median, R.INVALID_VERDICT, "median"))
+        if verdict.reward_msat is not None:
+            tag += (format_msat(verdict.reward_msat, R.INVALID_VERDICT, "reward"),)
+        return tag
+    if verdict.reward_msat is not None:
+        raise CodecError(R.INVALID_VERDICT, "a rejected result earns no reward")
+    median = NO_QUORUM if verdict.median is None else format_decimal(verdict.median, R.INVALID_VERDICT, "median")
+    return ("rejected", verdict.result_id, median)
+
+
+def build_validation_complete(complete: ValidationComplete) -> Template:
+    tags = [_status_tag("success", INFO_VALIDATION_COMPLETE), event_tag(complete.job_id, complete.job_relay),
+            pubkey_tag(complete.customer), *(_verdict_tag(v) for v in complete.verdicts)]
+    return _finish(tags, parse_validation_complete, complete)
+
+
+# --------------------------------------------------------------- 7. rewards
+
+
+def parse_reward_claimable(event: Event) -> RewardClaimable:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "success", INFO_REWARD_CLAIMABLE)
+    amount = single(tags, "amount", R.MISSING_AMOUNT)
+    assert amount is not None
+    arity(amount, 2, 2, R.INVALID_AMOUNT)
+    amount_msat, _ = parse_amount_tag(amount, bolt11_required=False)
+    refs = event_refs(tags, REWARD_ROLES, ("job",))
+    payee, _ = single_pubkey_ref(tags)
+    earned_by = refs["result"].id if "result" in refs else None
+    return RewardClaimable(job_id=refs["job"].id, payee=payee, amount_msat=amount_msat, earned_by=earned_by,
+                           job_relay=refs["job"].relay)
+
+
+def build_reward_claimable(claimable: RewardClaimable) -> Template:
+    if claimable.earned_by is None:
+        refs = [event_tag(claimable.job_id, claimable.job_relay)]
+    else:
+        refs = [event_tag(claimable.job_id, claimable.job_relay, "job"),
+                event_tag(claimable.earned_by, "", "result")]
+    tags = [_status_tag("success", INFO_REWARD_CLAIMABLE), amount_tag(claimable.amount_msat), *refs,
+            pubkey_tag(claimable.payee)]
+    return _finish(tags, parse_reward_claimable, claimable)
+
+
+def _read_payment(tags: Tags) -> PaymentProof:
+    tag = single(tags, "payment")
+    if tag is None:
+        raise CodecError(R.INVALID_PAYMENT, "no 'payment' tag")
+    arity(tag, 5, 5, R.INVALID_PAYMENT)
+    payment_hash = parse_hex64(tag[1], R.INVALID_PAYMENT, "payment hash")
+    preimage = parse_hex64(tag[2], R.INVALID_PAYMENT, "preimage")
+    amount = _positive_msat(tag[3], R.INVALID_PAYMENT, "paid amount")
+    fee = parse_msat(tag[4], R.INVALID_PAYMENT, "routing fee")
+    if hashlib.sha256(bytes.fromhex(preimage)).hexdigest() != payment_hash:
+        raise CodecError(R.INVALID_PAYMENT, "the preimage does not hash to the payment hash")
+    return PaymentProof(payment_hash, preimage, amount, fee)
+
+
+def parse_reward_paid(event: Event) -> RewardPaid:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "success", INFO_REWARD_PAID)
+    refs = event_refs(tags, REWARD_ROLES, REWARD_ROLES)
+    payee, _ = single_pubkey_ref(tags)
+    return RewardPaid(job_id=refs["job"].id, earned_by=refs["result"].id, payee=payee,
+                      payment=_read_payment(tags), job_relay=refs["job"].relay)
+
+
+def build_reward_paid(paid: RewardPaid) -> Template:
+    proof = paid.payment
+    tags = [_status_tag("success", INFO_REWARD_PAID), event_tag(paid.job_id, paid.job_relay, "job"),
+            event_tag(paid.earned_by, "", "result"), pubkey_tag(paid.payee),
+            ("payment", proof.payment_hash, proof.preimage,
+             format_msat(proof.amount_msat, R.INVALID_PAYMENT, "paid amount"),
+             format_msat(proof.fee_msat, R.INVALID_PAYMENT, "routing fee"))]
+    return _finish(tags, parse_reward_paid, paid)
+
+
+# ---------------------------------------------------------------- 8. refund
+
+
+def parse_refunded(event: Event) -> Refunded:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    info = _expect_status(tags, "error", None)
+    if not info.startswith(REFUNDED_PREFIX):
+        raise CodecError(R.INVALID_STATUS, "a refund's status info must be 'refunded: <code>'")
+    code, rest = _code_and_text(info, REFUNDED_PREFIX)
+    if rest or info != REFUNDED_PREFIX + code:
+        raise CodecError(R.INVALID_STATUS, "a refund's status info must be 'refunded: <code>'")
+    amount = _positive_msat(_read_escrow_state(tags, "refunded"), R.INVALID_ESCROW_STATE, "refunded amount")
+    job_id, relay, customer = _job_and_addressee(tags)
+    return Refunded(job_id=job_id, customer=customer, reason=code, amount_msat=amount, job_relay=relay)
+
+
+def build_refunded(refunded: Refunded) -> Template:
+    tags = [_status_tag("error", f"{REFUNDED_PREFIX}{refunded.reason}"),
+            ("escrow", "refunded", format_msat(refunded.amount_msat, R.INVALID_ESCROW_STATE, "refunded amount")),
+            event_tag(refunded.job_id, refunded.job_relay), pubkey_tag(refunded.customer)]
+    return _finish(tags, parse_refunded, refunded)
+
+
+# ------------------------------------------------------------------ errors
+
+
+def parse_error_feedback(event: Event) -> ErrorFeedback:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    info = _expect_status(tags, "error", None)
+    if single(tags, "escrow") is not None:
+        raise CodecError(R.INVALID_STATUS, "an error feedback carries no 'escrow' state tag")
+    code, message = _code_and_text(info)
+    if not message:
+        raise CodecError(R.INVALID_STATUS, "status info must be '<code>: <message>'")
+    job_id, relay, customer = _job_and_addressee(tags)
+    return ErrorFeedback(job_id=job_id, customer=customer, reason=code, message=message, job_relay=relay)
+
+
+def build_error_feedback(error: ErrorFeedback) -> Template:
+    if error.reason == "refunded":
+        raise CodecError(R.INVALID_STATUS, "'refunded' is the refund feedback, not an error code")
+    tags = [_status_tag("error", f"{error.reason}: {error.message}"), event_tag(error.job_id, error.job_relay),
+            pubkey_tag(error.customer)]
+    return _finish(tags, parse_error_feedback, error)
+
+
+def build_rejection(job: Event, error: CodecError, *, job_relay: str = "") -> Template:
+    """The answer to a refused job request (never for ``not_for_us``, which is dropped silently)."""
+    if error.reason is R.NOT_FOR_US:
+        raise ValueError("requests for another escrow are ignored, not answered")
+    return build_error_feedback(ErrorFeedback(job_id=job.id, customer=job.pubkey, reason=error.reason.value,
+                                              message=error.message, job_relay=job_relay))
+
+
+# ----------------------------------------------------------------- dispatch
+
+
+_BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
+    ("payment-required", INFO_OFFER): parse_escrow_offer,
+    ("processing", INFO_FUNDED): parse_funded,
+    ("success", INFO_VALIDATION_COMPLETE): parse_validation_complete,
+    ("success", INFO_REWARD_CLAIMABLE): parse_reward_claimable,
+    ("success", INFO_REWARD_PAID): parse_reward_paid,
+}
+
+
+def parse_escrow_feedback(event: Event) -> EscrowFeedback:
+    """Any escrow feedback, recognised by its status and info (the caller checks the author is the escrow)."""
+    expect_kind(event, KIND_FEEDBACK)
+    status, info = _read_status(event.tags)
+    parser = _BY_INFO.get((status, info))
+    if parser is not None:
+        return parser(event)  # type: ignore[no-any-return]
+    if status == "error":
+        return parse_refunded(event) if info.startswith(REFUNDED_PREFIX) else parse_error_feedback(event)
+    raise CodecError(R.UNSUPPORTED_FEEDBACK, "not an escrow feedback")
+
+
+# --------------------------------------------------------------- payee invoice
+
+
+def parse_feedback(event: Event, *, escrow_pubkey: str | None = None) -> Feedback:
+    """A payee's invoice for its reward: ``payment-required`` + ``["amount", msat, bolt11]``.
+
+    ``escrow_pubkey``, if given, must be the ``p`` tag (else ``not_for_us``); any other
+    status is ``unsupported_feedback`` (the escrow ignores it).
+    """
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    escrow, _ = single_pubkey_ref(tags)
+    if escrow_pubkey is not None and escrow != escrow_pubkey:
+        raise CodecError(R.NOT_FOR_US, "the feedback is addressed to someone else")
+    status, info = _read_status(tags)
+    if status != "payment-required":
+        raise CodecError(R.UNSUPPORTED_FEEDBACK, "the escrow only reads 'payment-required' feedback")
+    job = event_refs(tags, ("job",), ("job",))["job"]
+    amount = single(tags, "amount", R.MISSING_AMOUNT)
+    assert amount is not None
+    amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=True)
+    assert bolt11 is not None
+    return Feedback(id=event.id, payee=event.pubkey, created_at=event.created_at, job_id=job.id, escrow=escrow,
+                    amount_msat=amount_msat, bolt11=bolt11, info=info)
+
+
+def build_payee_invoice(*, job_id: str, escrow: str, amount_msat: int, bolt11: str, info: str = "",
+                        job_relay: str = "") -> Template:
+    status: Tag = ("status", "payment-required", info) if info else ("status", "payment-required")
+    tags = [status, amount_tag(amount_msat, bolt11), event_tag(job_id, job_relay), pubkey_tag(escrow)]
+    result = template(KIND_FEEDBACK, tags, "")
+    parse_feedback(placeholder_event(result))
+    return result
+

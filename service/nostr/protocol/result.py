@@ -1,0 +1,176 @@
+"""Job result (kind 6701 = job kind + 1000, signed by a provider): protocol.md §5.
+
+:func:`parse_result` checks one result against its (already parsed) job: which job
+and customer it answers, who signed it, which shard it trained on and whether the
+signer may submit for that shard, the model reference, and the optional payout
+destination. It does not look at the clock or at other results: "before the
+results deadline" and "the provider's first valid result" are the engine's rules.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.nostr.nip01 import Event
+
+from .errors import CodecError, CodecErrorReason
+from .fields import (
+    Invoice,
+    Tag,
+    Template,
+    amount_tag,
+    arity,
+    check_singles,
+    event_refs,
+    event_tag,
+    expect_kind,
+    format_uint,
+    is_lnurl,
+    is_lud16,
+    is_url,
+    parse_amount_tag,
+    parse_hex64,
+    parse_uint,
+    pubkey_tag,
+    single,
+    single_pubkey_ref,
+    template,
+)
+from .job import JobRequest
+from .shards import parse_shard_label
+
+R = CodecErrorReason
+
+SINGLE_TAGS = ("model", "payout", "amount", "request", "i")
+MAX_MODEL_BYTES = 2**53 - 1
+PAYOUT_KINDS = ("lud16", "lnurl")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRef:
+    """``["model", <url>, <sha256 hex>, <bytes>]``: where the trained model is and what it is."""
+
+    url: str
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class PayoutAddress:
+    """``["payout", "lud16"|"lnurl", <address>]``: where the provider wants its reward."""
+
+    kind: str
+    address: str
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    id: str
+    provider: str
+    created_at: int
+    job_id: str
+    customer: str
+    shard_index: int
+    model: ModelRef
+    payout_address: PayoutAddress | None = None
+    invoice: Invoice | None = None
+    content: str = ""
+
+
+def _read_model(tag: Tag) -> ModelRef:
+    arity(tag, 4, 4, R.INVALID_MODEL)
+    _, url, sha256, size = tag
+    if not is_url(url):
+        raise CodecError(R.INVALID_MODEL, "model url must be a printable-ASCII URL with a scheme")
+    parse_hex64(sha256, R.INVALID_MODEL_SHA256, "model sha256")
+    size_bytes = parse_uint(size, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES)
+    if size_bytes == 0:
+        raise CodecError(R.INVALID_MODEL_SIZE, "model size must be positive")
+    return ModelRef(url=url, sha256=sha256, size_bytes=size_bytes)
+
+
+def _read_payout(tag: Tag) -> PayoutAddress:
+    arity(tag, 3, 3, R.INVALID_PAYOUT_DESTINATION)
+    _, kind, address = tag
+    if kind == "lud16" and is_lud16(address):
+        return PayoutAddress(kind, address)
+    if kind == "lnurl" and is_lnurl(address):
+        return PayoutAddress(kind, address)
+    raise CodecError(R.INVALID_PAYOUT_DESTINATION,
+                     "payout must be ['payout','lud16',name@domain] or ['payout','lnurl',lnurl1…]")
+
+
+def parse_result(event: Event, job: JobRequest) -> JobResult:
+    """Check a signature-verified result event against ``job``."""
+    expect_kind(event, job.result_kind)
+    tags = event.tags
+    check_singles(tags, SINGLE_TAGS)
+    if event_refs(tags, ("job",), ("job",))["job"].id != job.id:
+        raise CodecError(R.WRONG_JOB, "the result's 'e' tag is not this job")
+    customer, _ = single_pubkey_ref(tags)
+    if customer != job.customer:
+        raise CodecError(R.WRONG_CUSTOMER, "the result's 'p' tag is not this job's customer")
+    signer = event.pubkey
+    if signer == job.customer:
+        raise CodecError(R.SIGNER_IS_CUSTOMER, "the customer cannot submit a result")
+    if signer == job.spec.escrow:
+        raise CodecError(R.SIGNER_IS_ESCROW, "the escrow cannot submit a result")
+    if signer in job.spec.validators:
+        raise CodecError(R.SIGNER_IS_VALIDATOR, "a validator cannot submit a result")
+    shard_ref = single(tags, "i", R.MISSING_SHARD_REF)
+    assert shard_ref is not None
+    try:
+        index = parse_shard_label(shard_ref[-1])
+    except CodecError:
+        raise CodecError(R.UNKNOWN_SHARD, "the result's 'i' tag does not end with a shard label") from None
+    shard = job.shard(index)
+    if shard is None:
+        raise CodecError(R.UNKNOWN_SHARD, "the job has no shard with this label")
+    if shard_ref != shard.to_tag_unchecked():
+        raise CodecError(R.SHARD_MISMATCH, "the result's 'i' tag must copy the job's shard tag verbatim")
+    refusal = job.submit_refusal(signer, index)
+    if refusal is not None:
+        raise CodecError(refusal, "this provider may not submit a result for this shard")
+    model_tag = single(tags, "model", R.MISSING_MODEL)
+    assert model_tag is not None
+    model = _read_model(model_tag)
+    payout_tag = single(tags, "payout")
+    payout = _read_payout(payout_tag) if payout_tag is not None else None
+    amount = single(tags, "amount")
+    invoice = None
+    if amount is not None:
+        amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=True)
+        assert bolt11 is not None
+        invoice = Invoice(amount_msat, bolt11)
+    request = single(tags, "request")
+    if request is not None:
+        arity(request, 2, 2, R.INVALID_EVENT_REF)
+    return JobResult(id=event.id, provider=signer, created_at=event.created_at, job_id=job.id,
+                     customer=customer, shard_index=index, model=model, payout_address=payout,
+                     invoice=invoice, content=event.content)
+
+
+def build_result(job: JobRequest, *, shard_index: int, model: ModelRef,
+                 payout_address: PayoutAddress | None = None, invoice: Invoice | None = None,
+                 content: str = "", job_relay: str = "", request: Event | None = None) -> Template:
+    """A provider's result for one shard of ``job`` (``request``: the job event, copied as NIP-90 does)."""
+    shard = job.shard(shard_index) if type(shard_index) is int else None
+    if shard is None:
+        raise CodecError(R.UNKNOWN_SHARD, "the job has no shard with this index")
+    tags: list[Tag] = [event_tag(job.id, job_relay), pubkey_tag(job.customer), shard.to_tag_unchecked()]
+    model_tag: Tag = ("model", model.url, model.sha256,
+                      format_uint(model.size_bytes, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES))
+    if any(type(item) is not str for item in model_tag):
+        raise TypeError("model url and sha256 must be strings")
+    _read_model(model_tag)
+    tags.append(model_tag)
+    if payout_address is not None:
+        payout_tag: Tag = ("payout", payout_address.kind, payout_address.address)
+        _read_payout(payout_tag)
+        tags.append(payout_tag)
+    if invoice is not None:
+        tags.append(amount_tag(invoice.amount_msat, invoice.bolt11))
+    if request is not None:
+        tags.append(("request", request.to_json()))
+    if type(content) is not str:
+        raise TypeError("content must be a string")
+    return template(job.result_kind, tags, content)

@@ -1,0 +1,102 @@
+"""Kinds, the protocol's closed vocabularies, and the escrow's terms.
+
+The four job kinds are configurable (protocol.md "Kinds"); a result kind is always
+its request kind + 1000, as in NIP-90. 7000, 5 and 31990 are fixed by their NIPs.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from .fields import MAX_MSAT
+
+KIND_DELETION = 5
+KIND_JOB_REQUEST = 5701
+KIND_JOB_RESULT = 6701
+KIND_EVALUATION_REQUEST = 5702
+KIND_EVALUATION_RESULT = 6702
+KIND_FEEDBACK = 7000
+KIND_ANNOUNCEMENT = 31990
+RESULT_KIND_OFFSET = 1000
+
+
+class Mode(enum.StrEnum):
+    """How the escrow holds the money (protocol.md §3). ``auto`` lets the escrow choose."""
+
+    HOLD = "hold"
+    CUSTODIAL = "custodial"
+    AUTO = "auto"
+
+
+class PayoutPolicy(enum.StrEnum):
+    BEST = "best"
+    SPLIT = "split"
+
+
+class Direction(enum.StrEnum):
+    """Which way a score must go past the threshold: ``max`` = higher is better (>=)."""
+
+    MAX = "max"
+    MIN = "min"
+
+
+class Network(enum.StrEnum):
+    """The Bitcoin network in the announcement (LND's names; Settings' ``mainnet`` is ``bitcoin``)."""
+
+    BITCOIN = "bitcoin"
+    TESTNET = "testnet"
+    SIGNET = "signet"
+    REGTEST = "regtest"
+
+    @classmethod
+    def from_settings(cls, name: str) -> Network:
+        """Map ``Settings.network`` (mainnet/testnet/signet/regtest) to the announced name."""
+        return cls.BITCOIN if name == "mainnet" else cls(name)
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowTerms:
+    """What this escrow accepts and charges; announced in kind 31990 and applied to requests.
+
+    ``modes`` holds the concrete modes offered (``hold`` and/or ``custodial``); a request
+    for ``auto`` is accepted whenever at least one is. ``max_hold_seconds`` bounds how
+    far after receipt a ``hold``-mode job's validation deadline may lie.
+    Construction raises ``ValueError`` for inconsistent terms (a configuration error).
+    """
+
+    fee_base_msat: int
+    fee_ppm: int
+    min_bid_msat: int
+    max_bid_msat: int
+    max_validators: int
+    max_shards: int
+    min_results_window_s: int
+    max_job_duration_s: int
+    modes: frozenset[Mode]
+    network: Network
+    max_hold_seconds: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("fee_base_msat", "fee_ppm", "min_bid_msat", "max_bid_msat", "max_validators",
+                     "max_shards", "min_results_window_s", "max_job_duration_s", "max_hold_seconds"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer")
+        if self.fee_ppm > 1_000_000:
+            raise ValueError("fee_ppm must be at most 1000000")
+        if not 1 <= self.min_bid_msat <= self.max_bid_msat <= MAX_MSAT:
+            raise ValueError("bids must satisfy 1 <= min_bid_msat <= max_bid_msat <= 21e6 BTC")
+        if self.max_shards < 1 or self.max_validators < 1:
+            raise ValueError("max_shards and max_validators must be at least 1")
+        if self.max_job_duration_s <= self.min_results_window_s:
+            raise ValueError("max_job_duration_s must exceed min_results_window_s")
+        if not isinstance(self.modes, frozenset) or not self.modes \
+                or not self.modes <= {Mode.HOLD, Mode.CUSTODIAL}:
+            raise ValueError("modes must be a non-empty frozenset of Mode.HOLD / Mode.CUSTODIAL")
+        if not isinstance(self.network, Network):
+            raise ValueError("network must be a Network")
+        if Mode.HOLD in self.modes and self.max_hold_seconds < 1:
+            raise ValueError("offering hold mode needs max_hold_seconds >= 1")
+
+    def offers(self, mode: Mode) -> bool:
+        return mode is Mode.AUTO or mode in self.modes

@@ -1,0 +1,279 @@
+"""Property tests: random valid jobs round-trip, the money split is exact, hostile tags never crash."""
+from __future__ import annotations
+
+import base64
+import os
+from dataclasses import replace
+from decimal import Decimal
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from service.nostr.protocol import (
+    MAX_MSAT,
+    CodecError,
+    CodecErrorReason,
+    Direction,
+    EscrowTerms,
+    JobSpec,
+    Mode,
+    ModelRef,
+    Network,
+    PayoutPolicy,
+    Score,
+    Shard,
+    Validation,
+    build_evaluation_result,
+    build_job_request,
+    build_result,
+    money_split,
+    parse_announcement,
+    parse_deletion,
+    parse_escrow_feedback,
+    parse_evaluation_request,
+    parse_evaluation_result,
+    parse_feedback,
+    parse_job_request,
+    parse_result,
+    split_shares,
+)
+from service.nostr.protocol.fields import format_decimal, parse_decimal, parse_msat
+
+from .test_codec_support import CUSTOMER, NOW, C, E, base_job, base_spec, h, sign, unsigned
+
+R = CodecErrorReason
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+PROP_TERMS = EscrowTerms(
+    fee_base_msat=2_500, fee_ppm=25_000, min_bid_msat=10_000, max_bid_msat=MAX_MSAT,
+    max_validators=7, max_shards=12, min_results_window_s=60, max_job_duration_s=10 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=10 * 86_400,
+)
+
+hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
+url = st.builds(lambda host, path: f"https://{host}.example.org/{path}",
+                st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True),
+                st.from_regex(r"[A-Za-z0-9._~/%-]{0,60}", fullmatch=True))
+relay = st.sampled_from(["wss://relay.example.org", "ws://127.0.0.1:7777", "wss://nos.example.com/path?x=1"])
+
+
+def nip44_shaped_payload(size: int) -> str:
+    # The escrow only checks the shape; a real payload is tested elsewhere.
+    return base64.b64encode(b"\x02" + os.urandom(size)).decode()
+
+
+@st.composite
+def shards(draw, recipients):
+    indices = draw(st.lists(st.integers(0, 999_999), min_size=1, max_size=PROP_TERMS.max_shards, unique=True))
+    out = []
+    for index in indices:
+        if draw(st.booleans()):
+            out.append(Shard(index=index, url=draw(url), relay=draw(st.one_of(st.just(""), relay))))
+        else:
+            payload = nip44_shaped_payload(draw(st.integers(98, 400)))
+            out.append(Shard(index=index, payload=payload, provider=draw(st.sampled_from(recipients))))
+    return tuple(out)
+
+
+decimals = st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**12, max_value=10**12, places=8)
+
+
+@st.composite
+def job_specs(draw):
+    # Validators and providers must be distinct keys (else: provider_conflict), so draw them from one pool.
+    n_validators, n_providers = draw(st.integers(0, PROP_TERMS.max_validators)), draw(st.integers(0, 5))
+    pool = draw(st.lists(hex64, min_size=n_validators + n_providers + 1, max_size=n_validators + n_providers + 1,
+                         unique=True))
+    validators, providers = tuple(pool[:n_validators]), tuple(pool[n_validators:-1])
+    recipients = [*providers, pool[-1]]
+    quorum = draw(st.integers(1, max(1, len(validators))))
+    bid = draw(st.integers(PROP_TERMS.min_bid_msat, MAX_MSAT))
+    fee = PROP_TERMS.fee_base_msat + bid * PROP_TERMS.fee_ppm // 1_000_000
+    assume(fee < bid)
+    validator_fee = draw(st.integers(0, (bid - fee - 1) // len(validators))) if validators else 0
+    results = draw(st.integers(NOW + PROP_TERMS.min_results_window_s, NOW + PROP_TERMS.max_job_duration_s - 1))
+    validation_deadline = draw(st.integers(results + 1, NOW + PROP_TERMS.max_job_duration_s))
+    names = draw(st.lists(st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True), max_size=10, unique=True))
+    values = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=50)
+    params = tuple((name, draw(values)) for name in names)
+    relays = tuple(draw(st.lists(relay, max_size=3, unique=True)))
+    shard_list = draw(shards(recipients))
+    return JobSpec(
+        escrow=E, escrow_relay=draw(st.one_of(st.just(""), relay)), bid_msat=bid, shards=shard_list,
+        validation=Validation(draw(st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True)),
+                              draw(st.sampled_from(Direction)), draw(decimals), quorum),
+        payout=draw(st.sampled_from(PayoutPolicy)), results_deadline=results,
+        validation_deadline=validation_deadline, validators=validators, validator_fee_msat=validator_fee,
+        mode=draw(st.sampled_from(Mode)), params=params, providers=providers,
+        refund=draw(st.sampled_from([None, "alice@pay.example.org", "bob+x@sub.example.com:8443",
+                                     "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0", "LNURL1DP68GURN8GHJ7"])),
+        expiration=draw(st.one_of(st.none(), st.integers(NOW + 1, 2**63 - 1))), relays=relays,
+        previous_job=draw(st.one_of(st.none(), hex64)),
+    )
+
+
+@SETTINGS
+@given(job_specs())
+def test_parse_of_build_is_identity_and_the_split_is_exact(spec):
+    event = sign(CUSTOMER, build_job_request(spec, customer=C))
+    job = parse_job_request(event, escrow_pubkey=E, terms=PROP_TERMS, now=NOW)
+    assert job.spec == spec
+    split = job.split
+    assert split.fee_msat + split.validator_fees_msat + split.provider_share_msat == spec.bid_msat
+    assert split.fee_msat >= 0 and split.validator_fees_msat >= 0 and split.provider_share_msat > 0
+    assert split.fee_msat == PROP_TERMS.fee_base_msat + spec.bid_msat * PROP_TERMS.fee_ppm // 1_000_000
+    assert split.validator_fees_msat == spec.validator_fee_msat * len(spec.validators)
+
+
+@SETTINGS
+@given(bid=st.integers(0, MAX_MSAT), base=st.integers(0, 10**9), ppm=st.integers(0, 1_000_000),
+       vfee=st.integers(0, MAX_MSAT), count=st.integers(0, 50))
+def test_money_split_sums_to_the_bid_or_refuses(bid, base, ppm, vfee, count):
+    expected_fee = base + (bid * ppm) // 1_000_000
+    try:
+        split = money_split(bid, fee_base_msat=base, fee_ppm=ppm, validator_fee_msat=vfee, validator_count=count)
+    except CodecError as exc:
+        assert exc.reason is R.FEES_EXCEED_BID
+        assert expected_fee + vfee * count >= bid
+        return
+    assert expected_fee + vfee * count < bid
+    assert split.fee_msat == expected_fee
+    assert split.fee_msat + split.validator_fees_msat + split.provider_share_msat == bid
+    assert min(split.fee_msat, split.validator_fees_msat) >= 0 and split.provider_share_msat > 0
+
+
+@SETTINGS
+@given(total=st.integers(0, MAX_MSAT), count=st.integers(1, 1000))
+def test_split_shares_is_exact(total, count):
+    each, remainder = split_shares(total, count)
+    assert each * count + remainder == total and 0 <= remainder < count and each >= 0
+
+
+def test_split_shares_refuses_zero_payees():
+    with pytest.raises(ValueError):
+        split_shares(10, 0)
+
+
+def test_the_last_msat_for_providers_is_enough():
+    # fee = 1000 + 1_000_000 * 1% = 11_000; 2 validators * 494_499 = 988_998 -> 2 msat left
+    job = base_job(base_spec(bid_msat=1_000_000, validator_fee_msat=494_499))
+    assert job.split.provider_share_msat == 2
+
+
+@SETTINGS
+@given(st.integers(0, MAX_MSAT))
+def test_every_amount_has_one_canonical_text(value):
+    assert parse_msat(str(value), R.INVALID_BID, "bid") == value
+
+
+@SETTINGS
+@given(st.text(max_size=30))
+def test_any_accepted_amount_text_is_canonical(text):
+    try:
+        value = parse_msat(text, R.INVALID_BID, "bid")
+    except CodecError as exc:
+        assert exc.reason is R.INVALID_BID
+        return
+    assert str(value) == text and 0 <= value <= MAX_MSAT
+
+
+@SETTINGS
+@given(st.decimals(allow_nan=False, allow_infinity=False))
+def test_decimals_round_trip_exactly_or_are_refused(value):
+    try:
+        text = format_decimal(value, R.INVALID_THRESHOLD, "threshold")
+    except CodecError as exc:
+        assert exc.reason is R.INVALID_THRESHOLD and len(format(value, "f")) > 64
+        return
+    assert parse_decimal(text, R.INVALID_THRESHOLD, "threshold") == value
+    assert "e" not in text.lower()
+
+
+@SETTINGS
+@given(st.lists(st.tuples(hex64, decimals, hex64), min_size=1, max_size=30, unique_by=lambda t: t[0]))
+def test_evaluation_result_round_trip(rows):
+    scores = tuple(Score(r, v, s) for r, v, s in rows)
+    tmpl = build_evaluation_result(request_id=h("req"), job_id=h("job"), escrow=E, scores=scores)
+    assert parse_evaluation_result(unsigned(tmpl.kind, tmpl.tags), escrow_pubkey=E).scores == scores
+
+
+@SETTINGS
+@given(size=st.integers(1, 2**53 - 1), sha=hex64)
+def test_result_round_trip_any_model_size(size, sha):
+    job = base_job()
+    tmpl = build_result(job, shard_index=0, model=ModelRef("s3://bucket/model.bin", sha, size))
+    result = parse_result(unsigned(tmpl.kind, tmpl.tags, pubkey=h("some provider")), job)
+    assert result.model.size_bytes == size and result.model.sha256 == sha
+
+
+# --------------------------------------------------------------- hostile input
+
+tag_item = st.one_of(
+    st.text(max_size=80),
+    st.sampled_from(["", "0", "-1", "01", "1e9", "NaN", "shard-0", "url", "nip44", "job", "event", "max", "min",
+                     "hold", "auto", "best", "split", "lud16", "lnurl", "request", "payment-required", "success",
+                     "error", "processing", "escrow", "awaiting-funding", "funded", "refunded", "no-quorum",
+                     "wss://r.example", "https://x.example/a", E, C, h("x"), "9" * 25]),
+)
+tag_name = st.sampled_from(["i", "e", "p", "param", "bid", "escrow", "validator", "validation", "payout",
+                            "validator_fee", "deadline", "mode", "refund", "expiration", "relays", "model",
+                            "amount", "score", "status", "accepted", "rejected", "payment", "k", "d", "request"])
+hostile_tag = st.builds(lambda name, items: (name, *items), tag_name, st.lists(tag_item, max_size=6))
+
+
+def _only_codec_errors(call):
+    try:
+        call()
+    except CodecError as exc:
+        assert isinstance(exc.reason, CodecErrorReason)
+
+
+@settings(max_examples=300, deadline=None)
+@given(extra=st.lists(hostile_tag, max_size=8), drop_count=st.integers(0, 5))
+def test_hostile_tags_on_a_valid_job_raise_only_codec_errors(extra, drop_count):
+    tmpl = build_job_request(base_spec())
+    tags = list(tmpl.tags)[drop_count:] + extra
+    event = unsigned(tmpl.kind, tags)
+    _only_codec_errors(lambda: parse_job_request(event, escrow_pubkey=E, terms=PROP_TERMS, now=NOW))
+
+
+@settings(max_examples=300, deadline=None)
+@given(tags=st.lists(hostile_tag, max_size=10), content=st.text(max_size=50))
+def test_hostile_tags_on_every_parser_raise_only_codec_errors(tags, content):
+    job = base_job()
+    for kind, parse in [
+        (5701, lambda ev: parse_job_request(ev, escrow_pubkey=E, terms=PROP_TERMS, now=NOW)),
+        (6701, lambda ev: parse_result(ev, job)),
+        (5702, parse_evaluation_request),
+        (6702, lambda ev: parse_evaluation_result(ev, escrow_pubkey=E)),
+        (7000, lambda ev: parse_feedback(ev, escrow_pubkey=E)),
+        (7000, parse_escrow_feedback),
+        (5, parse_deletion),
+        (31990, parse_announcement),
+    ]:
+        event = unsigned(kind, tags, content, pubkey=h("hostile"))
+        _only_codec_errors(lambda: parse(event))
+
+
+def test_unicode_everywhere_in_free_text_is_kept_exactly():
+    params = (("note", "模型 🚀 ünïcödé \u200b zero-width"), ("rtl", "\u202eevil"))
+    spec = base_spec(params=params)
+    tmpl = build_job_request(spec)
+    job = parse_job_request(sign(CUSTOMER, tmpl), escrow_pubkey=E, terms=PROP_TERMS, now=NOW)
+    assert job.spec.params == params
+
+
+def test_huge_values_are_refused_not_overflowed():
+    assert parse_msat(str(MAX_MSAT), R.INVALID_BID, "bid") == MAX_MSAT
+    for text in (str(MAX_MSAT + 1), "9" * 19, "9" * 4301, "1" + "0" * 100):
+        with pytest.raises(CodecError) as exc:
+            parse_msat(text, R.INVALID_BID, "bid")
+        assert exc.value.reason is R.INVALID_BID
+    spec = replace(base_spec(), expiration=2**63 - 1)
+    assert parse_job_request(sign(CUSTOMER, build_job_request(spec)), escrow_pubkey=E, terms=PROP_TERMS,
+                             now=NOW).spec.expiration == 2**63 - 1
+    huge = Decimal("9" * 40 + "." + "9" * 23)  # 64 characters: the longest plain decimal accepted
+    assert parse_decimal(format_decimal(huge, R.INVALID_THRESHOLD, "t"), R.INVALID_THRESHOLD, "t") == huge
+    with pytest.raises(CodecError):
+        format_decimal(Decimal("1E+64"), R.INVALID_THRESHOLD, "t")
