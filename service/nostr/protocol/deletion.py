@@ -13,6 +13,7 @@ from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
+    pubkey_tag,
     Tag,
     Template,
     arity,
@@ -65,8 +66,12 @@ def parse_deletion(event: Event) -> Deletion:
                     kinds=tuple(kinds), reason=event.content)
 
 
-def build_deletion(event_ids: tuple[str, ...], *, kinds: tuple[int, ...] = (), reason: str = "") -> Template:
+def build_deletion(event_ids: tuple[str, ...], *, kinds: tuple[int, ...] = (), reason: str = "",
+                   escrow: str | None = None) -> Template:
+    """A NIP-09 deletion; ``escrow`` adds the routing tag ``["p", <escrow>]`` so the escrow sees it."""
     tags: list[Tag] = [event_tag(event_id) for event_id in event_ids]
+    if escrow is not None:
+        tags.append(pubkey_tag(escrow))
     tags += [("k", format_uint(kind, R.INVALID_KIND_REF, "deleted kind", MAX_KIND)) for kind in kinds]
     if type(reason) is not str:
         raise TypeError("reason must be a string")

@@ -201,7 +201,8 @@ def example_events() -> list[Example]:
                         amount_msat=20_000_000)
     out.append(Example("Refunded (another job, no quorum)", "§8 kind 7000",
                        sign_reproducibly(escrow, build_refunded(refunded), T0 + 9_000)))
-    deletion = build_deletion((_hash("an unfunded job"),), kinds=(KIND_JOB_REQUEST,), reason="cancelled before funding")
+    deletion = build_deletion((_hash("an unfunded job"),), kinds=(KIND_JOB_REQUEST,), reason="cancelled before funding",
+                              escrow=escrow.public_key_hex)
     out.append(Example("Deletion (cancels an unfunded job)", "NIP-09 kind 5",
                        sign_reproducibly(customer, deletion, T0 + 9_100)))
     return out

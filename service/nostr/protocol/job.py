@@ -275,8 +275,10 @@ def _read_deadlines(tags: Tags) -> tuple[int, int]:
     return results, validation
 
 
-def _read_providers(tags: Tags) -> tuple[str, ...]:
-    found = named(tags, "p")
+def _read_providers(tags: Tags, escrow: str) -> tuple[str, ...]:
+    # ["p", <escrow>] routes the request to the escrow (relays index single-letter tags);
+    # it does not name a provider.
+    found = [t for t in named(tags, "p") if not (len(t) >= 2 and t[1] == escrow)]
     if len(found) > MAX_PROVIDERS:
         raise CodecError(R.TOO_MANY_PROVIDERS, f"more than {MAX_PROVIDERS} 'p' tags")
     providers: list[str] = []
@@ -322,7 +324,7 @@ def read_job_spec(tags: Tags, escrow: str, escrow_relay: str = "") -> JobSpec:
     refund = _read_one(tags, "refund", R.INVALID_REFUND)
     if refund is not None and not (is_lud16(refund) or is_lnurl(refund)):
         raise CodecError(R.INVALID_REFUND, "refund must be a lud16 address (name@domain) or an lnurl1… string")
-    providers = _read_providers(tags)
+    providers = _read_providers(tags, escrow)
     relays = _read_relays(tags)
     return JobSpec(
         escrow=escrow, bid_msat=bid, shards=shards, validation=validation, payout=PayoutPolicy(payout),
@@ -442,6 +444,7 @@ def build_job_request(spec: JobSpec, *, content: str = "", kind: int = KIND_JOB_
     tags.append(("mode", str(spec.mode)))
     if spec.refund is not None:
         tags.append(("refund", spec.refund))
+    tags.append(("p", spec.escrow))   # routing: the escrow subscribes to #p = its key
     tags += [("p", provider) for provider in spec.providers]
     if spec.expiration is not None:
         tags.append(nip40.expiration_tag(spec.expiration))

@@ -106,7 +106,9 @@ def parse_result(event: Event, job: JobRequest) -> JobResult:
     check_singles(tags, SINGLE_TAGS)
     if event_refs(tags, ("job",), ("job",))["job"].id != job.id:
         raise CodecError(R.WRONG_JOB, "the result's 'e' tag is not this job")
-    customer, _ = single_pubkey_ref(tags)
+    # ["p", <customer>] as in NIP-90, plus the routing tag ["p", <escrow>].
+    addressed = [t for t in tags if t and t[0] == "p" and not (len(t) >= 2 and t[1] == job.spec.escrow)]
+    customer, _ = single_pubkey_ref(tuple(addressed))
     if customer != job.customer:
         raise CodecError(R.WRONG_CUSTOMER, "the result's 'p' tag is not this job's customer")
     signer = event.pubkey
@@ -156,7 +158,8 @@ def build_result(job: JobRequest, *, shard_index: int, model: ModelRef,
     shard = job.shard(shard_index) if type(shard_index) is int else None
     if shard is None:
         raise CodecError(R.UNKNOWN_SHARD, "the job has no shard with this index")
-    tags: list[Tag] = [event_tag(job.id, job_relay), pubkey_tag(job.customer), shard.to_tag_unchecked()]
+    tags: list[Tag] = [event_tag(job.id, job_relay), pubkey_tag(job.customer), pubkey_tag(job.spec.escrow),
+                       shard.to_tag_unchecked()]
     model_tag: Tag = ("model", model.url, model.sha256,
                       format_uint(model.size_bytes, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES))
     if any(type(item) is not str for item in model_tag):

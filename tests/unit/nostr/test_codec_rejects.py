@@ -272,7 +272,6 @@ job_case(R.INVALID_PROVIDER, "four-items", add(("p", P1K, "", "x")))
 job_case(R.DUPLICATE_PROVIDER, "p1-twice", add(("p", P1K), ("p", P1K, RELAY)))
 job_case(R.TOO_MANY_PROVIDERS, "257", add(*[("p", h(f"provider {k}")) for k in range(257)]))
 job_case(R.PROVIDER_CONFLICT, "customer-as-provider", add(("p", C)))
-job_case(R.PROVIDER_CONFLICT, "escrow-as-provider", add(("p", E)))
 job_case(R.PROVIDER_CONFLICT, "validator-as-provider", add(("p", V2K)))
 job_case(R.PROVIDER_CONFLICT, "shard-encrypted-to-validator",
          add(("i", private_shard(5, V1).payload, "nip44", V1K, "shard-5")))

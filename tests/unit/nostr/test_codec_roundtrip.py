@@ -172,8 +172,18 @@ def test_accepts_boundary_values():
 
 def test_relay_hints_in_provider_tags_are_accepted_and_dropped():
     tmpl = build_job_request(base_spec(providers=(P1.public_key_hex,)))
-    tags = [("p", P1.public_key_hex, RELAY) if t[0] == "p" else t for t in tmpl.tags]
+    tags = [("p", P1.public_key_hex, RELAY) if t[:2] == ("p", P1.public_key_hex) else t for t in tmpl.tags]
     assert parse_job(sign(CUSTOMER, (tmpl.kind, tags, ""))).spec.providers == (P1.public_key_hex,)
+
+
+def test_the_routing_p_tag_of_the_escrow_is_not_a_provider():
+    """["p", <escrow>] routes events to the escrow; it never names a provider or an addressee."""
+    tmpl = build_job_request(base_spec(providers=(P1.public_key_hex,)))
+    assert ("p", E) in tmpl.tags
+    job = parse_job(sign(CUSTOMER, tmpl))
+    assert job.spec.providers == (P1.public_key_hex,)
+    bare = [t for t in tmpl.tags if t != ("p", E)]          # a request sent through the REST API
+    assert parse_job(sign(CUSTOMER, (tmpl.kind, bare, ""))).spec.providers == (P1.public_key_hex,)
 
 
 def test_configurable_job_kind():
