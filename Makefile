@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build up down status run test openapi clean
+.PHONY: install build up down status run test bench openapi clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -34,6 +34,10 @@ run: install up
 
 test: install build
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install build
+	$(BIN)/python -m bench.intake
+	$(BIN)/python -m bench.lightning
 
 openapi: install
 	$(BIN)/fedstr-escrow openapi
