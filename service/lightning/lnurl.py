@@ -64,6 +64,7 @@ MAX_DESTINATION_CHARS = 2048
 MAX_URL_CHARS = 2048
 MAX_REMOTE_TEXT_CHARS = 200
 MAX_SUCCESS_TEXT_CHARS = 144  # LUD-09
+MAX_INVOICE_CHARS = 8192  # real invoices are far shorter; bounds the (synchronous) decoding work
 MIN_INVOICE_TTL_SECONDS = 10  # an invoice expiring sooner than this counts as expired
 MAX_ADDRESSES_TRIED = 4
 MAX_MSAT = 21_000_000 * 100_000_000 * 1000
@@ -358,7 +359,7 @@ def is_blocked_address(ip: IPAddress) -> bool:
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return is_blocked_address(ip.ipv4_mapped)
-        if False:
+        if ip in _NAT64:
             return is_blocked_address(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
         if ip.sixtofour is not None and is_blocked_address(ip.sixtofour):
             return True
@@ -374,8 +375,9 @@ async def resolve_host(host: str, port: int) -> list[str]:
                                                           proto=socket.IPPROTO_TCP)
     out: list[str] = []
     for family, _type, _proto, _canon, sockaddr in infos:
-        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in out:
-            out.append(sockaddr[0])
+        addr = str(sockaddr[0])
+        if family in (socket.AF_INET, socket.AF_INET6) and addr not in out:
+            out.append(addr)
     return out
 
 
@@ -635,9 +637,20 @@ def _hrp_amount(pr: str) -> tuple[str, int | None]:
     return currency, numerator // denominator
 
 
-def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | None) -> bolt11.Bolt11:
+@dataclass(frozen=True, slots=True)
+class _CheckedInvoice:
+    bolt11: str
+    payment_hash: bytes
+    description_hash: bytes
+    expires_at: int
+    payee_pubkey: str
+
+
+def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | None) -> _CheckedInvoice:
     if not isinstance(pr, str) or not pr:
         raise _fail(LnurlReason.BAD_INVOICE, "callback answer has no pr (invoice)")
+    if len(pr) > MAX_INVOICE_CHARS:
+        raise _fail(LnurlReason.BAD_INVOICE, f"invoice is longer than {MAX_INVOICE_CHARS} characters")
     if not pr.isascii() or not pr.lower().startswith("ln"):
         raise _fail(LnurlReason.BAD_INVOICE, "pr is not a BOLT11 invoice")
     currency, hrp_msat = _hrp_amount(pr)
@@ -659,7 +672,10 @@ def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | N
                     else "invoice has no description hash")
     if inv.date + inv.expiry <= time.time() + MIN_INVOICE_TTL_SECONDS:
         raise _fail(LnurlReason.INVOICE_EXPIRED, "invoice is expired or about to expire")
-    return inv
+    payment_hash = bytes.fromhex(inv.payment_hash)
+    if len(payment_hash) != 32:
+        raise _fail(LnurlReason.BAD_INVOICE, "invoice payment hash is not 32 bytes")
+    return _CheckedInvoice(pr, payment_hash, got, int(inv.date + inv.expiry), str(inv.payee or ""))
 
 
 # ---- entry point ------------------------------------------------------------
@@ -727,8 +743,7 @@ async def _fetch(client: httpx.AsyncClient, url: _Url, amount_msat: int, comment
     success_action = _parse_success_action(answer.get("successAction"))
     inv = _check_invoice(answer.get("pr"), amount_msat, params.metadata, network)
     return FetchedInvoice(
-        bolt11=answer["pr"], payment_hash=bytes.fromhex(inv.payment_hash), amount_msat=amount_msat,
-        description_hash=bytes.fromhex(inv.description_hash), metadata=params.metadata,
-        callback=str(params.callback), description=_clip(params.description, 1000),
-        expires_at=int(inv.date + inv.expiry), payee_pubkey=str(inv.payee or ""),
+        bolt11=inv.bolt11, payment_hash=inv.payment_hash, amount_msat=amount_msat,
+        description_hash=inv.description_hash, metadata=params.metadata, callback=str(params.callback),
+        description=_clip(params.description, 1000), expires_at=inv.expires_at, payee_pubkey=inv.payee_pubkey,
         success_action=success_action)

@@ -400,7 +400,8 @@ class Payouts:
     async def _fetch_lnurl(self, target: str, amount_msat: int) -> str:
         from service.lightning import lnurl
         fetched = await lnurl.fetch_invoice(lnurl.parse_destination(target), amount_msat,
-                                            allow_private=self.policy.lnurl_allow_private)
+                                            allow_private=self.policy.lnurl_allow_private,
+                                            network=self.policy.network)
         return fetched.bolt11
 
 
