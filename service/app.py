@@ -14,6 +14,8 @@ from service import __version__
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.health import readiness
+from service.escrow.service import EscrowService
+from service.leader import Leadership
 from service.lightning import webhook
 from service.lightning.client import LndClient
 from service.lightning.errors import LndError
@@ -72,6 +74,12 @@ def build_lnd(settings: Settings) -> LndClient | None:
                                 timeout=settings.lnd_timeout_seconds)
 
 
+def _wake(event):  # noqa: ANN001, ANN202
+    async def wake(_count: int) -> None:
+        event.set()
+    return wake
+
+
 def load_key(settings: Settings) -> SecretKey:
     if settings.nostr_secret_key is not None:
         return parse_secret(settings.nostr_secret_key.get_secret_value())
@@ -90,16 +98,36 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.lightning = None
         if app.state.lnd is not None:
             app.state.lightning = LightningService(app.state.lnd, app.state.sessions, settings)
-            await app.state.lightning.start()
+        key = load_key(settings)
+        app.state.escrow = EscrowService(app.state.sessions, settings, key, app.state.lightning)
         app.state.nostr = None
         if settings.relays:
-            app.state.nostr = NostrService(app.state.sessions, settings.relays, load_key(settings))
-            await app.state.nostr.start()
+            app.state.nostr = NostrService(app.state.sessions, settings.relays, key)
+            app.state.nostr.pool.on_stored = _wake(app.state.escrow.loop.wake)
+
+        async def gain() -> None:   # this replica leads: watchers, publisher, announcement
+            if app.state.lightning is not None:
+                await app.state.lightning.start_leader()
+            if app.state.nostr is not None:
+                await app.state.nostr.start()
+            await app.state.escrow.announce()
+
+        async def loss() -> None:
+            if app.state.nostr is not None:
+                await app.state.nostr.stop()
+            if app.state.lightning is not None:
+                await app.state.lightning.stop_leader()
+
+        app.state.leadership = Leadership(engine, gain, loss)
+        if app.state.lightning is not None:
+            await app.state.lightning.start_workers()
+        await app.state.escrow.loop.start()
+        await app.state.leadership.start()
         try:
             yield
         finally:
-            if app.state.nostr is not None:
-                await app.state.nostr.stop()
+            await app.state.leadership.stop()
+            await app.state.escrow.loop.stop()
             if app.state.lightning is not None:
                 await app.state.lightning.stop()
             if app.state.lnd is not None:
@@ -121,9 +149,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         """Database, LND (reachable and synced) and relays (at least one answering)."""
         nostr = request.app.state.nostr
         lightning = request.app.state.lightning
+        leader = request.app.state.leadership.is_leader   # followers run no pool and no watcher
         body = await readiness(request.app.state.engine, request.app.state.lnd, settings.relays,
-                               pool_status=nostr.pool.status() if nostr else None,
-                               watcher=lightning.watcher.health.as_dict() if lightning else None)
+                               pool_status=nostr.pool.status() if nostr and leader else None,
+                               watcher=lightning.watcher.health.as_dict() if lightning and leader else None)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
     @app.post("/v1/webhooks/lnd", response_model=WebhookAck, tags=["webhooks"],

@@ -34,6 +34,18 @@ class Settings(BaseSettings):
     nostr_secret_key: SecretStr | None = None
     nostr_key_file: Path = Path("fedstr-escrow.nostr-key")
 
+    # Escrow terms (announced in kind 31990; docs/escrow.md).
+    fee_base_msat: int = Field(default=1_000, ge=0)
+    fee_ppm: int = Field(default=10_000, ge=0, le=1_000_000)
+    min_bid_msat: int = Field(default=100_000, ge=1)
+    max_bid_msat: int = Field(default=100_000_000_000, ge=1)
+    max_validators: int = Field(default=9, ge=1, le=64)
+    max_shards: int = Field(default=32, ge=1, le=256)
+    min_results_window_seconds: int = Field(default=600, ge=0)
+    max_job_duration_seconds: int = Field(default=30 * 86_400, ge=60)
+    escrow_modes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["hold", "custodial"])
+    max_hold_seconds: int = Field(default=3 * 86_400, ge=0)
+
     # Escrow invoices (see docs/lightning.md).
     invoice_expiry_seconds: int = Field(default=600, ge=60, le=86_400)   # the payment window
     hold_block_seconds: int = Field(default=480, ge=1)       # pessimistic block time for CLTV sizing
@@ -42,6 +54,7 @@ class Settings(BaseSettings):
     hold_max_cltv_blocks: int = Field(default=1008, ge=40, le=2016)  # above this: custodial
     hold_expiry_delta: int = Field(default=12, ge=1)         # LND's --invoices.holdexpirydelta
     guard_margin_blocks: int = Field(default=12, ge=1)       # we act this much before LND would
+    guard_interval_seconds: float = Field(default=30.0, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
     # Payouts.
     payout_fee_floor_msat: int = Field(default=10_000, ge=1)
@@ -83,6 +96,20 @@ class Settings(BaseSettings):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"FEDSTR_RELAYS is not valid JSON: {e.msg}") from None
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("escrow_modes", mode="before")
+    @classmethod
+    def _parse_modes(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
+    @field_validator("escrow_modes")
+    @classmethod
+    def _check_modes(cls, v: list[str]) -> list[str]:
+        if not v or not set(v) <= {"hold", "custodial"}:
+            raise ValueError("escrow_modes must be a non-empty list of 'hold' and/or 'custodial'")
         return v
 
     @field_validator("relays")

@@ -29,19 +29,38 @@ class LightningService:
         self.sessions = sessions
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self._leader_tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
+        """Everything, for a single process."""
+        await self.start_leader()
+        await self.start_workers()
+
+    async def start_leader(self) -> None:
+        """What runs once among replicas: the invoice watcher and the deadline guard."""
         self._stop.clear()
         await self.watcher.start()
-        self._tasks = [asyncio.create_task(self._guard_loop(), name="hold deadline guard"),
-                       asyncio.create_task(self._payout_loop(), name="payout worker")]
+        self._leader_tasks = [asyncio.create_task(self._guard_loop(), name="hold deadline guard")]
+
+    async def stop_leader(self) -> None:
+        for t in self._leader_tasks:
+            t.cancel()
+        await asyncio.gather(*self._leader_tasks, return_exceptions=True)
+        self._leader_tasks = []
+        await self.watcher.stop()
+
+    async def start_workers(self) -> None:
+        """What every replica runs: the payout worker (claims are compare-and-set)."""
+        self._stop.clear()
+        self._tasks = [asyncio.create_task(self._payout_loop(), name="payout worker")]
 
     async def stop(self) -> None:
         self._stop.set()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.watcher.stop()
+        self._tasks = []
+        await self.stop_leader()
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -56,7 +75,7 @@ class LightningService:
                 log.info("deadline guard skipped a round: %s", e)
             except Exception:  # noqa: BLE001 - keep guarding
                 log.exception("deadline guard failed")
-            await self._sleep(30)
+            await self._sleep(self.settings.guard_interval_seconds)
 
     async def _payout_loop(self) -> None:
         reconciled_at = 0.0

@@ -1,0 +1,603 @@
+"""The escrow engine: one database transaction per fact, compare-and-set transitions.
+
+Facts come from four places, and each is consumed exactly once:
+
+- the **inbox** (verified Nostr events: job requests, results, scores, payee invoices,
+  deletions), through :meth:`Inbox.process_one`, whose claim is a compare-and-set;
+- **LN facts** (``ln_facts``: accepted / settled / canceled, confirmed by lookup);
+- **payout outcomes** (``ln_payouts`` reaching succeeded or needs_invoice);
+- **timers** (offer expiry, results deadline, validation deadline), driven by the
+  deadlines stored on the job, so a restart loses none.
+
+LN facts and payout outcomes are claimed by inserting ``(source, ref)`` into
+``escrow_consumed`` in the same transaction as their effects. Job state moves only by
+``UPDATE … WHERE id = ? AND state IN (…)`` with the row count checked, so two replicas
+cannot both move a job. The engine never talks to the network: what must happen
+outside (an invoice to create, a hold invoice to settle or cancel, a payout to send,
+an event to publish) is written in the same transaction, as an effect row, a payout
+row or an outbox row, and carried out by a worker that reports back as a fact.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from service.db import insert_ignore
+from service.escrow import rule
+from service.escrow.models import Consumed, Effect, Job, JobState, Result, ScoreRow, TimelineEntry
+from service.ledger import accounts
+from service.ledger import service as ledger
+from service.lightning.invoices import HoldSizing, InvoiceModeError
+from service.lightning.models import LnFact, LnInvoice, Payout
+from service.lightning.payouts import Payouts
+from service.nostr import outbox
+from service.nostr.models import utcnow
+from service.nostr.nip01 import Event, SecretKey, sign_event
+from service.nostr.protocol import (
+    Candidate,
+    CodecError,
+    ErrorFeedback,
+    EscrowOffer,
+    EscrowTerms,
+    EvaluationRequest,
+    Funded,
+    JobRequest,
+    Mode,
+    Refunded,
+    RewardClaimable,
+    RewardPaid,
+    ValidationComplete,
+    build_error_feedback,
+    build_escrow_offer,
+    build_evaluation_request,
+    build_funded,
+    build_refunded,
+    build_rejection,
+    build_reward_claimable,
+    build_reward_paid,
+    build_validation_complete,
+    parse_deletion,
+    parse_evaluation_result,
+    parse_feedback,
+    parse_job_request,
+    parse_result,
+)
+from service.nostr.protocol import PaymentProof as ProofBody
+from service.nostr.protocol import Verdict as VerdictBody
+from service.nostr.protocol.job import read_job_spec
+from service.nostr.protocol.money import MoneySplit
+
+log = logging.getLogger(__name__)
+
+S = JobState
+KIND_JOB, KIND_RESULT, KIND_EVAL_RESULT, KIND_FEEDBACK, KIND_DELETION = 5701, 6701, 6702, 7000, 5
+
+
+@dataclass
+class EngineConfig:
+    terms: EscrowTerms
+    relays: list[str]
+    sizing: HoldSizing = field(default_factory=HoldSizing)
+    invoice_expiry_seconds: int = 600
+    offer_grace_seconds: int = 30        # late payments within this are still honoured
+    results_grace_seconds: int = 60      # receipt may lag a result's created_at by this much
+    release_margin_seconds: int = 3600   # hold invoices must outlive the validation deadline by this
+
+
+class Engine:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], key: SecretKey, config: EngineConfig,
+                 *, clock=time.time) -> None:  # noqa: ANN001
+        self.sessions = sessions
+        self.key = key
+        self.E = key.public_key_hex
+        self.config = config
+        self.clock = clock
+
+    # ------------------------------------------------------------------ plumbing
+    def now(self) -> int:
+        return int(self.clock())
+
+    async def timeline(self, s: AsyncSession, job_id: str, kind: str, detail: object) -> None:
+        text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True, default=str)
+        s.add(TimelineEntry(job_id=job_id, kind=kind, detail=text[:4000], at=utcnow()))
+
+    async def publish(self, s: AsyncSession, job_id: str, template) -> Event:  # noqa: ANN001
+        event = sign_event(self.key, template.kind, template.tags, template.content, created_at=self.now())
+        await outbox.enqueue(s, event, self.config.relays)
+        status = next((t[1] for t in event.tags if t and t[0] == "status"), "")
+        await self.timeline(s, job_id, "published", {"kind": event.kind, "id": event.id, "status": status})
+        return event
+
+    async def transition(self, s: AsyncSession, job_id: str, from_states: Iterable[JobState], to: JobState,
+                         why: str, **values: object) -> bool:
+        """Compare-and-set the job's state; True if this call moved it."""
+        froms = [x.value for x in from_states]
+        res = await s.execute(update(Job).where(Job.id == job_id, Job.state.in_(froms))
+                              .values(state=to.value, version=Job.version + 1, updated_at=utcnow(), **values))
+        if res.rowcount == 1:
+            await self.timeline(s, job_id, "transition", {"to": to.value, "why": why})
+            return True
+        return False
+
+    async def consume(self, s: AsyncSession, source: str, ref: str) -> bool:
+        res = await s.execute(insert_ignore(s, Consumed.__table__), [{"source": source, "ref": ref, "at": utcnow()}])
+        return res.rowcount == 1
+
+    async def effect(self, s: AsyncSession, job_id: str, kind: str) -> None:
+        await s.execute(insert_ignore(s, Effect.__table__), [{
+            "job_id": job_id, "kind": kind, "state": "pending", "attempts": 0,
+            "next_attempt_at": utcnow(), "created_at": utcnow()}])
+        await self.timeline(s, job_id, "effect", {"kind": kind})
+
+    def job_request(self, job: Job) -> JobRequest:
+        """The accepted request, re-read from its event without the clock or terms checks."""
+        event = Event.from_dict(json.loads(job.request_raw))
+        relay = next((t[2] for t in event.tags if t[0] == "escrow" and len(t) > 2), "")
+        spec = read_job_spec(event.tags, self.E, relay)
+        split = MoneySplit(job.bid_msat, job.fee_msat, job.validator_fee_msat, len(spec.validators),
+                           job.bid_msat - job.fee_msat - job.validator_fee_msat * len(spec.validators))
+        return JobRequest(id=event.id, customer=event.pubkey, created_at=event.created_at, kind=event.kind,
+                          spec=spec, split=split)
+
+    # ------------------------------------------------------------------ events (the inbox handler)
+    async def handle_event(self, s: AsyncSession, event: Event) -> str:
+        if event.kind == KIND_JOB:
+            return await self.on_job_request(s, event)
+        if event.kind == KIND_RESULT:
+            return await self.on_result(s, event)
+        if event.kind == KIND_EVAL_RESULT:
+            return await self.on_scores(s, event)
+        if event.kind == KIND_FEEDBACK:
+            return await self.on_payee_invoice(s, event)
+        if event.kind == KIND_DELETION:
+            return await self.on_deletion(s, event)
+        return f"ignored: kind {event.kind} is not handled"
+
+    async def on_job_request(self, s: AsyncSession, event: Event) -> str:
+        now = self.now()
+        try:
+            req = parse_job_request(event, escrow_pubkey=self.E, terms=self.config.terms, now=now)
+        except CodecError as e:
+            if e.reason.value == "not_for_us":
+                return "ignored: not for us"
+            return await self._reject(s, event, e.reason.value, e.message, e)
+        if req.spec.previous_job is not None:
+            prev = await s.get(Job, req.spec.previous_job)
+            if prev is not None and prev.customer != req.customer:
+                return await self._reject(s, event, "invalid_previous_job",
+                                          "the previous round belongs to another customer", None)
+        hold_seconds = max(0, req.spec.validation_deadline - now) + self.config.release_margin_seconds
+        try:
+            requested = "auto" if req.spec.mode is Mode.AUTO else str(req.spec.mode)
+            mode = self.config.sizing.choose_mode(requested, hold_seconds)
+            if mode not in {str(m) for m in self.config.terms.modes}:
+                mode = next(str(m) for m in self.config.terms.modes)
+                if requested == "hold":
+                    raise InvoiceModeError("hold mode is not offered")
+                self.config.sizing.choose_mode(mode, hold_seconds)
+        except InvoiceModeError as e:
+            return await self._reject(s, event, "hold_window_exceeded", str(e), None)
+        split = req.split
+        s.add(Job(id=req.id, customer=req.customer, state=S.REQUESTED.value, mode=mode, bid_msat=split.bid_msat,
+                  fee_msat=split.fee_msat, validator_fee_msat=split.validator_fee_msat,
+                  payout_policy=str(req.spec.payout), results_deadline=req.spec.results_deadline,
+                  validation_deadline=req.spec.validation_deadline, request_raw=event.to_json(),
+                  created_at=utcnow(), updated_at=utcnow()))
+        await s.flush()
+        await self.timeline(s, req.id, "fact", {"event": "job request", "bid_msat": split.bid_msat, "mode": mode,
+                                                "shards": len(req.spec.shards), "validators": len(req.validators)})
+        await self.effect(s, req.id, "create_invoice")
+        return f"accepted: {mode} escrow of {split.bid_msat} msat"
+
+    async def _reject(self, s: AsyncSession, event: Event, reason: str, message: str, error: CodecError | None) -> str:
+        if await s.get(Job, event.id) is None:
+            s.add(Job(id=event.id, customer=event.pubkey, state=S.REJECTED.value, reject_reason=f"{reason}: {message}"[:300],
+                      request_raw=event.to_json(), created_at=utcnow(), updated_at=utcnow()))
+            await s.flush()
+        await self.timeline(s, event.id, "fact", {"event": "job request", "rejected": reason, "message": message})
+        if error is not None:
+            await self.publish(s, event.id, build_rejection(event, error))
+        else:
+            await self.publish(s, event.id, build_error_feedback(ErrorFeedback(
+                job_id=event.id, customer=event.pubkey, reason=reason, message=message[:200])))
+        return f"rejected: {reason}"
+
+    async def _job(self, s: AsyncSession, job_id: str) -> Job | None:
+        return await s.get(Job, job_id)
+
+    def _job_ref(self, event: Event, *markers: str) -> str | None:
+        for t in event.tags:
+            if len(t) >= 2 and t[0] == "e" and (len(t) < 4 or t[3] in markers or not markers):
+                return t[1]
+        return None
+
+    async def on_result(self, s: AsyncSession, event: Event) -> str:
+        job_id = self._job_ref(event, "job")
+        job = await self._job(s, job_id) if job_id else None
+        if job is None:
+            return "ignored: result for an unknown job"
+        if job.state != S.COLLECTING.value:
+            return await self._ignore(s, job.id, event, f"job is {job.state}, not collecting results")
+        req = self.job_request(job)
+        try:
+            res = parse_result(event, req)
+        except CodecError as e:
+            return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
+        if event.created_at > job.results_deadline or self.now() > job.results_deadline + self.config.results_grace_seconds:
+            return await self._ignore(s, job.id, event, "after the results deadline")
+        dest = "none"
+        if res.payout_address is not None:
+            dest = f"{res.payout_address.kind}:{res.payout_address.address}"
+        elif res.invoice is not None:
+            dest = f"bolt11-offer:{res.invoice.amount_msat}:{res.invoice.bolt11}"
+        ins = await s.execute(insert_ignore(s, Result.__table__), [{
+            "id": event.id, "job_id": job.id, "provider": event.pubkey, "shard_index": res.shard_index,
+            "model_url": res.model.url, "model_sha256": res.model.sha256, "destination": dest,
+            "created_at": event.created_at}])
+        if ins.rowcount != 1:
+            return await self._ignore(s, job.id, event, "not the provider's first result for this job")
+        await self.timeline(s, job.id, "fact", {"event": "result", "id": event.id, "provider": event.pubkey,
+                                                "shard": res.shard_index, "model_sha256": res.model.sha256})
+        count = len((await s.scalars(select(Result.id).where(Result.job_id == job.id))).all())
+        if count >= len(req.spec.shards):
+            await self._start_validation(s, job, "every shard has a result")
+        return "counted"
+
+    async def _ignore(self, s: AsyncSession, job_id: str, event: Event, why: str) -> str:
+        await self.timeline(s, job_id, "ignored", {"event": event.id, "kind": event.kind, "from": event.pubkey,
+                                                   "why": why})
+        return f"ignored: {why}"
+
+    async def _start_validation(self, s: AsyncSession, job: Job, why: str) -> None:
+        results = (await s.scalars(select(Result).where(Result.job_id == job.id).order_by(Result.created_at))).all()
+        if not results:
+            await self._refund(s, job, "no_results", from_states=(S.COLLECTING,))
+            return
+        req = self.job_request(job)
+        tmpl = build_evaluation_request(EvaluationRequest(
+            job_id=job.id, candidates=tuple(Candidate(r.id) for r in results), validators=req.validators,
+            metric=req.spec.validation.metric, deadline=job.validation_deadline))
+        if not await self.transition(s, job.id, (S.COLLECTING,), S.VALIDATING, why):
+            return
+        ev = await self.publish(s, job.id, tmpl)
+        await s.execute(update(Job).where(Job.id == job.id).values(eval_request_id=ev.id))
+
+    async def on_scores(self, s: AsyncSession, event: Event) -> str:
+        try:
+            ev = parse_evaluation_result(event, escrow_pubkey=self.E)
+        except CodecError as e:
+            job_id = self._job_ref(event, "job")
+            if job_id and await self._job(s, job_id):
+                return await self._ignore(s, job_id, event, f"{e.reason.value}: {e.message}")
+            return f"ignored: {e.reason.value}"
+        job = await self._job(s, ev.job_id)
+        if job is None:
+            return "ignored: scores for an unknown job"
+        if job.state != S.VALIDATING.value:
+            return await self._ignore(s, job.id, event, f"job is {job.state}, not validating")
+        req = self.job_request(job)
+        if ev.validator not in req.validators:
+            return await self._ignore(s, job.id, event, "signed by a key that is not a designated validator")
+        if ev.request_id != job.eval_request_id:
+            return await self._ignore(s, job.id, event, "answers another evaluation request")
+        if event.created_at > job.validation_deadline:
+            return await self._ignore(s, job.id, event, "after the validation deadline")
+        results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
+        counted, notes = 0, []
+        for sc in ev.scores:
+            r = results.get(sc.result_id)
+            if r is None:
+                notes.append(f"{sc.result_id[:12]}: not a candidate")
+                continue
+            if sc.model_sha256 != r.model_sha256:
+                notes.append(f"{sc.result_id[:12]}: score for another model hash")
+                continue
+            ins = await s.execute(insert_ignore(s, ScoreRow.__table__), [{
+                "job_id": job.id, "result_id": r.id, "validator": ev.validator, "value": str(sc.value),
+                "event_id": event.id}])
+            if ins.rowcount != 1:
+                notes.append(f"{sc.result_id[:12]}: not the validator's first score")
+                continue
+            counted += 1
+        await self.timeline(s, job.id, "fact" if counted else "ignored",
+                            {"event": "scores", "id": event.id, "validator": ev.validator, "counted": counted,
+                             "ignored": notes})
+        total = len((await s.scalars(select(ScoreRow.result_id).where(ScoreRow.job_id == job.id))).all())
+        if total >= len(results) * len(req.validators):
+            await self._decide(s, job, "every validator scored every candidate")
+        return f"counted {counted} score(s)" + (f"; ignored {len(notes)}" if notes else "")
+
+    async def _decide(self, s: AsyncSession, job: Job, why: str) -> None:
+        req = self.job_request(job)
+        results = (await s.scalars(select(Result).where(Result.job_id == job.id).order_by(Result.created_at))).all()
+        scores = (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job.id))).all()
+        cands = [rule.CandidateScores(r.id, r.provider, r.created_at,
+                                      {x.validator: Decimal(x.value) for x in scores if x.result_id == r.id})
+                 for r in results]
+        v = req.spec.validation
+        funded = job.bid_msat
+        decision = rule.decide(cands, quorum=v.quorum, threshold=v.threshold, direction=str(v.direction),
+                               policy=job.payout_policy, bid_msat=funded, fee_msat=job.fee_msat,
+                               validator_fee_msat=job.validator_fee_msat, validators=req.validators)
+        verdicts = tuple(VerdictBody(result_id=x.result_id, accepted=x.accepted, median=x.median,
+                                     reward_msat=x.reward_msat if x.accepted else None) for x in decision.verdicts)
+        detail = {"why": why, "verdicts": [{"result": x.result_id, "provider": x.provider, "accepted": x.accepted,
+                                            "median": str(x.median) if x.median is not None else None,
+                                            "reward_msat": x.reward_msat} for x in decision.verdicts],
+                  "validator_fees": decision.validator_fees, "fee_income_msat": decision.fee_income_msat,
+                  "remainder_msat": decision.remainder_msat}
+        if not decision.accepted:
+            reason = "no_quorum" if all(x.median is None for x in decision.verdicts) else "no_accepted_result"
+            await s.execute(update(Job).where(Job.id == job.id).values(decision=json.dumps(detail)))
+            await self.publish(s, job.id, build_validation_complete(ValidationComplete(job.id, job.customer, verdicts)))
+            await self._refund(s, job, reason, from_states=(S.VALIDATING,))
+            return
+        if not await self.transition(s, job.id, (S.VALIDATING,), S.RELEASING, why, decision=json.dumps(detail)):
+            return
+        await self.publish(s, job.id, build_validation_complete(ValidationComplete(job.id, job.customer, verdicts)))
+        if job.mode == "hold" and not job.custody:
+            await self.effect(s, job.id, "settle_hold")   # the release continues on the settled fact
+        else:
+            await self._release(s, job.id)
+
+    async def _release(self, s: AsyncSession, job_id: str) -> None:
+        """Book the decided split and create the payouts (the money is in our custody)."""
+        job = await s.get(Job, job_id)
+        detail = json.loads(job.decision)
+        escrow_acct = accounts.escrow(job.id)
+        held = -await ledger.balance(s, escrow_acct)   # credit-normal liability
+        lines: list[tuple[str, int]] = [(escrow_acct, held)]
+        results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
+        payouts: list[tuple[str, str, int, str]] = []
+        for v in detail["verdicts"]:
+            if v["reward_msat"]:
+                r = results[v["result"]]
+                lines.append((accounts.payable(r.provider, job.id), -v["reward_msat"]))
+                payouts.append((f"{job.id}:reward:{r.id}", r.provider, v["reward_msat"],
+                                _destination(r.destination, v["reward_msat"])))
+        for validator, fee in detail["validator_fees"].items():
+            lines.append((accounts.payable(validator, job.id), -fee))
+            payouts.append((f"{job.id}:validator:{validator}", validator, fee, "none"))
+        fee_income = held - sum(p[2] for p in payouts)   # escrow fee + split remainder (+ any overpayment)
+        if fee_income:
+            lines.append((accounts.FEE_INCOME, -fee_income))
+        await ledger.post(s, key=f"release:{job.id}", kind="release", lines=lines, job_id=job.id,
+                          memo=f"release: {len(payouts)} payout(s), fee income {fee_income} msat")
+        await self.timeline(s, job.id, "posting", {"key": f"release:{job.id}", "lines": lines})
+        for pid, payee, amount, dest in payouts:
+            await Payouts.create(s, payout_id=pid, payee=payee, amount_msat=amount, destination=dest, job_id=job.id)
+            await self.timeline(s, job.id, "payment", {"payout": pid, "amount_msat": amount,
+                                                       "destination": dest.split(":", 1)[0]})
+            if dest == "none":
+                await self.publish(s, job.id, build_reward_claimable(RewardClaimable(
+                    job_id=job.id, payee=payee, amount_msat=amount,
+                    earned_by=pid.rsplit(":", 1)[1] if ":reward:" in pid else None)))
+
+    async def _refund(self, s: AsyncSession, job: Job, reason: str, *, from_states: Iterable[JobState]) -> None:
+        if not await self.transition(s, job.id, from_states, S.REFUNDING, reason, refund_reason=reason):
+            return
+        job = await s.get(Job, job.id)
+        if job.mode == "hold" and not job.custody and not job.funded:
+            await self.effect(s, job.id, "cancel_invoice")    # refunded on the canceled fact
+            return
+        await self._custodial_refund(s, job)
+
+    async def _custodial_refund(self, s: AsyncSession, job: Job) -> None:
+        escrow_acct = accounts.escrow(job.id)
+        held = -await ledger.balance(s, escrow_acct)
+        if held <= 0:
+            await self._finish_refund(s, job.id)
+            return
+        refund_acct = accounts.refund(job.customer, job.id)
+        await ledger.post(s, key=f"refund:{job.id}", kind="refund", lines=[(escrow_acct, held), (refund_acct, -held)],
+                          job_id=job.id, memo=f"refund: {job.refund_reason}")
+        req = self.job_request(job)
+        dest = "none"
+        if req.spec.refund:
+            dest = ("lud16:" if "@" in req.spec.refund else "lnurl:") + req.spec.refund
+        await Payouts.create(s, payout_id=f"{job.id}:refund", payee=job.customer, amount_msat=held,
+                             destination=dest, job_id=job.id)
+        await self.timeline(s, job.id, "payment", {"payout": f"{job.id}:refund", "amount_msat": held,
+                                                   "destination": dest.split(":", 1)[0]})
+        if dest == "none":
+            await self.publish(s, job.id, build_reward_claimable(RewardClaimable(
+                job_id=job.id, payee=job.customer, amount_msat=held)))
+
+    async def _finish_refund(self, s: AsyncSession, job_id: str, amount: int | None = None) -> None:
+        job = await s.get(Job, job_id)
+        if await self.transition(s, job_id, (S.REFUNDING,), S.REFUNDED, job.refund_reason or "refunded"):
+            await self.publish(s, job_id, build_refunded(Refunded(
+                job_id=job_id, customer=job.customer, reason=job.refund_reason or "refunded",
+                amount_msat=amount if amount is not None else job.bid_msat)))
+
+    async def on_payee_invoice(self, s: AsyncSession, event: Event) -> str:
+        try:
+            fb = parse_feedback(event, escrow_pubkey=self.E)
+        except CodecError as e:
+            return f"ignored: {e.reason.value}"
+        job = await self._job(s, fb.job_id)
+        if job is None:
+            return "ignored: invoice for an unknown job"
+        res = await s.execute(update(Payout).where(Payout.job_id == job.id, Payout.payee == event.pubkey,
+                                                   Payout.amount_msat == fb.amount_msat,
+                                                   Payout.state == "needs_invoice")
+                              .values(destination="bolt11:" + fb.bolt11, state="pending", attempts=0,
+                                      next_attempt_at=utcnow(), updated_at=utcnow()))
+        if res.rowcount == 0:
+            return await self._ignore(s, job.id, event, "no payout of that amount waits for this payee's invoice")
+        await self.timeline(s, job.id, "fact", {"event": "payee invoice", "payee": event.pubkey,
+                                                "amount_msat": fb.amount_msat})
+        return "invoice accepted for checking"
+
+    async def on_deletion(self, s: AsyncSession, event: Event) -> str:
+        try:
+            d = parse_deletion(event)
+        except CodecError as e:
+            return f"ignored: {e.reason.value}"
+        outcomes = []
+        for job_id in d.event_ids:
+            job = await self._job(s, job_id)
+            if job is None:
+                continue
+            if job.customer != event.pubkey:
+                outcomes.append(await self._ignore(s, job.id, event, "deletion not signed by the customer"))
+                continue
+            if await self.transition(s, job.id, (S.REQUESTED, S.OFFERED), S.CANCELLED, "deleted by the customer"):
+                await self.effect(s, job.id, "cancel_invoice")
+                outcomes.append("cancelled")
+            else:
+                outcomes.append(await self._ignore(s, job.id, event, f"job is {job.state}: too late to cancel"))
+        return "; ".join(outcomes) or "ignored: names no job of ours"
+
+    # ------------------------------------------------------------------ effects reported back
+    async def on_invoice_created(self, s: AsyncSession, job_id: str, payment_hash: str, payment_request: str,
+                                 mode: str, amount_msat: int) -> bool:
+        job = await s.get(Job, job_id)
+        if not await self.transition(s, job_id, (S.REQUESTED,), S.OFFERED, "escrow invoice created",
+                                     payment_hash=payment_hash, mode=mode,
+                                     offer_expires_at=self.now() + self.config.invoice_expiry_seconds):
+            return False
+        await self.timeline(s, job_id, "invoice", {"payment_hash": payment_hash, "mode": mode, "amount_msat": amount_msat})
+        await self.publish(s, job_id, build_escrow_offer(EscrowOffer(
+            job_id=job_id, customer=job.customer, amount_msat=amount_msat, bolt11=payment_request, mode=Mode(mode))))
+        return True
+
+    # ------------------------------------------------------------------ LN facts
+    async def handle_ln_fact(self, s: AsyncSession, fact: LnFact) -> str:
+        claimed = await s.execute(update(LnFact).where(LnFact.seq == fact.seq, LnFact.consumed_at.is_(None))
+                                  .values(consumed_at=utcnow()))
+        if claimed.rowcount != 1:
+            return "already consumed"
+        inv = await s.get(LnInvoice, fact.payment_hash)
+        job = await self._job(s, inv.job_id) if inv and inv.job_id else None
+        if job is None:
+            return "no job"
+        await self.timeline(s, job.id, "fact", {"ln": fact.kind, "amount_msat": fact.amount_msat, "source": fact.source})
+        if fact.kind == "accepted":
+            if await self.transition(s, job.id, (S.OFFERED,), S.COLLECTING, "hold invoice accepted (funds locked)"):
+                await self.publish(s, job.id, build_funded(Funded(job.id, job.customer, fact.amount_msat)))
+                return "funded (hold)"
+            if job.state in (S.CANCELLED.value, S.REJECTED.value):
+                await self.effect(s, job.id, "cancel_invoice")
+                return "late funding of a cancelled job: cancelled"
+            return "accepted: no change"
+        if fact.kind == "settled":
+            await ledger.post(s, key=f"funding:{fact.payment_hash}", kind="funding", job_id=job.id,
+                              lines=[(accounts.NODE, fact.amount_msat), (accounts.escrow(job.id), -fact.amount_msat)],
+                              memo=f"funding settled ({job.mode})")
+            await self.timeline(s, job.id, "posting", {"key": f"funding:{fact.payment_hash}", "amount_msat": fact.amount_msat})
+            await s.execute(update(Job).where(Job.id == job.id).values(funded=True))
+            if job.mode == "custodial":
+                if await self.transition(s, job.id, (S.OFFERED,), S.COLLECTING, "invoice settled (funds in custody)"):
+                    await self.publish(s, job.id, build_funded(Funded(job.id, job.customer, fact.amount_msat)))
+                    return "funded (custodial)"
+                if job.state == S.CANCELLED.value:
+                    await s.execute(update(Job).where(Job.id == job.id).values(state=S.REFUNDING.value,
+                                                                              refund_reason="paid_after_cancel"))
+                    await self._custodial_refund(s, await s.get(Job, job.id))
+                    return "late payment of a cancelled job: refunding"
+                return "settled: no change"
+            # hold mode
+            if job.state == S.RELEASING.value:
+                await self._release(s, job.id)
+                return "hold settled: released"
+            if job.state in (S.COLLECTING.value, S.VALIDATING.value):
+                await s.execute(update(Job).where(Job.id == job.id).values(custody=True))
+                await self.timeline(s, job.id, "transition", {"to": job.state, "why": "hold invoice settled by the "
+                                    "deadline guard: the job continues custodially"})
+                return "hold moved into custody"
+            if job.state == S.REFUNDING.value:
+                await self._custodial_refund(s, await s.get(Job, job.id))
+                return "hold settled while refunding: refund by payment"
+            return "settled: no change"
+        if fact.kind == "canceled":
+            if job.state == S.REFUNDING.value:
+                await self._finish_refund(s, job.id)
+                return "refunded (hold cancelled)"
+            if job.state in (S.COLLECTING.value, S.VALIDATING.value) and job.mode == "hold" and not job.custody:
+                await self.transition(s, job.id, (S.COLLECTING, S.VALIDATING), S.REFUNDING, "hold invoice cancelled",
+                                      refund_reason="hold_expired")
+                await self._finish_refund(s, job.id)
+                return "refunded (hold cancelled before release)"
+            return "canceled: no change"
+        return "unknown fact"
+
+    # ------------------------------------------------------------------ payout outcomes
+    async def handle_payout(self, s: AsyncSession, p: Payout) -> str:
+        if not await self.consume(s, "payout", f"{p.id}:{p.state}:{p.attempts}"):
+            return "already consumed"
+        if p.job_id is None:
+            return "no job"
+        job = await s.get(Job, p.job_id)
+        if p.state == "succeeded":
+            liability = accounts.refund(p.payee, p.job_id) if p.id.endswith(":refund") else accounts.payable(p.payee, p.job_id)
+            await ledger.post(s, key=f"payout:{p.payment_hash}", kind="refund_payout" if p.id.endswith(":refund") else "payout",
+                              job_id=p.job_id, lines=[(liability, p.amount_msat), (accounts.NODE, -p.amount_msat)],
+                              memo=f"payout {p.id}")
+            if p.fee_msat:
+                await ledger.post(s, key=f"routing_fee:{p.payment_hash}", kind="routing_fee", job_id=p.job_id,
+                                  lines=[(accounts.ROUTING_EXPENSE, p.fee_msat), (accounts.NODE, -p.fee_msat)],
+                                  memo=f"routing fee of {p.id}")
+            await self.timeline(s, p.job_id, "payment", {"payout": p.id, "state": "succeeded", "amount_msat": p.amount_msat,
+                                                         "fee_msat": p.fee_msat, "payment_hash": p.payment_hash})
+            if p.id.endswith(":refund"):
+                await self._finish_refund(s, p.job_id, p.amount_msat)
+            else:
+                await self.publish(s, p.job_id, build_reward_paid(RewardPaid(
+                    job_id=p.job_id, earned_by=await self._earned_by(s, p), payee=p.payee,
+                    payment=ProofBody(p.payment_hash, p.preimage, p.amount_msat, p.fee_msat or 0))))
+            if job.state == S.RELEASING.value and await self._all_paid_and_booked(s, p.job_id):
+                await self.transition(s, p.job_id, (S.RELEASING,), S.CLOSED, "every payout succeeded and is booked")
+            return "payout booked"
+        if p.state == "needs_invoice":
+            await self.timeline(s, p.job_id, "payment", {"payout": p.id, "state": "needs_invoice", "why": p.last_error})
+            await self.publish(s, p.job_id, build_reward_claimable(RewardClaimable(
+                job_id=p.job_id, payee=p.payee, amount_msat=p.amount_msat,
+                earned_by=p.id.rsplit(":", 1)[1] if ":reward:" in p.id else None)))
+            return "payee asked for a new invoice"
+        return "no change"
+
+    async def _earned_by(self, s: AsyncSession, p: Payout) -> str:
+        """The event that earned a payout: the result (provider) or the validator's scores."""
+        if ":reward:" in p.id:
+            return p.id.rsplit(":", 1)[1]
+        event_id = await s.scalar(select(ScoreRow.event_id).where(ScoreRow.job_id == p.job_id,
+                                                                  ScoreRow.validator == p.payee).limit(1))
+        return event_id or p.job_id
+
+    async def _all_paid_and_booked(self, s: AsyncSession, job_id: str) -> bool:
+        unpaid = (await s.scalars(select(Payout.id).where(Payout.job_id == job_id, Payout.state != "succeeded"))).all()
+        if unpaid:
+            return False
+        owed = await ledger.balances(s, job_id=job_id)
+        return all(v == 0 for k, v in owed.items() if k.startswith("liability:"))
+
+    # ------------------------------------------------------------------ timers
+    async def on_timers(self, s: AsyncSession, job: Job) -> str | None:
+        now = self.now()
+        if job.state == S.OFFERED.value and job.offer_expires_at and now > job.offer_expires_at + self.config.offer_grace_seconds:
+            if await self.transition(s, job.id, (S.OFFERED,), S.CANCELLED, "offer expired unpaid"):
+                await self.effect(s, job.id, "cancel_invoice")
+                return "offer expired"
+        if job.state == S.COLLECTING.value and now > job.results_deadline + self.config.results_grace_seconds:
+            await self._start_validation(s, job, "results deadline passed")
+            return "results deadline"
+        if job.state == S.VALIDATING.value and now > job.validation_deadline:
+            await self._decide(s, job, "validation deadline passed")
+            return "validation deadline"
+        return None
+
+
+def _destination(stored: str, amount_msat: int) -> str:
+    """A result's payout destination for a reward of ``amount_msat``."""
+    if stored.startswith("bolt11-offer:"):
+        _, amount, bolt11 = stored.split(":", 2)
+        return f"bolt11:{bolt11}" if int(amount) == amount_msat else "none"
+    return stored

@@ -1,0 +1,128 @@
+"""Tables of the escrow engine: jobs, results, scores, effects, timeline, service leases."""
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import Mapped, mapped_column
+
+from service.db import Base
+from service.nostr.models import utcnow
+
+_SEQ = BigInteger().with_variant(Integer, "sqlite")
+
+
+class JobState(enum.StrEnum):
+    """The closed set of job states (docs/escrow.md has the diagram)."""
+
+    REQUESTED = "requested"      # accepted; the escrow invoice is being created
+    OFFERED = "offered"          # offer published; waiting for funding
+    COLLECTING = "collecting"    # funded; providers train and submit results
+    VALIDATING = "validating"    # evaluation request out; validators score
+    RELEASING = "releasing"      # decided: paying providers and validators
+    CLOSED = "closed"            # every payout made; the job's accounts are zero
+    REFUNDING = "refunding"      # nothing accepted (or expired hold): money going back
+    REFUNDED = "refunded"        # the customer has its money back
+    REJECTED = "rejected"        # the request failed a check; nothing was offered
+    CANCELLED = "cancelled"      # deleted by the customer, or the offer expired, before funding
+
+
+FINAL_STATES = (JobState.CLOSED, JobState.REFUNDED, JobState.REJECTED, JobState.CANCELLED)
+
+
+class Job(Base):
+    __tablename__ = "escrow_jobs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)          # the job request's event id
+    customer: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    state: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    mode: Mapped[str | None] = mapped_column(String(16), nullable=True)    # hold | custodial
+    custody: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # hold settled early
+    funded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)   # money in our ledger
+    bid_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    fee_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    validator_fee_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    payout_policy: Mapped[str] = mapped_column(String(8), nullable=False, default="best")
+    results_deadline: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    validation_deadline: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    offer_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
+    eval_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    reject_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    decision: Mapped[str | None] = mapped_column(Text, nullable=True)      # JSON
+    request_raw: Mapped[str] = mapped_column(Text, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+class Result(Base):
+    """A counted result: the first valid one of each provider for a job."""
+
+    __tablename__ = "escrow_results"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)          # result event id
+    job_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    provider: Mapped[str] = mapped_column(String(64), nullable=False)
+    shard_index: Mapped[int] = mapped_column(Integer, nullable=False)
+    model_url: Mapped[str] = mapped_column(Text, nullable=False)
+    model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    destination: Mapped[str] = mapped_column(Text, nullable=False, default="none")
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    __table_args__ = (UniqueConstraint("job_id", "provider", name="uq_escrow_results_job_provider"),
+                      Index("ix_escrow_results_job", "job_id"))
+
+
+class ScoreRow(Base):
+    """A counted score: the first of each validator for each candidate."""
+
+    __tablename__ = "escrow_scores"
+
+    job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    result_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    validator: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(64), nullable=False)          # exact decimal text
+    event_id: Mapped[str] = mapped_column(String(64), nullable=False)
+
+
+class Effect(Base):
+    """A side effect the engine decided (in the same transaction), carried out by a worker."""
+
+    __tablename__ = "escrow_effects"
+
+    id: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), nullable=False)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)           # create_invoice | settle_hold | cancel_invoice
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")  # pending | done | failed
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_escrow_effects_job_kind"),
+                      Index("ix_escrow_effects_due", "state", "next_attempt_at"))
+
+
+class TimelineEntry(Base):
+    """Everything that happened to a job, in order: facts, transitions, money, ignored input."""
+
+    __tablename__ = "escrow_timeline"
+
+    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)   # fact | transition | ignored | invoice | payment | posting | published | effect
+    detail: Mapped[str] = mapped_column(Text, nullable=False)
+
+
+class Consumed(Base):
+    """Facts from other tables (LN facts, payout outcomes, effects) consumed by the engine, once."""
+
+    __tablename__ = "escrow_consumed"
+
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)        # ln_fact | payout | effect
+    ref: Mapped[str] = mapped_column(String(200), primary_key=True)          # its id (+ state)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
