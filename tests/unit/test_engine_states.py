@@ -1,0 +1,150 @@
+"""Every (job state, fact) pair, table-driven: the state the engine must end in.
+
+Each case drives a hold-mode job through the real engine to the starting state, applies
+one fact, and compares the resulting state with the table. A pair missing from the
+table must leave the state unchanged.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+from sqlalchemy import select
+
+from service.db import create_engine, session_factory
+from service.escrow.models import Job, JobState
+from service.lightning.models import LnInvoice
+from service.nostr.nip01 import sign_event
+from service.nostr.protocol import build_deletion
+from tests.unit.test_engine_properties import CUSTOMER, ESCROW, Clock, World, _fresh_db
+
+S = JobState
+FACTS = ("effects_run", "funded", "hold_settled", "hold_canceled", "deletion", "results_deadline",
+         "validation_deadline", "payouts_done")
+
+# (state, fact) -> the state after; absent pairs: unchanged.
+TABLE: dict[tuple[JobState, str], JobState] = {
+    (S.REQUESTED, "effects_run"): S.OFFERED,            # the escrow invoice is created
+    (S.REFUNDING, "effects_run"): S.REFUNDED,           # the hold invoice is cancelled
+    (S.REQUESTED, "deletion"): S.CANCELLED,
+    (S.OFFERED, "funded"): S.COLLECTING,
+    (S.OFFERED, "deletion"): S.CANCELLED,
+    (S.COLLECTING, "hold_canceled"): S.REFUNDED,          # LND gave the money back: nothing to hold
+    (S.COLLECTING, "results_deadline"): S.REFUNDING,      # no results
+    (S.COLLECTING, "validation_deadline"): S.REFUNDING,
+    (S.VALIDATING, "hold_canceled"): S.REFUNDED,
+    (S.VALIDATING, "validation_deadline"): S.REFUNDING,   # no scores: no quorum
+    (S.RELEASING, "payouts_done"): S.RELEASING,           # nothing is paid before the hold is settled
+    (S.REFUNDING, "hold_canceled"): S.REFUNDED,
+}
+
+START_STATES = (S.REQUESTED, S.OFFERED, S.COLLECTING, S.VALIDATING, S.RELEASING, S.CLOSED, S.REFUNDING,
+                S.REFUNDED, S.REJECTED, S.CANCELLED)
+
+
+async def reach(world: World, state: JobState) -> str:
+    """Drive one hold job to ``state``; returns its id."""
+    if state is S.REJECTED:
+        await world.job_request("best", "hold", 1_000_000)
+        good = world.jobs.pop()[0]
+        tags = [t if t[0] != "bid" else ("bid", "5") for t in good.tags]   # a bid below the minimum
+        bad = sign_event(CUSTOMER, good.kind, tags, good.content, created_at=int(world.clock()))
+        await world.feed(bad)
+        return bad.id
+    await world.job_request("best", "hold", 1_000_000)
+    job_id = world.jobs[-1][0].id
+    if state is S.REQUESTED:
+        return job_id
+    if state is S.CANCELLED:
+        await deletion(world, job_id)
+        return job_id
+    await world.effects()
+    if state is S.OFFERED:
+        return job_id
+    await world.pay(0)
+    await world.step_engine()
+    if state is S.COLLECTING:
+        return job_id
+    if state in (S.REFUNDING, S.REFUNDED):
+        world.clock.t += 200
+        await world.step_engine()
+        if state is S.REFUNDED:
+            await world.effects()
+            await world.step_engine()
+        return job_id
+    await world.result(0, 0, 0, True)
+    await world.result(0, 1, 1, True)
+    if state is S.VALIDATING:
+        return job_id
+    await world.score(0, 0, False)
+    await world.score(0, 1, False)
+    if state is S.RELEASING:
+        return job_id
+    await world.effects()
+    await world.step_engine()
+    await world.payouts(0, False)
+    await world.step_engine()
+    return job_id
+
+
+async def deletion(world: World, job_id: str) -> None:
+    await world.feed(sign_event(CUSTOMER, *build_deletion((job_id,), escrow=ESCROW.public_key_hex),
+                                created_at=int(world.clock())))
+
+
+async def ln_fact(world: World, job_id: str, kind: str) -> None:
+    async with world.sessions.begin() as s:
+        inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job_id))).first()
+        if inv is not None and (kind != "settled" or inv.state == "accepted") and inv.state in ("open", "accepted"):
+            await world._fact(s, inv, kind)
+    await world.step_engine()
+
+
+async def apply(world: World, job_id: str, fact: str) -> None:
+    if fact == "effects_run":
+        await world.effects()
+    elif fact == "funded":
+        await world.pay(0)
+    elif fact == "hold_settled":
+        await ln_fact(world, job_id, "settled")
+    elif fact == "hold_canceled":
+        await ln_fact(world, job_id, "canceled")
+    elif fact == "deletion":
+        await deletion(world, job_id)
+    elif fact == "results_deadline":
+        world.clock.t += 161
+    elif fact == "validation_deadline":
+        world.clock.t += 301
+    elif fact == "payouts_done":
+        await world.payouts(0, False)
+    await world.step_engine()
+
+
+@pytest.mark.parametrize("fact", FACTS)
+@pytest.mark.parametrize("state", START_STATES, ids=[s.value for s in START_STATES])
+def test_state_fact_pair(tmp_path, state: JobState, fact: str) -> None:
+    asyncio.run(_case(tmp_path, state, fact))
+
+
+async def _case(tmp, state: JobState, fact: str) -> None:
+    url = await _fresh_db(tmp)
+    engine = create_engine(url)
+    world = World(session_factory(engine), Clock())
+    try:
+        job_id = await reach(world, state)
+        async with world.sessions() as s:
+            assert (await s.get(Job, job_id)).state == state.value, "could not reach the starting state"
+        await apply(world, job_id, fact)
+        async with world.sessions() as s:
+            after = (await s.get(Job, job_id)).state
+        expected = TABLE.get((state, fact), state)
+        assert after == expected.value, f"{state.value} + {fact} -> {after}, table says {expected.value}"
+        await world.check()
+    finally:
+        await engine.dispose()
+
+
+def test_every_state_is_covered() -> None:
+    assert set(START_STATES) == set(JobState)
+    assert all(s in START_STATES and f in FACTS for s, f in TABLE)
