@@ -27,6 +27,7 @@ def upgrade() -> None:
     sa.Column('received_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('handled_at', sa.DateTime(timezone=True), nullable=True),
     sa.Column('outcome', sa.String(length=500), nullable=True),
+    sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_nostr_inbox'))
     )
     with op.batch_alter_table('nostr_inbox', schema=None) as batch_op:

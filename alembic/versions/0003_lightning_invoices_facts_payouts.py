@@ -42,7 +42,7 @@ def upgrade() -> None:
         batch_op.create_index('ix_ln_invoices_state_mode', ['state', 'mode'], unique=False)
 
     op.create_table('ln_payouts',
-    sa.Column('id', sa.String(length=64), nullable=False),
+    sa.Column('id', sa.String(length=200), nullable=False),
     sa.Column('job_id', sa.String(length=64), nullable=True),
     sa.Column('payee', sa.String(length=64), nullable=False),
     sa.Column('amount_msat', sa.BigInteger(), nullable=False),
@@ -88,7 +88,7 @@ def upgrade() -> None:
 
     op.create_table('ln_payout_attempts',
     sa.Column('payment_hash', sa.String(length=64), nullable=False),
-    sa.Column('payout_id', sa.String(length=64), nullable=False),
+    sa.Column('payout_id', sa.String(length=200), nullable=False),
     sa.Column('payment_request', sa.Text(), nullable=False),
     sa.Column('fee_limit_msat', sa.BigInteger(), nullable=False),
     sa.Column('state', sa.String(length=16), nullable=False),

@@ -35,7 +35,8 @@ class EscrowService:
             terms=self.terms, relays=settings.relays, sizing=HoldSizing.from_settings(settings),
             invoice_expiry_seconds=settings.invoice_expiry_seconds))
         self.runner = EngineRunner(self.engine, Inbox(sessions))
-        effects = EffectRunner(self.engine, lightning.invoices, lightning.watcher) if lightning else None
+        effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
+                                lease_seconds=settings.effect_lease_seconds) if lightning else None)
         self.loop = EscrowLoop(self.runner, effects)
 
     async def announce(self) -> None:

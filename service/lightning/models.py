@@ -62,7 +62,7 @@ class Payout(Base):
 
     __tablename__ = "ln_payouts"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)           # idempotency key from the engine
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)          # idempotency key from the engine
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     payee: Mapped[str] = mapped_column(String(64), nullable=False)          # payee's Nostr pubkey
     amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -89,7 +89,7 @@ class PayoutAttempt(Base):
     __tablename__ = "ln_payout_attempts"
 
     payment_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
-    payout_id: Mapped[str] = mapped_column(String(64), ForeignKey("ln_payouts.id"), nullable=False, index=True)
+    payout_id: Mapped[str] = mapped_column(String(200), ForeignKey("ln_payouts.id"), nullable=False, index=True)
     payment_request: Mapped[str] = mapped_column(Text, nullable=False)
     fee_limit_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
     # sending -> succeeded | failed | unknown | not_initiated

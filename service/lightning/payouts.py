@@ -107,7 +107,7 @@ class PayoutPolicy:
         return cls(s.network, s.payout_fee_floor_msat, s.payout_fee_ppm, s.payout_fee_cap_msat,
                    s.payout_timeout_seconds, s.payout_max_attempts, s.payout_retry_seconds,
                    s.payout_invoice_min_expiry_seconds, s.payout_max_final_cltv,
-                   lnurl_allow_private=s.lnurl_allow_private)
+                   lease_seconds=s.payout_lease_seconds, lnurl_allow_private=s.lnurl_allow_private)
 
     def fee_limit(self, amount_msat: int) -> int:
         return max(1, min(self.fee_cap_msat, max(self.fee_floor_msat, amount_msat * self.fee_ppm // 1_000_000)))
@@ -221,18 +221,18 @@ class Payouts:
     async def process_due(self, limit: int = 20) -> list[Outcome]:
         """Claim due payouts (compare-and-set) and pay them concurrently."""
         now = utcnow()
-        async with self.sessions() as s:
-            ids = list((await s.scalars(select(Payout.id).where(Payout.state == "pending",
-                                                                 Payout.next_attempt_at <= now)
-                                         .order_by(Payout.next_attempt_at).limit(limit))).all())
         claimed = []
-        for pid in ids:
-            async with self.sessions.begin() as s:
+        async with self.sessions.begin() as s:
+            q = (select(Payout.id).where(Payout.state == "pending", Payout.next_attempt_at <= now)
+                 .order_by(Payout.next_attempt_at).limit(limit))
+            if s.bind.dialect.name == "postgresql":
+                q = q.with_for_update(skip_locked=True)   # replicas take disjoint rows without waiting
+            for pid in (await s.scalars(q)).all():
                 res = await s.execute(update(Payout).where(Payout.id == pid, Payout.state == "pending")
                                       .values(state="sending", updated_at=now,
                                               lease_until=now + timedelta(seconds=self.policy.lease_seconds)))
-            if res.rowcount == 1:
-                claimed.append(pid)
+                if res.rowcount == 1:
+                    claimed.append(pid)
         return list(await asyncio.gather(*(self._pay(pid) for pid in claimed)))
 
     async def _pay(self, payout_id: str) -> Outcome:

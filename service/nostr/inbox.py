@@ -8,7 +8,8 @@
   compare-and-set (``UPDATE … WHERE handled_at IS NULL``): the handler's effects
   and the mark commit together or not at all, and two workers (or replicas) can
   never both process one event. Unhandled events are simply processed at the next
-  start-up: that is the replay.
+  start-up: that is the replay. A handler that raises is rolled back and retried
+  (``max_attempts``, default 3) before the error is recorded as the final outcome.
 - ``reject`` records refused events with their reason for operators; the log keeps
   at most ``rejected_retention`` rows.
 """
@@ -49,8 +50,10 @@ def _row(event: Event, source: str) -> dict:
 
 
 class Inbox:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, rejected_retention: int = 10_000) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, rejected_retention: int = 10_000,
+                 max_attempts: int = 3) -> None:
         self.sessions = sessions
+        self.max_attempts = max_attempts
         self.rejected_retention = rejected_retention
         self._rejects_since_prune = 0
 
@@ -129,10 +132,14 @@ class Inbox:
         except Exception as e:  # noqa: BLE001 - a handler bug must not wedge the inbox or crash the worker
             log.exception("handler failed for event %s", item.id)
             async with self.sessions.begin() as s:
+                attempts = await s.scalar(select(InboxEvent.attempts).where(InboxEvent.id == item.id)) or 0
+                final = attempts + 1 >= self.max_attempts
                 await s.execute(update(InboxEvent)
                                 .where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
-                                .values(handled_at=utcnow(), outcome=f"error: {type(e).__name__}: {e}"[:500]))
-            return True
+                                .values(attempts=attempts + 1,
+                                        handled_at=utcnow() if final else None,
+                                        outcome=f"error: {type(e).__name__}: {e}"[:500]))
+            return final
 
     async def process_pending(self, handler: Handler, *, limit: int = 100) -> int:
         """Process up to ``limit`` unhandled events in arrival order; returns how many."""

@@ -29,6 +29,8 @@ class InboxEvent(Base):
     handled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The handler's verdict for operators, e.g. "ignored: result after deadline".
     outcome: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # Handler failures so far (an unexpected exception is retried before it is recorded as final).
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_nostr_inbox_pending", "handled_at", "received_at"),

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from service.app import create_app
 from service.config import Settings
 from service.escrow.models import Job, TimelineEntry
+from service.escrow.service import terms_from_settings
 from service.ledger import service as ledger
 from service.lightning.client import Payment
 from service.lightning.models import Payout
@@ -50,7 +51,7 @@ async def publish(url: str, event: Event) -> None:
         while True:
             msg = json.loads(await asyncio.wait_for(ws.recv(), 10))
             if msg[0] == "OK" and msg[1] == event.id:
-                assert msg[2] is True, msg
+                assert msg[2] is True or str(msg[3]).startswith("duplicate:"), msg
                 return
 
 
@@ -96,9 +97,11 @@ class Market:
             await wait_until(lambda: self.app.state.lightning.watcher.health.connected, 60, "invoice stream")
             yield self
 
+    external_sessions = None   # set when the service runs in other processes
+
     @property
     def sessions(self):
-        return self.app.state.sessions
+        return self.external_sessions or self.app.state.sessions
 
     # ---- the customer ----------------------------------------------------------------
     def job_spec(self, *, shards: int = 3, validators: int = 2, quorum: int = 2, policy: str = "best",
@@ -144,7 +147,7 @@ class Market:
         return task
 
     async def job_request(self, job_event: Event):
-        return parse_job_request(job_event, escrow_pubkey=self.E, terms=self.app.state.escrow.terms,
+        return parse_job_request(job_event, escrow_pubkey=self.E, terms=terms_from_settings(self.settings),
                                  now=job_event.created_at)
 
     # ---- providers and validators -----------------------------------------------------------
