@@ -67,6 +67,8 @@ class Settings(BaseSettings):
     payout_max_final_cltv: int = Field(default=432, ge=18)
     payout_lease_seconds: float = Field(default=300.0, gt=0)    # a dead worker's claim expires after this
     effect_lease_seconds: float = Field(default=120.0, gt=0)
+    reconcile_interval_seconds: float = Field(default=300.0, gt=0)
+    reconcile_threshold_msat: int = Field(default=0, ge=0)  # above this, payouts pause and an alert is raised
     lnurl_allow_private: bool = False                        # dev/test only: LNURL on loopback
     webhook_window_seconds: int = Field(default=300, ge=10, le=3600)
 

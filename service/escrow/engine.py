@@ -287,7 +287,7 @@ class Engine:
             return await self._ignore(s, job.id, event, "signed by a key that is not a designated validator")
         if ev.request_id != job.eval_request_id:
             return await self._ignore(s, job.id, event, "answers another evaluation request")
-        if event.created_at > job.validation_deadline:
+        if event.created_at > job.validation_deadline or self.now() > job.validation_deadline:
             return await self._ignore(s, job.id, event, "after the validation deadline")
         results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
         counted, notes = 0, []

@@ -14,6 +14,7 @@ from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
 from service.lightning.payouts import PayoutPolicy, Payouts
 from service.lightning.settlement import SettlementWatcher
+from service.ledger.reconcile import payouts_paused, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class LightningService:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._leader_tasks: list[asyncio.Task] = []
+        self.paused = False
 
     async def start(self) -> None:
         """Everything, for a single process."""
@@ -40,7 +42,8 @@ class LightningService:
         """What runs once among replicas: the invoice watcher and the deadline guard."""
         self._stop.clear()
         await self.watcher.start()
-        self._leader_tasks = [asyncio.create_task(self._guard_loop(), name="hold deadline guard")]
+        self._leader_tasks = [asyncio.create_task(self._guard_loop(), name="hold deadline guard"),
+                              asyncio.create_task(self._reconcile_loop(), name="ledger reconciliation")]
 
     async def stop_leader(self) -> None:
         for t in self._leader_tasks:
@@ -77,6 +80,25 @@ class LightningService:
                 log.exception("deadline guard failed")
             await self._sleep(self.settings.guard_interval_seconds)
 
+    async def _reconcile_loop(self) -> None:
+        """Compare the ledger with LND on a schedule; a disagreement pauses payouts."""
+        while not self._stop.is_set():
+            try:
+                async with self.sessions() as s:   # a dry run first: a fact may be between LND and the ledger
+                    report = await reconcile(s, self.lnd, threshold_msat=self.settings.reconcile_threshold_msat,
+                                             persist=False)
+                if not report.ok:
+                    await self._sleep(5)
+                async with self.sessions.begin() as s:
+                    report = await reconcile(s, self.lnd, threshold_msat=self.settings.reconcile_threshold_msat)
+                if not report.ok:
+                    log.error("RECONCILIATION ALERT: ledger and LND disagree; payouts are paused: %s", report)
+            except LndError as e:
+                log.info("reconciliation skipped: %s", e)
+            except Exception:  # noqa: BLE001
+                log.exception("reconciliation failed")
+            await self._sleep(self.settings.reconcile_interval_seconds)
+
     async def _payout_loop(self) -> None:
         reconciled_at = 0.0
         while not self._stop.is_set():
@@ -89,7 +111,13 @@ class LightningService:
                 if loop.time() - reconciled_at > 60:   # at start-up, then every minute
                     await self.payouts.reconcile()
                     reconciled_at = loop.time()
-                await self.payouts.process_due()
+                async with self.sessions() as s:
+                    paused = await payouts_paused(s)
+                if paused:
+                    self.paused = True   # the ledger disagrees with LND: an operator must look first
+                else:
+                    self.paused = False
+                    await self.payouts.process_due()
             except LndError as e:
                 log.info("payout worker waiting for LND: %s", e)
             except Exception:  # noqa: BLE001 - keep paying
