@@ -1,0 +1,10 @@
+"""The double-entry ledger of every millisatoshi the escrow holds, owes, earns and spends.
+
+- :mod:`service.ledger.accounts`: account names (``asset:node``, ``liability:escrow:<job>``, …).
+- :mod:`service.ledger.models`: the append-only tables ``ledger_postings`` / ``ledger_lines``
+  and ``ledger_reconciliations``.
+- :mod:`service.ledger.service`: ``post``, ``reverse``, balances and invariant checks.
+- :mod:`service.ledger.reconcile`: comparison with what LND reports; the payout pause.
+
+See ``docs/ledger.md``.
+"""
