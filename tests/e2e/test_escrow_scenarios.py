@@ -190,3 +190,29 @@ async def test_h_foreign_results_and_scores_are_ignored_with_reasons(market: Mar
     assert "not a designated validator" in text
     assert "another model hash" in text
     assert (await market.job(job_ev.id)).state == "validating", "none of them counted"
+
+
+async def test_i_custodial_refund_is_paid_back_to_the_customer(market: Market, regtest: Regtest) -> None:
+    """Custodial money comes back as a payment: the customer claims it with an invoice of its own node."""
+    job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0,
+                                                   mode="custodial", bid=900_000))
+    pay = await market.fund(job_ev.id)
+    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED   # custodial: settled at once
+    r1 = await market.submit(job_ev, market.providers[0], 0, BAD)
+    await market.score(job_ev.id, market.validators[0], {r1.id: ("0.1", sha(BAD))})
+    await market.wait_state(job_ev.id, "refunding")
+    claim = await market.wait_status(job_ev.id, "success", "reward claimable")
+    amount = int(tag(claim, "amount")[1])
+    assert amount == 900_000 and tag(claim, "p")[1] == market.customer.public_key_hex
+    inv = await regtest.customer.add_invoice(amount, memo="my refund")
+    from service.nostr.nip01 import sign_event
+    from service.nostr.protocol import build_payee_invoice
+    from tests.e2e.market import publish
+    await publish(market.relay, sign_event(market.customer, *build_payee_invoice(
+        job_id=job_ev.id, escrow=market.E, amount_msat=amount, bolt11=inv.payment_request)))
+    job = await market.wait_state(job_ev.id, "refunded", timeout=60)
+    assert job.refund_reason == "no_accepted_result"
+    paid = await regtest.customer.lookup_invoice(inv.payment_hash)
+    assert paid.state == InvoiceState.SETTLED and paid.amt_paid_msat == amount
+    balances = await market.check_ledger(job_ev.id, closed=True)
+    assert all(v == 0 for k, v in balances.items() if k.startswith("liability:"))
