@@ -14,6 +14,8 @@ from service import __version__
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.health import readiness
+from service.api import admin, errors, metrics, public
+from service.api.limits import BodyLimit, RateLimiter
 from service.escrow.service import EscrowService
 from service.leader import Leadership
 from service.lightning import webhook
@@ -137,6 +139,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="fedstr-escrow", version=__version__, lifespan=lifespan,
                   description="Lightning escrow for a FEDSTR machine-learning training marketplace on Nostr.")
     app.state.settings = settings
+    app.state.limits_events = RateLimiter(settings.events_per_minute, settings.events_burst)
+    app.state.limits_invoices = RateLimiter(settings.invoices_per_minute, settings.invoices_burst)
+    errors.install(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(public.router)
+    app.include_router(admin.router)
+    app.include_router(metrics.router)
+
 
     @app.get("/v1/health/live", response_model=Liveness, tags=["health"])
     async def live() -> Liveness:

@@ -75,6 +75,12 @@ class Settings(BaseSettings):
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65535)
 
+    public_url: str | None = None   # the API's external base URL (NIP-98 checks the signed URL against it)
+    max_body_bytes: int = Field(default=131_072, ge=1024)
+    events_per_minute: float = Field(default=120.0, gt=0)   # per client address and per pubkey
+    events_burst: int = Field(default=60, ge=1)
+    invoices_per_minute: float = Field(default=20.0, gt=0)
+    invoices_burst: int = Field(default=10, ge=1)
     admin_token: SecretStr | None = None
     webhook_secret: SecretStr | None = None
 

@@ -1,0 +1,1 @@
+"""HTTP: public API, LND webhook, admin API and dashboard (see docs/api.md)."""

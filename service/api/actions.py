@@ -1,0 +1,82 @@
+"""Admin actions: each checks that it is safe now, acts in one transaction, and is audited.
+
+Raise :class:`ActionRefused` (HTTP 409 with a stable code) when the current state does
+not allow the action; nothing is changed then, but the refusal is audited too.
+"""
+from __future__ import annotations
+
+from sqlalchemy import update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.api.models import AdminAction
+from service.escrow.engine import Engine
+from service.escrow.models import Job, JobState
+from service.ledger.reconcile import resume_payouts
+from service.lightning.models import Payout
+from service.nostr.models import InboxEvent, utcnow
+
+
+class ActionRefused(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+async def audit(s: AsyncSession, action: str, target: str, reason: str, outcome: str) -> None:
+    s.add(AdminAction(action=action, target=target[:200], reason=reason[:500], outcome=outcome[:500], at=utcnow()))
+
+
+async def retry_payout(s: AsyncSession, payout_id: str, reason: str) -> str:
+    p = await s.get(Payout, payout_id)
+    if p is None:
+        raise ActionRefused("not_found", "no such payout")
+    if p.state == "unknown":
+        raise ActionRefused("payout_unknown", "an unknown payout is resolved by tracking it in LND, never retried")
+    if p.state not in ("failed", "needs_invoice"):
+        raise ActionRefused("payout_not_retryable", f"payout is {p.state}")
+    if p.destination == "none":
+        raise ActionRefused("payout_needs_invoice", "the payee has not given an invoice or address yet")
+    res = await s.execute(update(Payout).where(Payout.id == payout_id, Payout.state.in_(("failed", "needs_invoice")))
+                          .values(state="pending", attempts=0, last_error=None, next_attempt_at=utcnow(),
+                                  updated_at=utcnow()))
+    if res.rowcount != 1:
+        raise ActionRefused("conflict", "the payout changed meanwhile")
+    await audit(s, "retry_payout", payout_id, reason, "pending")
+    return "pending"
+
+
+REFUNDABLE = (JobState.COLLECTING, JobState.VALIDATING)
+
+
+async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) -> str:
+    """A manual refund: only before any release decision, when nothing has been paid out."""
+    job = await s.get(Job, job_id)
+    if job is None:
+        raise ActionRefused("not_found", "no such job")
+    if job.state not in {x.value for x in REFUNDABLE}:
+        raise ActionRefused("refund_not_safe", f"a job that is {job.state} cannot be refunded by hand "
+                                               "(only collecting or validating jobs)")
+    await engine._refund(s, job, "operator", from_states=REFUNDABLE)   # noqa: SLF001 - the engine's own refund path
+    job = await s.get(Job, job_id)
+    if job.state not in (JobState.REFUNDING.value, JobState.REFUNDED.value):
+        raise ActionRefused("conflict", "the job changed meanwhile")
+    await engine.timeline(s, job_id, "transition", {"to": job.state, "why": f"operator refund: {reason}"})
+    await audit(s, "refund_job", job_id, reason, job.state)
+    return job.state
+
+
+async def resume(s: AsyncSession, reason: str) -> str:
+    await resume_payouts(s, reason=reason)
+    await audit(s, "resume_payouts", "reconciliation", reason, "payouts resumed")
+    return "resumed"
+
+
+async def replay_event(s: AsyncSession, event_id: str, reason: str) -> str:
+    """Process again an inbox event whose handler failed (after a fix)."""
+    res = await s.execute(update(InboxEvent).where(InboxEvent.id == event_id, InboxEvent.outcome.like("error:%"))
+                          .values(handled_at=None, attempts=0, outcome=None))
+    if res.rowcount != 1:
+        raise ActionRefused("not_replayable", "only events whose handler failed can be replayed")
+    await audit(s, "replay_event", event_id, reason, "pending")
+    return "pending"

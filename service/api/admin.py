@@ -1,0 +1,179 @@
+"""The admin API (``/v1/admin``): bearer token, compared in constant time; every action audited."""
+from __future__ import annotations
+
+import csv
+import hmac
+import io
+
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from service.api import actions, queries
+from service.api.errors import ApiError, responses
+from service.lightning.errors import LndError
+
+HEX64 = r"^[0-9a-f]{64}$"
+
+
+def require_admin(request: Request) -> None:
+    token = request.app.state.settings.admin_token
+    if token is None:
+        raise ApiError(503, "admin_disabled", "set FEDSTR_ADMIN_TOKEN to enable the admin API")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise ApiError(401, "unauthorized", "a valid admin bearer token is required",
+                       headers={"WWW-Authenticate": "Bearer"})
+
+
+router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
+                   responses=responses(401, 503))
+
+
+class Reason(BaseModel):
+    reason: str = Field(min_length=3, max_length=500, description="why; recorded in the audit log")
+
+
+class ActionOut(BaseModel):
+    target: str
+    result: str
+
+
+def _refused(e: actions.ActionRefused) -> ApiError:
+    return ApiError(404 if e.code == "not_found" else 409, e.code, e.message)
+
+
+@router.get("/overview")
+async def overview(request: Request) -> dict:
+    """Jobs per state, money held and owed, fees, node balances, relays, reconciliation."""
+    st = request.app.state
+    async with st.sessions() as s:
+        out = await queries.overview(s)
+    out["node"] = None
+    if st.lnd is not None:
+        try:
+            bal = await st.lnd.channel_balance()
+            out["node"] = {"channel_local_msat": bal.local_msat, "channel_remote_msat": bal.remote_msat}
+        except LndError as e:
+            out["node"] = {"error": type(e).__name__}
+    out["relays"] = st.nostr.pool.status() if st.nostr is not None else []
+    out["payouts_paused"] = bool(st.lightning and st.lightning.paused)
+    out["leader"] = st.leadership.is_leader
+    return out
+
+
+@router.get("/jobs")
+async def jobs(request: Request, state: str | None = Query(None, max_length=16),
+               customer: str | None = Query(None, pattern=HEX64),
+               limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+    async with request.app.state.sessions() as s:
+        items, total = await queries.list_jobs(s, state=state, customer=customer, limit=limit, offset=offset)
+    return {"items": items, "total": total, "limit": limit, "offset": offset}
+
+
+@router.get("/jobs/{job_id}", responses=responses(404, 422))
+async def job(request: Request, job_id: str = Path(pattern=HEX64)) -> dict:
+    async with request.app.state.sessions() as s:
+        detail = await queries.job_detail(s, job_id)
+    if detail is None:
+        raise ApiError(404, "job_not_found", "no job with this id")
+    return detail
+
+
+@router.post("/jobs/{job_id}/refund", response_model=ActionOut, responses=responses(404, 409, 422))
+async def refund(request: Request, body: Reason, job_id: str = Path(pattern=HEX64)) -> ActionOut:
+    """Refund a collecting or validating job by hand (never after a release decision)."""
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.refund_job(s, st.escrow.engine, job_id, body.reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "refund_job", job_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    st.escrow.loop.wake.set()
+    return ActionOut(target=job_id, result=result)
+
+
+@router.get("/payouts")
+async def payouts(request: Request) -> dict:
+    """Payouts that need attention: unknown, failed, or waiting for the payee's invoice."""
+    async with request.app.state.sessions() as s:
+        return {"items": await queries.payouts_needing_attention(s)}
+
+
+@router.post("/payouts/{payout_id}/retry", response_model=ActionOut, responses=responses(404, 409, 422))
+async def retry(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.retry_payout(s, payout_id, body.reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "retry_payout", payout_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    return ActionOut(target=payout_id, result=result)
+
+
+def _csv(rows: list[dict], fields: list[str]) -> Response:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return Response(buf.getvalue(), media_type="text/csv")
+
+
+@router.get("/ledger/accounts", responses={200: {"content": {"text/csv": {}}}})
+async def ledger_accounts(request: Request, prefix: str | None = Query(None, max_length=200),
+                          format: str = Query("json", pattern="^(json|csv)$")):  # noqa: A002
+    async with request.app.state.sessions() as s:
+        rows = await queries.accounts(s, prefix=prefix)
+    return _csv(rows, ["account", "balance_msat"]) if format == "csv" else {"items": rows}
+
+
+@router.get("/ledger/postings", responses={200: {"content": {"text/csv": {}}}})
+async def ledger_postings(request: Request, job_id: str | None = Query(None, pattern=HEX64),
+                          limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0),
+                          format: str = Query("json", pattern="^(json|csv)$")):  # noqa: A002
+    async with request.app.state.sessions() as s:
+        rows = await queries.postings(s, job_id=job_id, limit=limit, offset=offset)
+    if format == "csv":
+        flat = [{"posting_id": p["id"], "key": p["key"], "kind": p["kind"], "job_id": p["job_id"],
+                 "created_at": p["created_at"], "account": ln["account"], "amount_msat": ln["amount_msat"]}
+                for p in rows for ln in p["lines"]]
+        return _csv(flat, ["posting_id", "key", "kind", "job_id", "created_at", "account", "amount_msat"])
+    return {"items": rows}
+
+
+@router.get("/reconciliation")
+async def reconciliation(request: Request) -> dict:
+    async with request.app.state.sessions() as s:
+        return {"latest": await queries.latest_reconciliation(s)}
+
+
+@router.post("/reconciliation/resume", response_model=ActionOut)
+async def resume(request: Request, body: Reason) -> ActionOut:
+    """Resume payouts paused by a reconciliation alert (after an operator has looked)."""
+    async with request.app.state.sessions.begin() as s:
+        result = await actions.resume(s, body.reason)
+    return ActionOut(target="reconciliation", result=result)
+
+
+@router.get("/rejected-events")
+async def rejected(request: Request, limit: int = Query(100, ge=1, le=1000)) -> dict:
+    async with request.app.state.sessions() as s:
+        return {"items": await queries.rejected_events(s, limit=limit)}
+
+
+@router.post("/inbox/{event_id}/replay", response_model=ActionOut, responses=responses(409, 422))
+async def replay(request: Request, body: Reason, event_id: str = Path(pattern=HEX64)) -> ActionOut:
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.replay_event(s, event_id, body.reason)
+    except actions.ActionRefused as e:
+        raise _refused(e) from None
+    st.escrow.loop.wake.set()
+    return ActionOut(target=event_id, result=result)

@@ -1,0 +1,169 @@
+"""The public API (``/v1``): for customers and payees who prefer HTTP to relays.
+
+A submitted event goes through exactly the same intake as one from a relay: strict
+NIP-01 verification, the inbox (stored once by id), then the engine.
+"""
+from __future__ import annotations
+
+import re
+import time
+
+from fastapi import APIRouter, Body, Path, Request
+from pydantic import BaseModel, Field
+from sqlalchemy import update
+
+from service import __version__
+from service.api import queries
+from service.api.errors import ApiError, responses
+from service.lightning.models import LnInvoice, Payout
+from service.nostr import nip98
+from service.nostr.models import utcnow
+from service.nostr.nip01 import EventError, verify_event
+from service.nostr.nip19 import encode_npub
+from service.nostr.service import INTAKE_KINDS
+
+router = APIRouter(prefix="/v1", tags=["public"])
+HEX64 = r"^[0-9a-f]{64}$"
+_BOLT11 = re.compile(r"^(lightning:)?ln[a-z0-9]{1,20}1[02-9ac-hj-np-z]{50,7089}$")
+
+
+class TermsOut(BaseModel):
+    fee_base_msat: int
+    fee_ppm: int
+    min_bid_msat: int
+    max_bid_msat: int
+    max_validators: int
+    max_shards: int
+    modes: list[str]
+    max_hold_seconds: int
+
+
+class InfoOut(BaseModel):
+    pubkey: str
+    npub: str
+    network: str
+    relays: list[str]
+    version: str
+    kinds: list[int]
+    terms: TermsOut
+
+
+class SubmittedOut(BaseModel):
+    id: str
+    new: bool = Field(description="false when the event was already known (from a relay or an earlier submission)")
+
+
+class InvoiceOut(BaseModel):
+    payment_hash: str
+    job_id: str | None
+    mode: str
+    state: str
+    amount_msat: int
+    amount_paid_msat: int
+    payment_request: str
+    expires_at: int
+
+
+class PayoutInvoiceIn(BaseModel):
+    bolt11: str = Field(min_length=10, max_length=7200)
+
+
+class PayoutInvoiceOut(BaseModel):
+    payout_id: str
+    state: str
+    amount_msat: int
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+@router.get("/info", response_model=InfoOut)
+async def info(request: Request) -> InfoOut:
+    """The escrow's Nostr identity, network, relays and terms."""
+    st = request.app.state
+    t = st.escrow.terms
+    return InfoOut(pubkey=st.escrow.key.public_key_hex, npub=encode_npub(st.escrow.key.public_key_hex),
+                   network=st.settings.network, relays=st.settings.relays, version=__version__,
+                   kinds=list(INTAKE_KINDS),
+                   terms=TermsOut(fee_base_msat=t.fee_base_msat, fee_ppm=t.fee_ppm, min_bid_msat=t.min_bid_msat,
+                                  max_bid_msat=t.max_bid_msat, max_validators=t.max_validators,
+                                  max_shards=t.max_shards, modes=sorted(str(m) for m in t.modes),
+                                  max_hold_seconds=t.max_hold_seconds))
+
+
+@router.post("/events", response_model=SubmittedOut, status_code=202, responses=responses(400, 413, 422, 429))
+async def submit_event(request: Request, event: dict = Body(..., description="a signed Nostr event (NIP-01)")) -> SubmittedOut:
+    """Submit a job request, result, evaluation result, payee invoice or deletion."""
+    st = request.app.state
+    st.limits_events.check("ip:" + _client(request))
+    try:
+        ev = verify_event(event, now=int(time.time()))
+    except EventError as e:
+        raise ApiError(400, e.reason.value, e.message) from None
+    if ev.kind not in INTAKE_KINDS:
+        raise ApiError(422, "kind_not_accepted", f"kind {ev.kind} is not one the escrow reads ({list(INTAKE_KINDS)})")
+    st.limits_events.check("pubkey:" + ev.pubkey)
+    new = await st.escrow.runner.inbox.store(ev, "api")
+    st.escrow.loop.wake.set()
+    return SubmittedOut(id=ev.id, new=new)
+
+
+@router.get("/jobs/{job_id}", responses=responses(404, 422))
+async def get_job(request: Request, job_id: str = Path(pattern=HEX64)) -> dict:
+    """A job: state, offer invoice, results, scores, decision, payouts and timeline."""
+    async with request.app.state.sessions() as s:
+        detail = await queries.job_detail(s, job_id)
+    if detail is None:
+        raise ApiError(404, "job_not_found", "no job with this id")
+    detail.pop("balances", None)
+    return detail
+
+
+@router.get("/invoices/{payment_hash}", response_model=InvoiceOut, responses=responses(404, 422))
+async def get_invoice(request: Request, payment_hash: str = Path(pattern=HEX64)) -> InvoiceOut:
+    """The state of an escrow invoice, as confirmed with LND."""
+    async with request.app.state.sessions() as s:
+        inv = await s.get(LnInvoice, payment_hash)
+    if inv is None:
+        raise ApiError(404, "invoice_not_found", "no escrow invoice with this payment hash")
+    return InvoiceOut(payment_hash=inv.payment_hash, job_id=inv.job_id, mode=inv.mode, state=inv.state,
+                      amount_msat=inv.amount_msat, amount_paid_msat=inv.amount_paid_msat,
+                      payment_request=inv.payment_request, expires_at=inv.expires_at)
+
+
+@router.post("/jobs/{job_id}/payout-invoice", response_model=PayoutInvoiceOut, status_code=202,
+             responses=responses(401, 404, 409, 422, 429))
+async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id: str = Path(pattern=HEX64)) -> PayoutInvoiceOut:
+    """A payee gives the invoice for its reward (NIP-98 auth: the payee's key). The invoice is
+    checked in full (network, exact amount, expiry, CLTV, not ours, hash unused) before payment."""
+    st = request.app.state
+    st.limits_invoices.check("ip:" + _client(request))
+    raw = await request.body()
+    url = (st.settings.public_url.rstrip("/") + request.url.path) if st.settings.public_url else str(request.url)
+    bolt11 = body.bolt11.strip()
+    if not _BOLT11.match(bolt11.lower()):
+        raise ApiError(422, "invalid_bolt11", "bolt11 must be a BOLT11 payment request")
+    async with st.sessions.begin() as s:
+        try:
+            auth = await nip98.verify_request(s, request.headers.get("authorization"), method="POST", url=url,
+                                              body=raw, now=int(time.time()))
+        except nip98.AuthError as e:
+            raise ApiError(401, e.reason.value, e.message, headers={"WWW-Authenticate": "Nostr"}) from None
+        st.limits_invoices.check("pubkey:" + auth.pubkey)
+        payouts = [p for p in (await s.execute(
+            Payout.__table__.select().where(Payout.job_id == job_id, Payout.payee == auth.pubkey))).all()]
+        if not payouts:
+            raise ApiError(404, "no_payout", "this job owes nothing to this key")
+        waiting = [p for p in payouts if p.state == "needs_invoice"]
+        if not waiting:
+            raise ApiError(409, "payout_not_waiting", f"the payout is {payouts[0].state}; no invoice is needed now")
+        p = waiting[0]
+        res = await s.execute(update(Payout).where(Payout.id == p.id, Payout.state == "needs_invoice")
+                              .values(destination="bolt11:" + bolt11.removeprefix("lightning:"), state="pending",
+                                      attempts=0, next_attempt_at=utcnow(), updated_at=utcnow()))
+        if res.rowcount != 1:
+            raise ApiError(409, "conflict", "the payout changed meanwhile")
+        await st.escrow.engine.timeline(s, job_id, "fact", {"event": "payee invoice (REST)", "payee": auth.pubkey,
+                                                            "amount_msat": p.amount_msat})
+    return PayoutInvoiceOut(payout_id=p.id, state="pending", amount_msat=p.amount_msat)

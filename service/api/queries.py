@@ -1,0 +1,151 @@
+"""Read models for the API and the dashboard: plain dicts built from the tables.
+
+Nothing here changes state. Preimages of our hold invoices are never selected.
+"""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.escrow.models import Job, JobState, Result, ScoreRow, TimelineEntry
+from service.ledger import service as ledger
+from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
+from service.lightning.models import LnInvoice, Payout
+from service.nostr.models import RejectedEvent
+
+ATTENTION = ("unknown", "failed", "needs_invoice")
+
+
+def _ts(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt is not None else None
+
+
+def invoice_view(inv: LnInvoice) -> dict:
+    return {"payment_hash": inv.payment_hash, "mode": inv.mode, "state": inv.state, "amount_msat": inv.amount_msat,
+            "amount_paid_msat": inv.amount_paid_msat, "payment_request": inv.payment_request,
+            "expires_at": inv.expires_at, "cltv_expiry": inv.cltv_expiry, "htlc_expiry_height": inv.htlc_expiry_height}
+
+
+def payout_view(p: Payout) -> dict:
+    return {"id": p.id, "job_id": p.job_id, "payee": p.payee, "amount_msat": p.amount_msat, "state": p.state,
+            "destination": p.destination.split(":", 1)[0], "attempts": p.attempts, "fee_msat": p.fee_msat,
+            "payment_hash": p.payment_hash, "last_error": p.last_error, "updated_at": _ts(p.updated_at)}
+
+
+def job_summary(j: Job) -> dict:
+    return {"id": j.id, "customer": j.customer, "state": j.state, "mode": j.mode, "custody": j.custody,
+            "bid_msat": j.bid_msat, "fee_msat": j.fee_msat, "validator_fee_msat": j.validator_fee_msat,
+            "payout_policy": j.payout_policy, "results_deadline": j.results_deadline,
+            "validation_deadline": j.validation_deadline, "refund_reason": j.refund_reason,
+            "reject_reason": j.reject_reason, "created_at": _ts(j.created_at), "updated_at": _ts(j.updated_at)}
+
+
+async def job_detail(s: AsyncSession, job_id: str) -> dict | None:
+    job = await s.get(Job, job_id)
+    if job is None:
+        return None
+    out = job_summary(job)
+    inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at))).first()
+    out["invoice"] = invoice_view(inv) if inv else None
+    out["results"] = [{"id": r.id, "provider": r.provider, "shard": r.shard_index, "model_url": r.model_url,
+                       "model_sha256": r.model_sha256, "created_at": r.created_at}
+                      for r in (await s.scalars(select(Result).where(Result.job_id == job_id)
+                                                .order_by(Result.created_at))).all()]
+    out["scores"] = [{"result_id": x.result_id, "validator": x.validator, "value": x.value, "event_id": x.event_id}
+                     for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all()]
+    out["decision"] = json.loads(job.decision) if job.decision else None
+    out["payouts"] = [payout_view(p) for p in (await s.scalars(select(Payout).where(Payout.job_id == job_id)
+                                                                .order_by(Payout.created_at))).all()]
+    out["balances"] = await ledger.balances(s, job_id=job_id)
+    out["timeline"] = await timeline(s, job_id)
+    return out
+
+
+async def timeline(s: AsyncSession, job_id: str) -> list[dict]:
+    rows = (await s.scalars(select(TimelineEntry).where(TimelineEntry.job_id == job_id)
+                            .order_by(TimelineEntry.seq))).all()
+    out = []
+    for r in rows:
+        try:
+            detail = json.loads(r.detail)
+        except ValueError:
+            detail = r.detail
+        out.append({"seq": r.seq, "at": _ts(r.at), "kind": r.kind, "detail": detail})
+    return out
+
+
+async def list_jobs(s: AsyncSession, *, state: str | None = None, customer: str | None = None,
+                    limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+    q = select(Job)
+    count = select(func.count()).select_from(Job)
+    if state:
+        q, count = q.where(Job.state == state), count.where(Job.state == state)
+    if customer:
+        q, count = q.where(Job.customer == customer), count.where(Job.customer == customer)
+    rows = (await s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))).all()
+    return [job_summary(j) for j in rows], int(await s.scalar(count))
+
+
+async def overview(s: AsyncSession) -> dict:
+    states = {st.value: 0 for st in JobState}
+    for state, n in (await s.execute(select(Job.state, func.count()).group_by(Job.state))).all():
+        states[state] = int(n)
+    balances = await ledger.balances(s)
+    escrow = -sum(v for k, v in balances.items() if k.startswith("liability:escrow:"))
+    payable = -sum(v for k, v in balances.items() if k.startswith("liability:payable:"))
+    refunds = -sum(v for k, v in balances.items() if k.startswith("liability:refund:"))
+    latest = (await s.scalars(select(LedgerReconciliation).order_by(LedgerReconciliation.id.desc()).limit(1))).first()
+    attention = int(await s.scalar(select(func.count()).select_from(Payout).where(Payout.state.in_(ATTENTION))))
+    return {"jobs_by_state": states, "escrow_msat": escrow, "payable_msat": payable, "refunds_payable_msat": refunds,
+            "fees_earned_msat": -balances.get("income:fees", 0), "routing_fees_msat": balances.get("expense:routing", 0),
+            "node_funds_ledger_msat": balances.get("asset:node", 0), "payouts_needing_attention": attention,
+            "reconciliation": reconciliation_view(latest)}
+
+
+def reconciliation_view(row: LedgerReconciliation | None) -> dict | None:
+    if row is None:
+        return None
+    try:
+        report = json.loads(row.report)
+    except ValueError:
+        report = row.report
+    return {"id": row.id, "kind": row.kind, "ran_at": _ts(row.ran_at), "ok": row.ok,
+            "discrepancy_msat": row.discrepancy_msat, "report": report}
+
+
+async def latest_reconciliation(s: AsyncSession) -> dict | None:
+    return reconciliation_view((await s.scalars(select(LedgerReconciliation)
+                                                .order_by(LedgerReconciliation.id.desc()).limit(1))).first())
+
+
+async def payouts_needing_attention(s: AsyncSession) -> list[dict]:
+    rows = (await s.scalars(select(Payout).where(Payout.state.in_(ATTENTION)).order_by(Payout.updated_at))).all()
+    return [payout_view(p) for p in rows]
+
+
+async def accounts(s: AsyncSession, *, prefix: str | None = None) -> list[dict]:
+    return [{"account": k, "balance_msat": v} for k, v in sorted((await ledger.balances(s, prefix=prefix)).items())]
+
+
+async def postings(s: AsyncSession, *, job_id: str | None = None, limit: int = 500, offset: int = 0) -> list[dict]:
+    q = select(LedgerPosting)
+    if job_id:
+        q = q.where(LedgerPosting.job_id == job_id)
+    rows = (await s.scalars(q.order_by(LedgerPosting.created_at, LedgerPosting.id).limit(limit).offset(offset))).all()
+    if not rows:
+        return []
+    lines: dict[str, list] = {}
+    for ln in (await s.scalars(select(LedgerLine).where(LedgerLine.posting_id.in_([p.id for p in rows]))
+                               .order_by(LedgerLine.id))).all():
+        lines.setdefault(ln.posting_id, []).append({"account": ln.account, "amount_msat": ln.amount_msat})
+    return [{"id": p.id, "key": p.key, "kind": p.kind, "job_id": p.job_id, "memo": p.memo, "reverses": p.reverses,
+             "created_at": _ts(p.created_at), "lines": lines.get(p.id, [])} for p in rows]
+
+
+async def rejected_events(s: AsyncSession, *, limit: int = 100) -> list[dict]:
+    rows = (await s.scalars(select(RejectedEvent).order_by(RejectedEvent.seq.desc()).limit(limit))).all()
+    return [{"seq": r.seq, "event_id": r.event_id, "source": r.source, "reason": r.reason, "detail": r.detail,
+             "received_at": _ts(r.received_at)} for r in rows]
