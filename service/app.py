@@ -58,12 +58,6 @@ class WebhookAck(BaseModel):
     detail: str
 
 
-class WebhookRefusal(BaseModel):
-    accepted: bool
-    reason: str
-    detail: str
-
-
 class Readiness(BaseModel):
     status: str
     checks: ReadinessChecks
@@ -165,8 +159,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                                watcher=lightning.watcher.health.as_dict() if lightning and leader else None)
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
-    @app.post("/v1/webhooks/lnd", response_model=WebhookAck, tags=["webhooks"],
-              responses={401: {"model": WebhookRefusal}, 503: {"model": WebhookRefusal}})
+    @app.post("/v1/webhooks/lnd", response_model=WebhookAck, tags=["webhooks"], status_code=202,
+              responses=errors.responses(401, 503))
     async def lnd_webhook(request: Request) -> JSONResponse:
         """A hint from an LND-side notifier (HMAC-SHA256 + timestamp). It only triggers a lookup in
         LND; the answer of the lookup, never the webhook, decides what is recorded."""
@@ -181,11 +175,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         except webhook.WebhookError as e:
             webhook.refused[e.reason.value] += 1
             status = 503 if e.reason == webhook.WebhookReason.NOT_CONFIGURED else 401
-            return JSONResponse({"accepted": False, "reason": e.reason.value, "detail": e.message}, status_code=status)
+            return errors.problem(status, e.reason.value, e.message)
         lightning = request.app.state.lightning
         if lightning is None:
-            return JSONResponse({"accepted": False, "reason": "lnd_not_configured", "detail": "no LND node"},
-                                status_code=503)
+            return errors.problem(503, "lnd_not_configured", "no LND node is configured")
         try:
             result = await lightning.watcher.confirm(h, "webhook")
         except LndError as e:

@@ -44,11 +44,11 @@ async def test_webhook_route(regtest: Regtest, database_url: str) -> None:
             assert r.status_code == 202 and r.json()["fact"] is None and r.json()["lnd_state"] == "OPEN"
 
             r = await c.post("/v1/webhooks/lnd", content=body, headers=_headers(body))
-            assert r.status_code == 401 and r.json()["reason"] == "replayed"
+            assert r.status_code == 401 and r.json()["code"] == "replayed"
             r = await c.post("/v1/webhooks/lnd", content=body, headers=_headers(body, secret="wrong"))
-            assert r.status_code == 401 and r.json()["reason"] == "bad_signature"
+            assert r.status_code == 401 and r.json()["code"] == "bad_signature"
             r = await c.post("/v1/webhooks/lnd", content=b"{}", headers={"X-Fedstr-Timestamp": "1"})
-            assert r.status_code == 401 and r.json()["reason"] == "missing_headers"
+            assert r.status_code == 401 and r.json()["code"] == "missing_headers"
             assert webhook.refused["bad_signature"] >= 1
 
             await lightning.watcher.stop()   # only the webhook may tell us now
@@ -63,4 +63,4 @@ async def test_webhook_without_secret_is_refused(regtest: Regtest, database_url:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             body = b'{"payment_hash":"' + b"0" * 64 + b'"}'
             r = await c.post("/v1/webhooks/lnd", content=body, headers=_headers(body))
-            assert r.status_code == 503 and r.json()["reason"] == "webhook_not_configured"
+            assert r.status_code == 503 and r.json()["code"] == "webhook_not_configured"
