@@ -14,7 +14,7 @@ from service import __version__
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.health import readiness
-from service.api import admin, errors, metrics, public
+from service.api import admin, dashboard, errors, metrics, public
 from service.api.limits import BodyLimit, RateLimiter
 from service.escrow.service import EscrowService
 from service.leader import Leadership
@@ -140,6 +140,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(public.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)
+    app.include_router(dashboard.router)
 
 
     @app.get("/v1/health/live", response_model=Liveness, tags=["health"])
