@@ -557,6 +557,8 @@ class Engine:
                 await self.transition(s, p.job_id, (S.RELEASING,), S.CLOSED, "every payout succeeded and is booked")
             return "payout booked"
         if p.state == "needs_invoice":
+            if p.attempts == 0 and p.destination == "none":
+                return "waiting for the payee's invoice (announced at release)"
             await self.timeline(s, p.job_id, "payment", {"payout": p.id, "state": "needs_invoice", "why": p.last_error})
             await self.publish(s, p.job_id, build_reward_claimable(RewardClaimable(
                 job_id=p.job_id, payee=p.payee, amount_msat=p.amount_msat,
