@@ -353,6 +353,10 @@ class Engine:
         detail = json.loads(job.decision)
         escrow_acct = accounts.escrow(job.id)
         held = -await ledger.balance(s, escrow_acct)   # credit-normal liability
+        if held <= 0:
+            await self.timeline(s, job.id, "ignored", {"why": "release with nothing held in escrow"})
+            log.error("job %s: release requested but its escrow account holds %d msat", job.id, held)
+            return
         lines: list[tuple[str, int]] = [(escrow_acct, held)]
         results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
         payouts: list[tuple[str, str, int, str]] = []
