@@ -14,7 +14,7 @@ from service import __version__
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.health import readiness
-from service.api import admin, dashboard, errors, metrics, public
+from service.api import admin, blobs, dashboard, errors, metrics, public
 from service.api.limits import BodyLimit, RateLimiter
 from service.escrow.service import EscrowService
 from service.leader import Leadership
@@ -136,11 +136,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limits_events = RateLimiter(settings.events_per_minute, settings.events_burst)
     app.state.limits_invoices = RateLimiter(settings.invoices_per_minute, settings.invoices_burst)
     errors.install(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt_paths=frozenset({"/blobs/upload"}))
     app.include_router(public.router)
     app.include_router(admin.router)
     app.include_router(metrics.router)
     app.include_router(dashboard.router)
+    app.include_router(blobs.router)
 
 
     @app.get("/v1/health/live", response_model=Liveness, tags=["health"])

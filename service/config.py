@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     invoices_per_minute: float = Field(default=20.0, gt=0)
     invoices_burst: int = Field(default=10, ge=1)
     admin_token: SecretStr | None = None
+    # Blob store (/blobs, Blossom BUD-01/02; service/api/blobs.py).
+    blob_dir: Path = Path("./blobs")                               # created 0700 on first use
+    blob_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
+    blob_uploads_per_minute: float = Field(default=30.0, gt=0)     # per client address and per pubkey
+    blob_uploads_burst: int = Field(default=10, ge=1)
+    blob_allowed_pubkeys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # hex or npub; empty = any
+    blob_auth_max_age_seconds: int = Field(default=3600, ge=60, le=86_400)
     webhook_secret: SecretStr | None = None
 
     @field_validator("lnd_grpc_host")
@@ -106,6 +113,13 @@ class Settings(BaseSettings):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"FEDSTR_RELAYS is not valid JSON: {e.msg}") from None
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("blob_allowed_pubkeys", mode="before")
+    @classmethod
+    def _parse_blob_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
         return v
 
     @field_validator("escrow_modes", mode="before")
