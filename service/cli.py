@@ -4,6 +4,8 @@
     fedstr-escrow migrate          upgrade the database to the newest schema
     fedstr-escrow openapi [--check] write (or verify) openapi.yaml from the app
     fedstr-escrow version
+    fedstr-escrow demo [--rounds N] [--once]    a whole market round on a local regtest network
+    fedstr-escrow agent customer|provider|validator …   the reference agents (docs/agents.md)
 """
 from __future__ import annotations
 
@@ -39,6 +41,13 @@ def openapi_yaml() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "demo":
+        from service.demo import main as demo_main
+        return demo_main(argv[1:])
+    if argv and argv[0] == "agent":
+        from service.agents.cli import main as agent_main
+        return agent_main(argv[1:])
     ap = argparse.ArgumentParser(prog="fedstr-escrow", description="Lightning escrow for FEDSTR on Nostr")
     ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -48,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     op.add_argument("--out", type=Path, default=Path("openapi.yaml"))
     op.add_argument("--check", action="store_true", help="exit 1 if the file differs from the app")
     sub.add_parser("version")
+    sub.add_parser("demo", help="a whole market round on a local regtest network (see: demo --help)")
+    sub.add_parser("agent", help="the reference agents (see: agent --help)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

@@ -1,0 +1,11 @@
+"""Reference agents of the FEDSTR marketplace: customer, provider and validator.
+
+They speak the escrow protocol (docs/protocol.md) over Nostr relays, exchange shards and
+models through a Blossom blob server, pay and get paid over Lightning (LND), and train a
+real model: multinomial logistic regression on scikit-learn's bundled digits data set.
+See docs/agents.md.
+
+Modules: :mod:`.relay` (relay client), :mod:`.storage` (blobs), :mod:`.ml` (data, training,
+safe serialization, FedAvg), :mod:`.common` (keys, escrow info, reward claims),
+:mod:`.customer`, :mod:`.provider`, :mod:`.validator`, :mod:`.demo`, :mod:`.cli`.
+"""

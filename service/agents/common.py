@@ -1,0 +1,241 @@
+"""What the three agents share: keys, the escrow's identity and terms, reading its feedback,
+and claiming a reward (providers and validators are both payees).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from service.lightning.client import InvoiceState, LndClient
+from service.nostr.keys import load_or_create
+from service.nostr.nip01 import Event, SecretKey, sign_event
+from service.nostr.protocol import (
+    KIND_ANNOUNCEMENT,
+    KIND_FEEDBACK,
+    MAX_MSAT,
+    CodecError,
+    EscrowFeedback,
+    EscrowTerms,
+    JobRequest,
+    Mode,
+    Network,
+    Refunded,
+    RewardClaimable,
+    RewardPaid,
+    ValidationComplete,
+    build_payee_invoice,
+    parse_announcement,
+    parse_escrow_feedback,
+    parse_job_request,
+)
+
+from .relay import Relays, Subscription
+
+log = logging.getLogger("fedstr_escrow.agents")
+
+#: ``progress(phase, message)``: how agents report what they do (the demo prints it).
+Progress = Callable[[str, str], None]
+DEFAULT_KEY_DIR = Path("~/.fedstr/agents")
+
+
+def no_progress(phase: str, message: str) -> None:  # noqa: ARG001
+    log.info("%s: %s", phase, message)
+
+
+class AgentError(RuntimeError):
+    """The round cannot go on (refused request, refund, timeout, unusable data)."""
+
+
+def key_path(key_dir: Path | str, role: str, name: str) -> Path:
+    if not name or not all(c.isalnum() or c in "-_." for c in name):
+        raise ValueError("agent names are letters, digits, '-', '_' and '.'")
+    return Path(key_dir).expanduser() / f"{role}-{name}.key"
+
+
+def load_key(key_dir: Path | str, role: str, name: str) -> SecretKey:
+    """The agent's key, ``<key_dir>/<role>-<name>.key`` (created with mode 0600 on first use)."""
+    return load_or_create(key_path(key_dir, role, name))
+
+
+# ----------------------------------------------------------------------- the escrow
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowInfo:
+    pubkey: str
+    relays: tuple[str, ...]
+    network: str
+    terms: dict = field(default_factory=dict)
+
+
+async def escrow_info(service_url: str, *, timeout: float = 10.0) -> EscrowInfo:
+    """``GET <service>/v1/info``: the escrow's key, relays, network and terms."""
+    async with httpx.AsyncClient(timeout=timeout, trust_env=False) as http:
+        r = await http.get(f"{service_url.rstrip('/')}/v1/info")
+        r.raise_for_status()
+        body = r.json()
+    pubkey = body.get("pubkey")
+    if not isinstance(pubkey, str) or len(pubkey) != 64:
+        raise AgentError("the escrow's /v1/info has no valid pubkey")
+    return EscrowInfo(pubkey=pubkey, relays=tuple(r for r in body.get("relays", []) if isinstance(r, str)),
+                      network=str(body.get("network", "")), terms=dict(body.get("terms") or {}))
+
+
+async def escrow_terms(relays: Relays, escrow: str) -> EscrowTerms | None:
+    """The terms from the escrow's newest NIP-89 announcement (kind 31990), if a relay has it."""
+    try:
+        found = await relays.query({"kinds": [KIND_ANNOUNCEMENT], "authors": [escrow]})
+    except Exception:  # noqa: BLE001 - terms are optional knowledge
+        return None
+    for event in sorted(found, key=lambda e: e.created_at, reverse=True):
+        try:
+            return parse_announcement(event).terms
+        except CodecError:
+            continue
+    return None
+
+
+#: Terms that accept any well-formed request: agents read jobs with these (the escrow applies its own).
+PERMISSIVE_TERMS = EscrowTerms(fee_base_msat=0, fee_ppm=0, min_bid_msat=1, max_bid_msat=MAX_MSAT,
+                               max_validators=1_000, max_shards=1_000_000, min_results_window_s=0,
+                               max_job_duration_s=10 * 365 * 86_400, modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+                               network=Network.REGTEST, max_hold_seconds=10 * 365 * 86_400)
+
+
+def read_job(event: Event, escrow: str, terms: EscrowTerms | None = None) -> JobRequest:
+    """A job request as an agent reads it (shape and roles; the escrow judges terms and time)."""
+    return parse_job_request(event, escrow_pubkey=escrow, terms=terms or PERMISSIVE_TERMS, now=event.created_at)
+
+
+def feedback_filter(escrow: str, job_id: str) -> dict:
+    return {"kinds": [KIND_FEEDBACK], "authors": [escrow], "#e": [job_id]}
+
+
+def escrow_feedback(event: Event, escrow: str, job_id: str) -> EscrowFeedback | None:
+    """The escrow's kind-7000 about ``job_id`` in ``event``, parsed; ``None`` for anything else."""
+    if event.pubkey != escrow or event.kind != KIND_FEEDBACK:
+        return None
+    try:
+        fb = parse_escrow_feedback(event)
+    except CodecError:
+        return None
+    return fb if getattr(fb, "job_id", None) == job_id else None
+
+
+# -------------------------------------------------------------------------- payees
+
+
+@dataclass
+class Reward:
+    """What a payee got for one job (``amount_msat`` 0: nothing was due)."""
+
+    job_id: str
+    amount_msat: int = 0
+    paid: bool = False
+    payment_hash: str | None = None
+    preimage: str | None = None
+    routing_fee_msat: int | None = None   # paid by the escrow
+    invoice_settled: bool | None = None   # checked on our own node, when we have one
+    why: str = ""
+
+
+class Payee:
+    """Claims rewards: answers "reward claimable" with an invoice of its own LND node, or with one
+    fetched from its lightning address (``lud16``), and waits for "reward paid"."""
+
+    key: SecretKey
+    escrow: str
+    relays: Relays
+    lnd: LndClient | None
+    lud16: str | None
+    progress: Progress
+    name: str
+    invoice_expiry: int = 3600
+    allow_private_lnurl: bool = False
+    network: str | None = None
+
+    async def _invoice(self, amount_msat: int, job_id: str) -> tuple[str, str]:
+        """``(bolt11, payment hash hex)`` for exactly ``amount_msat``."""
+        if self.lnd is not None:
+            inv = await self.lnd.add_invoice(amount_msat, memo=f"fedstr reward {job_id[:12]} {self.name}",
+                                             expiry=self.invoice_expiry)
+            return inv.payment_request, inv.payment_hash.hex()
+        if self.lud16:
+            from service.lightning.lnurl import fetch_invoice
+            fetched = await fetch_invoice(self.lud16, amount_msat, allow_private=self.allow_private_lnurl,
+                                          network=self.network)
+            return fetched.bolt11, fetched.payment_hash.hex()
+        raise AgentError("no way to receive money: give an LND node or a lud16 address")
+
+    async def collect_reward(self, sub: Subscription, job_id: str, *, timeout: float) -> Reward:
+        """Wait for our reward on ``job_id`` (``sub`` follows the job's feedback) and claim it."""
+        me = self.key.public_key_hex
+        reward = Reward(job_id=job_id)
+
+        def ours(event: Event) -> EscrowFeedback | None:
+            fb = escrow_feedback(event, self.escrow, job_id)
+            if isinstance(fb, (RewardClaimable, RewardPaid)) and fb.payee == me:
+                return fb
+            return fb if isinstance(fb, Refunded) else None
+
+        try:
+            fb = await sub.wait_for(ours, timeout)
+        except TimeoutError:
+            reward.why = "no reward announced"
+            return reward
+        if isinstance(fb, Refunded):
+            reward.why = f"the job was refunded ({fb.reason})"
+            return reward
+        expected_hash = None
+        if isinstance(fb, RewardClaimable):
+            reward.amount_msat = fb.amount_msat
+            bolt11, expected_hash = await self._invoice(fb.amount_msat, job_id)
+            ev = sign_event(self.key, *build_payee_invoice(job_id=job_id, escrow=self.escrow,
+                                                           amount_msat=fb.amount_msat, bolt11=bolt11))
+            await self.relays.publish(ev)
+            self.progress("payout", f"{self.name}: claimed {fb.amount_msat} msat with an invoice")
+
+            def paid(event: Event) -> RewardPaid | None:
+                p = escrow_feedback(event, self.escrow, job_id)
+                return p if isinstance(p, RewardPaid) and p.payee == me else None
+            try:
+                fb = await sub.wait_for(paid, timeout)
+            except TimeoutError:
+                reward.why = "claimed, but no payment receipt in time"
+                return reward
+        assert isinstance(fb, RewardPaid)
+        proof = fb.payment
+        reward.amount_msat = reward.amount_msat or proof.amount_msat
+        reward.payment_hash, reward.preimage, reward.routing_fee_msat = (proof.payment_hash, proof.preimage,
+                                                                         proof.fee_msat)
+        if expected_hash is not None and proof.payment_hash != expected_hash:
+            reward.why = "the receipt names another invoice than ours"
+            return reward
+        if self.lnd is not None and expected_hash is not None:
+            inv = await self.lnd.lookup_invoice(bytes.fromhex(expected_hash))
+            reward.invoice_settled = inv.state == InvoiceState.SETTLED and inv.amt_paid_msat >= reward.amount_msat
+            if not reward.invoice_settled:
+                reward.why = f"the receipt is there but our invoice is {inv.state.name}"
+                return reward
+        reward.paid = True
+        self.progress("payout", f"{self.name}: received {proof.amount_msat} msat "
+                                f"(escrow paid {proof.fee_msat} msat routing)")
+        return reward
+
+
+async def wait_validation(sub: Subscription, escrow: str, job_id: str, *,
+                          timeout: float) -> ValidationComplete | Refunded:
+    """The job's verdicts, or its refund."""
+    def done(event: Event) -> ValidationComplete | Refunded | None:
+        fb = escrow_feedback(event, escrow, job_id)
+        return fb if isinstance(fb, (ValidationComplete, Refunded)) else None
+    return await sub.wait_for(done, timeout)
+
+
+def seconds_until(ts: int, margin: float = 0.0) -> float:
+    return max(1.0, ts - time.time() + margin)

@@ -1,0 +1,314 @@
+"""The reference customer: posts one federated-learning round, funds it, and aggregates the result.
+
+One round (:meth:`Customer.run_round`):
+
+1. upload each provider's shard (an ``.npz`` of ``X``, ``y``) to the blob server; the
+   shard URL goes into the request NIP-44-encrypted to the provider assigned to it
+   (:meth:`Shard.for_provider`), so only that provider can read it and only it may submit
+   for it; the starting model of a later round is uploaded too (``param model`` +
+   ``model_sha256``) and the round links the previous job (``["i", <id>, "job"]``);
+2. publish the job request (kind 5701): the validators, ``validation accuracy max
+   <threshold> <quorum>``, ``payout split``, deadlines;
+3. wait for the escrow's offer, check that it asks exactly the bid, and pay it from the
+   customer's LND node (a hold invoice keeps the payment in flight until release);
+4. wait for "escrow funded", then for "validation complete" (or a refund);
+5. download every accepted model, verifying its SHA-256 against the result's ``model`` tag,
+   average them (FedAvg, weighted by shard size) and measure the average's accuracy on
+   the customer's own held-out test set.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from service.lightning.client import LndClient, Payment, PaymentStatus
+from service.nostr.nip01 import Event, SecretKey, sign_event
+from service.nostr.protocol import (
+    CodecError,
+    Direction,
+    ErrorFeedback,
+    EscrowOffer,
+    EscrowTerms,
+    Funded,
+    JobSpec,
+    Mode,
+    PayoutPolicy,
+    Refunded,
+    Shard,
+    Validation,
+    ValidationComplete,
+    build_job_request,
+    money_split,
+    parse_result,
+)
+
+from . import ml
+from .common import (
+    AgentError,
+    Progress,
+    escrow_feedback,
+    feedback_filter,
+    no_progress,
+    read_job,
+    seconds_until,
+)
+from .relay import Relays, Subscription
+from .storage import BlobError, Blobs
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    """The terms of one round, as the customer writes them."""
+
+    bid_msat: int = 3_000_000
+    validator_fee_msat: int = 50_000
+    threshold: Decimal = Decimal("0.8")
+    quorum: int = 2
+    payout: str = "split"
+    mode: str = "auto"
+    results_in: int = 60          # seconds from now to the results deadline
+    validation_in: int = 120      # seconds from now to the validation deadline
+    max_iter: int = 100
+    fee_limit_msat: int = 50_000  # what the customer accepts to pay in routing fees
+    refund: str | None = None     # lud16 / lnurl for a custodial refund
+
+
+@dataclass
+class CandidateReport:
+    result_id: str
+    provider: str
+    shard_index: int
+    accepted: bool
+    median: str | None
+    reward_msat: int | None
+    accuracy: float | None = None    # on the customer's test set
+    problem: str | None = None
+
+
+@dataclass
+class RoundReport:
+    job_id: str
+    round: int = 1
+    previous_job: str | None = None
+    mode: str | None = None
+    outcome: str = "pending"          # validated | refunded: <code> | failed: <why>
+    bid_msat: int = 0
+    paid_msat: int = 0                # what left the customer's node (bid + routing fee)
+    routing_fee_msat: int = 0         # the customer's, for the funding payment
+    payment_status: str | None = None
+    escrow_fee_msat: int | None = None
+    validator_fee_msat: int = 0
+    provider_share_msat: int | None = None
+    candidates: list[CandidateReport] = field(default_factory=list)
+    accuracy: float | None = None     # of the averaged model on the customer's test set
+    model: ml.Model | None = None     # the averaged model (the next round's start)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "model"} | {
+            "candidates": [c.__dict__ for c in self.candidates]}
+
+
+class Customer:
+    role = "customer"
+
+    def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, lnd: LndClient, *,
+                 name: str = "customer", terms: EscrowTerms | None = None, progress: Progress = no_progress) -> None:
+        self.key, self.relays, self.escrow, self.blobs, self.lnd = key, relays, escrow, blobs, lnd
+        self.name, self.terms, self.progress = name, terms, progress
+
+    @property
+    def pubkey(self) -> str:
+        return self.key.public_key_hex
+
+    async def run_round(self, *, providers: list[str], validators: list[str], shards: list[ml.Dataset],
+                        test: ml.Dataset, config: RoundConfig = RoundConfig(), previous_job: str | None = None,
+                        start_model: ml.Model | None = None, round_no: int = 1) -> RoundReport:
+        if len(providers) != len(shards) or not shards:
+            raise ValueError("one shard per provider")
+        t0 = time.monotonic()
+        timings: dict[str, float] = {}
+
+        def mark(phase: str, since: list[float] = [t0]) -> None:  # noqa: B006 - the running clock
+            now = time.monotonic()
+            timings[phase] = round(now - since[0], 3)
+            since[0] = now
+
+        # 1. data (and the starting model) to the blob server
+        shard_tags = []
+        for index, (provider, data) in enumerate(zip(providers, shards, strict=True)):
+            blob = await self.blobs.upload(ml.dataset_to_bytes(data))
+            shard_tags.append(Shard.for_provider(self.key, provider, index, blob.url))
+        params: list[tuple[str, str]] = [("task", "sklearn-digits/logreg"), ("format", "npz:coef,intercept,classes"),
+                                         ("max_iter", str(config.max_iter))]
+        if start_model is not None:
+            blob = await self.blobs.upload(ml.model_to_bytes(start_model))
+            params += [("model", blob.url), ("model_sha256", blob.sha256)]
+        self.progress("upload", f"{self.name}: uploaded {len(shards)} encrypted-URL shard(s)"
+                                f"{' and the starting model' if start_model is not None else ''}")
+        mark("upload")
+
+        # 2. the request
+        now = int(time.time())
+        spec = JobSpec(escrow=self.escrow, bid_msat=config.bid_msat, shards=tuple(shard_tags),
+                       validation=Validation("accuracy", Direction.MAX, config.threshold, config.quorum),
+                       payout=PayoutPolicy(config.payout), results_deadline=now + config.results_in,
+                       validation_deadline=now + config.validation_in, validators=tuple(validators),
+                       validator_fee_msat=config.validator_fee_msat if validators else 0, mode=Mode(config.mode),
+                       params=tuple(params), providers=tuple(providers), refund=config.refund,
+                       relays=self.relays.urls, previous_job=previous_job)
+        event = sign_event(self.key, *build_job_request(spec, customer=self.pubkey))
+        report = RoundReport(job_id=event.id, round=round_no, previous_job=previous_job, bid_msat=config.bid_msat,
+                             validator_fee_msat=spec.validator_fee_msat, timings=timings)
+        if self.terms is not None:
+            with contextlib.suppress(CodecError):
+                split = money_split(config.bid_msat, fee_base_msat=self.terms.fee_base_msat,
+                                    fee_ppm=self.terms.fee_ppm, validator_fee_msat=spec.validator_fee_msat,
+                                    validator_count=len(validators))
+                report.escrow_fee_msat, report.provider_share_msat = split.fee_msat, split.provider_share_msat
+        pay_task: asyncio.Task[Payment] | None = None
+        async with self.relays.subscribe(feedback_filter(self.escrow, event.id)) as sub:
+            try:
+                await self.relays.publish(event)
+                self.progress("request", f"{self.name}: job {event.id[:8]} published: bid {config.bid_msat} msat, "
+                                         f"{len(shards)} shards, {len(validators)} validators, quorum {config.quorum}, "
+                                         f"payout {config.payout}, threshold {config.threshold}")
+                mark("request")
+                # 3. the offer, paid
+                offer = await self._wait_offer(sub, event.id)
+                report.mode = str(offer.mode)
+                if offer.amount_msat != config.bid_msat:
+                    raise AgentError(f"the offer asks {offer.amount_msat} msat, not the bid {config.bid_msat}")
+                decoded = await self.lnd.decode_pay_req(offer.bolt11)
+                if decoded.num_msat != config.bid_msat:
+                    raise AgentError(f"the offer's invoice is for {decoded.num_msat} msat, not the bid")
+                self.progress("offer", f"{self.name}: offer {offer.amount_msat} msat ({offer.mode}); paying")
+                mark("offer")
+                pay_task = asyncio.create_task(self.lnd.pay(offer.bolt11, fee_limit_msat=config.fee_limit_msat,
+                                                            timeout_seconds=60))
+                await self._wait_funded(sub, event.id, pay_task, spec.results_deadline)
+                self.progress("funding", f"{self.name}: escrow funded ({offer.mode}); providers may start")
+                mark("funding")
+                # 4. the verdicts
+                verdict = await self._wait_verdict(sub, event.id, spec.validation_deadline)
+                mark("training_and_validation")
+                if isinstance(verdict, Refunded):
+                    report.outcome = f"refunded: {verdict.reason}"
+                    self.progress("verdict", f"{self.name}: refunded ({verdict.reason}), {verdict.amount_msat} msat")
+                else:
+                    report.outcome = "validated"
+                    await self._aggregate(report, verdict, event, shards, test)
+                    mark("aggregate")
+            finally:
+                if pay_task is not None:
+                    await self._settle_payment(report, pay_task)
+        report.timings["total"] = round(time.monotonic() - t0, 3)
+        return report
+
+    # ---- waiting on the escrow ------------------------------------------------------------
+    async def _wait_offer(self, sub: Subscription, job_id: str) -> EscrowOffer:
+        def offer(event: Event) -> EscrowOffer | ErrorFeedback | None:
+            fb = escrow_feedback(event, self.escrow, job_id)
+            return fb if isinstance(fb, (EscrowOffer, ErrorFeedback)) else None
+        try:
+            fb = await sub.wait_for(offer, 30)
+        except TimeoutError:
+            raise AgentError("the escrow made no offer within 30 s (is it running, on these relays?)") from None
+        if isinstance(fb, ErrorFeedback):
+            raise AgentError(f"the escrow refused the request: {fb.reason}: {fb.message}")
+        return fb
+
+    async def _wait_funded(self, sub: Subscription, job_id: str, pay_task: asyncio.Task, deadline: int) -> None:
+        def funded(event: Event) -> Funded | Refunded | None:
+            fb = escrow_feedback(event, self.escrow, job_id)
+            return fb if isinstance(fb, (Funded, Refunded)) else None
+        waiter = asyncio.ensure_future(sub.wait_for(funded, seconds_until(deadline)))
+        try:
+            done, _ = await asyncio.wait({waiter, pay_task}, return_when=asyncio.FIRST_COMPLETED)
+            if waiter not in done:    # the payment ended first: custodial (settled at once) or failed
+                exc = pay_task.exception()
+                payment = None if exc else pay_task.result()
+                if payment is None or payment.status != PaymentStatus.SUCCEEDED:
+                    why = exc or (payment.failure_reason.name if payment else "?")
+                    raise AgentError(f"paying the offer failed: {why}")
+            fb = await waiter
+        except TimeoutError:
+            raise AgentError("the escrow did not confirm the funding before the results deadline") from None
+        finally:
+            waiter.cancel()
+        if isinstance(fb, Refunded):
+            raise AgentError(f"refunded before funding completed: {fb.reason}")
+
+    async def _wait_verdict(self, sub: Subscription, job_id: str, deadline: int) -> ValidationComplete | Refunded:
+        def done(event: Event) -> ValidationComplete | Refunded | None:
+            fb = escrow_feedback(event, self.escrow, job_id)
+            return fb if isinstance(fb, (ValidationComplete, Refunded)) else None
+        try:
+            return await sub.wait_for(done, seconds_until(deadline, 180))
+        except TimeoutError:
+            raise AgentError("no verdict by the validation deadline") from None
+
+    async def _settle_payment(self, report: RoundReport, pay_task: asyncio.Task) -> None:
+        """The funding payment's final state (a hold payment completes on release or refund)."""
+        try:
+            payment = await asyncio.wait_for(asyncio.shield(pay_task), 60)
+        except (TimeoutError, Exception) as exc:  # noqa: BLE001 - reported
+            report.payment_status = f"unknown ({type(exc).__name__})"
+            return
+        report.payment_status = payment.status.name
+        if payment.status == PaymentStatus.SUCCEEDED:
+            report.routing_fee_msat = payment.fee_msat
+            report.paid_msat = payment.value_msat + payment.fee_msat
+
+    # ---- the aggregate -----------------------------------------------------------------------
+    async def _aggregate(self, report: RoundReport, verdict: ValidationComplete, job_event: Event,
+                         shards: list[ml.Dataset], test: ml.Dataset) -> None:
+        job = read_job(job_event, self.escrow)
+        ids = [v.result_id for v in verdict.verdicts]
+        results = {e.id: e for e in await self.relays.query({"ids": ids})} if ids else {}
+        models: list[ml.Model] = []
+        weights: list[float] = []
+        for v in verdict.verdicts:
+            cand = CandidateReport(result_id=v.result_id, provider="?", shard_index=-1, accepted=v.accepted,
+                                   median=None if v.median is None else str(v.median), reward_msat=v.reward_msat)
+            report.candidates.append(cand)
+            event = results.get(v.result_id)
+            if event is None:
+                cand.problem = "result not found on the relays"
+                continue
+            try:
+                result = parse_result(event, job)
+            except CodecError as exc:
+                cand.problem = f"unreadable result: {exc}"
+                continue
+            cand.provider, cand.shard_index = result.provider, result.shard_index
+            if not v.accepted:
+                continue
+            try:
+                data = await self.blobs.download(result.model.url, result.model.sha256,
+                                                 max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES))
+                model = ml.model_from_bytes(data)
+            except (BlobError, ml.UnsafeData) as exc:
+                cand.problem = f"model unusable: {exc}"
+                continue
+            cand.accuracy = round(ml.accuracy(model, test), 4)
+            models.append(model)
+            weights.append(float(len(shards[result.shard_index])) if 0 <= result.shard_index < len(shards) else 1.0)
+        accepted = [c for c in report.candidates if c.accepted]
+        self.progress("verdict", f"{self.name}: validation complete: {len(accepted)} of {len(report.candidates)} "
+                                 f"accepted (" + ", ".join(f"{c.result_id[:8]} {'ok' if c.accepted else 'rejected'} "
+                                                          f"median {c.median}" for c in report.candidates) + ")")
+        if not models:
+            return
+        try:
+            avg = ml.fedavg(models, weights)
+        except ValueError as exc:
+            report.outcome = f"validated; not aggregated: {exc}"
+            return
+        report.model = avg
+        report.accuracy = round(ml.accuracy(avg, test), 4)
+        self.progress("aggregate", f"{self.name}: FedAvg of {len(models)} model(s): accuracy {report.accuracy:.4f} "
+                                   f"on {len(test)} held-out samples")

@@ -1,0 +1,246 @@
+"""The reference provider: trains on the shard a customer assigned to it, publishes the model,
+and collects its reward.
+
+For each job request routed to the escrow (kind 5701, ``#p`` = escrow) that holds a private
+shard encrypted to this provider's key, once the escrow announced "escrow funded":
+
+1. decrypt the shard URL (NIP-44), download the shard, check its SHA-256 (the URL is
+   content-addressed) and its shape;
+2. if the job names a starting model (``param model`` + ``param model_sha256``, the
+   previous round's average), download and check it too, and warm-start from it;
+3. train (``dishonest=True``: skip training and return random weights);
+4. upload the model (``.npz``), publish the result (kind 6701) with the model's URL,
+   SHA-256 and size, and a ``payout lud16`` tag when it has a lightning address;
+5. wait for the verdict; if accepted, answer "reward claimable" with an invoice and wait
+   for "reward paid".
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+
+from service.lightning.client import LndClient
+from service.nostr.nip01 import Event, SecretKey, sign_event
+from service.nostr.protocol import (
+    KIND_JOB_REQUEST,
+    CodecError,
+    Funded,
+    JobRequest,
+    ModelRef,
+    PayoutAddress,
+    Refunded,
+    build_result,
+    decrypt_shard,
+)
+
+from . import ml
+from .common import (
+    AgentError,
+    Payee,
+    Progress,
+    Reward,
+    escrow_feedback,
+    feedback_filter,
+    no_progress,
+    read_job,
+    seconds_until,
+    wait_validation,
+)
+from .relay import Relays, Subscription
+from .storage import Blobs, sha256_from_url
+
+
+@dataclass
+class ProviderReport:
+    job_id: str
+    shard_index: int | None = None
+    samples: int = 0
+    result_id: str | None = None
+    model_sha256: str | None = None
+    dishonest: bool = False
+    accepted: bool | None = None
+    median: str | None = None
+    reward: Reward | None = None
+    train_seconds: float = 0.0
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Provider(Payee):
+    role = "provider"
+
+    def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, *, lnd: LndClient | None = None,
+                 lud16: str | None = None, name: str = "provider", dishonest: bool = False, max_iter: int = 100,
+                 C: float = 1.0, progress: Progress = no_progress, invoice_expiry: int = 3600,
+                 allow_private_lnurl: bool = False, network: str | None = None) -> None:
+        if lnd is None and not lud16:
+            raise ValueError("a provider needs an LND node or a lud16 address to be paid")
+        self.key, self.relays, self.escrow, self.blobs = key, relays, escrow, blobs
+        self.lnd, self.lud16, self.name, self.dishonest = lnd, lud16, name, dishonest
+        self.max_iter, self.C, self.progress = max_iter, C, progress
+        self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
+        self.reports: dict[str, asyncio.Future[ProviderReport]] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def pubkey(self) -> str:
+        return self.key.public_key_hex
+
+    def my_shard(self, job: JobRequest) -> int | None:
+        for shard in job.spec.shards:
+            if shard.encrypted and shard.provider == self.pubkey:
+                return shard.index
+        return None
+
+    # ---- the loop ----------------------------------------------------------------------
+    async def serve(self, *, jobs: int | None = None, since: int | None = None) -> list[ProviderReport]:
+        """Handle every job naming this provider (after ``since``); return after ``jobs`` of them."""
+        since = int(time.time()) - 60 if since is None else since
+        started: list[asyncio.Future[ProviderReport]] = []
+        flt = {"kinds": [KIND_JOB_REQUEST], "#p": [self.escrow], "since": since}
+        async with self.relays.subscribe(flt) as sub:
+            try:
+                async for event in sub:
+                    if self.accepts(event):
+                        started.append(self.start(event))
+                        if jobs is not None and len(started) >= jobs:
+                            return list(await asyncio.gather(*started))
+            finally:
+                if jobs is None:
+                    await self.close()
+        return []
+
+    async def report_for(self, job_id: str, timeout: float) -> ProviderReport:
+        """This provider's report on ``job_id`` (once it has seen the job and finished it)."""
+        async with asyncio.timeout(timeout):
+            while job_id not in self.reports:
+                await asyncio.sleep(0.1)
+            return await asyncio.shield(self.reports[job_id])
+
+    def accepts(self, event: Event) -> bool:
+        if event.id in self.reports:
+            return False
+        try:
+            job = read_job(event, self.escrow)
+        except CodecError:
+            return False
+        return self.my_shard(job) is not None and job.spec.results_deadline > time.time()
+
+    def start(self, event: Event) -> asyncio.Future[ProviderReport]:
+        """Handle ``event`` in the background; the future resolves to this job's report."""
+        if event.id not in self.reports:
+            self.reports[event.id] = asyncio.get_running_loop().create_future()
+            task = asyncio.create_task(self._handle_into(event), name=f"{self.name} {event.id[:8]}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return self.reports[event.id]
+
+    async def _handle_into(self, event: Event) -> None:
+        fut = self.reports[event.id]
+        try:
+            report = await self.handle(event)
+        except Exception as exc:  # noqa: BLE001 - reported, never lost
+            report = ProviderReport(job_id=event.id, error=f"{type(exc).__name__}: {exc}")
+            self.progress("error", f"{self.name}: {report.error}")
+        if not fut.done():
+            fut.set_result(report)
+
+    # ---- one job ------------------------------------------------------------------------
+    async def handle(self, event: Event) -> ProviderReport:
+        job = read_job(event, self.escrow)
+        index = self.my_shard(job)
+        if index is None:
+            raise AgentError("this job has no shard for us")
+        report = ProviderReport(job_id=job.id, shard_index=index, dishonest=self.dishonest)
+        t0 = time.monotonic()
+        async with self.relays.subscribe(feedback_filter(self.escrow, job.id)) as sub:
+            await self._wait_funded(sub, job)
+            report.timings["wait_funded"] = time.monotonic() - t0
+            result = await self._train_and_publish(job, index, report)
+            report.result_id = result.id
+            report.timings["train_publish"] = time.monotonic() - t0 - report.timings["wait_funded"]
+            verdict = await wait_validation(sub, self.escrow, job.id,
+                                            timeout=seconds_until(job.spec.validation_deadline, 120))
+            if isinstance(verdict, Refunded):
+                report.accepted = False
+                self.progress("verdict", f"{self.name}: job refunded ({verdict.reason}), nothing earned")
+                return report
+            mine = next((v for v in verdict.verdicts if v.result_id == result.id), None)
+            report.accepted = bool(mine and mine.accepted)
+            report.median = None if mine is None or mine.median is None else str(mine.median)
+            if not report.accepted or (mine and mine.reward_msat == 0):
+                self.progress("verdict", f"{self.name}: result rejected (median {report.median or 'n/a'})")
+                return report
+            self.progress("verdict", f"{self.name}: result accepted (median {report.median})")
+            report.reward = await self.collect_reward(sub, job.id, timeout=120)
+            report.timings["total"] = time.monotonic() - t0
+            return report
+
+    async def _wait_funded(self, sub: Subscription, job: JobRequest) -> None:
+        def funded(event: Event) -> Funded | Refunded | None:
+            fb = escrow_feedback(event, self.escrow, job.id)
+            return fb if isinstance(fb, (Funded, Refunded)) else None
+        try:
+            fb = await sub.wait_for(funded, seconds_until(job.spec.results_deadline))
+        except TimeoutError:
+            raise AgentError("the job was not funded before its results deadline") from None
+        if isinstance(fb, Refunded):
+            raise AgentError("the job was refunded before we started")
+        self.progress("training", f"{self.name}: job {job.id[:8]} funded ({fb.amount_msat} msat held)")
+
+    async def _fetch_start_model(self, job: JobRequest) -> ml.Model | None:
+        params = dict(job.spec.params)
+        url, sha = params.get("model"), params.get("model_sha256")
+        if not url or not sha:
+            return None
+        data = await self.blobs.download(url, sha, max_bytes=ml.MAX_MODEL_BYTES)
+        return ml.model_from_bytes(data)
+
+    async def _train_and_publish(self, job: JobRequest, index: int, report: ProviderReport) -> Event:
+        shard = job.shard(index)
+        assert shard is not None and shard.payload is not None
+        url = decrypt_shard(self.key, job.customer, shard.payload)
+        sha = sha256_from_url(url)
+        if sha is None:
+            raise AgentError("the shard URL is not content-addressed (no /<sha256>): cannot verify it")
+        data = ml.dataset_from_bytes(await self.blobs.download(url, sha, max_bytes=ml.MAX_SHARD_BYTES))
+        report.samples = len(data)
+        params = dict(job.spec.params)
+        max_iter = _int_param(params, "max_iter", self.max_iter, 1, 10_000)
+        t = time.monotonic()
+        if self.dishonest:
+            model = ml.random_model()
+            self.progress("training", f"{self.name}: (dishonest) skipped training, random weights for shard {index}")
+        else:
+            start = await self._fetch_start_model(job)
+            model = await asyncio.to_thread(ml.train, data, start=start, max_iter=max_iter, C=self.C)
+            local = ml.accuracy(model, data)
+            self.progress("training", f"{self.name}: trained on shard {index} ({len(data)} samples"
+                                      f"{', warm start' if start else ''}) in {time.monotonic() - t:.2f} s, "
+                                      f"train accuracy {local:.3f}")
+        report.train_seconds = time.monotonic() - t
+        blob = await self.blobs.upload(ml.model_to_bytes(model))
+        report.model_sha256 = blob.sha256
+        payout = PayoutAddress("lud16", self.lud16) if self.lud16 and self.lnd is None else None
+        ev = sign_event(self.key, *build_result(job, shard_index=index, model=ModelRef(blob.url, blob.sha256, blob.size),
+                                                payout_address=payout))
+        await self.relays.publish(ev)
+        self.progress("result", f"{self.name}: published result {ev.id[:8]} (model {blob.sha256[:8]}, {blob.size} B)")
+        return ev
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def _int_param(params: dict[str, str], name: str, default: int, low: int, high: int) -> int:
+    try:
+        value = int(params.get(name, default))
+    except ValueError:
+        return default
+    return min(max(value, low), high)

@@ -1,0 +1,86 @@
+"""Blob storage for the agents: a Blossom server (``service.api.blob_client``), with retries.
+
+Shards and models travel as content-addressed blobs: a blob URL ends in ``/<sha256>``
+(BUD-01), so whoever holds the URL also holds the hash the bytes must have, and
+:meth:`Blobs.download` refuses any other bytes. Uploads are authorized by the agent's
+own Nostr key (a one-use kind-24242 event, BUD-02).
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass
+
+import httpx
+
+from service.api import blob_client
+from service.nostr.nip01 import SecretKey
+
+_BLOB_SHA = re.compile(r"/([0-9a-f]{64})(?:\.[A-Za-z0-9]{1,16})?$")
+RETRY_STATUSES = (429, 502, 503, 504)
+
+
+class BlobError(RuntimeError):
+    """A blob could not be stored or fetched (the cause is chained)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    url: str
+    sha256: str
+    size: int
+
+
+def sha256_from_url(url: str) -> str | None:
+    """The hash a content-addressed (Blossom) URL names, or ``None``."""
+    try:
+        path = httpx.URL(url).path
+    except (httpx.InvalidURL, TypeError, ValueError):
+        return None
+    m = _BLOB_SHA.search(path)
+    return m.group(1) if m else None
+
+
+class Blobs:
+    """One Blossom server (``base_url``, e.g. ``https://escrow.example.org/blobs``) and a key to upload with."""
+
+    def __init__(self, base_url: str, key: SecretKey, *, retries: int = 4, timeout: float = 30.0) -> None:
+        if not (base_url.startswith("http://") or base_url.startswith("https://")):
+            raise ValueError("the blob server URL must be http(s)://")
+        self.base_url = base_url.rstrip("/")
+        self.key = key
+        self.retries = retries
+        self.timeout = httpx.Timeout(timeout, connect=10.0)
+
+    def __repr__(self) -> str:
+        return f"Blobs({self.base_url!r})"
+
+    async def _retrying(self, call):  # noqa: ANN001, ANN202
+        for attempt in range(self.retries + 1):
+            try:
+                return await call()
+            except blob_client.BlobHTTPError as exc:
+                if exc.status not in RETRY_STATUSES or attempt == self.retries:
+                    raise BlobError(str(exc)) from exc
+                m = re.search(r"retry in (\d+)", exc.detail or "")
+                await asyncio.sleep(min(float(m.group(1)) if m else 1.0 + attempt, 30.0))
+            except blob_client.BlobClientError as exc:
+                if isinstance(exc, (blob_client.BlobHashMismatch, blob_client.BlobTooLarge)) \
+                        or attempt == self.retries:
+                    raise BlobError(str(exc)) from exc
+                await asyncio.sleep(0.5 * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    async def upload(self, data: bytes) -> Blob:
+        sha = await self._retrying(lambda: blob_client.upload(self.base_url, self.key, data, timeout=self.timeout))
+        return Blob(url=blob_client.blob_url(self.base_url, sha), sha256=sha, size=len(data))
+
+    async def download(self, url: str, sha256: str, *, max_bytes: int) -> bytes:
+        """The bytes at ``url``, only if they hash to ``sha256`` and are at most ``max_bytes``."""
+        if not (url.startswith("https://") or url.startswith("http://")):
+            raise BlobError("only http(s) URLs are fetched")
+        try:
+            return await self._retrying(lambda: blob_client.download(url, sha256, max_bytes=max_bytes,
+                                                                     timeout=self.timeout))
+        except ValueError as exc:    # the URL names another hash than the expected one
+            raise BlobError(str(exc)) from exc

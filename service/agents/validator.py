@@ -1,0 +1,198 @@
+"""The reference validator: scores candidate models on its own held-out data and collects its fee.
+
+For each evaluation request (kind 5702) signed by the escrow and naming this validator
+(``#p``), before its deadline:
+
+1. fetch the job request and every candidate result from the relays (signatures
+   verified); read each result against the job (codec checks: right job, right shard,
+   allowed provider) to get its ``model`` tag: URL, SHA-256, size;
+2. download each model (at most :data:`ml.MAX_MODEL_BYTES`), refuse any bytes whose
+   SHA-256 is not the one in the result, load it without pickle and check its shape;
+3. score = accuracy on the hold-out (4 decimals); a model that cannot be fetched,
+   verified or loaded scores ``0``, with the SHA-256 of the result (that is what was
+   judged);
+4. publish the scores (kind 6702), then wait for the verdict and, when the job pays a
+   validator fee, claim it with an invoice and wait for "reward paid".
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from service.lightning.client import LndClient
+from service.nostr.nip01 import Event, SecretKey, sign_event
+from service.nostr.protocol import (
+    KIND_EVALUATION_REQUEST,
+    CodecError,
+    EvaluationRequest,
+    Refunded,
+    Score,
+    build_evaluation_result,
+    parse_evaluation_request,
+    parse_result,
+)
+
+from . import ml
+from .common import (
+    AgentError,
+    Payee,
+    Progress,
+    Reward,
+    feedback_filter,
+    no_progress,
+    read_job,
+    seconds_until,
+    wait_validation,
+)
+from .relay import Relays
+from .storage import BlobError, Blobs
+
+
+@dataclass
+class ValidatorReport:
+    job_id: str
+    request_id: str | None = None
+    evaluation_id: str | None = None
+    scores: dict[str, str] = field(default_factory=dict)      # result id -> score
+    problems: dict[str, str] = field(default_factory=dict)    # result id -> why it scored 0
+    reward: Reward | None = None
+    error: str | None = None
+    eval_seconds: float = 0.0
+
+
+class Validator(Payee):
+    role = "validator"
+
+    def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, holdout: ml.Dataset, *,
+                 lnd: LndClient | None = None, lud16: str | None = None, name: str = "validator",
+                 progress: Progress = no_progress, invoice_expiry: int = 3600, allow_private_lnurl: bool = False,
+                 network: str | None = None) -> None:
+        if lnd is None and not lud16:
+            raise ValueError("a validator needs an LND node or a lud16 address to be paid")
+        if len(holdout) == 0:
+            raise ValueError("the hold-out set is empty")
+        self.key, self.relays, self.escrow, self.blobs, self.holdout = key, relays, escrow, blobs, holdout
+        self.lnd, self.lud16, self.name, self.progress = lnd, lud16, name, progress
+        self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
+        self.reports: dict[str, asyncio.Future[ValidatorReport]] = {}   # by job id
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def pubkey(self) -> str:
+        return self.key.public_key_hex
+
+    async def serve(self, *, jobs: int | None = None, since: int | None = None) -> list[ValidatorReport]:
+        """Answer every evaluation request naming us (after ``since``); return after ``jobs`` of them."""
+        since = int(time.time()) - 60 if since is None else since
+        flt = {"kinds": [KIND_EVALUATION_REQUEST], "authors": [self.escrow], "#p": [self.pubkey], "since": since}
+        started: list[asyncio.Future[ValidatorReport]] = []
+        async with self.relays.subscribe(flt) as sub:
+            try:
+                async for event in sub:
+                    fut = self.start(event)
+                    if fut is not None:
+                        started.append(fut)
+                        if jobs is not None and len(started) >= jobs:
+                            return list(await asyncio.gather(*started))
+            finally:
+                if jobs is None:
+                    await self.close()
+        return []
+
+    def start(self, event: Event) -> asyncio.Future[ValidatorReport] | None:
+        try:
+            request = parse_evaluation_request(event)
+        except CodecError:
+            return None
+        if event.pubkey != self.escrow or self.pubkey not in request.validators or request.job_id in self.reports \
+                or request.deadline <= time.time():
+            return None
+        fut: asyncio.Future[ValidatorReport] = asyncio.get_running_loop().create_future()
+        self.reports[request.job_id] = fut
+
+        async def run() -> None:
+            try:
+                report = await self.handle(event.id, request)
+            except Exception as exc:  # noqa: BLE001 - reported, never lost
+                report = ValidatorReport(job_id=request.job_id, request_id=event.id,
+                                         error=f"{type(exc).__name__}: {exc}")
+                self.progress("error", f"{self.name}: {report.error}")
+            if not fut.done():
+                fut.set_result(report)
+        task = asyncio.create_task(run(), name=f"{self.name} {request.job_id[:8]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def report_for(self, job_id: str, timeout: float) -> ValidatorReport:
+        async with asyncio.timeout(timeout):
+            while job_id not in self.reports:
+                await asyncio.sleep(0.1)
+            return await asyncio.shield(self.reports[job_id])
+
+    async def _score(self, result_id: str, events: dict[str, Event], job) -> tuple[Score, str | None]:  # noqa: ANN001
+        event = events.get(result_id)
+        if event is None:
+            raise AgentError(f"candidate {result_id[:8]} not found on the relays")
+        result = parse_result(event, job)
+        try:
+            data = await self.blobs.download(result.model.url, result.model.sha256,
+                                             max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES))
+            value = await asyncio.to_thread(ml.evaluate_bytes, data, self.holdout)
+            problem = None
+        except (BlobError, ml.UnsafeData) as exc:
+            value, problem = 0.0, f"{type(exc).__name__}: {exc}"
+        return Score(result_id, Decimal(f"{value:.4f}"), result.model.sha256), problem
+
+    async def handle(self, request_id: str, request: EvaluationRequest) -> ValidatorReport:
+        report = ValidatorReport(job_id=request.job_id, request_id=request_id)
+        ids = [c.result_id for c in request.candidates]
+        found = {e.id: e for e in await self.relays.query({"ids": [request.job_id, *ids]})}
+        job_event = found.get(request.job_id)
+        if job_event is None:
+            raise AgentError("the job request is not on the relays")
+        job = read_job(job_event, self.escrow)
+        if self.pubkey not in job.validators:
+            raise AgentError("the job does not name us as a validator")
+        t = time.monotonic()
+        scores: list[Score] = []
+        for rid in ids:
+            try:
+                score, problem = await self._score(rid, found, job)
+            except (AgentError, CodecError) as exc:
+                report.problems[rid] = str(exc)   # not a result of this job: nothing to score
+                continue
+            scores.append(score)
+            report.scores[rid] = str(score.value)
+            if problem:
+                report.problems[rid] = problem
+        report.eval_seconds = time.monotonic() - t
+        if not scores:
+            raise AgentError("no candidate could be read")
+        ev = sign_event(self.key, *build_evaluation_result(request_id=request_id, job_id=job.id, escrow=self.escrow,
+                                                           scores=tuple(scores)))
+        report.evaluation_id = ev.id
+        async with self.relays.subscribe(feedback_filter(self.escrow, job.id)) as sub:
+            await self.relays.publish(ev)
+            self.progress("scores", f"{self.name}: scored {len(scores)} model(s) on {len(self.holdout)} held-out "
+                                    f"samples: " + ", ".join(f"{r[:8]}={v}" for r, v in report.scores.items()))
+            verdict = await wait_validation(sub, self.escrow, job.id,
+                                            timeout=seconds_until(request.deadline, 120))
+            if isinstance(verdict, Refunded):
+                report.reward = Reward(job_id=job.id, why=f"the job was refunded ({verdict.reason})")
+                return report
+            if job.spec.validator_fee_msat == 0:
+                report.reward = Reward(job_id=job.id, why="the job pays no validator fee")
+                return report
+            report.reward = await self.collect_reward(sub, job.id, timeout=120)
+        return report
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
