@@ -1,5 +1,6 @@
 # fedstr-escrow developer commands. Every target does its own set-up.
-#   make run    the main job: local regtest network + relay + the service (Ctrl-C stops the service)
+#   make demo   the main job: local regtest network + relay + the service + a whole market round
+#   make run    the service alone against the local network (Ctrl-C stops the service)
 #   make test   the whole test suite against a real regtest network (started and stopped by the tests)
 SHELL := /bin/bash
 PY ?= python3
@@ -7,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build up down status run test bench openapi clean
+.PHONY: install build up down status run demo test bench openapi clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,6 +32,9 @@ status:
 run: install up
 	@echo "starting the service; the regtest stack stays up afterwards (make down stops it)"
 	eval "$$(devstack/stack env)" && exec $(BIN)/fedstr-escrow serve
+
+demo: install
+	$(BIN)/fedstr-escrow demo $(DEMO_ARGS)
 
 test: install build
 	$(BIN)/pytest $(PYTEST_ARGS)
