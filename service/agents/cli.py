@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", choices=("auto", "hold", "custodial"), default="auto")
     c.add_argument("--results-in", type=int, default=None, help="seconds to the results deadline "
                    "(default: the escrow's minimum window + 30, at least 60)")
-    c.add_argument("--validation-in", type=int, default=None, help="seconds to the validation deadline")
+    c.add_argument("--validation-in", type=int, default=None, help="seconds to the validation deadline "
+                   "(default: results + 180; keep 90+ s after results + the escrow's 60 s grace)")
     c.add_argument("--max-iter", type=int, default=RoundConfig.max_iter, help="training iterations asked of providers")
     c.add_argument("--fee-limit-msat", type=int, default=RoundConfig.fee_limit_msat)
     c.add_argument("--refund", help="lud16 / lnurl for a custodial refund")
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--lud16", help="lightning address to be paid at (instead of, or without, an LND node)")
     p.add_argument("--dishonest", action="store_true", help="return random weights instead of training (testing)")
-    p.add_argument("--max-iter", type=int, default=100, help="training iterations unless the job says otherwise")
+    p.add_argument("--max-iter", type=int, default=10, help="training iterations unless the job says otherwise")
     p.add_argument("--jobs", type=int, help="exit after this many jobs (default: run until interrupted)")
     p.add_argument("--since", type=int, help="also handle jobs published since this Unix time (default: now-60)")
     p.add_argument("--allow-private-lnurl", action="store_true", help="development: lud16 on localhost/http")
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--blob-url", help="Blossom server URL (default: <escrow-url>/blobs)")
     d.add_argument("--rounds", type=int, default=1)
     d.add_argument("--results-in", type=int, default=60)
-    d.add_argument("--validation-in", type=int, default=120)
+    d.add_argument("--validation-in", type=int, default=240)
     d.add_argument("--key-dir", type=Path, help="keep the demo's keys here (default: fresh keys each run)")
     d.add_argument("--seed", type=int, default=ml.DEFAULT_SEED)
     d.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -190,7 +191,7 @@ async def _customer(args: argparse.Namespace) -> int:
     results_in = args.results_in or max(60, window)
     config = RoundConfig(bid_msat=args.bid_msat, validator_fee_msat=args.validator_fee_msat, threshold=args.threshold,
                          quorum=args.quorum or max(1, len(args.validator)), payout=args.payout, mode=args.mode,
-                         results_in=results_in, validation_in=args.validation_in or results_in + 120,
+                         results_in=results_in, validation_in=args.validation_in or results_in + 180,
                          max_iter=args.max_iter, fee_limit_msat=args.fee_limit_msat, refund=args.refund)
     split = ml.split_digits(len(args.provider), max(1, len(args.validator)), seed=args.seed)
     lnd = _lnd(args, required=True)
@@ -223,6 +224,7 @@ async def _payee(args: argparse.Namespace) -> int:
     lnd = _lnd(args, required=not args.lud16)
     common = dict(lnd=lnd, lud16=args.lud16, name=args.name, progress=_say, network=network,
                   allow_private_lnurl=args.allow_private_lnurl)
+    agent: Provider | Validator
     try:
         if args.role == "provider":
             agent = Provider(key, relays, escrow, Blobs(blob_url, key), dishonest=args.dishonest,

@@ -70,8 +70,11 @@ class RoundConfig:
     payout: str = "split"
     mode: str = "auto"
     results_in: int = 60          # seconds from now to the results deadline
-    validation_in: int = 120      # seconds from now to the validation deadline
-    max_iter: int = 100
+    # seconds from now to the validation deadline. When a result is missing, the escrow waits
+    # for the results deadline plus 60 s of grace before it asks for scores, so leave room
+    # after that for the validators (at least ~90 s more).
+    validation_in: int = 240
+    max_iter: int = 10            # local lbfgs iterations per round (few: FedAvg then improves round by round)
     fee_limit_msat: int = 50_000  # what the customer accepts to pay in routing fees
     refund: str | None = None     # lud16 / lnurl for a custodial refund
 
@@ -131,6 +134,10 @@ class Customer:
             raise ValueError("one shard per provider")
         t0 = time.monotonic()
         timings: dict[str, float] = {}
+        if config.validation_in - config.results_in < 90:
+            self.progress("warning", f"{self.name}: only {config.validation_in - config.results_in} s between the "
+                                     "deadlines: if a result is missing, the escrow asks for scores 60 s after the "
+                                     "results deadline and the validators may have no time left")
 
         def mark(phase: str, since: list[float] = [t0]) -> None:  # noqa: B006 - the running clock
             now = time.monotonic()
@@ -198,6 +205,14 @@ class Customer:
                 if isinstance(verdict, Refunded):
                     report.outcome = f"refunded: {verdict.reason}"
                     self.progress("verdict", f"{self.name}: refunded ({verdict.reason}), {verdict.amount_msat} msat")
+                elif not any(v.accepted for v in verdict.verdicts):
+                    await self._aggregate(report, verdict, event, shards, test)
+                    report.outcome = "rejected: no model accepted"
+                    with contextlib.suppress(TimeoutError):
+                        refund = await self._wait_refund(sub, event.id)
+                        report.outcome = f"refunded: {refund.reason}"
+                        self.progress("verdict", f"{self.name}: refunded ({refund.reason}), "
+                                                 f"{refund.amount_msat} msat")
                 else:
                     report.outcome = "validated"
                     await self._aggregate(report, verdict, event, shards, test)
@@ -219,6 +234,7 @@ class Customer:
             raise AgentError("the escrow made no offer within 30 s (is it running, on these relays?)") from None
         if isinstance(fb, ErrorFeedback):
             raise AgentError(f"the escrow refused the request: {fb.reason}: {fb.message}")
+        assert isinstance(fb, EscrowOffer)
         return fb
 
     async def _wait_funded(self, sub: Subscription, job_id: str, pay_task: asyncio.Task, deadline: int) -> None:
@@ -250,6 +266,12 @@ class Customer:
             return await sub.wait_for(done, seconds_until(deadline, 180))
         except TimeoutError:
             raise AgentError("no verdict by the validation deadline") from None
+
+    async def _wait_refund(self, sub: Subscription, job_id: str, timeout: float = 60) -> Refunded:
+        def refunded(event: Event) -> Refunded | None:
+            fb = escrow_feedback(event, self.escrow, job_id)
+            return fb if isinstance(fb, Refunded) else None
+        return await sub.wait_for(refunded, timeout)
 
     async def _settle_payment(self, report: RoundReport, pay_task: asyncio.Task) -> None:
         """The funding payment's final state (a hold payment completes on release or refund)."""

@@ -63,8 +63,8 @@ class Cast:
     async def running(self) -> AsyncIterator[Cast]:
         """Providers and validators listen (in the background) while the block runs."""
         since = int(time.time()) - 5
-        tasks = [asyncio.create_task(a.serve(since=since), name=f"serve {a.name}")
-                 for a in (*self.providers, *self.validators)]
+        agents: list[Provider | Validator] = [*self.providers, *self.validators]
+        tasks = [asyncio.create_task(a.serve(since=since), name=f"serve {a.name}") for a in agents]
         try:
             await asyncio.sleep(0.5)      # let the subscriptions reach the relays
             yield self
@@ -97,7 +97,8 @@ def build_cast(*, relays: Relays, escrow: str, blob_url: str, customer_lnd: LndC
         validators.append(Validator(k, relays, escrow, Blobs(blob_url, k), split.holdouts[i], lnd=payee_lnd,
                                     name=name, progress=progress, network=network))
     cast = Cast(customer=customer, providers=providers, validators=validators, split=split)
-    for agent in (customer, *providers, *validators):
+    everyone: list[Customer | Provider | Validator] = [customer, *providers, *validators]
+    for agent in everyone:
         cast.names[agent.pubkey] = agent.name
         cast.roles[agent.pubkey] = agent.role + (" (dishonest)" if getattr(agent, "dishonest", False) else "")
     return cast
@@ -148,7 +149,9 @@ async def run_round(cast: Cast, *, config: RoundConfig, round_no: int = 1, previ
     report.timings["payouts"] = round(time.monotonic() - t_verdict, 3)
 
     payees: dict[str, dict] = {}
-    for agent, r in [*zip(cast.providers, p_reports, strict=True), *zip(cast.validators, v_reports, strict=True)]:
+    pairs: list[tuple[Provider | Validator, ProviderReport | ValidatorReport]] = [
+        *zip(cast.providers, p_reports, strict=True), *zip(cast.validators, v_reports, strict=True)]
+    for agent, r in pairs:
         reward = r.reward
         payees[agent.name] = {
             "role": cast.roles[agent.pubkey], "pubkey": agent.pubkey,
@@ -253,7 +256,7 @@ def fit_config(config: RoundConfig, terms: EscrowTerms | None) -> RoundConfig:
     if terms is None:
         return config
     results_in = max(config.results_in, terms.min_results_window_s + 30)
-    validation_in = max(config.validation_in, results_in + 60)
+    validation_in = max(config.validation_in, results_in + 150)
     bid = min(max(config.bid_msat, terms.min_bid_msat), terms.max_bid_msat)
     return replace(config, results_in=results_in, validation_in=validation_in, bid_msat=bid)
 
@@ -267,7 +270,7 @@ def format_summary(summary: dict) -> str:
         for m in r["models"]:
             lines.append(f"  model of {m['provider']:<8} shard {m['shard']}: "
                          f"{'accepted' if m['accepted'] else 'rejected'} median {m['median']}, "
-                         f"customer-measured accuracy {m['customer_accuracy']}")
+                         f"customer-measured accuracy {m['customer_accuracy'] or 'n/a (not downloaded)'}")
         c = r["customer"]
         lines.append(f"  {c['name']} paid {c['paid_msat']} msat (bid {c['bid_msat']} + routing {c['routing_fee_msat']})")
         for name, p in r["payees"].items():

@@ -19,6 +19,7 @@ logistic regression, safe (pickle-free) serialization and FedAvg.
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 import zipfile
 import zlib
@@ -35,6 +36,7 @@ MAX_MODEL_BYTES = 1 << 20
 MAX_SHARD_BYTES = 16 << 20
 MAX_SHARD_ROWS = 100_000
 
+_FIT_LOCK = threading.Lock()
 _MODEL_MEMBERS = {"coef.npy", "intercept.npy", "classes.npy"}
 _DATASET_MEMBERS = {"X.npy", "y.npy"}
 
@@ -131,7 +133,7 @@ def train(data: Dataset, *, start: Model | None = None, max_iter: int = 100, C: 
         assert start is not None
         clf.coef_ = start.coef.copy()
         clf.intercept_ = start.intercept.copy()
-    with warnings.catch_warnings():
+    with _FIT_LOCK, warnings.catch_warnings():   # catch_warnings is process-wide: one fit at a time
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(data.X, data.y)
     coef = np.asarray(clf.coef_, dtype=np.float64)
@@ -180,7 +182,10 @@ def fedavg(models: Sequence[Model], weights: Sequence[float] | None = None) -> M
 
 def _savez(*, compress: bool = False, **arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    (np.savez_compressed if compress else np.savez)(buf, **arrays)
+    if compress:
+        np.savez_compressed(buf, **arrays)   # type: ignore[arg-type]
+    else:
+        np.savez(buf, **arrays)               # type: ignore[arg-type]
     return buf.getvalue()
 
 

@@ -72,7 +72,7 @@ class Provider(Payee):
     role = "provider"
 
     def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, *, lnd: LndClient | None = None,
-                 lud16: str | None = None, name: str = "provider", dishonest: bool = False, max_iter: int = 100,
+                 lud16: str | None = None, name: str = "provider", dishonest: bool = False, max_iter: int = 10,
                  C: float = 1.0, progress: Progress = no_progress, invoice_expiry: int = 3600,
                  allow_private_lnurl: bool = False, network: str | None = None) -> None:
         if lnd is None and not lud16:
@@ -186,7 +186,7 @@ class Provider(Payee):
             fb = await sub.wait_for(funded, seconds_until(job.spec.results_deadline))
         except TimeoutError:
             raise AgentError("the job was not funded before its results deadline") from None
-        if isinstance(fb, Refunded):
+        if not isinstance(fb, Funded):
             raise AgentError("the job was refunded before we started")
         self.progress("training", f"{self.name}: job {job.id[:8]} funded ({fb.amount_msat} msat held)")
 

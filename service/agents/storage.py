@@ -44,7 +44,7 @@ def sha256_from_url(url: str) -> str | None:
 class Blobs:
     """One Blossom server (``base_url``, e.g. ``https://escrow.example.org/blobs``) and a key to upload with."""
 
-    def __init__(self, base_url: str, key: SecretKey, *, retries: int = 4, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, key: SecretKey, *, retries: int = 6, timeout: float = 30.0) -> None:
         if not (base_url.startswith("http://") or base_url.startswith("https://")):
             raise ValueError("the blob server URL must be http(s)://")
         self.base_url = base_url.rstrip("/")
@@ -63,7 +63,8 @@ class Blobs:
                 if exc.status not in RETRY_STATUSES or attempt == self.retries:
                     raise BlobError(str(exc)) from exc
                 m = re.search(r"retry in (\d+)", exc.detail or "")
-                await asyncio.sleep(min(float(m.group(1)) if m else 1.0 + attempt, 30.0))
+                backoff = float(min(2 ** attempt, 8))
+                await asyncio.sleep(min(max(float(m.group(1)) if m else 0.0, backoff), 30.0))
             except blob_client.BlobClientError as exc:
                 if isinstance(exc, (blob_client.BlobHashMismatch, blob_client.BlobTooLarge)) \
                         or attempt == self.retries:
@@ -71,8 +72,21 @@ class Blobs:
                 await asyncio.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
 
+    async def has(self, sha256: str, size: int) -> bool:
+        """Whether the server already holds this blob (BUD-01 ``HEAD``): then there is nothing to upload."""
+        try:
+            async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as http:
+                r = await http.head(blob_client.blob_url(self.base_url, sha256))
+        except httpx.HTTPError:
+            return False
+        return r.status_code == 200 and r.headers.get("content-length") == str(size)
+
     async def upload(self, data: bytes) -> Blob:
-        sha = await self._retrying(lambda: blob_client.upload(self.base_url, self.key, data, timeout=self.timeout))
+        """Store ``data`` (unless the server already has exactly it); its URL names its sha256."""
+        sha = blob_client.sha256_hex(data)
+        if not await self.has(sha, len(data)):
+            sha = await self._retrying(lambda: blob_client.upload(self.base_url, self.key, data,
+                                                                  timeout=self.timeout))
         return Blob(url=blob_client.blob_url(self.base_url, sha), sha256=sha, size=len(data))
 
     async def download(self, url: str, sha256: str, *, max_bytes: int) -> bytes:

@@ -107,8 +107,11 @@ class Validator(Payee):
             request = parse_evaluation_request(event)
         except CodecError:
             return None
-        if event.pubkey != self.escrow or self.pubkey not in request.validators or request.job_id in self.reports \
-                or request.deadline <= time.time():
+        if event.pubkey != self.escrow or self.pubkey not in request.validators or request.job_id in self.reports:
+            return None
+        if request.deadline <= time.time():
+            self.progress("skip", f"{self.name}: evaluation request for job {request.job_id[:8]} is past its "
+                                  "deadline; not scoring")
             return None
         fut: asyncio.Future[ValidatorReport] = asyncio.get_running_loop().create_future()
         self.reports[request.job_id] = fut

@@ -1,0 +1,128 @@
+"""The reference agents (service/agents) play a real round against the escrow.
+
+The service runs in-process (as in tests/e2e/market.py) and its HTTP app is served by
+uvicorn, so the agents read ``/v1/info`` and use the Blossom blob store under ``/blobs``.
+One customer (customer LND node), three providers (one dishonest) and two validators (all
+payees on the payee LND node) train and score a real model on scikit-learn's digits.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import uvicorn
+
+from service.agents.common import escrow_info
+from service.agents.customer import RoundConfig
+from service.agents.demo import build_cast, format_summary, run_demo, run_round
+from service.agents.relay import Relays
+from service.api import blobs
+from service.escrow.service import terms_from_settings
+from service.lightning.client import InvoiceState
+from tests.conftest import Regtest, free_port, wait_until
+from tests.e2e.market import Market
+
+pytestmark = [pytest.mark.lnd, pytest.mark.relay]
+
+
+@asynccontextmanager
+async def _serving(market: Market, directory: Path) -> AsyncIterator[str]:
+    """The service (in-process) and its HTTP API on a free port, with the blob store; yields the URL."""
+    port = free_port()
+    async with market.running():
+        _serve_blobs(market, directory)
+        server = uvicorn.Server(uvicorn.Config(market.app, host="127.0.0.1", port=port, lifespan="off",
+                                               log_level="warning"))
+        task = asyncio.create_task(server.serve())
+        await wait_until(lambda: server.started, 10, "API listening")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
+
+
+def _serve_blobs(market: Market, directory: Path) -> None:
+    """The Blossom routes, if the app does not mount them itself; a store in the test's directory."""
+    if not any(getattr(route, "path", "").startswith(blobs.PREFIX + "/") for route in market.app.routes):
+        market.app.include_router(blobs.router)
+    market.app.state.blobs = blobs.build_service(SimpleNamespace(
+        blob_dir=str(directory), blob_uploads_per_minute=6000.0, blob_uploads_burst=1000))
+
+
+async def test_a_round_with_the_reference_agents(regtest: Regtest, relay_url: str, database_url: str,
+                                                 tmp_path: Path) -> None:
+    market = Market(regtest, relay_url, database_url)
+    lines: list[str] = []
+    t0 = time.monotonic()
+
+    def progress(phase: str, message: str) -> None:
+        lines.append(f"[{time.monotonic() - t0:6.1f}s] {phase:<10} {message}")
+
+    async with _serving(market, tmp_path / "blobs") as service_url:
+        info = await escrow_info(service_url)
+        assert info.pubkey == market.E
+        cast = build_cast(relays=Relays([relay_url]), escrow=market.E, blob_url=f"{service_url}/blobs",
+                          customer_lnd=regtest.customer, payee_lnd=regtest.payee,
+                          terms=terms_from_settings(market.settings), progress=progress, network="regtest")
+        config = RoundConfig(bid_msat=3_000_000, validator_fee_msat=50_000, results_in=45, validation_in=200,
+                             max_iter=10)
+        async with cast.running():
+            summary = await asyncio.wait_for(run_round(cast, config=config, service_url=service_url), 150)
+        report = summary.pop("_report")
+        print("\n".join(lines))
+        print(format_summary({"escrow": market.E, "seconds": round(time.monotonic() - t0, 1), "rounds": [summary]}))
+
+        job_id = summary["job_id"]
+        job = await market.wait_state(job_id, "closed", timeout=30)
+        assert summary["state"] == "closed" and summary["outcome"] == "validated", summary
+
+        # the money: each honest provider gets half the provider share, each validator its fee
+        share = job.bid_msat - job.fee_msat - 2 * job.validator_fee_msat
+        expected = {"alice": share // 2, "bob": share // 2, "victor": job.validator_fee_msat,
+                    "vera": job.validator_fee_msat}
+        by_name = {a.name: a for a in (*cast.providers, *cast.validators)}
+        for name, amount in expected.items():
+            payee = summary["payees"][name]
+            assert payee["paid"] and payee["received_msat"] == amount, (name, payee)
+            inv = await regtest.payee.lookup_invoice(bytes.fromhex(payee["payment_hash"]))
+            assert inv.state == InvoiceState.SETTLED and inv.amt_paid_msat == amount, (name, inv)
+        mallory = summary["payees"]["mallory"]
+        assert mallory["accepted"] is False and mallory["received_msat"] == 0, mallory
+        payouts = {p.payee for p in await market.payouts(job_id)}
+        assert payouts == {by_name[n].pubkey for n in expected}, "the dishonest provider is not paid"
+
+        # the escrow's books balance and the averaged model is good
+        await market.check_ledger(job_id, closed=True)
+        assert report.accuracy is not None and report.accuracy > 0.85, report.accuracy
+        rejected = [m for m in summary["models"] if not m["accepted"]]
+        assert [m["provider"] for m in rejected] == ["mallory"], summary["models"]
+        assert report.payment_status == "SUCCEEDED" and report.paid_msat >= job.bid_msat
+
+
+async def test_run_demo_chains_two_rounds(regtest: Regtest, relay_url: str, database_url: str,
+                                         tmp_path: Path) -> None:
+    """``run_demo`` as the CLI runs it: devstack nodes from stack.json, round 2 starts from round 1's average."""
+    market = Market(regtest, relay_url, database_url)
+    lines: list[str] = []
+    async with _serving(market, tmp_path / "blobs") as service_url:
+        summary = await asyncio.wait_for(run_demo(
+            Path(regtest.desc["dir"]) / "stack.json", service_url, relay_url, f"{service_url}/blobs", rounds=2,
+            progress=lambda phase, message: lines.append(f"{phase:<10} {message}")), 150)
+        print("\n".join(lines))
+        print(format_summary(summary))
+        first, second = summary["rounds"]
+        assert second["previous_job"] == first["job_id"]
+        assert any("warm start" in line for line in lines), "round 2 trains from round 1's average"
+        for r in (first, second):
+            assert r["state"] == "closed" and r["outcome"] == "validated", r
+            assert r["accuracy"] > 0.85, r
+            assert r["payees"]["mallory"]["received_msat"] == 0
+            assert all(r["payees"][n]["paid"] for n in ("alice", "bob", "victor", "vera")), r["payees"]
+            await market.check_ledger(r["job_id"], closed=True)
+        assert summary["totals_msat"]["mallory"] == 0 and summary["totals_msat"]["alice"] > 0
