@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import websockets
 
+from service.nostr.pool import matches as pool_matches
 from service.nostr.nip01 import Event, EventError, verify_event
 
 log = logging.getLogger("fedstr_escrow.agents.relay")
@@ -38,23 +39,8 @@ class RelayError(RuntimeError):
 
 
 def matches(flt: Filter, event: Event) -> bool:
-    """Whether ``event`` satisfies a NIP-01 filter (ids, authors, kinds, since, until, #x)."""
-    if "ids" in flt and event.id not in flt["ids"]:
-        return False
-    if "authors" in flt and event.pubkey not in flt["authors"]:
-        return False
-    if "kinds" in flt and event.kind not in flt["kinds"]:
-        return False
-    if "since" in flt and event.created_at < flt["since"]:
-        return False
-    if "until" in flt and event.created_at > flt["until"]:
-        return False
-    for key, wanted in flt.items():
-        if key.startswith("#") and len(key) == 2:
-            values = {t[1] for t in event.tags if len(t) >= 2 and t[0] == key[1]}
-            if not values & set(wanted):
-                return False
-    return True
+    """Whether ``event`` satisfies a NIP-01 filter (the relay pool's own matcher)."""
+    return pool_matches(event, flt)
 
 
 def _accept(obj: object, filters: Sequence[Filter]) -> Event | None:
