@@ -37,6 +37,7 @@ demo: install
 	$(BIN)/fedstr-escrow demo $(DEMO_ARGS)
 
 test: install build
+	devstack/system-deps.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 bench: install build
