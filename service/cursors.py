@@ -8,18 +8,14 @@ replicas reporting out of order can never move it back.
 """
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, String, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
+from service.db import Base, utcnow
 
 
 class Cursor(Base):
@@ -27,7 +23,7 @@ class Cursor(Base):
 
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     position: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=_now)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
 async def get(session: AsyncSession, name: str, default: int = 0) -> int:
@@ -45,7 +41,7 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
     res = await session.execute(
         update(Cursor)
         .where(Cursor.name == name, Cursor.position < position)
-        .values(position=position, updated_at=_now())
+        .values(position=position, updated_at=utcnow())
     )
     if res.rowcount:
         return True
@@ -53,11 +49,11 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
         return False
     try:
         async with session.begin_nested():
-            session.add(Cursor(name=name, position=position, updated_at=_now()))
+            session.add(Cursor(name=name, position=position, updated_at=utcnow()))
     except IntegrityError:  # another writer created it first: retry the forward-only update
         res = await session.execute(
             update(Cursor).where(Cursor.name == name, Cursor.position < position)
-            .values(position=position, updated_at=_now())
+            .values(position=position, updated_at=utcnow())
         )
         return bool(res.rowcount)
     return True

@@ -7,6 +7,7 @@ process can share it; PostgreSQL is used for multi-replica deployments.
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timezone
 
 from sqlalchemy import MetaData, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -19,6 +20,11 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def utcnow() -> datetime:
+    """The current time, timezone-aware UTC: the one clock of every table's timestamps."""
+    return datetime.now(timezone.utc)
 
 
 class Base(DeclarativeBase):

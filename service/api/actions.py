@@ -13,7 +13,8 @@ from service.escrow.engine import Engine
 from service.escrow.models import Job, JobState
 from service.ledger.reconcile import resume_payouts
 from service.lightning.models import Payout
-from service.nostr.models import InboxEvent, utcnow
+from service.nostr.models import InboxEvent
+from service.db import utcnow
 
 
 class ActionRefused(Exception):

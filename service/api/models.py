@@ -6,8 +6,7 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
-from service.nostr.models import utcnow
+from service.db import Base, utcnow
 
 
 class AdminAction(Base):

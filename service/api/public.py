@@ -17,7 +17,7 @@ from service.api import queries
 from service.api.errors import ApiError, responses
 from service.lightning.models import LnInvoice, Payout
 from service.nostr import nip98
-from service.nostr.models import utcnow
+from service.db import utcnow
 from service.nostr.nip01 import EventError, verify_event
 from service.nostr.nip19 import encode_npub
 from service.nostr.service import INTAKE_KINDS

@@ -29,7 +29,7 @@ from decimal import Decimal
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import insert_ignore
+from service.db import insert_ignore, utcnow
 from service.escrow import rule
 from service.escrow.models import Consumed, Effect, Job, JobState, Result, ScoreRow, TimelineEntry
 from service.ledger import accounts
@@ -38,7 +38,6 @@ from service.lightning.invoices import HoldSizing, InvoiceModeError
 from service.lightning.models import LnFact, LnInvoice, Payout
 from service.lightning.payouts import Payouts
 from service.nostr import outbox
-from service.nostr.models import utcnow
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
     Candidate,
@@ -586,18 +585,29 @@ class Engine:
         return all(v == 0 for k, v in owed.items() if k.startswith("liability:"))
 
     # ------------------------------------------------------------------ timers
-    async def on_timers(self, s: AsyncSession, job: Job) -> str | None:
+    def due_timer(self, job: Job) -> str | None:
+        """Which of the job's deadlines has passed and still needs acting on (no I/O)."""
         now = self.now()
         if job.state == S.OFFERED.value and job.offer_expires_at and now > job.offer_expires_at + self.config.offer_grace_seconds:
-            if await self.transition(s, job.id, (S.OFFERED,), S.CANCELLED, "offer expired unpaid"):
-                await self.effect(s, job.id, "cancel_invoice")
-                return "offer expired"
+            return "offer expired"
         if job.state == S.COLLECTING.value and now > job.results_deadline + self.config.results_grace_seconds:
-            await self._start_validation(s, job, "results deadline passed")
             return "results deadline"
         if job.state == S.VALIDATING.value and now > job.validation_deadline:
-            await self._decide(s, job, "validation deadline passed")
             return "validation deadline"
+        return None
+
+    async def on_timers(self, s: AsyncSession, job: Job) -> str | None:
+        due = self.due_timer(job)
+        if due == "offer expired":
+            if await self.transition(s, job.id, (S.OFFERED,), S.CANCELLED, "offer expired unpaid"):
+                await self.effect(s, job.id, "cancel_invoice")
+                return due
+        elif due == "results deadline":
+            await self._start_validation(s, job, "results deadline passed")
+            return due
+        elif due == "validation deadline":
+            await self._decide(s, job, "validation deadline passed")
+            return due
         return None
 
 

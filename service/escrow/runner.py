@@ -25,7 +25,7 @@ from service.lightning.invoices import EscrowInvoices
 from service.lightning.models import LnFact, LnInvoice, Payout
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
-from service.nostr.models import utcnow
+from service.db import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -70,17 +70,11 @@ class EngineRunner:
         return done
 
     async def _timers(self) -> int:
-        now = self.engine.now()
         async with self.sessions() as s:
             jobs = (await s.scalars(select(Job).where(Job.state.in_(TIMED_STATES)))).all()
         done = 0
         for job in jobs:
-            due = ((job.state == JobState.OFFERED.value and job.offer_expires_at is not None
-                    and now > job.offer_expires_at + self.engine.config.offer_grace_seconds)
-                   or (job.state == JobState.COLLECTING.value
-                       and now > job.results_deadline + self.engine.config.results_grace_seconds)
-                   or (job.state == JobState.VALIDATING.value and now > job.validation_deadline))
-            if not due:
+            if self.engine.due_timer(job) is None:   # checked here first: no transaction per idle job
                 continue
             async with self.sessions.begin() as s:
                 fresh = await s.get(Job, job.id)

@@ -20,8 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
-from service.nostr.models import utcnow
+from service.db import Base, utcnow
 
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 

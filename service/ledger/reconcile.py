@@ -49,7 +49,7 @@ from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliatio
 from service.lightning import errors
 from service.lightning.client import InvoiceState, LndClient, Payment, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
-from service.nostr.models import utcnow
+from service.db import utcnow
 
 MAX_STORED_DISCREPANCIES = 1000
 _HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")

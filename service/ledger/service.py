@@ -32,10 +32,9 @@ from sqlalchemy import String, exists, func, insert, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
-from service.db import insert_ignore
+from service.db import insert_ignore, utcnow
 from service.ledger import accounts
 from service.ledger.models import LedgerLine, LedgerPosting
-from service.nostr.models import utcnow
 
 MAX_MSAT = 2_100_000_000_000_000_000       # 21 million BTC: no amount, and no posting, moves more
 MAX_LINES = 10_000

@@ -24,10 +24,9 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
-from service.db import GroupCommit
+from service.db import GroupCommit, utcnow
 from service.lightning.client import LndClient
 from service.lightning.models import LnInvoice
-from service.nostr.models import utcnow
 
 
 class InvoiceModeError(ValueError):

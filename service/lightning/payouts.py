@@ -45,11 +45,10 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
-from service.db import insert_ignore
+from service.db import insert_ignore, utcnow
 from service.lightning import errors
 from service.lightning.client import LndClient, Payment, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
-from service.nostr.models import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -33,11 +33,10 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import cursors
-from service.db import insert_ignore
+from service.db import insert_ignore, utcnow
 from service.lightning.client import Invoice, InvoiceState, LndClient
 from service.lightning.errors import LndError, LndNotFound
 from service.lightning.models import LnFact, LnInvoice
-from service.nostr.models import utcnow
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import insert_ignore
-from service.nostr.models import InboxEvent, RejectedEvent, utcnow
+from service.db import insert_ignore, utcnow
+from service.nostr.models import InboxEvent, RejectedEvent
 from service.nostr.nip01 import Event
 
 log = logging.getLogger(__name__)

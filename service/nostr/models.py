@@ -1,16 +1,12 @@
 """Tables of the Nostr layer: the inbox, the rejected-events log and the publishing outbox."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base
-
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+from service.db import Base, utcnow
 
 
 class InboxEvent(Base):

@@ -28,8 +28,8 @@ from datetime import timedelta
 from sqlalchemy import and_, exists, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import insert_ignore
-from service.nostr.models import Delivery, OutboxEvent, utcnow
+from service.db import insert_ignore, utcnow
+from service.nostr.models import Delivery, OutboxEvent
 from service.nostr.nip01 import Event
 from service.nostr.pool import NotConnected, RelayPool
 

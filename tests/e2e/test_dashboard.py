@@ -29,11 +29,10 @@ from service.api.dashboard import router
 from service.api.models import AdminAction
 from service.app import create_app
 from service.config import Settings
-from service.db import create_engine, session_factory
+from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job, TimelineEntry
 from service.lightning.client import InvoiceState
 from service.lightning.models import LnInvoice, Payout
-from service.nostr.models import utcnow
 from tests.conftest import ROOT, Regtest, free_port, wait_until
 from tests.e2e.market import Market, settle_payment
 

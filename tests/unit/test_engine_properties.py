@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select, update
 
-from service.db import create_engine, insert_ignore, session_factory
+from service.db import create_engine, insert_ignore, session_factory, utcnow
 from service.escrow.engine import Engine, EngineConfig
 from service.escrow.models import Effect, Job, JobState
 from service.ledger import service as ledger
@@ -42,7 +42,6 @@ from service.nostr.protocol import (
     build_result,
     parse_job_request,
 )
-from service.nostr.models import utcnow
 
 TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=10_000, max_bid_msat=10_000_000_000,
                     max_validators=5, max_shards=8, min_results_window_s=0, max_job_duration_s=30 * 86_400,

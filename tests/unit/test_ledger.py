@@ -20,7 +20,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from service.db import create_engine, session_factory
+from service.db import create_engine, session_factory, utcnow
 from service.ledger import accounts as A
 from service.ledger import reconcile as R
 from service.ledger import service as L
@@ -28,7 +28,6 @@ from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliatio
 from service.lightning import errors
 from service.lightning.client import ChannelBalance, FailureReason, Invoice, InvoiceState, Payment, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
-from service.nostr.models import utcnow
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"),
             pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
