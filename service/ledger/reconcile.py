@@ -326,12 +326,19 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
         ledger_node_msat=ledger_node, lnd_settled_msat=settled_in, lnd_paid_msat=paid_out, lnd_fees_msat=fees_out,
         lnd_local_balance_msat=local, liabilities_msat=owed, warnings=warnings)
     if persist:
-        row = LedgerReconciliation(kind="run", ran_at=ran_at, ok=report.ok, discrepancy_msat=total,
-                                   report=report.to_json())
-        session.add(row)
-        await session.flush()
-        report.id = row.id
+        await store_report(session, report)
     return report
+
+
+async def store_report(session: AsyncSession, report: ReconciliationReport) -> int:
+    """Store a run's report (``reconcile(..., persist=False)``) as its ``ledger_reconciliations`` row;
+    returns the row's id. Flushes only."""
+    row = LedgerReconciliation(kind="run", ran_at=report.ran_at, ok=report.ok,
+                               discrepancy_msat=report.discrepancy_msat, report=report.to_json())
+    session.add(row)
+    await session.flush()
+    report.id = row.id
+    return row.id
 
 
 # ---------------------------------------------------------------- the payout pause
@@ -366,4 +373,4 @@ async def resume_payouts(session: AsyncSession, *, reason: str) -> int:
 
 
 __all__ = ["Discrepancy", "ReconciliationReport", "latest_reconciliation", "payouts_paused", "reconcile",
-           "resume_payouts"]
+           "resume_payouts", "store_report"]

@@ -268,6 +268,12 @@ class Payouts:
             if kind == "bolt11":
                 return await self._finish(payout_id, "needs_invoice", f"{e.reason.value}: {e.message}")
             return await self._retry_or_give_up(payout_id, p.attempts + 1, f"{e.reason.value}: {e.message}")
+        except errors.LndError as e:
+            # Our node did not answer a check (DecodePayReq): the write-ahead rolled back with the
+            # transaction, so no payment can exist. Give the claim back now; left `sending`, the
+            # payout would wait for its lease to run out and the reconciler's next pass.
+            log.info("payout %s: node unavailable while checking the invoice: %s", payout_id, e)
+            return await self._finish(payout_id, "pending", f"checking the invoice: {type(e).__name__}", retry=True)
         return await self._send(payout_id, checked.payment_hash, checked.payment_request, fee_limit)
 
     async def _send(self, payout_id: str, payment_hash: str, payreq: str, fee_limit: int) -> Outcome:

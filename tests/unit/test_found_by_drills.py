@@ -1,0 +1,119 @@
+"""Regressions for what the fault drills (bench/drills) found in the service.
+
+1. The reconciliation loop ran a dry run, and when it agreed ran *again* to store the result:
+   a payout that succeeded between the two runs (its posting not booked yet) was stored as a
+   disagreement and paused every payout for a whole interval (300 s). Seen in the replicas drill:
+   the new leader reconciled right after the takeover, while payouts were completing
+   (payout_missing for a payout booked 60 ms later; three jobs stayed `releasing`).
+2. A payout claimed while our LND node was unreachable (DecodePayReq failing in the checks) stayed
+   `sending` with nothing written ahead, until its lease ran out and the reconciler's next pass
+   (a minute later) gave it back. Seen in the lnd-outage drill (a job `releasing` for 60 s after
+   LND was back).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import func, select
+
+import service.lightning.service as lightning_service
+from service.config import Settings
+from service.db import create_engine, session_factory, utcnow
+from service.ledger.models import LedgerReconciliation
+from service.ledger.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
+from service.lightning import errors
+from service.lightning.models import Payout, PayoutAttempt
+from service.lightning.payouts import PayoutPolicy, Payouts
+from service.migrate import upgrade_async
+from service.nostr.protocol.examples import regtest_invoice
+
+H1, H2 = "a1" * 32, "b2" * 32
+
+
+@pytest.fixture
+async def sessions(tmp_path: Path):  # noqa: ANN201
+    url = f"sqlite+aiosqlite:///{tmp_path / 'drills.sqlite3'}"
+    await upgrade_async(url)
+    engine = create_engine(url)
+    yield session_factory(engine)
+    await engine.dispose()
+
+
+def scripted(monkeypatch: pytest.MonkeyPatch, runs: list[list[tuple[str, str]]]) -> list[bool]:
+    """Replace reconcile() by runs finding the given (kind, payment hash) discrepancies, in order."""
+    persisted: list[bool] = []
+    it = iter(runs)
+
+    async def fake(session, lnd, *, threshold_msat=0, call_timeout=None, persist=True):  # noqa: ANN001, ANN202
+        found = [Discrepancy(kind, h, 10_000, 0) for kind, h in next(it)]
+        report = ReconciliationReport(
+            ran_at=utcnow(), ok=not found, threshold_msat=threshold_msat, discrepancy_msat=10_000 * len(found),
+            discrepancies=found, invoices_checked=1, payments_checked=1, ledger_node_msat=0,
+            lnd_settled_msat=0, lnd_paid_msat=0, lnd_fees_msat=0)
+        persisted.append(persist)
+        if persist:
+            await store_report(session, report)
+        return report
+    monkeypatch.setattr(lightning_service, "reconcile", fake)
+    return persisted
+
+
+def service_for(sessions) -> lightning_service.LightningService:  # noqa: ANN001
+    svc = lightning_service.LightningService(object(), sessions, Settings(_env_file=None))
+
+    async def no_pause(_seconds: float) -> None:
+        return None
+    svc._sleep = no_pause
+    return svc
+
+
+async def stored(sessions) -> list[bool]:  # noqa: ANN001
+    async with sessions() as s:
+        return list((await s.scalars(select(LedgerReconciliation.ok).order_by(LedgerReconciliation.id))).all())
+
+
+@pytest.mark.parametrize(("runs", "rows", "paused"), [
+    # agreement, then a payout completes (posting not booked yet): the agreeing run is stored
+    ([[], [("payout_missing", H1)]], [True], False),
+    # two different facts in transit, one per run: nothing is stored, nothing pauses
+    ([[("payout_missing", H1)], [("payout_missing", H2)]], [], False),
+    # the same discrepancy 5 s later: a real disagreement, stored, payouts pause
+    ([[("payout_missing", H1)], [("payout_missing", H1), ("funding_missing", H2)]], [False], True),
+    # a fact in transit that was booked meanwhile: the second, agreeing run is stored
+    ([[("funding_missing", H2)], []], [True], False),
+])
+async def test_reconciliation_stores_only_what_it_checked(sessions, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
+                                                          runs, rows, paused) -> None:  # noqa: ANN001
+    persisted = scripted(monkeypatch, runs)
+    await service_for(sessions).reconcile_once()
+    assert await stored(sessions) == rows
+    assert not any(persisted), "every run is a dry run; what is stored is a report that was checked"
+    async with sessions() as s:
+        assert await payouts_paused(s) is paused
+
+
+class UnreachableLnd:
+    timeout = 1.0
+
+    async def decode_pay_req(self, payment_request: str):  # noqa: ANN201
+        raise errors.LndUnavailable("DecodePayReq", "failed to connect to all addresses", grpc.StatusCode.UNAVAILABLE)
+
+
+async def test_a_payout_claimed_while_lnd_is_unreachable_is_given_back_at_once(sessions) -> None:  # noqa: ANN001
+    payreq = regtest_invoice("payee", 5_000, "c3" * 32, "reward", int(time.time()))
+    async with sessions.begin() as s:
+        await Payouts.create(s, payout_id="job:reward:r1", payee="d4" * 32, amount_msat=5_000,
+                             destination="bolt11:" + payreq, job_id="e5" * 32)
+    payouts = Payouts(UnreachableLnd(), sessions, PayoutPolicy(network="regtest", retry_seconds=1.0),
+                      our_pubkey="02" + "11" * 32)
+    before = utcnow()
+    outcomes = await payouts.process_due()
+    assert [o.state for o in outcomes] == ["pending"]
+    async with sessions() as s:
+        p = await s.get(Payout, "job:reward:r1")
+        attempts = await s.scalar(select(func.count()).select_from(PayoutAttempt))
+    assert (p.state, p.lease_until, p.attempts, attempts) == ("pending", None, 0, 0)
+    assert p.next_attempt_at.replace(tzinfo=before.tzinfo) > before, "retried after the pause, not in a loop"
