@@ -98,6 +98,8 @@ _MESSAGES: tuple[tuple[str, type[LndError]], ...] = (
     ("cannot get macaroon", LndAuthError),
     ("permission denied", LndAuthError),
     ("server is still in the process of starting", LndUnavailable),
+    ("in the process of starting up", LndUnavailable),   # lnd v0.20 rpcperms.ErrRPCStarting
+    ("wallet locked, unlock it", LndUnavailable),         # rpcperms.ErrWalletLocked
     ("waiting to start", LndUnavailable),
 )
 

@@ -132,7 +132,9 @@ async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: 
     except errors.LndInvalidArgument as e:
         raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
     except errors.LndError as e:
-        if e.code is not None and e.code.name == "UNKNOWN":
+        # An unclassified error (code UNKNOWN) is the node refusing this invoice; a classified one
+        # (unavailable, starting up, timeout, ...) is about the node, not the invoice: raised.
+        if type(e) is errors.LndError and e.code is not None and e.code.name == "UNKNOWN":
             raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
         raise
     if (node.payment_hash.hex() != ours.payment_hash or (ours.amount_msat or 0) != node.num_msat
