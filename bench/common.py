@@ -90,7 +90,10 @@ class ServiceProc:
 
     def start(self) -> None:
         log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "--log-level", "WARNING", "serve"],
+        # FEDSTR_BENCH_PROFILE=FILE runs the service under cProfile (stats written at a clean stop)
+        profile = os.environ.get("FEDSTR_BENCH_PROFILE")
+        prefix = ["-m", "cProfile", "-o", profile] if profile else []
+        self.proc = subprocess.Popen([sys.executable, *prefix, "-m", "service.cli", "--log-level", "WARNING", "serve"],
                                      env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
         log.close()
 
@@ -108,8 +111,14 @@ class ServiceProc:
             self.proc.wait()
 
     def stop(self, timeout: float = 20) -> None:
+        import signal
+        profiling = bool(os.environ.get("FEDSTR_BENCH_PROFILE"))
+        if profiling:
+            timeout = max(timeout, 120)   # writing the profile takes a while
         if self.alive():
-            self.proc.terminate()
+            # uvicorn re-raises SIGTERM after its shutdown, which would lose the profile;
+            # SIGINT ends in KeyboardInterrupt, which cProfile survives.
+            self.proc.send_signal(signal.SIGINT if profiling else signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -148,8 +157,10 @@ def job_event(customer, escrow_pubkey: str, *, bid_msat: int = 100_000, shards: 
     from service.nostr.protocol import (Direction, JobSpec, Mode, PayoutPolicy, Shard, Validation,
                                         build_job_request)
     now = int(time.time())
+    nonce = os.urandom(8).hex()   # two requests signed in the same second must differ
     spec = JobSpec(escrow=escrow_pubkey, bid_msat=bid_msat,
-                   shards=tuple(Shard(index=k, url=f"https://data.example.org/bench/{k}.npz") for k in range(shards)),
+                   shards=tuple(Shard(index=k, url=f"https://data.example.org/bench/{nonce}/{k}.npz")
+                                for k in range(shards)),
                    validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), quorum),
                    payout=PayoutPolicy(policy), results_deadline=now + results_in,
                    validation_deadline=now + validation_in, validators=validators,

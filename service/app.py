@@ -76,6 +76,12 @@ def _wake(event):  # noqa: ANN001, ANN202
     return wake
 
 
+def _notify(callback):  # noqa: ANN001, ANN202
+    async def notify(*args: object) -> None:
+        callback(*args)
+    return notify
+
+
 def load_key(settings: Settings) -> SecretKey:
     if settings.nostr_secret_key is not None:
         return parse_secret(settings.nostr_secret_key.get_secret_value())
@@ -100,6 +106,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if settings.relays:
             app.state.nostr = NostrService(app.state.sessions, settings.relays, key)
             app.state.nostr.pool.on_stored = _wake(app.state.escrow.loop.wake)
+            app.state.escrow.loop.on_progress.append(app.state.nostr.publisher.wake)
+        if app.state.lightning is not None:
+            app.state.escrow.loop.on_progress.append(app.state.lightning.wake_payouts)
+            app.state.lightning.on_payout_outcome.append(app.state.escrow.loop.notify_payout)
+            app.state.lightning.watcher.on_fact = _notify(app.state.escrow.loop.notify_fact)
 
         async def gain() -> None:   # this replica leads: watchers, publisher, announcement
             if app.state.lightning is not None:

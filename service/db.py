@@ -33,6 +33,13 @@ class Base(DeclarativeBase):
 
 def create_engine(url: str, **kw) -> AsyncEngine:
     if url.startswith("sqlite"):
+        # One connection per process: SQLite admits one writer at a time anyway, and waiting
+        # in the pool's queue (FIFO, woken at once) beats SQLite's busy handler, which sleeps
+        # with backoff, by a factor of two in bench.escrow. Other processes on the same file
+        # (a CLI, a second service) still meet the busy handler (busy_timeout below).
+        kw.setdefault("pool_size", 1)
+        kw.setdefault("max_overflow", 0)
+        kw.setdefault("pool_timeout", 60)
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
 
         @event.listens_for(engine.sync_engine, "connect")

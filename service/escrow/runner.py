@@ -14,7 +14,7 @@ import logging
 import time
 from datetime import timedelta
 
-from sqlalchemy import and_, exists, literal, select, update
+from sqlalchemy import and_, exists, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -38,11 +38,16 @@ class EngineRunner:
         self.inbox = inbox
         self.sessions: async_sessionmaker[AsyncSession] = engine.sessions
 
-    async def step(self) -> int:
+    async def step(self, *, facts: bool = True, payouts: bool = True, timers: bool = True) -> int:
+        """Process what is pending: inbox events always; LN facts, payout outcomes and due
+        timers unless told to skip them this time (the loop scans those on a schedule)."""
         n = await self.inbox.process_pending(self.engine.handle_event, limit=200)
-        n += await self._ln_facts()
-        n += await self._payouts()
-        n += await self._timers()
+        if facts:
+            n += await self._ln_facts()
+        if payouts:
+            n += await self._payouts()
+        if timers:
+            n += await self._timers()
         return n
 
     async def _ln_facts(self) -> int:
@@ -70,8 +75,16 @@ class EngineRunner:
         return done
 
     async def _timers(self) -> int:
+        now, cfg = self.engine.now(), self.engine.config
+        # Only jobs whose deadline may have passed (a superset of what due_timer accepts):
+        # open jobs by the thousand must not be loaded on every scan.
+        maybe_due = or_(
+            and_(Job.state == JobState.OFFERED.value, Job.offer_expires_at.is_not(None),
+                 Job.offer_expires_at <= now - cfg.offer_grace_seconds),
+            and_(Job.state == JobState.COLLECTING.value, Job.results_deadline <= now - cfg.results_grace_seconds),
+            and_(Job.state == JobState.VALIDATING.value, Job.validation_deadline <= now))
         async with self.sessions() as s:
-            jobs = (await s.scalars(select(Job).where(Job.state.in_(TIMED_STATES)))).all()
+            jobs = (await s.scalars(select(Job).where(maybe_due).limit(500))).all()
         done = 0
         for job in jobs:
             if self.engine.due_timer(job) is None:   # checked here first: no transaction per idle job
@@ -85,7 +98,7 @@ class EngineRunner:
 
 class EffectRunner:
     def __init__(self, engine: Engine, invoices: EscrowInvoices, watcher: SettlementWatcher, *,
-                 max_attempts: int = 10, lease_seconds: float = 120.0) -> None:
+                 max_attempts: int = 10, lease_seconds: float = 120.0, concurrency: int = 32) -> None:
         self.engine = engine
         self.invoices = invoices
         self.watcher = watcher
@@ -93,28 +106,48 @@ class EffectRunner:
         self.sessions = engine.sessions
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
+        self.concurrency = concurrency
 
     async def run_once(self) -> int:
+        """Claim due effects and perform them: jobs concurrently, one job's effects in order."""
         now = utcnow()
         async with self.sessions() as s:
             due = (await s.scalars(select(Effect).where(Effect.state.in_(("pending", "running")),
-                                                        Effect.next_attempt_at <= now).limit(50))).all()
-        done = 0
-        for eff in due:
-            async with self.sessions.begin() as s:   # claim: a lease, by compare-and-set
-                claimed = await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == eff.state,
-                                                               Effect.attempts == eff.attempts)
-                                          .values(state="running", attempts=Effect.attempts + 1,
-                                                  next_attempt_at=now + timedelta(seconds=self.lease_seconds)))
-            if claimed.rowcount != 1:
-                continue
-            try:
-                await self._perform(eff)
-            except (LndError, DBAPIError, OSError) as e:
-                await self._failed(eff, f"{type(e).__name__}: {e}"[:300])
-                continue
-            done += 1
-        return done
+                                                        Effect.next_attempt_at <= now)
+                                   .order_by(Effect.id).limit(4 * self.concurrency))).all()
+        if not due:
+            return 0
+        claimed: dict[str, list[Effect]] = {}
+        async with self.sessions.begin() as s:   # claim: a lease, by compare-and-set, one transaction
+            t = Effect.__table__
+            for eff in due:
+                res = await s.execute(update(t).where(t.c.id == eff.id, t.c.state == eff.state,
+                                                      t.c.attempts == eff.attempts)
+                                      .values(state="running", attempts=t.c.attempts + 1,
+                                              next_attempt_at=now + timedelta(seconds=self.lease_seconds)))
+                if res.rowcount == 1:
+                    claimed.setdefault(eff.job_id, []).append(eff)
+        gate = asyncio.Semaphore(self.concurrency)
+
+        async def job_effects(effects: list[Effect]) -> int:
+            async with gate:
+                for k, eff in enumerate(effects):
+                    try:
+                        await self._perform(eff)
+                    except (LndError, DBAPIError, OSError) as e:
+                        await self._failed(eff, f"{type(e).__name__}: {e}"[:300])
+                        for later in effects[k + 1:]:   # keep the order: retried after this one
+                            await self._release(later)
+                        return k
+                return len(effects)
+        return sum(await asyncio.gather(*(job_effects(effs) for effs in claimed.values())))
+
+    async def _release(self, eff: Effect) -> None:
+        """Give back a claimed effect unperformed (its job's earlier effect failed)."""
+        async with self.sessions.begin() as s:
+            await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == "running")
+                            .values(state="pending", attempts=Effect.attempts - 1,
+                                    next_attempt_at=utcnow() + timedelta(seconds=1)))
 
     async def _failed(self, eff: Effect, error: str) -> None:
         attempts = eff.attempts + 1
@@ -127,7 +160,8 @@ class EffectRunner:
         log.warning("effect %s for job %s: %s (%s)", eff.kind, eff.job_id, error, state)
 
     async def _done(self, s: AsyncSession, eff: Effect) -> None:
-        await s.execute(update(Effect).where(Effect.id == eff.id).values(state="done", last_error=None))
+        t = Effect.__table__
+        await s.execute(update(t).where(t.c.id == eff.id).values(state="done", last_error=None))
 
     async def _perform(self, eff: Effect) -> None:
         async with self.sessions() as s:
@@ -168,40 +202,102 @@ class EffectRunner:
 
 
 class EscrowLoop:
-    """Runs the engine runner, the effect runner and the payout worker until stopped."""
+    """Runs the engine runner and the effect runner, each in its own task, until stopped.
+
+    The engine's decisions (database only) and the effects (LND calls) overlap: each
+    wakes the other when it did work, and ``on_progress`` callbacks (the publisher's
+    wake) run whenever anything was done, so the outbox goes out without a poll delay.
+
+    Inbox events are processed at every step. LN facts and payout outcomes are scanned
+    when the watcher or the payout worker says there is something new
+    (``notify_fact``/``notify_payout``), and otherwise every ``scan_interval`` (facts
+    recorded by another replica's watcher are found that way); deadlines every
+    ``timer_interval``. Under load, steps are at least ``min_spacing`` apart, so one step
+    takes a batch of arrivals instead of paying its fixed queries per event.
+    """
+
+    timer_interval = 0.5    # deadlines have one-second resolution
+    scan_interval = 0.25
+    min_spacing = 0.005
 
     def __init__(self, runner: EngineRunner, effects: EffectRunner | None, interval: float = 0.2) -> None:
         self.runner = runner
         self.effects = effects
         self.interval = interval
         self._stop = asyncio.Event()
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.wake = asyncio.Event()
+        self.wake_effects = asyncio.Event()
+        self.on_progress: list = []   # callables, no arguments
+        self._timers_at = self._scan_at = float("-inf")
+        self._facts_due = self._payouts_due = False
+
+    def notify_fact(self, *_args: object) -> None:
+        self._facts_due = True
+        self.wake.set()
+
+    def notify_payout(self, *_args: object) -> None:
+        self._payouts_due = True
+        self.wake.set()
 
     async def start(self) -> None:
         self._stop.clear()
-        self._task = asyncio.create_task(self._run(), name="escrow engine")
+        self._tasks = [asyncio.create_task(self._run(self._engine_step, self.wake), name="escrow engine")]
+        if self.effects is not None:
+            self._tasks.append(asyncio.create_task(self._run(self._effects_step, self.wake_effects),
+                                                   name="escrow effects"))
 
     async def stop(self) -> None:
         self._stop.set()
-        if self._task:
-            self._task.cancel()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await t
+        self._tasks = []
 
-    async def _run(self) -> None:
+    async def _engine_step(self) -> int:
+        now = time.monotonic()
+        timers = now - self._timers_at >= self.timer_interval
+        scan = now - self._scan_at >= self.scan_interval
+        if timers:
+            self._timers_at = now
+        if scan:
+            self._scan_at = now
+        facts, payouts = scan or self._facts_due, scan or self._payouts_due
+        self._facts_due = self._payouts_due = False
+        n = await self.runner.step(facts=facts, payouts=payouts, timers=timers)
+        if n:
+            self.wake_effects.set()
+        return n
+
+    async def _effects_step(self) -> int:
+        n = await self.effects.run_once()
+        if n:
+            self.wake.set()
+        return n
+
+    def _progress(self) -> None:
+        for callback in self.on_progress:
+            try:
+                callback()
+            except Exception:  # noqa: BLE001 - a hook never stops the engine
+                log.exception("progress hook failed")
+
+    async def _run(self, step, wake: asyncio.Event) -> None:  # noqa: ANN001
         while not self._stop.is_set():
             t0 = time.monotonic()
+            wake.clear()
             try:
-                n = await self.runner.step()
-                if self.effects is not None:
-                    n += await self.effects.run_once()
+                n = await step()
             except asyncio.CancelledError:
                 raise
             except Exception:  # noqa: BLE001 - the engine loop never dies; facts stay pending
                 log.exception("engine step failed")
                 n = 0
-            if n == 0:
-                self.wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.wake.wait(), max(0.0, self.interval - (time.monotonic() - t0)))
+            if n:
+                self._progress()
+                await asyncio.sleep(max(0.0, self.min_spacing - (time.monotonic() - t0)))
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(wake.wait(), max(0.0, self.interval - (time.monotonic() - t0)))

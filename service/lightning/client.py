@@ -149,15 +149,21 @@ class ChannelBalance:
     pending_open_local_msat: int
 
 
-class _Macaroon(grpc.AuthMetadataPlugin):
-    def __init__(self, macaroon_hex: str) -> None:
-        self._md = (("macaroon", macaroon_hex),)
+class _Macaroon(tuple):
+    """The per-call metadata carrying the macaroon; its repr never shows the secret.
 
-    def __call__(self, context, callback) -> None:  # noqa: ANN001 - grpc's signature
-        callback(self._md, None)
+    Sent as call metadata rather than through ``metadata_call_credentials``: grpc runs a
+    credentials plugin on a new thread for every call, which cost more CPU than the
+    call itself under load (bench.escrow).
+    """
+
+    def __new__(cls, macaroon_hex: str) -> _Macaroon:
+        return super().__new__(cls, (("macaroon", macaroon_hex),))
 
     def __repr__(self) -> str:
         return "<macaroon>"
+
+    __str__ = __repr__
 
 
 def _invoice(m: Any) -> Invoice:
@@ -211,10 +217,8 @@ class LndClient:
             raise ValueError("LND macaroon is empty")
         self.host = host
         self.timeout = timeout
-        creds = grpc.composite_channel_credentials(
-            grpc.ssl_channel_credentials(root_certificates=tls_cert),
-            grpc.metadata_call_credentials(_Macaroon(macaroon.hex()), name="macaroon"),
-        )
+        self._md = _Macaroon(macaroon.hex())
+        creds = grpc.ssl_channel_credentials(root_certificates=tls_cert)
         self._channel = grpc.aio.secure_channel(host, creds, options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 30_000),
@@ -252,7 +256,7 @@ class LndClient:
 
     async def _unary(self, method: str, call: Any, request: Any, timeout: float | None = None) -> Any:
         try:
-            return await call(request, timeout=timeout or self.timeout)
+            return await call(request, timeout=timeout or self.timeout, metadata=self._md)
         except grpc.RpcError as e:
             raise errors.from_rpc_error(method, e) from None
 
@@ -330,14 +334,15 @@ class LndClient:
         changes, so a subscriber that stores the indices misses nothing. The stream
         reports OPEN and SETTLED only (never ACCEPTED or CANCELED).
         """
-        call = self._ln.SubscribeInvoices(ln.InvoiceSubscription(add_index=add_index, settle_index=settle_index))
+        call = self._ln.SubscribeInvoices(ln.InvoiceSubscription(add_index=add_index, settle_index=settle_index),
+                                          metadata=self._md)
         async for m in self._stream("SubscribeInvoices", call):
             yield _invoice(m)
 
     async def subscribe_single_invoice(self, payment_hash: bytes) -> AsyncIterator[Invoice]:
         """Every state of one invoice, starting with its current state (OPEN/ACCEPTED/SETTLED/CANCELED)."""
         req = inv.SubscribeSingleInvoiceRequest(r_hash=_check_hash("payment_hash", payment_hash))
-        async for m in self._stream("SubscribeSingleInvoice", self._inv.SubscribeSingleInvoice(req)):
+        async for m in self._stream("SubscribeSingleInvoice", self._inv.SubscribeSingleInvoice(req, metadata=self._md)):
             yield _invoice(m)
 
     # ---- payments ----------------------------------------------------------
@@ -363,7 +368,7 @@ class LndClient:
         req = rt.SendPaymentRequest(payment_request=payment_request, fee_limit_msat=fee_limit_msat,
                                     timeout_seconds=timeout_seconds, cltv_limit=cltv_limit, amt_msat=amt_msat,
                                     no_inflight_updates=False)
-        async for m in self._stream("SendPaymentV2", self._rt.SendPaymentV2(req)):
+        async for m in self._stream("SendPaymentV2", self._rt.SendPaymentV2(req, metadata=self._md)):
             yield _payment(m)
 
     async def pay(self, payment_request: str, *, fee_limit_msat: int, timeout_seconds: int = 60) -> Payment:
@@ -382,5 +387,5 @@ class LndClient:
         """``TrackPaymentV2``: the payment's current state, then updates until final."""
         req = rt.TrackPaymentRequest(payment_hash=_check_hash("payment_hash", payment_hash),
                                      no_inflight_updates=no_inflight_updates)
-        async for m in self._stream("TrackPaymentV2", self._rt.TrackPaymentV2(req)):
+        async for m in self._stream("TrackPaymentV2", self._rt.TrackPaymentV2(req, metadata=self._md)):
             yield _payment(m)

@@ -29,6 +29,8 @@ class LightningService:
         self.payouts: Payouts | None = None
         self.sessions = sessions
         self._stop = asyncio.Event()
+        self._payouts_wake = asyncio.Event()
+        self.on_payout_outcome: list = []   # callables taking the Outcome (the engine's wake)
         self._tasks: list[asyncio.Task] = []
         self._leader_tasks: list[asyncio.Task] = []
         self.paused = False
@@ -120,11 +122,12 @@ class LightningService:
     async def _payout_loop(self) -> None:
         reconciled_at = 0.0
         while not self._stop.is_set():
+            polled = asyncio.get_running_loop().time()
             try:
                 if self.payouts is None:  # needs our node's pubkey, known once LND answers
                     info = await self.lnd.get_info()
                     self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
-                                           our_pubkey=info.pubkey)
+                                           our_pubkey=info.pubkey, on_outcome=self._outcome)
                 loop = asyncio.get_running_loop()
                 if loop.time() - reconciled_at > 60:   # at start-up, then every minute
                     await self.payouts.reconcile()
@@ -135,9 +138,22 @@ class LightningService:
                     self.paused = True   # the ledger disagrees with LND: an operator must look first
                 else:
                     self.paused = False
-                    await self.payouts.process_due()
+                    self._payouts_wake.clear()
+                    if await self.payouts.process_due():
+                        continue   # a backlog is worked through without pausing
             except LndError as e:
                 log.info("payout worker waiting for LND: %s", e)
             except Exception:  # noqa: BLE001 - keep paying
                 log.exception("payout worker failed")
-            await self._sleep(2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._payouts_wake.wait(), 2)
+            # woken by the engine's progress: at most ten polls a second
+            await self._sleep(max(0.0, 0.1 - (asyncio.get_running_loop().time() - polled)))
+
+    async def _outcome(self, outcome) -> None:  # noqa: ANN001
+        for callback in self.on_payout_outcome:
+            callback(outcome)
+
+    def wake_payouts(self) -> None:
+        """Look for due payouts now (called when the engine did work), not at the next poll."""
+        self._payouts_wake.set()

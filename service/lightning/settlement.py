@@ -122,6 +122,12 @@ class SettlementWatcher:
         self._singles: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
         self._stop = asyncio.Event()
+        self._cursor_add = self._cursor_settle = 0
+        self._cursor_saved = (0, 0)
+        self._cursors_saved_at = float("-inf")
+        self._cursor_timer: asyncio.Task | None = None
+
+    cursor_delay = 0.5   # seconds an addition's cursor may wait to be saved with the next ones
 
     # ---- confirmation ----------------------------------------------------------
     async def confirm(self, payment_hash: str, source: str) -> ConfirmResult:
@@ -152,6 +158,12 @@ class SettlementWatcher:
 
     async def stop(self) -> None:
         self._stop.set()
+        if self._cursor_timer is not None:
+            self._cursor_timer.cancel()
+        try:
+            await self._save_cursors()
+        except Exception as e:  # noqa: BLE001 - best effort: the stream replays from the saved point
+            log.warning("saving the invoice cursors at stop failed: %s", type(e).__name__)
         tasks = self._tasks + list(self._singles.values())
         for t in tasks:
             t.cancel()
@@ -244,11 +256,33 @@ class SettlementWatcher:
             if ours:
                 await self.confirm(h, "stream")
         # Cursors move after the fact is recorded: a crash in between replays the update.
+        self._cursor_add = max(self._cursor_add, inv.add_index or 0)
+        self._cursor_settle = max(self._cursor_settle, inv.settle_index or 0)
+        if inv.state != InvoiceState.OPEN or time.monotonic() - self._cursors_saved_at >= self.cursor_delay:
+            await self._save_cursors()
+        elif self._cursor_timer is None or self._cursor_timer.done():
+            # A new (open) invoice proves nothing: its cursor may wait a moment and go out with
+            # the next ones (replaying an addition after a crash records nothing).
+            self._cursor_timer = asyncio.create_task(self._save_cursors_later(), name="lnd invoice cursors")
+
+    async def _save_cursors(self) -> None:
+        self._cursors_saved_at = time.monotonic()
+        add, settle = self._cursor_add, self._cursor_settle
+        if add <= self._cursor_saved[0] and settle <= self._cursor_saved[1]:
+            return
         async with self.sessions.begin() as s:
-            if inv.add_index:
-                await cursors.advance(s, ADD_CURSOR, inv.add_index)
-            if inv.settle_index:
-                await cursors.advance(s, SETTLE_CURSOR, inv.settle_index)
+            if add:
+                await cursors.advance(s, ADD_CURSOR, add)
+            if settle:
+                await cursors.advance(s, SETTLE_CURSOR, settle)
+        self._cursor_saved = (max(add, self._cursor_saved[0]), max(settle, self._cursor_saved[1]))
+
+    async def _save_cursors_later(self) -> None:
+        await asyncio.sleep(self.cursor_delay)
+        try:
+            await self._save_cursors()
+        except Exception as e:  # noqa: BLE001 - the next update or start-up saves them
+            log.warning("saving the invoice cursors failed: %s", type(e).__name__)
 
     # ---- single-invoice streams ------------------------------------------------------
     async def _single_loop(self, payment_hash: str) -> None:

@@ -118,13 +118,14 @@ class Inbox:
         event = Event.from_dict(json.loads(item.raw))
         try:
             async with self.sessions.begin() as s:
-                claimed = await s.execute(update(InboxEvent)
-                                          .where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
+                inbox = InboxEvent.__table__   # Core statements: no ORM bookkeeping on the hot path
+                claimed = await s.execute(update(inbox)
+                                          .where(inbox.c.id == item.id, inbox.c.handled_at.is_(None))
                                           .values(handled_at=utcnow(), outcome="processing"))
                 if claimed.rowcount != 1:
                     return False  # another worker or replica has it
                 outcome = await handler(s, event)
-                await s.execute(update(InboxEvent).where(InboxEvent.id == item.id)
+                await s.execute(update(inbox).where(inbox.c.id == item.id)
                                 .values(outcome=(outcome or "processed")[:500]))
             return True
         except (OperationalError, DBAPIError):

@@ -22,6 +22,7 @@ import asyncio
 import json
 import logging
 import random
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,7 +78,11 @@ class Publisher:
         return random.uniform(cap / 2, cap)
 
     async def run_once(self) -> int:
-        """Attempt every due delivery once (concurrently); returns how many were attempted."""
+        """Attempt every due delivery once (concurrently); returns how many were attempted.
+
+        The outcomes are recorded together, in one transaction, once every attempt of the
+        batch has its answer (or its timeout).
+        """
         async with self.sessions() as s:
             rows = (await s.execute(
                 select(Delivery.event_id, Delivery.relay, Delivery.attempts, OutboxEvent.raw)
@@ -85,44 +90,57 @@ class Publisher:
                 .where(Delivery.state == "pending", Delivery.next_attempt_at <= utcnow())
                 .order_by(Delivery.next_attempt_at).limit(self.config.batch))).all()
         known = set(self.pool.relays)
-        await asyncio.gather(*(self._attempt(r.event_id, r.relay, r.attempts, r.raw)
-                               for r in rows if r.relay in known))
-        return len(rows)
+        todo = [r for r in rows if r.relay in known]
+        answers = await asyncio.gather(*(self._attempt(r.relay, r.raw) for r in todo))
+        if todo:
+            await self._record([(r.event_id, r.relay, r.attempts, ok, message)
+                                for r, (ok, message) in zip(todo, answers)])
+        return len(todo)
 
-    async def _attempt(self, event_id: str, relay: str, attempts: int, raw: str) -> None:
+    async def _attempt(self, relay: str, raw: str) -> tuple[bool, str]:
         event = Event.from_dict(json.loads(raw))
         try:
-            ok, message = await self.pool.publish(relay, event, timeout=self.config.ok_timeout)
+            return await self.pool.publish(relay, event, timeout=self.config.ok_timeout)
         except NotConnected as e:
-            ok, message = False, f"not connected: {e}"
+            return False, f"not connected: {e}"
         except TimeoutError:
-            ok, message = False, f"no OK within {self.config.ok_timeout:.0f} s"
-        attempts += 1
-        if ok or message.startswith("duplicate:"):
-            state = "ok"
-        elif message.startswith(PERMANENT):
-            state = "rejected"
-        elif attempts >= self.config.max_attempts:
-            state = "gave_up"
-        else:
-            state = "pending"
+            return False, f"no OK within {self.config.ok_timeout:.0f} s"
+
+    async def _record(self, outcomes: list[tuple[str, str, int, bool, str]]) -> None:
+        d, o = Delivery.__table__, OutboxEvent.__table__   # Core statements: no ORM bookkeeping
         now = utcnow()
+        finished = []
         async with self.sessions.begin() as s:
-            await s.execute(update(Delivery)
-                            .where(Delivery.event_id == event_id, Delivery.relay == relay,
-                                   Delivery.state == "pending")
-                            .values(state=state, attempts=attempts, last_message=message[:500], updated_at=now,
-                                    next_attempt_at=now + timedelta(seconds=self._delay(attempts))))
-            if state != "pending":
-                still = exists().where(and_(Delivery.event_id == event_id, Delivery.state == "pending"))
-                await s.execute(update(OutboxEvent)
-                                .where(OutboxEvent.id == event_id, OutboxEvent.done_at.is_(None), ~still)
+            for event_id, relay, attempts, ok, message in outcomes:
+                attempts += 1
+                if ok or message.startswith("duplicate:"):
+                    state = "ok"
+                elif message.startswith(PERMANENT):
+                    state = "rejected"
+                elif attempts >= self.config.max_attempts:
+                    state = "gave_up"
+                else:
+                    state = "pending"
+                await s.execute(update(d)
+                                .where(d.c.event_id == event_id, d.c.relay == relay, d.c.state == "pending")
+                                .values(state=state, attempts=attempts, last_message=message[:500], updated_at=now,
+                                        next_attempt_at=now + timedelta(seconds=self._delay(attempts))))
+                if state != "pending":
+                    finished.append(event_id)
+                if state in ("rejected", "gave_up"):
+                    log.warning("event %s to %s: %s after %d attempt(s): %s", event_id, relay, state, attempts,
+                                message)
+            for event_id in dict.fromkeys(finished):
+                still = exists().where(and_(d.c.event_id == event_id, d.c.state == "pending"))
+                await s.execute(update(o).where(o.c.id == event_id, o.c.done_at.is_(None), ~still)
                                 .values(done_at=now))
-        if state in ("rejected", "gave_up"):
-            log.warning("event %s to %s: %s after %d attempt(s): %s", event_id, relay, state, attempts, message)
+
+    min_spacing = 0.005   # under load, one poll takes a batch of new events, not one each
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
+            t0 = time.monotonic()
+            self._wake.clear()
             try:
                 n = await self.run_once()
             except asyncio.CancelledError:
@@ -130,8 +148,9 @@ class Publisher:
             except Exception:  # noqa: BLE001 - a failed poll is retried; the rows are durable
                 log.exception("publisher poll failed")
                 n = 0
-            if n == 0:
-                self._wake.clear()
+            if n:
+                await asyncio.sleep(max(0.0, self.min_spacing - (time.monotonic() - t0)))
+            else:
                 try:
                     await asyncio.wait_for(self._wake.wait(), self.config.idle_interval)
                 except TimeoutError:

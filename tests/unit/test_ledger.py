@@ -268,9 +268,16 @@ async def test_same_key_different_content_is_key_conflict(db: Db, backend: str, 
 @backends
 @pytest.mark.parametrize("same", [True, False], ids=["replay", "conflict"])
 async def test_concurrent_same_key(db: Db, backend: str, same: bool) -> None:
-    """A writer that did not see an uncommitted posting of the key loses the insert race cleanly."""
+    """A writer that did not see an uncommitted posting of the key loses the insert race cleanly.
+
+    On SQLite the service's engine has one connection (writers queue in the pool); two
+    connections stand for two processes on the same file, where the race is real.
+    """
     key = f"funding:{hx()}"
     first_posted = asyncio.Event()
+    if backend == "sqlite":
+        engine = create_engine(db.url, pool_size=2)
+        db = Db(db.url, engine, session_factory(engine))
 
     async def first() -> str | None:
         async with db.sessions.begin() as s:
@@ -287,6 +294,8 @@ async def test_concurrent_same_key(db: Db, backend: str, same: bool) -> None:
             return await L.post(s, key=key, kind="funding", lines=[(A.NODE, amount), (E, -amount)])
 
     results = await asyncio.gather(first(), second(), return_exceptions=True)
+    if backend == "sqlite":
+        await engine.dispose()
     assert isinstance(results[0], str)
     if same:
         assert results[1] is None
