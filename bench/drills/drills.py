@@ -1,0 +1,495 @@
+"""The five drills. Each: a fresh database and escrow key, the service as its own process(es),
+a batch of jobs played by :class:`bench.drills.market.Market`, faults injected while the jobs
+run, then the service stopped and everything counted by :func:`bench.drills.audit.audit`.
+
+A drill is bounded by a hard timeout; when it expires the jobs still open are left as they
+are, the service is stopped and the audit reports them as not finished (the drill fails).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import select
+
+from bench.drills.audit import audit
+from bench.drills.faults import Service, StackParts
+from bench.drills.market import JobRun, Market, lnd
+from service.db import create_engine, session_factory
+from service.escrow.models import Job
+from service.lightning import errors as lnerr
+from service.lightning.models import PayoutAttempt
+from service.migrate import upgrade_async
+from service.nostr.nip01 import SecretKey
+
+OPEN = ("requested", "offered", "collecting", "validating", "releasing")
+
+
+@dataclass
+class Options:
+    jobs: int | None = None
+    kills: int = 20
+    seed: int = 0
+    lnd_outage: float = 30.0
+    relay_down: float = 8.0
+    timeout: float | None = None
+    work: tuple[float, float] | None = None   # at most this long to train, to score (None: the drill's own)
+
+
+class Drill:
+    name = ""
+    postgres = False
+    default_jobs = 10
+    about = ""
+
+    def __init__(self, desc: dict, opts: Options, run_dir: Path, say) -> None:  # noqa: ANN001
+        self.desc = desc
+        self.opts = opts
+        self.jobs = opts.jobs or self.default_jobs
+        self.seed = opts.seed
+        self.rng = random.Random(f"{opts.seed}:{self.name}")
+        self.dir = run_dir / self.name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._say = say
+        self.parts = StackParts(desc)
+        self.faults: list[dict] = []
+        self.notes: list[str] = []
+        self.services: list[Service] = []
+        self.states: dict[str, str] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.launched = 0
+        self.t0 = time.monotonic()
+
+    # ---- plumbing ---------------------------------------------------------------------------
+    def say(self, msg: str) -> None:
+        self._say(f"[{time.monotonic() - self.t0:6.1f}s] {self.name}: {msg}")
+
+    def timeout(self) -> float:
+        return self.opts.timeout or (180 + 6 * self.jobs)
+
+    async def database(self) -> str:
+        if not self.postgres:
+            url = f"sqlite+aiosqlite:///{self.dir / 'escrow.sqlite3'}"
+        else:
+            pg = self.desc.get("postgres")
+            if not pg:
+                raise RuntimeError("this drill needs the stack's PostgreSQL (`devstack/stack up` without --no-postgres)")
+            import asyncpg
+            name = f"drill_{self.name.replace('-', '_')}_{uuid.uuid4().hex[:10]}"
+            admin = await asyncpg.connect(host=pg["host"], port=pg["port"], user=pg["user"], database="postgres")
+            try:
+                await admin.execute(f'CREATE DATABASE "{name}"')
+            finally:
+                await admin.close()
+            url = f"postgresql+asyncpg://{pg['user']}@{pg['host']}:{pg['port']}/{name}"
+        await upgrade_async(url)    # before any replica starts: two would race on the migrations
+        return url
+
+    def service(self, name: str) -> Service:
+        svc = Service(name, self.desc, self.url, self.key.to_hex(), self.dir / f"service-{name}.log")
+        self.services.append(svc)
+        return svc
+
+    def api_urls(self) -> list[str]:
+        return [s.url for s in self.services if s.alive()]
+
+    def snapshot(self) -> str:
+        counts: dict[str, int] = {}
+        for j in self.market.jobs:
+            st = self.states.get(j.id) or ("posting" if j.phase == "new" else "requested")
+            counts[st] = counts.get(st, 0) + 1
+        order = ("posting", *OPEN, "closed", "refunding", "refunded", "cancelled", "rejected")
+        shown = " ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
+        waiting = self.jobs - self.launched
+        up = ",".join(f"{s.name}:{'up' if s.alive() else 'down'}" for s in self.services)
+        return (f"closed {counts.get('closed', 0)}/{self.jobs} | {shown}{f' | to launch {waiting}' if waiting else ''}"
+                f" | faults {len(self.faults)} | service {up}")
+
+    def count(self, *states: str) -> int:
+        return sum(1 for j in self.market.jobs if self.states.get(j.id) in states)
+
+    async def _monitor(self) -> None:
+        """Job states from the database every second (tolerates a database that is down)."""
+        engine = create_engine(self.url)
+        sessions = session_factory(engine)
+        last_print = 0.0
+        try:
+            while True:
+                ids = [j.id for j in self.market.jobs if j.id]
+                if ids:
+                    try:
+                        async with sessions() as s:
+                            rows = (await s.execute(select(Job.id, Job.state).where(Job.id.in_(ids)))).all()
+                        self.states.update(dict(rows))
+                    except Exception:  # noqa: BLE001 - PostgreSQL restarting: keep the last view
+                        pass
+                for j in self.market.jobs:
+                    t = self.tasks.get(j.id)
+                    if self.states.get(j.id) == "closed" and t is not None and not t.done():
+                        j.times["closed"] = round(time.monotonic() - self.market.t0, 2)
+                        t.cancel()
+                if time.monotonic() - last_print >= 5:
+                    last_print = time.monotonic()
+                    self.say(self.snapshot())
+                await asyncio.sleep(1)
+        finally:
+            await engine.dispose()
+
+    async def _job(self, job: JobRun) -> None:
+        try:
+            await self.market.run_job(job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a job's agent failing is a finding, reported
+            self.notes.append(f"job {job.plan.n} ({job.id[:12]}) agent error: {type(e).__name__}: {e}")
+            self.say(f"job {job.plan.n}: agent error {type(e).__name__}: {e}")
+
+    def launch_gate(self, n: int) -> bool:
+        """May job ``n`` be launched now? (The sigkill drill spreads the launches over its kills.)"""
+        return True
+
+    async def launch(self, stagger: float) -> None:
+        for n in range(self.jobs):
+            while not self.launch_gate(n):
+                await asyncio.sleep(0.1)
+            job = self.market.new_job(n)
+            task = asyncio.create_task(self._job(job))
+            while not job.id and not task.done():
+                await asyncio.sleep(0.01)
+            self.tasks[job.id] = task
+            self.launched += 1
+            await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
+
+    async def until(self, predicate, what: str, timeout: float = 3600) -> None:  # noqa: ANN001
+        end = time.monotonic() + timeout
+        while not predicate():
+            if time.monotonic() > end:
+                raise TimeoutError(what)
+            await asyncio.sleep(0.2)
+
+    async def until_finished(self, launcher: asyncio.Task) -> None:
+        await launcher
+        await self.until(lambda: all(self.states.get(j.id) == "closed" for j in self.market.jobs), "jobs closed")
+
+    def fault(self, kind: str, **detail: object) -> dict:
+        f = {"n": len(self.faults) + 1, "kind": kind, "at_s": round(time.monotonic() - self.t0, 1),
+             "jobs_open": self.count(*OPEN), **detail}
+        self.faults.append(f)
+        self.say(f"FAULT {f['n']}: {kind} " + " ".join(f"{k}={v}" for k, v in detail.items()) + " | " + self.snapshot())
+        return f
+
+    def recovered(self, f: dict, **detail: object) -> None:
+        f.update(detail)
+        self.say(f"fault {f['n']} ({f['kind']}) over: " + " ".join(f"{k}={v}" for k, v in detail.items())
+                 + " | " + self.snapshot())
+
+    # ---- the run ------------------------------------------------------------------------------
+    async def run(self) -> dict:
+        self.t0 = time.monotonic()
+        self.say(f"seed {self.seed}, {self.jobs} jobs; {self.about}; logs in {self.dir}")
+        self.url = await self.database()
+        self.key = SecretKey.generate()
+        self.market = Market(self.desc, self.key.public_key_hex, self.api_urls, seed=f"{self.seed}:{self.name}",
+                             run_id=f"{self.name}-{uuid.uuid4().hex[:8]}", work=self.opts.work or self.work)
+        monitor = asyncio.create_task(self._monitor())
+        timed_out = False
+        try:
+            await asyncio.wait_for(self.body(), self.timeout())
+        except TimeoutError:
+            timed_out = True
+            self.notes.append(f"HARD TIMEOUT after {self.timeout():.0f} s: {self.snapshot()}")
+            self.say(f"hard timeout ({self.timeout():.0f} s)")
+        except Exception as e:  # noqa: BLE001 - reported as the drill's failure
+            self.notes.append(f"drill error: {type(e).__name__}: {e}")
+            self.say("drill error:\n" + traceback.format_exc())
+        finally:
+            for t in self.tasks.values():
+                t.cancel()
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+            for s in self.services:
+                s.stop()
+            monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await monitor
+            await self.restore()
+        seconds = time.monotonic() - self.t0
+        self.say("service stopped; counting from the payee, escrow and customer nodes and the database")
+        counted = await audit(self.desc, self.url, self.market, self.parts)
+        audit_notes = counted.pop("audit_notes")
+        await self.market.close()
+        passed = (not timed_out and counted["jobs_finished"] == counted["jobs_total"]
+                  and counted["duplicate_payments"] == 0 and counted["facts_lost"] == 0
+                  and counted["ledger_imbalance_msat"] == 0 and counted["ledger_violations"] == 0
+                  and counted["reconciliation_discrepancy_msat"] == 0 and counted["unpaid"] == 0
+                  and counted["payments_made"] == counted["payments_expected"])
+        durations = [j.times["closed"] - j.times["requested"] for j in self.market.jobs
+                     if "closed" in j.times and "requested" in j.times]
+        result = {
+            "drill": self.name, "about": self.about, "seed": self.seed, "passed": passed,
+            "faults_injected": len(self.faults), "seconds": round(seconds, 1), **counted,
+            "faults": self.faults,
+            "job_seconds": {"min": round(min(durations), 1), "median": round(sorted(durations)[len(durations) // 2], 1),
+                            "max": round(max(durations), 1)} if durations else None,
+            "market": {"events_published": self.market.publish.published,
+                       "events_republished": self.market.publish.republished,
+                       "relay_resubscriptions": self.market.hub.reconnects,
+                       "rest_payout_invoices": self.market.rest_submissions, "api_event_posts": self.market.api_posts,
+                       "customer_payment_attempts": sum(j.pay_attempts for j in self.market.jobs)},
+            "service_starts": sum(s.starts for s in self.services),
+            "database": "postgresql" if self.postgres else "sqlite",
+            "logs": str(self.dir),
+            "notes": self.notes + audit_notes,
+        }
+        (self.dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        return result
+
+    async def restore(self) -> None:
+        """Leave the stack as ``up`` left it, whatever happened."""
+        try:
+            if not self.parts.stack.alive("relay"):
+                await self.parts.start_relay()
+            if not self.parts.stack.alive("lnd-escrow"):
+                await self.parts.start_lnd("escrow")
+            if self.desc.get("postgres") and not self.parts.stack.alive("postgres") and getattr(self, "_pg_argv", None):
+                await self.parts.start_postgres(self._pg_argv)
+        except Exception as e:  # noqa: BLE001
+            self.notes.append(f"restoring the stack failed: {e}")
+        bad = await self.parts.health()
+        if bad:
+            self.notes.append(f"stack not healthy after the drill: {bad}")
+
+    async def body(self) -> None:
+        raise NotImplementedError
+
+    async def start_one(self) -> tuple[Service, asyncio.Task]:
+        svc = self.service("a")
+        svc.start()
+        await svc.wait_ready(90)
+        self.market.hub.start()
+        return svc, asyncio.create_task(self.launch(self.stagger()))
+
+    def stagger(self) -> float:
+        return 1.0
+
+    work = (4.0, 2.0)   # seconds a provider may train, a validator may take to score
+
+
+# ------------------------------------------------------------------------------ sigkill
+class SigkillDrill(Drill):
+    name = "sigkill"
+    default_jobs = 50
+    about = "SIGKILL of the service at random moments, some exactly between a payout's write-ahead and its send"
+
+    def timeout(self) -> float:
+        return self.opts.timeout or (240 + 5 * self.jobs + 20 * self.opts.kills)
+
+    work = (12.0, 6.0)   # jobs last long enough for many to be in flight at every kill
+
+    def stagger(self) -> float:
+        return 0.6
+
+    def launch_gate(self, n: int) -> bool:
+        # launches follow the kills (the last ones after 80 % of them), so jobs are in flight at every kill
+        return len(self.faults) >= int(n * self.opts.kills * 0.8 / max(1, self.jobs))
+
+    def plan(self) -> list[str]:
+        """r: SIGKILL from outside at a random moment; W: the process kills itself right after a write-ahead.
+
+        A quarter of the kills (at least one) are W, never first (no payout exists yet) nor in the
+        last fifth (the last jobs are launched by then, and their payouts may all be done)."""
+        k = self.opts.kills
+        if k <= 0:
+            return []
+        n_wa = max(1, k // 4)
+        slots = list(range(min(2, k - 1), max(min(2, k - 1) + n_wa, int(k * 0.8))))
+        wa = set(self.rng.sample(slots, min(n_wa, len(slots))))
+        return ["write-ahead" if i in wa else "random" for i in range(k)]
+
+    async def body(self) -> None:
+        svc = self.service("a")
+        plan = self.plan()
+        self.say(f"kill plan: {' '.join('W' if p == 'write-ahead' else 'r' for p in plan)} "
+                 f"(r = SIGKILL from outside at a random moment, W = the process kills itself after a write-ahead)")
+        launcher = None
+        ready_s = [3.0]      # how long a start takes here (start-up kills land inside it)
+        for kind in plan:
+            die_at = self.rng.randint(1, 2) if kind == "write-ahead" else None
+            started = time.monotonic()
+            svc.start(die_at_send=die_at)
+            if launcher is None:
+                await svc.wait_ready(90)
+                self.market.hub.start()
+                launcher = asyncio.create_task(self.launch(self.stagger()))
+            if kind == "write-ahead":
+                await self.self_kill(svc, die_at)
+                continue
+            phase = "start-up" if self.rng.random() < 0.15 else "running"
+            if phase == "start-up":
+                await asyncio.sleep(self.rng.uniform(0.3, 1.0) * sorted(ready_s)[len(ready_s) // 2])
+            else:
+                await svc.wait_ready(90)
+                ready_s.append(time.monotonic() - started)
+                await asyncio.sleep(self.rng.uniform(0.3, 5.0))
+            if not svc.alive():
+                self.notes.append(f"the service exited by itself (code {svc.proc.returncode}); see {svc.log_path}")
+            svc.kill()
+            self.fault("sigkill", phase=phase, up_s=round(time.monotonic() - started, 1))
+        svc.start()
+        await svc.wait_ready(90)
+        if launcher is None:
+            self.market.hub.start()
+            launcher = asyncio.create_task(self.launch(self.stagger()))
+        await self.until_finished(launcher)
+
+    async def self_kill(self, svc: Service, die_at: int) -> None:
+        before = len(svc.notes())
+        end = time.monotonic() + 90
+        idle_since = None
+        while svc.alive() and time.monotonic() < end:
+            await asyncio.sleep(0.05)
+            idle = self.launched == self.jobs and self.count(*OPEN) == 0 and all(j.id in self.states for j in self.market.jobs)
+            idle_since = (idle_since or time.monotonic()) if idle else None
+            if idle_since and time.monotonic() - idle_since > 5:
+                break      # every job is closed: no payout will come
+        if svc.alive():
+            svc.kill()
+            self.fault("sigkill", phase="armed, but no payout was sent: killed from outside")
+            return
+        notes = svc.notes()
+        if len(notes) == before:
+            self.notes.append(f"an armed service died without reaching its hook (code {svc.proc.returncode}); "
+                              f"see {svc.log_path}")
+            self.fault("crash", phase="armed process exited by itself", code=svc.proc.returncode)
+            return
+        note = json.loads(notes[-1])
+        h = note["payment_hash"]
+        engine = create_engine(self.url)
+        try:
+            async with session_factory(engine)() as s:
+                row = await s.get(PayoutAttempt, h)
+        finally:
+            await engine.dispose()
+        node = lnd(self.desc, "escrow")
+        try:
+            lnd_state = None
+            async for p in node.track_payment(bytes.fromhex(h)):
+                lnd_state = p.status.name
+                break
+        except lnerr.LndNotFound:
+            lnd_state = None
+        finally:
+            await node.close()
+        exact = row is not None and row.state == "sending" and lnd_state is None
+        if not exact:
+            self.notes.append(f"write-ahead kill not where intended: attempt {row.state if row else None}, "
+                              f"LND {lnd_state} (payout {note['payout']})")
+        self.fault("sigkill-after-write-ahead", payout=note["payout"][:24] + "…", send_call=die_at,
+                   attempt_row=row.state if row else None, lnd_knew=lnd_state, exact=exact)
+
+
+# ------------------------------------------------------------------------------ lnd-outage
+class LndOutageDrill(Drill):
+    name = "lnd-outage"
+    about = "the escrow's LND stopped while customers fund, started again with its own command line"
+
+    def timeout(self) -> float:
+        return self.opts.timeout or (240 + 6 * self.jobs + self.opts.lnd_outage)
+
+    async def body(self) -> None:
+        _, launcher = await self.start_one()
+        await self.until(lambda: self.count("offered", "collecting", "validating", "releasing", "closed")
+                         >= max(2, self.jobs // 3), "a third of the jobs offered")
+        t = time.monotonic()
+        await self.parts.stop_lnd("escrow")
+        stopped = time.monotonic()
+        f = self.fault("lnd-stopped", node="escrow", stop_s=round(stopped - t, 1),
+                       jobs_funding=self.count("requested", "offered"))
+        await asyncio.sleep(self.opts.lnd_outage)
+        f["stopped_s"] = round(time.monotonic() - stopped, 1)
+        await self.parts.start_lnd("escrow")
+        self.recovered(f, down_s=round(time.monotonic() - stopped, 1))
+        await self.until_finished(launcher)
+
+
+# ------------------------------------------------------------------------------ relay-restart
+class RelayRestartDrill(Drill):
+    name = "relay-restart"
+    about = "the relay stopped and started again mid-stream"
+
+    async def body(self) -> None:
+        _, launcher = await self.start_one()
+        await self.until(lambda: self.count("offered", "collecting", "validating", "releasing", "closed")
+                         >= max(2, self.jobs // 3), "a third of the jobs offered")
+        await self.parts.stop_relay()
+        stopped = time.monotonic()
+        f = self.fault("relay-restart")
+        await asyncio.sleep(self.opts.relay_down)
+        await self.parts.start_relay()
+        self.recovered(f, down_s=round(time.monotonic() - stopped, 1))
+        await self.until_finished(launcher)
+
+
+# ------------------------------------------------------------------------------ postgres-restart
+class PostgresRestartDrill(Drill):
+    name = "postgres-restart"
+    postgres = True
+    about = "the service on PostgreSQL; PostgreSQL restarted mid-batch (fast, then immediate shutdown)"
+
+    async def restart(self, mode: str) -> None:
+        self._pg_argv = await self.parts.stop_postgres(mode)
+        stopped = time.monotonic()
+        f = self.fault("postgres-restart", shutdown=mode)
+        await asyncio.sleep(2)
+        await self.parts.start_postgres(self._pg_argv)
+        self.recovered(f, down_s=round(time.monotonic() - stopped, 1))
+
+    async def body(self) -> None:
+        _, launcher = await self.start_one()
+        await self.until(lambda: self.count("offered", "collecting", "validating", "releasing", "closed")
+                         >= max(2, self.jobs // 3), "a third of the jobs offered")
+        await self.restart("fast")
+        await self.until(lambda: self.launched == self.jobs and self.count("releasing", "closed") >= 1
+                         or self.count("closed") >= self.jobs // 2, "jobs releasing")
+        await self.restart("immediate")
+        await self.until_finished(launcher)
+
+
+# ------------------------------------------------------------------------------ replicas
+class ReplicasDrill(Drill):
+    name = "replicas"
+    postgres = True
+    about = "two replicas on one PostgreSQL database; the leader SIGKILLed while jobs are releasing"
+
+    async def body(self) -> None:
+        a, b = self.service("a"), self.service("b")
+        a.start()
+        b.start()
+        await asyncio.gather(a.wait_ready(90), b.wait_ready(90))
+        leaders = [s for s in (a, b) if await s.leads()]
+        if len(leaders) != 1:
+            raise RuntimeError(f"expected exactly one leader, found {len(leaders)}")
+        leader = leaders[0]
+        survivor = b if leader is a else a
+        self.market.hub.start()
+        launcher = asyncio.create_task(self.launch(0.5))
+        await self.until(lambda: self.count("releasing") >= 1 and self.count(*OPEN) >= 2, "a job releasing")
+        leader.kill()
+        killed = time.monotonic()
+        f = self.fault("sigkill-leader", replica=leader.name, releasing=self.count("releasing"))
+        end = time.monotonic() + 30
+        while not await survivor.leads():
+            if time.monotonic() > end:
+                raise RuntimeError("the survivor did not take over leadership within 30 s")
+            await asyncio.sleep(0.2)
+        self.recovered(f, survivor=survivor.name, takeover_s=round(time.monotonic() - killed, 1))
+        await self.until_finished(launcher)
+
+
+DRILLS = {d.name: d for d in (SigkillDrill, LndOutageDrill, RelayRestartDrill, PostgresRestartDrill, ReplicasDrill)}
