@@ -47,10 +47,11 @@ def text_table(rows: list[tuple[str, ...]]) -> str:
     return "\n".join([line(HEADER), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)])
 
 
-def markdown(results: list[dict], command: str, seed: int) -> str:
+def markdown(results: list[dict], command: str, seed: int, rev: dict) -> str:
     out = ["# Fault drills: last results", "",
-           f"`{command}` (seed {seed}) on {time.strftime('%Y-%m-%d')}; what each drill does and counts: "
-           "docs/devstack.md, section *Drills*.", "",
+           f"`{command}` (seed {seed}) on {time.strftime('%Y-%m-%d')}, commit {rev['commit']}"
+           + (f" with uncommitted changes in {', '.join(rev['service_modified'])}" if rev["service_modified"] else "")
+           + "; what each drill does and counts: docs/devstack.md, section *Drills*.", "",
            markdown_table([row(r) for r in results], HEADER)]
     for r in results:
         out += ["", f"## {r['drill']}", "", r["about"] + ".", ""]
@@ -91,6 +92,16 @@ async def run(names: list[str], opts: Options, desc: dict) -> list[dict]:
     return results
 
 
+def revision() -> dict:
+    """The commit the drills ran on, and whether the service's files differed from it."""
+    import subprocess
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "alembic"], cwd=ROOT,
+                           capture_output=True, text=True)
+    return {"commit": head.stdout.strip() or None, "service_modified": sorted(
+        line[3:] for line in dirty.stdout.splitlines() if line.strip())}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.drills", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -120,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     print(text_table([row(r) for r in results]))
     print(f"seed {seed}")
     if not args.no_write:
-        write("drills", {"command": command.strip(), "seed": seed, "drills": results})
-        (RESULTS / "drills.md").write_text(markdown(results, command.strip(), seed))
+        write("drills", {"command": command.strip(), "seed": seed, "revision": revision(), "drills": results})
+        (RESULTS / "drills.md").write_text(markdown(results, command.strip(), seed, revision()))
         print(f"wrote {RESULTS / 'drills.json'} and {RESULTS / 'drills.md'}")
     return 0 if all(r["passed"] for r in results) else 1
 
