@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     guard_margin_blocks: int = Field(default=12, ge=1)       # we act this much before LND would
     guard_interval_seconds: float = Field(default=30.0, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    max_invoice_streams: int = Field(default=1000, ge=0, le=100_000)   # SubscribeSingleInvoice streams
+    unstreamed_sweep_seconds: float = Field(default=2.0, gt=0)   # sweep period while some have none
     # Payouts.
     payout_fee_floor_msat: int = Field(default=10_000, ge=1)
     payout_fee_ppm: int = Field(default=5_000, ge=0, le=1_000_000)
@@ -66,6 +68,7 @@ class Settings(BaseSettings):
     payout_invoice_min_expiry_seconds: int = Field(default=300, ge=0)
     payout_max_final_cltv: int = Field(default=432, ge=18)
     payout_lease_seconds: float = Field(default=300.0, gt=0)    # a dead worker's claim expires after this
+    payout_concurrency: int = Field(default=20, ge=1, le=400)  # payments in flight per replica
     effect_lease_seconds: float = Field(default=120.0, gt=0)
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
     reconcile_threshold_msat: int = Field(default=0, ge=0)  # above this, payouts pause and an alert is raised

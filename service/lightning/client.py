@@ -313,9 +313,12 @@ class LndClient:
         req = inv.LookupInvoiceMsg(payment_hash=_check_hash("payment_hash", payment_hash))
         return _invoice(await self._unary("LookupInvoiceV2", self._inv.LookupInvoiceV2, req))
 
-    async def list_invoices(self, *, index_offset: int = 0, max_invoices: int = 1000) -> tuple[list[Invoice], int]:
-        """Invoices with add_index > index_offset, oldest first; returns them and the last index."""
-        req = ln.ListInvoiceRequest(index_offset=index_offset, num_max_invoices=max_invoices, reversed=False)
+    async def list_invoices(self, *, index_offset: int = 0, max_invoices: int = 1000,
+                            pending_only: bool = False) -> tuple[list[Invoice], int]:
+        """Invoices with add_index > index_offset, oldest first (only open and accepted ones with
+        ``pending_only``); returns them and the last index."""
+        req = ln.ListInvoiceRequest(index_offset=index_offset, num_max_invoices=max_invoices, reversed=False,
+                                    pending_only=pending_only)
         r = await self._unary("ListInvoices", self._ln.ListInvoices, req)
         return [_invoice(i) for i in r.invoices], int(r.last_index_offset)
 

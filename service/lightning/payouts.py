@@ -186,6 +186,7 @@ class Payouts:
         self.our_pubkey = our_pubkey
         self.fetch_invoice = fetch_invoice or self._fetch_lnurl
         self.on_outcome = on_outcome
+        self._fresh: set[str] = set()   # hashes whose write-ahead row this process just created
 
     # ---- creating and feeding payouts ------------------------------------------------
     @staticmethod
@@ -221,8 +222,12 @@ class Payouts:
     # ---- the worker -------------------------------------------------------------------
     async def process_due(self, limit: int = 20) -> list[Outcome]:
         """Claim due payouts (compare-and-set) and pay them concurrently."""
+        return list(await asyncio.gather(*(self._pay(pid) for pid in await self.claim_due(limit))))
+
+    async def claim_due(self, limit: int) -> list[str]:
+        """Claim up to ``limit`` due payouts (compare-and-set, a lease each); the caller pays them."""
         now = utcnow()
-        claimed = []
+        claimed: list[str] = []
         async with self.sessions.begin() as s:
             q = (select(Payout.id).where(Payout.state == "pending", Payout.next_attempt_at <= now)
                  .order_by(Payout.next_attempt_at).limit(limit))
@@ -234,7 +239,11 @@ class Payouts:
                                               lease_until=now + timedelta(seconds=self.policy.lease_seconds)))
                 if res.rowcount == 1:
                     claimed.append(pid)
-        return list(await asyncio.gather(*(self._pay(pid) for pid in claimed)))
+        return claimed
+
+    async def pay(self, payout_id: str) -> Outcome:
+        """Pay one claimed payout (see ``claim_due``)."""
+        return await self._pay(payout_id)
 
     async def _pay(self, payout_id: str) -> Outcome:
         async with self.sessions() as s:
@@ -258,7 +267,8 @@ class Payouts:
                 res = await s.execute(insert_ignore(s, PayoutAttempt.__table__), [{
                     "payment_hash": checked.payment_hash, "payout_id": payout_id, "payment_request": checked.payment_request,
                     "fee_limit_msat": fee_limit, "state": "sending", "created_at": utcnow(), "updated_at": utcnow()}])
-                if res.rowcount != 1:  # a retry of our own failed attempt with the same invoice
+                fresh = res.rowcount == 1
+                if not fresh:  # a retry of our own failed attempt with the same invoice
                     await s.execute(update(PayoutAttempt).where(PayoutAttempt.payment_hash == checked.payment_hash,
                                                                 PayoutAttempt.payout_id == payout_id,
                                                                 PayoutAttempt.state == "failed")
@@ -276,13 +286,21 @@ class Payouts:
             # payout would wait for its lease to run out and the reconciler's next pass.
             log.info("payout %s: node unavailable while checking the invoice: %s", payout_id, e)
             return await self._finish(payout_id, "pending", f"checking the invoice: {type(e).__name__}", retry=True)
+        if fresh:
+            self._fresh.add(checked.payment_hash)
         return await self._send(payout_id, checked.payment_hash, checked.payment_request, fee_limit)
 
     async def _send(self, payout_id: str, payment_hash: str, payreq: str, fee_limit: int) -> Outcome:
-        # Never send what LND may already be sending: track first.
-        known = await self._track(payment_hash)
-        if known is not None and known.status != PaymentStatus.FAILED:
-            return await self._settle_attempt(payout_id, payment_hash, known)
+        # Never send what LND may already be sending: track first. Unless the write-ahead row was
+        # created just now: no attempt with this hash existed, and every send of ours is preceded
+        # by its committed row, so we never sent it (one paid from the node by hand shows up as
+        # ALREADY_PAID / IN_TRANSITION below, and is tracked then).
+        if payment_hash in self._fresh:
+            self._fresh.discard(payment_hash)
+        else:
+            known = await self._track(payment_hash)
+            if known is not None and known.status != PaymentStatus.FAILED:
+                return await self._settle_attempt(payout_id, payment_hash, known)
         try:
             payment = await asyncio.wait_for(self._follow(self.lnd.send_payment(
                 payreq, fee_limit_msat=fee_limit, timeout_seconds=self.policy.timeout_seconds)),

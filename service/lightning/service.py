@@ -23,7 +23,9 @@ class LightningService:
     def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
         self.lnd = lnd
         self.settings = settings
-        self.watcher = SettlementWatcher(lnd, sessions, sweep_interval=settings.sweep_interval_seconds)
+        self.watcher = SettlementWatcher(lnd, sessions, sweep_interval=settings.sweep_interval_seconds,
+                                         max_streams=settings.max_invoice_streams,
+                                         overflow_interval=settings.unstreamed_sweep_seconds)
         self.invoices = EscrowInvoices(lnd, HoldSizing.from_settings(settings),
                                        expiry_seconds=settings.invoice_expiry_seconds, sessions=sessions)
         self.payouts: Payouts | None = None
@@ -120,35 +122,62 @@ class LightningService:
             await self._sleep(self.settings.reconcile_interval_seconds)
 
     async def _payout_loop(self) -> None:
+        """Keep up to ``payout_concurrency`` payments in flight: a slot freed is refilled at
+        once (no batch waits for its slowest payment); idle, it polls every second or when woken."""
         reconciled_at = 0.0
-        while not self._stop.is_set():
-            polled = asyncio.get_running_loop().time()
-            try:
-                if self.payouts is None:  # needs our node's pubkey, known once LND answers
-                    info = await self.lnd.get_info()
-                    self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
-                                           our_pubkey=info.pubkey, on_outcome=self._outcome)
-                loop = asyncio.get_running_loop()
-                if loop.time() - reconciled_at > 60:   # at start-up, then every minute
-                    await self.payouts.reconcile()
-                    reconciled_at = loop.time()
-                async with self.sessions() as s:
-                    paused = await payouts_paused(s)
-                if paused:
-                    self.paused = True   # the ledger disagrees with LND: an operator must look first
-                else:
-                    self.paused = False
-                    self._payouts_wake.clear()
-                    if await self.payouts.process_due():
-                        continue   # a backlog is worked through without pausing
-            except LndError as e:
-                log.info("payout worker waiting for LND: %s", e)
-            except Exception:  # noqa: BLE001 - keep paying
-                log.exception("payout worker failed")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._payouts_wake.wait(), 2)
-            # woken by the engine's progress: at most ten polls a second
-            await self._sleep(max(0.0, 0.1 - (asyncio.get_running_loop().time() - polled)))
+        inflight: set[asyncio.Task] = set()
+        slot_freed = asyncio.Event()
+
+        def done(task: asyncio.Task) -> None:
+            inflight.discard(task)
+            slot_freed.set()
+            if not task.cancelled() and task.exception() is not None:
+                log.error("payout failed unexpectedly: %r", task.exception())
+
+        try:
+            while not self._stop.is_set():
+                polled = asyncio.get_running_loop().time()
+                claimed = 0
+                try:
+                    if self.payouts is None:  # needs our node's pubkey, known once LND answers
+                        info = await self.lnd.get_info()
+                        self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
+                                               our_pubkey=info.pubkey, on_outcome=self._outcome)
+                    now = asyncio.get_running_loop().time()
+                    if now - reconciled_at > 60 and not inflight:   # at start-up, then every minute
+                        await self.payouts.reconcile()
+                        reconciled_at = now
+                    async with self.sessions() as s:
+                        paused = await payouts_paused(s)
+                    self.paused = paused   # the ledger disagrees with LND: an operator must look first
+                    free = self.settings.payout_concurrency - len(inflight)
+                    if not paused and free > 0:
+                        self._payouts_wake.clear()
+                        for pid in await self.payouts.claim_due(free):
+                            task = asyncio.create_task(self.payouts.pay(pid), name=f"payout {pid[:24]}")
+                            inflight.add(task)
+                            task.add_done_callback(done)
+                            claimed += 1
+                except LndError as e:
+                    log.info("payout worker waiting for LND: %s", e)
+                except Exception:  # noqa: BLE001 - keep paying
+                    log.exception("payout worker failed")
+                if claimed and len(inflight) < self.settings.payout_concurrency:
+                    continue   # maybe more are due: claim until the slots are full or none is left
+                slot_freed.clear()
+                waits = [asyncio.ensure_future(self._payouts_wake.wait()), asyncio.ensure_future(slot_freed.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=1, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+                # woken by the engine's progress: at most fifty polls a second
+                await self._sleep(max(0.0, 0.02 - (asyncio.get_running_loop().time() - polled)))
+        finally:
+            for task in list(inflight):
+                task.cancel()
+            if inflight:
+                await asyncio.gather(*inflight, return_exceptions=True)
 
     async def _outcome(self, outcome) -> None:  # noqa: ANN001
         for callback in self.on_payout_outcome:

@@ -58,6 +58,7 @@ class WatcherHealth:
     last_event_at: float | None = None
     facts_recorded: int = 0
     single_streams: int = 0
+    unstreamed: int = 0      # open hold invoices over the stream budget, followed by the sweep
     backoff_seconds: float = 0.0
     started: bool = False
 
@@ -111,9 +112,14 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
 
 class SettlementWatcher:
     def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], *,
-                 sweep_interval: float = 30.0, backoff_max: float = 30.0,
+                 sweep_interval: float = 30.0, backoff_max: float = 30.0, max_streams: int = 1000,
+                 overflow_interval: float = 2.0,
                  on_fact: Callable[[str, str], Awaitable[None]] | None = None) -> None:
         self.lnd = lnd
+        self.max_streams = max_streams
+        self.overflow_interval = overflow_interval
+        self._overflow: set[str] = set()   # open hold invoices over the stream budget
+        self._overflow_added = asyncio.Event()
         self.sessions = sessions
         self.sweep_interval = sweep_interval
         self.backoff_max = backoff_max
@@ -172,12 +178,21 @@ class SettlementWatcher:
         self.health.started = False
 
     def watch(self, payment_hash: str) -> None:
-        """Follow one hold invoice with SubscribeSingleInvoice (idempotent)."""
+        """Follow one hold invoice with SubscribeSingleInvoice (idempotent), within the budget of
+        ``max_streams``; beyond it the invoice is left to the sweep, which then runs every
+        ``overflow_interval`` seconds (each stream costs memory: about 30 KB in this process)."""
         task = self._singles.get(payment_hash)
         if task is None or task.done():
+            if task is None and len(self._singles) >= self.max_streams:
+                self._overflow.add(payment_hash)
+                self._overflow_added.set()
+                self.health.unstreamed = len(self._overflow)
+                return
+            self._overflow.discard(payment_hash)
             self._singles[payment_hash] = asyncio.create_task(self._single_loop(payment_hash),
                                                               name=f"lnd invoice {payment_hash[:12]}")
         self.health.single_streams = len(self._singles)
+        self.health.unstreamed = len(self._overflow)
 
     def _stop_single(self, payment_hash: str) -> None:
         task = self._singles.pop(payment_hash, None)
@@ -316,13 +331,42 @@ class SettlementWatcher:
             return set((await s.scalars(q)).all())
 
     async def sweep(self) -> int:
-        """Confirm every open or accepted invoice once; re-follow hold invoices; returns facts recorded."""
+        """Compare every open or accepted invoice of ours with LND and confirm those that moved;
+        re-follow hold invoices. Returns the facts recorded.
+
+        LND's pending invoices are listed a page of 1,000 at a time (``pending_only``, from the
+        oldest of ours), so a sweep over thousands of open escrows costs a few calls; only an
+        invoice whose state differs, or which is no longer pending, is looked up and recorded.
+        """
+        async with self.sessions() as s:
+            rows = (await s.execute(select(LnInvoice.payment_hash, LnInvoice.state, LnInvoice.mode,
+                                           LnInvoice.add_index)
+                                    .where(LnInvoice.state.in_(("open", "accepted"))))).all()
+        if not rows:
+            self._overflow.clear()
+            return 0
+        ours = {r.payment_hash: r.state for r in rows}
+        pending: dict[str, str] = {}
+        offset = max(0, min(r.add_index or 0 for r in rows) - 1)
+        while True:
+            page, last = await self.lnd.list_invoices(index_offset=offset, max_invoices=1000, pending_only=True)
+            for inv in page:
+                h = inv.payment_hash.hex()
+                if h in ours:
+                    pending[h] = "accepted" if inv.state == InvoiceState.ACCEPTED else "open"
+            if not page or last <= offset:
+                break
+            offset = last
         recorded = 0
-        for h in await self._open_hashes():
-            result = await self.confirm(h, "sweep")
-            recorded += result.kind is not None
-        for h in await self._open_hashes(hold_only=True):
-            self.watch(h)
+        for h, state in ours.items():
+            if pending.get(h) != state:   # accepted now, or no longer pending (settled, canceled, gone)
+                result = await self.confirm(h, "sweep")
+                recorded += result.kind is not None
+        self._overflow &= set(pending)
+        for r in rows:
+            if r.mode == "hold" and r.payment_hash in pending:
+                self.watch(r.payment_hash)
+        self.health.unstreamed = len(self._overflow)
         return recorded
 
     async def _sweep_loop(self) -> None:
@@ -331,7 +375,15 @@ class SettlementWatcher:
             try:
                 await self.sweep()
                 attempt = 0
-                await self._sleep(self.sweep_interval)
+                # hold invoices without a stream of their own are found by the sweep: sooner
+                # (and an invoice going over the budget cuts the long wait short)
+                self._overflow_added.clear()
+                wait = min(self.sweep_interval, self.overflow_interval) if self._overflow else self.sweep_interval
+                try:
+                    await asyncio.wait_for(self._overflow_added.wait(), wait)
+                    await self._sleep(self.overflow_interval)   # woken: let a few gather first
+                except TimeoutError:
+                    pass
             except asyncio.CancelledError:
                 raise
             except LndError as e:

@@ -154,6 +154,33 @@ async def test_settlement_while_watcher_down_is_found_at_restart(ln: Ln, regtest
     await ln.watcher.start()
 
 
+async def test_hold_invoices_over_the_stream_budget_are_found_by_the_sweep(ln: Ln, regtest: Regtest) -> None:
+    """With thousands of open escrows, per-invoice streams are capped; the rest are found by
+    the (list-based) sweep: acceptance, then cancellation, each recorded once."""
+    await ln.watcher.stop()
+    capped = SettlementWatcher(regtest.escrow, ln.sessions, sweep_interval=60, max_streams=1, overflow_interval=0.5)
+    await capped.start()
+    try:
+        first = await ln.invoice(11_000, "hold", hold_seconds=600)
+        second = await ln.invoice(12_000, "hold", hold_seconds=600)
+        capped.watch(first.payment_hash)
+        capped.watch(second.payment_hash)
+        assert capped.health.single_streams == 1 and capped.health.unstreamed == 1
+        pay = asyncio.create_task(regtest.customer_pays(second.payment_request))
+        await wait_until(lambda: _has(ln, second.payment_hash, "accepted"), 20, "accepted found by the sweep")
+        assert await ln.facts(second.payment_hash) == [("accepted", "sweep")]
+        await regtest.escrow.cancel_invoice(bytes.fromhex(second.payment_hash))
+        await wait_until(lambda: _has(ln, second.payment_hash, "canceled"), 20, "cancellation found by the sweep")
+        assert (await asyncio.wait_for(pay, 30)).status == PaymentStatus.FAILED
+        assert await ln.facts(first.payment_hash) == [], "an open invoice nobody paid: no fact"
+        await regtest.escrow.cancel_invoice(bytes.fromhex(first.payment_hash))
+        await wait_until(lambda: _has(ln, first.payment_hash, "canceled"), 20, "the streamed one too")
+        await wait_until(lambda: capped.health.unstreamed == 0, 10, "nothing left over the budget")
+    finally:
+        await capped.stop()
+        await ln.watcher.start()
+
+
 # ---- webhooks -------------------------------------------------------------------------
 
 async def _webhook(ln: Ln, secret: bytes, body: bytes, *, ts: int | None = None, sig: str | None = None):
