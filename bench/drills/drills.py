@@ -40,7 +40,7 @@ class Options:
     lnd_outage: float = 30.0
     relay_down: float = 8.0
     timeout: float | None = None
-    work: tuple[float, float] | None = None   # at most this long to train, to score (None: the drill's own)
+    work: tuple[float, float, float] | None = None   # at most this long to train, score, pay (None: the drill's)
 
 
 class Drill:
@@ -278,7 +278,7 @@ class Drill:
     def stagger(self) -> float:
         return 1.0
 
-    work = (4.0, 2.0)   # seconds a provider may train, a validator may take to score
+    work = (4.0, 2.0, 2.0)   # seconds a provider may train, a validator take to score, a customer to pay
 
 
 # ------------------------------------------------------------------------------ sigkill
@@ -290,7 +290,7 @@ class SigkillDrill(Drill):
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 5 * self.jobs + 20 * self.opts.kills)
 
-    work = (12.0, 6.0)   # jobs last long enough for many to be in flight at every kill
+    work = (12.0, 6.0, 2.0)   # jobs last long enough for many to be in flight at every kill
 
     def stagger(self) -> float:
         return 0.6
@@ -402,15 +402,22 @@ class LndOutageDrill(Drill):
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 6 * self.jobs + self.opts.lnd_outage)
 
+    def funding(self) -> int:
+        """Customers holding an offer they have not seen funded yet."""
+        return sum(1 for j in self.market.jobs if j.phase == "offered")
+
     async def body(self) -> None:
         _, launcher = await self.start_one()
-        await self.until(lambda: self.count("offered", "collecting", "validating", "releasing", "closed")
-                         >= max(2, self.jobs // 3), "a third of the jobs offered")
+        # while customers fund: two of them holding an offer they are paying (one will do after 20 s)
+        t0 = time.monotonic()
+        await self.until(lambda: self.funding() >= 2 or self.funding() >= 1 and time.monotonic() - t0 > 20
+                         or time.monotonic() - t0 > 40, "customers funding")
+        funding = self.funding()
         t = time.monotonic()
         await self.parts.stop_lnd("escrow")
         stopped = time.monotonic()
-        f = self.fault("lnd-stopped", node="escrow", stop_s=round(stopped - t, 1),
-                       jobs_funding=self.count("requested", "offered"))
+        f = self.fault("lnd-stopped", node="escrow", stop_s=round(stopped - t, 1), customers_funding=funding,
+                       jobs_requested=self.count("requested"))
         await asyncio.sleep(self.opts.lnd_outage)
         f["stopped_s"] = round(time.monotonic() - stopped, 1)
         await self.parts.start_lnd("escrow")

@@ -7,7 +7,8 @@ Runs exactly ``service.cli`` (the production entry point) after one patch:
 is committed and before ``TrackPaymentV2``/``SendPaymentV2`` — is wrapped so that its
 N-th call in this process (``FEDSTR_DRILL_DIE_AT_SEND=N``) appends a note (payout id,
 payment hash, pid, time) to ``FEDSTR_DRILL_FAULT_NOTE`` and sends SIGKILL to this very
-process. A SIGKILL from outside cannot be timed to land exactly there; this wrapper can.
+process. Calls for payouts already in the note file are not counted (their re-send after
+the restart would otherwise be hit again and again): each kill lands on another payout. A SIGKILL from outside cannot be timed to land exactly there; this wrapper can.
 Production code has no such hook: this module is never imported by the service.
 """
 from __future__ import annotations
@@ -28,11 +29,15 @@ def arm() -> None:
         return
     original = Payouts._send
     calls = 0
+    killed_before = set()
+    if note and os.path.exists(note):
+        with open(note) as f:
+            killed_before = {json.loads(line)["payout"] for line in f if line.strip()}
 
     async def _send(self, payout_id, payment_hash, payreq, fee_limit):  # noqa: ANN001, ANN202
         nonlocal calls
-        calls += 1
-        if calls == die_at:
+        calls += payout_id not in killed_before
+        if calls == die_at and payout_id not in killed_before:
             if note:
                 with open(note, "a") as f:
                     f.write(json.dumps({"payout": payout_id, "payment_hash": payment_hash, "pid": os.getpid(),

@@ -230,13 +230,13 @@ class Market:
     """Runs jobs against one escrow (key ``E``); ``api_urls()`` are the running replicas' base URLs."""
 
     def __init__(self, desc: dict, escrow_pubkey: str, api_urls, seed: str, run_id: str,  # noqa: ANN001
-                 work: tuple[float, float] = (4.0, 2.0)) -> None:
+                 work: tuple[float, float, float] = (4.0, 2.0, 2.0)) -> None:
         self.desc = desc
         self.E = escrow_pubkey
         self.api_urls = api_urls
         self.seed = seed
         self.run_id = run_id
-        self.work = work     # at most this long to train, to score (each job draws its own)
+        self.work = work     # at most this long to train, to score, to pay an offer (each job draws its own)
         self.relay = desc["relay"]["url"]
         self.publish = Publisher(self.relay)
         self.hub = RelayHub(self.relay, escrow_pubkey, since=int(time.time()) - 5)
@@ -294,6 +294,7 @@ class Market:
         job.offer_hash = bolt11.decode(offer.bolt11).payment_hash
         self.offers[job.offer_hash] = job.id
         self._mark(job, "offered")
+        await asyncio.sleep(job.rng.uniform(0, self.work[2]))   # the customer looks at the offer first
         await self._fund(job, offer.bolt11)
         self._mark(job, "funded")
 

@@ -26,11 +26,11 @@ pytestmark = [pytest.mark.lnd, pytest.mark.relay, pytest.mark.postgres, pytest.m
 
 SEED = 20260101
 SMALL = {
-    "sigkill": Options(jobs=6, kills=4, seed=SEED, work=(3.0, 1.5), timeout=200),
-    "lnd-outage": Options(jobs=5, lnd_outage=6, seed=SEED, work=(1.0, 0.5), timeout=150),
-    "relay-restart": Options(jobs=5, relay_down=3, seed=SEED, work=(1.0, 0.5), timeout=120),
-    "postgres-restart": Options(jobs=5, seed=SEED, work=(1.0, 0.5), timeout=120),
-    "replicas": Options(jobs=5, seed=SEED, work=(1.0, 0.5), timeout=150),
+    "sigkill": Options(jobs=6, kills=4, seed=SEED, work=(3.0, 1.5, 1.0), timeout=200),
+    "lnd-outage": Options(jobs=5, lnd_outage=6, seed=SEED, work=(1.0, 0.5, 3.0), timeout=150),
+    "relay-restart": Options(jobs=5, relay_down=3, seed=SEED, work=(1.0, 0.5, 1.0), timeout=120),
+    "postgres-restart": Options(jobs=5, seed=SEED, work=(1.0, 0.5, 1.0), timeout=120),
+    "replicas": Options(jobs=5, seed=SEED, work=(1.0, 0.5, 1.0), timeout=150),
 }
 
 
