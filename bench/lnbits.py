@@ -8,10 +8,11 @@ Our service runs as its own process (``bench.common.ServiceProc``) against the s
 1. **Invoice API**, interleaved rounds after a warm-up, same concurrency and count per side:
    - LNbits: ``POST /api/v1/payments {"out": false, ...}`` with the wallet's invoice key;
      latency = request start to the response carrying the BOLT11.
-   - ours: ``POST /v1/events`` with a signed job request (hold mode); the engine creates
-     the hold invoice asynchronously, so latency = POST start until ``GET /v1/jobs/{id}``
-     shows the offer invoice (each job polled every 5 ms). Events are signed before the
-     clock starts.
+   - ours: ``POST /v1/events?wait=30`` with a signed job request (hold mode): the answer
+     waits for the engine to make the offer's hold invoice and carries it, so one request
+     per invoice on both sides; latency = request start to the response carrying the
+     BOLT11. (Were it not made within the wait, the job would be polled; it never was in
+     the committed run.) Events are signed before the clock starts.
    Throughput = invoices per second of wall time, per round (the mean of the rounds is
    reported), plus each server's CPU time per invoice (from /proc) and, as a diagnostic, our
    pipeline's rate without per-job polling (a burst of POSTs, then one slow poller).
@@ -299,11 +300,17 @@ class OurInvoices:
         self.events: list[dict] = []
 
     async def submit_and_wait(self, ev: dict) -> tuple[float, dict]:
+        """One call, as LNbits': ``POST /v1/events?wait=30`` answers with the offer's invoice."""
         t0 = time.perf_counter()
-        r = await self.c.post("/v1/events", json=ev)
+        r = await self.c.post("/v1/events", params={"wait": 30}, json=ev)
         if r.status_code != 202:
             raise RuntimeError(f"event refused: {r.status_code} {r.text[:200]}")
-        while True:
+        job = r.json().get("job")
+        if job and (job.get("invoice") or {}).get("payment_request"):
+            return (time.perf_counter() - t0) * 1000, job["invoice"]
+        if job and job["state"] == "rejected":
+            raise RuntimeError(f"job {ev['id'][:16]} rejected: {job.get('reject_reason')}")
+        while True:   # not made within the wait: fall back to reading the job
             r = await self.c.get(f"/v1/jobs/{ev['id']}")
             if r.status_code == 200:
                 job = r.json()
@@ -481,8 +488,8 @@ NOTES = [
     "lnbits_listener_db polls the wallet's payment list instead (DB only), the like-for-like comparison with ours "
     "(GET /v1/invoices/{hash} reads our DB as our settlement watcher left it).",
     "Our invoice API is asynchronous (Nostr event in, engine creates a hold invoice, offer out): its latency "
-    "includes POST /v1/events, the engine step, the effect runner's AddHoldInvoice and DB writes, and the 5 ms "
-    "polls of GET /v1/jobs/{id}; LNbits' is one synchronous request (AddInvoice + DB insert).",
+    "includes POST /v1/events?wait (inbox), the engine step, the effect runner's AddHoldInvoice and DB writes "
+    "and the offer; LNbits' is one synchronous request (AddInvoice + DB insert).",
     "Both services' per-client rate limits are lifted (FEDSTR_EVENTS_PER_MINUTE, LNBITS_RATE_LIMIT_NO).",
     "The LNbits wallet's accounting currency (USD by default) is cleared: otherwise every invoice asks internet "
     "exchange-rate providers for a fiat amount, which fail slowly on this offline machine (seconds per invoice).",

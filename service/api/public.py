@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import time
 
-from fastapi import APIRouter, Body, Path, Request
+from fastapi import APIRouter, Body, Path, Query, Request
 from pydantic import BaseModel, Field
 from sqlalchemy import update
 
@@ -20,6 +20,7 @@ from service.nostr import nip98
 from service.db import utcnow
 from service.nostr.nip01 import EventError, verify_event
 from service.nostr.nip19 import encode_npub
+from service.nostr.protocol import KIND_JOB_REQUEST
 from service.nostr.service import INTAKE_KINDS
 
 router = APIRouter(prefix="/v1", tags=["public"])
@@ -48,9 +49,25 @@ class InfoOut(BaseModel):
     terms: TermsOut
 
 
+class OfferInvoiceOut(BaseModel):
+    payment_hash: str
+    payment_request: str
+    amount_msat: int
+    mode: str
+    expires_at: int
+
+
+class OfferOut(BaseModel):
+    state: str = Field(description="the job's state (offered once the invoice exists; rejected with the reason)")
+    reject_reason: str | None
+    invoice: OfferInvoiceOut | None
+
+
 class SubmittedOut(BaseModel):
     id: str
     new: bool = Field(description="false when the event was already known (from a relay or an earlier submission)")
+    job: OfferOut | None = Field(None, description="with ?wait= on a job request: the offer (or the refusal), "
+                                                   "when the escrow made it within the wait; otherwise null")
 
 
 class InvoiceOut(BaseModel):
@@ -93,7 +110,10 @@ async def info(request: Request) -> InfoOut:
 
 
 @router.post("/events", response_model=SubmittedOut, status_code=202, responses=responses(400, 413, 422, 429))
-async def submit_event(request: Request, event: dict = Body(..., description="a signed Nostr event (NIP-01)")) -> SubmittedOut:
+async def submit_event(request: Request, event: dict = Body(..., description="a signed Nostr event (NIP-01)"),
+                       wait: float = Query(0, ge=0, le=30, description="for a job request: seconds to wait for "
+                                           "the escrow's offer, returned in `job` (its invoice) if made in time")
+                       ) -> SubmittedOut:
     """Submit a job request, result, evaluation result, payee invoice or deletion."""
     st = request.app.state
     st.limits_events.check("ip:" + _client(request))
@@ -106,7 +126,10 @@ async def submit_event(request: Request, event: dict = Body(..., description="a 
     st.limits_events.check("pubkey:" + ev.pubkey)
     new = await st.escrow.runner.inbox.store(ev, "api")
     st.escrow.loop.wake.set()
-    return SubmittedOut(id=ev.id, new=new)
+    job = None
+    if wait and ev.kind == KIND_JOB_REQUEST:
+        job = await st.escrow.wait_offer(ev.id, wait)
+    return SubmittedOut(id=ev.id, new=new, job=job)
 
 
 @router.get("/jobs/{job_id}", responses=responses(404, 422))

@@ -107,6 +107,7 @@ class EffectRunner:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.concurrency = concurrency
+        self.on_offer = None   # called with the job id once its offer invoice is committed
 
     async def run_once(self) -> int:
         """Claim due effects and perform them: jobs concurrently, one job's effects in order."""
@@ -182,6 +183,8 @@ class EffectRunner:
             async with self.sessions.begin() as s:
                 await self.engine.on_invoice_created(s, job.id, h, pr, mode, job.bid_msat)
                 await self._done(s, eff)
+            if self.on_offer is not None:
+                self.on_offer(job.id)
         elif eff.kind in ("settle_hold", "cancel_invoice"):
             if existing is None:
                 async with self.sessions.begin() as s:

@@ -1,11 +1,18 @@
 """The running escrow: engine, runners and the announcement, wired to the other layers."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
+
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import __version__
 from service.config import Settings
 from service.escrow.engine import Engine, EngineConfig
+from service.escrow.models import Job, JobState
+from service.lightning.models import LnInvoice
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
 from service.lightning.invoices import HoldSizing
 from service.lightning.service import LightningService
@@ -38,6 +45,56 @@ class EscrowService:
         effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
                                 lease_seconds=settings.effect_lease_seconds) if lightning else None)
         self.loop = EscrowLoop(self.runner, effects)
+        if effects is not None:
+            effects.on_offer = self._offer_made
+        self._offer_waiters: dict[str, tuple[asyncio.Event, int]] = {}
+
+    def _offer_made(self, job_id: str) -> None:
+        entry = self._offer_waiters.get(job_id)
+        if entry is not None:
+            entry[0].set()
+
+    async def wait_offer(self, job_id: str, timeout: float) -> dict | None:
+        """The job's offer once its invoice exists (or the request was refused), waiting up to
+        ``timeout`` seconds; None if it is not there in time.
+
+        Woken at once when this replica's effect runner made the invoice; otherwise (another
+        replica made it, or the request was refused) found by a look every 0.25 s.
+        """
+        event, n = self._offer_waiters.get(job_id, (asyncio.Event(), 0))
+        self._offer_waiters[job_id] = (event, n + 1)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                view = await self.offer_view(job_id)
+                remaining = deadline - time.monotonic()
+                if view is not None or remaining <= 0:
+                    return view
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(remaining, 0.25))
+        finally:
+            event, n = self._offer_waiters[job_id]
+            if n <= 1:
+                del self._offer_waiters[job_id]
+            else:
+                self._offer_waiters[job_id] = (event, n - 1)
+
+    async def offer_view(self, job_id: str) -> dict | None:
+        """What a customer needs to pay: the job's state and invoice; None while not decided."""
+        async with self.sessions() as s:
+            job = (await s.execute(select(Job.state, Job.reject_reason).where(Job.id == job_id))).first()
+            if job is None or job.state == JobState.REQUESTED.value:
+                return None
+            inv = (await s.execute(select(LnInvoice.payment_hash, LnInvoice.payment_request, LnInvoice.amount_msat,
+                                          LnInvoice.mode, LnInvoice.expires_at)
+                                   .where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at))).first()
+        out = {"state": job.state, "reject_reason": job.reject_reason, "invoice": None}
+        if inv is not None:
+            out["invoice"] = {"payment_hash": inv.payment_hash, "payment_request": inv.payment_request,
+                              "amount_msat": inv.amount_msat, "mode": inv.mode, "expires_at": inv.expires_at}
+        elif job.state != JobState.REJECTED.value:
+            return None
+        return out
 
     async def announce(self) -> None:
         """Publish the NIP-89 announcement with the current terms (replaceable, so once per start)."""

@@ -54,7 +54,7 @@ async def test_info_and_event_submission_share_the_relay_intake(market: Market, 
     spec = market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0)
     job = sign_event(market.customer, *build_job_request(spec, customer=market.customer.public_key_hex))
     r = await client.post("/v1/events", json=job.to_dict())
-    assert r.status_code == 202 and r.json() == {"id": job.id, "new": True}
+    assert r.status_code == 202 and r.json() == {"id": job.id, "new": True, "job": None}
     r = await client.post("/v1/events", json=job.to_dict())
     assert r.status_code == 202 and r.json()["new"] is False, "stored once"
     await market.wait_state(job.id, "offered")
@@ -63,6 +63,30 @@ async def test_info_and_event_submission_share_the_relay_intake(market: Market, 
     assert "preimage" not in json.dumps(detail)
     inv = (await client.get(f"/v1/invoices/{detail['invoice']['payment_hash']}")).json()
     assert inv["state"] == "open" and inv["job_id"] == job.id
+
+
+async def test_job_request_with_wait_returns_the_offer_invoice(market: Market, client: httpx.AsyncClient,
+                                                               regtest: Regtest) -> None:
+    """?wait= gives a REST customer its invoice in one call; a refused request comes back refused."""
+    spec = market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, mode="hold")
+    job = sign_event(market.customer, *build_job_request(spec, customer=market.customer.public_key_hex))
+    r = await client.post("/v1/events", params={"wait": 10}, json=job.to_dict())
+    assert r.status_code == 202, r.text
+    offer = r.json()["job"]
+    assert offer["state"] == "offered" and offer["reject_reason"] is None
+    inv = offer["invoice"]
+    assert inv["mode"] == "hold" and inv["amount_msat"] == spec.bid_msat
+    decoded = await regtest.customer.decode_pay_req(inv["payment_request"])
+    assert decoded.payment_hash.hex() == inv["payment_hash"] and decoded.num_msat == spec.bid_msat
+    again = (await client.post("/v1/events", params={"wait": 10}, json=job.to_dict())).json()
+    assert again["new"] is False and again["job"] == offer, "a repeat gets the same offer"
+
+    cheap = market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, bid=1)
+    refused = sign_event(market.customer, *build_job_request(cheap, customer=market.customer.public_key_hex))
+    body = (await client.post("/v1/events", params={"wait": 10}, json=refused.to_dict())).json()
+    assert body["job"]["state"] == "rejected" and body["job"]["invoice"] is None
+    assert body["job"]["reject_reason"].startswith("bid_too_low"), body
+    problem(await client.post("/v1/events", params={"wait": 31}, json=job.to_dict()), 422, "invalid_request")
 
 
 async def test_bad_input_gets_problem_details(client: httpx.AsyncClient, market: Market) -> None:
