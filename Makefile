@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install build up down status run demo test bench openapi clean
+.PHONY: install build up down status run demo test bench drills openapi clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,9 +40,14 @@ test: install build
 	devstack/system-deps.sh
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# Each benchmark is a ratio against a baseline measured in the same run; one bench network
+# (ports 29900+) is brought up once for all of them and stopped at the end.
 bench: install build
-	$(BIN)/python -m bench.intake
-	$(BIN)/python -m bench.lightning
+	$(BIN)/python -m bench.run
+
+drills: install build
+	devstack/system-deps.sh
+	$(BIN)/python -m bench.drills all
 
 openapi: install
 	$(BIN)/fedstr-escrow openapi

@@ -40,3 +40,16 @@ def test_transport_codes_win_over_message_text() -> None:
     # An UNAVAILABLE whose text happens to mention an invoice is still a transport problem.
     err = errors.from_rpc_error("X", rpc_error(grpc.StatusCode.UNAVAILABLE, "invoice not found"))
     assert isinstance(err, errors.LndUnavailable)
+
+
+async def test_the_macaroon_never_shows_in_a_repr_or_str() -> None:
+    """The macaroon travels as per-call metadata; printing the client or its metadata hides it."""
+    from service.lightning.client import LndClient
+    secret = bytes(range(32)) * 3
+    client = LndClient("127.0.0.1:1", b"not a real certificate", secret)
+    try:
+        shown = " ".join([repr(client), str(client), repr(client._md), str(client._md), f"{client._md}"])
+        assert secret.hex() not in shown and secret.hex()[:16] not in shown
+        assert client._md[0] == ("macaroon", secret.hex()), "what LND receives"
+    finally:
+        await client.close()
