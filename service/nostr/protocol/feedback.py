@@ -456,6 +456,8 @@ def parse_error_feedback(event: Event) -> ErrorFeedback:
     code, message = _code_and_text(info)
     if not message:
         raise CodecError(R.INVALID_STATUS, "status info must be '<code>: <message>'")
+    if code == "refunded":  # as build_error_feedback: 'refunded: …' is the refund feedback (parse_refunded)
+        raise CodecError(R.INVALID_STATUS, "'refunded' is the refund feedback, not an error code")
     job_id, relay, customer = _job_and_addressee(tags)
     return ErrorFeedback(job_id=job_id, customer=customer, reason=code, message=message, job_relay=relay)
 
