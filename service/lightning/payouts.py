@@ -399,10 +399,20 @@ class Payouts:
             if state == "sending" and lease_until is not None and _aware(lease_until) > now:
                 continue  # a live worker holds it
             async with self.sessions() as s:
+                paid = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.fee_msat,
+                                               PayoutAttempt.preimage)
+                                        .where(PayoutAttempt.payout_id == pid, PayoutAttempt.state == "succeeded"))).first()
                 attempt = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.state)
                                            .where(PayoutAttempt.payout_id == pid,
                                                   PayoutAttempt.state.in_(("sending", "unknown")))
                                            .order_by(PayoutAttempt.created_at.desc()))).first()
+            if paid is not None:
+                # LND's SUCCEEDED was recorded on the attempt, then the worker died before the payout
+                # row: finish it. (Sent back to pending, its invoice would be refused as used, the
+                # payee asked for another one and paid twice: the sigkill drill did exactly that.)
+                outcomes.append(await self._finish(pid, "succeeded", "", fee=paid.fee_msat,
+                                                   payment_hash=paid.payment_hash, preimage=paid.preimage))
+                continue
             if attempt is None:
                 # Claimed but nothing was written ahead: no payment can exist. Back to pending.
                 async with self.sessions.begin() as s:

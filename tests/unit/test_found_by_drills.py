@@ -13,6 +13,12 @@
    not yet ready to accept calls" with code UNKNOWN, which the invoice checks took for the node
    refusing the payee's invoice (`node_cannot_decode`): the payout went to `needs_invoice`, and
    (4, open) was never announced again. Seen in the lnd-outage drill (seed 20260101, small run).
+5. A DUPLICATE PAYMENT: the worker recorded LND's SUCCEEDED on the attempt row, then was killed
+   before it marked the payout succeeded. The payout reconciler found no attempt `sending` or
+   `unknown`, concluded "nothing was written ahead" and put the payout back to `pending`; its
+   invoice was then refused as used (`payment_hash_used_before`), the payee asked for another one,
+   and paid again. Seen three times in one full sigkill drill (seed 955957: validators of jobs
+   e9fdee08…, dcc05cb6…, e0b7ff6c… each received 10000 msat twice).
 4. OPEN (strict xfail below): a payout that returns to `needs_invoice` with the same attempt count
    it had before (a refused invoice adds no attempt) has the same `escrow_consumed` key
    (`<payout>:needs_invoice:<attempts>`) as its first "waiting for an invoice"; the engine takes
@@ -199,3 +205,29 @@ async def test_a_refused_payee_invoice_is_announced_again(tmp_path: Path) -> Non
         assert asked, "the payee must be asked for a new invoice (a new 'reward claimable')"
     finally:
         await engine.dispose()
+
+
+class NoLnd:
+    timeout = 1.0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        raise AssertionError(f"LND must not be asked ({name}): the attempt row already has its answer")
+
+
+async def test_a_payout_whose_attempt_succeeded_is_finished_not_paid_again(sessions) -> None:  # noqa: ANN001
+    from datetime import timedelta
+    payreq = regtest_invoice("payee", 10_000, "a7" * 32, "validator fee", int(time.time()))
+    async with sessions.begin() as s:
+        await Payouts.create(s, payout_id="job:validator:v", payee="b8" * 32, amount_msat=10_000,
+                             destination="bolt11:" + payreq, job_id="c9" * 32)
+        # killed between _attempt_state(succeeded) and _finish(succeeded): lease run out
+        await s.execute(update(Payout).where(Payout.id == "job:validator:v").values(
+            state="sending", attempts=1, lease_until=utcnow() - timedelta(seconds=1)))
+        s.add(PayoutAttempt(payment_hash="a7" * 32, payout_id="job:validator:v", payment_request=payreq,
+                            fee_limit_msat=10_000, state="succeeded", fee_msat=0, preimage="d0" * 32))
+    payouts = Payouts(NoLnd(), sessions, PayoutPolicy(network="regtest"), our_pubkey="02" + "11" * 32)
+    assert [o.state for o in await payouts.reconcile()] == ["succeeded"]
+    async with sessions() as s:
+        p = await s.get(Payout, "job:validator:v")
+        n = await s.scalar(select(func.count()).select_from(PayoutAttempt))
+    assert (p.state, p.payment_hash, p.preimage, p.fee_msat, n) == ("succeeded", "a7" * 32, "d0" * 32, 0, 1)
