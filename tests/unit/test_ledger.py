@@ -271,12 +271,13 @@ async def test_concurrent_same_key(db: Db, backend: str, same: bool) -> None:
     """A writer that did not see an uncommitted posting of the key loses the insert race cleanly.
 
     On SQLite the service's engine has one connection (writers queue in the pool); two
-    connections stand for two processes on the same file, where the race is real.
+    connections on aiosqlite's threads stand for two processes on the same file, where the
+    race is real (inline statements would wait on the one event loop both need).
     """
     key = f"funding:{hx()}"
     first_posted = asyncio.Event()
     if backend == "sqlite":
-        engine = create_engine(db.url, pool_size=2)
+        engine = create_engine(db.url, pool_size=2, sqlite_inline=False)
         db = Db(db.url, engine, session_factory(engine))
 
     async def first() -> str | None:
