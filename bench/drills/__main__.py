@@ -63,6 +63,9 @@ def markdown(results: list[dict], command: str, seed: int, rev: dict) -> str:
             exact = sum(1 for f in r["faults"] if f["kind"] == "sigkill-after-write-ahead" and f.get("exact"))
             out.append(f"- kills exactly between a payout's write-ahead row and SendPaymentV2 (attempt row "
                        f"`sending`, LND had no payment for the hash): {exact}")
+            exact = sum(1 for f in r["faults"] if f["kind"] == "sigkill-after-attempt-succeeded" and f.get("exact"))
+            out.append(f"- kills exactly between a payment's SUCCEEDED recorded on its attempt row and the payout "
+                       f"row (LND: SUCCEEDED, payout not yet `succeeded`): {exact}")
         out.append(f"- payments: {r['payments_made']} settled at the payee node, {r['escrow_payments_succeeded']} "
                    f"succeeded in the escrow node's ListPayments, {r['payout_invoices_issued']} payout invoices issued; "
                    f"customer payments succeeded: {r['customer_payments_succeeded']}")

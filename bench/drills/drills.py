@@ -25,7 +25,7 @@ from bench.drills.market import JobRun, Market, lnd
 from service.db import create_engine, session_factory
 from service.escrow.models import Job
 from service.lightning import errors as lnerr
-from service.lightning.models import PayoutAttempt
+from service.lightning.models import Payout, PayoutAttempt
 from service.migrate import upgrade_async
 from service.nostr.nip01 import SecretKey
 
@@ -285,7 +285,8 @@ class Drill:
 class SigkillDrill(Drill):
     name = "sigkill"
     default_jobs = 50
-    about = "SIGKILL of the service at random moments, some exactly between a payout's write-ahead and its send"
+    about = ("SIGKILL of the service at random moments; some exactly between a payout's write-ahead and its send, "
+             "some between its attempt's recorded success and the payout's")
 
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 5 * self.jobs + 20 * self.opts.kills)
@@ -300,34 +301,41 @@ class SigkillDrill(Drill):
         return len(self.faults) >= int(n * self.opts.kills * 0.8 / max(1, self.jobs))
 
     def plan(self) -> list[str]:
-        """r: SIGKILL from outside at a random moment; W: the process kills itself right after a write-ahead.
+        """r: SIGKILL from outside at a random moment; W: the process kills itself right after a
+        payout's write-ahead, before its send; S: right after LND's SUCCEEDED is recorded on the
+        attempt, before the payout is marked succeeded.
 
-        A quarter of the kills (at least one) are W, never first (no payout exists yet) nor in the
-        last fifth (the last jobs are launched by then, and their payouts may all be done)."""
+        A quarter of the kills (at least one) are W, an eighth (at least one from 3 kills) S,
+        never first (no payout exists yet) nor in the last fifth (the last jobs are launched by
+        then, and their payouts may all be done)."""
         k = self.opts.kills
         if k <= 0:
             return []
-        n_wa = max(1, k // 4)
-        slots = list(range(min(2, k - 1), max(min(2, k - 1) + n_wa, int(k * 0.8))))
-        wa = set(self.rng.sample(slots, min(n_wa, len(slots))))
-        return ["write-ahead" if i in wa else "random" for i in range(k)]
+        n_wa, n_s = max(1, k // 4), (max(1, k // 8) if k >= 3 else 0)
+        first = min(2, k - 1)
+        slots = list(range(first, max(first + n_wa + n_s, int(k * 0.8))))[:k - first]
+        chosen = self.rng.sample(slots, min(n_wa + n_s, len(slots)))
+        kinds = {i: ("write-ahead" if n < n_wa else "settled") for n, i in enumerate(chosen)}
+        return [kinds.get(i, "random") for i in range(k)]
 
     async def body(self) -> None:
         svc = self.service("a")
         plan = self.plan()
-        self.say(f"kill plan: {' '.join('W' if p == 'write-ahead' else 'r' for p in plan)} "
-                 f"(r = SIGKILL from outside at a random moment, W = the process kills itself after a write-ahead)")
+        code = {"random": "r", "write-ahead": "W", "settled": "S"}
+        self.say(f"kill plan: {' '.join(code[p] for p in plan)} (r = SIGKILL from outside at a random moment; "
+                 f"the process kills itself: W = after a payout's write-ahead, S = after its attempt succeeded)")
         launcher = None
         ready_s = [3.0]      # how long a start takes here (start-up kills land inside it)
         for kind in plan:
-            die_at = self.rng.randint(1, 2) if kind == "write-ahead" else None
+            point = {"write-ahead": "send", "settled": "settled"}.get(kind)
+            die_at = f"{point}:{self.rng.randint(1, 2)}" if point else None
             started = time.monotonic()
-            svc.start(die_at_send=die_at)
+            svc.start(die_at=die_at)
             if launcher is None:
                 await svc.wait_ready(90)
                 self.market.hub.start()
                 launcher = asyncio.create_task(self.launch(self.stagger()))
-            if kind == "write-ahead":
+            if point:
                 await self.self_kill(svc, die_at)
                 continue
             phase = "start-up" if self.rng.random() < 0.15 else "running"
@@ -348,7 +356,7 @@ class SigkillDrill(Drill):
             launcher = asyncio.create_task(self.launch(self.stagger()))
         await self.until_finished(launcher)
 
-    async def self_kill(self, svc: Service, die_at: int) -> None:
+    async def self_kill(self, svc: Service, die_at: str) -> None:
         before = len(svc.notes())
         end = time.monotonic() + 90
         idle_since = None
@@ -360,12 +368,12 @@ class SigkillDrill(Drill):
                 break      # every job is closed: no payout will come
         if svc.alive():
             svc.kill()
-            self.fault("sigkill", phase="armed, but no payout was sent: killed from outside")
+            self.fault("sigkill", phase=f"armed ({die_at}), but the point was not reached: killed from outside")
             return
         notes = svc.notes()
         if len(notes) == before:
-            self.notes.append(f"an armed service died without reaching its hook (code {svc.proc.returncode}); "
-                              f"see {svc.log_path}")
+            self.notes.append(f"an armed service ({die_at}) died without reaching its point (code "
+                              f"{svc.proc.returncode}); see {svc.log_path}")
             self.fault("crash", phase="armed process exited by itself", code=svc.proc.returncode)
             return
         note = json.loads(notes[-1])
@@ -374,6 +382,7 @@ class SigkillDrill(Drill):
         try:
             async with session_factory(engine)() as s:
                 row = await s.get(PayoutAttempt, h)
+                payout = await s.get(Payout, note["payout"])
         finally:
             await engine.dispose()
         node = lnd(self.desc, "escrow")
@@ -381,17 +390,26 @@ class SigkillDrill(Drill):
             lnd_state = None
             async for p in node.track_payment(bytes.fromhex(h)):
                 lnd_state = p.status.name
-                break
+                if p.status.final:
+                    break
         except lnerr.LndNotFound:
             lnd_state = None
         finally:
             await node.close()
-        exact = row is not None and row.state == "sending" and lnd_state is None
+        attempt = row.state if row else None
+        if note["point"] == "send":     # written ahead, never sent
+            kind, exact = "sigkill-after-write-ahead", attempt == "sending" and lnd_state is None
+        else:                           # paid and recorded on the attempt, not on the payout
+            kind = "sigkill-after-attempt-succeeded"
+            exact = attempt == "succeeded" and lnd_state == "SUCCEEDED" and payout is not None \
+                and payout.state != "succeeded"
         if not exact:
-            self.notes.append(f"write-ahead kill not where intended: attempt {row.state if row else None}, "
-                              f"LND {lnd_state} (payout {note['payout']})")
-        self.fault("sigkill-after-write-ahead", payout=note["payout"][:24] + "…", send_call=die_at,
-                   attempt_row=row.state if row else None, lnd_knew=lnd_state, exact=exact)
+            self.notes.append(f"{kind} not where intended: attempt {attempt}, payout "
+                              f"{payout.state if payout else None}, LND {lnd_state} (payout {note['payout']})")
+        job, _, rest = note["payout"].partition(":")
+        role, _, who = rest.partition(":")
+        self.fault(kind, payout=f"{job[:12]}…:{role}:{who[:12]}…", call=die_at, attempt_row=attempt,
+                   payout_row=payout.state if payout else None, lnd=lnd_state, exact=exact)
 
 
 # ------------------------------------------------------------------------------ lnd-outage

@@ -49,17 +49,16 @@ class Service(ServiceProc):
         self.starts = 0
         self.note = log_path.with_suffix(".faults.jsonl")
 
-    def start(self, die_at_send: int | None = None) -> None:   # noqa: D102
+    def start(self, die_at: str | None = None) -> None:   # noqa: D102
         env = dict(self.env)
         module = "service.cli"
-        if die_at_send:
+        if die_at:
             module = "bench.drills.faulty_service"
-            env.update(FEDSTR_DRILL_DIE_AT_SEND=str(die_at_send), FEDSTR_DRILL_FAULT_NOTE=str(self.note))
+            env.update(FEDSTR_DRILL_DIE_AT=die_at, FEDSTR_DRILL_FAULT_NOTE=str(self.note))
         self.starts += 1
         with open(self.log_path, "a") as log:
             log.write(f"\n=== drill: start #{self.starts} of {self.name} ({module}"
-                      f"{f', dies at send call {die_at_send}' if die_at_send else ''}) "
-                      f"{time.strftime('%H:%M:%S')}\n")
+                      f"{f', dies at {die_at}' if die_at else ''}) {time.strftime('%H:%M:%S')}\n")
             log.flush()
             self.proc = subprocess.Popen([sys.executable, "-m", module, "--log-level", "WARNING", "serve"],
                                          env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)

@@ -4,8 +4,9 @@ Each drill runs the service as its own process against the session's regtest net
 relay and PostgreSQL, plays a few jobs, injects its faults and counts from the real parts
 (bench/drills/audit.py): every job closed, every payee paid exactly once, no fact lost,
 the ledger balanced and in agreement with LND. The sigkill drill includes a kill exactly
-between a payout's write-ahead row and its SendPaymentV2 (fault injection:
-bench/drills/faulty_service.py). The lnd-outage, relay-restart and postgres-restart drills
+between a payout's write-ahead row and its SendPaymentV2, and one between a payment's
+SUCCEEDED recorded on its attempt and the payout's (fault injection:
+bench/drills/faulty_service.py; the second found a duplicate payment, now fixed). The lnd-outage, relay-restart and postgres-restart drills
 stop and start the session's own escrow LND, relay and PostgreSQL; each drill puts them
 back (and waits until they answer) before it returns.
 
@@ -51,5 +52,6 @@ async def test_drill(name: str, stack_desc: dict, regtest: Regtest, tmp_path: Pa
     assert result["faults_injected"] >= 1
     if name == "sigkill":
         assert result["faults_injected"] == 4
-        exact = [f for f in result["faults"] if f["kind"] == "sigkill-after-write-ahead" and f["exact"]]
-        assert exact, "at least one kill exactly between a payout's write-ahead and its send"
+        kinds = {f["kind"] for f in result["faults"] if f.get("exact")}
+        assert "sigkill-after-write-ahead" in kinds, "a kill exactly between a payout's write-ahead and its send"
+        assert "sigkill-after-attempt-succeeded" in kinds, "a kill between a payment's recorded success and its payout's"
