@@ -235,6 +235,11 @@ class EscrowLoop:
         self._timers_at = self._scan_at = float("-inf")
         self._facts_due = self._payouts_due = False
 
+    @property
+    def running(self) -> bool:
+        """Every task of the loop is alive (none has died or been stopped)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
+
     def notify_fact(self, *_args: object) -> None:
         self._facts_due = True
         self.wake.set()

@@ -135,7 +135,7 @@ async def test_hostile_corpus_is_refused_without_effects(market: Market) -> None
                 "Authorization": header, "content-type": "application/json"}))
     assert sum(tally.values()) >= 500, tally
     assert await _counts(market) == before, "no posting, job or payout came from hostile input"
-    assert market.app.state.escrow.loop._task is not None and not market.app.state.escrow.loop._task.done()
+    assert market.app.state.escrow.loop.running, "the engine and effect tasks survived every input"
 
 
 def _random_json(rnd: random.Random, depth: int = 0):  # noqa: ANN202
