@@ -5,6 +5,8 @@
                     exactly between a payout's write-ahead and its send)
     --seed S        seeds every random choice (printed; repeat a failing run with it)
     --lnd-outage T  seconds the escrow's LND stays stopped (default 30)
+    --lnd-stop-anytime  lnd-outage: stop LND even while a payout is being sent (LND v0.20.2 may
+                    then keep that payment IN_FLIGHT for good, and its job never finishes)
     --relay-down T  seconds the relay stays stopped (default 8)
     --timeout T     hard timeout of each drill in seconds (default: from its size)
     --no-write      do not write bench/results/drills.json and drills.md
@@ -113,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=20)
     ap.add_argument("--seed", type=int)
     ap.add_argument("--lnd-outage", type=float, default=30.0)
+    ap.add_argument("--lnd-stop-anytime", action="store_true")
     ap.add_argument("--relay-down", type=float, default=8.0)
     ap.add_argument("--timeout", type=float)
     ap.add_argument("--no-write", action="store_true")
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
           f"--seed {seed}{f' --jobs {args.jobs}' if args.jobs else ''}"
           f"{f' --kills {args.kills}' if args.kills != 20 else ''})", flush=True)
     opts = Options(jobs=args.jobs, kills=args.kills, seed=seed, lnd_outage=args.lnd_outage,
-                   relay_down=args.relay_down, timeout=args.timeout)
+                   relay_down=args.relay_down, timeout=args.timeout, lnd_stop_anytime=args.lnd_stop_anytime)
     desc = stack(postgres=True)
     try:
         results = asyncio.run(run(names, opts, desc))

@@ -132,6 +132,25 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
             for j, payee in unpaid:
                 notes.append(f"UNPAID: job {j[:12]} is closed but payee {payee[:12]} has no settled invoice")
 
+            # why a job did not finish: its payouts that did not succeed, and what LND and the payee say
+            by_hash = {p.get("payment_hash"): p for p in escrow_pays}
+            open_jobs = [j for j in job_ids if states.get(j) != "closed"]
+            if open_jobs:
+                rows = (await s.execute(select(Payout.id, Payout.job_id, Payout.state, Payout.last_error)
+                                        .where(Payout.job_id.in_(open_jobs), Payout.state != "succeeded"))).all()
+                for pid, jid, st, err in rows:
+                    tries = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.state)
+                                             .where(PayoutAttempt.payout_id == pid))).all()
+                    seen = []
+                    for h, ast in tries:
+                        lp = by_hash.get(h, {})
+                        inv = market.issued.get(h)
+                        payee_state = (await market.payee_node.lookup_invoice(bytes.fromhex(h))).state.name \
+                            if inv else "not ours"
+                        seen.append(f"attempt {h[:12]} {ast}: escrow LND {lp.get('status', 'unknown to it')} "
+                                    f"(HTLCs {[x.get('status') for x in lp.get('htlcs', [])]}), payee invoice {payee_state}")
+                    notes.append(f"NOT FINISHED: job {jid[:12]} ({states.get(jid)}) payout …{pid[-30:]} is {st}"
+                                 f"{f' ({err[:80]})' if err else ''}; " + ("; ".join(seen) or "no attempt"))
             violations = await ledger.check_invariants(s, closed_job_ids=closed_ids)
             for v in violations[:10]:
                 notes.append(f"LEDGER: {v.kind} {v.subject} {v.amount_msat} msat {v.detail}")

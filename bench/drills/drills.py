@@ -41,6 +41,7 @@ class Options:
     relay_down: float = 8.0
     timeout: float | None = None
     work: tuple[float, float, float] | None = None   # at most this long to train, score, pay (None: the drill's)
+    lnd_stop_anytime: bool = False                    # lnd-outage: also while a payout is being sent
 
 
 class Drill:
@@ -415,7 +416,8 @@ class SigkillDrill(Drill):
 # ------------------------------------------------------------------------------ lnd-outage
 class LndOutageDrill(Drill):
     name = "lnd-outage"
-    about = "the escrow's LND stopped while customers fund, started again with its own command line"
+    about = ("the escrow's LND stopped while customers fund (and, unless --lnd-stop-anytime, no payout is "
+             "being sent), started again with its own command line")
 
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 6 * self.jobs + self.opts.lnd_outage)
@@ -424,18 +426,26 @@ class LndOutageDrill(Drill):
         """Customers holding an offer they have not seen funded yet."""
         return sum(1 for j in self.market.jobs if j.phase == "offered")
 
+    def quiet(self) -> bool:
+        """No job about to pay out. LND v0.20.2 stopped while it dispatches a payment can keep that
+        payment IN_FLIGHT for good (no HTLC on the channel; seen here, like lnd#5152): the escrow then
+        rightly never pays it again, and the job stays releasing. That is LND's to fix; this drill
+        is about funding, so by default it does not stop LND in the middle of a payout."""
+        return self.opts.lnd_stop_anytime or self.count("validating", "releasing") == 0
+
     async def body(self) -> None:
         _, launcher = await self.start_one()
         # while customers fund: two of them holding an offer they are paying (one will do after 20 s)
         t0 = time.monotonic()
-        await self.until(lambda: self.funding() >= 2 or self.funding() >= 1 and time.monotonic() - t0 > 20
-                         or time.monotonic() - t0 > 40, "customers funding")
-        funding = self.funding()
+        await self.until(lambda: self.quiet() and (self.funding() >= 2 or self.funding() >= 1
+                                                   and time.monotonic() - t0 > 20 or time.monotonic() - t0 > 40)
+                         or time.monotonic() - t0 > 60, "customers funding")
+        funding, quiet = self.funding(), self.quiet()
         t = time.monotonic()
         await self.parts.stop_lnd("escrow")
         stopped = time.monotonic()
         f = self.fault("lnd-stopped", node="escrow", stop_s=round(stopped - t, 1), customers_funding=funding,
-                       jobs_requested=self.count("requested"))
+                       jobs_requested=self.count("requested"), payouts_quiet=quiet)
         await asyncio.sleep(self.opts.lnd_outage)
         f["stopped_s"] = round(time.monotonic() - stopped, 1)
         await self.parts.start_lnd("escrow")
