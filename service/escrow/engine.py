@@ -536,7 +536,7 @@ class Engine:
 
     # ------------------------------------------------------------------ payout outcomes
     async def handle_payout(self, s: AsyncSession, p: Payout) -> str:
-        if not await self.consume(s, "payout", f"{p.id}:{p.state}:{p.attempts}"):
+        if not await self.consume(s, "payout", payout_ref(p)):
             return "already consumed"
         if p.job_id is None:
             return "no job"
@@ -611,6 +611,12 @@ class Engine:
             await self._decide(s, job, "validation deadline passed")
             return due
         return None
+
+
+def payout_ref(p: Payout) -> str:
+    """The outcome of a payout the engine consumes once (EngineRunner._payouts builds the same in SQL)."""
+    ref = f"{p.id}:{p.state}:{p.attempts}"
+    return f"{ref}:{p.needs_invoice_count}" if p.needs_invoice_count else ref
 
 
 def _destination(stored: str, amount_msat: int) -> str:

@@ -14,7 +14,7 @@ import logging
 import time
 from datetime import timedelta
 
-from sqlalchemy import and_, exists, literal, or_, select, update
+from sqlalchemy import and_, case, exists, literal, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -62,7 +62,9 @@ class EngineRunner:
         return done
 
     async def _payouts(self) -> int:
-        ref = Payout.id + literal(":") + Payout.state + literal(":") + Payout.attempts.cast(Consumed.ref.type)
+        ref = (Payout.id + literal(":") + Payout.state + literal(":") + Payout.attempts.cast(Consumed.ref.type)
+               + case((Payout.needs_invoice_count > 0,
+                       literal(":") + Payout.needs_invoice_count.cast(Consumed.ref.type)), else_=literal("")))
         seen = exists().where(and_(Consumed.source == "payout", Consumed.ref == ref))
         async with self.sessions() as s:
             rows = (await s.scalars(select(Payout).where(Payout.state.in_(("succeeded", "needs_invoice")),

@@ -70,6 +70,9 @@ class Payout(Base):
     # pending -> sending -> succeeded | failed | unknown | needs_invoice
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    # times the worker sent it back to needs_invoice (a refused or expired invoice, given up):
+    # each is a new outcome for the engine to announce, even with an unchanged attempt count
+    needs_invoice_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     fee_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)   # of the succeeding attempt
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)

@@ -368,6 +368,8 @@ class Payouts:
                       payment_hash: str | None = None, preimage: str | None = None, retry: bool = False,
                       attempts: int | None = None) -> Outcome:
         values: dict = {"state": state, "last_error": detail or None, "updated_at": utcnow(), "lease_until": None}
+        if state == "needs_invoice":   # a new outcome for the engine, whatever the attempt count
+            values["needs_invoice_count"] = Payout.needs_invoice_count + 1
         if state == "succeeded":
             values.update(fee_msat=fee, payment_hash=payment_hash, preimage=preimage, last_error=None)
         if retry:
