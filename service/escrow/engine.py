@@ -462,6 +462,19 @@ class Engine:
         return "; ".join(outcomes) or "ignored: names no job of ours"
 
     # ------------------------------------------------------------------ effects reported back
+    async def on_invoice_failed(self, s: AsyncSession, job_id: str, error: str) -> bool:
+        """The escrow invoice could not be made after every retry (LND away for long): the job
+        would otherwise wait in ``requested`` for ever. Cancel it (no money was taken) and tell
+        the customer, who may post the request again."""
+        job = await s.get(Job, job_id)
+        if job is None or not await self.transition(s, job_id, (S.REQUESTED,), S.CANCELLED,
+                                                     f"no escrow invoice could be made: {error}"[:300]):
+            return False
+        await self.publish(s, job_id, build_error_feedback(ErrorFeedback(
+            job_id=job_id, customer=job.customer, reason="escrow_unavailable",
+            message="the escrow could not create an invoice; post the request again later")))
+        return True
+
     async def on_invoice_created(self, s: AsyncSession, job_id: str, payment_hash: str, payment_request: str,
                                  mode: str, amount_msat: int) -> bool:
         job = await s.get(Job, job_id)

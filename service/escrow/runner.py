@@ -160,6 +160,8 @@ class EffectRunner:
             await s.execute(update(Effect).where(Effect.id == eff.id)
                             .values(state=state, last_error=error, next_attempt_at=utcnow() + timedelta(seconds=delay)))
             await self.engine.timeline(s, eff.job_id, "effect", {"kind": eff.kind, "state": state, "error": error})
+            if state == "failed" and eff.kind == "create_invoice":
+                await self.engine.on_invoice_failed(s, eff.job_id, error)
         log.warning("effect %s for job %s: %s (%s)", eff.kind, eff.job_id, error, state)
 
     async def _done(self, s: AsyncSession, eff: Effect) -> None:

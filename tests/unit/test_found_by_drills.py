@@ -233,3 +233,40 @@ async def test_a_payout_whose_attempt_succeeded_is_finished_not_paid_again(sessi
         p = await s.get(Payout, "job:validator:v")
         n = await s.scalar(select(func.count()).select_from(PayoutAttempt))
     assert (p.state, p.payment_hash, p.preimage, p.fee_msat, n) == ("succeeded", "a7" * 32, "d0" * 32, 0, 1)
+
+
+async def test_a_job_whose_invoice_cannot_be_made_is_cancelled_and_the_customer_told(tmp_path: Path) -> None:
+    """LND away longer than every retry of create_invoice (fault injected: an LND that only
+    answers UNAVAILABLE): the job must not wait in `requested` for ever."""
+    from service.escrow.models import Effect, Job
+    from service.escrow.runner import EffectRunner
+    from service.lightning.invoices import EscrowInvoices, HoldSizing
+    from service.lightning.settlement import SettlementWatcher
+    from service.nostr.models import OutboxEvent
+    from tests.unit.test_engine_properties import Clock, World, _fresh_db
+    from tests.unit.test_engine_states import reach
+
+    class AwayLnd:
+        async def add_hold_invoice(self, *_a, **_k):
+            raise errors.LndUnavailable("AddHoldInvoice", "connection refused")
+
+        add_invoice = add_hold_invoice
+
+    engine = create_engine(await _fresh_db(tmp_path))
+    world = World(session_factory(engine), Clock())
+    try:
+        job_id = await reach(world, JobState.REQUESTED)
+        runner = EffectRunner(world.engine, EscrowInvoices(AwayLnd(), HoldSizing()),
+                              SettlementWatcher(AwayLnd(), world.sessions), max_attempts=3)
+        for attempt in range(3):
+            async with world.sessions.begin() as s:   # skip the backoff
+                await s.execute(update(Effect).where(Effect.job_id == job_id).values(next_attempt_at=utcnow()))
+            await runner.run_once()
+            async with world.sessions() as s:
+                job = await s.get(Job, job_id)
+            assert job.state == ("requested" if attempt < 2 else "cancelled"), (attempt, job.state)
+        async with world.sessions() as s:
+            raws = (await s.scalars(select(OutboxEvent.raw).where(OutboxEvent.raw.contains(job_id)))).all()
+        assert any("escrow_unavailable" in r for r in raws), "the customer is told, and may post again"
+    finally:
+        await engine.dispose()
