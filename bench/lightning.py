@@ -45,7 +45,7 @@ async def run_pool(n: int, concurrency: int, make) -> float:  # noqa: ANN001
     return n / (time.perf_counter() - t0)
 
 
-async def invoice_rates(lnd: LndClient, sessions, n: int, concurrency: int, rounds: int = 3) -> dict:
+async def invoice_rates(lnd: LndClient, sessions, n: int, concurrency: int, rounds: int = 6) -> dict:
     invoices = EscrowInvoices(lnd, HoldSizing(), expiry_seconds=600, sessions=sessions)
 
     async def direct(_i: int) -> None:
@@ -107,7 +107,7 @@ async def detection_latency(escrow: LndClient, customer: LndClient, sessions, n:
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--invoices", type=int, default=300)
+    ap.add_argument("--invoices", type=int, default=600)
     ap.add_argument("--payments", type=int, default=200)
     ap.add_argument("--concurrency", type=int, default=16)
     args = ap.parse_args()

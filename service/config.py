@@ -69,6 +69,7 @@ class Settings(BaseSettings):
     payout_max_final_cltv: int = Field(default=432, ge=18)
     payout_lease_seconds: float = Field(default=300.0, gt=0)    # a dead worker's claim expires after this
     payout_concurrency: int = Field(default=20, ge=1, le=400)  # payments in flight per replica
+    payout_reconcile_seconds: float = Field(default=60.0, gt=0)   # payouts left `sending` by a dead worker
     effect_lease_seconds: float = Field(default=120.0, gt=0)
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
     reconcile_threshold_msat: int = Field(default=0, ge=0)  # above this, payouts pause and an alert is raised

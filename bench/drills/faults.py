@@ -28,7 +28,7 @@ from bench.common import ROOT, ServiceProc
 # As tests/e2e/test_replicas.py: retries, leases and sweeps in seconds, not minutes.
 DRILL_SETTINGS = {"payout_retry_seconds": 1, "payout_lease_seconds": 3, "effect_lease_seconds": 3,
                   "payout_invoice_min_expiry_seconds": 60, "sweep_interval_seconds": 2,
-                  "guard_interval_seconds": 2}
+                  "guard_interval_seconds": 2, "payout_reconcile_seconds": 5}
 
 
 def devstack():  # noqa: ANN201

@@ -144,7 +144,8 @@ class LightningService:
                         self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
                                                our_pubkey=info.pubkey, on_outcome=self._outcome)
                     now = asyncio.get_running_loop().time()
-                    if now - reconciled_at > 60 and not inflight:   # at start-up, then every minute
+                    # at start-up, then on a schedule: resolves payouts a dead worker left sending
+                    if now - reconciled_at > self.settings.payout_reconcile_seconds and not inflight:
                         await self.payouts.reconcile()
                         reconciled_at = now
                     async with self.sessions() as s:
