@@ -47,7 +47,7 @@ bench: install build
 
 drills: install build
 	devstack/system-deps.sh
-	$(BIN)/python -m bench.drills all
+	FEDSTR_BENCH_PORT_BASE=$${FEDSTR_BENCH_PORT_BASE:-30100} $(BIN)/python -m bench.drills all
 
 openapi: install
 	$(BIN)/fedstr-escrow openapi
