@@ -128,7 +128,7 @@ async def submit_event(request: Request, event: dict = Body(..., description="a 
     st.escrow.loop.wake.set()
     job = None
     if wait and ev.kind == KIND_JOB_REQUEST:
-        job = await st.escrow.wait_offer(ev.id, wait)
+        job = await st.escrow.wait_offer(ev.id, wait, new=new)
     return SubmittedOut(id=ev.id, new=new, job=job)
 
 

@@ -54,7 +54,7 @@ class EscrowService:
         if entry is not None:
             entry[0].set()
 
-    async def wait_offer(self, job_id: str, timeout: float) -> dict | None:
+    async def wait_offer(self, job_id: str, timeout: float, *, new: bool = False) -> dict | None:
         """The job's offer once its invoice exists (or the request was refused), waiting up to
         ``timeout`` seconds; None if it is not there in time.
 
@@ -65,6 +65,9 @@ class EscrowService:
         self._offer_waiters[job_id] = (event, n + 1)
         deadline = time.monotonic() + timeout
         try:
+            if new:   # just stored: nothing to read yet; this replica's effect runner wakes us
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), min(timeout, 0.25))
             while True:
                 view = await self.offer_view(job_id)
                 remaining = deadline - time.monotonic()
