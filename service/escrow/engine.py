@@ -26,8 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import event, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from service.db import insert_ignore, utcnow
 from service.escrow import rule
@@ -105,9 +106,10 @@ class Engine:
 
     async def timeline(self, s: AsyncSession, job_id: str, kind: str, detail: object) -> None:
         text = detail if isinstance(detail, str) else json.dumps(detail, sort_keys=True, default=str)
-        # A Core insert: no unit-of-work flush per entry (the hot path writes several per fact).
-        await s.execute(insert(TimelineEntry.__table__),
-                        [{"job_id": job_id, "kind": kind, "detail": text[:4000], "at": utcnow()}])
+        # Kept with the session and written in one statement when it commits (_write_timeline):
+        # a fact writes several entries, and an entry is only ever read after its commit.
+        s.info.setdefault(_TIMELINE, []).append({"job_id": job_id, "kind": kind, "detail": text[:4000],
+                                                 "at": utcnow()})
 
     async def publish(self, s: AsyncSession, job_id: str, template) -> Event:  # noqa: ANN001
         event = sign_event(self.key, template.kind, template.tags, template.content, created_at=self.now())
@@ -476,15 +478,17 @@ class Engine:
         return True
 
     async def on_invoice_created(self, s: AsyncSession, job_id: str, payment_hash: str, payment_request: str,
-                                 mode: str, amount_msat: int) -> bool:
-        job = await s.get(Job, job_id)
+                                 mode: str, amount_msat: int, *, customer: str | None = None) -> bool:
+        """``customer``: the job's, when the caller has it (saves reading the job again)."""
+        if customer is None:
+            customer = (await s.get(Job, job_id)).customer
         if not await self.transition(s, job_id, (S.REQUESTED,), S.OFFERED, "escrow invoice created",
                                      payment_hash=payment_hash, mode=mode,
                                      offer_expires_at=self.now() + self.config.invoice_expiry_seconds):
             return False
         await self.timeline(s, job_id, "invoice", {"payment_hash": payment_hash, "mode": mode, "amount_msat": amount_msat})
         await self.publish(s, job_id, build_escrow_offer(EscrowOffer(
-            job_id=job_id, customer=job.customer, amount_msat=amount_msat, bolt11=payment_request, mode=Mode(mode))))
+            job_id=job_id, customer=customer, amount_msat=amount_msat, bolt11=payment_request, mode=Mode(mode))))
         return True
 
     # ------------------------------------------------------------------ LN facts
@@ -624,6 +628,21 @@ class Engine:
             await self._decide(s, job, "validation deadline passed")
             return due
         return None
+
+
+_TIMELINE = "fedstr.timeline"
+
+
+@event.listens_for(Session, "before_commit")
+def _write_timeline(session: Session) -> None:
+    rows = session.info.pop(_TIMELINE, None)
+    if rows:
+        session.execute(insert(TimelineEntry.__table__), rows)
+
+
+@event.listens_for(Session, "after_rollback")
+def _drop_timeline(session: Session) -> None:
+    session.info.pop(_TIMELINE, None)   # the entries described what was rolled back
 
 
 def payout_ref(p: Payout) -> str:

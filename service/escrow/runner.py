@@ -185,7 +185,7 @@ class EffectRunner:
             if mode == "hold":
                 self.watcher.watch(h)
             async with self.sessions.begin() as s:
-                await self.engine.on_invoice_created(s, job.id, h, pr, mode, job.bid_msat)
+                await self.engine.on_invoice_created(s, job.id, h, pr, mode, job.bid_msat, customer=job.customer)
                 await self._done(s, eff)
             if self.on_offer is not None:
                 self.on_offer(job.id)
