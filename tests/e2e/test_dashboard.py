@@ -287,8 +287,12 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
                                            r3.id: ("0.12", sha(bad))})
         await market.wait_state(job_ev.id, "releasing")
         await settle_payment(pay)
-        payouts = await market.payouts(job_ev.id)
-        assert len(payouts) == 3 and {p.state for p in payouts} == {"needs_invoice"}, payouts
+
+        async def owed() -> list:   # written when the engine consumes the settlement fact, just after
+            found = await market.payouts(job_ev.id)
+            return found if len(found) == 3 else []
+        payouts = await wait_until(owed, 30, "the three payouts written at release")
+        assert {p.state for p in payouts} == {"needs_invoice"}, payouts
         async with market.sessions() as s:
             preimage = await s.scalar(select(LnInvoice.preimage).where(LnInvoice.job_id == job_ev.id))
         assert preimage, "the escrow invoice has a preimage in the database"
