@@ -29,7 +29,8 @@ from pathlib import Path
 import httpx
 import websockets
 
-from bench.common import ServiceProc, job_event, markdown_table, percentile, stack, stack_down, write
+from bench.common import (ServiceProc, cpu_seconds, fresh_pg_database, job_event, markdown_table, percentile,
+                          stack, stack_down, write)
 from bench.lightning import client, run_pool
 from service.lightning.invoices import HoldSizing
 from service.nostr.nip01 import SecretKey
@@ -113,10 +114,10 @@ async def creation(desc: dict, svc: ServiceProc, escrow_pub: str, n: int, concur
                 t0 = time.perf_counter()
                 await submit(http, events[i])
                 lat.append((await watch.wait(events[i].id) - t0) * 1000)
-            c0 = cpu_seconds(svc.pid)
+            c0 = cpu_seconds(pid=svc.pid)
             rate = await run_pool(count, concurrency, one)
             await asyncio.sleep(0.3)   # the tail of the work (cursors, deliveries) belongs to these jobs
-            cpu["ours"] += cpu_seconds(svc.pid) - c0
+            cpu["ours"] += cpu_seconds(pid=svc.pid) - c0
             cpu["jobs"] += count
             return rate, lat
 
@@ -145,18 +146,6 @@ async def creation(desc: dict, svc: ServiceProc, escrow_pub: str, n: int, concur
             "rounds": {"direct": [round(x, 1) for x in d_rates], "ours": [round(x, 1) for x in o_rates]},
             "service_cpu_ms_per_job": round(cpu["ours"] * 1000 / max(1, cpu["jobs"]), 2),
             "ratio": round(o / d, 3), "target_ratio": 0.8, "met": o / d >= 0.8}
-
-
-async def fresh_pg_database(desc: dict, name: str) -> str:
-    import asyncpg
-    pg = desc["postgres"]
-    con = await asyncpg.connect(host=pg["host"], port=pg["port"], user=pg["user"], database="postgres")
-    try:
-        await con.execute(f'DROP DATABASE IF EXISTS "{name}"')
-        await con.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await con.close()
-    return f"postgresql+asyncpg://{pg['user']}@{pg['host']}:{pg['port']}/{name}"
 
 
 async def count_states(db_url: str, sql: str) -> dict[str, int]:
@@ -202,7 +191,6 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
     async def run_ours(count: int, tag: str) -> float:
         reqs = await invoices(count, "ours")
         ids = [f"bench:{tag}:{i}" for i in range(count)]
-        t0 = time.perf_counter()
         async with sessions.begin() as s:   # what the engine writes at release, in one transaction
             for pid, req in zip(ids, reqs):
                 await Payouts.create(s, payout_id=pid, payee="ab" * 32, amount_msat=amount, destination=f"bolt11:{req}")
@@ -231,9 +219,9 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
     r_rates, o_rates, cpu = [], [], 0.0
     for k in range(rounds):
         r_rates.append(await run_raw(per))
-        c0 = cpu_seconds(svc.pid)
+        c0 = cpu_seconds(pid=svc.pid)
         o_rates.append(await run_ours(per, f"r{k}"))
-        cpu += cpu_seconds(svc.pid) - c0
+        cpu += cpu_seconds(pid=svc.pid) - c0
     await engine.dispose()
     await escrow.close()
     await payee.close()
@@ -248,12 +236,6 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
                     "(here by the bench, in one transaction); timed from the worker's first write-ahead row to "
                     "the last success as the service recorded them (rows from another process are found at the "
                     "worker's next idle poll, <= 1 s, where the engine's release wakes it at once)"}
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far (noise-free, unlike wall time)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import ROOT, RESULTS, ServiceProc, free_port, job_event, markdown_table, percentile, stack, \
-    stack_down, write
+from bench.common import (RESULTS, ROOT, ServiceProc, cpu_seconds, free_port, job_event, markdown_table, percentile,
+                          stack, stack_down, write)
 from service.lightning.client import LndClient, PaymentStatus
 from service.nostr.nip01 import SecretKey
 
@@ -261,20 +261,6 @@ async def timed_pool(n: int, concurrency: int, call) -> tuple[float, list[float]
     return n / (time.perf_counter() - t0), lat
 
 
-def cpu_seconds(pgid: int | None = None, pid: int | None = None) -> float:
-    """utime+stime of one process, or of every process in a process group (from /proc)."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    pids = [pid] if pid is not None else [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except (FileNotFoundError, ProcessLookupError, IndexError):
-            continue
-        if pid is None and int(fields[2]) != pgid:   # field 5 of stat: the process group
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
 
 
 class LnbitsInvoices:

@@ -70,15 +70,10 @@ def build_lnd(settings: Settings) -> LndClient | None:
                                 timeout=settings.lnd_timeout_seconds)
 
 
-def _wake(event):  # noqa: ANN001, ANN202
-    async def wake(_count: int) -> None:
-        event.set()
-    return wake
-
-
 def _notify(callback):  # noqa: ANN001, ANN202
-    async def notify(*args: object) -> None:
-        callback(*args)
+    """An async hook (what the pool and the watcher await) that calls ``callback()``."""
+    async def notify(*_args: object) -> None:
+        callback()
     return notify
 
 
@@ -105,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.nostr = None
         if settings.relays:
             app.state.nostr = NostrService(app.state.sessions, settings.relays, key)
-            app.state.nostr.pool.on_stored = _wake(app.state.escrow.loop.wake)
+            app.state.nostr.pool.on_stored = _notify(app.state.escrow.loop.wake.set)
             app.state.escrow.loop.on_progress.append(app.state.nostr.publisher.wake)
         if app.state.lightning is not None:
             app.state.escrow.loop.on_progress.append(app.state.lightning.wake_payouts)

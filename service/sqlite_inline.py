@@ -105,9 +105,7 @@ class Connection:
         self._live().rollback()
 
     async def close(self) -> None:
-        if self._connection is not None:
-            self._connection.close()
-            self._connection = None
+        self.stop()
 
     def stop(self) -> None:   # what SQLAlchemy calls to terminate a connection
         if self._connection is not None:

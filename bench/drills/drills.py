@@ -19,6 +19,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from bench.common import fresh_pg_database
 from bench.drills.audit import audit
 from bench.drills.faults import Service, StackParts
 from bench.drills.market import JobRun, Market, lnd
@@ -79,17 +80,7 @@ class Drill:
         if not self.postgres:
             url = f"sqlite+aiosqlite:///{self.dir / 'escrow.sqlite3'}"
         else:
-            pg = self.desc.get("postgres")
-            if not pg:
-                raise RuntimeError("this drill needs the stack's PostgreSQL (`devstack/stack up` without --no-postgres)")
-            import asyncpg
-            name = f"drill_{self.name.replace('-', '_')}_{uuid.uuid4().hex[:10]}"
-            admin = await asyncpg.connect(host=pg["host"], port=pg["port"], user=pg["user"], database="postgres")
-            try:
-                await admin.execute(f'CREATE DATABASE "{name}"')
-            finally:
-                await admin.close()
-            url = f"postgresql+asyncpg://{pg['user']}@{pg['host']}:{pg['port']}/{name}"
+            url = await fresh_pg_database(self.desc, f"drill_{self.name.replace('-', '_')}_{uuid.uuid4().hex[:10]}")
         await upgrade_async(url)    # before any replica starts: two would race on the migrations
         return url
 

@@ -245,7 +245,8 @@ class SettlementWatcher:
     async def _backfill(self) -> tuple[int, int]:
         """First run: read every invoice LND has, confirm ours, and start the cursors at the end."""
         offset, max_add, max_settle = 0, 0, 0
-        mine = await self._open_hashes(include_all=True)
+        async with self.sessions() as s:
+            mine = set((await s.scalars(select(LnInvoice.payment_hash))).all())
         while True:
             invoices, last = await self.lnd.list_invoices(index_offset=offset, max_invoices=1000)
             for inv in invoices:
@@ -321,15 +322,6 @@ class SettlementWatcher:
             attempt += 1
 
     # ---- sweep -------------------------------------------------------------------
-    async def _open_hashes(self, *, include_all: bool = False, hold_only: bool = False) -> set[str]:
-        q = select(LnInvoice.payment_hash)
-        if not include_all:
-            q = q.where(LnInvoice.state.in_(("open", "accepted")))
-        if hold_only:
-            q = q.where(LnInvoice.mode == "hold")
-        async with self.sessions() as s:
-            return set((await s.scalars(q)).all())
-
     async def sweep(self) -> int:
         """Compare every open or accepted invoice of ours with LND and confirm those that moved;
         re-follow hold invoices. Returns the facts recorded.
