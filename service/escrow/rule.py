@@ -3,34 +3,45 @@
 A candidate result is **accepted** when at least ``quorum`` designated validators
 scored it and the median of their scores passes the threshold in the job's
 direction (``max``: median >= threshold; ``min``: median <= threshold). The median of
-an even number of scores is the mean of the two middle ones, computed exactly with
-``Decimal``.
+an even number of scores is the mean of the two middle ones. Scores are bounded by the
+codec (at most 15 digits before the point, 12 after), so the median is computed exactly
+in a local decimal context and has at most 13 places (:func:`median`); no score a
+validator chooses can make it long, inexact or an exponent.
 
 Money (integer msat): the bid splits into the escrow fee, validator fees and the
-provider share (``MoneySplit``). On release:
+provider share (``MoneySplit``). Every payout is a whole number of **satoshis**, because
+that is what ordinary wallets invoice (LNbits, phoenixd, most mobile wallets); what the
+rounding leaves is the escrow's, booked as fee income and shown in the decision:
 
-- ``best``: the accepted result with the best median gets the whole provider share
-  (a tie goes to the earlier result, then the smaller id);
-- ``split``: every accepted result gets ``share // n``; the remainder (< n msat) goes to
-  the escrow's fee account, recorded as such;
-- each validator whose scores counted gets its fee; the fee of a validator that scored
-  nothing that counted is added to the providers' share (the customer paid for
-  validation of the work it bought; documented in docs/escrow.md).
+- ``best``: the accepted result with the best median gets the whole provider share,
+  rounded down to whole satoshis. A tie goes to the result the escrow **received first**
+  (its receipt order, never a timestamp the sender chose), then the smaller id;
+- ``split``: every accepted result gets ``share // n`` rounded down to whole satoshis;
+- each validator whose scores counted gets its fee, rounded down to whole satoshis;
+  the fee of a validator that scored nothing that counted is added to the providers'
+  share (the customer paid for validation of the work it bought; docs/escrow.md).
+
+:func:`routing_budgets` divides what the escrow earned on a job among the job's payouts,
+so that routing fees can never cost the escrow more than it earned (docs/escrow.md).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, localcontext
 
-DEC_CONTEXT_PLACES = 40
+from service.nostr.protocol.fields import MEDIAN_PLACES
+from service.nostr.protocol.money import whole_sats
+# Sums and halves of two bounded scores (15 + 12 digits) are exact with this precision.
+_EXACT = Context(prec=60, traps=[Inexact])
+_MEDIAN_QUANTUM = Decimal(1).scaleb(-MEDIAN_PLACES)
 
 
 @dataclass(frozen=True)
 class CandidateScores:
     result_id: str
     provider: str
-    created_at: int
-    scores: dict[str, Decimal]          # validator -> value (the counted ones)
+    received: int                        # the escrow's receipt order (lower = received earlier)
+    scores: dict[str, Decimal]           # validator -> value (the counted ones)
 
 
 @dataclass(frozen=True)
@@ -45,10 +56,10 @@ class Verdict:
 @dataclass(frozen=True)
 class Decision:
     verdicts: tuple[Verdict, ...]
-    provider_rewards: dict[str, int]     # result id -> msat
-    validator_fees: dict[str, int]       # validator pubkey -> msat
-    fee_income_msat: int                 # escrow fee + split remainder
-    remainder_msat: int                  # the split remainder alone (part of fee income)
+    provider_rewards: dict[str, int]     # result id -> msat (whole satoshis)
+    validator_fees: dict[str, int]       # validator pubkey -> msat (whole satoshis)
+    fee_income_msat: int                 # escrow fee + remainders
+    remainder_msat: int                  # the split remainder and the sub-satoshi rounding (part of fee income)
 
     @property
     def accepted(self) -> tuple[Verdict, ...]:
@@ -60,13 +71,26 @@ class Decision:
 
 
 def median(values: list[Decimal]) -> Decimal:
+    """The exact median, quantized to :data:`MEDIAN_PLACES` places and written without trailing zeros.
+
+    Computed in a local context whose precision holds every sum of two bounded scores, with
+    ``Inexact`` trapped: values outside the codec's bounds (which the engine never passes)
+    raise instead of being rounded silently.
+    """
     if not values:
         raise ValueError("median of nothing")
     s = sorted(values)
     mid = len(s) // 2
-    if len(s) % 2:
-        return s[mid]
-    return (s[mid - 1] + s[mid]) / 2
+    with localcontext(_EXACT):
+        exact = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+        return _plain(exact.quantize(_MEDIAN_QUANTUM, rounding=ROUND_HALF_EVEN))
+
+
+def _plain(value: Decimal) -> Decimal:
+    """``value`` without trailing fractional zeros, as an exponent-free decimal (``1.50`` -> ``1.5``, ``100`` stays)."""
+    if value == value.to_integral_value():
+        return value.quantize(Decimal(1))
+    return value.normalize()
 
 
 def passes(value: Decimal, threshold: Decimal, direction: str) -> bool:
@@ -91,29 +115,42 @@ def decide(candidates: list[CandidateScores], *, quorum: int, threshold: Decimal
         verdicts.append(Verdict(c.result_id, c.provider, passes(m, threshold, direction), m))
     accepted = [v for v in verdicts if v.accepted]
     counted_validators = [v for v in validators if any(v in c.scores for c in candidates)]
-    validator_fees = {v: validator_fee_msat for v in counted_validators if validator_fee_msat}
-    share = bid_msat - fee_msat - sum(validator_fees.values())
+    validator_fees = {v: whole_sats(validator_fee_msat) for v in counted_validators if whole_sats(validator_fee_msat)}
+    share = bid_msat - fee_msat - validator_fee_msat * len(validator_fees)
     rewards: dict[str, int] = {}
-    remainder = 0
     if accepted:
         if policy == "best":
-            order = {c.result_id: (c.created_at, c.result_id) for c in candidates}
+            order = {c.result_id: (c.received, c.result_id) for c in candidates}
             winner = accepted[0]
             for v in accepted[1:]:
                 assert v.median is not None and winner.median is not None
                 if better(v.median, winner.median, direction) or (
                         v.median == winner.median and order[v.result_id] < order[winner.result_id]):
                     winner = v
-            rewards[winner.result_id] = share
+            rewards[winner.result_id] = whole_sats(share)
         else:
-            each, remainder = divmod(share, len(accepted))
+            each = whole_sats(share // len(accepted))
             rewards = {v.result_id: each for v in accepted}
+        rewards = {k: v for k, v in rewards.items() if v > 0}
     else:
         validator_fees = {}
     final = tuple(Verdict(v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0))
                   for v in verdicts)
-    fee_income = fee_msat + remainder if accepted else 0
-    decision = Decision(final, rewards, validator_fees, fee_income, remainder)
-    if accepted and decision.total_msat != bid_msat:
+    if not accepted:
+        return Decision(final, {}, {}, 0, 0)
+    paid = sum(rewards.values()) + sum(validator_fees.values())
+    fee_income = bid_msat - paid
+    decision = Decision(final, rewards, validator_fees, fee_income, fee_income - fee_msat)
+    if decision.total_msat != bid_msat or decision.remainder_msat < 0:
         raise AssertionError(f"split does not add up: {decision.total_msat} != {bid_msat}")
     return decision
+
+
+def routing_budgets(amounts: dict[str, int], budget_msat: int) -> dict[str, int]:
+    """Divide ``budget_msat`` (what the escrow earned on a job) among its payouts, in proportion
+    to their amounts and rounded down, so that the routing fees of all of them together can
+    never exceed it. (The Lightning layer also caps each by a fraction of its own amount.)"""
+    total = sum(amounts.values())
+    if total <= 0 or budget_msat <= 0:
+        return {k: 0 for k in amounts}
+    return {k: budget_msat * amount // total for k, amount in amounts.items()}

@@ -40,6 +40,8 @@ from .evaluation import (
     parse_evaluation_result,
 )
 from .feedback import (
+    CancelReason,
+    Cancelled,
     ErrorFeedback,
     EscrowFeedback,
     EscrowOffer,
@@ -52,6 +54,7 @@ from .feedback import (
     RewardPaid,
     ValidationComplete,
     Verdict,
+    build_cancelled,
     build_error_feedback,
     build_escrow_offer,
     build_funded,
@@ -61,6 +64,7 @@ from .feedback import (
     build_reward_claimable,
     build_reward_paid,
     build_validation_complete,
+    parse_cancelled,
     parse_error_feedback,
     parse_escrow_feedback,
     parse_escrow_offer,
@@ -80,7 +84,7 @@ from .job import (
     choose_mode,
     parse_job_request,
 )
-from .money import MoneySplit, money_split, split_shares
+from .money import MoneySplit, money_split, split_shares, whole_sats
 from .result import JobResult, ModelRef, PayoutAddress, build_result, parse_result
 from .shards import Shard, decrypt_shard, encrypt_shard
 from .terms import (
@@ -101,17 +105,17 @@ from .terms import (
 __all__ = [
     "KIND_ANNOUNCEMENT", "KIND_DELETION", "KIND_EVALUATION_REQUEST", "KIND_EVALUATION_RESULT", "KIND_FEEDBACK",
     "KIND_JOB_REQUEST", "KIND_JOB_RESULT", "MAX_MSAT", "REASON_DESCRIPTIONS",
-    "Announcement", "Candidate", "CodecError", "CodecErrorReason", "Deletion", "Direction", "ErrorFeedback",
+    "Announcement", "CancelReason", "Cancelled", "Candidate", "CodecError", "CodecErrorReason", "Deletion", "Direction", "ErrorFeedback",
     "EscrowFeedback", "EscrowOffer", "EscrowTerms", "EvaluationRequest", "EvaluationResult", "Feedback",
     "Funded", "Invoice", "JobRequest", "JobResult", "JobSpec", "Mode", "ModelRef", "MoneySplit", "Network",
     "PaymentProof", "PayoutAddress", "PayoutPolicy", "RefundReason", "Refunded", "RewardClaimable",
     "RewardPaid", "Score", "Shard", "Template", "Validation", "ValidationComplete", "Verdict",
-    "build_announcement", "build_deletion", "build_error_feedback", "build_escrow_offer",
+    "build_announcement", "build_cancelled", "build_deletion", "build_error_feedback", "build_escrow_offer",
     "build_evaluation_request", "build_evaluation_result", "build_funded", "build_job_request",
     "build_payee_invoice", "build_refunded", "build_rejection", "build_result", "build_reward_claimable",
     "build_reward_paid", "build_validation_complete", "choose_mode", "decrypt_shard", "encrypt_shard",
-    "money_split", "parse_announcement", "parse_deletion", "parse_error_feedback", "parse_escrow_feedback",
+    "money_split", "parse_announcement", "parse_cancelled", "parse_deletion", "parse_error_feedback", "parse_escrow_feedback",
     "parse_escrow_offer", "parse_evaluation_request", "parse_evaluation_result", "parse_feedback",
     "parse_funded", "parse_job_request", "parse_refunded", "parse_result", "parse_reward_claimable",
-    "parse_reward_paid", "parse_validation_complete", "split_shares",
+    "parse_reward_paid", "parse_validation_complete", "split_shares", "whole_sats",
 ]

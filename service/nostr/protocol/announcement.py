@@ -20,7 +20,8 @@ from .terms import KIND_ANNOUNCEMENT, KIND_JOB_REQUEST, EscrowTerms, Mode, Netwo
 R = CodecErrorReason
 
 _INT_TERMS = ("fee_base_msat", "fee_ppm", "min_bid_msat", "max_bid_msat", "max_validators", "max_shards",
-              "min_results_window_s", "max_job_duration_s", "max_hold_seconds")
+              "min_results_window_s", "max_job_duration_s", "max_hold_seconds", "min_payout_msat",
+              "max_results_per_shard", "routing_fee_ppm")
 
 
 @dataclass(frozen=True, slots=True)

@@ -61,6 +61,8 @@ class CodecErrorReason(enum.StrEnum):
     INVALID_VALIDATOR_FEE = "invalid_validator_fee"
     VALIDATOR_FEE_WITHOUT_VALIDATORS = "validator_fee_without_validators"
     FEES_EXCEED_BID = "fees_exceed_bid"
+    VALIDATOR_FEE_TOO_LOW = "validator_fee_too_low"
+    REWARD_TOO_SMALL = "reward_too_small"
     MISSING_DEADLINE = "missing_deadline"
     INVALID_DEADLINE = "invalid_deadline"
     DEADLINE_PASSED = "deadline_passed"
@@ -70,6 +72,7 @@ class CodecErrorReason(enum.StrEnum):
     INVALID_MODE = "invalid_mode"
     MODE_NOT_OFFERED = "mode_not_offered"
     HOLD_WINDOW_EXCEEDED = "hold_window_exceeded"
+    EXPIRES_BEFORE_DEADLINE = "expires_before_deadline"
     INVALID_REFUND = "invalid_refund"
     INVALID_PROVIDER = "invalid_provider"
     DUPLICATE_PROVIDER = "duplicate_provider"
@@ -101,6 +104,7 @@ class CodecErrorReason(enum.StrEnum):
     INVALID_SCORE = "invalid_score"
     INVALID_SCORE_VALUE = "invalid_score_value"
     NON_FINITE_SCORE = "non_finite_score"
+    SCORE_OUT_OF_RANGE = "score_out_of_range"
     DUPLICATE_SCORE = "duplicate_score"
     # --- feedback (7000) and deletion (5) ---------------------------------------------
     MISSING_STATUS = "missing_status"
@@ -163,6 +167,9 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_VALIDATOR_FEE: "the `validator_fee` is not a canonical msat amount",
     R.VALIDATOR_FEE_WITHOUT_VALIDATORS: "a non-zero `validator_fee` with no validator (the customer validates)",
     R.FEES_EXCEED_BID: "escrow fee + validator fees >= bid: nothing left for providers",
+    R.VALIDATOR_FEE_TOO_LOW: "a non-zero `validator_fee` below the escrow's `min_payout_msat`",
+    R.REWARD_TOO_SMALL: "the smallest reward the job may pay (under `split`: the provider share divided among "
+                        "shards x `max_results_per_shard` results) is below the escrow's `min_payout_msat`",
     R.MISSING_DEADLINE: "no `deadline` tag",
     R.INVALID_DEADLINE: "the `deadline` tag is malformed",
     R.DEADLINE_PASSED: "the results deadline is not after `now`",
@@ -173,6 +180,8 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.MODE_NOT_OFFERED: "the requested mode is not among the escrow's `modes`",
     R.HOLD_WINDOW_EXCEEDED: "mode `hold` (or `auto` when only hold is offered) with a validation deadline "
                             "more than `max_hold_seconds` after `now`",
+    R.EXPIRES_BEFORE_DEADLINE: "the NIP-40 `expiration` is before the validation deadline: relays would drop the "
+                               "request while providers and validators still need it",
     R.INVALID_REFUND: "the `refund` destination is neither a lud16 address nor an lnurl",
     R.INVALID_PROVIDER: "a provider `p` tag is malformed",
     R.DUPLICATE_PROVIDER: "a provider is named twice",
@@ -203,6 +212,7 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_SCORE: "a `score` tag is malformed (arity, result id, model hash)",
     R.INVALID_SCORE_VALUE: "a score value is not a plain decimal",
     R.NON_FINITE_SCORE: "a score value is NaN or infinite",
+    R.SCORE_OUT_OF_RANGE: "a score (or threshold) has more than 15 digits before the point or 12 after it",
     R.DUPLICATE_SCORE: "one evaluation result scores the same result twice",
     R.MISSING_STATUS: "the feedback has no `status` tag",
     R.INVALID_STATUS: "the `status` tag is malformed or does not fit this feedback",

@@ -27,7 +27,7 @@ from .fields import (
     format_decimal,
     format_timestamp,
     named,
-    parse_decimal,
+    parse_bounded_decimal,
     parse_hex64,
     parse_pubkey_ref,
     parse_relay_hint,
@@ -150,7 +150,7 @@ def _read_score(tag: Tag) -> Score:
     parse_hex64(result_id, R.INVALID_SCORE, "scored result id")
     if _NON_FINITE.fullmatch(value) is not None:
         raise CodecError(R.NON_FINITE_SCORE, "a score must be a finite number")
-    decimal = parse_decimal(value, R.INVALID_SCORE_VALUE, "score")
+    decimal = parse_bounded_decimal(value, R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
     parse_hex64(sha256, R.INVALID_SCORE, "scored model sha256")
     return Score(result_id, decimal, sha256)
 

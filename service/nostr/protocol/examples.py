@@ -29,6 +29,8 @@ from .deletion import build_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError
 from .evaluation import Candidate, EvaluationRequest, Score, build_evaluation_request, build_evaluation_result
 from .feedback import (
+    CancelReason,
+    Cancelled,
     EscrowOffer,
     Funded,
     PaymentProof,
@@ -38,6 +40,7 @@ from .feedback import (
     RewardPaid,
     ValidationComplete,
     Verdict,
+    build_cancelled,
     build_escrow_offer,
     build_funded,
     build_payee_invoice,
@@ -49,7 +52,7 @@ from .feedback import (
 )
 from .fields import Invoice, Template
 from .job import JobSpec, Validation, build_job_request, parse_job_request
-from .money import split_shares
+from .money import split_shares, whole_sats
 from .result import ModelRef, PayoutAddress, build_result
 from .shards import Shard
 from .terms import KIND_JOB_REQUEST, Direction, EscrowTerms, Mode, Network, PayoutPolicy
@@ -129,7 +132,7 @@ def example_events() -> list[Example]:
         validation=Validation("accuracy", Direction.MAX, Decimal("0.85"), 2),
         payout=PayoutPolicy.SPLIT, validator_fee_msat=500_000,
         results_deadline=T0 + 3_600, validation_deadline=T0 + 7_200, mode=Mode.AUTO,
-        refund="customer@wallet.example.org", expiration=T0 + 1_800, relays=(RELAY,),
+        refund="customer@wallet.example.org", expiration=T0 + 90_000, relays=(RELAY,),
         previous_job=_hash("round 1 job"),
     )
     job_event = sign_reproducibly(customer, build_job_request(spec, customer=C), T0)
@@ -157,7 +160,7 @@ def example_events() -> list[Example]:
     funded = Funded(job_id=job.id, customer=C, amount_msat=job.split.bid_msat, job_relay=RELAY)
     out.append(Example("Funded", "§4 kind 7000", sign_reproducibly(escrow, build_funded(funded), T0 + 60)))
 
-    each, _ = split_shares(job.split.provider_share_msat, 2)
+    each = whole_sats(split_shares(job.split.provider_share_msat, 2)[0])
     model_a = ModelRef("https://models.example.org/alice/round2.onnx", _hash("alice model"), 4_718_592)
     result_a = sign_reproducibly(alice, build_result(job, shard_index=0, model=model_a, job_relay=RELAY,
                                                      payout_address=PayoutAddress("lud16", "alice@pay.example.org")),
@@ -187,6 +190,10 @@ def example_events() -> list[Example]:
                                 job_relay=RELAY)
     out.append(Example("Reward claimable", "§7 kind 7000",
                        sign_reproducibly(escrow, build_reward_claimable(claimable), T0 + 7_210)))
+    again = RewardClaimable(job_id=job.id, payee=alice.public_key_hex, amount_msat=each, earned_by=result_a.id,
+                            job_relay=RELAY, reason="invoice_expired")
+    out.append(Example("Reward claimable again, with the reason the last invoice was refused", "§7 kind 7000",
+                       sign_reproducibly(escrow, build_reward_claimable(again), T0 + 7_250)))
     alice_hash = _hash("alice preimage")
     payee_invoice = build_payee_invoice(job_id=job.id, escrow=E, amount_msat=each, job_relay=RELAY,
                                         bolt11=regtest_invoice("alice", each, alice_hash, "reward", T0 + 7_300))
@@ -205,6 +212,9 @@ def example_events() -> list[Example]:
                               escrow=escrow.public_key_hex)
     out.append(Example("Deletion (cancels an unfunded job)", "NIP-09 kind 5",
                        sign_reproducibly(customer, deletion, T0 + 9_100)))
+    cancelled = Cancelled(job_id=_hash("an unfunded job"), customer=C, reason=CancelReason.DELETED.value)
+    out.append(Example("Cancelled (the escrow's answer to the deletion)", "§8 kind 7000",
+                       sign_reproducibly(escrow, build_cancelled(cancelled), T0 + 9_101)))
     return out
 
 

@@ -14,6 +14,7 @@ success / validation complete   —                                          :cl
 success / reward claimable      —                                          :class:`RewardClaimable`
 success / reward paid           —                                          :class:`RewardPaid`
 error / refunded: <code>        ``["escrow","refunded",<msat>]``           :class:`Refunded`
+error / cancelled: <code>       ``["escrow","cancelled",<code>]``          :class:`Cancelled`
 error / <reason>: <message>     —                                          :class:`ErrorFeedback`
 ==============================  =========================================  ==========================
 """
@@ -43,7 +44,8 @@ from .fields import (
     format_decimal,
     format_msat,
     parse_amount_tag,
-    parse_decimal,
+    MEDIAN_PLACES,
+    parse_bounded_decimal,
     parse_hex64,
     parse_msat,
     placeholder_event,
@@ -68,6 +70,9 @@ INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
 REFUNDED_PREFIX = "refunded: "
+CANCELLED_PREFIX = "cancelled: "
+#: Codes that start a status info of their own feedback, never an error's.
+_RESERVED_ERROR_CODES = ("refunded", "cancelled")
 
 
 class RefundReason(enum.StrEnum):
@@ -76,6 +81,14 @@ class RefundReason(enum.StrEnum):
     NO_RESULTS = "no_results"
     NO_ACCEPTED_RESULT = "no_accepted_result"
     NO_QUORUM = "no_quorum"
+
+
+class CancelReason(enum.StrEnum):
+    """The codes the escrow writes after ``cancelled: `` (parsers accept any ``[a-z0-9_]{1,64}``)."""
+
+    DELETED = "deleted_by_customer"
+    OFFER_EXPIRED = "offer_expired"
+    REQUEST_EXPIRED = "request_expired"
 
 
 # ---------------------------------------------------------------------- bodies
@@ -128,13 +141,18 @@ class ValidationComplete:
 
 @dataclass(frozen=True, slots=True)
 class RewardClaimable:
-    """§7: a reward waits for the payee's invoice; ``earned_by`` = its result or evaluation event."""
+    """§7: a reward waits for the payee's invoice; ``earned_by`` = its result or evaluation event.
+
+    ``reason``: why the escrow asks again, when it does (``["reason", <code>]``: the payee's last
+    invoice or address was refused, e.g. ``wrong_amount``, ``route_fee_exceeds_limit``).
+    """
 
     job_id: str
     payee: str
     amount_msat: int
     earned_by: str | None = None
     job_relay: str = ""
+    reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +186,17 @@ class Refunded:
 
 
 @dataclass(frozen=True, slots=True)
+class Cancelled:
+    """An unfunded job ends: deleted by its customer, or its offer or request expired unpaid
+    (``reason``: a code such as :class:`CancelReason`). Nothing was taken from the customer."""
+
+    job_id: str
+    customer: str
+    reason: str
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorFeedback:
     """A rejected request: ``["status","error","<reason>: <message>"]`` (``reason``: a codec reason code)."""
 
@@ -179,7 +208,7 @@ class ErrorFeedback:
 
 
 EscrowFeedback = (EscrowOffer | Funded | ValidationComplete | RewardClaimable | RewardPaid | Refunded
-                  | ErrorFeedback)
+                  | Cancelled | ErrorFeedback)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,7 +347,7 @@ def _read_verdicts(tags: Tags) -> tuple[Verdict, ...]:
         if not accepted and tag[2] == NO_QUORUM:
             median = None
         else:
-            median = parse_decimal(tag[2], R.INVALID_VERDICT, "median")
+            median = parse_bounded_decimal(tag[2], R.INVALID_VERDICT, "median", places=MEDIAN_PLACES)
         reward = parse_msat(tag[3], R.INVALID_VERDICT, "reward") if len(tag) == 4 else None
         if any(v.result_id == result_id for v in verdicts):
             raise CodecError(R.INVALID_VERDICT, "a result has two verdicts")
@@ -372,7 +401,17 @@ def parse_reward_claimable(event: Event) -> RewardClaimable:
     payee, _ = single_pubkey_ref(tags)
     earned_by = refs["result"].id if "result" in refs else None
     return RewardClaimable(job_id=refs["job"].id, payee=payee, amount_msat=amount_msat, earned_by=earned_by,
-                           job_relay=refs["job"].relay)
+                           job_relay=refs["job"].relay, reason=_read_reason(tags))
+
+
+def _read_reason(tags: Tags) -> str | None:
+    tag = single(tags, "reason")
+    if tag is None:
+        return None
+    arity(tag, 2, 2, R.INVALID_STATUS)
+    if _CODE.fullmatch(tag[1]) is None:
+        raise CodecError(R.INVALID_STATUS, "a 'reason' tag carries one code [a-z0-9_]{1,64}")
+    return tag[1]
 
 
 def build_reward_claimable(claimable: RewardClaimable) -> Template:
@@ -383,6 +422,8 @@ def build_reward_claimable(claimable: RewardClaimable) -> Template:
                 event_tag(claimable.earned_by, "", "result")]
     tags = [_status_tag("success", INFO_REWARD_CLAIMABLE), amount_tag(claimable.amount_msat), *refs,
             pubkey_tag(claimable.payee)]
+    if claimable.reason is not None:
+        tags.append(("reason", claimable.reason))
     return _finish(tags, parse_reward_claimable, claimable)
 
 
@@ -444,6 +485,28 @@ def build_refunded(refunded: Refunded) -> Template:
     return _finish(tags, parse_refunded, refunded)
 
 
+# ------------------------------------------------------------- cancelled
+
+
+def parse_cancelled(event: Event) -> Cancelled:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    info = _expect_status(tags, "error", None)
+    if not info.startswith(CANCELLED_PREFIX):
+        raise CodecError(R.INVALID_STATUS, "a cancellation's status info must be 'cancelled: <code>'")
+    code, rest = _code_and_text(info, CANCELLED_PREFIX)
+    if rest or info != CANCELLED_PREFIX + code or _read_escrow_state(tags, "cancelled") != code:
+        raise CodecError(R.INVALID_STATUS, "a cancellation is 'cancelled: <code>' with ['escrow','cancelled',<code>]")
+    job_id, relay, customer = _job_and_addressee(tags)
+    return Cancelled(job_id=job_id, customer=customer, reason=code, job_relay=relay)
+
+
+def build_cancelled(cancelled: Cancelled) -> Template:
+    tags = [_status_tag("error", f"{CANCELLED_PREFIX}{cancelled.reason}"), ("escrow", "cancelled", cancelled.reason),
+            event_tag(cancelled.job_id, cancelled.job_relay), pubkey_tag(cancelled.customer)]
+    return _finish(tags, parse_cancelled, cancelled)
+
+
 # ------------------------------------------------------------------ errors
 
 
@@ -456,15 +519,15 @@ def parse_error_feedback(event: Event) -> ErrorFeedback:
     code, message = _code_and_text(info)
     if not message:
         raise CodecError(R.INVALID_STATUS, "status info must be '<code>: <message>'")
-    if code == "refunded":  # as build_error_feedback: 'refunded: …' is the refund feedback (parse_refunded)
-        raise CodecError(R.INVALID_STATUS, "'refunded' is the refund feedback, not an error code")
+    if code in _RESERVED_ERROR_CODES:  # as build_error_feedback: those are feedbacks of their own
+        raise CodecError(R.INVALID_STATUS, f"'{code}' is a feedback of its own, not an error code")
     job_id, relay, customer = _job_and_addressee(tags)
     return ErrorFeedback(job_id=job_id, customer=customer, reason=code, message=message, job_relay=relay)
 
 
 def build_error_feedback(error: ErrorFeedback) -> Template:
-    if error.reason == "refunded":
-        raise CodecError(R.INVALID_STATUS, "'refunded' is the refund feedback, not an error code")
+    if error.reason in _RESERVED_ERROR_CODES:
+        raise CodecError(R.INVALID_STATUS, f"'{error.reason}' is a feedback of its own, not an error code")
     tags = [_status_tag("error", f"{error.reason}: {error.message}"), event_tag(error.job_id, error.job_relay),
             pubkey_tag(error.customer)]
     return _finish(tags, parse_error_feedback, error)
@@ -498,7 +561,11 @@ def parse_escrow_feedback(event: Event) -> EscrowFeedback:
     if parser is not None:
         return parser(event)  # type: ignore[no-any-return]
     if status == "error":
-        return parse_refunded(event) if info.startswith(REFUNDED_PREFIX) else parse_error_feedback(event)
+        if info.startswith(REFUNDED_PREFIX):
+            return parse_refunded(event)
+        if info.startswith(CANCELLED_PREFIX):
+            return parse_cancelled(event)
+        return parse_error_feedback(event)
     raise CodecError(R.UNSUPPORTED_FEEDBACK, "not an escrow feedback")
 
 

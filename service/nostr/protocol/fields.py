@@ -31,6 +31,12 @@ MAX_RELAY_URL = 512
 MAX_BOLT11 = 7089
 MAX_LNURL = 2048
 MAX_DECIMAL_CHARS = 64
+# Scores and thresholds (the numbers a decision compares) are bounded so that every median
+# of them is exact and short: at most 15 digits before the point and 12 after. The median of
+# two such values needs one place more (13), never more digits before the point.
+SCORE_INT_DIGITS = 15
+SCORE_PLACES = 12
+MEDIAN_PLACES = SCORE_PLACES + 1
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _UINT = re.compile(r"0|[1-9][0-9]*")
@@ -149,6 +155,25 @@ def parse_decimal(text: str, reason: CodecErrorReason, what: str) -> Decimal:
         raise CodecError(reason, f"{what} must be a plain decimal such as 0.85 (at most "
                                  f"{MAX_DECIMAL_CHARS} characters)")
     return Decimal(text)
+
+
+def check_bounded(value: Decimal, reason: CodecErrorReason, what: str, places: int = SCORE_PLACES) -> Decimal:
+    """``value`` (a parsed plain decimal) has at most :data:`SCORE_INT_DIGITS` digits before the
+    point and ``places`` after it; else ``reason``."""
+    sign, digits, exponent = value.as_tuple()
+    assert isinstance(exponent, int)   # finite: parse_decimal refuses NaN and Infinity
+    fraction = max(0, -exponent)
+    integer = max(0, len(digits) + exponent) if digits != (0,) else 0
+    if fraction > places or integer > SCORE_INT_DIGITS:
+        raise CodecError(reason, f"{what} must have at most {SCORE_INT_DIGITS} digits before the point "
+                                 f"and {places} after it")
+    return value
+
+
+def parse_bounded_decimal(text: str, reason: CodecErrorReason, what: str, *, shape: CodecErrorReason | None = None,
+                          places: int = SCORE_PLACES) -> Decimal:
+    """A plain decimal (``shape`` reason when it is not one) within the score bounds (``reason``)."""
+    return check_bounded(parse_decimal(text, shape or reason, what), reason, what, places)
 
 
 def format_decimal(value: object, reason: CodecErrorReason, what: str) -> str:

@@ -40,7 +40,7 @@ from .fields import (
     is_lud16,
     is_relay_url,
     named,
-    parse_decimal,
+    parse_bounded_decimal,
     parse_hex64,
     parse_msat,
     parse_pubkey_ref,
@@ -252,7 +252,7 @@ def _read_validation(tags: Tags) -> Validation:
     if direction not in ("max", "min"):
         raise CodecError(R.INVALID_DIRECTION, "direction must be 'max' or 'min'")
     return Validation(metric=metric, direction=Direction(direction),
-                      threshold=parse_decimal(threshold, R.INVALID_THRESHOLD, "threshold"),
+                      threshold=parse_bounded_decimal(threshold, R.INVALID_THRESHOLD, "threshold"),
                       quorum=parse_uint(quorum, R.INVALID_QUORUM, "quorum", MAX_QUORUM))
 
 
@@ -381,8 +381,22 @@ def check_terms(spec: JobSpec, terms: EscrowTerms, now: int) -> MoneySplit:
     if hold_only and spec.validation_deadline > now + terms.max_hold_seconds:
         raise CodecError(R.HOLD_WINDOW_EXCEEDED,
                          f"hold mode needs the validation deadline within {terms.max_hold_seconds}s")
-    return money_split(spec.bid_msat, fee_base_msat=terms.fee_base_msat, fee_ppm=terms.fee_ppm,
-                       validator_fee_msat=spec.validator_fee_msat, validator_count=len(spec.validators))
+    if spec.expiration is not None and spec.expiration < spec.validation_deadline:
+        # Relays drop an expired event (NIP-40): providers and validators would no longer find
+        # the request while the job still runs.
+        raise CodecError(R.EXPIRES_BEFORE_DEADLINE,
+                         "the request's NIP-40 expiration must not be before its validation deadline")
+    if spec.validator_fee_msat and spec.validator_fee_msat < terms.min_payout_msat:
+        raise CodecError(R.VALIDATOR_FEE_TOO_LOW,
+                         f"a validator fee must be 0 or at least {terms.min_payout_msat} msat")
+    split = money_split(spec.bid_msat, fee_base_msat=terms.fee_base_msat, fee_ppm=terms.fee_ppm,
+                        validator_fee_msat=spec.validator_fee_msat, validator_count=len(spec.validators))
+    most_rewards = len(spec.shards) * terms.max_results_per_shard if spec.payout is PayoutPolicy.SPLIT else 1
+    if split.provider_share_msat // most_rewards < terms.min_payout_msat:
+        raise CodecError(R.REWARD_TOO_SMALL,
+                         f"the provider share split among up to {most_rewards} result(s) would pay less than "
+                         f"{terms.min_payout_msat} msat each: raise the bid or use fewer shards")
+    return split
 
 
 def choose_mode(spec: JobSpec, terms: EscrowTerms, now: int) -> Mode:

@@ -36,6 +36,14 @@ def money_split(bid_msat: int, *, fee_base_msat: int, fee_ppm: int, validator_fe
                       validator_count=validator_count, provider_share_msat=share)
 
 
+MSAT_PER_SAT = 1_000
+
+
+def whole_sats(msat: int) -> int:
+    """``msat`` rounded down to whole satoshis: every payout is one (wallets invoice whole satoshis)."""
+    return msat - msat % MSAT_PER_SAT
+
+
 def split_shares(total_msat: int, count: int) -> tuple[int, int]:
     """``(each, remainder)`` for ``payout=split``: ``each * count + remainder == total``.
 

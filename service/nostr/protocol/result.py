@@ -140,9 +140,10 @@ def parse_result(event: Event, job: JobRequest) -> JobResult:
     amount = single(tags, "amount")
     invoice = None
     if amount is not None:
-        amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=True)
-        assert bolt11 is not None
-        invoice = Invoice(amount_msat, bolt11)
+        # NIP-90 allows the amount alone ("what I ask for"); only an invoice is a destination.
+        amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=False)
+        if bolt11 is not None:
+            invoice = Invoice(amount_msat, bolt11)
     request = single(tags, "request")
     if request is not None:
         arity(request, 2, 2, R.INVALID_EVENT_REF)

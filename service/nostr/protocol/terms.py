@@ -61,6 +61,12 @@ class EscrowTerms:
     ``modes`` holds the concrete modes offered (``hold`` and/or ``custodial``); a request
     for ``auto`` is accepted whenever at least one is. ``max_hold_seconds`` bounds how
     far after receipt a ``hold``-mode job's validation deadline may lie.
+
+    Payouts: every payout is at least ``min_payout_msat`` (a request whose smallest possible
+    reward or validator fee would be below it is refused), at most ``max_results_per_shard``
+    results per shard are candidates, and a payout's route may cost at most
+    ``routing_fee_ppm`` of its amount (and never more, over a job, than the escrow earned on
+    it; a refund's route is paid from the refunded amount).
     Construction raises ``ValueError`` for inconsistent terms (a configuration error).
     """
 
@@ -75,15 +81,23 @@ class EscrowTerms:
     modes: frozenset[Mode]
     network: Network
     max_hold_seconds: int = 0
+    min_payout_msat: int = 1_000
+    max_results_per_shard: int = 4
+    routing_fee_ppm: int = 5_000
 
     def __post_init__(self) -> None:
         for name in ("fee_base_msat", "fee_ppm", "min_bid_msat", "max_bid_msat", "max_validators",
-                     "max_shards", "min_results_window_s", "max_job_duration_s", "max_hold_seconds"):
+                     "max_shards", "min_results_window_s", "max_job_duration_s", "max_hold_seconds",
+                     "min_payout_msat", "max_results_per_shard", "routing_fee_ppm"):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer")
-        if self.fee_ppm > 1_000_000:
-            raise ValueError("fee_ppm must be at most 1000000")
+        if self.fee_ppm > 1_000_000 or self.routing_fee_ppm > 1_000_000:
+            raise ValueError("fee_ppm and routing_fee_ppm must be at most 1000000")
+        if self.min_payout_msat < 1_000 or self.min_payout_msat % 1_000:
+            raise ValueError("min_payout_msat must be a positive whole number of satoshis (a multiple of 1000)")
+        if self.max_results_per_shard < 1:
+            raise ValueError("max_results_per_shard must be at least 1")
         if not 1 <= self.min_bid_msat <= self.max_bid_msat <= MAX_MSAT:
             raise ValueError("bids must satisfy 1 <= min_bid_msat <= max_bid_msat <= 21e6 BTC")
         if self.max_shards < 1 or self.max_validators < 1:

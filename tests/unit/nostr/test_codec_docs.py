@@ -12,6 +12,7 @@ import pytest
 
 from service.nostr.nip01 import Event, verify_event
 from service.nostr.protocol import (
+    Cancelled,
     CodecErrorReason,
     EscrowOffer,
     Funded,
@@ -99,7 +100,7 @@ def test_every_documented_event_verifies_and_parses(doc):
         else:  # pragma: no cover
             raise AssertionError(f"undocumented kind {event.kind}")
     assert seen_bodies == {EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded,
-                           ErrorFeedback}
+                           Cancelled, ErrorFeedback}
     assert {e.kind for e in events} == {31990, 5701, 6701, 5702, 6702, 7000, 5}
 
 

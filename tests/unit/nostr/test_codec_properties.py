@@ -91,7 +91,10 @@ def job_specs(draw):
     bid = draw(st.integers(PROP_TERMS.min_bid_msat, MAX_MSAT))
     fee = PROP_TERMS.fee_base_msat + bid * PROP_TERMS.fee_ppm // 1_000_000
     assume(fee < bid)
-    validator_fee = draw(st.integers(0, (bid - fee - 1) // len(validators))) if validators else 0
+    top_fee = (bid - fee - 1) // len(validators) if validators else 0
+    validator_fee = 0
+    if validators and top_fee >= PROP_TERMS.min_payout_msat and draw(st.booleans()):
+        validator_fee = draw(st.integers(PROP_TERMS.min_payout_msat, top_fee))   # 0 or at least the minimum
     results = draw(st.integers(NOW + PROP_TERMS.min_results_window_s, NOW + PROP_TERMS.max_job_duration_s - 1))
     validation_deadline = draw(st.integers(results + 1, NOW + PROP_TERMS.max_job_duration_s))
     names = draw(st.lists(st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True), max_size=10, unique=True))
@@ -99,16 +102,19 @@ def job_specs(draw):
     params = tuple((name, draw(values)) for name in names)
     relays = tuple(draw(st.lists(relay, max_size=3, unique=True)))
     shard_list = draw(shards(recipients))
+    policy = draw(st.sampled_from(PayoutPolicy))
+    rewards = len(shard_list) * PROP_TERMS.max_results_per_shard if policy is PayoutPolicy.SPLIT else 1
+    assume((bid - fee - validator_fee * len(validators)) // rewards >= PROP_TERMS.min_payout_msat)
     return JobSpec(
         escrow=E, escrow_relay=draw(st.one_of(st.just(""), relay)), bid_msat=bid, shards=shard_list,
         validation=Validation(draw(st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True)),
                               draw(st.sampled_from(Direction)), draw(decimals), quorum),
-        payout=draw(st.sampled_from(PayoutPolicy)), results_deadline=results,
+        payout=policy, results_deadline=results,
         validation_deadline=validation_deadline, validators=validators, validator_fee_msat=validator_fee,
         mode=draw(st.sampled_from(Mode)), params=params, providers=providers,
         refund=draw(st.sampled_from([None, "alice@pay.example.org", "bob+x@sub.example.com:8443",
                                      "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0", "LNURL1DP68GURN8GHJ7"])),
-        expiration=draw(st.one_of(st.none(), st.integers(NOW + 1, 2**63 - 1))), relays=relays,
+        expiration=draw(st.one_of(st.none(), st.integers(validation_deadline, 2**63 - 1))), relays=relays,
         previous_job=draw(st.one_of(st.none(), hex64)),
     )
 
@@ -155,10 +161,13 @@ def test_split_shares_refuses_zero_payees():
         split_shares(10, 0)
 
 
-def test_the_last_msat_for_providers_is_enough():
-    # fee = 1000 + 1_000_000 * 1% = 11_000; 2 validators * 494_499 = 988_998 -> 2 msat left
-    job = base_job(base_spec(bid_msat=1_000_000, validator_fee_msat=494_499))
-    assert job.split.provider_share_msat == 2
+def test_the_minimum_payout_for_providers_is_enough_and_one_msat_less_is_refused():
+    # fee = 1000 + 1_000_000 * 1% = 11_000; 2 validators * 494_000 = 988_000 -> 1000 msat left (the minimum payout)
+    job = base_job(base_spec(bid_msat=1_000_000, validator_fee_msat=494_000))
+    assert job.split.provider_share_msat == 1_000
+    with pytest.raises(CodecError) as exc:
+        base_job(base_spec(bid_msat=1_000_000, validator_fee_msat=494_001))
+    assert exc.value.reason is R.REWARD_TOO_SMALL
 
 
 @SETTINGS

@@ -221,7 +221,8 @@ for metric in ("", "acc uracy", "ácc", "a" * 65, "acc\n"):
     job_case(R.INVALID_METRIC, f"metric-{metric[:8]!r}", set_tag("validation", metric, "max", "0.85", "2"))
 for direction in ("MAX", "up", "", "maximize"):
     job_case(R.INVALID_DIRECTION, f"direction-{direction!r}", set_tag("validation", "accuracy", direction, "0.85", "2"))
-for threshold in ("NaN", "inf", "1e-3", ".5", "0.", "00.5", "+0.5", "0,5", "", "1" * 65, "٠.٥", "0.5 "):
+for threshold in ("NaN", "inf", "1e-3", ".5", "0.", "00.5", "+0.5", "0,5", "", "1" * 65, "٠.٥", "0.5 ",
+                  "9" * 16, "0." + "1" * 13, "9" * 64):
     job_case(R.INVALID_THRESHOLD, f"threshold-{threshold[:10]!r}",
              set_tag("validation", "accuracy", "max", threshold, "2"))
 for quorum in ("two", "01", "-1", "1.0", "", "1000000"):
@@ -263,6 +264,16 @@ job_case(R.HOLD_WINDOW_EXCEEDED, "hold-beyond-max",
          chain(set_tag("mode", "hold"), set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_hold_seconds + 1))))
 job_case(R.HOLD_WINDOW_EXCEEDED, "auto-on-hold-only-escrow",
          set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_hold_seconds + 1)), terms=HOLD_ONLY)
+# NIP-40: relays drop the request at its expiration; it must outlive the job's deadlines.
+job_case(R.EXPIRES_BEFORE_DEADLINE, "expires-between-the-deadlines", add(("expiration", str(NOW + 5000))))
+job_case(R.EXPIRES_BEFORE_DEADLINE, "expires-one-second-before-validation",
+         chain(set_tag("deadline", str(NOW + 3600), str(NOW + 7200)), add(("expiration", str(NOW + 7199)))))
+job_case(R.VALIDATOR_FEE_TOO_LOW, "one-msat-per-validator", set_tag("validator_fee", "1"))
+job_case(R.VALIDATOR_FEE_TOO_LOW, "one-msat-below-the-minimum",
+         set_tag("validator_fee", str(TERMS.min_payout_msat - 1)))
+job_case(R.REWARD_TOO_SMALL, "split-among-many-possible-results",
+         # 1_000_000 - 11_000 fee - 2 x 100_000 validator fees = 789_000 among 2 shards x 4 results
+         chain(set_tag("payout", "split"), set_tag("bid", "1000000")), terms=replace(TERMS, min_payout_msat=100_000))
 for refund in ("not an address", "Alice@Example.com", "alice@", "@example.com", "lnurl1XYZabc",
                "lnurl1", "bc1qxyz", "alice@exa mple.com", "alice@example.com\n"):
     job_case(R.INVALID_REFUND, f"refund-{refund!r}", set_tag("refund", refund))
@@ -334,7 +345,7 @@ for payout in (("lud16", "not-an-address"), ("paypal", "me@example.com"), ("lnur
     result_case(R.INVALID_PAYOUT_DESTINATION, f"payout-{'-'.join(payout)[:20]}", set_tag("payout", *payout))
 result_case(R.INVALID_AMOUNT, "zero", add(("amount", "0", BOLT11)))
 result_case(R.INVALID_AMOUNT, "not-a-number", add(("amount", "lots", BOLT11)))
-result_case(R.INVALID_AMOUNT, "no-invoice", add(("amount", "1000")))
+result_case(R.INVALID_AMOUNT, "amount-zero-no-invoice", add(("amount", "0")))
 result_case(R.INVALID_AMOUNT, "too-many-items", add(("amount", "1000", BOLT11, "x")))
 result_case(R.INVALID_BOLT11, "lnurl-is-not-an-invoice", add(("amount", "1000", "lnurl1dp68gurn8ghj7um9")))
 result_case(R.INVALID_BOLT11, "bitcoin-uri", add(("amount", "1000", "bitcoin:bcrt1qxyz")))
@@ -395,6 +406,9 @@ for value in ("1e5", "abc", "", "0.9.1", ".9", "0x1", "½", "９"):
     eval_result_case(R.INVALID_SCORE_VALUE, f"value-{value!r}", score(value))
 for value in ("NaN", "nan", "inf", "-Infinity", "+inf", "sNaN"):
     eval_result_case(R.NON_FINITE_SCORE, f"value-{value}", score(value))
+# Bounded: at most 15 digits before the point and 12 after (a median of two is then exact and short).
+for value in ("9" * 64, "9" * 16, "-" + "9" * 16, "0." + "0" * 12 + "1", "1." + "5" * 13):
+    eval_result_case(R.SCORE_OUT_OF_RANGE, f"value-{value[:20]}", score(value))
 eval_result_case(R.DUPLICATE_SCORE, "r1-twice", add(("score", h("r1"), "0.8", h("m1"))))
 eval_result_case(R.AMBIGUOUS_EVENT_REFS, "marked-and-unmarked",
                  chain(drop("e", lambda t: t[3] == "job"), add(("e", JOB.id))))
@@ -465,6 +479,10 @@ fb_case(R.INVALID_VERDICT, "rejected-with-reward", COMPLETE, parse_validation_co
 fb_case(R.INVALID_VERDICT, "two-verdicts-one-result", COMPLETE, parse_validation_complete,
         add(("rejected", h("r1"), "no-quorum")))
 fb_case(R.INVALID_VERDICT, "bad-reward", COMPLETE, parse_validation_complete, set_tag("accepted", h("r1"), "0.9", "-5"))
+fb_case(R.INVALID_VERDICT, "median-of-65-characters", COMPLETE, parse_validation_complete,
+        set_tag("accepted", h("r1"), "1" + "0" * 64, "5"))
+fb_case(R.INVALID_VERDICT, "median-with-14-places", COMPLETE, parse_validation_complete,
+        set_tag("accepted", h("r1"), "0." + "1" * 14, "5"))
 fb_case(R.INVALID_AMOUNT, "claimable-with-invoice", CLAIMABLE, parse_reward_claimable, set_tag("amount", "5", BOLT11))
 fb_case(R.MISSING_AMOUNT, "claimable-no-amount", CLAIMABLE, parse_reward_claimable, drop("amount"))
 fb_case(R.INVALID_PAYMENT, "preimage-mismatch", PAID, parse_reward_paid,

@@ -106,7 +106,7 @@ def signed_verified(secret, tmpl, created_at=NOW):
 def test_job_request_round_trip_keeps_every_field():
     spec = base_spec(
         escrow_relay=RELAY, payout=PayoutPolicy.SPLIT, mode=Mode.HOLD, refund="lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0",
-        providers=(P1.public_key_hex, P3.public_key_hex), expiration=NOW + 600, relays=(RELAY, "ws://127.0.0.1:7777"),
+        providers=(P1.public_key_hex, P3.public_key_hex), expiration=NOW + 7_200, relays=(RELAY, "ws://127.0.0.1:7777"),
         previous_job=h("round 1"), params=(("epochs", "5"), ("model", "https://m.example.org/a.onnx")),
     )
     event = signed_verified(CUSTOMER, build_job_request(spec, customer=C))
@@ -159,10 +159,10 @@ def test_choose_mode():
 
 def test_accepts_boundary_values():
     # results deadline exactly min window away, validation deadline exactly max duration away,
-    # bid exactly at both bounds, expiration one second in the future.
+    # bid exactly at both bounds, expiration exactly at the validation deadline.
     spec = base_spec(results_deadline=NOW + TERMS.min_results_window_s,
                      validation_deadline=NOW + TERMS.max_job_duration_s, mode=Mode.CUSTODIAL,
-                     bid_msat=TERMS.max_bid_msat, expiration=NOW + 1)
+                     bid_msat=TERMS.max_bid_msat, expiration=NOW + TERMS.max_job_duration_s)
     assert parse_job(job_event(spec)).spec == spec
     low = base_spec(bid_msat=TERMS.min_bid_msat, validator_fee_msat=0)
     assert parse_job(job_event(low)).split.provider_share_msat == TERMS.min_bid_msat - 1_000 - 1_000
@@ -279,14 +279,14 @@ def test_evaluation_request_round_trip():
 
 def test_evaluation_result_round_trip():
     scores = (Score(h("r1"), Decimal("0.9125"), h("m1")), Score(h("r2"), Decimal("-3"), h("m2")),
-              Score(h("r3"), Decimal("12345678901234567890.123456789"), h("m3")))
+              Score(h("r3"), Decimal("123456789012345.123456789012"), h("m3")))   # the largest shape: 15 + 12
     tmpl = build_evaluation_result(request_id=h("req"), job_id=h("job"), escrow=E, scores=scores)
     event = signed_verified(V1, tmpl)
     parsed = parse_evaluation_result(event, escrow_pubkey=E)
     assert (parsed.request_id, parsed.job_id, parsed.escrow, parsed.validator) == (h("req"), h("job"), E,
                                                                                   V1.public_key_hex)
     assert parsed.scores == scores
-    assert parsed.scores[2].value == Decimal("12345678901234567890.123456789")  # exact, not a float
+    assert parsed.scores[2].value == Decimal("123456789012345.123456789012")  # exact, not a float
 
 
 @pytest.mark.parametrize("order", [("request", "job"), ("job", "request")])

@@ -1,0 +1,89 @@
+"""The validation rule: exact, short medians of bounded scores; whole-satoshi rewards; receipt order."""
+from __future__ import annotations
+
+from decimal import Decimal
+from fractions import Fraction
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from service.escrow import rule
+from service.nostr.protocol import CodecError, CodecErrorReason
+from service.nostr.protocol.fields import (
+    MEDIAN_PLACES,
+    SCORE_INT_DIGITS,
+    SCORE_PLACES,
+    format_decimal,
+    parse_bounded_decimal,
+)
+
+R = CodecErrorReason
+LIMIT = Decimal(10) ** SCORE_INT_DIGITS - Decimal(1).scaleb(-SCORE_PLACES)
+bounded = st.decimals(min_value=-LIMIT, max_value=LIMIT, places=SCORE_PLACES, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(bounded, min_size=1, max_size=9))
+def test_the_median_of_bounded_scores_is_exact_and_short(values):
+    exact = sorted(Fraction(v) for v in values)
+    mid = len(exact) // 2
+    want = exact[mid] if len(exact) % 2 else (exact[mid - 1] + exact[mid]) / 2
+    got = rule.median(values)
+    assert Fraction(got) == want                       # exact: nothing was rounded
+    text = format_decimal(got, R.INVALID_VERDICT, "median")
+    assert "E" not in text and len(text) <= 1 + SCORE_INT_DIGITS + 1 + MEDIAN_PLACES
+    # what the escrow publishes is what a verdict parser reads back
+    assert parse_bounded_decimal(text, R.INVALID_VERDICT, "median", places=MEDIAN_PLACES) == got
+
+
+def test_two_scores_of_sixty_four_nines_are_refused_at_the_edge():
+    """The attack of the issue: two validators scoring "9" * 64. The codec refuses the value, so it
+    never reaches the median (whose mean was 1E+64, 65 characters, and made the verdict unwritable)."""
+    with pytest.raises(CodecError) as exc:
+        parse_bounded_decimal("9" * 64, R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
+    assert exc.value.reason is R.SCORE_OUT_OF_RANGE
+    with pytest.raises(ArithmeticError):   # and the rule itself never rounds such a value silently
+        rule.median([Decimal("9" * 64), Decimal("9" * 64)])
+
+
+def test_the_largest_bounded_scores_make_a_median_of_thirteen_places():
+    top = Decimal("9" * 15 + "." + "9" * 12)
+    assert rule.median([top, top - Decimal("0.000000000001")]) == Decimal("999999999999999.9999999999985")
+
+
+def _cands(*specs: tuple[str, int, str]) -> list[rule.CandidateScores]:
+    return [rule.CandidateScores(rid, f"p-{rid}", received, {"v1": Decimal(v)}) for rid, received, v in specs]
+
+
+def test_a_tie_goes_to_the_result_received_first_not_the_earlier_timestamp():
+    """Receipt order is the escrow's; a backdated ``created_at`` cannot win a tie."""
+    cands = _cands(("honest", 1, "0.9"), ("copy", 2, "0.9"))
+    d = rule.decide(cands, quorum=1, threshold=Decimal("0.8"), direction="max", policy="best",
+                    bid_msat=3_000_000, fee_msat=31_000, validator_fee_msat=0, validators=("v1",))
+    assert d.provider_rewards == {"honest": 2_969_000}
+
+
+@settings(max_examples=200, deadline=None)
+@given(bid=st.integers(100_000, 10**12), fee_ppm=st.integers(0, 50_000), vfee=st.integers(0, 10**7),
+       n_accepted=st.integers(1, 12), policy=st.sampled_from(["best", "split"]))
+def test_every_payout_is_whole_satoshis_and_the_split_adds_up(bid, fee_ppm, vfee, n_accepted, policy):
+    fee = 1_000 + bid * fee_ppm // 1_000_000
+    validators = ("v1", "v2")
+    if bid - fee - 2 * vfee <= 0:
+        return
+    cands = [rule.CandidateScores(f"r{k}", f"p{k}", k, {"v1": Decimal("0.9"), "v2": Decimal("0.95")})
+             for k in range(n_accepted)]
+    d = rule.decide(cands, quorum=2, threshold=Decimal("0.5"), direction="max", policy=policy, bid_msat=bid,
+                    fee_msat=fee, validator_fee_msat=vfee, validators=validators)
+    assert all(v % 1_000 == 0 and v > 0 for v in [*d.provider_rewards.values(), *d.validator_fees.values()])
+    assert d.total_msat == bid and d.fee_income_msat >= fee and d.remainder_msat >= 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(amounts=st.dictionaries(st.text(min_size=1, max_size=4), st.integers(1, 10**12), min_size=1, max_size=20),
+       budget=st.integers(0, 10**9))
+def test_routing_budgets_never_exceed_what_the_escrow_earned(amounts, budget):
+    budgets = rule.routing_budgets(amounts, budget)
+    assert set(budgets) == set(amounts)
+    assert all(b >= 0 for b in budgets.values()) and sum(budgets.values()) <= budget
