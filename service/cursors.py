@@ -46,7 +46,13 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
     if res.rowcount:
         return True
     if await session.scalar(select(Cursor.name).where(Cursor.name == name)) is not None:
-        return False
+        # The row may have been created by a writer that committed after our UPDATE ran (it
+        # matched nothing then): run the forward-only UPDATE again, now that the row exists.
+        res = await session.execute(
+            update(Cursor).where(Cursor.name == name, Cursor.position < position)
+            .values(position=position, updated_at=utcnow())
+        )
+        return bool(res.rowcount)
     try:
         async with session.begin_nested():
             session.add(Cursor(name=name, position=position, updated_at=utcnow()))
