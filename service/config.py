@@ -45,6 +45,17 @@ class Settings(BaseSettings):
     max_job_duration_seconds: int = Field(default=30 * 86_400, ge=60)
     escrow_modes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["hold", "custodial"])
     max_hold_seconds: int = Field(default=3 * 86_400, ge=0)
+    # Every payout is at least this (whole satoshis); requests that could pay less are refused.
+    min_payout_msat: int = Field(default=1_000, ge=1_000, multiple_of=1_000)
+    max_results_per_shard: int = Field(default=4, ge=1, le=64)        # candidates per shard, first received
+    # Intake budget, whatever the source (relay or REST), counted in the database (docs/escrow.md).
+    job_requests_per_minute: int = Field(default=120, ge=1)           # accepted requests, all keys
+    job_requests_per_minute_per_key: int = Field(default=10, ge=1)    # any outcome, one key
+    max_open_offers: int = Field(default=200, ge=1)                   # unfunded offers open at once
+    max_open_offers_per_key: int = Field(default=3, ge=1)
+    # Replies also go to the first relays of a request's NIP-90 `relays` tag (never private addresses).
+    reply_relays_max: int = Field(default=3, ge=0, le=16)
+    reply_relays_allow_private: bool = False                          # dev/test only
 
     # Escrow invoices (see docs/lightning.md).
     invoice_expiry_seconds: int = Field(default=600, ge=60, le=86_400)   # the payment window

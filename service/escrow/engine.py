@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
-from sqlalchemy import event, insert, select, update
+from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
-from service.db import insert_ignore, utcnow
+from service.db import aware, insert_ignore, utcnow
 from service.escrow import rule
 from service.escrow.models import Consumed, Effect, Job, JobState, Result, ScoreRow, TimelineEntry
 from service.ledger import accounts
@@ -39,10 +42,14 @@ from service.lightning.invoices import HoldSizing, InvoiceModeError
 from service.lightning.models import LnFact, LnInvoice, Payout
 from service.lightning.payouts import Payouts
 from service.nostr import outbox
+from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
     Candidate,
+    CancelReason,
+    Cancelled,
     CodecError,
+    CodecErrorReason,
     ErrorFeedback,
     EscrowOffer,
     EscrowTerms,
@@ -54,6 +61,7 @@ from service.nostr.protocol import (
     RewardClaimable,
     RewardPaid,
     ValidationComplete,
+    build_cancelled,
     build_error_feedback,
     build_escrow_offer,
     build_evaluation_request,
@@ -71,6 +79,7 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol import PaymentProof as ProofBody
 from service.nostr.protocol import Verdict as VerdictBody
+from service.nostr.protocol.fields import parse_bounded_decimal
 from service.nostr.protocol.job import read_job_spec
 from service.nostr.protocol.money import MoneySplit
 
@@ -81,14 +90,29 @@ KIND_JOB, KIND_RESULT, KIND_EVAL_RESULT, KIND_FEEDBACK, KIND_DELETION = 5701, 67
 
 
 @dataclass
+class IntakeBudget:
+    """How many job requests the engine takes, whatever their source (relay or REST): the costly
+    part of a request is its escrow invoice, and keys are free to make. Counted in the database,
+    so every replica applies the same budget."""
+
+    per_minute: int = 120              # accepted requests per minute, all customers together
+    per_minute_per_key: int = 10       # requests (accepted or refused) per minute from one customer
+    open_offers: int = 200             # unfunded offers open at once, all customers together
+    open_offers_per_key: int = 3       # unfunded offers open at once from one customer
+
+
+@dataclass
 class EngineConfig:
     terms: EscrowTerms
     relays: list[str]
     sizing: HoldSizing = field(default_factory=HoldSizing)
     invoice_expiry_seconds: int = 600
     offer_grace_seconds: int = 30        # late payments within this are still honoured
-    results_grace_seconds: int = 60      # receipt may lag a result's created_at by this much
+    results_grace_seconds: int = 60      # receipt may lag a result's deadline by this much (relay latency)
     release_margin_seconds: int = 3600   # hold invoices must outlive the validation deadline by this
+    budget: IntakeBudget = field(default_factory=IntakeBudget)
+    reply_relays_max: int = 3            # of a request's NIP-90 `relays`, how many also get our replies
+    reply_relays_allow_private: bool = False   # dev/test only: replies to relays on private addresses
 
 
 class Engine:
@@ -112,8 +136,10 @@ class Engine:
                                                  "at": utcnow()})
 
     async def publish(self, s: AsyncSession, job_id: str, template) -> Event:  # noqa: ANN001
+        """Sign and queue an event about ``job_id`` for our relays and the job's reply relays
+        (its request's NIP-90 ``relays``, checked and bounded when the request was accepted)."""
         event = sign_event(self.key, template.kind, template.tags, template.content, created_at=self.now())
-        await outbox.enqueue(s, event, self.config.relays)
+        await outbox.enqueue(s, event, [*self.config.relays, *await self._reply_relays(s, job_id)])
         status = next((t[1] for t in event.tags if t and t[0] == "status"), "")
         await self.timeline(s, job_id, "published", {"kind": event.kind, "id": event.id, "status": status})
         return event
@@ -128,6 +154,22 @@ class Engine:
             await self.timeline(s, job_id, "transition", {"to": to.value, "why": why})
             return True
         return False
+
+    async def _reply_relays(self, s: AsyncSession, job_id: str) -> list[str]:
+        job = await s.get(Job, job_id)   # usually already in the session: no query
+        return json.loads(job.reply_relays) if job is not None and job.reply_relays else []
+
+    def reply_relays(self, requested: Iterable[str]) -> list[str]:
+        """The relays of a request's NIP-90 ``relays`` tag that also get our replies: the first
+        ``reply_relays_max`` that are not ours already. The codec checked their shape (ws/wss);
+        the publisher checks each address when it connects (no private addresses: SSRF)."""
+        out: list[str] = []
+        for url in requested:
+            if len(out) >= self.config.reply_relays_max:
+                break
+            if url not in self.config.relays and url not in out:
+                out.append(url)
+        return out
 
     async def consume(self, s: AsyncSession, source: str, ref: str) -> bool:
         res = await s.execute(insert_ignore(s, Consumed.__table__), [{"source": source, "ref": ref, "at": utcnow()}])
@@ -170,7 +212,13 @@ class Engine:
         except CodecError as e:
             if e.reason.value == "not_for_us":
                 return "ignored: not for us"
+            over = await self._over_budget(s, event.pubkey, now, accepted=False)
+            if over is not None:
+                return await self._reject(s, event, *over, None)
             return await self._reject(s, event, e.reason.value, e.message, e)
+        over = await self._over_budget(s, event.pubkey, now, accepted=True)
+        if over is not None:
+            return await self._reject(s, event, *over, None)
         if req.spec.previous_job is not None:
             prev = await s.get(Job, req.spec.previous_job)
             if prev is not None and prev.customer != req.customer:
@@ -188,16 +236,46 @@ class Engine:
         except InvoiceModeError as e:
             return await self._reject(s, event, "hold_window_exceeded", str(e), None)
         split = req.split
+        relays = self.reply_relays(req.spec.relays)
         await s.execute(insert(Job.__table__), [dict(
             id=req.id, customer=req.customer, state=S.REQUESTED.value, mode=mode, bid_msat=split.bid_msat,
             fee_msat=split.fee_msat, validator_fee_msat=split.validator_fee_msat,
             payout_policy=str(req.spec.payout), results_deadline=req.spec.results_deadline,
             validation_deadline=req.spec.validation_deadline, request_raw=event.to_json(),
+            expires_at=req.spec.expiration, reply_relays=json.dumps(relays) if relays else None,
             created_at=utcnow(), updated_at=utcnow())])
         await self.timeline(s, req.id, "fact", {"event": "job request", "bid_msat": split.bid_msat, "mode": mode,
                                                 "shards": len(req.spec.shards), "validators": len(req.validators)})
         await self.effect(s, req.id, "create_invoice")
         return f"accepted: {mode} escrow of {split.bid_msat} msat"
+
+    async def _over_budget(self, s: AsyncSession, customer: str, now: int, *, accepted: bool) -> tuple[str, str] | None:
+        """``(reason, message)`` when a request from ``customer`` is over the intake budget.
+
+        Per key: requests of any outcome in the last minute, and its open unfunded offers.
+        Globally (only for a request that would be accepted: those cost an invoice): accepted
+        requests in the last minute, and open unfunded offers."""
+        b = self.config.budget
+        since = utcnow() - timedelta(seconds=60)   # Job.created_at is wall-clock time
+        unfunded = (S.REQUESTED.value, S.OFFERED.value)
+        mine = await s.scalar(select(func.count()).select_from(Job)
+                              .where(Job.customer == customer, Job.created_at >= since))
+        if mine >= b.per_minute_per_key:
+            return "rate_limited", f"at most {b.per_minute_per_key} requests a minute from one key"
+        if not accepted:
+            return None
+        open_mine = await s.scalar(select(func.count()).select_from(Job)
+                                   .where(Job.customer == customer, Job.state.in_(unfunded)))
+        if open_mine >= b.open_offers_per_key:
+            return "too_many_open_offers", f"at most {b.open_offers_per_key} unfunded offers at once per key"
+        recent = await s.scalar(select(func.count()).select_from(Job)
+                                .where(Job.created_at >= since, Job.state != S.REJECTED.value))
+        if recent >= b.per_minute:
+            return "escrow_busy", "the escrow takes no more requests this minute; try again later"
+        open_all = await s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(unfunded)))
+        if open_all >= b.open_offers:
+            return "escrow_busy", "too many unfunded offers are open; try again later"
+        return None
 
     async def _reject(self, s: AsyncSession, event: Event, reason: str, message: str, error: CodecError | None) -> str:
         if await s.get(Job, event.id) is None:
@@ -221,6 +299,15 @@ class Engine:
                 return t[1]
         return None
 
+    async def received_at(self, s: AsyncSession, event: Event) -> datetime:
+        """When a relay or the REST API first handed ``event`` to the escrow (its inbox row):
+        what decides whether it was on time and which of two came first, never its ``created_at``."""
+        at = await s.scalar(select(InboxEvent.received_at).where(InboxEvent.id == event.id))
+        return aware(at) if at is not None else utcnow()
+
+    def _on_time(self, received: datetime, deadline: int, grace: int = 0) -> bool:
+        return received.timestamp() <= deadline + grace
+
     async def on_result(self, s: AsyncSession, event: Event) -> str:
         job_id = self._job_ref(event, "job")
         job = await self._job(s, job_id) if job_id else None
@@ -233,23 +320,40 @@ class Engine:
             res = parse_result(event, req)
         except CodecError as e:
             return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
-        if event.created_at > job.results_deadline or self.now() > job.results_deadline + self.config.results_grace_seconds:
+        received = await self.received_at(s, event)
+        # The sender's created_at may only make its own result late, never early.
+        if event.created_at > job.results_deadline or not self._on_time(received, job.results_deadline,
+                                                                          self.config.results_grace_seconds):
             return await self._ignore(s, job.id, event, "after the results deadline")
+        counted = (await s.execute(select(Result.provider, Result.shard_index, Result.model_sha256)
+                                   .where(Result.job_id == job.id))).all()
+        if any(r.model_sha256 == res.model.sha256 for r in counted):
+            # A copy of a model already credited (by hash) earns nothing, whoever signed it.
+            return await self._ignore(s, job.id, event, "copied_model: this model is already another result's")
+        if any(r.provider == event.pubkey for r in counted):
+            return await self._ignore(s, job.id, event, "not the provider's first result for this job")
+        per_shard = self.config.terms.max_results_per_shard
+        if sum(r.shard_index == res.shard_index for r in counted) >= per_shard:
+            return await self._ignore(s, job.id, event, f"shard_full: shard {res.shard_index} has its "
+                                                        f"{per_shard} results")
         dest = "none"
         if res.payout_address is not None:
             dest = f"{res.payout_address.kind}:{res.payout_address.address}"
         elif res.invoice is not None:
             dest = f"bolt11-offer:{res.invoice.amount_msat}:{res.invoice.bolt11}"
+        # The unique keys (job, provider) and (job, model hash) hold against a concurrent replica too.
         ins = await s.execute(insert_ignore(s, Result.__table__), [{
             "id": event.id, "job_id": job.id, "provider": event.pubkey, "shard_index": res.shard_index,
             "model_url": res.model.url, "model_sha256": res.model.sha256, "destination": dest,
-            "created_at": event.created_at}])
+            "created_at": event.created_at, "received_at": received}])
         if ins.rowcount != 1:
-            return await self._ignore(s, job.id, event, "not the provider's first result for this job")
+            return await self._ignore(s, job.id, event, "not the first result of this provider or this model")
         await self.timeline(s, job.id, "fact", {"event": "result", "id": event.id, "provider": event.pubkey,
                                                 "shard": res.shard_index, "model_sha256": res.model.sha256})
-        count = len((await s.scalars(select(Result.id).where(Result.job_id == job.id))).all())
-        if count >= len(req.spec.shards):
+        # Collecting ends early only when every shard (not every slot) has a result: sybil copies
+        # for one shard cannot end it before the other shards' providers delivered.
+        shards_done = {r.shard_index for r in counted} | {res.shard_index}
+        if shards_done >= {shard.index for shard in req.spec.shards}:
             await self._start_validation(s, job, "every shard has a result")
         return "counted"
 
@@ -258,8 +362,13 @@ class Engine:
                                                    "why": why})
         return f"ignored: {why}"
 
+    async def _results(self, s: AsyncSession, job_id: str) -> list[Result]:
+        """The job's counted results in the order the escrow received them."""
+        rows = (await s.scalars(select(Result).where(Result.job_id == job_id))).all()
+        return sorted(rows, key=lambda r: (aware(r.received_at).timestamp() if r.received_at else r.created_at, r.id))
+
     async def _start_validation(self, s: AsyncSession, job: Job, why: str) -> None:
-        results = (await s.scalars(select(Result).where(Result.job_id == job.id).order_by(Result.created_at))).all()
+        results = await self._results(s, job.id)
         if not results:
             await self._refund(s, job, "no_results", from_states=(S.COLLECTING,))
             return
@@ -290,7 +399,8 @@ class Engine:
             return await self._ignore(s, job.id, event, "signed by a key that is not a designated validator")
         if ev.request_id != job.eval_request_id:
             return await self._ignore(s, job.id, event, "answers another evaluation request")
-        if event.created_at > job.validation_deadline or self.now() > job.validation_deadline:
+        received = await self.received_at(s, event)
+        if event.created_at > job.validation_deadline or not self._on_time(received, job.validation_deadline):
             return await self._ignore(s, job.id, event, "after the validation deadline")
         results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
         counted, notes = 0, []
@@ -319,11 +429,12 @@ class Engine:
 
     async def _decide(self, s: AsyncSession, job: Job, why: str) -> None:
         req = self.job_request(job)
-        results = (await s.scalars(select(Result).where(Result.job_id == job.id).order_by(Result.created_at))).all()
+        results = await self._results(s, job.id)
         scores = (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job.id))).all()
-        cands = [rule.CandidateScores(r.id, r.provider, r.created_at,
-                                      {x.validator: Decimal(x.value) for x in scores if x.result_id == r.id})
-                 for r in results]
+        cands = [rule.CandidateScores(r.id, r.provider, rank,
+                                      {x.validator: value for x in scores if x.result_id == r.id
+                                       and (value := _bounded_score(x.value)) is not None})
+                 for rank, r in enumerate(results)]
         v = req.spec.validation
         funded = job.bid_msat
         decision = rule.decide(cands, quorum=v.quorum, threshold=v.threshold, direction=str(v.direction),
@@ -332,7 +443,7 @@ class Engine:
         verdicts = tuple(VerdictBody(result_id=x.result_id, accepted=x.accepted, median=x.median,
                                      reward_msat=x.reward_msat if x.accepted else None) for x in decision.verdicts)
         detail = {"why": why, "verdicts": [{"result": x.result_id, "provider": x.provider, "accepted": x.accepted,
-                                            "median": str(x.median) if x.median is not None else None,
+                                            "median": format(x.median, "f") if x.median is not None else None,
                                             "reward_msat": x.reward_msat} for x in decision.verdicts],
                   "validator_fees": decision.validator_fees, "fee_income_msat": decision.fee_income_msat,
                   "remainder_msat": decision.remainder_msat}
@@ -362,30 +473,56 @@ class Engine:
             return
         lines: list[tuple[str, int]] = [(escrow_acct, held)]
         results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
-        payouts: list[tuple[str, str, int, str]] = []
+        payouts: list[_NewPayout] = []
         for v in detail["verdicts"]:
             if v["reward_msat"]:
                 r = results[v["result"]]
                 lines.append((accounts.payable(r.provider, job.id), -v["reward_msat"]))
-                payouts.append((f"{job.id}:reward:{r.id}", r.provider, v["reward_msat"],
-                                _destination(r.destination, v["reward_msat"])))
+                payouts.append(_NewPayout(f"{job.id}:reward:{r.id}", r.provider, v["reward_msat"],
+                                          _destination(r.destination, v["reward_msat"])))
         for validator, fee in detail["validator_fees"].items():
             lines.append((accounts.payable(validator, job.id), -fee))
-            payouts.append((f"{job.id}:validator:{validator}", validator, fee, "none"))
-        fee_income = held - sum(p[2] for p in payouts)   # escrow fee + split remainder (+ any overpayment)
+            payouts.append(_NewPayout(f"{job.id}:validator:{validator}", validator, fee, "none"))
+        # What the escrow earned on the job (its fee and the remainders) is the most their routes
+        # may cost together: the escrow never pays to work (docs/escrow.md, "Routing fees").
+        earned = job.bid_msat - sum(p.amount_msat for p in payouts)
+        budgets = rule.routing_budgets({p.id: p.amount_msat for p in payouts}, earned)
+        payouts = [p._replace(fee_limit_msat=budgets[p.id]) for p in payouts]
+        # Paid more than the bid: the excess goes back to the customer (less its route's reserve).
+        overpaid = held - job.bid_msat
+        if overpaid > 0:
+            back = rule.refundable(overpaid, self.config.terms.routing_fee_ppm)
+            if back >= self.config.terms.min_payout_msat:
+                lines.append((accounts.refund(job.customer, job.id), -back))
+                payouts.append(_NewPayout(f"{job.id}:overpaid", job.customer, back, self._refund_destination(job),
+                                          overpaid - back))
+        fee_income = held - sum(p.amount_msat for p in payouts)   # escrow fee + remainders (+ reserves)
         if fee_income:
             lines.append((accounts.FEE_INCOME, -fee_income))
         await ledger.post(s, key=f"release:{job.id}", kind="release", lines=lines, job_id=job.id,
                           memo=f"release: {len(payouts)} payout(s), fee income {fee_income} msat")
+        await s.execute(update(Job).where(Job.id == job.id).values(decision=json.dumps(
+            {**detail, "overpaid_msat": max(0, overpaid), "routing_budgets_msat": budgets,
+             "fee_income_at_release_msat": fee_income})))
         await self.timeline(s, job.id, "posting", {"key": f"release:{job.id}", "lines": lines})
-        for pid, payee, amount, dest in payouts:
-            await Payouts.create(s, payout_id=pid, payee=payee, amount_msat=amount, destination=dest, job_id=job.id)
-            await self.timeline(s, job.id, "payment", {"payout": pid, "amount_msat": amount,
-                                                       "destination": dest.split(":", 1)[0]})
-            if dest == "none":
-                await self.publish(s, job.id, build_reward_claimable(RewardClaimable(
-                    job_id=job.id, payee=payee, amount_msat=amount,
-                    earned_by=pid.rsplit(":", 1)[1] if ":reward:" in pid else None)))
+        for p in payouts:
+            await self._create_payout(s, job, p)
+
+    def _refund_destination(self, job: Job) -> str:
+        refund = self.job_request(job).spec.refund
+        if not refund:
+            return "none"
+        return ("lud16:" if "@" in refund else "lnurl:") + refund
+
+    async def _create_payout(self, s: AsyncSession, job: Job, p: _NewPayout) -> None:
+        await Payouts.create(s, payout_id=p.id, payee=p.payee, amount_msat=p.amount_msat, destination=p.destination,
+                             job_id=job.id, fee_limit_msat=p.fee_limit_msat)
+        await self.timeline(s, job.id, "payment", {"payout": p.id, "amount_msat": p.amount_msat,
+                                                   "fee_limit_msat": p.fee_limit_msat,
+                                                   "destination": p.destination.split(":", 1)[0]})
+        if p.destination == "none":
+            await self.publish(s, job.id, build_reward_claimable(RewardClaimable(
+                job_id=job.id, payee=p.payee, amount_msat=p.amount_msat, earned_by=_earned_by_id(p.id))))
 
     async def _refund(self, s: AsyncSession, job: Job, reason: str, *, from_states: Iterable[JobState]) -> None:
         if not await self.transition(s, job.id, from_states, S.REFUNDING, reason, refund_reason=reason):
@@ -397,25 +534,23 @@ class Engine:
         await self._custodial_refund(s, job)
 
     async def _custodial_refund(self, s: AsyncSession, job: Job) -> None:
+        """Pay the customer back what we hold. The escrow earned nothing on a refunded job, so
+        the refund's route is paid from the refunded amount: the customer gets the held amount
+        less a routing reserve (``routing_fee_ppm``, announced), in whole satoshis; what the
+        reserve and the rounding leave is booked as fee income and shown on the timeline."""
         escrow_acct = accounts.escrow(job.id)
         held = -await ledger.balance(s, escrow_acct)
-        if held <= 0:
+        back = rule.refundable(held, self.config.terms.routing_fee_ppm) if held > 0 else 0
+        if back <= 0:
             await self._finish_refund(s, job.id)
             return
-        refund_acct = accounts.refund(job.customer, job.id)
-        await ledger.post(s, key=f"refund:{job.id}", kind="refund", lines=[(escrow_acct, held), (refund_acct, -held)],
-                          job_id=job.id, memo=f"refund: {job.refund_reason}")
-        req = self.job_request(job)
-        dest = "none"
-        if req.spec.refund:
-            dest = ("lud16:" if "@" in req.spec.refund else "lnurl:") + req.spec.refund
-        await Payouts.create(s, payout_id=f"{job.id}:refund", payee=job.customer, amount_msat=held,
-                             destination=dest, job_id=job.id)
-        await self.timeline(s, job.id, "payment", {"payout": f"{job.id}:refund", "amount_msat": held,
-                                                   "destination": dest.split(":", 1)[0]})
-        if dest == "none":
-            await self.publish(s, job.id, build_reward_claimable(RewardClaimable(
-                job_id=job.id, payee=job.customer, amount_msat=held)))
+        lines = [(escrow_acct, held), (accounts.refund(job.customer, job.id), -back)]
+        if held - back:
+            lines.append((accounts.FEE_INCOME, -(held - back)))
+        await ledger.post(s, key=f"refund:{job.id}", kind="refund", lines=lines, job_id=job.id,
+                          memo=f"refund: {job.refund_reason}; routing reserve and rounding {held - back} msat")
+        await self._create_payout(s, job, _NewPayout(f"{job.id}:refund", job.customer, back,
+                                                     self._refund_destination(job), held - back))
 
     async def _finish_refund(self, s: AsyncSession, job_id: str, amount: int | None = None) -> None:
         job = await s.get(Job, job_id)
@@ -458,6 +593,7 @@ class Engine:
                 continue
             if await self.transition(s, job.id, (S.REQUESTED, S.OFFERED), S.CANCELLED, "deleted by the customer"):
                 await self.effect(s, job.id, "cancel_invoice")
+                await self.publish(s, job.id, build_cancelled(Cancelled(job.id, job.customer, CancelReason.DELETED)))
                 outcomes.append("cancelled")
             else:
                 outcomes.append(await self._ignore(s, job.id, event, f"job is {job.state}: too late to cancel"))
@@ -477,14 +613,21 @@ class Engine:
             message="the escrow could not create an invoice; post the request again later")))
         return True
 
+    def offer_deadline(self, job: Job, now: int) -> int:
+        """Until when an offer may be paid: the payment window, and never past the results
+        deadline (providers could not deliver) or the request's NIP-40 expiration (relays drop it)."""
+        return min(now + self.config.invoice_expiry_seconds, job.results_deadline,
+                   job.expires_at if job.expires_at is not None else job.results_deadline)
+
     async def on_invoice_created(self, s: AsyncSession, job_id: str, payment_hash: str, payment_request: str,
                                  mode: str, amount_msat: int, *, customer: str | None = None) -> bool:
         """``customer``: the job's, when the caller has it (saves reading the job again)."""
         if customer is None:
             customer = (await s.get(Job, job_id)).customer
+        job = await s.get(Job, job_id)
         if not await self.transition(s, job_id, (S.REQUESTED,), S.OFFERED, "escrow invoice created",
                                      payment_hash=payment_hash, mode=mode,
-                                     offer_expires_at=self.now() + self.config.invoice_expiry_seconds):
+                                     offer_expires_at=self.offer_deadline(job, self.now())):
             return False
         await self.timeline(s, job_id, "invoice", {"payment_hash": payment_hash, "mode": mode, "amount_msat": amount_msat})
         await self.publish(s, job_id, build_escrow_offer(EscrowOffer(
@@ -502,6 +645,13 @@ class Engine:
         if job is None:
             return "no job"
         await self.timeline(s, job.id, "fact", {"ln": fact.kind, "amount_msat": fact.amount_msat, "source": fact.source})
+        late = self._paid_too_late(job, fact)
+        if fact.kind == "accepted" and late is not None:
+            # The customer's HTLC goes back (cancel); the job never starts.
+            if await self.transition(s, job.id, (S.OFFERED,), S.CANCELLED, f"funded too late: {late}"):
+                await self.effect(s, job.id, "cancel_invoice")
+                await self.publish(s, job.id, build_cancelled(Cancelled(job.id, job.customer, late)))
+                return f"funded too late ({late}): cancelled"
         if fact.kind == "accepted":
             if await self.transition(s, job.id, (S.OFFERED,), S.COLLECTING, "hold invoice accepted (funds locked)"):
                 await self.publish(s, job.id, build_funded(Funded(job.id, job.customer, fact.amount_msat)))
@@ -517,12 +667,16 @@ class Engine:
             await self.timeline(s, job.id, "posting", {"key": f"funding:{fact.payment_hash}", "amount_msat": fact.amount_msat})
             await s.execute(update(Job).where(Job.id == job.id).values(funded=True))
             if job.mode == "custodial":
+                if late is not None:
+                    if await self.transition(s, job.id, (S.OFFERED,), S.REFUNDING, f"paid too late: {late}",
+                                             refund_reason=f"paid_after_{late}"[:64]):
+                        await self._custodial_refund(s, await s.get(Job, job.id))
+                        return f"paid too late ({late}): refunding"
                 if await self.transition(s, job.id, (S.OFFERED,), S.COLLECTING, "invoice settled (funds in custody)"):
                     await self.publish(s, job.id, build_funded(Funded(job.id, job.customer, fact.amount_msat)))
                     return "funded (custodial)"
-                if job.state == S.CANCELLED.value:
-                    await s.execute(update(Job).where(Job.id == job.id).values(state=S.REFUNDING.value,
-                                                                              refund_reason="paid_after_cancel"))
+                if await self.transition(s, job.id, (S.CANCELLED,), S.REFUNDING, "paid after the job was cancelled",
+                                         refund_reason="paid_after_cancel"):
                     await self._custodial_refund(s, await s.get(Job, job.id))
                     return "late payment of a cancelled job: refunding"
                 return "settled: no change"
@@ -551,6 +705,18 @@ class Engine:
             return "canceled: no change"
         return "unknown fact"
 
+    def _paid_too_late(self, job: Job, fact: LnFact) -> str | None:
+        """Why an offered job's funding came too late to start it (LND's own observation time,
+        not ours), or None: after the request's NIP-40 expiration, or after the offer closed."""
+        if job.state != S.OFFERED.value:
+            return None
+        at = int(aware(fact.observed_at).timestamp())
+        if job.expires_at is not None and at >= job.expires_at:
+            return CancelReason.REQUEST_EXPIRED.value
+        if job.offer_expires_at is not None and at > job.offer_expires_at + self.config.offer_grace_seconds:
+            return CancelReason.OFFER_EXPIRED.value
+        return None
+
     # ------------------------------------------------------------------ payout outcomes
     async def handle_payout(self, s: AsyncSession, p: Payout) -> str:
         if not await self.consume(s, "payout", payout_ref(p)):
@@ -559,8 +725,9 @@ class Engine:
             return "no job"
         job = await s.get(Job, p.job_id)
         if p.state == "succeeded":
-            liability = accounts.refund(p.payee, p.job_id) if p.id.endswith(":refund") else accounts.payable(p.payee, p.job_id)
-            await ledger.post(s, key=f"payout:{p.payment_hash}", kind="refund_payout" if p.id.endswith(":refund") else "payout",
+            to_customer = p.id.endswith((":refund", ":overpaid"))   # money back, not earned
+            liability = accounts.refund(p.payee, p.job_id) if to_customer else accounts.payable(p.payee, p.job_id)
+            await ledger.post(s, key=f"payout:{p.payment_hash}", kind="refund_payout" if to_customer else "payout",
                               job_id=p.job_id, lines=[(liability, p.amount_msat), (accounts.NODE, -p.amount_msat)],
                               memo=f"payout {p.id}")
             if p.fee_msat:
@@ -571,7 +738,7 @@ class Engine:
                                                          "fee_msat": p.fee_msat, "payment_hash": p.payment_hash})
             if p.id.endswith(":refund"):
                 await self._finish_refund(s, p.job_id, p.amount_msat)
-            else:
+            elif not to_customer:
                 await self.publish(s, p.job_id, build_reward_paid(RewardPaid(
                     job_id=p.job_id, earned_by=await self._earned_by(s, p), payee=p.payee,
                     payment=ProofBody(p.payment_hash, p.preimage, p.amount_msat, p.fee_msat or 0))))
@@ -582,9 +749,11 @@ class Engine:
             if p.attempts == 0 and p.destination == "none":
                 return "waiting for the payee's invoice (announced at release)"
             await self.timeline(s, p.job_id, "payment", {"payout": p.id, "state": "needs_invoice", "why": p.last_error})
+            # Asked again with the reason's code (the payee can act on it), never its text (which
+            # may hold an LNURL server's answer or an address: those are for the operator).
             await self.publish(s, p.job_id, build_reward_claimable(RewardClaimable(
-                job_id=p.job_id, payee=p.payee, amount_msat=p.amount_msat,
-                earned_by=p.id.rsplit(":", 1)[1] if ":reward:" in p.id else None)))
+                job_id=p.job_id, payee=p.payee, amount_msat=p.amount_msat, earned_by=_earned_by_id(p.id),
+                reason=reason_code(p.last_error))))
             return "payee asked for a new invoice"
         return "no change"
 
@@ -620,6 +789,8 @@ class Engine:
         if due == "offer expired":
             if await self.transition(s, job.id, (S.OFFERED,), S.CANCELLED, "offer expired unpaid"):
                 await self.effect(s, job.id, "cancel_invoice")
+                await self.publish(s, job.id, build_cancelled(Cancelled(job.id, job.customer,
+                                                                        CancelReason.OFFER_EXPIRED)))
                 return due
         elif due == "results deadline":
             await self._start_validation(s, job, "results deadline passed")
@@ -643,6 +814,38 @@ def _write_timeline(session: Session) -> None:
 @event.listens_for(Session, "after_rollback")
 def _drop_timeline(session: Session) -> None:
     session.info.pop(_TIMELINE, None)   # the entries described what was rolled back
+
+
+class _NewPayout(NamedTuple):
+    id: str
+    payee: str
+    amount_msat: int
+    destination: str
+    fee_limit_msat: int | None = None
+
+
+def _earned_by_id(payout_id: str) -> str | None:
+    """The result a reward payout was earned by (``<job>:reward:<result>``); None for the others."""
+    return payout_id.rsplit(":", 1)[1] if ":reward:" in payout_id else None
+
+
+_REASON_CODE = re.compile(r"([a-z][a-z0-9_]{0,63}): ")
+
+
+def reason_code(last_error: str | None) -> str:
+    """The stable code a payout's ``last_error`` starts with (the Lightning layer writes
+    ``<code>: <text>``); ``payout_failed`` for anything else."""
+    m = _REASON_CODE.match(last_error or "")
+    return m.group(1) if m else "payout_failed"
+
+
+def _bounded_score(text: str) -> Decimal | None:
+    """A stored score within the codec's bounds; None for a row stored before the bounds existed
+    (it is not counted: it could not be published, and no validator's choice may stop a decision)."""
+    try:
+        return parse_bounded_decimal(text, CodecErrorReason.SCORE_OUT_OF_RANGE, "score")
+    except CodecError:
+        return None
 
 
 def payout_ref(p: Payout) -> str:

@@ -53,7 +53,9 @@ class Job(Base):
     reject_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
     decision: Mapped[str | None] = mapped_column(Text, nullable=True)      # JSON
     request_raw: Mapped[str] = mapped_column(Text, nullable=False)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)     # the request's NIP-40 expiration
+    reply_relays: Mapped[str | None] = mapped_column(Text, nullable=True)         # JSON: the request's checked relays
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
@@ -69,10 +71,14 @@ class Result(Base):
     model_url: Mapped[str] = mapped_column(Text, nullable=False)
     model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     destination: Mapped[str] = mapped_column(Text, nullable=False, default="none")
-    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)       # the sender's claim: shown, never used
+    # When the escrow first received it (inbox): the order of results, never the sender's created_at.
+    received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
+    # One result per provider and job; a model (by hash) is credited once per job: a copy earns nothing.
     __table_args__ = (UniqueConstraint("job_id", "provider", name="uq_escrow_results_job_provider"),
-                      Index("ix_escrow_results_job", "job_id"))
+                      Index("ix_escrow_results_job", "job_id"),
+                      Index("ix_escrow_results_job_model", "job_id", "model_sha256", unique=True))
 
 
 class ScoreRow(Base):

@@ -146,6 +146,14 @@ def decide(candidates: list[CandidateScores], *, quorum: int, threshold: Decimal
     return decision
 
 
+def refundable(amount_msat: int, routing_fee_ppm: int) -> int:
+    """What a payment back to the customer of ``amount_msat`` carries: the amount less the routing
+    reserve of its own route (``routing_fee_ppm`` of it, rounded up), in whole satoshis. The
+    escrow earned nothing on that money, so the route cannot be paid from anything else."""
+    reserve = -(-amount_msat * routing_fee_ppm // 1_000_000)
+    return max(0, whole_sats(amount_msat - reserve))
+
+
 def routing_budgets(amounts: dict[str, int], budget_msat: int) -> dict[str, int]:
     """Divide ``budget_msat`` (what the escrow earned on a job) among its payouts, in proportion
     to their amounts and rounded down, so that the routing fees of all of them together can

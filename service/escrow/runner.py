@@ -176,9 +176,11 @@ class EffectRunner:
         if eff.kind == "create_invoice":
             if existing is None:   # a retry after a crash reuses the invoice already made
                 hold_seconds = max(0, job.validation_deadline - self.engine.now()) + self.engine.config.release_margin_seconds
+                now = self.engine.now()
                 issued = await self.invoices.create(None, job_id=job.id, amount_msat=job.bid_msat, mode=job.mode,
                                                     hold_seconds=hold_seconds, on_deadline="settle",
-                                                    memo=f"fedstr escrow for job {job.id[:16]}")
+                                                    memo=f"fedstr escrow for job {job.id[:16]}",
+                                                    expiry_seconds=self.engine.offer_deadline(job, now) - now)
                 h, pr, mode = issued.payment_hash, issued.payment_request, issued.mode
             else:
                 h, pr, mode = existing.payment_hash, existing.payment_request, existing.mode

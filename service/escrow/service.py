@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import __version__
 from service.config import Settings
-from service.escrow.engine import Engine, EngineConfig
+from service.escrow.engine import Engine, EngineConfig, IntakeBudget
 from service.escrow.models import Job, JobState
 from service.lightning.models import LnInvoice
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
@@ -28,7 +28,8 @@ def terms_from_settings(s: Settings) -> EscrowTerms:
                        min_results_window_s=s.min_results_window_seconds,
                        max_job_duration_s=s.max_job_duration_seconds,
                        modes=frozenset(Mode(m) for m in s.escrow_modes), network=Network.from_settings(s.network),
-                       max_hold_seconds=s.max_hold_seconds)
+                       max_hold_seconds=s.max_hold_seconds, min_payout_msat=s.min_payout_msat,
+                       max_results_per_shard=s.max_results_per_shard, routing_fee_ppm=s.payout_fee_ppm)
 
 
 class EscrowService:
@@ -40,7 +41,13 @@ class EscrowService:
         self.terms = terms_from_settings(settings)
         self.engine = Engine(sessions, key, EngineConfig(
             terms=self.terms, relays=settings.relays, sizing=HoldSizing.from_settings(settings),
-            invoice_expiry_seconds=settings.invoice_expiry_seconds))
+            invoice_expiry_seconds=settings.invoice_expiry_seconds,
+            budget=IntakeBudget(per_minute=settings.job_requests_per_minute,
+                                per_minute_per_key=settings.job_requests_per_minute_per_key,
+                                open_offers=settings.max_open_offers,
+                                open_offers_per_key=settings.max_open_offers_per_key),
+            reply_relays_max=settings.reply_relays_max,
+            reply_relays_allow_private=settings.reply_relays_allow_private))
         self.runner = EngineRunner(self.engine, Inbox(sessions))
         effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
                                 lease_seconds=settings.effect_lease_seconds) if lightning else None)

@@ -90,13 +90,15 @@ class EscrowInvoices:
         self.expiry_seconds = expiry_seconds
 
     async def create(self, session: AsyncSession | None, *, job_id: str | None, amount_msat: int, mode: str,
-                     hold_seconds: int = 0, memo: str = "", on_deadline: str = "cancel") -> IssuedInvoice:
+                     hold_seconds: int = 0, memo: str = "", on_deadline: str = "cancel",
+                     expiry_seconds: int | None = None) -> IssuedInvoice:
         """Create the invoice in LND, then record it.
 
         With a ``session`` the record joins the caller's transaction (the caller commits).
         With ``None`` it is committed by a group commit shared with concurrent callers, and
         is durable when this returns: the payment request may then be published.
         ``mode`` is ``hold``, ``custodial`` or ``auto``; the chosen mode is on the result.
+        ``expiry_seconds``: a payment window shorter than the configured one (at least 60 s).
         """
         if not 0 < amount_msat <= 2_100_000_000_000_000_000:
             raise ValueError("amount_msat out of range")
@@ -105,19 +107,20 @@ class EscrowInvoices:
         chosen = self.sizing.choose_mode(mode, hold_seconds)
         memo = memo[:600]
         now = int(time.time())
+        expiry = self.expiry_seconds if expiry_seconds is None else max(60, min(expiry_seconds, self.expiry_seconds))
         if chosen == "hold":
             preimage = os.urandom(32)
             payment_hash = hashlib.sha256(preimage).digest()
             cltv = self.sizing.cltv_blocks(hold_seconds)
             added = await self.lnd.add_hold_invoice(payment_hash, amount_msat, memo=memo,
-                                                    expiry=self.expiry_seconds, cltv_expiry=cltv)
+                                                    expiry=expiry, cltv_expiry=cltv)
             secret: str | None = preimage.hex()
         else:
-            added = await self.lnd.add_invoice(amount_msat, memo=memo, expiry=self.expiry_seconds)
+            added = await self.lnd.add_invoice(amount_msat, memo=memo, expiry=expiry)
             payment_hash, secret, cltv = added.payment_hash, None, 0
         row = IssuedInvoice(payment_hash=payment_hash.hex(), job_id=job_id, mode=chosen, amount_msat=amount_msat,
                             payment_request=added.payment_request, preimage=secret, cltv_expiry=cltv,
-                            expires_at=now + self.expiry_seconds, add_index=added.add_index)
+                            expires_at=now + expiry, add_index=added.add_index)
         stamp = utcnow()
         values = {"payment_hash": row.payment_hash, "job_id": job_id, "mode": chosen, "amount_msat": amount_msat,
                   "payment_request": row.payment_request, "memo": memo, "preimage": secret, "cltv_expiry": cltv,

@@ -191,7 +191,8 @@ class Payouts:
     # ---- creating and feeding payouts ------------------------------------------------
     @staticmethod
     async def create(session: AsyncSession, *, payout_id: str, payee: str, amount_msat: int,
-                     destination: str = "none", job_id: str | None = None) -> bool:
+                     destination: str = "none", job_id: str | None = None,
+                     fee_limit_msat: int | None = None) -> bool:
         """Add a payout in the caller's transaction; idempotent by ``payout_id``."""
         if not 0 < amount_msat <= MAX_MSAT:
             raise ValueError("payout amount out of range")
