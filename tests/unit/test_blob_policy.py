@@ -77,7 +77,7 @@ async def job(sessions, customer: SecretKey, *, state: str = "collecting", provi
                    validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), max(1, len(validators))),
                    payout=PayoutPolicy("best"), results_deadline=now + 600, validation_deadline=now + 1200,
                    validators=validators, providers=providers)
-    ev = sign_event(customer, *build_job_request(spec, customer=customer.public_key_hex))
+    ev = sign_event(customer, *build_job_request(spec, customer=customer.public_key_hex, content=os.urandom(4).hex()))
     async with sessions.begin() as s:
         s.add(Job(id=ev.id, customer=customer.public_key_hex, state=state, request_raw=ev.to_json()))
     return ev.id
@@ -206,7 +206,7 @@ async def test_the_store_has_a_total_size(tmp_path: Path, sessions) -> None:  # 
 
 async def test_the_sweep_deletes_expired_blobs_and_keeps_live_ones(tmp_path: Path, sessions) -> None:  # noqa: ANN001
     customer, listed = SecretKey.generate(), SecretKey.generate()
-    live, done, both = (await job(sessions, customer) for _ in range(3))
+    live, done, both = [await job(sessions, customer) for _ in range(3)]
     app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[customer.public_key_hex, listed.public_key_hex],
                    blob_retention_seconds=7 * 86_400, blob_unreferenced_grace_seconds=3600, blob_sweep_batch=100)
     bodies = {name: f"{name} blob".encode() for name in ("live", "done", "shared", "loose")}

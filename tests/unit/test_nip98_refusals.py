@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import AsyncIterator
 
 import httpx
@@ -37,7 +38,7 @@ async def app(database_url: str, tmp_path) -> AsyncIterator[FastAPI]:  # noqa: A
 
 def auth(key: SecretKey, path: str, body: bytes) -> dict[str, str]:
     ev = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", BASE + path], ["method", "POST"],
-                                                ["payload", hashlib.sha256(body).hexdigest()]], "")
+                                                ["payload", hashlib.sha256(body).hexdigest()]], os.urandom(4).hex())
     return {"Authorization": nip98.build_header(ev), "content-type": "application/json"}
 
 
