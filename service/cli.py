@@ -13,10 +13,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from service import __version__
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from service.config import Settings
 
 log = logging.getLogger("fedstr_escrow")
 
@@ -31,7 +37,7 @@ def _settings():
         raise SystemExit(2) from None
 
 
-def uvicorn_config(app, settings, **kw):  # noqa: ANN001, ANN003, ANN201 - uvicorn.Config, lazily imported
+def uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
     """The uvicorn configuration of the service: proxy headers (``X-Forwarded-For`` and
     ``X-Forwarded-Proto``) are honoured only from ``FEDSTR_TRUSTED_PROXIES``; with none, from
     nobody (uvicorn's own default trusts loopback, which would let anyone behind a local

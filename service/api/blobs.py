@@ -76,6 +76,7 @@ the database is ``app.state.sessions``.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -86,21 +87,27 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
-
-import asyncio
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
+from typing import Any, cast
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import ColumnElement, and_, delete, exists, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import ClientDisconnect
 
@@ -363,13 +370,13 @@ class BlobService:
     allowed: frozenset[str]
     auth_max_age: int
     public_url: str | None
-    key_quota_bytes: int = DEFAULTS["blob_key_quota_bytes"]
-    key_quota_count: int = DEFAULTS["blob_key_quota_count"]
-    store_quota_bytes: int = DEFAULTS["blob_store_quota_bytes"]
-    retention_seconds: int = DEFAULTS["blob_retention_seconds"]
-    grace_seconds: int = DEFAULTS["blob_unreferenced_grace_seconds"]
-    sweep_interval: float = DEFAULTS["blob_sweep_interval_seconds"]
-    sweep_batch: int = DEFAULTS["blob_sweep_batch"]
+    key_quota_bytes: int = 50 * 1024 * 1024
+    key_quota_count: int = 64
+    store_quota_bytes: int = 4 * 1024 ** 3
+    retention_seconds: int = 7 * 86_400
+    grace_seconds: int = 3600
+    sweep_interval: float = 300.0
+    sweep_batch: int = 500
 
 
 def _setting(settings: object, name: str) -> Any:
@@ -612,11 +619,12 @@ async def sweep(svc: BlobService, sessions: async_sessionmaker[AsyncSession], *,
     for sha256 in candidates:
         try:
             async with sessions.begin() as s:
-                res = await s.execute(delete(BlobObject).where(BlobObject.sha256 == sha256, _expired(now, svc)))
+                res = cast(CursorResult, await s.execute(
+                    delete(BlobObject).where(BlobObject.sha256 == sha256, _expired(now, svc))))
                 if res.rowcount == 1:
                     await anyio.to_thread.run_sync(svc.store.remove, sha256)   # before the commit (see above)
                     deleted += 1
-        except Exception:  # noqa: BLE001 - one blob's failure never stops the others
+        except Exception:   # one blob's failure never stops the others
             log.exception("deleting expired blob %s failed", sha256)
     if deleted < svc.sweep_batch:
         deleted += await _sweep_orphans(svc, sessions, now, svc.sweep_batch - deleted)
@@ -647,7 +655,7 @@ async def run_sweeper(app: FastAPI) -> None:
             n = await sweep(svc, app.state.sessions)
             if n:
                 log.info("blob sweep: %d expired blob(s) deleted", n)
-        except Exception:  # noqa: BLE001 - retried at the next pass
+        except Exception:   # retried at the next pass
             log.exception("blob sweep failed")
         await asyncio.sleep(svc.sweep_interval)
 

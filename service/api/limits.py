@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-
 from collections.abc import Callable
 
 from starlette.requests import Request

@@ -74,7 +74,7 @@ def test_the_cli_refuses_to_start_with_an_empty_admin_token(tmp_path: Path) -> N
            "FEDSTR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}",
            "FEDSTR_NOSTR_KEY_FILE": str(tmp_path / "key")}
     r = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=20)
+                       capture_output=True, text=True, timeout=20, check=False)
     assert r.returncode == 2, r.stderr
     assert "FEDSTR_ADMIN_TOKEN" in r.stderr and "empty" in r.stderr
 

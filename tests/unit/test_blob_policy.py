@@ -32,7 +32,14 @@ from service.api.models import BlobObject, BlobUpload
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job
 from service.nostr.nip01 import SecretKey, sign_event
-from service.nostr.protocol import Direction, JobSpec, PayoutPolicy, Shard, Validation, build_job_request
+from service.nostr.protocol import (
+    Direction,
+    JobSpec,
+    PayoutPolicy,
+    Shard,
+    Validation,
+    build_job_request,
+)
 
 ESCROW = SecretKey.generate().public_key_hex
 MAX = 4096
@@ -47,7 +54,7 @@ async def sessions(database_url: str) -> AsyncIterator:
         await engine.dispose()
 
 
-def make_app(tmp_path: Path, sessions, **over: object) -> FastAPI:  # noqa: ANN001
+def make_app(tmp_path: Path, sessions, **over: object) -> FastAPI:
     app = FastAPI()
     errors.install(app)
     app.include_router(blobs.router)
@@ -60,7 +67,7 @@ def make_app(tmp_path: Path, sessions, **over: object) -> FastAPI:  # noqa: ANN0
 
 
 @pytest.fixture
-def app(tmp_path: Path, sessions) -> FastAPI:  # noqa: ANN001
+def app(tmp_path: Path, sessions) -> FastAPI:
     return make_app(tmp_path, sessions)
 
 
@@ -68,7 +75,7 @@ def http(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
-async def job(sessions, customer: SecretKey, *, state: str = "collecting", providers: tuple[str, ...] = (),  # noqa: ANN001
+async def job(sessions, customer: SecretKey, *, state: str = "collecting", providers: tuple[str, ...] = (),
               private_to: str | None = None, validators: tuple[str, ...] = ()) -> str:
     now = int(time.time())
     shards = (Shard.for_provider(customer, private_to, 0, "https://blobs.example/" + "0" * 64)
@@ -83,7 +90,7 @@ async def job(sessions, customer: SecretKey, *, state: str = "collecting", provi
     return ev.id
 
 
-async def finish(sessions, job_id: str, state: str = "closed") -> None:  # noqa: ANN001
+async def finish(sessions, job_id: str, state: str = "closed") -> None:
     async with sessions.begin() as s:
         await s.execute(update(Job).where(Job.id == job_id).values(state=state, updated_at=utcnow()))
 
@@ -109,7 +116,7 @@ def refused(r: httpx.Response, status: int, code: str) -> None:
 
 # ---- who may upload -------------------------------------------------------------------------
 
-async def test_a_key_in_no_job_is_refused(app: FastAPI, sessions) -> None:  # noqa: ANN001
+async def test_a_key_in_no_job_is_refused(app: FastAPI, sessions) -> None:
     await job(sessions, SecretKey.generate())
     stranger = SecretKey.generate()
     async with http(app) as c:
@@ -117,7 +124,7 @@ async def test_a_key_in_no_job_is_refused(app: FastAPI, sessions) -> None:  # no
     assert os.listdir(Path(app.state.settings.blob_dir)) == []
 
 
-async def test_participants_of_open_jobs_may_upload(app: FastAPI, sessions) -> None:  # noqa: ANN001
+async def test_participants_of_open_jobs_may_upload(app: FastAPI, sessions) -> None:
     customer, named, private, validator = (SecretKey.generate() for _ in range(4))
     j = await job(sessions, customer, state="offered", providers=(named.public_key_hex,),
                   validators=(validator.public_key_hex,))
@@ -134,7 +141,7 @@ async def test_participants_of_open_jobs_may_upload(app: FastAPI, sessions) -> N
                     (private.public_key_hex, j2)}, "each upload recorded with its uploader and job"
 
 
-async def test_an_open_job_admits_any_key_that_names_it_while_collecting(app: FastAPI, sessions) -> None:  # noqa: ANN001
+async def test_an_open_job_admits_any_key_that_names_it_while_collecting(app: FastAPI, sessions) -> None:
     open_job = await job(sessions, SecretKey.generate())                       # no p tags, a plain shard
     offered = await job(sessions, SecretKey.generate(), state="offered")
     named_only = await job(sessions, SecretKey.generate(), providers=(SecretKey.generate().public_key_hex,))
@@ -147,7 +154,7 @@ async def test_an_open_job_admits_any_key_that_names_it_while_collecting(app: Fa
         refused(await put(c, anyone, b"bad id", "zz"), 400, "invalid_job_id")
 
 
-async def test_final_and_unknown_jobs_admit_nobody(app: FastAPI, sessions) -> None:  # noqa: ANN001
+async def test_final_and_unknown_jobs_admit_nobody(app: FastAPI, sessions) -> None:
     customer = SecretKey.generate()
     j = await job(sessions, customer)
     await finish(sessions, j)
@@ -157,7 +164,7 @@ async def test_final_and_unknown_jobs_admit_nobody(app: FastAPI, sessions) -> No
         refused(await put(c, customer, b"unknown", "ab" * 32), 403, "job_not_open")
 
 
-async def test_the_allow_list_replaces_the_participant_rule(tmp_path: Path, sessions) -> None:  # noqa: ANN001
+async def test_the_allow_list_replaces_the_participant_rule(tmp_path: Path, sessions) -> None:
     listed, customer = SecretKey.generate(), SecretKey.generate()
     await job(sessions, customer)
     app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[listed.public_key_hex])
@@ -168,7 +175,7 @@ async def test_the_allow_list_replaces_the_participant_rule(tmp_path: Path, sess
 
 # ---- quotas ----------------------------------------------------------------------------------
 
-async def test_per_key_byte_and_count_quotas(tmp_path: Path, sessions) -> None:  # noqa: ANN001
+async def test_per_key_byte_and_count_quotas(tmp_path: Path, sessions) -> None:
     customer = SecretKey.generate()
     j = await job(sessions, customer)
     app = make_app(tmp_path, sessions, blob_key_quota_bytes=5000, blob_key_quota_count=3)
@@ -189,7 +196,7 @@ async def test_per_key_byte_and_count_quotas(tmp_path: Path, sessions) -> None: 
             "blobs of finished jobs no longer count against the key"
 
 
-async def test_the_store_has_a_total_size(tmp_path: Path, sessions) -> None:  # noqa: ANN001
+async def test_the_store_has_a_total_size(tmp_path: Path, sessions) -> None:
     a, b = SecretKey.generate(), SecretKey.generate()
     ja, jb = await job(sessions, a), await job(sessions, b)
     app = make_app(tmp_path, sessions, blob_store_quota_bytes=5000)
@@ -204,7 +211,7 @@ async def test_the_store_has_a_total_size(tmp_path: Path, sessions) -> None:  # 
 
 # ---- expiry ---------------------------------------------------------------------------------
 
-async def test_the_sweep_deletes_expired_blobs_and_keeps_live_ones(tmp_path: Path, sessions) -> None:  # noqa: ANN001
+async def test_the_sweep_deletes_expired_blobs_and_keeps_live_ones(tmp_path: Path, sessions) -> None:
     customer, listed = SecretKey.generate(), SecretKey.generate()
     live, done, both = [await job(sessions, customer) for _ in range(3)]
     app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[customer.public_key_hex, listed.public_key_hex],
@@ -239,7 +246,7 @@ async def test_the_sweep_deletes_expired_blobs_and_keeps_live_ones(tmp_path: Pat
         assert (await c.get(f"/blobs/{names['live']}")).status_code == 200
 
 
-async def test_the_sweep_is_bounded_per_pass(tmp_path: Path, sessions) -> None:  # noqa: ANN001
+async def test_the_sweep_is_bounded_per_pass(tmp_path: Path, sessions) -> None:
     listed = SecretKey.generate()
     app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[listed.public_key_hex], blob_sweep_batch=2)
     async with http(app) as c:

@@ -25,7 +25,14 @@ from service.api import blob_client, blobs, errors
 from service.db import create_engine, session_factory
 from service.escrow.models import Job
 from service.nostr.nip01 import SecretKey, sign_event
-from service.nostr.protocol import Direction, JobSpec, PayoutPolicy, Shard, Validation, build_job_request
+from service.nostr.protocol import (
+    Direction,
+    JobSpec,
+    PayoutPolicy,
+    Shard,
+    Validation,
+    build_job_request,
+)
 
 MAX = 4096
 BASE = "http://testserver/blobs"

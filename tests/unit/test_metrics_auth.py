@@ -25,9 +25,9 @@ TOTAL = "fedstr_escrow_msat"
 async def running(database_url: str, **over: object) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(Settings(_env_file=None, database_url=database_url,
                               nostr_secret_key=SecretKey.generate().to_hex(), **over))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            yield c
+    async with app.router.lifespan_context(app), \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        yield c
 
 
 def bearer(token: str) -> dict[str, str]:

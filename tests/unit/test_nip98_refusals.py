@@ -29,7 +29,7 @@ BOLT11 = "lnbcrt50u1" + "q" * 80
 
 
 @pytest.fixture
-async def app(database_url: str, tmp_path) -> AsyncIterator[FastAPI]:  # noqa: ANN001
+async def app(database_url: str, tmp_path) -> AsyncIterator[FastAPI]:
     application = create_app(Settings(_env_file=None, database_url=database_url, public_url=BASE,
                                       nostr_secret_key=SecretKey.generate().to_hex()))
     async with application.router.lifespan_context(application):
