@@ -51,7 +51,8 @@ an upload naming it, or a counted result's model hash) is final and has been for
 after its last upload. Each deletion is a compare-and-set of the blob's row (the condition
 checked again in the ``DELETE``), and the file is removed before that transaction commits,
 so an upload of the same blob racing with it waits and stores it again. Files left without
-a row (a store from before these records, a crashed deletion) are removed after the grace.
+a row (a store from before these records, a crashed deletion) are removed once unchanged
+for the retention.
 
 Every refusal is an RFC 9457 problem (``service.api.errors``) with its own ``code`` and,
 for Blossom clients, an ``X-Reason`` header carrying the same human-readable detail.
@@ -633,8 +634,9 @@ async def sweep(svc: BlobService, sessions: async_sessionmaker[AsyncSession], *,
 
 async def _sweep_orphans(svc: BlobService, sessions: async_sessionmaker[AsyncSession], now: datetime,
                          limit: int) -> int:
-    """Files with no row (older stores, crashed deletions), untouched for the grace: removed."""
-    before = now.timestamp() - svc.grace_seconds
+    """Files with no row (a store from before these records, a crashed deletion), untouched for the
+    retention: removed (the retention, not the grace: an old store's files may serve open jobs)."""
+    before = now.timestamp() - max(svc.retention_seconds, svc.grace_seconds)
     old = await anyio.to_thread.run_sync(svc.store.older_blobs, before, 10 * limit)
     if not old:
         return 0
