@@ -651,15 +651,19 @@ async def _sweep_orphans(svc: BlobService, sessions: async_sessionmaker[AsyncSes
 
 async def run_sweeper(app: FastAPI) -> None:
     """The leader's periodic sweep (a task; cancelled when leadership is lost)."""
+    interval = float(_setting(app.state.settings, "blob_sweep_interval_seconds"))
     while True:
-        svc = service_for(app)
-        try:
-            n = await sweep(svc, app.state.sessions)
-            if n:
-                log.info("blob sweep: %d expired blob(s) deleted", n)
-        except Exception:   # retried at the next pass
-            log.exception("blob sweep failed")
-        await asyncio.sleep(svc.sweep_interval)
+        # A store never used has no directory yet: nothing to sweep, and none is created for it.
+        if getattr(app.state, "blobs", None) is not None or Path(str(_setting(app.state.settings, "blob_dir"))).is_dir():
+            svc = service_for(app)
+            interval = svc.sweep_interval
+            try:
+                n = await sweep(svc, app.state.sessions)
+                if n:
+                    log.info("blob sweep: %d expired blob(s) deleted", n)
+            except Exception:   # retried at the next pass
+                log.exception("blob sweep failed")
+        await asyncio.sleep(interval)
 
 
 # ------------------------------------------------------------------------------- responses

@@ -183,3 +183,15 @@ async def test_two_sign_ins_are_two_sessions(app: FastAPI) -> None:
             "a CSRF token belongs to its own session"
         assert (await a.post("/admin/logout", data={"csrf": csrf_a})).status_code == 303
         assert (await b.get("/admin")).status_code == 200, "signing out one session leaves the other"
+
+
+@pytest.mark.postgres
+async def test_logout_revokes_the_session_on_postgres(database_url: str) -> None:
+    application = create_app(settings(database_url))
+    engine = create_engine(database_url)
+    application.state.sessions = session_factory(engine)
+    try:
+        await test_logout_revokes_the_session_on_every_replica(application, database_url)
+        await test_two_sign_ins_are_two_sessions(application)
+    finally:
+        await engine.dispose()

@@ -255,3 +255,50 @@ async def test_the_sweep_is_bounded_per_pass(tmp_path: Path, sessions) -> None:
     svc = blobs.service_for(app)
     later = utcnow() + timedelta(days=1)
     assert [await blobs.sweep(svc, sessions, now=later) for _ in range(4)] == [2, 2, 1, 0]
+
+
+async def test_files_without_a_record_go_after_the_retention(tmp_path: Path, sessions) -> None:
+    """A store from before the records: its files are kept for the retention, then removed."""
+    app = make_app(tmp_path, sessions, blob_retention_seconds=7 * 86_400)
+    svc = blobs.service_for(app)
+    old, recent = (hashlib.sha256(name).hexdigest() for name in (b"old", b"recent"))
+    for name, age in ((old, 8 * 86_400), (recent, 86_400)):
+        path = svc.store.directory / name
+        path.write_bytes(b"legacy")
+        os.utime(path, (time.time() - age,) * 2)
+    assert await blobs.sweep(svc, sessions) == 1
+    assert svc.store.stat(old) is None and svc.store.stat(recent) is not None
+
+
+async def test_the_leader_runs_the_sweep(tmp_path: Path, database_url: str) -> None:
+    """The service's lifespan (SQLite: always the leader) sweeps the store periodically."""
+    from service.app import create_app
+    from service.config import Settings
+    from tests.conftest import wait_until
+    store = tmp_path / "store"
+    store.mkdir()
+    orphan = store / hashlib.sha256(b"orphan").hexdigest()
+    orphan.write_bytes(b"orphan")
+    os.utime(orphan, (time.time() - 30 * 86_400,) * 2)
+    app = create_app(Settings(_env_file=None, database_url=database_url, blob_dir=store,
+                              nostr_secret_key=SecretKey.generate().to_hex(), blob_sweep_interval_seconds=0.05))
+    async with app.router.lifespan_context(app):
+        await wait_until(lambda: not orphan.exists(), 10, "the orphan swept")
+        assert app.state.blob_sweeper is not None and not app.state.blob_sweeper.done()
+    assert app.state.blob_sweeper is None, "stopped with the leadership"
+
+
+PG_CASES = {
+    "participants": lambda tmp, sessions: test_participants_of_open_jobs_may_upload(make_app(tmp, sessions), sessions),
+    "final_jobs": lambda tmp, sessions: test_final_and_unknown_jobs_admit_nobody(make_app(tmp, sessions), sessions),
+    "key_quotas": test_per_key_byte_and_count_quotas,
+    "store_quota": test_the_store_has_a_total_size,
+    "sweep": test_the_sweep_deletes_expired_blobs_and_keeps_live_ones,
+}
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("case", list(PG_CASES))
+async def test_on_postgres(case: str, tmp_path: Path, sessions) -> None:
+    """The same rules on PostgreSQL (each case on a fresh database)."""
+    await PG_CASES[case](tmp_path, sessions)
