@@ -108,6 +108,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    update,
 )
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import ClientDisconnect
@@ -572,8 +573,7 @@ async def check_quotas(s: AsyncSession, svc: BlobService, pubkey: str, sha256: s
         if total + size > svc.store_quota_bytes:
             raise _error(413, "store_full", "the blob store is full; retry once older blobs have expired")
     mine = select(BlobUpload.sha256).where(BlobUpload.uploader == pubkey, _open_reference())
-    if sha256 is not None and await s.scalar(select(exists().where(BlobUpload.sha256 == sha256,
-                                                                   BlobUpload.sha256.in_(mine)))):
+    if sha256 is not None and await s.scalar(select(exists(mine.where(BlobUpload.sha256 == sha256)))):
         return   # this key already holds this blob: nothing new counts
     count, used = (await s.execute(select(func.count(), func.coalesce(func.sum(BlobObject.size), 0))
                                    .where(BlobObject.sha256.in_(mine)))).one()
@@ -590,8 +590,11 @@ async def record(sessions: async_sessionmaker[AsyncSession], svc: BlobService, p
         await check_quotas(s, svc, pubkey, sha256, size)
         now = utcnow()
         await s.execute(insert_ignore(s, BlobObject.__table__), [{"sha256": sha256, "size": size, "stored_at": now}])
-        await s.execute(insert_ignore(s, BlobUpload.__table__),
-                        [{"sha256": sha256, "uploader": pubkey, "job_id": job_id, "uploaded_at": now}])
+        res = cast(CursorResult, await s.execute(insert_ignore(s, BlobUpload.__table__), [
+            {"sha256": sha256, "uploader": pubkey, "job_id": job_id, "uploaded_at": now}]))
+        if res.rowcount != 1:   # uploaded again: the grace before expiry counts from now
+            await s.execute(update(BlobUpload).where(BlobUpload.sha256 == sha256, BlobUpload.uploader == pubkey,
+                                                     BlobUpload.job_id == job_id).values(uploaded_at=now))
 
 
 # --------------------------------------------------------------------------------- expiry

@@ -302,3 +302,18 @@ PG_CASES = {
 async def test_on_postgres(case: str, tmp_path: Path, sessions) -> None:
     """The same rules on PostgreSQL (each case on a fresh database)."""
     await PG_CASES[case](tmp_path, sessions)
+
+
+async def test_uploading_again_restarts_the_grace(tmp_path: Path, sessions) -> None:
+    listed = SecretKey.generate()
+    app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[listed.public_key_hex])
+    async with http(app) as c:
+        assert (await put(c, listed, b"kept by a re-upload")).status_code == 200
+    async with sessions.begin() as s:   # as if uploaded two hours ago
+        await s.execute(update(BlobUpload).values(uploaded_at=utcnow() - timedelta(hours=2)))
+        await s.execute(update(BlobObject).values(stored_at=utcnow() - timedelta(hours=2)))
+    async with http(app) as c:
+        assert (await put(c, listed, b"kept by a re-upload")).status_code == 200
+    svc = blobs.service_for(app)
+    assert await blobs.sweep(svc, sessions) == 0, "the second upload protects it for another grace"
+    assert await blobs.sweep(svc, sessions, now=utcnow() + timedelta(hours=2)) == 1
