@@ -1,21 +1,22 @@
 """FastAPI application factory; the lifespan builds and closes shared clients."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-
-import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service import __version__
-from service.config import Settings
+from service.config import Settings, token_problem
 from service.db import create_engine, session_factory
 from service.health import readiness
 from service.api import admin, blobs, dashboard, errors, metrics, public
-from service.api.limits import BodyLimit, RateLimiter
+from service.api.limits import BodyLimit, FailureThrottle, RateLimiter
 from service.escrow.service import EscrowService
 from service.leader import Leadership
 from service.lightning import webhook
@@ -83,8 +84,17 @@ def load_key(settings: Settings) -> SecretKey:
     return load_or_create(settings.nostr_key_file)
 
 
+def check_tokens(settings: Settings) -> None:
+    """Refuse to build an app whose tokens break the settings' rule (``model_copy`` skips validators)."""
+    for name, token in (("FEDSTR_ADMIN_TOKEN", settings.admin_token), ("FEDSTR_METRICS_TOKEN", settings.metrics_token)):
+        problem = token_problem(token.get_secret_value()) if token is not None else None
+        if problem is not None:
+            raise ValueError(f"{name} {problem}")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    check_tokens(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -107,14 +117,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.lightning.on_payout_outcome.append(app.state.escrow.loop.notify_payout)
             app.state.lightning.watcher.on_fact = _notify(app.state.escrow.loop.notify_fact)
 
-        async def gain() -> None:   # this replica leads: watchers, publisher, announcement
+        app.state.blob_sweeper = None
+
+        async def gain() -> None:   # this replica leads: watchers, publisher, announcement, blob expiry
             if app.state.lightning is not None:
                 await app.state.lightning.start_leader()
             if app.state.nostr is not None:
                 await app.state.nostr.start()
             await app.state.escrow.announce()
+            app.state.blob_sweeper = asyncio.create_task(blobs.run_sweeper(app), name="blob sweeper")
 
         async def loss() -> None:
+            if app.state.blob_sweeper is not None:
+                app.state.blob_sweeper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await app.state.blob_sweeper
+                app.state.blob_sweeper = None
             if app.state.nostr is not None:
                 await app.state.nostr.stop()
             if app.state.lightning is not None:
@@ -141,6 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.limits_events = RateLimiter(settings.events_per_minute, settings.events_burst)
     app.state.limits_invoices = RateLimiter(settings.invoices_per_minute, settings.invoices_burst)
+    app.state.admin_failures = FailureThrottle()   # wrong admin/metrics tokens and sign-ins, per address
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt_paths=frozenset({"/blobs/upload"}))
     app.include_router(public.router)

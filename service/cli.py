@@ -13,10 +13,16 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from service import __version__
+
+if TYPE_CHECKING:
+    import uvicorn
+
+    from service.config import Settings
 
 log = logging.getLogger("fedstr_escrow")
 
@@ -29,6 +35,17 @@ def _settings():
         lines = [f"  FEDSTR_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in e.errors()]
         print("fedstr-escrow: invalid configuration:\n" + "\n".join(lines), file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
+    """The uvicorn configuration of the service: proxy headers (``X-Forwarded-For`` and
+    ``X-Forwarded-Proto``) are honoured only from ``FEDSTR_TRUSTED_PROXIES``; with none, from
+    nobody (uvicorn's own default trusts loopback, which would let anyone behind a local
+    forwarder pick their rate-limit bucket)."""
+    import uvicorn
+    trusted = list(settings.trusted_proxies)
+    return uvicorn.Config(app, host=kw.pop("host", settings.http_host), port=kw.pop("port", settings.http_port),
+                          proxy_headers=bool(trusted), forwarded_allow_ips=trusted or [], **kw)
 
 
 def openapi_yaml() -> str:
@@ -85,10 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         from service.migrate import upgrade
         settings = _settings()
         upgrade(settings.database_url)
-        log.info("serving on http://%s:%d (network %s, LND %s, %d relay(s))", settings.http_host,
-                 settings.http_port, settings.network, settings.lnd_grpc_host, len(settings.relays))
-        uvicorn.run(create_app(settings), host=settings.http_host, port=settings.http_port,
-                    log_level=args.log_level.lower())
+        log.info("serving on http://%s:%d (network %s, LND %s, %d relay(s), trusted proxies: %s)", settings.http_host,
+                 settings.http_port, settings.network, settings.lnd_grpc_host, len(settings.relays),
+                 ", ".join(settings.trusted_proxies) or "none")
+        uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level=args.log_level.lower())).run()
     return 0
 
 

@@ -6,6 +6,7 @@ appear in reprs, logs or error messages.
 """
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Annotated, Literal
@@ -16,9 +17,29 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Network = Literal["mainnet", "testnet", "signet", "regtest"]
 
+# A bearer token shorter than this could fall to online guessing or a word list; 32 random
+# characters (``secrets.token_urlsafe(32)`` gives 43) are far beyond any guessing budget even
+# from many addresses at the throttle's pace. docs/operations.md, "Keys and secrets".
+MIN_TOKEN_CHARS = 32
+
+
+def token_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a bearer token (admin, metrics), or None if it can.
+
+    The one rule, used by the settings' validator and again when the app is built (settings
+    made with ``model_copy`` skip validators)."""
+    if not value.strip():
+        return "must not be empty (leave the variable unset to disable what it protects)"
+    if len(value.strip()) < MIN_TOKEN_CHARS:
+        return f"must be at least {MIN_TOKEN_CHARS} characters (e.g. python3 -c 'import secrets; " \
+               "print(secrets.token_urlsafe(32))')"
+    return None
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="FEDSTR_", env_file=".env", extra="ignore")
+    # Errors never echo the refused value: it may be a secret (a token, the Nostr key).
+    model_config = SettingsConfigDict(env_prefix="FEDSTR_", env_file=".env", extra="ignore",
+                                      hide_input_in_errors=True)
 
     network: Network = "regtest"
     database_url: str = "sqlite+aiosqlite:///./fedstr-escrow.sqlite3"
@@ -96,7 +117,11 @@ class Settings(BaseSettings):
     events_burst: int = Field(default=60, ge=1)
     invoices_per_minute: float = Field(default=20.0, gt=0)
     invoices_burst: int = Field(default=10, ge=1)
-    admin_token: SecretStr | None = None
+    admin_token: SecretStr | None = None     # unset: admin API and dashboard disabled (503)
+    metrics_token: SecretStr | None = None   # bearer token of /metrics (the admin token works too)
+    # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDRs); empty:
+    # proxy headers are ignored from everyone, loopback included.
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Blob store (/blobs, Blossom BUD-01/02; service/api/blobs.py).
     blob_dir: Path = Path("./blobs")                               # created 0700 on first use
     blob_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
@@ -104,6 +129,13 @@ class Settings(BaseSettings):
     blob_uploads_burst: int = Field(default=10, ge=1)
     blob_allowed_pubkeys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # hex or npub; empty = any
     blob_auth_max_age_seconds: int = Field(default=3600, ge=60, le=86_400)
+    blob_key_quota_bytes: int = Field(default=50 * 1024 * 1024, ge=1)   # per key, over its open jobs
+    blob_key_quota_count: int = Field(default=64, ge=1)
+    blob_store_quota_bytes: int = Field(default=4 * 1024 ** 3, ge=1)    # the whole store
+    blob_retention_seconds: int = Field(default=7 * 86_400, ge=0)      # after the last referencing job ended
+    blob_unreferenced_grace_seconds: int = Field(default=3600, ge=0)   # blobs no job references
+    blob_sweep_interval_seconds: float = Field(default=300.0, gt=0)    # the leader's expiry sweep
+    blob_sweep_batch: int = Field(default=500, ge=1, le=100_000)       # blobs deleted per pass at most
     webhook_secret: SecretStr | None = None
 
     @field_validator("lnd_grpc_host")
@@ -128,6 +160,39 @@ class Settings(BaseSettings):
                 except json.JSONDecodeError as e:
                     raise ValueError(f"FEDSTR_RELAYS is not valid JSON: {e.msg}") from None
             return [s.strip() for s in v.split(",") if s.strip()]
+        return v
+
+    @field_validator("admin_token", "metrics_token")
+    @classmethod
+    def _check_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        problem = token_problem(v.get_secret_value())
+        if problem is not None:
+            raise ValueError(problem)
+        return SecretStr(v.get_secret_value().strip())
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _parse_proxies(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                try:
+                    return json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"not valid JSON: {e.msg}") from None
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _check_proxies(cls, v: list[str]) -> list[str]:
+        for item in v:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"{item!r} is not an IP address or CIDR network") from None
         return v
 
     @field_validator("blob_allowed_pubkeys", mode="before")

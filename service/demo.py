@@ -66,7 +66,7 @@ async def run(args: argparse.Namespace) -> int:
     desc = json.loads(stack_json.read_text())
     port = _free_port(args.http_port)
     url = f"http://127.0.0.1:{port}"
-    admin_token = secrets.token_urlsafe(18)
+    admin_token = secrets.token_urlsafe(32)   # 43 characters: tokens are at least 32 (service/config.py)
     node = desc["nodes"]["escrow"]
     data = Path(args.stack_dir)
     settings = Settings(_env_file=None, network="regtest", database_url=f"sqlite+aiosqlite:///{data / 'demo.sqlite3'}",
@@ -78,7 +78,8 @@ async def run(args: argparse.Namespace) -> int:
     from service.migrate import upgrade_async
     await upgrade_async(settings.database_url)
     app = create_app(settings)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    from service.cli import uvicorn_config
+    server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
     t0 = time.monotonic()
     while not server.started:

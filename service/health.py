@@ -1,4 +1,5 @@
-"""Readiness checks of the service's dependencies: database, LND, relays.
+"""Readiness checks of the service's dependencies: database, LND, relays (on the leader: connected
+and taking our events; ready only if at least one relay does).
 
 Each check is bounded in time and reports a short, secret-free reason when it
 fails, so ``/v1/health/ready`` tells an operator what is wrong without logs.
@@ -79,11 +80,15 @@ async def check_relay(url: str) -> Check:
 
 
 def pool_check(st: dict) -> Check:
-    """A relay's state as the running pool sees it (no extra connection)."""
-    if st["connected"]:
-        return Check(True, "ok", 0.0, {k: st[k] for k in ("events_received", "events_rejected", "reconnects",
-                                                          "auth_state")})
-    return Check(False, st["last_error"] or "not connected", 0.0, {"reconnects": st["reconnects"]})
+    """A relay's state as the running pool sees it (no extra connection): healthy when connected
+    and not refusing our events (its newest answer to one of them was not a refusal)."""
+    info = {k: st.get(k) for k in ("events_received", "events_rejected", "reconnects", "auth_state", "accepting",
+                                   "events_accepted", "events_refused")}
+    if not st["connected"]:
+        return Check(False, st["last_error"] or "not connected", 0.0, info)
+    if st.get("accepting") is False:
+        return Check(False, f"refuses our events: {st.get('last_refusal')}", 0.0, info)
+    return Check(True, "ok", 0.0, info)
 
 
 async def readiness(engine: AsyncEngine, lnd: LndClient | None, relays: list[str],

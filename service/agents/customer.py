@@ -2,15 +2,18 @@
 
 One round (:meth:`Customer.run_round`):
 
-1. upload each provider's shard (an ``.npz`` of ``X``, ``y``) to the blob server; the
-   shard URL goes into the request NIP-44-encrypted to the provider assigned to it
-   (:meth:`Shard.for_provider`), so only that provider can read it and only it may submit
-   for it; the starting model of a later round is uploaded too (``param model`` +
-   ``model_sha256``) and the round links the previous job (``["i", <id>, "job"]``);
+1. name each provider's shard (an ``.npz`` of ``X``, ``y``) by its blob URL, which is its
+   SHA-256 on the blob server; the URL goes into the request NIP-44-encrypted to the
+   provider assigned to it (:meth:`Shard.for_provider`), so only that provider can read it
+   and only it may submit for it; the starting model of a later round is named too
+   (``param model`` + ``model_sha256``) and the round links the previous job
+   (``["i", <id>, "job"]``);
 2. publish the job request (kind 5701): the validators, ``validation accuracy max
    <threshold> <quorum>``, ``payout split``, deadlines;
-3. wait for the escrow's offer, check that it asks exactly the bid, and pay it from the
-   customer's LND node (a hold invoice keeps the payment in flight until release);
+3. wait for the escrow's offer, check that it asks exactly the bid; upload the shards (and
+   the starting model) naming the job (the escrow's blob store takes uploads only for open
+   jobs); pay the offer from the customer's LND node (a hold invoice keeps the payment in
+   flight until release);
 4. wait for "escrow funded", then for "validation complete" (or a refund);
 5. download every accepted model, verifying its SHA-256 against the result's ``model`` tag,
    average them (FedAvg, weighted by shard size) and measure the average's accuracy on
@@ -144,19 +147,16 @@ class Customer:
             timings[phase] = round(now - since[0], 3)
             since[0] = now
 
-        # 1. data (and the starting model) to the blob server
-        shard_tags = []
-        for index, (provider, data) in enumerate(zip(providers, shards, strict=True)):
-            blob = await self.blobs.upload(ml.dataset_to_bytes(data))
-            shard_tags.append(Shard.for_provider(self.key, provider, index, blob.url))
+        # 1. the data (and the starting model), named by their blob URLs; uploaded once the job exists
+        payloads = [ml.dataset_to_bytes(data) for data in shards]
+        shard_tags = [Shard.for_provider(self.key, provider, index, self.blobs.locate(payload).url)
+                      for index, (provider, payload) in enumerate(zip(providers, payloads, strict=True))]
         params: list[tuple[str, str]] = [("task", "sklearn-digits/logreg"), ("format", "npz:coef,intercept,classes"),
                                          ("max_iter", str(config.max_iter))]
         if start_model is not None:
-            blob = await self.blobs.upload(ml.model_to_bytes(start_model))
+            payloads.append(ml.model_to_bytes(start_model))
+            blob = self.blobs.locate(payloads[-1])
             params += [("model", blob.url), ("model_sha256", blob.sha256)]
-        self.progress("upload", f"{self.name}: uploaded {len(shards)} encrypted-URL shard(s)"
-                                f"{' and the starting model' if start_model is not None else ''}")
-        mark("upload")
 
         # 2. the request
         now = int(time.time())
@@ -192,8 +192,13 @@ class Customer:
                 decoded = await self.lnd.decode_pay_req(offer.bolt11)
                 if decoded.num_msat != config.bid_msat:
                     raise AgentError(f"the offer's invoice is for {decoded.num_msat} msat, not the bid")
-                self.progress("offer", f"{self.name}: offer {offer.amount_msat} msat ({offer.mode}); paying")
                 mark("offer")
+                for payload in payloads:   # the job is open now: the store takes its data
+                    await self.blobs.upload(payload, job=event.id)
+                self.progress("upload", f"{self.name}: uploaded {len(shards)} encrypted-URL shard(s)"
+                                        f"{' and the starting model' if start_model is not None else ''}")
+                mark("upload")
+                self.progress("offer", f"{self.name}: offer {offer.amount_msat} msat ({offer.mode}); paying")
                 pay_task = asyncio.create_task(self.lnd.pay(offer.bolt11, fee_limit_msat=config.fee_limit_msat,
                                                             timeout_seconds=60))
                 await self._wait_funded(sub, event.id, pay_task, spec.results_deadline)

@@ -221,7 +221,7 @@ class Provider(Payee):
                                       f"{', warm start' if start else ''}) in {time.monotonic() - t:.2f} s, "
                                       f"train accuracy {local:.3f}")
         report.train_seconds = time.monotonic() - t
-        blob = await self.blobs.upload(ml.model_to_bytes(model))
+        blob = await self.blobs.upload(ml.model_to_bytes(model), job=job.id)   # the store admits it for this job
         report.model_sha256 = blob.sha256
         payout = PayoutAddress("lud16", self.lud16) if self.lud16 and self.lnd is None else None
         ev = sign_event(self.key, *build_result(job, shard_index=index, model=ModelRef(blob.url, blob.sha256, blob.size),

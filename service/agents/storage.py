@@ -81,13 +81,23 @@ class Blobs:
             return False
         return r.status_code == 200 and r.headers.get("content-length") == str(size)
 
-    async def upload(self, data: bytes) -> Blob:
-        """Store ``data`` (unless the server already has exactly it); its URL names its sha256."""
+    def locate(self, data: bytes) -> Blob:
+        """Where ``data`` is (or will be) once uploaded: its URL names its sha256, so a job request
+        can name a blob before it is uploaded."""
         sha = blob_client.sha256_hex(data)
-        if not await self.has(sha, len(data)):
-            sha = await self._retrying(lambda: blob_client.upload(self.base_url, self.key, data,
-                                                                  timeout=self.timeout))
         return Blob(url=blob_client.blob_url(self.base_url, sha), sha256=sha, size=len(data))
+
+    async def upload(self, data: bytes, *, job: str | None = None) -> Blob:
+        """Store ``data`` for ``job`` (unless the server already has exactly it); its URL names its sha256.
+
+        The escrow's blob store admits uploads only from keys taking part in an open job, and
+        counts a blob for the job the upload names (``job``): with a job the bytes are sent even
+        if the server holds them (that records the job's use of them), without one only if not."""
+        blob = self.locate(data)
+        if job is not None or not await self.has(blob.sha256, blob.size):
+            await self._retrying(lambda: blob_client.upload(self.base_url, self.key, data, timeout=self.timeout,
+                                                            job=job))
+        return blob
 
     async def download(self, url: str, sha256: str, *, max_bytes: int) -> bytes:
         """The bytes at ``url``, only if they hash to ``sha256`` and are at most ``max_bytes``."""

@@ -1,4 +1,9 @@
-"""The admin API (``/v1/admin``): bearer token, compared in constant time; every action audited."""
+"""The admin API (``/v1/admin``): bearer token, compared in constant time; every action audited.
+
+:func:`check_bearer` is the one bearer check (admin API and ``/metrics``): an empty token never
+matches, and wrong tokens count in the per-address :class:`~service.api.limits.FailureThrottle`
+shared with the dashboard's sign-in.
+"""
 from __future__ import annotations
 
 import csv
@@ -7,28 +12,48 @@ import io
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from service.api import actions, queries
 from service.api.errors import ApiError, responses
+from service.api.limits import client_address
+from service.config import token_problem
 from service.lightning.errors import LndError
 
 HEX64 = r"^[0-9a-f]{64}$"
 
 
+def usable(token: SecretStr | None) -> bytes | None:
+    """A configured token as bytes, or None when unset or unusable (then nothing it guards opens)."""
+    if token is None or token_problem(token.get_secret_value()) is not None:
+        return None
+    return token.get_secret_value().encode()
+
+
+def check_bearer(request: Request, tokens: list[bytes]) -> None:
+    """Accept ``Authorization: Bearer <one of tokens>``; 429 for a throttled address, else 401."""
+    throttle = request.app.state.admin_failures
+    who = client_address(request)
+    throttle.check(who)
+    header = request.headers.get("authorization")
+    scheme, _, given = (header or "").partition(" ")
+    given_bytes = given.strip().encode()
+    if scheme.lower() == "bearer" and given_bytes and any(hmac.compare_digest(given_bytes, t) for t in tokens):
+        return
+    if header is not None:   # a credential was offered, and it was wrong
+        throttle.failed(who)
+    raise ApiError(401, "unauthorized", "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
+
+
 def require_admin(request: Request) -> None:
-    token = request.app.state.settings.admin_token
+    token = usable(request.app.state.settings.admin_token)
     if token is None:
         raise ApiError(503, "admin_disabled", "set FEDSTR_ADMIN_TOKEN to enable the admin API")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise ApiError(401, "unauthorized", "a valid admin bearer token is required",
-                       headers={"WWW-Authenticate": "Bearer"})
+    check_bearer(request, [token])
 
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
-                   responses=responses(401, 503))
+                   responses=responses(401, 429, 503))
 
 
 class Reason(BaseModel):

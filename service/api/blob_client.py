@@ -3,7 +3,8 @@
 ``base_url`` is the Blossom server URL: for fedstr-escrow that is ``https://<host>/blobs``.
 
 * :func:`upload` signs a one-use kind-24242 authorization (``t=upload``, ``x=<sha256>``,
-  ``expiration`` a few minutes ahead), PUTs the bytes, checks that the descriptor the
+  ``expiration`` a few minutes ahead, and ``e=<job id>`` when the blob is for a job: the
+  escrow's store admits uploads only for open jobs), PUTs the bytes, checks that the descriptor the
   server answers names the same hash and size, and returns the sha256 hex.
 * :func:`download` fetches ``<base>/<sha256>`` (or a full blob URL), stops reading past
   ``max_bytes`` and refuses content whose SHA-256 is not the expected one.
@@ -81,8 +82,8 @@ def blob_url(base_url: str, sha256: str) -> str:
 
 
 def auth_header(key: SecretKey, sha256: str, *, lifetime: int = AUTH_LIFETIME_SECONDS,
-                now: int | None = None, content: str | None = None) -> str:
-    """``Nostr <base64 event>`` authorizing one upload of the blob ``sha256``.
+                now: int | None = None, content: str | None = None, job: str | None = None) -> str:
+    """``Nostr <base64 event>`` authorizing one upload of the blob ``sha256`` (for ``job``, if given).
 
     The default content carries a random word, so that two authorizations for the same blob
     signed within the same second are distinct events (each is good for one upload).
@@ -90,9 +91,10 @@ def auth_header(key: SecretKey, sha256: str, *, lifetime: int = AUTH_LIFETIME_SE
     now = int(time.time()) if now is None else now
     if content is None:
         content = f"Upload blob {sha256[:12]} ({secrets.token_hex(4)})"
-    event = sign_event(key, KIND_BLOSSOM_AUTH,
-                       [["t", "upload"], ["x", _check_hash(sha256)], ["expiration", str(now + lifetime)]],
-                       content, created_at=now)
+    tags = [["t", "upload"], ["x", _check_hash(sha256)], ["expiration", str(now + lifetime)]]
+    if job is not None:
+        tags.append(["e", _check_hash(job)])
+    event = sign_event(key, KIND_BLOSSOM_AUTH, tags, content, created_at=now)
     return "Nostr " + base64.b64encode(event.to_json().encode()).decode()
 
 
@@ -119,8 +121,8 @@ def _client(client: httpx.AsyncClient | None, timeout: httpx.Timeout | float) ->
 
 
 async def upload(base_url: str, key: SecretKey, data: bytes, *, client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT) -> str:
-    """Upload ``data``; returns its sha256 hex once the server has acknowledged exactly it.
+                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, job: str | None = None) -> str:
+    """Upload ``data`` (for ``job``, if given); returns its sha256 hex once the server has acknowledged exactly it.
 
     The blob is then at ``blob_url(base_url, sha256)``.
     """
@@ -128,7 +130,7 @@ async def upload(base_url: str, key: SecretKey, data: bytes, *, client: httpx.As
         raise TypeError("data must be bytes")
     data = bytes(data)
     digest = sha256_hex(data)
-    headers = {"Authorization": auth_header(key, digest), "Content-Type": "application/octet-stream"}
+    headers = {"Authorization": auth_header(key, digest, job=job), "Content-Type": "application/octet-stream"}
     http = _client(client, timeout)
     try:
         response = await http.put(f"{base_url.rstrip('/')}/upload", content=data, headers=headers)

@@ -18,18 +18,48 @@ never collide with ``/v1``, ``/admin``, ``/metrics``, ``/docs`` or ``/openapi.js
     strictly verified (NIP-01 id and signature), ``created_at`` at most 60 s in the future
     and at most ``blob_auth_max_age_seconds`` old, a ``["t","upload"]`` tag, a NIP-40
     ``["expiration", <unix ts>]`` tag in the future, and an ``["x", <sha256>]`` tag equal
-    to the hash of the body received. Each authorization event is good for one upload
-    (including a failed one). Answers the BUD-02 blob descriptor
+    to the hash of the body received, and optionally one ``["e", <job id>]`` naming the job
+    the blob is for. Each authorization event is good for one upload (including a failed
+    one). Answers the BUD-02 blob descriptor
     ``{"url", "sha256", "size", "type", "uploaded"}``; uploading content already stored
     answers the same descriptor (``uploaded`` is the first upload's time).
 
 ``HEAD /blobs/upload`` (BUD-06, minimal)
-    200 if a blob of ``X-Content-Length`` bytes would be accepted, 413 if not.
+    200 if a blob of ``X-Content-Length`` bytes would fit (size limit, store quota), 413 if not.
+
+Who may upload (:func:`authorize`). By default only a key that takes part in a job that is
+not final: its customer, its designated validators, its named providers (``p`` tags and
+private-shard recipients); and, for a ``collecting`` job that admits any provider (no ``p``
+tag, a plain shard), any key whose authorization names that job with its ``e`` tag. A
+named job must be open and the key must qualify for it (403 ``job_not_open`` /
+``not_a_participant``); without an ``e`` tag the upload counts for the newest open job the
+key takes part in. A non-empty ``blob_allowed_pubkeys`` replaces this rule: exactly those
+keys may upload (403 ``pubkey_not_allowed`` for others), with or without a job.
+
+Quotas (413): per key, the blobs it uploaded for jobs that are still open (and for no job)
+count at most ``blob_key_quota_count`` blobs and ``blob_key_quota_bytes`` bytes
+(``key_quota_exceeded``); the whole store at most ``blob_store_quota_bytes``
+(``store_full``). A blob already stored takes no new space, and one the key already holds
+counts once. The checks run before reading the body (with ``Content-Length`` and the ``x``
+tag) and again with the exact size before the blob is committed; concurrent uploads can
+overshoot by what is in flight at that moment.
+
+Expiry (:func:`sweep`, run by the leader every ``blob_sweep_interval_seconds``, at most
+``blob_sweep_batch`` blobs per pass): a blob goes once every job that references it (by
+an upload naming it, or a counted result's model hash) is final and has been for
+``blob_retention_seconds``; a blob no job references goes ``blob_unreferenced_grace_seconds``
+after its last upload. Each deletion is a compare-and-set of the blob's row (the condition
+checked again in the ``DELETE``), and the file is removed before that transaction commits,
+so an upload of the same blob racing with it waits and stores it again. Files left without
+a row (a store from before these records, a crashed deletion) are removed once unchanged
+for the retention.
 
 Every refusal is an RFC 9457 problem (``service.api.errors``) with its own ``code`` and,
 for Blossom clients, an ``X-Reason`` header carrying the same human-readable detail.
 
-Storage: ``<blob_dir>/<sha256>``, the directory created with mode 0700 on first use.
+Storage: ``<blob_dir>/<sha256>``, the directory created with mode 0700 on first use; the
+records (``blob_objects``: hash and size; ``blob_uploads``: uploader and job) are in the
+database, written before the file is renamed into place. Replicas must share ``blob_dir``.
 An upload streams into ``<blob_dir>/.tmp-<random>`` (counted while it arrives: over
 ``blob_max_bytes`` stops reading at once), is fsynced, then renamed onto its final name,
 so a blob file is always complete; failed uploads remove their temporary file, and
@@ -42,13 +72,12 @@ the worst case is the same bytes uploaded again by the same key, which is idempo
 Used ids are kept only as long as the event could still pass (``min(expiration,
 created_at + blob_auth_max_age_seconds)``), so the set is bounded by the rate limits.
 
-Settings read (with ``getattr`` defaults) from ``request.app.state.settings``:
-``blob_dir`` ("./blobs"), ``blob_max_bytes`` (5 MiB), ``blob_uploads_per_minute`` (30),
-``blob_uploads_burst`` (10), ``blob_allowed_pubkeys`` ([] = any authenticated key),
-``blob_auth_max_age_seconds`` (3600), ``public_url`` (None = the request's base URL).
+Settings read (with ``getattr`` defaults, :data:`DEFAULTS`) from ``app.state.settings``;
+the database is ``app.state.sessions``.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -59,22 +88,40 @@ import os
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any
+from typing import Any, cast
 
 import anyio
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import ClientDisconnect
 
 from service.api.errors import ApiError, responses
-from service.api.limits import RateLimiter
+from service.api.limits import RateLimiter, client_address
+from service.api.models import BlobObject, BlobUpload
+from service.db import insert_ignore, utcnow
+from service.escrow.models import FINAL_STATES, Job, JobState, Result
 from service.nostr.nip01 import Event, EventError, EventErrorReason, verify_event
 from service.nostr.nip19 import decode_npub
+from service.nostr.protocol import CodecError
+from service.nostr.protocol.job import read_job_spec
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +139,12 @@ CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Headers": "Aut
 
 DEFAULTS = {"blob_dir": "./blobs", "blob_max_bytes": 5 * 1024 * 1024, "blob_uploads_per_minute": 30.0,
             "blob_uploads_burst": 10, "blob_allowed_pubkeys": (), "blob_auth_max_age_seconds": 3600,
-            "public_url": None}
+            "public_url": None, "blob_key_quota_bytes": 50 * 1024 * 1024, "blob_key_quota_count": 64,
+            "blob_store_quota_bytes": 4 * 1024 ** 3, "blob_retention_seconds": 7 * 86_400,
+            "blob_unreferenced_grace_seconds": 3600, "blob_sweep_interval_seconds": 300.0, "blob_sweep_batch": 500}
+FINAL = tuple(x.value for x in FINAL_STATES)
+NO_JOB = ""                      # blob_uploads.job_id of an upload that names no job
+MAX_CANDIDATE_JOBS = 50          # open jobs mentioning a key, read to find its newest role
 
 _NAME = re.compile(r"([0-9a-f]{64})(?:\.[A-Za-z0-9]{1,16})?")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -185,13 +237,16 @@ class BlobStore:
                     pass
         return removed
 
-    async def put_stream(self, chunks: AsyncIterator[bytes], *, max_bytes: int,
-                         accept: set[str] | None = None) -> tuple[StoredBlob, bool]:
+    async def put_stream(self, chunks: AsyncIterator[bytes], *, max_bytes: int, accept: set[str] | None = None,
+                         before_commit: Callable[[str, int], Awaitable[None]] | None = None
+                         ) -> tuple[StoredBlob, bool]:
         """Store a stream; returns (the blob, whether it was new).
 
         Raises :class:`BlobTooLarge` as soon as more than ``max_bytes`` arrived, and
         :class:`HashNotAccepted` if ``accept`` is given and the hash is not in it (nothing is stored
-        then). The temporary file never outlives a failed call.
+        then). ``before_commit(sha256, size)`` runs once the bytes are complete and before the
+        file takes its name (it records the blob, and may refuse it by raising). The temporary
+        file never outlives a failed call.
         """
         tmp = self.directory / f"{TEMP_PREFIX}{secrets.token_hex(12)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
@@ -211,6 +266,8 @@ class BlobStore:
             sha256 = h.hexdigest()
             if accept is not None and sha256 not in accept:
                 raise HashNotAccepted(sha256)
+            if before_commit is not None:
+                await before_commit(sha256, size)
             return await anyio.to_thread.run_sync(self._commit, tmp, sha256, size)
         finally:
             try:
@@ -229,6 +286,34 @@ class BlobStore:
         self._fsync_dir()
         st = os.stat(final)
         return StoredBlob(sha256, st.st_size, int(st.st_mtime)), True
+
+    def remove(self, sha256: str) -> bool:
+        """Delete a blob's file; False if there was none."""
+        try:
+            os.unlink(self.path(sha256))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def remove_if_older(self, sha256: str, before: float) -> bool:
+        """Delete a blob's file only if it was last written before ``before`` (a fresh upload stays)."""
+        st = self.stat(sha256)
+        return st is not None and st.st_mtime < before and self.remove(sha256)
+
+    def older_blobs(self, before: float, limit: int) -> list[str]:
+        """Up to ``limit`` blob names whose file was last written before ``before`` (Unix time)."""
+        out: list[str] = []
+        for entry in os.scandir(self.directory):
+            if _HEX64.fullmatch(entry.name) is None:
+                continue
+            try:
+                if entry.stat(follow_symlinks=False).st_mtime < before:
+                    out.append(entry.name)
+            except FileNotFoundError:
+                continue
+            if len(out) >= limit:
+                break
+        return out
 
     def _fsync_dir(self) -> None:
         try:
@@ -287,6 +372,13 @@ class BlobService:
     allowed: frozenset[str]
     auth_max_age: int
     public_url: str | None
+    key_quota_bytes: int = 50 * 1024 * 1024
+    key_quota_count: int = 64
+    store_quota_bytes: int = 4 * 1024 ** 3
+    retention_seconds: int = 7 * 86_400
+    grace_seconds: int = 3600
+    sweep_interval: float = 300.0
+    sweep_batch: int = 500
 
 
 def _setting(settings: object, name: str) -> Any:
@@ -321,19 +413,31 @@ def build_service(settings: object) -> BlobService:
         allowed=_allowed(_setting(settings, "blob_allowed_pubkeys")),
         auth_max_age=int(_setting(settings, "blob_auth_max_age_seconds")),
         public_url=str(public_url).rstrip("/") if public_url else None,
+        key_quota_bytes=int(_setting(settings, "blob_key_quota_bytes")),
+        key_quota_count=int(_setting(settings, "blob_key_quota_count")),
+        store_quota_bytes=int(_setting(settings, "blob_store_quota_bytes")),
+        retention_seconds=int(_setting(settings, "blob_retention_seconds")),
+        grace_seconds=int(_setting(settings, "blob_unreferenced_grace_seconds")),
+        sweep_interval=float(_setting(settings, "blob_sweep_interval_seconds")),
+        sweep_batch=int(_setting(settings, "blob_sweep_batch")),
     )
 
 
-def service(request: Request) -> BlobService:
-    state = request.app.state
+def service_for(app: FastAPI) -> BlobService:
+    """The app's blob service (built on first use from its settings)."""
+    state = app.state
     svc = getattr(state, "blobs", None)
     if svc is None:
         svc = state.blobs = build_service(state.settings)
     return svc
 
 
+def service(request: Request) -> BlobService:
+    return service_for(request.app)
+
+
 def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    return client_address(request)
 
 
 def _rate(svc: BlobService, key: str) -> None:
@@ -388,6 +492,181 @@ def parse_auth(header: str | None, *, now: int, max_age: int) -> Event:
     if not _tag_values(event, "x"):
         raise _auth_error("missing_hash_tag", "the event must have an ['x', <sha256 of the blob>] tag")
     return event
+
+
+# ------------------------------------------------------------------ who may upload, quotas
+
+
+def job_tag(event: Event) -> str | None:
+    """The job an upload names (``["e", <job id>]``), or None; at most one."""
+    values = _tag_values(event, "e")
+    if len(values) > 1:
+        raise _error(400, "invalid_job_id", "an upload names at most one job (one 'e' tag)")
+    if values and _HEX64.fullmatch(values[0]) is None:
+        raise _error(400, "invalid_job_id", "the 'e' tag must be a job id (64 lowercase hex characters)")
+    return values[0] if values else None
+
+
+@dataclass(frozen=True, slots=True)
+class Roles:
+    """Who takes part in a job, as its request says."""
+
+    participants: frozenset[str]
+    open_to_anyone: bool      # no named provider and a plain shard: any key may submit
+
+
+def job_roles(job: Job) -> Roles:
+    """The customer, designated validators and named providers of a stored job request."""
+    try:
+        event = Event.from_dict(json.loads(job.request_raw))
+        escrow = next(t[1] for t in event.tags if len(t) >= 2 and t[0] == "escrow")
+        spec = read_job_spec(event.tags, escrow)
+    except (ValueError, KeyError, TypeError, StopIteration, CodecError):
+        return Roles(frozenset({job.customer}), False)   # not a request we can read: its customer only
+    named = {*spec.validators, *spec.providers, *(sh.provider for sh in spec.shards if sh.provider)}
+    return Roles(frozenset({job.customer, *named}),
+                 not spec.providers and any(sh.provider is None for sh in spec.shards))
+
+
+async def _newest_role(s: AsyncSession, pubkey: str) -> str | None:
+    """The newest open job ``pubkey`` takes part in (customer, validator, named provider)."""
+    rows = (await s.scalars(select(Job).where(Job.state.not_in(FINAL),
+                                              or_(Job.customer == pubkey, Job.request_raw.contains(pubkey)))
+                            .order_by(Job.created_at.desc()).limit(MAX_CANDIDATE_JOBS))).all()
+    return next((j.id for j in rows if pubkey in job_roles(j).participants), None)
+
+
+async def authorize(s: AsyncSession, svc: BlobService, pubkey: str, named: str | None) -> str:
+    """The job an upload by ``pubkey`` counts for (``NO_JOB`` for none), or a 403."""
+    job = None
+    if named is not None:
+        job = await s.get(Job, named)
+        if job is None or job.state in FINAL:
+            raise _error(403, "job_not_open", "the job named by the 'e' tag is unknown or finished")
+    if svc.allowed:   # the operator's list replaces the participant rule
+        if pubkey not in svc.allowed:
+            raise _error(403, "pubkey_not_allowed", "this key may not upload blobs here")
+        return named if named is not None else (await _newest_role(s, pubkey) or NO_JOB)
+    if job is not None:
+        roles = job_roles(job)
+        if pubkey in roles.participants or (job.state == JobState.COLLECTING.value and roles.open_to_anyone):
+            return job.id
+        raise _error(403, "not_a_participant", "this key takes no part in the job it names")
+    found = await _newest_role(s, pubkey)
+    if found is None:
+        raise _error(403, "not_a_participant", "this key takes part in no open job; a provider of a job "
+                                               "open to anyone names it with an ['e', <job id>] tag")
+    return found
+
+
+def _open_reference() -> ColumnElement[bool]:
+    """An upload row that still counts: for no job, or for a job that is not final."""
+    return or_(BlobUpload.job_id == NO_JOB,
+               exists().where(Job.id == BlobUpload.job_id, Job.state.not_in(FINAL)))
+
+
+async def check_quotas(s: AsyncSession, svc: BlobService, pubkey: str, sha256: str | None, size: int) -> None:
+    """413 if storing ``size`` more bytes as ``sha256`` (None: not known yet) for ``pubkey`` is over a quota."""
+    stored = sha256 is not None and await s.get(BlobObject, sha256) is not None
+    if not stored:
+        total = int(await s.scalar(select(func.coalesce(func.sum(BlobObject.size), 0))) or 0)
+        if total + size > svc.store_quota_bytes:
+            raise _error(413, "store_full", "the blob store is full; retry once older blobs have expired")
+    mine = select(BlobUpload.sha256).where(BlobUpload.uploader == pubkey, _open_reference())
+    if sha256 is not None and await s.scalar(select(exists(mine.where(BlobUpload.sha256 == sha256)))):
+        return   # this key already holds this blob: nothing new counts
+    count, used = (await s.execute(select(func.count(), func.coalesce(func.sum(BlobObject.size), 0))
+                                   .where(BlobObject.sha256.in_(mine)))).one()
+    if count + 1 > svc.key_quota_count or used + size > svc.key_quota_bytes:
+        raise _error(413, "key_quota_exceeded",
+                     f"this key's blobs for open jobs are limited to {svc.key_quota_count} blobs and "
+                     f"{svc.key_quota_bytes} bytes (it holds {count}, {used} bytes)")
+
+
+async def record(sessions: async_sessionmaker[AsyncSession], svc: BlobService, pubkey: str, job_id: str,
+                 sha256: str, size: int) -> None:
+    """Check the quotas with the exact size and record the blob and its upload, in one transaction."""
+    async with sessions.begin() as s:
+        await check_quotas(s, svc, pubkey, sha256, size)
+        now = utcnow()
+        await s.execute(insert_ignore(s, BlobObject.__table__), [{"sha256": sha256, "size": size, "stored_at": now}])
+        res = cast(CursorResult, await s.execute(insert_ignore(s, BlobUpload.__table__), [
+            {"sha256": sha256, "uploader": pubkey, "job_id": job_id, "uploaded_at": now}]))
+        if res.rowcount != 1:   # uploaded again: the grace before expiry counts from now
+            await s.execute(update(BlobUpload).where(BlobUpload.sha256 == sha256, BlobUpload.uploader == pubkey,
+                                                     BlobUpload.job_id == job_id).values(uploaded_at=now))
+
+
+# --------------------------------------------------------------------------------- expiry
+
+
+def _expired(now: datetime, svc: BlobService) -> ColumnElement[bool]:
+    """A blob no open or recently finished job references, and not uploaded within the grace."""
+    retention_cut = now - timedelta(seconds=svc.retention_seconds)
+    grace_cut = now - timedelta(seconds=svc.grace_seconds)
+    live_job = or_(Job.state.not_in(FINAL), Job.updated_at > retention_cut)
+    return and_(
+        BlobObject.stored_at <= grace_cut,
+        ~exists().where(BlobUpload.sha256 == BlobObject.sha256, BlobUpload.uploaded_at > grace_cut),
+        ~exists().where(BlobUpload.sha256 == BlobObject.sha256, Job.id == BlobUpload.job_id, live_job),
+        ~exists().where(Result.model_sha256 == BlobObject.sha256, Job.id == Result.job_id, live_job),
+    )
+
+
+async def sweep(svc: BlobService, sessions: async_sessionmaker[AsyncSession], *, now: datetime | None = None) -> int:
+    """Delete up to ``svc.sweep_batch`` expired blobs (rows and files); returns how many went."""
+    now = now or utcnow()
+    async with sessions() as s:
+        candidates = list((await s.scalars(select(BlobObject.sha256).where(_expired(now, svc))
+                                           .order_by(BlobObject.stored_at).limit(svc.sweep_batch))).all())
+    deleted = 0
+    for sha256 in candidates:
+        try:
+            async with sessions.begin() as s:
+                res = cast(CursorResult, await s.execute(
+                    delete(BlobObject).where(BlobObject.sha256 == sha256, _expired(now, svc))))
+                if res.rowcount == 1:
+                    await anyio.to_thread.run_sync(svc.store.remove, sha256)   # before the commit (see above)
+                    deleted += 1
+        except Exception:   # one blob's failure never stops the others
+            log.exception("deleting expired blob %s failed", sha256)
+    if deleted < svc.sweep_batch:
+        deleted += await _sweep_orphans(svc, sessions, now, svc.sweep_batch - deleted)
+    return deleted
+
+
+async def _sweep_orphans(svc: BlobService, sessions: async_sessionmaker[AsyncSession], now: datetime,
+                         limit: int) -> int:
+    """Files with no row (a store from before these records, a crashed deletion), untouched for the
+    retention: removed (the retention, not the grace: an old store's files may serve open jobs)."""
+    before = now.timestamp() - max(svc.retention_seconds, svc.grace_seconds)
+    old = await anyio.to_thread.run_sync(svc.store.older_blobs, before, 10 * limit)
+    if not old:
+        return 0
+    async with sessions() as s:
+        known = set((await s.scalars(select(BlobObject.sha256).where(BlobObject.sha256.in_(old)))).all())
+    removed = 0
+    for sha256 in [h for h in old if h not in known][:limit]:
+        if await anyio.to_thread.run_sync(svc.store.remove_if_older, sha256, before):
+            removed += 1
+    return removed
+
+
+async def run_sweeper(app: FastAPI) -> None:
+    """The leader's periodic sweep (a task; cancelled when leadership is lost)."""
+    interval = float(_setting(app.state.settings, "blob_sweep_interval_seconds"))
+    while True:
+        # A store never used has no directory yet: nothing to sweep, and none is created for it.
+        if getattr(app.state, "blobs", None) is not None or Path(str(_setting(app.state.settings, "blob_dir"))).is_dir():
+            svc = service_for(app)
+            interval = svc.sweep_interval
+            try:
+                n = await sweep(svc, app.state.sessions)
+                if n:
+                    log.info("blob sweep: %d expired blob(s) deleted", n)
+            except Exception:   # retried at the next pass
+                log.exception("blob sweep failed")
+        await asyncio.sleep(interval)
 
 
 # ------------------------------------------------------------------------------- responses
@@ -445,7 +724,7 @@ _BLOB_RESPONSES = {200: {"description": "the blob's bytes", "content": {BLOB_TYP
 
 @router.head("/upload", responses=responses(400, 413), include_in_schema=True)
 async def upload_requirements(request: Request) -> Response:
-    """BUD-06 (minimal): would a blob of ``X-Content-Length`` bytes be accepted?"""
+    """BUD-06 (minimal): would a blob of ``X-Content-Length`` bytes fit (size limit, store quota)?"""
     svc = service(request)
     raw = request.headers.get("x-content-length") or request.headers.get("blossom-content-length")
     sha = request.headers.get("x-sha-256")
@@ -456,6 +735,11 @@ async def upload_requirements(request: Request) -> Response:
             raise _error(400, "invalid_content_length", "X-Content-Length must be a non-negative integer")
         if int(raw) > svc.max_bytes:
             raise _error(413, "blob_too_large", f"blobs are limited to {svc.max_bytes} bytes")
+        async with request.app.state.sessions() as s:
+            stored = sha is not None and await s.get(BlobObject, sha) is not None
+            total = int(await s.scalar(select(func.coalesce(func.sum(BlobObject.size), 0))) or 0)
+        if not stored and total + int(raw) > svc.store_quota_bytes:
+            raise _error(413, "store_full", "the blob store is full; retry once older blobs have expired")
     return Response(status_code=200, headers=CORS)
 
 
@@ -466,18 +750,23 @@ async def upload_requirements(request: Request) -> Response:
                                                                               "format": "binary"}}}}})
 async def upload(request: Request) -> JSONResponse:
     """Upload a blob (Blossom BUD-02). ``Authorization: Nostr <base64 event>``: kind 24242 with
-    ``["t","upload"]``, ``["x", <sha256 of the body>]`` and a future ``["expiration", <unix time>]``;
-    each authorization event is good for one upload. Answers the blob descriptor."""
+    ``["t","upload"]``, ``["x", <sha256 of the body>]``, a future ``["expiration", <unix time>]``
+    and, optionally, ``["e", <job id>]`` naming the job the blob is for; each authorization
+    event is good for one upload. Only keys that take part in an open job may upload (see
+    docs/api.md); per-key and store quotas apply. Answers the blob descriptor."""
     svc = service(request)
     _rate(svc, "ip:" + _client(request))
     length = request.headers.get("content-length")
+    declared = 0
     if length is not None:
         if not length.isascii() or not length.isdigit() or len(length) > 19:
             raise _error(400, "invalid_content_length", "Content-Length must be a non-negative integer")
-        if int(length) > svc.max_bytes:
+        declared = int(length)
+        if declared > svc.max_bytes:
             raise _error(413, "blob_too_large", f"blobs are limited to {svc.max_bytes} bytes")
     now = int(time.time())
     event = parse_auth(request.headers.get("authorization"), now=now, max_age=svc.auth_max_age)
+    named = job_tag(event)
     if svc.allowed and event.pubkey not in svc.allowed:
         raise _error(403, "pubkey_not_allowed", "this key may not upload blobs here")
     _rate(svc, "pubkey:" + event.pubkey)
@@ -488,8 +777,17 @@ async def upload(request: Request) -> JSONResponse:
     if used is None:
         raise _error(503, "busy", "too many recent uploads; retry later", {"Retry-After": "60"})
     accept = set(_tag_values(event, "x"))
+    sessions = request.app.state.sessions
+    async with sessions() as s:
+        job_id = await authorize(s, svc, event.pubkey, named)
+        await check_quotas(s, svc, event.pubkey, next(iter(accept)) if len(accept) == 1 else None, declared)
+
+    async def before_commit(sha256: str, size: int) -> None:
+        await record(sessions, svc, event.pubkey, job_id, sha256, size)
+
     try:
-        blob, _new = await svc.store.put_stream(request.stream(), max_bytes=svc.max_bytes, accept=accept)
+        blob, _new = await svc.store.put_stream(request.stream(), max_bytes=svc.max_bytes, accept=accept,
+                                                before_commit=before_commit)
     except BlobTooLarge:
         raise _error(413, "blob_too_large", f"blobs are limited to {svc.max_bytes} bytes") from None
     except HashNotAccepted as e:

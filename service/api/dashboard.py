@@ -1,13 +1,17 @@
 """The admin dashboard: small server-rendered HTML pages under ``/admin``.
 
 Sign-in is with the admin token (``FEDSTR_ADMIN_TOKEN``); without one the pages answer
-503. A signed-in browser holds the cookie ``fedstr_admin``, whose value is an
-HMAC-SHA256 of a fixed label keyed by the token: the token itself never sits in the
-browser, and changing the token signs everyone out. The cookie is HttpOnly,
-SameSite=Strict, Secure over HTTPS and scoped to ``/admin``.
+503. Wrong tokens count in the per-address throttle shared with the admin API's bearer
+check (``app.state.admin_failures``). A signed-in browser holds the cookie ``fedstr_admin``:
+a random session value whose HMAC-SHA256 keyed by the admin token names a row of
+``admin_sessions`` (the token never sits in the browser, the cookie never sits in the
+database). Signing out deletes the row, so a copied cookie stops working on every replica;
+changing the token matches no row, which signs everyone out. Sessions last
+``SESSION_SECONDS``; at most ``MAX_SESSIONS`` live at once (the oldest go first). The
+cookie is HttpOnly, SameSite=Strict, Secure over HTTPS and scoped to ``/admin``.
 
 Every state-changing form carries a CSRF token (an HMAC keyed by the admin token over
-the session value), checked before anything else on POST. Templates are rendered with
+the session's cookie), checked before anything else on POST. Templates are rendered with
 Jinja2 autoescaping always on, and every page is sent with a strict Content-Security-Policy
 (no scripts, styles only from this router), ``no-store`` and ``frame-ancestors 'none'``.
 The pages need nothing from outside: the stylesheet is served here.
@@ -23,19 +27,24 @@ import hmac
 import json
 import math
 import re
+import secrets
 import time
-from collections import deque
-from datetime import datetime, timezone
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select
 from starlette.templating import Jinja2Templates
 
 from service.api import actions, queries
+from service.api.admin import usable
+from service.api.limits import client_address
+from service.api.models import AdminSession
+from service.db import utcnow
 from service.escrow.models import JobState
 from service.ledger.models import LedgerPosting
 
@@ -44,17 +53,16 @@ router = APIRouter(include_in_schema=False)
 HERE = Path(__file__).resolve().parent
 COOKIE = "fedstr_admin"
 FLASH_COOKIE = "fedstr_admin_flash"
-SESSION_LABEL = b"fedstr-escrow admin session v1"
+SESSION_LABEL = b"fedstr-escrow admin session v2\x00"
 CSRF_LABEL = b"fedstr-escrow admin csrf v1\x00"
 FLASH_LABEL = b"fedstr-escrow admin flash v1\x00"
 SESSION_SECONDS = 12 * 3600
+MAX_SESSIONS = 100
 FLASH_SECONDS = 120
 PAGE_SIZE = 25
 MAX_PAGE = 1_000_000
 MAX_FORM_BYTES = 8 * 1024
 MAX_REASON = 500
-LOGIN_FAILURES_ALLOWED = 10        # per client address ...
-LOGIN_FAILURE_WINDOW = 300.0       # ... in this many seconds, then 429 until they age out
 STATES = tuple(s.value for s in JobState)
 
 SECURITY_HEADERS = {
@@ -140,19 +148,23 @@ templates = Jinja2Templates(env=_env())
 
 def _key(request: Request) -> bytes | None:
     """The admin token as the HMAC key, or None when the dashboard is disabled."""
-    token = getattr(request.app.state.settings, "admin_token", None)
-    if token is None:
-        return None
-    value = token.get_secret_value()
-    return value.encode() if value else None
+    return usable(getattr(request.app.state.settings, "admin_token", None))
 
 
-def session_value(key: bytes) -> str:
-    return hmac.new(key, SESSION_LABEL, hashlib.sha256).hexdigest()
+@dataclass(frozen=True, slots=True)
+class Signed:
+    """A signed-in request: the HMAC key (the admin token) and the session's cookie value."""
+
+    key: bytes
+    cookie: str
 
 
-def csrf_value(key: bytes) -> str:
-    return hmac.new(key, CSRF_LABEL + session_value(key).encode(), hashlib.sha256).hexdigest()
+def session_id(key: bytes, cookie: str) -> str:
+    return hmac.new(key, SESSION_LABEL + cookie.encode(), hashlib.sha256).hexdigest()
+
+
+def csrf_value(signed: Signed) -> str:
+    return hmac.new(signed.key, CSRF_LABEL + signed.cookie.encode(), hashlib.sha256).hexdigest()
 
 
 def _flash_sig(key: bytes, payload: str) -> str:
@@ -181,33 +193,6 @@ def _decode_flash(key: bytes, cookie: str | None) -> dict | None:
     return {"kind": kind, "text": text}
 
 
-class _LoginFailures:
-    """Failed sign-ins per client address, in a sliding window (in this process)."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, deque[float]] = {}
-
-    def _recent(self, who: str, now: float) -> deque[float]:
-        q = self._seen.get(who, deque())
-        while q and now - q[0] > LOGIN_FAILURE_WINDOW:
-            q.popleft()
-        return q
-
-    def blocked(self, who: str) -> bool:
-        return len(self._recent(who, time.monotonic())) >= LOGIN_FAILURES_ALLOWED
-
-    def add(self, who: str) -> None:
-        now = time.monotonic()
-        if len(self._seen) > 10_000:
-            self._seen.clear()
-        q = self._recent(who, now)
-        q.append(now)
-        self._seen[who] = q
-
-
-login_failures = _LoginFailures()
-
-
 # ---- helpers ------------------------------------------------------------------------------
 
 def _root(request: Request) -> str:
@@ -218,8 +203,8 @@ def _secure(request: Request) -> bool:
     return request.url.scheme == "https"
 
 
-def _render(request: Request, name: str, status: int = 200, *, key: bytes | None = None, **ctx: object) -> Response:
-    flash = _decode_flash(key, request.cookies.get(FLASH_COOKIE)) if key else None
+def _render(request: Request, name: str, status: int = 200, *, key: Signed | None = None, **ctx: object) -> Response:
+    flash = _decode_flash(key.key, request.cookies.get(FLASH_COOKIE)) if key else None
     ctx.update(root=_root(request), csrf=csrf_value(key) if key else "", signed_in=key is not None,
                flash=flash, page_name=name.removesuffix(".html"))
     ctx.setdefault("title", "")
@@ -230,15 +215,15 @@ def _render(request: Request, name: str, status: int = 200, *, key: bytes | None
     return resp
 
 
-def _message(request: Request, status: int, title: str, text: str, *, key: bytes | None = None) -> Response:
+def _message(request: Request, status: int, title: str, text: str, *, key: Signed | None = None) -> Response:
     return _render(request, "message.html", status, key=key, title=title, text=text)
 
 
-def _redirect(request: Request, path: str, *, key: bytes | None = None, flash: tuple[str, str] | None = None
+def _redirect(request: Request, path: str, *, key: Signed | None = None, flash: tuple[str, str] | None = None
               ) -> RedirectResponse:
     resp = RedirectResponse(_root(request) + path, status_code=303, headers=SECURITY_HEADERS)
     if flash is not None and key is not None:
-        resp.set_cookie(FLASH_COOKIE, _encode_flash(key, *flash), max_age=FLASH_SECONDS,
+        resp.set_cookie(FLASH_COOKIE, _encode_flash(key.key, *flash), max_age=FLASH_SECONDS,
                         path=_root(request) + "/admin", secure=_secure(request), httponly=True, samesite="strict")
     return resp
 
@@ -248,15 +233,32 @@ def _disabled(request: Request) -> Response:
                     "admin disabled: no admin token is configured (set FEDSTR_ADMIN_TOKEN).")
 
 
-def _signed_in(request: Request) -> bytes | Response:
-    """The HMAC key when the request carries a valid session cookie, else the answer to send."""
+async def _signed_in(request: Request) -> Signed | Response:
+    """The session when the request carries a live session cookie, else the answer to send."""
     key = _key(request)
     if key is None:
         return _disabled(request)
     cookie = request.cookies.get(COOKIE, "")
-    if not hmac.compare_digest(cookie.encode(), session_value(key).encode()):
-        return _redirect(request, "/admin/login")
-    return key
+    if cookie and len(cookie) <= 100:
+        async with request.app.state.sessions() as s:
+            found = await s.scalar(select(func.count()).select_from(AdminSession).where(
+                AdminSession.id == session_id(key, cookie), AdminSession.expires_at > utcnow()))
+        if found:
+            return Signed(key, cookie)
+    return _redirect(request, "/admin/login")
+
+
+async def _start_session(request: Request, key: bytes) -> str:
+    """A new session row (expired ones and those past MAX_SESSIONS removed); returns the cookie."""
+    cookie = secrets.token_urlsafe(32)
+    now = utcnow()
+    async with request.app.state.sessions.begin() as s:
+        await s.execute(delete(AdminSession).where(AdminSession.expires_at <= now))
+        keep = select(AdminSession.id).order_by(AdminSession.created_at.desc()).limit(MAX_SESSIONS - 1)
+        await s.execute(delete(AdminSession).where(AdminSession.id.not_in(keep.scalar_subquery())))
+        s.add(AdminSession(id=session_id(key, cookie), created_at=now,
+                           expires_at=now + timedelta(seconds=SESSION_SECONDS)))
+    return cookie
 
 
 class _FormTooLarge(Exception):
@@ -280,7 +282,7 @@ async def _form(request: Request) -> dict[str, str]:
     return {k: v[0] for k, v in fields.items()}
 
 
-async def _checked_form(request: Request, key: bytes) -> dict[str, str] | Response:
+async def _checked_form(request: Request, key: Signed) -> dict[str, str] | Response:
     try:
         form = await _form(request)
     except _FormTooLarge:
@@ -318,33 +320,38 @@ async def login(request: Request) -> Response:
     key = _key(request)
     if key is None:
         return _disabled(request)
-    who = request.client.host if request.client else "?"
-    if login_failures.blocked(who):
+    throttle = request.app.state.admin_failures
+    who = client_address(request)
+    wait = throttle.retry_after(who)
+    if wait is not None:
         resp = _render(request, "login.html", 429, title="Sign in",
                        error="too many wrong tokens: wait a few minutes and try again")
-        resp.headers["Retry-After"] = str(int(LOGIN_FAILURE_WINDOW))
+        resp.headers["Retry-After"] = str(wait)
         return resp
     try:
         form = await _form(request)
     except _FormTooLarge:
         form = {}
-    if not hmac.compare_digest(form.get("token", "").encode(), key):
-        login_failures.add(who)
+    given = form.get("token", "").strip().encode()
+    if not given or not hmac.compare_digest(given, key):
+        throttle.failed(who)
         return _render(request, "login.html", 401, title="Sign in", error="wrong token")
     resp = _redirect(request, "/admin")
-    resp.set_cookie(COOKIE, session_value(key), max_age=SESSION_SECONDS, path=_root(request) + "/admin",
-                    secure=_secure(request), httponly=True, samesite="strict")
+    resp.set_cookie(COOKIE, await _start_session(request, key), max_age=SESSION_SECONDS,
+                    path=_root(request) + "/admin", secure=_secure(request), httponly=True, samesite="strict")
     return resp
 
 
 @router.post("/admin/logout")
 async def logout(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     form = await _checked_form(request, key)
     if isinstance(form, Response):
         return form
+    async with request.app.state.sessions.begin() as s:
+        await s.execute(delete(AdminSession).where(AdminSession.id == session_id(key.key, key.cookie)))
     resp = _redirect(request, "/admin/login")
     resp.delete_cookie(COOKIE, path=_root(request) + "/admin", secure=_secure(request), httponly=True,
                        samesite="strict")
@@ -355,17 +362,19 @@ async def logout(request: Request) -> Response:
 
 @router.get("/admin", name="admin_overview")
 async def overview(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     async with request.app.state.sessions() as s:
         data = await queries.overview(s)
-    return _render(request, "overview.html", key=key, title="Overview", o=data)
+    nostr = getattr(request.app.state, "nostr", None)
+    return _render(request, "overview.html", key=key, title="Overview", o=data,
+                   relays=nostr.pool.status() if nostr is not None else [])
 
 
 @router.get("/admin/jobs", name="admin_jobs")
 async def jobs(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     state = request.query_params.get("state") or None
@@ -385,7 +394,7 @@ async def jobs(request: Request) -> Response:
 
 @router.get("/admin/jobs/{job_id}", name="admin_job")
 async def job(request: Request, job_id: str) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     data = None
@@ -399,7 +408,7 @@ async def job(request: Request, job_id: str) -> Response:
 
 @router.get("/admin/payouts", name="admin_payouts")
 async def payouts(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     async with request.app.state.sessions() as s:
@@ -409,7 +418,7 @@ async def payouts(request: Request) -> Response:
 
 @router.post("/admin/payouts/{payout_id:path}/retry")
 async def retry_payout(request: Request, payout_id: str) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     form = await _checked_form(request, key)
@@ -434,7 +443,7 @@ async def retry_payout(request: Request, payout_id: str) -> Response:
 
 @router.get("/admin/ledger", name="admin_ledger")
 async def ledger_page(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     page = _page(request)
@@ -454,7 +463,7 @@ async def ledger_page(request: Request) -> Response:
 
 @router.get("/admin/events", name="admin_events")
 async def rejected(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     async with request.app.state.sessions() as s:

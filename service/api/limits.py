@@ -6,6 +6,15 @@ invoice locks funds along the route) and invoice submission. Buckets live in the
 process: with several replicas behind a load balancer the effective limit is the sum,
 which is acceptable for abuse control (money safety never depends on them).
 
+Wrong credentials (admin and metrics bearer tokens, dashboard sign-ins) are counted per
+client address by one :class:`FailureThrottle` (``app.state.admin_failures``): past its
+allowance an address gets 429 for every credentialed request, the right token included,
+until its failures age out of the window.
+
+The client address is ``request.client.host``: the peer, or the address a trusted proxy
+named in ``X-Forwarded-For`` (uvicorn does this only for ``FEDSTR_TRUSTED_PROXIES``; see
+``service.cli.uvicorn_config``).
+
 The body limit refuses a request whose ``Content-Length`` is over the limit, and
 stops reading a chunked body once it passes it (413 ``body_too_large``).
 """
@@ -13,7 +22,9 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.errors import ApiError, problem
@@ -45,6 +56,58 @@ class RateLimiter:
         if not allowed:
             raise ApiError(429, "rate_limited", f"too many requests; retry in {wait:.0f} s",
                            headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+
+
+def client_address(request: Request) -> str:
+    """The address per-client limits key on (see the module's docstring)."""
+    return request.client.host if request.client else "unknown"
+
+
+class FailureThrottle:
+    """Failed credentials per client address in a sliding window (in this process).
+
+    At most ``max_keys`` addresses are tracked; the one that failed least recently is forgotten
+    first, so a flood of new addresses cannot wipe the record of an active guesser.
+    """
+
+    def __init__(self, allowed: int = 10, window: float = 300.0, *, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.allowed = allowed
+        self.window = window
+        self.max_keys = max_keys
+        self.clock = clock
+        self._seen: OrderedDict[str, list[float]] = OrderedDict()
+
+    def _recent(self, who: str, now: float) -> list[float]:
+        times = [t for t in self._seen.get(who, ()) if now - t < self.window]
+        if times:
+            self._seen[who] = times
+        else:
+            self._seen.pop(who, None)
+        return times
+
+    def retry_after(self, who: str) -> int | None:
+        """Seconds until ``who`` may try again, or None if it is not throttled."""
+        now = self.clock()
+        times = self._recent(who, now)
+        if len(times) < self.allowed:
+            return None
+        return max(1, int(times[-self.allowed] + self.window - now + 0.999))
+
+    def failed(self, who: str) -> None:
+        now = self.clock()
+        times = self._recent(who, now)
+        times.append(now)
+        self._seen[who] = times[-self.allowed:]
+        self._seen.move_to_end(who)
+        while len(self._seen) > self.max_keys:
+            self._seen.popitem(last=False)
+
+    def check(self, who: str) -> None:
+        wait = self.retry_after(who)
+        if wait is not None:
+            raise ApiError(429, "too_many_failures", f"too many wrong credentials from this address; retry in {wait} s",
+                           headers={"Retry-After": str(wait)})
 
 
 class BodyLimit:

@@ -3,6 +3,10 @@
 Gauges from the database (jobs by state, payouts by state, money held), the running
 layers (LND and relay health, facts recorded, events stored, webhooks refused) and the
 latencies the service measures (settlement detection, payout time).
+
+The totals are the escrow's business: ``/metrics`` needs ``Authorization: Bearer`` with
+``FEDSTR_METRICS_TOKEN`` or the admin token (one bearer check, throttled like the admin API;
+``service.api.admin.check_bearer``). With neither configured it answers 404 ``metrics_disabled``.
 """
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 
 from service.api import queries
+from service.api.admin import check_bearer, usable
+from service.api.errors import ApiError
 from service.escrow.models import Job, JobState
 from service.lightning import webhook
 from service.lightning.models import LnFact, LnInvoice, Payout, PayoutAttempt
@@ -29,6 +35,10 @@ def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
 @router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(request: Request) -> PlainTextResponse:
     st = request.app.state
+    tokens = [t for t in (usable(st.settings.metrics_token), usable(st.settings.admin_token)) if t is not None]
+    if not tokens:
+        raise ApiError(404, "metrics_disabled", "set FEDSTR_METRICS_TOKEN (or FEDSTR_ADMIN_TOKEN) to serve metrics")
+    check_bearer(request, tokens)
     out: list[str] = []
 
     def gauge(name: str, help_: str, samples: list[tuple[dict | None, float]], kind: str = "gauge") -> None:
@@ -85,6 +95,11 @@ async def metrics(request: Request) -> PlainTextResponse:
     if st.nostr is not None:
         gauge("fedstr_relay_up", "Relay connected (leader only).",
               [({"relay": r["url"]}, 1.0 if r["connected"] else 0.0) for r in st.nostr.pool.status()])
+        gauge("fedstr_relay_accepting", "Relay takes our events: 0 while its newest answer to one was a "
+              "refusal (leader only).",
+              [({"relay": r["url"]}, 0.0 if r["accepting"] is False else 1.0) for r in st.nostr.pool.status()])
+        gauge("fedstr_relay_events_refused_total", "Our events refused per relay (leader only).",
+              [({"relay": r["url"]}, r["events_refused"]) for r in st.nostr.pool.status()], "counter")
         gauge("fedstr_relay_events_received_total", "Events received per relay.",
               [({"relay": r["url"]}, r["events_received"]) for r in st.nostr.pool.status()], "counter")
     gauge("fedstr_webhooks_refused_total", "Refused webhooks by reason.",

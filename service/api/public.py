@@ -15,6 +15,7 @@ from sqlalchemy import update
 from service import __version__
 from service.api import queries
 from service.api.errors import ApiError, responses
+from service.api.limits import client_address
 from service.lightning.models import LnInvoice, Payout
 from service.nostr import nip98
 from service.db import utcnow
@@ -92,7 +93,7 @@ class PayoutInvoiceOut(BaseModel):
 
 
 def _client(request: Request) -> str:
-    return request.client.host if request.client else "unknown"
+    return client_address(request)
 
 
 @router.get("/info", response_model=InfoOut)
@@ -134,12 +135,12 @@ async def submit_event(request: Request, event: dict = Body(..., description="a 
 
 @router.get("/jobs/{job_id}", responses=responses(404, 422))
 async def get_job(request: Request, job_id: str = Path(pattern=HEX64)) -> dict:
-    """A job: state, offer invoice, results, scores, decision, payouts and timeline."""
+    """A job: state, offer invoice, results, scores, decision, payouts and timeline. Errors show as
+    reason codes only (a payout's ``last_error`` is e.g. ``blocked_address``); the text is for admins."""
     async with request.app.state.sessions() as s:
-        detail = await queries.job_detail(s, job_id)
+        detail = await queries.public_job(s, job_id)
     if detail is None:
         raise ApiError(404, "job_not_found", "no job with this id")
-    detail.pop("balances", None)
     return detail
 
 
@@ -167,13 +168,15 @@ async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id:
     bolt11 = body.bolt11.strip()
     if not _BOLT11.match(bolt11.lower()):
         raise ApiError(422, "invalid_bolt11", "bolt11 must be a BOLT11 payment request")
+    # verify_request commits the authorization as spent before any business check below: a
+    # request refused with 404, 409 or 429 cannot be replayed once it would pass.
+    try:
+        auth = await nip98.verify_request(st.sessions, request.headers.get("authorization"), method="POST",
+                                          url=url, body=raw, now=int(time.time()))
+    except nip98.AuthError as e:
+        raise ApiError(401, e.reason.value, e.message, headers={"WWW-Authenticate": "Nostr"}) from None
+    st.limits_invoices.check("pubkey:" + auth.pubkey)
     async with st.sessions.begin() as s:
-        try:
-            auth = await nip98.verify_request(s, request.headers.get("authorization"), method="POST", url=url,
-                                              body=raw, now=int(time.time()))
-        except nip98.AuthError as e:
-            raise ApiError(401, e.reason.value, e.message, headers={"WWW-Authenticate": "Nostr"}) from None
-        st.limits_invoices.check("pubkey:" + auth.pubkey)
         payouts = [p for p in (await s.execute(
             Payout.__table__.select().where(Payout.job_id == job_id, Payout.payee == auth.pubkey))).all()]
         if not payouts:

@@ -1,10 +1,15 @@
 """Read models for the API and the dashboard: plain dicts built from the tables.
 
 Nothing here changes state. Preimages of our hold invoices are never selected.
+
+Public views (no auth) never carry free text from the Lightning layer or from operators:
+:func:`public_job` reduces a payout's ``last_error`` and the error texts in the timeline to
+their reason code (:func:`reason_code`); the admin views keep the text.
 """
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 
 from sqlalchemy import func, select
@@ -17,6 +22,15 @@ from service.lightning.models import LnInvoice, Payout
 from service.nostr.models import RejectedEvent
 
 ATTENTION = ("unknown", "failed", "needs_invoice")
+_CODE = re.compile(r"([a-z_]+): ")
+
+
+def reason_code(text: str | None) -> str | None:
+    """The stable code a reason text starts with (``code: detail``), or ``"error"`` if none."""
+    if text is None:
+        return None
+    m = _CODE.match(text)
+    return m.group(1) if m else "error"
 
 
 def _ts(dt: datetime | None) -> str | None:
@@ -62,6 +76,33 @@ async def job_detail(s: AsyncSession, job_id: str) -> dict | None:
     out["balances"] = await ledger.balances(s, job_id=job_id)
     out["timeline"] = await timeline(s, job_id)
     return out
+
+
+async def public_job(s: AsyncSession, job_id: str) -> dict | None:
+    """A job as anyone may see it: no ledger balances, reason codes instead of error texts."""
+    out = await job_detail(s, job_id)
+    if out is None:
+        return None
+    out.pop("balances", None)
+    for p in out["payouts"]:
+        p["last_error"] = reason_code(p["last_error"])
+    for entry in out["timeline"]:
+        entry["detail"] = _public_detail(entry["kind"], entry["detail"])
+    return out
+
+
+def _public_detail(kind: str, detail: object) -> object:
+    """A timeline entry without free text: errors of payouts and effects, operators' reasons."""
+    if kind in ("payment", "effect"):
+        if isinstance(detail, str):
+            return reason_code(detail)
+        if isinstance(detail, dict):
+            for name in ("why", "error"):
+                if isinstance(detail.get(name), str):
+                    detail[name] = reason_code(detail[name])
+    elif kind == "transition" and isinstance(detail, dict) and str(detail.get("why", "")).startswith("operator"):
+        detail["why"] = "operator refund"   # the operator's own words stay in the admin view
+    return detail
 
 
 async def timeline(s: AsyncSession, job_id: str) -> list[dict]:

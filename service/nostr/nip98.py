@@ -6,6 +6,10 @@ directions); the ``u`` tag equal to the request's absolute URL (query included);
 the ``method`` tag equal to the request method; for a request with a body, a
 ``payload`` tag equal to the SHA-256 hex of the raw body; and the event id not used
 before (replay), recorded in the database until it can no longer pass the window.
+
+:func:`verify_request` records the id in a transaction of its own, committed before it
+returns: whatever the caller then refuses (nothing owed, wrong state, rate limit), the
+authorization is spent and a replay is refused as ``replayed``, never accepted later.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import hashlib
 import json
 
 from sqlalchemy import delete
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import insert_ignore
 from service.nostr.models import Nip98Seen
@@ -102,12 +106,13 @@ async def consume(session: AsyncSession, event: Event, *, now: int, window: int 
         raise AuthError(AuthReason.REPLAY, "this authorization event was already used")
 
 
-async def verify_request(session: AsyncSession, header: str | None, *, method: str, url: str,
-                         body: bytes | None, now: int, window: int = 60) -> Event:
-    """All NIP-98 checks for one request; returns the event (its pubkey is the caller)."""
+async def verify_request(sessions: async_sessionmaker[AsyncSession], header: str | None, *, method: str,
+                         url: str, body: bytes | None, now: int, window: int = 60) -> Event:
+    """All NIP-98 checks for one request, the event spent (committed); returns it (its pubkey is the caller)."""
     event = parse_header(header, now=now, window=window)
     check_request(event, method=method, url=url, body=body)
-    await consume(session, event, now=now, window=window)
+    async with sessions.begin() as session:
+        await consume(session, event, now=now, window=window)
     return event
 
 

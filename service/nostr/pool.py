@@ -14,6 +14,13 @@ reads messages:
 - ``NOTICE``, ``CLOSED`` (with NIP-42 ``auth-required:`` handling), ``OK`` (resolves
   a publish), ``AUTH``.
 
+Whether a relay takes our events is part of its status: every ``OK`` it sends counts,
+matched to a publish or not (nostr-relay 1.14 refuses with an empty event id). A refusal
+(``OK false`` other than ``duplicate:``, ``rate-limited:`` or ``error:``) newer than the
+last acceptance makes the relay *refusing* (``accepting: false``, with ``last_refusal``),
+also across reconnects, until it accepts one of our events again; a relay that has not
+answered an event of ours yet is ``accepting: null``.
+
 A single consumer drains the queue in batches into the inbox (one transaction per
 batch; ``ON CONFLICT DO NOTHING`` by id), so the same event from several relays is
 stored once, then advances the cursors. An in-memory LRU of recent ids skips
@@ -49,6 +56,8 @@ from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify
 log = logging.getLogger(__name__)
 
 AUTH_KIND = 22242
+# OK-false prefixes that say nothing about whether the relay takes our events.
+TRANSIENT = ("rate-limited:", "error:")
 
 
 @dataclass(frozen=True)
@@ -73,6 +82,29 @@ class RelayStatus:
     auth_state: str = "none"   # none | ok | unconfirmed (no OK from the relay) | refused
     notices: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     closed: dict[str, str] = field(default_factory=dict)
+    # Answers to our events (kept across reconnects: a relay that refused us will again).
+    accepted: int = 0
+    refused: int = 0
+    last_accepted_at: float | None = None
+    last_refusal: str | None = None
+    last_refusal_at: float | None = None
+
+    @property
+    def accepting(self) -> bool | None:
+        """False while the newest answer to our events is a refusal; None before any answer."""
+        if self.last_refusal_at is not None and (self.last_accepted_at is None
+                                                 or self.last_refusal_at >= self.last_accepted_at):
+            return False
+        return True if self.last_accepted_at is not None else None
+
+    def answered(self, ok: bool, message: str, now: float) -> None:
+        if ok or message.startswith("duplicate:"):
+            self.accepted += 1
+            self.last_accepted_at = now
+        elif not message.startswith(TRANSIENT):
+            self.refused += 1
+            self.last_refusal = message[:300] or "refused without a reason"
+            self.last_refusal_at = now
 
     def as_dict(self) -> dict[str, Any]:
         return {"url": self.url, "connected": self.connected, "connected_since": self.connected_since,
@@ -80,7 +112,10 @@ class RelayStatus:
                 "events_received": self.events_received, "events_rejected": self.events_rejected,
                 "reconnects": self.reconnects, "authenticated": self.authenticated,
                 "auth_state": self.auth_state,
-                "notices": list(self.notices), "closed_subscriptions": dict(self.closed)}
+                "notices": list(self.notices), "closed_subscriptions": dict(self.closed),
+                "accepting": self.accepting, "events_accepted": self.accepted, "events_refused": self.refused,
+                "last_accepted_at": self.last_accepted_at, "last_refusal": self.last_refusal,
+                "last_refusal_at": self.last_refusal_at}
 
 
 @dataclass
@@ -113,6 +148,7 @@ class _Relay:
         self.backfill_max: dict[str, int] = {}   # per subscription, before EOSE
         self.live: set[str] = set()              # subscriptions past EOSE
         self.challenge: str | None = None
+        self.auth_ids: set[str] = set()          # our AUTH events awaiting OK (not events we publish)
         self.rejects_logged = 0
         self.connected = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
@@ -279,9 +315,13 @@ class RelayPool:
             relay.live.add(sub)
             await self.queue.put(("eose", relay.url, sub, relay.backfill_max.get(sub, -1)))
         elif kind == "OK" and len(msg) >= 3:
+            ok, text = msg[2] is True, str(msg[3])[:300] if len(msg) > 3 else ""
             fut = relay.pending_ok.get(msg[1]) if isinstance(msg[1], str) else None
             if fut is not None and not fut.done():
-                fut.set_result((msg[2] is True, str(msg[3]) if len(msg) > 3 else ""))
+                fut.set_result((ok, text))
+            ours = not (isinstance(msg[1], str) and msg[1] in relay.auth_ids)   # AUTH has its own state
+            if ours and (fut is not None or not ok):
+                relay.status.answered(ok, text, self.clock())   # an unmatched OK true tells nothing
         elif kind == "NOTICE" and len(msg) >= 2:
             relay.status.notices.append(str(msg[1])[:300])
         elif kind == "CLOSED" and len(msg) >= 2:
@@ -319,6 +359,7 @@ class RelayPool:
         ev = sign_event(self.secret_key, AUTH_KIND, [["relay", relay.url], ["challenge", relay.challenge]], "")
         fut = asyncio.get_running_loop().create_future()
         relay.pending_ok[ev.id] = fut
+        relay.auth_ids.add(ev.id)
         await relay.ws.send(json.dumps(["AUTH", ev.to_dict()]))
         try:
             ok, msg = await asyncio.wait_for(fut, self.config.auth_ok_timeout)
@@ -329,6 +370,7 @@ class RelayPool:
             relay.status.auth_state = "unconfirmed"
         finally:
             relay.pending_ok.pop(ev.id, None)
+            relay.auth_ids.discard(ev.id)
         relay.status.authenticated = ok
         if not ok:
             relay.status.last_error = f"AUTH refused: {msg}"[:300]

@@ -16,7 +16,7 @@ from tests.conftest import Regtest, wait_until
 from tests.e2e.market import Market
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
-ADMIN = "admin-token-for-tests"
+ADMIN = "admin-token-for-the-api-tests-0123456789"
 
 
 def sha(b: bytes) -> str:
@@ -180,7 +180,8 @@ async def test_admin_api_auth_views_and_audited_actions(market: Market, client: 
     accounts = (await client.get("/v1/admin/ledger/accounts?prefix=liability:payable", headers=H)).json()["items"]
     assert any(a["balance_msat"] < 0 for a in accounts)
     assert "items" in (await client.get("/v1/admin/rejected-events", headers=H)).json()
-    metrics = (await client.get("/metrics")).text
+    assert (await client.get("/metrics")).status_code == 401, "the totals are not public"
+    metrics = (await client.get("/metrics", headers=H)).text
     assert 'fedstr_jobs{state="releasing"}' in metrics and "fedstr_lnd_up 1.0" in metrics
     from sqlalchemy import select
 

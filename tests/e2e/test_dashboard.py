@@ -26,7 +26,7 @@ from sqlalchemy import select, update
 
 from service.api import dashboard
 from service.api.dashboard import router
-from service.api.models import AdminAction
+from service.api.models import AdminAction, AdminSession
 from service.app import create_app
 from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
@@ -38,7 +38,7 @@ from tests.e2e.market import Market, settle_payment
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
-TOKEN = "test-admin-token"
+TOKEN = "test-admin-token-0123456789-abcdefghij"
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -70,11 +70,6 @@ async def offline_app(database_url: str) -> AsyncIterator[FastAPI]:
         yield app
     finally:
         await engine.dispose()
-
-
-@pytest.fixture(autouse=True)
-def fresh_login_throttle(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dashboard, "login_failures", dashboard._LoginFailures())   # noqa: SLF001
 
 
 def client(app: FastAPI) -> httpx.AsyncClient:
@@ -121,9 +116,12 @@ async def test_wrong_token_is_401_and_the_right_one_sets_a_hardened_cookie(offli
         r = await c.post("/admin/login", data={"token": TOKEN})
         assert r.status_code == 303 and r.headers["location"] == "/admin"
         cookie = r.headers["set-cookie"]
-        expected = hmac.new(TOKEN.encode(), dashboard.SESSION_LABEL, hashlib.sha256).hexdigest()
-        assert cookie.startswith(f"fedstr_admin={expected};") and TOKEN not in cookie
+        value = c.cookies["fedstr_admin"]
+        assert cookie.startswith(f"fedstr_admin={value};") and TOKEN not in cookie and len(value) >= 40
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/admin" in cookie
+        async with offline_app.state.sessions() as s:    # the database holds the session's HMAC, not the cookie
+            [row] = (await s.scalars(select(AdminSession))).all()
+        assert row.id == hmac.new(TOKEN.encode(), dashboard.SESSION_LABEL + value.encode(), hashlib.sha256).hexdigest()
         for path in PAGES[:2] + PAGES[3:]:
             r = await c.get(path)
             assert r.status_code == 200, path
@@ -138,14 +136,15 @@ async def test_wrong_token_is_401_and_the_right_one_sets_a_hardened_cookie(offli
 async def test_changing_the_token_signs_everyone_out(offline_app: FastAPI) -> None:
     async with signed_in(offline_app) as c:
         assert (await c.get("/admin")).status_code == 200
-        offline_app.state.settings = offline_app.state.settings.model_copy(update={"admin_token": SecretStr("new")})
+        offline_app.state.settings = offline_app.state.settings.model_copy(
+            update={"admin_token": SecretStr("another-admin-token-0123456789-abcdef")})
         r = await c.get("/admin")
         assert r.status_code == 303 and r.headers["location"] == "/admin/login"
 
 
 async def test_repeated_wrong_tokens_are_throttled(offline_app: FastAPI) -> None:
     async with client(offline_app) as c:
-        for _ in range(dashboard.LOGIN_FAILURES_ALLOWED):
+        for _ in range(offline_app.state.admin_failures.allowed):
             assert (await c.post("/admin/login", data={"token": "guess"})).status_code == 401
         r = await c.post("/admin/login", data={"token": TOKEN})
         assert r.status_code == 429 and "retry-after" in r.headers and "set-cookie" not in r.headers

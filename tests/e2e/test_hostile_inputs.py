@@ -68,7 +68,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 
 @pytest.fixture
 async def market(regtest: Regtest, relay_url: str, database_url: str):
-    m = Market(regtest, relay_url, database_url, webhook_secret=SECRET, admin_token="hostile-admin",
+    m = Market(regtest, relay_url, database_url, webhook_secret=SECRET, admin_token="hostile-admin-token-0123456789-abcdef",
                events_per_minute=10**6, events_burst=10**6, invoices_per_minute=10**6, invoices_burst=10**6)
     async with m.running():
         yield m

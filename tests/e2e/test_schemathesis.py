@@ -14,9 +14,12 @@ from tests.e2e.market import Market
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
 
+ADMIN = "schemathesis-admin-token-0123456789-abc"
+
+
 async def test_no_server_errors_on_generated_requests(regtest: Regtest, relay_url: str, database_url: str,
                                                       tmp_path: Path) -> None:
-    market = Market(regtest, relay_url, database_url, admin_token="schemathesis-admin",
+    market = Market(regtest, relay_url, database_url, admin_token=ADMIN,
                     events_per_minute=100_000, events_burst=100_000, invoices_per_minute=100_000,
                     invoices_burst=100_000, webhook_secret="schemathesis-webhook")
     port = free_port()
@@ -29,7 +32,7 @@ async def test_no_server_errors_on_generated_requests(regtest: Regtest, relay_ur
             proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "schemathesis.cli", "run", f"http://127.0.0.1:{port}/openapi.json",
                 "--checks", "not_a_server_error", "--max-examples", "25", "--workers", "1",
-                "--header", "Authorization: Bearer schemathesis-admin", "--seed", "1",
+                "--header", f"Authorization: Bearer {ADMIN}", "--seed", "1",
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
             out, _ = await asyncio.wait_for(proc.communicate(), 600)
         finally:

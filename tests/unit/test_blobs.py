@@ -1,5 +1,8 @@
 """The Blossom-compatible blob store (/blobs): round trips, every refusal with its code,
-streaming size limits, atomic writes, and the client's hash check (no LND needed)."""
+streaming size limits, atomic writes, and the client's hash check (no LND needed).
+
+Who may upload is tested in test_blob_policy.py; here every upload names (``["e", <id>]``)
+one open job that admits any provider, in a migrated SQLite database of the test's own."""
 from __future__ import annotations
 
 import asyncio
@@ -19,10 +22,46 @@ import uvicorn
 from fastapi import FastAPI
 
 from service.api import blob_client, blobs, errors
+from service.db import create_engine, session_factory
+from service.escrow.models import Job
 from service.nostr.nip01 import SecretKey, sign_event
+from service.nostr.protocol import (
+    Direction,
+    JobSpec,
+    PayoutPolicy,
+    Shard,
+    Validation,
+    build_job_request,
+)
 
 MAX = 4096
 BASE = "http://testserver/blobs"
+
+
+class _Db:
+    sessions = None         # the test's database (set by the autouse fixture below)
+    open_job = ""           # a collecting job open to any provider
+
+
+@pytest.fixture(autouse=True)
+async def _database(database_url: str) -> AsyncIterator[None]:
+    from decimal import Decimal
+    engine = create_engine(database_url)
+    _Db.sessions = session_factory(engine)
+    customer = SecretKey.generate()
+    now = int(time.time())
+    spec = JobSpec(escrow=SecretKey.generate().public_key_hex, bid_msat=1_000_000,
+                   shards=(Shard(index=0, url="https://data.example/" + "0" * 64),),
+                   validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1), payout=PayoutPolicy("best"),
+                   results_deadline=now + 600, validation_deadline=now + 1200)
+    ev = sign_event(customer, *build_job_request(spec, customer=customer.public_key_hex))
+    async with _Db.sessions.begin() as s:
+        s.add(Job(id=ev.id, customer=customer.public_key_hex, state="collecting", request_raw=ev.to_json()))
+    _Db.open_job = ev.id
+    try:
+        yield
+    finally:
+        await engine.dispose()
 
 
 def settings(tmp_path: Path, **over) -> SimpleNamespace:
@@ -37,6 +76,7 @@ def make_app(tmp_path: Path, **over) -> FastAPI:
     errors.install(app)
     app.include_router(blobs.router)
     app.state.settings = settings(tmp_path, **over)
+    app.state.sessions = _Db.sessions
     return app
 
 
@@ -71,7 +111,7 @@ def sha(data: bytes) -> str:
 
 def event_dict(key: SecretKey, *, body: bytes = b"", kind: int = 24242, t: str | None = "upload",
                x: str | None = "auto", expiration: int | str | None = 300, created_at: int | None = None,
-               extra: list | None = None) -> dict:
+               extra: list | None = None, job: bool = True) -> dict:
     now = int(time.time())
     tags: list[list[str]] = []
     if t is not None:
@@ -80,6 +120,8 @@ def event_dict(key: SecretKey, *, body: bytes = b"", kind: int = 24242, t: str |
         tags.append(["x", sha(body) if x == "auto" else x])
     if expiration is not None:
         tags.append(["expiration", str(now + expiration) if isinstance(expiration, int) else expiration])
+    if job:
+        tags.append(["e", _Db.open_job])
     tags += extra or []
     # A random word in the content: two authorizations signed in the same second differ.
     return sign_event(key, kind, tags, f"Upload blob {os.urandom(4).hex()}", created_at=created_at).to_dict()
@@ -472,7 +514,7 @@ async def test_stale_temp_files_are_removed_at_start(tmp_path: Path) -> None:
 
 async def test_client_round_trip_over_asgi(app: FastAPI, client: httpx.AsyncClient) -> None:
     data = os.urandom(2500)
-    digest = await blob_client.upload(BASE, KEY, data, client=client)
+    digest = await blob_client.upload(BASE, KEY, data, client=client, job=_Db.open_job)
     assert digest == sha(data)
     assert await blob_client.download(BASE, digest, max_bytes=MAX, client=client) == data
     url = blob_client.blob_url(BASE, digest) + ".bin"
@@ -481,7 +523,7 @@ async def test_client_round_trip_over_asgi(app: FastAPI, client: httpx.AsyncClie
 
 async def test_client_refuses_tampered_content(app: FastAPI, client: httpx.AsyncClient) -> None:
     data = b"the real shard" * 10
-    digest = await blob_client.upload(BASE, KEY, data, client=client)
+    digest = await blob_client.upload(BASE, KEY, data, client=client, job=_Db.open_job)
     (store_dir(app) / digest).write_bytes(b"the fake shard" * 10)       # disk corruption / a bad server
     with pytest.raises(blob_client.BlobHashMismatch) as exc:
         await blob_client.download(BASE, digest, max_bytes=MAX, client=client)
@@ -490,7 +532,7 @@ async def test_client_refuses_tampered_content(app: FastAPI, client: httpx.Async
 
 async def test_client_caps_the_size(app: FastAPI, client: httpx.AsyncClient) -> None:
     data = os.urandom(3000)
-    digest = await blob_client.upload(BASE, KEY, data, client=client)
+    digest = await blob_client.upload(BASE, KEY, data, client=client, job=_Db.open_job)
     with pytest.raises(blob_client.BlobTooLarge):
         await blob_client.download(BASE, digest, max_bytes=2999, client=client)
 
@@ -518,13 +560,13 @@ async def test_client_errors(tmp_path: Path, client: httpx.AsyncClient) -> None:
     with pytest.raises(ValueError):
         await blob_client.download(BASE, "AB" * 32, max_bytes=MAX, client=client)
     with pytest.raises(blob_client.BlobHTTPError) as big:
-        await blob_client.upload(BASE, KEY, b"x" * (MAX + 1), client=client)
+        await blob_client.upload(BASE, KEY, b"x" * (MAX + 1), client=client, job=_Db.open_job)
     assert big.value.status == 413 and big.value.code == "blob_too_large"
 
     restricted = make_app(tmp_path / "r", blob_allowed_pubkeys=[SecretKey.generate().public_key_hex])
     async with http(restricted) as c:
         with pytest.raises(blob_client.BlobHTTPError) as denied:
-            await blob_client.upload(BASE, KEY, b"abc", client=c)
+            await blob_client.upload(BASE, KEY, b"abc", client=c, job=_Db.open_job)
     assert denied.value.status == 403 and denied.value.code == "pubkey_not_allowed"
 
     def liar(request: httpx.Request) -> httpx.Response:
@@ -532,7 +574,7 @@ async def test_client_errors(tmp_path: Path, client: httpx.AsyncClient) -> None:
 
     async with httpx.AsyncClient(transport=httpx.MockTransport(liar)) as m:
         with pytest.raises(blob_client.BlobProtocolError):
-            await blob_client.upload("http://x/blobs", KEY, b"abc", client=m)
+            await blob_client.upload("http://x/blobs", KEY, b"abc", client=m, job=_Db.open_job)
 
 
 # ------------------------------------------------------------------------- real HTTP server
@@ -557,15 +599,15 @@ async def test_real_client_against_uvicorn(tmp_path: Path) -> None:
     try:
         base = f"http://127.0.0.1:{port}/blobs"
         data = os.urandom(200 * 1024)
-        digest = await blob_client.upload(base, KEY, data)
+        digest = await blob_client.upload(base, KEY, data, job=_Db.open_job)
         assert digest == sha(data)
         assert await blob_client.download(base, digest, max_bytes=256 * 1024) == data
         assert await blob_client.download(f"{base}/{digest}.bin", digest, max_bytes=256 * 1024) == data
-        assert await blob_client.upload(base, SecretKey.generate(), data) == digest      # idempotent
+        assert await blob_client.upload(base, SecretKey.generate(), data, job=_Db.open_job) == digest      # idempotent
         with pytest.raises(blob_client.BlobTooLarge):
             await blob_client.download(base, digest, max_bytes=1024)
         with pytest.raises(blob_client.BlobHTTPError) as exc:
-            await blob_client.upload(base, KEY, os.urandom(256 * 1024 + 1))
+            await blob_client.upload(base, KEY, os.urandom(256 * 1024 + 1), job=_Db.open_job)
         assert exc.value.code == "blob_too_large"
         (store_dir(app) / digest).write_bytes(os.urandom(len(data)))
         with pytest.raises(blob_client.BlobHashMismatch):

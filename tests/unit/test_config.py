@@ -44,8 +44,8 @@ def test_bad_values_are_refused_with_the_reason(field: str, value: object, needl
 
 
 def test_secrets_do_not_leak_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FEDSTR_ADMIN_TOKEN", "s3cr3t-admin")
+    monkeypatch.setenv("FEDSTR_ADMIN_TOKEN", "s3cr3t-admin-0123456789-abcdefghijkl")
     monkeypatch.setenv("FEDSTR_WEBHOOK_SECRET", "s3cr3t-hook")
     s = Settings(_env_file=None)
-    assert s.admin_token is not None and s.admin_token.get_secret_value() == "s3cr3t-admin"
+    assert s.admin_token is not None and s.admin_token.get_secret_value() == "s3cr3t-admin-0123456789-abcdefghijkl"
     assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s.model_dump())

@@ -31,9 +31,8 @@ async def sessions(database_url: str):
 
 
 async def verify(sessions, header, *, method="POST", url=URL, body=b'{"a":1}', now=None):
-    async with sessions.begin() as s:
-        return await nip98.verify_request(s, header, method=method, url=url, body=body,
-                                          now=now or int(time.time()))
+    return await nip98.verify_request(sessions, header, method=method, url=url, body=body,
+                                      now=now or int(time.time()))
 
 
 async def test_valid_request_returns_the_callers_key(sessions) -> None:
