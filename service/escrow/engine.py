@@ -593,7 +593,7 @@ class Engine:
                 continue
             if await self.transition(s, job.id, (S.REQUESTED, S.OFFERED), S.CANCELLED, "deleted by the customer"):
                 await self.effect(s, job.id, "cancel_invoice")
-                await self.publish(s, job.id, build_cancelled(Cancelled(job.id, job.customer, CancelReason.DELETED)))
+                await self.publish(s, job.id, build_cancelled(Cancelled(job.id, job.customer, CancelReason.DELETED.value)))
                 outcomes.append("cancelled")
             else:
                 outcomes.append(await self._ignore(s, job.id, event, f"job is {job.state}: too late to cancel"))
@@ -790,7 +790,7 @@ class Engine:
             if await self.transition(s, job.id, (S.OFFERED,), S.CANCELLED, "offer expired unpaid"):
                 await self.effect(s, job.id, "cancel_invoice")
                 await self.publish(s, job.id, build_cancelled(Cancelled(job.id, job.customer,
-                                                                        CancelReason.OFFER_EXPIRED)))
+                                                                        CancelReason.OFFER_EXPIRED.value)))
                 return due
         elif due == "results deadline":
             await self._start_validation(s, job, "results deadline passed")

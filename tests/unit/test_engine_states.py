@@ -30,6 +30,9 @@ TABLE: dict[tuple[JobState, str], JobState] = {
     (S.REQUESTED, "deletion"): S.CANCELLED,
     (S.OFFERED, "funded"): S.COLLECTING,
     (S.OFFERED, "deletion"): S.CANCELLED,
+    # An offer closes at the results deadline at the latest: funding later could not start the job.
+    (S.OFFERED, "results_deadline"): S.CANCELLED,
+    (S.OFFERED, "validation_deadline"): S.CANCELLED,
     (S.COLLECTING, "hold_canceled"): S.REFUNDED,          # LND gave the money back: nothing to hold
     (S.COLLECTING, "results_deadline"): S.REFUNDING,      # no results
     (S.COLLECTING, "validation_deadline"): S.REFUNDING,
