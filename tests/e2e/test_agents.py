@@ -82,9 +82,11 @@ async def test_a_round_with_the_reference_agents(regtest: Regtest, relay_url: st
         job = await market.wait_state(job_id, "closed", timeout=30)
         assert summary["state"] == "closed" and summary["outcome"] == "validated", summary
 
-        # the money: each honest provider gets half the provider share, each validator its fee
+        # the money: each honest provider gets half the provider share in whole satoshis, each
+        # validator its fee
         share = job.bid_msat - job.fee_msat - 2 * job.validator_fee_msat
-        expected = {"alice": share // 2, "bob": share // 2, "victor": job.validator_fee_msat,
+        half = share // 2 // 1000 * 1000
+        expected = {"alice": half, "bob": half, "victor": job.validator_fee_msat,
                     "vera": job.validator_fee_msat}
         by_name = {a.name: a for a in (*cast.providers, *cast.validators)}
         for name, amount in expected.items():
