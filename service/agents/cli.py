@@ -231,7 +231,7 @@ async def _payee(args: argparse.Namespace) -> int:
                              max_iter=args.max_iter, **common)
         else:
             holdout = ml.validator_holdout(args.holdout_index, args.holdout_count, seed=args.seed)
-            agent = Validator(key, relays, escrow, Blobs(blob_url, key), holdout, **common)
+            agent = Validator(key, relays, escrow, Blobs(blob_url, key), holdout, escrow_url=args.escrow_url, **common)
         _say("setup", f"{args.role} {args.name} {key.public_key_hex} ({encode_npub(key.public_key_hex)}) "
                       f"watching {', '.join(relays.urls)} for escrow {escrow[:12]}")
         reports = await agent.serve(jobs=args.jobs, since=args.since)

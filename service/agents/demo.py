@@ -78,7 +78,7 @@ class Cast:
 
 def build_cast(*, relays: Relays, escrow: str, blob_url: str, customer_lnd: LndClient, payee_lnd: LndClient,
                terms: EscrowTerms | None, progress: Progress, key_dir: Path | str | None = None,
-               seed: int = ml.DEFAULT_SEED, network: str | None = None) -> Cast:
+               seed: int = ml.DEFAULT_SEED, network: str | None = None, escrow_url: str | None = None) -> Cast:
     def key(role: str, name: str) -> SecretKey:
         return SecretKey.generate() if key_dir is None else load_key(key_dir, role, f"demo-{name}")
 
@@ -95,7 +95,7 @@ def build_cast(*, relays: Relays, escrow: str, blob_url: str, customer_lnd: LndC
     for i, name in enumerate(VALIDATOR_NAMES):
         k = key("validator", name)
         validators.append(Validator(k, relays, escrow, Blobs(blob_url, k), split.holdouts[i], lnd=payee_lnd,
-                                    name=name, progress=progress, network=network))
+                                    name=name, progress=progress, network=network, escrow_url=escrow_url))
     cast = Cast(customer=customer, providers=providers, validators=validators, split=split)
     everyone: list[Customer | Provider | Validator] = [customer, *providers, *validators]
     for agent in everyone:
@@ -224,7 +224,7 @@ async def run_demo(stack_json_path: str | Path, service_url: str, relay_url: str
     try:
         cast = build_cast(relays=relays, escrow=info.pubkey, blob_url=blob_url, customer_lnd=customer_lnd,
                           payee_lnd=payee_lnd, terms=terms, progress=show, key_dir=key_dir, seed=seed,
-                          network=info.network or None)
+                          network=info.network or None, escrow_url=service_url)
         out["agents"] = {name: {"pubkey": pk, "role": cast.roles[pk]} for pk, name in cast.names.items()}
         for name, a in out["agents"].items():
             show("setup", f"{name:<8} {a['role']:<22} {a['pubkey']}")

@@ -19,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+
+import httpx
 from dataclasses import dataclass, field
 from decimal import Decimal
 
 from service.lightning.client import LndClient
-from service.nostr.nip01 import Event, SecretKey, sign_event
+from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
 from service.nostr.protocol import (
     KIND_EVALUATION_REQUEST,
     CodecError,
@@ -69,7 +71,7 @@ class Validator(Payee):
     def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, holdout: ml.Dataset, *,
                  lnd: LndClient | None = None, lud16: str | None = None, name: str = "validator",
                  progress: Progress = no_progress, invoice_expiry: int = 3600, allow_private_lnurl: bool = False,
-                 network: str | None = None) -> None:
+                 network: str | None = None, escrow_url: str | None = None) -> None:
         if lnd is None and not lud16:
             raise ValueError("a validator needs an LND node or a lud16 address to be paid")
         if len(holdout) == 0:
@@ -77,6 +79,7 @@ class Validator(Payee):
         self.key, self.relays, self.escrow, self.blobs, self.holdout = key, relays, escrow, blobs, holdout
         self.lnd, self.lud16, self.name, self.progress = lnd, lud16, name, progress
         self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
+        self.escrow_url = escrow_url.rstrip("/") if escrow_url else None
         self.reports: dict[str, asyncio.Future[ValidatorReport]] = {}   # by job id
         self._tasks: set[asyncio.Task] = set()
 
@@ -150,13 +153,36 @@ class Validator(Payee):
             value, problem = 0.0, f"{type(exc).__name__}: {exc}"
         return Score(result_id, Decimal(f"{value:.4f}"), result.model.sha256), problem
 
+    async def _from_escrow(self, job_id: str) -> dict[str, Event]:
+        """The job's signed request and results from the escrow's API; each signature is checked."""
+        try:
+            async with httpx.AsyncClient(timeout=15) as c:
+                r = await c.get(f"{self.escrow_url}/v1/jobs/{job_id}/events")
+            if r.status_code != 200:
+                return {}
+            body = r.json()
+            raw = [body["request"], *body["results"]]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            return {}
+        out = {}
+        for obj in raw:
+            try:
+                event = verify_event(obj, now=int(time.time()))
+            except (EventError, TypeError):
+                continue
+            out[event.id] = event
+        return out
+
     async def handle(self, request_id: str, request: EvaluationRequest) -> ValidatorReport:
         report = ValidatorReport(job_id=request.job_id, request_id=request_id)
         ids = [c.result_id for c in request.candidates]
         found = {e.id: e for e in await self.relays.query({"ids": [request.job_id, *ids]})}
+        if self.escrow_url and not {request.job_id, *ids} <= found.keys():
+            # Relays drop events (NIP-40 expiration, retention): the escrow keeps what it counted.
+            found = {**await self._from_escrow(request.job_id), **found}
         job_event = found.get(request.job_id)
         if job_event is None:
-            raise AgentError("the job request is not on the relays")
+            raise AgentError("the job request is neither on the relays nor at the escrow")
         job = read_job(job_event, self.escrow)
         if self.pubkey not in job.validators:
             raise AgentError("the job does not name us as a validator")

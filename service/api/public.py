@@ -38,6 +38,10 @@ class TermsOut(BaseModel):
     max_shards: int
     modes: list[str]
     max_hold_seconds: int
+    min_payout_msat: int = Field(description="every payout is at least this, in whole satoshis")
+    max_results_per_shard: int = Field(description="results per shard that become candidates (first received)")
+    routing_fee_ppm: int = Field(description="the most a payout's route may cost, in ppm of the payout; a "
+                                             "refund's route is paid from the refunded amount")
 
 
 class InfoOut(BaseModel):
@@ -107,7 +111,9 @@ async def info(request: Request) -> InfoOut:
                    terms=TermsOut(fee_base_msat=t.fee_base_msat, fee_ppm=t.fee_ppm, min_bid_msat=t.min_bid_msat,
                                   max_bid_msat=t.max_bid_msat, max_validators=t.max_validators,
                                   max_shards=t.max_shards, modes=sorted(str(m) for m in t.modes),
-                                  max_hold_seconds=t.max_hold_seconds))
+                                  max_hold_seconds=t.max_hold_seconds, min_payout_msat=t.min_payout_msat,
+                                  max_results_per_shard=t.max_results_per_shard,
+                                  routing_fee_ppm=t.routing_fee_ppm))
 
 
 @router.post("/events", response_model=SubmittedOut, status_code=202, responses=responses(400, 413, 422, 429))
@@ -142,6 +148,22 @@ async def get_job(request: Request, job_id: str = Path(pattern=HEX64)) -> dict:
     if detail is None:
         raise ApiError(404, "job_not_found", "no job with this id")
     return detail
+
+
+class JobEventsOut(BaseModel):
+    request: dict = Field(description="the job request, as its customer signed it")
+    results: list[dict] = Field(description="the counted results (the candidates), as their providers signed them")
+
+
+@router.get("/jobs/{job_id}/events", response_model=JobEventsOut, responses=responses(404, 422))
+async def get_job_events(request: Request, job_id: str = Path(pattern=HEX64)) -> JobEventsOut:
+    """The job's signed request and counted results, for participants whose relays dropped them (a
+    NIP-40 expiration, a relay's retention). Each is the original signed event: verify it."""
+    async with request.app.state.sessions() as s:
+        events = await queries.job_events(s, job_id)
+    if events is None:
+        raise ApiError(404, "job_not_found", "no job with this id")
+    return JobEventsOut(**events)
 
 
 @router.get("/invoices/{payment_hash}", response_model=InvoiceOut, responses=responses(404, 422))

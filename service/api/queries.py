@@ -19,7 +19,7 @@ from service.escrow.models import Job, JobState, Result, ScoreRow, TimelineEntry
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning.models import LnInvoice, Payout
-from service.nostr.models import RejectedEvent
+from service.nostr.models import InboxEvent, RejectedEvent
 
 ATTENTION = ("unknown", "failed", "needs_invoice")
 _CODE = re.compile(r"([a-z_]+): ")
@@ -55,6 +55,16 @@ def job_summary(j: Job) -> dict:
             "payout_policy": j.payout_policy, "results_deadline": j.results_deadline,
             "validation_deadline": j.validation_deadline, "refund_reason": j.refund_reason,
             "reject_reason": j.reject_reason, "created_at": _ts(j.created_at), "updated_at": _ts(j.updated_at)}
+
+
+async def job_events(s: AsyncSession, job_id: str) -> dict | None:
+    """The job's signed request and the signed events of its counted results (from the inbox)."""
+    raw = await s.scalar(select(Job.request_raw).where(Job.id == job_id))
+    if raw is None:
+        return None
+    ids = (await s.scalars(select(Result.id).where(Result.job_id == job_id))).all()
+    results = (await s.scalars(select(InboxEvent.raw).where(InboxEvent.id.in_(ids)))).all() if ids else []
+    return {"request": json.loads(raw), "results": [json.loads(r) for r in results]}
 
 
 async def job_detail(s: AsyncSession, job_id: str) -> dict | None:

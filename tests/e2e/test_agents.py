@@ -17,15 +17,20 @@ from types import SimpleNamespace
 import pytest
 import uvicorn
 
+from service.agents import ml
 from service.agents.common import escrow_info
 from service.agents.customer import RoundConfig
 from service.agents.demo import build_cast, format_summary, run_demo, run_round
 from service.agents.relay import Relays
+from service.agents.storage import Blobs
+from service.agents.validator import Validator
 from service.api import blobs
 from service.escrow.service import terms_from_settings
 from service.lightning.client import InvoiceState
+from service.nostr.nip01 import Event, sign_event
+from service.nostr.protocol import ModelRef, build_job_request, build_result, parse_evaluation_request
 from tests.conftest import Regtest, free_port, wait_until
-from tests.e2e.market import Market
+from tests.e2e.market import Market, query
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
@@ -128,3 +133,32 @@ async def test_run_demo_chains_two_rounds(regtest: Regtest, relay_url: str, data
             assert all(r["payees"][n]["paid"] for n in ("alice", "bob", "victor", "vera")), r["payees"]
             await market.check_ledger(r["job_id"], closed=True)
         assert summary["totals_msat"]["mallory"] == 0 and summary["totals_msat"]["alice"] > 0
+
+
+async def test_a_validator_finds_a_request_the_relays_dropped_at_the_escrow(regtest: Regtest, relay_url: str,
+                                                                          database_url: str, tmp_path: Path) -> None:
+    """Relays drop events (a NIP-40 expiration, their retention): the job request and its results are
+    not on the relay here (they reached the escrow through its REST API). The reference validator
+    fetches them from ``GET /v1/jobs/{id}/events``, checks their signatures, and scores."""
+    market = Market(regtest, relay_url, database_url)
+    async with _serving(market, tmp_path / "blobs") as service_url:
+        spec = market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, results_in=20, validation_in=40)
+        job_ev = sign_event(market.customer, *build_job_request(spec, customer=market.customer.public_key_hex))
+        await market.submit_rest(job_ev)
+        offer = await market.wait_status(job_ev.id, "payment-required")
+        pay = asyncio.create_task(regtest.customer_pays(offer["tags"][1][2], timeout_seconds=60))
+        await market.wait_status(job_ev.id, "processing", "escrow funded")
+        job = await market.job_request(job_ev)
+        result = sign_event(market.providers[0], *build_result(job, shard_index=0, model=ModelRef(
+            f"{service_url}/blobs/{'ab' * 32}", "ab" * 32, 1000)))
+        await market.submit_rest(result)
+        assert await query(relay_url, {"ids": [job_ev.id, result.id]}) == [], "the relay has neither"
+        req_ev = await market.eval_request(job_ev.id)
+        vkey = market.validators[0]
+        split = ml.split_digits(1, 1, seed=1)
+        validator = Validator(vkey, Relays([relay_url]), market.E, Blobs(f"{service_url}/blobs", vkey),
+                              split.holdouts[0], lnd=regtest.payee, name="vera", escrow_url=service_url)
+        report = await asyncio.wait_for(validator.handle(req_ev["id"], parse_evaluation_request(
+            Event.from_dict(req_ev))), 60)
+        assert result.id in report.scores and report.evaluation_id is not None
+        pay.cancel()
