@@ -20,6 +20,7 @@ from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import ModelRef, build_payee_invoice, build_result
 from tests.conftest import Regtest, wait_until
 from tests.e2e.market import Market, publish, settle_payment, tag
+from tests.support.overpay import overpay
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
@@ -276,3 +277,33 @@ async def test_rewards_are_whole_satoshis_so_ordinary_wallets_can_invoice_them(m
 
 def _decision(job: Job) -> dict:
     return json.loads(job.decision)
+
+
+async def test_an_overpaid_escrow_gives_the_excess_back_to_the_customer(market: Market, regtest: Regtest) -> None:
+    """A customer's wallet pays 200 sat more than the offer (LND takes up to twice an invoice's
+    amount). Before: the excess was booked silently as the escrow's fee income. Now it is shown in
+    the decision and paid back to the customer (less its route's reserve), like a refund."""
+    job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0,
+                                                   mode="custodial", bid=3_000_000))
+    amount, bolt11 = await market.offer(job_ev.id)
+    assert await overpay(regtest.customer, bolt11, amount + 200_000) == 1    # settled: custodial
+    await market.wait_status(job_ev.id, "processing", "escrow funded")
+    r1 = await market.submit(job_ev, market.providers[0], 0, b"a good model")
+    await market.score(job_ev.id, market.validators[0], {r1.id: ("0.9", sha(b"a good model"))})
+    await market.wait_state(job_ev.id, "releasing")
+    job = await market.job(job_ev.id)
+    assert _decision(job)["overpaid_msat"] == 200_000
+    back = {p.id: p for p in await market.payouts(job_ev.id)}[f"{job_ev.id}:overpaid"]
+    reserve = -(-200_000 * market.settings.payout_fee_ppm // 1_000_000)
+    assert back.payee == market.customer.public_key_hex and back.amount_msat == (200_000 - reserve) // 1000 * 1000
+    # the customer claims it like any reward, with an invoice of its own node
+    claim = await market.wait_status(job_ev.id, "success", "reward claimable")
+    assert tag(claim, "p")[1] == market.customer.public_key_hex and int(tag(claim, "amount")[1]) == back.amount_msat
+    inv = await regtest.customer.add_invoice(back.amount_msat, memo="the excess")
+    await publish(market.relay, sign_event(market.customer, *build_payee_invoice(
+        job_id=job_ev.id, escrow=market.E, amount_msat=back.amount_msat, bolt11=inv.payment_request)))
+    await market.claim_rewards(job_ev.id, [market.providers[0]])
+    await market.wait_state(job_ev.id, "closed", timeout=60)
+    paid = await regtest.customer.lookup_invoice(inv.payment_hash)
+    assert paid.amt_paid_msat == back.amount_msat
+    await market.check_ledger(job_ev.id, closed=True)
