@@ -25,6 +25,7 @@ from service.lightning.errors import LndError
 from service.lightning.service import LightningService
 from service.nostr.keys import load_or_create, parse_secret
 from service.nostr.nip01 import SecretKey
+from service.nostr.outbox import PublisherConfig
 from service.nostr.service import NostrService
 
 
@@ -109,7 +110,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.escrow = EscrowService(app.state.sessions, settings, key, app.state.lightning)
         app.state.nostr = None
         if settings.relays:
-            app.state.nostr = NostrService(app.state.sessions, settings.relays, key)
+            app.state.nostr = NostrService(app.state.sessions, settings.relays, key, publisher_config=PublisherConfig(
+                reply_relays_allow_private=settings.reply_relays_allow_private))
             app.state.nostr.pool.on_stored = _notify(app.state.escrow.loop.wake.set)
             app.state.escrow.loop.on_progress.append(app.state.nostr.publisher.wake)
         if app.state.lightning is not None:

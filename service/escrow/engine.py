@@ -112,7 +112,6 @@ class EngineConfig:
     release_margin_seconds: int = 3600   # hold invoices must outlive the validation deadline by this
     budget: IntakeBudget = field(default_factory=IntakeBudget)
     reply_relays_max: int = 3            # of a request's NIP-90 `relays`, how many also get our replies
-    reply_relays_allow_private: bool = False   # dev/test only: replies to relays on private addresses
 
 
 class Engine:

@@ -46,8 +46,7 @@ class EscrowService:
                                 per_minute_per_key=settings.job_requests_per_minute_per_key,
                                 open_offers=settings.max_open_offers,
                                 open_offers_per_key=settings.max_open_offers_per_key),
-            reply_relays_max=settings.reply_relays_max,
-            reply_relays_allow_private=settings.reply_relays_allow_private))
+            reply_relays_max=settings.reply_relays_max))
         self.runner = EngineRunner(self.engine, Inbox(sessions))
         effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
                                 lease_seconds=settings.effect_lease_seconds) if lightning else None)

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.db import insert_ignore, utcnow
 from service.nostr.models import Delivery, OutboxEvent
 from service.nostr.nip01 import Event
+from service.nostr.oneshot import publish_once
 from service.nostr.pool import NotConnected, RelayPool
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class PublisherConfig:
     batch: int = 100
     idle_interval: float = 0.5
     ok_timeout: float = 10.0
+    # A job's reply relays (not ours) are published to by a short connection each; dev/test only:
+    # allow them on private addresses.
+    reply_relays_allow_private: bool = False
 
 
 class Publisher:
@@ -68,6 +72,8 @@ class Publisher:
         self.pool = pool
         self.config = config or PublisherConfig()
         self._wake = asyncio.Event()
+        self._foreign: set[tuple[str, str]] = set()        # reply-relay deliveries in flight
+        self._foreign_tasks: set[asyncio.Task] = set()
 
     def wake(self) -> None:
         """Call after enqueueing to publish without waiting for the next poll."""
@@ -91,11 +97,29 @@ class Publisher:
                 .order_by(Delivery.next_attempt_at).limit(self.config.batch))).all()
         known = set(self.pool.relays)
         todo = [r for r in rows if r.relay in known]
+        # A job's reply relays (its customer chose them) are published to in the background, each
+        # recorded on its own: a relay that never answers must not hold up our relays' batch.
+        for r in rows:
+            if r.relay not in known and (r.event_id, r.relay) not in self._foreign:
+                self._foreign.add((r.event_id, r.relay))
+                task = asyncio.create_task(self._foreign_delivery(r.event_id, r.relay, r.attempts, r.raw))
+                self._foreign_tasks.add(task)
+                task.add_done_callback(self._foreign_tasks.discard)
         answers = await asyncio.gather(*(self._attempt(r.relay, r.raw) for r in todo))
         if todo:
             await self._record([(r.event_id, r.relay, r.attempts, ok, message)
                                 for r, (ok, message) in zip(todo, answers)])
         return len(todo)
+
+    async def _foreign_delivery(self, event_id: str, relay: str, attempts: int, raw: str) -> None:
+        try:
+            ok, message = await publish_once(relay, Event.from_dict(json.loads(raw)), timeout=self.config.ok_timeout,
+                                             allow_private=self.config.reply_relays_allow_private)
+            await self._record([(event_id, relay, attempts, ok, message)])
+        except Exception:  # noqa: BLE001 - one reply relay's delivery never stops the publisher
+            log.exception("delivery of %s to reply relay %s failed", event_id, relay)
+        finally:
+            self._foreign.discard((event_id, relay))
 
     async def _attempt(self, relay: str, raw: str) -> tuple[bool, str]:
         event = Event.from_dict(json.loads(raw))
@@ -138,6 +162,13 @@ class Publisher:
     min_spacing = 0.005   # under load, one poll takes a batch of new events, not one each
 
     async def run(self, stop: asyncio.Event) -> None:
+        try:
+            await self._run(stop)
+        finally:
+            for task in list(self._foreign_tasks):   # a reply relay's delivery is retried after a restart
+                task.cancel()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             t0 = time.monotonic()
             self._wake.clear()

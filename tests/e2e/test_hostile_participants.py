@@ -15,11 +15,12 @@ import pytest
 from sqlalchemy import select
 
 from service.escrow.models import Job
+from service.nostr.models import Delivery
 from service.lightning.client import PaymentStatus
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import ModelRef, build_payee_invoice, build_result
 from tests.conftest import Regtest, wait_until
-from tests.e2e.market import Market, publish, settle_payment, tag
+from tests.e2e.market import Market, publish, query, settle_payment, tag
 from tests.support.overpay import overpay
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
@@ -307,3 +308,36 @@ async def test_an_overpaid_escrow_gives_the_excess_back_to_the_customer(market: 
     paid = await regtest.customer.lookup_invoice(inv.payment_hash)
     assert paid.amt_paid_msat == back.amount_msat
     await market.check_ledger(job_ev.id, closed=True)
+
+
+async def test_replies_also_go_to_the_requests_relays_but_never_to_private_addresses(
+        regtest: Regtest, relay_url: str, database_url: str, relay_factory) -> None:
+    """NIP-90's ``relays`` tag names where the customer reads replies; it was ignored. Now the escrow
+    publishes the job's events there too (at most ``reply_relays_max``), and a relay on a private
+    address (a customer pointing the escrow at an internal host: SSRF) is refused without a
+    connection. Loopback counts as private, so the first half of this test allows it explicitly."""
+    theirs = relay_factory()
+    m = Market(regtest, relay_url, database_url, reply_relays_allow_private=True)
+    async with m.running():
+        job_ev = await m.post_job(replace(m.job_spec(shards=1, validators=1, quorum=1), relays=(theirs.url,)))
+        await m.offer(job_ev.id)
+
+        async def on_their_relay():
+            evs = await query(theirs.url, {"authors": [m.E], "#e": [job_ev.id]})
+            return evs if any(tag(e, "status")[1] == "payment-required" for e in evs) else None
+        await wait_until(on_their_relay, 20, "the offer on the customer's relay", interval=0.3)
+
+    m = Market(regtest, relay_url, database_url)     # private addresses not allowed (the default)
+    async with m.running():
+        job_ev = await m.post_job(replace(m.job_spec(shards=1, validators=1, quorum=1, bid=3_001_000),
+                                          relays=(theirs.url,)))
+        offer = await m.wait_status(job_ev.id, "payment-required")
+
+        async def refused():
+            async with m.sessions() as s:
+                return (await s.execute(select(Delivery.state, Delivery.last_message).where(
+                    Delivery.relay == theirs.url, Delivery.event_id == offer["id"],
+                    Delivery.state != "pending"))).first()
+        row = await wait_until(refused, 20, "the private reply relay refused", interval=0.3)
+        assert row.state == "rejected" and row.last_message.startswith("blocked:")
+        assert await query(theirs.url, {"authors": [m.E], "#e": [job_ev.id]}) == []
