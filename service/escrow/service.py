@@ -20,6 +20,7 @@ from service.nostr import outbox
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import Announcement, EscrowTerms, Mode, Network, build_announcement
+from service.quarantine import quarantine_from_settings
 
 
 def terms_from_settings(s: Settings) -> EscrowTerms:
@@ -41,9 +42,11 @@ class EscrowService:
         self.engine = Engine(sessions, key, EngineConfig(
             terms=self.terms, relays=settings.relays, sizing=HoldSizing.from_settings(settings),
             invoice_expiry_seconds=settings.invoice_expiry_seconds))
-        self.runner = EngineRunner(self.engine, Inbox(sessions))
+        self.quarantine = quarantine_from_settings(sessions, settings)
+        self.runner = EngineRunner(self.engine, Inbox(sessions, quarantine=self.quarantine))
         effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
-                                lease_seconds=settings.effect_lease_seconds) if lightning else None)
+                                lease_seconds=settings.effect_lease_seconds, quarantine=self.quarantine)
+                   if lightning else None)
         self.loop = EscrowLoop(self.runner, effects)
         if effects is not None:
             effects.on_offer = self._offer_made
