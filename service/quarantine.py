@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Final, Literal, TypeVar, get_args
+from typing import Any, Final, Literal, TypeVar, cast, get_args
 
 from sqlalchemy import (
     DateTime,
@@ -47,6 +47,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -56,7 +58,7 @@ from sqlalchemy.exc import (
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, QueryableAttribute, mapped_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.config import Settings
@@ -213,12 +215,17 @@ class Attempt:
         return self.ok or (self.verdict is not None and self.verdict.quarantined)
 
 
-def _upsert(session: AsyncSession):  # a dialect Insert
-    if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(ItemFailure.__table__)
+def _upsert(session: AsyncSession) -> postgresql.Insert | sqlite.Insert:
+    if session.get_bind().dialect.name == "postgresql":
+        return postgresql.insert(ItemFailure)
+    return sqlite.insert(ItemFailure)
+
+
+def _rowcount(result: object) -> int:
+    return cast(CursorResult[Any], result).rowcount
+
+
+Ref = ColumnElement[str] | QueryableAttribute[str]   # the item's key, as SQL in a scan
 
 
 class Quarantine:
@@ -238,27 +245,23 @@ class Quarantine:
         return self.clock()
 
     # -- SQL for the scans: correlated on the item's ref, probing the primary key -------------
-    def due(self, source: Source, ref: ColumnElement[str], now: datetime | None = None) -> ColumnElement[bool]:
+    def due(self, source: Source, ref: Ref, now: datetime | None = None) -> ColumnElement[bool]:
         """The item is neither waiting out a backoff nor quarantined."""
-        f = ItemFailure.__table__.c
+        f = ItemFailure
         return ~exists().where(f.source == source, f.ref == ref,
                                or_(f.quarantined_at.is_not(None), f.next_attempt_at > (now or self.now())))
 
-    def not_quarantined(self, source: Source, ref: ColumnElement[str]) -> ColumnElement[bool]:
-        f = ItemFailure.__table__.c
-        return ~exists().where(f.source == source, f.ref == ref, f.quarantined_at.is_not(None))
-
     @staticmethod
-    def failing(source: Source, ref: ColumnElement[str]) -> ColumnElement[bool]:
+    def failing(source: Source, ref: Ref) -> ColumnElement[bool]:
         """The item has a failure row (select it with the item: its success must clear the row)."""
-        f = ItemFailure.__table__.c
+        f = ItemFailure
         return exists().where(f.source == source, f.ref == ref).label("failing")
 
     # -- writes --------------------------------------------------------------------------------
     async def clear(self, s: AsyncSession, source: Source, ref: str) -> None:
         """Forget an item's failures, in the transaction in which it finally succeeded."""
-        t = ItemFailure.__table__
-        await s.execute(delete(t).where(t.c.source == source, t.c.ref == ref))
+        await s.execute(delete(ItemFailure).where(ItemFailure.source == source, ItemFailure.ref == ref)
+                        .execution_options(synchronize_session=False))
 
     async def failed(self, source: Source, ref: str, exc: BaseException, *, job_id: str | None = None,
                      on_failure: OnFailure | None = None) -> Verdict:
@@ -270,20 +273,21 @@ class Quarantine:
         now = self.now()
         error = describe(exc)
         policy = self.policy_for(source)
-        t = ItemFailure.__table__
+        f = ItemFailure
         async with self.sessions.begin() as s:
             ins = _upsert(s).values(source=source, ref=ref[:400], job_id=job_id, failures=1, last_error=error,
                                     first_failed_at=now, last_failed_at=now, next_attempt_at=now)
             stmt = ins.on_conflict_do_update(
-                index_elements=[t.c.source, t.c.ref],
-                set_={"failures": t.c.failures + 1, "last_error": error, "last_failed_at": now,
-                      "job_id": func.coalesce(ins.excluded.job_id, t.c.job_id)},
-            ).returning(t.c.failures)
+                index_elements=[f.source, f.ref],
+                set_={"failures": f.failures + 1, "last_error": error, "last_failed_at": now,
+                      "job_id": func.coalesce(ins.excluded.job_id, f.job_id)},
+            ).returning(f.failures)
             n = int((await s.execute(stmt)).scalar_one())
             quarantined = n >= policy.after
             retry_at = now + timedelta(seconds=policy.delay(n))
-            await s.execute(update(t).where(t.c.source == source, t.c.ref == ref[:400])
-                            .values(next_attempt_at=retry_at, quarantined_at=now if quarantined else None))
+            await s.execute(update(f).where(f.source == source, f.ref == ref[:400])
+                            .values(next_attempt_at=retry_at, quarantined_at=now if quarantined else None)
+                            .execution_options(synchronize_session=False))
             verdict = Verdict(n, quarantined, retry_at, error)
             if on_failure is not None:
                 await on_failure(s, verdict)
@@ -318,9 +322,9 @@ class Quarantine:
     @staticmethod
     async def counts(s: AsyncSession) -> dict[str, int]:
         """Quarantined items per source (every source, zeros included)."""
-        t = ItemFailure.__table__.c
-        rows = (await s.execute(select(t.source, func.count()).where(t.quarantined_at.is_not(None))
-                                .group_by(t.source))).all()
+        f = ItemFailure
+        rows = (await s.execute(select(f.source, func.count()).where(f.quarantined_at.is_not(None))
+                                .group_by(f.source))).all()
         out = dict.fromkeys(SOURCES, 0)
         out.update({src: int(n) for src, n in rows})
         return out
@@ -345,10 +349,10 @@ def view(row: ItemFailure) -> dict:
 async def listing(s: AsyncSession, *, source: str | None = None, limit: int = 100, offset: int = 0,
                   quarantined: bool = True) -> tuple[list[dict], int]:
     """Quarantined items (or, with ``quarantined=False``, items still being retried), newest first."""
-    t = ItemFailure.__table__.c
-    cond = [t.quarantined_at.is_not(None) if quarantined else t.quarantined_at.is_(None)]
+    f = ItemFailure
+    cond: list[ColumnElement[bool]] = [f.quarantined_at.is_not(None) if quarantined else f.quarantined_at.is_(None)]
     if source is not None:
-        cond.append(t.source == source)
+        cond.append(f.source == source)
     total = int(await s.scalar(select(func.count()).select_from(ItemFailure).where(and_(*cond))) or 0)
     rows = (await s.scalars(select(ItemFailure).where(and_(*cond))
                             .order_by(ItemFailure.last_failed_at.desc(), ItemFailure.source, ItemFailure.ref)
@@ -367,29 +371,27 @@ class NotQuarantined(Exception):
 
 async def _reset_inbox(s: AsyncSession, ref: str) -> int:
     from service.nostr.models import InboxEvent
-    t = InboxEvent.__table__
-    res = await s.execute(update(t).where(t.c.id == ref, t.c.outcome.like("error:%"))
-                          .values(handled_at=None, attempts=0, outcome=None))
-    return res.rowcount
+    return _rowcount(await s.execute(update(InboxEvent).where(InboxEvent.id == ref, InboxEvent.outcome.like("error:%"))
+                                     .values(handled_at=None, attempts=0, outcome=None)
+                                     .execution_options(synchronize_session=False)))
 
 
 async def _reset_effect(s: AsyncSession, ref: str) -> int:
     from service.escrow.models import Effect
     if not ref.isdigit():
         return 0
-    t = Effect.__table__
-    res = await s.execute(update(t).where(t.c.id == int(ref), t.c.state == "quarantined")
-                          .values(state="pending", attempts=0, next_attempt_at=utcnow()))
-    return res.rowcount
+    return _rowcount(await s.execute(update(Effect).where(Effect.id == int(ref), Effect.state == "quarantined")
+                                     .values(state="pending", attempts=0, next_attempt_at=utcnow())
+                                     .execution_options(synchronize_session=False)))
 
 
 async def _reset_delivery(s: AsyncSession, ref: str) -> int:
     from service.nostr.models import Delivery
     event_id, _, relay = ref.partition(":")
-    t = Delivery.__table__
-    res = await s.execute(update(t).where(t.c.event_id == event_id, t.c.relay == relay, t.c.state == "quarantined")
-                          .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow()))
-    return res.rowcount
+    return _rowcount(await s.execute(update(Delivery).where(Delivery.event_id == event_id, Delivery.relay == relay,
+                                                            Delivery.state == "quarantined")
+                                     .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow())
+                                     .execution_options(synchronize_session=False)))
 
 
 # What a replay must undo in the item itself, for the sources whose items keep a state of
@@ -406,14 +408,15 @@ async def replay(s: AsyncSession, source: str, ref: str) -> ItemFailure | None:
     replay. An inbox event whose handler failed before this table existed (an ``error:``
     outcome, no row) is replayable too.
     """
-    t = ItemFailure.__table__
+    f = ItemFailure
     row = await s.get(ItemFailure, (source, ref))
     if row is not None and row.quarantined_at is None:
         raise NotQuarantined("not_quarantined",
                              f"the item is retried automatically (failure {row.failures}); it is not quarantined")
     if row is not None:
-        res = await s.execute(delete(t).where(t.c.source == source, t.c.ref == ref, t.c.quarantined_at.is_not(None)))
-        if res.rowcount != 1:
+        res = await s.execute(delete(f).where(f.source == source, f.ref == ref, f.quarantined_at.is_not(None))
+                              .execution_options(synchronize_session=False))
+        if _rowcount(res) != 1:
             raise NotQuarantined("conflict", "the item changed meanwhile")
     reset = _RESETS.get(source)
     changed = await reset(s, ref) if reset is not None else 0

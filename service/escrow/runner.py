@@ -222,7 +222,8 @@ class EffectRunner:
         async def on_failure(s: AsyncSession, v: Verdict) -> None:
             state = "quarantined" if v.quarantined else "pending"
             await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == "running")
-                            .values(state=state, last_error=v.error, next_attempt_at=v.retry_at))
+                            .values(state=state, last_error=v.error, next_attempt_at=v.retry_at)
+                            .execution_options(synchronize_session=False))
             await self.engine.timeline(s, eff.job_id, "effect", {"kind": eff.kind, "state": state, "error": v.error,
                                                                  "failures": v.failures})
             if v.quarantined and eff.kind == "create_invoice":
@@ -324,6 +325,19 @@ class EscrowLoop:
 
     def notify_payout(self, *_args: object) -> None:
         self._payouts_due = True
+        self.wake.set()
+
+    def notify_replay(self, source: str) -> None:
+        """An operator replayed a quarantined item of ``source``: scan for it at the next step."""
+        if source == "effect":
+            self.wake_effects.set()
+            return
+        if source == "timer":
+            self._timers_at = float("-inf")
+        elif source == "ln_fact":
+            self._facts_due = True
+        elif source == "payout_outcome":
+            self._payouts_due = True
         self.wake.set()
 
     async def start(self) -> None:

@@ -140,11 +140,11 @@ class Inbox:
             return True
 
         async def on_failure(s: AsyncSession, v: Verdict) -> None:
-            inbox = InboxEvent.__table__
             values: dict[str, object] = {"attempts": v.failures}
             if v.quarantined:   # out of the pending scan until a replay
                 values.update(handled_at=utcnow(), outcome=f"error: {v.error}"[:500])
-            await s.execute(update(inbox).where(inbox.c.id == item.id, inbox.c.handled_at.is_(None)).values(**values))
+            await s.execute(update(InboxEvent).where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
+                            .values(**values).execution_options(synchronize_session=False))
 
         attempt = await self.quarantine.attempt("inbox", item.id, work, failing=item.failing,
                                                 job_id=_job_of(item.raw), on_failure=on_failure)

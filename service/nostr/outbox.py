@@ -31,8 +31,9 @@ import random
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import and_, exists, literal, select, update
+from sqlalchemy import Row, and_, exists, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import insert_ignore, utcnow
@@ -108,7 +109,7 @@ class Publisher:
                 .where(d.state == "pending", d.next_attempt_at <= self.quarantine.now(),
                        d.relay.in_(list(self.pool.relays)))
                 .order_by(d.next_attempt_at).limit(self.config.batch))).all()
-        todo: list[tuple[object, Event]] = []
+        todo: list[tuple[Row[Any], Event]] = []
         for r in rows:
             try:
                 todo.append((r, Event.from_dict(json.loads(r.raw))))
@@ -138,10 +139,11 @@ class Publisher:
     async def _ours(self, event_id: str, relay: str, exc: BaseException) -> None:
         """A failure of ours for one delivery: retried after the backoff, then quarantined."""
         async def on_failure(s: AsyncSession, v: Verdict) -> None:
-            t = Delivery.__table__
-            await s.execute(update(t).where(t.c.event_id == event_id, t.c.relay == relay, t.c.state == "pending")
+            await s.execute(update(Delivery).where(Delivery.event_id == event_id, Delivery.relay == relay,
+                                                   Delivery.state == "pending")
                             .values(state="quarantined" if v.quarantined else "pending", next_attempt_at=v.retry_at,
-                                    last_message=f"ours: {v.error}"[:500], updated_at=utcnow()))
+                                    last_message=f"ours: {v.error}"[:500], updated_at=utcnow())
+                            .execution_options(synchronize_session=False))
         if is_outage(exc):
             raise exc
         await self.quarantine.failed("publisher", delivery_ref(event_id, relay), exc, on_failure=on_failure)
