@@ -33,7 +33,7 @@ class Injected(ArithmeticError):
     """Stands in for build_validation_complete raising on a 65-character median."""
 
 
-def admin(app) -> httpx.AsyncClient:  # noqa: ANN001
+def admin(app) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://escrow",
                              headers={"Authorization": f"Bearer {TOKEN}"})
 
@@ -62,13 +62,13 @@ async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: 
                 return await s.scalar(select(func.count()).select_from(ScoreRow)) == 2
         await wait_until(scored, 30, "both scores counted")
 
-        real_decide, poisoned = escrow.engine._decide, {"on": True}   # noqa: SLF001
+        real_decide, poisoned = escrow.engine._decide, {"on": True}
 
-        async def decide(s, job, why):  # noqa: ANN001, ANN202
+        async def decide(s, job, why):
             if poisoned["on"] and job.id == job_a.id:
                 raise Injected("median 1E+64 does not fit the event")
             return await real_decide(s, job, why)
-        escrow.engine._decide = decide   # noqa: SLF001
+        escrow.engine._decide = decide
 
         deadline_b = (await market.job(job_b.id)).validation_deadline
         budget = max(0.0, deadline_b + 1 - time.time()) + 2 * escrow.loop.timer_interval + SLACK_SECONDS

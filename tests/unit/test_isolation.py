@@ -107,12 +107,12 @@ async def step(world: World) -> int:
     return await EngineRunner(world.engine, world.inbox).step()
 
 
-def poison(obj: object, name: str, is_poisoned) -> dict:  # noqa: ANN001
+def poison(obj: object, name: str, is_poisoned) -> dict:
     """Wrap ``obj.name`` so that it raises Injected while ``switch["on"]`` and ``is_poisoned(args)``."""
     real = getattr(obj, name)
     switch = {"on": True, "calls": 0}
 
-    async def wrapped(*args, **kw):  # noqa: ANN002, ANN003, ANN202
+    async def wrapped(*args, **kw):
         if is_poisoned(*args):
             switch["calls"] += 1
             if switch["on"]:
@@ -161,7 +161,7 @@ async def test_inbox_a_poisoned_event_does_not_block_the_next(world: World) -> N
     """Fault injected: the engine's handler raises for the first of two job requests."""
     stored: list = []
 
-    async def store_only(event) -> None:  # noqa: ANN001 - both arrive before the engine looks
+    async def store_only(event) -> None:
         stored.append(event)
         await world.inbox.store(event, "test")
     world.feed = store_only
@@ -191,7 +191,7 @@ async def test_inbox_failing_rows_never_fill_the_scan(world: World) -> None:
     at a time. The third is reached on the next pass, while the two wait out their backoff."""
     stored: list = []
 
-    async def store_only(event) -> None:  # noqa: ANN001
+    async def store_only(event) -> None:
         stored.append(event)
         await world.inbox.store(event, "test")
     world.feed = store_only
@@ -210,7 +210,7 @@ async def test_inbox_an_integrity_error_of_the_item_is_the_items_failure(world: 
     be taken for a database outage and stop the inbox."""
     stored: list = []
 
-    async def store_only(event) -> None:  # noqa: ANN001
+    async def store_only(event) -> None:
         stored.append(event)
         await world.inbox.store(event, "test")
     world.feed = store_only
@@ -219,7 +219,7 @@ async def test_inbox_an_integrity_error_of_the_item_is_the_items_failure(world: 
     a, b = (ev.id for ev in stored)
     real = world.engine.handle_event
 
-    async def duplicate_insert(s, event):  # noqa: ANN001, ANN202
+    async def duplicate_insert(s, event):
         out = await real(s, event)
         if event.id == a:
             await s.execute(text("INSERT INTO escrow_jobs SELECT * FROM escrow_jobs WHERE id = :id"), {"id": a})
