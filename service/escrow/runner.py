@@ -157,6 +157,8 @@ class EffectRunner:
         self.lease_seconds = lease_seconds
         self.concurrency = concurrency
         self.quarantine = quarantine or Quarantine(self.sessions)
+        # Effects' own budget in the shared quarantine (unless the service set one): LND may be
+        # away for a restart, and a create_invoice given up on cancels its job.
         self.quarantine.policies.setdefault("effect", RetryPolicy(after=max_attempts, base_seconds=2.0,
                                                                   max_seconds=300.0))
         self.on_offer = None   # called with the job id once its offer invoice is committed

@@ -71,6 +71,7 @@ class Delivery(Base):
                                           primary_key=True)
     relay: Mapped[str] = mapped_column(String(300), primary_key=True)
     # pending -> ok | rejected (relay said OK false for a permanent reason) | gave_up
+    #         | quarantined (a failure of ours, retried until quarantined; replayable)
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
