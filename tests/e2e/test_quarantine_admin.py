@@ -31,7 +31,13 @@ from service.nostr.protocol import (
     build_job_request,
 )
 from tests.conftest import wait_until
-from tests.e2e.test_dashboard import csrf_of, flash_of
+from tests.e2e.test_dashboard import (
+    ARTIFACTS,
+    chromium_page,
+    csrf_of,
+    flash_of,
+    serving,
+)
 
 TOKEN = "quarantine-admin-token"
 HOSTILE = "<script>alert('q')</script>"
@@ -181,3 +187,35 @@ async def test_dashboard_shows_the_quarantine_and_replays_with_csrf(app: FastAPI
         assert "Nothing is quarantined." in (await c.get("/admin/quarantine")).text
     assert [a[0::2] for a in await audit(app)] == [("replay_quarantined", "pending"),
                                                  ("replay_quarantined", "refused: not_found")]
+
+
+async def test_replay_from_the_dashboard_in_headless_chromium(app: FastAPI, backend: str) -> None:
+    """The quarantine page under its Content-Security-Policy in a real browser (Debian's Chromium)."""
+    bad = job_request(1_000_003)
+    poison(app, {bad.id})
+    async with api(app) as c:
+        assert (await c.post("/v1/events", json=bad.to_dict())).status_code == 202
+        await wait_until(lambda: quarantined(c, bad.id), 20, "the poisoned event quarantined")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    async with serving(app) as base, chromium_page() as page:
+        blocked: list[str] = []
+        page.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
+        await page.goto(base + "/admin/login")
+        await page.fill("#token", TOKEN)
+        async with page.expect_navigation():
+            await page.click("section.login button")
+        assert await page.inner_text("#quarantined a") == "1"
+        await page.click("header nav >> text=Quarantine")
+        row = page.locator(f'tr[data-ref="{bad.id}"]')
+        assert "inbox" in await row.inner_text() and HOSTILE in await row.inner_text(), "shown as text, not run"
+        await page.screenshot(path=str(ARTIFACTS / f"11-quarantine-{backend}.png"), full_page=True)
+        app.state.escrow.engine.on_job_request = type(app.state.escrow.engine).on_job_request.__get__(
+            app.state.escrow.engine)
+        await row.locator('input[name="reason"]').fill("handler fixed")
+        async with page.expect_navigation():
+            await row.locator("button").click()
+        assert (await page.inner_text("p.flash")).endswith("will be processed again (now pending)")
+        await wait_until(lambda: job_state(app, bad.id), 10, "the replayed event processed")
+        await page.reload()
+        assert await page.locator("#quarantine").count() == 0 and "Nothing is quarantined." in await page.content()
+        assert blocked == [], "the page needs nothing the policy forbids"
