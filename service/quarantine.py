@@ -199,6 +199,7 @@ class Verdict:
 
 T = TypeVar("T")
 OnFailure = Callable[[AsyncSession, Verdict], Awaitable[None]]
+JobId = str | Callable[[], str | None] | None   # the job an item concerns, or how to find it
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,12 +264,15 @@ class Quarantine:
         await s.execute(delete(ItemFailure).where(ItemFailure.source == source, ItemFailure.ref == ref)
                         .execution_options(synchronize_session=False))
 
-    async def failed(self, source: Source, ref: str, exc: BaseException, *, job_id: str | None = None,
+    async def failed(self, source: Source, ref: str, exc: BaseException, *, job_id: JobId = None,
                      on_failure: OnFailure | None = None) -> Verdict:
         """Record one failure of an item, in a transaction of its own (the item's was rolled back).
 
+        ``job_id`` may be a function, called only now (finding it costs, failures are rare).
         ``on_failure`` runs in that transaction with the verdict, for what the item keeps itself
         (an effect's state and due time, the inbox's outcome)."""
+        if callable(job_id):
+            job_id = job_id()
         failures_total[source] += 1
         now = self.now()
         error = describe(exc)
@@ -300,7 +304,7 @@ class Quarantine:
         return verdict
 
     async def attempt(self, source: Source, ref: str, work: Callable[[AsyncSession], Awaitable[T]], *,
-                      failing: bool = False, job_id: str | None = None,
+                      failing: bool = False, job_id: JobId = None,
                       on_failure: OnFailure | None = None) -> Attempt:
         """Run ``work`` for one item in its own transaction; on an error of the item's, record it.
 

@@ -147,7 +147,7 @@ class Inbox:
                             .values(**values).execution_options(synchronize_session=False))
 
         attempt = await self.quarantine.attempt("inbox", item.id, work, failing=item.failing,
-                                                job_id=_job_of(item.raw), on_failure=on_failure)
+                                                job_id=lambda: _job_of(item.raw), on_failure=on_failure)
         return bool(attempt.value) if attempt.ok else attempt.finished
 
     async def process_pending(self, handler: Handler, *, limit: int = 100) -> int:
