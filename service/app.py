@@ -110,8 +110,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.escrow = EscrowService(app.state.sessions, settings, key, app.state.lightning)
         app.state.nostr = None
         if settings.relays:
-            app.state.nostr = NostrService(app.state.sessions, settings.relays, key, publisher_config=PublisherConfig(
-                reply_relays_allow_private=settings.reply_relays_allow_private))
+            app.state.nostr = NostrService(app.state.sessions, settings.relays, key,
+                                           quarantine=app.state.escrow.quarantine,
+                                           publisher_config=PublisherConfig(
+                                               reply_relays_allow_private=settings.reply_relays_allow_private))
             app.state.nostr.pool.on_stored = _notify(app.state.escrow.loop.wake.set)
             app.state.escrow.loop.on_progress.append(app.state.nostr.publisher.wake)
         if app.state.lightning is not None:

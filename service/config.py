@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     reconcile_threshold_msat: int = Field(default=0, ge=0)  # above this, payouts pause and an alert is raised
     lnurl_allow_private: bool = False                        # dev/test only: LNURL on loopback
     webhook_window_seconds: int = Field(default=300, ge=10, le=3600)
+    # One bad item never blocks the others (service/quarantine.py, docs/operations.md): an item
+    # that keeps failing is retried with backoff, then quarantined until an operator replays it.
+    quarantine_after: int = Field(default=5, ge=1, le=100)                 # failures before quarantine
+    item_retry_base_seconds: float = Field(default=1.0, ge=0, le=3600)    # first backoff, doubling ...
+    item_retry_max_seconds: float = Field(default=300.0, ge=0, le=86_400)  # ... up to this
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65535)

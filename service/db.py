@@ -91,6 +91,7 @@ async def ping(engine: AsyncEngine) -> None:
 def import_models() -> None:
     """Import every module that defines tables, so ``Base.metadata`` is complete."""
     from service import cursors  # noqa: F401
+    from service import quarantine as _quarantine  # noqa: F401
     from service.api import models as _api  # noqa: F401
     from service.escrow import models as _escrow  # noqa: F401
     from service.lightning import models as _lightning  # noqa: F401

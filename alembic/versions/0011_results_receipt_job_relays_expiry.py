@@ -25,9 +25,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column('expires_at', sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column('reply_relays', sa.Text(), nullable=True))
         batch.create_index('ix_escrow_jobs_created_at', ['created_at'])
+    with op.batch_alter_table('nostr_deliveries') as batch:
+        batch.add_column(sa.Column('reply', sa.Boolean(), server_default=sa.false(), nullable=False))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table('nostr_deliveries') as batch:
+        batch.drop_column('reply')
     with op.batch_alter_table('escrow_jobs') as batch:
         batch.drop_index('ix_escrow_jobs_created_at')
         batch.drop_column('reply_relays')

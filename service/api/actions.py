@@ -8,12 +8,12 @@ from __future__ import annotations
 from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import quarantine
 from service.api.models import AdminAction
 from service.escrow.engine import Engine
 from service.escrow.models import Job, JobState
 from service.ledger.reconcile import resume_payouts
 from service.lightning.models import Payout
-from service.nostr.models import InboxEvent
 from service.db import utcnow
 
 
@@ -73,11 +73,33 @@ async def resume(s: AsyncSession, reason: str) -> str:
     return "resumed"
 
 
+async def replay_quarantined(s: AsyncSession, source: str, ref: str, reason: str) -> str:
+    """Clear an item's quarantine (after a fix): its loop processes it again at once."""
+    try:
+        await quarantine.replay(s, source, ref)
+    except quarantine.NotQuarantined as e:
+        raise ActionRefused(e.code, e.message) from None
+    await audit(s, "replay_quarantined", f"{source}/{ref}", reason, "pending")
+    return "pending"
+
+
+def wake_for_replay(state: object, source: str) -> None:
+    """After the commit: tell this replica's loop of ``source`` that a replayed item waits (other
+    replicas find it at their next scan)."""
+    escrow = getattr(state, "escrow", None)
+    if escrow is not None:
+        escrow.loop.notify_replay(source)
+    nostr = getattr(state, "nostr", None)
+    if source == "publisher" and nostr is not None:
+        nostr.publisher.wake()
+
+
 async def replay_event(s: AsyncSession, event_id: str, reason: str) -> str:
-    """Process again an inbox event whose handler failed (after a fix)."""
-    res = await s.execute(update(InboxEvent).where(InboxEvent.id == event_id, InboxEvent.outcome.like("error:%"))
-                          .values(handled_at=None, attempts=0, outcome=None))
-    if res.rowcount != 1:
-        raise ActionRefused("not_replayable", "only events whose handler failed can be replayed")
+    """Process again an inbox event whose handler failed (after a fix): the same as replaying the
+    quarantined item ``inbox/<event id>``, under the inbox's own refusal code."""
+    try:
+        await quarantine.replay(s, "inbox", event_id)
+    except quarantine.NotQuarantined:
+        raise ActionRefused("not_replayable", "only events whose handler failed can be replayed") from None
     await audit(s, "replay_event", event_id, reason, "pending")
     return "pending"

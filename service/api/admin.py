@@ -14,6 +14,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field, SecretStr
 
+from service import quarantine
 from service.api import actions, queries
 from service.api.errors import ApiError, responses
 from service.api.limits import client_address
@@ -194,11 +195,70 @@ async def rejected(request: Request, limit: int = Query(100, ge=1, le=1000)) -> 
 
 @router.post("/inbox/{event_id}/replay", response_model=ActionOut, responses=responses(409, 422))
 async def replay(request: Request, body: Reason, event_id: str = Path(pattern=HEX64)) -> ActionOut:
+    """Process again an event whose handler failed: the same as replaying the quarantined item
+    ``inbox/{event_id}`` (`409 not_replayable` when its handler did not fail for good)."""
     st = request.app.state
     try:
         async with st.sessions.begin() as s:
             result = await actions.replay_event(s, event_id, body.reason)
     except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "replay_event", event_id, body.reason, f"refused: {e.code}")
         raise _refused(e) from None
-    st.escrow.loop.wake.set()
+    st.escrow.loop.notify_replay("inbox")
     return ActionOut(target=event_id, result=result)
+
+
+SOURCE = "^(" + "|".join(quarantine.SOURCES) + ")$"
+
+
+class QuarantinedItem(BaseModel):
+    source: str = Field(description="the loop: " + ", ".join(quarantine.SOURCES))
+    ref: str = Field(description="the item within its loop: event id, job id:deadline, fact seq, payout outcome, "
+                                 "effect id, event id:relay")
+    job_id: str | None = Field(description="the job it concerns, when known")
+    failures: int
+    last_error: str = Field(description="type and message of the last failure (cut short, secrets masked)")
+    since: str = Field(description="first failure (ISO 8601)")
+    last_failed_at: str
+    quarantined_at: str | None
+    next_attempt_at: str | None = Field(description="when it is tried again (items still being retried)")
+
+
+class QuarantineOut(BaseModel):
+    items: list[QuarantinedItem]
+    total: int = Field(description="items matching, beyond this page too")
+    retrying: int = Field(description="items failing but not quarantined yet (retried with backoff)")
+    limit: int
+    offset: int
+
+
+@router.get("/quarantine", response_model=QuarantineOut, responses=responses(422))
+async def quarantined(request: Request, source: str | None = Query(None, pattern=SOURCE),
+                      retrying: bool = Query(False, description="list the items still being retried instead"),
+                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> QuarantineOut:
+    """Items a loop gave up on after repeated failures: never retried until replayed."""
+    async with request.app.state.sessions() as s:
+        items, total = await quarantine.listing(s, source=source, limit=limit, offset=offset, quarantined=not retrying)
+        _, still = await quarantine.listing(s, source=source, limit=1, quarantined=False)
+    return QuarantineOut(items=[QuarantinedItem(**i) for i in items], total=total, retrying=still,
+                         limit=limit, offset=offset)
+
+
+@router.post("/quarantine/{source}/{ref:path}/replay", response_model=ActionOut, responses=responses(404, 409, 422))
+async def replay_quarantined(request: Request, body: Reason, source: str = Path(pattern=SOURCE),
+                             ref: str = Path(min_length=1, max_length=400)) -> ActionOut:
+    """Clear an item's quarantine (after fixing its cause): its loop processes it again at once,
+    and quarantines it again if it keeps failing. `404 not_found`; `409 not_quarantined` for an
+    item still being retried automatically."""
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.replay_quarantined(s, source, ref, body.reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "replay_quarantined", f"{source}/{ref}", body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    actions.wake_for_replay(st, source)
+    return ActionOut(target=f"{source}/{ref}", result=result)
+

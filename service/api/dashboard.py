@@ -16,8 +16,9 @@ Jinja2 autoescaping always on, and every page is sent with a strict Content-Secu
 (no scripts, styles only from this router), ``no-store`` and ``frame-ancestors 'none'``.
 The pages need nothing from outside: the stylesheet is served here.
 
-Reads go through :mod:`service.api.queries` (which never selects a preimage); the one
-action, retrying a payout, through :mod:`service.api.actions` in one transaction.
+Reads go through :mod:`service.api.queries` (which never selects a preimage) and
+:mod:`service.quarantine`; the actions, retrying a payout and replaying a quarantined item,
+through :mod:`service.api.actions`, each in one transaction and audited.
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import delete, func, select
 from starlette.templating import Jinja2Templates
 
+from service import quarantine
 from service.api import actions, queries
 from service.api.admin import usable
 from service.api.limits import client_address
@@ -367,8 +369,9 @@ async def overview(request: Request) -> Response:
         return key
     async with request.app.state.sessions() as s:
         data = await queries.overview(s)
+        quarantined = sum((await quarantine.Quarantine.counts(s)).values())
     nostr = getattr(request.app.state, "nostr", None)
-    return _render(request, "overview.html", key=key, title="Overview", o=data,
+    return _render(request, "overview.html", key=key, title="Overview", o=data, quarantined=quarantined,
                    relays=nostr.pool.status() if nostr is not None else [])
 
 
@@ -469,3 +472,45 @@ async def rejected(request: Request) -> Response:
     async with request.app.state.sessions() as s:
         rows = await queries.rejected_events(s, limit=100)
     return _render(request, "events.html", key=key, title="Rejected events", events=rows)
+
+
+@router.get("/admin/quarantine", name="admin_quarantine")
+async def quarantine_page(request: Request) -> Response:
+    key = _signed_in(request)
+    if isinstance(key, Response):
+        return key
+    page = _page(request)
+    async with request.app.state.sessions() as s:
+        rows, total = await quarantine.listing(s, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
+        retrying, retrying_total = await quarantine.listing(s, limit=PAGE_SIZE, quarantined=False)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    return _render(request, "quarantine.html", key=key, title="Quarantine", items=rows, total=total,
+                   retrying=retrying, retrying_total=retrying_total, max_reason=MAX_REASON, page=page, pages=pages,
+                   prev_link=f"?page={page - 1}" if page > 1 else None,
+                   next_link=f"?page={page + 1}" if page < pages else None)
+
+
+@router.post("/admin/quarantine/{source}/{ref:path}/replay")
+async def replay_quarantined(request: Request, source: str, ref: str) -> Response:
+    key = _signed_in(request)
+    if isinstance(key, Response):
+        return key
+    form = await _checked_form(request, key)
+    if isinstance(form, Response):
+        return form
+    reason = " ".join(form.get("reason", "").split())[:MAX_REASON]
+    if not reason:
+        return _redirect(request, "/admin/quarantine", key=key, flash=("error", "a reason is required to replay an item"))
+    if source not in quarantine.SOURCES or len(ref) > 400:
+        return _redirect(request, "/admin/quarantine", key=key, flash=("error", "replay refused: no such item"))
+    sessions = request.app.state.sessions
+    try:
+        async with sessions.begin() as s:
+            outcome = await actions.replay_quarantined(s, source, ref, reason)
+    except actions.ActionRefused as e:
+        async with sessions.begin() as s:   # the refusal is audited too, in a transaction of its own
+            await actions.audit(s, "replay_quarantined", f"{source}/{ref}", reason, f"refused: {e.code}")
+        return _redirect(request, "/admin/quarantine", key=key, flash=("error", f"replay refused: {e.message}"))
+    actions.wake_for_replay(request.app.state, source)
+    return _redirect(request, "/admin/quarantine", key=key,
+                     flash=("ok", f"{source} {abbr(ref)} will be processed again (now {outcome})"))

@@ -1,8 +1,8 @@
 """Prometheus metrics (text exposition format 0.0.4), computed at scrape time.
 
-Gauges from the database (jobs by state, payouts by state, money held), the running
-layers (LND and relay health, facts recorded, events stored, webhooks refused) and the
-latencies the service measures (settlement detection, payout time).
+Gauges from the database (jobs by state, payouts by state, money held, quarantined items),
+the running layers (LND and relay health, facts recorded, events stored, webhooks refused,
+item failures) and the latencies the service measures (settlement detection, payout time).
 
 The totals are the escrow's business: ``/metrics`` needs ``Authorization: Bearer`` with
 ``FEDSTR_METRICS_TOKEN`` or the admin token (one bearer check, throttled like the admin API;
@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
 
+from service import quarantine
 from service.api import queries
 from service.api.admin import check_bearer, usable
 from service.api.errors import ApiError
@@ -63,6 +64,8 @@ async def metrics(request: Request) -> PlainTextResponse:
               [(None, await s.scalar(select(func.count()).select_from(InboxEvent)))], "counter")
         gauge("fedstr_rejected_events", "Rejected events kept in the log.",
               [(None, await s.scalar(select(func.count()).select_from(RejectedEvent)))])
+        gauge("fedstr_quarantined_items", "Items a loop gave up on, waiting for an operator's replay.",
+              [({"source": k}, v) for k, v in (await quarantine.Quarantine.counts(s)).items()])
         # Settlement detection: our fact's time minus LND's settle time is not kept; we expose the
         # time from invoice creation to the funding fact, and from a payout's creation to success.
         fund = (await s.execute(select(LnFact.observed_at, LnInvoice.created_at)
@@ -104,5 +107,7 @@ async def metrics(request: Request) -> PlainTextResponse:
               [({"relay": r["url"]}, r["events_received"]) for r in st.nostr.pool.status()], "counter")
     gauge("fedstr_webhooks_refused_total", "Refused webhooks by reason.",
           [({"reason": k}, v) for k, v in sorted(webhook.refused.items())] or [({"reason": "none"}, 0)], "counter")
+    gauge("fedstr_item_failures_total", "Item failures (each retry that failed) in this process, by loop.",
+          [({"source": k}, quarantine.failures_total[k]) for k in quarantine.SOURCES], "counter")
     gauge("fedstr_leader", "This replica is the leader.", [(None, 1.0 if st.leadership.is_leader else 0.0)])
     return PlainTextResponse("\n".join(out) + "\n", media_type="text/plain; version=0.0.4")

@@ -138,7 +138,7 @@ class Engine:
         """Sign and queue an event about ``job_id`` for our relays and the job's reply relays
         (its request's NIP-90 ``relays``, checked and bounded when the request was accepted)."""
         event = sign_event(self.key, template.kind, template.tags, template.content, created_at=self.now())
-        await outbox.enqueue(s, event, [*self.config.relays, *await self._reply_relays(s, job_id)])
+        await outbox.enqueue(s, event, self.config.relays, await self._reply_relays(s, job_id))
         status = next((t[1] for t in event.tags if t and t[0] == "status"), "")
         await self.timeline(s, job_id, "published", {"kind": event.kind, "id": event.id, "status": status})
         return event

@@ -101,7 +101,7 @@ class Effect(Base):
     id: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), nullable=False)
     kind: Mapped[str] = mapped_column(String(16), nullable=False)           # create_invoice | settle_hold | cancel_invoice
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")  # pending | done | failed
+    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")  # pending | running | done | quarantined (service/quarantine.py)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -5,6 +5,12 @@ unconsumed LN facts, payout outcomes not yet seen, and due timers; each item in 
 transaction. ``EffectRunner`` performs effects (create the escrow invoice, settle or
 cancel a hold invoice) against LND and reports back. Both are safe to run in several
 replicas at once: every claim is a compare-and-set.
+
+One item's failure never blocks another (``service/quarantine.py``): an item that raises
+is rolled back, recorded under its ``(source, ref)``, retried with backoff and, after
+``RetryPolicy.after`` failures, quarantined until an operator replays it. The scans skip
+such items in SQL, so the items behind them are reached in the same pass. A database
+outage is raised instead: the loop backs off as a whole and no item is counted.
 """
 from __future__ import annotations
 
@@ -14,33 +20,55 @@ import logging
 import time
 from datetime import timedelta
 
-from sqlalchemy import and_, case, exists, literal, or_, select, update
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import String, and_, case, cast, exists, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.sql.elements import ColumnElement
 
-from service.escrow.engine import Engine
+from service.escrow.engine import Engine, payout_ref
 from service.escrow.models import Consumed, Effect, Job, JobState
-from service.lightning.errors import InvoiceStateError, LndError
+from service.lightning.errors import InvoiceStateError
 from service.lightning.invoices import EscrowInvoices
 from service.lightning.models import LnFact, LnInvoice, Payout
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
-from service.db import utcnow
+from service.quarantine import LoopBackoff, Quarantine, RetryPolicy, Verdict, is_outage
 
 log = logging.getLogger(__name__)
 
 TIMED_STATES = (JobState.OFFERED.value, JobState.COLLECTING.value, JobState.VALIDATING.value)
+# The one deadline each timed state waits for: a timer item is (job id, deadline).
+DEADLINE_OF_STATE = {JobState.OFFERED.value: "offer_expiry", JobState.COLLECTING.value: "results_deadline",
+                     JobState.VALIDATING.value: "validation_deadline"}
+
+
+def timer_ref(job_id: str, state: str) -> str:
+    return f"{job_id}:{DEADLINE_OF_STATE.get(state, state)}"
+
+
+def _timer_ref_sql() -> ColumnElement[str]:
+    """timer_ref() in SQL, for the scan's skip of items in backoff or quarantine."""
+    return Job.id + literal(":") + case(*((Job.state == st, literal(name)) for st, name in DEADLINE_OF_STATE.items()),
+                                        else_=Job.state)
+
+
+def _payout_ref_sql() -> ColumnElement[str]:
+    """engine.payout_ref() in SQL: the key of a payout outcome the engine consumes once."""
+    return (Payout.id + literal(":") + Payout.state + literal(":") + Payout.attempts.cast(Consumed.ref.type)
+            + case((Payout.needs_invoice_count > 0,
+                    literal(":") + Payout.needs_invoice_count.cast(Consumed.ref.type)), else_=literal("")))
 
 
 class EngineRunner:
-    def __init__(self, engine: Engine, inbox: Inbox) -> None:
+    def __init__(self, engine: Engine, inbox: Inbox, quarantine: Quarantine | None = None) -> None:
         self.engine = engine
         self.inbox = inbox
         self.sessions: async_sessionmaker[AsyncSession] = engine.sessions
+        self.quarantine = quarantine or inbox.quarantine
 
     async def step(self, *, facts: bool = True, payouts: bool = True, timers: bool = True) -> int:
         """Process what is pending: inbox events always; LN facts, payout outcomes and due
-        timers unless told to skip them this time (the loop scans those on a schedule)."""
+        timers unless told to skip them this time (the loop scans those on a schedule).
+        Returns how many items it finished (processed, or quarantined)."""
         n = await self.inbox.process_pending(self.engine.handle_event, limit=200)
         if facts:
             n += await self._ln_facts()
@@ -51,33 +79,40 @@ class EngineRunner:
         return n
 
     async def _ln_facts(self) -> int:
+        q = self.quarantine
+        ref = cast(LnFact.seq, String)
         async with self.sessions() as s:
-            facts = (await s.scalars(select(LnFact).where(LnFact.consumed_at.is_(None)).order_by(LnFact.seq)
-                                     .limit(200))).all()
+            rows = (await s.execute(select(LnFact, LnInvoice.job_id, q.failing("ln_fact", ref))
+                                    .outerjoin(LnInvoice, LnInvoice.payment_hash == LnFact.payment_hash)
+                                    .where(LnFact.consumed_at.is_(None), q.due("ln_fact", ref))
+                                    .order_by(LnFact.seq).limit(200))).all()
         done = 0
-        for fact in facts:
-            async with self.sessions.begin() as s:
-                outcome = await self.engine.handle_ln_fact(s, fact)
-            done += outcome != "already consumed"
+        for fact, job_id, failing in rows:
+            async def work(s: AsyncSession, fact: LnFact = fact) -> str:
+                return await self.engine.handle_ln_fact(s, fact)
+            attempt = await q.attempt("ln_fact", str(fact.seq), work, failing=bool(failing), job_id=job_id)
+            done += attempt.value != "already consumed" if attempt.ok else attempt.finished
         return done
 
     async def _payouts(self) -> int:
-        ref = (Payout.id + literal(":") + Payout.state + literal(":") + Payout.attempts.cast(Consumed.ref.type)
-               + case((Payout.needs_invoice_count > 0,
-                       literal(":") + Payout.needs_invoice_count.cast(Consumed.ref.type)), else_=literal("")))
+        q = self.quarantine
+        ref = _payout_ref_sql()
         seen = exists().where(and_(Consumed.source == "payout", Consumed.ref == ref))
         async with self.sessions() as s:
-            rows = (await s.scalars(select(Payout).where(Payout.state.in_(("succeeded", "needs_invoice")),
-                                                         Payout.job_id.is_not(None), ~seen).limit(200))).all()
+            rows = (await s.execute(select(Payout, q.failing("payout_outcome", ref))
+                                    .where(Payout.state.in_(("succeeded", "needs_invoice")),
+                                           Payout.job_id.is_not(None), ~seen, q.due("payout_outcome", ref))
+                                    .limit(200))).all()
         done = 0
-        for p in rows:
-            async with self.sessions.begin() as s:
-                outcome = await self.engine.handle_payout(s, p)
-            done += outcome != "already consumed"
+        for p, failing in rows:
+            async def work(s: AsyncSession, p: Payout = p) -> str:
+                return await self.engine.handle_payout(s, p)
+            attempt = await q.attempt("payout_outcome", payout_ref(p), work, failing=bool(failing), job_id=p.job_id)
+            done += attempt.value != "already consumed" if attempt.ok else attempt.finished
         return done
 
     async def _timers(self) -> int:
-        now, cfg = self.engine.now(), self.engine.config
+        now, cfg, q = self.engine.now(), self.engine.config, self.quarantine
         # Only jobs whose deadline may have passed (a superset of what due_timer accepts):
         # open jobs by the thousand must not be loaded on every scan.
         maybe_due = or_(
@@ -85,22 +120,34 @@ class EngineRunner:
                  Job.offer_expires_at <= now - cfg.offer_grace_seconds),
             and_(Job.state == JobState.COLLECTING.value, Job.results_deadline <= now - cfg.results_grace_seconds),
             and_(Job.state == JobState.VALIDATING.value, Job.validation_deadline <= now))
+        ref = _timer_ref_sql()
         async with self.sessions() as s:
-            jobs = (await s.scalars(select(Job).where(maybe_due).limit(500))).all()
+            rows = (await s.execute(select(Job, q.failing("timer", ref))
+                                    .where(maybe_due, q.due("timer", ref)).limit(500))).all()
         done = 0
-        for job in jobs:
+        for job, failing in rows:
             if self.engine.due_timer(job) is None:   # checked here first: no transaction per idle job
                 continue
-            async with self.sessions.begin() as s:
+
+            async def work(s: AsyncSession, job: Job = job) -> bool:
                 fresh = await s.get(Job, job.id)
-                if fresh is not None and fresh.version == job.version and await self.engine.on_timers(s, fresh):
-                    done += 1
+                return bool(fresh is not None and fresh.version == job.version and await self.engine.on_timers(s, fresh))
+            attempt = await q.attempt("timer", timer_ref(job.id, job.state), work, failing=bool(failing),
+                                      job_id=job.id)
+            done += bool(attempt.value) if attempt.ok else attempt.finished
         return done
 
 
 class EffectRunner:
+    """Performs effects. A failing effect (LND refusing or unreachable counts: an effect *is* an
+    LND call) is retried with backoff, 2 s doubling to 5 min, then quarantined after
+    ``max_attempts`` (about 18 minutes of LND away): a quarantined create_invoice cancels its
+    job and tells the customer (``Engine.on_invoice_failed``); a quarantined settle_hold or
+    cancel_invoice waits, listed for the operator, until replayed."""
+
     def __init__(self, engine: Engine, invoices: EscrowInvoices, watcher: SettlementWatcher, *,
-                 max_attempts: int = 10, lease_seconds: float = 120.0, concurrency: int = 32) -> None:
+                 max_attempts: int = 10, lease_seconds: float = 120.0, concurrency: int = 32,
+                 quarantine: Quarantine | None = None) -> None:
         self.engine = engine
         self.invoices = invoices
         self.watcher = watcher
@@ -109,21 +156,31 @@ class EffectRunner:
         self.max_attempts = max_attempts
         self.lease_seconds = lease_seconds
         self.concurrency = concurrency
+        self.quarantine = quarantine or Quarantine(self.sessions)
+        # Effects' own budget in the shared quarantine (unless the service set one): LND may be
+        # away for a restart, and a create_invoice given up on cancels its job.
+        self.quarantine.policies.setdefault("effect", RetryPolicy(after=max_attempts, base_seconds=2.0,
+                                                                  max_seconds=300.0))
         self.on_offer = None   # called with the job id once its offer invoice is committed
 
     async def run_once(self) -> int:
-        """Claim due effects and perform them: jobs concurrently, one job's effects in order."""
-        now = utcnow()
+        """Claim due effects and perform them: jobs concurrently, one job's effects in order.
+
+        Returns how many it finished (done, or quarantined). A database outage met by any of
+        them is raised once every job's task has ended (the loop backs off)."""
+        now = self.quarantine.now()
+        ref = cast(Effect.id, String)
         async with self.sessions() as s:
-            due = (await s.scalars(select(Effect).where(Effect.state.in_(("pending", "running")),
-                                                        Effect.next_attempt_at <= now)
+            due = (await s.execute(select(Effect, self.quarantine.failing("effect", ref))
+                                   .where(Effect.state.in_(("pending", "running")), Effect.next_attempt_at <= now)
                                    .order_by(Effect.id).limit(4 * self.concurrency))).all()
         if not due:
             return 0
         claimed: dict[str, list[Effect]] = {}
+        failing = {eff.id for eff, was_failing in due if was_failing}
         async with self.sessions.begin() as s:   # claim: a lease, by compare-and-set, one transaction
             t = Effect.__table__
-            for eff in due:
+            for eff, _ in due:
                 res = await s.execute(update(t).where(t.c.id == eff.id, t.c.state == eff.state,
                                                       t.c.attempts == eff.attempts)
                                       .values(state="running", attempts=t.c.attempts + 1,
@@ -131,49 +188,69 @@ class EffectRunner:
                 if res.rowcount == 1:
                     claimed.setdefault(eff.job_id, []).append(eff)
         gate = asyncio.Semaphore(self.concurrency)
+        outages: list[BaseException] = []
 
         async def job_effects(effects: list[Effect]) -> int:
             async with gate:
                 for k, eff in enumerate(effects):
                     try:
-                        await self._perform(eff)
-                    except (LndError, DBAPIError, OSError) as e:
-                        await self._failed(eff, f"{type(e).__name__}: {e}"[:300])
+                        await self._perform(eff, eff.id in failing)
+                    except Exception as e:  # noqa: BLE001 - one effect's failure never stops the others
+                        if is_outage(e):
+                            outages.append(e)
+                            for later in effects[k:]:   # not its fault: given back, not counted
+                                await self._release(later)
+                            return k
+                        quarantined = await self._failed(eff, e)
                         for later in effects[k + 1:]:   # keep the order: retried after this one
                             await self._release(later)
-                        return k
+                        return k + quarantined
                 return len(effects)
-        return sum(await asyncio.gather(*(job_effects(effs) for effs in claimed.values())))
+        done = sum(await asyncio.gather(*(job_effects(effs) for effs in claimed.values())))
+        if outages:
+            raise outages[0]
+        return done
 
     async def _release(self, eff: Effect) -> None:
-        """Give back a claimed effect unperformed (its job's earlier effect failed)."""
-        async with self.sessions.begin() as s:
+        """Give back a claimed effect unperformed (its job's earlier effect failed, or the database is away)."""
+        with contextlib.suppress(Exception):   # the database may be what failed: the lease then runs out
+            async with self.sessions.begin() as s:
+                await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == "running")
+                                .values(state="pending", attempts=Effect.attempts - 1,
+                                        next_attempt_at=self.quarantine.now() + timedelta(seconds=1)))
+
+    async def _failed(self, eff: Effect, exc: BaseException) -> bool:
+        """Record the effect's failure: back to pending after the backoff, or quarantined."""
+        async def on_failure(s: AsyncSession, v: Verdict) -> None:
+            state = "quarantined" if v.quarantined else "pending"
             await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == "running")
-                            .values(state="pending", attempts=Effect.attempts - 1,
-                                    next_attempt_at=utcnow() + timedelta(seconds=1)))
+                            .values(state=state, last_error=v.error, next_attempt_at=v.retry_at)
+                            .execution_options(synchronize_session=False))
+            await self.engine.timeline(s, eff.job_id, "effect", {"kind": eff.kind, "state": state, "error": v.error,
+                                                                 "failures": v.failures})
+            if v.quarantined and eff.kind == "create_invoice":
+                await self.engine.on_invoice_failed(s, eff.job_id, v.error)
+        verdict = await self.quarantine.failed("effect", str(eff.id), exc, job_id=eff.job_id, on_failure=on_failure)
+        return verdict.quarantined
 
-    async def _failed(self, eff: Effect, error: str) -> None:
-        attempts = eff.attempts + 1
-        state = "failed" if attempts >= self.max_attempts else "pending"
-        delay = min(300, 2 ** attempts)
-        async with self.sessions.begin() as s:
-            await s.execute(update(Effect).where(Effect.id == eff.id)
-                            .values(state=state, last_error=error, next_attempt_at=utcnow() + timedelta(seconds=delay)))
-            await self.engine.timeline(s, eff.job_id, "effect", {"kind": eff.kind, "state": state, "error": error})
-            if state == "failed" and eff.kind == "create_invoice":
-                await self.engine.on_invoice_failed(s, eff.job_id, error)
-        log.warning("effect %s for job %s: %s (%s)", eff.kind, eff.job_id, error, state)
-
-    async def _done(self, s: AsyncSession, eff: Effect) -> None:
+    async def _done(self, s: AsyncSession, eff: Effect, failing: bool) -> None:
         t = Effect.__table__
         await s.execute(update(t).where(t.c.id == eff.id).values(state="done", last_error=None))
+        if failing:
+            await self.quarantine.clear(s, "effect", str(eff.id))
 
-    async def _perform(self, eff: Effect) -> None:
+    async def _perform(self, eff: Effect, failing: bool = False) -> None:
         async with self.sessions() as s:
             job = await s.get(Job, eff.job_id)
             existing = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == eff.job_id)
                                         .order_by(LnInvoice.created_at))).first()
         if eff.kind == "create_invoice":
+            if existing is None and (job is None or job.state != JobState.REQUESTED.value):
+                # Cancelled meanwhile (deleted, or this effect was quarantined and is replayed):
+                # an invoice now would be one nobody may pay.
+                async with self.sessions.begin() as s:
+                    await self._done(s, eff, failing)
+                return
             if existing is None:   # a retry after a crash reuses the invoice already made
                 hold_seconds = max(0, job.validation_deadline - self.engine.now()) + self.engine.config.release_margin_seconds
                 now = self.engine.now()
@@ -188,13 +265,13 @@ class EffectRunner:
                 self.watcher.watch(h)
             async with self.sessions.begin() as s:
                 await self.engine.on_invoice_created(s, job.id, h, pr, mode, job.bid_msat, customer=job.customer)
-                await self._done(s, eff)
+                await self._done(s, eff, failing)
             if self.on_offer is not None:
                 self.on_offer(job.id)
         elif eff.kind in ("settle_hold", "cancel_invoice"):
             if existing is None:
                 async with self.sessions.begin() as s:
-                    await self._done(s, eff)
+                    await self._done(s, eff, failing)
                 return
             try:
                 if eff.kind == "settle_hold":
@@ -205,7 +282,7 @@ class EffectRunner:
                 pass   # already in a final state: the lookup records what it is
             await self.watcher.confirm(existing.payment_hash, f"effect:{eff.kind}")
             async with self.sessions.begin() as s:
-                await self._done(s, eff)
+                await self._done(s, eff, failing)
         else:
             raise ValueError(f"unknown effect {eff.kind}")
 
@@ -254,6 +331,19 @@ class EscrowLoop:
         self._payouts_due = True
         self.wake.set()
 
+    def notify_replay(self, source: str) -> None:
+        """An operator replayed a quarantined item of ``source``: scan for it at the next step."""
+        if source == "effect":
+            self.wake_effects.set()
+            return
+        if source == "timer":
+            self._timers_at = float("-inf")
+        elif source == "ln_fact":
+            self._facts_due = True
+        elif source == "payout_outcome":
+            self._payouts_due = True
+        self.wake.set()
+
     async def start(self) -> None:
         self._stop.clear()
         self._tasks = [asyncio.create_task(self._run(self._engine_step, self.wake), name="escrow engine")]
@@ -299,6 +389,7 @@ class EscrowLoop:
                 log.exception("progress hook failed")
 
     async def _run(self, step, wake: asyncio.Event) -> None:  # noqa: ANN001
+        backoff = LoopBackoff(f"escrow loop ({step.__name__.strip('_')})", base=self.interval)
         while not self._stop.is_set():
             t0 = time.monotonic()
             wake.clear()
@@ -306,9 +397,14 @@ class EscrowLoop:
                 n = await step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the engine loop never dies; facts stay pending
-                log.exception("engine step failed")
-                n = 0
+            except Exception as e:  # noqa: BLE001 - the loop never dies; facts stay pending
+                # Items isolate their own failures: what reaches here is the database (or a scan)
+                # failing for everyone. Back off as a whole, doubling; a wake still cuts it short.
+                pause = backoff.failed(e)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), max(0.0, pause - (time.monotonic() - t0)))
+                continue
+            backoff.ok()
             if n:
                 self._progress()
                 await asyncio.sleep(max(0.0, self.min_spacing - (time.monotonic() - t0)))

@@ -20,6 +20,7 @@ from service.nostr import outbox
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import Announcement, EscrowTerms, Mode, Network, build_announcement
+from service.quarantine import quarantine_from_settings
 
 
 def terms_from_settings(s: Settings) -> EscrowTerms:
@@ -47,9 +48,11 @@ class EscrowService:
                                 open_offers=settings.max_open_offers,
                                 open_offers_per_key=settings.max_open_offers_per_key),
             reply_relays_max=settings.reply_relays_max))
-        self.runner = EngineRunner(self.engine, Inbox(sessions))
+        self.quarantine = quarantine_from_settings(sessions, settings)
+        self.runner = EngineRunner(self.engine, Inbox(sessions, quarantine=self.quarantine))
         effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
-                                lease_seconds=settings.effect_lease_seconds) if lightning else None)
+                                lease_seconds=settings.effect_lease_seconds, quarantine=self.quarantine)
+                   if lightning else None)
         self.loop = EscrowLoop(self.runner, effects)
         if effects is not None:
             effects.on_offer = self._offer_made

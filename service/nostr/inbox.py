@@ -8,8 +8,11 @@
   compare-and-set (``UPDATE … WHERE handled_at IS NULL``): the handler's effects
   and the mark commit together or not at all, and two workers (or replicas) can
   never both process one event. Unhandled events are simply processed at the next
-  start-up: that is the replay. A handler that raises is rolled back and retried
-  (``max_attempts``, default 3) before the error is recorded as the final outcome.
+  start-up: that is the replay. A handler that raises (or an event row that no longer
+  parses) is rolled back and retried with backoff, then quarantined
+  (``service/quarantine.py``): the event is marked handled with an ``error: …`` outcome
+  and listed for the operator, who replays it after a fix. Events in backoff are skipped
+  by the pending scan itself, so they never hold back the events behind them.
 - ``reject`` records refused events with their reason for operators; the log keeps
   at most ``rejected_retention`` rows.
 """
@@ -21,12 +24,12 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import delete, func, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import insert_ignore, utcnow
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.nostr.nip01 import Event
+from service.quarantine import Quarantine, Verdict
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,7 @@ class Pending:
     id: str
     raw: str
     source: str
+    failing: bool = False   # it failed before: its success clears the failure row
 
 
 def _row(event: Event, source: str) -> dict:
@@ -51,9 +55,9 @@ def _row(event: Event, source: str) -> dict:
 
 class Inbox:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], *, rejected_retention: int = 10_000,
-                 max_attempts: int = 3) -> None:
+                 quarantine: Quarantine | None = None) -> None:
         self.sessions = sessions
-        self.max_attempts = max_attempts
+        self.quarantine = quarantine or Quarantine(sessions)
         self.rejected_retention = rejected_retention
         self._rejects_since_prune = 0
 
@@ -100,11 +104,14 @@ class Inbox:
             return list((await s.scalars(select(RejectedEvent).order_by(RejectedEvent.seq.desc()).limit(limit))).all())
 
     async def pending(self, limit: int = 100) -> list[Pending]:
+        """Unhandled events in arrival order, without those waiting out a backoff."""
+        q = self.quarantine
         async with self.sessions() as s:
-            rows = await s.execute(select(InboxEvent.id, InboxEvent.raw, InboxEvent.source)
-                                   .where(InboxEvent.handled_at.is_(None))
+            rows = await s.execute(select(InboxEvent.id, InboxEvent.raw, InboxEvent.source,
+                                          q.failing("inbox", InboxEvent.id))
+                                   .where(InboxEvent.handled_at.is_(None), q.due("inbox", InboxEvent.id))
                                    .order_by(InboxEvent.received_at, InboxEvent.id).limit(limit))
-            return [Pending(*r) for r in rows]
+            return [Pending(r.id, r.raw, r.source, bool(r.failing)) for r in rows]
 
     async def count(self, *, handled: bool | None = None) -> int:
         q = select(func.count()).select_from(InboxEvent)
@@ -114,37 +121,51 @@ class Inbox:
             return int(await s.scalar(q))
 
     async def process_one(self, item: Pending, handler: Handler) -> bool:
-        """Handle one event exactly once; True if this call processed it."""
-        event = Event.from_dict(json.loads(item.raw))
-        try:
-            async with self.sessions.begin() as s:
-                inbox = InboxEvent.__table__   # Core statements: no ORM bookkeeping on the hot path
-                claimed = await s.execute(update(inbox)
-                                          .where(inbox.c.id == item.id, inbox.c.handled_at.is_(None))
-                                          .values(handled_at=utcnow(), outcome="processing"))
-                if claimed.rowcount != 1:
-                    return False  # another worker or replica has it
-                outcome = await handler(s, event)
-                await s.execute(update(inbox).where(inbox.c.id == item.id)
-                                .values(outcome=(outcome or "processed")[:500]))
+        """Handle one event exactly once; True if this call finished it (processed, or quarantined).
+
+        A database outage is raised (the event stays pending, the caller backs off); any other
+        error is the event's: rolled back, recorded, retried with backoff, then quarantined.
+        """
+        async def work(s: AsyncSession) -> bool:
+            event = Event.from_dict(json.loads(item.raw))
+            inbox = InboxEvent.__table__   # Core statements: no ORM bookkeeping on the hot path
+            claimed = await s.execute(update(inbox)
+                                      .where(inbox.c.id == item.id, inbox.c.handled_at.is_(None))
+                                      .values(handled_at=utcnow(), outcome="processing"))
+            if claimed.rowcount != 1:
+                return False  # another worker or replica has it
+            outcome = await handler(s, event)
+            await s.execute(update(inbox).where(inbox.c.id == item.id)
+                            .values(outcome=(outcome or "processed")[:500]))
             return True
-        except (OperationalError, DBAPIError):
-            raise  # the database is the problem: leave the event pending, the caller backs off
-        except Exception as e:  # noqa: BLE001 - a handler bug must not wedge the inbox or crash the worker
-            log.exception("handler failed for event %s", item.id)
-            async with self.sessions.begin() as s:
-                attempts = await s.scalar(select(InboxEvent.attempts).where(InboxEvent.id == item.id)) or 0
-                final = attempts + 1 >= self.max_attempts
-                await s.execute(update(InboxEvent)
-                                .where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
-                                .values(attempts=attempts + 1,
-                                        handled_at=utcnow() if final else None,
-                                        outcome=f"error: {type(e).__name__}: {e}"[:500]))
-            return final
+
+        async def on_failure(s: AsyncSession, v: Verdict) -> None:
+            values: dict[str, object] = {"attempts": v.failures}
+            if v.quarantined:   # out of the pending scan until a replay
+                values.update(handled_at=utcnow(), outcome=f"error: {v.error}"[:500])
+            await s.execute(update(InboxEvent).where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
+                            .values(**values).execution_options(synchronize_session=False))
+
+        attempt = await self.quarantine.attempt("inbox", item.id, work, failing=item.failing,
+                                                job_id=lambda: _job_of(item.raw), on_failure=on_failure)
+        return bool(attempt.value) if attempt.ok else attempt.finished
 
     async def process_pending(self, handler: Handler, *, limit: int = 100) -> int:
-        """Process up to ``limit`` unhandled events in arrival order; returns how many."""
+        """Process up to ``limit`` due events in arrival order; returns how many it finished."""
         done = 0
         for item in await self.pending(limit):
             done += await self.process_one(item, handler)
         return done
+
+
+def _job_of(raw: str) -> str | None:
+    """The job an event is about, for the operator's list: a job request is the job; other
+    kinds name it in their first ``e`` tag. None when the row does not say (or not parse)."""
+    try:
+        data = json.loads(raw)
+        if data.get("kind") == 5701:
+            return str(data["id"])[:64]
+        ref = next((t[1] for t in data.get("tags", []) if isinstance(t, list) and len(t) > 1 and t[0] == "e"), None)
+        return ref[:64] if isinstance(ref, str) else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None

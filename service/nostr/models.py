@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import Mapped, mapped_column
 
 from service.db import Base, utcnow
@@ -70,7 +71,10 @@ class Delivery(Base):
     event_id: Mapped[str] = mapped_column(String(64), ForeignKey("nostr_outbox.id", ondelete="CASCADE"),
                                           primary_key=True)
     relay: Mapped[str] = mapped_column(String(300), primary_key=True)
+    # a job's reply relay (its customer named it): published to by a short connection, not the pool
+    reply: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=sa_false())
     # pending -> ok | rejected (relay said OK false for a permanent reason) | gave_up
+    #         | quarantined (a failure of ours, retried until quarantined; replayable)
     state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

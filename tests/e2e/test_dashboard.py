@@ -44,7 +44,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 HOSTILE = "<script>alert('x')</script>"
-PAGES = ["/admin", "/admin/jobs", "/admin/jobs/" + "ab" * 32, "/admin/payouts", "/admin/ledger", "/admin/events"]
+PAGES = ["/admin", "/admin/jobs", "/admin/jobs/" + "ab" * 32, "/admin/payouts", "/admin/ledger", "/admin/events",
+         "/admin/quarantine"]
 
 
 def with_dashboard(app: FastAPI) -> FastAPI:
@@ -100,7 +101,7 @@ async def test_every_page_requires_login(offline_app: FastAPI) -> None:
         for path in PAGES:
             r = await c.get(path)
             assert r.status_code == 303 and r.headers["location"] == "/admin/login", path
-        for path in ("/admin/payouts/x:reward:y/retry", "/admin/logout"):
+        for path in ("/admin/payouts/x:reward:y/retry", "/admin/quarantine/inbox/x/replay", "/admin/logout"):
             r = await c.post(path, data={"reason": "r"})
             assert r.status_code == 303 and r.headers["location"] == "/admin/login", path
         r = await c.get("/admin/login")

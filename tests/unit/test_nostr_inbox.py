@@ -11,6 +11,7 @@ from service.cursors import Cursor
 from service.db import create_engine, session_factory
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
+from service.quarantine import Quarantine, RetryPolicy
 
 
 class Crash(BaseException):
@@ -20,7 +21,10 @@ class Crash(BaseException):
 @pytest.fixture
 async def inbox(database_url: str):
     engine = create_engine(database_url)
-    yield Inbox(session_factory(engine), rejected_retention=10)
+    sessions = session_factory(engine)
+    # No backoff, quarantined at the third failure: a failing handler's retries happen at once
+    # (the backoff itself is tested in tests/unit/test_quarantine.py).
+    yield Inbox(sessions, rejected_retention=10, quarantine=Quarantine(sessions, RetryPolicy(after=3, base_seconds=0)))
     await engine.dispose()
 
 
@@ -108,7 +112,7 @@ async def test_a_handler_bug_is_recorded_and_does_not_wedge_the_inbox(inbox: Inb
 
     assert await inbox.process_pending(buggy) == 2          # the buggy one is retried first
     assert await inbox.process_pending(buggy) == 0
-    assert await inbox.process_pending(buggy) == 1          # third failure: recorded as final
+    assert await inbox.process_pending(buggy) == 1          # third failure: quarantined, recorded as final
     async with inbox.sessions() as s:
         from service.nostr.models import InboxEvent
         outcome = await s.scalar(select(InboxEvent.outcome).where(InboxEvent.id == evs[1].id))
