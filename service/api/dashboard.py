@@ -476,7 +476,7 @@ async def rejected(request: Request) -> Response:
 
 @router.get("/admin/quarantine", name="admin_quarantine")
 async def quarantine_page(request: Request) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     page = _page(request)
@@ -492,7 +492,7 @@ async def quarantine_page(request: Request) -> Response:
 
 @router.post("/admin/quarantine/{source}/{ref:path}/replay")
 async def replay_quarantined(request: Request, source: str, ref: str) -> Response:
-    key = _signed_in(request)
+    key = await _signed_in(request)
     if isinstance(key, Response):
         return key
     form = await _checked_form(request, key)

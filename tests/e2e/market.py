@@ -250,6 +250,12 @@ class Market:
                                     .order_by(TimelineEntry.seq))).all()
         return [(r.kind, json.loads(r.detail) if r.detail.startswith("{") else r.detail) for r in rows]
 
+    async def released(self, job_id: str, timeout: float = 60) -> list[Payout]:
+        """Wait until the job is released and its payouts exist (a hold job creates them only once
+        the hold invoice is settled, after it entered ``releasing``); its payouts."""
+        await self.wait_state(job_id, "releasing", "closed", timeout=timeout)
+        return await wait_until(lambda: self.payouts(job_id), timeout, f"the payouts of {job_id[:12]}")
+
     async def payouts(self, job_id: str) -> list[Payout]:
         async with self.sessions() as s:
             return list((await s.scalars(select(Payout).where(Payout.job_id == job_id))).all())

@@ -69,8 +69,7 @@ async def test_sybil_copies_for_one_shard_neither_end_collecting_nor_share_the_r
     await market.score(job_ev.id, market.validators[0], {
         first_copy.id: ("0.9", sha(stolen)), honest[0].id: ("0.9", sha(b"trained on shard 1")),
         honest[1].id: ("0.9", sha(b"trained on shard 2"))})
-    await market.wait_state(job_ev.id, "releasing", "closed")
-    paid_to = {p.payee for p in await market.payouts(job_ev.id)}
+    paid_to = {p.payee for p in await market.released(job_ev.id)}
     assert {p2.public_key_hex, p3.public_key_hex} <= paid_to
     assert not paid_to & {k.public_key_hex for k, c in zip(sybils, copies) if c is not first_copy}
 
@@ -93,8 +92,7 @@ async def test_a_backdated_copy_of_a_model_earns_nothing(market: Market) -> None
     assert _candidates(req) == {honest.id, other.id}
     await market.score(job_ev.id, market.validators[0], {honest.id: ("0.95", sha(work)),
                                                         other.id: ("0.85", sha(b"another shard"))})
-    await market.wait_state(job_ev.id, "releasing", "closed")
-    payouts = {p.payee: p for p in await market.payouts(job_ev.id)}
+    payouts = {p.payee: p for p in await market.released(job_ev.id)}
     assert thief.public_key_hex not in payouts and p1.public_key_hex in payouts
 
 
@@ -111,8 +109,7 @@ async def test_a_tie_goes_to_the_first_received_not_to_a_backdated_timestamp(mar
     await market.eval_request(job_ev.id)
     await market.score(job_ev.id, market.validators[0], {first.id: ("0.9", sha(b"model A")),
                                                         late.id: ("0.9", sha(b"model B"))})
-    await market.wait_state(job_ev.id, "releasing", "closed")
-    rewarded = {p.payee for p in await market.payouts(job_ev.id) if ":reward:" in p.id}
+    rewarded = {p.payee for p in await market.released(job_ev.id) if ":reward:" in p.id}
     assert rewarded == {p1.public_key_hex}
 
 
@@ -268,8 +265,7 @@ async def test_rewards_are_whole_satoshis_so_ordinary_wallets_can_invoice_them(m
     r2 = await market.submit(job_ev, p2, 1, b"m2")
     for v in market.validators:
         await market.score(job_ev.id, v, {r1.id: ("0.9", sha(b"m1")), r2.id: ("0.9", sha(b"m2"))})
-    await market.wait_state(job_ev.id, "releasing", "closed")
-    payouts = await market.payouts(job_ev.id)
+    payouts = await market.released(job_ev.id)
     assert len(payouts) == 4 and all(p.amount_msat % 1000 == 0 for p in payouts), [p.amount_msat for p in payouts]
     async with market.sessions() as s:
         job = await s.scalar(select(Job).where(Job.id == job_ev.id))

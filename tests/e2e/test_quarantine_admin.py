@@ -39,7 +39,7 @@ from tests.e2e.test_dashboard import (
     serving,
 )
 
-TOKEN = "quarantine-admin-token"
+TOKEN = "quarantine-admin-token-of-at-least-32-characters"
 HOSTILE = "<script>alert('q')</script>"
 ESCROW = SecretKey.generate()
 CUSTOMER = SecretKey.generate()
