@@ -22,7 +22,7 @@ from tests.e2e.market import Market, settle_payment
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
-TOKEN = "isolation-admin-token"
+TOKEN = "isolation-admin-token-of-at-least-32-characters"
 GOOD = b"a trained model"
 # What the 2-core test machine may add to the timer's own lag (two passes of 0.5 s) before
 # a decision is committed: the point is "decided on time", not "never".
