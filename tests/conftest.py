@@ -182,6 +182,21 @@ async def regtest(stack_desc: dict) -> AsyncIterator[Regtest]:
 
 
 @pytest.fixture(scope="session")
+async def lnbits_payee(pytestconfig: pytest.Config, stack_desc: dict, tmp_path_factory: pytest.TempPathFactory):
+    """LNbits as a payee's wallet on the payee node (tests/support/lnbits.py); its virtualenv is made
+    in the devstack cache on first use (PyPI, pinned), then reused."""
+    from tests.support.lnbits import start_payee_wallet
+    wallet, took = await start_payee_wallet(stack_desc, tmp_path_factory.mktemp("lnbits"),
+                                            say=lambda m: _say(pytestconfig, f"[tests] {m}"))
+    _say(pytestconfig, f"[tests] LNbits payee wallet on {wallet.url}: install/check {took['install_s']:.1f} s, "
+                       f"start {took['start_s']:.1f} s")
+    try:
+        yield wallet
+    finally:
+        await wallet.close()
+
+
+@pytest.fixture(scope="session")
 def relay_url(stack_desc: dict) -> str:
     return stack_desc["relay"]["url"]
 
