@@ -12,7 +12,7 @@ cancels the underlying gRPC call.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -407,7 +407,8 @@ class LndClient:
             raise
         return int(r.routes[0].total_fees_msat) if r.routes else None
 
-    async def track_payment(self, payment_hash: bytes, *, no_inflight_updates: bool = False) -> AsyncIterator[Payment]:
+    async def track_payment(self, payment_hash: bytes, *,
+                            no_inflight_updates: bool = False) -> AsyncGenerator[Payment, None]:
         """``TrackPaymentV2``: the payment's current state, then updates until final."""
         req = rt.TrackPaymentRequest(payment_hash=_check_hash("payment_hash", payment_hash),
                                      no_inflight_updates=no_inflight_updates)

@@ -52,10 +52,10 @@ from collections.abc import Awaitable, Callable, Collection
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import bolt11
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import CursorResult, Result, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
@@ -262,7 +262,7 @@ class Payouts:
             id=payout_id, job_id=job_id, payee=payee, amount_msat=amount_msat, destination=destination,
             state="pending" if destination != "none" else "needs_invoice", fee_limit_msat=fee_limit_msat,
             attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
-        return res.rowcount == 1
+        return _rows(res) == 1
 
     async def submit_invoice(self, payout_id: str, payment_request: str) -> None:
         """The payee's own invoice for a payout waiting for one; checked now, and again before paying.
@@ -306,7 +306,7 @@ class Payouts:
                 res = await s.execute(update(Payout).where(Payout.id == pid, Payout.state == "pending")
                                       .values(state="sending", updated_at=now,
                                               lease_until=now + timedelta(seconds=self.policy.lease_seconds)))
-                if res.rowcount == 1:
+                if _rows(res) == 1:
                     claimed.append(Claim(pid, payee))
         return claimed
 
@@ -317,6 +317,8 @@ class Payouts:
     async def _pay(self, payout_id: str) -> Outcome:
         async with self.sessions() as s:
             p = await s.get(Payout, payout_id)
+        if p is None:   # claimed by us a moment ago; payouts are never deleted
+            raise LookupError(f"no payout {payout_id}")
         kind, _, value = p.destination.partition(":")
         try:
             if kind == "bolt11":
@@ -365,7 +367,7 @@ class Payouts:
         res = await s.execute(insert_ignore(s, PayoutAttempt.__table__).values(
             payment_hash=checked.payment_hash, payout_id=payout_id, payment_request=checked.payment_request,
             fee_limit_msat=fee_limit, state="sending", created_at=now, updated_at=now))
-        if res.rowcount == 1:
+        if _rows(res) == 1:
             return True
         prior = (await s.execute(select(PayoutAttempt.payout_id, PayoutAttempt.state)
                                  .where(PayoutAttempt.payment_hash == checked.payment_hash))).one()
@@ -374,7 +376,7 @@ class Payouts:
                                                               PayoutAttempt.payout_id == payout_id,
                                                               PayoutAttempt.state == prior.state)
                                   .values(state="sending", fee_limit_msat=fee_limit, failure=None, updated_at=now))
-            if res.rowcount == 1:
+            if _rows(res) == 1:
                 return False
         raise InvoiceCheckError(CheckReason.HASH_REUSED,
                                 "this payment hash is another payout's" if prior.payout_id != payout_id
@@ -459,7 +461,7 @@ class Payouts:
         if payment.status == PaymentStatus.FAILED:
             await self._attempt_state(payment_hash, "failed", failure=payment.failure_reason.name)
             async with self.sessions() as s:
-                attempts = await s.scalar(select(Payout.attempts).where(Payout.id == payout_id))
+                attempts = await s.scalar(select(Payout.attempts).where(Payout.id == payout_id)) or 0
             if payment.failure_reason == FailureReason.NO_ROUTE:
                 hand_back, detail = await self._why_no_route(payment_hash)
                 if hand_back:
@@ -479,6 +481,8 @@ class Payouts:
         with no fee limit; nothing sent). (True, reason) when the payee must offer a cheaper route."""
         async with self.sessions() as s:
             a = await s.get(PayoutAttempt, payment_hash)
+        if a is None:   # the caller has just updated it: cannot happen
+            raise LookupError(f"no attempt {payment_hash}")
         try:
             fee = await self.lnd.route_fee(a.payment_request, cltv_limit=self.policy.cltv_limit)
         except errors.LndError as e:
@@ -525,7 +529,7 @@ class Payouts:
             res = await s.execute(update(Payout).where(Payout.id == payout_id,
                                                        Payout.state.in_(("sending", "unknown")))
                                   .values(**values))
-        if res.rowcount != 1:
+        if _rows(res) != 1:
             async with self.sessions() as s:
                 current = await s.scalar(select(Payout.state).where(Payout.id == payout_id))
             return Outcome(payout_id, current or "missing", "state changed elsewhere")
@@ -579,7 +583,7 @@ class Payouts:
                 and_(Payout.state == "unknown", Payout.next_attempt_at <= now),
                 and_(Payout.state == "sending", or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
                 .values(state="unknown", lease_until=None, next_attempt_at=hold, updated_at=now))
-        if taken.rowcount != 1:
+        if _rows(taken) != 1:
             return None
         async with self.sessions() as s:
             paid = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.fee_msat, PayoutAttempt.preimage)
@@ -622,6 +626,11 @@ class Payouts:
                                             allow_private=self.policy.lnurl_allow_private,
                                             network=self.policy.network)
         return fetched.bolt11
+
+
+def _rows(result: Result) -> int:
+    """The rows an UPDATE or INSERT matched (the result of a DML statement is a CursorResult)."""
+    return cast(CursorResult, result).rowcount
 
 
 def _aware(dt: datetime) -> datetime:
