@@ -397,26 +397,28 @@ class Payouts:
                 return await self._unknown(payout_id, payment_hash, e)
             if known is not None and known.status != PaymentStatus.FAILED:
                 return await self._settle_attempt(payout_id, payment_hash, known)
+        refused: errors.LndError | None = None
         try:
             # Followed for one payout timeout at most: a payee that holds the HTLC keeps its own
             # payout `unknown` (the reconciler looks again), not a slot of ours.
             payment = await asyncio.wait_for(self._follow(self.lnd.send_payment(
                 payreq, fee_limit_msat=fee_limit, timeout_seconds=self.policy.timeout_seconds,
                 cltv_limit=self.policy.cltv_limit)), self.policy.timeout_seconds + FOLLOW_GRACE_SECONDS)
-            if payment is None:
-                payment = await self._current(payment_hash)
-        except (errors.PaymentInTransition, errors.PaymentAlreadyPaid):
-            payment = await self._current_or_none(payment_hash)
-        except errors.InvoiceExpired:
-            payment = await self._current_or_none(payment_hash)
-            if payment is None:
-                await self._attempt_state(payment_hash, "not_initiated", failure="invoice expired")
-                return await self._finish(payout_id, "needs_invoice",
-                                          why(CheckReason.EXPIRED, "the invoice expired before it was paid"))
+        except (errors.PaymentInTransition, errors.PaymentAlreadyPaid, errors.InvoiceExpired) as e:
+            refused, payment = e, None   # LND refused this send: what it knows of the hash decides
         except (errors.LndError, TimeoutError) as e:
             return await self._unknown(payout_id, payment_hash, e)
         if payment is None:
-            return await self._unknown(payout_id, payment_hash, None)
+            try:
+                payment = await self._current(payment_hash)
+            except (errors.LndError, TimeoutError) as e:
+                return await self._unknown(payout_id, payment_hash, e)
+        if payment is None and isinstance(refused, errors.InvoiceExpired):
+            await self._attempt_state(payment_hash, "not_initiated", failure="invoice expired")
+            return await self._finish(payout_id, "needs_invoice",
+                                      why(CheckReason.EXPIRED, "the invoice expired before it was paid"))
+        if payment is None:
+            return await self._unknown(payout_id, payment_hash, refused)
         return await self._settle_attempt(payout_id, payment_hash, payment)
 
     async def _unknown(self, payout_id: str, payment_hash: str, e: BaseException | None) -> Outcome:
@@ -445,12 +447,6 @@ class Payouts:
         except errors.LndNotFound:
             return None
         raise errors.LndError("TrackPaymentV2", "the stream ended without a payment update")
-
-    async def _current_or_none(self, payment_hash: str) -> Payment | None:
-        try:
-            return await self._current(payment_hash)
-        except (errors.LndError, TimeoutError):
-            return None   # treated as "no final state": unknown
 
     async def _settle_attempt(self, payout_id: str, payment_hash: str, payment: Payment) -> Outcome:
         if payment.status == PaymentStatus.SUCCEEDED:

@@ -52,8 +52,7 @@ async def test_lnbits_cannot_invoice_a_fractional_sat_amount(payouts: Payouts, l
     assert r.status_code == 201, r.text
     req = r.json()["bolt11"]
     assert bolt11.decode(req).amount_msat == r.json()["amount"] == 1_434_000, "rounded down to whole sat, silently"
-    r = await lnbits_payee.client.post("/api/v1/payments", headers=lnbits_payee._headers,
-                                       json={"out": False, "amount": 1_434_500, "unit": "msat", "memo": "msat?"})
+    r = await lnbits_payee.create_invoice(1_434_500, "in msat?", unit="msat")
     assert r.status_code == 400 and "unit is not supported" in r.text, r.text
 
     p = await _payout(payouts, "job:reward:fractional", 1_434_500, req)

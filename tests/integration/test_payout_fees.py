@@ -58,7 +58,7 @@ async def _set_payee_hop_fee(regtest: Regtest, base_fee_msat: int, fee_rate_ppm:
     await wait_until(hinted, 30, f"payee2's route hint with base fee {base_fee_msat} msat", interval=0.3)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 async def expensive_payee_hop(regtest: Regtest):
     await _set_payee_hop_fee(regtest, HIGH_BASE_FEE_MSAT, 0)
     yield

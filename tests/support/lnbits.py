@@ -23,10 +23,10 @@ class LnbitsPayee:
         self._headers = {"X-Api-Key": wallet["inkey"]}
         self.client = httpx.AsyncClient(base_url=proc.url, timeout=30)
 
-    async def create_invoice(self, amount: float, memo: str) -> httpx.Response:
-        """LNbits' own invoice call (``POST /api/v1/payments``, amount in sat as its API takes it)."""
-        return await self.client.post("/api/v1/payments", headers=self._headers,
-                                      json={"out": False, "amount": amount, "memo": memo})
+    async def create_invoice(self, amount: float, memo: str, unit: str | None = None) -> httpx.Response:
+        """LNbits' own invoice call (``POST /api/v1/payments``; amount in sat unless ``unit`` says)."""
+        body = {"out": False, "amount": amount, "memo": memo} | ({"unit": unit} if unit else {})
+        return await self.client.post("/api/v1/payments", headers=self._headers, json=body)
 
     async def invoice(self, amount_sat: int, memo: str) -> str:
         r = await self.create_invoice(amount_sat, memo)
