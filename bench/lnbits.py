@@ -1,8 +1,9 @@
 """Our invoice API and settlement detection against LNbits, same run, same LND node.
 
 LNbits (PyPI, pinned in ``bench/lnbits-requirements.txt``, its own virtualenv in
-``$LNSTACK_CACHE/lnbits-venv-<version>``) runs as a subprocess with SQLite in a temp dir
-and the bench stack's ``escrow`` LND node as its funding source over gRPC (``LndWallet``).
+``$LNSTACK_CACHE/lnbits-venv-<version>``; ``bench.lnbits_proc``, shared with the tests) runs as
+a subprocess with SQLite in a temp dir and the bench stack's ``escrow`` LND node as its funding
+source over gRPC (``LndWallet``).
 Our service runs as its own process (``bench.common.ServiceProc``) against the same node.
 
 1. **Invoice API**, interleaved rounds after a warm-up, same concurrency and count per side:
@@ -34,26 +35,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
-import os
-import secrets
-import shutil
-import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-from bench.common import (RESULTS, ROOT, ServiceProc, cpu_seconds, free_port, job_event, markdown_table, percentile,
-                          stack, stack_down, write)
+from bench.common import (RESULTS, ROOT, ServiceProc, cpu_seconds, job_event, markdown_table, percentile, stack,
+                          stack_down, write)
+from bench.lnbits_proc import LNBITS_VERSION, install_lnbits, start_lnbits
 from service.lightning.client import LndClient, PaymentStatus
 from service.nostr.nip01 import SecretKey
 
-LNBITS_VERSION = "1.6.2"
-REQUIREMENTS = ROOT / "bench" / "lnbits-requirements.txt"
 POLL_S = 0.005          # poll interval, the same on every side
 ROUNDS = 3
 WARMUP = 20
@@ -62,188 +56,6 @@ _T0 = time.monotonic()
 
 def say(msg: str) -> None:
     print(f"[lnbits-bench {time.monotonic() - _T0:7.1f}s] {msg}", flush=True)
-
-
-# ---------------------------------------------------------------------------- install
-
-def lnstack_cache() -> Path:
-    return Path(os.environ.get("LNSTACK_CACHE", "~/.cache/fedstr-lnstack")).expanduser()
-
-
-def install_lnbits() -> Path:
-    """The LNbits virtualenv, (re)created from the pinned requirements when they changed."""
-    if not ((3, 10) <= sys.version_info[:2] < (3, 13)):
-        raise SystemExit(f"LNbits {LNBITS_VERSION} needs Python >=3.10,<3.13; this is {sys.version.split()[0]}")
-    venv = lnstack_cache() / f"lnbits-venv-{LNBITS_VERSION}"
-    py = venv / "bin" / "python"
-    stamp = venv / ".fedstr-stamp"
-    want = (f"requirements-sha256={hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()} "
-            f"python={sys.version_info[0]}.{sys.version_info[1]}")
-    if py.exists() and stamp.exists() and stamp.read_text().strip() == want:
-        say(f"LNbits {LNBITS_VERSION}: virtualenv up to date ({venv})")
-        return venv
-    if venv.exists():
-        say(f"LNbits virtualenv stale or incomplete: removing {venv}")
-        shutil.rmtree(venv)
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    say(f"creating {venv} with {sys.executable} -m venv")
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    n = sum(1 for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.startswith("#"))
-    say(f"installing {n} pinned packages from {REQUIREMENTS.relative_to(ROOT)} (--no-deps; PyPI)")
-    subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                    "--progress-bar", "off", "--no-deps", "-r", str(REQUIREMENTS)], check=True)
-    say("pip check (every requirement of every installed package satisfied)")
-    subprocess.run([str(py), "-m", "pip", "check", "--disable-pip-version-check"], check=True)
-    stamp.write_text(want + "\n")
-    say(f"LNbits {LNBITS_VERSION} installed in {time.monotonic() - t0:.0f} s")
-    return venv
-
-
-# ---------------------------------------------------------------------------- LNbits process
-
-class PortTaken(RuntimeError):
-    pass
-
-
-def lnbits_port(port_base: int, skip: int = 0) -> int:
-    """A free port in the stack's own block (base+80..base+99, below the ephemeral range, so
-    no outgoing connection grabs it while LNbits takes seconds to start); else any free port."""
-    import socket
-    for port in range(port_base + 80 + skip, port_base + 100):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    return free_port()
-
-
-class LnbitsProc:
-    """LNbits as a subprocess on 127.0.0.1, funded by the stack's escrow LND node over gRPC.
-
-    Its own session (process group), so stopping it reaches the worker process its
-    ``lnbits`` command forks. The working directory is the venv's site-packages because
-    LNbits 1.6 mounts ``lnbits/static`` and ``lnbits/templates`` relative to it; data and
-    extensions go to the temp dir.
-    """
-
-    def __init__(self, venv: Path, desc: dict, workdir: Path, log_path: Path, port: int) -> None:
-        node = desc["nodes"]["escrow"]
-        host, grpc_port = node["rpc"].rsplit(":", 1)
-        self.port = port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.venv = venv
-        self.log_path = log_path
-        self.data = workdir / "data"
-        self.first_install_token = secrets.token_hex(16)
-        (workdir / "extensions").mkdir(parents=True, exist_ok=True)
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
-            "LANG": "C.UTF-8",
-            "LNBITS_DATA_FOLDER": str(self.data), "LNBITS_EXTENSIONS_PATH": str(workdir / "extensions"),
-            "LNBITS_BACKEND_WALLET_CLASS": "LndWallet",
-            "LND_GRPC_ENDPOINT": host, "LND_GRPC_PORT": grpc_port,
-            "LND_GRPC_CERT": node["tls_cert"], "LND_GRPC_MACAROON": node["macaroon"],   # a path; read by LNbits
-            "FIRST_INSTALL_TOKEN": self.first_install_token,
-            # a benchmark is one client hammering the API: LNbits' per-client limit off, as ours is
-            "LNBITS_RATE_LIMIT_NO": "10000000",
-            # its least verbose logging: INFO to stdout (our log file) only, not also to two files
-            # of its own (ours runs at WARNING)
-            "ENABLE_LOG_TO_FILE": "false",
-        }
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        site = next((self.venv / "lib").glob("python3.*/site-packages"))
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen([str(self.venv / "bin" / "lnbits"), "--host", "127.0.0.1", "--port", str(self.port)],
-                                     env=self.env, cwd=site, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        log.close()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, timeout: float = 15) -> None:
-        if self.proc is None:
-            return
-        pgid = self.proc.pid   # start_new_session: the group is ours and only ours
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(pgid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + timeout
-            while time.monotonic() < deadline:
-                self.proc.poll()   # reap the leader; the group lives while its forked worker does
-                try:
-                    os.killpg(pgid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.1)
-            else:
-                continue   # still there after SIGTERM: SIGKILL
-            break
-        self.proc.poll()
-
-    async def setup(self, timeout: float = 90) -> dict:
-        """Wait until healthy, finish the first install headlessly, create a user and wallet.
-
-        Returns the wallet (``inkey`` is the invoice key) and the funding-source status.
-        """
-        deadline = time.monotonic() + timeout
-        async with httpx.AsyncClient(base_url=self.url, timeout=10) as c:
-            status = None
-            while time.monotonic() < deadline:
-                if not self.alive():
-                    raise RuntimeError(f"LNbits exited with {self.proc.returncode}; log: {self.log_path}")
-                if "error while attempting to bind" in self.log_path.read_text(errors="replace"):
-                    raise PortTaken(f"LNbits could not bind port {self.port}")
-                try:
-                    r = await c.get("/api/v1/health")
-                    status = r.status_code
-                    if status in (200, 307):
-                        break
-                except httpx.TransportError:
-                    pass
-                await asyncio.sleep(0.2)
-            else:
-                raise TimeoutError(f"LNbits not up after {timeout} s; log: {self.log_path}")
-            admin_token = None
-            if status == 307:   # fresh data folder: every route redirects to /first_install until done
-                password = secrets.token_urlsafe(18)
-                r = await c.put("/api/v1/auth/first_install",
-                                json={"username": "benchadmin", "password": password, "password_repeat": password,
-                                      "first_install_token": self.first_install_token})
-                if r.status_code != 200:
-                    raise RuntimeError(f"LNbits first install refused: {r.status_code} {r.text[:200]}")
-                admin_token = r.json()["access_token"]
-            r = await c.get("/api/v1/health")
-            if r.status_code != 200:
-                raise RuntimeError(f"LNbits unhealthy after set-up: {r.status_code}")
-            funding = {}
-            if admin_token:
-                r = await c.get("/api/v1/status", headers={"Authorization": f"Bearer {admin_token}"})
-                if r.status_code == 200:
-                    st = r.json()
-                    funding = {"funding_source": st.get("funding_source"),
-                               "funding_source_error": st.get("funding_source_error")}
-            if funding.get("funding_source") not in (None, "LndWallet") or funding.get("funding_source_error"):
-                raise RuntimeError(f"LNbits funding source not LND: {funding}; log: {self.log_path}")
-            r = await c.post("/api/v1/account", json={"name": "fedstr-bench"})
-            if r.status_code != 200:
-                raise RuntimeError(f"LNbits account creation refused: {r.status_code} {r.text[:200]}")
-            wallet = r.json()
-            # Every new wallet gets accounting currency USD, so each invoice asks exchange-rate
-            # providers on the internet for a USD amount (cached 60 s when it succeeds). This
-            # machine has no route to them: each invoice would pay for failed lookups LNbits
-            # never has with internet. Clear the currency (LNbits then skips the fiat amounts).
-            r = await c.patch("/api/v1/wallet", headers={"X-Api-Key": wallet["adminkey"]}, json={"currency": ""})
-            if r.status_code != 200 or r.json().get("currency"):
-                raise RuntimeError(f"LNbits wallet currency not cleared: {r.status_code} {r.text[:200]}")
-        return {"wallet_id": wallet["id"], "inkey": wallet["inkey"], **funding}
 
 
 # ---------------------------------------------------------------------------- invoice API
@@ -486,32 +298,21 @@ NOTES = [
 
 
 async def run(args: argparse.Namespace) -> None:
-    venv = install_lnbits()
+    venv = install_lnbits(say)
     source = source_state()
     if source["service_uncommitted_changes"]:
         say(f"note: measuring uncommitted service code: {', '.join(source['service_uncommitted_changes'])}")
     desc = stack()
     tmp = Path(tempfile.mkdtemp(prefix="fedstr-bench-lnbits-"))
     lnbits_log, ours_log = tmp / "lnbits.log", tmp / "service.log"
-    lnbits = LnbitsProc(venv, desc, tmp / "lnbits", lnbits_log, lnbits_port(desc["port_base"]))
+    lnbits = None
     service = ServiceProc(desc, f"sqlite+aiosqlite:///{tmp}/escrow.sqlite3", SecretKey.generate().to_hex(), ours_log)
     n = desc["nodes"]["customer"]
     customer = LndClient.from_files(n["rpc"], n["tls_cert"], n["macaroon"])
     try:
         say(f"logs: LNbits {lnbits_log}, ours {ours_log}")
         service.start()
-        for attempt in range(3):
-            lnbits.start()
-            try:
-                wallet = await lnbits.setup()
-                break
-            except PortTaken as e:
-                if attempt == 2:
-                    raise
-                lnbits.stop()
-                say(f"{e}; starting it again on another port")
-                lnbits = LnbitsProc(venv, desc, tmp / f"lnbits-{attempt + 1}", lnbits_log,
-                                    lnbits_port(desc["port_base"], skip=lnbits.port - desc["port_base"] - 79))
+        lnbits, wallet = await start_lnbits(venv, desc, tmp, lnbits_log, node="escrow", say=say)
         say(f"LNbits {LNBITS_VERSION} up on {lnbits.url} (funding source {wallet.get('funding_source', '?')}, "
             f"wallet {wallet['wallet_id'][:8]}…)")
         await service.wait_ready()
@@ -528,7 +329,8 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         await customer.close()
         service.stop()
-        lnbits.stop()
+        if lnbits is not None:
+            lnbits.stop()
         stack_down(desc)
         say(f"stopped LNbits and our service; logs kept in {tmp}")
 

@@ -12,10 +12,27 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 Network = Literal["mainnet", "testnet", "signet", "regtest"]
+
+# LND adds this many blocks to a payment's final CLTV delta (routing.BlockPadding, lnd v0.20) and
+# refuses a cltv_limit that does not exceed the sum; a route needs room for its hops' deltas on top
+# (80 blocks: one hop at LND's default time_lock_delta).
+LND_BLOCK_PADDING = 3
+PAYOUT_ROUTE_CLTV_ROOM = 80
+
+
+def payout_cltv_problem(max_final_cltv: int, cltv_limit: int) -> str | None:
+    """Why an invoice's final CLTV limit does not fit under the payout CLTV limit, or None."""
+    need = max_final_cltv + LND_BLOCK_PADDING + PAYOUT_ROUTE_CLTV_ROOM
+    if cltv_limit < need:
+        return (f"FEDSTR_PAYOUT_CLTV_LIMIT ({cltv_limit}) must be at least FEDSTR_PAYOUT_MAX_FINAL_CLTV "
+                f"({max_final_cltv}) + {LND_BLOCK_PADDING} (LND's block padding) + {PAYOUT_ROUTE_CLTV_ROOM} "
+                f"(room for a route's hops) = {need}: an invoice we accept must be payable within the limit")
+    return None
+
 
 # A bearer token shorter than this could fall to online guessing or a word list; 32 random
 # characters (``secrets.token_urlsafe(32)`` gives 43) are far beyond any guessing budget even
@@ -90,18 +107,22 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
     max_invoice_streams: int = Field(default=1000, ge=0, le=100_000)   # SubscribeSingleInvoice streams
     unstreamed_sweep_seconds: float = Field(default=2.0, gt=0)   # sweep period while some have none
-    # Payouts.
-    payout_fee_floor_msat: int = Field(default=10_000, ge=1)
+    # Payouts (docs/lightning.md). The routing-fee limit is amount × ppm, capped; no floor (a floor
+    # let a payee's route take 10 sat from a 1-sat payout). Removed: FEDSTR_PAYOUT_FEE_FLOOR_MSAT.
+    payout_fee_floor_msat: int | None = None
     payout_fee_ppm: int = Field(default=5_000, ge=0, le=1_000_000)
-    payout_fee_cap_msat: int = Field(default=5_000_000, ge=1)
+    payout_fee_cap_msat: int = Field(default=5_000_000, ge=0)
     payout_timeout_seconds: int = Field(default=60, ge=5, le=600)
     payout_max_attempts: int = Field(default=3, ge=1, le=20)
     payout_retry_seconds: float = Field(default=60.0, ge=0)
     payout_invoice_min_expiry_seconds: int = Field(default=300, ge=0)
-    payout_max_final_cltv: int = Field(default=432, ge=18)
+    payout_max_final_cltv: int = Field(default=288, ge=18)     # blocks; the payee's invoice's final CLTV
+    # the longest an HTLC of ours may be locked (blocks, whole route); at most LND's --max-cltv-expiry
+    payout_cltv_limit: int = Field(default=432, ge=40, le=2016)
     payout_lease_seconds: float = Field(default=300.0, gt=0)    # a dead worker's claim expires after this
     payout_concurrency: int = Field(default=20, ge=1, le=400)  # payments in flight per replica
-    payout_reconcile_seconds: float = Field(default=60.0, gt=0)   # payouts left `sending` by a dead worker
+    payout_reconcile_seconds: float = Field(default=60.0, gt=0)   # `unknown` payouts, those a dead worker left
+    payout_reconcile_budget_seconds: float = Field(default=5.0, gt=0, le=120)   # per payout, per pass
     effect_lease_seconds: float = Field(default=120.0, gt=0)
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
     reconcile_threshold_msat: int = Field(default=0, ge=0)  # above this, payouts pause and an alert is raised
@@ -142,6 +163,22 @@ class Settings(BaseSettings):
     blob_sweep_interval_seconds: float = Field(default=300.0, gt=0)    # the leader's expiry sweep
     blob_sweep_batch: int = Field(default=500, ge=1, le=100_000)       # blobs deleted per pass at most
     webhook_secret: SecretStr | None = None
+
+    @field_validator("payout_fee_floor_msat")
+    @classmethod
+    def _no_fee_floor(cls, v: int | None) -> int | None:
+        if v:   # 0 (or unset) means no floor, which is what the service does
+            raise ValueError("FEDSTR_PAYOUT_FEE_FLOOR_MSAT is no longer supported: a payout's routing-fee limit is "
+                             "its amount × FEDSTR_PAYOUT_FEE_PPM, capped by FEDSTR_PAYOUT_FEE_CAP_MSAT, with no "
+                             "floor (a floor let a payee's route take more than the payout's fraction); unset it")
+        return v
+
+    @model_validator(mode="after")
+    def _payout_cltv_fits(self) -> Settings:
+        problem = payout_cltv_problem(self.payout_max_final_cltv, self.payout_cltv_limit)
+        if problem:
+            raise ValueError(problem)
+        return self
 
     @field_validator("lnd_grpc_host")
     @classmethod

@@ -1,6 +1,6 @@
 """Shared fixtures: the real regtest network, the relay, and a fresh database per test.
 
-The network (btcd + LND nodes escrow/customer/payee + nostr relay + PostgreSQL) is
+The network (btcd + LND nodes escrow/customer/payee/payee2 + nostr relay + PostgreSQL) is
 brought up by ``devstack/stack`` once per session, only when a test asks for it,
 in a temporary directory on its own port base (``FEDSTR_TEST_PORT_BASE``, default
 29800) so it never collides with a developer's ``make run`` stack. Set
@@ -54,6 +54,7 @@ class Regtest:
     escrow: LndClient
     customer: LndClient
     payee: LndClient
+    payee2: LndClient   # behind the payee, over a private channel (a payee's own hop)
 
     def node(self, name: str) -> dict:
         return self.desc["nodes"][name]
@@ -68,7 +69,7 @@ class Regtest:
         return await asyncio.to_thread(self.stack.btcd_rpc, "getblockcount")
 
     async def wait_synced(self, height: int, timeout: float = 60) -> None:
-        for client in (self.escrow, self.customer, self.payee):
+        for client in (self.escrow, self.customer, self.payee, self.payee2):
             await wait_until(lambda c=client: _synced(c, height), timeout, f"{client.host} synced to {height}")
 
     async def customer_pays(self, payment_request: str, *, fee_limit_msat: int = 100_000,
@@ -86,9 +87,8 @@ class Regtest:
         await asyncio.to_thread(devstack.wait_for, 120,
                                 lambda: self.stack.lnd_state(node) == "SERVER_ACTIVE", f"lnd {node} active")
         await self.wait_synced(await self.block_height(), timeout=120)
-        peers = {"escrow": ("customer", "payee"), "customer": ("escrow",), "payee": ("escrow",)}[node]
-        for payer, payee in (("customer", "escrow"), ("escrow", "payee")):
-            if node in (payer, payee) or payer in peers and payee in peers:
+        for payer, payee in devstack.PROBES:   # every channel whose path touches the node, proven again
+            if node in (payer, payee) or (node == "payee" and payee == "payee2"):
                 await asyncio.to_thread(devstack.wait_for, 120,
                                         lambda a=payer, b=payee: self.stack.probe_payment(a, b),
                                         f"channel {payer}->{payee} usable again")
@@ -169,12 +169,31 @@ def client_for(desc: dict, node: str, timeout: float = 15.0) -> LndClient:
 @pytest.fixture(scope="session")
 async def regtest(stack_desc: dict) -> AsyncIterator[Regtest]:
     stack = devstack.Stack(Path(stack_desc["dir"]), stack_desc["port_base"])
-    clients = {n: client_for(stack_desc, n) for n in ("escrow", "customer", "payee")}
+    missing = [n for n in devstack.NODES if n not in stack_desc["nodes"]]
+    if missing:
+        pytest.fail(f"the reused stack has no {', '.join(missing)} node: bring it up again with this "
+                    "devstack/stack (down, then up)", pytrace=False)
+    clients = {n: client_for(stack_desc, n) for n in devstack.NODES}
     try:
         yield Regtest(desc=stack_desc, stack=stack, **clients)
     finally:
         for c in clients.values():
             await c.close()
+
+
+@pytest.fixture(scope="session")
+async def lnbits_payee(pytestconfig: pytest.Config, stack_desc: dict, tmp_path_factory: pytest.TempPathFactory):
+    """LNbits as a payee's wallet on the payee node (tests/support/lnbits.py); its virtualenv is made
+    in the devstack cache on first use (PyPI, pinned), then reused."""
+    from tests.support.lnbits import start_payee_wallet
+    wallet, took = await start_payee_wallet(stack_desc, tmp_path_factory.mktemp("lnbits"),
+                                            say=lambda m: _say(pytestconfig, f"[tests] {m}"))
+    _say(pytestconfig, f"[tests] LNbits payee wallet on {wallet.url}: install/check {took['install_s']:.1f} s, "
+                       f"start {took['start_s']:.1f} s")
+    try:
+        yield wallet
+    finally:
+        await wallet.close()
 
 
 @pytest.fixture(scope="session")

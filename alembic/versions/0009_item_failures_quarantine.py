@@ -5,7 +5,7 @@ replay them: effects left ``failed`` (state ``quarantined`` now) and inbox event
 handler failed for good (an ``error:`` outcome).
 
 Revision ID: 0009
-Revises: 0007
+Revises: 0008
 Create Date: 2026-12-01 09:00:00
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from alembic import op
 
 
 revision = '0009'
-down_revision = '0007'
+down_revision = '0008'
 branch_labels = None
 depends_on = None
 

@@ -12,7 +12,7 @@ cancels the underlying gRPC call.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from service.lightning import errors
 from service.lightning._stubs import inv, inv_grpc, ln, ln_grpc, rt, rt_grpc
 
 MAX_MESSAGE_BYTES = 50 * 1024 * 1024
+MAX_FEE_QUERY_MSAT = 2**62   # "no fee limit" for QueryRoutes (its default limit is about the amount)
 
 
 class InvoiceState(enum.Enum):
@@ -361,13 +362,16 @@ class LndClient:
                            cltv_limit: int = 0, amt_msat: int = 0) -> AsyncIterator[Payment]:
         """``SendPaymentV2``: a stream of the payment's states until SUCCEEDED or FAILED.
 
-        ``fee_limit_msat`` is required and must be positive: a zero fee limit
-        means "no limit" to LND for some versions, which we never want.
+        ``fee_limit_msat`` is required; 0 means "zero-fee routes only" (routerrpc's rule, lnd
+        v0.20 router.proto; tested on regtest), never "no limit". ``cltv_limit`` bounds the
+        whole route's time lock in blocks (0: LND's ``--max-cltv-expiry``, 2016 by default).
         """
-        if fee_limit_msat <= 0:
-            raise ValueError("fee_limit_msat must be positive")
+        if fee_limit_msat < 0:
+            raise ValueError("fee_limit_msat must not be negative")
         if timeout_seconds <= 0:
             raise ValueError("timeout_seconds must be positive")
+        if cltv_limit < 0:
+            raise ValueError("cltv_limit must not be negative")
         req = rt.SendPaymentRequest(payment_request=payment_request, fee_limit_msat=fee_limit_msat,
                                     timeout_seconds=timeout_seconds, cltv_limit=cltv_limit, amt_msat=amt_msat,
                                     no_inflight_updates=False)
@@ -386,7 +390,25 @@ class LndClient:
             raise errors.LndError("SendPaymentV2", "stream ended without a payment update")
         return last
 
-    async def track_payment(self, payment_hash: bytes, *, no_inflight_updates: bool = False) -> AsyncIterator[Payment]:
+    async def route_fee(self, payment_request: str, *, cltv_limit: int = 0) -> int | None:
+        """The fee (msat) of the route LND would choose for this invoice with no fee limit, or None
+        if it finds none: ``QueryRoutes`` with the invoice's destination, amount, final CLTV, route
+        hints and features, without mission control (the graph as it is). Sends nothing."""
+        d = await self._unary("DecodePayReq", self._ln.DecodePayReq, ln.PayReqString(pay_req=payment_request))
+        req = ln.QueryRoutesRequest(pub_key=d.destination, amt_msat=int(d.num_msat),
+                                    final_cltv_delta=int(d.cltv_expiry), route_hints=list(d.route_hints),
+                                    dest_features=list(d.features.keys()), cltv_limit=cltv_limit,
+                                    fee_limit=ln.FeeLimit(fixed_msat=MAX_FEE_QUERY_MSAT), use_mission_control=False)
+        try:
+            r = await self._unary("QueryRoutes", self._ln.QueryRoutes, req)
+        except errors.LndError as e:
+            if "unable to find a path" in e.detail:
+                return None
+            raise
+        return int(r.routes[0].total_fees_msat) if r.routes else None
+
+    async def track_payment(self, payment_hash: bytes, *,
+                            no_inflight_updates: bool = False) -> AsyncGenerator[Payment, None]:
         """``TrackPaymentV2``: the payment's current state, then updates until final."""
         req = rt.TrackPaymentRequest(payment_hash=_check_hash("payment_hash", payment_hash),
                                      no_inflight_updates=no_inflight_updates)

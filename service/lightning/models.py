@@ -73,8 +73,12 @@ class Payout(Base):
     # times the worker sent it back to needs_invoice (a refused or expired invoice, given up):
     # each is a new outcome for the engine to announce, even with an unchanged attempt count
     needs_invoice_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
+    # the engine's own routing-fee limit for this payout (the worker uses the lower of it and the policy's)
+    fee_limit_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     fee_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)   # of the succeeding attempt
+    # of the succeeding attempt; unique: one payment pays one payout (two payouts marked paid by one
+    # payment made every later ledger scan fail with key_conflict)
+    payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -82,7 +86,8 @@ class Payout(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
-    __table_args__ = (Index("ix_ln_payouts_due", "state", "next_attempt_at"),)
+    __table_args__ = (Index("ix_ln_payouts_due", "state", "next_attempt_at"),
+                      Index("uq_ln_payouts_payment_hash", "payment_hash", unique=True))
 
 
 class PayoutAttempt(Base):

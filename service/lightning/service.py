@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from dataclasses import dataclass
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -19,6 +21,14 @@ from service.ledger.reconcile import ReconciliationReport, payouts_paused, recon
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class ReconcilerHealth:
+    """What the payout reconciler did: passes completed, when the last one ended (unix time)."""
+    passes: int = 0
+    last_pass_at: float | None = None
+    last_error: str | None = None
+
+
 class LightningService:
     def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
         self.lnd = lnd
@@ -29,6 +39,8 @@ class LightningService:
         self.invoices = EscrowInvoices(lnd, HoldSizing.from_settings(settings),
                                        expiry_seconds=settings.invoice_expiry_seconds, sessions=sessions)
         self.payouts: Payouts | None = None
+        self._payouts_made = asyncio.Lock()
+        self.payout_reconciler = ReconcilerHealth()
         self.sessions = sessions
         self._stop = asyncio.Event()
         self._payouts_wake = asyncio.Event()
@@ -57,9 +69,10 @@ class LightningService:
         await self.watcher.stop()
 
     async def start_workers(self) -> None:
-        """What every replica runs: the payout worker (claims are compare-and-set)."""
+        """What every replica runs: the payout worker and its reconciler (claims are compare-and-set)."""
         self._stop.clear()
-        self._tasks = [asyncio.create_task(self._payout_loop(), name="payout worker")]
+        self._tasks = [asyncio.create_task(self._payout_loop(), name="payout worker"),
+                       asyncio.create_task(self._payout_reconcile_loop(), name="payout reconciler")]
 
     async def stop(self) -> None:
         self._stop.set()
@@ -121,15 +134,50 @@ class LightningService:
                 log.exception("reconciliation failed")
             await self._sleep(self.settings.reconcile_interval_seconds)
 
+    async def _payouts(self) -> Payouts:
+        """The payout worker's Payouts: made once LND tells us our node's pubkey (it answers)."""
+        async with self._payouts_made:
+            if self.payouts is None:
+                info = await self.lnd.get_info()
+                self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
+                                       our_pubkey=info.pubkey, on_outcome=self._outcome)
+            return self.payouts
+
+    async def _payout_reconcile_loop(self) -> None:
+        """Resolve `unknown` payouts and those a dead worker left `sending`: at start-up, then every
+        ``payout_reconcile_seconds``. Its own task, so claiming due payouts never waits for it: one
+        pass may spend up to its per-payout budget on each payout (a slow node, a held HTLC), and
+        a payee that holds our HTLC must not hold up anybody else's payout."""
+        while not self._stop.is_set():
+            try:
+                payouts = await self._payouts()
+                async with self.sessions() as s:
+                    paused = await payouts_paused(s)
+                await payouts.reconcile(allow_send=not paused)
+                self.payout_reconciler.passes += 1
+                self.payout_reconciler.last_pass_at = time.time()
+                self.payout_reconciler.last_error = None
+            except LndError as e:
+                self.payout_reconciler.last_error = str(e)
+                log.info("payout reconciler waiting for LND: %s", e)
+            except Exception as e:  # noqa: BLE001 - keep reconciling
+                self.payout_reconciler.last_error = type(e).__name__
+                log.exception("payout reconciler failed")
+            await self._sleep(self.settings.payout_reconcile_seconds)
+
     async def _payout_loop(self) -> None:
         """Keep up to ``payout_concurrency`` payments in flight: a slot freed is refilled at
-        once (no batch waits for its slowest payment); idle, it polls every second or when woken."""
-        reconciled_at = 0.0
-        inflight: set[asyncio.Task] = set()
+        once (no batch waits for its slowest payment); idle, it polls every second or when woken.
+
+        At most one payment in flight per payee (its Nostr key) in this process: one payee's held
+        payments cannot take every slot. Per process, not per database: with N replicas a payee
+        may have N at once; each is followed for one payout timeout at most, then left `unknown`
+        to the reconciler, so no payee holds a slot for longer."""
+        inflight: dict[asyncio.Task, str] = {}   # task -> its payee
         slot_freed = asyncio.Event()
 
         def done(task: asyncio.Task) -> None:
-            inflight.discard(task)
+            inflight.pop(task, None)
             slot_freed.set()
             if not task.cancelled() and task.exception() is not None:
                 log.error("payout failed unexpectedly: %r", task.exception())
@@ -139,24 +187,16 @@ class LightningService:
                 polled = asyncio.get_running_loop().time()
                 claimed = 0
                 try:
-                    if self.payouts is None:  # needs our node's pubkey, known once LND answers
-                        info = await self.lnd.get_info()
-                        self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
-                                               our_pubkey=info.pubkey, on_outcome=self._outcome)
-                    now = asyncio.get_running_loop().time()
-                    # at start-up, then on a schedule: resolves payouts a dead worker left sending
-                    if now - reconciled_at > self.settings.payout_reconcile_seconds and not inflight:
-                        await self.payouts.reconcile()
-                        reconciled_at = now
+                    payouts = await self._payouts()
                     async with self.sessions() as s:
                         paused = await payouts_paused(s)
                     self.paused = paused   # the ledger disagrees with LND: an operator must look first
                     free = self.settings.payout_concurrency - len(inflight)
                     if not paused and free > 0:
                         self._payouts_wake.clear()
-                        for pid in await self.payouts.claim_due(free):
-                            task = asyncio.create_task(self.payouts.pay(pid), name=f"payout {pid[:24]}")
-                            inflight.add(task)
+                        for c in await payouts.claim_due(free, busy_payees=set(inflight.values())):
+                            task = asyncio.create_task(payouts.pay(c.payout_id), name=f"payout {c.payout_id[:24]}")
+                            inflight[task] = c.payee
                             task.add_done_callback(done)
                             claimed += 1
                 except LndError as e:

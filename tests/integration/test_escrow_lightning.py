@@ -25,7 +25,7 @@ from tests.conftest import Regtest, wait_until
 
 pytestmark = pytest.mark.lnd
 
-POLICY = PayoutPolicy(network="regtest", fee_floor_msat=1_000, fee_ppm=5_000, fee_cap_msat=1_000_000,
+POLICY = PayoutPolicy(network="regtest", fee_ppm=5_000, fee_cap_msat=1_000_000,
                       timeout_seconds=30, max_attempts=2, retry_seconds=0, min_expiry_seconds=60)
 
 

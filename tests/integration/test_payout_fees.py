@@ -1,0 +1,133 @@
+"""Routing fees of payouts on real LND: the limit is a fraction of the payout, never a floor.
+
+The attack (issue item 4): a payee puts its own hop between the escrow and the invoice (the
+devstack's ``payee2`` behind ``payee`` over a private channel, reached through the invoice's
+route hint) and sets a high fee on it. With a 10-sat floor on the fee limit, a 1-sat payout cost
+the escrow 9.5 sat in fees. Now the limit is ``amount × ppm`` (capped, and no more than the
+payout's own limit); LND refuses the route, nothing is paid, and the payout goes back to the
+payee with the reason ``route_fee_exceeds_limit``.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import select
+
+from service.config import Settings
+from service.db import create_engine, session_factory
+from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
+from service.lightning.models import Payout, PayoutAttempt
+from service.lightning.payouts import PayoutPolicy, Payouts
+from tests.conftest import Regtest, wait_until
+
+pytestmark = pytest.mark.lnd
+
+HIGH_BASE_FEE_MSAT = 9_500
+
+
+@pytest.fixture
+async def sessions(database_url: str):
+    engine = create_engine(database_url)
+    yield session_factory(engine)
+    await engine.dispose()
+
+
+def _policy(**kw) -> PayoutPolicy:
+    """The service's defaults (Settings), with a shorter invoice-expiry rule for test invoices."""
+    return PayoutPolicy.from_settings(Settings(_env_file=None, payout_invoice_min_expiry_seconds=60, **kw))
+
+
+def _payee2_channel_point(regtest: Regtest) -> str:
+    payee2 = regtest.node("payee2")["pubkey"]
+    [ch] = [c for c in regtest.stack.lncli("payee", "listchannels")["channels"] if c["remote_pubkey"] == payee2]
+    return ch["channel_point"]
+
+
+async def _set_payee_hop_fee(regtest: Regtest, base_fee_msat: int, fee_rate_ppm: int) -> None:
+    """The payee's fee policy on its channel to payee2, as payee2's invoices then advertise it."""
+    cp = _payee2_channel_point(regtest)
+    await asyncio.to_thread(regtest.stack.lncli, "payee", "updatechanpolicy", "--base_fee_msat", str(base_fee_msat),
+                            "--fee_rate_ppm", str(fee_rate_ppm), "--time_lock_delta", "40", "--chan_point", cp)
+
+    async def hinted() -> bool:   # payee2 learned the new policy: its invoices' route hint carries it
+        inv = await regtest.payee2.add_invoice(1_000, memo="policy check", private=True)
+        d = await asyncio.to_thread(regtest.stack.lncli, "escrow", "decodepayreq", inv.payment_request)
+        hops = [h for r in d.get("route_hints", []) for h in r["hop_hints"]]
+        return any(int(h["fee_base_msat"]) == base_fee_msat for h in hops)
+    await wait_until(hinted, 30, f"payee2's route hint with base fee {base_fee_msat} msat", interval=0.3)
+
+
+@pytest.fixture(scope="module")
+async def expensive_payee_hop(regtest: Regtest):
+    await _set_payee_hop_fee(regtest, HIGH_BASE_FEE_MSAT, 0)
+    yield
+    await _set_payee_hop_fee(regtest, 1_000, 1)   # LND's defaults, as `up` left them
+
+
+async def _track_all(regtest: Regtest, h: bytes) -> list:
+    return [p async for p in regtest.escrow.track_payment(h)]
+
+
+async def test_fee_limit_zero_means_zero_fee_routes_only(regtest: Regtest) -> None:
+    """LND's routerrpc: fee_limit_msat 0 considers zero-fee routes only (not "no limit")."""
+    direct = await regtest.payee.add_invoice(2_000, memo="direct, no fee")
+    p = await regtest.escrow.pay(direct.payment_request, fee_limit_msat=0, timeout_seconds=20)
+    assert p.status == PaymentStatus.SUCCEEDED and p.fee_msat == 0, "a direct channel costs nothing"
+
+    behind = await regtest.payee2.add_invoice(2_000, memo="one paid hop", private=True)
+    p = await regtest.escrow.pay(behind.payment_request, fee_limit_msat=0, timeout_seconds=20)
+    assert p.status == PaymentStatus.FAILED and p.failure_reason == FailureReason.NO_ROUTE
+    assert (await regtest.payee2.lookup_invoice(behind.payment_hash)).state == InvoiceState.OPEN
+    fee = await regtest.escrow.route_fee(behind.payment_request)
+    assert fee is not None and fee > 0, "the route exists; only its fee was refused"
+    p = await regtest.escrow.pay(behind.payment_request, fee_limit_msat=fee, timeout_seconds=20)
+    assert p.status == PaymentStatus.SUCCEEDED and p.fee_msat == fee
+    with pytest.raises(ValueError):
+        async for _ in regtest.escrow.send_payment(behind.payment_request, fee_limit_msat=-1):
+            pass
+
+
+async def test_tiny_payout_through_an_expensive_payee_hop_is_refused_and_nothing_paid(
+        regtest: Regtest, sessions, expensive_payee_hop) -> None:  # noqa: ANN001
+    amount = 1_000   # a 1-sat validator fee: its limit at the default 5000 ppm is 5 msat
+    inv = await regtest.payee2.add_invoice(amount, memo="validator fee", private=True)
+    before = (await regtest.escrow.channel_balance()).local_msat
+    async with sessions.begin() as s:
+        await Payouts.create(s, payout_id="job:validator:v", payee="a1" * 32, amount_msat=amount,
+                             destination="bolt11:" + inv.payment_request, job_id="b2" * 32)
+    payouts = Payouts(regtest.escrow, sessions, _policy(), our_pubkey=regtest.node("escrow")["pubkey"])
+    [outcome] = await payouts.process_due()
+    async with sessions() as s:
+        p = await s.get(Payout, "job:validator:v")
+        [attempt] = (await s.scalars(select(PayoutAttempt))).all()
+    assert (outcome.state, p.state, p.fee_msat) == ("needs_invoice", "needs_invoice", None), p.last_error
+    assert p.last_error.startswith("route_fee_exceeds_limit: "), p.last_error
+    assert f"{HIGH_BASE_FEE_MSAT} msat" in p.last_error and "allows 5 msat" in p.last_error
+    assert (attempt.state, attempt.fee_limit_msat, attempt.failure) == ("failed", 5, "NO_ROUTE")
+    assert (await regtest.payee2.lookup_invoice(inv.payment_hash)).state == InvoiceState.OPEN
+    tracked = await _track_all(regtest, inv.payment_hash)
+    assert tracked[-1].status == PaymentStatus.FAILED and tracked[-1].fee_msat == 0
+    assert (await regtest.escrow.channel_balance()).local_msat == before, "the escrow paid nothing, no fee"
+
+
+async def test_a_payouts_own_fee_limit_caps_the_policy(regtest: Regtest, sessions, expensive_payee_hop) -> None:  # noqa: ANN001
+    """The engine's limit for a payout (``fee_limit_msat``) wins when lower than the policy's."""
+    amount = 4_000_000   # policy limit 20,000 msat: the 9,500 msat hop fits it
+    policy = _policy()
+    first = await regtest.payee2.add_invoice(amount, memo="reward, own limit", private=True)
+    second = await regtest.payee2.add_invoice(amount, memo="reward, policy limit", private=True)
+    async with sessions.begin() as s:
+        await Payouts.create(s, payout_id="job:reward:capped", payee="c3" * 32, amount_msat=amount,
+                             destination="bolt11:" + first.payment_request, fee_limit_msat=9_000)
+        await Payouts.create(s, payout_id="job:reward:policy", payee="d4" * 32, amount_msat=amount,
+                             destination="bolt11:" + second.payment_request)
+    payouts = Payouts(regtest.escrow, sessions, policy, our_pubkey=regtest.node("escrow")["pubkey"])
+    outcomes = {o.payout_id: o.state for o in await payouts.process_due()}
+    assert outcomes == {"job:reward:capped": "needs_invoice", "job:reward:policy": "succeeded"}
+    async with sessions() as s:
+        capped, paid = await s.get(Payout, "job:reward:capped"), await s.get(Payout, "job:reward:policy")
+    assert capped.last_error.startswith("route_fee_exceeds_limit: ") and "allows 9000 msat" in capped.last_error
+    assert paid.fee_msat == HIGH_BASE_FEE_MSAT <= policy.fee_limit(amount)
+    assert (await regtest.payee2.lookup_invoice(first.payment_hash)).state == InvoiceState.OPEN
+    assert (await regtest.payee2.lookup_invoice(second.payment_hash)).state == InvoiceState.SETTLED
