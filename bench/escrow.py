@@ -192,8 +192,11 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
         reqs = await invoices(count, "ours")
         ids = [f"bench:{tag}:{i}" for i in range(count)]
         async with sessions.begin() as s:   # what the engine writes at release, in one transaction
-            for pid, req in zip(ids, reqs):
-                await Payouts.create(s, payout_id=pid, payee="ab" * 32, amount_msat=amount, destination=f"bolt11:{req}")
+            for i, (pid, req) in enumerate(zip(ids, reqs)):
+                # one payee key each, as at a release (the worker pays one payment per payee at a time)
+                payee_key = hashlib.sha256(f"bench payee {tag} {i}".encode()).hexdigest()
+                await Payouts.create(s, payout_id=pid, payee=payee_key, amount_msat=amount,
+                                     destination=f"bolt11:{req}")
         while True:
             async with sessions() as s:
                 states = {r[0]: r[1] for r in (await s.execute(text(

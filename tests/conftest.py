@@ -97,6 +97,22 @@ class Regtest:
         inv = await self.payee.add_invoice(value_msat, memo=memo, expiry=expiry)
         return inv.payment_request, inv.payment_hash
 
+    async def set_payee_hop_fee(self, base_fee_msat: int, fee_rate_ppm: int) -> None:
+        """The payee's fee policy on its private channel to payee2 (a payee's own hop), and wait
+        until payee2's invoices advertise it in their route hint."""
+        payee2 = self.node("payee2")["pubkey"]
+        [ch] = [c for c in self.stack.lncli("payee", "listchannels")["channels"] if c["remote_pubkey"] == payee2]
+        await asyncio.to_thread(self.stack.lncli, "payee", "updatechanpolicy", "--base_fee_msat", str(base_fee_msat),
+                                "--fee_rate_ppm", str(fee_rate_ppm), "--time_lock_delta", "40",
+                                "--chan_point", ch["channel_point"])
+
+        async def hinted() -> bool:
+            inv = await self.payee2.add_invoice(1_000, memo="policy check", private=True)
+            d = await asyncio.to_thread(self.stack.lncli, "escrow", "decodepayreq", inv.payment_request)
+            hops = [h for r in d.get("route_hints", []) for h in r["hop_hints"]]
+            return any(int(h["fee_base_msat"]) == base_fee_msat for h in hops)
+        await wait_until(hinted, 30, f"payee2's route hint with base fee {base_fee_msat} msat", interval=0.3)
+
 
 async def _synced(client: LndClient, height: int) -> bool:
     info = await client.get_info()

@@ -294,8 +294,14 @@ async def test_an_overpaid_escrow_gives_the_excess_back_to_the_customer(market: 
     reserve = -(-200_000 * market.settings.payout_fee_ppm // 1_000_000)
     assert back.payee == market.customer.public_key_hex and back.amount_msat == (200_000 - reserve) // 1000 * 1000
     # the customer claims it like any reward, with an invoice of its own node
-    claim = await market.wait_status(job_ev.id, "success", "reward claimable")
-    assert tag(claim, "p")[1] == market.customer.public_key_hex and int(tag(claim, "amount")[1]) == back.amount_msat
+    async def claim_for_the_customer():
+        for ev in await market.escrow_events(job_ev.id):
+            if tag(ev, "status")[1:3] == ["success", "reward claimable"] and \
+                    tag(ev, "p")[1] == market.customer.public_key_hex:
+                return ev
+        return None
+    claim = await wait_until(claim_for_the_customer, 30, "the excess announced to the customer", interval=0.3)
+    assert int(tag(claim, "amount")[1]) == back.amount_msat
     inv = await regtest.customer.add_invoice(back.amount_msat, memo="the excess")
     await publish(market.relay, sign_event(market.customer, *build_payee_invoice(
         job_id=job_ev.id, escrow=market.E, amount_msat=back.amount_msat, bolt11=inv.payment_request)))
@@ -337,3 +343,41 @@ async def test_replies_also_go_to_the_requests_relays_but_never_to_private_addre
         row = await wait_until(refused, 20, "the private reply relay refused", interval=0.3)
         assert row.state == "rejected" and row.last_message.startswith("blocked:")
         assert await query(theirs.url, {"authors": [m.E], "#e": [job_ev.id]}) == []
+
+
+async def test_a_payees_expensive_route_never_costs_the_escrow_more_than_it_earned(market: Market,
+                                                                                 regtest: Regtest) -> None:
+    """Both payees of a 100-sat job give invoices behind their own hop (payee2 behind the payee, a
+    9.5-sat base fee). Before: a 10-sat floor on the fee limit let the routes take 19 sat, and the
+    job left the escrow 17 sat poorer. Now the routes are refused (nothing is paid, the payees are
+    told why), the payees give cheaper invoices, and the escrow's net on the job is not negative."""
+    from service.ledger import accounts
+    from service.ledger import service as ledger
+    await regtest.set_payee_hop_fee(9_500, 0)
+    try:
+        job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=1_000,
+                                                       bid=100_000))
+        pay = await market.fund(job_ev.id)
+        p1, v1 = market.providers[0], market.validators[0]
+        r1 = await market.submit(job_ev, p1, 0, b"a good model")
+        await market.score(job_ev.id, v1, {r1.id: ("0.9", sha(b"a good model"))})
+        payouts = {p.payee: p for p in await market.released(job_ev.id)}
+        await settle_payment(pay)
+        for key in (p1, v1):
+            amount = payouts[key.public_key_hex].amount_msat
+            inv = await regtest.payee2.add_invoice(amount, memo="behind my own hop", private=True)
+            await publish(market.relay, sign_event(key, *build_payee_invoice(
+                job_id=job_ev.id, escrow=market.E, amount_msat=amount, bolt11=inv.payment_request)))
+
+        async def both_refused():
+            reasons = [tag(ev, "reason") for ev in await market.escrow_events(job_ev.id)]
+            return reasons.count(["reason", "route_fee_exceeds_limit"]) == 2
+        await wait_until(both_refused, 60, "both payees told their route costs too much", interval=0.5)
+        await market.claim_rewards(job_ev.id, [p1, v1])          # invoices of the payee node itself
+        await market.wait_state(job_ev.id, "closed", timeout=60)
+        async with market.sessions() as s:
+            b = await ledger.balances(s, job_id=job_ev.id)
+        earned, routing = -b.get(accounts.FEE_INCOME, 0), b.get(accounts.ROUTING_EXPENSE, 0)
+        assert routing == 0 and earned > 0, b
+    finally:
+        await regtest.set_payee_hop_fee(1_000, 1)

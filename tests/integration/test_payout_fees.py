@@ -38,31 +38,11 @@ def _policy(**kw) -> PayoutPolicy:
     return PayoutPolicy.from_settings(Settings(_env_file=None, payout_invoice_min_expiry_seconds=60, **kw))
 
 
-def _payee2_channel_point(regtest: Regtest) -> str:
-    payee2 = regtest.node("payee2")["pubkey"]
-    [ch] = [c for c in regtest.stack.lncli("payee", "listchannels")["channels"] if c["remote_pubkey"] == payee2]
-    return ch["channel_point"]
-
-
-async def _set_payee_hop_fee(regtest: Regtest, base_fee_msat: int, fee_rate_ppm: int) -> None:
-    """The payee's fee policy on its channel to payee2, as payee2's invoices then advertise it."""
-    cp = _payee2_channel_point(regtest)
-    await asyncio.to_thread(regtest.stack.lncli, "payee", "updatechanpolicy", "--base_fee_msat", str(base_fee_msat),
-                            "--fee_rate_ppm", str(fee_rate_ppm), "--time_lock_delta", "40", "--chan_point", cp)
-
-    async def hinted() -> bool:   # payee2 learned the new policy: its invoices' route hint carries it
-        inv = await regtest.payee2.add_invoice(1_000, memo="policy check", private=True)
-        d = await asyncio.to_thread(regtest.stack.lncli, "escrow", "decodepayreq", inv.payment_request)
-        hops = [h for r in d.get("route_hints", []) for h in r["hop_hints"]]
-        return any(int(h["fee_base_msat"]) == base_fee_msat for h in hops)
-    await wait_until(hinted, 30, f"payee2's route hint with base fee {base_fee_msat} msat", interval=0.3)
-
-
 @pytest.fixture(scope="module")
 async def expensive_payee_hop(regtest: Regtest):
-    await _set_payee_hop_fee(regtest, HIGH_BASE_FEE_MSAT, 0)
+    await regtest.set_payee_hop_fee(HIGH_BASE_FEE_MSAT, 0)
     yield
-    await _set_payee_hop_fee(regtest, 1_000, 1)   # LND's defaults, as `up` left them
+    await regtest.set_payee_hop_fee(1_000, 1)   # LND's defaults, as `up` left them
 
 
 async def _track_all(regtest: Regtest, h: bytes) -> list:

@@ -21,7 +21,9 @@ from sqlalchemy import select, update
 from service.db import create_engine, insert_ignore, session_factory, utcnow
 from service.escrow.engine import Engine, EngineConfig
 from service.escrow.models import Effect, Job, JobState
+from service.ledger import accounts
 from service.ledger import service as ledger
+from service.lightning.payouts import PayoutPolicy as LnPayoutPolicy
 from service.lightning.models import LnFact, LnInvoice, Payout
 from service.migrate import upgrade_async
 from service.nostr.inbox import Inbox
@@ -47,6 +49,7 @@ TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=10_000, ma
                     max_validators=5, max_shards=8, min_results_window_s=0, max_job_duration_s=30 * 86_400,
                     modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=86_400)
 T0 = 1_900_000_000
+POLICY = LnPayoutPolicy()   # the fee bound of the worker's defaults
 FAKE_BOLT11 = "lnbcrt1" + "qpzry9x8gf2tvdw0s3jn54khce6mua7l" * 4   # shaped like an invoice; never paid here
 ESCROW = SecretKey(hashlib.sha256(b"prop escrow").digest())
 CUSTOMER = SecretKey(hashlib.sha256(b"prop customer").digest())
@@ -71,6 +74,7 @@ class World:
         self.jobs: list = []          # (event, JobRequest)
         self.results: dict[str, list] = {}
         self.events: list = []        # everything fed so far (for duplicates)
+        self.paid: dict[str, int] = {}   # payment hash -> what the customer paid
 
     async def feed(self, event) -> None:
         self.events.append(event)
@@ -114,19 +118,21 @@ class World:
                     await self._fact(s, inv, "canceled")
                 await s.execute(update(Effect).where(Effect.id == eff.id).values(state="done"))
 
-    async def _fact(self, s, inv: LnInvoice, kind: str) -> None:
+    async def _fact(self, s, inv: LnInvoice, kind: str, extra: int = 0) -> None:
+        paid = self.paid.setdefault(inv.payment_hash, inv.amount_msat + extra)   # settled: what was accepted
         await s.execute(update(LnInvoice).where(LnInvoice.payment_hash == inv.payment_hash).values(state=kind))
         await s.execute(insert_ignore(s, LnFact.__table__), [{
-            "payment_hash": inv.payment_hash, "kind": kind, "amount_msat": inv.amount_msat if kind != "canceled" else 0,
+            "payment_hash": inv.payment_hash, "kind": kind, "amount_msat": paid if kind != "canceled" else 0,
             "source": "prop", "observed_at": utcnow()}])
 
-    async def pay(self, which: int) -> None:
-        """The customer pays a job's invoice (hold: accepted; custodial: settled)."""
+    async def pay(self, which: int, extra: int = 0) -> None:
+        """The customer pays a job's invoice (hold: accepted; custodial: settled), ``extra`` msat more
+        than asked (LND takes up to twice an invoice's amount)."""
         async with self.sessions.begin() as s:
             invs = (await s.scalars(select(LnInvoice).where(LnInvoice.state == "open").order_by(LnInvoice.created_at))).all()
             if invs:
                 inv = invs[which % len(invs)]
-                await self._fact(s, inv, "accepted" if inv.mode == "hold" else "settled")
+                await self._fact(s, inv, "accepted" if inv.mode == "hold" else "settled", extra)
 
     async def result(self, job_i: int, provider: int, shard: int, good: bool) -> None:
         if not self.jobs:
@@ -156,7 +162,9 @@ class World:
         await self.feed(ev)
 
     async def payouts(self, fee: int, fail: bool) -> None:
-        """Complete pending payouts as the payout worker would."""
+        """Complete pending payouts as the payout worker would: LND never pays a route above the
+        payment's fee limit, which the worker sets to the lower of the payout's own limit and the
+        policy's fraction of its amount (service/lightning/payouts.py); a payee may ask any fee."""
         async with self.sessions.begin() as s:
             pending = (await s.scalars(select(Payout).where(Payout.state.in_(("pending", "needs_invoice"))))).all()
             for p in pending:
@@ -164,9 +172,12 @@ class World:
                     await s.execute(update(Payout).where(Payout.id == p.id).values(
                         state="needs_invoice", attempts=Payout.attempts + 1))
                 else:
+                    limit = POLICY.fee_limit(p.amount_msat)
+                    if p.fee_limit_msat is not None:
+                        limit = min(limit, p.fee_limit_msat)
                     pre = os.urandom(32)
                     await s.execute(update(Payout).where(Payout.id == p.id).values(
-                        state="succeeded", fee_msat=fee, preimage=pre.hex(),
+                        state="succeeded", fee_msat=min(fee, limit), preimage=pre.hex(),
                         payment_hash=hashlib.sha256(pre).hexdigest()))
 
     async def step_engine(self) -> None:
@@ -194,13 +205,18 @@ class World:
                                       if k.startswith("income:")) * -1 >= 0
             total = sum((await ledger.balances(s)).values())
             assert total == 0
+            # The escrow never pays to work: per job, what it earned covers the routes it paid.
+            for j in jobs:
+                b = await ledger.balances(s, job_id=j.id)
+                earned, routing = -b.get(accounts.FEE_INCOME, 0), b.get(accounts.ROUTING_EXPENSE, 0)
+                assert earned - routing >= 0, (j.id, j.state, earned, routing)
 
 
 ACTIONS = st.one_of(
     st.tuples(st.just("job"), st.sampled_from(["best", "split"]), st.sampled_from(["hold", "custodial"]),
               st.integers(100_000, 5_000_000)),
     st.tuples(st.just("effects")),
-    st.tuples(st.just("pay"), st.integers(0, 5)),
+    st.tuples(st.just("pay"), st.integers(0, 5), st.sampled_from([0, 0, 0, 1, 999, 150_000])),
     st.tuples(st.just("result"), st.integers(0, 3), st.integers(0, 2), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("score"), st.integers(0, 3), st.integers(0, 1), st.booleans()),
     st.tuples(st.just("tick"), st.integers(1, 250)),
