@@ -81,8 +81,12 @@ class ServiceProc:
                "FEDSTR_RELAYS": ",".join(relays if relays is not None else [desc["relay"]["url"]]),
                "FEDSTR_NOSTR_SECRET_KEY": escrow_key_hex, "FEDSTR_HTTP_PORT": str(self.port),
                "FEDSTR_MIN_RESULTS_WINDOW_SECONDS": "0", "FEDSTR_MIN_BID_MSAT": "10000",
-               # a benchmark or drill is one client hammering the API: per-client limits off
-               "FEDSTR_EVENTS_PER_MINUTE": "10000000"}
+               # a benchmark or drill is one client hammering the API: per-client limits off, and
+               # the engine's intake budget too (the benchmarks measure the pipeline; the
+               # adversarial drill sets the budget it plays against)
+               "FEDSTR_EVENTS_PER_MINUTE": "10000000", "FEDSTR_JOB_REQUESTS_PER_MINUTE": "10000000",
+               "FEDSTR_MAX_OPEN_OFFERS": "10000000", "FEDSTR_MAX_OPEN_OFFERS_PER_KEY": "10000000",
+               "FEDSTR_JOB_REQUESTS_PER_MINUTE_PER_KEY": "10000000"}
         env.update({f"FEDSTR_{k.upper()}": str(v) for k, v in settings.items()})
         self.env = {**os.environ, **env}
         self.log_path = log_path

@@ -86,6 +86,9 @@ from service.nostr.protocol.money import MoneySplit
 log = logging.getLogger(__name__)
 
 S = JobState
+# A job in one of these states was funded once: its customer is a returning one (intake budget).
+FUNDED_ONCE = (S.COLLECTING.value, S.VALIDATING.value, S.RELEASING.value, S.CLOSED.value, S.REFUNDING.value,
+               S.REFUNDED.value)
 KIND_JOB, KIND_RESULT, KIND_EVAL_RESULT, KIND_FEEDBACK, KIND_DELETION = 5701, 6701, 6702, 7000, 5
 
 
@@ -251,9 +254,11 @@ class Engine:
     async def _over_budget(self, s: AsyncSession, customer: str, now: int, *, accepted: bool) -> tuple[str, str] | None:
         """``(reason, message)`` when a request from ``customer`` is over the intake budget.
 
-        Per key: requests of any outcome in the last minute, and its open unfunded offers.
-        Globally (only for a request that would be accepted: those cost an invoice): accepted
-        requests in the last minute, and open unfunded offers."""
+        Per key, for everyone: requests of any outcome in the last minute, and open unfunded
+        offers. Globally, only for keys that never funded a job here (a key is free to make, a
+        funded job is not: a flood of fresh keys must not keep returning customers out) and only
+        for a request that would be accepted (those cost an invoice): such requests in the last
+        minute that are still unfunded, and unfunded offers open at once."""
         b = self.config.budget
         since = utcnow() - timedelta(seconds=60)   # Job.created_at is wall-clock time
         unfunded = (S.REQUESTED.value, S.OFFERED.value)
@@ -267,10 +272,12 @@ class Engine:
                                    .where(Job.customer == customer, Job.state.in_(unfunded)))
         if open_mine >= b.open_offers_per_key:
             return "too_many_open_offers", f"at most {b.open_offers_per_key} unfunded offers at once per key"
+        if await s.scalar(select(Job.id).where(Job.customer == customer, Job.state.in_(FUNDED_ONCE)).limit(1)):
+            return None   # a returning customer: its per-key budget only
         recent = await s.scalar(select(func.count()).select_from(Job)
-                                .where(Job.created_at >= since, Job.state != S.REJECTED.value))
+                                .where(Job.created_at >= since, Job.state.in_((*unfunded, S.CANCELLED.value))))
         if recent >= b.per_minute:
-            return "escrow_busy", "the escrow takes no more requests this minute; try again later"
+            return "escrow_busy", "the escrow takes no more requests from new keys this minute; try again later"
         open_all = await s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(unfunded)))
         if open_all >= b.open_offers:
             return "escrow_busy", "too many unfunded offers are open; try again later"

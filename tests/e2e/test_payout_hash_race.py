@@ -38,7 +38,7 @@ from tests.conftest import Regtest, wait_until
 from tests.e2e.market import Market
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay, pytest.mark.postgres]
-ADMIN = "admin-token-for-tests"
+ADMIN = "admin-token-for-tests-of-at-least-32-characters"
 
 
 @pytest.fixture

@@ -118,7 +118,7 @@ async def test_two_replicas_one_killed_mid_release(regtest: Regtest, relay_url: 
         await market.wait_state(job_ev.id, "closed", timeout=90)
         await settle_payment(pay)
         job = await market.job(job_ev.id)
-        each = (job.bid_msat - job.fee_msat - 2 * job.validator_fee_msat) // 2
+        each = (job.bid_msat - job.fee_msat - 2 * job.validator_fee_msat) // 2 // 1000 * 1000   # whole sats
         expected = {p1.public_key_hex: each, p2.public_key_hex: each,
                     v1.public_key_hex: job.validator_fee_msat, v2.public_key_hex: job.validator_fee_msat}
         for payee, h in hashes.items():

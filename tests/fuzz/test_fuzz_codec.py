@@ -149,7 +149,7 @@ metric = st.one_of(st.sampled_from(["accuracy", "f1", "loss", "auc@10", "a/b+c:d
                    st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True))
 decimals = st.one_of(st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**6, max_value=10**6, places=6),
                      st.sampled_from([Decimal("0"), Decimal("-0"), Decimal("0.85"), Decimal("1E+3"),
-                                      Decimal("9" * 40 + "." + "9" * 23)]))
+                                      Decimal("9" * 15 + "." + "9" * 12)]))   # the largest a score may be
 msat = st.one_of(st.integers(1, 10**12), st.integers(1, MAX_MSAT), st.sampled_from([1, MAX_MSAT]))
 printable = st.characters(exclude_categories=["Cc", "Cs", "Zl", "Zp"])  # what check_text admits
 message_text = st.text(printable, min_size=1, max_size=60)
