@@ -1,4 +1,4 @@
-"""python -m bench.drills [all|sigkill|lnd-outage|relay-restart|postgres-restart|replicas] [options]
+"""python -m bench.drills [all|sigkill|lnd-outage|relay-restart|postgres-restart|replicas|adversarial] [options]
 
     --jobs N        jobs per drill (default: sigkill 50, the others 10)
     --kills K       SIGKILLs in the sigkill drill (default 20; a quarter of them, at least one,
@@ -79,6 +79,15 @@ def markdown(results: list[dict], command: str, seed: int, rev: dict) -> str:
                    f"{m['relay_resubscriptions']} relay re-subscriptions, {m['rest_payout_invoices']} payout invoices "
                    f"over REST, {m['customer_payment_attempts']} customer payment attempts; service starts: "
                    f"{r['service_starts']}; database: {r['database']}")
+        if r.get("hostile"):
+            h = r["hostile"]
+            out.append(f"- hostile participants: copies of honest results paid {h['copies_paid']}; the invoice given "
+                       f"for two rewards paid {h['race_paid_by_node']} time(s) by the escrow node; the poisoned job "
+                       f"{h['poisoned_job']} {h['poisoned_decided_after_deadline_s']} s after its deadline; the flood: "
+                       f"{h['flood_accepted']} accepted, {h['flood_refused_busy']} refused (escrow_busy); the held "
+                       f"payout {h['held_payout_state']} while the honest jobs closed (slowest {h['honest_max_s']} s); "
+                       f"escrow net per job at least {h['min_net_msat']} msat, negative for "
+                       f"{len(h['negative_net_jobs'])} job(s)")
         for n in r["notes"]:
             out.append(f"- note: {n}")
     return "\n".join(out) + "\n"

@@ -23,8 +23,8 @@ from bench.common import fresh_pg_database
 from bench.drills.audit import audit
 from bench.drills.faults import Service, StackParts
 from bench.drills.market import JobRun, Market, lnd
-from service.db import create_engine, session_factory
-from service.escrow.models import Job
+from service.db import aware, create_engine, session_factory
+from service.escrow.models import Job, TimelineEntry
 from service.lightning import errors as lnerr
 from service.lightning.models import Payout, PayoutAttempt
 from service.migrate import upgrade_async
@@ -50,6 +50,8 @@ class Drill:
     postgres = False
     default_jobs = 10
     about = ""
+    verdict: dict | None = None     # a drill's own checks beyond the audit (the adversarial drill's)
+    needs_verdict = False
 
     def __init__(self, desc: dict, opts: Options, run_dir: Path, say) -> None:  # noqa: ANN001
         self.desc = desc
@@ -220,7 +222,8 @@ class Drill:
                   and counted["duplicate_payments"] == 0 and counted["facts_lost"] == 0
                   and counted["ledger_imbalance_msat"] == 0 and counted["ledger_violations"] == 0
                   and counted["reconciliation_discrepancy_msat"] == 0 and counted["unpaid"] == 0
-                  and counted["payments_made"] == counted["payments_expected"])
+                  and counted["payments_made"] == counted["payments_expected"]
+                  and (not self.needs_verdict or bool(self.verdict and self.verdict["ok"])))
         durations = [j.times["closed"] - j.times["requested"] for j in self.market.jobs
                      if "closed" in j.times and "requested" in j.times]
         result = {
@@ -235,6 +238,7 @@ class Drill:
                        "rest_payout_invoices": self.market.rest_submissions, "api_event_posts": self.market.api_posts,
                        "customer_payment_attempts": sum(j.pay_attempts for j in self.market.jobs)},
             "service_starts": sum(s.starts for s in self.services),
+            "hostile": self.verdict,
             "database": "postgresql" if self.postgres else "sqlite",
             "logs": str(self.dir),
             "notes": self.notes + audit_notes,
@@ -518,4 +522,151 @@ class ReplicasDrill(Drill):
         await self.until_finished(launcher)
 
 
-DRILLS = {d.name: d for d in (SigkillDrill, LndOutageDrill, RelayRestartDrill, PostgresRestartDrill, ReplicasDrill)}
+# ------------------------------------------------------------------------------ adversarial
+class AdversarialDrill(Drill):
+    """Hostile participants (bench/drills/hostile.py) beside honest jobs on one stack.
+
+    The honest jobs come in two waves: the first from new customers; once each is funded the
+    relay flood arrives, and the second wave comes from the same customers (returning: the
+    flood's budget does not apply to them). Passes only if, besides the audit's counts, every
+    honest job closed in its normal time (``NORMAL_S`` from request to closed: the work's own
+    bounds, one payout timeout, a margin), no copy earned anything, the shared invoice was
+    paid once, the poisoned job was decided on time, the flood got no more than its budget,
+    and the escrow's net (fee income less routing) is not negative for any job.
+    """
+
+    name = "adversarial"
+    postgres = True   # the invoice race is PostgreSQL's
+    needs_verdict = True
+    default_jobs = 10
+    about = ("hostile participants beside honest jobs: a payee holding its HTLC, two validators scoring '9'*64, "
+             "sybil and backdated copies of honest results, one invoice for two rewards over REST and Nostr at once "
+             "(PostgreSQL), a payee's fee-charging hop, a flood of requests from fresh keys through the relay")
+    work = (4.0, 2.0, 2.0)
+    FLOOD = 60
+    BUDGET = 20          # accepted requests a minute from new keys (FEDSTR_JOB_REQUESTS_PER_MINUTE)
+    PAYOUT_TIMEOUT = 10
+    NORMAL_S = 60.0
+
+    def timeout(self) -> float:
+        return self.opts.timeout or (240 + 8 * self.jobs)
+
+    def service(self, name: str) -> Service:
+        svc = Service(name, self.desc, self.url, self.key.to_hex(), self.dir / f"service-{name}.log",
+                      job_requests_per_minute=self.BUDGET, max_open_offers=1000, max_open_offers_per_key=3,
+                      job_requests_per_minute_per_key=10, payout_timeout_seconds=self.PAYOUT_TIMEOUT)
+        self.services.append(svc)
+        return svc
+
+    async def launch(self, stagger: float) -> None:
+        first = (self.jobs + 1) // 2
+        for n in range(first):
+            await self._launch_one(self.market.new_job(n))
+            await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
+        await self.until(lambda: all(j.phase not in ("new", "requested", "offered") for j in self.market.jobs),
+                         "the first wave funded", timeout=120)
+        await self.attacks.flood(self.FLOOD)
+        customers = [j.customer for j in self.market.jobs]
+        for n in range(first, self.jobs):
+            await self._launch_one(self.market.new_job(n, customer=customers[n % len(customers)]))
+            await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
+
+    async def _launch_one(self, job: JobRun) -> None:
+        task = asyncio.create_task(self._job(job))
+        while not job.id and not task.done():
+            await asyncio.sleep(0.01)
+        self.tasks[job.id] = task
+        self.launched += 1
+
+    async def body(self) -> None:
+        from bench.drills.hostile import HOP_BASE_FEE_MSAT, Attacks
+        svc = self.service("a")
+        svc.start()
+        await svc.wait_ready(90)
+        self.market.hub.start()
+        self.attacks = Attacks(self.market, self.desc, self.api_urls, self.fault, self.say)
+        await self._hop_fee(HOP_BASE_FEE_MSAT, 0)
+        launcher = asyncio.create_task(self.launch(self.stagger()))
+        attacks = [asyncio.create_task(c) for c in (
+            self.attacks.held_htlc(), self.attacks.poisoned_scores(), self.attacks.copies(self.market.jobs),
+            self.attacks.invoice_race(), self.attacks.fee_hop())]
+        try:
+            await self.until_finished(launcher)
+            # the hostile jobs that can close (everyone but the held payee's) get the time they need
+            await asyncio.wait_for(asyncio.gather(*attacks), 120)
+            deadline = self.attacks.findings["poisoned"]["validation_deadline"]
+            await self.until(lambda: time.time() > deadline + 6, "the poisoned job's validation deadline", 120)
+            self.verdict = await self.judge(svc)
+        finally:
+            for t in attacks:
+                t.cancel()
+            await self.attacks.close()
+            await self._hop_fee(1_000, 1)
+
+    async def _hop_fee(self, base_fee_msat: int, fee_rate_ppm: int) -> None:
+        """The payee's channel policy towards payee2: the hostile payee's own hop."""
+        payee2 = self.desc["nodes"]["payee2"]["pubkey"]
+        chans = (await asyncio.to_thread(self.parts.lncli, "payee", "listchannels"))["channels"]
+        cp = next(c["channel_point"] for c in chans if c["remote_pubkey"] == payee2)
+        await asyncio.to_thread(self.parts.lncli, "payee", "updatechanpolicy", "--base_fee_msat", str(base_fee_msat),
+                                "--fee_rate_ppm", str(fee_rate_ppm), "--time_lock_delta", "40", "--chan_point", cp)
+
+    async def judge(self, svc: Service) -> dict:
+        """What the hostile participants got, from the database and the escrow node."""
+        from service.ledger import accounts
+        from service.ledger.models import LedgerLine
+        from sqlalchemy import func
+        a = self.attacks
+        engine = create_engine(self.url)
+        out: dict = {}
+        try:
+            async with session_factory(engine)() as s:
+                per_job = (await s.execute(select(LedgerLine.job_id, LedgerLine.account, func.sum(LedgerLine.amount_msat))
+                                           .where(LedgerLine.account.in_((accounts.FEE_INCOME, accounts.ROUTING_EXPENSE)))
+                                           .group_by(LedgerLine.job_id, LedgerLine.account))).all()
+                net: dict[str, int] = {}
+                for job_id, account, amount in per_job:
+                    net[job_id] = net.get(job_id, 0) - int(amount)   # income is credit (negative), routing debit
+                out["negative_net_jobs"] = sorted(j for j, v in net.items() if v < 0)
+                out["min_net_msat"] = min(net.values()) if net else 0
+                copy_payouts = (await s.scalars(select(Payout.id).where(Payout.payee.in_(a.copy_keys)))).all()
+                out["copies_paid"] = len(copy_payouts)
+                race = (await s.scalars(select(Payout).where(Payout.payment_hash == a.race_hash))).all() \
+                    if a.race_hash else []
+                out["race_payouts_succeeded"] = sum(p.state == "succeeded" for p in race)
+                poisoned = a.findings.get("poisoned", {})
+                pj = await s.get(Job, poisoned["job"]) if poisoned else None
+                out["poisoned_job"] = pj.state if pj else None
+                decided = (await s.scalars(select(TimelineEntry.at).where(
+                    TimelineEntry.job_id == poisoned.get("job"), TimelineEntry.kind == "transition",
+                    TimelineEntry.detail.like('%"to": "refunding"%')))).first() if poisoned else None
+                out["poisoned_decided_after_deadline_s"] = (
+                    round(aware(decided).timestamp() - poisoned["validation_deadline"], 1) if decided else None)
+                flood = (await s.execute(select(Job.state, Job.reject_reason).where(Job.id.in_(a.flood_ids)))).all()
+                out["flood_accepted"] = sum(st != "rejected" for st, _ in flood)
+                out["flood_refused_busy"] = sum(st == "rejected" and (r or "").startswith("escrow_busy") for st, r in flood)
+                held = a.findings.get("held_htlc", {})
+                hp = (await s.scalars(select(Payout).where(Payout.job_id == held.get("job"),
+                                                           Payout.id.like("%:reward:%")))).first() if held else None
+                out["held_payout_state"] = hp.state if hp else None
+        finally:
+            await engine.dispose()
+        pays = await asyncio.to_thread(self.parts.lncli, "escrow", "listpayments", "--include_incomplete",
+                                       "--max_payments", "1000000")
+        out["race_paid_by_node"] = sum(1 for p in pays.get("payments", [])
+                                       if p.get("payment_hash") == a.race_hash and p.get("status") == "SUCCEEDED")
+        durations = [j.times["closed"] - j.times["requested"] for j in self.market.jobs
+                     if "closed" in j.times and "requested" in j.times]
+        out["honest_max_s"] = round(max(durations), 1) if durations else None
+        out["ok"] = (not out["negative_net_jobs"] and out["copies_paid"] == 0 and out["race_paid_by_node"] <= 1
+                     and out["race_payouts_succeeded"] <= 1 and out["poisoned_job"] in ("refunding", "refunded")
+                     and out["poisoned_decided_after_deadline_s"] is not None
+                     and out["poisoned_decided_after_deadline_s"] <= 5
+                     and out["flood_accepted"] <= self.BUDGET and len(durations) == self.jobs
+                     and max(durations) <= self.NORMAL_S)
+        self.say("verdict: " + json.dumps(out))
+        return out
+
+
+DRILLS = {d.name: d for d in (SigkillDrill, LndOutageDrill, RelayRestartDrill, PostgresRestartDrill, ReplicasDrill,
+                              AdversarialDrill)}

@@ -63,6 +63,7 @@ from service.nostr.protocol import (
     parse_reward_claimable,
 )
 from service.nostr.protocol.fields import Invoice
+from service.nostr.protocol.money import whole_sats
 
 BID_MSAT = 200_000
 VALIDATOR_FEE_MSAT = 10_000
@@ -204,6 +205,7 @@ class JobRun:
     phase: str = "new"
     times: dict[str, float] = field(default_factory=dict)
     pay_attempts: int = 0
+    result: Event | None = None     # the provider's result, once published (what a copier sees on the relay)
 
     @property
     def id(self) -> str:
@@ -260,10 +262,11 @@ class Market:
         return JobPlan(n=n, validators=r.choice((1, 1, 2)), provider_claim=r.choice(("inline", "nostr", "rest")),
                        validator_claim=r.choice(("nostr", "rest")), via_api=r.random() < 0.3)
 
-    def new_job(self, n: int) -> JobRun:
+    def new_job(self, n: int, customer: SecretKey | None = None) -> JobRun:
+        """Job ``n`` of a fresh customer, or of ``customer`` (a returning one)."""
         rng = random.Random(f"{self.seed}:job:{n}")   # a job's choices do not depend on timing
         p = self.plan(n, rng)
-        job = JobRun(plan=p, rng=rng, customer=SecretKey.generate(), provider=SecretKey.generate(),
+        job = JobRun(plan=p, rng=rng, customer=customer or SecretKey.generate(), provider=SecretKey.generate(),
                      validators=[SecretKey.generate() for _ in range(p.validators)])
         self.jobs.append(job)
         return job
@@ -283,7 +286,7 @@ class Market:
                        validator_fee_msat=VALIDATOR_FEE_MSAT, mode=Mode.HOLD)
         job.event = sign_event(job.customer, *build_job_request(spec, customer=job.customer.public_key_hex))
         req = parse_job_request(job.event, escrow_pubkey=self.E, terms=self.terms, now=now)
-        job.reward_msat = req.split.provider_share_msat
+        job.reward_msat = whole_sats(req.split.provider_share_msat)   # every payout is whole satoshis
         await self.publish(job.event)
         if job.plan.via_api:
             await self._post_event(job.event)
@@ -310,6 +313,7 @@ class Market:
                                                         model=ModelRef(f"https://models.example.org/{sha}", sha,
                                                                        len(model))))
         await self.publish(result)
+        job.result = result
         self._mark(job, "result")
 
         claims = [asyncio.create_task(self._claim_loop(job, job.provider, "provider", job.plan.provider_claim))]

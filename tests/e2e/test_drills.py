@@ -33,6 +33,7 @@ SMALL = {
     "relay-restart": Options(jobs=5, relay_down=3, seed=SEED, work=(1.0, 0.5, 1.0), timeout=120),
     "postgres-restart": Options(jobs=5, seed=SEED, work=(1.0, 0.5, 1.0), timeout=120),
     "replicas": Options(jobs=5, seed=SEED, work=(1.0, 0.5, 1.0), timeout=150),
+    "adversarial": Options(jobs=4, seed=SEED, work=(1.0, 0.5, 1.0), timeout=200),
 }
 
 
@@ -55,6 +56,11 @@ async def test_drill(name: str, stack_desc: dict, regtest: Regtest, tmp_path: Pa
     assert result["jobs_finished"] == result["jobs_total"] == SMALL[name].jobs
     assert result["duplicate_payments"] == result["facts_lost"] == result["ledger_imbalance_msat"] == 0
     assert result["faults_injected"] >= 1
+    if name == "adversarial":   # the hostile participants got nothing and stalled nobody
+        h = result["hostile"]
+        assert h["ok"] and h["copies_paid"] == 0 and h["race_paid_by_node"] == 1 and not h["negative_net_jobs"], h
+        assert h["flood_accepted"] <= DRILLS[name].BUDGET < h["flood_accepted"] + h["flood_refused_busy"], h
+        assert h["poisoned_job"] in ("refunding", "refunded") and h["held_payout_state"] != "succeeded", h
     if name == "sigkill":
         assert result["faults_injected"] == 4
         kinds = {f["kind"] for f in result["faults"] if f.get("exact")}
