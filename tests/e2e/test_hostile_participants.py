@@ -12,6 +12,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from bolt11 import decode as decode_bolt11
 from sqlalchemy import select
 
 from service.escrow.models import Job
@@ -389,3 +390,30 @@ async def test_a_payees_expensive_route_never_costs_the_escrow_more_than_it_earn
         assert routing == 0 and earned > 0, b
     finally:
         await regtest.set_payee_hop_fee(1_000, 1)
+
+
+async def test_a_reward_is_claimed_and_paid_with_an_lnbits_wallet(market: Market, lnbits_payee) -> None:
+    """The demo's split reward (3,000,000 msat between two providers, two validators) was 1,434,500
+    msat: LNbits, like most wallets, invoices whole satoshis, so the invoice was refused as
+    ``wrong_amount`` and the payout waited for ever. Now the provider claims with an LNbits invoice
+    for the announced amount and is paid."""
+    job_ev = await market.post_job(market.job_spec(shards=2, policy="split", bid=3_000_000, validators=2,
+                                                   quorum=2, validator_fee=50_000))
+    pay = await market.fund(job_ev.id)
+    p1, p2, _ = market.providers
+    r1 = await market.submit(job_ev, p1, 0, b"model one")
+    r2 = await market.submit(job_ev, p2, 1, b"model two")
+    for v in market.validators:
+        await market.score(job_ev.id, v, {r1.id: ("0.9", sha(b"model one")), r2.id: ("0.9", sha(b"model two"))})
+    payouts = {p.payee: p for p in await market.released(job_ev.id)}
+    await settle_payment(pay)
+    mine = payouts[p1.public_key_hex]
+    assert mine.amount_msat % 1000 == 0
+    bolt11 = await lnbits_payee.invoice(mine.amount_msat // 1000, "my reward")
+    await publish(market.relay, sign_event(p1, *build_payee_invoice(job_id=job_ev.id, escrow=market.E,
+                                                                    amount_msat=mine.amount_msat, bolt11=bolt11)))
+
+    async def paid():
+        return {p.id: p.state for p in await market.payouts(job_ev.id)}[mine.id] == "succeeded"
+    await wait_until(paid, 60, "the reward paid to the LNbits wallet", interval=0.5)
+    assert await lnbits_payee.paid(decode_bolt11(bolt11).payment_hash)
