@@ -96,12 +96,12 @@ KIND_JOB, KIND_RESULT, KIND_EVAL_RESULT, KIND_FEEDBACK, KIND_DELETION = 5701, 67
 class IntakeBudget:
     """How many job requests the engine takes, whatever their source (relay or REST): the costly
     part of a request is its escrow invoice, and keys are free to make. Counted in the database,
-    so every replica applies the same budget."""
+    so every replica applies the same budget (docs/escrow.md, "Intake budget")."""
 
-    per_minute: int = 120              # accepted requests per minute, all customers together
-    per_minute_per_key: int = 10       # requests (accepted or refused) per minute from one customer
-    open_offers: int = 200             # unfunded offers open at once, all customers together
-    open_offers_per_key: int = 3       # unfunded offers open at once from one customer
+    per_minute: int = 120              # requests a minute, still unfunded, from keys that never funded a job
+    per_minute_per_key: int = 10       # requests (accepted or refused) a minute from one key
+    open_offers: int = 200             # unfunded offers open at once (a limit for new keys)
+    open_offers_per_key: int = 3       # unfunded offers open at once from one key
 
 
 @dataclass
@@ -214,11 +214,11 @@ class Engine:
         except CodecError as e:
             if e.reason.value == "not_for_us":
                 return "ignored: not for us"
-            over = await self._over_budget(s, event.pubkey, now, accepted=False)
+            over = await self._over_budget(s, event.pubkey, accepted=False)
             if over is not None:
                 return await self._reject(s, event, *over, None)
             return await self._reject(s, event, e.reason.value, e.message, e)
-        over = await self._over_budget(s, event.pubkey, now, accepted=True)
+        over = await self._over_budget(s, event.pubkey, accepted=True)
         if over is not None:
             return await self._reject(s, event, *over, None)
         if req.spec.previous_job is not None:
@@ -251,7 +251,7 @@ class Engine:
         await self.effect(s, req.id, "create_invoice")
         return f"accepted: {mode} escrow of {split.bid_msat} msat"
 
-    async def _over_budget(self, s: AsyncSession, customer: str, now: int, *, accepted: bool) -> tuple[str, str] | None:
+    async def _over_budget(self, s: AsyncSession, customer: str, *, accepted: bool) -> tuple[str, str] | None:
         """``(reason, message)`` when a request from ``customer`` is over the intake budget.
 
         Per key, for everyone: requests of any outcome in the last minute, and open unfunded

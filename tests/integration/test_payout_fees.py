@@ -9,7 +9,6 @@ payee with the reason ``route_fee_exceeds_limit``.
 """
 from __future__ import annotations
 
-import asyncio
 
 import pytest
 from sqlalchemy import select
@@ -19,7 +18,7 @@ from service.db import create_engine, session_factory
 from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
 from service.lightning.models import Payout, PayoutAttempt
 from service.lightning.payouts import PayoutPolicy, Payouts
-from tests.conftest import Regtest, wait_until
+from tests.conftest import Regtest
 
 pytestmark = pytest.mark.lnd
 
