@@ -419,8 +419,9 @@ async def payouts(request: Request) -> Response:
     return _render(request, "payouts.html", key=key, title="Payouts", payouts=rows, max_reason=MAX_REASON)
 
 
-@router.post("/admin/payouts/{payout_id:path}/retry")
-async def retry_payout(request: Request, payout_id: str) -> Response:
+async def _action(request: Request, back: str, no_reason: str) -> tuple[Signed, str] | Response:
+    """An operator's action form: signed in, its CSRF token checked, and a reason given (for the
+    audit log); else the response to send (the login page, a 403, or ``back`` with a message)."""
     key = await _signed_in(request)
     if isinstance(key, Response):
         return key
@@ -429,7 +430,16 @@ async def retry_payout(request: Request, payout_id: str) -> Response:
         return form
     reason = " ".join(form.get("reason", "").split())[:MAX_REASON]
     if not reason:
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", "a reason is required to retry a payout"))
+        return _redirect(request, back, key=key, flash=("error", no_reason))
+    return key, reason
+
+
+@router.post("/admin/payouts/{payout_id:path}/retry")
+async def retry_payout(request: Request, payout_id: str) -> Response:
+    action = await _action(request, "/admin/payouts", "a reason is required to retry a payout")
+    if isinstance(action, Response):
+        return action
+    key, reason = action
     if len(payout_id) > 200:    # longer than any payout id can be
         return _redirect(request, "/admin/payouts", key=key, flash=("error", "retry refused: no such payout"))
     sessions = request.app.state.sessions
@@ -492,15 +502,10 @@ async def quarantine_page(request: Request) -> Response:
 
 @router.post("/admin/quarantine/{source}/{ref:path}/replay")
 async def replay_quarantined(request: Request, source: str, ref: str) -> Response:
-    key = await _signed_in(request)
-    if isinstance(key, Response):
-        return key
-    form = await _checked_form(request, key)
-    if isinstance(form, Response):
-        return form
-    reason = " ".join(form.get("reason", "").split())[:MAX_REASON]
-    if not reason:
-        return _redirect(request, "/admin/quarantine", key=key, flash=("error", "a reason is required to replay an item"))
+    action = await _action(request, "/admin/quarantine", "a reason is required to replay an item")
+    if isinstance(action, Response):
+        return action
+    key, reason = action
     if source not in quarantine.SOURCES or len(ref) > 400:
         return _redirect(request, "/admin/quarantine", key=key, flash=("error", "replay refused: no such item"))
     sessions = request.app.state.sessions
