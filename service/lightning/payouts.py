@@ -51,7 +51,7 @@ import time
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import NamedTuple, cast
 
 import bolt11
@@ -59,7 +59,7 @@ from sqlalchemy import CursorResult, Result, and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.config import Settings
-from service.db import insert_ignore, utcnow
+from service.db import aware, insert_ignore, utcnow
 from service.lightning import errors
 from service.lightning.client import FailureReason, LndClient, Payment, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
@@ -609,7 +609,7 @@ class Payouts:
             return await self._settle_attempt(pid, attempt.payment_hash, payment)
         # Still in flight (a payee may hold the HTLC until its CLTV expiry; cltv_limit bounds that):
         # look again after a quarter of its age so far, at least every RECHECK_MAX_SECONDS.
-        age = (now - _aware(attempt.updated_at)).total_seconds()
+        age = (now - aware(attempt.updated_at)).total_seconds()
         async with self.sessions.begin() as s:
             await s.execute(update(Payout).where(Payout.id == pid, Payout.state == "unknown").values(
                 next_attempt_at=now + timedelta(seconds=min(RECHECK_MAX_SECONDS, max(0.0, age / 4)))))
@@ -628,7 +628,3 @@ def _rows(result: Result) -> int:
     """The rows an UPDATE or INSERT matched (the result of a DML statement is a CursorResult)."""
     return cast(CursorResult, result).rowcount
 
-
-def _aware(dt: datetime) -> datetime:
-    """SQLite returns naive datetimes (stored in UTC)."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
