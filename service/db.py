@@ -7,10 +7,13 @@ process can share it; PostgreSQL is used for multi-replica deployments.
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 from datetime import datetime, timezone
+from typing import Any, Generic, TypeVar
 
-from sqlalchemy import MetaData, event, text
+from sqlalchemy import Dialect, MetaData, String, event, text
+from sqlalchemy.types import TypeDecorator
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -31,6 +34,30 @@ def utcnow() -> datetime:
 def aware(dt: datetime) -> datetime:
     """A timestamp read back from a table, timezone-aware (SQLite returns naive datetimes, stored in UTC)."""
     return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+
+
+E = TypeVar("E", bound=enum.StrEnum)
+
+
+class StringEnum(TypeDecorator[E], Generic[E]):
+    """A column holding a closed ``StrEnum``: stored as its text (a plain VARCHAR, so no
+    migration and no database enum type), read back as the enum member. A value outside the
+    enum fails on write (a typo never reaches a table) and on read (a row no code knows)."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum_type: type[E], length: int = 16) -> None:
+        super().__init__(length)
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> str | None:
+        if value is None:
+            return None
+        return self.enum_type(value).value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> E | None:
+        return None if value is None else self.enum_type(value)
 
 
 class Base(DeclarativeBase):
