@@ -58,13 +58,11 @@ async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) 
     if job.state not in {x.value for x in REFUNDABLE}:
         raise ActionRefused("refund_not_safe", f"a job that is {job.state} cannot be refunded by hand "
                                                "(only collecting or validating jobs)")
-    await engine._refund(s, job, "operator", from_states=REFUNDABLE)   # noqa: SLF001 - the engine's own refund path
-    job = await s.get(Job, job_id)
-    if job.state not in (JobState.REFUNDING.value, JobState.REFUNDED.value):
+    plan = await engine.operator_refund(s, job_id, reason)
+    if plan.state not in (JobState.REFUNDING, JobState.REFUNDED):
         raise ActionRefused("conflict", "the job changed meanwhile")
-    await engine.timeline(s, job_id, "transition", {"to": job.state, "why": f"operator refund: {reason}"})
-    await audit(s, "refund_job", job_id, reason, job.state)
-    return job.state
+    await audit(s, "refund_job", job_id, reason, plan.state.value)
+    return plan.state.value
 
 
 async def resume(s: AsyncSession, reason: str) -> str:

@@ -4,30 +4,24 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Boolean, DateTime, Index, Integer, String, Text, UniqueConstraint
+from sqlalchemy import BigInteger, DateTime, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base, utcnow
+from service.db import Base, StringEnum, utcnow
+from service.escrow.machine import FINAL_STATES, EffectKind, EscrowMode, Funds, JobState
+from service.payouts.types import DestinationKind
+
+__all__ = ["FINAL_STATES", "Consumed", "Effect", "EffectKind", "EffectState", "Job", "JobState", "Result", "ScoreRow",
+           "TimelineEntry"]
 
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
 
-class JobState(enum.StrEnum):
-    """The closed set of job states (docs/escrow.md has the diagram)."""
-
-    REQUESTED = "requested"      # accepted; the escrow invoice is being created
-    OFFERED = "offered"          # offer published; waiting for funding
-    COLLECTING = "collecting"    # funded; providers train and submit results
-    VALIDATING = "validating"    # evaluation request out; validators score
-    RELEASING = "releasing"      # decided: paying providers and validators
-    CLOSED = "closed"            # every payout made; the job's accounts are zero
-    REFUNDING = "refunding"      # nothing accepted (or expired hold): money going back
-    REFUNDED = "refunded"        # the customer has its money back
-    REJECTED = "rejected"        # the request failed a check; nothing was offered
-    CANCELLED = "cancelled"      # deleted by the customer, or the offer expired, before funding
-
-
-FINAL_STATES = (JobState.CLOSED, JobState.REFUNDED, JobState.REJECTED, JobState.CANCELLED)
+class EffectState(enum.StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"          # claimed by a worker (a lease until next_attempt_at)
+    DONE = "done"
+    QUARANTINED = "quarantined"  # failed too often: waits for an operator (service/quarantine.py)
 
 
 class Job(Base):
@@ -35,11 +29,12 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)          # the job request's event id
     customer: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
-    state: Mapped[str] = mapped_column(String(16), nullable=False, index=True)
+    # Written only by Engine.apply (service/escrow/engine.py), by compare-and-set on (state, version).
+    state: Mapped[JobState] = mapped_column(StringEnum(JobState), nullable=False, index=True)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    mode: Mapped[str | None] = mapped_column(String(16), nullable=True)    # hold | custodial
-    custody: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)  # hold settled early
-    funded: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)   # money in our ledger
+    mode: Mapped[EscrowMode | None] = mapped_column(StringEnum(EscrowMode), nullable=True)
+    funds: Mapped[Funds] = mapped_column(StringEnum(Funds), nullable=False, default=Funds.NONE,
+                                         server_default=Funds.NONE.value)
     bid_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     fee_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     validator_fee_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
@@ -47,7 +42,6 @@ class Job(Base):
     results_deadline: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     validation_deadline: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     offer_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True, unique=True)
     eval_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reject_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
@@ -57,6 +51,12 @@ class Job(Base):
     reply_relays: Mapped[str | None] = mapped_column(Text, nullable=True)         # JSON: the request's checked relays
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    @property
+    def custody(self) -> bool:
+        """A hold job whose invoice was settled before release (the deadline guard): now custodial."""
+        return self.mode is EscrowMode.HOLD and self.funds is Funds.HELD and self.state in (
+            JobState.COLLECTING, JobState.VALIDATING)
 
 
 class Result(Base):
@@ -70,7 +70,13 @@ class Result(Base):
     shard_index: Mapped[int] = mapped_column(Integer, nullable=False)
     model_url: Mapped[str] = mapped_column(Text, nullable=False)
     model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
-    destination: Mapped[str] = mapped_column(Text, nullable=False, default="none")
+    # Where its reward goes: an address from the result (lud16 / lnurl), or an invoice it came with
+    # (paid only if it is for exactly the reward), or neither (the provider is asked at release).
+    payout_kind: Mapped[DestinationKind] = mapped_column(StringEnum(DestinationKind), nullable=False,
+                                                         default=DestinationKind.NONE, server_default="none")
+    payout_address: Mapped[str | None] = mapped_column(Text, nullable=True)
+    invoice_bolt11: Mapped[str | None] = mapped_column(Text, nullable=True)
+    invoice_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)       # the sender's claim: shown, never used
     # When the escrow first received it (inbox): the order of results, never the sender's created_at.
     received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
@@ -100,8 +106,8 @@ class Effect(Base):
 
     id: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), nullable=False)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)           # create_invoice | settle_hold | cancel_invoice
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")  # pending | running | done | quarantined (service/quarantine.py)
+    kind: Mapped[EffectKind] = mapped_column(StringEnum(EffectKind), nullable=False)
+    state: Mapped[EffectState] = mapped_column(StringEnum(EffectState), nullable=False, default=EffectState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     last_error: Mapped[str | None] = mapped_column(String(300), nullable=True)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

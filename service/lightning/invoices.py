@@ -15,7 +15,6 @@ database until settlement and never logged or returned.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -23,47 +22,16 @@ from dataclasses import dataclass, field
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.config import Settings
 from service.db import GroupCommit, utcnow
 from service.lightning.client import LndClient
+from service.lightning.hold import HoldSizing
+
+__all__ = ["EscrowInvoices", "HoldSizing", "InvoiceModeError", "IssuedInvoice"]
 from service.lightning.models import LnInvoice
 
 
 class InvoiceModeError(ValueError):
     """The job cannot be escrowed in the requested mode."""
-
-
-@dataclass(frozen=True)
-class HoldSizing:
-    block_seconds: int = 480
-    speedup: float = 1.7
-    margin_blocks: int = 36
-    max_cltv_blocks: int = 1008
-    hold_expiry_delta: int = 12
-    guard_margin_blocks: int = 12
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> HoldSizing:
-        return cls(s.hold_block_seconds, s.hold_speedup, s.hold_margin_blocks, s.hold_max_cltv_blocks,
-                   s.hold_expiry_delta, s.guard_margin_blocks)
-
-    def cltv_blocks(self, hold_seconds: int) -> int:
-        """Final CLTV delta for a hold that must last ``hold_seconds``."""
-        if hold_seconds < 0:
-            raise ValueError("hold_seconds must be >= 0")
-        job_blocks = math.ceil(hold_seconds * self.speedup / self.block_seconds)
-        return job_blocks + self.margin_blocks + self.hold_expiry_delta + self.guard_margin_blocks
-
-    def choose_mode(self, requested: str, hold_seconds: int) -> str:
-        if requested not in ("hold", "custodial", "auto"):
-            raise InvoiceModeError(f"unknown mode {requested!r}")
-        if requested == "custodial":
-            return "custodial"
-        fits = self.cltv_blocks(hold_seconds) <= self.max_cltv_blocks
-        if requested == "hold" and not fits:
-            raise InvoiceModeError(f"the job needs {self.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; "
-                                   f"hold invoices are limited to {self.max_cltv_blocks}")
-        return "hold" if fits else "custodial"
 
 
 @dataclass(frozen=True)
@@ -97,14 +65,20 @@ class EscrowInvoices:
         With a ``session`` the record joins the caller's transaction (the caller commits).
         With ``None`` it is committed by a group commit shared with concurrent callers, and
         is durable when this returns: the payment request may then be published.
-        ``mode`` is ``hold``, ``custodial`` or ``auto``; the chosen mode is on the result.
+        ``mode`` is the job's, ``hold`` or ``custodial``: decided once, at intake
+        (``service.lightning.hold.decide_mode``); a hold invoice too long for the CLTV limit is refused.
         ``expiry_seconds``: a payment window shorter than the configured one (at least 60 s).
         """
         if not 0 < amount_msat <= 2_100_000_000_000_000_000:
             raise ValueError("amount_msat out of range")
         if on_deadline not in ("settle", "cancel"):
             raise ValueError("on_deadline must be 'settle' or 'cancel'")
-        chosen = self.sizing.choose_mode(mode, hold_seconds)
+        if mode not in ("hold", "custodial"):
+            raise InvoiceModeError(f"mode must be 'hold' or 'custodial' (decided at intake), got {mode!r}")
+        if mode == "hold" and not self.sizing.fits(hold_seconds):
+            raise InvoiceModeError(f"the job needs {self.sizing.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; "
+                                   f"hold invoices are limited to {self.sizing.max_cltv_blocks}")
+        chosen = mode
         memo = memo[:600]
         now = int(time.time())
         expiry = self.expiry_seconds if expiry_seconds is None else max(60, min(expiry_seconds, self.expiry_seconds))

@@ -234,6 +234,13 @@ class Market:
         async with self.sessions() as s:
             return await s.get(Job, job_id)
 
+    async def invoice_hash(self, job_id: str) -> str:
+        """The payment hash of the job's escrow invoice."""
+        from service.lightning.models import LnInvoice
+        async with self.sessions() as s:
+            return (await s.scalars(select(LnInvoice.payment_hash).where(LnInvoice.job_id == job_id)
+                                    .order_by(LnInvoice.created_at))).first()
+
     async def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> Job:
         async def check():
             j = await self.job(job_id)

@@ -132,7 +132,7 @@ async def test_f_cancellation_before_funding(market: Market, regtest: Regtest) -
     amount, bolt11 = await market.offer(job_ev.id)
     await market.delete(job_ev.id)
     job = await market.wait_state(job_ev.id, "cancelled")
-    h = bytes.fromhex(job.payment_hash)
+    h = bytes.fromhex(await market.invoice_hash(job_ev.id))
     await wait_until(lambda: _invoice_state(regtest, h, InvoiceState.CANCELED), 20, "invoice cancelled in LND")
     p = await regtest.customer_pays(bolt11)
     assert p.status == PaymentStatus.FAILED, "a cancelled offer cannot be paid"
@@ -152,7 +152,7 @@ async def test_g_hold_moved_into_custody_by_the_guard_then_released(market: Mark
 
     from service.lightning.models import LnInvoice
     async with market.sessions() as s:
-        expiry = await s.scalar(select(LnInvoice.htlc_expiry_height).where(LnInvoice.payment_hash == job.payment_hash))
+        expiry = await s.scalar(select(LnInvoice.htlc_expiry_height).where(LnInvoice.job_id == job.id))
     tip = await regtest.block_height()
     await regtest.mine(expiry - tip - 24)       # to the guard's threshold, well before LND's own
     await wait_until(lambda: _custody(market, job_ev.id), 30, "job moved into custody")

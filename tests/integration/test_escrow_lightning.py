@@ -17,7 +17,9 @@ from service.db import create_engine, session_factory
 from service.lightning import errors, webhook
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.lightning.guard import guard_once
+from service.lightning.hold import ModeRefused, decide_mode
 from service.lightning.invoices import EscrowInvoices, HoldSizing, InvoiceModeError
+from service.nostr.protocol import EscrowTerms, Mode, Network
 from service.lightning.models import LnFact, LnInvoice, Payout, PayoutAttempt
 from service.lightning.payouts import CheckReason, InvoiceCheckError, PayoutPolicy, Payouts, check_invoice
 from service.lightning.settlement import SettlementWatcher
@@ -132,11 +134,22 @@ async def test_custodial_invoice_settlement_is_a_fact_from_the_stream(ln: Ln, re
 
 
 async def test_auto_mode_chooses_custodial_for_long_jobs_and_hold_refuses(ln: Ln) -> None:
+    # The mode is decided once, at intake (decide_mode); the invoice layer only refuses what
+    # it cannot make: `auto` (undecided) and a hold invoice longer than the CLTV limit.
     long_job = 30 * 24 * 3600
-    inv = await ln.invoice(10_000, "auto", hold_seconds=long_job)
+    terms = EscrowTerms(fee_base_msat=0, fee_ppm=0, min_bid_msat=1_000, max_bid_msat=10**9, max_validators=3,
+                        max_shards=3, min_results_window_s=0, max_job_duration_s=long_job * 2,
+                        modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST,
+                        max_hold_seconds=long_job * 2)
+    assert decide_mode(Mode.AUTO, long_job, 3600, terms, ln.invoices.sizing) is Mode.CUSTODIAL
+    with pytest.raises(ModeRefused):
+        decide_mode(Mode.HOLD, long_job, 3600, terms, ln.invoices.sizing)
+    inv = await ln.invoice(10_000, "custodial", hold_seconds=long_job)
     assert inv.mode == "custodial"
     with pytest.raises(InvoiceModeError):
         await ln.invoice(10_000, "hold", hold_seconds=long_job)
+    with pytest.raises(InvoiceModeError):
+        await ln.invoice(10_000, "auto", hold_seconds=3600)
 
 
 async def test_settlement_while_watcher_down_is_found_at_restart(ln: Ln, regtest: Regtest) -> None:

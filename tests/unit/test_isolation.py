@@ -236,7 +236,7 @@ async def test_timers_a_poisoned_deadline_does_not_stop_the_others(world: World)
     for build_validation_complete raising on the 65-character median of two '9'*64 scores, which
     the codec now refuses): the second job's validation deadline must still be acted on."""
     a, b = await drive(world, "validating")
-    switch = poison(world.engine, "_decide", lambda s, job, why: job.id == a)
+    switch = poison(world.engine, "on_timers", lambda s, job: job.id == a)   # the validation deadline's decision
     world.clock.t += 201                  # both validation deadlines passed
     await step(world)
     assert await state(world, b) == "refunding", "the healthy job is decided in the same pass (no scores)"
@@ -259,7 +259,7 @@ async def test_ln_facts_a_poisoned_fact_does_not_block_the_next(world: World) ->
     await world.pay(0)
     async with world.sessions() as s:
         facts = {f.seq: f for f in (await s.scalars(select(LnFact).where(LnFact.consumed_at.is_(None)))).all()}
-    hash_a = (await world_job(world, a)).payment_hash
+    hash_a = await invoice_hash(world, a)
     seq_a = next(seq for seq, f in facts.items() if f.payment_hash == hash_a)
     switch = poison(world.engine, "handle_ln_fact", lambda s, fact: fact.seq == seq_a)
     await step(world)
@@ -271,6 +271,12 @@ async def test_ln_facts_a_poisoned_fact_does_not_block_the_next(world: World) ->
     await replay(world, "ln_fact", str(seq_a))
     await step(world)
     assert await state(world, a) == "collecting"
+
+
+async def invoice_hash(world: World, job_id: str) -> str:
+    from service.lightning.models import LnInvoice
+    async with world.sessions() as s:
+        return await s.scalar(select(LnInvoice.payment_hash).where(LnInvoice.job_id == job_id))
 
 
 async def world_job(world: World, job_id: str) -> Job:

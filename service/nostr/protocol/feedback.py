@@ -81,6 +81,11 @@ class RefundReason(enum.StrEnum):
     NO_RESULTS = "no_results"
     NO_ACCEPTED_RESULT = "no_accepted_result"
     NO_QUORUM = "no_quorum"
+    HOLD_EXPIRED = "hold_expired"                       # the hold invoice was cancelled before release
+    OPERATOR = "operator"                               # an operator refunded the job by hand
+    PAID_AFTER_CANCEL = "paid_after_cancel"             # a custodial payment after the job was cancelled
+    PAID_AFTER_OFFER_EXPIRED = "paid_after_offer_expired"
+    PAID_AFTER_REQUEST_EXPIRED = "paid_after_request_expired"
 
 
 class CancelReason(enum.StrEnum):
