@@ -27,6 +27,7 @@ from service.nostr.keys import load_or_create, parse_secret
 from service.nostr.nip01 import SecretKey
 from service.nostr.outbox import PublisherConfig
 from service.nostr.service import NostrService
+from service.signals import Signals
 
 
 class Liveness(BaseModel):
@@ -72,13 +73,6 @@ def build_lnd(settings: Settings) -> LndClient | None:
                                 timeout=settings.lnd_timeout_seconds)
 
 
-def _notify(callback):  # noqa: ANN001, ANN202
-    """An async hook (what the pool and the watcher await) that calls ``callback()``."""
-    async def notify(*_args: object) -> None:
-        callback()
-    return notify
-
-
 def load_key(settings: Settings) -> SecretKey:
     if settings.nostr_secret_key is not None:
         return parse_secret(settings.nostr_secret_key.get_secret_value())
@@ -103,23 +97,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.lnd = build_lnd(settings)
+        # One set of signals between the loops: the pool, the watcher and the payout worker wake
+        # the escrow loop (it subscribes itself); its progress wakes the publisher and the payouts.
+        signals = app.state.signals = Signals()
         app.state.lightning = None
         if app.state.lnd is not None:
-            app.state.lightning = LightningService(app.state.lnd, app.state.sessions, settings)
+            app.state.lightning = LightningService(app.state.lnd, app.state.sessions, settings, signals)
+            signals.progress.connect(app.state.lightning.wake_payouts)
         key = load_key(settings)
-        app.state.escrow = EscrowService(app.state.sessions, settings, key, app.state.lightning)
+        app.state.escrow = EscrowService(app.state.sessions, settings, key, app.state.lightning, signals)
         app.state.nostr = None
         if settings.relays:
             app.state.nostr = NostrService(app.state.sessions, settings.relays, key,
                                            quarantine=app.state.escrow.quarantine,
                                            publisher_config=PublisherConfig(
-                                               reply_relays_allow_private=settings.reply_relays_allow_private))
-            app.state.nostr.pool.on_stored = _notify(app.state.escrow.loop.wake.set)
-            app.state.escrow.loop.on_progress.append(app.state.nostr.publisher.wake)
-        if app.state.lightning is not None:
-            app.state.escrow.loop.on_progress.append(app.state.lightning.wake_payouts)
-            app.state.lightning.on_payout_outcome.append(app.state.escrow.loop.notify_payout)
-            app.state.lightning.watcher.on_fact = _notify(app.state.escrow.loop.notify_fact)
+                                               reply_relays_allow_private=settings.reply_relays_allow_private),
+                                           signals=signals)
+            signals.progress.connect(app.state.nostr.publisher.wake)
 
         app.state.blob_sweeper = None
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
@@ -31,7 +31,11 @@ log = logging.getLogger("fedstr_escrow.agents.relay")
 Filter = dict[str, Any]
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 1 << 20
-_ids = itertools.count(1)
+
+
+def _subscription_id(prefix: str) -> str:
+    """A fresh REQ id (each REQ has its own connection, so it need only differ from a stale one)."""
+    return f"{prefix}{secrets.token_hex(6)}"
 
 
 class RelayError(RuntimeError):
@@ -95,7 +99,7 @@ class Relays:
 
     # ---- query -----------------------------------------------------------------------------
     async def _query_one(self, url: str, filters: Sequence[Filter]) -> list[Event] | None:
-        sub = f"q{next(_ids)}"
+        sub = _subscription_id("q")
         out: list[Event] = []
         try:
             async with self._connect(url) as ws:
@@ -182,7 +186,7 @@ class Subscription:
 
     async def _run(self, url: str) -> None:
         backoff = 0.5
-        sub = f"s{next(_ids)}"
+        sub = _subscription_id("s")
         while True:
             try:
                 async with self.relays._connect(url) as ws:

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
@@ -37,6 +36,7 @@ from service.db import insert_ignore, utcnow
 from service.lightning.client import Invoice, InvoiceState, LndClient
 from service.lightning.errors import LndError, LndNotFound
 from service.lightning.models import LnFact, LnInvoice
+from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,7 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
 class SettlementWatcher:
     def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], *,
                  sweep_interval: float = 30.0, backoff_max: float = 30.0, max_streams: int = 1000,
-                 overflow_interval: float = 2.0,
-                 on_fact: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+                 overflow_interval: float = 2.0, signals: Signals | None = None) -> None:
         self.lnd = lnd
         self.max_streams = max_streams
         self.overflow_interval = overflow_interval
@@ -123,7 +122,7 @@ class SettlementWatcher:
         self.sessions = sessions
         self.sweep_interval = sweep_interval
         self.backoff_max = backoff_max
-        self.on_fact = on_fact
+        self.signals = signals or Signals()   # emits fact_recorded
         self.health = WatcherHealth()
         self._singles: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
@@ -149,8 +148,7 @@ class SettlementWatcher:
         if kind:
             self.health.facts_recorded += 1
             self.health.last_event_at = time.time()
-            if self.on_fact is not None:
-                await self.on_fact(payment_hash, kind)
+            self.signals.fact_recorded.emit()
         if inv.state in (InvoiceState.SETTLED, InvoiceState.CANCELED):
             self._stop_single(payment_hash)
         return ConfirmResult(kind, inv.state)

@@ -41,7 +41,7 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ from websockets.exceptions import ConnectionClosed
 from service import cursors
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
+from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class _Relay:
 class RelayPool:
     def __init__(self, urls: list[str], inbox: Inbox, *, subscriptions: list[Subscription],
                  secret_key: SecretKey | None = None, config: PoolConfig | None = None,
-                 on_stored: Callable[[int], Awaitable[None]] | None = None,
+                 signals: Signals | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if len(set(urls)) != len(urls):
             raise ValueError("duplicate relay URL")
@@ -166,7 +167,7 @@ class RelayPool:
         self.subscriptions = {s.name: s for s in subscriptions}
         self.secret_key = secret_key
         self.config = config or PoolConfig()
-        self.on_stored = on_stored
+        self.signals = signals or Signals()   # emits event_stored
         self.clock = clock
         self.relays = {u: _Relay(u) for u in urls}
         self.queue: asyncio.Queue[tuple] = asyncio.Queue(self.config.queue_size)
@@ -460,8 +461,8 @@ class RelayPool:
             self._remember(event.id)
         self.stored += new
         self.duplicates += len(events) - new
-        if new and self.on_stored is not None:
-            await self.on_stored(new)
+        if new:
+            self.signals.event_stored.emit()
 
 
 def _matches_any(event: Event, filters: tuple[dict[str, Any], ...]) -> bool:

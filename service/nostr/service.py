@@ -16,6 +16,7 @@ from service.nostr.nip01 import SecretKey
 from service.nostr.outbox import Publisher, PublisherConfig
 from service.nostr.pool import PoolConfig, RelayPool, Subscription
 from service.quarantine import Quarantine
+from service.signals import Signals
 
 # Kinds the escrow listens to (docs/protocol.md): job requests, results, evaluation
 # results, feedback (payee invoices) and deletions, each tagged ["p", <escrow pubkey>].
@@ -29,11 +30,11 @@ def intake_subscription(escrow_pubkey: str) -> Subscription:
 class NostrService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], relays: list[str], key: SecretKey,
                  *, pool_config: PoolConfig | None = None, publisher_config: PublisherConfig | None = None,
-                 quarantine: Quarantine | None = None) -> None:
+                 quarantine: Quarantine | None = None, signals: Signals | None = None) -> None:
         self.key = key
         self.inbox = Inbox(sessions, quarantine=quarantine)
         self.pool = RelayPool(relays, self.inbox, subscriptions=[intake_subscription(key.public_key_hex)],
-                              secret_key=key, config=pool_config)
+                              secret_key=key, config=pool_config, signals=signals)
         self.publisher = Publisher(sessions, self.pool, publisher_config, quarantine=self.inbox.quarantine)
         self._stop = asyncio.Event()
         self._publisher_task: asyncio.Task | None = None
