@@ -6,13 +6,18 @@ SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The service, its tests and linters (dev) and the reference agents the e2e tests and the demo
+# run (agents: numpy, scikit-learn). The stamp names the extras: changing them re-installs.
+comma := ,
+EXTRAS := dev,agents
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install build up down status run demo test bench drills openapi clean
+.PHONY: install build up down status run demo test lint bench drills openapi clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@rm -f $(VENV)/.installed $(VENV)/.installed-*
 	@touch $(STAMP)
 
 install: $(STAMP)

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -28,6 +29,9 @@ from service.nostr.nip01 import SecretKey
 from service.nostr.outbox import PublisherConfig
 from service.nostr.service import NostrService
 from service.signals import Signals
+
+if TYPE_CHECKING:
+    import uvicorn
 
 
 class Liveness(BaseModel):
@@ -64,6 +68,17 @@ class WebhookAck(BaseModel):
 class Readiness(BaseModel):
     status: str
     checks: ReadinessChecks
+
+
+def uvicorn_config(app: FastAPI, settings: Settings, **kw: Any) -> uvicorn.Config:
+    """The uvicorn configuration of the service: proxy headers (``X-Forwarded-For`` and
+    ``X-Forwarded-Proto``) are honoured only from ``FEDSTR_TRUSTED_PROXIES``; with none, from
+    nobody (uvicorn's own default trusts loopback, which would let anyone behind a local
+    forwarder pick their rate-limit bucket)."""
+    import uvicorn
+    trusted = list(settings.trusted_proxies)
+    return uvicorn.Config(app, host=kw.pop("host", settings.http_host), port=kw.pop("port", settings.http_port),
+                          proxy_headers=bool(trusted), forwarded_allow_ips=trusted or [], **kw)
 
 
 def build_lnd(settings: Settings) -> LndClient | None:

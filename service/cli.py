@@ -6,6 +6,8 @@
     fedstr-escrow version
     fedstr-escrow demo [--rounds N] [--once]    a whole market round on a local regtest network
     fedstr-escrow agent customer|provider|validator …   the reference agents (docs/agents.md)
+
+``demo`` and ``agent`` need the ``agents`` extra (``pip install 'fedstr-escrow[agents]'``).
 """
 from __future__ import annotations
 
@@ -13,15 +15,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from service import __version__
 
 if TYPE_CHECKING:
-    import uvicorn
-
     from service.config import Settings
 
 log = logging.getLogger("fedstr_escrow")
@@ -37,17 +37,6 @@ def _settings():
         raise SystemExit(2) from None
 
 
-def uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
-    """The uvicorn configuration of the service: proxy headers (``X-Forwarded-For`` and
-    ``X-Forwarded-Proto``) are honoured only from ``FEDSTR_TRUSTED_PROXIES``; with none, from
-    nobody (uvicorn's own default trusts loopback, which would let anyone behind a local
-    forwarder pick their rate-limit bucket)."""
-    import uvicorn
-    trusted = list(settings.trusted_proxies)
-    return uvicorn.Config(app, host=kw.pop("host", settings.http_host), port=kw.pop("port", settings.http_port),
-                          proxy_headers=bool(trusted), forwarded_allow_ips=trusted or [], **kw)
-
-
 def openapi_yaml() -> str:
     import yaml
 
@@ -59,6 +48,12 @@ def openapi_yaml() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("demo", "agent"):
+        from service.agents import missing_extra
+        problem = missing_extra()
+        if problem is not None:   # the service alone was installed: one line, not a traceback
+            print(f"fedstr-escrow {argv[0]}: {problem}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "demo":
         from service.demo import main as demo_main
         return demo_main(argv[1:])
@@ -98,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.cmd == "serve":
         import uvicorn
 
-        from service.app import create_app
+        from service.app import create_app, uvicorn_config
         from service.migrate import upgrade
         settings = _settings()
         upgrade(settings.database_url)

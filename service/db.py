@@ -115,17 +115,6 @@ async def ping(engine: AsyncEngine) -> None:
         await conn.execute(text("SELECT 1"))
 
 
-def import_models() -> None:
-    """Import every module that defines tables, so ``Base.metadata`` is complete."""
-    from service import cursors  # noqa: F401
-    from service import quarantine as _quarantine  # noqa: F401
-    from service.api import models as _api  # noqa: F401
-    from service.escrow import models as _escrow  # noqa: F401
-    from service.lightning import models as _lightning  # noqa: F401
-    from service.ledger import models as _ledger  # noqa: F401
-    from service.nostr import models as _nostr  # noqa: F401
-
-
 def insert_ignore(session: AsyncSession, table):  # noqa: ANN001, ANN201 - returns a dialect Insert
     """``INSERT … ON CONFLICT DO NOTHING`` for the session's dialect (SQLite or PostgreSQL)."""
     if session.bind.dialect.name == "postgresql":

@@ -78,7 +78,7 @@ async def run(args: argparse.Namespace) -> int:
     from service.migrate import upgrade_async
     await upgrade_async(settings.database_url)
     app = create_app(settings)
-    from service.cli import uvicorn_config
+    from service.app import uvicorn_config
     server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
     t0 = time.monotonic()

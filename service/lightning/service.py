@@ -16,7 +16,7 @@ from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
 from service.lightning.payouts import Outcome, PayoutPolicy, Payouts
 from service.lightning.settlement import SettlementWatcher
-from service.ledger.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
+from service.lightning.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
 from service.signals import Signals
 
 log = logging.getLogger(__name__)

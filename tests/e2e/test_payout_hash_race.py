@@ -28,7 +28,7 @@ from sqlalchemy import select
 from service.db import utcnow
 from service.ledger import service as ledger
 from service.ledger.models import LedgerPosting
-from service.ledger.reconcile import Discrepancy, ReconciliationReport, latest_reconciliation, store_report
+from service.lightning.reconcile import Discrepancy, ReconciliationReport, latest_reconciliation, store_report
 from service.lightning.client import InvoiceState
 from service.lightning.models import Payout, PayoutAttempt
 from service.nostr import nip98
