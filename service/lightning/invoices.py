@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service.bitcoin import MAX_MSAT
 from service.config import Settings
 from service.db import GroupCommit, utcnow
 from service.lightning.client import LndClient
@@ -100,7 +101,7 @@ class EscrowInvoices:
         ``mode`` is ``hold``, ``custodial`` or ``auto``; the chosen mode is on the result.
         ``expiry_seconds``: a payment window shorter than the configured one (at least 60 s).
         """
-        if not 0 < amount_msat <= 2_100_000_000_000_000_000:
+        if not 0 < amount_msat <= MAX_MSAT:
             raise ValueError("amount_msat out of range")
         if on_deadline not in ("settle", "cancel"):
             raise ValueError("on_deadline must be 'settle' or 'cancel'")

@@ -23,10 +23,10 @@ from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import insert_ignore
+from service.nostr.kinds import KIND_HTTP_AUTH
 from service.nostr.models import Nip98Seen
 from service.nostr.nip01 import Event, EventError, verify_event
 
-KIND_HTTP_AUTH = 27235
 MAX_HEADER_BYTES = 16_384
 
 

@@ -51,12 +51,12 @@ from websockets.exceptions import ConnectionClosed
 
 from service import cursors
 from service.nostr.inbox import Inbox
+from service.nostr.kinds import KIND_RELAY_AUTH
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
 from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
-AUTH_KIND = 22242
 # OK-false prefixes that say nothing about whether the relay takes our events.
 TRANSIENT = ("rate-limited:", "error:")
 
@@ -357,7 +357,7 @@ class RelayPool:
     async def _authenticate(self, relay: _Relay) -> None:
         if relay.challenge is None or relay.ws is None or self.secret_key is None:
             return
-        ev = sign_event(self.secret_key, AUTH_KIND, [["relay", relay.url], ["challenge", relay.challenge]], "")
+        ev = sign_event(self.secret_key, KIND_RELAY_AUTH, [["relay", relay.url], ["challenge", relay.challenge]], "")
         fut = asyncio.get_running_loop().create_future()
         relay.pending_ok[ev.id] = fut
         relay.auth_ids.add(ev.id)

@@ -12,15 +12,13 @@ import contextlib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.nostr.inbox import Inbox
+from service.nostr.kinds import INTAKE_KINDS
 from service.nostr.nip01 import SecretKey
 from service.nostr.outbox import Publisher, PublisherConfig
 from service.nostr.pool import PoolConfig, RelayPool, Subscription
 from service.quarantine import Quarantine
 from service.signals import Signals
 
-# Kinds the escrow listens to (docs/protocol.md): job requests, results, evaluation
-# results, feedback (payee invoices) and deletions, each tagged ["p", <escrow pubkey>].
-INTAKE_KINDS = (5701, 6701, 6702, 7000, 5)
 
 
 def intake_subscription(escrow_pubkey: str) -> Subscription:
