@@ -13,12 +13,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from service import __version__
-from service.config import Settings, token_problem
-from service.db import create_engine, session_factory
-from service.health import readiness
 from service.api import admin, blobs, dashboard, errors, metrics, public
 from service.api.limits import BodyLimit, FailureThrottle, RateLimiter
+from service.config import Settings, token_problem
+from service.db import create_engine, session_factory
 from service.escrow.service import EscrowService
+from service.health import readiness
 from service.leader import Leadership
 from service.lightning import webhook
 from service.lightning.client import LndClient

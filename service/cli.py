@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("fedstr_escrow")
 
 
-def _settings():
+def _settings() -> Settings:
     from service.config import Settings
     try:
         return Settings()

@@ -9,13 +9,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 from sqlalchemy import Dialect, MetaData, String, event, text
-from sqlalchemy.types import TypeDecorator
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.types import TypeDecorator
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -28,12 +28,12 @@ NAMING = {
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC: the one clock of every table's timestamps."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def aware(dt: datetime) -> datetime:
     """A timestamp read back from a table, timezone-aware (SQLite returns naive datetimes, stored in UTC)."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -115,7 +115,7 @@ async def ping(engine: AsyncEngine) -> None:
         await conn.execute(text("SELECT 1"))
 
 
-def insert_ignore(session: AsyncSession, table):  # noqa: ANN001, ANN201 - returns a dialect Insert
+def insert_ignore(session: AsyncSession, table):  # returns a dialect Insert
     """``INSERT … ON CONFLICT DO NOTHING`` for the session's dialect (SQLite or PostgreSQL)."""
     if session.bind.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -133,7 +133,7 @@ class GroupCommit:
     a transaction is shared, and alone a row is committed at once.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], table, *, max_batch: int = 500) -> None:  # noqa: ANN001
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], table, *, max_batch: int = 500) -> None:
         self.sessions = sessions
         self.table = table
         self.max_batch = max_batch
@@ -155,7 +155,7 @@ class GroupCommit:
                 try:
                     async with self.sessions.begin() as s:
                         await s.execute(self.table.insert(), [row for row, _ in batch])
-                except BaseException as e:  # noqa: BLE001 - every waiter learns the outcome
+                except BaseException as e:  # every waiter learns the outcome
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(e if isinstance(e, Exception) else RuntimeError("commit cancelled"))

@@ -49,7 +49,7 @@ def _free_port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-async def _ledger_ok(app, job_ids: list[str]) -> list:  # noqa: ANN001
+async def _ledger_ok(app, job_ids: list[str]) -> list:
     from service.ledger import service as ledger
     async with app.state.sessions() as s:
         return await ledger.check_invariants(s, closed_job_ids=job_ids)

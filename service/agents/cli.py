@@ -23,7 +23,7 @@ from service.nostr.nip19 import Nip19Error, decode_npub, encode_npub
 from . import ml
 from .common import DEFAULT_KEY_DIR, AgentError, escrow_info, escrow_terms, key_path, load_key
 from .customer import Customer, RoundConfig
-from .relay import Relays, RelayError
+from .relay import RelayError, Relays
 from .storage import Blobs
 
 log = logging.getLogger("fedstr_escrow.agents")
@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- wiring
 
 
-def _lnd(args: argparse.Namespace, *, required: bool):  # noqa: ANN202
+def _lnd(args: argparse.Namespace, *, required: bool):
     from service.lightning.client import LndClient
     if args.stack or args.node:
         if not (args.stack and args.node):

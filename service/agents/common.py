@@ -43,7 +43,7 @@ Progress = Callable[[str, str], None]
 DEFAULT_KEY_DIR = Path("~/.fedstr/agents")
 
 
-def no_progress(phase: str, message: str) -> None:  # noqa: ARG001
+def no_progress(phase: str, message: str) -> None:
     log.info("%s: %s", phase, message)
 
 

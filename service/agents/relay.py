@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 
 import websockets
 
-from service.nostr.pool import matches as pool_matches
 from service.nostr.nip01 import Event, EventError, verify_event
+from service.nostr.pool import matches as pool_matches
 
 log = logging.getLogger("fedstr_escrow.agents.relay")
 
@@ -70,7 +70,7 @@ class Relays:
     def __repr__(self) -> str:
         return f"Relays({list(self.urls)!r})"
 
-    def _connect(self, url: str):  # noqa: ANN202 - websockets' connect object
+    def _connect(self, url: str):  # websockets' connect object
         return websockets.connect(url, open_timeout=self.timeout, max_size=MAX_MESSAGE_BYTES,
                                   ping_interval=20, ping_timeout=20)
 

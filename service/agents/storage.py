@@ -55,7 +55,7 @@ class Blobs:
     def __repr__(self) -> str:
         return f"Blobs({self.base_url!r})"
 
-    async def _retrying(self, call):  # noqa: ANN001, ANN202
+    async def _retrying(self, call):
         for attempt in range(self.retries + 1):
             try:
                 return await call()

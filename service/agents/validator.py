@@ -19,10 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-
-import httpx
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+import httpx
 
 from service.lightning.client import LndClient
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
@@ -139,7 +139,7 @@ class Validator(Payee):
                 await asyncio.sleep(0.1)
             return await asyncio.shield(self.reports[job_id])
 
-    async def _score(self, result_id: str, events: dict[str, Event], job) -> tuple[Score, str | None]:  # noqa: ANN001
+    async def _score(self, result_id: str, events: dict[str, Event], job) -> tuple[Score, str | None]:
         event = events.get(result_id)
         if event is None:
             raise AgentError(f"candidate {result_id[:8]} not found on the relays")

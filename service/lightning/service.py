@@ -15,8 +15,8 @@ from service.lightning.errors import LndError
 from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
 from service.lightning.payouts import Outcome, PayoutPolicy, Payouts
-from service.lightning.settlement import SettlementWatcher
 from service.lightning.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
+from service.lightning.settlement import SettlementWatcher
 from service.signals import Signals
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ class LightningService:
                                  margin_blocks=self.settings.guard_margin_blocks)
             except LndError as e:
                 log.info("deadline guard skipped a round: %s", e)
-            except Exception:  # noqa: BLE001 - keep guarding
+            except Exception:  # keep guarding
                 log.exception("deadline guard failed")
             await self._sleep(self.settings.guard_interval_seconds)
 
@@ -133,7 +133,7 @@ class LightningService:
                 await self.reconcile_once()
             except LndError as e:
                 log.info("reconciliation skipped: %s", e)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("reconciliation failed")
             await self._sleep(self.settings.reconcile_interval_seconds)
 
@@ -163,7 +163,7 @@ class LightningService:
             except LndError as e:
                 self.payout_reconciler.last_error = str(e)
                 log.info("payout reconciler waiting for LND: %s", e)
-            except Exception as e:  # noqa: BLE001 - keep reconciling
+            except Exception as e:  # keep reconciling
                 self.payout_reconciler.last_error = type(e).__name__
                 log.exception("payout reconciler failed")
             await self._sleep(self.settings.payout_reconcile_seconds)
@@ -204,7 +204,7 @@ class LightningService:
                             claimed += 1
                 except LndError as e:
                     log.info("payout worker waiting for LND: %s", e)
-                except Exception:  # noqa: BLE001 - keep paying
+                except Exception:  # keep paying
                     log.exception("payout worker failed")
                 if claimed and len(inflight) < self.settings.payout_concurrency:
                     continue   # maybe more are due: claim until the slots are full or none is left

@@ -223,7 +223,7 @@ class SettlementWatcher:
                 raise
             except LndError as e:
                 self.health.last_error = f"{type(e).__name__}: {e.detail}"[:300]
-            except Exception as e:  # noqa: BLE001 - the watcher must survive anything and retry
+            except Exception as e:  # the watcher must survive anything and retry
                 log.exception("invoice stream failed")
                 self.health.last_error = f"{type(e).__name__}: {e}"[:300]
             self.health.connected = False
@@ -380,7 +380,7 @@ class SettlementWatcher:
                 self.health.last_error = f"sweep: {type(e).__name__}: {e.detail}"[:300]
                 await self._sleep(self._backoff(attempt))
                 attempt += 1
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("sweep failed")
                 await self._sleep(self._backoff(attempt))
                 attempt += 1

@@ -337,7 +337,7 @@ class RelayPool:
                 # CLOSED "auth-required:"): after authenticating, send every subscription again.
                 self._spawn(relay, self._auth_then_resubscribe(relay, list(self.subscriptions)))
 
-    def _spawn(self, relay: _Relay, coro) -> None:  # noqa: ANN001
+    def _spawn(self, relay: _Relay, coro) -> None:
         # The reader must keep reading (the OK we wait for arrives through it), so
         # request/response exchanges run as tasks, cancelled when the connection drops.
         task = asyncio.create_task(coro)
@@ -424,7 +424,7 @@ class RelayPool:
                 await self._store_batch(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep consuming; items are re-fetched via the overlap
+            except Exception:  # keep consuming; items are re-fetched via the overlap
                 log.exception("storing a batch of %d relay items failed", len(batch))
                 await asyncio.sleep(1.0)
             finally:

@@ -20,7 +20,6 @@ from service.quarantine import Quarantine
 from service.signals import Signals
 
 
-
 def intake_subscription(escrow_pubkey: str) -> Subscription:
     return Subscription("escrow", ({"kinds": list(INTAKE_KINDS), "#p": [escrow_pubkey]},))
 

@@ -9,8 +9,8 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
 from service.db import Base, create_engine
-from service.tables import import_models
 from service.migrate import alembic_config, downgrade, upgrade
+from service.tables import import_models
 
 
 async def _current(url: str) -> str | None:

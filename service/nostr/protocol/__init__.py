@@ -26,6 +26,8 @@ NIP-40 expiration lives in :mod:`service.nostr.nip40`.
 """
 from __future__ import annotations
 
+from service.bitcoin import MAX_MSAT
+
 from .announcement import Announcement, build_announcement, parse_announcement
 from .deletion import Deletion, build_deletion, parse_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError, CodecErrorReason
@@ -40,16 +42,16 @@ from .evaluation import (
     parse_evaluation_result,
 )
 from .feedback import (
-    CancelReason,
     Cancelled,
+    CancelReason,
     ErrorFeedback,
     EscrowFeedback,
     EscrowOffer,
     Feedback,
     Funded,
     PaymentProof,
-    RefundReason,
     Refunded,
+    RefundReason,
     RewardClaimable,
     RewardPaid,
     ValidationComplete,
@@ -75,8 +77,6 @@ from .feedback import (
     parse_reward_paid,
     parse_validation_complete,
 )
-from service.bitcoin import MAX_MSAT
-
 from .fields import Invoice, Template
 from .job import (
     JobRequest,

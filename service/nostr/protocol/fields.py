@@ -302,7 +302,7 @@ def event_refs(tags: Tags, roles: Sequence[str], required: Sequence[str]) -> dic
         if len(parsed) > len(roles):
             raise CodecError(R.AMBIGUOUS_EVENT_REFS,
                              f"at most {len(roles)} unmarked 'e' tag(s) ({', '.join(roles)})")
-        for role, (event_id, relay, _) in zip(roles, parsed):
+        for role, (event_id, relay, _) in zip(roles, parsed, strict=False):   # fewer refs than roles: fine
             result[role] = EventRef(event_id, relay)
     for role in required:
         if role not in result:
