@@ -1,4 +1,5 @@
 """FastAPI application factory; the lifespan builds and closes shared clients."""
+
 from __future__ import annotations
 
 import asyncio
@@ -76,16 +77,27 @@ def uvicorn_config(app: FastAPI, settings: Settings, **kw: Any) -> uvicorn.Confi
     nobody (uvicorn's own default trusts loopback, which would let anyone behind a local
     forwarder pick their rate-limit bucket)."""
     import uvicorn
+
     trusted = list(settings.trusted_proxies)
-    return uvicorn.Config(app, host=kw.pop("host", settings.http_host), port=kw.pop("port", settings.http_port),
-                          proxy_headers=bool(trusted), forwarded_allow_ips=trusted or [], **kw)
+    return uvicorn.Config(
+        app,
+        host=kw.pop("host", settings.http_host),
+        port=kw.pop("port", settings.http_port),
+        proxy_headers=bool(trusted),
+        forwarded_allow_ips=trusted or [],
+        **kw,
+    )
 
 
 def build_lnd(settings: Settings) -> LndClient | None:
     if settings.lnd_tls_cert_path is None or settings.lnd_macaroon_path is None:
         return None
-    return LndClient.from_files(settings.lnd_grpc_host, settings.lnd_tls_cert_path, settings.lnd_macaroon_path,
-                                timeout=settings.lnd_timeout_seconds)
+    return LndClient.from_files(
+        settings.lnd_grpc_host,
+        settings.lnd_tls_cert_path,
+        settings.lnd_macaroon_path,
+        timeout=settings.lnd_timeout_seconds,
+    )
 
 
 def load_key(settings: Settings) -> SecretKey:
@@ -123,16 +135,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.escrow = EscrowService(app.state.sessions, settings, key, app.state.lightning, signals)
         app.state.nostr = None
         if settings.relays:
-            app.state.nostr = NostrService(app.state.sessions, settings.relays, key,
-                                           quarantine=app.state.escrow.quarantine,
-                                           publisher_config=PublisherConfig(
-                                               reply_relays_allow_private=settings.reply_relays_allow_private),
-                                           signals=signals)
+            app.state.nostr = NostrService(
+                app.state.sessions,
+                settings.relays,
+                key,
+                quarantine=app.state.escrow.quarantine,
+                publisher_config=PublisherConfig(reply_relays_allow_private=settings.reply_relays_allow_private),
+                signals=signals,
+            )
             signals.progress.connect(app.state.nostr.publisher.wake)
 
         app.state.blob_sweeper = None
 
-        async def gain() -> None:   # this replica leads: watchers, publisher, announcement, blob expiry
+        async def gain() -> None:  # this replica leads: watchers, publisher, announcement, blob expiry
             if app.state.lightning is not None:
                 await app.state.lightning.start_leader()
             if app.state.nostr is not None:
@@ -167,12 +182,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.lnd.close()
             await engine.dispose()
 
-    app = FastAPI(title="fedstr-escrow", version=__version__, lifespan=lifespan,
-                  description="Lightning escrow for a FEDSTR machine-learning training marketplace on Nostr.")
+    app = FastAPI(
+        title="fedstr-escrow",
+        version=__version__,
+        lifespan=lifespan,
+        description="Lightning escrow for a FEDSTR machine-learning training marketplace on Nostr.",
+    )
     app.state.settings = settings
     app.state.limits_events = RateLimiter(settings.events_per_minute, settings.events_burst)
     app.state.limits_invoices = RateLimiter(settings.invoices_per_minute, settings.invoices_burst)
-    app.state.admin_failures = FailureThrottle()   # wrong admin/metrics tokens and sign-ins, per address
+    app.state.admin_failures = FailureThrottle()  # wrong admin/metrics tokens and sign-ins, per address
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt_paths=frozenset({"/blobs/upload"}))
     app.include_router(public.router)
@@ -181,26 +200,38 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(dashboard.router)
     app.include_router(blobs.router)
 
-
     @app.get("/v1/health/live", response_model=Liveness, tags=["health"])
     async def live() -> Liveness:
         """The process is up and serving HTTP."""
         return Liveness(status="ok", version=__version__)
 
-    @app.get("/v1/health/ready", response_model=Readiness, tags=["health"],
-             responses={503: {"model": Readiness, "description": "a dependency is not ready"}})
+    @app.get(
+        "/v1/health/ready",
+        response_model=Readiness,
+        tags=["health"],
+        responses={503: {"model": Readiness, "description": "a dependency is not ready"}},
+    )
     async def ready(request: Request) -> JSONResponse:
         """Database, LND (reachable and synced) and relays (at least one answering)."""
         nostr = request.app.state.nostr
         lightning = request.app.state.lightning
-        leader = request.app.state.leadership.is_leader   # followers run no pool and no watcher
-        body = await readiness(request.app.state.engine, request.app.state.lnd, settings.relays,
-                               pool_status=nostr.pool.status() if nostr and leader else None,
-                               watcher=lightning.watcher.health.as_dict() if lightning and leader else None)
+        leader = request.app.state.leadership.is_leader  # followers run no pool and no watcher
+        body = await readiness(
+            request.app.state.engine,
+            request.app.state.lnd,
+            settings.relays,
+            pool_status=nostr.pool.status() if nostr and leader else None,
+            watcher=lightning.watcher.health.as_dict() if lightning and leader else None,
+        )
         return JSONResponse(body, status_code=200 if body["status"] == "ready" else 503)
 
-    @app.post("/v1/webhooks/lnd", response_model=WebhookAck, tags=["webhooks"], status_code=202,
-              responses=errors.responses(401, 503))
+    @app.post(
+        "/v1/webhooks/lnd",
+        response_model=WebhookAck,
+        tags=["webhooks"],
+        status_code=202,
+        responses=errors.responses(401, 503),
+    )
     async def lnd_webhook(request: Request) -> JSONResponse:
         """A hint from an LND-side notifier (HMAC-SHA256 + timestamp). It only triggers a lookup in
         LND; the answer of the lookup, never the webhook, decides what is recorded."""
@@ -208,8 +239,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         secret = settings.webhook_secret.get_secret_value().encode() if settings.webhook_secret else None
         now = int(time.time())
         try:
-            h, signature = webhook.verify(secret, {k.lower(): v for k, v in request.headers.items()}, body,
-                                          now=now, window=settings.webhook_window_seconds)
+            h, signature = webhook.verify(
+                secret,
+                {k.lower(): v for k, v in request.headers.items()},
+                body,
+                now=now,
+                window=settings.webhook_window_seconds,
+            )
             async with request.app.state.sessions.begin() as s:
                 await webhook.consume(s, signature, now=now, window=settings.webhook_window_seconds)
         except webhook.WebhookError as e:
@@ -222,10 +258,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             result = await lightning.watcher.confirm(h, "webhook")
         except LndError as e:
-            return JSONResponse({"accepted": True, "payment_hash": h, "lnd_state": None, "fact": None,
-                                 "detail": f"lookup failed: {type(e).__name__}"}, status_code=202)
-        return JSONResponse({"accepted": True, "payment_hash": h, "fact": result.kind,
-                             "lnd_state": result.lnd_state.name if result.lnd_state else None,
-                             "detail": result.detail}, status_code=202)
+            return JSONResponse(
+                {
+                    "accepted": True,
+                    "payment_hash": h,
+                    "lnd_state": None,
+                    "fact": None,
+                    "detail": f"lookup failed: {type(e).__name__}",
+                },
+                status_code=202,
+            )
+        return JSONResponse(
+            {
+                "accepted": True,
+                "payment_hash": h,
+                "fact": result.kind,
+                "lnd_state": result.lnd_state.name if result.lnd_state else None,
+                "detail": result.detail,
+            },
+            status_code=202,
+        )
 
     return app

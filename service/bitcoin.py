@@ -6,6 +6,7 @@
   of its BOLT11 invoices (BOLT 11: ``ln`` + the currency). Every check of an invoice's
   network goes through :func:`network_of_bolt11`.
 """
+
 from __future__ import annotations
 
 import re
@@ -13,20 +14,23 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-MAX_MSAT: Final = 21_000_000 * 100_000_000 * 1000   # 2_100_000_000_000_000_000
+MAX_MSAT: Final = 21_000_000 * 100_000_000 * 1000  # 2_100_000_000_000_000_000
 
-BOLT11_HRP: Final[Mapping[str, str]] = MappingProxyType({
-    "mainnet": "lnbc",
-    "testnet": "lntb",
-    "signet": "lntbs",
-    "regtest": "lnbcrt",
-})
+BOLT11_HRP: Final[Mapping[str, str]] = MappingProxyType(
+    {
+        "mainnet": "lnbc",
+        "testnet": "lntb",
+        "signet": "lntbs",
+        "regtest": "lnbcrt",
+    }
+)
 NETWORK_OF_HRP: Final[Mapping[str, str]] = MappingProxyType({hrp: net for net, hrp in BOLT11_HRP.items()})
 
 # The prefix of an invoice, then its optional amount (digits and a multiplier). Longest
 # prefix first: "lnbcrt" must not be read as "lnbc" + "rt…".
 BOLT11_PREFIX_RE: Final = re.compile(
-    "(" + "|".join(sorted(map(re.escape, BOLT11_HRP.values()), key=len, reverse=True)) + r")(?:([0-9]{1,20})([munp]?))?")
+    "(" + "|".join(sorted(map(re.escape, BOLT11_HRP.values()), key=len, reverse=True)) + r")(?:([0-9]{1,20})([munp]?))?"
+)
 
 
 def network_of_currency(currency: str) -> str | None:

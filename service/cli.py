@@ -9,6 +9,7 @@
 
 ``demo`` and ``agent`` need the ``agents`` extra (``pip install 'fedstr-escrow[agents]'``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ log = logging.getLogger("fedstr_escrow")
 
 def _settings() -> Settings:
     from service.config import Settings
+
     try:
         return Settings()
     except ValidationError as e:
@@ -42,6 +44,7 @@ def openapi_yaml() -> str:
 
     from service.app import create_app
     from service.config import Settings
+
     spec = create_app(Settings(_env_file=None)).openapi()
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
 
@@ -50,15 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("demo", "agent"):
         from service.agents import missing_extra
+
         problem = missing_extra()
-        if problem is not None:   # the service alone was installed: one line, not a traceback
+        if problem is not None:  # the service alone was installed: one line, not a traceback
             print(f"fedstr-escrow {argv[0]}: {problem}", file=sys.stderr)
             return 2
     if argv and argv[0] == "demo":
         from service.demo import main as demo_main
+
         return demo_main(argv[1:])
     if argv and argv[0] == "agent":
         from service.agents.cli import main as agent_main
+
         return agent_main(argv[1:])
     ap = argparse.ArgumentParser(prog="fedstr-escrow", description="Lightning escrow for FEDSTR on Nostr")
     ap.add_argument("--log-level", default="INFO")
@@ -89,17 +95,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}")
     elif args.cmd == "migrate":
         from service.migrate import upgrade
+
         upgrade(_settings().database_url)
     elif args.cmd == "serve":
         import uvicorn
 
         from service.app import create_app, uvicorn_config
         from service.migrate import upgrade
+
         settings = _settings()
         upgrade(settings.database_url)
-        log.info("serving on http://%s:%d (network %s, LND %s, %d relay(s), trusted proxies: %s)", settings.http_host,
-                 settings.http_port, settings.network, settings.lnd_grpc_host, len(settings.relays),
-                 ", ".join(settings.trusted_proxies) or "none")
+        log.info(
+            "serving on http://%s:%d (network %s, LND %s, %d relay(s), trusted proxies: %s)",
+            settings.http_host,
+            settings.http_port,
+            settings.network,
+            settings.lnd_grpc_host,
+            len(settings.relays),
+            ", ".join(settings.trusted_proxies) or "none",
+        )
         uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level=args.log_level.lower())).run()
     return 0
 

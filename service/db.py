@@ -10,11 +10,12 @@ import asyncio
 import enum
 import os
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Dialect, MetaData, String, event, text
+from sqlalchemy import CursorResult, Dialect, MetaData, Result, String, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.sql.dml import Insert
 from sqlalchemy.types import TypeDecorator
 
 NAMING = {
@@ -87,9 +88,9 @@ def create_engine(url: str, *, sqlite_inline: bool | None = None, **kw) -> Async
             from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
             from sqlalchemy.engine import make_url
 
-            from service import sqlite_inline
+            from service import sqlite_inline as inline_driver
             cargs, cparams = SQLiteDialect_aiosqlite().create_connect_args(make_url(url))
-            kw.setdefault("async_creator", lambda: sqlite_inline.connect(*cargs, **cparams))
+            kw.setdefault("async_creator", lambda: inline_driver.connect(*cargs, **cparams))
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -115,13 +116,25 @@ async def ping(engine: AsyncEngine) -> None:
         await conn.execute(text("SELECT 1"))
 
 
-def insert_ignore(session: AsyncSession, table):  # returns a dialect Insert
+def rowcount(result: Result[Any]) -> int:
+    """The rows an INSERT, UPDATE or DELETE matched (``execute`` is typed as a plain ``Result``)."""
+    return cast(CursorResult[Any], result).rowcount
+
+
+def table_of(model: type[Base]) -> Table:
+    """A model's Core table, for statements without ORM bookkeeping (``__table__`` is typed as a
+    ``FromClause``)."""
+    return cast(Table, model.__table__)
+
+
+def insert_ignore(session: AsyncSession, table: Any) -> Insert:
     """``INSERT … ON CONFLICT DO NOTHING`` for the session's dialect (SQLite or PostgreSQL)."""
+    assert session.bind is not None, "sessions come from session_factory(engine): always bound"
     if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    return sqlite_insert(table).on_conflict_do_nothing()
 
 
 class GroupCommit:

@@ -11,6 +11,7 @@ every layer; a layer built alone (a test, a bench) gets its own, with nobody lis
     signals.progress          the engine or its effects did work        -> publisher, payout worker
     signals.offer_made(job)   a job's offer invoice is committed        -> waiting POST /v1/jobs
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,7 @@
 """The registry of the modules that define tables. ``service.db`` defines the base and imports
 none of them, so the model modules depend on ``db`` and never the other way round; nothing
 in ``service`` imports this module (Alembic's env.py and the schema test do)."""
+
 from __future__ import annotations
 
 

@@ -9,6 +9,7 @@ Modules: :mod:`.relay` (relay client), :mod:`.storage` (blobs), :mod:`.ml` (data
 safe serialization, FedAvg), :mod:`.common` (keys, escrow info, reward claims),
 :mod:`.customer`, :mod:`.provider`, :mod:`.validator`, :mod:`.demo`, :mod:`.cli`.
 """
+
 from __future__ import annotations
 
 EXTRA = "pip install 'fedstr-escrow[agents]'"

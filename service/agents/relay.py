@@ -10,6 +10,7 @@
 Relays are untrusted: every event is verified (:func:`service.nostr.nip01.verify_event`:
 shape, id, signature) and must match one of the filters asked for, or it is dropped.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -71,8 +72,9 @@ class Relays:
         return f"Relays({list(self.urls)!r})"
 
     def _connect(self, url: str):  # websockets' connect object
-        return websockets.connect(url, open_timeout=self.timeout, max_size=MAX_MESSAGE_BYTES,
-                                  ping_interval=20, ping_timeout=20)
+        return websockets.connect(
+            url, open_timeout=self.timeout, max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20
+        )
 
     # ---- publish ---------------------------------------------------------------------------
     async def _publish_one(self, url: str, event: Event) -> tuple[bool, str]:
@@ -150,7 +152,7 @@ class Subscription:
             raise ValueError("at least one filter is needed")
         self.relays = relays
         self.filters = tuple(filters)
-        self.events: list[Event] = []          # every distinct event received, in arrival order
+        self.events: list[Event] = []  # every distinct event received, in arrival order
         self._ids: set[str] = set()
         self._changed = asyncio.Event()
         self._eose: dict[str, asyncio.Event] = {url: asyncio.Event() for url in relays.urls}
@@ -209,7 +211,7 @@ class Subscription:
                 raise
             except (OSError, TimeoutError, websockets.WebSocketException, ValueError) as exc:
                 log.debug("subscription to %s dropped: %s", url, exc)
-            self._eose[url].set()    # do not wait for a relay that is down
+            self._eose[url].set()  # do not wait for a relay that is down
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 

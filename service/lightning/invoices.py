@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.bitcoin import MAX_MSAT
 from service.config import Settings
-from service.db import GroupCommit, utcnow
+from service.db import GroupCommit, table_of, utcnow
 from service.lightning.client import LndClient
 from service.lightning.models import LnInvoice
 
@@ -132,5 +132,5 @@ class EscrowInvoices:
                 raise RuntimeError("EscrowInvoices was built without sessions: pass a session")
             await self._writer.insert(values)   # group commit: durable when this returns
         else:
-            await session.execute(insert(LnInvoice.__table__), [values])
+            await session.execute(insert(table_of(LnInvoice)), [values])
         return row

@@ -32,7 +32,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import cursors
-from service.db import insert_ignore, utcnow
+from service.db import insert_ignore, rowcount, utcnow
 from service.lightning.client import Invoice, InvoiceState, LndClient
 from service.lightning.errors import LndError, LndNotFound
 from service.lightning.models import LnFact, LnInvoice
@@ -102,9 +102,9 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
     res = await session.execute(insert_ignore(session, LnFact.__table__),
                                 [{"payment_hash": h, "kind": kind, "source": source, "observed_at": utcnow(),
                                   "amount_msat": paid if kind != "canceled" else 0}])
-    if res.rowcount != 1:
+    if rowcount(res) != 1:
         return None
-    if moved.rowcount != 1:
+    if rowcount(moved) != 1:
         # e.g. a late "accepted" after "settled" was recorded: keep the fact log, not the state.
         log.info("fact %s for %s recorded without a state change (state already %s)", kind, h, row.state)
     return kind

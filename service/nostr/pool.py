@@ -41,9 +41,9 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -380,13 +380,14 @@ class RelayPool:
         if sub not in self.subscriptions:
             return
         event_id = obj.get("id") if isinstance(obj, dict) else None
-        if isinstance(event_id, str) and event_id in self._seen:
+        if isinstance(obj, dict) and isinstance(event_id, str) and event_id in self._seen:
             self._seen.move_to_end(event_id)
             self.duplicates += 1
             await self._note_created_at(relay, sub, obj.get("created_at"))
             return
         try:
-            event = verify_event(obj, now=int(self.clock()), max_future=self.config.max_future_seconds,
+            # anything a relay sent: verify_event refuses what is not an event object
+            event = verify_event(cast(Mapping[str, Any], obj), now=int(self.clock()), max_future=self.config.max_future_seconds,
                                  max_bytes=self.config.max_event_bytes)
         except EventError as e:
             relay.status.events_rejected += 1

@@ -4,6 +4,7 @@ The graph is read from the source (every ``import`` statement, also those inside
 a lazy import is still a dependency), with modules grouped by their top-level package
 (``service.ledger.service`` -> ``ledger``, ``service.db`` -> ``db``).
 """
+
 from __future__ import annotations
 
 import ast
@@ -39,7 +40,7 @@ def imported(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+                base = ".".join(package[: len(package) - node.level + 1] + ([base] if base else []))
             out.add(base)
             out.update(f"{base}.{a.name}" for a in node.names)
     return {m for m in out if m == "service" or m.startswith("service.")}
@@ -134,14 +135,18 @@ BLOCK_ML = textwrap.dedent("""
 
 
 def run_without_ml(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", BLOCK_ML + textwrap.dedent(code)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCK_ML + textwrap.dedent(code)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_the_service_imports_without_numpy_and_scikit_learn() -> None:
     """``pip install fedstr-escrow`` (no ``agents`` extra): every module of the service imports."""
-    modules = sorted(module_name(p) for p in SERVICE.rglob("*.py")
-                     if not module_name(p).startswith(("service.agents.", "service.demo")))
+    modules = sorted(
+        module_name(p)
+        for p in SERVICE.rglob("*.py")
+        if not module_name(p).startswith(("service.agents.", "service.demo"))
+    )
     assert {"service.app", "service.cli", "service.escrow.engine", "service.lightning.payouts"} <= set(modules)
     r = run_without_ml(f"""
         import importlib
