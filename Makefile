@@ -2,17 +2,23 @@
 #   make demo   the main job: local regtest network + relay + the service + a whole market round
 #   make run    the service alone against the local network (Ctrl-C stops the service)
 #   make test   the whole test suite against a real regtest network (started and stopped by the tests)
+#   make lint   ruff check, ruff format --check and mypy (pyproject.toml)
 SHELL := /bin/bash
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# The service, its tests and linters (dev) and the reference agents the e2e tests and the demo
+# run (agents: numpy, scikit-learn). The stamp names the extras: changing them re-installs.
+comma := ,
+EXTRAS := dev,agents
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install build up down status run demo test bench drills openapi clean
+.PHONY: install build up down status run demo test lint bench drills openapi clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[$(EXTRAS)]'
+	@rm -f $(VENV)/.installed $(VENV)/.installed-*
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -48,6 +54,14 @@ bench: install build
 drills: install build
 	devstack/system-deps.sh
 	FEDSTR_BENCH_PORT_BASE=$${FEDSTR_BENCH_PORT_BASE:-30100} $(BIN)/python -m bench.drills all
+
+# ruff (lint, then formatting) and mypy, configured in pyproject.toml; all three run, any failure fails.
+lint: install
+	@rc=0; \
+	$(BIN)/ruff check . || rc=1; \
+	$(BIN)/ruff format --check . || rc=1; \
+	$(BIN)/mypy || rc=1; \
+	exit $$rc
 
 openapi: install
 	$(BIN)/fedstr-escrow openapi

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 
-from alembic import context
 from sqlalchemy.engine import Connection
 
+from alembic import context
 from service.config import Settings
-from service.db import Base, create_engine, import_models
+from service.db import Base, create_engine
+from service.tables import import_models
 
 config = context.config
 import_models()

@@ -148,7 +148,7 @@ class ServiceProc:
         raise TimeoutError(f"service not ready after {timeout} s; log: {self.log_path}")
 
 
-def job_event(customer, escrow_pubkey: str, *, bid_msat: int = 100_000, shards: int = 1,  # noqa: ANN001
+def job_event(customer, escrow_pubkey: str, *, bid_msat: int = 100_000, shards: int = 1,
               validators: tuple[str, ...] = (), quorum: int = 1, validator_fee_msat: int = 0,
               results_in: int = 3600, validation_in: int = 7200, mode: str = "hold", policy: str = "best"):
     """A signed job request (kind 5701) from ``customer`` (a SecretKey) to the escrow.
@@ -158,8 +158,7 @@ def job_event(customer, escrow_pubkey: str, *, bid_msat: int = 100_000, shards: 
     from decimal import Decimal
 
     from service.nostr.nip01 import sign_event
-    from service.nostr.protocol import (Direction, JobSpec, Mode, PayoutPolicy, Shard, Validation,
-                                        build_job_request)
+    from service.nostr.protocol import Direction, JobSpec, Mode, PayoutPolicy, Shard, Validation, build_job_request
     now = int(time.time())
     nonce = os.urandom(8).hex()   # two requests signed in the same second must differ
     spec = JobSpec(escrow=escrow_pubkey, bid_msat=bid_msat,

@@ -16,6 +16,7 @@ import hashlib
 import os
 import tempfile
 import time
+from datetime import UTC
 
 from sqlalchemy import select
 
@@ -33,7 +34,7 @@ def client(desc: dict, node: str) -> LndClient:
     return LndClient.from_files(n["rpc"], n["tls_cert"], n["macaroon"])
 
 
-async def run_pool(n: int, concurrency: int, make) -> float:  # noqa: ANN001
+async def run_pool(n: int, concurrency: int, make) -> float:
     """Run make(i) n times with the given concurrency; returns calls per second."""
     queue = iter(range(n))
 
@@ -95,8 +96,7 @@ async def detection_latency(escrow: LndClient, customer: LndClient, sessions, n:
             if observed is None:
                 raise RuntimeError(f"settlement of payment {i} never detected")
             if observed.tzinfo is None:
-                from datetime import timezone
-                observed = observed.replace(tzinfo=timezone.utc)
+                observed = observed.replace(tzinfo=UTC)
             latencies.append((observed.timestamp() - t_paid) * 1000)
     finally:
         await watcher.stop()

@@ -42,8 +42,18 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import (RESULTS, ROOT, ServiceProc, cpu_seconds, job_event, markdown_table, percentile, stack,
-                          stack_down, write)
+from bench.common import (
+    RESULTS,
+    ROOT,
+    ServiceProc,
+    cpu_seconds,
+    job_event,
+    markdown_table,
+    percentile,
+    stack,
+    stack_down,
+    write,
+)
 from bench.lnbits_proc import LNBITS_VERSION, install_lnbits, start_lnbits
 from service.lightning.client import LndClient, PaymentStatus
 from service.nostr.nip01 import SecretKey
@@ -60,7 +70,7 @@ def say(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- invoice API
 
-async def timed_pool(n: int, concurrency: int, call) -> tuple[float, list[float]]:  # noqa: ANN001
+async def timed_pool(n: int, concurrency: int, call) -> tuple[float, list[float]]:
     """Run call(i) n times, ``concurrency`` at a time; (calls per second of wall time, latencies ms)."""
     queue = iter(range(n))
     lat: list[float] = []
@@ -203,7 +213,7 @@ async def invoice_api(lnb: LnbitsInvoices, ours: OurInvoices, n: int, concurrenc
 
 # ---------------------------------------------------------------------------- settlement detection
 
-async def poll_until(c: httpx.AsyncClient, url: str, headers: dict, paid, t_paid: float, limit_s: float = 30) -> float:  # noqa: ANN001
+async def poll_until(c: httpx.AsyncClient, url: str, headers: dict, paid, t_paid: float, limit_s: float = 30) -> float:
     """ms from t_paid to the response of the first poll for which paid(response) holds."""
     while True:
         r = await c.get(url, headers=headers)

@@ -6,29 +6,31 @@
     fedstr-escrow version
     fedstr-escrow demo [--rounds N] [--once]    a whole market round on a local regtest network
     fedstr-escrow agent customer|provider|validator …   the reference agents (docs/agents.md)
+
+``demo`` and ``agent`` need the ``agents`` extra (``pip install 'fedstr-escrow[agents]'``).
 """
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
 from service import __version__
 
 if TYPE_CHECKING:
-    import uvicorn
-
     from service.config import Settings
 
 log = logging.getLogger("fedstr_escrow")
 
 
-def _settings():
+def _settings() -> Settings:
     from service.config import Settings
+
     try:
         return Settings()
     except ValidationError as e:
@@ -37,33 +39,32 @@ def _settings():
         raise SystemExit(2) from None
 
 
-def uvicorn_config(app: Any, settings: Settings, **kw: Any) -> uvicorn.Config:
-    """The uvicorn configuration of the service: proxy headers (``X-Forwarded-For`` and
-    ``X-Forwarded-Proto``) are honoured only from ``FEDSTR_TRUSTED_PROXIES``; with none, from
-    nobody (uvicorn's own default trusts loopback, which would let anyone behind a local
-    forwarder pick their rate-limit bucket)."""
-    import uvicorn
-    trusted = list(settings.trusted_proxies)
-    return uvicorn.Config(app, host=kw.pop("host", settings.http_host), port=kw.pop("port", settings.http_port),
-                          proxy_headers=bool(trusted), forwarded_allow_ips=trusted or [], **kw)
-
-
 def openapi_yaml() -> str:
     import yaml
 
     from service.app import create_app
     from service.config import Settings
+
     spec = create_app(Settings(_env_file=None)).openapi()
     return yaml.safe_dump(spec, sort_keys=False, allow_unicode=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("demo", "agent"):
+        from service.agents import missing_extra
+
+        problem = missing_extra()
+        if problem is not None:  # the service alone was installed: one line, not a traceback
+            print(f"fedstr-escrow {argv[0]}: {problem}", file=sys.stderr)
+            return 2
     if argv and argv[0] == "demo":
         from service.demo import main as demo_main
+
         return demo_main(argv[1:])
     if argv and argv[0] == "agent":
         from service.agents.cli import main as agent_main
+
         return agent_main(argv[1:])
     ap = argparse.ArgumentParser(prog="fedstr-escrow", description="Lightning escrow for FEDSTR on Nostr")
     ap.add_argument("--log-level", default="INFO")
@@ -94,17 +95,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {args.out}")
     elif args.cmd == "migrate":
         from service.migrate import upgrade
+
         upgrade(_settings().database_url)
     elif args.cmd == "serve":
         import uvicorn
 
-        from service.app import create_app
+        from service.app import create_app, uvicorn_config
         from service.migrate import upgrade
+
         settings = _settings()
         upgrade(settings.database_url)
-        log.info("serving on http://%s:%d (network %s, LND %s, %d relay(s), trusted proxies: %s)", settings.http_host,
-                 settings.http_port, settings.network, settings.lnd_grpc_host, len(settings.relays),
-                 ", ".join(settings.trusted_proxies) or "none")
+        log.info(
+            "serving on http://%s:%d (network %s, LND %s, %d relay(s), trusted proxies: %s)",
+            settings.http_host,
+            settings.http_port,
+            settings.network,
+            settings.lnd_grpc_host,
+            len(settings.relays),
+            ", ".join(settings.trusted_proxies) or "none",
+        )
         uvicorn.Server(uvicorn_config(create_app(settings), settings, log_level=args.log_level.lower())).run()
     return 0
 

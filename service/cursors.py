@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base, utcnow
+from service.db import Base, rowcount, utcnow
 
 
 class Cursor(Base):
@@ -43,7 +43,7 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
         .where(Cursor.name == name, Cursor.position < position)
         .values(position=position, updated_at=utcnow())
     )
-    if res.rowcount:
+    if rowcount(res):
         return True
     if await session.scalar(select(Cursor.name).where(Cursor.name == name)) is not None:
         # The row may have been created by a writer that committed after our UPDATE ran (it
@@ -52,7 +52,7 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
             update(Cursor).where(Cursor.name == name, Cursor.position < position)
             .values(position=position, updated_at=utcnow())
         )
-        return bool(res.rowcount)
+        return bool(rowcount(res))
     try:
         async with session.begin_nested():
             session.add(Cursor(name=name, position=position, updated_at=utcnow()))
@@ -61,5 +61,5 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
             update(Cursor).where(Cursor.name == name, Cursor.position < position)
             .values(position=position, updated_at=utcnow())
         )
-        return bool(res.rowcount)
+        return bool(rowcount(res))
     return True

@@ -9,13 +9,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
-from datetime import datetime, timezone
-from typing import Any, Generic, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Generic, TypeVar, cast
 
-from sqlalchemy import Dialect, MetaData, String, event, text
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy import CursorResult, Dialect, MetaData, Result, String, Table, event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.types import TypeDecorator
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -28,12 +29,12 @@ NAMING = {
 
 def utcnow() -> datetime:
     """The current time, timezone-aware UTC: the one clock of every table's timestamps."""
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def aware(dt: datetime) -> datetime:
     """A timestamp read back from a table, timezone-aware (SQLite returns naive datetimes, stored in UTC)."""
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 E = TypeVar("E", bound=enum.StrEnum)
@@ -87,9 +88,9 @@ def create_engine(url: str, *, sqlite_inline: bool | None = None, **kw) -> Async
             from sqlalchemy.dialects.sqlite.aiosqlite import SQLiteDialect_aiosqlite
             from sqlalchemy.engine import make_url
 
-            from service import sqlite_inline
+            from service import sqlite_inline as inline_driver
             cargs, cparams = SQLiteDialect_aiosqlite().create_connect_args(make_url(url))
-            kw.setdefault("async_creator", lambda: sqlite_inline.connect(*cargs, **cparams))
+            kw.setdefault("async_creator", lambda: inline_driver.connect(*cargs, **cparams))
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -115,24 +116,25 @@ async def ping(engine: AsyncEngine) -> None:
         await conn.execute(text("SELECT 1"))
 
 
-def import_models() -> None:
-    """Import every module that defines tables, so ``Base.metadata`` is complete."""
-    from service import cursors  # noqa: F401
-    from service import quarantine as _quarantine  # noqa: F401
-    from service.api import models as _api  # noqa: F401
-    from service.escrow import models as _escrow  # noqa: F401
-    from service.lightning import models as _lightning  # noqa: F401
-    from service.ledger import models as _ledger  # noqa: F401
-    from service.nostr import models as _nostr  # noqa: F401
+def rowcount(result: Result[Any]) -> int:
+    """The rows an INSERT, UPDATE or DELETE matched (``execute`` is typed as a plain ``Result``)."""
+    return cast(CursorResult[Any], result).rowcount
 
 
-def insert_ignore(session: AsyncSession, table):  # noqa: ANN001, ANN201 - returns a dialect Insert
+def table_of(model: type[Base]) -> Table:
+    """A model's Core table, for statements without ORM bookkeeping (``__table__`` is typed as a
+    ``FromClause``)."""
+    return cast(Table, model.__table__)
+
+
+def insert_ignore(session: AsyncSession, table: Any) -> Insert:
     """``INSERT … ON CONFLICT DO NOTHING`` for the session's dialect (SQLite or PostgreSQL)."""
+    assert session.bind is not None, "sessions come from session_factory(engine): always bound"
     if session.bind.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert
-    return insert(table).on_conflict_do_nothing()
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+        return pg_insert(table).on_conflict_do_nothing()
+    from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+    return sqlite_insert(table).on_conflict_do_nothing()
 
 
 class GroupCommit:
@@ -144,7 +146,7 @@ class GroupCommit:
     a transaction is shared, and alone a row is committed at once.
     """
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], table, *, max_batch: int = 500) -> None:  # noqa: ANN001
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], table, *, max_batch: int = 500) -> None:
         self.sessions = sessions
         self.table = table
         self.max_batch = max_batch
@@ -166,7 +168,7 @@ class GroupCommit:
                 try:
                     async with self.sessions.begin() as s:
                         await s.execute(self.table.insert(), [row for row, _ in batch])
-                except BaseException as e:  # noqa: BLE001 - every waiter learns the outcome
+                except BaseException as e:  # every waiter learns the outcome
                     for _, fut in batch:
                         if not fut.done():
                             fut.set_exception(e if isinstance(e, Exception) else RuntimeError("commit cancelled"))

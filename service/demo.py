@@ -11,6 +11,7 @@
    dishonest not paid and the ledger balanced; otherwise the service and dashboard stay
    up, with their URL printed, until Ctrl-C.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _stack(args: argparse.Namespace) -> Path:
-    stack = [sys.executable, str(ROOT / "devstack" / "stack"), "--dir", str(args.stack_dir),
-             "--port-base", str(args.port_base)]
+    stack = [
+        sys.executable,
+        str(ROOT / "devstack" / "stack"),
+        "--dir",
+        str(args.stack_dir),
+        "--port-base",
+        str(args.port_base),
+    ]
     for cmd in (["build"], ["up"]):
         print(f"[demo] devstack {' '.join(cmd)} …", flush=True)
         r = subprocess.run(stack + cmd)
@@ -49,8 +56,9 @@ def _free_port(preferred: int) -> int:
         return s.getsockname()[1]
 
 
-async def _ledger_ok(app, job_ids: list[str]) -> list:  # noqa: ANN001
+async def _ledger_ok(app, job_ids: list[str]) -> list:
     from service.ledger import service as ledger
+
     async with app.state.sessions() as s:
         return await ledger.check_invariants(s, closed_job_ids=job_ids)
 
@@ -66,19 +74,33 @@ async def run(args: argparse.Namespace) -> int:
     desc = json.loads(stack_json.read_text())
     port = _free_port(args.http_port)
     url = f"http://127.0.0.1:{port}"
-    admin_token = secrets.token_urlsafe(32)   # 43 characters: tokens are at least 32 (service/config.py)
+    admin_token = secrets.token_urlsafe(32)  # 43 characters: tokens are at least 32 (service/config.py)
     node = desc["nodes"]["escrow"]
     data = Path(args.stack_dir)
-    settings = Settings(_env_file=None, network="regtest", database_url=f"sqlite+aiosqlite:///{data / 'demo.sqlite3'}",
-                        lnd_grpc_host=node["rpc"], lnd_tls_cert_path=node["tls_cert"],
-                        lnd_macaroon_path=node["macaroon"], relays=[desc["relay"]["url"]],
-                        nostr_key_file=data / "escrow.nostr-key", http_port=port, public_url=url,
-                        admin_token=admin_token, blob_dir=data / "blobs", min_results_window_seconds=0,
-                        min_bid_msat=10_000, payout_retry_seconds=2.0, sweep_interval_seconds=5.0)
+    settings = Settings(
+        _env_file=None,
+        network="regtest",
+        database_url=f"sqlite+aiosqlite:///{data / 'demo.sqlite3'}",
+        lnd_grpc_host=node["rpc"],
+        lnd_tls_cert_path=node["tls_cert"],
+        lnd_macaroon_path=node["macaroon"],
+        relays=[desc["relay"]["url"]],
+        nostr_key_file=data / "escrow.nostr-key",
+        http_port=port,
+        public_url=url,
+        admin_token=admin_token,
+        blob_dir=data / "blobs",
+        min_results_window_seconds=0,
+        min_bid_msat=10_000,
+        payout_retry_seconds=2.0,
+        sweep_interval_seconds=5.0,
+    )
     from service.migrate import upgrade_async
+
     await upgrade_async(settings.database_url)
     app = create_app(settings)
-    from service.cli import uvicorn_config
+    from service.app import uvicorn_config
+
     server = uvicorn.Server(uvicorn_config(app, settings, host="127.0.0.1", port=port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
     t0 = time.monotonic()
@@ -89,20 +111,27 @@ async def run(args: argparse.Namespace) -> int:
     print(f"[demo] escrow service on {url} (dashboard {url}/admin, admin token {admin_token})", flush=True)
     ok = False
     try:
-        summary = await run_demo(stack_json, url, desc["relay"]["url"], f"{url}/blobs", rounds=args.rounds,
-                                 key_dir=data / "agents")
+        summary = await run_demo(
+            stack_json, url, desc["relay"]["url"], f"{url}/blobs", rounds=args.rounds, key_dir=data / "agents"
+        )
         job_ids = [r["job_id"] for r in summary["rounds"]]
         violations = await _ledger_ok(app, job_ids)
         print("\n" + format_summary(summary))
         print(f"ledger: {'balanced, every closed job at zero' if not violations else violations}")
-        ok = (len(summary["rounds"]) == args.rounds and not violations
-              and all(r.get("ok", r.get("state") == "closed") for r in summary["rounds"]))
+        ok = (
+            len(summary["rounds"]) == args.rounds
+            and not violations
+            and all(r.get("ok", r.get("state") == "closed") for r in summary["rounds"])
+        )
         print(f"[demo] {'SUCCESS' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s", flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
         if not args.once:
-            print(f"[demo] the service keeps running: {url}  dashboard: {url}/admin  "
-                  f"(admin token {admin_token}). Ctrl-C stops it; `make down` stops the network.", flush=True)
+            print(
+                f"[demo] the service keeps running: {url}  dashboard: {url}/admin  "
+                f"(admin token {admin_token}). Ctrl-C stops it; `make down` stops the network.",
+                flush=True,
+            )
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -116,8 +145,9 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="fedstr-escrow demo", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="fedstr-escrow demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--rounds", type=int, default=1, help="federated rounds, each its own escrowed job (default 1)")
     ap.add_argument("--once", action="store_true", help="exit after the rounds with a status code")
     ap.add_argument("--stack-dir", type=Path, default=ROOT / ".devstack" / "dev")

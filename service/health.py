@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import websockets
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -29,7 +31,10 @@ class Check:
     info: dict | None = None
 
 
-async def _timed(coro) -> tuple[object, float]:
+T = TypeVar("T")
+
+
+async def _timed(coro: Awaitable[T]) -> tuple[T, float]:
     t0 = time.perf_counter()
     result = await asyncio.wait_for(coro, CHECK_TIMEOUT)
     return result, (time.perf_counter() - t0) * 1000

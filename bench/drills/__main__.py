@@ -23,14 +23,14 @@ import os
 # grpc's C core logs every GOAWAY LND sends to long-lived idle channels; the drill's output is its report
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
-import argparse  # noqa: E402
-import asyncio  # noqa: E402
-import random  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
+import argparse
+import asyncio
+import random
+import sys
+import time
 
-from bench.common import RESULTS, ROOT, markdown_table, stack, stack_down, write  # noqa: E402
-from bench.drills.drills import DRILLS, Options  # noqa: E402
+from bench.common import RESULTS, ROOT, markdown_table, stack, stack_down, write
+from bench.drills.drills import DRILLS, Options
 
 HEADER = ("drill", "jobs (finished/total)", "faults injected", "payments made", "duplicate payments", "facts lost",
           "ledger imbalance (msat)", "recon. diff (msat)", "seconds", "result")
@@ -45,7 +45,7 @@ def row(r: dict) -> tuple[str, ...]:
 
 def text_table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(HEADER)]
-    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    line = lambda cells: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False)))  # noqa: E731
     return "\n".join([line(HEADER), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)])
 
 

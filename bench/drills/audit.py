@@ -13,7 +13,7 @@
   succeeded payout and a ``payout:<hash>`` posting.
 - **ledger imbalance**: the sum of |amount| over ``check_invariants`` violations, with the
   drill's closed jobs required at zero (``closed_job_balance``).
-- **reconciliation**: ``service.ledger.reconcile`` against the escrow node (a dry run).
+- **reconciliation**: ``service.lightning.reconcile`` against the escrow node (a dry run).
 - **unpaid**: payees of closed jobs whose invoice the payee node does not show settled.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ from service.db import create_engine, session_factory
 from service.escrow.models import Job
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting
-from service.ledger.reconcile import reconcile
 from service.lightning import errors as lnerr
 from service.lightning.client import InvoiceState
 from service.lightning.models import LnFact, Payout, PayoutAttempt
+from service.lightning.reconcile import reconcile
 
 
 async def _payments(parts: StackParts, node: str) -> list[dict]:
@@ -48,7 +48,7 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
 
     # ---- the payee node: what arrived ---------------------------------------------------
     settled: dict[str, int] = {}
-    for h, iss in market.issued.items():
+    for h in market.issued:
         inv = await market.payee_node.lookup_invoice(bytes.fromhex(h))
         if inv.state == InvoiceState.SETTLED:
             settled[h] = inv.amt_paid_msat
@@ -179,7 +179,7 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
     }
 
 
-def _count(values) -> dict[str, int]:  # noqa: ANN001
+def _count(values) -> dict[str, int]:
     out: dict[str, int] = defaultdict(int)
     for v in values:
         out[v] += 1

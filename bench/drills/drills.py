@@ -53,7 +53,7 @@ class Drill:
     verdict: dict | None = None     # a drill's own checks beyond the audit (the adversarial drill's)
     needs_verdict = False
 
-    def __init__(self, desc: dict, opts: Options, run_dir: Path, say) -> None:  # noqa: ANN001
+    def __init__(self, desc: dict, opts: Options, run_dir: Path, say) -> None:
         self.desc = desc
         self.opts = opts
         self.jobs = opts.jobs or self.default_jobs
@@ -161,7 +161,7 @@ class Drill:
             self.launched += 1
             await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
 
-    async def until(self, predicate, what: str, timeout: float = 3600) -> None:  # noqa: ANN001
+    async def until(self, predicate, what: str, timeout: float = 3600) -> None:
         end = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > end:
@@ -613,9 +613,10 @@ class AdversarialDrill(Drill):
 
     async def judge(self, svc: Service) -> dict:
         """What the hostile participants got, from the database and the escrow node."""
+        from sqlalchemy import func
+
         from service.ledger import accounts
         from service.ledger.models import LedgerLine
-        from sqlalchemy import func
         a = self.attacks
         engine = create_engine(self.url)
         out: dict = {}
@@ -625,7 +626,7 @@ class AdversarialDrill(Drill):
                                            .where(LedgerLine.account.in_((accounts.FEE_INCOME, accounts.ROUTING_EXPENSE)))
                                            .group_by(LedgerLine.job_id, LedgerLine.account))).all()
                 net: dict[str, int] = {}
-                for job_id, account, amount in per_job:
+                for job_id, _account, amount in per_job:
                     net[job_id] = net.get(job_id, 0) - int(amount)   # income is credit (negative), routing debit
                 out["negative_net_jobs"] = sorted(j for j, v in net.items() if v < 0)
                 out["min_net_msat"] = min(net.values()) if net else 0

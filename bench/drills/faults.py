@@ -31,7 +31,7 @@ DRILL_SETTINGS = {"payout_retry_seconds": 1, "payout_lease_seconds": 3, "effect_
                   "guard_interval_seconds": 2, "payout_reconcile_seconds": 5}
 
 
-def devstack():  # noqa: ANN201
+def devstack():
     """``devstack/stack`` as a module (it has no .py suffix)."""
     path = ROOT / "devstack" / "stack"
     loader = importlib.machinery.SourceFileLoader("devstack_stack", str(path))
@@ -49,7 +49,7 @@ class Service(ServiceProc):
         self.starts = 0
         self.note = log_path.with_suffix(".faults.jsonl")
 
-    def start(self, die_at: str | None = None) -> None:   # noqa: D102
+    def start(self, die_at: str | None = None) -> None:
         env = dict(self.env)
         module = "service.cli"
         if die_at:

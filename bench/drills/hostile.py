@@ -72,7 +72,7 @@ class Hostile:
 
 
 class Attacks:
-    def __init__(self, market: Market, desc: dict, api_urls, fault, say) -> None:  # noqa: ANN001
+    def __init__(self, market: Market, desc: dict, api_urls, fault, say) -> None:
         self.m = market
         self.desc = desc
         self.api_urls = api_urls
@@ -116,7 +116,7 @@ class Attacks:
         _, offer = await self.m.hub.wait(lambda: next(iter(self.m.hub.parsed(run.id, parse_escrow_offer)), None),
                                          f"offer for hostile job {label}")
         run.offer_hash = bolt11.decode(offer.bolt11).payment_hash
-        await self.m._fund(run, offer.bolt11)   # noqa: SLF001 - the honest customer's way of paying
+        await self.m._fund(run, offer.bolt11)  # the honest customer's way of paying
         return h
 
     async def _result(self, h: Hostile, model: bytes | None = None) -> Event:
@@ -129,7 +129,7 @@ class Attacks:
         return h.result
 
     async def _eval_request(self, h: Hostile) -> Event:
-        def find():  # noqa: ANN202
+        def find():
             return next((ev for ev in self.m.hub.by_job.get(h.run.id, ()) if ev.kind == 5702), None)
         return await self.m.hub.wait(find, f"evaluation request of hostile job {h.label}")
 
@@ -141,8 +141,8 @@ class Attacks:
                 scores=(Score(h.result.id, Decimal(value), h.notes["sha"]),))))
 
     async def _claimable(self, h: Hostile, key: SecretKey, seen: set[str], *, reason: str | None = None,
-                         timeout: float = 600):  # noqa: ANN202
-        def find():  # noqa: ANN202
+                         timeout: float = 600):
+        def find():
             for ev, c in self.m.hub.parsed(h.run.id, parse_reward_claimable):
                 if c.payee == key.public_key_hex and ev.id not in seen and (reason is None or c.reason == reason):
                     return ev, c
@@ -206,7 +206,7 @@ class Attacks:
             key = SecretKey.generate()          # and one backdated, through the REST API
             self.copy_keys.add(key.public_key_hex)
             backdated = sign_event(key, run.result.kind, tags, "", created_at=1000)
-            await self.m._post_event(backdated)   # noqa: SLF001
+            await self.m._post_event(backdated)
             self.fault("sybil-copies", job=run.id[:12], copies=3, backdated=1)
         self.findings["copies"] = {"copies": done, "keys": len(self.copy_keys)}
 

@@ -134,7 +134,7 @@ class RelayHub:
         old, self._changed = self._changed, asyncio.Event()
         old.set()
 
-    async def wait(self, find, what: str, timeout: float = 3600):  # noqa: ANN001, ANN201
+    async def wait(self, find, what: str, timeout: float = 3600):
         """``find()`` until it returns something; re-checked on every new event (and every 2 s)."""
         end = time.monotonic() + timeout
         while True:
@@ -146,7 +146,7 @@ class RelayHub:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), 2)
 
-    def parsed(self, job_id: str, parser):  # noqa: ANN001, ANN201
+    def parsed(self, job_id: str, parser):
         out = []
         for ev in self.by_job.get(job_id, ()):
             with contextlib.suppress(CodecError, ValueError):
@@ -231,7 +231,7 @@ class Issued:
 class Market:
     """Runs jobs against one escrow (key ``E``); ``api_urls()`` are the running replicas' base URLs."""
 
-    def __init__(self, desc: dict, escrow_pubkey: str, api_urls, seed: str, run_id: str,  # noqa: ANN001
+    def __init__(self, desc: dict, escrow_pubkey: str, api_urls, seed: str, run_id: str,
                  work: tuple[float, float, float] = (4.0, 2.0, 2.0)) -> None:
         self.desc = desc
         self.E = escrow_pubkey
@@ -320,7 +320,7 @@ class Market:
         claims += [asyncio.create_task(self._claim_loop(job, v, "validator", job.plan.validator_claim))
                    for v in job.validators]
         try:
-            def eval_request():  # noqa: ANN202
+            def eval_request():
                 for ev in self.hub.by_job.get(job.id, ()):
                     if ev.kind == 5702:
                         with contextlib.suppress(CodecError, ValueError):
@@ -344,7 +344,7 @@ class Market:
 
     async def _fund(self, job: JobRun, payreq: str) -> None:
         """Pay the hold invoice; pay again if LND reports the payment failed before the escrow is funded."""
-        def funded():  # noqa: ANN202
+        def funded():
             return next(iter(self.hub.parsed(job.id, parse_funded)), None)
 
         while not funded():
@@ -396,7 +396,7 @@ class Market:
         """Answer every 'reward claimable' addressed to this payee, each once, with a fresh invoice."""
         answered: set[str] = set()
 
-        def claimable():  # noqa: ANN202
+        def claimable():
             for ev, c in self.hub.parsed(job.id, parse_reward_claimable):
                 if c.payee == key.public_key_hex and ev.id not in answered:
                     return ev, c

@@ -9,3 +9,18 @@ Modules: :mod:`.relay` (relay client), :mod:`.storage` (blobs), :mod:`.ml` (data
 safe serialization, FedAvg), :mod:`.common` (keys, escrow info, reward claims),
 :mod:`.customer`, :mod:`.provider`, :mod:`.validator`, :mod:`.demo`, :mod:`.cli`.
 """
+
+from __future__ import annotations
+
+EXTRA = "pip install 'fedstr-escrow[agents]'"
+
+
+def missing_extra() -> str | None:
+    """None when the agents' own dependencies import; otherwise one line saying what to install
+    (``pip install fedstr-escrow`` is the service alone, without numpy and scikit-learn)."""
+    try:
+        import numpy  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError as e:
+        return f"the reference agents need numpy and scikit-learn ({e.name or 'one'} is not installed): {EXTRA}"
+    return None

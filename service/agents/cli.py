@@ -8,6 +8,7 @@
 
 ``main(argv)`` takes the arguments after ``agent``. See docs/agents.md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from service.nostr.nip19 import Nip19Error, decode_npub, encode_npub
 from . import ml
 from .common import DEFAULT_KEY_DIR, AgentError, escrow_info, escrow_terms, key_path, load_key
 from .customer import Customer, RoundConfig
-from .relay import Relays, RelayError
+from .relay import RelayError, Relays
 from .storage import Blobs
 
 log = logging.getLogger("fedstr_escrow.agents")
@@ -62,7 +63,9 @@ def _common(ap: argparse.ArgumentParser, *, lnd: bool = True) -> None:
         g = ap.add_argument_group("the agent's own LND node")
         g.add_argument("--lnd-host", help="LND gRPC host:port")
         g.add_argument("--lnd-cert", type=Path, help="LND TLS certificate")
-        g.add_argument("--lnd-macaroon", type=Path, help="LND macaroon (invoice macaroon for payees, admin for customers)")
+        g.add_argument(
+            "--lnd-macaroon", type=Path, help="LND macaroon (invoice macaroon for payees, admin for customers)"
+        )
         g.add_argument("--stack", type=Path, help="a devstack stack.json, with --node: take the node from it")
         g.add_argument("--node", choices=("customer", "payee", "escrow"), help="the devstack node to use")
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -80,8 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("customer", help="post rounds, pay them, aggregate the accepted models")
     _common(c)
-    c.add_argument("--provider", action="append", type=_pubkey, required=True,
-                   help="provider public key (repeatable): one shard each, encrypted to it")
+    c.add_argument(
+        "--provider",
+        action="append",
+        type=_pubkey,
+        required=True,
+        help="provider public key (repeatable): one shard each, encrypted to it",
+    )
     c.add_argument("--validator", action="append", type=_pubkey, default=[], help="validator public key (repeatable)")
     c.add_argument("--quorum", type=int, help="scores needed per model (default: all validators, or 1)")
     c.add_argument("--threshold", type=_decimal, default=Decimal("0.8"), help="accuracy a model must reach")
@@ -89,10 +97,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--validator-fee-msat", type=int, default=RoundConfig.validator_fee_msat)
     c.add_argument("--payout", choices=("split", "best"), default="split")
     c.add_argument("--mode", choices=("auto", "hold", "custodial"), default="auto")
-    c.add_argument("--results-in", type=int, default=None, help="seconds to the results deadline "
-                   "(default: the escrow's minimum window + 30, at least 60)")
-    c.add_argument("--validation-in", type=int, default=None, help="seconds to the validation deadline "
-                   "(default: results + 180; keep 90+ s after results + the escrow's 60 s grace)")
+    c.add_argument(
+        "--results-in",
+        type=int,
+        default=None,
+        help="seconds to the results deadline (default: the escrow's minimum window + 30, at least 60)",
+    )
+    c.add_argument(
+        "--validation-in",
+        type=int,
+        default=None,
+        help="seconds to the validation deadline "
+        "(default: results + 180; keep 90+ s after results + the escrow's 60 s grace)",
+    )
     c.add_argument("--max-iter", type=int, default=RoundConfig.max_iter, help="training iterations asked of providers")
     c.add_argument("--fee-limit-msat", type=int, default=RoundConfig.fee_limit_msat)
     c.add_argument("--refund", help="lud16 / lnurl for a custodial refund")
@@ -136,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------- wiring
 
 
-def _lnd(args: argparse.Namespace, *, required: bool):  # noqa: ANN202
+def _lnd(args: argparse.Namespace, *, required: bool):
     from service.lightning.client import LndClient
+
     if args.stack or args.node:
         if not (args.stack and args.node):
             raise AgentError("--stack and --node go together")
@@ -180,6 +198,7 @@ def _dump(obj: object) -> str:
         if hasattr(o, "__dict__"):
             return {k: v for k, v in o.__dict__.items() if k != "model"}
         return str(o)
+
     return json.dumps(obj, default=default, indent=2, sort_keys=True)
 
 
@@ -189,10 +208,19 @@ async def _customer(args: argparse.Namespace) -> int:
     terms = await escrow_terms(relays, escrow)
     window = (terms.min_results_window_s + 30) if terms else 630
     results_in = args.results_in or max(60, window)
-    config = RoundConfig(bid_msat=args.bid_msat, validator_fee_msat=args.validator_fee_msat, threshold=args.threshold,
-                         quorum=args.quorum or max(1, len(args.validator)), payout=args.payout, mode=args.mode,
-                         results_in=results_in, validation_in=args.validation_in or results_in + 180,
-                         max_iter=args.max_iter, fee_limit_msat=args.fee_limit_msat, refund=args.refund)
+    config = RoundConfig(
+        bid_msat=args.bid_msat,
+        validator_fee_msat=args.validator_fee_msat,
+        threshold=args.threshold,
+        quorum=args.quorum or max(1, len(args.validator)),
+        payout=args.payout,
+        mode=args.mode,
+        results_in=results_in,
+        validation_in=args.validation_in or results_in + 180,
+        max_iter=args.max_iter,
+        fee_limit_msat=args.fee_limit_msat,
+        refund=args.refund,
+    )
     split = ml.split_digits(len(args.provider), max(1, len(args.validator)), seed=args.seed)
     lnd = _lnd(args, required=True)
     try:
@@ -200,12 +228,22 @@ async def _customer(args: argparse.Namespace) -> int:
         _say("setup", f"customer {args.name} {key.public_key_hex} -> escrow {escrow[:12]} on {', '.join(relays.urls)}")
         previous, model, reports = args.previous_job, None, []
         for n in range(1, args.rounds + 1):
-            report = await customer.run_round(providers=args.provider, validators=args.validator,
-                                              shards=list(split.shards), test=split.test, config=config,
-                                              previous_job=previous, start_model=model, round_no=n)
+            report = await customer.run_round(
+                providers=args.provider,
+                validators=args.validator,
+                shards=list(split.shards),
+                test=split.test,
+                config=config,
+                previous_job=previous,
+                start_model=model,
+                round_no=n,
+            )
             reports.append(report.summary())
-            _say("round", f"round {n}: job {report.job_id} {report.outcome}, accuracy {report.accuracy}, "
-                          f"paid {report.paid_msat} msat")
+            _say(
+                "round",
+                f"round {n}: job {report.job_id} {report.outcome}, accuracy {report.accuracy}, "
+                f"paid {report.paid_msat} msat",
+            )
             if report.model is None:
                 break
             previous, model = report.job_id, report.model
@@ -219,21 +257,32 @@ async def _customer(args: argparse.Namespace) -> int:
 async def _payee(args: argparse.Namespace) -> int:
     from .provider import Provider
     from .validator import Validator
+
     escrow, relays, blob_url, network = await _endpoints(args)
     key = load_key(args.key_dir, args.role, args.name)
     lnd = _lnd(args, required=not args.lud16)
-    common = dict(lnd=lnd, lud16=args.lud16, name=args.name, progress=_say, network=network,
-                  allow_private_lnurl=args.allow_private_lnurl)
+    common = dict(
+        lnd=lnd,
+        lud16=args.lud16,
+        name=args.name,
+        progress=_say,
+        network=network,
+        allow_private_lnurl=args.allow_private_lnurl,
+    )
     agent: Provider | Validator
     try:
         if args.role == "provider":
-            agent = Provider(key, relays, escrow, Blobs(blob_url, key), dishonest=args.dishonest,
-                             max_iter=args.max_iter, **common)
+            agent = Provider(
+                key, relays, escrow, Blobs(blob_url, key), dishonest=args.dishonest, max_iter=args.max_iter, **common
+            )
         else:
             holdout = ml.validator_holdout(args.holdout_index, args.holdout_count, seed=args.seed)
             agent = Validator(key, relays, escrow, Blobs(blob_url, key), holdout, escrow_url=args.escrow_url, **common)
-        _say("setup", f"{args.role} {args.name} {key.public_key_hex} ({encode_npub(key.public_key_hex)}) "
-                      f"watching {', '.join(relays.urls)} for escrow {escrow[:12]}")
+        _say(
+            "setup",
+            f"{args.role} {args.name} {key.public_key_hex} ({encode_npub(key.public_key_hex)}) "
+            f"watching {', '.join(relays.urls)} for escrow {escrow[:12]}",
+        )
         reports = await agent.serve(jobs=args.jobs, since=args.since)
     finally:
         if lnd is not None:
@@ -245,9 +294,19 @@ async def _payee(args: argparse.Namespace) -> int:
 
 async def _demo(args: argparse.Namespace) -> int:
     from .demo import format_summary, print_progress, run_demo
+
     config = RoundConfig(results_in=args.results_in, validation_in=args.validation_in)
-    summary = await run_demo(args.stack, args.escrow_url, args.relay, args.blob_url, rounds=args.rounds,
-                             progress=print_progress(), config=config, key_dir=args.key_dir, seed=args.seed)
+    summary = await run_demo(
+        args.stack,
+        args.escrow_url,
+        args.relay,
+        args.blob_url,
+        rounds=args.rounds,
+        progress=print_progress(),
+        config=config,
+        key_dir=args.key_dir,
+        seed=args.seed,
+    )
     print(_dump(summary) if args.json else format_summary(summary))
     return 0 if summary["rounds"] and all(r["outcome"] == "validated" for r in summary["rounds"]) else 1
 
@@ -257,7 +316,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "whoami":
         key = load_key(args.key_dir, args.role, args.name)
-        print(f"{key.public_key_hex}\n{encode_npub(key.public_key_hex)}\n{key_path(args.key_dir, args.role, args.name)}")
+        print(
+            f"{key.public_key_hex}\n{encode_npub(key.public_key_hex)}\n{key_path(args.key_dir, args.role, args.name)}"
+        )
         return 0
     args.role = args.command
     run = {"customer": _customer, "provider": _payee, "validator": _payee, "demo": _demo}[args.command]

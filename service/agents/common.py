@@ -1,6 +1,7 @@
 """What the three agents share: keys, the escrow's identity and terms, reading its feedback,
 and claiming a reward (providers and validators are both payees).
 """
+
 from __future__ import annotations
 
 import logging
@@ -43,7 +44,7 @@ Progress = Callable[[str, str], None]
 DEFAULT_KEY_DIR = Path("~/.fedstr/agents")
 
 
-def no_progress(phase: str, message: str) -> None:  # noqa: ARG001
+def no_progress(phase: str, message: str) -> None:
     log.info("%s: %s", phase, message)
 
 
@@ -82,8 +83,12 @@ async def escrow_info(service_url: str, *, timeout: float = 10.0) -> EscrowInfo:
     pubkey = body.get("pubkey")
     if not isinstance(pubkey, str) or len(pubkey) != 64:
         raise AgentError("the escrow's /v1/info has no valid pubkey")
-    return EscrowInfo(pubkey=pubkey, relays=tuple(r for r in body.get("relays", []) if isinstance(r, str)),
-                      network=str(body.get("network", "")), terms=dict(body.get("terms") or {}))
+    return EscrowInfo(
+        pubkey=pubkey,
+        relays=tuple(r for r in body.get("relays", []) if isinstance(r, str)),
+        network=str(body.get("network", "")),
+        terms=dict(body.get("terms") or {}),
+    )
 
 
 async def escrow_terms(relays: Relays, escrow: str) -> EscrowTerms | None:
@@ -101,10 +106,19 @@ async def escrow_terms(relays: Relays, escrow: str) -> EscrowTerms | None:
 
 
 #: Terms that accept any well-formed request: agents read jobs with these (the escrow applies its own).
-PERMISSIVE_TERMS = EscrowTerms(fee_base_msat=0, fee_ppm=0, min_bid_msat=1, max_bid_msat=MAX_MSAT,
-                               max_validators=1_000, max_shards=1_000_000, min_results_window_s=0,
-                               max_job_duration_s=10 * 365 * 86_400, modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
-                               network=Network.REGTEST, max_hold_seconds=10 * 365 * 86_400)
+PERMISSIVE_TERMS = EscrowTerms(
+    fee_base_msat=0,
+    fee_ppm=0,
+    min_bid_msat=1,
+    max_bid_msat=MAX_MSAT,
+    max_validators=1_000,
+    max_shards=1_000_000,
+    min_results_window_s=0,
+    max_job_duration_s=10 * 365 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=10 * 365 * 86_400,
+)
 
 
 def read_job(event: Event, escrow: str, terms: EscrowTerms | None = None) -> JobRequest:
@@ -139,8 +153,8 @@ class Reward:
     paid: bool = False
     payment_hash: str | None = None
     preimage: str | None = None
-    routing_fee_msat: int | None = None   # paid by the escrow
-    invoice_settled: bool | None = None   # checked on our own node, when we have one
+    routing_fee_msat: int | None = None  # paid by the escrow
+    invoice_settled: bool | None = None  # checked on our own node, when we have one
     why: str = ""
 
 
@@ -162,13 +176,16 @@ class Payee:
     async def _invoice(self, amount_msat: int, job_id: str) -> tuple[str, str]:
         """``(bolt11, payment hash hex)`` for exactly ``amount_msat``."""
         if self.lnd is not None:
-            inv = await self.lnd.add_invoice(amount_msat, memo=f"fedstr reward {job_id[:12]} {self.name}",
-                                             expiry=self.invoice_expiry)
+            inv = await self.lnd.add_invoice(
+                amount_msat, memo=f"fedstr reward {job_id[:12]} {self.name}", expiry=self.invoice_expiry
+            )
             return inv.payment_request, inv.payment_hash.hex()
         if self.lud16:
             from service.lightning.lnurl import fetch_invoice
-            fetched = await fetch_invoice(self.lud16, amount_msat, allow_private=self.allow_private_lnurl,
-                                          network=self.network)
+
+            fetched = await fetch_invoice(
+                self.lud16, amount_msat, allow_private=self.allow_private_lnurl, network=self.network
+            )
             return fetched.bolt11, fetched.payment_hash.hex()
         raise AgentError("no way to receive money: give an LND node or a lud16 address")
 
@@ -195,14 +212,17 @@ class Payee:
         if isinstance(fb, RewardClaimable):
             reward.amount_msat = fb.amount_msat
             bolt11, expected_hash = await self._invoice(fb.amount_msat, job_id)
-            ev = sign_event(self.key, *build_payee_invoice(job_id=job_id, escrow=self.escrow,
-                                                           amount_msat=fb.amount_msat, bolt11=bolt11))
+            ev = sign_event(
+                self.key,
+                *build_payee_invoice(job_id=job_id, escrow=self.escrow, amount_msat=fb.amount_msat, bolt11=bolt11),
+            )
             await self.relays.publish(ev)
             self.progress("payout", f"{self.name}: claimed {fb.amount_msat} msat with an invoice")
 
             def paid(event: Event) -> RewardPaid | None:
                 p = escrow_feedback(event, self.escrow, job_id)
                 return p if isinstance(p, RewardPaid) and p.payee == me else None
+
             try:
                 fb = await sub.wait_for(paid, timeout)
             except TimeoutError:
@@ -211,8 +231,11 @@ class Payee:
         assert isinstance(fb, RewardPaid)
         proof = fb.payment
         reward.amount_msat = reward.amount_msat or proof.amount_msat
-        reward.payment_hash, reward.preimage, reward.routing_fee_msat = (proof.payment_hash, proof.preimage,
-                                                                         proof.fee_msat)
+        reward.payment_hash, reward.preimage, reward.routing_fee_msat = (
+            proof.payment_hash,
+            proof.preimage,
+            proof.fee_msat,
+        )
         if expected_hash is not None and proof.payment_hash != expected_hash:
             reward.why = "the receipt names another invoice than ours"
             return reward
@@ -223,17 +246,21 @@ class Payee:
                 reward.why = f"the receipt is there but our invoice is {inv.state.name}"
                 return reward
         reward.paid = True
-        self.progress("payout", f"{self.name}: received {proof.amount_msat} msat "
-                                f"(escrow paid {proof.fee_msat} msat routing)")
+        self.progress(
+            "payout", f"{self.name}: received {proof.amount_msat} msat (escrow paid {proof.fee_msat} msat routing)"
+        )
         return reward
 
 
-async def wait_validation(sub: Subscription, escrow: str, job_id: str, *,
-                          timeout: float) -> ValidationComplete | Refunded:
+async def wait_validation(
+    sub: Subscription, escrow: str, job_id: str, *, timeout: float
+) -> ValidationComplete | Refunded:
     """The job's verdicts, or its refund."""
+
     def done(event: Event) -> ValidationComplete | Refunded | None:
         fb = escrow_feedback(event, escrow, job_id)
         return fb if isinstance(fb, (ValidationComplete, Refunded)) else None
+
     return await sub.wait_for(done, timeout)
 
 

@@ -19,6 +19,7 @@ One round (:meth:`Customer.run_round`):
    average them (FedAvg, weighted by shard size) and measure the average's accuracy on
    the customer's own held-out test set.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,14 +73,14 @@ class RoundConfig:
     quorum: int = 2
     payout: str = "split"
     mode: str = "auto"
-    results_in: int = 60          # seconds from now to the results deadline
+    results_in: int = 60  # seconds from now to the results deadline
     # seconds from now to the validation deadline. When a result is missing, the escrow waits
     # for the results deadline plus 60 s of grace before it asks for scores, so leave room
     # after that for the validators (at least ~90 s more).
     validation_in: int = 240
-    max_iter: int = 10            # local lbfgs iterations per round (few: FedAvg then improves round by round)
+    max_iter: int = 10  # local lbfgs iterations per round (few: FedAvg then improves round by round)
     fee_limit_msat: int = 50_000  # what the customer accepts to pay in routing fees
-    refund: str | None = None     # lud16 / lnurl for a custodial refund
+    refund: str | None = None  # lud16 / lnurl for a custodial refund
 
 
 @dataclass
@@ -90,7 +91,7 @@ class CandidateReport:
     accepted: bool
     median: str | None
     reward_msat: int | None
-    accuracy: float | None = None    # on the customer's test set
+    accuracy: float | None = None  # on the customer's test set
     problem: str | None = None
 
 
@@ -100,29 +101,40 @@ class RoundReport:
     round: int = 1
     previous_job: str | None = None
     mode: str | None = None
-    outcome: str = "pending"          # validated | refunded: <code> | failed: <why>
+    outcome: str = "pending"  # validated | refunded: <code> | failed: <why>
     bid_msat: int = 0
-    paid_msat: int = 0                # what left the customer's node (bid + routing fee)
-    routing_fee_msat: int = 0         # the customer's, for the funding payment
+    paid_msat: int = 0  # what left the customer's node (bid + routing fee)
+    routing_fee_msat: int = 0  # the customer's, for the funding payment
     payment_status: str | None = None
     escrow_fee_msat: int | None = None
     validator_fee_msat: int = 0
     provider_share_msat: int | None = None
     candidates: list[CandidateReport] = field(default_factory=list)
-    accuracy: float | None = None     # of the averaged model on the customer's test set
-    model: ml.Model | None = None     # the averaged model (the next round's start)
+    accuracy: float | None = None  # of the averaged model on the customer's test set
+    model: ml.Model | None = None  # the averaged model (the next round's start)
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "model"} | {
-            "candidates": [c.__dict__ for c in self.candidates]}
+            "candidates": [c.__dict__ for c in self.candidates]
+        }
 
 
 class Customer:
     role = "customer"
 
-    def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, lnd: LndClient, *,
-                 name: str = "customer", terms: EscrowTerms | None = None, progress: Progress = no_progress) -> None:
+    def __init__(
+        self,
+        key: SecretKey,
+        relays: Relays,
+        escrow: str,
+        blobs: Blobs,
+        lnd: LndClient,
+        *,
+        name: str = "customer",
+        terms: EscrowTerms | None = None,
+        progress: Progress = no_progress,
+    ) -> None:
         self.key, self.relays, self.escrow, self.blobs, self.lnd = key, relays, escrow, blobs, lnd
         self.name, self.terms, self.progress = name, terms, progress
 
@@ -130,17 +142,29 @@ class Customer:
     def pubkey(self) -> str:
         return self.key.public_key_hex
 
-    async def run_round(self, *, providers: list[str], validators: list[str], shards: list[ml.Dataset],
-                        test: ml.Dataset, config: RoundConfig = RoundConfig(), previous_job: str | None = None,
-                        start_model: ml.Model | None = None, round_no: int = 1) -> RoundReport:
+    async def run_round(
+        self,
+        *,
+        providers: list[str],
+        validators: list[str],
+        shards: list[ml.Dataset],
+        test: ml.Dataset,
+        config: RoundConfig = RoundConfig(),
+        previous_job: str | None = None,
+        start_model: ml.Model | None = None,
+        round_no: int = 1,
+    ) -> RoundReport:
         if len(providers) != len(shards) or not shards:
             raise ValueError("one shard per provider")
         t0 = time.monotonic()
         timings: dict[str, float] = {}
         if config.validation_in - config.results_in < 90:
-            self.progress("warning", f"{self.name}: only {config.validation_in - config.results_in} s between the "
-                                     "deadlines: if a result is missing, the escrow asks for scores 60 s after the "
-                                     "results deadline and the validators may have no time left")
+            self.progress(
+                "warning",
+                f"{self.name}: only {config.validation_in - config.results_in} s between the "
+                "deadlines: if a result is missing, the escrow asks for scores 60 s after the "
+                "results deadline and the validators may have no time left",
+            )
 
         def mark(phase: str, since: list[float] = [t0]) -> None:  # noqa: B006 - the running clock
             now = time.monotonic()
@@ -149,10 +173,15 @@ class Customer:
 
         # 1. the data (and the starting model), named by their blob URLs; uploaded once the job exists
         payloads = [ml.dataset_to_bytes(data) for data in shards]
-        shard_tags = [Shard.for_provider(self.key, provider, index, self.blobs.locate(payload).url)
-                      for index, (provider, payload) in enumerate(zip(providers, payloads, strict=True))]
-        params: list[tuple[str, str]] = [("task", "sklearn-digits/logreg"), ("format", "npz:coef,intercept,classes"),
-                                         ("max_iter", str(config.max_iter))]
+        shard_tags = [
+            Shard.for_provider(self.key, provider, index, self.blobs.locate(payload).url)
+            for index, (provider, payload) in enumerate(zip(providers, payloads, strict=True))
+        ]
+        params: list[tuple[str, str]] = [
+            ("task", "sklearn-digits/logreg"),
+            ("format", "npz:coef,intercept,classes"),
+            ("max_iter", str(config.max_iter)),
+        ]
         if start_model is not None:
             payloads.append(ml.model_to_bytes(start_model))
             blob = self.blobs.locate(payloads[-1])
@@ -160,29 +189,52 @@ class Customer:
 
         # 2. the request
         now = int(time.time())
-        spec = JobSpec(escrow=self.escrow, bid_msat=config.bid_msat, shards=tuple(shard_tags),
-                       validation=Validation("accuracy", Direction.MAX, config.threshold, config.quorum),
-                       payout=PayoutPolicy(config.payout), results_deadline=now + config.results_in,
-                       validation_deadline=now + config.validation_in, validators=tuple(validators),
-                       validator_fee_msat=config.validator_fee_msat if validators else 0, mode=Mode(config.mode),
-                       params=tuple(params), providers=tuple(providers), refund=config.refund,
-                       relays=self.relays.urls, previous_job=previous_job)
+        spec = JobSpec(
+            escrow=self.escrow,
+            bid_msat=config.bid_msat,
+            shards=tuple(shard_tags),
+            validation=Validation("accuracy", Direction.MAX, config.threshold, config.quorum),
+            payout=PayoutPolicy(config.payout),
+            results_deadline=now + config.results_in,
+            validation_deadline=now + config.validation_in,
+            validators=tuple(validators),
+            validator_fee_msat=config.validator_fee_msat if validators else 0,
+            mode=Mode(config.mode),
+            params=tuple(params),
+            providers=tuple(providers),
+            refund=config.refund,
+            relays=self.relays.urls,
+            previous_job=previous_job,
+        )
         event = sign_event(self.key, *build_job_request(spec, customer=self.pubkey))
-        report = RoundReport(job_id=event.id, round=round_no, previous_job=previous_job, bid_msat=config.bid_msat,
-                             validator_fee_msat=spec.validator_fee_msat, timings=timings)
+        report = RoundReport(
+            job_id=event.id,
+            round=round_no,
+            previous_job=previous_job,
+            bid_msat=config.bid_msat,
+            validator_fee_msat=spec.validator_fee_msat,
+            timings=timings,
+        )
         if self.terms is not None:
             with contextlib.suppress(CodecError):
-                split = money_split(config.bid_msat, fee_base_msat=self.terms.fee_base_msat,
-                                    fee_ppm=self.terms.fee_ppm, validator_fee_msat=spec.validator_fee_msat,
-                                    validator_count=len(validators))
+                split = money_split(
+                    config.bid_msat,
+                    fee_base_msat=self.terms.fee_base_msat,
+                    fee_ppm=self.terms.fee_ppm,
+                    validator_fee_msat=spec.validator_fee_msat,
+                    validator_count=len(validators),
+                )
                 report.escrow_fee_msat, report.provider_share_msat = split.fee_msat, split.provider_share_msat
         pay_task: asyncio.Task[Payment] | None = None
         async with self.relays.subscribe(feedback_filter(self.escrow, event.id)) as sub:
             try:
                 await self.relays.publish(event)
-                self.progress("request", f"{self.name}: job {event.id[:8]} published: bid {config.bid_msat} msat, "
-                                         f"{len(shards)} shards, {len(validators)} validators, quorum {config.quorum}, "
-                                         f"payout {config.payout}, threshold {config.threshold}")
+                self.progress(
+                    "request",
+                    f"{self.name}: job {event.id[:8]} published: bid {config.bid_msat} msat, "
+                    f"{len(shards)} shards, {len(validators)} validators, quorum {config.quorum}, "
+                    f"payout {config.payout}, threshold {config.threshold}",
+                )
                 mark("request")
                 # 3. the offer, paid
                 offer = await self._wait_offer(sub, event.id)
@@ -193,14 +245,18 @@ class Customer:
                 if decoded.num_msat != config.bid_msat:
                     raise AgentError(f"the offer's invoice is for {decoded.num_msat} msat, not the bid")
                 mark("offer")
-                for payload in payloads:   # the job is open now: the store takes its data
+                for payload in payloads:  # the job is open now: the store takes its data
                     await self.blobs.upload(payload, job=event.id)
-                self.progress("upload", f"{self.name}: uploaded {len(shards)} encrypted-URL shard(s)"
-                                        f"{' and the starting model' if start_model is not None else ''}")
+                self.progress(
+                    "upload",
+                    f"{self.name}: uploaded {len(shards)} encrypted-URL shard(s)"
+                    f"{' and the starting model' if start_model is not None else ''}",
+                )
                 mark("upload")
                 self.progress("offer", f"{self.name}: offer {offer.amount_msat} msat ({offer.mode}); paying")
-                pay_task = asyncio.create_task(self.lnd.pay(offer.bolt11, fee_limit_msat=config.fee_limit_msat,
-                                                            timeout_seconds=60))
+                pay_task = asyncio.create_task(
+                    self.lnd.pay(offer.bolt11, fee_limit_msat=config.fee_limit_msat, timeout_seconds=60)
+                )
                 await self._wait_funded(sub, event.id, pay_task, spec.results_deadline)
                 self.progress("funding", f"{self.name}: escrow funded ({offer.mode}); providers may start")
                 mark("funding")
@@ -216,8 +272,7 @@ class Customer:
                     with contextlib.suppress(TimeoutError):
                         refund = await self._wait_refund(sub, event.id)
                         report.outcome = f"refunded: {refund.reason}"
-                        self.progress("verdict", f"{self.name}: refunded ({refund.reason}), "
-                                                 f"{refund.amount_msat} msat")
+                        self.progress("verdict", f"{self.name}: refunded ({refund.reason}), {refund.amount_msat} msat")
                 else:
                     report.outcome = "validated"
                     await self._aggregate(report, verdict, event, shards, test)
@@ -233,6 +288,7 @@ class Customer:
         def offer(event: Event) -> EscrowOffer | ErrorFeedback | None:
             fb = escrow_feedback(event, self.escrow, job_id)
             return fb if isinstance(fb, (EscrowOffer, ErrorFeedback)) else None
+
         try:
             fb = await sub.wait_for(offer, 30)
         except TimeoutError:
@@ -246,10 +302,11 @@ class Customer:
         def funded(event: Event) -> Funded | Refunded | None:
             fb = escrow_feedback(event, self.escrow, job_id)
             return fb if isinstance(fb, (Funded, Refunded)) else None
+
         waiter = asyncio.ensure_future(sub.wait_for(funded, seconds_until(deadline)))
         try:
             done, _ = await asyncio.wait({waiter, pay_task}, return_when=asyncio.FIRST_COMPLETED)
-            if waiter not in done:    # the payment ended first: custodial (settled at once) or failed
+            if waiter not in done:  # the payment ended first: custodial (settled at once) or failed
                 exc = pay_task.exception()
                 payment = None if exc else pay_task.result()
                 if payment is None or payment.status != PaymentStatus.SUCCEEDED:
@@ -267,6 +324,7 @@ class Customer:
         def done(event: Event) -> ValidationComplete | Refunded | None:
             fb = escrow_feedback(event, self.escrow, job_id)
             return fb if isinstance(fb, (ValidationComplete, Refunded)) else None
+
         try:
             return await sub.wait_for(done, seconds_until(deadline, 180))
         except TimeoutError:
@@ -276,6 +334,7 @@ class Customer:
         def refunded(event: Event) -> Refunded | None:
             fb = escrow_feedback(event, self.escrow, job_id)
             return fb if isinstance(fb, Refunded) else None
+
         return await sub.wait_for(refunded, timeout)
 
     async def _settle_payment(self, report: RoundReport, pay_task: asyncio.Task) -> None:
@@ -291,16 +350,28 @@ class Customer:
             report.paid_msat = payment.value_msat + payment.fee_msat
 
     # ---- the aggregate -----------------------------------------------------------------------
-    async def _aggregate(self, report: RoundReport, verdict: ValidationComplete, job_event: Event,
-                         shards: list[ml.Dataset], test: ml.Dataset) -> None:
+    async def _aggregate(
+        self,
+        report: RoundReport,
+        verdict: ValidationComplete,
+        job_event: Event,
+        shards: list[ml.Dataset],
+        test: ml.Dataset,
+    ) -> None:
         job = read_job(job_event, self.escrow)
         ids = [v.result_id for v in verdict.verdicts]
         results = {e.id: e for e in await self.relays.query({"ids": ids})} if ids else {}
         models: list[ml.Model] = []
         weights: list[float] = []
         for v in verdict.verdicts:
-            cand = CandidateReport(result_id=v.result_id, provider="?", shard_index=-1, accepted=v.accepted,
-                                   median=None if v.median is None else str(v.median), reward_msat=v.reward_msat)
+            cand = CandidateReport(
+                result_id=v.result_id,
+                provider="?",
+                shard_index=-1,
+                accepted=v.accepted,
+                median=None if v.median is None else str(v.median),
+                reward_msat=v.reward_msat,
+            )
             report.candidates.append(cand)
             event = results.get(v.result_id)
             if event is None:
@@ -315,8 +386,9 @@ class Customer:
             if not v.accepted:
                 continue
             try:
-                data = await self.blobs.download(result.model.url, result.model.sha256,
-                                                 max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES))
+                data = await self.blobs.download(
+                    result.model.url, result.model.sha256, max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES)
+                )
                 model = ml.model_from_bytes(data)
             except (BlobError, ml.UnsafeData) as exc:
                 cand.problem = f"model unusable: {exc}"
@@ -325,9 +397,15 @@ class Customer:
             models.append(model)
             weights.append(float(len(shards[result.shard_index])) if 0 <= result.shard_index < len(shards) else 1.0)
         accepted = [c for c in report.candidates if c.accepted]
-        self.progress("verdict", f"{self.name}: validation complete: {len(accepted)} of {len(report.candidates)} "
-                                 f"accepted (" + ", ".join(f"{c.result_id[:8]} {'ok' if c.accepted else 'rejected'} "
-                                                          f"median {c.median}" for c in report.candidates) + ")")
+        self.progress(
+            "verdict",
+            f"{self.name}: validation complete: {len(accepted)} of {len(report.candidates)} "
+            f"accepted ("
+            + ", ".join(
+                f"{c.result_id[:8]} {'ok' if c.accepted else 'rejected'} median {c.median}" for c in report.candidates
+            )
+            + ")",
+        )
         if not models:
             return
         try:
@@ -337,5 +415,8 @@ class Customer:
             return
         report.model = avg
         report.accuracy = round(ml.accuracy(avg, test), 4)
-        self.progress("aggregate", f"{self.name}: FedAvg of {len(models)} model(s): accuracy {report.accuracy:.4f} "
-                                   f"on {len(test)} held-out samples")
+        self.progress(
+            "aggregate",
+            f"{self.name}: FedAvg of {len(models)} model(s): accuracy {report.accuracy:.4f} "
+            f"on {len(test)} held-out samples",
+        )

@@ -11,6 +11,7 @@ the previous job and starts from the previous round's averaged model.
 :func:`run_demo` prints progress through ``progress(phase, message)`` and returns a summary:
 who got what (msat), fees, accuracy per round, time per phase.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,7 @@ from .relay import Relays
 from .storage import Blobs
 from .validator import Validator, ValidatorReport
 
-PROVIDER_NAMES = ("alice", "bob", "mallory")    # the last one is dishonest
+PROVIDER_NAMES = ("alice", "bob", "mallory")  # the last one is dishonest
 VALIDATOR_NAMES = ("victor", "vera")
 
 
@@ -45,6 +46,7 @@ def print_progress(start: float | None = None) -> Progress:
 
     def show(phase: str, message: str) -> None:
         print(f"[{time.monotonic() - t0:6.1f}s] {phase:<10} {message}", flush=True)
+
     return show
 
 
@@ -56,8 +58,8 @@ class Cast:
     providers: list[Provider]
     validators: list[Validator]
     split: ml.DigitsSplit
-    names: dict[str, str] = field(default_factory=dict)    # pubkey -> name
-    roles: dict[str, str] = field(default_factory=dict)    # pubkey -> role
+    names: dict[str, str] = field(default_factory=dict)  # pubkey -> name
+    roles: dict[str, str] = field(default_factory=dict)  # pubkey -> role
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Cast]:
@@ -66,7 +68,7 @@ class Cast:
         agents: list[Provider | Validator] = [*self.providers, *self.validators]
         tasks = [asyncio.create_task(a.serve(since=since), name=f"serve {a.name}") for a in agents]
         try:
-            await asyncio.sleep(0.5)      # let the subscriptions reach the relays
+            await asyncio.sleep(0.5)  # let the subscriptions reach the relays
             yield self
         finally:
             for t in tasks:
@@ -76,26 +78,61 @@ class Cast:
                     await t
 
 
-def build_cast(*, relays: Relays, escrow: str, blob_url: str, customer_lnd: LndClient, payee_lnd: LndClient,
-               terms: EscrowTerms | None, progress: Progress, key_dir: Path | str | None = None,
-               seed: int = ml.DEFAULT_SEED, network: str | None = None, escrow_url: str | None = None) -> Cast:
+def build_cast(
+    *,
+    relays: Relays,
+    escrow: str,
+    blob_url: str,
+    customer_lnd: LndClient,
+    payee_lnd: LndClient,
+    terms: EscrowTerms | None,
+    progress: Progress,
+    key_dir: Path | str | None = None,
+    seed: int = ml.DEFAULT_SEED,
+    network: str | None = None,
+    escrow_url: str | None = None,
+) -> Cast:
     def key(role: str, name: str) -> SecretKey:
         return SecretKey.generate() if key_dir is None else load_key(key_dir, role, f"demo-{name}")
 
     split = ml.split_digits(len(PROVIDER_NAMES), len(VALIDATOR_NAMES), seed=seed)
     ck = key("customer", "carol")
-    customer = Customer(ck, relays, escrow, Blobs(blob_url, ck), customer_lnd, name="carol", terms=terms,
-                        progress=progress)
+    customer = Customer(
+        ck, relays, escrow, Blobs(blob_url, ck), customer_lnd, name="carol", terms=terms, progress=progress
+    )
     providers = []
     for name in PROVIDER_NAMES:
         k = key("provider", name)
-        providers.append(Provider(k, relays, escrow, Blobs(blob_url, k), lnd=payee_lnd, name=name,
-                                  dishonest=(name == "mallory"), progress=progress, network=network))
+        providers.append(
+            Provider(
+                k,
+                relays,
+                escrow,
+                Blobs(blob_url, k),
+                lnd=payee_lnd,
+                name=name,
+                dishonest=(name == "mallory"),
+                progress=progress,
+                network=network,
+            )
+        )
     validators = []
     for i, name in enumerate(VALIDATOR_NAMES):
         k = key("validator", name)
-        validators.append(Validator(k, relays, escrow, Blobs(blob_url, k), split.holdouts[i], lnd=payee_lnd,
-                                    name=name, progress=progress, network=network, escrow_url=escrow_url))
+        validators.append(
+            Validator(
+                k,
+                relays,
+                escrow,
+                Blobs(blob_url, k),
+                split.holdouts[i],
+                lnd=payee_lnd,
+                name=name,
+                progress=progress,
+                network=network,
+                escrow_url=escrow_url,
+            )
+        )
     cast = Cast(customer=customer, providers=providers, validators=validators, split=split)
     everyone: list[Customer | Provider | Validator] = [customer, *providers, *validators]
     for agent in everyone:
@@ -104,8 +141,9 @@ def build_cast(*, relays: Relays, escrow: str, blob_url: str, customer_lnd: LndC
     return cast
 
 
-async def job_state(service_url: str | None, job_id: str, *, wait_for: tuple[str, ...] = ("closed", "refunded"),
-                    timeout: float = 60.0) -> str | None:
+async def job_state(
+    service_url: str | None, job_id: str, *, wait_for: tuple[str, ...] = ("closed", "refunded"), timeout: float = 60.0
+) -> str | None:
     """The job's state from ``GET /v1/jobs/<id>``, waiting (up to ``timeout``) for a final one."""
     if not service_url:
         return None
@@ -123,18 +161,33 @@ async def job_state(service_url: str | None, job_id: str, *, wait_for: tuple[str
     return state
 
 
-async def run_round(cast: Cast, *, config: RoundConfig, round_no: int = 1, previous: RoundReport | None = None,
-                    service_url: str | None = None, progress: Progress | None = None,
-                    agent_timeout: float = 240.0) -> dict:
+async def run_round(
+    cast: Cast,
+    *,
+    config: RoundConfig,
+    round_no: int = 1,
+    previous: RoundReport | None = None,
+    service_url: str | None = None,
+    progress: Progress | None = None,
+    agent_timeout: float = 240.0,
+) -> dict:
     """One round with ``cast`` (which must be :meth:`Cast.running`); returns the round's summary."""
     show = progress or cast.customer.progress
     t0 = time.monotonic()
-    show("round", f"round {round_no}" + (f" (from job {previous.job_id[:8]}, accuracy {previous.accuracy})"
-                                         if previous else ""))
+    show(
+        "round",
+        f"round {round_no}" + (f" (from job {previous.job_id[:8]}, accuracy {previous.accuracy})" if previous else ""),
+    )
     report = await cast.customer.run_round(
-        providers=[p.pubkey for p in cast.providers], validators=[v.pubkey for v in cast.validators],
-        shards=list(cast.split.shards), test=cast.split.test, config=config, round_no=round_no,
-        previous_job=previous.job_id if previous else None, start_model=previous.model if previous else None)
+        providers=[p.pubkey for p in cast.providers],
+        validators=[v.pubkey for v in cast.validators],
+        shards=list(cast.split.shards),
+        test=cast.split.test,
+        config=config,
+        round_no=round_no,
+        previous_job=previous.job_id if previous else None,
+        start_model=previous.model if previous else None,
+    )
     job_id = report.job_id
     t_verdict = time.monotonic()
     p_reports: list[ProviderReport] = []
@@ -150,11 +203,14 @@ async def run_round(cast: Cast, *, config: RoundConfig, round_no: int = 1, previ
 
     payees: dict[str, dict] = {}
     pairs: list[tuple[Provider | Validator, ProviderReport | ValidatorReport]] = [
-        *zip(cast.providers, p_reports, strict=True), *zip(cast.validators, v_reports, strict=True)]
+        *zip(cast.providers, p_reports, strict=True),
+        *zip(cast.validators, v_reports, strict=True),
+    ]
     for agent, r in pairs:
         reward = r.reward
         payees[agent.name] = {
-            "role": cast.roles[agent.pubkey], "pubkey": agent.pubkey,
+            "role": cast.roles[agent.pubkey],
+            "pubkey": agent.pubkey,
             "received_msat": reward.amount_msat if reward and reward.paid else 0,
             "paid": bool(reward and reward.paid),
             "payment_hash": reward.payment_hash if reward else None,
@@ -162,30 +218,54 @@ async def run_round(cast: Cast, *, config: RoundConfig, round_no: int = 1, previ
             "note": (reward.why if reward and not reward.paid else "") or (r.error or ""),
         }
         if isinstance(r, ProviderReport):
-            payees[agent.name].update(accepted=r.accepted, median=r.median, result_id=r.result_id,
-                                      train_seconds=round(r.train_seconds, 3))
+            payees[agent.name].update(
+                accepted=r.accepted, median=r.median, result_id=r.result_id, train_seconds=round(r.train_seconds, 3)
+            )
         else:
             payees[agent.name].update(scores={cast_name(cast, report, rid): s for rid, s in r.scores.items()})
     paid_out = sum(p["received_msat"] for p in payees.values())
     routing = sum(p["escrow_routing_fee_msat"] or 0 for p in payees.values())
     summary = {
-        "round": round_no, "job_id": job_id, "previous_job": report.previous_job, "state": state,
-        "outcome": report.outcome, "mode": report.mode, "accuracy": report.accuracy,
-        "models": [{"provider": cast.names.get(c.provider, c.provider[:8]), "shard": c.shard_index,
-                    "accepted": c.accepted, "median": c.median, "reward_msat": c.reward_msat,
-                    "customer_accuracy": c.accuracy, **({"problem": c.problem} if c.problem else {})}
-                   for c in report.candidates],
-        "customer": {"name": cast.customer.name, "bid_msat": report.bid_msat, "paid_msat": report.paid_msat,
-                     "routing_fee_msat": report.routing_fee_msat, "payment": report.payment_status},
+        "round": round_no,
+        "job_id": job_id,
+        "previous_job": report.previous_job,
+        "state": state,
+        "outcome": report.outcome,
+        "mode": report.mode,
+        "accuracy": report.accuracy,
+        "models": [
+            {
+                "provider": cast.names.get(c.provider, c.provider[:8]),
+                "shard": c.shard_index,
+                "accepted": c.accepted,
+                "median": c.median,
+                "reward_msat": c.reward_msat,
+                "customer_accuracy": c.accuracy,
+                **({"problem": c.problem} if c.problem else {}),
+            }
+            for c in report.candidates
+        ],
+        "customer": {
+            "name": cast.customer.name,
+            "bid_msat": report.bid_msat,
+            "paid_msat": report.paid_msat,
+            "routing_fee_msat": report.routing_fee_msat,
+            "payment": report.payment_status,
+        },
         "payees": payees,
-        "escrow": {"fee_msat_announced": report.escrow_fee_msat,
-                   "kept_msat": report.bid_msat - paid_out if report.outcome == "validated" else 0,
-                   "routing_fees_paid_msat": routing},
+        "escrow": {
+            "fee_msat_announced": report.escrow_fee_msat,
+            "kept_msat": report.bid_msat - paid_out if report.outcome == "validated" else 0,
+            "routing_fees_paid_msat": routing,
+        },
         "timings": dict(report.timings, round_total=round(time.monotonic() - t0, 3)),
         "_report": report,
     }
-    show("summary", f"round {round_no}: accuracy {report.accuracy}, " + ", ".join(
-        f"{n} {p['received_msat']} msat" for n, p in payees.items()))
+    show(
+        "summary",
+        f"round {round_no}: accuracy {report.accuracy}, "
+        + ", ".join(f"{n} {p['received_msat']} msat" for n, p in payees.items()),
+    )
     return summary
 
 
@@ -196,10 +276,18 @@ def cast_name(cast: Cast, report: RoundReport, result_id: str) -> str:
     return result_id[:8]
 
 
-async def run_demo(stack_json_path: str | Path, service_url: str, relay_url: str | None = None,
-                   blob_url: str | None = None, rounds: int = 1, progress: Progress | None = None, *,
-                   config: RoundConfig | None = None, key_dir: Path | str | None = None,
-                   seed: int = ml.DEFAULT_SEED) -> dict:
+async def run_demo(
+    stack_json_path: str | Path,
+    service_url: str,
+    relay_url: str | None = None,
+    blob_url: str | None = None,
+    rounds: int = 1,
+    progress: Progress | None = None,
+    *,
+    config: RoundConfig | None = None,
+    key_dir: Path | str | None = None,
+    seed: int = ml.DEFAULT_SEED,
+) -> dict:
     """Play ``rounds`` rounds against the escrow at ``service_url`` on the devstack of ``stack_json_path``.
 
     ``relay_url`` defaults to the escrow's first relay (``/v1/info``), ``blob_url`` to
@@ -213,26 +301,41 @@ async def run_demo(stack_json_path: str | Path, service_url: str, relay_url: str
     blob_url = blob_url or f"{service_url.rstrip('/')}/blobs"
     terms = await escrow_terms(relays, info.pubkey)
     config = fit_config(config or RoundConfig(), terms)
-    show("setup", f"escrow {info.pubkey[:12]} ({info.network}) on {', '.join(relays.urls)}; blobs at {blob_url}; "
-                  f"fee {terms.fee_base_msat if terms else '?'} msat + {terms.fee_ppm if terms else '?'} ppm; "
-                  f"deadlines +{config.results_in}s/+{config.validation_in}s")
+    show(
+        "setup",
+        f"escrow {info.pubkey[:12]} ({info.network}) on {', '.join(relays.urls)}; blobs at {blob_url}; "
+        f"fee {terms.fee_base_msat if terms else '?'} msat + {terms.fee_ppm if terms else '?'} ppm; "
+        f"deadlines +{config.results_in}s/+{config.validation_in}s",
+    )
     nodes = stack["nodes"]
-    customer_lnd = LndClient.from_files(nodes["customer"]["rpc"], nodes["customer"]["tls_cert"],
-                                        nodes["customer"]["macaroon"])
+    customer_lnd = LndClient.from_files(
+        nodes["customer"]["rpc"], nodes["customer"]["tls_cert"], nodes["customer"]["macaroon"]
+    )
     payee_lnd = LndClient.from_files(nodes["payee"]["rpc"], nodes["payee"]["tls_cert"], nodes["payee"]["macaroon"])
     out: dict = {"escrow": info.pubkey, "relays": list(relays.urls), "blob_url": blob_url, "rounds": []}
     try:
-        cast = build_cast(relays=relays, escrow=info.pubkey, blob_url=blob_url, customer_lnd=customer_lnd,
-                          payee_lnd=payee_lnd, terms=terms, progress=show, key_dir=key_dir, seed=seed,
-                          network=info.network or None, escrow_url=service_url)
+        cast = build_cast(
+            relays=relays,
+            escrow=info.pubkey,
+            blob_url=blob_url,
+            customer_lnd=customer_lnd,
+            payee_lnd=payee_lnd,
+            terms=terms,
+            progress=show,
+            key_dir=key_dir,
+            seed=seed,
+            network=info.network or None,
+            escrow_url=service_url,
+        )
         out["agents"] = {name: {"pubkey": pk, "role": cast.roles[pk]} for pk, name in cast.names.items()}
         for name, a in out["agents"].items():
             show("setup", f"{name:<8} {a['role']:<22} {a['pubkey']}")
         previous: RoundReport | None = None
         async with cast.running():
             for n in range(1, rounds + 1):
-                summary = await run_round(cast, config=config, round_no=n, previous=previous,
-                                          service_url=service_url, progress=show)
+                summary = await run_round(
+                    cast, config=config, round_no=n, previous=previous, service_url=service_url, progress=show
+                )
                 previous = summary.pop("_report")
                 out["rounds"].append(summary)
                 if previous.model is None:
@@ -265,19 +368,29 @@ def format_summary(summary: dict) -> str:
     """A human-readable table of :func:`run_demo`'s result."""
     lines = [f"escrow {summary['escrow'][:16]}…  ({summary['seconds']} s)"]
     for r in summary["rounds"]:
-        lines.append(f"round {r['round']}: job {r['job_id'][:16]}… {r['state'] or '?'} ({r['outcome']}, {r['mode']}), "
-                     f"accuracy of the average: {r['accuracy']}")
+        lines.append(
+            f"round {r['round']}: job {r['job_id'][:16]}… {r['state'] or '?'} ({r['outcome']}, {r['mode']}), "
+            f"accuracy of the average: {r['accuracy']}"
+        )
         for m in r["models"]:
-            lines.append(f"  model of {m['provider']:<8} shard {m['shard']}: "
-                         f"{'accepted' if m['accepted'] else 'rejected'} median {m['median']}, "
-                         f"customer-measured accuracy {m['customer_accuracy'] or 'n/a (not downloaded)'}")
+            lines.append(
+                f"  model of {m['provider']:<8} shard {m['shard']}: "
+                f"{'accepted' if m['accepted'] else 'rejected'} median {m['median']}, "
+                f"customer-measured accuracy {m['customer_accuracy'] or 'n/a (not downloaded)'}"
+            )
         c = r["customer"]
-        lines.append(f"  {c['name']} paid {c['paid_msat']} msat (bid {c['bid_msat']} + routing {c['routing_fee_msat']})")
+        lines.append(
+            f"  {c['name']} paid {c['paid_msat']} msat (bid {c['bid_msat']} + routing {c['routing_fee_msat']})"
+        )
         for name, p in r["payees"].items():
-            lines.append(f"  {name:<8} {p['role']:<22} received {p['received_msat']:>9} msat"
-                         + (f"  ({p['note']})" if p["note"] else ""))
+            lines.append(
+                f"  {name:<8} {p['role']:<22} received {p['received_msat']:>9} msat"
+                + (f"  ({p['note']})" if p["note"] else "")
+            )
         e = r["escrow"]
-        lines.append(f"  escrow kept {e['kept_msat']} msat (announced fee {e['fee_msat_announced']}), "
-                     f"paid {e['routing_fees_paid_msat']} msat routing")
+        lines.append(
+            f"  escrow kept {e['kept_msat']} msat (announced fee {e['fee_msat_announced']}), "
+            f"paid {e['routing_fees_paid_msat']} msat routing"
+        )
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
     return "\n".join(lines)

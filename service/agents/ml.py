@@ -16,6 +16,7 @@ logistic regression, safe (pickle-free) serialization and FedAvg.
 * Aggregation: :func:`fedavg`, the (optionally weighted) mean of coefficients and
   intercepts of models with the same classes and shape.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-N_FEATURES = 64          # 8x8 pixels
+N_FEATURES = 64  # 8x8 pixels
 CLASSES = np.arange(10)  # the digits 0..9
 DEFAULT_SEED = 7
 #: Upper bounds for what an agent accepts from others (bytes of a .npz, rows of a shard).
@@ -47,8 +48,8 @@ class UnsafeData(ValueError):
 
 @dataclass(frozen=True)
 class Dataset:
-    X: np.ndarray   # (n, 64) float64 in [0, 1]
-    y: np.ndarray   # (n,) int64 in 0..9
+    X: np.ndarray  # (n, 64) float64 in [0, 1]
+    y: np.ndarray  # (n,) int64 in 0..9
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -56,9 +57,9 @@ class Dataset:
 
 @dataclass(frozen=True)
 class Model:
-    coef: np.ndarray       # (n_classes, 64) float64
+    coef: np.ndarray  # (n_classes, 64) float64
     intercept: np.ndarray  # (n_classes,) float64
-    classes: np.ndarray    # (n_classes,) int64
+    classes: np.ndarray  # (n_classes,) int64
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes[np.argmax(X @ self.coef.T + self.intercept, axis=1)]
@@ -78,12 +79,19 @@ class DigitsSplit:
 
 def load_digits_data() -> Dataset:
     from sklearn.datasets import load_digits
+
     X, y = load_digits(return_X_y=True)
     return Dataset(X=np.asarray(X, dtype=np.float64) / 16.0, y=np.asarray(y, dtype=np.int64))
 
 
-def split_digits(n_shards: int = 3, n_validators: int = 2, *, seed: int = DEFAULT_SEED,
-                 holdout_fraction: float = 0.2, test_fraction: float = 0.2) -> DigitsSplit:
+def split_digits(
+    n_shards: int = 3,
+    n_validators: int = 2,
+    *,
+    seed: int = DEFAULT_SEED,
+    holdout_fraction: float = 0.2,
+    test_fraction: float = 0.2,
+) -> DigitsSplit:
     """Shuffle the digits with ``seed``; the first ``holdout_fraction`` is the validators' pool
     (cut into ``n_validators`` disjoint hold-outs), the next ``test_fraction`` the customer's
     test set, the rest ``n_shards`` training shards of (almost) equal size.
@@ -97,16 +105,18 @@ def split_digits(n_shards: int = 3, n_validators: int = 2, *, seed: int = DEFAUL
     order = np.random.default_rng(seed).permutation(len(data))
     n_hold = int(len(data) * holdout_fraction)
     n_test = int(len(data) * test_fraction)
-    pool, test, rest = order[:n_hold], order[n_hold:n_hold + n_test], order[n_hold + n_test:]
+    pool, test, rest = order[:n_hold], order[n_hold : n_hold + n_test], order[n_hold + n_test :]
     if len(rest) < n_shards * 20:
         raise ValueError("too many shards for the digits data set")
 
     def take(idx: np.ndarray) -> Dataset:
         return Dataset(X=data.X[idx], y=data.y[idx])
 
-    return DigitsSplit(shards=tuple(take(part) for part in np.array_split(rest, n_shards)),
-                       holdouts=tuple(take(part) for part in np.array_split(pool, n_validators)),
-                       test=take(test))
+    return DigitsSplit(
+        shards=tuple(take(part) for part in np.array_split(rest, n_shards)),
+        holdouts=tuple(take(part) for part in np.array_split(pool, n_validators)),
+        test=take(test),
+    )
 
 
 def validator_holdout(index: int = 0, count: int = 1, *, seed: int = DEFAULT_SEED) -> Dataset:
@@ -124,6 +134,7 @@ def train(data: Dataset, *, start: Model | None = None, max_iter: int = 100, C: 
     (and if ``start`` has exactly the classes present in ``data``)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+
     if len(data) == 0:
         raise ValueError("cannot train on an empty shard")
     present = np.unique(data.y)
@@ -133,12 +144,12 @@ def train(data: Dataset, *, start: Model | None = None, max_iter: int = 100, C: 
         assert start is not None
         clf.coef_ = start.coef.copy()
         clf.intercept_ = start.intercept.copy()
-    with _FIT_LOCK, warnings.catch_warnings():   # catch_warnings is process-wide: one fit at a time
+    with _FIT_LOCK, warnings.catch_warnings():  # catch_warnings is process-wide: one fit at a time
         warnings.simplefilter("ignore", ConvergenceWarning)
         clf.fit(data.X, data.y)
     coef = np.asarray(clf.coef_, dtype=np.float64)
     intercept = np.asarray(clf.intercept_, dtype=np.float64)
-    if coef.shape[0] == 1 and len(clf.classes_) == 2:   # binary: sklearn keeps one row; expand to two
+    if coef.shape[0] == 1 and len(clf.classes_) == 2:  # binary: sklearn keeps one row; expand to two
         coef = np.vstack([-coef, coef]) / 2
         intercept = np.array([-intercept[0], intercept[0]]) / 2
     return Model(coef=coef, intercept=intercept, classes=np.asarray(clf.classes_, dtype=np.int64))
@@ -147,8 +158,11 @@ def train(data: Dataset, *, start: Model | None = None, max_iter: int = 100, C: 
 def random_model(seed: int | None = None) -> Model:
     """What a dishonest provider returns: random weights of the right shape (about 10 % accuracy)."""
     rng = np.random.default_rng(seed)
-    return Model(coef=rng.normal(0, 1, (len(CLASSES), N_FEATURES)), intercept=rng.normal(0, 1, len(CLASSES)),
-                 classes=CLASSES.copy())
+    return Model(
+        coef=rng.normal(0, 1, (len(CLASSES), N_FEATURES)),
+        intercept=rng.normal(0, 1, len(CLASSES)),
+        classes=CLASSES.copy(),
+    )
 
 
 def accuracy(model: Model, data: Dataset) -> float:
@@ -183,9 +197,9 @@ def fedavg(models: Sequence[Model], weights: Sequence[float] | None = None) -> M
 def _savez(*, compress: bool = False, **arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
     if compress:
-        np.savez_compressed(buf, **arrays)   # type: ignore[arg-type]
+        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     else:
-        np.savez(buf, **arrays)               # type: ignore[arg-type]
+        np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -246,8 +260,11 @@ def _finite_float(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def model_to_bytes(model: Model) -> bytes:
-    return _savez(coef=model.coef.astype(np.float64), intercept=model.intercept.astype(np.float64),
-                  classes=model.classes.astype(np.int64))
+    return _savez(
+        coef=model.coef.astype(np.float64),
+        intercept=model.intercept.astype(np.float64),
+        classes=model.classes.astype(np.int64),
+    )
 
 
 def model_from_bytes(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES, n_features: int = N_FEATURES) -> Model:
@@ -269,8 +286,9 @@ def dataset_to_bytes(data: Dataset) -> bytes:
     return _savez(compress=True, X=data.X.astype(np.float32), y=data.y.astype(np.int64))
 
 
-def dataset_from_bytes(data: bytes, *, max_bytes: int = MAX_SHARD_BYTES, n_features: int = N_FEATURES,
-                       max_rows: int = MAX_SHARD_ROWS) -> Dataset:
+def dataset_from_bytes(
+    data: bytes, *, max_bytes: int = MAX_SHARD_BYTES, n_features: int = N_FEATURES, max_rows: int = MAX_SHARD_ROWS
+) -> Dataset:
     arrays = _load_npz(data, _DATASET_MEMBERS, max_bytes)
     X = _finite_float(arrays["X"], "X")
     y = arrays["y"]

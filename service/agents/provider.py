@@ -14,6 +14,7 @@ shard encrypted to this provider's key, once the escrow announced "escrow funded
 5. wait for the verdict; if accepted, answer "reward claimable" with an invoice and wait
    for "reward paid".
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -71,10 +72,24 @@ class ProviderReport:
 class Provider(Payee):
     role = "provider"
 
-    def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, *, lnd: LndClient | None = None,
-                 lud16: str | None = None, name: str = "provider", dishonest: bool = False, max_iter: int = 10,
-                 C: float = 1.0, progress: Progress = no_progress, invoice_expiry: int = 3600,
-                 allow_private_lnurl: bool = False, network: str | None = None) -> None:
+    def __init__(
+        self,
+        key: SecretKey,
+        relays: Relays,
+        escrow: str,
+        blobs: Blobs,
+        *,
+        lnd: LndClient | None = None,
+        lud16: str | None = None,
+        name: str = "provider",
+        dishonest: bool = False,
+        max_iter: int = 10,
+        C: float = 1.0,
+        progress: Progress = no_progress,
+        invoice_expiry: int = 3600,
+        allow_private_lnurl: bool = False,
+        network: str | None = None,
+    ) -> None:
         if lnd is None and not lud16:
             raise ValueError("a provider needs an LND node or a lud16 address to be paid")
         self.key, self.relays, self.escrow, self.blobs = key, relays, escrow, blobs
@@ -161,8 +176,9 @@ class Provider(Payee):
             result = await self._train_and_publish(job, index, report)
             report.result_id = result.id
             report.timings["train_publish"] = time.monotonic() - t0 - report.timings["wait_funded"]
-            verdict = await wait_validation(sub, self.escrow, job.id,
-                                            timeout=seconds_until(job.spec.validation_deadline, 120))
+            verdict = await wait_validation(
+                sub, self.escrow, job.id, timeout=seconds_until(job.spec.validation_deadline, 120)
+            )
             if isinstance(verdict, Refunded):
                 report.accepted = False
                 self.progress("verdict", f"{self.name}: job refunded ({verdict.reason}), nothing earned")
@@ -182,6 +198,7 @@ class Provider(Payee):
         def funded(event: Event) -> Funded | Refunded | None:
             fb = escrow_feedback(event, self.escrow, job.id)
             return fb if isinstance(fb, (Funded, Refunded)) else None
+
         try:
             fb = await sub.wait_for(funded, seconds_until(job.spec.results_deadline))
         except TimeoutError:
@@ -217,15 +234,22 @@ class Provider(Payee):
             start = await self._fetch_start_model(job)
             model = await asyncio.to_thread(ml.train, data, start=start, max_iter=max_iter, C=self.C)
             local = ml.accuracy(model, data)
-            self.progress("training", f"{self.name}: trained on shard {index} ({len(data)} samples"
-                                      f"{', warm start' if start else ''}) in {time.monotonic() - t:.2f} s, "
-                                      f"train accuracy {local:.3f}")
+            self.progress(
+                "training",
+                f"{self.name}: trained on shard {index} ({len(data)} samples"
+                f"{', warm start' if start else ''}) in {time.monotonic() - t:.2f} s, "
+                f"train accuracy {local:.3f}",
+            )
         report.train_seconds = time.monotonic() - t
-        blob = await self.blobs.upload(ml.model_to_bytes(model), job=job.id)   # the store admits it for this job
+        blob = await self.blobs.upload(ml.model_to_bytes(model), job=job.id)  # the store admits it for this job
         report.model_sha256 = blob.sha256
         payout = PayoutAddress("lud16", self.lud16) if self.lud16 and self.lnd is None else None
-        ev = sign_event(self.key, *build_result(job, shard_index=index, model=ModelRef(blob.url, blob.sha256, blob.size),
-                                                payout_address=payout))
+        ev = sign_event(
+            self.key,
+            *build_result(
+                job, shard_index=index, model=ModelRef(blob.url, blob.sha256, blob.size), payout_address=payout
+            ),
+        )
         await self.relays.publish(ev)
         self.progress("result", f"{self.name}: published result {ev.id[:8]} (model {blob.sha256[:8]}, {blob.size} B)")
         return ev

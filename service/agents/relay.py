@@ -10,28 +10,33 @@
 Relays are untrusted: every event is verified (:func:`service.nostr.nip01.verify_event`:
 shape, id, signature) and must match one of the filters asked for, or it is dropped.
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import websockets
 
-from service.nostr.pool import matches as pool_matches
 from service.nostr.nip01 import Event, EventError, verify_event
+from service.nostr.pool import matches as pool_matches
 
 log = logging.getLogger("fedstr_escrow.agents.relay")
 
 Filter = dict[str, Any]
 T = TypeVar("T")
 MAX_MESSAGE_BYTES = 1 << 20
-_ids = itertools.count(1)
+
+
+def _subscription_id(prefix: str) -> str:
+    """A fresh REQ id (each REQ has its own connection, so it need only differ from a stale one)."""
+    return f"{prefix}{secrets.token_hex(6)}"
 
 
 class RelayError(RuntimeError):
@@ -66,9 +71,10 @@ class Relays:
     def __repr__(self) -> str:
         return f"Relays({list(self.urls)!r})"
 
-    def _connect(self, url: str):  # noqa: ANN202 - websockets' connect object
-        return websockets.connect(url, open_timeout=self.timeout, max_size=MAX_MESSAGE_BYTES,
-                                  ping_interval=20, ping_timeout=20)
+    def _connect(self, url: str):  # websockets' connect object
+        return websockets.connect(
+            url, open_timeout=self.timeout, max_size=MAX_MESSAGE_BYTES, ping_interval=20, ping_timeout=20
+        )
 
     # ---- publish ---------------------------------------------------------------------------
     async def _publish_one(self, url: str, event: Event) -> tuple[bool, str]:
@@ -95,7 +101,7 @@ class Relays:
 
     # ---- query -----------------------------------------------------------------------------
     async def _query_one(self, url: str, filters: Sequence[Filter]) -> list[Event] | None:
-        sub = f"q{next(_ids)}"
+        sub = _subscription_id("q")
         out: list[Event] = []
         try:
             async with self._connect(url) as ws:
@@ -146,7 +152,7 @@ class Subscription:
             raise ValueError("at least one filter is needed")
         self.relays = relays
         self.filters = tuple(filters)
-        self.events: list[Event] = []          # every distinct event received, in arrival order
+        self.events: list[Event] = []  # every distinct event received, in arrival order
         self._ids: set[str] = set()
         self._changed = asyncio.Event()
         self._eose: dict[str, asyncio.Event] = {url: asyncio.Event() for url in relays.urls}
@@ -182,7 +188,7 @@ class Subscription:
 
     async def _run(self, url: str) -> None:
         backoff = 0.5
-        sub = f"s{next(_ids)}"
+        sub = _subscription_id("s")
         while True:
             try:
                 async with self.relays._connect(url) as ws:
@@ -205,7 +211,7 @@ class Subscription:
                 raise
             except (OSError, TimeoutError, websockets.WebSocketException, ValueError) as exc:
                 log.debug("subscription to %s dropped: %s", url, exc)
-            self._eose[url].set()    # do not wait for a relay that is down
+            self._eose[url].set()  # do not wait for a relay that is down
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 

@@ -5,6 +5,7 @@ Shards and models travel as content-addressed blobs: a blob URL ends in ``/<sha2
 :meth:`Blobs.download` refuses any other bytes. Uploads are authorized by the agent's
 own Nostr key (a one-use kind-24242 event, BUD-02).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +56,7 @@ class Blobs:
     def __repr__(self) -> str:
         return f"Blobs({self.base_url!r})"
 
-    async def _retrying(self, call):  # noqa: ANN001, ANN202
+    async def _retrying(self, call):
         for attempt in range(self.retries + 1):
             try:
                 return await call()
@@ -63,11 +64,10 @@ class Blobs:
                 if exc.status not in RETRY_STATUSES or attempt == self.retries:
                     raise BlobError(str(exc)) from exc
                 m = re.search(r"retry in (\d+)", exc.detail or "")
-                backoff = float(min(2 ** attempt, 8))
+                backoff = float(min(2**attempt, 8))
                 await asyncio.sleep(min(max(float(m.group(1)) if m else 0.0, backoff), 30.0))
             except blob_client.BlobClientError as exc:
-                if isinstance(exc, (blob_client.BlobHashMismatch, blob_client.BlobTooLarge)) \
-                        or attempt == self.retries:
+                if isinstance(exc, (blob_client.BlobHashMismatch, blob_client.BlobTooLarge)) or attempt == self.retries:
                     raise BlobError(str(exc)) from exc
                 await asyncio.sleep(0.5 * (attempt + 1))
         raise AssertionError("unreachable")
@@ -95,8 +95,9 @@ class Blobs:
         if the server holds them (that records the job's use of them), without one only if not."""
         blob = self.locate(data)
         if job is not None or not await self.has(blob.sha256, blob.size):
-            await self._retrying(lambda: blob_client.upload(self.base_url, self.key, data, timeout=self.timeout,
-                                                            job=job))
+            await self._retrying(
+                lambda: blob_client.upload(self.base_url, self.key, data, timeout=self.timeout, job=job)
+            )
         return blob
 
     async def download(self, url: str, sha256: str, *, max_bytes: int) -> bytes:
@@ -104,7 +105,8 @@ class Blobs:
         if not (url.startswith("https://") or url.startswith("http://")):
             raise BlobError("only http(s) URLs are fetched")
         try:
-            return await self._retrying(lambda: blob_client.download(url, sha256, max_bytes=max_bytes,
-                                                                     timeout=self.timeout))
-        except ValueError as exc:    # the URL names another hash than the expected one
+            return await self._retrying(
+                lambda: blob_client.download(url, sha256, max_bytes=max_bytes, timeout=self.timeout)
+            )
+        except ValueError as exc:  # the URL names another hash than the expected one
             raise BlobError(str(exc)) from exc

@@ -14,15 +14,16 @@ For each evaluation request (kind 5702) signed by the escrow and naming this val
 4. publish the scores (kind 6702), then wait for the verdict and, when the job pays a
    validator fee, claim it with an invoice and wait for "reward paid".
 """
+
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-
-import httpx
 from dataclasses import dataclass, field
 from decimal import Decimal
+
+import httpx
 
 from service.lightning.client import LndClient
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
@@ -58,8 +59,8 @@ class ValidatorReport:
     job_id: str
     request_id: str | None = None
     evaluation_id: str | None = None
-    scores: dict[str, str] = field(default_factory=dict)      # result id -> score
-    problems: dict[str, str] = field(default_factory=dict)    # result id -> why it scored 0
+    scores: dict[str, str] = field(default_factory=dict)  # result id -> score
+    problems: dict[str, str] = field(default_factory=dict)  # result id -> why it scored 0
     reward: Reward | None = None
     error: str | None = None
     eval_seconds: float = 0.0
@@ -68,10 +69,23 @@ class ValidatorReport:
 class Validator(Payee):
     role = "validator"
 
-    def __init__(self, key: SecretKey, relays: Relays, escrow: str, blobs: Blobs, holdout: ml.Dataset, *,
-                 lnd: LndClient | None = None, lud16: str | None = None, name: str = "validator",
-                 progress: Progress = no_progress, invoice_expiry: int = 3600, allow_private_lnurl: bool = False,
-                 network: str | None = None, escrow_url: str | None = None) -> None:
+    def __init__(
+        self,
+        key: SecretKey,
+        relays: Relays,
+        escrow: str,
+        blobs: Blobs,
+        holdout: ml.Dataset,
+        *,
+        lnd: LndClient | None = None,
+        lud16: str | None = None,
+        name: str = "validator",
+        progress: Progress = no_progress,
+        invoice_expiry: int = 3600,
+        allow_private_lnurl: bool = False,
+        network: str | None = None,
+        escrow_url: str | None = None,
+    ) -> None:
         if lnd is None and not lud16:
             raise ValueError("a validator needs an LND node or a lud16 address to be paid")
         if len(holdout) == 0:
@@ -80,7 +94,7 @@ class Validator(Payee):
         self.lnd, self.lud16, self.name, self.progress = lnd, lud16, name, progress
         self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
         self.escrow_url = escrow_url.rstrip("/") if escrow_url else None
-        self.reports: dict[str, asyncio.Future[ValidatorReport]] = {}   # by job id
+        self.reports: dict[str, asyncio.Future[ValidatorReport]] = {}  # by job id
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -113,8 +127,10 @@ class Validator(Payee):
         if event.pubkey != self.escrow or self.pubkey not in request.validators or request.job_id in self.reports:
             return None
         if request.deadline <= time.time():
-            self.progress("skip", f"{self.name}: evaluation request for job {request.job_id[:8]} is past its "
-                                  "deadline; not scoring")
+            self.progress(
+                "skip",
+                f"{self.name}: evaluation request for job {request.job_id[:8]} is past its deadline; not scoring",
+            )
             return None
         fut: asyncio.Future[ValidatorReport] = asyncio.get_running_loop().create_future()
         self.reports[request.job_id] = fut
@@ -123,11 +139,13 @@ class Validator(Payee):
             try:
                 report = await self.handle(event.id, request)
             except Exception as exc:  # noqa: BLE001 - reported, never lost
-                report = ValidatorReport(job_id=request.job_id, request_id=event.id,
-                                         error=f"{type(exc).__name__}: {exc}")
+                report = ValidatorReport(
+                    job_id=request.job_id, request_id=event.id, error=f"{type(exc).__name__}: {exc}"
+                )
                 self.progress("error", f"{self.name}: {report.error}")
             if not fut.done():
                 fut.set_result(report)
+
         task = asyncio.create_task(run(), name=f"{self.name} {request.job_id[:8]}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -139,14 +157,15 @@ class Validator(Payee):
                 await asyncio.sleep(0.1)
             return await asyncio.shield(self.reports[job_id])
 
-    async def _score(self, result_id: str, events: dict[str, Event], job) -> tuple[Score, str | None]:  # noqa: ANN001
+    async def _score(self, result_id: str, events: dict[str, Event], job) -> tuple[Score, str | None]:
         event = events.get(result_id)
         if event is None:
             raise AgentError(f"candidate {result_id[:8]} not found on the relays")
         result = parse_result(event, job)
         try:
-            data = await self.blobs.download(result.model.url, result.model.sha256,
-                                             max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES))
+            data = await self.blobs.download(
+                result.model.url, result.model.sha256, max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES)
+            )
             value = await asyncio.to_thread(ml.evaluate_bytes, data, self.holdout)
             problem = None
         except (BlobError, ml.UnsafeData) as exc:
@@ -192,7 +211,7 @@ class Validator(Payee):
             try:
                 score, problem = await self._score(rid, found, job)
             except (AgentError, CodecError) as exc:
-                report.problems[rid] = str(exc)   # not a result of this job: nothing to score
+                report.problems[rid] = str(exc)  # not a result of this job: nothing to score
                 continue
             scores.append(score)
             report.scores[rid] = str(score.value)
@@ -201,15 +220,19 @@ class Validator(Payee):
         report.eval_seconds = time.monotonic() - t
         if not scores:
             raise AgentError("no candidate could be read")
-        ev = sign_event(self.key, *build_evaluation_result(request_id=request_id, job_id=job.id, escrow=self.escrow,
-                                                           scores=tuple(scores)))
+        ev = sign_event(
+            self.key,
+            *build_evaluation_result(request_id=request_id, job_id=job.id, escrow=self.escrow, scores=tuple(scores)),
+        )
         report.evaluation_id = ev.id
         async with self.relays.subscribe(feedback_filter(self.escrow, job.id)) as sub:
             await self.relays.publish(ev)
-            self.progress("scores", f"{self.name}: scored {len(scores)} model(s) on {len(self.holdout)} held-out "
-                                    f"samples: " + ", ".join(f"{r[:8]}={v}" for r, v in report.scores.items()))
-            verdict = await wait_validation(sub, self.escrow, job.id,
-                                            timeout=seconds_until(request.deadline, 120))
+            self.progress(
+                "scores",
+                f"{self.name}: scored {len(scores)} model(s) on {len(self.holdout)} held-out "
+                f"samples: " + ", ".join(f"{r[:8]}={v}" for r, v in report.scores.items()),
+            )
+            verdict = await wait_validation(sub, self.escrow, job.id, timeout=seconds_until(request.deadline, 120))
             if isinstance(verdict, Refunded):
                 report.reward = Reward(job_id=job.id, why=f"the job was refunded ({verdict.reason})")
                 return report

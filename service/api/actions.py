@@ -12,7 +12,7 @@ from service import quarantine
 from service.api.models import AdminAction
 from service.escrow.engine import Engine
 from service.escrow.models import Job, JobState
-from service.ledger.reconcile import resume_payouts
+from service.lightning.reconcile import resume_payouts
 from service.lightning.models import Payout
 from service.db import utcnow
 

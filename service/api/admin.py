@@ -153,7 +153,7 @@ def _csv(rows: list[dict], fields: list[str]) -> Response:
 
 @router.get("/ledger/accounts", responses={200: {"content": {"text/csv": {}}}})
 async def ledger_accounts(request: Request, prefix: str | None = Query(None, max_length=200),
-                          format: str = Query("json", pattern="^(json|csv)$")):  # noqa: A002
+                          format: str = Query("json", pattern="^(json|csv)$")):
     async with request.app.state.sessions() as s:
         rows = await queries.accounts(s, prefix=prefix)
     return _csv(rows, ["account", "balance_msat"]) if format == "csv" else {"items": rows}
@@ -162,7 +162,7 @@ async def ledger_accounts(request: Request, prefix: str | None = Query(None, max
 @router.get("/ledger/postings", responses={200: {"content": {"text/csv": {}}}})
 async def ledger_postings(request: Request, job_id: str | None = Query(None, pattern=HEX64),
                           limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0),
-                          format: str = Query("json", pattern="^(json|csv)$")):  # noqa: A002
+                          format: str = Query("json", pattern="^(json|csv)$")):
     async with request.app.state.sessions() as s:
         rows = await queries.postings(s, job_id=job_id, limit=limit, offset=offset)
     if format == "csv":

@@ -815,5 +815,5 @@ async def has_blob(request: Request, name: str) -> Response:
 
 
 @router.options("/{name}", include_in_schema=False)
-async def preflight(name: str) -> Response:  # noqa: ARG001
+async def preflight(name: str) -> Response:
     return Response(status_code=204, headers={**CORS, "Access-Control-Max-Age": "86400"})

@@ -31,7 +31,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from urllib.parse import parse_qs, quote, urlencode
 
@@ -98,7 +98,7 @@ def when(value: object) -> str:
         if isinstance(value, int | float):
             if value <= 0:
                 return "—"
-            dt = datetime.fromtimestamp(value, timezone.utc)
+            dt = datetime.fromtimestamp(value, UTC)
         elif isinstance(value, datetime):
             dt = value
         else:
@@ -106,8 +106,8 @@ def when(value: object) -> str:
     except (ValueError, OverflowError, OSError):
         return str(value)
     if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def short(value: object, n: int = 12) -> str:

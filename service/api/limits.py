@@ -13,7 +13,7 @@ until its failures age out of the window.
 
 The client address is ``request.client.host``: the peer, or the address a trusted proxy
 named in ``X-Forwarded-For`` (uvicorn does this only for ``FEDSTR_TRUSTED_PROXIES``; see
-``service.cli.uvicorn_config``).
+``service.app.uvicorn_config``).
 
 The body limit refuses a request whose ``Content-Length`` is over the limit, and
 stops reading a chunked body once it passes it (413 ``body_too_large``).

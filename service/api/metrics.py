@@ -10,6 +10,8 @@ The totals are the escrow's business: ``/metrics`` needs ``Authorization: Bearer
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy import func, select
@@ -26,7 +28,7 @@ from service.nostr.models import InboxEvent, RejectedEvent
 router = APIRouter(include_in_schema=False)
 
 
-def _line(name: str, value: float, labels: dict[str, str] | None = None) -> str:
+def _line(name: str, value: float, labels: Mapping[str, str] | None = None) -> str:
     if labels:
         inner = ",".join(f'{k}="{str(v).replace(chr(92), "").replace(chr(34), "")}"' for k, v in labels.items())
         return f"{name}{{{inner}}} {value}"
@@ -42,7 +44,8 @@ async def metrics(request: Request) -> PlainTextResponse:
     check_bearer(request, tokens)
     out: list[str] = []
 
-    def gauge(name: str, help_: str, samples: list[tuple[dict | None, float]], kind: str = "gauge") -> None:
+    def gauge(name: str, help_: str, samples: Sequence[tuple[Mapping[str, str] | None, float]],
+              kind: str = "gauge") -> None:
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
         out.extend(_line(name, v, lbl) for lbl, v in samples)

@@ -22,7 +22,7 @@ from service.db import utcnow
 from service.nostr.nip01 import EventError, verify_event
 from service.nostr.nip19 import encode_npub
 from service.nostr.protocol import KIND_JOB_REQUEST
-from service.nostr.service import INTAKE_KINDS
+from service.nostr.kinds import INTAKE_KINDS
 
 router = APIRouter(prefix="/v1", tags=["public"])
 HEX64 = r"^[0-9a-f]{64}$"

@@ -137,7 +137,7 @@ async def list_jobs(s: AsyncSession, *, state: str | None = None, customer: str 
     if customer:
         q, count = q.where(Job.customer == customer), count.where(Job.customer == customer)
     rows = (await s.scalars(q.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset))).all()
-    return [job_summary(j) for j in rows], int(await s.scalar(count))
+    return [job_summary(j) for j in rows], int(await s.scalar(count) or 0)
 
 
 async def overview(s: AsyncSession) -> dict:
@@ -149,7 +149,7 @@ async def overview(s: AsyncSession) -> dict:
     payable = -sum(v for k, v in balances.items() if k.startswith("liability:payable:"))
     refunds = -sum(v for k, v in balances.items() if k.startswith("liability:refund:"))
     latest = (await s.scalars(select(LedgerReconciliation).order_by(LedgerReconciliation.id.desc()).limit(1))).first()
-    attention = int(await s.scalar(select(func.count()).select_from(Payout).where(Payout.state.in_(ATTENTION))))
+    attention = int(await s.scalar(select(func.count()).select_from(Payout).where(Payout.state.in_(ATTENTION))) or 0)
     return {"jobs_by_state": states, "escrow_msat": escrow, "payable_msat": payable, "refunds_payable_msat": refunds,
             "fees_earned_msat": -balances.get("income:fees", 0), "routing_fees_msat": balances.get("expense:routing", 0),
             "node_funds_ledger_msat": balances.get("asset:node", 0), "payouts_needing_attention": attention,

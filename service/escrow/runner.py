@@ -32,6 +32,7 @@ from service.lightning.models import LnFact, LnInvoice, Payout
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
 from service.quarantine import LoopBackoff, Quarantine, RetryPolicy, Verdict, is_outage
+from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class EffectRunner:
 
     def __init__(self, engine: Engine, invoices: EscrowInvoices, watcher: SettlementWatcher, *,
                  max_attempts: int = 10, lease_seconds: float = 120.0, concurrency: int = 32,
-                 quarantine: Quarantine | None = None) -> None:
+                 quarantine: Quarantine | None = None, signals: Signals | None = None) -> None:
         self.engine = engine
         self.invoices = invoices
         self.watcher = watcher
@@ -161,7 +162,7 @@ class EffectRunner:
         # away for a restart, and a create_invoice given up on cancels its job.
         self.quarantine.policies.setdefault("effect", RetryPolicy(after=max_attempts, base_seconds=2.0,
                                                                   max_seconds=300.0))
-        self.on_offer = None   # called with the job id once its offer invoice is committed
+        self.signals = signals or Signals()   # offer_made(job id) once its offer invoice is committed
 
     async def run_once(self) -> int:
         """Claim due effects and perform them: jobs concurrently, one job's effects in order.
@@ -266,8 +267,7 @@ class EffectRunner:
             async with self.sessions.begin() as s:
                 await self.engine.on_invoice_created(s, job.id, h, pr, mode, job.bid_msat, customer=job.customer)
                 await self._done(s, eff, failing)
-            if self.on_offer is not None:
-                self.on_offer(job.id)
+            self.signals.offer_made.emit(job.id)
         elif eff.kind in ("settle_hold", "cancel_invoice"):
             if existing is None:
                 async with self.sessions.begin() as s:
@@ -291,12 +291,13 @@ class EscrowLoop:
     """Runs the engine runner and the effect runner, each in its own task, until stopped.
 
     The engine's decisions (database only) and the effects (LND calls) overlap: each
-    wakes the other when it did work, and ``on_progress`` callbacks (the publisher's
-    wake) run whenever anything was done, so the outbox goes out without a poll delay.
+    wakes the other when it did work, and ``signals.progress`` (the publisher's and the
+    payout worker's wake) is emitted whenever anything was done, so the outbox goes out
+    without a poll delay.
 
     Inbox events are processed at every step. LN facts and payout outcomes are scanned
     when the watcher or the payout worker says there is something new
-    (``notify_fact``/``notify_payout``), and otherwise every ``scan_interval`` (facts
+    (``signals.fact_recorded``/``signals.payout_changed``), and otherwise every ``scan_interval`` (facts
     recorded by another replica's watcher are found that way); deadlines every
     ``timer_interval``. Under load, steps are at least ``min_spacing`` apart, so one step
     takes a batch of arrivals instead of paying its fixed queries per event.
@@ -306,7 +307,8 @@ class EscrowLoop:
     scan_interval = 0.25
     min_spacing = 0.005
 
-    def __init__(self, runner: EngineRunner, effects: EffectRunner | None, interval: float = 0.2) -> None:
+    def __init__(self, runner: EngineRunner, effects: EffectRunner | None, interval: float = 0.2,
+                 signals: Signals | None = None) -> None:
         self.runner = runner
         self.effects = effects
         self.interval = interval
@@ -314,7 +316,10 @@ class EscrowLoop:
         self._tasks: list[asyncio.Task] = []
         self.wake = asyncio.Event()
         self.wake_effects = asyncio.Event()
-        self.on_progress: list = []   # callables, no arguments
+        self.signals = signals or Signals()   # emits progress; fact_recorded/payout_changed wake it
+        self.signals.fact_recorded.connect(self.notify_fact)
+        self.signals.payout_changed.connect(self.notify_payout)
+        self.signals.event_stored.connect(self.wake.set)
         self._timers_at = self._scan_at = float("-inf")
         self._facts_due = self._payouts_due = False
 
@@ -382,11 +387,7 @@ class EscrowLoop:
         return n
 
     def _progress(self) -> None:
-        for callback in self.on_progress:
-            try:
-                callback()
-            except Exception:  # noqa: BLE001 - a hook never stops the engine
-                log.exception("progress hook failed")
+        self.signals.progress.emit()   # a subscriber that fails is logged by the signal, never stops the engine
 
     async def _run(self, step, wake: asyncio.Event) -> None:  # noqa: ANN001
         backoff = LoopBackoff(f"escrow loop ({step.__name__.strip('_')})", base=self.interval)

@@ -21,6 +21,7 @@ from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import Announcement, EscrowTerms, Mode, Network, build_announcement
 from service.quarantine import quarantine_from_settings
+from service.signals import Signals
 
 
 def terms_from_settings(s: Settings) -> EscrowTerms:
@@ -35,7 +36,7 @@ def terms_from_settings(s: Settings) -> EscrowTerms:
 
 class EscrowService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings, key: SecretKey,
-                 lightning: LightningService | None) -> None:
+                 lightning: LightningService | None, signals: Signals | None = None) -> None:
         self.sessions = sessions
         self.settings = settings
         self.key = key
@@ -50,12 +51,13 @@ class EscrowService:
             reply_relays_max=settings.reply_relays_max))
         self.quarantine = quarantine_from_settings(sessions, settings)
         self.runner = EngineRunner(self.engine, Inbox(sessions, quarantine=self.quarantine))
+        self.signals = signals or Signals()
         effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
-                                lease_seconds=settings.effect_lease_seconds, quarantine=self.quarantine)
+                                lease_seconds=settings.effect_lease_seconds, quarantine=self.quarantine,
+                                signals=self.signals)
                    if lightning else None)
-        self.loop = EscrowLoop(self.runner, effects)
-        if effects is not None:
-            effects.on_offer = self._offer_made
+        self.loop = EscrowLoop(self.runner, effects, signals=self.signals)
+        self.signals.offer_made.connect(self._offer_made)
         self._offer_waiters: dict[str, tuple[asyncio.Event, int]] = {}
 
     def _offer_made(self, job_id: str) -> None:

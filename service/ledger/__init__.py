@@ -4,7 +4,8 @@
 - :mod:`service.ledger.models`: the append-only tables ``ledger_postings`` / ``ledger_lines``
   and ``ledger_reconciliations``.
 - :mod:`service.ledger.service`: ``post``, ``reverse``, balances and invariant checks.
-- :mod:`service.ledger.reconcile`: comparison with what LND reports; the payout pause.
+- The comparison with what LND reports, and the payout pause, are :mod:`service.lightning.reconcile`
+  (it reads LND and the Lightning tables; the ledger imports nothing of ``service.lightning``).
 
 See ``docs/ledger.md``.
 """

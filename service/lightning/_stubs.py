@@ -13,12 +13,12 @@ import os
 
 _saved = os.environ.get("GRPC_SSL_CIPHER_SUITES")
 try:
-    from lndgrpc.compiled import invoices_pb2 as inv  # noqa: E402
-    from lndgrpc.compiled import invoices_pb2_grpc as inv_grpc  # noqa: E402
-    from lndgrpc.compiled import lightning_pb2 as ln  # noqa: E402
-    from lndgrpc.compiled import lightning_pb2_grpc as ln_grpc  # noqa: E402
-    from lndgrpc.compiled import router_pb2 as rt  # noqa: E402
-    from lndgrpc.compiled import router_pb2_grpc as rt_grpc  # noqa: E402
+    from lndgrpc.compiled import invoices_pb2 as inv
+    from lndgrpc.compiled import invoices_pb2_grpc as inv_grpc
+    from lndgrpc.compiled import lightning_pb2 as ln
+    from lndgrpc.compiled import lightning_pb2_grpc as ln_grpc
+    from lndgrpc.compiled import router_pb2 as rt
+    from lndgrpc.compiled import router_pb2_grpc as rt_grpc
 finally:
     if _saved is None:
         os.environ.pop("GRPC_SSL_CIPHER_SUITES", None)

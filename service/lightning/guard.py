@@ -52,6 +52,7 @@ async def guard_once(watcher: SettlementWatcher, *, hold_expiry_delta: int, marg
             continue
         try:
             if on_deadline == "settle":
+                assert preimage is not None, "a hold invoice we created has its preimage"
                 await lnd.settle_invoice(bytes.fromhex(preimage))
             else:
                 await lnd.cancel_invoice(bytes.fromhex(h))

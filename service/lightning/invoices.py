@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import GroupCommit, utcnow
+from service.bitcoin import MAX_MSAT
+from service.db import GroupCommit, table_of, utcnow
 from service.lightning.client import LndClient
 from service.lightning.hold import HoldSizing
+from service.lightning.models import LnInvoice
 
 __all__ = ["EscrowInvoices", "HoldSizing", "InvoiceModeError", "IssuedInvoice"]
-from service.lightning.models import LnInvoice
 
 
 class InvoiceModeError(ValueError):
@@ -69,7 +70,7 @@ class EscrowInvoices:
         (``service.lightning.hold.decide_mode``); a hold invoice too long for the CLTV limit is refused.
         ``expiry_seconds``: a payment window shorter than the configured one (at least 60 s).
         """
-        if not 0 < amount_msat <= 2_100_000_000_000_000_000:
+        if not 0 < amount_msat <= MAX_MSAT:
             raise ValueError("amount_msat out of range")
         if on_deadline not in ("settle", "cancel"):
             raise ValueError("on_deadline must be 'settle' or 'cancel'")
@@ -105,5 +106,5 @@ class EscrowInvoices:
                 raise RuntimeError("EscrowInvoices was built without sessions: pass a session")
             await self._writer.insert(values)   # group commit: durable when this returns
         else:
-            await session.execute(insert(LnInvoice.__table__), [values])
+            await session.execute(insert(table_of(LnInvoice)), [values])
         return row

@@ -59,6 +59,8 @@ import bech32
 import bolt11
 import httpx
 
+from service.bitcoin import BOLT11_HRP, BOLT11_PREFIX_RE, MAX_MSAT, NETWORK_OF_HRP, looks_like_bolt11
+
 USER_AGENT = "fedstr-escrow-lnurl/1"
 MAX_DESTINATION_CHARS = 2048
 MAX_URL_CHARS = 2048
@@ -67,8 +69,6 @@ MAX_SUCCESS_TEXT_CHARS = 144  # LUD-09
 MAX_INVOICE_CHARS = 8192  # real invoices are far shorter; bounds the (synchronous) decoding work
 MIN_INVOICE_TTL_SECONDS = 10  # an invoice expiring sooner than this counts as expired
 MAX_ADDRESSES_TRIED = 4
-MAX_MSAT = 21_000_000 * 100_000_000 * 1000
-CURRENCY_BY_NETWORK = {"mainnet": "bc", "testnet": "tb", "signet": "tbs", "regtest": "bcrt"}
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Resolver = Callable[[str, int], Awaitable[Sequence[str]]]
@@ -344,7 +344,7 @@ def parse_destination(text: str) -> LnurlTarget:
     low = s.lower()
     if low.startswith("lnurl1"):
         return _parse_bech32(s)
-    if low.startswith(("lnbc", "lntb")):
+    if looks_like_bolt11(low):
         raise _invalid("this is a BOLT11 invoice, not a lightning address or LNURL")
     raise _invalid("expected a lightning address (name@domain) or an lnurl1… string")
 
@@ -619,22 +619,21 @@ def _parse_success_action(sa: object) -> SuccessAction | None:
     raise _fail(LnurlReason.BAD_SUCCESS_ACTION, f"unsupported successAction tag {_clip(tag, 20)}")
 
 
-_HRP_RE = re.compile(r"ln(bcrt|bc|tbs|tb)(?:([0-9]{1,20})([munp]?))?")
 _MULTIPLIER_DIGITS = {"": 0, "m": 3, "u": 6, "n": 9, "p": 12}
 
 
 def _hrp_amount(pr: str) -> tuple[str, int | None]:
-    """Currency and exact amount from the invoice's human-readable part (BOLT 11)."""
-    m = _HRP_RE.fullmatch(pr[: pr.rfind("1")].lower())
+    """Network and exact amount from the invoice's human-readable part (BOLT 11)."""
+    m = BOLT11_PREFIX_RE.fullmatch(pr[: pr.rfind("1")].lower())
     if m is None:
         raise _fail(LnurlReason.BAD_INVOICE, "invoice has an unrecognised prefix")
-    currency, digits, multiplier = m.groups()
+    hrp, digits, multiplier = m.groups()
     if digits is None:
-        return currency, None
+        return NETWORK_OF_HRP[hrp], None
     numerator, denominator = int(digits) * 100_000_000_000, 10 ** _MULTIPLIER_DIGITS[multiplier]
     if numerator % denominator:
         raise _fail(LnurlReason.BAD_INVOICE, "invoice amount is not a whole number of millisatoshis")
-    return currency, numerator // denominator
+    return NETWORK_OF_HRP[hrp], numerator // denominator
 
 
 @dataclass(frozen=True, slots=True)
@@ -653,13 +652,13 @@ def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | N
         raise _fail(LnurlReason.BAD_INVOICE, f"invoice is longer than {MAX_INVOICE_CHARS} characters")
     if not pr.isascii() or not pr.lower().startswith("ln"):
         raise _fail(LnurlReason.BAD_INVOICE, "pr is not a BOLT11 invoice")
-    currency, hrp_msat = _hrp_amount(pr)
+    invoice_network, hrp_msat = _hrp_amount(pr)
     try:
         inv = bolt11.decode(pr)
     except Exception as e:  # noqa: BLE001 - the decoder raises many types on hostile input
         raise _fail(LnurlReason.BAD_INVOICE, f"invoice does not decode: {_clip(type(e).__name__, 60)}") from None
-    if network is not None and currency != CURRENCY_BY_NETWORK[network]:
-        raise _fail(LnurlReason.WRONG_NETWORK, f"invoice is for {currency}, not {network}")
+    if network is not None and invoice_network != network:
+        raise _fail(LnurlReason.WRONG_NETWORK, f"invoice is for {invoice_network}, not {network}")
     if hrp_msat is None or inv.amount_msat is None:
         raise _fail(LnurlReason.AMOUNT_MISMATCH, "invoice has no amount")
     if hrp_msat != amount_msat or int(inv.amount_msat) != amount_msat:
@@ -699,7 +698,7 @@ async def fetch_invoice(target: LnurlTarget | str, amount_msat: int, *, client: 
         raise ValueError("comment must be a string")
     if not (connect_timeout > 0 and total_timeout > 0 and max_response_bytes > 0):
         raise ValueError("timeouts and max_response_bytes must be positive")
-    if network is not None and network not in CURRENCY_BY_NETWORK:
+    if network is not None and network not in BOLT11_HRP:
         raise ValueError(f"unknown network {network!r}")
     if isinstance(target, str):
         target = parse_destination(target)

@@ -14,9 +14,10 @@ from service.lightning.client import LndClient
 from service.lightning.errors import LndError
 from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
-from service.lightning.payouts import PayoutPolicy, Payouts
+from service.lightning.payouts import Outcome, PayoutPolicy, Payouts
+from service.lightning.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
 from service.lightning.settlement import SettlementWatcher
-from service.ledger.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
+from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,15 @@ class ReconcilerHealth:
 
 
 class LightningService:
-    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], settings: Settings) -> None:
+    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], settings: Settings,
+                 signals: Signals | None = None) -> None:
         self.lnd = lnd
+        self.signals = signals or Signals()   # emits fact_recorded (watcher) and payout_changed
         self.settings = settings
         self.watcher = SettlementWatcher(lnd, sessions, sweep_interval=settings.sweep_interval_seconds,
                                          max_streams=settings.max_invoice_streams,
-                                         overflow_interval=settings.unstreamed_sweep_seconds)
+                                         overflow_interval=settings.unstreamed_sweep_seconds,
+                                         signals=self.signals)
         self.invoices = EscrowInvoices(lnd, HoldSizing.from_settings(settings),
                                        expiry_seconds=settings.invoice_expiry_seconds, sessions=sessions)
         self.payouts: Payouts | None = None
@@ -44,7 +48,6 @@ class LightningService:
         self.sessions = sessions
         self._stop = asyncio.Event()
         self._payouts_wake = asyncio.Event()
-        self.on_payout_outcome: list = []   # callables taking the Outcome (the engine's wake)
         self._tasks: list[asyncio.Task] = []
         self._leader_tasks: list[asyncio.Task] = []
         self.paused = False
@@ -93,7 +96,7 @@ class LightningService:
                                  margin_blocks=self.settings.guard_margin_blocks)
             except LndError as e:
                 log.info("deadline guard skipped a round: %s", e)
-            except Exception:  # noqa: BLE001 - keep guarding
+            except Exception:  # keep guarding
                 log.exception("deadline guard failed")
             await self._sleep(self.settings.guard_interval_seconds)
 
@@ -130,7 +133,7 @@ class LightningService:
                 await self.reconcile_once()
             except LndError as e:
                 log.info("reconciliation skipped: %s", e)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("reconciliation failed")
             await self._sleep(self.settings.reconcile_interval_seconds)
 
@@ -160,7 +163,7 @@ class LightningService:
             except LndError as e:
                 self.payout_reconciler.last_error = str(e)
                 log.info("payout reconciler waiting for LND: %s", e)
-            except Exception as e:  # noqa: BLE001 - keep reconciling
+            except Exception as e:  # keep reconciling
                 self.payout_reconciler.last_error = type(e).__name__
                 log.exception("payout reconciler failed")
             await self._sleep(self.settings.payout_reconcile_seconds)
@@ -201,7 +204,7 @@ class LightningService:
                             claimed += 1
                 except LndError as e:
                     log.info("payout worker waiting for LND: %s", e)
-                except Exception:  # noqa: BLE001 - keep paying
+                except Exception:  # keep paying
                     log.exception("payout worker failed")
                 if claimed and len(inflight) < self.settings.payout_concurrency:
                     continue   # maybe more are due: claim until the slots are full or none is left
@@ -220,9 +223,8 @@ class LightningService:
             if inflight:
                 await asyncio.gather(*inflight, return_exceptions=True)
 
-    async def _outcome(self, outcome) -> None:  # noqa: ANN001
-        for callback in self.on_payout_outcome:
-            callback(outcome)
+    async def _outcome(self, outcome: Outcome) -> None:
+        self.signals.payout_changed.emit()
 
     def wake_payouts(self) -> None:
         """Look for due payouts now (called when the engine did work), not at the next poll."""

@@ -26,17 +26,17 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import cursors
-from service.db import insert_ignore, utcnow
+from service.db import insert_ignore, rowcount, utcnow
 from service.lightning.client import Invoice, InvoiceState, LndClient
 from service.lightning.errors import LndError, LndNotFound
 from service.lightning.models import LnFact, LnInvoice
+from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
     res = await session.execute(insert_ignore(session, LnFact.__table__),
                                 [{"payment_hash": h, "kind": kind, "source": source, "observed_at": utcnow(),
                                   "amount_msat": paid if kind != "canceled" else 0}])
-    if res.rowcount != 1:
+    if rowcount(res) != 1:
         return None
-    if moved.rowcount != 1:
+    if rowcount(moved) != 1:
         # e.g. a late "accepted" after "settled" was recorded: keep the fact log, not the state.
         log.info("fact %s for %s recorded without a state change (state already %s)", kind, h, row.state)
     return kind
@@ -113,8 +113,7 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
 class SettlementWatcher:
     def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], *,
                  sweep_interval: float = 30.0, backoff_max: float = 30.0, max_streams: int = 1000,
-                 overflow_interval: float = 2.0,
-                 on_fact: Callable[[str, str], Awaitable[None]] | None = None) -> None:
+                 overflow_interval: float = 2.0, signals: Signals | None = None) -> None:
         self.lnd = lnd
         self.max_streams = max_streams
         self.overflow_interval = overflow_interval
@@ -123,7 +122,7 @@ class SettlementWatcher:
         self.sessions = sessions
         self.sweep_interval = sweep_interval
         self.backoff_max = backoff_max
-        self.on_fact = on_fact
+        self.signals = signals or Signals()   # emits fact_recorded
         self.health = WatcherHealth()
         self._singles: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
@@ -149,8 +148,7 @@ class SettlementWatcher:
         if kind:
             self.health.facts_recorded += 1
             self.health.last_event_at = time.time()
-            if self.on_fact is not None:
-                await self.on_fact(payment_hash, kind)
+            self.signals.fact_recorded.emit()
         if inv.state in (InvoiceState.SETTLED, InvoiceState.CANCELED):
             self._stop_single(payment_hash)
         return ConfirmResult(kind, inv.state)
@@ -225,7 +223,7 @@ class SettlementWatcher:
                 raise
             except LndError as e:
                 self.health.last_error = f"{type(e).__name__}: {e.detail}"[:300]
-            except Exception as e:  # noqa: BLE001 - the watcher must survive anything and retry
+            except Exception as e:  # the watcher must survive anything and retry
                 log.exception("invoice stream failed")
                 self.health.last_error = f"{type(e).__name__}: {e}"[:300]
             self.health.connected = False
@@ -382,7 +380,7 @@ class SettlementWatcher:
                 self.health.last_error = f"sweep: {type(e).__name__}: {e.detail}"[:300]
                 await self._sleep(self._backoff(attempt))
                 attempt += 1
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("sweep failed")
                 await self._sleep(self._backoff(attempt))
                 attempt += 1

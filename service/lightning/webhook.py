@@ -24,7 +24,7 @@ from collections import Counter
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import insert_ignore
+from service.db import insert_ignore, rowcount
 from service.lightning.models import WebhookSeen
 
 TS_HEADER = "x-fedstr-timestamp"
@@ -89,5 +89,5 @@ async def consume(session: AsyncSession, signature: str, *, now: int, window: in
     await session.execute(delete(WebhookSeen).where(WebhookSeen.expires_at < now))
     res = await session.execute(insert_ignore(session, WebhookSeen.__table__),
                                 [{"signature": signature, "expires_at": now + 2 * window}])
-    if res.rowcount != 1:
+    if rowcount(res) != 1:
         raise WebhookError(WebhookReason.REPLAYED, "this webhook was already received")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import insert_ignore, utcnow
+from service.db import insert_ignore, rowcount, table_of, utcnow
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.nostr.nip01 import Event
 from service.quarantine import Quarantine, Verdict
@@ -74,13 +74,13 @@ class Inbox:
 
     async def store_in(self, session: AsyncSession, items: Iterable[tuple[Event, str]]) -> int:
         """Store within the caller's transaction (flush only)."""
-        rows = {}
+        rows: dict[str, dict[str, object]] = {}
         for event, source in items:
             rows.setdefault(event.id, _row(event, source))  # the same id twice in one batch: keep the first
         if not rows:
             return 0
         res = await session.execute(insert_ignore(session, InboxEvent.__table__), list(rows.values()))
-        return max(res.rowcount, 0)
+        return max(rowcount(res), 0)
 
     async def reject(self, source: str, reason: str, detail: str, raw: object, event_id: str | None = None) -> None:
         text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
@@ -118,7 +118,7 @@ class Inbox:
         if handled is not None:
             q = q.where(InboxEvent.handled_at.is_not(None) if handled else InboxEvent.handled_at.is_(None))
         async with self.sessions() as s:
-            return int(await s.scalar(q))
+            return int(await s.scalar(q) or 0)
 
     async def process_one(self, item: Pending, handler: Handler) -> bool:
         """Handle one event exactly once; True if this call finished it (processed, or quarantined).
@@ -128,11 +128,11 @@ class Inbox:
         """
         async def work(s: AsyncSession) -> bool:
             event = Event.from_dict(json.loads(item.raw))
-            inbox = InboxEvent.__table__   # Core statements: no ORM bookkeeping on the hot path
+            inbox = table_of(InboxEvent)   # Core statements: no ORM bookkeeping on the hot path
             claimed = await s.execute(update(inbox)
                                       .where(inbox.c.id == item.id, inbox.c.handled_at.is_(None))
                                       .values(handled_at=utcnow(), outcome="processing"))
-            if claimed.rowcount != 1:
+            if rowcount(claimed) != 1:
                 return False  # another worker or replica has it
             outcome = await handler(s, event)
             await s.execute(update(inbox).where(inbox.c.id == item.id)

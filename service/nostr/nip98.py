@@ -22,11 +22,11 @@ import json
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import insert_ignore
+from service.db import insert_ignore, rowcount
+from service.nostr.kinds import KIND_HTTP_AUTH
 from service.nostr.models import Nip98Seen
 from service.nostr.nip01 import Event, EventError, verify_event
 
-KIND_HTTP_AUTH = 27235
 MAX_HEADER_BYTES = 16_384
 
 
@@ -102,7 +102,7 @@ async def consume(session: AsyncSession, event: Event, *, now: int, window: int 
     await session.execute(delete(Nip98Seen).where(Nip98Seen.expires_at < now))
     res = await session.execute(insert_ignore(session, Nip98Seen.__table__),
                                 [{"id": event.id, "expires_at": event.created_at + window + 1}])
-    if res.rowcount != 1:
+    if rowcount(res) != 1:
         raise AuthError(AuthReason.REPLAY, "this authorization event was already used")
 
 

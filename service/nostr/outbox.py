@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import random
@@ -37,7 +38,7 @@ from typing import Any
 from sqlalchemy import Row, and_, exists, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import insert_ignore, utcnow
+from service.db import insert_ignore, rowcount, table_of, utcnow
 from service.nostr.models import Delivery, OutboxEvent
 from service.nostr.nip01 import Event
 from service.nostr.oneshot import publish_once
@@ -67,7 +68,7 @@ async def enqueue(session: AsyncSession, event: Event, relays: list[str],
     await session.execute(insert_ignore(session, Delivery.__table__),
                           [{"event_id": event.id, "relay": r, "reply": not ours, "state": "pending", "attempts": 0,
                             "next_attempt_at": now, "updated_at": now} for r, ours in targets.items()])
-    return res.rowcount == 1
+    return rowcount(res) == 1
 
 
 @dataclass
@@ -158,7 +159,10 @@ class Publisher:
             if key not in self._replying and len(self._replying) < self.config.reply_concurrency:
                 task = asyncio.create_task(self._reply(r), name=f"reply relay {r.relay[:40]}")
                 self._replying[key] = task
-                task.add_done_callback(lambda _t, k=key: self._replying.pop(k, None))
+                task.add_done_callback(functools.partial(self._reply_done, key))
+
+    def _reply_done(self, key: tuple[str, str], _task: asyncio.Task[None]) -> None:
+        self._replying.pop(key, None)
 
     async def _reply(self, r: Row[Any]) -> None:
         try:
@@ -211,7 +215,7 @@ class Publisher:
                     await self._ours(one[0], one[1], e1)
 
     async def _record_in(self, s: AsyncSession, outcomes: list[Outcome]) -> None:
-        d, o = Delivery.__table__, OutboxEvent.__table__   # Core statements: no ORM bookkeeping
+        d, o = table_of(Delivery), table_of(OutboxEvent)   # Core statements: no ORM bookkeeping
         now = utcnow()
         finished = []
         for event_id, relay, attempts, ok, message, failing in outcomes:

@@ -41,9 +41,9 @@ import logging
 import random
 import time
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -51,11 +51,12 @@ from websockets.exceptions import ConnectionClosed
 
 from service import cursors
 from service.nostr.inbox import Inbox
+from service.nostr.kinds import KIND_RELAY_AUTH
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
+from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
-AUTH_KIND = 22242
 # OK-false prefixes that say nothing about whether the relay takes our events.
 TRANSIENT = ("rate-limited:", "error:")
 
@@ -157,7 +158,7 @@ class _Relay:
 class RelayPool:
     def __init__(self, urls: list[str], inbox: Inbox, *, subscriptions: list[Subscription],
                  secret_key: SecretKey | None = None, config: PoolConfig | None = None,
-                 on_stored: Callable[[int], Awaitable[None]] | None = None,
+                 signals: Signals | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         if len(set(urls)) != len(urls):
             raise ValueError("duplicate relay URL")
@@ -166,7 +167,7 @@ class RelayPool:
         self.subscriptions = {s.name: s for s in subscriptions}
         self.secret_key = secret_key
         self.config = config or PoolConfig()
-        self.on_stored = on_stored
+        self.signals = signals or Signals()   # emits event_stored
         self.clock = clock
         self.relays = {u: _Relay(u) for u in urls}
         self.queue: asyncio.Queue[tuple] = asyncio.Queue(self.config.queue_size)
@@ -336,7 +337,7 @@ class RelayPool:
                 # CLOSED "auth-required:"): after authenticating, send every subscription again.
                 self._spawn(relay, self._auth_then_resubscribe(relay, list(self.subscriptions)))
 
-    def _spawn(self, relay: _Relay, coro) -> None:  # noqa: ANN001
+    def _spawn(self, relay: _Relay, coro) -> None:
         # The reader must keep reading (the OK we wait for arrives through it), so
         # request/response exchanges run as tasks, cancelled when the connection drops.
         task = asyncio.create_task(coro)
@@ -356,7 +357,7 @@ class RelayPool:
     async def _authenticate(self, relay: _Relay) -> None:
         if relay.challenge is None or relay.ws is None or self.secret_key is None:
             return
-        ev = sign_event(self.secret_key, AUTH_KIND, [["relay", relay.url], ["challenge", relay.challenge]], "")
+        ev = sign_event(self.secret_key, KIND_RELAY_AUTH, [["relay", relay.url], ["challenge", relay.challenge]], "")
         fut = asyncio.get_running_loop().create_future()
         relay.pending_ok[ev.id] = fut
         relay.auth_ids.add(ev.id)
@@ -379,13 +380,14 @@ class RelayPool:
         if sub not in self.subscriptions:
             return
         event_id = obj.get("id") if isinstance(obj, dict) else None
-        if isinstance(event_id, str) and event_id in self._seen:
+        if isinstance(obj, dict) and isinstance(event_id, str) and event_id in self._seen:
             self._seen.move_to_end(event_id)
             self.duplicates += 1
             await self._note_created_at(relay, sub, obj.get("created_at"))
             return
         try:
-            event = verify_event(obj, now=int(self.clock()), max_future=self.config.max_future_seconds,
+            # anything a relay sent: verify_event refuses what is not an event object
+            event = verify_event(cast(Mapping[str, Any], obj), now=int(self.clock()), max_future=self.config.max_future_seconds,
                                  max_bytes=self.config.max_event_bytes)
         except EventError as e:
             relay.status.events_rejected += 1
@@ -423,7 +425,7 @@ class RelayPool:
                 await self._store_batch(batch)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - keep consuming; items are re-fetched via the overlap
+            except Exception:  # keep consuming; items are re-fetched via the overlap
                 log.exception("storing a batch of %d relay items failed", len(batch))
                 await asyncio.sleep(1.0)
             finally:
@@ -460,8 +462,8 @@ class RelayPool:
             self._remember(event.id)
         self.stored += new
         self.duplicates += len(events) - new
-        if new and self.on_stored is not None:
-            await self.on_stored(new)
+        if new:
+            self.signals.event_stored.emit()
 
 
 def _matches_any(event: Event, filters: tuple[dict[str, Any], ...]) -> bool:

@@ -12,14 +12,12 @@ import contextlib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.nostr.inbox import Inbox
+from service.nostr.kinds import INTAKE_KINDS
 from service.nostr.nip01 import SecretKey
 from service.nostr.outbox import Publisher, PublisherConfig
 from service.nostr.pool import PoolConfig, RelayPool, Subscription
 from service.quarantine import Quarantine
-
-# Kinds the escrow listens to (docs/protocol.md): job requests, results, evaluation
-# results, feedback (payee invoices) and deletions, each tagged ["p", <escrow pubkey>].
-INTAKE_KINDS = (5701, 6701, 6702, 7000, 5)
+from service.signals import Signals
 
 
 def intake_subscription(escrow_pubkey: str) -> Subscription:
@@ -29,11 +27,11 @@ def intake_subscription(escrow_pubkey: str) -> Subscription:
 class NostrService:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], relays: list[str], key: SecretKey,
                  *, pool_config: PoolConfig | None = None, publisher_config: PublisherConfig | None = None,
-                 quarantine: Quarantine | None = None) -> None:
+                 quarantine: Quarantine | None = None, signals: Signals | None = None) -> None:
         self.key = key
         self.inbox = Inbox(sessions, quarantine=quarantine)
         self.pool = RelayPool(relays, self.inbox, subscriptions=[intake_subscription(key.public_key_hex)],
-                              secret_key=key, config=pool_config)
+                              secret_key=key, config=pool_config, signals=signals)
         self.publisher = Publisher(sessions, self.pool, publisher_config, quarantine=self.inbox.quarantine)
         self._stop = asyncio.Event()
         self._publisher_task: asyncio.Task | None = None

@@ -301,7 +301,7 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
             async def shot(name: str) -> None:
                 await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
-            async def submit(button) -> int:   # noqa: ANN001 - a Playwright locator
+            async def submit(button) -> int:  # a Playwright locator
                 async with page.expect_navigation() as nav:
                     await button.click()
                 response = await nav.value

@@ -138,7 +138,7 @@ async def test_hostile_corpus_is_refused_without_effects(market: Market) -> None
     assert market.app.state.escrow.loop.running, "the engine and effect tasks survived every input"
 
 
-def _random_json(rnd: random.Random, depth: int = 0):  # noqa: ANN202
+def _random_json(rnd: random.Random, depth: int = 0):
     kind = rnd.randrange(7 if depth < 3 else 5)
     if kind == 0:
         return None

@@ -16,8 +16,8 @@ from bolt11 import decode as decode_bolt11
 from sqlalchemy import select
 
 from service.escrow.models import Job
-from service.nostr.models import Delivery
 from service.lightning.client import PaymentStatus
+from service.nostr.models import Delivery
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import ModelRef, build_payee_invoice, build_result
 from tests.conftest import Regtest, wait_until
@@ -72,7 +72,7 @@ async def test_sybil_copies_for_one_shard_neither_end_collecting_nor_share_the_r
         honest[1].id: ("0.9", sha(b"trained on shard 2"))})
     paid_to = {p.payee for p in await market.released(job_ev.id)}
     assert {p2.public_key_hex, p3.public_key_hex} <= paid_to
-    assert not paid_to & {k.public_key_hex for k, c in zip(sybils, copies) if c is not first_copy}
+    assert not paid_to & {k.public_key_hex for k, c in zip(sybils, copies, strict=True) if c is not first_copy}
 
 
 async def test_a_backdated_copy_of_a_model_earns_nothing(market: Market) -> None:

@@ -63,12 +63,12 @@ def json_string(text: str) -> str:
     return '"' + _NEEDS_ESCAPE.sub(_escape, text) + '"'
 
 
-def canonical_text(pubkey: str, created_at: int, kind: int, tags, content: str) -> str:  # noqa: ANN001
+def canonical_text(pubkey: str, created_at: int, kind: int, tags, content: str) -> str:
     tag_text = ",".join("[" + ",".join(json_string(item) for item in tag) + "]" for tag in tags)
     return f'[0,{json_string(pubkey)},{created_at},{kind},[{tag_text}],{json_string(content)}]'
 
 
-def canonical_bytes(pubkey: str, created_at: int, kind: int, tags, content: str) -> bytes | None:  # noqa: ANN001
+def canonical_bytes(pubkey: str, created_at: int, kind: int, tags, content: str) -> bytes | None:
     """The UTF-8 serialization, or None when a string holds a lone surrogate (no UTF-8 form)."""
     try:
         return canonical_text(pubkey, created_at, kind, tags, content).encode("utf-8")

@@ -16,7 +16,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
     total = sum(weight for weight, _ in choices)
 
     @st.composite
-    def pick(draw):  # noqa: ANN001, ANN202
+    def pick(draw):
         n = draw(st.integers(0, total - 1))
         for weight, strategy in choices:
             if n < weight:
@@ -26,7 +26,7 @@ def weighted(*choices: tuple[int, st.SearchStrategy]) -> st.SearchStrategy:
     return pick()
 
 
-def choose(draw, *choices: tuple[int, st.SearchStrategy]):  # noqa: ANN001, ANN201
+def choose(draw, *choices: tuple[int, st.SearchStrategy]):
     """Inside a composite: draw from one of the strategies, with these relative weights.
 
     (Cheaper than ``draw(weighted(...))``, which builds a new strategy at every draw.)

@@ -164,7 +164,7 @@ def nip44_payload(body: bytes) -> str:
     return base64.b64encode(b"\x02" + body).decode()
 
 
-def shards(draw, recipients: list[str]) -> tuple[Shard, ...]:  # noqa: ANN001
+def shards(draw, recipients: list[str]) -> tuple[Shard, ...]:
     indices = draw(st.lists(st.one_of(st.integers(0, 8), st.integers(0, 999_999)), min_size=1, max_size=4,
                             unique=True))
     out = []
@@ -177,7 +177,7 @@ def shards(draw, recipients: list[str]) -> tuple[Shard, ...]:  # noqa: ANN001
     return tuple(out)
 
 
-def job_spec(draw, terms: EscrowTerms) -> JobSpec:  # noqa: ANN001
+def job_spec(draw, terms: EscrowTerms) -> JobSpec:
     validators = tuple(draw(st.permutations(VALIDATORS))[:draw(st.integers(0, terms.max_validators))])
     providers = tuple(draw(st.permutations(PROVIDERS[:3]))[:draw(st.integers(0, 3))])
     bid = draw(st.integers(terms.min_bid_msat, min(terms.max_bid_msat, 10**13)))
@@ -225,7 +225,7 @@ def parse_job(doc: dict[str, Any], terms: str, now: int) -> JobRequest:
 # ------------------------------------------------------------------ valid events per kind
 
 
-def job_request(draw) -> dict[str, Any]:  # noqa: ANN001
+def job_request(draw) -> dict[str, Any]:
     terms = draw(st.sampled_from(sorted(TERMS)))
     spec = job_spec(draw, TERMS[terms])
     try:
@@ -240,7 +240,7 @@ job_requests = st.composite(job_request)
 
 
 @st.composite
-def results(draw) -> dict[str, Any]:  # noqa: ANN001
+def results(draw) -> dict[str, Any]:
     base = job_request(draw)
     job = parse_job(base["event"], base["terms"], NOW)
     shard = draw(st.sampled_from(job.spec.shards))
@@ -262,7 +262,7 @@ def results(draw) -> dict[str, Any]:  # noqa: ANN001
 
 
 @st.composite
-def evaluation_requests(draw) -> dict[str, Any]:  # noqa: ANN001
+def evaluation_requests(draw) -> dict[str, Any]:
     candidates = tuple(Candidate(i, draw(relay)) for i in draw(st.lists(hex64, min_size=1, max_size=4, unique=True)))
     request = EvaluationRequest(job_id=draw(hex64), candidates=candidates,
                                 validators=tuple(draw(st.lists(st.sampled_from(VALIDATORS + [C]), min_size=1,
@@ -272,7 +272,7 @@ def evaluation_requests(draw) -> dict[str, Any]:  # noqa: ANN001
 
 
 @st.composite
-def evaluation_results(draw) -> dict[str, Any]:  # noqa: ANN001
+def evaluation_results(draw) -> dict[str, Any]:
     ids = draw(st.lists(hex64, min_size=1, max_size=4, unique=True))
     scores = tuple(Score(i, draw(decimals), draw(hex64)) for i in ids)
     try:
@@ -285,13 +285,13 @@ def evaluation_results(draw) -> dict[str, Any]:  # noqa: ANN001
 
 
 @st.composite
-def payee_invoices(draw) -> dict[str, Any]:  # noqa: ANN001
+def payee_invoices(draw) -> dict[str, Any]:
     tmpl = build_payee_invoice(job_id=draw(hex64), escrow=E, amount_msat=draw(msat), bolt11=draw(bolt11),
                                info=draw(free_text), job_relay=draw(relay))
     return {"family": "payee_invoice", "event": raw(draw(st.sampled_from(PROVIDERS + VALIDATORS)), tmpl), "now": NOW}
 
 
-def _verdicts(draw) -> tuple[Verdict, ...]:  # noqa: ANN001
+def _verdicts(draw) -> tuple[Verdict, ...]:
     out = []
     for result_id in draw(st.lists(hex64, min_size=1, max_size=4, unique=True)):
         if draw(st.booleans()):
@@ -302,7 +302,7 @@ def _verdicts(draw) -> tuple[Verdict, ...]:  # noqa: ANN001
 
 
 @st.composite
-def escrow_feedbacks(draw) -> dict[str, Any]:  # noqa: ANN001
+def escrow_feedbacks(draw) -> dict[str, Any]:
     job_id, addressee, job_relay = draw(hex64), draw(st.sampled_from([C, *PROVIDERS, *VALIDATORS])), draw(relay)
     which = draw(st.integers(0, 6))
     if which == 0:
@@ -338,7 +338,7 @@ def escrow_feedbacks(draw) -> dict[str, Any]:  # noqa: ANN001
 
 
 @st.composite
-def deletions(draw) -> dict[str, Any]:  # noqa: ANN001
+def deletions(draw) -> dict[str, Any]:
     ids = tuple(draw(st.lists(hex64, min_size=1, max_size=4, unique=True)))
     kinds = tuple(draw(st.lists(st.integers(0, 65535), max_size=3, unique=True)))
     tmpl = build_deletion(ids, kinds=kinds, reason=draw(free_text), escrow=draw(st.sampled_from([None, E])))
@@ -346,7 +346,7 @@ def deletions(draw) -> dict[str, Any]:  # noqa: ANN001
 
 
 @st.composite
-def announcements(draw) -> dict[str, Any]:  # noqa: ANN001
+def announcements(draw) -> dict[str, Any]:
     modes = frozenset(draw(st.lists(st.sampled_from([Mode.HOLD, Mode.CUSTODIAL]), min_size=1, unique=True)))
     min_bid = draw(st.integers(1, 10**12))
     min_window = draw(st.integers(0, 10**6))
@@ -406,7 +406,7 @@ def variants(item: str) -> list[str]:
 
 
 @st.composite
-def mutated(draw, base: st.SearchStrategy) -> dict[str, Any]:  # noqa: ANN001
+def mutated(draw, base: st.SearchStrategy) -> dict[str, Any]:
     case = draw(base)
     ev = base_event = case["event"]
     tags: list[list[str]] = [list(t) for t in ev["tags"]]

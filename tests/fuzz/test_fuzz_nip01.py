@@ -91,7 +91,7 @@ created = weighted(
 
 
 @st.composite
-def limits(draw) -> Limits:  # noqa: ANN001
+def limits(draw) -> Limits:
     if draw(st.integers(0, 9)) < 6:
         return Limits(now=NOW)
     return Limits(
@@ -105,13 +105,13 @@ def limits(draw) -> Limits:  # noqa: ANN001
     )
 
 
-def signed_event(draw) -> dict[str, Any]:  # noqa: ANN001
+def signed_event(draw) -> dict[str, Any]:
     secret = draw(st.sampled_from(SECRETS))
     return sign_dict(secret, draw(created), draw(kinds), draw(tags_strategy), draw(edge_text))
 
 
 @st.composite
-def near_events(draw) -> dict[str, Any]:  # noqa: ANN001
+def near_events(draw) -> dict[str, Any]:
     """The seven fields, each either plausible or wild; sometimes one missing or one extra."""
     base = signed_event(draw)
     out: dict[str, Any] = {}
@@ -126,7 +126,7 @@ def near_events(draw) -> dict[str, Any]:  # noqa: ANN001
 
 
 @st.composite
-def mutated_json_text(draw) -> Any:  # noqa: ANN001
+def mutated_json_text(draw) -> Any:
     """A valid event's JSON bytes with a few bytes changed, inserted or removed; then json.loads."""
     data = bytearray(json.dumps(signed_event(draw), ensure_ascii=draw(st.booleans())).encode("utf-8", "surrogatepass"))
     # where a string value starts: an insertion there keeps the JSON valid and changes the value
@@ -154,7 +154,7 @@ def mutated_json_text(draw) -> Any:  # noqa: ANN001
 
 
 @st.composite
-def json_inputs(draw) -> tuple[Any, Limits]:  # noqa: ANN001
+def json_inputs(draw) -> tuple[Any, Limits]:
     value = draw(st.one_of(json_values, near_events(), mutated_json_text(),
                            st.builds(deep, st.sampled_from([10, 100, 5000]))))
     return value, draw(limits())
@@ -164,7 +164,7 @@ HEX_REPLACEMENTS = "0123456789abcdefABCDEFgz \x00é"
 
 
 @st.composite
-def mutated_events(draw) -> tuple[dict, dict, bool, Limits]:  # noqa: ANN001
+def mutated_events(draw) -> tuple[dict, dict, bool, Limits]:
     """(original, mutated, resigned, limits): a valid signed event changed by 1..4 field mutations."""
     original = signed_event(draw)
     ev: dict[str, Any] = json.loads(json.dumps(original))  # a deep copy (lists)
@@ -306,7 +306,8 @@ def test_fuzz_nip01_events() -> None:
 @pytest.mark.parametrize("text", ["\ud800", "a\x00\u202e\u0301", "\\u0000", '"\\/\x7f\u2028'])
 def test_the_reference_serializer_agrees_with_nip01(text: str) -> None:
     """Guards the oracle: ref_nip01's serializer is byte-equal to nip01's where both exist."""
-    from service.nostr.nip01 import EventError as Error, serialize
+    from service.nostr.nip01 import EventError as Error
+    from service.nostr.nip01 import serialize
     tags = [["t", text], ["p", PUBKEYS[0], ""]]
     ours = canonical_bytes(PUBKEYS[0], NOW, 1, tags, text)
     try:

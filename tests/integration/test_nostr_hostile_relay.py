@@ -34,7 +34,7 @@ class HostileRelay:
         self.server = None
         self.url = ""
 
-    async def handler(self, ws) -> None:  # noqa: ANN001
+    async def handler(self, ws) -> None:
         async for raw in ws:
             msg = json.loads(raw)
             self.received.append(msg)

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from sqlalchemy import select
 
 from service.db import create_engine, session_factory
 from service.lightning.client import PaymentStatus
 from service.lightning.invoices import EscrowInvoices, HoldSizing
 from service.lightning.models import LnFact
 from service.lightning.settlement import SettlementWatcher
-from sqlalchemy import select
 from tests.conftest import Regtest, wait_until
 
 pytestmark = pytest.mark.lnd

@@ -44,7 +44,7 @@ class LnbitsPayee:
         self.proc.stop()
 
 
-async def start_payee_wallet(desc: dict, workdir: Path, say=print) -> tuple[LnbitsPayee, dict]:  # noqa: ANN001
+async def start_payee_wallet(desc: dict, workdir: Path, say=print) -> tuple[LnbitsPayee, dict]:
     """Install (on first use) and start LNbits against the payee node; returns it and timings (s)."""
     t0 = time.monotonic()
     venv = install_lnbits(say)

@@ -14,9 +14,9 @@ async def overpay(payer: LndClient, payment_request: str, amount_msat: int, *, t
     """Send ``amount_msat`` to ``payment_request``'s node over a direct channel; returns the
     attempt's status (0 in flight, 1 succeeded, 2 failed). Blocks while a hold invoice holds it."""
     pr = await payer.decode_pay_req(payment_request)
-    route = await payer._rt.BuildRoute(rt.BuildRouteRequest(   # noqa: SLF001 - test support
+    route = await payer._rt.BuildRoute(rt.BuildRouteRequest(  # test support
         amt_msat=amount_msat, final_cltv_delta=pr.cltv_expiry, hop_pubkeys=[bytes.fromhex(pr.destination)],
-        payment_addr=pr.payment_addr), metadata=payer._md, timeout=15)  # noqa: SLF001
-    attempt = await payer._rt.SendToRouteV2(rt.SendToRouteRequest(  # noqa: SLF001
-        payment_hash=pr.payment_hash, route=route.route), metadata=payer._md, timeout=timeout)  # noqa: SLF001
+        payment_addr=pr.payment_addr), metadata=payer._md, timeout=15)
+    attempt = await payer._rt.SendToRouteV2(rt.SendToRouteRequest(
+        payment_hash=pr.payment_hash, route=route.route), metadata=payer._md, timeout=timeout)
     return int(attempt.status)

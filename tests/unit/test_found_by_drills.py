@@ -39,7 +39,7 @@ from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import JobState, TimelineEntry
 from service.ledger.models import LedgerReconciliation
-from service.ledger.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
+from service.lightning.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
 from service.lightning import errors
 from service.lightning.models import Payout, PayoutAttempt
 from service.lightning.payouts import PayoutPolicy, Payouts

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db import create_engine, session_factory, utcnow
 from service.ledger import accounts as A
-from service.ledger import reconcile as R
+from service.lightning import reconcile as R
 from service.ledger import service as L
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning import errors

@@ -99,7 +99,7 @@ class LnurlServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:  # http.server's name
                 path, _, query = self.path.partition("?")
                 server.requests.append(Seen(path, query, {k.lower(): v for k, v in self.headers.items()}))
                 route = server.routes.get(path)
@@ -850,7 +850,7 @@ def _tls_material(tmp: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext,
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(hours=1))

@@ -8,8 +8,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from service.db import Base, create_engine, import_models
+from service.db import Base, create_engine
 from service.migrate import alembic_config, downgrade, upgrade
+from service.tables import import_models
 
 
 async def _current(url: str) -> str | None:

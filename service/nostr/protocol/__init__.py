@@ -26,6 +26,8 @@ NIP-40 expiration lives in :mod:`service.nostr.nip40`.
 """
 from __future__ import annotations
 
+from service.bitcoin import MAX_MSAT
+
 from .announcement import Announcement, build_announcement, parse_announcement
 from .deletion import Deletion, build_deletion, parse_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError, CodecErrorReason
@@ -40,16 +42,16 @@ from .evaluation import (
     parse_evaluation_result,
 )
 from .feedback import (
-    CancelReason,
     Cancelled,
+    CancelReason,
     ErrorFeedback,
     EscrowFeedback,
     EscrowOffer,
     Feedback,
     Funded,
     PaymentProof,
-    RefundReason,
     Refunded,
+    RefundReason,
     RewardClaimable,
     RewardPaid,
     ValidationComplete,
@@ -75,13 +77,12 @@ from .feedback import (
     parse_reward_paid,
     parse_validation_complete,
 )
-from .fields import MAX_MSAT, Invoice, Template
+from .fields import Invoice, Template
 from .job import (
     JobRequest,
     JobSpec,
     Validation,
     build_job_request,
-    choose_mode,
     parse_job_request,
 )
 from .money import MoneySplit, money_split, split_shares, whole_sats
@@ -113,7 +114,7 @@ __all__ = [
     "build_announcement", "build_cancelled", "build_deletion", "build_error_feedback", "build_escrow_offer",
     "build_evaluation_request", "build_evaluation_result", "build_funded", "build_job_request",
     "build_payee_invoice", "build_refunded", "build_rejection", "build_result", "build_reward_claimable",
-    "build_reward_paid", "build_validation_complete", "choose_mode", "decrypt_shard", "encrypt_shard",
+    "build_reward_paid", "build_validation_complete", "decrypt_shard", "encrypt_shard",
     "money_split", "parse_announcement", "parse_cancelled", "parse_deletion", "parse_error_feedback", "parse_escrow_feedback",
     "parse_escrow_offer", "parse_evaluation_request", "parse_evaluation_result", "parse_feedback",
     "parse_funded", "parse_job_request", "parse_refunded", "parse_result", "parse_reward_claimable",

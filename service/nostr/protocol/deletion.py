@@ -13,7 +13,6 @@ from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
-    pubkey_tag,
     Tag,
     Template,
     arity,
@@ -25,6 +24,7 @@ from .fields import (
     parse_relay_hint,
     parse_uint,
     placeholder_event,
+    pubkey_tag,
     template,
 )
 from .terms import KIND_DELETION

@@ -29,8 +29,8 @@ from .deletion import build_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError
 from .evaluation import Candidate, EvaluationRequest, Score, build_evaluation_request, build_evaluation_result
 from .feedback import (
-    CancelReason,
     Cancelled,
+    CancelReason,
     EscrowOffer,
     Funded,
     PaymentProof,

@@ -32,6 +32,7 @@ from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
+    MEDIAN_PLACES,
     Tag,
     Tags,
     Template,
@@ -44,7 +45,6 @@ from .fields import (
     format_decimal,
     format_msat,
     parse_amount_tag,
-    MEDIAN_PLACES,
     parse_bounded_decimal,
     parse_hex64,
     parse_msat,

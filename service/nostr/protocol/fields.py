@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from decimal import Decimal, InvalidOperation
 from typing import NamedTuple
 
+from service.bitcoin import MAX_MSAT
 from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
@@ -22,8 +23,6 @@ R = CodecErrorReason
 Tag = tuple[str, ...]
 Tags = tuple[Tag, ...]
 
-# 21 million bitcoin in millisatoshis: no amount can be larger.
-MAX_MSAT = 2_100_000_000_000_000_000
 # As nip01's created_at bound: a signed 64-bit integer (database BIGINT).
 MAX_TIMESTAMP = 2**63 - 1
 MAX_URL = 2048
@@ -303,7 +302,7 @@ def event_refs(tags: Tags, roles: Sequence[str], required: Sequence[str]) -> dic
         if len(parsed) > len(roles):
             raise CodecError(R.AMBIGUOUS_EVENT_REFS,
                              f"at most {len(roles)} unmarked 'e' tag(s) ({', '.join(roles)})")
-        for role, (event_id, relay, _) in zip(roles, parsed):
+        for role, (event_id, relay, _) in zip(roles, parsed, strict=False):   # fewer refs than roles: fine
             result[role] = EventRef(event_id, relay)
     for role in required:
         if role not in result:

@@ -399,20 +399,6 @@ def check_terms(spec: JobSpec, terms: EscrowTerms, now: int) -> MoneySplit:
     return split
 
 
-def choose_mode(spec: JobSpec, terms: EscrowTerms, now: int) -> Mode:
-    """The concrete mode for a request that passed :func:`check_terms`.
-
-    ``auto`` prefers ``hold`` when offered and the validation deadline fits
-    ``max_hold_seconds``, else ``custodial``. (The engine may still move a hold job to
-    custodial when the invoice's CLTV, known only to LND, would not cover it.)
-    """
-    if spec.mode is not Mode.AUTO:
-        return spec.mode
-    if Mode.HOLD in terms.modes and spec.validation_deadline <= now + terms.max_hold_seconds:
-        return Mode.HOLD
-    return Mode.CUSTODIAL if Mode.CUSTODIAL in terms.modes else Mode.HOLD
-
-
 def parse_job_request(event: Event, *, escrow_pubkey: str, terms: EscrowTerms, now: int,
                       kind: int = KIND_JOB_REQUEST) -> JobRequest:
     """Check a signature-verified kind-5701 event against this escrow's key, terms and clock."""

@@ -1,23 +1,29 @@
 """Kinds, the protocol's closed vocabularies, and the escrow's terms.
 
-The four job kinds are configurable (protocol.md "Kinds"); a result kind is always
-its request kind + 1000, as in NIP-90. 7000, 5 and 31990 are fixed by their NIPs.
+The kinds themselves are :mod:`service.nostr.kinds` (re-exported here for the codec's users).
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
-from .fields import MAX_MSAT
+from service.bitcoin import MAX_MSAT
+from service.nostr.kinds import (
+    KIND_ANNOUNCEMENT,
+    KIND_DELETION,
+    KIND_EVALUATION_REQUEST,
+    KIND_EVALUATION_RESULT,
+    KIND_FEEDBACK,
+    KIND_JOB_REQUEST,
+    KIND_JOB_RESULT,
+    RESULT_KIND_OFFSET,
+)
 
-KIND_DELETION = 5
-KIND_JOB_REQUEST = 5701
-KIND_JOB_RESULT = 6701
-KIND_EVALUATION_REQUEST = 5702
-KIND_EVALUATION_RESULT = 6702
-KIND_FEEDBACK = 7000
-KIND_ANNOUNCEMENT = 31990
-RESULT_KIND_OFFSET = 1000
+__all__ = [
+    "KIND_ANNOUNCEMENT", "KIND_DELETION", "KIND_EVALUATION_REQUEST", "KIND_EVALUATION_RESULT", "KIND_FEEDBACK",
+    "KIND_JOB_REQUEST", "KIND_JOB_RESULT", "RESULT_KIND_OFFSET", "Direction", "EscrowTerms", "Mode", "Network",
+    "PayoutPolicy",
+]
 
 
 class Mode(enum.StrEnum):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from service.nostr.nip01 import SecretKey, _xonly_public_key, sign_event, verify_event  # noqa: E402
+from service.nostr.nip01 import SecretKey, _xonly_public_key, sign_event, verify_event
 
 NOW = 1_700_000_000
 

@@ -14,13 +14,13 @@ from service.nostr.nip01 import Event, verify_event
 from service.nostr.protocol import (
     Cancelled,
     CodecErrorReason,
+    ErrorFeedback,
     EscrowOffer,
     Funded,
     Refunded,
     RewardClaimable,
     RewardPaid,
     ValidationComplete,
-    ErrorFeedback,
     parse_announcement,
     parse_deletion,
     parse_escrow_feedback,
@@ -51,7 +51,7 @@ def doc() -> str:
 @pytest.mark.parametrize("name", ["reasons", "examples"])
 def test_generated_blocks_are_current(doc, name):
     assert generated_block(name) in doc, (
-        f"docs/protocol.md is stale: run python -m service.nostr.protocol.examples --update docs/protocol.md")
+        "docs/protocol.md is stale: run python -m service.nostr.protocol.examples --update docs/protocol.md")
 
 
 def test_update_is_idempotent(doc):

@@ -18,15 +18,15 @@ import pytest
 from service.nostr import nip40, nip44
 from service.nostr.protocol import (
     Announcement,
+    Candidate,
     CodecError,
     CodecErrorReason,
     ErrorFeedback,
     EscrowOffer,
     EvaluationRequest,
-    Candidate,
     Funded,
-    ModelRef,
     Mode,
+    ModelRef,
     PaymentProof,
     Refunded,
     RewardClaimable,

@@ -46,7 +46,6 @@ from service.nostr.protocol import (
     build_reward_claimable,
     build_reward_paid,
     build_validation_complete,
-    choose_mode,
     decrypt_shard,
     encrypt_shard,
     parse_announcement,
@@ -68,10 +67,8 @@ from service.nostr.protocol.terms import KIND_JOB_REQUEST
 
 from .test_codec_support import (
     BOLT11,
-    CUSTODIAL_ONLY,
     CUSTOMER,
     ESCROW,
-    HOLD_ONLY,
     NOW,
     P1,
     P2,
@@ -144,17 +141,6 @@ def test_mode_defaults_to_auto_and_unknown_tags_are_ignored():
     tags = [t for t in tmpl.tags if t[0] != "mode"] + [("t", "mnist"), ("alt", "a training job"), ("client", "x")]
     job = parse_job(sign(CUSTOMER, (tmpl.kind, tags, "free text content")))
     assert job.spec.mode is Mode.AUTO
-
-
-def test_choose_mode():
-    now = NOW
-    short = base_spec()
-    long = base_spec(validation_deadline=NOW + 3 * 86_400, results_deadline=NOW + 86_400)
-    assert choose_mode(short, TERMS, now) is Mode.HOLD
-    assert choose_mode(long, TERMS, now) is Mode.CUSTODIAL
-    assert choose_mode(short, CUSTODIAL_ONLY, now) is Mode.CUSTODIAL
-    assert choose_mode(base_spec(mode=Mode.CUSTODIAL), TERMS, now) is Mode.CUSTODIAL
-    assert choose_mode(short, HOLD_ONLY, now) is Mode.HOLD
 
 
 def test_accepts_boundary_values():
