@@ -373,44 +373,17 @@ class NotQuarantined(Exception):
         super().__init__(f"{code}: {message}")
 
 
-async def _reset_inbox(s: AsyncSession, ref: str) -> int:
-    from service.nostr.models import InboxEvent
-    return _rowcount(await s.execute(update(InboxEvent).where(InboxEvent.id == ref, InboxEvent.outcome.like("error:%"))
-                                     .values(handled_at=None, attempts=0, outcome=None)
-                                     .execution_options(synchronize_session=False)))
+Reset = Callable[[AsyncSession, str], Awaitable[int]]
 
 
-async def _reset_effect(s: AsyncSession, ref: str) -> int:
-    from service.escrow.models import Effect
-    if not ref.isdigit():
-        return 0
-    return _rowcount(await s.execute(update(Effect).where(Effect.id == int(ref), Effect.state == "quarantined")
-                                     .values(state="pending", attempts=0, next_attempt_at=utcnow())
-                                     .execution_options(synchronize_session=False)))
-
-
-async def _reset_delivery(s: AsyncSession, ref: str) -> int:
-    from service.nostr.models import Delivery
-    event_id, _, relay = ref.partition(":")
-    return _rowcount(await s.execute(update(Delivery).where(Delivery.event_id == event_id, Delivery.relay == relay,
-                                                            Delivery.state == "quarantined")
-                                     .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow())
-                                     .execution_options(synchronize_session=False)))
-
-
-# What a replay must undo in the item itself, for the sources whose items keep a state of
-# their own (the others are skipped only through their row here, which the replay deletes).
-_RESETS: Final[dict[str, Callable[[AsyncSession, str], Awaitable[int]]]] = {
-    "inbox": _reset_inbox, "effect": _reset_effect, "publisher": _reset_delivery}
-
-
-async def replay(s: AsyncSession, source: str, ref: str) -> ItemFailure | None:
+async def replay(s: AsyncSession, source: str, ref: str, reset: Reset | None = None) -> ItemFailure | None:
     """Clear an item's quarantine in the caller's transaction: the loop processes it at its next pass.
 
     The failure count starts again from zero. Returns the row as it was; raises
     :class:`NotQuarantined` (``not_found`` or ``not_quarantined``) when there is nothing to
     replay. An inbox event whose handler failed before this table existed (an ``error:``
-    outcome, no row) is replayable too.
+    outcome, no row) is replayable too. ``reset``: what the replay must undo in the item itself,
+    for sources whose items keep a state of their own (their owners know it: ``service/api/actions.py``).
     """
     f = ItemFailure
     row = await s.get(ItemFailure, (source, ref))
@@ -422,7 +395,6 @@ async def replay(s: AsyncSession, source: str, ref: str) -> ItemFailure | None:
                               .execution_options(synchronize_session=False))
         if _rowcount(res) != 1:
             raise NotQuarantined("conflict", "the item changed meanwhile")
-    reset = _RESETS.get(source)
     changed = await reset(s, ref) if reset is not None else 0
     if row is None and not changed:
         raise NotQuarantined("not_found", "no quarantined item with this source and ref")

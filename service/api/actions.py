@@ -11,10 +11,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import quarantine
 from service.api.models import AdminAction
 from service.escrow.engine import Engine
-from service.escrow.models import Job, JobState
-from service.lightning.reconcile import resume_payouts
+from service.db import rowcount, utcnow
+from service.escrow.models import Effect, Job, JobState
 from service.lightning.models import Payout
-from service.db import utcnow
+from service.lightning.reconcile import resume_payouts
+from service.nostr.models import Delivery, InboxEvent
 
 
 class ActionRefused(Exception):
@@ -71,10 +72,38 @@ async def resume(s: AsyncSession, reason: str) -> str:
     return "resumed"
 
 
+async def _reset_inbox(s: AsyncSession, ref: str) -> int:
+    return rowcount(await s.execute(update(InboxEvent).where(InboxEvent.id == ref, InboxEvent.outcome.like("error:%"))
+                                     .values(handled_at=None, attempts=0, outcome=None)
+                                     .execution_options(synchronize_session=False)))
+
+
+async def _reset_effect(s: AsyncSession, ref: str) -> int:
+    if not ref.isdigit():
+        return 0
+    return rowcount(await s.execute(update(Effect).where(Effect.id == int(ref), Effect.state == "quarantined")
+                                     .values(state="pending", attempts=0, next_attempt_at=utcnow())
+                                     .execution_options(synchronize_session=False)))
+
+
+async def _reset_delivery(s: AsyncSession, ref: str) -> int:
+    event_id, _, relay = ref.partition(":")
+    return rowcount(await s.execute(update(Delivery).where(Delivery.event_id == event_id, Delivery.relay == relay,
+                                                            Delivery.state == "quarantined")
+                                     .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow())
+                                     .execution_options(synchronize_session=False)))
+
+
+# What a replay must undo in the item itself, for the sources whose items keep a state of
+# their own (the others are skipped only through their row here, which the replay deletes).
+_RESETS: dict[str, quarantine.Reset] = {
+    "inbox": _reset_inbox, "effect": _reset_effect, "publisher": _reset_delivery}
+
+
 async def replay_quarantined(s: AsyncSession, source: str, ref: str, reason: str) -> str:
     """Clear an item's quarantine (after a fix): its loop processes it again at once."""
     try:
-        await quarantine.replay(s, source, ref)
+        await quarantine.replay(s, source, ref, _RESETS.get(source))
     except quarantine.NotQuarantined as e:
         raise ActionRefused(e.code, e.message) from None
     await audit(s, "replay_quarantined", f"{source}/{ref}", reason, "pending")
@@ -96,7 +125,7 @@ async def replay_event(s: AsyncSession, event_id: str, reason: str) -> str:
     """Process again an inbox event whose handler failed (after a fix): the same as replaying the
     quarantined item ``inbox/<event id>``, under the inbox's own refusal code."""
     try:
-        await quarantine.replay(s, "inbox", event_id)
+        await quarantine.replay(s, "inbox", event_id, _reset_inbox)
     except quarantine.NotQuarantined:
         raise ActionRefused("not_replayable", "only events whose handler failed can be replayed") from None
     await audit(s, "replay_event", event_id, reason, "pending")

@@ -27,7 +27,8 @@ from typing import ClassVar, Final
 from service.escrow import rule
 from service.ledger import accounts, postings
 from service.ledger.postings import Posting
-from service.lightning.hold import HoldSizing, ModeRefused, decide_mode
+from service.escrow.mode import ModeRefused, decide_mode
+from service.lightning.hold import HoldSizing
 from service.nostr.nip01 import Event
 from service.nostr.protocol import (
     Candidate,

@@ -17,7 +17,7 @@ from service.db import create_engine, session_factory
 from service.lightning import errors, webhook
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.lightning.guard import guard_once
-from service.lightning.hold import ModeRefused, decide_mode
+from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning.invoices import EscrowInvoices, HoldSizing, InvoiceModeError
 from service.nostr.protocol import EscrowTerms, Mode, Network
 from service.lightning.models import LnFact, LnInvoice, Payout, PayoutAttempt
