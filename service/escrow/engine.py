@@ -24,10 +24,9 @@ import logging
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import NamedTuple
 
 from sqlalchemy import event, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -40,7 +39,9 @@ from service.ledger import accounts
 from service.ledger import service as ledger
 from service.lightning.invoices import HoldSizing, InvoiceModeError
 from service.lightning.models import LnFact, LnInvoice, Payout
-from service.lightning.payouts import Payouts
+from service.payouts import (Destination, DestinationKind, InvoiceRefused, InvoiceSource, NewPayout, PayoutKind,
+                             PayoutState)
+from service.payouts import store as payouts
 from service.nostr import outbox
 from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
@@ -115,6 +116,7 @@ class EngineConfig:
     release_margin_seconds: int = 3600   # hold invoices must outlive the validation deadline by this
     budget: IntakeBudget = field(default_factory=IntakeBudget)
     reply_relays_max: int = 3            # of a request's NIP-90 `relays`, how many also get our replies
+    network: str = "regtest"             # ours (Settings.network): a payee invoice for another is refused
 
 
 class Engine:
@@ -479,56 +481,57 @@ class Engine:
             return
         lines: list[tuple[str, int]] = [(escrow_acct, held)]
         results = {r.id: r for r in (await s.scalars(select(Result).where(Result.job_id == job.id))).all()}
-        payouts: list[_NewPayout] = []
+        to_pay: list[NewPayout] = []
         for v in detail["verdicts"]:
             if v["reward_msat"]:
                 r = results[v["result"]]
                 lines.append((accounts.payable(r.provider, job.id), -v["reward_msat"]))
-                payouts.append(_NewPayout(f"{job.id}:reward:{r.id}", r.provider, v["reward_msat"],
-                                          _destination(r.destination, v["reward_msat"])))
+                to_pay.append(NewPayout(f"{job.id}:reward:{r.id}", job.id, PayoutKind.REWARD, r.provider,
+                                        v["reward_msat"], _destination(r.destination, v["reward_msat"]),
+                                        earned_by=r.id))
         for validator, fee in detail["validator_fees"].items():
             lines.append((accounts.payable(validator, job.id), -fee))
-            payouts.append(_NewPayout(f"{job.id}:validator:{validator}", validator, fee, "none"))
+            to_pay.append(NewPayout(f"{job.id}:validator:{validator}", job.id, PayoutKind.VALIDATOR_FEE, validator,
+                                    fee, Destination.none()))
         # What the escrow earned on the job (its fee and the remainders) is the most their routes
         # may cost together: the escrow never pays to work (docs/escrow.md, "Routing fees").
-        earned = job.bid_msat - sum(p.amount_msat for p in payouts)
-        budgets = rule.routing_budgets({p.id: p.amount_msat for p in payouts}, earned)
-        payouts = [p._replace(fee_limit_msat=budgets[p.id]) for p in payouts]
+        earned = job.bid_msat - sum(p.amount_msat for p in to_pay)
+        budgets = rule.routing_budgets({p.id: p.amount_msat for p in to_pay}, earned)
+        to_pay = [replace(p, fee_limit_msat=budgets[p.id]) for p in to_pay]
         # Paid more than the bid: the excess goes back to the customer (less its route's reserve).
         overpaid = held - job.bid_msat
         if overpaid > 0:
             back = rule.refundable(overpaid, self.config.terms.routing_fee_ppm)
             if back >= self.config.terms.min_payout_msat:
                 lines.append((accounts.refund(job.customer, job.id), -back))
-                payouts.append(_NewPayout(f"{job.id}:overpaid", job.customer, back, self._refund_destination(job),
-                                          overpaid - back))
-        fee_income = held - sum(p.amount_msat for p in payouts)   # escrow fee + remainders (+ reserves)
+                to_pay.append(NewPayout(f"{job.id}:overpaid", job.id, PayoutKind.OVERPAID, job.customer, back,
+                                        self._refund_destination(job), overpaid - back))
+        fee_income = held - sum(p.amount_msat for p in to_pay)   # escrow fee + remainders (+ reserves)
         if fee_income:
             lines.append((accounts.FEE_INCOME, -fee_income))
         await ledger.post(s, key=f"release:{job.id}", kind="release", lines=lines, job_id=job.id,
-                          memo=f"release: {len(payouts)} payout(s), fee income {fee_income} msat")
+                          memo=f"release: {len(to_pay)} payout(s), fee income {fee_income} msat")
         await s.execute(update(Job).where(Job.id == job.id).values(decision=json.dumps(
             {**detail, "overpaid_msat": max(0, overpaid), "routing_budgets_msat": budgets,
              "fee_income_at_release_msat": fee_income})))
         await self.timeline(s, job.id, "posting", {"key": f"release:{job.id}", "lines": lines})
-        for p in payouts:
+        for p in to_pay:
             await self._create_payout(s, job, p)
 
-    def _refund_destination(self, job: Job) -> str:
+    def _refund_destination(self, job: Job) -> Destination:
         refund = self.job_request(job).spec.refund
         if not refund:
-            return "none"
-        return ("lud16:" if "@" in refund else "lnurl:") + refund
+            return Destination.none()
+        return Destination(DestinationKind.LUD16 if "@" in refund else DestinationKind.LNURL, refund)
 
-    async def _create_payout(self, s: AsyncSession, job: Job, p: _NewPayout) -> None:
-        await Payouts.create(s, payout_id=p.id, payee=p.payee, amount_msat=p.amount_msat, destination=p.destination,
-                             job_id=job.id, fee_limit_msat=p.fee_limit_msat)
+    async def _create_payout(self, s: AsyncSession, job: Job, p: NewPayout) -> None:
+        await payouts.create(s, p)
         await self.timeline(s, job.id, "payment", {"payout": p.id, "amount_msat": p.amount_msat,
                                                    "fee_limit_msat": p.fee_limit_msat,
-                                                   "destination": p.destination.split(":", 1)[0]})
-        if p.destination == "none":
+                                                   "destination": p.destination.kind.value})
+        if p.destination.kind is DestinationKind.NONE:
             await self.publish(s, job.id, build_reward_claimable(RewardClaimable(
-                job_id=job.id, payee=p.payee, amount_msat=p.amount_msat, earned_by=_earned_by_id(p.id))))
+                job_id=job.id, payee=p.payee, amount_msat=p.amount_msat, earned_by=p.earned_by)))
 
     async def _refund(self, s: AsyncSession, job: Job, reason: str, *, from_states: Iterable[JobState]) -> None:
         if not await self.transition(s, job.id, from_states, S.REFUNDING, reason, refund_reason=reason):
@@ -555,8 +558,8 @@ class Engine:
             lines.append((accounts.FEE_INCOME, -(held - back)))
         await ledger.post(s, key=f"refund:{job.id}", kind="refund", lines=lines, job_id=job.id,
                           memo=f"refund: {job.refund_reason}; routing reserve and rounding {held - back} msat")
-        await self._create_payout(s, job, _NewPayout(f"{job.id}:refund", job.customer, back,
-                                                     self._refund_destination(job), held - back))
+        await self._create_payout(s, job, NewPayout(f"{job.id}:refund", job.id, PayoutKind.REFUND, job.customer, back,
+                                                    self._refund_destination(job), held - back))
 
     async def _finish_refund(self, s: AsyncSession, job_id: str, amount: int | None = None) -> None:
         job = await s.get(Job, job_id)
@@ -573,15 +576,12 @@ class Engine:
         job = await self._job(s, fb.job_id)
         if job is None:
             return "ignored: invoice for an unknown job"
-        res = await s.execute(update(Payout).where(Payout.job_id == job.id, Payout.payee == event.pubkey,
-                                                   Payout.amount_msat == fb.amount_msat,
-                                                   Payout.state == "needs_invoice")
-                              .values(destination="bolt11:" + fb.bolt11, state="pending", attempts=0,
-                                      next_attempt_at=utcnow(), updated_at=utcnow()))
-        if res.rowcount == 0:
-            return await self._ignore(s, job.id, event, "no payout of that amount waits for this payee's invoice")
-        await self.timeline(s, job.id, "fact", {"event": "payee invoice", "payee": event.pubkey,
-                                                "amount_msat": fb.amount_msat})
+        try:
+            await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
+                                         amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
+                                         network=self.config.network)
+        except InvoiceRefused as e:
+            return await self._ignore(s, job.id, event, e.code.value)
         return "invoice accepted for checking"
 
     async def on_deletion(self, s: AsyncSession, event: Event) -> str:
@@ -730,8 +730,8 @@ class Engine:
         if p.job_id is None:
             return "no job"
         job = await s.get(Job, p.job_id)
-        if p.state == "succeeded":
-            to_customer = p.id.endswith((":refund", ":overpaid"))   # money back, not earned
+        if p.state is PayoutState.SUCCEEDED:
+            to_customer = p.kind.to_customer   # money back, not earned
             liability = accounts.refund(p.payee, p.job_id) if to_customer else accounts.payable(p.payee, p.job_id)
             await ledger.post(s, key=f"payout:{p.payment_hash}", kind="refund_payout" if to_customer else "payout",
                               job_id=p.job_id, lines=[(liability, p.amount_msat), (accounts.NODE, -p.amount_msat)],
@@ -742,7 +742,7 @@ class Engine:
                                   memo=f"routing fee of {p.id}")
             await self.timeline(s, p.job_id, "payment", {"payout": p.id, "state": "succeeded", "amount_msat": p.amount_msat,
                                                          "fee_msat": p.fee_msat, "payment_hash": p.payment_hash})
-            if p.id.endswith(":refund"):
+            if p.kind is PayoutKind.REFUND:
                 await self._finish_refund(s, p.job_id, p.amount_msat)
             elif not to_customer:
                 await self.publish(s, p.job_id, build_reward_paid(RewardPaid(
@@ -751,22 +751,22 @@ class Engine:
             if job.state == S.RELEASING.value and await self._all_paid_and_booked(s, p.job_id):
                 await self.transition(s, p.job_id, (S.RELEASING,), S.CLOSED, "every payout succeeded and is booked")
             return "payout booked"
-        if p.state == "needs_invoice":
-            if p.attempts == 0 and p.destination == "none":
+        if p.state is PayoutState.NEEDS_INVOICE:
+            if p.needs_invoice_count == 0:   # never handed back: the release announced it
                 return "waiting for the payee's invoice (announced at release)"
             await self.timeline(s, p.job_id, "payment", {"payout": p.id, "state": "needs_invoice", "why": p.last_error})
             # Asked again with the reason's code (the payee can act on it), never its text (which
             # may hold an LNURL server's answer or an address: those are for the operator).
             await self.publish(s, p.job_id, build_reward_claimable(RewardClaimable(
-                job_id=p.job_id, payee=p.payee, amount_msat=p.amount_msat, earned_by=_earned_by_id(p.id),
+                job_id=p.job_id, payee=p.payee, amount_msat=p.amount_msat, earned_by=p.earned_by,
                 reason=reason_code(p.last_error))))
             return "payee asked for a new invoice"
         return "no change"
 
     async def _earned_by(self, s: AsyncSession, p: Payout) -> str:
         """The event that earned a payout: the result (provider) or the validator's scores."""
-        if ":reward:" in p.id:
-            return p.id.rsplit(":", 1)[1]
+        if p.earned_by is not None:   # a reward: its result
+            return p.earned_by
         event_id = await s.scalar(select(ScoreRow.event_id).where(ScoreRow.job_id == p.job_id,
                                                                   ScoreRow.validator == p.payee).limit(1))
         return event_id or p.job_id
@@ -822,19 +822,6 @@ def _drop_timeline(session: Session) -> None:
     session.info.pop(_TIMELINE, None)   # the entries described what was rolled back
 
 
-class _NewPayout(NamedTuple):
-    id: str
-    payee: str
-    amount_msat: int
-    destination: str
-    fee_limit_msat: int | None = None
-
-
-def _earned_by_id(payout_id: str) -> str | None:
-    """The result a reward payout was earned by (``<job>:reward:<result>``); None for the others."""
-    return payout_id.rsplit(":", 1)[1] if ":reward:" in payout_id else None
-
-
 _REASON_CODE = re.compile(r"([a-z][a-z0-9_]{0,63}): ")
 
 
@@ -860,9 +847,10 @@ def payout_ref(p: Payout) -> str:
     return f"{ref}:{p.needs_invoice_count}" if p.needs_invoice_count else ref
 
 
-def _destination(stored: str, amount_msat: int) -> str:
-    """A result's payout destination for a reward of ``amount_msat``."""
+def _destination(stored: str, amount_msat: int) -> Destination:
+    """A result's payout destination for a reward of ``amount_msat`` (a result stores
+    ``bolt11-offer:<amount>:<invoice>``, ``lud16:…``, ``lnurl:…`` or ``none``)."""
     if stored.startswith("bolt11-offer:"):
         _, amount, bolt11 = stored.split(":", 2)
-        return f"bolt11:{bolt11}" if int(amount) == amount_msat else "none"
-    return stored
+        return Destination(DestinationKind.BOLT11, bolt11) if int(amount) == amount_msat else Destination.none()
+    return Destination.parse(stored)

@@ -14,7 +14,8 @@ from service.lightning.client import LndClient
 from service.lightning.errors import LndError
 from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
-from service.lightning.payouts import PayoutPolicy, Payouts
+from service.payouts.types import PayoutPolicy
+from service.payouts.worker import Payouts
 from service.lightning.settlement import SettlementWatcher
 from service.ledger.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
 
