@@ -181,7 +181,7 @@ class RetryRefused(Exception):
 class NewPayout:
     """A payout the engine decided; :func:`store.create` writes it once (``id`` is the key)."""
     id: str                      # idempotency key chosen by the engine
-    job_id: str
+    job_id: str | None           # None only outside any job (the bench): the engine never reads it
     kind: PayoutKind
     payee: str                   # Nostr pubkey hex
     amount_msat: int

@@ -325,6 +325,7 @@ class Payouts:
     async def _finish(self, payout_id: str, state: PayoutState, detail: str, *, fee: int | None = None,
                       payment_hash: str | None = None, preimage: str | None = None, retry: bool = False,
                       attempts: int | None = None) -> Outcome:
+        state = PayoutState(state)
         values: dict[str, Any] = {"state": state, "last_error": detail or None, "updated_at": utcnow(), "lease_until": None}
         if state is PayoutState.NEEDS_INVOICE:   # a new outcome for the engine, whatever the attempt count
             values["needs_invoice_count"] = Payout.needs_invoice_count + 1
