@@ -581,7 +581,7 @@ class Engine:
                                          amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
                                          network=self.config.network)
         except InvoiceRefused as e:
-            return await self._ignore(s, job.id, event, e.code.value)
+            return await self._ignore(s, job.id, event, f"{e.code.value}: {e.message}")
         return "invoice accepted for checking"
 
     async def on_deletion(self, s: AsyncSession, event: Event) -> str:
