@@ -34,6 +34,8 @@ from bench.common import (ServiceProc, cpu_seconds, fresh_pg_database, job_event
 from bench.lightning import client, run_pool
 from service.lightning.invoices import HoldSizing
 from service.nostr.nip01 import SecretKey
+from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind
+from service.payouts.store import create as create_payout
 
 RESULTS_MD = Path(__file__).resolve().parent / "results" / "escrow.md"
 
@@ -166,7 +168,7 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
     from sqlalchemy import text
 
     from service.db import create_engine, session_factory
-    from service.lightning.payouts import Payouts
+    from service.payouts.worker import Payouts
     escrow, payee = client(desc, "escrow"), client(desc, "payee")
     engine = create_engine(db_url)
     sessions = session_factory(engine)
@@ -195,8 +197,8 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
             for i, (pid, req) in enumerate(zip(ids, reqs)):
                 # one payee key each, as at a release (the worker pays one payment per payee at a time)
                 payee_key = hashlib.sha256(f"bench payee {tag} {i}".encode()).hexdigest()
-                await Payouts.create(s, payout_id=pid, payee=payee_key, amount_msat=amount,
-                                     destination=f"bolt11:{req}")
+                await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, payee_key, amount,
+                                                 Destination(DestinationKind.BOLT11, req)))
         while True:
             async with sessions() as s:
                 states = {r[0]: r[1] for r in (await s.execute(text(

@@ -29,6 +29,7 @@ from service.lightning import errors as lnerr
 from service.lightning.models import Payout, PayoutAttempt
 from service.migrate import upgrade_async
 from service.nostr.nip01 import SecretKey
+from service.payouts import PayoutKind
 
 OPEN = ("requested", "offered", "collecting", "validating", "releasing")
 
@@ -648,7 +649,7 @@ class AdversarialDrill(Drill):
                 out["flood_refused_busy"] = sum(st == "rejected" and (r or "").startswith("escrow_busy") for st, r in flood)
                 held = a.findings.get("held_htlc", {})
                 hp = (await s.scalars(select(Payout).where(Payout.job_id == held.get("job"),
-                                                           Payout.id.like("%:reward:%")))).first() if held else None
+                                                           Payout.kind == PayoutKind.REWARD))).first() if held else None
                 out["held_payout_state"] = hp.state if hp else None
         finally:
             await engine.dispose()

@@ -28,7 +28,7 @@ import time
 
 
 def arm() -> None:
-    from service.lightning.payouts import Payouts
+    from service.payouts.worker import Payouts
 
     point, _, n = os.environ.get("FEDSTR_DRILL_DIE_AT", "").partition(":")
     note = os.environ.get("FEDSTR_DRILL_FAULT_NOTE", "")

@@ -5,7 +5,6 @@ not allow the action; nothing is changed then, but the refusal is audited too.
 """
 from __future__ import annotations
 
-from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import quarantine
@@ -13,9 +12,10 @@ from service.api.models import AdminAction
 from service.escrow.engine import Engine
 from service.db import rowcount, utcnow
 from service.escrow.models import Effect, Job, JobState
-from service.lightning.models import Payout
 from service.lightning.reconcile import resume_payouts
 from service.nostr.models import Delivery, InboxEvent
+from service.payouts import RetryRefused
+from service.payouts import store as payouts
 
 
 class ActionRefused(Exception):
@@ -30,22 +30,14 @@ async def audit(s: AsyncSession, action: str, target: str, reason: str, outcome:
 
 
 async def retry_payout(s: AsyncSession, payout_id: str, reason: str) -> str:
-    p = await s.get(Payout, payout_id)
-    if p is None:
-        raise ActionRefused("not_found", "no such payout")
-    if p.state == "unknown":
-        raise ActionRefused("payout_unknown", "an unknown payout is resolved by tracking it in LND, never retried")
-    if p.state not in ("failed", "needs_invoice"):
-        raise ActionRefused("payout_not_retryable", f"payout is {p.state}")
-    if p.destination == "none":
-        raise ActionRefused("payout_needs_invoice", "the payee has not given an invoice or address yet")
-    res = await s.execute(update(Payout).where(Payout.id == payout_id, Payout.state.in_(("failed", "needs_invoice")))
-                          .values(state="pending", attempts=0, last_error=None, next_attempt_at=utcnow(),
-                                  updated_at=utcnow()))
-    if res.rowcount != 1:
-        raise ActionRefused("conflict", "the payout changed meanwhile")
-    await audit(s, "retry_payout", payout_id, reason, "pending")
-    return "pending"
+    """Pay a failed or handed-back payout again with the invoice or address it has (checked by
+    the payouts package as any invoice given to a payout is)."""
+    try:
+        state = await payouts.retry(s, payout_id)
+    except RetryRefused as e:
+        raise ActionRefused(e.code.value, e.message) from None
+    await audit(s, "retry_payout", payout_id, reason, state.value)
+    return state.value
 
 
 REFUNDABLE = (JobState.COLLECTING, JobState.VALIDATING)

@@ -10,19 +10,19 @@ import time
 
 from fastapi import APIRouter, Body, Path, Query, Request
 from pydantic import BaseModel, Field
-from sqlalchemy import update
 
 from service import __version__
 from service.api import queries
 from service.api.errors import ApiError, responses
 from service.api.limits import client_address
-from service.lightning.models import LnInvoice, Payout
+from service.lightning.models import LnInvoice
 from service.nostr import nip98
-from service.db import utcnow
 from service.nostr.nip01 import EventError, verify_event
 from service.nostr.nip19 import encode_npub
 from service.nostr.protocol import KIND_JOB_REQUEST
 from service.nostr.kinds import INTAKE_KINDS
+from service.payouts import AcceptReason, CheckReason, InvoiceRefused, InvoiceSource
+from service.payouts import store as payouts
 
 router = APIRouter(prefix="/v1", tags=["public"])
 HEX64 = r"^[0-9a-f]{64}$"
@@ -88,6 +88,11 @@ class InvoiceOut(BaseModel):
 
 class PayoutInvoiceIn(BaseModel):
     bolt11: str = Field(min_length=10, max_length=7200)
+
+
+# An invoice refused as an invoice (its CheckReason code) is 422; these are about the payout.
+_REFUSAL_STATUS: dict[AcceptReason | CheckReason, int] = {
+    AcceptReason.NO_PAYOUT: 404, AcceptReason.NOT_WAITING: 409, AcceptReason.CONFLICT: 409}
 
 
 class PayoutInvoiceOut(BaseModel):
@@ -181,8 +186,10 @@ async def get_invoice(request: Request, payment_hash: str = Path(pattern=HEX64))
 @router.post("/jobs/{job_id}/payout-invoice", response_model=PayoutInvoiceOut, status_code=202,
              responses=responses(401, 404, 409, 422, 429))
 async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id: str = Path(pattern=HEX64)) -> PayoutInvoiceOut:
-    """A payee gives the invoice for its reward (NIP-98 auth: the payee's key). The invoice is
-    checked in full (network, exact amount, expiry, CLTV, not ours, hash unused) before payment."""
+    """A payee gives the invoice for its reward (NIP-98 auth: the payee's key). Checked now
+    without our node (BOLT11, network, an amount that is exactly a waiting payout's, not expired,
+    hash unused: 422 with the reason's code), then in full (our node's
+    decoding, expiry window, CLTV, not ours) before payment."""
     st = request.app.state
     st.limits_invoices.check("ip:" + _client(request))
     raw = await request.body()
@@ -199,19 +206,10 @@ async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id:
         raise ApiError(401, e.reason.value, e.message, headers={"WWW-Authenticate": "Nostr"}) from None
     st.limits_invoices.check("pubkey:" + auth.pubkey)
     async with st.sessions.begin() as s:
-        payouts = [p for p in (await s.execute(
-            Payout.__table__.select().where(Payout.job_id == job_id, Payout.payee == auth.pubkey))).all()]
-        if not payouts:
-            raise ApiError(404, "no_payout", "this job owes nothing to this key")
-        waiting = [p for p in payouts if p.state == "needs_invoice"]
-        if not waiting:
-            raise ApiError(409, "payout_not_waiting", f"the payout is {payouts[0].state}; no invoice is needed now")
-        p = waiting[0]
-        res = await s.execute(update(Payout).where(Payout.id == p.id, Payout.state == "needs_invoice")
-                              .values(destination="bolt11:" + bolt11.removeprefix("lightning:"), state="pending",
-                                      attempts=0, next_attempt_at=utcnow(), updated_at=utcnow()))
-        if res.rowcount != 1:
-            raise ApiError(409, "conflict", "the payout changed meanwhile")
-        await st.escrow.engine.timeline(s, job_id, "fact", {"event": "payee invoice (REST)", "payee": auth.pubkey,
-                                                            "amount_msat": p.amount_msat})
-    return PayoutInvoiceOut(payout_id=p.id, state="pending", amount_msat=p.amount_msat)
+        try:
+            p = await payouts.accept_invoice(s, job_id=job_id, payee=auth.pubkey, bolt11=bolt11, amount_msat=None,
+                                             source=InvoiceSource.REST, network=st.settings.network)
+        except InvoiceRefused as e:
+            # raised inside the transaction: rolled back (the payee is answered here, not on Nostr)
+            raise ApiError(_REFUSAL_STATUS.get(e.code, 422), e.code.value, e.message) from None
+    return PayoutInvoiceOut(payout_id=p.id, state=p.state.value, amount_msat=p.amount_msat)

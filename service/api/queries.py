@@ -45,7 +45,7 @@ def invoice_view(inv: LnInvoice) -> dict:
 
 def payout_view(p: Payout) -> dict:
     return {"id": p.id, "job_id": p.job_id, "payee": p.payee, "amount_msat": p.amount_msat, "state": p.state,
-            "destination": p.destination.split(":", 1)[0], "attempts": p.attempts, "fee_msat": p.fee_msat,
+            "destination": p.destination_kind.value, "attempts": p.attempts, "fee_msat": p.fee_msat,
             "payment_hash": p.payment_hash, "last_error": p.last_error, "updated_at": _ts(p.updated_at)}
 
 

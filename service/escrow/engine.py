@@ -37,7 +37,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service.db import aware, insert_ignore, utcnow
 from service.escrow import machine, timeline
-from service.escrow import payouts as job_payouts
 from service.escrow.machine import (
     FUNDED_STATES,
     Decision,
@@ -77,6 +76,8 @@ from service.nostr.protocol import (
 from service.nostr.protocol.fields import parse_bounded_decimal
 from service.nostr.protocol.job import read_job_spec
 from service.nostr.protocol.money import MoneySplit
+from service.payouts import Destination, DestinationKind, InvoiceRefused, InvoiceSource, PayoutState
+from service.payouts import store as payouts
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class EngineConfig:
     release_margin_seconds: int = 3600   # hold invoices must outlive the validation deadline by this
     budget: IntakeBudget = field(default_factory=IntakeBudget)
     reply_relays_max: int = 3            # of a request's NIP-90 `relays`, how many also get our replies
+    network: str = "regtest"             # ours (Settings.network): a payee invoice for another is refused
 
     def machine(self) -> MachineConfig:
         return MachineConfig(terms=self.terms, sizing=self.sizing, invoice_expiry_seconds=self.invoice_expiry_seconds,
@@ -208,7 +210,7 @@ class Engine:
         for p in plan.postings:
             await ledger.post(s, key=p.key, kind=p.kind.value, lines=p.lines, job_id=p.job_id, memo=p.memo)
         for np in plan.payouts:
-            await job_payouts.create(s, np)
+            await payouts.create(s, np)
         if plan.effects:
             await s.execute(insert_ignore(s, Effect.__table__), [{
                 "job_id": job_id, "kind": kind.value, "state": "pending", "attempts": 0, "next_attempt_at": utcnow(),
@@ -299,15 +301,15 @@ class Engine:
                     owed -= int(total)
             posted = frozenset((await s.scalars(select(LedgerPosting.key)
                                                 .where(LedgerPosting.job_id == job_id))).all())
-        payouts: tuple[machine.PayoutView, ...] = ()
+        payout_views: tuple[machine.PayoutView, ...] = ()
         if kind in _PAYOUTS:
-            payouts = tuple(job_payouts.view(p) for p in
+            payout_views = tuple(payout_view(p) for p in
                             (await s.scalars(select(Payout).where(Payout.job_id == job_id))).all())
         return JobView(id=job.id, state=state, version=job.version, customer=job.customer, request=req,
                        mode=EscrowMode(job.mode) if job.mode else None, funds=Funds(job.funds),
                        offer_expires_at=job.offer_expires_at, eval_request_id=job.eval_request_id,
                        refund_reason=job.refund_reason, decision=decision_of(job.decision),
-                       results=results, scores=scores, payouts=payouts, held_msat=held, owed_msat=owed,
+                       results=results, scores=scores, payouts=payout_views, held_msat=held, owed_msat=owed,
                        posted=posted)
 
     # ------------------------------------------------------------------ events (the inbox handler)
@@ -439,10 +441,12 @@ class Engine:
         job = await self._job(s, fb.job_id)
         if job is None:
             return "ignored: invoice for an unknown job"
-        refused = await job_payouts.accept_nostr_invoice(s, job_id=job.id, payee=event.pubkey,
-                                                        amount_msat=fb.amount_msat, bolt11=fb.bolt11)
-        if refused is not None:
-            return await self._ignore(s, job.id, event, refused)
+        try:
+            await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
+                                         amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
+                                         network=self.config.network)
+        except InvoiceRefused as e:
+            return await self._ignore(s, job.id, event, f"{e.code.value}: {e.message}")
         return "invoice accepted for checking"
 
     async def on_deletion(self, s: AsyncSession, event: Event) -> str:
@@ -512,10 +516,10 @@ class Engine:
             return "already consumed"
         if p.job_id is None or await self._job(s, p.job_id) is None:
             return "no job"
-        view = job_payouts.view(p)
-        if view.state is machine.PayoutState.SUCCEEDED:
+        view = payout_view(p)
+        if view.state is PayoutState.SUCCEEDED:
             return (await self.apply(s, p.job_id, machine.PayoutSucceeded(view))).outcome
-        if view.state is machine.PayoutState.NEEDS_INVOICE:
+        if view.state is PayoutState.NEEDS_INVOICE:
             return (await self.apply(s, p.job_id, machine.PayoutNeedsInvoice(view, reason_code(p.last_error)))).outcome
         return "no change"
 
@@ -560,9 +564,17 @@ def decision_of(raw: str | None) -> Decision | None:
                     d.get("why", ""))
 
 
+def payout_view(p: Payout) -> machine.PayoutView:
+    """The machine's view of a payout row (the payout package writes them)."""
+    return machine.PayoutView(id=p.id, kind=p.kind, payee=p.payee, amount_msat=p.amount_msat,
+                              state=PayoutState(p.state), destination=p.destination_kind, attempts=p.attempts,
+                              needs_invoice_count=p.needs_invoice_count, fee_msat=p.fee_msat or 0,
+                              payment_hash=p.payment_hash, preimage=p.preimage, earned_by=p.earned_by,
+                              last_error=p.last_error)
+
+
 def result_view_of(res: Any) -> ResultView:
     """The machine's view of a parsed result (``protocol.JobResult``)."""
-    from service.payouts.types import Destination, DestinationKind
     payout_to = Destination.none()
     if res.payout_address is not None:
         payout_to = Destination(DestinationKind(res.payout_address.kind), res.payout_address.address)

@@ -205,6 +205,7 @@ class PayoutView:
     state: PayoutState
     destination: DestinationKind = DestinationKind.NONE
     attempts: int = 0
+    needs_invoice_count: int = 0              # times the worker handed it back for a new invoice
     fee_msat: int = 0
     payment_hash: str | None = None
     preimage: str | None = None
@@ -997,7 +998,7 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
 
 def _payout_needs_invoice(b: _Builder, view: JobView, fact: PayoutNeedsInvoice, now: int, c: MachineConfig) -> str:
     p = fact.payout
-    if p.attempts == 0 and p.destination is DestinationKind.NONE:
+    if p.needs_invoice_count == 0:   # never handed back: the release announced it
         return "waiting for the payee's invoice (announced at release)"
     b.note(Note.PAYMENT, {"payout": p.id, "state": "needs_invoice", "why": p.last_error})
     # Asked again with the reason's code (the payee can act on it), never its text (which

@@ -48,7 +48,7 @@ class EscrowService:
                                 per_minute_per_key=settings.job_requests_per_minute_per_key,
                                 open_offers=settings.max_open_offers,
                                 open_offers_per_key=settings.max_open_offers_per_key),
-            reply_relays_max=settings.reply_relays_max))
+            reply_relays_max=settings.reply_relays_max, network=settings.network))
         self.quarantine = quarantine_from_settings(sessions, settings)
         self.runner = EngineRunner(self.engine, Inbox(sessions, quarantine=self.quarantine))
         self.signals = signals or Signals()

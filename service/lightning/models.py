@@ -6,7 +6,8 @@ from datetime import datetime
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base, utcnow
+from service.db import Base, StringEnum, utcnow
+from service.payouts.types import AttemptState, DestinationKind, PayoutKind, PayoutState
 
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
@@ -57,18 +58,24 @@ class LnFact(Base):
 
 
 class Payout(Base):
-    """Money the escrow owes someone: paid through one or more attempts, at most one succeeding."""
+    """Money the escrow owes someone: paid through one or more attempts, at most one succeeding.
+    Written only by ``service/payouts/`` (tests/unit/test_payout_writers.py checks it)."""
 
     __tablename__ = "ln_payouts"
 
     id: Mapped[str] = mapped_column(String(200), primary_key=True)          # idempotency key from the engine
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
+    kind: Mapped[PayoutKind] = mapped_column(StringEnum(PayoutKind), nullable=False)
+    # a reward's result event id (what earned it); NULL for the others
+    earned_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     payee: Mapped[str] = mapped_column(String(64), nullable=False)          # payee's Nostr pubkey
     amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    # lud16:<addr> | lnurl:<lnurl> | bolt11:<invoice> | none (waiting for the payee's invoice)
-    destination: Mapped[str] = mapped_column(Text, nullable=False, default="none")
-    # pending -> sending -> succeeded | failed | unknown | needs_invoice
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    # none (waiting for the payee's invoice) | bolt11 | lud16 | lnurl; `destination` is the value
+    # (the invoice, address or link), '' for none: see service.payouts.types.Destination
+    destination_kind: Mapped[DestinationKind] = mapped_column(StringEnum(DestinationKind), nullable=False,
+                                                              default=DestinationKind.NONE)
+    destination: Mapped[str] = mapped_column(Text, nullable=False, default="")
+    state: Mapped[PayoutState] = mapped_column(StringEnum(PayoutState), nullable=False, default=PayoutState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     # times the worker sent it back to needs_invoice (a refused or expired invoice, given up):
     # each is a new outcome for the engine to announce, even with an unchanged attempt count
@@ -99,8 +106,8 @@ class PayoutAttempt(Base):
     payout_id: Mapped[str] = mapped_column(String(200), ForeignKey("ln_payouts.id"), nullable=False, index=True)
     payment_request: Mapped[str] = mapped_column(Text, nullable=False)
     fee_limit_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    # sending -> succeeded | failed | unknown | not_initiated
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="sending")
+    state: Mapped[AttemptState] = mapped_column(StringEnum(AttemptState), nullable=False,
+                                                default=AttemptState.SENDING)
     fee_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failure: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -49,6 +49,7 @@ from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliatio
 from service.lightning import errors
 from service.lightning.client import InvoiceState, LndClient, Payment, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.payouts.types import AttemptState
 from service.db import utcnow
 
 MAX_STORED_DISCREPANCIES = 1000
@@ -136,7 +137,7 @@ def _snapshot_query():  # noqa: ANN202 - a SQLAlchemy compound select
     pay = (select(literal("pay", s), cast(PayoutAttempt.payment_hash, s), cast(PayoutAttempt.payout_id, s),
                   cast(null(), s), cast(Payout.amount_msat, b), cast(PayoutAttempt.fee_msat, b))
            .join(Payout, Payout.id == PayoutAttempt.payout_id)
-           .where(PayoutAttempt.state == "succeeded"))
+           .where(PayoutAttempt.state == AttemptState.SUCCEEDED))
     node = func.sum(case((LedgerLine.account == accounts.NODE, LedgerLine.amount_msat), else_=0))
     expense = func.sum(case((LedgerLine.account == accounts.ROUTING_EXPENSE, LedgerLine.amount_msat), else_=0))
     led = (select(literal("led", s), cast(LedgerPosting.id, s), cast(LedgerPosting.key, s),

@@ -1,0 +1,37 @@
+"""Payouts: money the escrow owes, paid over Lightning. The only writer of ``ln_payouts`` and
+``ln_payout_attempts`` (tests/unit/test_payout_writers.py checks it).
+
+- :mod:`.types`   the typed values: states, kinds, destinations, reasons, the worker's policy
+- :mod:`.store`   writes in the caller's transaction: :func:`~.store.create`,
+                  :func:`~.store.accept_invoice` (every path that gives a payout an invoice),
+                  :func:`~.store.retry` (an operator's)
+- :mod:`.check`   the invoice checks: offline (any path) and full, with our node (before paying)
+- :mod:`.worker`  :class:`~.worker.Payouts`: claim, pay, finish, reconcile
+
+Only the types are imported here: ``service/lightning/models.py`` types its columns with them,
+and the other modules import those models.
+"""
+from service.payouts.types import (
+    MAX_MSAT,
+    NETWORK_OF,
+    AcceptReason,
+    AttemptState,
+    CheckReason,
+    Destination,
+    DestinationKind,
+    InvoiceCheckError,
+    InvoiceRefused,
+    InvoiceSource,
+    NewPayout,
+    PayoutKind,
+    PayoutPolicy,
+    PayoutReason,
+    PayoutState,
+    RetryReason,
+    RetryRefused,
+    why,
+)
+
+__all__ = ["MAX_MSAT", "NETWORK_OF", "AcceptReason", "AttemptState", "CheckReason", "Destination", "DestinationKind",
+           "InvoiceCheckError", "InvoiceRefused", "InvoiceSource", "NewPayout", "PayoutKind", "PayoutPolicy",
+           "PayoutReason", "PayoutState", "RetryReason", "RetryRefused", "why"]

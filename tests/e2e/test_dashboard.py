@@ -33,6 +33,7 @@ from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job, TimelineEntry
 from service.lightning.client import InvoiceState
 from service.lightning.models import LnInvoice, Payout
+from service.payouts import DestinationKind, PayoutKind
 from tests.conftest import ROOT, Regtest, free_port, wait_until
 from tests.e2e.market import Market, settle_payment
 
@@ -198,9 +199,10 @@ async def test_hostile_strings_are_escaped(offline_app: FastAPI) -> None:
                   refund_reason="\"><img src=x onerror=alert(1)>"))
         s.add(TimelineEntry(job_id=job_id, kind="fact", detail=json.dumps({"why": HOSTILE}), at=utcnow()))
         s.add(TimelineEntry(job_id=job_id, kind="<b>kind</b>", detail=HOSTILE, at=utcnow()))
-        s.add(Payout(id=f"{job_id}:reward:{HOSTILE}", job_id=job_id, payee="12" * 32, amount_msat=1_234_567,
-                     destination="none", state="needs_invoice", last_error=HOSTILE))
-        s.add(Payout(id=f"{job_id}:refund", job_id=job_id, payee="34" * 32, amount_msat=1, destination="bolt11:x",
+        s.add(Payout(id=f"{job_id}:reward:{HOSTILE}", kind=PayoutKind.REWARD, job_id=job_id, payee="12" * 32, amount_msat=1_234_567,
+                     destination_kind=DestinationKind.NONE, destination="", state="needs_invoice", last_error=HOSTILE))
+        s.add(Payout(id=f"{job_id}:refund", kind=PayoutKind.REFUND, job_id=job_id, payee="34" * 32,
+              amount_msat=1, destination_kind=DestinationKind.BOLT11, destination="x",
                      state="unknown"))
     async with signed_in(offline_app) as c:
         for path in ("/admin/jobs", "/admin/jobs?state=rejected", f"/admin/jobs/{job_id}", "/admin/payouts"):
@@ -365,7 +367,7 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
             payreq, h = await regtest.payee_invoice(target.amount_msat, memo="dashboard retry")
             async with market.sessions.begin() as s:
                 await s.execute(update(Payout).where(Payout.id == target.id).values(
-                    destination="bolt11:" + payreq, state="failed", attempts=3,
+                    destination_kind=DestinationKind.BOLT11, destination=payreq, state="failed", attempts=3,
                     last_error="no route (test)", updated_at=utcnow()))
             await page.reload()
             row = page.locator(f'tr[data-payout-id="{target.id}"]')

@@ -20,6 +20,7 @@ from service.lightning.client import PaymentStatus
 from service.nostr.models import Delivery
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import ModelRef, build_payee_invoice, build_result
+from service.payouts import PayoutKind
 from tests.conftest import Regtest, wait_until
 from tests.e2e.market import Market, publish, query, settle_payment, tag
 from tests.support.overpay import overpay
@@ -110,7 +111,7 @@ async def test_a_tie_goes_to_the_first_received_not_to_a_backdated_timestamp(mar
     await market.eval_request(job_ev.id)
     await market.score(job_ev.id, market.validators[0], {first.id: ("0.9", sha(b"model A")),
                                                         late.id: ("0.9", sha(b"model B"))})
-    rewarded = {p.payee for p in await market.released(job_ev.id) if ":reward:" in p.id}
+    rewarded = {p.payee for p in await market.released(job_ev.id) if p.kind == PayoutKind.REWARD}
     assert rewarded == {p1.public_key_hex}
 
 

@@ -1,4 +1,4 @@
-"""Fuzz target 3: the payout-invoice checks (``check_invoice`` in service/lightning/payouts.py,
+"""Fuzz target 3: the payout-invoice checks (``check_invoice`` in service/payouts/check.py,
 and the LNURL invoice check ``lnurl._check_invoice``).
 
 Inputs: BOLT11 invoices written with the ``bolt11`` package from random amounts,
@@ -47,10 +47,12 @@ from service.db import create_engine
 from service.lightning import errors, lnurl
 from service.lightning.client import PayReq
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
-from service.lightning.payouts import CheckedInvoice, CheckReason, InvoiceCheckError, PayoutPolicy, check_invoice
 from service.migrate import upgrade
+from service.payouts import CheckReason, DestinationKind, InvoiceCheckError, PayoutKind, PayoutPolicy
+from service.payouts.check import CheckedInvoice, check_invoice
 
-from . import harness, ref_bolt11 as ref
+from . import harness
+from . import ref_bolt11 as ref
 from .strategies import choose, weighted
 
 pytestmark = pytest.mark.timeout(harness.TIMEOUT)
@@ -115,7 +117,8 @@ class Checker:
                 s.add(LnInvoice(payment_hash=payment_hash, mode="hold", amount_msat=1000, payment_request="lnbcrt1x",
                                 expires_at=NOW + 3600))
             for payout_id in ("payout-1", "payout-2"):
-                s.add(Payout(id=payout_id, payee="ab" * 32, amount_msat=1000, destination="none", state="pending",
+                s.add(Payout(id=payout_id, kind=PayoutKind.REWARD, payee="ab" * 32, amount_msat=1000,
+                      destination_kind=DestinationKind.NONE, destination="", state="pending",
                              attempts=1, next_attempt_at=now))
             await s.flush()
             for payment_hash, (payout_id, state) in ATTEMPTS.items():

@@ -21,9 +21,24 @@ from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning.invoices import EscrowInvoices, HoldSizing, InvoiceModeError
 from service.nostr.protocol import EscrowTerms, Mode, Network
 from service.lightning.models import LnFact, LnInvoice, Payout, PayoutAttempt
-from service.lightning.payouts import CheckReason, InvoiceCheckError, PayoutPolicy, Payouts, check_invoice
 from service.lightning.settlement import SettlementWatcher
+from service.payouts import (
+    CheckReason,
+    Destination,
+    DestinationKind,
+    InvoiceCheckError,
+    InvoiceRefused,
+    InvoiceSource,
+    NewPayout,
+    PayoutKind,
+    PayoutPolicy,
+)
+from service.payouts.check import check_invoice
+from service.payouts.store import accept_invoice
+from service.payouts.store import create as create_payout
+from service.payouts.worker import Payouts
 from tests.conftest import Regtest, wait_until
+from tests.support.payouts import pay_due
 
 pytestmark = pytest.mark.lnd
 
@@ -96,17 +111,17 @@ async def test_hold_funding_settle_then_payout_to_payee(ln: Ln, regtest: Regtest
 
     payreq, h = await regtest.payee_invoice(120_000, memo="reward")
     async with ln.sessions.begin() as s:
-        assert await Payouts.create(s, payout_id="job-A:provider-1", payee="ab" * 32, amount_msat=120_000,
-                                    destination="bolt11:" + payreq, job_id=inv.job_id)
-        assert not await Payouts.create(s, payout_id="job-A:provider-1", payee="ab" * 32, amount_msat=120_000,
-                                        destination="bolt11:" + payreq), "idempotent by payout id"
-    [outcome] = await ln.payouts.process_due()
+        assert await create_payout(s, NewPayout("job-A:provider-1", inv.job_id, PayoutKind.REWARD, "ab" * 32,
+                                                120_000, Destination(DestinationKind.BOLT11, payreq)))
+        assert not await create_payout(s, NewPayout("job-A:provider-1", None, PayoutKind.REWARD, "ab" * 32,
+                                                    120_000, Destination(DestinationKind.BOLT11, payreq))), "idempotent by payout id"
+    [outcome] = await pay_due(ln.payouts)
     assert outcome.state == "succeeded", outcome
     p = await ln.payout("job-A:provider-1")
     assert p.state == "succeeded" and p.fee_msat == 0 and p.payment_hash == h.hex()
     assert hashlib.sha256(bytes.fromhex(p.preimage)).digest() == h
     assert (await regtest.payee.lookup_invoice(h)).state == InvoiceState.SETTLED
-    assert await ln.payouts.process_due() == [], "nothing left to pay"
+    assert await pay_due(ln.payouts) == [], "nothing left to pay"
 
 
 async def test_hold_cancel_restores_customer_balance(ln: Ln, regtest: Regtest) -> None:
@@ -278,8 +293,9 @@ async def test_payout_refused_for_each_bad_invoice_and_nothing_is_sent(ln: Ln, r
     amount = 25_000
     paid_req, paid_hash = await regtest.payee_invoice(amount)
     async with ln.sessions.begin() as s:
-        await Payouts.create(s, payout_id="first", payee="cd" * 32, amount_msat=amount, destination="bolt11:" + paid_req)
-    assert (await ln.payouts.process_due())[0].state == "succeeded"
+        await create_payout(s, NewPayout("first", None, PayoutKind.REWARD, "cd" * 32, amount,
+                                         Destination(DestinationKind.BOLT11, paid_req)))
+    assert (await pay_due(ln.payouts))[0].state == "succeeded"
 
     wrong_amount, wa_hash = await regtest.payee_invoice(amount + 1)
     expired = await regtest.payee.add_invoice(amount, expiry=1)
@@ -299,8 +315,9 @@ async def test_payout_refused_for_each_bad_invoice_and_nothing_is_sent(ln: Ln, r
     for i, (expected, payreq) in enumerate(cases):
         pid = f"bad-{i}"
         async with ln.sessions.begin() as s:
-            await Payouts.create(s, payout_id=pid, payee="cd" * 32, amount_msat=amount, destination="bolt11:" + payreq)
-        [outcome] = await ln.payouts.process_due()
+            await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, "cd" * 32, amount,
+                                             Destination(DestinationKind.BOLT11, payreq)))
+        [outcome] = await pay_due(ln.payouts)
         p = await ln.payout(pid)
         assert p.state == "needs_invoice" and p.last_error.startswith(expected.value), (expected, p.last_error)
         async with ln.sessions() as s:
@@ -331,14 +348,19 @@ async def test_check_invoice_refuses_amountless(ln: Ln, regtest: Regtest) -> Non
 
 async def test_payee_submits_new_invoice_after_refusal(ln: Ln, regtest: Regtest) -> None:
     async with ln.sessions.begin() as s:
-        await Payouts.create(s, payout_id="later", payee="ef" * 32, amount_msat=7_000)
+        await create_payout(s, NewPayout("later", "job", PayoutKind.REWARD, "ef" * 32, 7_000, Destination.none()))
     assert (await ln.payout("later")).state == "needs_invoice"
     wrong, _ = await regtest.payee_invoice(6_999)
-    with pytest.raises(InvoiceCheckError):
-        await ln.payouts.submit_invoice("later", wrong)
+    with pytest.raises(InvoiceRefused) as refused:
+        async with ln.sessions.begin() as s:
+            await accept_invoice(s, job_id="job", payee="ef" * 32, bolt11=wrong, amount_msat=None,
+                                 source=InvoiceSource.REST, network=POLICY.network)
+    assert refused.value.code == CheckReason.WRONG_AMOUNT
     good, h = await regtest.payee_invoice(7_000)
-    await ln.payouts.submit_invoice("later", good)
-    [outcome] = await ln.payouts.process_due()
+    async with ln.sessions.begin() as s:
+        await accept_invoice(s, job_id="job", payee="ef" * 32, bolt11=good, amount_msat=None,
+                             source=InvoiceSource.REST, network=POLICY.network)
+    [outcome] = await pay_due(ln.payouts)
     assert outcome.state == "succeeded" and (await ln.payout("later")).payment_hash == h.hex()
 
 
@@ -355,7 +377,8 @@ async def test_worker_killed_mid_payout_pays_exactly_once_after_restart(ln: Ln, 
     payreq, h = await regtest.payee_invoice(amount)
     pid = f"crash-{where}"
     async with ln.sessions.begin() as s:
-        await Payouts.create(s, payout_id=pid, payee="aa" * 32, amount_msat=amount, destination="bolt11:" + payreq)
+        await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, "aa" * 32, amount,
+                                         Destination(DestinationKind.BOLT11, payreq)))
     stack_json = str(Path(regtest.desc["dir"]) / "stack.json")
     r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tests.support.payout_crash", database_url,
                                                  stack_json, where], capture_output=True, text=True, timeout=120)
@@ -369,7 +392,7 @@ async def test_worker_killed_mid_payout_pays_exactly_once_after_restart(ln: Ln, 
     await asyncio.sleep(1.2)  # the dead worker's lease runs out
     outcomes = await ln.payouts.reconcile()
     assert [(o.payout_id, o.state) for o in outcomes] == [(pid, "succeeded")]
-    assert await ln.payouts.reconcile() == [] and await ln.payouts.process_due() == []
+    assert await ln.payouts.reconcile() == [] and await pay_due(ln.payouts) == []
     settled = await regtest.payee.lookup_invoice(h)
     assert settled.state == InvoiceState.SETTLED and settled.amt_paid_msat == amount, "paid once, not twice"
     tracked = [x async for x in regtest.escrow.track_payment(h)]

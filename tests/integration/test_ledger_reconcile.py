@@ -15,6 +15,7 @@ from service.ledger import service as L
 from service.lightning import reconcile as R
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.payouts import DestinationKind, PayoutKind
 from tests.conftest import Regtest, wait_until
 
 pytestmark = pytest.mark.lnd
@@ -133,7 +134,8 @@ async def test_real_payout_reconciles(books: Books) -> None:
     h = ph.hex()
     payout_id = f"{books.job[:16]}:reward"
     async with books.sessions.begin() as s:
-        s.add(Payout(id=payout_id, job_id=books.job, payee=PAYEE, amount_msat=39_000, destination=f"bolt11:{req}",
+        s.add(Payout(id=payout_id, kind=PayoutKind.REWARD, job_id=books.job, payee=PAYEE, amount_msat=39_000,
+              destination_kind=DestinationKind.BOLT11, destination=req,
                      state="succeeded", attempts=1, fee_msat=pay.fee_msat, payment_hash=h,
                      preimage=pay.preimage.hex()))
         await s.flush()
@@ -156,8 +158,9 @@ async def test_real_payout_reconciles(books: Books) -> None:
     # an attempt recorded as succeeded that LND never sent: found, and payouts pause
     ghost = secrets.token_hex(32)
     async with books.sessions.begin() as s:
-        s.add(Payout(id=f"{books.job[:16]}:ghost", job_id=books.job, payee=PAYEE, amount_msat=1_000,
-                     destination="none", state="succeeded", attempts=1, fee_msat=0, payment_hash=ghost))
+        s.add(Payout(id=f"{books.job[:16]}:ghost", kind=PayoutKind.REWARD, job_id=books.job, payee=PAYEE, amount_msat=1_000,
+                     destination_kind=DestinationKind.NONE, destination="", state="succeeded", attempts=1,
+fee_msat=0, payment_hash=ghost))
         await s.flush()
         s.add(PayoutAttempt(payment_hash=ghost, payout_id=f"{books.job[:16]}:ghost", payment_request="lnbcrt1",
                             fee_limit_msat=1_000, state="succeeded", fee_msat=0))

@@ -13,9 +13,12 @@ from sqlalchemy import select
 
 from service.db import create_engine, session_factory
 from service.lightning.models import Payout, PayoutAttempt
-from service.lightning.payouts import PayoutPolicy, Payouts
+from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.store import create as create_payout
+from service.payouts.worker import Payouts
 from tests.conftest import Regtest, wait_until
 from tests.support.lnbits import LnbitsPayee
+from tests.support.payouts import pay_due
 
 pytestmark = pytest.mark.lnd
 
@@ -31,9 +34,9 @@ async def payouts(regtest: Regtest, database_url: str):
 
 async def _payout(payouts: Payouts, pid: str, amount_msat: int, payreq: str) -> Payout:
     async with payouts.sessions.begin() as s:
-        await Payouts.create(s, payout_id=pid, payee="f0" * 32, amount_msat=amount_msat,
-                             destination="bolt11:" + payreq, job_id="0f" * 32)
-    await payouts.process_due()
+        await create_payout(s, NewPayout(pid, "0f" * 32, PayoutKind.REWARD, "f0" * 32, amount_msat,
+                                         Destination(DestinationKind.BOLT11, payreq)))
+    await pay_due(payouts)
     async with payouts.sessions() as s:
         return await s.get(Payout, pid)
 

@@ -20,7 +20,10 @@ import uvicorn
 from service.lightning import errors
 from service.lightning.client import InvoiceState, LndClient, PaymentStatus
 from service.lightning.lnurl import LnurlError, LnurlReason, fetch_invoice
+from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind
+from service.payouts.store import create as create_payout
 from tests.conftest import Regtest, free_port, wait_until
+from tests.support.payouts import pay_due
 
 pytestmark = pytest.mark.lnd
 
@@ -141,7 +144,8 @@ async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_on
     """The payout worker end to end: lud16 destination -> LNURL-pay -> checks -> SendPaymentV2."""
     from service.db import create_engine, session_factory
     from service.lightning.models import Payout
-    from service.lightning.payouts import PayoutPolicy, Payouts
+    from service.payouts import PayoutPolicy
+    from service.payouts.worker import Payouts
 
     engine = create_engine(database_url)
     sessions = session_factory(engine)
@@ -150,9 +154,9 @@ async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_on
                           PayoutPolicy(network="regtest", min_expiry_seconds=60, lnurl_allow_private=True),
                           our_pubkey=regtest.node("escrow")["pubkey"])
         async with sessions.begin() as s:
-            await Payouts.create(s, payout_id="lud16-reward", payee="bb" * 32, amount_msat=AMOUNT,
-                                 destination="lud16:" + lnurl_server.address("bob"))
-        [outcome] = await payouts.process_due()
+            await create_payout(s, NewPayout("lud16-reward", None, PayoutKind.REWARD, "bb" * 32, AMOUNT,
+                                             Destination(DestinationKind.LUD16, lnurl_server.address("bob"))))
+        [outcome] = await pay_due(payouts)
         assert outcome.state == "succeeded", outcome
         [h] = lnurl_server.invoices["bob"]
         async with sessions() as s:
@@ -160,6 +164,6 @@ async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_on
         assert p.payment_hash == h.hex()
         inv = await regtest.payee.lookup_invoice(h)
         assert inv.state == InvoiceState.SETTLED and inv.amt_paid_msat == AMOUNT
-        assert await payouts.process_due() == []
+        assert await pay_due(payouts) == []
     finally:
         await engine.dispose()

@@ -9,7 +9,6 @@ payee with the reason ``route_fee_exceeds_limit``.
 """
 from __future__ import annotations
 
-
 import pytest
 from sqlalchemy import select
 
@@ -17,8 +16,11 @@ from service.config import Settings
 from service.db import create_engine, session_factory
 from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
 from service.lightning.models import Payout, PayoutAttempt
-from service.lightning.payouts import PayoutPolicy, Payouts
+from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.store import create as create_payout
+from service.payouts.worker import Payouts
 from tests.conftest import Regtest
+from tests.support.payouts import pay_due
 
 pytestmark = pytest.mark.lnd
 
@@ -73,10 +75,10 @@ async def test_tiny_payout_through_an_expensive_payee_hop_is_refused_and_nothing
     inv = await regtest.payee2.add_invoice(amount, memo="validator fee", private=True)
     before = (await regtest.escrow.channel_balance()).local_msat
     async with sessions.begin() as s:
-        await Payouts.create(s, payout_id="job:validator:v", payee="a1" * 32, amount_msat=amount,
-                             destination="bolt11:" + inv.payment_request, job_id="b2" * 32)
+        await create_payout(s, NewPayout("job:validator:v", "b2" * 32, PayoutKind.VALIDATOR_FEE, "a1" * 32,
+                                         amount, Destination(DestinationKind.BOLT11, inv.payment_request)))
     payouts = Payouts(regtest.escrow, sessions, _policy(), our_pubkey=regtest.node("escrow")["pubkey"])
-    [outcome] = await payouts.process_due()
+    [outcome] = await pay_due(payouts)
     async with sessions() as s:
         p = await s.get(Payout, "job:validator:v")
         [attempt] = (await s.scalars(select(PayoutAttempt))).all()
@@ -97,12 +99,12 @@ async def test_a_payouts_own_fee_limit_caps_the_policy(regtest: Regtest, session
     first = await regtest.payee2.add_invoice(amount, memo="reward, own limit", private=True)
     second = await regtest.payee2.add_invoice(amount, memo="reward, policy limit", private=True)
     async with sessions.begin() as s:
-        await Payouts.create(s, payout_id="job:reward:capped", payee="c3" * 32, amount_msat=amount,
-                             destination="bolt11:" + first.payment_request, fee_limit_msat=9_000)
-        await Payouts.create(s, payout_id="job:reward:policy", payee="d4" * 32, amount_msat=amount,
-                             destination="bolt11:" + second.payment_request)
+        await create_payout(s, NewPayout("job:reward:capped", None, PayoutKind.REWARD, "c3" * 32, amount,
+                                         Destination(DestinationKind.BOLT11, first.payment_request), fee_limit_msat=9_000))
+        await create_payout(s, NewPayout("job:reward:policy", None, PayoutKind.REWARD, "d4" * 32, amount,
+                                         Destination(DestinationKind.BOLT11, second.payment_request)))
     payouts = Payouts(regtest.escrow, sessions, policy, our_pubkey=regtest.node("escrow")["pubkey"])
-    outcomes = {o.payout_id: o.state for o in await payouts.process_due()}
+    outcomes = {o.payout_id: o.state for o in await pay_due(payouts)}
     assert outcomes == {"job:reward:capped": "needs_invoice", "job:reward:policy": "succeeded"}
     async with sessions() as s:
         capped, paid = await s.get(Payout, "job:reward:capped"), await s.get(Payout, "job:reward:policy")

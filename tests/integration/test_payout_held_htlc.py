@@ -20,8 +20,10 @@ from service.db import create_engine, session_factory, utcnow
 from service.lightning import errors
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.lightning.models import Payout, PayoutAttempt
-from service.lightning.payouts import PayoutPolicy, Payouts
 from service.lightning.service import LightningService
+from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.store import create as create_payout
+from service.payouts.worker import Payouts
 from tests.conftest import Regtest, new_preimage, wait_until
 
 pytestmark = pytest.mark.lnd
@@ -40,8 +42,8 @@ async def sessions(database_url: str):
 
 async def _payout(sessions, pid: str, payee: str, payreq: str) -> None:  # noqa: ANN001
     async with sessions.begin() as s:
-        await Payouts.create(s, payout_id=pid, payee=payee, amount_msat=AMOUNT, destination="bolt11:" + payreq,
-                             job_id="ee" * 32)
+        await create_payout(s, NewPayout(pid, "ee" * 32, PayoutKind.REWARD, payee, AMOUNT,
+                                         Destination(DestinationKind.BOLT11, payreq)))
 
 
 async def _state(sessions, pid: str) -> Payout:  # noqa: ANN001
@@ -149,7 +151,8 @@ async def test_one_payouts_track_failing_or_held_does_not_stop_the_pass(regtest:
     t0 = utcnow() - timedelta(minutes=5)
     async with sessions.begin() as s:
         for i, (pid, h, req) in enumerate(rows):
-            s.add(Payout(id=pid, payee=f"{i:064x}", amount_msat=AMOUNT, destination="bolt11:" + req, state="unknown",
+            s.add(Payout(id=pid, kind=PayoutKind.REWARD, payee=f"{i:064x}", amount_msat=AMOUNT,
+                  destination_kind=DestinationKind.BOLT11, destination=req, state="unknown",
                          attempts=1, next_attempt_at=t0 + timedelta(seconds=i)))
             await s.flush()
             s.add(PayoutAttempt(payment_hash=h, payout_id=pid, payment_request=req, fee_limit_msat=0, state="unknown",

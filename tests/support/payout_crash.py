@@ -13,7 +13,9 @@ import sys
 
 from service.db import create_engine, session_factory
 from service.lightning.client import LndClient
-from service.lightning.payouts import PayoutPolicy, Payouts
+from service.payouts import PayoutPolicy
+from service.payouts.worker import Payouts
+from tests.support.payouts import pay_due
 
 DIE = 9
 
@@ -40,7 +42,7 @@ async def main(db_url: str, stack_json: str, where: str) -> None:
                        PayoutPolicy(network="regtest", min_expiry_seconds=60, lease_seconds=1.0),
                        our_pubkey=node["pubkey"])
     payouts.where = where
-    await payouts.process_due()
+    await pay_due(payouts)
     print("the worker was supposed to die", file=sys.stderr)
     sys.exit(1)
 

@@ -22,7 +22,7 @@ from service.escrow.engine import Engine, EngineConfig
 from service.escrow.models import Effect, Job, JobState
 from service.ledger import accounts
 from service.ledger import service as ledger
-from service.lightning.payouts import PayoutPolicy as LnPayoutPolicy
+from service.payouts import PayoutPolicy as LnPayoutPolicy
 from service.lightning.models import LnFact, LnInvoice, Payout
 from service.migrate import upgrade_async
 from service.nostr.inbox import Inbox
@@ -163,7 +163,7 @@ class World:
     async def payouts(self, fee: int, fail: bool) -> None:
         """Complete pending payouts as the payout worker would: LND never pays a route above the
         payment's fee limit, which the worker sets to the lower of the payout's own limit and the
-        policy's fraction of its amount (service/lightning/payouts.py); a payee may ask any fee."""
+        policy's fraction of its amount (service/payouts/types.py); a payee may ask any fee."""
         async with self.sessions.begin() as s:
             pending = (await s.scalars(select(Payout).where(Payout.state.in_(("pending", "needs_invoice"))))).all()
             for p in pending:

@@ -42,9 +42,12 @@ from service.ledger.models import LedgerReconciliation
 from service.lightning.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
 from service.lightning import errors
 from service.lightning.models import Payout, PayoutAttempt
-from service.lightning.payouts import PayoutPolicy, Payouts
 from service.migrate import upgrade_async
 from service.nostr.protocol.examples import regtest_invoice
+from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.store import create as create_payout
+from service.payouts.worker import Payouts
+from tests.support.payouts import pay_due
 
 H1, H2 = "a1" * 32, "b2" * 32
 
@@ -121,12 +124,12 @@ class UnreachableLnd:
 async def test_a_payout_claimed_while_lnd_is_unreachable_is_given_back_at_once(sessions) -> None:  # noqa: ANN001
     payreq = regtest_invoice("payee", 5_000, "c3" * 32, "reward", int(time.time()))
     async with sessions.begin() as s:
-        await Payouts.create(s, payout_id="job:reward:r1", payee="d4" * 32, amount_msat=5_000,
-                             destination="bolt11:" + payreq, job_id="e5" * 32)
+        await create_payout(s, NewPayout("job:reward:r1", "e5" * 32, PayoutKind.REWARD, "d4" * 32, 5_000,
+                                         Destination(DestinationKind.BOLT11, payreq)))
     payouts = Payouts(UnreachableLnd(), sessions, PayoutPolicy(network="regtest", retry_seconds=1.0),
                       our_pubkey="02" + "11" * 32)
     before = utcnow()
-    outcomes = await payouts.process_due()
+    outcomes = await pay_due(payouts)
     assert [o.state for o in outcomes] == ["pending"]
     async with sessions() as s:
         p = await s.get(Payout, "job:reward:r1")
@@ -173,10 +176,10 @@ class RefusingLnd:
 async def test_a_starting_node_is_not_a_refused_invoice(sessions, lnd, state: str) -> None:  # noqa: ANN001
     payreq = regtest_invoice("payee", 5_000, "f6" * 32, "reward", int(time.time()))
     async with sessions.begin() as s:
-        await Payouts.create(s, payout_id="job:validator:v1", payee="d4" * 32, amount_msat=5_000,
-                             destination="bolt11:" + payreq, job_id="e5" * 32)
+        await create_payout(s, NewPayout("job:validator:v1", "e5" * 32, PayoutKind.VALIDATOR_FEE, "d4" * 32,
+                                         5_000, Destination(DestinationKind.BOLT11, payreq)))
     payouts = Payouts(lnd, sessions, PayoutPolicy(network="regtest"), our_pubkey="02" + "11" * 32)
-    assert [o.state for o in await payouts.process_due()] == [state]
+    assert [o.state for o in await pay_due(payouts)] == [state]
 
 
 async def test_a_refused_payee_invoice_is_announced_again(tmp_path: Path) -> None:
@@ -195,7 +198,7 @@ async def test_a_refused_payee_invoice_is_announced_again(tmp_path: Path) -> Non
         for refusal in range(2):   # twice: each refusal is announced, not only the first
             async with world.sessions.begin() as s:   # the payee's invoice arrives (kind 7000 or REST), claimed
                 await s.execute(update(Payout).where(Payout.id == p.id).values(
-                    destination=f"bolt11:lnbcrt1invoice{refusal}", state="sending"))
+                    destination_kind=DestinationKind.BOLT11, destination=f"lnbcrt1invoice{refusal}", state="sending"))
             # ... and the worker's checks refuse it (no attempt made: the attempt count is unchanged)
             out = await payouts._finish(p.id, "needs_invoice", "invoice_expires_too_soon: invoice expires in 20 s")
             assert out.state == "needs_invoice"
@@ -220,8 +223,8 @@ async def test_a_payout_whose_attempt_succeeded_is_finished_not_paid_again(sessi
     from datetime import timedelta
     payreq = regtest_invoice("payee", 10_000, "a7" * 32, "validator fee", int(time.time()))
     async with sessions.begin() as s:
-        await Payouts.create(s, payout_id="job:validator:v", payee="b8" * 32, amount_msat=10_000,
-                             destination="bolt11:" + payreq, job_id="c9" * 32)
+        await create_payout(s, NewPayout("job:validator:v", "c9" * 32, PayoutKind.VALIDATOR_FEE, "b8" * 32,
+                                         10_000, Destination(DestinationKind.BOLT11, payreq)))
         # killed between _attempt_state(succeeded) and _finish(succeeded): lease run out
         await s.execute(update(Payout).where(Payout.id == "job:validator:v").values(
             state="sending", attempts=1, lease_until=utcnow() - timedelta(seconds=1)))

@@ -28,6 +28,7 @@ from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliatio
 from service.lightning import errors
 from service.lightning.client import ChannelBalance, FailureReason, Invoice, InvoiceState, Payment, PaymentStatus
 from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.payouts import DestinationKind, PayoutKind
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"),
             pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
@@ -630,7 +631,8 @@ async def add_invoice_row(s: AsyncSession, h: str, amount: int, job: str = JOB, 
 async def add_payout_rows(s: AsyncSession, h: str, amount: int, fee: int | None, payee: str = PAYEE,
                           job: str = JOB, state: str = "succeeded") -> None:
     pid = f"{job[:8]}:reward:{hx()[:16]}"   # ln_payouts.id is String(64)
-    s.add(Payout(id=pid, job_id=job, payee=payee, amount_msat=amount, destination="bolt11:x", state=state,
+    s.add(Payout(id=pid, kind=PayoutKind.REWARD, job_id=job, payee=payee, amount_msat=amount,
+          destination_kind=DestinationKind.BOLT11, destination="x", state=state,
                  fee_msat=fee, payment_hash=h))
     await s.flush()
     s.add(PayoutAttempt(payment_hash=h, payout_id=pid, payment_request="lnbcrt1", fee_limit_msat=10_000,

@@ -54,3 +54,40 @@ async def test_migrations_sqlite(database_url: str) -> None:
 @pytest.mark.postgres
 async def test_migrations_postgres(database_url: str) -> None:
     await _check(database_url)
+
+
+async def test_migration_0012_types_payout_kind_and_destination(tmp_path) -> None:  # noqa: ANN001
+    """0012 reads the kind, a reward's result and the destination's kind out of 0011's strings,
+    and its downgrade writes the strings back."""
+    from sqlalchemy import text
+
+    url = f"sqlite+aiosqlite:///{tmp_path / 'm.sqlite3'}"
+    await asyncio.to_thread(upgrade, url, "0011")
+    job = "ab" * 32
+    rows = {f"{job}:reward:{'cd' * 32}": "bolt11:lnbcrt1abc", f"{job}:validator:{'ef' * 32}": "none",
+            f"{job}:refund": "lud16:carol@example.org", f"{job}:overpaid": "lnurl:lnurl1xyz"}
+    engine = create_engine(url)
+    try:
+        async with engine.begin() as conn:
+            for pid, dest in rows.items():
+                await conn.execute(text(
+                    "INSERT INTO ln_payouts (id, job_id, payee, amount_msat, destination, state, attempts, "
+                    "needs_invoice_count, next_attempt_at, created_at, updated_at) VALUES (:id, :job, :payee, 1000, "
+                    ":dest, 'pending', 0, 0, '2026-01-01', '2026-01-01', '2026-01-01')"),
+                    {"id": pid, "job": job, "payee": "12" * 32, "dest": dest})
+        await asyncio.to_thread(upgrade, url, "0012")
+        async with engine.connect() as conn:
+            got = {r[0]: tuple(r[1:]) for r in (await conn.execute(text(
+                "SELECT id, kind, earned_by, destination_kind, destination FROM ln_payouts"))).all()}
+        assert got == {
+            f"{job}:reward:{'cd' * 32}": ("reward", "cd" * 32, "bolt11", "lnbcrt1abc"),
+            f"{job}:validator:{'ef' * 32}": ("validator_fee", None, "none", ""),
+            f"{job}:refund": ("refund", None, "lud16", "carol@example.org"),
+            f"{job}:overpaid": ("overpaid", None, "lnurl", "lnurl1xyz"),
+        }
+        await asyncio.to_thread(downgrade, url, "0011")
+        async with engine.connect() as conn:
+            back = dict((await conn.execute(text("SELECT id, destination FROM ln_payouts"))).all())
+        assert back == rows
+    finally:
+        await engine.dispose()

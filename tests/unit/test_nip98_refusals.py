@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 
 import httpx
@@ -23,9 +24,12 @@ from service.escrow.models import Job
 from service.lightning.models import Payout
 from service.nostr import nip98
 from service.nostr.nip01 import SecretKey, sign_event
+from service.nostr.protocol.examples import regtest_invoice
+from service.payouts import DestinationKind, PayoutKind
 
 BASE = "http://api.test"
-BOLT11 = "lnbcrt50u1" + "q" * 80
+# a real, signed regtest invoice for the payout (the route checks it before accepting it)
+BOLT11 = regtest_invoice("payee", 5_000_000, "a1" * 32, "reward", int(time.time()))
 
 
 @pytest.fixture
@@ -46,8 +50,8 @@ async def _job_with_payout(app: FastAPI, payee: str, job_id: str, state: str | N
     async with app.state.sessions.begin() as s:
         s.add(Job(id=job_id, customer="cd" * 32, state="releasing", request_raw="{}"))
         if state is not None:
-            s.add(Payout(id=f"{job_id}:reward:x", job_id=job_id, payee=payee, amount_msat=5_000_000,
-                         destination="none", state=state))
+            s.add(Payout(id=f"{job_id}:reward:x", kind=PayoutKind.REWARD, job_id=job_id, payee=payee, amount_msat=5_000_000,
+                         destination_kind=DestinationKind.NONE, destination="", state=state))
 
 
 async def _set(app: FastAPI, job_id: str, **values: object) -> None:
@@ -84,7 +88,7 @@ async def test_a_request_refused_with_404_cannot_be_replayed_later(app: FastAPI)
         r = await c.post(path, content=body, headers=headers)
         assert r.status_code == 404 and r.json()["code"] == "no_payout", r.text
         async with app.state.sessions.begin() as s:
-            s.add(Payout(id=f"{job_id}:reward:y", job_id=job_id, payee=payee.public_key_hex, amount_msat=5_000_000,
-                         destination="none", state="needs_invoice"))
+            s.add(Payout(id=f"{job_id}:reward:y", kind=PayoutKind.REWARD, job_id=job_id, payee=payee.public_key_hex, amount_msat=5_000_000,
+                         destination_kind=DestinationKind.NONE, destination="", state="needs_invoice"))
         r = await c.post(path, content=body, headers=headers)
         assert r.status_code == 401 and r.json()["code"] == "replayed", r.text

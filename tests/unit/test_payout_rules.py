@@ -13,7 +13,18 @@ from sqlalchemy.exc import IntegrityError
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.lightning.models import Payout
-from service.lightning.payouts import CheckReason, PayoutPolicy, PayoutReason, Payouts, why
+from service.payouts import (
+    CheckReason,
+    Destination,
+    DestinationKind,
+    NewPayout,
+    PayoutKind,
+    PayoutPolicy,
+    PayoutReason,
+    why,
+)
+from service.payouts.store import create as create_payout
+from service.payouts.worker import Payouts
 
 
 def test_the_removed_fee_floor_is_refused_with_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +91,8 @@ async def sessions(database_url: str):
 async def _create(sessions, rows: list[tuple[str, str]]) -> None:  # noqa: ANN001
     async with sessions.begin() as s:
         for pid, payee in rows:
-            await Payouts.create(s, payout_id=pid, payee=payee, amount_msat=1_000, destination="bolt11:lnbcrt1x")
+            await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, payee, 1_000,
+                                             Destination(DestinationKind.BOLT11, "lnbcrt1x")))
 
 
 async def test_claims_take_one_payout_per_payee_and_none_of_a_busy_payee(sessions) -> None:  # noqa: ANN001

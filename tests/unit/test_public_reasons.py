@@ -19,6 +19,7 @@ from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job, TimelineEntry
 from service.lightning import lnurl
 from service.lightning.models import Payout
+from service.payouts import DestinationKind, PayoutKind
 
 TOKEN = "admin-token-0123456789-abcdefghijklmnop"
 JOB = "ab" * 32
@@ -49,8 +50,9 @@ async def test_public_job_view_shows_the_code_and_the_admin_the_text(app: FastAP
     assert "10.1.2.3" in text and "internal-db.corp" in text
     async with app.state.sessions.begin() as s:
         s.add(Job(id=JOB, customer="cd" * 32, state="refunding", request_raw="{}"))
-        s.add(Payout(id=f"{JOB}:refund", job_id=JOB, payee="cd" * 32, amount_msat=5_000,
-                     destination="lud16:carol@internal-db.corp", state="failed", attempts=3, last_error=text))
+        s.add(Payout(id=f"{JOB}:refund", kind=PayoutKind.REFUND, job_id=JOB, payee="cd" * 32, amount_msat=5_000,
+                     destination_kind=DestinationKind.LUD16, destination="carol@internal-db.corp",
+state="failed", attempts=3, last_error=text))
         s.add(TimelineEntry(job_id=JOB, kind="payment", at=utcnow(),
                             detail=json.dumps({"payout": f"{JOB}:refund", "state": "needs_invoice", "why": text})))
         s.add(TimelineEntry(job_id=JOB, kind="effect", at=utcnow(),

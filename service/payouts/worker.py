@@ -1,4 +1,4 @@
-"""Payouts: checked invoices, write-ahead attempts, tracking before any resend, reconciliation.
+"""The payout worker: checked invoices, write-ahead attempts, tracking before any resend, reconciliation.
 
 Life of a payout (``ln_payouts``)::
 
@@ -6,11 +6,11 @@ Life of a payout (``ln_payouts``)::
        ▲                  │  ├──► unknown ──(reconciler: LND's current view)──► succeeded | pending | needs_invoice
        │                  │  │      └── still in flight: looked at again later, less and less often
        │                  │  └──► failed (retry after a pause, bounded) ──► needs_invoice
-       └──── payee submits a new invoice ◄───────────────────── needs_invoice
+       └──── payee submits a new invoice (store.accept_invoice) ◄────── needs_invoice
 
 Rules that keep money from leaving twice:
 
-1. Every invoice is checked before any attempt (:func:`check_invoice`): both our
+1. Every invoice is checked before any attempt (:func:`service.payouts.check.check_invoice`): both our
    bolt11 decoder and our node's ``DecodePayReq`` must read it the same way; the
    network matches; the amount is exactly the payout; it is not expired and will
    not expire within the payment window; its final CLTV is within the limit; it is
@@ -45,182 +45,44 @@ Rules that keep a hostile payee from hurting anyone else:
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple
 
-import bolt11
-from sqlalchemy import CursorResult, Result, and_, or_, select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.config import Settings
 from service.db import aware, insert_ignore, utcnow
 from service.lightning import errors
 from service.lightning.client import FailureReason, LndClient, Payment, PaymentStatus
-from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import Payout, PayoutAttempt
+from service.payouts.check import CheckedInvoice, check_invoice, may_reuse
+from service.payouts.store import rows_matched
+from service.payouts.types import (
+    AttemptState,
+    CheckReason,
+    DestinationKind,
+    InvoiceCheckError,
+    PayoutPolicy,
+    PayoutReason,
+    PayoutState,
+    why,
+)
 
 log = logging.getLogger(__name__)
 
-MAX_MSAT = 2_100_000_000_000_000_000
-NETWORK_OF = {"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest", "sb": "simnet"}
 FOLLOW_GRACE_SECONDS = 2.0    # a send is followed for the payout timeout plus this, then left `unknown`
 RECHECK_MAX_SECONDS = 600.0   # a payment still in flight is looked at again at least this often
 
 
-class CheckReason(enum.StrEnum):
-    UNDECODABLE = "invoice_undecodable"
-    NODE_REFUSED = "node_cannot_decode"
-    DECODERS_DISAGREE = "decoders_disagree"
-    WRONG_NETWORK = "wrong_network"
-    NO_AMOUNT = "amountless_invoice"
-    WRONG_AMOUNT = "wrong_amount"
-    EXPIRED = "invoice_expired"
-    EXPIRES_TOO_SOON = "invoice_expires_too_soon"
-    CLTV_TOO_LARGE = "final_cltv_too_large"
-    SELF_PAYMENT = "own_node_invoice"
-    HASH_REUSED = "payment_hash_used_before"
-
-
-class PayoutReason(enum.StrEnum):
-    """Why the worker handed a payout back (``needs_invoice``), retries it or left it ``unknown``,
-    besides the :class:`CheckReason` values; always the first word of ``Payout.last_error``."""
-    NO_DESTINATION = "no_destination"                    # no invoice yet: the payee must give one
-    ROUTE_FEE_EXCEEDS_LIMIT = "route_fee_exceeds_limit"  # handed back: a cheaper route is the payee's to offer
-    PAYEE_REJECTED = "payee_rejected_payment"            # handed back: its node refused (invoice canceled, unknown)
-    NO_ROUTE = "no_route"                                # retried: no route at all (liquidity, offline payee)
-    PAYMENT_FAILED = "payment_failed"                    # retried: LND's other failure reasons
-    INVOICE_FETCH_FAILED = "invoice_fetch_failed"        # retried: the LNURL service did not give an invoice
-    GAVE_UP = "gave_up"                                  # handed back after payout_max_attempts
-    IN_FLIGHT = "payment_in_flight"                      # unknown: LND has not finished it (e.g. a held HTLC)
-    OUTCOME_UNKNOWN = "payment_outcome_unknown"          # unknown: LND did not answer in time
-    NODE_UNAVAILABLE = "node_unavailable"                # pending: our node could not check the invoice
-
-
-def why(reason: CheckReason | PayoutReason, message: str) -> str:
-    """A ``last_error``: the stable reason code, then what a person needs to know (no secret)."""
-    return f"{reason.value}: {message}"[:300]
-
-
-def _may_reuse(prior_payout: str, prior_state: str, payout_id: str | None) -> bool:
-    """Whether a payout may send with a hash an attempt already has: only its own attempt that LND
-    failed or never initiated. (A hash belongs to one payout; LND retries only a FAILED payment.)"""
-    return prior_payout == payout_id and prior_state in ("failed", "not_initiated")
-
-
-class InvoiceCheckError(Exception):
-    def __init__(self, reason: CheckReason, message: str) -> None:
-        self.reason = reason
-        self.message = message
-        super().__init__(f"{reason.value}: {message}")
-
-
-@dataclass(frozen=True)
-class CheckedInvoice:
-    payment_request: str
-    payment_hash: str
-    amount_msat: int
-    destination: str
-    expires_at: int
-    final_cltv: int
-
-
-@dataclass(frozen=True)
-class PayoutPolicy:
-    network: str = "regtest"
-    fee_ppm: int = 5_000
-    fee_cap_msat: int = 5_000_000
-    timeout_seconds: int = 60
-    max_attempts: int = 3
-    retry_seconds: float = 60.0
-    min_expiry_seconds: int = 300
-    max_final_cltv: int = 288
-    cltv_limit: int = 432
-    lease_seconds: float = 300.0
-    lnurl_allow_private: bool = False
-    reconcile_budget_seconds: float = 5.0
-
-    @classmethod
-    def from_settings(cls, s: Settings) -> PayoutPolicy:
-        return cls(network=s.network, fee_ppm=s.payout_fee_ppm, fee_cap_msat=s.payout_fee_cap_msat,
-                   timeout_seconds=s.payout_timeout_seconds, max_attempts=s.payout_max_attempts,
-                   retry_seconds=s.payout_retry_seconds, min_expiry_seconds=s.payout_invoice_min_expiry_seconds,
-                   max_final_cltv=s.payout_max_final_cltv, cltv_limit=s.payout_cltv_limit,
-                   lease_seconds=s.payout_lease_seconds, lnurl_allow_private=s.lnurl_allow_private,
-                   reconcile_budget_seconds=s.payout_reconcile_budget_seconds)
-
-    def fee_limit(self, amount_msat: int, payout_limit_msat: int | None = None) -> int:
-        """The most a payout may spend on routing: its fraction (ppm), capped, and never more than
-        the engine's own limit for it. No floor: a 10-sat floor let a payee's route take 9.5 sat
-        from a 1-sat payout. 0 allows zero-fee routes only (a direct channel, for instance)."""
-        limit = min(self.fee_cap_msat, amount_msat * self.fee_ppm // 1_000_000)
-        return limit if payout_limit_msat is None else max(0, min(limit, payout_limit_msat))
-
-
-async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: str, *, amount_msat: int,
-                        policy: PayoutPolicy, our_pubkey: str, now: int | None = None,
-                        payout_id: str | None = None) -> CheckedInvoice:
-    """Every check before any attempt; raises InvoiceCheckError with the first failing reason."""
-    now = int(time.time()) if now is None else now
-    pr = payment_request.strip()
-    if pr.lower().startswith("lightning:"):
-        pr = pr[len("lightning:"):]
-    try:
-        ours = bolt11.decode(pr)
-    except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
-        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
-    network = NETWORK_OF.get(ours.currency, ours.currency)
-    if network != policy.network:
-        raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {network}, we pay on {policy.network}")
-    try:
-        node = await lnd.decode_pay_req(pr)
-    except errors.LndInvalidArgument as e:
-        raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
-    except errors.LndError as e:
-        # An unclassified error (code UNKNOWN) is the node refusing this invoice; a classified one
-        # (unavailable, starting up, timeout, ...) is about the node, not the invoice: raised.
-        if type(e) is errors.LndError and e.code is not None and e.code.name == "UNKNOWN":
-            raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
-        raise
-    if (node.payment_hash.hex() != ours.payment_hash or (ours.amount_msat or 0) != node.num_msat
-            or (ours.payee and ours.payee != node.destination)):
-        raise InvoiceCheckError(CheckReason.DECODERS_DISAGREE, "our decoder and the node read the invoice differently")
-    if not node.num_msat:
-        raise InvoiceCheckError(CheckReason.NO_AMOUNT, "invoice has no amount")
-    if node.num_msat != amount_msat:
-        raise InvoiceCheckError(CheckReason.WRONG_AMOUNT, f"invoice is for {node.num_msat} msat, payout is {amount_msat}")
-    expires_at = node.timestamp + node.expiry
-    if expires_at <= now:
-        raise InvoiceCheckError(CheckReason.EXPIRED, "invoice has expired")
-    if expires_at < now + policy.min_expiry_seconds:
-        raise InvoiceCheckError(CheckReason.EXPIRES_TOO_SOON,
-                                f"invoice expires in {expires_at - now} s; at least {policy.min_expiry_seconds} s needed")
-    if node.cltv_expiry > policy.max_final_cltv:
-        raise InvoiceCheckError(CheckReason.CLTV_TOO_LARGE,
-                                f"final CLTV {node.cltv_expiry} is over the limit {policy.max_final_cltv}")
-    if node.destination == our_pubkey:
-        raise InvoiceCheckError(CheckReason.SELF_PAYMENT, "the invoice is our own node's")
-    h = node.payment_hash.hex()
-    if await session.scalar(select(LnInvoice.payment_hash).where(LnInvoice.payment_hash == h)) is not None:
-        raise InvoiceCheckError(CheckReason.HASH_REUSED, "the payment hash is one of our own invoices")
-    prior = (await session.execute(select(PayoutAttempt.payout_id, PayoutAttempt.state)
-                                   .where(PayoutAttempt.payment_hash == h))).first()
-    if prior is not None and not _may_reuse(prior.payout_id, prior.state, payout_id):
-        raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash was used before")
-    return CheckedInvoice(pr, h, node.num_msat, node.destination, expires_at, node.cltv_expiry)
-
-
-# ---------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class Outcome:
+    """What a pass did to a payout: its state afterwards ("missing": no such row)."""
     payout_id: str
-    state: str
+    state: PayoutState | str
     detail: str = ""
 
 
@@ -242,51 +104,7 @@ class Payouts:
         self.on_outcome = on_outcome
         self._fresh: set[str] = set()   # hashes whose write-ahead row this process just created
 
-    # ---- creating and feeding payouts ------------------------------------------------
-    @staticmethod
-    async def create(session: AsyncSession, *, payout_id: str, payee: str, amount_msat: int,
-                     destination: str = "none", job_id: str | None = None,
-                     fee_limit_msat: int | None = None) -> bool:
-        """Add a payout in the caller's transaction; idempotent by ``payout_id``.
-
-        ``fee_limit_msat``: the most this payout may spend on routing (the worker uses the lower of
-        it and the policy's limit); None: the policy's alone."""
-        if not 0 < amount_msat <= MAX_MSAT:
-            raise ValueError("payout amount out of range")
-        if fee_limit_msat is not None and not 0 <= fee_limit_msat <= MAX_MSAT:
-            raise ValueError("payout fee limit out of range")
-        if destination != "none" and destination.split(":", 1)[0] not in ("bolt11", "lud16", "lnurl"):
-            raise ValueError("destination must be none, bolt11:…, lud16:… or lnurl:…")
-        now = utcnow()
-        res = await session.execute(insert_ignore(session, Payout.__table__).values(
-            id=payout_id, job_id=job_id, payee=payee, amount_msat=amount_msat, destination=destination,
-            state="pending" if destination != "none" else "needs_invoice", fee_limit_msat=fee_limit_msat,
-            attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
-        return _rows(res) == 1
-
-    async def submit_invoice(self, payout_id: str, payment_request: str) -> None:
-        """The payee's own invoice for a payout waiting for one; checked now, and again before paying.
-
-        A hash that another payout is paying with is refused by the worker (the attempt row is the
-        rule); this check only refuses early what it can already see."""
-        async with self.sessions.begin() as s:
-            p = await s.get(Payout, payout_id)
-            if p is None:
-                raise KeyError(payout_id)
-            if p.state not in ("needs_invoice", "pending"):
-                raise InvoiceCheckError(CheckReason.HASH_REUSED, f"payout is {p.state}; no new invoice accepted")
-            await check_invoice(self.lnd, s, payment_request, amount_msat=p.amount_msat, policy=self.policy,
-                                our_pubkey=self.our_pubkey, payout_id=payout_id)
-            await s.execute(update(Payout).where(Payout.id == payout_id,
-                                                 Payout.state.in_(("needs_invoice", "pending")))
-                            .values(destination="bolt11:" + payment_request.strip(), state="pending", attempts=0,
-                                    last_error=None, next_attempt_at=utcnow(), updated_at=utcnow()))
-
     # ---- the worker -------------------------------------------------------------------
-    async def process_due(self, limit: int = 20) -> list[Outcome]:
-        """Claim due payouts (compare-and-set) and pay them concurrently."""
-        return list(await asyncio.gather(*(self._pay(c.payout_id) for c in await self.claim_due(limit))))
-
     async def claim_due(self, limit: int, *, busy_payees: Collection[str] = ()) -> list[Claim]:
         """Claim up to ``limit`` due payouts (compare-and-set, a lease each) for the caller to pay:
         at most one per payee, and none for ``busy_payees`` (those with a payment in flight here), so
@@ -294,39 +112,36 @@ class Payouts:
         now = utcnow()
         claimed: list[Claim] = []
         async with self.sessions.begin() as s:
-            q = (select(Payout.id, Payout.payee).where(Payout.state == "pending", Payout.next_attempt_at <= now)
+            q = (select(Payout.id, Payout.payee).where(Payout.state == PayoutState.PENDING, Payout.next_attempt_at <= now)
                  .order_by(Payout.next_attempt_at).limit(limit))
             if busy_payees:
                 q = q.where(Payout.payee.not_in(list(busy_payees)))
-            if s.bind.dialect.name == "postgresql":
+            if s.get_bind().dialect.name == "postgresql":
                 q = q.with_for_update(skip_locked=True)   # replicas take disjoint rows without waiting
             for pid, payee in (await s.execute(q)).all():
                 if any(c.payee == payee for c in claimed):
                     continue   # its next payout waits for this one (the caller claims again when it is done)
-                res = await s.execute(update(Payout).where(Payout.id == pid, Payout.state == "pending")
-                                      .values(state="sending", updated_at=now,
+                res = await s.execute(update(Payout).where(Payout.id == pid, Payout.state == PayoutState.PENDING)
+                                      .values(state=PayoutState.SENDING, updated_at=now,
                                               lease_until=now + timedelta(seconds=self.policy.lease_seconds)))
-                if _rows(res) == 1:
+                if rows_matched(res) == 1:
                     claimed.append(Claim(pid, payee))
         return claimed
 
     async def pay(self, payout_id: str) -> Outcome:
         """Pay one claimed payout (see ``claim_due``)."""
-        return await self._pay(payout_id)
-
-    async def _pay(self, payout_id: str) -> Outcome:
         async with self.sessions() as s:
             p = await s.get(Payout, payout_id)
         if p is None:   # claimed by us a moment ago; payouts are never deleted
             raise LookupError(f"no payout {payout_id}")
-        kind, _, value = p.destination.partition(":")
+        kind = p.destination_kind
         try:
-            if kind == "bolt11":
-                payreq = value
-            elif kind in ("lud16", "lnurl"):
-                payreq = await self.fetch_invoice(value, p.amount_msat)
+            if kind is DestinationKind.BOLT11:
+                payreq = p.destination
+            elif kind in (DestinationKind.LUD16, DestinationKind.LNURL):
+                payreq = await self.fetch_invoice(p.destination, p.amount_msat)
             else:
-                return await self._finish(payout_id, "needs_invoice",
+                return await self._finish(payout_id, PayoutState.NEEDS_INVOICE,
                                           why(PayoutReason.NO_DESTINATION, "no invoice for this payout yet"))
         except Exception as e:  # noqa: BLE001 - a payee endpoint failing is the payee's problem, bounded
             return await self._retry_or_give_up(payout_id, p.attempts + 1,
@@ -341,15 +156,15 @@ class Payouts:
                                 .values(attempts=Payout.attempts + 1, updated_at=utcnow()))
         except InvoiceCheckError as e:
             log.warning("payout %s: invoice refused: %s", payout_id, e)
-            if kind == "bolt11":
-                return await self._finish(payout_id, "needs_invoice", why(e.reason, e.message))
+            if kind is DestinationKind.BOLT11:
+                return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, why(e.reason, e.message))
             return await self._retry_or_give_up(payout_id, p.attempts + 1, why(e.reason, e.message))
         except errors.LndError as e:
             # Our node did not answer a check (DecodePayReq): the write-ahead rolled back with the
             # transaction, so no payment can exist. Give the claim back now; left `sending`, the
             # payout would wait for its lease to run out and the reconciler's next pass.
             log.info("payout %s: node unavailable while checking the invoice: %s", payout_id, e)
-            return await self._finish(payout_id, "pending",
+            return await self._finish(payout_id, PayoutState.PENDING,
                                       why(PayoutReason.NODE_UNAVAILABLE, f"checking the invoice: {type(e).__name__}"),
                                       retry=True)
         if fresh:
@@ -366,17 +181,17 @@ class Payouts:
         now = utcnow()
         res = await s.execute(insert_ignore(s, PayoutAttempt.__table__).values(
             payment_hash=checked.payment_hash, payout_id=payout_id, payment_request=checked.payment_request,
-            fee_limit_msat=fee_limit, state="sending", created_at=now, updated_at=now))
-        if _rows(res) == 1:
+            fee_limit_msat=fee_limit, state=AttemptState.SENDING, created_at=now, updated_at=now))
+        if rows_matched(res) == 1:
             return True
         prior = (await s.execute(select(PayoutAttempt.payout_id, PayoutAttempt.state)
                                  .where(PayoutAttempt.payment_hash == checked.payment_hash))).one()
-        if _may_reuse(prior.payout_id, prior.state, payout_id):
+        if may_reuse(prior.payout_id, prior.state, payout_id):
             res = await s.execute(update(PayoutAttempt).where(PayoutAttempt.payment_hash == checked.payment_hash,
                                                               PayoutAttempt.payout_id == payout_id,
                                                               PayoutAttempt.state == prior.state)
-                                  .values(state="sending", fee_limit_msat=fee_limit, failure=None, updated_at=now))
-            if _rows(res) == 1:
+                                  .values(state=AttemptState.SENDING, fee_limit_msat=fee_limit, failure=None, updated_at=now))
+            if rows_matched(res) == 1:
                 return False
         raise InvoiceCheckError(CheckReason.HASH_REUSED,
                                 "this payment hash is another payout's" if prior.payout_id != payout_id
@@ -414,8 +229,8 @@ class Payouts:
             except (errors.LndError, TimeoutError) as e:
                 return await self._unknown(payout_id, payment_hash, e)
         if payment is None and isinstance(refused, errors.InvoiceExpired):
-            await self._attempt_state(payment_hash, "not_initiated", failure="invoice expired")
-            return await self._finish(payout_id, "needs_invoice",
+            await self._attempt_state(payment_hash, AttemptState.NOT_INITIATED, failure="invoice expired")
+            return await self._finish(payout_id, PayoutState.NEEDS_INVOICE,
                                       why(CheckReason.EXPIRED, "the invoice expired before it was paid"))
         if payment is None:
             return await self._unknown(payout_id, payment_hash, refused)
@@ -425,10 +240,10 @@ class Payouts:
         """LND did not tell us the payment's fate in time: `unknown`, never `failed` (the reconciler asks)."""
         detail = why(PayoutReason.OUTCOME_UNKNOWN,
                      "no final state from LND" if e is None else f"{type(e).__name__}: {getattr(e, 'detail', '')}")
-        await self._attempt_state(payment_hash, "unknown", failure=detail[:200])
-        return await self._finish(payout_id, "unknown", detail)
+        await self._attempt_state(payment_hash, AttemptState.UNKNOWN, failure=detail[:200])
+        return await self._finish(payout_id, PayoutState.UNKNOWN, detail)
 
-    async def _follow(self, stream) -> Payment | None:  # noqa: ANN001
+    async def _follow(self, stream: AsyncIterator[Payment]) -> Payment | None:
         last = None
         async for p in stream:
             last = p
@@ -450,27 +265,27 @@ class Payouts:
 
     async def _settle_attempt(self, payout_id: str, payment_hash: str, payment: Payment) -> Outcome:
         if payment.status == PaymentStatus.SUCCEEDED:
-            await self._attempt_state(payment_hash, "succeeded", fee=payment.fee_msat,
+            await self._attempt_state(payment_hash, AttemptState.SUCCEEDED, fee=payment.fee_msat,
                                       preimage=payment.preimage.hex() if payment.preimage else None)
-            return await self._finish(payout_id, "succeeded", "", fee=payment.fee_msat, payment_hash=payment_hash,
+            return await self._finish(payout_id, PayoutState.SUCCEEDED, "", fee=payment.fee_msat, payment_hash=payment_hash,
                                       preimage=payment.preimage.hex() if payment.preimage else None)
         if payment.status == PaymentStatus.FAILED:
-            await self._attempt_state(payment_hash, "failed", failure=payment.failure_reason.name)
+            await self._attempt_state(payment_hash, AttemptState.FAILED, failure=payment.failure_reason.name)
             async with self.sessions() as s:
                 attempts = await s.scalar(select(Payout.attempts).where(Payout.id == payout_id)) or 0
             if payment.failure_reason == FailureReason.NO_ROUTE:
                 hand_back, detail = await self._why_no_route(payment_hash)
                 if hand_back:
-                    return await self._finish(payout_id, "needs_invoice", detail)
+                    return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, detail)
                 return await self._retry_or_give_up(payout_id, attempts, detail)
             if payment.failure_reason == FailureReason.INCORRECT_PAYMENT_DETAILS:
-                return await self._finish(payout_id, "needs_invoice", why(
+                return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, why(
                     PayoutReason.PAYEE_REJECTED, "the payee's node refused the payment (its invoice is unknown "
                                                  "to it, canceled or for another amount)"))
             return await self._retry_or_give_up(payout_id, attempts, why(
                 PayoutReason.PAYMENT_FAILED, f"LND's failure reason {payment.failure_reason.name}"))
-        await self._attempt_state(payment_hash, "unknown", failure=f"status {payment.status.name}")
-        return await self._finish(payout_id, "unknown", why(PayoutReason.IN_FLIGHT, f"payment {payment.status.name}"))
+        await self._attempt_state(payment_hash, AttemptState.UNKNOWN, failure=f"status {payment.status.name}")
+        return await self._finish(payout_id, PayoutState.UNKNOWN, why(PayoutReason.IN_FLIGHT, f"payment {payment.status.name}"))
 
     async def _why_no_route(self, payment_hash: str) -> tuple[bool, str]:
         """LND's NO_ROUTE covers "none within the fee limit" and "none at all": ask which (QueryRoutes
@@ -493,29 +308,30 @@ class Payouts:
                                                  "blocks of time lock" + ("" if fee is None else
                                                                           f" that worked (one costs {fee} msat)"))
 
-    async def _attempt_state(self, payment_hash: str, state: str, *, fee: int | None = None,
+    async def _attempt_state(self, payment_hash: str, state: AttemptState, *, fee: int | None = None,
                              preimage: str | None = None, failure: str | None = None) -> None:
         async with self.sessions.begin() as s:
             await s.execute(update(PayoutAttempt).where(PayoutAttempt.payment_hash == payment_hash,
-                                                        PayoutAttempt.state != "succeeded")
+                                                        PayoutAttempt.state != AttemptState.SUCCEEDED)
                             .values(state=state, fee_msat=fee, preimage=preimage, failure=failure,
                                     updated_at=utcnow()))
 
     async def _retry_or_give_up(self, payout_id: str, attempts: int, detail: str) -> Outcome:
         if attempts >= self.policy.max_attempts:
-            return await self._finish(payout_id, "needs_invoice",
+            return await self._finish(payout_id, PayoutState.NEEDS_INVOICE,
                                       why(PayoutReason.GAVE_UP, f"after {attempts} attempt(s); the last: {detail}"))
-        return await self._finish(payout_id, "pending", detail, retry=True, attempts=attempts)
+        return await self._finish(payout_id, PayoutState.PENDING, detail, retry=True, attempts=attempts)
 
-    async def _finish(self, payout_id: str, state: str, detail: str, *, fee: int | None = None,
+    async def _finish(self, payout_id: str, state: PayoutState, detail: str, *, fee: int | None = None,
                       payment_hash: str | None = None, preimage: str | None = None, retry: bool = False,
                       attempts: int | None = None) -> Outcome:
-        values: dict = {"state": state, "last_error": detail or None, "updated_at": utcnow(), "lease_until": None}
-        if state == "needs_invoice":   # a new outcome for the engine, whatever the attempt count
+        state = PayoutState(state)
+        values: dict[str, Any] = {"state": state, "last_error": detail or None, "updated_at": utcnow(), "lease_until": None}
+        if state is PayoutState.NEEDS_INVOICE:   # a new outcome for the engine, whatever the attempt count
             values["needs_invoice_count"] = Payout.needs_invoice_count + 1
-        if state == "succeeded":
+        if state is PayoutState.SUCCEEDED:
             values.update(fee_msat=fee, payment_hash=payment_hash, preimage=preimage, last_error=None)
-        if state == "unknown":       # the reconciler's next pass looks at it
+        if state is PayoutState.UNKNOWN:       # the reconciler's next pass looks at it
             values["next_attempt_at"] = utcnow()
         if retry:
             values["next_attempt_at"] = utcnow() + timedelta(seconds=self.policy.retry_seconds)
@@ -523,9 +339,9 @@ class Payouts:
             values["attempts"] = attempts
         async with self.sessions.begin() as s:
             res = await s.execute(update(Payout).where(Payout.id == payout_id,
-                                                       Payout.state.in_(("sending", "unknown")))
+                                                       Payout.state.in_((PayoutState.SENDING, PayoutState.UNKNOWN)))
                                   .values(**values))
-        if _rows(res) != 1:
+        if rows_matched(res) != 1:
             async with self.sessions() as s:
                 current = await s.scalar(select(Payout.state).where(Payout.id == payout_id))
             return Outcome(payout_id, current or "missing", "state changed elsewhere")
@@ -547,8 +363,8 @@ class Payouts:
         now = utcnow()
         async with self.sessions() as s:
             rows = (await s.scalars(select(Payout.id).where(or_(
-                and_(Payout.state == "unknown", Payout.next_attempt_at <= now),
-                and_(Payout.state == "sending", or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
+                and_(Payout.state == PayoutState.UNKNOWN, Payout.next_attempt_at <= now),
+                and_(Payout.state == PayoutState.SENDING, or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
                 .order_by(Payout.next_attempt_at).limit(limit))).all()
         outcomes = []
         for pid in rows:
@@ -562,7 +378,7 @@ class Payouts:
                 log.warning("payout %s: not resolved within its budget (%s); looked at again next pass", pid,
                             type(e).__name__)
                 continue
-            except Exception:  # noqa: BLE001 - one payout's trouble must not keep the others unresolved
+            except Exception:  # one payout's trouble must not keep the others unresolved
                 log.exception("payout %s: reconciliation failed; the others go on", pid)
                 continue
             if outcome is not None:
@@ -576,30 +392,30 @@ class Payouts:
         hold = now + timedelta(seconds=2 * self.policy.reconcile_budget_seconds)
         async with self.sessions.begin() as s:
             taken = await s.execute(update(Payout).where(Payout.id == pid, or_(
-                and_(Payout.state == "unknown", Payout.next_attempt_at <= now),
-                and_(Payout.state == "sending", or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
-                .values(state="unknown", lease_until=None, next_attempt_at=hold, updated_at=now))
-        if _rows(taken) != 1:
+                and_(Payout.state == PayoutState.UNKNOWN, Payout.next_attempt_at <= now),
+                and_(Payout.state == PayoutState.SENDING, or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
+                .values(state=PayoutState.UNKNOWN, lease_until=None, next_attempt_at=hold, updated_at=now))
+        if rows_matched(taken) != 1:
             return None
         async with self.sessions() as s:
             paid = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.fee_msat, PayoutAttempt.preimage)
-                                    .where(PayoutAttempt.payout_id == pid, PayoutAttempt.state == "succeeded"))).first()
+                                    .where(PayoutAttempt.payout_id == pid, PayoutAttempt.state == AttemptState.SUCCEEDED))).first()
             attempt = (await s.execute(select(PayoutAttempt)
                                        .where(PayoutAttempt.payout_id == pid,
-                                              PayoutAttempt.state.in_(("sending", "unknown")))
+                                              PayoutAttempt.state.in_((AttemptState.SENDING, AttemptState.UNKNOWN)))
                                        .order_by(PayoutAttempt.created_at.desc()))).scalars().first()
         if paid is not None:
             # LND's SUCCEEDED was recorded on the attempt, then the worker died before the payout
             # row: finish it. (Sent back to pending, its invoice would be refused as used, the
             # payee asked for another one and paid twice: the sigkill drill did exactly that.)
-            return await self._finish(pid, "succeeded", "", fee=paid.fee_msat, payment_hash=paid.payment_hash,
+            return await self._finish(pid, PayoutState.SUCCEEDED, "", fee=paid.fee_msat, payment_hash=paid.payment_hash,
                                       preimage=paid.preimage)
         if attempt is None:
             # Claimed but nothing was written ahead: no payment can exist. Back to pending.
             async with self.sessions.begin() as s:
-                await s.execute(update(Payout).where(Payout.id == pid, Payout.state == "unknown")
-                                .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow()))
-            return Outcome(pid, "pending", "no attempt was written")
+                await s.execute(update(Payout).where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN)
+                                .values(state=PayoutState.PENDING, next_attempt_at=utcnow(), updated_at=utcnow()))
+            return Outcome(pid, PayoutState.PENDING, "no attempt was written")
         payment = await self._current(attempt.payment_hash)
         if payment is None and allow_send:
             # LND never initiated it: safe to send this attempt now (it was written ahead). Within
@@ -611,10 +427,10 @@ class Payouts:
         # look again after a quarter of its age so far, at least every RECHECK_MAX_SECONDS.
         age = (now - aware(attempt.updated_at)).total_seconds()
         async with self.sessions.begin() as s:
-            await s.execute(update(Payout).where(Payout.id == pid, Payout.state == "unknown").values(
+            await s.execute(update(Payout).where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN).values(
                 next_attempt_at=now + timedelta(seconds=min(RECHECK_MAX_SECONDS, max(0.0, age / 4)))))
         status = "not sent (payouts paused)" if payment is None else payment.status.name
-        return Outcome(pid, "unknown", why(PayoutReason.IN_FLIGHT, f"payment {status}"))
+        return Outcome(pid, PayoutState.UNKNOWN, why(PayoutReason.IN_FLIGHT, f"payment {status}"))
 
     async def _fetch_lnurl(self, target: str, amount_msat: int) -> str:
         from service.lightning import lnurl
@@ -622,9 +438,3 @@ class Payouts:
                                             allow_private=self.policy.lnurl_allow_private,
                                             network=self.policy.network)
         return fetched.bolt11
-
-
-def _rows(result: Result) -> int:
-    """The rows an UPDATE or INSERT matched (the result of a DML statement is a CursorResult)."""
-    return cast(CursorResult, result).rowcount
-

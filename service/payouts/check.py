@@ -1,0 +1,139 @@
+"""Invoice checks: the offline one (any path that hands a payout an invoice) and the full one
+before every attempt (the worker; it asks our node too).
+
+Both refuse with a :class:`CheckReason`. The offline check runs inside the caller's transaction
+and never talks to the network (the engine's transaction must not wait on LND).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import bolt11
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.lightning import errors
+from service.lightning.client import LndClient
+from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.payouts.types import NETWORK_OF, AttemptState, CheckReason, InvoiceCheckError, PayoutPolicy
+
+
+@dataclass(frozen=True)
+class DecodedInvoice:
+    """What the offline check read from an invoice (our bolt11 decoder alone)."""
+    payment_request: str     # without a ``lightning:`` prefix, lower case
+    payment_hash: str
+    amount_msat: int
+    expires_at: int          # unix seconds
+
+
+@dataclass(frozen=True)
+class CheckedInvoice:
+    payment_request: str
+    payment_hash: str
+    amount_msat: int
+    destination: str
+    expires_at: int
+    final_cltv: int
+
+
+def normalize(payment_request: str) -> str:
+    """The invoice as stored and sent: trimmed, no ``lightning:`` URI prefix, lower case (BOLT11
+    is case-insensitive and its checksum is computed over the lower-case form)."""
+    pr = payment_request.strip().lower()
+    return pr.removeprefix("lightning:")
+
+
+def may_reuse(prior_payout: str, prior_state: AttemptState, payout_id: str | None) -> bool:
+    """Whether a payout may send with a hash an attempt already has: only its own attempt that LND
+    failed or never initiated. (A hash belongs to one payout; LND retries only a FAILED payment.)"""
+    return prior_payout == payout_id and AttemptState(prior_state).reusable
+
+
+def decode_offline(payment_request: str, *, network: str | None, now: int | None = None) -> DecodedInvoice:
+    """Decode and check what needs no node: BOLT11 itself, the network (unless None: an invoice
+    already checked once), an amount, not expired."""
+    now = int(time.time()) if now is None else now
+    pr = normalize(payment_request)
+    try:
+        ours = bolt11.decode(pr)
+    except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
+        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
+    theirs = NETWORK_OF.get(ours.currency, ours.currency)
+    if network is not None and theirs != network:
+        raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {theirs}, we pay on {network}")
+    if not ours.amount_msat:
+        raise InvoiceCheckError(CheckReason.NO_AMOUNT, "invoice has no amount")
+    expires_at = ours.date + ours.expiry
+    if expires_at <= now:
+        raise InvoiceCheckError(CheckReason.EXPIRED, "invoice has expired")
+    return DecodedInvoice(pr, ours.payment_hash, int(ours.amount_msat), expires_at)
+
+
+async def refuse_used_hash(session: AsyncSession, payment_hash: str, *, payout_id: str | None) -> None:
+    """A hash that is one of our own invoices', another payout's attempt's or a paid payout's is
+    refused. (Two payouts waiting with one invoice are both accepted: the write-ahead attempt row,
+    whose primary key is the hash, lets only one of them send.)"""
+    h = payment_hash
+    if await session.scalar(select(LnInvoice.payment_hash).where(LnInvoice.payment_hash == h)) is not None:
+        raise InvoiceCheckError(CheckReason.HASH_REUSED, "the payment hash is one of our own invoices")
+    prior = (await session.execute(select(PayoutAttempt.payout_id, PayoutAttempt.state)
+                                   .where(PayoutAttempt.payment_hash == h))).first()
+    if prior is not None and not may_reuse(prior.payout_id, prior.state, payout_id):
+        raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash was used before")
+    paid = await session.scalar(select(Payout.id).where(Payout.payment_hash == h))
+    if paid is not None and paid != payout_id:
+        raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash paid another payout")
+
+
+async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: str, *, amount_msat: int,
+                        policy: PayoutPolicy, our_pubkey: str, now: int | None = None,
+                        payout_id: str | None = None) -> CheckedInvoice:
+    """Every check before any attempt; raises InvoiceCheckError with the first failing reason.
+
+    Both our bolt11 decoder and our node's ``DecodePayReq`` must read the invoice the same way; the
+    network matches; the amount is exactly the payout; it is not expired and will not expire within
+    the payment window; its final CLTV is within the limit; it is not our own node's; its payment
+    hash was never used by us before."""
+    now = int(time.time()) if now is None else now
+    pr = payment_request.strip()
+    pr = pr[len("lightning:"):] if pr.lower().startswith("lightning:") else pr
+    try:
+        ours = bolt11.decode(pr)
+    except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
+        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
+    network = NETWORK_OF.get(ours.currency, ours.currency)
+    if network != policy.network:
+        raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {network}, we pay on {policy.network}")
+    try:
+        node = await lnd.decode_pay_req(pr)
+    except errors.LndInvalidArgument as e:
+        raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
+    except errors.LndError as e:
+        # An unclassified error (code UNKNOWN) is the node refusing this invoice; a classified one
+        # (unavailable, starting up, timeout, ...) is about the node, not the invoice: raised.
+        if type(e) is errors.LndError and e.code is not None and e.code.name == "UNKNOWN":
+            raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
+        raise
+    if (node.payment_hash.hex() != ours.payment_hash or (ours.amount_msat or 0) != node.num_msat
+            or (ours.payee and ours.payee != node.destination)):
+        raise InvoiceCheckError(CheckReason.DECODERS_DISAGREE, "our decoder and the node read the invoice differently")
+    if not node.num_msat:
+        raise InvoiceCheckError(CheckReason.NO_AMOUNT, "invoice has no amount")
+    if node.num_msat != amount_msat:
+        raise InvoiceCheckError(CheckReason.WRONG_AMOUNT, f"invoice is for {node.num_msat} msat, payout is {amount_msat}")
+    expires_at = node.timestamp + node.expiry
+    if expires_at <= now:
+        raise InvoiceCheckError(CheckReason.EXPIRED, "invoice has expired")
+    if expires_at < now + policy.min_expiry_seconds:
+        raise InvoiceCheckError(CheckReason.EXPIRES_TOO_SOON,
+                                f"invoice expires in {expires_at - now} s; at least {policy.min_expiry_seconds} s needed")
+    if node.cltv_expiry > policy.max_final_cltv:
+        raise InvoiceCheckError(CheckReason.CLTV_TOO_LARGE,
+                                f"final CLTV {node.cltv_expiry} is over the limit {policy.max_final_cltv}")
+    if node.destination == our_pubkey:
+        raise InvoiceCheckError(CheckReason.SELF_PAYMENT, "the invoice is our own node's")
+    h = node.payment_hash.hex()
+    await refuse_used_hash(session, h, payout_id=payout_id)
+    return CheckedInvoice(pr, h, node.num_msat, node.destination, expires_at, node.cltv_expiry)

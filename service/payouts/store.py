@@ -1,0 +1,152 @@
+"""Writes to ``ln_payouts`` from outside the worker, each in the caller's transaction: a new
+payout (:func:`create`), a payee's invoice (:func:`accept_invoice`), an operator's retry
+(:func:`retry`). With the worker (``service/payouts/worker.py``) these are the only writers of
+``ln_payouts`` and ``ln_payout_attempts`` (tests/unit/test_payout_writers.py checks it).
+
+Every path that gives a payout an invoice goes through :func:`accept_invoice` (the Nostr
+kind-7000 event, the NIP-98 REST route) or, for the invoice it already has, :func:`retry`: both
+check it offline with :func:`check.decode_offline` and the used-hash rule, and move the payout by
+compare-and-set. The full check (with our node's ``DecodePayReq``) comes again before paying.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sqlalchemy import CursorResult, Result, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.db import insert_ignore, utcnow
+from service.escrow import timeline
+from service.lightning.models import Payout
+from service.payouts.check import decode_offline, refuse_used_hash
+from service.payouts.types import (
+    MAX_MSAT,
+    AcceptReason,
+    CheckReason,
+    DestinationKind,
+    InvoiceCheckError,
+    InvoiceRefused,
+    InvoiceSource,
+    NewPayout,
+    PayoutState,
+    RetryReason,
+    RetryRefused,
+    why,
+)
+
+RETRYABLE = (PayoutState.FAILED, PayoutState.NEEDS_INVOICE)
+
+
+async def create(s: AsyncSession, p: NewPayout) -> bool:
+    """Add a payout in the caller's transaction; idempotent by ``p.id``: True if it is new.
+
+    One with no destination waits for the payee's invoice (``needs_invoice``); the others are due."""
+    if not 0 < p.amount_msat <= MAX_MSAT:
+        raise ValueError("payout amount out of range")
+    if p.fee_limit_msat is not None and not 0 <= p.fee_limit_msat <= MAX_MSAT:
+        raise ValueError("payout fee limit out of range")
+    now = utcnow()
+    waiting = p.destination.kind is DestinationKind.NONE
+    res = await s.execute(insert_ignore(s, Payout.__table__).values(
+        id=p.id, job_id=p.job_id, kind=p.kind, earned_by=p.earned_by, payee=p.payee, amount_msat=p.amount_msat,
+        destination_kind=p.destination.kind, destination=p.destination.value,
+        state=PayoutState.NEEDS_INVOICE if waiting else PayoutState.PENDING, fee_limit_msat=p.fee_limit_msat,
+        attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+    return rows_matched(res) == 1
+
+
+async def accept_invoice(s: AsyncSession, *, job_id: str, payee: str, bolt11: str, amount_msat: int | None,
+                         source: InvoiceSource, network: str, now: int | None = None) -> Payout:
+    """Give the payee's invoice to one of its payouts of this job that waits for one; returns it,
+    now ``pending``. Raises :class:`InvoiceRefused` with a stable code otherwise.
+
+    ``amount_msat``: the amount the payee says the invoice is for (the Nostr event states it), or
+    None (REST: the invoice's own amount picks the payout). ``network``: ours (``Settings.network``).
+    No call to our node: the worker checks the invoice in full before paying it.
+
+    A refused invoice for a payout this call could tell apart is noted on it (its ``last_error``
+    and a new needs_invoice outcome), so a payee that is not answered directly (Nostr) is asked
+    again with the reason; a caller that answers the payee itself rolls its transaction back."""
+    mine: Sequence[Payout] = (await s.scalars(
+        select(Payout).where(Payout.job_id == job_id, Payout.payee == payee)
+        .order_by(Payout.created_at, Payout.id))).all()
+    if not mine:
+        raise InvoiceRefused(AcceptReason.NO_PAYOUT, "this job owes nothing to this key")
+    waiting = [p for p in mine if p.state is PayoutState.NEEDS_INVOICE]
+    if not waiting:
+        raise InvoiceRefused(AcceptReason.NOT_WAITING, f"the payout is {mine[0].state}; no invoice is needed now")
+    if amount_msat is not None:
+        waiting = [p for p in waiting if p.amount_msat == amount_msat]
+        if not waiting:
+            raise InvoiceRefused(AcceptReason.NOT_WAITING,
+                                 f"no payout of {amount_msat} msat waits for this payee's invoice")
+    try:
+        inv = decode_offline(bolt11, network=network, now=now)
+        fits = [p for p in waiting if p.amount_msat == inv.amount_msat]
+        if not fits:
+            raise InvoiceCheckError(CheckReason.WRONG_AMOUNT, f"invoice is for {inv.amount_msat} msat, "
+                                    f"the payout is {' or '.join(str(p.amount_msat) for p in waiting)}")
+        target = fits[0]
+        await refuse_used_hash(s, inv.payment_hash, payout_id=target.id)
+    except InvoiceCheckError as e:
+        if len(waiting) == 1:
+            await _note_refusal(s, waiting[0], why(e.reason, e.message))
+        raise InvoiceRefused(e.reason, e.message) from None
+    res = await s.execute(update(Payout).where(Payout.id == target.id, Payout.state == PayoutState.NEEDS_INVOICE)
+                          .values(destination_kind=DestinationKind.BOLT11, destination=inv.payment_request,
+                                  state=PayoutState.PENDING, attempts=0, next_attempt_at=utcnow(),
+                                  updated_at=utcnow()))
+    if rows_matched(res) != 1:
+        raise InvoiceRefused(AcceptReason.CONFLICT, "the payout changed meanwhile")
+    await timeline.record(s, job_id, timeline.EntryKind.FACT, {
+        "event": "payee invoice" if source is InvoiceSource.NOSTR else f"payee invoice ({source.value.upper()})",
+        "payout": target.id, "payee": payee, "amount_msat": target.amount_msat})
+    await s.refresh(target)
+    return target
+
+
+async def _note_refusal(s: AsyncSession, p: Payout, last_error: str) -> None:
+    await s.execute(update(Payout).where(Payout.id == p.id, Payout.state == PayoutState.NEEDS_INVOICE)
+                    .values(last_error=last_error, needs_invoice_count=Payout.needs_invoice_count + 1,
+                            updated_at=utcnow()))
+
+
+async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> PayoutState:
+    """An operator's retry: a failed payout, or one handed back to its payee, is paid again with
+    the destination it has. Its invoice is checked offline first, as any invoice given to a payout
+    is (an expired or used one is refused here, not after a claim). Raises :class:`RetryRefused`.
+    (Only ``now`` is extra: a test's clock.)"""
+    p = await s.get(Payout, payout_id)
+    if p is None:
+        raise RetryRefused(RetryReason.NOT_FOUND, "no such payout")
+    if p.state is PayoutState.UNKNOWN:
+        raise RetryRefused(RetryReason.UNKNOWN, "an unknown payout is resolved by tracking it in LND, never retried")
+    if p.state not in RETRYABLE:
+        raise RetryRefused(RetryReason.NOT_RETRYABLE, f"payout is {p.state}")
+    if p.destination_kind is DestinationKind.NONE:
+        raise RetryRefused(RetryReason.NEEDS_INVOICE, "the payee has not given an invoice or address yet")
+    if p.destination_kind is DestinationKind.BOLT11:
+        try:
+            # (its network was checked when it was given, and the worker checks it again)
+            inv = decode_offline(p.destination, network=None, now=now)
+            if inv.amount_msat != p.amount_msat:
+                raise InvoiceCheckError(CheckReason.WRONG_AMOUNT,
+                                        f"invoice is for {inv.amount_msat} msat, payout is {p.amount_msat}")
+            await refuse_used_hash(s, inv.payment_hash, payout_id=p.id)
+        except InvoiceCheckError as e:
+            raise RetryRefused(e.reason, e.message) from None
+    res = await s.execute(update(Payout).where(Payout.id == payout_id, Payout.state.in_(RETRYABLE))
+                          .values(state=PayoutState.PENDING, attempts=0, last_error=None, next_attempt_at=utcnow(),
+                                  updated_at=utcnow()))
+    if rows_matched(res) != 1:
+        raise RetryRefused(RetryReason.CONFLICT, "the payout changed meanwhile")
+    if p.job_id is not None:
+        await timeline.record(s, p.job_id, timeline.EntryKind.PAYMENT,
+                              {"payout": p.id, "state": PayoutState.PENDING.value, "why": "retried by an operator"})
+    return PayoutState.PENDING
+
+
+def rows_matched(result: Result[Any]) -> int:
+    """The rows an UPDATE or INSERT matched (the result of a DML statement is a CursorResult)."""
+    return result.rowcount if isinstance(result, CursorResult) else 0
