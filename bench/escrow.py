@@ -168,7 +168,6 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
     from sqlalchemy import text
 
     from service.db import create_engine, session_factory
-    from service.payouts.worker import Payouts
     escrow, payee = client(desc, "escrow"), client(desc, "payee")
     engine = create_engine(db_url)
     sessions = session_factory(engine)

@@ -24,7 +24,7 @@ from service.leader import Leadership
 from service.lightning import webhook
 from service.lightning.client import LndClient
 from service.lightning.errors import LndError
-from service.lightning.service import LightningService
+from service.node import LightningService
 from service.nostr.keys import load_or_create, parse_secret
 from service.nostr.nip01 import SecretKey
 from service.nostr.outbox import PublisherConfig

@@ -13,7 +13,7 @@
   succeeded payout and a ``payout:<hash>`` posting.
 - **ledger imbalance**: the sum of |amount| over ``check_invariants`` violations, with the
   drill's closed jobs required at zero (``closed_job_balance``).
-- **reconciliation**: ``service.lightning.reconcile`` against the escrow node (a dry run).
+- **reconciliation**: ``service.reconcile`` against the escrow node (a dry run).
 - **unpaid**: payees of closed jobs whose invoice the payee node does not show settled.
 """
 from __future__ import annotations
@@ -31,8 +31,9 @@ from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting
 from service.lightning import errors as lnerr
 from service.lightning.client import InvoiceState
-from service.lightning.models import LnFact, Payout, PayoutAttempt
-from service.lightning.reconcile import reconcile
+from service.lightning.models import LnFact
+from service.payouts.models import Payout, PayoutAttempt
+from service.reconcile import reconcile
 
 
 async def _payments(parts: StackParts, node: str) -> list[dict]:

@@ -22,7 +22,8 @@ from service.api.admin import check_bearer, usable
 from service.api.errors import ApiError
 from service.escrow.models import Job, JobState
 from service.lightning import webhook
-from service.lightning.models import LnFact, LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnFact, LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.nostr.models import InboxEvent, RejectedEvent
 
 router = APIRouter(include_in_schema=False)

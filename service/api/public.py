@@ -20,6 +20,7 @@ from service.nostr import nip98
 from service.nostr.nip01 import EventError, verify_event
 from service.nostr.nip19 import encode_npub
 from service.nostr.protocol import KIND_JOB_REQUEST
+from service.escrow import timeline
 from service.nostr.kinds import INTAKE_KINDS
 from service.payouts import AcceptReason, CheckReason, InvoiceRefused, InvoiceSource
 from service.payouts import store as payouts
@@ -212,4 +213,6 @@ async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id:
         except InvoiceRefused as e:
             # raised inside the transaction: rolled back (the payee is answered here, not on Nostr)
             raise ApiError(_REFUSAL_STATUS.get(e.code, 422), e.code.value, e.message) from None
+        await timeline.record(s, job_id, timeline.EntryKind.FACT, {"event": "payee invoice (REST)", "payout": p.id,
+                                                                   "payee": auth.pubkey, "amount_msat": p.amount_msat})
     return PayoutInvoiceOut(payout_id=p.id, state=p.state.value, amount_msat=p.amount_msat)

@@ -18,7 +18,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service.escrow.models import Job, JobState, Result, ScoreRow, TimelineEntry
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
-from service.lightning.models import LnInvoice, Payout
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout
 from service.nostr.models import InboxEvent, RejectedEvent
 
 ATTENTION = ("unknown", "failed", "needs_invoice")

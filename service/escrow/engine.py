@@ -58,7 +58,8 @@ from service.ledger import accounts
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting
 from service.lightning.hold import HoldSizing
-from service.lightning.models import LnFact, LnInvoice, Payout
+from service.lightning.models import LnFact, LnInvoice
+from service.payouts.models import Payout
 from service.nostr import outbox
 from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
@@ -442,11 +443,13 @@ class Engine:
         if job is None:
             return "ignored: invoice for an unknown job"
         try:
-            await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
-                                         amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
-                                         network=self.config.network)
+            p = await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
+                                             amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
+                                             network=self.config.network)
         except InvoiceRefused as e:
             return await self._ignore(s, job.id, event, f"{e.code.value}: {e.message}")
+        await timeline.record(s, job.id, timeline.EntryKind.FACT, {"event": "payee invoice", "payout": p.id,
+                                                                   "payee": event.pubkey, "amount_msat": p.amount_msat})
         return "invoice accepted for checking"
 
     async def on_deletion(self, s: AsyncSession, event: Event) -> str:

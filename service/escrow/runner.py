@@ -28,7 +28,8 @@ from service.escrow.engine import Engine, payout_ref
 from service.escrow.models import Consumed, Effect, Job, JobState
 from service.lightning.errors import InvoiceStateError
 from service.lightning.invoices import EscrowInvoices
-from service.lightning.models import LnFact, LnInvoice, Payout
+from service.lightning.models import LnFact, LnInvoice
+from service.payouts.models import Payout
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
 from service.quarantine import LoopBackoff, Quarantine, RetryPolicy, Verdict, is_outage

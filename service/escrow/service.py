@@ -15,7 +15,7 @@ from service.escrow.models import Job, JobState
 from service.lightning.models import LnInvoice
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
 from service.lightning.invoices import HoldSizing
-from service.lightning.service import LightningService
+from service.node import LightningService
 from service.nostr import outbox
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event

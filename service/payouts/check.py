@@ -15,7 +15,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.lightning import errors
 from service.lightning.client import LndClient
-from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import NETWORK_OF, AttemptState, CheckReason, InvoiceCheckError, PayoutPolicy
 
 

@@ -17,8 +17,7 @@ from sqlalchemy import CursorResult, Result, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.db import insert_ignore, utcnow
-from service.escrow import timeline
-from service.lightning.models import Payout
+from service.payouts.models import Payout
 from service.payouts.check import decode_offline, refuse_used_hash
 from service.payouts.types import (
     MAX_MSAT,
@@ -99,9 +98,6 @@ async def accept_invoice(s: AsyncSession, *, job_id: str, payee: str, bolt11: st
                                   updated_at=utcnow()))
     if rows_matched(res) != 1:
         raise InvoiceRefused(AcceptReason.CONFLICT, "the payout changed meanwhile")
-    await timeline.record(s, job_id, timeline.EntryKind.FACT, {
-        "event": "payee invoice" if source is InvoiceSource.NOSTR else f"payee invoice ({source.value.upper()})",
-        "payout": target.id, "payee": payee, "amount_msat": target.amount_msat})
     await s.refresh(target)
     return target
 
@@ -141,9 +137,6 @@ async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> P
                                   updated_at=utcnow()))
     if rows_matched(res) != 1:
         raise RetryRefused(RetryReason.CONFLICT, "the payout changed meanwhile")
-    if p.job_id is not None:
-        await timeline.record(s, p.job_id, timeline.EntryKind.PAYMENT,
-                              {"payout": p.id, "state": PayoutState.PENDING.value, "why": "retried by an operator"})
     return PayoutState.PENDING
 
 

@@ -25,7 +25,7 @@ from service.escrow.models import Job, TimelineEntry
 from service.escrow.service import terms_from_settings
 from service.ledger import service as ledger
 from service.lightning.client import Payment
-from service.lightning.models import Payout
+from service.payouts.models import Payout
 from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (

@@ -32,7 +32,8 @@ from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job, TimelineEntry
 from service.lightning.client import InvoiceState
-from service.lightning.models import LnInvoice, Payout
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout
 from service.payouts import DestinationKind, PayoutKind
 from tests.conftest import ROOT, Regtest, free_port, wait_until
 from tests.e2e.market import Market, settle_payment

@@ -14,7 +14,7 @@ from service.db import create_engine, session_factory
 from service.escrow.models import Job
 from service.ledger import service as ledger
 from service.lightning.client import InvoiceState
-from service.lightning.models import Payout
+from service.payouts.models import Payout
 from tests.conftest import ROOT, Regtest, free_port
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]

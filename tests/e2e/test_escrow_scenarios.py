@@ -131,7 +131,7 @@ async def test_f_cancellation_before_funding(market: Market, regtest: Regtest) -
     job_ev = await market.post_job(market.job_spec())
     amount, bolt11 = await market.offer(job_ev.id)
     await market.delete(job_ev.id)
-    job = await market.wait_state(job_ev.id, "cancelled")
+    await market.wait_state(job_ev.id, "cancelled")
     h = bytes.fromhex(await market.invoice_hash(job_ev.id))
     await wait_until(lambda: _invoice_state(regtest, h, InvoiceState.CANCELED), 20, "invoice cancelled in LND")
     p = await regtest.customer_pays(bolt11)

@@ -22,7 +22,7 @@ from sqlalchemy import func, select
 
 from service.db import create_engine, session_factory
 from service.lightning.client import InvoiceState
-from service.lightning.models import PayoutAttempt
+from service.payouts.models import PayoutAttempt
 from tests.conftest import ROOT, Regtest, free_port, wait_until
 from tests.e2e.market import Market, publish, settle_payment
 

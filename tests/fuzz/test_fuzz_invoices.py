@@ -46,7 +46,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.db import create_engine
 from service.lightning import errors, lnurl
 from service.lightning.client import PayReq
-from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.migrate import upgrade
 from service.payouts import CheckReason, DestinationKind, InvoiceCheckError, PayoutKind, PayoutPolicy
 from service.payouts.check import CheckedInvoice, check_invoice

@@ -20,7 +20,8 @@ from service.lightning.guard import guard_once
 from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning.invoices import EscrowInvoices, HoldSizing, InvoiceModeError
 from service.nostr.protocol import EscrowTerms, Mode, Network
-from service.lightning.models import LnFact, LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnFact, LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.lightning.settlement import SettlementWatcher
 from service.payouts import (
     CheckReason,

@@ -12,9 +12,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from service.db import create_engine, session_factory
 from service.ledger import accounts as A
 from service.ledger import service as L
-from service.lightning import reconcile as R
+from service import reconcile as R
 from service.lightning.client import InvoiceState, PaymentStatus
-from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import DestinationKind, PayoutKind
 from tests.conftest import Regtest, wait_until
 

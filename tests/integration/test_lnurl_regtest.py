@@ -143,7 +143,7 @@ async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_on
         regtest: Regtest, lnurl_server: LnurlPayServer, database_url: str) -> None:
     """The payout worker end to end: lud16 destination -> LNURL-pay -> checks -> SendPaymentV2."""
     from service.db import create_engine, session_factory
-    from service.lightning.models import Payout
+    from service.payouts.models import Payout
     from service.payouts import PayoutPolicy
     from service.payouts.worker import Payouts
 

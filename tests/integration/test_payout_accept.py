@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from service.db import create_engine, session_factory
 from service.escrow.models import TimelineEntry
-from service.lightning.models import Payout
+from service.payouts.models import Payout
 from service.payouts import (
     AcceptReason,
     CheckReason,

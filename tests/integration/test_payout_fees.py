@@ -15,7 +15,7 @@ from sqlalchemy import select
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
-from service.lightning.models import Payout, PayoutAttempt
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts

@@ -19,8 +19,8 @@ from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.lightning import errors
 from service.lightning.client import InvoiceState, PaymentStatus
-from service.lightning.models import Payout, PayoutAttempt
-from service.lightning.service import LightningService
+from service.payouts.models import Payout, PayoutAttempt
+from service.node import LightningService
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts

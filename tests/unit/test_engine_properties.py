@@ -23,7 +23,8 @@ from service.escrow.models import Effect, Job, JobState
 from service.ledger import accounts
 from service.ledger import service as ledger
 from service.payouts import PayoutPolicy as LnPayoutPolicy
-from service.lightning.models import LnFact, LnInvoice, Payout
+from service.lightning.models import LnFact, LnInvoice
+from service.payouts.models import Payout
 from service.migrate import upgrade_async
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event

@@ -7,7 +7,6 @@ table must leave the state unchanged.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 from sqlalchemy import select

@@ -34,14 +34,14 @@ import grpc
 import pytest
 from sqlalchemy import func, select, update
 
-import service.lightning.service as lightning_service
+import service.node as lightning_service
 from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import JobState, TimelineEntry
 from service.ledger.models import LedgerReconciliation
-from service.lightning.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
+from service.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
 from service.lightning import errors
-from service.lightning.models import Payout, PayoutAttempt
+from service.payouts.models import Payout, PayoutAttempt
 from service.migrate import upgrade_async
 from service.nostr.protocol.examples import regtest_invoice
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy

@@ -146,7 +146,7 @@ def test_the_service_imports_without_numpy_and_scikit_learn() -> None:
         for p in SERVICE.rglob("*.py")
         if not module_name(p).startswith(("service.agents.", "service.demo"))
     )
-    assert {"service.app", "service.cli", "service.escrow.engine", "service.lightning.payouts"} <= set(modules)
+    assert {"service.app", "service.cli", "service.escrow.engine", "service.payouts.worker"} <= set(modules)
     r = run_without_ml(f"""
         import importlib
         for name in {modules!r}:

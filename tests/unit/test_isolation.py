@@ -23,7 +23,8 @@ from service.db import create_engine, session_factory, utcnow
 from service.escrow.engine import payout_ref
 from service.escrow.models import Job
 from service.escrow.runner import EngineRunner, timer_ref
-from service.lightning.models import LnFact, Payout
+from service.lightning.models import LnFact
+from service.payouts.models import Payout
 from service.nostr.inbox import Inbox
 from service.nostr.models import InboxEvent
 from service.quarantine import ItemFailure, Quarantine, RetryPolicy

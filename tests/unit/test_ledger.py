@@ -22,12 +22,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.db import create_engine, session_factory, utcnow
 from service.ledger import accounts as A
-from service.lightning import reconcile as R
+from service import reconcile as R
 from service.ledger import service as L
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning import errors
 from service.lightning.client import ChannelBalance, FailureReason, Invoice, InvoiceState, Payment, PaymentStatus
-from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import DestinationKind, PayoutKind
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"),

@@ -21,7 +21,7 @@ from sqlalchemy import update
 from service.app import create_app
 from service.config import Settings
 from service.escrow.models import Job
-from service.lightning.models import Payout
+from service.payouts.models import Payout
 from service.nostr import nip98
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol.examples import regtest_invoice

@@ -12,7 +12,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service.config import Settings
 from service.db import create_engine, session_factory
-from service.lightning.models import Payout
+from service.payouts.models import Payout
 from service.payouts import (
     CheckReason,
     Destination,

@@ -1,4 +1,4 @@
-"""The running Lightning layer: settlement watcher, deadline guard and payout worker."""
+"""The running Lightning side (service/node.py): settlement watcher, deadline guard, payout worker and reconcilers."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +14,7 @@ from service.lightning.client import LndClient
 from service.lightning.errors import LndError
 from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
-from service.lightning.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
+from service.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
 from service.payouts.types import PayoutPolicy
 from service.payouts.worker import Outcome, Payouts
 from service.lightning.settlement import SettlementWatcher

@@ -48,7 +48,8 @@ from service.ledger import accounts
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning import errors
 from service.lightning.client import InvoiceState, LndClient, Payment, PaymentStatus
-from service.lightning.models import LnInvoice, Payout, PayoutAttempt
+from service.lightning.models import LnInvoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import AttemptState
 from service.db import utcnow
 
