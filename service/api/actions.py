@@ -95,14 +95,14 @@ async def _reset_delivery(s: AsyncSession, ref: str) -> int:
 
 # What a replay must undo in the item itself, for the sources whose items keep a state of
 # their own (the others are skipped only through their row here, which the replay deletes).
-_RESETS: dict[str, quarantine.Reset] = {
+REPLAY_RESETS: dict[str, quarantine.Reset] = {
     "inbox": _reset_inbox, "effect": _reset_effect, "publisher": _reset_delivery}
 
 
 async def replay_quarantined(s: AsyncSession, source: str, ref: str, reason: str) -> str:
     """Clear an item's quarantine (after a fix): its loop processes it again at once."""
     try:
-        await quarantine.replay(s, source, ref, _RESETS.get(source))
+        await quarantine.replay(s, source, ref, REPLAY_RESETS.get(source))
     except quarantine.NotQuarantined as e:
         raise ActionRefused(e.code, e.message) from None
     await audit(s, "replay_quarantined", f"{source}/{ref}", reason, "pending")

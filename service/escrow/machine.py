@@ -135,7 +135,9 @@ class FactKind(enum.StrEnum):
 # ---------------------------------------------------------------------------- the table
 
 #: (state, fact) -> the states that fact may move a job in that state to. A pair not in the
-#: table never changes the state (the fact is ignored, or only counted or booked).
+#: table never changes the state (the fact is ignored, or only counted or booked). "refunded"
+#: straight from a refund's start: less than a satoshi would go back (a routing reserve as
+#: large as the payment), booked as fee income.
 TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     (S.NEW, FactKind.REQUEST_ACCEPTED): frozenset({S.REQUESTED, S.REJECTED}),   # rejected: no mode fits
     (S.NEW, FactKind.REQUEST_REJECTED): frozenset({S.REJECTED}),
@@ -150,11 +152,10 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     (S.COLLECTING, FactKind.DEADLINE): frozenset({S.VALIDATING, S.REFUNDING, S.REFUNDED}),   # no results
     (S.COLLECTING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),    # the hold HTLC went back
     (S.COLLECTING, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
-    (S.VALIDATING, FactKind.SCORES): frozenset({S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED}),
-    (S.VALIDATING, FactKind.DEADLINE): frozenset({S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED}),
+    (S.VALIDATING, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    (S.VALIDATING, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
     (S.VALIDATING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
     (S.VALIDATING, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
-    (S.RELEASING, FactKind.SETTLED): frozenset({S.CLOSED}),                # nothing to pay out: closed at once
     (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),     # the hold expired before settling
     (S.RELEASING, FactKind.PAYOUT_SUCCEEDED): frozenset({S.CLOSED}),       # the last payout booked
     (S.REFUNDING, FactKind.SETTLED): frozenset({S.REFUNDED}),              # nothing left to send back
@@ -885,13 +886,16 @@ def _custodial_refund(b: _Builder, reason: str, outcome: str) -> str:
     view = b.view
     b.values["refund_reason"] = str(reason)
     held = b.held
-    back = rule.refundable(held, b.config.terms.routing_fee_ppm) if held > 0 else 0
-    if back <= 0:
+    if held <= 0:
         return _finish_refund(b, reason, view.bid_msat, outcome)
+    # Less than a satoshi back (after the reserve) cannot be paid: it is booked as fee income.
+    back = rule.refundable(held, b.config.terms.routing_fee_ppm)
     p = postings.refund(view.id, view.customer, held, back,
                         f"refund: {reason}; routing reserve and rounding {held - back} msat")
     if b.post(p):
         b.note(Note.POSTING, {"key": p.key, "lines": [list(x) for x in p.lines]})
+        if back <= 0:
+            return _finish_refund(b, reason, 0, outcome)
         _pay(b, NewPayout(f"{view.id}:refund", view.id, PayoutKind.REFUND, view.customer, back,
                           refund_destination(view), held - back))
     return outcome
@@ -900,8 +904,13 @@ def _custodial_refund(b: _Builder, reason: str, outcome: str) -> str:
 def _finish_refund(b: _Builder, reason: str, amount_msat: int, outcome: str) -> str:
     view = b.view
     b.move(S.REFUNDED, str(reason))
-    b.publish(build_refunded(Refunded(job_id=view.id, customer=view.customer, reason=str(reason),
-                                      amount_msat=amount_msat)))
+    if amount_msat > 0:
+        b.publish(build_refunded(Refunded(job_id=view.id, customer=view.customer, reason=str(reason),
+                                          amount_msat=amount_msat)))
+    else:   # nothing could go back (less than a satoshi after the route's reserve): say so
+        b.publish(build_error_feedback(ErrorFeedback(
+            job_id=view.id, customer=view.customer, reason="refund_too_small",
+            message=f"refunded ({reason}): less than a satoshi after the routing reserve; nothing was sent")))
     return outcome
 
 
@@ -949,8 +958,6 @@ def _release(b: _Builder, c: MachineConfig, outcome: str) -> str:
                                   "fee_income_at_release_msat": fee_income}
     for np in payouts:
         _pay(b, np)
-    if not payouts:
-        b.move(S.CLOSED, "nothing to pay out")
     return outcome
 
 
@@ -1040,3 +1047,32 @@ def _dispatch(b: _Builder, view: JobView, fact: Fact, now: int, c: MachineConfig
         case OperatorRefund():
             return _operator_refund(b, view, fact, now, c)
     raise TypeError(f"not a fact: {fact!r}")
+
+
+# ---------------------------------------------------------------------------- the table, for people
+
+def transition_table_markdown() -> str:
+    """:data:`TRANSITIONS` as the markdown table ``docs/escrow.md`` shows (a test checks it is current)."""
+    lines = ["| from | fact | to |", "|---|---|---|"]
+    for (state, kind), targets in TRANSITIONS.items():
+        order = [s for s in JobState if s in targets]
+        lines.append(f"| {state.value} | {kind.value} | {', '.join(s.value for s in order)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _update_doc(path: str) -> None:
+    begin, end = "<!-- transitions:begin -->", "<!-- transitions:end -->"
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"{head}{begin}\n{transition_table_markdown()}{end}{tail}")
+
+
+if __name__ == "__main__":   # python -m service.escrow.machine --update docs/escrow.md
+    import sys
+    if len(sys.argv) == 3 and sys.argv[1] == "--update":
+        _update_doc(sys.argv[2])
+    else:
+        print(transition_table_markdown(), end="")

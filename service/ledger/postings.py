@@ -120,8 +120,9 @@ def release(job_id: str, held_msat: int, owed: Lines, fee_income_msat: int, memo
 def refund(job_id: str, customer: str, held_msat: int, back_msat: int, memo: str) -> Posting:
     """Nothing accepted: the escrow account empties into the customer's refund (``back_msat``)
     and fee income (the refund route's reserve and the sub-satoshi rounding)."""
-    lines: list[tuple[str, int]] = [(accounts.escrow(job_id), held_msat),
-                                    (accounts.refund(customer, job_id), -back_msat)]
+    lines: list[tuple[str, int]] = [(accounts.escrow(job_id), held_msat)]
+    if back_msat:
+        lines.append((accounts.refund(customer, job_id), -back_msat))
     if held_msat - back_msat:
         lines.append((accounts.FEE_INCOME, -(held_msat - back_msat)))
     return Posting(refund_key(job_id), PostingKind.REFUND, job_id, tuple(lines), memo)

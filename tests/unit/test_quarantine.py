@@ -14,6 +14,7 @@ from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from service import quarantine
+from service.api import actions
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Effect
 from service.lightning.models import LnInvoice
@@ -171,7 +172,7 @@ async def test_replay_refusals_and_an_old_inbox_error(sessions) -> None:
         s.add(InboxEvent(id="ee" * 32, kind=5701, pubkey="p", created_at=1, raw="{}", source="t",
                          received_at=utcnow(), handled_at=utcnow(), outcome="error: KeyError: 'x'", attempts=3))
     async with sessions.begin() as s:
-        assert await quarantine.replay(s, "inbox", "ee" * 32) is None
+        assert await quarantine.replay(s, "inbox", "ee" * 32, actions.REPLAY_RESETS["inbox"]) is None
     async with sessions() as s:
         ev = await s.get(InboxEvent, "ee" * 32)
     assert (ev.handled_at, ev.outcome, ev.attempts) == (None, None, 0)

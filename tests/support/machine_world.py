@@ -1,0 +1,308 @@
+"""A pure model of one job and everything around it, for driving ``service.escrow.machine``.
+
+``World`` holds the machine's :class:`JobView` and what is true outside it: the escrow
+invoice in LND, the payout rows (as the payout package would write them), the ledger's
+balances and the clock. :func:`after` applies a plan the way ``Engine.apply`` does (a second,
+in-memory implementation: ``tests/unit/test_machine_vs_engine.py`` checks that they agree).
+:func:`actions` lists what can happen next (the facts the world can produce now), and
+:func:`violations` the invariants that fail.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
+
+from service.escrow import machine
+from service.escrow.machine import (
+    EffectKind,
+    Fact,
+    Funds,
+    JobState,
+    JobView,
+    MachineConfig,
+    PayoutView,
+    Plan,
+    ResultView,
+    ScoreView,
+)
+from service.ledger import accounts
+from service.nostr.nip01 import SecretKey, sign_event
+from service.nostr.protocol import (
+    Direction,
+    EscrowTerms,
+    JobSpec,
+    Mode,
+    Network,
+    PayoutPolicy,
+    Shard,
+    Validation,
+    build_job_request,
+    parse_job_request,
+)
+from service.payouts.types import Destination, DestinationKind, PayoutKind, PayoutState
+
+S = JobState
+T0 = 1_900_000_000
+FAKE_BOLT11 = "lnbcrt1" + "qpzry9x8gf2tvdw0s3jn54khce6mua7l" * 4   # shaped like an invoice; never paid
+TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=10_000, max_bid_msat=10_000_000_000,
+                    max_validators=5, max_shards=8, min_results_window_s=0, max_job_duration_s=30 * 86_400,
+                    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=86_400,
+                    min_payout_msat=1_000, max_results_per_shard=2, routing_fee_ppm=5_000)
+CONFIG = MachineConfig(terms=TERMS)
+#: A routing reserve as large as the payment: a refund would give back nothing.
+DUST = MachineConfig(terms=replace(TERMS, routing_fee_ppm=1_000_000))
+ESCROW = SecretKey(hashlib.sha256(b"machine escrow").digest())
+CUSTOMER = SecretKey(hashlib.sha256(b"machine customer").digest())
+STRANGER = SecretKey(hashlib.sha256(b"machine stranger").digest()).public_key_hex
+PROVIDERS = [SecretKey(hashlib.sha256(f"machine provider {i}".encode()).digest()).public_key_hex for i in range(3)]
+VALIDATORS = [SecretKey(hashlib.sha256(f"machine validator {i}".encode()).digest()).public_key_hex for i in range(2)]
+
+
+def request(*, shards: int, validators: int, mode: Mode, policy: str = "best", bid: int = 1_000_000,
+            validator_fee: int = 1_000, refund: str | None = "refund@wallet.example",
+            validation_in: int = 200, quorum: int | None = None) -> machine.RequestAccepted:
+    spec = JobSpec(escrow=ESCROW.public_key_hex, bid_msat=bid,
+                   shards=tuple(Shard(index=k, url=f"https://d.example/{k}") for k in range(shards)),
+                   validation=Validation("accuracy", Direction.MAX, Decimal("0.5"), quorum or validators),
+                   payout=PayoutPolicy(policy), results_deadline=T0 + 100, validation_deadline=T0 + validation_in,
+                   validators=tuple(VALIDATORS[:validators]), validator_fee_msat=validator_fee, mode=mode,
+                   refund=refund)
+    ev = sign_event(CUSTOMER, *build_job_request(spec, customer=CUSTOMER.public_key_hex), created_at=T0)
+    # (the codec's own hold-window check is skipped: the machine's mode rule is what is tested)
+    req = parse_job_request(ev, escrow_pubkey=ESCROW.public_key_hex, terms=replace(TERMS, max_hold_seconds=10**7),
+                            now=T0)
+    return machine.RequestAccepted(req, ev)
+
+
+Balances = tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class World:
+    view: JobView
+    request: machine.RequestAccepted
+    config: MachineConfig = CONFIG
+    now: int = T0
+    invoice: str = "none"          # none | open | accepted | settled | canceled (LND's view)
+    paid_msat: int = 0             # what the customer paid into our node (settled)
+    overpay_msat: int = 0          # paid beyond the invoice (LND accepts up to twice)
+    payouts: tuple[PayoutView, ...] = ()
+    balances: Balances = ()        # the ledger, per account
+    sent_msat: int = 0             # succeeded payouts, amounts
+    fees_msat: int = 0             # and their routing fees
+    effects: tuple[EffectKind, ...] = ()
+    published: int = 0
+    last: Fact | None = field(default=None, compare=False)
+    problems: tuple[str, ...] = ()
+
+    def balance(self, account: str) -> int:
+        return dict(self.balances).get(account, 0)
+
+
+def start(req: machine.RequestAccepted, *, overpay: int = 0, config: MachineConfig = CONFIG) -> World:
+    return World(view=JobView(id=req.request.id), request=req, overpay_msat=overpay, config=config)
+
+
+def _ledger_view(bal: dict[str, int], job_id: str) -> tuple[int, int]:
+    held = -bal.get(accounts.escrow(job_id), 0)
+    owed = -sum(v for k, v in bal.items() if k.startswith("liability:") and k != accounts.escrow(job_id))
+    return held, owed
+
+
+def after(w: World, plan: Plan, fact: Fact) -> World:
+    """``w`` once ``plan`` is applied (as Engine.apply does) and ``fact`` recorded as the last."""
+    v = w.view
+    problems = list(w.problems)
+    bal = dict(w.balances)
+    posted = set(v.posted)
+    for p in plan.postings:
+        if sum(a for _, a in p.lines) != 0:
+            problems.append(f"unbalanced posting {p.key}")
+        if p.key in posted:
+            problems.append(f"posted twice: {p.key}")
+        posted.add(p.key)
+        for account, amount in p.lines:
+            bal[account] = bal.get(account, 0) + amount
+    rows = list(w.payouts)
+    for np in plan.payouts:
+        if any(x.id == np.id for x in rows):
+            problems.append(f"payout {np.id} created twice")
+            continue
+        rows.append(PayoutView(np.id, np.kind, np.payee, np.amount_msat,
+                               PayoutState.NEEDS_INVOICE if np.destination.kind is DestinationKind.NONE
+                               else PayoutState.PENDING, np.destination.kind, earned_by=np.earned_by))
+    results = v.results + tuple(r for r, _, _ in plan.results)
+    held, owed = _ledger_view(bal, v.id)
+    new_view = replace(
+        v, state=plan.state, version=v.version + 1 if (plan.writes or plan.state is not v.state) else v.version,
+        customer=plan.new_job.customer if plan.new_job else v.customer,
+        request=plan.new_job.request if plan.new_job else v.request,
+        mode=plan.new_job.mode if plan.new_job else v.mode,
+        funds=plan.funds if plan.funds is not None else v.funds,
+        offer_expires_at=plan.offer_expires_at if plan.offer_expires_at is not None else v.offer_expires_at,
+        refund_reason=plan.refund_reason if plan.refund_reason is not None else v.refund_reason,
+        decision=plan.decision if plan.decision is not None else v.decision,
+        eval_request_id=("eval-" + v.id[:8]) if any(o.is_eval_request for o in plan.events) else v.eval_request_id,
+        results=results, scores=v.scores + plan.scores, payouts=tuple(rows), held_msat=held, owed_msat=owed,
+        posted=frozenset(posted))
+    effects = tuple(e for e in w.effects) + tuple(e for e in plan.effects if e not in w.effects)
+    return replace(w, view=new_view, payouts=tuple(rows), balances=tuple(sorted(bal.items())), effects=effects,
+                   published=w.published + len(plan.events), last=fact, problems=tuple(problems))
+
+
+def step(w: World, fact: Fact, **world_changes: object) -> World:
+    """The machine steps ``fact`` at the world's clock; the world changes as given, then the plan applies."""
+    w = replace(w, **world_changes)  # type: ignore[arg-type]
+    plan = machine.step(w.view, fact, w.now, w.config)
+    return after(w, plan, fact)
+
+
+# ---------------------------------------------------------------------------- what can happen next
+
+def _model(provider: int, shard: int) -> str:
+    return hashlib.sha256(f"model {provider} {shard}".encode()).hexdigest()
+
+
+def _result(w: World, provider: int, shard: int, copy_of: int | None = None) -> machine.ResultReceived:
+    sha = _model(copy_of if copy_of is not None else provider, shard)
+    rid = hashlib.sha256(f"result {provider} {shard} {copy_of}".encode()).hexdigest()
+    invoice = (FAKE_BOLT11, w.view.bid_msat) if provider == 2 else (None, None)
+    payout_to = (Destination(DestinationKind.LUD16, f"p{provider}@wallet.example") if provider == 1
+                 else Destination.none())
+    r = ResultView(rid, PROVIDERS[provider], shard, sha, payout_to, invoice[0], invoice[1], f"https://m/{sha}")
+    return machine.ResultReceived(r, rid, w.now, float(w.now))
+
+
+def _scores(w: World, validator: int, good: bool) -> machine.ScoresReceived:
+    scores = tuple(machine.Score(r.id, r.model_sha256, Decimal("0.9") if good else Decimal("0.1"))
+                   for r in w.view.results)
+    eid = hashlib.sha256(f"scores {validator} {good} {len(scores)}".encode()).hexdigest()
+    return machine.ScoresReceived(VALIDATORS[validator], w.view.eval_request_id or "", scores, eid, w.now, float(w.now))
+
+
+def _next_deadline(w: World) -> int | None:
+    v = w.view
+    if v.state is S.OFFERED and v.offer_expires_at:
+        return v.offer_expires_at + w.config.offer_grace_seconds + 1
+    if v.state is S.COLLECTING:
+        return v.results_deadline + w.config.results_grace_seconds + 1
+    if v.state is S.VALIDATING:
+        return v.validation_deadline + 1
+    return None
+
+
+def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tuple[str, World]]:
+    """Every next world: (a label, the world after the machine stepped that fact)."""
+    v = w.view
+    hold = v.mode is machine.EscrowMode.HOLD
+    amount = v.bid_msat + w.overpay_msat if v.request else 0
+    if v.state is S.NEW:
+        yield "request", step(w, w.request)
+        yield "request refused at the edge", step(w, machine.RequestRejected(w.request.event, "rate_limited",
+                                                                              "at most 10 requests a minute"))
+        return
+    if w.last is not None:
+        yield "duplicate", step(w, w.last)
+    if v.state is S.REQUESTED and w.invoice == "none":
+        yield "invoice created", step(w, machine.InvoiceCreated("ab" * 32, FAKE_BOLT11, v.bid_msat), invoice="open")
+        yield "invoice failed", step(w, machine.InvoiceFailed("LND away"))
+    if w.invoice == "open":
+        # The customer pays: on time, or after the offer closed (LND's observation time).
+        late_at = (v.offer_expires_at or w.now) + w.config.offer_grace_seconds + 5
+        for label, at in (("pay", w.now), ("pay late", late_at)):
+            if hold:
+                yield label, step(w, machine.HoldAccepted(amount, at), invoice="accepted")
+            else:
+                yield label, step(w, machine.Settled("ab" * 32, amount, at), invoice="settled", paid_msat=amount)
+        yield "invoice expired", step(w, machine.InvoiceCanceled(), invoice="canceled",
+                                      effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE))
+    if w.invoice == "accepted":
+        # Our settle effect, or the deadline guard on its own, settles; our cancel effect or the
+        # HTLC's expiry cancels (LND gives the money back).
+        yield "settle", step(w, machine.Settled("ab" * 32, amount, w.now), invoice="settled", paid_msat=amount,
+                             effects=tuple(e for e in w.effects if e is not EffectKind.SETTLE_HOLD))
+        yield "cancel", step(w, machine.InvoiceCanceled(), invoice="canceled",
+                             effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE))
+    if v.state is S.COLLECTING and v.request is not None:
+        shards = len(v.req.spec.shards)
+        for p in range(providers):
+            for shard in range(shards):
+                yield f"result p{p} s{shard}", step(w, _result(w, p, shard))
+        if copies and v.results:
+            yield "copied result", step(w, _result(w, providers, 0, copy_of=0))
+    if v.state is S.VALIDATING and v.request is not None:
+        for k in range(len(v.req.validators)):
+            for good in (True, False):
+                yield f"scores v{k} {'good' if good else 'bad'}", step(w, _scores(w, k, good))
+    due = _next_deadline(w)
+    if due is not None:
+        yield "deadline", step(w, machine.DeadlineReached(), now=max(w.now, due))
+    if v.state in (S.REQUESTED, S.OFFERED):
+        yield "deleted", step(w, machine.Deleted(v.customer))
+        yield "deleted by a stranger", step(w, machine.Deleted(STRANGER))
+    if v.state in (S.COLLECTING, S.VALIDATING):
+        yield "operator refund", step(w, machine.OperatorRefund("test"))
+    for i, p in enumerate(w.payouts):
+        if p.state is PayoutState.PENDING:
+            preimage = hashlib.sha256(f"preimage {p.id}".encode()).hexdigest()
+            done = replace(p, state=PayoutState.SUCCEEDED, fee_msat=1, preimage=preimage,
+                           payment_hash=hashlib.sha256(bytes.fromhex(preimage)).hexdigest())
+            rows = tuple(done if x.id == p.id else x for x in w.payouts)
+            ww = replace(w, payouts=rows, sent_msat=w.sent_msat + p.amount_msat, fees_msat=w.fees_msat + 1)
+            ww = replace(ww, view=replace(ww.view, payouts=rows))
+            yield f"payout {i} succeeded", step(ww, machine.PayoutSucceeded(done))
+            back = replace(p, state=PayoutState.NEEDS_INVOICE, attempts=p.attempts + 1,
+                           needs_invoice_count=p.needs_invoice_count + 1, last_error="expired: invoice expired")
+            rows = tuple(back if x.id == p.id else x for x in w.payouts)
+            ww = replace(w, payouts=rows, view=replace(w.view, payouts=rows))
+            yield f"payout {i} handed back", step(ww, machine.PayoutNeedsInvoice(back, "expired"))
+            break   # one payout at a time: the others are the same case
+        if p.state is PayoutState.NEEDS_INVOICE:
+            # The payee gives an invoice (the payout package; no job fact).
+            given = replace(p, state=PayoutState.PENDING, destination=DestinationKind.BOLT11)
+            rows = tuple(given if x.id == p.id else x for x in w.payouts)
+            yield f"payout {i} invoice given", replace(w, payouts=rows, view=replace(w.view, payouts=rows))
+            break
+
+
+# ---------------------------------------------------------------------------- invariants
+
+def violations(w: World) -> list[str]:
+    v = w.view
+    out = list(w.problems)
+    held, owed = v.held_msat, v.owed_msat
+    if held < 0:
+        out.append(f"escrow account overdrawn: {held}")
+    if owed < 0:
+        out.append(f"a liability paid beyond what was owed: {owed}")
+    promised = sum(p.amount_msat for p in w.payouts)
+    if promised > w.paid_msat:
+        out.append(f"payouts of {promised} msat from {w.paid_msat} msat received")
+    if w.sent_msat > w.paid_msat:
+        out.append(f"sent {w.sent_msat} msat of {w.paid_msat} msat received")
+    # Money is conserved: the node holds what came in less what went out, as the ledger says.
+    if w.balance(accounts.NODE) != w.paid_msat - w.sent_msat - w.fees_msat:
+        out.append(f"node {w.balance(accounts.NODE)} != paid {w.paid_msat} - sent {w.sent_msat} - fees {w.fees_msat}")
+    ids = [p.id for p in w.payouts]
+    if len(ids) != len(set(ids)):
+        out.append("a payout twice")
+    accepted = {x.result_id for x in v.decision.verdicts if x.accepted} if v.decision else set()
+    for p in w.payouts:
+        if p.kind is PayoutKind.REWARD and p.earned_by not in accepted:
+            out.append(f"reward {p.id} for a result not accepted")
+        if p.kind is PayoutKind.VALIDATOR_FEE and not accepted:
+            out.append(f"validator fee {p.id} without an accepted result")
+        if p.kind is PayoutKind.REFUND and (v.state not in (S.REFUNDING, S.REFUNDED) or p.payee != v.customer):
+            out.append(f"refund {p.id} of a job {v.state} (to {p.payee[:8]})")
+        if p.kind is PayoutKind.OVERPAID and p.payee != v.customer:
+            out.append("an overpayment back to someone else")
+    if v.state.final:
+        if held != 0 or owed != 0:
+            out.append(f"final state {v.state} with accounts held={held} owed={owed}")
+        if v.state is S.CLOSED and any(p.state is not PayoutState.SUCCEEDED for p in w.payouts):
+            out.append("closed with a payout unpaid")
+    if v.funds is Funds.HELD and w.paid_msat == 0:
+        out.append("funds held without a payment")
+    return out
