@@ -29,8 +29,17 @@ from pathlib import Path
 import httpx
 import websockets
 
-from bench.common import (ServiceProc, cpu_seconds, fresh_pg_database, job_event, markdown_table, percentile,
-                          stack, stack_down, write)
+from bench.common import (
+    ServiceProc,
+    cpu_seconds,
+    fresh_pg_database,
+    job_event,
+    markdown_table,
+    percentile,
+    stack,
+    stack_down,
+    write,
+)
 from bench.lightning import client, run_pool
 from service.lightning.invoices import HoldSizing
 from service.nostr.nip01 import SecretKey
@@ -86,7 +95,7 @@ class OfferWatch:
         return await asyncio.wait_for(fut, timeout)
 
 
-async def submit(http: httpx.AsyncClient, ev) -> None:  # noqa: ANN001
+async def submit(http: httpx.AsyncClient, ev) -> None:
     r = await http.post("/v1/events", content=json.dumps(ev.to_dict()), headers={"Content-Type": "application/json"})
     if r.status_code != 202:
         raise RuntimeError(f"job refused: {r.status_code} {r.text[:200]}")
@@ -193,7 +202,7 @@ async def payouts(desc: dict, svc: ServiceProc, db_url: str, n: int, concurrency
         reqs = await invoices(count, "ours")
         ids = [f"bench:{tag}:{i}" for i in range(count)]
         async with sessions.begin() as s:   # what the engine writes at release, in one transaction
-            for i, (pid, req) in enumerate(zip(ids, reqs)):
+            for i, (pid, req) in enumerate(zip(ids, reqs, strict=True)):
                 # one payee key each, as at a release (the worker pays one payment per payee at a time)
                 payee_key = hashlib.sha256(f"bench payee {tag} {i}".encode()).hexdigest()
                 await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, payee_key, amount,

@@ -14,10 +14,10 @@ from service.lightning.client import LndClient
 from service.lightning.errors import LndError
 from service.lightning.guard import guard_once
 from service.lightning.invoices import EscrowInvoices, HoldSizing
-from service.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
+from service.lightning.settlement import SettlementWatcher
 from service.payouts.types import PayoutPolicy
 from service.payouts.worker import Outcome, Payouts
-from service.lightning.settlement import SettlementWatcher
+from service.reconcile import ReconciliationReport, payouts_paused, reconcile, store_report
 from service.signals import Signals
 
 log = logging.getLogger(__name__)

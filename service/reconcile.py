@@ -38,20 +38,26 @@ import asyncio
 import contextlib
 import json
 import re
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from typing import Any, TypeVar
 
 from sqlalchemy import BigInteger, String, case, cast, func, literal, null, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.selectable import CompoundSelect
 
+from service.db import utcnow
 from service.ledger import accounts
+from service.ledger import postings as posting_keys
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning import errors
 from service.lightning.client import InvoiceState, LndClient, Payment, PaymentStatus
 from service.lightning.models import LnInvoice
 from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import AttemptState
-from service.db import utcnow
+
+T = TypeVar("T")
 
 MAX_STORED_DISCREPANCIES = 1000
 _HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")
@@ -111,7 +117,7 @@ class ReconciliationReport:
     def lnd_node_msat(self) -> int:
         return self.lnd_settled_msat - self.lnd_paid_msat - self.lnd_fees_msat
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "discrepancies"}
         d["ran_at"] = self.ran_at.isoformat()
         d["lnd_node_msat"] = self.lnd_node_msat
@@ -129,7 +135,7 @@ class _Sums:
     expense: int = 0
 
 
-def _snapshot_query():  # noqa: ANN202 - a SQLAlchemy compound select
+def _snapshot_query() -> CompoundSelect[Any]:
     s, b = String(200), BigInteger()
     inv = (select(literal("inv", s).label("src"), cast(LnInvoice.payment_hash, s).label("ref"),
                   cast(null(), s).label("key"), cast(null(), s).label("extra"),
@@ -153,15 +159,14 @@ def _snapshot_query():  # noqa: ANN202 - a SQLAlchemy compound select
 
 
 def _reconciliation_key(key: str) -> str:
-    """``<prefix>:<payment_hash>`` for ``<prefix>:<payment_hash>[:<anything>]``, else the key itself.
-
-    So a correction booked as ``funding:<hash>:fix`` (after reversing a wrong
-    ``funding:<hash>``) counts for the same payment.
+    """``<prefix>:<payment_hash>`` for a posting keyed by a payment (``posting_keys.parse_key``), with
+    anything after it dropped, else the key itself. So a correction booked as
+    ``funding:<hash>:fix`` (after reversing a wrong ``funding:<hash>``) counts for the same payment.
     """
-    parts = key.split(":", 2)
-    if len(parts) >= 2 and _HASH_RE.match(parts[1]):
-        return f"{parts[0]}:{parts[1]}"
-    return key
+    parsed = posting_keys.parse_key(key)
+    if parsed is None or parsed.payment_hash is None or not _HASH_RE.match(parsed.payment_hash):
+        return key
+    return f"{parsed.prefix}:{parsed.payment_hash}"
 
 
 def _by_root_key(postings: dict[str, tuple[str, str | None, int, int]]) -> dict[str, _Sums]:
@@ -178,7 +183,7 @@ def _by_root_key(postings: dict[str, tuple[str, str | None, int, int]]) -> dict[
     return out
 
 
-async def _bounded(aw, timeout: float):  # noqa: ANN001, ANN202
+async def _bounded(aw: Awaitable[T], timeout: float) -> T:
     try:
         async with asyncio.timeout(timeout):
             return await aw
@@ -188,7 +193,7 @@ async def _bounded(aw, timeout: float):  # noqa: ANN001, ANN202
 
 async def _first_update(lnd: LndClient, payment_hash: bytes) -> Payment | None:
     """The payment's current state (the first message of TrackPaymentV2); the stream is then closed."""
-    async with contextlib.aclosing(lnd.track_payment(payment_hash)) as updates:  # type: ignore[type-var]
+    async with contextlib.aclosing(lnd.track_payment(payment_hash)) as updates:
         async for p in updates:
             return p
     return None
@@ -202,7 +207,7 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
     most ``threshold_msat``. Each LND call runs alone and under ``call_timeout``
     seconds (default: the client's own timeout).
     """
-    if type(threshold_msat) is not int or threshold_msat < 0:  # noqa: E721
+    if type(threshold_msat) is not int or threshold_msat < 0:
         raise ValueError("threshold_msat must be a non-negative int")
     timeout = call_timeout if call_timeout is not None else lnd.timeout
     ran_at = utcnow()
@@ -211,11 +216,13 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
     attempts: list[tuple[str, str, int, int]] = []
     postings: dict[str, tuple[str, str | None, int, int]] = {}
     ledger_node = 0
-    for src, ref, key, extra, v1, v2 in (await session.execute(_snapshot_query())).all():
+    rows: list[tuple[str, str, str, str | None, int | None, int | None]] = [
+        tuple(r) for r in (await session.execute(_snapshot_query())).all()]
+    for src, ref, key, extra, v1, v2 in rows:
         if src == "inv":
-            invoices.append((ref, int(v1)))
+            invoices.append((ref, int(v1 or 0)))
         elif src == "pay":
-            attempts.append((ref, key, int(v1), int(v2 or 0)))
+            attempts.append((ref, key, int(v1 or 0), int(v2 or 0)))
         elif src == "led":
             postings[ref] = (key, extra, int(v1 or 0), int(v2 or 0))
         else:
@@ -242,7 +249,7 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
             if paid < amount:
                 found.append(Discrepancy(INVOICE_UNDERPAID, h, amount, paid, "LND's amt_paid_msat below the invoice"))
         settled_in += paid
-        key = f"funding:{h}"
+        key = posting_keys.funding_key(h)
         matched.add(key)
         sums = by_key.get(key)
         booked = sums.node if sums else 0
@@ -271,7 +278,7 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
         paid_out += value
         fees_out += fee
 
-        key = f"payout:{h}"
+        key = posting_keys.payout_key(h)
         matched.add(key)
         sums = by_key.get(key)
         sent = -sums.node if sums else 0
@@ -281,7 +288,7 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
             found.append(Discrepancy(PAYOUT_MISMATCH, h, value, sent, f"{key} credits asset:node by {sent}"))
         explained += value - sent
 
-        key = f"routing_fee:{h}"
+        key = posting_keys.routing_fee_key(h)
         matched.add(key)
         sums = by_key.get(key)
         booked_fee = -sums.node if sums else 0
@@ -299,8 +306,10 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
     for key in sorted(set(by_key) - matched):
         node = by_key[key].node
         if node:
-            ref = next((part for part in key.split(":") if _HASH_RE.match(part)), None)
-            found.append(Discrepancy(UNMATCHED_NODE_POSTING, ref, 0, node,
+            # the payment it names: an escrow key's reference, else any payment hash in it (an operator's key)
+            parsed = posting_keys.parse_key(key)
+            named = parsed.ref if parsed else next((part for part in key.split(":") if _HASH_RE.match(part)), None)
+            found.append(Discrepancy(UNMATCHED_NODE_POSTING, named, 0, node,
                                      f"{key} moves asset:node without a matching settled invoice or payment"))
             explained += node
 

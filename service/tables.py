@@ -12,5 +12,5 @@ def import_models() -> None:
     from service.escrow import models as _escrow  # noqa: F401
     from service.ledger import models as _ledger  # noqa: F401
     from service.lightning import models as _lightning  # noqa: F401
-    from service.payouts import models as _payouts  # noqa: F401
     from service.nostr import models as _nostr  # noqa: F401
+    from service.payouts import models as _payouts  # noqa: F401

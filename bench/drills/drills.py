@@ -26,10 +26,10 @@ from bench.drills.market import JobRun, Market, lnd
 from service.db import aware, create_engine, session_factory
 from service.escrow.models import Job, TimelineEntry
 from service.lightning import errors as lnerr
-from service.payouts.models import Payout, PayoutAttempt
 from service.migrate import upgrade_async
 from service.nostr.nip01 import SecretKey
 from service.payouts import PayoutKind
+from service.payouts.models import Payout, PayoutAttempt
 
 OPEN = ("requested", "offered", "collecting", "validating", "releasing")
 

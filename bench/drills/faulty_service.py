@@ -59,14 +59,14 @@ def arm() -> None:
     if point == "send":
         original_send = Payouts._send
 
-        async def _send(self, payout_id, payment_hash, payreq, fee_limit):  # noqa: ANN001, ANN202
+        async def _send(self, payout_id, payment_hash, payreq, fee_limit):
             reached(payout_id, payment_hash)
             return await original_send(self, payout_id, payment_hash, payreq, fee_limit)
         Payouts._send = _send
     else:
         original_finish = Payouts._finish
 
-        async def _finish(self, payout_id, state, detail, **kw):  # noqa: ANN001, ANN202
+        async def _finish(self, payout_id, state, detail, **kw):
             if state == "succeeded":
                 reached(payout_id, kw.get("payment_hash"))
             return await original_finish(self, payout_id, state, detail, **kw)

@@ -10,15 +10,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import quarantine
 from service.api.models import AdminAction
-from service.escrow.engine import Engine
 from service.db import rowcount, utcnow
 from service.escrow import timeline
+from service.escrow.engine import Engine
 from service.escrow.models import Effect, Job, JobState
-from service.reconcile import resume_payouts
 from service.nostr.models import Delivery, InboxEvent
 from service.payouts import RetryRefused
-from service.payouts.models import Payout
 from service.payouts import store as payouts
+from service.payouts.models import Payout
+from service.reconcile import resume_payouts
 
 
 class ActionRefused(Exception):

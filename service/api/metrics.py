@@ -23,8 +23,8 @@ from service.api.errors import ApiError
 from service.escrow.models import Job, JobState
 from service.lightning import webhook
 from service.lightning.models import LnFact, LnInvoice
-from service.payouts.models import Payout, PayoutAttempt
 from service.nostr.models import InboxEvent, RejectedEvent
+from service.payouts.models import Payout, PayoutAttempt
 
 router = APIRouter(include_in_schema=False)
 

@@ -15,13 +15,13 @@ from service import __version__
 from service.api import queries
 from service.api.errors import ApiError, responses
 from service.api.limits import client_address
+from service.escrow import timeline
 from service.lightning.models import LnInvoice
 from service.nostr import nip98
+from service.nostr.kinds import INTAKE_KINDS
 from service.nostr.nip01 import EventError, verify_event
 from service.nostr.nip19 import encode_npub
 from service.nostr.protocol import KIND_JOB_REQUEST
-from service.escrow import timeline
-from service.nostr.kinds import INTAKE_KINDS
 from service.payouts import AcceptReason, CheckReason, InvoiceRefused, InvoiceSource
 from service.payouts import store as payouts
 

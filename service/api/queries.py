@@ -19,8 +19,8 @@ from service.escrow.models import Job, JobState, Result, ScoreRow, TimelineEntry
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning.models import LnInvoice
-from service.payouts.models import Payout
 from service.nostr.models import InboxEvent, RejectedEvent
+from service.payouts.models import Payout
 
 ATTENTION = ("unknown", "failed", "needs_invoice")
 _CODE = re.compile(r"([a-z_]+): ")

@@ -35,7 +35,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service.db import aware, insert_ignore, utcnow
+from service.db import aware, insert_ignore, rowcount, table_of, utcnow
 from service.escrow import machine, timeline
 from service.escrow.machine import (
     FUNDED_STATES,
@@ -59,7 +59,6 @@ from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting
 from service.lightning.hold import HoldSizing
 from service.lightning.models import LnFact, LnInvoice
-from service.payouts.models import Payout
 from service.nostr import outbox
 from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
@@ -79,6 +78,7 @@ from service.nostr.protocol.job import read_job_spec
 from service.nostr.protocol.money import MoneySplit
 from service.payouts import Destination, DestinationKind, InvoiceRefused, InvoiceSource, PayoutState
 from service.payouts import store as payouts
+from service.payouts.models import Payout
 
 log = logging.getLogger(__name__)
 
@@ -199,13 +199,13 @@ class Engine:
             res = await s.execute(update(Job).where(Job.id == job_id, Job.state == view.state,
                                                     Job.version == view.version).values(**values)
                                   .execution_options(synchronize_session=False))
-            if res.rowcount != 1:
+            if rowcount(res) != 1:
                 raise StaleView(job_id)
         if plan.results:
-            await s.execute(insert(Result.__table__), [result_columns(job_id, r, created_at, received_at)
+            await s.execute(insert(table_of(Result)), [result_columns(job_id, r, created_at, received_at)
                                                        for r, created_at, received_at in plan.results])
         if plan.scores:
-            await s.execute(insert(ScoreRow.__table__), [
+            await s.execute(insert(table_of(ScoreRow)), [
                 {"job_id": job_id, "result_id": x.result_id, "validator": x.validator, "value": str(x.value),
                  "event_id": x.event_id} for x in plan.scores])
         for p in plan.postings:
@@ -213,7 +213,7 @@ class Engine:
         for np in plan.payouts:
             await payouts.create(s, np)
         if plan.effects:
-            await s.execute(insert_ignore(s, Effect.__table__), [{
+            await s.execute(insert_ignore(s, table_of(Effect)), [{
                 "job_id": job_id, "kind": kind.value, "state": "pending", "attempts": 0, "next_attempt_at": utcnow(),
                 "created_at": utcnow()} for kind in plan.effects])
         relays = list(plan.new_job.reply_relays) if plan.new_job else await self._reply_relays_of(s, job_id)
@@ -225,7 +225,7 @@ class Engine:
             rows.append(timeline.row(job_id, timeline.EntryKind.PUBLISHED,
                                      {"kind": event.kind, "id": event.id, "status": status}))
         if rows:
-            await s.execute(insert(TimelineEntry.__table__), rows)
+            await s.execute(insert(table_of(TimelineEntry)), rows)
 
     async def _insert_job(self, s: AsyncSession, job_id: str, plan: Plan) -> bool:
         new = plan.new_job
@@ -241,8 +241,8 @@ class Engine:
                        results_deadline=req.spec.results_deadline, validation_deadline=req.spec.validation_deadline,
                        expires_at=req.spec.expiration,
                        reply_relays=json.dumps(list(new.reply_relays)) if new.reply_relays else None)
-        res = await s.execute(insert_ignore(s, Job.__table__), [row])
-        return res.rowcount == 1
+        res = await s.execute(insert_ignore(s, table_of(Job)), [row])
+        return rowcount(res) == 1
 
     async def _reply_relays_of(self, s: AsyncSession, job_id: str) -> list[str]:
         raw = await s.scalar(select(Job.reply_relays).where(Job.id == job_id))
@@ -360,26 +360,30 @@ class Engine:
         b = self.config.budget
         since = utcnow() - timedelta(seconds=60)   # Job.created_at is wall-clock time
         unfunded = (S.REQUESTED, S.OFFERED)
-        mine = await s.scalar(select(func.count()).select_from(Job)
+        mine = await self._count(s, select(func.count()).select_from(Job)
                               .where(Job.customer == customer, Job.created_at >= since))
         if mine >= b.per_minute_per_key:
             return "rate_limited", f"at most {b.per_minute_per_key} requests a minute from one key"
         if not accepted:
             return None
-        open_mine = await s.scalar(select(func.count()).select_from(Job)
+        open_mine = await self._count(s, select(func.count()).select_from(Job)
                                    .where(Job.customer == customer, Job.state.in_(unfunded)))
         if open_mine >= b.open_offers_per_key:
             return "too_many_open_offers", f"at most {b.open_offers_per_key} unfunded offers at once per key"
         if await s.scalar(select(Job.id).where(Job.customer == customer, Job.state.in_(FUNDED_STATES)).limit(1)):
             return None   # a returning customer: its per-key budget only
-        recent = await s.scalar(select(func.count()).select_from(Job)
+        recent = await self._count(s, select(func.count()).select_from(Job)
                                 .where(Job.created_at >= since, Job.state.in_((*unfunded, S.CANCELLED))))
         if recent >= b.per_minute:
             return "escrow_busy", "the escrow takes no more requests from new keys this minute; try again later"
-        open_all = await s.scalar(select(func.count()).select_from(Job).where(Job.state.in_(unfunded)))
+        open_all = await self._count(s, select(func.count()).select_from(Job).where(Job.state.in_(unfunded)))
         if open_all >= b.open_offers:
             return "escrow_busy", "too many unfunded offers are open; try again later"
         return None
+
+    @staticmethod
+    async def _count(s: AsyncSession, query: Any) -> int:
+        return int(await s.scalar(query) or 0)
 
     def _job_ref(self, event: Event, *markers: str) -> str | None:
         for t in event.tags:
@@ -492,7 +496,7 @@ class Engine:
     async def handle_ln_fact(self, s: AsyncSession, fact: LnFact) -> str:
         claimed = await s.execute(update(LnFact).where(LnFact.seq == fact.seq, LnFact.consumed_at.is_(None))
                                   .values(consumed_at=utcnow()))
-        if claimed.rowcount != 1:
+        if rowcount(claimed) != 1:
             return "already consumed"
         job_id = await s.scalar(select(LnInvoice.job_id).where(LnInvoice.payment_hash == fact.payment_hash))
         if job_id is None or await self._job(s, job_id) is None:
@@ -513,9 +517,9 @@ class Engine:
 
     # ------------------------------------------------------------------ payout outcomes
     async def handle_payout(self, s: AsyncSession, p: Payout) -> str:
-        res = await s.execute(insert_ignore(s, Consumed.__table__),
+        res = await s.execute(insert_ignore(s, table_of(Consumed)),
                               [{"source": "payout", "ref": payout_ref(p), "at": utcnow()}])
-        if res.rowcount != 1:
+        if rowcount(res) != 1:
             return "already consumed"
         if p.job_id is None or await self._job(s, p.job_id) is None:
             return "no job"

@@ -25,15 +25,15 @@ from decimal import Decimal
 from typing import ClassVar, Final
 
 from service.escrow import rule
+from service.escrow.mode import ModeRefused, decide_mode
 from service.ledger import accounts, postings
 from service.ledger.postings import Posting
-from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning.hold import HoldSizing
 from service.nostr.nip01 import Event
 from service.nostr.protocol import (
-    Candidate,
-    CancelReason,
     Cancelled,
+    CancelReason,
+    Candidate,
     CodecError,
     ErrorFeedback,
     EscrowOffer,
@@ -59,7 +59,7 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol import PaymentProof as ProofBody
 from service.nostr.protocol import Verdict as VerdictBody
-from service.nostr.protocol.feedback import Template
+from service.nostr.protocol.fields import Template
 from service.nostr.protocol.terms import Mode
 from service.payouts.types import Destination, DestinationKind, NewPayout, PayoutKind, PayoutState
 

@@ -1,7 +1,7 @@
 """Counted results as rows and as the machine sees them (``escrow_results``)."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from service.escrow.machine import ResultView
@@ -14,7 +14,7 @@ def result_columns(job_id: str, r: ResultView, created_at: int, received_at: flo
             "model_url": r.model_url, "model_sha256": r.model_sha256, "payout_kind": r.payout_to.kind,
             "payout_address": r.payout_to.value or None, "invoice_bolt11": r.invoice_bolt11,
             "invoice_msat": r.invoice_msat, "created_at": created_at,
-            "received_at": datetime.fromtimestamp(received_at, timezone.utc)}
+            "received_at": datetime.fromtimestamp(received_at, UTC)}
 
 
 def result_view(row: Result) -> ResultView:

@@ -31,6 +31,7 @@ from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, localcontext
 
 from service.nostr.protocol.fields import MEDIAN_PLACES
 from service.nostr.protocol.money import whole_sats
+
 # Sums and halves of two bounded scores (15 + 12 digits) are exact with this precision.
 _EXACT = Context(prec=60, traps=[Inexact])
 _MEDIAN_QUANTUM = Decimal(1).scaleb(-MEDIAN_PLACES)

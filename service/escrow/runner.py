@@ -24,14 +24,15 @@ from sqlalchemy import String, and_, case, cast, exists, literal, or_, select, u
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
+from service.db import rowcount, table_of
 from service.escrow.engine import Engine, payout_ref
 from service.escrow.models import Consumed, Effect, Job, JobState
 from service.lightning.errors import InvoiceStateError
 from service.lightning.invoices import EscrowInvoices
 from service.lightning.models import LnFact, LnInvoice
-from service.payouts.models import Payout
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
+from service.payouts.models import Payout
 from service.quarantine import LoopBackoff, Quarantine, RetryPolicy, Verdict, is_outage
 from service.signals import Signals
 
@@ -181,13 +182,13 @@ class EffectRunner:
         claimed: dict[str, list[Effect]] = {}
         failing = {eff.id for eff, was_failing in due if was_failing}
         async with self.sessions.begin() as s:   # claim: a lease, by compare-and-set, one transaction
-            t = Effect.__table__
+            t = table_of(Effect)
             for eff, _ in due:
                 res = await s.execute(update(t).where(t.c.id == eff.id, t.c.state == eff.state,
                                                       t.c.attempts == eff.attempts)
                                       .values(state="running", attempts=t.c.attempts + 1,
                                               next_attempt_at=now + timedelta(seconds=self.lease_seconds)))
-                if res.rowcount == 1:
+                if rowcount(res) == 1:
                     claimed.setdefault(eff.job_id, []).append(eff)
         gate = asyncio.Semaphore(self.concurrency)
         outages: list[BaseException] = []
@@ -236,7 +237,7 @@ class EffectRunner:
         return verdict.quarantined
 
     async def _done(self, s: AsyncSession, eff: Effect, failing: bool) -> None:
-        t = Effect.__table__
+        t = table_of(Effect)
         await s.execute(update(t).where(t.c.id == eff.id).values(state="done", last_error=None))
         if failing:
             await self.quarantine.clear(s, "effect", str(eff.id))
@@ -247,16 +248,17 @@ class EffectRunner:
             existing = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == eff.job_id)
                                         .order_by(LnInvoice.created_at))).first()
         if eff.kind == "create_invoice":
-            if existing is None and (job is None or job.state != JobState.REQUESTED.value):
+            if job is None or (existing is None and job.state is not JobState.REQUESTED):
                 # Cancelled meanwhile (deleted, or this effect was quarantined and is replayed):
                 # an invoice now would be one nobody may pay.
                 async with self.sessions.begin() as s:
                     await self._done(s, eff, failing)
                 return
             if existing is None:   # a retry after a crash reuses the invoice already made
+                assert job.mode is not None, "a requested job has its mode (decided at intake)"
                 hold_seconds = max(0, job.validation_deadline - self.engine.now()) + self.engine.config.release_margin_seconds
                 now = self.engine.now()
-                issued = await self.invoices.create(None, job_id=job.id, amount_msat=job.bid_msat, mode=job.mode,
+                issued = await self.invoices.create(None, job_id=job.id, amount_msat=job.bid_msat, mode=job.mode.value,
                                                     hold_seconds=hold_seconds, on_deadline="settle",
                                                     memo=f"fedstr escrow for job {job.id[:16]}",
                                                     expiry_seconds=self.engine.offer_deadline(job, now) - now)
@@ -276,6 +278,8 @@ class EffectRunner:
                 return
             try:
                 if eff.kind == "settle_hold":
+                    if existing.preimage is None:
+                        raise ValueError(f"invoice {existing.payment_hash} has no preimage: not a hold invoice")
                     await self.lnd.settle_invoice(bytes.fromhex(existing.preimage))
                 else:
                     await self.lnd.cancel_invoice(bytes.fromhex(existing.payment_hash))
@@ -382,6 +386,7 @@ class EscrowLoop:
         return n
 
     async def _effects_step(self) -> int:
+        assert self.effects is not None, "started only with an effect runner"
         n = await self.effects.run_once()
         if n:
             self.wake.set()
@@ -390,7 +395,7 @@ class EscrowLoop:
     def _progress(self) -> None:
         self.signals.progress.emit()   # a subscriber that fails is logged by the signal, never stops the engine
 
-    async def _run(self, step, wake: asyncio.Event) -> None:  # noqa: ANN001
+    async def _run(self, step, wake: asyncio.Event) -> None:
         backoff = LoopBackoff(f"escrow loop ({step.__name__.strip('_')})", base=self.interval)
         while not self._stop.is_set():
             t0 = time.monotonic()

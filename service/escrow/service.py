@@ -12,9 +12,9 @@ from service import __version__
 from service.config import Settings
 from service.escrow.engine import Engine, EngineConfig, IntakeBudget
 from service.escrow.models import Job, JobState
-from service.lightning.models import LnInvoice
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
 from service.lightning.invoices import HoldSizing
+from service.lightning.models import LnInvoice
 from service.node import LightningService
 from service.nostr import outbox
 from service.nostr.inbox import Inbox

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.db import utcnow
+from service.db import table_of, utcnow
 from service.escrow.models import TimelineEntry
 
 DETAIL_MAX = 4000
@@ -37,4 +37,4 @@ def row(job_id: str, kind: EntryKind | str, detail: object) -> dict[str, Any]:
 
 
 async def record(s: AsyncSession, job_id: str, kind: EntryKind | str, detail: object) -> None:
-    await s.execute(insert(TimelineEntry.__table__), [row(job_id, kind, detail)])
+    await s.execute(insert(table_of(TimelineEntry)), [row(job_id, kind, detail)])

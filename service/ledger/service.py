@@ -31,12 +31,14 @@ from typing import Any
 from sqlalchemy import String, exists, func, insert, literal, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
+from sqlalchemy.sql import Select
+from sqlalchemy.sql.elements import ColumnElement
 
+from service.bitcoin import MAX_MSAT  # no amount, and no posting, moves more than 21 million BTC
 from service.db import insert_ignore, utcnow
 from service.ledger import accounts
 from service.ledger.models import LedgerLine, LedgerPosting
 
-MAX_MSAT = 2_100_000_000_000_000_000       # 21 million BTC: no amount, and no posting, moves more
 MAX_LINES = 10_000
 MAX_KEY = 200
 MAX_MEMO = 500
@@ -121,7 +123,7 @@ def _validate_lines(lines: object) -> list[tuple[str, int]]:
             accounts.validate(account)
         except accounts.AccountError as e:
             raise LedgerError(Reason.BAD_ACCOUNT, str(e)) from None
-        if type(amount) is not int:   # noqa: E721 - bool and int subclasses are refused on purpose
+        if type(amount) is not int:
             raise LedgerError(Reason.NOT_INT, f"amount on {account} must be an int, got {type(amount).__name__}")
         if amount == 0:
             raise LedgerError(Reason.ZERO_AMOUNT, f"zero amount on {account}")
@@ -177,7 +179,7 @@ async def _lines_of(session: AsyncSession, posting_id: str) -> list[tuple[str, i
     return [(a, int(m)) for a, m in rows.all()]
 
 
-async def _posting_where(session: AsyncSession, cond) -> Posting | None:  # noqa: ANN001 - a SQL condition
+async def _posting_where(session: AsyncSession, cond: ColumnElement[bool]) -> Posting | None:
     row = (await session.execute(select(LedgerPosting.id, LedgerPosting.key, LedgerPosting.kind,
                                         LedgerPosting.job_id, LedgerPosting.memo, LedgerPosting.reverses,
                                         LedgerPosting.created_at).where(cond))).first()
@@ -188,7 +190,7 @@ async def _posting_where(session: AsyncSession, cond) -> Posting | None:  # noqa
                    lines=tuple(await _lines_of(session, row.id)))
 
 
-async def get_posting(session: AsyncSession, *, key: str | None = None, id: str | None = None) -> Posting | None:  # noqa: A002
+async def get_posting(session: AsyncSession, *, key: str | None = None, id: str | None = None) -> Posting | None:
     """The posting with this idempotency ``key`` (or this ``id``), with its lines; None if absent."""
     if (key is None) == (id is None):
         raise ValueError("give exactly one of key= or id=")
@@ -357,7 +359,7 @@ async def job_balances(session: AsyncSession, job_id: str) -> dict[str, int]:
 
 # ---------------------------------------------------------------- invariants
 
-async def _all(session: AsyncSession, query) -> list[Any]:  # noqa: ANN001 - any select
+async def _all(session: AsyncSession, query: Select[*tuple[Any, ...]]) -> list[Any]:
     return list((await session.execute(query)).all())
 
 
@@ -410,7 +412,7 @@ async def check_invariants(session: AsyncSession, *, closed_job_ids: Iterable[st
     out += [Violation("dangling_reversal", pid, 0, f"reverses missing posting {t}") for pid, t in rows]
 
     rev = aliased(LedgerPosting)
-    rows = await _all(session, 
+    rows = await _all(session,
         select(rev.id, LedgerLine.account, total).select_from(rev)
         .join(LedgerLine, or_(LedgerLine.posting_id == rev.id, LedgerLine.posting_id == rev.reverses))
         .where(rev.reverses.isnot(None)).group_by(rev.id, LedgerLine.account).having(total != 0)
@@ -428,7 +430,7 @@ async def check_invariants(session: AsyncSession, *, closed_job_ids: Iterable[st
     out += [Violation("liability_overdrawn", a, int(s), f"debit balance of {int(s)} msat: more went out than came in")
             for a, s in rows]
 
-    rows = await _all(session, 
+    rows = await _all(session,
         select(LedgerLine.account, LedgerLine.job_id, func.count()).where(
             LedgerLine.account.like(_LIABILITY),
             or_(LedgerLine.job_id.is_(None),

@@ -12,8 +12,6 @@ Only the types are imported here: ``service/lightning/models.py`` types its colu
 and the other modules import those models.
 """
 from service.payouts.types import (
-    MAX_MSAT,
-    NETWORK_OF,
     AcceptReason,
     AttemptState,
     CheckReason,
@@ -32,6 +30,6 @@ from service.payouts.types import (
     why,
 )
 
-__all__ = ["MAX_MSAT", "NETWORK_OF", "AcceptReason", "AttemptState", "CheckReason", "Destination", "DestinationKind",
+__all__ = ["AcceptReason", "AttemptState", "CheckReason", "Destination", "DestinationKind",
            "InvoiceCheckError", "InvoiceRefused", "InvoiceSource", "NewPayout", "PayoutKind", "PayoutPolicy",
            "PayoutReason", "PayoutState", "RetryReason", "RetryRefused", "why"]

@@ -13,11 +13,12 @@ import bolt11
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.bitcoin import network_of_currency
 from service.lightning import errors
 from service.lightning.client import LndClient
 from service.lightning.models import LnInvoice
 from service.payouts.models import Payout, PayoutAttempt
-from service.payouts.types import NETWORK_OF, AttemptState, CheckReason, InvoiceCheckError, PayoutPolicy
+from service.payouts.types import AttemptState, CheckReason, InvoiceCheckError, PayoutPolicy
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def decode_offline(payment_request: str, *, network: str | None, now: int | None
         ours = bolt11.decode(pr)
     except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
         raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
-    theirs = NETWORK_OF.get(ours.currency, ours.currency)
+    theirs = network_of_currency(ours.currency) or ours.currency
     if network is not None and theirs != network:
         raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {theirs}, we pay on {network}")
     if not ours.amount_msat:
@@ -104,7 +105,7 @@ async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: 
         ours = bolt11.decode(pr)
     except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
         raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
-    network = NETWORK_OF.get(ours.currency, ours.currency)
+    network = network_of_currency(ours.currency) or ours.currency
     if network != policy.network:
         raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {network}, we pay on {policy.network}")
     try:

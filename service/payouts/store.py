@@ -16,11 +16,11 @@ from typing import Any
 from sqlalchemy import CursorResult, Result, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.bitcoin import MAX_MSAT
 from service.db import insert_ignore, utcnow
-from service.payouts.models import Payout
 from service.payouts.check import decode_offline, refuse_used_hash
+from service.payouts.models import Payout
 from service.payouts.types import (
-    MAX_MSAT,
     AcceptReason,
     CheckReason,
     DestinationKind,

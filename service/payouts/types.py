@@ -7,15 +7,8 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from types import MappingProxyType
-from typing import Final
 
 from service.config import Settings
-
-MAX_MSAT: Final = 2_100_000_000_000_000_000
-# A BOLT11 invoice's human-readable prefix -> the network it is for (our Settings.network names).
-NETWORK_OF: Final = MappingProxyType({"bc": "mainnet", "tb": "testnet", "tbs": "signet", "bcrt": "regtest",
-                                      "sb": "simnet"})
 
 
 class PayoutState(enum.StrEnum):

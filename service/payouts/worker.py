@@ -58,8 +58,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from service.db import aware, insert_ignore, utcnow
 from service.lightning import errors
 from service.lightning.client import FailureReason, LndClient, Payment, PaymentStatus
-from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.check import CheckedInvoice, check_invoice, may_reuse
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import rows_matched
 from service.payouts.types import (
     AttemptState,

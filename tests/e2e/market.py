@@ -25,7 +25,6 @@ from service.escrow.models import Job, TimelineEntry
 from service.escrow.service import terms_from_settings
 from service.ledger import service as ledger
 from service.lightning.client import Payment
-from service.payouts.models import Payout
 from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
@@ -44,6 +43,7 @@ from service.nostr.protocol import (
     build_result,
     parse_job_request,
 )
+from service.payouts.models import Payout
 from tests.conftest import Regtest, wait_until
 
 

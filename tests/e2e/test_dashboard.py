@@ -33,8 +33,8 @@ from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job, TimelineEntry
 from service.lightning.client import InvoiceState
 from service.lightning.models import LnInvoice
-from service.payouts.models import Payout
 from service.payouts import DestinationKind, PayoutKind
+from service.payouts.models import Payout
 from tests.conftest import ROOT, Regtest, free_port, wait_until
 from tests.e2e.market import Market, settle_payment
 

@@ -21,9 +21,9 @@ from sqlalchemy import func, select
 from service.escrow.models import Job
 from service.ledger.models import LedgerPosting
 from service.lightning import webhook
-from service.payouts.models import Payout
 from service.nostr import nip98
 from service.nostr.nip01 import SecretKey, sign_event
+from service.payouts.models import Payout
 from tests.conftest import Regtest
 from tests.e2e.market import Market
 

@@ -29,11 +29,11 @@ from service.db import utcnow
 from service.ledger import service as ledger
 from service.ledger.models import LedgerPosting
 from service.lightning.client import InvoiceState
-from service.payouts.models import Payout, PayoutAttempt
-from service.reconcile import Discrepancy, ReconciliationReport, latest_reconciliation, store_report
 from service.nostr import nip98
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import build_payee_invoice
+from service.payouts.models import Payout, PayoutAttempt
+from service.reconcile import Discrepancy, ReconciliationReport, latest_reconciliation, store_report
 from tests.conftest import Regtest, wait_until
 from tests.e2e.market import Market
 

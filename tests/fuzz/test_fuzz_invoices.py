@@ -30,7 +30,7 @@ import asyncio
 import hashlib
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +47,10 @@ from service.db import create_engine
 from service.lightning import errors, lnurl
 from service.lightning.client import PayReq
 from service.lightning.models import LnInvoice
-from service.payouts.models import Payout, PayoutAttempt
 from service.migrate import upgrade
 from service.payouts import CheckReason, DestinationKind, InvoiceCheckError, PayoutKind, PayoutPolicy
 from service.payouts.check import CheckedInvoice, check_invoice
+from service.payouts.models import Payout, PayoutAttempt
 
 from . import harness
 from . import ref_bolt11 as ref
@@ -112,7 +112,7 @@ class Checker:
 
     async def _setup(self) -> AsyncSession:
         sessions = async_sessionmaker(self.engine, expire_on_commit=False)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         async with sessions.begin() as s:
             for payment_hash in OWN_HASHES:
                 s.add(LnInvoice(payment_hash=payment_hash, mode="hold", amount_msat=1000, payment_request="lnbcrt1x",
@@ -146,7 +146,7 @@ class Checker:
 
 
 @pytest.fixture
-def checker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+def checker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # bolt11.decode is pure and slow (bitstring): check_invoice, lnurl._check_invoice and the
     # oracle decode the same string; a small memo makes that one decoding (same result or error).
     real, memo = bolt11.decode, {}
@@ -241,10 +241,10 @@ payouts = weighted((5, st.integers(1, 10**9)), (2, st.integers(1, 2_100_000_000_
                    (1, st.sampled_from([1, 9, 10, 11, 999, 1000, 1001, 10**11, 2_100_000_000_000_000_000])))
 
 
-def spec_for(draw, network: str, payout: int) -> Spec:  # noqa: ANN001
+def spec_for(draw, network: str, payout: int) -> Spec:
     description = choose(draw, (7, descriptions),
                                 (3, st.none()))
-    description_hash = None if description is not None else choose(draw, 
+    description_hash = None if description is not None else choose(draw,
         (1, st.just(METADATA_HASH)), (1, st.binary(min_size=32, max_size=32).map(bytes.hex)))
     if draw(st.integers(0, 19)) == 0:  # both, or neither
         description, description_hash = draw(st.sampled_from([("x", METADATA_HASH), (None, None)]))
@@ -269,7 +269,7 @@ def spec_for(draw, network: str, payout: int) -> Spec:  # noqa: ANN001
 
 
 @st.composite
-def generated(draw) -> tuple[Case, Spec]:  # noqa: ANN001
+def generated(draw) -> tuple[Case, Spec]:
     network = draw(st.sampled_from(NETWORKS))
     payout = draw(payouts)
     spec = spec_for(draw, network, payout)
@@ -283,7 +283,7 @@ def generated(draw) -> tuple[Case, Spec]:  # noqa: ANN001
     pr += choose(draw, (9, st.just("")), (1, st.sampled_from([" ", "\n", "\u2003"])))
     expiry = 3600 if spec.expiry is None else spec.expiry
     min_expiry = choose(draw, (4, st.just(300)), (1, st.integers(0, 4000)))
-    now = choose(draw, 
+    now = choose(draw,
         (3, st.integers(spec.timestamp - 100, spec.timestamp + expiry + 100)),
         (3, st.integers(spec.timestamp + expiry - min_expiry - 3, spec.timestamp + expiry + 3)),
         (1, st.integers(0, 2**36)),
@@ -308,7 +308,7 @@ def _fields(words: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def mutate_words(draw, pr: str) -> str:  # noqa: ANN001
+def mutate_words(draw, pr: str) -> str:
     """Change the invoice's 5-bit words or its hrp and write a valid checksum again."""
     try:
         hrp, words = ref.split(pr.strip().removeprefix("lightning:").removeprefix("LIGHTNING:"), strict_case=False)
@@ -355,7 +355,7 @@ def mutate_words(draw, pr: str) -> str:  # noqa: ANN001
     return out.upper() if pr.strip().isupper() else out
 
 
-def mutate_text(draw, pr: str) -> str:  # noqa: ANN001
+def mutate_text(draw, pr: str) -> str:
     op = draw(st.integers(0, 8))
     pos = draw(st.integers(0, max(0, len(pr) - 1)))
     if op == 0:
@@ -379,7 +379,7 @@ def mutate_text(draw, pr: str) -> str:  # noqa: ANN001
 
 
 @st.composite
-def mutated(draw, base: st.SearchStrategy) -> Case:  # noqa: ANN001
+def mutated(draw, base: st.SearchStrategy) -> Case:
     case, _ = draw(base)
     pr = case.pr
     for _ in range(choose(draw, (6, st.just(1)), (3, st.just(2)), (1, st.just(3)))):
@@ -481,7 +481,7 @@ def _from_json(doc: dict[str, Any]) -> Case:
     return Case(**doc)
 
 
-def _check(checker: Checker):  # noqa: ANN202
+def _check(checker: Checker):
     return lambda case: check_payout_invoice(checker, case)
 
 

@@ -14,15 +14,14 @@ from bolt11 import Bolt11, MilliSatoshi, TagChar, Tags
 from sqlalchemy import select
 
 from service.db import create_engine, session_factory
+from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning import errors, webhook
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.lightning.guard import guard_once
-from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning.invoices import EscrowInvoices, HoldSizing, InvoiceModeError
-from service.nostr.protocol import EscrowTerms, Mode, Network
 from service.lightning.models import LnFact, LnInvoice
-from service.payouts.models import Payout, PayoutAttempt
 from service.lightning.settlement import SettlementWatcher
+from service.nostr.protocol import EscrowTerms, Mode, Network
 from service.payouts import (
     CheckReason,
     Destination,
@@ -35,6 +34,7 @@ from service.payouts import (
     PayoutPolicy,
 )
 from service.payouts.check import check_invoice
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import accept_invoice
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts

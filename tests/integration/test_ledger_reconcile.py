@@ -9,14 +9,14 @@ from dataclasses import dataclass
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service import reconcile as R
 from service.db import create_engine, session_factory
 from service.ledger import accounts as A
 from service.ledger import service as L
-from service import reconcile as R
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.lightning.models import LnInvoice
-from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import DestinationKind, PayoutKind
+from service.payouts.models import Payout, PayoutAttempt
 from tests.conftest import Regtest, wait_until
 
 pytestmark = pytest.mark.lnd

@@ -12,8 +12,8 @@ import pytest
 from sqlalchemy import select
 
 from service.db import create_engine, session_factory
-from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts
 from tests.conftest import Regtest, wait_until

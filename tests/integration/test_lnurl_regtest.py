@@ -44,7 +44,7 @@ class LnurlPayServer:
     def address(self, name: str) -> str:
         return f"{name}@127.0.0.1:{self.port}"
 
-    async def app(self, scope: dict, receive, send) -> None:  # noqa: ANN001 - ASGI
+    async def app(self, scope: dict, receive, send) -> None:
         assert scope["type"] == "http"
         path: str = scope["path"]
         self.requests.append(path)
@@ -143,8 +143,8 @@ async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_on
         regtest: Regtest, lnurl_server: LnurlPayServer, database_url: str) -> None:
     """The payout worker end to end: lud16 destination -> LNURL-pay -> checks -> SendPaymentV2."""
     from service.db import create_engine, session_factory
-    from service.payouts.models import Payout
     from service.payouts import PayoutPolicy
+    from service.payouts.models import Payout
     from service.payouts.worker import Payouts
 
     engine = create_engine(database_url)

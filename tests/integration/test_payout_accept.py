@@ -16,7 +16,6 @@ from sqlalchemy import select
 
 from service.db import create_engine, session_factory
 from service.escrow.models import TimelineEntry
-from service.payouts.models import Payout
 from service.payouts import (
     AcceptReason,
     CheckReason,
@@ -32,6 +31,7 @@ from service.payouts import (
     RetryRefused,
     store,
 )
+from service.payouts.models import Payout
 from service.payouts.worker import Payouts
 from tests.conftest import Regtest
 from tests.support.payouts import pay_due

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from service.config import Settings
 from service.db import create_engine, session_factory
 from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
-from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts
 from tests.conftest import Regtest
@@ -70,7 +70,7 @@ async def test_fee_limit_zero_means_zero_fee_routes_only(regtest: Regtest) -> No
 
 
 async def test_tiny_payout_through_an_expensive_payee_hop_is_refused_and_nothing_paid(
-        regtest: Regtest, sessions, expensive_payee_hop) -> None:  # noqa: ANN001
+        regtest: Regtest, sessions, expensive_payee_hop) -> None:
     amount = 1_000   # a 1-sat validator fee: its limit at the default 5000 ppm is 5 msat
     inv = await regtest.payee2.add_invoice(amount, memo="validator fee", private=True)
     before = (await regtest.escrow.channel_balance()).local_msat
@@ -92,7 +92,7 @@ async def test_tiny_payout_through_an_expensive_payee_hop_is_refused_and_nothing
     assert (await regtest.escrow.channel_balance()).local_msat == before, "the escrow paid nothing, no fee"
 
 
-async def test_a_payouts_own_fee_limit_caps_the_policy(regtest: Regtest, sessions, expensive_payee_hop) -> None:  # noqa: ANN001
+async def test_a_payouts_own_fee_limit_caps_the_policy(regtest: Regtest, sessions, expensive_payee_hop) -> None:
     """The engine's limit for a payout (``fee_limit_msat``) wins when lower than the policy's."""
     amount = 4_000_000   # policy limit 20,000 msat: the 9,500 msat hop fits it
     policy = _policy()

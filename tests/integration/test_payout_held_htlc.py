@@ -19,9 +19,9 @@ from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.lightning import errors
 from service.lightning.client import InvoiceState, PaymentStatus
-from service.payouts.models import Payout, PayoutAttempt
 from service.node import LightningService
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts
 from tests.conftest import Regtest, new_preimage, wait_until
@@ -40,13 +40,13 @@ async def sessions(database_url: str):
     await engine.dispose()
 
 
-async def _payout(sessions, pid: str, payee: str, payreq: str) -> None:  # noqa: ANN001
+async def _payout(sessions, pid: str, payee: str, payreq: str) -> None:
     async with sessions.begin() as s:
         await create_payout(s, NewPayout(pid, "ee" * 32, PayoutKind.REWARD, payee, AMOUNT,
                                          Destination(DestinationKind.BOLT11, payreq)))
 
 
-async def _state(sessions, pid: str) -> Payout:  # noqa: ANN001
+async def _state(sessions, pid: str) -> Payout:
     async with sessions() as s:
         return await s.get(Payout, pid)
 
@@ -55,7 +55,7 @@ async def _held(regtest: Regtest, h: bytes) -> bool:
     return (await regtest.payee.lookup_invoice(h)).state == InvoiceState.ACCEPTED
 
 
-async def test_a_held_payout_delays_no_other_payee(regtest: Regtest, sessions) -> None:  # noqa: ANN001
+async def test_a_held_payout_delays_no_other_payee(regtest: Regtest, sessions) -> None:
     settings = Settings(_env_file=None, payout_timeout_seconds=TIMEOUT, payout_reconcile_seconds=1.0,
                         payout_reconcile_budget_seconds=2.0, payout_retry_seconds=1.0,
                         payout_invoice_min_expiry_seconds=60)
@@ -112,7 +112,7 @@ async def test_a_held_payout_delays_no_other_payee(regtest: Regtest, sessions) -
     assert [p.status async for p in regtest.escrow.track_payment(hx)][-1] == PaymentStatus.FAILED
 
 
-async def _is(sessions, pid: str, state: str) -> bool:  # noqa: ANN001
+async def _is(sessions, pid: str, state: str) -> bool:
     return (await _state(sessions, pid)).state == state
 
 
@@ -120,13 +120,13 @@ class TrackFaults:
     """The real escrow client, except TrackPaymentV2 for two hashes (fault injection: one hangs
     past any budget, one fails with LND's deadline error; real LND answers either at once)."""
 
-    def __init__(self, real, hang: str, fail: str) -> None:  # noqa: ANN001
+    def __init__(self, real, hang: str, fail: str) -> None:
         self.real, self.hang, self.fail = real, hang, fail
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         return getattr(self.real, name)
 
-    async def track_payment(self, payment_hash: bytes, **kw):  # noqa: ANN003, ANN201
+    async def track_payment(self, payment_hash: bytes, **kw):
         if payment_hash.hex() == self.hang:
             await asyncio.Event().wait()
         if payment_hash.hex() == self.fail:
@@ -135,7 +135,7 @@ class TrackFaults:
             yield p
 
 
-async def test_one_payouts_track_failing_or_held_does_not_stop_the_pass(regtest: Regtest, sessions) -> None:  # noqa: ANN001
+async def test_one_payouts_track_failing_or_held_does_not_stop_the_pass(regtest: Regtest, sessions) -> None:
     """Four `unknown` payouts as a dead worker left them, in this order: one whose payment the payee
     holds (real), one whose track hangs and one whose track fails (fault injection), and one whose
     payment succeeded (real). The pass resolves the last, leaving the others for later."""

@@ -25,7 +25,6 @@ from service.escrow.machine import (
     PayoutView,
     Plan,
     ResultView,
-    ScoreView,
 )
 from service.ledger import accounts
 from service.nostr.nip01 import SecretKey, sign_event

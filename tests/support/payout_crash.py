@@ -23,12 +23,12 @@ DIE = 9
 class Crashing(Payouts):
     where = ""
 
-    async def _send(self, payout_id, payment_hash, payreq, fee_limit):  # noqa: ANN001, ANN202
+    async def _send(self, payout_id, payment_hash, payreq, fee_limit):
         if self.where == "after_write_ahead":
             os._exit(DIE)
         return await super()._send(payout_id, payment_hash, payreq, fee_limit)
 
-    async def _follow(self, stream):  # noqa: ANN001, ANN202
+    async def _follow(self, stream):
         async for _update in stream:
             if self.where == "in_flight":
                 os._exit(DIE)

@@ -22,9 +22,7 @@ from service.escrow.engine import Engine, EngineConfig
 from service.escrow.models import Effect, Job, JobState
 from service.ledger import accounts
 from service.ledger import service as ledger
-from service.payouts import PayoutPolicy as LnPayoutPolicy
 from service.lightning.models import LnFact, LnInvoice
-from service.payouts.models import Payout
 from service.migrate import upgrade_async
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
@@ -44,6 +42,8 @@ from service.nostr.protocol import (
     build_result,
     parse_job_request,
 )
+from service.payouts import PayoutPolicy as LnPayoutPolicy
+from service.payouts.models import Payout
 
 TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=10_000, max_bid_msat=10_000_000_000,
                     max_validators=5, max_shards=8, min_results_window_s=0, max_job_duration_s=30 * 86_400,

@@ -39,21 +39,21 @@ from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import JobState, TimelineEntry
 from service.ledger.models import LedgerReconciliation
-from service.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
 from service.lightning import errors
-from service.payouts.models import Payout, PayoutAttempt
 from service.migrate import upgrade_async
 from service.nostr.protocol.examples import regtest_invoice
 from service.payouts import Destination, DestinationKind, NewPayout, PayoutKind, PayoutPolicy
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts
+from service.reconcile import Discrepancy, ReconciliationReport, payouts_paused, store_report
 from tests.support.payouts import pay_due
 
 H1, H2 = "a1" * 32, "b2" * 32
 
 
 @pytest.fixture
-async def sessions(tmp_path: Path):  # noqa: ANN201
+async def sessions(tmp_path: Path):
     url = f"sqlite+aiosqlite:///{tmp_path / 'drills.sqlite3'}"
     await upgrade_async(url)
     engine = create_engine(url)
@@ -66,7 +66,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, runs: list[list[tuple[str, str]]])
     persisted: list[bool] = []
     it = iter(runs)
 
-    async def fake(session, lnd, *, threshold_msat=0, call_timeout=None, persist=True):  # noqa: ANN001, ANN202
+    async def fake(session, lnd, *, threshold_msat=0, call_timeout=None, persist=True):
         found = [Discrepancy(kind, h, 10_000, 0) for kind, h in next(it)]
         report = ReconciliationReport(
             ran_at=utcnow(), ok=not found, threshold_msat=threshold_msat, discrepancy_msat=10_000 * len(found),
@@ -80,7 +80,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch, runs: list[list[tuple[str, str]]])
     return persisted
 
 
-def service_for(sessions) -> lightning_service.LightningService:  # noqa: ANN001
+def service_for(sessions) -> lightning_service.LightningService:
     svc = lightning_service.LightningService(object(), sessions, Settings(_env_file=None))
 
     async def no_pause(_seconds: float) -> None:
@@ -89,7 +89,7 @@ def service_for(sessions) -> lightning_service.LightningService:  # noqa: ANN001
     return svc
 
 
-async def stored(sessions) -> list[bool]:  # noqa: ANN001
+async def stored(sessions) -> list[bool]:
     async with sessions() as s:
         return list((await s.scalars(select(LedgerReconciliation.ok).order_by(LedgerReconciliation.id))).all())
 
@@ -104,8 +104,8 @@ async def stored(sessions) -> list[bool]:  # noqa: ANN001
     # a fact in transit that was booked meanwhile: the second, agreeing run is stored
     ([[("funding_missing", H2)], []], [True], False),
 ])
-async def test_reconciliation_stores_only_what_it_checked(sessions, monkeypatch: pytest.MonkeyPatch,  # noqa: ANN001
-                                                          runs, rows, paused) -> None:  # noqa: ANN001
+async def test_reconciliation_stores_only_what_it_checked(sessions, monkeypatch: pytest.MonkeyPatch,
+                                                          runs, rows, paused) -> None:
     persisted = scripted(monkeypatch, runs)
     await service_for(sessions).reconcile_once()
     assert await stored(sessions) == rows
@@ -117,11 +117,11 @@ async def test_reconciliation_stores_only_what_it_checked(sessions, monkeypatch:
 class UnreachableLnd:
     timeout = 1.0
 
-    async def decode_pay_req(self, payment_request: str):  # noqa: ANN201
+    async def decode_pay_req(self, payment_request: str):
         raise errors.LndUnavailable("DecodePayReq", "failed to connect to all addresses", grpc.StatusCode.UNAVAILABLE)
 
 
-async def test_a_payout_claimed_while_lnd_is_unreachable_is_given_back_at_once(sessions) -> None:  # noqa: ANN001
+async def test_a_payout_claimed_while_lnd_is_unreachable_is_given_back_at_once(sessions) -> None:
     payreq = regtest_invoice("payee", 5_000, "c3" * 32, "reward", int(time.time()))
     async with sessions.begin() as s:
         await create_payout(s, NewPayout("job:reward:r1", "e5" * 32, PayoutKind.REWARD, "d4" * 32, 5_000,
@@ -161,19 +161,19 @@ def test_lnd_starting_up_is_unavailable(details: str) -> None:
 class StartingLnd:
     timeout = 1.0
 
-    async def decode_pay_req(self, payment_request: str):  # noqa: ANN201
+    async def decode_pay_req(self, payment_request: str):
         raise errors.from_rpc_error("DecodePayReq", RpcError(grpc.StatusCode.UNKNOWN, STARTING))
 
 
 class RefusingLnd:
     timeout = 1.0
 
-    async def decode_pay_req(self, payment_request: str):  # noqa: ANN201
+    async def decode_pay_req(self, payment_request: str):
         raise errors.from_rpc_error("DecodePayReq", RpcError(grpc.StatusCode.UNKNOWN, "checksum failed"))
 
 
 @pytest.mark.parametrize(("lnd", "state"), [(StartingLnd(), "pending"), (RefusingLnd(), "needs_invoice")])
-async def test_a_starting_node_is_not_a_refused_invoice(sessions, lnd, state: str) -> None:  # noqa: ANN001
+async def test_a_starting_node_is_not_a_refused_invoice(sessions, lnd, state: str) -> None:
     payreq = regtest_invoice("payee", 5_000, "f6" * 32, "reward", int(time.time()))
     async with sessions.begin() as s:
         await create_payout(s, NewPayout("job:validator:v1", "e5" * 32, PayoutKind.VALIDATOR_FEE, "d4" * 32,
@@ -215,11 +215,11 @@ async def test_a_refused_payee_invoice_is_announced_again(tmp_path: Path) -> Non
 class NoLnd:
     timeout = 1.0
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         raise AssertionError(f"LND must not be asked ({name}): the attempt row already has its answer")
 
 
-async def test_a_payout_whose_attempt_succeeded_is_finished_not_paid_again(sessions) -> None:  # noqa: ANN001
+async def test_a_payout_whose_attempt_succeeded_is_finished_not_paid_again(sessions) -> None:
     from datetime import timedelta
     payreq = regtest_invoice("payee", 10_000, "a7" * 32, "validator fee", int(time.time()))
     async with sessions.begin() as s:

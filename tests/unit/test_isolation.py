@@ -24,9 +24,9 @@ from service.escrow.engine import payout_ref
 from service.escrow.models import Job
 from service.escrow.runner import EngineRunner, timer_ref
 from service.lightning.models import LnFact
-from service.payouts.models import Payout
 from service.nostr.inbox import Inbox
 from service.nostr.models import InboxEvent
+from service.payouts.models import Payout
 from service.quarantine import ItemFailure, Quarantine, RetryPolicy
 from tests.unit.test_engine_properties import Clock, World
 

@@ -20,16 +20,16 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from service import reconcile as R
 from service.db import create_engine, session_factory, utcnow
 from service.ledger import accounts as A
-from service import reconcile as R
 from service.ledger import service as L
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning import errors
 from service.lightning.client import ChannelBalance, FailureReason, Invoice, InvoiceState, Payment, PaymentStatus
 from service.lightning.models import LnInvoice
-from service.payouts.models import Payout, PayoutAttempt
 from service.payouts import DestinationKind, PayoutKind
+from service.payouts.models import Payout, PayoutAttempt
 
 BACKENDS = [pytest.param("sqlite", id="sqlite"),
             pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
@@ -609,7 +609,7 @@ class FakeLnd:
         except KeyError:
             raise errors.LndNotFound("LookupInvoiceV2", "unable to locate invoice") from None
 
-    async def track_payment(self, payment_hash: bytes):  # noqa: ANN201 - async generator
+    async def track_payment(self, payment_hash: bytes):
         self.calls += 1
         if self.hang:
             await asyncio.sleep(3600)

@@ -149,7 +149,7 @@ async def _post(s: AsyncSession, model: Model, *, key: str, kind: str, lines: li
     model.apply(lines, job_id)
 
 
-async def step(sessions, model: Model, op: tuple) -> None:  # noqa: ANN001, C901 - an interpreter
+async def step(sessions, model: Model, op: tuple) -> None:
     model.n += 1
     n = model.n
     name = op[0]
@@ -265,14 +265,14 @@ async def step(sessions, model: Model, op: tuple) -> None:  # noqa: ANN001, C901
                 model.closed.add(j)
 
 
-async def snapshot(sessions) -> tuple[int, int, dict[str, int]]:  # noqa: ANN001
+async def snapshot(sessions) -> tuple[int, int, dict[str, int]]:
     async with sessions() as s:
         return (await s.scalar(select(func.count()).select_from(LedgerPosting)),
                 await s.scalar(select(func.count()).select_from(LedgerLine)),
                 await L.balances(s))
 
 
-async def verify(sessions, model: Model, *, full: bool = False) -> None:  # noqa: ANN001
+async def verify(sessions, model: Model, *, full: bool = False) -> None:
     async with sessions() as s:
         got = await L.balances(s)
         assert {a: m for a, m in got.items() if m} == model.nonzero()

@@ -56,7 +56,7 @@ async def test_migrations_postgres(database_url: str) -> None:
     await _check(database_url)
 
 
-async def test_migration_0012_types_payout_kind_and_destination(tmp_path) -> None:  # noqa: ANN001
+async def test_migration_0012_types_payout_kind_and_destination(tmp_path) -> None:
     """0012 reads the kind, a reward's result and the destination's kind out of 0011's strings,
     and its downgrade writes the strings back."""
     from sqlalchemy import text

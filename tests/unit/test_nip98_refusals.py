@@ -21,11 +21,11 @@ from sqlalchemy import update
 from service.app import create_app
 from service.config import Settings
 from service.escrow.models import Job
-from service.payouts.models import Payout
 from service.nostr import nip98
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol.examples import regtest_invoice
 from service.payouts import DestinationKind, PayoutKind
+from service.payouts.models import Payout
 
 BASE = "http://api.test"
 # a real, signed regtest invoice for the payout (the route checks it before accepting it)

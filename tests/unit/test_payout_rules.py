@@ -12,7 +12,6 @@ from sqlalchemy.exc import IntegrityError
 
 from service.config import Settings
 from service.db import create_engine, session_factory
-from service.payouts.models import Payout
 from service.payouts import (
     CheckReason,
     Destination,
@@ -23,6 +22,7 @@ from service.payouts import (
     PayoutReason,
     why,
 )
+from service.payouts.models import Payout
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts
 
@@ -88,14 +88,14 @@ async def sessions(database_url: str):
     await engine.dispose()
 
 
-async def _create(sessions, rows: list[tuple[str, str]]) -> None:  # noqa: ANN001
+async def _create(sessions, rows: list[tuple[str, str]]) -> None:
     async with sessions.begin() as s:
         for pid, payee in rows:
             await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, payee, 1_000,
                                              Destination(DestinationKind.BOLT11, "lnbcrt1x")))
 
 
-async def test_claims_take_one_payout_per_payee_and_none_of_a_busy_payee(sessions) -> None:  # noqa: ANN001
+async def test_claims_take_one_payout_per_payee_and_none_of_a_busy_payee(sessions) -> None:
     a, b, c = "aa" * 32, "bb" * 32, "cc" * 32
     await _create(sessions, [("a1", a), ("a2", a), ("a3", a), ("b1", b), ("c1", c)])
     payouts = Payouts(None, sessions, PayoutPolicy(), our_pubkey="02" + "11" * 32)
@@ -108,7 +108,7 @@ async def test_claims_take_one_payout_per_payee_and_none_of_a_busy_payee(session
     assert len(sending) == 2, "the busy list is the caller's: two of a's are claimed now"
 
 
-async def _two_payouts_one_hash(sessions) -> None:  # noqa: ANN001
+async def _two_payouts_one_hash(sessions) -> None:
     await _create(sessions, [("p1", "aa" * 32), ("p2", "bb" * 32)])
     async with sessions.begin() as s:
         await s.execute(update(Payout).where(Payout.id == "p1").values(state="succeeded", payment_hash="ab" * 32))
@@ -119,10 +119,10 @@ async def _two_payouts_one_hash(sessions) -> None:  # noqa: ANN001
         assert (await s.scalars(select(Payout.id).where(Payout.payment_hash.is_(None)))).all() == ["p2"]
 
 
-async def test_a_payment_hash_pays_one_payout_sqlite(sessions) -> None:  # noqa: ANN001
+async def test_a_payment_hash_pays_one_payout_sqlite(sessions) -> None:
     await _two_payouts_one_hash(sessions)
 
 
 @pytest.mark.postgres
-async def test_a_payment_hash_pays_one_payout_postgres(sessions) -> None:  # noqa: ANN001
+async def test_a_payment_hash_pays_one_payout_postgres(sessions) -> None:
     await _two_payouts_one_hash(sessions)

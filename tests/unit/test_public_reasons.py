@@ -18,8 +18,8 @@ from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.escrow.models import Job, TimelineEntry
 from service.lightning import lnurl
-from service.payouts.models import Payout
 from service.payouts import DestinationKind, PayoutKind
+from service.payouts.models import Payout
 
 TOKEN = "admin-token-0123456789-abcdefghijklmnop"
 JOB = "ab" * 32

@@ -1,14 +1,13 @@
 """The quarantine's rules: backoff, whose fault an error is, what an error may say, replay, migration."""
 from __future__ import annotations
 
-import sqlalchemy as sa
-
 import asyncio
 import json
 import sqlite3
 from datetime import timedelta
 
 import pytest
+import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 from sqlalchemy import insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
