@@ -271,8 +271,10 @@ class Engine:
             self._requests.popitem(last=False)
         return req
 
-    async def load(self, s: AsyncSession, job_id: str, kind: FactKind, fact: Fact | None = None) -> JobView:
-        """What the machine needs to see of ``job_id`` for a fact of ``kind`` (state NEW: no row)."""
+    async def load(self, s: AsyncSession, job_id: str, kind: FactKind, fact: Fact | None = None, *,
+                   full: bool = False) -> JobView:
+        """What the machine needs to see of ``job_id`` for a fact of ``kind`` (state NEW: no row);
+        ``full``: everything (a test comparing the engine with the machine)."""
         job = (await s.execute(select(Job).where(Job.id == job_id)
                                .execution_options(populate_existing=True))).scalar_one_or_none()
         if job is None:
@@ -281,17 +283,17 @@ class Engine:
         req = self.job_request(job) if state is not S.REJECTED else None
         results: tuple[ResultView, ...] = ()
         scores: tuple[ScoreView, ...] = ()
-        if kind in _RESULTS or kind in _SCORES:
+        if full or kind in _RESULTS or kind in _SCORES:
             rows = (await s.scalars(select(Result).where(Result.job_id == job_id))).all()
             ordered = sorted(rows, key=lambda r: (aware(r.received_at).timestamp() if r.received_at
                                                   else r.created_at, r.id))
             results = tuple(result_view(r) for r in ordered)
-        if kind in _SCORES:
+        if full or kind in _SCORES:
             scores = tuple(ScoreView(x.result_id, x.validator, _bounded_score(x.value), x.event_id)
                            for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all())
         held = owed = 0
         posted: frozenset[str] = frozenset()
-        if kind in _MONEY:
+        if full or kind in _MONEY:
             escrow_acct = accounts.escrow(job_id)
             for account, total in (await s.execute(select(LedgerLine.account, func.sum(LedgerLine.amount_msat))
                                                    .where(LedgerLine.job_id == job_id)
@@ -303,7 +305,7 @@ class Engine:
             posted = frozenset((await s.scalars(select(LedgerPosting.key)
                                                 .where(LedgerPosting.job_id == job_id))).all())
         payout_views: tuple[machine.PayoutView, ...] = ()
-        if kind in _PAYOUTS:
+        if full or kind in _PAYOUTS:
             payout_views = tuple(payout_view(p) for p in
                             (await s.scalars(select(Payout).where(Payout.job_id == job_id))).all())
         return JobView(id=job.id, state=state, version=job.version, customer=job.customer, request=req,

@@ -160,6 +160,10 @@ def step(w: World, fact: Fact, **world_changes: object) -> World:
 
 # ---------------------------------------------------------------------------- what can happen next
 
+def _funding_hash(job_id: str) -> str:
+    return hashlib.sha256(f"funding {job_id}".encode()).hexdigest()
+
+
 def _model(provider: int, shard: int) -> str:
     return hashlib.sha256(f"model {provider} {shard}".encode()).hexdigest()
 
@@ -205,7 +209,7 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
     if w.last is not None:
         yield "duplicate", step(w, w.last)
     if v.state is S.REQUESTED and w.invoice == "none":
-        yield "invoice created", step(w, machine.InvoiceCreated("ab" * 32, FAKE_BOLT11, v.bid_msat), invoice="open")
+        yield "invoice created", step(w, machine.InvoiceCreated(_funding_hash(v.id), FAKE_BOLT11, v.bid_msat), invoice="open")
         yield "invoice failed", step(w, machine.InvoiceFailed("LND away"))
     if w.invoice == "open":
         # The customer pays: on time, or after the offer closed (LND's observation time).
@@ -214,13 +218,13 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
             if hold:
                 yield label, step(w, machine.HoldAccepted(amount, at), invoice="accepted")
             else:
-                yield label, step(w, machine.Settled("ab" * 32, amount, at), invoice="settled", paid_msat=amount)
+                yield label, step(w, machine.Settled(_funding_hash(v.id), amount, at), invoice="settled", paid_msat=amount)
         yield "invoice expired", step(w, machine.InvoiceCanceled(), invoice="canceled",
                                       effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE))
     if w.invoice == "accepted":
         # Our settle effect, or the deadline guard on its own, settles; our cancel effect or the
         # HTLC's expiry cancels (LND gives the money back).
-        yield "settle", step(w, machine.Settled("ab" * 32, amount, w.now), invoice="settled", paid_msat=amount,
+        yield "settle", step(w, machine.Settled(_funding_hash(v.id), amount, w.now), invoice="settled", paid_msat=amount,
                              effects=tuple(e for e in w.effects if e is not EffectKind.SETTLE_HOLD))
         yield "cancel", step(w, machine.InvoiceCanceled(), invoice="canceled",
                              effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE))
