@@ -5,19 +5,17 @@ not allow the action; nothing is changed then, but the refusal is audited too.
 """
 from __future__ import annotations
 
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service import quarantine
 from service.api.models import AdminAction
 from service.db import rowcount, utcnow
-from service.escrow import timeline
 from service.escrow.engine import Engine
 from service.escrow.models import Effect, Job, JobState
 from service.nostr.models import Delivery, InboxEvent
 from service.payouts import RetryRefused
 from service.payouts import store as payouts
-from service.payouts.models import Payout
 from service.reconcile import resume_payouts
 
 
@@ -39,10 +37,6 @@ async def retry_payout(s: AsyncSession, payout_id: str, reason: str) -> str:
         state = await payouts.retry(s, payout_id)
     except RetryRefused as e:
         raise ActionRefused(e.code.value, e.message) from None
-    job_id = await s.scalar(select(Payout.job_id).where(Payout.id == payout_id))
-    if job_id is not None:
-        await timeline.record(s, job_id, timeline.EntryKind.PAYMENT,
-                              {"payout": payout_id, "state": state.value, "why": "retried by an operator"})
     await audit(s, "retry_payout", payout_id, reason, state.value)
     return state.value
 

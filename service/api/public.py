@@ -15,7 +15,6 @@ from service import __version__
 from service.api import queries
 from service.api.errors import ApiError, responses
 from service.api.limits import client_address
-from service.escrow import timeline
 from service.lightning.models import LnInvoice
 from service.nostr import nip98
 from service.nostr.kinds import INTAKE_KINDS
@@ -213,6 +212,4 @@ async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id:
         except InvoiceRefused as e:
             # raised inside the transaction: rolled back (the payee is answered here, not on Nostr)
             raise ApiError(_REFUSAL_STATUS.get(e.code, 422), e.code.value, e.message) from None
-        await timeline.record(s, job_id, timeline.EntryKind.FACT, {"event": "payee invoice (REST)", "payout": p.id,
-                                                                   "payee": auth.pubkey, "amount_msat": p.amount_msat})
     return PayoutInvoiceOut(payout_id=p.id, state=p.state.value, amount_msat=p.amount_msat)

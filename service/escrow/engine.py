@@ -35,8 +35,9 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from service import timeline
 from service.db import aware, insert_ignore, rowcount, table_of, utcnow
-from service.escrow import machine, timeline
+from service.escrow import machine
 from service.escrow.machine import (
     FUNDED_STATES,
     Decision,
@@ -449,13 +450,11 @@ class Engine:
         if job is None:
             return "ignored: invoice for an unknown job"
         try:
-            p = await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
+            await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
                                              amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
                                              network=self.config.network)
         except InvoiceRefused as e:
             return await self._ignore(s, job.id, event, f"{e.code.value}: {e.message}")
-        await timeline.record(s, job.id, timeline.EntryKind.FACT, {"event": "payee invoice", "payout": p.id,
-                                                                   "payee": event.pubkey, "amount_msat": p.amount_msat})
         return "invoice accepted for checking"
 
     async def on_deletion(self, s: AsyncSession, event: Event) -> str:

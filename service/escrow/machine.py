@@ -402,7 +402,7 @@ Fact = (RequestAccepted | RequestRejected | InvoiceCreated | InvoiceFailed | Hol
 
 
 class Note(enum.StrEnum):
-    """Kinds of timeline entries a plan writes (service/escrow/timeline.py writes them)."""
+    """Kinds of timeline entries a plan writes (service/timeline.py writes them)."""
 
     FACT = "fact"
     TRANSITION = "transition"

@@ -10,6 +10,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from service.db import Base, StringEnum, utcnow
 from service.escrow.machine import FINAL_STATES, EffectKind, EscrowMode, Funds, JobState
 from service.payouts.types import DestinationKind
+from service.timeline import TimelineEntry
 
 __all__ = ["FINAL_STATES", "Consumed", "Effect", "EffectKind", "EffectState", "Job", "JobState", "Result", "ScoreRow",
            "TimelineEntry"]
@@ -115,18 +116,6 @@ class Effect(Base):
 
     __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_escrow_effects_job_kind"),
                       Index("ix_escrow_effects_due", "state", "next_attempt_at"))
-
-
-class TimelineEntry(Base):
-    """Everything that happened to a job, in order: facts, transitions, money, ignored input."""
-
-    __tablename__ = "escrow_timeline"
-
-    seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)   # fact | transition | ignored | invoice | payment | posting | published | effect
-    detail: Mapped[str] = mapped_column(Text, nullable=False)
 
 
 class Consumed(Base):

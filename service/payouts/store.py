@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import CursorResult, Result, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service import timeline
 from service.bitcoin import MAX_MSAT
 from service.db import insert_ignore, utcnow
 from service.payouts.check import decode_offline, refuse_used_hash
@@ -98,6 +99,9 @@ async def accept_invoice(s: AsyncSession, *, job_id: str, payee: str, bolt11: st
                                   updated_at=utcnow()))
     if rows_matched(res) != 1:
         raise InvoiceRefused(AcceptReason.CONFLICT, "the payout changed meanwhile")
+    await timeline.record(s, job_id, timeline.EntryKind.FACT, {
+        "event": "payee invoice" if source is InvoiceSource.NOSTR else f"payee invoice ({source.value.upper()})",
+        "payout": target.id, "payee": payee, "amount_msat": target.amount_msat})
     await s.refresh(target)
     return target
 
@@ -137,6 +141,9 @@ async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> P
                                   updated_at=utcnow()))
     if rows_matched(res) != 1:
         raise RetryRefused(RetryReason.CONFLICT, "the payout changed meanwhile")
+    if p.job_id is not None:
+        await timeline.record(s, p.job_id, timeline.EntryKind.PAYMENT,
+                              {"payout": p.id, "state": PayoutState.PENDING.value, "why": "retried by an operator"})
     return PayoutState.PENDING
 
 
