@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -192,6 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limits_events = RateLimiter(settings.events_per_minute, settings.events_burst)
     app.state.limits_invoices = RateLimiter(settings.invoices_per_minute, settings.invoices_burst)
     app.state.admin_failures = FailureThrottle()  # wrong admin/metrics tokens and sign-ins, per address
+    app.state.webhooks_refused = Counter()        # reason -> count (metrics): this app's, not the module's
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt_paths=frozenset({"/blobs/upload"}))
     app.include_router(public.router)
@@ -249,7 +251,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             async with request.app.state.sessions.begin() as s:
                 await webhook.consume(s, signature, now=now, window=settings.webhook_window_seconds)
         except webhook.WebhookError as e:
-            webhook.refused[e.reason.value] += 1
+            request.app.state.webhooks_refused[e.reason.value] += 1
             status = 503 if e.reason == webhook.WebhookReason.NOT_CONFIGURED else 401
             return errors.problem(status, e.reason.value, e.message)
         lightning = request.app.state.lightning

@@ -70,8 +70,6 @@ Source = Literal["inbox", "timer", "ln_fact", "payout_outcome", "effect", "publi
 SOURCES: Final[tuple[str, ...]] = get_args(Source)
 ERROR_CHARS: Final = 300
 
-# Failures recorded by this process, per source (the fedstr_item_failures_total counter).
-failures_total: Counter[str] = Counter()
 
 
 class ItemFailure(Base):
@@ -238,6 +236,7 @@ class Quarantine:
         self.policy = policy or RetryPolicy()
         self.policies = dict(policies or {})   # a source's own policy (effects ride out an LND restart)
         self.clock = clock
+        self.failures: Counter[str] = Counter()   # failures recorded through this quarantine, per source
 
     def policy_for(self, source: str) -> RetryPolicy:
         return self.policies.get(source, self.policy)
@@ -273,7 +272,7 @@ class Quarantine:
         (an effect's state and due time, the inbox's outcome)."""
         if callable(job_id):
             job_id = job_id()
-        failures_total[source] += 1
+        self.failures[source] += 1   # the fedstr_item_failures_total counter
         now = self.now()
         error = describe(exc)
         policy = self.policy_for(source)

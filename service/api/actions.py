@@ -12,6 +12,7 @@ from service import quarantine
 from service.api.models import AdminAction
 from service.db import rowcount, utcnow
 from service.escrow.engine import Engine
+from service.escrow.machine import OPERATOR_REFUNDABLE
 from service.escrow.models import Effect, Job, JobState
 from service.nostr.models import Delivery, InboxEvent
 from service.payouts import RetryRefused
@@ -41,7 +42,6 @@ async def retry_payout(s: AsyncSession, payout_id: str, reason: str) -> str:
     return state.value
 
 
-REFUNDABLE = (JobState.COLLECTING, JobState.VALIDATING)
 
 
 async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) -> str:
@@ -49,7 +49,7 @@ async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) 
     job = await s.get(Job, job_id)
     if job is None:
         raise ActionRefused("not_found", "no such job")
-    if job.state not in {x.value for x in REFUNDABLE}:
+    if job.state not in OPERATOR_REFUNDABLE:
         raise ActionRefused("refund_not_safe", f"a job that is {job.state} cannot be refunded by hand "
                                                "(only collecting or validating jobs)")
     plan = await engine.operator_refund(s, job_id, reason)

@@ -21,7 +21,6 @@ from service.api import queries
 from service.api.admin import check_bearer, usable
 from service.api.errors import ApiError
 from service.escrow.models import Job, JobState
-from service.lightning import webhook
 from service.lightning.models import LnFact, LnInvoice
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.payouts.models import Payout, PayoutAttempt
@@ -110,8 +109,10 @@ async def metrics(request: Request) -> PlainTextResponse:
         gauge("fedstr_relay_events_received_total", "Events received per relay.",
               [({"relay": r["url"]}, r["events_received"]) for r in st.nostr.pool.status()], "counter")
     gauge("fedstr_webhooks_refused_total", "Refused webhooks by reason.",
-          [({"reason": k}, v) for k, v in sorted(webhook.refused.items())] or [({"reason": "none"}, 0)], "counter")
+          [({"reason": k}, v) for k, v in sorted(st.webhooks_refused.items())] or [({"reason": "none"}, 0)],
+          "counter")
+    failures = st.escrow.quarantine.failures if st.escrow is not None else {}
     gauge("fedstr_item_failures_total", "Item failures (each retry that failed) in this process, by loop.",
-          [({"source": k}, quarantine.failures_total[k]) for k in quarantine.SOURCES], "counter")
+          [({"source": k}, failures.get(k, 0)) for k in quarantine.SOURCES], "counter")
     gauge("fedstr_leader", "This replica is the leader.", [(None, 1.0 if st.leadership.is_leader else 0.0)])
     return PlainTextResponse("\n".join(out) + "\n", media_type="text/plain; version=0.0.4")

@@ -61,6 +61,7 @@ from service.ledger.models import LedgerLine, LedgerPosting
 from service.lightning.hold import HoldSizing
 from service.lightning.models import LnFact, LnInvoice
 from service.nostr import outbox
+from service.nostr.kinds import KIND_DELETION, KIND_EVALUATION_RESULT, KIND_FEEDBACK, KIND_JOB_REQUEST, KIND_JOB_RESULT
 from service.nostr.models import InboxEvent
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
@@ -84,7 +85,6 @@ from service.payouts.models import Payout
 log = logging.getLogger(__name__)
 
 S = JobState
-KIND_JOB, KIND_RESULT, KIND_EVAL_RESULT, KIND_FEEDBACK, KIND_DELETION = 5701, 6701, 6702, 7000, 5
 #: Of the view, what each fact needs loaded besides the job row (the machine looks at nothing else).
 _RESULTS = frozenset({FactKind.RESULT, FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED})
 _SCORES = frozenset({FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED, FactKind.PAYOUT_SUCCEEDED})
@@ -318,11 +318,11 @@ class Engine:
 
     # ------------------------------------------------------------------ events (the inbox handler)
     async def handle_event(self, s: AsyncSession, event: Event) -> str:
-        if event.kind == KIND_JOB:
+        if event.kind == KIND_JOB_REQUEST:
             return await self.on_job_request(s, event)
-        if event.kind == KIND_RESULT:
+        if event.kind == KIND_JOB_RESULT:
             return await self.on_result(s, event)
-        if event.kind == KIND_EVAL_RESULT:
+        if event.kind == KIND_EVALUATION_RESULT:
             return await self.on_scores(s, event)
         if event.kind == KIND_FEEDBACK:
             return await self.on_payee_invoice(s, event)

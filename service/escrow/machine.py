@@ -28,6 +28,7 @@ from service.escrow import rule
 from service.escrow.mode import ModeRefused, decide_mode
 from service.ledger import accounts, postings
 from service.ledger.postings import Posting
+from service.lightning.hold import EscrowMode as EscrowMode  # re-exported: a job's mode is its invoice's
 from service.lightning.hold import HoldSizing
 from service.nostr.nip01 import Event
 from service.nostr.protocol import (
@@ -88,15 +89,10 @@ S = JobState
 FINAL_STATES: Final = frozenset({S.CLOSED, S.REFUNDED, S.REJECTED, S.CANCELLED})
 #: States a job is only in once it was funded (the intake budget's "returning customer").
 FUNDED_STATES: Final = frozenset({S.COLLECTING, S.VALIDATING, S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED})
+#: States an operator may refund a job from by hand (before any release decision: nothing paid out).
+OPERATOR_REFUNDABLE: Final = frozenset({S.COLLECTING, S.VALIDATING})
 #: States with a deadline the timers watch.
 TIMED_STATES: Final = frozenset({S.OFFERED, S.COLLECTING, S.VALIDATING})
-
-
-class EscrowMode(enum.StrEnum):
-    """How the escrow holds a job's money (the concrete mode; ``auto`` is decided away)."""
-
-    HOLD = "hold"
-    CUSTODIAL = "custodial"
 
 
 class Funds(enum.StrEnum):
@@ -843,7 +839,7 @@ def _deleted(b: _Builder, view: JobView, fact: Deleted, now: int, c: MachineConf
 
 
 def _operator_refund(b: _Builder, view: JobView, fact: OperatorRefund, now: int, c: MachineConfig) -> str:
-    if view.state not in (S.COLLECTING, S.VALIDATING):
+    if view.state not in OPERATOR_REFUNDABLE:
         return ignored(b, f"job is {view.state}: an operator refunds only collecting or validating jobs")
     b.move(S.REFUNDING, f"operator refund: {fact.reason}"[:300])
     return _refund(b, RefundReason.OPERATOR)

@@ -38,7 +38,6 @@ from service.signals import Signals
 
 log = logging.getLogger(__name__)
 
-TIMED_STATES = (JobState.OFFERED.value, JobState.COLLECTING.value, JobState.VALIDATING.value)
 # The one deadline each timed state waits for: a timer item is (job id, deadline).
 DEADLINE_OF_STATE = {JobState.OFFERED.value: "offer_expiry", JobState.COLLECTING.value: "results_deadline",
                      JobState.VALIDATING.value: "validation_deadline"}

@@ -352,11 +352,6 @@ async def balances(session: AsyncSession, *, prefix: str | None = None, job_id: 
     return {a: int(s) for a, s in rows}
 
 
-async def job_balances(session: AsyncSession, job_id: str) -> dict[str, int]:
-    """``balances(job_id=job_id)``: the job's accounts and its share of the global ones."""
-    return await balances(session, job_id=job_id)
-
-
 # ---------------------------------------------------------------- invariants
 
 async def _all(session: AsyncSession, query: Select[*tuple[Any, ...]]) -> list[Any]:
@@ -464,5 +459,5 @@ async def assert_balanced(session: AsyncSession, *, closed_job_ids: Iterable[str
 
 __all__ = [
     "MAX_MSAT", "LedgerError", "LedgerInvariantError", "Posting", "Reason", "Violation", "assert_balanced",
-    "balance", "balances", "check_invariants", "get_posting", "job_balances", "job_postings", "post", "reverse",
+    "balance", "balances", "check_invariants", "get_posting", "job_postings", "post", "reverse",
 ]

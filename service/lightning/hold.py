@@ -7,12 +7,20 @@ margin and a safety margin.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from service.config import Settings
+
+
+class EscrowMode(enum.StrEnum):
+    """How an escrow invoice holds a job's money (decided once, at intake: service/escrow/mode.py)."""
+
+    HOLD = "hold"              # a hold invoice: the HTLC is locked at our node until we settle or cancel
+    CUSTODIAL = "custodial"    # a regular invoice: the money is ours once paid
 
 
 @dataclass(frozen=True)

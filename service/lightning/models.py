@@ -1,14 +1,40 @@
 """Tables of the Lightning layer: our invoices and their settlement facts (payouts: service/payouts/models.py)."""
 from __future__ import annotations
 
+import enum
 from datetime import datetime
 
 from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
-from service.db import Base, utcnow
+from service.db import Base, StringEnum, utcnow
+from service.lightning.hold import EscrowMode
 
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
+
+
+class InvoiceStatus(enum.StrEnum):
+    """``ln_invoices.state``: changes only on a fact confirmed by lookup."""
+
+    OPEN = "open"
+    ACCEPTED = "accepted"      # hold: the HTLC is locked at our node
+    SETTLED = "settled"
+    CANCELED = "canceled"
+
+
+class InvoiceChange(enum.StrEnum):
+    """``ln_facts.kind``: what happened to one of our invoices."""
+
+    ACCEPTED = "accepted"
+    SETTLED = "settled"
+    CANCELED = "canceled"
+
+
+class OnDeadline(enum.StrEnum):
+    """What the deadline guard does with an accepted hold invoice near its CLTV expiry."""
+
+    SETTLE = "settle"          # take the money into custody: the job continues custodially
+    CANCEL = "cancel"          # give it back
 
 
 class LnInvoice(Base):
@@ -18,7 +44,7 @@ class LnInvoice(Base):
 
     payment_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
-    mode: Mapped[str] = mapped_column(String(16), nullable=False)           # hold | custodial
+    mode: Mapped[EscrowMode] = mapped_column(StringEnum(EscrowMode), nullable=False)
     amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
     payment_request: Mapped[str] = mapped_column(Text, nullable=False)
     memo: Mapped[str] = mapped_column(String(640), nullable=False, default="")
@@ -26,11 +52,13 @@ class LnInvoice(Base):
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cltv_expiry: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     expires_at: Mapped[int] = mapped_column(BigInteger, nullable=False)   # unix seconds
-    state: Mapped[str] = mapped_column(String(16), nullable=False, default="open")
+    state: Mapped[InvoiceStatus] = mapped_column(StringEnum(InvoiceStatus), nullable=False,
+                                                 default=InvoiceStatus.OPEN)
     amount_paid_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     htlc_expiry_height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # What the deadline guard does with an accepted hold invoice near its CLTV expiry.
-    on_deadline: Mapped[str] = mapped_column(String(16), nullable=False, default="cancel")  # settle | cancel
+    on_deadline: Mapped[OnDeadline] = mapped_column(StringEnum(OnDeadline), nullable=False,
+                                                    default=OnDeadline.CANCEL)
     add_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     settle_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
@@ -46,7 +74,7 @@ class LnFact(Base):
 
     seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
     payment_hash: Mapped[str] = mapped_column(String(64), ForeignKey("ln_invoices.payment_hash"), nullable=False)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)          # accepted | settled | canceled
+    kind: Mapped[InvoiceChange] = mapped_column(StringEnum(InvoiceChange), nullable=False)
     amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
     source: Mapped[str] = mapped_column(String(32), nullable=False)        # stream | single | sweep | webhook | guard
     observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -19,7 +19,6 @@ import hashlib
 import hmac
 import json
 import re
-from collections import Counter
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -51,7 +50,6 @@ class WebhookError(Exception):
         super().__init__(f"{reason.value}: {message}")
 
 
-refused: Counter[str] = Counter()   # reason -> count, for metrics and the admin overview
 
 
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:

@@ -15,7 +15,6 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from service import quarantine
 from service.api.models import AdminAction
 from service.app import create_app
 from service.config import Settings
@@ -108,7 +107,7 @@ async def audit(app: FastAPI) -> list[tuple[str, str, str]]:
 async def test_admin_lists_counts_and_replays_a_quarantined_event(app: FastAPI) -> None:
     bad, good = job_request(1_000_000), job_request(1_000_001)
     poison(app, {bad.id})
-    failures_before = quarantine.failures_total["inbox"]   # a counter of the process: other tests add to it
+    failures_before = app.state.escrow.quarantine.failures["inbox"]   # the app's counter
     async with api(app) as c:
         for ev in (bad, good):
             assert (await c.post("/v1/events", json=ev.to_dict())).status_code == 202

@@ -50,7 +50,7 @@ async def test_webhook_route(regtest: Regtest, database_url: str) -> None:
             assert r.status_code == 401 and r.json()["code"] == "bad_signature"
             r = await c.post("/v1/webhooks/lnd", content=b"{}", headers={"X-Fedstr-Timestamp": "1"})
             assert r.status_code == 401 and r.json()["code"] == "missing_headers"
-            assert webhook.refused["bad_signature"] >= 1
+            assert app.state.webhooks_refused["bad_signature"] >= 1
 
             await lightning.watcher.stop()   # only the webhook may tell us now
             assert (await regtest.customer_pays(inv.payment_request)).status == PaymentStatus.SUCCEEDED

@@ -444,7 +444,7 @@ async def test_balances_by_account_job_and_prefix(db: Db, backend: str) -> None:
                                                                      A.payable(PAYEE2, JOB): -1_500}
         assert await L.balances(s, prefix="liability:%") == {}, "a prefix is literal, not a LIKE pattern"
         assert await L.balances(s, prefix="liability:_scrow") == {}
-        job1 = await L.job_balances(s, JOB)
+        job1 = await L.balances(s, job_id=JOB)
         assert job1 == {A.NODE: 10_000 - 8_000 - 12, A.ROUTING_EXPENSE: 12, A.FEE_INCOME: -500, E: 0,
                         A.payable(PAYEE, JOB): 0, A.payable(PAYEE2, JOB): -1_500}
         assert sum(job1.values()) == 0
@@ -467,8 +467,8 @@ async def test_a_posting_across_two_jobs(db: Db, backend: str) -> None:
         await L.post(s, key="fee", kind="transfer", job_id=JOB, lines=[(E, 100), (A.FEE_INCOME, -100)])
     async with db.sessions() as s:
         assert (await L.get_posting(s, id=moved)).job_id is None, "two jobs: the posting has none"
-        assert await L.job_balances(s, JOB) == {A.NODE: 1_000, A.FEE_INCOME: -100, E: -500}
-        assert await L.job_balances(s, JOB2) == {A.escrow(JOB2): -400}
+        assert await L.balances(s, job_id=JOB) == {A.NODE: 1_000, A.FEE_INCOME: -100, E: -500}
+        assert await L.balances(s, job_id=JOB2) == {A.escrow(JOB2): -400}
         assert await L.check_invariants(s, closed_job_ids=[JOB2]) == [
             L.Violation("closed_job_balance", A.escrow(JOB2), -400, f"job {JOB2} is closed but {A.escrow(JOB2)} is -400")]
 

@@ -285,7 +285,7 @@ async def verify(sessions, model: Model, *, full: bool = False) -> None:
         if full:
             assert await s.scalar(select(func.count()).select_from(LedgerPosting)) == len(model.ok)
             for j in JOBS:
-                jb = await L.job_balances(s, j)
+                jb = await L.balances(s, job_id=j)
                 assert sum(jb.values()) == 0
                 assert {a: m for a, m in jb.items() if m} == {a: m for a, m in model.job_bal[j].items() if m}
 
