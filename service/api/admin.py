@@ -19,6 +19,7 @@ from service.api import actions, queries
 from service.api.errors import ApiError, responses
 from service.api.limits import client_address
 from service.config import token_problem
+from service.escrow.machine import JobState
 from service.lightning.errors import LndError
 
 HEX64 = r"^[0-9a-f]{64}$"
@@ -90,7 +91,7 @@ async def overview(request: Request) -> dict:
 
 
 @router.get("/jobs")
-async def jobs(request: Request, state: str | None = Query(None, max_length=16),
+async def jobs(request: Request, state: JobState | None = Query(None, description="only jobs in this state"),
                customer: str | None = Query(None, pattern=HEX64),
                limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
     async with request.app.state.sessions() as s:

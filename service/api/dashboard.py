@@ -65,7 +65,7 @@ PAGE_SIZE = 25
 MAX_PAGE = 1_000_000
 MAX_FORM_BYTES = 8 * 1024
 MAX_REASON = 500
-STATES = tuple(s.value for s in JobState)
+STATES = tuple(s.value for s in JobState if s is not JobState.NEW)   # NEW: never a stored job's
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "

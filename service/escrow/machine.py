@@ -639,8 +639,10 @@ def _hold_accepted(b: _Builder, view: JobView, fact: HoldAccepted, now: int, c: 
 def _settled(b: _Builder, view: JobView, fact: Settled, now: int, c: MachineConfig) -> str:
     if view.funds is Funds.HELD:
         return ignored(b, "the job's funding was booked before")
-    b.post(postings.funding(view.id, fact.payment_hash, fact.amount_msat,
-                            f"funding settled ({view.mode.value if view.mode else 'unknown mode'})"))
+    funding = postings.funding(view.id, fact.payment_hash, fact.amount_msat,
+                               f"funding settled ({view.mode.value if view.mode else 'unknown mode'})")
+    if b.post(funding):
+        b.note(Note.POSTING, {"key": funding.key, "amount_msat": fact.amount_msat})
     b.funds = Funds.HELD
     if view.state is S.OFFERED:
         # A custodial payment (or a hold invoice settled before its acceptance was seen): in our custody.

@@ -3,8 +3,8 @@
 Two validator scores of ``"9"*64`` made the median ``1E+64``; building the validation-complete
 event raised, and that one exception aborted every timer pass: another customer's job stayed
 `validating` past its deadline. The codec now refuses such scores, so the real input can no
-longer reach the decision; the test injects the same failure (the engine's ``_decide`` raises
-for the first job) and plays the rest on the real regtest network and relay, through the
+longer reach the decision; the test injects the same failure (the engine's timer step raises
+for the first job, where it would decide) and plays the rest on the real regtest network and relay, through the
 service's own admin API.
 """
 from __future__ import annotations
@@ -62,13 +62,13 @@ async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: 
                 return await s.scalar(select(func.count()).select_from(ScoreRow)) == 2
         await wait_until(scored, 30, "both scores counted")
 
-        real_decide, poisoned = escrow.engine._decide, {"on": True}
+        real_timers, poisoned = escrow.engine.on_timers, {"on": True}
 
-        async def decide(s, job, why):
+        async def decide(s, job):
             if poisoned["on"] and job.id == job_a.id:
                 raise Injected("median 1E+64 does not fit the event")
-            return await real_decide(s, job, why)
-        escrow.engine._decide = decide
+            return await real_timers(s, job)
+        escrow.engine.on_timers = decide
 
         deadline_b = (await market.job(job_b.id)).validation_deadline
         budget = max(0.0, deadline_b + 1 - time.time()) + 2 * escrow.loop.timer_interval + SLACK_SECONDS
