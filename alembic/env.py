@@ -1,4 +1,5 @@
 """Alembic environment: async SQLAlchemy on SQLite (aiosqlite) and PostgreSQL (asyncpg)."""
+
 from __future__ import annotations
 
 import asyncio

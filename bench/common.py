@@ -1,4 +1,5 @@
 """Shared benchmark plumbing: the regtest stack, percentiles, result files."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,18 @@ def stack(port_base: int | None = None, *, postgres: bool = False) -> dict:
 def stack_down(desc: dict) -> None:
     if os.environ.get("FEDSTR_BENCH_STACK_DIR"):
         return
-    subprocess.run([sys.executable, str(ROOT / "devstack" / "stack"), "--dir", desc["dir"], "--port-base",
-                    str(desc["port_base"]), "down"], check=False)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "devstack" / "stack"),
+            "--dir",
+            desc["dir"],
+            "--port-base",
+            str(desc["port_base"]),
+            "down",
+        ],
+        check=False,
+    )
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -49,8 +60,12 @@ def percentile(values: list[float], p: float) -> float:
 
 def write(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"benchmark": name, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version()}, **result}
+    result = {
+        "benchmark": name,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        **result,
+    }
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
@@ -58,6 +73,7 @@ def write(name: str, result: dict) -> Path:
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -70,23 +86,40 @@ class ServiceProc:
     runner, settlement watcher, payout worker and the HTTP API. ``kill()`` is SIGKILL.
     """
 
-    def __init__(self, desc: dict, database_url: str, escrow_key_hex: str, log_path: Path, *,
-                 port: int | None = None, relays: list[str] | None = None, **settings: object) -> None:
+    def __init__(
+        self,
+        desc: dict,
+        database_url: str,
+        escrow_key_hex: str,
+        log_path: Path,
+        *,
+        port: int | None = None,
+        relays: list[str] | None = None,
+        **settings: object,
+    ) -> None:
         node = desc["nodes"]["escrow"]
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {"FEDSTR_DATABASE_URL": database_url, "FEDSTR_NETWORK": "regtest",
-               "FEDSTR_LND_GRPC_HOST": node["rpc"], "FEDSTR_LND_TLS_CERT_PATH": node["tls_cert"],
-               "FEDSTR_LND_MACAROON_PATH": node["macaroon"],
-               "FEDSTR_RELAYS": ",".join(relays if relays is not None else [desc["relay"]["url"]]),
-               "FEDSTR_NOSTR_SECRET_KEY": escrow_key_hex, "FEDSTR_HTTP_PORT": str(self.port),
-               "FEDSTR_MIN_RESULTS_WINDOW_SECONDS": "0", "FEDSTR_MIN_BID_MSAT": "10000",
-               # a benchmark or drill is one client hammering the API: per-client limits off, and
-               # the engine's intake budget too (the benchmarks measure the pipeline; the
-               # adversarial drill sets the budget it plays against)
-               "FEDSTR_EVENTS_PER_MINUTE": "10000000", "FEDSTR_JOB_REQUESTS_PER_MINUTE": "10000000",
-               "FEDSTR_MAX_OPEN_OFFERS": "10000000", "FEDSTR_MAX_OPEN_OFFERS_PER_KEY": "10000000",
-               "FEDSTR_JOB_REQUESTS_PER_MINUTE_PER_KEY": "10000000"}
+        env = {
+            "FEDSTR_DATABASE_URL": database_url,
+            "FEDSTR_NETWORK": "regtest",
+            "FEDSTR_LND_GRPC_HOST": node["rpc"],
+            "FEDSTR_LND_TLS_CERT_PATH": node["tls_cert"],
+            "FEDSTR_LND_MACAROON_PATH": node["macaroon"],
+            "FEDSTR_RELAYS": ",".join(relays if relays is not None else [desc["relay"]["url"]]),
+            "FEDSTR_NOSTR_SECRET_KEY": escrow_key_hex,
+            "FEDSTR_HTTP_PORT": str(self.port),
+            "FEDSTR_MIN_RESULTS_WINDOW_SECONDS": "0",
+            "FEDSTR_MIN_BID_MSAT": "10000",
+            # a benchmark or drill is one client hammering the API: per-client limits off, and
+            # the engine's intake budget too (the benchmarks measure the pipeline; the
+            # adversarial drill sets the budget it plays against)
+            "FEDSTR_EVENTS_PER_MINUTE": "10000000",
+            "FEDSTR_JOB_REQUESTS_PER_MINUTE": "10000000",
+            "FEDSTR_MAX_OPEN_OFFERS": "10000000",
+            "FEDSTR_MAX_OPEN_OFFERS_PER_KEY": "10000000",
+            "FEDSTR_JOB_REQUESTS_PER_MINUTE_PER_KEY": "10000000",
+        }
         env.update({f"FEDSTR_{k.upper()}": str(v) for k, v in settings.items()})
         self.env = {**os.environ, **env}
         self.log_path = log_path
@@ -97,8 +130,13 @@ class ServiceProc:
         # FEDSTR_BENCH_PROFILE=FILE runs the service under cProfile (stats written at a clean stop)
         profile = os.environ.get("FEDSTR_BENCH_PROFILE")
         prefix = ["-m", "cProfile", "-o", profile] if profile else []
-        self.proc = subprocess.Popen([sys.executable, *prefix, "-m", "service.cli", "--log-level", "WARNING", "serve"],
-                                     env=self.env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            [sys.executable, *prefix, "-m", "service.cli", "--log-level", "WARNING", "serve"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
 
     @property
@@ -110,15 +148,17 @@ class ServiceProc:
 
     def kill(self) -> None:
         import signal
+
         if self.alive():
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
     def stop(self, timeout: float = 20) -> None:
         import signal
+
         profiling = bool(os.environ.get("FEDSTR_BENCH_PROFILE"))
         if profiling:
-            timeout = max(timeout, 120)   # writing the profile takes a while
+            timeout = max(timeout, 120)  # writing the profile takes a while
         if self.alive():
             # uvicorn re-raises SIGTERM after its shutdown, which would lose the profile;
             # SIGINT ends in KeyboardInterrupt, which cProfile survives.
@@ -133,6 +173,7 @@ class ServiceProc:
         import asyncio
 
         import httpx
+
         deadline = time.monotonic() + timeout
         async with httpx.AsyncClient() as c:
             while time.monotonic() < deadline:
@@ -148,9 +189,20 @@ class ServiceProc:
         raise TimeoutError(f"service not ready after {timeout} s; log: {self.log_path}")
 
 
-def job_event(customer, escrow_pubkey: str, *, bid_msat: int = 100_000, shards: int = 1,
-              validators: tuple[str, ...] = (), quorum: int = 1, validator_fee_msat: int = 0,
-              results_in: int = 3600, validation_in: int = 7200, mode: str = "hold", policy: str = "best"):
+def job_event(
+    customer,
+    escrow_pubkey: str,
+    *,
+    bid_msat: int = 100_000,
+    shards: int = 1,
+    validators: tuple[str, ...] = (),
+    quorum: int = 1,
+    validator_fee_msat: int = 0,
+    results_in: int = 3600,
+    validation_in: int = 7200,
+    mode: str = "hold",
+    policy: str = "best",
+):
     """A signed job request (kind 5701) from ``customer`` (a SecretKey) to the escrow.
 
     With no validators named, the customer validates (quorum 1).
@@ -159,15 +211,21 @@ def job_event(customer, escrow_pubkey: str, *, bid_msat: int = 100_000, shards: 
 
     from service.nostr.nip01 import sign_event
     from service.nostr.protocol import Direction, JobSpec, Mode, PayoutPolicy, Shard, Validation, build_job_request
+
     now = int(time.time())
-    nonce = os.urandom(8).hex()   # two requests signed in the same second must differ
-    spec = JobSpec(escrow=escrow_pubkey, bid_msat=bid_msat,
-                   shards=tuple(Shard(index=k, url=f"https://data.example.org/bench/{nonce}/{k}.npz")
-                                for k in range(shards)),
-                   validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), quorum),
-                   payout=PayoutPolicy(policy), results_deadline=now + results_in,
-                   validation_deadline=now + validation_in, validators=validators,
-                   validator_fee_msat=validator_fee_msat, mode=Mode(mode))
+    nonce = os.urandom(8).hex()  # two requests signed in the same second must differ
+    spec = JobSpec(
+        escrow=escrow_pubkey,
+        bid_msat=bid_msat,
+        shards=tuple(Shard(index=k, url=f"https://data.example.org/bench/{nonce}/{k}.npz") for k in range(shards)),
+        validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), quorum),
+        payout=PayoutPolicy(policy),
+        results_deadline=now + results_in,
+        validation_deadline=now + validation_in,
+        validators=validators,
+        validator_fee_msat=validator_fee_msat,
+        mode=Mode(mode),
+    )
     return sign_event(customer, *build_job_request(spec, customer=customer.public_key_hex))
 
 
@@ -188,7 +246,7 @@ def cpu_seconds(pgid: int | None = None, pid: int | None = None) -> float:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        if pid is None and int(fields[2]) != pgid:   # field 5 of stat: the process group
+        if pid is None and int(fields[2]) != pgid:  # field 5 of stat: the process group
             continue
         total += (int(fields[11]) + int(fields[12])) / tick
     return total
@@ -197,6 +255,7 @@ def cpu_seconds(pgid: int | None = None, pid: int | None = None) -> float:
 async def fresh_pg_database(desc: dict, name: str) -> str:
     """Create (or re-create) database ``name`` on the stack's PostgreSQL; returns its URL."""
     import asyncpg
+
     pg = desc.get("postgres")
     if not pg:
         raise RuntimeError("this needs the stack's PostgreSQL (`devstack/stack up` without --no-postgres)")

@@ -14,6 +14,7 @@ invoices, deletions; several hundred authors) arrive as relay JSON text. Two rat
 
 Target: intake >= 25% of the ceiling.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -55,12 +56,23 @@ from service.nostr.protocol import (
     parse_result,
 )
 
-TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=1_000_000, max_bid_msat=10_000_000_000,
-                    max_validators=9, max_shards=32, min_results_window_s=600, max_job_duration_s=30 * 86_400,
-                    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST,
-                    max_hold_seconds=3 * 86_400)
-BOLT11 = ("lnbcrt500u1pn9u3z8pp5qqqsyqcyq5rqwzqfqqqsyqcyq5rqwzqfqqqsyqcyq5rqwzqfqypqdq5xysxxatsyp3k7enxv4jsxqzpu"
-          "sp5zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zygs9qyysgqcqpcxqyz5vq")
+TERMS = EscrowTerms(
+    fee_base_msat=1_000,
+    fee_ppm=10_000,
+    min_bid_msat=1_000_000,
+    max_bid_msat=10_000_000_000,
+    max_validators=9,
+    max_shards=32,
+    min_results_window_s=600,
+    max_job_duration_s=30 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=3 * 86_400,
+)
+BOLT11 = (
+    "lnbcrt500u1pn9u3z8pp5qqqsyqcyq5rqwzqfqqqsyqcyq5rqwzqfqqqsyqcyq5rqwzqfqypqdq5xysxxatsyp3k7enxv4jsxqzpu"
+    "sp5zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zygs9qyysgqcqpcxqyz5vq"
+)
 
 
 def make_events(n: int, seed: int = 7) -> tuple[list[str], SecretKey, dict[str, object]]:
@@ -79,12 +91,18 @@ def make_events(n: int, seed: int = 7) -> tuple[list[str], SecretKey, dict[str, 
         if roll < 0.15 or not jobs:
             c = rnd.choice(customers)
             vs = tuple(v.public_key_hex for v in rnd.sample(validators, 2))
-            spec = JobSpec(escrow=E, bid_msat=rnd.randrange(2_000_000, 90_000_000),
-                           shards=tuple(Shard(index=k, url=f"https://data.example.org/set/{len(wire)}/{k}.npz")
-                                        for k in range(3)),
-                           validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 2),
-                           payout=PayoutPolicy.SPLIT, results_deadline=now + 3600, validation_deadline=now + 7200,
-                           validators=vs, validator_fee_msat=10_000, mode=Mode.AUTO)
+            spec = JobSpec(
+                escrow=E,
+                bid_msat=rnd.randrange(2_000_000, 90_000_000),
+                shards=tuple(Shard(index=k, url=f"https://data.example.org/set/{len(wire)}/{k}.npz") for k in range(3)),
+                validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 2),
+                payout=PayoutPolicy.SPLIT,
+                results_deadline=now + 3600,
+                validation_deadline=now + 7200,
+                validators=vs,
+                validator_fee_msat=10_000,
+                mode=Mode.AUTO,
+            )
             ev = sign_event(c, *build_job_request(spec, customer=c.public_key_hex))
             jobs.append((ev, spec))
         else:
@@ -93,18 +111,33 @@ def make_events(n: int, seed: int = 7) -> tuple[list[str], SecretKey, dict[str, 
             if roll < 0.65:
                 p = rnd.choice(providers)
                 sha = rnd.randbytes(32).hex()
-                ev = sign_event(p, *build_result(job, shard_index=rnd.randrange(3),
-                                                 model=ModelRef(f"https://models.example.org/{sha}", sha, 80_000)))
+                ev = sign_event(
+                    p,
+                    *build_result(
+                        job,
+                        shard_index=rnd.randrange(3),
+                        model=ModelRef(f"https://models.example.org/{sha}", sha, 80_000),
+                    ),
+                )
             elif roll < 0.85:
                 v = next(k for k in validators if k.public_key_hex == spec.validators[0])
-                ev = sign_event(v, *build_evaluation_result(
-                    request_id=rnd.randbytes(32).hex(), job_id=job.id, escrow=E,
-                    scores=tuple(Score(rnd.randbytes(32).hex(), Decimal(f"0.{rnd.randrange(10, 99)}"),
-                                       rnd.randbytes(32).hex()) for _ in range(3))))
+                ev = sign_event(
+                    v,
+                    *build_evaluation_result(
+                        request_id=rnd.randbytes(32).hex(),
+                        job_id=job.id,
+                        escrow=E,
+                        scores=tuple(
+                            Score(
+                                rnd.randbytes(32).hex(), Decimal(f"0.{rnd.randrange(10, 99)}"), rnd.randbytes(32).hex()
+                            )
+                            for _ in range(3)
+                        ),
+                    ),
+                )
             elif roll < 0.95:
                 p = rnd.choice(providers)
-                ev = sign_event(p, *build_payee_invoice(job_id=job.id, escrow=E, amount_msat=50_000_000,
-                                                        bolt11=BOLT11))
+                ev = sign_event(p, *build_payee_invoice(job_id=job.id, escrow=E, amount_msat=50_000_000, bolt11=BOLT11))
             else:
                 c = next(k for k in customers if k.public_key_hex == job.customer)
                 ev = sign_event(c, *build_deletion((job.id,), escrow=E))
@@ -116,8 +149,13 @@ def ceiling_rate(wire: list[str]) -> float:
     prepared = []
     for text in wire:
         obj = json.loads(text)
-        prepared.append((coincurve.PublicKeyXOnly(bytes.fromhex(obj["pubkey"])), bytes.fromhex(obj["sig"]),
-                         bytes.fromhex(obj["id"])))
+        prepared.append(
+            (
+                coincurve.PublicKeyXOnly(bytes.fromhex(obj["pubkey"])),
+                bytes.fromhex(obj["sig"]),
+                bytes.fromhex(obj["id"]),
+            )
+        )
     t0 = time.perf_counter()
     for key, sig, msg in prepared:
         if not key.verify(sig, msg):
@@ -175,22 +213,34 @@ async def main() -> None:
         k = json.loads(text)["kind"]
         kinds[k] = kinds.get(k, 0) + 1
     ceilings, intakes = [], []
-    for _ in range(2):   # interleaved, to spread the machine's noise over both
+    for _ in range(2):  # interleaved, to spread the machine's noise over both
         ceilings.append(ceiling_rate(wire))
         rate, counts = await intake_rate(wire, escrow)
         intakes.append(rate)
     ceiling, intake = max(ceilings), max(intakes)
     ratio = intake / ceiling
     print(f"raw coincurve verification ceiling: {ceiling:,.0f} events/s")
-    print(f"intake (verify -> inbox -> parse, SQLite): {intake:,.0f} events/s -> {ratio:.1%} of the ceiling "
-          f"(target >= 25%)")
-    unique = len({json.loads(t)["id"] for t in wire})   # identical events signed in the same second share an id
+    print(
+        f"intake (verify -> inbox -> parse, SQLite): {intake:,.0f} events/s -> {ratio:.1%} of the ceiling "
+        f"(target >= 25%)"
+    )
+    unique = len({json.loads(t)["id"] for t in wire})  # identical events signed in the same second share an id
     assert counts["stored"] == unique, (counts, unique)
-    path = write("intake", {"events": len(wire), "kinds": {str(k): v for k, v in sorted(kinds.items())},
-                            "ceiling_events_per_s": round(ceiling), "intake_events_per_s": round(intake),
-                            "ratio": round(ratio, 3), "target_ratio": 0.25, "runs": {
-                                "ceiling": [round(x) for x in ceilings], "intake": [round(x) for x in intakes]},
-                            "counts": counts, "jobs": info["jobs"], "database": "sqlite"})
+    path = write(
+        "intake",
+        {
+            "events": len(wire),
+            "kinds": {str(k): v for k, v in sorted(kinds.items())},
+            "ceiling_events_per_s": round(ceiling),
+            "intake_events_per_s": round(intake),
+            "ratio": round(ratio, 3),
+            "target_ratio": 0.25,
+            "runs": {"ceiling": [round(x) for x in ceilings], "intake": [round(x) for x in intakes]},
+            "counts": counts,
+            "jobs": info["jobs"],
+            "database": "sqlite",
+        },
+    )
     print(f"results: {path}")
 
 

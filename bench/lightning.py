@@ -8,6 +8,7 @@
 
     python -m bench.lightning [--invoices 300] [--payments 200] [--concurrency 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ async def run_pool(n: int, concurrency: int, make) -> float:
     async def worker() -> None:
         for i in queue:
             await make(i)
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return n / (time.perf_counter() - t0)
@@ -51,12 +53,18 @@ async def invoice_rates(lnd: LndClient, sessions, n: int, concurrency: int, roun
 
     async def direct(_i: int) -> None:
         pre = os.urandom(32)
-        await lnd.add_hold_invoice(hashlib.sha256(pre).digest(), 10_000, memo="bench direct", expiry=600,
-                                   cltv_expiry=HoldSizing().cltv_blocks(3600))
+        await lnd.add_hold_invoice(
+            hashlib.sha256(pre).digest(),
+            10_000,
+            memo="bench direct",
+            expiry=600,
+            cltv_expiry=HoldSizing().cltv_blocks(3600),
+        )
 
     async def ours(i: int) -> None:
-        await invoices.create(None, job_id=f"bench-{i}", amount_msat=10_000, mode="hold", hold_seconds=3600,
-                              memo="bench ours")
+        await invoices.create(
+            None, job_id=f"bench-{i}", amount_msat=10_000, mode="hold", hold_seconds=3600, memo="bench ours"
+        )
 
     await run_pool(20, concurrency, direct)  # warm-up
     await run_pool(20, concurrency, ours)
@@ -66,9 +74,15 @@ async def invoice_rates(lnd: LndClient, sessions, n: int, concurrency: int, roun
         d_rates.append(await run_pool(per, concurrency, direct))
         o_rates.append(await run_pool(per, concurrency, ours))
     d, o = sum(d_rates) / rounds, sum(o_rates) / rounds
-    return {"direct_add_hold_invoice_per_s": round(d, 1), "ours_per_s": round(o, 1), "ratio": round(o / d, 3),
-            "rounds": {"direct": [round(x, 1) for x in d_rates], "ours": [round(x, 1) for x in o_rates]},
-            "invoices": per * rounds * 2, "concurrency": concurrency, "target_ratio": 0.8}
+    return {
+        "direct_add_hold_invoice_per_s": round(d, 1),
+        "ours_per_s": round(o, 1),
+        "ratio": round(o / d, 3),
+        "rounds": {"direct": [round(x, 1) for x in d_rates], "ours": [round(x, 1) for x in o_rates]},
+        "invoices": per * rounds * 2,
+        "concurrency": concurrency,
+        "target_ratio": 0.8,
+    }
 
 
 async def detection_latency(escrow: LndClient, customer: LndClient, sessions, n: int) -> dict:
@@ -88,8 +102,11 @@ async def detection_latency(escrow: LndClient, customer: LndClient, sessions, n:
             observed = None
             for _ in range(2000):
                 async with sessions() as s:
-                    observed = await s.scalar(select(LnFact.observed_at).where(
-                        LnFact.payment_hash == inv.payment_hash, LnFact.kind == "settled"))
+                    observed = await s.scalar(
+                        select(LnFact.observed_at).where(
+                            LnFact.payment_hash == inv.payment_hash, LnFact.kind == "settled"
+                        )
+                    )
                 if observed is not None:
                     break
                 await asyncio.sleep(0.002)
@@ -100,9 +117,15 @@ async def detection_latency(escrow: LndClient, customer: LndClient, sessions, n:
             latencies.append((observed.timestamp() - t_paid) * 1000)
     finally:
         await watcher.stop()
-    return {"payments": n, "p50_ms": round(percentile(latencies, 50), 2), "p99_ms": round(percentile(latencies, 99), 2),
-            "min_ms": round(min(latencies), 2), "max_ms": round(max(latencies), 2), "target_p50_ms": 50,
-            "note": "negative = our fact was recorded before the payer saw SUCCEEDED"}
+    return {
+        "payments": n,
+        "p50_ms": round(percentile(latencies, 50), 2),
+        "p99_ms": round(percentile(latencies, 99), 2),
+        "min_ms": round(min(latencies), 2),
+        "max_ms": round(max(latencies), 2),
+        "target_p50_ms": 50,
+        "note": "negative = our fact was recorded before the payer saw SUCCEEDED",
+    }
 
 
 async def main() -> None:
@@ -120,13 +143,24 @@ async def main() -> None:
     sessions = session_factory(engine)
     try:
         rates = await invoice_rates(escrow, sessions, args.invoices, args.concurrency)
-        print(f"escrow invoices: ours {rates['ours_per_s']}/s vs direct AddHoldInvoice "
-              f"{rates['direct_add_hold_invoice_per_s']}/s -> ratio {rates['ratio']} (target >= 0.8)")
+        print(
+            f"escrow invoices: ours {rates['ours_per_s']}/s vs direct AddHoldInvoice "
+            f"{rates['direct_add_hold_invoice_per_s']}/s -> ratio {rates['ratio']} (target >= 0.8)"
+        )
         lat = await detection_latency(escrow, customer, sessions, args.payments)
-        print(f"settlement detection over {lat['payments']} payments: p50 {lat['p50_ms']} ms, "
-              f"p99 {lat['p99_ms']} ms (target p50 <= 50 ms)")
-        path = write("lightning", {"invoice_creation": rates, "settlement_detection": lat,
-                                   "lnd_version": desc["lnd_version"], "database": "sqlite"})
+        print(
+            f"settlement detection over {lat['payments']} payments: p50 {lat['p50_ms']} ms, "
+            f"p99 {lat['p99_ms']} ms (target p50 <= 50 ms)"
+        )
+        path = write(
+            "lightning",
+            {
+                "invoice_creation": rates,
+                "settlement_detection": lat,
+                "lnd_version": desc["lnd_version"],
+                "database": "sqlite",
+            },
+        )
         print(f"results: {path}")
     finally:
         await engine.dispose()

@@ -31,6 +31,7 @@ Our service runs as its own process (``bench.common.ServiceProc``) against the s
 Targets: invoice API throughput >= 1.5x LNbits with a lower p99; settlement detection
 p50 <= LNbits' p50 (status endpoint). Results: bench/results/lnbits.json and .md.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,7 +59,7 @@ from bench.lnbits_proc import LNBITS_VERSION, install_lnbits, start_lnbits
 from service.lightning.client import LndClient, PaymentStatus
 from service.nostr.nip01 import SecretKey
 
-POLL_S = 0.005          # poll interval, the same on every side
+POLL_S = 0.005  # poll interval, the same on every side
 ROUNDS = 3
 WARMUP = 20
 _T0 = time.monotonic()
@@ -70,6 +71,7 @@ def say(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- invoice API
 
+
 async def timed_pool(n: int, concurrency: int, call) -> tuple[float, list[float]]:
     """Run call(i) n times, ``concurrency`` at a time; (calls per second of wall time, latencies ms)."""
     queue = iter(range(n))
@@ -78,11 +80,10 @@ async def timed_pool(n: int, concurrency: int, call) -> tuple[float, list[float]
     async def worker() -> None:
         for i in queue:
             lat.append(await call(i))
+
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return n / (time.perf_counter() - t0), lat
-
-
 
 
 class LnbitsInvoices:
@@ -91,8 +92,9 @@ class LnbitsInvoices:
 
     async def create(self, amount_sat: int, memo: str) -> tuple[float, dict]:
         t0 = time.perf_counter()
-        r = await self.c.post("/api/v1/payments", headers=self.headers,
-                              json={"out": False, "amount": amount_sat, "memo": memo})
+        r = await self.c.post(
+            "/api/v1/payments", headers=self.headers, json={"out": False, "amount": amount_sat, "memo": memo}
+        )
         dt = (time.perf_counter() - t0) * 1000
         if r.status_code != 201 or not r.json().get("bolt11", "").startswith("lnbcrt"):
             raise RuntimeError(f"LNbits invoice failed: {r.status_code} {r.text[:200]}")
@@ -118,7 +120,7 @@ class OurInvoices:
             return (time.perf_counter() - t0) * 1000, job["invoice"]
         if job and job["state"] == "rejected":
             raise RuntimeError(f"job {ev['id'][:16]} rejected: {job.get('reject_reason')}")
-        while True:   # not made within the wait: fall back to reading the job
+        while True:  # not made within the wait: fall back to reading the job
             r = await self.c.get(f"/v1/jobs/{ev['id']}")
             if r.status_code == 200:
                 job = r.json()
@@ -139,8 +141,7 @@ class OurInvoices:
 
 def presign(escrow_pubkey: str, n: int, mode: str) -> list[dict]:
     """Signed job requests, one fresh customer key each (distinct ids), made before the clock starts."""
-    return [job_event(SecretKey.generate(), escrow_pubkey, bid_msat=100_000, mode=mode).to_dict()
-            for _ in range(n)]
+    return [job_event(SecretKey.generate(), escrow_pubkey, bid_msat=100_000, mode=mode).to_dict() for _ in range(n)]
 
 
 async def burst(ours: OurInvoices, n: int, concurrency: int) -> float:
@@ -154,6 +155,7 @@ async def burst(ours: OurInvoices, n: int, concurrency: int) -> float:
         if r.status_code != 202:
             raise RuntimeError(f"event refused: {r.status_code} {r.text[:200]}")
         return 0.0
+
     t0 = time.perf_counter()
     await timed_pool(n, concurrency, post)
     for ev in events:
@@ -167,8 +169,7 @@ async def burst(ours: OurInvoices, n: int, concurrency: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-async def invoice_api(lnb: LnbitsInvoices, ours: OurInvoices, n: int, concurrency: int,
-                      cpu: dict) -> dict:
+async def invoice_api(lnb: LnbitsInvoices, ours: OurInvoices, n: int, concurrency: int, cpu: dict) -> dict:
     say(f"invoice API: warm-up ({WARMUP} per side)")
     await timed_pool(WARMUP, concurrency, lnb.one)
     ours.events = presign(ours.escrow, WARMUP, "hold")
@@ -190,28 +191,39 @@ async def invoice_api(lnb: LnbitsInvoices, ours: OurInvoices, n: int, concurrenc
             cpu_s[side] += cpu[side]() - c0
             rates[side].append(rate)
             lats[side].extend(lat)
-            say(f"  round {k + 1}/{ROUNDS} {side:6s}: {rate:6.1f}/s  p50 {percentile(lat, 50):6.1f} ms  "
-                f"p99 {percentile(lat, 99):6.1f} ms")
+            say(
+                f"  round {k + 1}/{ROUNDS} {side:6s}: {rate:6.1f}/s  p50 {percentile(lat, 50):6.1f} ms  "
+                f"p99 {percentile(lat, 99):6.1f} ms"
+            )
     out: dict = {"per_side": per * ROUNDS, "rounds": ROUNDS, "concurrency": concurrency, "warmup_per_side": WARMUP}
     for side in ("lnbits", "ours"):
-        out[side] = {"per_s": round(sum(rates[side]) / ROUNDS, 1), "p50_ms": round(percentile(lats[side], 50), 2),
-                     "p99_ms": round(percentile(lats[side], 99), 2), "rounds_per_s": [round(x, 1) for x in rates[side]],
-                     "server_cpu_ms_per_invoice": round(cpu_s[side] / (per * ROUNDS) * 1000, 1)}
+        out[side] = {
+            "per_s": round(sum(rates[side]) / ROUNDS, 1),
+            "p50_ms": round(percentile(lats[side], 50), 2),
+            "p99_ms": round(percentile(lats[side], 99), 2),
+            "rounds_per_s": [round(x, 1) for x in rates[side]],
+            "server_cpu_ms_per_invoice": round(cpu_s[side] / (per * ROUNDS) * 1000, 1),
+        }
     out["ratio_throughput"] = round(out["ours"]["per_s"] / out["lnbits"]["per_s"], 3)
-    out["ratio_server_cpu_per_invoice"] = round(out["ours"]["server_cpu_ms_per_invoice"]
-                                                / out["lnbits"]["server_cpu_ms_per_invoice"], 3)
+    out["ratio_server_cpu_per_invoice"] = round(
+        out["ours"]["server_cpu_ms_per_invoice"] / out["lnbits"]["server_cpu_ms_per_invoice"], 3
+    )
     say(f"  diagnostic: our pipeline without per-job polling ({per} job requests in a burst)")
     b = await burst(ours, per, concurrency)
     say(f"  burst: {b:.1f}/s")
     out["diagnostic_ours_burst_without_polling"] = {
-        "per_s": round(b, 1), "ratio_vs_lnbits": round(b / out["lnbits"]["per_s"], 3), "invoices": per,
-        "method": "all job requests POSTed first, then one client polls each job every 50 ms; not a target figure"}
+        "per_s": round(b, 1),
+        "ratio_vs_lnbits": round(b / out["lnbits"]["per_s"], 3),
+        "invoices": per,
+        "method": "all job requests POSTed first, then one client polls each job every 50 ms; not a target figure",
+    }
     out["ratio_p99"] = round(out["ours"]["p99_ms"] / out["lnbits"]["p99_ms"], 3)
     out["ratio_p50"] = round(out["ours"]["p50_ms"] / out["lnbits"]["p50_ms"], 3)
     return out
 
 
 # ---------------------------------------------------------------------------- settlement detection
+
 
 async def poll_until(c: httpx.AsyncClient, url: str, headers: dict, paid, t_paid: float, limit_s: float = 30) -> float:
     """ms from t_paid to the response of the first poll for which paid(response) holds."""
@@ -242,18 +254,26 @@ async def settlement(lnb: LnbitsInvoices, ours: OurInvoices, customer: LndClient
         ev = presign(ours.escrow, 1, "custodial")[0]
         _, inv = await ours.submit_and_wait(ev)
         t = await pay(inv["payment_request"])
-        lat["ours"].append(await poll_until(ours.c, f"/v1/invoices/{inv['payment_hash']}", {},
-                                            lambda j: j.get("state") == "settled", t))
+        lat["ours"].append(
+            await poll_until(
+                ours.c, f"/v1/invoices/{inv['payment_hash']}", {}, lambda j: j.get("state") == "settled", t
+            )
+        )
 
     async def one_lnbits(i: int, how: str) -> None:
         _, inv = await lnb.create(100, f"bench settle {i}")
         h = inv["payment_hash"]
         t = await pay(inv["bolt11"])
-        if how == "lnbits_status":   # the status endpoint (asks LND itself while pending)
+        if how == "lnbits_status":  # the status endpoint (asks LND itself while pending)
             d = await poll_until(lnb.c, f"/api/v1/payments/{h}", hdr, lambda j: j.get("paid") is True, t)
-        else:                        # the wallet's payment list: LNbits' DB only, as its listener left it
-            d = await poll_until(lnb.c, f"/api/v1/payments?payment_hash={h}", hdr,
-                                 lambda j: any(x["payment_hash"] == h and x["status"] == "success" for x in j), t)
+        else:  # the wallet's payment list: LNbits' DB only, as its listener left it
+            d = await poll_until(
+                lnb.c,
+                f"/api/v1/payments?payment_hash={h}",
+                hdr,
+                lambda j: any(x["payment_hash"] == h and x["status"] == "success" for x in j),
+                t,
+            )
         lat[how].append(d)
 
     say(f"settlement detection: {n} payments per side, alternating, poll every {POLL_S * 1000:.0f} ms")
@@ -266,17 +286,28 @@ async def settlement(lnb: LnbitsInvoices, ours: OurInvoices, customer: LndClient
                 await one_ours(i)
             else:
                 await one_lnbits(i, side)
-            await asyncio.sleep(0.02)   # let the other side's after-work settle a little
+            await asyncio.sleep(0.02)  # let the other side's after-work settle a little
         if (i + 1) % max(1, n // 5) == 0:
-            say(f"  {i + 1}/{n}: p50 ours {percentile(lat['ours'], 50):.1f} ms, LNbits status "
-                f"{percentile(lat['lnbits_status'], 50):.1f} ms, LNbits listener {percentile(lat['lnbits_listener'], 50):.1f} ms")
+            say(
+                f"  {i + 1}/{n}: p50 ours {percentile(lat['ours'], 50):.1f} ms, LNbits status "
+                f"{percentile(lat['lnbits_status'], 50):.1f} ms, LNbits listener {percentile(lat['lnbits_listener'], 50):.1f} ms"
+            )
 
     def stats(v: list[float]) -> dict:
-        return {"p50_ms": round(percentile(v, 50), 2), "p99_ms": round(percentile(v, 99), 2),
-                "min_ms": round(min(v), 2), "max_ms": round(max(v), 2)}
-    out = {"payments_per_side": n, "poll_interval_ms": POLL_S * 1000,
-           "ours": stats(lat["ours"]), "lnbits_status_endpoint": stats(lat["lnbits_status"]),
-           "lnbits_listener_db": stats(lat["lnbits_listener"])}
+        return {
+            "p50_ms": round(percentile(v, 50), 2),
+            "p99_ms": round(percentile(v, 99), 2),
+            "min_ms": round(min(v), 2),
+            "max_ms": round(max(v), 2),
+        }
+
+    out = {
+        "payments_per_side": n,
+        "poll_interval_ms": POLL_S * 1000,
+        "ours": stats(lat["ours"]),
+        "lnbits_status_endpoint": stats(lat["lnbits_status"]),
+        "lnbits_listener_db": stats(lat["lnbits_listener"]),
+    }
     out["ratio_p50_vs_status"] = round(out["ours"]["p50_ms"] / out["lnbits_status_endpoint"]["p50_ms"], 3)
     out["ratio_p50_vs_listener"] = round(out["ours"]["p50_ms"] / out["lnbits_listener_db"]["p50_ms"], 3)
     return out
@@ -323,12 +354,16 @@ async def run(args: argparse.Namespace) -> None:
         say(f"logs: LNbits {lnbits_log}, ours {ours_log}")
         service.start()
         lnbits, wallet = await start_lnbits(venv, desc, tmp, lnbits_log, node="escrow", say=say)
-        say(f"LNbits {LNBITS_VERSION} up on {lnbits.url} (funding source {wallet.get('funding_source', '?')}, "
-            f"wallet {wallet['wallet_id'][:8]}…)")
+        say(
+            f"LNbits {LNBITS_VERSION} up on {lnbits.url} (funding source {wallet.get('funding_source', '?')}, "
+            f"wallet {wallet['wallet_id'][:8]}…)"
+        )
         await service.wait_ready()
         limits = httpx.Limits(max_connections=args.concurrency + 4, max_keepalive_connections=args.concurrency + 4)
-        async with httpx.AsyncClient(base_url=lnbits.url, timeout=30, limits=limits) as lc, \
-                httpx.AsyncClient(base_url=service.url, timeout=30, limits=limits) as oc:
+        async with (
+            httpx.AsyncClient(base_url=lnbits.url, timeout=30, limits=limits) as lc,
+            httpx.AsyncClient(base_url=service.url, timeout=30, limits=limits) as oc,
+        ):
             escrow_pubkey = (await oc.get("/v1/info")).json()["pubkey"]
             say(f"our service up on {service.url}")
             lnb, ours = LnbitsInvoices(lc, wallet["inkey"]), OurInvoices(oc, escrow_pubkey)
@@ -348,10 +383,15 @@ async def run(args: argparse.Namespace) -> None:
 def source_state() -> dict:
     """Which code of ours was measured: HEAD, and any uncommitted change to what the service runs."""
     try:
-        commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "service", "alembic",
-                                "pyproject.toml"], capture_output=True, text=True, check=True).stdout.splitlines()
+        commit = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "service", "alembic", "pyproject.toml"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
         return {"commit": None, "service_uncommitted_changes": None}
     return {"commit": commit, "service_uncommitted_changes": [line[3:] for line in dirty]}
@@ -359,7 +399,8 @@ def source_state() -> dict:
 
 def report(desc: dict, inv: dict, det: dict, args: argparse.Namespace, source: dict) -> None:
     targets = {
-        "invoice_throughput_ratio_min": 1.5, "invoice_p99_lower_than_lnbits": True,
+        "invoice_throughput_ratio_min": 1.5,
+        "invoice_p99_lower_than_lnbits": True,
         "settlement_p50_at_most_lnbits_p50": True,
     }
     passed = {
@@ -367,43 +408,105 @@ def report(desc: dict, inv: dict, det: dict, args: argparse.Namespace, source: d
         "invoice_p99": inv["ours"]["p99_ms"] < inv["lnbits"]["p99_ms"],
         "settlement_p50": det["ours"]["p50_ms"] <= det["lnbits_status_endpoint"]["p50_ms"],
     }
-    result = {"lnbits_version": LNBITS_VERSION, "lnd_version": desc["lnd_version"], "database": "sqlite (both)",
-              "source": source,
-              "args": {"invoices": args.invoices, "payments": args.payments, "concurrency": args.concurrency},
-              "invoice_api": inv, "settlement_detection": det, "targets": targets, "pass": passed, "notes": NOTES}
+    result = {
+        "lnbits_version": LNBITS_VERSION,
+        "lnd_version": desc["lnd_version"],
+        "database": "sqlite (both)",
+        "source": source,
+        "args": {"invoices": args.invoices, "payments": args.payments, "concurrency": args.concurrency},
+        "invoice_api": inv,
+        "settlement_detection": det,
+        "targets": targets,
+        "pass": passed,
+        "notes": NOTES,
+    }
     path = write("lnbits", result)
     i, d = inv, det
     rows = [
-        ("invoice API throughput (/s)", i["lnbits"]["per_s"], i["ours"]["per_s"], i["ratio_throughput"], ">= 1.5",
-         "pass" if passed["invoice_throughput"] else "MISS"),
+        (
+            "invoice API throughput (/s)",
+            i["lnbits"]["per_s"],
+            i["ours"]["per_s"],
+            i["ratio_throughput"],
+            ">= 1.5",
+            "pass" if passed["invoice_throughput"] else "MISS",
+        ),
         ("invoice API p50 (ms)", i["lnbits"]["p50_ms"], i["ours"]["p50_ms"], i["ratio_p50"], "", ""),
-        ("invoice API p99 (ms)", i["lnbits"]["p99_ms"], i["ours"]["p99_ms"], i["ratio_p99"], "< 1",
-         "pass" if passed["invoice_p99"] else "MISS"),
-        ("server CPU per invoice (ms)", i["lnbits"]["server_cpu_ms_per_invoice"],
-         i["ours"]["server_cpu_ms_per_invoice"], i["ratio_server_cpu_per_invoice"], "", ""),
-        ("diagnostic: ours without per-job polling (/s)", i["lnbits"]["per_s"],
-         i["diagnostic_ours_burst_without_polling"]["per_s"], i["diagnostic_ours_burst_without_polling"]["ratio_vs_lnbits"],
-         "", ""),
-        ("settlement detection p50 (ms), LNbits status endpoint", d["lnbits_status_endpoint"]["p50_ms"],
-         d["ours"]["p50_ms"], d["ratio_p50_vs_status"], "<= 1", "pass" if passed["settlement_p50"] else "MISS"),
-        ("settlement detection p99 (ms), LNbits status endpoint", d["lnbits_status_endpoint"]["p99_ms"],
-         d["ours"]["p99_ms"], "", "", ""),
-        ("settlement detection p50 (ms), LNbits listener (DB)", d["lnbits_listener_db"]["p50_ms"],
-         d["ours"]["p50_ms"], d["ratio_p50_vs_listener"], "", ""),
-        ("settlement detection p99 (ms), LNbits listener (DB)", d["lnbits_listener_db"]["p99_ms"],
-         d["ours"]["p99_ms"], "", "", ""),
+        (
+            "invoice API p99 (ms)",
+            i["lnbits"]["p99_ms"],
+            i["ours"]["p99_ms"],
+            i["ratio_p99"],
+            "< 1",
+            "pass" if passed["invoice_p99"] else "MISS",
+        ),
+        (
+            "server CPU per invoice (ms)",
+            i["lnbits"]["server_cpu_ms_per_invoice"],
+            i["ours"]["server_cpu_ms_per_invoice"],
+            i["ratio_server_cpu_per_invoice"],
+            "",
+            "",
+        ),
+        (
+            "diagnostic: ours without per-job polling (/s)",
+            i["lnbits"]["per_s"],
+            i["diagnostic_ours_burst_without_polling"]["per_s"],
+            i["diagnostic_ours_burst_without_polling"]["ratio_vs_lnbits"],
+            "",
+            "",
+        ),
+        (
+            "settlement detection p50 (ms), LNbits status endpoint",
+            d["lnbits_status_endpoint"]["p50_ms"],
+            d["ours"]["p50_ms"],
+            d["ratio_p50_vs_status"],
+            "<= 1",
+            "pass" if passed["settlement_p50"] else "MISS",
+        ),
+        (
+            "settlement detection p99 (ms), LNbits status endpoint",
+            d["lnbits_status_endpoint"]["p99_ms"],
+            d["ours"]["p99_ms"],
+            "",
+            "",
+            "",
+        ),
+        (
+            "settlement detection p50 (ms), LNbits listener (DB)",
+            d["lnbits_listener_db"]["p50_ms"],
+            d["ours"]["p50_ms"],
+            d["ratio_p50_vs_listener"],
+            "",
+            "",
+        ),
+        (
+            "settlement detection p99 (ms), LNbits listener (DB)",
+            d["lnbits_listener_db"]["p99_ms"],
+            d["ours"]["p99_ms"],
+            "",
+            "",
+            "",
+        ),
     ]
     table = markdown_table(rows, ("figure", f"LNbits {LNBITS_VERSION}", "ours", "ours/LNbits", "target", ""))
-    md = (f"# Invoice API and settlement detection vs LNbits {LNBITS_VERSION}\n\n"
-          f"Same run, same regtest LND node ({desc['lnd_version']}), SQLite on both sides; "
-          f"`python -m bench.lnbits --invoices {args.invoices} --payments {args.payments} "
-          f"--concurrency {args.concurrency}` ({i['per_side']} invoices per side in {i['rounds']} interleaved rounds, "
-          f"{d['payments_per_side']} payments per side, polls every {d['poll_interval_ms']:.0f} ms). "
-          f"Measured {time.strftime('%Y-%m-%d')} on commit {(source['commit'] or 'unknown')[:12]}"
-          + (f" with uncommitted service changes ({', '.join(source['service_uncommitted_changes'])})"
-             if source["service_uncommitted_changes"] else "")
-          + "; details in lnbits.json.\n\n" + table + "\n"
-          + "".join(f"- {x}\n" for x in NOTES))
+    md = (
+        f"# Invoice API and settlement detection vs LNbits {LNBITS_VERSION}\n\n"
+        f"Same run, same regtest LND node ({desc['lnd_version']}), SQLite on both sides; "
+        f"`python -m bench.lnbits --invoices {args.invoices} --payments {args.payments} "
+        f"--concurrency {args.concurrency}` ({i['per_side']} invoices per side in {i['rounds']} interleaved rounds, "
+        f"{d['payments_per_side']} payments per side, polls every {d['poll_interval_ms']:.0f} ms). "
+        f"Measured {time.strftime('%Y-%m-%d')} on commit {(source['commit'] or 'unknown')[:12]}"
+        + (
+            f" with uncommitted service changes ({', '.join(source['service_uncommitted_changes'])})"
+            if source["service_uncommitted_changes"]
+            else ""
+        )
+        + "; details in lnbits.json.\n\n"
+        + table
+        + "\n"
+        + "".join(f"- {x}\n" for x in NOTES)
+    )
     (RESULTS / "lnbits.md").write_text(md)
     print()
     print(table)

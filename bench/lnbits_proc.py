@@ -7,6 +7,7 @@ subprocess on 127.0.0.1 with SQLite in a directory of the caller's, funded by on
 devstack's LND nodes over gRPC (``LndWallet``): the ``escrow`` node for the benchmark, the
 ``payee`` node when LNbits plays a payee's wallet in the tests. Standard library and httpx only.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,11 +42,13 @@ def install_lnbits(say: Callable[[str], None] = print) -> Path:
     venv = lnstack_cache() / f"lnbits-venv-{LNBITS_VERSION}"
     py = venv / "bin" / "python"
     stamp = venv / ".fedstr-stamp"
-    want = (f"requirements-sha256={hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()} "
-            f"python={sys.version_info[0]}.{sys.version_info[1]}")
+    want = (
+        f"requirements-sha256={hashlib.sha256(REQUIREMENTS.read_bytes()).hexdigest()} "
+        f"python={sys.version_info[0]}.{sys.version_info[1]}"
+    )
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".lnbits-venv-{LNBITS_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)   # another session may be installing it right now
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing it right now
         if py.exists() and stamp.exists() and stamp.read_text().strip() == want:
             say(f"LNbits {LNBITS_VERSION}: virtualenv up to date ({venv})")
             return venv
@@ -57,8 +60,22 @@ def install_lnbits(say: Callable[[str], None] = print) -> Path:
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         n = sum(1 for line in REQUIREMENTS.read_text().splitlines() if line.strip() and not line.startswith("#"))
         say(f"installing {n} pinned packages from {REQUIREMENTS.relative_to(ROOT)} (--no-deps; PyPI)")
-        subprocess.run([str(py), "-m", "pip", "install", "--disable-pip-version-check", "--no-input",
-                        "--progress-bar", "off", "--no-deps", "-r", str(REQUIREMENTS)], check=True)
+        subprocess.run(
+            [
+                str(py),
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--progress-bar",
+                "off",
+                "--no-deps",
+                "-r",
+                str(REQUIREMENTS),
+            ],
+            check=True,
+        )
         say("pip check (every requirement of every installed package satisfied)")
         subprocess.run([str(py), "-m", "pip", "check", "--disable-pip-version-check"], check=True)
         stamp.write_text(want + "\n")
@@ -94,8 +111,17 @@ class LnbitsProc:
     extensions go to the work directory.
     """
 
-    def __init__(self, venv: Path, desc: dict, workdir: Path, log_path: Path, port: int, *,
-                 node: str = "escrow", rate_limit: int = 10_000_000) -> None:
+    def __init__(
+        self,
+        venv: Path,
+        desc: dict,
+        workdir: Path,
+        log_path: Path,
+        port: int,
+        *,
+        node: str = "escrow",
+        rate_limit: int = 10_000_000,
+    ) -> None:
         lnd = desc["nodes"][node]
         host, grpc_port = lnd["rpc"].rsplit(":", 1)
         self.port = port
@@ -106,12 +132,16 @@ class LnbitsProc:
         self.first_install_token = secrets.token_hex(16)
         (workdir / "extensions").mkdir(parents=True, exist_ok=True)
         self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": os.environ.get("HOME", "/tmp"),
             "LANG": "C.UTF-8",
-            "LNBITS_DATA_FOLDER": str(self.data), "LNBITS_EXTENSIONS_PATH": str(workdir / "extensions"),
+            "LNBITS_DATA_FOLDER": str(self.data),
+            "LNBITS_EXTENSIONS_PATH": str(workdir / "extensions"),
             "LNBITS_BACKEND_WALLET_CLASS": "LndWallet",
-            "LND_GRPC_ENDPOINT": host, "LND_GRPC_PORT": grpc_port,
-            "LND_GRPC_CERT": lnd["tls_cert"], "LND_GRPC_MACAROON": lnd["macaroon"],   # a path; read by LNbits
+            "LND_GRPC_ENDPOINT": host,
+            "LND_GRPC_PORT": grpc_port,
+            "LND_GRPC_CERT": lnd["tls_cert"],
+            "LND_GRPC_MACAROON": lnd["macaroon"],  # a path; read by LNbits
             "FIRST_INSTALL_TOKEN": self.first_install_token,
             # one client calling the API in a loop: LNbits' per-client limit out of the way
             "LNBITS_RATE_LIMIT_NO": str(rate_limit),
@@ -123,10 +153,14 @@ class LnbitsProc:
     def start(self) -> None:
         site = next((self.venv / "lib").glob("python3.*/site-packages"))
         with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen([str(self.venv / "bin" / "lnbits"), "--host", "127.0.0.1",
-                                          "--port", str(self.port)],
-                                         env=self.env, cwd=site, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                [str(self.venv / "bin" / "lnbits"), "--host", "127.0.0.1", "--port", str(self.port)],
+                env=self.env,
+                cwd=site,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -134,7 +168,7 @@ class LnbitsProc:
     def stop(self, timeout: float = 15) -> None:
         if self.proc is None:
             return
-        pgid = self.proc.pid   # start_new_session: the group is ours and only ours
+        pgid = self.proc.pid  # start_new_session: the group is ours and only ours
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(pgid, sig)
@@ -142,14 +176,14 @@ class LnbitsProc:
                 break
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                self.proc.poll()   # reap the leader; the group lives while its forked worker does
+                self.proc.poll()  # reap the leader; the group lives while its forked worker does
                 try:
                     os.killpg(pgid, 0)
                 except ProcessLookupError:
                     break
                 time.sleep(0.1)
             else:
-                continue   # still there after SIGTERM: SIGKILL
+                continue  # still there after SIGTERM: SIGKILL
             break
         self.proc.poll()
 
@@ -178,11 +212,17 @@ class LnbitsProc:
             else:
                 raise TimeoutError(f"LNbits not up after {timeout} s; log: {self.log_path}")
             admin_token = None
-            if status == 307:   # fresh data folder: every route redirects to /first_install until done
+            if status == 307:  # fresh data folder: every route redirects to /first_install until done
                 password = secrets.token_urlsafe(18)
-                r = await c.put("/api/v1/auth/first_install",
-                                json={"username": "benchadmin", "password": password, "password_repeat": password,
-                                      "first_install_token": self.first_install_token})
+                r = await c.put(
+                    "/api/v1/auth/first_install",
+                    json={
+                        "username": "benchadmin",
+                        "password": password,
+                        "password_repeat": password,
+                        "first_install_token": self.first_install_token,
+                    },
+                )
                 if r.status_code != 200:
                     raise RuntimeError(f"LNbits first install refused: {r.status_code} {r.text[:200]}")
                 admin_token = r.json()["access_token"]
@@ -194,8 +234,10 @@ class LnbitsProc:
                 r = await c.get("/api/v1/status", headers={"Authorization": f"Bearer {admin_token}"})
                 if r.status_code == 200:
                     st = r.json()
-                    funding = {"funding_source": st.get("funding_source"),
-                               "funding_source_error": st.get("funding_source_error")}
+                    funding = {
+                        "funding_source": st.get("funding_source"),
+                        "funding_source_error": st.get("funding_source_error"),
+                    }
             if funding.get("funding_source") not in (None, "LndWallet") or funding.get("funding_source_error"):
                 raise RuntimeError(f"LNbits funding source not LND: {funding}; log: {self.log_path}")
             r = await c.post("/api/v1/account", json={"name": account})
@@ -212,15 +254,23 @@ class LnbitsProc:
         return {"wallet_id": wallet["id"], "inkey": wallet["inkey"], "adminkey": wallet["adminkey"], **funding}
 
 
-async def start_lnbits(venv: Path, desc: dict, workdir: Path, log_path: Path, *, node: str = "escrow",
-                       say: Callable[[str], None] = print, account: str = "fedstr-bench",
-                       ) -> tuple[LnbitsProc, dict]:
+async def start_lnbits(
+    venv: Path,
+    desc: dict,
+    workdir: Path,
+    log_path: Path,
+    *,
+    node: str = "escrow",
+    say: Callable[[str], None] = print,
+    account: str = "fedstr-bench",
+) -> tuple[LnbitsProc, dict]:
     """Start LNbits on a free port of the stack's block (trying another if one is taken meanwhile)
     and set it up; returns the process and its wallet (see ``LnbitsProc.setup``)."""
     skip = 0
     for attempt in range(3):
-        proc = LnbitsProc(venv, desc, workdir / f"lnbits-{attempt}", log_path,
-                          lnbits_port(desc["port_base"], skip=skip), node=node)
+        proc = LnbitsProc(
+            venv, desc, workdir / f"lnbits-{attempt}", log_path, lnbits_port(desc["port_base"], skip=skip), node=node
+        )
         proc.start()
         try:
             return proc, await proc.setup(account=account)

@@ -8,6 +8,7 @@ JSON and markdown in ``bench/results/``.
 
     python -m bench.run [--only intake,lightning,escrow,lnbits]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,43 +31,123 @@ def _load(name: str) -> dict | None:
 def summary_rows() -> list[tuple]:
     rows: list[tuple] = []
     if d := _load("intake"):
-        rows.append(("intake: verified events/s", d["intake_events_per_s"],
-                     f"coincurve ceiling {d['ceiling_events_per_s']}", d["ratio"], ">= 0.25", d["ratio"] >= 0.25))
+        rows.append(
+            (
+                "intake: verified events/s",
+                d["intake_events_per_s"],
+                f"coincurve ceiling {d['ceiling_events_per_s']}",
+                d["ratio"],
+                ">= 0.25",
+                d["ratio"] >= 0.25,
+            )
+        )
     if d := _load("escrow"):
         if c := d.get("creation"):
-            rows.append((f"escrow creation, full path, {c['concurrency']} clients: jobs/s", c["ours_full_path"]["per_s"],
-                         f"AddHoldInvoice {c['direct_add_hold_invoice']['per_s']}", c["ratio"], ">= 0.8", c["met"]))
+            rows.append(
+                (
+                    f"escrow creation, full path, {c['concurrency']} clients: jobs/s",
+                    c["ours_full_path"]["per_s"],
+                    f"AddHoldInvoice {c['direct_add_hold_invoice']['per_s']}",
+                    c["ratio"],
+                    ">= 0.8",
+                    c["met"],
+                )
+            )
             if h := c.get("at_high_concurrency"):
-                rows.append((f"escrow creation, full path, {h['concurrency']} clients: jobs/s",
-                             h["ours_full_path"]["per_s"], f"AddHoldInvoice {h['direct_add_hold_invoice']['per_s']}",
-                             h["ratio"], ">= 0.8", h["met"]))
+                rows.append(
+                    (
+                        f"escrow creation, full path, {h['concurrency']} clients: jobs/s",
+                        h["ours_full_path"]["per_s"],
+                        f"AddHoldInvoice {h['direct_add_hold_invoice']['per_s']}",
+                        h["ratio"],
+                        ">= 0.8",
+                        h["met"],
+                    )
+                )
         if p := d.get("payouts"):
-            rows.append(("payouts succeeded/s", p["ours_per_s"], f"SendPaymentV2 loop {p['raw_send_payment_v2_per_s']}",
-                         p["ratio"], ">= 0.8", p["met"]))
+            rows.append(
+                (
+                    "payouts succeeded/s",
+                    p["ours_per_s"],
+                    f"SendPaymentV2 loop {p['raw_send_payment_v2_per_s']}",
+                    p["ratio"],
+                    ">= 0.8",
+                    p["met"],
+                )
+            )
         if m := d.get("memory"):
-            rows.append((f"RSS with {m['open_escrows']} open escrows (MB)", m["rss_mb"], f"idle {m['idle_rss_mb']}",
-                         "", "<= 300", m["met"]))
+            rows.append(
+                (
+                    f"RSS with {m['open_escrows']} open escrows (MB)",
+                    m["rss_mb"],
+                    f"idle {m['idle_rss_mb']}",
+                    "",
+                    "<= 300",
+                    m["met"],
+                )
+            )
     if d := _load("lnbits"):
         inv, det = d["invoice_api"], d["settlement_detection"]
-        rows.append(("invoice API: invoices/s", inv["ours"]["per_s"], f"LNbits {inv['lnbits']['per_s']}",
-                     inv["ratio_throughput"], ">= 1.5", d["pass"]["invoice_throughput"]))
-        rows.append(("invoice API: p99 ms", inv["ours"]["p99_ms"], f"LNbits {inv['lnbits']['p99_ms']}",
-                     inv["ratio_p99"], "< 1", d["pass"]["invoice_p99"]))
-        rows.append(("settlement detection: p50 ms", det["ours"]["p50_ms"],
-                     f"LNbits {det['lnbits_status_endpoint']['p50_ms']}", det["ratio_p50_vs_status"], "<= 1",
-                     d["pass"]["settlement_p50"]))
+        rows.append(
+            (
+                "invoice API: invoices/s",
+                inv["ours"]["per_s"],
+                f"LNbits {inv['lnbits']['per_s']}",
+                inv["ratio_throughput"],
+                ">= 1.5",
+                d["pass"]["invoice_throughput"],
+            )
+        )
+        rows.append(
+            (
+                "invoice API: p99 ms",
+                inv["ours"]["p99_ms"],
+                f"LNbits {inv['lnbits']['p99_ms']}",
+                inv["ratio_p99"],
+                "< 1",
+                d["pass"]["invoice_p99"],
+            )
+        )
+        rows.append(
+            (
+                "settlement detection: p50 ms",
+                det["ours"]["p50_ms"],
+                f"LNbits {det['lnbits_status_endpoint']['p50_ms']}",
+                det["ratio_p50_vs_status"],
+                "<= 1",
+                d["pass"]["settlement_p50"],
+            )
+        )
     if d := _load("lightning"):
         c, s = d["invoice_creation"], d["settlement_detection"]
-        rows.append(("escrow invoices (our layer, no engine): /s", c["ours_per_s"],
-                     f"AddHoldInvoice {c['direct_add_hold_invoice_per_s']}", c["ratio"], ">= 0.8", c["ratio"] >= 0.8))
-        rows.append(("settlement detection (watcher): p50 ms", s["p50_ms"], f"p99 {s['p99_ms']}", "", "<= 50",
-                     s["p50_ms"] <= 50))
+        rows.append(
+            (
+                "escrow invoices (our layer, no engine): /s",
+                c["ours_per_s"],
+                f"AddHoldInvoice {c['direct_add_hold_invoice_per_s']}",
+                c["ratio"],
+                ">= 0.8",
+                c["ratio"] >= 0.8,
+            )
+        )
+        rows.append(
+            (
+                "settlement detection (watcher): p50 ms",
+                s["p50_ms"],
+                f"p99 {s['p99_ms']}",
+                "",
+                "<= 50",
+                s["p50_ms"] <= 50,
+            )
+        )
     return [(*r[:5], "met" if r[5] else "**missed**") for r in rows]
 
 
 def write_summary() -> str:
-    text = (f"# Benchmarks ({time.strftime('%Y-%m-%d')}; each ratio against a baseline from the same run)\n\n"
-            + markdown_table(summary_rows(), ("figure", "ours", "baseline", "ratio", "target", "")))
+    text = (
+        f"# Benchmarks ({time.strftime('%Y-%m-%d')}; each ratio against a baseline from the same run)\n\n"
+        + markdown_table(summary_rows(), ("figure", "ours", "baseline", "ratio", "target", ""))
+    )
     (RESULTS / "summary.md").write_text(text)
     return text
 

@@ -193,7 +193,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.limits_events = RateLimiter(settings.events_per_minute, settings.events_burst)
     app.state.limits_invoices = RateLimiter(settings.invoices_per_minute, settings.invoices_burst)
     app.state.admin_failures = FailureThrottle()  # wrong admin/metrics tokens and sign-ins, per address
-    app.state.webhooks_refused = Counter()        # reason -> count (metrics): this app's, not the module's
+    app.state.webhooks_refused = Counter()  # reason -> count (metrics): this app's, not the module's
     errors.install(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, exempt_paths=frozenset({"/blobs/upload"}))
     app.include_router(public.router)

@@ -4,6 +4,7 @@ Defaults suit a local regtest run; ``devstack/stack env`` prints the values that
 point the service at the local network. Secrets are ``SecretStr`` so they never
 appear in reprs, logs or error messages.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -28,9 +29,11 @@ def payout_cltv_problem(max_final_cltv: int, cltv_limit: int) -> str | None:
     """Why an invoice's final CLTV limit does not fit under the payout CLTV limit, or None."""
     need = max_final_cltv + LND_BLOCK_PADDING + PAYOUT_ROUTE_CLTV_ROOM
     if cltv_limit < need:
-        return (f"FEDSTR_PAYOUT_CLTV_LIMIT ({cltv_limit}) must be at least FEDSTR_PAYOUT_MAX_FINAL_CLTV "
-                f"({max_final_cltv}) + {LND_BLOCK_PADDING} (LND's block padding) + {PAYOUT_ROUTE_CLTV_ROOM} "
-                f"(room for a route's hops) = {need}: an invoice we accept must be payable within the limit")
+        return (
+            f"FEDSTR_PAYOUT_CLTV_LIMIT ({cltv_limit}) must be at least FEDSTR_PAYOUT_MAX_FINAL_CLTV "
+            f"({max_final_cltv}) + {LND_BLOCK_PADDING} (LND's block padding) + {PAYOUT_ROUTE_CLTV_ROOM} "
+            f"(room for a route's hops) = {need}: an invoice we accept must be payable within the limit"
+        )
     return None
 
 
@@ -48,15 +51,16 @@ def token_problem(value: str) -> str | None:
     if not value.strip():
         return "must not be empty (leave the variable unset to disable what it protects)"
     if len(value.strip()) < MIN_TOKEN_CHARS:
-        return f"must be at least {MIN_TOKEN_CHARS} characters (e.g. python3 -c 'import secrets; " \
-               "print(secrets.token_urlsafe(32))')"
+        return (
+            f"must be at least {MIN_TOKEN_CHARS} characters (e.g. python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))')"
+        )
     return None
 
 
 class Settings(BaseSettings):
     # Errors never echo the refused value: it may be a secret (a token, the Nostr key).
-    model_config = SettingsConfigDict(env_prefix="FEDSTR_", env_file=".env", extra="ignore",
-                                      hide_input_in_errors=True)
+    model_config = SettingsConfigDict(env_prefix="FEDSTR_", env_file=".env", extra="ignore", hide_input_in_errors=True)
 
     network: Network = "regtest"
     database_url: str = "sqlite+aiosqlite:///./fedstr-escrow.sqlite3"
@@ -85,28 +89,28 @@ class Settings(BaseSettings):
     max_hold_seconds: int = Field(default=3 * 86_400, ge=0)
     # Every payout is at least this (whole satoshis); requests that could pay less are refused.
     min_payout_msat: int = Field(default=1_000, ge=1_000, multiple_of=1_000)
-    max_results_per_shard: int = Field(default=4, ge=1, le=64)        # candidates per shard, first received
+    max_results_per_shard: int = Field(default=4, ge=1, le=64)  # candidates per shard, first received
     # Intake budget, whatever the source (relay or REST), counted in the database (docs/escrow.md).
-    job_requests_per_minute: int = Field(default=120, ge=1)           # accepted requests, all keys
-    job_requests_per_minute_per_key: int = Field(default=10, ge=1)    # any outcome, one key
-    max_open_offers: int = Field(default=200, ge=1)                   # unfunded offers open at once
+    job_requests_per_minute: int = Field(default=120, ge=1)  # accepted requests, all keys
+    job_requests_per_minute_per_key: int = Field(default=10, ge=1)  # any outcome, one key
+    max_open_offers: int = Field(default=200, ge=1)  # unfunded offers open at once
     max_open_offers_per_key: int = Field(default=3, ge=1)
     # Replies also go to the first relays of a request's NIP-90 `relays` tag (never private addresses).
     reply_relays_max: int = Field(default=3, ge=0, le=16)
-    reply_relays_allow_private: bool = False                          # dev/test only
+    reply_relays_allow_private: bool = False  # dev/test only
 
     # Escrow invoices (see docs/lightning.md).
-    invoice_expiry_seconds: int = Field(default=600, ge=60, le=86_400)   # the payment window
-    hold_block_seconds: int = Field(default=480, ge=1)       # pessimistic block time for CLTV sizing
-    hold_speedup: float = Field(default=1.7, ge=1.0)         # blocks may come this much faster
-    hold_margin_blocks: int = Field(default=36, ge=0)        # on top of the job's own duration
+    invoice_expiry_seconds: int = Field(default=600, ge=60, le=86_400)  # the payment window
+    hold_block_seconds: int = Field(default=480, ge=1)  # pessimistic block time for CLTV sizing
+    hold_speedup: float = Field(default=1.7, ge=1.0)  # blocks may come this much faster
+    hold_margin_blocks: int = Field(default=36, ge=0)  # on top of the job's own duration
     hold_max_cltv_blocks: int = Field(default=1008, ge=40, le=2016)  # above this: custodial
-    hold_expiry_delta: int = Field(default=12, ge=1)         # LND's --invoices.holdexpirydelta
-    guard_margin_blocks: int = Field(default=12, ge=1)       # we act this much before LND would
+    hold_expiry_delta: int = Field(default=12, ge=1)  # LND's --invoices.holdexpirydelta
+    guard_margin_blocks: int = Field(default=12, ge=1)  # we act this much before LND would
     guard_interval_seconds: float = Field(default=30.0, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
-    max_invoice_streams: int = Field(default=1000, ge=0, le=100_000)   # SubscribeSingleInvoice streams
-    unstreamed_sweep_seconds: float = Field(default=2.0, gt=0)   # sweep period while some have none
+    max_invoice_streams: int = Field(default=1000, ge=0, le=100_000)  # SubscribeSingleInvoice streams
+    unstreamed_sweep_seconds: float = Field(default=2.0, gt=0)  # sweep period while some have none
     # Payouts (docs/lightning.md). The routing-fee limit is amount × ppm, capped; no floor (a floor
     # let a payee's route take 10 sat from a 1-sat payout). Removed: FEDSTR_PAYOUT_FEE_FLOOR_MSAT.
     payout_fee_floor_msat: int | None = None
@@ -116,61 +120,63 @@ class Settings(BaseSettings):
     payout_max_attempts: int = Field(default=3, ge=1, le=20)
     payout_retry_seconds: float = Field(default=60.0, ge=0)
     payout_invoice_min_expiry_seconds: int = Field(default=300, ge=0)
-    payout_max_final_cltv: int = Field(default=288, ge=18)     # blocks; the payee's invoice's final CLTV
+    payout_max_final_cltv: int = Field(default=288, ge=18)  # blocks; the payee's invoice's final CLTV
     # the longest an HTLC of ours may be locked (blocks, whole route); at most LND's --max-cltv-expiry
     payout_cltv_limit: int = Field(default=432, ge=40, le=2016)
-    payout_lease_seconds: float = Field(default=300.0, gt=0)    # a dead worker's claim expires after this
+    payout_lease_seconds: float = Field(default=300.0, gt=0)  # a dead worker's claim expires after this
     payout_concurrency: int = Field(default=20, ge=1, le=400)  # payments in flight per replica
-    payout_reconcile_seconds: float = Field(default=60.0, gt=0)   # `unknown` payouts, those a dead worker left
-    payout_reconcile_budget_seconds: float = Field(default=5.0, gt=0, le=120)   # per payout, per pass
+    payout_reconcile_seconds: float = Field(default=60.0, gt=0)  # `unknown` payouts, those a dead worker left
+    payout_reconcile_budget_seconds: float = Field(default=5.0, gt=0, le=120)  # per payout, per pass
     effect_lease_seconds: float = Field(default=120.0, gt=0)
     reconcile_interval_seconds: float = Field(default=300.0, gt=0)
     reconcile_threshold_msat: int = Field(default=0, ge=0)  # above this, payouts pause and an alert is raised
-    lnurl_allow_private: bool = False                        # dev/test only: LNURL on loopback
+    lnurl_allow_private: bool = False  # dev/test only: LNURL on loopback
     webhook_window_seconds: int = Field(default=300, ge=10, le=3600)
     # One bad item never blocks the others (service/quarantine.py, docs/operations.md): an item
     # that keeps failing is retried with backoff, then quarantined until an operator replays it.
-    quarantine_after: int = Field(default=5, ge=1, le=100)                 # failures before quarantine
-    item_retry_base_seconds: float = Field(default=1.0, ge=0, le=3600)    # first backoff, doubling ...
+    quarantine_after: int = Field(default=5, ge=1, le=100)  # failures before quarantine
+    item_retry_base_seconds: float = Field(default=1.0, ge=0, le=3600)  # first backoff, doubling ...
     item_retry_max_seconds: float = Field(default=300.0, ge=0, le=86_400)  # ... up to this
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65535)
 
-    public_url: str | None = None   # the API's external base URL (NIP-98 checks the signed URL against it)
+    public_url: str | None = None  # the API's external base URL (NIP-98 checks the signed URL against it)
     max_body_bytes: int = Field(default=131_072, ge=1024)
-    events_per_minute: float = Field(default=120.0, gt=0)   # per client address and per pubkey
+    events_per_minute: float = Field(default=120.0, gt=0)  # per client address and per pubkey
     events_burst: int = Field(default=60, ge=1)
     invoices_per_minute: float = Field(default=20.0, gt=0)
     invoices_burst: int = Field(default=10, ge=1)
-    admin_token: SecretStr | None = None     # unset: admin API and dashboard disabled (503)
-    metrics_token: SecretStr | None = None   # bearer token of /metrics (the admin token works too)
+    admin_token: SecretStr | None = None  # unset: admin API and dashboard disabled (503)
+    metrics_token: SecretStr | None = None  # bearer token of /metrics (the admin token works too)
     # Proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (IPs or CIDRs); empty:
     # proxy headers are ignored from everyone, loopback included.
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Blob store (/blobs, Blossom BUD-01/02; service/api/blobs.py).
-    blob_dir: Path = Path("./blobs")                               # created 0700 on first use
+    blob_dir: Path = Path("./blobs")  # created 0700 on first use
     blob_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
-    blob_uploads_per_minute: float = Field(default=30.0, gt=0)     # per client address and per pubkey
+    blob_uploads_per_minute: float = Field(default=30.0, gt=0)  # per client address and per pubkey
     blob_uploads_burst: int = Field(default=10, ge=1)
     blob_allowed_pubkeys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # hex or npub; empty = any
     blob_auth_max_age_seconds: int = Field(default=3600, ge=60, le=86_400)
-    blob_key_quota_bytes: int = Field(default=50 * 1024 * 1024, ge=1)   # per key, over its open jobs
+    blob_key_quota_bytes: int = Field(default=50 * 1024 * 1024, ge=1)  # per key, over its open jobs
     blob_key_quota_count: int = Field(default=64, ge=1)
-    blob_store_quota_bytes: int = Field(default=4 * 1024 ** 3, ge=1)    # the whole store
-    blob_retention_seconds: int = Field(default=7 * 86_400, ge=0)      # after the last referencing job ended
-    blob_unreferenced_grace_seconds: int = Field(default=3600, ge=0)   # blobs no job references
-    blob_sweep_interval_seconds: float = Field(default=300.0, gt=0)    # the leader's expiry sweep
-    blob_sweep_batch: int = Field(default=500, ge=1, le=100_000)       # blobs deleted per pass at most
+    blob_store_quota_bytes: int = Field(default=4 * 1024**3, ge=1)  # the whole store
+    blob_retention_seconds: int = Field(default=7 * 86_400, ge=0)  # after the last referencing job ended
+    blob_unreferenced_grace_seconds: int = Field(default=3600, ge=0)  # blobs no job references
+    blob_sweep_interval_seconds: float = Field(default=300.0, gt=0)  # the leader's expiry sweep
+    blob_sweep_batch: int = Field(default=500, ge=1, le=100_000)  # blobs deleted per pass at most
     webhook_secret: SecretStr | None = None
 
     @field_validator("payout_fee_floor_msat")
     @classmethod
     def _no_fee_floor(cls, v: int | None) -> int | None:
-        if v:   # 0 (or unset) means no floor, which is what the service does
-            raise ValueError("FEDSTR_PAYOUT_FEE_FLOOR_MSAT is no longer supported: a payout's routing-fee limit is "
-                             "its amount × FEDSTR_PAYOUT_FEE_PPM, capped by FEDSTR_PAYOUT_FEE_CAP_MSAT, with no "
-                             "floor (a floor let a payee's route take more than the payout's fraction); unset it")
+        if v:  # 0 (or unset) means no floor, which is what the service does
+            raise ValueError(
+                "FEDSTR_PAYOUT_FEE_FLOOR_MSAT is no longer supported: a payout's routing-fee limit is "
+                "its amount × FEDSTR_PAYOUT_FEE_PPM, capped by FEDSTR_PAYOUT_FEE_CAP_MSAT, with no "
+                "floor (a floor let a payee's route take more than the payout's fraction); unset it"
+            )
         return v
 
     @model_validator(mode="after")

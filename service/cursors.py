@@ -6,6 +6,7 @@ missing or replaying history. A cursor only moves forward: ``advance`` is a
 compare-and-set that ignores a value lower than the stored one, so two tasks or
 replicas reporting out of order can never move it back.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -49,7 +50,8 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
         # The row may have been created by a writer that committed after our UPDATE ran (it
         # matched nothing then): run the forward-only UPDATE again, now that the row exists.
         res = await session.execute(
-            update(Cursor).where(Cursor.name == name, Cursor.position < position)
+            update(Cursor)
+            .where(Cursor.name == name, Cursor.position < position)
             .values(position=position, updated_at=utcnow())
         )
         return bool(rowcount(res))
@@ -58,7 +60,8 @@ async def advance(session: AsyncSession, name: str, position: int) -> bool:
             session.add(Cursor(name=name, position=position, updated_at=utcnow()))
     except IntegrityError:  # another writer created it first: retry the forward-only update
         res = await session.execute(
-            update(Cursor).where(Cursor.name == name, Cursor.position < position)
+            update(Cursor)
+            .where(Cursor.name == name, Cursor.position < position)
             .values(position=position, updated_at=utcnow())
         )
         return bool(rowcount(res))

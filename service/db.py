@@ -4,6 +4,7 @@ The boundary commits (one transaction per request, task or fact); services only
 flush. SQLite gets WAL, foreign keys and a busy timeout so several tasks of one
 process can share it; PostgreSQL is used for multi-replica deployments.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -89,6 +90,7 @@ def create_engine(url: str, *, sqlite_inline: bool | None = None, **kw) -> Async
             from sqlalchemy.engine import make_url
 
             from service import sqlite_inline as inline_driver
+
             cargs, cparams = SQLiteDialect_aiosqlite().create_connect_args(make_url(url))
             kw.setdefault("async_creator", lambda: inline_driver.connect(*cargs, **cparams))
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kw)
@@ -132,8 +134,10 @@ def insert_ignore(session: AsyncSession, table: Any) -> Insert:
     assert session.bind is not None, "sessions come from session_factory(engine): always bound"
     if session.bind.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
+
         return pg_insert(table).on_conflict_do_nothing()
     from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
     return sqlite_insert(table).on_conflict_do_nothing()
 
 
@@ -164,7 +168,7 @@ class GroupCommit:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
+                batch, self._pending = self._pending[: self.max_batch], self._pending[self.max_batch :]
                 try:
                     async with self.sessions.begin() as s:
                         await s.execute(self.table.insert(), [row for row, _ in batch])

@@ -7,6 +7,7 @@ connection: if the leader dies, PostgreSQL ends its session and releases the loc
 another replica takes over within ``poll_seconds``. On SQLite (one process) the
 service is always the leader.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,12 +20,18 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 log = logging.getLogger(__name__)
 
-LOCK_ID = 0x6665647374720001   # "fedstr" + 1
+LOCK_ID = 0x6665647374720001  # "fedstr" + 1
 
 
 class Leadership:
-    def __init__(self, engine: AsyncEngine, on_gain: Callable[[], Awaitable[None]],
-                 on_loss: Callable[[], Awaitable[None]], *, poll_seconds: float = 2.0) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        on_gain: Callable[[], Awaitable[None]],
+        on_loss: Callable[[], Awaitable[None]],
+        *,
+        poll_seconds: float = 2.0,
+    ) -> None:
         self.engine = engine
         self.on_gain = on_gain
         self.on_loss = on_loss
@@ -71,7 +78,7 @@ class Leadership:
                         log.info("this replica is now the leader")
                         await self.on_gain()
                 else:
-                    await self._conn.execute(text("SELECT 1"))   # the lock lives as long as this session
+                    await self._conn.execute(text("SELECT 1"))  # the lock lives as long as this session
                     await self._conn.commit()
             except asyncio.CancelledError:
                 raise

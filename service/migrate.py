@@ -1,4 +1,5 @@
 """Run the Alembic migrations programmatically (used by the CLI and the tests)."""
+
 from __future__ import annotations
 
 import asyncio

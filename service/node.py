@@ -1,4 +1,5 @@
 """The running Lightning side (service/node.py): settlement watcher, deadline guard, payout worker and reconcilers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,23 +27,34 @@ log = logging.getLogger(__name__)
 @dataclass
 class ReconcilerHealth:
     """What the payout reconciler did: passes completed, when the last one ended (unix time)."""
+
     passes: int = 0
     last_pass_at: float | None = None
     last_error: str | None = None
 
 
 class LightningService:
-    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], settings: Settings,
-                 signals: Signals | None = None) -> None:
+    def __init__(
+        self,
+        lnd: LndClient,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        signals: Signals | None = None,
+    ) -> None:
         self.lnd = lnd
-        self.signals = signals or Signals()   # emits fact_recorded (watcher) and payout_changed
+        self.signals = signals or Signals()  # emits fact_recorded (watcher) and payout_changed
         self.settings = settings
-        self.watcher = SettlementWatcher(lnd, sessions, sweep_interval=settings.sweep_interval_seconds,
-                                         max_streams=settings.max_invoice_streams,
-                                         overflow_interval=settings.unstreamed_sweep_seconds,
-                                         signals=self.signals)
-        self.invoices = EscrowInvoices(lnd, HoldSizing.from_settings(settings),
-                                       expiry_seconds=settings.invoice_expiry_seconds, sessions=sessions)
+        self.watcher = SettlementWatcher(
+            lnd,
+            sessions,
+            sweep_interval=settings.sweep_interval_seconds,
+            max_streams=settings.max_invoice_streams,
+            overflow_interval=settings.unstreamed_sweep_seconds,
+            signals=self.signals,
+        )
+        self.invoices = EscrowInvoices(
+            lnd, HoldSizing.from_settings(settings), expiry_seconds=settings.invoice_expiry_seconds, sessions=sessions
+        )
         self.payouts: Payouts | None = None
         self._payouts_made = asyncio.Lock()
         self.payout_reconciler = ReconcilerHealth()
@@ -62,8 +74,10 @@ class LightningService:
         """What runs once among replicas: the invoice watcher and the deadline guard."""
         self._stop.clear()
         await self.watcher.start()
-        self._leader_tasks = [asyncio.create_task(self._guard_loop(), name="hold deadline guard"),
-                              asyncio.create_task(self._reconcile_loop(), name="ledger reconciliation")]
+        self._leader_tasks = [
+            asyncio.create_task(self._guard_loop(), name="hold deadline guard"),
+            asyncio.create_task(self._reconcile_loop(), name="ledger reconciliation"),
+        ]
 
     async def stop_leader(self) -> None:
         for t in self._leader_tasks:
@@ -75,8 +89,10 @@ class LightningService:
     async def start_workers(self) -> None:
         """What every replica runs: the payout worker and its reconciler (claims are compare-and-set)."""
         self._stop.clear()
-        self._tasks = [asyncio.create_task(self._payout_loop(), name="payout worker"),
-                       asyncio.create_task(self._payout_reconcile_loop(), name="payout reconciler")]
+        self._tasks = [
+            asyncio.create_task(self._payout_loop(), name="payout worker"),
+            asyncio.create_task(self._payout_reconcile_loop(), name="payout reconciler"),
+        ]
 
     async def stop(self) -> None:
         self._stop.set()
@@ -93,8 +109,11 @@ class LightningService:
     async def _guard_loop(self) -> None:
         while not self._stop.is_set():
             try:
-                await guard_once(self.watcher, hold_expiry_delta=self.settings.hold_expiry_delta,
-                                 margin_blocks=self.settings.guard_margin_blocks)
+                await guard_once(
+                    self.watcher,
+                    hold_expiry_delta=self.settings.hold_expiry_delta,
+                    margin_blocks=self.settings.guard_margin_blocks,
+                )
             except LndError as e:
                 log.info("deadline guard skipped a round: %s", e)
             except Exception:  # keep guarding
@@ -143,8 +162,13 @@ class LightningService:
         async with self._payouts_made:
             if self.payouts is None:
                 info = await self.lnd.get_info()
-                self.payouts = Payouts(self.lnd, self.sessions, PayoutPolicy.from_settings(self.settings),
-                                       our_pubkey=info.pubkey, on_outcome=self._outcome)
+                self.payouts = Payouts(
+                    self.lnd,
+                    self.sessions,
+                    PayoutPolicy.from_settings(self.settings),
+                    our_pubkey=info.pubkey,
+                    on_outcome=self._outcome,
+                )
             return self.payouts
 
     async def _payout_reconcile_loop(self) -> None:
@@ -177,7 +201,7 @@ class LightningService:
         payments cannot take every slot. Per process, not per database: with N replicas a payee
         may have N at once; each is followed for one payout timeout at most, then left `unknown`
         to the reconciler, so no payee holds a slot for longer."""
-        inflight: dict[asyncio.Task, str] = {}   # task -> its payee
+        inflight: dict[asyncio.Task, str] = {}  # task -> its payee
         slot_freed = asyncio.Event()
 
         def done(task: asyncio.Task) -> None:
@@ -194,7 +218,7 @@ class LightningService:
                     payouts = await self._payouts()
                     async with self.sessions() as s:
                         paused = await payouts_paused(s)
-                    self.paused = paused   # the ledger disagrees with LND: an operator must look first
+                    self.paused = paused  # the ledger disagrees with LND: an operator must look first
                     free = self.settings.payout_concurrency - len(inflight)
                     if not paused and free > 0:
                         self._payouts_wake.clear()
@@ -208,7 +232,7 @@ class LightningService:
                 except Exception:  # keep paying
                     log.exception("payout worker failed")
                 if claimed and len(inflight) < self.settings.payout_concurrency:
-                    continue   # maybe more are due: claim until the slots are full or none is left
+                    continue  # maybe more are due: claim until the slots are full or none is left
                 slot_freed.clear()
                 waits = [asyncio.ensure_future(self._payouts_wake.wait()), asyncio.ensure_future(slot_freed.wait())]
                 try:

@@ -23,6 +23,7 @@ the backoff is written there and the quarantine is also a state of the item
 event handled with an ``error: …`` outcome. For the others (timers, LN facts, payout
 outcomes) the row here is the only record, and :meth:`Quarantine.due` does the skipping.
 """
+
 from __future__ import annotations
 
 import logging
@@ -71,14 +72,13 @@ SOURCES: Final[tuple[str, ...]] = get_args(Source)
 ERROR_CHARS: Final = 300
 
 
-
 class ItemFailure(Base):
     """An item that failed: retried with backoff, then quarantined until an operator replays it."""
 
     __tablename__ = "item_failures"
 
-    source: Mapped[str] = mapped_column(String(16), primary_key=True)     # one of SOURCES
-    ref: Mapped[str] = mapped_column(String(400), primary_key=True)       # the item's key within its source
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)  # one of SOURCES
+    ref: Mapped[str] = mapped_column(String(400), primary_key=True)  # the item's key within its source
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True)  # when known, for the operator
     failures: Mapped[int] = mapped_column(Integer, nullable=False)
     last_error: Mapped[str] = mapped_column(String(ERROR_CHARS), nullable=False)
@@ -91,6 +91,7 @@ class ItemFailure(Base):
 
 
 # ---- the rules ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
@@ -133,7 +134,7 @@ def is_outage(exc: BaseException) -> bool:
     return False
 
 
-_LONG_HEX = re.compile(r"[0-9a-fA-F]{65,}")            # macaroons, raw keys: longer than any id we show
+_LONG_HEX = re.compile(r"[0-9a-fA-F]{65,}")  # macaroons, raw keys: longer than any id we show
 _NSEC = re.compile(r"nsec1[02-9ac-hj-np-z]{20,}")
 _SECRET_WORDS = re.compile(r"(?i)(preimage|macaroon|secret|token)(\W{0,3})[0-9a-zA-Z+/=_-]{16,}")
 
@@ -151,7 +152,7 @@ def describe(exc: BaseException) -> str:
     text = _SECRET_WORDS.sub(r"\1\2<redacted>", text)
     text = _NSEC.sub("<nsec redacted>", _LONG_HEX.sub("<hex redacted>", text))
     text = " ".join(text.split())
-    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 1] + "…"
+    return text if len(text) <= ERROR_CHARS else text[: ERROR_CHARS - 1] + "…"
 
 
 def where(exc: BaseException) -> str:
@@ -173,8 +174,13 @@ class LoopBackoff:
     def failed(self, exc: BaseException) -> float:
         self.failures += 1
         if self.failures == 1 or self.failures % 10 == 0:
-            log.warning("%s: pass failed (%d in a row, backing off): %s\n%s", self.name, self.failures,
-                        describe(exc), where(exc))
+            log.warning(
+                "%s: pass failed (%d in a row, backing off): %s\n%s",
+                self.name,
+                self.failures,
+                describe(exc),
+                where(exc),
+            )
         return min(self.cap, self.base * 2.0 ** min(self.failures - 1, 20))
 
     def ok(self) -> None:
@@ -184,6 +190,7 @@ class LoopBackoff:
 
 
 # ---- recording ----------------------------------------------------------------------------
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
@@ -197,7 +204,7 @@ class Verdict:
 
 T = TypeVar("T")
 OnFailure = Callable[[AsyncSession, Verdict], Awaitable[None]]
-JobId = str | Callable[[], str | None] | None   # the job an item concerns, or how to find it
+JobId = str | Callable[[], str | None] | None  # the job an item concerns, or how to find it
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,19 +231,25 @@ def _rowcount(result: object) -> int:
     return cast(CursorResult[Any], result).rowcount
 
 
-Ref = ColumnElement[str] | QueryableAttribute[str]   # the item's key, as SQL in a scan
+Ref = ColumnElement[str] | QueryableAttribute[str]  # the item's key, as SQL in a scan
 
 
 class Quarantine:
     """Records item failures and answers which items are due; one per service, shared by every loop."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], policy: RetryPolicy | None = None, *,
-                 policies: dict[str, RetryPolicy] | None = None, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        policy: RetryPolicy | None = None,
+        *,
+        policies: dict[str, RetryPolicy] | None = None,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
         self.sessions = sessions
         self.policy = policy or RetryPolicy()
-        self.policies = dict(policies or {})   # a source's own policy (effects ride out an LND restart)
+        self.policies = dict(policies or {})  # a source's own policy (effects ride out an LND restart)
         self.clock = clock
-        self.failures: Counter[str] = Counter()   # failures recorded through this quarantine, per source
+        self.failures: Counter[str] = Counter()  # failures recorded through this quarantine, per source
 
     def policy_for(self, source: str) -> RetryPolicy:
         return self.policies.get(source, self.policy)
@@ -248,8 +261,11 @@ class Quarantine:
     def due(self, source: Source, ref: Ref, now: datetime | None = None) -> ColumnElement[bool]:
         """The item is neither waiting out a backoff nor quarantined."""
         f = ItemFailure
-        return ~exists().where(f.source == source, f.ref == ref,
-                               or_(f.quarantined_at.is_not(None), f.next_attempt_at > (now or self.now())))
+        return ~exists().where(
+            f.source == source,
+            f.ref == ref,
+            or_(f.quarantined_at.is_not(None), f.next_attempt_at > (now or self.now())),
+        )
 
     @staticmethod
     def failing(source: Source, ref: Ref) -> ColumnElement[bool]:
@@ -260,11 +276,15 @@ class Quarantine:
     # -- writes --------------------------------------------------------------------------------
     async def clear(self, s: AsyncSession, source: Source, ref: str) -> None:
         """Forget an item's failures, in the transaction in which it finally succeeded."""
-        await s.execute(delete(ItemFailure).where(ItemFailure.source == source, ItemFailure.ref == ref)
-                        .execution_options(synchronize_session=False))
+        await s.execute(
+            delete(ItemFailure)
+            .where(ItemFailure.source == source, ItemFailure.ref == ref)
+            .execution_options(synchronize_session=False)
+        )
 
-    async def failed(self, source: Source, ref: str, exc: BaseException, *, job_id: JobId = None,
-                     on_failure: OnFailure | None = None) -> Verdict:
+    async def failed(
+        self, source: Source, ref: str, exc: BaseException, *, job_id: JobId = None, on_failure: OnFailure | None = None
+    ) -> Verdict:
         """Record one failure of an item, in a transaction of its own (the item's was rolled back).
 
         ``job_id`` may be a function, called only now (finding it costs, failures are rare).
@@ -272,39 +292,76 @@ class Quarantine:
         (an effect's state and due time, the inbox's outcome)."""
         if callable(job_id):
             job_id = job_id()
-        self.failures[source] += 1   # the fedstr_item_failures_total counter
+        self.failures[source] += 1  # the fedstr_item_failures_total counter
         now = self.now()
         error = describe(exc)
         policy = self.policy_for(source)
         f = ItemFailure
         async with self.sessions.begin() as s:
-            ins = _upsert(s).values(source=source, ref=ref[:400], job_id=job_id, failures=1, last_error=error,
-                                    first_failed_at=now, last_failed_at=now, next_attempt_at=now)
+            ins = _upsert(s).values(
+                source=source,
+                ref=ref[:400],
+                job_id=job_id,
+                failures=1,
+                last_error=error,
+                first_failed_at=now,
+                last_failed_at=now,
+                next_attempt_at=now,
+            )
             stmt = ins.on_conflict_do_update(
                 index_elements=[f.source, f.ref],
-                set_={"failures": f.failures + 1, "last_error": error, "last_failed_at": now,
-                      "job_id": func.coalesce(ins.excluded.job_id, f.job_id)},
+                set_={
+                    "failures": f.failures + 1,
+                    "last_error": error,
+                    "last_failed_at": now,
+                    "job_id": func.coalesce(ins.excluded.job_id, f.job_id),
+                },
             ).returning(f.failures)
             n = int((await s.execute(stmt)).scalar_one())
             quarantined = n >= policy.after
             retry_at = now + timedelta(seconds=policy.delay(n))
-            await s.execute(update(f).where(f.source == source, f.ref == ref[:400])
-                            .values(next_attempt_at=retry_at, quarantined_at=now if quarantined else None)
-                            .execution_options(synchronize_session=False))
+            await s.execute(
+                update(f)
+                .where(f.source == source, f.ref == ref[:400])
+                .values(next_attempt_at=retry_at, quarantined_at=now if quarantined else None)
+                .execution_options(synchronize_session=False)
+            )
             verdict = Verdict(n, quarantined, retry_at, error)
             if on_failure is not None:
                 await on_failure(s, verdict)
         if quarantined:
-            log.error("%s %s%s quarantined after %d failure(s): %s\n%s", source, ref,
-                      f" (job {job_id})" if job_id else "", n, error, where(exc))
+            log.error(
+                "%s %s%s quarantined after %d failure(s): %s\n%s",
+                source,
+                ref,
+                f" (job {job_id})" if job_id else "",
+                n,
+                error,
+                where(exc),
+            )
         else:
-            log.warning("%s %s failed (%d of %d, retried in %.1f s): %s%s", source, ref, n, policy.after,
-                        policy.delay(n), error, "\n" + where(exc) if n == 1 else "")
+            log.warning(
+                "%s %s failed (%d of %d, retried in %.1f s): %s%s",
+                source,
+                ref,
+                n,
+                policy.after,
+                policy.delay(n),
+                error,
+                "\n" + where(exc) if n == 1 else "",
+            )
         return verdict
 
-    async def attempt(self, source: Source, ref: str, work: Callable[[AsyncSession], Awaitable[T]], *,
-                      failing: bool = False, job_id: JobId = None,
-                      on_failure: OnFailure | None = None) -> Attempt:
+    async def attempt(
+        self,
+        source: Source,
+        ref: str,
+        work: Callable[[AsyncSession], Awaitable[T]],
+        *,
+        failing: bool = False,
+        job_id: JobId = None,
+        on_failure: OnFailure | None = None,
+    ) -> Attempt:
         """Run ``work`` for one item in its own transaction; on an error of the item's, record it.
 
         An outage (:func:`is_outage`) is re-raised unrecorded: the loop backs off as a whole.
@@ -326,8 +383,9 @@ class Quarantine:
     async def counts(s: AsyncSession) -> dict[str, int]:
         """Quarantined items per source (every source, zeros included)."""
         f = ItemFailure
-        rows = (await s.execute(select(f.source, func.count()).where(f.quarantined_at.is_not(None))
-                                .group_by(f.source))).all()
+        rows = (
+            await s.execute(select(f.source, func.count()).where(f.quarantined_at.is_not(None)).group_by(f.source))
+        ).all()
         out = dict.fromkeys(SOURCES, 0)
         out.update({src: int(n) for src, n in rows})
         return out
@@ -335,35 +393,54 @@ class Quarantine:
 
 def quarantine_from_settings(sessions: async_sessionmaker[AsyncSession], settings: Settings) -> Quarantine:
     """The service's quarantine: FEDSTR_QUARANTINE_AFTER failures, FEDSTR_ITEM_RETRY_* backoff."""
-    return Quarantine(sessions, RetryPolicy(after=settings.quarantine_after,
-                                            base_seconds=settings.item_retry_base_seconds,
-                                            max_seconds=settings.item_retry_max_seconds))
+    return Quarantine(
+        sessions,
+        RetryPolicy(
+            after=settings.quarantine_after,
+            base_seconds=settings.item_retry_base_seconds,
+            max_seconds=settings.item_retry_max_seconds,
+        ),
+    )
 
 
 def view(row: ItemFailure) -> dict:
     """The operator's view of a failure row (the error text is already cut short and masked)."""
-    return {"source": row.source, "ref": row.ref, "job_id": row.job_id, "failures": row.failures,
-            "last_error": row.last_error, "since": row.first_failed_at.isoformat(),
-            "last_failed_at": row.last_failed_at.isoformat(),
-            "quarantined_at": row.quarantined_at.isoformat() if row.quarantined_at else None,
-            "next_attempt_at": None if row.quarantined_at else row.next_attempt_at.isoformat()}
+    return {
+        "source": row.source,
+        "ref": row.ref,
+        "job_id": row.job_id,
+        "failures": row.failures,
+        "last_error": row.last_error,
+        "since": row.first_failed_at.isoformat(),
+        "last_failed_at": row.last_failed_at.isoformat(),
+        "quarantined_at": row.quarantined_at.isoformat() if row.quarantined_at else None,
+        "next_attempt_at": None if row.quarantined_at else row.next_attempt_at.isoformat(),
+    }
 
 
-async def listing(s: AsyncSession, *, source: str | None = None, limit: int = 100, offset: int = 0,
-                  quarantined: bool = True) -> tuple[list[dict], int]:
+async def listing(
+    s: AsyncSession, *, source: str | None = None, limit: int = 100, offset: int = 0, quarantined: bool = True
+) -> tuple[list[dict], int]:
     """Quarantined items (or, with ``quarantined=False``, items still being retried), newest first."""
     f = ItemFailure
     cond: list[ColumnElement[bool]] = [f.quarantined_at.is_not(None) if quarantined else f.quarantined_at.is_(None)]
     if source is not None:
         cond.append(f.source == source)
     total = int(await s.scalar(select(func.count()).select_from(ItemFailure).where(and_(*cond))) or 0)
-    rows = (await s.scalars(select(ItemFailure).where(and_(*cond))
-                            .order_by(ItemFailure.last_failed_at.desc(), ItemFailure.source, ItemFailure.ref)
-                            .limit(limit).offset(offset))).all()
+    rows = (
+        await s.scalars(
+            select(ItemFailure)
+            .where(and_(*cond))
+            .order_by(ItemFailure.last_failed_at.desc(), ItemFailure.source, ItemFailure.ref)
+            .limit(limit)
+            .offset(offset)
+        )
+    ).all()
     return [view(r) for r in rows], total
 
 
 # ---- replay -------------------------------------------------------------------------------
+
 
 class NotQuarantined(Exception):
     def __init__(self, code: str, message: str) -> None:
@@ -387,11 +464,15 @@ async def replay(s: AsyncSession, source: str, ref: str, reset: Reset | None = N
     f = ItemFailure
     row = await s.get(ItemFailure, (source, ref))
     if row is not None and row.quarantined_at is None:
-        raise NotQuarantined("not_quarantined",
-                             f"the item is retried automatically (failure {row.failures}); it is not quarantined")
+        raise NotQuarantined(
+            "not_quarantined", f"the item is retried automatically (failure {row.failures}); it is not quarantined"
+        )
     if row is not None:
-        res = await s.execute(delete(f).where(f.source == source, f.ref == ref, f.quarantined_at.is_not(None))
-                              .execution_options(synchronize_session=False))
+        res = await s.execute(
+            delete(f)
+            .where(f.source == source, f.ref == ref, f.quarantined_at.is_not(None))
+            .execution_options(synchronize_session=False)
+        )
         if _rowcount(res) != 1:
             raise NotQuarantined("conflict", "the item changed meanwhile")
     changed = await reset(s, ref) if reset is not None else 0

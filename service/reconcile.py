@@ -32,6 +32,7 @@ An LND transport failure (unavailable, deadline passed) aborts the run with the
 comparison neither pauses nor resumes payouts. "Not found" is an answer, and is
 reported as a discrepancy.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -63,23 +64,23 @@ MAX_STORED_DISCREPANCIES = 1000
 _HASH_RE = re.compile(r"\A[0-9a-f]{64}\Z")
 
 # Discrepancy kinds. LND vs our Lightning tables:
-INVOICE_UNKNOWN = "invoice_unknown"                    # settled here, LND does not know the hash
-INVOICE_NOT_SETTLED = "invoice_not_settled"            # settled here, not SETTLED in LND
-INVOICE_UNDERPAID = "invoice_underpaid"                # LND's amt_paid below the row's amount
-PAYMENT_UNKNOWN = "payment_unknown"                    # succeeded here, LND does not know the hash
-PAYMENT_NOT_SUCCEEDED = "payment_not_succeeded"        # succeeded here, not SUCCEEDED in LND
-PAYMENT_AMOUNT_MISMATCH = "payment_amount_mismatch"    # LND's value vs the payout's amount
-PAYMENT_FEE_MISMATCH = "payment_fee_mismatch"          # LND's fee vs the attempt's fee_msat
+INVOICE_UNKNOWN = "invoice_unknown"  # settled here, LND does not know the hash
+INVOICE_NOT_SETTLED = "invoice_not_settled"  # settled here, not SETTLED in LND
+INVOICE_UNDERPAID = "invoice_underpaid"  # LND's amt_paid below the row's amount
+PAYMENT_UNKNOWN = "payment_unknown"  # succeeded here, LND does not know the hash
+PAYMENT_NOT_SUCCEEDED = "payment_not_succeeded"  # succeeded here, not SUCCEEDED in LND
+PAYMENT_AMOUNT_MISMATCH = "payment_amount_mismatch"  # LND's value vs the payout's amount
+PAYMENT_FEE_MISMATCH = "payment_fee_mismatch"  # LND's fee vs the attempt's fee_msat
 # LND vs the ledger:
 FUNDING_MISSING = "funding_missing"
 FUNDING_MISMATCH = "funding_mismatch"
 PAYOUT_MISSING = "payout_missing"
 PAYOUT_MISMATCH = "payout_mismatch"
 ROUTING_FEE_MISSING = "routing_fee_missing"
-ROUTING_FEE_MISMATCH = "routing_fee_mismatch"          # node credit of routing_fee:<hash> vs LND's fee
+ROUTING_FEE_MISMATCH = "routing_fee_mismatch"  # node credit of routing_fee:<hash> vs LND's fee
 ROUTING_EXPENSE_MISMATCH = "routing_expense_mismatch"  # expense debit of routing_fee:<hash> vs LND's fee
-UNMATCHED_NODE_POSTING = "unmatched_node_posting"      # moves asset:node without a matching LND payment
-NODE_TOTAL_MISMATCH = "node_total_mismatch"            # asset:node total differs beyond the items above
+UNMATCHED_NODE_POSTING = "unmatched_node_posting"  # moves asset:node without a matching LND payment
+NODE_TOTAL_MISMATCH = "node_total_mismatch"  # asset:node total differs beyond the items above
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,18 +101,18 @@ class ReconciliationReport:
     ran_at: datetime
     ok: bool
     threshold_msat: int
-    discrepancy_msat: int                       # sum of |expected - actual| over the discrepancies
+    discrepancy_msat: int  # sum of |expected - actual| over the discrepancies
     discrepancies: list[Discrepancy]
     invoices_checked: int
     payments_checked: int
-    ledger_node_msat: int                       # the ledger's balance of asset:node
-    lnd_settled_msat: int                       # what LND says our settled invoices brought in
-    lnd_paid_msat: int                          # what LND says our succeeded payments sent
-    lnd_fees_msat: int                          # ... and the routing fees they cost
-    lnd_local_balance_msat: int | None = None   # channel_balance().local_msat, for information
-    liabilities_msat: int = 0                   # what the ledger says the escrow owes (>= 0)
+    ledger_node_msat: int  # the ledger's balance of asset:node
+    lnd_settled_msat: int  # what LND says our settled invoices brought in
+    lnd_paid_msat: int  # what LND says our succeeded payments sent
+    lnd_fees_msat: int  # ... and the routing fees they cost
+    lnd_local_balance_msat: int | None = None  # channel_balance().local_msat, for information
+    liabilities_msat: int = 0  # what the ledger says the escrow owes (>= 0)
     warnings: list[str] = field(default_factory=list)
-    id: int | None = None                       # the ledger_reconciliations row, once stored
+    id: int | None = None  # the ledger_reconciliations row, once stored
 
     @property
     def lnd_node_msat(self) -> int:
@@ -137,24 +138,49 @@ class _Sums:
 
 def _snapshot_query() -> CompoundSelect[Any]:
     s, b = String(200), BigInteger()
-    inv = (select(literal("inv", s).label("src"), cast(LnInvoice.payment_hash, s).label("ref"),
-                  cast(null(), s).label("key"), cast(null(), s).label("extra"),
-                  cast(LnInvoice.amount_msat, b).label("v1"), cast(LnInvoice.amount_paid_msat, b).label("v2"))
-           .where(LnInvoice.state == "settled"))
-    pay = (select(literal("pay", s), cast(PayoutAttempt.payment_hash, s), cast(PayoutAttempt.payout_id, s),
-                  cast(null(), s), cast(Payout.amount_msat, b), cast(PayoutAttempt.fee_msat, b))
-           .join(Payout, Payout.id == PayoutAttempt.payout_id)
-           .where(PayoutAttempt.state == AttemptState.SUCCEEDED))
+    inv = select(
+        literal("inv", s).label("src"),
+        cast(LnInvoice.payment_hash, s).label("ref"),
+        cast(null(), s).label("key"),
+        cast(null(), s).label("extra"),
+        cast(LnInvoice.amount_msat, b).label("v1"),
+        cast(LnInvoice.amount_paid_msat, b).label("v2"),
+    ).where(LnInvoice.state == "settled")
+    pay = (
+        select(
+            literal("pay", s),
+            cast(PayoutAttempt.payment_hash, s),
+            cast(PayoutAttempt.payout_id, s),
+            cast(null(), s),
+            cast(Payout.amount_msat, b),
+            cast(PayoutAttempt.fee_msat, b),
+        )
+        .join(Payout, Payout.id == PayoutAttempt.payout_id)
+        .where(PayoutAttempt.state == AttemptState.SUCCEEDED)
+    )
     node = func.sum(case((LedgerLine.account == accounts.NODE, LedgerLine.amount_msat), else_=0))
     expense = func.sum(case((LedgerLine.account == accounts.ROUTING_EXPENSE, LedgerLine.amount_msat), else_=0))
-    led = (select(literal("led", s), cast(LedgerPosting.id, s), cast(LedgerPosting.key, s),
-                  cast(LedgerPosting.reverses, s), cast(node, b), cast(expense, b))
-           .join(LedgerLine, LedgerLine.posting_id == LedgerPosting.id)
-           .where(LedgerLine.account.in_((accounts.NODE, accounts.ROUTING_EXPENSE)))
-           .group_by(LedgerPosting.id, LedgerPosting.key, LedgerPosting.reverses))
-    tot = select(literal("tot", s), cast(null(), s), cast(null(), s), cast(null(), s),
-                 cast(func.coalesce(func.sum(LedgerLine.amount_msat), 0), b), cast(null(), b)
-                 ).where(LedgerLine.account == accounts.NODE)
+    led = (
+        select(
+            literal("led", s),
+            cast(LedgerPosting.id, s),
+            cast(LedgerPosting.key, s),
+            cast(LedgerPosting.reverses, s),
+            cast(node, b),
+            cast(expense, b),
+        )
+        .join(LedgerLine, LedgerLine.posting_id == LedgerPosting.id)
+        .where(LedgerLine.account.in_((accounts.NODE, accounts.ROUTING_EXPENSE)))
+        .group_by(LedgerPosting.id, LedgerPosting.key, LedgerPosting.reverses)
+    )
+    tot = select(
+        literal("tot", s),
+        cast(null(), s),
+        cast(null(), s),
+        cast(null(), s),
+        cast(func.coalesce(func.sum(LedgerLine.amount_msat), 0), b),
+        cast(null(), b),
+    ).where(LedgerLine.account == accounts.NODE)
     return union_all(inv, pay, led, tot)
 
 
@@ -199,8 +225,14 @@ async def _first_update(lnd: LndClient, payment_hash: bytes) -> Payment | None:
     return None
 
 
-async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: int = 0,
-                    call_timeout: float | None = None, persist: bool = True) -> ReconciliationReport:
+async def reconcile(
+    session: AsyncSession,
+    lnd: LndClient,
+    *,
+    threshold_msat: int = 0,
+    call_timeout: float | None = None,
+    persist: bool = True,
+) -> ReconciliationReport:
     """Compare the ledger with LND; store the report (flush only) and return it.
 
     ``ok`` is true when the sum of |expected − actual| over all discrepancies is at
@@ -217,7 +249,8 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
     postings: dict[str, tuple[str, str | None, int, int]] = {}
     ledger_node = 0
     rows: list[tuple[str, str, str, str | None, int | None, int | None]] = [
-        tuple(r) for r in (await session.execute(_snapshot_query())).all()]
+        tuple(r) for r in (await session.execute(_snapshot_query())).all()
+    ]
     for src, ref, key, extra, v1, v2 in rows:
         if src == "inv":
             invoices.append((ref, int(v1 or 0)))
@@ -231,7 +264,7 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
 
     found: list[Discrepancy] = []
     matched: set[str] = set()
-    explained = 0            # signed (ledger - LND) on asset:node, over the items
+    explained = 0  # signed (ledger - LND) on asset:node, over the items
     settled_in = paid_out = fees_out = 0
 
     for h, amount in sorted(invoices):
@@ -266,15 +299,21 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
             p = None
         value = fee = 0
         if p is None:
-            found.append(Discrepancy(PAYMENT_UNKNOWN, h, amount, 0, f"payout {payout_id}: succeeded here, unknown to LND"))
+            found.append(
+                Discrepancy(PAYMENT_UNKNOWN, h, amount, 0, f"payout {payout_id}: succeeded here, unknown to LND")
+            )
         elif p.status != PaymentStatus.SUCCEEDED:
-            found.append(Discrepancy(PAYMENT_NOT_SUCCEEDED, h, amount, 0, f"payout {payout_id}: LND says {p.status.name}"))
+            found.append(
+                Discrepancy(PAYMENT_NOT_SUCCEEDED, h, amount, 0, f"payout {payout_id}: LND says {p.status.name}")
+            )
         else:
             value, fee = p.value_msat, p.fee_msat
             if value != amount:
                 found.append(Discrepancy(PAYMENT_AMOUNT_MISMATCH, h, amount, value, f"payout {payout_id}"))
             if fee != fee_row:
-                found.append(Discrepancy(PAYMENT_FEE_MISMATCH, h, fee_row, fee, f"payout {payout_id}: attempt's fee_msat"))
+                found.append(
+                    Discrepancy(PAYMENT_FEE_MISMATCH, h, fee_row, fee, f"payout {payout_id}: attempt's fee_msat")
+                )
         paid_out += value
         fees_out += fee
 
@@ -296,11 +335,19 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
             found.append(Discrepancy(ROUTING_FEE_MISSING, h, fee, 0, f"no posting {key}"))
         elif sums is not None:
             if booked_fee != fee:
-                found.append(Discrepancy(ROUTING_FEE_MISMATCH, h, fee, booked_fee,
-                                         f"{key} credits asset:node by {booked_fee}"))
+                found.append(
+                    Discrepancy(ROUTING_FEE_MISMATCH, h, fee, booked_fee, f"{key} credits asset:node by {booked_fee}")
+                )
             if sums.expense != fee:
-                found.append(Discrepancy(ROUTING_EXPENSE_MISMATCH, h, fee, sums.expense,
-                                         f"{key} debits expense:routing by {sums.expense}"))
+                found.append(
+                    Discrepancy(
+                        ROUTING_EXPENSE_MISMATCH,
+                        h,
+                        fee,
+                        sums.expense,
+                        f"{key} debits expense:routing by {sums.expense}",
+                    )
+                )
         explained += fee - booked_fee
 
     for key in sorted(set(by_key) - matched):
@@ -309,18 +356,36 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
             # the payment it names: an escrow key's reference, else any payment hash in it (an operator's key)
             parsed = posting_keys.parse_key(key)
             named = parsed.ref if parsed else next((part for part in key.split(":") if _HASH_RE.match(part)), None)
-            found.append(Discrepancy(UNMATCHED_NODE_POSTING, named, 0, node,
-                                     f"{key} moves asset:node without a matching settled invoice or payment"))
+            found.append(
+                Discrepancy(
+                    UNMATCHED_NODE_POSTING,
+                    named,
+                    0,
+                    node,
+                    f"{key} moves asset:node without a matching settled invoice or payment",
+                )
+            )
             explained += node
 
     lnd_node = settled_in - paid_out - fees_out
     residual = (ledger_node - lnd_node) - explained
     if residual:
-        found.append(Discrepancy(NODE_TOTAL_MISMATCH, None, lnd_node + explained, ledger_node,
-                                 "asset:node total differs beyond the listed items (lines without a posting?)"))
+        found.append(
+            Discrepancy(
+                NODE_TOTAL_MISMATCH,
+                None,
+                lnd_node + explained,
+                ledger_node,
+                "asset:node total differs beyond the listed items (lines without a posting?)",
+            )
+        )
 
-    owed = -int(await session.scalar(select(func.coalesce(func.sum(LedgerLine.amount_msat), 0))
-                                     .where(LedgerLine.account.like("liability:%"))) or 0)
+    owed = -int(
+        await session.scalar(
+            select(func.coalesce(func.sum(LedgerLine.amount_msat), 0)).where(LedgerLine.account.like("liability:%"))
+        )
+        or 0
+    )
     warnings: list[str] = []
     local: int | None = None
     try:
@@ -332,10 +397,21 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
 
     total = sum(d.amount_msat for d in found)
     report = ReconciliationReport(
-        ran_at=ran_at, ok=total <= threshold_msat, threshold_msat=threshold_msat, discrepancy_msat=total,
-        discrepancies=found, invoices_checked=len(invoices), payments_checked=len(attempts),
-        ledger_node_msat=ledger_node, lnd_settled_msat=settled_in, lnd_paid_msat=paid_out, lnd_fees_msat=fees_out,
-        lnd_local_balance_msat=local, liabilities_msat=owed, warnings=warnings)
+        ran_at=ran_at,
+        ok=total <= threshold_msat,
+        threshold_msat=threshold_msat,
+        discrepancy_msat=total,
+        discrepancies=found,
+        invoices_checked=len(invoices),
+        payments_checked=len(attempts),
+        ledger_node_msat=ledger_node,
+        lnd_settled_msat=settled_in,
+        lnd_paid_msat=paid_out,
+        lnd_fees_msat=fees_out,
+        lnd_local_balance_msat=local,
+        liabilities_msat=owed,
+        warnings=warnings,
+    )
     if persist:
         await store_report(session, report)
     return report
@@ -344,8 +420,13 @@ async def reconcile(session: AsyncSession, lnd: LndClient, *, threshold_msat: in
 async def store_report(session: AsyncSession, report: ReconciliationReport) -> int:
     """Store a run's report (``reconcile(..., persist=False)``) as its ``ledger_reconciliations`` row;
     returns the row's id. Flushes only."""
-    row = LedgerReconciliation(kind="run", ran_at=report.ran_at, ok=report.ok,
-                               discrepancy_msat=report.discrepancy_msat, report=report.to_json())
+    row = LedgerReconciliation(
+        kind="run",
+        ran_at=report.ran_at,
+        ok=report.ok,
+        discrepancy_msat=report.discrepancy_msat,
+        report=report.to_json(),
+    )
     session.add(row)
     await session.flush()
     report.id = row.id
@@ -353,6 +434,7 @@ async def store_report(session: AsyncSession, report: ReconciliationReport) -> i
 
 
 # ---------------------------------------------------------------- the payout pause
+
 
 async def latest_reconciliation(session: AsyncSession) -> LedgerReconciliation | None:
     """The latest run or override row, or None if reconciliation never ran."""
@@ -375,13 +457,32 @@ async def resume_payouts(session: AsyncSession, *, reason: str) -> int:
     last = await latest_reconciliation(session)
     now = utcnow()
     row = LedgerReconciliation(
-        kind="override", ran_at=now, ok=True, discrepancy_msat=last.discrepancy_msat if last else 0,
-        report=json.dumps({"override": True, "reason": reason, "overrides": last.id if last else None,
-                           "overridden_ok": last.ok if last else None, "at": now.isoformat()}, sort_keys=True))
+        kind="override",
+        ran_at=now,
+        ok=True,
+        discrepancy_msat=last.discrepancy_msat if last else 0,
+        report=json.dumps(
+            {
+                "override": True,
+                "reason": reason,
+                "overrides": last.id if last else None,
+                "overridden_ok": last.ok if last else None,
+                "at": now.isoformat(),
+            },
+            sort_keys=True,
+        ),
+    )
     session.add(row)
     await session.flush()
     return row.id
 
 
-__all__ = ["Discrepancy", "ReconciliationReport", "latest_reconciliation", "payouts_paused", "reconcile",
-           "resume_payouts", "store_report"]
+__all__ = [
+    "Discrepancy",
+    "ReconciliationReport",
+    "latest_reconciliation",
+    "payouts_paused",
+    "reconcile",
+    "resume_payouts",
+    "store_report",
+]

@@ -14,6 +14,7 @@ loop while it waits (SQLite's busy handler, ``busy_timeout`` below). The service
 only writer of its SQLite file (several replicas need PostgreSQL), so this happens only
 when a second process writes the same file (an operator's ``sqlite3`` shell, a test).
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -107,7 +108,7 @@ class Connection:
     async def close(self) -> None:
         self.stop()
 
-    def stop(self) -> None:   # what SQLAlchemy calls to terminate a connection
+    def stop(self) -> None:  # what SQLAlchemy calls to terminate a connection
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -126,7 +127,7 @@ class Connection:
 
 async def connect(database: str, **kw: Any) -> Connection:
     """``aiosqlite.connect``'s signature (the dialect's connect arguments), opened inline."""
-    kw["check_same_thread"] = False   # the pool may hand it to another thread at shutdown
+    kw["check_same_thread"] = False  # the pool may hand it to another thread at shutdown
     conn = sqlite3.connect(database, **kw)
     conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
     return Connection(conn)

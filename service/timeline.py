@@ -6,6 +6,7 @@ Entries are written in the transaction of what they describe, so a rolled-back c
 none. The engine writes a fact's entries in one statement (``rows`` of its plan); other
 writers (the payout package, the REST API, operators' actions) call :func:`record`.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,11 +32,8 @@ class TimelineEntry(Base):
     seq: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False)   # an EntryKind
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)  # an EntryKind
     detail: Mapped[str] = mapped_column(Text, nullable=False)
-
-
-
 
 
 class EntryKind(StrEnum):

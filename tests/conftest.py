@@ -7,6 +7,7 @@ in a temporary directory on its own port base (``FEDSTR_TEST_PORT_BASE``, defaul
 ``FEDSTR_TEST_STACK_DIR`` to a directory holding a running stack's ``stack.json``
 to reuse it (it is then left running).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,7 +55,7 @@ class Regtest:
     escrow: LndClient
     customer: LndClient
     payee: LndClient
-    payee2: LndClient   # behind the payee, over a private channel (a payee's own hop)
+    payee2: LndClient  # behind the payee, over a private channel (a payee's own hop)
 
     def node(self, name: str) -> dict:
         return self.desc["nodes"][name]
@@ -72,11 +73,11 @@ class Regtest:
         for client in (self.escrow, self.customer, self.payee, self.payee2):
             await wait_until(lambda c=client: _synced(c, height), timeout, f"{client.host} synced to {height}")
 
-    async def customer_pays(self, payment_request: str, *, fee_limit_msat: int = 100_000,
-                            timeout_seconds: int = 30) -> Payment:
+    async def customer_pays(
+        self, payment_request: str, *, fee_limit_msat: int = 100_000, timeout_seconds: int = 30
+    ) -> Payment:
         """Pay from the customer node and wait for the final state."""
-        return await self.customer.pay(payment_request, fee_limit_msat=fee_limit_msat,
-                                       timeout_seconds=timeout_seconds)
+        return await self.customer.pay(payment_request, fee_limit_msat=fee_limit_msat, timeout_seconds=timeout_seconds)
 
     async def stop_node(self, node: str) -> None:
         await asyncio.to_thread(self.stack.stop, f"lnd-{node}")
@@ -84,14 +85,18 @@ class Regtest:
     async def start_node(self, node: str) -> None:
         """Start a stopped node again and wait until its channels work."""
         await asyncio.to_thread(self.stack.lnd_start, node)
-        await asyncio.to_thread(devstack.wait_for, 120,
-                                lambda: self.stack.lnd_state(node) == "SERVER_ACTIVE", f"lnd {node} active")
+        await asyncio.to_thread(
+            devstack.wait_for, 120, lambda: self.stack.lnd_state(node) == "SERVER_ACTIVE", f"lnd {node} active"
+        )
         await self.wait_synced(await self.block_height(), timeout=120)
-        for payer, payee in devstack.PROBES:   # every channel whose path touches the node, proven again
+        for payer, payee in devstack.PROBES:  # every channel whose path touches the node, proven again
             if node in (payer, payee) or (node == "payee" and payee == "payee2"):
-                await asyncio.to_thread(devstack.wait_for, 120,
-                                        lambda a=payer, b=payee: self.stack.probe_payment(a, b),
-                                        f"channel {payer}->{payee} usable again")
+                await asyncio.to_thread(
+                    devstack.wait_for,
+                    120,
+                    lambda a=payer, b=payee: self.stack.probe_payment(a, b),
+                    f"channel {payer}->{payee} usable again",
+                )
 
     async def payee_invoice(self, value_msat: int, memo: str = "reward", expiry: int = 3600) -> tuple[str, bytes]:
         inv = await self.payee.add_invoice(value_msat, memo=memo, expiry=expiry)
@@ -102,15 +107,26 @@ class Regtest:
         until payee2's invoices advertise it in their route hint."""
         payee2 = self.node("payee2")["pubkey"]
         [ch] = [c for c in self.stack.lncli("payee", "listchannels")["channels"] if c["remote_pubkey"] == payee2]
-        await asyncio.to_thread(self.stack.lncli, "payee", "updatechanpolicy", "--base_fee_msat", str(base_fee_msat),
-                                "--fee_rate_ppm", str(fee_rate_ppm), "--time_lock_delta", "40",
-                                "--chan_point", ch["channel_point"])
+        await asyncio.to_thread(
+            self.stack.lncli,
+            "payee",
+            "updatechanpolicy",
+            "--base_fee_msat",
+            str(base_fee_msat),
+            "--fee_rate_ppm",
+            str(fee_rate_ppm),
+            "--time_lock_delta",
+            "40",
+            "--chan_point",
+            ch["channel_point"],
+        )
 
         async def hinted() -> bool:
             inv = await self.payee2.add_invoice(1_000, memo="policy check", private=True)
             d = await asyncio.to_thread(self.stack.lncli, "escrow", "decodepayreq", inv.payment_request)
             hops = [h for r in d.get("route_hints", []) for h in r["hop_hints"]]
             return any(int(h["fee_base_msat"]) == base_fee_msat for h in hops)
+
         await wait_until(hinted, 30, f"payee2's route hint with base fee {base_fee_msat} msat", interval=0.3)
 
 
@@ -156,8 +172,11 @@ def stack_desc(pytestconfig: pytest.Config) -> Iterator[dict]:
         return
     missing = [b for b in ("btcd", "lnd", "lncli") if not (devstack.BIN / b).exists()]
     if missing:
-        pytest.fail(f"devstack binaries missing in {devstack.BIN} ({', '.join(missing)}): "
-                    "run `devstack/stack build` (or `make test`, which does)", pytrace=False)
+        pytest.fail(
+            f"devstack binaries missing in {devstack.BIN} ({', '.join(missing)}): "
+            "run `devstack/stack build` (or `make test`, which does)",
+            pytrace=False,
+        )
     d = ROOT / ".devstack" / "test"
     base = os.environ.get("FEDSTR_TEST_PORT_BASE", "29800")
     cmd = [sys.executable, str(STACK_SCRIPT), "--dir", str(d), "--port-base", base]
@@ -187,8 +206,11 @@ async def regtest(stack_desc: dict) -> AsyncIterator[Regtest]:
     stack = devstack.Stack(Path(stack_desc["dir"]), stack_desc["port_base"])
     missing = [n for n in devstack.NODES if n not in stack_desc["nodes"]]
     if missing:
-        pytest.fail(f"the reused stack has no {', '.join(missing)} node: bring it up again with this "
-                    "devstack/stack (down, then up)", pytrace=False)
+        pytest.fail(
+            f"the reused stack has no {', '.join(missing)} node: bring it up again with this "
+            "devstack/stack (down, then up)",
+            pytrace=False,
+        )
     clients = {n: client_for(stack_desc, n) for n in devstack.NODES}
     try:
         yield Regtest(desc=stack_desc, stack=stack, **clients)
@@ -202,10 +224,15 @@ async def lnbits_payee(pytestconfig: pytest.Config, stack_desc: dict, tmp_path_f
     """LNbits as a payee's wallet on the payee node (tests/support/lnbits.py); its virtualenv is made
     in the devstack cache on first use (PyPI, pinned), then reused."""
     from tests.support.lnbits import start_payee_wallet
-    wallet, took = await start_payee_wallet(stack_desc, tmp_path_factory.mktemp("lnbits"),
-                                            say=lambda m: _say(pytestconfig, f"[tests] {m}"))
-    _say(pytestconfig, f"[tests] LNbits payee wallet on {wallet.url}: install/check {took['install_s']:.1f} s, "
-                       f"start {took['start_s']:.1f} s")
+
+    wallet, took = await start_payee_wallet(
+        stack_desc, tmp_path_factory.mktemp("lnbits"), say=lambda m: _say(pytestconfig, f"[tests] {m}")
+    )
+    _say(
+        pytestconfig,
+        f"[tests] LNbits payee wallet on {wallet.url}: install/check {took['install_s']:.1f} s, "
+        f"start {took['start_s']:.1f} s",
+    )
     try:
         yield wallet
     finally:
@@ -230,6 +257,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
     if not pg:
         pytest.fail("the regtest stack was started without PostgreSQL", pytrace=False)
     import asyncpg
+
     name = f"t_{uuid.uuid4().hex[:16]}"
     admin = await asyncpg.connect(host=pg["host"], port=pg["port"], user=pg["user"], database="postgres")
     try:
@@ -250,6 +278,7 @@ async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncI
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -266,8 +295,7 @@ class RelayProcess:
 
     def start(self) -> None:
         self.stack.relay_start(self.auth_roles)
-        devstack.wait_for(30, self.stack.relay_ready, f"relay {self.url}",
-                          logfile=self.stack.dir / "relay.log")
+        devstack.wait_for(30, self.stack.relay_ready, f"relay {self.url}", logfile=self.stack.dir / "relay.log")
 
     def stop(self) -> None:
         self.stack.stop("relay")
@@ -287,9 +315,13 @@ class SdkRelayProcess:
 
     def start(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([sys.executable, "-m", "tests.support.sdk_relay", str(self.port),
-                                      str(self.dir / "lmdb")], cwd=ROOT, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.sdk_relay", str(self.port), str(self.dir / "lmdb")],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if not line.startswith("ready"):
             raise RuntimeError(f"nostr-sdk relay did not start: {line}{self.proc.stdout.read()}")
@@ -322,6 +354,7 @@ def relay_factory(tmp_path: Path) -> Iterator:
         if start:
             r.start()
         return r
+
     yield make
     for r in started:
         r.stop()

@@ -16,6 +16,7 @@
 - **reconciliation**: ``service.reconcile`` against the escrow node (a dry run).
 - **unpaid**: payees of closed jobs whose invoice the payee node does not show settled.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,9 @@ from service.reconcile import reconcile
 
 
 async def _payments(parts: StackParts, node: str) -> list[dict]:
-    out = await asyncio.to_thread(parts.lncli, node, "listpayments", "--include_incomplete",
-                                  "--max_payments", "1000000")
+    out = await asyncio.to_thread(
+        parts.lncli, node, "listpayments", "--include_incomplete", "--max_payments", "1000000"
+    )
     return out.get("payments", [])
 
 
@@ -63,8 +65,10 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
         over = sum(amounts) > expected.get(key, 0)
         if extra > 0 or over:
             duplicates += max(extra, 1)
-            notes.append(f"DUPLICATE: job {key[0][:12]} payee {key[1][:12]} received {amounts} msat "
-                         f"(expected {expected.get(key)})")
+            notes.append(
+                f"DUPLICATE: job {key[0][:12]} payee {key[1][:12]} received {amounts} msat "
+                f"(expected {expected.get(key)})"
+            )
     closed_ids = []
     # ---- the escrow node: what it sent and what it holds --------------------------------------
     escrow_pays = await _payments(parts, "escrow")
@@ -77,27 +81,40 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
             duplicates += n - 1
             notes.append(f"DUPLICATE: the escrow node paid hash {h[:12]} {n} times")
     if set(succeeded_at_escrow) != set(settled):
-        notes.append(f"escrow ListPayments ({len(succeeded_at_escrow)} succeeded) and payee invoices "
-                     f"({len(settled)} settled) disagree: {sorted(set(succeeded_at_escrow) ^ set(settled))[:5]}")
+        notes.append(
+            f"escrow ListPayments ({len(succeeded_at_escrow)} succeeded) and payee invoices "
+            f"({len(settled)} settled) disagree: {sorted(set(succeeded_at_escrow) ^ set(settled))[:5]}"
+        )
 
-    customer_pays = {p["payment_hash"]: p for p in await _payments(parts, "customer")
-                     if p.get("payment_hash") in market.offers}
+    customer_pays = {
+        p["payment_hash"]: p for p in await _payments(parts, "customer") if p.get("payment_hash") in market.offers
+    }
     escrow_node = lnd(desc, "escrow")
     engine = create_engine(database_url)
     sessions = session_factory(engine)
     lost = 0
     try:
         async with sessions() as s:
-            states = dict((await s.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids)))).all()) \
-                if job_ids else {}
+            states = (
+                dict((await s.execute(select(Job.id, Job.state).where(Job.id.in_(job_ids)))).all()) if job_ids else {}
+            )
             closed_ids = [j for j, st in states.items() if st == "closed"]
             facts: dict[str, set[str]] = defaultdict(set)
-            for h, kind in (await s.execute(select(LnFact.payment_hash, LnFact.kind)
-                                            .where(LnFact.payment_hash.in_(list(market.offers))))).all():
+            for h, kind in (
+                await s.execute(
+                    select(LnFact.payment_hash, LnFact.kind).where(LnFact.payment_hash.in_(list(market.offers)))
+                )
+            ).all():
                 facts[h].add(kind)
-            node_lines = dict((await s.execute(
-                select(LedgerPosting.key, LedgerLine.amount_msat).join(LedgerLine, LedgerLine.posting_id == LedgerPosting.id)
-                .where(LedgerLine.account == "asset:node"))).all())
+            node_lines = dict(
+                (
+                    await s.execute(
+                        select(LedgerPosting.key, LedgerLine.amount_msat)
+                        .join(LedgerLine, LedgerLine.posting_id == LedgerPosting.id)
+                        .where(LedgerLine.account == "asset:node")
+                    )
+                ).all()
+            )
             attempts = dict((await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.state))).all())
             payouts = {p.payment_hash: p for p in (await s.scalars(select(Payout))).all() if p.payment_hash}
 
@@ -113,8 +130,10 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
                     funding = node_lines.get(f"funding:{h}")
                     if "settled" not in facts[h] or funding != inv.amt_paid_msat:
                         lost += 1
-                        notes.append(f"FACT LOST: job {job_id[:12]} invoice {h[:12]} settled at LND "
-                                     f"({inv.amt_paid_msat} msat); facts {sorted(facts[h])}, funding posting {funding}")
+                        notes.append(
+                            f"FACT LOST: job {job_id[:12]} invoice {h[:12]} settled at LND "
+                            f"({inv.amt_paid_msat} msat); facts {sorted(facts[h])}, funding posting {funding}"
+                        )
                 elif inv.state == InvoiceState.ACCEPTED and not facts[h] & {"accepted", "settled"}:
                     lost += 1
                     notes.append(f"FACT LOST: job {job_id[:12]} hold invoice {h[:12]} accepted at LND, no fact")
@@ -126,9 +145,11 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
                 if attempts.get(h) != "succeeded" or p is None or p.state != "succeeded" or posting != -amt:
                     lost += 1
                     iss = market.issued[h]
-                    notes.append(f"FACT LOST: payout to {iss.payee[:12]} for job {iss.job_id[:12]} settled at the "
-                                 f"payee ({amt} msat); attempt {attempts.get(h)}, payout "
-                                 f"{p.state if p else None}, posting {posting}")
+                    notes.append(
+                        f"FACT LOST: payout to {iss.payee[:12]} for job {iss.job_id[:12]} settled at the "
+                        f"payee ({amt} msat); attempt {attempts.get(h)}, payout "
+                        f"{p.state if p else None}, posting {posting}"
+                    )
             unpaid = [(j, payee) for (j, payee) in expected if j in closed_ids and (j, payee) not in per_payee]
             for j, payee in unpaid:
                 notes.append(f"UNPAID: job {j[:12]} is closed but payee {payee[:12]} has no settled invoice")
@@ -137,21 +158,36 @@ async def audit(desc: dict, database_url: str, market: Market, parts: StackParts
             by_hash = {p.get("payment_hash"): p for p in escrow_pays}
             open_jobs = [j for j in job_ids if states.get(j) != "closed"]
             if open_jobs:
-                rows = (await s.execute(select(Payout.id, Payout.job_id, Payout.state, Payout.last_error)
-                                        .where(Payout.job_id.in_(open_jobs), Payout.state != "succeeded"))).all()
+                rows = (
+                    await s.execute(
+                        select(Payout.id, Payout.job_id, Payout.state, Payout.last_error).where(
+                            Payout.job_id.in_(open_jobs), Payout.state != "succeeded"
+                        )
+                    )
+                ).all()
                 for pid, jid, st, err in rows:
-                    tries = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.state)
-                                             .where(PayoutAttempt.payout_id == pid))).all()
+                    tries = (
+                        await s.execute(
+                            select(PayoutAttempt.payment_hash, PayoutAttempt.state).where(
+                                PayoutAttempt.payout_id == pid
+                            )
+                        )
+                    ).all()
                     seen = []
                     for h, ast in tries:
                         lp = by_hash.get(h, {})
                         inv = market.issued.get(h)
-                        payee_state = (await market.payee_node.lookup_invoice(bytes.fromhex(h))).state.name \
-                            if inv else "not ours"
-                        seen.append(f"attempt {h[:12]} {ast}: escrow LND {lp.get('status', 'unknown to it')} "
-                                    f"(HTLCs {[x.get('status') for x in lp.get('htlcs', [])]}), payee invoice {payee_state}")
-                    notes.append(f"NOT FINISHED: job {jid[:12]} ({states.get(jid)}) payout …{pid[-30:]} is {st}"
-                                 f"{f' ({err[:80]})' if err else ''}; " + ("; ".join(seen) or "no attempt"))
+                        payee_state = (
+                            (await market.payee_node.lookup_invoice(bytes.fromhex(h))).state.name if inv else "not ours"
+                        )
+                        seen.append(
+                            f"attempt {h[:12]} {ast}: escrow LND {lp.get('status', 'unknown to it')} "
+                            f"(HTLCs {[x.get('status') for x in lp.get('htlcs', [])]}), payee invoice {payee_state}"
+                        )
+                    notes.append(
+                        f"NOT FINISHED: job {jid[:12]} ({states.get(jid)}) payout …{pid[-30:]} is {st}"
+                        f"{f' ({err[:80]})' if err else ''}; " + ("; ".join(seen) or "no attempt")
+                    )
             violations = await ledger.check_invariants(s, closed_job_ids=closed_ids)
             for v in violations[:10]:
                 notes.append(f"LEDGER: {v.kind} {v.subject} {v.amount_msat} msat {v.detail}")

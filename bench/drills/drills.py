@@ -5,6 +5,7 @@ run, then the service stopped and everything counted by :func:`bench.drills.audi
 A drill is bounded by a hard timeout; when it expires the jobs still open are left as they
 are, the service is stopped and the audit reports them as not finished (the drill fails).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,8 @@ class Options:
     lnd_outage: float = 30.0
     relay_down: float = 8.0
     timeout: float | None = None
-    work: tuple[float, float, float] | None = None   # at most this long to train, score, pay (None: the drill's)
-    lnd_stop_anytime: bool = False                    # lnd-outage: also while a payout is being sent
+    work: tuple[float, float, float] | None = None  # at most this long to train, score, pay (None: the drill's)
+    lnd_stop_anytime: bool = False  # lnd-outage: also while a payout is being sent
 
 
 class Drill:
@@ -51,7 +52,7 @@ class Drill:
     postgres = False
     default_jobs = 10
     about = ""
-    verdict: dict | None = None     # a drill's own checks beyond the audit (the adversarial drill's)
+    verdict: dict | None = None  # a drill's own checks beyond the audit (the adversarial drill's)
     needs_verdict = False
 
     def __init__(self, desc: dict, opts: Options, run_dir: Path, say) -> None:
@@ -84,7 +85,7 @@ class Drill:
             url = f"sqlite+aiosqlite:///{self.dir / 'escrow.sqlite3'}"
         else:
             url = await fresh_pg_database(self.desc, f"drill_{self.name.replace('-', '_')}_{uuid.uuid4().hex[:10]}")
-        await upgrade_async(url)    # before any replica starts: two would race on the migrations
+        await upgrade_async(url)  # before any replica starts: two would race on the migrations
         return url
 
     def service(self, name: str) -> Service:
@@ -104,8 +105,10 @@ class Drill:
         shown = " ".join(f"{k} {counts[k]}" for k in order if counts.get(k))
         waiting = self.jobs - self.launched
         up = ",".join(f"{s.name}:{'up' if s.alive() else 'down'}" for s in self.services)
-        return (f"closed {counts.get('closed', 0)}/{self.jobs} | {shown}{f' | to launch {waiting}' if waiting else ''}"
-                f" | faults {len(self.faults)} | service {up}")
+        return (
+            f"closed {counts.get('closed', 0)}/{self.jobs} | {shown}{f' | to launch {waiting}' if waiting else ''}"
+            f" | faults {len(self.faults)} | service {up}"
+        )
 
     def count(self, *states: str) -> int:
         return sum(1 for j in self.market.jobs if self.states.get(j.id) in states)
@@ -174,16 +177,25 @@ class Drill:
         await self.until(lambda: all(self.states.get(j.id) == "closed" for j in self.market.jobs), "jobs closed")
 
     def fault(self, kind: str, **detail: object) -> dict:
-        f = {"n": len(self.faults) + 1, "kind": kind, "at_s": round(time.monotonic() - self.t0, 1),
-             "jobs_open": self.count(*OPEN), **detail}
+        f = {
+            "n": len(self.faults) + 1,
+            "kind": kind,
+            "at_s": round(time.monotonic() - self.t0, 1),
+            "jobs_open": self.count(*OPEN),
+            **detail,
+        }
         self.faults.append(f)
         self.say(f"FAULT {f['n']}: {kind} " + " ".join(f"{k}={v}" for k, v in detail.items()) + " | " + self.snapshot())
         return f
 
     def recovered(self, f: dict, **detail: object) -> None:
         f.update(detail)
-        self.say(f"fault {f['n']} ({f['kind']}) over: " + " ".join(f"{k}={v}" for k, v in detail.items())
-                 + " | " + self.snapshot())
+        self.say(
+            f"fault {f['n']} ({f['kind']}) over: "
+            + " ".join(f"{k}={v}" for k, v in detail.items())
+            + " | "
+            + self.snapshot()
+        )
 
     # ---- the run ------------------------------------------------------------------------------
     async def run(self) -> dict:
@@ -191,8 +203,14 @@ class Drill:
         self.say(f"seed {self.seed}, {self.jobs} jobs; {self.about}; logs in {self.dir}")
         self.url = await self.database()
         self.key = SecretKey.generate()
-        self.market = Market(self.desc, self.key.public_key_hex, self.api_urls, seed=f"{self.seed}:{self.name}",
-                             run_id=f"{self.name}-{uuid.uuid4().hex[:8]}", work=self.opts.work or self.work)
+        self.market = Market(
+            self.desc,
+            self.key.public_key_hex,
+            self.api_urls,
+            seed=f"{self.seed}:{self.name}",
+            run_id=f"{self.name}-{uuid.uuid4().hex[:8]}",
+            work=self.opts.work or self.work,
+        )
         monitor = asyncio.create_task(self._monitor())
         timed_out = False
         try:
@@ -219,25 +237,47 @@ class Drill:
         counted = await audit(self.desc, self.url, self.market, self.parts)
         audit_notes = counted.pop("audit_notes")
         await self.market.close()
-        passed = (not timed_out and counted["jobs_finished"] == counted["jobs_total"]
-                  and counted["duplicate_payments"] == 0 and counted["facts_lost"] == 0
-                  and counted["ledger_imbalance_msat"] == 0 and counted["ledger_violations"] == 0
-                  and counted["reconciliation_discrepancy_msat"] == 0 and counted["unpaid"] == 0
-                  and counted["payments_made"] == counted["payments_expected"]
-                  and (not self.needs_verdict or bool(self.verdict and self.verdict["ok"])))
-        durations = [j.times["closed"] - j.times["requested"] for j in self.market.jobs
-                     if "closed" in j.times and "requested" in j.times]
+        passed = (
+            not timed_out
+            and counted["jobs_finished"] == counted["jobs_total"]
+            and counted["duplicate_payments"] == 0
+            and counted["facts_lost"] == 0
+            and counted["ledger_imbalance_msat"] == 0
+            and counted["ledger_violations"] == 0
+            and counted["reconciliation_discrepancy_msat"] == 0
+            and counted["unpaid"] == 0
+            and counted["payments_made"] == counted["payments_expected"]
+            and (not self.needs_verdict or bool(self.verdict and self.verdict["ok"]))
+        )
+        durations = [
+            j.times["closed"] - j.times["requested"]
+            for j in self.market.jobs
+            if "closed" in j.times and "requested" in j.times
+        ]
         result = {
-            "drill": self.name, "about": self.about, "seed": self.seed, "passed": passed,
-            "faults_injected": len(self.faults), "seconds": round(seconds, 1), **counted,
+            "drill": self.name,
+            "about": self.about,
+            "seed": self.seed,
+            "passed": passed,
+            "faults_injected": len(self.faults),
+            "seconds": round(seconds, 1),
+            **counted,
             "faults": self.faults,
-            "job_seconds": {"min": round(min(durations), 1), "median": round(sorted(durations)[len(durations) // 2], 1),
-                            "max": round(max(durations), 1)} if durations else None,
-            "market": {"events_published": self.market.publish.published,
-                       "events_republished": self.market.publish.republished,
-                       "relay_resubscriptions": self.market.hub.reconnects,
-                       "rest_payout_invoices": self.market.rest_submissions, "api_event_posts": self.market.api_posts,
-                       "customer_payment_attempts": sum(j.pay_attempts for j in self.market.jobs)},
+            "job_seconds": {
+                "min": round(min(durations), 1),
+                "median": round(sorted(durations)[len(durations) // 2], 1),
+                "max": round(max(durations), 1),
+            }
+            if durations
+            else None,
+            "market": {
+                "events_published": self.market.publish.published,
+                "events_republished": self.market.publish.republished,
+                "relay_resubscriptions": self.market.hub.reconnects,
+                "rest_payout_invoices": self.market.rest_submissions,
+                "api_event_posts": self.market.api_posts,
+                "customer_payment_attempts": sum(j.pay_attempts for j in self.market.jobs),
+            },
             "service_starts": sum(s.starts for s in self.services),
             "hostile": self.verdict,
             "database": "postgresql" if self.postgres else "sqlite",
@@ -275,20 +315,22 @@ class Drill:
     def stagger(self) -> float:
         return 1.0
 
-    work = (4.0, 2.0, 2.0)   # seconds a provider may train, a validator take to score, a customer to pay
+    work = (4.0, 2.0, 2.0)  # seconds a provider may train, a validator take to score, a customer to pay
 
 
 # ------------------------------------------------------------------------------ sigkill
 class SigkillDrill(Drill):
     name = "sigkill"
     default_jobs = 50
-    about = ("SIGKILL of the service at random moments; some exactly between a payout's write-ahead and its send, "
-             "some between its attempt's recorded success and the payout's")
+    about = (
+        "SIGKILL of the service at random moments; some exactly between a payout's write-ahead and its send, "
+        "some between its attempt's recorded success and the payout's"
+    )
 
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 5 * self.jobs + 20 * self.opts.kills)
 
-    work = (12.0, 6.0, 2.0)   # jobs last long enough for many to be in flight at every kill
+    work = (12.0, 6.0, 2.0)  # jobs last long enough for many to be in flight at every kill
 
     def stagger(self) -> float:
         return 0.6
@@ -310,7 +352,7 @@ class SigkillDrill(Drill):
             return []
         n_wa, n_s = max(1, k // 4), (max(1, k // 8) if k >= 3 else 0)
         first = min(2, k - 1)
-        slots = list(range(first, max(first + n_wa + n_s, int(k * 0.8))))[:k - first]
+        slots = list(range(first, max(first + n_wa + n_s, int(k * 0.8))))[: k - first]
         chosen = self.rng.sample(slots, min(n_wa + n_s, len(slots)))
         kinds = {i: ("write-ahead" if n < n_wa else "settled") for n, i in enumerate(chosen)}
         return [kinds.get(i, "random") for i in range(k)]
@@ -319,10 +361,12 @@ class SigkillDrill(Drill):
         svc = self.service("a")
         plan = self.plan()
         code = {"random": "r", "write-ahead": "W", "settled": "S"}
-        self.say(f"kill plan: {' '.join(code[p] for p in plan)} (r = SIGKILL from outside at a random moment; "
-                 f"the process kills itself: W = after a payout's write-ahead, S = after its attempt succeeded)")
+        self.say(
+            f"kill plan: {' '.join(code[p] for p in plan)} (r = SIGKILL from outside at a random moment; "
+            f"the process kills itself: W = after a payout's write-ahead, S = after its attempt succeeded)"
+        )
         launcher = None
-        ready_s = [3.0]      # how long a start takes here (start-up kills land inside it)
+        ready_s = [3.0]  # how long a start takes here (start-up kills land inside it)
         for kind in plan:
             point = {"write-ahead": "send", "settled": "settled"}.get(kind)
             die_at = f"{point}:{self.rng.randint(1, 2)}" if point else None
@@ -359,18 +403,24 @@ class SigkillDrill(Drill):
         idle_since = None
         while svc.alive() and time.monotonic() < end:
             await asyncio.sleep(0.05)
-            idle = self.launched == self.jobs and self.count(*OPEN) == 0 and all(j.id in self.states for j in self.market.jobs)
+            idle = (
+                self.launched == self.jobs
+                and self.count(*OPEN) == 0
+                and all(j.id in self.states for j in self.market.jobs)
+            )
             idle_since = (idle_since or time.monotonic()) if idle else None
             if idle_since and time.monotonic() - idle_since > 5:
-                break      # every job is closed: no payout will come
+                break  # every job is closed: no payout will come
         if svc.alive():
             svc.kill()
             self.fault("sigkill", phase=f"armed ({die_at}), but the point was not reached: killed from outside")
             return
         notes = svc.notes()
         if len(notes) == before:
-            self.notes.append(f"an armed service ({die_at}) died without reaching its point (code "
-                              f"{svc.proc.returncode}); see {svc.log_path}")
+            self.notes.append(
+                f"an armed service ({die_at}) died without reaching its point (code "
+                f"{svc.proc.returncode}); see {svc.log_path}"
+            )
             self.fault("crash", phase="armed process exited by itself", code=svc.proc.returncode)
             return
         note = json.loads(notes[-1])
@@ -394,26 +444,41 @@ class SigkillDrill(Drill):
         finally:
             await node.close()
         attempt = row.state if row else None
-        if note["point"] == "send":     # written ahead, never sent
+        if note["point"] == "send":  # written ahead, never sent
             kind, exact = "sigkill-after-write-ahead", attempt == "sending" and lnd_state is None
-        else:                           # paid and recorded on the attempt, not on the payout
+        else:  # paid and recorded on the attempt, not on the payout
             kind = "sigkill-after-attempt-succeeded"
-            exact = attempt == "succeeded" and lnd_state == "SUCCEEDED" and payout is not None \
+            exact = (
+                attempt == "succeeded"
+                and lnd_state == "SUCCEEDED"
+                and payout is not None
                 and payout.state != "succeeded"
+            )
         if not exact:
-            self.notes.append(f"{kind} not where intended: attempt {attempt}, payout "
-                              f"{payout.state if payout else None}, LND {lnd_state} (payout {note['payout']})")
+            self.notes.append(
+                f"{kind} not where intended: attempt {attempt}, payout "
+                f"{payout.state if payout else None}, LND {lnd_state} (payout {note['payout']})"
+            )
         job, _, rest = note["payout"].partition(":")
         role, _, who = rest.partition(":")
-        self.fault(kind, payout=f"{job[:12]}…:{role}:{who[:12]}…", call=die_at, attempt_row=attempt,
-                   payout_row=payout.state if payout else None, lnd=lnd_state, exact=exact)
+        self.fault(
+            kind,
+            payout=f"{job[:12]}…:{role}:{who[:12]}…",
+            call=die_at,
+            attempt_row=attempt,
+            payout_row=payout.state if payout else None,
+            lnd=lnd_state,
+            exact=exact,
+        )
 
 
 # ------------------------------------------------------------------------------ lnd-outage
 class LndOutageDrill(Drill):
     name = "lnd-outage"
-    about = ("the escrow's LND stopped while customers fund (and, unless --lnd-stop-anytime, no payout is "
-             "being sent), started again with its own command line")
+    about = (
+        "the escrow's LND stopped while customers fund (and, unless --lnd-stop-anytime, no payout is "
+        "being sent), started again with its own command line"
+    )
 
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 6 * self.jobs + self.opts.lnd_outage)
@@ -433,15 +498,31 @@ class LndOutageDrill(Drill):
         _, launcher = await self.start_one()
         # while customers fund: two of them holding an offer they are paying (one will do after 20 s)
         t0 = time.monotonic()
-        await self.until(lambda: self.quiet() and (self.funding() >= 2 or self.funding() >= 1
-                                                   and time.monotonic() - t0 > 20 or time.monotonic() - t0 > 40)
-                         or time.monotonic() - t0 > 60, "customers funding")
+        await self.until(
+            lambda: (
+                self.quiet()
+                and (
+                    self.funding() >= 2
+                    or self.funding() >= 1
+                    and time.monotonic() - t0 > 20
+                    or time.monotonic() - t0 > 40
+                )
+                or time.monotonic() - t0 > 60
+            ),
+            "customers funding",
+        )
         funding, quiet = self.funding(), self.quiet()
         t = time.monotonic()
         await self.parts.stop_lnd("escrow")
         stopped = time.monotonic()
-        f = self.fault("lnd-stopped", node="escrow", stop_s=round(stopped - t, 1), customers_funding=funding,
-                       jobs_requested=self.count("requested"), payouts_quiet=quiet)
+        f = self.fault(
+            "lnd-stopped",
+            node="escrow",
+            stop_s=round(stopped - t, 1),
+            customers_funding=funding,
+            jobs_requested=self.count("requested"),
+            payouts_quiet=quiet,
+        )
         await asyncio.sleep(self.opts.lnd_outage)
         f["stopped_s"] = round(time.monotonic() - stopped, 1)
         await self.parts.start_lnd("escrow")
@@ -456,8 +537,10 @@ class RelayRestartDrill(Drill):
 
     async def body(self) -> None:
         _, launcher = await self.start_one()
-        await self.until(lambda: self.count("offered", "collecting", "validating", "releasing", "closed")
-                         >= max(2, self.jobs // 3), "a third of the jobs offered")
+        await self.until(
+            lambda: self.count("offered", "collecting", "validating", "releasing", "closed") >= max(2, self.jobs // 3),
+            "a third of the jobs offered",
+        )
         await self.parts.stop_relay()
         stopped = time.monotonic()
         f = self.fault("relay-restart")
@@ -483,11 +566,19 @@ class PostgresRestartDrill(Drill):
 
     async def body(self) -> None:
         _, launcher = await self.start_one()
-        await self.until(lambda: self.count("offered", "collecting", "validating", "releasing", "closed")
-                         >= max(2, self.jobs // 3), "a third of the jobs offered")
+        await self.until(
+            lambda: self.count("offered", "collecting", "validating", "releasing", "closed") >= max(2, self.jobs // 3),
+            "a third of the jobs offered",
+        )
         await self.restart("fast")
-        await self.until(lambda: self.launched == self.jobs and self.count("releasing", "closed") >= 1
-                         or self.count("closed") >= self.jobs // 2, "jobs releasing")
+        await self.until(
+            lambda: (
+                self.launched == self.jobs
+                and self.count("releasing", "closed") >= 1
+                or self.count("closed") >= self.jobs // 2
+            ),
+            "jobs releasing",
+        )
         await self.restart("immediate")
         await self.until_finished(launcher)
 
@@ -537,15 +628,17 @@ class AdversarialDrill(Drill):
     """
 
     name = "adversarial"
-    postgres = True   # the invoice race is PostgreSQL's
+    postgres = True  # the invoice race is PostgreSQL's
     needs_verdict = True
     default_jobs = 10
-    about = ("hostile participants beside honest jobs: a payee holding its HTLC, two validators scoring '9'*64, "
-             "sybil and backdated copies of honest results, one invoice for two rewards over REST and Nostr at once "
-             "(PostgreSQL), a payee's fee-charging hop, a flood of requests from fresh keys through the relay")
+    about = (
+        "hostile participants beside honest jobs: a payee holding its HTLC, two validators scoring '9'*64, "
+        "sybil and backdated copies of honest results, one invoice for two rewards over REST and Nostr at once "
+        "(PostgreSQL), a payee's fee-charging hop, a flood of requests from fresh keys through the relay"
+    )
     work = (4.0, 2.0, 2.0)
     FLOOD = 60
-    BUDGET = 20          # accepted requests a minute from new keys (FEDSTR_JOB_REQUESTS_PER_MINUTE)
+    BUDGET = 20  # accepted requests a minute from new keys (FEDSTR_JOB_REQUESTS_PER_MINUTE)
     PAYOUT_TIMEOUT = 10
     NORMAL_S = 60.0
 
@@ -553,9 +646,18 @@ class AdversarialDrill(Drill):
         return self.opts.timeout or (240 + 8 * self.jobs)
 
     def service(self, name: str) -> Service:
-        svc = Service(name, self.desc, self.url, self.key.to_hex(), self.dir / f"service-{name}.log",
-                      job_requests_per_minute=self.BUDGET, max_open_offers=1000, max_open_offers_per_key=3,
-                      job_requests_per_minute_per_key=10, payout_timeout_seconds=self.PAYOUT_TIMEOUT)
+        svc = Service(
+            name,
+            self.desc,
+            self.url,
+            self.key.to_hex(),
+            self.dir / f"service-{name}.log",
+            job_requests_per_minute=self.BUDGET,
+            max_open_offers=1000,
+            max_open_offers_per_key=3,
+            job_requests_per_minute_per_key=10,
+            payout_timeout_seconds=self.PAYOUT_TIMEOUT,
+        )
         self.services.append(svc)
         return svc
 
@@ -564,8 +666,11 @@ class AdversarialDrill(Drill):
         for n in range(first):
             await self._launch_one(self.market.new_job(n))
             await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
-        await self.until(lambda: all(j.phase not in ("new", "requested", "offered") for j in self.market.jobs),
-                         "the first wave funded", timeout=120)
+        await self.until(
+            lambda: all(j.phase not in ("new", "requested", "offered") for j in self.market.jobs),
+            "the first wave funded",
+            timeout=120,
+        )
         await self.attacks.flood(self.FLOOD)
         customers = [j.customer for j in self.market.jobs]
         for n in range(first, self.jobs):
@@ -581,6 +686,7 @@ class AdversarialDrill(Drill):
 
     async def body(self) -> None:
         from bench.drills.hostile import HOP_BASE_FEE_MSAT, Attacks
+
         svc = self.service("a")
         svc.start()
         await svc.wait_ready(90)
@@ -588,9 +694,16 @@ class AdversarialDrill(Drill):
         self.attacks = Attacks(self.market, self.desc, self.api_urls, self.fault, self.say)
         await self._hop_fee(HOP_BASE_FEE_MSAT, 0)
         launcher = asyncio.create_task(self.launch(self.stagger()))
-        attacks = [asyncio.create_task(c) for c in (
-            self.attacks.held_htlc(), self.attacks.poisoned_scores(), self.attacks.copies(self.market.jobs),
-            self.attacks.invoice_race(), self.attacks.fee_hop())]
+        attacks = [
+            asyncio.create_task(c)
+            for c in (
+                self.attacks.held_htlc(),
+                self.attacks.poisoned_scores(),
+                self.attacks.copies(self.market.jobs),
+                self.attacks.invoice_race(),
+                self.attacks.fee_hop(),
+            )
+        ]
         try:
             await self.until_finished(launcher)
             # the hostile jobs that can close (everyone but the held payee's) get the time they need
@@ -609,8 +722,19 @@ class AdversarialDrill(Drill):
         payee2 = self.desc["nodes"]["payee2"]["pubkey"]
         chans = (await asyncio.to_thread(self.parts.lncli, "payee", "listchannels"))["channels"]
         cp = next(c["channel_point"] for c in chans if c["remote_pubkey"] == payee2)
-        await asyncio.to_thread(self.parts.lncli, "payee", "updatechanpolicy", "--base_fee_msat", str(base_fee_msat),
-                                "--fee_rate_ppm", str(fee_rate_ppm), "--time_lock_delta", "40", "--chan_point", cp)
+        await asyncio.to_thread(
+            self.parts.lncli,
+            "payee",
+            "updatechanpolicy",
+            "--base_fee_msat",
+            str(base_fee_msat),
+            "--fee_rate_ppm",
+            str(fee_rate_ppm),
+            "--time_lock_delta",
+            "40",
+            "--chan_point",
+            cp,
+        )
 
     async def judge(self, svc: Service) -> dict:
         """What the hostile participants got, from the database and the escrow node."""
@@ -618,57 +742,100 @@ class AdversarialDrill(Drill):
 
         from service.ledger import accounts
         from service.ledger.models import LedgerLine
+
         a = self.attacks
         engine = create_engine(self.url)
         out: dict = {}
         try:
             async with session_factory(engine)() as s:
-                per_job = (await s.execute(select(LedgerLine.job_id, LedgerLine.account, func.sum(LedgerLine.amount_msat))
-                                           .where(LedgerLine.account.in_((accounts.FEE_INCOME, accounts.ROUTING_EXPENSE)))
-                                           .group_by(LedgerLine.job_id, LedgerLine.account))).all()
+                per_job = (
+                    await s.execute(
+                        select(LedgerLine.job_id, LedgerLine.account, func.sum(LedgerLine.amount_msat))
+                        .where(LedgerLine.account.in_((accounts.FEE_INCOME, accounts.ROUTING_EXPENSE)))
+                        .group_by(LedgerLine.job_id, LedgerLine.account)
+                    )
+                ).all()
                 net: dict[str, int] = {}
                 for job_id, _account, amount in per_job:
-                    net[job_id] = net.get(job_id, 0) - int(amount)   # income is credit (negative), routing debit
+                    net[job_id] = net.get(job_id, 0) - int(amount)  # income is credit (negative), routing debit
                 out["negative_net_jobs"] = sorted(j for j, v in net.items() if v < 0)
                 out["min_net_msat"] = min(net.values()) if net else 0
                 copy_payouts = (await s.scalars(select(Payout.id).where(Payout.payee.in_(a.copy_keys)))).all()
                 out["copies_paid"] = len(copy_payouts)
-                race = (await s.scalars(select(Payout).where(Payout.payment_hash == a.race_hash))).all() \
-                    if a.race_hash else []
+                race = (
+                    (await s.scalars(select(Payout).where(Payout.payment_hash == a.race_hash))).all()
+                    if a.race_hash
+                    else []
+                )
                 out["race_payouts_succeeded"] = sum(p.state == "succeeded" for p in race)
                 poisoned = a.findings.get("poisoned", {})
                 pj = await s.get(Job, poisoned["job"]) if poisoned else None
                 out["poisoned_job"] = pj.state if pj else None
-                decided = (await s.scalars(select(TimelineEntry.at).where(
-                    TimelineEntry.job_id == poisoned.get("job"), TimelineEntry.kind == "transition",
-                    TimelineEntry.detail.like('%"to": "refunding"%')))).first() if poisoned else None
+                decided = (
+                    (
+                        await s.scalars(
+                            select(TimelineEntry.at).where(
+                                TimelineEntry.job_id == poisoned.get("job"),
+                                TimelineEntry.kind == "transition",
+                                TimelineEntry.detail.like('%"to": "refunding"%'),
+                            )
+                        )
+                    ).first()
+                    if poisoned
+                    else None
+                )
                 out["poisoned_decided_after_deadline_s"] = (
-                    round(aware(decided).timestamp() - poisoned["validation_deadline"], 1) if decided else None)
+                    round(aware(decided).timestamp() - poisoned["validation_deadline"], 1) if decided else None
+                )
                 flood = (await s.execute(select(Job.state, Job.reject_reason).where(Job.id.in_(a.flood_ids)))).all()
                 out["flood_accepted"] = sum(st != "rejected" for st, _ in flood)
-                out["flood_refused_busy"] = sum(st == "rejected" and (r or "").startswith("escrow_busy") for st, r in flood)
+                out["flood_refused_busy"] = sum(
+                    st == "rejected" and (r or "").startswith("escrow_busy") for st, r in flood
+                )
                 held = a.findings.get("held_htlc", {})
-                hp = (await s.scalars(select(Payout).where(Payout.job_id == held.get("job"),
-                                                           Payout.kind == PayoutKind.REWARD))).first() if held else None
+                hp = (
+                    (
+                        await s.scalars(
+                            select(Payout).where(Payout.job_id == held.get("job"), Payout.kind == PayoutKind.REWARD)
+                        )
+                    ).first()
+                    if held
+                    else None
+                )
                 out["held_payout_state"] = hp.state if hp else None
         finally:
             await engine.dispose()
-        pays = await asyncio.to_thread(self.parts.lncli, "escrow", "listpayments", "--include_incomplete",
-                                       "--max_payments", "1000000")
-        out["race_paid_by_node"] = sum(1 for p in pays.get("payments", [])
-                                       if p.get("payment_hash") == a.race_hash and p.get("status") == "SUCCEEDED")
-        durations = [j.times["closed"] - j.times["requested"] for j in self.market.jobs
-                     if "closed" in j.times and "requested" in j.times]
+        pays = await asyncio.to_thread(
+            self.parts.lncli, "escrow", "listpayments", "--include_incomplete", "--max_payments", "1000000"
+        )
+        out["race_paid_by_node"] = sum(
+            1
+            for p in pays.get("payments", [])
+            if p.get("payment_hash") == a.race_hash and p.get("status") == "SUCCEEDED"
+        )
+        durations = [
+            j.times["closed"] - j.times["requested"]
+            for j in self.market.jobs
+            if "closed" in j.times and "requested" in j.times
+        ]
         out["honest_max_s"] = round(max(durations), 1) if durations else None
-        out["ok"] = (not out["negative_net_jobs"] and out["copies_paid"] == 0 and out["race_paid_by_node"] <= 1
-                     and out["race_payouts_succeeded"] <= 1 and out["poisoned_job"] in ("refunding", "refunded")
-                     and out["poisoned_decided_after_deadline_s"] is not None
-                     and out["poisoned_decided_after_deadline_s"] <= 5
-                     and out["flood_accepted"] <= self.BUDGET and len(durations) == self.jobs
-                     and max(durations) <= self.NORMAL_S)
+        out["ok"] = (
+            not out["negative_net_jobs"]
+            and out["copies_paid"] == 0
+            and out["race_paid_by_node"] <= 1
+            and out["race_payouts_succeeded"] <= 1
+            and out["poisoned_job"] in ("refunding", "refunded")
+            and out["poisoned_decided_after_deadline_s"] is not None
+            and out["poisoned_decided_after_deadline_s"] <= 5
+            and out["flood_accepted"] <= self.BUDGET
+            and len(durations) == self.jobs
+            and max(durations) <= self.NORMAL_S
+        )
         self.say("verdict: " + json.dumps(out))
         return out
 
 
-DRILLS = {d.name: d for d in (SigkillDrill, LndOutageDrill, RelayRestartDrill, PostgresRestartDrill, ReplicasDrill,
-                              AdversarialDrill)}
+DRILLS = {
+    d.name: d
+    for d in (SigkillDrill, LndOutageDrill, RelayRestartDrill, PostgresRestartDrill, ReplicasDrill, AdversarialDrill)
+}

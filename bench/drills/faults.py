@@ -9,6 +9,7 @@
   the same ``relay_start``), PostgreSQL (fast shutdown = SIGINT, or immediate = SIGQUIT to
   the postmaster, then the recorded command line again; the data directory is kept).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -26,9 +27,15 @@ import httpx
 from bench.common import ROOT, ServiceProc
 
 # As tests/e2e/test_replicas.py: retries, leases and sweeps in seconds, not minutes.
-DRILL_SETTINGS = {"payout_retry_seconds": 1, "payout_lease_seconds": 3, "effect_lease_seconds": 3,
-                  "payout_invoice_min_expiry_seconds": 60, "sweep_interval_seconds": 2,
-                  "guard_interval_seconds": 2, "payout_reconcile_seconds": 5}
+DRILL_SETTINGS = {
+    "payout_retry_seconds": 1,
+    "payout_lease_seconds": 3,
+    "effect_lease_seconds": 3,
+    "payout_invoice_min_expiry_seconds": 60,
+    "sweep_interval_seconds": 2,
+    "guard_interval_seconds": 2,
+    "payout_reconcile_seconds": 5,
+}
 
 
 def devstack():
@@ -42,8 +49,9 @@ def devstack():
 
 
 class Service(ServiceProc):
-    def __init__(self, name: str, desc: dict, database_url: str, escrow_key_hex: str, log_path: Path,
-                 **settings: object) -> None:
+    def __init__(
+        self, name: str, desc: dict, database_url: str, escrow_key_hex: str, log_path: Path, **settings: object
+    ) -> None:
         super().__init__(desc, database_url, escrow_key_hex, log_path, **{**DRILL_SETTINGS, **settings})
         self.name = name
         self.starts = 0
@@ -57,11 +65,18 @@ class Service(ServiceProc):
             env.update(FEDSTR_DRILL_DIE_AT=die_at, FEDSTR_DRILL_FAULT_NOTE=str(self.note))
         self.starts += 1
         with open(self.log_path, "a") as log:
-            log.write(f"\n=== drill: start #{self.starts} of {self.name} ({module}"
-                      f"{f', dies at {die_at}' if die_at else ''}) {time.strftime('%H:%M:%S')}\n")
+            log.write(
+                f"\n=== drill: start #{self.starts} of {self.name} ({module}"
+                f"{f', dies at {die_at}' if die_at else ''}) {time.strftime('%H:%M:%S')}\n"
+            )
             log.flush()
-            self.proc = subprocess.Popen([sys.executable, "-m", module, "--log-level", "WARNING", "serve"],
-                                         env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", module, "--log-level", "WARNING", "serve"],
+                env=env,
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
 
     def notes(self) -> list[str]:
         return self.note.read_text().splitlines() if self.note.exists() else []
@@ -103,8 +118,7 @@ class StackParts:
     async def start_relay(self) -> None:
         if not self.stack.alive("relay"):
             await asyncio.to_thread(self.stack.relay_start)
-        await asyncio.to_thread(self.mod.wait_for, 30, self.stack.relay_ready, "relay",
-                                self.stack.dir / "relay.log")
+        await asyncio.to_thread(self.mod.wait_for, 30, self.stack.relay_ready, "relay", self.stack.dir / "relay.log")
 
     def relay_up(self) -> bool:
         return bool(self.stack.alive("relay")) and self.stack.relay_ready()
@@ -135,11 +149,13 @@ class StackParts:
         self.stack.spawn("postgres", argv, marker=marker)
         pg = self.desc["postgres"]
         import asyncpg
+
         end = time.monotonic() + 60
         while True:
             try:
-                conn = await asyncpg.connect(host=pg["host"], port=pg["port"], user=pg["user"], database="postgres",
-                                             timeout=3)
+                conn = await asyncpg.connect(
+                    host=pg["host"], port=pg["port"], user=pg["user"], database="postgres", timeout=3
+                )
                 await conn.execute("select 1")
                 await conn.close()
                 return

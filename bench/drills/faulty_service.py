@@ -18,6 +18,7 @@ already in the note file are not counted (their recovery after the restart would
 be hit again and again): each kill lands on another payout. Production code has no such
 hook: this module is never imported by the service.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,19 @@ def arm() -> None:
             return
         if note:
             with open(note, "a") as f:
-                f.write(json.dumps({"point": point, "payout": payout_id, "payment_hash": payment_hash,
-                                    "pid": os.getpid(), "call": calls, "at": time.time()}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "point": point,
+                            "payout": payout_id,
+                            "payment_hash": payment_hash,
+                            "pid": os.getpid(),
+                            "call": calls,
+                            "at": time.time(),
+                        }
+                    )
+                    + "\n"
+                )
                 f.flush()
                 os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
@@ -62,6 +74,7 @@ def arm() -> None:
         async def _send(self, payout_id, payment_hash, payreq, fee_limit):
             reached(payout_id, payment_hash)
             return await original_send(self, payout_id, payment_hash, payreq, fee_limit)
+
         Payouts._send = _send
     else:
         original_finish = Payouts._finish
@@ -70,12 +83,14 @@ def arm() -> None:
             if state == "succeeded":
                 reached(payout_id, kw.get("payment_hash"))
             return await original_finish(self, payout_id, state, detail, **kw)
+
         Payouts._finish = _finish
 
 
 def main() -> int:
     arm()
     from service.cli import main as serve
+
     return serve(sys.argv[1:])
 
 

@@ -18,6 +18,7 @@ Each attacker is a coroutine with its own keys, playing one attack of issue 12
 Hostile jobs are not in ``market.jobs`` (the audit's honest set); each attack records what it saw
 in ``Attacks.findings`` and the drill turns those into its verdict.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -76,45 +77,62 @@ class Attacks:
         self.m = market
         self.desc = desc
         self.api_urls = api_urls
-        self.fault = fault          # the drill's fault(kind, **detail): recorded and printed
+        self.fault = fault  # the drill's fault(kind, **detail): recorded and printed
         self.say = say
         self.jobs: list[Hostile] = []
         self.findings: dict[str, dict] = {}
         self.copy_keys: set[str] = set()
-        self.held: list[bytes] = []          # payment hashes of hold invoices we never settle
+        self.held: list[bytes] = []  # payment hashes of hold invoices we never settle
         self.flood_ids: list[str] = []
         self.race_hash: str | None = None
         self.payee2 = lnd(desc, "payee2")
 
     async def close(self) -> None:
-        for h in self.held:   # the held HTLC goes back to the escrow: its payout fails, never pays twice
+        for h in self.held:  # the held HTLC goes back to the escrow: its payout fails, never pays twice
             with contextlib.suppress(lnerr.LndError):
                 await self.m.payee_node.cancel_invoice(h)
         await self.payee2.close()
 
     # ---- a hostile job, as a customer runs it -----------------------------------------------
-    async def _job(self, label: str, *, validators: int = 1, results_in: int = 1800, validation_in: int = 2400,
-                   validator_fee: int = VALIDATOR_FEE_MSAT) -> Hostile:
+    async def _job(
+        self,
+        label: str,
+        *,
+        validators: int = 1,
+        results_in: int = 1800,
+        validation_in: int = 2400,
+        validator_fee: int = VALIDATOR_FEE_MSAT,
+    ) -> Hostile:
         n = 10_000 + len(self.jobs)
         rng = random.Random(f"{self.m.seed}:hostile:{n}")
-        run = JobRun(plan=JobPlan(n=n, validators=validators, provider_claim="nostr", validator_claim="nostr",
-                                  via_api=False), rng=rng, customer=SecretKey.generate(), provider=SecretKey.generate(),
-                     validators=[SecretKey.generate() for _ in range(validators)])
+        run = JobRun(
+            plan=JobPlan(n=n, validators=validators, provider_claim="nostr", validator_claim="nostr", via_api=False),
+            rng=rng,
+            customer=SecretKey.generate(),
+            provider=SecretKey.generate(),
+            validators=[SecretKey.generate() for _ in range(validators)],
+        )
         now = int(time.time())
-        spec = JobSpec(escrow=self.m.E, bid_msat=BID_MSAT,
-                       shards=(Shard(index=0, url=f"https://data.example.org/hostile/{self.m.run_id}/{n}.npz"),),
-                       validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), validators),
-                       payout=PayoutPolicy.BEST, results_deadline=now + results_in,
-                       validation_deadline=now + validation_in,
-                       validators=tuple(v.public_key_hex for v in run.validators), validator_fee_msat=validator_fee,
-                       mode=Mode.HOLD)
+        spec = JobSpec(
+            escrow=self.m.E,
+            bid_msat=BID_MSAT,
+            shards=(Shard(index=0, url=f"https://data.example.org/hostile/{self.m.run_id}/{n}.npz"),),
+            validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), validators),
+            payout=PayoutPolicy.BEST,
+            results_deadline=now + results_in,
+            validation_deadline=now + validation_in,
+            validators=tuple(v.public_key_hex for v in run.validators),
+            validator_fee_msat=validator_fee,
+            mode=Mode.HOLD,
+        )
         run.event = sign_event(run.customer, *build_job_request(spec, customer=run.customer.public_key_hex))
         h = Hostile(label, run, parse_job_request(run.event, escrow_pubkey=self.m.E, terms=self.m.terms, now=now))
         run.reward_msat = whole_sats(h.request.split.provider_share_msat)
         self.jobs.append(h)
         await self.m.publish(run.event)
-        _, offer = await self.m.hub.wait(lambda: next(iter(self.m.hub.parsed(run.id, parse_escrow_offer)), None),
-                                         f"offer for hostile job {label}")
+        _, offer = await self.m.hub.wait(
+            lambda: next(iter(self.m.hub.parsed(run.id, parse_escrow_offer)), None), f"offer for hostile job {label}"
+        )
         run.offer_hash = bolt11.decode(offer.bolt11).payment_hash
         await self.m._fund(run, offer.bolt11)  # the honest customer's way of paying
         return h
@@ -122,8 +140,12 @@ class Attacks:
     async def _result(self, h: Hostile, model: bytes | None = None) -> Event:
         model = model or f"hostile model {self.m.run_id} {h.run.plan.n}".encode()
         sha = hashlib.sha256(model).hexdigest()
-        h.result = sign_event(h.run.provider, *build_result(h.request, shard_index=0, model=ModelRef(
-            f"https://models.example.org/{sha}", sha, len(model))))
+        h.result = sign_event(
+            h.run.provider,
+            *build_result(
+                h.request, shard_index=0, model=ModelRef(f"https://models.example.org/{sha}", sha, len(model))
+            ),
+        )
         await self.m.publish(h.result)
         h.notes["sha"] = sha
         return h.result
@@ -131,22 +153,33 @@ class Attacks:
     async def _eval_request(self, h: Hostile) -> Event:
         def find():
             return next((ev for ev in self.m.hub.by_job.get(h.run.id, ()) if ev.kind == 5702), None)
+
         return await self.m.hub.wait(find, f"evaluation request of hostile job {h.label}")
 
     async def _score(self, h: Hostile, value: str = "0.9") -> None:
         req = await self._eval_request(h)
         for v in h.run.validators:
-            await self.m.publish(sign_event(v, *build_evaluation_result(
-                request_id=req.id, job_id=h.run.id, escrow=self.m.E,
-                scores=(Score(h.result.id, Decimal(value), h.notes["sha"]),))))
+            await self.m.publish(
+                sign_event(
+                    v,
+                    *build_evaluation_result(
+                        request_id=req.id,
+                        job_id=h.run.id,
+                        escrow=self.m.E,
+                        scores=(Score(h.result.id, Decimal(value), h.notes["sha"]),),
+                    ),
+                )
+            )
 
-    async def _claimable(self, h: Hostile, key: SecretKey, seen: set[str], *, reason: str | None = None,
-                         timeout: float = 600):
+    async def _claimable(
+        self, h: Hostile, key: SecretKey, seen: set[str], *, reason: str | None = None, timeout: float = 600
+    ):
         def find():
             for ev, c in self.m.hub.parsed(h.run.id, parse_reward_claimable):
                 if c.payee == key.public_key_hex and ev.id not in seen and (reason is None or c.reason == reason):
                     return ev, c
             return None
+
         ev, c = await self.m.hub.wait(find, f"reward claimable of hostile job {h.label}", timeout=timeout)
         seen.add(ev.id)
         return c
@@ -158,8 +191,9 @@ class Attacks:
         await self._send_invoice(h, key, c.amount_msat, inv.payment_request)
 
     async def _send_invoice(self, h: Hostile, key: SecretKey, amount: int, payreq: str) -> None:
-        await self.m.publish(sign_event(key, *build_payee_invoice(job_id=h.run.id, escrow=self.m.E,
-                                                                  amount_msat=amount, bolt11=payreq)))
+        await self.m.publish(
+            sign_event(key, *build_payee_invoice(job_id=h.run.id, escrow=self.m.E, amount_msat=amount, bolt11=payreq))
+        )
 
     # ---- the attacks -----------------------------------------------------------------------
     async def held_htlc(self) -> None:
@@ -184,9 +218,13 @@ class Attacks:
         h = await self._job("poisoned", validators=2, results_in=20, validation_in=30)
         await self._result(h)
         req = await self._eval_request(h)
-        for v in h.run.validators:   # written by hand: the codec's builder refuses to write them
-            tags = [["e", req.id, "", "request"], ["e", h.run.id, "", "job"], ["p", self.m.E],
-                    ["score", h.result.id, "9" * 64, h.notes["sha"]]]
+        for v in h.run.validators:  # written by hand: the codec's builder refuses to write them
+            tags = [
+                ["e", req.id, "", "request"],
+                ["e", h.run.id, "", "job"],
+                ["p", self.m.E],
+                ["score", h.result.id, "9" * 64, h.notes["sha"]],
+            ]
             await self.m.publish(sign_event(v, 6702, tags, ""))
         self.fault("poisoned-scores", job=h.run.id[:12], value="9" * 8 + "…(64)")
         self.findings["poisoned"] = {"job": h.run.id, "validation_deadline": h.request.spec.validation_deadline}
@@ -197,13 +235,13 @@ class Attacks:
         for run in honest[:2]:
             while run.result is None:
                 await asyncio.sleep(0.2)
-            tags = [list(t) for t in run.result.tags]    # the same model, shard and everything else
+            tags = [list(t) for t in run.result.tags]  # the same model, shard and everything else
             for _ in range(3):
                 key = SecretKey.generate()
                 self.copy_keys.add(key.public_key_hex)
                 await self.m.publish(sign_event(key, run.result.kind, tags, ""))
                 done += 1
-            key = SecretKey.generate()          # and one backdated, through the REST API
+            key = SecretKey.generate()  # and one backdated, through the REST API
             self.copy_keys.add(key.public_key_hex)
             backdated = sign_event(key, run.result.kind, tags, "", created_at=1000)
             await self.m._post_event(backdated)
@@ -218,23 +256,28 @@ class Attacks:
         providers = [asyncio.create_task(self._claim(h, h.run.provider)) for h in (a, b)]
         await asyncio.gather(self._score(a), self._score(b))
         seen_a, seen_b = set(), set()
-        ca, cb = await asyncio.gather(self._claimable(a, a.run.validators[0], seen_a),
-                                      self._claimable(b, b.run.validators[0], seen_b))
+        ca, cb = await asyncio.gather(
+            self._claimable(a, a.run.validators[0], seen_a), self._claimable(b, b.run.validators[0], seen_b)
+        )
         assert ca.amount_msat == cb.amount_msat
         inv = await self.m.payee_node.add_invoice(ca.amount_msat, memo="one invoice, two rewards", expiry=3600)
         self.race_hash = inv.payment_hash.hex()
-        await asyncio.gather(self._rest_invoice(a, a.run.validators[0], inv.payment_request),
-                             self._send_invoice(b, b.run.validators[0], cb.amount_msat, inv.payment_request))
+        await asyncio.gather(
+            self._rest_invoice(a, a.run.validators[0], inv.payment_request),
+            self._send_invoice(b, b.run.validators[0], cb.amount_msat, inv.payment_request),
+        )
         self.fault("one-invoice-two-rewards", jobs=f"{a.run.id[:8]},{b.run.id[:8]}", via="REST+Nostr")
         # whichever was refused is asked again: answer it with an invoice of its own, so both close
         self.findings["race"] = {"jobs": [a.run.id, b.run.id], "hash": self.race_hash}
-        again = [asyncio.create_task(self._claim(a, a.run.validators[0], seen_a)),
-                 asyncio.create_task(self._claim(b, b.run.validators[0], seen_b))]
+        again = [
+            asyncio.create_task(self._claim(a, a.run.validators[0], seen_a)),
+            asyncio.create_task(self._claim(b, b.run.validators[0], seen_b)),
+        ]
         try:
             await asyncio.wait(again, return_when=asyncio.FIRST_COMPLETED)
             await asyncio.gather(*providers)
         finally:
-            for t in again:   # the one that was paid is never asked again
+            for t in again:  # the one that was paid is never asked again
                 t.cancel()
 
     async def _rest_invoice(self, h: Hostile, key: SecretKey, payreq: str) -> None:
@@ -242,11 +285,18 @@ class Attacks:
         path = f"/v1/jobs/{h.run.id}/payout-invoice"
         async with httpx.AsyncClient(timeout=10) as c:
             for base in list(self.api_urls()):
-                auth = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", base + path], ["method", "POST"],
-                                                              ["payload", hashlib.sha256(body).hexdigest()]], "")
+                auth = sign_event(
+                    key,
+                    nip98.KIND_HTTP_AUTH,
+                    [["u", base + path], ["method", "POST"], ["payload", hashlib.sha256(body).hexdigest()]],
+                    "",
+                )
                 with contextlib.suppress(httpx.TransportError):
-                    await c.post(base + path, content=body, headers={
-                        "Authorization": nip98.build_header(auth), "content-type": "application/json"})
+                    await c.post(
+                        base + path,
+                        content=body,
+                        headers={"Authorization": nip98.build_header(auth), "content-type": "application/json"},
+                    )
                     return
 
     async def fee_hop(self) -> None:
@@ -271,12 +321,18 @@ class Attacks:
         events = []
         for k in range(n):
             key = SecretKey.generate()
-            spec = JobSpec(escrow=self.m.E, bid_msat=BID_MSAT,
-                           shards=(Shard(index=0, url=f"https://flood.example.org/{self.m.run_id}/{k}.npz"),),
-                           validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1),
-                           payout=PayoutPolicy.BEST, results_deadline=now + 600, validation_deadline=now + 900,
-                           validators=(SecretKey.generate().public_key_hex,), validator_fee_msat=VALIDATOR_FEE_MSAT,
-                           mode=Mode.HOLD)
+            spec = JobSpec(
+                escrow=self.m.E,
+                bid_msat=BID_MSAT,
+                shards=(Shard(index=0, url=f"https://flood.example.org/{self.m.run_id}/{k}.npz"),),
+                validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1),
+                payout=PayoutPolicy.BEST,
+                results_deadline=now + 600,
+                validation_deadline=now + 900,
+                validators=(SecretKey.generate().public_key_hex,),
+                validator_fee_msat=VALIDATOR_FEE_MSAT,
+                mode=Mode.HOLD,
+            )
             events.append(sign_event(key, *build_job_request(spec, customer=key.public_key_hex)))
         t0 = time.monotonic()
         await asyncio.gather(*(self.m.publish(ev) for ev in events))

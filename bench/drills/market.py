@@ -20,6 +20,7 @@ reconnecting) and publish until the relay says OK, so events published while the
 the service is down are published again afterwards. Every invoice a payee issues is
 recorded (hash → job, payee, amount) for the audit.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -107,7 +108,7 @@ class RelayHub:
                 async with websockets.connect(self.url, open_timeout=5, close_timeout=1, max_size=None) as ws:
                     await ws.send(json.dumps(["REQ", "drill", {"authors": [self.E], "since": self.since}]))
                     self.connected = True
-                    while True:   # quiet for 20 s: subscribe again (a replay, deduplicated)
+                    while True:  # quiet for 20 s: subscribe again (a replay, deduplicated)
                         msg = json.loads(await asyncio.wait_for(ws.recv(), 20))
                         if msg[0] == "EVENT" and len(msg) == 3:
                             self._add(msg[2])
@@ -186,10 +187,10 @@ class Publisher:
 @dataclass
 class JobPlan:
     n: int
-    validators: int           # 1 or 2
-    provider_claim: str       # "inline" (its invoice in the result), "nostr" or "rest"
-    validator_claim: str      # "nostr" or "rest"
-    via_api: bool             # the request is also POSTed to /v1/events
+    validators: int  # 1 or 2
+    provider_claim: str  # "inline" (its invoice in the result), "nostr" or "rest"
+    validator_claim: str  # "nostr" or "rest"
+    via_api: bool  # the request is also POSTed to /v1/events
 
 
 @dataclass
@@ -205,7 +206,7 @@ class JobRun:
     phase: str = "new"
     times: dict[str, float] = field(default_factory=dict)
     pay_attempts: int = 0
-    result: Event | None = None     # the provider's result, once published (what a copier sees on the relay)
+    result: Event | None = None  # the provider's result, once published (what a copier sees on the relay)
 
     @property
     def id(self) -> str:
@@ -231,14 +232,21 @@ class Issued:
 class Market:
     """Runs jobs against one escrow (key ``E``); ``api_urls()`` are the running replicas' base URLs."""
 
-    def __init__(self, desc: dict, escrow_pubkey: str, api_urls, seed: str, run_id: str,
-                 work: tuple[float, float, float] = (4.0, 2.0, 2.0)) -> None:
+    def __init__(
+        self,
+        desc: dict,
+        escrow_pubkey: str,
+        api_urls,
+        seed: str,
+        run_id: str,
+        work: tuple[float, float, float] = (4.0, 2.0, 2.0),
+    ) -> None:
         self.desc = desc
         self.E = escrow_pubkey
         self.api_urls = api_urls
         self.seed = seed
         self.run_id = run_id
-        self.work = work     # at most this long to train, to score, to pay an offer (each job draws its own)
+        self.work = work  # at most this long to train, to score, to pay an offer (each job draws its own)
         self.relay = desc["relay"]["url"]
         self.publish = Publisher(self.relay)
         self.hub = RelayHub(self.relay, escrow_pubkey, since=int(time.time()) - 5)
@@ -246,8 +254,8 @@ class Market:
         self.payee_node = lnd(desc, "payee")
         self.terms = terms()
         self.jobs: list[JobRun] = []
-        self.issued: dict[str, Issued] = {}      # payee invoice hash -> what it was for
-        self.offers: dict[str, str] = {}         # escrow invoice hash -> job id
+        self.issued: dict[str, Issued] = {}  # payee invoice hash -> what it was for
+        self.offers: dict[str, str] = {}  # escrow invoice hash -> job id
         self.rest_submissions = 0
         self.api_posts = 0
         self.t0 = time.monotonic()
@@ -259,15 +267,25 @@ class Market:
 
     @staticmethod
     def plan(n: int, r: random.Random) -> JobPlan:
-        return JobPlan(n=n, validators=r.choice((1, 1, 2)), provider_claim=r.choice(("inline", "nostr", "rest")),
-                       validator_claim=r.choice(("nostr", "rest")), via_api=r.random() < 0.3)
+        return JobPlan(
+            n=n,
+            validators=r.choice((1, 1, 2)),
+            provider_claim=r.choice(("inline", "nostr", "rest")),
+            validator_claim=r.choice(("nostr", "rest")),
+            via_api=r.random() < 0.3,
+        )
 
     def new_job(self, n: int, customer: SecretKey | None = None) -> JobRun:
         """Job ``n`` of a fresh customer, or of ``customer`` (a returning one)."""
-        rng = random.Random(f"{self.seed}:job:{n}")   # a job's choices do not depend on timing
+        rng = random.Random(f"{self.seed}:job:{n}")  # a job's choices do not depend on timing
         p = self.plan(n, rng)
-        job = JobRun(plan=p, rng=rng, customer=customer or SecretKey.generate(), provider=SecretKey.generate(),
-                     validators=[SecretKey.generate() for _ in range(p.validators)])
+        job = JobRun(
+            plan=p,
+            rng=rng,
+            customer=customer or SecretKey.generate(),
+            provider=SecretKey.generate(),
+            validators=[SecretKey.generate() for _ in range(p.validators)],
+        )
         self.jobs.append(job)
         return job
 
@@ -278,26 +296,33 @@ class Market:
     # ---- one whole job --------------------------------------------------------------------
     async def run_job(self, job: JobRun) -> None:
         now = int(time.time())
-        spec = JobSpec(escrow=self.E, bid_msat=BID_MSAT,
-                       shards=(Shard(index=0, url=f"https://data.example.org/drill/{self.run_id}/{job.plan.n}.npz"),),
-                       validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1),
-                       payout=PayoutPolicy.BEST, results_deadline=now + 1800, validation_deadline=now + 2400,
-                       validators=tuple(v.public_key_hex for v in job.validators),
-                       validator_fee_msat=VALIDATOR_FEE_MSAT, mode=Mode.HOLD)
+        spec = JobSpec(
+            escrow=self.E,
+            bid_msat=BID_MSAT,
+            shards=(Shard(index=0, url=f"https://data.example.org/drill/{self.run_id}/{job.plan.n}.npz"),),
+            validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1),
+            payout=PayoutPolicy.BEST,
+            results_deadline=now + 1800,
+            validation_deadline=now + 2400,
+            validators=tuple(v.public_key_hex for v in job.validators),
+            validator_fee_msat=VALIDATOR_FEE_MSAT,
+            mode=Mode.HOLD,
+        )
         job.event = sign_event(job.customer, *build_job_request(spec, customer=job.customer.public_key_hex))
         req = parse_job_request(job.event, escrow_pubkey=self.E, terms=self.terms, now=now)
-        job.reward_msat = whole_sats(req.split.provider_share_msat)   # every payout is whole satoshis
+        job.reward_msat = whole_sats(req.split.provider_share_msat)  # every payout is whole satoshis
         await self.publish(job.event)
         if job.plan.via_api:
             await self._post_event(job.event)
         self._mark(job, "requested")
 
-        _, offer = await self.hub.wait(lambda: next(iter(self.hub.parsed(job.id, parse_escrow_offer)), None),
-                                       f"offer for job {job.id[:12]}")
+        _, offer = await self.hub.wait(
+            lambda: next(iter(self.hub.parsed(job.id, parse_escrow_offer)), None), f"offer for job {job.id[:12]}"
+        )
         job.offer_hash = bolt11.decode(offer.bolt11).payment_hash
         self.offers[job.offer_hash] = job.id
         self._mark(job, "offered")
-        await asyncio.sleep(job.rng.uniform(0, self.work[2]))   # the customer looks at the offer first
+        await asyncio.sleep(job.rng.uniform(0, self.work[2]))  # the customer looks at the offer first
         await self._fund(job, offer.bolt11)
         self._mark(job, "funded")
 
@@ -309,17 +334,25 @@ class Market:
         if job.plan.provider_claim == "inline":
             pr = await self._payee_invoice(job, job.provider.public_key_hex, "provider", job.reward_msat)
             invoice = Invoice(job.reward_msat, pr)
-        result = sign_event(job.provider, *build_result(req, shard_index=0, invoice=invoice,
-                                                        model=ModelRef(f"https://models.example.org/{sha}", sha,
-                                                                       len(model))))
+        result = sign_event(
+            job.provider,
+            *build_result(
+                req,
+                shard_index=0,
+                invoice=invoice,
+                model=ModelRef(f"https://models.example.org/{sha}", sha, len(model)),
+            ),
+        )
         await self.publish(result)
         job.result = result
         self._mark(job, "result")
 
         claims = [asyncio.create_task(self._claim_loop(job, job.provider, "provider", job.plan.provider_claim))]
-        claims += [asyncio.create_task(self._claim_loop(job, v, "validator", job.plan.validator_claim))
-                   for v in job.validators]
+        claims += [
+            asyncio.create_task(self._claim_loop(job, v, "validator", job.plan.validator_claim)) for v in job.validators
+        ]
         try:
+
             def eval_request():
                 for ev in self.hub.by_job.get(job.id, ()):
                     if ev.kind == 5702:
@@ -327,23 +360,34 @@ class Market:
                             parse_evaluation_request(ev)
                             return ev
                 return None
+
             ereq = await self.hub.wait(eval_request, f"evaluation request for {job.id[:12]}")
             self._mark(job, "validating")
 
             async def score(v: SecretKey, pause: float) -> None:
                 await asyncio.sleep(pause)
-                await self.publish(sign_event(v, *build_evaluation_result(
-                    request_id=ereq.id, job_id=job.id, escrow=self.E,
-                    scores=(Score(result.id, Decimal("0.9"), sha),))))
+                await self.publish(
+                    sign_event(
+                        v,
+                        *build_evaluation_result(
+                            request_id=ereq.id,
+                            job_id=job.id,
+                            escrow=self.E,
+                            scores=(Score(result.id, Decimal("0.9"), sha),),
+                        ),
+                    )
+                )
+
             await asyncio.gather(*(score(v, job.rng.uniform(0, self.work[1])) for v in job.validators))
             self._mark(job, "scored")
-            await asyncio.gather(*claims)   # they run until the drill cancels them (job closed)
+            await asyncio.gather(*claims)  # they run until the drill cancels them (job closed)
         finally:
             for t in claims:
                 t.cancel()
 
     async def _fund(self, job: JobRun, payreq: str) -> None:
         """Pay the hold invoice; pay again if LND reports the payment failed before the escrow is funded."""
+
         def funded():
             return next(iter(self.hub.parsed(job.id, parse_funded)), None)
 
@@ -353,7 +397,7 @@ class Market:
             wait_funded = asyncio.create_task(self.hub.wait(funded, f"funding of {job.id[:12]}"))
             done, _ = await asyncio.wait({pay, wait_funded}, return_when=asyncio.FIRST_COMPLETED)
             if wait_funded in done:
-                pay.cancel()        # closes our stream only: LND keeps the payment going
+                pay.cancel()  # closes our stream only: LND keeps the payment going
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await pay
                 return
@@ -361,7 +405,7 @@ class Market:
             with contextlib.suppress(asyncio.CancelledError):
                 await wait_funded
             status = pay.result() if not pay.exception() else None
-            if status == PaymentStatus.SUCCEEDED:   # custodial, or settled already
+            if status == PaymentStatus.SUCCEEDED:  # custodial, or settled already
                 return
             await asyncio.sleep(1 + job.rng.random())
 
@@ -384,8 +428,9 @@ class Market:
     async def _payee_invoice(self, job: JobRun, payee: str, role: str, amount: int) -> str:
         while True:
             try:
-                inv = await self.payee_node.add_invoice(amount, memo=f"drill {self.run_id} {job.id[:16]} {role}",
-                                                        expiry=3600)
+                inv = await self.payee_node.add_invoice(
+                    amount, memo=f"drill {self.run_id} {job.id[:16]} {role}", expiry=3600
+                )
                 break
             except lnerr.LndError:
                 await asyncio.sleep(1)
@@ -401,6 +446,7 @@ class Market:
                 if c.payee == key.public_key_hex and ev.id not in answered:
                     return ev, c
             return None
+
         while True:
             ev, c = await self.hub.wait(claimable, f"reward claimable for {key.public_key_hex[:8]}")
             answered.add(ev.id)
@@ -408,8 +454,11 @@ class Market:
             if how == "rest":
                 await self._rest_invoice(job.id, key, pr)
             else:
-                await self.publish(sign_event(key, *build_payee_invoice(job_id=job.id, escrow=self.E,
-                                                                        amount_msat=c.amount_msat, bolt11=pr)))
+                await self.publish(
+                    sign_event(
+                        key, *build_payee_invoice(job_id=job.id, escrow=self.E, amount_msat=c.amount_msat, bolt11=pr)
+                    )
+                )
 
     async def _rest_invoice(self, job_id: str, key: SecretKey, bolt11: str) -> None:
         """``POST /v1/jobs/{id}/payout-invoice`` with NIP-98, to whichever replica answers."""
@@ -418,14 +467,21 @@ class Market:
         async with httpx.AsyncClient(timeout=10) as c:
             while True:
                 for base in list(self.api_urls()):
-                    auth = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", base + path], ["method", "POST"],
-                                                                  ["payload", hashlib.sha256(body).hexdigest()]], "")
+                    auth = sign_event(
+                        key,
+                        nip98.KIND_HTTP_AUTH,
+                        [["u", base + path], ["method", "POST"], ["payload", hashlib.sha256(body).hexdigest()]],
+                        "",
+                    )
                     try:
-                        r = await c.post(base + path, content=body, headers={
-                            "Authorization": nip98.build_header(auth), "content-type": "application/json"})
+                        r = await c.post(
+                            base + path,
+                            content=body,
+                            headers={"Authorization": nip98.build_header(auth), "content-type": "application/json"},
+                        )
                     except httpx.TransportError:
                         continue
-                    if r.status_code in (202, 409):   # taken, or the payout no longer waits for one
+                    if r.status_code in (202, 409):  # taken, or the payout no longer waits for one
                         self.rest_submissions += r.status_code == 202
                         return
                 await asyncio.sleep(1 + random.random())

@@ -3,6 +3,7 @@
 Raise :class:`ActionRefused` (HTTP 409 with a stable code) when the current state does
 not allow the action; nothing is changed then, but the refusal is audited too.
 """
+
 from __future__ import annotations
 
 from sqlalchemy import update
@@ -42,16 +43,16 @@ async def retry_payout(s: AsyncSession, payout_id: str, reason: str) -> str:
     return state.value
 
 
-
-
 async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) -> str:
     """A manual refund: only before any release decision, when nothing has been paid out."""
     job = await s.get(Job, job_id)
     if job is None:
         raise ActionRefused("not_found", "no such job")
     if job.state not in OPERATOR_REFUNDABLE:
-        raise ActionRefused("refund_not_safe", f"a job that is {job.state} cannot be refunded by hand "
-                                               "(only collecting or validating jobs)")
+        raise ActionRefused(
+            "refund_not_safe",
+            f"a job that is {job.state} cannot be refunded by hand (only collecting or validating jobs)",
+        )
     plan = await engine.operator_refund(s, job_id, reason)
     if plan.state not in (JobState.REFUNDING, JobState.REFUNDED):
         raise ActionRefused("conflict", "the job changed meanwhile")
@@ -66,31 +67,48 @@ async def resume(s: AsyncSession, reason: str) -> str:
 
 
 async def _reset_inbox(s: AsyncSession, ref: str) -> int:
-    return rowcount(await s.execute(update(InboxEvent).where(InboxEvent.id == ref, InboxEvent.outcome.like("error:%"))
-                                     .values(handled_at=None, attempts=0, outcome=None)
-                                     .execution_options(synchronize_session=False)))
+    return rowcount(
+        await s.execute(
+            update(InboxEvent)
+            .where(InboxEvent.id == ref, InboxEvent.outcome.like("error:%"))
+            .values(handled_at=None, attempts=0, outcome=None)
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 async def _reset_effect(s: AsyncSession, ref: str) -> int:
     if not ref.isdigit():
         return 0
-    return rowcount(await s.execute(update(Effect).where(Effect.id == int(ref), Effect.state == "quarantined")
-                                     .values(state="pending", attempts=0, next_attempt_at=utcnow())
-                                     .execution_options(synchronize_session=False)))
+    return rowcount(
+        await s.execute(
+            update(Effect)
+            .where(Effect.id == int(ref), Effect.state == "quarantined")
+            .values(state="pending", attempts=0, next_attempt_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 async def _reset_delivery(s: AsyncSession, ref: str) -> int:
     event_id, _, relay = ref.partition(":")
-    return rowcount(await s.execute(update(Delivery).where(Delivery.event_id == event_id, Delivery.relay == relay,
-                                                            Delivery.state == "quarantined")
-                                     .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow())
-                                     .execution_options(synchronize_session=False)))
+    return rowcount(
+        await s.execute(
+            update(Delivery)
+            .where(Delivery.event_id == event_id, Delivery.relay == relay, Delivery.state == "quarantined")
+            .values(state="pending", next_attempt_at=utcnow(), updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+    )
 
 
 # What a replay must undo in the item itself, for the sources whose items keep a state of
 # their own (the others are skipped only through their row here, which the replay deletes).
 REPLAY_RESETS: dict[str, quarantine.Reset] = {
-    "inbox": _reset_inbox, "effect": _reset_effect, "publisher": _reset_delivery}
+    "inbox": _reset_inbox,
+    "effect": _reset_effect,
+    "publisher": _reset_delivery,
+}
 
 
 async def replay_quarantined(s: AsyncSession, source: str, ref: str, reason: str) -> str:

@@ -4,6 +4,7 @@
 matches, and wrong tokens count in the per-address :class:`~service.api.limits.FailureThrottle`
 shared with the dashboard's sign-in.
 """
+
 from __future__ import annotations
 
 import csv
@@ -42,7 +43,7 @@ def check_bearer(request: Request, tokens: list[bytes]) -> None:
     given_bytes = given.strip().encode()
     if scheme.lower() == "bearer" and given_bytes and any(hmac.compare_digest(given_bytes, t) for t in tokens):
         return
-    if header is not None:   # a credential was offered, and it was wrong
+    if header is not None:  # a credential was offered, and it was wrong
         throttle.failed(who)
     raise ApiError(401, "unauthorized", "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"})
 
@@ -54,8 +55,9 @@ def require_admin(request: Request) -> None:
     check_bearer(request, [token])
 
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)],
-                   responses=responses(401, 429, 503))
+router = APIRouter(
+    prefix="/v1/admin", tags=["admin"], dependencies=[Depends(require_admin)], responses=responses(401, 429, 503)
+)
 
 
 class Reason(BaseModel):
@@ -91,9 +93,13 @@ async def overview(request: Request) -> dict:
 
 
 @router.get("/jobs")
-async def jobs(request: Request, state: JobState | None = Query(None, description="only jobs in this state"),
-               customer: str | None = Query(None, pattern=HEX64),
-               limit: int = Query(50, ge=1, le=500), offset: int = Query(0, ge=0)) -> dict:
+async def jobs(
+    request: Request,
+    state: JobState | None = Query(None, description="only jobs in this state"),
+    customer: str | None = Query(None, pattern=HEX64),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0),
+) -> dict:
     async with request.app.state.sessions() as s:
         items, total = await queries.list_jobs(s, state=state, customer=customer, limit=limit, offset=offset)
     return {"items": items, "total": total, "limit": limit, "offset": offset}
@@ -153,23 +159,40 @@ def _csv(rows: list[dict], fields: list[str]) -> Response:
 
 
 @router.get("/ledger/accounts", responses={200: {"content": {"text/csv": {}}}})
-async def ledger_accounts(request: Request, prefix: str | None = Query(None, max_length=200),
-                          format: str = Query("json", pattern="^(json|csv)$")):
+async def ledger_accounts(
+    request: Request,
+    prefix: str | None = Query(None, max_length=200),
+    format: str = Query("json", pattern="^(json|csv)$"),
+):
     async with request.app.state.sessions() as s:
         rows = await queries.accounts(s, prefix=prefix)
     return _csv(rows, ["account", "balance_msat"]) if format == "csv" else {"items": rows}
 
 
 @router.get("/ledger/postings", responses={200: {"content": {"text/csv": {}}}})
-async def ledger_postings(request: Request, job_id: str | None = Query(None, pattern=HEX64),
-                          limit: int = Query(500, ge=1, le=5000), offset: int = Query(0, ge=0),
-                          format: str = Query("json", pattern="^(json|csv)$")):
+async def ledger_postings(
+    request: Request,
+    job_id: str | None = Query(None, pattern=HEX64),
+    limit: int = Query(500, ge=1, le=5000),
+    offset: int = Query(0, ge=0),
+    format: str = Query("json", pattern="^(json|csv)$"),
+):
     async with request.app.state.sessions() as s:
         rows = await queries.postings(s, job_id=job_id, limit=limit, offset=offset)
     if format == "csv":
-        flat = [{"posting_id": p["id"], "key": p["key"], "kind": p["kind"], "job_id": p["job_id"],
-                 "created_at": p["created_at"], "account": ln["account"], "amount_msat": ln["amount_msat"]}
-                for p in rows for ln in p["lines"]]
+        flat = [
+            {
+                "posting_id": p["id"],
+                "key": p["key"],
+                "kind": p["kind"],
+                "job_id": p["job_id"],
+                "created_at": p["created_at"],
+                "account": ln["account"],
+                "amount_msat": ln["amount_msat"],
+            }
+            for p in rows
+            for ln in p["lines"]
+        ]
         return _csv(flat, ["posting_id", "key", "kind", "job_id", "created_at", "account", "amount_msat"])
     return {"items": rows}
 
@@ -215,8 +238,10 @@ SOURCE = "^(" + "|".join(quarantine.SOURCES) + ")$"
 
 class QuarantinedItem(BaseModel):
     source: str = Field(description="the loop: " + ", ".join(quarantine.SOURCES))
-    ref: str = Field(description="the item within its loop: event id, job id:deadline, fact seq, payout outcome, "
-                                 "effect id, event id:relay")
+    ref: str = Field(
+        description="the item within its loop: event id, job id:deadline, fact seq, payout outcome, "
+        "effect id, event id:relay"
+    )
     job_id: str | None = Field(description="the job it concerns, when known")
     failures: int
     last_error: str = Field(description="type and message of the last failure (cut short, secrets masked)")
@@ -235,20 +260,26 @@ class QuarantineOut(BaseModel):
 
 
 @router.get("/quarantine", response_model=QuarantineOut, responses=responses(422))
-async def quarantined(request: Request, source: str | None = Query(None, pattern=SOURCE),
-                      retrying: bool = Query(False, description="list the items still being retried instead"),
-                      limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> QuarantineOut:
+async def quarantined(
+    request: Request,
+    source: str | None = Query(None, pattern=SOURCE),
+    retrying: bool = Query(False, description="list the items still being retried instead"),
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> QuarantineOut:
     """Items a loop gave up on after repeated failures: never retried until replayed."""
     async with request.app.state.sessions() as s:
         items, total = await quarantine.listing(s, source=source, limit=limit, offset=offset, quarantined=not retrying)
         _, still = await quarantine.listing(s, source=source, limit=1, quarantined=False)
-    return QuarantineOut(items=[QuarantinedItem(**i) for i in items], total=total, retrying=still,
-                         limit=limit, offset=offset)
+    return QuarantineOut(
+        items=[QuarantinedItem(**i) for i in items], total=total, retrying=still, limit=limit, offset=offset
+    )
 
 
 @router.post("/quarantine/{source}/{ref:path}/replay", response_model=ActionOut, responses=responses(404, 409, 422))
-async def replay_quarantined(request: Request, body: Reason, source: str = Path(pattern=SOURCE),
-                             ref: str = Path(min_length=1, max_length=400)) -> ActionOut:
+async def replay_quarantined(
+    request: Request, body: Reason, source: str = Path(pattern=SOURCE), ref: str = Path(min_length=1, max_length=400)
+) -> ActionOut:
     """Clear an item's quarantine (after fixing its cause): its loop processes it again at once,
     and quarantines it again if it keeps failing. `404 not_found`; `409 not_quarantined` for an
     item still being retried automatically."""
@@ -262,4 +293,3 @@ async def replay_quarantined(request: Request, body: Reason, source: str = Path(
         raise _refused(e) from None
     actions.wake_for_replay(st, source)
     return ActionOut(target=f"{source}/{ref}", result=result)
-

@@ -13,6 +13,7 @@ Errors are :class:`BlobClientError` subclasses: :class:`BlobHashMismatch`,
 :class:`BlobTooLarge`, :class:`BlobNotFound`, :class:`BlobHTTPError` (``status``,
 ``code`` from the problem document or ``X-Reason``), :class:`BlobProtocolError`.
 """
+
 from __future__ import annotations
 
 import base64
@@ -81,8 +82,15 @@ def blob_url(base_url: str, sha256: str) -> str:
     return f"{base_url.rstrip('/')}/{_check_hash(sha256)}"
 
 
-def auth_header(key: SecretKey, sha256: str, *, lifetime: int = AUTH_LIFETIME_SECONDS,
-                now: int | None = None, content: str | None = None, job: str | None = None) -> str:
+def auth_header(
+    key: SecretKey,
+    sha256: str,
+    *,
+    lifetime: int = AUTH_LIFETIME_SECONDS,
+    now: int | None = None,
+    content: str | None = None,
+    job: str | None = None,
+) -> str:
     """``Nostr <base64 event>`` authorizing one upload of the blob ``sha256`` (for ``job``, if given).
 
     The default content carries a random word, so that two authorizations for the same blob
@@ -116,12 +124,18 @@ def _http_error(response: httpx.Response) -> BlobHTTPError:
 
 
 def _client(client: httpx.AsyncClient | None, timeout: httpx.Timeout | float) -> httpx.AsyncClient:
-    return client if client is not None else httpx.AsyncClient(timeout=timeout, follow_redirects=True,
-                                                               max_redirects=3)
+    return client if client is not None else httpx.AsyncClient(timeout=timeout, follow_redirects=True, max_redirects=3)
 
 
-async def upload(base_url: str, key: SecretKey, data: bytes, *, client: httpx.AsyncClient | None = None,
-                 timeout: httpx.Timeout | float = DEFAULT_TIMEOUT, job: str | None = None) -> str:
+async def upload(
+    base_url: str,
+    key: SecretKey,
+    data: bytes,
+    *,
+    client: httpx.AsyncClient | None = None,
+    timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+    job: str | None = None,
+) -> str:
     """Upload ``data`` (for ``job``, if given); returns its sha256 hex once the server has acknowledged exactly it.
 
     The blob is then at ``blob_url(base_url, sha256)``.
@@ -152,8 +166,14 @@ async def upload(base_url: str, key: SecretKey, data: bytes, *, client: httpx.As
     return digest
 
 
-async def download(url_or_base: str, sha256: str, *, max_bytes: int, client: httpx.AsyncClient | None = None,
-                   timeout: httpx.Timeout | float = DEFAULT_TIMEOUT) -> bytes:
+async def download(
+    url_or_base: str,
+    sha256: str,
+    *,
+    max_bytes: int,
+    client: httpx.AsyncClient | None = None,
+    timeout: httpx.Timeout | float = DEFAULT_TIMEOUT,
+) -> bytes:
     """Fetch the blob ``sha256`` and return its bytes, verified.
 
     ``url_or_base`` is either a blob URL (its path ends in ``/<sha256>[.ext]``, which must
@@ -183,11 +203,11 @@ async def download(url_or_base: str, sha256: str, *, max_bytes: int, client: htt
             declared = response.headers.get("content-length")
             identity = response.headers.get("content-encoding", "identity").lower() == "identity"
             if identity and declared is not None and declared.isdigit() and int(declared) > max_bytes:
-                raise BlobTooLarge(max_bytes)      # refused before reading anything
+                raise BlobTooLarge(max_bytes)  # refused before reading anything
             h = hashlib.sha256()
             parts: list[bytes] = []
             size = 0
-            async for chunk in response.aiter_bytes():   # decoded: the limit bounds what we hold
+            async for chunk in response.aiter_bytes():  # decoded: the limit bounds what we hold
                 size += len(chunk)
                 if size > max_bytes:
                     raise BlobTooLarge(max_bytes)

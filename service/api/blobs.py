@@ -75,6 +75,7 @@ created_at + blob_auth_max_age_seconds)``), so the set is bounded by the rate li
 Settings read (with ``getattr`` defaults, :data:`DEFAULTS`) from ``app.state.settings``;
 the database is ``app.state.sessions``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -134,17 +135,32 @@ TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600
 CACHE_CONTROL = "public, max-age=31536000, immutable"
 BLOB_TYPE = "application/octet-stream"
-CORS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Headers": "Authorization, *",
-        "Access-Control-Allow-Methods": "GET, HEAD, PUT, OPTIONS", "Access-Control-Expose-Headers": "*"}
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Headers": "Authorization, *",
+    "Access-Control-Allow-Methods": "GET, HEAD, PUT, OPTIONS",
+    "Access-Control-Expose-Headers": "*",
+}
 
-DEFAULTS = {"blob_dir": "./blobs", "blob_max_bytes": 5 * 1024 * 1024, "blob_uploads_per_minute": 30.0,
-            "blob_uploads_burst": 10, "blob_allowed_pubkeys": (), "blob_auth_max_age_seconds": 3600,
-            "public_url": None, "blob_key_quota_bytes": 50 * 1024 * 1024, "blob_key_quota_count": 64,
-            "blob_store_quota_bytes": 4 * 1024 ** 3, "blob_retention_seconds": 7 * 86_400,
-            "blob_unreferenced_grace_seconds": 3600, "blob_sweep_interval_seconds": 300.0, "blob_sweep_batch": 500}
+DEFAULTS = {
+    "blob_dir": "./blobs",
+    "blob_max_bytes": 5 * 1024 * 1024,
+    "blob_uploads_per_minute": 30.0,
+    "blob_uploads_burst": 10,
+    "blob_allowed_pubkeys": (),
+    "blob_auth_max_age_seconds": 3600,
+    "public_url": None,
+    "blob_key_quota_bytes": 50 * 1024 * 1024,
+    "blob_key_quota_count": 64,
+    "blob_store_quota_bytes": 4 * 1024**3,
+    "blob_retention_seconds": 7 * 86_400,
+    "blob_unreferenced_grace_seconds": 3600,
+    "blob_sweep_interval_seconds": 300.0,
+    "blob_sweep_batch": 500,
+}
 FINAL = tuple(x.value for x in FINAL_STATES)
-NO_JOB = ""                      # blob_uploads.job_id of an upload that names no job
-MAX_CANDIDATE_JOBS = 50          # open jobs mentioning a key, read to find its newest role
+NO_JOB = ""  # blob_uploads.job_id of an upload that names no job
+MAX_CANDIDATE_JOBS = 50  # open jobs mentioning a key, read to find its newest role
 
 _NAME = re.compile(r"([0-9a-f]{64})(?:\.[A-Za-z0-9]{1,16})?")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -197,7 +213,7 @@ class BlobStore:
     def _ensure_dir(self) -> None:
         if not self.directory.is_dir():
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.directory, 0o700)   # mkdir's mode is masked by the umask
+            os.chmod(self.directory, 0o700)  # mkdir's mode is masked by the umask
 
     def path(self, sha256: str) -> Path:
         if _HEX64.fullmatch(sha256) is None:
@@ -237,9 +253,14 @@ class BlobStore:
                     pass
         return removed
 
-    async def put_stream(self, chunks: AsyncIterator[bytes], *, max_bytes: int, accept: set[str] | None = None,
-                         before_commit: Callable[[str, int], Awaitable[None]] | None = None
-                         ) -> tuple[StoredBlob, bool]:
+    async def put_stream(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        max_bytes: int,
+        accept: set[str] | None = None,
+        before_commit: Callable[[str, int], Awaitable[None]] | None = None,
+    ) -> tuple[StoredBlob, bool]:
         """Store a stream; returns (the blob, whether it was new).
 
         Raises :class:`BlobTooLarge` as soon as more than ``max_bytes`` arrived, and
@@ -271,7 +292,7 @@ class BlobStore:
             return await anyio.to_thread.run_sync(self._commit, tmp, sha256, size)
         finally:
             try:
-                os.unlink(tmp)    # after a successful rename the name is already gone
+                os.unlink(tmp)  # after a successful rename the name is already gone
             except FileNotFoundError:
                 pass
 
@@ -279,7 +300,7 @@ class BlobStore:
         final = self.path(sha256)
         st = self.stat(sha256)
         if st is not None and st.st_size == size and self.hash_file(final) == sha256:
-            return StoredBlob(sha256, size, int(st.st_mtime)), False      # already stored, intact
+            return StoredBlob(sha256, size, int(st.st_mtime)), False  # already stored, intact
         if st is not None:
             log.warning("blob %s on disk does not match its hash; replacing it with the uploaded copy", sha256)
         os.replace(tmp, final)
@@ -374,7 +395,7 @@ class BlobService:
     public_url: str | None
     key_quota_bytes: int = 50 * 1024 * 1024
     key_quota_count: int = 64
-    store_quota_bytes: int = 4 * 1024 ** 3
+    store_quota_bytes: int = 4 * 1024**3
     retention_seconds: int = 7 * 86_400
     grace_seconds: int = 3600
     sweep_interval: float = 300.0
@@ -407,8 +428,9 @@ def build_service(settings: object) -> BlobService:
     return BlobService(
         store=BlobStore(str(_setting(settings, "blob_dir"))),
         seen=SeenAuth(),
-        limits=RateLimiter(float(_setting(settings, "blob_uploads_per_minute")),
-                           int(_setting(settings, "blob_uploads_burst"))),
+        limits=RateLimiter(
+            float(_setting(settings, "blob_uploads_per_minute")), int(_setting(settings, "blob_uploads_burst"))
+        ),
         max_bytes=int(_setting(settings, "blob_max_bytes")),
         allowed=_allowed(_setting(settings, "blob_allowed_pubkeys")),
         auth_max_age=int(_setting(settings, "blob_auth_max_age_seconds")),
@@ -443,8 +465,12 @@ def _client(request: Request) -> str:
 def _rate(svc: BlobService, key: str) -> None:
     allowed, wait = svc.limits.allow(key)
     if not allowed:
-        raise _error(429, "rate_limited", f"too many uploads; retry in {wait:.0f} s",
-                     {"Retry-After": str(max(1, int(wait + 0.999)))})
+        raise _error(
+            429,
+            "rate_limited",
+            f"too many uploads; retry in {wait:.0f} s",
+            {"Retry-After": str(max(1, int(wait + 0.999)))},
+        )
 
 
 # ---------------------------------------------------------------------------- authorization
@@ -468,8 +494,7 @@ def parse_auth(header: str | None, *, now: int, max_age: int) -> Event:
     except (binascii.Error, ValueError, RecursionError):
         raise _auth_error("bad_auth_encoding", "the token is not base64 of a JSON event") from None
     try:
-        event = verify_event(obj, now=now, max_future=MAX_FUTURE_SECONDS, max_age=max_age,
-                             max_bytes=MAX_AUTH_HEADER)
+        event = verify_event(obj, now=now, max_future=MAX_FUTURE_SECONDS, max_age=max_age, max_bytes=MAX_AUTH_HEADER)
     except EventError as e:
         if e.reason == EventErrorReason.CREATED_AT_IN_FUTURE:
             raise _auth_error("auth_not_yet_valid", e.message) from None
@@ -484,8 +509,7 @@ def parse_auth(header: str | None, *, now: int, max_age: int) -> Event:
     expirations = _tag_values(event, "expiration")
     if not expirations:
         raise _auth_error("missing_expiration", "the event must have an ['expiration', <unix time>] tag")
-    if len(expirations) > 1 or not expirations[0].isascii() or not expirations[0].isdigit() \
-            or len(expirations[0]) > 19:
+    if len(expirations) > 1 or not expirations[0].isascii() or not expirations[0].isdigit() or len(expirations[0]) > 19:
         raise _auth_error("bad_auth_event", "the expiration tag must be one Unix timestamp")
     if int(expirations[0]) <= now:
         raise _auth_error("auth_expired", "the authorization event has expired")
@@ -512,7 +536,7 @@ class Roles:
     """Who takes part in a job, as its request says."""
 
     participants: frozenset[str]
-    open_to_anyone: bool      # no named provider and a plain shard: any key may submit
+    open_to_anyone: bool  # no named provider and a plain shard: any key may submit
 
 
 def job_roles(job: Job) -> Roles:
@@ -522,17 +546,23 @@ def job_roles(job: Job) -> Roles:
         escrow = next(t[1] for t in event.tags if len(t) >= 2 and t[0] == "escrow")
         spec = read_job_spec(event.tags, escrow)
     except (ValueError, KeyError, TypeError, StopIteration, CodecError):
-        return Roles(frozenset({job.customer}), False)   # not a request we can read: its customer only
+        return Roles(frozenset({job.customer}), False)  # not a request we can read: its customer only
     named = {*spec.validators, *spec.providers, *(sh.provider for sh in spec.shards if sh.provider)}
-    return Roles(frozenset({job.customer, *named}),
-                 not spec.providers and any(sh.provider is None for sh in spec.shards))
+    return Roles(
+        frozenset({job.customer, *named}), not spec.providers and any(sh.provider is None for sh in spec.shards)
+    )
 
 
 async def _newest_role(s: AsyncSession, pubkey: str) -> str | None:
     """The newest open job ``pubkey`` takes part in (customer, validator, named provider)."""
-    rows = (await s.scalars(select(Job).where(Job.state.not_in(FINAL),
-                                              or_(Job.customer == pubkey, Job.request_raw.contains(pubkey)))
-                            .order_by(Job.created_at.desc()).limit(MAX_CANDIDATE_JOBS))).all()
+    rows = (
+        await s.scalars(
+            select(Job)
+            .where(Job.state.not_in(FINAL), or_(Job.customer == pubkey, Job.request_raw.contains(pubkey)))
+            .order_by(Job.created_at.desc())
+            .limit(MAX_CANDIDATE_JOBS)
+        )
+    ).all()
     return next((j.id for j in rows if pubkey in job_roles(j).participants), None)
 
 
@@ -543,7 +573,7 @@ async def authorize(s: AsyncSession, svc: BlobService, pubkey: str, named: str |
         job = await s.get(Job, named)
         if job is None or job.state in FINAL:
             raise _error(403, "job_not_open", "the job named by the 'e' tag is unknown or finished")
-    if svc.allowed:   # the operator's list replaces the participant rule
+    if svc.allowed:  # the operator's list replaces the participant rule
         if pubkey not in svc.allowed:
             raise _error(403, "pubkey_not_allowed", "this key may not upload blobs here")
         return named if named is not None else (await _newest_role(s, pubkey) or NO_JOB)
@@ -554,15 +584,18 @@ async def authorize(s: AsyncSession, svc: BlobService, pubkey: str, named: str |
         raise _error(403, "not_a_participant", "this key takes no part in the job it names")
     found = await _newest_role(s, pubkey)
     if found is None:
-        raise _error(403, "not_a_participant", "this key takes part in no open job; a provider of a job "
-                                               "open to anyone names it with an ['e', <job id>] tag")
+        raise _error(
+            403,
+            "not_a_participant",
+            "this key takes part in no open job; a provider of a job "
+            "open to anyone names it with an ['e', <job id>] tag",
+        )
     return found
 
 
 def _open_reference() -> ColumnElement[bool]:
     """An upload row that still counts: for no job, or for a job that is not final."""
-    return or_(BlobUpload.job_id == NO_JOB,
-               exists().where(Job.id == BlobUpload.job_id, Job.state.not_in(FINAL)))
+    return or_(BlobUpload.job_id == NO_JOB, exists().where(Job.id == BlobUpload.job_id, Job.state.not_in(FINAL)))
 
 
 async def check_quotas(s: AsyncSession, svc: BlobService, pubkey: str, sha256: str | None, size: int) -> None:
@@ -574,27 +607,42 @@ async def check_quotas(s: AsyncSession, svc: BlobService, pubkey: str, sha256: s
             raise _error(413, "store_full", "the blob store is full; retry once older blobs have expired")
     mine = select(BlobUpload.sha256).where(BlobUpload.uploader == pubkey, _open_reference())
     if sha256 is not None and await s.scalar(select(exists(mine.where(BlobUpload.sha256 == sha256)))):
-        return   # this key already holds this blob: nothing new counts
-    count, used = (await s.execute(select(func.count(), func.coalesce(func.sum(BlobObject.size), 0))
-                                   .where(BlobObject.sha256.in_(mine)))).one()
+        return  # this key already holds this blob: nothing new counts
+    count, used = (
+        await s.execute(
+            select(func.count(), func.coalesce(func.sum(BlobObject.size), 0)).where(BlobObject.sha256.in_(mine))
+        )
+    ).one()
     if count + 1 > svc.key_quota_count or used + size > svc.key_quota_bytes:
-        raise _error(413, "key_quota_exceeded",
-                     f"this key's blobs for open jobs are limited to {svc.key_quota_count} blobs and "
-                     f"{svc.key_quota_bytes} bytes (it holds {count}, {used} bytes)")
+        raise _error(
+            413,
+            "key_quota_exceeded",
+            f"this key's blobs for open jobs are limited to {svc.key_quota_count} blobs and "
+            f"{svc.key_quota_bytes} bytes (it holds {count}, {used} bytes)",
+        )
 
 
-async def record(sessions: async_sessionmaker[AsyncSession], svc: BlobService, pubkey: str, job_id: str,
-                 sha256: str, size: int) -> None:
+async def record(
+    sessions: async_sessionmaker[AsyncSession], svc: BlobService, pubkey: str, job_id: str, sha256: str, size: int
+) -> None:
     """Check the quotas with the exact size and record the blob and its upload, in one transaction."""
     async with sessions.begin() as s:
         await check_quotas(s, svc, pubkey, sha256, size)
         now = utcnow()
         await s.execute(insert_ignore(s, BlobObject.__table__), [{"sha256": sha256, "size": size, "stored_at": now}])
-        res = cast(CursorResult, await s.execute(insert_ignore(s, BlobUpload.__table__), [
-            {"sha256": sha256, "uploader": pubkey, "job_id": job_id, "uploaded_at": now}]))
-        if res.rowcount != 1:   # uploaded again: the grace before expiry counts from now
-            await s.execute(update(BlobUpload).where(BlobUpload.sha256 == sha256, BlobUpload.uploader == pubkey,
-                                                     BlobUpload.job_id == job_id).values(uploaded_at=now))
+        res = cast(
+            CursorResult,
+            await s.execute(
+                insert_ignore(s, BlobUpload.__table__),
+                [{"sha256": sha256, "uploader": pubkey, "job_id": job_id, "uploaded_at": now}],
+            ),
+        )
+        if res.rowcount != 1:  # uploaded again: the grace before expiry counts from now
+            await s.execute(
+                update(BlobUpload)
+                .where(BlobUpload.sha256 == sha256, BlobUpload.uploader == pubkey, BlobUpload.job_id == job_id)
+                .values(uploaded_at=now)
+            )
 
 
 # --------------------------------------------------------------------------------- expiry
@@ -617,26 +665,37 @@ async def sweep(svc: BlobService, sessions: async_sessionmaker[AsyncSession], *,
     """Delete up to ``svc.sweep_batch`` expired blobs (rows and files); returns how many went."""
     now = now or utcnow()
     async with sessions() as s:
-        candidates = list((await s.scalars(select(BlobObject.sha256).where(_expired(now, svc))
-                                           .order_by(BlobObject.stored_at).limit(svc.sweep_batch))).all())
+        candidates = list(
+            (
+                await s.scalars(
+                    select(BlobObject.sha256)
+                    .where(_expired(now, svc))
+                    .order_by(BlobObject.stored_at)
+                    .limit(svc.sweep_batch)
+                )
+            ).all()
+        )
     deleted = 0
     for sha256 in candidates:
         try:
             async with sessions.begin() as s:
-                res = cast(CursorResult, await s.execute(
-                    delete(BlobObject).where(BlobObject.sha256 == sha256, _expired(now, svc))))
+                res = cast(
+                    CursorResult,
+                    await s.execute(delete(BlobObject).where(BlobObject.sha256 == sha256, _expired(now, svc))),
+                )
                 if res.rowcount == 1:
-                    await anyio.to_thread.run_sync(svc.store.remove, sha256)   # before the commit (see above)
+                    await anyio.to_thread.run_sync(svc.store.remove, sha256)  # before the commit (see above)
                     deleted += 1
-        except Exception:   # one blob's failure never stops the others
+        except Exception:  # one blob's failure never stops the others
             log.exception("deleting expired blob %s failed", sha256)
     if deleted < svc.sweep_batch:
         deleted += await _sweep_orphans(svc, sessions, now, svc.sweep_batch - deleted)
     return deleted
 
 
-async def _sweep_orphans(svc: BlobService, sessions: async_sessionmaker[AsyncSession], now: datetime,
-                         limit: int) -> int:
+async def _sweep_orphans(
+    svc: BlobService, sessions: async_sessionmaker[AsyncSession], now: datetime, limit: int
+) -> int:
     """Files with no row (a store from before these records, a crashed deletion), untouched for the
     retention: removed (the retention, not the grace: an old store's files may serve open jobs)."""
     before = now.timestamp() - max(svc.retention_seconds, svc.grace_seconds)
@@ -657,14 +716,17 @@ async def run_sweeper(app: FastAPI) -> None:
     interval = float(_setting(app.state.settings, "blob_sweep_interval_seconds"))
     while True:
         # A store never used has no directory yet: nothing to sweep, and none is created for it.
-        if getattr(app.state, "blobs", None) is not None or Path(str(_setting(app.state.settings, "blob_dir"))).is_dir():
+        if (
+            getattr(app.state, "blobs", None) is not None
+            or Path(str(_setting(app.state.settings, "blob_dir"))).is_dir()
+        ):
             svc = service_for(app)
             interval = svc.sweep_interval
             try:
                 n = await sweep(svc, app.state.sessions)
                 if n:
                     log.info("blob sweep: %d expired blob(s) deleted", n)
-            except Exception:   # retried at the next pass
+            except Exception:  # retried at the next pass
                 log.exception("blob sweep failed")
         await asyncio.sleep(interval)
 
@@ -681,16 +743,24 @@ class BlobDescriptor(BaseModel):
 
 
 def _descriptor(request: Request, svc: BlobService, blob: StoredBlob) -> dict:
-    base = svc.public_url or str(request.base_url).rstrip("/")   # base_url carries any root path
-    return {"url": f"{base}{PREFIX}/{blob.sha256}", "sha256": blob.sha256, "size": blob.size, "type": BLOB_TYPE,
-            "uploaded": blob.uploaded}
+    base = svc.public_url or str(request.base_url).rstrip("/")  # base_url carries any root path
+    return {
+        "url": f"{base}{PREFIX}/{blob.sha256}",
+        "sha256": blob.sha256,
+        "size": blob.size,
+        "type": BLOB_TYPE,
+        "uploaded": blob.uploaded,
+    }
 
 
 def _parse_name(name: str) -> str:
     m = _NAME.fullmatch(name)
     if m is None:
-        raise _error(400, "invalid_hash", "a blob is named by 64 lowercase hex characters (SHA-256), "
-                                          "optionally followed by a file extension")
+        raise _error(
+            400,
+            "invalid_hash",
+            "a blob is named by 64 lowercase hex characters (SHA-256), optionally followed by a file extension",
+        )
     return m.group(1)
 
 
@@ -718,8 +788,7 @@ def _serve(request: Request, name: str) -> Response:
     return FileResponse(svc.store.path(sha256), media_type=BLOB_TYPE, stat_result=st, headers=headers)
 
 
-_BLOB_RESPONSES = {200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}},
-                   **responses(400, 404)}
+_BLOB_RESPONSES = {200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}}, **responses(400, 404)}
 
 
 @router.head("/upload", responses=responses(400, 413), include_in_schema=True)
@@ -743,11 +812,18 @@ async def upload_requirements(request: Request) -> Response:
     return Response(status_code=200, headers=CORS)
 
 
-@router.put("/upload", response_model=BlobDescriptor,
-            responses=responses(400, 401, 403, 413, 429, 503),
-            openapi_extra={"requestBody": {"required": True, "description": "the blob's bytes",
-                                           "content": {BLOB_TYPE: {"schema": {"type": "string",
-                                                                              "format": "binary"}}}}})
+@router.put(
+    "/upload",
+    response_model=BlobDescriptor,
+    responses=responses(400, 401, 403, 413, 429, 503),
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "the blob's bytes",
+            "content": {BLOB_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    },
+)
 async def upload(request: Request) -> JSONResponse:
     """Upload a blob (Blossom BUD-02). ``Authorization: Nostr <base64 event>``: kind 24242 with
     ``["t","upload"]``, ``["x", <sha256 of the body>]``, a future ``["expiration", <unix time>]``
@@ -786,13 +862,15 @@ async def upload(request: Request) -> JSONResponse:
         await record(sessions, svc, event.pubkey, job_id, sha256, size)
 
     try:
-        blob, _new = await svc.store.put_stream(request.stream(), max_bytes=svc.max_bytes, accept=accept,
-                                                before_commit=before_commit)
+        blob, _new = await svc.store.put_stream(
+            request.stream(), max_bytes=svc.max_bytes, accept=accept, before_commit=before_commit
+        )
     except BlobTooLarge:
         raise _error(413, "blob_too_large", f"blobs are limited to {svc.max_bytes} bytes") from None
     except HashNotAccepted as e:
-        raise _error(403, "hash_mismatch",
-                     f"the body's sha256 is {e.args[0]}, which no 'x' tag of the authorization names") from None
+        raise _error(
+            403, "hash_mismatch", f"the body's sha256 is {e.args[0]}, which no 'x' tag of the authorization names"
+        ) from None
     except ClientDisconnect:
         raise _error(400, "incomplete_body", "the client went away before the body was complete") from None
     except OSError as e:

@@ -20,6 +20,7 @@ Reads go through :mod:`service.api.queries` (which never selects a preimage) and
 :mod:`service.quarantine`; the actions, retrying a payout and replaying a quarantined item,
 through :mod:`service.api.actions`, each in one transaction and audited.
 """
+
 from __future__ import annotations
 
 import base64
@@ -65,11 +66,11 @@ PAGE_SIZE = 25
 MAX_PAGE = 1_000_000
 MAX_FORM_BYTES = 8 * 1024
 MAX_REASON = 500
-STATES = tuple(s.value for s in JobState if s is not JobState.NEW)   # NEW: never a stored job's
+STATES = tuple(s.value for s in JobState if s is not JobState.NEW)  # NEW: never a stored job's
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
-                               "frame-ancestors 'none'; base-uri 'none'",
+    "frame-ancestors 'none'; base-uri 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -78,6 +79,7 @@ SECURITY_HEADERS = {
 
 
 # ---- formatting -------------------------------------------------------------------------
+
 
 def sat(msat: int | None) -> str:
     """Millisatoshis as sats with msat precision: ``1234567`` -> ``1,234.567 sat``."""
@@ -136,10 +138,16 @@ def compact(value: object) -> str:
 
 
 def _env() -> jinja2.Environment:
-    env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
-                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-    env.filters.update(sat=sat, when=when, short=short, abbr=abbr, pretty=pretty, compact=compact,
-                       q=lambda v: quote(str(v), safe=""))
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(HERE / "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters.update(
+        sat=sat, when=when, short=short, abbr=abbr, pretty=pretty, compact=compact, q=lambda v: quote(str(v), safe="")
+    )
     return env
 
 
@@ -147,6 +155,7 @@ templates = Jinja2Templates(env=_env())
 
 
 # ---- secrets ------------------------------------------------------------------------------
+
 
 def _key(request: Request) -> bytes | None:
     """The admin token as the HMAC key, or None when the dashboard is disabled."""
@@ -197,6 +206,7 @@ def _decode_flash(key: bytes, cookie: str | None) -> dict | None:
 
 # ---- helpers ------------------------------------------------------------------------------
 
+
 def _root(request: Request) -> str:
     return request.scope.get("root_path", "").rstrip("/")
 
@@ -207,13 +217,19 @@ def _secure(request: Request) -> bool:
 
 def _render(request: Request, name: str, status: int = 200, *, key: Signed | None = None, **ctx: object) -> Response:
     flash = _decode_flash(key.key, request.cookies.get(FLASH_COOKIE)) if key else None
-    ctx.update(root=_root(request), csrf=csrf_value(key) if key else "", signed_in=key is not None,
-               flash=flash, page_name=name.removesuffix(".html"))
+    ctx.update(
+        root=_root(request),
+        csrf=csrf_value(key) if key else "",
+        signed_in=key is not None,
+        flash=flash,
+        page_name=name.removesuffix(".html"),
+    )
     ctx.setdefault("title", "")
     resp = templates.TemplateResponse(request, name, ctx, status_code=status, headers=SECURITY_HEADERS)
     if FLASH_COOKIE in request.cookies:
-        resp.delete_cookie(FLASH_COOKIE, path=_root(request) + "/admin", secure=_secure(request), httponly=True,
-                           samesite="strict")
+        resp.delete_cookie(
+            FLASH_COOKIE, path=_root(request) + "/admin", secure=_secure(request), httponly=True, samesite="strict"
+        )
     return resp
 
 
@@ -221,18 +237,27 @@ def _message(request: Request, status: int, title: str, text: str, *, key: Signe
     return _render(request, "message.html", status, key=key, title=title, text=text)
 
 
-def _redirect(request: Request, path: str, *, key: Signed | None = None, flash: tuple[str, str] | None = None
-              ) -> RedirectResponse:
+def _redirect(
+    request: Request, path: str, *, key: Signed | None = None, flash: tuple[str, str] | None = None
+) -> RedirectResponse:
     resp = RedirectResponse(_root(request) + path, status_code=303, headers=SECURITY_HEADERS)
     if flash is not None and key is not None:
-        resp.set_cookie(FLASH_COOKIE, _encode_flash(key.key, *flash), max_age=FLASH_SECONDS,
-                        path=_root(request) + "/admin", secure=_secure(request), httponly=True, samesite="strict")
+        resp.set_cookie(
+            FLASH_COOKIE,
+            _encode_flash(key.key, *flash),
+            max_age=FLASH_SECONDS,
+            path=_root(request) + "/admin",
+            secure=_secure(request),
+            httponly=True,
+            samesite="strict",
+        )
     return resp
 
 
 def _disabled(request: Request) -> Response:
-    return _message(request, 503, "Admin disabled",
-                    "admin disabled: no admin token is configured (set FEDSTR_ADMIN_TOKEN).")
+    return _message(
+        request, 503, "Admin disabled", "admin disabled: no admin token is configured (set FEDSTR_ADMIN_TOKEN)."
+    )
 
 
 async def _signed_in(request: Request) -> Signed | Response:
@@ -243,8 +268,11 @@ async def _signed_in(request: Request) -> Signed | Response:
     cookie = request.cookies.get(COOKIE, "")
     if cookie and len(cookie) <= 100:
         async with request.app.state.sessions() as s:
-            found = await s.scalar(select(func.count()).select_from(AdminSession).where(
-                AdminSession.id == session_id(key, cookie), AdminSession.expires_at > utcnow()))
+            found = await s.scalar(
+                select(func.count())
+                .select_from(AdminSession)
+                .where(AdminSession.id == session_id(key, cookie), AdminSession.expires_at > utcnow())
+            )
         if found:
             return Signed(key, cookie)
     return _redirect(request, "/admin/login")
@@ -258,8 +286,11 @@ async def _start_session(request: Request, key: bytes) -> str:
         await s.execute(delete(AdminSession).where(AdminSession.expires_at <= now))
         keep = select(AdminSession.id).order_by(AdminSession.created_at.desc()).limit(MAX_SESSIONS - 1)
         await s.execute(delete(AdminSession).where(AdminSession.id.not_in(keep.scalar_subquery())))
-        s.add(AdminSession(id=session_id(key, cookie), created_at=now,
-                           expires_at=now + timedelta(seconds=SESSION_SECONDS)))
+        s.add(
+            AdminSession(
+                id=session_id(key, cookie), created_at=now, expires_at=now + timedelta(seconds=SESSION_SECONDS)
+            )
+        )
     return cookie
 
 
@@ -290,8 +321,13 @@ async def _checked_form(request: Request, key: Signed) -> dict[str, str] | Respo
     except _FormTooLarge:
         return _message(request, 413, "Too large", "the form is too large.", key=key)
     if not hmac.compare_digest(form.get("csrf", "").encode(), csrf_value(key).encode()):
-        return _message(request, 403, "Forbidden",
-                        "the form's CSRF token is missing or wrong: reload the page and try again.", key=key)
+        return _message(
+            request,
+            403,
+            "Forbidden",
+            "the form's CSRF token is missing or wrong: reload the page and try again.",
+            key=key,
+        )
     return form
 
 
@@ -304,10 +340,14 @@ def _page(request: Request) -> int:
 
 # ---- sign-in ------------------------------------------------------------------------------
 
+
 @router.get("/admin/static/dashboard.css", name="admin_css")
 async def stylesheet() -> Response:
-    return Response((HERE / "static" / "dashboard.css").read_bytes(), media_type="text/css",
-                    headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"})
+    return Response(
+        (HERE / "static" / "dashboard.css").read_bytes(),
+        media_type="text/css",
+        headers={"Cache-Control": "max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 @router.get("/admin/login", name="admin_login")
@@ -326,8 +366,9 @@ async def login(request: Request) -> Response:
     who = client_address(request)
     wait = throttle.retry_after(who)
     if wait is not None:
-        resp = _render(request, "login.html", 429, title="Sign in",
-                       error="too many wrong tokens: wait a few minutes and try again")
+        resp = _render(
+            request, "login.html", 429, title="Sign in", error="too many wrong tokens: wait a few minutes and try again"
+        )
         resp.headers["Retry-After"] = str(wait)
         return resp
     try:
@@ -339,8 +380,15 @@ async def login(request: Request) -> Response:
         throttle.failed(who)
         return _render(request, "login.html", 401, title="Sign in", error="wrong token")
     resp = _redirect(request, "/admin")
-    resp.set_cookie(COOKIE, await _start_session(request, key), max_age=SESSION_SECONDS,
-                    path=_root(request) + "/admin", secure=_secure(request), httponly=True, samesite="strict")
+    resp.set_cookie(
+        COOKIE,
+        await _start_session(request, key),
+        max_age=SESSION_SECONDS,
+        path=_root(request) + "/admin",
+        secure=_secure(request),
+        httponly=True,
+        samesite="strict",
+    )
     return resp
 
 
@@ -355,12 +403,14 @@ async def logout(request: Request) -> Response:
     async with request.app.state.sessions.begin() as s:
         await s.execute(delete(AdminSession).where(AdminSession.id == session_id(key.key, key.cookie)))
     resp = _redirect(request, "/admin/login")
-    resp.delete_cookie(COOKIE, path=_root(request) + "/admin", secure=_secure(request), httponly=True,
-                       samesite="strict")
+    resp.delete_cookie(
+        COOKIE, path=_root(request) + "/admin", secure=_secure(request), httponly=True, samesite="strict"
+    )
     return resp
 
 
 # ---- pages --------------------------------------------------------------------------------
+
 
 @router.get("/admin", name="admin_overview")
 async def overview(request: Request) -> Response:
@@ -371,8 +421,15 @@ async def overview(request: Request) -> Response:
         data = await queries.overview(s)
         quarantined = sum((await quarantine.Quarantine.counts(s)).values())
     nostr = getattr(request.app.state, "nostr", None)
-    return _render(request, "overview.html", key=key, title="Overview", o=data, quarantined=quarantined,
-                   relays=nostr.pool.status() if nostr is not None else [])
+    return _render(
+        request,
+        "overview.html",
+        key=key,
+        title="Overview",
+        o=data,
+        quarantined=quarantined,
+        relays=nostr.pool.status() if nostr is not None else [],
+    )
 
 
 @router.get("/admin/jobs", name="admin_jobs")
@@ -390,9 +447,21 @@ async def jobs(request: Request) -> Response:
 
     def link(p: int) -> str:
         return "?" + urlencode({k: v for k, v in (("state", state), ("page", p)) if v})
-    return _render(request, "jobs.html", key=key, title="Jobs", jobs=rows, total=total, state=state, states=STATES,
-                   page=page, pages=pages, prev_link=link(page - 1) if page > 1 else None,
-                   next_link=link(page + 1) if page < pages else None)
+
+    return _render(
+        request,
+        "jobs.html",
+        key=key,
+        title="Jobs",
+        jobs=rows,
+        total=total,
+        state=state,
+        states=STATES,
+        page=page,
+        pages=pages,
+        prev_link=link(page - 1) if page > 1 else None,
+        next_link=link(page + 1) if page < pages else None,
+    )
 
 
 @router.get("/admin/jobs/{job_id}", name="admin_job")
@@ -440,18 +509,19 @@ async def retry_payout(request: Request, payout_id: str) -> Response:
     if isinstance(action, Response):
         return action
     key, reason = action
-    if len(payout_id) > 200:    # longer than any payout id can be
+    if len(payout_id) > 200:  # longer than any payout id can be
         return _redirect(request, "/admin/payouts", key=key, flash=("error", "retry refused: no such payout"))
     sessions = request.app.state.sessions
     try:
         async with sessions.begin() as s:
             outcome = await actions.retry_payout(s, payout_id, reason)
     except actions.ActionRefused as e:
-        async with sessions.begin() as s:   # the refusal is audited too, in a transaction of its own
+        async with sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
             await actions.audit(s, "retry_payout", payout_id, reason, f"refused: {e.code}")
         return _redirect(request, "/admin/payouts", key=key, flash=("error", f"retry refused: {e.message}"))
-    return _redirect(request, "/admin/payouts", key=key,
-                     flash=("ok", f"payout {abbr(payout_id)} will be retried (now {outcome})"))
+    return _redirect(
+        request, "/admin/payouts", key=key, flash=("ok", f"payout {abbr(payout_id)} will be retried (now {outcome})")
+    )
 
 
 @router.get("/admin/ledger", name="admin_ledger")
@@ -468,10 +538,20 @@ async def ledger_page(request: Request) -> Response:
         start = max(0, end - PAGE_SIZE)
         recent = list(reversed(await queries.postings(s, limit=end - start, offset=start))) if end > 0 else []
     pages = max(1, math.ceil(total / PAGE_SIZE))
-    return _render(request, "ledger.html", key=key, title="Ledger", accounts=accts,
-                   balance_sum=sum(a["balance_msat"] for a in accts), postings=recent, total=total, page=page,
-                   pages=pages, prev_link=f"?page={page - 1}" if page > 1 else None,
-                   next_link=f"?page={page + 1}" if page < pages else None)
+    return _render(
+        request,
+        "ledger.html",
+        key=key,
+        title="Ledger",
+        accounts=accts,
+        balance_sum=sum(a["balance_msat"] for a in accts),
+        postings=recent,
+        total=total,
+        page=page,
+        pages=pages,
+        prev_link=f"?page={page - 1}" if page > 1 else None,
+        next_link=f"?page={page + 1}" if page < pages else None,
+    )
 
 
 @router.get("/admin/events", name="admin_events")
@@ -494,10 +574,21 @@ async def quarantine_page(request: Request) -> Response:
         rows, total = await quarantine.listing(s, limit=PAGE_SIZE, offset=(page - 1) * PAGE_SIZE)
         retrying, retrying_total = await quarantine.listing(s, limit=PAGE_SIZE, quarantined=False)
     pages = max(1, math.ceil(total / PAGE_SIZE))
-    return _render(request, "quarantine.html", key=key, title="Quarantine", items=rows, total=total,
-                   retrying=retrying, retrying_total=retrying_total, max_reason=MAX_REASON, page=page, pages=pages,
-                   prev_link=f"?page={page - 1}" if page > 1 else None,
-                   next_link=f"?page={page + 1}" if page < pages else None)
+    return _render(
+        request,
+        "quarantine.html",
+        key=key,
+        title="Quarantine",
+        items=rows,
+        total=total,
+        retrying=retrying,
+        retrying_total=retrying_total,
+        max_reason=MAX_REASON,
+        page=page,
+        pages=pages,
+        prev_link=f"?page={page - 1}" if page > 1 else None,
+        next_link=f"?page={page + 1}" if page < pages else None,
+    )
 
 
 @router.post("/admin/quarantine/{source}/{ref:path}/replay")
@@ -513,9 +604,13 @@ async def replay_quarantined(request: Request, source: str, ref: str) -> Respons
         async with sessions.begin() as s:
             outcome = await actions.replay_quarantined(s, source, ref, reason)
     except actions.ActionRefused as e:
-        async with sessions.begin() as s:   # the refusal is audited too, in a transaction of its own
+        async with sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
             await actions.audit(s, "replay_quarantined", f"{source}/{ref}", reason, f"refused: {e.code}")
         return _redirect(request, "/admin/quarantine", key=key, flash=("error", f"replay refused: {e.message}"))
     actions.wake_for_replay(request.app.state, source)
-    return _redirect(request, "/admin/quarantine", key=key,
-                     flash=("ok", f"{source} {abbr(ref)} will be processed again (now {outcome})"))
+    return _redirect(
+        request,
+        "/admin/quarantine",
+        key=key,
+        flash=("ok", f"{source} {abbr(ref)} will be processed again (now {outcome})"),
+    )

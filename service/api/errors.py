@@ -5,6 +5,7 @@ served as ``application/problem+json``. Validation errors list the failing field
 (location and message, never the submitted values). Unexpected exceptions become a
 bare 500 ``internal_error``: no stack trace, no secret reaches a client.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,9 +18,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
 
-TITLES = {400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
-          409: "Conflict", 413: "Content Too Large", 415: "Unsupported Media Type", 422: "Unprocessable Content",
-          429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable"}
+TITLES = {
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    415: "Unsupported Media Type",
+    422: "Unprocessable Content",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 class Problem(BaseModel):
@@ -40,10 +52,16 @@ class ApiError(Exception):
         super().__init__(f"{status} {code}: {detail}")
 
 
-def problem(status: int, code: str, detail: str, *, errors: list[dict] | None = None,
-            headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"type": f"https://fedstr-escrow/problems/{code}", "title": TITLES.get(status, "Error"),
-            "status": status, "code": code, "detail": detail}
+def problem(
+    status: int, code: str, detail: str, *, errors: list[dict] | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {
+        "type": f"https://fedstr-escrow/problems/{code}",
+        "title": TITLES.get(status, "Error"),
+        "status": status,
+        "code": code,
+        "detail": detail,
+    }
     if errors is not None:
         body["errors"] = errors
     return JSONResponse(body, status_code=status, media_type="application/problem+json", headers=headers)
@@ -51,8 +69,10 @@ def problem(status: int, code: str, detail: str, *, errors: list[dict] | None = 
 
 def responses(*statuses: int) -> dict:
     """OpenAPI ``responses`` entries for the problem shape."""
-    return {s: {"model": Problem, "description": TITLES.get(s, "Error"),
-                "content": {"application/problem+json": {}}} for s in statuses}
+    return {
+        s: {"model": Problem, "description": TITLES.get(s, "Error"), "content": {"application/problem+json": {}}}
+        for s in statuses
+    }
 
 
 def install(app: FastAPI) -> None:
@@ -62,8 +82,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))[:200]}
-                  for e in exc.errors()[:20]]
+        errors = [
+            {"loc": [str(x) for x in e.get("loc", ())], "msg": str(e.get("msg", ""))[:200]} for e in exc.errors()[:20]
+        ]
         return problem(422, "invalid_request", "the request does not match the schema", errors=errors)
 
     @app.exception_handler(StarletteHTTPException)

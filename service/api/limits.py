@@ -18,6 +18,7 @@ named in ``X-Forwarded-For`` (uvicorn does this only for ``FEDSTR_TRUSTED_PROXIE
 The body limit refuses a request whose ``Content-Length`` is over the limit, and
 stops reading a chunked body once it passes it (413 ``body_too_large``).
 """
+
 from __future__ import annotations
 
 import time
@@ -54,8 +55,12 @@ class RateLimiter:
     def check(self, key: str) -> None:
         allowed, wait = self.allow(key)
         if not allowed:
-            raise ApiError(429, "rate_limited", f"too many requests; retry in {wait:.0f} s",
-                           headers={"Retry-After": str(max(1, int(wait + 0.999)))})
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests; retry in {wait:.0f} s",
+                headers={"Retry-After": str(max(1, int(wait + 0.999)))},
+            )
 
 
 def client_address(request: Request) -> str:
@@ -70,8 +75,14 @@ class FailureThrottle:
     first, so a flood of new addresses cannot wipe the record of an active guesser.
     """
 
-    def __init__(self, allowed: int = 10, window: float = 300.0, *, max_keys: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        allowed: int = 10,
+        window: float = 300.0,
+        *,
+        max_keys: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.allowed = allowed
         self.window = window
         self.max_keys = max_keys
@@ -98,7 +109,7 @@ class FailureThrottle:
         now = self.clock()
         times = self._recent(who, now)
         times.append(now)
-        self._seen[who] = times[-self.allowed:]
+        self._seen[who] = times[-self.allowed :]
         self._seen.move_to_end(who)
         while len(self._seen) > self.max_keys:
             self._seen.popitem(last=False)
@@ -106,15 +117,19 @@ class FailureThrottle:
     def check(self, who: str) -> None:
         wait = self.retry_after(who)
         if wait is not None:
-            raise ApiError(429, "too_many_failures", f"too many wrong credentials from this address; retry in {wait} s",
-                           headers={"Retry-After": str(wait)})
+            raise ApiError(
+                429,
+                "too_many_failures",
+                f"too many wrong credentials from this address; retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
 
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int, *, exempt_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
         self.max_bytes = max_bytes
-        self.exempt_paths = exempt_paths   # routes that enforce a limit of their own while streaming
+        self.exempt_paths = exempt_paths  # routes that enforce a limit of their own while streaming
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("path") in self.exempt_paths:
@@ -127,7 +142,9 @@ class BodyLimit:
                 except ValueError:
                     too_big = True
                 if too_big:
-                    await problem(413, "body_too_large", f"request body over {self.max_bytes} bytes")(scope, receive, send)
+                    await problem(413, "body_too_large", f"request body over {self.max_bytes} bytes")(
+                        scope, receive, send
+                    )
                     return
         seen = 0
 

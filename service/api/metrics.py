@@ -8,6 +8,7 @@ The totals are the escrow's business: ``/metrics`` needs ``Authorization: Bearer
 ``FEDSTR_METRICS_TOKEN`` or the admin token (one bearer check, throttled like the admin API;
 ``service.api.admin.check_bearer``). With neither configured it answers 404 ``metrics_disabled``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -44,8 +45,9 @@ async def metrics(request: Request) -> PlainTextResponse:
     check_bearer(request, tokens)
     out: list[str] = []
 
-    def gauge(name: str, help_: str, samples: Sequence[tuple[Mapping[str, str] | None, float]],
-              kind: str = "gauge") -> None:
+    def gauge(
+        name: str, help_: str, samples: Sequence[tuple[Mapping[str, str] | None, float]], kind: str = "gauge"
+    ) -> None:
         out.append(f"# HELP {name} {help_}")
         out.append(f"# TYPE {name} {kind}")
         out.extend(_line(name, v, lbl) for lbl, v in samples)
@@ -56,33 +58,62 @@ async def metrics(request: Request) -> PlainTextResponse:
             by_state[state] = n
         gauge("fedstr_jobs", "Jobs by state.", [({"state": k}, v) for k, v in sorted(by_state.items())])
         payouts = dict((await s.execute(select(Payout.state, func.count()).group_by(Payout.state))).all())
-        gauge("fedstr_payouts", "Payouts by state.",
-              [({"state": k}, payouts.get(k, 0)) for k in
-               ("pending", "sending", "succeeded", "failed", "unknown", "needs_invoice")])
+        gauge(
+            "fedstr_payouts",
+            "Payouts by state.",
+            [
+                ({"state": k}, payouts.get(k, 0))
+                for k in ("pending", "sending", "succeeded", "failed", "unknown", "needs_invoice")
+            ],
+        )
         ov = await queries.overview(s)
         gauge("fedstr_escrow_msat", "Money held in escrow (ledger).", [(None, ov["escrow_msat"])])
         gauge("fedstr_payable_msat", "Money owed to payees (ledger).", [(None, ov["payable_msat"])])
         gauge("fedstr_fees_earned_msat", "Fee income (ledger).", [(None, ov["fees_earned_msat"])])
-        gauge("fedstr_inbox_events_total", "Verified events stored in the inbox.",
-              [(None, await s.scalar(select(func.count()).select_from(InboxEvent)))], "counter")
-        gauge("fedstr_rejected_events", "Rejected events kept in the log.",
-              [(None, await s.scalar(select(func.count()).select_from(RejectedEvent)))])
-        gauge("fedstr_quarantined_items", "Items a loop gave up on, waiting for an operator's replay.",
-              [({"source": k}, v) for k, v in (await quarantine.Quarantine.counts(s)).items()])
+        gauge(
+            "fedstr_inbox_events_total",
+            "Verified events stored in the inbox.",
+            [(None, await s.scalar(select(func.count()).select_from(InboxEvent)))],
+            "counter",
+        )
+        gauge(
+            "fedstr_rejected_events",
+            "Rejected events kept in the log.",
+            [(None, await s.scalar(select(func.count()).select_from(RejectedEvent)))],
+        )
+        gauge(
+            "fedstr_quarantined_items",
+            "Items a loop gave up on, waiting for an operator's replay.",
+            [({"source": k}, v) for k, v in (await quarantine.Quarantine.counts(s)).items()],
+        )
         # Settlement detection: our fact's time minus LND's settle time is not kept; we expose the
         # time from invoice creation to the funding fact, and from a payout's creation to success.
-        fund = (await s.execute(select(LnFact.observed_at, LnInvoice.created_at)
-                                .join(LnInvoice, LnInvoice.payment_hash == LnFact.payment_hash)
-                                .where(LnFact.kind.in_(("accepted", "settled"))).order_by(LnFact.seq.desc())
-                                .limit(500))).all()
-        paid = (await s.execute(select(PayoutAttempt.updated_at, PayoutAttempt.created_at)
-                                .where(PayoutAttempt.state == "succeeded")
-                                .order_by(PayoutAttempt.updated_at.desc()).limit(500))).all()
-    for name, help_, rows in (("fedstr_funding_seconds", "Invoice created -> funding fact (last 500).", fund),
-                              ("fedstr_payout_seconds", "Payout attempt written -> succeeded (last 500).", paid)):
+        fund = (
+            await s.execute(
+                select(LnFact.observed_at, LnInvoice.created_at)
+                .join(LnInvoice, LnInvoice.payment_hash == LnFact.payment_hash)
+                .where(LnFact.kind.in_(("accepted", "settled")))
+                .order_by(LnFact.seq.desc())
+                .limit(500)
+            )
+        ).all()
+        paid = (
+            await s.execute(
+                select(PayoutAttempt.updated_at, PayoutAttempt.created_at)
+                .where(PayoutAttempt.state == "succeeded")
+                .order_by(PayoutAttempt.updated_at.desc())
+                .limit(500)
+            )
+        ).all()
+    for name, help_, rows in (
+        ("fedstr_funding_seconds", "Invoice created -> funding fact (last 500).", fund),
+        ("fedstr_payout_seconds", "Payout attempt written -> succeeded (last 500).", paid),
+    ):
         secs = sorted(max(0.0, (a - b).total_seconds()) for a, b in rows if a and b)
-        samples = [({"quantile": q}, secs[min(len(secs) - 1, int(len(secs) * float(q)))] if secs else 0.0)
-                   for q in ("0.5", "0.99")]
+        samples = [
+            ({"quantile": q}, secs[min(len(secs) - 1, int(len(secs) * float(q)))] if secs else 0.0)
+            for q in ("0.5", "0.99")
+        ]
         gauge(name, help_, samples + [({"stat": "count"}, len(secs))])
     lnd_up = 0.0
     if st.lnd is not None:
@@ -93,26 +124,55 @@ async def metrics(request: Request) -> PlainTextResponse:
     gauge("fedstr_lnd_up", "LND reachable and synced.", [(None, lnd_up)])
     if st.lightning is not None:
         h = st.lightning.watcher.health
-        gauge("fedstr_invoice_stream_up", "The LND invoice stream is connected (leader only).",
-              [(None, 1.0 if h.connected else 0.0)])
-        gauge("fedstr_settlement_facts_total", "Settlement facts recorded by this process.",
-              [(None, h.facts_recorded)], "counter")
-        gauge("fedstr_payouts_paused", "Payouts paused by reconciliation.", [(None, 1.0 if st.lightning.paused else 0.0)])
+        gauge(
+            "fedstr_invoice_stream_up",
+            "The LND invoice stream is connected (leader only).",
+            [(None, 1.0 if h.connected else 0.0)],
+        )
+        gauge(
+            "fedstr_settlement_facts_total",
+            "Settlement facts recorded by this process.",
+            [(None, h.facts_recorded)],
+            "counter",
+        )
+        gauge(
+            "fedstr_payouts_paused", "Payouts paused by reconciliation.", [(None, 1.0 if st.lightning.paused else 0.0)]
+        )
     if st.nostr is not None:
-        gauge("fedstr_relay_up", "Relay connected (leader only).",
-              [({"relay": r["url"]}, 1.0 if r["connected"] else 0.0) for r in st.nostr.pool.status()])
-        gauge("fedstr_relay_accepting", "Relay takes our events: 0 while its newest answer to one was a "
-              "refusal (leader only).",
-              [({"relay": r["url"]}, 0.0 if r["accepting"] is False else 1.0) for r in st.nostr.pool.status()])
-        gauge("fedstr_relay_events_refused_total", "Our events refused per relay (leader only).",
-              [({"relay": r["url"]}, r["events_refused"]) for r in st.nostr.pool.status()], "counter")
-        gauge("fedstr_relay_events_received_total", "Events received per relay.",
-              [({"relay": r["url"]}, r["events_received"]) for r in st.nostr.pool.status()], "counter")
-    gauge("fedstr_webhooks_refused_total", "Refused webhooks by reason.",
-          [({"reason": k}, v) for k, v in sorted(st.webhooks_refused.items())] or [({"reason": "none"}, 0)],
-          "counter")
+        gauge(
+            "fedstr_relay_up",
+            "Relay connected (leader only).",
+            [({"relay": r["url"]}, 1.0 if r["connected"] else 0.0) for r in st.nostr.pool.status()],
+        )
+        gauge(
+            "fedstr_relay_accepting",
+            "Relay takes our events: 0 while its newest answer to one was a refusal (leader only).",
+            [({"relay": r["url"]}, 0.0 if r["accepting"] is False else 1.0) for r in st.nostr.pool.status()],
+        )
+        gauge(
+            "fedstr_relay_events_refused_total",
+            "Our events refused per relay (leader only).",
+            [({"relay": r["url"]}, r["events_refused"]) for r in st.nostr.pool.status()],
+            "counter",
+        )
+        gauge(
+            "fedstr_relay_events_received_total",
+            "Events received per relay.",
+            [({"relay": r["url"]}, r["events_received"]) for r in st.nostr.pool.status()],
+            "counter",
+        )
+    gauge(
+        "fedstr_webhooks_refused_total",
+        "Refused webhooks by reason.",
+        [({"reason": k}, v) for k, v in sorted(st.webhooks_refused.items())] or [({"reason": "none"}, 0)],
+        "counter",
+    )
     failures = st.escrow.quarantine.failures if st.escrow is not None else {}
-    gauge("fedstr_item_failures_total", "Item failures (each retry that failed) in this process, by loop.",
-          [({"source": k}, failures.get(k, 0)) for k in quarantine.SOURCES], "counter")
+    gauge(
+        "fedstr_item_failures_total",
+        "Item failures (each retry that failed) in this process, by loop.",
+        [({"source": k}, failures.get(k, 0)) for k in quarantine.SOURCES],
+        "counter",
+    )
     gauge("fedstr_leader", "This replica is the leader.", [(None, 1.0 if st.leadership.is_leader else 0.0)])
     return PlainTextResponse("\n".join(out) + "\n", media_type="text/plain; version=0.0.4")

@@ -1,4 +1,5 @@
 """Tables of the HTTP side: the admin audit log, dashboard sessions, and the blob store's records."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -49,8 +50,9 @@ class BlobUpload(Base):
 
     __tablename__ = "blob_uploads"
 
-    sha256: Mapped[str] = mapped_column(String(64), ForeignKey("blob_objects.sha256", ondelete="CASCADE"),
-                                        primary_key=True)
+    sha256: Mapped[str] = mapped_column(
+        String(64), ForeignKey("blob_objects.sha256", ondelete="CASCADE"), primary_key=True
+    )
     uploader: Mapped[str] = mapped_column(String(64), primary_key=True)
     job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     uploaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -3,6 +3,7 @@
 A submitted event goes through exactly the same intake as one from a relay: strict
 NIP-01 verification, the inbox (stored once by id), then the engine.
 """
+
 from __future__ import annotations
 
 import re
@@ -40,8 +41,10 @@ class TermsOut(BaseModel):
     max_hold_seconds: int
     min_payout_msat: int = Field(description="every payout is at least this, in whole satoshis")
     max_results_per_shard: int = Field(description="results per shard that become candidates (first received)")
-    routing_fee_ppm: int = Field(description="the most a payout's route may cost, in ppm of the payout; a "
-                                             "refund's route is paid from the refunded amount")
+    routing_fee_ppm: int = Field(
+        description="the most a payout's route may cost, in ppm of the payout; a "
+        "refund's route is paid from the refunded amount"
+    )
 
 
 class InfoOut(BaseModel):
@@ -71,8 +74,11 @@ class OfferOut(BaseModel):
 class SubmittedOut(BaseModel):
     id: str
     new: bool = Field(description="false when the event was already known (from a relay or an earlier submission)")
-    job: OfferOut | None = Field(None, description="with ?wait= on a job request: the offer (or the refusal), "
-                                                   "when the escrow made it within the wait; otherwise null")
+    job: OfferOut | None = Field(
+        None,
+        description="with ?wait= on a job request: the offer (or the refusal), "
+        "when the escrow made it within the wait; otherwise null",
+    )
 
 
 class InvoiceOut(BaseModel):
@@ -92,7 +98,10 @@ class PayoutInvoiceIn(BaseModel):
 
 # An invoice refused as an invoice (its CheckReason code) is 422; these are about the payout.
 _REFUSAL_STATUS: dict[AcceptReason | CheckReason, int] = {
-    AcceptReason.NO_PAYOUT: 404, AcceptReason.NOT_WAITING: 409, AcceptReason.CONFLICT: 409}
+    AcceptReason.NO_PAYOUT: 404,
+    AcceptReason.NOT_WAITING: 409,
+    AcceptReason.CONFLICT: 409,
+}
 
 
 class PayoutInvoiceOut(BaseModel):
@@ -110,22 +119,41 @@ async def info(request: Request) -> InfoOut:
     """The escrow's Nostr identity, network, relays and terms."""
     st = request.app.state
     t = st.escrow.terms
-    return InfoOut(pubkey=st.escrow.key.public_key_hex, npub=encode_npub(st.escrow.key.public_key_hex),
-                   network=st.settings.network, relays=st.settings.relays, version=__version__,
-                   kinds=list(INTAKE_KINDS),
-                   terms=TermsOut(fee_base_msat=t.fee_base_msat, fee_ppm=t.fee_ppm, min_bid_msat=t.min_bid_msat,
-                                  max_bid_msat=t.max_bid_msat, max_validators=t.max_validators,
-                                  max_shards=t.max_shards, modes=sorted(str(m) for m in t.modes),
-                                  max_hold_seconds=t.max_hold_seconds, min_payout_msat=t.min_payout_msat,
-                                  max_results_per_shard=t.max_results_per_shard,
-                                  routing_fee_ppm=t.routing_fee_ppm))
+    return InfoOut(
+        pubkey=st.escrow.key.public_key_hex,
+        npub=encode_npub(st.escrow.key.public_key_hex),
+        network=st.settings.network,
+        relays=st.settings.relays,
+        version=__version__,
+        kinds=list(INTAKE_KINDS),
+        terms=TermsOut(
+            fee_base_msat=t.fee_base_msat,
+            fee_ppm=t.fee_ppm,
+            min_bid_msat=t.min_bid_msat,
+            max_bid_msat=t.max_bid_msat,
+            max_validators=t.max_validators,
+            max_shards=t.max_shards,
+            modes=sorted(str(m) for m in t.modes),
+            max_hold_seconds=t.max_hold_seconds,
+            min_payout_msat=t.min_payout_msat,
+            max_results_per_shard=t.max_results_per_shard,
+            routing_fee_ppm=t.routing_fee_ppm,
+        ),
+    )
 
 
 @router.post("/events", response_model=SubmittedOut, status_code=202, responses=responses(400, 413, 422, 429))
-async def submit_event(request: Request, event: dict = Body(..., description="a signed Nostr event (NIP-01)"),
-                       wait: float = Query(0, ge=0, le=30, description="for a job request: seconds to wait for "
-                                           "the escrow's offer, returned in `job` (its invoice) if made in time")
-                       ) -> SubmittedOut:
+async def submit_event(
+    request: Request,
+    event: dict = Body(..., description="a signed Nostr event (NIP-01)"),
+    wait: float = Query(
+        0,
+        ge=0,
+        le=30,
+        description="for a job request: seconds to wait for "
+        "the escrow's offer, returned in `job` (its invoice) if made in time",
+    ),
+) -> SubmittedOut:
     """Submit a job request, result, evaluation result, payee invoice or deletion."""
     st = request.app.state
     st.limits_events.check("ip:" + _client(request))
@@ -178,14 +206,27 @@ async def get_invoice(request: Request, payment_hash: str = Path(pattern=HEX64))
         inv = await s.get(LnInvoice, payment_hash)
     if inv is None:
         raise ApiError(404, "invoice_not_found", "no escrow invoice with this payment hash")
-    return InvoiceOut(payment_hash=inv.payment_hash, job_id=inv.job_id, mode=inv.mode, state=inv.state,
-                      amount_msat=inv.amount_msat, amount_paid_msat=inv.amount_paid_msat,
-                      payment_request=inv.payment_request, expires_at=inv.expires_at)
+    return InvoiceOut(
+        payment_hash=inv.payment_hash,
+        job_id=inv.job_id,
+        mode=inv.mode,
+        state=inv.state,
+        amount_msat=inv.amount_msat,
+        amount_paid_msat=inv.amount_paid_msat,
+        payment_request=inv.payment_request,
+        expires_at=inv.expires_at,
+    )
 
 
-@router.post("/jobs/{job_id}/payout-invoice", response_model=PayoutInvoiceOut, status_code=202,
-             responses=responses(401, 404, 409, 422, 429))
-async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id: str = Path(pattern=HEX64)) -> PayoutInvoiceOut:
+@router.post(
+    "/jobs/{job_id}/payout-invoice",
+    response_model=PayoutInvoiceOut,
+    status_code=202,
+    responses=responses(401, 404, 409, 422, 429),
+)
+async def submit_payout_invoice(
+    request: Request, body: PayoutInvoiceIn, job_id: str = Path(pattern=HEX64)
+) -> PayoutInvoiceOut:
     """A payee gives the invoice for its reward (NIP-98 auth: the payee's key). Checked now
     without our node (BOLT11, network, an amount that is exactly a waiting payout's, not expired,
     hash unused: 422 with the reason's code), then in full (our node's
@@ -200,15 +241,23 @@ async def submit_payout_invoice(request: Request, body: PayoutInvoiceIn, job_id:
     # verify_request commits the authorization as spent before any business check below: a
     # request refused with 404, 409 or 429 cannot be replayed once it would pass.
     try:
-        auth = await nip98.verify_request(st.sessions, request.headers.get("authorization"), method="POST",
-                                          url=url, body=raw, now=int(time.time()))
+        auth = await nip98.verify_request(
+            st.sessions, request.headers.get("authorization"), method="POST", url=url, body=raw, now=int(time.time())
+        )
     except nip98.AuthError as e:
         raise ApiError(401, e.reason.value, e.message, headers={"WWW-Authenticate": "Nostr"}) from None
     st.limits_invoices.check("pubkey:" + auth.pubkey)
     async with st.sessions.begin() as s:
         try:
-            p = await payouts.accept_invoice(s, job_id=job_id, payee=auth.pubkey, bolt11=bolt11, amount_msat=None,
-                                             source=InvoiceSource.REST, network=st.settings.network)
+            p = await payouts.accept_invoice(
+                s,
+                job_id=job_id,
+                payee=auth.pubkey,
+                bolt11=bolt11,
+                amount_msat=None,
+                source=InvoiceSource.REST,
+                network=st.settings.network,
+            )
         except InvoiceRefused as e:
             # raised inside the transaction: rolled back (the payee is answered here, not on Nostr)
             raise ApiError(_REFUSAL_STATUS.get(e.code, 422), e.code.value, e.message) from None

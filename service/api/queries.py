@@ -6,6 +6,7 @@ Public views (no auth) never carry free text from the Lightning layer or from op
 :func:`public_job` reduces a payout's ``last_error`` and the error texts in the timeline to
 their reason code (:func:`reason_code`); the admin views keep the text.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,23 +40,53 @@ def _ts(dt: datetime | None) -> str | None:
 
 
 def invoice_view(inv: LnInvoice) -> dict:
-    return {"payment_hash": inv.payment_hash, "mode": inv.mode, "state": inv.state, "amount_msat": inv.amount_msat,
-            "amount_paid_msat": inv.amount_paid_msat, "payment_request": inv.payment_request,
-            "expires_at": inv.expires_at, "cltv_expiry": inv.cltv_expiry, "htlc_expiry_height": inv.htlc_expiry_height}
+    return {
+        "payment_hash": inv.payment_hash,
+        "mode": inv.mode,
+        "state": inv.state,
+        "amount_msat": inv.amount_msat,
+        "amount_paid_msat": inv.amount_paid_msat,
+        "payment_request": inv.payment_request,
+        "expires_at": inv.expires_at,
+        "cltv_expiry": inv.cltv_expiry,
+        "htlc_expiry_height": inv.htlc_expiry_height,
+    }
 
 
 def payout_view(p: Payout) -> dict:
-    return {"id": p.id, "job_id": p.job_id, "payee": p.payee, "amount_msat": p.amount_msat, "state": p.state,
-            "destination": p.destination_kind.value, "attempts": p.attempts, "fee_msat": p.fee_msat,
-            "payment_hash": p.payment_hash, "last_error": p.last_error, "updated_at": _ts(p.updated_at)}
+    return {
+        "id": p.id,
+        "job_id": p.job_id,
+        "payee": p.payee,
+        "amount_msat": p.amount_msat,
+        "state": p.state,
+        "destination": p.destination_kind.value,
+        "attempts": p.attempts,
+        "fee_msat": p.fee_msat,
+        "payment_hash": p.payment_hash,
+        "last_error": p.last_error,
+        "updated_at": _ts(p.updated_at),
+    }
 
 
 def job_summary(j: Job) -> dict:
-    return {"id": j.id, "customer": j.customer, "state": j.state, "mode": j.mode, "custody": j.custody,
-            "bid_msat": j.bid_msat, "fee_msat": j.fee_msat, "validator_fee_msat": j.validator_fee_msat,
-            "payout_policy": j.payout_policy, "results_deadline": j.results_deadline,
-            "validation_deadline": j.validation_deadline, "refund_reason": j.refund_reason,
-            "reject_reason": j.reject_reason, "created_at": _ts(j.created_at), "updated_at": _ts(j.updated_at)}
+    return {
+        "id": j.id,
+        "customer": j.customer,
+        "state": j.state,
+        "mode": j.mode,
+        "custody": j.custody,
+        "bid_msat": j.bid_msat,
+        "fee_msat": j.fee_msat,
+        "validator_fee_msat": j.validator_fee_msat,
+        "payout_policy": j.payout_policy,
+        "results_deadline": j.results_deadline,
+        "validation_deadline": j.validation_deadline,
+        "refund_reason": j.refund_reason,
+        "reject_reason": j.reject_reason,
+        "created_at": _ts(j.created_at),
+        "updated_at": _ts(j.updated_at),
+    }
 
 
 async def job_events(s: AsyncSession, job_id: str) -> dict | None:
@@ -75,15 +106,26 @@ async def job_detail(s: AsyncSession, job_id: str) -> dict | None:
     out = job_summary(job)
     inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at))).first()
     out["invoice"] = invoice_view(inv) if inv else None
-    out["results"] = [{"id": r.id, "provider": r.provider, "shard": r.shard_index, "model_url": r.model_url,
-                       "model_sha256": r.model_sha256, "created_at": r.created_at}
-                      for r in (await s.scalars(select(Result).where(Result.job_id == job_id)
-                                                .order_by(Result.created_at))).all()]
-    out["scores"] = [{"result_id": x.result_id, "validator": x.validator, "value": x.value, "event_id": x.event_id}
-                     for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all()]
+    out["results"] = [
+        {
+            "id": r.id,
+            "provider": r.provider,
+            "shard": r.shard_index,
+            "model_url": r.model_url,
+            "model_sha256": r.model_sha256,
+            "created_at": r.created_at,
+        }
+        for r in (await s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.created_at))).all()
+    ]
+    out["scores"] = [
+        {"result_id": x.result_id, "validator": x.validator, "value": x.value, "event_id": x.event_id}
+        for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all()
+    ]
     out["decision"] = json.loads(job.decision) if job.decision else None
-    out["payouts"] = [payout_view(p) for p in (await s.scalars(select(Payout).where(Payout.job_id == job_id)
-                                                                .order_by(Payout.created_at))).all()]
+    out["payouts"] = [
+        payout_view(p)
+        for p in (await s.scalars(select(Payout).where(Payout.job_id == job_id).order_by(Payout.created_at))).all()
+    ]
     out["balances"] = await ledger.balances(s, job_id=job_id)
     out["timeline"] = await timeline(s, job_id)
     return out
@@ -112,13 +154,14 @@ def _public_detail(kind: str, detail: object) -> object:
                 if isinstance(detail.get(name), str):
                     detail[name] = reason_code(detail[name])
     elif kind == "transition" and isinstance(detail, dict) and str(detail.get("why", "")).startswith("operator"):
-        detail["why"] = "operator refund"   # the operator's own words stay in the admin view
+        detail["why"] = "operator refund"  # the operator's own words stay in the admin view
     return detail
 
 
 async def timeline(s: AsyncSession, job_id: str) -> list[dict]:
-    rows = (await s.scalars(select(TimelineEntry).where(TimelineEntry.job_id == job_id)
-                            .order_by(TimelineEntry.seq))).all()
+    rows = (
+        await s.scalars(select(TimelineEntry).where(TimelineEntry.job_id == job_id).order_by(TimelineEntry.seq))
+    ).all()
     out = []
     for r in rows:
         try:
@@ -129,8 +172,9 @@ async def timeline(s: AsyncSession, job_id: str) -> list[dict]:
     return out
 
 
-async def list_jobs(s: AsyncSession, *, state: str | None = None, customer: str | None = None,
-                    limit: int = 50, offset: int = 0) -> tuple[list[dict], int]:
+async def list_jobs(
+    s: AsyncSession, *, state: str | None = None, customer: str | None = None, limit: int = 50, offset: int = 0
+) -> tuple[list[dict], int]:
     q = select(Job)
     count = select(func.count()).select_from(Job)
     if state:
@@ -151,10 +195,17 @@ async def overview(s: AsyncSession) -> dict:
     refunds = -sum(v for k, v in balances.items() if k.startswith("liability:refund:"))
     latest = (await s.scalars(select(LedgerReconciliation).order_by(LedgerReconciliation.id.desc()).limit(1))).first()
     attention = int(await s.scalar(select(func.count()).select_from(Payout).where(Payout.state.in_(ATTENTION))) or 0)
-    return {"jobs_by_state": states, "escrow_msat": escrow, "payable_msat": payable, "refunds_payable_msat": refunds,
-            "fees_earned_msat": -balances.get("income:fees", 0), "routing_fees_msat": balances.get("expense:routing", 0),
-            "node_funds_ledger_msat": balances.get("asset:node", 0), "payouts_needing_attention": attention,
-            "reconciliation": reconciliation_view(latest)}
+    return {
+        "jobs_by_state": states,
+        "escrow_msat": escrow,
+        "payable_msat": payable,
+        "refunds_payable_msat": refunds,
+        "fees_earned_msat": -balances.get("income:fees", 0),
+        "routing_fees_msat": balances.get("expense:routing", 0),
+        "node_funds_ledger_msat": balances.get("asset:node", 0),
+        "payouts_needing_attention": attention,
+        "reconciliation": reconciliation_view(latest),
+    }
 
 
 def reconciliation_view(row: LedgerReconciliation | None) -> dict | None:
@@ -164,13 +215,20 @@ def reconciliation_view(row: LedgerReconciliation | None) -> dict | None:
         report = json.loads(row.report)
     except ValueError:
         report = row.report
-    return {"id": row.id, "kind": row.kind, "ran_at": _ts(row.ran_at), "ok": row.ok,
-            "discrepancy_msat": row.discrepancy_msat, "report": report}
+    return {
+        "id": row.id,
+        "kind": row.kind,
+        "ran_at": _ts(row.ran_at),
+        "ok": row.ok,
+        "discrepancy_msat": row.discrepancy_msat,
+        "report": report,
+    }
 
 
 async def latest_reconciliation(s: AsyncSession) -> dict | None:
-    return reconciliation_view((await s.scalars(select(LedgerReconciliation)
-                                                .order_by(LedgerReconciliation.id.desc()).limit(1))).first())
+    return reconciliation_view(
+        (await s.scalars(select(LedgerReconciliation).order_by(LedgerReconciliation.id.desc()).limit(1))).first()
+    )
 
 
 async def payouts_needing_attention(s: AsyncSession) -> list[dict]:
@@ -190,14 +248,37 @@ async def postings(s: AsyncSession, *, job_id: str | None = None, limit: int = 5
     if not rows:
         return []
     lines: dict[str, list] = {}
-    for ln in (await s.scalars(select(LedgerLine).where(LedgerLine.posting_id.in_([p.id for p in rows]))
-                               .order_by(LedgerLine.id))).all():
+    for ln in (
+        await s.scalars(
+            select(LedgerLine).where(LedgerLine.posting_id.in_([p.id for p in rows])).order_by(LedgerLine.id)
+        )
+    ).all():
         lines.setdefault(ln.posting_id, []).append({"account": ln.account, "amount_msat": ln.amount_msat})
-    return [{"id": p.id, "key": p.key, "kind": p.kind, "job_id": p.job_id, "memo": p.memo, "reverses": p.reverses,
-             "created_at": _ts(p.created_at), "lines": lines.get(p.id, [])} for p in rows]
+    return [
+        {
+            "id": p.id,
+            "key": p.key,
+            "kind": p.kind,
+            "job_id": p.job_id,
+            "memo": p.memo,
+            "reverses": p.reverses,
+            "created_at": _ts(p.created_at),
+            "lines": lines.get(p.id, []),
+        }
+        for p in rows
+    ]
 
 
 async def rejected_events(s: AsyncSession, *, limit: int = 100) -> list[dict]:
     rows = (await s.scalars(select(RejectedEvent).order_by(RejectedEvent.seq.desc()).limit(limit))).all()
-    return [{"seq": r.seq, "event_id": r.event_id, "source": r.source, "reason": r.reason, "detail": r.detail,
-             "received_at": _ts(r.received_at)} for r in rows]
+    return [
+        {
+            "seq": r.seq,
+            "event_id": r.event_id,
+            "source": r.source,
+            "reason": r.reason,
+            "detail": r.detail,
+            "received_at": _ts(r.received_at),
+        }
+        for r in rows
+    ]

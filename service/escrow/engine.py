@@ -19,6 +19,7 @@ writes ``escrow_jobs``), then the rows, postings, payouts, effects and events of
 The engine never talks to the network: what must happen outside is an effect row, a payout
 row or an outbox row, carried out by a worker that reports back as a fact.
 """
+
 from __future__ import annotations
 
 import json
@@ -88,8 +89,16 @@ S = JobState
 #: Of the view, what each fact needs loaded besides the job row (the machine looks at nothing else).
 _RESULTS = frozenset({FactKind.RESULT, FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED})
 _SCORES = frozenset({FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED, FactKind.PAYOUT_SUCCEEDED})
-_MONEY = frozenset({FactKind.SETTLED, FactKind.PAYOUT_SUCCEEDED, FactKind.SCORES, FactKind.DEADLINE,
-                    FactKind.OPERATOR_REFUND, FactKind.INVOICE_CANCELED})
+_MONEY = frozenset(
+    {
+        FactKind.SETTLED,
+        FactKind.PAYOUT_SUCCEEDED,
+        FactKind.SCORES,
+        FactKind.DEADLINE,
+        FactKind.OPERATOR_REFUND,
+        FactKind.INVOICE_CANCELED,
+    }
+)
 _PAYOUTS = frozenset({FactKind.PAYOUT_SUCCEEDED})
 
 
@@ -99,10 +108,10 @@ class IntakeBudget:
     part of a request is its escrow invoice, and keys are free to make. Counted in the database,
     so every replica applies the same budget (docs/escrow.md, "Intake budget")."""
 
-    per_minute: int = 120              # requests a minute, still unfunded, from keys that never funded a job
-    per_minute_per_key: int = 10       # requests (accepted or refused) a minute from one key
-    open_offers: int = 200             # unfunded offers open at once (a limit for new keys)
-    open_offers_per_key: int = 3       # unfunded offers open at once from one key
+    per_minute: int = 120  # requests a minute, still unfunded, from keys that never funded a job
+    per_minute_per_key: int = 10  # requests (accepted or refused) a minute from one key
+    open_offers: int = 200  # unfunded offers open at once (a limit for new keys)
+    open_offers_per_key: int = 3  # unfunded offers open at once from one key
 
 
 @dataclass
@@ -111,18 +120,22 @@ class EngineConfig:
     relays: list[str]
     sizing: HoldSizing = field(default_factory=HoldSizing)
     invoice_expiry_seconds: int = 600
-    offer_grace_seconds: int = 30        # late payments within this are still honoured
-    results_grace_seconds: int = 60      # receipt may lag a result's deadline by this much (relay latency)
-    release_margin_seconds: int = 3600   # hold invoices must outlive the validation deadline by this
+    offer_grace_seconds: int = 30  # late payments within this are still honoured
+    results_grace_seconds: int = 60  # receipt may lag a result's deadline by this much (relay latency)
+    release_margin_seconds: int = 3600  # hold invoices must outlive the validation deadline by this
     budget: IntakeBudget = field(default_factory=IntakeBudget)
-    reply_relays_max: int = 3            # of a request's NIP-90 `relays`, how many also get our replies
-    network: str = "regtest"             # ours (Settings.network): a payee invoice for another is refused
+    reply_relays_max: int = 3  # of a request's NIP-90 `relays`, how many also get our replies
+    network: str = "regtest"  # ours (Settings.network): a payee invoice for another is refused
 
     def machine(self) -> MachineConfig:
-        return MachineConfig(terms=self.terms, sizing=self.sizing, invoice_expiry_seconds=self.invoice_expiry_seconds,
-                             offer_grace_seconds=self.offer_grace_seconds,
-                             results_grace_seconds=self.results_grace_seconds,
-                             release_margin_seconds=self.release_margin_seconds)
+        return MachineConfig(
+            terms=self.terms,
+            sizing=self.sizing,
+            invoice_expiry_seconds=self.invoice_expiry_seconds,
+            offer_grace_seconds=self.offer_grace_seconds,
+            results_grace_seconds=self.results_grace_seconds,
+            release_margin_seconds=self.release_margin_seconds,
+        )
 
 
 class StaleView(Exception):
@@ -133,8 +146,14 @@ class Engine:
     #: How often a fact is stepped again when another replica moved its job meanwhile.
     STALE_RETRIES = 5
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], key: SecretKey, config: EngineConfig,
-                 *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        key: SecretKey,
+        config: EngineConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.sessions = sessions
         self.key = key
         self.E = key.public_key_hex
@@ -177,9 +196,14 @@ class Engine:
 
     async def _apply(self, s: AsyncSession, view: JobView, plan: Plan) -> None:
         job_id = view.id
-        rows: list[dict[str, Any]] = []   # the timeline, written in one statement at the end
-        signed = [(sign_event(self.key, o.template.kind, o.template.tags, o.template.content, created_at=self.now()),
-                   o.is_eval_request) for o in plan.events]
+        rows: list[dict[str, Any]] = []  # the timeline, written in one statement at the end
+        signed = [
+            (
+                sign_event(self.key, o.template.kind, o.template.tags, o.template.content, created_at=self.now()),
+                o.is_eval_request,
+            )
+            for o in plan.events
+        ]
         if plan.new_job is not None:
             if not await self._insert_job(s, job_id, plan):
                 raise StaleView(job_id)
@@ -192,39 +216,69 @@ class Engine:
             if plan.refund_reason is not None:
                 values["refund_reason"] = plan.refund_reason
             if plan.decision is not None or plan.release_detail is not None:
-                values["decision"] = decision_json(plan.decision or view.decision, plan.release_detail,
-                                                   await self._stored_decision(s, job_id))
+                values["decision"] = decision_json(
+                    plan.decision or view.decision, plan.release_detail, await self._stored_decision(s, job_id)
+                )
             for event, is_eval_request in signed:
                 if is_eval_request:
                     values["eval_request_id"] = event.id
-            res = await s.execute(update(Job).where(Job.id == job_id, Job.state == view.state,
-                                                    Job.version == view.version).values(**values)
-                                  .execution_options(synchronize_session=False))
+            res = await s.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == view.state, Job.version == view.version)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
             if rowcount(res) != 1:
                 raise StaleView(job_id)
         if plan.results:
-            await s.execute(insert(table_of(Result)), [result_columns(job_id, r, created_at, received_at)
-                                                       for r, created_at, received_at in plan.results])
+            await s.execute(
+                insert(table_of(Result)),
+                [result_columns(job_id, r, created_at, received_at) for r, created_at, received_at in plan.results],
+            )
         if plan.scores:
-            await s.execute(insert(table_of(ScoreRow)), [
-                {"job_id": job_id, "result_id": x.result_id, "validator": x.validator, "value": str(x.value),
-                 "event_id": x.event_id} for x in plan.scores])
+            await s.execute(
+                insert(table_of(ScoreRow)),
+                [
+                    {
+                        "job_id": job_id,
+                        "result_id": x.result_id,
+                        "validator": x.validator,
+                        "value": str(x.value),
+                        "event_id": x.event_id,
+                    }
+                    for x in plan.scores
+                ],
+            )
         for p in plan.postings:
             await ledger.post(s, key=p.key, kind=p.kind.value, lines=p.lines, job_id=p.job_id, memo=p.memo)
         for np in plan.payouts:
             await payouts.create(s, np)
         if plan.effects:
-            await s.execute(insert_ignore(s, table_of(Effect)), [{
-                "job_id": job_id, "kind": kind.value, "state": "pending", "attempts": 0, "next_attempt_at": utcnow(),
-                "created_at": utcnow()} for kind in plan.effects])
+            await s.execute(
+                insert_ignore(s, table_of(Effect)),
+                [
+                    {
+                        "job_id": job_id,
+                        "kind": kind.value,
+                        "state": "pending",
+                        "attempts": 0,
+                        "next_attempt_at": utcnow(),
+                        "created_at": utcnow(),
+                    }
+                    for kind in plan.effects
+                ],
+            )
         relays = list(plan.new_job.reply_relays) if plan.new_job else await self._reply_relays_of(s, job_id)
         for kind, detail in plan.notes:
             rows.append(timeline.row(job_id, kind, detail))
         for event, _ in signed:
             await outbox.enqueue(s, event, self.config.relays, relays)
             status = next((t[1] for t in event.tags if t and t[0] == "status"), "")
-            rows.append(timeline.row(job_id, timeline.EntryKind.PUBLISHED,
-                                     {"kind": event.kind, "id": event.id, "status": status}))
+            rows.append(
+                timeline.row(
+                    job_id, timeline.EntryKind.PUBLISHED, {"kind": event.kind, "id": event.id, "status": status}
+                )
+            )
         if rows:
             await s.execute(insert(table_of(TimelineEntry)), rows)
 
@@ -232,16 +286,30 @@ class Engine:
         new = plan.new_job
         assert new is not None
         stamp = utcnow()
-        row: dict[str, Any] = {"id": job_id, "customer": new.customer, "state": plan.state, "version": 0,
-                               "funds": Funds.NONE, "request_raw": new.request_raw, "reject_reason": new.reject_reason,
-                               "created_at": stamp, "updated_at": stamp}
+        row: dict[str, Any] = {
+            "id": job_id,
+            "customer": new.customer,
+            "state": plan.state,
+            "version": 0,
+            "funds": Funds.NONE,
+            "request_raw": new.request_raw,
+            "reject_reason": new.reject_reason,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
         if new.request is not None:
             req = new.request
-            row.update(mode=new.mode, bid_msat=req.split.bid_msat, fee_msat=req.split.fee_msat,
-                       validator_fee_msat=req.split.validator_fee_msat, payout_policy=str(req.spec.payout),
-                       results_deadline=req.spec.results_deadline, validation_deadline=req.spec.validation_deadline,
-                       expires_at=req.spec.expiration,
-                       reply_relays=json.dumps(list(new.reply_relays)) if new.reply_relays else None)
+            row.update(
+                mode=new.mode,
+                bid_msat=req.split.bid_msat,
+                fee_msat=req.split.fee_msat,
+                validator_fee_msat=req.split.validator_fee_msat,
+                payout_policy=str(req.spec.payout),
+                results_deadline=req.spec.results_deadline,
+                validation_deadline=req.spec.validation_deadline,
+                expires_at=req.spec.expiration,
+                reply_relays=json.dumps(list(new.reply_relays)) if new.reply_relays else None,
+            )
         res = await s.execute(insert_ignore(s, table_of(Job)), [row])
         return rowcount(res) == 1
 
@@ -263,21 +331,29 @@ class Engine:
         event = Event.from_dict(json.loads(job.request_raw))
         relay = next((t[2] for t in event.tags if t[0] == "escrow" and len(t) > 2), "")
         spec = read_job_spec(event.tags, self.E, relay)
-        split = MoneySplit(job.bid_msat, job.fee_msat, job.validator_fee_msat, len(spec.validators),
-                           job.bid_msat - job.fee_msat - job.validator_fee_msat * len(spec.validators))
-        req = JobRequest(id=event.id, customer=event.pubkey, created_at=event.created_at, kind=event.kind,
-                         spec=spec, split=split)
+        split = MoneySplit(
+            job.bid_msat,
+            job.fee_msat,
+            job.validator_fee_msat,
+            len(spec.validators),
+            job.bid_msat - job.fee_msat - job.validator_fee_msat * len(spec.validators),
+        )
+        req = JobRequest(
+            id=event.id, customer=event.pubkey, created_at=event.created_at, kind=event.kind, spec=spec, split=split
+        )
         self._requests[job.id] = req
         if len(self._requests) > 1000:
             self._requests.popitem(last=False)
         return req
 
-    async def load(self, s: AsyncSession, job_id: str, kind: FactKind, fact: Fact | None = None, *,
-                   full: bool = False) -> JobView:
+    async def load(
+        self, s: AsyncSession, job_id: str, kind: FactKind, fact: Fact | None = None, *, full: bool = False
+    ) -> JobView:
         """What the machine needs to see of ``job_id`` for a fact of ``kind`` (state NEW: no row);
         ``full``: everything (a test comparing the engine with the machine)."""
-        job = (await s.execute(select(Job).where(Job.id == job_id)
-                               .execution_options(populate_existing=True))).scalar_one_or_none()
+        job = (
+            await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
+        ).scalar_one_or_none()
         if job is None:
             return JobView(id=job_id)
         state = S(job.state)
@@ -286,35 +362,55 @@ class Engine:
         scores: tuple[ScoreView, ...] = ()
         if full or kind in _RESULTS or kind in _SCORES:
             rows = (await s.scalars(select(Result).where(Result.job_id == job_id))).all()
-            ordered = sorted(rows, key=lambda r: (aware(r.received_at).timestamp() if r.received_at
-                                                  else r.created_at, r.id))
+            ordered = sorted(
+                rows, key=lambda r: (aware(r.received_at).timestamp() if r.received_at else r.created_at, r.id)
+            )
             results = tuple(result_view(r) for r in ordered)
         if full or kind in _SCORES:
-            scores = tuple(ScoreView(x.result_id, x.validator, _bounded_score(x.value), x.event_id)
-                           for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all())
+            scores = tuple(
+                ScoreView(x.result_id, x.validator, _bounded_score(x.value), x.event_id)
+                for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all()
+            )
         held = owed = 0
         posted: frozenset[str] = frozenset()
         if full or kind in _MONEY:
             escrow_acct = accounts.escrow(job_id)
-            for account, total in (await s.execute(select(LedgerLine.account, func.sum(LedgerLine.amount_msat))
-                                                   .where(LedgerLine.job_id == job_id)
-                                                   .group_by(LedgerLine.account))).all():
+            for account, total in (
+                await s.execute(
+                    select(LedgerLine.account, func.sum(LedgerLine.amount_msat))
+                    .where(LedgerLine.job_id == job_id)
+                    .group_by(LedgerLine.account)
+                )
+            ).all():
                 if account == escrow_acct:
                     held = -int(total)
                 elif account.startswith("liability:"):
                     owed -= int(total)
-            posted = frozenset((await s.scalars(select(LedgerPosting.key)
-                                                .where(LedgerPosting.job_id == job_id))).all())
+            posted = frozenset((await s.scalars(select(LedgerPosting.key).where(LedgerPosting.job_id == job_id))).all())
         payout_views: tuple[machine.PayoutView, ...] = ()
         if full or kind in _PAYOUTS:
-            payout_views = tuple(payout_view(p) for p in
-                            (await s.scalars(select(Payout).where(Payout.job_id == job_id))).all())
-        return JobView(id=job.id, state=state, version=job.version, customer=job.customer, request=req,
-                       mode=EscrowMode(job.mode) if job.mode else None, funds=Funds(job.funds),
-                       offer_expires_at=job.offer_expires_at, eval_request_id=job.eval_request_id,
-                       refund_reason=job.refund_reason, decision=decision_of(job.decision),
-                       results=results, scores=scores, payouts=payout_views, held_msat=held, owed_msat=owed,
-                       posted=posted)
+            payout_views = tuple(
+                payout_view(p) for p in (await s.scalars(select(Payout).where(Payout.job_id == job_id))).all()
+            )
+        return JobView(
+            id=job.id,
+            state=state,
+            version=job.version,
+            customer=job.customer,
+            request=req,
+            mode=EscrowMode(job.mode) if job.mode else None,
+            funds=Funds(job.funds),
+            offer_expires_at=job.offer_expires_at,
+            eval_request_id=job.eval_request_id,
+            refund_reason=job.refund_reason,
+            decision=decision_of(job.decision),
+            results=results,
+            scores=scores,
+            payouts=payout_views,
+            held_msat=held,
+            owed_msat=owed,
+            posted=posted,
+        )
 
     # ------------------------------------------------------------------ events (the inbox handler)
     async def handle_event(self, s: AsyncSession, event: Event) -> str:
@@ -338,8 +434,11 @@ class Engine:
             if e.reason.value == "not_for_us":
                 return "ignored: not for us"
             over = await self._over_budget(s, event.pubkey, accepted=False)
-            fact: Fact = (machine.RequestRejected(event, *over) if over is not None
-                          else machine.RequestRejected(event, e.reason.value, e.message, e))
+            fact: Fact = (
+                machine.RequestRejected(event, *over)
+                if over is not None
+                else machine.RequestRejected(event, e.reason.value, e.message, e)
+            )
             return (await self.apply(s, event.id, fact)).outcome
         over = await self._over_budget(s, event.pubkey, accepted=True)
         if over is not None:
@@ -347,8 +446,15 @@ class Engine:
         if req.spec.previous_job is not None:
             prev = await s.scalar(select(Job.customer).where(Job.id == req.spec.previous_job))
             if prev is not None and prev != req.customer:
-                return (await self.apply(s, event.id, machine.RequestRejected(
-                    event, "invalid_previous_job", "the previous round belongs to another customer"))).outcome
+                return (
+                    await self.apply(
+                        s,
+                        event.id,
+                        machine.RequestRejected(
+                            event, "invalid_previous_job", "the previous round belongs to another customer"
+                        ),
+                    )
+                ).outcome
         fact = machine.RequestAccepted(req, event, tuple(self.reply_relays(req.spec.relays)))
         return (await self.apply(s, event.id, fact)).outcome
 
@@ -361,22 +467,28 @@ class Engine:
         for a request that would be accepted (those cost an invoice): such requests in the last
         minute that are still unfunded, and unfunded offers open at once."""
         b = self.config.budget
-        since = utcnow() - timedelta(seconds=60)   # Job.created_at is wall-clock time
+        since = utcnow() - timedelta(seconds=60)  # Job.created_at is wall-clock time
         unfunded = (S.REQUESTED, S.OFFERED)
-        mine = await self._count(s, select(func.count()).select_from(Job)
-                              .where(Job.customer == customer, Job.created_at >= since))
+        mine = await self._count(
+            s, select(func.count()).select_from(Job).where(Job.customer == customer, Job.created_at >= since)
+        )
         if mine >= b.per_minute_per_key:
             return "rate_limited", f"at most {b.per_minute_per_key} requests a minute from one key"
         if not accepted:
             return None
-        open_mine = await self._count(s, select(func.count()).select_from(Job)
-                                   .where(Job.customer == customer, Job.state.in_(unfunded)))
+        open_mine = await self._count(
+            s, select(func.count()).select_from(Job).where(Job.customer == customer, Job.state.in_(unfunded))
+        )
         if open_mine >= b.open_offers_per_key:
             return "too_many_open_offers", f"at most {b.open_offers_per_key} unfunded offers at once per key"
         if await s.scalar(select(Job.id).where(Job.customer == customer, Job.state.in_(FUNDED_STATES)).limit(1)):
-            return None   # a returning customer: its per-key budget only
-        recent = await self._count(s, select(func.count()).select_from(Job)
-                                .where(Job.created_at >= since, Job.state.in_((*unfunded, S.CANCELLED))))
+            return None  # a returning customer: its per-key budget only
+        recent = await self._count(
+            s,
+            select(func.count())
+            .select_from(Job)
+            .where(Job.created_at >= since, Job.state.in_((*unfunded, S.CANCELLED))),
+        )
         if recent >= b.per_minute:
             return "escrow_busy", "the escrow takes no more requests from new keys this minute; try again later"
         open_all = await self._count(s, select(func.count()).select_from(Job).where(Job.state.in_(unfunded)))
@@ -401,13 +513,18 @@ class Engine:
         return aware(at) if at is not None else utcnow()
 
     async def _ignore(self, s: AsyncSession, job_id: str, event: Event, why: str) -> str:
-        await timeline.record(s, job_id, timeline.EntryKind.IGNORED,
-                              {"event": event.id, "kind": event.kind, "from": event.pubkey, "why": why})
+        await timeline.record(
+            s,
+            job_id,
+            timeline.EntryKind.IGNORED,
+            {"event": event.id, "kind": event.kind, "from": event.pubkey, "why": why},
+        )
         return f"ignored: {why}"
 
     async def _job(self, s: AsyncSession, job_id: str) -> Job | None:
-        return (await s.execute(select(Job).where(Job.id == job_id)
-                                .execution_options(populate_existing=True))).scalar_one_or_none()
+        return (
+            await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
+        ).scalar_one_or_none()
 
     async def on_result(self, s: AsyncSession, event: Event) -> str:
         job_id = self._job_ref(event, "job")
@@ -436,9 +553,14 @@ class Engine:
         if job is None:
             return "ignored: scores for an unknown job"
         received = await self.received_at(s, event)
-        fact = machine.ScoresReceived(ev.validator, ev.request_id,
-                                      tuple(machine.Score(x.result_id, x.model_sha256, x.value) for x in ev.scores),
-                                      event.id, event.created_at, received.timestamp())
+        fact = machine.ScoresReceived(
+            ev.validator,
+            ev.request_id,
+            tuple(machine.Score(x.result_id, x.model_sha256, x.value) for x in ev.scores),
+            event.id,
+            event.created_at,
+            received.timestamp(),
+        )
         return (await self.apply(s, job.id, fact)).outcome
 
     async def on_payee_invoice(self, s: AsyncSession, event: Event) -> str:
@@ -450,9 +572,15 @@ class Engine:
         if job is None:
             return "ignored: invoice for an unknown job"
         try:
-            await payouts.accept_invoice(s, job_id=job.id, payee=event.pubkey, bolt11=fb.bolt11,
-                                             amount_msat=fb.amount_msat, source=InvoiceSource.NOSTR,
-                                             network=self.config.network)
+            await payouts.accept_invoice(
+                s,
+                job_id=job.id,
+                payee=event.pubkey,
+                bolt11=fb.bolt11,
+                amount_msat=fb.amount_msat,
+                source=InvoiceSource.NOSTR,
+                network=self.config.network,
+            )
         except InvoiceRefused as e:
             return await self._ignore(s, job.id, event, f"{e.code.value}: {e.message}")
         return "invoice accepted for checking"
@@ -484,8 +612,17 @@ class Engine:
         view = JobView(id=job.id, state=S(job.state), request=self.job_request(job))
         return machine.offer_deadline(view, now, self.machine_config)
 
-    async def on_invoice_created(self, s: AsyncSession, job_id: str, payment_hash: str, payment_request: str,
-                                 mode: str, amount_msat: int, *, customer: str | None = None) -> bool:
+    async def on_invoice_created(
+        self,
+        s: AsyncSession,
+        job_id: str,
+        payment_hash: str,
+        payment_request: str,
+        mode: str,
+        amount_msat: int,
+        *,
+        customer: str | None = None,
+    ) -> bool:
         """The effect runner made the job's escrow invoice (``mode``: the job's own, decided at intake)."""
         plan = await self.apply(s, job_id, machine.InvoiceCreated(payment_hash, payment_request, amount_msat))
         return plan.state is S.OFFERED and not plan.outcome.startswith("ignored")
@@ -495,8 +632,9 @@ class Engine:
 
     # ------------------------------------------------------------------ LN facts
     async def handle_ln_fact(self, s: AsyncSession, fact: LnFact) -> str:
-        claimed = await s.execute(update(LnFact).where(LnFact.seq == fact.seq, LnFact.consumed_at.is_(None))
-                                  .values(consumed_at=utcnow()))
+        claimed = await s.execute(
+            update(LnFact).where(LnFact.seq == fact.seq, LnFact.consumed_at.is_(None)).values(consumed_at=utcnow())
+        )
         if rowcount(claimed) != 1:
             return "already consumed"
         job_id = await s.scalar(select(LnInvoice.job_id).where(LnInvoice.payment_hash == fact.payment_hash))
@@ -512,14 +650,19 @@ class Engine:
             step = machine.InvoiceCanceled()
         else:
             return "unknown fact"
-        await timeline.record(s, job_id, timeline.EntryKind.FACT,
-                              {"ln": fact.kind, "amount_msat": fact.amount_msat, "source": fact.source})
+        await timeline.record(
+            s,
+            job_id,
+            timeline.EntryKind.FACT,
+            {"ln": fact.kind, "amount_msat": fact.amount_msat, "source": fact.source},
+        )
         return (await self.apply(s, job_id, step)).outcome
 
     # ------------------------------------------------------------------ payout outcomes
     async def handle_payout(self, s: AsyncSession, p: Payout) -> str:
-        res = await s.execute(insert_ignore(s, table_of(Consumed)),
-                              [{"source": "payout", "ref": payout_ref(p), "at": utcnow()}])
+        res = await s.execute(
+            insert_ignore(s, table_of(Consumed)), [{"source": "payout", "ref": payout_ref(p), "at": utcnow()}]
+        )
         if rowcount(res) != 1:
             return "already consumed"
         if p.job_id is None or await self._job(s, p.job_id) is None:
@@ -534,8 +677,14 @@ class Engine:
     # ------------------------------------------------------------------ timers
     def due_timer(self, job: Job) -> str | None:
         """Which of the job's deadlines has passed and still needs acting on (no I/O)."""
-        return machine.due_deadline_of(S(job.state), job.offer_expires_at, job.results_deadline,
-                                       job.validation_deadline, self.now(), self.machine_config)
+        return machine.due_deadline_of(
+            S(job.state),
+            job.offer_expires_at,
+            job.results_deadline,
+            job.validation_deadline,
+            self.now(),
+            self.machine_config,
+        )
 
     async def on_timers(self, s: AsyncSession, job: Job) -> str | None:
         due = self.due_timer(job)
@@ -549,11 +698,24 @@ def decision_json(decision: Decision | None, release: dict[str, object] | Any, s
     """The decision as the API and the dashboard show it (``escrow_jobs.decision``)."""
     out = dict(stored)
     if decision is not None:
-        out.update({"why": decision.why, "verdicts": [
-            {"result": x.result_id, "provider": x.provider, "accepted": x.accepted,
-             "median": format(x.median, "f") if x.median is not None else None, "reward_msat": x.reward_msat}
-            for x in decision.verdicts], "validator_fees": dict(decision.validator_fees),
-            "fee_income_msat": decision.fee_income_msat, "remainder_msat": decision.remainder_msat})
+        out.update(
+            {
+                "why": decision.why,
+                "verdicts": [
+                    {
+                        "result": x.result_id,
+                        "provider": x.provider,
+                        "accepted": x.accepted,
+                        "median": format(x.median, "f") if x.median is not None else None,
+                        "reward_msat": x.reward_msat,
+                    }
+                    for x in decision.verdicts
+                ],
+                "validator_fees": dict(decision.validator_fees),
+                "fee_income_msat": decision.fee_income_msat,
+                "remainder_msat": decision.remainder_msat,
+            }
+        )
     if release:
         out.update(release)
     return json.dumps(out)
@@ -565,20 +727,38 @@ def decision_of(raw: str | None) -> Decision | None:
     d = json.loads(raw)
     if "verdicts" not in d:
         return None
-    verdicts = tuple(RuleVerdict(v["result"], v["provider"], v["accepted"],
-                                 Decimal(v["median"]) if v["median"] is not None else None, v["reward_msat"])
-                     for v in d["verdicts"])
-    return Decision(verdicts, d.get("validator_fees", {}), d.get("fee_income_msat", 0), d.get("remainder_msat", 0),
-                    d.get("why", ""))
+    verdicts = tuple(
+        RuleVerdict(
+            v["result"],
+            v["provider"],
+            v["accepted"],
+            Decimal(v["median"]) if v["median"] is not None else None,
+            v["reward_msat"],
+        )
+        for v in d["verdicts"]
+    )
+    return Decision(
+        verdicts, d.get("validator_fees", {}), d.get("fee_income_msat", 0), d.get("remainder_msat", 0), d.get("why", "")
+    )
 
 
 def payout_view(p: Payout) -> machine.PayoutView:
     """The machine's view of a payout row (the payout package writes them)."""
-    return machine.PayoutView(id=p.id, kind=p.kind, payee=p.payee, amount_msat=p.amount_msat,
-                              state=PayoutState(p.state), destination=p.destination_kind, attempts=p.attempts,
-                              needs_invoice_count=p.needs_invoice_count, fee_msat=p.fee_msat or 0,
-                              payment_hash=p.payment_hash, preimage=p.preimage, earned_by=p.earned_by,
-                              last_error=p.last_error)
+    return machine.PayoutView(
+        id=p.id,
+        kind=p.kind,
+        payee=p.payee,
+        amount_msat=p.amount_msat,
+        state=PayoutState(p.state),
+        destination=p.destination_kind,
+        attempts=p.attempts,
+        needs_invoice_count=p.needs_invoice_count,
+        fee_msat=p.fee_msat or 0,
+        payment_hash=p.payment_hash,
+        preimage=p.preimage,
+        earned_by=p.earned_by,
+        last_error=p.last_error,
+    )
 
 
 def result_view_of(res: Any) -> ResultView:
@@ -587,9 +767,16 @@ def result_view_of(res: Any) -> ResultView:
     if res.payout_address is not None:
         payout_to = Destination(DestinationKind(res.payout_address.kind), res.payout_address.address)
     invoice = res.invoice
-    return ResultView(res.id, res.provider, res.shard_index, res.model.sha256, payout_to,
-                      invoice.bolt11 if invoice is not None else None,
-                      invoice.amount_msat if invoice is not None else None, res.model.url)
+    return ResultView(
+        res.id,
+        res.provider,
+        res.shard_index,
+        res.model.sha256,
+        payout_to,
+        invoice.bolt11 if invoice is not None else None,
+        invoice.amount_msat if invoice is not None else None,
+        res.model.url,
+    )
 
 
 _REASON_CODE = re.compile(r"([a-z][a-z0-9_]{0,63}): ")

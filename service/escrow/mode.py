@@ -2,6 +2,7 @@
 (``service/escrow/machine.py``). Invoices are then created in the decided mode; nothing
 decides it again.
 """
+
 from __future__ import annotations
 
 from service.lightning.hold import HoldSizing
@@ -18,8 +19,7 @@ class ModeRefused(ValueError):
         self.message = message
 
 
-def decide_mode(requested: Mode, job_seconds: int, margin_seconds: int, terms: EscrowTerms,
-                sizing: HoldSizing) -> Mode:
+def decide_mode(requested: Mode, job_seconds: int, margin_seconds: int, terms: EscrowTerms, sizing: HoldSizing) -> Mode:
     """The concrete mode (hold or custodial) of a job that runs ``job_seconds`` from now (to its
     validation deadline), whose hold invoice must outlive that by ``margin_seconds``.
 
@@ -39,6 +39,8 @@ def decide_mode(requested: Mode, job_seconds: int, margin_seconds: int, terms: E
         return Mode.HOLD
     if requested is Mode.AUTO and custodial_offered:
         return Mode.CUSTODIAL
-    raise ModeRefused(CodecErrorReason.HOLD_WINDOW_EXCEEDED,
-                      f"the job needs {sizing.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; hold invoices are "
-                      f"limited to {sizing.max_cltv_blocks} blocks and jobs to {terms.max_hold_seconds} s")
+    raise ModeRefused(
+        CodecErrorReason.HOLD_WINDOW_EXCEEDED,
+        f"the job needs {sizing.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; hold invoices are "
+        f"limited to {sizing.max_cltv_blocks} blocks and jobs to {terms.max_hold_seconds} s",
+    )

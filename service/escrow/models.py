@@ -1,4 +1,5 @@
 """Tables of the escrow engine: jobs, results, scores, effects, timeline, service leases."""
+
 from __future__ import annotations
 
 import enum
@@ -12,15 +13,25 @@ from service.escrow.machine import FINAL_STATES, EffectKind, EscrowMode, Funds, 
 from service.payouts.types import DestinationKind
 from service.timeline import TimelineEntry
 
-__all__ = ["FINAL_STATES", "Consumed", "Effect", "EffectKind", "EffectState", "Job", "JobState", "Result", "ScoreRow",
-           "TimelineEntry"]
+__all__ = [
+    "FINAL_STATES",
+    "Consumed",
+    "Effect",
+    "EffectKind",
+    "EffectState",
+    "Job",
+    "JobState",
+    "Result",
+    "ScoreRow",
+    "TimelineEntry",
+]
 
 _SEQ = BigInteger().with_variant(Integer, "sqlite")
 
 
 class EffectState(enum.StrEnum):
     PENDING = "pending"
-    RUNNING = "running"          # claimed by a worker (a lease until next_attempt_at)
+    RUNNING = "running"  # claimed by a worker (a lease until next_attempt_at)
     DONE = "done"
     QUARANTINED = "quarantined"  # failed too often: waits for an operator (service/quarantine.py)
 
@@ -28,14 +39,15 @@ class EffectState(enum.StrEnum):
 class Job(Base):
     __tablename__ = "escrow_jobs"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)          # the job request's event id
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the job request's event id
     customer: Mapped[str] = mapped_column(String(64), nullable=False, index=True)
     # Written only by Engine.apply (service/escrow/engine.py), by compare-and-set on (state, version).
     state: Mapped[JobState] = mapped_column(StringEnum(JobState), nullable=False, index=True)
     version: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     mode: Mapped[EscrowMode | None] = mapped_column(StringEnum(EscrowMode), nullable=True)
-    funds: Mapped[Funds] = mapped_column(StringEnum(Funds), nullable=False, default=Funds.NONE,
-                                         server_default=Funds.NONE.value)
+    funds: Mapped[Funds] = mapped_column(
+        StringEnum(Funds), nullable=False, default=Funds.NONE, server_default=Funds.NONE.value
+    )
     bid_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     fee_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     validator_fee_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
@@ -46,18 +58,21 @@ class Job(Base):
     eval_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reject_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
-    decision: Mapped[str | None] = mapped_column(Text, nullable=True)      # JSON
+    decision: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
     request_raw: Mapped[str] = mapped_column(Text, nullable=False)
-    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)     # the request's NIP-40 expiration
-    reply_relays: Mapped[str | None] = mapped_column(Text, nullable=True)         # JSON: the request's checked relays
+    expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # the request's NIP-40 expiration
+    reply_relays: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: the request's checked relays
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
     @property
     def custody(self) -> bool:
         """A hold job whose invoice was settled before release (the deadline guard): now custodial."""
-        return self.mode is EscrowMode.HOLD and self.funds is Funds.HELD and self.state in (
-            JobState.COLLECTING, JobState.VALIDATING)
+        return (
+            self.mode is EscrowMode.HOLD
+            and self.funds is Funds.HELD
+            and self.state in (JobState.COLLECTING, JobState.VALIDATING)
+        )
 
 
 class Result(Base):
@@ -65,7 +80,7 @@ class Result(Base):
 
     __tablename__ = "escrow_results"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)          # result event id
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # result event id
     job_id: Mapped[str] = mapped_column(String(64), nullable=False)
     provider: Mapped[str] = mapped_column(String(64), nullable=False)
     shard_index: Mapped[int] = mapped_column(Integer, nullable=False)
@@ -73,19 +88,22 @@ class Result(Base):
     model_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
     # Where its reward goes: an address from the result (lud16 / lnurl), or an invoice it came with
     # (paid only if it is for exactly the reward), or neither (the provider is asked at release).
-    payout_kind: Mapped[DestinationKind] = mapped_column(StringEnum(DestinationKind), nullable=False,
-                                                         default=DestinationKind.NONE, server_default="none")
+    payout_kind: Mapped[DestinationKind] = mapped_column(
+        StringEnum(DestinationKind), nullable=False, default=DestinationKind.NONE, server_default="none"
+    )
     payout_address: Mapped[str | None] = mapped_column(Text, nullable=True)
     invoice_bolt11: Mapped[str | None] = mapped_column(Text, nullable=True)
     invoice_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
-    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)       # the sender's claim: shown, never used
+    created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)  # the sender's claim: shown, never used
     # When the escrow first received it (inbox): the order of results, never the sender's created_at.
     received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     # One result per provider and job; a model (by hash) is credited once per job: a copy earns nothing.
-    __table_args__ = (UniqueConstraint("job_id", "provider", name="uq_escrow_results_job_provider"),
-                      Index("ix_escrow_results_job", "job_id"),
-                      Index("ix_escrow_results_job_model", "job_id", "model_sha256", unique=True))
+    __table_args__ = (
+        UniqueConstraint("job_id", "provider", name="uq_escrow_results_job_provider"),
+        Index("ix_escrow_results_job", "job_id"),
+        Index("ix_escrow_results_job_model", "job_id", "model_sha256", unique=True),
+    )
 
 
 class ScoreRow(Base):
@@ -96,7 +114,7 @@ class ScoreRow(Base):
     job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     result_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     validator: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(String(64), nullable=False)          # exact decimal text
+    value: Mapped[str] = mapped_column(String(64), nullable=False)  # exact decimal text
     event_id: Mapped[str] = mapped_column(String(64), nullable=False)
 
 
@@ -114,8 +132,10 @@ class Effect(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
-    __table_args__ = (UniqueConstraint("job_id", "kind", name="uq_escrow_effects_job_kind"),
-                      Index("ix_escrow_effects_due", "state", "next_attempt_at"))
+    __table_args__ = (
+        UniqueConstraint("job_id", "kind", name="uq_escrow_effects_job_kind"),
+        Index("ix_escrow_effects_due", "state", "next_attempt_at"),
+    )
 
 
 class Consumed(Base):
@@ -123,6 +143,6 @@ class Consumed(Base):
 
     __tablename__ = "escrow_consumed"
 
-    source: Mapped[str] = mapped_column(String(16), primary_key=True)        # ln_fact | payout | effect
-    ref: Mapped[str] = mapped_column(String(200), primary_key=True)          # its id (+ state)
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)  # ln_fact | payout | effect
+    ref: Mapped[str] = mapped_column(String(200), primary_key=True)  # its id (+ state)
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -24,6 +24,7 @@ rounding leaves is the escrow's, booked as fee income and shown in the decision:
 :func:`routing_budgets` divides what the escrow earned on a job among the job's payouts,
 so that routing fees can never cost the escrow more than it earned (docs/escrow.md).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,8 @@ _MEDIAN_QUANTUM = Decimal(1).scaleb(-MEDIAN_PLACES)
 class CandidateScores:
     result_id: str
     provider: str
-    received: int                        # the escrow's receipt order (lower = received earlier)
-    scores: dict[str, Decimal]           # validator -> value (the counted ones)
+    received: int  # the escrow's receipt order (lower = received earlier)
+    scores: dict[str, Decimal]  # validator -> value (the counted ones)
 
 
 @dataclass(frozen=True)
@@ -50,17 +51,17 @@ class Verdict:
     result_id: str
     provider: str
     accepted: bool
-    median: Decimal | None               # None: fewer than quorum scores
+    median: Decimal | None  # None: fewer than quorum scores
     reward_msat: int = 0
 
 
 @dataclass(frozen=True)
 class Decision:
     verdicts: tuple[Verdict, ...]
-    provider_rewards: dict[str, int]     # result id -> msat (whole satoshis)
-    validator_fees: dict[str, int]       # validator pubkey -> msat (whole satoshis)
-    fee_income_msat: int                 # escrow fee + remainders
-    remainder_msat: int                  # the split remainder and the sub-satoshi rounding (part of fee income)
+    provider_rewards: dict[str, int]  # result id -> msat (whole satoshis)
+    validator_fees: dict[str, int]  # validator pubkey -> msat (whole satoshis)
+    fee_income_msat: int  # escrow fee + remainders
+    remainder_msat: int  # the split remainder and the sub-satoshi rounding (part of fee income)
 
     @property
     def accepted(self) -> tuple[Verdict, ...]:
@@ -102,9 +103,18 @@ def better(a: Decimal, b: Decimal, direction: str) -> bool:
     return a > b if direction == "max" else a < b
 
 
-def decide(candidates: list[CandidateScores], *, quorum: int, threshold: Decimal, direction: str,
-           policy: str, bid_msat: int, fee_msat: int, validator_fee_msat: int,
-           validators: tuple[str, ...]) -> Decision:
+def decide(
+    candidates: list[CandidateScores],
+    *,
+    quorum: int,
+    threshold: Decimal,
+    direction: str,
+    policy: str,
+    bid_msat: int,
+    fee_msat: int,
+    validator_fee_msat: int,
+    validators: tuple[str, ...],
+) -> Decision:
     if direction not in ("max", "min") or policy not in ("best", "split") or quorum < 1:
         raise ValueError("bad rule")
     verdicts: list[Verdict] = []
@@ -126,7 +136,8 @@ def decide(candidates: list[CandidateScores], *, quorum: int, threshold: Decimal
             for v in accepted[1:]:
                 assert v.median is not None and winner.median is not None
                 if better(v.median, winner.median, direction) or (
-                        v.median == winner.median and order[v.result_id] < order[winner.result_id]):
+                    v.median == winner.median and order[v.result_id] < order[winner.result_id]
+                ):
                     winner = v
             rewards[winner.result_id] = whole_sats(share)
         else:
@@ -135,8 +146,7 @@ def decide(candidates: list[CandidateScores], *, quorum: int, threshold: Decimal
         rewards = {k: v for k, v in rewards.items() if v > 0}
     else:
         validator_fees = {}
-    final = tuple(Verdict(v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0))
-                  for v in verdicts)
+    final = tuple(Verdict(v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0)) for v in verdicts)
     if not accepted:
         return Decision(final, {}, {}, 0, 0)
     paid = sum(rewards.values()) + sum(validator_fees.values())

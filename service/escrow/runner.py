@@ -12,6 +12,7 @@ is rolled back, recorded under its ``(source, ref)``, retried with backoff and, 
 such items in SQL, so the items behind them are reached in the same pass. A database
 outage is raised instead: the loop backs off as a whole and no item is counted.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,11 @@ from service.signals import Signals
 log = logging.getLogger(__name__)
 
 # The one deadline each timed state waits for: a timer item is (job id, deadline).
-DEADLINE_OF_STATE = {JobState.OFFERED.value: "offer_expiry", JobState.COLLECTING.value: "results_deadline",
-                     JobState.VALIDATING.value: "validation_deadline"}
+DEADLINE_OF_STATE = {
+    JobState.OFFERED.value: "offer_expiry",
+    JobState.COLLECTING.value: "results_deadline",
+    JobState.VALIDATING.value: "validation_deadline",
+}
 
 
 def timer_ref(job_id: str, state: str) -> str:
@@ -49,15 +53,26 @@ def timer_ref(job_id: str, state: str) -> str:
 
 def _timer_ref_sql() -> ColumnElement[str]:
     """timer_ref() in SQL, for the scan's skip of items in backoff or quarantine."""
-    return Job.id + literal(":") + case(*((Job.state == st, literal(name)) for st, name in DEADLINE_OF_STATE.items()),
-                                        else_=Job.state)
+    return (
+        Job.id
+        + literal(":")
+        + case(*((Job.state == st, literal(name)) for st, name in DEADLINE_OF_STATE.items()), else_=Job.state)
+    )
 
 
 def _payout_ref_sql() -> ColumnElement[str]:
     """engine.payout_ref() in SQL: the key of a payout outcome the engine consumes once."""
-    return (Payout.id + literal(":") + Payout.state + literal(":") + Payout.attempts.cast(Consumed.ref.type)
-            + case((Payout.needs_invoice_count > 0,
-                    literal(":") + Payout.needs_invoice_count.cast(Consumed.ref.type)), else_=literal("")))
+    return (
+        Payout.id
+        + literal(":")
+        + Payout.state
+        + literal(":")
+        + Payout.attempts.cast(Consumed.ref.type)
+        + case(
+            (Payout.needs_invoice_count > 0, literal(":") + Payout.needs_invoice_count.cast(Consumed.ref.type)),
+            else_=literal(""),
+        )
+    )
 
 
 class EngineRunner:
@@ -84,14 +99,21 @@ class EngineRunner:
         q = self.quarantine
         ref = cast(LnFact.seq, String)
         async with self.sessions() as s:
-            rows = (await s.execute(select(LnFact, LnInvoice.job_id, q.failing("ln_fact", ref))
-                                    .outerjoin(LnInvoice, LnInvoice.payment_hash == LnFact.payment_hash)
-                                    .where(LnFact.consumed_at.is_(None), q.due("ln_fact", ref))
-                                    .order_by(LnFact.seq).limit(200))).all()
+            rows = (
+                await s.execute(
+                    select(LnFact, LnInvoice.job_id, q.failing("ln_fact", ref))
+                    .outerjoin(LnInvoice, LnInvoice.payment_hash == LnFact.payment_hash)
+                    .where(LnFact.consumed_at.is_(None), q.due("ln_fact", ref))
+                    .order_by(LnFact.seq)
+                    .limit(200)
+                )
+            ).all()
         done = 0
         for fact, job_id, failing in rows:
+
             async def work(s: AsyncSession, fact: LnFact = fact) -> str:
                 return await self.engine.handle_ln_fact(s, fact)
+
             attempt = await q.attempt("ln_fact", str(fact.seq), work, failing=bool(failing), job_id=job_id)
             done += attempt.value != "already consumed" if attempt.ok else attempt.finished
         return done
@@ -101,14 +123,24 @@ class EngineRunner:
         ref = _payout_ref_sql()
         seen = exists().where(and_(Consumed.source == "payout", Consumed.ref == ref))
         async with self.sessions() as s:
-            rows = (await s.execute(select(Payout, q.failing("payout_outcome", ref))
-                                    .where(Payout.state.in_(("succeeded", "needs_invoice")),
-                                           Payout.job_id.is_not(None), ~seen, q.due("payout_outcome", ref))
-                                    .limit(200))).all()
+            rows = (
+                await s.execute(
+                    select(Payout, q.failing("payout_outcome", ref))
+                    .where(
+                        Payout.state.in_(("succeeded", "needs_invoice")),
+                        Payout.job_id.is_not(None),
+                        ~seen,
+                        q.due("payout_outcome", ref),
+                    )
+                    .limit(200)
+                )
+            ).all()
         done = 0
         for p, failing in rows:
+
             async def work(s: AsyncSession, p: Payout = p) -> str:
                 return await self.engine.handle_payout(s, p)
+
             attempt = await q.attempt("payout_outcome", payout_ref(p), work, failing=bool(failing), job_id=p.job_id)
             done += attempt.value != "already consumed" if attempt.ok else attempt.finished
         return done
@@ -118,24 +150,31 @@ class EngineRunner:
         # Only jobs whose deadline may have passed (a superset of what due_timer accepts):
         # open jobs by the thousand must not be loaded on every scan.
         maybe_due = or_(
-            and_(Job.state == JobState.OFFERED.value, Job.offer_expires_at.is_not(None),
-                 Job.offer_expires_at <= now - cfg.offer_grace_seconds),
+            and_(
+                Job.state == JobState.OFFERED.value,
+                Job.offer_expires_at.is_not(None),
+                Job.offer_expires_at <= now - cfg.offer_grace_seconds,
+            ),
             and_(Job.state == JobState.COLLECTING.value, Job.results_deadline <= now - cfg.results_grace_seconds),
-            and_(Job.state == JobState.VALIDATING.value, Job.validation_deadline <= now))
+            and_(Job.state == JobState.VALIDATING.value, Job.validation_deadline <= now),
+        )
         ref = _timer_ref_sql()
         async with self.sessions() as s:
-            rows = (await s.execute(select(Job, q.failing("timer", ref))
-                                    .where(maybe_due, q.due("timer", ref)).limit(500))).all()
+            rows = (
+                await s.execute(select(Job, q.failing("timer", ref)).where(maybe_due, q.due("timer", ref)).limit(500))
+            ).all()
         done = 0
         for job, failing in rows:
-            if self.engine.due_timer(job) is None:   # checked here first: no transaction per idle job
+            if self.engine.due_timer(job) is None:  # checked here first: no transaction per idle job
                 continue
 
             async def work(s: AsyncSession, job: Job = job) -> bool:
                 fresh = await s.get(Job, job.id)
-                return bool(fresh is not None and fresh.version == job.version and await self.engine.on_timers(s, fresh))
-            attempt = await q.attempt("timer", timer_ref(job.id, job.state), work, failing=bool(failing),
-                                      job_id=job.id)
+                return bool(
+                    fresh is not None and fresh.version == job.version and await self.engine.on_timers(s, fresh)
+                )
+
+            attempt = await q.attempt("timer", timer_ref(job.id, job.state), work, failing=bool(failing), job_id=job.id)
             done += bool(attempt.value) if attempt.ok else attempt.finished
         return done
 
@@ -147,9 +186,18 @@ class EffectRunner:
     job and tells the customer (``Engine.on_invoice_failed``); a quarantined settle_hold or
     cancel_invoice waits, listed for the operator, until replayed."""
 
-    def __init__(self, engine: Engine, invoices: EscrowInvoices, watcher: SettlementWatcher, *,
-                 max_attempts: int = 10, lease_seconds: float = 120.0, concurrency: int = 32,
-                 quarantine: Quarantine | None = None, signals: Signals | None = None) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        invoices: EscrowInvoices,
+        watcher: SettlementWatcher,
+        *,
+        max_attempts: int = 10,
+        lease_seconds: float = 120.0,
+        concurrency: int = 32,
+        quarantine: Quarantine | None = None,
+        signals: Signals | None = None,
+    ) -> None:
         self.engine = engine
         self.invoices = invoices
         self.watcher = watcher
@@ -161,9 +209,10 @@ class EffectRunner:
         self.quarantine = quarantine or Quarantine(self.sessions)
         # Effects' own budget in the shared quarantine (unless the service set one): LND may be
         # away for a restart, and a create_invoice given up on cancels its job.
-        self.quarantine.policies.setdefault("effect", RetryPolicy(after=max_attempts, base_seconds=2.0,
-                                                                  max_seconds=300.0))
-        self.signals = signals or Signals()   # offer_made(job id) once its offer invoice is committed
+        self.quarantine.policies.setdefault(
+            "effect", RetryPolicy(after=max_attempts, base_seconds=2.0, max_seconds=300.0)
+        )
+        self.signals = signals or Signals()  # offer_made(job id) once its offer invoice is committed
 
     async def run_once(self) -> int:
         """Claim due effects and perform them: jobs concurrently, one job's effects in order.
@@ -173,20 +222,30 @@ class EffectRunner:
         now = self.quarantine.now()
         ref = cast(Effect.id, String)
         async with self.sessions() as s:
-            due = (await s.execute(select(Effect, self.quarantine.failing("effect", ref))
-                                   .where(Effect.state.in_(("pending", "running")), Effect.next_attempt_at <= now)
-                                   .order_by(Effect.id).limit(4 * self.concurrency))).all()
+            due = (
+                await s.execute(
+                    select(Effect, self.quarantine.failing("effect", ref))
+                    .where(Effect.state.in_(("pending", "running")), Effect.next_attempt_at <= now)
+                    .order_by(Effect.id)
+                    .limit(4 * self.concurrency)
+                )
+            ).all()
         if not due:
             return 0
         claimed: dict[str, list[Effect]] = {}
         failing = {eff.id for eff, was_failing in due if was_failing}
-        async with self.sessions.begin() as s:   # claim: a lease, by compare-and-set, one transaction
+        async with self.sessions.begin() as s:  # claim: a lease, by compare-and-set, one transaction
             t = table_of(Effect)
             for eff, _ in due:
-                res = await s.execute(update(t).where(t.c.id == eff.id, t.c.state == eff.state,
-                                                      t.c.attempts == eff.attempts)
-                                      .values(state="running", attempts=t.c.attempts + 1,
-                                              next_attempt_at=now + timedelta(seconds=self.lease_seconds)))
+                res = await s.execute(
+                    update(t)
+                    .where(t.c.id == eff.id, t.c.state == eff.state, t.c.attempts == eff.attempts)
+                    .values(
+                        state="running",
+                        attempts=t.c.attempts + 1,
+                        next_attempt_at=now + timedelta(seconds=self.lease_seconds),
+                    )
+                )
                 if rowcount(res) == 1:
                     claimed.setdefault(eff.job_id, []).append(eff)
         gate = asyncio.Semaphore(self.concurrency)
@@ -200,14 +259,15 @@ class EffectRunner:
                     except Exception as e:  # noqa: BLE001 - one effect's failure never stops the others
                         if is_outage(e):
                             outages.append(e)
-                            for later in effects[k:]:   # not its fault: given back, not counted
+                            for later in effects[k:]:  # not its fault: given back, not counted
                                 await self._release(later)
                             return k
                         quarantined = await self._failed(eff, e)
-                        for later in effects[k + 1:]:   # keep the order: retried after this one
+                        for later in effects[k + 1 :]:  # keep the order: retried after this one
                             await self._release(later)
                         return k + quarantined
                 return len(effects)
+
         done = sum(await asyncio.gather(*(job_effects(effs) for effs in claimed.values())))
         if outages:
             raise outages[0]
@@ -215,23 +275,35 @@ class EffectRunner:
 
     async def _release(self, eff: Effect) -> None:
         """Give back a claimed effect unperformed (its job's earlier effect failed, or the database is away)."""
-        with contextlib.suppress(Exception):   # the database may be what failed: the lease then runs out
+        with contextlib.suppress(Exception):  # the database may be what failed: the lease then runs out
             async with self.sessions.begin() as s:
-                await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == "running")
-                                .values(state="pending", attempts=Effect.attempts - 1,
-                                        next_attempt_at=self.quarantine.now() + timedelta(seconds=1)))
+                await s.execute(
+                    update(Effect)
+                    .where(Effect.id == eff.id, Effect.state == "running")
+                    .values(
+                        state="pending",
+                        attempts=Effect.attempts - 1,
+                        next_attempt_at=self.quarantine.now() + timedelta(seconds=1),
+                    )
+                )
 
     async def _failed(self, eff: Effect, exc: BaseException) -> bool:
         """Record the effect's failure: back to pending after the backoff, or quarantined."""
+
         async def on_failure(s: AsyncSession, v: Verdict) -> None:
             state = "quarantined" if v.quarantined else "pending"
-            await s.execute(update(Effect).where(Effect.id == eff.id, Effect.state == "running")
-                            .values(state=state, last_error=v.error, next_attempt_at=v.retry_at)
-                            .execution_options(synchronize_session=False))
-            await self.engine.timeline(s, eff.job_id, "effect", {"kind": eff.kind, "state": state, "error": v.error,
-                                                                 "failures": v.failures})
+            await s.execute(
+                update(Effect)
+                .where(Effect.id == eff.id, Effect.state == "running")
+                .values(state=state, last_error=v.error, next_attempt_at=v.retry_at)
+                .execution_options(synchronize_session=False)
+            )
+            await self.engine.timeline(
+                s, eff.job_id, "effect", {"kind": eff.kind, "state": state, "error": v.error, "failures": v.failures}
+            )
             if v.quarantined and eff.kind == "create_invoice":
                 await self.engine.on_invoice_failed(s, eff.job_id, v.error)
+
         verdict = await self.quarantine.failed("effect", str(eff.id), exc, job_id=eff.job_id, on_failure=on_failure)
         return verdict.quarantined
 
@@ -244,8 +316,9 @@ class EffectRunner:
     async def _perform(self, eff: Effect, failing: bool = False) -> None:
         async with self.sessions() as s:
             job = await s.get(Job, eff.job_id)
-            existing = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == eff.job_id)
-                                        .order_by(LnInvoice.created_at))).first()
+            existing = (
+                await s.scalars(select(LnInvoice).where(LnInvoice.job_id == eff.job_id).order_by(LnInvoice.created_at))
+            ).first()
         if eff.kind == "create_invoice":
             if job is None or (existing is None and job.state is not JobState.REQUESTED):
                 # Cancelled meanwhile (deleted, or this effect was quarantined and is replayed):
@@ -253,14 +326,22 @@ class EffectRunner:
                 async with self.sessions.begin() as s:
                     await self._done(s, eff, failing)
                 return
-            if existing is None:   # a retry after a crash reuses the invoice already made
+            if existing is None:  # a retry after a crash reuses the invoice already made
                 assert job.mode is not None, "a requested job has its mode (decided at intake)"
-                hold_seconds = max(0, job.validation_deadline - self.engine.now()) + self.engine.config.release_margin_seconds
+                hold_seconds = (
+                    max(0, job.validation_deadline - self.engine.now()) + self.engine.config.release_margin_seconds
+                )
                 now = self.engine.now()
-                issued = await self.invoices.create(None, job_id=job.id, amount_msat=job.bid_msat, mode=job.mode.value,
-                                                    hold_seconds=hold_seconds, on_deadline="settle",
-                                                    memo=f"fedstr escrow for job {job.id[:16]}",
-                                                    expiry_seconds=self.engine.offer_deadline(job, now) - now)
+                issued = await self.invoices.create(
+                    None,
+                    job_id=job.id,
+                    amount_msat=job.bid_msat,
+                    mode=job.mode.value,
+                    hold_seconds=hold_seconds,
+                    on_deadline="settle",
+                    memo=f"fedstr escrow for job {job.id[:16]}",
+                    expiry_seconds=self.engine.offer_deadline(job, now) - now,
+                )
                 h, pr, mode = issued.payment_hash, issued.payment_request, issued.mode
             else:
                 h, pr, mode = existing.payment_hash, existing.payment_request, existing.mode
@@ -283,7 +364,7 @@ class EffectRunner:
                 else:
                     await self.lnd.cancel_invoice(bytes.fromhex(existing.payment_hash))
             except InvoiceStateError:
-                pass   # already in a final state: the lookup records what it is
+                pass  # already in a final state: the lookup records what it is
             await self.watcher.confirm(existing.payment_hash, f"effect:{eff.kind}")
             async with self.sessions.begin() as s:
                 await self._done(s, eff, failing)
@@ -307,12 +388,13 @@ class EscrowLoop:
     takes a batch of arrivals instead of paying its fixed queries per event.
     """
 
-    timer_interval = 0.5    # deadlines have one-second resolution
+    timer_interval = 0.5  # deadlines have one-second resolution
     scan_interval = 0.25
     min_spacing = 0.005
 
-    def __init__(self, runner: EngineRunner, effects: EffectRunner | None, interval: float = 0.2,
-                 signals: Signals | None = None) -> None:
+    def __init__(
+        self, runner: EngineRunner, effects: EffectRunner | None, interval: float = 0.2, signals: Signals | None = None
+    ) -> None:
         self.runner = runner
         self.effects = effects
         self.interval = interval
@@ -320,7 +402,7 @@ class EscrowLoop:
         self._tasks: list[asyncio.Task] = []
         self.wake = asyncio.Event()
         self.wake_effects = asyncio.Event()
-        self.signals = signals or Signals()   # emits progress; fact_recorded/payout_changed wake it
+        self.signals = signals or Signals()  # emits progress; fact_recorded/payout_changed wake it
         self.signals.fact_recorded.connect(self.notify_fact)
         self.signals.payout_changed.connect(self.notify_payout)
         self.signals.event_stored.connect(self.wake.set)
@@ -357,8 +439,9 @@ class EscrowLoop:
         self._stop.clear()
         self._tasks = [asyncio.create_task(self._run(self._engine_step, self.wake), name="escrow engine")]
         if self.effects is not None:
-            self._tasks.append(asyncio.create_task(self._run(self._effects_step, self.wake_effects),
-                                                   name="escrow effects"))
+            self._tasks.append(
+                asyncio.create_task(self._run(self._effects_step, self.wake_effects), name="escrow effects")
+            )
 
     async def stop(self) -> None:
         self._stop.set()
@@ -392,7 +475,7 @@ class EscrowLoop:
         return n
 
     def _progress(self) -> None:
-        self.signals.progress.emit()   # a subscriber that fails is logged by the signal, never stops the engine
+        self.signals.progress.emit()  # a subscriber that fails is logged by the signal, never stops the engine
 
     async def _run(self, step, wake: asyncio.Event) -> None:
         backoff = LoopBackoff(f"escrow loop ({step.__name__.strip('_')})", base=self.interval)

@@ -1,4 +1,5 @@
 """The running escrow: engine, runners and the announcement, wired to the other layers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,37 +26,70 @@ from service.signals import Signals
 
 
 def terms_from_settings(s: Settings) -> EscrowTerms:
-    return EscrowTerms(fee_base_msat=s.fee_base_msat, fee_ppm=s.fee_ppm, min_bid_msat=s.min_bid_msat,
-                       max_bid_msat=s.max_bid_msat, max_validators=s.max_validators, max_shards=s.max_shards,
-                       min_results_window_s=s.min_results_window_seconds,
-                       max_job_duration_s=s.max_job_duration_seconds,
-                       modes=frozenset(Mode(m) for m in s.escrow_modes), network=Network.from_settings(s.network),
-                       max_hold_seconds=s.max_hold_seconds, min_payout_msat=s.min_payout_msat,
-                       max_results_per_shard=s.max_results_per_shard, routing_fee_ppm=s.payout_fee_ppm)
+    return EscrowTerms(
+        fee_base_msat=s.fee_base_msat,
+        fee_ppm=s.fee_ppm,
+        min_bid_msat=s.min_bid_msat,
+        max_bid_msat=s.max_bid_msat,
+        max_validators=s.max_validators,
+        max_shards=s.max_shards,
+        min_results_window_s=s.min_results_window_seconds,
+        max_job_duration_s=s.max_job_duration_seconds,
+        modes=frozenset(Mode(m) for m in s.escrow_modes),
+        network=Network.from_settings(s.network),
+        max_hold_seconds=s.max_hold_seconds,
+        min_payout_msat=s.min_payout_msat,
+        max_results_per_shard=s.max_results_per_shard,
+        routing_fee_ppm=s.payout_fee_ppm,
+    )
 
 
 class EscrowService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], settings: Settings, key: SecretKey,
-                 lightning: LightningService | None, signals: Signals | None = None) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        settings: Settings,
+        key: SecretKey,
+        lightning: LightningService | None,
+        signals: Signals | None = None,
+    ) -> None:
         self.sessions = sessions
         self.settings = settings
         self.key = key
         self.terms = terms_from_settings(settings)
-        self.engine = Engine(sessions, key, EngineConfig(
-            terms=self.terms, relays=settings.relays, sizing=HoldSizing.from_settings(settings),
-            invoice_expiry_seconds=settings.invoice_expiry_seconds,
-            budget=IntakeBudget(per_minute=settings.job_requests_per_minute,
-                                per_minute_per_key=settings.job_requests_per_minute_per_key,
-                                open_offers=settings.max_open_offers,
-                                open_offers_per_key=settings.max_open_offers_per_key),
-            reply_relays_max=settings.reply_relays_max, network=settings.network))
+        self.engine = Engine(
+            sessions,
+            key,
+            EngineConfig(
+                terms=self.terms,
+                relays=settings.relays,
+                sizing=HoldSizing.from_settings(settings),
+                invoice_expiry_seconds=settings.invoice_expiry_seconds,
+                budget=IntakeBudget(
+                    per_minute=settings.job_requests_per_minute,
+                    per_minute_per_key=settings.job_requests_per_minute_per_key,
+                    open_offers=settings.max_open_offers,
+                    open_offers_per_key=settings.max_open_offers_per_key,
+                ),
+                reply_relays_max=settings.reply_relays_max,
+                network=settings.network,
+            ),
+        )
         self.quarantine = quarantine_from_settings(sessions, settings)
         self.runner = EngineRunner(self.engine, Inbox(sessions, quarantine=self.quarantine))
         self.signals = signals or Signals()
-        effects = (EffectRunner(self.engine, lightning.invoices, lightning.watcher,
-                                lease_seconds=settings.effect_lease_seconds, quarantine=self.quarantine,
-                                signals=self.signals)
-                   if lightning else None)
+        effects = (
+            EffectRunner(
+                self.engine,
+                lightning.invoices,
+                lightning.watcher,
+                lease_seconds=settings.effect_lease_seconds,
+                quarantine=self.quarantine,
+                signals=self.signals,
+            )
+            if lightning
+            else None
+        )
         self.loop = EscrowLoop(self.runner, effects, signals=self.signals)
         self.signals.offer_made.connect(self._offer_made)
         self._offer_waiters: dict[str, tuple[asyncio.Event, int]] = {}
@@ -76,7 +110,7 @@ class EscrowService:
         self._offer_waiters[job_id] = (event, n + 1)
         deadline = time.monotonic() + timeout
         try:
-            if new:   # just stored: nothing to read yet; this replica's effect runner wakes us
+            if new:  # just stored: nothing to read yet; this replica's effect runner wakes us
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(timeout, 0.25))
             while True:
@@ -99,24 +133,43 @@ class EscrowService:
             job = (await s.execute(select(Job.state, Job.reject_reason).where(Job.id == job_id))).first()
             if job is None or job.state == JobState.REQUESTED.value:
                 return None
-            inv = (await s.execute(select(LnInvoice.payment_hash, LnInvoice.payment_request, LnInvoice.amount_msat,
-                                          LnInvoice.mode, LnInvoice.expires_at)
-                                   .where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at))).first()
+            inv = (
+                await s.execute(
+                    select(
+                        LnInvoice.payment_hash,
+                        LnInvoice.payment_request,
+                        LnInvoice.amount_msat,
+                        LnInvoice.mode,
+                        LnInvoice.expires_at,
+                    )
+                    .where(LnInvoice.job_id == job_id)
+                    .order_by(LnInvoice.created_at)
+                )
+            ).first()
         out = {"state": job.state, "reject_reason": job.reject_reason, "invoice": None}
         if inv is not None:
-            out["invoice"] = {"payment_hash": inv.payment_hash, "payment_request": inv.payment_request,
-                              "amount_msat": inv.amount_msat, "mode": inv.mode, "expires_at": inv.expires_at}
+            out["invoice"] = {
+                "payment_hash": inv.payment_hash,
+                "payment_request": inv.payment_request,
+                "amount_msat": inv.amount_msat,
+                "mode": inv.mode,
+                "expires_at": inv.expires_at,
+            }
         elif job.state != JobState.REJECTED.value:
             return None
         return out
 
     async def announce(self) -> None:
         """Publish the NIP-89 announcement with the current terms (replaceable, so once per start)."""
-        tmpl = build_announcement(Announcement(d="fedstr-escrow", name="fedstr-escrow",
-                                               about=f"Lightning escrow for FEDSTR training jobs (v{__version__})",
-                                               terms=self.terms))
+        tmpl = build_announcement(
+            Announcement(
+                d="fedstr-escrow",
+                name="fedstr-escrow",
+                about=f"Lightning escrow for FEDSTR training jobs (v{__version__})",
+                terms=self.terms,
+            )
+        )
         event = sign_event(self.key, tmpl.kind, tmpl.tags, tmpl.content)
         if self.settings.relays:
             async with self.sessions.begin() as s:
                 await outbox.enqueue(s, event, self.settings.relays)
-

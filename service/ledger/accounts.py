@@ -19,6 +19,7 @@ Sign convention of the ledger: debit positive, credit negative. Assets and expen
 are debit-normal (a healthy balance is >= 0); liabilities and income are
 credit-normal (a healthy balance is <= 0).
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,8 @@ MAX_NAME = 200
 _ID = r"[0-9a-f]{1,64}"
 _ID_RE = re.compile(rf"\A{_ID}\Z")
 _JOB_SCOPED = re.compile(
-    rf"\Aliability:(?:escrow:(?P<job1>{_ID})|(?P<cat>payable|refund):(?P<party>{_ID}):(?P<job2>{_ID}))\Z")
+    rf"\Aliability:(?:escrow:(?P<job1>{_ID})|(?P<cat>payable|refund):(?P<party>{_ID}):(?P<job2>{_ID}))\Z"
+)
 
 
 class AccountError(ValueError):
@@ -49,8 +51,8 @@ class AccountError(ValueError):
 class Account(NamedTuple):
     name: str
     kind: Kind
-    category: str            # node | fees | routing | escrow | payable | refund
-    party: str | None        # payee or customer pubkey for payable/refund
+    category: str  # node | fees | routing | escrow | payable | refund
+    party: str | None  # payee or customer pubkey for payable/refund
     job_id: str | None
 
 

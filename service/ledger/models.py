@@ -4,6 +4,7 @@ The ledger is written only by :func:`service.ledger.service.post` and
 :func:`~service.ledger.service.reverse`; there is no update or delete API, and the
 migration adds database triggers refusing UPDATE and DELETE on both ledger tables.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -30,15 +31,16 @@ class LedgerPosting(Base):
 
     __tablename__ = "ledger_postings"
 
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)                 # uuid4 hex
-    key: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)    # e.g. funding:<payment_hash>
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # uuid4 hex
+    key: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)  # e.g. funding:<payment_hash>
     # funding | release | payout | refund_payout | routing_fee | refund | reversal | ...
     kind: Mapped[str] = mapped_column(String(32), nullable=False)
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     memo: Mapped[str] = mapped_column(String(500), nullable=False, default="")
     # The posting this one reverses; UNIQUE: a posting is reversed at most once.
-    reverses: Mapped[str | None] = mapped_column(String(32), ForeignKey("ledger_postings.id"),
-                                                 nullable=True, unique=True)
+    reverses: Mapped[str | None] = mapped_column(
+        String(32), ForeignKey("ledger_postings.id"), nullable=True, unique=True
+    )
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
     __table_args__ = (CheckConstraint("reverses IS NULL OR reverses <> id", name="not_self"),)
@@ -50,8 +52,7 @@ class LedgerLine(Base):
     __tablename__ = "ledger_lines"
 
     id: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
-    posting_id: Mapped[str] = mapped_column(String(32), ForeignKey("ledger_postings.id"), nullable=False,
-                                            index=True)
+    posting_id: Mapped[str] = mapped_column(String(32), ForeignKey("ledger_postings.id"), nullable=False, index=True)
     account: Mapped[str] = mapped_column(String(200), nullable=False, index=True)
     # The job of a job-scoped account, else the posting's job (or NULL): balances per job use it.
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
@@ -69,8 +70,8 @@ class LedgerReconciliation(Base):
     __tablename__ = "ledger_reconciliations"
 
     id: Mapped[int] = mapped_column(_SEQ, primary_key=True, autoincrement=True)
-    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="run")   # run | override
+    kind: Mapped[str] = mapped_column(String(16), nullable=False, default="run")  # run | override
     ran_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
     discrepancy_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
-    report: Mapped[str] = mapped_column(Text, nullable=False)                       # JSON
+    report: Mapped[str] = mapped_column(Text, nullable=False)  # JSON

@@ -16,6 +16,7 @@ refund_payout      payout:<payment hash>   refund(customer) +amount, node -amoun
 routing_fee        routing_fee:<hash>      routing expense +fee, node -fee
 =================  ======================  ==============================================
 """
+
 from __future__ import annotations
 
 import enum
@@ -39,11 +40,11 @@ class PostingKind(enum.StrEnum):
 class KeyPrefix(enum.StrEnum):
     """The first part of a key: what its second part is (a payment hash or a job id)."""
 
-    FUNDING = "funding"            # payment hash of the escrow invoice
-    RELEASE = "release"            # job id
-    REFUND = "refund"              # job id
-    PAYOUT = "payout"              # payment hash of the payout's succeeding attempt
-    ROUTING_FEE = "routing_fee"    # same payment hash
+    FUNDING = "funding"  # payment hash of the escrow invoice
+    RELEASE = "release"  # job id
+    REFUND = "refund"  # job id
+    PAYOUT = "payout"  # payment hash of the payout's succeeding attempt
+    ROUTING_FEE = "routing_fee"  # same payment hash
 
 
 BY_PAYMENT_HASH = frozenset({KeyPrefix.FUNDING, KeyPrefix.PAYOUT, KeyPrefix.ROUTING_FEE})
@@ -63,8 +64,8 @@ class Posting:
 @dataclass(frozen=True)
 class ParsedKey:
     prefix: KeyPrefix
-    ref: str                       # the payment hash or job id
-    rest: str | None = None        # anything after it (e.g. a reversal's suffix)
+    ref: str  # the payment hash or job id
+    rest: str | None = None  # anything after it (e.g. a reversal's suffix)
 
     @property
     def payment_hash(self) -> str | None:
@@ -104,8 +105,13 @@ def routing_fee_key(payment_hash: str) -> str:
 
 def funding(job_id: str, payment_hash: str, amount_msat: int, memo: str) -> Posting:
     """The customer's payment reached our node: we owe it to the job's escrow account."""
-    return Posting(funding_key(payment_hash), PostingKind.FUNDING, job_id,
-                   ((accounts.NODE, amount_msat), (accounts.escrow(job_id), -amount_msat)), memo)
+    return Posting(
+        funding_key(payment_hash),
+        PostingKind.FUNDING,
+        job_id,
+        ((accounts.NODE, amount_msat), (accounts.escrow(job_id), -amount_msat)),
+        memo,
+    )
 
 
 def release(job_id: str, held_msat: int, owed: Lines, fee_income_msat: int, memo: str) -> Posting:
@@ -128,14 +134,25 @@ def refund(job_id: str, customer: str, held_msat: int, back_msat: int, memo: str
     return Posting(refund_key(job_id), PostingKind.REFUND, job_id, tuple(lines), memo)
 
 
-def payout(job_id: str, payment_hash: str, liability: str, amount_msat: int, *, to_customer: bool,
-           memo: str) -> Posting:
+def payout(
+    job_id: str, payment_hash: str, liability: str, amount_msat: int, *, to_customer: bool, memo: str
+) -> Posting:
     """A payout succeeded: the liability it settles is paid from the node."""
-    return Posting(payout_key(payment_hash), PostingKind.REFUND_PAYOUT if to_customer else PostingKind.PAYOUT,
-                   job_id, ((liability, amount_msat), (accounts.NODE, -amount_msat)), memo)
+    return Posting(
+        payout_key(payment_hash),
+        PostingKind.REFUND_PAYOUT if to_customer else PostingKind.PAYOUT,
+        job_id,
+        ((liability, amount_msat), (accounts.NODE, -amount_msat)),
+        memo,
+    )
 
 
 def routing_fee(job_id: str, payment_hash: str, fee_msat: int, memo: str) -> Posting:
     """What the payout's route cost: the escrow's expense."""
-    return Posting(routing_fee_key(payment_hash), PostingKind.ROUTING_FEE, job_id,
-                   ((accounts.ROUTING_EXPENSE, fee_msat), (accounts.NODE, -fee_msat)), memo)
+    return Posting(
+        routing_fee_key(payment_hash),
+        PostingKind.ROUTING_FEE,
+        job_id,
+        ((accounts.ROUTING_EXPENSE, fee_msat), (accounts.NODE, -fee_msat)),
+        memo,
+    )

@@ -17,6 +17,7 @@ changes nothing; the same key with different content raises
 Corrections are postings too: :func:`reverse` books the negated lines of a posting,
 at most once per posting (``ledger_postings.reverses`` is UNIQUE).
 """
+
 from __future__ import annotations
 
 import enum
@@ -44,28 +45,28 @@ MAX_KEY = 200
 MAX_MEMO = 500
 REVERSAL = "reversal"
 
-_KEY_RE = re.compile(r"\A[\x21-\x7e]{1,200}\Z")       # printable ASCII, no whitespace
+_KEY_RE = re.compile(r"\A[\x21-\x7e]{1,200}\Z")  # printable ASCII, no whitespace
 _KIND_RE = re.compile(r"\A[a-z][a-z0-9_]{0,31}\Z")
 _JOB_RE = re.compile(r"\A[0-9a-f]{1,64}\Z")
 
 
 class Reason(enum.StrEnum):
-    TOO_FEW_LINES = "too_few_lines"        # fewer than two lines
+    TOO_FEW_LINES = "too_few_lines"  # fewer than two lines
     TOO_MANY_LINES = "too_many_lines"
-    BAD_LINE = "bad_line"                  # a line is not an (account, amount) pair
-    NOT_INT = "not_int"                    # an amount is not an int (bools and floats refused)
+    BAD_LINE = "bad_line"  # a line is not an (account, amount) pair
+    NOT_INT = "not_int"  # an amount is not an int (bools and floats refused)
     ZERO_AMOUNT = "zero_amount"
     AMOUNT_TOO_LARGE = "amount_too_large"  # |amount|, or the posting's total debit, above 21M BTC
-    UNBALANCED = "unbalanced"              # lines do not sum to exactly zero
+    UNBALANCED = "unbalanced"  # lines do not sum to exactly zero
     BAD_ACCOUNT = "bad_account"
     BAD_KEY = "bad_key"
     BAD_KIND = "bad_kind"
     BAD_JOB_ID = "bad_job_id"
-    JOB_MISMATCH = "job_mismatch"          # a job-scoped account of another job than the posting's
+    JOB_MISMATCH = "job_mismatch"  # a job-scoped account of another job than the posting's
     BAD_MEMO = "bad_memo"
-    KEY_CONFLICT = "key_conflict"          # the key was posted before with different content
-    OVERDRAWN = "overdrawn"                # a liability would be left with a debit balance
-    NOT_FOUND = "not_found"                # reverse: no such posting
+    KEY_CONFLICT = "key_conflict"  # the key was posted before with different content
+    OVERDRAWN = "overdrawn"  # a liability would be left with a debit balance
+    NOT_FOUND = "not_found"  # reverse: no such posting
     ALREADY_REVERSED = "already_reversed"
     INVARIANT_VIOLATION = "invariant_violation"
 
@@ -83,9 +84,9 @@ class LedgerError(Exception):
 class Violation:
     """One broken invariant, found by :func:`check_invariants`."""
 
-    kind: str          # see check_invariants
-    subject: str       # a posting id or an account name
-    amount_msat: int   # the offending sum or balance
+    kind: str  # see check_invariants
+    subject: str  # a posting id or an account name
+    amount_msat: int  # the offending sum or balance
     detail: str = ""
 
 
@@ -110,6 +111,7 @@ class Posting:
 
 
 # ---------------------------------------------------------------- validation
+
 
 def _validate_lines(lines: object) -> list[tuple[str, int]]:
     if isinstance(lines, str | bytes) or not isinstance(lines, Iterable):
@@ -144,8 +146,9 @@ def _validate_lines(lines: object) -> list[tuple[str, int]]:
 
 def _validate_key(key: object) -> str:
     if not isinstance(key, str) or not _KEY_RE.match(key):
-        raise LedgerError(Reason.BAD_KEY, f"key must be 1-{MAX_KEY} printable ASCII characters without "
-                                          f"whitespace, got {key!r}")
+        raise LedgerError(
+            Reason.BAD_KEY, f"key must be 1-{MAX_KEY} printable ASCII characters without whitespace, got {key!r}"
+        )
     return key
 
 
@@ -162,8 +165,9 @@ def _posting_job(job_id: object, lines: Sequence[tuple[str, int]]) -> str | None
     if job_id is None:
         return next(iter(jobs)) if len(jobs) == 1 else None
     if jobs - {job_id}:
-        raise LedgerError(Reason.JOB_MISMATCH, f"posting of job {job_id} touches accounts of job(s) "
-                                               f"{sorted(jobs - {job_id})}")
+        raise LedgerError(
+            Reason.JOB_MISMATCH, f"posting of job {job_id} touches accounts of job(s) {sorted(jobs - {job_id})}"
+        )
     return job_id
 
 
@@ -173,21 +177,42 @@ def _canonical(lines: Iterable[tuple[str, int]]) -> list[tuple[str, int]]:
 
 # ---------------------------------------------------------------- reading postings
 
+
 async def _lines_of(session: AsyncSession, posting_id: str) -> list[tuple[str, int]]:
-    rows = await session.execute(select(LedgerLine.account, LedgerLine.amount_msat)
-                                 .where(LedgerLine.posting_id == posting_id).order_by(LedgerLine.id))
+    rows = await session.execute(
+        select(LedgerLine.account, LedgerLine.amount_msat)
+        .where(LedgerLine.posting_id == posting_id)
+        .order_by(LedgerLine.id)
+    )
     return [(a, int(m)) for a, m in rows.all()]
 
 
 async def _posting_where(session: AsyncSession, cond: ColumnElement[bool]) -> Posting | None:
-    row = (await session.execute(select(LedgerPosting.id, LedgerPosting.key, LedgerPosting.kind,
-                                        LedgerPosting.job_id, LedgerPosting.memo, LedgerPosting.reverses,
-                                        LedgerPosting.created_at).where(cond))).first()
+    row = (
+        await session.execute(
+            select(
+                LedgerPosting.id,
+                LedgerPosting.key,
+                LedgerPosting.kind,
+                LedgerPosting.job_id,
+                LedgerPosting.memo,
+                LedgerPosting.reverses,
+                LedgerPosting.created_at,
+            ).where(cond)
+        )
+    ).first()
     if row is None:
         return None
-    return Posting(id=row.id, key=row.key, kind=row.kind, job_id=row.job_id, memo=row.memo,
-                   reverses=row.reverses, created_at=row.created_at,
-                   lines=tuple(await _lines_of(session, row.id)))
+    return Posting(
+        id=row.id,
+        key=row.key,
+        kind=row.kind,
+        job_id=row.job_id,
+        memo=row.memo,
+        reverses=row.reverses,
+        created_at=row.created_at,
+        lines=tuple(await _lines_of(session, row.id)),
+    )
 
 
 async def get_posting(session: AsyncSession, *, key: str | None = None, id: str | None = None) -> Posting | None:
@@ -199,12 +224,18 @@ async def get_posting(session: AsyncSession, *, key: str | None = None, id: str 
 
 async def job_postings(session: AsyncSession, job_id: str) -> list[Posting]:
     """Every posting of ``job_id``, oldest first."""
-    ids = (await session.scalars(select(LedgerPosting.id).where(LedgerPosting.job_id == job_id)
-                                 .order_by(LedgerPosting.created_at, LedgerPosting.id))).all()
+    ids = (
+        await session.scalars(
+            select(LedgerPosting.id)
+            .where(LedgerPosting.job_id == job_id)
+            .order_by(LedgerPosting.created_at, LedgerPosting.id)
+        )
+    ).all()
     return [p for i in ids if (p := await get_posting(session, id=i)) is not None]
 
 
 # ---------------------------------------------------------------- writing
+
 
 async def _check_not_overdrawn(session: AsyncSession, lines: Sequence[tuple[str, int]]) -> None:
     """Refuse a posting that would leave a liability with a debit balance (more out than in).
@@ -219,44 +250,87 @@ async def _check_not_overdrawn(session: AsyncSession, lines: Sequence[tuple[str,
     debited = sorted(a for a, d in delta.items() if d > 0)
     if not debited:
         return
-    rows = await session.execute(select(LedgerLine.account, func.sum(LedgerLine.amount_msat))
-                                 .where(LedgerLine.account.in_(debited)).group_by(LedgerLine.account))
+    rows = await session.execute(
+        select(LedgerLine.account, func.sum(LedgerLine.amount_msat))
+        .where(LedgerLine.account.in_(debited))
+        .group_by(LedgerLine.account)
+    )
     current = {a: int(s) for a, s in rows.all()}
     for account in debited:
         after = current.get(account, 0) + delta[account]
         if after > 0:
-            raise LedgerError(Reason.OVERDRAWN, f"{account} would hold {after} msat less than nothing "
-                                                f"(balance {current.get(account, 0)}, debit {delta[account]})")
+            raise LedgerError(
+                Reason.OVERDRAWN,
+                f"{account} would hold {after} msat less than nothing "
+                f"(balance {current.get(account, 0)}, debit {delta[account]})",
+            )
 
 
-async def _insert(session: AsyncSession, *, key: str, kind: str, job_id: str | None, memo: str,
-                  reverses: str | None, lines: Sequence[tuple[str, int]]) -> str | None:
+async def _insert(
+    session: AsyncSession,
+    *,
+    key: str,
+    kind: str,
+    job_id: str | None,
+    memo: str,
+    reverses: str | None,
+    lines: Sequence[tuple[str, int]],
+) -> str | None:
     """Insert the posting and its lines; None if a unique constraint (key or reverses) stopped it."""
     posting_id = uuid.uuid4().hex
-    res = await session.execute(insert_ignore(session, LedgerPosting.__table__), [{
-        "id": posting_id, "key": key, "kind": kind, "job_id": job_id, "memo": memo, "reverses": reverses,
-        "created_at": utcnow()}])
+    res = await session.execute(
+        insert_ignore(session, LedgerPosting.__table__),
+        [
+            {
+                "id": posting_id,
+                "key": key,
+                "kind": kind,
+                "job_id": job_id,
+                "memo": memo,
+                "reverses": reverses,
+                "created_at": utcnow(),
+            }
+        ],
+    )
     if res.rowcount != 1:  # type: ignore[attr-defined]  # a CursorResult
         return None
-    await session.execute(insert(LedgerLine), [
-        {"posting_id": posting_id, "account": a, "job_id": accounts.job_of(a) or job_id, "amount_msat": m}
-        for a, m in lines])
+    await session.execute(
+        insert(LedgerLine),
+        [
+            {"posting_id": posting_id, "account": a, "job_id": accounts.job_of(a) or job_id, "amount_msat": m}
+            for a, m in lines
+        ],
+    )
     return posting_id
 
 
-def _same(existing: Posting, *, kind: str, job_id: str | None, reverses: str | None,
-          lines: Sequence[tuple[str, int]]) -> bool:
-    return (existing.kind == kind and existing.job_id == job_id and existing.reverses == reverses
-            and _canonical(existing.lines) == _canonical(lines))
+def _same(
+    existing: Posting, *, kind: str, job_id: str | None, reverses: str | None, lines: Sequence[tuple[str, int]]
+) -> bool:
+    return (
+        existing.kind == kind
+        and existing.job_id == job_id
+        and existing.reverses == reverses
+        and _canonical(existing.lines) == _canonical(lines)
+    )
 
 
 def _conflict(key: str, existing: Posting) -> LedgerError:
-    return LedgerError(Reason.KEY_CONFLICT, f"key {key!r} was posted before ({existing.kind}, posting "
-                                            f"{existing.id}) with different content")
+    return LedgerError(
+        Reason.KEY_CONFLICT,
+        f"key {key!r} was posted before ({existing.kind}, posting {existing.id}) with different content",
+    )
 
 
-async def post(session: AsyncSession, *, key: str, kind: str, lines: Sequence[tuple[str, int]],
-               job_id: str | None = None, memo: str = "") -> str | None:
+async def post(
+    session: AsyncSession,
+    *,
+    key: str,
+    kind: str,
+    lines: Sequence[tuple[str, int]],
+    job_id: str | None = None,
+    memo: str = "",
+) -> str | None:
     """Book a balanced posting; return its id, or None if ``key`` was already posted identically.
 
     ``lines`` are ``(account, amount_msat)`` pairs, debit positive and credit negative,
@@ -266,8 +340,10 @@ async def post(session: AsyncSession, *, key: str, kind: str, lines: Sequence[tu
     """
     key = _validate_key(key)
     if not isinstance(kind, str) or not _KIND_RE.match(kind) or kind == REVERSAL:
-        raise LedgerError(Reason.BAD_KIND, f"kind must match [a-z][a-z0-9_]{{0,31}} and not be "
-                                           f"{REVERSAL!r} (use reverse()), got {kind!r}")
+        raise LedgerError(
+            Reason.BAD_KIND,
+            f"kind must match [a-z][a-z0-9_]{{0,31}} and not be {REVERSAL!r} (use reverse()), got {kind!r}",
+        )
     memo = _validate_memo(memo)
     norm = _validate_lines(lines)
     job_id = _posting_job(job_id, norm)
@@ -275,11 +351,10 @@ async def post(session: AsyncSession, *, key: str, kind: str, lines: Sequence[tu
     existing = await get_posting(session, key=key)
     if existing is None:
         await _check_not_overdrawn(session, norm)
-        posting_id = await _insert(session, key=key, kind=kind, job_id=job_id, memo=memo, reverses=None,
-                                   lines=norm)
+        posting_id = await _insert(session, key=key, kind=kind, job_id=job_id, memo=memo, reverses=None, lines=norm)
         if posting_id is not None:
             return posting_id
-        existing = await get_posting(session, key=key)   # a concurrent writer committed this key first
+        existing = await get_posting(session, key=key)  # a concurrent writer committed this key first
         if existing is None:  # pragma: no cover - only key or id (uuid4) can conflict here
             raise RuntimeError(f"posting {key!r} neither inserted nor found")
     if not _same(existing, kind=kind, job_id=job_id, reverses=None, lines=norm):
@@ -314,8 +389,15 @@ async def reverse(session: AsyncSession, posting_id: str, *, key: str, memo: str
     if other is not None:
         raise LedgerError(Reason.ALREADY_REVERSED, f"posting {target.id} was already reversed by {other}")
     await _check_not_overdrawn(session, lines)
-    new_id = await _insert(session, key=key, kind=REVERSAL, job_id=target.job_id,
-                           memo=memo or f"reversal of {target.key}", reverses=target.id, lines=lines)
+    new_id = await _insert(
+        session,
+        key=key,
+        kind=REVERSAL,
+        job_id=target.job_id,
+        memo=memo or f"reversal of {target.key}",
+        reverses=target.id,
+        lines=lines,
+    )
     if new_id is not None:
         return new_id
     existing = await get_posting(session, key=key)
@@ -325,6 +407,7 @@ async def reverse(session: AsyncSession, posting_id: str, *, key: str, memo: str
 
 
 # ---------------------------------------------------------------- balances
+
 
 async def balance(session: AsyncSession, account: str) -> int:
     """Signed balance of ``account`` (debit positive); 0 for an account never used."""
@@ -353,6 +436,7 @@ async def balances(session: AsyncSession, *, prefix: str | None = None, job_id: 
 
 
 # ---------------------------------------------------------------- invariants
+
 
 async def _all(session: AsyncSession, query: Select[*tuple[Any, ...]]) -> list[Any]:
     return list((await session.execute(query)).all())
@@ -385,63 +469,105 @@ async def check_invariants(session: AsyncSession, *, closed_job_ids: Iterable[st
     total = func.sum(amount)
 
     # (one non-zero line never sums to zero, so a one-line posting is reported here too)
-    rows = await _all(session, select(LedgerLine.posting_id, total, func.count())
-                                 .group_by(LedgerLine.posting_id).having(total != 0).order_by(LedgerLine.posting_id))
-    out += [Violation("unbalanced_posting", pid, int(s), f"{n} line(s) sum to {int(s)} msat")
-            for pid, s, n in rows]
-    no_lines = await session.scalars(select(LedgerPosting.id)
-                                     .where(~exists().where(LedgerLine.posting_id == LedgerPosting.id))
-                                     .order_by(LedgerPosting.id))
+    rows = await _all(
+        session,
+        select(LedgerLine.posting_id, total, func.count())
+        .group_by(LedgerLine.posting_id)
+        .having(total != 0)
+        .order_by(LedgerLine.posting_id),
+    )
+    out += [Violation("unbalanced_posting", pid, int(s), f"{n} line(s) sum to {int(s)} msat") for pid, s, n in rows]
+    no_lines = await session.scalars(
+        select(LedgerPosting.id)
+        .where(~exists().where(LedgerLine.posting_id == LedgerPosting.id))
+        .order_by(LedgerPosting.id)
+    )
     out += [Violation("short_posting", pid, 0, "no lines") for pid in no_lines.all()]
 
-    rows = await _all(session, select(LedgerLine.posting_id, total)
-                                 .where(~exists().where(LedgerPosting.id == LedgerLine.posting_id))
-                                 .group_by(LedgerLine.posting_id).order_by(LedgerLine.posting_id))
+    rows = await _all(
+        session,
+        select(LedgerLine.posting_id, total)
+        .where(~exists().where(LedgerPosting.id == LedgerLine.posting_id))
+        .group_by(LedgerLine.posting_id)
+        .order_by(LedgerLine.posting_id),
+    )
     out += [Violation("orphan_line", pid, int(s), "lines of a posting that does not exist") for pid, s in rows]
 
     target = aliased(LedgerPosting)
-    rows = await _all(session, select(LedgerPosting.id, LedgerPosting.reverses)
-                                 .outerjoin(target, target.id == LedgerPosting.reverses)
-                                 .where(LedgerPosting.reverses.isnot(None), target.id.is_(None))
-                                 .order_by(LedgerPosting.id))
+    rows = await _all(
+        session,
+        select(LedgerPosting.id, LedgerPosting.reverses)
+        .outerjoin(target, target.id == LedgerPosting.reverses)
+        .where(LedgerPosting.reverses.isnot(None), target.id.is_(None))
+        .order_by(LedgerPosting.id),
+    )
     out += [Violation("dangling_reversal", pid, 0, f"reverses missing posting {t}") for pid, t in rows]
 
     rev = aliased(LedgerPosting)
-    rows = await _all(session,
-        select(rev.id, LedgerLine.account, total).select_from(rev)
+    rows = await _all(
+        session,
+        select(rev.id, LedgerLine.account, total)
+        .select_from(rev)
         .join(LedgerLine, or_(LedgerLine.posting_id == rev.id, LedgerLine.posting_id == rev.reverses))
-        .where(rev.reverses.isnot(None)).group_by(rev.id, LedgerLine.account).having(total != 0)
-        .order_by(rev.id, LedgerLine.account))
-    out += [Violation("bad_reversal", pid, int(s), f"reversal and target leave {int(s)} msat on {a}")
-            for pid, a, s in rows]
+        .where(rev.reverses.isnot(None))
+        .group_by(rev.id, LedgerLine.account)
+        .having(total != 0)
+        .order_by(rev.id, LedgerLine.account),
+    )
+    out += [
+        Violation("bad_reversal", pid, int(s), f"reversal and target leave {int(s)} msat on {a}") for pid, a, s in rows
+    ]
 
-    known = or_(LedgerLine.account.in_(sorted(accounts.GLOBAL_ACCOUNTS)),
-                *(LedgerLine.account.like(p) for p in _SCOPED_PREFIXES))
-    rows = await _all(session, select(LedgerLine.account, total).where(~known)
-                                 .group_by(LedgerLine.account).order_by(LedgerLine.account))
+    known = or_(
+        LedgerLine.account.in_(sorted(accounts.GLOBAL_ACCOUNTS)),
+        *(LedgerLine.account.like(p) for p in _SCOPED_PREFIXES),
+    )
+    rows = await _all(
+        session,
+        select(LedgerLine.account, total).where(~known).group_by(LedgerLine.account).order_by(LedgerLine.account),
+    )
     out += [Violation("bad_account", a, int(s), "account name outside the ledger's grammar") for a, s in rows]
-    rows = await _all(session, select(LedgerLine.account, total).where(LedgerLine.account.like(_LIABILITY))
-                                 .group_by(LedgerLine.account).having(total > 0).order_by(LedgerLine.account))
-    out += [Violation("liability_overdrawn", a, int(s), f"debit balance of {int(s)} msat: more went out than came in")
-            for a, s in rows]
+    rows = await _all(
+        session,
+        select(LedgerLine.account, total)
+        .where(LedgerLine.account.like(_LIABILITY))
+        .group_by(LedgerLine.account)
+        .having(total > 0)
+        .order_by(LedgerLine.account),
+    )
+    out += [
+        Violation("liability_overdrawn", a, int(s), f"debit balance of {int(s)} msat: more went out than came in")
+        for a, s in rows
+    ]
 
-    rows = await _all(session,
-        select(LedgerLine.account, LedgerLine.job_id, func.count()).where(
+    rows = await _all(
+        session,
+        select(LedgerLine.account, LedgerLine.job_id, func.count())
+        .where(
             LedgerLine.account.like(_LIABILITY),
-            or_(LedgerLine.job_id.is_(None),
-                ~LedgerLine.account.like(literal("%:", String) + LedgerLine.job_id)))
-        .group_by(LedgerLine.account, LedgerLine.job_id).order_by(LedgerLine.account))
+            or_(LedgerLine.job_id.is_(None), ~LedgerLine.account.like(literal("%:", String) + LedgerLine.job_id)),
+        )
+        .group_by(LedgerLine.account, LedgerLine.job_id)
+        .order_by(LedgerLine.account),
+    )
     out += [Violation("line_job_mismatch", a, 0, f"{n} line(s) stored with job id {j!r}") for a, j, n in rows]
 
     closed = sorted({j for j in closed_job_ids})
     for i in range(0, len(closed), _CHUNK):
-        chunk = closed[i:i + _CHUNK]
-        scoped = (select(LedgerLine.account).where(LedgerLine.job_id.in_(chunk), LedgerLine.account.like(_LIABILITY))
-                  .distinct())
-        rows = await _all(session, select(LedgerLine.account, total)
-                                     .where(LedgerLine.account.in_(scoped))
-                                     .group_by(LedgerLine.account).having(total != 0)
-                                     .order_by(LedgerLine.account))
+        chunk = closed[i : i + _CHUNK]
+        scoped = (
+            select(LedgerLine.account)
+            .where(LedgerLine.job_id.in_(chunk), LedgerLine.account.like(_LIABILITY))
+            .distinct()
+        )
+        rows = await _all(
+            session,
+            select(LedgerLine.account, total)
+            .where(LedgerLine.account.in_(scoped))
+            .group_by(LedgerLine.account)
+            .having(total != 0)
+            .order_by(LedgerLine.account),
+        )
         wanted = set(chunk)
         for a, s in rows:
             job = accounts.job_of(a) if accounts.is_valid(a) else None
@@ -458,6 +584,18 @@ async def assert_balanced(session: AsyncSession, *, closed_job_ids: Iterable[str
 
 
 __all__ = [
-    "MAX_MSAT", "LedgerError", "LedgerInvariantError", "Posting", "Reason", "Violation", "assert_balanced",
-    "balance", "balances", "check_invariants", "get_posting", "job_postings", "post", "reverse",
+    "MAX_MSAT",
+    "LedgerError",
+    "LedgerInvariantError",
+    "Posting",
+    "Reason",
+    "Violation",
+    "assert_balanced",
+    "balance",
+    "balances",
+    "check_invariants",
+    "get_posting",
+    "job_postings",
+    "post",
+    "reverse",
 ]

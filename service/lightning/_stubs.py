@@ -7,6 +7,7 @@ sets ``GRPC_SSL_CIPHER_SUITES`` for the whole process as a side effect; we
 restore the environment to what it was, so that import has no effect beyond
 this module.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ Amounts are integer millisatoshis throughout; payment hashes and preimages are
 ``bytes`` (32 bytes). Streams are async iterators; leaving the ``async for``
 cancels the underlying gRPC call.
 """
+
 from __future__ import annotations
 
 import enum
@@ -23,7 +24,7 @@ from service.lightning import errors
 from service.lightning._stubs import inv, inv_grpc, ln, ln_grpc, rt, rt_grpc
 
 MAX_MESSAGE_BYTES = 50 * 1024 * 1024
-MAX_FEE_QUERY_MSAT = 2**62   # "no fee limit" for QueryRoutes (its default limit is about the amount)
+MAX_FEE_QUERY_MSAT = 2**62  # "no fee limit" for QueryRoutes (its default limit is about the amount)
 
 
 class InvoiceState(enum.Enum):
@@ -182,8 +183,12 @@ def _invoice(m: Any) -> Invoice:
         expiry=int(m.expiry),
         cltv_expiry=int(m.cltv_expiry),
         htlcs=tuple(
-            InvoiceHtlc(amt_msat=int(h.amt_msat), accept_height=int(h.accept_height),
-                        expiry_height=int(h.expiry_height), state=_enum(HtlcState, h.state, HtlcState.ACCEPTED))
+            InvoiceHtlc(
+                amt_msat=int(h.amt_msat),
+                accept_height=int(h.accept_height),
+                expiry_height=int(h.expiry_height),
+                state=_enum(HtlcState, h.state, HtlcState.ACCEPTED),
+            )
             for h in m.htlcs
         ),
     )
@@ -220,19 +225,24 @@ class LndClient:
         self.timeout = timeout
         self._md = _Macaroon(macaroon.hex())
         creds = grpc.ssl_channel_credentials(root_certificates=tls_cert)
-        self._channel = grpc.aio.secure_channel(host, creds, options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ])
+        self._channel = grpc.aio.secure_channel(
+            host,
+            creds,
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.keepalive_time_ms", 30_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+        )
         self._ln = ln_grpc.LightningStub(self._channel)
         self._inv = inv_grpc.InvoicesStub(self._channel)
         self._rt = rt_grpc.RouterStub(self._channel)
 
     @classmethod
-    def from_files(cls, host: str, tls_cert_path: Path | str, macaroon_path: Path | str,
-                   *, timeout: float = 15.0) -> LndClient:
+    def from_files(
+        cls, host: str, tls_cert_path: Path | str, macaroon_path: Path | str, *, timeout: float = 15.0
+    ) -> LndClient:
         try:
             cert = Path(tls_cert_path).read_bytes()
         except OSError as e:
@@ -276,50 +286,83 @@ class LndClient:
     async def get_info(self) -> NodeInfo:
         r = await self._unary("GetInfo", self._ln.GetInfo, ln.GetInfoRequest())
         network = r.chains[0].network if r.chains else ""
-        return NodeInfo(pubkey=r.identity_pubkey, alias=r.alias, version=r.version, block_height=r.block_height,
-                        block_hash=r.block_hash, synced_to_chain=r.synced_to_chain,
-                        synced_to_graph=r.synced_to_graph, network=network,
-                        num_active_channels=r.num_active_channels, num_peers=r.num_peers)
+        return NodeInfo(
+            pubkey=r.identity_pubkey,
+            alias=r.alias,
+            version=r.version,
+            block_height=r.block_height,
+            block_hash=r.block_hash,
+            synced_to_chain=r.synced_to_chain,
+            synced_to_graph=r.synced_to_graph,
+            network=network,
+            num_active_channels=r.num_active_channels,
+            num_peers=r.num_peers,
+        )
 
     async def channel_balance(self) -> ChannelBalance:
         r = await self._unary("ChannelBalance", self._ln.ChannelBalance, ln.ChannelBalanceRequest())
-        return ChannelBalance(local_msat=int(r.local_balance.msat), remote_msat=int(r.remote_balance.msat),
-                              pending_open_local_msat=int(r.pending_open_local_balance.msat))
+        return ChannelBalance(
+            local_msat=int(r.local_balance.msat),
+            remote_msat=int(r.remote_balance.msat),
+            pending_open_local_msat=int(r.pending_open_local_balance.msat),
+        )
 
     # ---- invoices ----------------------------------------------------------
-    async def add_invoice(self, value_msat: int, *, memo: str = "", expiry: int = 3600,
-                          description_hash: bytes | None = None, private: bool = False) -> AddedInvoice:
+    async def add_invoice(
+        self,
+        value_msat: int,
+        *,
+        memo: str = "",
+        expiry: int = 3600,
+        description_hash: bytes | None = None,
+        private: bool = False,
+    ) -> AddedInvoice:
         if value_msat <= 0:
             raise ValueError("invoice amount must be positive")
-        req = ln.Invoice(value_msat=value_msat, memo=memo, expiry=expiry, private=private,
-                         description_hash=description_hash or b"")
+        req = ln.Invoice(
+            value_msat=value_msat, memo=memo, expiry=expiry, private=private, description_hash=description_hash or b""
+        )
         r = await self._unary("AddInvoice", self._ln.AddInvoice, req)
-        return AddedInvoice(payment_hash=bytes(r.r_hash), payment_request=r.payment_request,
-                            add_index=int(r.add_index))
+        return AddedInvoice(payment_hash=bytes(r.r_hash), payment_request=r.payment_request, add_index=int(r.add_index))
 
-    async def add_hold_invoice(self, payment_hash: bytes, value_msat: int, *, memo: str = "", expiry: int = 3600,
-                               cltv_expiry: int = 80, description_hash: bytes | None = None,
-                               private: bool = False) -> AddedInvoice:
+    async def add_hold_invoice(
+        self,
+        payment_hash: bytes,
+        value_msat: int,
+        *,
+        memo: str = "",
+        expiry: int = 3600,
+        cltv_expiry: int = 80,
+        description_hash: bytes | None = None,
+        private: bool = False,
+    ) -> AddedInvoice:
         _check_hash("payment_hash", payment_hash)
         if value_msat <= 0:
             raise ValueError("invoice amount must be positive")
-        req = inv.AddHoldInvoiceRequest(hash=payment_hash, value_msat=value_msat, memo=memo, expiry=expiry,
-                                        cltv_expiry=cltv_expiry, description_hash=description_hash or b"",
-                                        private=private)
+        req = inv.AddHoldInvoiceRequest(
+            hash=payment_hash,
+            value_msat=value_msat,
+            memo=memo,
+            expiry=expiry,
+            cltv_expiry=cltv_expiry,
+            description_hash=description_hash or b"",
+            private=private,
+        )
         r = await self._unary("AddHoldInvoice", self._inv.AddHoldInvoice, req)
-        return AddedInvoice(payment_hash=payment_hash, payment_request=r.payment_request,
-                            add_index=int(r.add_index))
+        return AddedInvoice(payment_hash=payment_hash, payment_request=r.payment_request, add_index=int(r.add_index))
 
     async def lookup_invoice(self, payment_hash: bytes) -> Invoice:
         req = inv.LookupInvoiceMsg(payment_hash=_check_hash("payment_hash", payment_hash))
         return _invoice(await self._unary("LookupInvoiceV2", self._inv.LookupInvoiceV2, req))
 
-    async def list_invoices(self, *, index_offset: int = 0, max_invoices: int = 1000,
-                            pending_only: bool = False) -> tuple[list[Invoice], int]:
+    async def list_invoices(
+        self, *, index_offset: int = 0, max_invoices: int = 1000, pending_only: bool = False
+    ) -> tuple[list[Invoice], int]:
         """Invoices with add_index > index_offset, oldest first (only open and accepted ones with
         ``pending_only``); returns them and the last index."""
-        req = ln.ListInvoiceRequest(index_offset=index_offset, num_max_invoices=max_invoices, reversed=False,
-                                    pending_only=pending_only)
+        req = ln.ListInvoiceRequest(
+            index_offset=index_offset, num_max_invoices=max_invoices, reversed=False, pending_only=pending_only
+        )
         r = await self._unary("ListInvoices", self._ln.ListInvoices, req)
         return [_invoice(i) for i in r.invoices], int(r.last_index_offset)
 
@@ -338,8 +381,9 @@ class LndClient:
         changes, so a subscriber that stores the indices misses nothing. The stream
         reports OPEN and SETTLED only (never ACCEPTED or CANCELED).
         """
-        call = self._ln.SubscribeInvoices(ln.InvoiceSubscription(add_index=add_index, settle_index=settle_index),
-                                          metadata=self._md)
+        call = self._ln.SubscribeInvoices(
+            ln.InvoiceSubscription(add_index=add_index, settle_index=settle_index), metadata=self._md
+        )
         async for m in self._stream("SubscribeInvoices", call):
             yield _invoice(m)
 
@@ -352,14 +396,27 @@ class LndClient:
     # ---- payments ----------------------------------------------------------
     async def decode_pay_req(self, payment_request: str) -> PayReq:
         r = await self._unary("DecodePayReq", self._ln.DecodePayReq, ln.PayReqString(pay_req=payment_request))
-        return PayReq(destination=r.destination, payment_hash=bytes.fromhex(r.payment_hash),
-                      num_msat=int(r.num_msat), timestamp=int(r.timestamp), expiry=int(r.expiry),
-                      cltv_expiry=int(r.cltv_expiry), description=r.description,
-                      description_hash=bytes.fromhex(r.description_hash) if r.description_hash else None,
-                      payment_addr=bytes(r.payment_addr))
+        return PayReq(
+            destination=r.destination,
+            payment_hash=bytes.fromhex(r.payment_hash),
+            num_msat=int(r.num_msat),
+            timestamp=int(r.timestamp),
+            expiry=int(r.expiry),
+            cltv_expiry=int(r.cltv_expiry),
+            description=r.description,
+            description_hash=bytes.fromhex(r.description_hash) if r.description_hash else None,
+            payment_addr=bytes(r.payment_addr),
+        )
 
-    async def send_payment(self, payment_request: str, *, fee_limit_msat: int, timeout_seconds: int = 60,
-                           cltv_limit: int = 0, amt_msat: int = 0) -> AsyncIterator[Payment]:
+    async def send_payment(
+        self,
+        payment_request: str,
+        *,
+        fee_limit_msat: int,
+        timeout_seconds: int = 60,
+        cltv_limit: int = 0,
+        amt_msat: int = 0,
+    ) -> AsyncIterator[Payment]:
         """``SendPaymentV2``: a stream of the payment's states until SUCCEEDED or FAILED.
 
         ``fee_limit_msat`` is required; 0 means "zero-fee routes only" (routerrpc's rule, lnd
@@ -372,17 +429,23 @@ class LndClient:
             raise ValueError("timeout_seconds must be positive")
         if cltv_limit < 0:
             raise ValueError("cltv_limit must not be negative")
-        req = rt.SendPaymentRequest(payment_request=payment_request, fee_limit_msat=fee_limit_msat,
-                                    timeout_seconds=timeout_seconds, cltv_limit=cltv_limit, amt_msat=amt_msat,
-                                    no_inflight_updates=False)
+        req = rt.SendPaymentRequest(
+            payment_request=payment_request,
+            fee_limit_msat=fee_limit_msat,
+            timeout_seconds=timeout_seconds,
+            cltv_limit=cltv_limit,
+            amt_msat=amt_msat,
+            no_inflight_updates=False,
+        )
         async for m in self._stream("SendPaymentV2", self._rt.SendPaymentV2(req, metadata=self._md)):
             yield _payment(m)
 
     async def pay(self, payment_request: str, *, fee_limit_msat: int, timeout_seconds: int = 60) -> Payment:
         """Send and wait for the final state (blocks while a hold invoice holds the HTLC)."""
         last: Payment | None = None
-        async for p in self.send_payment(payment_request, fee_limit_msat=fee_limit_msat,
-                                         timeout_seconds=timeout_seconds):
+        async for p in self.send_payment(
+            payment_request, fee_limit_msat=fee_limit_msat, timeout_seconds=timeout_seconds
+        ):
             last = p
             if p.status.final:
                 return p
@@ -395,10 +458,16 @@ class LndClient:
         if it finds none: ``QueryRoutes`` with the invoice's destination, amount, final CLTV, route
         hints and features, without mission control (the graph as it is). Sends nothing."""
         d = await self._unary("DecodePayReq", self._ln.DecodePayReq, ln.PayReqString(pay_req=payment_request))
-        req = ln.QueryRoutesRequest(pub_key=d.destination, amt_msat=int(d.num_msat),
-                                    final_cltv_delta=int(d.cltv_expiry), route_hints=list(d.route_hints),
-                                    dest_features=list(d.features.keys()), cltv_limit=cltv_limit,
-                                    fee_limit=ln.FeeLimit(fixed_msat=MAX_FEE_QUERY_MSAT), use_mission_control=False)
+        req = ln.QueryRoutesRequest(
+            pub_key=d.destination,
+            amt_msat=int(d.num_msat),
+            final_cltv_delta=int(d.cltv_expiry),
+            route_hints=list(d.route_hints),
+            dest_features=list(d.features.keys()),
+            cltv_limit=cltv_limit,
+            fee_limit=ln.FeeLimit(fixed_msat=MAX_FEE_QUERY_MSAT),
+            use_mission_control=False,
+        )
         try:
             r = await self._unary("QueryRoutes", self._ln.QueryRoutes, req)
         except errors.LndError as e:
@@ -407,10 +476,12 @@ class LndClient:
             raise
         return int(r.routes[0].total_fees_msat) if r.routes else None
 
-    async def track_payment(self, payment_hash: bytes, *,
-                            no_inflight_updates: bool = False) -> AsyncGenerator[Payment, None]:
+    async def track_payment(
+        self, payment_hash: bytes, *, no_inflight_updates: bool = False
+    ) -> AsyncGenerator[Payment, None]:
         """``TrackPaymentV2``: the payment's current state, then updates until final."""
-        req = rt.TrackPaymentRequest(payment_hash=_check_hash("payment_hash", payment_hash),
-                                     no_inflight_updates=no_inflight_updates)
+        req = rt.TrackPaymentRequest(
+            payment_hash=_check_hash("payment_hash", payment_hash), no_inflight_updates=no_inflight_updates
+        )
         async for m in self._stream("TrackPaymentV2", self._rt.TrackPaymentV2(req, metadata=self._md)):
             yield _payment(m)

@@ -18,6 +18,7 @@ Hierarchy::
 Messages carry LND's own text, which names no secret; the macaroon and TLS
 material are never part of an error.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -98,8 +99,8 @@ _MESSAGES: tuple[tuple[str, type[LndError]], ...] = (
     ("cannot get macaroon", LndAuthError),
     ("permission denied", LndAuthError),
     ("server is still in the process of starting", LndUnavailable),
-    ("in the process of starting up", LndUnavailable),   # lnd v0.20 rpcperms.ErrRPCStarting
-    ("wallet locked, unlock it", LndUnavailable),         # rpcperms.ErrWalletLocked
+    ("in the process of starting up", LndUnavailable),  # lnd v0.20 rpcperms.ErrRPCStarting
+    ("wallet locked, unlock it", LndUnavailable),  # rpcperms.ErrWalletLocked
     ("waiting to start", LndUnavailable),
 )
 
@@ -117,8 +118,12 @@ def from_rpc_error(method: str, err: grpc.RpcError) -> LndError:
     code = err.code() if hasattr(err, "code") else None
     detail = (err.details() if hasattr(err, "details") else None) or str(code or "unknown error")
     low = detail.lower()
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
-                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+    if code in (
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    ):
         return _CODES[code](method, detail, code)
     for text, cls in _MESSAGES:
         if text in low:

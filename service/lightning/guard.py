@@ -14,6 +14,7 @@ terms recorded on the invoice (``on_deadline``):
 Either way the result is confirmed by lookup and recorded as an ordinary fact
 with source ``guard``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,18 +32,22 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class GuardAction:
     payment_hash: str
-    action: str          # settle | cancel
+    action: str  # settle | cancel
     remaining_blocks: int
-    outcome: str | None     # the invoice's state in LND afterwards: settled | canceled
+    outcome: str | None  # the invoice's state in LND afterwards: settled | canceled
 
 
 async def guard_once(watcher: SettlementWatcher, *, hold_expiry_delta: int, margin_blocks: int) -> list[GuardAction]:
     lnd = watcher.lnd
     tip = (await lnd.get_info()).block_height
     async with watcher.sessions() as s:
-        rows = (await s.execute(select(LnInvoice.payment_hash, LnInvoice.htlc_expiry_height, LnInvoice.on_deadline,
-                                       LnInvoice.preimage)
-                                .where(LnInvoice.mode == "hold", LnInvoice.state == "accepted"))).all()
+        rows = (
+            await s.execute(
+                select(
+                    LnInvoice.payment_hash, LnInvoice.htlc_expiry_height, LnInvoice.on_deadline, LnInvoice.preimage
+                ).where(LnInvoice.mode == "hold", LnInvoice.state == "accepted")
+            )
+        ).all()
     actions = []
     for h, expiry_height, on_deadline, preimage in rows:
         if expiry_height is None:

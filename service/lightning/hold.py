@@ -5,6 +5,7 @@ job. Its final CLTV delta is sized from the time the job needs (RoboSats' rule: 
 speed-up / pessimistic block time), plus LND's ``holdexpirydelta``, our deadline guard's
 margin and a safety margin.
 """
+
 from __future__ import annotations
 
 import enum
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 class EscrowMode(enum.StrEnum):
     """How an escrow invoice holds a job's money (decided once, at intake: service/escrow/mode.py)."""
 
-    HOLD = "hold"              # a hold invoice: the HTLC is locked at our node until we settle or cancel
-    CUSTODIAL = "custodial"    # a regular invoice: the money is ours once paid
+    HOLD = "hold"  # a hold invoice: the HTLC is locked at our node until we settle or cancel
+    CUSTODIAL = "custodial"  # a regular invoice: the money is ours once paid
 
 
 @dataclass(frozen=True)
@@ -34,8 +35,14 @@ class HoldSizing:
 
     @classmethod
     def from_settings(cls, s: Settings) -> HoldSizing:
-        return cls(s.hold_block_seconds, s.hold_speedup, s.hold_margin_blocks, s.hold_max_cltv_blocks,
-                   s.hold_expiry_delta, s.guard_margin_blocks)
+        return cls(
+            s.hold_block_seconds,
+            s.hold_speedup,
+            s.hold_margin_blocks,
+            s.hold_max_cltv_blocks,
+            s.hold_expiry_delta,
+            s.guard_margin_blocks,
+        )
 
     def cltv_blocks(self, hold_seconds: int) -> int:
         """Final CLTV delta for a hold that must last ``hold_seconds``."""

@@ -12,6 +12,7 @@ leaves the service (in the offer event) after the record is committed, so no
 invoice anyone can pay is unknown to us. The hold preimage is kept in the
 database until settlement and never logged or returned.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -51,16 +52,31 @@ class IssuedInvoice:
 
 
 class EscrowInvoices:
-    def __init__(self, lnd: LndClient, sizing: HoldSizing, *, expiry_seconds: int = 600,
-                 sessions: async_sessionmaker[AsyncSession] | None = None) -> None:
+    def __init__(
+        self,
+        lnd: LndClient,
+        sizing: HoldSizing,
+        *,
+        expiry_seconds: int = 600,
+        sessions: async_sessionmaker[AsyncSession] | None = None,
+    ) -> None:
         self.lnd = lnd
         self._writer = GroupCommit(sessions, LnInvoice.__table__) if sessions is not None else None
         self.sizing = sizing
         self.expiry_seconds = expiry_seconds
 
-    async def create(self, session: AsyncSession | None, *, job_id: str | None, amount_msat: int, mode: str,
-                     hold_seconds: int = 0, memo: str = "", on_deadline: str = "cancel",
-                     expiry_seconds: int | None = None) -> IssuedInvoice:
+    async def create(
+        self,
+        session: AsyncSession | None,
+        *,
+        job_id: str | None,
+        amount_msat: int,
+        mode: str,
+        hold_seconds: int = 0,
+        memo: str = "",
+        on_deadline: str = "cancel",
+        expiry_seconds: int | None = None,
+    ) -> IssuedInvoice:
         """Create the invoice in LND, then record it.
 
         With a ``session`` the record joins the caller's transaction (the caller commits).
@@ -77,8 +93,10 @@ class EscrowInvoices:
         if mode not in ("hold", "custodial"):
             raise InvoiceModeError(f"mode must be 'hold' or 'custodial' (decided at intake), got {mode!r}")
         if mode == "hold" and not self.sizing.fits(hold_seconds):
-            raise InvoiceModeError(f"the job needs {self.sizing.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; "
-                                   f"hold invoices are limited to {self.sizing.max_cltv_blocks}")
+            raise InvoiceModeError(
+                f"the job needs {self.sizing.cltv_blocks(hold_seconds)} blocks of HTLC lifetime; "
+                f"hold invoices are limited to {self.sizing.max_cltv_blocks}"
+            )
         chosen = mode
         memo = memo[:600]
         now = int(time.time())
@@ -87,24 +105,47 @@ class EscrowInvoices:
             preimage = os.urandom(32)
             payment_hash = hashlib.sha256(preimage).digest()
             cltv = self.sizing.cltv_blocks(hold_seconds)
-            added = await self.lnd.add_hold_invoice(payment_hash, amount_msat, memo=memo,
-                                                    expiry=expiry, cltv_expiry=cltv)
+            added = await self.lnd.add_hold_invoice(
+                payment_hash, amount_msat, memo=memo, expiry=expiry, cltv_expiry=cltv
+            )
             secret: str | None = preimage.hex()
         else:
             added = await self.lnd.add_invoice(amount_msat, memo=memo, expiry=expiry)
             payment_hash, secret, cltv = added.payment_hash, None, 0
-        row = IssuedInvoice(payment_hash=payment_hash.hex(), job_id=job_id, mode=chosen, amount_msat=amount_msat,
-                            payment_request=added.payment_request, preimage=secret, cltv_expiry=cltv,
-                            expires_at=now + expiry, add_index=added.add_index)
+        row = IssuedInvoice(
+            payment_hash=payment_hash.hex(),
+            job_id=job_id,
+            mode=chosen,
+            amount_msat=amount_msat,
+            payment_request=added.payment_request,
+            preimage=secret,
+            cltv_expiry=cltv,
+            expires_at=now + expiry,
+            add_index=added.add_index,
+        )
         stamp = utcnow()
-        values = {"payment_hash": row.payment_hash, "job_id": job_id, "mode": chosen, "amount_msat": amount_msat,
-                  "payment_request": row.payment_request, "memo": memo, "preimage": secret, "cltv_expiry": cltv,
-                  "expires_at": row.expires_at, "state": "open", "amount_paid_msat": 0, "on_deadline": on_deadline,
-                  "add_index": row.add_index, "settle_index": 0, "created_at": stamp, "updated_at": stamp}
+        values = {
+            "payment_hash": row.payment_hash,
+            "job_id": job_id,
+            "mode": chosen,
+            "amount_msat": amount_msat,
+            "payment_request": row.payment_request,
+            "memo": memo,
+            "preimage": secret,
+            "cltv_expiry": cltv,
+            "expires_at": row.expires_at,
+            "state": "open",
+            "amount_paid_msat": 0,
+            "on_deadline": on_deadline,
+            "add_index": row.add_index,
+            "settle_index": 0,
+            "created_at": stamp,
+            "updated_at": stamp,
+        }
         if session is None:
             if self._writer is None:
                 raise RuntimeError("EscrowInvoices was built without sessions: pass a session")
-            await self._writer.insert(values)   # group commit: durable when this returns
+            await self._writer.insert(values)  # group commit: durable when this returns
         else:
             await session.execute(insert(table_of(LnInvoice)), [values])
         return row

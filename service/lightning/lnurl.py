@@ -39,6 +39,7 @@ Every failure is an :class:`LnurlError` with a :class:`LnurlReason`. Messages na
 the host, never a full URL (a query string may carry a secret), and remote text in them is
 sanitized and truncated. Caller mistakes (a non-positive amount, say) raise ``ValueError``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -264,7 +265,7 @@ def _split_host_port(domain: str) -> tuple[str, int | None]:
         end = domain.find("]")
         if end < 0:
             raise ValueError("unclosed [ in domain")
-        host, rest = domain[1:end], domain[end + 1:]
+        host, rest = domain[1:end], domain[end + 1 :]
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
@@ -365,14 +366,20 @@ def is_blocked_address(ip: IPAddress) -> bool:
             return True
         if ip.teredo is not None or ip.is_site_local:
             return True
-    return (not ip.is_global or ip.is_private or ip.is_loopback or ip.is_link_local
-            or ip.is_multicast or ip.is_reserved or ip.is_unspecified)
+    return (
+        not ip.is_global
+        or ip.is_private
+        or ip.is_loopback
+        or ip.is_link_local
+        or ip.is_multicast
+        or ip.is_reserved
+        or ip.is_unspecified
+    )
 
 
 async def resolve_host(host: str, port: int) -> list[str]:
     """The host's addresses, via the system resolver (in a thread)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                          proto=socket.IPPROTO_TCP)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     out: list[str] = []
     for family, _type, _proto, _canon, sockaddr in infos:
         addr = str(sockaddr[0])
@@ -412,6 +419,7 @@ async def _checked_addresses(url: _Url, allow_private: bool, resolver: Resolver)
 
 # ---- HTTP -------------------------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class _Limits:
     allow_private: bool
@@ -423,12 +431,23 @@ class _Limits:
 
 def _pinned_request(url: _Url, ip: IPAddress, limits: _Limits) -> httpx.Request:
     target = _Url(url.scheme, str(ip), url.port, url.path, url.query)
-    ext: dict[str, Any] = {"timeout": {"connect": limits.connect_timeout, "read": limits.total_timeout,
-                                       "write": limits.total_timeout, "pool": limits.connect_timeout}}
+    ext: dict[str, Any] = {
+        "timeout": {
+            "connect": limits.connect_timeout,
+            "read": limits.total_timeout,
+            "write": limits.total_timeout,
+            "pool": limits.connect_timeout,
+        }
+    }
     if url.scheme == "https" and url.ip is None:
         ext["sni_hostname"] = url.host  # TLS SNI and certificate name check use the host name
-    headers = {"Host": url.netloc(), "User-Agent": USER_AGENT, "Accept": "application/json",
-               "Accept-Encoding": "identity", "Connection": "close"}
+    headers = {
+        "Host": url.netloc(),
+        "User-Agent": USER_AGENT,
+        "Accept": "application/json",
+        "Accept-Encoding": "identity",
+        "Connection": "close",
+    }
     return httpx.Request("GET", str(target), headers=headers, extensions=ext)
 
 
@@ -456,8 +475,7 @@ async def _read_json(resp: httpx.Response, url: _Url, limits: _Limits) -> dict[s
         raise _fail(LnurlReason.REDIRECT_REFUSED, f"{url.host} answered HTTP {status}; redirects are not followed")
     declared = resp.headers.get("content-length", "")
     if declared.strip().isdigit() and int(declared) > limits.max_bytes:
-        raise _fail(LnurlReason.TOO_LARGE, f"{url.host} announced {int(declared)} bytes "
-                                           f"(limit {limits.max_bytes})")
+        raise _fail(LnurlReason.TOO_LARGE, f"{url.host} announced {int(declared)} bytes (limit {limits.max_bytes})")
     if resp.headers.get("content-encoding", "identity").strip().lower() not in ("", "identity"):
         raise _fail(LnurlReason.HTTP_ERROR, f"{url.host} sent a compressed body, which is refused")
     body = bytearray()
@@ -484,8 +502,10 @@ async def _read_json(resp: httpx.Response, url: _Url, limits: _Limits) -> dict[s
             raise _fail(LnurlReason.REMOTE_ERROR, f"{url.host}: {reason}")
         raise _fail(LnurlReason.HTTP_ERROR, f"{url.host} answered HTTP {status}")
     if not _json_content_type(resp.headers.get("content-type")):
-        raise _fail(LnurlReason.BAD_JSON, f"{url.host} answered with content type "
-                                          f"{_clip(resp.headers.get('content-type'), 60)}, not JSON")
+        raise _fail(
+            LnurlReason.BAD_JSON,
+            f"{url.host} answered with content type {_clip(resp.headers.get('content-type'), 60)}, not JSON",
+        )
     if not parsed:
         raise _fail(LnurlReason.BAD_JSON, f"{url.host} did not answer with valid JSON")
     if not isinstance(data, dict):
@@ -501,8 +521,7 @@ async def _get_json(client: httpx.AsyncClient, url: _Url, limits: _Limits) -> di
     failure = "no address tried"
     for ip in addrs[:MAX_ADDRESSES_TRIED]:
         try:
-            resp = await client.send(_pinned_request(url, ip, limits), stream=True, auth=None,
-                                     follow_redirects=False)
+            resp = await client.send(_pinned_request(url, ip, limits), stream=True, auth=None, follow_redirects=False)
         except httpx.ConnectError as e:  # includes TLS handshake and certificate failures
             failure = _clip(e, 160)
             continue
@@ -523,6 +542,7 @@ async def _get_json(client: httpx.AsyncClient, url: _Url, limits: _Limits) -> di
 
 # ---- LNURL-pay validation ---------------------------------------------------
 
+
 @dataclass(frozen=True, slots=True)
 class _PayParams:
     callback: _Url
@@ -536,8 +556,9 @@ class _PayParams:
 def _msat_field(data: dict[str, Any], key: str) -> int:
     value = data.get(key)
     if type(value) is not int or not 1 <= value <= MAX_MSAT:
-        raise _fail(LnurlReason.BAD_PAY_REQUEST, f"{key} must be an integer number of millisatoshis "
-                                                 f"from 1 to {MAX_MSAT}")
+        raise _fail(
+            LnurlReason.BAD_PAY_REQUEST, f"{key} must be an integer number of millisatoshis from 1 to {MAX_MSAT}"
+        )
     return value
 
 
@@ -581,8 +602,7 @@ def _parse_pay_request(data: dict[str, Any], host: str) -> _PayParams:
 
 def _callback_url(callback: _Url, amount_msat: int, comment: str | None) -> _Url:
     """``callback`` with ``amount`` (and ``comment``) set; its other query parameters kept verbatim."""
-    kept = [p for p in callback.query.split("&")
-            if p and unquote_plus(p.split("=", 1)[0]) not in ("amount", "comment")]
+    kept = [p for p in callback.query.split("&") if p and unquote_plus(p.split("=", 1)[0]) not in ("amount", "comment")]
     kept.append(f"amount={amount_msat}")
     if comment:
         kept.append("comment=" + quote(comment, safe=""))
@@ -612,8 +632,14 @@ def _parse_success_action(sa: object) -> SuccessAction | None:
         return SuccessAction(tag, description=_success_text(sa, "description"), url=url)
     if tag == "aes":
         ciphertext, iv = sa.get("ciphertext"), sa.get("iv")
-        if not (isinstance(ciphertext, str) and 0 < len(ciphertext) <= 8192 and ciphertext.isascii()
-                and isinstance(iv, str) and len(iv) == 24 and iv.isascii()):
+        if not (
+            isinstance(ciphertext, str)
+            and 0 < len(ciphertext) <= 8192
+            and ciphertext.isascii()
+            and isinstance(iv, str)
+            and len(iv) == 24
+            and iv.isascii()
+        ):
             raise _fail(LnurlReason.BAD_SUCCESS_ACTION, "successAction aes needs base64 ciphertext and iv")
         return SuccessAction(tag, description=_success_text(sa, "description"), ciphertext=ciphertext, iv=iv)
     raise _fail(LnurlReason.BAD_SUCCESS_ACTION, f"unsupported successAction tag {_clip(tag, 20)}")
@@ -666,9 +692,10 @@ def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | N
     want = hashlib.sha256(metadata.encode("utf-8")).digest()
     got = bytes.fromhex(inv.description_hash) if inv.description_hash else b""
     if not hmac.compare_digest(got, want):
-        raise _fail(LnurlReason.DESCRIPTION_HASH_MISMATCH,
-                    "invoice description hash is not sha256 of the metadata" if got
-                    else "invoice has no description hash")
+        raise _fail(
+            LnurlReason.DESCRIPTION_HASH_MISMATCH,
+            "invoice description hash is not sha256 of the metadata" if got else "invoice has no description hash",
+        )
     if inv.date + inv.expiry <= time.time() + MIN_INVOICE_TTL_SECONDS:
         raise _fail(LnurlReason.INVOICE_EXPIRED, "invoice is expired or about to expire")
     payment_hash = bytes.fromhex(inv.payment_hash)
@@ -679,10 +706,20 @@ def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | N
 
 # ---- entry point ------------------------------------------------------------
 
-async def fetch_invoice(target: LnurlTarget | str, amount_msat: int, *, client: httpx.AsyncClient | None = None,
-                        allow_private: bool = False, connect_timeout: float = 2.0, total_timeout: float = 5.0,
-                        max_response_bytes: int = 64 * 1024, comment: str | None = None,
-                        network: str | None = None, resolver: Resolver | None = None) -> FetchedInvoice:
+
+async def fetch_invoice(
+    target: LnurlTarget | str,
+    amount_msat: int,
+    *,
+    client: httpx.AsyncClient | None = None,
+    allow_private: bool = False,
+    connect_timeout: float = 2.0,
+    total_timeout: float = 5.0,
+    max_response_bytes: int = 64 * 1024,
+    comment: str | None = None,
+    network: str | None = None,
+    resolver: Resolver | None = None,
+) -> FetchedInvoice:
     """Fetch a fresh invoice for exactly ``amount_msat`` from an LNURL-pay service.
 
     ``total_timeout`` bounds the whole call (both requests, DNS included). ``network``
@@ -709,12 +746,14 @@ async def fetch_invoice(target: LnurlTarget | str, amount_msat: int, *, client: 
     tag = dict(parse_qsl(url.query)).get("tag")
     if tag is not None and tag != "payRequest":
         raise _fail(LnurlReason.NOT_PAY_REQUEST, f"LNURL is tagged {_clip(tag, 40)}, not payRequest")
-    limits = _Limits(allow_private, resolver or _default_resolver, connect_timeout, total_timeout,
-                     max_response_bytes)
+    limits = _Limits(allow_private, resolver or _default_resolver, connect_timeout, total_timeout, max_response_bytes)
     own = client is None
-    http = client or httpx.AsyncClient(follow_redirects=False, trust_env=False,
-                                       timeout=httpx.Timeout(total_timeout, connect=connect_timeout),
-                                       limits=httpx.Limits(max_keepalive_connections=0))
+    http = client or httpx.AsyncClient(
+        follow_redirects=False,
+        trust_env=False,
+        timeout=httpx.Timeout(total_timeout, connect=connect_timeout),
+        limits=httpx.Limits(max_keepalive_connections=0),
+    )
     try:
         async with asyncio.timeout(total_timeout):
             return await _fetch(http, url, amount_msat, comment or None, network, limits)
@@ -729,20 +768,31 @@ async def _default_resolver(host: str, port: int) -> Sequence[str]:
     return await resolve_host(host, port)  # looked up at call time, so tests may patch it
 
 
-async def _fetch(client: httpx.AsyncClient, url: _Url, amount_msat: int, comment: str | None,
-                 network: str | None, limits: _Limits) -> FetchedInvoice:
+async def _fetch(
+    client: httpx.AsyncClient, url: _Url, amount_msat: int, comment: str | None, network: str | None, limits: _Limits
+) -> FetchedInvoice:
     params = _parse_pay_request(await _get_json(client, url, limits), url.host)
     if not params.min_msat <= amount_msat <= params.max_msat:
-        raise _fail(LnurlReason.AMOUNT_OUT_OF_RANGE, f"{amount_msat} msat is outside "
-                                                     f"{params.min_msat}..{params.max_msat} msat")
+        raise _fail(
+            LnurlReason.AMOUNT_OUT_OF_RANGE, f"{amount_msat} msat is outside {params.min_msat}..{params.max_msat} msat"
+        )
     if comment is not None and len(comment) > params.comment_allowed:
-        raise _fail(LnurlReason.COMMENT_TOO_LONG, f"comment has {len(comment)} characters; "
-                                                  f"the service accepts {params.comment_allowed}")
+        raise _fail(
+            LnurlReason.COMMENT_TOO_LONG,
+            f"comment has {len(comment)} characters; the service accepts {params.comment_allowed}",
+        )
     answer = await _get_json(client, _callback_url(params.callback, amount_msat, comment), limits)
     success_action = _parse_success_action(answer.get("successAction"))
     inv = _check_invoice(answer.get("pr"), amount_msat, params.metadata, network)
     return FetchedInvoice(
-        bolt11=inv.bolt11, payment_hash=inv.payment_hash, amount_msat=amount_msat,
-        description_hash=inv.description_hash, metadata=params.metadata, callback=str(params.callback),
-        description=_clip(params.description, 1000), expires_at=inv.expires_at, payee_pubkey=inv.payee_pubkey,
-        success_action=success_action)
+        bolt11=inv.bolt11,
+        payment_hash=inv.payment_hash,
+        amount_msat=amount_msat,
+        description_hash=inv.description_hash,
+        metadata=params.metadata,
+        callback=str(params.callback),
+        description=_clip(params.description, 1000),
+        expires_at=inv.expires_at,
+        payee_pubkey=inv.payee_pubkey,
+        success_action=success_action,
+    )

@@ -1,4 +1,5 @@
 """Tables of the Lightning layer: our invoices and their settlement facts (payouts: service/payouts/models.py)."""
+
 from __future__ import annotations
 
 import enum
@@ -17,7 +18,7 @@ class InvoiceStatus(enum.StrEnum):
     """``ln_invoices.state``: changes only on a fact confirmed by lookup."""
 
     OPEN = "open"
-    ACCEPTED = "accepted"      # hold: the HTLC is locked at our node
+    ACCEPTED = "accepted"  # hold: the HTLC is locked at our node
     SETTLED = "settled"
     CANCELED = "canceled"
 
@@ -33,8 +34,8 @@ class InvoiceChange(enum.StrEnum):
 class OnDeadline(enum.StrEnum):
     """What the deadline guard does with an accepted hold invoice near its CLTV expiry."""
 
-    SETTLE = "settle"          # take the money into custody: the job continues custodially
-    CANCEL = "cancel"          # give it back
+    SETTLE = "settle"  # take the money into custody: the job continues custodially
+    CANCEL = "cancel"  # give it back
 
 
 class LnInvoice(Base):
@@ -51,14 +52,12 @@ class LnInvoice(Base):
     # Hold mode only: our secret until we settle. Never logged, never returned by an API.
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     cltv_expiry: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
-    expires_at: Mapped[int] = mapped_column(BigInteger, nullable=False)   # unix seconds
-    state: Mapped[InvoiceStatus] = mapped_column(StringEnum(InvoiceStatus), nullable=False,
-                                                 default=InvoiceStatus.OPEN)
+    expires_at: Mapped[int] = mapped_column(BigInteger, nullable=False)  # unix seconds
+    state: Mapped[InvoiceStatus] = mapped_column(StringEnum(InvoiceStatus), nullable=False, default=InvoiceStatus.OPEN)
     amount_paid_msat: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     htlc_expiry_height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # What the deadline guard does with an accepted hold invoice near its CLTV expiry.
-    on_deadline: Mapped[OnDeadline] = mapped_column(StringEnum(OnDeadline), nullable=False,
-                                                    default=OnDeadline.CANCEL)
+    on_deadline: Mapped[OnDeadline] = mapped_column(StringEnum(OnDeadline), nullable=False, default=OnDeadline.CANCEL)
     add_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     settle_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
@@ -76,12 +75,14 @@ class LnFact(Base):
     payment_hash: Mapped[str] = mapped_column(String(64), ForeignKey("ln_invoices.payment_hash"), nullable=False)
     kind: Mapped[InvoiceChange] = mapped_column(StringEnum(InvoiceChange), nullable=False)
     amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    source: Mapped[str] = mapped_column(String(32), nullable=False)        # stream | single | sweep | webhook | guard
+    source: Mapped[str] = mapped_column(String(32), nullable=False)  # stream | single | sweep | webhook | guard
     observed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     consumed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
-    __table_args__ = (UniqueConstraint("payment_hash", "kind", name="uq_ln_facts_hash_kind"),
-                      Index("ix_ln_facts_unconsumed", "consumed_at", "seq"))
+    __table_args__ = (
+        UniqueConstraint("payment_hash", "kind", name="uq_ln_facts_hash_kind"),
+        Index("ix_ln_facts_unconsumed", "consumed_at", "seq"),
+    )
 
 
 class WebhookSeen(Base):

@@ -19,6 +19,7 @@ sources is one fact. Facts are what the escrow engine consumes.
 When LND is unreachable the watcher backs off, reports it in :attr:`health`, and
 invents nothing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -58,7 +59,7 @@ class WatcherHealth:
     last_event_at: float | None = None
     facts_recorded: int = 0
     single_streams: int = 0
-    unstreamed: int = 0      # open hold invoices over the stream budget, followed by the sweep
+    unstreamed: int = 0  # open hold invoices over the stream budget, followed by the sweep
     backoff_seconds: float = 0.0
     started: bool = False
 
@@ -68,7 +69,7 @@ class WatcherHealth:
 
 @dataclass
 class ConfirmResult:
-    kind: str | None                 # the fact recorded now, or None
+    kind: str | None  # the fact recorded now, or None
     lnd_state: InvoiceState | None
     detail: str = ""
     facts: list[str] = field(default_factory=list)
@@ -77,8 +78,11 @@ class ConfirmResult:
 async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None:
     """Record what a lookup result proves, inside the caller's transaction; returns the new fact kind."""
     h = inv.payment_hash.hex()
-    row = (await session.execute(select(LnInvoice.amount_msat, LnInvoice.state, LnInvoice.mode)
-                                 .where(LnInvoice.payment_hash == h))).first()
+    row = (
+        await session.execute(
+            select(LnInvoice.amount_msat, LnInvoice.state, LnInvoice.mode).where(LnInvoice.payment_hash == h)
+        )
+    ).first()
     if row is None or inv.state not in _TRANSITIONS:
         return None
     kind, from_states = _TRANSITIONS[inv.state]
@@ -97,11 +101,21 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
         values["htlc_expiry_height"] = min(heights) if heights else None
     if kind == "settled":
         values["settle_index"] = inv.settle_index
-    moved = await session.execute(update(LnInvoice).where(LnInvoice.payment_hash == h,
-                                                          LnInvoice.state.in_(from_states)).values(**values))
-    res = await session.execute(insert_ignore(session, LnFact.__table__),
-                                [{"payment_hash": h, "kind": kind, "source": source, "observed_at": utcnow(),
-                                  "amount_msat": paid if kind != "canceled" else 0}])
+    moved = await session.execute(
+        update(LnInvoice).where(LnInvoice.payment_hash == h, LnInvoice.state.in_(from_states)).values(**values)
+    )
+    res = await session.execute(
+        insert_ignore(session, LnFact.__table__),
+        [
+            {
+                "payment_hash": h,
+                "kind": kind,
+                "source": source,
+                "observed_at": utcnow(),
+                "amount_msat": paid if kind != "canceled" else 0,
+            }
+        ],
+    )
     if rowcount(res) != 1:
         return None
     if rowcount(moved) != 1:
@@ -111,18 +125,26 @@ async def record(session: AsyncSession, inv: Invoice, source: str) -> str | None
 
 
 class SettlementWatcher:
-    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], *,
-                 sweep_interval: float = 30.0, backoff_max: float = 30.0, max_streams: int = 1000,
-                 overflow_interval: float = 2.0, signals: Signals | None = None) -> None:
+    def __init__(
+        self,
+        lnd: LndClient,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        sweep_interval: float = 30.0,
+        backoff_max: float = 30.0,
+        max_streams: int = 1000,
+        overflow_interval: float = 2.0,
+        signals: Signals | None = None,
+    ) -> None:
         self.lnd = lnd
         self.max_streams = max_streams
         self.overflow_interval = overflow_interval
-        self._overflow: set[str] = set()   # open hold invoices over the stream budget
+        self._overflow: set[str] = set()  # open hold invoices over the stream budget
         self._overflow_added = asyncio.Event()
         self.sessions = sessions
         self.sweep_interval = sweep_interval
         self.backoff_max = backoff_max
-        self.signals = signals or Signals()   # emits fact_recorded
+        self.signals = signals or Signals()  # emits fact_recorded
         self.health = WatcherHealth()
         self._singles: dict[str, asyncio.Task] = {}
         self._tasks: list[asyncio.Task] = []
@@ -132,7 +154,7 @@ class SettlementWatcher:
         self._cursors_saved_at = float("-inf")
         self._cursor_timer: asyncio.Task | None = None
 
-    cursor_delay = 0.5   # seconds an addition's cursor may wait to be saved with the next ones
+    cursor_delay = 0.5  # seconds an addition's cursor may wait to be saved with the next ones
 
     # ---- confirmation ----------------------------------------------------------
     async def confirm(self, payment_hash: str, source: str) -> ConfirmResult:
@@ -157,8 +179,10 @@ class SettlementWatcher:
     async def start(self) -> None:
         self._stop.clear()
         self.health.started = True
-        self._tasks = [asyncio.create_task(self._global_loop(), name="lnd invoices stream"),
-                       asyncio.create_task(self._sweep_loop(), name="lnd sweep")]
+        self._tasks = [
+            asyncio.create_task(self._global_loop(), name="lnd invoices stream"),
+            asyncio.create_task(self._sweep_loop(), name="lnd sweep"),
+        ]
 
     async def stop(self) -> None:
         self._stop.set()
@@ -187,8 +211,9 @@ class SettlementWatcher:
                 self.health.unstreamed = len(self._overflow)
                 return
             self._overflow.discard(payment_hash)
-            self._singles[payment_hash] = asyncio.create_task(self._single_loop(payment_hash),
-                                                              name=f"lnd invoice {payment_hash[:12]}")
+            self._singles[payment_hash] = asyncio.create_task(
+                self._single_loop(payment_hash), name=f"lnd invoice {payment_hash[:12]}"
+            )
         self.health.single_streams = len(self._singles)
         self.health.unstreamed = len(self._overflow)
 
@@ -329,9 +354,13 @@ class SettlementWatcher:
         invoice whose state differs, or which is no longer pending, is looked up and recorded.
         """
         async with self.sessions() as s:
-            rows = (await s.execute(select(LnInvoice.payment_hash, LnInvoice.state, LnInvoice.mode,
-                                           LnInvoice.add_index)
-                                    .where(LnInvoice.state.in_(("open", "accepted"))))).all()
+            rows = (
+                await s.execute(
+                    select(LnInvoice.payment_hash, LnInvoice.state, LnInvoice.mode, LnInvoice.add_index).where(
+                        LnInvoice.state.in_(("open", "accepted"))
+                    )
+                )
+            ).all()
         if not rows:
             self._overflow.clear()
             return 0
@@ -349,7 +378,7 @@ class SettlementWatcher:
             offset = last
         recorded = 0
         for h, state in ours.items():
-            if pending.get(h) != state:   # accepted now, or no longer pending (settled, canceled, gone)
+            if pending.get(h) != state:  # accepted now, or no longer pending (settled, canceled, gone)
                 result = await self.confirm(h, "sweep")
                 recorded += result.kind is not None
         self._overflow &= set(pending)
@@ -371,7 +400,7 @@ class SettlementWatcher:
                 wait = min(self.sweep_interval, self.overflow_interval) if self._overflow else self.sweep_interval
                 try:
                     await asyncio.wait_for(self._overflow_added.wait(), wait)
-                    await self._sleep(self.overflow_interval)   # woken: let a few gather first
+                    await self._sleep(self.overflow_interval)  # woken: let a few gather first
                 except TimeoutError:
                     pass
             except asyncio.CancelledError:

@@ -12,6 +12,7 @@ service look the invoice up in LND (:meth:`SettlementWatcher.confirm`): a forged
 mistaken "settled" for an unpaid invoice changes nothing. Invalid ones are
 refused with a reason and counted.
 """
+
 from __future__ import annotations
 
 import enum
@@ -50,8 +51,6 @@ class WebhookError(Exception):
         super().__init__(f"{reason.value}: {message}")
 
 
-
-
 def sign(secret: bytes, timestamp: int, body: bytes) -> str:
     return "sha256=" + hmac.new(secret, str(timestamp).encode() + b"." + body, hashlib.sha256).hexdigest()
 
@@ -79,13 +78,14 @@ def verify(secret: bytes | None, headers: dict[str, str], body: bytes, *, now: i
     h = obj.get("payment_hash") if isinstance(obj, dict) else None
     if not isinstance(h, str) or not _HASH.fullmatch(h):
         raise WebhookError(WebhookReason.BAD_BODY, "payment_hash must be 64 lowercase hex characters")
-    return h, expected[len("sha256="):]
+    return h, expected[len("sha256=") :]
 
 
 async def consume(session: AsyncSession, signature: str, *, now: int, window: int) -> None:
     """Accept a signature once (flush only); WebhookError(REPLAYED) the second time."""
     await session.execute(delete(WebhookSeen).where(WebhookSeen.expires_at < now))
-    res = await session.execute(insert_ignore(session, WebhookSeen.__table__),
-                                [{"signature": signature, "expires_at": now + 2 * window}])
+    res = await session.execute(
+        insert_ignore(session, WebhookSeen.__table__), [{"signature": signature, "expires_at": now + 2 * window}]
+    )
     if rowcount(res) != 1:
         raise WebhookError(WebhookReason.REPLAYED, "this webhook was already received")

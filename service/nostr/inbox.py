@@ -16,6 +16,7 @@
 - ``reject`` records refused events with their reason for operators; the log keeps
   at most ``rejected_retention`` rows.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,17 +46,29 @@ class Pending:
     id: str
     raw: str
     source: str
-    failing: bool = False   # it failed before: its success clears the failure row
+    failing: bool = False  # it failed before: its success clears the failure row
 
 
 def _row(event: Event, source: str) -> dict:
-    return {"id": event.id, "kind": event.kind, "pubkey": event.pubkey, "created_at": event.created_at,
-            "raw": event.to_json(), "source": source[:300], "received_at": utcnow()}
+    return {
+        "id": event.id,
+        "kind": event.kind,
+        "pubkey": event.pubkey,
+        "created_at": event.created_at,
+        "raw": event.to_json(),
+        "source": source[:300],
+        "received_at": utcnow(),
+    }
 
 
 class Inbox:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], *, rejected_retention: int = 10_000,
-                 quarantine: Quarantine | None = None) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        rejected_retention: int = 10_000,
+        quarantine: Quarantine | None = None,
+    ) -> None:
         self.sessions = sessions
         self.quarantine = quarantine or Quarantine(sessions)
         self.rejected_retention = rejected_retention
@@ -85,17 +98,25 @@ class Inbox:
     async def reject(self, source: str, reason: str, detail: str, raw: object, event_id: str | None = None) -> None:
         text = raw if isinstance(raw, str) else json.dumps(raw, ensure_ascii=False, default=str)
         async with self.sessions.begin() as s:
-            s.add(RejectedEvent(event_id=event_id if isinstance(event_id, str) and len(event_id) == 64 else None,
-                                source=source[:300], reason=reason[:64], detail=detail[:500],
-                                raw=text[:RAW_KEEP], received_at=utcnow()))
+            s.add(
+                RejectedEvent(
+                    event_id=event_id if isinstance(event_id, str) and len(event_id) == 64 else None,
+                    source=source[:300],
+                    reason=reason[:64],
+                    detail=detail[:500],
+                    raw=text[:RAW_KEEP],
+                    received_at=utcnow(),
+                )
+            )
             self._rejects_since_prune += 1
             if self._rejects_since_prune >= max(1, self.rejected_retention // 10):
                 self._rejects_since_prune = 0
                 await self._prune(s)
 
     async def _prune(self, s: AsyncSession) -> None:
-        cutoff = await s.scalar(select(RejectedEvent.seq).order_by(RejectedEvent.seq.desc())
-                                .offset(self.rejected_retention).limit(1))
+        cutoff = await s.scalar(
+            select(RejectedEvent.seq).order_by(RejectedEvent.seq.desc()).offset(self.rejected_retention).limit(1)
+        )
         if cutoff is not None:
             await s.execute(delete(RejectedEvent).where(RejectedEvent.seq <= cutoff))
 
@@ -107,10 +128,12 @@ class Inbox:
         """Unhandled events in arrival order, without those waiting out a backoff."""
         q = self.quarantine
         async with self.sessions() as s:
-            rows = await s.execute(select(InboxEvent.id, InboxEvent.raw, InboxEvent.source,
-                                          q.failing("inbox", InboxEvent.id))
-                                   .where(InboxEvent.handled_at.is_(None), q.due("inbox", InboxEvent.id))
-                                   .order_by(InboxEvent.received_at, InboxEvent.id).limit(limit))
+            rows = await s.execute(
+                select(InboxEvent.id, InboxEvent.raw, InboxEvent.source, q.failing("inbox", InboxEvent.id))
+                .where(InboxEvent.handled_at.is_(None), q.due("inbox", InboxEvent.id))
+                .order_by(InboxEvent.received_at, InboxEvent.id)
+                .limit(limit)
+            )
             return [Pending(r.id, r.raw, r.source, bool(r.failing)) for r in rows]
 
     async def count(self, *, handled: bool | None = None) -> int:
@@ -126,28 +149,35 @@ class Inbox:
         A database outage is raised (the event stays pending, the caller backs off); any other
         error is the event's: rolled back, recorded, retried with backoff, then quarantined.
         """
+
         async def work(s: AsyncSession) -> bool:
             event = Event.from_dict(json.loads(item.raw))
-            inbox = table_of(InboxEvent)   # Core statements: no ORM bookkeeping on the hot path
-            claimed = await s.execute(update(inbox)
-                                      .where(inbox.c.id == item.id, inbox.c.handled_at.is_(None))
-                                      .values(handled_at=utcnow(), outcome="processing"))
+            inbox = table_of(InboxEvent)  # Core statements: no ORM bookkeeping on the hot path
+            claimed = await s.execute(
+                update(inbox)
+                .where(inbox.c.id == item.id, inbox.c.handled_at.is_(None))
+                .values(handled_at=utcnow(), outcome="processing")
+            )
             if rowcount(claimed) != 1:
                 return False  # another worker or replica has it
             outcome = await handler(s, event)
-            await s.execute(update(inbox).where(inbox.c.id == item.id)
-                            .values(outcome=(outcome or "processed")[:500]))
+            await s.execute(update(inbox).where(inbox.c.id == item.id).values(outcome=(outcome or "processed")[:500]))
             return True
 
         async def on_failure(s: AsyncSession, v: Verdict) -> None:
             values: dict[str, object] = {"attempts": v.failures}
-            if v.quarantined:   # out of the pending scan until a replay
+            if v.quarantined:  # out of the pending scan until a replay
                 values.update(handled_at=utcnow(), outcome=f"error: {v.error}"[:500])
-            await s.execute(update(InboxEvent).where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
-                            .values(**values).execution_options(synchronize_session=False))
+            await s.execute(
+                update(InboxEvent)
+                .where(InboxEvent.id == item.id, InboxEvent.handled_at.is_(None))
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
 
-        attempt = await self.quarantine.attempt("inbox", item.id, work, failing=item.failing,
-                                                job_id=lambda: _job_of(item.raw), on_failure=on_failure)
+        attempt = await self.quarantine.attempt(
+            "inbox", item.id, work, failing=item.failing, job_id=lambda: _job_of(item.raw), on_failure=on_failure
+        )
         return bool(attempt.value) if attempt.ok else attempt.finished
 
     async def process_pending(self, handler: Handler, *, limit: int = 100) -> int:

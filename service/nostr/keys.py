@@ -1,4 +1,5 @@
 """The service's Nostr identity: from settings, or generated once and kept in a 0600 file."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Tables of the Nostr layer: the inbox, the rejected-events log and the publishing outbox."""
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -40,8 +41,7 @@ class RejectedEvent(Base):
 
     __tablename__ = "nostr_rejected"
 
-    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                     autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     event_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     source: Mapped[str] = mapped_column(String(300), nullable=False)
     reason: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -68,8 +68,9 @@ class Delivery(Base):
 
     __tablename__ = "nostr_deliveries"
 
-    event_id: Mapped[str] = mapped_column(String(64), ForeignKey("nostr_outbox.id", ondelete="CASCADE"),
-                                          primary_key=True)
+    event_id: Mapped[str] = mapped_column(
+        String(64), ForeignKey("nostr_outbox.id", ondelete="CASCADE"), primary_key=True
+    )
     relay: Mapped[str] = mapped_column(String(300), primary_key=True)
     # a job's reply relay (its customer named it): published to by a short connection, not the pool
     reply: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=sa_false())

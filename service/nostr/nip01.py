@@ -16,6 +16,7 @@ and the signature. Every failure is an :class:`EventError` whose ``reason`` is o
 of :class:`EventErrorReason` (a ``str`` enum, stable for callers to map, e.g. to a
 relay ``OK false`` message or an HTTP status).
 """
+
 from __future__ import annotations
 
 import enum
@@ -41,9 +42,7 @@ FIELDS = frozenset({"id", "pubkey", "created_at", "kind", "tags", "content", "si
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX128 = re.compile(r"[0-9a-f]{128}")
 # One shared encoder: building a JSONEncoder per call is measurably slower.
-_CANONICAL_JSON = json.JSONEncoder(
-    ensure_ascii=False, separators=(",", ":"), check_circular=False, allow_nan=False
-)
+_CANONICAL_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False, allow_nan=False)
 
 
 class EventErrorReason(enum.StrEnum):
@@ -99,8 +98,9 @@ def _check_hex(value: object, pattern: re.Pattern[str], reason: EventErrorReason
         raise EventError(reason, f"{name} must be a lowercase hex string of {length} characters")
 
 
-def _check_int(value: object, maximum: int, type_reason: EventErrorReason,
-               range_reason: EventErrorReason, name: str) -> None:
+def _check_int(
+    value: object, maximum: int, type_reason: EventErrorReason, range_reason: EventErrorReason, name: str
+) -> None:
     if type(value) is not int:  # also rejects bool, a subclass of int
         raise EventError(type_reason, f"{name} must be an integer, not {type(value).__name__}")
     if not 0 <= value <= maximum:
@@ -120,11 +120,15 @@ def _check_tags(tags: object) -> None:
                 raise EventError(EventErrorReason.INVALID_TAG_ITEM, f"tag #{index} has a non-string item")
 
 
-def _check_unsigned_fields(pubkey: object, created_at: object, kind: object,
-                           tags: object, content: object) -> None:
+def _check_unsigned_fields(pubkey: object, created_at: object, kind: object, tags: object, content: object) -> None:
     _check_hex(pubkey, _HEX64, EventErrorReason.INVALID_PUBKEY_FORMAT, "pubkey")
-    _check_int(created_at, MAX_CREATED_AT, EventErrorReason.INVALID_CREATED_AT,
-               EventErrorReason.CREATED_AT_OUT_OF_RANGE, "created_at")
+    _check_int(
+        created_at,
+        MAX_CREATED_AT,
+        EventErrorReason.INVALID_CREATED_AT,
+        EventErrorReason.CREATED_AT_OUT_OF_RANGE,
+        "created_at",
+    )
     _check_int(kind, MAX_KIND, EventErrorReason.INVALID_KIND, EventErrorReason.KIND_OUT_OF_RANGE, "kind")
     _check_tags(tags)
     if type(content) is not str:
@@ -224,8 +228,9 @@ def _serialize(pubkey: str, created_at: int, kind: int, tags: Tags, content: str
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:
-        raise EventError(EventErrorReason.INVALID_UNICODE,
-                         "a string contains a lone surrogate, which is not valid UTF-8") from None
+        raise EventError(
+            EventErrorReason.INVALID_UNICODE, "a string contains a lone surrogate, which is not valid UTF-8"
+        ) from None
 
 
 def compute_id(pubkey: str, created_at: int, kind: int, tags: Iterable[Iterable[str]], content: str) -> str:
@@ -247,8 +252,9 @@ class SecretKey:
         try:
             self._key = coincurve.PrivateKey(secret)
         except ValueError:
-            raise EventError(EventErrorReason.INVALID_SECRET_KEY,
-                             "secret key is zero or not below the curve order") from None
+            raise EventError(
+                EventErrorReason.INVALID_SECRET_KEY, "secret key is zero or not below the curve order"
+            ) from None
         self._public_key_hex = self._key.public_key_xonly.format().hex()
 
     @classmethod
@@ -281,8 +287,9 @@ class SecretKey:
         return f"SecretKey(public_key_hex={self._public_key_hex!r})"
 
 
-def sign_event(secret: SecretKey, kind: int, tags: Iterable[Iterable[str]], content: str,
-               created_at: int | None = None) -> Event:
+def sign_event(
+    secret: SecretKey, kind: int, tags: Iterable[Iterable[str]], content: str, created_at: int | None = None
+) -> Event:
     """Build and sign an event; ``created_at`` defaults to the current Unix time."""
     frozen = _freeze_tags(tags)
     if created_at is None:
@@ -291,8 +298,15 @@ def sign_event(secret: SecretKey, kind: int, tags: Iterable[Iterable[str]], cont
     _check_unsigned_fields(pubkey, created_at, kind, frozen, content)
     digest = hashlib.sha256(_serialize(pubkey, created_at, kind, frozen, content)).digest()
     signature = secret.sign_schnorr(digest)
-    return Event(id=digest.hex(), pubkey=pubkey, created_at=created_at, kind=kind,
-                 tags=frozen, content=content, sig=signature.hex())
+    return Event(
+        id=digest.hex(),
+        pubkey=pubkey,
+        created_at=created_at,
+        kind=kind,
+        tags=frozen,
+        content=content,
+        sig=signature.hex(),
+    )
 
 
 # ---------------------------------------------------------------------- verification
@@ -322,8 +336,7 @@ def _check_limits(event: Event, max_tags: int, max_tag_len: int, max_content: in
 
 def _check_time(created_at: int, now: int, max_future: int, max_age: int | None) -> None:
     if created_at > now + max_future:
-        raise EventError(EventErrorReason.CREATED_AT_IN_FUTURE,
-                         f"created_at is more than {max_future}s in the future")
+        raise EventError(EventErrorReason.CREATED_AT_IN_FUTURE, f"created_at is more than {max_future}s in the future")
     if max_age is not None and created_at < now - max_age:
         raise EventError(EventErrorReason.CREATED_AT_TOO_OLD, f"created_at is more than {max_age}s old")
 

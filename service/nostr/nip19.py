@@ -8,6 +8,7 @@ than BIP-173's 90 characters (TLV entities) are accepted up to NIP-19's 5000.
 
 Error messages never echo the input: it may be an ``nsec``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -104,7 +105,7 @@ def _split(text: str) -> tuple[str, str]:
     separator = text.rfind("1")
     if separator < 1:
         raise Nip19Error(Nip19ErrorReason.MALFORMED, "no prefix followed by the separator '1'")
-    data_part = text[separator + 1:]
+    data_part = text[separator + 1 :]
     if len(data_part) < CHECKSUM_LENGTH:
         raise Nip19Error(Nip19ErrorReason.MALFORMED, "too short to hold a checksum")
     return text[:separator], data_part
@@ -117,8 +118,9 @@ def decode_bech32(text: str) -> tuple[str, bytes]:
     try:
         words = [_CHARSET_VALUES[char] for char in data_part]
     except KeyError:
-        raise Nip19Error(Nip19ErrorReason.INVALID_CHARACTER,
-                         "data part has a character outside bech32's alphabet") from None
+        raise Nip19Error(
+            Nip19ErrorReason.INVALID_CHARACTER, "data part has a character outside bech32's alphabet"
+        ) from None
     if not _bech32.bech32_verify_checksum(hrp, words):
         raise Nip19Error(Nip19ErrorReason.BAD_CHECKSUM, "checksum does not match (bech32m is not accepted)")
     data = _bech32.convertbits(words[:-CHECKSUM_LENGTH], 5, 8, False)
@@ -190,7 +192,7 @@ def _parse_tlv(data: bytes) -> list[tuple[int, bytes]]:
         if offset + 2 > len(data):
             raise Nip19Error(Nip19ErrorReason.INVALID_TLV, "truncated type/length header")
         kind, length = data[offset], data[offset + 1]
-        value = data[offset + 2:offset + 2 + length]
+        value = data[offset + 2 : offset + 2 + length]
         if len(value) != length:
             raise Nip19Error(Nip19ErrorReason.INVALID_TLV, f"TLV type {kind} is truncated")
         items.append((kind, value))
@@ -257,8 +259,9 @@ def decode_nevent(text: str) -> EventPointer:
     relays = tuple(_relay(value) for kind, value in items if kind == TLV_RELAY)
     authors = [_only_32(value, "author") for kind, value in items if kind == TLV_AUTHOR]
     kinds = [_kind(value) for kind, value in items if kind == TLV_KIND]
-    return EventPointer(id=event_id, relays=relays, author=authors[0] if authors else None,
-                        kind=kinds[0] if kinds else None)
+    return EventPointer(
+        id=event_id, relays=relays, author=authors[0] if authors else None, kind=kinds[0] if kinds else None
+    )
 
 
 def encode_nevent(pointer: EventPointer) -> str:

@@ -6,6 +6,7 @@ A malformed or repeated tag raises :class:`~service.nostr.protocol.errors.CodecE
 (``invalid_expiration`` / ``duplicate_tag``): a hostile event cannot make a parser
 silently treat it as never expiring.
 """
+
 from __future__ import annotations
 
 from service.nostr.nip01 import Event

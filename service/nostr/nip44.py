@@ -19,6 +19,7 @@ and most deployed clients use), so such payloads fail the payload length check.
 Failures raise :class:`Nip44Error` with a :class:`Nip44ErrorReason`. Messages name
 no key, nonce or plaintext.
 """
+
 from __future__ import annotations
 
 import base64
@@ -124,8 +125,10 @@ def calc_padded_len(unpadded_len: int) -> int:
 
 def _check_plaintext_length(length: int) -> None:
     if not MIN_PLAINTEXT <= length <= MAX_PLAINTEXT:
-        raise Nip44Error(Nip44ErrorReason.INVALID_PLAINTEXT_LENGTH,
-                         f"plaintext must be {MIN_PLAINTEXT}..{MAX_PLAINTEXT} bytes of UTF-8, got {length}")
+        raise Nip44Error(
+            Nip44ErrorReason.INVALID_PLAINTEXT_LENGTH,
+            f"plaintext must be {MIN_PLAINTEXT}..{MAX_PLAINTEXT} bytes of UTF-8, got {length}",
+        )
 
 
 def pad(plaintext: str) -> bytes:
@@ -139,7 +142,7 @@ def pad(plaintext: str) -> bytes:
 
 def unpad(padded: bytes) -> str:
     length = int.from_bytes(padded[0:2], "big")
-    raw = padded[2:2 + length]
+    raw = padded[2 : 2 + length]
     if length == 0 or len(raw) != length or len(padded) != 2 + calc_padded_len(length):
         raise Nip44Error(Nip44ErrorReason.INVALID_PADDING, "length prefix does not match the padding")
     try:
@@ -178,15 +181,19 @@ def _decode_payload(payload: str) -> tuple[bytes, bytes, bytes]:
     if payload[0] == "#":
         raise Nip44Error(Nip44ErrorReason.UNKNOWN_VERSION, "non-base64 encodings ('#') are not supported")
     if not MIN_PAYLOAD <= len(payload) <= MAX_PAYLOAD:
-        raise Nip44Error(Nip44ErrorReason.INVALID_PAYLOAD_LENGTH,
-                         f"payload must be {MIN_PAYLOAD}..{MAX_PAYLOAD} characters, got {len(payload)}")
+        raise Nip44Error(
+            Nip44ErrorReason.INVALID_PAYLOAD_LENGTH,
+            f"payload must be {MIN_PAYLOAD}..{MAX_PAYLOAD} characters, got {len(payload)}",
+        )
     try:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise Nip44Error(Nip44ErrorReason.INVALID_BASE64, "payload is not valid padded base64") from None
     if not MIN_DECODED <= len(data) <= MAX_DECODED:
-        raise Nip44Error(Nip44ErrorReason.INVALID_PAYLOAD_LENGTH,
-                         f"decoded payload must be {MIN_DECODED}..{MAX_DECODED} bytes, got {len(data)}")
+        raise Nip44Error(
+            Nip44ErrorReason.INVALID_PAYLOAD_LENGTH,
+            f"decoded payload must be {MIN_DECODED}..{MAX_DECODED} bytes, got {len(data)}",
+        )
     if data[0] != VERSION:
         raise Nip44Error(Nip44ErrorReason.UNKNOWN_VERSION, f"encryption version {data[0]} is not supported")
     return data[1:33], data[33:-MAC_LENGTH], data[-MAC_LENGTH:]

@@ -11,6 +11,7 @@ before (replay), recorded in the database until it can no longer pass the window
 returns: whatever the caller then refuses (nothing owed, wrong state, rate limit), the
 authorization is spent and a replay is refused as ``replayed``, never accepted later.
 """
+
 from __future__ import annotations
 
 import base64
@@ -100,14 +101,23 @@ def check_request(event: Event, *, method: str, url: str, body: bytes | None) ->
 async def consume(session: AsyncSession, event: Event, *, now: int, window: int = 60) -> None:
     """Record the event as used; AuthError(REPLAY) if it was used before. Flushes only."""
     await session.execute(delete(Nip98Seen).where(Nip98Seen.expires_at < now))
-    res = await session.execute(insert_ignore(session, Nip98Seen.__table__),
-                                [{"id": event.id, "expires_at": event.created_at + window + 1}])
+    res = await session.execute(
+        insert_ignore(session, Nip98Seen.__table__), [{"id": event.id, "expires_at": event.created_at + window + 1}]
+    )
     if rowcount(res) != 1:
         raise AuthError(AuthReason.REPLAY, "this authorization event was already used")
 
 
-async def verify_request(sessions: async_sessionmaker[AsyncSession], header: str | None, *, method: str,
-                         url: str, body: bytes | None, now: int, window: int = 60) -> Event:
+async def verify_request(
+    sessions: async_sessionmaker[AsyncSession],
+    header: str | None,
+    *,
+    method: str,
+    url: str,
+    body: bytes | None,
+    now: int,
+    window: int = 60,
+) -> Event:
     """All NIP-98 checks for one request, the event spent (committed); returns it (its pubkey is the caller)."""
     event = parse_header(header, now=now, window=window)
     check_request(event, method=method, url=url, body=body)

@@ -8,6 +8,7 @@ same rule as LNURL), and the connection goes to the address that was checked (pi
 still verifies the relay's host name. The answer has the shape of :meth:`RelayPool.publish`'s:
 ``(accepted, message)``; an address we refuse is a permanent ``blocked:`` refusal.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,16 +46,18 @@ async def checked_address(url: str, *, allow_private: bool, resolver: Resolver =
     return str(addrs[0])
 
 
-async def publish_once(url: str, event: Event, *, timeout: float = 10.0, allow_private: bool = False,
-                       resolver: Resolver = resolve_host) -> tuple[bool, str]:
+async def publish_once(
+    url: str, event: Event, *, timeout: float = 10.0, allow_private: bool = False, resolver: Resolver = resolve_host
+) -> tuple[bool, str]:
     """Send ``event`` to the relay at ``url`` and wait for its ``OK`` (at most ``timeout`` s in all)."""
     address = await checked_address(url, allow_private=allow_private, resolver=resolver)
     if address is None:
         return False, "blocked: the relay's address is not a public one (or does not resolve)"
     try:
         async with asyncio.timeout(timeout):
-            async with websockets.connect(url, host=address, max_size=MAX_FRAME, open_timeout=timeout,
-                                          proxy=None) as ws:
+            async with websockets.connect(
+                url, host=address, max_size=MAX_FRAME, open_timeout=timeout, proxy=None
+            ) as ws:
                 await ws.send(json.dumps(["EVENT", event.to_dict()], ensure_ascii=False))
                 while True:
                     msg = json.loads(await ws.recv())

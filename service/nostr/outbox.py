@@ -21,6 +21,7 @@ unexpected exception while sending or recording), is the delivery's own: it is r
 with backoff and then quarantined (state ``quarantined``, ``service/quarantine.py``),
 and never stops the other deliveries of the batch.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,7 +49,7 @@ from service.quarantine import LoopBackoff, Quarantine, Verdict, is_outage
 log = logging.getLogger(__name__)
 
 PERMANENT = ("invalid:", "pow:", "blocked:", "restricted:")
-Outcome = tuple[str, str, int, bool, str, bool]   # event id, relay, attempts, ok, message, failing before
+Outcome = tuple[str, str, int, bool, str, bool]  # event id, relay, attempts, ok, message, failing before
 
 
 def delivery_ref(event_id: str, relay: str) -> str:
@@ -56,18 +57,30 @@ def delivery_ref(event_id: str, relay: str) -> str:
     return f"{event_id}:{relay}"
 
 
-async def enqueue(session: AsyncSession, event: Event, relays: list[str],
-                  reply_relays: Sequence[str] = ()) -> bool:
+async def enqueue(session: AsyncSession, event: Event, relays: list[str], reply_relays: Sequence[str] = ()) -> bool:
     """Queue ``event`` for every relay (ours) and every reply relay (a job's customer named them,
     docs/nostr.md) in the caller's transaction; False if it was queued before."""
-    res = await session.execute(insert_ignore(session, OutboxEvent.__table__),
-                                [{"id": event.id, "kind": event.kind, "raw": event.to_json(),
-                                  "enqueued_at": utcnow()}])
+    res = await session.execute(
+        insert_ignore(session, OutboxEvent.__table__),
+        [{"id": event.id, "kind": event.kind, "raw": event.to_json(), "enqueued_at": utcnow()}],
+    )
     now = utcnow()
-    targets = {r: False for r in reply_relays} | {r: True for r in relays}   # ours wins a name named twice
-    await session.execute(insert_ignore(session, Delivery.__table__),
-                          [{"event_id": event.id, "relay": r, "reply": not ours, "state": "pending", "attempts": 0,
-                            "next_attempt_at": now, "updated_at": now} for r, ours in targets.items()])
+    targets = {r: False for r in reply_relays} | {r: True for r in relays}  # ours wins a name named twice
+    await session.execute(
+        insert_ignore(session, Delivery.__table__),
+        [
+            {
+                "event_id": event.id,
+                "relay": r,
+                "reply": not ours,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+                "updated_at": now,
+            }
+            for r, ours in targets.items()
+        ],
+    )
     return rowcount(res) == 1
 
 
@@ -86,14 +99,19 @@ class PublisherConfig:
 
 
 class Publisher:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], pool: RelayPool,
-                 config: PublisherConfig | None = None, quarantine: Quarantine | None = None) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        pool: RelayPool,
+        config: PublisherConfig | None = None,
+        quarantine: Quarantine | None = None,
+    ) -> None:
         self.sessions = sessions
         self.pool = pool
         self.config = config or PublisherConfig()
         self.quarantine = quarantine or Quarantine(sessions)
         self._wake = asyncio.Event()
-        self._replying: dict[tuple[str, str], asyncio.Task] = {}   # reply-relay deliveries in flight
+        self._replying: dict[tuple[str, str], asyncio.Task] = {}  # reply-relay deliveries in flight
 
     def wake(self) -> None:
         """Call after enqueueing to publish without waiting for the next poll."""
@@ -113,13 +131,21 @@ class Publisher:
         d = Delivery.__table__.c
         ref = d.event_id + literal(":") + d.relay
         async with self.sessions() as s:
-            rows = (await s.execute(
-                select(d.event_id, d.relay, d.attempts, OutboxEvent.raw, self.quarantine.failing("publisher", ref))
-                .join(OutboxEvent, OutboxEvent.id == d.event_id)
-                # Only our relays: deliveries to a relay no longer configured must not fill the batch.
-                .where(d.state == "pending", d.next_attempt_at <= self.quarantine.now(), d.reply.is_(False),
-                       d.relay.in_(list(self.pool.relays)))
-                .order_by(d.next_attempt_at).limit(self.config.batch))).all()
+            rows = (
+                await s.execute(
+                    select(d.event_id, d.relay, d.attempts, OutboxEvent.raw, self.quarantine.failing("publisher", ref))
+                    .join(OutboxEvent, OutboxEvent.id == d.event_id)
+                    # Only our relays: deliveries to a relay no longer configured must not fill the batch.
+                    .where(
+                        d.state == "pending",
+                        d.next_attempt_at <= self.quarantine.now(),
+                        d.reply.is_(False),
+                        d.relay.in_(list(self.pool.relays)),
+                    )
+                    .order_by(d.next_attempt_at)
+                    .limit(self.config.batch)
+                )
+            ).all()
         await self._start_replies()
         todo: list[tuple[Row[Any], Event]] = []
         for r in rows:
@@ -149,11 +175,15 @@ class Publisher:
         d = Delivery.__table__.c
         ref = d.event_id + literal(":") + d.relay
         async with self.sessions() as s:
-            rows = (await s.execute(
-                select(d.event_id, d.relay, d.attempts, OutboxEvent.raw, self.quarantine.failing("publisher", ref))
-                .join(OutboxEvent, OutboxEvent.id == d.event_id)
-                .where(d.state == "pending", d.next_attempt_at <= self.quarantine.now(), d.reply.is_(True))
-                .order_by(d.next_attempt_at).limit(free + len(self._replying)))).all()
+            rows = (
+                await s.execute(
+                    select(d.event_id, d.relay, d.attempts, OutboxEvent.raw, self.quarantine.failing("publisher", ref))
+                    .join(OutboxEvent, OutboxEvent.id == d.event_id)
+                    .where(d.state == "pending", d.next_attempt_at <= self.quarantine.now(), d.reply.is_(True))
+                    .order_by(d.next_attempt_at)
+                    .limit(free + len(self._replying))
+                )
+            ).all()
         for r in rows:
             key = (r.event_id, r.relay)
             if key not in self._replying and len(self._replying) < self.config.reply_concurrency:
@@ -167,8 +197,9 @@ class Publisher:
     async def _reply(self, r: Row[Any]) -> None:
         try:
             event = Event.from_dict(json.loads(r.raw))
-            ok, message = await publish_once(r.relay, event, timeout=self.config.ok_timeout,
-                                             allow_private=self.config.reply_relays_allow_private)
+            ok, message = await publish_once(
+                r.relay, event, timeout=self.config.ok_timeout, allow_private=self.config.reply_relays_allow_private
+            )
             await self._record([(r.event_id, r.relay, r.attempts, ok, message, bool(r.failing))])
         except asyncio.CancelledError:
             raise
@@ -188,12 +219,20 @@ class Publisher:
 
     async def _ours(self, event_id: str, relay: str, exc: BaseException) -> None:
         """A failure of ours for one delivery: retried after the backoff, then quarantined."""
+
         async def on_failure(s: AsyncSession, v: Verdict) -> None:
-            await s.execute(update(Delivery).where(Delivery.event_id == event_id, Delivery.relay == relay,
-                                                   Delivery.state == "pending")
-                            .values(state="quarantined" if v.quarantined else "pending", next_attempt_at=v.retry_at,
-                                    last_message=f"ours: {v.error}"[:500], updated_at=utcnow())
-                            .execution_options(synchronize_session=False))
+            await s.execute(
+                update(Delivery)
+                .where(Delivery.event_id == event_id, Delivery.relay == relay, Delivery.state == "pending")
+                .values(
+                    state="quarantined" if v.quarantined else "pending",
+                    next_attempt_at=v.retry_at,
+                    last_message=f"ours: {v.error}"[:500],
+                    updated_at=utcnow(),
+                )
+                .execution_options(synchronize_session=False)
+            )
+
         if is_outage(exc):
             raise exc
         await self.quarantine.failed("publisher", delivery_ref(event_id, relay), exc, on_failure=on_failure)
@@ -215,7 +254,7 @@ class Publisher:
                     await self._ours(one[0], one[1], e1)
 
     async def _record_in(self, s: AsyncSession, outcomes: list[Outcome]) -> None:
-        d, o = table_of(Delivery), table_of(OutboxEvent)   # Core statements: no ORM bookkeeping
+        d, o = table_of(Delivery), table_of(OutboxEvent)  # Core statements: no ORM bookkeeping
         now = utcnow()
         finished = []
         for event_id, relay, attempts, ok, message, failing in outcomes:
@@ -228,29 +267,34 @@ class Publisher:
                 state = "gave_up"
             else:
                 state = "pending"
-            await s.execute(update(d)
-                            .where(d.c.event_id == event_id, d.c.relay == relay, d.c.state == "pending")
-                            .values(state=state, attempts=attempts, last_message=message[:500], updated_at=now,
-                                    next_attempt_at=now + timedelta(seconds=self._delay(attempts))))
-            if failing:   # our side works for it again: the relay's answer is what counts now
+            await s.execute(
+                update(d)
+                .where(d.c.event_id == event_id, d.c.relay == relay, d.c.state == "pending")
+                .values(
+                    state=state,
+                    attempts=attempts,
+                    last_message=message[:500],
+                    updated_at=now,
+                    next_attempt_at=now + timedelta(seconds=self._delay(attempts)),
+                )
+            )
+            if failing:  # our side works for it again: the relay's answer is what counts now
                 await self.quarantine.clear(s, "publisher", delivery_ref(event_id, relay))
             if state != "pending":
                 finished.append(event_id)
             if state in ("rejected", "gave_up"):
-                log.warning("event %s to %s: %s after %d attempt(s): %s", event_id, relay, state, attempts,
-                            message)
+                log.warning("event %s to %s: %s after %d attempt(s): %s", event_id, relay, state, attempts, message)
         for event_id in dict.fromkeys(finished):
             # a quarantined delivery is not finished either: it goes out once replayed
             still = exists().where(and_(d.c.event_id == event_id, d.c.state.in_(("pending", "quarantined"))))
-            await s.execute(update(o).where(o.c.id == event_id, o.c.done_at.is_(None), ~still)
-                            .values(done_at=now))
+            await s.execute(update(o).where(o.c.id == event_id, o.c.done_at.is_(None), ~still).values(done_at=now))
 
-    min_spacing = 0.005   # under load, one poll takes a batch of new events, not one each
+    min_spacing = 0.005  # under load, one poll takes a batch of new events, not one each
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
             await self._run(stop)
-        finally:   # a reply relay's delivery in flight is tried again after a restart
+        finally:  # a reply relay's delivery in flight is tried again after a restart
             for task in list(self._replying.values()):
                 task.cancel()
 
@@ -264,7 +308,7 @@ class Publisher:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # noqa: BLE001 - a failed poll is retried; the rows are durable
-                pause = backoff.failed(e)   # the database, for everyone: back off as a whole
+                pause = backoff.failed(e)  # the database, for everyone: back off as a whole
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), pause)
                 continue
@@ -279,6 +323,9 @@ class Publisher:
 
     async def deliveries(self, event_id: str) -> dict[str, tuple[str, int, str | None]]:
         async with self.sessions() as s:
-            rows = await s.execute(select(Delivery.relay, Delivery.state, Delivery.attempts, Delivery.last_message)
-                                   .where(Delivery.event_id == event_id))
+            rows = await s.execute(
+                select(Delivery.relay, Delivery.state, Delivery.attempts, Delivery.last_message).where(
+                    Delivery.event_id == event_id
+                )
+            )
             return {r.relay: (r.state, r.attempts, r.last_message) for r in rows}

@@ -33,6 +33,7 @@ every live batch. On reconnect ``since = cursor - overlap`` (default 10 min), so
 events that arrive late or with skewed clocks are fetched again and dropped as
 duplicates instead of being missed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -80,7 +81,7 @@ class RelayStatus:
     events_rejected: int = 0
     reconnects: int = 0
     authenticated: bool = False
-    auth_state: str = "none"   # none | ok | unconfirmed (no OK from the relay) | refused
+    auth_state: str = "none"  # none | ok | unconfirmed (no OK from the relay) | refused
     notices: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     closed: dict[str, str] = field(default_factory=dict)
     # Answers to our events (kept across reconnects: a relay that refused us will again).
@@ -93,8 +94,9 @@ class RelayStatus:
     @property
     def accepting(self) -> bool | None:
         """False while the newest answer to our events is a refusal; None before any answer."""
-        if self.last_refusal_at is not None and (self.last_accepted_at is None
-                                                 or self.last_refusal_at >= self.last_accepted_at):
+        if self.last_refusal_at is not None and (
+            self.last_accepted_at is None or self.last_refusal_at >= self.last_accepted_at
+        ):
             return False
         return True if self.last_accepted_at is not None else None
 
@@ -108,15 +110,26 @@ class RelayStatus:
             self.last_refusal_at = now
 
     def as_dict(self) -> dict[str, Any]:
-        return {"url": self.url, "connected": self.connected, "connected_since": self.connected_since,
-                "last_event_at": self.last_event_at, "last_error": self.last_error,
-                "events_received": self.events_received, "events_rejected": self.events_rejected,
-                "reconnects": self.reconnects, "authenticated": self.authenticated,
-                "auth_state": self.auth_state,
-                "notices": list(self.notices), "closed_subscriptions": dict(self.closed),
-                "accepting": self.accepting, "events_accepted": self.accepted, "events_refused": self.refused,
-                "last_accepted_at": self.last_accepted_at, "last_refusal": self.last_refusal,
-                "last_refusal_at": self.last_refusal_at}
+        return {
+            "url": self.url,
+            "connected": self.connected,
+            "connected_since": self.connected_since,
+            "last_event_at": self.last_event_at,
+            "last_error": self.last_error,
+            "events_received": self.events_received,
+            "events_rejected": self.events_rejected,
+            "reconnects": self.reconnects,
+            "authenticated": self.authenticated,
+            "auth_state": self.auth_state,
+            "notices": list(self.notices),
+            "closed_subscriptions": dict(self.closed),
+            "accepting": self.accepting,
+            "events_accepted": self.accepted,
+            "events_refused": self.refused,
+            "last_accepted_at": self.last_accepted_at,
+            "last_refusal": self.last_refusal,
+            "last_refusal_at": self.last_refusal_at,
+        }
 
 
 @dataclass
@@ -126,7 +139,7 @@ class PoolConfig:
     batch_size: int = 500
     backoff_base: float = 0.5
     backoff_max: float = 60.0
-    stable_after: float = 30.0          # a connection this old resets the backoff
+    stable_after: float = 30.0  # a connection this old resets the backoff
     max_message_bytes: int = 1 << 20
     ok_timeout: float = 10.0
     auth_ok_timeout: float = 2.0
@@ -146,20 +159,27 @@ class _Relay:
         self.status = RelayStatus(url)
         self.ws: ClientConnection | None = None
         self.pending_ok: dict[str, asyncio.Future[tuple[bool, str]]] = {}
-        self.backfill_max: dict[str, int] = {}   # per subscription, before EOSE
-        self.live: set[str] = set()              # subscriptions past EOSE
+        self.backfill_max: dict[str, int] = {}  # per subscription, before EOSE
+        self.live: set[str] = set()  # subscriptions past EOSE
         self.challenge: str | None = None
-        self.auth_ids: set[str] = set()          # our AUTH events awaiting OK (not events we publish)
+        self.auth_ids: set[str] = set()  # our AUTH events awaiting OK (not events we publish)
         self.rejects_logged = 0
         self.connected = asyncio.Event()
         self.tasks: set[asyncio.Task] = set()
 
 
 class RelayPool:
-    def __init__(self, urls: list[str], inbox: Inbox, *, subscriptions: list[Subscription],
-                 secret_key: SecretKey | None = None, config: PoolConfig | None = None,
-                 signals: Signals | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        urls: list[str],
+        inbox: Inbox,
+        *,
+        subscriptions: list[Subscription],
+        secret_key: SecretKey | None = None,
+        config: PoolConfig | None = None,
+        signals: Signals | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         if len(set(urls)) != len(urls):
             raise ValueError("duplicate relay URL")
         self.inbox = inbox
@@ -167,7 +187,7 @@ class RelayPool:
         self.subscriptions = {s.name: s for s in subscriptions}
         self.secret_key = secret_key
         self.config = config or PoolConfig()
-        self.signals = signals or Signals()   # emits event_stored
+        self.signals = signals or Signals()  # emits event_stored
         self.clock = clock
         self.relays = {u: _Relay(u) for u in urls}
         self.queue: asyncio.Queue[tuple] = asyncio.Queue(self.config.queue_size)
@@ -240,9 +260,15 @@ class RelayPool:
         while not self._stopping:
             started = time.monotonic()
             try:
-                async with websockets.connect(relay.url, max_size=self.config.max_message_bytes, open_timeout=10,
-                                              close_timeout=2, ping_interval=20, ping_timeout=20,
-                                              max_queue=64) as ws:
+                async with websockets.connect(
+                    relay.url,
+                    max_size=self.config.max_message_bytes,
+                    open_timeout=10,
+                    close_timeout=2,
+                    ping_interval=20,
+                    ping_timeout=20,
+                    max_queue=64,
+                ) as ws:
                     relay.ws = ws
                     relay.status.connected = True
                     relay.status.connected_since = self.clock()
@@ -320,9 +346,9 @@ class RelayPool:
             fut = relay.pending_ok.get(msg[1]) if isinstance(msg[1], str) else None
             if fut is not None and not fut.done():
                 fut.set_result((ok, text))
-            ours = not (isinstance(msg[1], str) and msg[1] in relay.auth_ids)   # AUTH has its own state
+            ours = not (isinstance(msg[1], str) and msg[1] in relay.auth_ids)  # AUTH has its own state
             if ours and (fut is not None or not ok):
-                relay.status.answered(ok, text, self.clock())   # an unmatched OK true tells nothing
+                relay.status.answered(ok, text, self.clock())  # an unmatched OK true tells nothing
         elif kind == "NOTICE" and len(msg) >= 2:
             relay.status.notices.append(str(msg[1])[:300])
         elif kind == "CLOSED" and len(msg) >= 2:
@@ -387,8 +413,12 @@ class RelayPool:
             return
         try:
             # anything a relay sent: verify_event refuses what is not an event object
-            event = verify_event(cast(Mapping[str, Any], obj), now=int(self.clock()), max_future=self.config.max_future_seconds,
-                                 max_bytes=self.config.max_event_bytes)
+            event = verify_event(
+                cast(Mapping[str, Any], obj),
+                now=int(self.clock()),
+                max_future=self.config.max_future_seconds,
+                max_bytes=self.config.max_event_bytes,
+            )
         except EventError as e:
             relay.status.events_rejected += 1
             if relay.rejects_logged < self.config.max_rejects_logged_per_relay:

@@ -4,6 +4,7 @@ The pool subscribes to everything addressed to the escrow key (``#p`` = our
 pubkey) in the protocol's kinds, stores it in the inbox and publishes from the
 outbox. The escrow engine (a later layer) consumes the inbox.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,13 +26,27 @@ def intake_subscription(escrow_pubkey: str) -> Subscription:
 
 
 class NostrService:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], relays: list[str], key: SecretKey,
-                 *, pool_config: PoolConfig | None = None, publisher_config: PublisherConfig | None = None,
-                 quarantine: Quarantine | None = None, signals: Signals | None = None) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        relays: list[str],
+        key: SecretKey,
+        *,
+        pool_config: PoolConfig | None = None,
+        publisher_config: PublisherConfig | None = None,
+        quarantine: Quarantine | None = None,
+        signals: Signals | None = None,
+    ) -> None:
         self.key = key
         self.inbox = Inbox(sessions, quarantine=quarantine)
-        self.pool = RelayPool(relays, self.inbox, subscriptions=[intake_subscription(key.public_key_hex)],
-                              secret_key=key, config=pool_config, signals=signals)
+        self.pool = RelayPool(
+            relays,
+            self.inbox,
+            subscriptions=[intake_subscription(key.public_key_hex)],
+            secret_key=key,
+            config=pool_config,
+            signals=signals,
+        )
         self.publisher = Publisher(sessions, self.pool, publisher_config, quarantine=self.inbox.quarantine)
         self._stop = asyncio.Event()
         self._publisher_task: asyncio.Task | None = None

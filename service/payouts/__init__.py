@@ -11,6 +11,7 @@
 Only the types are imported here: ``service/lightning/models.py`` types its columns with them,
 and the other modules import those models.
 """
+
 from service.payouts.types import (
     AcceptReason,
     AttemptState,
@@ -30,6 +31,21 @@ from service.payouts.types import (
     why,
 )
 
-__all__ = ["AcceptReason", "AttemptState", "CheckReason", "Destination", "DestinationKind",
-           "InvoiceCheckError", "InvoiceRefused", "InvoiceSource", "NewPayout", "PayoutKind", "PayoutPolicy",
-           "PayoutReason", "PayoutState", "RetryReason", "RetryRefused", "why"]
+__all__ = [
+    "AcceptReason",
+    "AttemptState",
+    "CheckReason",
+    "Destination",
+    "DestinationKind",
+    "InvoiceCheckError",
+    "InvoiceRefused",
+    "InvoiceSource",
+    "NewPayout",
+    "PayoutKind",
+    "PayoutPolicy",
+    "PayoutReason",
+    "PayoutState",
+    "RetryReason",
+    "RetryRefused",
+    "why",
+]

@@ -4,6 +4,7 @@ before every attempt (the worker; it asks our node too).
 Both refuse with a :class:`CheckReason`. The offline check runs inside the caller's transaction
 and never talks to the network (the engine's transaction must not wait on LND).
 """
+
 from __future__ import annotations
 
 import time
@@ -24,10 +25,11 @@ from service.payouts.types import AttemptState, CheckReason, InvoiceCheckError, 
 @dataclass(frozen=True)
 class DecodedInvoice:
     """What the offline check read from an invoice (our bolt11 decoder alone)."""
-    payment_request: str     # without a ``lightning:`` prefix, lower case
+
+    payment_request: str  # without a ``lightning:`` prefix, lower case
     payment_hash: str
     amount_msat: int
-    expires_at: int          # unix seconds
+    expires_at: int  # unix seconds
 
 
 @dataclass(frozen=True)
@@ -80,8 +82,11 @@ async def refuse_used_hash(session: AsyncSession, payment_hash: str, *, payout_i
     h = payment_hash
     if await session.scalar(select(LnInvoice.payment_hash).where(LnInvoice.payment_hash == h)) is not None:
         raise InvoiceCheckError(CheckReason.HASH_REUSED, "the payment hash is one of our own invoices")
-    prior = (await session.execute(select(PayoutAttempt.payout_id, PayoutAttempt.state)
-                                   .where(PayoutAttempt.payment_hash == h))).first()
+    prior = (
+        await session.execute(
+            select(PayoutAttempt.payout_id, PayoutAttempt.state).where(PayoutAttempt.payment_hash == h)
+        )
+    ).first()
     if prior is not None and not may_reuse(prior.payout_id, prior.state, payout_id):
         raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash was used before")
     paid = await session.scalar(select(Payout.id).where(Payout.payment_hash == h))
@@ -89,9 +94,17 @@ async def refuse_used_hash(session: AsyncSession, payment_hash: str, *, payout_i
         raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash paid another payout")
 
 
-async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: str, *, amount_msat: int,
-                        policy: PayoutPolicy, our_pubkey: str, now: int | None = None,
-                        payout_id: str | None = None) -> CheckedInvoice:
+async def check_invoice(
+    lnd: LndClient,
+    session: AsyncSession,
+    payment_request: str,
+    *,
+    amount_msat: int,
+    policy: PayoutPolicy,
+    our_pubkey: str,
+    now: int | None = None,
+    payout_id: str | None = None,
+) -> CheckedInvoice:
     """Every check before any attempt; raises InvoiceCheckError with the first failing reason.
 
     Both our bolt11 decoder and our node's ``DecodePayReq`` must read the invoice the same way; the
@@ -100,7 +113,7 @@ async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: 
     hash was never used by us before."""
     now = int(time.time()) if now is None else now
     pr = payment_request.strip()
-    pr = pr[len("lightning:"):] if pr.lower().startswith("lightning:") else pr
+    pr = pr[len("lightning:") :] if pr.lower().startswith("lightning:") else pr
     try:
         ours = bolt11.decode(pr)
     except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
@@ -118,22 +131,30 @@ async def check_invoice(lnd: LndClient, session: AsyncSession, payment_request: 
         if type(e) is errors.LndError and e.code is not None and e.code.name == "UNKNOWN":
             raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
         raise
-    if (node.payment_hash.hex() != ours.payment_hash or (ours.amount_msat or 0) != node.num_msat
-            or (ours.payee and ours.payee != node.destination)):
+    if (
+        node.payment_hash.hex() != ours.payment_hash
+        or (ours.amount_msat or 0) != node.num_msat
+        or (ours.payee and ours.payee != node.destination)
+    ):
         raise InvoiceCheckError(CheckReason.DECODERS_DISAGREE, "our decoder and the node read the invoice differently")
     if not node.num_msat:
         raise InvoiceCheckError(CheckReason.NO_AMOUNT, "invoice has no amount")
     if node.num_msat != amount_msat:
-        raise InvoiceCheckError(CheckReason.WRONG_AMOUNT, f"invoice is for {node.num_msat} msat, payout is {amount_msat}")
+        raise InvoiceCheckError(
+            CheckReason.WRONG_AMOUNT, f"invoice is for {node.num_msat} msat, payout is {amount_msat}"
+        )
     expires_at = node.timestamp + node.expiry
     if expires_at <= now:
         raise InvoiceCheckError(CheckReason.EXPIRED, "invoice has expired")
     if expires_at < now + policy.min_expiry_seconds:
-        raise InvoiceCheckError(CheckReason.EXPIRES_TOO_SOON,
-                                f"invoice expires in {expires_at - now} s; at least {policy.min_expiry_seconds} s needed")
+        raise InvoiceCheckError(
+            CheckReason.EXPIRES_TOO_SOON,
+            f"invoice expires in {expires_at - now} s; at least {policy.min_expiry_seconds} s needed",
+        )
     if node.cltv_expiry > policy.max_final_cltv:
-        raise InvoiceCheckError(CheckReason.CLTV_TOO_LARGE,
-                                f"final CLTV {node.cltv_expiry} is over the limit {policy.max_final_cltv}")
+        raise InvoiceCheckError(
+            CheckReason.CLTV_TOO_LARGE, f"final CLTV {node.cltv_expiry} is over the limit {policy.max_final_cltv}"
+        )
     if node.destination == our_pubkey:
         raise InvoiceCheckError(CheckReason.SELF_PAYMENT, "the invoice is our own node's")
     h = node.payment_hash.hex()

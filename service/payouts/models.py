@@ -2,6 +2,7 @@
 
 Written only by this package (``store.py`` and ``worker.py``); a test checks it.
 """
+
 from __future__ import annotations
 
 from datetime import datetime
@@ -19,17 +20,18 @@ class Payout(Base):
 
     __tablename__ = "ln_payouts"
 
-    id: Mapped[str] = mapped_column(String(200), primary_key=True)          # idempotency key from the engine
+    id: Mapped[str] = mapped_column(String(200), primary_key=True)  # idempotency key from the engine
     job_id: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)
     kind: Mapped[PayoutKind] = mapped_column(StringEnum(PayoutKind), nullable=False)
     # a reward's result event id (what earned it); NULL for the others
     earned_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    payee: Mapped[str] = mapped_column(String(64), nullable=False)          # payee's Nostr pubkey
+    payee: Mapped[str] = mapped_column(String(64), nullable=False)  # payee's Nostr pubkey
     amount_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
     # none (waiting for the payee's invoice) | bolt11 | lud16 | lnurl; `destination` is the value
     # (the invoice, address or link), '' for none: see service.payouts.types.Destination
-    destination_kind: Mapped[DestinationKind] = mapped_column(StringEnum(DestinationKind), nullable=False,
-                                                              default=DestinationKind.NONE)
+    destination_kind: Mapped[DestinationKind] = mapped_column(
+        StringEnum(DestinationKind), nullable=False, default=DestinationKind.NONE
+    )
     destination: Mapped[str] = mapped_column(Text, nullable=False, default="")
     state: Mapped[PayoutState] = mapped_column(StringEnum(PayoutState), nullable=False, default=PayoutState.PENDING)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
@@ -49,8 +51,10 @@ class Payout(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
-    __table_args__ = (Index("ix_ln_payouts_due", "state", "next_attempt_at"),
-                      Index("uq_ln_payouts_payment_hash", "payment_hash", unique=True))
+    __table_args__ = (
+        Index("ix_ln_payouts_due", "state", "next_attempt_at"),
+        Index("uq_ln_payouts_payment_hash", "payment_hash", unique=True),
+    )
 
 
 class PayoutAttempt(Base):
@@ -62,8 +66,7 @@ class PayoutAttempt(Base):
     payout_id: Mapped[str] = mapped_column(String(200), ForeignKey("ln_payouts.id"), nullable=False, index=True)
     payment_request: Mapped[str] = mapped_column(Text, nullable=False)
     fee_limit_msat: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    state: Mapped[AttemptState] = mapped_column(StringEnum(AttemptState), nullable=False,
-                                                default=AttemptState.SENDING)
+    state: Mapped[AttemptState] = mapped_column(StringEnum(AttemptState), nullable=False, default=AttemptState.SENDING)
     fee_msat: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failure: Mapped[str | None] = mapped_column(String(200), nullable=True)

@@ -8,6 +8,7 @@ kind-7000 event, the NIP-98 REST route) or, for the invoice it already has, :fun
 check it offline with :func:`check.decode_offline` and the used-hash rule, and move the payout by
 compare-and-set. The full check (with our node's ``DecodePayReq``) comes again before paying.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -48,16 +49,38 @@ async def create(s: AsyncSession, p: NewPayout) -> bool:
         raise ValueError("payout fee limit out of range")
     now = utcnow()
     waiting = p.destination.kind is DestinationKind.NONE
-    res = await s.execute(insert_ignore(s, Payout.__table__).values(
-        id=p.id, job_id=p.job_id, kind=p.kind, earned_by=p.earned_by, payee=p.payee, amount_msat=p.amount_msat,
-        destination_kind=p.destination.kind, destination=p.destination.value,
-        state=PayoutState.NEEDS_INVOICE if waiting else PayoutState.PENDING, fee_limit_msat=p.fee_limit_msat,
-        attempts=0, next_attempt_at=now, created_at=now, updated_at=now))
+    res = await s.execute(
+        insert_ignore(s, Payout.__table__).values(
+            id=p.id,
+            job_id=p.job_id,
+            kind=p.kind,
+            earned_by=p.earned_by,
+            payee=p.payee,
+            amount_msat=p.amount_msat,
+            destination_kind=p.destination.kind,
+            destination=p.destination.value,
+            state=PayoutState.NEEDS_INVOICE if waiting else PayoutState.PENDING,
+            fee_limit_msat=p.fee_limit_msat,
+            attempts=0,
+            next_attempt_at=now,
+            created_at=now,
+            updated_at=now,
+        )
+    )
     return rows_matched(res) == 1
 
 
-async def accept_invoice(s: AsyncSession, *, job_id: str, payee: str, bolt11: str, amount_msat: int | None,
-                         source: InvoiceSource, network: str, now: int | None = None) -> Payout:
+async def accept_invoice(
+    s: AsyncSession,
+    *,
+    job_id: str,
+    payee: str,
+    bolt11: str,
+    amount_msat: int | None,
+    source: InvoiceSource,
+    network: str,
+    now: int | None = None,
+) -> Payout:
     """Give the payee's invoice to one of its payouts of this job that waits for one; returns it,
     now ``pending``. Raises :class:`InvoiceRefused` with a stable code otherwise.
 
@@ -68,9 +91,11 @@ async def accept_invoice(s: AsyncSession, *, job_id: str, payee: str, bolt11: st
     A refused invoice for a payout this call could tell apart is noted on it (its ``last_error``
     and a new needs_invoice outcome), so a payee that is not answered directly (Nostr) is asked
     again with the reason; a caller that answers the payee itself rolls its transaction back."""
-    mine: Sequence[Payout] = (await s.scalars(
-        select(Payout).where(Payout.job_id == job_id, Payout.payee == payee)
-        .order_by(Payout.created_at, Payout.id))).all()
+    mine: Sequence[Payout] = (
+        await s.scalars(
+            select(Payout).where(Payout.job_id == job_id, Payout.payee == payee).order_by(Payout.created_at, Payout.id)
+        )
+    ).all()
     if not mine:
         raise InvoiceRefused(AcceptReason.NO_PAYOUT, "this job owes nothing to this key")
     waiting = [p for p in mine if p.state is PayoutState.NEEDS_INVOICE]
@@ -79,37 +104,59 @@ async def accept_invoice(s: AsyncSession, *, job_id: str, payee: str, bolt11: st
     if amount_msat is not None:
         waiting = [p for p in waiting if p.amount_msat == amount_msat]
         if not waiting:
-            raise InvoiceRefused(AcceptReason.NOT_WAITING,
-                                 f"no payout of {amount_msat} msat waits for this payee's invoice")
+            raise InvoiceRefused(
+                AcceptReason.NOT_WAITING, f"no payout of {amount_msat} msat waits for this payee's invoice"
+            )
     try:
         inv = decode_offline(bolt11, network=network, now=now)
         fits = [p for p in waiting if p.amount_msat == inv.amount_msat]
         if not fits:
-            raise InvoiceCheckError(CheckReason.WRONG_AMOUNT, f"invoice is for {inv.amount_msat} msat, "
-                                    f"the payout is {' or '.join(str(p.amount_msat) for p in waiting)}")
+            raise InvoiceCheckError(
+                CheckReason.WRONG_AMOUNT,
+                f"invoice is for {inv.amount_msat} msat, "
+                f"the payout is {' or '.join(str(p.amount_msat) for p in waiting)}",
+            )
         target = fits[0]
         await refuse_used_hash(s, inv.payment_hash, payout_id=target.id)
     except InvoiceCheckError as e:
         if len(waiting) == 1:
             await _note_refusal(s, waiting[0], why(e.reason, e.message))
         raise InvoiceRefused(e.reason, e.message) from None
-    res = await s.execute(update(Payout).where(Payout.id == target.id, Payout.state == PayoutState.NEEDS_INVOICE)
-                          .values(destination_kind=DestinationKind.BOLT11, destination=inv.payment_request,
-                                  state=PayoutState.PENDING, attempts=0, next_attempt_at=utcnow(),
-                                  updated_at=utcnow()))
+    res = await s.execute(
+        update(Payout)
+        .where(Payout.id == target.id, Payout.state == PayoutState.NEEDS_INVOICE)
+        .values(
+            destination_kind=DestinationKind.BOLT11,
+            destination=inv.payment_request,
+            state=PayoutState.PENDING,
+            attempts=0,
+            next_attempt_at=utcnow(),
+            updated_at=utcnow(),
+        )
+    )
     if rows_matched(res) != 1:
         raise InvoiceRefused(AcceptReason.CONFLICT, "the payout changed meanwhile")
-    await timeline.record(s, job_id, timeline.EntryKind.FACT, {
-        "event": "payee invoice" if source is InvoiceSource.NOSTR else f"payee invoice ({source.value.upper()})",
-        "payout": target.id, "payee": payee, "amount_msat": target.amount_msat})
+    await timeline.record(
+        s,
+        job_id,
+        timeline.EntryKind.FACT,
+        {
+            "event": "payee invoice" if source is InvoiceSource.NOSTR else f"payee invoice ({source.value.upper()})",
+            "payout": target.id,
+            "payee": payee,
+            "amount_msat": target.amount_msat,
+        },
+    )
     await s.refresh(target)
     return target
 
 
 async def _note_refusal(s: AsyncSession, p: Payout, last_error: str) -> None:
-    await s.execute(update(Payout).where(Payout.id == p.id, Payout.state == PayoutState.NEEDS_INVOICE)
-                    .values(last_error=last_error, needs_invoice_count=Payout.needs_invoice_count + 1,
-                            updated_at=utcnow()))
+    await s.execute(
+        update(Payout)
+        .where(Payout.id == p.id, Payout.state == PayoutState.NEEDS_INVOICE)
+        .values(last_error=last_error, needs_invoice_count=Payout.needs_invoice_count + 1, updated_at=utcnow())
+    )
 
 
 async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> PayoutState:
@@ -131,19 +178,26 @@ async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> P
             # (its network was checked when it was given, and the worker checks it again)
             inv = decode_offline(p.destination, network=None, now=now)
             if inv.amount_msat != p.amount_msat:
-                raise InvoiceCheckError(CheckReason.WRONG_AMOUNT,
-                                        f"invoice is for {inv.amount_msat} msat, payout is {p.amount_msat}")
+                raise InvoiceCheckError(
+                    CheckReason.WRONG_AMOUNT, f"invoice is for {inv.amount_msat} msat, payout is {p.amount_msat}"
+                )
             await refuse_used_hash(s, inv.payment_hash, payout_id=p.id)
         except InvoiceCheckError as e:
             raise RetryRefused(e.reason, e.message) from None
-    res = await s.execute(update(Payout).where(Payout.id == payout_id, Payout.state.in_(RETRYABLE))
-                          .values(state=PayoutState.PENDING, attempts=0, last_error=None, next_attempt_at=utcnow(),
-                                  updated_at=utcnow()))
+    res = await s.execute(
+        update(Payout)
+        .where(Payout.id == payout_id, Payout.state.in_(RETRYABLE))
+        .values(state=PayoutState.PENDING, attempts=0, last_error=None, next_attempt_at=utcnow(), updated_at=utcnow())
+    )
     if rows_matched(res) != 1:
         raise RetryRefused(RetryReason.CONFLICT, "the payout changed meanwhile")
     if p.job_id is not None:
-        await timeline.record(s, p.job_id, timeline.EntryKind.PAYMENT,
-                              {"payout": p.id, "state": PayoutState.PENDING.value, "why": "retried by an operator"})
+        await timeline.record(
+            s,
+            p.job_id,
+            timeline.EntryKind.PAYMENT,
+            {"payout": p.id, "state": PayoutState.PENDING.value, "why": "retried by an operator"},
+        )
     return PayoutState.PENDING
 
 

@@ -3,6 +3,7 @@
 Nothing here does I/O; the table columns (``service/lightning/models.py``) are typed with these
 enums, so a value outside them never reaches ``ln_payouts`` or ``ln_payout_attempts``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -14,6 +15,7 @@ from service.config import Settings
 class PayoutState(enum.StrEnum):
     """``ln_payouts.state``. pending -> sending -> succeeded | failed | unknown | needs_invoice;
     needs_invoice -> pending when the payee gives an invoice (:func:`store.accept_invoice`)."""
+
     PENDING = "pending"
     SENDING = "sending"
     SUCCEEDED = "succeeded"
@@ -24,6 +26,7 @@ class PayoutState(enum.StrEnum):
 
 class AttemptState(enum.StrEnum):
     """``ln_payout_attempts.state``. sending -> succeeded | failed | unknown | not_initiated."""
+
     SENDING = "sending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
@@ -39,6 +42,7 @@ class AttemptState(enum.StrEnum):
 
 class PayoutKind(enum.StrEnum):
     """What a payout is for: earned (reward, validator fee) or money back to the customer."""
+
     REWARD = "reward"
     VALIDATOR_FEE = "validator_fee"
     REFUND = "refund"
@@ -51,15 +55,16 @@ class PayoutKind(enum.StrEnum):
 
 
 class DestinationKind(enum.StrEnum):
-    NONE = "none"        # waiting for the payee's invoice
-    BOLT11 = "bolt11"    # an invoice, paid as it is
-    LUD16 = "lud16"      # a Lightning address: the worker fetches an invoice
-    LNURL = "lnurl"      # an LNURL-pay link: the worker fetches an invoice
+    NONE = "none"  # waiting for the payee's invoice
+    BOLT11 = "bolt11"  # an invoice, paid as it is
+    LUD16 = "lud16"  # a Lightning address: the worker fetches an invoice
+    LNURL = "lnurl"  # an LNURL-pay link: the worker fetches an invoice
 
 
 @dataclass(frozen=True)
 class Destination:
     """Where a payout goes; stored as two columns (``destination_kind``, ``destination``)."""
+
     kind: DestinationKind
     value: str = ""
 
@@ -87,13 +92,15 @@ class Destination:
 
 class InvoiceSource(enum.StrEnum):
     """Who handed a payout its invoice (written on the job's timeline)."""
-    NOSTR = "nostr"    # the payee's kind-7000 event
-    REST = "rest"      # POST /v1/jobs/{id}/payout-invoice, NIP-98 signed
-    ADMIN = "admin"    # an operator's retry of the payout's own invoice
+
+    NOSTR = "nostr"  # the payee's kind-7000 event
+    REST = "rest"  # POST /v1/jobs/{id}/payout-invoice, NIP-98 signed
+    ADMIN = "admin"  # an operator's retry of the payout's own invoice
 
 
 class CheckReason(enum.StrEnum):
     """Why an invoice was refused; the first word of ``last_error`` and of API errors."""
+
     UNDECODABLE = "invoice_undecodable"
     NODE_REFUSED = "node_cannot_decode"
     DECODERS_DISAGREE = "decoders_disagree"
@@ -110,32 +117,35 @@ class CheckReason(enum.StrEnum):
 class PayoutReason(enum.StrEnum):
     """Why the worker handed a payout back (``needs_invoice``), retries it or left it ``unknown``,
     besides the :class:`CheckReason` values; always the first word of ``Payout.last_error``."""
-    NO_DESTINATION = "no_destination"                    # no invoice yet: the payee must give one
+
+    NO_DESTINATION = "no_destination"  # no invoice yet: the payee must give one
     ROUTE_FEE_EXCEEDS_LIMIT = "route_fee_exceeds_limit"  # handed back: a cheaper route is the payee's to offer
-    PAYEE_REJECTED = "payee_rejected_payment"            # handed back: its node refused (invoice canceled, unknown)
-    NO_ROUTE = "no_route"                                # retried: no route at all (liquidity, offline payee)
-    PAYMENT_FAILED = "payment_failed"                    # retried: LND's other failure reasons
-    INVOICE_FETCH_FAILED = "invoice_fetch_failed"        # retried: the LNURL service did not give an invoice
-    GAVE_UP = "gave_up"                                  # handed back after payout_max_attempts
-    IN_FLIGHT = "payment_in_flight"                      # unknown: LND has not finished it (e.g. a held HTLC)
-    OUTCOME_UNKNOWN = "payment_outcome_unknown"          # unknown: LND did not answer in time
-    NODE_UNAVAILABLE = "node_unavailable"                # pending: our node could not check the invoice
+    PAYEE_REJECTED = "payee_rejected_payment"  # handed back: its node refused (invoice canceled, unknown)
+    NO_ROUTE = "no_route"  # retried: no route at all (liquidity, offline payee)
+    PAYMENT_FAILED = "payment_failed"  # retried: LND's other failure reasons
+    INVOICE_FETCH_FAILED = "invoice_fetch_failed"  # retried: the LNURL service did not give an invoice
+    GAVE_UP = "gave_up"  # handed back after payout_max_attempts
+    IN_FLIGHT = "payment_in_flight"  # unknown: LND has not finished it (e.g. a held HTLC)
+    OUTCOME_UNKNOWN = "payment_outcome_unknown"  # unknown: LND did not answer in time
+    NODE_UNAVAILABLE = "node_unavailable"  # pending: our node could not check the invoice
 
 
 class AcceptReason(enum.StrEnum):
     """Why :func:`store.accept_invoice` found no payout to give the invoice to (invoice refusals
     are :class:`CheckReason`)."""
-    NO_PAYOUT = "no_payout"                  # this job owes nothing to this key
-    NOT_WAITING = "payout_not_waiting"       # nothing of this payee's waits for an invoice
-    CONFLICT = "conflict"                    # the payout changed meanwhile (compare-and-set lost)
+
+    NO_PAYOUT = "no_payout"  # this job owes nothing to this key
+    NOT_WAITING = "payout_not_waiting"  # nothing of this payee's waits for an invoice
+    CONFLICT = "conflict"  # the payout changed meanwhile (compare-and-set lost)
 
 
 class RetryReason(enum.StrEnum):
     """Why an operator's retry (:func:`store.retry`) was refused."""
+
     NOT_FOUND = "not_found"
-    UNKNOWN = "payout_unknown"               # resolved by tracking it in LND, never retried
+    UNKNOWN = "payout_unknown"  # resolved by tracking it in LND, never retried
     NOT_RETRYABLE = "payout_not_retryable"
-    NEEDS_INVOICE = "payout_needs_invoice"   # no invoice or address to retry with
+    NEEDS_INVOICE = "payout_needs_invoice"  # no invoice or address to retry with
     CONFLICT = "conflict"
 
 
@@ -173,14 +183,15 @@ class RetryRefused(Exception):
 @dataclass(frozen=True)
 class NewPayout:
     """A payout the engine decided; :func:`store.create` writes it once (``id`` is the key)."""
-    id: str                      # idempotency key chosen by the engine
-    job_id: str | None           # None only outside any job (the bench): the engine never reads it
+
+    id: str  # idempotency key chosen by the engine
+    job_id: str | None  # None only outside any job (the bench): the engine never reads it
     kind: PayoutKind
-    payee: str                   # Nostr pubkey hex
+    payee: str  # Nostr pubkey hex
     amount_msat: int
     destination: Destination
-    fee_limit_msat: int | None = None   # the engine's routing budget; None: the policy's alone
-    earned_by: str | None = None        # a reward's result event id
+    fee_limit_msat: int | None = None  # the engine's routing budget; None: the policy's alone
+    earned_by: str | None = None  # a reward's result event id
 
 
 @dataclass(frozen=True)
@@ -200,12 +211,20 @@ class PayoutPolicy:
 
     @classmethod
     def from_settings(cls, s: Settings) -> PayoutPolicy:
-        return cls(network=s.network, fee_ppm=s.payout_fee_ppm, fee_cap_msat=s.payout_fee_cap_msat,
-                   timeout_seconds=s.payout_timeout_seconds, max_attempts=s.payout_max_attempts,
-                   retry_seconds=s.payout_retry_seconds, min_expiry_seconds=s.payout_invoice_min_expiry_seconds,
-                   max_final_cltv=s.payout_max_final_cltv, cltv_limit=s.payout_cltv_limit,
-                   lease_seconds=s.payout_lease_seconds, lnurl_allow_private=s.lnurl_allow_private,
-                   reconcile_budget_seconds=s.payout_reconcile_budget_seconds)
+        return cls(
+            network=s.network,
+            fee_ppm=s.payout_fee_ppm,
+            fee_cap_msat=s.payout_fee_cap_msat,
+            timeout_seconds=s.payout_timeout_seconds,
+            max_attempts=s.payout_max_attempts,
+            retry_seconds=s.payout_retry_seconds,
+            min_expiry_seconds=s.payout_invoice_min_expiry_seconds,
+            max_final_cltv=s.payout_max_final_cltv,
+            cltv_limit=s.payout_cltv_limit,
+            lease_seconds=s.payout_lease_seconds,
+            lnurl_allow_private=s.lnurl_allow_private,
+            reconcile_budget_seconds=s.payout_reconcile_budget_seconds,
+        )
 
     def fee_limit(self, amount_msat: int, payout_limit_msat: int | None = None) -> int:
         """The most a payout may spend on routing: its fraction (ppm), capped, and never more than

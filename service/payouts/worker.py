@@ -42,6 +42,7 @@ Rules that keep a hostile payee from hurting anyone else:
 - What a payee gets back (``needs_invoice``) always carries a stable reason code first in
   ``last_error`` (:class:`CheckReason`, :class:`PayoutReason`): the engine tells the payee.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -74,13 +75,14 @@ from service.payouts.types import (
 
 log = logging.getLogger(__name__)
 
-FOLLOW_GRACE_SECONDS = 2.0    # a send is followed for the payout timeout plus this, then left `unknown`
-RECHECK_MAX_SECONDS = 600.0   # a payment still in flight is looked at again at least this often
+FOLLOW_GRACE_SECONDS = 2.0  # a send is followed for the payout timeout plus this, then left `unknown`
+RECHECK_MAX_SECONDS = 600.0  # a payment still in flight is looked at again at least this often
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What a pass did to a payout: its state afterwards ("missing": no such row)."""
+
     payout_id: str
     state: PayoutState | str
     detail: str = ""
@@ -92,17 +94,23 @@ class Claim(NamedTuple):
 
 
 class Payouts:
-    def __init__(self, lnd: LndClient, sessions: async_sessionmaker[AsyncSession], policy: PayoutPolicy,
-                 *, our_pubkey: str,
-                 fetch_invoice: Callable[[str, int], Awaitable[str]] | None = None,
-                 on_outcome: Callable[[Outcome], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        lnd: LndClient,
+        sessions: async_sessionmaker[AsyncSession],
+        policy: PayoutPolicy,
+        *,
+        our_pubkey: str,
+        fetch_invoice: Callable[[str, int], Awaitable[str]] | None = None,
+        on_outcome: Callable[[Outcome], Awaitable[None]] | None = None,
+    ) -> None:
         self.lnd = lnd
         self.sessions = sessions
         self.policy = policy
         self.our_pubkey = our_pubkey
         self.fetch_invoice = fetch_invoice or self._fetch_lnurl
         self.on_outcome = on_outcome
-        self._fresh: set[str] = set()   # hashes whose write-ahead row this process just created
+        self._fresh: set[str] = set()  # hashes whose write-ahead row this process just created
 
     # ---- the worker -------------------------------------------------------------------
     async def claim_due(self, limit: int, *, busy_payees: Collection[str] = ()) -> list[Claim]:
@@ -112,18 +120,28 @@ class Payouts:
         now = utcnow()
         claimed: list[Claim] = []
         async with self.sessions.begin() as s:
-            q = (select(Payout.id, Payout.payee).where(Payout.state == PayoutState.PENDING, Payout.next_attempt_at <= now)
-                 .order_by(Payout.next_attempt_at).limit(limit))
+            q = (
+                select(Payout.id, Payout.payee)
+                .where(Payout.state == PayoutState.PENDING, Payout.next_attempt_at <= now)
+                .order_by(Payout.next_attempt_at)
+                .limit(limit)
+            )
             if busy_payees:
                 q = q.where(Payout.payee.not_in(list(busy_payees)))
             if s.get_bind().dialect.name == "postgresql":
-                q = q.with_for_update(skip_locked=True)   # replicas take disjoint rows without waiting
+                q = q.with_for_update(skip_locked=True)  # replicas take disjoint rows without waiting
             for pid, payee in (await s.execute(q)).all():
                 if any(c.payee == payee for c in claimed):
-                    continue   # its next payout waits for this one (the caller claims again when it is done)
-                res = await s.execute(update(Payout).where(Payout.id == pid, Payout.state == PayoutState.PENDING)
-                                      .values(state=PayoutState.SENDING, updated_at=now,
-                                              lease_until=now + timedelta(seconds=self.policy.lease_seconds)))
+                    continue  # its next payout waits for this one (the caller claims again when it is done)
+                res = await s.execute(
+                    update(Payout)
+                    .where(Payout.id == pid, Payout.state == PayoutState.PENDING)
+                    .values(
+                        state=PayoutState.SENDING,
+                        updated_at=now,
+                        lease_until=now + timedelta(seconds=self.policy.lease_seconds),
+                    )
+                )
                 if rows_matched(res) == 1:
                     claimed.append(Claim(pid, payee))
         return claimed
@@ -132,7 +150,7 @@ class Payouts:
         """Pay one claimed payout (see ``claim_due``)."""
         async with self.sessions() as s:
             p = await s.get(Payout, payout_id)
-        if p is None:   # claimed by us a moment ago; payouts are never deleted
+        if p is None:  # claimed by us a moment ago; payouts are never deleted
             raise LookupError(f"no payout {payout_id}")
         kind = p.destination_kind
         try:
@@ -141,19 +159,33 @@ class Payouts:
             elif kind in (DestinationKind.LUD16, DestinationKind.LNURL):
                 payreq = await self.fetch_invoice(p.destination, p.amount_msat)
             else:
-                return await self._finish(payout_id, PayoutState.NEEDS_INVOICE,
-                                          why(PayoutReason.NO_DESTINATION, "no invoice for this payout yet"))
+                return await self._finish(
+                    payout_id,
+                    PayoutState.NEEDS_INVOICE,
+                    why(PayoutReason.NO_DESTINATION, "no invoice for this payout yet"),
+                )
         except Exception as e:  # noqa: BLE001 - a payee endpoint failing is the payee's problem, bounded
-            return await self._retry_or_give_up(payout_id, p.attempts + 1,
-                                                why(PayoutReason.INVOICE_FETCH_FAILED, str(e)))
+            return await self._retry_or_give_up(
+                payout_id, p.attempts + 1, why(PayoutReason.INVOICE_FETCH_FAILED, str(e))
+            )
         try:
             async with self.sessions.begin() as s:
-                checked = await check_invoice(self.lnd, s, payreq, amount_msat=p.amount_msat, policy=self.policy,
-                                              our_pubkey=self.our_pubkey, payout_id=payout_id)
+                checked = await check_invoice(
+                    self.lnd,
+                    s,
+                    payreq,
+                    amount_msat=p.amount_msat,
+                    policy=self.policy,
+                    our_pubkey=self.our_pubkey,
+                    payout_id=payout_id,
+                )
                 fee_limit = self.policy.fee_limit(p.amount_msat, p.fee_limit_msat)
                 fresh = await self._write_ahead(s, payout_id, checked, fee_limit)
-                await s.execute(update(Payout).where(Payout.id == payout_id)
-                                .values(attempts=Payout.attempts + 1, updated_at=utcnow()))
+                await s.execute(
+                    update(Payout)
+                    .where(Payout.id == payout_id)
+                    .values(attempts=Payout.attempts + 1, updated_at=utcnow())
+                )
         except InvoiceCheckError as e:
             log.warning("payout %s: invoice refused: %s", payout_id, e)
             if kind is DestinationKind.BOLT11:
@@ -164,9 +196,12 @@ class Payouts:
             # transaction, so no payment can exist. Give the claim back now; left `sending`, the
             # payout would wait for its lease to run out and the reconciler's next pass.
             log.info("payout %s: node unavailable while checking the invoice: %s", payout_id, e)
-            return await self._finish(payout_id, PayoutState.PENDING,
-                                      why(PayoutReason.NODE_UNAVAILABLE, f"checking the invoice: {type(e).__name__}"),
-                                      retry=True)
+            return await self._finish(
+                payout_id,
+                PayoutState.PENDING,
+                why(PayoutReason.NODE_UNAVAILABLE, f"checking the invoice: {type(e).__name__}"),
+                retry=True,
+            )
         if fresh:
             self._fresh.add(checked.payment_hash)
         return await self._send(payout_id, checked.payment_hash, checked.payment_request, fee_limit)
@@ -179,23 +214,44 @@ class Payouts:
         sent, unless it is this payout's own failed or never-initiated attempt, which is armed again.
         (Two payouts given one invoice at the same moment were both marked paid by its one payment.)"""
         now = utcnow()
-        res = await s.execute(insert_ignore(s, PayoutAttempt.__table__).values(
-            payment_hash=checked.payment_hash, payout_id=payout_id, payment_request=checked.payment_request,
-            fee_limit_msat=fee_limit, state=AttemptState.SENDING, created_at=now, updated_at=now))
+        res = await s.execute(
+            insert_ignore(s, PayoutAttempt.__table__).values(
+                payment_hash=checked.payment_hash,
+                payout_id=payout_id,
+                payment_request=checked.payment_request,
+                fee_limit_msat=fee_limit,
+                state=AttemptState.SENDING,
+                created_at=now,
+                updated_at=now,
+            )
+        )
         if rows_matched(res) == 1:
             return True
-        prior = (await s.execute(select(PayoutAttempt.payout_id, PayoutAttempt.state)
-                                 .where(PayoutAttempt.payment_hash == checked.payment_hash))).one()
+        prior = (
+            await s.execute(
+                select(PayoutAttempt.payout_id, PayoutAttempt.state).where(
+                    PayoutAttempt.payment_hash == checked.payment_hash
+                )
+            )
+        ).one()
         if may_reuse(prior.payout_id, prior.state, payout_id):
-            res = await s.execute(update(PayoutAttempt).where(PayoutAttempt.payment_hash == checked.payment_hash,
-                                                              PayoutAttempt.payout_id == payout_id,
-                                                              PayoutAttempt.state == prior.state)
-                                  .values(state=AttemptState.SENDING, fee_limit_msat=fee_limit, failure=None, updated_at=now))
+            res = await s.execute(
+                update(PayoutAttempt)
+                .where(
+                    PayoutAttempt.payment_hash == checked.payment_hash,
+                    PayoutAttempt.payout_id == payout_id,
+                    PayoutAttempt.state == prior.state,
+                )
+                .values(state=AttemptState.SENDING, fee_limit_msat=fee_limit, failure=None, updated_at=now)
+            )
             if rows_matched(res) == 1:
                 return False
-        raise InvoiceCheckError(CheckReason.HASH_REUSED,
-                                "this payment hash is another payout's" if prior.payout_id != payout_id
-                                else f"this payout's attempt with this hash is {prior.state}")
+        raise InvoiceCheckError(
+            CheckReason.HASH_REUSED,
+            "this payment hash is another payout's"
+            if prior.payout_id != payout_id
+            else f"this payout's attempt with this hash is {prior.state}",
+        )
 
     async def _send(self, payout_id: str, payment_hash: str, payreq: str, fee_limit: int) -> Outcome:
         # (This signature is a fault-injection hook: bench.drills.faulty_service, tests.support.payout_crash.)
@@ -216,11 +272,19 @@ class Payouts:
         try:
             # Followed for one payout timeout at most: a payee that holds the HTLC keeps its own
             # payout `unknown` (the reconciler looks again), not a slot of ours.
-            payment = await asyncio.wait_for(self._follow(self.lnd.send_payment(
-                payreq, fee_limit_msat=fee_limit, timeout_seconds=self.policy.timeout_seconds,
-                cltv_limit=self.policy.cltv_limit)), self.policy.timeout_seconds + FOLLOW_GRACE_SECONDS)
+            payment = await asyncio.wait_for(
+                self._follow(
+                    self.lnd.send_payment(
+                        payreq,
+                        fee_limit_msat=fee_limit,
+                        timeout_seconds=self.policy.timeout_seconds,
+                        cltv_limit=self.policy.cltv_limit,
+                    )
+                ),
+                self.policy.timeout_seconds + FOLLOW_GRACE_SECONDS,
+            )
         except (errors.PaymentInTransition, errors.PaymentAlreadyPaid, errors.InvoiceExpired) as e:
-            refused, payment = e, None   # LND refused this send: what it knows of the hash decides
+            refused, payment = e, None  # LND refused this send: what it knows of the hash decides
         except (errors.LndError, TimeoutError) as e:
             return await self._unknown(payout_id, payment_hash, e)
         if payment is None:
@@ -230,16 +294,19 @@ class Payouts:
                 return await self._unknown(payout_id, payment_hash, e)
         if payment is None and isinstance(refused, errors.InvoiceExpired):
             await self._attempt_state(payment_hash, AttemptState.NOT_INITIATED, failure="invoice expired")
-            return await self._finish(payout_id, PayoutState.NEEDS_INVOICE,
-                                      why(CheckReason.EXPIRED, "the invoice expired before it was paid"))
+            return await self._finish(
+                payout_id, PayoutState.NEEDS_INVOICE, why(CheckReason.EXPIRED, "the invoice expired before it was paid")
+            )
         if payment is None:
             return await self._unknown(payout_id, payment_hash, refused)
         return await self._settle_attempt(payout_id, payment_hash, payment)
 
     async def _unknown(self, payout_id: str, payment_hash: str, e: BaseException | None) -> Outcome:
         """LND did not tell us the payment's fate in time: `unknown`, never `failed` (the reconciler asks)."""
-        detail = why(PayoutReason.OUTCOME_UNKNOWN,
-                     "no final state from LND" if e is None else f"{type(e).__name__}: {getattr(e, 'detail', '')}")
+        detail = why(
+            PayoutReason.OUTCOME_UNKNOWN,
+            "no final state from LND" if e is None else f"{type(e).__name__}: {getattr(e, 'detail', '')}",
+        )
         await self._attempt_state(payment_hash, AttemptState.UNKNOWN, failure=detail[:200])
         return await self._finish(payout_id, PayoutState.UNKNOWN, detail)
 
@@ -255,8 +322,10 @@ class Payouts:
         """LND's current view of a payment: the first update of ``TrackPaymentV2``, which is the
         payment's state now (never waiting for a final one); None if LND never initiated it."""
         try:
-            async with aclosing(self.lnd.track_payment(bytes.fromhex(payment_hash))) as stream, \
-                    asyncio.timeout(self.lnd.timeout):
+            async with (
+                aclosing(self.lnd.track_payment(bytes.fromhex(payment_hash))) as stream,
+                asyncio.timeout(self.lnd.timeout),
+            ):
                 async for p in stream:
                     return p
         except errors.LndNotFound:
@@ -265,10 +334,20 @@ class Payouts:
 
     async def _settle_attempt(self, payout_id: str, payment_hash: str, payment: Payment) -> Outcome:
         if payment.status == PaymentStatus.SUCCEEDED:
-            await self._attempt_state(payment_hash, AttemptState.SUCCEEDED, fee=payment.fee_msat,
-                                      preimage=payment.preimage.hex() if payment.preimage else None)
-            return await self._finish(payout_id, PayoutState.SUCCEEDED, "", fee=payment.fee_msat, payment_hash=payment_hash,
-                                      preimage=payment.preimage.hex() if payment.preimage else None)
+            await self._attempt_state(
+                payment_hash,
+                AttemptState.SUCCEEDED,
+                fee=payment.fee_msat,
+                preimage=payment.preimage.hex() if payment.preimage else None,
+            )
+            return await self._finish(
+                payout_id,
+                PayoutState.SUCCEEDED,
+                "",
+                fee=payment.fee_msat,
+                payment_hash=payment_hash,
+                preimage=payment.preimage.hex() if payment.preimage else None,
+            )
         if payment.status == PaymentStatus.FAILED:
             await self._attempt_state(payment_hash, AttemptState.FAILED, failure=payment.failure_reason.name)
             async with self.sessions() as s:
@@ -279,68 +358,113 @@ class Payouts:
                     return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, detail)
                 return await self._retry_or_give_up(payout_id, attempts, detail)
             if payment.failure_reason == FailureReason.INCORRECT_PAYMENT_DETAILS:
-                return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, why(
-                    PayoutReason.PAYEE_REJECTED, "the payee's node refused the payment (its invoice is unknown "
-                                                 "to it, canceled or for another amount)"))
-            return await self._retry_or_give_up(payout_id, attempts, why(
-                PayoutReason.PAYMENT_FAILED, f"LND's failure reason {payment.failure_reason.name}"))
+                return await self._finish(
+                    payout_id,
+                    PayoutState.NEEDS_INVOICE,
+                    why(
+                        PayoutReason.PAYEE_REJECTED,
+                        "the payee's node refused the payment (its invoice is unknown "
+                        "to it, canceled or for another amount)",
+                    ),
+                )
+            return await self._retry_or_give_up(
+                payout_id,
+                attempts,
+                why(PayoutReason.PAYMENT_FAILED, f"LND's failure reason {payment.failure_reason.name}"),
+            )
         await self._attempt_state(payment_hash, AttemptState.UNKNOWN, failure=f"status {payment.status.name}")
-        return await self._finish(payout_id, PayoutState.UNKNOWN, why(PayoutReason.IN_FLIGHT, f"payment {payment.status.name}"))
+        return await self._finish(
+            payout_id, PayoutState.UNKNOWN, why(PayoutReason.IN_FLIGHT, f"payment {payment.status.name}")
+        )
 
     async def _why_no_route(self, payment_hash: str) -> tuple[bool, str]:
         """LND's NO_ROUTE covers "none within the fee limit" and "none at all": ask which (QueryRoutes
         with no fee limit; nothing sent). (True, reason) when the payee must offer a cheaper route."""
         async with self.sessions() as s:
             a = await s.get(PayoutAttempt, payment_hash)
-        if a is None:   # the caller has just updated it: cannot happen
+        if a is None:  # the caller has just updated it: cannot happen
             raise LookupError(f"no attempt {payment_hash}")
         try:
             fee = await self.lnd.route_fee(a.payment_request, cltv_limit=self.policy.cltv_limit)
         except errors.LndError as e:
-            return False, why(PayoutReason.NO_ROUTE, f"no route within the fee limit {a.fee_limit_msat} msat "
-                                                     f"(asking for one without it failed: {type(e).__name__})")
+            return False, why(
+                PayoutReason.NO_ROUTE,
+                f"no route within the fee limit {a.fee_limit_msat} msat "
+                f"(asking for one without it failed: {type(e).__name__})",
+            )
         if fee is not None and fee > a.fee_limit_msat:
-            return True, why(PayoutReason.ROUTE_FEE_EXCEEDS_LIMIT,
-                             f"the cheapest route to the invoice costs {fee} msat in fees and this payout allows "
-                             f"{a.fee_limit_msat} msat; give an invoice reachable for less (a direct channel, or "
-                             "route hints through cheaper channels)")
-        return False, why(PayoutReason.NO_ROUTE, f"no route to the invoice's node within {self.policy.cltv_limit} "
-                                                 "blocks of time lock" + ("" if fee is None else
-                                                                          f" that worked (one costs {fee} msat)"))
+            return True, why(
+                PayoutReason.ROUTE_FEE_EXCEEDS_LIMIT,
+                f"the cheapest route to the invoice costs {fee} msat in fees and this payout allows "
+                f"{a.fee_limit_msat} msat; give an invoice reachable for less (a direct channel, or "
+                "route hints through cheaper channels)",
+            )
+        return False, why(
+            PayoutReason.NO_ROUTE,
+            f"no route to the invoice's node within {self.policy.cltv_limit} "
+            "blocks of time lock" + ("" if fee is None else f" that worked (one costs {fee} msat)"),
+        )
 
-    async def _attempt_state(self, payment_hash: str, state: AttemptState, *, fee: int | None = None,
-                             preimage: str | None = None, failure: str | None = None) -> None:
+    async def _attempt_state(
+        self,
+        payment_hash: str,
+        state: AttemptState,
+        *,
+        fee: int | None = None,
+        preimage: str | None = None,
+        failure: str | None = None,
+    ) -> None:
         async with self.sessions.begin() as s:
-            await s.execute(update(PayoutAttempt).where(PayoutAttempt.payment_hash == payment_hash,
-                                                        PayoutAttempt.state != AttemptState.SUCCEEDED)
-                            .values(state=state, fee_msat=fee, preimage=preimage, failure=failure,
-                                    updated_at=utcnow()))
+            await s.execute(
+                update(PayoutAttempt)
+                .where(PayoutAttempt.payment_hash == payment_hash, PayoutAttempt.state != AttemptState.SUCCEEDED)
+                .values(state=state, fee_msat=fee, preimage=preimage, failure=failure, updated_at=utcnow())
+            )
 
     async def _retry_or_give_up(self, payout_id: str, attempts: int, detail: str) -> Outcome:
         if attempts >= self.policy.max_attempts:
-            return await self._finish(payout_id, PayoutState.NEEDS_INVOICE,
-                                      why(PayoutReason.GAVE_UP, f"after {attempts} attempt(s); the last: {detail}"))
+            return await self._finish(
+                payout_id,
+                PayoutState.NEEDS_INVOICE,
+                why(PayoutReason.GAVE_UP, f"after {attempts} attempt(s); the last: {detail}"),
+            )
         return await self._finish(payout_id, PayoutState.PENDING, detail, retry=True, attempts=attempts)
 
-    async def _finish(self, payout_id: str, state: PayoutState, detail: str, *, fee: int | None = None,
-                      payment_hash: str | None = None, preimage: str | None = None, retry: bool = False,
-                      attempts: int | None = None) -> Outcome:
+    async def _finish(
+        self,
+        payout_id: str,
+        state: PayoutState,
+        detail: str,
+        *,
+        fee: int | None = None,
+        payment_hash: str | None = None,
+        preimage: str | None = None,
+        retry: bool = False,
+        attempts: int | None = None,
+    ) -> Outcome:
         state = PayoutState(state)
-        values: dict[str, Any] = {"state": state, "last_error": detail or None, "updated_at": utcnow(), "lease_until": None}
-        if state is PayoutState.NEEDS_INVOICE:   # a new outcome for the engine, whatever the attempt count
+        values: dict[str, Any] = {
+            "state": state,
+            "last_error": detail or None,
+            "updated_at": utcnow(),
+            "lease_until": None,
+        }
+        if state is PayoutState.NEEDS_INVOICE:  # a new outcome for the engine, whatever the attempt count
             values["needs_invoice_count"] = Payout.needs_invoice_count + 1
         if state is PayoutState.SUCCEEDED:
             values.update(fee_msat=fee, payment_hash=payment_hash, preimage=preimage, last_error=None)
-        if state is PayoutState.UNKNOWN:       # the reconciler's next pass looks at it
+        if state is PayoutState.UNKNOWN:  # the reconciler's next pass looks at it
             values["next_attempt_at"] = utcnow()
         if retry:
             values["next_attempt_at"] = utcnow() + timedelta(seconds=self.policy.retry_seconds)
         if attempts is not None:
             values["attempts"] = attempts
         async with self.sessions.begin() as s:
-            res = await s.execute(update(Payout).where(Payout.id == payout_id,
-                                                       Payout.state.in_((PayoutState.SENDING, PayoutState.UNKNOWN)))
-                                  .values(**values))
+            res = await s.execute(
+                update(Payout)
+                .where(Payout.id == payout_id, Payout.state.in_((PayoutState.SENDING, PayoutState.UNKNOWN)))
+                .values(**values)
+            )
         if rows_matched(res) != 1:
             async with self.sessions() as s:
                 current = await s.scalar(select(Payout.state).where(Payout.id == payout_id))
@@ -362,10 +486,22 @@ class Payouts:
         paused) looks without sending a written-ahead attempt LND never heard of."""
         now = utcnow()
         async with self.sessions() as s:
-            rows = (await s.scalars(select(Payout.id).where(or_(
-                and_(Payout.state == PayoutState.UNKNOWN, Payout.next_attempt_at <= now),
-                and_(Payout.state == PayoutState.SENDING, or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
-                .order_by(Payout.next_attempt_at).limit(limit))).all()
+            rows = (
+                await s.scalars(
+                    select(Payout.id)
+                    .where(
+                        or_(
+                            and_(Payout.state == PayoutState.UNKNOWN, Payout.next_attempt_at <= now),
+                            and_(
+                                Payout.state == PayoutState.SENDING,
+                                or_(Payout.lease_until.is_(None), Payout.lease_until <= now),
+                            ),
+                        )
+                    )
+                    .order_by(Payout.next_attempt_at)
+                    .limit(limit)
+                )
+            ).all()
         outcomes = []
         for pid in rows:
             try:
@@ -375,8 +511,9 @@ class Payouts:
                 log.info("payout reconciliation: our node is unreachable (%s); the rest waits for the next pass", e)
                 break
             except (errors.LndError, TimeoutError) as e:
-                log.warning("payout %s: not resolved within its budget (%s); looked at again next pass", pid,
-                            type(e).__name__)
+                log.warning(
+                    "payout %s: not resolved within its budget (%s); looked at again next pass", pid, type(e).__name__
+                )
                 continue
             except Exception:  # one payout's trouble must not keep the others unresolved
                 log.exception("payout %s: reconciliation failed; the others go on", pid)
@@ -391,30 +528,64 @@ class Payouts:
         # dead worker's `sending` becomes `unknown`, so a cut-short pass leaves it for the next.
         hold = now + timedelta(seconds=2 * self.policy.reconcile_budget_seconds)
         async with self.sessions.begin() as s:
-            taken = await s.execute(update(Payout).where(Payout.id == pid, or_(
-                and_(Payout.state == PayoutState.UNKNOWN, Payout.next_attempt_at <= now),
-                and_(Payout.state == PayoutState.SENDING, or_(Payout.lease_until.is_(None), Payout.lease_until <= now))))
-                .values(state=PayoutState.UNKNOWN, lease_until=None, next_attempt_at=hold, updated_at=now))
+            taken = await s.execute(
+                update(Payout)
+                .where(
+                    Payout.id == pid,
+                    or_(
+                        and_(Payout.state == PayoutState.UNKNOWN, Payout.next_attempt_at <= now),
+                        and_(
+                            Payout.state == PayoutState.SENDING,
+                            or_(Payout.lease_until.is_(None), Payout.lease_until <= now),
+                        ),
+                    ),
+                )
+                .values(state=PayoutState.UNKNOWN, lease_until=None, next_attempt_at=hold, updated_at=now)
+            )
         if rows_matched(taken) != 1:
             return None
         async with self.sessions() as s:
-            paid = (await s.execute(select(PayoutAttempt.payment_hash, PayoutAttempt.fee_msat, PayoutAttempt.preimage)
-                                    .where(PayoutAttempt.payout_id == pid, PayoutAttempt.state == AttemptState.SUCCEEDED))).first()
-            attempt = (await s.execute(select(PayoutAttempt)
-                                       .where(PayoutAttempt.payout_id == pid,
-                                              PayoutAttempt.state.in_((AttemptState.SENDING, AttemptState.UNKNOWN)))
-                                       .order_by(PayoutAttempt.created_at.desc()))).scalars().first()
+            paid = (
+                await s.execute(
+                    select(PayoutAttempt.payment_hash, PayoutAttempt.fee_msat, PayoutAttempt.preimage).where(
+                        PayoutAttempt.payout_id == pid, PayoutAttempt.state == AttemptState.SUCCEEDED
+                    )
+                )
+            ).first()
+            attempt = (
+                (
+                    await s.execute(
+                        select(PayoutAttempt)
+                        .where(
+                            PayoutAttempt.payout_id == pid,
+                            PayoutAttempt.state.in_((AttemptState.SENDING, AttemptState.UNKNOWN)),
+                        )
+                        .order_by(PayoutAttempt.created_at.desc())
+                    )
+                )
+                .scalars()
+                .first()
+            )
         if paid is not None:
             # LND's SUCCEEDED was recorded on the attempt, then the worker died before the payout
             # row: finish it. (Sent back to pending, its invoice would be refused as used, the
             # payee asked for another one and paid twice: the sigkill drill did exactly that.)
-            return await self._finish(pid, PayoutState.SUCCEEDED, "", fee=paid.fee_msat, payment_hash=paid.payment_hash,
-                                      preimage=paid.preimage)
+            return await self._finish(
+                pid,
+                PayoutState.SUCCEEDED,
+                "",
+                fee=paid.fee_msat,
+                payment_hash=paid.payment_hash,
+                preimage=paid.preimage,
+            )
         if attempt is None:
             # Claimed but nothing was written ahead: no payment can exist. Back to pending.
             async with self.sessions.begin() as s:
-                await s.execute(update(Payout).where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN)
-                                .values(state=PayoutState.PENDING, next_attempt_at=utcnow(), updated_at=utcnow()))
+                await s.execute(
+                    update(Payout)
+                    .where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN)
+                    .values(state=PayoutState.PENDING, next_attempt_at=utcnow(), updated_at=utcnow())
+                )
             return Outcome(pid, PayoutState.PENDING, "no attempt was written")
         payment = await self._current(attempt.payment_hash)
         if payment is None and allow_send:
@@ -427,14 +598,21 @@ class Payouts:
         # look again after a quarter of its age so far, at least every RECHECK_MAX_SECONDS.
         age = (now - aware(attempt.updated_at)).total_seconds()
         async with self.sessions.begin() as s:
-            await s.execute(update(Payout).where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN).values(
-                next_attempt_at=now + timedelta(seconds=min(RECHECK_MAX_SECONDS, max(0.0, age / 4)))))
+            await s.execute(
+                update(Payout)
+                .where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN)
+                .values(next_attempt_at=now + timedelta(seconds=min(RECHECK_MAX_SECONDS, max(0.0, age / 4))))
+            )
         status = "not sent (payouts paused)" if payment is None else payment.status.name
         return Outcome(pid, PayoutState.UNKNOWN, why(PayoutReason.IN_FLIGHT, f"payment {status}"))
 
     async def _fetch_lnurl(self, target: str, amount_msat: int) -> str:
         from service.lightning import lnurl
-        fetched = await lnurl.fetch_invoice(lnurl.parse_destination(target), amount_msat,
-                                            allow_private=self.policy.lnurl_allow_private,
-                                            network=self.policy.network)
+
+        fetched = await lnurl.fetch_invoice(
+            lnurl.parse_destination(target),
+            amount_msat,
+            allow_private=self.policy.lnurl_allow_private,
+            network=self.policy.network,
+        )
         return fetched.bolt11

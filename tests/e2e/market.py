@@ -6,6 +6,7 @@ validators are keys of the test that publish signed events to the relay and read
 escrow's answers from it; the customer pays from the customer LND node and payees'
 invoices come from the payee node.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -80,11 +81,22 @@ class Market:
         self.escrow_key = SecretKey.generate()
         self.E = self.escrow_key.public_key_hex
         node = regtest.node("escrow")
-        base = dict(network="regtest", database_url=database_url, lnd_grpc_host=node["rpc"],
-                    lnd_tls_cert_path=node["tls_cert"], lnd_macaroon_path=node["macaroon"], relays=[relay],
-                    nostr_secret_key=self.escrow_key.to_hex(), min_results_window_seconds=0,
-                    min_bid_msat=10_000, invoice_expiry_seconds=300, guard_interval_seconds=1.0,
-                    payout_retry_seconds=1.0, payout_invoice_min_expiry_seconds=60, sweep_interval_seconds=2.0)
+        base = dict(
+            network="regtest",
+            database_url=database_url,
+            lnd_grpc_host=node["rpc"],
+            lnd_tls_cert_path=node["tls_cert"],
+            lnd_macaroon_path=node["macaroon"],
+            relays=[relay],
+            nostr_secret_key=self.escrow_key.to_hex(),
+            min_results_window_seconds=0,
+            min_bid_msat=10_000,
+            invoice_expiry_seconds=300,
+            guard_interval_seconds=1.0,
+            payout_retry_seconds=1.0,
+            payout_invoice_min_expiry_seconds=60,
+            sweep_interval_seconds=2.0,
+        )
         base.update(settings)
         self.settings = Settings(_env_file=None, **base)
         self.app = create_app(self.settings)
@@ -99,25 +111,42 @@ class Market:
             await wait_until(lambda: self.app.state.lightning.watcher.health.connected, 60, "invoice stream")
             yield self
 
-    external_sessions = None   # set when the service runs in other processes
+    external_sessions = None  # set when the service runs in other processes
 
     @property
     def sessions(self):
         return self.external_sessions or self.app.state.sessions
 
     # ---- the customer ----------------------------------------------------------------
-    def job_spec(self, *, shards: int = 3, validators: int = 2, quorum: int = 2, policy: str = "best",
-                 bid: int = 3_000_000, validator_fee: int = 50_000, results_in: int = 25, validation_in: int = 50,
-                 mode: str = "auto", providers: tuple[str, ...] = (), threshold: str = "0.8") -> JobSpec:
+    def job_spec(
+        self,
+        *,
+        shards: int = 3,
+        validators: int = 2,
+        quorum: int = 2,
+        policy: str = "best",
+        bid: int = 3_000_000,
+        validator_fee: int = 50_000,
+        results_in: int = 25,
+        validation_in: int = 50,
+        mode: str = "auto",
+        providers: tuple[str, ...] = (),
+        threshold: str = "0.8",
+    ) -> JobSpec:
         now = int(time.time())
-        return JobSpec(escrow=self.E, bid_msat=bid,
-                       shards=tuple(Shard(index=k, url=f"https://data.example.org/digits/{k}.npz")
-                                    for k in range(shards)),
-                       validation=Validation("accuracy", Direction.MAX, Decimal(threshold), quorum),
-                       payout=PayoutPolicy(policy), results_deadline=now + results_in,
-                       validation_deadline=now + validation_in,
-                       validators=tuple(v.public_key_hex for v in self.validators[:validators]),
-                       validator_fee_msat=validator_fee if validators else 0, mode=Mode(mode), providers=providers)
+        return JobSpec(
+            escrow=self.E,
+            bid_msat=bid,
+            shards=tuple(Shard(index=k, url=f"https://data.example.org/digits/{k}.npz") for k in range(shards)),
+            validation=Validation("accuracy", Direction.MAX, Decimal(threshold), quorum),
+            payout=PayoutPolicy(policy),
+            results_deadline=now + results_in,
+            validation_deadline=now + validation_in,
+            validators=tuple(v.public_key_hex for v in self.validators[:validators]),
+            validator_fee_msat=validator_fee if validators else 0,
+            mode=Mode(mode),
+            providers=providers,
+        )
 
     async def post_job(self, spec: JobSpec) -> Event:
         ev = sign_event(self.customer, *build_job_request(spec, customer=self.customer.public_key_hex))
@@ -134,6 +163,7 @@ class Market:
                 if st and st[1] == status and (info is None or (len(st) > 2 and st[2].startswith(info))):
                     return ev
             return None
+
         return await wait_until(find, timeout, f"escrow event {status} {info or ''} for {job_id[:12]}", interval=0.3)
 
     async def offer(self, job_id: str) -> tuple[int, str]:
@@ -149,16 +179,20 @@ class Market:
         return task
 
     async def job_request(self, job_event: Event):
-        return parse_job_request(job_event, escrow_pubkey=self.E, terms=terms_from_settings(self.settings),
-                                 now=job_event.created_at)
+        return parse_job_request(
+            job_event, escrow_pubkey=self.E, terms=terms_from_settings(self.settings), now=job_event.created_at
+        )
 
     # ---- providers and validators -----------------------------------------------------------
     async def submit(self, job_event: Event, provider: SecretKey, shard: int, model_bytes: bytes) -> Event:
         job = await self.job_request(job_event)
         sha = hashlib.sha256(model_bytes).hexdigest()
-        ev = sign_event(provider, *build_result(job, shard_index=shard,
-                                                model=ModelRef(f"https://models.example.org/{sha}", sha,
-                                                               len(model_bytes))))
+        ev = sign_event(
+            provider,
+            *build_result(
+                job, shard_index=shard, model=ModelRef(f"https://models.example.org/{sha}", sha, len(model_bytes))
+            ),
+        )
         await publish(self.relay, ev)
         return ev
 
@@ -166,14 +200,21 @@ class Market:
         async def find():
             evs = [e for e in await self.escrow_events(job_id) if e["kind"] == 5702]
             return evs[0] if evs else None
+
         return await wait_until(find, timeout, "evaluation request", interval=0.3)
 
     async def score(self, job_id: str, validator: SecretKey, scores: dict[str, tuple[str, str]]) -> Event:
         """``scores``: result id -> (value, model sha256)."""
         req = await self.eval_request(job_id)
-        ev = sign_event(validator, *build_evaluation_result(
-            request_id=req["id"], job_id=job_id, escrow=self.E,
-            scores=tuple(Score(rid, Decimal(v), sha) for rid, (v, sha) in scores.items())))
+        ev = sign_event(
+            validator,
+            *build_evaluation_result(
+                request_id=req["id"],
+                job_id=job_id,
+                escrow=self.E,
+                scores=tuple(Score(rid, Decimal(v), sha) for rid, (v, sha) in scores.items()),
+            ),
+        )
         await publish(self.relay, ev)
         return ev
 
@@ -181,25 +222,43 @@ class Market:
         """Each payee answers its 'reward claimable' with an invoice from the payee node."""
         hashes: dict[str, bytes] = {}
         for key in payees:
+
             async def claimable(k=key):
                 for ev in await self.escrow_events(job_id):
                     st, p = tag(ev, "status"), tag(ev, "p")
-                    if st and st[1] == "success" and st[2].startswith("reward claimable") and p and p[1] == k.public_key_hex:
+                    if (
+                        st
+                        and st[1] == "success"
+                        and st[2].startswith("reward claimable")
+                        and p
+                        and p[1] == k.public_key_hex
+                    ):
                         return ev
                 return None
+
             ev = await wait_until(claimable, timeout, f"reward claimable for {key.public_key_hex[:8]}", interval=0.3)
             amount = int(tag(ev, "amount")[1])
             payreq, h = await self.regtest.payee_invoice(amount, memo="reward")
-            await publish(self.relay, sign_event(key, *build_payee_invoice(job_id=job_id, escrow=self.E,
-                                                                           amount_msat=amount, bolt11=payreq)))
+            await publish(
+                self.relay,
+                sign_event(key, *build_payee_invoice(job_id=job_id, escrow=self.E, amount_msat=amount, bolt11=payreq)),
+            )
             hashes[key.public_key_hex] = h
         return hashes
 
     async def delete(self, job_id: str) -> None:
         await publish(self.relay, sign_event(self.customer, *build_deletion((job_id,), kinds=(5701,), escrow=self.E)))
 
-    async def submit_model(self, job_event: Event, provider: SecretKey, shard: int, model: ModelRef, *,
-                           created_at: int | None = None, **extra) -> Event:
+    async def submit_model(
+        self,
+        job_event: Event,
+        provider: SecretKey,
+        shard: int,
+        model: ModelRef,
+        *,
+        created_at: int | None = None,
+        **extra,
+    ) -> Event:
         """A result naming ``model`` (a copy of another's, say), signed with any ``created_at``.
         A backdated one goes through the REST API: relays may refuse an old event, the escrow's
         own intake takes any signed event."""
@@ -221,12 +280,20 @@ class Market:
 
     async def handled(self, *event_ids: str, timeout: float = 20) -> dict[str, str]:
         """Wait until the escrow's inbox has processed every one of ``event_ids``; their outcomes."""
+
         async def check():
             async with self.sessions() as s:
-                rows = (await s.execute(select(InboxEvent.id, InboxEvent.outcome)
-                                        .where(InboxEvent.id.in_(event_ids), InboxEvent.handled_at.is_not(None),
-                                               InboxEvent.outcome != "processing"))).all()
+                rows = (
+                    await s.execute(
+                        select(InboxEvent.id, InboxEvent.outcome).where(
+                            InboxEvent.id.in_(event_ids),
+                            InboxEvent.handled_at.is_not(None),
+                            InboxEvent.outcome != "processing",
+                        )
+                    )
+                ).all()
             return dict(rows) if len(rows) == len(set(event_ids)) else None
+
         return await wait_until(check, timeout, f"the inbox to process {len(event_ids)} event(s)", interval=0.1)
 
     # ---- the service's view ------------------------------------------------------------------------
@@ -237,24 +304,32 @@ class Market:
     async def invoice_hash(self, job_id: str) -> str:
         """The payment hash of the job's escrow invoice."""
         from service.lightning.models import LnInvoice
+
         async with self.sessions() as s:
-            return (await s.scalars(select(LnInvoice.payment_hash).where(LnInvoice.job_id == job_id)
-                                    .order_by(LnInvoice.created_at))).first()
+            return (
+                await s.scalars(
+                    select(LnInvoice.payment_hash).where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at)
+                )
+            ).first()
 
     async def wait_state(self, job_id: str, *states: str, timeout: float = 60) -> Job:
         async def check():
             j = await self.job(job_id)
             return j if j is not None and j.state in states else None
+
         try:
             return await wait_until(check, timeout, f"job {job_id[:12]} in {states}", interval=0.2)
         except AssertionError:
-            raise AssertionError(f"job is {(await self.job(job_id)).state if await self.job(job_id) else None}; "
-                                 f"timeline: {await self.timeline(job_id)}") from None
+            raise AssertionError(
+                f"job is {(await self.job(job_id)).state if await self.job(job_id) else None}; "
+                f"timeline: {await self.timeline(job_id)}"
+            ) from None
 
     async def timeline(self, job_id: str) -> list[tuple[str, dict]]:
         async with self.sessions() as s:
-            rows = (await s.scalars(select(TimelineEntry).where(TimelineEntry.job_id == job_id)
-                                    .order_by(TimelineEntry.seq))).all()
+            rows = (
+                await s.scalars(select(TimelineEntry).where(TimelineEntry.job_id == job_id).order_by(TimelineEntry.seq))
+            ).all()
         return [(r.kind, json.loads(r.detail) if r.detail.startswith("{") else r.detail) for r in rows]
 
     async def released(self, job_id: str, timeout: float = 60) -> list[Payout]:

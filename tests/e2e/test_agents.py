@@ -5,6 +5,7 @@ uvicorn, so the agents read ``/v1/info`` and use the Blossom blob store under ``
 One customer (customer LND node), three providers (one dishonest) and two validators (all
 payees on the payee LND node) train and score a real model on scikit-learn's digits.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,8 +42,9 @@ async def _serving(market: Market, directory: Path) -> AsyncIterator[str]:
     port = free_port()
     async with market.running():
         _serve_blobs(market, directory)
-        server = uvicorn.Server(uvicorn.Config(market.app, host="127.0.0.1", port=port, lifespan="off",
-                                               log_level="warning"))
+        server = uvicorn.Server(
+            uvicorn.Config(market.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        )
         task = asyncio.create_task(server.serve())
         await wait_until(lambda: server.started, 10, "API listening")
         try:
@@ -56,12 +58,14 @@ def _serve_blobs(market: Market, directory: Path) -> None:
     """The Blossom routes, if the app does not mount them itself; a store in the test's directory."""
     if not any(getattr(route, "path", "").startswith(blobs.PREFIX + "/") for route in market.app.routes):
         market.app.include_router(blobs.router)
-    market.app.state.blobs = blobs.build_service(SimpleNamespace(
-        blob_dir=str(directory), blob_uploads_per_minute=6000.0, blob_uploads_burst=1000))
+    market.app.state.blobs = blobs.build_service(
+        SimpleNamespace(blob_dir=str(directory), blob_uploads_per_minute=6000.0, blob_uploads_burst=1000)
+    )
 
 
-async def test_a_round_with_the_reference_agents(regtest: Regtest, relay_url: str, database_url: str,
-                                                 tmp_path: Path) -> None:
+async def test_a_round_with_the_reference_agents(
+    regtest: Regtest, relay_url: str, database_url: str, tmp_path: Path
+) -> None:
     market = Market(regtest, relay_url, database_url)
     lines: list[str] = []
     t0 = time.monotonic()
@@ -72,11 +76,19 @@ async def test_a_round_with_the_reference_agents(regtest: Regtest, relay_url: st
     async with _serving(market, tmp_path / "blobs") as service_url:
         info = await escrow_info(service_url)
         assert info.pubkey == market.E
-        cast = build_cast(relays=Relays([relay_url]), escrow=market.E, blob_url=f"{service_url}/blobs",
-                          customer_lnd=regtest.customer, payee_lnd=regtest.payee,
-                          terms=terms_from_settings(market.settings), progress=progress, network="regtest")
-        config = RoundConfig(bid_msat=3_000_000, validator_fee_msat=50_000, results_in=45, validation_in=200,
-                             max_iter=10)
+        cast = build_cast(
+            relays=Relays([relay_url]),
+            escrow=market.E,
+            blob_url=f"{service_url}/blobs",
+            customer_lnd=regtest.customer,
+            payee_lnd=regtest.payee,
+            terms=terms_from_settings(market.settings),
+            progress=progress,
+            network="regtest",
+        )
+        config = RoundConfig(
+            bid_msat=3_000_000, validator_fee_msat=50_000, results_in=45, validation_in=200, max_iter=10
+        )
         async with cast.running():
             summary = await asyncio.wait_for(run_round(cast, config=config, service_url=service_url), 150)
         report = summary.pop("_report")
@@ -91,8 +103,7 @@ async def test_a_round_with_the_reference_agents(regtest: Regtest, relay_url: st
         # validator its fee
         share = job.bid_msat - job.fee_msat - 2 * job.validator_fee_msat
         half = share // 2 // 1000 * 1000
-        expected = {"alice": half, "bob": half, "victor": job.validator_fee_msat,
-                    "vera": job.validator_fee_msat}
+        expected = {"alice": half, "bob": half, "victor": job.validator_fee_msat, "vera": job.validator_fee_msat}
         by_name = {a.name: a for a in (*cast.providers, *cast.validators)}
         for name, amount in expected.items():
             payee = summary["payees"][name]
@@ -112,15 +123,22 @@ async def test_a_round_with_the_reference_agents(regtest: Regtest, relay_url: st
         assert report.payment_status == "SUCCEEDED" and report.paid_msat >= job.bid_msat
 
 
-async def test_run_demo_chains_two_rounds(regtest: Regtest, relay_url: str, database_url: str,
-                                         tmp_path: Path) -> None:
+async def test_run_demo_chains_two_rounds(regtest: Regtest, relay_url: str, database_url: str, tmp_path: Path) -> None:
     """``run_demo`` as the CLI runs it: devstack nodes from stack.json, round 2 starts from round 1's average."""
     market = Market(regtest, relay_url, database_url)
     lines: list[str] = []
     async with _serving(market, tmp_path / "blobs") as service_url:
-        summary = await asyncio.wait_for(run_demo(
-            Path(regtest.desc["dir"]) / "stack.json", service_url, relay_url, f"{service_url}/blobs", rounds=2,
-            progress=lambda phase, message: lines.append(f"{phase:<10} {message}")), 150)
+        summary = await asyncio.wait_for(
+            run_demo(
+                Path(regtest.desc["dir"]) / "stack.json",
+                service_url,
+                relay_url,
+                f"{service_url}/blobs",
+                rounds=2,
+                progress=lambda phase, message: lines.append(f"{phase:<10} {message}"),
+            ),
+            150,
+        )
         print("\n".join(lines))
         print(format_summary(summary))
         first, second = summary["rounds"]
@@ -135,8 +153,9 @@ async def test_run_demo_chains_two_rounds(regtest: Regtest, relay_url: str, data
         assert summary["totals_msat"]["mallory"] == 0 and summary["totals_msat"]["alice"] > 0
 
 
-async def test_a_validator_finds_a_request_the_relays_dropped_at_the_escrow(regtest: Regtest, relay_url: str,
-                                                                          database_url: str, tmp_path: Path) -> None:
+async def test_a_validator_finds_a_request_the_relays_dropped_at_the_escrow(
+    regtest: Regtest, relay_url: str, database_url: str, tmp_path: Path
+) -> None:
     """Relays drop events (a NIP-40 expiration, their retention): the job request and its results are
     not on the relay here (they reached the escrow through its REST API). The reference validator
     fetches them from ``GET /v1/jobs/{id}/events``, checks their signatures, and scores."""
@@ -149,16 +168,27 @@ async def test_a_validator_finds_a_request_the_relays_dropped_at_the_escrow(regt
         pay = asyncio.create_task(regtest.customer_pays(offer["tags"][1][2], timeout_seconds=60))
         await market.wait_status(job_ev.id, "processing", "escrow funded")
         job = await market.job_request(job_ev)
-        result = sign_event(market.providers[0], *build_result(job, shard_index=0, model=ModelRef(
-            f"{service_url}/blobs/{'ab' * 32}", "ab" * 32, 1000)))
+        result = sign_event(
+            market.providers[0],
+            *build_result(job, shard_index=0, model=ModelRef(f"{service_url}/blobs/{'ab' * 32}", "ab" * 32, 1000)),
+        )
         await market.submit_rest(result)
         assert await query(relay_url, {"ids": [job_ev.id, result.id]}) == [], "the relay has neither"
         req_ev = await market.eval_request(job_ev.id)
         vkey = market.validators[0]
         split = ml.split_digits(1, 1, seed=1)
-        validator = Validator(vkey, Relays([relay_url]), market.E, Blobs(f"{service_url}/blobs", vkey),
-                              split.holdouts[0], lnd=regtest.payee, name="vera", escrow_url=service_url)
-        report = await asyncio.wait_for(validator.handle(req_ev["id"], parse_evaluation_request(
-            Event.from_dict(req_ev))), 60)
+        validator = Validator(
+            vkey,
+            Relays([relay_url]),
+            market.E,
+            Blobs(f"{service_url}/blobs", vkey),
+            split.holdouts[0],
+            lnd=regtest.payee,
+            name="vera",
+            escrow_url=service_url,
+        )
+        report = await asyncio.wait_for(
+            validator.handle(req_ev["id"], parse_evaluation_request(Event.from_dict(req_ev))), 60
+        )
         assert result.id in report.scores and report.evaluation_id is not None
         pay.cancel()

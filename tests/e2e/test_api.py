@@ -1,4 +1,5 @@
 """The REST API on a live service: public endpoints, NIP-98 payee invoices, admin actions, errors, limits."""
+
 from __future__ import annotations
 
 import hashlib
@@ -25,8 +26,15 @@ def sha(b: bytes) -> str:
 
 @pytest.fixture
 async def market(regtest: Regtest, relay_url: str, database_url: str):
-    m = Market(regtest, relay_url, database_url, admin_token=ADMIN, public_url="http://api.test",
-               events_burst=40, invoices_burst=5)
+    m = Market(
+        regtest,
+        relay_url,
+        database_url,
+        admin_token=ADMIN,
+        public_url="http://api.test",
+        events_burst=40,
+        invoices_burst=5,
+    )
     async with m.running():
         yield m
 
@@ -45,8 +53,9 @@ def problem(r: httpx.Response, status: int, code: str) -> dict:
     return body
 
 
-async def test_info_and_event_submission_share_the_relay_intake(market: Market, client: httpx.AsyncClient,
-                                                               regtest: Regtest) -> None:
+async def test_info_and_event_submission_share_the_relay_intake(
+    market: Market, client: httpx.AsyncClient, regtest: Regtest
+) -> None:
     info = (await client.get("/v1/info")).json()
     assert info["pubkey"] == market.E and info["npub"].startswith("npub1") and info["network"] == "regtest"
     assert info["terms"]["fee_ppm"] == market.settings.fee_ppm and 5701 in info["kinds"]
@@ -65,8 +74,9 @@ async def test_info_and_event_submission_share_the_relay_intake(market: Market, 
     assert inv["state"] == "open" and inv["job_id"] == job.id
 
 
-async def test_job_request_with_wait_returns_the_offer_invoice(market: Market, client: httpx.AsyncClient,
-                                                               regtest: Regtest) -> None:
+async def test_job_request_with_wait_returns_the_offer_invoice(
+    market: Market, client: httpx.AsyncClient, regtest: Regtest
+) -> None:
     """?wait= gives a REST customer its invoice in one call; a refused request comes back refused."""
     spec = market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, mode="hold")
     job = sign_event(market.customer, *build_job_request(spec, customer=market.customer.public_key_hex))
@@ -93,15 +103,24 @@ async def test_bad_input_gets_problem_details(client: httpx.AsyncClient, market:
     ev = sign_event(market.customer, 5701, [], "x").to_dict()
     problem(await client.post("/v1/events", json={**ev, "sig": "00" * 64}), 400, "bad_signature")
     problem(await client.post("/v1/events", json={**ev, "content": "tampered"}), 400, "id_mismatch")
-    problem(await client.post("/v1/events", json=sign_event(market.customer, 1, [], "hi").to_dict()), 422,
-            "kind_not_accepted")
-    problem(await client.post("/v1/events", content=b"not json", headers={"content-type": "application/json"}),
-            422, "invalid_request")
+    problem(
+        await client.post("/v1/events", json=sign_event(market.customer, 1, [], "hi").to_dict()),
+        422,
+        "kind_not_accepted",
+    )
+    problem(
+        await client.post("/v1/events", content=b"not json", headers={"content-type": "application/json"}),
+        422,
+        "invalid_request",
+    )
     problem(await client.get("/v1/jobs/nothex"), 422, "invalid_request")
     problem(await client.get("/v1/jobs/" + "0" * 64), 404, "job_not_found")
     problem(await client.get("/v1/nowhere"), 404, "not_found")
-    problem(await client.post("/v1/events", content=b"x" * 200_000,
-                              headers={"content-type": "application/json"}), 413, "body_too_large")
+    problem(
+        await client.post("/v1/events", content=b"x" * 200_000, headers={"content-type": "application/json"}),
+        413,
+        "body_too_large",
+    )
 
 
 async def test_rate_limit_per_client(client: httpx.AsyncClient, market: Market) -> None:
@@ -126,8 +145,9 @@ async def _payout_waiting(market: Market, job_id: str) -> bool:
     return any(p.state == "needs_invoice" for p in await market.payouts(job_id))
 
 
-async def test_payee_gives_its_invoice_over_rest_with_nip98(market: Market, client: httpx.AsyncClient,
-                                                          regtest: Regtest) -> None:
+async def test_payee_gives_its_invoice_over_rest_with_nip98(
+    market: Market, client: httpx.AsyncClient, regtest: Regtest
+) -> None:
     job_ev, _ = await _releasing_job(market)
     provider = market.providers[0]
     [payout] = await market.payouts(job_ev.id)
@@ -136,14 +156,24 @@ async def test_payee_gives_its_invoice_over_rest_with_nip98(market: Market, clie
     body = json.dumps({"bolt11": payreq}).encode()
 
     def auth(key: SecretKey, url: str = "http://api.test" + path, payload: bytes = body) -> dict:
-        ev = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", url], ["method", "POST"],
-                                                    ["payload", hashlib.sha256(payload).hexdigest()]], "")
+        ev = sign_event(
+            key,
+            nip98.KIND_HTTP_AUTH,
+            [["u", url], ["method", "POST"], ["payload", hashlib.sha256(payload).hexdigest()]],
+            "",
+        )
         return {"Authorization": nip98.build_header(ev), "content-type": "application/json"}
 
-    problem(await client.post(path, content=body, headers={"content-type": "application/json"}), 401,
-            "missing_authorization")
-    problem(await client.post(path, content=body, headers=auth(provider, url="http://evil.test" + path)), 401,
-            "url_mismatch")
+    problem(
+        await client.post(path, content=body, headers={"content-type": "application/json"}),
+        401,
+        "missing_authorization",
+    )
+    problem(
+        await client.post(path, content=body, headers=auth(provider, url="http://evil.test" + path)),
+        401,
+        "url_mismatch",
+    )
     problem(await client.post(path, content=body, headers=auth(market.providers[1])), 404, "no_payout")
     headers = auth(provider)
     r = await client.post(path, content=body, headers=headers)
@@ -168,12 +198,19 @@ async def test_admin_api_auth_views_and_audited_actions(market: Market, client: 
     assert {"fact", "transition", "invoice", "posting", "payment", "published"} <= set(kinds)
     attention = (await client.get("/v1/admin/payouts", headers=H)).json()["items"]
     pid = next(p["id"] for p in attention if p["job_id"] == job_ev.id)
-    problem(await client.post(f"/v1/admin/payouts/{pid}/retry", json={"reason": "try"}, headers=H), 409,
-            "payout_needs_invoice")
-    problem(await client.post(f"/v1/admin/jobs/{job_ev.id}/refund", json={"reason": "customer asked"}, headers=H),
-            409, "refund_not_safe")
-    problem(await client.post(f"/v1/admin/jobs/{job_ev.id}/refund", json={"reason": ""}, headers=H), 422,
-            "invalid_request")
+    problem(
+        await client.post(f"/v1/admin/payouts/{pid}/retry", json={"reason": "try"}, headers=H),
+        409,
+        "payout_needs_invoice",
+    )
+    problem(
+        await client.post(f"/v1/admin/jobs/{job_ev.id}/refund", json={"reason": "customer asked"}, headers=H),
+        409,
+        "refund_not_safe",
+    )
+    problem(
+        await client.post(f"/v1/admin/jobs/{job_ev.id}/refund", json={"reason": ""}, headers=H), 422, "invalid_request"
+    )
     csv_text = (await client.get(f"/v1/admin/ledger/postings?job_id={job_ev.id}&format=csv", headers=H)).text
     assert csv_text.splitlines()[0] == "posting_id,key,kind,job_id,created_at,account,amount_msat"
     assert "release:" + job_ev.id in csv_text
@@ -186,6 +223,7 @@ async def test_admin_api_auth_views_and_audited_actions(market: Market, client: 
     from sqlalchemy import select
 
     from service.api.models import AdminAction
+
     async with market.sessions() as s:
         audited = [(a.action, a.outcome) for a in (await s.scalars(select(AdminAction))).all()]
     assert ("retry_payout", "refused: payout_needs_invoice") in audited
@@ -196,11 +234,13 @@ async def test_manual_refund_of_a_collecting_job(market: Market, client: httpx.A
     H = {"Authorization": f"Bearer {ADMIN}"}
     job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0))
     pay = await market.fund(job_ev.id)
-    r = await client.post(f"/v1/admin/jobs/{job_ev.id}/refund", json={"reason": "the customer's data was wrong"},
-                          headers=H)
+    r = await client.post(
+        f"/v1/admin/jobs/{job_ev.id}/refund", json={"reason": "the customer's data was wrong"}, headers=H
+    )
     assert r.status_code == 200 and r.json()["result"] in ("refunding", "refunded")
     job = await market.wait_state(job_ev.id, "refunded")
     assert job.refund_reason == "operator"
     from service.lightning.client import PaymentStatus
+
     assert (await pay).status == PaymentStatus.FAILED
     _ = time

@@ -6,6 +6,7 @@ network and relay, serves the app with uvicorn on a loopback port, and drives De
 Chromium (``/usr/bin/chromium``) through Playwright. Screenshots of every page go to
 ``test-artifacts/dashboard/``.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,11 +44,25 @@ pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 TOKEN = "test-admin-token-0123456789-abcdefghij"
 ARTIFACTS = ROOT / "test-artifacts" / "dashboard"
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 HOSTILE = "<script>alert('x')</script>"
-PAGES = ["/admin", "/admin/jobs", "/admin/jobs/" + "ab" * 32, "/admin/payouts", "/admin/ledger", "/admin/events",
-         "/admin/quarantine"]
+PAGES = [
+    "/admin",
+    "/admin/jobs",
+    "/admin/jobs/" + "ab" * 32,
+    "/admin/payouts",
+    "/admin/ledger",
+    "/admin/events",
+    "/admin/quarantine",
+]
 
 
 def with_dashboard(app: FastAPI) -> FastAPI:
@@ -62,6 +77,7 @@ def sha(b: bytes) -> str:
 
 
 # ---- request level (no browser, no network) ---------------------------------------------------
+
 
 @pytest.fixture
 async def offline_app(database_url: str) -> AsyncIterator[FastAPI]:
@@ -122,7 +138,7 @@ async def test_wrong_token_is_401_and_the_right_one_sets_a_hardened_cookie(offli
         value = c.cookies["fedstr_admin"]
         assert cookie.startswith(f"fedstr_admin={value};") and TOKEN not in cookie and len(value) >= 40
         assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/admin" in cookie
-        async with offline_app.state.sessions() as s:    # the database holds the session's HMAC, not the cookie
+        async with offline_app.state.sessions() as s:  # the database holds the session's HMAC, not the cookie
             [row] = (await s.scalars(select(AdminSession))).all()
         assert row.id == hmac.new(TOKEN.encode(), dashboard.SESSION_LABEL + value.encode(), hashlib.sha256).hexdigest()
         for path in PAGES[:2] + PAGES[3:]:
@@ -140,7 +156,8 @@ async def test_changing_the_token_signs_everyone_out(offline_app: FastAPI) -> No
     async with signed_in(offline_app) as c:
         assert (await c.get("/admin")).status_code == 200
         offline_app.state.settings = offline_app.state.settings.model_copy(
-            update={"admin_token": SecretStr("another-admin-token-0123456789-abcdef")})
+            update={"admin_token": SecretStr("another-admin-token-0123456789-abcdef")}
+        )
         r = await c.get("/admin")
         assert r.status_code == 303 and r.headers["location"] == "/admin/login"
 
@@ -170,8 +187,11 @@ async def test_post_forms_need_the_csrf_token(offline_app: FastAPI) -> None:
         for data in ({"reason": "r"}, {"reason": "r", "csrf": ""}, {"reason": "r", "csrf": "0" * 64}):
             r = await c.post("/admin/payouts/p1/retry", data=data)
             assert r.status_code == 403 and "CSRF" in r.text, data
-        r = await c.post("/admin/payouts/p1/retry", content=f'{{"csrf": "{csrf}", "reason": "r"}}',
-                         headers={"content-type": "application/json"})
+        r = await c.post(
+            "/admin/payouts/p1/retry",
+            content=f'{{"csrf": "{csrf}", "reason": "r"}}',
+            headers={"content-type": "application/json"},
+        )
         assert r.status_code == 403, "only form posts are read"
         r = await c.post("/admin/logout", data={})
         assert r.status_code == 403
@@ -196,15 +216,43 @@ async def test_post_forms_need_the_csrf_token(offline_app: FastAPI) -> None:
 async def test_hostile_strings_are_escaped(offline_app: FastAPI) -> None:
     job_id = "cd" * 32
     async with offline_app.state.sessions.begin() as s:
-        s.add(Job(id=job_id, customer="ef" * 32, state="rejected", reject_reason=HOSTILE, request_raw="{}",
-                  refund_reason="\"><img src=x onerror=alert(1)>"))
+        s.add(
+            Job(
+                id=job_id,
+                customer="ef" * 32,
+                state="rejected",
+                reject_reason=HOSTILE,
+                request_raw="{}",
+                refund_reason='"><img src=x onerror=alert(1)>',
+            )
+        )
         s.add(TimelineEntry(job_id=job_id, kind="fact", detail=json.dumps({"why": HOSTILE}), at=utcnow()))
         s.add(TimelineEntry(job_id=job_id, kind="<b>kind</b>", detail=HOSTILE, at=utcnow()))
-        s.add(Payout(id=f"{job_id}:reward:{HOSTILE}", kind=PayoutKind.REWARD, job_id=job_id, payee="12" * 32, amount_msat=1_234_567,
-                     destination_kind=DestinationKind.NONE, destination="", state="needs_invoice", last_error=HOSTILE))
-        s.add(Payout(id=f"{job_id}:refund", kind=PayoutKind.REFUND, job_id=job_id, payee="34" * 32,
-              amount_msat=1, destination_kind=DestinationKind.BOLT11, destination="x",
-                     state="unknown"))
+        s.add(
+            Payout(
+                id=f"{job_id}:reward:{HOSTILE}",
+                kind=PayoutKind.REWARD,
+                job_id=job_id,
+                payee="12" * 32,
+                amount_msat=1_234_567,
+                destination_kind=DestinationKind.NONE,
+                destination="",
+                state="needs_invoice",
+                last_error=HOSTILE,
+            )
+        )
+        s.add(
+            Payout(
+                id=f"{job_id}:refund",
+                kind=PayoutKind.REFUND,
+                job_id=job_id,
+                payee="34" * 32,
+                amount_msat=1,
+                destination_kind=DestinationKind.BOLT11,
+                destination="x",
+                state="unknown",
+            )
+        )
     async with signed_in(offline_app) as c:
         for path in ("/admin/jobs", "/admin/jobs?state=rejected", f"/admin/jobs/{job_id}", "/admin/payouts"):
             r = await c.get(path)
@@ -212,7 +260,7 @@ async def test_hostile_strings_are_escaped(offline_app: FastAPI) -> None:
             assert "<script" not in r.text and "<img" not in r.text and "<b>kind" not in r.text, path
             assert "&lt;script&gt;" in r.text, path
         detail = (await c.get(f"/admin/jobs/{job_id}")).text
-        assert detail.count("&lt;script&gt;alert(") >= 3      # the reason and both timeline entries
+        assert detail.count("&lt;script&gt;alert(") >= 3  # the reason and both timeline entries
         payouts = (await c.get("/admin/payouts")).text
         assert "1,234.567 sat" in payouts
         assert payouts.count('<form class="retry"') == 1, "an unknown payout has no Retry button"
@@ -231,6 +279,7 @@ def test_amounts_in_sats_with_msat_precision() -> None:
 
 
 # ---- in the browser, over a real escrow --------------------------------------------------------
+
 
 @asynccontextmanager
 async def serving(app: FastAPI) -> AsyncIterator[str]:
@@ -280,20 +329,30 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
         job_ev = await market.post_job(market.job_spec(policy="best"))
         pay = await market.fund(job_ev.id)
         p1, p2, p3 = market.providers
-        results = [await market.submit(job_ev, p1, 0, good + b"1"), await market.submit(job_ev, p2, 1, good + b"2"),
-                   await market.submit(job_ev, p3, 2, bad)]
+        results = [
+            await market.submit(job_ev, p1, 0, good + b"1"),
+            await market.submit(job_ev, p2, 1, good + b"2"),
+            await market.submit(job_ev, p3, 2, bad),
+        ]
         r1, r2, r3 = results
         v1, v2 = market.validators
-        await market.score(job_ev.id, v1, {r1.id: ("0.91", sha(good + b"1")), r2.id: ("0.95", sha(good + b"2")),
-                                           r3.id: ("0.10", sha(bad))})
-        await market.score(job_ev.id, v2, {r1.id: ("0.90", sha(good + b"1")), r2.id: ("0.93", sha(good + b"2")),
-                                           r3.id: ("0.12", sha(bad))})
+        await market.score(
+            job_ev.id,
+            v1,
+            {r1.id: ("0.91", sha(good + b"1")), r2.id: ("0.95", sha(good + b"2")), r3.id: ("0.10", sha(bad))},
+        )
+        await market.score(
+            job_ev.id,
+            v2,
+            {r1.id: ("0.90", sha(good + b"1")), r2.id: ("0.93", sha(good + b"2")), r3.id: ("0.12", sha(bad))},
+        )
         await market.wait_state(job_ev.id, "releasing")
         await settle_payment(pay)
 
-        async def owed() -> list:   # written when the engine consumes the settlement fact, just after
+        async def owed() -> list:  # written when the engine consumes the settlement fact, just after
             found = await market.payouts(job_ev.id)
             return found if len(found) == 3 else []
+
         payouts = await wait_until(owed, 30, "the three payouts written at release")
         assert {p.state for p in payouts} == {"needs_invoice"}, payouts
         async with market.sessions() as s:
@@ -301,6 +360,7 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
         assert preimage, "the escrow invoice has a preimage in the database"
 
         async with serving(market.app) as base, chromium_page() as page:
+
             async def shot(name: str) -> None:
                 await page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
@@ -360,16 +420,26 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
             await form.locator('input[name="reason"]').fill("payee says they sent an invoice")
             assert await submit(form.locator("button")) == 200
             assert page.url == base + "/admin/payouts"
-            assert await page.inner_text("p.flash") == \
-                "retry refused: the payee has not given an invoice or address yet"
+            assert (
+                await page.inner_text("p.flash") == "retry refused: the payee has not given an invoice or address yet"
+            )
             await shot("05-payouts-retry-refused")
 
             # Give one payout a destination (as if it had failed on an invoice) and retry it: it is paid.
             payreq, h = await regtest.payee_invoice(target.amount_msat, memo="dashboard retry")
             async with market.sessions.begin() as s:
-                await s.execute(update(Payout).where(Payout.id == target.id).values(
-                    destination_kind=DestinationKind.BOLT11, destination=payreq, state="failed", attempts=3,
-                    last_error="no route (test)", updated_at=utcnow()))
+                await s.execute(
+                    update(Payout)
+                    .where(Payout.id == target.id)
+                    .values(
+                        destination_kind=DestinationKind.BOLT11,
+                        destination=payreq,
+                        state="failed",
+                        attempts=3,
+                        last_error="no route (test)",
+                        updated_at=utcnow(),
+                    )
+                )
             await page.reload()
             row = page.locator(f'tr[data-payout-id="{target.id}"]')
             assert "failed" in await row.inner_text() and "bolt11" in await row.inner_text()
@@ -381,12 +451,14 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
 
             async def settled() -> bool:
                 return (await regtest.payee.lookup_invoice(h)).state == InvoiceState.SETTLED
+
             await wait_until(settled, 60, "the retried payout paid", interval=0.5)
             inv = await regtest.payee.lookup_invoice(h)
             assert inv.amt_paid_msat == target.amount_msat
 
             async def booked() -> bool:
                 return {p.id: p.state for p in await market.payouts(job_ev.id)}[target.id] == "succeeded"
+
             await wait_until(booked, 30, "the payout recorded as succeeded")
             await page.reload()
             assert await page.locator("#payouts tbody tr").count() == 2

@@ -1,4 +1,5 @@
 """The README's main job: `fedstr-escrow demo --once`, checked on the real nodes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -25,10 +26,28 @@ async def test_demo_once_pays_the_honest_and_not_the_cheat(regtest: Regtest, tmp
     out = tmp_path / "summary.json"
     db = stack_dir / "demo.sqlite3"
     db.unlink(missing_ok=True)
-    r = await asyncio.to_thread(subprocess.run, [
-        sys.executable, "-m", "service.cli", "demo", "--once", "--stack-dir", str(stack_dir),
-        "--port-base", str(regtest.desc["port_base"]), "--http-port", str(free_port()), "--json", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "demo",
+            "--once",
+            "--stack-dir",
+            str(stack_dir),
+            "--port-base",
+            str(regtest.desc["port_base"]),
+            "--http-port",
+            str(free_port()),
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     (tmp_path / "demo.log").write_text(r.stdout + r.stderr)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "SUCCESS" in r.stdout and "ledger: balanced" in r.stdout
@@ -51,5 +70,5 @@ async def test_demo_once_pays_the_honest_and_not_the_cheat(regtest: Regtest, tmp
     for honest in ("alice", "bob", "victor", "vera"):
         p = paid[names[honest]]
         assert p.state == "succeeded"
-        inv = await regtest.payee.lookup_invoice(bytes.fromhex(p.payment_hash))   # arrived at the payee node
+        inv = await regtest.payee.lookup_invoice(bytes.fromhex(p.payment_hash))  # arrived at the payee node
         assert inv.state == InvoiceState.SETTLED and inv.amt_paid_msat == p.amount_msat

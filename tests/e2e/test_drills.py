@@ -13,6 +13,7 @@ back (and waits until they answer) before it returns.
 The full drills (50 jobs and 20 kills, a 30 s LND outage, ...) are `python -m bench.drills`;
 their last results are in bench/results/drills.md.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,18 +46,34 @@ async def test_drill(name: str, stack_desc: dict, regtest: Regtest, tmp_path: Pa
     result = await DRILLS[name](stack_desc, SMALL[name], tmp_path, lines.append).run()
     # the session's clients must find the restarted parts before the next test uses them
     await wait_until(regtest.escrow.get_info, 60, "the escrow node answers the session's client", interval=0.5)
-    if name == "lnd-outage":   # "active" can precede a usable link: prove both channels, as Regtest.start_node does
+    if name == "lnd-outage":  # "active" can precede a usable link: prove both channels, as Regtest.start_node does
         for payer, payee in (("customer", "escrow"), ("escrow", "payee")):
-            await asyncio.to_thread(devstack.wait_for, 120, lambda a=payer, b=payee: regtest.stack.probe_payment(a, b),
-                                    f"channel {payer}->{payee} usable again")
-    summary = {k: result[k] for k in ("jobs_finished", "jobs_total", "faults_injected", "payments_made",
-                                      "payments_expected", "duplicate_payments", "facts_lost",
-                                      "ledger_imbalance_msat", "reconciliation_discrepancy_msat", "notes")}
+            await asyncio.to_thread(
+                devstack.wait_for,
+                120,
+                lambda a=payer, b=payee: regtest.stack.probe_payment(a, b),
+                f"channel {payer}->{payee} usable again",
+            )
+    summary = {
+        k: result[k]
+        for k in (
+            "jobs_finished",
+            "jobs_total",
+            "faults_injected",
+            "payments_made",
+            "payments_expected",
+            "duplicate_payments",
+            "facts_lost",
+            "ledger_imbalance_msat",
+            "reconciliation_discrepancy_msat",
+            "notes",
+        )
+    }
     assert result["passed"], json.dumps(summary, indent=1) + "\n" + "\n".join(lines[-30:])
     assert result["jobs_finished"] == result["jobs_total"] == SMALL[name].jobs
     assert result["duplicate_payments"] == result["facts_lost"] == result["ledger_imbalance_msat"] == 0
     assert result["faults_injected"] >= 1
-    if name == "adversarial":   # the hostile participants got nothing and stalled nobody
+    if name == "adversarial":  # the hostile participants got nothing and stalled nobody
         h = result["hostile"]
         assert h["ok"] and h["copies_paid"] == 0 and h["race_paid_by_node"] == 1 and not h["negative_net_jobs"], h
         assert h["flood_accepted"] <= DRILLS[name].BUDGET < h["flood_accepted"] + h["flood_refused_busy"], h
@@ -65,4 +82,6 @@ async def test_drill(name: str, stack_desc: dict, regtest: Regtest, tmp_path: Pa
         assert result["faults_injected"] == 4
         kinds = {f["kind"] for f in result["faults"] if f.get("exact")}
         assert "sigkill-after-write-ahead" in kinds, "a kill exactly between a payout's write-ahead and its send"
-        assert "sigkill-after-attempt-succeeded" in kinds, "a kill between a payment's recorded success and its payout's"
+        assert "sigkill-after-attempt-succeeded" in kinds, (
+            "a kill between a payment's recorded success and its payout's"
+        )

@@ -1,4 +1,5 @@
 """End-to-end escrow scenarios over the real relay and regtest network (issue: escrow engine)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,22 +40,31 @@ async def test_a_best_of_three_winner_paid_others_not_ledger_closes(market: Mark
     p1, p2, p3 = market.providers
     r1 = await market.submit(job_ev, p1, 0, GOOD + b"1")
     r2 = await market.submit(job_ev, p2, 1, GOOD + b"2")
-    r3 = await market.submit(job_ev, p3, 2, BAD)           # the dishonest provider
+    r3 = await market.submit(job_ev, p3, 2, BAD)  # the dishonest provider
     await market.eval_request(job_ev.id)
     v1, v2 = market.validators
-    await market.score(job_ev.id, v1, {r1.id: ("0.91", sha(GOOD + b"1")), r2.id: ("0.95", sha(GOOD + b"2")),
-                                       r3.id: ("0.10", sha(BAD))})
-    await market.score(job_ev.id, v2, {r1.id: ("0.90", sha(GOOD + b"1")), r2.id: ("0.93", sha(GOOD + b"2")),
-                                       r3.id: ("0.12", sha(BAD))})
+    await market.score(
+        job_ev.id, v1, {r1.id: ("0.91", sha(GOOD + b"1")), r2.id: ("0.95", sha(GOOD + b"2")), r3.id: ("0.10", sha(BAD))}
+    )
+    await market.score(
+        job_ev.id, v2, {r1.id: ("0.90", sha(GOOD + b"1")), r2.id: ("0.93", sha(GOOD + b"2")), r3.id: ("0.12", sha(BAD))}
+    )
     await market.wait_state(job_ev.id, "releasing", "closed")
-    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED   # hold invoice settled on release
+    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED  # hold invoice settled on release
 
     job = await market.job(job_ev.id)
     share = job.bid_msat - job.fee_msat - 2 * job.validator_fee_msat
     hashes = await market.claim_rewards(job_ev.id, [p2, v1, v2])
     await market.wait_state(job_ev.id, "closed")
-    await _assert_paid(regtest, hashes, {p2.public_key_hex: share, v1.public_key_hex: job.validator_fee_msat,
-                                         v2.public_key_hex: job.validator_fee_msat})
+    await _assert_paid(
+        regtest,
+        hashes,
+        {
+            p2.public_key_hex: share,
+            v1.public_key_hex: job.validator_fee_msat,
+            v2.public_key_hex: job.validator_fee_msat,
+        },
+    )
     payouts = {p.payee: p for p in await market.payouts(job_ev.id)}
     assert set(payouts) == {p2.public_key_hex, v1.public_key_hex, v2.public_key_hex}, "p1 and p3 are not paid"
     balances = await market.check_ledger(job_ev.id, closed=True)
@@ -66,20 +76,22 @@ async def test_a_best_of_three_winner_paid_others_not_ledger_closes(market: Mark
 
 
 async def test_b_split_between_two_accepted_results(market: Market, regtest: Regtest) -> None:
-    job_ev = await market.post_job(market.job_spec(shards=2, policy="split", bid=3_000_001, validator_fee=0,
-                                                   validators=1, quorum=1))
+    job_ev = await market.post_job(
+        market.job_spec(shards=2, policy="split", bid=3_000_001, validator_fee=0, validators=1, quorum=1)
+    )
     pay = await market.fund(job_ev.id)
     p1, p2, _ = market.providers
     r1 = await market.submit(job_ev, p1, 0, GOOD + b"1")
     r2 = await market.submit(job_ev, p2, 1, GOOD + b"2")
-    await market.score(job_ev.id, market.validators[0], {r1.id: ("0.9", sha(GOOD + b"1")),
-                                                        r2.id: ("0.85", sha(GOOD + b"2"))})
+    await market.score(
+        job_ev.id, market.validators[0], {r1.id: ("0.9", sha(GOOD + b"1")), r2.id: ("0.85", sha(GOOD + b"2"))}
+    )
     await market.wait_state(job_ev.id, "releasing", "closed")
     await settle_payment(pay)
     job = await market.job(job_ev.id)
     share = job.bid_msat - job.fee_msat
-    each = share // 2 // 1000 * 1000           # whole satoshis: what every wallet can invoice
-    remainder = share - 2 * each               # the split remainder and the sub-satoshi rounding
+    each = share // 2 // 1000 * 1000  # whole satoshis: what every wallet can invoice
+    remainder = share - 2 * each  # the split remainder and the sub-satoshi rounding
     hashes = await market.claim_rewards(job_ev.id, [p1, p2])
     await market.wait_state(job_ev.id, "closed")
     await _assert_paid(regtest, hashes, {p1.public_key_hex: each, p2.public_key_hex: each})
@@ -93,7 +105,7 @@ async def test_c_no_result_by_the_deadline_refunds(market: Market, regtest: Regt
     pay = await market.fund(job_ev.id)
     job = await market.wait_state(job_ev.id, "refunded", timeout=90)
     assert job.refund_reason == "no_results"
-    assert (await settle_payment(pay)).status == PaymentStatus.FAILED      # hold cancelled: nothing taken
+    assert (await settle_payment(pay)).status == PaymentStatus.FAILED  # hold cancelled: nothing taken
     await wait_until(lambda: _balance(regtest, before), 15, "customer balance restored")
     await market.wait_status(job_ev.id, "error", "refunded")
     await market.check_ledger(job_ev.id, closed=True)
@@ -121,7 +133,7 @@ async def test_e_validators_miss_the_deadline_no_quorum_refund(market: Market) -
     job_ev = await market.post_job(market.job_spec(shards=1, results_in=20, validation_in=28))
     pay = await market.fund(job_ev.id)
     r1 = await market.submit(job_ev, market.providers[0], 0, GOOD)
-    await market.score(job_ev.id, market.validators[0], {r1.id: ("0.99", sha(GOOD))})   # only one of two
+    await market.score(job_ev.id, market.validators[0], {r1.id: ("0.99", sha(GOOD))})  # only one of two
     job = await market.wait_state(job_ev.id, "refunded", timeout=90)
     assert job.refund_reason == "no_quorum"
     assert (await settle_payment(pay)).status == PaymentStatus.FAILED
@@ -143,20 +155,24 @@ async def _invoice_state(regtest: Regtest, h: bytes, state: InvoiceState) -> boo
 
 
 async def test_g_hold_moved_into_custody_by_the_guard_then_released(market: Market, regtest: Regtest) -> None:
-    job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0,
-                                                   results_in=120, validation_in=180, mode="hold"))
+    job_ev = await market.post_job(
+        market.job_spec(
+            shards=1, validators=1, quorum=1, validator_fee=0, results_in=120, validation_in=180, mode="hold"
+        )
+    )
     pay = await market.fund(job_ev.id)
     job = await market.job(job_ev.id)
     assert job.mode == "hold"
     from sqlalchemy import select
 
     from service.lightning.models import LnInvoice
+
     async with market.sessions() as s:
         expiry = await s.scalar(select(LnInvoice.htlc_expiry_height).where(LnInvoice.job_id == job.id))
     tip = await regtest.block_height()
-    await regtest.mine(expiry - tip - 24)       # to the guard's threshold, well before LND's own
+    await regtest.mine(expiry - tip - 24)  # to the guard's threshold, well before LND's own
     await wait_until(lambda: _custody(market, job_ev.id), 30, "job moved into custody")
-    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED   # the customer's money is now ours
+    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED  # the customer's money is now ours
     r1 = await market.submit(job_ev, market.providers[0], 0, GOOD)
     await market.score(job_ev.id, market.validators[0], {r1.id: ("0.95", sha(GOOD))})
     await market.wait_state(job_ev.id, "releasing", "closed")
@@ -173,15 +189,16 @@ async def _custody(market: Market, job_id: str) -> bool:
 
 async def test_h_foreign_results_and_scores_are_ignored_with_reasons(market: Market) -> None:
     allowed = market.providers[0]
-    job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0,
-                                                   providers=(allowed.public_key_hex,)))
+    job_ev = await market.post_job(
+        market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, providers=(allowed.public_key_hex,))
+    )
     await market.fund(job_ev.id)
     intruder = market.providers[1]
-    await market.submit(job_ev, intruder, 0, GOOD + b"x")     # key not allowed by the job
+    await market.submit(job_ev, intruder, 0, GOOD + b"x")  # key not allowed by the job
     r1 = await market.submit(job_ev, allowed, 0, GOOD)
     await market.eval_request(job_ev.id)
     stranger = market.providers[2]
-    await market.score(job_ev.id, stranger, {r1.id: ("0.99", sha(GOOD))})                # not a validator
+    await market.score(job_ev.id, stranger, {r1.id: ("0.99", sha(GOOD))})  # not a validator
     await market.score(job_ev.id, market.validators[0], {r1.id: ("0.99", sha(b"another model"))})  # wrong hash
     await asyncio.sleep(2)
     timeline = await market.timeline(job_ev.id)
@@ -195,10 +212,11 @@ async def test_h_foreign_results_and_scores_are_ignored_with_reasons(market: Mar
 
 async def test_i_custodial_refund_is_paid_back_to_the_customer(market: Market, regtest: Regtest) -> None:
     """Custodial money comes back as a payment: the customer claims it with an invoice of its own node."""
-    job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0,
-                                                   mode="custodial", bid=900_000))
+    job_ev = await market.post_job(
+        market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, mode="custodial", bid=900_000)
+    )
     pay = await market.fund(job_ev.id)
-    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED   # custodial: settled at once
+    assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED  # custodial: settled at once
     r1 = await market.submit(job_ev, market.providers[0], 0, BAD)
     await market.score(job_ev.id, market.validators[0], {r1.id: ("0.1", sha(BAD))})
     await market.wait_state(job_ev.id, "refunding")
@@ -213,8 +231,14 @@ async def test_i_custodial_refund_is_paid_back_to_the_customer(market: Market, r
     from service.nostr.nip01 import sign_event
     from service.nostr.protocol import build_payee_invoice
     from tests.e2e.market import publish
-    await publish(market.relay, sign_event(market.customer, *build_payee_invoice(
-        job_id=job_ev.id, escrow=market.E, amount_msat=amount, bolt11=inv.payment_request)))
+
+    await publish(
+        market.relay,
+        sign_event(
+            market.customer,
+            *build_payee_invoice(job_id=job_ev.id, escrow=market.E, amount_msat=amount, bolt11=inv.payment_request),
+        ),
+    )
     job = await market.wait_state(job_ev.id, "refunded", timeout=60)
     assert job.refund_reason == "no_accepted_result"
     paid = await regtest.customer.lookup_invoice(inv.payment_hash)

@@ -7,6 +7,7 @@ longer reach the decision; the test injects the same failure (the engine's timer
 for the first job, where it would decide) and plays the rest on the real regtest network and relay, through the
 service's own admin API.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,23 +35,34 @@ class Injected(ArithmeticError):
 
 
 def admin(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://escrow",
-                             headers={"Authorization": f"Bearer {TOKEN}"})
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://escrow", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
 
 
-async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: Regtest, relay_url: str,
-                                                                       database_url: str) -> None:
-    market = Market(regtest, relay_url, database_url, admin_token=TOKEN, quarantine_after=3,
-                    item_retry_base_seconds=0.2, item_retry_max_seconds=0.4)
+async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(
+    regtest: Regtest, relay_url: str, database_url: str
+) -> None:
+    market = Market(
+        regtest,
+        relay_url,
+        database_url,
+        admin_token=TOKEN,
+        quarantine_after=3,
+        item_retry_base_seconds=0.2,
+        item_retry_max_seconds=0.4,
+    )
     async with market.running():
         escrow = market.app.state.escrow
         provider, (v1, _) = market.providers[0], market.validators
         sha = hashlib.sha256(GOOD).hexdigest()
         # One shard, two validators, quorum 1: one validator's score leaves the decision to the deadline.
-        job_a = await market.post_job(market.job_spec(shards=1, quorum=1, bid=3_000_000, results_in=20,
-                                                      validation_in=30))
-        job_b = await market.post_job(market.job_spec(shards=1, quorum=1, bid=3_000_001, results_in=20,
-                                                      validation_in=30))
+        job_a = await market.post_job(
+            market.job_spec(shards=1, quorum=1, bid=3_000_000, results_in=20, validation_in=30)
+        )
+        job_b = await market.post_job(
+            market.job_spec(shards=1, quorum=1, bid=3_000_001, results_in=20, validation_in=30)
+        )
         pays = [await market.fund(job_a.id), await market.fund(job_b.id)]
         results = {j.id: await market.submit(j, provider, 0, GOOD) for j in (job_a, job_b)}
         for j in (job_a, job_b):
@@ -60,6 +72,7 @@ async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: 
         async def scored() -> bool:
             async with market.sessions() as s:
                 return await s.scalar(select(func.count()).select_from(ScoreRow)) == 2
+
         await wait_until(scored, 30, "both scores counted")
 
         real_timers, poisoned = escrow.engine.on_timers, {"on": True}
@@ -68,6 +81,7 @@ async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: 
             if poisoned["on"] and job.id == job_a.id:
                 raise Injected("median 1E+64 does not fit the event")
             return await real_timers(s, job)
+
         escrow.engine.on_timers = decide
 
         deadline_b = (await market.job(job_b.id)).validation_deadline
@@ -77,9 +91,11 @@ async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: 
 
         ref = f"{job_a.id}:validation_deadline"
         async with admin(market.app) as api:
+
             async def listed() -> dict | None:
                 body = (await api.get("/v1/admin/quarantine")).json()
                 return next((i for i in body["items"] if i["source"] == "timer" and i["ref"] == ref), None)
+
             item = await wait_until(listed, 30, "the poisoned timer quarantined")
             assert item["job_id"] == job_a.id and item["failures"] == 3
             assert item["last_error"].startswith("Injected: median 1E+64")
@@ -87,10 +103,10 @@ async def test_a_poisoned_decision_does_not_stop_another_jobs_deadline(regtest: 
             assert 'fedstr_quarantined_items{source="timer"} 1' in metrics
             assert (await market.job(job_a.id)).state == "validating"
 
-            poisoned["on"] = False                       # the fix is deployed; the operator replays
+            poisoned["on"] = False  # the fix is deployed; the operator replays
             r = await api.post(f"/v1/admin/quarantine/timer/{ref}/replay", json={"reason": "codec fixed"})
             assert r.status_code == 200 and r.json() == {"target": f"timer/{ref}", "result": "pending"}, r.text
             await market.wait_state(job_a.id, "releasing", "closed", timeout=10)
             assert (await api.get("/v1/admin/quarantine")).json()["total"] == 0
-        for pay in pays:   # both hold invoices settled on release
+        for pay in pays:  # both hold invoices settled on release
             await settle_payment(pay)

@@ -15,6 +15,7 @@ To have both payouts claimed in one batch, payouts are paused while the two invo
 resumed through the admin API once both wait (fault injection: the pause is a stored failing
 reconciliation report, as a real disagreement would store it).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,15 @@ ADMIN = "admin-token-for-tests-of-at-least-32-characters"
 @pytest.fixture
 async def market(regtest: Regtest, relay_url: str, database_url: str):
     assert database_url.startswith("postgresql"), database_url
-    m = Market(regtest, relay_url, database_url, admin_token=ADMIN, public_url="http://api.test",
-               reconcile_interval_seconds=3600, payout_concurrency=4)
+    m = Market(
+        regtest,
+        relay_url,
+        database_url,
+        admin_token=ADMIN,
+        public_url="http://api.test",
+        reconcile_interval_seconds=3600,
+        payout_concurrency=4,
+    )
     async with m.running():
         yield m
 
@@ -58,8 +66,9 @@ async def client(market: Market):
 
 async def releasing_job(market: Market, provider: SecretKey) -> Event:
     """A funded one-shard job whose only reward (``provider``'s) waits for an invoice."""
-    job_ev = await market.post_job(market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0,
-                                                   providers=(provider.public_key_hex,)))   # distinct jobs
+    job_ev = await market.post_job(
+        market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, providers=(provider.public_key_hex,))
+    )  # distinct jobs
     await market.fund(job_ev.id)
     result = await market.submit(job_ev, provider, 0, b"good model " + provider.public_key_hex.encode())
     model_sha = hashlib.sha256(b"good model " + provider.public_key_hex.encode()).hexdigest()
@@ -75,8 +84,12 @@ async def _payout_in(market: Market, job_id: str, *states: str) -> Payout | None
 
 
 def nip98_headers(key: SecretKey, path: str, body: bytes) -> dict:
-    ev = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", "http://api.test" + path], ["method", "POST"],
-                                                ["payload", hashlib.sha256(body).hexdigest()]], "")
+    ev = sign_event(
+        key,
+        nip98.KIND_HTTP_AUTH,
+        [["u", "http://api.test" + path], ["method", "POST"], ["payload", hashlib.sha256(body).hexdigest()]],
+        "",
+    )
     return {"Authorization": nip98.build_header(ev), "content-type": "application/json"}
 
 
@@ -88,22 +101,36 @@ async def rest_invoice(client: httpx.AsyncClient, key: SecretKey, job_id: str, b
 
 async def pause_payouts(market: Market) -> None:
     """Fault injection: a failing reconciliation report, stored after the leader's own first run."""
+
     async def first_run() -> bool:
         async with market.sessions() as s:
             return await latest_reconciliation(s) is not None
+
     await wait_until(first_run, 60, "the leader's first reconciliation")
     async with market.sessions.begin() as s:
-        await store_report(s, ReconciliationReport(
-            ran_at=utcnow(), ok=False, threshold_msat=0, discrepancy_msat=1,
-            discrepancies=[Discrepancy("payout_missing", "00" * 32, 1, 0, "injected by the test")],
-            invoices_checked=0, payments_checked=0, ledger_node_msat=0, lnd_settled_msat=0, lnd_paid_msat=0,
-            lnd_fees_msat=0))
+        await store_report(
+            s,
+            ReconciliationReport(
+                ran_at=utcnow(),
+                ok=False,
+                threshold_msat=0,
+                discrepancy_msat=1,
+                discrepancies=[Discrepancy("payout_missing", "00" * 32, 1, 0, "injected by the test")],
+                invoices_checked=0,
+                payments_checked=0,
+                ledger_node_msat=0,
+                lnd_settled_msat=0,
+                lnd_paid_msat=0,
+                lnd_fees_msat=0,
+            ),
+        )
     await wait_until(lambda: market.app.state.lightning.paused, 10, "the payout worker paused")
 
 
 async def test_one_invoice_for_two_rewards_at_once_pays_one_and_books_cleanly(
-        market: Market, client: httpx.AsyncClient, regtest: Regtest) -> None:
-    alice, bob = market.providers[0], market.providers[1]   # two keys, one payee node behind both
+    market: Market, client: httpx.AsyncClient, regtest: Regtest
+) -> None:
+    alice, bob = market.providers[0], market.providers[1]  # two keys, one payee node behind both
     job_a, job_b = await asyncio.gather(releasing_job(market, alice), releasing_job(market, bob))
     [pa], [pb] = await market.payouts(job_a.id), await market.payouts(job_b.id)
     assert pa.amount_msat == pb.amount_msat and pa.payee != pb.payee
@@ -112,14 +139,18 @@ async def test_one_invoice_for_two_rewards_at_once_pays_one_and_books_cleanly(
 
     bolt11, h = await regtest.payee_invoice(amount, memo="one invoice, two rewards")
     nostr = sign_event(bob, *build_payee_invoice(job_id=job_b.id, escrow=market.E, amount_msat=amount, bolt11=bolt11))
-    by_rest, by_nostr = await asyncio.gather(rest_invoice(client, alice, job_a.id, bolt11),
-                                             client.post("/v1/events", json=nostr.to_dict()))
+    by_rest, by_nostr = await asyncio.gather(
+        rest_invoice(client, alice, job_a.id, bolt11), client.post("/v1/events", json=nostr.to_dict())
+    )
     assert by_rest.status_code == 202 and by_nostr.status_code == 202, (by_rest.text, by_nostr.text)
-    for job in (job_a, job_b):   # the Nostr one once the engine has processed the event
+    for job in (job_a, job_b):  # the Nostr one once the engine has processed the event
         await wait_until(lambda j=job: _payout_in(market, j.id, "pending"), 30, "both payouts pending")
 
-    r = await client.post("/v1/admin/reconciliation/resume", json={"reason": "test: resume after the pause"},
-                          headers={"Authorization": f"Bearer {ADMIN}"})
+    r = await client.post(
+        "/v1/admin/reconciliation/resume",
+        json={"reason": "test: resume after the pause"},
+        headers={"Authorization": f"Bearer {ADMIN}"},
+    )
     assert r.status_code == 200, r.text
     for job in (job_a, job_b):
         await wait_until(lambda j=job: _payout_in(market, j.id, "succeeded", "needs_invoice"), 60, "both decided")

@@ -4,6 +4,7 @@ The app runs with its lifespan (engine loop, inbox, leadership) on a real databa
 LND or relays: events come in over ``POST /v1/events``. The fault is injected into the engine's
 job-request handler for chosen event ids (it stands in for a handler bug meeting one event).
 """
+
 from __future__ import annotations
 
 import time
@@ -55,9 +56,19 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def app(backend: str, database_url: str) -> AsyncIterator[FastAPI]:
-    app = create_app(Settings(_env_file=None, database_url=database_url, admin_token=TOKEN,
-                              nostr_secret_key=ESCROW.to_hex(), min_results_window_seconds=0, min_bid_msat=10_000,
-                              quarantine_after=2, item_retry_base_seconds=0, item_retry_max_seconds=0))
+    app = create_app(
+        Settings(
+            _env_file=None,
+            database_url=database_url,
+            admin_token=TOKEN,
+            nostr_secret_key=ESCROW.to_hex(),
+            min_results_window_seconds=0,
+            min_bid_msat=10_000,
+            quarantine_after=2,
+            item_retry_base_seconds=0,
+            item_retry_max_seconds=0,
+        )
+    )
     async with app.router.lifespan_context(app):
         yield app
 
@@ -69,10 +80,18 @@ def api(app: FastAPI, token: str | None = TOKEN) -> httpx.AsyncClient:
 
 def job_request(bid: int) -> Event:
     now = int(time.time())
-    spec = JobSpec(escrow=ESCROW.public_key_hex, bid_msat=bid, shards=(Shard(index=0, url="https://d.example/0"),),
-                   validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1), payout=PayoutPolicy("best"),
-                   results_deadline=now + 600, validation_deadline=now + 1200, validators=(), validator_fee_msat=0,
-                   mode=Mode("auto"))
+    spec = JobSpec(
+        escrow=ESCROW.public_key_hex,
+        bid_msat=bid,
+        shards=(Shard(index=0, url="https://d.example/0"),),
+        validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1),
+        payout=PayoutPolicy("best"),
+        results_deadline=now + 600,
+        validation_deadline=now + 1200,
+        validators=(),
+        validator_fee_msat=0,
+        mode=Mode("auto"),
+    )
     return sign_event(CUSTOMER, *build_job_request(spec, customer=CUSTOMER.public_key_hex))
 
 
@@ -84,6 +103,7 @@ def poison(app: FastAPI, ids: set[str]) -> None:
         if event.id in ids:
             raise Injected(f"handler bug {HOSTILE}")
         return await real(s, event)
+
     engine.on_job_request = on_job_request
 
 
@@ -100,14 +120,16 @@ async def job_state(app: FastAPI, job_id: str) -> str | None:
 
 async def audit(app: FastAPI) -> list[tuple[str, str, str]]:
     async with app.state.sessions() as s:
-        return [(a.action, a.target, a.outcome) for a in (await s.scalars(select(AdminAction)
-                                                                          .order_by(AdminAction.id))).all()]
+        return [
+            (a.action, a.target, a.outcome)
+            for a in (await s.scalars(select(AdminAction).order_by(AdminAction.id))).all()
+        ]
 
 
 async def test_admin_lists_counts_and_replays_a_quarantined_event(app: FastAPI) -> None:
     bad, good = job_request(1_000_000), job_request(1_000_001)
     poison(app, {bad.id})
-    failures_before = app.state.escrow.quarantine.failures["inbox"]   # the app's counter
+    failures_before = app.state.escrow.quarantine.failures["inbox"]  # the app's counter
     async with api(app) as c:
         for ev in (bad, good):
             assert (await c.post("/v1/events", json=ev.to_dict())).status_code == 202
@@ -138,7 +160,8 @@ async def test_admin_lists_counts_and_replays_a_quarantined_event(app: FastAPI) 
         r = await c.post(f"/v1/admin/inbox/{good.id}/replay", json={"reason": "not failed"})
         assert (r.status_code, r.json()["code"]) == (409, "not_replayable")
         app.state.escrow.engine.on_job_request = type(app.state.escrow.engine).on_job_request.__get__(
-            app.state.escrow.engine)   # the fix is deployed
+            app.state.escrow.engine
+        )  # the fix is deployed
         r = await c.post(f"/v1/admin/inbox/{bad.id}/replay", json={"reason": "handler fixed"})
         assert r.status_code == 200 and r.json() == {"target": bad.id, "result": "pending"}
         await wait_until(lambda: job_state(app, bad.id), 10, "the replayed event processed")
@@ -148,7 +171,8 @@ async def test_admin_lists_counts_and_replays_a_quarantined_event(app: FastAPI) 
         ("replay_quarantined", f"inbox/{good.id}", "refused: not_found"),
         ("replay_quarantined", "ln_fact/999999", "refused: not_quarantined"),
         ("replay_event", good.id, "refused: not_replayable"),
-        ("replay_event", bad.id, "pending")]
+        ("replay_event", bad.id, "pending"),
+    ]
 
 
 async def test_dashboard_shows_the_quarantine_and_replays_with_csrf(app: FastAPI) -> None:
@@ -176,7 +200,8 @@ async def test_dashboard_shows_the_quarantine_and_replays_with_csrf(app: FastAPI
         assert flash_of((await c.get("/admin/quarantine")).text) == "a reason is required to replay an item"
 
         app.state.escrow.engine.on_job_request = type(app.state.escrow.engine).on_job_request.__get__(
-            app.state.escrow.engine)
+            app.state.escrow.engine
+        )
         r = await c.post(path, data={"csrf": csrf, "reason": "handler fixed"})
         assert r.status_code == 303 and r.headers["location"] == "/admin/quarantine"
         assert flash_of((await c.get("/admin/quarantine")).text).startswith("inbox ")
@@ -184,8 +209,10 @@ async def test_dashboard_shows_the_quarantine_and_replays_with_csrf(app: FastAPI
         r = await c.post(path, data={"csrf": csrf, "reason": "again"})
         assert "replay refused" in flash_of((await c.get("/admin/quarantine")).text)
         assert "Nothing is quarantined." in (await c.get("/admin/quarantine")).text
-    assert [a[0::2] for a in await audit(app)] == [("replay_quarantined", "pending"),
-                                                 ("replay_quarantined", "refused: not_found")]
+    assert [a[0::2] for a in await audit(app)] == [
+        ("replay_quarantined", "pending"),
+        ("replay_quarantined", "refused: not_found"),
+    ]
 
 
 async def test_replay_from_the_dashboard_in_headless_chromium(app: FastAPI, backend: str) -> None:
@@ -209,7 +236,8 @@ async def test_replay_from_the_dashboard_in_headless_chromium(app: FastAPI, back
         assert "inbox" in await row.inner_text() and HOSTILE in await row.inner_text(), "shown as text, not run"
         await page.screenshot(path=str(ARTIFACTS / f"11-quarantine-{backend}.png"), full_page=True)
         app.state.escrow.engine.on_job_request = type(app.state.escrow.engine).on_job_request.__get__(
-            app.state.escrow.engine)
+            app.state.escrow.engine
+        )
         await row.locator('input[name="reason"]').fill("handler fixed")
         async with page.expect_navigation():
             await row.locator("button").click()

@@ -4,6 +4,7 @@
 These tests use no fixture of tests/conftest.py that starts the regtest stack: they are
 pure functions (the invoice target fakes LND's DecodePayReq and uses its own SQLite file).
 """
+
 from __future__ import annotations
 
 import pytest

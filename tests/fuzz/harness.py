@@ -20,6 +20,7 @@ Environment (read once, at import):
   (default ``test-artifacts/fuzz/``); move it into ``tests/fuzz/corpus/<target>/`` to
   keep it as a regression case.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,9 +90,11 @@ class Report:
     def line(self) -> str:
         top = ", ".join(f"{k}={v}" for k, v in self.outcomes.most_common(8))
         more = len(self.outcomes) - 8
-        return (f"fuzz[{self.target}]: {self.inputs} inputs in {self.seconds:.1f} s "
-                f"(share {self.budget:.1f} s, seed {SEED}, corpus {self.replayed}, "
-                f"{len(self.outcomes)} distinct outcomes: {top}{f', +{more} more' if more > 0 else ''})")
+        return (
+            f"fuzz[{self.target}]: {self.inputs} inputs in {self.seconds:.1f} s "
+            f"(share {self.budget:.1f} s, seed {SEED}, corpus {self.replayed}, "
+            f"{len(self.outcomes)} distinct outcomes: {top}{f', +{more} more' if more > 0 else ''})"
+        )
 
 
 REPORTS: list[Report] = []
@@ -137,9 +140,15 @@ def sample(strategy: SearchStrategy, count: int, label: str) -> list[Any]:
     return out
 
 
-def run(target: str, strategy: SearchStrategy, check: Callable[[Any], str], *,
-        to_json: Callable[[Any], Any] = lambda v: v, from_json: Callable[[Any], Any] = lambda d: d,
-        started: float | None = None) -> Report:
+def run(
+    target: str,
+    strategy: SearchStrategy,
+    check: Callable[[Any], str],
+    *,
+    to_json: Callable[[Any], Any] = lambda v: v,
+    from_json: Callable[[Any], Any] = lambda d: d,
+    started: float | None = None,
+) -> Report:
     """Replay the corpus, then fuzz ``check`` with ``strategy`` for the target's share of the budget.
 
     ``started`` (a ``time.monotonic()``): when the target began preparing (e.g. a pool of
@@ -152,8 +161,9 @@ def run(target: str, strategy: SearchStrategy, check: Callable[[Any], str], *,
         try:
             check(value)
         except Exception as exc:
-            raise AssertionError(f"fuzz[{target}]: regression case {path.relative_to(ROOT)} fails: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+            raise AssertionError(
+                f"fuzz[{target}]: regression case {path.relative_to(ROOT)} fails: {type(exc).__name__}: {exc}"
+            ) from exc
         report.replayed += 1
 
     current: list[Any] = [None]
@@ -179,17 +189,23 @@ def run(target: str, strategy: SearchStrategy, check: Callable[[Any], str], *,
                 report.invalid += 1
         except Exception as exc:
             saved = save_crash(target, to_json(current[0])) if current[0] is not None else None
-            where = (f"saved as {saved}; move it into tests/fuzz/corpus/{target}/ to keep it as a "
-                     f"regression case" if saved else "raised while generating the input")
+            where = (
+                f"saved as {saved}; move it into tests/fuzz/corpus/{target}/ to keep it as a regression case"
+                if saved
+                else "raised while generating the input"
+            )
             raise AssertionError(
                 f"fuzz[{target}] failed on buffer #{number} with FEDSTR_FUZZ_SEED={SEED} "
                 f"(replay: FEDSTR_FUZZ_SEED={SEED} FEDSTR_FUZZ_SECONDS={BUDGET_SECONDS:g} "
                 f".venv/bin/pytest tests/fuzz -k {target}); input {where}:\n{_short(current[0])}\n"
-                f"{type(exc).__name__}: {exc}") from exc
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
     report.seconds = time.monotonic() - start
     REPORTS.append(report)
     print(report.line())
-    assert report.inputs >= need, (f"fuzz[{target}] ran only {report.inputs} inputs in {report.seconds:.1f} s "
-                                   f"({report.invalid} buffers invalid); at least {need} expected: "
-                                   f"is the generator broken? {report.line()}")
+    assert report.inputs >= need, (
+        f"fuzz[{target}] ran only {report.inputs} inputs in {report.seconds:.1f} s "
+        f"({report.invalid} buffers invalid); at least {need} expected: "
+        f"is the generator broken? {report.line()}"
+    )
     return report

@@ -13,6 +13,7 @@ one of ``d`` and ``h``; defaults expiry 3600 s, final CLTV delta 18.
 It also writes bech32 (:func:`encode`) so the fuzzer can mutate an invoice's words and
 keep a valid checksum.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -68,7 +69,7 @@ def split(text: str, *, strict_case: bool = True) -> tuple[str, list[int]]:
     pos = text.rfind("1")
     if pos < 1 or len(text) - pos - 1 < 6:
         raise RefError("no separator, empty hrp, or no checksum")
-    hrp, data = text[:pos], text[pos + 1:]
+    hrp, data = text[:pos], text[pos + 1 :]
     if any(c not in CHARSET for c in data):
         raise RefError("character outside the bech32 charset")
     words = [CHARSET.index(c) for c in data]
@@ -155,7 +156,7 @@ def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
     prefix = PREFIX[network]
     if not hrp.startswith("ln" + prefix):
         raise RefError("invoice not for the node's network")
-    amount = parse_amount(hrp[2 + len(prefix):])
+    amount = parse_amount(hrp[2 + len(prefix) :])
     if len(words) < 7 + 104:
         raise RefError("too short for a timestamp and a signature")
     body, sig_words = words[:-104], words[-104:]
@@ -166,7 +167,7 @@ def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
         if len(body) - i < 3:
             raise RefError("truncated tagged field")
         kind, length = CHARSET[body[i]], body[i + 1] * 32 + body[i + 2]
-        data = body[i + 3:i + 3 + length]
+        data = body[i + 3 : i + 3 + length]
         if len(data) < length:
             raise RefError("tagged field runs past the signature")
         i += 3 + length
@@ -217,17 +218,23 @@ def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
     if ("d" in fields) == ("h" in fields):
         raise RefError("exactly one of description and description hash is needed")
     return RefInvoice(
-        hrp=hrp, currency=prefix, amount_msat=amount, timestamp=timestamp,
-        payment_hash=fields["p"], payment_secret=fields.get("s"),  # type: ignore[arg-type]
-        description=fields.get("d"), description_hash=fields.get("h"),  # type: ignore[arg-type]
-        expiry=fields.get("x", 3600), min_final_cltv=fields.get("c", 18),  # type: ignore[arg-type]
+        hrp=hrp,
+        currency=prefix,
+        amount_msat=amount,
+        timestamp=timestamp,
+        payment_hash=fields["p"],
+        payment_secret=fields.get("s"),  # type: ignore[arg-type]
+        description=fields.get("d"),
+        description_hash=fields.get("h"),  # type: ignore[arg-type]
+        expiry=fields.get("x", 3600),
+        min_final_cltv=fields.get("c", 18),  # type: ignore[arg-type]
         destination=destination,
     )
 
 
 def currency_of(text: str) -> str | None:
     """The currency prefix of an invoice's hrp (longest of bcrt/bc/tbs/tb after ``ln``), if any."""
-    hrp = text[:text.rfind("1")].lower() if "1" in text else ""
+    hrp = text[: text.rfind("1")].lower() if "1" in text else ""
     for prefix in ("bcrt", "tbs", "bc", "tb"):
         if hrp.startswith("ln" + prefix):
             return prefix

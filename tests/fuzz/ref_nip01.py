@@ -7,6 +7,7 @@ The oracle of the fuzz target: the verifier must refuse with a reason from this 
 (the *first* one in the documented order once the shape is right), and accept exactly
 when the set is empty.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -24,13 +25,38 @@ HEX128 = re.compile(r"[0-9a-f]{128}")
 MAX_CREATED_AT = 2**63 - 1
 MAX_KIND = 65535
 
-SHAPE = frozenset({R.NOT_OBJECT, R.MISSING_FIELD, R.UNEXPECTED_FIELD, R.INVALID_ID, R.INVALID_PUBKEY_FORMAT,
-                   R.INVALID_CREATED_AT, R.CREATED_AT_OUT_OF_RANGE, R.INVALID_KIND, R.KIND_OUT_OF_RANGE,
-                   R.INVALID_TAGS, R.INVALID_TAG, R.INVALID_TAG_ITEM, R.EMPTY_TAG, R.INVALID_CONTENT,
-                   R.INVALID_SIG_FORMAT})
+SHAPE = frozenset(
+    {
+        R.NOT_OBJECT,
+        R.MISSING_FIELD,
+        R.UNEXPECTED_FIELD,
+        R.INVALID_ID,
+        R.INVALID_PUBKEY_FORMAT,
+        R.INVALID_CREATED_AT,
+        R.CREATED_AT_OUT_OF_RANGE,
+        R.INVALID_KIND,
+        R.KIND_OUT_OF_RANGE,
+        R.INVALID_TAGS,
+        R.INVALID_TAG,
+        R.INVALID_TAG_ITEM,
+        R.EMPTY_TAG,
+        R.INVALID_CONTENT,
+        R.INVALID_SIG_FORMAT,
+    }
+)
 # After the shape, verify_event's documented order: limits, time, serialization, size, id, key, signature.
-ORDER = (R.TOO_MANY_TAGS, R.TAG_TOO_LONG, R.CONTENT_TOO_LARGE, R.CREATED_AT_IN_FUTURE, R.CREATED_AT_TOO_OLD,
-         R.INVALID_UNICODE, R.EVENT_TOO_LARGE, R.ID_MISMATCH, R.INVALID_PUBKEY, R.BAD_SIGNATURE)
+ORDER = (
+    R.TOO_MANY_TAGS,
+    R.TAG_TOO_LONG,
+    R.CONTENT_TOO_LARGE,
+    R.CREATED_AT_IN_FUTURE,
+    R.CREATED_AT_TOO_OLD,
+    R.INVALID_UNICODE,
+    R.EVENT_TOO_LARGE,
+    R.ID_MISMATCH,
+    R.INVALID_PUBKEY,
+    R.BAD_SIGNATURE,
+)
 
 
 @dataclass(frozen=True)
@@ -44,9 +70,15 @@ class Limits:
     max_content: int = 65536
 
     def kwargs(self) -> dict:
-        return {"now": self.now, "max_future": self.max_future, "max_age": self.max_age,
-                "max_bytes": self.max_bytes, "max_tags": self.max_tags, "max_tag_len": self.max_tag_len,
-                "max_content": self.max_content}
+        return {
+            "now": self.now,
+            "max_future": self.max_future,
+            "max_age": self.max_age,
+            "max_bytes": self.max_bytes,
+            "max_tags": self.max_tags,
+            "max_tag_len": self.max_tag_len,
+            "max_content": self.max_content,
+        }
 
 
 _SHORT_ESCAPES = {"\n": "\\n", '"': '\\"', "\\": "\\\\", "\r": "\\r", "\t": "\\t", "\b": "\\b", "\f": "\\f"}
@@ -65,7 +97,7 @@ def json_string(text: str) -> str:
 
 def canonical_text(pubkey: str, created_at: int, kind: int, tags, content: str) -> str:
     tag_text = ",".join("[" + ",".join(json_string(item) for item in tag) + "]" for tag in tags)
-    return f'[0,{json_string(pubkey)},{created_at},{kind},[{tag_text}],{json_string(content)}]'
+    return f"[0,{json_string(pubkey)},{created_at},{kind},[{tag_text}],{json_string(content)}]"
 
 
 def canonical_bytes(pubkey: str, created_at: int, kind: int, tags, content: str) -> bytes | None:
@@ -111,8 +143,9 @@ def shape_faults(obj: object) -> set[R]:
     if type(obj["sig"]) is not str or not HEX128.fullmatch(obj["sig"]):
         found.add(R.INVALID_SIG_FORMAT)
     for name, maximum, type_reason, range_reason in (
-            ("created_at", MAX_CREATED_AT, R.INVALID_CREATED_AT, R.CREATED_AT_OUT_OF_RANGE),
-            ("kind", MAX_KIND, R.INVALID_KIND, R.KIND_OUT_OF_RANGE)):
+        ("created_at", MAX_CREATED_AT, R.INVALID_CREATED_AT, R.CREATED_AT_OUT_OF_RANGE),
+        ("kind", MAX_KIND, R.INVALID_KIND, R.KIND_OUT_OF_RANGE),
+    ):
         fault = _int_fault(obj[name], maximum, type_reason, range_reason)
         if fault is not None:
             found.add(fault)

@@ -16,6 +16,7 @@ shards, the exact money split, who may submit a result, ...) and round-trips (bu
 again → parsed → equal). An unmutated event parses to what was built. Never another
 exception.
 """
+
 from __future__ import annotations
 
 import base64
@@ -124,9 +125,18 @@ STRANGER = _key("stranger").public_key_hex
 ALL_KEYS = [E, OTHER_E, C, *PROVIDERS, *VALIDATORS, STRANGER]
 
 _BASE_TERMS = EscrowTerms(
-    fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=100_000, max_bid_msat=10**15, max_validators=3,
-    max_shards=6, min_results_window_s=600, max_job_duration_s=30 * 86_400,
-    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=30 * 86_400)
+    fee_base_msat=1_000,
+    fee_ppm=10_000,
+    min_bid_msat=100_000,
+    max_bid_msat=10**15,
+    max_validators=3,
+    max_shards=6,
+    min_results_window_s=600,
+    max_job_duration_s=30 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=30 * 86_400,
+)
 TERMS = {
     "both": _BASE_TERMS,
     "hold": replace(_BASE_TERMS, modes=frozenset({Mode.HOLD}), max_hold_seconds=2 * 86_400),
@@ -138,24 +148,34 @@ INVOICES.append(INVOICES[0].upper())
 # --------------------------------------------------------------------------- values
 
 hex64 = st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), st.sampled_from(ALL_KEYS))
-relay = st.sampled_from(["", "wss://relay.example.org", "ws://127.0.0.1:7777", "wss://nos.example.com/p?x=1",
-                         "wss://[::1]:7000"])
+relay = st.sampled_from(
+    ["", "wss://relay.example.org", "ws://127.0.0.1:7777", "wss://nos.example.com/p?x=1", "wss://[::1]:7000"]
+)
 url = st.one_of(
     st.sampled_from(["https://data.example.org/s0.npz", "s3://bucket/key", "ipfs://bafy/x", "http://10.0.0.1/a"]),
-    st.builds(lambda host, path: f"https://{host}.example.org/{path}",
-              st.from_regex(r"[a-z0-9]{1,12}", fullmatch=True), st.from_regex(r"[A-Za-z0-9._~/%-]{0,30}",
-                                                                             fullmatch=True)))
-metric = st.one_of(st.sampled_from(["accuracy", "f1", "loss", "auc@10", "a/b+c:d.e-f_g"]),
-                   st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True))
-decimals = st.one_of(st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**6, max_value=10**6, places=6),
-                     st.sampled_from([Decimal("0"), Decimal("-0"), Decimal("0.85"), Decimal("1E+3"),
-                                      Decimal("9" * 15 + "." + "9" * 12)]))   # the largest a score may be
+    st.builds(
+        lambda host, path: f"https://{host}.example.org/{path}",
+        st.from_regex(r"[a-z0-9]{1,12}", fullmatch=True),
+        st.from_regex(r"[A-Za-z0-9._~/%-]{0,30}", fullmatch=True),
+    ),
+)
+metric = st.one_of(
+    st.sampled_from(["accuracy", "f1", "loss", "auc@10", "a/b+c:d.e-f_g"]),
+    st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True),
+)
+decimals = st.one_of(
+    st.decimals(allow_nan=False, allow_infinity=False, min_value=-(10**6), max_value=10**6, places=6),
+    st.sampled_from(
+        [Decimal("0"), Decimal("-0"), Decimal("0.85"), Decimal("1E+3"), Decimal("9" * 15 + "." + "9" * 12)]
+    ),
+)  # the largest a score may be
 msat = st.one_of(st.integers(1, 10**12), st.integers(1, MAX_MSAT), st.sampled_from([1, MAX_MSAT]))
 printable = st.characters(exclude_categories=["Cc", "Cs", "Zl", "Zp"])  # what check_text admits
 message_text = st.text(printable, min_size=1, max_size=60)
 name_text = st.text(printable, min_size=1, max_size=30)
-free_text = st.one_of(st.text(printable, max_size=40),
-                      st.sampled_from(["", "模型 🚀", "\u202eevil", "e\u0301", f"x{CANARY}x"]))
+free_text = st.one_of(
+    st.text(printable, max_size=40), st.sampled_from(["", "模型 🚀", "\u202eevil", "e\u0301", f"x{CANARY}x"])
+)
 code = st.from_regex(r"[a-z0-9_]{1,64}", fullmatch=True)
 bolt11 = st.sampled_from(INVOICES)
 
@@ -165,21 +185,25 @@ def nip44_payload(body: bytes) -> str:
 
 
 def shards(draw, recipients: list[str]) -> tuple[Shard, ...]:
-    indices = draw(st.lists(st.one_of(st.integers(0, 8), st.integers(0, 999_999)), min_size=1, max_size=4,
-                            unique=True))
+    indices = draw(st.lists(st.one_of(st.integers(0, 8), st.integers(0, 999_999)), min_size=1, max_size=4, unique=True))
     out = []
     for index in indices:
         if draw(st.booleans()) or not recipients:
             out.append(Shard(index=index, url=draw(url), relay=draw(relay)))
         else:
-            out.append(Shard(index=index, payload=nip44_payload(draw(st.binary(min_size=97, max_size=160))),
-                             provider=draw(st.sampled_from(recipients))))
+            out.append(
+                Shard(
+                    index=index,
+                    payload=nip44_payload(draw(st.binary(min_size=97, max_size=160))),
+                    provider=draw(st.sampled_from(recipients)),
+                )
+            )
     return tuple(out)
 
 
 def job_spec(draw, terms: EscrowTerms) -> JobSpec:
-    validators = tuple(draw(st.permutations(VALIDATORS))[:draw(st.integers(0, terms.max_validators))])
-    providers = tuple(draw(st.permutations(PROVIDERS[:3]))[:draw(st.integers(0, 3))])
+    validators = tuple(draw(st.permutations(VALIDATORS))[: draw(st.integers(0, terms.max_validators))])
+    providers = tuple(draw(st.permutations(PROVIDERS[:3]))[: draw(st.integers(0, 3))])
     bid = draw(st.integers(terms.min_bid_msat, min(terms.max_bid_msat, 10**13)))
     fee = terms.fee_base_msat + bid * terms.fee_ppm // 1_000_000
     assume(fee < bid)
@@ -192,13 +216,23 @@ def job_spec(draw, terms: EscrowTerms) -> JobSpec:
     modes = [Mode.AUTO, *sorted(terms.modes)]
     names = draw(st.lists(st.from_regex(r"[A-Za-z0-9_.:-]{1,20}", fullmatch=True), max_size=3, unique=True))
     return JobSpec(
-        escrow=E, escrow_relay=draw(relay), bid_msat=bid,
+        escrow=E,
+        escrow_relay=draw(relay),
+        bid_msat=bid,
         shards=shards(draw, [*providers, PROVIDERS[3]] if not providers else list(providers)),
-        validation=Validation(draw(metric), draw(st.sampled_from(Direction)), draw(decimals),
-                              draw(st.integers(1, max(1, len(validators))))),
-        payout=draw(st.sampled_from(PayoutPolicy)), results_deadline=results,
-        validation_deadline=validation_deadline, validators=validators, validator_fee_msat=validator_fee,
-        mode=draw(st.sampled_from(modes)), params=tuple((n, draw(free_text.filter(bool))) for n in names),
+        validation=Validation(
+            draw(metric),
+            draw(st.sampled_from(Direction)),
+            draw(decimals),
+            draw(st.integers(1, max(1, len(validators)))),
+        ),
+        payout=draw(st.sampled_from(PayoutPolicy)),
+        results_deadline=results,
+        validation_deadline=validation_deadline,
+        validators=validators,
+        validator_fee_msat=validator_fee,
+        mode=draw(st.sampled_from(modes)),
+        params=tuple((n, draw(free_text.filter(bool))) for n in names),
         providers=providers,
         refund=draw(st.sampled_from([None, "alice@pay.example.org", "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0"])),
         expiration=draw(st.one_of(st.none(), st.integers(NOW + 1, 2**63 - 1))),
@@ -208,14 +242,26 @@ def job_spec(draw, terms: EscrowTerms) -> JobSpec:
 
 
 def raw(pubkey: str, tmpl: Template, created_at: int = NOW) -> dict[str, Any]:
-    return {"pubkey": pubkey, "created_at": created_at, "kind": tmpl.kind, "tags": [list(t) for t in tmpl.tags],
-            "content": tmpl.content}
+    return {
+        "pubkey": pubkey,
+        "created_at": created_at,
+        "kind": tmpl.kind,
+        "tags": [list(t) for t in tmpl.tags],
+        "content": tmpl.content,
+    }
 
 
 def to_event(doc: dict[str, Any]) -> Event:
     """An Event with exactly these fields; parsers never look at the id or signature."""
-    return Event(id=h(repr(sorted(doc.items()))), pubkey=doc["pubkey"], created_at=doc["created_at"],
-                 kind=doc["kind"], tags=tuple(tuple(t) for t in doc["tags"]), content=doc["content"], sig="0" * 128)
+    return Event(
+        id=h(repr(sorted(doc.items()))),
+        pubkey=doc["pubkey"],
+        created_at=doc["created_at"],
+        kind=doc["kind"],
+        tags=tuple(tuple(t) for t in doc["tags"]),
+        content=doc["content"],
+        sig="0" * 128,
+    )
 
 
 def parse_job(doc: dict[str, Any], terms: str, now: int) -> JobRequest:
@@ -251,23 +297,37 @@ def results(draw) -> dict[str, Any]:
     else:
         signer = draw(st.sampled_from([PROVIDERS[3], STRANGER]))
     model = ModelRef(draw(url), draw(hex64), draw(st.one_of(st.integers(1, 10**9), st.just(2**53 - 1))))
-    payout = draw(st.one_of(st.none(), st.builds(PayoutAddress, st.just("lud16"), st.just("bob@pay.example.org")),
-                            st.builds(PayoutAddress, st.just("lnurl"),
-                                      st.just("LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0"))))
+    payout = draw(
+        st.one_of(
+            st.none(),
+            st.builds(PayoutAddress, st.just("lud16"), st.just("bob@pay.example.org")),
+            st.builds(PayoutAddress, st.just("lnurl"), st.just("LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0")),
+        )
+    )
     invoice = draw(st.one_of(st.none(), st.builds(Invoice, msat, bolt11)))
-    tmpl = build_result(job, shard_index=shard.index, model=model, payout_address=payout, invoice=invoice,
-                        content=draw(free_text), job_relay=draw(relay))
-    return {"family": "result", "event": raw(signer, tmpl), "terms": base["terms"], "now": NOW,
-            "job": base["event"]}
+    tmpl = build_result(
+        job,
+        shard_index=shard.index,
+        model=model,
+        payout_address=payout,
+        invoice=invoice,
+        content=draw(free_text),
+        job_relay=draw(relay),
+    )
+    return {"family": "result", "event": raw(signer, tmpl), "terms": base["terms"], "now": NOW, "job": base["event"]}
 
 
 @st.composite
 def evaluation_requests(draw) -> dict[str, Any]:
     candidates = tuple(Candidate(i, draw(relay)) for i in draw(st.lists(hex64, min_size=1, max_size=4, unique=True)))
-    request = EvaluationRequest(job_id=draw(hex64), candidates=candidates,
-                                validators=tuple(draw(st.lists(st.sampled_from(VALIDATORS + [C]), min_size=1,
-                                                               max_size=4, unique=True))),
-                                metric=draw(metric), deadline=draw(st.integers(0, 2**63 - 1)), job_relay=draw(relay))
+    request = EvaluationRequest(
+        job_id=draw(hex64),
+        candidates=candidates,
+        validators=tuple(draw(st.lists(st.sampled_from(VALIDATORS + [C]), min_size=1, max_size=4, unique=True))),
+        metric=draw(metric),
+        deadline=draw(st.integers(0, 2**63 - 1)),
+        job_relay=draw(relay),
+    )
     return {"family": "eval_request", "event": raw(E, build_evaluation_request(request)), "now": NOW}
 
 
@@ -276,8 +336,15 @@ def evaluation_results(draw) -> dict[str, Any]:
     ids = draw(st.lists(hex64, min_size=1, max_size=4, unique=True))
     scores = tuple(Score(i, draw(decimals), draw(hex64)) for i in ids)
     try:
-        tmpl = build_evaluation_result(request_id=draw(hex64), job_id=draw(hex64), escrow=E, scores=scores,
-                                       request_relay=draw(relay), job_relay=draw(relay), content=draw(free_text))
+        tmpl = build_evaluation_result(
+            request_id=draw(hex64),
+            job_id=draw(hex64),
+            escrow=E,
+            scores=scores,
+            request_relay=draw(relay),
+            job_relay=draw(relay),
+            content=draw(free_text),
+        )
     except CodecError:  # the request and the job drew the same id
         assume(False)
         raise
@@ -286,8 +353,14 @@ def evaluation_results(draw) -> dict[str, Any]:
 
 @st.composite
 def payee_invoices(draw) -> dict[str, Any]:
-    tmpl = build_payee_invoice(job_id=draw(hex64), escrow=E, amount_msat=draw(msat), bolt11=draw(bolt11),
-                               info=draw(free_text), job_relay=draw(relay))
+    tmpl = build_payee_invoice(
+        job_id=draw(hex64),
+        escrow=E,
+        amount_msat=draw(msat),
+        bolt11=draw(bolt11),
+        info=draw(free_text),
+        job_relay=draw(relay),
+    )
     return {"family": "payee_invoice", "event": raw(draw(st.sampled_from(PROVIDERS + VALIDATORS)), tmpl), "now": NOW}
 
 
@@ -306,8 +379,16 @@ def escrow_feedbacks(draw) -> dict[str, Any]:
     job_id, addressee, job_relay = draw(hex64), draw(st.sampled_from([C, *PROVIDERS, *VALIDATORS])), draw(relay)
     which = draw(st.integers(0, 6))
     if which == 0:
-        tmpl = build_escrow_offer(EscrowOffer(job_id, addressee, draw(msat), draw(bolt11),
-                                              draw(st.sampled_from([Mode.HOLD, Mode.CUSTODIAL])), job_relay))
+        tmpl = build_escrow_offer(
+            EscrowOffer(
+                job_id,
+                addressee,
+                draw(msat),
+                draw(bolt11),
+                draw(st.sampled_from([Mode.HOLD, Mode.CUSTODIAL])),
+                job_relay,
+            )
+        )
     elif which == 1:
         tmpl = build_funded(Funded(job_id, addressee, draw(msat), job_relay))
     elif which == 2:
@@ -320,8 +401,9 @@ def escrow_feedbacks(draw) -> dict[str, Any]:
         preimage = draw(st.binary(min_size=32, max_size=32))
         earned = draw(hex64)
         assume(earned != job_id)
-        proof = PaymentProof(hashlib.sha256(preimage).hexdigest(), preimage.hex(), draw(msat),
-                             draw(st.integers(0, MAX_MSAT)))
+        proof = PaymentProof(
+            hashlib.sha256(preimage).hexdigest(), preimage.hex(), draw(msat), draw(st.integers(0, MAX_MSAT))
+        )
         tmpl = build_reward_paid(RewardPaid(job_id, earned, addressee, proof, job_relay))
     elif which == 5:
         tmpl = build_refunded(Refunded(job_id, addressee, draw(code), draw(msat), job_relay))
@@ -351,17 +433,30 @@ def announcements(draw) -> dict[str, Any]:
     min_bid = draw(st.integers(1, 10**12))
     min_window = draw(st.integers(0, 10**6))
     terms = EscrowTerms(
-        fee_base_msat=draw(st.integers(0, 10**9)), fee_ppm=draw(st.integers(0, 1_000_000)), min_bid_msat=min_bid,
-        max_bid_msat=draw(st.integers(min_bid, MAX_MSAT)), max_validators=draw(st.integers(1, 100)),
-        max_shards=draw(st.integers(1, 100)), min_results_window_s=min_window,
-        max_job_duration_s=draw(st.integers(min_window + 1, 10**8)), modes=modes,
+        fee_base_msat=draw(st.integers(0, 10**9)),
+        fee_ppm=draw(st.integers(0, 1_000_000)),
+        min_bid_msat=min_bid,
+        max_bid_msat=draw(st.integers(min_bid, MAX_MSAT)),
+        max_validators=draw(st.integers(1, 100)),
+        max_shards=draw(st.integers(1, 100)),
+        min_results_window_s=min_window,
+        max_job_duration_s=draw(st.integers(min_window + 1, 10**8)),
+        modes=modes,
         network=draw(st.sampled_from(Network)),
-        max_hold_seconds=draw(st.integers(1 if Mode.HOLD in modes else 0, 10**7)))
+        max_hold_seconds=draw(st.integers(1 if Mode.HOLD in modes else 0, 10**7)),
+    )
     name = draw(name_text)
     about = draw(free_text)
     try:
-        tmpl = build_announcement(Announcement(draw(st.sampled_from(["", "fedstr-escrow", "x" * 256])), name,
-                                               about, terms, draw(st.sampled_from([5701, 5801, 65535]))))
+        tmpl = build_announcement(
+            Announcement(
+                draw(st.sampled_from(["", "fedstr-escrow", "x" * 256])),
+                name,
+                about,
+                terms,
+                draw(st.sampled_from([5701, 5801, 65535])),
+            )
+        )
     except CodecError:  # e.g. a name with a character check_text refuses
         assume(False)
         raise
@@ -371,24 +466,153 @@ def announcements(draw) -> dict[str, Any]:
 # ------------------------------------------------------------------------------ mutation
 
 HOSTILE = [
-    "", " ", "0", "-0", "-1", "01", "00", "1e3", "1E3", "1e-3", "1.5", "1.0", "0.0", ".5", "5.", "0x10", " 1", "1 ",
-    "+1", "1_000", "١٢٣", "１", "NaN", "nan", "-inf", "Infinity", "sNaN", "1e400", str(2**64), str(2**64 + 1),
-    str(2**63), str(2**63 - 1), str(2**53), str(MAX_MSAT), str(MAX_MSAT + 1), "9" * 25, "9" * 5000, "-" + "9" * 30,
-    "shard-0", "shard-01", "shard--1", "shard-1000000", "shard-", "shard-٣", "url", "nip44", "job", "event",
-    "max", "min", "hold", "custodial", "auto", "best", "split", "lud16", "lnurl", "request", "result", "job",
-    "payment-required", "processing", "success", "error", "partial", "escrow", "escrow funded",
-    "validation complete", "reward claimable", "reward paid", "refunded: no_quorum", "refunded: ", "refunded",
-    "refunded: x: y", "error: message", "bid_too_low: x", "awaiting-funding", "funded", "no-quorum",
-    "wss://r.example", "ws://127.0.0.1:7777", "http://x.example", "wss://", "wss://a b", "https://x.example/a",
-    "alice@pay.example.org", "ALICE@PAY.EXAMPLE.ORG", "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0", "lnurl1",
-    *INVOICES, "lnbc1", "lnbcrt1qqqqqq", "LNBCRT1qqqqqq", "lnurl1qqqqqqqq",
-    "\x00", "\ud800", "\u202e", "e\u0301", "\u2028", "a" * 3000, f"x{CANARY}x", f"{CANARY}: {CANARY}",
-    E.upper(), E[:-1], E + "0", "g" * 64, "0" * 64, "f" * 64, " " + E, *ALL_KEYS,
-    "AAAA", nip44_payload(bytes(120)), base64.b64encode(b"\x01" + bytes(120)).decode(), "[]", "{}", "null",
+    "",
+    " ",
+    "0",
+    "-0",
+    "-1",
+    "01",
+    "00",
+    "1e3",
+    "1E3",
+    "1e-3",
+    "1.5",
+    "1.0",
+    "0.0",
+    ".5",
+    "5.",
+    "0x10",
+    " 1",
+    "1 ",
+    "+1",
+    "1_000",
+    "١٢٣",
+    "１",
+    "NaN",
+    "nan",
+    "-inf",
+    "Infinity",
+    "sNaN",
+    "1e400",
+    str(2**64),
+    str(2**64 + 1),
+    str(2**63),
+    str(2**63 - 1),
+    str(2**53),
+    str(MAX_MSAT),
+    str(MAX_MSAT + 1),
+    "9" * 25,
+    "9" * 5000,
+    "-" + "9" * 30,
+    "shard-0",
+    "shard-01",
+    "shard--1",
+    "shard-1000000",
+    "shard-",
+    "shard-٣",
+    "url",
+    "nip44",
+    "job",
+    "event",
+    "max",
+    "min",
+    "hold",
+    "custodial",
+    "auto",
+    "best",
+    "split",
+    "lud16",
+    "lnurl",
+    "request",
+    "result",
+    "job",
+    "payment-required",
+    "processing",
+    "success",
+    "error",
+    "partial",
+    "escrow",
+    "escrow funded",
+    "validation complete",
+    "reward claimable",
+    "reward paid",
+    "refunded: no_quorum",
+    "refunded: ",
+    "refunded",
+    "refunded: x: y",
+    "error: message",
+    "bid_too_low: x",
+    "awaiting-funding",
+    "funded",
+    "no-quorum",
+    "wss://r.example",
+    "ws://127.0.0.1:7777",
+    "http://x.example",
+    "wss://",
+    "wss://a b",
+    "https://x.example/a",
+    "alice@pay.example.org",
+    "ALICE@PAY.EXAMPLE.ORG",
+    "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0",
+    "lnurl1",
+    *INVOICES,
+    "lnbc1",
+    "lnbcrt1qqqqqq",
+    "LNBCRT1qqqqqq",
+    "lnurl1qqqqqqqq",
+    "\x00",
+    "\ud800",
+    "\u202e",
+    "e\u0301",
+    "\u2028",
+    "a" * 3000,
+    f"x{CANARY}x",
+    f"{CANARY}: {CANARY}",
+    E.upper(),
+    E[:-1],
+    E + "0",
+    "g" * 64,
+    "0" * 64,
+    "f" * 64,
+    " " + E,
+    *ALL_KEYS,
+    "AAAA",
+    nip44_payload(bytes(120)),
+    base64.b64encode(b"\x01" + bytes(120)).decode(),
+    "[]",
+    "{}",
+    "null",
 ]
-TAG_NAMES = ["i", "e", "p", "param", "bid", "escrow", "validator", "validation", "payout", "validator_fee",
-             "deadline", "mode", "refund", "expiration", "relays", "model", "amount", "score", "status", "accepted",
-             "rejected", "payment", "k", "d", "a", "request", f"x{CANARY}", ""]
+TAG_NAMES = [
+    "i",
+    "e",
+    "p",
+    "param",
+    "bid",
+    "escrow",
+    "validator",
+    "validation",
+    "payout",
+    "validator_fee",
+    "deadline",
+    "mode",
+    "refund",
+    "expiration",
+    "relays",
+    "model",
+    "amount",
+    "score",
+    "status",
+    "accepted",
+    "rejected",
+    "payment",
+    "k",
+    "d",
+    "a",
+    "request",
+    f"x{CANARY}",
+    "",
+]
 PROTOCOL_KINDS = [5, 5701, 5702, 6701, 6702, 7000, 31990, 5801, 6801]
 # mutation ops (see mutated), repeated for weight: value changes most, kind and signer changes least
 OPS = [0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 5, 6, 6, 7, 7, 8, 9, 10, 11, 11, 12]
@@ -400,8 +624,17 @@ def variants(item: str) -> list[str]:
     out = [item + " ", item.upper(), item[:-1], item + item[-1:], "+" + item, "-" + item]
     if item.isascii() and item.isdigit() and len(item) < 100:
         value = int(item)
-        out += [str(value + 1), str(value - 1), "0" + item, item + ".0", item + "e0", str(value + 2**64),
-                f"{value:.3e}", str(-value), str(value * 1000)]
+        out += [
+            str(value + 1),
+            str(value - 1),
+            "0" + item,
+            item + ".0",
+            item + "e0",
+            str(value + 2**64),
+            f"{value:.3e}",
+            str(-value),
+            str(value * 1000),
+        ]
     return out
 
 
@@ -426,12 +659,13 @@ def mutated(draw, base: st.SearchStrategy) -> dict[str, Any]:
             j = draw(st.integers(1, len(tag) - 1)) if len(tag) > 1 else 0
             tag[j] = draw(st.one_of(value, st.sampled_from(variants(tag[j]))))
         elif op == 5 and tag is not None:
-            del tag[draw(st.integers(1, max(1, len(tag)))):]
+            del tag[draw(st.integers(1, max(1, len(tag)))) :]
         elif op == 6 and tag is not None:
             tag.extend(draw(st.lists(value, min_size=1, max_size=3)))
         elif op == 7:
-            tags.insert(draw(st.integers(0, len(tags))),
-                        [draw(st.sampled_from(TAG_NAMES)), *draw(st.lists(value, max_size=5))])
+            tags.insert(
+                draw(st.integers(0, len(tags))), [draw(st.sampled_from(TAG_NAMES)), *draw(st.lists(value, max_size=5))]
+            )
         elif op == 8 and tag is not None:
             tag[0] = draw(st.one_of(st.sampled_from(TAG_NAMES), st.sampled_from([tag[0].upper(), tag[0] + " "])))
         elif op == 9:
@@ -444,8 +678,11 @@ def mutated(draw, base: st.SearchStrategy) -> dict[str, Any]:
             content = ev["content"]
             if content and draw(st.booleans()):
                 pos = draw(st.integers(0, len(content) - 1))
-                content = content[:pos] + draw(st.sampled_from(['"', "-", "1", "e", ".", "}", "[", "\\u0000", ""])) \
-                    + content[pos + 1:]
+                content = (
+                    content[:pos]
+                    + draw(st.sampled_from(['"', "-", "1", "e", ".", "}", "[", "\\u0000", ""]))
+                    + content[pos + 1 :]
+                )
             else:
                 content = draw(st.one_of(value, st.sampled_from(['{"name":1}', "[]", "{" * 5000, "1e400"])))
             ev = {**ev, "content": content}
@@ -461,41 +698,72 @@ def _same(a: object, b: object, *ignore: str) -> None:
 
 
 def _event_like(ev: Event, tmpl: Template, pubkey: str | None = None) -> Event:
-    return to_event({"pubkey": pubkey or ev.pubkey, "created_at": ev.created_at, "kind": tmpl.kind,
-                     "tags": tmpl.tags, "content": tmpl.content})
+    return to_event(
+        {
+            "pubkey": pubkey or ev.pubkey,
+            "created_at": ev.created_at,
+            "kind": tmpl.kind,
+            "tags": tmpl.tags,
+            "content": tmpl.content,
+        }
+    )
 
 
 def round_trip(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> None:
     """Build the parsed object again and parse that: the same object must come back."""
     if isinstance(parsed, JobRequest):
         tmpl = build_job_request(parsed.spec, customer=parsed.customer, kind=parsed.kind, content=ev.content)
-        again = parse_job_request(_event_like(ev, tmpl), escrow_pubkey=parsed.spec.escrow, terms=ctx["terms"],
-                                  now=ctx["now"])
+        again = parse_job_request(
+            _event_like(ev, tmpl), escrow_pubkey=parsed.spec.escrow, terms=ctx["terms"], now=ctx["now"]
+        )
         _same(parsed, again, "id")
     elif isinstance(parsed, JobResult):
-        tmpl = build_result(ctx["job"], shard_index=parsed.shard_index, model=parsed.model,
-                            payout_address=parsed.payout_address, invoice=parsed.invoice, content=parsed.content)
+        tmpl = build_result(
+            ctx["job"],
+            shard_index=parsed.shard_index,
+            model=parsed.model,
+            payout_address=parsed.payout_address,
+            invoice=parsed.invoice,
+            content=parsed.content,
+        )
         _same(parsed, parse_result(_event_like(ev, tmpl), ctx["job"]), "id")
     elif isinstance(parsed, EvaluationRequest):
         assert parse_evaluation_request(_event_like(ev, build_evaluation_request(parsed))) == parsed
     elif isinstance(parsed, EvaluationResult):
-        tmpl = build_evaluation_result(request_id=parsed.request_id, job_id=parsed.job_id, escrow=parsed.escrow,
-                                       scores=parsed.scores, content=ev.content)
+        tmpl = build_evaluation_result(
+            request_id=parsed.request_id,
+            job_id=parsed.job_id,
+            escrow=parsed.escrow,
+            scores=parsed.scores,
+            content=ev.content,
+        )
         _same(parsed, parse_evaluation_result(_event_like(ev, tmpl)), "id")
     elif isinstance(parsed, Feedback):
-        tmpl = build_payee_invoice(job_id=parsed.job_id, escrow=parsed.escrow, amount_msat=parsed.amount_msat,
-                                   bolt11=parsed.bolt11, info=parsed.info)
+        tmpl = build_payee_invoice(
+            job_id=parsed.job_id,
+            escrow=parsed.escrow,
+            amount_msat=parsed.amount_msat,
+            bolt11=parsed.bolt11,
+            info=parsed.info,
+        )
         _same(parsed, parse_feedback(_event_like(ev, tmpl)), "id")
     elif isinstance(parsed, Deletion):
         tmpl = build_deletion(parsed.event_ids, kinds=parsed.kinds, reason=parsed.reason)
         _same(parsed, parse_deletion(_event_like(ev, tmpl)), "id")
     elif isinstance(parsed, Announcement):
         assert parse_announcement(_event_like(ev, build_announcement(parsed))) == parsed
-    elif isinstance(parsed, (EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded,
-                             ErrorFeedback)):
-        builder = {EscrowOffer: build_escrow_offer, Funded: build_funded, RewardPaid: build_reward_paid,
-                   ValidationComplete: build_validation_complete, RewardClaimable: build_reward_claimable,
-                   Refunded: build_refunded, ErrorFeedback: build_error_feedback}[type(parsed)]
+    elif isinstance(
+        parsed, (EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded, ErrorFeedback)
+    ):
+        builder = {
+            EscrowOffer: build_escrow_offer,
+            Funded: build_funded,
+            RewardPaid: build_reward_paid,
+            ValidationComplete: build_validation_complete,
+            RewardClaimable: build_reward_claimable,
+            Refunded: build_refunded,
+            ErrorFeedback: build_error_feedback,
+        }[type(parsed)]
         again = _event_like(ev, builder(parsed))
         assert parse_escrow_feedback(again) == parsed
         assert PARSERS[name](again, ctx) == parsed
@@ -570,8 +838,9 @@ def check_rules(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> No
 
 PARSERS = {
     "job": lambda ev, ctx: parse_job_request(ev, escrow_pubkey=E, terms=ctx["terms"], now=ctx["now"]),
-    "job_other_escrow": lambda ev, ctx: parse_job_request(ev, escrow_pubkey=OTHER_E, terms=ctx["terms"],
-                                                          now=ctx["now"]),
+    "job_other_escrow": lambda ev, ctx: parse_job_request(
+        ev, escrow_pubkey=OTHER_E, terms=ctx["terms"], now=ctx["now"]
+    ),
     "result": lambda ev, ctx: parse_result(ev, ctx["job"]),
     "eval_request": lambda ev, ctx: parse_evaluation_request(ev),
     "eval_result": lambda ev, ctx: parse_evaluation_result(ev, escrow_pubkey=E),
@@ -637,10 +906,24 @@ def test_fuzz_codec_job() -> None:
 
 
 def test_fuzz_codec_events() -> None:
-    families = st.one_of(results(), evaluation_requests(), evaluation_results(), payee_invoices(),
-                         escrow_feedbacks(), deletions(), announcements())
+    families = st.one_of(
+        results(),
+        evaluation_requests(),
+        evaluation_results(),
+        payee_invoices(),
+        escrow_feedbacks(),
+        deletions(),
+        announcements(),
+    )
     base, started = seeded("codec_events", families)
     report = harness.run("codec_events", mutated(base), check_codec, from_json=_decode, started=started)
-    for family in ("result", "eval_request", "eval_result", "payee_invoice", "escrow_feedback", "deletion",
-                   "announcement"):
+    for family in (
+        "result",
+        "eval_request",
+        "eval_result",
+        "payee_invoice",
+        "escrow_feedback",
+        "deletion",
+        "announcement",
+    ):
         assert report.outcomes[f"{family}:accepted"] > 0, f"no valid {family} parsed: {report.line()}"

@@ -24,6 +24,7 @@ decoding — and returns exactly what the node read. ``_check_invoice`` (LNURL) 
 with an ``LnurlError`` or accepts only the exact amount on the right network, with the
 metadata's description hash and time left. Never another exception.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,8 +73,12 @@ def h(label: str) -> str:
 
 # The database: hashes of our own invoices and of earlier payout attempts (payout, state).
 OWN_HASHES = (h("own invoice 1"), h("own invoice 2"))
-ATTEMPTS = {h("attempt 1"): ("payout-1", "failed"), h("attempt 2"): ("payout-1", "sending"),
-            h("attempt 3"): ("payout-2", "succeeded"), h("attempt 4"): ("payout-2", "failed")}
+ATTEMPTS = {
+    h("attempt 1"): ("payout-1", "failed"),
+    h("attempt 2"): ("payout-1", "sending"),
+    h("attempt 3"): ("payout-2", "succeeded"),
+    h("attempt 4"): ("payout-2", "failed"),
+}
 PAYOUT_IDS = ("payout-1", "payout-2", "payout-3", None)
 KNOWN_HASHES = (*OWN_HASHES, *ATTEMPTS)
 
@@ -94,10 +99,17 @@ class FakeNode:
             if len(payment_request) % 2:  # both ways check_invoice knows a refusal
                 raise errors.LndInvalidArgument("DecodePayReq", str(exc), grpc.StatusCode.INVALID_ARGUMENT) from None
             raise errors.LndError("DecodePayReq", str(exc), grpc.StatusCode.UNKNOWN) from None
-        return PayReq(destination=inv.destination, payment_hash=inv.payment_hash, num_msat=inv.amount_msat or 0,
-                      timestamp=inv.timestamp, expiry=inv.expiry, cltv_expiry=inv.min_final_cltv,
-                      description=inv.description or "", description_hash=inv.description_hash,
-                      payment_addr=inv.payment_secret or b"")
+        return PayReq(
+            destination=inv.destination,
+            payment_hash=inv.payment_hash,
+            num_msat=inv.amount_msat or 0,
+            timestamp=inv.timestamp,
+            expiry=inv.expiry,
+            cltv_expiry=inv.min_final_cltv,
+            description=inv.description or "",
+            description_hash=inv.description_hash,
+            payment_addr=inv.payment_secret or b"",
+        )
 
 
 class Checker:
@@ -115,32 +127,65 @@ class Checker:
         now = datetime.now(UTC)
         async with sessions.begin() as s:
             for payment_hash in OWN_HASHES:
-                s.add(LnInvoice(payment_hash=payment_hash, mode="hold", amount_msat=1000, payment_request="lnbcrt1x",
-                                expires_at=NOW + 3600))
+                s.add(
+                    LnInvoice(
+                        payment_hash=payment_hash,
+                        mode="hold",
+                        amount_msat=1000,
+                        payment_request="lnbcrt1x",
+                        expires_at=NOW + 3600,
+                    )
+                )
             for payout_id in ("payout-1", "payout-2"):
-                s.add(Payout(id=payout_id, kind=PayoutKind.REWARD, payee="ab" * 32, amount_msat=1000,
-                      destination_kind=DestinationKind.NONE, destination="", state="pending",
-                             attempts=1, next_attempt_at=now))
+                s.add(
+                    Payout(
+                        id=payout_id,
+                        kind=PayoutKind.REWARD,
+                        payee="ab" * 32,
+                        amount_msat=1000,
+                        destination_kind=DestinationKind.NONE,
+                        destination="",
+                        state="pending",
+                        attempts=1,
+                        next_attempt_at=now,
+                    )
+                )
             await s.flush()
             for payment_hash, (payout_id, state) in ATTEMPTS.items():
-                s.add(PayoutAttempt(payment_hash=payment_hash, payout_id=payout_id, payment_request="lnbcrt1x",
-                                    fee_limit_msat=1, state=state))
+                s.add(
+                    PayoutAttempt(
+                        payment_hash=payment_hash,
+                        payout_id=payout_id,
+                        payment_request="lnbcrt1x",
+                        fee_limit_msat=1,
+                        state=state,
+                    )
+                )
         return sessions()
 
     def check(self, case: Case) -> CheckedInvoice | InvoiceCheckError:
         async def call() -> CheckedInvoice | InvoiceCheckError:
             try:
-                return await check_invoice(FakeNode(case.network), self.session, case.pr,
-                                           amount_msat=case.amount_msat, policy=case.policy(),
-                                           our_pubkey=OUR_NODE, now=case.now, payout_id=case.payout_id)
+                return await check_invoice(
+                    FakeNode(case.network),
+                    self.session,
+                    case.pr,
+                    amount_msat=case.amount_msat,
+                    policy=case.policy(),
+                    our_pubkey=OUR_NODE,
+                    now=case.now,
+                    payout_id=case.payout_id,
+                )
             except InvoiceCheckError as exc:
                 return exc
+
         return self.runner.run(call())
 
     def close(self) -> None:
         async def shutdown() -> None:
             await self.session.close()
             await self.engine.dispose()
+
         self.runner.run(shutdown())
         self.runner.close()
 
@@ -225,43 +270,71 @@ def write_invoice(spec: Spec) -> str:
         tags.add(TagChar.min_final_cltv_expiry, spec.cltv)
     if spec.n_field is not None:
         tags.add(TagChar.payee, NODE_KEYS[spec.n_field])
-    invoice = Bolt11(currency=spec.currency, date=spec.timestamp, tags=tags,
-                     amount_msat=MilliSatoshi(spec.amount_msat) if spec.amount_msat is not None else None)
-    return bolt11.encode(invoice, NODE_SECRETS[spec.signer], ignore_exceptions=True,
-                         keep_payee=spec.n_field is not None)
+    invoice = Bolt11(
+        currency=spec.currency,
+        date=spec.timestamp,
+        tags=tags,
+        amount_msat=MilliSatoshi(spec.amount_msat) if spec.amount_msat is not None else None,
+    )
+    return bolt11.encode(
+        invoice, NODE_SECRETS[spec.signer], ignore_exceptions=True, keep_payee=spec.n_field is not None
+    )
 
 
 descriptions = st.text(st.characters(exclude_categories=["Cs"]), max_size=80)
 GARBAGE = ["lightning:", "ln", "1", " ", "\n", "\x00", "é", "\u200b", "q", "p", "lnbc1", "?amount=1", "LN"]
 any_char = st.one_of(st.sampled_from(ref.CHARSET), st.characters(), st.sampled_from(GARBAGE))
 hashes = weighted((6, st.binary(min_size=32, max_size=32).map(bytes.hex)), (2, st.sampled_from(KNOWN_HASHES)))
-amounts = weighted((5, st.integers(1, 10**9)), (2, st.integers(1, 2**64)),
-                   (1, st.sampled_from([1, 9, 10, 11, 999, 1000, 1001, 10**11, 2_100_000_000_000_000_000])))
-payouts = weighted((5, st.integers(1, 10**9)), (2, st.integers(1, 2_100_000_000_000_000_000)),
-                   (1, st.sampled_from([1, 9, 10, 11, 999, 1000, 1001, 10**11, 2_100_000_000_000_000_000])))
+amounts = weighted(
+    (5, st.integers(1, 10**9)),
+    (2, st.integers(1, 2**64)),
+    (1, st.sampled_from([1, 9, 10, 11, 999, 1000, 1001, 10**11, 2_100_000_000_000_000_000])),
+)
+payouts = weighted(
+    (5, st.integers(1, 10**9)),
+    (2, st.integers(1, 2_100_000_000_000_000_000)),
+    (1, st.sampled_from([1, 9, 10, 11, 999, 1000, 1001, 10**11, 2_100_000_000_000_000_000])),
+)
 
 
 def spec_for(draw, network: str, payout: int) -> Spec:
-    description = choose(draw, (7, descriptions),
-                                (3, st.none()))
-    description_hash = None if description is not None else choose(draw,
-        (1, st.just(METADATA_HASH)), (1, st.binary(min_size=32, max_size=32).map(bytes.hex)))
+    description = choose(draw, (7, descriptions), (3, st.none()))
+    description_hash = (
+        None
+        if description is not None
+        else choose(draw, (1, st.just(METADATA_HASH)), (1, st.binary(min_size=32, max_size=32).map(bytes.hex)))
+    )
     if draw(st.integers(0, 19)) == 0:  # both, or neither
         description, description_hash = draw(st.sampled_from([("x", METADATA_HASH), (None, None)]))
     signer = choose(draw, (1, st.just(0)), (6, st.integers(1, len(NODE_KEYS) - 1)))
     n_field = choose(draw, (6, st.none()), (3, st.just(signer)), (1, st.integers(0, len(NODE_KEYS) - 1)))
     return Spec(
-        currency=choose(draw, (12, st.just(ref.PREFIX[network])), (3, st.sampled_from(sorted(ref.PREFIX.values()))),
-                               (1, st.sampled_from(["sb", "bcr", "xyz", "tbsx", "BC", ""]))),
-        amount_msat=choose(draw, (10, st.just(payout)), (2, st.none()), (1, st.just(0)),
-                                  (2, st.sampled_from([payout - 1, payout + 1, payout * 10])), (1, amounts)),
+        currency=choose(
+            draw,
+            (12, st.just(ref.PREFIX[network])),
+            (3, st.sampled_from(sorted(ref.PREFIX.values()))),
+            (1, st.sampled_from(["sb", "bcr", "xyz", "tbsx", "BC", ""])),
+        ),
+        amount_msat=choose(
+            draw,
+            (10, st.just(payout)),
+            (2, st.none()),
+            (1, st.just(0)),
+            (2, st.sampled_from([payout - 1, payout + 1, payout * 10])),
+            (1, amounts),
+        ),
         timestamp=choose(draw, (8, st.integers(NOW - 7200, NOW + 600)), (1, st.integers(0, 2**35 - 1))),
         payment_hash=draw(hashes),
         secret=choose(draw, (9, st.binary(min_size=32, max_size=32).map(bytes.hex)), (1, st.none())),
         description=description,
         description_hash=description_hash,
-        expiry=choose(draw, (3, st.none()), (5, st.integers(1, 7200)), (1, st.sampled_from([0, 1, 300, 10**9, 10**10])),
-                             (1, st.integers(1, 2**40))),
+        expiry=choose(
+            draw,
+            (3, st.none()),
+            (5, st.integers(1, 7200)),
+            (1, st.sampled_from([0, 1, 300, 10**9, 10**10])),
+            (1, st.integers(1, 2**40)),
+        ),
         cltv=choose(draw, (3, st.none()), (5, st.integers(1, 500)), (1, st.sampled_from([0, 431, 432, 433, 2**32]))),
         signer=signer,
         n_field=n_field,
@@ -274,8 +347,9 @@ def generated(draw) -> tuple[Case, Spec]:
     payout = draw(payouts)
     spec = spec_for(draw, network, payout)
     if draw(st.integers(0, 3)) == 0:  # what an LNURL-pay service returns: the metadata's hash, time left
-        spec = replace(spec, description=None, description_hash=METADATA_HASH,
-                       expiry=draw(st.sampled_from([10**9, 2**32, 2**35])))
+        spec = replace(
+            spec, description=None, description_hash=METADATA_HASH, expiry=draw(st.sampled_from([10**9, 2**32, 2**35]))
+        )
     pr = write_invoice(spec)
     if draw(st.integers(0, 9)) == 0:
         pr = pr.upper()
@@ -283,18 +357,26 @@ def generated(draw) -> tuple[Case, Spec]:
     pr += choose(draw, (9, st.just("")), (1, st.sampled_from([" ", "\n", "\u2003"])))
     expiry = 3600 if spec.expiry is None else spec.expiry
     min_expiry = choose(draw, (4, st.just(300)), (1, st.integers(0, 4000)))
-    now = choose(draw,
+    now = choose(
+        draw,
         (3, st.integers(spec.timestamp - 100, spec.timestamp + expiry + 100)),
         (3, st.integers(spec.timestamp + expiry - min_expiry - 3, spec.timestamp + expiry + 3)),
         (1, st.integers(0, 2**36)),
     )
-    case = Case(pr=pr, amount_msat=payout, now=now, network=network, min_expiry=min_expiry,
-                max_cltv=choose(draw, (4, st.just(432)), (1, st.integers(0, 1000))),
-                payout_id=draw(st.sampled_from(PAYOUT_IDS)))
+    case = Case(
+        pr=pr,
+        amount_msat=payout,
+        now=now,
+        network=network,
+        min_expiry=min_expiry,
+        max_cltv=choose(draw, (4, st.just(432)), (1, st.integers(0, 1000))),
+        payout_id=draw(st.sampled_from(PAYOUT_IDS)),
+    )
     return case, spec
 
 
 # ------------------------------------------------------------------------------ mutation
+
 
 def _fields(words: list[int]) -> list[tuple[int, int]]:
     """(start, end) of each tagged field of the data part (words without checksum and signature)."""
@@ -336,19 +418,41 @@ def mutate_words(draw, pr: str) -> str:
     elif op == 4 and _fields(body):  # resize a tagged field's declared length
         start, _ = draw(st.sampled_from(_fields(body)))
         length = draw(st.integers(0, 1023))
-        body[start + 1:start + 3] = [length // 32, length % 32]
+        body[start + 1 : start + 3] = [length // 32, length % 32]
     elif op == 5 and _fields(body):  # duplicate a tagged field
         start, end = draw(st.sampled_from(_fields(body)))
         body[end:end] = body[start:end]
     elif op == 6:  # rewrite the amount or the currency
         currency = ref.currency_of(hrp + "1") or "bc"
-        amount = draw(st.sampled_from(["", "0", "1", "10", "15p", "10p", "100p", "1n", "25u", "2500u", "1m",
-                                       "00010u", "1.5m", "-1", "99999999999999999999", "184467440737095516150p",
-                                       "10U", "1x", "u"]))
+        amount = draw(
+            st.sampled_from(
+                [
+                    "",
+                    "0",
+                    "1",
+                    "10",
+                    "15p",
+                    "10p",
+                    "100p",
+                    "1n",
+                    "25u",
+                    "2500u",
+                    "1m",
+                    "00010u",
+                    "1.5m",
+                    "-1",
+                    "99999999999999999999",
+                    "184467440737095516150p",
+                    "10U",
+                    "1x",
+                    "u",
+                ]
+            )
+        )
         hrp = "ln" + draw(st.sampled_from([currency, currency, "bc", "tb", "tbs", "bcrt", "sb"])) + amount
     else:  # drop or add signature words
         if sig and draw(st.booleans()):
-            sig = sig[:-draw(st.integers(1, 3))]
+            sig = sig[: -draw(st.integers(1, 3))]
         else:
             sig = sig + draw(st.lists(st.integers(0, 31), min_size=1, max_size=3))
     out = ref.encode(hrp, body + sig)
@@ -361,15 +465,15 @@ def mutate_text(draw, pr: str) -> str:
     if op == 0:
         return pr[:pos]
     if op == 1:
-        return pr[:pos] + pr[pos + 1:]
+        return pr[:pos] + pr[pos + 1 :]
     if op == 2:
         return pr[:pos] + draw(any_char) + pr[pos:]
     if op == 3:
-        return pr[:pos] + draw(st.sampled_from(ref.CHARSET)) + pr[pos + 1:]
+        return pr[:pos] + draw(st.sampled_from(ref.CHARSET)) + pr[pos + 1 :]
     if op == 4 and pos + 1 < len(pr):
-        return pr[:pos] + pr[pos + 1] + pr[pos] + pr[pos + 2:]
+        return pr[:pos] + pr[pos + 1] + pr[pos] + pr[pos + 2 :]
     if op == 5 and pr:
-        return pr[:pos] + pr[pos].swapcase() + pr[pos + 1:]
+        return pr[:pos] + pr[pos].swapcase() + pr[pos + 1 :]
     if op == 6:
         return draw(st.sampled_from([pr.upper(), pr.lower(), pr.swapcase(), pr.title()]))
     if op == 7:
@@ -396,7 +500,7 @@ def expected_outcome(case: Case) -> tuple[CheckReason | None, ref.RefInvoice | N
     """check_invoice's documented table, in order; (None, node's reading) when every rule holds."""
     pr = case.pr.strip()
     if pr.lower().startswith("lightning:"):
-        pr = pr[len("lightning:"):]
+        pr = pr[len("lightning:") :]
     try:
         ours = bolt11.decode(pr)
     except Exception:  # noqa: BLE001 - "the bolt11 library decodes it" is the rule
@@ -407,20 +511,24 @@ def expected_outcome(case: Case) -> tuple[CheckReason | None, ref.RefInvoice | N
         node = ref.decode(pr, case.network)
     except ref.RefError:
         return CR.NODE_REFUSED, None
-    if (node.payment_hash.hex() != ours.payment_hash or (ours.amount_msat or 0) != (node.amount_msat or 0)
-            or ours.payee != node.destination):
+    if (
+        node.payment_hash.hex() != ours.payment_hash
+        or (ours.amount_msat or 0) != (node.amount_msat or 0)
+        or ours.payee != node.destination
+    ):
         return CR.DECODERS_DISAGREE, node
     amount = node.amount_msat or 0
     hash_hex = node.payment_hash.hex()
     prior = ATTEMPTS.get(hash_hex)
     for reason, broken in (
-            (CR.NO_AMOUNT, amount == 0),
-            (CR.WRONG_AMOUNT, amount != case.amount_msat),
-            (CR.EXPIRED, node.expires_at <= case.now),
-            (CR.EXPIRES_TOO_SOON, node.expires_at < case.now + case.min_expiry),
-            (CR.CLTV_TOO_LARGE, node.min_final_cltv > case.max_cltv),
-            (CR.SELF_PAYMENT, node.destination == OUR_NODE),
-            (CR.HASH_REUSED, hash_hex in OWN_HASHES or (prior is not None and prior != (case.payout_id, "failed")))):
+        (CR.NO_AMOUNT, amount == 0),
+        (CR.WRONG_AMOUNT, amount != case.amount_msat),
+        (CR.EXPIRED, node.expires_at <= case.now),
+        (CR.EXPIRES_TOO_SOON, node.expires_at < case.now + case.min_expiry),
+        (CR.CLTV_TOO_LARGE, node.min_final_cltv > case.max_cltv),
+        (CR.SELF_PAYMENT, node.destination == OUR_NODE),
+        (CR.HASH_REUSED, hash_hex in OWN_HASHES or (prior is not None and prior != (case.payout_id, "failed"))),
+    ):
         if broken:
             return reason, node
     return None, node
@@ -437,7 +545,7 @@ def check_payout_invoice(checker: Checker, case: Case) -> str:
         assert reason is None, f"accepted, but the rules say {reason.value}"
         # Never accept an invoice a rule forbids (re-derived from the node's reading alone).
         pr = case.pr.strip()
-        pr = pr[len("lightning:"):] if pr.lower().startswith("lightning:") else pr
+        pr = pr[len("lightning:") :] if pr.lower().startswith("lightning:") else pr
         node = ref.decode(pr, case.network)
         assert ref.NETWORK_OF_CURRENCY[node.currency] == case.network
         assert node.amount_msat == case.amount_msat
@@ -446,8 +554,9 @@ def check_payout_invoice(checker: Checker, case: Case) -> str:
         assert node.destination != OUR_NODE
         assert node.payment_hash.hex() not in OWN_HASHES
         assert ATTEMPTS.get(node.payment_hash.hex()) in (None, (case.payout_id, "failed"))
-        assert got == CheckedInvoice(pr, node.payment_hash.hex(), case.amount_msat, node.destination,
-                                     node.expires_at, node.min_final_cltv)
+        assert got == CheckedInvoice(
+            pr, node.payment_hash.hex(), case.amount_msat, node.destination, node.expires_at, node.min_final_cltv
+        )
         outcome = "accepted"
     return outcome + "|lnurl:" + check_lnurl_invoice(case)
 
@@ -462,8 +571,8 @@ def check_lnurl_invoice(case: Case) -> str:
         return exc.reason.value
     currency = ref.currency_of(case.pr)
     assert currency == ref.PREFIX[case.network], "accepted an invoice for another network"
-    hrp = case.pr[:case.pr.rfind("1")].lower()
-    assert ref.parse_amount(hrp[2 + len(currency):]) == case.amount_msat, "accepted another amount"
+    hrp = case.pr[: case.pr.rfind("1")].lower()
+    assert ref.parse_amount(hrp[2 + len(currency) :]) == case.amount_msat, "accepted another amount"
     try:
         inv = ref.decode(case.pr, case.network, strict_case=False)
         description_hash, expires_at, payment_hash = inv.description_hash, inv.expires_at, inv.payment_hash
@@ -486,8 +595,13 @@ def _check(checker: Checker):
 
 
 def test_fuzz_invoice_generated(checker: Checker) -> None:
-    report = harness.run("invoice_generated", generated().map(lambda cs: cs[0]), _check(checker),
-                         to_json=Case.to_json, from_json=_from_json)
+    report = harness.run(
+        "invoice_generated",
+        generated().map(lambda cs: cs[0]),
+        _check(checker),
+        to_json=Case.to_json,
+        from_json=_from_json,
+    )
     outcomes = {k.split("|")[0] for k in report.outcomes}
     assert "accepted" in outcomes, report.line()
     assert len(outcomes) >= 9, f"only {sorted(outcomes)}: {report.line()}"
@@ -499,20 +613,28 @@ def test_fuzz_invoice_mutated(checker: Checker) -> None:
     # Mutating an invoice that decodes reaches deeper than mutating one that does not.
     decodes = [cs for cs in pool if expected_outcome(cs[0])[0] is not CR.UNDECODABLE] or pool
     base = weighted((1, generated()), (1, st.sampled_from(pool)), (4, st.sampled_from(decodes)))
-    report = harness.run("invoice_mutated", mutated(base), _check(checker), to_json=Case.to_json,
-                         from_json=_from_json, started=started)
+    report = harness.run(
+        "invoice_mutated", mutated(base), _check(checker), to_json=Case.to_json, from_json=_from_json, started=started
+    )
     outcomes = {k.split("|")[0] for k in report.outcomes}
     assert {"accepted", CR.UNDECODABLE.value, CR.NODE_REFUSED.value} <= outcomes, report.line()
 
 
 def test_the_reference_reader_reads_the_bolt11_spec_vector() -> None:
     """Guards the oracle: BOLT 11's "1 cup coffee" example decodes to the spec's values."""
-    vector = ("lnbc2500u1pvjluezsp5zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zygspp5qqqsyqcyq5rqwzqfqqqsy"
-              "qcyq5rqwzqfqqqsyqcyq5rqwzqfqypqdq5xysxxatsyp3k7enxv4jsxqzpu9qrsgquk0rl77nj30yxdy8j9vdx85fkpmdla20"
-              "87ne0xh8nhedh8w27kyke0lp53ut353s06fv3qfegext0eh0ymjpf39tuven09sam30g4vgpfna3rh")
+    vector = (
+        "lnbc2500u1pvjluezsp5zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zyg3zygspp5qqqsyqcyq5rqwzqfqqqsy"
+        "qcyq5rqwzqfqqqsyqcyq5rqwzqfqypqdq5xysxxatsyp3k7enxv4jsxqzpu9qrsgquk0rl77nj30yxdy8j9vdx85fkpmdla20"
+        "87ne0xh8nhedh8w27kyke0lp53ut353s06fv3qfegext0eh0ymjpf39tuven09sam30g4vgpfna3rh"
+    )
     inv = ref.decode(vector, "mainnet")
-    assert (inv.amount_msat, inv.timestamp, inv.description, inv.expiry, inv.min_final_cltv) == \
-        (250_000_000, 1496314658, "1 cup coffee", 60, 18)
+    assert (inv.amount_msat, inv.timestamp, inv.description, inv.expiry, inv.min_final_cltv) == (
+        250_000_000,
+        1496314658,
+        "1 cup coffee",
+        60,
+        18,
+    )
     assert inv.destination == "03e7156ae33b0a208d0744199163177e909e80176e55d97a2f221ede0f934dd9ad"
     assert inv.payment_hash.hex() == "0001020304050607080900010203040506070809000102030405060708090102"
     hrp, words = ref.split(vector)

@@ -13,6 +13,7 @@ re-signed is exactly the original) or raises ``EventError`` whose reason is a fa
 input really has (the first one in the documented order once the shape is right).
 Never another exception.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -46,24 +47,47 @@ def sign_dict(secret: bytes, created_at: int, kind: int, tags: list, content: st
     pubkey = coincurve.PrivateKey(secret).public_key_xonly.format().hex()
     data = canonical_bytes(pubkey, created_at, kind, tags, content)
     if data is None:  # a lone surrogate has no UTF-8: no id can exist
-        return {"id": "0" * 64, "pubkey": pubkey, "created_at": created_at, "kind": kind, "tags": tags,
-                "content": content, "sig": "0" * 128}
+        return {
+            "id": "0" * 64,
+            "pubkey": pubkey,
+            "created_at": created_at,
+            "kind": kind,
+            "tags": tags,
+            "content": content,
+            "sig": "0" * 128,
+        }
     digest = hashlib.sha256(data).digest()
     sig = coincurve.PrivateKey(secret).sign_schnorr(digest, bytes(32))
-    return {"id": digest.hex(), "pubkey": pubkey, "created_at": created_at, "kind": kind, "tags": tags,
-            "content": content, "sig": sig.hex()}
+    return {
+        "id": digest.hex(),
+        "pubkey": pubkey,
+        "created_at": created_at,
+        "kind": kind,
+        "tags": tags,
+        "content": content,
+        "sig": sig.hex(),
+    }
 
 
 # ----------------------------------------------------------------------------- strategies
 
-hex_like = st.one_of(st.binary(min_size=32, max_size=32).map(bytes.hex), st.sampled_from(PUBKEYS),
-                     st.text("0123456789abcdefABCDEF", min_size=0, max_size=130))
-wild_ints = st.one_of(st.integers(), st.sampled_from([-1, 0, 2**63 - 1, 2**63, 2**64, -(2**63), 65535, 65536,
-                                                      NOW + 900, NOW + 901, 10**30]))
+hex_like = st.one_of(
+    st.binary(min_size=32, max_size=32).map(bytes.hex),
+    st.sampled_from(PUBKEYS),
+    st.text("0123456789abcdefABCDEF", min_size=0, max_size=130),
+)
+wild_ints = st.one_of(
+    st.integers(),
+    st.sampled_from([-1, 0, 2**63 - 1, 2**63, 2**64, -(2**63), 65535, 65536, NOW + 900, NOW + 901, 10**30]),
+)
 json_scalars = st.one_of(st.none(), st.booleans(), wild_ints, st.floats(), edge_text, hex_like)
-json_values = st.recursive(json_scalars, lambda inner: st.lists(inner, max_size=5)
-                           | st.dictionaries(st.one_of(edge_text, st.sampled_from(FIELDS)), inner, max_size=5),
-                           max_leaves=8)
+json_values = st.recursive(
+    json_scalars,
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.one_of(edge_text, st.sampled_from(FIELDS)), inner, max_size=5)
+    ),
+    max_leaves=8,
+)
 
 
 def deep(depth: int) -> list:
@@ -77,12 +101,15 @@ tags_strategy = weighted(
     (10, st.lists(st.lists(short_text, min_size=1, max_size=5), max_size=6)),
     (5, st.lists(st.lists(st.sampled_from(["e", "p", "t", "d", "x" * 100]), min_size=1, max_size=3), max_size=12)),
     # huge: many tags, long tags (the 2000 / 64 limits)
-    (1, st.builds(lambda n, item: [["t", item]] * n, st.sampled_from([1999, 2000, 2001, 3000]),
-                  st.sampled_from(["", "x"]))),
+    (
+        1,
+        st.builds(
+            lambda n, item: [["t", item]] * n, st.sampled_from([1999, 2000, 2001, 3000]), st.sampled_from(["", "x"])
+        ),
+    ),
     (1, st.builds(lambda n: [["t"] * n], st.sampled_from([63, 64, 65, 200]))),
 )
-kinds = st.one_of(st.sampled_from([0, 1, 5, 5701, 6701, 5702, 6702, 7000, 27235, 31990, 65535]),
-                  st.integers(0, 65535))
+kinds = st.one_of(st.sampled_from([0, 1, 5, 5701, 6701, 5702, 6702, 7000, 27235, 31990, 65535]), st.integers(0, 65535))
 created = weighted(
     (8, st.integers(NOW - 86_400, NOW + 600)),
     (2, st.sampled_from([0, NOW - 3600, NOW + 899, NOW + 900, NOW + 901, 2**63 - 1])),
@@ -136,17 +163,54 @@ def mutated_json_text(draw) -> Any:
         pos = draw(st.integers(0, len(data)))
         if op >= 3 and starts:
             at = starts[draw(st.integers(0, len(starts) - 1))]
-            data[at:at] = draw(st.sampled_from([b"\\u0000", b"\\ud800", b"\\udfff\\ud800", b'\\"', b"\\\\",
-                                                b"\\u202e", b"\\u00e9", b"e\xcc\x81", b"\xf0\x9f\x98\x80",
-                                                b"\\n", b"\\u001f", b"\\/", b"\x7f", b"a" * 70_000]))
+            data[at:at] = draw(
+                st.sampled_from(
+                    [
+                        b"\\u0000",
+                        b"\\ud800",
+                        b"\\udfff\\ud800",
+                        b'\\"',
+                        b"\\\\",
+                        b"\\u202e",
+                        b"\\u00e9",
+                        b"e\xcc\x81",
+                        b"\xf0\x9f\x98\x80",
+                        b"\\n",
+                        b"\\u001f",
+                        b"\\/",
+                        b"\x7f",
+                        b"a" * 70_000,
+                    ]
+                )
+            )
             starts = []  # positions after this one moved
         elif op == 0 and pos < len(data):
             data[pos] = draw(st.integers(0, 255))
         elif op == 1:
-            data[pos:pos] = draw(st.sampled_from([b'"', b"\\", b"0", b"-", b"[", b"]", b"{", b"}", b",", b":",
-                                                  b"\\u0000", b"\\ud800", b"\xff", b"\xc3", b"1e9", b" "]))
+            data[pos:pos] = draw(
+                st.sampled_from(
+                    [
+                        b'"',
+                        b"\\",
+                        b"0",
+                        b"-",
+                        b"[",
+                        b"]",
+                        b"{",
+                        b"}",
+                        b",",
+                        b":",
+                        b"\\u0000",
+                        b"\\ud800",
+                        b"\xff",
+                        b"\xc3",
+                        b"1e9",
+                        b" ",
+                    ]
+                )
+            )
         else:
-            del data[pos:pos + draw(st.integers(1, 8))]
+            del data[pos : pos + draw(st.integers(1, 8))]
     try:
         return json.loads(bytes(data))
     except (ValueError, RecursionError):
@@ -155,8 +219,9 @@ def mutated_json_text(draw) -> Any:
 
 @st.composite
 def json_inputs(draw) -> tuple[Any, Limits]:
-    value = draw(st.one_of(json_values, near_events(), mutated_json_text(),
-                           st.builds(deep, st.sampled_from([10, 100, 5000]))))
+    value = draw(
+        st.one_of(json_values, near_events(), mutated_json_text(), st.builds(deep, st.sampled_from([10, 100, 5000])))
+    )
     return value, draw(limits())
 
 
@@ -175,14 +240,19 @@ def mutated_events(draw) -> tuple[dict, dict, bool, Limits]:
             text = ev.get(name)
             if type(text) is str and text:
                 pos = draw(st.integers(0, len(text) - 1))
-                ev[name] = text[:pos] + draw(st.sampled_from(HEX_REPLACEMENTS)) + text[pos + 1:]
+                ev[name] = text[:pos] + draw(st.sampled_from(HEX_REPLACEMENTS)) + text[pos + 1 :]
         elif op == 3:
             name = draw(st.sampled_from(["created_at", "kind"]))
             base = ev.get(name) if type(ev.get(name)) is int else 0
-            ev[name] = draw(st.one_of(st.integers(base - 2, base + 2),
-                                      st.sampled_from([-1, 2**63, 2**63 - 1, 2**64, 65535, 65536, 1.5, float(base),
-                                                       str(base), True, None, NOW + 901]),
-                                      json_scalars))
+            ev[name] = draw(
+                st.one_of(
+                    st.integers(base - 2, base + 2),
+                    st.sampled_from(
+                        [-1, 2**63, 2**63 - 1, 2**64, 65535, 65536, 1.5, float(base), str(base), True, None, NOW + 901]
+                    ),
+                    json_scalars,
+                )
+            )
         elif op <= 6 and isinstance(ev.get("tags"), list):
             tags = ev["tags"]
             which = draw(st.integers(0, 6))
@@ -196,8 +266,9 @@ def mutated_events(draw) -> tuple[dict, dict, bool, Limits]:
             elif which == 3 and tags and isinstance(tags[0], list):
                 tag = tags[draw(st.integers(0, len(tags) - 1))]
                 if isinstance(tag, list) and tag:
-                    tag[draw(st.integers(0, len(tag) - 1))] = draw(st.one_of(
-                        json_scalars, st.just([]), st.just({}), st.builds(deep, st.sampled_from([3, 50]))))
+                    tag[draw(st.integers(0, len(tag) - 1))] = draw(
+                        st.one_of(json_scalars, st.just([]), st.just({}), st.builds(deep, st.sampled_from([3, 50])))
+                    )
             elif which == 4:
                 tags.append(draw(st.one_of(st.just([]), json_values, st.lists(edge_text, min_size=1, max_size=70))))
             elif which == 5:
@@ -222,13 +293,19 @@ def mutated_events(draw) -> tuple[dict, dict, bool, Limits]:
             ev[name] = other[name]
     resigned = False
     if draw(st.integers(0, 3)) == 0 and not {"tags", "content", "kind", "created_at"} - ev.keys():
-        ok = (type(ev["created_at"]) is int and type(ev["kind"]) is int and isinstance(ev["tags"], list)
-              and all(isinstance(t, list) and all(type(i) is str for i in t) for t in ev["tags"])
-              and type(ev["content"]) is str)
+        ok = (
+            type(ev["created_at"]) is int
+            and type(ev["kind"]) is int
+            and isinstance(ev["tags"], list)
+            and all(isinstance(t, list) and all(type(i) is str for i in t) for t in ev["tags"])
+            and type(ev["content"]) is str
+        )
         if ok:  # an authentic event with the mutated body: only the limits can refuse it
             extra = {k: v for k, v in ev.items() if k not in FIELDS}
-            ev = {**sign_dict(draw(st.sampled_from(SECRETS)), ev["created_at"], ev["kind"], ev["tags"],
-                              ev["content"]), **extra}
+            ev = {
+                **sign_dict(draw(st.sampled_from(SECRETS)), ev["created_at"], ev["kind"], ev["tags"], ev["content"]),
+                **extra,
+            }
             resigned = True
     return original, ev, resigned, draw(limits())
 
@@ -246,11 +323,13 @@ def check_verify(obj: Any, lim: Limits, original: dict | None = None, resigned: 
         event = verify_event(obj, **lim.kwargs())
     except EventError as exc:
         assert isinstance(exc.reason, EventErrorReason), exc
-        assert exc.reason in expected, (f"refused with {exc.reason.value}, but the input's faults are "
-                                        f"{[r.value for r in expected]}")
+        assert exc.reason in expected, (
+            f"refused with {exc.reason.value}, but the input's faults are {[r.value for r in expected]}"
+        )
         if exc.reason not in SHAPE:
             assert not set(expected) & SHAPE and exc.reason == expected[0], (
-                f"refused with {exc.reason.value}; the documented order gives {expected[0].value}")
+                f"refused with {exc.reason.value}; the documented order gives {expected[0].value}"
+            )
         return exc.reason.value
     assert not expected, f"accepted an event with faults {[r.value for r in expected]}"
     assert isinstance(event, Event)
@@ -271,8 +350,11 @@ def check_verify(obj: Any, lim: Limits, original: dict | None = None, resigned: 
 
 def _encode(case: tuple) -> dict:
     value, lim = case[0], case[1]
-    return {"value": value, "limits": lim.kwargs(), **({"original": case[2], "resigned": case[3]}
-                                                       if len(case) > 2 else {})}
+    return {
+        "value": value,
+        "limits": lim.kwargs(),
+        **({"original": case[2], "resigned": case[3]} if len(case) > 2 else {}),
+    }
 
 
 def _decode(doc: dict) -> tuple:
@@ -308,6 +390,7 @@ def test_the_reference_serializer_agrees_with_nip01(text: str) -> None:
     """Guards the oracle: ref_nip01's serializer is byte-equal to nip01's where both exist."""
     from service.nostr.nip01 import EventError as Error
     from service.nostr.nip01 import serialize
+
     tags = [["t", text], ["p", PUBKEYS[0], ""]]
     ours = canonical_bytes(PUBKEYS[0], NOW, 1, tags, text)
     try:

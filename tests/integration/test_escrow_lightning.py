@@ -1,4 +1,5 @@
 """Escrow invoices, settlement facts, the deadline guard, webhooks and payouts on real LND."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,15 @@ from tests.support.payouts import pay_due
 
 pytestmark = pytest.mark.lnd
 
-POLICY = PayoutPolicy(network="regtest", fee_ppm=5_000, fee_cap_msat=1_000_000,
-                      timeout_seconds=30, max_attempts=2, retry_seconds=0, min_expiry_seconds=60)
+POLICY = PayoutPolicy(
+    network="regtest",
+    fee_ppm=5_000,
+    fee_cap_msat=1_000_000,
+    timeout_seconds=30,
+    max_attempts=2,
+    retry_seconds=0,
+    min_expiry_seconds=60,
+)
 
 
 class Ln:
@@ -58,16 +66,19 @@ class Ln:
 
     async def invoice(self, amount: int, mode: str, **kw) -> LnInvoice:
         async with self.sessions.begin() as s:
-            row = await self.invoices.create(s, job_id=kw.pop("job_id", "job-" + secrets.token_hex(4)),
-                                             amount_msat=amount, mode=mode, **kw)
+            row = await self.invoices.create(
+                s, job_id=kw.pop("job_id", "job-" + secrets.token_hex(4)), amount_msat=amount, mode=mode, **kw
+            )
         if row.mode == "hold":
             self.watcher.watch(row.payment_hash)
         return row
 
     async def facts(self, h: str) -> list[tuple[str, str]]:
         async with self.sessions() as s:
-            return [(f.kind, f.source) for f in (await s.scalars(
-                select(LnFact).where(LnFact.payment_hash == h).order_by(LnFact.seq))).all()]
+            return [
+                (f.kind, f.source)
+                for f in (await s.scalars(select(LnFact).where(LnFact.payment_hash == h).order_by(LnFact.seq))).all()
+            ]
 
     async def state(self, h: str) -> str:
         async with self.sessions() as s:
@@ -112,10 +123,28 @@ async def test_hold_funding_settle_then_payout_to_payee(ln: Ln, regtest: Regtest
 
     payreq, h = await regtest.payee_invoice(120_000, memo="reward")
     async with ln.sessions.begin() as s:
-        assert await create_payout(s, NewPayout("job-A:provider-1", inv.job_id, PayoutKind.REWARD, "ab" * 32,
-                                                120_000, Destination(DestinationKind.BOLT11, payreq)))
-        assert not await create_payout(s, NewPayout("job-A:provider-1", None, PayoutKind.REWARD, "ab" * 32,
-                                                    120_000, Destination(DestinationKind.BOLT11, payreq))), "idempotent by payout id"
+        assert await create_payout(
+            s,
+            NewPayout(
+                "job-A:provider-1",
+                inv.job_id,
+                PayoutKind.REWARD,
+                "ab" * 32,
+                120_000,
+                Destination(DestinationKind.BOLT11, payreq),
+            ),
+        )
+        assert not await create_payout(
+            s,
+            NewPayout(
+                "job-A:provider-1",
+                None,
+                PayoutKind.REWARD,
+                "ab" * 32,
+                120_000,
+                Destination(DestinationKind.BOLT11, payreq),
+            ),
+        ), "idempotent by payout id"
     [outcome] = await pay_due(ln.payouts)
     assert outcome.state == "succeeded", outcome
     p = await ln.payout("job-A:provider-1")
@@ -153,10 +182,19 @@ async def test_auto_mode_chooses_custodial_for_long_jobs_and_hold_refuses(ln: Ln
     # The mode is decided once, at intake (decide_mode); the invoice layer only refuses what
     # it cannot make: `auto` (undecided) and a hold invoice longer than the CLTV limit.
     long_job = 30 * 24 * 3600
-    terms = EscrowTerms(fee_base_msat=0, fee_ppm=0, min_bid_msat=1_000, max_bid_msat=10**9, max_validators=3,
-                        max_shards=3, min_results_window_s=0, max_job_duration_s=long_job * 2,
-                        modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST,
-                        max_hold_seconds=long_job * 2)
+    terms = EscrowTerms(
+        fee_base_msat=0,
+        fee_ppm=0,
+        min_bid_msat=1_000,
+        max_bid_msat=10**9,
+        max_validators=3,
+        max_shards=3,
+        min_results_window_s=0,
+        max_job_duration_s=long_job * 2,
+        modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+        network=Network.REGTEST,
+        max_hold_seconds=long_job * 2,
+    )
     assert decide_mode(Mode.AUTO, long_job, 3600, terms, ln.invoices.sizing) is Mode.CUSTODIAL
     with pytest.raises(ModeRefused):
         decide_mode(Mode.HOLD, long_job, 3600, terms, ln.invoices.sizing)
@@ -212,6 +250,7 @@ async def test_hold_invoices_over_the_stream_budget_are_found_by_the_sweep(ln: L
 
 # ---- webhooks -------------------------------------------------------------------------
 
+
 async def _webhook(ln: Ln, secret: bytes, body: bytes, *, ts: int | None = None, sig: str | None = None):
     ts = ts or int(time.time())
     headers = {webhook.TS_HEADER: str(ts), webhook.SIG_HEADER: sig or webhook.sign(secret, ts, body)}
@@ -225,7 +264,7 @@ async def test_forged_settled_webhook_for_unpaid_invoice_changes_nothing(ln: Ln,
     secret = os.urandom(32)
     inv = await ln.invoice(21_000, "custodial")
     body = json.dumps({"payment_hash": inv.payment_hash, "state": "SETTLED", "amt_paid_msat": 21000}).encode()
-    result = await _webhook(ln, secret, body)   # correctly signed, but the invoice is unpaid
+    result = await _webhook(ln, secret, body)  # correctly signed, but the invoice is unpaid
     assert result.kind is None and result.lnd_state == InvoiceState.OPEN
     assert await ln.state(inv.payment_hash) == "open" and await ln.facts(inv.payment_hash) == []
 
@@ -251,6 +290,7 @@ async def test_forged_settled_webhook_for_unpaid_invoice_changes_nothing(ln: Ln,
 
 # ---- deadline guard -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("on_deadline", ["settle", "cancel"])
 async def test_deadline_guard_acts_before_lnd_auto_cancel(ln: Ln, regtest: Regtest, on_deadline: str) -> None:
     sizing = HoldSizing(margin_blocks=16)
@@ -265,7 +305,7 @@ async def test_deadline_guard_acts_before_lnd_auto_cancel(ln: Ln, regtest: Regte
     assert expiry - tip > threshold
     assert await guard_once(ln.watcher, hold_expiry_delta=12, margin_blocks=12) == []
 
-    await regtest.mine(expiry - tip - threshold)   # exactly at our threshold, well before LND's (12)
+    await regtest.mine(expiry - tip - threshold)  # exactly at our threshold, well before LND's (12)
     actions = await guard_once(ln.watcher, hold_expiry_delta=12, margin_blocks=12)
     assert [(a.payment_hash, a.action) for a in actions] == [(inv.payment_hash, on_deadline)]
     assert actions[0].remaining_blocks == threshold
@@ -280,22 +320,29 @@ async def test_deadline_guard_acts_before_lnd_auto_cancel(ln: Ln, regtest: Regte
 
 # ---- payout checks ---------------------------------------------------------------------------
 
+
 def foreign_invoice(currency: str, amount_msat: int) -> str:
     tags = Tags()
     tags.add(TagChar.payment_hash, os.urandom(32).hex())
     tags.add(TagChar.payment_secret, os.urandom(32).hex())
     tags.add(TagChar.description, "elsewhere")
     tags.add(TagChar.expire_time, 3600)
-    return bolt11.encode(Bolt11(currency=currency, date=int(time.time()), tags=tags,
-                                amount_msat=MilliSatoshi(amount_msat)), os.urandom(32).hex())
+    return bolt11.encode(
+        Bolt11(currency=currency, date=int(time.time()), tags=tags, amount_msat=MilliSatoshi(amount_msat)),
+        os.urandom(32).hex(),
+    )
 
 
 async def test_payout_refused_for_each_bad_invoice_and_nothing_is_sent(ln: Ln, regtest: Regtest) -> None:
     amount = 25_000
     paid_req, paid_hash = await regtest.payee_invoice(amount)
     async with ln.sessions.begin() as s:
-        await create_payout(s, NewPayout("first", None, PayoutKind.REWARD, "cd" * 32, amount,
-                                         Destination(DestinationKind.BOLT11, paid_req)))
+        await create_payout(
+            s,
+            NewPayout(
+                "first", None, PayoutKind.REWARD, "cd" * 32, amount, Destination(DestinationKind.BOLT11, paid_req)
+            ),
+        )
     assert (await pay_due(ln.payouts))[0].state == "succeeded"
 
     wrong_amount, wa_hash = await regtest.payee_invoice(amount + 1)
@@ -307,8 +354,8 @@ async def test_payout_refused_for_each_bad_invoice_and_nothing_is_sent(ln: Ln, r
         (CheckReason.WRONG_AMOUNT, wrong_amount),
         (CheckReason.EXPIRED, expired.payment_request),
         (CheckReason.EXPIRES_TOO_SOON, soon.payment_request),
-        (CheckReason.WRONG_NETWORK, foreign_invoice("bc", amount)),     # mainnet
-        (CheckReason.WRONG_NETWORK, foreign_invoice("tb", amount)),     # testnet
+        (CheckReason.WRONG_NETWORK, foreign_invoice("bc", amount)),  # mainnet
+        (CheckReason.WRONG_NETWORK, foreign_invoice("tb", amount)),  # testnet
         (CheckReason.SELF_PAYMENT, own.payment_request),
         (CheckReason.HASH_REUSED, paid_req),
         (CheckReason.UNDECODABLE, "lnbcrt1notaninvoice"),
@@ -316,8 +363,10 @@ async def test_payout_refused_for_each_bad_invoice_and_nothing_is_sent(ln: Ln, r
     for i, (expected, payreq) in enumerate(cases):
         pid = f"bad-{i}"
         async with ln.sessions.begin() as s:
-            await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, "cd" * 32, amount,
-                                             Destination(DestinationKind.BOLT11, payreq)))
+            await create_payout(
+                s,
+                NewPayout(pid, None, PayoutKind.REWARD, "cd" * 32, amount, Destination(DestinationKind.BOLT11, payreq)),
+            )
         [outcome] = await pay_due(ln.payouts)
         p = await ln.payout(pid)
         assert p.state == "needs_invoice" and p.last_error.startswith(expected.value), (expected, p.last_error)
@@ -342,8 +391,9 @@ async def test_check_invoice_refuses_amountless(ln: Ln, regtest: Regtest) -> Non
     pr = bolt11.encode(Bolt11(currency="bcrt", date=int(time.time()), tags=tags), os.urandom(32).hex())
     async with ln.sessions() as s:
         with pytest.raises(InvoiceCheckError) as exc:
-            await check_invoice(regtest.escrow, s, pr, amount_msat=1000, policy=POLICY,
-                                our_pubkey=regtest.node("escrow")["pubkey"])
+            await check_invoice(
+                regtest.escrow, s, pr, amount_msat=1000, policy=POLICY, our_pubkey=regtest.node("escrow")["pubkey"]
+            )
     assert exc.value.reason == CheckReason.NO_AMOUNT
 
 
@@ -354,22 +404,38 @@ async def test_payee_submits_new_invoice_after_refusal(ln: Ln, regtest: Regtest)
     wrong, _ = await regtest.payee_invoice(6_999)
     with pytest.raises(InvoiceRefused) as refused:
         async with ln.sessions.begin() as s:
-            await accept_invoice(s, job_id="job", payee="ef" * 32, bolt11=wrong, amount_msat=None,
-                                 source=InvoiceSource.REST, network=POLICY.network)
+            await accept_invoice(
+                s,
+                job_id="job",
+                payee="ef" * 32,
+                bolt11=wrong,
+                amount_msat=None,
+                source=InvoiceSource.REST,
+                network=POLICY.network,
+            )
     assert refused.value.code == CheckReason.WRONG_AMOUNT
     good, h = await regtest.payee_invoice(7_000)
     async with ln.sessions.begin() as s:
-        await accept_invoice(s, job_id="job", payee="ef" * 32, bolt11=good, amount_msat=None,
-                             source=InvoiceSource.REST, network=POLICY.network)
+        await accept_invoice(
+            s,
+            job_id="job",
+            payee="ef" * 32,
+            bolt11=good,
+            amount_msat=None,
+            source=InvoiceSource.REST,
+            network=POLICY.network,
+        )
     [outcome] = await pay_due(ln.payouts)
     assert outcome.state == "succeeded" and (await ln.payout("later")).payment_hash == h.hex()
 
 
 # ---- crash and restart -------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("where", ["after_write_ahead", "in_flight"])
-async def test_worker_killed_mid_payout_pays_exactly_once_after_restart(ln: Ln, regtest: Regtest, where: str,
-                                                                         database_url: str) -> None:
+async def test_worker_killed_mid_payout_pays_exactly_once_after_restart(
+    ln: Ln, regtest: Regtest, where: str, database_url: str
+) -> None:
     import subprocess
     import sys
     from pathlib import Path
@@ -378,11 +444,17 @@ async def test_worker_killed_mid_payout_pays_exactly_once_after_restart(ln: Ln, 
     payreq, h = await regtest.payee_invoice(amount)
     pid = f"crash-{where}"
     async with ln.sessions.begin() as s:
-        await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, "aa" * 32, amount,
-                                         Destination(DestinationKind.BOLT11, payreq)))
+        await create_payout(
+            s, NewPayout(pid, None, PayoutKind.REWARD, "aa" * 32, amount, Destination(DestinationKind.BOLT11, payreq))
+        )
     stack_json = str(Path(regtest.desc["dir"]) / "stack.json")
-    r = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "tests.support.payout_crash", database_url,
-                                                 stack_json, where], capture_output=True, text=True, timeout=120)
+    r = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "tests.support.payout_crash", database_url, stack_json, where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 9, r.stderr
     p = await ln.payout(pid)
     assert p.state == "sending" and p.attempts == 1

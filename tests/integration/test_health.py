@@ -1,4 +1,5 @@
 """Readiness reports the database, LND and relay status, over ASGI and from the real CLI."""
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,15 @@ pytestmark = pytest.mark.lnd
 
 def _settings(regtest: Regtest, database_url: str, **over) -> Settings:
     node = regtest.node("escrow")
-    base = dict(network="regtest", database_url=database_url, lnd_grpc_host=node["rpc"],
-                lnd_tls_cert_path=node["tls_cert"], lnd_macaroon_path=node["macaroon"],
-                relays=[regtest.desc["relay"]["url"]], nostr_secret_key=SecretKey.generate().to_hex())
+    base = dict(
+        network="regtest",
+        database_url=database_url,
+        lnd_grpc_host=node["rpc"],
+        lnd_tls_cert_path=node["tls_cert"],
+        lnd_macaroon_path=node["macaroon"],
+        relays=[regtest.desc["relay"]["url"]],
+        nostr_secret_key=SecretKey.generate().to_hex(),
+    )
     base.update(over)
     return Settings(_env_file=None, **base)
 
@@ -63,8 +70,9 @@ def _closed_port() -> int:
 
 async def test_not_ready_names_each_failing_dependency(regtest: Regtest, database_url: str) -> None:
     dead_relay = f"ws://127.0.0.1:{_closed_port()}"
-    settings = _settings(regtest, database_url, lnd_grpc_host=f"127.0.0.1:{_closed_port()}",
-                         relays=[dead_relay], lnd_timeout_seconds=2)
+    settings = _settings(
+        regtest, database_url, lnd_grpc_host=f"127.0.0.1:{_closed_port()}", relays=[dead_relay], lnd_timeout_seconds=2
+    )
     r = await _get(create_app(settings), "/v1/health/ready")
     assert r.status_code == 503
     body = r.json()
@@ -88,13 +96,24 @@ def test_cli_serve_migrates_and_reports_ready(regtest: Regtest, tmp_path: Path) 
     """The service as users start it: `fedstr-escrow serve` with FEDSTR_* settings."""
     node = regtest.node("escrow")
     port = _closed_port()
-    env = {**os.environ, "FEDSTR_NETWORK": "regtest", "FEDSTR_HTTP_PORT": str(port),
-           "FEDSTR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'svc.sqlite3'}",
-           "FEDSTR_LND_GRPC_HOST": node["rpc"], "FEDSTR_LND_TLS_CERT_PATH": node["tls_cert"],
-           "FEDSTR_LND_MACAROON_PATH": node["macaroon"],
-           "FEDSTR_RELAYS": json.dumps([regtest.desc["relay"]["url"]])}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {
+        **os.environ,
+        "FEDSTR_NETWORK": "regtest",
+        "FEDSTR_HTTP_PORT": str(port),
+        "FEDSTR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'svc.sqlite3'}",
+        "FEDSTR_LND_GRPC_HOST": node["rpc"],
+        "FEDSTR_LND_TLS_CERT_PATH": node["tls_cert"],
+        "FEDSTR_LND_MACAROON_PATH": node["macaroon"],
+        "FEDSTR_RELAYS": json.dumps([regtest.desc["relay"]["url"]]),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         body = None
@@ -117,7 +136,13 @@ def test_cli_serve_migrates_and_reports_ready(regtest: Regtest, tmp_path: Path) 
 
 def test_cli_refuses_bad_config_with_reason(tmp_path: Path) -> None:
     env = {**os.environ, "FEDSTR_LND_GRPC_HOST": "nohostport", "FEDSTR_RELAYS": "http://x"}
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert r.returncode == 2
     assert "FEDSTR_LND_GRPC_HOST" in r.stderr and "FEDSTR_RELAYS" in r.stderr

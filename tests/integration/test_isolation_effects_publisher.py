@@ -8,6 +8,7 @@ once replayed without the fault. Publisher: two queued events, one of whose rows
 (fault injected into the table: a row we cannot read); the other reaches the relay in the same
 poll. SQLite and PostgreSQL.
 """
+
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
@@ -91,28 +92,32 @@ async def invoice_of(world: World, job_id: str) -> LnInvoice | None:
 
 
 @pytest.mark.lnd
-async def test_effects_a_cancel_that_keeps_failing_is_quarantined_not_dropped(backend: str, database_url: str,
-                                                                             regtest: Regtest) -> None:
+async def test_effects_a_cancel_that_keeps_failing_is_quarantined_not_dropped(
+    backend: str, database_url: str, regtest: Regtest
+) -> None:
     async with world_on(database_url) as world:
         watcher = SettlementWatcher(regtest.escrow, world.sessions)
-        invoices = EscrowInvoices(regtest.escrow, HoldSizing(margin_blocks=16), expiry_seconds=600,
-                                  sessions=world.sessions)
+        invoices = EscrowInvoices(
+            regtest.escrow, HoldSizing(margin_blocks=16), expiry_seconds=600, sessions=world.sessions
+        )
         runner = EffectRunner(world.engine, invoices, watcher, max_attempts=MAX_ATTEMPTS, quarantine=world.quarantine)
         try:
             await world.job_request("best", "hold", 1_000_000)
             await world.job_request("best", "hold", 1_000_000)
             a, b = (ev.id for ev, _ in world.jobs)
             world.qclock.skip(1)
-            assert await runner.run_once() == 2                 # two real hold invoices
+            assert await runner.run_once() == 2  # two real hold invoices
             inv_a, inv_b = await invoice_of(world, a), await invoice_of(world, b)
-            for job_id in (a, b):                                # the customer deletes both offers
+            for job_id in (a, b):  # the customer deletes both offers
                 await deletion(world, job_id)
             lnd = OneJobRefused(regtest.escrow, {inv_a.payment_hash})
             runner.lnd = lnd
             world.qclock.skip(1)
 
             assert await runner.run_once() == 1
-            assert (await regtest.escrow.lookup_invoice(bytes.fromhex(inv_b.payment_hash))).state == InvoiceState.CANCELED
+            assert (
+                await regtest.escrow.lookup_invoice(bytes.fromhex(inv_b.payment_hash))
+            ).state == InvoiceState.CANCELED
             assert (await regtest.escrow.lookup_invoice(bytes.fromhex(inv_a.payment_hash))).state == InvoiceState.OPEN
             eff = await effect_of(world, a, "cancel_invoice")
             ref = str(eff.id)
@@ -129,15 +134,18 @@ async def test_effects_a_cancel_that_keeps_failing_is_quarantined_not_dropped(ba
             assert eff.state == "quarantined"
             async with world.sessions() as s:
                 items, _ = await quarantine.listing(s)
-            assert [(i["source"], i["ref"], i["job_id"], i["failures"]) for i in items] == \
-                [("effect", ref, a, MAX_ATTEMPTS)]
+            assert [(i["source"], i["ref"], i["job_id"], i["failures"]) for i in items] == [
+                ("effect", ref, a, MAX_ATTEMPTS)
+            ]
             world.qclock.skip(3600)
             assert await runner.run_once() == 0, "a quarantined effect is not retried automatically"
 
             lnd.on = False
             await replay(world, "effect", ref)
             assert await runner.run_once() == 1
-            assert (await regtest.escrow.lookup_invoice(bytes.fromhex(inv_a.payment_hash))).state == InvoiceState.CANCELED
+            assert (
+                await regtest.escrow.lookup_invoice(bytes.fromhex(inv_a.payment_hash))
+            ).state == InvoiceState.CANCELED
             assert (await effect_of(world, a, "cancel_invoice")).state == "done"
             async with world.sessions() as s:
                 assert await s.get(ItemFailure, ("effect", ref)) is None
@@ -147,12 +155,14 @@ async def test_effects_a_cancel_that_keeps_failing_is_quarantined_not_dropped(ba
 
 @pytest.mark.lnd
 async def test_effects_an_invoice_never_made_cancels_its_job_and_the_other_is_offered(
-        backend: str, database_url: str, regtest: Regtest) -> None:
+    backend: str, database_url: str, regtest: Regtest
+) -> None:
     """Fault injected: LND refuses to create the first job's invoice, every time."""
     async with world_on(database_url) as world:
         watcher = SettlementWatcher(regtest.escrow, world.sessions)
-        invoices = EscrowInvoices(regtest.escrow, HoldSizing(margin_blocks=16), expiry_seconds=600,
-                                  sessions=world.sessions)
+        invoices = EscrowInvoices(
+            regtest.escrow, HoldSizing(margin_blocks=16), expiry_seconds=600, sessions=world.sessions
+        )
         runner = EffectRunner(world.engine, invoices, watcher, max_attempts=MAX_ATTEMPTS, quarantine=world.quarantine)
         try:
             await world.job_request("best", "hold", 1_000_000)
@@ -164,6 +174,7 @@ async def test_effects_an_invoice_never_made_cancels_its_job_and_the_other_is_of
                 if refused["on"] and job_id == a:
                     raise LndUnavailable("AddHoldInvoice", "injected: connection refused")
                 return await real_create(s, job_id=job_id, **kw)
+
             invoices.create = create
             policy = world.quarantine.policy_for("effect")
             world.qclock.skip(1)
@@ -195,13 +206,18 @@ async def world_job(world: World, job_id: str) -> Job:
 
 
 @pytest.mark.relay
-async def test_publisher_a_row_we_cannot_read_does_not_stop_the_others(backend: str, database_url: str,
-                                                                       relay_url: str) -> None:
+async def test_publisher_a_row_we_cannot_read_does_not_stop_the_others(
+    backend: str, database_url: str, relay_url: str
+) -> None:
     async with world_on(database_url) as world:
         key = SecretKey.generate()
-        pool = RelayPool([relay_url], world.inbox, subscriptions=[Subscription("none", ({"kinds": [1],
-                                                                                           "#p": ["00" * 32]},))],
-                         secret_key=key, config=PoolConfig(backoff_base=0.05, backoff_max=0.5))
+        pool = RelayPool(
+            [relay_url],
+            world.inbox,
+            subscriptions=[Subscription("none", ({"kinds": [1], "#p": ["00" * 32]},))],
+            secret_key=key,
+            config=PoolConfig(backoff_base=0.05, backoff_max=0.5),
+        )
         publisher = Publisher(world.sessions, pool, PublisherConfig(ok_timeout=5), quarantine=world.quarantine)
         await pool.start()
         try:
@@ -232,7 +248,7 @@ async def test_publisher_a_row_we_cannot_read_does_not_stop_the_others(backend: 
                 assert (await s.get(OutboxEvent, bad.id)).done_at is None
                 assert (await Quarantine.counts(s))["publisher"] == 1
 
-            async with world.sessions.begin() as s:   # the row is repaired; the operator replays
+            async with world.sessions.begin() as s:  # the row is repaired; the operator replays
                 await s.execute(update(OutboxEvent).where(OutboxEvent.id == bad.id).values(raw=bad.to_json()))
             await replay(world, "publisher", ref)
             assert await publisher.run_once() == 1

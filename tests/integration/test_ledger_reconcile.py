@@ -1,4 +1,5 @@
 """Reconciliation of the ledger against a real LND node (regtest): invoices paid and payouts sent for real."""
+
 from __future__ import annotations
 
 import secrets
@@ -39,13 +40,27 @@ class Books:
         await wait_until(lambda: _settled(self.regtest, added.payment_hash), 20, "invoice settled at the escrow")
         h = added.payment_hash.hex()
         async with self.sessions.begin() as s:
-            s.add(LnInvoice(payment_hash=h, job_id=self.job, mode="custodial", amount_msat=amount,
-                            payment_request=added.payment_request, expires_at=int(time.time()) + 3600,
-                            state="settled", amount_paid_msat=amount))
+            s.add(
+                LnInvoice(
+                    payment_hash=h,
+                    job_id=self.job,
+                    mode="custodial",
+                    amount_msat=amount,
+                    payment_request=added.payment_request,
+                    expires_at=int(time.time()) + 3600,
+                    state="settled",
+                    amount_paid_msat=amount,
+                )
+            )
             booked = amount if book is None else book
             if booked:
-                await L.post(s, key=f"funding:{h}", kind="funding", job_id=self.job,
-                             lines=[(A.NODE, booked), (A.escrow(self.job), -booked)])
+                await L.post(
+                    s,
+                    key=f"funding:{h}",
+                    kind="funding",
+                    job_id=self.job,
+                    lines=[(A.NODE, booked), (A.escrow(self.job), -booked)],
+                )
         return h
 
     async def reconcile(self, **kw) -> R.ReconciliationReport:
@@ -80,15 +95,20 @@ async def test_funding_reconciles_and_a_missing_or_wrong_posting_pauses_payouts(
     assert rep.lnd_local_balance_msat is not None and rep.lnd_local_balance_msat >= 25_000
     assert not await books.paused()
 
-    h2 = await books.paid_invoice(12_000, book=0)            # the funding posting is missing
+    h2 = await books.paid_invoice(12_000, book=0)  # the funding posting is missing
     rep = await books.reconcile()
     assert found(rep) == {("funding_missing", h2, 12_000, 0)}
     assert not rep.ok and rep.discrepancy_msat == 12_000
     assert await books.paused()
 
-    async with books.sessions.begin() as s:                  # booked, but for the wrong amount
-        wrong = await L.post(s, key=f"funding:{h2}", kind="funding", job_id=books.job,
-                             lines=[(A.NODE, 11_999), (A.escrow(books.job), -11_999)])
+    async with books.sessions.begin() as s:  # booked, but for the wrong amount
+        wrong = await L.post(
+            s,
+            key=f"funding:{h2}",
+            kind="funding",
+            job_id=books.job,
+            lines=[(A.NODE, 11_999), (A.escrow(books.job), -11_999)],
+        )
     rep = await books.reconcile()
     assert found(rep) == {("funding_mismatch", h2, 12_000, 11_999)}
     assert await books.paused()
@@ -97,10 +117,15 @@ async def test_funding_reconciles_and_a_missing_or_wrong_posting_pauses_payouts(
     assert not (await books.reconcile()).ok
     assert await books.paused()
 
-    async with books.sessions.begin() as s:                  # corrected: reversal + the right amount
+    async with books.sessions.begin() as s:  # corrected: reversal + the right amount
         await L.reverse(s, wrong, key=f"reversal:funding:{h2}")
-        await L.post(s, key=f"funding:{h2}:fix", kind="funding", job_id=books.job,
-                     lines=[(A.NODE, 12_000), (A.escrow(books.job), -12_000)])
+        await L.post(
+            s,
+            key=f"funding:{h2}:fix",
+            kind="funding",
+            job_id=books.job,
+            lines=[(A.NODE, 12_000), (A.escrow(books.job), -12_000)],
+        )
     rep = await books.reconcile()
     assert rep.ok and rep.discrepancies == [], rep.discrepancies
     assert rep.ledger_node_msat == rep.lnd_node_msat == 37_000
@@ -112,9 +137,18 @@ async def test_invoice_open_in_lnd_but_settled_here(books: Books) -> None:
     added = await books.regtest.escrow.add_invoice(9_000, memo="never paid")
     h = added.payment_hash.hex()
     async with books.sessions.begin() as s:
-        s.add(LnInvoice(payment_hash=h, job_id=books.job, mode="custodial", amount_msat=9_000,
-                        payment_request=added.payment_request, expires_at=int(time.time()) + 3600,
-                        state="settled", amount_paid_msat=9_000))
+        s.add(
+            LnInvoice(
+                payment_hash=h,
+                job_id=books.job,
+                mode="custodial",
+                amount_msat=9_000,
+                payment_request=added.payment_request,
+                expires_at=int(time.time()) + 3600,
+                state="settled",
+                amount_paid_msat=9_000,
+            )
+        )
         await L.post(s, key=f"funding:{h}", kind="funding", lines=[(A.NODE, 9_000), (A.escrow(books.job), -9_000)])
     rep = await books.reconcile()
     assert found(rep) == {("invoice_not_settled", h, 9_000, 0), ("funding_mismatch", h, 0, 9_000)}
@@ -126,8 +160,12 @@ async def test_real_payout_reconciles(books: Books) -> None:
     await books.paid_invoice(40_000)
     payable = A.payable(PAYEE, books.job)
     async with books.sessions.begin() as s:
-        await L.post(s, key=f"release:{books.job}", kind="release",
-                     lines=[(A.escrow(books.job), 40_000), (payable, -39_000), (A.FEE_INCOME, -1_000)])
+        await L.post(
+            s,
+            key=f"release:{books.job}",
+            kind="release",
+            lines=[(A.escrow(books.job), 40_000), (payable, -39_000), (A.FEE_INCOME, -1_000)],
+        )
 
     req, ph = await regtest.payee_invoice(39_000, memo="reward")
     pay = await regtest.escrow.pay(req, fee_limit_msat=10_000, timeout_seconds=30)
@@ -135,18 +173,45 @@ async def test_real_payout_reconciles(books: Books) -> None:
     h = ph.hex()
     payout_id = f"{books.job[:16]}:reward"
     async with books.sessions.begin() as s:
-        s.add(Payout(id=payout_id, kind=PayoutKind.REWARD, job_id=books.job, payee=PAYEE, amount_msat=39_000,
-              destination_kind=DestinationKind.BOLT11, destination=req,
-                     state="succeeded", attempts=1, fee_msat=pay.fee_msat, payment_hash=h,
-                     preimage=pay.preimage.hex()))
+        s.add(
+            Payout(
+                id=payout_id,
+                kind=PayoutKind.REWARD,
+                job_id=books.job,
+                payee=PAYEE,
+                amount_msat=39_000,
+                destination_kind=DestinationKind.BOLT11,
+                destination=req,
+                state="succeeded",
+                attempts=1,
+                fee_msat=pay.fee_msat,
+                payment_hash=h,
+                preimage=pay.preimage.hex(),
+            )
+        )
         await s.flush()
-        s.add(PayoutAttempt(payment_hash=h, payout_id=payout_id, payment_request=req, fee_limit_msat=10_000,
-                            state="succeeded", fee_msat=pay.fee_msat, preimage=pay.preimage.hex()))
-        await L.post(s, key=f"payout:{h}", kind="payout", job_id=books.job,
-                     lines=[(payable, 39_000), (A.NODE, -39_000)])
+        s.add(
+            PayoutAttempt(
+                payment_hash=h,
+                payout_id=payout_id,
+                payment_request=req,
+                fee_limit_msat=10_000,
+                state="succeeded",
+                fee_msat=pay.fee_msat,
+                preimage=pay.preimage.hex(),
+            )
+        )
+        await L.post(
+            s, key=f"payout:{h}", kind="payout", job_id=books.job, lines=[(payable, 39_000), (A.NODE, -39_000)]
+        )
         if pay.fee_msat:
-            await L.post(s, key=f"routing_fee:{h}", kind="routing_fee", job_id=books.job,
-                         lines=[(A.ROUTING_EXPENSE, pay.fee_msat), (A.NODE, -pay.fee_msat)])
+            await L.post(
+                s,
+                key=f"routing_fee:{h}",
+                kind="routing_fee",
+                job_id=books.job,
+                lines=[(A.ROUTING_EXPENSE, pay.fee_msat), (A.NODE, -pay.fee_msat)],
+            )
         await L.assert_balanced(s, closed_job_ids=[books.job])
     rep = await books.reconcile()
     assert rep.ok and rep.discrepancies == [], rep.discrepancies
@@ -159,12 +224,32 @@ async def test_real_payout_reconciles(books: Books) -> None:
     # an attempt recorded as succeeded that LND never sent: found, and payouts pause
     ghost = secrets.token_hex(32)
     async with books.sessions.begin() as s:
-        s.add(Payout(id=f"{books.job[:16]}:ghost", kind=PayoutKind.REWARD, job_id=books.job, payee=PAYEE, amount_msat=1_000,
-                     destination_kind=DestinationKind.NONE, destination="", state="succeeded", attempts=1,
-fee_msat=0, payment_hash=ghost))
+        s.add(
+            Payout(
+                id=f"{books.job[:16]}:ghost",
+                kind=PayoutKind.REWARD,
+                job_id=books.job,
+                payee=PAYEE,
+                amount_msat=1_000,
+                destination_kind=DestinationKind.NONE,
+                destination="",
+                state="succeeded",
+                attempts=1,
+                fee_msat=0,
+                payment_hash=ghost,
+            )
+        )
         await s.flush()
-        s.add(PayoutAttempt(payment_hash=ghost, payout_id=f"{books.job[:16]}:ghost", payment_request="lnbcrt1",
-                            fee_limit_msat=1_000, state="succeeded", fee_msat=0))
+        s.add(
+            PayoutAttempt(
+                payment_hash=ghost,
+                payout_id=f"{books.job[:16]}:ghost",
+                payment_request="lnbcrt1",
+                fee_limit_msat=1_000,
+                state="succeeded",
+                fee_msat=0,
+            )
+        )
     rep = await books.reconcile()
     assert found(rep) == {("payment_unknown", ghost, 1_000, 0)}
     assert await books.paused()

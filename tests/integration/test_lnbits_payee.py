@@ -5,6 +5,7 @@ invoice for 1434 sat, and it refuses a millisatoshi unit. A payout of 1,434,500 
 reward the demo pays) can therefore never be claimed with an LNbits invoice: the worker refuses
 it as `wrong_amount` and sends nothing. The engine must pay whole satoshis.
 """
+
 from __future__ import annotations
 
 import bolt11
@@ -34,8 +35,12 @@ async def payouts(regtest: Regtest, database_url: str):
 
 async def _payout(payouts: Payouts, pid: str, amount_msat: int, payreq: str) -> Payout:
     async with payouts.sessions.begin() as s:
-        await create_payout(s, NewPayout(pid, "0f" * 32, PayoutKind.REWARD, "f0" * 32, amount_msat,
-                                         Destination(DestinationKind.BOLT11, payreq)))
+        await create_payout(
+            s,
+            NewPayout(
+                pid, "0f" * 32, PayoutKind.REWARD, "f0" * 32, amount_msat, Destination(DestinationKind.BOLT11, payreq)
+            ),
+        )
     await pay_due(payouts)
     async with payouts.sessions() as s:
         return await s.get(Payout, pid)

@@ -1,4 +1,5 @@
 """The LND client against real regtest LND nodes (escrow, customer, payee)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +27,7 @@ async def _next_state(stream, want: InvoiceState, timeout: float = 30) -> Invoic
             if inv.state == want:
                 return inv
         raise AssertionError(f"stream ended before {want}")
+
     return await asyncio.wait_for(run(), timeout)
 
 
@@ -48,6 +50,7 @@ async def test_regular_invoice_settlement_seen_on_stream_and_by_lookup(regtest: 
             if inv.payment_hash == added.payment_hash and inv.state == InvoiceState.SETTLED:
                 return inv
         raise AssertionError("stream ended")
+
     watcher = asyncio.create_task(asyncio.wait_for(watch(), 30))
     await asyncio.sleep(0.2)  # let the subscription reach LND before paying
 
@@ -99,7 +102,8 @@ async def test_hold_invoice_cancelled_fails_payer_and_restores_balance(regtest: 
     assert payment.status == PaymentStatus.FAILED
     assert payment.failure_reason == FailureReason.INCORRECT_PAYMENT_DETAILS
     after = await wait_until(
-        lambda: _balance_restored(regtest.customer, before.local_msat), 15, "customer balance restored")
+        lambda: _balance_restored(regtest.customer, before.local_msat), 15, "customer balance restored"
+    )
     assert after == before.local_msat
 
 
@@ -122,8 +126,7 @@ async def test_two_hop_payment_reports_routing_fee(regtest: Regtest) -> None:
     """customer -> escrow -> payee: the escrow node charges its forwarding fee."""
     amount = 2_000_000
     payreq, h = await regtest.payee_invoice(amount)
-    payment = await wait_until(lambda: _try_pay(regtest, payreq), 60, "a route to the payee via escrow",
-                               interval=0.5)
+    payment = await wait_until(lambda: _try_pay(regtest, payreq), 60, "a route to the payee via escrow", interval=0.5)
     # lnd's default forwarding policy: base 1000 msat + 1 ppm.
     assert payment.fee_msat == 1000 + amount * 1 // 1_000_000
     tracked = [p async for p in regtest.customer.track_payment(h)]
@@ -175,6 +178,7 @@ async def test_settle_index_resume_replays_missed_settlements(regtest: Regtest, 
                     seen.append(inv)
                     if len(seen) == 2:
                         return
+
         await asyncio.wait_for(collect(), 30)
         assert [i.payment_hash for i in seen] == [i.payment_hash for i in missed]
         assert all(i.settle_index > stored for i in seen)

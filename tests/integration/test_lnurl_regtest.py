@@ -5,6 +5,7 @@ invoices on the payee LND with ``description_hash = sha256(metadata)``. Loopback
 private address, so the client runs with ``allow_private=True`` except where the refusal
 itself is tested.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,27 +53,46 @@ class LnurlPayServer:
         status, body = 404, {"status": "ERROR", "reason": "not found"}
         if path.startswith("/.well-known/lnurlp/"):
             name = path.rsplit("/", 1)[1]
-            status, body = 200, {"tag": "payRequest", "callback": f"http://127.0.0.1:{self.port}/cb/{name}",
-                                 "minSendable": 1_000, "maxSendable": 1_000_000_000, "metadata": META}
+            status, body = (
+                200,
+                {
+                    "tag": "payRequest",
+                    "callback": f"http://127.0.0.1:{self.port}/cb/{name}",
+                    "minSendable": 1_000,
+                    "maxSendable": 1_000_000_000,
+                    "metadata": META,
+                },
+            )
         elif path.startswith("/cb/"):
             name = path.rsplit("/", 1)[1]
             amount = int(query["amount"][0])
             value = amount + 1_000 if name == "wrongamount" else amount
             signed = META if name != "wronghash" else json.dumps([["text/plain", "something else"]])
-            added = await self.payee.add_invoice(value, expiry=600,
-                                                 description_hash=hashlib.sha256(signed.encode("utf-8")).digest())
+            added = await self.payee.add_invoice(
+                value, expiry=600, description_hash=hashlib.sha256(signed.encode("utf-8")).digest()
+            )
             self.invoices.setdefault(name, []).append(added.payment_hash)
             status, body = 200, {"pr": added.payment_request, "routes": []}
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {"type": "http.response.start", "status": status, "headers": [(b"content-type", b"application/json")]}
+        )
         await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 @pytest.fixture
 async def lnurl_server(regtest: Regtest) -> AsyncIterator[LnurlPayServer]:
     s = LnurlPayServer(regtest.payee)
-    server = uvicorn.Server(uvicorn.Config(s.app, host="127.0.0.1", port=s.port, lifespan="off", interface="asgi3",
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            s.app,
+            host="127.0.0.1",
+            port=s.port,
+            lifespan="off",
+            interface="asgi3",
+            log_level="warning",
+            access_log=False,
+        )
+    )
     task = asyncio.create_task(server.serve())
     await wait_until(lambda: server.started, 10, "LNURL test server listening")
     try:
@@ -111,8 +131,9 @@ async def test_lightning_address_invoice_is_paid_by_escrow(regtest: Regtest, lnu
     assert settled.state == InvoiceState.SETTLED and settled.amt_paid_msat == AMOUNT
 
 
-async def test_bech32_lnurl_to_the_same_service_gives_a_payable_invoice(regtest: Regtest,
-                                                                        lnurl_server: LnurlPayServer) -> None:
+async def test_bech32_lnurl_to_the_same_service_gives_a_payable_invoice(
+    regtest: Regtest, lnurl_server: LnurlPayServer
+) -> None:
     url = f"http://127.0.0.1:{lnurl_server.port}/.well-known/lnurlp/alice"
     encoded = bech32.bech32_encode("lnurl", bech32.convertbits(url.encode(), 8, 5)).upper()
     got = await fetch_invoice("lightning:" + encoded, 5_000, allow_private=True)
@@ -121,10 +142,12 @@ async def test_bech32_lnurl_to_the_same_service_gives_a_payable_invoice(regtest:
     assert got.payment_hash == lnurl_server.invoices["alice"][0]
 
 
-@pytest.mark.parametrize("name, reason", [("wrongamount", LnurlReason.AMOUNT_MISMATCH),
-                                          ("wronghash", LnurlReason.DESCRIPTION_HASH_MISMATCH)])
-async def test_dishonest_invoice_is_refused_and_never_paid(regtest: Regtest, lnurl_server: LnurlPayServer,
-                                                           name: str, reason: LnurlReason) -> None:
+@pytest.mark.parametrize(
+    "name, reason", [("wrongamount", LnurlReason.AMOUNT_MISMATCH), ("wronghash", LnurlReason.DESCRIPTION_HASH_MISMATCH)]
+)
+async def test_dishonest_invoice_is_refused_and_never_paid(
+    regtest: Regtest, lnurl_server: LnurlPayServer, name: str, reason: LnurlReason
+) -> None:
     with pytest.raises(LnurlError) as ei:
         await fetch_invoice(lnurl_server.address(name), AMOUNT, allow_private=True, network="regtest")
     assert ei.value.reason == reason
@@ -140,7 +163,8 @@ async def test_loopback_service_is_blocked_without_allow_private(lnurl_server: L
 
 
 async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_once(
-        regtest: Regtest, lnurl_server: LnurlPayServer, database_url: str) -> None:
+    regtest: Regtest, lnurl_server: LnurlPayServer, database_url: str
+) -> None:
     """The payout worker end to end: lud16 destination -> LNURL-pay -> checks -> SendPaymentV2."""
     from service.db import create_engine, session_factory
     from service.payouts import PayoutPolicy
@@ -150,12 +174,24 @@ async def test_payout_to_a_lightning_address_fetches_a_fresh_invoice_and_pays_on
     engine = create_engine(database_url)
     sessions = session_factory(engine)
     try:
-        payouts = Payouts(regtest.escrow, sessions,
-                          PayoutPolicy(network="regtest", min_expiry_seconds=60, lnurl_allow_private=True),
-                          our_pubkey=regtest.node("escrow")["pubkey"])
+        payouts = Payouts(
+            regtest.escrow,
+            sessions,
+            PayoutPolicy(network="regtest", min_expiry_seconds=60, lnurl_allow_private=True),
+            our_pubkey=regtest.node("escrow")["pubkey"],
+        )
         async with sessions.begin() as s:
-            await create_payout(s, NewPayout("lud16-reward", None, PayoutKind.REWARD, "bb" * 32, AMOUNT,
-                                             Destination(DestinationKind.LUD16, lnurl_server.address("bob"))))
+            await create_payout(
+                s,
+                NewPayout(
+                    "lud16-reward",
+                    None,
+                    PayoutKind.REWARD,
+                    "bb" * 32,
+                    AMOUNT,
+                    Destination(DestinationKind.LUD16, lnurl_server.address("bob")),
+                ),
+            )
         [outcome] = await pay_due(payouts)
         assert outcome.state == "succeeded", outcome
         [h] = lnurl_server.invoices["bob"]

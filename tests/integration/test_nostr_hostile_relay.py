@@ -4,6 +4,7 @@ Real relays verify signatures and ids before storing, so forged events cannot be
 produced through one; this scripted websocket server stands in for a malicious or
 broken relay. It speaks the same wire protocol over a real socket.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -68,8 +69,12 @@ async def sessions(database_url: str):
 
 
 def _pool(url: str, sessions, escrow: str) -> RelayPool:
-    return RelayPool([url], Inbox(sessions), subscriptions=[Subscription("jobs", ({"kinds": [KIND], "#p": [escrow]},))],
-                     config=PoolConfig(backoff_base=0.05, backoff_max=0.2, max_event_bytes=4096))
+    return RelayPool(
+        [url],
+        Inbox(sessions),
+        subscriptions=[Subscription("jobs", ({"kinds": [KIND], "#p": [escrow]},))],
+        config=PoolConfig(backoff_base=0.05, backoff_max=0.2, max_event_bytes=4096),
+    )
 
 
 async def test_forged_malformed_oversized_and_future_events_are_rejected_with_reasons(sessions) -> None:
@@ -86,10 +91,18 @@ async def test_forged_malformed_oversized_and_future_events_are_rejected_with_re
     # The genuine event arrives after a forged copy with the same id: the copy must not shadow it.
     same_id_bad_sig = {**good.to_dict(), "sig": forged["sig"]}
     frames = [
-        ["EVENT", "$SUB", forged], ["EVENT", "$SUB", wrong_id], ["EVENT", "$SUB", big],
-        ["EVENT", "$SUB", future], ["EVENT", "$SUB", not_asked], ["EVENT", "$SUB", bad_types],
-        ["EVENT", "$SUB", same_id_bad_sig], ["EVENT", "$SUB", good.to_dict()],
-        ["EVENT", "other-sub", good.to_dict()], "not json", '{"an":"object"}', '["EVENT"]',
+        ["EVENT", "$SUB", forged],
+        ["EVENT", "$SUB", wrong_id],
+        ["EVENT", "$SUB", big],
+        ["EVENT", "$SUB", future],
+        ["EVENT", "$SUB", not_asked],
+        ["EVENT", "$SUB", bad_types],
+        ["EVENT", "$SUB", same_id_bad_sig],
+        ["EVENT", "$SUB", good.to_dict()],
+        ["EVENT", "other-sub", good.to_dict()],
+        "not json",
+        '{"an":"object"}',
+        '["EVENT"]',
         ["NOTICE", "hello from a weird relay"],
     ]
     async with HostileRelay(frames) as relay:
@@ -104,8 +117,9 @@ async def test_forged_malformed_oversized_and_future_events_are_rejected_with_re
     inbox = Inbox(sessions)
     assert [p.id for p in await inbox.pending()] == [good.id]
     reasons = sorted(r.reason for r in await inbox.rejected())
-    assert reasons == sorted(["bad_signature", "id_mismatch", "event_too_large", "created_at_in_future",
-                              "invalid_kind", "bad_signature"])
+    assert reasons == sorted(
+        ["bad_signature", "id_mismatch", "event_too_large", "created_at_in_future", "invalid_kind", "bad_signature"]
+    )
     st = pool.status()[0]
     assert st["events_rejected"] == 7  # the six above + the kind-1 event we did not ask for
     assert "hello from a weird relay" in st["notices"]
@@ -117,14 +131,18 @@ async def _stored(pool: RelayPool, n: int) -> bool:
 
 async def test_publisher_interprets_ok_prefixes(sessions) -> None:
     escrow = SecretKey.generate()
-    oks = [(False, "invalid: bad tags"), (False, "rate-limited: slow down"), (True, ""),
-           (False, "duplicate: have it"), (False, "blocked: you are banned")]
+    oks = [
+        (False, "invalid: bad tags"),
+        (False, "rate-limited: slow down"),
+        (True, ""),
+        (False, "duplicate: have it"),
+        (False, "blocked: you are banned"),
+    ]
     async with HostileRelay([], oks) as relay:
         pool = _pool(relay.url, sessions, escrow.public_key_hex)
         await pool.start()
         await pool.wait_connected()
-        pub = outbox.Publisher(sessions, pool, outbox.PublisherConfig(base_delay=0.01, max_delay=0.02,
-                                                                       ok_timeout=2))
+        pub = outbox.Publisher(sessions, pool, outbox.PublisherConfig(base_delay=0.01, max_delay=0.02, ok_timeout=2))
         try:
             evs = [sign_event(escrow, 7000, [["n", str(i)]], "") for i in range(4)]
             for ev in evs:  # one at a time, so each gets the next scripted answer

@@ -1,4 +1,5 @@
 """The relay pool, inbox and outbox against real nostr-relay processes."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,9 @@ async def publish_direct(url: str, *events: Event) -> None:
 
 
 def job(author: SecretKey, n: int, escrow: str, created_at: int | None = None) -> Event:
-    return sign_event(author, KIND, [["escrow", escrow, ""], ["p", escrow], ["bid", str(1000 + n)]], f"job {n}",
-                      created_at=created_at)
+    return sign_event(
+        author, KIND, [["escrow", escrow, ""], ["p", escrow], ["bid", str(1000 + n)]], f"job {n}", created_at=created_at
+    )
 
 
 @pytest.fixture
@@ -61,7 +63,7 @@ async def test_same_events_from_two_relays_are_stored_once(relay_factory, sessio
     someone = SecretKey.generate().public_key_hex
     other = sign_event(customer, KIND, [["escrow", someone], ["p", someone]], "not ours")
     await publish_direct(a.url, *events[:15], other)
-    await publish_direct(b.url, *events[5:])       # 5..14 on both relays
+    await publish_direct(b.url, *events[5:])  # 5..14 on both relays
     pool = make_pool([a.url, b.url], sessions, escrow.public_key_hex)
     await pool.start()
     try:
@@ -102,7 +104,7 @@ async def test_relay_restart_mid_stream_loses_and_duplicates_nothing(relay_facto
         await wait_until(lambda: _count(pool.inbox, 10), 10, "first batch")
         relay.stop()
         await wait_until(lambda: not pool.status()[0]["connected"], 10, "pool notices the drop")
-        relay.start()   # same database: the relay still has the first batch
+        relay.start()  # same database: the relay still has the first batch
         second = [job(customer, 100 + i, escrow.public_key_hex) for i in range(10)]
         await publish_direct(relay.url, *second)
         await wait_until(lambda: _count(pool.inbox, 20), 20, "second batch after reconnect")

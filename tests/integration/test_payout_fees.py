@@ -7,6 +7,7 @@ the escrow 9.5 sat in fees. Now the limit is ``amount × ppm`` (capped, and no m
 payout's own limit); LND refuses the route, nothing is paid, and the payout goes back to the
 payee with the reason ``route_fee_exceeds_limit``.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -43,7 +44,7 @@ def _policy(**kw) -> PayoutPolicy:
 async def expensive_payee_hop(regtest: Regtest):
     await regtest.set_payee_hop_fee(HIGH_BASE_FEE_MSAT, 0)
     yield
-    await regtest.set_payee_hop_fee(1_000, 1)   # LND's defaults, as `up` left them
+    await regtest.set_payee_hop_fee(1_000, 1)  # LND's defaults, as `up` left them
 
 
 async def _track_all(regtest: Regtest, h: bytes) -> list:
@@ -70,13 +71,23 @@ async def test_fee_limit_zero_means_zero_fee_routes_only(regtest: Regtest) -> No
 
 
 async def test_tiny_payout_through_an_expensive_payee_hop_is_refused_and_nothing_paid(
-        regtest: Regtest, sessions, expensive_payee_hop) -> None:
-    amount = 1_000   # a 1-sat validator fee: its limit at the default 5000 ppm is 5 msat
+    regtest: Regtest, sessions, expensive_payee_hop
+) -> None:
+    amount = 1_000  # a 1-sat validator fee: its limit at the default 5000 ppm is 5 msat
     inv = await regtest.payee2.add_invoice(amount, memo="validator fee", private=True)
     before = (await regtest.escrow.channel_balance()).local_msat
     async with sessions.begin() as s:
-        await create_payout(s, NewPayout("job:validator:v", "b2" * 32, PayoutKind.VALIDATOR_FEE, "a1" * 32,
-                                         amount, Destination(DestinationKind.BOLT11, inv.payment_request)))
+        await create_payout(
+            s,
+            NewPayout(
+                "job:validator:v",
+                "b2" * 32,
+                PayoutKind.VALIDATOR_FEE,
+                "a1" * 32,
+                amount,
+                Destination(DestinationKind.BOLT11, inv.payment_request),
+            ),
+        )
     payouts = Payouts(regtest.escrow, sessions, _policy(), our_pubkey=regtest.node("escrow")["pubkey"])
     [outcome] = await pay_due(payouts)
     async with sessions() as s:
@@ -94,15 +105,34 @@ async def test_tiny_payout_through_an_expensive_payee_hop_is_refused_and_nothing
 
 async def test_a_payouts_own_fee_limit_caps_the_policy(regtest: Regtest, sessions, expensive_payee_hop) -> None:
     """The engine's limit for a payout (``fee_limit_msat``) wins when lower than the policy's."""
-    amount = 4_000_000   # policy limit 20,000 msat: the 9,500 msat hop fits it
+    amount = 4_000_000  # policy limit 20,000 msat: the 9,500 msat hop fits it
     policy = _policy()
     first = await regtest.payee2.add_invoice(amount, memo="reward, own limit", private=True)
     second = await regtest.payee2.add_invoice(amount, memo="reward, policy limit", private=True)
     async with sessions.begin() as s:
-        await create_payout(s, NewPayout("job:reward:capped", None, PayoutKind.REWARD, "c3" * 32, amount,
-                                         Destination(DestinationKind.BOLT11, first.payment_request), fee_limit_msat=9_000))
-        await create_payout(s, NewPayout("job:reward:policy", None, PayoutKind.REWARD, "d4" * 32, amount,
-                                         Destination(DestinationKind.BOLT11, second.payment_request)))
+        await create_payout(
+            s,
+            NewPayout(
+                "job:reward:capped",
+                None,
+                PayoutKind.REWARD,
+                "c3" * 32,
+                amount,
+                Destination(DestinationKind.BOLT11, first.payment_request),
+                fee_limit_msat=9_000,
+            ),
+        )
+        await create_payout(
+            s,
+            NewPayout(
+                "job:reward:policy",
+                None,
+                PayoutKind.REWARD,
+                "d4" * 32,
+                amount,
+                Destination(DestinationKind.BOLT11, second.payment_request),
+            ),
+        )
     payouts = Payouts(regtest.escrow, sessions, policy, our_pubkey=regtest.node("escrow")["pubkey"])
     outcomes = {o.payout_id: o.state for o in await pay_due(payouts)}
     assert outcomes == {"job:reward:capped": "needs_invoice", "job:reward:policy": "succeeded"}

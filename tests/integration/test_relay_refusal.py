@@ -6,6 +6,7 @@ role ``w`` write; the escrow's key has no role, so every event it publishes (its
 first) is answered ``OK false "restricted: permission denied"``. The service runs in-process
 against the regtest escrow node.
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -28,10 +29,18 @@ H = {"Authorization": f"Bearer {ADMIN}"}
 @asynccontextmanager
 async def running(regtest: Regtest, database_url: str, relays: list[str]) -> AsyncIterator[httpx.AsyncClient]:
     node = regtest.node("escrow")
-    app: FastAPI = create_app(Settings(
-        _env_file=None, database_url=database_url, lnd_grpc_host=node["rpc"], lnd_tls_cert_path=node["tls_cert"],
-        lnd_macaroon_path=node["macaroon"], relays=relays, nostr_secret_key=SecretKey.generate().to_hex(),
-        admin_token=ADMIN))
+    app: FastAPI = create_app(
+        Settings(
+            _env_file=None,
+            database_url=database_url,
+            lnd_grpc_host=node["rpc"],
+            lnd_tls_cert_path=node["tls_cert"],
+            lnd_macaroon_path=node["macaroon"],
+            relays=relays,
+            nostr_secret_key=SecretKey.generate().to_hex(),
+            admin_token=ADMIN,
+        )
+    )
     async with app.router.lifespan_context(app):
         await wait_until(lambda: all(r["connected"] for r in app.state.nostr.pool.status()), 15, "relays connected")
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
@@ -44,8 +53,9 @@ async def _refusing(c: httpx.AsyncClient, url: str) -> dict | None:
     return relay if relay["accepting"] is False else None
 
 
-async def test_a_relay_refusing_our_writes_is_reported_as_refusing(regtest: Regtest, relay_factory,
-                                                                   database_url: str) -> None:
+async def test_a_relay_refusing_our_writes_is_reported_as_refusing(
+    regtest: Regtest, relay_factory, database_url: str
+) -> None:
     refusing = relay_factory(auth_roles={"save": "w"})
     async with running(regtest, database_url, [refusing.url]) as c:
         relay = await wait_until(lambda: _refusing(c, refusing.url), 30, "the announcement refused")
@@ -63,8 +73,9 @@ async def test_a_relay_refusing_our_writes_is_reported_as_refusing(regtest: Regt
         assert 'id="relays"' in page and "refusing" in page and "restricted: permission denied" in page
 
 
-async def test_ready_while_another_relay_accepts(regtest: Regtest, relay_factory, relay_url: str,
-                                                 database_url: str) -> None:
+async def test_ready_while_another_relay_accepts(
+    regtest: Regtest, relay_factory, relay_url: str, database_url: str
+) -> None:
     refusing = relay_factory(auth_roles={"save": "w"})
     async with running(regtest, database_url, [refusing.url, relay_url]) as c:
         await wait_until(lambda: _refusing(c, refusing.url), 30, "the announcement refused")

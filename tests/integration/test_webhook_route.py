@@ -1,4 +1,5 @@
 """POST /v1/webhooks/lnd: authenticated hints that only trigger a lookup."""
+
 from __future__ import annotations
 
 import json
@@ -20,15 +21,25 @@ SECRET = "webhook-secret-for-tests"
 
 def _app(regtest: Regtest, database_url: str, **over):
     node = regtest.node("escrow")
-    return create_app(Settings(_env_file=None, database_url=database_url, lnd_grpc_host=node["rpc"],
-                               lnd_tls_cert_path=node["tls_cert"], lnd_macaroon_path=node["macaroon"],
-                               **({"webhook_secret": SECRET} | over)))
+    return create_app(
+        Settings(
+            _env_file=None,
+            database_url=database_url,
+            lnd_grpc_host=node["rpc"],
+            lnd_tls_cert_path=node["tls_cert"],
+            lnd_macaroon_path=node["macaroon"],
+            **({"webhook_secret": SECRET} | over),
+        )
+    )
 
 
 def _headers(body: bytes, secret: str = SECRET, ts: int | None = None) -> dict[str, str]:
     ts = ts or int(time.time())
-    return {"X-Fedstr-Timestamp": str(ts), "X-Fedstr-Signature": webhook.sign(secret.encode(), ts, body),
-            "Content-Type": "application/json"}
+    return {
+        "X-Fedstr-Timestamp": str(ts),
+        "X-Fedstr-Signature": webhook.sign(secret.encode(), ts, body),
+        "Content-Type": "application/json",
+    }
 
 
 async def test_webhook_route(regtest: Regtest, database_url: str) -> None:
@@ -40,7 +51,7 @@ async def test_webhook_route(regtest: Regtest, database_url: str) -> None:
                 inv: LnInvoice = await lightning.invoices.create(s, job_id="wh", amount_msat=9_000, mode="custodial")
             body = json.dumps({"payment_hash": inv.payment_hash, "state": "SETTLED"}).encode()
 
-            signed = _headers(body)   # the very same request twice (new headers a second later would differ)
+            signed = _headers(body)  # the very same request twice (new headers a second later would differ)
             r = await c.post("/v1/webhooks/lnd", content=body, headers=signed)
             assert r.status_code == 202 and r.json()["fact"] is None and r.json()["lnd_state"] == "OPEN"
 
@@ -52,7 +63,7 @@ async def test_webhook_route(regtest: Regtest, database_url: str) -> None:
             assert r.status_code == 401 and r.json()["code"] == "missing_headers"
             assert app.state.webhooks_refused["bad_signature"] >= 1
 
-            await lightning.watcher.stop()   # only the webhook may tell us now
+            await lightning.watcher.stop()  # only the webhook may tell us now
             assert (await regtest.customer_pays(inv.payment_request)).status == PaymentStatus.SUCCEEDED
             r = await c.post("/v1/webhooks/lnd", content=body, headers=_headers(body, ts=int(time.time()) + 1))
             assert r.status_code == 202 and r.json()["fact"] == "settled"

@@ -2,6 +2,7 @@
 
 (Named to run last in the session: it restarts the shared escrow node.)
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,9 +39,10 @@ async def test_funding_detected_across_an_lnd_restart(regtest: Regtest, database
         await wait_until(lambda: watcher.health.connected, 10, "watcher connected")
 
         await regtest.stop_node("escrow")
-        await wait_until(lambda: not watcher.health.connected or watcher.health.last_error, 30,
-                         "watcher notices LND is gone")
-        assert await _kinds(sessions, hold.payment_hash) == []   # nothing invented while LND is down
+        await wait_until(
+            lambda: not watcher.health.connected or watcher.health.last_error, 30, "watcher notices LND is gone"
+        )
+        assert await _kinds(sessions, hold.payment_hash) == []  # nothing invented while LND is down
         await regtest.start_node("escrow")
 
         # Funding arrives after the restart; the watcher reconnects by itself.
@@ -67,7 +69,7 @@ async def test_settlement_made_before_an_lnd_outage_is_recorded_after_it(regtest
     invoices = EscrowInvoices(regtest.escrow, HoldSizing(), expiry_seconds=900)
     first = SettlementWatcher(regtest.escrow, sessions, sweep_interval=60)
     await first.start()
-    await wait_until(lambda: first.health.connected, 10, "watcher connected")   # cursors initialised
+    await wait_until(lambda: first.health.connected, 10, "watcher connected")  # cursors initialised
     await first.stop()
     async with sessions.begin() as s:
         inv = await invoices.create(s, job_id="outage", amount_msat=45_000, mode="custodial")

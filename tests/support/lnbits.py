@@ -3,6 +3,7 @@
 Installed and started by ``bench.lnbits_proc`` (the benchmark's code: one place). The test
 session's fixture ``lnbits_payee`` (tests/conftest.py) makes one, with one wallet.
 """
+
 from __future__ import annotations
 
 import time
@@ -50,6 +51,7 @@ async def start_payee_wallet(desc: dict, workdir: Path, say=print) -> tuple[Lnbi
     venv = install_lnbits(say)
     t1 = time.monotonic()
     workdir.mkdir(parents=True, exist_ok=True)
-    proc, wallet = await start_lnbits(venv, desc, workdir, workdir / "lnbits.log", node="payee", say=say,
-                                      account="fedstr-tests-payee")
+    proc, wallet = await start_lnbits(
+        venv, desc, workdir, workdir / "lnbits.log", node="payee", say=say, account="fedstr-tests-payee"
+    )
     return LnbitsPayee(proc, wallet), {"install_s": t1 - t0, "start_s": time.monotonic() - t1}

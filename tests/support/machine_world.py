@@ -7,6 +7,7 @@ in-memory implementation: ``tests/unit/test_machine_vs_engine.py`` checks that t
 :func:`actions` lists what can happen next (the facts the world can produce now), and
 :func:`violations` the invariants that fail.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -44,11 +45,23 @@ from service.payouts.types import Destination, DestinationKind, PayoutKind, Payo
 
 S = JobState
 T0 = 1_900_000_000
-FAKE_BOLT11 = "lnbcrt1" + "qpzry9x8gf2tvdw0s3jn54khce6mua7l" * 4   # shaped like an invoice; never paid
-TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=10_000, max_bid_msat=10_000_000_000,
-                    max_validators=5, max_shards=8, min_results_window_s=0, max_job_duration_s=30 * 86_400,
-                    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=86_400,
-                    min_payout_msat=1_000, max_results_per_shard=2, routing_fee_ppm=5_000)
+FAKE_BOLT11 = "lnbcrt1" + "qpzry9x8gf2tvdw0s3jn54khce6mua7l" * 4  # shaped like an invoice; never paid
+TERMS = EscrowTerms(
+    fee_base_msat=1_000,
+    fee_ppm=10_000,
+    min_bid_msat=10_000,
+    max_bid_msat=10_000_000_000,
+    max_validators=5,
+    max_shards=8,
+    min_results_window_s=0,
+    max_job_duration_s=30 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=86_400,
+    min_payout_msat=1_000,
+    max_results_per_shard=2,
+    routing_fee_ppm=5_000,
+)
 CONFIG = MachineConfig(terms=TERMS)
 #: A routing reserve as large as the payment: a refund would give back nothing.
 DUST = MachineConfig(terms=replace(TERMS, routing_fee_ppm=1_000_000))
@@ -59,19 +72,36 @@ PROVIDERS = [SecretKey(hashlib.sha256(f"machine provider {i}".encode()).digest()
 VALIDATORS = [SecretKey(hashlib.sha256(f"machine validator {i}".encode()).digest()).public_key_hex for i in range(2)]
 
 
-def request(*, shards: int, validators: int, mode: Mode, policy: str = "best", bid: int = 1_000_000,
-            validator_fee: int = 1_000, refund: str | None = "refund@wallet.example",
-            validation_in: int = 200, quorum: int | None = None) -> machine.RequestAccepted:
-    spec = JobSpec(escrow=ESCROW.public_key_hex, bid_msat=bid,
-                   shards=tuple(Shard(index=k, url=f"https://d.example/{k}") for k in range(shards)),
-                   validation=Validation("accuracy", Direction.MAX, Decimal("0.5"), quorum or validators),
-                   payout=PayoutPolicy(policy), results_deadline=T0 + 100, validation_deadline=T0 + validation_in,
-                   validators=tuple(VALIDATORS[:validators]), validator_fee_msat=validator_fee, mode=mode,
-                   refund=refund)
+def request(
+    *,
+    shards: int,
+    validators: int,
+    mode: Mode,
+    policy: str = "best",
+    bid: int = 1_000_000,
+    validator_fee: int = 1_000,
+    refund: str | None = "refund@wallet.example",
+    validation_in: int = 200,
+    quorum: int | None = None,
+) -> machine.RequestAccepted:
+    spec = JobSpec(
+        escrow=ESCROW.public_key_hex,
+        bid_msat=bid,
+        shards=tuple(Shard(index=k, url=f"https://d.example/{k}") for k in range(shards)),
+        validation=Validation("accuracy", Direction.MAX, Decimal("0.5"), quorum or validators),
+        payout=PayoutPolicy(policy),
+        results_deadline=T0 + 100,
+        validation_deadline=T0 + validation_in,
+        validators=tuple(VALIDATORS[:validators]),
+        validator_fee_msat=validator_fee,
+        mode=mode,
+        refund=refund,
+    )
     ev = sign_event(CUSTOMER, *build_job_request(spec, customer=CUSTOMER.public_key_hex), created_at=T0)
     # (the codec's own hold-window check is skipped: the machine's mode rule is what is tested)
-    req = parse_job_request(ev, escrow_pubkey=ESCROW.public_key_hex, terms=replace(TERMS, max_hold_seconds=10**7),
-                            now=T0)
+    req = parse_job_request(
+        ev, escrow_pubkey=ESCROW.public_key_hex, terms=replace(TERMS, max_hold_seconds=10**7), now=T0
+    )
     return machine.RequestAccepted(req, ev)
 
 
@@ -84,13 +114,13 @@ class World:
     request: machine.RequestAccepted
     config: MachineConfig = CONFIG
     now: int = T0
-    invoice: str = "none"          # none | open | accepted | settled | canceled (LND's view)
-    paid_msat: int = 0             # what the customer paid into our node (settled)
-    overpay_msat: int = 0          # paid beyond the invoice (LND accepts up to twice)
+    invoice: str = "none"  # none | open | accepted | settled | canceled (LND's view)
+    paid_msat: int = 0  # what the customer paid into our node (settled)
+    overpay_msat: int = 0  # paid beyond the invoice (LND accepts up to twice)
     payouts: tuple[PayoutView, ...] = ()
-    balances: Balances = ()        # the ledger, per account
-    sent_msat: int = 0             # succeeded payouts, amounts
-    fees_msat: int = 0             # and their routing fees
+    balances: Balances = ()  # the ledger, per account
+    sent_msat: int = 0  # succeeded payouts, amounts
+    fees_msat: int = 0  # and their routing fees
     effects: tuple[EffectKind, ...] = ()
     published: int = 0
     last: Fact | None = field(default=None, compare=False)
@@ -129,13 +159,23 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         if any(x.id == np.id for x in rows):
             problems.append(f"payout {np.id} created twice")
             continue
-        rows.append(PayoutView(np.id, np.kind, np.payee, np.amount_msat,
-                               PayoutState.NEEDS_INVOICE if np.destination.kind is DestinationKind.NONE
-                               else PayoutState.PENDING, np.destination.kind, earned_by=np.earned_by))
+        rows.append(
+            PayoutView(
+                np.id,
+                np.kind,
+                np.payee,
+                np.amount_msat,
+                PayoutState.NEEDS_INVOICE if np.destination.kind is DestinationKind.NONE else PayoutState.PENDING,
+                np.destination.kind,
+                earned_by=np.earned_by,
+            )
+        )
     results = v.results + tuple(r for r, _, _ in plan.results)
     held, owed = _ledger_view(bal, v.id)
     new_view = replace(
-        v, state=plan.state, version=v.version + 1 if (plan.writes or plan.state is not v.state) else v.version,
+        v,
+        state=plan.state,
+        version=v.version + 1 if (plan.writes or plan.state is not v.state) else v.version,
         customer=plan.new_job.customer if plan.new_job else v.customer,
         request=plan.new_job.request if plan.new_job else v.request,
         mode=plan.new_job.mode if plan.new_job else v.mode,
@@ -144,11 +184,24 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         refund_reason=plan.refund_reason if plan.refund_reason is not None else v.refund_reason,
         decision=plan.decision if plan.decision is not None else v.decision,
         eval_request_id=("eval-" + v.id[:8]) if any(o.is_eval_request for o in plan.events) else v.eval_request_id,
-        results=results, scores=v.scores + plan.scores, payouts=tuple(rows), held_msat=held, owed_msat=owed,
-        posted=frozenset(posted))
+        results=results,
+        scores=v.scores + plan.scores,
+        payouts=tuple(rows),
+        held_msat=held,
+        owed_msat=owed,
+        posted=frozenset(posted),
+    )
     effects = tuple(e for e in w.effects) + tuple(e for e in plan.effects if e not in w.effects)
-    return replace(w, view=new_view, payouts=tuple(rows), balances=tuple(sorted(bal.items())), effects=effects,
-                   published=w.published + len(plan.events), last=fact, problems=tuple(problems))
+    return replace(
+        w,
+        view=new_view,
+        payouts=tuple(rows),
+        balances=tuple(sorted(bal.items())),
+        effects=effects,
+        published=w.published + len(plan.events),
+        last=fact,
+        problems=tuple(problems),
+    )
 
 
 def step(w: World, fact: Fact, **world_changes: object) -> World:
@@ -159,6 +212,7 @@ def step(w: World, fact: Fact, **world_changes: object) -> World:
 
 
 # ---------------------------------------------------------------------------- what can happen next
+
 
 def _funding_hash(job_id: str) -> str:
     return hashlib.sha256(f"funding {job_id}".encode()).hexdigest()
@@ -172,15 +226,17 @@ def _result(w: World, provider: int, shard: int, copy_of: int | None = None) -> 
     sha = _model(copy_of if copy_of is not None else provider, shard)
     rid = hashlib.sha256(f"result {provider} {shard} {copy_of}".encode()).hexdigest()
     invoice = (FAKE_BOLT11, w.view.bid_msat) if provider == 2 else (None, None)
-    payout_to = (Destination(DestinationKind.LUD16, f"p{provider}@wallet.example") if provider == 1
-                 else Destination.none())
+    payout_to = (
+        Destination(DestinationKind.LUD16, f"p{provider}@wallet.example") if provider == 1 else Destination.none()
+    )
     r = ResultView(rid, PROVIDERS[provider], shard, sha, payout_to, invoice[0], invoice[1], f"https://m/{sha}")
     return machine.ResultReceived(r, rid, w.now, float(w.now))
 
 
 def _scores(w: World, validator: int, good: bool) -> machine.ScoresReceived:
-    scores = tuple(machine.Score(r.id, r.model_sha256, Decimal("0.9") if good else Decimal("0.1"))
-                   for r in w.view.results)
+    scores = tuple(
+        machine.Score(r.id, r.model_sha256, Decimal("0.9") if good else Decimal("0.1")) for r in w.view.results
+    )
     eid = hashlib.sha256(f"scores {validator} {good} {len(scores)}".encode()).hexdigest()
     return machine.ScoresReceived(VALIDATORS[validator], w.view.eval_request_id or "", scores, eid, w.now, float(w.now))
 
@@ -203,13 +259,18 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
     amount = v.bid_msat + w.overpay_msat if v.request else 0
     if v.state is S.NEW:
         yield "request", step(w, w.request)
-        yield "request refused at the edge", step(w, machine.RequestRejected(w.request.event, "rate_limited",
-                                                                              "at most 10 requests a minute"))
+        yield (
+            "request refused at the edge",
+            step(w, machine.RequestRejected(w.request.event, "rate_limited", "at most 10 requests a minute")),
+        )
         return
     if w.last is not None:
         yield "duplicate", step(w, w.last)
     if v.state is S.REQUESTED and w.invoice == "none":
-        yield "invoice created", step(w, machine.InvoiceCreated(_funding_hash(v.id), FAKE_BOLT11, v.bid_msat), invoice="open")
+        yield (
+            "invoice created",
+            step(w, machine.InvoiceCreated(_funding_hash(v.id), FAKE_BOLT11, v.bid_msat), invoice="open"),
+        )
         yield "invoice failed", step(w, machine.InvoiceFailed("LND away"))
     if w.invoice == "open":
         # The customer pays: on time, or after the offer closed (LND's observation time).
@@ -218,16 +279,41 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
             if hold:
                 yield label, step(w, machine.HoldAccepted(amount, at), invoice="accepted")
             else:
-                yield label, step(w, machine.Settled(_funding_hash(v.id), amount, at), invoice="settled", paid_msat=amount)
-        yield "invoice expired", step(w, machine.InvoiceCanceled(), invoice="canceled",
-                                      effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE))
+                yield (
+                    label,
+                    step(w, machine.Settled(_funding_hash(v.id), amount, at), invoice="settled", paid_msat=amount),
+                )
+        yield (
+            "invoice expired",
+            step(
+                w,
+                machine.InvoiceCanceled(),
+                invoice="canceled",
+                effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE),
+            ),
+        )
     if w.invoice == "accepted":
         # Our settle effect, or the deadline guard on its own, settles; our cancel effect or the
         # HTLC's expiry cancels (LND gives the money back).
-        yield "settle", step(w, machine.Settled(_funding_hash(v.id), amount, w.now), invoice="settled", paid_msat=amount,
-                             effects=tuple(e for e in w.effects if e is not EffectKind.SETTLE_HOLD))
-        yield "cancel", step(w, machine.InvoiceCanceled(), invoice="canceled",
-                             effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE))
+        yield (
+            "settle",
+            step(
+                w,
+                machine.Settled(_funding_hash(v.id), amount, w.now),
+                invoice="settled",
+                paid_msat=amount,
+                effects=tuple(e for e in w.effects if e is not EffectKind.SETTLE_HOLD),
+            ),
+        )
+        yield (
+            "cancel",
+            step(
+                w,
+                machine.InvoiceCanceled(),
+                invoice="canceled",
+                effects=tuple(e for e in w.effects if e is not EffectKind.CANCEL_INVOICE),
+            ),
+        )
     if v.state is S.COLLECTING and v.request is not None:
         shards = len(v.req.spec.shards)
         for p in range(providers):
@@ -250,18 +336,28 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
     for i, p in enumerate(w.payouts):
         if p.state is PayoutState.PENDING:
             preimage = hashlib.sha256(f"preimage {p.id}".encode()).hexdigest()
-            done = replace(p, state=PayoutState.SUCCEEDED, fee_msat=1, preimage=preimage,
-                           payment_hash=hashlib.sha256(bytes.fromhex(preimage)).hexdigest())
+            done = replace(
+                p,
+                state=PayoutState.SUCCEEDED,
+                fee_msat=1,
+                preimage=preimage,
+                payment_hash=hashlib.sha256(bytes.fromhex(preimage)).hexdigest(),
+            )
             rows = tuple(done if x.id == p.id else x for x in w.payouts)
             ww = replace(w, payouts=rows, sent_msat=w.sent_msat + p.amount_msat, fees_msat=w.fees_msat + 1)
             ww = replace(ww, view=replace(ww.view, payouts=rows))
             yield f"payout {i} succeeded", step(ww, machine.PayoutSucceeded(done))
-            back = replace(p, state=PayoutState.NEEDS_INVOICE, attempts=p.attempts + 1,
-                           needs_invoice_count=p.needs_invoice_count + 1, last_error="expired: invoice expired")
+            back = replace(
+                p,
+                state=PayoutState.NEEDS_INVOICE,
+                attempts=p.attempts + 1,
+                needs_invoice_count=p.needs_invoice_count + 1,
+                last_error="expired: invoice expired",
+            )
             rows = tuple(back if x.id == p.id else x for x in w.payouts)
             ww = replace(w, payouts=rows, view=replace(w.view, payouts=rows))
             yield f"payout {i} handed back", step(ww, machine.PayoutNeedsInvoice(back, "expired"))
-            break   # one payout at a time: the others are the same case
+            break  # one payout at a time: the others are the same case
         if p.state is PayoutState.NEEDS_INVOICE:
             # The payee gives an invoice (the payout package; no job fact).
             given = replace(p, state=PayoutState.PENDING, destination=DestinationKind.BOLT11)
@@ -271,6 +367,7 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
 
 
 # ---------------------------------------------------------------------------- invariants
+
 
 def violations(w: World) -> list[str]:
     v = w.view

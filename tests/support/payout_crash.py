@@ -4,6 +4,7 @@ Usage: python -m tests.support.payout_crash DB_URL STACK_JSON WHERE
 WHERE = after_write_ahead (dies before SendPaymentV2) | in_flight (dies on the first
 payment update from LND, i.e. with the payment under way).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,9 +39,12 @@ class Crashing(Payouts):
 async def main(db_url: str, stack_json: str, where: str) -> None:
     node = json.load(open(stack_json))["nodes"]["escrow"]
     lnd = LndClient.from_files(node["rpc"], node["tls_cert"], node["macaroon"])
-    payouts = Crashing(lnd, session_factory(create_engine(db_url)),
-                       PayoutPolicy(network="regtest", min_expiry_seconds=60, lease_seconds=1.0),
-                       our_pubkey=node["pubkey"])
+    payouts = Crashing(
+        lnd,
+        session_factory(create_engine(db_url)),
+        PayoutPolicy(network="regtest", min_expiry_seconds=60, lease_seconds=1.0),
+        our_pubkey=node["pubkey"],
+    )
     payouts.where = where
     await pay_due(payouts)
     print("the worker was supposed to die", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The payout worker's own path in a test: claim what is due, pay each claim (as
 ``LightningService._payout_loop`` does, without its loop)."""
+
 from __future__ import annotations
 
 import asyncio

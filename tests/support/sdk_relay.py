@@ -3,6 +3,7 @@
 A second, independent relay implementation for the tests. Runs until SIGTERM.
 Usage: python -m tests.support.sdk_relay PORT DIR
 """
+
 from __future__ import annotations
 
 import asyncio

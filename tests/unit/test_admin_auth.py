@@ -4,6 +4,7 @@ that revokes its session server-side (in the database, so on every replica).
 
 The app is the real one on a migrated SQLite database, reached over ASGI (no LND or relay).
 """
+
 from __future__ import annotations
 
 import os
@@ -23,8 +24,8 @@ from service.config import Settings
 from service.db import create_engine, session_factory
 from tests.conftest import free_port
 
-TOKEN = "admin-token-0123456789-abcdefghijklmnop"   # 40 characters
-ADMIN_PATH = "/v1/admin/rejected-events"            # needs nothing but the database
+TOKEN = "admin-token-0123456789-abcdefghijklmnop"  # 40 characters
+ADMIN_PATH = "/v1/admin/rejected-events"  # needs nothing but the database
 
 
 def settings(database_url: str, **over: object) -> Settings:
@@ -44,8 +45,7 @@ async def app(database_url: str) -> AsyncIterator[FastAPI]:
 
 
 def client(app: FastAPI, host: str = "203.0.113.7") -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(host, 50000)),
-                             base_url="http://testserver")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=(host, 50000)), base_url="http://testserver")
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -54,8 +54,10 @@ def bearer(token: str) -> dict[str, str]:
 
 # ---- the token's rules at start-up ----------------------------------------------------------
 
-@pytest.mark.parametrize("value,needle", [("", "empty"), ("   \t", "empty"), ("short-admin-token", "at least 32"),
-                                          ("x" * 31, "at least 32")])
+
+@pytest.mark.parametrize(
+    "value,needle", [("", "empty"), ("   \t", "empty"), ("short-admin-token", "at least 32"), ("x" * 31, "at least 32")]
+)
 def test_an_empty_or_short_admin_token_is_refused(value: str, needle: str) -> None:
     with pytest.raises(ValidationError) as exc:
         Settings(_env_file=None, admin_token=value)
@@ -70,11 +72,22 @@ def test_unset_disables_and_a_long_token_is_kept_without_surrounding_space() -> 
 
 
 def test_the_cli_refuses_to_start_with_an_empty_admin_token(tmp_path: Path) -> None:
-    env = {**os.environ, "FEDSTR_ADMIN_TOKEN": "", "FEDSTR_HTTP_PORT": str(free_port()),
-           "FEDSTR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}",
-           "FEDSTR_NOSTR_KEY_FILE": str(tmp_path / "key")}
-    r = subprocess.run([sys.executable, "-m", "service.cli", "serve"], env=env, cwd=tmp_path,
-                       capture_output=True, text=True, timeout=20, check=False)
+    env = {
+        **os.environ,
+        "FEDSTR_ADMIN_TOKEN": "",
+        "FEDSTR_HTTP_PORT": str(free_port()),
+        "FEDSTR_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'db.sqlite3'}",
+        "FEDSTR_NOSTR_KEY_FILE": str(tmp_path / "key"),
+    }
+    r = subprocess.run(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert r.returncode == 2, r.stderr
     assert "FEDSTR_ADMIN_TOKEN" in r.stderr and "empty" in r.stderr
 
@@ -83,12 +96,14 @@ def test_the_app_refuses_settings_that_bypassed_validation(database_url: str) ->
     """``model_copy`` skips validators: the app checks the token again when it is built."""
     for bad in ("", "too-short"):
         tampered = Settings(_env_file=None, database_url=database_url).model_copy(
-            update={"admin_token": SecretStr(bad)})
+            update={"admin_token": SecretStr(bad)}
+        )
         with pytest.raises(ValueError, match="FEDSTR_ADMIN_TOKEN"):
             create_app(tampered)
 
 
 # ---- bearer tokens -------------------------------------------------------------------------------
+
 
 async def test_an_empty_bearer_token_is_401_in_every_case(app: FastAPI) -> None:
     async with client(app) as c:
@@ -101,8 +116,9 @@ async def test_an_empty_bearer_token_is_401_in_every_case(app: FastAPI) -> None:
         app.state.settings = app.state.settings.model_copy(update={"admin_token": SecretStr("")})
         r = await c.get(ADMIN_PATH, headers={"Authorization": "Bearer "})
         assert r.status_code in (401, 503) and r.status_code != 200, r.text
-        r = await c.post("/v1/admin/reconciliation/resume", json={"reason": "attack"},
-                         headers={"Authorization": "Bearer "})
+        r = await c.post(
+            "/v1/admin/reconciliation/resume", json={"reason": "attack"}, headers={"Authorization": "Bearer "}
+        )
         assert r.status_code in (401, 503), r.text
 
 
@@ -139,6 +155,7 @@ async def test_wrong_dashboard_logins_count_for_the_api_too(app: FastAPI) -> Non
 
 # ---- dashboard sessions ----------------------------------------------------------------------
 
+
 async def _sign_in(c: httpx.AsyncClient) -> tuple[str, str]:
     r = await c.post("/admin/login", data={"token": TOKEN})
     assert r.status_code == 303 and r.headers["location"] == "/admin", r.text
@@ -152,7 +169,7 @@ async def _sign_in(c: httpx.AsyncClient) -> tuple[str, str]:
 
 
 async def test_logout_revokes_the_session_on_every_replica(app: FastAPI, database_url: str) -> None:
-    replica = create_app(settings(database_url))       # a second process on the same database
+    replica = create_app(settings(database_url))  # a second process on the same database
     engine = create_engine(database_url)
     replica.state.sessions = session_factory(engine)
     try:
@@ -179,8 +196,9 @@ async def test_two_sign_ins_are_two_sessions(app: FastAPI) -> None:
         cookie_a, csrf_a = await _sign_in(a)
         cookie_b, csrf_b = await _sign_in(b)
         assert cookie_a != cookie_b and csrf_a != csrf_b
-        assert (await a.post("/admin/logout", data={"csrf": csrf_b})).status_code == 403, \
+        assert (await a.post("/admin/logout", data={"csrf": csrf_b})).status_code == 403, (
             "a CSRF token belongs to its own session"
+        )
         assert (await a.post("/admin/logout", data={"csrf": csrf_a})).status_code == 303
         assert (await b.get("/admin")).status_code == 200, "signing out one session leaves the other"
 

@@ -10,6 +10,7 @@ references after a short grace.
 Jobs are rows of the real schema holding real signed job requests (built with the protocol
 codec), on a migrated SQLite database; uploads go through the real routes over ASGI.
 """
+
 from __future__ import annotations
 
 import base64
@@ -58,8 +59,13 @@ def make_app(tmp_path: Path, sessions, **over: object) -> FastAPI:
     app = FastAPI()
     errors.install(app)
     app.include_router(blobs.router)
-    values = {"blob_dir": str(tmp_path / "store"), "blob_max_bytes": MAX, "blob_uploads_per_minute": 6000.0,
-              "blob_uploads_burst": 1000, "public_url": None}
+    values = {
+        "blob_dir": str(tmp_path / "store"),
+        "blob_max_bytes": MAX,
+        "blob_uploads_per_minute": 6000.0,
+        "blob_uploads_burst": 1000,
+        "public_url": None,
+    }
     values.update(over)
     app.state.settings = SimpleNamespace(**values)
     app.state.sessions = sessions
@@ -75,15 +81,32 @@ def http(app: FastAPI) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
-async def job(sessions, customer: SecretKey, *, state: str = "collecting", providers: tuple[str, ...] = (),
-              private_to: str | None = None, validators: tuple[str, ...] = ()) -> str:
+async def job(
+    sessions,
+    customer: SecretKey,
+    *,
+    state: str = "collecting",
+    providers: tuple[str, ...] = (),
+    private_to: str | None = None,
+    validators: tuple[str, ...] = (),
+) -> str:
     now = int(time.time())
-    shards = (Shard.for_provider(customer, private_to, 0, "https://blobs.example/" + "0" * 64)
-              if private_to else Shard(index=0, url="https://blobs.example/" + "1" * 64),)
-    spec = JobSpec(escrow=ESCROW, bid_msat=1_000_000, shards=shards,
-                   validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), max(1, len(validators))),
-                   payout=PayoutPolicy("best"), results_deadline=now + 600, validation_deadline=now + 1200,
-                   validators=validators, providers=providers)
+    shards = (
+        Shard.for_provider(customer, private_to, 0, "https://blobs.example/" + "0" * 64)
+        if private_to
+        else Shard(index=0, url="https://blobs.example/" + "1" * 64),
+    )
+    spec = JobSpec(
+        escrow=ESCROW,
+        bid_msat=1_000_000,
+        shards=shards,
+        validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), max(1, len(validators))),
+        payout=PayoutPolicy("best"),
+        results_deadline=now + 600,
+        validation_deadline=now + 1200,
+        validators=validators,
+        providers=providers,
+    )
     ev = sign_event(customer, *build_job_request(spec, customer=customer.public_key_hex, content=os.urandom(4).hex()))
     async with sessions.begin() as s:
         s.add(Job(id=ev.id, customer=customer.public_key_hex, state=state, request_raw=ev.to_json()))
@@ -104,8 +127,11 @@ def auth(key: SecretKey, body: bytes, job_id: str | None = None) -> str:
 
 
 async def put(c: httpx.AsyncClient, key: SecretKey, body: bytes, job_id: str | None = None) -> httpx.Response:
-    return await c.put("/blobs/upload", content=body, headers={"Authorization": auth(key, body, job_id),
-                                                               "Content-Type": "application/octet-stream"})
+    return await c.put(
+        "/blobs/upload",
+        content=body,
+        headers={"Authorization": auth(key, body, job_id), "Content-Type": "application/octet-stream"},
+    )
 
 
 def refused(r: httpx.Response, status: int, code: str) -> None:
@@ -115,6 +141,7 @@ def refused(r: httpx.Response, status: int, code: str) -> None:
 
 
 # ---- who may upload -------------------------------------------------------------------------
+
 
 async def test_a_key_in_no_job_is_refused(app: FastAPI, sessions) -> None:
     await job(sessions, SecretKey.generate())
@@ -126,23 +153,32 @@ async def test_a_key_in_no_job_is_refused(app: FastAPI, sessions) -> None:
 
 async def test_participants_of_open_jobs_may_upload(app: FastAPI, sessions) -> None:
     customer, named, private, validator = (SecretKey.generate() for _ in range(4))
-    j = await job(sessions, customer, state="offered", providers=(named.public_key_hex,),
-                  validators=(validator.public_key_hex,))
+    j = await job(
+        sessions, customer, state="offered", providers=(named.public_key_hex,), validators=(validator.public_key_hex,)
+    )
     j2 = await job(sessions, SecretKey.generate(), private_to=private.public_key_hex)
     async with http(app) as c:
-        for who, body, named_job in ((customer, b"shard", j), (named, b"model-1", None),
-                                     (validator, b"notes", j), (private, b"model-2", j2)):
+        for who, body, named_job in (
+            (customer, b"shard", j),
+            (named, b"model-1", None),
+            (validator, b"notes", j),
+            (private, b"model-2", j2),
+        ):
             r = await put(c, who, body, named_job)
             assert r.status_code == 200, (r.text, body)
-        refused(await put(c, named, b"model-3", j2), 403, "not_a_participant")   # not this job's provider
+        refused(await put(c, named, b"model-3", j2), 403, "not_a_participant")  # not this job's provider
     async with sessions() as s:
         rows = {(u.uploader, u.job_id) for u in (await s.scalars(select(BlobUpload))).all()}
-    assert rows == {(customer.public_key_hex, j), (named.public_key_hex, j), (validator.public_key_hex, j),
-                    (private.public_key_hex, j2)}, "each upload recorded with its uploader and job"
+    assert rows == {
+        (customer.public_key_hex, j),
+        (named.public_key_hex, j),
+        (validator.public_key_hex, j),
+        (private.public_key_hex, j2),
+    }, "each upload recorded with its uploader and job"
 
 
 async def test_an_open_job_admits_any_key_that_names_it_while_collecting(app: FastAPI, sessions) -> None:
-    open_job = await job(sessions, SecretKey.generate())                       # no p tags, a plain shard
+    open_job = await job(sessions, SecretKey.generate())  # no p tags, a plain shard
     offered = await job(sessions, SecretKey.generate(), state="offered")
     named_only = await job(sessions, SecretKey.generate(), providers=(SecretKey.generate().public_key_hex,))
     anyone = SecretKey.generate()
@@ -175,6 +211,7 @@ async def test_the_allow_list_replaces_the_participant_rule(tmp_path: Path, sess
 
 # ---- quotas ----------------------------------------------------------------------------------
 
+
 async def test_per_key_byte_and_count_quotas(tmp_path: Path, sessions) -> None:
     customer = SecretKey.generate()
     j = await job(sessions, customer)
@@ -186,14 +223,15 @@ async def test_per_key_byte_and_count_quotas(tmp_path: Path, sessions) -> None:
         refused(await put(c, customer, os.urandom(2500), j), 413, "key_quota_exceeded")
         assert (await put(c, customer, b"a", j)).status_code == 200
         assert (await put(c, customer, b"b", j)).status_code == 200
-        refused(await put(c, customer, b"c", j), 413, "key_quota_exceeded")          # a fourth blob
+        refused(await put(c, customer, b"c", j), 413, "key_quota_exceeded")  # a fourth blob
         other = SecretKey.generate()
         j2 = await job(sessions, other)
         assert (await put(c, other, os.urandom(3000), j2)).status_code == 200, "quotas are per key"
         await finish(sessions, j)
         j3 = await job(sessions, customer)
-        assert (await put(c, customer, os.urandom(3000), j3)).status_code == 200, \
+        assert (await put(c, customer, os.urandom(3000), j3)).status_code == 200, (
             "blobs of finished jobs no longer count against the key"
+        )
 
 
 async def test_the_store_has_a_total_size(tmp_path: Path, sessions) -> None:
@@ -211,18 +249,25 @@ async def test_the_store_has_a_total_size(tmp_path: Path, sessions) -> None:
 
 # ---- expiry ---------------------------------------------------------------------------------
 
+
 async def test_the_sweep_deletes_expired_blobs_and_keeps_live_ones(tmp_path: Path, sessions) -> None:
     customer, listed = SecretKey.generate(), SecretKey.generate()
     live, done, both = [await job(sessions, customer) for _ in range(3)]
-    app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[customer.public_key_hex, listed.public_key_hex],
-                   blob_retention_seconds=7 * 86_400, blob_unreferenced_grace_seconds=3600, blob_sweep_batch=100)
+    app = make_app(
+        tmp_path,
+        sessions,
+        blob_allowed_pubkeys=[customer.public_key_hex, listed.public_key_hex],
+        blob_retention_seconds=7 * 86_400,
+        blob_unreferenced_grace_seconds=3600,
+        blob_sweep_batch=100,
+    )
     bodies = {name: f"{name} blob".encode() for name in ("live", "done", "shared", "loose")}
     async with http(app) as c:
         assert (await put(c, customer, bodies["live"], live)).status_code == 200
         assert (await put(c, customer, bodies["done"], done)).status_code == 200
         assert (await put(c, customer, bodies["shared"], done)).status_code == 200
         assert (await put(c, customer, bodies["shared"], both)).status_code == 200
-        assert (await put(c, listed, bodies["loose"])).status_code == 200              # names no job
+        assert (await put(c, listed, bodies["loose"])).status_code == 200  # names no job
     await finish(sessions, done)
     await finish(sessions, both, "refunded")
     svc = blobs.service_for(app)
@@ -275,13 +320,21 @@ async def test_the_leader_runs_the_sweep(tmp_path: Path, database_url: str) -> N
     from service.app import create_app
     from service.config import Settings
     from tests.conftest import wait_until
+
     store = tmp_path / "store"
     store.mkdir()
     orphan = store / hashlib.sha256(b"orphan").hexdigest()
     orphan.write_bytes(b"orphan")
     os.utime(orphan, (time.time() - 30 * 86_400,) * 2)
-    app = create_app(Settings(_env_file=None, database_url=database_url, blob_dir=store,
-                              nostr_secret_key=SecretKey.generate().to_hex(), blob_sweep_interval_seconds=0.05))
+    app = create_app(
+        Settings(
+            _env_file=None,
+            database_url=database_url,
+            blob_dir=store,
+            nostr_secret_key=SecretKey.generate().to_hex(),
+            blob_sweep_interval_seconds=0.05,
+        )
+    )
     async with app.router.lifespan_context(app):
         await wait_until(lambda: not orphan.exists(), 10, "the orphan swept")
         assert app.state.blob_sweeper is not None and not app.state.blob_sweeper.done()
@@ -309,7 +362,7 @@ async def test_uploading_again_restarts_the_grace(tmp_path: Path, sessions) -> N
     app = make_app(tmp_path, sessions, blob_allowed_pubkeys=[listed.public_key_hex])
     async with http(app) as c:
         assert (await put(c, listed, b"kept by a re-upload")).status_code == 200
-    async with sessions.begin() as s:   # as if uploaded two hours ago
+    async with sessions.begin() as s:  # as if uploaded two hours ago
         await s.execute(update(BlobUpload).values(uploaded_at=utcnow() - timedelta(hours=2)))
         await s.execute(update(BlobObject).values(stored_at=utcnow() - timedelta(hours=2)))
     async with http(app) as c:

@@ -3,6 +3,7 @@ streaming size limits, atomic writes, and the client's hash check (no LND needed
 
 Who may upload is tested in test_blob_policy.py; here every upload names (``["e", <id>]``)
 one open job that admits any provider, in a migrated SQLite database of the test's own."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,21 +40,27 @@ BASE = "http://testserver/blobs"
 
 
 class _Db:
-    sessions = None         # the test's database (set by the autouse fixture below)
-    open_job = ""           # a collecting job open to any provider
+    sessions = None  # the test's database (set by the autouse fixture below)
+    open_job = ""  # a collecting job open to any provider
 
 
 @pytest.fixture(autouse=True)
 async def _database(database_url: str) -> AsyncIterator[None]:
     from decimal import Decimal
+
     engine = create_engine(database_url)
     _Db.sessions = session_factory(engine)
     customer = SecretKey.generate()
     now = int(time.time())
-    spec = JobSpec(escrow=SecretKey.generate().public_key_hex, bid_msat=1_000_000,
-                   shards=(Shard(index=0, url="https://data.example/" + "0" * 64),),
-                   validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1), payout=PayoutPolicy("best"),
-                   results_deadline=now + 600, validation_deadline=now + 1200)
+    spec = JobSpec(
+        escrow=SecretKey.generate().public_key_hex,
+        bid_msat=1_000_000,
+        shards=(Shard(index=0, url="https://data.example/" + "0" * 64),),
+        validation=Validation("accuracy", Direction.MAX, Decimal("0.8"), 1),
+        payout=PayoutPolicy("best"),
+        results_deadline=now + 600,
+        validation_deadline=now + 1200,
+    )
     ev = sign_event(customer, *build_job_request(spec, customer=customer.public_key_hex))
     async with _Db.sessions.begin() as s:
         s.add(Job(id=ev.id, customer=customer.public_key_hex, state="collecting", request_raw=ev.to_json()))
@@ -65,8 +72,13 @@ async def _database(database_url: str) -> AsyncIterator[None]:
 
 
 def settings(tmp_path: Path, **over) -> SimpleNamespace:
-    values = {"blob_dir": str(tmp_path / "store"), "blob_max_bytes": MAX, "blob_uploads_per_minute": 6000.0,
-              "blob_uploads_burst": 1000, "public_url": None}
+    values = {
+        "blob_dir": str(tmp_path / "store"),
+        "blob_max_bytes": MAX,
+        "blob_uploads_per_minute": 6000.0,
+        "blob_uploads_burst": 1000,
+        "public_url": None,
+    }
     values.update(over)
     return SimpleNamespace(**values)
 
@@ -81,8 +93,7 @@ def make_app(tmp_path: Path, **over) -> FastAPI:
 
 
 def http(app: FastAPI, client_addr: tuple[str, int] = ("127.0.0.1", 40000)) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client_addr),
-                             base_url="http://testserver")
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=client_addr), base_url="http://testserver")
 
 
 @pytest.fixture
@@ -109,9 +120,18 @@ def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def event_dict(key: SecretKey, *, body: bytes = b"", kind: int = 24242, t: str | None = "upload",
-               x: str | None = "auto", expiration: int | str | None = 300, created_at: int | None = None,
-               extra: list | None = None, job: bool = True) -> dict:
+def event_dict(
+    key: SecretKey,
+    *,
+    body: bytes = b"",
+    kind: int = 24242,
+    t: str | None = "upload",
+    x: str | None = "auto",
+    expiration: int | str | None = 300,
+    created_at: int | None = None,
+    extra: list | None = None,
+    job: bool = True,
+) -> dict:
     now = int(time.time())
     tags: list[list[str]] = []
     if t is not None:
@@ -147,7 +167,7 @@ def assert_problem(r: httpx.Response, status: int, code: str) -> None:
     assert r.headers["content-type"].startswith("application/problem+json")
     body = r.json()
     assert body["code"] == code and body["status"] == status, body
-    assert r.headers["x-reason"]                            # Blossom clients read this
+    assert r.headers["x-reason"]  # Blossom clients read this
     assert r.headers["access-control-allow-origin"] == "*"
 
 
@@ -161,8 +181,13 @@ async def test_upload_then_get_and_head(app: FastAPI, client: httpx.AsyncClient)
     r = await put(client, data, auth(key, body=data))
     assert r.status_code == 200, r.text
     d = r.json()
-    assert d == {"url": f"{BASE}/{sha(data)}", "sha256": sha(data), "size": len(data),
-                 "type": "application/octet-stream", "uploaded": d["uploaded"]}
+    assert d == {
+        "url": f"{BASE}/{sha(data)}",
+        "sha256": sha(data),
+        "size": len(data),
+        "type": "application/octet-stream",
+        "uploaded": d["uploaded"],
+    }
     assert before - 1 <= d["uploaded"] <= int(time.time()) + 1
     assert files(app) == [sha(data)]
 
@@ -195,11 +220,11 @@ async def test_reupload_is_idempotent(app: FastAPI, client: httpx.AsyncClient) -
     first = (await put(client, data, auth(key, body=data))).json()
     path = store_dir(app) / sha(data)
     old = first["uploaded"] - 1000
-    os.utime(path, (old, old))            # the original upload time, as the store sees it
+    os.utime(path, (old, old))  # the original upload time, as the store sees it
     first["uploaded"] = old
-    again = await put(client, data, auth(key, body=data))        # a fresh authorization
+    again = await put(client, data, auth(key, body=data))  # a fresh authorization
     assert again.status_code == 200
-    assert again.json() == first                                  # same descriptor, file untouched
+    assert again.json() == first  # same descriptor, file untouched
     assert os.stat(path).st_mtime == old
     assert files(app) == [sha(data)]
 
@@ -232,12 +257,25 @@ async def test_store_directory_is_created_private(app: FastAPI, client: httpx.As
 # ------------------------------------------------------------------------------ GET refusals
 
 
-@pytest.mark.parametrize("name", ["A" * 64, "a" * 63, "a" * 65, "g" * 64, "0" * 64 + ".", "0" * 64 + "..bin",
-                                  "0" * 64 + ".waytoolongextension", "0" * 64 + ".b-n", "upload",
-                                  ".tmp-abcdef", "%00" * 3])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "A" * 64,
+        "a" * 63,
+        "a" * 65,
+        "g" * 64,
+        "0" * 64 + ".",
+        "0" * 64 + "..bin",
+        "0" * 64 + ".waytoolongextension",
+        "0" * 64 + ".b-n",
+        "upload",
+        ".tmp-abcdef",
+        "%00" * 3,
+    ],
+)
 async def test_invalid_hash_is_400(client: httpx.AsyncClient, name: str) -> None:
     assert_problem(await client.get(f"/blobs/{name}"), 400, "invalid_hash")
-    if name != "upload":                  # HEAD /blobs/upload is BUD-06's upload check
+    if name != "upload":  # HEAD /blobs/upload is BUD-06's upload check
         h = await client.head(f"/blobs/{name}")
         assert h.status_code == 400 and h.headers["x-reason"]
 
@@ -250,7 +288,7 @@ async def test_unknown_blob_is_404(client: httpx.AsyncClient) -> None:
 
 async def test_a_temp_file_is_never_served(app: FastAPI, client: httpx.AsyncClient) -> None:
     await client.head("/blobs/" + "0" * 64)
-    (store_dir(app) / ("a" * 64)).mkdir()          # not a regular file: not a blob
+    (store_dir(app) / ("a" * 64)).mkdir()  # not a regular file: not a blob
     assert_problem(await client.get("/blobs/" + "a" * 64), 404, "blob_not_found")
 
 
@@ -274,7 +312,7 @@ def _tampered_tags() -> str:
 
 def _odd_field() -> str:
     d = event_dict(KEY, body=BODY)
-    d["\u00e9\u2603\r\n"] = 1                       # non-ASCII and CR/LF in a field name
+    d["\u00e9\u2603\r\n"] = 1  # non-ASCII and CR/LF in a field name
     return encode(d)
 
 
@@ -296,12 +334,14 @@ AUTH_CASES = [
     ("expired", lambda: auth(KEY, body=BODY, expiration=-1), 401, "auth_expired"),
     ("expiration now", lambda: auth(KEY, body=BODY, expiration=0), 401, "auth_expired"),
     ("expiration not a number", lambda: auth(KEY, body=BODY, expiration="soon"), 401, "bad_auth_event"),
-    ("two expirations", lambda: auth(KEY, body=BODY, extra=[["expiration", "99999999999"]]), 401,
-     "bad_auth_event"),
-    ("created in the future", lambda: auth(KEY, body=BODY, created_at=int(time.time()) + 120), 401,
-     "auth_not_yet_valid"),
-    ("created too long ago", lambda: auth(KEY, body=BODY, created_at=int(time.time()) - 7200), 401,
-     "auth_expired"),
+    ("two expirations", lambda: auth(KEY, body=BODY, extra=[["expiration", "99999999999"]]), 401, "bad_auth_event"),
+    (
+        "created in the future",
+        lambda: auth(KEY, body=BODY, created_at=int(time.time()) + 120),
+        401,
+        "auth_not_yet_valid",
+    ),
+    ("created too long ago", lambda: auth(KEY, body=BODY, created_at=int(time.time()) - 7200), 401, "auth_expired"),
     ("t is delete", lambda: auth(KEY, body=BODY, t="delete"), 401, "wrong_verb"),
     ("no t", lambda: auth(KEY, body=BODY, t=None), 401, "wrong_verb"),
     ("two verbs", lambda: auth(KEY, body=BODY, extra=[["t", "delete"]]), 401, "wrong_verb"),
@@ -317,7 +357,7 @@ async def test_auth_refusals(app: FastAPI, client: httpx.AsyncClient, make, stat
     assert_problem(r, status, code)
     if status == 401:
         assert r.headers["www-authenticate"] == "Nostr"
-    assert files(app) == []                                      # nothing stored, no temp file
+    assert files(app) == []  # nothing stored, no temp file
 
 
 async def test_created_at_within_60s_skew_is_accepted(client: httpx.AsyncClient) -> None:
@@ -345,6 +385,7 @@ async def test_event_used_by_a_failed_upload_is_spent(client: httpx.AsyncClient)
 async def test_allowed_pubkeys(tmp_path: Path) -> None:
     allowed = SecretKey.generate()
     from service.nostr.nip19 import encode_npub
+
     app = make_app(tmp_path, blob_allowed_pubkeys=[encode_npub(allowed.public_key_hex)])
     async with http(app) as c:
         assert_problem(await put(c, BODY, auth(SecretKey.generate(), body=BODY)), 403, "pubkey_not_allowed")
@@ -357,10 +398,10 @@ async def test_rate_limits_per_address_and_per_key(tmp_path: Path) -> None:
     async with http(app, ("10.0.0.1", 1)) as a, http(app, ("10.0.0.2", 1)) as b:
         for _ in range(2):
             assert (await put(a, BODY, auth(key, body=BODY))).status_code == 200
-        r = await put(a, BODY, auth(SecretKey.generate(), body=BODY))    # same address, another key
+        r = await put(a, BODY, auth(SecretKey.generate(), body=BODY))  # same address, another key
         assert_problem(r, 429, "rate_limited")
         assert int(r.headers["retry-after"]) >= 1
-        assert_problem(await put(b, BODY, auth(key, body=BODY)), 429, "rate_limited")   # same key
+        assert_problem(await put(b, BODY, auth(key, body=BODY)), 429, "rate_limited")  # same key
         assert (await put(b, BODY, auth(SecretKey.generate(), body=BODY))).status_code == 200
 
 
@@ -369,8 +410,8 @@ async def test_seen_auth_is_bounded_and_expires() -> None:
     assert seen.add("a", until=100, now=50) is True
     assert seen.add("a", until=100, now=60) is False
     assert seen.add("b", until=200, now=60) is True
-    assert seen.add("c", until=200, now=60) is None           # full
-    assert seen.add("c", until=300, now=101) is True          # "a" could no longer pass: forgotten
+    assert seen.add("c", until=200, now=60) is None  # full
+    assert seen.add("c", until=300, now=101) is True  # "a" could no longer pass: forgotten
     assert len(seen) == 2
 
 
@@ -391,13 +432,12 @@ async def test_oversized_body_with_content_length(app: FastAPI, client: httpx.As
     assert (await put(client, exact, auth(KEY, body=exact))).status_code == 200
 
 
-async def test_oversized_body_without_content_length_stops_reading(app: FastAPI,
-                                                                   client: httpx.AsyncClient) -> None:
+async def test_oversized_body_without_content_length_stops_reading(app: FastAPI, client: httpx.AsyncClient) -> None:
     sent = 0
 
     async def endless() -> AsyncIterator[bytes]:
         nonlocal sent
-        for _ in range(100_000):                     # 100 MB if read to the end
+        for _ in range(100_000):  # 100 MB if read to the end
             sent += 1
             yield b"z" * 1024
 
@@ -424,8 +464,9 @@ async def test_chunked_body_within_limit_is_stored(client: httpx.AsyncClient) ->
 @pytest.mark.parametrize("value", ["abc", "-1", "1e3", "9" * 30])
 async def test_bad_content_length_is_400(client: httpx.AsyncClient, value: str) -> None:
     # Sent raw through the ASGI app: httpx itself would not let a bad Content-Length out.
-    status, headers, body = await raw_put(client, [(b"content-length", value.encode()),
-                                                   (b"authorization", auth(KEY, body=BODY).encode())], [BODY])
+    status, headers, body = await raw_put(
+        client, [(b"content-length", value.encode()), (b"authorization", auth(KEY, body=BODY).encode())], [BODY]
+    )
     assert status == 400 and json.loads(body)["code"] == "invalid_content_length"
 
 
@@ -439,17 +480,29 @@ async def test_upload_requirements_head(client: httpx.AsyncClient) -> None:
 # -------------------------------------------------------------------------- atomic storage
 
 
-async def raw_put(client: httpx.AsyncClient, headers: list[tuple[bytes, bytes]], chunks: list[bytes],
-                  *, disconnect: bool = False) -> tuple[int, dict, bytes]:
+async def raw_put(
+    client: httpx.AsyncClient, headers: list[tuple[bytes, bytes]], chunks: list[bytes], *, disconnect: bool = False
+) -> tuple[int, dict, bytes]:
     """Drive the ASGI app directly (to send what httpx will not: a client that goes away)."""
     app = client._transport.app  # type: ignore[attr-defined]
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "PUT",
-             "scheme": "http", "path": "/blobs/upload", "raw_path": b"/blobs/upload", "query_string": b"",
-             "root_path": "", "headers": [(b"host", b"testserver"), *headers], "client": ("127.0.0.1", 1),
-             "server": ("testserver", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "PUT",
+        "scheme": "http",
+        "path": "/blobs/upload",
+        "raw_path": b"/blobs/upload",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"testserver"), *headers],
+        "client": ("127.0.0.1", 1),
+        "server": ("testserver", 80),
+    }
     queue = [{"type": "http.request", "body": c, "more_body": True} for c in chunks]
-    queue.append({"type": "http.disconnect"} if disconnect else {"type": "http.request", "body": b"",
-                                                                  "more_body": False})
+    queue.append(
+        {"type": "http.disconnect"} if disconnect else {"type": "http.request", "body": b"", "more_body": False}
+    )
     sent: list[dict] = []
 
     async def receive() -> dict:
@@ -466,8 +519,9 @@ async def raw_put(client: httpx.AsyncClient, headers: list[tuple[bytes, bytes]],
 
 async def test_client_going_away_leaves_no_temp_file(app: FastAPI, client: httpx.AsyncClient) -> None:
     data = os.urandom(3000)
-    status, _, body = await raw_put(client, [(b"authorization", auth(KEY, body=data).encode())],
-                                    [data[:1000], data[1000:2000]], disconnect=True)
+    status, _, body = await raw_put(
+        client, [(b"authorization", auth(KEY, body=data).encode())], [data[:1000], data[1000:2000]], disconnect=True
+    )
     assert status == 400 and json.loads(body)["code"] == "incomplete_body"
     assert files(app) == []
 
@@ -483,7 +537,7 @@ async def test_temp_file_is_in_the_store_and_removed_on_failure(tmp_path: Path) 
 
     with pytest.raises(ConnectionResetError):
         await store.put_stream(broken(), max_bytes=MAX)
-    assert len(seen_during[0]) == 1 and seen_during[0][0].startswith(".tmp-")   # same directory
+    assert len(seen_during[0]) == 1 and seen_during[0][0].startswith(".tmp-")  # same directory
     assert os.listdir(tmp_path / "s") == []
 
     async def one(data: bytes) -> AsyncIterator[bytes]:
@@ -524,7 +578,7 @@ async def test_client_round_trip_over_asgi(app: FastAPI, client: httpx.AsyncClie
 async def test_client_refuses_tampered_content(app: FastAPI, client: httpx.AsyncClient) -> None:
     data = b"the real shard" * 10
     digest = await blob_client.upload(BASE, KEY, data, client=client, job=_Db.open_job)
-    (store_dir(app) / digest).write_bytes(b"the fake shard" * 10)       # disk corruption / a bad server
+    (store_dir(app) / digest).write_bytes(b"the fake shard" * 10)  # disk corruption / a bad server
     with pytest.raises(blob_client.BlobHashMismatch) as exc:
         await blob_client.download(BASE, digest, max_bytes=MAX, client=client)
     assert exc.value.expected == digest and exc.value.actual == sha(b"the fake shard" * 10)
@@ -538,7 +592,7 @@ async def test_client_caps_the_size(app: FastAPI, client: httpx.AsyncClient) -> 
 
     pulled = 0
 
-    async def endless() -> AsyncIterator[bytes]:     # no Content-Length: the cap applies while reading
+    async def endless() -> AsyncIterator[bytes]:  # no Content-Length: the cap applies while reading
         nonlocal pulled
         for _ in range(10_000):
             pulled += 1
@@ -589,8 +643,9 @@ def free_port() -> int:
 async def test_real_client_against_uvicorn(tmp_path: Path) -> None:
     app = make_app(tmp_path, blob_max_bytes=256 * 1024)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off",
-                                           log_level="warning", access_log=False))
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning", access_log=False)
+    )
     task = asyncio.create_task(server.serve())
     deadline = time.monotonic() + 10
     while not server.started and not task.done() and time.monotonic() < deadline:
@@ -603,7 +658,7 @@ async def test_real_client_against_uvicorn(tmp_path: Path) -> None:
         assert digest == sha(data)
         assert await blob_client.download(base, digest, max_bytes=256 * 1024) == data
         assert await blob_client.download(f"{base}/{digest}.bin", digest, max_bytes=256 * 1024) == data
-        assert await blob_client.upload(base, SecretKey.generate(), data, job=_Db.open_job) == digest      # idempotent
+        assert await blob_client.upload(base, SecretKey.generate(), data, job=_Db.open_job) == digest  # idempotent
         with pytest.raises(blob_client.BlobTooLarge):
             await blob_client.download(base, digest, max_bytes=1024)
         with pytest.raises(blob_client.BlobHTTPError) as exc:

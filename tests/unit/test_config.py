@@ -1,4 +1,5 @@
 """Settings are validated at start-up with a specific error per bad value."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,25 +19,31 @@ def test_defaults_suit_local_regtest() -> None:
     assert s.relays == []
 
 
-@pytest.mark.parametrize("raw,expected", [
-    ('["ws://127.0.0.1:7000","wss://relay.example"]', ["ws://127.0.0.1:7000", "wss://relay.example"]),
-    ("ws://a:1, wss://b", ["ws://a:1", "wss://b"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        ('["ws://127.0.0.1:7000","wss://relay.example"]', ["ws://127.0.0.1:7000", "wss://relay.example"]),
+        ("ws://a:1, wss://b", ["ws://a:1", "wss://b"]),
+        ("", []),
+    ],
+)
 def test_relays_from_env_json_or_commas(monkeypatch: pytest.MonkeyPatch, raw: str, expected: list[str]) -> None:
     monkeypatch.setenv("FEDSTR_RELAYS", raw)
     assert Settings(_env_file=None).relays == expected
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("relays", ["http://relay.example"], "ws:// or wss://"),
-    ("relays", "[not json", "not valid JSON"),
-    ("lnd_grpc_host", "localhost", "host:port"),
-    ("lnd_grpc_host", "localhost:99999", "host:port"),
-    ("database_url", "mysql://x", "sqlite+aiosqlite"),
-    ("network", "bitcoin-cash", "regtest"),
-    ("lnd_timeout_seconds", 0, "greater than 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("relays", ["http://relay.example"], "ws:// or wss://"),
+        ("relays", "[not json", "not valid JSON"),
+        ("lnd_grpc_host", "localhost", "host:port"),
+        ("lnd_grpc_host", "localhost:99999", "host:port"),
+        ("database_url", "mysql://x", "sqlite+aiosqlite"),
+        ("network", "bitcoin-cash", "regtest"),
+        ("lnd_timeout_seconds", 0, "greater than 0"),
+    ],
+)
 def test_bad_values_are_refused_with_the_reason(field: str, value: object, needle: str) -> None:
     with pytest.raises(ValidationError) as exc:
         make(**{field: value})

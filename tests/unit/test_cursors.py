@@ -1,4 +1,5 @@
 """Resume points only move forward, on SQLite and PostgreSQL."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,6 +31,7 @@ async def _check_forward_only(url: str) -> None:
         async def bump(v: int) -> None:
             async with sessions.begin() as s:
                 await cursors.advance(s, "relay:ws://r", v)
+
         await asyncio.gather(*(bump(v) for v in (4, 17, 8, 12, 1)))
         async with sessions() as s:
             assert await cursors.get(s, "relay:ws://r") == 17

@@ -6,6 +6,7 @@ real signed events handed to its inbox handler; funding, settlement and cancella
 would. After every step the ledger's invariants must hold, every job must be in a state
 of the closed set, and money must add up.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -45,12 +46,22 @@ from service.nostr.protocol import (
 from service.payouts import PayoutPolicy as LnPayoutPolicy
 from service.payouts.models import Payout
 
-TERMS = EscrowTerms(fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=10_000, max_bid_msat=10_000_000_000,
-                    max_validators=5, max_shards=8, min_results_window_s=0, max_job_duration_s=30 * 86_400,
-                    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=86_400)
+TERMS = EscrowTerms(
+    fee_base_msat=1_000,
+    fee_ppm=10_000,
+    min_bid_msat=10_000,
+    max_bid_msat=10_000_000_000,
+    max_validators=5,
+    max_shards=8,
+    min_results_window_s=0,
+    max_job_duration_s=30 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=86_400,
+)
 T0 = 1_900_000_000
-POLICY = LnPayoutPolicy()   # the fee bound of the worker's defaults
-FAKE_BOLT11 = "lnbcrt1" + "qpzry9x8gf2tvdw0s3jn54khce6mua7l" * 4   # shaped like an invoice; never paid here
+POLICY = LnPayoutPolicy()  # the fee bound of the worker's defaults
+FAKE_BOLT11 = "lnbcrt1" + "qpzry9x8gf2tvdw0s3jn54khce6mua7l" * 4  # shaped like an invoice; never paid here
 ESCROW = SecretKey(hashlib.sha256(b"prop escrow").digest())
 CUSTOMER = SecretKey(hashlib.sha256(b"prop customer").digest())
 PROVIDERS = [SecretKey(hashlib.sha256(f"prop provider {i}".encode()).digest()) for i in range(3)]
@@ -71,10 +82,10 @@ class World:
         self.clock = clock
         self.engine = Engine(sessions, ESCROW, EngineConfig(terms=TERMS, relays=["ws://127.0.0.1:1"]), clock=clock)
         self.inbox = Inbox(sessions)
-        self.jobs: list = []          # (event, JobRequest)
+        self.jobs: list = []  # (event, JobRequest)
         self.results: dict[str, list] = {}
-        self.events: list = []        # everything fed so far (for duplicates)
-        self.paid: dict[str, int] = {}   # payment hash -> what the customer paid
+        self.events: list = []  # everything fed so far (for duplicates)
+        self.paid: dict[str, int] = {}  # payment hash -> what the customer paid
 
     async def feed(self, event) -> None:
         self.events.append(event)
@@ -83,12 +94,18 @@ class World:
 
     async def job_request(self, policy: str, mode: str, bid: int) -> None:
         now = int(self.clock())
-        spec = JobSpec(escrow=ESCROW.public_key_hex, bid_msat=bid,
-                       shards=tuple(Shard(index=k, url=f"https://d.example/{len(self.jobs)}/{k}") for k in range(2)),
-                       validation=Validation("accuracy", Direction.MAX, Decimal("0.5"), 2),
-                       payout=PayoutPolicy(policy), results_deadline=now + 100, validation_deadline=now + 200,
-                       validators=tuple(v.public_key_hex for v in VALIDATORS), validator_fee_msat=1_000,
-                       mode=Mode(mode))
+        spec = JobSpec(
+            escrow=ESCROW.public_key_hex,
+            bid_msat=bid,
+            shards=tuple(Shard(index=k, url=f"https://d.example/{len(self.jobs)}/{k}") for k in range(2)),
+            validation=Validation("accuracy", Direction.MAX, Decimal("0.5"), 2),
+            payout=PayoutPolicy(policy),
+            results_deadline=now + 100,
+            validation_deadline=now + 200,
+            validators=tuple(v.public_key_hex for v in VALIDATORS),
+            validator_fee_msat=1_000,
+            mode=Mode(mode),
+        )
         ev = sign_event(CUSTOMER, *build_job_request(spec, customer=CUSTOMER.public_key_hex), created_at=now)
         self.jobs.append((ev, parse_job_request(ev, escrow_pubkey=ESCROW.public_key_hex, terms=TERMS, now=now)))
         await self.feed(ev)
@@ -105,8 +122,17 @@ class World:
                     if inv is None:
                         pre = os.urandom(32)
                         h = hashlib.sha256(pre).hexdigest()
-                        s.add(LnInvoice(payment_hash=h, job_id=job.id, mode=job.mode, amount_msat=job.bid_msat,
-                                        payment_request=FAKE_BOLT11, preimage=pre.hex(), expires_at=T0 + 10**6))
+                        s.add(
+                            LnInvoice(
+                                payment_hash=h,
+                                job_id=job.id,
+                                mode=job.mode,
+                                amount_msat=job.bid_msat,
+                                payment_request=FAKE_BOLT11,
+                                preimage=pre.hex(),
+                                expires_at=T0 + 10**6,
+                            )
+                        )
                         await s.flush()
                         inv_hash = h
                     else:
@@ -119,17 +145,28 @@ class World:
                 await s.execute(update(Effect).where(Effect.id == eff.id).values(state="done"))
 
     async def _fact(self, s, inv: LnInvoice, kind: str, extra: int = 0) -> None:
-        paid = self.paid.setdefault(inv.payment_hash, inv.amount_msat + extra)   # settled: what was accepted
+        paid = self.paid.setdefault(inv.payment_hash, inv.amount_msat + extra)  # settled: what was accepted
         await s.execute(update(LnInvoice).where(LnInvoice.payment_hash == inv.payment_hash).values(state=kind))
-        await s.execute(insert_ignore(s, LnFact.__table__), [{
-            "payment_hash": inv.payment_hash, "kind": kind, "amount_msat": paid if kind != "canceled" else 0,
-            "source": "prop", "observed_at": utcnow()}])
+        await s.execute(
+            insert_ignore(s, LnFact.__table__),
+            [
+                {
+                    "payment_hash": inv.payment_hash,
+                    "kind": kind,
+                    "amount_msat": paid if kind != "canceled" else 0,
+                    "source": "prop",
+                    "observed_at": utcnow(),
+                }
+            ],
+        )
 
     async def pay(self, which: int, extra: int = 0) -> None:
         """The customer pays a job's invoice (hold: accepted; custodial: settled), ``extra`` msat more
         than asked (LND takes up to twice an invoice's amount)."""
         async with self.sessions.begin() as s:
-            invs = (await s.scalars(select(LnInvoice).where(LnInvoice.state == "open").order_by(LnInvoice.created_at))).all()
+            invs = (
+                await s.scalars(select(LnInvoice).where(LnInvoice.state == "open").order_by(LnInvoice.created_at))
+            ).all()
             if invs:
                 inv = invs[which % len(invs)]
                 await self._fact(s, inv, "accepted" if inv.mode == "hold" else "settled", extra)
@@ -139,8 +176,11 @@ class World:
             return
         ev_job, req = self.jobs[job_i % len(self.jobs)]
         model = hashlib.sha256(f"{ev_job.id}{provider}{good}".encode()).hexdigest()
-        ev = sign_event(PROVIDERS[provider], *build_result(req, shard_index=shard, model=ModelRef(
-            f"https://m.example/{model}", model, 10)), created_at=int(self.clock()))
+        ev = sign_event(
+            PROVIDERS[provider],
+            *build_result(req, shard_index=shard, model=ModelRef(f"https://m.example/{model}", model, 10)),
+            created_at=int(self.clock()),
+        )
         self.results.setdefault(ev_job.id, []).append((ev.id, model, good))
         await self.feed(ev)
 
@@ -152,13 +192,19 @@ class World:
             job = await s.get(Job, ev_job.id)
         if job is None or job.eval_request_id is None:
             return
-        scores = tuple(Score(rid, Decimal("0.9") if good else Decimal("0.1"), "00" * 32 if wrong_hash else sha)
-                       for rid, sha, good in self.results.get(ev_job.id, []))
+        scores = tuple(
+            Score(rid, Decimal("0.9") if good else Decimal("0.1"), "00" * 32 if wrong_hash else sha)
+            for rid, sha, good in self.results.get(ev_job.id, [])
+        )
         if not scores:
             return
-        ev = sign_event(VALIDATORS[validator], *build_evaluation_result(
-            request_id=job.eval_request_id, job_id=ev_job.id, escrow=ESCROW.public_key_hex, scores=scores),
-            created_at=int(self.clock()))
+        ev = sign_event(
+            VALIDATORS[validator],
+            *build_evaluation_result(
+                request_id=job.eval_request_id, job_id=ev_job.id, escrow=ESCROW.public_key_hex, scores=scores
+            ),
+            created_at=int(self.clock()),
+        )
         await self.feed(ev)
 
     async def payouts(self, fee: int, fail: bool) -> None:
@@ -169,19 +215,30 @@ class World:
             pending = (await s.scalars(select(Payout).where(Payout.state.in_(("pending", "needs_invoice"))))).all()
             for p in pending:
                 if fail:
-                    await s.execute(update(Payout).where(Payout.id == p.id).values(
-                        state="needs_invoice", attempts=Payout.attempts + 1))
+                    await s.execute(
+                        update(Payout)
+                        .where(Payout.id == p.id)
+                        .values(state="needs_invoice", attempts=Payout.attempts + 1)
+                    )
                 else:
                     limit = POLICY.fee_limit(p.amount_msat)
                     if p.fee_limit_msat is not None:
                         limit = min(limit, p.fee_limit_msat)
                     pre = os.urandom(32)
-                    await s.execute(update(Payout).where(Payout.id == p.id).values(
-                        state="succeeded", fee_msat=min(fee, limit), preimage=pre.hex(),
-                        payment_hash=hashlib.sha256(pre).hexdigest()))
+                    await s.execute(
+                        update(Payout)
+                        .where(Payout.id == p.id)
+                        .values(
+                            state="succeeded",
+                            fee_msat=min(fee, limit),
+                            preimage=pre.hex(),
+                            payment_hash=hashlib.sha256(pre).hexdigest(),
+                        )
+                    )
 
     async def step_engine(self) -> None:
         from service.escrow.runner import EngineRunner
+
         await EngineRunner(self.engine, self.inbox).step()
 
     async def duplicate(self, i: int) -> None:
@@ -205,8 +262,12 @@ class World:
                 received = max([j.bid_msat, *(self.paid[h] for h in hashes if h in self.paid)])
                 assert paid <= received, (j.id, paid, j.bid_msat, received)
                 if j.state == "closed":
-                    assert paid + sum(v for k, v in (await ledger.balances(s, job_id=j.id)).items()
-                                      if k.startswith("income:")) * -1 >= 0
+                    assert (
+                        paid
+                        + sum(v for k, v in (await ledger.balances(s, job_id=j.id)).items() if k.startswith("income:"))
+                        * -1
+                        >= 0
+                    )
             total = sum((await ledger.balances(s)).values())
             assert total == 0
             # The escrow never pays to work: per job, what it earned covers the routes it paid.
@@ -217,8 +278,12 @@ class World:
 
 
 ACTIONS = st.one_of(
-    st.tuples(st.just("job"), st.sampled_from(["best", "split"]), st.sampled_from(["hold", "custodial"]),
-              st.integers(100_000, 5_000_000)),
+    st.tuples(
+        st.just("job"),
+        st.sampled_from(["best", "split"]),
+        st.sampled_from(["hold", "custodial"]),
+        st.integers(100_000, 5_000_000),
+    ),
     st.tuples(st.just("effects")),
     st.tuples(st.just("pay"), st.integers(0, 5), st.sampled_from([0, 0, 0, 1, 999, 150_000])),
     st.tuples(st.just("result"), st.integers(0, 3), st.integers(0, 2), st.integers(0, 1), st.booleans()),
@@ -230,8 +295,9 @@ ACTIONS = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(st.lists(ACTIONS, min_size=5, max_size=30))
 def test_invariants_hold_after_every_fact(tmp_path_factory, actions) -> None:
     asyncio.run(_run(tmp_path_factory.mktemp("prop"), actions))
@@ -244,6 +310,7 @@ async def _fresh_db(tmp) -> str:
     """A migrated SQLite file: migrate once, copy for each example (migrations are tested elsewhere)."""
     import shutil
     import tempfile
+
     if not _TEMPLATE:
         path = os.path.join(tempfile.mkdtemp(prefix="prop-template-"), "t.sqlite3")
         await upgrade_async(f"sqlite+aiosqlite:///{path}")
@@ -283,9 +350,20 @@ async def _run(tmp, actions) -> None:
 
 def test_a_full_happy_path_through_the_property_world(tmp_path) -> None:
     """The same world, scripted: a custodial best-of-two job closes with zero balances."""
-    actions = [("job", "best", "custodial", 1_000_000), ("effects",), ("pay", 0), ("engine",),
-               ("result", 0, 0, 0, True), ("result", 0, 1, 1, False), ("engine",),
-               ("score", 0, 0, False), ("score", 0, 1, False), ("engine",), ("payouts", 7, False), ("engine",)]
+    actions = [
+        ("job", "best", "custodial", 1_000_000),
+        ("effects",),
+        ("pay", 0),
+        ("engine",),
+        ("result", 0, 0, 0, True),
+        ("result", 0, 1, 1, False),
+        ("engine",),
+        ("score", 0, 0, False),
+        ("score", 0, 1, False),
+        ("engine",),
+        ("payouts", 7, False),
+        ("engine",),
+    ]
     asyncio.run(_scripted(tmp_path, actions))
 
 

@@ -4,6 +4,7 @@ Each case drives a hold-mode job through the real engine to the starting state, 
 one fact, and compares the resulting state with the table. A pair missing from the
 table must leave the state unchanged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -19,33 +20,51 @@ from service.nostr.protocol import build_deletion
 from tests.unit.test_engine_properties import CUSTOMER, ESCROW, Clock, World, _fresh_db
 
 S = JobState
-FACTS = ("effects_run", "funded", "hold_settled", "hold_canceled", "deletion", "results_deadline",
-         "validation_deadline", "payouts_done")
+FACTS = (
+    "effects_run",
+    "funded",
+    "hold_settled",
+    "hold_canceled",
+    "deletion",
+    "results_deadline",
+    "validation_deadline",
+    "payouts_done",
+)
 
 # (state, fact) -> the state after; absent pairs: unchanged.
 TABLE: dict[tuple[JobState, str], JobState] = {
-    (S.REQUESTED, "effects_run"): S.OFFERED,            # the escrow invoice is created
-    (S.REFUNDING, "effects_run"): S.REFUNDED,           # the hold invoice is cancelled
+    (S.REQUESTED, "effects_run"): S.OFFERED,  # the escrow invoice is created
+    (S.REFUNDING, "effects_run"): S.REFUNDED,  # the hold invoice is cancelled
     (S.REQUESTED, "deletion"): S.CANCELLED,
     (S.OFFERED, "funded"): S.COLLECTING,
     (S.OFFERED, "deletion"): S.CANCELLED,
     # An offer closes at the results deadline at the latest: funding later could not start the job.
     (S.OFFERED, "results_deadline"): S.CANCELLED,
     (S.OFFERED, "validation_deadline"): S.CANCELLED,
-    (S.COLLECTING, "hold_canceled"): S.REFUNDED,          # LND gave the money back: nothing to hold
-    (S.COLLECTING, "results_deadline"): S.REFUNDING,      # no results
+    (S.COLLECTING, "hold_canceled"): S.REFUNDED,  # LND gave the money back: nothing to hold
+    (S.COLLECTING, "results_deadline"): S.REFUNDING,  # no results
     (S.COLLECTING, "validation_deadline"): S.REFUNDING,
     (S.VALIDATING, "hold_canceled"): S.REFUNDED,
-    (S.VALIDATING, "validation_deadline"): S.REFUNDING,   # no scores: no quorum
-    (S.RELEASING, "payouts_done"): S.RELEASING,           # nothing is paid before the hold is settled
+    (S.VALIDATING, "validation_deadline"): S.REFUNDING,  # no scores: no quorum
+    (S.RELEASING, "payouts_done"): S.RELEASING,  # nothing is paid before the hold is settled
     # The hold expired (LND gave the money back) before our settle: the customer has it back. (Before
     # the machine this job stayed `releasing` for ever, its settle effect failing on a cancelled invoice.)
     (S.RELEASING, "hold_canceled"): S.REFUNDED,
     (S.REFUNDING, "hold_canceled"): S.REFUNDED,
 }
 
-START_STATES = (S.REQUESTED, S.OFFERED, S.COLLECTING, S.VALIDATING, S.RELEASING, S.CLOSED, S.REFUNDING,
-                S.REFUNDED, S.REJECTED, S.CANCELLED)
+START_STATES = (
+    S.REQUESTED,
+    S.OFFERED,
+    S.COLLECTING,
+    S.VALIDATING,
+    S.RELEASING,
+    S.CLOSED,
+    S.REFUNDING,
+    S.REFUNDED,
+    S.REJECTED,
+    S.CANCELLED,
+)
 
 
 async def reach(world: World, state: JobState) -> str:
@@ -53,7 +72,7 @@ async def reach(world: World, state: JobState) -> str:
     if state is S.REJECTED:
         await world.job_request("best", "hold", 1_000_000)
         good = world.jobs.pop()[0]
-        tags = [t if t[0] != "bid" else ("bid", "5") for t in good.tags]   # a bid below the minimum
+        tags = [t if t[0] != "bid" else ("bid", "5") for t in good.tags]  # a bid below the minimum
         bad = sign_event(CUSTOMER, good.kind, tags, good.content, created_at=int(world.clock()))
         await world.feed(bad)
         return bad.id
@@ -94,8 +113,9 @@ async def reach(world: World, state: JobState) -> str:
 
 
 async def deletion(world: World, job_id: str) -> None:
-    await world.feed(sign_event(CUSTOMER, *build_deletion((job_id,), escrow=ESCROW.public_key_hex),
-                                created_at=int(world.clock())))
+    await world.feed(
+        sign_event(CUSTOMER, *build_deletion((job_id,), escrow=ESCROW.public_key_hex), created_at=int(world.clock()))
+    )
 
 
 async def ln_fact(world: World, job_id: str, kind: str) -> None:
@@ -151,5 +171,5 @@ async def _case(tmp, state: JobState, fact: str) -> None:
 
 
 def test_every_state_is_covered() -> None:
-    assert set(START_STATES) == set(JobState) - {JobState.NEW}   # NEW: a request not stored yet
+    assert set(START_STATES) == set(JobState) - {JobState.NEW}  # NEW: a request not stored yet
     assert all(s in START_STATES and f in FACTS for s, f in TABLE)

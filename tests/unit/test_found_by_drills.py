@@ -25,6 +25,7 @@
    it for consumed and never published a new "reward claimable": the job stayed `releasing`.
    Fixed by `ln_payouts.needs_invoice_count` (migration 0007), part of the key once non-zero.
 """
+
 from __future__ import annotations
 
 import time
@@ -69,13 +70,23 @@ def scripted(monkeypatch: pytest.MonkeyPatch, runs: list[list[tuple[str, str]]])
     async def fake(session, lnd, *, threshold_msat=0, call_timeout=None, persist=True):
         found = [Discrepancy(kind, h, 10_000, 0) for kind, h in next(it)]
         report = ReconciliationReport(
-            ran_at=utcnow(), ok=not found, threshold_msat=threshold_msat, discrepancy_msat=10_000 * len(found),
-            discrepancies=found, invoices_checked=1, payments_checked=1, ledger_node_msat=0,
-            lnd_settled_msat=0, lnd_paid_msat=0, lnd_fees_msat=0)
+            ran_at=utcnow(),
+            ok=not found,
+            threshold_msat=threshold_msat,
+            discrepancy_msat=10_000 * len(found),
+            discrepancies=found,
+            invoices_checked=1,
+            payments_checked=1,
+            ledger_node_msat=0,
+            lnd_settled_msat=0,
+            lnd_paid_msat=0,
+            lnd_fees_msat=0,
+        )
         persisted.append(persist)
         if persist:
             await store_report(session, report)
         return report
+
     monkeypatch.setattr(lightning_service, "reconcile", fake)
     return persisted
 
@@ -85,6 +96,7 @@ def service_for(sessions) -> lightning_service.LightningService:
 
     async def no_pause(_seconds: float) -> None:
         return None
+
     svc._sleep = no_pause
     return svc
 
@@ -94,18 +106,22 @@ async def stored(sessions) -> list[bool]:
         return list((await s.scalars(select(LedgerReconciliation.ok).order_by(LedgerReconciliation.id))).all())
 
 
-@pytest.mark.parametrize(("runs", "rows", "paused"), [
-    # agreement, then a payout completes (posting not booked yet): the agreeing run is stored
-    ([[], [("payout_missing", H1)]], [True], False),
-    # two different facts in transit, one per run: nothing is stored, nothing pauses
-    ([[("payout_missing", H1)], [("payout_missing", H2)]], [], False),
-    # the same discrepancy 5 s later: a real disagreement, stored, payouts pause
-    ([[("payout_missing", H1)], [("payout_missing", H1), ("funding_missing", H2)]], [False], True),
-    # a fact in transit that was booked meanwhile: the second, agreeing run is stored
-    ([[("funding_missing", H2)], []], [True], False),
-])
-async def test_reconciliation_stores_only_what_it_checked(sessions, monkeypatch: pytest.MonkeyPatch,
-                                                          runs, rows, paused) -> None:
+@pytest.mark.parametrize(
+    ("runs", "rows", "paused"),
+    [
+        # agreement, then a payout completes (posting not booked yet): the agreeing run is stored
+        ([[], [("payout_missing", H1)]], [True], False),
+        # two different facts in transit, one per run: nothing is stored, nothing pauses
+        ([[("payout_missing", H1)], [("payout_missing", H2)]], [], False),
+        # the same discrepancy 5 s later: a real disagreement, stored, payouts pause
+        ([[("payout_missing", H1)], [("payout_missing", H1), ("funding_missing", H2)]], [False], True),
+        # a fact in transit that was booked meanwhile: the second, agreeing run is stored
+        ([[("funding_missing", H2)], []], [True], False),
+    ],
+)
+async def test_reconciliation_stores_only_what_it_checked(
+    sessions, monkeypatch: pytest.MonkeyPatch, runs, rows, paused
+) -> None:
     persisted = scripted(monkeypatch, runs)
     await service_for(sessions).reconcile_once()
     assert await stored(sessions) == rows
@@ -124,10 +140,20 @@ class UnreachableLnd:
 async def test_a_payout_claimed_while_lnd_is_unreachable_is_given_back_at_once(sessions) -> None:
     payreq = regtest_invoice("payee", 5_000, "c3" * 32, "reward", int(time.time()))
     async with sessions.begin() as s:
-        await create_payout(s, NewPayout("job:reward:r1", "e5" * 32, PayoutKind.REWARD, "d4" * 32, 5_000,
-                                         Destination(DestinationKind.BOLT11, payreq)))
-    payouts = Payouts(UnreachableLnd(), sessions, PayoutPolicy(network="regtest", retry_seconds=1.0),
-                      our_pubkey="02" + "11" * 32)
+        await create_payout(
+            s,
+            NewPayout(
+                "job:reward:r1",
+                "e5" * 32,
+                PayoutKind.REWARD,
+                "d4" * 32,
+                5_000,
+                Destination(DestinationKind.BOLT11, payreq),
+            ),
+        )
+    payouts = Payouts(
+        UnreachableLnd(), sessions, PayoutPolicy(network="regtest", retry_seconds=1.0), our_pubkey="02" + "11" * 32
+    )
     before = utcnow()
     outcomes = await pay_due(payouts)
     assert [o.state for o in outcomes] == ["pending"]
@@ -176,8 +202,17 @@ class RefusingLnd:
 async def test_a_starting_node_is_not_a_refused_invoice(sessions, lnd, state: str) -> None:
     payreq = regtest_invoice("payee", 5_000, "f6" * 32, "reward", int(time.time()))
     async with sessions.begin() as s:
-        await create_payout(s, NewPayout("job:validator:v1", "e5" * 32, PayoutKind.VALIDATOR_FEE, "d4" * 32,
-                                         5_000, Destination(DestinationKind.BOLT11, payreq)))
+        await create_payout(
+            s,
+            NewPayout(
+                "job:validator:v1",
+                "e5" * 32,
+                PayoutKind.VALIDATOR_FEE,
+                "d4" * 32,
+                5_000,
+                Destination(DestinationKind.BOLT11, payreq),
+            ),
+        )
     payouts = Payouts(lnd, sessions, PayoutPolicy(network="regtest"), our_pubkey="02" + "11" * 32)
     assert [o.state for o in await pay_due(payouts)] == [state]
 
@@ -185,28 +220,40 @@ async def test_a_starting_node_is_not_a_refused_invoice(sessions, lnd, state: st
 async def test_a_refused_payee_invoice_is_announced_again(tmp_path: Path) -> None:
     from tests.unit.test_engine_properties import Clock, World, _fresh_db
     from tests.unit.test_engine_states import reach
+
     engine = create_engine(await _fresh_db(tmp_path))
     world = World(session_factory(engine), Clock())
     try:
         job_id = await reach(world, JobState.RELEASING)
-        await world.effects()          # the hold invoice is settled: release, payouts waiting for invoices
+        await world.effects()  # the hold invoice is settled: release, payouts waiting for invoices
         await world.step_engine()
         async with world.sessions() as s:
             p = (await s.scalars(select(Payout).where(Payout.job_id == job_id))).first()
         assert p.state == "needs_invoice" and p.attempts == 0
         payouts = Payouts(None, world.sessions, PayoutPolicy(network="regtest"), our_pubkey="00" * 33)
-        for refusal in range(2):   # twice: each refusal is announced, not only the first
-            async with world.sessions.begin() as s:   # the payee's invoice arrives (kind 7000 or REST), claimed
-                await s.execute(update(Payout).where(Payout.id == p.id).values(
-                    destination_kind=DestinationKind.BOLT11, destination=f"lnbcrt1invoice{refusal}", state="sending"))
+        for refusal in range(2):  # twice: each refusal is announced, not only the first
+            async with world.sessions.begin() as s:  # the payee's invoice arrives (kind 7000 or REST), claimed
+                await s.execute(
+                    update(Payout)
+                    .where(Payout.id == p.id)
+                    .values(
+                        destination_kind=DestinationKind.BOLT11, destination=f"lnbcrt1invoice{refusal}", state="sending"
+                    )
+                )
             # ... and the worker's checks refuse it (no attempt made: the attempt count is unchanged)
             out = await payouts._finish(p.id, "needs_invoice", "invoice_expires_too_soon: invoice expires in 20 s")
             assert out.state == "needs_invoice"
             await world.step_engine()
             async with world.sessions() as s:
-                asked = [t.detail for t in (await s.scalars(select(TimelineEntry).where(
-                    TimelineEntry.job_id == job_id, TimelineEntry.kind == "payment"))).all()
-                    if '"needs_invoice"' in t.detail and p.id in t.detail]
+                asked = [
+                    t.detail
+                    for t in (
+                        await s.scalars(
+                            select(TimelineEntry).where(TimelineEntry.job_id == job_id, TimelineEntry.kind == "payment")
+                        )
+                    ).all()
+                    if '"needs_invoice"' in t.detail and p.id in t.detail
+                ]
             assert len(asked) == refusal + 1, f"refusal {refusal + 1} must be announced"
     finally:
         await engine.dispose()
@@ -221,15 +268,37 @@ class NoLnd:
 
 async def test_a_payout_whose_attempt_succeeded_is_finished_not_paid_again(sessions) -> None:
     from datetime import timedelta
+
     payreq = regtest_invoice("payee", 10_000, "a7" * 32, "validator fee", int(time.time()))
     async with sessions.begin() as s:
-        await create_payout(s, NewPayout("job:validator:v", "c9" * 32, PayoutKind.VALIDATOR_FEE, "b8" * 32,
-                                         10_000, Destination(DestinationKind.BOLT11, payreq)))
+        await create_payout(
+            s,
+            NewPayout(
+                "job:validator:v",
+                "c9" * 32,
+                PayoutKind.VALIDATOR_FEE,
+                "b8" * 32,
+                10_000,
+                Destination(DestinationKind.BOLT11, payreq),
+            ),
+        )
         # killed between _attempt_state(succeeded) and _finish(succeeded): lease run out
-        await s.execute(update(Payout).where(Payout.id == "job:validator:v").values(
-            state="sending", attempts=1, lease_until=utcnow() - timedelta(seconds=1)))
-        s.add(PayoutAttempt(payment_hash="a7" * 32, payout_id="job:validator:v", payment_request=payreq,
-                            fee_limit_msat=10_000, state="succeeded", fee_msat=0, preimage="d0" * 32))
+        await s.execute(
+            update(Payout)
+            .where(Payout.id == "job:validator:v")
+            .values(state="sending", attempts=1, lease_until=utcnow() - timedelta(seconds=1))
+        )
+        s.add(
+            PayoutAttempt(
+                payment_hash="a7" * 32,
+                payout_id="job:validator:v",
+                payment_request=payreq,
+                fee_limit_msat=10_000,
+                state="succeeded",
+                fee_msat=0,
+                preimage="d0" * 32,
+            )
+        )
     payouts = Payouts(NoLnd(), sessions, PayoutPolicy(network="regtest"), our_pubkey="02" + "11" * 32)
     assert [o.state for o in await payouts.reconcile()] == ["succeeded"]
     async with sessions() as s:
@@ -259,10 +328,14 @@ async def test_a_job_whose_invoice_cannot_be_made_is_cancelled_and_the_customer_
     world = World(session_factory(engine), Clock())
     try:
         job_id = await reach(world, JobState.REQUESTED)
-        runner = EffectRunner(world.engine, EscrowInvoices(AwayLnd(), HoldSizing()),
-                              SettlementWatcher(AwayLnd(), world.sessions), max_attempts=3)
+        runner = EffectRunner(
+            world.engine,
+            EscrowInvoices(AwayLnd(), HoldSizing()),
+            SettlementWatcher(AwayLnd(), world.sessions),
+            max_attempts=3,
+        )
         for attempt in range(3):
-            async with world.sessions.begin() as s:   # skip the backoff
+            async with world.sessions.begin() as s:  # skip the backoff
                 await s.execute(update(Effect).where(Effect.job_id == job_id).values(next_attempt_at=utcnow()))
             await runner.run_once()
             async with world.sessions() as s:

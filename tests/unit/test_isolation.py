@@ -9,6 +9,7 @@ processed once replayed with the fault removed. The database is real; the engine
 as in tests/unit/test_engine_properties.py (facts written as the watcher and the payout
 worker write them).
 """
+
 from __future__ import annotations
 
 from datetime import datetime, timedelta
@@ -88,8 +89,8 @@ async def drive(world: World, to: str, n: int = 2) -> list[str]:
     for i in range(n):
         await world.score(i, 0, False)
         await world.score(i, 1, False)
-    await world.effects()          # settle_hold: the settled fact
-    await world.step_engine()      # release: payouts waiting for the payees' invoices
+    await world.effects()  # settle_hold: the settled fact
+    await world.step_engine()  # release: payouts waiting for the payees' invoices
     assert to == "releasing"
     return ids
 
@@ -119,6 +120,7 @@ def poison(obj: object, name: str, is_poisoned) -> dict:
             if switch["on"]:
                 raise Injected(f"injected fault in {name}")
         return await real(*args, **kw)
+
     setattr(obj, name, wrapped)
     return switch
 
@@ -165,6 +167,7 @@ async def test_inbox_a_poisoned_event_does_not_block_the_next(world: World) -> N
     async def store_only(event) -> None:
         stored.append(event)
         await world.inbox.store(event, "test")
+
     world.feed = store_only
     await world.job_request("best", "hold", 1_000_000)
     await world.job_request("best", "hold", 1_000_000)
@@ -195,6 +198,7 @@ async def test_inbox_failing_rows_never_fill_the_scan(world: World) -> None:
     async def store_only(event) -> None:
         stored.append(event)
         await world.inbox.store(event, "test")
+
     world.feed = store_only
     for _ in range(3):
         await world.job_request("best", "hold", 1_000_000)
@@ -214,6 +218,7 @@ async def test_inbox_an_integrity_error_of_the_item_is_the_items_failure(world: 
     async def store_only(event) -> None:
         stored.append(event)
         await world.inbox.store(event, "test")
+
     world.feed = store_only
     await world.job_request("best", "hold", 1_000_000)
     await world.job_request("best", "hold", 1_000_000)
@@ -225,6 +230,7 @@ async def test_inbox_an_integrity_error_of_the_item_is_the_items_failure(world: 
         if event.id == a:
             await s.execute(text("INSERT INTO escrow_jobs SELECT * FROM escrow_jobs WHERE id = :id"), {"id": a})
         return out
+
     world.engine.handle_event = duplicate_insert
     await step(world)
     assert await state(world, b) == "requested"
@@ -237,8 +243,8 @@ async def test_timers_a_poisoned_deadline_does_not_stop_the_others(world: World)
     for build_validation_complete raising on the 65-character median of two '9'*64 scores, which
     the codec now refuses): the second job's validation deadline must still be acted on."""
     a, b = await drive(world, "validating")
-    switch = poison(world.engine, "on_timers", lambda s, job: job.id == a)   # the validation deadline's decision
-    world.clock.t += 201                  # both validation deadlines passed
+    switch = poison(world.engine, "on_timers", lambda s, job: job.id == a)  # the validation deadline's decision
+    world.clock.t += 201  # both validation deadlines passed
     await step(world)
     assert await state(world, b) == "refunding", "the healthy job is decided in the same pass (no scores)"
     assert await state(world, a) == "validating"
@@ -276,6 +282,7 @@ async def test_ln_facts_a_poisoned_fact_does_not_block_the_next(world: World) ->
 
 async def invoice_hash(world: World, job_id: str) -> str:
     from service.lightning.models import LnInvoice
+
     async with world.sessions() as s:
         return await s.scalar(select(LnInvoice.payment_hash).where(LnInvoice.job_id == job_id))
 
@@ -289,7 +296,7 @@ async def test_payout_outcomes_a_poisoned_outcome_does_not_block_the_next(world:
     """Fault injected: the engine raises on the first job's reward outcome; its validators' outcomes
     and the second job's are booked, and the second job closes."""
     a, b = await drive(world, "releasing")
-    await world.payouts(0, False)                      # every payout succeeded
+    await world.payouts(0, False)  # every payout succeeded
     async with world.sessions() as s:
         reward = (await s.scalars(select(Payout).where(Payout.job_id == a, Payout.id.contains(":reward:")))).one()
     ref = payout_ref(reward)

@@ -4,6 +4,7 @@ Database tests run on SQLite and (marked ``postgres``) on PostgreSQL. Corruption
 simulated by inserting raw rows, bypassing ``post`` (and, where needed, the foreign
 keys), exactly as a bug or a manual edit would.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,8 +32,7 @@ from service.lightning.models import LnInvoice
 from service.payouts import DestinationKind, PayoutKind
 from service.payouts.models import Payout, PayoutAttempt
 
-BACKENDS = [pytest.param("sqlite", id="sqlite"),
-            pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
+BACKENDS = [pytest.param("sqlite", id="sqlite"), pytest.param("postgres", id="postgres", marks=pytest.mark.postgres)]
 backends = pytest.mark.parametrize("backend", BACKENDS)
 
 JOB = "a1" * 32
@@ -54,8 +54,10 @@ class Db:
 
     async def counts(self) -> tuple[int, int]:
         async with self.sessions() as s:
-            return (await s.scalar(select(func.count()).select_from(LedgerPosting)),
-                    await s.scalar(select(func.count()).select_from(LedgerLine)))
+            return (
+                await s.scalar(select(func.count()).select_from(LedgerPosting)),
+                await s.scalar(select(func.count()).select_from(LedgerLine)),
+            )
 
     async def raw(self, *rows: tuple[type, dict], bypass_fk: bool = False) -> None:
         """Insert rows directly (as a bug or a manual edit would), optionally without foreign keys."""
@@ -81,11 +83,22 @@ async def db(database_url: str) -> AsyncIterator[Db]:
     await engine.dispose()
 
 
-def posting_row(key: str | None = None, *, reverses: str | None = None, kind: str = "manual",
-                job_id: str | None = None) -> tuple[str, tuple[type, dict]]:
+def posting_row(
+    key: str | None = None, *, reverses: str | None = None, kind: str = "manual", job_id: str | None = None
+) -> tuple[str, tuple[type, dict]]:
     pid = uuid.uuid4().hex
-    return pid, (LedgerPosting, {"id": pid, "key": key or f"raw:{pid}", "kind": kind, "job_id": job_id, "memo": "",
-                                 "reverses": reverses, "created_at": utcnow()})
+    return pid, (
+        LedgerPosting,
+        {
+            "id": pid,
+            "key": key or f"raw:{pid}",
+            "kind": kind,
+            "job_id": job_id,
+            "memo": "",
+            "reverses": reverses,
+            "created_at": utcnow(),
+        },
+    )
 
 
 def line_row(pid: str, account: str, amount: int, job_id: str | None = None) -> tuple[type, dict]:
@@ -93,22 +106,29 @@ def line_row(pid: str, account: str, amount: int, job_id: str | None = None) -> 
 
 
 async def fund(s: AsyncSession, amount: int, job: str = JOB, h: str | None = None) -> str:
-    pid = await L.post(s, key=f"funding:{h or hx()}", kind="funding", job_id=job,
-                       lines=[(A.NODE, amount), (A.escrow(job), -amount)])
+    pid = await L.post(
+        s, key=f"funding:{h or hx()}", kind="funding", job_id=job, lines=[(A.NODE, amount), (A.escrow(job), -amount)]
+    )
     assert pid is not None
     return pid
 
 
 # ============================================================== accounts
 
+
 def test_account_names_kinds_and_normal_balance() -> None:
     assert A.NODE == "asset:node" and A.FEE_INCOME == "income:fees" and A.ROUTING_EXPENSE == "expense:routing"
     assert A.escrow(JOB) == f"liability:escrow:{JOB}"
     assert A.payable(PAYEE, JOB) == f"liability:payable:{PAYEE}:{JOB}"
     assert A.refund(CUSTOMER, JOB) == f"liability:refund:{CUSTOMER}:{JOB}"
-    expect = {A.NODE: ("asset", "debit", None), A.FEE_INCOME: ("income", "credit", None),
-              A.ROUTING_EXPENSE: ("expense", "debit", None), A.escrow(JOB): ("liability", "credit", JOB),
-              A.payable(PAYEE, JOB): ("liability", "credit", JOB), A.refund(CUSTOMER, JOB2): ("liability", "credit", JOB2)}
+    expect = {
+        A.NODE: ("asset", "debit", None),
+        A.FEE_INCOME: ("income", "credit", None),
+        A.ROUTING_EXPENSE: ("expense", "debit", None),
+        A.escrow(JOB): ("liability", "credit", JOB),
+        A.payable(PAYEE, JOB): ("liability", "credit", JOB),
+        A.refund(CUSTOMER, JOB2): ("liability", "credit", JOB2),
+    }
     for name, (kind, side, job) in expect.items():
         assert (A.kind_of(name), A.normal_balance(name), A.job_of(name)) == (kind, side, job), name
         assert A.is_valid(name) and A.validate(name) == name
@@ -116,13 +136,35 @@ def test_account_names_kinds_and_normal_balance() -> None:
     assert (p.kind, p.category, p.party, p.job_id) == ("liability", "payable", PAYEE, JOB)
 
 
-@pytest.mark.parametrize("name", [
-    "", "asset", "asset:", "asset:nodes", "Asset:node", "asset:node ", " asset:node", "income:fee",
-    "liability:escrow:", f"liability:escrow:{JOB.upper()}", "liability:escrow:xyz", "liability:escrow:a b",
-    f"liability:escrow:{JOB}:x", f"liability:payable:{JOB}", f"liability:payable:{PAYEE}:{JOB}:{JOB}",
-    f"liability:refund::{JOB}", "liability:escrow:" + "a" * 65, f"liability:other:{JOB}", "equity:capital",
-    "liability:escrow:%", "liability:escrow:a_b", None, 7, b"asset:node",
-])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        "asset",
+        "asset:",
+        "asset:nodes",
+        "Asset:node",
+        "asset:node ",
+        " asset:node",
+        "income:fee",
+        "liability:escrow:",
+        f"liability:escrow:{JOB.upper()}",
+        "liability:escrow:xyz",
+        "liability:escrow:a b",
+        f"liability:escrow:{JOB}:x",
+        f"liability:payable:{JOB}",
+        f"liability:payable:{PAYEE}:{JOB}:{JOB}",
+        f"liability:refund::{JOB}",
+        "liability:escrow:" + "a" * 65,
+        f"liability:other:{JOB}",
+        "equity:capital",
+        "liability:escrow:%",
+        "liability:escrow:a_b",
+        None,
+        7,
+        b"asset:node",
+    ],
+)
 def test_invalid_account_names_refused(name: object) -> None:
     assert not A.is_valid(name)
     with pytest.raises(A.AccountError):
@@ -134,8 +176,14 @@ def test_invalid_account_names_refused(name: object) -> None:
 
 @pytest.mark.parametrize("bad", ["", "XYZ", JOB.upper(), "a b", "a:b", "a%", "a" * 65, "0x12", None, 12])
 def test_account_builders_refuse_bad_ids(bad: object) -> None:
-    for build in (lambda: A.escrow(bad), lambda: A.payable(bad, JOB), lambda: A.payable(PAYEE, bad),
-                  lambda: A.refund(bad, JOB), lambda: A.refund(CUSTOMER, bad), lambda: A.job_accounts(bad)):
+    for build in (
+        lambda: A.escrow(bad),
+        lambda: A.payable(bad, JOB),
+        lambda: A.payable(PAYEE, bad),
+        lambda: A.refund(bad, JOB),
+        lambda: A.refund(CUSTOMER, bad),
+        lambda: A.job_accounts(bad),
+    ):
         with pytest.raises(A.AccountError):
             build()
 
@@ -144,10 +192,19 @@ def test_job_accounts_pattern_matches_exactly_the_jobs_accounts() -> None:
     def like(pattern: str, value: str) -> bool:
         rx = "".join(".*" if c == "%" else "." if c == "_" else re.escape(c) for c in pattern)
         return re.fullmatch(rx, value, re.S) is not None
+
     pat = A.job_accounts(JOB)
     mine = [A.escrow(JOB), A.payable(PAYEE, JOB), A.refund(CUSTOMER, JOB)]
-    others = [A.escrow(JOB2), A.payable(JOB, JOB2), A.refund(JOB, JOB2), A.NODE, A.FEE_INCOME, A.ROUTING_EXPENSE,
-              A.escrow(JOB[:-1] + "0"), A.escrow("1" + JOB[1:])]
+    others = [
+        A.escrow(JOB2),
+        A.payable(JOB, JOB2),
+        A.refund(JOB, JOB2),
+        A.NODE,
+        A.FEE_INCOME,
+        A.ROUTING_EXPENSE,
+        A.escrow(JOB[:-1] + "0"),
+        A.escrow("1" + JOB[1:]),
+    ]
     assert all(like(pat, a) for a in mine)
     assert not any(like(pat, a) for a in others)
 
@@ -198,11 +255,17 @@ INVALID_POSTS = [
 ]
 
 
-@pytest.mark.parametrize(("reason", "override"), INVALID_POSTS,
-                         ids=[f"{r}-{i}" for i, (r, _) in enumerate(INVALID_POSTS)])
+@pytest.mark.parametrize(
+    ("reason", "override"), INVALID_POSTS, ids=[f"{r}-{i}" for i, (r, _) in enumerate(INVALID_POSTS)]
+)
 async def test_post_validation_reasons(db: Db, reason: str, override: dict) -> None:
-    args = {"key": "funding:" + hx(), "kind": "funding", "lines": [(A.NODE, 5), (E, -5)], "job_id": None,
-            "memo": ""} | override
+    args = {
+        "key": "funding:" + hx(),
+        "kind": "funding",
+        "lines": [(A.NODE, 5), (E, -5)],
+        "job_id": None,
+        "memo": "",
+    } | override
     async with db.sessions.begin() as s:
         with pytest.raises(L.LedgerError) as ei:
             await L.post(s, **args)
@@ -213,10 +276,15 @@ async def test_post_validation_reasons(db: Db, reason: str, override: dict) -> N
 
 async def test_post_accepts_the_limits(db: Db) -> None:
     async with db.sessions.begin() as s:
-        assert await L.post(s, key="k" * 200, kind="x" * 32, memo="m" * 500,
-                            lines=[(A.NODE, MAX), (E, -MAX)]) is not None
-        assert await L.post(s, key="three", kind="funding",
-                            lines=[(A.NODE, 7), (A.escrow(JOB2), -3), (A.escrow(JOB2), -4)]) is not None
+        assert (
+            await L.post(s, key="k" * 200, kind="x" * 32, memo="m" * 500, lines=[(A.NODE, MAX), (E, -MAX)]) is not None
+        )
+        assert (
+            await L.post(
+                s, key="three", kind="funding", lines=[(A.NODE, 7), (A.escrow(JOB2), -3), (A.escrow(JOB2), -4)]
+            )
+            is not None
+        )
     async with db.sessions() as s:
         assert await L.balance(s, A.NODE) == MAX + 7
         assert await L.balance(s, E) == -MAX
@@ -224,6 +292,7 @@ async def test_post_accepts_the_limits(db: Db) -> None:
 
 
 # ============================================================== post: idempotency
+
 
 @backends
 async def test_same_key_twice_is_one_posting(db: Db, backend: str) -> None:
@@ -234,9 +303,11 @@ async def test_same_key_twice_is_one_posting(db: Db, backend: str) -> None:
         assert isinstance(pid, str) and re.fullmatch(r"[0-9a-f]{32}", pid)
     async with db.sessions.begin() as s:
         # same content (lines in another order, another memo) in a later transaction: a replay
-        assert await L.post(s, key=f"funding:{h}", kind="funding", lines=list(reversed(lines)), job_id=JOB,
-                            memo="again") is None
-        assert await L.post(s, key=f"funding:{h}", kind="funding", lines=lines) is None   # job derived = JOB
+        assert (
+            await L.post(s, key=f"funding:{h}", kind="funding", lines=list(reversed(lines)), job_id=JOB, memo="again")
+            is None
+        )
+        assert await L.post(s, key=f"funding:{h}", kind="funding", lines=lines) is None  # job derived = JOB
     assert await db.counts() == (1, 2)
     async with db.sessions() as s:
         assert await L.balance(s, A.NODE) == 10_000
@@ -286,14 +357,14 @@ async def test_concurrent_same_key(db: Db, backend: str, same: bool) -> None:
         async with db.sessions.begin() as s:
             pid = await L.post(s, key=key, kind="funding", lines=[(A.NODE, 500), (E, -500)])
             first_posted.set()
-            await asyncio.sleep(0.5)   # the second writer is now waiting on our row
+            await asyncio.sleep(0.5)  # the second writer is now waiting on our row
             return pid
 
     async def second() -> str | None:
         await first_posted.wait()
         amount = 500 if same else 501
         async with db.sessions.begin() as s:
-            assert await L.get_posting(s, key=key) is None   # not committed yet: invisible
+            assert await L.get_posting(s, key=key) is None  # not committed yet: invisible
             return await L.post(s, key=key, kind="funding", lines=[(A.NODE, amount), (E, -amount)])
 
     results = await asyncio.gather(first(), second(), return_exceptions=True)
@@ -309,26 +380,47 @@ async def test_concurrent_same_key(db: Db, backend: str, same: bool) -> None:
 
 # ============================================================== reversal
 
+
 @backends
 async def test_reversal_once(db: Db, backend: str) -> None:
     async with db.sessions.begin() as s:
         await fund(s, 10_000)
-        rel = await L.post(s, key=f"release:{JOB}", kind="release", job_id=JOB, lines=[
-            (E, 10_000), (A.payable(PAYEE, JOB), -7_000), (A.payable(PAYEE2, JOB), -2_500), (A.FEE_INCOME, -500)])
+        rel = await L.post(
+            s,
+            key=f"release:{JOB}",
+            kind="release",
+            job_id=JOB,
+            lines=[
+                (E, 10_000),
+                (A.payable(PAYEE, JOB), -7_000),
+                (A.payable(PAYEE2, JOB), -2_500),
+                (A.FEE_INCOME, -500),
+            ],
+        )
     async with db.sessions.begin() as s:
         rev = await L.reverse(s, rel, key=f"reversal:release:{JOB}", memo="wrong split")
     async with db.sessions() as s:
-        assert await L.balances(s) == {A.NODE: 10_000, A.FEE_INCOME: 0, E: -10_000,
-                                       A.payable(PAYEE, JOB): 0, A.payable(PAYEE2, JOB): 0}
+        assert await L.balances(s) == {
+            A.NODE: 10_000,
+            A.FEE_INCOME: 0,
+            E: -10_000,
+            A.payable(PAYEE, JOB): 0,
+            A.payable(PAYEE2, JOB): 0,
+        }
         p = await L.get_posting(s, id=rev)
-        assert (p.kind, p.reverses, p.job_id, p.memo, p.key) == ("reversal", rel, JOB, "wrong split",
-                                                                  f"reversal:release:{JOB}")
+        assert (p.kind, p.reverses, p.job_id, p.memo, p.key) == (
+            "reversal",
+            rel,
+            JOB,
+            "wrong split",
+            f"reversal:release:{JOB}",
+        )
         orig = await L.get_posting(s, id=rel)
         assert sorted(p.lines) == sorted((a, -m) for a, m in orig.lines)
         assert await L.check_invariants(s) == []
     before = await db.counts()
     async with db.sessions.begin() as s:
-        assert await L.reverse(s, rel, key=f"reversal:release:{JOB}") == rev      # replay: same reversal
+        assert await L.reverse(s, rel, key=f"reversal:release:{JOB}") == rev  # replay: same reversal
         with pytest.raises(L.LedgerError) as ei:
             await L.reverse(s, rel, key="reversal:again")
         assert ei.value.reason == "already_reversed"
@@ -337,11 +429,11 @@ async def test_reversal_once(db: Db, backend: str) -> None:
         with pytest.raises(L.LedgerError) as ei:
             await L.reverse(s, uuid.uuid4().hex, key="reversal:nothing")
         assert ei.value.reason == "not_found"
-        with pytest.raises(L.LedgerError) as ei:   # the key is a funding already: never reused
+        with pytest.raises(L.LedgerError) as ei:  # the key is a funding already: never reused
             await L.reverse(s, rev, key=f"release:{JOB}")
         assert ei.value.reason == "key_conflict"
     assert await db.counts() == before
-    async with db.sessions.begin() as s:   # a reversal may itself be reversed (re-applying the original)
+    async with db.sessions.begin() as s:  # a reversal may itself be reversed (re-applying the original)
         again = await L.reverse(s, rev, key="reversal:of-reversal")
         assert await L.balance(s, A.payable(PAYEE, JOB)) == -7_000
         assert (await L.get_posting(s, id=again)).reverses == rev
@@ -354,7 +446,7 @@ async def test_reversal_that_would_overdraw_is_refused(db: Db, backend: str) -> 
         f = await fund(s, 1_000)
         await L.post(s, key=f"release:{JOB}", kind="release", lines=[(E, 1_000), (A.payable(PAYEE, JOB), -1_000)])
     async with db.sessions.begin() as s:
-        with pytest.raises(L.LedgerError) as ei:    # the money was released: undoing the funding overdraws escrow
+        with pytest.raises(L.LedgerError) as ei:  # the money was released: undoing the funding overdraws escrow
             await L.reverse(s, f, key="reversal:funding")
         assert ei.value.reason == "overdrawn"
     assert await db.counts() == (2, 4)
@@ -375,6 +467,7 @@ async def test_concurrent_reversals_one_wins(db: Db, backend: str) -> None:
                 first_done.set()
                 await asyncio.sleep(0.5)
             return r
+
     results = await asyncio.gather(rev("reversal:a", False), rev("reversal:b", True), return_exceptions=True)
     assert isinstance(results[0], str)
     assert isinstance(results[1], L.LedgerError) and results[1].reason == "already_reversed"
@@ -385,20 +478,23 @@ async def test_concurrent_reversals_one_wins(db: Db, backend: str) -> None:
 
 # ============================================================== overdraft guard
 
+
 @backends
 async def test_post_refuses_to_overdraw_a_liability(db: Db, backend: str) -> None:
     P = A.payable(PAYEE, JOB)
     async with db.sessions.begin() as s:
         await fund(s, 1_000)
         await L.post(s, key="release", kind="release", lines=[(E, 1_000), (P, -900), (A.FEE_INCOME, -100)])
-    for lines in ([(P, 901), (A.NODE, -901)],                       # pay more than is payable
-                  [(E, 1), (A.NODE, -1)],                           # escrow already empty
-                  [(A.refund(CUSTOMER, JOB), 5), (A.NODE, -5)]):    # never credited
+    for lines in (
+        [(P, 901), (A.NODE, -901)],  # pay more than is payable
+        [(E, 1), (A.NODE, -1)],  # escrow already empty
+        [(A.refund(CUSTOMER, JOB), 5), (A.NODE, -5)],
+    ):  # never credited
         async with db.sessions.begin() as s:
             with pytest.raises(L.LedgerError) as ei:
                 await L.post(s, key=f"payout:{hx()}", kind="payout", lines=lines)
             assert ei.value.reason == "overdrawn"
-    async with db.sessions.begin() as s:   # exactly the balance is fine, in two steps of one transaction too
+    async with db.sessions.begin() as s:  # exactly the balance is fine, in two steps of one transaction too
         assert await L.post(s, key="payout:1", kind="payout", lines=[(P, 400), (A.NODE, -400)])
         assert await L.post(s, key="payout:2", kind="payout", lines=[(P, 500), (A.NODE, -500)])
         with pytest.raises(L.LedgerError) as ei:
@@ -410,47 +506,81 @@ async def test_post_refuses_to_overdraw_a_liability(db: Db, backend: str) -> Non
 
 # ============================================================== balances
 
+
 @backends
 async def test_balances_by_account_job_and_prefix(db: Db, backend: str) -> None:
     h = hx()
     async with db.sessions.begin() as s:
         await fund(s, 10_000, JOB)
         await fund(s, 3_000, JOB2)
-        await L.post(s, key=f"release:{JOB}", kind="release", lines=[
-            (E, 10_000), (A.payable(PAYEE, JOB), -8_000), (A.payable(PAYEE2, JOB), -1_500), (A.FEE_INCOME, -500)])
-        await L.post(s, key=f"payout:{h}", kind="payout", job_id=JOB,
-                     lines=[(A.payable(PAYEE, JOB), 8_000), (A.NODE, -8_000)])
-        await L.post(s, key=f"routing_fee:{h}", kind="routing_fee", job_id=JOB,
-                     lines=[(A.ROUTING_EXPENSE, 12), (A.NODE, -12)])
-        await L.post(s, key=f"refund:{JOB2}", kind="refund",
-                     lines=[(A.escrow(JOB2), 3_000), (A.refund(CUSTOMER, JOB2), -3_000)])
+        await L.post(
+            s,
+            key=f"release:{JOB}",
+            kind="release",
+            lines=[
+                (E, 10_000),
+                (A.payable(PAYEE, JOB), -8_000),
+                (A.payable(PAYEE2, JOB), -1_500),
+                (A.FEE_INCOME, -500),
+            ],
+        )
+        await L.post(
+            s, key=f"payout:{h}", kind="payout", job_id=JOB, lines=[(A.payable(PAYEE, JOB), 8_000), (A.NODE, -8_000)]
+        )
+        await L.post(
+            s, key=f"routing_fee:{h}", kind="routing_fee", job_id=JOB, lines=[(A.ROUTING_EXPENSE, 12), (A.NODE, -12)]
+        )
+        await L.post(
+            s, key=f"refund:{JOB2}", kind="refund", lines=[(A.escrow(JOB2), 3_000), (A.refund(CUSTOMER, JOB2), -3_000)]
+        )
     async with db.sessions() as s:
         assert await L.balance(s, A.NODE) == 10_000 + 3_000 - 8_000 - 12
         assert await L.balance(s, A.payable(PAYEE2, JOB)) == -1_500
-        assert await L.balance(s, A.escrow("ff")) == 0    # never used
+        assert await L.balance(s, A.escrow("ff")) == 0  # never used
         with pytest.raises(L.LedgerError) as ei:
             await L.balance(s, "asset:cash")
         assert ei.value.reason == "bad_account"
         every = await L.balances(s)
         assert sum(every.values()) == 0
         assert list(every) == sorted(every)
-        assert every == {A.NODE: 4_988, A.ROUTING_EXPENSE: 12, A.FEE_INCOME: -500, E: 0,
-                         A.escrow(JOB2): 0, A.payable(PAYEE, JOB): 0, A.payable(PAYEE2, JOB): -1_500,
-                         A.refund(CUSTOMER, JOB2): -3_000}
+        assert every == {
+            A.NODE: 4_988,
+            A.ROUTING_EXPENSE: 12,
+            A.FEE_INCOME: -500,
+            E: 0,
+            A.escrow(JOB2): 0,
+            A.payable(PAYEE, JOB): 0,
+            A.payable(PAYEE2, JOB): -1_500,
+            A.refund(CUSTOMER, JOB2): -3_000,
+        }
         assert await L.balances(s, prefix="liability:") == {
-            E: 0, A.escrow(JOB2): 0, A.payable(PAYEE, JOB): 0, A.payable(PAYEE2, JOB): -1_500,
-            A.refund(CUSTOMER, JOB2): -3_000}
-        assert await L.balances(s, prefix="liability:payable:") == {A.payable(PAYEE, JOB): 0,
-                                                                     A.payable(PAYEE2, JOB): -1_500}
+            E: 0,
+            A.escrow(JOB2): 0,
+            A.payable(PAYEE, JOB): 0,
+            A.payable(PAYEE2, JOB): -1_500,
+            A.refund(CUSTOMER, JOB2): -3_000,
+        }
+        assert await L.balances(s, prefix="liability:payable:") == {
+            A.payable(PAYEE, JOB): 0,
+            A.payable(PAYEE2, JOB): -1_500,
+        }
         assert await L.balances(s, prefix="liability:%") == {}, "a prefix is literal, not a LIKE pattern"
         assert await L.balances(s, prefix="liability:_scrow") == {}
         job1 = await L.balances(s, job_id=JOB)
-        assert job1 == {A.NODE: 10_000 - 8_000 - 12, A.ROUTING_EXPENSE: 12, A.FEE_INCOME: -500, E: 0,
-                        A.payable(PAYEE, JOB): 0, A.payable(PAYEE2, JOB): -1_500}
+        assert job1 == {
+            A.NODE: 10_000 - 8_000 - 12,
+            A.ROUTING_EXPENSE: 12,
+            A.FEE_INCOME: -500,
+            E: 0,
+            A.payable(PAYEE, JOB): 0,
+            A.payable(PAYEE2, JOB): -1_500,
+        }
         assert sum(job1.values()) == 0
         assert job1 == await L.balances(s, job_id=JOB)
-        assert await L.balances(s, job_id=JOB2, prefix="liability:") == {A.escrow(JOB2): 0,
-                                                                          A.refund(CUSTOMER, JOB2): -3_000}
+        assert await L.balances(s, job_id=JOB2, prefix="liability:") == {
+            A.escrow(JOB2): 0,
+            A.refund(CUSTOMER, JOB2): -3_000,
+        }
         assert await L.balances(s, job_id="0f") == {}
         assert [p.kind for p in await L.job_postings(s, JOB)] == ["funding", "release", "payout", "routing_fee"]
         pattern = A.job_accounts(JOB2)
@@ -470,17 +600,25 @@ async def test_a_posting_across_two_jobs(db: Db, backend: str) -> None:
         assert await L.balances(s, job_id=JOB) == {A.NODE: 1_000, A.FEE_INCOME: -100, E: -500}
         assert await L.balances(s, job_id=JOB2) == {A.escrow(JOB2): -400}
         assert await L.check_invariants(s, closed_job_ids=[JOB2]) == [
-            L.Violation("closed_job_balance", A.escrow(JOB2), -400, f"job {JOB2} is closed but {A.escrow(JOB2)} is -400")]
+            L.Violation(
+                "closed_job_balance", A.escrow(JOB2), -400, f"job {JOB2} is closed but {A.escrow(JOB2)} is -400"
+            )
+        ]
 
 
 # ============================================================== invariants
+
 
 @backends
 async def test_invariants_detect_each_violation(db: Db, backend: str) -> None:
     async with db.sessions.begin() as s:
         good = await fund(s, 5_000, JOB)
-        await L.post(s, key=f"release:{JOB}", kind="release",
-                     lines=[(E, 5_000), (A.payable(PAYEE, JOB), -4_900), (A.FEE_INCOME, -100)])
+        await L.post(
+            s,
+            key=f"release:{JOB}",
+            kind="release",
+            lines=[(E, 5_000), (A.payable(PAYEE, JOB), -4_900), (A.FEE_INCOME, -100)],
+        )
         await fund(s, 700, JOB2)
     async with db.sessions() as s:
         assert await L.check_invariants(s) == []
@@ -493,55 +631,60 @@ async def test_invariants_detect_each_violation(db: Db, backend: str) -> None:
     expected: set[tuple[str, str, int]] = set()
 
     # an account of a closed job still holding money (valid postings, wrong state)
-    assert await found((JOB, JOB2)) == {("closed_job_balance", A.payable(PAYEE, JOB), -4_900),
-                                        ("closed_job_balance", A.escrow(JOB2), -700)}
+    assert await found((JOB, JOB2)) == {
+        ("closed_job_balance", A.payable(PAYEE, JOB), -4_900),
+        ("closed_job_balance", A.escrow(JOB2), -700),
+    }
     async with db.sessions.begin() as s:
         await L.post(s, key="payout:x", kind="payout", lines=[(A.payable(PAYEE, JOB), 4_900), (A.NODE, -4_900)])
     assert await found((JOB,)) == set(), "every account of the job is back to zero"
 
-    pid, p = posting_row()                              # unbalanced posting
+    pid, p = posting_row()  # unbalanced posting
     await db.raw(p, line_row(pid, A.NODE, 50), line_row(pid, A.escrow(JOB2), -40, JOB2))
     expected.add(("unbalanced_posting", pid, 10))
     assert await found() == expected
 
-    pid, p = posting_row()                              # a single line (unbalanced too)
+    pid, p = posting_row()  # a single line (unbalanced too)
     await db.raw(p, line_row(pid, A.FEE_INCOME, -3))
     expected.add(("unbalanced_posting", pid, -3))
     assert await found() == expected
 
-    pid, p = posting_row()                              # a posting without lines
+    pid, p = posting_row()  # a posting without lines
     await db.raw(p)
     expected.add(("short_posting", pid, 0))
     assert await found() == expected
 
-    pid, p = posting_row()                              # a liability below zero (debit balance)
+    pid, p = posting_row()  # a liability below zero (debit balance)
     await db.raw(p, line_row(pid, A.refund(CUSTOMER, JOB2), 30, JOB2), line_row(pid, A.NODE, -30))
     expected.add(("liability_overdrawn", A.refund(CUSTOMER, JOB2), 30))
     assert await found() == expected
 
-    pid, p = posting_row(reverses=good)                 # a "reversal" that does not negate its target
+    pid, p = posting_row(reverses=good)  # a "reversal" that does not negate its target
     await db.raw(p, line_row(pid, A.NODE, -5_000), line_row(pid, A.escrow(JOB2), 5_000, JOB2))
-    expected |= {("bad_reversal", pid, 5_000), ("bad_reversal", pid, -5_000),
-                 ("liability_overdrawn", A.escrow(JOB2), 5_000 - 700 - 40)}
+    expected |= {
+        ("bad_reversal", pid, 5_000),
+        ("bad_reversal", pid, -5_000),
+        ("liability_overdrawn", A.escrow(JOB2), 5_000 - 700 - 40),
+    }
     assert await found() == expected
 
-    missing = uuid.uuid4().hex                          # a reversal of a posting that does not exist
+    missing = uuid.uuid4().hex  # a reversal of a posting that does not exist
     pid, p = posting_row(reverses=missing)
     await db.raw(p, line_row(pid, A.NODE, 1), line_row(pid, A.FEE_INCOME, -1), bypass_fk=True)
     expected |= {("dangling_reversal", pid, 0), ("bad_reversal", pid, 1), ("bad_reversal", pid, -1)}
     assert await found() == expected
 
-    ghost = uuid.uuid4().hex                            # lines whose posting does not exist
+    ghost = uuid.uuid4().hex  # lines whose posting does not exist
     await db.raw(line_row(ghost, A.NODE, 9), line_row(ghost, A.FEE_INCOME, -2), bypass_fk=True)
     expected |= {("orphan_line", ghost, 7), ("unbalanced_posting", ghost, 7)}
     assert await found() == expected
 
-    pid, p = posting_row()                              # a job-scoped line stored under another job id
+    pid, p = posting_row()  # a job-scoped line stored under another job id
     await db.raw(p, line_row(pid, A.NODE, 4), line_row(pid, A.escrow(JOB), -4, JOB2))
     expected.add(("line_job_mismatch", E, 0))
     assert await found() == expected
 
-    pid, p = posting_row()                              # an account outside the grammar
+    pid, p = posting_row()  # an account outside the grammar
     await db.raw(p, line_row(pid, "asset:cash", 6), line_row(pid, A.NODE, -6))
     expected.add(("bad_account", "asset:cash", 6))
     assert await found() == expected
@@ -557,15 +700,19 @@ async def test_invariants_detect_each_violation(db: Db, backend: str) -> None:
 async def test_append_only_at_database_level(db: Db, backend: str) -> None:
     async with db.sessions.begin() as s:
         pid = await fund(s, 1_000)
-    for stmt in (update(LedgerLine).values(amount_msat=2_000), delete(LedgerLine),
-                 update(LedgerPosting).values(memo="edited"), delete(LedgerPosting).where(LedgerPosting.id == pid)):
+    for stmt in (
+        update(LedgerLine).values(amount_msat=2_000),
+        delete(LedgerLine),
+        update(LedgerPosting).values(memo="edited"),
+        delete(LedgerPosting).where(LedgerPosting.id == pid),
+    ):
         with pytest.raises(DBAPIError, match="append-only"):
             async with db.sessions.begin() as s:
                 await s.execute(stmt)
-    with pytest.raises(IntegrityError):                 # a zero line is refused by the database too
+    with pytest.raises(IntegrityError):  # a zero line is refused by the database too
         async with db.sessions.begin() as s:
             await s.execute(insert(LedgerLine.__table__), [{"posting_id": pid, "account": A.NODE, "amount_msat": 0}])
-    with pytest.raises(IntegrityError):                 # a posting reverses another at most once
+    with pytest.raises(IntegrityError):  # a posting reverses another at most once
         p1, r1 = posting_row(reverses=pid)
         p2, r2 = posting_row(reverses=pid)
         await db.raw(r1, r2)
@@ -575,6 +722,7 @@ async def test_append_only_at_database_level(db: Db, backend: str) -> None:
 
 
 # ============================================================== reconciliation (fake LND)
+
 
 class FakeLnd:
     """LND's answers, set per payment hash; counts the calls."""
@@ -590,15 +738,32 @@ class FakeLnd:
         self.hang = False
 
     def settle(self, h: str, amount: int, paid: int | None = None, state: InvoiceState = InvoiceState.SETTLED) -> None:
-        self.invoices[h] = Invoice(payment_hash=bytes.fromhex(h), state=state, value_msat=amount,
-                                   amt_paid_msat=amount if paid is None else paid, payment_request="lnbcrt1",
-                                   memo="", add_index=1, settle_index=1, creation_date=0, settle_date=0,
-                                   expiry=3600, cltv_expiry=80)
+        self.invoices[h] = Invoice(
+            payment_hash=bytes.fromhex(h),
+            state=state,
+            value_msat=amount,
+            amt_paid_msat=amount if paid is None else paid,
+            payment_request="lnbcrt1",
+            memo="",
+            add_index=1,
+            settle_index=1,
+            creation_date=0,
+            settle_date=0,
+            expiry=3600,
+            cltv_expiry=80,
+        )
 
     def paid(self, h: str, value: int, fee: int, status: PaymentStatus = PaymentStatus.SUCCEEDED) -> None:
-        self.payments[h] = Payment(payment_hash=bytes.fromhex(h), status=status, value_msat=value, fee_msat=fee,
-                                   preimage=b"\x01" * 32, failure_reason=FailureReason.NONE,
-                                   payment_index=1, creation_time_ns=0)
+        self.payments[h] = Payment(
+            payment_hash=bytes.fromhex(h),
+            status=status,
+            value_msat=value,
+            fee_msat=fee,
+            preimage=b"\x01" * 32,
+            failure_reason=FailureReason.NONE,
+            payment_index=1,
+            creation_time_ns=0,
+        )
 
     async def lookup_invoice(self, payment_hash: bytes) -> Invoice:
         self.calls += 1
@@ -617,27 +782,52 @@ class FakeLnd:
         if p is None:
             raise errors.LndNotFound("TrackPaymentV2", "payment isn't initiated")
         yield p
-        yield p   # the stream would go on; reconcile takes the first update only
+        yield p  # the stream would go on; reconcile takes the first update only
 
     async def channel_balance(self) -> ChannelBalance:
         return ChannelBalance(local_msat=self.local_msat, remote_msat=0, pending_open_local_msat=0)
 
 
 async def add_invoice_row(s: AsyncSession, h: str, amount: int, job: str = JOB, state: str = "settled") -> None:
-    s.add(LnInvoice(payment_hash=h, job_id=job, mode="custodial", amount_msat=amount, payment_request="lnbcrt1",
-                    expires_at=2**40, state=state, amount_paid_msat=amount if state == "settled" else 0))
+    s.add(
+        LnInvoice(
+            payment_hash=h,
+            job_id=job,
+            mode="custodial",
+            amount_msat=amount,
+            payment_request="lnbcrt1",
+            expires_at=2**40,
+            state=state,
+            amount_paid_msat=amount if state == "settled" else 0,
+        )
+    )
     await s.flush()
 
 
-async def add_payout_rows(s: AsyncSession, h: str, amount: int, fee: int | None, payee: str = PAYEE,
-                          job: str = JOB, state: str = "succeeded") -> None:
-    pid = f"{job[:8]}:reward:{hx()[:16]}"   # ln_payouts.id is String(64)
-    s.add(Payout(id=pid, kind=PayoutKind.REWARD, job_id=job, payee=payee, amount_msat=amount,
-          destination_kind=DestinationKind.BOLT11, destination="x", state=state,
-                 fee_msat=fee, payment_hash=h))
+async def add_payout_rows(
+    s: AsyncSession, h: str, amount: int, fee: int | None, payee: str = PAYEE, job: str = JOB, state: str = "succeeded"
+) -> None:
+    pid = f"{job[:8]}:reward:{hx()[:16]}"  # ln_payouts.id is String(64)
+    s.add(
+        Payout(
+            id=pid,
+            kind=PayoutKind.REWARD,
+            job_id=job,
+            payee=payee,
+            amount_msat=amount,
+            destination_kind=DestinationKind.BOLT11,
+            destination="x",
+            state=state,
+            fee_msat=fee,
+            payment_hash=h,
+        )
+    )
     await s.flush()
-    s.add(PayoutAttempt(payment_hash=h, payout_id=pid, payment_request="lnbcrt1", fee_limit_msat=10_000,
-                        state=state, fee_msat=fee))
+    s.add(
+        PayoutAttempt(
+            payment_hash=h, payout_id=pid, payment_request="lnbcrt1", fee_limit_msat=10_000, state=state, fee_msat=fee
+        )
+    )
     await s.flush()
 
 
@@ -653,9 +843,10 @@ async def clean_books(db: Db, lnd: FakeLnd) -> tuple[str, str]:
         await L.post(s, key=f"release:{JOB}", kind="release", lines=[(E, 10_000), (P, -9_000), (A.FEE_INCOME, -1_000)])
         await add_payout_rows(s, hout, 9_000, 50)
         await L.post(s, key=f"payout:{hout}", kind="payout", lines=[(P, 9_000), (A.NODE, -9_000)], job_id=JOB)
-        await L.post(s, key=f"routing_fee:{hout}", kind="routing_fee", job_id=JOB,
-                     lines=[(A.ROUTING_EXPENSE, 50), (A.NODE, -50)])
-        await add_invoice_row(s, hx(), 777, state="open")          # not settled: not reconciled
+        await L.post(
+            s, key=f"routing_fee:{hout}", kind="routing_fee", job_id=JOB, lines=[(A.ROUTING_EXPENSE, 50), (A.NODE, -50)]
+        )
+        await add_invoice_row(s, hx(), 777, state="open")  # not settled: not reconciled
     return hin, hout
 
 
@@ -703,8 +894,14 @@ async def test_reconcile_finds_each_discrepancy(db: Db, backend: str) -> None:
 
     # LND charged another fee than the attempt and the ledger say
     lnd.paid(hout, 9_000, 80)
-    await expect({("payment_fee_mismatch", hout, 50, 80), ("routing_fee_mismatch", hout, 80, 50),
-                  ("routing_expense_mismatch", hout, 80, 50)}, 90)
+    await expect(
+        {
+            ("payment_fee_mismatch", hout, 50, 80),
+            ("routing_fee_mismatch", hout, 80, 50),
+            ("routing_expense_mismatch", hout, 80, 50),
+        },
+        90,
+    )
     rep = await run(db, lnd, threshold_msat=90)
     assert rep.ok and rep.discrepancy_msat == 90, "within the threshold"
     assert not (await run(db, lnd, threshold_msat=89)).ok
@@ -714,7 +911,7 @@ async def test_reconcile_finds_each_discrepancy(db: Db, backend: str) -> None:
     # a settled invoice without its funding posting; another whose posting books less than LND's amt_paid
     h2, h3 = hx(), hx()
     lnd.settle(h2, 2_000)
-    lnd.settle(h3, 3_000, paid=3_100)      # overpaid
+    lnd.settle(h3, 3_000, paid=3_100)  # overpaid
     async with db.sessions.begin() as s:
         await add_invoice_row(s, h2, 2_000, JOB2)
         await add_invoice_row(s, h3, 3_000, JOB2)
@@ -732,7 +929,7 @@ async def test_reconcile_finds_each_discrepancy(db: Db, backend: str) -> None:
         await L.post(s, key=f"funding:{h3}:v2", kind="funding", lines=[(A.NODE, 3_100), (A.escrow(JOB2), -3_100)])
     # the reversed funding and the correction (funding:<hash>:<suffix>) both count for the invoice: clean
     await expect(set(), 0)
-    async with db.sessions.begin() as s:       # a correction under another prefix does not count
+    async with db.sessions.begin() as s:  # a correction under another prefix does not count
         await L.post(s, key=f"adjust:{h3}", kind="adjustment", lines=[(A.NODE, 1), (A.escrow(JOB2), -1)])
     await expect({("unmatched_node_posting", h3, 0, 1)}, 1)
 
@@ -749,9 +946,14 @@ async def test_reconcile_finds_each_discrepancy(db: Db, backend: str) -> None:
         await add_payout_rows(s, hpu, 70, 0, job=JOB2)
         await add_payout_rows(s, hpf, 60, 0, job=JOB2)
     rep = await run(db, lnd)
-    assert {("invoice_unknown", hu, 300, 0), ("invoice_not_settled", ho, 400, 0), ("invoice_underpaid", hp, 500, 450),
-            ("funding_missing", hp, 450, 0), ("payment_unknown", hpu, 70, 0),
-            ("payment_not_succeeded", hpf, 60, 0)} <= kinds(rep)
+    assert {
+        ("invoice_unknown", hu, 300, 0),
+        ("invoice_not_settled", ho, 400, 0),
+        ("invoice_underpaid", hp, 500, 450),
+        ("funding_missing", hp, 450, 0),
+        ("payment_unknown", hpu, 70, 0),
+        ("payment_not_succeeded", hpf, 60, 0),
+    } <= kinds(rep)
     assert not rep.ok
     async with db.sessions() as s:
         assert await s.scalar(select(func.count()).select_from(LedgerReconciliation)) == n_runs + 1
@@ -799,7 +1001,7 @@ async def test_reconcile_payout_postings_and_node_total(db: Db, backend: str) ->
 async def test_pause_and_operator_override(db: Db, backend: str) -> None:
     lnd = FakeLnd()
     hin, _ = await clean_books(db, lnd)
-    lnd.settle(hin, 10_000, paid=9_000)        # LND disagrees with the books
+    lnd.settle(hin, 10_000, paid=9_000)  # LND disagrees with the books
     rep = await run(db, lnd)
     assert not rep.ok
     async with db.sessions.begin() as s:
@@ -851,11 +1053,25 @@ async def test_reconcile_persist_false_stores_nothing(db: Db) -> None:
 
 def test_report_json_caps_discrepancies() -> None:
     ds = [R.Discrepancy("funding_missing", "00" * 32, 1, 0) for _ in range(R.MAX_STORED_DISCREPANCIES + 5)]
-    rep = R.ReconciliationReport(ran_at=utcnow(), ok=False, threshold_msat=0, discrepancy_msat=len(ds),
-                                 discrepancies=ds, invoices_checked=0, payments_checked=0, ledger_node_msat=0,
-                                 lnd_settled_msat=0, lnd_paid_msat=0, lnd_fees_msat=0)
+    rep = R.ReconciliationReport(
+        ran_at=utcnow(),
+        ok=False,
+        threshold_msat=0,
+        discrepancy_msat=len(ds),
+        discrepancies=ds,
+        invoices_checked=0,
+        payments_checked=0,
+        ledger_node_msat=0,
+        lnd_settled_msat=0,
+        lnd_paid_msat=0,
+        lnd_fees_msat=0,
+    )
     d = json.loads(rep.to_json())
     assert len(d["discrepancies"]) == R.MAX_STORED_DISCREPANCIES and d["discrepancies_omitted"] == 5
-    assert d["discrepancies"][0] == {"kind": "funding_missing", "payment_hash": "00" * 32, "expected_msat": 1,
-                                     "actual_msat": 0, "detail": ""}
-
+    assert d["discrepancies"][0] == {
+        "kind": "funding_missing",
+        "payment_hash": "00" * 32,
+        "expected_msat": 1,
+        "actual_msat": 0,
+        "detail": "",
+    }

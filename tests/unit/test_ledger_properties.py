@@ -10,6 +10,7 @@ with the model, sum to zero and report exactly the violations the model predicts
 payment or a reversal); at the end, replaying every call with the same keys must
 change nothing.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,21 +34,28 @@ from service.ledger import service as L
 from service.ledger.models import LedgerLine, LedgerPosting
 from service.migrate import upgrade
 
-JOBS = [f"{i:02x}" * 32 for i in (0xa0, 0xa1)]
-PAYEES = [f"{i:02x}" * 32 for i in (0xb0, 0xb1, 0xb2)]
+JOBS = [f"{i:02x}" * 32 for i in (0xA0, 0xA1)]
+PAYEES = [f"{i:02x}" * 32 for i in (0xB0, 0xB1, 0xB2)]
 CUSTOMER = "c0" * 32
 
-job = st.sampled_from([0, 0, 0, 1])     # mostly one job, so its fund → release → payout chains form
+job = st.sampled_from([0, 0, 0, 1])  # mostly one job, so its fund → release → payout chains form
 amount = st.one_of(st.integers(1, 1_000_000), st.integers(1, 10**15))
 FUND = st.tuples(st.just("fund"), job, amount)
-RELEASE = st.tuples(st.just("release"), job, st.lists(st.tuples(st.integers(0, len(PAYEES) - 1),
-                                                                st.integers(0, 100)), min_size=1, max_size=4),
-                    st.integers(0, 200_000))
+RELEASE = st.tuples(
+    st.just("release"),
+    job,
+    st.lists(st.tuples(st.integers(0, len(PAYEES) - 1), st.integers(0, 100)), min_size=1, max_size=4),
+    st.integers(0, 200_000),
+)
 PAYOUT = st.tuples(st.just("payout"), job, st.integers(0, 10), st.integers(0, 2_000))
 REFUND = st.tuples(st.just("refund"), job)
 REFUND_PAYOUT = st.tuples(st.just("refund_payout"), job, st.integers(0, 2_000))
 ARGS = {
-    "fund": FUND, "release": RELEASE, "payout": PAYOUT, "refund": REFUND, "refund_payout": REFUND_PAYOUT,
+    "fund": FUND,
+    "release": RELEASE,
+    "payout": PAYOUT,
+    "refund": REFUND,
+    "refund_payout": REFUND_PAYOUT,
     "overpay": st.tuples(st.just("overpay"), job, st.integers(0, 10), st.integers(1, 1_000)),
     "reverse": st.tuples(st.just("reverse"), st.integers(0, 10**6)),
     "dup": st.tuples(st.just("dup"), st.integers(0, 10**6), st.booleans()),
@@ -55,8 +63,18 @@ ARGS = {
     "close": st.tuples(st.just("close"), job),
 }
 # Weighted: the escrow's own steps come up more often than corrections and noise.
-WEIGHTS = {"fund": 4, "release": 3, "payout": 5, "refund": 1, "refund_payout": 2, "overpay": 1, "reverse": 2,
-           "dup": 2, "garbage": 1, "close": 2}
+WEIGHTS = {
+    "fund": 4,
+    "release": 3,
+    "payout": 5,
+    "refund": 1,
+    "refund_payout": 2,
+    "overpay": 1,
+    "reverse": 2,
+    "dup": 2,
+    "garbage": 1,
+    "close": 2,
+}
 OPS = st.sampled_from([name for name, w in WEIGHTS.items() for _ in range(w)]).flatmap(ARGS.__getitem__)
 
 
@@ -70,8 +88,10 @@ def sequences(draw: st.DrawFn) -> list[tuple]:
         path = draw(st.sampled_from(["release", "refund", "open"]))
         if path == "release":
             life.append(("release", j, *draw(RELEASE)[2:]))
-            life += [("payout", j, draw(st.integers(0, 10)), draw(st.integers(0, 2_000)))
-                     for _ in range(draw(st.integers(0, 4)))]
+            life += [
+                ("payout", j, draw(st.integers(0, 10)), draw(st.integers(0, 2_000)))
+                for _ in range(draw(st.integers(0, 4)))
+            ]
         elif path == "refund":
             life += [("refund", j), ("refund_payout", j, draw(st.integers(0, 2_000)))]
         life.append(("close", j))
@@ -92,23 +112,23 @@ def h(*parts: object) -> str:
 class Call:
     """One call made to the ledger, kept to be replayed."""
 
-    op: str                      # post | reverse
+    op: str  # post | reverse
     kwargs: dict
-    result: str | None = None    # posting id
+    result: str | None = None  # posting id
 
 
 @dataclass
 class Model:
     bal: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     job_bal: dict[str | None, dict[str, int]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(int)))
-    ok: list[Call] = field(default_factory=list)          # calls that booked a posting
-    refused: list[tuple[Call, str]] = field(default_factory=list)   # state-independent refusals
-    lines: dict[str, list[tuple[str, int]]] = field(default_factory=dict)   # posting id -> lines
-    keys: dict[str, str] = field(default_factory=dict)    # posting id -> key
+    ok: list[Call] = field(default_factory=list)  # calls that booked a posting
+    refused: list[tuple[Call, str]] = field(default_factory=list)  # state-independent refusals
+    lines: dict[str, list[tuple[str, int]]] = field(default_factory=dict)  # posting id -> lines
+    keys: dict[str, str] = field(default_factory=dict)  # posting id -> key
     reversed: set[str] = field(default_factory=set)
     closed: set[str] = field(default_factory=set)
     job_of: dict[str, str | None] = field(default_factory=dict)
-    events: set[str] = field(default_factory=set)   # what happened, for Hypothesis' statistics
+    events: set[str] = field(default_factory=set)  # what happened, for Hypothesis' statistics
     n: int = 0
 
     def apply(self, lines: list[tuple[str, int]], job_id: str | None) -> None:
@@ -135,8 +155,9 @@ class Model:
         return any(A.kind_of(a) == "liability" and self.bal[a] + d > 0 for a, d in after.items())
 
 
-async def _post(s: AsyncSession, model: Model, *, key: str, kind: str, lines: list[tuple[str, int]],
-                job_id: str | None) -> None:
+async def _post(
+    s: AsyncSession, model: Model, *, key: str, kind: str, lines: list[tuple[str, int]], job_id: str | None
+) -> None:
     call = Call("post", {"key": key, "kind": kind, "lines": lines, "job_id": job_id})
     pid = await L.post(s, **call.kwargs)
     assert pid is not None, f"fresh key {key} must book"
@@ -154,12 +175,18 @@ async def step(sessions, model: Model, op: tuple) -> None:
     n = model.n
     name = op[0]
     if name in ("release", "payout", "overpay") and JOBS[op[1]] in model.closed:
-        return     # no release or payout of a closed job; anything else still happens (a late payment, a reversal)
+        return  # no release or payout of a closed job; anything else still happens (a late payment, a reversal)
     async with sessions.begin() as s:
         if name == "fund":
             j = JOBS[op[1]]
-            await _post(s, model, key=f"funding:{h('in', j, n)}", kind="funding", job_id=j,
-                        lines=[(A.NODE, op[2]), (A.escrow(j), -op[2])])
+            await _post(
+                s,
+                model,
+                key=f"funding:{h('in', j, n)}",
+                kind="funding",
+                job_id=j,
+                lines=[(A.NODE, op[2]), (A.escrow(j), -op[2])],
+            )
         elif name == "release":
             j, weights, fee_ppm = JOBS[op[1]], op[2], op[3]
             held = -model.bal[A.escrow(j)]
@@ -175,7 +202,7 @@ async def step(sessions, model: Model, op: tuple) -> None:
                     lines.append((A.payable(PAYEES[p], j), -share))
                     paid += share
             if held - paid:
-                lines.append((A.FEE_INCOME, -(held - paid)))   # escrow fee + the split's remainder
+                lines.append((A.FEE_INCOME, -(held - paid)))  # escrow fee + the split's remainder
             await _post(s, model, key=f"release:{j}:{n}", kind="release", job_id=j, lines=lines)
         elif name in ("payout", "refund_payout"):
             j, fee = JOBS[op[1]], op[-1]
@@ -186,27 +213,47 @@ async def step(sessions, model: Model, op: tuple) -> None:
             ph = h("out", j, n)
             await _post(s, model, key=f"payout:{ph}", kind=name, job_id=j, lines=[(acct, owed), (A.NODE, -owed)])
             if fee:
-                await _post(s, model, key=f"routing_fee:{ph}", kind="routing_fee", job_id=j,
-                            lines=[(A.ROUTING_EXPENSE, fee), (A.NODE, -fee)])
+                await _post(
+                    s,
+                    model,
+                    key=f"routing_fee:{ph}",
+                    kind="routing_fee",
+                    job_id=j,
+                    lines=[(A.ROUTING_EXPENSE, fee), (A.NODE, -fee)],
+                )
         elif name == "overpay":
             j = JOBS[op[1]]
             acct = model.owed(j, op[2]) or A.payable(PAYEES[0], j)
             more = -model.bal[acct] + op[3]
             with pytest.raises(L.LedgerError) as ei:
-                await L.post(s, key=f"payout:{h('over', j, n)}", kind="payout", job_id=j,
-                             lines=[(acct, more), (A.NODE, -more)])
+                await L.post(
+                    s, key=f"payout:{h('over', j, n)}", kind="payout", job_id=j, lines=[(acct, more), (A.NODE, -more)]
+                )
             assert ei.value.reason == "overdrawn"
         elif name == "refund":
             j = JOBS[op[1]]
             held = -model.bal[A.escrow(j)]
             if held == 0:
                 return
-            await _post(s, model, key=f"refund:{j}:{n}", kind="refund", job_id=j,
-                        lines=[(A.escrow(j), held), (A.refund(CUSTOMER, j), -held)])
+            await _post(
+                s,
+                model,
+                key=f"refund:{j}:{n}",
+                kind="refund",
+                job_id=j,
+                lines=[(A.escrow(j), held), (A.refund(CUSTOMER, j), -held)],
+            )
         elif name == "garbage":
             j = JOBS[op[1]]
-            call = Call("post", {"key": f"garbage:{j}:{n}", "kind": "funding", "job_id": j,
-                                 "lines": [(A.NODE, op[2]), (A.escrow(j), -(op[2] + 1))]})
+            call = Call(
+                "post",
+                {
+                    "key": f"garbage:{j}:{n}",
+                    "kind": "funding",
+                    "job_id": j,
+                    "lines": [(A.NODE, op[2]), (A.escrow(j), -(op[2] + 1))],
+                },
+            )
             with pytest.raises(L.LedgerError) as ei:
                 await L.post(s, **call.kwargs)
             assert ei.value.reason == "unbalanced"
@@ -260,16 +307,18 @@ async def step(sessions, model: Model, op: tuple) -> None:
             j = JOBS[op[1]]
             mine = [a for a in model.bal if A.job_of(a) == j]
             paid_out = any(model.job_of[p] == j and model.keys[p].startswith("payout:") for p in model.lines)
-            if paid_out and all(model.bal[a] == 0 for a in mine):   # a job closes after its last payout
+            if paid_out and all(model.bal[a] == 0 for a in mine):  # a job closes after its last payout
                 model.events.add("close: job closed")
                 model.closed.add(j)
 
 
 async def snapshot(sessions) -> tuple[int, int, dict[str, int]]:
     async with sessions() as s:
-        return (await s.scalar(select(func.count()).select_from(LedgerPosting)),
-                await s.scalar(select(func.count()).select_from(LedgerLine)),
-                await L.balances(s))
+        return (
+            await s.scalar(select(func.count()).select_from(LedgerPosting)),
+            await s.scalar(select(func.count()).select_from(LedgerLine)),
+            await L.balances(s),
+        )
 
 
 async def verify(sessions, model: Model, *, full: bool = False) -> None:
@@ -300,7 +349,7 @@ async def scenario(url: str, ops: list[tuple]) -> Model:
             await verify(sessions, model)
         await verify(sessions, model, full=True)
         before = await snapshot(sessions)
-        async with sessions.begin() as s:     # replay everything, same keys: nothing changes
+        async with sessions.begin() as s:  # replay everything, same keys: nothing changes
             for call in model.ok:
                 if call.op == "post":
                     assert await L.post(s, **call.kwargs) is None
@@ -320,7 +369,7 @@ async def scenario(url: str, ops: list[tuple]) -> Model:
 @pytest.fixture(scope="module")
 def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("ledger-props") / "template.sqlite3"
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:   # alembic's env.py runs its own event loop
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:  # alembic's env.py runs its own event loop
         pool.submit(upgrade, f"sqlite+aiosqlite:///{path}").result()
     return path
 
@@ -343,14 +392,30 @@ def test_random_escrow_sequences_keep_the_invariants(template: Path, ops: list[t
 
 def test_a_full_escrow_life_by_hand(template: Path) -> None:
     """The same interpreter on one fixed, complete sequence (a readable example of the properties)."""
-    ops = [("fund", 0, 100_000), ("fund", 0, 5), ("dup", 0, False), ("dup", 1, True),
-           ("release", 0, [(0, 70), (1, 29), (0, 1)], 10_000),     # two lines on one payee's account
-           ("overpay", 0, 0, 1), ("reverse", 0),                    # refused: overdraw
-           ("payout", 0, 0, 17), ("payout", 0, 0, 0), ("close", 0),
-           ("fund", 1, 50_000), ("refund", 1), ("reverse", 7),     # the refund is undone ...
-           ("refund", 1), ("refund_payout", 1, 3),                  # ... and done again, then paid
-           ("reverse", 7), ("garbage", 1, 10), ("close", 1), ("dup", 8, False),
-           ("fund", 0, 9), ("refund", 0), ("refund_payout", 0, 0)]            # a late payment, paid back
+    ops = [
+        ("fund", 0, 100_000),
+        ("fund", 0, 5),
+        ("dup", 0, False),
+        ("dup", 1, True),
+        ("release", 0, [(0, 70), (1, 29), (0, 1)], 10_000),  # two lines on one payee's account
+        ("overpay", 0, 0, 1),
+        ("reverse", 0),  # refused: overdraw
+        ("payout", 0, 0, 17),
+        ("payout", 0, 0, 0),
+        ("close", 0),
+        ("fund", 1, 50_000),
+        ("refund", 1),
+        ("reverse", 7),  # the refund is undone ...
+        ("refund", 1),
+        ("refund_payout", 1, 3),  # ... and done again, then paid
+        ("reverse", 7),
+        ("garbage", 1, 10),
+        ("close", 1),
+        ("dup", 8, False),
+        ("fund", 0, 9),
+        ("refund", 0),
+        ("refund_payout", 0, 0),
+    ]  # a late payment, paid back
     db = template.parent / f"{uuid.uuid4().hex}.sqlite3"
     shutil.copyfile(template, db)
     loop = asyncio.new_event_loop()
@@ -358,10 +423,23 @@ def test_a_full_escrow_life_by_hand(template: Path) -> None:
         model = loop.run_until_complete(scenario(f"sqlite+aiosqlite:///{db}", ops))
     finally:
         loop.close()
-    assert model.events == {"funding: booked", "release: booked", "payout: booked", "routing_fee: booked",
-                            "refund: booked", "refund_payout: booked", "reverse: booked", "reverse: would overdraw",
-                            "reverse: already reversed", "close: job closed", "a closed job holds money again"}
+    assert model.events == {
+        "funding: booked",
+        "release: booked",
+        "payout: booked",
+        "routing_fee: booked",
+        "refund: booked",
+        "refund_payout: booked",
+        "reverse: booked",
+        "reverse: would overdraw",
+        "reverse: already reversed",
+        "close: job closed",
+        "a closed job holds money again",
+    }
     assert model.closed == {JOBS[0], JOBS[1]}
     # 100_005 in; 1_000 escrow fee; 99_005 split 69_303 + 28_711 + 990 = 99_004, remainder 1 to fees
-    assert dict(model.nonzero()) == {A.NODE: 100_005 - 99_004 - 17 + 50_000 - 50_000 - 3,
-                                     A.FEE_INCOME: -1_001, A.ROUTING_EXPENSE: 17 + 3}
+    assert dict(model.nonzero()) == {
+        A.NODE: 100_005 - 99_004 - 17 + 50_000 - 50_000 - 3,
+        A.FEE_INCOME: -1_001,
+        A.ROUTING_EXPENSE: 17 + 3,
+    }

@@ -4,6 +4,7 @@ HTTP-shaped tests run against a real loopback server (``allow_private=True``); a
 tests use a substituted resolver and an ``httpx.MockTransport`` that records every request,
 so "no connection was made" is checked, not assumed.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -44,20 +45,36 @@ def encode_lnurl(url: str, upper: bool = False) -> str:
     return s.upper() if upper else s
 
 
-def make_invoice(amount_msat: int | None = AMOUNT, *, metadata: str | None = META, description_hash: bytes | None = None,
-                 description: str | None = None, currency: str = "bcrt", date: int | None = None,
-                 expiry: int = 600, hrp: str | None = None) -> tuple[str, bytes]:
+def make_invoice(
+    amount_msat: int | None = AMOUNT,
+    *,
+    metadata: str | None = META,
+    description_hash: bytes | None = None,
+    description: str | None = None,
+    currency: str = "bcrt",
+    date: int | None = None,
+    expiry: int = 600,
+    hrp: str | None = None,
+) -> tuple[str, bytes]:
     """A signed BOLT11 invoice; ``hrp`` forces the human-readable part (for malformed amounts)."""
     payment_hash = os.urandom(32)
-    tags = [Tag(TagChar.payment_hash, payment_hash.hex()), Tag(TagChar.payment_secret, os.urandom(32).hex()),
-            Tag(TagChar.expire_time, expiry), Tag(TagChar.min_final_cltv_expiry, 40)]
+    tags = [
+        Tag(TagChar.payment_hash, payment_hash.hex()),
+        Tag(TagChar.payment_secret, os.urandom(32).hex()),
+        Tag(TagChar.expire_time, expiry),
+        Tag(TagChar.min_final_cltv_expiry, 40),
+    ]
     if description is not None:
         tags.append(Tag(TagChar.description, description))
     else:
         h = description_hash if description_hash is not None else hashlib.sha256(metadata.encode()).digest()
         tags.append(Tag(TagChar.description_hash, h.hex()))
-    inv = Bolt11(currency=currency, date=date if date is not None else int(time.time()),
-                 amount_msat=MilliSatoshi(amount_msat) if amount_msat else None, tags=Tags(tags))
+    inv = Bolt11(
+        currency=currency,
+        date=date if date is not None else int(time.time()),
+        amount_msat=MilliSatoshi(amount_msat) if amount_msat else None,
+        tags=Tags(tags),
+    )
     enc = sys.modules["bolt11.encode"]
     original = enc._create_hrp
     if hrp is not None:
@@ -69,6 +86,7 @@ def make_invoice(amount_msat: int | None = AMOUNT, *, metadata: str | None = MET
 
 
 # ---- a real loopback LNURL server ---------------------------------------------
+
 
 @dataclass
 class Reply:
@@ -128,8 +146,13 @@ class LnurlServer:
         self.port = self.httpd.server_address[1]
         self.scheme = "https" if tls else "http"
         self.address = f"alice@127.0.0.1:{self.port}"
-        self.pay_request: dict[str, Any] = {"tag": "payRequest", "callback": self.url("/cb?id=abc"),
-                                            "minSendable": 1_000, "maxSendable": 1_000_000_000, "metadata": META}
+        self.pay_request: dict[str, Any] = {
+            "tag": "payRequest",
+            "callback": self.url("/cb?id=abc"),
+            "minSendable": 1_000,
+            "maxSendable": 1_000_000_000,
+            "metadata": META,
+        }
         self.invoices: list[bytes] = []
         self.routes["/.well-known/lnurlp/alice"] = lambda q: js(self.pay_request)
         self.routes["/cb"] = self.good_invoice
@@ -173,26 +196,38 @@ async def refused(reason: LnurlReason, dest: Any, amount: int = AMOUNT, **kw: An
 
 # ---- parsing ------------------------------------------------------------------
 
-@pytest.mark.parametrize("text, url, address", [
-    ("alice@example.com", "https://example.com/.well-known/lnurlp/alice", "alice@example.com"),
-    ("Alice@Example.COM", "https://example.com/.well-known/lnurlp/alice", "alice@example.com"),
-    ("  lightning:bob+tips@pay.example.org  ", "https://pay.example.org/.well-known/lnurlp/bob+tips",
-     "bob+tips@pay.example.org"),
-    ("LIGHTNING:a.b_c-d@example.com:8443", "https://example.com:8443/.well-known/lnurlp/a.b_c-d",
-     "a.b_c-d@example.com:8443"),
-    ("alice@127.0.0.1:9000", "http://127.0.0.1:9000/.well-known/lnurlp/alice", "alice@127.0.0.1:9000"),
-    ("alice@localhost", "http://localhost/.well-known/lnurlp/alice", "alice@localhost"),
-    ("alice@[::1]:9000", "http://[::1]:9000/.well-known/lnurlp/alice", "alice@[::1]:9000"),
-    ("alice@10.0.0.7", "https://10.0.0.7/.well-known/lnurlp/alice", "alice@10.0.0.7"),
-])
+
+@pytest.mark.parametrize(
+    "text, url, address",
+    [
+        ("alice@example.com", "https://example.com/.well-known/lnurlp/alice", "alice@example.com"),
+        ("Alice@Example.COM", "https://example.com/.well-known/lnurlp/alice", "alice@example.com"),
+        (
+            "  lightning:bob+tips@pay.example.org  ",
+            "https://pay.example.org/.well-known/lnurlp/bob+tips",
+            "bob+tips@pay.example.org",
+        ),
+        (
+            "LIGHTNING:a.b_c-d@example.com:8443",
+            "https://example.com:8443/.well-known/lnurlp/a.b_c-d",
+            "a.b_c-d@example.com:8443",
+        ),
+        ("alice@127.0.0.1:9000", "http://127.0.0.1:9000/.well-known/lnurlp/alice", "alice@127.0.0.1:9000"),
+        ("alice@localhost", "http://localhost/.well-known/lnurlp/alice", "alice@localhost"),
+        ("alice@[::1]:9000", "http://[::1]:9000/.well-known/lnurlp/alice", "alice@[::1]:9000"),
+        ("alice@10.0.0.7", "https://10.0.0.7/.well-known/lnurlp/alice", "alice@10.0.0.7"),
+    ],
+)
 def test_lightning_address_maps_to_well_known_url(text: str, url: str, address: str) -> None:
     t = parse_destination(text)
     assert t.url == url
     assert t.lightning_address == address
 
 
-SPEC_LNURL = ("LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0V9CXJ0M385EKVCENXC6R2C35XVUKXEFCV5MKVV34X5EKZD3EV56NYD3HXQURZEPEXEJ"
-              "XXEPNXSCRVWFNV9NXZCN9XQ6XYEFHVGCXXCMYXYMNSERXFQ5FNS")
+SPEC_LNURL = (
+    "LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0V9CXJ0M385EKVCENXC6R2C35XVUKXEFCV5MKVV34X5EKZD3EV56NYD3HXQURZEPEXEJ"
+    "XXEPNXSCRVWFNV9NXZCN9XQ6XYEFHVGCXXCMYXYMNSERXFQ5FNS"
+)
 SPEC_URL = "https://service.com/api?q=3fc3645b439ce8e7f2553a69e5267081d96dcd340693afabe04be7b0ccd178df"
 
 
@@ -210,41 +245,44 @@ def test_lnurl_round_trip_longer_than_90_chars() -> None:
     assert parse_destination(encoded.upper()).url == url
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("", "empty"),
-    ("   ", "empty"),
-    ("lightning:", "empty"),
-    ("alice", "expected a lightning address"),
-    ("https://example.com/lnurlp/alice", "expected a lightning address"),
-    ("lnbcrt1230n1pj", "BOLT11 invoice"),
-    ("@example.com", "no username"),
-    ("alice@", "no domain"),
-    ("a@b@example.com", "more than one @"),
-    ("al ice@example.com", "whitespace"),
-    ("al/ice@example.com", "username may only contain"),
-    ("ali%41@example.com", "username may only contain"),
-    ("ALICE?x@example.com", "username may only contain"),
-    ("..@example.com", "only dots"),
-    ("alice@example", "fully qualified"),
-    ("alice@exa_mple..com", "empty label"),
-    ("alice@-example.com", "characters outside"),
-    ("alice@exämple.com", "punycode"),
-    ("alice@abcdef.onion", "Tor"),
-    ("alice@example.com:0", "port"),
-    ("alice@example.com:65536", "port"),
-    ("alice@example.com:http", "port"),
-    ("alice@[example.com]", "IPv6"),
-    ("alice@[::1", "unclosed"),
-    ("alice@127.1", "malformed IP"),
-    ("alice@0x7f.0x1", "malformed IP"),
-    ("alice@999.1.1.1", "malformed IP"),
-    ("alice@" + "a" * 250 + ".com", "too long"),
-    ("a" * 65 + "@example.com", "username may only contain"),
-    ("x" * 3000 + "@example.com", "too long"),
-    (SPEC_LNURL[:20] + SPEC_LNURL[20:].lower(), "mixes upper and lower"),
-    (SPEC_LNURL[:-1] + ("Q" if SPEC_LNURL[-1] != "Q" else "P"), "checksum"),
-    ("lnurl1" + "b" * 20, "checksum"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        ("lightning:", "empty"),
+        ("alice", "expected a lightning address"),
+        ("https://example.com/lnurlp/alice", "expected a lightning address"),
+        ("lnbcrt1230n1pj", "BOLT11 invoice"),
+        ("@example.com", "no username"),
+        ("alice@", "no domain"),
+        ("a@b@example.com", "more than one @"),
+        ("al ice@example.com", "whitespace"),
+        ("al/ice@example.com", "username may only contain"),
+        ("ali%41@example.com", "username may only contain"),
+        ("ALICE?x@example.com", "username may only contain"),
+        ("..@example.com", "only dots"),
+        ("alice@example", "fully qualified"),
+        ("alice@exa_mple..com", "empty label"),
+        ("alice@-example.com", "characters outside"),
+        ("alice@exämple.com", "punycode"),
+        ("alice@abcdef.onion", "Tor"),
+        ("alice@example.com:0", "port"),
+        ("alice@example.com:65536", "port"),
+        ("alice@example.com:http", "port"),
+        ("alice@[example.com]", "IPv6"),
+        ("alice@[::1", "unclosed"),
+        ("alice@127.1", "malformed IP"),
+        ("alice@0x7f.0x1", "malformed IP"),
+        ("alice@999.1.1.1", "malformed IP"),
+        ("alice@" + "a" * 250 + ".com", "too long"),
+        ("a" * 65 + "@example.com", "username may only contain"),
+        ("x" * 3000 + "@example.com", "too long"),
+        (SPEC_LNURL[:20] + SPEC_LNURL[20:].lower(), "mixes upper and lower"),
+        (SPEC_LNURL[:-1] + ("Q" if SPEC_LNURL[-1] != "Q" else "P"), "checksum"),
+        ("lnurl1" + "b" * 20, "checksum"),
+    ],
+)
 def test_malformed_destination_has_a_specific_error(text: str, fragment: str) -> None:
     with pytest.raises(LnurlError) as ei:
         parse_destination(text)
@@ -252,17 +290,20 @@ def test_malformed_destination_has_a_specific_error(text: str, fragment: str) ->
     assert fragment in ei.value.message
 
 
-@pytest.mark.parametrize("url, fragment", [
-    ("ftp://example.com/x", "scheme"),
-    ("javascript:alert(1)", "scheme"),
-    ("https://user:pw@example.com/x", "credentials"),
-    ("https:///path", "no host"),
-    ("https://exa mple.com/x", "spaces"),
-    ("https://example.com/\x00", "control"),
-    ("https://example.com\\@evil.com/", "backslash"),
-    ("https://example.com:99999/", "port"),
-    ("https://example.onion/x", "Tor"),
-])
+@pytest.mark.parametrize(
+    "url, fragment",
+    [
+        ("ftp://example.com/x", "scheme"),
+        ("javascript:alert(1)", "scheme"),
+        ("https://user:pw@example.com/x", "credentials"),
+        ("https:///path", "no host"),
+        ("https://exa mple.com/x", "spaces"),
+        ("https://example.com/\x00", "control"),
+        ("https://example.com\\@evil.com/", "backslash"),
+        ("https://example.com:99999/", "port"),
+        ("https://example.onion/x", "Tor"),
+    ],
+)
 def test_lnurl_encoding_a_bad_url_is_refused(url: str, fragment: str) -> None:
     with pytest.raises(LnurlError) as ei:
         parse_destination(encode_lnurl(url))
@@ -283,13 +324,49 @@ def test_lnurl_with_wrong_prefix_is_refused() -> None:
 
 # ---- address policy -------------------------------------------------------------
 
-BLOCKED = ["127.0.0.1", "127.8.9.10", "10.0.0.1", "10.255.1.2", "172.16.0.1", "172.31.255.254", "192.168.1.1",
-           "169.254.169.254", "::1", "fe80::1", "::ffff:10.0.0.1", "::ffff:127.0.0.1", "::ffff:169.254.169.254",
-           "100.64.0.1", "100.127.255.254", "0.0.0.0", "::", "224.0.0.1", "239.255.255.250", "ff02::1",
-           "255.255.255.255", "240.0.0.1", "198.18.0.1", "192.0.2.1", "fc00::1", "fd12:3456::1", "fec0::1",
-           "64:ff9b::a00:1", "2002:a00:1::1", "2001::1", "2001:db8::1", "::a00:1"]
-PUBLIC = ["8.8.8.8", "1.1.1.1", "93.184.215.14", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808",
-          "2002:808:808::1"]
+BLOCKED = [
+    "127.0.0.1",
+    "127.8.9.10",
+    "10.0.0.1",
+    "10.255.1.2",
+    "172.16.0.1",
+    "172.31.255.254",
+    "192.168.1.1",
+    "169.254.169.254",
+    "::1",
+    "fe80::1",
+    "::ffff:10.0.0.1",
+    "::ffff:127.0.0.1",
+    "::ffff:169.254.169.254",
+    "100.64.0.1",
+    "100.127.255.254",
+    "0.0.0.0",
+    "::",
+    "224.0.0.1",
+    "239.255.255.250",
+    "ff02::1",
+    "255.255.255.255",
+    "240.0.0.1",
+    "198.18.0.1",
+    "192.0.2.1",
+    "fc00::1",
+    "fd12:3456::1",
+    "fec0::1",
+    "64:ff9b::a00:1",
+    "2002:a00:1::1",
+    "2001::1",
+    "2001:db8::1",
+    "::a00:1",
+]
+PUBLIC = [
+    "8.8.8.8",
+    "1.1.1.1",
+    "93.184.215.14",
+    "2606:4700:4700::1111",
+    "::ffff:8.8.8.8",
+    "64:ff9b::808:808",
+    "2002:808:808::1",
+]
 
 
 @pytest.mark.parametrize("addr", BLOCKED)
@@ -305,8 +382,11 @@ def test_public_addresses_are_not_blocked(addr: str) -> None:
 class Net:
     """A fake resolver plus a recording mock transport: nothing leaves the process."""
 
-    def __init__(self, dns: dict[str, list[str] | Callable[[], list[str]]],
-                 handler: Callable[[httpx.Request], httpx.Response] | None = None) -> None:
+    def __init__(
+        self,
+        dns: dict[str, list[str] | Callable[[], list[str]]],
+        handler: Callable[[httpx.Request], httpx.Response] | None = None,
+    ) -> None:
         self.dns = dns
         self.lookups: list[tuple[str, int]] = []
         self.sent: list[httpx.Request] = []
@@ -337,8 +417,22 @@ class Net:
         return ei.value
 
 
-@pytest.mark.parametrize("addr", ["127.0.0.1", "10.1.2.3", "172.16.5.4", "192.168.1.1", "169.254.169.254", "::1",
-                                  "fe80::1", "::ffff:10.0.0.1", "100.64.0.1", "0.0.0.0", "224.0.0.1"])
+@pytest.mark.parametrize(
+    "addr",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.5.4",
+        "192.168.1.1",
+        "169.254.169.254",
+        "::1",
+        "fe80::1",
+        "::ffff:10.0.0.1",
+        "100.64.0.1",
+        "0.0.0.0",
+        "224.0.0.1",
+    ],
+)
 async def test_host_resolving_to_non_public_address_is_refused_without_connecting(addr: str) -> None:
     net = Net({"pay.example.com": [addr]})
     err = await net.refused(R.BLOCKED_ADDRESS, "alice@pay.example.com")
@@ -353,8 +447,10 @@ async def test_one_non_public_address_among_public_ones_is_enough_to_refuse() ->
     assert net.sent == []
 
 
-@pytest.mark.parametrize("dest", ["alice@10.0.0.1", "alice@169.254.169.254", "alice@[fe80::1]", "alice@127.0.0.1",
-                                  "alice@[::ffff:192.168.0.1]"])
+@pytest.mark.parametrize(
+    "dest",
+    ["alice@10.0.0.1", "alice@169.254.169.254", "alice@[fe80::1]", "alice@127.0.0.1", "alice@[::ffff:192.168.0.1]"],
+)
 async def test_literal_non_public_host_is_refused_without_lookup_or_connection(dest: str) -> None:
     net = Net({})
     await net.refused(R.BLOCKED_ADDRESS, dest)
@@ -367,6 +463,7 @@ async def test_default_resolver_is_the_patchable_module_function(monkeypatch: py
     async def fake(host: str, port: int) -> list[str]:
         calls.append(host)
         return ["192.168.7.7"]
+
     monkeypatch.setattr(lnurl, "resolve_host", fake)
     net = Net({})
     async with net.client() as c:
@@ -386,28 +483,42 @@ async def test_unresolvable_host_is_dns_failure(answer: Any) -> None:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
     net = Net({"nx.example.com": lookup})
     await net.refused(R.DNS_FAILURE, "alice@nx.example.com")
     assert net.sent == []
 
 
-def pay_request_handler(callback: str, invoice: Callable[[httpx.Request], httpx.Response] | None = None,
-                        set_cookie: bool = False) -> Callable[[httpx.Request], httpx.Response]:
+def pay_request_handler(
+    callback: str, invoice: Callable[[httpx.Request], httpx.Response] | None = None, set_cookie: bool = False
+) -> Callable[[httpx.Request], httpx.Response]:
     def handle(request: httpx.Request) -> httpx.Response:
         if request.url.path.startswith("/.well-known/lnurlp/"):
             headers = {"Set-Cookie": "session=s3cret; Path=/"} if set_cookie else {}
-            return httpx.Response(200, json={"tag": "payRequest", "callback": callback, "minSendable": 1000,
-                                             "maxSendable": 10**9, "metadata": META}, headers=headers)
+            return httpx.Response(
+                200,
+                json={
+                    "tag": "payRequest",
+                    "callback": callback,
+                    "minSendable": 1000,
+                    "maxSendable": 10**9,
+                    "metadata": META,
+                },
+                headers=headers,
+            )
         if invoice is not None:
             return invoice(request)
         pr, _ = make_invoice(int(request.url.params["amount"]))
         return httpx.Response(200, json={"pr": pr, "routes": []})
+
     return handle
 
 
 async def test_requests_go_to_the_validated_ip_with_host_header_and_sni() -> None:
-    net = Net({"pay.example.com": ["93.184.215.14"], "cb.example.net": ["2606:4700:4700::1111"]},
-              pay_request_handler("https://cb.example.net/cb?id=7", set_cookie=True))
+    net = Net(
+        {"pay.example.com": ["93.184.215.14"], "cb.example.net": ["2606:4700:4700::1111"]},
+        pay_request_handler("https://cb.example.net/cb?id=7", set_cookie=True),
+    )
     got = await net.fetch("alice@pay.example.com")
     assert got.amount_msat == AMOUNT
     first, second = net.sent
@@ -427,19 +538,24 @@ async def test_requests_go_to_the_validated_ip_with_host_header_and_sni() -> Non
 
 async def test_dns_rebinding_between_requests_is_caught_and_never_connected() -> None:
     answers = iter([["8.8.8.8"], ["127.0.0.1"]])
-    net = Net({"pay.example.com": lambda: next(answers)},
-              pay_request_handler("https://pay.example.com/cb"))
+    net = Net({"pay.example.com": lambda: next(answers)}, pay_request_handler("https://pay.example.com/cb"))
     await net.refused(R.BLOCKED_ADDRESS, "alice@pay.example.com")
     assert [r.url.host for r in net.sent] == ["8.8.8.8"]
     assert len(net.lookups) == 2
 
 
-@pytest.mark.parametrize("callback", ["https://169.254.169.254/latest/meta-data/", "https://[::1]/cb",
-                                      "https://127.0.0.1:8080/cb", "https://[::ffff:10.0.0.1]/cb",
-                                      "https://internal.example.com/cb"])
+@pytest.mark.parametrize(
+    "callback",
+    [
+        "https://169.254.169.254/latest/meta-data/",
+        "https://[::1]/cb",
+        "https://127.0.0.1:8080/cb",
+        "https://[::ffff:10.0.0.1]/cb",
+        "https://internal.example.com/cb",
+    ],
+)
 async def test_callback_to_non_public_address_is_refused_without_connecting(callback: str) -> None:
-    net = Net({"pay.example.com": ["8.8.8.8"], "internal.example.com": ["10.0.0.5"]},
-              pay_request_handler(callback))
+    net = Net({"pay.example.com": ["8.8.8.8"], "internal.example.com": ["10.0.0.5"]}, pay_request_handler(callback))
     await net.refused(R.BLOCKED_ADDRESS, "alice@pay.example.com")
     assert len(net.sent) == 1
 
@@ -455,6 +571,7 @@ async def test_plain_http_is_refused_unless_private_allowed() -> None:
 async def test_redirect_is_refused_even_with_a_redirect_following_client() -> None:
     def handle(request: httpx.Request) -> httpx.Response:
         return httpx.Response(302, headers={"Location": "http://169.254.169.254/latest/meta-data/"})
+
     net = Net({"pay.example.com": ["8.8.8.8"]}, handle)
     async with net.client(follow_redirects=True) as c:
         with pytest.raises(LnurlError) as ei:
@@ -470,6 +587,7 @@ async def test_lnurl_tagged_for_another_protocol_is_refused_before_any_request()
 
 
 # ---- HTTP behaviour against a real loopback server -------------------------------
+
 
 async def test_happy_path_returns_the_checked_invoice(srv: LnurlServer) -> None:
     got = await fetch(srv.address)
@@ -551,8 +669,7 @@ async def test_body_at_the_limit_is_accepted_and_one_byte_more_refused(srv: Lnur
     limit = 4096
     srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=padded(srv.pay_request, limit), length=length)
     await fetch(srv.address, max_response_bytes=limit)
-    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=padded(srv.pay_request, limit + 1),
-                                                              length=length)
+    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=padded(srv.pay_request, limit + 1), length=length)
     await refused(R.TOO_LARGE, srv.address, max_response_bytes=limit)
 
 
@@ -564,6 +681,7 @@ async def test_huge_streamed_body_is_abandoned(srv: LnurlServer) -> None:
         while sent[0] < 50_000_000:
             sent[0] += 65536
             yield b"x" * 65536
+
     srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=forever(), length=False)
     t0 = time.monotonic()
     await refused(R.TOO_LARGE, srv.address, total_timeout=10)
@@ -572,8 +690,9 @@ async def test_huge_streamed_body_is_abandoned(srv: LnurlServer) -> None:
 
 
 async def test_announced_oversize_is_refused_before_reading(srv: LnurlServer) -> None:
-    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=b"{}", headers={
-        "Content-Type": "application/json", "Content-Length": str(10**9)})
+    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(
+        body=b"{}", headers={"Content-Type": "application/json", "Content-Length": str(10**9)}
+    )
     err = await refused(R.TOO_LARGE, srv.address)
     assert "announced" in err.message
 
@@ -603,27 +722,32 @@ async def test_closed_port_is_connection_failure() -> None:
 
 async def test_compressed_body_is_refused(srv: LnurlServer) -> None:
     srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(
-        body=b"\x1f\x8b", headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        body=b"\x1f\x8b", headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    )
     await refused(R.HTTP_ERROR, srv.address)
 
 
 @pytest.mark.parametrize("ctype", [None, "application/json; charset=utf-8", "text/plain", "application/lnurl+json"])
 async def test_json_ish_or_missing_content_type_is_accepted(srv: LnurlServer, ctype: str | None) -> None:
     headers = {"Content-Type": ctype} if ctype else {}
-    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=json.dumps(srv.pay_request).encode(),
-                                                              headers=headers)
+    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(
+        body=json.dumps(srv.pay_request).encode(), headers=headers
+    )
     assert (await fetch(srv.address)).amount_msat == AMOUNT
 
 
 @pytest.mark.parametrize("ctype", ["image/png", "application/octet-stream", "application/xml"])
 async def test_non_json_content_type_is_refused(srv: LnurlServer, ctype: str) -> None:
-    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=json.dumps(srv.pay_request).encode(),
-                                                              headers={"Content-Type": ctype})
+    srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(
+        body=json.dumps(srv.pay_request).encode(), headers={"Content-Type": ctype}
+    )
     await refused(R.BAD_JSON, srv.address)
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[1, 2]", b'"payRequest"', b'{"tag": "payRequest", "x": NaN}',
-                                  b"\xff\xfe{}", b"[" * 100_000, b""])
+@pytest.mark.parametrize(
+    "body",
+    [b"not json", b"[1, 2]", b'"payRequest"', b'{"tag": "payRequest", "x": NaN}', b"\xff\xfe{}", b"[" * 100_000, b""],
+)
 async def test_unparseable_or_non_object_json_is_bad_json(srv: LnurlServer, body: bytes) -> None:
     srv.routes["/.well-known/lnurlp/alice"] = lambda q: Reply(body=body)
     await refused(R.BAD_JSON, srv.address, max_response_bytes=200_000)
@@ -642,7 +766,8 @@ async def test_remote_error_status_is_reported_at_either_step(srv: LnurlServer) 
 
 async def test_remote_reason_is_sanitized_and_truncated(srv: LnurlServer) -> None:
     srv.routes["/.well-known/lnurlp/alice"] = lambda q: js(
-        {"status": "ERROR", "reason": "\x1b[31mred\r\nInjected: header\x00" + "A" * 100_000})
+        {"status": "ERROR", "reason": "\x1b[31mred\r\nInjected: header\x00" + "A" * 100_000}
+    )
     err = await refused(R.REMOTE_ERROR, srv.address, max_response_bytes=200_000)
     assert len(str(err)) < 300
     assert not any(ch in str(err) for ch in "\x1b\r\n\x00")
@@ -650,8 +775,9 @@ async def test_remote_reason_is_sanitized_and_truncated(srv: LnurlServer) -> Non
 
 
 async def test_http_error_status_does_not_echo_the_body_or_query_secrets(srv: LnurlServer) -> None:
-    srv.routes["/lnurlp"] = lambda q: Reply(500, body=b"<html>stack trace DBPASSWORD</html>",
-                                            headers={"Content-Type": "text/html"})
+    srv.routes["/lnurlp"] = lambda q: Reply(
+        500, body=b"<html>stack trace DBPASSWORD</html>", headers={"Content-Type": "text/html"}
+    )
     err = await refused(R.HTTP_ERROR, encode_lnurl(srv.url("/lnurlp?k1=SECRETTOKEN123")))
     assert "500" in err.message
     assert "DBPASSWORD" not in str(err) and "SECRETTOKEN123" not in str(err)
@@ -664,37 +790,41 @@ async def test_callback_secret_is_not_in_invoice_errors(srv: LnurlServer) -> Non
     assert "SECRETTOKEN123" not in str(err)
 
 
-@pytest.mark.parametrize("change, reason", [
-    ({"tag": "withdrawRequest"}, R.NOT_PAY_REQUEST),
-    ({"tag": None}, R.NOT_PAY_REQUEST),
-    ({"callback": None}, R.BAD_PAY_REQUEST),
-    ({"callback": 42}, R.BAD_PAY_REQUEST),
-    ({"callback": "ftp://127.0.0.1/cb"}, R.BAD_PAY_REQUEST),
-    ({"callback": "/relative/cb"}, R.BAD_PAY_REQUEST),
-    ({"callback": "http://user:pass@127.0.0.1/cb"}, R.BAD_PAY_REQUEST),
-    ({"callback": "https://evil.onion/cb"}, R.BAD_PAY_REQUEST),
-    ({"minSendable": None}, R.BAD_PAY_REQUEST),
-    ({"minSendable": "1000"}, R.BAD_PAY_REQUEST),
-    ({"minSendable": 1000.5}, R.BAD_PAY_REQUEST),
-    ({"minSendable": True}, R.BAD_PAY_REQUEST),
-    ({"minSendable": 0}, R.BAD_PAY_REQUEST),
-    ({"maxSendable": -1}, R.BAD_PAY_REQUEST),
-    ({"maxSendable": 10**30}, R.BAD_PAY_REQUEST),
-    ({"minSendable": 2000, "maxSendable": 1000}, R.BAD_PAY_REQUEST),
-    ({"metadata": None}, R.BAD_METADATA),
-    ({"metadata": [["text/plain", "x"]]}, R.BAD_METADATA),
-    ({"metadata": "not json"}, R.BAD_METADATA),
-    ({"metadata": '{"text/plain": "x"}'}, R.BAD_METADATA),
-    ({"metadata": "[]"}, R.BAD_METADATA),
-    ({"metadata": '["text/plain", "x"]'}, R.BAD_METADATA),
-    ({"metadata": '[[1, "x"]]'}, R.BAD_METADATA),
-    ({"metadata": '[["text/identifier", "a@b.c"]]'}, R.BAD_METADATA),
-    ({"metadata": '[["text/plain"]]'}, R.BAD_METADATA),
-    ({"metadata": '[["text/plain", 5]]'}, R.BAD_METADATA),
-    ({"metadata": "\ud800"}, R.BAD_METADATA),
-])
-async def test_invalid_pay_request_is_refused_before_the_callback(srv: LnurlServer, change: dict,
-                                                                 reason: LnurlReason) -> None:
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ({"tag": "withdrawRequest"}, R.NOT_PAY_REQUEST),
+        ({"tag": None}, R.NOT_PAY_REQUEST),
+        ({"callback": None}, R.BAD_PAY_REQUEST),
+        ({"callback": 42}, R.BAD_PAY_REQUEST),
+        ({"callback": "ftp://127.0.0.1/cb"}, R.BAD_PAY_REQUEST),
+        ({"callback": "/relative/cb"}, R.BAD_PAY_REQUEST),
+        ({"callback": "http://user:pass@127.0.0.1/cb"}, R.BAD_PAY_REQUEST),
+        ({"callback": "https://evil.onion/cb"}, R.BAD_PAY_REQUEST),
+        ({"minSendable": None}, R.BAD_PAY_REQUEST),
+        ({"minSendable": "1000"}, R.BAD_PAY_REQUEST),
+        ({"minSendable": 1000.5}, R.BAD_PAY_REQUEST),
+        ({"minSendable": True}, R.BAD_PAY_REQUEST),
+        ({"minSendable": 0}, R.BAD_PAY_REQUEST),
+        ({"maxSendable": -1}, R.BAD_PAY_REQUEST),
+        ({"maxSendable": 10**30}, R.BAD_PAY_REQUEST),
+        ({"minSendable": 2000, "maxSendable": 1000}, R.BAD_PAY_REQUEST),
+        ({"metadata": None}, R.BAD_METADATA),
+        ({"metadata": [["text/plain", "x"]]}, R.BAD_METADATA),
+        ({"metadata": "not json"}, R.BAD_METADATA),
+        ({"metadata": '{"text/plain": "x"}'}, R.BAD_METADATA),
+        ({"metadata": "[]"}, R.BAD_METADATA),
+        ({"metadata": '["text/plain", "x"]'}, R.BAD_METADATA),
+        ({"metadata": '[[1, "x"]]'}, R.BAD_METADATA),
+        ({"metadata": '[["text/identifier", "a@b.c"]]'}, R.BAD_METADATA),
+        ({"metadata": '[["text/plain"]]'}, R.BAD_METADATA),
+        ({"metadata": '[["text/plain", 5]]'}, R.BAD_METADATA),
+        ({"metadata": "\ud800"}, R.BAD_METADATA),
+    ],
+)
+async def test_invalid_pay_request_is_refused_before_the_callback(
+    srv: LnurlServer, change: dict, reason: LnurlReason
+) -> None:
     srv.pay_request.update(change)
     await refused(reason, srv.address)
     assert srv.paths() == ["/.well-known/lnurlp/alice"]
@@ -715,18 +845,22 @@ def serve_invoice(srv: LnurlServer, answer: dict[str, Any] | Callable[[int], dic
     srv.routes["/cb"] = lambda q: js(answer(int(q["amount"])) if callable(answer) else answer)
 
 
-@pytest.mark.parametrize("answer, reason", [
-    ({"routes": []}, R.BAD_INVOICE),
-    ({"pr": 12345}, R.BAD_INVOICE),
-    ({"pr": ""}, R.BAD_INVOICE),
-    ({"pr": "lnbcrt1230n1garbage"}, R.BAD_INVOICE),
-    ({"pr": "lnxy1230n1" + "q" * 200}, R.BAD_INVOICE),
-    ({"pr": "lnbcrt1230n1pjqqqqq"}, R.BAD_INVOICE),
-    ({"pr": "ｌｎbcrt"}, R.BAD_INVOICE),
-    ({"pr": "lnbcrt1230n1" + "q" * 9000}, R.BAD_INVOICE),
-])
-async def test_missing_or_undecodable_invoice_is_bad_invoice(srv: LnurlServer, answer: dict,
-                                                             reason: LnurlReason) -> None:
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        ({"routes": []}, R.BAD_INVOICE),
+        ({"pr": 12345}, R.BAD_INVOICE),
+        ({"pr": ""}, R.BAD_INVOICE),
+        ({"pr": "lnbcrt1230n1garbage"}, R.BAD_INVOICE),
+        ({"pr": "lnxy1230n1" + "q" * 200}, R.BAD_INVOICE),
+        ({"pr": "lnbcrt1230n1pjqqqqq"}, R.BAD_INVOICE),
+        ({"pr": "ｌｎbcrt"}, R.BAD_INVOICE),
+        ({"pr": "lnbcrt1230n1" + "q" * 9000}, R.BAD_INVOICE),
+    ],
+)
+async def test_missing_or_undecodable_invoice_is_bad_invoice(
+    srv: LnurlServer, answer: dict, reason: LnurlReason
+) -> None:
     serve_invoice(srv, answer)
     await refused(reason, srv.address)
 
@@ -735,7 +869,7 @@ async def test_tampered_invoice_signature_is_bad_invoice(srv: LnurlServer) -> No
     pr, _ = make_invoice(AMOUNT)
     # Change one data character, recompute nothing: the checksum fails.
     i = pr.rfind("1") + 20
-    serve_invoice(srv, {"pr": pr[:i] + ("q" if pr[i] != "q" else "p") + pr[i + 1:]})
+    serve_invoice(srv, {"pr": pr[:i] + ("q" if pr[i] != "q" else "p") + pr[i + 1 :]})
     await refused(R.BAD_INVOICE, srv.address)
 
 
@@ -752,8 +886,17 @@ async def test_sub_millisatoshi_amount_that_the_decoder_rounds_is_refused(srv: L
     await refused(R.BAD_INVOICE, srv.address)
 
 
-@pytest.mark.parametrize("hrp, ok", [("lnbcrt1230n", True), ("lnbcrt1230000p", True), ("lnbcrt123n", False),
-                                     ("lnbcrt12300n", False), ("lnbcrt123000p", False), ("lnbcrt123u", False)])
+@pytest.mark.parametrize(
+    "hrp, ok",
+    [
+        ("lnbcrt1230n", True),
+        ("lnbcrt1230000p", True),
+        ("lnbcrt123n", False),
+        ("lnbcrt12300n", False),
+        ("lnbcrt123000p", False),
+        ("lnbcrt123u", False),
+    ],
+)
 async def test_amount_notations_are_compared_exactly(srv: LnurlServer, hrp: str, ok: bool) -> None:
     serve_invoice(srv, lambda a: {"pr": make_invoice(a, hrp=hrp)[0]})
     if ok:
@@ -762,12 +905,15 @@ async def test_amount_notations_are_compared_exactly(srv: LnurlServer, hrp: str,
         await refused(R.AMOUNT_MISMATCH, srv.address)
 
 
-@pytest.mark.parametrize("pr_kw", [
-    {"description_hash": hashlib.sha256(b"something else").digest()},
-    {"description_hash": hashlib.sha256(json.dumps(json.loads(META), separators=(",", ":")).encode()).digest()},
-    {"description_hash": hashlib.sha256(META.encode("latin-1")).digest()},
-    {"description": META},
-])
+@pytest.mark.parametrize(
+    "pr_kw",
+    [
+        {"description_hash": hashlib.sha256(b"something else").digest()},
+        {"description_hash": hashlib.sha256(json.dumps(json.loads(META), separators=(",", ":")).encode()).digest()},
+        {"description_hash": hashlib.sha256(META.encode("latin-1")).digest()},
+        {"description": META},
+    ],
+)
 async def test_invoice_not_committing_to_the_metadata_string_is_refused(srv: LnurlServer, pr_kw: dict) -> None:
     serve_invoice(srv, lambda a: {"pr": make_invoice(a, **pr_kw)[0]})
     await refused(R.DESCRIPTION_HASH_MISMATCH, srv.address)
@@ -791,8 +937,10 @@ async def test_invoice_for_another_network_is_refused_when_network_given(srv: Ln
 
 
 async def test_success_action_message_is_exposed_sanitized(srv: LnurlServer) -> None:
-    serve_invoice(srv, lambda a: {"pr": make_invoice(a)[0],
-                                  "successAction": {"tag": "message", "message": "thanks\n" + "x" * 500}})
+    serve_invoice(
+        srv,
+        lambda a: {"pr": make_invoice(a)[0], "successAction": {"tag": "message", "message": "thanks\n" + "x" * 500}},
+    )
     sa = (await fetch(srv.address)).success_action
     assert sa is not None and sa.tag == "message"
     assert sa.message.startswith("thanks?x") and len(sa.message) <= 145
@@ -800,37 +948,60 @@ async def test_success_action_message_is_exposed_sanitized(srv: LnurlServer) -> 
 
 async def test_success_action_url_is_exposed_but_never_fetched(srv: LnurlServer) -> None:
     srv.routes["/order"] = lambda q: js({})
-    serve_invoice(srv, lambda a: {"pr": make_invoice(a)[0], "successAction": {
-        "tag": "url", "description": "your order", "url": srv.url("/order?id=1")}})
+    serve_invoice(
+        srv,
+        lambda a: {
+            "pr": make_invoice(a)[0],
+            "successAction": {"tag": "url", "description": "your order", "url": srv.url("/order?id=1")},
+        },
+    )
     sa = (await fetch(srv.address)).success_action
     assert sa is not None and sa.url == srv.url("/order?id=1") and sa.description == "your order"
     assert "/order" not in srv.paths()
 
 
 async def test_success_action_aes_is_exposed(srv: LnurlServer) -> None:
-    serve_invoice(srv, lambda a: {"pr": make_invoice(a)[0], "successAction": {
-        "tag": "aes", "description": "code", "ciphertext": "c2VjcmV0", "iv": "A" * 24}})
+    serve_invoice(
+        srv,
+        lambda a: {
+            "pr": make_invoice(a)[0],
+            "successAction": {"tag": "aes", "description": "code", "ciphertext": "c2VjcmV0", "iv": "A" * 24},
+        },
+    )
     sa = (await fetch(srv.address)).success_action
     assert sa is not None and sa.tag == "aes" and sa.ciphertext == "c2VjcmV0" and sa.iv == "A" * 24
 
 
-@pytest.mark.parametrize("action", [
-    {"tag": "launch-missiles"},
-    {"message": "no tag"},
-    "a string",
-    {"tag": "message"},
-    {"tag": "url", "description": "x", "url": "javascript:alert(1)"},
-    {"tag": "url", "description": "x"},
-    {"tag": "aes", "description": "x", "ciphertext": "abc", "iv": "short"},
-])
+@pytest.mark.parametrize(
+    "action",
+    [
+        {"tag": "launch-missiles"},
+        {"message": "no tag"},
+        "a string",
+        {"tag": "message"},
+        {"tag": "url", "description": "x", "url": "javascript:alert(1)"},
+        {"tag": "url", "description": "x"},
+        {"tag": "aes", "description": "x", "ciphertext": "abc", "iv": "short"},
+    ],
+)
 async def test_unsupported_or_malformed_success_action_refuses_the_payment(srv: LnurlServer, action: Any) -> None:
     serve_invoice(srv, lambda a: {"pr": make_invoice(a)[0], "successAction": action})
     await refused(R.BAD_SUCCESS_ACTION, srv.address)
 
 
-@pytest.mark.parametrize("kw", [{"amount": 0}, {"amount": -5}, {"amount": True}, {"amount": 1.5},
-                                {"comment": 5}, {"total_timeout": 0}, {"max_response_bytes": 0},
-                                {"network": "moon"}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"amount": 0},
+        {"amount": -5},
+        {"amount": True},
+        {"amount": 1.5},
+        {"comment": 5},
+        {"total_timeout": 0},
+        {"max_response_bytes": 0},
+        {"network": "moon"},
+    ],
+)
 async def test_caller_mistakes_raise_value_error_without_network(kw: dict) -> None:
     net = Net({})
     amount = kw.pop("amount", AMOUNT)
@@ -842,6 +1013,7 @@ async def test_caller_mistakes_raise_value_error_without_network(kw: dict) -> No
 
 # ---- TLS with a pinned address ------------------------------------------------------
 
+
 def _tls_material(tmp: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext, list[str]]:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -851,16 +1023,23 @@ def _tls_material(tmp: Path, name: str) -> tuple[ssl.SSLContext, ssl.SSLContext,
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     (tmp / "cert.pem").write_bytes(cert_pem)
-    (tmp / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
+    (tmp / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_ctx.load_cert_chain(tmp / "cert.pem", tmp / "key.pem")
     sni_seen: list[str] = []
@@ -879,6 +1058,7 @@ async def test_tls_to_pinned_ip_verifies_the_host_name(tmp_path: Path, cert_name
     async def resolver(host: str, port: int) -> list[str]:
         lookups.append(host)
         return ["127.0.0.1"]
+
     try:
         async with httpx.AsyncClient(verify=client_ctx, trust_env=False) as c:
             dest = f"alice@lnurl.test:{srv.port}"

@@ -8,6 +8,7 @@
   each step (tests/support/machine_world.py: money conserved, nothing paid twice, a payout only
   for an accepted result or a refund, final states with the job's accounts at zero).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -44,8 +45,11 @@ def _key(w: mw.World) -> str:
     return repr(replace(w, last=None))
 
 
-ROOTS = [mw.start(mw.request(shards=1, validators=1, mode=m, policy=p))
-         for m in (Mode.HOLD, Mode.CUSTODIAL) for p in ("best", "split")]
+ROOTS = [
+    mw.start(mw.request(shards=1, validators=1, mode=m, policy=p))
+    for m in (Mode.HOLD, Mode.CUSTODIAL)
+    for p in ("best", "split")
+]
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +91,12 @@ def test_a_fact_outside_the_table_is_refused_by_step() -> None:
     bad = dict(TRANSITIONS)
     bad[(S.NEW, FactKind.REQUEST_ACCEPTED)] = frozenset({S.REJECTED})
     original = machine.TRANSITIONS
-    machine.TRANSITIONS = bad   # type: ignore[misc]
+    machine.TRANSITIONS = bad  # type: ignore[misc]
     try:
         with pytest.raises(machine.IllegalTransition):
             machine.step(w.view, w.request, mw.T0, mw.CONFIG)
     finally:
-        machine.TRANSITIONS = original   # type: ignore[misc]
+        machine.TRANSITIONS = original  # type: ignore[misc]
 
 
 def test_a_request_whose_job_no_mode_can_hold_is_rejected_with_the_reason() -> None:
@@ -130,13 +134,17 @@ def test_every_sequence_of_facts_keeps_the_invariants() -> None:
         seen[(key, left)] = n
         return n
 
-    roots = [*ROOTS, *(mw.start(mw.request(shards=1, validators=1, mode=m), config=mw.DUST)
-                       for m in (Mode.HOLD, Mode.CUSTODIAL)),
-             mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.HOLD, policy="split"), overpay=150_000)]
+    roots = [
+        *ROOTS,
+        *(mw.start(mw.request(shards=1, validators=1, mode=m), config=mw.DUST) for m in (Mode.HOLD, Mode.CUSTODIAL)),
+        mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.HOLD, policy="split"), overpay=150_000),
+    ]
     total = sum(paths(r, depth) for r in roots)
     elapsed = time.monotonic() - t0
-    print(f"\nexhaustive check: {total:,} sequences of up to {depth} facts, {len(checked):,} distinct worlds, "
-          f"{elapsed:.1f} s")
+    print(
+        f"\nexhaustive check: {total:,} sequences of up to {depth} facts, {len(checked):,} distinct worlds, "
+        f"{elapsed:.1f} s"
+    )
     assert total > 1_000_000 and len(checked) > 10_000
 
 
@@ -147,7 +155,7 @@ def test_a_whole_round_reaches_closed_with_zero_accounts() -> None:
         script += ["settle"] if mode is Mode.HOLD else []
         for label in script:
             w = dict(mw.actions(w))[label]
-        for _ in range(6):   # the payee gives an invoice where needed; each payout succeeds
+        for _ in range(6):  # the payee gives an invoice where needed; each payout succeeds
             nxt = dict(mw.actions(w))
             label = next((k for k in nxt if k.endswith("invoice given") or k.endswith("succeeded")), None)
             if label is None:
@@ -169,16 +177,18 @@ def test_table_markdown_is_generated_from_the_table() -> None:
 def test_the_docs_show_the_table_as_generated() -> None:
     """docs/escrow.md carries the generated table between its markers (drift test)."""
     from pathlib import Path
+
     doc = (Path(__file__).resolve().parents[2] / "docs" / "escrow.md").read_text()
     begin, end = "<!-- transitions:begin -->", "<!-- transitions:end -->"
     assert begin in doc and end in doc, "docs/escrow.md lacks the transition table markers"
     shown = doc.split(begin, 1)[1].split(end, 1)[0].strip()
     assert shown == machine.transition_table_markdown().strip(), (
         "docs/escrow.md's transition table differs from service/escrow/machine.py: "
-        "run `python -m service.escrow.machine --update docs/escrow.md`")
+        "run `python -m service.escrow.machine --update docs/escrow.md`"
+    )
 
 
 def test_pairs_are_every_state_and_fact() -> None:
     assert {s for s, _ in TRANSITIONS} <= set(JobState) and {f for _, f in TRANSITIONS} <= set(FactKind)
-    assert not any(s.final for s, _ in TRANSITIONS if s is not S.CANCELLED)   # only a cancelled job may still be paid
+    assert not any(s.final for s, _ in TRANSITIONS if s is not S.CANCELLED)  # only a cancelled job may still be paid
     assert list(itertools.islice(TRANSITIONS, 1)) == [(S.NEW, FactKind.REQUEST_ACCEPTED)]

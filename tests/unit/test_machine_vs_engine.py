@@ -10,6 +10,7 @@ worker would: a fault the real worker would need LND for, injected here by name)
 step both must agree on the job (state, funds, results, scores, payouts, what is held and
 owed, the postings) and the real ledger's invariants must hold.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,9 +36,12 @@ from service.payouts.models import Payout
 from service.payouts.types import DestinationKind
 from tests.support import machine_world as mw
 
-ROOTS = [dict(shards=1, validators=1, mode=Mode.HOLD), dict(shards=1, validators=1, mode=Mode.CUSTODIAL),
-         dict(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL, policy="split"),
-         dict(shards=2, validators=2, mode=Mode.HOLD, policy="best")]
+ROOTS = [
+    dict(shards=1, validators=1, mode=Mode.HOLD),
+    dict(shards=1, validators=1, mode=Mode.CUSTODIAL),
+    dict(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL, policy="split"),
+    dict(shards=2, validators=2, mode=Mode.HOLD, policy="best"),
+]
 _TEMPLATE: list[str] = []
 
 
@@ -63,8 +67,9 @@ class EngineVsMachine(RuleBasedStateMachine):
         self.db = create_engine(self.url or _sqlite_url())
         self.sessions = session_factory(self.db)
         self.world: mw.World | None = None
-        self.engine = Engine(self.sessions, mw.ESCROW, EngineConfig(terms=mw.TERMS, relays=["ws://127.0.0.1:1"]),
-                             clock=lambda: self.now)
+        self.engine = Engine(
+            self.sessions, mw.ESCROW, EngineConfig(terms=mw.TERMS, relays=["ws://127.0.0.1:1"]), clock=lambda: self.now
+        )
         self.now = mw.T0
         self.steps: list[str] = []
 
@@ -90,7 +95,7 @@ class EngineVsMachine(RuleBasedStateMachine):
         options = list(mw.actions(self.world))
         label, nxt = options[choice % len(options)]
         self.steps.append(label)
-        self.now = nxt.now   # the world's clock, as the machine saw it
+        self.now = nxt.now  # the world's clock, as the machine saw it
         self.run(self._engine_does(label, nxt))
         self.world = nxt
         self.run(self._sync_eval_request_id())
@@ -100,16 +105,16 @@ class EngineVsMachine(RuleBasedStateMachine):
         assert w is not None
         fact = nxt.last
         if fact is None or (nxt.payouts != w.payouts and fact is w.last):
-            await self._write_payouts(nxt)          # a payee gave an invoice: no job fact
+            await self._write_payouts(nxt)  # a payee gave an invoice: no job fact
             return
         if fact.kind in (FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_NEEDS_INVOICE) and fact is not w.last:
             await self._write_payouts(nxt)
             async with self.sessions.begin() as s:
-                row = await s.get(Payout, fact.payout.id)   # type: ignore[union-attr]
+                row = await s.get(Payout, fact.payout.id)  # type: ignore[union-attr]
                 assert row is not None
                 await self.engine.handle_payout(s, row)
             return
-        if fact.kind in (FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_NEEDS_INVOICE):   # a duplicate outcome
+        if fact.kind in (FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_NEEDS_INVOICE):  # a duplicate outcome
             async with self.sessions.begin() as s:
                 await self.engine.apply(s, w.view.id, fact)
             return
@@ -120,18 +125,30 @@ class EngineVsMachine(RuleBasedStateMachine):
         """The payout worker's writes (injected: the real worker needs LND and a payee's node)."""
         async with self.sessions.begin() as s:
             for p in w.payouts:
-                await s.execute(update(Payout).where(Payout.id == p.id).values(
-                    state=p.state, attempts=p.attempts, needs_invoice_count=p.needs_invoice_count,
-                    fee_msat=p.fee_msat or None, payment_hash=p.payment_hash, preimage=p.preimage,
-                    last_error=p.last_error, destination_kind=p.destination,
-                    destination="" if p.destination is DestinationKind.NONE else (
-                        await s.scalar(select(Payout.destination).where(Payout.id == p.id)) or "lnbcrt1given")))
+                await s.execute(
+                    update(Payout)
+                    .where(Payout.id == p.id)
+                    .values(
+                        state=p.state,
+                        attempts=p.attempts,
+                        needs_invoice_count=p.needs_invoice_count,
+                        fee_msat=p.fee_msat or None,
+                        payment_hash=p.payment_hash,
+                        preimage=p.preimage,
+                        last_error=p.last_error,
+                        destination_kind=p.destination,
+                        destination=""
+                        if p.destination is DestinationKind.NONE
+                        else (await s.scalar(select(Payout.destination).where(Payout.id == p.id)) or "lnbcrt1given"),
+                    )
+                )
 
     async def _sync_eval_request_id(self) -> None:
         """The evaluation request's id is the signed event's (the world's model cannot know it)."""
         assert self.world is not None
         async with self.sessions() as s:
             from service.escrow.models import Job
+
             eid = await s.scalar(select(Job.eval_request_id).where(Job.id == self.world.view.id))
         if eid is not None and eid != self.world.view.eval_request_id:
             self.world = replace(self.world, view=replace(self.world.view, eval_request_id=eid))
@@ -155,14 +172,17 @@ class EngineVsMachine(RuleBasedStateMachine):
             assert real.offer_expires_at == pure.offer_expires_at, where
             assert [r.id for r in real.results] == [r.id for r in pure.results], where
             assert sorted((x.result_id, x.validator, x.value) for x in real.scores) == sorted(
-                (x.result_id, x.validator, x.value) for x in pure.scores), where
+                (x.result_id, x.validator, x.value) for x in pure.scores
+            ), where
             assert sorted((p.id, p.kind, p.amount_msat, p.state, p.payee) for p in real.payouts) == sorted(
-                (p.id, p.kind, p.amount_msat, p.state, p.payee) for p in pure.payouts), where
+                (p.id, p.kind, p.amount_msat, p.state, p.payee) for p in pure.payouts
+            ), where
             assert (real.held_msat, real.owed_msat, real.posted) == (pure.held_msat, pure.owed_msat, pure.posted), where
             assert (real.decision is None) == (pure.decision is None), where
             if real.decision and pure.decision:
                 assert real.decision.verdicts == pure.decision.verdicts, where
             assert problems == [] and total == 0, (where, problems, total)
+
         self.run(check())
 
 
@@ -170,10 +190,16 @@ def _run(url: str, examples: int) -> None:
     EngineVsMachine.url = url
     # No shrinking: a failure names its whole sequence of steps already, and shrinking steps that
     # each run a database transaction takes minutes.
-    run_state_machine_as_test(EngineVsMachine, settings=settings(
-        max_examples=examples, stateful_step_count=30, deadline=None,
-        phases=[Phase.explicit, Phase.reuse, Phase.generate],
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]))
+    run_state_machine_as_test(
+        EngineVsMachine,
+        settings=settings(
+            max_examples=examples,
+            stateful_step_count=30,
+            deadline=None,
+            phases=[Phase.explicit, Phase.reuse, Phase.generate],
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+        ),
+    )
 
 
 def test_the_engine_on_sqlite_does_what_the_machine_says() -> None:

@@ -3,6 +3,7 @@ admin token); without a configured token it answers 404, never the totals.
 
 The service runs with its lifespan on a real SQLite database (no LND or relay).
 """
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -23,10 +24,13 @@ TOTAL = "fedstr_escrow_msat"
 
 @asynccontextmanager
 async def running(database_url: str, **over: object) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(Settings(_env_file=None, database_url=database_url,
-                              nostr_secret_key=SecretKey.generate().to_hex(), **over))
-    async with app.router.lifespan_context(app), \
-            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+    app = create_app(
+        Settings(_env_file=None, database_url=database_url, nostr_secret_key=SecretKey.generate().to_hex(), **over)
+    )
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c,
+    ):
         yield c
 
 

@@ -1,4 +1,5 @@
 """Migrations: upgrade from empty, downgrade one step and up again, no drift from the models."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,8 @@ async def _drift(url: str) -> list:
     try:
         async with engine.connect() as conn:
             return await conn.run_sync(
-                lambda c: compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}),
-                                           Base.metadata))
+                lambda c: compare_metadata(MigrationContext.configure(c, opts={"compare_type": True}), Base.metadata)
+            )
     finally:
         await engine.dispose()
 
@@ -64,21 +65,34 @@ async def test_migration_0012_types_payout_kind_and_destination(tmp_path) -> Non
     url = f"sqlite+aiosqlite:///{tmp_path / 'm.sqlite3'}"
     await asyncio.to_thread(upgrade, url, "0011")
     job = "ab" * 32
-    rows = {f"{job}:reward:{'cd' * 32}": "bolt11:lnbcrt1abc", f"{job}:validator:{'ef' * 32}": "none",
-            f"{job}:refund": "lud16:carol@example.org", f"{job}:overpaid": "lnurl:lnurl1xyz"}
+    rows = {
+        f"{job}:reward:{'cd' * 32}": "bolt11:lnbcrt1abc",
+        f"{job}:validator:{'ef' * 32}": "none",
+        f"{job}:refund": "lud16:carol@example.org",
+        f"{job}:overpaid": "lnurl:lnurl1xyz",
+    }
     engine = create_engine(url)
     try:
         async with engine.begin() as conn:
             for pid, dest in rows.items():
-                await conn.execute(text(
-                    "INSERT INTO ln_payouts (id, job_id, payee, amount_msat, destination, state, attempts, "
-                    "needs_invoice_count, next_attempt_at, created_at, updated_at) VALUES (:id, :job, :payee, 1000, "
-                    ":dest, 'pending', 0, 0, '2026-01-01', '2026-01-01', '2026-01-01')"),
-                    {"id": pid, "job": job, "payee": "12" * 32, "dest": dest})
+                await conn.execute(
+                    text(
+                        "INSERT INTO ln_payouts (id, job_id, payee, amount_msat, destination, state, attempts, "
+                        "needs_invoice_count, next_attempt_at, created_at, updated_at) VALUES (:id, :job, :payee, 1000, "
+                        ":dest, 'pending', 0, 0, '2026-01-01', '2026-01-01', '2026-01-01')"
+                    ),
+                    {"id": pid, "job": job, "payee": "12" * 32, "dest": dest},
+                )
         await asyncio.to_thread(upgrade, url, "0012")
         async with engine.connect() as conn:
-            got = {r[0]: tuple(r[1:]) for r in (await conn.execute(text(
-                "SELECT id, kind, earned_by, destination_kind, destination FROM ln_payouts"))).all()}
+            got = {
+                r[0]: tuple(r[1:])
+                for r in (
+                    await conn.execute(
+                        text("SELECT id, kind, earned_by, destination_kind, destination FROM ln_payouts")
+                    )
+                ).all()
+            }
         assert got == {
             f"{job}:reward:{'cd' * 32}": ("reward", "cd" * 32, "bolt11", "lnbcrt1abc"),
             f"{job}:validator:{'ef' * 32}": ("validator_fee", None, "none", ""),

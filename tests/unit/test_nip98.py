@@ -1,4 +1,5 @@
 """NIP-98 HTTP auth: each failure has its reason; a used authorization cannot be replayed."""
+
 from __future__ import annotations
 
 import base64
@@ -14,8 +15,16 @@ from service.nostr.nip01 import SecretKey, sign_event
 URL = "https://escrow.example/v1/jobs/abc/invoice?x=1"
 
 
-def auth(key: SecretKey, *, url: str = URL, method: str = "POST", body: bytes | None = b'{"a":1}',
-         kind: int = nip98.KIND_HTTP_AUTH, created_at: int | None = None, extra: list | None = None) -> str:
+def auth(
+    key: SecretKey,
+    *,
+    url: str = URL,
+    method: str = "POST",
+    body: bytes | None = b'{"a":1}',
+    kind: int = nip98.KIND_HTTP_AUTH,
+    created_at: int | None = None,
+    extra: list | None = None,
+) -> str:
     tags = [["u", url], ["method", method]]
     if body is not None:
         tags.append(["payload", hashlib.sha256(body).hexdigest()])
@@ -31,8 +40,7 @@ async def sessions(database_url: str):
 
 
 async def verify(sessions, header, *, method="POST", url=URL, body=b'{"a":1}', now=None):
-    return await nip98.verify_request(sessions, header, method=method, url=url, body=body,
-                                      now=now or int(time.time()))
+    return await nip98.verify_request(sessions, header, method=method, url=url, body=body, now=now or int(time.time()))
 
 
 async def test_valid_request_returns_the_callers_key(sessions) -> None:
@@ -53,22 +61,25 @@ def _b64(s: str) -> str:
     return base64.b64encode(s.encode()).decode()
 
 
-@pytest.mark.parametrize("make,kwargs,reason", [
-    (lambda k: None, {}, nip98.AuthReason.MISSING),
-    (lambda k: "Bearer abc", {}, nip98.AuthReason.SCHEME),
-    (lambda k: "Nostr !!!notbase64", {}, nip98.AuthReason.ENCODING),
-    (lambda k: "Nostr " + _b64("[1,2]"), {}, nip98.AuthReason.EVENT),
-    (lambda k: auth(k)[:-8] + _b64("xx")[:8], {}, nip98.AuthReason.ENCODING),
-    (lambda k: auth(k, kind=1), {}, nip98.AuthReason.KIND),
-    (lambda k: auth(k, created_at=int(time.time()) - 120), {}, nip98.AuthReason.EXPIRED),
-    (lambda k: auth(k, created_at=int(time.time()) + 120), {}, nip98.AuthReason.EXPIRED),
-    (lambda k: auth(k, url="https://escrow.example/v1/jobs/other"), {}, nip98.AuthReason.URL),
-    (lambda k: auth(k), {"url": URL.replace("x=1", "x=2")}, nip98.AuthReason.URL),
-    (lambda k: auth(k, method="GET"), {}, nip98.AuthReason.METHOD),
-    (lambda k: auth(k, body=b'{"a":2}'), {}, nip98.AuthReason.PAYLOAD),
-    (lambda k: auth(k, body=None), {}, nip98.AuthReason.PAYLOAD),
-    (lambda k: auth(k, extra=[["u", "https://evil.example/"]]), {}, nip98.AuthReason.EVENT),
-])
+@pytest.mark.parametrize(
+    "make,kwargs,reason",
+    [
+        (lambda k: None, {}, nip98.AuthReason.MISSING),
+        (lambda k: "Bearer abc", {}, nip98.AuthReason.SCHEME),
+        (lambda k: "Nostr !!!notbase64", {}, nip98.AuthReason.ENCODING),
+        (lambda k: "Nostr " + _b64("[1,2]"), {}, nip98.AuthReason.EVENT),
+        (lambda k: auth(k)[:-8] + _b64("xx")[:8], {}, nip98.AuthReason.ENCODING),
+        (lambda k: auth(k, kind=1), {}, nip98.AuthReason.KIND),
+        (lambda k: auth(k, created_at=int(time.time()) - 120), {}, nip98.AuthReason.EXPIRED),
+        (lambda k: auth(k, created_at=int(time.time()) + 120), {}, nip98.AuthReason.EXPIRED),
+        (lambda k: auth(k, url="https://escrow.example/v1/jobs/other"), {}, nip98.AuthReason.URL),
+        (lambda k: auth(k), {"url": URL.replace("x=1", "x=2")}, nip98.AuthReason.URL),
+        (lambda k: auth(k, method="GET"), {}, nip98.AuthReason.METHOD),
+        (lambda k: auth(k, body=b'{"a":2}'), {}, nip98.AuthReason.PAYLOAD),
+        (lambda k: auth(k, body=None), {}, nip98.AuthReason.PAYLOAD),
+        (lambda k: auth(k, extra=[["u", "https://evil.example/"]]), {}, nip98.AuthReason.EVENT),
+    ],
+)
 async def test_each_failure_has_its_reason(sessions, make, kwargs, reason) -> None:
     with pytest.raises(nip98.AuthError) as exc:
         await verify(sessions, make(SecretKey.generate()), **kwargs)
@@ -80,6 +91,7 @@ async def test_forged_signature_is_an_invalid_event(sessions) -> None:
     ev = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", URL], ["method", "GET"]], "")
     forged = {**ev.to_dict(), "pubkey": SecretKey.generate().public_key_hex}
     import json
+
     header = "Nostr " + base64.b64encode(json.dumps(forged).encode()).decode()
     with pytest.raises(nip98.AuthError) as exc:
         await verify(sessions, header, method="GET", body=None)

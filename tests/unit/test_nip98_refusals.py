@@ -5,6 +5,7 @@ or 404 (nothing owed yet) is replayed once the payout waits; it must be refused 
 The service runs with its lifespan on a real SQLite database (no LND: nothing is paid here);
 the payout's states are written as the payout worker writes them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -34,15 +35,22 @@ BOLT11 = regtest_invoice("payee", 5_000_000, "a1" * 32, "reward", int(time.time(
 
 @pytest.fixture
 async def app(database_url: str, tmp_path) -> AsyncIterator[FastAPI]:
-    application = create_app(Settings(_env_file=None, database_url=database_url, public_url=BASE,
-                                      nostr_secret_key=SecretKey.generate().to_hex()))
+    application = create_app(
+        Settings(
+            _env_file=None, database_url=database_url, public_url=BASE, nostr_secret_key=SecretKey.generate().to_hex()
+        )
+    )
     async with application.router.lifespan_context(application):
         yield application
 
 
 def auth(key: SecretKey, path: str, body: bytes) -> dict[str, str]:
-    ev = sign_event(key, nip98.KIND_HTTP_AUTH, [["u", BASE + path], ["method", "POST"],
-                                                ["payload", hashlib.sha256(body).hexdigest()]], os.urandom(4).hex())
+    ev = sign_event(
+        key,
+        nip98.KIND_HTTP_AUTH,
+        [["u", BASE + path], ["method", "POST"], ["payload", hashlib.sha256(body).hexdigest()]],
+        os.urandom(4).hex(),
+    )
     return {"Authorization": nip98.build_header(ev), "content-type": "application/json"}
 
 
@@ -50,8 +58,18 @@ async def _job_with_payout(app: FastAPI, payee: str, job_id: str, state: str | N
     async with app.state.sessions.begin() as s:
         s.add(Job(id=job_id, customer="cd" * 32, state="releasing", request_raw="{}"))
         if state is not None:
-            s.add(Payout(id=f"{job_id}:reward:x", kind=PayoutKind.REWARD, job_id=job_id, payee=payee, amount_msat=5_000_000,
-                         destination_kind=DestinationKind.NONE, destination="", state=state))
+            s.add(
+                Payout(
+                    id=f"{job_id}:reward:x",
+                    kind=PayoutKind.REWARD,
+                    job_id=job_id,
+                    payee=payee,
+                    amount_msat=5_000_000,
+                    destination_kind=DestinationKind.NONE,
+                    destination="",
+                    state=state,
+                )
+            )
 
 
 async def _set(app: FastAPI, job_id: str, **values: object) -> None:
@@ -69,7 +87,7 @@ async def test_a_request_refused_with_409_cannot_be_replayed_later(app: FastAPI)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         r = await c.post(path, content=body, headers=headers)
         assert r.status_code == 409 and r.json()["code"] == "payout_not_waiting", r.text
-        await _set(app, job_id, state="needs_invoice")       # the payout now waits for an invoice
+        await _set(app, job_id, state="needs_invoice")  # the payout now waits for an invoice
         r = await c.post(path, content=body, headers=headers)
         assert r.status_code == 401 and r.json()["code"] == "replayed", r.text
         # The payee signs a new authorization and is served.
@@ -88,7 +106,17 @@ async def test_a_request_refused_with_404_cannot_be_replayed_later(app: FastAPI)
         r = await c.post(path, content=body, headers=headers)
         assert r.status_code == 404 and r.json()["code"] == "no_payout", r.text
         async with app.state.sessions.begin() as s:
-            s.add(Payout(id=f"{job_id}:reward:y", kind=PayoutKind.REWARD, job_id=job_id, payee=payee.public_key_hex, amount_msat=5_000_000,
-                         destination_kind=DestinationKind.NONE, destination="", state="needs_invoice"))
+            s.add(
+                Payout(
+                    id=f"{job_id}:reward:y",
+                    kind=PayoutKind.REWARD,
+                    job_id=job_id,
+                    payee=payee.public_key_hex,
+                    amount_msat=5_000_000,
+                    destination_kind=DestinationKind.NONE,
+                    destination="",
+                    state="needs_invoice",
+                )
+            )
         r = await c.post(path, content=body, headers=headers)
         assert r.status_code == 401 and r.json()["code"] == "replayed", r.text

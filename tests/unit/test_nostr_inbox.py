@@ -1,4 +1,5 @@
 """The inbox stores each event once and processes each exactly once, across crashes and workers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -43,6 +44,7 @@ def recording_handler(calls: Counter):
         calls[event.id] += 1
         session.add(Cursor(name=f"effect:{event.id}", position=1))  # a unique side effect
         return "processed"
+
     return handle
 
 
@@ -110,11 +112,12 @@ async def test_a_handler_bug_is_recorded_and_does_not_wedge_the_inbox(inbox: Inb
             raise KeyError("boom")
         return "ok"
 
-    assert await inbox.process_pending(buggy) == 2          # the buggy one is retried first
+    assert await inbox.process_pending(buggy) == 2  # the buggy one is retried first
     assert await inbox.process_pending(buggy) == 0
-    assert await inbox.process_pending(buggy) == 1          # third failure: quarantined, recorded as final
+    assert await inbox.process_pending(buggy) == 1  # third failure: quarantined, recorded as final
     async with inbox.sessions() as s:
         from service.nostr.models import InboxEvent
+
         outcome = await s.scalar(select(InboxEvent.outcome).where(InboxEvent.id == evs[1].id))
     assert outcome.startswith("error: KeyError")
 

@@ -1,4 +1,5 @@
 """The escrow's Nostr key: generated once into a private file, reused, never world-readable."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """openapi.yaml at the repository root is the app's own schema."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,5 +16,6 @@ def test_openapi_yaml_matches_the_app() -> None:
 
 def test_openapi_lists_health_endpoints() -> None:
     import yaml
+
     spec = yaml.safe_load((ROOT / "openapi.yaml").read_text())
     assert {"/v1/health/live", "/v1/health/ready"} <= set(spec["paths"])

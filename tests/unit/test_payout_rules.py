@@ -1,6 +1,7 @@
 """Payout rules that need no Lightning node: settings refused at start-up, the fee limit, claims
 per payee, and the database constraint that a payment hash pays one payout (SQLite and PostgreSQL).
 """
+
 from __future__ import annotations
 
 import re
@@ -33,17 +34,20 @@ def test_the_removed_fee_floor_is_refused_with_what_to_do(monkeypatch: pytest.Mo
         Settings(_env_file=None)
     assert "FEDSTR_PAYOUT_FEE_FLOOR_MSAT is no longer supported" in str(exc.value)
     assert "FEDSTR_PAYOUT_FEE_PPM" in str(exc.value) and "unset it" in str(exc.value)
-    monkeypatch.setenv("FEDSTR_PAYOUT_FEE_FLOOR_MSAT", "0")   # "no floor" is what the service does
+    monkeypatch.setenv("FEDSTR_PAYOUT_FEE_FLOOR_MSAT", "0")  # "no floor" is what the service does
     assert Settings(_env_file=None).payout_fee_floor_msat == 0
 
 
-@pytest.mark.parametrize(("final", "limit", "ok"), [
-    (288, 432, True),     # the defaults: 288 + 3 + 80 = 371 <= 432
-    (349, 432, True),
-    (350, 432, False),
-    (432, 432, False),    # the old final-CLTV default under the new limit: refused
-    (432, 515, True),
-])
+@pytest.mark.parametrize(
+    ("final", "limit", "ok"),
+    [
+        (288, 432, True),  # the defaults: 288 + 3 + 80 = 371 <= 432
+        (349, 432, True),
+        (350, 432, False),
+        (432, 432, False),  # the old final-CLTV default under the new limit: refused
+        (432, 515, True),
+    ],
+)
 def test_the_final_cltv_limit_must_fit_under_the_payout_cltv_limit(final: int, limit: int, ok: bool) -> None:
     if ok:
         s = Settings(_env_file=None, payout_max_final_cltv=final, payout_cltv_limit=limit)
@@ -51,7 +55,9 @@ def test_the_final_cltv_limit_must_fit_under_the_payout_cltv_limit(final: int, l
         return
     with pytest.raises(ValidationError) as exc:
         Settings(_env_file=None, payout_max_final_cltv=final, payout_cltv_limit=limit)
-    assert f"FEDSTR_PAYOUT_CLTV_LIMIT ({limit}) must be at least FEDSTR_PAYOUT_MAX_FINAL_CLTV ({final})" in str(exc.value)
+    assert f"FEDSTR_PAYOUT_CLTV_LIMIT ({limit}) must be at least FEDSTR_PAYOUT_MAX_FINAL_CLTV ({final})" in str(
+        exc.value
+    )
 
 
 def test_the_cltv_limit_stays_within_lnds_default_max_cltv_expiry() -> None:
@@ -59,14 +65,17 @@ def test_the_cltv_limit_stays_within_lnds_default_max_cltv_expiry() -> None:
         Settings(_env_file=None, payout_cltv_limit=2017)
 
 
-@pytest.mark.parametrize(("amount", "own", "expected"), [
-    (1_000, None, 5),               # a 1-sat payout: 5 msat (was max(10 sat floor, ...): 10,000)
-    (100_000, None, 500),
-    (10**12, None, 5_000_000),      # capped
-    (4_000_000, 9_000, 9_000),      # the payout's own limit, lower than the policy's 20,000
-    (4_000_000, 50_000, 20_000),    # ... higher: the policy's
-    (4_000_000, 0, 0),              # zero-fee routes only
-])
+@pytest.mark.parametrize(
+    ("amount", "own", "expected"),
+    [
+        (1_000, None, 5),  # a 1-sat payout: 5 msat (was max(10 sat floor, ...): 10,000)
+        (100_000, None, 500),
+        (10**12, None, 5_000_000),  # capped
+        (4_000_000, 9_000, 9_000),  # the payout's own limit, lower than the policy's 20,000
+        (4_000_000, 50_000, 20_000),  # ... higher: the policy's
+        (4_000_000, 0, 0),  # zero-fee routes only
+    ],
+)
 def test_the_fee_limit_is_a_fraction_capped_and_the_lower_of_two(amount: int, own: int | None, expected: int) -> None:
     assert PayoutPolicy().fee_limit(amount, own) == expected
 
@@ -91,8 +100,10 @@ async def sessions(database_url: str):
 async def _create(sessions, rows: list[tuple[str, str]]) -> None:
     async with sessions.begin() as s:
         for pid, payee in rows:
-            await create_payout(s, NewPayout(pid, None, PayoutKind.REWARD, payee, 1_000,
-                                             Destination(DestinationKind.BOLT11, "lnbcrt1x")))
+            await create_payout(
+                s,
+                NewPayout(pid, None, PayoutKind.REWARD, payee, 1_000, Destination(DestinationKind.BOLT11, "lnbcrt1x")),
+            )
 
 
 async def test_claims_take_one_payout_per_payee_and_none_of_a_busy_payee(sessions) -> None:
@@ -115,7 +126,7 @@ async def _two_payouts_one_hash(sessions) -> None:
     with pytest.raises(IntegrityError):
         async with sessions.begin() as s:
             await s.execute(update(Payout).where(Payout.id == "p2").values(state="succeeded", payment_hash="ab" * 32))
-    async with sessions.begin() as s:   # unpaid payouts (no hash) are many
+    async with sessions.begin() as s:  # unpaid payouts (no hash) are many
         assert (await s.scalars(select(Payout.id).where(Payout.payment_hash.is_(None)))).all() == ["p2"]
 
 

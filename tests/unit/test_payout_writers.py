@@ -4,6 +4,7 @@ Every statement that could write either table (an insert, update or delete of ``
 ``PayoutAttempt``, or of their ``__table__``, or ``session.add`` of a new row) is looked for in
 the source of ``service/``; each must be inside ``service/payouts/``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -18,8 +19,11 @@ WRITES = {"insert", "update", "delete", "insert_ignore"}
 
 def _names(node: ast.AST) -> set[str]:
     """The payout models a node mentions (``Payout``, ``Payout.__table__``, ``models.Payout``)."""
-    return {n.id if isinstance(n, ast.Name) else n.attr for n in ast.walk(node)
-            if isinstance(n, (ast.Name, ast.Attribute)) and (n.id if isinstance(n, ast.Name) else n.attr) in MODELS}
+    return {
+        n.id if isinstance(n, ast.Name) else n.attr
+        for n in ast.walk(node)
+        if isinstance(n, (ast.Name, ast.Attribute)) and (n.id if isinstance(n, ast.Name) else n.attr) in MODELS
+    }
 
 
 def writes_in(path: Path, root: Path = ROOT.parent) -> list[str]:
@@ -41,16 +45,27 @@ def writes_in(path: Path, root: Path = ROOT.parent) -> list[str]:
 def test_the_finder_sees_each_kind_of_write(tmp_path: Path) -> None:
     src = tmp_path / "service" / "x.py"
     src.parent.mkdir()
-    src.write_text("update(Payout).values(state='x')\ninsert(PayoutAttempt.__table__)\n"
-                   "insert_ignore(s, Payout.__table__)\ndelete(models.Payout)\ns.add(Payout(id='a'))\n"
-                   "select(Payout)\nupdate(Job)\n")
+    src.write_text(
+        "update(Payout).values(state='x')\ninsert(PayoutAttempt.__table__)\n"
+        "insert_ignore(s, Payout.__table__)\ndelete(models.Payout)\ns.add(Payout(id='a'))\n"
+        "select(Payout)\nupdate(Job)\n"
+    )
     assert [w.split(" ", 1)[1] for w in writes_in(src, tmp_path)] == [
-        "update(Payout)", "insert(PayoutAttempt)", "insert_ignore(Payout)", "delete(Payout)", "session.add(payout row)"]
+        "update(Payout)",
+        "insert(PayoutAttempt)",
+        "insert_ignore(Payout)",
+        "delete(Payout)",
+        "session.add(payout row)",
+    ]
 
 
 def test_only_the_payouts_package_writes_payouts() -> None:
-    outside = [w for path in sorted(ROOT.rglob("*.py")) if "payouts" not in path.relative_to(ROOT).parts[:1]
-               for w in writes_in(path)]
+    outside = [
+        w
+        for path in sorted(ROOT.rglob("*.py"))
+        if "payouts" not in path.relative_to(ROOT).parts[:1]
+        for w in writes_in(path)
+    ]
     assert outside == [], "ln_payouts / ln_payout_attempts written outside service/payouts/"
     inside = [w for path in sorted((ROOT / "payouts").rglob("*.py")) for w in writes_in(path)]
     assert any("store.py" in w and "insert_ignore(Payout)" in w for w in inside), "the finder found create()"

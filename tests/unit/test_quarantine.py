@@ -1,4 +1,5 @@
 """The quarantine's rules: backoff, whose fault an error is, what an error may say, replay, migration."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,14 @@ def test_the_loop_backs_off_as_a_whole_and_recovers() -> None:
 
 
 async def _real_integrity_error(sessions) -> IntegrityError:
-    row = {"payment_hash": "ab" * 32, "mode": "hold", "amount_msat": 1, "payment_request": "lnbcrt1x",
-           "preimage": "5ec7e7" * 10 + "abcd", "expires_at": 1}
+    row = {
+        "payment_hash": "ab" * 32,
+        "mode": "hold",
+        "amount_msat": 1,
+        "payment_request": "lnbcrt1x",
+        "preimage": "5ec7e7" * 10 + "abcd",
+        "expires_at": 1,
+    }
     async with sessions.begin() as s:
         await s.execute(insert(LnInvoice.__table__), [row])
     with pytest.raises(IntegrityError) as caught:
@@ -85,8 +92,11 @@ async def test_an_error_message_carries_no_statement_parameters(sessions) -> Non
 def test_an_error_message_is_cut_short_and_masks_secrets() -> None:
     macaroon = "0201036c6e64" + "ab" * 60
     nsec = "nsec1" + "q" * 58
-    text_ = describe(ValueError(f"macaroon {macaroon} key {nsec} preimage=" + "cd" * 32 + " token: s3cr3t-t0ken-value-1234 "
-                                + "x" * 1000))
+    text_ = describe(
+        ValueError(
+            f"macaroon {macaroon} key {nsec} preimage=" + "cd" * 32 + " token: s3cr3t-t0ken-value-1234 " + "x" * 1000
+        )
+    )
     assert macaroon not in text_ and nsec not in text_ and "cd" * 32 not in text_ and "s3cr3t" not in text_
     assert len(text_) == quarantine.ERROR_CHARS and text_.endswith("…")
     assert describe(KeyError("job 1234")) == "KeyError: 'job 1234'"
@@ -119,9 +129,20 @@ async def test_postgres_down_is_an_outage_and_a_value_too_long_is_the_items(data
     try:
         with pytest.raises(Exception) as caught:
             async with session_factory(engine).begin() as s:
-                await s.execute(insert(InboxEvent.__table__), [{
-                    "id": "x" * 65, "kind": 1, "pubkey": "p", "created_at": 1, "raw": "{}", "source": "t",
-                    "received_at": utcnow()}])
+                await s.execute(
+                    insert(InboxEvent.__table__),
+                    [
+                        {
+                            "id": "x" * 65,
+                            "kind": 1,
+                            "pubkey": "p",
+                            "created_at": 1,
+                            "raw": "{}",
+                            "source": "t",
+                            "received_at": utcnow(),
+                        }
+                    ],
+                )
         assert not is_outage(caught.value), describe(caught.value)
     finally:
         await engine.dispose()
@@ -134,6 +155,7 @@ async def test_an_outage_is_raised_and_nothing_is_counted(sessions) -> None:
 
     async def work(s):
         raise locked
+
     with pytest.raises(OperationalError):
         await q.attempt("inbox", "e1", work)
     async with sessions() as s:
@@ -141,6 +163,7 @@ async def test_an_outage_is_raised_and_nothing_is_counted(sessions) -> None:
 
     async def bug(s):
         raise KeyError("boom")
+
     first = await q.attempt("inbox", "e1", bug, job_id="j1")
     second = await q.attempt("inbox", "e1", bug)
     assert (first.ok, first.verdict.failures, first.verdict.quarantined) == (False, 1, False)
@@ -168,8 +191,20 @@ async def test_replay_refusals_and_an_old_inbox_error(sessions) -> None:
             await quarantine.replay(s, "ln_fact", "8")
         assert refused.value.code == "not_found"
         # An event whose handler failed for good before the quarantine existed: replayable too.
-        s.add(InboxEvent(id="ee" * 32, kind=5701, pubkey="p", created_at=1, raw="{}", source="t",
-                         received_at=utcnow(), handled_at=utcnow(), outcome="error: KeyError: 'x'", attempts=3))
+        s.add(
+            InboxEvent(
+                id="ee" * 32,
+                kind=5701,
+                pubkey="p",
+                created_at=1,
+                raw="{}",
+                source="t",
+                received_at=utcnow(),
+                handled_at=utcnow(),
+                outcome="error: KeyError: 'x'",
+                attempts=3,
+            )
+        )
     async with sessions.begin() as s:
         assert await quarantine.replay(s, "inbox", "ee" * 32, actions.REPLAY_RESETS["inbox"]) is None
     async with sessions() as s:
@@ -186,22 +221,52 @@ async def test_the_migration_quarantines_what_failed_before_it(backend: str, dat
         sessions = session_factory(engine)
         async with sessions.begin() as s:
             # A row as the schema before 0009 held it (`failed` is no longer an effect state: untyped table).
-            legacy = sa.table("escrow_effects", *(sa.column(c) for c in ("job_id", "kind", "state", "attempts",
-                                                                         "last_error", "next_attempt_at",
-                                                                         "created_at")))
-            await s.execute(insert(legacy), [{
-                "job_id": "aa" * 32, "kind": "settle_hold", "state": "failed", "attempts": 10,
-                "last_error": "LndUnavailable: down", "next_attempt_at": utcnow(), "created_at": utcnow()}])
-            await s.execute(insert(InboxEvent.__table__), [{
-                "id": "bb" * 32, "kind": 6701, "pubkey": "p", "created_at": 1, "raw": json.dumps({}), "source": "t",
-                "received_at": utcnow() - timedelta(minutes=1), "handled_at": utcnow(),
-                "outcome": "error: KeyError: 'x'", "attempts": 3}])
+            legacy = sa.table(
+                "escrow_effects",
+                *(
+                    sa.column(c)
+                    for c in ("job_id", "kind", "state", "attempts", "last_error", "next_attempt_at", "created_at")
+                ),
+            )
+            await s.execute(
+                insert(legacy),
+                [
+                    {
+                        "job_id": "aa" * 32,
+                        "kind": "settle_hold",
+                        "state": "failed",
+                        "attempts": 10,
+                        "last_error": "LndUnavailable: down",
+                        "next_attempt_at": utcnow(),
+                        "created_at": utcnow(),
+                    }
+                ],
+            )
+            await s.execute(
+                insert(InboxEvent.__table__),
+                [
+                    {
+                        "id": "bb" * 32,
+                        "kind": 6701,
+                        "pubkey": "p",
+                        "created_at": 1,
+                        "raw": json.dumps({}),
+                        "source": "t",
+                        "received_at": utcnow() - timedelta(minutes=1),
+                        "handled_at": utcnow(),
+                        "outcome": "error: KeyError: 'x'",
+                        "attempts": 3,
+                    }
+                ],
+            )
         await asyncio.to_thread(upgrade, database_url)
         async with sessions() as s:
             items, _ = await quarantine.listing(s)
             state = await s.scalar(select(Effect.state))
         assert state == "quarantined"
         assert sorted((i["source"], i["job_id"], i["last_error"]) for i in items) == [
-            ("effect", "aa" * 32, "LndUnavailable: down"), ("inbox", None, "KeyError: 'x'")]
+            ("effect", "aa" * 32, "LndUnavailable: down"),
+            ("inbox", None, "KeyError: 'x'"),
+        ]
     finally:
         await engine.dispose()

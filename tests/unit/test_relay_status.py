@@ -1,4 +1,5 @@
 """A relay's answers to our events decide whether it counts as taking them (service/nostr/pool.py)."""
+
 from __future__ import annotations
 
 from service.health import pool_check

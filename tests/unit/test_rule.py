@@ -1,4 +1,5 @@
 """The validation rule: exact, short medians of bounded scores; whole-satoshi rewards; receipt order."""
+
 from __future__ import annotations
 
 from decimal import Decimal
@@ -30,7 +31,7 @@ def test_the_median_of_bounded_scores_is_exact_and_short(values):
     mid = len(exact) // 2
     want = exact[mid] if len(exact) % 2 else (exact[mid - 1] + exact[mid]) / 2
     got = rule.median(values)
-    assert Fraction(got) == want                       # exact: nothing was rounded
+    assert Fraction(got) == want  # exact: nothing was rounded
     text = format_decimal(got, R.INVALID_VERDICT, "median")
     assert "E" not in text and len(text) <= 1 + SCORE_INT_DIGITS + 1 + MEDIAN_PLACES
     # what the escrow publishes is what a verdict parser reads back
@@ -43,7 +44,7 @@ def test_two_scores_of_sixty_four_nines_are_refused_at_the_edge():
     with pytest.raises(CodecError) as exc:
         parse_bounded_decimal("9" * 64, R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
     assert exc.value.reason is R.SCORE_OUT_OF_RANGE
-    with pytest.raises(ArithmeticError):   # and the rule itself never rounds such a value silently
+    with pytest.raises(ArithmeticError):  # and the rule itself never rounds such a value silently
         rule.median([Decimal("9" * 64), Decimal("9" * 64)])
 
 
@@ -59,30 +60,57 @@ def _cands(*specs: tuple[str, int, str]) -> list[rule.CandidateScores]:
 def test_a_tie_goes_to_the_result_received_first_not_the_earlier_timestamp():
     """Receipt order is the escrow's; a backdated ``created_at`` cannot win a tie."""
     cands = _cands(("honest", 1, "0.9"), ("copy", 2, "0.9"))
-    d = rule.decide(cands, quorum=1, threshold=Decimal("0.8"), direction="max", policy="best",
-                    bid_msat=3_000_000, fee_msat=31_000, validator_fee_msat=0, validators=("v1",))
+    d = rule.decide(
+        cands,
+        quorum=1,
+        threshold=Decimal("0.8"),
+        direction="max",
+        policy="best",
+        bid_msat=3_000_000,
+        fee_msat=31_000,
+        validator_fee_msat=0,
+        validators=("v1",),
+    )
     assert d.provider_rewards == {"honest": 2_969_000}
 
 
 @settings(max_examples=200, deadline=None)
-@given(bid=st.integers(100_000, 10**12), fee_ppm=st.integers(0, 50_000), vfee=st.integers(0, 10**7),
-       n_accepted=st.integers(1, 12), policy=st.sampled_from(["best", "split"]))
+@given(
+    bid=st.integers(100_000, 10**12),
+    fee_ppm=st.integers(0, 50_000),
+    vfee=st.integers(0, 10**7),
+    n_accepted=st.integers(1, 12),
+    policy=st.sampled_from(["best", "split"]),
+)
 def test_every_payout_is_whole_satoshis_and_the_split_adds_up(bid, fee_ppm, vfee, n_accepted, policy):
     fee = 1_000 + bid * fee_ppm // 1_000_000
     validators = ("v1", "v2")
     if bid - fee - 2 * vfee <= 0:
         return
-    cands = [rule.CandidateScores(f"r{k}", f"p{k}", k, {"v1": Decimal("0.9"), "v2": Decimal("0.95")})
-             for k in range(n_accepted)]
-    d = rule.decide(cands, quorum=2, threshold=Decimal("0.5"), direction="max", policy=policy, bid_msat=bid,
-                    fee_msat=fee, validator_fee_msat=vfee, validators=validators)
+    cands = [
+        rule.CandidateScores(f"r{k}", f"p{k}", k, {"v1": Decimal("0.9"), "v2": Decimal("0.95")})
+        for k in range(n_accepted)
+    ]
+    d = rule.decide(
+        cands,
+        quorum=2,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy=policy,
+        bid_msat=bid,
+        fee_msat=fee,
+        validator_fee_msat=vfee,
+        validators=validators,
+    )
     assert all(v % 1_000 == 0 and v > 0 for v in [*d.provider_rewards.values(), *d.validator_fees.values()])
     assert d.total_msat == bid and d.fee_income_msat >= fee and d.remainder_msat >= 0
 
 
 @settings(max_examples=200, deadline=None)
-@given(amounts=st.dictionaries(st.text(min_size=1, max_size=4), st.integers(1, 10**12), min_size=1, max_size=20),
-       budget=st.integers(0, 10**9))
+@given(
+    amounts=st.dictionaries(st.text(min_size=1, max_size=4), st.integers(1, 10**12), min_size=1, max_size=20),
+    budget=st.integers(0, 10**9),
+)
 def test_routing_budgets_never_exceed_what_the_escrow_earned(amounts, budget):
     budgets = rule.routing_budgets(amounts, budget)
     assert set(budgets) == set(amounts)
@@ -91,28 +119,45 @@ def test_routing_budgets_never_exceed_what_the_escrow_earned(amounts, budget):
 
 # ---- the decision rule, case by case (exact figures) ----------------------------------------
 
+
 def _scored(*rows: tuple[str, dict[str, str]]) -> list[rule.CandidateScores]:
-    return [rule.CandidateScores(rid, f"provider-{rid}", rank, {v: Decimal(x) for v, x in scores.items()})
-            for rank, (rid, scores) in enumerate(rows)]
+    return [
+        rule.CandidateScores(rid, f"provider-{rid}", rank, {v: Decimal(x) for v, x in scores.items()})
+        for rank, (rid, scores) in enumerate(rows)
+    ]
 
 
-@pytest.mark.parametrize(("values", "median"), [
-    (["3", "1", "2"], "2"),                 # odd: the middle one
-    (["1", "2", "3", "4"], "2.5"),          # even: the mean of the two middle ones
-    (["0.1", "0.2"], "0.15"),
-    (["5"], "5"),
-    (["-1", "1"], "0"),
-    (["0.3", "0.3", "0.9", "0.1"], "0.3"),  # duplicates count as themselves
-])
+@pytest.mark.parametrize(
+    ("values", "median"),
+    [
+        (["3", "1", "2"], "2"),  # odd: the middle one
+        (["1", "2", "3", "4"], "2.5"),  # even: the mean of the two middle ones
+        (["0.1", "0.2"], "0.15"),
+        (["5"], "5"),
+        (["-1", "1"], "0"),
+        (["0.3", "0.3", "0.9", "0.1"], "0.3"),  # duplicates count as themselves
+    ],
+)
 def test_the_median_of_odd_and_even_counts(values: list[str], median: str) -> None:
     assert rule.median([Decimal(v) for v in values]) == Decimal(median)
 
 
 def test_best_pays_the_best_median_and_a_tie_the_earlier_received() -> None:
-    cands = _scored(("a", {"v1": "0.7", "v2": "0.9"}), ("b", {"v1": "0.9", "v2": "0.9"}), ("c", {"v1": "0.9", "v2": "0.9"}))
-    d = rule.decide(cands, quorum=2, threshold=Decimal("0.5"), direction="max", policy="best", bid_msat=1_000_000,
-                    fee_msat=10_000, validator_fee_msat=1_000, validators=("v1", "v2"))
-    assert d.provider_rewards == {"b": 988_000}                        # b and c tie at 0.9: b came first
+    cands = _scored(
+        ("a", {"v1": "0.7", "v2": "0.9"}), ("b", {"v1": "0.9", "v2": "0.9"}), ("c", {"v1": "0.9", "v2": "0.9"})
+    )
+    d = rule.decide(
+        cands,
+        quorum=2,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy="best",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=1_000,
+        validators=("v1", "v2"),
+    )
+    assert d.provider_rewards == {"b": 988_000}  # b and c tie at 0.9: b came first
     assert d.validator_fees == {"v1": 1_000, "v2": 1_000}
     assert d.fee_income_msat == 10_000 and d.remainder_msat == 0
     assert [v.accepted for v in d.verdicts] == [True, True, True]
@@ -120,18 +165,36 @@ def test_best_pays_the_best_median_and_a_tie_the_earlier_received() -> None:
 
 def test_min_direction_prefers_the_lowest_median_and_rejects_above_the_threshold() -> None:
     cands = _scored(("loss-low", {"v1": "0.2"}), ("loss-high", {"v1": "0.6"}))
-    d = rule.decide(cands, quorum=1, threshold=Decimal("0.5"), direction="min", policy="best", bid_msat=100_000,
-                    fee_msat=1_000, validator_fee_msat=0, validators=("v1",))
+    d = rule.decide(
+        cands,
+        quorum=1,
+        threshold=Decimal("0.5"),
+        direction="min",
+        policy="best",
+        bid_msat=100_000,
+        fee_msat=1_000,
+        validator_fee_msat=0,
+        validators=("v1",),
+    )
     assert d.provider_rewards == {"loss-low": 99_000}
     assert [v.accepted for v in d.verdicts] == [True, False]
 
 
 def test_split_divides_in_whole_satoshis_and_the_remainder_is_fee_income() -> None:
     cands = _scored(("a", {"v1": "0.9"}), ("b", {"v1": "0.8"}), ("c", {"v1": "0.7"}), ("d", {"v1": "0.1"}))
-    d = rule.decide(cands, quorum=1, threshold=Decimal("0.5"), direction="max", policy="split", bid_msat=1_000_000,
-                    fee_msat=10_000, validator_fee_msat=2_000, validators=("v1",))
-    share = 1_000_000 - 10_000 - 2_000                                 # 988,000 among three accepted
-    each = share // 3 // 1000 * 1000                                   # 329,333 -> 329,000 (whole sats)
+    d = rule.decide(
+        cands,
+        quorum=1,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy="split",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=2_000,
+        validators=("v1",),
+    )
+    share = 1_000_000 - 10_000 - 2_000  # 988,000 among three accepted
+    each = share // 3 // 1000 * 1000  # 329,333 -> 329,000 (whole sats)
     assert d.provider_rewards == {"a": each, "b": each, "c": each}
     assert d.remainder_msat == share - 3 * each == 1_000
     assert d.fee_income_msat == 10_000 + 1_000
@@ -139,23 +202,50 @@ def test_split_divides_in_whole_satoshis_and_the_remainder_is_fee_income() -> No
 
 
 def test_a_validator_whose_scores_did_not_count_earns_nothing_and_its_fee_goes_to_the_providers() -> None:
-    cands = _scored(("a", {"v1": "0.9"}))                               # v2 scored nothing that counted
-    d = rule.decide(cands, quorum=1, threshold=Decimal("0.5"), direction="max", policy="best", bid_msat=1_000_000,
-                    fee_msat=10_000, validator_fee_msat=5_000, validators=("v1", "v2"))
+    cands = _scored(("a", {"v1": "0.9"}))  # v2 scored nothing that counted
+    d = rule.decide(
+        cands,
+        quorum=1,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy="best",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=5_000,
+        validators=("v1", "v2"),
+    )
     assert d.validator_fees == {"v1": 5_000}
-    assert d.provider_rewards == {"a": 1_000_000 - 10_000 - 5_000}   # v2's fee stays with the providers
+    assert d.provider_rewards == {"a": 1_000_000 - 10_000 - 5_000}  # v2's fee stays with the providers
 
 
 def test_below_quorum_nothing_is_accepted_and_nobody_is_paid() -> None:
     cands = _scored(("a", {"v1": "0.9"}), ("b", {}))
-    d = rule.decide(cands, quorum=2, threshold=Decimal("0.5"), direction="max", policy="split", bid_msat=1_000_000,
-                    fee_msat=10_000, validator_fee_msat=5_000, validators=("v1", "v2"))
+    d = rule.decide(
+        cands,
+        quorum=2,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy="split",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=5_000,
+        validators=("v1", "v2"),
+    )
     assert not d.accepted and d.provider_rewards == {} and d.validator_fees == {}
     assert [(v.accepted, v.median) for v in d.verdicts] == [(False, None), (False, None)]
 
 
 def test_a_passing_median_at_exactly_the_threshold_is_accepted() -> None:
-    cands = _scored(("a", {"v1": "0.4", "v2": "0.6"}))                 # median 0.5 == threshold
-    d = rule.decide(cands, quorum=2, threshold=Decimal("0.5"), direction="max", policy="best", bid_msat=100_000,
-                    fee_msat=1_000, validator_fee_msat=0, validators=("v1", "v2"))
+    cands = _scored(("a", {"v1": "0.4", "v2": "0.6"}))  # median 0.5 == threshold
+    d = rule.decide(
+        cands,
+        quorum=2,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy="best",
+        bid_msat=100_000,
+        fee_msat=1_000,
+        validator_fee_msat=0,
+        validators=("v1", "v2"),
+    )
     assert d.provider_rewards == {"a": 99_000}

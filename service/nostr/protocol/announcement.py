@@ -5,6 +5,7 @@
 ``modes`` as a sorted list and ``network`` as its name. Parsers ignore unknown JSON
 keys (forward compatibility) and refuse missing or mistyped ones.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,9 +20,20 @@ from .terms import KIND_ANNOUNCEMENT, KIND_JOB_REQUEST, EscrowTerms, Mode, Netwo
 
 R = CodecErrorReason
 
-_INT_TERMS = ("fee_base_msat", "fee_ppm", "min_bid_msat", "max_bid_msat", "max_validators", "max_shards",
-              "min_results_window_s", "max_job_duration_s", "max_hold_seconds", "min_payout_msat",
-              "max_results_per_shard", "routing_fee_ppm")
+_INT_TERMS = (
+    "fee_base_msat",
+    "fee_ppm",
+    "min_bid_msat",
+    "max_bid_msat",
+    "max_validators",
+    "max_shards",
+    "min_results_window_s",
+    "max_job_duration_s",
+    "max_hold_seconds",
+    "min_payout_msat",
+    "max_results_per_shard",
+    "routing_fee_ppm",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +52,12 @@ def _bad(message: str) -> CodecError:
 def _terms_json(announcement: Announcement) -> str:
     terms = announcement.terms
     body: dict[str, Any] = {name: getattr(terms, name) for name in _INT_TERMS}
-    body.update(name=announcement.name, about=announcement.about, network=str(terms.network),
-                modes=sorted(str(mode) for mode in terms.modes))
+    body.update(
+        name=announcement.name,
+        about=announcement.about,
+        network=str(terms.network),
+        modes=sorted(str(mode) for mode in terms.modes),
+    )
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -82,8 +98,9 @@ def parse_announcement(event: Event) -> Announcement:
 
 
 def build_announcement(announcement: Announcement) -> Template:
-    result = template(KIND_ANNOUNCEMENT, [("d", announcement.d), ("k", str(announcement.job_kind))],
-                      _terms_json(announcement))
+    result = template(
+        KIND_ANNOUNCEMENT, [("d", announcement.d), ("k", str(announcement.job_kind))], _terms_json(announcement)
+    )
     if parse_announcement(placeholder_event(result)) != announcement:
         raise ValueError("the announcement does not round-trip: check its fields' types")
     return result

@@ -5,6 +5,7 @@ escrow only acts on event ids), optional ``["k", "<kind>"]`` tags, the reason in
 content. ``a`` tags are allowed and ignored. Repeated ids are read once.
 Stateful (engine): only events *by the same author* are deleted; a funded job ignores it.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -62,12 +63,19 @@ def parse_deletion(event: Event) -> Deletion:
         kind = parse_uint(tag[1], R.INVALID_KIND_REF, "deleted kind", MAX_KIND)
         if kind not in kinds:
             kinds.append(kind)
-    return Deletion(id=event.id, author=event.pubkey, created_at=event.created_at, event_ids=tuple(ids),
-                    kinds=tuple(kinds), reason=event.content)
+    return Deletion(
+        id=event.id,
+        author=event.pubkey,
+        created_at=event.created_at,
+        event_ids=tuple(ids),
+        kinds=tuple(kinds),
+        reason=event.content,
+    )
 
 
-def build_deletion(event_ids: tuple[str, ...], *, kinds: tuple[int, ...] = (), reason: str = "",
-                   escrow: str | None = None) -> Template:
+def build_deletion(
+    event_ids: tuple[str, ...], *, kinds: tuple[int, ...] = (), reason: str = "", escrow: str | None = None
+) -> Template:
     """A NIP-09 deletion; ``escrow`` adds the routing tag ``["p", <escrow>]`` so the escrow sees it."""
     tags: list[Tag] = [event_tag(event_id) for event_id in event_ids]
     if escrow is not None:

@@ -9,6 +9,7 @@ text (only tag names and limits), so it can be published as is.
 :data:`REASON_DESCRIPTIONS` is the one-line meaning of every code, used to build
 the reason table in ``docs/protocol.md``.
 """
+
 from __future__ import annotations
 
 import enum
@@ -125,12 +126,12 @@ R = CodecErrorReason
 REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.WRONG_KIND: "the event's kind is not the one this parser reads",
     R.NOT_FOR_US: "the job names no escrow tag, or another escrow's key, or another escrow is "
-                  "addressed (`p`); the caller ignores it silently, never answers it",
+    "addressed (`p`); the caller ignores it silently, never answers it",
     R.DUPLICATE_TAG: "a tag that must appear at most once appears twice",
     R.MISSING_EVENT_REF: "a required `e` tag is absent",
     R.INVALID_EVENT_REF: "an `e` tag is malformed (arity, id, relay hint, unknown marker)",
     R.AMBIGUOUS_EVENT_REFS: "`e` tags mix marked and unmarked forms, repeat a role, are too many, "
-                            "or name one id for two roles",
+    "or name one id for two roles",
     R.MISSING_PUBKEY_REF: "a required `p` tag is absent",
     R.INVALID_PUBKEY_REF: "a `p` tag is malformed (arity, pubkey, relay hint)",
     R.INVALID_RELAY: "a relay URL (`relays` tag or relay hint) is not ws:// or wss://",
@@ -143,7 +144,7 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_SHARD_INDEX: "a shard label is not `shard-<k>` with k a canonical integer",
     R.DUPLICATE_SHARD: "two shards carry the same index",
     R.TOO_MANY_SHARDS: "more shards than the escrow's `max_shards`",
-    R.INVALID_PREVIOUS_JOB: "the previous-round link `[\"i\", <id>, \"job\"]` is malformed",
+    R.INVALID_PREVIOUS_JOB: 'the previous-round link `["i", <id>, "job"]` is malformed',
     R.INVALID_PARAM: "a `param` tag is malformed (arity, name charset, value), or too many",
     R.DUPLICATE_PARAM: "two `param` tags share a name",
     R.MISSING_BID: "no `bid` tag",
@@ -169,7 +170,7 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.FEES_EXCEED_BID: "escrow fee + validator fees >= bid: nothing left for providers",
     R.VALIDATOR_FEE_TOO_LOW: "a non-zero `validator_fee` below the escrow's `min_payout_msat`",
     R.REWARD_TOO_SMALL: "the smallest reward the job may pay (under `split`: the provider share divided among "
-                        "shards x `max_results_per_shard` results) is below the escrow's `min_payout_msat`",
+    "shards x `max_results_per_shard` results) is below the escrow's `min_payout_msat`",
     R.MISSING_DEADLINE: "no `deadline` tag",
     R.INVALID_DEADLINE: "the `deadline` tag is malformed",
     R.DEADLINE_PASSED: "the results deadline is not after `now`",
@@ -179,15 +180,15 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_MODE: "the mode is not `hold`, `custodial` or `auto`",
     R.MODE_NOT_OFFERED: "the requested mode is not among the escrow's `modes`",
     R.HOLD_WINDOW_EXCEEDED: "mode `hold` (or `auto` when only hold is offered) with a validation deadline "
-                            "more than `max_hold_seconds` after `now`",
+    "more than `max_hold_seconds` after `now`",
     R.EXPIRES_BEFORE_DEADLINE: "the NIP-40 `expiration` is before the validation deadline: relays would drop the "
-                               "request while providers and validators still need it",
+    "request while providers and validators still need it",
     R.INVALID_REFUND: "the `refund` destination is neither a lud16 address nor an lnurl",
     R.INVALID_PROVIDER: "a provider `p` tag is malformed",
     R.DUPLICATE_PROVIDER: "a provider is named twice",
     R.TOO_MANY_PROVIDERS: "more provider `p` tags than the limit",
     R.PROVIDER_CONFLICT: "a named provider (a `p` tag or a shard's recipient) is the customer, "
-                         "the escrow or a validator",
+    "the escrow or a validator",
     R.WRONG_JOB: "the result's `e` tag is not this job's id",
     R.WRONG_CUSTOMER: "the result's `p` tag is not this job's customer",
     R.SIGNER_IS_CUSTOMER: "the result is signed by the customer",

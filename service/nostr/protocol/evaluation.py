@@ -8,6 +8,7 @@ write; the design reference's *order* form (first ``e`` = evaluation request, se
 sha256 equal to the result's, before the validation deadline, first score of that
 validator for that result) is the engine's rule: it needs the stored request and results.
 """
+
 from __future__ import annotations
 
 import re
@@ -103,16 +104,28 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
     if _METRIC.fullmatch(metric) is None:
         raise CodecError(R.INVALID_METRIC, "metric must match [A-Za-z0-9_.:@/+-]{1,64}")
     deadline = parse_timestamp(_read_param(tags, "deadline"), R.INVALID_DEADLINE, "validation deadline")
-    return EvaluationRequest(job_id=job.id, candidates=tuple(candidates), validators=tuple(validators),
-                             metric=metric, deadline=deadline, job_relay=job.relay)
+    return EvaluationRequest(
+        job_id=job.id,
+        candidates=tuple(candidates),
+        validators=tuple(validators),
+        metric=metric,
+        deadline=deadline,
+        job_relay=job.relay,
+    )
 
 
 def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVALUATION_REQUEST) -> Template:
     tags: list[Tag] = [event_tag(request.job_id, request.job_relay)]
     for candidate in request.candidates:
         parse_hex64(candidate.result_id, R.INVALID_CANDIDATE, "candidate result id")
-        tags.append(("i", candidate.result_id, "event",
-                     parse_relay_hint(candidate.relay, R.INVALID_CANDIDATE, "candidate relay hint")))
+        tags.append(
+            (
+                "i",
+                candidate.result_id,
+                "event",
+                parse_relay_hint(candidate.relay, R.INVALID_CANDIDATE, "candidate relay hint"),
+            )
+        )
     tags += [pubkey_tag(validator) for validator in request.validators]
     tags.append(("param", "metric", request.metric))
     tags.append(("param", "deadline", format_timestamp(request.deadline, R.INVALID_DEADLINE, "deadline")))
@@ -155,8 +168,9 @@ def _read_score(tag: Tag) -> Score:
     return Score(result_id, decimal, sha256)
 
 
-def parse_evaluation_result(event: Event, *, escrow_pubkey: str | None = None,
-                            kind: int = KIND_EVALUATION_RESULT) -> EvaluationResult:
+def parse_evaluation_result(
+    event: Event, *, escrow_pubkey: str | None = None, kind: int = KIND_EVALUATION_RESULT
+) -> EvaluationResult:
     """A validator's scores. ``escrow_pubkey``, if given, must be the ``p`` tag (else ``not_for_us``)."""
     expect_kind(event, kind)
     tags = event.tags
@@ -174,19 +188,40 @@ def parse_evaluation_result(event: Event, *, escrow_pubkey: str | None = None,
         scores.append(score)
     if not scores:
         raise CodecError(R.MISSING_SCORES, "no 'score' tag")
-    return EvaluationResult(id=event.id, validator=event.pubkey, created_at=event.created_at,
-                            request_id=refs["request"].id, job_id=refs["job"].id, escrow=escrow,
-                            scores=tuple(scores))
+    return EvaluationResult(
+        id=event.id,
+        validator=event.pubkey,
+        created_at=event.created_at,
+        request_id=refs["request"].id,
+        job_id=refs["job"].id,
+        escrow=escrow,
+        scores=tuple(scores),
+    )
 
 
-def build_evaluation_result(*, request_id: str, job_id: str, escrow: str, scores: tuple[Score, ...],
-                            request_relay: str = "", job_relay: str = "", content: str = "",
-                            kind: int = KIND_EVALUATION_RESULT) -> Template:
-    tags: list[Tag] = [event_tag(request_id, request_relay, "request"), event_tag(job_id, job_relay, "job"),
-                       pubkey_tag(escrow)]
+def build_evaluation_result(
+    *,
+    request_id: str,
+    job_id: str,
+    escrow: str,
+    scores: tuple[Score, ...],
+    request_relay: str = "",
+    job_relay: str = "",
+    content: str = "",
+    kind: int = KIND_EVALUATION_RESULT,
+) -> Template:
+    tags: list[Tag] = [
+        event_tag(request_id, request_relay, "request"),
+        event_tag(job_id, job_relay, "job"),
+        pubkey_tag(escrow),
+    ]
     for score in scores:
-        tag: Tag = ("score", score.result_id, format_decimal(score.value, R.INVALID_SCORE_VALUE, "score"),
-                    score.model_sha256)
+        tag: Tag = (
+            "score",
+            score.result_id,
+            format_decimal(score.value, R.INVALID_SCORE_VALUE, "score"),
+            score.model_sha256,
+        )
         if any(type(item) is not str for item in tag):
             raise TypeError("score result id and sha256 must be strings")
         tags.append(tag)
@@ -195,4 +230,3 @@ def build_evaluation_result(*, request_id: str, job_id: str, escrow: str, scores
     result = template(kind, tags, content)
     parse_evaluation_result(placeholder_event(result), kind=kind)
     return result
-

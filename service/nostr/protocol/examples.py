@@ -10,6 +10,7 @@ regenerates both blocks and compares them with the file. To refresh the file::
 (the example BOLT11 invoices are real regtest invoices signed by fixed node keys,
 built with the ``bolt11`` package, which is imported only here.)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,8 +76,15 @@ def sign_reproducibly(secret: SecretKey, tmpl: Template, created_at: int) -> Eve
     """``sign_event`` with zero BIP-340 aux randomness: same input, same signature (docs only)."""
     event_id = compute_id(secret.public_key_hex, created_at, tmpl.kind, tmpl.tags, tmpl.content)
     sig = coincurve.PrivateKey(secret.secret_bytes).sign_schnorr(bytes.fromhex(event_id), bytes(32))
-    event = Event(id=event_id, pubkey=secret.public_key_hex, created_at=created_at, kind=tmpl.kind,
-                  tags=tmpl.tags, content=tmpl.content, sig=sig.hex())
+    event = Event(
+        id=event_id,
+        pubkey=secret.public_key_hex,
+        created_at=created_at,
+        kind=tmpl.kind,
+        tags=tmpl.tags,
+        content=tmpl.content,
+        sig=sig.hex(),
+    )
     return verify_event(event, now=created_at)
 
 
@@ -96,9 +104,17 @@ def regtest_invoice(node_role: str, amount_msat: int, payment_hash: str, memo: s
 
 
 EXAMPLE_TERMS = EscrowTerms(
-    fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=1_000_000, max_bid_msat=10_000_000_000,
-    max_validators=9, max_shards=32, min_results_window_s=600, max_job_duration_s=30 * 86_400,
-    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=3 * 86_400,
+    fee_base_msat=1_000,
+    fee_ppm=10_000,
+    min_bid_msat=1_000_000,
+    max_bid_msat=10_000_000_000,
+    max_validators=9,
+    max_shards=32,
+    min_results_window_s=600,
+    max_job_duration_s=30 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=3 * 86_400,
 )
 
 
@@ -116,105 +132,224 @@ def example_events() -> list[Example]:
     E, C = escrow.public_key_hex, customer.public_key_hex
     out: list[Example] = []
 
-    announcement = Announcement(d="fedstr-escrow", name="FEDSTR escrow (regtest example)",
-                                about="Holds training bids in Lightning escrow; pays on validator evidence.",
-                                terms=EXAMPLE_TERMS)
-    out.append(Example("Announcement", "§1 kind 31990", sign_reproducibly(escrow, build_announcement(announcement), T0)))
+    announcement = Announcement(
+        d="fedstr-escrow",
+        name="FEDSTR escrow (regtest example)",
+        about="Holds training bids in Lightning escrow; pays on validator evidence.",
+        terms=EXAMPLE_TERMS,
+    )
+    out.append(
+        Example("Announcement", "§1 kind 31990", sign_reproducibly(escrow, build_announcement(announcement), T0))
+    )
 
     spec = JobSpec(
-        escrow=E, escrow_relay=RELAY, bid_msat=50_000_000,
-        shards=(Shard(index=0, url="https://data.example.org/mnist/shard-0.npz"),
-                Shard.for_provider(customer, bob.public_key_hex, 1, "https://data.example.org/mnist/shard-1.npz",
-                                   nonce=bytes.fromhex(_hash("example nonce")))),
-        params=(("model", "https://models.example.org/cnn-small.onnx"),
-                ("model_sha256", _hash("initial model")), ("epochs", "5")),
+        escrow=E,
+        escrow_relay=RELAY,
+        bid_msat=50_000_000,
+        shards=(
+            Shard(index=0, url="https://data.example.org/mnist/shard-0.npz"),
+            Shard.for_provider(
+                customer,
+                bob.public_key_hex,
+                1,
+                "https://data.example.org/mnist/shard-1.npz",
+                nonce=bytes.fromhex(_hash("example nonce")),
+            ),
+        ),
+        params=(
+            ("model", "https://models.example.org/cnn-small.onnx"),
+            ("model_sha256", _hash("initial model")),
+            ("epochs", "5"),
+        ),
         validators=(v1.public_key_hex, v2.public_key_hex),
         validation=Validation("accuracy", Direction.MAX, Decimal("0.85"), 2),
-        payout=PayoutPolicy.SPLIT, validator_fee_msat=500_000,
-        results_deadline=T0 + 3_600, validation_deadline=T0 + 7_200, mode=Mode.AUTO,
-        refund="customer@wallet.example.org", expiration=T0 + 90_000, relays=(RELAY,),
+        payout=PayoutPolicy.SPLIT,
+        validator_fee_msat=500_000,
+        results_deadline=T0 + 3_600,
+        validation_deadline=T0 + 7_200,
+        mode=Mode.AUTO,
+        refund="customer@wallet.example.org",
+        expiration=T0 + 90_000,
+        relays=(RELAY,),
         previous_job=_hash("round 1 job"),
     )
     job_event = sign_reproducibly(customer, build_job_request(spec, customer=C), T0)
-    out.append(Example("Job request (round 2 of a federated run; shard 1 private to Bob)", "§2 kind 5701",
-                       job_event))
+    out.append(Example("Job request (round 2 of a federated run; shard 1 private to Bob)", "§2 kind 5701", job_event))
     job = parse_job_request(job_event, escrow_pubkey=E, terms=EXAMPLE_TERMS, now=T0 + 5)
 
-    bad_spec = JobSpec(escrow=E, bid_msat=1_000, shards=spec.shards[:1], validation=spec.validation,
-                       payout=PayoutPolicy.BEST, results_deadline=T0 + 3_600, validation_deadline=T0 + 7_200,
-                       validators=spec.validators)
+    bad_spec = JobSpec(
+        escrow=E,
+        bid_msat=1_000,
+        shards=spec.shards[:1],
+        validation=spec.validation,
+        payout=PayoutPolicy.BEST,
+        results_deadline=T0 + 3_600,
+        validation_deadline=T0 + 7_200,
+        validators=spec.validators,
+    )
     bad_event = sign_reproducibly(customer, build_job_request(bad_spec), T0 + 10)
     try:
         parse_job_request(bad_event, escrow_pubkey=E, terms=EXAMPLE_TERMS, now=T0 + 10)
         raise AssertionError("the bad example request was accepted")
     except CodecError as error:
         rejection = build_rejection(bad_event, error)
-    out.append(Example("Rejection of a request whose bid is below the minimum", "§2 kind 7000",
-                       sign_reproducibly(escrow, rejection, T0 + 11)))
+    out.append(
+        Example(
+            "Rejection of a request whose bid is below the minimum",
+            "§2 kind 7000",
+            sign_reproducibly(escrow, rejection, T0 + 11),
+        )
+    )
 
     offer_hash = _hash("escrow preimage for the example job")
-    offer = EscrowOffer(job_id=job.id, customer=C, amount_msat=job.split.bid_msat, mode=Mode.HOLD,
-                        bolt11=regtest_invoice("escrow", job.split.bid_msat, offer_hash,
-                                               "fedstr escrow: example job", T0 + 5), job_relay=RELAY)
+    offer = EscrowOffer(
+        job_id=job.id,
+        customer=C,
+        amount_msat=job.split.bid_msat,
+        mode=Mode.HOLD,
+        bolt11=regtest_invoice("escrow", job.split.bid_msat, offer_hash, "fedstr escrow: example job", T0 + 5),
+        job_relay=RELAY,
+    )
     out.append(Example("Escrow offer", "§3 kind 7000", sign_reproducibly(escrow, build_escrow_offer(offer), T0 + 5)))
     funded = Funded(job_id=job.id, customer=C, amount_msat=job.split.bid_msat, job_relay=RELAY)
     out.append(Example("Funded", "§4 kind 7000", sign_reproducibly(escrow, build_funded(funded), T0 + 60)))
 
     each = whole_sats(split_shares(job.split.provider_share_msat, 2)[0])
     model_a = ModelRef("https://models.example.org/alice/round2.onnx", _hash("alice model"), 4_718_592)
-    result_a = sign_reproducibly(alice, build_result(job, shard_index=0, model=model_a, job_relay=RELAY,
-                                                     payout_address=PayoutAddress("lud16", "alice@pay.example.org")),
-                                 T0 + 1_800)
+    result_a = sign_reproducibly(
+        alice,
+        build_result(
+            job,
+            shard_index=0,
+            model=model_a,
+            job_relay=RELAY,
+            payout_address=PayoutAddress("lud16", "alice@pay.example.org"),
+        ),
+        T0 + 1_800,
+    )
     out.append(Example("Result (payout to a lud16 address)", "§5 kind 6701", result_a))
     model_b = ModelRef("https://models.example.org/bob/round2.onnx", _hash("bob model"), 4_718_592)
     bob_invoice = Invoice(each, regtest_invoice("bob", each, _hash("bob preimage"), "reward", T0 + 1_900))
-    result_b = sign_reproducibly(bob, build_result(job, shard_index=1, model=model_b, invoice=bob_invoice),
-                                 T0 + 1_900)
+    result_b = sign_reproducibly(bob, build_result(job, shard_index=1, model=model_b, invoice=bob_invoice), T0 + 1_900)
     out.append(Example("Result for the private shard (payout to its own BOLT11)", "§5 kind 6701", result_b))
 
-    request = EvaluationRequest(job_id=job.id, candidates=(Candidate(result_a.id, RELAY), Candidate(result_b.id, RELAY)),
-                                validators=job.validators, metric="accuracy", deadline=job.spec.validation_deadline,
-                                job_relay=RELAY)
+    request = EvaluationRequest(
+        job_id=job.id,
+        candidates=(Candidate(result_a.id, RELAY), Candidate(result_b.id, RELAY)),
+        validators=job.validators,
+        metric="accuracy",
+        deadline=job.spec.validation_deadline,
+        job_relay=RELAY,
+    )
     request_event = sign_reproducibly(escrow, build_evaluation_request(request), T0 + 3_600)
     out.append(Example("Evaluation request", "§6 kind 5702", request_event))
-    scores = (Score(result_a.id, Decimal("0.912"), model_a.sha256), Score(result_b.id, Decimal("0.884"), model_b.sha256))
-    evaluation = build_evaluation_result(request_id=request_event.id, job_id=job.id, escrow=E, scores=scores,
-                                         request_relay=RELAY, job_relay=RELAY)
+    scores = (
+        Score(result_a.id, Decimal("0.912"), model_a.sha256),
+        Score(result_b.id, Decimal("0.884"), model_b.sha256),
+    )
+    evaluation = build_evaluation_result(
+        request_id=request_event.id, job_id=job.id, escrow=E, scores=scores, request_relay=RELAY, job_relay=RELAY
+    )
     out.append(Example("Evaluation result (scores)", "§6 kind 6702", sign_reproducibly(v1, evaluation, T0 + 4_000)))
 
-    complete = ValidationComplete(job_id=job.id, customer=C, job_relay=RELAY, verdicts=(
-        Verdict(result_a.id, True, Decimal("0.9085"), each), Verdict(result_b.id, True, Decimal("0.8795"), each)))
-    out.append(Example("Validation complete", "§6 kind 7000",
-                       sign_reproducibly(escrow, build_validation_complete(complete), T0 + 7_200)))
-    claimable = RewardClaimable(job_id=job.id, payee=alice.public_key_hex, amount_msat=each, earned_by=result_a.id,
-                                job_relay=RELAY)
-    out.append(Example("Reward claimable", "§7 kind 7000",
-                       sign_reproducibly(escrow, build_reward_claimable(claimable), T0 + 7_210)))
-    again = RewardClaimable(job_id=job.id, payee=alice.public_key_hex, amount_msat=each, earned_by=result_a.id,
-                            job_relay=RELAY, reason="invoice_expired")
-    out.append(Example("Reward claimable again, with the reason the last invoice was refused", "§7 kind 7000",
-                       sign_reproducibly(escrow, build_reward_claimable(again), T0 + 7_250)))
+    complete = ValidationComplete(
+        job_id=job.id,
+        customer=C,
+        job_relay=RELAY,
+        verdicts=(
+            Verdict(result_a.id, True, Decimal("0.9085"), each),
+            Verdict(result_b.id, True, Decimal("0.8795"), each),
+        ),
+    )
+    out.append(
+        Example(
+            "Validation complete",
+            "§6 kind 7000",
+            sign_reproducibly(escrow, build_validation_complete(complete), T0 + 7_200),
+        )
+    )
+    claimable = RewardClaimable(
+        job_id=job.id, payee=alice.public_key_hex, amount_msat=each, earned_by=result_a.id, job_relay=RELAY
+    )
+    out.append(
+        Example(
+            "Reward claimable", "§7 kind 7000", sign_reproducibly(escrow, build_reward_claimable(claimable), T0 + 7_210)
+        )
+    )
+    again = RewardClaimable(
+        job_id=job.id,
+        payee=alice.public_key_hex,
+        amount_msat=each,
+        earned_by=result_a.id,
+        job_relay=RELAY,
+        reason="invoice_expired",
+    )
+    out.append(
+        Example(
+            "Reward claimable again, with the reason the last invoice was refused",
+            "§7 kind 7000",
+            sign_reproducibly(escrow, build_reward_claimable(again), T0 + 7_250),
+        )
+    )
     alice_hash = _hash("alice preimage")
-    payee_invoice = build_payee_invoice(job_id=job.id, escrow=E, amount_msat=each, job_relay=RELAY,
-                                        bolt11=regtest_invoice("alice", each, alice_hash, "reward", T0 + 7_300))
-    out.append(Example("Payee invoice (the provider asks to be paid)", "§7 kind 7000",
-                       sign_reproducibly(alice, payee_invoice, T0 + 7_300)))
+    payee_invoice = build_payee_invoice(
+        job_id=job.id,
+        escrow=E,
+        amount_msat=each,
+        job_relay=RELAY,
+        bolt11=regtest_invoice("alice", each, alice_hash, "reward", T0 + 7_300),
+    )
+    out.append(
+        Example(
+            "Payee invoice (the provider asks to be paid)",
+            "§7 kind 7000",
+            sign_reproducibly(alice, payee_invoice, T0 + 7_300),
+        )
+    )
     preimage = _hash("bob preimage")
-    paid = RewardPaid(job_id=job.id, earned_by=result_b.id, payee=bob.public_key_hex, job_relay=RELAY,
-                      payment=PaymentProof(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, each, 12))
-    out.append(Example("Reward paid (with the payment's preimage)", "§7 kind 7000",
-                       sign_reproducibly(escrow, build_reward_paid(paid), T0 + 7_400)))
-    refunded = Refunded(job_id=_hash("another job"), customer=C, reason=RefundReason.NO_QUORUM.value,
-                        amount_msat=20_000_000)
-    out.append(Example("Refunded (another job, no quorum)", "§8 kind 7000",
-                       sign_reproducibly(escrow, build_refunded(refunded), T0 + 9_000)))
-    deletion = build_deletion((_hash("an unfunded job"),), kinds=(KIND_JOB_REQUEST,), reason="cancelled before funding",
-                              escrow=escrow.public_key_hex)
-    out.append(Example("Deletion (cancels an unfunded job)", "NIP-09 kind 5",
-                       sign_reproducibly(customer, deletion, T0 + 9_100)))
+    paid = RewardPaid(
+        job_id=job.id,
+        earned_by=result_b.id,
+        payee=bob.public_key_hex,
+        job_relay=RELAY,
+        payment=PaymentProof(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, each, 12),
+    )
+    out.append(
+        Example(
+            "Reward paid (with the payment's preimage)",
+            "§7 kind 7000",
+            sign_reproducibly(escrow, build_reward_paid(paid), T0 + 7_400),
+        )
+    )
+    refunded = Refunded(
+        job_id=_hash("another job"), customer=C, reason=RefundReason.NO_QUORUM.value, amount_msat=20_000_000
+    )
+    out.append(
+        Example(
+            "Refunded (another job, no quorum)",
+            "§8 kind 7000",
+            sign_reproducibly(escrow, build_refunded(refunded), T0 + 9_000),
+        )
+    )
+    deletion = build_deletion(
+        (_hash("an unfunded job"),),
+        kinds=(KIND_JOB_REQUEST,),
+        reason="cancelled before funding",
+        escrow=escrow.public_key_hex,
+    )
+    out.append(
+        Example(
+            "Deletion (cancels an unfunded job)", "NIP-09 kind 5", sign_reproducibly(customer, deletion, T0 + 9_100)
+        )
+    )
     cancelled = Cancelled(job_id=_hash("an unfunded job"), customer=C, reason=CancelReason.DELETED.value)
-    out.append(Example("Cancelled (the escrow's answer to the deletion)", "§8 kind 7000",
-                       sign_reproducibly(escrow, build_cancelled(cancelled), T0 + 9_101)))
+    out.append(
+        Example(
+            "Cancelled (the escrow's answer to the deletion)",
+            "§8 kind 7000",
+            sign_reproducibly(escrow, build_cancelled(cancelled), T0 + 9_101),
+        )
+    )
     return out
 
 
@@ -227,6 +362,7 @@ def example_keys_markdown() -> str:
 
 def pretty_event(event: Event) -> str:
     """Pretty JSON with one tag per line (still valid JSON, equal to ``event.to_dict()``)."""
+
     def dump(value: object) -> str:
         return json.dumps(value, ensure_ascii=False)
 

@@ -18,6 +18,7 @@ error / cancelled: <code>       ``["escrow","cancelled",<code>]``          :clas
 error / <reason>: <message>     —                                          :class:`ErrorFeedback`
 ==============================  =========================================  ==========================
 """
+
 from __future__ import annotations
 
 import enum
@@ -81,9 +82,9 @@ class RefundReason(enum.StrEnum):
     NO_RESULTS = "no_results"
     NO_ACCEPTED_RESULT = "no_accepted_result"
     NO_QUORUM = "no_quorum"
-    HOLD_EXPIRED = "hold_expired"                       # the hold invoice was cancelled before release
-    OPERATOR = "operator"                               # an operator refunded the job by hand
-    PAID_AFTER_CANCEL = "paid_after_cancel"             # a custodial payment after the job was cancelled
+    HOLD_EXPIRED = "hold_expired"  # the hold invoice was cancelled before release
+    OPERATOR = "operator"  # an operator refunded the job by hand
+    PAID_AFTER_CANCEL = "paid_after_cancel"  # a custodial payment after the job was cancelled
     PAID_AFTER_OFFER_EXPIRED = "paid_after_offer_expired"
     PAID_AFTER_REQUEST_EXPIRED = "paid_after_request_expired"
 
@@ -212,8 +213,9 @@ class ErrorFeedback:
     job_relay: str = ""
 
 
-EscrowFeedback = (EscrowOffer | Funded | ValidationComplete | RewardClaimable | RewardPaid | Refunded
-                  | Cancelled | ErrorFeedback)
+EscrowFeedback = (
+    EscrowOffer | Funded | ValidationComplete | RewardClaimable | RewardPaid | Refunded | Cancelled | ErrorFeedback
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +289,7 @@ def _finish(tags: list[Tag], parser: object, body: object) -> Template:
 
 
 def _code_and_text(info: str, prefix: str = "") -> tuple[str, str]:
-    code, sep, message = info[len(prefix):].partition(": ")
+    code, sep, message = info[len(prefix) :].partition(": ")
     if _CODE.fullmatch(code) is None:
         raise CodecError(R.INVALID_STATUS, "status info must be '<code>: <message>' with code [a-z0-9_]{1,64}")
     return code, message if sep else ""
@@ -308,14 +310,19 @@ def parse_escrow_offer(event: Event) -> EscrowOffer:
     amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=True)
     assert bolt11 is not None
     job_id, relay, customer = _job_and_addressee(tags)
-    return EscrowOffer(job_id=job_id, customer=customer, amount_msat=amount_msat, bolt11=bolt11,
-                       mode=Mode(mode), job_relay=relay)
+    return EscrowOffer(
+        job_id=job_id, customer=customer, amount_msat=amount_msat, bolt11=bolt11, mode=Mode(mode), job_relay=relay
+    )
 
 
 def build_escrow_offer(offer: EscrowOffer) -> Template:
-    tags = [_status_tag("payment-required", INFO_OFFER), amount_tag(offer.amount_msat, offer.bolt11),
-            event_tag(offer.job_id, offer.job_relay), pubkey_tag(offer.customer),
-            ("escrow", "awaiting-funding", str(offer.mode))]
+    tags = [
+        _status_tag("payment-required", INFO_OFFER),
+        amount_tag(offer.amount_msat, offer.bolt11),
+        event_tag(offer.job_id, offer.job_relay),
+        pubkey_tag(offer.customer),
+        ("escrow", "awaiting-funding", str(offer.mode)),
+    ]
     return _finish(tags, parse_escrow_offer, offer)
 
 
@@ -332,9 +339,12 @@ def parse_funded(event: Event) -> Funded:
 
 
 def build_funded(funded: Funded) -> Template:
-    tags = [_status_tag("processing", INFO_FUNDED),
-            ("escrow", "funded", format_msat(funded.amount_msat, R.INVALID_ESCROW_STATE, "funded amount")),
-            event_tag(funded.job_id, funded.job_relay), pubkey_tag(funded.customer)]
+    tags = [
+        _status_tag("processing", INFO_FUNDED),
+        ("escrow", "funded", format_msat(funded.amount_msat, R.INVALID_ESCROW_STATE, "funded amount")),
+        event_tag(funded.job_id, funded.job_relay),
+        pubkey_tag(funded.customer),
+    ]
     return _finish(tags, parse_funded, funded)
 
 
@@ -386,8 +396,12 @@ def _verdict_tag(verdict: Verdict) -> Tag:
 
 
 def build_validation_complete(complete: ValidationComplete) -> Template:
-    tags = [_status_tag("success", INFO_VALIDATION_COMPLETE), event_tag(complete.job_id, complete.job_relay),
-            pubkey_tag(complete.customer), *(_verdict_tag(v) for v in complete.verdicts)]
+    tags = [
+        _status_tag("success", INFO_VALIDATION_COMPLETE),
+        event_tag(complete.job_id, complete.job_relay),
+        pubkey_tag(complete.customer),
+        *(_verdict_tag(v) for v in complete.verdicts),
+    ]
     return _finish(tags, parse_validation_complete, complete)
 
 
@@ -405,8 +419,14 @@ def parse_reward_claimable(event: Event) -> RewardClaimable:
     refs = event_refs(tags, REWARD_ROLES, ("job",))
     payee, _ = single_pubkey_ref(tags)
     earned_by = refs["result"].id if "result" in refs else None
-    return RewardClaimable(job_id=refs["job"].id, payee=payee, amount_msat=amount_msat, earned_by=earned_by,
-                           job_relay=refs["job"].relay, reason=_read_reason(tags))
+    return RewardClaimable(
+        job_id=refs["job"].id,
+        payee=payee,
+        amount_msat=amount_msat,
+        earned_by=earned_by,
+        job_relay=refs["job"].relay,
+        reason=_read_reason(tags),
+    )
 
 
 def _read_reason(tags: Tags) -> str | None:
@@ -423,10 +443,13 @@ def build_reward_claimable(claimable: RewardClaimable) -> Template:
     if claimable.earned_by is None:
         refs = [event_tag(claimable.job_id, claimable.job_relay)]
     else:
-        refs = [event_tag(claimable.job_id, claimable.job_relay, "job"),
-                event_tag(claimable.earned_by, "", "result")]
-    tags = [_status_tag("success", INFO_REWARD_CLAIMABLE), amount_tag(claimable.amount_msat), *refs,
-            pubkey_tag(claimable.payee)]
+        refs = [event_tag(claimable.job_id, claimable.job_relay, "job"), event_tag(claimable.earned_by, "", "result")]
+    tags = [
+        _status_tag("success", INFO_REWARD_CLAIMABLE),
+        amount_tag(claimable.amount_msat),
+        *refs,
+        pubkey_tag(claimable.payee),
+    ]
     if claimable.reason is not None:
         tags.append(("reason", claimable.reason))
     return _finish(tags, parse_reward_claimable, claimable)
@@ -452,17 +475,30 @@ def parse_reward_paid(event: Event) -> RewardPaid:
     _expect_status(tags, "success", INFO_REWARD_PAID)
     refs = event_refs(tags, REWARD_ROLES, REWARD_ROLES)
     payee, _ = single_pubkey_ref(tags)
-    return RewardPaid(job_id=refs["job"].id, earned_by=refs["result"].id, payee=payee,
-                      payment=_read_payment(tags), job_relay=refs["job"].relay)
+    return RewardPaid(
+        job_id=refs["job"].id,
+        earned_by=refs["result"].id,
+        payee=payee,
+        payment=_read_payment(tags),
+        job_relay=refs["job"].relay,
+    )
 
 
 def build_reward_paid(paid: RewardPaid) -> Template:
     proof = paid.payment
-    tags = [_status_tag("success", INFO_REWARD_PAID), event_tag(paid.job_id, paid.job_relay, "job"),
-            event_tag(paid.earned_by, "", "result"), pubkey_tag(paid.payee),
-            ("payment", proof.payment_hash, proof.preimage,
-             format_msat(proof.amount_msat, R.INVALID_PAYMENT, "paid amount"),
-             format_msat(proof.fee_msat, R.INVALID_PAYMENT, "routing fee"))]
+    tags = [
+        _status_tag("success", INFO_REWARD_PAID),
+        event_tag(paid.job_id, paid.job_relay, "job"),
+        event_tag(paid.earned_by, "", "result"),
+        pubkey_tag(paid.payee),
+        (
+            "payment",
+            proof.payment_hash,
+            proof.preimage,
+            format_msat(proof.amount_msat, R.INVALID_PAYMENT, "paid amount"),
+            format_msat(proof.fee_msat, R.INVALID_PAYMENT, "routing fee"),
+        ),
+    ]
     return _finish(tags, parse_reward_paid, paid)
 
 
@@ -484,9 +520,12 @@ def parse_refunded(event: Event) -> Refunded:
 
 
 def build_refunded(refunded: Refunded) -> Template:
-    tags = [_status_tag("error", f"{REFUNDED_PREFIX}{refunded.reason}"),
-            ("escrow", "refunded", format_msat(refunded.amount_msat, R.INVALID_ESCROW_STATE, "refunded amount")),
-            event_tag(refunded.job_id, refunded.job_relay), pubkey_tag(refunded.customer)]
+    tags = [
+        _status_tag("error", f"{REFUNDED_PREFIX}{refunded.reason}"),
+        ("escrow", "refunded", format_msat(refunded.amount_msat, R.INVALID_ESCROW_STATE, "refunded amount")),
+        event_tag(refunded.job_id, refunded.job_relay),
+        pubkey_tag(refunded.customer),
+    ]
     return _finish(tags, parse_refunded, refunded)
 
 
@@ -507,8 +546,12 @@ def parse_cancelled(event: Event) -> Cancelled:
 
 
 def build_cancelled(cancelled: Cancelled) -> Template:
-    tags = [_status_tag("error", f"{CANCELLED_PREFIX}{cancelled.reason}"), ("escrow", "cancelled", cancelled.reason),
-            event_tag(cancelled.job_id, cancelled.job_relay), pubkey_tag(cancelled.customer)]
+    tags = [
+        _status_tag("error", f"{CANCELLED_PREFIX}{cancelled.reason}"),
+        ("escrow", "cancelled", cancelled.reason),
+        event_tag(cancelled.job_id, cancelled.job_relay),
+        pubkey_tag(cancelled.customer),
+    ]
     return _finish(tags, parse_cancelled, cancelled)
 
 
@@ -533,8 +576,11 @@ def parse_error_feedback(event: Event) -> ErrorFeedback:
 def build_error_feedback(error: ErrorFeedback) -> Template:
     if error.reason in _RESERVED_ERROR_CODES:
         raise CodecError(R.INVALID_STATUS, f"'{error.reason}' is a feedback of its own, not an error code")
-    tags = [_status_tag("error", f"{error.reason}: {error.message}"), event_tag(error.job_id, error.job_relay),
-            pubkey_tag(error.customer)]
+    tags = [
+        _status_tag("error", f"{error.reason}: {error.message}"),
+        event_tag(error.job_id, error.job_relay),
+        pubkey_tag(error.customer),
+    ]
     return _finish(tags, parse_error_feedback, error)
 
 
@@ -542,8 +588,11 @@ def build_rejection(job: Event, error: CodecError, *, job_relay: str = "") -> Te
     """The answer to a refused job request (never for ``not_for_us``, which is dropped silently)."""
     if error.reason is R.NOT_FOR_US:
         raise ValueError("requests for another escrow are ignored, not answered")
-    return build_error_feedback(ErrorFeedback(job_id=job.id, customer=job.pubkey, reason=error.reason.value,
-                                              message=error.message, job_relay=job_relay))
+    return build_error_feedback(
+        ErrorFeedback(
+            job_id=job.id, customer=job.pubkey, reason=error.reason.value, message=error.message, job_relay=job_relay
+        )
+    )
 
 
 # ----------------------------------------------------------------- dispatch
@@ -596,15 +645,23 @@ def parse_feedback(event: Event, *, escrow_pubkey: str | None = None) -> Feedbac
     assert amount is not None
     amount_msat, bolt11 = parse_amount_tag(amount, bolt11_required=True)
     assert bolt11 is not None
-    return Feedback(id=event.id, payee=event.pubkey, created_at=event.created_at, job_id=job.id, escrow=escrow,
-                    amount_msat=amount_msat, bolt11=bolt11, info=info)
+    return Feedback(
+        id=event.id,
+        payee=event.pubkey,
+        created_at=event.created_at,
+        job_id=job.id,
+        escrow=escrow,
+        amount_msat=amount_msat,
+        bolt11=bolt11,
+        info=info,
+    )
 
 
-def build_payee_invoice(*, job_id: str, escrow: str, amount_msat: int, bolt11: str, info: str = "",
-                        job_relay: str = "") -> Template:
+def build_payee_invoice(
+    *, job_id: str, escrow: str, amount_msat: int, bolt11: str, info: str = "", job_relay: str = ""
+) -> Template:
     status: Tag = ("status", "payment-required", info) if info else ("status", "payment-required")
     tags = [status, amount_tag(amount_msat, bolt11), event_tag(job_id, job_relay), pubkey_tag(escrow)]
     result = template(KIND_FEEDBACK, tags, "")
     parse_feedback(placeholder_event(result))
     return result
-

@@ -6,6 +6,7 @@ the value it formats, so a build function cannot write what the parse functions
 would refuse. Only ASCII digits count as digits (``str.isdigit`` and ``int()``
 accept other scripts, ``_`` separators and signs; they are never used on input).
 """
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,9 @@ def template(kind: int, tags: Iterable[Sequence[str]], content: str = "") -> Tem
 
 def placeholder_event(tmpl: Template) -> Event:
     """An unsigned stand-in around a template, so a builder can run its parser over what it wrote."""
-    return Event(id="0" * 64, pubkey="0" * 64, created_at=0, kind=tmpl.kind, tags=tmpl.tags,
-                 content=tmpl.content, sig="0" * 128)
+    return Event(
+        id="0" * 64, pubkey="0" * 64, created_at=0, kind=tmpl.kind, tags=tmpl.tags, content=tmpl.content, sig="0" * 128
+    )
 
 
 # ------------------------------------------------------------------------------ tags
@@ -151,8 +153,9 @@ def parse_hex64(text: str, reason: CodecErrorReason, what: str) -> str:
 def parse_decimal(text: str, reason: CodecErrorReason, what: str) -> Decimal:
     """A plain finite decimal: ``-?(0|[1-9][0-9]*)(\\.[0-9]+)?``, no exponent, at most 64 chars."""
     if len(text) > MAX_DECIMAL_CHARS or _DECIMAL.fullmatch(text) is None:
-        raise CodecError(reason, f"{what} must be a plain decimal such as 0.85 (at most "
-                                 f"{MAX_DECIMAL_CHARS} characters)")
+        raise CodecError(
+            reason, f"{what} must be a plain decimal such as 0.85 (at most {MAX_DECIMAL_CHARS} characters)"
+        )
     return Decimal(text)
 
 
@@ -160,17 +163,19 @@ def check_bounded(value: Decimal, reason: CodecErrorReason, what: str, places: i
     """``value`` (a parsed plain decimal) has at most :data:`SCORE_INT_DIGITS` digits before the
     point and ``places`` after it; else ``reason``."""
     sign, digits, exponent = value.as_tuple()
-    assert isinstance(exponent, int)   # finite: parse_decimal refuses NaN and Infinity
+    assert isinstance(exponent, int)  # finite: parse_decimal refuses NaN and Infinity
     fraction = max(0, -exponent)
     integer = max(0, len(digits) + exponent) if digits != (0,) else 0
     if fraction > places or integer > SCORE_INT_DIGITS:
-        raise CodecError(reason, f"{what} must have at most {SCORE_INT_DIGITS} digits before the point "
-                                 f"and {places} after it")
+        raise CodecError(
+            reason, f"{what} must have at most {SCORE_INT_DIGITS} digits before the point and {places} after it"
+        )
     return value
 
 
-def parse_bounded_decimal(text: str, reason: CodecErrorReason, what: str, *, shape: CodecErrorReason | None = None,
-                          places: int = SCORE_PLACES) -> Decimal:
+def parse_bounded_decimal(
+    text: str, reason: CodecErrorReason, what: str, *, shape: CodecErrorReason | None = None, places: int = SCORE_PLACES
+) -> Decimal:
     """A plain decimal (``shape`` reason when it is not one) within the score bounds (``reason``)."""
     return check_bounded(parse_decimal(text, shape or reason, what), reason, what, places)
 
@@ -235,8 +240,11 @@ def has_control(text: str) -> bool:
 
 def check_text(text: object, reason: CodecErrorReason, what: str, max_len: int, *, empty: bool = False) -> str:
     if type(text) is not str or len(text) > max_len or (not empty and not text) or has_control(text):
-        raise CodecError(reason, f"{what} must be {'' if empty else 'non-empty '}text of at most "
-                                 f"{max_len} characters without control characters")
+        raise CodecError(
+            reason,
+            f"{what} must be {'' if empty else 'non-empty '}text of at most "
+            f"{max_len} characters without control characters",
+        )
     return text
 
 
@@ -257,8 +265,7 @@ def single_pubkey_ref(tags: Tags) -> tuple[str, str]:
     return parse_pubkey_ref(tag)
 
 
-def pubkey_tag(pubkey: str, relay: str = "", reason: CodecErrorReason = R.INVALID_PUBKEY_REF,
-               name: str = "p") -> Tag:
+def pubkey_tag(pubkey: str, relay: str = "", reason: CodecErrorReason = R.INVALID_PUBKEY_REF, name: str = "p") -> Tag:
     parse_hex64(pubkey, reason, f"{name!r} pubkey")
     if type(relay) is not str:
         raise CodecError(reason, "relay hint must be a string")
@@ -300,9 +307,8 @@ def event_refs(tags: Tags, roles: Sequence[str], required: Sequence[str]) -> dic
             result[marker] = EventRef(event_id, relay)
     else:
         if len(parsed) > len(roles):
-            raise CodecError(R.AMBIGUOUS_EVENT_REFS,
-                             f"at most {len(roles)} unmarked 'e' tag(s) ({', '.join(roles)})")
-        for role, (event_id, relay, _) in zip(roles, parsed, strict=False):   # fewer refs than roles: fine
+            raise CodecError(R.AMBIGUOUS_EVENT_REFS, f"at most {len(roles)} unmarked 'e' tag(s) ({', '.join(roles)})")
+        for role, (event_id, relay, _) in zip(roles, parsed, strict=False):  # fewer refs than roles: fine
             result[role] = EventRef(event_id, relay)
     for role in required:
         if role not in result:

@@ -14,6 +14,7 @@ each reporting the first fault it meets:
 
 Unknown tag names are ignored (forward compatibility); the content is not read.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,18 @@ from .terms import (
 R = CodecErrorReason
 
 #: Tags a request may carry at most once (``relays`` too: NIP-90 has one list).
-SINGLE_TAGS = ("bid", "escrow", "validation", "payout", "deadline", "mode", "refund",
-               "validator_fee", "expiration", "relays")
+SINGLE_TAGS = (
+    "bid",
+    "escrow",
+    "validation",
+    "payout",
+    "deadline",
+    "mode",
+    "refund",
+    "validator_fee",
+    "expiration",
+    "relays",
+)
 MAX_PARAMS = 64
 MAX_PARAM_VALUE = 1024
 MAX_PROVIDERS = 256
@@ -251,9 +262,12 @@ def _read_validation(tags: Tags) -> Validation:
         raise CodecError(R.INVALID_METRIC, "metric must match [A-Za-z0-9_.:@/+-]{1,64}")
     if direction not in ("max", "min"):
         raise CodecError(R.INVALID_DIRECTION, "direction must be 'max' or 'min'")
-    return Validation(metric=metric, direction=Direction(direction),
-                      threshold=parse_bounded_decimal(threshold, R.INVALID_THRESHOLD, "threshold"),
-                      quorum=parse_uint(quorum, R.INVALID_QUORUM, "quorum", MAX_QUORUM))
+    return Validation(
+        metric=metric,
+        direction=Direction(direction),
+        threshold=parse_bounded_decimal(threshold, R.INVALID_THRESHOLD, "threshold"),
+        quorum=parse_uint(quorum, R.INVALID_QUORUM, "quorum", MAX_QUORUM),
+    )
 
 
 def _read_one(tags: Tags, name: str, reason: CodecErrorReason, missing: CodecErrorReason | None = None) -> str | None:
@@ -327,12 +341,23 @@ def read_job_spec(tags: Tags, escrow: str, escrow_relay: str = "") -> JobSpec:
     providers = _read_providers(tags, escrow)
     relays = _read_relays(tags)
     return JobSpec(
-        escrow=escrow, bid_msat=bid, shards=shards, validation=validation, payout=PayoutPolicy(payout),
-        results_deadline=results_deadline, validation_deadline=validation_deadline,
-        validators=validators, validator_fee_msat=validator_fee,
-        mode=Mode(mode) if mode is not None else Mode.AUTO, params=params, providers=providers,
-        refund=refund, expiration=nip40.expiration_from_tags(tags), relays=relays,
-        escrow_relay=escrow_relay, previous_job=previous,
+        escrow=escrow,
+        bid_msat=bid,
+        shards=shards,
+        validation=validation,
+        payout=PayoutPolicy(payout),
+        results_deadline=results_deadline,
+        validation_deadline=validation_deadline,
+        validators=validators,
+        validator_fee_msat=validator_fee,
+        mode=Mode(mode) if mode is not None else Mode.AUTO,
+        params=params,
+        providers=providers,
+        refund=refund,
+        expiration=nip40.expiration_from_tags(tags),
+        relays=relays,
+        escrow_relay=escrow_relay,
+        previous_job=previous,
     )
 
 
@@ -340,8 +365,10 @@ def check_roles(spec: JobSpec, customer: str | None) -> None:
     """Phase 3a: who is who. ``customer=None`` skips the checks that need the signer."""
     for validator in spec.validators:
         if validator == customer:
-            raise CodecError(R.VALIDATOR_IS_CUSTOMER, "the customer cannot be a named validator "
-                                                      "(name no validator to validate yourself)")
+            raise CodecError(
+                R.VALIDATOR_IS_CUSTOMER,
+                "the customer cannot be a named validator (name no validator to validate yourself)",
+            )
         if validator == spec.escrow:
             raise CodecError(R.VALIDATOR_IS_ESCROW, "the escrow cannot be a validator")
     limit = len(spec.validators) or 1
@@ -372,35 +399,46 @@ def check_terms(spec: JobSpec, terms: EscrowTerms, now: int) -> MoneySplit:
     if spec.results_deadline <= now:
         raise CodecError(R.DEADLINE_PASSED, "the results deadline has passed")
     if spec.results_deadline < now + terms.min_results_window_s:
-        raise CodecError(R.DEADLINE_TOO_SOON,
-                         f"the results deadline must be at least {terms.min_results_window_s}s away")
+        raise CodecError(
+            R.DEADLINE_TOO_SOON, f"the results deadline must be at least {terms.min_results_window_s}s away"
+        )
     if spec.validation_deadline > now + terms.max_job_duration_s:
-        raise CodecError(R.DEADLINE_TOO_FAR,
-                         f"the validation deadline must be at most {terms.max_job_duration_s}s away")
+        raise CodecError(
+            R.DEADLINE_TOO_FAR, f"the validation deadline must be at most {terms.max_job_duration_s}s away"
+        )
     hold_only = spec.mode is Mode.HOLD or (spec.mode is Mode.AUTO and terms.modes == {Mode.HOLD})
     if hold_only and spec.validation_deadline > now + terms.max_hold_seconds:
-        raise CodecError(R.HOLD_WINDOW_EXCEEDED,
-                         f"hold mode needs the validation deadline within {terms.max_hold_seconds}s")
+        raise CodecError(
+            R.HOLD_WINDOW_EXCEEDED, f"hold mode needs the validation deadline within {terms.max_hold_seconds}s"
+        )
     if spec.expiration is not None and spec.expiration < spec.validation_deadline:
         # Relays drop an expired event (NIP-40): providers and validators would no longer find
         # the request while the job still runs.
-        raise CodecError(R.EXPIRES_BEFORE_DEADLINE,
-                         "the request's NIP-40 expiration must not be before its validation deadline")
+        raise CodecError(
+            R.EXPIRES_BEFORE_DEADLINE, "the request's NIP-40 expiration must not be before its validation deadline"
+        )
     if spec.validator_fee_msat and spec.validator_fee_msat < terms.min_payout_msat:
-        raise CodecError(R.VALIDATOR_FEE_TOO_LOW,
-                         f"a validator fee must be 0 or at least {terms.min_payout_msat} msat")
-    split = money_split(spec.bid_msat, fee_base_msat=terms.fee_base_msat, fee_ppm=terms.fee_ppm,
-                        validator_fee_msat=spec.validator_fee_msat, validator_count=len(spec.validators))
+        raise CodecError(R.VALIDATOR_FEE_TOO_LOW, f"a validator fee must be 0 or at least {terms.min_payout_msat} msat")
+    split = money_split(
+        spec.bid_msat,
+        fee_base_msat=terms.fee_base_msat,
+        fee_ppm=terms.fee_ppm,
+        validator_fee_msat=spec.validator_fee_msat,
+        validator_count=len(spec.validators),
+    )
     most_rewards = len(spec.shards) * terms.max_results_per_shard if spec.payout is PayoutPolicy.SPLIT else 1
     if split.provider_share_msat // most_rewards < terms.min_payout_msat:
-        raise CodecError(R.REWARD_TOO_SMALL,
-                         f"the provider share split among up to {most_rewards} result(s) would pay less than "
-                         f"{terms.min_payout_msat} msat each: raise the bid or use fewer shards")
+        raise CodecError(
+            R.REWARD_TOO_SMALL,
+            f"the provider share split among up to {most_rewards} result(s) would pay less than "
+            f"{terms.min_payout_msat} msat each: raise the bid or use fewer shards",
+        )
     return split
 
 
-def parse_job_request(event: Event, *, escrow_pubkey: str, terms: EscrowTerms, now: int,
-                      kind: int = KIND_JOB_REQUEST) -> JobRequest:
+def parse_job_request(
+    event: Event, *, escrow_pubkey: str, terms: EscrowTerms, now: int, kind: int = KIND_JOB_REQUEST
+) -> JobRequest:
     """Check a signature-verified kind-5701 event against this escrow's key, terms and clock."""
     expect_kind(event, kind)
     escrow_relay = _read_escrow(event.tags, escrow_pubkey)
@@ -411,15 +449,17 @@ def parse_job_request(event: Event, *, escrow_pubkey: str, terms: EscrowTerms, n
     spec = read_job_spec(event.tags, escrow_pubkey, escrow_relay)
     check_roles(spec, event.pubkey)
     split = check_terms(spec, terms, now)
-    return JobRequest(id=event.id, customer=event.pubkey, created_at=event.created_at, kind=event.kind,
-                      spec=spec, split=split)
+    return JobRequest(
+        id=event.id, customer=event.pubkey, created_at=event.created_at, kind=event.kind, spec=spec, split=split
+    )
 
 
 # ----------------------------------------------------------------------------- build
 
 
-def build_job_request(spec: JobSpec, *, content: str = "", kind: int = KIND_JOB_REQUEST,
-                      customer: str | None = None) -> Template:
+def build_job_request(
+    spec: JobSpec, *, content: str = "", kind: int = KIND_JOB_REQUEST, customer: str | None = None
+) -> Template:
     """The customer's request. Refuses (``CodecError``) anything the escrow would refuse for its
     shape or roles; terms and deadlines vs the clock are the escrow's to judge.
     ``customer`` (the signer's pubkey), if given, enables the customer-role checks too."""
@@ -432,19 +472,29 @@ def build_job_request(spec: JobSpec, *, content: str = "", kind: int = KIND_JOB_
     tags.append(("escrow", spec.escrow, spec.escrow_relay) if spec.escrow_relay else ("escrow", spec.escrow))
     tags += [("validator", validator) for validator in spec.validators]
     validation = spec.validation
-    tags.append(("validation", validation.metric, str(validation.direction),
-                 format_decimal(validation.threshold, R.INVALID_THRESHOLD, "threshold"),
-                 format_uint(validation.quorum, R.INVALID_QUORUM, "quorum", MAX_QUORUM)))
+    tags.append(
+        (
+            "validation",
+            validation.metric,
+            str(validation.direction),
+            format_decimal(validation.threshold, R.INVALID_THRESHOLD, "threshold"),
+            format_uint(validation.quorum, R.INVALID_QUORUM, "quorum", MAX_QUORUM),
+        )
+    )
     tags.append(("payout", str(spec.payout)))
     if spec.validator_fee_msat:
-        tags.append(("validator_fee", format_msat(spec.validator_fee_msat, R.INVALID_VALIDATOR_FEE,
-                                                  "validator_fee")))
-    tags.append(("deadline", format_timestamp(spec.results_deadline, R.INVALID_DEADLINE, "results deadline"),
-                 format_timestamp(spec.validation_deadline, R.INVALID_DEADLINE, "validation deadline")))
+        tags.append(("validator_fee", format_msat(spec.validator_fee_msat, R.INVALID_VALIDATOR_FEE, "validator_fee")))
+    tags.append(
+        (
+            "deadline",
+            format_timestamp(spec.results_deadline, R.INVALID_DEADLINE, "results deadline"),
+            format_timestamp(spec.validation_deadline, R.INVALID_DEADLINE, "validation deadline"),
+        )
+    )
     tags.append(("mode", str(spec.mode)))
     if spec.refund is not None:
         tags.append(("refund", spec.refund))
-    tags.append(("p", spec.escrow))   # routing: the escrow subscribes to #p = its key
+    tags.append(("p", spec.escrow))  # routing: the escrow subscribes to #p = its key
     tags += [("p", provider) for provider in spec.providers]
     if spec.expiration is not None:
         tags.append(nip40.expiration_tag(spec.expiration))

@@ -1,4 +1,5 @@
 """The money split of a job (protocol.md §9): integer millisatoshis, exact, never negative."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,17 +24,22 @@ class MoneySplit:
         return self.validator_fee_msat * self.validator_count
 
 
-def money_split(bid_msat: int, *, fee_base_msat: int, fee_ppm: int, validator_fee_msat: int,
-                validator_count: int) -> MoneySplit:
+def money_split(
+    bid_msat: int, *, fee_base_msat: int, fee_ppm: int, validator_fee_msat: int, validator_count: int
+) -> MoneySplit:
     """``fee = fee_base + bid * fee_ppm // 1e6``; the providers get what is left, which must be > 0."""
     fee = fee_base_msat + bid_msat * fee_ppm // 1_000_000
     validators_total = validator_fee_msat * validator_count
     share = bid_msat - fee - validators_total
     if share <= 0:
-        raise CodecError(R.FEES_EXCEED_BID,
-                         "escrow fee plus validator fees leave nothing of the bid for providers")
-    return MoneySplit(bid_msat=bid_msat, fee_msat=fee, validator_fee_msat=validator_fee_msat,
-                      validator_count=validator_count, provider_share_msat=share)
+        raise CodecError(R.FEES_EXCEED_BID, "escrow fee plus validator fees leave nothing of the bid for providers")
+    return MoneySplit(
+        bid_msat=bid_msat,
+        fee_msat=fee,
+        validator_fee_msat=validator_fee_msat,
+        validator_count=validator_count,
+        provider_share_msat=share,
+    )
 
 
 MSAT_PER_SAT = 1_000

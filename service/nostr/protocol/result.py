@@ -6,6 +6,7 @@ signer may submit for that shard, the model reference, and the optional payout
 destination. It does not look at the clock or at other results: "before the
 results deadline" and "the provider's first valid result" are the engine's rules.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ def _read_payout(tag: Tag) -> PayoutAddress:
         return PayoutAddress(kind, address)
     if kind == "lnurl" and is_lnurl(address):
         return PayoutAddress(kind, address)
-    raise CodecError(R.INVALID_PAYOUT_DESTINATION,
-                     "payout must be ['payout','lud16',name@domain] or ['payout','lnurl',lnurl1…]")
+    raise CodecError(
+        R.INVALID_PAYOUT_DESTINATION, "payout must be ['payout','lud16',name@domain] or ['payout','lnurl',lnurl1…]"
+    )
 
 
 def parse_result(event: Event, job: JobRequest) -> JobResult:
@@ -147,22 +149,47 @@ def parse_result(event: Event, job: JobRequest) -> JobResult:
     request = single(tags, "request")
     if request is not None:
         arity(request, 2, 2, R.INVALID_EVENT_REF)
-    return JobResult(id=event.id, provider=signer, created_at=event.created_at, job_id=job.id,
-                     customer=customer, shard_index=index, model=model, payout_address=payout,
-                     invoice=invoice, content=event.content)
+    return JobResult(
+        id=event.id,
+        provider=signer,
+        created_at=event.created_at,
+        job_id=job.id,
+        customer=customer,
+        shard_index=index,
+        model=model,
+        payout_address=payout,
+        invoice=invoice,
+        content=event.content,
+    )
 
 
-def build_result(job: JobRequest, *, shard_index: int, model: ModelRef,
-                 payout_address: PayoutAddress | None = None, invoice: Invoice | None = None,
-                 content: str = "", job_relay: str = "", request: Event | None = None) -> Template:
+def build_result(
+    job: JobRequest,
+    *,
+    shard_index: int,
+    model: ModelRef,
+    payout_address: PayoutAddress | None = None,
+    invoice: Invoice | None = None,
+    content: str = "",
+    job_relay: str = "",
+    request: Event | None = None,
+) -> Template:
     """A provider's result for one shard of ``job`` (``request``: the job event, copied as NIP-90 does)."""
     shard = job.shard(shard_index) if type(shard_index) is int else None
     if shard is None:
         raise CodecError(R.UNKNOWN_SHARD, "the job has no shard with this index")
-    tags: list[Tag] = [event_tag(job.id, job_relay), pubkey_tag(job.customer), pubkey_tag(job.spec.escrow),
-                       shard.to_tag_unchecked()]
-    model_tag: Tag = ("model", model.url, model.sha256,
-                      format_uint(model.size_bytes, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES))
+    tags: list[Tag] = [
+        event_tag(job.id, job_relay),
+        pubkey_tag(job.customer),
+        pubkey_tag(job.spec.escrow),
+        shard.to_tag_unchecked(),
+    ]
+    model_tag: Tag = (
+        "model",
+        model.url,
+        model.sha256,
+        format_uint(model.size_bytes, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES),
+    )
     if any(type(item) is not str for item in model_tag):
         raise TypeError("model url and sha256 must be strings")
     _read_model(model_tag)

@@ -6,6 +6,7 @@ Private (our decision, protocol.md was silent): ``["i", <payload>, "nip44",
 NIP-44 v2 from the customer to that provider. The escrow cannot read it and does
 not need to: it checks the payload's shape, and the shard admits only that provider.
 """
+
 from __future__ import annotations
 
 import base64
@@ -38,8 +39,9 @@ def shard_label(index: int) -> str:
 def parse_shard_label(text: str) -> int:
     match = _SHARD_LABEL.fullmatch(text)
     if match is None:
-        raise CodecError(R.INVALID_SHARD_INDEX,
-                         f"shard label must be shard-<k> with k a canonical integer <= {MAX_SHARD_INDEX}")
+        raise CodecError(
+            R.INVALID_SHARD_INDEX, f"shard label must be shard-<k> with k a canonical integer <= {MAX_SHARD_INDEX}"
+        )
     return int(match.group(1))
 
 
@@ -101,11 +103,15 @@ class Shard:
         return ("i", str(self.url), "url", self.relay, self.label)
 
     @classmethod
-    def for_provider(cls, customer: SecretKey, provider_pubkey_hex: str, index: int, url: str,
-                     *, nonce: bytes | None = None) -> Shard:
+    def for_provider(
+        cls, customer: SecretKey, provider_pubkey_hex: str, index: int, url: str, *, nonce: bytes | None = None
+    ) -> Shard:
         """A private shard: ``url`` encrypted by ``customer`` to ``provider_pubkey_hex``."""
-        return cls(index=index, payload=encrypt_shard(customer, provider_pubkey_hex, url, nonce=nonce),
-                   provider=provider_pubkey_hex)
+        return cls(
+            index=index,
+            payload=encrypt_shard(customer, provider_pubkey_hex, url, nonce=nonce),
+            provider=provider_pubkey_hex,
+        )
 
 
 def parse_shard(tag: Tag) -> Shard:

@@ -2,6 +2,7 @@
 
 The kinds themselves are :mod:`service.nostr.kinds` (re-exported here for the codec's users).
 """
+
 from __future__ import annotations
 
 import enum
@@ -20,8 +21,18 @@ from service.nostr.kinds import (
 )
 
 __all__ = [
-    "KIND_ANNOUNCEMENT", "KIND_DELETION", "KIND_EVALUATION_REQUEST", "KIND_EVALUATION_RESULT", "KIND_FEEDBACK",
-    "KIND_JOB_REQUEST", "KIND_JOB_RESULT", "RESULT_KIND_OFFSET", "Direction", "EscrowTerms", "Mode", "Network",
+    "KIND_ANNOUNCEMENT",
+    "KIND_DELETION",
+    "KIND_EVALUATION_REQUEST",
+    "KIND_EVALUATION_RESULT",
+    "KIND_FEEDBACK",
+    "KIND_JOB_REQUEST",
+    "KIND_JOB_RESULT",
+    "RESULT_KIND_OFFSET",
+    "Direction",
+    "EscrowTerms",
+    "Mode",
+    "Network",
     "PayoutPolicy",
 ]
 
@@ -92,9 +103,20 @@ class EscrowTerms:
     routing_fee_ppm: int = 5_000
 
     def __post_init__(self) -> None:
-        for name in ("fee_base_msat", "fee_ppm", "min_bid_msat", "max_bid_msat", "max_validators",
-                     "max_shards", "min_results_window_s", "max_job_duration_s", "max_hold_seconds",
-                     "min_payout_msat", "max_results_per_shard", "routing_fee_ppm"):
+        for name in (
+            "fee_base_msat",
+            "fee_ppm",
+            "min_bid_msat",
+            "max_bid_msat",
+            "max_validators",
+            "max_shards",
+            "min_results_window_s",
+            "max_job_duration_s",
+            "max_hold_seconds",
+            "min_payout_msat",
+            "max_results_per_shard",
+            "routing_fee_ppm",
+        ):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer")
@@ -110,8 +132,7 @@ class EscrowTerms:
             raise ValueError("max_shards and max_validators must be at least 1")
         if self.max_job_duration_s <= self.min_results_window_s:
             raise ValueError("max_job_duration_s must exceed min_results_window_s")
-        if not isinstance(self.modes, frozenset) or not self.modes \
-                or not self.modes <= {Mode.HOLD, Mode.CUSTODIAL}:
+        if not isinstance(self.modes, frozenset) or not self.modes or not self.modes <= {Mode.HOLD, Mode.CUSTODIAL}:
             raise ValueError("modes must be a non-empty frozenset of Mode.HOLD / Mode.CUSTODIAL")
         if not isinstance(self.network, Network):
             raise ValueError("network must be a Network")

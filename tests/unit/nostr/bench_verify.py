@@ -6,6 +6,7 @@ Events look like wire traffic (two tags, ~250 bytes of content) and are verified
 from decoded JSON objects, once with every event by a different author (no hits in
 the parsed-public-key cache) and once with 20 repeat authors.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,9 @@ def _wire_events(count: int, authors: int) -> list[str]:
     keys = [SecretKey.generate() for _ in range(authors)]
     tags = [["e", "ab" * 32, "wss://relay.example"], ["p", "cd" * 32]]
     return [
-        sign_event(keys[i % authors], 1, tags, f"message {i} " + "lorem ipsum dolor sit amet " * 9,
-                   created_at=NOW).to_json()
+        sign_event(
+            keys[i % authors], 1, tags, f"message {i} " + "lorem ipsum dolor sit amet " * 9, created_at=NOW
+        ).to_json()
         for i in range(count)
     ]
 
@@ -37,8 +39,10 @@ def _rate(label: str, wire: list[str]) -> None:
     for obj in objects:
         verify_event(obj, now=NOW)
     elapsed = time.perf_counter() - start
-    print(f"{label:<40} verify_event: {len(objects) / elapsed:>8,.0f} events/s "
-          f"({elapsed / len(objects) * 1e6:.1f} us/event)")
+    print(
+        f"{label:<40} verify_event: {len(objects) / elapsed:>8,.0f} events/s "
+        f"({elapsed / len(objects) * 1e6:.1f} us/event)"
+    )
     _xonly_public_key.cache_clear()
     start = time.perf_counter()
     for text in wire:

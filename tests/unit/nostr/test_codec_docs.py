@@ -1,5 +1,6 @@
 """docs/protocol.md stays true: its generated blocks are what the codec produces today, and
 every example event in it verifies and parses."""
+
 from __future__ import annotations
 
 import json
@@ -51,7 +52,8 @@ def doc() -> str:
 @pytest.mark.parametrize("name", ["reasons", "examples"])
 def test_generated_blocks_are_current(doc, name):
     assert generated_block(name) in doc, (
-        "docs/protocol.md is stale: run python -m service.nostr.protocol.examples --update docs/protocol.md")
+        "docs/protocol.md is stale: run python -m service.nostr.protocol.examples --update docs/protocol.md"
+    )
 
 
 def test_update_is_idempotent(doc):
@@ -99,8 +101,16 @@ def test_every_documented_event_verifies_and_parses(doc):
             assert parse_deletion(event).author == event.pubkey
         else:  # pragma: no cover
             raise AssertionError(f"undocumented kind {event.kind}")
-    assert seen_bodies == {EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded,
-                           Cancelled, ErrorFeedback}
+    assert seen_bodies == {
+        EscrowOffer,
+        Funded,
+        ValidationComplete,
+        RewardClaimable,
+        RewardPaid,
+        Refunded,
+        Cancelled,
+        ErrorFeedback,
+    }
     assert {e.kind for e in events} == {31990, 5701, 6701, 5702, 6702, 7000, 5}
 
 

@@ -1,4 +1,5 @@
 """NIP-40 and the field primitives: what is accepted as well as what is refused."""
+
 from __future__ import annotations
 
 from decimal import Decimal
@@ -61,20 +62,49 @@ def test_bolt11_shapes_accepted(text):
     assert is_bolt11(text)
 
 
-@pytest.mark.parametrize("text", ["", "ln", "lnbc", "lnbc1", "lnbc1qqqqq", "LNbc1" + "q" * 50, "bc1" + "q" * 50,
-                                  "lnurl1" + "q" * 50, "lnbc1" + "b" * 50, "lnbc1" + "q" * 7090, "lnbc1qqqqqqq\n"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "ln",
+        "lnbc",
+        "lnbc1",
+        "lnbc1qqqqq",
+        "LNbc1" + "q" * 50,
+        "bc1" + "q" * 50,
+        "lnurl1" + "q" * 50,
+        "lnbc1" + "b" * 50,
+        "lnbc1" + "q" * 7090,
+        "lnbc1qqqqqqq\n",
+    ],
+)
 def test_bolt11_shapes_refused(text):
     assert not is_bolt11(text)
 
 
-@pytest.mark.parametrize("text", ["alice@example.com", "a.b-c_d+e@sub.example.org", "x@localhost",
-                                  "pay@127.0.0.1:8080", "z@host.onion"])
+@pytest.mark.parametrize(
+    "text", ["alice@example.com", "a.b-c_d+e@sub.example.org", "x@localhost", "pay@127.0.0.1:8080", "z@host.onion"]
+)
 def test_lud16_accepted(text):
     assert is_lud16(text)
 
 
-@pytest.mark.parametrize("text", ["Alice@example.com", "alice@Example.com", "alice", "@x.org", "a@", "a@b@c.org",
-                                  "a b@c.org", "a@c.org ", "ａ@c.org", "a" * 65 + "@c.org", "a@c.org:123456"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Alice@example.com",
+        "alice@Example.com",
+        "alice",
+        "@x.org",
+        "a@",
+        "a@b@c.org",
+        "a b@c.org",
+        "a@c.org ",
+        "ａ@c.org",
+        "a" * 65 + "@c.org",
+        "a@c.org:123456",
+    ],
+)
 def test_lud16_refused(text):
     assert not is_lud16(text)
 
@@ -85,15 +115,25 @@ def test_lnurl_accepted_in_either_case_but_not_mixed():
     assert not is_lnurl("LNURL1dp68gurn8ghj7um9") and not is_lnurl("lnurl1dp68") and not is_lnurl("lnurl1bbbbbbbb")
 
 
-@pytest.mark.parametrize("text", ["wss://relay.example.org", "ws://127.0.0.1:7777", "wss://[::1]:443/path",
-                                  "wss://relay.example.org/?a=b#c"])
+@pytest.mark.parametrize(
+    "text", ["wss://relay.example.org", "ws://127.0.0.1:7777", "wss://[::1]:443/path", "wss://relay.example.org/?a=b#c"]
+)
 def test_relay_urls_accepted(text):
     assert is_relay_url(text) and parse_relay_hint(text, R.INVALID_RELAY, "relay") == text
 
 
-@pytest.mark.parametrize("text", ["https://relay.example.org", "wss://", "WSS://relay.example.org",
-                                  "wss://relay example.org", "wss://rélay.example.org", "relay.example.org",
-                                  "wss://" + "a" * 510])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "https://relay.example.org",
+        "wss://",
+        "WSS://relay.example.org",
+        "wss://relay example.org",
+        "wss://rélay.example.org",
+        "relay.example.org",
+        "wss://" + "a" * 510,
+    ],
+)
 def test_relay_urls_refused(text):
     assert not is_relay_url(text)
     with pytest.raises(CodecError):
@@ -104,21 +144,39 @@ def test_empty_relay_hint_is_no_hint():
     assert parse_relay_hint("", R.INVALID_RELAY, "relay") == ""
 
 
-@pytest.mark.parametrize("text", ["https://x.example/a?b=c#d", "ipfs://bafy/x", "s3://bucket/key", "data:,x",
-                                  "magnet:?xt=urn:btih:abc"])
+@pytest.mark.parametrize(
+    "text", ["https://x.example/a?b=c#d", "ipfs://bafy/x", "s3://bucket/key", "data:,x", "magnet:?xt=urn:btih:abc"]
+)
 def test_urls_accepted(text):
     assert is_url(text)
 
 
-@pytest.mark.parametrize("text", ["", "x", "//x.example/a", "https://x.example/a b", "https://x.example/\t",
-                                  "https://ex\u00e4mple.org", "HTTPS://x.example", "1http://x"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "x",
+        "//x.example/a",
+        "https://x.example/a b",
+        "https://x.example/\t",
+        "https://ex\u00e4mple.org",
+        "HTTPS://x.example",
+        "1http://x",
+    ],
+)
 def test_urls_refused(text):
     assert not is_url(text)
 
 
-@pytest.mark.parametrize("text, value", [("0", Decimal(0)), ("-0.5", Decimal("-0.5")), ("0.850", Decimal("0.85")),
-                                         ("123456789012345678901234567890.123456789", Decimal(
-                                             "123456789012345678901234567890.123456789"))])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("0", Decimal(0)),
+        ("-0.5", Decimal("-0.5")),
+        ("0.850", Decimal("0.85")),
+        ("123456789012345678901234567890.123456789", Decimal("123456789012345678901234567890.123456789")),
+    ],
+)
 def test_decimals_are_exact(text, value):
     parsed = parse_decimal(text, R.INVALID_THRESHOLD, "threshold")
     assert parsed == value and str(parsed) == text
@@ -132,11 +190,15 @@ def test_shard_labels():
 
 
 def test_event_refs_order_and_marked_forms_agree():
-    marked = event_refs(((("e", h("b"), "", "job")), ("e", h("a"), "", "request")), ("request", "job"),
-                        ("request", "job"))
+    marked = event_refs(
+        ((("e", h("b"), "", "job")), ("e", h("a"), "", "request")), ("request", "job"), ("request", "job")
+    )
     ordered = event_refs((("e", h("a")), ("e", h("b"))), ("request", "job"), ("request", "job"))
-    assert {k: v.id for k, v in marked.items()} == {k: v.id for k, v in ordered.items()} == {
-        "request": h("a"), "job": h("b")}
+    assert (
+        {k: v.id for k, v in marked.items()}
+        == {k: v.id for k, v in ordered.items()}
+        == {"request": h("a"), "job": h("b")}
+    )
 
 
 # ----------------------------------------------------------------------- terms
@@ -144,10 +206,20 @@ def test_event_refs_order_and_marked_forms_agree():
 
 def test_terms_refuse_inconsistent_configuration():
     from dataclasses import replace
-    for changes in ({"fee_ppm": 1_000_001}, {"min_bid_msat": 0}, {"min_bid_msat": 10, "max_bid_msat": 5},
-                    {"modes": frozenset()}, {"modes": frozenset({Mode.AUTO})}, {"max_shards": 0},
-                    {"max_job_duration_s": 600}, {"fee_base_msat": -1}, {"fee_ppm": True},
-                    {"network": "regtest"}, {"max_hold_seconds": 0}):
+
+    for changes in (
+        {"fee_ppm": 1_000_001},
+        {"min_bid_msat": 0},
+        {"min_bid_msat": 10, "max_bid_msat": 5},
+        {"modes": frozenset()},
+        {"modes": frozenset({Mode.AUTO})},
+        {"max_shards": 0},
+        {"max_job_duration_s": 600},
+        {"fee_base_msat": -1},
+        {"fee_ppm": True},
+        {"network": "regtest"},
+        {"max_hold_seconds": 0},
+    ):
         with pytest.raises(ValueError):
             replace(TERMS, **changes)
     assert TERMS.offers(Mode.AUTO) and TERMS.offers(Mode.HOLD)
@@ -175,7 +247,10 @@ def test_nip44_shape_bounds_match_the_nip44_module():
     from service.nostr import nip44
     from service.nostr.protocol import shards
 
-    for ours, theirs in (("NIP44_MIN_PAYLOAD", "MIN_PAYLOAD"), ("NIP44_MAX_PAYLOAD", "MAX_PAYLOAD"),
-                         ("NIP44_VERSION", "VERSION")):
+    for ours, theirs in (
+        ("NIP44_MIN_PAYLOAD", "MIN_PAYLOAD"),
+        ("NIP44_MAX_PAYLOAD", "MAX_PAYLOAD"),
+        ("NIP44_VERSION", "VERSION"),
+    ):
         if hasattr(nip44, theirs):
             assert getattr(shards, ours) == getattr(nip44, theirs)

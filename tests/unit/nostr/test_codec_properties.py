@@ -1,4 +1,5 @@
 """Property tests: random valid jobs round-trip, the money split is exact, hostile tags never crash."""
+
 from __future__ import annotations
 
 import base64
@@ -46,15 +47,25 @@ R = CodecErrorReason
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 PROP_TERMS = EscrowTerms(
-    fee_base_msat=2_500, fee_ppm=25_000, min_bid_msat=10_000, max_bid_msat=MAX_MSAT,
-    max_validators=7, max_shards=12, min_results_window_s=60, max_job_duration_s=10 * 86_400,
-    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=10 * 86_400,
+    fee_base_msat=2_500,
+    fee_ppm=25_000,
+    min_bid_msat=10_000,
+    max_bid_msat=MAX_MSAT,
+    max_validators=7,
+    max_shards=12,
+    min_results_window_s=60,
+    max_job_duration_s=10 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=10 * 86_400,
 )
 
 hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
-url = st.builds(lambda host, path: f"https://{host}.example.org/{path}",
-                st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True),
-                st.from_regex(r"[A-Za-z0-9._~/%-]{0,60}", fullmatch=True))
+url = st.builds(
+    lambda host, path: f"https://{host}.example.org/{path}",
+    st.from_regex(r"[a-z0-9]{1,20}", fullmatch=True),
+    st.from_regex(r"[A-Za-z0-9._~/%-]{0,60}", fullmatch=True),
+)
 relay = st.sampled_from(["wss://relay.example.org", "ws://127.0.0.1:7777", "wss://nos.example.com/path?x=1"])
 
 
@@ -76,15 +87,16 @@ def shards(draw, recipients):
     return tuple(out)
 
 
-decimals = st.decimals(allow_nan=False, allow_infinity=False, min_value=-10**12, max_value=10**12, places=8)
+decimals = st.decimals(allow_nan=False, allow_infinity=False, min_value=-(10**12), max_value=10**12, places=8)
 
 
 @st.composite
 def job_specs(draw):
     # Validators and providers must be distinct keys (else: provider_conflict), so draw them from one pool.
     n_validators, n_providers = draw(st.integers(0, PROP_TERMS.max_validators)), draw(st.integers(0, 5))
-    pool = draw(st.lists(hex64, min_size=n_validators + n_providers + 1, max_size=n_validators + n_providers + 1,
-                         unique=True))
+    pool = draw(
+        st.lists(hex64, min_size=n_validators + n_providers + 1, max_size=n_validators + n_providers + 1, unique=True)
+    )
     validators, providers = tuple(pool[:n_validators]), tuple(pool[n_validators:-1])
     recipients = [*providers, pool[-1]]
     quorum = draw(st.integers(1, max(1, len(validators))))
@@ -94,7 +106,7 @@ def job_specs(draw):
     top_fee = (bid - fee - 1) // len(validators) if validators else 0
     validator_fee = 0
     if validators and top_fee >= PROP_TERMS.min_payout_msat and draw(st.booleans()):
-        validator_fee = draw(st.integers(PROP_TERMS.min_payout_msat, top_fee))   # 0 or at least the minimum
+        validator_fee = draw(st.integers(PROP_TERMS.min_payout_msat, top_fee))  # 0 or at least the minimum
     results = draw(st.integers(NOW + PROP_TERMS.min_results_window_s, NOW + PROP_TERMS.max_job_duration_s - 1))
     validation_deadline = draw(st.integers(results + 1, NOW + PROP_TERMS.max_job_duration_s))
     names = draw(st.lists(st.from_regex(r"[A-Za-z0-9_.:-]{1,64}", fullmatch=True), max_size=10, unique=True))
@@ -106,15 +118,37 @@ def job_specs(draw):
     rewards = len(shard_list) * PROP_TERMS.max_results_per_shard if policy is PayoutPolicy.SPLIT else 1
     assume((bid - fee - validator_fee * len(validators)) // rewards >= PROP_TERMS.min_payout_msat)
     return JobSpec(
-        escrow=E, escrow_relay=draw(st.one_of(st.just(""), relay)), bid_msat=bid, shards=shard_list,
-        validation=Validation(draw(st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True)),
-                              draw(st.sampled_from(Direction)), draw(decimals), quorum),
-        payout=policy, results_deadline=results,
-        validation_deadline=validation_deadline, validators=validators, validator_fee_msat=validator_fee,
-        mode=draw(st.sampled_from(Mode)), params=params, providers=providers,
-        refund=draw(st.sampled_from([None, "alice@pay.example.org", "bob+x@sub.example.com:8443",
-                                     "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0", "LNURL1DP68GURN8GHJ7"])),
-        expiration=draw(st.one_of(st.none(), st.integers(validation_deadline, 2**63 - 1))), relays=relays,
+        escrow=E,
+        escrow_relay=draw(st.one_of(st.just(""), relay)),
+        bid_msat=bid,
+        shards=shard_list,
+        validation=Validation(
+            draw(st.from_regex(r"[A-Za-z0-9_.:@/+-]{1,64}", fullmatch=True)),
+            draw(st.sampled_from(Direction)),
+            draw(decimals),
+            quorum,
+        ),
+        payout=policy,
+        results_deadline=results,
+        validation_deadline=validation_deadline,
+        validators=validators,
+        validator_fee_msat=validator_fee,
+        mode=draw(st.sampled_from(Mode)),
+        params=params,
+        providers=providers,
+        refund=draw(
+            st.sampled_from(
+                [
+                    None,
+                    "alice@pay.example.org",
+                    "bob+x@sub.example.com:8443",
+                    "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0",
+                    "LNURL1DP68GURN8GHJ7",
+                ]
+            )
+        ),
+        expiration=draw(st.one_of(st.none(), st.integers(validation_deadline, 2**63 - 1))),
+        relays=relays,
         previous_job=draw(st.one_of(st.none(), hex64)),
     )
 
@@ -133,8 +167,13 @@ def test_parse_of_build_is_identity_and_the_split_is_exact(spec):
 
 
 @SETTINGS
-@given(bid=st.integers(0, MAX_MSAT), base=st.integers(0, 10**9), ppm=st.integers(0, 1_000_000),
-       vfee=st.integers(0, MAX_MSAT), count=st.integers(0, 50))
+@given(
+    bid=st.integers(0, MAX_MSAT),
+    base=st.integers(0, 10**9),
+    ppm=st.integers(0, 1_000_000),
+    vfee=st.integers(0, MAX_MSAT),
+    count=st.integers(0, 50),
+)
 def test_money_split_sums_to_the_bid_or_refuses(bid, base, ppm, vfee, count):
     expected_fee = base + (bid * ppm) // 1_000_000
     try:
@@ -220,14 +259,75 @@ def test_result_round_trip_any_model_size(size, sha):
 
 tag_item = st.one_of(
     st.text(max_size=80),
-    st.sampled_from(["", "0", "-1", "01", "1e9", "NaN", "shard-0", "url", "nip44", "job", "event", "max", "min",
-                     "hold", "auto", "best", "split", "lud16", "lnurl", "request", "payment-required", "success",
-                     "error", "processing", "escrow", "awaiting-funding", "funded", "refunded", "no-quorum",
-                     "wss://r.example", "https://x.example/a", E, C, h("x"), "9" * 25]),
+    st.sampled_from(
+        [
+            "",
+            "0",
+            "-1",
+            "01",
+            "1e9",
+            "NaN",
+            "shard-0",
+            "url",
+            "nip44",
+            "job",
+            "event",
+            "max",
+            "min",
+            "hold",
+            "auto",
+            "best",
+            "split",
+            "lud16",
+            "lnurl",
+            "request",
+            "payment-required",
+            "success",
+            "error",
+            "processing",
+            "escrow",
+            "awaiting-funding",
+            "funded",
+            "refunded",
+            "no-quorum",
+            "wss://r.example",
+            "https://x.example/a",
+            E,
+            C,
+            h("x"),
+            "9" * 25,
+        ]
+    ),
 )
-tag_name = st.sampled_from(["i", "e", "p", "param", "bid", "escrow", "validator", "validation", "payout",
-                            "validator_fee", "deadline", "mode", "refund", "expiration", "relays", "model",
-                            "amount", "score", "status", "accepted", "rejected", "payment", "k", "d", "request"])
+tag_name = st.sampled_from(
+    [
+        "i",
+        "e",
+        "p",
+        "param",
+        "bid",
+        "escrow",
+        "validator",
+        "validation",
+        "payout",
+        "validator_fee",
+        "deadline",
+        "mode",
+        "refund",
+        "expiration",
+        "relays",
+        "model",
+        "amount",
+        "score",
+        "status",
+        "accepted",
+        "rejected",
+        "payment",
+        "k",
+        "d",
+        "request",
+    ]
+)
 hostile_tag = st.builds(lambda name, items: (name, *items), tag_name, st.lists(tag_item, max_size=6))
 
 
@@ -280,8 +380,12 @@ def test_huge_values_are_refused_not_overflowed():
             parse_msat(text, R.INVALID_BID, "bid")
         assert exc.value.reason is R.INVALID_BID
     spec = replace(base_spec(), expiration=2**63 - 1)
-    assert parse_job_request(sign(CUSTOMER, build_job_request(spec)), escrow_pubkey=E, terms=PROP_TERMS,
-                             now=NOW).spec.expiration == 2**63 - 1
+    assert (
+        parse_job_request(
+            sign(CUSTOMER, build_job_request(spec)), escrow_pubkey=E, terms=PROP_TERMS, now=NOW
+        ).spec.expiration
+        == 2**63 - 1
+    )
     huge = Decimal("9" * 40 + "." + "9" * 23)  # 64 characters: the longest plain decimal accepted
     assert parse_decimal(format_decimal(huge, R.INVALID_THRESHOLD, "t"), R.INVALID_THRESHOLD, "t") == huge
     with pytest.raises(CodecError):

@@ -4,6 +4,7 @@ Each case starts from a valid event built by the codec, changes one thing, and
 names the reason the change must produce. ``test_every_reason_has_a_case`` keeps
 the corpus complete when a reason code is added.
 """
+
 from __future__ import annotations
 
 import base64
@@ -119,10 +120,22 @@ def case(reason: CodecErrorReason, name: str, thunk: Callable[[], object]) -> No
 # ---------------------------------------------------------------- job request
 
 
-def job_case(reason: CodecErrorReason, name: str, mutation: Mutation, *, terms=TERMS, now=NOW,
-             kind: int | None = None, signer: str | None = None, tmpl: Template = JOB_TMPL) -> None:
-    case(reason, f"job-{name}",
-         lambda: parse_job(mutated(tmpl, mutation, kind=kind, pubkey=signer), terms=terms, now=now))
+def job_case(
+    reason: CodecErrorReason,
+    name: str,
+    mutation: Mutation,
+    *,
+    terms=TERMS,
+    now=NOW,
+    kind: int | None = None,
+    signer: str | None = None,
+    tmpl: Template = JOB_TMPL,
+) -> None:
+    case(
+        reason,
+        f"job-{name}",
+        lambda: parse_job(mutated(tmpl, mutation, kind=kind, pubkey=signer), terms=terms, now=now),
+    )
 
 
 def spec_case(reason: CodecErrorReason, name: str, terms=TERMS, now=NOW, **changes) -> None:
@@ -170,20 +183,30 @@ job_case(R.INVALID_SHARD, "url-with-unicode", shard_tag("https://dаta.example.o
 job_case(R.INVALID_SHARD, "url-with-newline", shard_tag("https://d.example.org/\n", "url", "", "shard-0"))
 job_case(R.INVALID_SHARD, "url-too-long", shard_tag("https://d.example.org/" + "a" * 2048, "url", "", "shard-0"))
 job_case(R.INVALID_SHARD, "four-items", shard_tag("https://d.example.org/s0", "url", "shard-0"))
-job_case(R.INVALID_SHARD, "http-relay-hint", shard_tag("https://d.example.org/s0", "url", "http://r.example", "shard-0"))
+job_case(
+    R.INVALID_SHARD, "http-relay-hint", shard_tag("https://d.example.org/s0", "url", "http://r.example", "shard-0")
+)
 job_case(R.INVALID_SHARD, "nip44-not-base64", shard_tag("%" * 200, "nip44", P1K, "shard-0"))
 job_case(R.INVALID_SHARD, "nip44-too-short", shard_tag("AgAA", "nip44", P1K, "shard-0"))
-job_case(R.INVALID_SHARD, "nip44-wrong-version",
-         shard_tag(base64.b64encode(b"\x01" + bytes(130)).decode(), "nip44", P1K, "shard-0"))
-job_case(R.INVALID_SHARD, "nip44-provider-uppercase",
-         shard_tag(PRIVATE_SHARD.payload, "nip44", P1K.upper(), "shard-0"))
+job_case(
+    R.INVALID_SHARD,
+    "nip44-wrong-version",
+    shard_tag(base64.b64encode(b"\x01" + bytes(130)).decode(), "nip44", P1K, "shard-0"),
+)
+job_case(R.INVALID_SHARD, "nip44-provider-uppercase", shard_tag(PRIVATE_SHARD.payload, "nip44", P1K.upper(), "shard-0"))
 for label in ("shard-01", "shard--1", "shard-1a", "Shard-1", "shard-١", "shard-1000000", "shard-", "0"):
     job_case(R.INVALID_SHARD_INDEX, f"label-{label!r}", shard_tag("https://d.example.org/s0", "url", "", label))
 job_case(R.DUPLICATE_SHARD, "index-0-twice", add(("i", "https://d.example.org/other", "url", "", "shard-0")))
-job_case(R.DUPLICATE_SHARD, "plain-and-private-same-index",
-         add(("i", PRIVATE_SHARD.payload, "nip44", P3.public_key_hex, "shard-0")))
-job_case(R.TOO_MANY_SHARDS, "nine-of-eight",
-         add(*[("i", f"https://d.example.org/{k}", "url", "", f"shard-{k}") for k in range(2, 9)]))
+job_case(
+    R.DUPLICATE_SHARD,
+    "plain-and-private-same-index",
+    add(("i", PRIVATE_SHARD.payload, "nip44", P3.public_key_hex, "shard-0")),
+)
+job_case(
+    R.TOO_MANY_SHARDS,
+    "nine-of-eight",
+    add(*[("i", f"https://d.example.org/{k}", "url", "", f"shard-{k}") for k in range(2, 9)]),
+)
 job_case(R.INVALID_PREVIOUS_JOB, "bad-id", add(("i", "round-1", "job")))
 job_case(R.INVALID_PREVIOUS_JOB, "bad-relay", add(("i", h("r"), "job", "nostr.example")))
 job_case(R.INVALID_PREVIOUS_JOB, "too-long", add(("i", h("r"), "job", "", "x")))
@@ -196,8 +219,25 @@ job_case(R.INVALID_PARAM, "value-too-long", add(("param", "lr", "1" * 1025)))
 job_case(R.INVALID_PARAM, "65-params", add(*[("param", f"p{k}", "1") for k in range(65)]))
 job_case(R.DUPLICATE_PARAM, "epochs-twice", add(("param", "epochs", "6")))
 job_case(R.MISSING_BID, "no-bid", drop("bid"))
-for bad in ("-1", "+1", " 1", "1 ", "01", "00", "1.0", "1e6", "", "１２３", "٣٠٠٠٠٠", "1_000", "0x10",
-            "2100000000000000001", "99999999999999999999", "NaN", "5000000\n"):
+for bad in (
+    "-1",
+    "+1",
+    " 1",
+    "1 ",
+    "01",
+    "00",
+    "1.0",
+    "1e6",
+    "",
+    "１２３",
+    "٣٠٠٠٠٠",
+    "1_000",
+    "0x10",
+    "2100000000000000001",
+    "99999999999999999999",
+    "NaN",
+    "5000000\n",
+):
     job_case(R.INVALID_BID, f"bid-{bad!r}", set_tag("bid", bad))
 job_case(R.INVALID_BID, "three-items", set_tag("bid", "50000000", "msat"))
 job_case(R.INVALID_BID, "no-value", set_tag("bid"))
@@ -210,8 +250,12 @@ job_case(R.INVALID_VALIDATOR, "short", add(("validator", V3.public_key_hex[:63])
 job_case(R.INVALID_VALIDATOR, "npub", add(("validator", "npub1" + "q" * 58)))
 job_case(R.INVALID_VALIDATOR, "with-relay", add(("validator", V3.public_key_hex, RELAY)))
 job_case(R.DUPLICATE_VALIDATOR, "v1-twice", add(("validator", V1K)))
-spec_case(R.TOO_MANY_VALIDATORS, "six-of-five",
-          validators=tuple(key(f"v{k}").public_key_hex for k in range(6)), validator_fee_msat=0)
+spec_case(
+    R.TOO_MANY_VALIDATORS,
+    "six-of-five",
+    validators=tuple(key(f"v{k}").public_key_hex for k in range(6)),
+    validator_fee_msat=0,
+)
 job_case(R.VALIDATOR_IS_CUSTOMER, "customer-validates-by-name", add(("validator", C)))
 job_case(R.VALIDATOR_IS_ESCROW, "escrow-validates", add(("validator", E)))
 job_case(R.MISSING_VALIDATION, "no-validation", drop("validation"))
@@ -221,28 +265,55 @@ for metric in ("", "acc uracy", "ácc", "a" * 65, "acc\n"):
     job_case(R.INVALID_METRIC, f"metric-{metric[:8]!r}", set_tag("validation", metric, "max", "0.85", "2"))
 for direction in ("MAX", "up", "", "maximize"):
     job_case(R.INVALID_DIRECTION, f"direction-{direction!r}", set_tag("validation", "accuracy", direction, "0.85", "2"))
-for threshold in ("NaN", "inf", "1e-3", ".5", "0.", "00.5", "+0.5", "0,5", "", "1" * 65, "٠.٥", "0.5 ",
-                  "9" * 16, "0." + "1" * 13, "9" * 64):
-    job_case(R.INVALID_THRESHOLD, f"threshold-{threshold[:10]!r}",
-             set_tag("validation", "accuracy", "max", threshold, "2"))
+for threshold in (
+    "NaN",
+    "inf",
+    "1e-3",
+    ".5",
+    "0.",
+    "00.5",
+    "+0.5",
+    "0,5",
+    "",
+    "1" * 65,
+    "٠.٥",
+    "0.5 ",
+    "9" * 16,
+    "0." + "1" * 13,
+    "9" * 64,
+):
+    job_case(
+        R.INVALID_THRESHOLD, f"threshold-{threshold[:10]!r}", set_tag("validation", "accuracy", "max", threshold, "2")
+    )
 for quorum in ("two", "01", "-1", "1.0", "", "1000000"):
     job_case(R.INVALID_QUORUM, f"quorum-{quorum!r}", set_tag("validation", "accuracy", "max", "0.85", quorum))
 job_case(R.QUORUM_OUT_OF_RANGE, "zero", set_tag("validation", "accuracy", "max", "0.85", "0"))
 job_case(R.QUORUM_OUT_OF_RANGE, "three-of-two", set_tag("validation", "accuracy", "max", "0.85", "3"))
-job_case(R.QUORUM_OUT_OF_RANGE, "two-when-customer-validates",
-         chain(drop("validator"), drop("validator_fee"), set_tag("validation", "loss", "min", "0.1", "2")))
+job_case(
+    R.QUORUM_OUT_OF_RANGE,
+    "two-when-customer-validates",
+    chain(drop("validator"), drop("validator_fee"), set_tag("validation", "loss", "min", "0.1", "2")),
+)
 job_case(R.MISSING_PAYOUT, "no-payout", drop("payout"))
 job_case(R.INVALID_PAYOUT, "all", set_tag("payout", "all"))
 job_case(R.INVALID_PAYOUT, "BEST", set_tag("payout", "BEST"))
 job_case(R.INVALID_PAYOUT, "three-items", set_tag("payout", "best", "now"))
 job_case(R.INVALID_VALIDATOR_FEE, "negative", set_tag("validator_fee", "-5"))
 job_case(R.INVALID_VALIDATOR_FEE, "decimal", set_tag("validator_fee", "0.5"))
-job_case(R.VALIDATOR_FEE_WITHOUT_VALIDATORS, "fee-but-customer-validates",
-         chain(drop("validator"), set_tag("validation", "accuracy", "max", "0.85", "1")))
+job_case(
+    R.VALIDATOR_FEE_WITHOUT_VALIDATORS,
+    "fee-but-customer-validates",
+    chain(drop("validator"), set_tag("validation", "accuracy", "max", "0.85", "1")),
+)
 spec_case(R.FEES_EXCEED_BID, "validator-fees-eat-the-bid", bid_msat=1_000_000, validator_fee_msat=600_000)
 spec_case(R.FEES_EXCEED_BID, "exactly-nothing-left", bid_msat=1_000_000, validator_fee_msat=494_500)
-spec_case(R.FEES_EXCEED_BID, "escrow-fee-alone", terms=replace(TERMS, fee_base_msat=200_000),
-          bid_msat=150_000, validator_fee_msat=0)
+spec_case(
+    R.FEES_EXCEED_BID,
+    "escrow-fee-alone",
+    terms=replace(TERMS, fee_base_msat=200_000),
+    bid_msat=150_000,
+    validator_fee_msat=0,
+)
 job_case(R.MISSING_DEADLINE, "no-deadline", drop("deadline"))
 job_case(R.INVALID_DEADLINE, "one-value", set_tag("deadline", str(NOW + 3600)))
 job_case(R.INVALID_DEADLINE, "words", set_tag("deadline", "soon", "later"))
@@ -250,32 +321,62 @@ job_case(R.INVALID_DEADLINE, "float", set_tag("deadline", f"{NOW + 3600}.5", str
 job_case(R.INVALID_DEADLINE, "beyond-int64", set_tag("deadline", str(NOW + 3600), str(2**63)))
 job_case(R.DEADLINE_PASSED, "results-now", set_tag("deadline", str(NOW), str(NOW + 7200)))
 job_case(R.DEADLINE_PASSED, "results-in-the-past", set_tag("deadline", "100", str(NOW + 7200)))
-job_case(R.DEADLINE_TOO_SOON, "one-second-short",
-         set_tag("deadline", str(NOW + TERMS.min_results_window_s - 1), str(NOW + 7200)))
+job_case(
+    R.DEADLINE_TOO_SOON,
+    "one-second-short",
+    set_tag("deadline", str(NOW + TERMS.min_results_window_s - 1), str(NOW + 7200)),
+)
 job_case(R.DEADLINE_ORDER, "equal", set_tag("deadline", str(NOW + 3600), str(NOW + 3600)))
 job_case(R.DEADLINE_ORDER, "reversed", set_tag("deadline", str(NOW + 7200), str(NOW + 3600)))
-job_case(R.DEADLINE_TOO_FAR, "one-second-too-far",
-         set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_job_duration_s + 1)))
+job_case(
+    R.DEADLINE_TOO_FAR,
+    "one-second-too-far",
+    set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_job_duration_s + 1)),
+)
 for mode in ("HOLD", "escrow", "", "custodial "):
     job_case(R.INVALID_MODE, f"mode-{mode!r}", set_tag("mode", mode))
 job_case(R.MODE_NOT_OFFERED, "hold-from-custodial-escrow", set_tag("mode", "hold"), terms=CUSTODIAL_ONLY)
 job_case(R.MODE_NOT_OFFERED, "custodial-from-hold-escrow", set_tag("mode", "custodial"), terms=HOLD_ONLY)
-job_case(R.HOLD_WINDOW_EXCEEDED, "hold-beyond-max",
-         chain(set_tag("mode", "hold"), set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_hold_seconds + 1))))
-job_case(R.HOLD_WINDOW_EXCEEDED, "auto-on-hold-only-escrow",
-         set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_hold_seconds + 1)), terms=HOLD_ONLY)
+job_case(
+    R.HOLD_WINDOW_EXCEEDED,
+    "hold-beyond-max",
+    chain(set_tag("mode", "hold"), set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_hold_seconds + 1))),
+)
+job_case(
+    R.HOLD_WINDOW_EXCEEDED,
+    "auto-on-hold-only-escrow",
+    set_tag("deadline", str(NOW + 3600), str(NOW + TERMS.max_hold_seconds + 1)),
+    terms=HOLD_ONLY,
+)
 # NIP-40: relays drop the request at its expiration; it must outlive the job's deadlines.
 job_case(R.EXPIRES_BEFORE_DEADLINE, "expires-between-the-deadlines", add(("expiration", str(NOW + 5000))))
-job_case(R.EXPIRES_BEFORE_DEADLINE, "expires-one-second-before-validation",
-         chain(set_tag("deadline", str(NOW + 3600), str(NOW + 7200)), add(("expiration", str(NOW + 7199)))))
+job_case(
+    R.EXPIRES_BEFORE_DEADLINE,
+    "expires-one-second-before-validation",
+    chain(set_tag("deadline", str(NOW + 3600), str(NOW + 7200)), add(("expiration", str(NOW + 7199)))),
+)
 job_case(R.VALIDATOR_FEE_TOO_LOW, "one-msat-per-validator", set_tag("validator_fee", "1"))
-job_case(R.VALIDATOR_FEE_TOO_LOW, "one-msat-below-the-minimum",
-         set_tag("validator_fee", str(TERMS.min_payout_msat - 1)))
-job_case(R.REWARD_TOO_SMALL, "split-among-many-possible-results",
-         # 1_000_000 - 11_000 fee - 2 x 100_000 validator fees = 789_000 among 2 shards x 4 results
-         chain(set_tag("payout", "split"), set_tag("bid", "1000000")), terms=replace(TERMS, min_payout_msat=100_000))
-for refund in ("not an address", "Alice@Example.com", "alice@", "@example.com", "lnurl1XYZabc",
-               "lnurl1", "bc1qxyz", "alice@exa mple.com", "alice@example.com\n"):
+job_case(
+    R.VALIDATOR_FEE_TOO_LOW, "one-msat-below-the-minimum", set_tag("validator_fee", str(TERMS.min_payout_msat - 1))
+)
+job_case(
+    R.REWARD_TOO_SMALL,
+    "split-among-many-possible-results",
+    # 1_000_000 - 11_000 fee - 2 x 100_000 validator fees = 789_000 among 2 shards x 4 results
+    chain(set_tag("payout", "split"), set_tag("bid", "1000000")),
+    terms=replace(TERMS, min_payout_msat=100_000),
+)
+for refund in (
+    "not an address",
+    "Alice@Example.com",
+    "alice@",
+    "@example.com",
+    "lnurl1XYZabc",
+    "lnurl1",
+    "bc1qxyz",
+    "alice@exa mple.com",
+    "alice@example.com\n",
+):
     job_case(R.INVALID_REFUND, f"refund-{refund!r}", set_tag("refund", refund))
 job_case(R.INVALID_PROVIDER, "bad-key", add(("p", "nobody")))
 job_case(R.INVALID_PROVIDER, "bad-relay-hint", add(("p", P1K, "relay.example.org")))
@@ -284,8 +385,11 @@ job_case(R.DUPLICATE_PROVIDER, "p1-twice", add(("p", P1K), ("p", P1K, RELAY)))
 job_case(R.TOO_MANY_PROVIDERS, "257", add(*[("p", h(f"provider {k}")) for k in range(257)]))
 job_case(R.PROVIDER_CONFLICT, "customer-as-provider", add(("p", C)))
 job_case(R.PROVIDER_CONFLICT, "validator-as-provider", add(("p", V2K)))
-job_case(R.PROVIDER_CONFLICT, "shard-encrypted-to-validator",
-         add(("i", private_shard(5, V1).payload, "nip44", V1K, "shard-5")))
+job_case(
+    R.PROVIDER_CONFLICT,
+    "shard-encrypted-to-validator",
+    add(("i", private_shard(5, V1).payload, "nip44", V1K, "shard-5")),
+)
 job_case(R.INVALID_RELAY, "http-relay", add(("relays", "https://relay.example.org")))
 job_case(R.INVALID_RELAY, "empty-relays", add(("relays",)))
 job_case(R.INVALID_RELAY, "repeated-relay", add(("relays", RELAY, RELAY)))
@@ -299,11 +403,18 @@ def result_tmpl(shard_index: int = 0, job=JOB) -> Template:
     return build_result(job, shard_index=shard_index, model=MODEL)
 
 
-def result_case(reason: CodecErrorReason, name: str, mutation: Mutation = keep, *, signer: str = P1K,
-                shard_index: int = 0, job=JOB, kind: int | None = None) -> None:
+def result_case(
+    reason: CodecErrorReason,
+    name: str,
+    mutation: Mutation = keep,
+    *,
+    signer: str = P1K,
+    shard_index: int = 0,
+    job=JOB,
+    kind: int | None = None,
+) -> None:
     tmpl = result_tmpl(shard_index, job)
-    case(reason, f"result-{name}",
-         lambda: parse_result(mutated(tmpl, mutation, pubkey=signer, kind=kind), job))
+    case(reason, f"result-{name}", lambda: parse_result(mutated(tmpl, mutation, pubkey=signer, kind=kind), job))
 
 
 result_case(R.WRONG_KIND, "kind-6702", kind=6702)
@@ -316,7 +427,9 @@ result_case(R.INVALID_EVENT_REF, "five-items", set_tag("e", JOB.id, "", "job", "
 result_case(R.INVALID_EVENT_REF, "nip10-marker", set_tag("e", JOB.id, "", "root"))
 result_case(R.INVALID_EVENT_REF, "bad-relay-hint", set_tag("e", JOB.id, "relay"))
 result_case(R.AMBIGUOUS_EVENT_REFS, "two-unmarked", add(("e", h("other"))))
-result_case(R.AMBIGUOUS_EVENT_REFS, "two-marked-job", chain(set_tag("e", JOB.id, "", "job"), add(("e", h("x"), "", "job"))))
+result_case(
+    R.AMBIGUOUS_EVENT_REFS, "two-marked-job", chain(set_tag("e", JOB.id, "", "job"), add(("e", h("x"), "", "job")))
+)
 result_case(R.WRONG_JOB, "other-job", set_tag("e", h("another job")))
 result_case(R.MISSING_PUBKEY_REF, "no-p", drop("p"))
 result_case(R.INVALID_PUBKEY_REF, "bad-p", set_tag("p", "customer"))
@@ -330,8 +443,9 @@ result_case(R.UNKNOWN_SHARD, "shard-7", set_tag("i", "https://data.example.org/s
 result_case(R.UNKNOWN_SHARD, "no-label", set_tag("i", "https://data.example.org/s0.npz", "url"))
 result_case(R.SHARD_MISMATCH, "other-url", set_tag("i", "https://evil.example.org/s0.npz", "url", "", "shard-0"))
 result_case(R.SHARD_MISMATCH, "relay-added", set_tag("i", "https://data.example.org/s0.npz", "url", RELAY, "shard-0"))
-result_case(R.PROVIDER_NOT_ALLOWED, "not-in-p-tags", signer=P3.public_key_hex,
-            job=base_job(base_spec(providers=(P1K,))))
+result_case(
+    R.PROVIDER_NOT_ALLOWED, "not-in-p-tags", signer=P3.public_key_hex, job=base_job(base_spec(providers=(P1K,)))
+)
 result_case(R.SHARD_NOT_ASSIGNED, "private-shard-of-p2", signer=P1K, shard_index=1)
 result_case(R.MISSING_MODEL, "no-model", drop("model"))
 result_case(R.INVALID_MODEL, "three-items", set_tag("model", MODEL.url, MODEL.sha256))
@@ -340,8 +454,13 @@ result_case(R.INVALID_MODEL_SHA256, "uppercase", set_tag("model", MODEL.url, MOD
 result_case(R.INVALID_MODEL_SHA256, "sha1", set_tag("model", MODEL.url, "a" * 40, "1"))
 for size in ("0", "-1", "1.5", str(2**53), "1e6", "one"):
     result_case(R.INVALID_MODEL_SIZE, f"size-{size!r}", set_tag("model", MODEL.url, MODEL.sha256, size))
-for payout in (("lud16", "not-an-address"), ("paypal", "me@example.com"), ("lnurl", "lnurl1bad!"),
-               ("lud16",), ("lud16", "a@b.example", "extra")):
+for payout in (
+    ("lud16", "not-an-address"),
+    ("paypal", "me@example.com"),
+    ("lnurl", "lnurl1bad!"),
+    ("lud16",),
+    ("lud16", "a@b.example", "extra"),
+):
     result_case(R.INVALID_PAYOUT_DESTINATION, f"payout-{'-'.join(payout)[:20]}", set_tag("payout", *payout))
 result_case(R.INVALID_AMOUNT, "zero", add(("amount", "0", BOLT11)))
 result_case(R.INVALID_AMOUNT, "not-a-number", add(("amount", "lots", BOLT11)))
@@ -355,8 +474,11 @@ result_case(R.INVALID_BOLT11, "with-space", add(("amount", "1000", BOLT11 + " ")
 
 # ------------------------------------------------------------ evaluation request
 
-EVAL_REQ = build_evaluation_request(EvaluationRequest(job_id=JOB.id, candidates=(Candidate(h("r1")),),
-                                                      validators=(V1K, V2K), metric="accuracy", deadline=NOW + 7200))
+EVAL_REQ = build_evaluation_request(
+    EvaluationRequest(
+        job_id=JOB.id, candidates=(Candidate(h("r1")),), validators=(V1K, V2K), metric="accuracy", deadline=NOW + 7200
+    )
+)
 
 
 def eval_request_case(reason: CodecErrorReason, name: str, mutation: Mutation, kind: int | None = None) -> None:
@@ -373,22 +495,32 @@ eval_request_case(R.MISSING_PUBKEY_REF, "no-validator", drop("p"))
 eval_request_case(R.DUPLICATE_VALIDATOR, "v1-twice", add(("p", V1K)))
 eval_request_case(R.INVALID_PARAM, "no-metric", drop("param", lambda t: t[1] == "metric"))
 eval_request_case(R.INVALID_PARAM, "two-deadlines", add(("param", "deadline", "1")))
-eval_request_case(R.INVALID_METRIC, "metric-with-space",
-                  chain(drop("param", lambda t: t[1] == "metric"), add(("param", "metric", "top 1"))))
-eval_request_case(R.INVALID_DEADLINE, "deadline-words",
-                  chain(drop("param", lambda t: t[1] == "deadline"), add(("param", "deadline", "soon"))))
+eval_request_case(
+    R.INVALID_METRIC,
+    "metric-with-space",
+    chain(drop("param", lambda t: t[1] == "metric"), add(("param", "metric", "top 1"))),
+)
+eval_request_case(
+    R.INVALID_DEADLINE,
+    "deadline-words",
+    chain(drop("param", lambda t: t[1] == "deadline"), add(("param", "deadline", "soon"))),
+)
 eval_request_case(R.MISSING_EVENT_REF, "no-job", drop("e"))
 
 
 # ------------------------------------------------------------- evaluation result
 
-EVAL_RES = build_evaluation_result(request_id=h("req"), job_id=JOB.id, escrow=E,
-                                   scores=(Score(h("r1"), Decimal("0.9"), h("m1")),))
+EVAL_RES = build_evaluation_result(
+    request_id=h("req"), job_id=JOB.id, escrow=E, scores=(Score(h("r1"), Decimal("0.9"), h("m1")),)
+)
 
 
 def eval_result_case(reason: CodecErrorReason, name: str, mutation: Mutation, kind: int | None = None) -> None:
-    case(reason, f"evalres-{name}",
-         lambda: parse_evaluation_result(mutated(EVAL_RES, mutation, pubkey=V1K, kind=kind), escrow_pubkey=E))
+    case(
+        reason,
+        f"evalres-{name}",
+        lambda: parse_evaluation_result(mutated(EVAL_RES, mutation, pubkey=V1K, kind=kind), escrow_pubkey=E),
+    )
 
 
 def score(value: str, result: str | None = None, sha: str | None = None) -> Mutation:
@@ -410,12 +542,17 @@ for value in ("NaN", "nan", "inf", "-Infinity", "+inf", "sNaN"):
 for value in ("9" * 64, "9" * 16, "-" + "9" * 16, "0." + "0" * 12 + "1", "1." + "5" * 13):
     eval_result_case(R.SCORE_OUT_OF_RANGE, f"value-{value[:20]}", score(value))
 eval_result_case(R.DUPLICATE_SCORE, "r1-twice", add(("score", h("r1"), "0.8", h("m1"))))
-eval_result_case(R.AMBIGUOUS_EVENT_REFS, "marked-and-unmarked",
-                 chain(drop("e", lambda t: t[3] == "job"), add(("e", JOB.id))))
-eval_result_case(R.AMBIGUOUS_EVENT_REFS, "same-id-both-roles",
-                 chain(drop("e"), add(("e", h("x"), "", "request"), ("e", h("x"), "", "job"))))
-eval_result_case(R.AMBIGUOUS_EVENT_REFS, "three-unmarked",
-                 chain(drop("e"), add(("e", h("a")), ("e", h("b")), ("e", h("c")))))
+eval_result_case(
+    R.AMBIGUOUS_EVENT_REFS, "marked-and-unmarked", chain(drop("e", lambda t: t[3] == "job"), add(("e", JOB.id)))
+)
+eval_result_case(
+    R.AMBIGUOUS_EVENT_REFS,
+    "same-id-both-roles",
+    chain(drop("e"), add(("e", h("x"), "", "request"), ("e", h("x"), "", "job"))),
+)
+eval_result_case(
+    R.AMBIGUOUS_EVENT_REFS, "three-unmarked", chain(drop("e"), add(("e", h("a")), ("e", h("b")), ("e", h("c"))))
+)
 eval_result_case(R.AMBIGUOUS_EVENT_REFS, "two-request-markers", add(("e", h("y"), "", "request")))
 eval_result_case(R.MISSING_EVENT_REF, "only-request-unmarked", chain(drop("e"), add(("e", h("req")))))
 eval_result_case(R.MISSING_EVENT_REF, "only-job-marked", drop("e", lambda t: t[3] == "request"))
@@ -427,8 +564,11 @@ PAYEE = build_payee_invoice(job_id=JOB.id, escrow=E, amount_msat=1000, bolt11=BO
 
 
 def payee_case(reason: CodecErrorReason, name: str, mutation: Mutation, kind: int | None = None) -> None:
-    case(reason, f"payee-{name}",
-         lambda: parse_feedback(mutated(PAYEE, mutation, pubkey=P1K, kind=kind), escrow_pubkey=E))
+    case(
+        reason,
+        f"payee-{name}",
+        lambda: parse_feedback(mutated(PAYEE, mutation, pubkey=P1K, kind=kind), escrow_pubkey=E),
+    )
 
 
 payee_case(R.WRONG_KIND, "kind-6701", keep, kind=6701)
@@ -464,43 +604,97 @@ def fb_case(reason: CodecErrorReason, name: str, tmpl: Template, parse: Callable
     case(reason, f"feedback-{name}", lambda: parse(mutated(tmpl, mutation, pubkey=E)))
 
 
-fb_case(R.INVALID_STATUS, "offer-with-processing-status", OFFER, parse_escrow_offer, set_tag("status", "processing", "escrow"))
-fb_case(R.INVALID_ESCROW_STATE, "offer-auto-mode", OFFER, parse_escrow_offer, set_tag("escrow", "awaiting-funding", "auto"))
+fb_case(
+    R.INVALID_STATUS,
+    "offer-with-processing-status",
+    OFFER,
+    parse_escrow_offer,
+    set_tag("status", "processing", "escrow"),
+)
+fb_case(
+    R.INVALID_ESCROW_STATE, "offer-auto-mode", OFFER, parse_escrow_offer, set_tag("escrow", "awaiting-funding", "auto")
+)
 fb_case(R.INVALID_ESCROW_STATE, "offer-without-state", OFFER, parse_escrow_offer, drop("escrow"))
 fb_case(R.INVALID_ESCROW_STATE, "offer-two-items", OFFER, parse_escrow_offer, set_tag("escrow", "awaiting-funding"))
 fb_case(R.MISSING_AMOUNT, "offer-no-amount", OFFER, parse_escrow_offer, drop("amount"))
 fb_case(R.INVALID_ESCROW_STATE, "funded-zero", FUNDED, parse_funded, set_tag("escrow", "funded", "0"))
 fb_case(R.INVALID_ESCROW_STATE, "funded-wrong-state", FUNDED, parse_funded, set_tag("escrow", "refunded", "5"))
 fb_case(R.INVALID_VERDICT, "no-verdict", COMPLETE, parse_validation_complete, drop("accepted"))
-fb_case(R.INVALID_VERDICT, "accepted-no-quorum", COMPLETE, parse_validation_complete,
-        set_tag("accepted", h("r1"), "no-quorum"))
-fb_case(R.INVALID_VERDICT, "rejected-with-reward", COMPLETE, parse_validation_complete,
-        add(("rejected", h("r2"), "0.1", "5")))
-fb_case(R.INVALID_VERDICT, "two-verdicts-one-result", COMPLETE, parse_validation_complete,
-        add(("rejected", h("r1"), "no-quorum")))
+fb_case(
+    R.INVALID_VERDICT,
+    "accepted-no-quorum",
+    COMPLETE,
+    parse_validation_complete,
+    set_tag("accepted", h("r1"), "no-quorum"),
+)
+fb_case(
+    R.INVALID_VERDICT,
+    "rejected-with-reward",
+    COMPLETE,
+    parse_validation_complete,
+    add(("rejected", h("r2"), "0.1", "5")),
+)
+fb_case(
+    R.INVALID_VERDICT,
+    "two-verdicts-one-result",
+    COMPLETE,
+    parse_validation_complete,
+    add(("rejected", h("r1"), "no-quorum")),
+)
 fb_case(R.INVALID_VERDICT, "bad-reward", COMPLETE, parse_validation_complete, set_tag("accepted", h("r1"), "0.9", "-5"))
-fb_case(R.INVALID_VERDICT, "median-of-65-characters", COMPLETE, parse_validation_complete,
-        set_tag("accepted", h("r1"), "1" + "0" * 64, "5"))
-fb_case(R.INVALID_VERDICT, "median-with-14-places", COMPLETE, parse_validation_complete,
-        set_tag("accepted", h("r1"), "0." + "1" * 14, "5"))
+fb_case(
+    R.INVALID_VERDICT,
+    "median-of-65-characters",
+    COMPLETE,
+    parse_validation_complete,
+    set_tag("accepted", h("r1"), "1" + "0" * 64, "5"),
+)
+fb_case(
+    R.INVALID_VERDICT,
+    "median-with-14-places",
+    COMPLETE,
+    parse_validation_complete,
+    set_tag("accepted", h("r1"), "0." + "1" * 14, "5"),
+)
 fb_case(R.INVALID_AMOUNT, "claimable-with-invoice", CLAIMABLE, parse_reward_claimable, set_tag("amount", "5", BOLT11))
 fb_case(R.MISSING_AMOUNT, "claimable-no-amount", CLAIMABLE, parse_reward_claimable, drop("amount"))
-fb_case(R.INVALID_PAYMENT, "preimage-mismatch", PAID, parse_reward_paid,
-        set_tag("payment", PAYMENT_HASH, h("other preimage"), "5", "1"))
-fb_case(R.INVALID_PAYMENT, "negative-fee", PAID, parse_reward_paid, set_tag("payment", PAYMENT_HASH, PREIMAGE, "5", "-1"))
+fb_case(
+    R.INVALID_PAYMENT,
+    "preimage-mismatch",
+    PAID,
+    parse_reward_paid,
+    set_tag("payment", PAYMENT_HASH, h("other preimage"), "5", "1"),
+)
+fb_case(
+    R.INVALID_PAYMENT, "negative-fee", PAID, parse_reward_paid, set_tag("payment", PAYMENT_HASH, PREIMAGE, "5", "-1")
+)
 fb_case(R.INVALID_PAYMENT, "zero-amount", PAID, parse_reward_paid, set_tag("payment", PAYMENT_HASH, PREIMAGE, "0", "1"))
 fb_case(R.INVALID_PAYMENT, "no-payment", PAID, parse_reward_paid, drop("payment"))
 fb_case(R.INVALID_PAYMENT, "four-items", PAID, parse_reward_paid, set_tag("payment", PAYMENT_HASH, PREIMAGE, "5"))
 fb_case(R.MISSING_EVENT_REF, "paid-without-result", PAID, parse_reward_paid, drop("e", lambda t: t[3] == "result"))
-fb_case(R.INVALID_STATUS, "refund-bad-code", REFUNDED, parse_refunded, set_tag("status", "error", "refunded: No Results"))
-fb_case(R.INVALID_STATUS, "refund-with-text", REFUNDED, parse_refunded,
-        set_tag("status", "error", "refunded: no_results: and more"))
+fb_case(
+    R.INVALID_STATUS, "refund-bad-code", REFUNDED, parse_refunded, set_tag("status", "error", "refunded: No Results")
+)
+fb_case(
+    R.INVALID_STATUS,
+    "refund-with-text",
+    REFUNDED,
+    parse_refunded,
+    set_tag("status", "error", "refunded: no_results: and more"),
+)
 fb_case(R.INVALID_ESCROW_STATE, "refund-without-amount", REFUNDED, parse_refunded, drop("escrow"))
-fb_case(R.INVALID_STATUS, "error-without-message", ERROR, parse_error_feedback, set_tag("status", "error", "bid_too_low"))
+fb_case(
+    R.INVALID_STATUS, "error-without-message", ERROR, parse_error_feedback, set_tag("status", "error", "bid_too_low")
+)
 fb_case(R.INVALID_STATUS, "error-with-state", ERROR, parse_error_feedback, add(("escrow", "funded", "5")))
 fb_case(R.UNSUPPORTED_FEEDBACK, "dispatch-partial", ERROR, parse_escrow_feedback, set_tag("status", "partial", "x"))
-fb_case(R.UNSUPPORTED_FEEDBACK, "dispatch-unknown-success", ERROR, parse_escrow_feedback,
-        set_tag("status", "success", "job done"))
+fb_case(
+    R.UNSUPPORTED_FEEDBACK,
+    "dispatch-unknown-success",
+    ERROR,
+    parse_escrow_feedback,
+    set_tag("status", "success", "job done"),
+)
 fb_case(R.MISSING_STATUS, "dispatch-no-status", ERROR, parse_escrow_feedback, drop("status"))
 
 
@@ -527,10 +721,14 @@ ANNOUNCE = build_announcement(Announcement(d="main", name="E", about="", terms=T
 BODY = json.loads(ANNOUNCE.content)
 
 
-def announce_case(name: str, mutation: Mutation = keep, content: str | None = None,
-                  reason: CodecErrorReason = R.INVALID_ANNOUNCEMENT) -> None:
-    case(reason, f"announcement-{name}",
-         lambda: parse_announcement(mutated(ANNOUNCE, mutation, pubkey=E, content=content)))
+def announce_case(
+    name: str, mutation: Mutation = keep, content: str | None = None, reason: CodecErrorReason = R.INVALID_ANNOUNCEMENT
+) -> None:
+    case(
+        reason,
+        f"announcement-{name}",
+        lambda: parse_announcement(mutated(ANNOUNCE, mutation, pubkey=E, content=content)),
+    )
 
 
 def body(**changes) -> str:
@@ -565,15 +763,27 @@ def _undecryptable_non_url():
 
 case(R.UNDECRYPTABLE_SHARD, "shard-wrong-key", lambda: decrypt_shard(P1, C, PRIVATE_SHARD.payload))
 case(R.UNDECRYPTABLE_SHARD, "shard-wrong-customer", lambda: decrypt_shard(P2, P3.public_key_hex, PRIVATE_SHARD.payload))
-case(R.UNDECRYPTABLE_SHARD, "shard-tampered",
-     lambda: decrypt_shard(P2, C, PRIVATE_SHARD.payload[:-8] + ("A" * 7 if PRIVATE_SHARD.payload[-8] != "A" else "B" * 7)
-                           + PRIVATE_SHARD.payload[-1]))
+case(
+    R.UNDECRYPTABLE_SHARD,
+    "shard-tampered",
+    lambda: decrypt_shard(
+        P2,
+        C,
+        PRIVATE_SHARD.payload[:-8]
+        + ("A" * 7 if PRIVATE_SHARD.payload[-8] != "A" else "B" * 7)
+        + PRIVATE_SHARD.payload[-1],
+    ),
+)
 case(R.UNDECRYPTABLE_SHARD, "shard-not-a-url", _undecryptable_non_url)
 case(R.INVALID_EXPIRATION, "nip40-negative", lambda: nip40.expiration(unsigned(1, [("expiration", "-5")])))
 case(R.INVALID_EXPIRATION, "nip40-float", lambda: nip40.is_expired(unsigned(1, [("expiration", "1.5")]), NOW))
 case(R.DUPLICATE_TAG, "nip40-twice", lambda: nip40.expiration(unsigned(1, [("expiration", "5"), ("expiration", "5")])))
 case(R.INVALID_SHARD, "encrypt-to-bad-key", lambda: Shard.for_provider(CUSTOMER, "zz" * 32, 0, "https://x.example/a"))
-case(R.INVALID_SHARD, "encrypt-to-off-curve-key", lambda: Shard.for_provider(CUSTOMER, "ff" * 32, 0, "https://x.example/a"))
+case(
+    R.INVALID_SHARD,
+    "encrypt-to-off-curve-key",
+    lambda: Shard.for_provider(CUSTOMER, "ff" * 32, 0, "https://x.example/a"),
+)
 
 
 @pytest.mark.parametrize("reason, thunk", CASES)

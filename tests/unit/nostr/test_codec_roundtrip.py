@@ -1,4 +1,5 @@
 """Build → sign → verify → parse, for every kind of the escrow protocol, plus NIP-44 shards."""
+
 from __future__ import annotations
 
 import hashlib
@@ -102,9 +103,15 @@ def signed_verified(secret, tmpl, created_at=NOW):
 
 def test_job_request_round_trip_keeps_every_field():
     spec = base_spec(
-        escrow_relay=RELAY, payout=PayoutPolicy.SPLIT, mode=Mode.HOLD, refund="lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0",
-        providers=(P1.public_key_hex, P3.public_key_hex), expiration=NOW + 7_200, relays=(RELAY, "ws://127.0.0.1:7777"),
-        previous_job=h("round 1"), params=(("epochs", "5"), ("model", "https://m.example.org/a.onnx")),
+        escrow_relay=RELAY,
+        payout=PayoutPolicy.SPLIT,
+        mode=Mode.HOLD,
+        refund="lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0",
+        providers=(P1.public_key_hex, P3.public_key_hex),
+        expiration=NOW + 7_200,
+        relays=(RELAY, "ws://127.0.0.1:7777"),
+        previous_job=h("round 1"),
+        params=(("epochs", "5"), ("model", "https://m.example.org/a.onnx")),
     )
     event = signed_verified(CUSTOMER, build_job_request(spec, customer=C))
     job = parse_job(event)
@@ -124,8 +131,11 @@ def test_job_request_money_split_is_exact():
 
 
 def test_fee_rounds_down():
-    job = base_job(base_spec(bid_msat=100_099, validators=(), validator_fee_msat=0,
-                             validation=replace(base_spec().validation, quorum=1)))
+    job = base_job(
+        base_spec(
+            bid_msat=100_099, validators=(), validator_fee_msat=0, validation=replace(base_spec().validation, quorum=1)
+        )
+    )
     assert job.split.fee_msat == 1_000 + 1_000  # 100_099 * 0.01 = 1000.99 -> 1000
 
 
@@ -146,9 +156,13 @@ def test_mode_defaults_to_auto_and_unknown_tags_are_ignored():
 def test_accepts_boundary_values():
     # results deadline exactly min window away, validation deadline exactly max duration away,
     # bid exactly at both bounds, expiration exactly at the validation deadline.
-    spec = base_spec(results_deadline=NOW + TERMS.min_results_window_s,
-                     validation_deadline=NOW + TERMS.max_job_duration_s, mode=Mode.CUSTODIAL,
-                     bid_msat=TERMS.max_bid_msat, expiration=NOW + TERMS.max_job_duration_s)
+    spec = base_spec(
+        results_deadline=NOW + TERMS.min_results_window_s,
+        validation_deadline=NOW + TERMS.max_job_duration_s,
+        mode=Mode.CUSTODIAL,
+        bid_msat=TERMS.max_bid_msat,
+        expiration=NOW + TERMS.max_job_duration_s,
+    )
     assert parse_job(job_event(spec)).spec == spec
     low = base_spec(bid_msat=TERMS.min_bid_msat, validator_fee_msat=0)
     assert parse_job(job_event(low)).split.provider_share_msat == TERMS.min_bid_msat - 1_000 - 1_000
@@ -168,13 +182,14 @@ def test_the_routing_p_tag_of_the_escrow_is_not_a_provider():
     assert ("p", E) in tmpl.tags
     job = parse_job(sign(CUSTOMER, tmpl))
     assert job.spec.providers == (P1.public_key_hex,)
-    bare = [t for t in tmpl.tags if t != ("p", E)]          # a request sent through the REST API
+    bare = [t for t in tmpl.tags if t != ("p", E)]  # a request sent through the REST API
     assert parse_job(sign(CUSTOMER, (tmpl.kind, bare, ""))).spec.providers == (P1.public_key_hex,)
 
 
 def test_configurable_job_kind():
     event = sign(CUSTOMER, build_job_request(base_spec(), kind=5999))
     from service.nostr.protocol import parse_job_request
+
     job = parse_job_request(event, escrow_pubkey=E, terms=TERMS, now=NOW, kind=5999)
     assert job.result_kind == 6999
 
@@ -232,8 +247,14 @@ def test_unicode_url_is_refused_for_shards():
 
 def test_result_round_trip_with_lud16_payout():
     job = base_job()
-    tmpl = build_result(job, shard_index=0, model=MODEL, payout_address=PayoutAddress("lud16", "p1@pay.example.org"),
-                        content="trained 5 epochs", job_relay=RELAY)
+    tmpl = build_result(
+        job,
+        shard_index=0,
+        model=MODEL,
+        payout_address=PayoutAddress("lud16", "p1@pay.example.org"),
+        content="trained 5 epochs",
+        job_relay=RELAY,
+    )
     event = signed_verified(P1, tmpl)
     result = parse_result(event, job)
     assert (result.id, result.provider, result.job_id, result.customer) == (event.id, P1.public_key_hex, job.id, C)
@@ -245,8 +266,14 @@ def test_result_round_trip_with_lud16_payout():
 def test_result_round_trip_for_a_private_shard_with_bolt11_and_request_copy():
     job_ev = job_event()
     job = parse_job(job_ev)
-    tmpl = build_result(job, shard_index=1, model=MODEL, invoice=Invoice(25_000_000, BOLT11), request=job_ev,
-                        payout_address=PayoutAddress("lnurl", "LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0"))
+    tmpl = build_result(
+        job,
+        shard_index=1,
+        model=MODEL,
+        invoice=Invoice(25_000_000, BOLT11),
+        request=job_ev,
+        payout_address=PayoutAddress("lnurl", "LNURL1DP68GURN8GHJ7UM9WFMXJCM99E3K7MF0"),
+    )
     result = parse_result(signed_verified(P2, tmpl), job)
     assert result.invoice == Invoice(25_000_000, BOLT11)
     assert result.payout_address.kind == "lnurl"
@@ -257,20 +284,32 @@ def test_result_round_trip_for_a_private_shard_with_bolt11_and_request_copy():
 
 
 def test_evaluation_request_round_trip():
-    request = EvaluationRequest(job_id=h("job"), candidates=(Candidate(h("r1"), RELAY), Candidate(h("r2"))),
-                                validators=(V1.public_key_hex, V2.public_key_hex), metric="accuracy",
-                                deadline=NOW + 7_200, job_relay=RELAY)
+    request = EvaluationRequest(
+        job_id=h("job"),
+        candidates=(Candidate(h("r1"), RELAY), Candidate(h("r2"))),
+        validators=(V1.public_key_hex, V2.public_key_hex),
+        metric="accuracy",
+        deadline=NOW + 7_200,
+        job_relay=RELAY,
+    )
     assert parse_evaluation_request(signed_verified(ESCROW, build_evaluation_request(request))) == request
 
 
 def test_evaluation_result_round_trip():
-    scores = (Score(h("r1"), Decimal("0.9125"), h("m1")), Score(h("r2"), Decimal("-3"), h("m2")),
-              Score(h("r3"), Decimal("123456789012345.123456789012"), h("m3")))   # the largest shape: 15 + 12
+    scores = (
+        Score(h("r1"), Decimal("0.9125"), h("m1")),
+        Score(h("r2"), Decimal("-3"), h("m2")),
+        Score(h("r3"), Decimal("123456789012345.123456789012"), h("m3")),
+    )  # the largest shape: 15 + 12
     tmpl = build_evaluation_result(request_id=h("req"), job_id=h("job"), escrow=E, scores=scores)
     event = signed_verified(V1, tmpl)
     parsed = parse_evaluation_result(event, escrow_pubkey=E)
-    assert (parsed.request_id, parsed.job_id, parsed.escrow, parsed.validator) == (h("req"), h("job"), E,
-                                                                                  V1.public_key_hex)
+    assert (parsed.request_id, parsed.job_id, parsed.escrow, parsed.validator) == (
+        h("req"),
+        h("job"),
+        E,
+        V1.public_key_hex,
+    )
     assert parsed.scores == scores
     assert parsed.scores[2].value == Decimal("123456789012345.123456789012")  # exact, not a float
 
@@ -297,21 +336,43 @@ def test_escrow_feedback_round_trips():
     bodies = [
         (EscrowOffer(job_id, C, 50_000_000, BOLT11, Mode.HOLD, RELAY), build_escrow_offer, parse_escrow_offer),
         (Funded(job_id, C, 50_000_000), build_funded, parse_funded),
-        (ValidationComplete(job_id, C, (Verdict(h("r1"), True, Decimal("0.91"), 24_000_000),
-                                        Verdict(h("r2"), True, Decimal("0.88"), 0),
-                                        Verdict(h("r3"), False, Decimal("0.5")),
-                                        Verdict(h("r4"), False, None),
-                                        Verdict(h("r5"), True, Decimal("0.86")))),
-         build_validation_complete, parse_validation_complete),
-        (RewardClaimable(job_id, P1.public_key_hex, 24_000_000, h("r1")), build_reward_claimable,
-         parse_reward_claimable),
+        (
+            ValidationComplete(
+                job_id,
+                C,
+                (
+                    Verdict(h("r1"), True, Decimal("0.91"), 24_000_000),
+                    Verdict(h("r2"), True, Decimal("0.88"), 0),
+                    Verdict(h("r3"), False, Decimal("0.5")),
+                    Verdict(h("r4"), False, None),
+                    Verdict(h("r5"), True, Decimal("0.86")),
+                ),
+            ),
+            build_validation_complete,
+            parse_validation_complete,
+        ),
+        (
+            RewardClaimable(job_id, P1.public_key_hex, 24_000_000, h("r1")),
+            build_reward_claimable,
+            parse_reward_claimable,
+        ),
         (RewardClaimable(job_id, P1.public_key_hex, 24_000_000), build_reward_claimable, parse_reward_claimable),
-        (RewardPaid(job_id, h("r1"), P1.public_key_hex,
-                    PaymentProof(hashlib.sha256(bytes.fromhex(h("pre"))).hexdigest(), h("pre"), 24_000_000, 0)),
-         build_reward_paid, parse_reward_paid),
+        (
+            RewardPaid(
+                job_id,
+                h("r1"),
+                P1.public_key_hex,
+                PaymentProof(hashlib.sha256(bytes.fromhex(h("pre"))).hexdigest(), h("pre"), 24_000_000, 0),
+            ),
+            build_reward_paid,
+            parse_reward_paid,
+        ),
         (Refunded(job_id, C, "no_results", 50_000_000), build_refunded, parse_refunded),
-        (ErrorFeedback(job_id, C, "bid_too_low", "bid must be at least 100000 msat"), build_error_feedback,
-         parse_error_feedback),
+        (
+            ErrorFeedback(job_id, C, "bid_too_low", "bid must be at least 100000 msat"),
+            build_error_feedback,
+            parse_error_feedback,
+        ),
     ]
     for body, build, parse in bodies:
         event = signed_verified(ESCROW, build(body))
@@ -339,12 +400,19 @@ def test_rejection_is_never_built_for_not_for_us():
 
 
 def test_payee_invoice_round_trip():
-    tmpl = build_payee_invoice(job_id=h("job"), escrow=E, amount_msat=25_000_000, bolt11=BOLT11,
-                               info="reward for shard 0")
+    tmpl = build_payee_invoice(
+        job_id=h("job"), escrow=E, amount_msat=25_000_000, bolt11=BOLT11, info="reward for shard 0"
+    )
     event = signed_verified(P1, tmpl)
     fb = parse_feedback(event, escrow_pubkey=E)
     assert (fb.payee, fb.job_id, fb.escrow, fb.amount_msat, fb.bolt11, fb.info) == (
-        P1.public_key_hex, h("job"), E, 25_000_000, BOLT11, "reward for shard 0")
+        P1.public_key_hex,
+        h("job"),
+        E,
+        25_000_000,
+        BOLT11,
+        "reward for shard 0",
+    )
 
 
 # ----------------------------------------------------------- announcement, deletion
@@ -367,7 +435,11 @@ def test_deletion_round_trip_and_dedup():
     tmpl = build_deletion((h("a"), h("b")), kinds=(5701,), reason="changed my mind")
     deletion = parse_deletion(signed_verified(CUSTOMER, tmpl))
     assert (deletion.event_ids, deletion.kinds, deletion.reason, deletion.author) == (
-        (h("a"), h("b")), (5701,), "changed my mind", C)
+        (h("a"), h("b")),
+        (5701,),
+        "changed my mind",
+        C,
+    )
     tags = [("e", h("a")), ("e", h("a"), RELAY), ("k", "5701"), ("k", "5701"), ("a", "30023:abc:d")]
     deletion = parse_deletion(sign(CUSTOMER, (5, tags, "")))
     assert deletion.event_ids == (h("a"),) and deletion.kinds == (5701,)
@@ -376,35 +448,52 @@ def test_deletion_round_trip_and_dedup():
 # ------------------------------------------------------------- builder refusals
 
 
-@pytest.mark.parametrize("build, reason", [
-    (lambda: build_job_request(base_spec(bid_msat=-1)), R.INVALID_BID),
-    (lambda: build_job_request(base_spec(bid_msat=True)), R.INVALID_BID),
-    (lambda: build_job_request(base_spec(validation=replace(base_spec().validation,
-                                                            threshold=Decimal("NaN")))), R.INVALID_THRESHOLD),
-    (lambda: build_job_request(base_spec(validators=(E,))), R.VALIDATOR_IS_ESCROW),
-    (lambda: build_job_request(base_spec(validators=(C,)), customer=C), R.VALIDATOR_IS_CUSTOMER),
-    (lambda: build_job_request(base_spec(shards=())), R.MISSING_SHARDS),
-    (lambda: build_job_request(base_spec(shards=(Shard(0, url="not a url"),))), R.INVALID_SHARD),
-    (lambda: build_job_request(base_spec(shards=(Shard(-1, url="https://x.example"),))), R.INVALID_SHARD_INDEX),
-    (lambda: build_job_request(base_spec(refund="nope")), R.INVALID_REFUND),
-    (lambda: build_job_request(base_spec(results_deadline=NOW + 9_000)), R.DEADLINE_ORDER),
-    (lambda: build_result(base_job(), shard_index=5, model=MODEL), R.UNKNOWN_SHARD),
-    (lambda: build_result(base_job(), shard_index=0, model=replace(MODEL, size_bytes=0)), R.INVALID_MODEL_SIZE),
-    (lambda: build_escrow_offer(EscrowOffer(h("j"), C, 1, BOLT11, Mode.AUTO)), R.INVALID_ESCROW_STATE),
-    (lambda: build_escrow_offer(EscrowOffer(h("j"), C, 0, BOLT11, Mode.HOLD)), R.INVALID_AMOUNT),
-    (lambda: build_error_feedback(ErrorFeedback(h("j"), C, "refunded", "x")), R.INVALID_STATUS),
-    (lambda: build_validation_complete(ValidationComplete(h("j"), C, (Verdict(h("r"), True, None),))),
-     R.INVALID_VERDICT),
-    (lambda: build_validation_complete(ValidationComplete(h("j"), C, (Verdict(h("r"), False, None, 5),))),
-     R.INVALID_VERDICT),
-    (lambda: build_reward_paid(RewardPaid(h("j"), h("r"), C, PaymentProof(h("x"), h("y"), 1, 0))),
-     R.INVALID_PAYMENT),
-    (lambda: build_payee_invoice(job_id=h("j"), escrow=E, amount_msat=1, bolt11="lnurl1dp68gurn8ghj7"),
-     R.INVALID_BOLT11),
-    (lambda: build_deletion(()), R.MISSING_EVENT_REF),
-    (lambda: build_evaluation_result(request_id=h("q"), job_id=h("q"), escrow=E,
-                                     scores=(Score(h("r"), Decimal(1), h("m")),)), R.AMBIGUOUS_EVENT_REFS),
-])
+@pytest.mark.parametrize(
+    "build, reason",
+    [
+        (lambda: build_job_request(base_spec(bid_msat=-1)), R.INVALID_BID),
+        (lambda: build_job_request(base_spec(bid_msat=True)), R.INVALID_BID),
+        (
+            lambda: build_job_request(base_spec(validation=replace(base_spec().validation, threshold=Decimal("NaN")))),
+            R.INVALID_THRESHOLD,
+        ),
+        (lambda: build_job_request(base_spec(validators=(E,))), R.VALIDATOR_IS_ESCROW),
+        (lambda: build_job_request(base_spec(validators=(C,)), customer=C), R.VALIDATOR_IS_CUSTOMER),
+        (lambda: build_job_request(base_spec(shards=())), R.MISSING_SHARDS),
+        (lambda: build_job_request(base_spec(shards=(Shard(0, url="not a url"),))), R.INVALID_SHARD),
+        (lambda: build_job_request(base_spec(shards=(Shard(-1, url="https://x.example"),))), R.INVALID_SHARD_INDEX),
+        (lambda: build_job_request(base_spec(refund="nope")), R.INVALID_REFUND),
+        (lambda: build_job_request(base_spec(results_deadline=NOW + 9_000)), R.DEADLINE_ORDER),
+        (lambda: build_result(base_job(), shard_index=5, model=MODEL), R.UNKNOWN_SHARD),
+        (lambda: build_result(base_job(), shard_index=0, model=replace(MODEL, size_bytes=0)), R.INVALID_MODEL_SIZE),
+        (lambda: build_escrow_offer(EscrowOffer(h("j"), C, 1, BOLT11, Mode.AUTO)), R.INVALID_ESCROW_STATE),
+        (lambda: build_escrow_offer(EscrowOffer(h("j"), C, 0, BOLT11, Mode.HOLD)), R.INVALID_AMOUNT),
+        (lambda: build_error_feedback(ErrorFeedback(h("j"), C, "refunded", "x")), R.INVALID_STATUS),
+        (
+            lambda: build_validation_complete(ValidationComplete(h("j"), C, (Verdict(h("r"), True, None),))),
+            R.INVALID_VERDICT,
+        ),
+        (
+            lambda: build_validation_complete(ValidationComplete(h("j"), C, (Verdict(h("r"), False, None, 5),))),
+            R.INVALID_VERDICT,
+        ),
+        (
+            lambda: build_reward_paid(RewardPaid(h("j"), h("r"), C, PaymentProof(h("x"), h("y"), 1, 0))),
+            R.INVALID_PAYMENT,
+        ),
+        (
+            lambda: build_payee_invoice(job_id=h("j"), escrow=E, amount_msat=1, bolt11="lnurl1dp68gurn8ghj7"),
+            R.INVALID_BOLT11,
+        ),
+        (lambda: build_deletion(()), R.MISSING_EVENT_REF),
+        (
+            lambda: build_evaluation_result(
+                request_id=h("q"), job_id=h("q"), escrow=E, scores=(Score(h("r"), Decimal(1), h("m")),)
+            ),
+            R.AMBIGUOUS_EVENT_REFS,
+        ),
+    ],
+)
 def test_builders_refuse_what_parsers_refuse(build, reason):
     with pytest.raises(CodecError) as exc:
         build()

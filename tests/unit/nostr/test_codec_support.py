@@ -1,4 +1,5 @@
 """Shared fixtures of the codec tests (keys, terms, a valid job, event helpers). No tests here."""
+
 from __future__ import annotations
 
 import hashlib
@@ -37,9 +38,17 @@ OTHER_ESCROW = key("other escrow")
 E, C = ESCROW.public_key_hex, CUSTOMER.public_key_hex
 
 TERMS = EscrowTerms(
-    fee_base_msat=1_000, fee_ppm=10_000, min_bid_msat=100_000, max_bid_msat=100_000_000_000,
-    max_validators=5, max_shards=8, min_results_window_s=600, max_job_duration_s=7 * 86_400,
-    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}), network=Network.REGTEST, max_hold_seconds=2 * 86_400,
+    fee_base_msat=1_000,
+    fee_ppm=10_000,
+    min_bid_msat=100_000,
+    max_bid_msat=100_000_000_000,
+    max_validators=5,
+    max_shards=8,
+    min_results_window_s=600,
+    max_job_duration_s=7 * 86_400,
+    modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
+    network=Network.REGTEST,
+    max_hold_seconds=2 * 86_400,
 )
 CUSTODIAL_ONLY = replace(TERMS, modes=frozenset({Mode.CUSTODIAL}))
 HOLD_ONLY = replace(TERMS, modes=frozenset({Mode.HOLD}))
@@ -75,8 +84,7 @@ def base_spec(**changes: object) -> JobSpec:
     return replace(spec, **changes)  # type: ignore[arg-type]
 
 
-def sign(secret: SecretKey, tmpl: Template | tuple[int, Sequence[Sequence[str]], str],
-         created_at: int = NOW) -> Event:
+def sign(secret: SecretKey, tmpl: Template | tuple[int, Sequence[Sequence[str]], str], created_at: int = NOW) -> Event:
     kind, tags, content = tmpl
     return sign_event(secret, kind, tags, content, created_at=created_at)
 
@@ -115,9 +123,11 @@ def add(*new: Sequence[str]) -> Mutation:
 
 def set_tag(name: str, *items: str) -> Mutation:
     """Replace every tag called ``name`` by ``[name, *items]`` (or add it)."""
+
     def mutate(tags: Tags) -> Tags:
         kept = [t for t in tags if t[0] != name]
         return kept + [(name, *items)]
+
     return mutate
 
 
@@ -130,11 +140,14 @@ def chain(*mutations: Mutation) -> Mutation:
         for mutation in mutations:
             tags = mutation(tags)
         return tags
+
     return mutate
 
 
-def mutated(tmpl: Template, mutation: Mutation, kind: int | None = None, pubkey: str | None = None,
-            content: str | None = None) -> Event:
+def mutated(
+    tmpl: Template, mutation: Mutation, kind: int | None = None, pubkey: str | None = None, content: str | None = None
+) -> Event:
     tags = mutation([tuple(t) for t in tmpl.tags])
-    return unsigned(tmpl.kind if kind is None else kind, tags, tmpl.content if content is None else content,
-                    pubkey=pubkey)
+    return unsigned(
+        tmpl.kind if kind is None else kind, tags, tmpl.content if content is None else content, pubkey=pubkey
+    )

@@ -3,6 +3,7 @@
 Events, NIP-44 payloads and NIP-19 strings produced by one side must be accepted,
 unchanged, by the other.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,9 @@ def test_event_signed_by_nostr_sdk_verifies_with_ours() -> None:
 
 
 def test_event_signed_by_us_verifies_with_nostr_sdk() -> None:
-    ours = sign_event(SecretKey.generate(), 1, [["t", TRICKY], ["e", "ab" * 32, "wss://r.example"]], TRICKY,
-                      created_at=NOW)
+    ours = sign_event(
+        SecretKey.generate(), 1, [["t", TRICKY], ["e", "ab" * 32, "wss://r.example"]], TRICKY, created_at=NOW
+    )
     theirs = sdk.Event.from_json(ours.to_json())
     assert theirs.verify()
     assert theirs.id().to_hex() == ours.id
@@ -98,16 +100,16 @@ def test_same_key_gives_same_public_key() -> None:
 
 def test_nip44_nostr_sdk_to_us() -> None:
     alice, bob = SecretKey.generate(), SecretKey.generate()
-    payload = sdk.nip44_encrypt(sdk.SecretKey.parse(alice.to_hex()), sdk.PublicKey.parse(bob.public_key_hex),
-                                TRICKY, sdk.Nip44Version.V2)
+    payload = sdk.nip44_encrypt(
+        sdk.SecretKey.parse(alice.to_hex()), sdk.PublicKey.parse(bob.public_key_hex), TRICKY, sdk.Nip44Version.V2
+    )
     assert nip44.decrypt(payload, nip44.conversation_key(bob.secret_bytes, alice.public_key_hex)) == TRICKY
 
 
 def test_nip44_us_to_nostr_sdk() -> None:
     alice, bob = SecretKey.generate(), SecretKey.generate()
     payload = nip44.encrypt(TRICKY, nip44.conversation_key(alice.secret_bytes, bob.public_key_hex))
-    plaintext = sdk.nip44_decrypt(sdk.SecretKey.parse(bob.to_hex()), sdk.PublicKey.parse(alice.public_key_hex),
-                                  payload)
+    plaintext = sdk.nip44_decrypt(sdk.SecretKey.parse(bob.to_hex()), sdk.PublicKey.parse(alice.public_key_hex), payload)
     assert plaintext == TRICKY
 
 
@@ -126,8 +128,12 @@ def test_nip44_largest_plaintext_both_ways() -> None:
     alice, bob = SecretKey.generate(), SecretKey.generate()
     plaintext = "z" * nip44.MAX_PLAINTEXT
     key = nip44.conversation_key(alice.secret_bytes, bob.public_key_hex)
-    assert sdk.nip44_decrypt(sdk.SecretKey.parse(bob.to_hex()), sdk.PublicKey.parse(alice.public_key_hex),
-                             nip44.encrypt(plaintext, key)) == plaintext
+    assert (
+        sdk.nip44_decrypt(
+            sdk.SecretKey.parse(bob.to_hex()), sdk.PublicKey.parse(alice.public_key_hex), nip44.encrypt(plaintext, key)
+        )
+        == plaintext
+    )
 
 
 # -------------------------------------------------------------------- NIP-19
@@ -165,11 +171,13 @@ def test_nprofile_and_nevent_from_nostr_sdk() -> None:
 def test_nprofile_and_nevent_to_nostr_sdk() -> None:
     public_hex = SecretKey.generate().public_key_hex
     profile = sdk.Nip19Profile.from_bech32(
-        nip19.encode_nprofile(nip19.ProfilePointer(public_hex, ("wss://relay.example.com",))))
+        nip19.encode_nprofile(nip19.ProfilePointer(public_hex, ("wss://relay.example.com",)))
+    )
     assert profile.public_key().to_hex() == public_hex
     assert [str(url) for url in profile.relays()][0].startswith("wss://relay.example.com")
     nevent = sdk.Nip19Event.from_bech32(
-        nip19.encode_nevent(nip19.EventPointer("cd" * 32, (), author=public_hex, kind=7)))
+        nip19.encode_nevent(nip19.EventPointer("cd" * 32, (), author=public_hex, kind=7))
+    )
     assert nevent.event_id().to_hex() == "cd" * 32
     author = nevent.author()
     kind = nevent.kind()

@@ -1,4 +1,5 @@
 """NIP-01: canonical serialization, keys, signing, and strict verification."""
+
 from __future__ import annotations
 
 import hashlib
@@ -34,8 +35,7 @@ OFF_CURVE_PUBKEY = "00" * 32
 
 
 def _signed(**fields: Any) -> dict[str, Any]:
-    args: dict[str, Any] = {"kind": 1, "tags": [["e", "ab" * 32], ["t", "x"]], "content": "hello",
-                            "created_at": NOW}
+    args: dict[str, Any] = {"kind": 1, "tags": [["e", "ab" * 32], ["t", "x"]], "content": "hello", "created_at": NOW}
     args.update(fields)
     return sign_event(SECRET, **args).to_dict()
 
@@ -61,8 +61,13 @@ def test_sign_then_verify_round_trip() -> None:
 def test_to_dict_is_plain_json_shape() -> None:
     event = sign_event(SECRET, 7, [["e", "x", "wss://r"]], "c", created_at=NOW)
     assert event.to_dict() == {
-        "id": event.id, "pubkey": event.pubkey, "created_at": NOW, "kind": 7,
-        "tags": [["e", "x", "wss://r"]], "content": "c", "sig": event.sig,
+        "id": event.id,
+        "pubkey": event.pubkey,
+        "created_at": NOW,
+        "kind": 7,
+        "tags": [["e", "x", "wss://r"]],
+        "content": "c",
+        "sig": event.sig,
     }
     assert json.loads(event.to_json()) == event.to_dict()
 
@@ -100,8 +105,15 @@ def test_event_constructor_enforces_shape() -> None:
         Event(id=good.id.upper(), pubkey=good.pubkey, created_at=NOW, kind=1, tags=(), content="x", sig=good.sig)
     assert caught.value.reason is R.INVALID_ID
     with pytest.raises(EventError) as caught:
-        Event(id=good.id, pubkey=good.pubkey, created_at=NOW, kind=1, tags=[], content="x",  # type: ignore[arg-type]
-              sig=good.sig)
+        Event(
+            id=good.id,
+            pubkey=good.pubkey,
+            created_at=NOW,
+            kind=1,
+            tags=[],
+            content="x",  # type: ignore[arg-type]
+            sig=good.sig,
+        )
     assert caught.value.reason is R.INVALID_TAGS
 
 
@@ -122,13 +134,16 @@ def test_secret_key_round_trips_hex_and_hides_secret_in_repr() -> None:
     assert key.public_key_hex in repr(key)
 
 
-@pytest.mark.parametrize("text", [
-    "00" * 32,  # zero
-    "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",  # the curve order n
-    "ff" * 32,  # above n
-    "ab" * 31,  # short
-    "zz" * 32,  # not hex
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "00" * 32,  # zero
+        "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",  # the curve order n
+        "ff" * 32,  # above n
+        "ab" * 31,  # short
+        "zz" * 32,  # not hex
+    ],
+)
 def test_invalid_secret_keys(text: str) -> None:
     with pytest.raises(EventError) as caught:
         SecretKey.from_hex(text)
@@ -151,8 +166,9 @@ def _canonical(content: str, tags: str = "[]") -> bytes:
 
 
 def test_serialization_has_no_whitespace() -> None:
-    assert serialize(SECRET.public_key_hex, NOW, 1, [["e", "x"], ["p"]], "a b") == \
-        _canonical("a b", '[["e","x"],["p"]]')
+    assert serialize(SECRET.public_key_hex, NOW, 1, [["e", "x"], ["p"]], "a b") == _canonical(
+        "a b", '[["e","x"],["p"]]'
+    )
 
 
 @pytest.mark.parametrize("code", range(0x20), ids=lambda code: f"U+{code:04X}")
@@ -161,20 +177,25 @@ def test_control_characters_are_escaped_per_nip01(code: int) -> None:
     # and are written \u00XX in lowercase hex, as JSON.stringify and serde_json do.
     expected = SHORT_ESCAPES.get(code, f"\\u{code:04x}")
     assert serialize(SECRET.public_key_hex, NOW, 1, [], f"a{chr(code)}b") == _canonical(f"a{expected}b")
-    assert serialize(SECRET.public_key_hex, NOW, 1, [[chr(code)]], "") == \
-        _canonical("", f'[["{expected}"]]')
+    assert serialize(SECRET.public_key_hex, NOW, 1, [[chr(code)]], "") == _canonical("", f'[["{expected}"]]')
 
 
-@pytest.mark.parametrize(("raw", "escaped"), [
-    ('"', '\\"'),
-    ("\\", "\\\\"),
-])
+@pytest.mark.parametrize(
+    ("raw", "escaped"),
+    [
+        ('"', '\\"'),
+        ("\\", "\\\\"),
+    ],
+)
 def test_quote_and_backslash_are_escaped(raw: str, escaped: str) -> None:
     assert serialize(SECRET.public_key_hex, NOW, 1, [[raw]], raw) == _canonical(escaped, f'[["{escaped}"]]')
 
 
-@pytest.mark.parametrize("text", ["é", "🎉", "\u2028", "\u2029", "\x7f", "/", "\ufeff", "日本語"],
-                         ids=["latin", "emoji", "U+2028", "U+2029", "DEL", "slash", "BOM", "cjk"])
+@pytest.mark.parametrize(
+    "text",
+    ["é", "🎉", "\u2028", "\u2029", "\x7f", "/", "\ufeff", "日本語"],
+    ids=["latin", "emoji", "U+2028", "U+2029", "DEL", "slash", "BOM", "cjk"],
+)
 def test_other_characters_are_verbatim_utf8(text: str) -> None:
     serialized = serialize(SECRET.public_key_hex, NOW, 1, [[text]], text)
     assert serialized == _canonical(text, f'[["{text}"]]')
@@ -182,8 +203,7 @@ def test_other_characters_are_verbatim_utf8(text: str) -> None:
 
 
 def test_id_is_sha256_of_canonical_form() -> None:
-    assert compute_id(SECRET.public_key_hex, NOW, 1, [], "a\nb") == \
-        hashlib.sha256(_canonical("a\\nb")).hexdigest()
+    assert compute_id(SECRET.public_key_hex, NOW, 1, [], "a\nb") == hashlib.sha256(_canonical("a\\nb")).hexdigest()
 
 
 # ------------------------------------------------------------ malformed corpus
@@ -193,6 +213,7 @@ def _set(field: str, value: Any) -> Callable[[dict[str, Any]], Any]:
     def mutate(obj: dict[str, Any]) -> Any:
         obj[field] = value
         return obj
+
     return mutate
 
 
@@ -200,15 +221,18 @@ def _drop(field: str) -> Callable[[dict[str, Any]], Any]:
     def mutate(obj: dict[str, Any]) -> Any:
         del obj[field]
         return obj
+
     return mutate
 
 
 def _resigned_with_pubkey(pubkey: str) -> Callable[[dict[str, Any]], Any]:
     """Swap in ``pubkey`` and fix the id, so only the key itself is wrong."""
+
     def mutate(obj: dict[str, Any]) -> Any:
         obj["pubkey"] = pubkey
         obj["id"] = compute_id(pubkey, obj["created_at"], obj["kind"], obj["tags"], obj["content"])
         return obj
+
     return mutate
 
 
@@ -262,8 +286,7 @@ MALFORMED: list[tuple[str, EventErrorReason, Callable[[dict[str, Any]], Any], di
     ("tag-65-items", R.TAG_TOO_LONG, _valid(tags=[["t"] * 65]), {}),
     ("content-65537-bytes", R.CONTENT_TOO_LARGE, _valid(content="a" * 65537), {}),
     ("content-multibyte", R.CONTENT_TOO_LARGE, _valid(content="é" * 32769), {}),  # 32769 chars, 65538 bytes
-    ("serialized-too-big", R.EVENT_TOO_LARGE,
-     _valid(content="a" * 60000, tags=[["t", "b" * 1000]] * 10), {}),
+    ("serialized-too-big", R.EVENT_TOO_LARGE, _valid(content="a" * 60000, tags=[["t", "b" * 1000]] * 10), {}),
     ("future", R.CREATED_AT_IN_FUTURE, _valid(created_at=NOW + 901), {}),
     ("future-tight", R.CREATED_AT_IN_FUTURE, _valid(created_at=NOW + 11), {"max_future": 10}),
     ("too-old", R.CREATED_AT_TOO_OLD, _valid(created_at=NOW - 3601), {"max_age": 3600}),
@@ -277,10 +300,12 @@ MALFORMED: list[tuple[str, EventErrorReason, Callable[[dict[str, Any]], Any], di
 ]
 
 
-@pytest.mark.parametrize(("reason", "mutate", "limits"),
-                         [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED])
+@pytest.mark.parametrize(
+    ("reason", "mutate", "limits"), [case[1:] for case in MALFORMED], ids=[case[0] for case in MALFORMED]
+)
 def test_malformed_event_is_rejected_with_exact_reason(
-        reason: EventErrorReason, mutate: Callable[[dict[str, Any]], Any], limits: dict[str, Any]) -> None:
+    reason: EventErrorReason, mutate: Callable[[dict[str, Any]], Any], limits: dict[str, Any]
+) -> None:
     assert _reason(mutate(_signed()), **limits) is reason
 
 
@@ -331,10 +356,8 @@ tags_strategy = st.lists(st.lists(unicode_text, min_size=1, max_size=4), max_siz
 
 
 @settings(max_examples=150, deadline=None)
-@given(content=unicode_text, tags=tags_strategy, kind=st.integers(0, 65535),
-       created_at=st.integers(0, NOW + 900))
-def test_property_round_trip_through_json(content: str, tags: list[list[str]], kind: int,
-                                          created_at: int) -> None:
+@given(content=unicode_text, tags=tags_strategy, kind=st.integers(0, 65535), created_at=st.integers(0, NOW + 900))
+def test_property_round_trip_through_json(content: str, tags: list[list[str]], kind: int, created_at: int) -> None:
     event = sign_event(SECRET, kind, tags, content, created_at=created_at)
     wire = event.to_json()
     assert verify_event(json.loads(wire), now=NOW) == event
@@ -343,7 +366,7 @@ def test_property_round_trip_through_json(content: str, tags: list[list[str]], k
 
 
 def _replace_char(text: str, index: int, char: str) -> str:
-    return text[:index] + char + text[index + 1:]
+    return text[:index] + char + text[index + 1 :]
 
 
 @settings(max_examples=150, deadline=None)
@@ -359,8 +382,12 @@ def test_property_any_hex_digit_change_of_id_or_sig_is_rejected(field: str, inde
 
 
 @settings(max_examples=150, deadline=None)
-@given(field=st.sampled_from(["id", "sig", "content"]), index=st.integers(0, 127),
-       char=st.characters(codec="utf-8"), content=st.text(min_size=1, max_size=50))
+@given(
+    field=st.sampled_from(["id", "sig", "content"]),
+    index=st.integers(0, 127),
+    char=st.characters(codec="utf-8"),
+    content=st.text(min_size=1, max_size=50),
+)
 def test_property_any_single_char_mutation_is_rejected(field: str, index: int, char: str, content: str) -> None:
     obj = _signed(content=content)
     index %= len(obj[field])

@@ -1,4 +1,5 @@
 """NIP-19: bech32 npub/nsec/note and nprofile/nevent."""
+
 from __future__ import annotations
 
 import bech32
@@ -34,8 +35,10 @@ SPEC_NSEC = "nsec1vl029mgpspedva04g90vltkh6fvh240zqtv9k0t9af8935ke9laqsnlfe5"
 SPEC_NSEC_HEX = "67dea2ed018072d675f5415ecfaed7d2597555e202d85b3d65ea4e58d2d92ffa"
 SPEC_NPUB_2 = "npub180cvv07tjdrrgpa0j7j7tmnyl2yr6yr7l8j4s3evf6u64th6gkwsyjh6w6"
 SPEC_NPUB_2_HEX = "3bf0c63fcb93463407af97a5e5ee64fa883d107ef9e558472c4eb9aaaefa459d"
-SPEC_NPROFILE = ("nprofile1qqsrhuxx8l9ex335q7he0f09aej04zpazpl0ne2cgukyawd24mayt8gpp4mhxue69uhhytnc9e3k7mgpz4mhxu"
-                 "e69uhkg6nzv9ejuumpv34kytnrdaksjlyr9p")
+SPEC_NPROFILE = (
+    "nprofile1qqsrhuxx8l9ex335q7he0f09aej04zpazpl0ne2cgukyawd24mayt8gpp4mhxue69uhhytnc9e3k7mgpz4mhxu"
+    "e69uhkg6nzv9ejuumpv34kytnrdaksjlyr9p"
+)
 
 BECH32M_CONST = 0x2BC830A3
 
@@ -75,7 +78,8 @@ def test_spec_nsec_example_both_ways() -> None:
 
 def test_spec_nprofile_example() -> None:
     assert decode_nprofile(SPEC_NPROFILE) == ProfilePointer(
-        pubkey=SPEC_NPUB_2_HEX, relays=("wss://r.x.com", "wss://djbas.sadkb.com"))
+        pubkey=SPEC_NPUB_2_HEX, relays=("wss://r.x.com", "wss://djbas.sadkb.com")
+    )
 
 
 def test_all_uppercase_is_accepted() -> None:
@@ -109,8 +113,7 @@ def test_property_nprofile_round_trip(pubkey: str, relay_list: list[str]) -> Non
 
 
 @given(event_id=hex32, relay_list=relays, author=st.none() | hex32, kind=st.none() | st.integers(0, 2**32 - 1))
-def test_property_nevent_round_trip(event_id: str, relay_list: list[str], author: str | None,
-                                    kind: int | None) -> None:
+def test_property_nevent_round_trip(event_id: str, relay_list: list[str], author: str | None, kind: int | None) -> None:
     pointer = EventPointer(id=event_id, relays=tuple(relay_list), author=author, kind=kind)
     assert decode_nevent(encode_nevent(pointer)) == pointer
 
@@ -120,7 +123,7 @@ def test_property_nevent_round_trip(event_id: str, relay_list: list[str], author
 def test_property_any_substitution_in_data_is_a_checksum_error(value: str, index: int, shift: int) -> None:
     text = encode_npub(value)
     replaced = bech32.CHARSET[(bech32.CHARSET.index(text[index]) + shift) % 32]
-    assert _error(decode_npub, text[:index] + replaced + text[index + 1:]) is R.BAD_CHECKSUM
+    assert _error(decode_npub, text[:index] + replaced + text[index + 1 :]) is R.BAD_CHECKSUM
 
 
 @settings(max_examples=200)
@@ -130,7 +133,7 @@ def test_property_any_single_char_change_is_rejected(value: str, index: int, cha
     if text[index] == char.lower():
         return  # unchanged (or only recased, which a later test covers)
     with pytest.raises(Nip19Error):
-        decode_npub(text[:index] + char + text[index + 1:])
+        decode_npub(text[:index] + char + text[index + 1 :])
 
 
 # ----------------------------------------------------------------------- errors
@@ -184,18 +187,25 @@ def test_mixed_case() -> None:
     assert _error(decode_npub, SPEC_NPUB[:-1] + SPEC_NPUB[-1].upper()) is R.MIXED_CASE
 
 
-@pytest.mark.parametrize("text", [
-    SPEC_NPUB[:10] + "b" + SPEC_NPUB[11:],  # 'b' is not in the bech32 alphabet
-    SPEC_NPUB[:10] + "i" + SPEC_NPUB[11:],
-    SPEC_NPUB[:10] + "é" + SPEC_NPUB[11:],
-    SPEC_NPUB[:10] + " " + SPEC_NPUB[11:],
-], ids=["b", "i", "non-ascii", "space"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        SPEC_NPUB[:10] + "b" + SPEC_NPUB[11:],  # 'b' is not in the bech32 alphabet
+        SPEC_NPUB[:10] + "i" + SPEC_NPUB[11:],
+        SPEC_NPUB[:10] + "é" + SPEC_NPUB[11:],
+        SPEC_NPUB[:10] + " " + SPEC_NPUB[11:],
+    ],
+    ids=["b", "i", "non-ascii", "space"],
+)
 def test_invalid_character(text: str) -> None:
     assert _error(decode_npub, text) is R.INVALID_CHARACTER
 
 
-@pytest.mark.parametrize("text", ["npubqqqqqqqq", "1qqqqqqqqq", "npub1qqqqq", "", b"npub1qqqqqqqq"],
-                         ids=["no-separator", "empty-prefix", "short-checksum", "empty", "bytes"])
+@pytest.mark.parametrize(
+    "text",
+    ["npubqqqqqqqq", "1qqqqqqqqq", "npub1qqqqq", "", b"npub1qqqqqqqq"],
+    ids=["no-separator", "empty-prefix", "short-checksum", "empty", "bytes"],
+)
 def test_malformed(text: object) -> None:
     assert _error(decode_npub, text) is R.MALFORMED
 
@@ -238,20 +248,32 @@ def test_unknown_tlv_types_are_ignored() -> None:
 def test_nevent_optional_fields() -> None:
     data = _tlv((0, bytes(32)), (2, bytes.fromhex(SPEC_NPUB_2_HEX)), (3, (30023).to_bytes(4, "big")))
     assert decode_nevent(encode_bech32("nevent", data)) == EventPointer(
-        id="00" * 32, relays=(), author=SPEC_NPUB_2_HEX, kind=30023)
+        id="00" * 32, relays=(), author=SPEC_NPUB_2_HEX, kind=30023
+    )
     assert decode_nevent(encode_bech32("nevent", _tlv((0, bytes(32))))) == EventPointer(id="00" * 32)
 
 
-@pytest.mark.parametrize(("hrp", "data"), [
-    ("nprofile", _tlv((1, b"wss://a"))),  # no special entry
-    ("nprofile", _tlv((0, bytes(31)))),  # special of the wrong size
-    ("nprofile", _tlv((0, bytes(32))) + b"\x01\x05ab"),  # truncated value
-    ("nprofile", _tlv((0, bytes(32))) + b"\x01"),  # truncated header
-    ("nprofile", _tlv((0, bytes(32)), (1, b"\xff"))),  # non-ASCII relay
-    ("nevent", _tlv((0, bytes(32)), (2, bytes(31)))),  # author of the wrong size
-    ("nevent", _tlv((0, bytes(32)), (3, bytes(2)))),  # kind not 4 bytes
-], ids=["no-special", "short-special", "truncated-value", "truncated-header", "non-ascii-relay",
-        "short-author", "short-kind"])
+@pytest.mark.parametrize(
+    ("hrp", "data"),
+    [
+        ("nprofile", _tlv((1, b"wss://a"))),  # no special entry
+        ("nprofile", _tlv((0, bytes(31)))),  # special of the wrong size
+        ("nprofile", _tlv((0, bytes(32))) + b"\x01\x05ab"),  # truncated value
+        ("nprofile", _tlv((0, bytes(32))) + b"\x01"),  # truncated header
+        ("nprofile", _tlv((0, bytes(32)), (1, b"\xff"))),  # non-ASCII relay
+        ("nevent", _tlv((0, bytes(32)), (2, bytes(31)))),  # author of the wrong size
+        ("nevent", _tlv((0, bytes(32)), (3, bytes(2)))),  # kind not 4 bytes
+    ],
+    ids=[
+        "no-special",
+        "short-special",
+        "truncated-value",
+        "truncated-header",
+        "non-ascii-relay",
+        "short-author",
+        "short-kind",
+    ],
+)
 def test_invalid_tlv(hrp: str, data: bytes) -> None:
     decoder = decode_nprofile if hrp == "nprofile" else decode_nevent
     assert _error(decoder, encode_bech32(hrp, data)) is R.INVALID_TLV

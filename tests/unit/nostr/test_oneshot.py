@@ -1,4 +1,5 @@
 """A job's reply relays are the customer's choice: their addresses are checked (SSRF) before a connection."""
+
 from __future__ import annotations
 
 import pytest
@@ -12,11 +13,21 @@ def resolver(table: dict[str, list[str]]):
         if host not in table:
             raise OSError("no such host")
         return table[host]
+
     return resolve
 
 
-@pytest.mark.parametrize("url", ["ws://127.0.0.1:7777", "ws://10.1.2.3", "wss://[::1]:443", "ws://169.254.169.254",
-                                 "ws://[::ffff:192.168.0.1]", "wss://0.0.0.0"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ws://127.0.0.1:7777",
+        "ws://10.1.2.3",
+        "wss://[::1]:443",
+        "ws://169.254.169.254",
+        "ws://[::ffff:192.168.0.1]",
+        "wss://0.0.0.0",
+    ],
+)
 async def test_private_literal_addresses_are_refused(url: str) -> None:
     assert await checked_address(url, allow_private=False) is None
 
