@@ -1,8 +1,9 @@
-"""Every (job state, fact) pair, table-driven: the state the engine must end in.
+"""Every (job state, fact) pair, table-driven, through the database: the state the engine must end in.
 
-Each case drives a hold-mode job through the real engine to the starting state, applies
-one fact, and compares the resulting state with the table. A pair missing from the
-table must leave the state unchanged.
+Each case drives a hold-mode job through the real engine (SQLite, the inbox, ln_facts rows) to
+the starting state, applies one fact, and compares the resulting state with the table. A pair
+missing from the table must leave the state unchanged. The pure version, every pair against
+``service/escrow/machine.py`` in memory, is ``tests/unit/test_machine.py``.
 """
 
 from __future__ import annotations
