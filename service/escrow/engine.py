@@ -182,19 +182,24 @@ class Engine:
         return out
 
     # ------------------------------------------------------------------ the one writer of jobs
-    async def apply(self, s: AsyncSession, job_id: str, fact: Fact) -> Plan:
-        """Step the machine with ``fact`` for ``job_id`` and apply the plan in ``s``'s transaction."""
+    async def apply(self, s: AsyncSession, job_id: str, fact: Fact, *, row: Job | None = None) -> Plan:
+        """Step the machine with ``fact`` for ``job_id`` and apply the plan in ``s``'s transaction.
+
+        ``row``: the job's row, when the caller has just read it in this transaction (saves a query)."""
         for _ in range(self.STALE_RETRIES):
-            view = await self.load(s, job_id, fact.kind, fact)
+            view, row = await self._load(s, job_id, fact.kind, row=row)
+            if view.state is S.NEW and fact.kind not in (FactKind.REQUEST_ACCEPTED, FactKind.REQUEST_REJECTED):
+                return Plan(state=S.NEW, outcome="no job")
             plan = machine.step(view, fact, self.now(), self.machine_config)
             try:
-                await self._apply(s, view, plan)
+                await self._apply(s, view, plan, row)
             except StaleView:
+                row = None
                 continue
             return plan
         raise StaleView(f"job {job_id} kept changing while {fact.kind} was applied")
 
-    async def _apply(self, s: AsyncSession, view: JobView, plan: Plan) -> None:
+    async def _apply(self, s: AsyncSession, view: JobView, plan: Plan, row: Job | None) -> None:
         job_id = view.id
         rows: list[dict[str, Any]] = []  # the timeline, written in one statement at the end
         signed = [
@@ -217,7 +222,9 @@ class Engine:
                 values["refund_reason"] = plan.refund_reason
             if plan.decision is not None or plan.release_detail is not None:
                 values["decision"] = decision_json(
-                    plan.decision or view.decision, plan.release_detail, await self._stored_decision(s, job_id)
+                    plan.decision or view.decision,
+                    plan.release_detail,
+                    json.loads(row.decision) if row is not None and row.decision else {},
                 )
             for event, is_eval_request in signed:
                 if is_eval_request:
@@ -268,7 +275,13 @@ class Engine:
                     for kind in plan.effects
                 ],
             )
-        relays = list(plan.new_job.reply_relays) if plan.new_job else await self._reply_relays_of(s, job_id)
+        relays = (
+            list(plan.new_job.reply_relays)
+            if plan.new_job
+            else json.loads(row.reply_relays)
+            if row and row.reply_relays
+            else []
+        )
         for kind, detail in plan.notes:
             rows.append(timeline.row(job_id, kind, detail))
         for event, _ in signed:
@@ -313,15 +326,6 @@ class Engine:
         res = await s.execute(insert_ignore(s, table_of(Job)), [row])
         return rowcount(res) == 1
 
-    async def _reply_relays_of(self, s: AsyncSession, job_id: str) -> list[str]:
-        raw = await s.scalar(select(Job.reply_relays).where(Job.id == job_id))
-        return json.loads(raw) if raw else []
-
-    async def _stored_decision(self, s: AsyncSession, job_id: str) -> dict[str, Any]:
-        raw = await s.scalar(select(Job.decision).where(Job.id == job_id))
-        return json.loads(raw) if raw else {}
-
-    # ------------------------------------------------------------------ the view
     def job_request(self, job: Job) -> JobRequest:
         """The job's accepted request, re-read from its event without the clock or terms checks,
         with the money split stored when it was accepted (terms may have changed since)."""
@@ -351,11 +355,14 @@ class Engine:
     ) -> JobView:
         """What the machine needs to see of ``job_id`` for a fact of ``kind`` (state NEW: no row);
         ``full``: everything (a test comparing the engine with the machine)."""
-        job = (
-            await s.execute(select(Job).where(Job.id == job_id).execution_options(populate_existing=True))
-        ).scalar_one_or_none()
+        return (await self._load(s, job_id, kind, full=full))[0]
+
+    async def _load(
+        self, s: AsyncSession, job_id: str, kind: FactKind, *, full: bool = False, row: Job | None = None
+    ) -> tuple[JobView, Job | None]:
+        job = row if row is not None else await self._job(s, job_id)
         if job is None:
-            return JobView(id=job_id)
+            return JobView(id=job_id), None
         state = S(job.state)
         req = self.job_request(job) if state is not S.REJECTED else None
         results: tuple[ResultView, ...] = ()
@@ -410,7 +417,7 @@ class Engine:
             held_msat=held,
             owed_msat=owed,
             posted=posted,
-        )
+        ), job
 
     # ------------------------------------------------------------------ events (the inbox handler)
     async def handle_event(self, s: AsyncSession, event: Event) -> str:
@@ -539,7 +546,7 @@ class Engine:
             return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
         received = await self.received_at(s, event)
         fact = machine.ResultReceived(result_view_of(res), event.id, event.created_at, received.timestamp())
-        return (await self.apply(s, job.id, fact)).outcome
+        return (await self.apply(s, job.id, fact, row=job)).outcome
 
     async def on_scores(self, s: AsyncSession, event: Event) -> str:
         try:
@@ -561,7 +568,7 @@ class Engine:
             event.created_at,
             received.timestamp(),
         )
-        return (await self.apply(s, job.id, fact)).outcome
+        return (await self.apply(s, job.id, fact, row=job)).outcome
 
     async def on_payee_invoice(self, s: AsyncSession, event: Event) -> str:
         try:
@@ -592,9 +599,10 @@ class Engine:
             return f"ignored: {e.reason.value}"
         outcomes = []
         for job_id in d.event_ids:
-            if await self._job(s, job_id) is None:
+            job = await self._job(s, job_id)
+            if job is None:
                 continue
-            outcomes.append((await self.apply(s, job_id, machine.Deleted(event.pubkey))).outcome)
+            outcomes.append((await self.apply(s, job_id, machine.Deleted(event.pubkey), row=job)).outcome)
         return "; ".join(outcomes) or "ignored: names no job of ours"
 
     # ------------------------------------------------------------------ effects reported back
@@ -602,9 +610,10 @@ class Engine:
         """The escrow invoice could not be made after every retry (LND away for long): the job
         would otherwise wait in ``requested`` for ever. Cancel it (no money was taken) and tell
         the customer, who may post the request again."""
-        if await self._job(s, job_id) is None:
+        job = await self._job(s, job_id)
+        if job is None:
             return False
-        plan = await self.apply(s, job_id, machine.InvoiceFailed(error))
+        plan = await self.apply(s, job_id, machine.InvoiceFailed(error), row=job)
         return plan.state is S.CANCELLED and not plan.outcome.startswith("ignored")
 
     def offer_deadline(self, job: Job, now: int) -> int:
@@ -638,7 +647,8 @@ class Engine:
         if rowcount(claimed) != 1:
             return "already consumed"
         job_id = await s.scalar(select(LnInvoice.job_id).where(LnInvoice.payment_hash == fact.payment_hash))
-        if job_id is None or await self._job(s, job_id) is None:
+        job = await self._job(s, job_id) if job_id is not None else None
+        if job is None:
             return "no job"
         observed = int(aware(fact.observed_at).timestamp())
         step: Fact
@@ -652,11 +662,11 @@ class Engine:
             return "unknown fact"
         await timeline.record(
             s,
-            job_id,
+            job.id,
             timeline.EntryKind.FACT,
             {"ln": fact.kind, "amount_msat": fact.amount_msat, "source": fact.source},
         )
-        return (await self.apply(s, job_id, step)).outcome
+        return (await self.apply(s, job.id, step, row=job)).outcome
 
     # ------------------------------------------------------------------ payout outcomes
     async def handle_payout(self, s: AsyncSession, p: Payout) -> str:
@@ -665,13 +675,15 @@ class Engine:
         )
         if rowcount(res) != 1:
             return "already consumed"
-        if p.job_id is None or await self._job(s, p.job_id) is None:
+        job = await self._job(s, p.job_id) if p.job_id is not None else None
+        if job is None:
             return "no job"
         view = payout_view(p)
         if view.state is PayoutState.SUCCEEDED:
-            return (await self.apply(s, p.job_id, machine.PayoutSucceeded(view))).outcome
+            return (await self.apply(s, job.id, machine.PayoutSucceeded(view), row=job)).outcome
         if view.state is PayoutState.NEEDS_INVOICE:
-            return (await self.apply(s, p.job_id, machine.PayoutNeedsInvoice(view, reason_code(p.last_error)))).outcome
+            fact = machine.PayoutNeedsInvoice(view, reason_code(p.last_error))
+            return (await self.apply(s, job.id, fact, row=job)).outcome
         return "no change"
 
     # ------------------------------------------------------------------ timers
@@ -690,7 +702,7 @@ class Engine:
         due = self.due_timer(job)
         if due is None:
             return None
-        plan = await self.apply(s, job.id, machine.DeadlineReached())
+        plan = await self.apply(s, job.id, machine.DeadlineReached(), row=job)
         return due if plan.state is not S(job.state) else None
 
 
