@@ -29,8 +29,12 @@ from service.payouts import DestinationKind, PayoutKind
 from service.payouts.models import Payout
 
 BASE = "http://api.test"
-# a real, signed regtest invoice for the payout (the route checks it before accepting it)
-BOLT11 = regtest_invoice("payee", 5_000_000, "a1" * 32, "reward", int(time.time()))
+
+
+def bolt11_now() -> str:
+    """A real, signed regtest invoice for the payout (the route checks it before accepting it),
+    dated now: it expires in 600 s, so it is made when a test runs, not when the module is imported."""
+    return regtest_invoice("payee", 5_000_000, "a1" * 32, "reward", int(time.time()))
 
 
 @pytest.fixture
@@ -82,7 +86,7 @@ async def test_a_request_refused_with_409_cannot_be_replayed_later(app: FastAPI)
     job_id = "ab" * 32
     await _job_with_payout(app, payee.public_key_hex, job_id, "failed")
     path = f"/v1/jobs/{job_id}/payout-invoice"
-    body = json.dumps({"bolt11": BOLT11}).encode()
+    body = json.dumps({"bolt11": bolt11_now()}).encode()
     headers = auth(payee, path, body)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         r = await c.post(path, content=body, headers=headers)
@@ -100,7 +104,7 @@ async def test_a_request_refused_with_404_cannot_be_replayed_later(app: FastAPI)
     job_id = "ef" * 32
     await _job_with_payout(app, payee.public_key_hex, job_id, None)
     path = f"/v1/jobs/{job_id}/payout-invoice"
-    body = json.dumps({"bolt11": BOLT11}).encode()
+    body = json.dumps({"bolt11": bolt11_now()}).encode()
     headers = auth(payee, path, body)
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as c:
         r = await c.post(path, content=body, headers=headers)
