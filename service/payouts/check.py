@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 import bolt11
-from sqlalchemy import select
+from sqlalchemy import String, cast, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.bitcoin import network_of_currency
@@ -80,18 +80,28 @@ async def refuse_used_hash(session: AsyncSession, payment_hash: str, *, payout_i
     refused. (Two payouts waiting with one invoice are both accepted: the write-ahead attempt row,
     whose primary key is the hash, lets only one of them send.)"""
     h = payment_hash
-    if await session.scalar(select(LnInvoice.payment_hash).where(LnInvoice.payment_hash == h)) is not None:
-        raise InvoiceCheckError(CheckReason.HASH_REUSED, "the payment hash is one of our own invoices")
-    prior = (
+    # One round trip for the three places a hash may already be (this runs before every send).
+    found = (
         await session.execute(
-            select(PayoutAttempt.payout_id, PayoutAttempt.state).where(PayoutAttempt.payment_hash == h)
+            union_all(
+                select(literal("invoice"), literal(None, String), literal(None, String)).where(
+                    LnInvoice.payment_hash == h
+                ),
+                select(literal("attempt"), PayoutAttempt.payout_id, cast(PayoutAttempt.state, String)).where(
+                    PayoutAttempt.payment_hash == h
+                ),
+                select(literal("paid"), Payout.id, literal(None, String)).where(Payout.payment_hash == h),
+            )
         )
-    ).first()
-    if prior is not None and not may_reuse(prior.payout_id, prior.state, payout_id):
-        raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash was used before")
-    paid = await session.scalar(select(Payout.id).where(Payout.payment_hash == h))
-    if paid is not None and paid != payout_id:
-        raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash paid another payout")
+    ).all()
+    if any(where == "invoice" for where, _, _ in found):
+        raise InvoiceCheckError(CheckReason.HASH_REUSED, "the payment hash is one of our own invoices")
+    for where, other_payout, state in found:
+        if where == "attempt" and not may_reuse(other_payout, AttemptState(state), payout_id):
+            raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash was used before")
+    for where, other_payout, _ in found:
+        if where == "paid" and other_payout != payout_id:
+            raise InvoiceCheckError(CheckReason.HASH_REUSED, "this payment hash paid another payout")
 
 
 async def check_invoice(
