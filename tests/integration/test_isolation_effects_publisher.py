@@ -34,8 +34,8 @@ from service.nostr.pool import PoolConfig, RelayPool, Subscription
 from service.quarantine import ItemFailure, Quarantine
 from tests.conftest import Regtest, wait_until
 from tests.e2e.market import query
-from tests.unit.test_engine_properties import Clock, World
 from tests.integration.test_engine_states import deletion
+from tests.unit.test_engine_properties import Clock, World
 from tests.unit.test_isolation import POLICY, QClock, replay
 
 MAX_ATTEMPTS = 3

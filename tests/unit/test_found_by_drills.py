@@ -218,8 +218,8 @@ async def test_a_starting_node_is_not_a_refused_invoice(sessions, lnd, state: st
 
 
 async def test_a_refused_payee_invoice_is_announced_again(tmp_path: Path) -> None:
-    from tests.unit.test_engine_properties import Clock, World, _fresh_db
     from tests.integration.test_engine_states import reach
+    from tests.unit.test_engine_properties import Clock, World, _fresh_db
 
     engine = create_engine(await _fresh_db(tmp_path))
     world = World(session_factory(engine), Clock())
@@ -315,8 +315,8 @@ async def test_a_job_whose_invoice_cannot_be_made_is_cancelled_and_the_customer_
     from service.lightning.invoices import EscrowInvoices, HoldSizing
     from service.lightning.settlement import SettlementWatcher
     from service.nostr.models import OutboxEvent
-    from tests.unit.test_engine_properties import Clock, World, _fresh_db
     from tests.integration.test_engine_states import reach
+    from tests.unit.test_engine_properties import Clock, World, _fresh_db
 
     class AwayLnd:
         async def add_hold_invoice(self, *_a, **_k):
