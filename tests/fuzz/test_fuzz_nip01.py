@@ -259,7 +259,9 @@ def mutated_events(draw) -> tuple[dict, dict, bool, Limits]:
             if which == 0 and tags:
                 del tags[draw(st.integers(0, len(tags) - 1))]
             elif which == 1 and tags:
-                tags.insert(draw(st.integers(0, len(tags))), list(tags[draw(st.integers(0, len(tags) - 1))]))
+                # a duplicated tag, deep-copied: an earlier mutation may have made it any JSON value
+                copied = json.loads(json.dumps(tags[draw(st.integers(0, len(tags) - 1))]))
+                tags.insert(draw(st.integers(0, len(tags))), copied)
             elif which == 2 and len(tags) >= 2:
                 i, j = draw(st.integers(0, len(tags) - 1)), draw(st.integers(0, len(tags) - 1))
                 tags[i], tags[j] = tags[j], tags[i]
