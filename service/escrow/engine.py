@@ -783,11 +783,11 @@ def result_view_of(res: Any) -> ResultView:
         res.id,
         res.provider,
         res.shard_index,
-        res.model.sha256,
+        res.model_sha256,
         payout_to,
         invoice.bolt11 if invoice is not None else None,
         invoice.amount_msat if invoice is not None else None,
-        res.model.url,
+        res.model_url,
     )
 
 

@@ -17,6 +17,7 @@ Modules, one per concept:
 * :mod:`.shards` - its shard tags, plain and private (NIP-44);
 * :mod:`.money` - the money split (§9);
 * :mod:`.result` - kind 6701 (§5);
+* :mod:`.sealing` - sealed results: the ``sealed``/``key`` tags and the AEAD (§5a);
 * :mod:`.evaluation` - kinds 5702 / 6702 (§6);
 * :mod:`.feedback` - kind 7000: offer, funded, verdicts, rewards, refund, errors, payee invoices;
 * :mod:`.deletion` - kind 5 (NIP-09);
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 from service.bitcoin import MAX_MSAT
 
-from .announcement import Announcement, build_announcement, parse_announcement
+from .announcement import Announcement, PoolValidator, build_announcement, parse_announcement
 from .deletion import Deletion, build_deletion, parse_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError, CodecErrorReason
 from .evaluation import (
@@ -39,6 +40,7 @@ from .evaluation import (
     Score,
     build_evaluation_request,
     build_evaluation_result,
+    open_scores,
     parse_evaluation_request,
     parse_evaluation_result,
 )
@@ -50,7 +52,9 @@ from .feedback import (
     EscrowOffer,
     Feedback,
     Funded,
+    ModelKey,
     PaymentProof,
+    PublishedScore,
     Refunded,
     RefundReason,
     RewardClaimable,
@@ -61,6 +65,7 @@ from .feedback import (
     build_error_feedback,
     build_escrow_offer,
     build_funded,
+    build_model_key,
     build_payee_invoice,
     build_refunded,
     build_rejection,
@@ -73,6 +78,7 @@ from .feedback import (
     parse_escrow_offer,
     parse_feedback,
     parse_funded,
+    parse_model_key,
     parse_refunded,
     parse_reward_claimable,
     parse_reward_paid,
@@ -88,6 +94,7 @@ from .job import (
 )
 from .money import MoneySplit, money_split, split_shares, whole_sats
 from .result import JobResult, ModelRef, PayoutAddress, build_result, parse_result
+from .sealing import KeyEnvelope, Sealed, SealedModel, SealError, open_sealed, seal, sealed_model, unwrap_key, wrap_key
 from .shards import Shard, decrypt_shard, encrypt_shard
 from .terms import (
     KIND_ANNOUNCEMENT,
@@ -102,9 +109,26 @@ from .terms import (
     Mode,
     Network,
     PayoutPolicy,
+    Sealing,
 )
 
 __all__ = [
+    "PoolValidator",
+    "open_scores",
+    "ModelKey",
+    "PublishedScore",
+    "build_model_key",
+    "parse_model_key",
+    "KeyEnvelope",
+    "Sealed",
+    "SealedModel",
+    "SealError",
+    "open_sealed",
+    "seal",
+    "sealed_model",
+    "unwrap_key",
+    "wrap_key",
+    "Sealing",
     "KIND_ANNOUNCEMENT",
     "KIND_DELETION",
     "KIND_EVALUATION_REQUEST",

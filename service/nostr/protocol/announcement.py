@@ -3,7 +3,8 @@
 ``["d", <identifier>]``, ``["k", "<job kind>"]``, content = the terms as a JSON object
 (keys sorted, compact): ``name``, ``about``, every :class:`~.terms.EscrowTerms` field,
 ``modes`` as a sorted list and ``network`` as its name. Parsers ignore unknown JSON
-keys (forward compatibility) and refuse missing or mistyped ones.
+keys (forward compatibility) and refuse missing or mistyped ones. ``validators`` (optional) is
+the operator's validator pool: ``[{"pubkey": <hex>, "name": <text>}, …]``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
-from .fields import Template, arity, check_text, expect_kind, parse_uint, placeholder_event, single, template
+from .fields import Template, arity, check_text, expect_kind, is_hex64, parse_uint, placeholder_event, single, template
 from .terms import KIND_ANNOUNCEMENT, KIND_JOB_REQUEST, EscrowTerms, Mode, Network
 
 R = CodecErrorReason
@@ -36,6 +37,17 @@ _INT_TERMS = (
 )
 
 
+MAX_POOL = 64
+
+
+@dataclass(frozen=True, slots=True)
+class PoolValidator:
+    """A validator the operator vouches for (``{"pubkey": <hex>, "name": <text>}`` in ``validators``)."""
+
+    pubkey: str
+    name: str
+
+
 @dataclass(frozen=True, slots=True)
 class Announcement:
     d: str
@@ -43,6 +55,22 @@ class Announcement:
     about: str
     terms: EscrowTerms
     job_kind: int = KIND_JOB_REQUEST
+    validator_pool: tuple[PoolValidator, ...] = ()  # the escrow's validator pool (protocol.md §1)
+
+
+def _read_pool(body: dict[str, Any]) -> tuple[PoolValidator, ...]:
+    raw = body.get("validators", [])
+    if type(raw) is not list or len(raw) > MAX_POOL:
+        raise CodecError(R.INVALID_POOL, f"validators must be a list of at most {MAX_POOL} objects")
+    pool: list[PoolValidator] = []
+    for item in raw:
+        if type(item) is not dict or not is_hex64(item.get("pubkey")) or type(item.get("name")) is not str:
+            raise CodecError(R.INVALID_POOL, "each pool validator is {pubkey: 64 hex, name: text}")
+        check_text(item["name"], R.INVALID_POOL, "pool validator name", 64)
+        if any(v.pubkey == item["pubkey"] for v in pool):
+            raise CodecError(R.INVALID_POOL, "a pool validator is listed twice")
+        pool.append(PoolValidator(item["pubkey"], item["name"]))
+    return tuple(pool)
 
 
 def _bad(message: str) -> CodecError:
@@ -58,6 +86,8 @@ def _terms_json(announcement: Announcement) -> str:
         network=str(terms.network),
         modes=sorted(str(mode) for mode in terms.modes),
     )
+    if announcement.validator_pool:
+        body["validators"] = [{"pubkey": v.pubkey, "name": v.name} for v in announcement.validator_pool]
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -94,7 +124,14 @@ def parse_announcement(event: Event) -> Announcement:
         raise _bad(f"inconsistent terms: {exc}") from None
     check_text(body["name"], R.INVALID_ANNOUNCEMENT, "name", 256)
     check_text(body["about"], R.INVALID_ANNOUNCEMENT, "about", 4096, empty=True)
-    return Announcement(d=d[1], name=body["name"], about=body["about"], terms=terms, job_kind=job_kind)
+    return Announcement(
+        d=d[1],
+        name=body["name"],
+        about=body["about"],
+        terms=terms,
+        job_kind=job_kind,
+        validator_pool=_read_pool(body),
+    )
 
 
 def build_announcement(announcement: Announcement) -> Template:

@@ -94,6 +94,14 @@ class CodecErrorReason(enum.StrEnum):
     INVALID_MODEL = "invalid_model"
     INVALID_MODEL_SHA256 = "invalid_model_sha256"
     INVALID_MODEL_SIZE = "invalid_model_size"
+    INVALID_SEALED_MODEL = "invalid_sealed_model"
+    MODEL_AND_SEALED = "model_and_sealed"
+    INVALID_KEY = "invalid_key"
+    DUPLICATE_KEY = "duplicate_key"
+    MISSING_KEY = "missing_key"
+    KEY_RECIPIENT_NOT_ALLOWED = "key_recipient_not_allowed"
+    SEALING_REQUIRED = "sealing_required"
+    SEALING_NEEDS_VALIDATORS = "sealing_needs_validators"
     INVALID_PAYOUT_DESTINATION = "invalid_payout_destination"
     INVALID_AMOUNT = "invalid_amount"
     INVALID_BOLT11 = "invalid_bolt11"
@@ -119,6 +127,11 @@ class CodecErrorReason(enum.StrEnum):
     # --- announcement (31990) and shard decryption ------------------------------------
     INVALID_ANNOUNCEMENT = "invalid_announcement"
     UNDECRYPTABLE_SHARD = "undecryptable_shard"
+    INVALID_SEALING = "invalid_sealing"
+    UNDECRYPTABLE_SCORES = "undecryptable_scores"
+    SCORES_AND_ENCRYPTED = "scores_and_encrypted"
+    INVALID_POOL = "invalid_pool"
+    INVALID_SPLIT = "invalid_split"
 
 
 R = CodecErrorReason
@@ -203,6 +216,17 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_MODEL: "the `model` tag is malformed (arity, URL)",
     R.INVALID_MODEL_SHA256: "the model hash is not 64 lowercase hex characters",
     R.INVALID_MODEL_SIZE: "the model size is not a canonical positive integer within limits",
+    R.INVALID_SEALED_MODEL: "the `sealed` tag is malformed (arity, URL, hashes, sizes: the ciphertext is the model "
+    "+ 28 bytes)",
+    R.MODEL_AND_SEALED: "a result carries both a `model` and a `sealed` tag",
+    R.INVALID_KEY: "a `key` tag is malformed (arity, recipient pubkey, NIP-44 payload shape), or too many",
+    R.DUPLICATE_KEY: "one recipient has two `key` tags",
+    R.MISSING_KEY: "a sealed result has no `key` for the escrow or for one of the job's designated validators",
+    R.KEY_RECIPIENT_NOT_ALLOWED: "a sealed result's `key` is for someone other than the escrow and the job's "
+    "validators (the customer gets the key from the escrow, when the provider is paid)",
+    R.SEALING_REQUIRED: "the job requires sealed results (`sealing required`) and the result is plain",
+    R.SEALING_NEEDS_VALIDATORS: "sealed results need named validators: the customer would validate, so it "
+    "would hold the key before paying",
     R.INVALID_PAYOUT_DESTINATION: "the result's `payout` tag is malformed (type, lud16, lnurl)",
     R.INVALID_AMOUNT: "an `amount` tag is malformed or its amount is not a canonical msat amount > 0",
     R.INVALID_BOLT11: "a BOLT11 invoice string does not have the shape of one",
@@ -225,6 +249,12 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_KIND_REF: "a deletion's `k` tag is not a kind number",
     R.INVALID_ANNOUNCEMENT: "the announcement's `d`/`k` tags or JSON terms are malformed",
     R.UNDECRYPTABLE_SHARD: "a NIP-44 shard does not decrypt (wrong key, tampered) or is not a URL",
+    R.INVALID_SEALING: "the `sealing` tag is not `required` or `optional`",
+    R.UNDECRYPTABLE_SCORES: "sealed scores (`encrypted`) do not decrypt for the escrow or are not a JSON list "
+    "of `score` tags",
+    R.SCORES_AND_ENCRYPTED: "an evaluation result marked `encrypted` also carries `score` tags in the clear",
+    R.INVALID_SPLIT: "a validation complete's `split` tag is malformed, or its parts do not add up to the bid",
+    R.INVALID_POOL: "the announcement's validator pool is malformed (not a list of {pubkey, name})",
 }
 
 

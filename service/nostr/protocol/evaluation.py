@@ -11,11 +11,13 @@ validator for that result) is the engine's rule: it needs the stored request and
 
 from __future__ import annotations
 
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 
-from service.nostr.nip01 import Event
+from service.nostr import nip44
+from service.nostr.nip01 import Event, SecretKey
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
@@ -38,6 +40,7 @@ from .fields import (
     single_pubkey_ref,
     template,
 )
+from .shards import is_nip44_payload
 from .terms import KIND_EVALUATION_REQUEST, KIND_EVALUATION_RESULT
 
 R = CodecErrorReason
@@ -45,6 +48,8 @@ R = CodecErrorReason
 _NON_FINITE = re.compile(r"[+-]?(?:s?nan|inf|infinity)", re.IGNORECASE)
 _METRIC = re.compile(r"[A-Za-z0-9_.:@/+\-]{1,64}")
 REQUEST_ROLES = ("request", "job")
+#: A score value meaning "the sealed model did not open to its commitment" (protocol.md §6).
+UNREADABLE = "unreadable"
 
 
 # ----------------------------------------------------------------- 5702 (escrow)
@@ -139,11 +144,16 @@ def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVA
 
 @dataclass(frozen=True, slots=True)
 class Score:
-    """``["score", <result id>, <value>, <model sha256>]``: one validator's score of one result."""
+    """``["score", <result id>, <value>, <model sha256>]``: one validator's score of one result.
+    ``value`` None is ``"unreadable"``: a sealed model that did not open to its commitment."""
 
     result_id: str
-    value: Decimal
+    value: Decimal | None
     model_sha256: str
+
+    @property
+    def unreadable(self) -> bool:
+        return self.value is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,13 +164,21 @@ class EvaluationResult:
     request_id: str
     job_id: str
     escrow: str
-    scores: tuple[Score, ...]
+    scores: tuple[Score, ...]  # empty while sealed (see :func:`open_scores`)
+    sealed_payload: str | None = None  # the NIP-44 payload of sealed scores (to the escrow)
+
+    @property
+    def sealed(self) -> bool:
+        return self.sealed_payload is not None
 
 
 def _read_score(tag: Tag) -> Score:
     arity(tag, 4, 4, R.INVALID_SCORE)
     _, result_id, value, sha256 = tag
     parse_hex64(result_id, R.INVALID_SCORE, "scored result id")
+    if value == UNREADABLE:
+        parse_hex64(sha256, R.INVALID_SCORE, "scored model sha256")
+        return Score(result_id, None, sha256)
     if _NON_FINITE.fullmatch(value) is not None:
         raise CodecError(R.NON_FINITE_SCORE, "a score must be a finite number")
     decimal = parse_bounded_decimal(value, R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
@@ -178,6 +196,26 @@ def parse_evaluation_result(
     if escrow_pubkey is not None and escrow != escrow_pubkey:
         raise CodecError(R.NOT_FOR_US, "the evaluation result is addressed to another escrow")
     refs = event_refs(tags, REQUEST_ROLES, REQUEST_ROLES)
+    result = EvaluationResult(
+        id=event.id,
+        validator=event.pubkey,
+        created_at=event.created_at,
+        request_id=refs["request"].id,
+        job_id=refs["job"].id,
+        escrow=escrow,
+        scores=(),
+    )
+    if named(tags, "encrypted"):
+        # Sealed scores (NIP-90's encrypted form): the score tags are the NIP-44 content, to the escrow.
+        if named(tags, "score"):
+            raise CodecError(R.SCORES_AND_ENCRYPTED, "sealed scores carry no 'score' tag in the clear")
+        if not is_nip44_payload(event.content):
+            raise CodecError(R.UNDECRYPTABLE_SCORES, "sealed scores must be a NIP-44 v2 payload")
+        return replace(result, sealed_payload=event.content)
+    return replace(result, scores=_read_scores(tags))
+
+
+def _read_scores(tags: tuple[Tag, ...]) -> tuple[Score, ...]:
     scores: list[Score] = []
     seen: set[str] = set()
     for tag in named(tags, "score"):
@@ -188,15 +226,36 @@ def parse_evaluation_result(
         scores.append(score)
     if not scores:
         raise CodecError(R.MISSING_SCORES, "no 'score' tag")
-    return EvaluationResult(
-        id=event.id,
-        validator=event.pubkey,
-        created_at=event.created_at,
-        request_id=refs["request"].id,
-        job_id=refs["job"].id,
-        escrow=escrow,
-        scores=tuple(scores),
+    return tuple(scores)
+
+
+def open_scores(result: EvaluationResult, escrow: SecretKey) -> EvaluationResult:
+    """The scores of a sealed evaluation result, read by the escrow it is encrypted to (the same
+    checks as scores in the clear). A result in the clear is returned as it is."""
+    if result.sealed_payload is None:
+        return result
+    try:
+        conv = nip44.conversation_key(escrow.secret_bytes, result.validator)
+        body = json.loads(nip44.decrypt(result.sealed_payload, conv))
+    except (ValueError, RecursionError):  # Nip44Error is a ValueError, and so is a JSON error
+        raise CodecError(R.UNDECRYPTABLE_SCORES, "the sealed scores do not decrypt for this escrow") from None
+    if type(body) is not list or not all(
+        type(tag) is list and all(type(item) is str for item in tag) and tag and tag[0] == "score" for tag in body
+    ):
+        raise CodecError(R.UNDECRYPTABLE_SCORES, "sealed scores must be a JSON list of 'score' tags")
+    return replace(result, scores=_read_scores(tuple(tuple(tag) for tag in body)), sealed_payload=None)
+
+
+def score_tag(score: Score) -> Tag:
+    tag: Tag = (
+        "score",
+        score.result_id,
+        UNREADABLE if score.value is None else format_decimal(score.value, R.INVALID_SCORE_VALUE, "score"),
+        score.model_sha256,
     )
+    if any(type(item) is not str for item in tag):
+        raise TypeError("score result id and sha256 must be strings")
+    return tag
 
 
 def build_evaluation_result(
@@ -209,24 +268,26 @@ def build_evaluation_result(
     job_relay: str = "",
     content: str = "",
     kind: int = KIND_EVALUATION_RESULT,
+    seal_with: SecretKey | None = None,
+    nonce: bytes | None = None,
 ) -> Template:
+    """A validator's scores; ``seal_with`` (the validator's key): sealed, NIP-44-encrypted to the
+    escrow until its decision (then ``content`` is the payload; ``nonce``: tests only)."""
     tags: list[Tag] = [
         event_tag(request_id, request_relay, "request"),
         event_tag(job_id, job_relay, "job"),
         pubkey_tag(escrow),
     ]
-    for score in scores:
-        tag: Tag = (
-            "score",
-            score.result_id,
-            format_decimal(score.value, R.INVALID_SCORE_VALUE, "score"),
-            score.model_sha256,
-        )
-        if any(type(item) is not str for item in tag):
-            raise TypeError("score result id and sha256 must be strings")
-        tags.append(tag)
+    score_tags = [score_tag(score) for score in scores]
+    _read_scores(tuple(score_tags))
     if type(content) is not str:
         raise TypeError("content must be a string")
-    result = template(kind, tags, content)
+    if seal_with is not None:
+        body = json.dumps([list(t) for t in score_tags], separators=(",", ":"))
+        conv = nip44.conversation_key(seal_with.secret_bytes, escrow)
+        tags.append(("encrypted",))
+        result = template(kind, tags, nip44.encrypt(body, conv, nonce))
+    else:
+        result = template(kind, [*tags, *score_tags], content)
     parse_evaluation_result(placeholder_event(result), kind=kind)
     return result

@@ -25,7 +25,7 @@ import coincurve
 
 from service.nostr.nip01 import Event, SecretKey, compute_id, verify_event
 
-from .announcement import Announcement, build_announcement
+from .announcement import Announcement, PoolValidator, build_announcement
 from .deletion import build_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError
 from .evaluation import Candidate, EvaluationRequest, Score, build_evaluation_request, build_evaluation_result
@@ -34,7 +34,9 @@ from .feedback import (
     CancelReason,
     EscrowOffer,
     Funded,
+    ModelKey,
     PaymentProof,
+    PublishedScore,
     Refunded,
     RefundReason,
     RewardClaimable,
@@ -44,6 +46,7 @@ from .feedback import (
     build_cancelled,
     build_escrow_offer,
     build_funded,
+    build_model_key,
     build_payee_invoice,
     build_refunded,
     build_rejection,
@@ -54,9 +57,10 @@ from .feedback import (
 from .fields import Invoice, Template
 from .job import JobSpec, Validation, build_job_request, parse_job_request
 from .money import split_shares, whole_sats
-from .result import ModelRef, PayoutAddress, build_result
+from .result import PayoutAddress, build_result
+from .sealing import SealedModel, seal, wrap_key
 from .shards import Shard
-from .terms import KIND_JOB_REQUEST, Direction, EscrowTerms, Mode, Network, PayoutPolicy
+from .terms import KIND_JOB_REQUEST, Direction, EscrowTerms, Mode, Network, PayoutPolicy, Sealing
 
 T0 = 1767225600  # 2026-01-01T00:00:00Z
 RELAY = "wss://relay.example.org"
@@ -137,9 +141,17 @@ def example_events() -> list[Example]:
         name="FEDSTR escrow (regtest example)",
         about="Holds training bids in Lightning escrow; pays on validator evidence.",
         terms=EXAMPLE_TERMS,
+        validator_pool=(
+            PoolValidator(v1.public_key_hex, "validator 1"),
+            PoolValidator(v2.public_key_hex, "validator 2"),
+        ),
     )
     out.append(
-        Example("Announcement", "§1 kind 31990", sign_reproducibly(escrow, build_announcement(announcement), T0))
+        Example(
+            "Announcement (with a validator pool)",
+            "§1 kind 31990",
+            sign_reproducibly(escrow, build_announcement(announcement), T0),
+        )
     )
 
     spec = JobSpec(
@@ -172,6 +184,7 @@ def example_events() -> list[Example]:
         expiration=T0 + 90_000,
         relays=(RELAY,),
         previous_job=_hash("round 1 job"),
+        sealing=Sealing.REQUIRED,
     )
     job_event = sign_reproducibly(customer, build_job_request(spec, customer=C), T0)
     out.append(Example("Job request (round 2 of a federated run; shard 1 private to Bob)", "§2 kind 5701", job_event))
@@ -215,7 +228,8 @@ def example_events() -> list[Example]:
     out.append(Example("Funded", "§4 kind 7000", sign_reproducibly(escrow, build_funded(funded), T0 + 60)))
 
     each = whole_sats(split_shares(job.split.provider_share_msat, 2)[0])
-    model_a = ModelRef("https://models.example.org/alice/round2.onnx", _hash("alice model"), 4_718_592)
+    recipients = (*job.spec.validators, E)
+    model_a = _sealed_example(alice, "alice", recipients)
     result_a = sign_reproducibly(
         alice,
         build_result(
@@ -227,11 +241,11 @@ def example_events() -> list[Example]:
         ),
         T0 + 1_800,
     )
-    out.append(Example("Result (payout to a lud16 address)", "§5 kind 6701", result_a))
-    model_b = ModelRef("https://models.example.org/bob/round2.onnx", _hash("bob model"), 4_718_592)
+    out.append(Example("Sealed result (payout to a lud16 address)", "§5 kind 6701", result_a))
+    model_b = _sealed_example(bob, "bob", recipients)
     bob_invoice = Invoice(each, regtest_invoice("bob", each, _hash("bob preimage"), "reward", T0 + 1_900))
     result_b = sign_reproducibly(bob, build_result(job, shard_index=1, model=model_b, invoice=bob_invoice), T0 + 1_900)
-    out.append(Example("Result for the private shard (payout to its own BOLT11)", "§5 kind 6701", result_b))
+    out.append(Example("Sealed result for the private shard (payout to its own BOLT11)", "§5 kind 6701", result_b))
 
     request = EvaluationRequest(
         job_id=job.id,
@@ -248,9 +262,22 @@ def example_events() -> list[Example]:
         Score(result_b.id, Decimal("0.884"), model_b.sha256),
     )
     evaluation = build_evaluation_result(
-        request_id=request_event.id, job_id=job.id, escrow=E, scores=scores, request_relay=RELAY, job_relay=RELAY
+        request_id=request_event.id,
+        job_id=job.id,
+        escrow=E,
+        scores=scores,
+        request_relay=RELAY,
+        job_relay=RELAY,
+        seal_with=v1,
+        nonce=bytes.fromhex(_hash("example scores nonce")),
     )
-    out.append(Example("Evaluation result (scores)", "§6 kind 6702", sign_reproducibly(v1, evaluation, T0 + 4_000)))
+    out.append(
+        Example(
+            "Evaluation result (scores sealed to the escrow)",
+            "§6 kind 6702",
+            sign_reproducibly(v1, evaluation, T0 + 4_000),
+        )
+    )
 
     complete = ValidationComplete(
         job_id=job.id,
@@ -260,12 +287,34 @@ def example_events() -> list[Example]:
             Verdict(result_a.id, True, Decimal("0.9085"), each),
             Verdict(result_b.id, True, Decimal("0.8795"), each),
         ),
+        scores=(
+            PublishedScore(result_a.id, v1.public_key_hex, Decimal("0.912")),
+            PublishedScore(result_a.id, v2.public_key_hex, Decimal("0.905")),
+            PublishedScore(result_b.id, v1.public_key_hex, Decimal("0.884")),
+            PublishedScore(result_b.id, v2.public_key_hex, Decimal("0.875")),
+        ),
+        split=job.split,
     )
     out.append(
         Example(
             "Validation complete",
             "§6 kind 7000",
             sign_reproducibly(escrow, build_validation_complete(complete), T0 + 7_200),
+        )
+    )
+    content_key = _example_content_key("alice")
+    model_key = ModelKey(
+        job_id=job.id,
+        customer=C,
+        result_id=result_a.id,
+        payload=wrap_key(escrow, C, content_key, nonce=bytes.fromhex(_hash("example model key nonce"))).payload,
+        job_relay=RELAY,
+    )
+    out.append(
+        Example(
+            "Model key (alice's content key for the customer, once alice is paid)",
+            "§5a kind 7000",
+            sign_reproducibly(escrow, build_model_key(model_key), T0 + 7_205),
         )
     )
     claimable = RewardClaimable(
@@ -313,6 +362,7 @@ def example_events() -> list[Example]:
         payee=bob.public_key_hex,
         job_relay=RELAY,
         payment=PaymentProof(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, each, 12),
+        bolt11=bob_invoice.bolt11,
     )
     out.append(
         Example(
@@ -351,6 +401,28 @@ def example_events() -> list[Example]:
         )
     )
     return out
+
+
+def _example_content_key(name: str) -> bytes:
+    return hashlib.sha256(f"fedstr-escrow example content key {name}".encode()).digest()
+
+
+def _sealed_example(provider: SecretKey, name: str, recipients: tuple[str, ...]) -> SealedModel:
+    """A sealed model with fixed bytes, key and nonces (the docs' bytes never change)."""
+    model = hashlib.sha256(f"{name} model".encode()).digest() * 64
+    sealed = seal(model, key=_example_content_key(name), nonce=bytes.fromhex(_hash(f"{name} seal nonce"))[:12])
+    keys = tuple(
+        wrap_key(provider, r, sealed.key, nonce=bytes.fromhex(_hash(f"{name} key nonce {r}"))) for r in recipients
+    )
+    return SealedModel(
+        url=f"https://escrow.example.org/blobs/{hashlib.sha256(sealed.ciphertext).hexdigest()}",
+        ciphertext_sha256=hashlib.sha256(sealed.ciphertext).hexdigest(),
+        ciphertext_bytes=len(sealed.ciphertext),
+        sha256=sealed.model_sha256,
+        size_bytes=len(model),
+        key_sha256=sealed.key_sha256,
+        keys=keys,
+    )
 
 
 def example_keys_markdown() -> str:

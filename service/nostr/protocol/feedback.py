@@ -13,6 +13,7 @@ processing / escrow funded      ``["escrow","funded",<msat>]``             :clas
 success / validation complete   —                                          :class:`ValidationComplete`
 success / reward claimable      —                                          :class:`RewardClaimable`
 success / reward paid           —                                          :class:`RewardPaid`
+success / model key             —                                          :class:`ModelKey`
 error / refunded: <code>        ``["escrow","refunded",<msat>]``           :class:`Refunded`
 error / cancelled: <code>       ``["escrow","cancelled",<code>]``          :class:`Cancelled`
 error / <reason>: <message>     —                                          :class:`ErrorFeedback`
@@ -45,16 +46,21 @@ from .fields import (
     expect_kind,
     format_decimal,
     format_msat,
+    is_bolt11,
+    named,
     parse_amount_tag,
     parse_bounded_decimal,
     parse_hex64,
     parse_msat,
+    parse_uint,
     placeholder_event,
     pubkey_tag,
     single,
     single_pubkey_ref,
     template,
 )
+from .money import MoneySplit
+from .sealing import read_key_tag
 from .terms import KIND_FEEDBACK, Mode
 
 R = CodecErrorReason
@@ -70,6 +76,8 @@ INFO_FUNDED = "escrow funded"
 INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
+INFO_MODEL_KEY = "model key"
+UNREADABLE = "unreadable"  # a median (or score) of a sealed model that did not open
 REFUNDED_PREFIX = "refunded: "
 CANCELLED_PREFIX = "cancelled: "
 #: Codes that start a status info of their own feedback, never an error's.
@@ -133,15 +141,42 @@ class Verdict:
 
     result_id: str
     accepted: bool
-    median: Decimal | None
+    median: Decimal | None  # None: no quorum, or (``unreadable``) the sealed model did not open
     reward_msat: int | None = None
+    unreadable: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PublishedScore:
+    """``["score", <result id>, <validator pubkey>, <value> | "unreadable"]`` in a validation complete:
+    every counted score, in the clear once the decision is taken (sealed scores included)."""
+
+    result_id: str
+    validator: str
+    value: Decimal | None  # None: unreadable
 
 
 @dataclass(frozen=True, slots=True)
 class ValidationComplete:
+    """§6: the verdicts, every counted score and the money split, so anyone can recompute the decision."""
+
     job_id: str
     customer: str
     verdicts: tuple[Verdict, ...]
+    job_relay: str = ""
+    scores: tuple[PublishedScore, ...] = ()
+    split: MoneySplit | None = None  # ``["split", bid, fee, validator fee, validators, provider share]``
+
+
+@dataclass(frozen=True, slots=True)
+class ModelKey:
+    """§5a: a sealed result's content key for the customer, NIP-44-encrypted escrow → customer,
+    published when that result's provider is paid (``["key", <customer>, <payload>]``)."""
+
+    job_id: str
+    customer: str
+    result_id: str
+    payload: str
     job_relay: str = ""
 
 
@@ -178,6 +213,7 @@ class RewardPaid:
     payee: str
     payment: PaymentProof
     job_relay: str = ""
+    bolt11: str | None = None  # ``["bolt11", <invoice>]``: the invoice paid, for auditors
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,7 +250,15 @@ class ErrorFeedback:
 
 
 EscrowFeedback = (
-    EscrowOffer | Funded | ValidationComplete | RewardClaimable | RewardPaid | Refunded | Cancelled | ErrorFeedback
+    EscrowOffer
+    | Funded
+    | ValidationComplete
+    | RewardClaimable
+    | RewardPaid
+    | ModelKey
+    | Refunded
+    | Cancelled
+    | ErrorFeedback
 )
 
 
@@ -359,14 +403,15 @@ def _read_verdicts(tags: Tags) -> tuple[Verdict, ...]:
         accepted = tag[0] == "accepted"
         arity(tag, 3, 4 if accepted else 3, R.INVALID_VERDICT)
         result_id = parse_hex64(tag[1], R.INVALID_VERDICT, "verdict result id")
-        if not accepted and tag[2] == NO_QUORUM:
+        unreadable = not accepted and tag[2] == UNREADABLE
+        if not accepted and tag[2] in (NO_QUORUM, UNREADABLE):
             median = None
         else:
             median = parse_bounded_decimal(tag[2], R.INVALID_VERDICT, "median", places=MEDIAN_PLACES)
         reward = parse_msat(tag[3], R.INVALID_VERDICT, "reward") if len(tag) == 4 else None
         if any(v.result_id == result_id for v in verdicts):
             raise CodecError(R.INVALID_VERDICT, "a result has two verdicts")
-        verdicts.append(Verdict(result_id, accepted, median, reward))
+        verdicts.append(Verdict(result_id, accepted, median, reward, unreadable))
     if not verdicts:
         raise CodecError(R.INVALID_VERDICT, "no 'accepted' or 'rejected' tag")
     return tuple(verdicts)
@@ -378,7 +423,66 @@ def parse_validation_complete(event: Event) -> ValidationComplete:
     _expect_status(tags, "success", INFO_VALIDATION_COMPLETE)
     verdicts = _read_verdicts(tags)
     job_id, relay, customer = _job_and_addressee(tags)
-    return ValidationComplete(job_id=job_id, customer=customer, verdicts=verdicts, job_relay=relay)
+    return ValidationComplete(
+        job_id=job_id,
+        customer=customer,
+        verdicts=verdicts,
+        job_relay=relay,
+        scores=_read_published_scores(tags, {v.result_id for v in verdicts}),
+        split=_read_split(tags),
+    )
+
+
+def _read_published_scores(tags: Tags, results: set[str]) -> tuple[PublishedScore, ...]:
+    scores: list[PublishedScore] = []
+    for tag in named(tags, "score"):
+        arity(tag, 4, 4, R.INVALID_SCORE)
+        result_id = parse_hex64(tag[1], R.INVALID_SCORE, "scored result id")
+        validator = parse_hex64(tag[2], R.INVALID_SCORE, "validator pubkey")
+        if result_id not in results:
+            raise CodecError(R.INVALID_SCORE, "a published score is for a result without a verdict")
+        value = (
+            None
+            if tag[3] == UNREADABLE
+            else parse_bounded_decimal(tag[3], R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
+        )
+        if any(x.result_id == result_id and x.validator == validator for x in scores):
+            raise CodecError(R.DUPLICATE_SCORE, "one validator's score of one result is published twice")
+        scores.append(PublishedScore(result_id, validator, value))
+    return tuple(scores)
+
+
+def _read_split(tags: Tags) -> MoneySplit | None:
+    tag = single(tags, "split")
+    if tag is None:
+        return None
+    arity(tag, 6, 6, R.INVALID_SPLIT)
+    bid, fee, each, count, share = (
+        parse_msat(tag[1], R.INVALID_SPLIT, "bid"),
+        parse_msat(tag[2], R.INVALID_SPLIT, "fee"),
+        parse_msat(tag[3], R.INVALID_SPLIT, "validator fee"),
+        parse_uint(tag[4], R.INVALID_SPLIT, "validator count", 999_999),
+        parse_msat(tag[5], R.INVALID_SPLIT, "provider share"),
+    )
+    if fee + each * count + share != bid or share <= 0:
+        raise CodecError(R.INVALID_SPLIT, "fee + validator fees + provider share must be the bid")
+    return MoneySplit(bid, fee, each, count, share)
+
+
+def _split_tag(split: MoneySplit) -> Tag:
+    return (
+        "split",
+        format_msat(split.bid_msat, R.INVALID_SPLIT, "bid"),
+        format_msat(split.fee_msat, R.INVALID_SPLIT, "fee"),
+        format_msat(split.validator_fee_msat, R.INVALID_SPLIT, "validator fee"),
+        str(split.validator_count),
+        format_msat(split.provider_share_msat, R.INVALID_SPLIT, "provider share"),
+    )
+
+
+def _published_score_tag(score: PublishedScore) -> Tag:
+    value = UNREADABLE if score.value is None else format_decimal(score.value, R.INVALID_SCORE_VALUE, "score")
+    return ("score", score.result_id, score.validator, value)
 
 
 def _verdict_tag(verdict: Verdict) -> Tag:
@@ -391,6 +495,10 @@ def _verdict_tag(verdict: Verdict) -> Tag:
         return tag
     if verdict.reward_msat is not None:
         raise CodecError(R.INVALID_VERDICT, "a rejected result earns no reward")
+    if verdict.unreadable:
+        if verdict.median is not None:
+            raise CodecError(R.INVALID_VERDICT, "an unreadable verdict has no median")
+        return ("rejected", verdict.result_id, UNREADABLE)
     median = NO_QUORUM if verdict.median is None else format_decimal(verdict.median, R.INVALID_VERDICT, "median")
     return ("rejected", verdict.result_id, median)
 
@@ -401,8 +509,45 @@ def build_validation_complete(complete: ValidationComplete) -> Template:
         event_tag(complete.job_id, complete.job_relay),
         pubkey_tag(complete.customer),
         *(_verdict_tag(v) for v in complete.verdicts),
+        *(_published_score_tag(x) for x in complete.scores),
     ]
+    if complete.split is not None:
+        tags.append(_split_tag(complete.split))
     return _finish(tags, parse_validation_complete, complete)
+
+
+# ------------------------------------------------------------ 5a. model key
+
+
+def parse_model_key(event: Event) -> ModelKey:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "success", INFO_MODEL_KEY)
+    refs = event_refs(tags, REWARD_ROLES, REWARD_ROLES)
+    customer, _ = single_pubkey_ref(tags)
+    key = single(tags, "key", R.MISSING_KEY)
+    assert key is not None
+    envelope = read_key_tag(key)
+    if envelope.recipient != customer:
+        raise CodecError(R.KEY_RECIPIENT_NOT_ALLOWED, "a model key is for the job's customer")
+    return ModelKey(
+        job_id=refs["job"].id,
+        customer=customer,
+        result_id=refs["result"].id,
+        payload=envelope.payload,
+        job_relay=refs["job"].relay,
+    )
+
+
+def build_model_key(model_key: ModelKey) -> Template:
+    tags = [
+        _status_tag("success", INFO_MODEL_KEY),
+        event_tag(model_key.job_id, model_key.job_relay, "job"),
+        event_tag(model_key.result_id, "", "result"),
+        pubkey_tag(model_key.customer),
+        ("key", model_key.customer, model_key.payload),
+    ]
+    return _finish(tags, parse_model_key, model_key)
 
 
 # --------------------------------------------------------------- 7. rewards
@@ -475,12 +620,20 @@ def parse_reward_paid(event: Event) -> RewardPaid:
     _expect_status(tags, "success", INFO_REWARD_PAID)
     refs = event_refs(tags, REWARD_ROLES, REWARD_ROLES)
     payee, _ = single_pubkey_ref(tags)
+    invoice = single(tags, "bolt11")
+    bolt11 = None
+    if invoice is not None:
+        arity(invoice, 2, 2, R.INVALID_BOLT11)
+        if not is_bolt11(invoice[1]):
+            raise CodecError(R.INVALID_BOLT11, "the receipt's invoice does not have the shape of a BOLT11 invoice")
+        bolt11 = invoice[1]
     return RewardPaid(
         job_id=refs["job"].id,
         earned_by=refs["result"].id,
         payee=payee,
         payment=_read_payment(tags),
         job_relay=refs["job"].relay,
+        bolt11=bolt11,
     )
 
 
@@ -499,6 +652,8 @@ def build_reward_paid(paid: RewardPaid) -> Template:
             format_msat(proof.fee_msat, R.INVALID_PAYMENT, "routing fee"),
         ),
     ]
+    if paid.bolt11 is not None:
+        tags.append(("bolt11", paid.bolt11))
     return _finish(tags, parse_reward_paid, paid)
 
 
@@ -604,6 +759,7 @@ _BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
     ("success", INFO_VALIDATION_COMPLETE): parse_validation_complete,
     ("success", INFO_REWARD_CLAIMABLE): parse_reward_claimable,
     ("success", INFO_REWARD_PAID): parse_reward_paid,
+    ("success", INFO_MODEL_KEY): parse_model_key,
 }
 
 

@@ -60,6 +60,7 @@ from .terms import (
     EscrowTerms,
     Mode,
     PayoutPolicy,
+    Sealing,
 )
 
 R = CodecErrorReason
@@ -76,6 +77,7 @@ SINGLE_TAGS = (
     "validator_fee",
     "expiration",
     "relays",
+    "sealing",
 )
 MAX_PARAMS = 64
 MAX_PARAM_VALUE = 1024
@@ -133,6 +135,7 @@ class JobSpec:
     relays: tuple[str, ...] = ()
     escrow_relay: str = ""
     previous_job: str | None = None
+    sealing: Sealing = Sealing.OPTIONAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,6 +343,9 @@ def read_job_spec(tags: Tags, escrow: str, escrow_relay: str = "") -> JobSpec:
         raise CodecError(R.INVALID_REFUND, "refund must be a lud16 address (name@domain) or an lnurl1… string")
     providers = _read_providers(tags, escrow)
     relays = _read_relays(tags)
+    sealing = _read_one(tags, "sealing", R.INVALID_SEALING)
+    if sealing is not None and sealing not in ("required", "optional"):
+        raise CodecError(R.INVALID_SEALING, "sealing must be 'required' or 'optional'")
     return JobSpec(
         escrow=escrow,
         bid_msat=bid,
@@ -358,6 +364,7 @@ def read_job_spec(tags: Tags, escrow: str, escrow_relay: str = "") -> JobSpec:
         relays=relays,
         escrow_relay=escrow_relay,
         previous_job=previous,
+        sealing=Sealing(sealing) if sealing is not None else Sealing.OPTIONAL,
     )
 
 
@@ -376,6 +383,8 @@ def check_roles(spec: JobSpec, customer: str | None) -> None:
         raise CodecError(R.QUORUM_OUT_OF_RANGE, f"quorum must be within 1..{limit}")
     if not spec.validators and spec.validator_fee_msat:
         raise CodecError(R.VALIDATOR_FEE_WITHOUT_VALIDATORS, "a validator fee needs named validators")
+    if not spec.validators and spec.sealing is Sealing.REQUIRED:
+        raise CodecError(R.SEALING_NEEDS_VALIDATORS, "sealed results need named validators")
     barred = {spec.escrow, *spec.validators}
     if customer is not None:
         barred.add(customer)
@@ -500,6 +509,8 @@ def build_job_request(
         tags.append(nip40.expiration_tag(spec.expiration))
     if spec.relays:
         tags.append(("relays", *spec.relays))
+    if spec.sealing is Sealing.REQUIRED:
+        tags.append(("sealing", str(spec.sealing)))
     for tag in tags:
         if any(type(item) is not str for item in tag):
             raise TypeError(f"{tag[0]!r} tag items must be strings")

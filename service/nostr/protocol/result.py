@@ -9,7 +9,7 @@ results deadline" and "the provider's first valid result" are the engine's rules
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service.nostr.nip01 import Event
 
@@ -37,11 +37,13 @@ from .fields import (
     template,
 )
 from .job import JobRequest
+from .sealing import SealedModel, key_tag, read_keys, read_sealed_tag, sealed_tag
 from .shards import parse_shard_label
+from .terms import Sealing
 
 R = CodecErrorReason
 
-SINGLE_TAGS = ("model", "payout", "amount", "request", "i")
+SINGLE_TAGS = ("model", "sealed", "payout", "amount", "request", "i")
 MAX_MODEL_BYTES = 2**53 - 1
 PAYOUT_KINDS = ("lud16", "lnurl")
 
@@ -71,10 +73,34 @@ class JobResult:
     job_id: str
     customer: str
     shard_index: int
-    model: ModelRef
+    model: ModelRef | None  # a plain result's model; None when sealed
     payout_address: PayoutAddress | None = None
     invoice: Invoice | None = None
     content: str = ""
+    sealed: SealedModel | None = None  # a sealed result's model (protocol.md §5a)
+
+    @property
+    def model_sha256(self) -> str:
+        """The model's (plaintext's) sha256, sealed or not: scores and copies are judged by it."""
+        if self.sealed is not None:
+            return self.sealed.sha256
+        assert self.model is not None
+        return self.model.sha256
+
+    @property
+    def model_size(self) -> int:
+        if self.sealed is not None:
+            return self.sealed.size_bytes
+        assert self.model is not None
+        return self.model.size_bytes
+
+    @property
+    def model_url(self) -> str:
+        """Where the model's bytes are: the ciphertext's URL for a sealed result."""
+        if self.sealed is not None:
+            return self.sealed.url
+        assert self.model is not None
+        return self.model.url
 
 
 def _read_model(tag: Tag) -> ModelRef:
@@ -134,9 +160,19 @@ def parse_result(event: Event, job: JobRequest) -> JobResult:
     refusal = job.submit_refusal(signer, index)
     if refusal is not None:
         raise CodecError(refusal, "this provider may not submit a result for this shard")
-    model_tag = single(tags, "model", R.MISSING_MODEL)
-    assert model_tag is not None
-    model = _read_model(model_tag)
+    model_tag, sealed_tag_ = single(tags, "model"), single(tags, "sealed")
+    model: ModelRef | None = None
+    sealed: SealedModel | None = None
+    if model_tag is not None and sealed_tag_ is not None:
+        raise CodecError(R.MODEL_AND_SEALED, "a result has either a 'model' or a 'sealed' tag")
+    if sealed_tag_ is not None:
+        sealed = _read_sealed(tags, sealed_tag_, job)
+    elif model_tag is None:
+        raise CodecError(R.MISSING_MODEL, "the result has no 'model' (or 'sealed') tag")
+    else:
+        if job.spec.sealing is Sealing.REQUIRED:
+            raise CodecError(R.SEALING_REQUIRED, "this job requires a sealed result")
+        model = _read_model(model_tag)
     payout_tag = single(tags, "payout")
     payout = _read_payout(payout_tag) if payout_tag is not None else None
     amount = single(tags, "amount")
@@ -160,21 +196,38 @@ def parse_result(event: Event, job: JobRequest) -> JobResult:
         payout_address=payout,
         invoice=invoice,
         content=event.content,
+        sealed=sealed,
     )
+
+
+def _read_sealed(tags: tuple[Tag, ...], tag: Tag, job: JobRequest) -> SealedModel:
+    """The ``sealed`` tag and its ``key`` tags: one key for the escrow and for every designated
+    validator, for nobody else (the customer gets its key from the escrow, when the provider is paid)."""
+    if job.customer_validates:
+        raise CodecError(R.SEALING_NEEDS_VALIDATORS, "a sealed result needs the job's named validators")
+    model = read_sealed_tag(tag)
+    keys = read_keys(tags)
+    allowed = {job.spec.escrow, *job.spec.validators}
+    if any(k.recipient not in allowed for k in keys):
+        raise CodecError(R.KEY_RECIPIENT_NOT_ALLOWED, "a key is for someone other than the escrow and the validators")
+    if not allowed <= {k.recipient for k in keys}:
+        raise CodecError(R.MISSING_KEY, "a sealed result needs a key for the escrow and every validator")
+    return replace(model, keys=keys)
 
 
 def build_result(
     job: JobRequest,
     *,
     shard_index: int,
-    model: ModelRef,
+    model: ModelRef | SealedModel,
     payout_address: PayoutAddress | None = None,
     invoice: Invoice | None = None,
     content: str = "",
     job_relay: str = "",
     request: Event | None = None,
 ) -> Template:
-    """A provider's result for one shard of ``job`` (``request``: the job event, copied as NIP-90 does)."""
+    """A provider's result for one shard of ``job`` (``request``: the job event, copied as NIP-90 does).
+    ``model`` is a :class:`ModelRef` (plain) or a :class:`~.sealing.SealedModel` with its keys."""
     shard = job.shard(shard_index) if type(shard_index) is int else None
     if shard is None:
         raise CodecError(R.UNKNOWN_SHARD, "the job has no shard with this index")
@@ -184,16 +237,21 @@ def build_result(
         pubkey_tag(job.spec.escrow),
         shard.to_tag_unchecked(),
     ]
-    model_tag: Tag = (
-        "model",
-        model.url,
-        model.sha256,
-        format_uint(model.size_bytes, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES),
-    )
-    if any(type(item) is not str for item in model_tag):
-        raise TypeError("model url and sha256 must be strings")
-    _read_model(model_tag)
-    tags.append(model_tag)
+    if isinstance(model, SealedModel):
+        tags.append(sealed_tag(model))
+        tags += [key_tag(k) for k in model.keys]
+        _read_sealed(tuple(tags), tags[-1 - len(model.keys)], job)
+    else:
+        model_tag: Tag = (
+            "model",
+            model.url,
+            model.sha256,
+            format_uint(model.size_bytes, R.INVALID_MODEL_SIZE, "model size", MAX_MODEL_BYTES),
+        )
+        if any(type(item) is not str for item in model_tag):
+            raise TypeError("model url and sha256 must be strings")
+        _read_model(model_tag)
+        tags.append(model_tag)
     if payout_address is not None:
         payout_tag: Tag = ("payout", payout_address.kind, payout_address.address)
         _read_payout(payout_tag)

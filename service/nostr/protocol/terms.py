@@ -50,6 +50,13 @@ class PayoutPolicy(enum.StrEnum):
     SPLIT = "split"
 
 
+class Sealing(enum.StrEnum):
+    """Whether a job admits plain results (protocol.md §5a). ``optional``: a provider may seal."""
+
+    OPTIONAL = "optional"
+    REQUIRED = "required"
+
+
 class Direction(enum.StrEnum):
     """Which way a score must go past the threshold: ``max`` = higher is better (>=)."""
 

@@ -18,10 +18,12 @@ from service.nostr.protocol import (
     ErrorFeedback,
     EscrowOffer,
     Funded,
+    ModelKey,
     Refunded,
     RewardClaimable,
     RewardPaid,
     ValidationComplete,
+    open_scores,
     parse_announcement,
     parse_deletion,
     parse_escrow_feedback,
@@ -30,6 +32,7 @@ from service.nostr.protocol import (
     parse_feedback,
     parse_job_request,
     parse_result,
+    unwrap_key,
 )
 from service.nostr.protocol.examples import (
     EXAMPLE_TERMS,
@@ -79,6 +82,7 @@ def test_every_documented_event_verifies_and_parses(doc):
     assert len(events) == len(example_events()) >= 14
     escrow = example_key("escrow").public_key_hex
     jobs = {}
+    results: dict = {}
     seen_bodies = set()
     for event in events:
         if event.kind == 31990:
@@ -88,13 +92,30 @@ def test_every_documented_event_verifies_and_parses(doc):
             jobs[job.id] = job
         elif event.kind == 6701:
             job = jobs[next(t[1] for t in event.tags if t[0] == "e")]
-            assert parse_result(event, job).provider == event.pubkey
+            result = parse_result(event, job)
+            assert result.provider == event.pubkey
+            results[result.id] = result
+            # Sealed: the escrow and every validator open their envelope to the committed key.
+            assert result.sealed is not None
+            for role in ("escrow", "validator 1", "validator 2"):
+                me = example_key(role)
+                envelope = result.sealed.key_for(me.public_key_hex)
+                assert envelope is not None
+                unwrap_key(me, result.provider, envelope.payload, result.sealed.key_sha256)
         elif event.kind == 5702:
             assert parse_evaluation_request(event).job_id in jobs
         elif event.kind == 6702:
-            assert parse_evaluation_result(event, escrow_pubkey=escrow).job_id in jobs
+            sealed = parse_evaluation_result(event, escrow_pubkey=escrow)
+            assert sealed.job_id in jobs and sealed.sealed and not sealed.scores
+            opened = open_scores(sealed, example_key("escrow"))
+            assert {x.result_id for x in opened.scores} <= set(results)
         elif event.kind == 7000 and event.pubkey == escrow:
-            seen_bodies.add(type(parse_escrow_feedback(event)))
+            body = parse_escrow_feedback(event)
+            seen_bodies.add(type(body))
+            if isinstance(body, ModelKey):  # the customer opens it to the sealed result's key
+                sealed_model = results[body.result_id].sealed
+                assert sealed_model is not None
+                unwrap_key(example_key("customer"), escrow, body.payload, sealed_model.key_sha256)
         elif event.kind == 7000:
             assert parse_feedback(event, escrow_pubkey=escrow).payee == event.pubkey
         elif event.kind == 5:
@@ -107,6 +128,7 @@ def test_every_documented_event_verifies_and_parses(doc):
         ValidationComplete,
         RewardClaimable,
         RewardPaid,
+        ModelKey,
         Refunded,
         Cancelled,
         ErrorFeedback,
