@@ -6,7 +6,10 @@ feedback, deletion, announcement), then structurally mutated: tags dropped, dupl
 reordered, truncated, extended, renamed; values replaced with negatives, overflows
 (> 2^64), floats, exponent notation, empty strings, unicode digits, wrong hex lengths,
 other escrows' and other roles' pubkeys; the signer, the kind and the content changed.
-``codec_job`` mutates job requests; ``codec_events`` every other kind.
+``codec_job`` mutates job requests; ``codec_events`` every other kind. Sealed results (§5a:
+``sealed`` and ``key`` tags), sealed scores (``encrypted``, opened by the escrow with
+``open_scores``), model keys, validation completes with every score and the split, receipts
+with their invoice and announcements with a validator pool are among them.
 
 Property, for every parser on every input: a ``CodecError`` whose reason is documented
 (``REASON_DESCRIPTIONS``, the table in docs/protocol.md) and whose message does not echo
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import time
 from dataclasses import replace
 from decimal import Decimal
@@ -30,7 +34,7 @@ import pytest
 from hypothesis import assume
 from hypothesis import strategies as st
 
-from service.nostr import nip40
+from service.nostr import nip40, nip44
 from service.nostr.nip01 import Event, SecretKey
 from service.nostr.protocol import (
     MAX_MSAT,
@@ -52,16 +56,23 @@ from service.nostr.protocol import (
     JobRequest,
     JobResult,
     JobSpec,
+    KeyEnvelope,
     Mode,
+    ModelKey,
     ModelRef,
+    MoneySplit,
     Network,
     PaymentProof,
     PayoutAddress,
     PayoutPolicy,
+    PoolValidator,
+    PublishedScore,
     Refunded,
     RewardClaimable,
     RewardPaid,
     Score,
+    SealedModel,
+    Sealing,
     Shard,
     Validation,
     ValidationComplete,
@@ -74,12 +85,14 @@ from service.nostr.protocol import (
     build_evaluation_result,
     build_funded,
     build_job_request,
+    build_model_key,
     build_payee_invoice,
     build_refunded,
     build_result,
     build_reward_claimable,
     build_reward_paid,
     build_validation_complete,
+    open_scores,
     parse_announcement,
     parse_deletion,
     parse_error_feedback,
@@ -90,6 +103,7 @@ from service.nostr.protocol import (
     parse_feedback,
     parse_funded,
     parse_job_request,
+    parse_model_key,
     parse_refunded,
     parse_result,
     parse_reward_claimable,
@@ -98,6 +112,8 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol.examples import regtest_invoice
 from service.nostr.protocol.fields import Template
+from service.nostr.protocol.sealing import MAX_MODEL_BYTES as MAX_SEALED_MODEL
+from service.nostr.protocol.sealing import OVERHEAD
 
 from . import harness
 from .strategies import choose, short_text, weighted
@@ -116,13 +132,17 @@ def h(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()
 
 
-E = _key("escrow").public_key_hex
+ESCROW_KEY = _key("escrow")
+E = ESCROW_KEY.public_key_hex
 OTHER_E = _key("other escrow").public_key_hex
 C = _key("customer").public_key_hex
 PROVIDERS = [_key(f"provider {i}").public_key_hex for i in range(4)]
-VALIDATORS = [_key(f"validator {i}").public_key_hex for i in range(3)]
+VALIDATOR_KEYS = [_key(f"validator {i}") for i in range(3)]
+VALIDATORS = [k.public_key_hex for k in VALIDATOR_KEYS]
 STRANGER = _key("stranger").public_key_hex
 ALL_KEYS = [E, OTHER_E, C, *PROVIDERS, *VALIDATORS, STRANGER]
+# Who can seal scores again in a round trip (the signer of a sealed evaluation result).
+SECRETS = {k.public_key_hex: k for k in VALIDATOR_KEYS}
 
 _BASE_TERMS = EscrowTerms(
     fee_base_msat=1_000,
@@ -238,6 +258,7 @@ def job_spec(draw, terms: EscrowTerms) -> JobSpec:
         expiration=draw(st.one_of(st.none(), st.integers(NOW + 1, 2**63 - 1))),
         relays=tuple(draw(st.lists(relay.filter(bool), max_size=3, unique=True))),
         previous_job=draw(st.one_of(st.none(), hex64)),
+        sealing=draw(st.sampled_from(Sealing)) if validators else Sealing.OPTIONAL,
     )
 
 
@@ -286,7 +307,8 @@ job_requests = st.composite(job_request)
 
 
 @st.composite
-def results(draw) -> dict[str, Any]:
+def results(draw, sealed: bool = False) -> dict[str, Any]:
+    """A result for a random job; ``sealed``: a sealed one (§5a) for a job with validators."""
     base = job_request(draw)
     job = parse_job(base["event"], base["terms"], NOW)
     shard = draw(st.sampled_from(job.spec.shards))
@@ -296,7 +318,19 @@ def results(draw) -> dict[str, Any]:
         signer = draw(st.sampled_from(job.spec.providers))
     else:
         signer = draw(st.sampled_from([PROVIDERS[3], STRANGER]))
-    model = ModelRef(draw(url), draw(hex64), draw(st.one_of(st.integers(1, 10**9), st.just(2**53 - 1))))
+    variant = ""
+    model: ModelRef | SealedModel
+    assume(job.spec.validators or not sealed)
+    if job.spec.validators and (sealed or job.spec.sealing is Sealing.REQUIRED or draw(st.booleans())):
+        variant = "/sealed"
+        size = draw(st.one_of(st.integers(1, 10**9), st.just(MAX_SEALED_MODEL)))
+        c_sha, m_sha, k_sha = draw(st.lists(hex64, min_size=3, max_size=3, unique=True))
+        recipients = draw(st.permutations([E, *job.spec.validators]))
+        # The codec reads the key envelopes' shape only (the escrow and the validators open them).
+        keys = tuple(KeyEnvelope(r, nip44_payload(draw(st.binary(min_size=97, max_size=130)))) for r in recipients)
+        model = SealedModel(draw(url), c_sha, size + OVERHEAD, m_sha, size, k_sha, keys)
+    else:
+        model = ModelRef(draw(url), draw(hex64), draw(st.one_of(st.integers(1, 10**9), st.just(2**53 - 1))))
     payout = draw(
         st.one_of(
             st.none(),
@@ -314,7 +348,14 @@ def results(draw) -> dict[str, Any]:
         content=draw(free_text),
         job_relay=draw(relay),
     )
-    return {"family": "result", "event": raw(signer, tmpl), "terms": base["terms"], "now": NOW, "job": base["event"]}
+    return {
+        "family": "result",
+        "variant": variant,
+        "event": raw(signer, tmpl),
+        "terms": base["terms"],
+        "now": NOW,
+        "job": base["event"],
+    }
 
 
 @st.composite
@@ -332,9 +373,11 @@ def evaluation_requests(draw) -> dict[str, Any]:
 
 
 @st.composite
-def evaluation_results(draw) -> dict[str, Any]:
+def evaluation_results(draw, sealed: bool | None = None) -> dict[str, Any]:
     ids = draw(st.lists(hex64, min_size=1, max_size=4, unique=True))
-    scores = tuple(Score(i, draw(decimals), draw(hex64)) for i in ids)
+    scores = tuple(Score(i, draw(st.one_of(decimals, st.none())), draw(hex64)) for i in ids)  # None: unreadable
+    validator = draw(st.sampled_from(VALIDATOR_KEYS))
+    sealed = draw(st.booleans()) if sealed is None else sealed
     try:
         tmpl = build_evaluation_result(
             request_id=draw(hex64),
@@ -343,12 +386,19 @@ def evaluation_results(draw) -> dict[str, Any]:
             scores=scores,
             request_relay=draw(relay),
             job_relay=draw(relay),
-            content=draw(free_text),
+            content="" if sealed else draw(free_text),
+            seal_with=validator if sealed else None,
+            nonce=draw(st.binary(min_size=32, max_size=32)),  # the seed replays the same payload
         )
     except CodecError:  # the request and the job drew the same id
         assume(False)
         raise
-    return {"family": "eval_result", "event": raw(draw(st.sampled_from(VALIDATORS)), tmpl), "now": NOW}
+    return {
+        "family": "eval_result",
+        "variant": "/sealed" if sealed else "",
+        "event": raw(validator.public_key_hex, tmpl),
+        "now": NOW,
+    }
 
 
 @st.composite
@@ -375,9 +425,13 @@ def _verdicts(draw) -> tuple[Verdict, ...]:
 
 
 @st.composite
-def escrow_feedbacks(draw) -> dict[str, Any]:
+def escrow_feedbacks(draw, which: int | None = None) -> dict[str, Any]:
+    """Any escrow feedback; ``which`` (2: validation complete, 4: reward paid, 7: model key) one kind,
+    with every optional field (its scores and split, its invoice)."""
+    full = which is not None
     job_id, addressee, job_relay = draw(hex64), draw(st.sampled_from([C, *PROVIDERS, *VALIDATORS])), draw(relay)
-    which = draw(st.integers(0, 6))
+    which = draw(st.integers(0, 7)) if which is None else which
+    variant = ""
     if which == 0:
         tmpl = build_escrow_offer(
             EscrowOffer(
@@ -392,7 +446,10 @@ def escrow_feedbacks(draw) -> dict[str, Any]:
     elif which == 1:
         tmpl = build_funded(Funded(job_id, addressee, draw(msat), job_relay))
     elif which == 2:
-        tmpl = build_validation_complete(ValidationComplete(job_id, addressee, _verdicts(draw), job_relay))
+        verdicts = _verdicts(draw)
+        scores, split = _published_scores(draw, verdicts, full), _split(draw, full)
+        variant = "/validation_complete" + ("+scores" if scores else "") + ("+split" if split else "")
+        tmpl = build_validation_complete(ValidationComplete(job_id, addressee, verdicts, job_relay, scores, split))
     elif which == 3:
         earned = draw(st.one_of(st.none(), hex64))
         assume(earned != job_id)
@@ -404,9 +461,17 @@ def escrow_feedbacks(draw) -> dict[str, Any]:
         proof = PaymentProof(
             hashlib.sha256(preimage).hexdigest(), preimage.hex(), draw(msat), draw(st.integers(0, MAX_MSAT))
         )
-        tmpl = build_reward_paid(RewardPaid(job_id, earned, addressee, proof, job_relay))
+        invoice = draw(bolt11 if full else st.one_of(st.none(), bolt11))
+        variant = "/reward_paid" + ("+bolt11" if invoice else "")
+        tmpl = build_reward_paid(RewardPaid(job_id, earned, addressee, proof, job_relay, invoice))
     elif which == 5:
         tmpl = build_refunded(Refunded(job_id, addressee, draw(code), draw(msat), job_relay))
+    elif which == 7:
+        result_id = draw(hex64)
+        assume(result_id != job_id)
+        variant = "/model_key"
+        payload = nip44_payload(draw(st.binary(min_size=97, max_size=130)))  # the codec reads its shape only
+        tmpl = build_model_key(ModelKey(job_id, addressee, result_id, payload, job_relay))
     else:
         reason = draw(code)
         assume(reason != "refunded")
@@ -416,7 +481,29 @@ def escrow_feedbacks(draw) -> dict[str, Any]:
         except (CodecError, ValueError):  # e.g. a message that does not survive the status text
             assume(False)
             raise
-    return {"family": "escrow_feedback", "event": raw(E, tmpl), "now": NOW}
+    return {"family": "escrow_feedback", "variant": variant, "event": raw(E, tmpl), "now": NOW}
+
+
+def _published_scores(draw, verdicts: tuple[Verdict, ...], some: bool) -> tuple[PublishedScore, ...]:
+    pairs = draw(
+        st.lists(
+            st.tuples(st.sampled_from([v.result_id for v in verdicts]), st.sampled_from([*VALIDATORS, C])),
+            min_size=1 if some else 0,
+            max_size=6,
+            unique=True,
+        )
+    )
+    return tuple(PublishedScore(r, v, draw(st.one_of(decimals, st.none()))) for r, v in pairs)
+
+
+def _split(draw, always: bool) -> MoneySplit | None:
+    if not always and not draw(st.booleans()):
+        return None
+    bid = draw(msat)
+    fee = draw(st.integers(0, bid - 1))
+    count = draw(st.integers(0, 5))
+    each = draw(st.integers(0, (bid - fee - 1) // count)) if count else 0
+    return MoneySplit(bid, fee, each, count, bid - fee - each * count)
 
 
 @st.composite
@@ -428,7 +515,7 @@ def deletions(draw) -> dict[str, Any]:
 
 
 @st.composite
-def announcements(draw) -> dict[str, Any]:
+def announcements(draw, pool_size: tuple[int, int] = (0, 4)) -> dict[str, Any]:
     modes = frozenset(draw(st.lists(st.sampled_from([Mode.HOLD, Mode.CUSTODIAL]), min_size=1, unique=True)))
     min_bid = draw(st.integers(1, 10**12))
     min_window = draw(st.integers(0, 10**6))
@@ -447,6 +534,14 @@ def announcements(draw) -> dict[str, Any]:
     )
     name = draw(name_text)
     about = draw(free_text)
+    pool = tuple(
+        PoolValidator(pubkey, draw(name_text))
+        for pubkey in draw(
+            st.lists(
+                st.one_of(st.sampled_from(VALIDATORS), hex64), min_size=pool_size[0], max_size=pool_size[1], unique=True
+            )
+        )
+    )
     try:
         tmpl = build_announcement(
             Announcement(
@@ -455,15 +550,102 @@ def announcements(draw) -> dict[str, Any]:
                 about,
                 terms,
                 draw(st.sampled_from([5701, 5801, 65535])),
+                pool,
             )
         )
     except CodecError:  # e.g. a name with a character check_text refuses
         assume(False)
         raise
-    return {"family": "announcement", "event": raw(E, tmpl), "now": NOW}
+    return {"family": "announcement", "variant": "/pool" if pool else "", "event": raw(E, tmpl), "now": NOW}
 
 
 # ------------------------------------------------------------------------------ mutation
+
+
+def _sealed_scores(body: str) -> str:
+    """Sealed-score content validator 0 → the escrow (fixed nonce: the same every run)."""
+    conv = nip44.conversation_key(VALIDATOR_KEYS[0].secret_bytes, E)
+    return nip44.encrypt(body, conv, bytes(32))
+
+
+_SCORE = ["score", h("fuzz r1"), "0.5", h("fuzz m1")]
+SEALED_SCORE_PAYLOADS = [
+    _sealed_scores(body)
+    for body in (
+        "{}",
+        "[]",
+        "null",
+        "[[]]",
+        '[["score"]]',
+        "[[1]]",
+        '["score"]',
+        f'[["p", "{E}"]]',
+        json.dumps([_SCORE]),
+        json.dumps([_SCORE, _SCORE]),
+        json.dumps([[*_SCORE[:2], "unreadable", _SCORE[3]]]),
+        json.dumps([[*_SCORE[:2], "NaN", _SCORE[3]]]),
+        json.dumps([[*_SCORE[:2], f"{CANARY}", _SCORE[3]]]),
+        "[" * 5000 + "]" * 5000,
+        "not json",
+    )
+]
+# Validator pools an announcement's ``validators`` is replaced with (see ``mutated``).
+_POOL_ITEM = {"pubkey": VALIDATORS[0], "name": "v0"}
+POOL_HOSTILE: list[Any] = [
+    None,
+    1,
+    "x",
+    True,
+    [],
+    {},
+    [{}],
+    [_POOL_ITEM],
+    [_POOL_ITEM, _POOL_ITEM],
+    [{**_POOL_ITEM, "pubkey": VALIDATORS[0].upper()}],
+    [{**_POOL_ITEM, "pubkey": CANARY}],
+    [{**_POOL_ITEM, "name": ""}],
+    [{**_POOL_ITEM, "name": "n" * 65}],
+    [{**_POOL_ITEM, "name": 5}],
+    [{**_POOL_ITEM, "name": f"x{CANARY}\n"}],
+    [{"pubkey": VALIDATORS[0]}],
+    [{**_POOL_ITEM, "extra": [1, {"x": None}]}],
+    [[VALIDATORS[0], "v0"]],
+    [{"pubkey": h(f"pool {i}"), "name": "v"} for i in range(65)],
+    [{"pubkey": h(f"pool {i}"), "name": "v"} for i in range(64)],
+]
+
+
+def _with_pool(content: str, pool: Any) -> str:
+    try:
+        body = json.loads(content)
+    except (ValueError, RecursionError):
+        return content
+    if not isinstance(body, dict):
+        return content
+    return json.dumps({**body, "validators": pool})
+
+
+def _swap_model_form(tags: list[list[str]], *, keep_keys: bool) -> list[list[str]]:
+    """A ``sealed`` tag becomes the ``model`` tag of its model, or a ``model`` tag a ``sealed`` one
+    with keys for the escrow and one validator (``keep_keys``: the other form's keys stay)."""
+    out = [t for t in tags if keep_keys or t[0] != "key"]
+    for i, tag in enumerate(out):
+        if tag[0] == "sealed" and len(tag) == 7:
+            return [*out[:i], ["model", tag[1], tag[4], tag[5]], *out[i + 1 :]]
+        if tag[0] == "model" and len(tag) == 4 and tag[3].isascii() and tag[3].isdigit() and len(tag[3]) < 20:
+            sealed = [
+                "sealed",
+                tag[1],
+                h("fuzz ciphertext"),
+                str(int(tag[3]) + OVERHEAD),
+                tag[2],
+                tag[3],
+                h("fuzz key"),
+            ]
+            keys = [["key", r, nip44_payload(bytes(100))] for r in (E, VALIDATORS[0])]
+            return [*out[:i], sealed, *keys, *out[i + 1 :]]
+    return tags
+
 
 HOSTILE = [
     "",
@@ -582,6 +764,13 @@ HOSTILE = [
     "[]",
     "{}",
     "null",
+    "unreadable",
+    "Unreadable",
+    "required",
+    "optional",
+    "model key",
+    "encrypted",
+    *SEALED_SCORE_PAYLOADS,
 ]
 TAG_NAMES = [
     "i",
@@ -610,12 +799,19 @@ TAG_NAMES = [
     "d",
     "a",
     "request",
+    "sealed",
+    "key",
+    "encrypted",
+    "sealing",
+    "split",
+    "bolt11",
+    "reason",
     f"x{CANARY}",
     "",
 ]
 PROTOCOL_KINDS = [5, 5701, 5702, 6701, 6702, 7000, 31990, 5801, 6801]
 # mutation ops (see mutated), repeated for weight: value changes most, kind and signer changes least
-OPS = [0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 5, 6, 6, 7, 7, 8, 9, 10, 11, 11, 12]
+OPS = [0, 0, 1, 1, 2, 3, 3, 3, 4, 4, 4, 5, 6, 6, 7, 7, 8, 9, 10, 11, 11, 12, 13]
 NOWS = [0, NOW - 10**6, NOW + 1, NOW + 599, NOW + 600, NOW + 3600, NOW + 86_400, NOW + 2 * 86_400 + 1, 2**62]
 
 
@@ -674,9 +870,13 @@ def mutated(draw, base: st.SearchStrategy) -> dict[str, Any]:
             ev = {**ev, "kind": draw(st.sampled_from(PROTOCOL_KINDS))}
         elif op == 12:  # the escrow's clock at receipt
             case = {**case, "now": draw(st.sampled_from(NOWS))}
+        elif op == 13:  # a result's model form: sealed <-> plain (§5a)
+            tags = _swap_model_form(tags, keep_keys=draw(st.booleans()))
         else:  # content: replace, or (for JSON content) change one character
             content = ev["content"]
-            if content and draw(st.booleans()):
+            if content.startswith("{") and draw(st.integers(0, 3)) == 0:  # an announcement's pool
+                content = _with_pool(content, draw(st.sampled_from(POOL_HOSTILE)))
+            elif content and draw(st.booleans()):
                 pos = draw(st.integers(0, len(content) - 1))
                 content = (
                     content[:pos]
@@ -721,7 +921,7 @@ def round_trip(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> Non
         tmpl = build_result(
             ctx["job"],
             shard_index=parsed.shard_index,
-            model=parsed.model,
+            model=parsed.sealed if parsed.sealed is not None else parsed.model,
             payout_address=parsed.payout_address,
             invoice=parsed.invoice,
             content=parsed.content,
@@ -729,6 +929,20 @@ def round_trip(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> Non
         _same(parsed, parse_result(_event_like(ev, tmpl), ctx["job"]), "id")
     elif isinstance(parsed, EvaluationRequest):
         assert parse_evaluation_request(_event_like(ev, build_evaluation_request(parsed))) == parsed
+    elif isinstance(parsed, EvaluationResult) and parsed.sealed:
+        # Still sealed (the payload is opaque): the same payload, under the same tags, reads the same.
+        again = _event_like(ev, Template(ev.kind, ev.tags, parsed.sealed_payload or ""))
+        _same(parsed, PARSERS[name](again, ctx), "id")
+    elif isinstance(parsed, EvaluationResult) and name == "eval_result_open" and named_in(ev, "encrypted"):
+        # Opened: seal the scores again (the signer's key) and open them: the same scores.
+        tmpl = build_evaluation_result(
+            request_id=parsed.request_id,
+            job_id=parsed.job_id,
+            escrow=parsed.escrow,
+            scores=parsed.scores,
+            seal_with=SECRETS[ev.pubkey],
+        )
+        _same(parsed, PARSERS[name](_event_like(ev, tmpl), ctx), "id")
     elif isinstance(parsed, EvaluationResult):
         tmpl = build_evaluation_result(
             request_id=parsed.request_id,
@@ -753,9 +967,11 @@ def round_trip(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> Non
     elif isinstance(parsed, Announcement):
         assert parse_announcement(_event_like(ev, build_announcement(parsed))) == parsed
     elif isinstance(
-        parsed, (EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded, ErrorFeedback)
+        parsed,
+        (EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded, ErrorFeedback, ModelKey),
     ):
         builder = {
+            ModelKey: build_model_key,
             EscrowOffer: build_escrow_offer,
             Funded: build_funded,
             RewardPaid: build_reward_paid,
@@ -816,18 +1032,48 @@ def check_rules(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> No
             assert ev.pubkey == shard.provider
         elif job.spec.providers:
             assert ev.pubkey in job.spec.providers
-        assert 1 <= parsed.model.size_bytes <= 2**53 - 1
+        assert 1 <= parsed.model_size <= 2**53 - 1
         assert parsed.invoice is None or parsed.invoice.amount_msat > 0
+        assert (parsed.model is None) != (parsed.sealed is None)
+        if parsed.sealed is not None:  # §5a
+            sealed = parsed.sealed
+            assert not job.customer_validates and not named_in(ev, "model")
+            assert sealed.ciphertext_bytes == sealed.size_bytes + OVERHEAD
+            assert sealed.ciphertext_sha256 != sealed.sha256
+            recipients = [k.recipient for k in sealed.keys]
+            assert len(set(recipients)) == len(recipients)
+            assert set(recipients) == {job.spec.escrow, *job.spec.validators}  # never the customer
+        else:
+            assert job.spec.sealing is not Sealing.REQUIRED and not named_in(ev, "sealed")
     elif isinstance(parsed, (EvaluationResult, Feedback)):
         if not name.endswith("_any"):
             assert parsed.escrow == E
-        if isinstance(parsed, EvaluationResult):
+        if isinstance(parsed, EvaluationResult) and parsed.sealed:
+            assert parsed.scores == () and named_in(ev, "encrypted") and not named_in(ev, "score")
+            assert name != "eval_result_open"
+        elif isinstance(parsed, EvaluationResult):
             ids = [score.result_id for score in parsed.scores]
             assert ids and len(set(ids)) == len(ids) and parsed.request_id != parsed.job_id
         else:
             assert parsed.amount_msat > 0
     elif isinstance(parsed, RewardPaid):
         assert hashlib.sha256(bytes.fromhex(parsed.payment.preimage)).hexdigest() == parsed.payment.payment_hash
+    elif isinstance(parsed, ModelKey):
+        keys = [t for t in ev.tags if t[0] == "key"]
+        assert keys == [("key", parsed.customer, parsed.payload)]  # for the `p` customer, and only it
+    elif isinstance(parsed, ValidationComplete):
+        verdicts = {v.result_id for v in parsed.verdicts}
+        assert len(verdicts) == len(parsed.verdicts)
+        assert all(x.result_id in verdicts for x in parsed.scores)
+        assert len({(x.result_id, x.validator) for x in parsed.scores}) == len(parsed.scores)
+        if parsed.split is not None:
+            s = parsed.split
+            assert s.provider_share_msat > 0
+            assert s.fee_msat + s.validator_fees_msat + s.provider_share_msat == s.bid_msat
+    elif isinstance(parsed, Announcement):
+        pubkeys = [v.pubkey for v in parsed.validator_pool]
+        assert len(pubkeys) == len(set(pubkeys)) <= 64
+        assert all(1 <= len(v.name) <= 64 for v in parsed.validator_pool)
     elif isinstance(parsed, Deletion):
         assert parsed.event_ids and len(set(parsed.event_ids)) == len(parsed.event_ids)
     elif isinstance(parsed, EvaluationRequest):
@@ -845,6 +1091,7 @@ PARSERS = {
     "eval_request": lambda ev, ctx: parse_evaluation_request(ev),
     "eval_result": lambda ev, ctx: parse_evaluation_result(ev, escrow_pubkey=E),
     "eval_result_any": lambda ev, ctx: parse_evaluation_result(ev),
+    "eval_result_open": lambda ev, ctx: open_scores(parse_evaluation_result(ev, escrow_pubkey=E), ESCROW_KEY),
     "payee_invoice": lambda ev, ctx: parse_feedback(ev, escrow_pubkey=E),
     "payee_invoice_any": lambda ev, ctx: parse_feedback(ev),
     "escrow_feedback": lambda ev, ctx: parse_escrow_feedback(ev),
@@ -853,12 +1100,19 @@ PARSERS = {
     "validation_complete": lambda ev, ctx: parse_validation_complete(ev),
     "reward_claimable": lambda ev, ctx: parse_reward_claimable(ev),
     "reward_paid": lambda ev, ctx: parse_reward_paid(ev),
+    "model_key": lambda ev, ctx: parse_model_key(ev),
     "refunded": lambda ev, ctx: parse_refunded(ev),
     "error": lambda ev, ctx: parse_error_feedback(ev),
     "deletion": lambda ev, ctx: parse_deletion(ev),
     "announcement": lambda ev, ctx: parse_announcement(ev),
     "expiration": lambda ev, ctx: nip40.expiration(ev),
 }
+
+
+def named_in(ev: Event, name: str) -> bool:
+    return any(t and t[0] == name for t in ev.tags)
+
+
 DEFAULT_JOB = {"pubkey": C, "created_at": NOW, "kind": 5701, "tags": [], "content": ""}
 
 
@@ -868,6 +1122,7 @@ def check_codec(case: dict[str, Any]) -> str:
     job = parse_job(case["job"], case.get("terms") or "both", NOW) if case.get("job") else None
     ctx = {"terms": terms, "now": case["now"], "job": job}
     outcome = ""
+    variant = case.get("variant", "")
     for name, parse in PARSERS.items():
         if job is None and name == "result":
             continue
@@ -878,13 +1133,13 @@ def check_codec(case: dict[str, Any]) -> str:
             assert CANARY not in exc.message and CANARY not in str(exc), f"{name}: message echoes input: {exc}"
             if name == case["family"]:
                 assert case["mutated"], f"{name}: the builder's own event is refused: {exc}"
-                outcome = f"{name}:{exc.reason.value}"
+                outcome = f"{name}{variant}:{exc.reason.value}"
             continue
         check_rules(name, parsed, ev, ctx)
         round_trip(name, parsed, ev, ctx)
         if name == case["family"]:
-            outcome = f"{name}:accepted"
-    return outcome or f"{case['family']}:not_parsed"
+            outcome = f"{name}{variant}:accepted"
+    return outcome or f"{case['family']}{variant}:not_parsed"
 
 
 def _decode(doc: dict[str, Any]) -> dict[str, Any]:
@@ -914,6 +1169,14 @@ def test_fuzz_codec_events() -> None:
         escrow_feedbacks(),
         deletions(),
         announcements(),
+        # This round's forms (§5a, §6, §7, §1), as families of their own so that each is fuzzed
+        # often enough for the assertions below, even on a busy machine.
+        results(sealed=True),
+        evaluation_results(sealed=True),
+        escrow_feedbacks(which=2),
+        escrow_feedbacks(which=4),
+        escrow_feedbacks(which=7),
+        announcements(pool_size=(1, 6)),
     )
     base, started = seeded("codec_events", families)
     report = harness.run("codec_events", mutated(base), check_codec, from_json=_decode, started=started)
@@ -927,3 +1190,15 @@ def test_fuzz_codec_events() -> None:
         "announcement",
     ):
         assert report.outcomes[f"{family}:accepted"] > 0, f"no valid {family} parsed: {report.line()}"
+    for variant in (
+        "result/sealed",
+        "eval_result/sealed",
+        "escrow_feedback/model_key",
+        "escrow_feedback/validation_complete+scores+split",
+        "escrow_feedback/reward_paid+bolt11",
+        "announcement/pool",
+    ):
+        assert report.outcomes[f"{variant}:accepted"] > 0, f"no valid {variant} parsed: {report.line()}"
+        assert any(k.startswith(f"{variant}:") and not k.endswith(":accepted") for k in report.outcomes), (
+            f"no {variant} refused: {report.line()}"
+        )

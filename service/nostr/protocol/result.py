@@ -242,6 +242,8 @@ def build_result(
         tags += [key_tag(k) for k in model.keys]
         _read_sealed(tuple(tags), tags[-1 - len(model.keys)], job)
     else:
+        if job.spec.sealing is Sealing.REQUIRED:  # as parse_result: the builder writes nothing it refuses
+            raise CodecError(R.SEALING_REQUIRED, "this job requires a sealed result")
         model_tag: Tag = (
             "model",
             model.url,

@@ -186,6 +186,8 @@ def open_sealed(ciphertext: bytes, key: bytes, model: SealedModel) -> bytes:
         raise SealError("wrong_key", "the key is not the one the result commits to")
     if len(ciphertext) != model.ciphertext_bytes or hashlib.sha256(ciphertext).hexdigest() != model.ciphertext_sha256:
         raise SealError("not_decryptable", "the ciphertext is not the one the result names")
+    if len(ciphertext) < OVERHEAD:  # no nonce and tag (the AEAD would raise ValueError on a short nonce)
+        raise SealError("not_decryptable", "the ciphertext is too short to be sealed")
     nonce, body = ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:]
     try:
         plain = ChaCha20Poly1305(key).decrypt(nonce, body, bytes.fromhex(model.sha256))

@@ -27,12 +27,17 @@ from service.nostr.protocol import (
     EvaluationRequest,
     Funded,
     Mode,
+    ModelKey,
     ModelRef,
+    MoneySplit,
     PaymentProof,
+    PoolValidator,
+    PublishedScore,
     Refunded,
     RewardClaimable,
     RewardPaid,
     Score,
+    Sealing,
     Shard,
     ValidationComplete,
     Verdict,
@@ -44,6 +49,7 @@ from service.nostr.protocol import (
     build_evaluation_result,
     build_funded,
     build_job_request,
+    build_model_key,
     build_payee_invoice,
     build_refunded,
     build_result,
@@ -51,6 +57,7 @@ from service.nostr.protocol import (
     build_reward_paid,
     build_validation_complete,
     decrypt_shard,
+    open_scores,
     parse_announcement,
     parse_deletion,
     parse_error_feedback,
@@ -60,11 +67,15 @@ from service.nostr.protocol import (
     parse_evaluation_result,
     parse_feedback,
     parse_funded,
+    parse_model_key,
     parse_refunded,
     parse_result,
     parse_reward_claimable,
     parse_reward_paid,
     parse_validation_complete,
+    seal,
+    sealed_model,
+    wrap_key,
 )
 from service.nostr.protocol.fields import Template
 
@@ -75,6 +86,7 @@ from .test_codec_support import (
     ESCROW,
     HOLD_ONLY,
     NOW,
+    OTHER_ESCROW,
     P1,
     P2,
     P3,
@@ -786,6 +798,318 @@ case(
 )
 
 
+# ------------------------------------------------------------- sealed results (§5a)
+
+SEALING_JOB_TMPL = build_job_request(base_spec(sealing=Sealing.REQUIRED))
+SEALING_JOB = base_job(base_spec(sealing=Sealing.REQUIRED))
+# The customer validates: it names no validator (quorum 1, no validator fee).
+CV_SPEC = base_spec(validators=(), validator_fee_msat=0, validation=replace(base_spec().validation, quorum=1))
+CV_JOB_TMPL = build_job_request(CV_SPEC)
+CV_JOB = base_job(CV_SPEC)
+SEALED = seal(b"a trained model, sealed " * 40, key=hashlib.sha256(b"codec test content key").digest(), nonce=bytes(12))
+SEALED_MODEL = sealed_model(P1, SEALED, url="https://blobs.example.org/c0.bin", recipients=(E, V1K, V2K))
+SEALED_TMPL = build_result(JOB, shard_index=0, model=SEALED_MODEL)
+SEALED_REQUIRED_TMPL = build_result(SEALING_JOB, shard_index=0, model=SEALED_MODEL)
+SEALED_TAG = next(t for t in SEALED_TMPL.tags if t[0] == "sealed")
+KEY_TAGS = [t for t in SEALED_TMPL.tags if t[0] == "key"]
+PAYLOAD = SEALED_MODEL.keys[0].payload  # a well-formed NIP-44 payload (the codec checks shapes only)
+P3K = P3.public_key_hex
+
+
+def sealed_case(reason: CodecErrorReason, name: str, mutation: Mutation, *, tmpl=SEALED_TMPL, job=JOB) -> None:
+    case(reason, f"sealed-{name}", lambda: parse_result(mutated(tmpl, mutation, pubkey=P1K), job))
+
+
+def sealed_items(**changes: str) -> Mutation:
+    """The ``sealed`` tag with some of its items changed (``url``, ``c_sha``, ``c_size``, ``m_sha``, ``m_size``, ``k_sha``)."""
+    items = dict(zip(("url", "c_sha", "c_size", "m_sha", "m_size", "k_sha"), SEALED_TAG[1:], strict=True))
+    return set_tag("sealed", *{**items, **changes}.values())
+
+
+def key_for(recipient: str) -> Callable[[tuple[str, ...]], bool]:
+    return lambda t: len(t) > 1 and t[1] == recipient
+
+
+def replace_key(recipient: str, *items: str) -> Mutation:
+    return chain(drop("key", key_for(recipient)), add(("key", *items)))
+
+
+S = SEALED_MODEL
+sealed_case(R.INVALID_SEALED_MODEL, "six-items", set_tag("sealed", *SEALED_TAG[1:-1]))
+sealed_case(R.INVALID_SEALED_MODEL, "eight-items", set_tag("sealed", *SEALED_TAG[1:], "x"))
+sealed_case(R.INVALID_SEALED_MODEL, "url-without-scheme", sealed_items(url="blobs.example.org/c0.bin"))
+sealed_case(R.INVALID_SEALED_MODEL, "url-with-space", sealed_items(url="https://blobs.example.org/c 0.bin"))
+sealed_case(R.INVALID_SEALED_MODEL, "ciphertext-sha-uppercase", sealed_items(c_sha=S.ciphertext_sha256.upper()))
+sealed_case(R.INVALID_SEALED_MODEL, "model-sha-63-hex", sealed_items(m_sha=S.sha256[:63]))
+sealed_case(R.INVALID_SEALED_MODEL, "key-sha-not-hex", sealed_items(k_sha="g" * 64))
+sealed_case(R.INVALID_SEALED_MODEL, "zero-model-size", sealed_items(m_size="0", c_size="28"))
+sealed_case(R.INVALID_SEALED_MODEL, "model-size-leading-zero", sealed_items(m_size=f"0{S.size_bytes}"))
+sealed_case(R.INVALID_SEALED_MODEL, "model-size-words", sealed_items(m_size="big"))
+sealed_case(R.INVALID_SEALED_MODEL, "model-size-2^53", sealed_items(m_size=str(2**53), c_size=str(2**53 + 28)))
+sealed_case(R.INVALID_SEALED_MODEL, "ciphertext-model+27", sealed_items(c_size=str(S.size_bytes + 27)))
+sealed_case(R.INVALID_SEALED_MODEL, "ciphertext-model+29", sealed_items(c_size=str(S.size_bytes + 29)))
+sealed_case(R.INVALID_SEALED_MODEL, "ciphertext-as-big-as-model", sealed_items(c_size=str(S.size_bytes)))
+sealed_case(R.INVALID_SEALED_MODEL, "ciphertext-hash-is-model-hash", sealed_items(c_sha=S.sha256))
+sealed_case(R.MODEL_AND_SEALED, "plus-a-model", add(("model", MODEL.url, MODEL.sha256, "1000")))
+sealed_case(R.DUPLICATE_TAG, "two-sealed", dup("sealed"))
+sealed_case(R.INVALID_KEY, "two-items", replace_key(V2K, V2K))
+sealed_case(R.INVALID_KEY, "four-items", replace_key(V2K, V2K, PAYLOAD, "x"))
+sealed_case(R.INVALID_KEY, "recipient-uppercase", replace_key(V2K, V2K.upper(), PAYLOAD))
+sealed_case(R.INVALID_KEY, "recipient-npub", replace_key(V2K, "npub1" + "q" * 58, PAYLOAD))
+sealed_case(R.INVALID_KEY, "payload-not-base64", replace_key(V2K, V2K, "%" * 200))
+sealed_case(R.INVALID_KEY, "payload-too-short", replace_key(V2K, V2K, "AgAA"))
+sealed_case(R.INVALID_KEY, "payload-version-1", replace_key(V2K, V2K, base64.b64encode(b"\x01" + bytes(130)).decode()))
+sealed_case(R.INVALID_KEY, "66-keys", add(*[("key", h(f"recipient {k}"), PAYLOAD) for k in range(63)]))
+sealed_case(R.DUPLICATE_KEY, "escrow-twice", dup("key"))
+sealed_case(R.DUPLICATE_KEY, "v1-twice-other-payload", add(("key", V1K, SEALED_MODEL.keys[2].payload)))
+sealed_case(R.MISSING_KEY, "none-for-the-escrow", drop("key", key_for(E)))
+sealed_case(R.MISSING_KEY, "none-for-validator-1", drop("key", key_for(V1K)))
+sealed_case(R.MISSING_KEY, "no-key-at-all", drop("key"))
+sealed_case(R.KEY_RECIPIENT_NOT_ALLOWED, "for-the-customer", add(("key", C, PAYLOAD)))
+sealed_case(R.KEY_RECIPIENT_NOT_ALLOWED, "for-a-stranger", add(("key", P3K, PAYLOAD)))
+sealed_case(R.KEY_RECIPIENT_NOT_ALLOWED, "for-the-provider-itself", add(("key", P1K, PAYLOAD)))
+sealed_case(R.KEY_RECIPIENT_NOT_ALLOWED, "customer-instead-of-escrow", replace_key(E, C, PAYLOAD))
+sealed_case(
+    R.SEALING_REQUIRED,
+    "plain-result",
+    chain(drop("sealed"), drop("key"), add(("model", MODEL.url, MODEL.sha256, "1000"))),
+    tmpl=SEALED_REQUIRED_TMPL,
+    job=SEALING_JOB,
+)
+sealed_case(
+    R.SEALING_REQUIRED,
+    "plain-result-keeping-its-keys",
+    chain(drop("sealed"), add(("model", MODEL.url, MODEL.sha256, "1000"))),
+    tmpl=SEALED_REQUIRED_TMPL,
+    job=SEALING_JOB,
+)
+sealed_case(
+    R.SEALING_NEEDS_VALIDATORS,
+    "customer-validates",
+    chain(drop("model"), add(SEALED_TAG, *KEY_TAGS)),
+    tmpl=build_result(CV_JOB, shard_index=0, model=MODEL),
+    job=CV_JOB,
+)
+sealed_case(
+    R.SEALING_NEEDS_VALIDATORS,
+    "customer-validates-key-for-escrow-only",
+    chain(drop("model"), add(SEALED_TAG, KEY_TAGS[0])),
+    tmpl=build_result(CV_JOB, shard_index=0, model=MODEL),
+    job=CV_JOB,
+)
+job_case(
+    R.SEALING_NEEDS_VALIDATORS, "sealing-required-customer-validates", add(("sealing", "required")), tmpl=CV_JOB_TMPL
+)
+for sealing in ("REQUIRED", "maybe", "", "required "):
+    job_case(R.INVALID_SEALING, f"sealing-{sealing!r}", add(("sealing", sealing)))
+job_case(R.INVALID_SEALING, "sealing-no-value", add(("sealing",)))
+job_case(R.INVALID_SEALING, "sealing-three-items", add(("sealing", "required", "now")))
+job_case(R.DUPLICATE_TAG, "two-sealing", dup("sealing"), tmpl=SEALING_JOB_TMPL)
+
+
+# ------------------------------------------------------------------ sealed scores (§6)
+
+SEALED_SCORES = (Score(h("r1"), Decimal("0.9"), h("m1")), Score(h("r2"), None, h("m2")))
+EVAL_SEALED = build_evaluation_result(
+    request_id=h("req"), job_id=JOB.id, escrow=E, scores=SEALED_SCORES, seal_with=V1, nonce=bytes(32)
+)
+
+
+def to_escrow(plaintext: str, sender=V1, escrow: str = E) -> str:
+    return nip44.encrypt(plaintext, nip44.conversation_key(sender.secret_bytes, escrow))
+
+
+def opened(content: str | None = None, *, signer: str = V1K, escrow=ESCROW):
+    """``open_scores`` of the sealed evaluation result, its content or signer changed."""
+    parsed = parse_evaluation_result(mutated(EVAL_SEALED, keep, pubkey=signer, content=content), escrow_pubkey=E)
+    return open_scores(parsed, escrow)
+
+
+def scores_case(reason: CodecErrorReason, name: str, thunk: Callable[[], object]) -> None:
+    case(reason, f"sealed-scores-{name}", thunk)
+
+
+def tampered(payload: str) -> str:
+    middle = len(payload) // 2
+    return payload[:middle] + ("A" if payload[middle] != "A" else "B") + payload[middle + 1 :]
+
+
+scores_case(R.UNDECRYPTABLE_SCORES, "content-in-the-clear", lambda: opened('[["score"]]'))
+scores_case(R.UNDECRYPTABLE_SCORES, "content-empty", lambda: opened(""))
+scores_case(
+    R.UNDECRYPTABLE_SCORES, "content-version-1", lambda: opened(base64.b64encode(b"\x01" + bytes(130)).decode())
+)
+scores_case(R.UNDECRYPTABLE_SCORES, "to-another-escrow", lambda: opened(to_escrow("[]", escrow=OTHER)))
+scores_case(R.UNDECRYPTABLE_SCORES, "opened-with-another-key", lambda: opened(escrow=OTHER_ESCROW))
+scores_case(R.UNDECRYPTABLE_SCORES, "signed-by-another-validator", lambda: opened(signer=V2K))
+scores_case(R.UNDECRYPTABLE_SCORES, "tampered", lambda: opened(tampered(EVAL_SEALED.content)))
+for body_name, body_text in (
+    ("object", '{"score": [["score"]]}'),
+    ("string", '"score"'),
+    ("number", "42"),
+    ("null", "null"),
+    ("not-json", "score r1 0.9"),
+    ("list-of-objects", '[{"score": 1}]'),
+    ("list-of-strings", '["score"]'),
+    ("number-in-a-tag", f'[["score", "{h("r1")}", 0.9, "{h("m1")}"]]'),
+    ("other-tag", f'[["p", "{E}"]]'),
+    ("empty-tag", "[[]]"),
+    ("deep-nesting", "[" * 30_000 + "]" * 30_000),
+):
+    scores_case(R.UNDECRYPTABLE_SCORES, f"decrypts-to-{body_name}", lambda t=body_text: opened(to_escrow(t)))
+# Opened scores get the checks of scores in the clear.
+scores_case(R.MISSING_SCORES, "decrypts-to-empty-list", lambda: opened(to_escrow("[]")))
+scores_case(R.INVALID_SCORE, "three-items", lambda: opened(to_escrow(f'[["score", "{h("r1")}", "0.9"]]')))
+scores_case(R.NON_FINITE_SCORE, "nan", lambda: opened(to_escrow(f'[["score", "{h("r1")}", "NaN", "{h("m1")}"]]')))
+scores_case(
+    R.DUPLICATE_SCORE,
+    "r1-twice",
+    lambda: opened(
+        to_escrow(json.dumps([["score", h("r1"), "0.9", h("m1")], ["score", h("r1"), "unreadable", h("m1")]]))
+    ),
+)
+eval_sealed = EVAL_SEALED
+case(
+    R.SCORES_AND_ENCRYPTED,
+    "sealed-scores-plus-a-score-in-the-clear",
+    lambda: parse_evaluation_result(
+        mutated(eval_sealed, add(("score", h("r1"), "0.9", h("m1"))), pubkey=V1K), escrow_pubkey=E
+    ),
+)
+eval_result_case(R.SCORES_AND_ENCRYPTED, "clear-scores-marked-encrypted", add(("encrypted",)))
+eval_result_case(R.INVALID_SCORE, "unreadable-bad-sha", score("unreadable", sha="M" * 64))
+eval_result_case(R.INVALID_SCORE_VALUE, "value-Unreadable", score("Unreadable"))
+
+
+# ---------------------------------------------------- validation complete: scores and split
+
+COMPLETE_FULL = build_validation_complete(
+    ValidationComplete(
+        JOB.id,
+        C,
+        (Verdict(h("r1"), True, Decimal("0.905"), 5), Verdict(h("r2"), False, None, unreadable=True)),
+        scores=(
+            PublishedScore(h("r1"), V1K, Decimal("0.9")),
+            PublishedScore(h("r1"), V2K, Decimal("0.91")),
+            PublishedScore(h("r2"), V1K, None),
+        ),
+        split=JOB.split,
+    )
+)
+SPLIT = JOB.split
+assert SPLIT == MoneySplit(50_000_000, 501_000, 100_000, 2, 49_299_000)
+
+
+def complete_case(reason: CodecErrorReason, name: str, mutation: Mutation) -> None:
+    fb_case(reason, f"complete-{name}", COMPLETE_FULL, parse_validation_complete, mutation)
+
+
+def split(*items: object) -> Mutation:
+    return set_tag("split", *map(str, items))
+
+
+complete_case(R.INVALID_SPLIT, "five-items", split(50_000_000, 501_000, 100_000, 2))
+complete_case(R.INVALID_SPLIT, "seven-items", split(50_000_000, 501_000, 100_000, 2, 49_299_000, 0))
+complete_case(R.INVALID_SPLIT, "share-one-too-many", split(50_000_000, 501_000, 100_000, 2, 49_299_001))
+complete_case(R.INVALID_SPLIT, "share-one-too-few", split(50_000_000, 501_000, 100_000, 2, 49_298_999))
+complete_case(R.INVALID_SPLIT, "one-validator-fee-missing", split(50_000_000, 501_000, 100_000, 1, 49_299_000))
+complete_case(R.INVALID_SPLIT, "nothing-for-providers", split(701_000, 501_000, 100_000, 2, 0))
+complete_case(R.INVALID_SPLIT, "negative-fee", split(50_000_000, -501_000, 100_000, 2, 50_301_000))
+complete_case(R.INVALID_SPLIT, "bid-leading-zero", split("050000000", 501_000, 100_000, 2, 49_299_000))
+complete_case(R.INVALID_SPLIT, "count-words", split(50_000_000, 501_000, 100_000, "two", 49_299_000))
+complete_case(R.DUPLICATE_TAG, "two-splits", dup("split"))
+complete_case(R.INVALID_SCORE, "score-three-items", add(("score", h("r1"), V1K)))
+complete_case(R.INVALID_SCORE, "score-for-a-result-without-verdict", add(("score", h("r9"), V1K, "0.5")))
+complete_case(R.INVALID_SCORE, "score-validator-uppercase", add(("score", h("r1"), V3.public_key_hex.upper(), "0.5")))
+complete_case(R.DUPLICATE_SCORE, "v1-scores-r1-twice", add(("score", h("r1"), V1K, "0.8")))
+complete_case(R.INVALID_SCORE_VALUE, "score-words", add(("score", h("r2"), V2K, "good")))
+complete_case(R.SCORE_OUT_OF_RANGE, "score-16-digits", add(("score", h("r2"), V2K, "9" * 16)))
+
+
+# ------------------------------------------------------------------ model key (§5a)
+
+MODEL_KEY_PAYLOAD = wrap_key(ESCROW, C, SEALED.key, nonce=bytes(32)).payload
+MODEL_KEY = build_model_key(ModelKey(JOB.id, C, h("r1"), MODEL_KEY_PAYLOAD))
+
+
+def model_key_case(reason: CodecErrorReason, name: str, mutation: Mutation, parse: Callable = parse_model_key) -> None:
+    fb_case(reason, f"model-key-{name}", MODEL_KEY, parse, mutation)
+
+
+model_key_case(R.KEY_RECIPIENT_NOT_ALLOWED, "key-for-the-provider", set_tag("key", P1K, MODEL_KEY_PAYLOAD))
+model_key_case(R.KEY_RECIPIENT_NOT_ALLOWED, "p-is-not-the-key-recipient", set_tag("p", P1K))
+model_key_case(
+    R.KEY_RECIPIENT_NOT_ALLOWED,
+    "dispatched-key-for-a-stranger",
+    set_tag("key", P3K, MODEL_KEY_PAYLOAD),
+    parse_escrow_feedback,
+)
+model_key_case(R.MISSING_KEY, "no-key", drop("key"))
+model_key_case(R.MISSING_KEY, "dispatched-no-key", drop("key"), parse_escrow_feedback)
+model_key_case(R.DUPLICATE_TAG, "two-keys", dup("key"))
+model_key_case(R.INVALID_KEY, "key-two-items", set_tag("key", C))
+model_key_case(R.INVALID_KEY, "key-payload-not-nip44", set_tag("key", C, SEALED.key.hex()))
+model_key_case(R.INVALID_KEY, "key-recipient-uppercase", set_tag("key", C.upper(), MODEL_KEY_PAYLOAD))
+model_key_case(R.MISSING_EVENT_REF, "no-result-ref", drop("e", lambda t: t[3] == "result"))
+model_key_case(R.INVALID_STATUS, "wrong-info", set_tag("status", "success", "model keys"))
+
+
+# --------------------------------------------------------------- receipt with its invoice (§7)
+
+PAID_WITH_INVOICE = build_reward_paid(
+    RewardPaid(JOB.id, h("r1"), P1K, PaymentProof(PAYMENT_HASH, PREIMAGE, 5, 1), bolt11=BOLT11)
+)
+
+
+def receipt_case(reason: CodecErrorReason, name: str, mutation: Mutation) -> None:
+    fb_case(reason, f"receipt-{name}", PAID_WITH_INVOICE, parse_reward_paid, mutation)
+
+
+receipt_case(R.INVALID_BOLT11, "bolt11-words", set_tag("bolt11", "please pay me"))
+receipt_case(R.INVALID_BOLT11, "bolt11-lnurl", set_tag("bolt11", "lnurl1dp68gurn8ghj7um9wfmxjcm99e3k7mf0"))
+receipt_case(R.INVALID_BOLT11, "bolt11-mixed-case", set_tag("bolt11", BOLT11[:10] + BOLT11[10:].upper()))
+receipt_case(R.INVALID_BOLT11, "bolt11-with-space", set_tag("bolt11", BOLT11 + " "))
+receipt_case(R.INVALID_BOLT11, "bolt11-empty", set_tag("bolt11", ""))
+receipt_case(R.INVALID_BOLT11, "bolt11-no-value", set_tag("bolt11"))
+receipt_case(R.INVALID_BOLT11, "bolt11-three-items", set_tag("bolt11", BOLT11, "paid"))
+receipt_case(R.DUPLICATE_TAG, "two-bolt11", dup("bolt11"))
+
+
+# ---------------------------------------------------------- announcement: validator pool (§1)
+
+POOL = (PoolValidator(V1K, "validator one"), PoolValidator(V2K, "validator two"))
+ANNOUNCE_POOL = build_announcement(Announcement(d="main", name="E", about="", terms=TERMS, validator_pool=POOL))
+POOL_BODY = json.loads(ANNOUNCE_POOL.content)
+
+
+def pool_case(name: str, validators: object) -> None:
+    content = json.dumps({**POOL_BODY, "validators": validators})
+    case(
+        R.INVALID_POOL,
+        f"announcement-pool-{name}",
+        lambda: parse_announcement(mutated(ANNOUNCE_POOL, keep, pubkey=E, content=content)),
+    )
+
+
+ONE = POOL_BODY["validators"][0]
+pool_case("object", ONE)
+pool_case("string", V1K)
+pool_case("null", None)
+pool_case("65-validators", [{"pubkey": h(f"pool {k}"), "name": f"v{k}"} for k in range(65)])
+pool_case("pubkey-string-item", [V1K])
+pool_case("list-item", [[V1K, "validator one"]])
+pool_case("pubkey-uppercase", [{**ONE, "pubkey": V1K.upper()}])
+pool_case("pubkey-63-hex", [{**ONE, "pubkey": V1K[:63]}])
+pool_case("pubkey-number", [{**ONE, "pubkey": 1}])
+pool_case("no-pubkey", [{"name": "validator one"}])
+pool_case("no-name", [{"pubkey": V1K}])
+pool_case("name-number", [{**ONE, "name": 1}])
+pool_case("name-empty", [{**ONE, "name": ""}])
+pool_case("name-65-characters", [{**ONE, "name": "n" * 65}])
+pool_case("name-with-newline", [{**ONE, "name": "validator\none"}])
+pool_case("same-validator-twice", [ONE, {**ONE, "name": "again"}])
+
+
 @pytest.mark.parametrize("reason, thunk", CASES)
 def test_refused_with_exactly_this_reason(reason, thunk):
     with pytest.raises(CodecError) as exc:
@@ -817,3 +1141,18 @@ def test_the_unmutated_bases_are_valid():
     assert parse_announcement(mutated(ANNOUNCE, keep, pubkey=E)).terms == TERMS
     assert decrypt_shard(P2, C, PRIVATE_SHARD.payload) == "https://data.example.org/s1.npz"
     assert V2K and V3 and ESCROW  # keys used by the corpus exist
+
+
+def test_the_unmutated_sealed_bases_are_valid():
+    """Guards the sealed cases as the test above guards the others."""
+    assert parse_job(unsigned(SEALING_JOB_TMPL.kind, SEALING_JOB_TMPL.tags)).spec.sealing is Sealing.REQUIRED
+    assert parse_job(unsigned(CV_JOB_TMPL.kind, CV_JOB_TMPL.tags)).customer_validates
+    for tmpl, job in ((SEALED_TMPL, JOB), (SEALED_REQUIRED_TMPL, SEALING_JOB)):
+        assert parse_result(mutated(tmpl, keep, pubkey=P1K), job).sealed == SEALED_MODEL
+    assert parse_result(mutated(build_result(CV_JOB, shard_index=0, model=MODEL), keep, pubkey=P1K), CV_JOB).model
+    assert opened().scores == SEALED_SCORES
+    complete = parse_validation_complete(mutated(COMPLETE_FULL, keep, pubkey=E))
+    assert complete.split == SPLIT and len(complete.scores) == 3
+    assert parse_model_key(mutated(MODEL_KEY, keep, pubkey=E)).payload == MODEL_KEY_PAYLOAD
+    assert parse_reward_paid(mutated(PAID_WITH_INVOICE, keep, pubkey=E)).bolt11 == BOLT11
+    assert parse_announcement(mutated(ANNOUNCE_POOL, keep, pubkey=E)).validator_pool == POOL

@@ -21,14 +21,19 @@ from service.nostr.protocol import (
     Funded,
     Invoice,
     Mode,
+    ModelKey,
     ModelRef,
     PaymentProof,
     PayoutAddress,
     PayoutPolicy,
+    PoolValidator,
+    PublishedScore,
     Refunded,
     RewardClaimable,
     RewardPaid,
     Score,
+    SealError,
+    Sealing,
     Shard,
     ValidationComplete,
     Verdict,
@@ -40,6 +45,7 @@ from service.nostr.protocol import (
     build_evaluation_result,
     build_funded,
     build_job_request,
+    build_model_key,
     build_payee_invoice,
     build_refunded,
     build_rejection,
@@ -49,6 +55,8 @@ from service.nostr.protocol import (
     build_validation_complete,
     decrypt_shard,
     encrypt_shard,
+    open_scores,
+    open_sealed,
     parse_announcement,
     parse_deletion,
     parse_error_feedback,
@@ -58,12 +66,18 @@ from service.nostr.protocol import (
     parse_evaluation_result,
     parse_feedback,
     parse_funded,
+    parse_model_key,
     parse_refunded,
     parse_result,
     parse_reward_claimable,
     parse_reward_paid,
     parse_validation_complete,
+    seal,
+    sealed_model,
+    unwrap_key,
+    wrap_key,
 )
+from service.nostr.protocol.evaluation import UNREADABLE
 from service.nostr.protocol.terms import KIND_JOB_REQUEST
 
 from .test_codec_support import (
@@ -466,6 +480,10 @@ def test_deletion_round_trip_and_dedup():
         (lambda: build_job_request(base_spec(results_deadline=NOW + 9_000)), R.DEADLINE_ORDER),
         (lambda: build_result(base_job(), shard_index=5, model=MODEL), R.UNKNOWN_SHARD),
         (lambda: build_result(base_job(), shard_index=0, model=replace(MODEL, size_bytes=0)), R.INVALID_MODEL_SIZE),
+        (
+            lambda: build_result(base_job(base_spec(sealing=Sealing.REQUIRED)), shard_index=0, model=MODEL),
+            R.SEALING_REQUIRED,
+        ),
         (lambda: build_escrow_offer(EscrowOffer(h("j"), C, 1, BOLT11, Mode.AUTO)), R.INVALID_ESCROW_STATE),
         (lambda: build_escrow_offer(EscrowOffer(h("j"), C, 0, BOLT11, Mode.HOLD)), R.INVALID_AMOUNT),
         (lambda: build_error_feedback(ErrorFeedback(h("j"), C, "refunded", "x")), R.INVALID_STATUS),
@@ -504,3 +522,136 @@ def test_built_and_verified_job_from_another_customer_key_is_distinct():
     a, b = job_event(), job_event(signer=P3)
     assert a.id != b.id and parse_job(b).customer == P3.public_key_hex
     assert PRIVATE_SHARD.provider == P2.public_key_hex and isinstance(PRIVATE_SHARD, Shard)
+
+
+# ------------------------------------------------------------- sealed results (§5a)
+
+
+def test_sealed_result_round_trip_and_every_recipient_opens_the_model():
+    job = base_job(base_spec(sealing=Sealing.REQUIRED))
+    model_bytes = b"\x00weights\xff" * 1000
+    sealed = seal(model_bytes)
+    model = sealed_model(
+        P1, sealed, url="https://blobs.example.org/c.bin", recipients=(E, V1.public_key_hex, V2.public_key_hex)
+    )
+    event = signed_verified(P1, build_result(job, shard_index=0, model=model, job_relay=RELAY))
+    assert not any(t[0] == "model" for t in event.tags)
+    result = parse_result(event, job)
+    assert result.model is None and result.sealed == model
+    assert (result.model_sha256, result.model_size, result.model_url) == (
+        hashlib.sha256(model_bytes).hexdigest(),
+        len(model_bytes),
+        "https://blobs.example.org/c.bin",
+    )
+    assert result.sealed.ciphertext_bytes == len(model_bytes) + 28
+    assert [k.recipient for k in result.sealed.keys] == [E, V1.public_key_hex, V2.public_key_hex]
+    for recipient in (ESCROW, V1, V2):
+        envelope = result.sealed.key_for(recipient.public_key_hex)
+        content_key = unwrap_key(recipient, P1.public_key_hex, envelope.payload, result.sealed.key_sha256)
+        assert open_sealed(sealed.ciphertext, content_key, result.sealed) == model_bytes
+    assert result.sealed.key_for(C) is None  # the customer gets its key from the escrow, once paid
+    with pytest.raises(SealError) as exc:  # nor can it open another recipient's envelope
+        unwrap_key(CUSTOMER, P1.public_key_hex, result.sealed.key_for(E).payload, result.sealed.key_sha256)
+    assert exc.value.reason == "wrong_key"
+
+
+def test_sealed_never_shows_the_content_key():
+    sealed = seal(b"model")
+    assert sealed.key.hex() not in repr(sealed) and sealed.model_sha256 in repr(sealed)
+    with pytest.raises(SealError) as exc:
+        open_sealed(sealed.ciphertext, bytes(32), sealed_model(P1, sealed, url="https://x.example/c", recipients=(E,)))
+    assert sealed.key.hex() not in str(exc.value)
+
+
+def test_job_sealing_round_trip_and_optional_is_not_written():
+    required = parse_job(signed_verified(CUSTOMER, build_job_request(base_spec(sealing=Sealing.REQUIRED))))
+    assert required.spec.sealing is Sealing.REQUIRED
+    tmpl = build_job_request(base_spec())
+    assert not any(t[0] == "sealing" for t in tmpl.tags)
+    assert parse_job(signed_verified(CUSTOMER, tmpl)).spec.sealing is Sealing.OPTIONAL
+    explicit = sign(CUSTOMER, (tmpl.kind, (*tmpl.tags, ("sealing", "optional")), ""))
+    assert parse_job(explicit).spec == base_spec()
+
+
+def test_sealed_scores_round_trip_only_the_escrow_reads_them():
+    scores = (Score(h("r1"), Decimal("0.9125"), h("m1")), Score(h("r2"), None, h("m2")))
+    tmpl = build_evaluation_result(request_id=h("req"), job_id=h("job"), escrow=E, scores=scores, seal_with=V1)
+    event = signed_verified(V1, tmpl)
+    assert ("encrypted",) in event.tags and not any(t[0] == "score" for t in event.tags)
+    assert h("r1") not in event.content
+    parsed = parse_evaluation_result(event, escrow_pubkey=E)
+    assert parsed.sealed and parsed.scores == () and parsed.sealed_payload == event.content
+    opened = open_scores(parsed, ESCROW)
+    assert opened.scores == scores and not opened.sealed and opened.scores[1].unreadable
+    assert open_scores(opened, ESCROW) == opened  # scores in the clear are returned as they are
+    body = nip44.decrypt(event.content, nip44.conversation_key(ESCROW.secret_bytes, V1.public_key_hex))
+    assert body == f'[["score","{h("r1")}","0.9125","{h("m1")}"],["score","{h("r2")}","{UNREADABLE}","{h("m2")}"]]'
+
+
+def test_unreadable_scores_in_the_clear_round_trip():
+    scores = (Score(h("r1"), None, h("m1")),)
+    tmpl = build_evaluation_result(request_id=h("req"), job_id=h("job"), escrow=E, scores=scores)
+    assert ("score", h("r1"), "unreadable", h("m1")) in tmpl.tags
+    assert parse_evaluation_result(signed_verified(V2, tmpl)).scores == scores
+
+
+def test_model_key_round_trip_and_the_customer_opens_the_model():
+    sealed = seal(b"the model")
+    model = sealed_model(P1, sealed, url="https://blobs.example.org/c.bin", recipients=(E, V1.public_key_hex))
+    escrow_key = unwrap_key(ESCROW, P1.public_key_hex, model.key_for(E).payload, model.key_sha256)
+    body = ModelKey(h("job"), C, h("r1"), wrap_key(ESCROW, C, escrow_key).payload, RELAY)
+    event = signed_verified(ESCROW, build_model_key(body))
+    assert ("key", C, body.payload) in event.tags
+    assert parse_model_key(event) == body and parse_escrow_feedback(event) == body
+    customer_key = unwrap_key(CUSTOMER, E, parse_model_key(event).payload, model.key_sha256)
+    assert open_sealed(sealed.ciphertext, customer_key, model) == b"the model"
+
+
+def test_validation_complete_with_every_score_and_the_split_round_trip():
+    job = base_job()
+    body = ValidationComplete(
+        job.id,
+        C,
+        (
+            Verdict(h("r1"), True, Decimal("0.905"), job.split.provider_share_msat),
+            Verdict(h("r2"), False, None, unreadable=True),
+        ),
+        RELAY,
+        scores=(
+            PublishedScore(h("r1"), V1.public_key_hex, Decimal("0.9")),
+            PublishedScore(h("r1"), V2.public_key_hex, Decimal("0.91")),
+            PublishedScore(h("r2"), V1.public_key_hex, None),
+            PublishedScore(h("r2"), V2.public_key_hex, Decimal("-1")),
+        ),
+        split=job.split,
+    )
+    event = signed_verified(ESCROW, build_validation_complete(body))
+    assert ("rejected", h("r2"), "unreadable") in event.tags
+    assert ("score", h("r2"), V1.public_key_hex, "unreadable") in event.tags
+    assert ("split", "50000000", "501000", "100000", "2", "49299000") in event.tags
+    assert parse_validation_complete(event) == body and parse_escrow_feedback(event) == body
+
+
+def test_reward_paid_with_its_invoice_round_trip():
+    preimage = h("pre")
+    body = RewardPaid(
+        h("job"),
+        h("r1"),
+        P1.public_key_hex,
+        PaymentProof(hashlib.sha256(bytes.fromhex(preimage)).hexdigest(), preimage, 25_000_000, 3),
+        bolt11=BOLT11,
+    )
+    event = signed_verified(ESCROW, build_reward_paid(body))
+    assert ("bolt11", BOLT11) in event.tags
+    assert parse_reward_paid(event) == body and parse_escrow_feedback(event) == body
+    without = replace(body, bolt11=None)
+    assert parse_reward_paid(signed_verified(ESCROW, build_reward_paid(without))) == without
+
+
+def test_announcement_with_a_validator_pool_round_trip():
+    pool = (PoolValidator(V1.public_key_hex, "Validator ✓ one"), PoolValidator(V2.public_key_hex, "v2"))
+    announcement = Announcement(d="main", name="E", about="", terms=TERMS, validator_pool=pool)
+    event = signed_verified(ESCROW, build_announcement(announcement))
+    assert parse_announcement(event) == announcement
+    assert '"validators":' in event.content
+    assert '"validators"' not in build_announcement(replace(announcement, validator_pool=())).content

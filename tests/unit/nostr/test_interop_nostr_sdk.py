@@ -6,7 +6,9 @@ unchanged, by the other.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from decimal import Decimal
 
 import nostr_sdk as sdk
 import pytest
@@ -15,6 +17,18 @@ from hypothesis import strategies as st
 
 from service.nostr import nip19, nip44
 from service.nostr.nip01 import EventError, EventErrorReason, SecretKey, sign_event, verify_event
+from service.nostr.protocol import (
+    Score,
+    SealError,
+    build_evaluation_result,
+    open_scores,
+    open_sealed,
+    parse_evaluation_result,
+    seal,
+    sealed_model,
+    unwrap_key,
+    wrap_key,
+)
 
 NOW = 1_700_000_000
 TRICKY = "".join(chr(code) for code in range(0x20)) + '"\\/\x7f\u2028\u2029é🎉\ufeff日本'
@@ -183,3 +197,90 @@ def test_nprofile_and_nevent_to_nostr_sdk() -> None:
     kind = nevent.kind()
     assert author is not None and author.to_hex() == public_hex
     assert kind is not None and kind.as_u16() == 7
+
+
+# ------------------------------------------------ sealed results and scores (protocol.md §5a, §6)
+
+
+def _sdk_encrypt(sender: SecretKey, recipient: SecretKey, plaintext: str) -> str:
+    return sdk.nip44_encrypt(
+        sdk.SecretKey.parse(sender.to_hex()),
+        sdk.PublicKey.parse(recipient.public_key_hex),
+        plaintext,
+        sdk.Nip44Version.V2,
+    )
+
+
+def _sdk_decrypt(recipient: SecretKey, sender: SecretKey, payload: str) -> str:
+    return sdk.nip44_decrypt(
+        sdk.SecretKey.parse(recipient.to_hex()), sdk.PublicKey.parse(sender.public_key_hex), payload
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(model=st.binary(min_size=1, max_size=2048))
+def test_content_key_wrapped_by_nostr_sdk_opens_with_unwrap_key(model: bytes) -> None:
+    provider, escrow = SecretKey.generate(), SecretKey.generate()
+    sealed = seal(model)
+    payload = _sdk_encrypt(provider, escrow, sealed.key.hex())  # what another provider implementation sends
+    content_key = unwrap_key(escrow, provider.public_key_hex, payload, sealed.key_sha256)
+    assert content_key == sealed.key
+    committed = sealed_model(provider, sealed, url="https://blobs.example.org/c", recipients=(escrow.public_key_hex,))
+    assert open_sealed(sealed.ciphertext, content_key, committed) == model
+
+
+def test_content_key_wrapped_by_nostr_sdk_for_another_key_is_refused() -> None:
+    provider, escrow = SecretKey.generate(), SecretKey.generate()
+    sealed = seal(b"model")
+    other = _sdk_encrypt(provider, escrow, hashlib.sha256(b"another key").hexdigest())
+    with pytest.raises(SealError) as caught:
+        unwrap_key(escrow, provider.public_key_hex, other, sealed.key_sha256)
+    assert caught.value.reason == "wrong_key"
+
+
+@settings(max_examples=20, deadline=None)
+@given(content_key=st.binary(min_size=32, max_size=32))
+def test_wrap_key_decrypts_with_nostr_sdk(content_key: bytes) -> None:
+    provider, validator = SecretKey.generate(), SecretKey.generate()
+    envelope = wrap_key(provider, validator.public_key_hex, content_key)
+    assert envelope.recipient == validator.public_key_hex
+    assert _sdk_decrypt(validator, provider, envelope.payload) == content_key.hex()
+
+
+SCORE_TAGS = [
+    ["score", "ab" * 32, "0.9125", "cd" * 32],
+    ["score", "ef" * 32, "unreadable", "01" * 32],
+    ["score", "23" * 32, "-1.5", "45" * 32],
+]
+SCORES = (
+    Score("ab" * 32, Decimal("0.9125"), "cd" * 32),
+    Score("ef" * 32, None, "01" * 32),
+    Score("23" * 32, Decimal("-1.5"), "45" * 32),
+)
+
+
+def test_sealed_scores_from_nostr_sdk_open_with_open_scores() -> None:
+    validator, escrow = SecretKey.generate(), SecretKey.generate()
+    content = _sdk_encrypt(validator, escrow, json.dumps(SCORE_TAGS))  # any JSON spacing is a JSON list
+    tags = [
+        ["e", "11" * 32, "", "request"],
+        ["e", "22" * 32, "", "job"],
+        ["p", escrow.public_key_hex],
+        ["encrypted"],
+    ]
+    theirs = _sdk_event(_sdk_keys(validator), 6702, tags, content)
+    event = verify_event(json.loads(theirs.as_json()), now=NOW)
+    parsed = parse_evaluation_result(event, escrow_pubkey=escrow.public_key_hex)
+    assert parsed.sealed and parsed.scores == ()
+    assert open_scores(parsed, escrow).scores == SCORES
+
+
+def test_sealed_scores_we_build_decrypt_with_nostr_sdk() -> None:
+    validator, escrow = SecretKey.generate(), SecretKey.generate()
+    tmpl = build_evaluation_result(
+        request_id="11" * 32, job_id="22" * 32, escrow=escrow.public_key_hex, scores=SCORES, seal_with=validator
+    )
+    ours = sign_event(validator, tmpl.kind, tmpl.tags, tmpl.content, created_at=NOW)
+    theirs = sdk.Event.from_json(ours.to_json())
+    assert theirs.verify()
+    assert json.loads(_sdk_decrypt(escrow, validator, theirs.content())) == SCORE_TAGS
