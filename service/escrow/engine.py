@@ -12,7 +12,8 @@ Facts come from four places, and each is consumed exactly once:
   deadlines stored on the job, so a restart loses none.
 
 What a fact means is decided by the pure machine (``service/escrow/machine.py``). This module
-only reads and checks input at the edge (the codec, the intake budget, receipt times), loads
+only reads and checks input at the edge (the codec, the intake budget, receipt times, and what
+needs the escrow's secret key: a sealed result's key envelope, sealed scores), loads
 what the machine needs, and applies its plan in the caller's transaction: one
 compare-and-set on the job's state and version (:meth:`Engine.apply`, the only code that
 writes ``escrow_jobs``), then the rows, postings, payouts, effects and events of the plan.

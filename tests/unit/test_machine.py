@@ -21,6 +21,7 @@ import pytest
 
 from service.escrow import machine
 from service.escrow.machine import TRANSITIONS, FactKind, Funds, JobState
+from service.escrow.rule import ScoreValue
 from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import Mode, parse_model_key, parse_reward_paid, parse_validation_complete
 from service.nostr.protocol.fields import Template, placeholder_event
@@ -219,8 +220,8 @@ def _sealed(w: mw.World, provider: int, shard: int) -> machine.ResultReceived:
     return replace(fact, result=r)
 
 
-def _scores_of(w: mw.World, validator: int, values: list[object]) -> machine.ScoresReceived:
-    scores = tuple(machine.Score(r.id, r.model_sha256, v) for r, v in zip(w.view.results, values, strict=True))  # type: ignore[arg-type]
+def _scores_of(w: mw.World, validator: int, values: list[ScoreValue]) -> machine.ScoresReceived:
+    scores = tuple(machine.Score(r.id, r.model_sha256, v) for r, v in zip(w.view.results, values, strict=True))
     eid = hashlib.sha256(f"scores {validator} {values}".encode()).hexdigest()
     return machine.ScoresReceived(mw.VALIDATORS[validator], w.view.eval_request_id or "", scores, eid, w.now, w.now)
 
