@@ -10,10 +10,10 @@ import pytest
 
 pytest.importorskip("sklearn")  # the agents' extra
 
-from service.agents.common import PERMISSIVE_TERMS, read_job  # noqa: E402
-from service.agents.provider import AcceptancePolicy, reward_per_shard_msat  # noqa: E402
-from service.nostr.nip01 import SecretKey, sign_event  # noqa: E402
-from service.nostr.protocol import (  # noqa: E402
+from service.agents.common import PERMISSIVE_TERMS, read_job
+from service.agents.provider import AcceptancePolicy, reward_per_shard_msat
+from service.nostr.nip01 import SecretKey, sign_event
+from service.nostr.protocol import (
     Direction,
     JobRequest,
     JobSpec,
