@@ -358,7 +358,7 @@ async def _payee(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_summary, print_progress, run_demo
+    from .demo import format_summary, print_progress, run_demo, sealing_problems
 
     config = RoundConfig(results_in=args.results_in, validation_in=args.validation_in)
     summary = await run_demo(
@@ -373,7 +373,8 @@ async def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(_dump(summary) if args.json else format_summary(summary))
-    return 0 if summary["rounds"] and all(r["outcome"] == "validated" for r in summary["rounds"]) else 1
+    validated = summary["rounds"] and all(r["outcome"] == "validated" for r in summary["rounds"])
+    return 0 if validated and not sealing_problems(summary) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
