@@ -152,6 +152,9 @@ async def world(regtest: Regtest, relay_url: str, tmp_path_factory: pytest.TempP
         validator_pool=",".join(f"{k.public_key_hex}:{name}" for k, name in zip(pool, ("victor", "vera"), strict=True)),
     )
     market.validators = pool
+    # FEDSTR_VALIDATOR_POOL is the engine's setting (branch seal-engine): without it the escrow
+    # announces no pool and the providers' default policy takes no job at all.
+    assert getattr(market.settings, "validator_pool", None), "the escrow has no validator pool setting"
     lines: list[str] = []
     t0 = time.monotonic()
 
@@ -366,7 +369,7 @@ async def test_the_reference_provider_refuses_a_job_naming_validators_outside_th
     )
     ev = await w.market.post_job(spec)
     report = await alice.report_for(ev.id, 30)
-    assert report.refused is not None and "validator pool" in report.refused, report
+    assert report.refused is not None and "not in the escrow's validator pool" in report.refused, report
     assert report.result_id is None and report.samples == 0, "refused before any work"
     assert any("refused" in line and ev.id[:8] in line for line in w.lines), "the reason is in its log"
     await asyncio.sleep(2)  # a result, had one been made, would be on the relay by now
