@@ -49,6 +49,7 @@ from service.nostr.protocol import (
     EscrowOffer,
     EscrowTerms,
     Funded,
+    JobRequest,
     JobResult,
     JobSpec,
     Mode,
@@ -457,8 +458,12 @@ class Customer:
         job = read_job(job_event, self.escrow)
         ids = [v.result_id for v in verdict.verdicts]
         results = {e.id: e for e in await self.relays.query({"ids": ids})} if ids else {}
-        # the keys we are owed: the paid models' (an accepted model earning 0 under `best` gets none)
-        owed = {v.result_id for v in verdict.verdicts if v.accepted and v.reward_msat != 0}
+        # the keys we are owed: the paid sealed models' (an accepted model earning 0 under `best` gets none)
+        owed = {
+            v.result_id
+            for v in verdict.verdicts
+            if v.accepted and v.reward_msat != 0 and v.result_id in results and _sealed(results[v.result_id], job)
+        }
         keys = await self._wait_keys(sub, job.id, owed, config.key_timeout)
         models: list[ml.Model] = []
         weights: list[float] = []
@@ -531,3 +536,10 @@ class Customer:
             f"{self.name}: FedAvg of {len(models)} model(s): accuracy {report.accuracy:.4f} "
             f"on {len(test)} held-out samples",
         )
+
+
+def _sealed(event: Event, job: JobRequest) -> bool:
+    try:
+        return parse_result(event, job).sealed is not None
+    except CodecError:
+        return False
