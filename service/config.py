@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from service.nostr.nip19 import decode_npub
 
 Network = Literal["mainnet", "testnet", "signet", "regtest"]
 
@@ -41,6 +44,28 @@ def payout_cltv_problem(max_final_cltv: int, cltv_limit: int) -> str | None:
 # characters (``secrets.token_urlsafe(32)`` gives 43) are far beyond any guessing budget even
 # from many addresses at the throttle's pace. docs/operations.md, "Keys and secrets".
 MIN_TOKEN_CHARS = 32
+
+
+MAX_POOL = 64  # protocol.md §1: at most 64 validators in an announcement's pool
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def parse_pool_entry(entry: str) -> tuple[str, str]:
+    """One ``name=<64-hex pubkey or npub>`` of FEDSTR_VALIDATOR_POOL, as (name, hex pubkey)."""
+    name, sep, key = entry.strip().partition("=")
+    name, key = name.strip(), key.strip()
+    problem = f"FEDSTR_VALIDATOR_POOL: {entry.strip()[:80]!r} is not name=<64-hex pubkey or npub>"
+    if not sep or not name or len(name) > 64 or not name.isprintable():
+        raise ValueError(problem + " (a name is 1 to 64 printable characters)")
+    if key.startswith("npub1"):
+        try:
+            key = decode_npub(key)
+        except ValueError:
+            raise ValueError(problem + " (the npub does not decode)") from None
+    key = key.lower()
+    if _HEX64.fullmatch(key) is None:
+        raise ValueError(problem)
+    return name, key
 
 
 def token_problem(value: str) -> str | None:
@@ -82,6 +107,9 @@ class Settings(BaseSettings):
     min_bid_msat: int = Field(default=100_000, ge=1)
     max_bid_msat: int = Field(default=100_000_000_000, ge=1)
     max_validators: int = Field(default=9, ge=1, le=64)
+    # The validator pool announced (NIP-89) and shown in /v1/info: validators the operator vouches
+    # for, "name=<64-hex pubkey or npub>,…" (protocol.md §1); empty: no pool. Read as (name, hex).
+    validator_pool: Annotated[list[tuple[str, str]], NoDecode] = Field(default_factory=list)
     max_shards: int = Field(default=32, ge=1, le=256)
     min_results_window_seconds: int = Field(default=600, ge=0)
     max_job_duration_seconds: int = Field(default=30 * 86_400, ge=60)
@@ -249,6 +277,23 @@ class Settings(BaseSettings):
         if isinstance(v, str):
             return [k.strip() for k in v.split(",") if k.strip()]
         return v
+
+    @field_validator("validator_pool", mode="before")
+    @classmethod
+    def _parse_validator_pool(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [parse_pool_entry(item) for item in v.split(",") if item.strip()]
+        return v
+
+    @field_validator("validator_pool")
+    @classmethod
+    def _check_validator_pool(cls, v: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        out = [parse_pool_entry(f"{name}={key}") for name, key in v]
+        if len(out) > MAX_POOL:
+            raise ValueError(f"FEDSTR_VALIDATOR_POOL: at most {MAX_POOL} validators")
+        if len({key for _, key in out}) != len(out):
+            raise ValueError("FEDSTR_VALIDATOR_POOL: a validator's key is listed twice")
+        return out
 
     @field_validator("escrow_modes", mode="before")
     @classmethod

@@ -11,11 +11,13 @@ import time
 
 from fastapi import APIRouter, Body, Path, Query, Request
 from pydantic import BaseModel, Field
+from sqlalchemy import select
 
 from service import __version__
 from service.api import queries
 from service.api.errors import ApiError, responses
 from service.api.limits import client_address
+from service.escrow.models import Job
 from service.lightning.models import LnInvoice
 from service.nostr import nip98
 from service.nostr.kinds import INTAKE_KINDS
@@ -47,6 +49,11 @@ class TermsOut(BaseModel):
     )
 
 
+class PoolValidatorOut(BaseModel):
+    pubkey: str
+    name: str
+
+
 class InfoOut(BaseModel):
     pubkey: str
     npub: str
@@ -55,6 +62,10 @@ class InfoOut(BaseModel):
     version: str
     kinds: list[int]
     terms: TermsOut
+    validator_pool: list[PoolValidatorOut] = Field(
+        default_factory=list,
+        description="validators the operator vouches for (FEDSTR_VALIDATOR_POOL; announced, protocol.md §1)",
+    )
 
 
 class OfferInvoiceOut(BaseModel):
@@ -139,6 +150,7 @@ async def info(request: Request) -> InfoOut:
             max_results_per_shard=t.max_results_per_shard,
             routing_fee_ppm=t.routing_fee_ppm,
         ),
+        validator_pool=[PoolValidatorOut(pubkey=v.pubkey, name=v.name) for v in st.escrow.validator_pool],
     )
 
 
@@ -197,6 +209,43 @@ async def get_job_events(request: Request, job_id: str = Path(pattern=HEX64)) ->
     if events is None:
         raise ApiError(404, "job_not_found", "no job with this id")
     return JobEventsOut(**events)
+
+
+class ModelKeyOut(BaseModel):
+    result_id: str = Field(description="the sealed result's event id")
+    provider: str
+    model_sha256: str = Field(description="the model's (the plaintext's) sha256")
+    ciphertext_url: str
+    ciphertext_sha256: str
+    key_sha256: str = Field(description="the SHA-256 of the 32-byte content key the result commits to")
+    payload: str = Field(
+        description="the content key (64 hex) NIP-44 v2-encrypted escrow -> customer: the same "
+        "payload as the model key event's ['key', <customer>, <payload>]"
+    )
+
+
+@router.get("/jobs/{job_id}/keys", response_model=list[ModelKeyOut], responses=responses(401, 403, 404, 422, 429))
+async def get_job_keys(request: Request, job_id: str = Path(pattern=HEX64)) -> list[ModelKeyOut]:
+    """The content keys of the job's sealed results released to its customer (NIP-98 auth: the
+    customer's key): one per sealed result whose provider was paid a reward from settled money
+    (protocol.md §5a). Empty until then; a rejected result's key, or a refunded job's, never shows."""
+    st = request.app.state
+    st.limits_invoices.check("ip:" + _client(request))
+    url = (st.settings.public_url.rstrip("/") + request.url.path) if st.settings.public_url else str(request.url)
+    try:
+        auth = await nip98.verify_request(
+            st.sessions, request.headers.get("authorization"), method="GET", url=url, body=None, now=int(time.time())
+        )
+    except nip98.AuthError as e:
+        raise ApiError(401, e.reason.value, e.message, headers={"WWW-Authenticate": "Nostr"}) from None
+    async with st.sessions() as s:
+        customer = await s.scalar(select(Job.customer).where(Job.id == job_id))
+        if customer is None:
+            raise ApiError(404, "job_not_found", "no job with this id")
+        if auth.pubkey != customer:
+            raise ApiError(403, "not_the_customer", "only the job's customer may read its keys")
+        keys = await queries.released_keys(s, job_id)
+    return [ModelKeyOut(**k) for k in keys]
 
 
 @router.get("/invoices/{payment_hash}", response_model=InvoiceOut, responses=responses(404, 422))

@@ -5,6 +5,11 @@ Nothing here changes state. Preimages of our hold invoices are never selected.
 Public views (no auth) never carry free text from the Lightning layer or from operators:
 :func:`public_job` reduces a payout's ``last_error`` and the error texts in the timeline to
 their reason code (:func:`reason_code`); the admin views keep the text.
+
+Scores: no public view shows a score's value before the job's decision (a validator could copy
+another's; sealed scores are readable by the escrow alone until then). A sealed result's key for
+the customer (``customer_key``) is in no view here but :func:`released_keys`, which the API serves
+to the job's customer only (NIP-98), once released.
 """
 
 from __future__ import annotations
@@ -106,21 +111,28 @@ async def job_detail(s: AsyncSession, job_id: str) -> dict | None:
     out = job_summary(job)
     inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at))).first()
     out["invoice"] = invoice_view(inv) if inv else None
+    results = (await s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.created_at))).all()
     out["results"] = [
         {
             "id": r.id,
             "provider": r.provider,
             "shard": r.shard_index,
-            "model_url": r.model_url,
+            "model_url": r.model_url,  # a sealed result's: its ciphertext's
             "model_sha256": r.model_sha256,
             "created_at": r.created_at,
         }
-        for r in (await s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.created_at))).all()
+        for r in results
     ]
     out["scores"] = [
         {"result_id": x.result_id, "validator": x.validator, "value": x.value, "event_id": x.event_id}
         for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all()
     ]
+    for r, row in zip(out["results"], results, strict=True):
+        r["sealed"] = row.key_sha256 is not None
+        if row.key_sha256 is not None:
+            r["ciphertext_sha256"] = row.ciphertext_sha256
+            r["key_sha256"] = row.key_sha256
+            r["key_released"] = row.key_released_at is not None
     out["decision"] = json.loads(job.decision) if job.decision else None
     out["payouts"] = [
         payout_view(p)
@@ -137,11 +149,46 @@ async def public_job(s: AsyncSession, job_id: str) -> dict | None:
     if out is None:
         return None
     out.pop("balances", None)
+    if not job_decided(out):
+        for x in out["scores"]:
+            x["value"] = None  # who scored is public; what, only once the decision is taken
     for p in out["payouts"]:
         p["last_error"] = reason_code(p["last_error"])
     for entry in out["timeline"]:
         entry["detail"] = _public_detail(entry["kind"], entry["detail"])
     return out
+
+
+def job_decided(detail: dict) -> bool:
+    """Whether the job's validation is over (its decision stored, or it ended without one)."""
+    return detail.get("decision") is not None or detail["state"] not in (
+        JobState.COLLECTING.value,
+        JobState.VALIDATING.value,
+    )
+
+
+async def released_keys(s: AsyncSession, job_id: str) -> list[dict]:
+    """The model keys released to the job's customer (protocol.md §5a): each sealed result whose
+    provider was paid from settled money, with the NIP-44 payload escrow -> customer."""
+    rows = (
+        await s.scalars(
+            select(Result)
+            .where(Result.job_id == job_id, Result.key_released_at.is_not(None), Result.customer_key.is_not(None))
+            .order_by(Result.key_released_at, Result.id)
+        )
+    ).all()
+    return [
+        {
+            "result_id": r.id,
+            "provider": r.provider,
+            "model_sha256": r.model_sha256,
+            "ciphertext_url": r.model_url,
+            "ciphertext_sha256": r.ciphertext_sha256,
+            "key_sha256": r.key_sha256,
+            "payload": r.customer_key,
+        }
+        for r in rows
+    ]
 
 
 def _public_detail(kind: str, detail: object) -> object:

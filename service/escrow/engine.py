@@ -28,7 +28,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -55,6 +55,7 @@ from service.escrow.machine import (
 )
 from service.escrow.models import Consumed, Effect, Job, Result, ScoreRow, TimelineEntry
 from service.escrow.results import result_columns, result_view
+from service.escrow.rule import UNREADABLE, ScoreValue
 from service.escrow.rule import Verdict as RuleVerdict
 from service.ledger import accounts
 from service.ledger import service as ledger
@@ -76,12 +77,15 @@ from service.nostr.protocol import (
     parse_job_request,
     parse_result,
 )
+from service.nostr.protocol.evaluation import open_scores
 from service.nostr.protocol.fields import parse_bounded_decimal
 from service.nostr.protocol.job import read_job_spec
 from service.nostr.protocol.money import MoneySplit
+from service.nostr.protocol.result import JobResult
+from service.nostr.protocol.sealing import SealError, unwrap_key, wrap_key
 from service.payouts import Destination, DestinationKind, InvoiceRefused, InvoiceSource, PayoutState
 from service.payouts import store as payouts
-from service.payouts.models import Payout
+from service.payouts.models import Payout, PayoutAttempt
 
 log = logging.getLogger(__name__)
 
@@ -250,11 +254,20 @@ class Engine:
                         "job_id": job_id,
                         "result_id": x.result_id,
                         "validator": x.validator,
-                        "value": str(x.value),
+                        "value": str(x.value),  # a decimal's exact text, or "unreadable"
                         "event_id": x.event_id,
                     }
                     for x in plan.scores
                 ],
+            )
+        if plan.keys_released:
+            # The machine published these results' model keys: from now on the customer's REST view
+            # (GET /v1/jobs/{id}/keys) shows them too. Stamped once.
+            await s.execute(
+                update(Result)
+                .where(Result.job_id == job_id, Result.id.in_(plan.keys_released), Result.key_released_at.is_(None))
+                .values(key_released_at=utcnow())
+                .execution_options(synchronize_session=False)
             )
         for p in plan.postings:
             await ledger.post(s, key=p.key, kind=p.kind.value, lines=p.lines, job_id=p.job_id, memo=p.memo)
@@ -375,7 +388,7 @@ class Engine:
             results = tuple(result_view(r) for r in ordered)
         if full or kind in _SCORES:
             scores = tuple(
-                ScoreView(x.result_id, x.validator, _bounded_score(x.value), x.event_id)
+                ScoreView(x.result_id, x.validator, stored_score(x.value), x.event_id)
                 for x in (await s.scalars(select(ScoreRow).where(ScoreRow.job_id == job_id))).all()
             )
         held = owed = 0
@@ -544,9 +557,30 @@ class Engine:
             res = parse_result(event, self.job_request(job))
         except CodecError as e:
             return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
+        customer_key = None
+        if res.sealed is not None:
+            try:
+                customer_key = self.rewrap_key(res, job.customer)
+            except SealError as e:
+                # Not counted: the validators may hold another key than the one we could release.
+                return await self._ignore(s, job.id, event, f"key_mismatch: {e.message}")
         received = await self.received_at(s, event)
-        fact = machine.ResultReceived(result_view_of(res), event.id, event.created_at, received.timestamp())
+        fact = machine.ResultReceived(
+            result_view_of(res, customer_key), event.id, event.created_at, received.timestamp()
+        )
         return (await self.apply(s, job.id, fact, row=job)).outcome
+
+    def rewrap_key(self, res: JobResult, customer: str) -> str:
+        """A sealed result's content key re-encrypted escrow -> ``customer`` (a NIP-44 payload),
+        once the escrow's own envelope opened to the committed key (``SealError`` otherwise). The
+        plaintext key lives only in this function: never stored, logged or put in an error."""
+        sealed = res.sealed
+        assert sealed is not None
+        envelope = sealed.key_for(self.E)
+        if envelope is None:  # the codec requires it (missing_key); checked again, not assumed
+            raise SealError("wrong_key", "the result has no key envelope for the escrow")
+        key = unwrap_key(self.key, res.provider, envelope.payload, sealed.key_sha256)
+        return wrap_key(self.key, customer, key).payload
 
     async def on_scores(self, s: AsyncSession, event: Event) -> str:
         try:
@@ -559,11 +593,18 @@ class Engine:
         job = await self._job(s, ev.job_id)
         if job is None:
             return "ignored: scores for an unknown job"
+        try:
+            ev = open_scores(ev, self.key)  # sealed scores (to us): opened here, at intake
+        except CodecError as e:
+            return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
         received = await self.received_at(s, event)
         fact = machine.ScoresReceived(
             ev.validator,
             ev.request_id,
-            tuple(machine.Score(x.result_id, x.model_sha256, x.value) for x in ev.scores),
+            tuple(
+                machine.Score(x.result_id, x.model_sha256, UNREADABLE if x.value is None else x.value)
+                for x in ev.scores
+            ),
             event.id,
             event.created_at,
             received.timestamp(),
@@ -679,6 +720,14 @@ class Engine:
         if job is None:
             return "no job"
         view = payout_view(p)
+        if view.state is PayoutState.SUCCEEDED and p.payment_hash is not None:
+            # The invoice that was paid (its attempt's), for the receipt: auditors check its hash and amount.
+            paid = await s.scalar(
+                select(PayoutAttempt.payment_request).where(
+                    PayoutAttempt.payment_hash == p.payment_hash, PayoutAttempt.payout_id == p.id
+                )
+            )
+            view = replace(view, bolt11=paid)
         if view.state is PayoutState.SUCCEEDED:
             return (await self.apply(s, job.id, machine.PayoutSucceeded(view), row=job)).outcome
         if view.state is PayoutState.NEEDS_INVOICE:
@@ -720,6 +769,7 @@ def decision_json(decision: Decision | None, release: dict[str, object] | Any, s
                         "accepted": x.accepted,
                         "median": format(x.median, "f") if x.median is not None else None,
                         "reward_msat": x.reward_msat,
+                        "unreadable": x.unreadable,
                     }
                     for x in decision.verdicts
                 ],
@@ -746,6 +796,7 @@ def decision_of(raw: str | None) -> Decision | None:
             v["accepted"],
             Decimal(v["median"]) if v["median"] is not None else None,
             v["reward_msat"],
+            v.get("unreadable", False),
         )
         for v in d["verdicts"]
     )
@@ -773,12 +824,13 @@ def payout_view(p: Payout) -> machine.PayoutView:
     )
 
 
-def result_view_of(res: Any) -> ResultView:
-    """The machine's view of a parsed result (``protocol.JobResult``)."""
+def result_view_of(res: JobResult, customer_key: str | None = None) -> ResultView:
+    """The machine's view of a parsed result; ``customer_key``: a sealed one's key for the customer."""
     payout_to = Destination.none()
     if res.payout_address is not None:
         payout_to = Destination(DestinationKind(res.payout_address.kind), res.payout_address.address)
     invoice = res.invoice
+    sealed = res.sealed
     return ResultView(
         res.id,
         res.provider,
@@ -788,6 +840,9 @@ def result_view_of(res: Any) -> ResultView:
         invoice.bolt11 if invoice is not None else None,
         invoice.amount_msat if invoice is not None else None,
         res.model_url,
+        ciphertext_sha256=sealed.ciphertext_sha256 if sealed is not None else None,
+        key_sha256=sealed.key_sha256 if sealed is not None else None,
+        customer_key=customer_key if sealed is not None else None,
     )
 
 
@@ -801,9 +856,12 @@ def reason_code(last_error: str | None) -> str:
     return m.group(1) if m else "payout_failed"
 
 
-def _bounded_score(text: str) -> Decimal | None:
-    """A stored score within the codec's bounds; None for a row stored before the bounds existed
-    (it is not counted: it could not be published, and no validator's choice may stop a decision)."""
+def stored_score(text: str) -> ScoreValue | None:
+    """A stored score: ``unreadable``, or a decimal within the codec's bounds; None for a row stored
+    before the bounds existed (it is not counted: it could not be published, and no validator's
+    choice may stop a decision)."""
+    if text == str(UNREADABLE):
+        return UNREADABLE
     try:
         return parse_bounded_decimal(text, CodecErrorReason.SCORE_OUT_OF_RANGE, "score")
     except CodecError:

@@ -22,11 +22,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from decimal import Decimal
 from typing import ClassVar, Final
 
 from service.escrow import rule
 from service.escrow.mode import ModeRefused, decide_mode
+from service.escrow.rule import UNREADABLE as UNREADABLE  # re-exported: the engine reads and stores it
+from service.escrow.rule import ScoreValue, Unreadable
 from service.ledger import accounts, postings
 from service.ledger.postings import Posting
 from service.lightning.hold import EscrowMode as EscrowMode  # re-exported: a job's mode is its invoice's
@@ -43,6 +44,8 @@ from service.nostr.protocol import (
     EvaluationRequest,
     Funded,
     JobRequest,
+    ModelKey,
+    PublishedScore,
     Refunded,
     RefundReason,
     RewardClaimable,
@@ -53,6 +56,7 @@ from service.nostr.protocol import (
     build_escrow_offer,
     build_evaluation_request,
     build_funded,
+    build_model_key,
     build_refunded,
     build_rejection,
     build_reward_claimable,
@@ -174,7 +178,12 @@ PAID_TOO_LATE: Final = {
 
 @dataclass(frozen=True)
 class ResultView:
-    """A counted result, in the escrow's receipt order."""
+    """A counted result, in the escrow's receipt order.
+
+    A sealed one (protocol.md §5a) has its commitments and ``customer_key``: its content key
+    NIP-44-encrypted escrow -> customer at intake (the engine checked that the escrow's own
+    envelope opens to ``key_sha256``). The machine only decides *when* that payload is published
+    (a model key event, once the provider is paid from settled money); it never sees the key."""
 
     id: str
     provider: str
@@ -183,14 +192,21 @@ class ResultView:
     payout_to: Destination  # a lud16/lnurl address from the result, or none
     invoice_bolt11: str | None = None  # an invoice the provider sent with its result
     invoice_msat: int | None = None
-    model_url: str = ""
+    model_url: str = ""  # a sealed result's: its ciphertext's
+    ciphertext_sha256: str | None = None
+    key_sha256: str | None = None
+    customer_key: str | None = None  # the NIP-44 payload escrow -> customer
+
+    @property
+    def sealed(self) -> bool:
+        return self.customer_key is not None
 
 
 @dataclass(frozen=True)
 class ScoreView:
     result_id: str
     validator: str
-    value: Decimal | None  # None: stored before the codec's bounds (never counted)
+    value: ScoreValue | None  # None: stored before the codec's bounds (never counted)
     event_id: str
 
 
@@ -211,6 +227,7 @@ class PayoutView:
     preimage: str | None = None
     earned_by: str | None = None
     last_error: str | None = None
+    bolt11: str | None = None  # the invoice a succeeded payout paid (its receipt names it)
 
 
 @dataclass(frozen=True)
@@ -348,7 +365,7 @@ class ResultReceived:
 class Score:
     result_id: str
     model_sha256: str
-    value: Decimal
+    value: ScoreValue  # UNREADABLE: the validator could not open the sealed model
 
 
 @dataclass(frozen=True)
@@ -462,6 +479,7 @@ class Plan:
     effects: tuple[EffectKind, ...] = ()
     events: tuple[Outgoing, ...] = ()
     notes: tuple[tuple[Note, Mapping[str, object]], ...] = ()
+    keys_released: tuple[str, ...] = ()  # sealed results whose model key this plan publishes
 
     @property
     def writes(self) -> bool:
@@ -479,6 +497,7 @@ class Plan:
             or self.payouts
             or self.effects
             or self.events
+            or self.keys_released
         )
 
 
@@ -509,6 +528,7 @@ class _Builder:
         self.effects: list[EffectKind] = []
         self.events: list[Outgoing] = []
         self.notes: list[tuple[Note, Mapping[str, object]]] = []
+        self.keys_released: list[str] = []
 
     @property
     def current_funds(self) -> Funds:
@@ -558,6 +578,7 @@ class _Builder:
             refund_reason=self.refund_reason,
             decision=self.decision,
             release_detail=self.release_detail,
+            keys_released=tuple(self.keys_released),
         )
 
 
@@ -869,6 +890,7 @@ def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: Machi
 def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
     """The validation rule (``service/escrow/rule.py``) applied to the job's counted scores."""
     req = view.req
+    # Every counted score, unreadable ones included (a None value was never counted).
     cands = [
         rule.CandidateScores(
             r.id,
@@ -893,6 +915,20 @@ def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
     return Decision(d.verdicts, dict(d.validator_fees), d.fee_income_msat, d.remainder_msat, why)
 
 
+def published_scores(view: JobView, scores: tuple[ScoreView, ...]) -> tuple[PublishedScore, ...]:
+    """Every counted score, in the clear in the validation complete (sealed ones included: the
+    decision is taken, and anyone can recompute it), in the candidates' and validators' order."""
+    validators = {v: k for k, v in enumerate(view.req.validators)}
+    rank = {r.id: k for k, r in enumerate(view.results)}
+    counted = sorted(
+        (x for x in scores if x.value is not None and x.result_id in rank),
+        key=lambda x: (rank[x.result_id], validators.get(x.validator, len(validators)), x.validator),
+    )
+    return tuple(
+        PublishedScore(x.result_id, x.validator, None if isinstance(x.value, Unreadable) else x.value) for x in counted
+    )
+
+
 def _decide(b: _Builder, scores: tuple[ScoreView, ...], c: MachineConfig, why: str) -> None:
     view = b.view
     decision = decide(view, scores, why)
@@ -903,14 +939,19 @@ def _decide(b: _Builder, scores: tuple[ScoreView, ...], c: MachineConfig, why: s
             accepted=x.accepted,
             median=x.median,
             reward_msat=x.reward_msat if x.accepted else None,
+            unreadable=x.unreadable,
         )
         for x in decision.verdicts
     )
-    complete = build_validation_complete(ValidationComplete(view.id, view.customer, verdicts))
+    complete = build_validation_complete(
+        ValidationComplete(
+            view.id, view.customer, verdicts, scores=published_scores(view, scores), split=view.req.split
+        )
+    )
     if not decision.accepted:
         reason = (
             RefundReason.NO_QUORUM
-            if all(x.median is None for x in decision.verdicts)
+            if all(x.median is None and not x.unreadable for x in decision.verdicts)
             else RefundReason.NO_ACCEPTED_RESULT
         )
         b.publish(complete)
@@ -1144,7 +1185,24 @@ def _release(b: _Builder, c: MachineConfig, outcome: str) -> str:
     }
     for np in payouts:
         _pay(b, np)
+    _release_keys(b, decision)
     return outcome
+
+
+def _release_keys(b: _Builder, decision: Decision) -> None:
+    """The customer gets a sealed result's key when its provider is paid from settled money: here,
+    once the release is booked from held funds (custodial: at the decision; hold: on the settle),
+    and only this once (the release posting is booked once). A rejected result, an accepted one
+    that earns 0 (``best``), a refunded job: no key, ever (protocol.md §5a)."""
+    view = b.view
+    results = {r.id: r for r in view.results}
+    for v in decision.verdicts:
+        r = results.get(v.result_id)
+        if not (v.accepted and v.reward_msat > 0 and r is not None and r.customer_key is not None):
+            continue
+        b.keys_released.append(r.id)
+        b.publish(build_model_key(ModelKey(view.id, view.customer, r.id, r.customer_key)))
+        b.note(Note.FACT, {"event": "model key released", "result": r.id, "provider": r.provider})
 
 
 def _scores_event(view: JobView, b: _Builder, validator: str) -> str | None:
@@ -1212,6 +1270,7 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
                     earned_by=earned_by,
                     payee=p.payee,
                     payment=ProofBody(p.payment_hash, p.preimage or "", p.amount_msat, p.fee_msat),
+                    bolt11=p.bolt11,
                 )
             )
         )

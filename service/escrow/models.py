@@ -97,6 +97,13 @@ class Result(Base):
     created_at: Mapped[int] = mapped_column(BigInteger, nullable=False)  # the sender's claim: shown, never used
     # When the escrow first received it (inbox): the order of results, never the sender's created_at.
     received_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # A sealed result (protocol.md §5a; null for a plain one): model_url is its ciphertext's URL.
+    ciphertext_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    key_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # Its content key NIP-44-encrypted escrow -> customer (the plaintext key is never stored). Shown
+    # only to the customer (GET /v1/jobs/{id}/keys), and only once released (key_released_at).
+    customer_key: Mapped[str | None] = mapped_column(Text, nullable=True)
+    key_released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
     # One result per provider and job; a model (by hash) is credited once per job: a copy earns nothing.
     __table_args__ = (
@@ -114,7 +121,7 @@ class ScoreRow(Base):
     job_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     result_id: Mapped[str] = mapped_column(String(64), primary_key=True)
     validator: Mapped[str] = mapped_column(String(64), primary_key=True)
-    value: Mapped[str] = mapped_column(String(64), nullable=False)  # exact decimal text
+    value: Mapped[str] = mapped_column(String(64), nullable=False)  # exact decimal text, or "unreadable"
     event_id: Mapped[str] = mapped_column(String(64), nullable=False)
 
 

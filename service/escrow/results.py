@@ -24,6 +24,9 @@ def result_columns(job_id: str, r: ResultView, created_at: int, received_at: flo
         "invoice_msat": r.invoice_msat,
         "created_at": created_at,
         "received_at": datetime.fromtimestamp(received_at, UTC),
+        "ciphertext_sha256": r.ciphertext_sha256,
+        "key_sha256": r.key_sha256,
+        "customer_key": r.customer_key,
     }
 
 
@@ -39,4 +42,7 @@ def result_view(row: Result) -> ResultView:
         row.invoice_bolt11,
         row.invoice_msat,
         row.model_url,
+        ciphertext_sha256=row.ciphertext_sha256,
+        key_sha256=row.key_sha256,
+        customer_key=row.customer_key,
     )

@@ -8,6 +8,11 @@ codec (at most 15 digits before the point, 12 after), so the median is computed 
 in a local decimal context and has at most 13 places (:func:`median`); no score a
 validator chooses can make it long, inexact or an exponent.
 
+A score may be **unreadable** (protocol.md §6: a sealed model that did not open to its
+commitment): it sorts as the worst value in the job's direction, so one dishonest validator
+cannot reject a readable model alone; when the median is (or is the mean with) an unreadable
+score, the result is rejected ``unreadable`` (:func:`median_score`).
+
 Money (integer msat): the bid splits into the escrow fee, validator fees and the
 provider share (``MoneySplit``). Every payout is a whole number of **satoshis**, because
 that is what ordinary wallets invoice (LNbits, phoenixd, most mobile wallets); what the
@@ -27,8 +32,10 @@ so that routing fees can never cost the escrow more than it earned (docs/escrow.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Context, Decimal, Inexact, localcontext
+from typing import Final
 
 from service.nostr.protocol.fields import MEDIAN_PLACES
 from service.nostr.protocol.money import whole_sats
@@ -38,12 +45,27 @@ _EXACT = Context(prec=60, traps=[Inexact])
 _MEDIAN_QUANTUM = Decimal(1).scaleb(-MEDIAN_PLACES)
 
 
+class Unreadable(enum.Enum):
+    """The score ``unreadable``: a typed value of its own, never a Decimal and never None (which
+    means "not counted" where scores are stored)."""
+
+    UNREADABLE = "unreadable"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+UNREADABLE: Final = Unreadable.UNREADABLE
+#: A counted score: a bounded decimal, or unreadable.
+ScoreValue = Decimal | Unreadable
+
+
 @dataclass(frozen=True)
 class CandidateScores:
     result_id: str
     provider: str
     received: int  # the escrow's receipt order (lower = received earlier)
-    scores: dict[str, Decimal]  # validator -> value (the counted ones)
+    scores: dict[str, ScoreValue]  # validator -> value (the counted ones)
 
 
 @dataclass(frozen=True)
@@ -51,8 +73,9 @@ class Verdict:
     result_id: str
     provider: str
     accepted: bool
-    median: Decimal | None  # None: fewer than quorum scores
+    median: Decimal | None  # None: fewer than quorum scores, or unreadable
     reward_msat: int = 0
+    unreadable: bool = False  # rejected because the median is (or is the mean with) an unreadable score
 
 
 @dataclass(frozen=True)
@@ -86,6 +109,23 @@ def median(values: list[Decimal]) -> Decimal:
     with localcontext(_EXACT):
         exact = s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
         return _plain(exact.quantize(_MEDIAN_QUANTUM, rounding=ROUND_HALF_EVEN))
+
+
+def median_score(values: list[ScoreValue], direction: str) -> ScoreValue:
+    """The median of counted scores where an unreadable one sorts as the worst in ``direction``
+    (lowest for ``max``, highest for ``min``): :data:`UNREADABLE` when the median position (or
+    one of the two middle ones) is unreadable, else the exact :func:`median`."""
+    if not values:
+        raise ValueError("median of nothing")
+    readable = sorted(v for v in values if isinstance(v, Decimal))
+    worst = [UNREADABLE] * (len(values) - len(readable))
+    ordered: list[ScoreValue] = [*worst, *readable] if direction == "max" else [*readable, *worst]
+    mid = len(ordered) // 2
+    middle = ordered[mid : mid + 1] if len(ordered) % 2 else ordered[mid - 1 : mid + 1]
+    decimals = [v for v in middle if isinstance(v, Decimal)]
+    if len(decimals) != len(middle):
+        return UNREADABLE
+    return median(decimals)
 
 
 def _plain(value: Decimal) -> Decimal:
@@ -122,7 +162,10 @@ def decide(
         if len(c.scores) < quorum:
             verdicts.append(Verdict(c.result_id, c.provider, False, None))
             continue
-        m = median(list(c.scores.values()))
+        m = median_score(list(c.scores.values()), direction)
+        if isinstance(m, Unreadable):
+            verdicts.append(Verdict(c.result_id, c.provider, False, None, unreadable=True))
+            continue
         verdicts.append(Verdict(c.result_id, c.provider, passes(m, threshold, direction), m))
     accepted = [v for v in verdicts if v.accepted]
     counted_validators = [v for v in validators if any(v in c.scores for c in candidates)]
@@ -146,7 +189,10 @@ def decide(
         rewards = {k: v for k, v in rewards.items() if v > 0}
     else:
         validator_fees = {}
-    final = tuple(Verdict(v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0)) for v in verdicts)
+    final = tuple(
+        Verdict(v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0), v.unreadable)
+        for v in verdicts
+    )
     if not accepted:
         return Decision(final, {}, {}, 0, 0)
     paid = sum(rewards.values()) + sum(validator_fees.values())

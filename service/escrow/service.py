@@ -20,7 +20,7 @@ from service.node import LightningService
 from service.nostr import outbox
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
-from service.nostr.protocol import Announcement, EscrowTerms, Mode, Network, build_announcement
+from service.nostr.protocol import Announcement, EscrowTerms, Mode, Network, PoolValidator, build_announcement
 from service.quarantine import quarantine_from_settings
 from service.signals import Signals
 
@@ -44,6 +44,11 @@ def terms_from_settings(s: Settings) -> EscrowTerms:
     )
 
 
+def validator_pool_from_settings(s: Settings) -> tuple[PoolValidator, ...]:
+    """The validator pool the operator configured (FEDSTR_VALIDATOR_POOL), as announced."""
+    return tuple(PoolValidator(pubkey=key, name=name) for name, key in s.validator_pool)
+
+
 class EscrowService:
     def __init__(
         self,
@@ -57,6 +62,7 @@ class EscrowService:
         self.settings = settings
         self.key = key
         self.terms = terms_from_settings(settings)
+        self.validator_pool = validator_pool_from_settings(settings)
         self.engine = Engine(
             sessions,
             key,
@@ -167,6 +173,7 @@ class EscrowService:
                 name="fedstr-escrow",
                 about=f"Lightning escrow for FEDSTR training jobs (v{__version__})",
                 terms=self.terms,
+                validator_pool=self.validator_pool,
             )
         )
         event = sign_event(self.key, tmpl.kind, tmpl.tags, tmpl.content)

@@ -6,6 +6,10 @@ balances and the clock. :func:`after` applies a plan the way ``Engine.apply`` do
 in-memory implementation: ``tests/unit/test_machine_vs_engine.py`` checks that they agree).
 :func:`actions` lists what can happen next (the facts the world can produce now), and
 :func:`violations` the invariants that fail.
+
+Provider 0's results are sealed (protocol.md §5a: its key for the customer is published as a
+model key event only once it is paid from settled money), and a validator that scores "bad"
+finds a sealed model unreadable, so the worlds cover key release and unreadable verdicts.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from service.escrow.machine import (
     Plan,
     ResultView,
 )
-from service.ledger import accounts
+from service.ledger import accounts, postings
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import (
     Direction,
@@ -40,7 +44,11 @@ from service.nostr.protocol import (
     Validation,
     build_job_request,
     parse_job_request,
+    parse_model_key,
 )
+from service.nostr.protocol.feedback import INFO_MODEL_KEY
+from service.nostr.protocol.fields import placeholder_event
+from service.nostr.protocol.sealing import key_sha256, wrap_key
 from service.payouts.types import Destination, DestinationKind, PayoutKind, PayoutState
 
 S = JobState
@@ -70,6 +78,10 @@ CUSTOMER = SecretKey(hashlib.sha256(b"machine customer").digest())
 STRANGER = SecretKey(hashlib.sha256(b"machine stranger").digest()).public_key_hex
 PROVIDERS = [SecretKey(hashlib.sha256(f"machine provider {i}".encode()).digest()).public_key_hex for i in range(3)]
 VALIDATORS = [SecretKey(hashlib.sha256(f"machine validator {i}".encode()).digest()).public_key_hex for i in range(2)]
+SEALED_PROVIDER = 0  # this provider's results are sealed
+CONTENT_KEY = hashlib.sha256(b"machine content key").digest()
+#: Its content key for the customer, as the engine re-encrypts it at intake (escrow -> customer).
+CUSTOMER_KEY = wrap_key(ESCROW, CUSTOMER.public_key_hex, CONTENT_KEY, nonce=bytes(32)).payload
 
 
 def request(
@@ -123,6 +135,7 @@ class World:
     fees_msat: int = 0  # and their routing fees
     effects: tuple[EffectKind, ...] = ()
     published: int = 0
+    keys: tuple[str, ...] = ()  # the results whose model key was published, in order
     last: Fact | None = field(default=None, compare=False)
     problems: tuple[str, ...] = ()
 
@@ -171,6 +184,9 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
             )
         )
     results = v.results + tuple(r for r, _, _ in plan.results)
+    keys = _model_keys(plan)
+    if keys != plan.keys_released:
+        problems.append(f"model keys published {keys} != released {plan.keys_released}")
     held, owed = _ledger_view(bal, v.id)
     new_view = replace(
         v,
@@ -199,9 +215,19 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         balances=tuple(sorted(bal.items())),
         effects=effects,
         published=w.published + len(plan.events),
+        keys=w.keys + keys,
         last=fact,
         problems=tuple(problems),
     )
+
+
+def _model_keys(plan: Plan) -> tuple[str, ...]:
+    """The results whose model key event ``plan`` publishes (read back with the codec's parser)."""
+    out = []
+    for o in plan.events:
+        if any(t[:3] == ("status", "success", INFO_MODEL_KEY) for t in o.template.tags):
+            out.append(parse_model_key(placeholder_event(o.template)).result_id)
+    return tuple(out)
 
 
 def step(w: World, fact: Fact, **world_changes: object) -> World:
@@ -230,12 +256,24 @@ def _result(w: World, provider: int, shard: int, copy_of: int | None = None) -> 
         Destination(DestinationKind.LUD16, f"p{provider}@wallet.example") if provider == 1 else Destination.none()
     )
     r = ResultView(rid, PROVIDERS[provider], shard, sha, payout_to, invoice[0], invoice[1], f"https://m/{sha}")
+    if provider == SEALED_PROVIDER:
+        r = replace(
+            r,
+            ciphertext_sha256=hashlib.sha256(f"ciphertext {sha}".encode()).hexdigest(),
+            key_sha256=key_sha256(CONTENT_KEY),
+            customer_key=CUSTOMER_KEY,
+        )
     return machine.ResultReceived(r, rid, w.now, float(w.now))
 
 
 def _scores(w: World, validator: int, good: bool) -> machine.ScoresReceived:
     scores = tuple(
-        machine.Score(r.id, r.model_sha256, Decimal("0.9") if good else Decimal("0.1")) for r in w.view.results
+        machine.Score(
+            r.id,
+            r.model_sha256,
+            Decimal("0.9") if good else machine.UNREADABLE if r.sealed else Decimal("0.1"),
+        )
+        for r in w.view.results
     )
     eid = hashlib.sha256(f"scores {validator} {good} {len(scores)}".encode()).hexdigest()
     return machine.ScoresReceived(VALIDATORS[validator], w.view.eval_request_id or "", scores, eid, w.now, float(w.now))
@@ -405,4 +443,32 @@ def violations(w: World) -> list[str]:
             out.append("closed with a payout unpaid")
     if v.funds is Funds.HELD and w.paid_msat == 0:
         out.append("funds held without a payment")
+    out.extend(_key_violations(w))
+    return out
+
+
+def _key_violations(w: World) -> list[str]:
+    """A sealed result's key goes to the customer exactly when its provider is paid a reward > 0
+    from settled money (protocol.md §5a): never for a rejected or 0-reward result, never on a
+    refund path, never before a hold invoice is settled, at most once, and once released for all."""
+    v = w.view
+    out = []
+    if len(w.keys) != len(set(w.keys)):
+        out.append(f"a model key published twice: {w.keys}")
+    rewarded = {x.result_id for x in v.decision.verdicts if x.accepted and x.reward_msat > 0} if v.decision else set()
+    sealed = {r.id for r in v.results if r.sealed}
+    for rid in w.keys:
+        if rid not in rewarded:
+            out.append(f"model key of {rid[:8]}, which earns nothing")
+        if rid not in sealed:
+            out.append(f"model key of a plain result {rid[:8]}")
+    if w.keys:
+        if v.state in (S.REFUNDING, S.REFUNDED):
+            out.append(f"model keys released in a {v.state} job")
+        if w.invoice != "settled" or v.funds is not Funds.HELD:
+            out.append(f"model keys released with the invoice {w.invoice}, funds {v.funds}")
+        if postings.release_key(v.id) not in v.posted:
+            out.append("model keys released before the release was booked")
+    if postings.release_key(v.id) in v.posted and set(w.keys) != rewarded & sealed:
+        out.append(f"released, but the keys are {sorted(w.keys)}, not {sorted(rewarded & sealed)}")
     return out

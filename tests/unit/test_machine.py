@@ -11,15 +11,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import time
 from dataclasses import replace
+from decimal import Decimal
 
 import pytest
 
 from service.escrow import machine
 from service.escrow.machine import TRANSITIONS, FactKind, Funds, JobState
-from service.nostr.protocol import Mode
+from service.nostr.nip01 import SecretKey
+from service.nostr.protocol import Mode, parse_model_key, parse_reward_paid, parse_validation_complete
+from service.nostr.protocol.fields import Template, placeholder_event
+from service.nostr.protocol.sealing import SealError, key_sha256, unwrap_key
 from tests.support import machine_world as mw
 
 S = JobState
@@ -192,3 +197,158 @@ def test_pairs_are_every_state_and_fact() -> None:
     assert {s for s, _ in TRANSITIONS} <= set(JobState) and {f for _, f in TRANSITIONS} <= set(FactKind)
     assert not any(s.final for s, _ in TRANSITIONS if s is not S.CANCELLED)  # only a cancelled job may still be paid
     assert list(itertools.islice(TRANSITIONS, 1)) == [(S.NEW, FactKind.REQUEST_ACCEPTED)]
+
+
+# ---------------------------------------------------------------------------- sealed results (§5a)
+
+
+def _play(w: mw.World, *labels: str) -> mw.World:
+    for label in labels:
+        w = dict(mw.actions(w))[label]
+    return w
+
+
+def _sealed(w: mw.World, provider: int, shard: int) -> machine.ResultReceived:
+    fact = mw._result(w, provider, shard)
+    r = replace(
+        fact.result,
+        ciphertext_sha256=hashlib.sha256(f"ciphertext {provider}".encode()).hexdigest(),
+        key_sha256=key_sha256(mw.CONTENT_KEY),
+        customer_key=mw.CUSTOMER_KEY,
+    )
+    return replace(fact, result=r)
+
+
+def _scores_of(w: mw.World, validator: int, values: list[object]) -> machine.ScoresReceived:
+    scores = tuple(machine.Score(r.id, r.model_sha256, v) for r, v in zip(w.view.results, values, strict=True))  # type: ignore[arg-type]
+    eid = hashlib.sha256(f"scores {validator} {values}".encode()).hexdigest()
+    return machine.ScoresReceived(mw.VALIDATORS[validator], w.view.eval_request_id or "", scores, eid, w.now, w.now)
+
+
+def _events(w: mw.World, fact: machine.Fact) -> tuple[mw.World, list[Template]]:
+    plan = machine.step(w.view, fact, w.now, w.config)
+    return mw.after(w, plan, fact), [o.template for o in plan.events]
+
+
+def _info(t: Template) -> str:
+    return next((x[2] for x in t.tags if x[0] == "status" and len(x) > 2), "")
+
+
+def test_custodial_the_key_is_published_at_the_decision_and_opens_for_the_customer_only() -> None:
+    w = _play(mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL)), "request", "invoice created", "pay")
+    w = _play(w, "result p0 s0")  # provider 0's result is sealed
+    w, events = _events(w, _scores_of(w, 0, [Decimal("0.9")]))
+    assert w.view.state is S.RELEASING
+    keys = [parse_model_key(placeholder_event(t)) for t in events if _info(t) == "model key"]
+    rid = w.view.results[0].id
+    assert [k.result_id for k in keys] == [rid] == list(w.keys)
+    assert keys[0].customer == mw.CUSTOMER.public_key_hex
+    assert unwrap_key(mw.CUSTOMER, mw.ESCROW.public_key_hex, keys[0].payload, key_sha256(mw.CONTENT_KEY)) == (
+        mw.CONTENT_KEY
+    )
+    provider = SecretKey(hashlib.sha256(b"machine provider 1").digest())
+    with pytest.raises(SealError):  # encrypted escrow -> customer: another key does not open it
+        unwrap_key(provider, mw.ESCROW.public_key_hex, keys[0].payload, key_sha256(mw.CONTENT_KEY))
+    # the rest of the round publishes no key again
+    for _ in range(6):
+        nxt = dict(mw.actions(w))
+        label = next((k for k in nxt if k.endswith("invoice given") or k.endswith("succeeded")), None)
+        if label is None:
+            break
+        w = nxt[label]
+    assert w.view.state is S.CLOSED and w.keys == (rid,) and not mw.violations(w)
+
+
+def test_hold_no_key_at_the_decision_only_once_the_invoice_is_settled() -> None:
+    w = _play(mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD)), "request", "invoice created", "pay")
+    w = _play(w, "result p0 s0", "scores v0 good")
+    assert w.view.state is S.RELEASING and w.view.funds is Funds.LOCKED
+    assert w.keys == () and machine.EffectKind.SETTLE_HOLD in w.effects
+    settled = _play(w, "settle")
+    assert settled.keys == (w.view.results[0].id,)
+    assert _play(settled, "duplicate").keys == settled.keys  # a replayed settle releases nothing again
+    # The hold expired before it was settled: refunded, and the key is never released.
+    cancelled = _play(w, "cancel")
+    assert cancelled.view.state is S.REFUNDED and cancelled.keys == ()
+    assert all(not x.keys for _, x in mw.actions(cancelled))
+
+
+def test_a_refunded_job_releases_no_key() -> None:
+    for mode in (Mode.HOLD, Mode.CUSTODIAL):
+        start = _play(mw.start(mw.request(shards=1, validators=1, mode=mode)), "request", "invoice created", "pay")
+        w = _play(start, "result p0 s0")
+        for path in (["operator refund"], ["scores v0 bad"], ["deadline"]):
+            end = _play(w, *path)
+            assert end.view.state in (S.REFUNDING, S.REFUNDED), (mode, path, end.view.state)
+            assert end.keys == () and not mw.violations(end), (mode, path)
+            for _ in range(3):  # and nothing that follows releases one (settles, payouts, duplicates)
+                for _, nxt in mw.actions(end):
+                    assert nxt.keys == (), (mode, path)
+                end = next((x for _, x in mw.actions(end)), end)
+
+
+def test_an_unreadable_median_rejects_the_result_and_is_published_as_such() -> None:
+    w = _play(mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL)), "request", "invoice created", "pay")
+    w = _play(w, "result p0 s0")
+    w, events = _events(w, _scores_of(w, 0, [machine.UNREADABLE]))
+    assert w.view.state is S.REFUNDING and w.view.refund_reason == "no_accepted_result" and w.keys == ()
+    assert w.view.decision is not None and w.view.decision.verdicts[0].unreadable
+    complete = parse_validation_complete(
+        placeholder_event(next(t for t in events if _info(t) == "validation complete"))
+    )
+    rid = w.view.results[0].id
+    assert complete.verdicts[0].unreadable and complete.verdicts[0].median is None and not complete.verdicts[0].accepted
+    assert [(x.result_id, x.validator, x.value) for x in complete.scores] == [(rid, mw.VALIDATORS[0], None)]
+
+
+def test_best_releases_only_the_winners_key_and_split_every_paid_one() -> None:
+    for policy, winners in (("best", [0]), ("split", [0, 1])):
+        w = mw.start(mw.request(shards=2, validators=1, mode=Mode.CUSTODIAL, policy=policy))
+        w = _play(w, "request", "invoice created", "pay")
+        w = mw.step(w, _sealed(w, 0, 0))
+        w = mw.step(w, _sealed(w, 1, 1))
+        assert w.view.state is S.VALIDATING
+        w = mw.step(w, _scores_of(w, 0, [Decimal("0.9"), Decimal("0.7")]))  # both accepted; result 0 is best
+        assert w.view.decision is not None and all(v.accepted for v in w.view.decision.verdicts)
+        assert w.keys == tuple(w.view.results[k].id for k in winners), policy
+        assert not mw.violations(w)
+
+
+def test_the_validation_complete_carries_every_counted_score_and_the_split() -> None:
+    w = mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL, policy="split"))
+    w = _play(w, "request", "invoice created", "pay", "result p0 s0", "result p1 s1")
+    w = mw.step(w, _scores_of(w, 1, [machine.UNREADABLE, Decimal("0.8")]))
+    w, events = _events(w, _scores_of(w, 0, [Decimal("0.9"), Decimal("0.7")]))
+    complete = parse_validation_complete(
+        placeholder_event(next(t for t in events if _info(t) == "validation complete"))
+    )
+    r0, r1 = (r.id for r in w.view.results)
+    v0, v1 = mw.VALIDATORS
+    assert [(x.result_id, x.validator, x.value) for x in complete.scores] == [
+        (r0, v0, Decimal("0.9")),
+        (r0, v1, None),
+        (r1, v0, Decimal("0.7")),
+        (r1, v1, Decimal("0.8")),
+    ]
+    assert complete.split == w.view.req.split
+    # r0: the mean with an unreadable score: rejected unreadable; r1 accepted at 0.75 and its key is not sealed
+    assert [(v.accepted, v.unreadable) for v in complete.verdicts] == [(False, True), (True, False)]
+    assert w.keys == ()
+
+
+def test_the_reward_paid_receipt_names_the_invoice_that_was_paid() -> None:
+    w = _play(mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL)), "request", "invoice created", "pay")
+    w = _play(w, "result p1 s0", "scores v0 good")  # provider 1 is paid at its lud16 address
+    reward = next(p for p in w.payouts if p.kind.value == "reward")
+    preimage = hashlib.sha256(b"receipt").hexdigest()
+    done = replace(
+        reward,
+        state=machine.PayoutState.SUCCEEDED,
+        preimage=preimage,
+        payment_hash=hashlib.sha256(bytes.fromhex(preimage)).hexdigest(),
+        bolt11=mw.FAKE_BOLT11,
+    )
+    w = replace(w, view=replace(w.view, payouts=tuple(done if p.id == done.id else p for p in w.view.payouts)))
+    _, events = _events(w, machine.PayoutSucceeded(done))
+    paid = parse_reward_paid(placeholder_event(next(t for t in events if _info(t) == "reward paid")))
+    assert paid.bolt11 == mw.FAKE_BOLT11 and paid.payment.payment_hash == done.payment_hash

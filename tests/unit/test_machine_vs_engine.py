@@ -29,6 +29,7 @@ from sqlalchemy import select, update
 from service.db import create_engine, session_factory
 from service.escrow.engine import Engine, EngineConfig
 from service.escrow.machine import FactKind
+from service.escrow.models import Result
 from service.ledger import service as ledger
 from service.migrate import upgrade_async
 from service.nostr.protocol import Mode
@@ -163,6 +164,13 @@ class EngineVsMachine(RuleBasedStateMachine):
         async def check() -> None:
             async with self.sessions() as s:
                 real = await self.engine.load(s, w.view.id, FactKind.PAYOUT_SUCCEEDED, full=True)
+                released = set(
+                    (
+                        await s.scalars(
+                            select(Result.id).where(Result.job_id == w.view.id, Result.key_released_at.is_not(None))
+                        )
+                    ).all()
+                )
                 problems = await ledger.check_invariants(s)
                 total = sum((await ledger.balances(s)).values())
             pure = w.view
@@ -171,6 +179,8 @@ class EngineVsMachine(RuleBasedStateMachine):
             assert (real.funds, real.mode, real.refund_reason) == (pure.funds, pure.mode, pure.refund_reason), where
             assert real.offer_expires_at == pure.offer_expires_at, where
             assert [r.id for r in real.results] == [r.id for r in pure.results], where
+            assert [r.customer_key for r in real.results] == [r.customer_key for r in pure.results], where
+            assert released == set(w.keys), where  # the sealed results whose model key went out
             assert sorted((x.result_id, x.validator, x.value) for x in real.scores) == sorted(
                 (x.result_id, x.validator, x.value) for x in pure.scores
             ), where

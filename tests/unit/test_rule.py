@@ -249,3 +249,84 @@ def test_a_passing_median_at_exactly_the_threshold_is_accepted() -> None:
         validators=("v1", "v2"),
     )
     assert d.provider_rewards == {"a": 99_000}
+
+
+# ----------------------------------------------------------------------------- unreadable scores (§6)
+
+U = rule.UNREADABLE
+
+
+def _decide_one(scores: dict[str, rule.ScoreValue], direction: str = "max", quorum: int = 2) -> rule.Verdict:
+    d = rule.decide(
+        [rule.CandidateScores("a", "provider-a", 0, scores)],
+        quorum=quorum,
+        threshold=Decimal("0.5"),
+        direction=direction,
+        policy="best",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=1_000,
+        validators=tuple(scores),
+    )
+    return d.verdicts[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.decimals(min_value=Decimal("0.5"), max_value=1, places=3), min_size=2, max_size=2),
+    st.sampled_from(["max", "min"]),
+)
+def test_one_lying_validator_cannot_reject_a_readable_model_that_two_of_three_read(good, direction) -> None:
+    # Both honest scores pass the threshold in the job's direction; the third validator says unreadable.
+    honest = good if direction == "max" else [1 - g for g in good]
+    v = _decide_one({"v1": honest[0], "v2": U, "v3": honest[1]}, direction)
+    assert v.accepted and not v.unreadable
+    assert v.median == (max(honest) if direction == "min" else min(honest))  # the worse of the two readable
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.decimals(min_value=-10, max_value=10, places=3), st.sampled_from(["max", "min"]), st.integers(0, 2))
+def test_two_of_three_unreadable_rejects_the_result_unreadable(score, direction, where) -> None:
+    values: list[rule.ScoreValue] = [U, U]
+    values.insert(where, score)
+    v = _decide_one({f"v{k}": x for k, x in enumerate(values)}, direction)
+    assert not v.accepted and v.unreadable and v.median is None and v.reward_msat == 0
+
+
+@pytest.mark.parametrize(
+    ("values", "direction", "median"),
+    [
+        (["0.9", U], "max", U),  # even: the mean with an unreadable one
+        (["0.9", U], "min", U),
+        (["0.9", "0.8", U], "max", Decimal("0.8")),  # unreadable is the lowest under max
+        (["0.1", "0.2", U], "min", Decimal("0.2")),  # and the highest under min
+        (["0.1", "0.2", "0.3", U], "max", Decimal("0.15")),  # even, the two middle ones readable
+        (["0.1", "0.2", "0.3", U], "min", Decimal("0.25")),
+        ([U], "max", U),
+    ],
+)
+def test_an_unreadable_score_sorts_as_the_worst_in_the_jobs_direction(values, direction, median) -> None:
+    scores = [x if x is U else Decimal(x) for x in values]
+    assert rule.median_score(scores, direction) == median
+
+
+def test_unreadable_scores_count_towards_quorum_and_earn_their_validators_fees() -> None:
+    d = rule.decide(
+        [
+            rule.CandidateScores("a", "provider-a", 0, {"v1": Decimal("0.9"), "v2": Decimal("0.8"), "v3": U}),
+            rule.CandidateScores("b", "provider-b", 1, {"v1": U, "v2": U}),
+        ],
+        quorum=2,
+        threshold=Decimal("0.5"),
+        direction="max",
+        policy="split",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=1_000,
+        validators=("v1", "v2", "v3"),
+    )
+    a, b = d.verdicts
+    assert a.accepted and a.median == Decimal("0.8") and a.reward_msat > 0
+    assert not b.accepted and b.unreadable and b.median is None and b.reward_msat == 0
+    assert d.provider_rewards == {"a": a.reward_msat}
+    assert set(d.validator_fees) == {"v1", "v2", "v3"}  # each scored, unreadable included
