@@ -99,7 +99,7 @@ async def run(args: argparse.Namespace) -> int:
         min_bid_msat=10_000,
         payout_retry_seconds=2.0,
         sweep_interval_seconds=5.0,
-        validator_pool=",".join(f"{pubkey}:{name}" for pubkey, name in pool),
+        validator_pool=[(name, pubkey) for pubkey, name in pool],
     )
     from service.migrate import upgrade_async
 

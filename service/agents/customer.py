@@ -418,11 +418,14 @@ class Customer:
             body = r.json()
         except (httpx.HTTPError, ValueError):
             return {}
-        items = body.get("keys", []) if isinstance(body, dict) else []
-        out: dict[str, str] = {}
-        for item in items if isinstance(items, list) else []:
-            if isinstance(item, dict) and isinstance(item.get("result_id"), str) and isinstance(item.get("key"), str):
-                out[item["result_id"]] = item["key"]
+        out: dict[str, str] = {}  # a list of {"result_id", "payload", …} (docs/api.md)
+        for item in body if isinstance(body, list) else []:
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("result_id"), str)
+                and isinstance(item.get("payload"), str)
+            ):
+                out[item["result_id"]] = item["payload"]
         return out
 
     def _late_keys(self, report: RoundReport, sub: Subscription) -> None:

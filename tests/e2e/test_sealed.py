@@ -149,7 +149,7 @@ async def world(regtest: Regtest, relay_url: str, tmp_path_factory: pytest.TempP
         regtest,
         relay_url,
         database_url,
-        validator_pool=",".join(f"{k.public_key_hex}:{name}" for k, name in zip(pool, ("victor", "vera"), strict=True)),
+        validator_pool=[(name, k.public_key_hex) for k, name in zip(pool, ("victor", "vera"), strict=True)],
     )
     market.validators = pool
     # FEDSTR_VALIDATOR_POOL is the engine's setting (branch seal-engine): without it the escrow
