@@ -3,12 +3,16 @@
 1. Builds (or reuses) btcd + LND and the relay (``devstack/stack build``) and brings up the
    local network (``devstack/stack up``; a healthy running stack is reused).
 2. Starts the escrow service in this process against the ``escrow`` node and the relay,
-   with its HTTP side (API, dashboard, blob store) on 127.0.0.1.
+   with its HTTP side (API, dashboard, blob store) on 127.0.0.1; it announces the demo's two
+   validators as its validator pool (``FEDSTR_VALIDATOR_POOL``), so the providers' default
+   policy trusts them.
 3. Plays ``--rounds`` rounds with the reference agents (``service/agents``): a customer,
-   three providers (one dishonest) and two validators, with live progress.
-4. Prints a summary (who got what, fees, accuracy, ledger, time per phase). With
+   three providers (one dishonest) and two validators, with live progress; every model is
+   sealed. Then one more round that no model passes: it is refunded.
+4. Prints a summary (who got what, fees, accuracy, keys, ledger, time per phase). With
    ``--once`` it stops and exits 0 only if every round closed with the honest paid, the
-   dishonest not paid and the ledger balanced; otherwise the service and dashboard stay
+   dishonest not paid, the customer holding the keys of the paid models and of no other (none
+   of the refunded round) and the ledger balanced; otherwise the service and dashboard stay
    up, with their URL printed, until Ctrl-C.
 """
 
@@ -66,7 +70,7 @@ async def _ledger_ok(app, job_ids: list[str]) -> list:
 async def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.agents.demo import format_summary, run_demo
+    from service.agents.demo import demo_validator_pool, format_summary, run_demo, sealing_problems
     from service.app import create_app
     from service.config import Settings
 
@@ -77,6 +81,7 @@ async def run(args: argparse.Namespace) -> int:
     admin_token = secrets.token_urlsafe(32)  # 43 characters: tokens are at least 32 (service/config.py)
     node = desc["nodes"]["escrow"]
     data = Path(args.stack_dir)
+    pool = demo_validator_pool(data / "agents")  # the demo's validators, vouched for by its escrow
     settings = Settings(
         _env_file=None,
         network="regtest",
@@ -94,6 +99,7 @@ async def run(args: argparse.Namespace) -> int:
         min_bid_msat=10_000,
         payout_retry_seconds=2.0,
         sweep_interval_seconds=5.0,
+        validator_pool=[(name, pubkey) for pubkey, name in pool],
     )
     from service.migrate import upgrade_async
 
@@ -118,10 +124,14 @@ async def run(args: argparse.Namespace) -> int:
         violations = await _ledger_ok(app, job_ids)
         print("\n" + format_summary(summary))
         print(f"ledger: {'balanced, every closed job at zero' if not violations else violations}")
+        refund = summary.get("refund_round")
         ok = (
             len(summary["rounds"]) == args.rounds
             and not violations
             and all(r.get("ok", r.get("state") == "closed") for r in summary["rounds"])
+            and refund is not None
+            and refund["state"] == "refunded"
+            and not sealing_problems(summary)
         )
         print(f"[demo] {'SUCCESS' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s", flush=True)
         if args.json:

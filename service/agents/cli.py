@@ -2,6 +2,7 @@
 
     fedstr-escrow agent whoami    --role provider --name alice
     fedstr-escrow agent provider  --escrow-url URL --name alice --lnd-host … [--dishonest] [--jobs N]
+                                  [--trust-validator PK …] [--max-threshold D] [--min-reward-per-shard-msat N]
     fedstr-escrow agent validator --escrow-url URL --name victor --lnd-host … [--holdout-index I --holdout-count N]
     fedstr-escrow agent customer  --escrow-url URL --provider PK … --validator PK … --lnd-host … [--rounds N]
     fedstr-escrow agent demo      --escrow-url URL [--stack .devstack/dev/stack.json] [--rounds N]
@@ -116,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rounds", type=int, default=1, help="chain N rounds (each starts from the last average)")
     c.add_argument("--previous-job", help="link the first round to this earlier job id")
     c.add_argument("--seed", type=int, default=ml.DEFAULT_SEED, help="data split seed")
+    c.add_argument(
+        "--no-sealing",
+        action="store_true",
+        help="do not require sealed results (then providers may publish their models in the clear)",
+    )
+    c.add_argument(
+        "--key-timeout", type=float, default=RoundConfig.key_timeout, help="seconds to wait for the escrow's model keys"
+    )
 
     p = sub.add_parser("provider", help="train on assigned shards, publish models, claim rewards")
     _common(p)
@@ -125,6 +134,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, help="exit after this many jobs (default: run until interrupted)")
     p.add_argument("--since", type=int, help="also handle jobs published since this Unix time (default: now-60)")
     p.add_argument("--allow-private-lnurl", action="store_true", help="development: lud16 on localhost/http")
+    g = p.add_argument_group("acceptance policy (applied to each job before training)")
+    g.add_argument(
+        "--trust-validator",
+        action="append",
+        type=_pubkey,
+        default=None,
+        help="a validator we trust (repeatable); default: the escrow's announced validator pool",
+    )
+    g.add_argument("--min-reward-per-shard-msat", type=int, default=0, help="refuse jobs paying less per shard")
+    g.add_argument("--max-threshold", type=_decimal, help="refuse 'max' jobs whose threshold is above this")
+    g.add_argument("--min-threshold", type=_decimal, help="refuse 'min' jobs whose threshold is below this")
+    g.add_argument(
+        "--allow-unsealed",
+        action="store_true",
+        help="take jobs whose result cannot be sealed (the customer validates: it reads the model unpaid)",
+    )
+    g.add_argument("--no-seal", action="store_true", help="publish the model in the clear when the job allows it")
 
     v = sub.add_parser("validator", help="score candidate models on held-out data, claim fees")
     _common(v)
@@ -135,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--jobs", type=int, help="exit after this many evaluation requests")
     v.add_argument("--since", type=int, help="also answer requests published since this Unix time")
     v.add_argument("--allow-private-lnurl", action="store_true", help="development: lud16 on localhost/http")
+    v.add_argument(
+        "--plain-scores", action="store_true", help="publish scores in the clear (default: sealed to the escrow)"
+    )
 
     d = sub.add_parser("demo", help="a whole round: 1 customer, 3 providers (1 dishonest), 2 validators")
     d.add_argument("--escrow-url", default="http://127.0.0.1:8080", help="the escrow service (default %(default)s)")
@@ -220,11 +249,23 @@ async def _customer(args: argparse.Namespace) -> int:
         max_iter=args.max_iter,
         fee_limit_msat=args.fee_limit_msat,
         refund=args.refund,
+        sealing=not args.no_sealing,
+        key_timeout=args.key_timeout,
     )
     split = ml.split_digits(len(args.provider), max(1, len(args.validator)), seed=args.seed)
     lnd = _lnd(args, required=True)
     try:
-        customer = Customer(key, relays, escrow, Blobs(blob_url, key), lnd, name=args.name, terms=terms, progress=_say)
+        customer = Customer(
+            key,
+            relays,
+            escrow,
+            Blobs(blob_url, key),
+            lnd,
+            name=args.name,
+            terms=terms,
+            progress=_say,
+            escrow_url=args.escrow_url,
+        )
         _say("setup", f"customer {args.name} {key.public_key_hex} -> escrow {escrow[:12]} on {', '.join(relays.urls)}")
         previous, model, reports = args.previous_job, None, []
         for n in range(1, args.rounds + 1):
@@ -255,7 +296,7 @@ async def _customer(args: argparse.Namespace) -> int:
 
 
 async def _payee(args: argparse.Namespace) -> int:
-    from .provider import Provider
+    from .provider import AcceptancePolicy, Provider
     from .validator import Validator
 
     escrow, relays, blob_url, network = await _endpoints(args)
@@ -272,12 +313,36 @@ async def _payee(args: argparse.Namespace) -> int:
     agent: Provider | Validator
     try:
         if args.role == "provider":
+            policy = AcceptancePolicy(
+                min_reward_per_shard_msat=args.min_reward_per_shard_msat,
+                max_threshold=args.max_threshold,
+                min_threshold=args.min_threshold,
+                trusted_validators=frozenset(args.trust_validator) if args.trust_validator else None,
+                require_sealing=not args.allow_unsealed,
+            )
             agent = Provider(
-                key, relays, escrow, Blobs(blob_url, key), dishonest=args.dishonest, max_iter=args.max_iter, **common
+                key,
+                relays,
+                escrow,
+                Blobs(blob_url, key),
+                dishonest=args.dishonest,
+                max_iter=args.max_iter,
+                policy=policy,
+                seal=not args.no_seal,
+                **common,
             )
         else:
             holdout = ml.validator_holdout(args.holdout_index, args.holdout_count, seed=args.seed)
-            agent = Validator(key, relays, escrow, Blobs(blob_url, key), holdout, escrow_url=args.escrow_url, **common)
+            agent = Validator(
+                key,
+                relays,
+                escrow,
+                Blobs(blob_url, key),
+                holdout,
+                escrow_url=args.escrow_url,
+                seal_scores=not args.plain_scores,
+                **common,
+            )
         _say(
             "setup",
             f"{args.role} {args.name} {key.public_key_hex} ({encode_npub(key.public_key_hex)}) "
@@ -289,11 +354,11 @@ async def _payee(args: argparse.Namespace) -> int:
             await lnd.close()
     if args.json:
         print(_dump(reports))
-    return 0 if all(getattr(r, "error", None) is None for r in reports) else 1
+    return 0 if all(getattr(r, "error", None) is None for r in reports) else 1  # a refused job is no error
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_summary, print_progress, run_demo
+    from .demo import format_summary, print_progress, run_demo, sealing_problems
 
     config = RoundConfig(results_in=args.results_in, validation_in=args.validation_in)
     summary = await run_demo(
@@ -308,7 +373,8 @@ async def _demo(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     print(_dump(summary) if args.json else format_summary(summary))
-    return 0 if summary["rounds"] and all(r["outcome"] == "validated" for r in summary["rounds"]) else 1
+    validated = summary["rounds"] and all(r["outcome"] == "validated" for r in summary["rounds"])
+    return 0 if validated and not sealing_problems(summary) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

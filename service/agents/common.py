@@ -19,6 +19,7 @@ from service.nostr.protocol import (
     KIND_ANNOUNCEMENT,
     KIND_FEEDBACK,
     MAX_MSAT,
+    Announcement,
     CodecError,
     EscrowFeedback,
     EscrowTerms,
@@ -91,18 +92,30 @@ async def escrow_info(service_url: str, *, timeout: float = 10.0) -> EscrowInfo:
     )
 
 
-async def escrow_terms(relays: Relays, escrow: str) -> EscrowTerms | None:
-    """The terms from the escrow's newest NIP-89 announcement (kind 31990), if a relay has it."""
+async def escrow_announcement(relays: Relays, escrow: str) -> Announcement | None:
+    """The escrow's newest valid NIP-89 announcement (kind 31990), if a relay has it."""
     try:
         found = await relays.query({"kinds": [KIND_ANNOUNCEMENT], "authors": [escrow]})
-    except Exception:  # noqa: BLE001 - terms are optional knowledge
+    except Exception:  # noqa: BLE001 - the announcement is optional knowledge
         return None
     for event in sorted(found, key=lambda e: e.created_at, reverse=True):
         try:
-            return parse_announcement(event).terms
+            return parse_announcement(event)
         except CodecError:
             continue
     return None
+
+
+async def escrow_terms(relays: Relays, escrow: str) -> EscrowTerms | None:
+    """The terms from the escrow's newest announcement, if a relay has it."""
+    announcement = await escrow_announcement(relays, escrow)
+    return None if announcement is None else announcement.terms
+
+
+async def escrow_pool(relays: Relays, escrow: str) -> frozenset[str] | None:
+    """The keys of the escrow's announced validator pool (§1); ``None`` when no announcement is found."""
+    announcement = await escrow_announcement(relays, escrow)
+    return None if announcement is None else frozenset(v.pubkey for v in announcement.validator_pool)
 
 
 #: Terms that accept any well-formed request: agents read jobs with these (the escrow applies its own).

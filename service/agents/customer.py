@@ -9,15 +9,24 @@ One round (:meth:`Customer.run_round`):
    (``param model`` + ``model_sha256``) and the round links the previous job
    (``["i", <id>, "job"]``);
 2. publish the job request (kind 5701): the validators, ``validation accuracy max
-   <threshold> <quorum>``, ``payout split``, deadlines;
+   <threshold> <quorum>``, ``payout split``, deadlines, and ``sealing required`` (by
+   default: every model is sealed, so the customer reads only the models it pays for);
 3. wait for the escrow's offer, check that it asks exactly the bid; upload the shards (and
    the starting model) naming the job (the escrow's blob store takes uploads only for open
    jobs); pay the offer from the customer's LND node (a hold invoice keeps the payment in
    flight until release);
 4. wait for "escrow funded", then for "validation complete" (or a refund);
-5. download every accepted model, verifying its SHA-256 against the result's ``model`` tag,
-   average them (FedAvg, weighted by shard size) and measure the average's accuracy on
-   the customer's own held-out test set.
+5. obtain each accepted model's content key from the escrow, which releases it once that
+   model's provider is paid (protocol.md §5a): its "model key" events (kind 7000) on the
+   relays, or else ``GET /v1/jobs/{id}/keys`` (NIP-98); unwrap it (checked against the
+   result's committed key sha256), download the ciphertext and open it (the model's SHA-256
+   and size checked); a plain model is downloaded and checked against its ``model`` tag;
+6. average the models (FedAvg, weighted by shard size) and measure the average's accuracy
+   on the customer's own held-out test set.
+
+The customer never asks anyone but the escrow for a key: a rejected model, or any model of a
+refunded round, stays ciphertext to it (:class:`CandidateReport` records, per candidate,
+whether a key came and whether the model opened).
 """
 
 from __future__ import annotations
@@ -28,7 +37,10 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal
 
+import httpx
+
 from service.lightning.client import LndClient, Payment, PaymentStatus
+from service.nostr import nip98
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
     CodecError,
@@ -37,17 +49,25 @@ from service.nostr.protocol import (
     EscrowOffer,
     EscrowTerms,
     Funded,
+    JobRequest,
+    JobResult,
     JobSpec,
     Mode,
+    ModelKey,
     PayoutPolicy,
     Refunded,
+    SealError,
+    Sealing,
     Shard,
     Validation,
     ValidationComplete,
     build_job_request,
     money_split,
+    open_sealed,
     parse_result,
+    unwrap_key,
 )
+from service.nostr.protocol.sealing import OVERHEAD
 
 from . import ml
 from .common import (
@@ -81,6 +101,8 @@ class RoundConfig:
     max_iter: int = 10  # local lbfgs iterations per round (few: FedAvg then improves round by round)
     fee_limit_msat: int = 50_000  # what the customer accepts to pay in routing fees
     refund: str | None = None  # lud16 / lnurl for a custodial refund
+    sealing: bool = True  # require sealed results (needs validators: else the customer would validate)
+    key_timeout: float = 60.0  # how long to wait for the escrow's model keys after the verdict
 
 
 @dataclass
@@ -93,6 +115,10 @@ class CandidateReport:
     reward_msat: int | None
     accuracy: float | None = None  # on the customer's test set
     problem: str | None = None
+    sealed: bool = False
+    key_received: bool = False  # the escrow released this sealed model's content key to us
+    key_source: str | None = None  # "relay" (a model key event) or "rest" (GET /v1/jobs/{id}/keys)
+    readable: bool = False  # we hold the model: opened (sealed) or downloaded (plain) and verified
 
 
 @dataclass
@@ -134,9 +160,11 @@ class Customer:
         name: str = "customer",
         terms: EscrowTerms | None = None,
         progress: Progress = no_progress,
+        escrow_url: str | None = None,
     ) -> None:
         self.key, self.relays, self.escrow, self.blobs, self.lnd = key, relays, escrow, blobs, lnd
         self.name, self.terms, self.progress = name, terms, progress
+        self.escrow_url = escrow_url.rstrip("/") if escrow_url else None  # for the keys' REST fallback
 
     @property
     def pubkey(self) -> str:
@@ -205,6 +233,7 @@ class Customer:
             refund=config.refund,
             relays=self.relays.urls,
             previous_job=previous_job,
+            sealing=Sealing.REQUIRED if config.sealing and validators else Sealing.OPTIONAL,
         )
         event = sign_event(self.key, *build_job_request(spec, customer=self.pubkey))
         report = RoundReport(
@@ -267,7 +296,7 @@ class Customer:
                     report.outcome = f"refunded: {verdict.reason}"
                     self.progress("verdict", f"{self.name}: refunded ({verdict.reason}), {verdict.amount_msat} msat")
                 elif not any(v.accepted for v in verdict.verdicts):
-                    await self._aggregate(report, verdict, event, shards, test)
+                    await self._aggregate(report, verdict, event, shards, test, sub, config)
                     report.outcome = "rejected: no model accepted"
                     with contextlib.suppress(TimeoutError):
                         refund = await self._wait_refund(sub, event.id)
@@ -275,8 +304,9 @@ class Customer:
                         self.progress("verdict", f"{self.name}: refunded ({refund.reason}), {refund.amount_msat} msat")
                 else:
                     report.outcome = "validated"
-                    await self._aggregate(report, verdict, event, shards, test)
+                    await self._aggregate(report, verdict, event, shards, test, sub, config)
                     mark("aggregate")
+                self._late_keys(report, sub)
             finally:
                 if pay_task is not None:
                     await self._settle_payment(report, pay_task)
@@ -349,6 +379,74 @@ class Customer:
             report.routing_fee_msat = payment.fee_msat
             report.paid_msat = payment.value_msat + payment.fee_msat
 
+    # ---- the models' keys ----------------------------------------------------------------------
+    def _model_key(self, event: Event, job_id: str) -> ModelKey | None:
+        fb = escrow_feedback(event, self.escrow, job_id)
+        return fb if isinstance(fb, ModelKey) and fb.customer == self.pubkey else None
+
+    async def _wait_keys(
+        self, sub: Subscription, job_id: str, wanted: set[str], timeout: float
+    ) -> dict[str, tuple[str, str]]:
+        """The escrow's model keys for ``wanted`` results (result id -> (NIP-44 payload, source)):
+        from its "model key" events on the relays, then, for any still missing, from its REST API."""
+        found: dict[str, str] = {}
+
+        def collect(event: Event) -> bool:
+            mk = self._model_key(event, job_id)
+            if mk is not None:
+                found.setdefault(mk.result_id, mk.payload)
+            return wanted <= found.keys()
+
+        if wanted:
+            with contextlib.suppress(TimeoutError):
+                await sub.wait_for(collect, timeout)
+        keys = {rid: (found[rid], "relay") for rid in wanted if rid in found}
+        if wanted - keys.keys() and self.escrow_url:
+            rest = await self._keys_from_rest(job_id)
+            keys.update({rid: (payload, "rest") for rid, payload in rest.items() if rid in wanted and rid not in keys})
+        return keys
+
+    async def _keys_from_rest(self, job_id: str) -> dict[str, str]:
+        """``GET /v1/jobs/{id}/keys`` with NIP-98 by the customer: the keys the escrow released."""
+        url = f"{self.escrow_url}/v1/jobs/{job_id}/keys"
+        auth = sign_event(self.key, nip98.KIND_HTTP_AUTH, [["u", url], ["method", "GET"]], "")
+        try:
+            async with httpx.AsyncClient(timeout=15, trust_env=False) as http:
+                r = await http.get(url, headers={"Authorization": nip98.build_header(auth)})
+            if r.status_code != 200:
+                return {}
+            body = r.json()
+        except (httpx.HTTPError, ValueError):
+            return {}
+        out: dict[str, str] = {}  # a list of {"result_id", "payload", …} (docs/api.md)
+        for item in body if isinstance(body, list) else []:
+            if (
+                isinstance(item, dict)
+                and isinstance(item.get("result_id"), str)
+                and isinstance(item.get("payload"), str)
+            ):
+                out[item["result_id"]] = item["payload"]
+        return out
+
+    def _late_keys(self, report: RoundReport, sub: Subscription) -> None:
+        """Record a model key that came after we stopped waiting (or for a model we did not wait for)."""
+        for event in sub.events:
+            mk = self._model_key(event, report.job_id)
+            cand = next((c for c in report.candidates if mk and c.result_id == mk.result_id), None)
+            if cand is not None and not cand.key_received:
+                cand.key_received, cand.key_source = True, "relay"
+                cand.problem = cand.problem or "the key came late: the model was not opened"
+
+    async def _open(self, result: JobResult, payload: str) -> bytes:
+        """A sealed model with the key the escrow released (NIP-44 escrow -> us), verified end to end."""
+        sealed = result.sealed
+        assert sealed is not None
+        key = unwrap_key(self.key, self.escrow, payload, sealed.key_sha256)
+        ciphertext = await self.blobs.download(
+            sealed.url, sealed.ciphertext_sha256, max_bytes=min(sealed.ciphertext_bytes, ml.MAX_MODEL_BYTES + OVERHEAD)
+        )
+        return open_sealed(ciphertext, key, sealed)
+
     # ---- the aggregate -----------------------------------------------------------------------
     async def _aggregate(
         self,
@@ -357,10 +455,19 @@ class Customer:
         job_event: Event,
         shards: list[ml.Dataset],
         test: ml.Dataset,
+        sub: Subscription,
+        config: RoundConfig,
     ) -> None:
         job = read_job(job_event, self.escrow)
         ids = [v.result_id for v in verdict.verdicts]
         results = {e.id: e for e in await self.relays.query({"ids": ids})} if ids else {}
+        # the keys we are owed: the paid sealed models' (an accepted model earning 0 under `best` gets none)
+        owed = {
+            v.result_id
+            for v in verdict.verdicts
+            if v.accepted and v.reward_msat != 0 and v.result_id in results and _sealed(results[v.result_id], job)
+        }
+        keys = await self._wait_keys(sub, job.id, owed, config.key_timeout)
         models: list[ml.Model] = []
         weights: list[float] = []
         for v in verdict.verdicts:
@@ -383,16 +490,26 @@ class Customer:
                 cand.problem = f"unreadable result: {exc}"
                 continue
             cand.provider, cand.shard_index = result.provider, result.shard_index
+            cand.sealed = result.sealed is not None
+            payload, cand.key_source = keys.get(v.result_id, (None, None))
+            cand.key_received = payload is not None
             if not v.accepted:
                 continue
             try:
-                data = await self.blobs.download(
-                    result.model.url, result.model.sha256, max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES)
-                )
+                if result.sealed is not None:
+                    if payload is None:
+                        cand.problem = "no key from the escrow: the model stays sealed"
+                        continue
+                    data = await self._open(result, payload)
+                else:
+                    data = await self.blobs.download(
+                        result.model_url, result.model_sha256, max_bytes=min(result.model_size, ml.MAX_MODEL_BYTES)
+                    )
                 model = ml.model_from_bytes(data)
-            except (BlobError, ml.UnsafeData) as exc:
+            except (BlobError, SealError, ml.UnsafeData) as exc:
                 cand.problem = f"model unusable: {exc}"
                 continue
+            cand.readable = True
             cand.accuracy = round(ml.accuracy(model, test), 4)
             models.append(model)
             weights.append(float(len(shards[result.shard_index])) if 0 <= result.shard_index < len(shards) else 1.0)
@@ -402,7 +519,9 @@ class Customer:
             f"{self.name}: validation complete: {len(accepted)} of {len(report.candidates)} "
             f"accepted ("
             + ", ".join(
-                f"{c.result_id[:8]} {'ok' if c.accepted else 'rejected'} median {c.median}" for c in report.candidates
+                f"{c.result_id[:8]} {'ok' if c.accepted else 'rejected'} median {c.median}"
+                + (f", key {'received' if c.key_received else 'not released'}" if c.sealed else "")
+                for c in report.candidates
             )
             + ")",
         )
@@ -420,3 +539,10 @@ class Customer:
             f"{self.name}: FedAvg of {len(models)} model(s): accuracy {report.accuracy:.4f} "
             f"on {len(test)} held-out samples",
         )
+
+
+def _sealed(event: Event, job: JobRequest) -> bool:
+    try:
+        return parse_result(event, job).sealed is not None
+    except CodecError:
+        return False

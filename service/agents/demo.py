@@ -8,8 +8,14 @@ node. Each round: the customer posts 3 private shards, 2 validators, quorum 2,
 the customer averages the accepted models (FedAvg). With ``rounds > 1`` each round links
 the previous job and starts from the previous round's averaged model.
 
+Every model is sealed (protocol.md §5a): the customer reads a model only with the content key
+the escrow releases once its provider is paid. A last round (``refund_round``) asks for an
+accuracy no model reaches (:data:`REFUND_THRESHOLD`, still within the providers' policy): it is
+refunded, and the customer gets no key at all. The summary shows, per model, whether the
+customer received its key and could read it (:func:`sealing_problems` checks it).
+
 :func:`run_demo` prints progress through ``progress(phase, message)`` and returns a summary:
-who got what (msat), fees, accuracy per round, time per phase.
+who got what (msat), fees, accuracy per round, keys, time per phase.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -29,15 +36,30 @@ from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import EscrowTerms
 
 from . import ml
-from .common import Progress, escrow_info, escrow_terms, load_key
+from .common import Progress, escrow_announcement, escrow_info, load_key
 from .customer import Customer, RoundConfig, RoundReport
-from .provider import Provider, ProviderReport
+from .provider import AcceptancePolicy, Provider, ProviderReport
 from .relay import Relays
 from .storage import Blobs
 from .validator import Validator, ValidatorReport
 
 PROVIDER_NAMES = ("alice", "bob", "mallory")  # the last one is dishonest
 VALIDATOR_NAMES = ("victor", "vera")
+#: The providers take no job asking more accuracy than this; the refunded round asks exactly it,
+#: which no model of the demo reaches (about 0.9 after one round).
+MAX_THRESHOLD = Decimal("0.99")
+REFUND_THRESHOLD = MAX_THRESHOLD
+
+
+def demo_key(key_dir: Path | str | None, role: str, name: str) -> SecretKey:
+    """A demo agent's key: fresh, or kept in ``key_dir`` (as ``<role>-demo-<name>.key``)."""
+    return SecretKey.generate() if key_dir is None else load_key(key_dir, role, f"demo-{name}")
+
+
+def demo_validator_pool(key_dir: Path | str) -> list[tuple[str, str]]:
+    """``(pubkey, name)`` of the demo's validators (keys kept in ``key_dir``): the pool the demo's
+    escrow announces, so that the providers' default policy trusts them."""
+    return [(demo_key(key_dir, "validator", name).public_key_hex, name) for name in VALIDATOR_NAMES]
 
 
 def print_progress(start: float | None = None) -> Progress:
@@ -91,15 +113,36 @@ def build_cast(
     seed: int = ml.DEFAULT_SEED,
     network: str | None = None,
     escrow_url: str | None = None,
+    pool: frozenset[str] | None = None,
 ) -> Cast:
+    """The demo's agents. ``pool``: the escrow's announced validator pool. When it holds the demo's
+    validators the providers keep their default policy (trust the pool); otherwise (an escrow that
+    announces none, fresh keys) they are told to trust the demo's validators by name."""
+
     def key(role: str, name: str) -> SecretKey:
-        return SecretKey.generate() if key_dir is None else load_key(key_dir, role, f"demo-{name}")
+        return demo_key(key_dir, role, name)
 
     split = ml.split_digits(len(PROVIDER_NAMES), len(VALIDATOR_NAMES), seed=seed)
     ck = key("customer", "carol")
     customer = Customer(
-        ck, relays, escrow, Blobs(blob_url, ck), customer_lnd, name="carol", terms=terms, progress=progress
+        ck,
+        relays,
+        escrow,
+        Blobs(blob_url, ck),
+        customer_lnd,
+        name="carol",
+        terms=terms,
+        progress=progress,
+        escrow_url=escrow_url,
     )
+    validator_keys = [key("validator", name) for name in VALIDATOR_NAMES]
+    ours = frozenset(k.public_key_hex for k in validator_keys)
+    policy = AcceptancePolicy(max_threshold=MAX_THRESHOLD)
+    if pool is None or not ours <= pool:
+        policy = replace(policy, trusted_validators=ours)
+        progress(
+            "setup", "the escrow's validator pool does not name the demo's validators: providers trust them by name"
+        )
     providers = []
     for name in PROVIDER_NAMES:
         k = key("provider", name)
@@ -112,13 +155,13 @@ def build_cast(
                 lnd=payee_lnd,
                 name=name,
                 dishonest=(name == "mallory"),
+                policy=policy,
                 progress=progress,
                 network=network,
             )
         )
     validators = []
-    for i, name in enumerate(VALIDATOR_NAMES):
-        k = key("validator", name)
+    for i, (name, k) in enumerate(zip(VALIDATOR_NAMES, validator_keys, strict=True)):
         validators.append(
             Validator(
                 k,
@@ -241,6 +284,10 @@ async def run_round(
                 "median": c.median,
                 "reward_msat": c.reward_msat,
                 "customer_accuracy": c.accuracy,
+                "sealed": c.sealed,
+                "key_received": c.key_received,
+                "key_source": c.key_source,
+                "readable": c.readable,
                 **({"problem": c.problem} if c.problem else {}),
             }
             for c in report.candidates
@@ -287,8 +334,11 @@ async def run_demo(
     config: RoundConfig | None = None,
     key_dir: Path | str | None = None,
     seed: int = ml.DEFAULT_SEED,
+    refund_round: bool = True,
 ) -> dict:
-    """Play ``rounds`` rounds against the escrow at ``service_url`` on the devstack of ``stack_json_path``.
+    """Play ``rounds`` rounds against the escrow at ``service_url`` on the devstack of ``stack_json_path``,
+    then (``refund_round``) one that asks for :data:`REFUND_THRESHOLD` and is refunded
+    (``summary["refund_round"]``).
 
     ``relay_url`` defaults to the escrow's first relay (``/v1/info``), ``blob_url`` to
     ``<service_url>/blobs``. Keys are fresh unless ``key_dir`` is given.
@@ -299,7 +349,9 @@ async def run_demo(
     info = await escrow_info(service_url)
     relays = Relays([relay_url] if relay_url else list(info.relays or [stack["relay"]["url"]]))
     blob_url = blob_url or f"{service_url.rstrip('/')}/blobs"
-    terms = await escrow_terms(relays, info.pubkey)
+    announcement = await escrow_announcement(relays, info.pubkey)
+    terms = announcement.terms if announcement else None
+    pool = frozenset(v.pubkey for v in announcement.validator_pool) if announcement else None
     config = fit_config(config or RoundConfig(), terms)
     show(
         "setup",
@@ -326,6 +378,7 @@ async def run_demo(
             seed=seed,
             network=info.network or None,
             escrow_url=service_url,
+            pool=pool,
         )
         out["agents"] = {name: {"pubkey": pk, "role": cast.roles[pk]} for pk, name in cast.names.items()}
         for name, a in out["agents"].items():
@@ -341,6 +394,16 @@ async def run_demo(
                 if previous.model is None:
                     show("stop", f"round {n} produced no model; stopping")
                     break
+            if refund_round:
+                summary = await run_round(
+                    cast,
+                    config=replace(config, threshold=REFUND_THRESHOLD),
+                    round_no=len(out["rounds"]) + 1,
+                    service_url=service_url,
+                    progress=show,
+                )
+                summary.pop("_report")
+                out["refund_round"] = summary
     finally:
         await customer_lnd.close()
         await payee_lnd.close()
@@ -352,6 +415,29 @@ async def run_demo(
     out["accuracy"] = [r["accuracy"] for r in out["rounds"]]
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
+
+
+def sealing_problems(summary: dict) -> list[str]:
+    """What broke the demo's fair exchange, if anything: the customer must have received the key of
+    (and read) every paid model and no other (no rejected model, no model of the refunded round)."""
+    problems: list[str] = []
+    for r in summary["rounds"]:
+        for m in r["models"]:
+            paid = m["accepted"] and m["reward_msat"] != 0
+            if paid and not (m["sealed"] and m["key_received"] and m["readable"]):
+                problems.append(f"round {r['round']}: {m['provider']}'s paid model was not received sealed and opened")
+            if not paid and (m["key_received"] or m["readable"]):
+                problems.append(f"round {r['round']}: the customer got {m['provider']}'s unpaid model")
+    refund = summary.get("refund_round")
+    if refund is not None:
+        if not str(refund["outcome"]).startswith("refunded"):
+            problems.append(f"the last round was not refunded: {refund['outcome']}")
+        if not refund["models"]:
+            problems.append("the refunded round had no candidate")
+        for m in refund["models"]:
+            if m["key_received"] or m["readable"]:
+                problems.append(f"refunded round: the customer got {m['provider']}'s model")
+    return problems
 
 
 def fit_config(config: RoundConfig, terms: EscrowTerms | None) -> RoundConfig:
@@ -367,16 +453,21 @@ def fit_config(config: RoundConfig, terms: EscrowTerms | None) -> RoundConfig:
 def format_summary(summary: dict) -> str:
     """A human-readable table of :func:`run_demo`'s result."""
     lines = [f"escrow {summary['escrow'][:16]}…  ({summary['seconds']} s)"]
-    for r in summary["rounds"]:
+    refund = summary.get("refund_round")
+    for r in [*summary["rounds"], *([refund] if refund else [])]:
         lines.append(
             f"round {r['round']}: job {r['job_id'][:16]}… {r['state'] or '?'} ({r['outcome']}, {r['mode']}), "
             f"accuracy of the average: {r['accuracy']}"
         )
         for m in r["models"]:
+            if m.get("sealed"):
+                access = "key received, opened" if m["readable"] else "key received" if m["key_received"] else "no key"
+            else:
+                access = "plain"
             lines.append(
                 f"  model of {m['provider']:<8} shard {m['shard']}: "
-                f"{'accepted' if m['accepted'] else 'rejected'} median {m['median']}, "
-                f"customer-measured accuracy {m['customer_accuracy'] or 'n/a (not downloaded)'}"
+                f"{'accepted' if m['accepted'] else 'rejected'} median {m['median']}, {access}, "
+                f"customer-measured accuracy {m['customer_accuracy'] or 'n/a (not readable)'}"
             )
         c = r["customer"]
         lines.append(
@@ -393,4 +484,24 @@ def format_summary(summary: dict) -> str:
             f"paid {e['routing_fees_paid_msat']} msat routing"
         )
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
+    lines.append(_sealing_line(summary))
     return "\n".join(lines)
+
+
+def _sealing_line(summary: dict) -> str:
+    """One sentence: whose models the customer could read, and whose it could not."""
+    got = sorted({m["provider"] for r in summary["rounds"] for m in r["models"] if m.get("readable")})
+    not_got = sorted({m["provider"] for r in summary["rounds"] for m in r["models"] if not m.get("readable")})
+    text = f"sealing: the customer received keys for the paid models only ({', '.join(got) or 'none'})"
+    if not_got:
+        text += f"; it could not read {', '.join(not_got)}'s (rejected)"
+    refund = summary.get("refund_round")
+    if refund is not None:
+        read = [m["provider"] for m in refund["models"] if m.get("key_received") or m.get("readable")]
+        text += (
+            f"; refunded round {refund['round']}: no key, no model readable"
+            if not read
+            else f"; refunded round {refund['round']}: the customer got {', '.join(read)}'s model"
+        )
+    problems = sealing_problems(summary)
+    return text + ("" if not problems else "\n  PROBLEMS: " + "; ".join(problems))

@@ -1,18 +1,24 @@
-"""The reference provider: trains on the shard a customer assigned to it, publishes the model,
-and collects its reward.
+"""The reference provider: trains on the shard a customer assigned to it, publishes the model
+sealed, and collects its reward.
 
 For each job request routed to the escrow (kind 5701, ``#p`` = escrow) that holds a private
-shard encrypted to this provider's key, once the escrow announced "escrow funded":
+shard encrypted to this provider's key:
 
-1. decrypt the shard URL (NIP-44), download the shard, check its SHA-256 (the URL is
-   content-addressed) and its shape;
+0. apply its :class:`AcceptancePolicy` *before* any work: reward, threshold, whether every
+   validator is trusted (by default: the escrow's announced validator pool), whether the job
+   can be sealed; a refused job is reported (``ProviderReport.refused``) and left alone;
+1. once the escrow announced "escrow funded", decrypt the shard URL (NIP-44), download the
+   shard, check its SHA-256 (the URL is content-addressed) and its shape;
 2. if the job names a starting model (``param model`` + ``param model_sha256``, the
    previous round's average), download and check it too, and warm-start from it;
 3. train (``dishonest=True``: skip training and return random weights);
-4. upload the model (``.npz``), publish the result (kind 6701) with the model's URL,
-   SHA-256 and size, and a ``payout lud16`` tag when it has a lightning address;
+4. seal the model (protocol.md §5a: a fresh content key, wrapped for the job's validators
+   and the escrow, never for the customer), upload only the ciphertext, and publish the
+   result (kind 6701) with its ``sealed`` and ``key`` tags (``seal=False``, or a job it may
+   not seal, and a policy that allows it: the plain model), and a ``payout lud16`` tag when
+   it has a lightning address;
 5. wait for the verdict; if accepted, answer "reward claimable" with an invoice and wait
-   for "reward paid".
+   for "reward paid" (the escrow then gives the customer the content key).
 """
 
 from __future__ import annotations
@@ -21,19 +27,27 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass, field
+from decimal import Decimal
 
 from service.lightning.client import LndClient
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
     KIND_JOB_REQUEST,
     CodecError,
+    Direction,
+    EscrowTerms,
     Funded,
     JobRequest,
     ModelRef,
     PayoutAddress,
     Refunded,
+    SealedModel,
+    Sealing,
     build_result,
     decrypt_shard,
+    money_split,
+    seal,
+    sealed_model,
 )
 
 from . import ml
@@ -42,6 +56,7 @@ from .common import (
     Payee,
     Progress,
     Reward,
+    escrow_announcement,
     escrow_feedback,
     feedback_filter,
     no_progress,
@@ -53,13 +68,77 @@ from .relay import Relays, Subscription
 from .storage import Blobs, sha256_from_url
 
 
+@dataclass(frozen=True)
+class AcceptancePolicy:
+    """Which jobs a provider takes, decided from the request alone, before it trains.
+
+    ``trusted_validators`` None: the escrow's announced validator pool (its kind-31990
+    announcement on the relays; protocol.md §1). Every validator a job names must be trusted:
+    under sealing the validators are the ones who read the model before the customer pays.
+    ``require_sealing``: refuse a job whose result cannot be sealed (the customer validates,
+    so it would score, i.e. read, the model without paying for it).
+    """
+
+    min_reward_per_shard_msat: int = 0
+    max_threshold: Decimal | None = None  # direction max: refuse a threshold above this
+    min_threshold: Decimal | None = None  # direction min: refuse a threshold below this
+    trusted_validators: frozenset[str] | None = None
+    require_sealing: bool = True
+
+    def refusal(self, job: JobRequest, *, pool: frozenset[str] | None, terms: EscrowTerms | None) -> str | None:
+        """Why this provider does not take ``job`` (one short sentence), or None.
+
+        ``pool``: the escrow's announced pool (None: no announcement found); ``terms``: its
+        announced terms, for the escrow fee (without them the fee is taken as 0, an upper bound
+        of what a provider can earn)."""
+        spec = job.spec
+        if self.require_sealing and job.customer_validates:
+            return "the customer validates: the result could not be sealed"
+        v = spec.validation
+        if v.direction is Direction.MAX and self.max_threshold is not None and v.threshold > self.max_threshold:
+            return f"threshold {v.threshold} is above our maximum {self.max_threshold}"
+        if v.direction is Direction.MIN and self.min_threshold is not None and v.threshold < self.min_threshold:
+            return f"threshold {v.threshold} is below our minimum {self.min_threshold}"
+        trusted = self.trusted_validators if self.trusted_validators is not None else pool
+        if trusted is None:
+            return "no validator pool known for this escrow (no announcement on the relays)"
+        untrusted = [pk for pk in spec.validators if pk not in trusted]
+        if untrusted:
+            source = "our trusted validators" if self.trusted_validators is not None else "the escrow's validator pool"
+            return f"{len(untrusted)} validator(s) not in {source}: {', '.join(pk[:12] for pk in untrusted)}"
+        per_shard = reward_per_shard_msat(job, terms)
+        if per_shard < self.min_reward_per_shard_msat:
+            return f"reward per shard {per_shard} msat is below our minimum {self.min_reward_per_shard_msat}"
+        return None
+
+
+def reward_per_shard_msat(job: JobRequest, terms: EscrowTerms | None) -> int:
+    """The provider share divided by the job's shards: what one shard's model earns under ``split``
+    when every shard's model is accepted (under ``best`` the whole share goes to one model, so this is
+    its expected value among equals). 0 when the fees leave nothing."""
+    spec = job.spec
+    try:
+        split = money_split(
+            spec.bid_msat,
+            fee_base_msat=terms.fee_base_msat if terms else 0,
+            fee_ppm=terms.fee_ppm if terms else 0,
+            validator_fee_msat=spec.validator_fee_msat,
+            validator_count=len(spec.validators),
+        )
+    except CodecError:
+        return 0
+    return split.provider_share_msat // len(spec.shards)
+
+
 @dataclass
 class ProviderReport:
     job_id: str
     shard_index: int | None = None
     samples: int = 0
     result_id: str | None = None
-    model_sha256: str | None = None
+    model_sha256: str | None = None  # the model's (plaintext's), sealed or not
+    sealed: bool = False
+    refused: str | None = None  # why the acceptance policy refused the job (nothing was done)
     dishonest: bool = False
     accepted: bool | None = None
     median: str | None = None
@@ -83,6 +162,8 @@ class Provider(Payee):
         lud16: str | None = None,
         name: str = "provider",
         dishonest: bool = False,
+        policy: AcceptancePolicy | None = None,
+        seal: bool = True,
         max_iter: int = 10,
         C: float = 1.0,
         progress: Progress = no_progress,
@@ -94,6 +175,8 @@ class Provider(Payee):
             raise ValueError("a provider needs an LND node or a lud16 address to be paid")
         self.key, self.relays, self.escrow, self.blobs = key, relays, escrow, blobs
         self.lnd, self.lud16, self.name, self.dishonest = lnd, lud16, name, dishonest
+        self.policy = policy or AcceptancePolicy()
+        self.seal = seal
         self.max_iter, self.C, self.progress = max_iter, C, progress
         self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
         self.reports: dict[str, asyncio.Future[ProviderReport]] = {}
@@ -169,6 +252,13 @@ class Provider(Payee):
         if index is None:
             raise AgentError("this job has no shard for us")
         report = ProviderReport(job_id=job.id, shard_index=index, dishonest=self.dishonest)
+        announcement = await escrow_announcement(self.relays, self.escrow)
+        pool = None if announcement is None else frozenset(v.pubkey for v in announcement.validator_pool)
+        terms = None if announcement is None else announcement.terms
+        report.refused = self.policy.refusal(job, pool=pool, terms=terms)
+        if report.refused is not None:
+            self.progress("refused", f"{self.name}: job {job.id[:8]} refused: {report.refused}")
+            return report
         t0 = time.monotonic()
         async with self.relays.subscribe(feedback_filter(self.escrow, job.id)) as sub:
             await self._wait_funded(sub, job)
@@ -241,18 +331,32 @@ class Provider(Payee):
                 f"train accuracy {local:.3f}",
             )
         report.train_seconds = time.monotonic() - t
-        blob = await self.blobs.upload(ml.model_to_bytes(model), job=job.id)  # the store admits it for this job
-        report.model_sha256 = blob.sha256
+        ref = await self._upload(job, ml.model_to_bytes(model))
+        report.sealed = isinstance(ref, SealedModel)
+        report.model_sha256 = ref.sha256
         payout = PayoutAddress("lud16", self.lud16) if self.lud16 and self.lnd is None else None
-        ev = sign_event(
-            self.key,
-            *build_result(
-                job, shard_index=index, model=ModelRef(blob.url, blob.sha256, blob.size), payout_address=payout
-            ),
-        )
+        ev = sign_event(self.key, *build_result(job, shard_index=index, model=ref, payout_address=payout))
         await self.relays.publish(ev)
-        self.progress("result", f"{self.name}: published result {ev.id[:8]} (model {blob.sha256[:8]}, {blob.size} B)")
+        self.progress(
+            "result",
+            f"{self.name}: published result {ev.id[:8]} (model {ref.sha256[:8]}, {ref.size_bytes} B"
+            f"{', sealed for ' + str(len(job.spec.validators)) + ' validator(s) and the escrow' if report.sealed else ''})",
+        )
         return ev
+
+    def _seals(self, job: JobRequest) -> bool:
+        """Whether this job's result is sealed: always when the job requires it; else when we seal and
+        the job has named validators (a sealed result needs them: protocol.md §5a)."""
+        return job.spec.sealing is Sealing.REQUIRED or (self.seal and not job.customer_validates)
+
+    async def _upload(self, job: JobRequest, model: bytes) -> ModelRef | SealedModel:
+        """Upload the model for ``job``: only its ciphertext when sealed (the store admits it for the job)."""
+        if not self._seals(job):
+            blob = await self.blobs.upload(model, job=job.id)
+            return ModelRef(blob.url, blob.sha256, blob.size)
+        sealed = seal(model)
+        blob = await self.blobs.upload(sealed.ciphertext, job=job.id)
+        return sealed_model(self.key, sealed, url=blob.url, recipients=(*job.spec.validators, self.escrow))
 
     async def close(self) -> None:
         for task in list(self._tasks):

@@ -5,14 +5,19 @@ For each evaluation request (kind 5702) signed by the escrow and naming this val
 
 1. fetch the job request and every candidate result from the relays (signatures
    verified); read each result against the job (codec checks: right job, right shard,
-   allowed provider) to get its ``model`` tag: URL, SHA-256, size;
-2. download each model (at most :data:`ml.MAX_MODEL_BYTES`), refuse any bytes whose
-   SHA-256 is not the one in the result, load it without pickle and check its shape;
-3. score = accuracy on the hold-out (4 decimals); a model that cannot be fetched,
-   verified or loaded scores ``0``, with the SHA-256 of the result (that is what was
-   judged);
-4. publish the scores (kind 6702), then wait for the verdict and, when the job pays a
-   validator fee, claim it with an invoice and wait for "reward paid".
+   allowed provider) to get its ``model`` (plain) or ``sealed`` tag;
+2. a plain model: download it (at most :data:`ml.MAX_MODEL_BYTES`), refusing any bytes
+   whose SHA-256 is not the one in the result; a sealed model (protocol.md §5a): unwrap our
+   own key envelope (checked against the committed key sha256), download the ciphertext
+   (its size and SHA-256 checked) and open it (the model's SHA-256 and size checked);
+   then load it without pickle and check its shape;
+3. score = accuracy on the hold-out (4 decimals), with the model's SHA-256 (that is what
+   was judged). A sealed model that does not open (wrong key, ciphertext missing or not the
+   committed one) is scored ``unreadable`` (which rejects it); a plain model that cannot be
+   fetched, and any model that cannot be loaded, scores ``0``; the problem is recorded;
+4. publish the scores (kind 6702), sealed to the escrow by default (``seal_scores``: no
+   other validator can read, hence copy, them before the decision), then wait for the
+   verdict and, when the job pays a validator fee, claim it and wait for "reward paid".
 """
 
 from __future__ import annotations
@@ -31,12 +36,18 @@ from service.nostr.protocol import (
     KIND_EVALUATION_REQUEST,
     CodecError,
     EvaluationRequest,
+    JobRequest,
+    JobResult,
     Refunded,
     Score,
+    SealError,
     build_evaluation_result,
+    open_sealed,
     parse_evaluation_request,
     parse_result,
+    unwrap_key,
 )
+from service.nostr.protocol.sealing import OVERHEAD
 
 from . import ml
 from .common import (
@@ -59,8 +70,9 @@ class ValidatorReport:
     job_id: str
     request_id: str | None = None
     evaluation_id: str | None = None
-    scores: dict[str, str] = field(default_factory=dict)  # result id -> score
-    problems: dict[str, str] = field(default_factory=dict)  # result id -> why it scored 0
+    scores: dict[str, str] = field(default_factory=dict)  # result id -> score ("unreadable" for a sealed
+    # model that did not open)
+    problems: dict[str, str] = field(default_factory=dict)  # result id -> why it scored 0 or unreadable
     reward: Reward | None = None
     error: str | None = None
     eval_seconds: float = 0.0
@@ -85,6 +97,7 @@ class Validator(Payee):
         allow_private_lnurl: bool = False,
         network: str | None = None,
         escrow_url: str | None = None,
+        seal_scores: bool = True,
     ) -> None:
         if lnd is None and not lud16:
             raise ValueError("a validator needs an LND node or a lud16 address to be paid")
@@ -94,6 +107,7 @@ class Validator(Payee):
         self.lnd, self.lud16, self.name, self.progress = lnd, lud16, name, progress
         self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
         self.escrow_url = escrow_url.rstrip("/") if escrow_url else None
+        self.seal_scores = seal_scores
         self.reports: dict[str, asyncio.Future[ValidatorReport]] = {}  # by job id
         self._tasks: set[asyncio.Task] = set()
 
@@ -157,20 +171,42 @@ class Validator(Payee):
                 await asyncio.sleep(0.1)
             return await asyncio.shield(self.reports[job_id])
 
-    async def _score(self, result_id: str, events: dict[str, Event], job) -> tuple[Score, str | None]:
+    async def _score(self, result_id: str, events: dict[str, Event], job: JobRequest) -> tuple[Score, str | None]:
         event = events.get(result_id)
         if event is None:
             raise AgentError(f"candidate {result_id[:8]} not found on the relays")
         result = parse_result(event, job)
+        if result.sealed is not None:
+            try:
+                data = await self._open(result)
+            except (SealError, BlobError) as exc:
+                return Score(result_id, None, result.model_sha256), f"unreadable: {type(exc).__name__}: {exc}"
+        else:
+            try:
+                data = await self.blobs.download(
+                    result.model_url, result.model_sha256, max_bytes=min(result.model_size, ml.MAX_MODEL_BYTES)
+                )
+            except BlobError as exc:
+                return Score(result_id, Decimal("0.0000"), result.model_sha256), f"{type(exc).__name__}: {exc}"
         try:
-            data = await self.blobs.download(
-                result.model.url, result.model.sha256, max_bytes=min(result.model.size_bytes, ml.MAX_MODEL_BYTES)
-            )
             value = await asyncio.to_thread(ml.evaluate_bytes, data, self.holdout)
-            problem = None
-        except (BlobError, ml.UnsafeData) as exc:
-            value, problem = 0.0, f"{type(exc).__name__}: {exc}"
-        return Score(result_id, Decimal(f"{value:.4f}"), result.model.sha256), problem
+        except ml.UnsafeData as exc:  # it is the committed model, but not a usable one
+            return Score(result_id, Decimal("0.0000"), result.model_sha256), f"{type(exc).__name__}: {exc}"
+        return Score(result_id, Decimal(f"{value:.4f}"), result.model_sha256), None
+
+    async def _open(self, result: JobResult) -> bytes:
+        """A sealed result's model: our envelope unwrapped, the ciphertext fetched and opened.
+        Raises :class:`SealError` or :class:`BlobError`; neither message names the key."""
+        sealed = result.sealed
+        assert sealed is not None
+        envelope = sealed.key_for(self.pubkey)
+        if envelope is None:  # the codec requires one key per validator: not reached for a parsed result
+            raise SealError("wrong_key", "the result has no key for this validator")
+        key = unwrap_key(self.key, result.provider, envelope.payload, sealed.key_sha256)
+        ciphertext = await self.blobs.download(
+            sealed.url, sealed.ciphertext_sha256, max_bytes=min(sealed.ciphertext_bytes, ml.MAX_MODEL_BYTES + OVERHEAD)
+        )
+        return open_sealed(ciphertext, key, sealed)
 
     async def _from_escrow(self, job_id: str) -> dict[str, Event]:
         """The job's signed request and results from the escrow's API; each signature is checked."""
@@ -214,7 +250,7 @@ class Validator(Payee):
                 report.problems[rid] = str(exc)  # not a result of this job: nothing to score
                 continue
             scores.append(score)
-            report.scores[rid] = str(score.value)
+            report.scores[rid] = "unreadable" if score.value is None else str(score.value)
             if problem:
                 report.problems[rid] = problem
         report.eval_seconds = time.monotonic() - t
@@ -222,15 +258,22 @@ class Validator(Payee):
             raise AgentError("no candidate could be read")
         ev = sign_event(
             self.key,
-            *build_evaluation_result(request_id=request_id, job_id=job.id, escrow=self.escrow, scores=tuple(scores)),
+            *build_evaluation_result(
+                request_id=request_id,
+                job_id=job.id,
+                escrow=self.escrow,
+                scores=tuple(scores),
+                seal_with=self.key if self.seal_scores else None,
+            ),
         )
         report.evaluation_id = ev.id
         async with self.relays.subscribe(feedback_filter(self.escrow, job.id)) as sub:
             await self.relays.publish(ev)
             self.progress(
                 "scores",
-                f"{self.name}: scored {len(scores)} model(s) on {len(self.holdout)} held-out "
-                f"samples: " + ", ".join(f"{r[:8]}={v}" for r, v in report.scores.items()),
+                f"{self.name}: scored {len(scores)} model(s) on {len(self.holdout)} held-out samples"
+                f"{' (sealed to the escrow)' if self.seal_scores else ''}: "
+                + ", ".join(f"{r[:8]}={v}" for r, v in report.scores.items()),
             )
             verdict = await wait_validation(sub, self.escrow, job.id, timeout=seconds_until(request.deadline, 120))
             if isinstance(verdict, Refunded):

@@ -13,13 +13,18 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from decimal import Decimal
+from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import uvicorn
 import websockets
 from sqlalchemy import select
 
+from service.api import blobs
 from service.app import create_app
 from service.config import Settings
 from service.escrow.models import Job, TimelineEntry
@@ -45,7 +50,7 @@ from service.nostr.protocol import (
     parse_job_request,
 )
 from service.payouts.models import Payout
-from tests.conftest import Regtest, wait_until
+from tests.conftest import Regtest, free_port, wait_until
 
 
 async def publish(url: str, event: Event) -> None:
@@ -352,3 +357,30 @@ class Market:
 
 async def settle_payment(task: asyncio.Task, timeout: float = 60) -> Payment:
     return await asyncio.wait_for(task, timeout)
+
+
+@asynccontextmanager
+async def serving(market: Market, directory: Path) -> AsyncIterator[str]:
+    """The service (in-process) and its HTTP API on a free port, with the blob store; yields the URL."""
+    port = free_port()
+    async with market.running():
+        serve_blobs(market, directory)
+        server = uvicorn.Server(
+            uvicorn.Config(market.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
+        )
+        task = asyncio.create_task(server.serve())
+        await wait_until(lambda: server.started, 10, "API listening")
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            server.should_exit = True
+            await task
+
+
+def serve_blobs(market: Market, directory: Path) -> None:
+    """The Blossom routes, if the app does not mount them itself; a store in the test's directory."""
+    if not any(getattr(route, "path", "").startswith(blobs.PREFIX + "/") for route in market.app.routes):
+        market.app.include_router(blobs.router)
+    market.app.state.blobs = blobs.build_service(
+        SimpleNamespace(blob_dir=str(directory), blob_uploads_per_minute=6000.0, blob_uploads_burst=1000)
+    )

@@ -10,13 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
-import uvicorn
 
 from service.agents import ml
 from service.agents.common import escrow_info
@@ -25,42 +21,15 @@ from service.agents.demo import build_cast, format_summary, run_demo, run_round
 from service.agents.relay import Relays
 from service.agents.storage import Blobs
 from service.agents.validator import Validator
-from service.api import blobs
 from service.escrow.service import terms_from_settings
 from service.lightning.client import InvoiceState
 from service.nostr.nip01 import Event, sign_event
 from service.nostr.protocol import ModelRef, build_job_request, build_result, parse_evaluation_request
-from tests.conftest import Regtest, free_port, wait_until
+from tests.conftest import Regtest
 from tests.e2e.market import Market, query
+from tests.e2e.market import serving as _serving
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
-
-
-@asynccontextmanager
-async def _serving(market: Market, directory: Path) -> AsyncIterator[str]:
-    """The service (in-process) and its HTTP API on a free port, with the blob store; yields the URL."""
-    port = free_port()
-    async with market.running():
-        _serve_blobs(market, directory)
-        server = uvicorn.Server(
-            uvicorn.Config(market.app, host="127.0.0.1", port=port, lifespan="off", log_level="warning")
-        )
-        task = asyncio.create_task(server.serve())
-        await wait_until(lambda: server.started, 10, "API listening")
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            server.should_exit = True
-            await task
-
-
-def _serve_blobs(market: Market, directory: Path) -> None:
-    """The Blossom routes, if the app does not mount them itself; a store in the test's directory."""
-    if not any(getattr(route, "path", "").startswith(blobs.PREFIX + "/") for route in market.app.routes):
-        market.app.include_router(blobs.router)
-    market.app.state.blobs = blobs.build_service(
-        SimpleNamespace(blob_dir=str(directory), blob_uploads_per_minute=6000.0, blob_uploads_burst=1000)
-    )
 
 
 async def test_a_round_with_the_reference_agents(
