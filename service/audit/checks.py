@@ -46,7 +46,7 @@ from service.nostr.protocol.feedback import (
 )
 from service.nostr.protocol.fields import check_singles
 from service.nostr.protocol.job import SINGLE_TAGS, JobRequest, check_roles, read_job_spec
-from service.nostr.protocol.money import MoneySplit, whole_sats
+from service.nostr.protocol.money import MoneySplit
 from service.nostr.protocol.result import JobResult, parse_result
 from service.nostr.protocol.terms import KIND_ANNOUNCEMENT, KIND_EVALUATION_REQUEST, KIND_FEEDBACK
 
@@ -130,7 +130,9 @@ class _Audit:
         if not self._read_job(job_event):
             return len(events)
         assert self.escrow is not None
-        impostors = self._sort(e for e in sorted(events.values(), key=lambda e: (e.created_at, e.id)) if e.id != job_event.id)
+        impostors = self._sort(
+            e for e in sorted(events.values(), key=lambda e: (e.created_at, e.id)) if e.id != job_event.id
+        )
         n_forged = sum(p == self.escrow for p in forged)
         if n_forged:
             self.bad("signatures", "forged", f"{n_forged} event(s) claim the escrow's key but fail their signature")
@@ -144,7 +146,9 @@ class _Audit:
             )
         if not n_forged and not impostors:
             ignored = f"; {len(forged)} other event(s) with a bad signature ignored" if forged else ""
-            self.ok("signatures", f"{len(events)} events verify; the escrow's are signed by {short(self.escrow)}{ignored}")
+            self.ok(
+                "signatures", f"{len(events)} events verify; the escrow's are signed by {short(self.escrow)}{ignored}"
+            )
         self._checks()
         return len(events)
 
@@ -283,7 +287,9 @@ class _Audit:
                 self.bad("offer", "offer_amount", f"offer asks {offer.amount_msat} msat, the bid is {bid}", event.id)
             invoice, problem = decode_invoice(offer.bolt11)
             if invoice is None:
-                self.bad("offer", "offer_bolt11_undecodable", f"the offer's invoice does not decode: {problem}", event.id)
+                self.bad(
+                    "offer", "offer_bolt11_undecodable", f"the offer's invoice does not decode: {problem}", event.id
+                )
                 continue
             amount, payment_hash = invoice
             if amount != offer.amount_msat:
@@ -452,7 +458,11 @@ class _Audit:
         spec = self.job.spec
         try:
             decided = recompute(
-                candidates, validation=spec.validation, policy=str(spec.payout), split=split, validators=self.job.validators
+                candidates,
+                validation=spec.validation,
+                policy=str(spec.payout),
+                split=split,
+                validators=self.job.validators,
             )
         except (ValueError, AssertionError) as e:
             self.bad("verdict", "undecidable", f"the published scores and split make no decision: {e}")
@@ -532,7 +542,9 @@ class _Audit:
             if previous != paid.payment.payment_hash:
                 self.bad("receipt", "paid_twice", f"payee {short(paid.payee)} paid twice on one job", event.id)
             if len(self.findings) == n:
-                self.ok("receipt", f"{short(event.id)}: {paid.payment.amount_msat} msat to {short(paid.payee)} checks out")
+                self.ok(
+                    "receipt", f"{short(event.id)}: {paid.payment.amount_msat} msat to {short(paid.payee)} checks out"
+                )
 
     def _check_invoice(self, event: Event, paid: RewardPaid) -> None:
         """The preimage was checked by the codec (``invalid_payment``); the invoice is checked here."""
@@ -571,7 +583,9 @@ class _Audit:
             if not verdict.accepted:
                 self.bad("receipt", "receipt_for_rejected", f"{short(event.id)}: pays rejected result", event.id)
             elif verdict.reward_msat == 0:
-                self.bad("receipt", "receipt_without_reward", f"{short(event.id)}: pays a result that earns 0", event.id)
+                self.bad(
+                    "receipt", "receipt_without_reward", f"{short(event.id)}: pays a result that earns 0", event.id
+                )
             elif amount != verdict.reward_msat:
                 self.bad(
                     "receipt",
@@ -684,4 +698,3 @@ def audit_events(
     audit = _Audit(job_id, escrow)
     count = audit.run(events)
     return AuditReport(job_id, audit.escrow, tuple(audit.findings), count, relays)
-
