@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
         return agent_main(argv[1:])
     if argv and argv[0] == "audit":  # needs no database, no configuration, no agents extra
+        from service.agents.relay import Relays  # websockets only: no numpy, no scikit-learn
         from service.audit.cli import main as audit_main
 
-        return audit_main(argv[1:])
+        return audit_main(argv[1:], open_relays=lambda urls, timeout: Relays(urls, timeout=timeout))
     ap = argparse.ArgumentParser(prog="fedstr-escrow", description="Lightning escrow for FEDSTR on Nostr")
     ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)

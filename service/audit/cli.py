@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 
 from service.nostr.nip19 import Nip19Error, decode_npub
 from service.nostr.protocol.fields import is_hex64
 
-from .fetch import audit_job
+from .fetch import RelayReader, audit_job
 from .report import AuditFetchError
+
+OpenRelays = Callable[[list[str], float], RelayReader]  # (urls, timeout in seconds) -> a relay client
 
 EXIT_OK, EXIT_DISCREPANCIES, EXIT_NOT_FETCHED = 0, 1, 2
 
@@ -55,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None, *, open_relays: OpenRelays) -> int:
+    """``open_relays`` makes the relay client (``service/cli.py`` passes the agents' ``Relays``)."""
     try:
         args = parser().parse_args(argv)
     except SystemExit as e:  # argparse: --help is 0, a usage error 2
@@ -65,9 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     try:
-        report = asyncio.run(
-            audit_job(args.relay, args.job, escrow=args.escrow, progress=progress, timeout=args.timeout)
-        )
+        relays = open_relays(args.relay, args.timeout)
+        report = asyncio.run(audit_job(relays, args.job, escrow=args.escrow, progress=progress))
     except AuditFetchError as e:
         print(f"fedstr-escrow audit: could not fetch the job: {e}", file=sys.stderr)
         return EXIT_NOT_FETCHED

@@ -3,14 +3,17 @@
 Two rounds of queries: the job request and every event that references it (``#e``: the escrow's
 feedback, results, the evaluation request and results, payee invoices); then the escrow's
 announcement (kind 31990, by the key the job names), for its fee terms. Relays are untrusted: the
-relay client drops events that do not verify, and the checks verify every event again.
+checks verify every event again, whatever the relay client did.
+
+The relay client is the caller's (:class:`RelayReader`: the agents' ``Relays`` is one), so the audit
+depends on the codec and the rule only, and the agents' demo can audit with the relays it has.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from typing import Any, Protocol
 
-from service.agents.relay import RelayError, Relays
 from service.nostr.nip01 import Event
 from service.nostr.protocol.terms import KIND_ANNOUNCEMENT
 
@@ -20,13 +23,24 @@ from .report import AuditFetchError, AuditReport
 Progress = Callable[[str], None]
 
 
+class RelayReader(Protocol):
+    """What the audit needs of a relay client (``service.agents.relay.Relays`` is one)."""
+
+    urls: tuple[str, ...]
+
+    async def query(self, *filters: dict[str, Any]) -> list[Event]:
+        """Stored events matching any filter, from every relay, each once; raises ``RuntimeError``
+        (``Relays``: ``RelayError``) when no relay answers."""
+        ...
+
+
 def _escrow_named(job: Event) -> str | None:
     named = {t[1] for t in job.tags if t[0] == "escrow" and len(t) >= 2}
     return named.pop() if len(named) == 1 else None
 
 
 async def fetch_job_events(
-    relays: Relays, job_id: str, *, escrow: str | None = None, progress: Progress | None = None
+    relays: RelayReader, job_id: str, *, escrow: str | None = None, progress: Progress | None = None
 ) -> list[Event]:
     """Every public event of the job. Raises :class:`AuditFetchError` when no relay answers or
     none has the job request."""
@@ -42,19 +56,16 @@ async def fetch_job_events(
         key = escrow or _escrow_named(job)
         if key is not None:
             events += await relays.query({"kinds": [KIND_ANNOUNCEMENT], "authors": [key]})
-    except RelayError as e:
+    except AuditFetchError:
+        raise
+    except RuntimeError as e:  # the reader's "no relay answered"
         raise AuditFetchError(str(e)) from None
     say(f"{where} {len(events)} events")
     return events
 
 
 async def audit_job(
-    relays: Relays | Sequence[str],
-    job_id: str,
-    *,
-    escrow: str | None = None,
-    progress: Progress | None = None,
-    timeout: float = 10.0,
+    relays: RelayReader, job_id: str, *, escrow: str | None = None, progress: Progress | None = None
 ) -> AuditReport:
     """Fetch job ``job_id``'s public events from ``relays`` and audit them (no database, no token).
 
@@ -62,6 +73,5 @@ async def audit_job(
     job's ``escrow`` tag names. ``progress`` receives a line while fetching. Raises
     :class:`AuditFetchError` when the job could not be fetched.
     """
-    pool = relays if isinstance(relays, Relays) else Relays(list(relays), timeout=timeout)
-    events = await fetch_job_events(pool, job_id, escrow=escrow, progress=progress)
-    return audit_events(job_id, events, escrow=escrow, relays=pool.urls)
+    events = await fetch_job_events(relays, job_id, escrow=escrow, progress=progress)
+    return audit_events(job_id, events, escrow=escrow, relays=tuple(relays.urls))

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from service.audit import AuditFetchError, AuditReport, Status, audit_events
-from service.audit.cli import main
 from service.audit.decision import Scored, recompute
+from service.cli import main
 from service.nostr.nip01 import Event
 from service.nostr.protocol import (
     Announcement,
@@ -294,6 +294,6 @@ def test_fewer_scores_than_the_quorum_is_no_quorum() -> None:
 
 
 def test_the_command_exits_2_when_no_relay_answers(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["ab" * 32, "--relay", "ws://127.0.0.1:1", "--timeout", "2"]) == 2
+    assert main(["audit", "ab" * 32, "--relay", "ws://127.0.0.1:1", "--timeout", "2"]) == 2
     err = capsys.readouterr().err
     assert "fetching from 1 relay…" in err and "could not fetch the job" in err
