@@ -297,3 +297,9 @@ def test_the_command_exits_2_when_no_relay_answers(capsys: pytest.CaptureFixture
     assert main(["audit", "ab" * 32, "--relay", "ws://127.0.0.1:1", "--timeout", "2"]) == 2
     err = capsys.readouterr().err
     assert "fetching from 1 relay…" in err and "could not fetch the job" in err
+
+
+def test_the_command_refuses_a_malformed_job_id_or_relay(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "not-an-id", "--relay", "wss://relay.example.org"]) == 2
+    assert main(["audit", "ab" * 32, "--relay", "https://relay.example.org"]) == 2
+    assert "ws:// or wss://" in capsys.readouterr().err
