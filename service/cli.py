@@ -6,6 +6,7 @@
     fedstr-escrow version
     fedstr-escrow demo [--rounds N] [--once]    a whole market round on a local regtest network
     fedstr-escrow agent customer|provider|validator …   the reference agents (docs/agents.md)
+    fedstr-escrow audit <job id> --relay wss://… [--escrow PK] [--json]   check a job's public record (docs/audit.md)
 
 ``demo`` and ``agent`` need the ``agents`` extra (``pip install 'fedstr-escrow[agents]'``).
 """
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
         from service.agents.cli import main as agent_main
 
         return agent_main(argv[1:])
+    if argv and argv[0] == "audit":  # needs no database, no configuration, no agents extra
+        from service.agents.relay import Relays  # websockets only: no numpy, no scikit-learn
+        from service.audit.cli import main as audit_main
+
+        return audit_main(argv[1:], open_relays=lambda urls, timeout: Relays(urls, timeout=timeout))
     ap = argparse.ArgumentParser(prog="fedstr-escrow", description="Lightning escrow for FEDSTR on Nostr")
     ap.add_argument("--log-level", default="INFO")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -77,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("version")
     sub.add_parser("demo", help="a whole market round on a local regtest network (see: demo --help)")
     sub.add_parser("agent", help="the reference agents (see: agent --help)")
+    sub.add_parser("audit", help="check a job's public record from relays (see: audit --help)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
