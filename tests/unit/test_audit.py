@@ -264,7 +264,9 @@ def test_an_unreadable_score_off_the_median_does_not_decide() -> None:
     assert verdict is not None and verdict.accepted and verdict.median == Decimal("0.9")
     two_bad = {"v1": None, "v2": None, "v3": Decimal("0.95")}
     got = recompute([Scored("a", "p", two_bad)], validation=VALIDATION, policy="best", split=SPLIT, validators=())
-    assert got.unreadable == {"a"} and got.verdict("a") == replace(verdict, accepted=False, median=None, reward_msat=0)
+    assert got.unreadable == {"a"} and got.verdict("a") == replace(
+        verdict, accepted=False, median=None, reward_msat=0, unreadable=True
+    )
 
 
 def test_an_unreadable_score_is_the_worst_in_either_direction() -> None:
