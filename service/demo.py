@@ -12,7 +12,8 @@
 4. Prints a summary (who got what, fees, accuracy, keys, ledger, time per phase). With
    ``--once`` it stops and exits 0 only if every round closed with the honest paid, the
    dishonest not paid, the customer holding the keys of the paid models and of no other (none
-   of the refunded round) and the ledger balanced; otherwise the service and dashboard stay
+   of the refunded round), every round's public record auditing clean (``fedstr-escrow audit``,
+   from the relays alone) and the ledger balanced; otherwise the service and dashboard stay
    up, with their URL printed, until Ctrl-C.
 """
 
@@ -70,7 +71,7 @@ async def _ledger_ok(app, job_ids: list[str]) -> list:
 async def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from service.agents.demo import demo_validator_pool, format_summary, run_demo, sealing_problems
+    from service.agents.demo import demo_problems, demo_validator_pool, format_summary, run_demo
     from service.app import create_app
     from service.config import Settings
 
@@ -131,7 +132,7 @@ async def run(args: argparse.Namespace) -> int:
             and all(r.get("ok", r.get("state") == "closed") for r in summary["rounds"])
             and refund is not None
             and refund["state"] == "refunded"
-            and not sealing_problems(summary)
+            and not demo_problems(summary)
         )
         print(f"[demo] {'SUCCESS' if ok else 'FAILED'} in {time.monotonic() - t0:.1f} s", flush=True)
         if args.json:

@@ -358,7 +358,7 @@ async def _payee(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_summary, print_progress, run_demo, sealing_problems
+    from .demo import demo_problems, format_summary, print_progress, run_demo
 
     config = RoundConfig(results_in=args.results_in, validation_in=args.validation_in)
     summary = await run_demo(
@@ -374,7 +374,7 @@ async def _demo(args: argparse.Namespace) -> int:
     )
     print(_dump(summary) if args.json else format_summary(summary))
     validated = summary["rounds"] and all(r["outcome"] == "validated" for r in summary["rounds"])
-    return 0 if validated and not sealing_problems(summary) else 1
+    return 0 if validated and not demo_problems(summary) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

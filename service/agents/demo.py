@@ -31,6 +31,7 @@ from pathlib import Path
 
 import httpx
 
+from service.audit import AuditFetchError, audit_job
 from service.lightning.client import LndClient
 from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import EscrowTerms
@@ -404,6 +405,7 @@ async def run_demo(
                 )
                 summary.pop("_report")
                 out["refund_round"] = summary
+        out["audits"] = await audit_rounds(relays, out, escrow=info.pubkey, progress=show)
     finally:
         await customer_lnd.close()
         await payee_lnd.close()
@@ -415,6 +417,45 @@ async def run_demo(
     out["accuracy"] = [r["accuracy"] for r in out["rounds"]]
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
+
+
+async def audit_rounds(relays: Relays, summary: dict, *, escrow: str, progress: Progress) -> list[dict]:
+    """What anyone can check from the relays alone (``fedstr-escrow audit``), for every round of
+    ``summary``: each job's decision recomputed from its published scores, and its amounts and
+    receipts checked. A job the audit could not fetch is reported, not raised."""
+    audits: list[dict] = []
+    refund = summary.get("refund_round")
+    for r in [*summary["rounds"], *([refund] if refund else [])]:
+        try:
+            report = await audit_job(relays, r["job_id"], escrow=escrow)
+        except AuditFetchError as e:
+            audits.append({"job_id": r["job_id"], "ok": False, "summary": f"not fetched: {e}", "discrepancies": []})
+            continue
+        progress("audit", report.summary())
+        audits.append(
+            {
+                "job_id": r["job_id"],
+                "ok": report.ok,
+                "summary": report.summary(),
+                "discrepancies": [f.as_dict() for f in report.discrepancies],
+            }
+        )
+    return audits
+
+
+def audit_problems(summary: dict) -> list[str]:
+    """Every round's public record must audit clean."""
+    problems = [f"job {a['job_id'][:12]}: {a['summary']}" for a in summary.get("audits", []) if not a["ok"]]
+    for a in summary.get("audits", []):
+        problems += [f"job {a['job_id'][:12]}: {d['code']}: {d['message']}" for d in a["discrepancies"]]
+    if "audits" not in summary:
+        problems.append("the rounds were not audited")
+    return problems
+
+
+def demo_problems(summary: dict) -> list[str]:
+    """What went wrong in a demo run that otherwise finished: fair exchange or public record."""
+    return sealing_problems(summary) + audit_problems(summary)
 
 
 def sealing_problems(summary: dict) -> list[str]:
@@ -485,6 +526,7 @@ def format_summary(summary: dict) -> str:
         )
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
     lines.append(_sealing_line(summary))
+    lines.append(_audit_line(summary))
     return "\n".join(lines)
 
 
@@ -504,4 +546,12 @@ def _sealing_line(summary: dict) -> str:
             else f"; refunded round {refund['round']}: the customer got {', '.join(read)}'s model"
         )
     problems = sealing_problems(summary)
+    return text + ("" if not problems else "\n  PROBLEMS: " + "; ".join(problems))
+
+
+def _audit_line(summary: dict) -> str:
+    audits = summary.get("audits", [])
+    clean = sum(1 for a in audits if a["ok"])
+    text = f"audit (fedstr-escrow audit, from the relays alone): {clean} of {len(audits)} jobs without discrepancy"
+    problems = audit_problems(summary)
     return text + ("" if not problems else "\n  PROBLEMS: " + "; ".join(problems))
