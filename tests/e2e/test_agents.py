@@ -17,7 +17,7 @@ import pytest
 from service.agents import ml
 from service.agents.common import escrow_info
 from service.agents.customer import RoundConfig
-from service.agents.demo import build_cast, format_summary, run_demo, run_round
+from service.agents.demo import build_cast, demo_problems, format_summary, run_demo, run_round
 from service.agents.relay import Relays
 from service.agents.storage import Blobs
 from service.agents.validator import Validator
@@ -120,6 +120,11 @@ async def test_run_demo_chains_two_rounds(regtest: Regtest, relay_url: str, data
             assert all(r["payees"][n]["paid"] for n in ("alice", "bob", "victor", "vera")), r["payees"]
             await market.check_ledger(r["job_id"], closed=True)
         assert summary["totals_msat"]["mallory"] == 0 and summary["totals_msat"]["alice"] > 0
+        # the summary audits every job (both rounds and the refunded one) from the relays alone
+        audited = [a["job_id"] for a in summary["audits"]]
+        assert audited == [first["job_id"], second["job_id"], summary["refund_round"]["job_id"]]
+        assert all(a["ok"] and not a["discrepancies"] for a in summary["audits"]), summary["audits"]
+        assert demo_problems(summary) == []
 
 
 async def test_a_validator_finds_a_request_the_relays_dropped_at_the_escrow(
