@@ -21,6 +21,7 @@ from service.nostr.nip01 import Event, SecretKey
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
+    UNREADABLE,
     Tag,
     Template,
     arity,
@@ -30,10 +31,10 @@ from .fields import (
     format_decimal,
     format_timestamp,
     named,
-    parse_bounded_decimal,
     parse_hex64,
     parse_pubkey_ref,
     parse_relay_hint,
+    parse_score_value,
     parse_timestamp,
     placeholder_event,
     pubkey_tag,
@@ -45,11 +46,9 @@ from .terms import KIND_EVALUATION_REQUEST, KIND_EVALUATION_RESULT
 
 R = CodecErrorReason
 
-_NON_FINITE = re.compile(r"[+-]?(?:s?nan|inf|infinity)", re.IGNORECASE)
 _METRIC = re.compile(r"[A-Za-z0-9_.:@/+\-]{1,64}")
 REQUEST_ROLES = ("request", "job")
 #: A score value meaning "the sealed model did not open to its commitment" (protocol.md §6).
-UNREADABLE = "unreadable"
 
 
 # ----------------------------------------------------------------- 5702 (escrow)
@@ -176,12 +175,7 @@ def _read_score(tag: Tag) -> Score:
     arity(tag, 4, 4, R.INVALID_SCORE)
     _, result_id, value, sha256 = tag
     parse_hex64(result_id, R.INVALID_SCORE, "scored result id")
-    if value == UNREADABLE:
-        parse_hex64(sha256, R.INVALID_SCORE, "scored model sha256")
-        return Score(result_id, None, sha256)
-    if _NON_FINITE.fullmatch(value) is not None:
-        raise CodecError(R.NON_FINITE_SCORE, "a score must be a finite number")
-    decimal = parse_bounded_decimal(value, R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
+    decimal = parse_score_value(value)  # None: unreadable
     parse_hex64(sha256, R.INVALID_SCORE, "scored model sha256")
     return Score(result_id, decimal, sha256)
 

@@ -35,6 +35,7 @@ from service.nostr.nip01 import Event
 from .errors import CodecError, CodecErrorReason
 from .fields import (
     MEDIAN_PLACES,
+    UNREADABLE,
     Tag,
     Tags,
     Template,
@@ -52,6 +53,7 @@ from .fields import (
     parse_bounded_decimal,
     parse_hex64,
     parse_msat,
+    parse_score_value,
     parse_uint,
     placeholder_event,
     pubkey_tag,
@@ -77,7 +79,6 @@ INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
 INFO_MODEL_KEY = "model key"
-UNREADABLE = "unreadable"  # a median (or score) of a sealed model that did not open
 REFUNDED_PREFIX = "refunded: "
 CANCELLED_PREFIX = "cancelled: "
 #: Codes that start a status info of their own feedback, never an error's.
@@ -441,11 +442,7 @@ def _read_published_scores(tags: Tags, results: set[str]) -> tuple[PublishedScor
         validator = parse_hex64(tag[2], R.INVALID_SCORE, "validator pubkey")
         if result_id not in results:
             raise CodecError(R.INVALID_SCORE, "a published score is for a result without a verdict")
-        value = (
-            None
-            if tag[3] == UNREADABLE
-            else parse_bounded_decimal(tag[3], R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
-        )
+        value = parse_score_value(tag[3])  # None: unreadable
         if any(x.result_id == result_id and x.validator == validator for x in scores):
             raise CodecError(R.DUPLICATE_SCORE, "one validator's score of one result is published twice")
         scores.append(PublishedScore(result_id, validator, value))

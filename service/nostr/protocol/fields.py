@@ -362,3 +362,18 @@ def amount_tag(amount_msat: int, bolt11: str | None = None) -> Tag:
     if type(bolt11) is not str or not is_bolt11(bolt11):
         raise CodecError(R.INVALID_BOLT11, "amount invoice must be a BOLT11 string (ln…)")
     return ("amount", text, bolt11)
+
+
+#: The score value of a sealed model that did not open to its commitment (protocol.md §6).
+UNREADABLE = "unreadable"
+_NON_FINITE = re.compile(r"[+-]?(?:s?nan|inf|infinity)", re.IGNORECASE)
+
+
+def parse_score_value(text: str) -> Decimal | None:
+    """A score's value wherever one is written (evaluation result, validation complete): a bounded
+    plain decimal, or ``None`` for :data:`UNREADABLE`."""
+    if text == UNREADABLE:
+        return None
+    if _NON_FINITE.fullmatch(text) is not None:
+        raise CodecError(R.NON_FINITE_SCORE, "a score must be a finite number")
+    return parse_bounded_decimal(text, R.SCORE_OUT_OF_RANGE, "score", shape=R.INVALID_SCORE_VALUE)
