@@ -67,6 +67,7 @@ async def test_drill(name: str, stack_desc: dict, regtest: Regtest, tmp_path: Pa
             "ledger_imbalance_msat",
             "reconciliation_discrepancy_msat",
             "notes",
+            "faults",
         )
     }
     assert result["passed"], json.dumps(summary, indent=1) + "\n" + "\n".join(lines[-30:])
