@@ -545,9 +545,9 @@ class LndOutageDrill(Drill):
         return busy, view
 
     def wanted(self, t0: float) -> bool:
-        """Customers funding (from the market's live view): two holding an offer, one after 20 s, any after 40 s."""
+        """Customers funding (from the market's live view): two holding an offer, one after 10 s, any after 40 s."""
         waited = time.monotonic() - t0
-        return self.funding() >= 2 or (self.funding() >= 1 and waited > 20) or waited > 40
+        return self.funding() >= 2 or (self.funding() >= 1 and waited > 10) or waited > 40
 
     async def body(self) -> None:
         self.started_wall = time.time() - 5  # LND's clock, not ours: a margin
