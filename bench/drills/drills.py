@@ -488,6 +488,7 @@ class LndOutageDrill(Drill):
     BUSY_PAYOUTS = ("pending", "sending", "unknown", "needs_invoice")
     BUSY_ATTEMPTS = ("sending", "unknown")
     QUIET_WAIT = 60.0  # seconds from the first launch to find a quiet moment, else the drill fails
+    work = (4.0, 2.0, 20.0)  # customers look at their offer up to 20 s: some hold one while nothing is paid out
 
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 6 * self.jobs + self.opts.lnd_outage)
