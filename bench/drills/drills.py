@@ -213,7 +213,7 @@ class Drill:
             work=self.opts.work or self.work,
         )
         monitor = asyncio.create_task(self._monitor())
-        timed_out = False
+        timed_out = errored = False
         try:
             await asyncio.wait_for(self.body(), self.timeout())
         except TimeoutError:
@@ -221,6 +221,7 @@ class Drill:
             self.notes.append(f"HARD TIMEOUT after {self.timeout():.0f} s: {self.snapshot()}")
             self.say(f"hard timeout ({self.timeout():.0f} s)")
         except Exception as e:  # noqa: BLE001 - reported as the drill's failure
+            errored = True
             self.notes.append(f"drill error: {type(e).__name__}: {e}")
             self.say("drill error:\n" + traceback.format_exc())
         finally:
@@ -240,6 +241,7 @@ class Drill:
         await self.market.close()
         passed = (
             not timed_out
+            and not errored
             and counted["jobs_finished"] == counted["jobs_total"]
             and counted["duplicate_payments"] == 0
             and counted["facts_lost"] == 0
