@@ -490,6 +490,7 @@ class LndOutageDrill(Drill):
     BUSY_PAYOUTS = ("pending", "sending", "unknown", "needs_invoice")
     BUSY_ATTEMPTS = ("sending", "unknown")
     QUIET_WAIT = 60.0  # seconds from the first launch to find a quiet moment, else the drill fails
+    started_wall = 0.0  # time.time() at the start of the body, less a margin (LND's creation times)
     work = (4.0, 2.0, 20.0)  # customers look at their offer up to 20 s: some hold one while nothing is paid out
 
     def timeout(self) -> float:
@@ -605,7 +606,7 @@ class LndOutageDrill(Drill):
     async def restore(self) -> None:
         await super().restore()
         # evidence for a job left open: the escrow LND's unfinished payments of this drill
-        if all(self.states.get(j.id) == "closed" for j in self.market.jobs) or not hasattr(self, "started_wall"):
+        if not self.started_wall or all(self.states.get(j.id) == "closed" for j in self.market.jobs):
             return
         try:
             stuck = [p for p in await self._escrow_payments() if p.get("status") == "IN_FLIGHT"]
@@ -834,7 +835,6 @@ class AdversarialDrill(Drill):
 
     async def judge(self, svc: Service) -> dict:
         """What the hostile participants got, from the database and the escrow node."""
-
         from service.ledger import accounts
         from service.ledger.models import LedgerLine
 
