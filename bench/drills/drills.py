@@ -16,9 +16,10 @@ import time
 import traceback
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from bench.common import fresh_pg_database
 from bench.drills.audit import audit
@@ -212,7 +213,7 @@ class Drill:
             work=self.opts.work or self.work,
         )
         monitor = asyncio.create_task(self._monitor())
-        timed_out = False
+        timed_out = errored = False
         try:
             await asyncio.wait_for(self.body(), self.timeout())
         except TimeoutError:
@@ -220,6 +221,7 @@ class Drill:
             self.notes.append(f"HARD TIMEOUT after {self.timeout():.0f} s: {self.snapshot()}")
             self.say(f"hard timeout ({self.timeout():.0f} s)")
         except Exception as e:  # noqa: BLE001 - reported as the drill's failure
+            errored = True
             self.notes.append(f"drill error: {type(e).__name__}: {e}")
             self.say("drill error:\n" + traceback.format_exc())
         finally:
@@ -239,6 +241,7 @@ class Drill:
         await self.market.close()
         passed = (
             not timed_out
+            and not errored
             and counted["jobs_finished"] == counted["jobs_total"]
             and counted["duplicate_payments"] == 0
             and counted["facts_lost"] == 0
@@ -479,6 +482,16 @@ class LndOutageDrill(Drill):
         "the escrow's LND stopped while customers fund (and, unless --lnd-stop-anytime, no payout is "
         "being sent), started again with its own command line"
     )
+    # Quiet, read from the real parts right before the stop: no job past funding and not closed
+    # (a collecting job's provider needs ~1 s, its validators ~0.5 s: it can reach its payouts
+    # within the stop), no payout or attempt row in a non-final state, nothing IN_FLIGHT in the
+    # escrow's LND and none of the drill's hold invoices ACCEPTED (a job about to collect).
+    BUSY_JOBS = ("collecting", "validating", "releasing", "refunding")
+    BUSY_PAYOUTS = ("pending", "sending", "unknown", "needs_invoice")
+    BUSY_ATTEMPTS = ("sending", "unknown")
+    QUIET_WAIT = 60.0  # seconds from the first launch to find a quiet moment, else the drill fails
+    started_wall = 0.0  # time.time() at the start of the body, less a margin (LND's creation times)
+    work = (4.0, 2.0, 20.0)  # customers look at their offer up to 20 s: some hold one while nothing is paid out
 
     def timeout(self) -> float:
         return self.opts.timeout or (240 + 6 * self.jobs + self.opts.lnd_outage)
@@ -487,47 +500,131 @@ class LndOutageDrill(Drill):
         """Customers holding an offer they have not seen funded yet."""
         return sum(1 for j in self.market.jobs if j.phase == "offered")
 
-    def quiet(self) -> bool:
-        """No job about to pay out. LND v0.20.2 stopped while it dispatches a payment can keep that
-        payment IN_FLIGHT for good (no HTLC on the channel; seen here, like lnd#5152): the escrow then
-        rightly never pays it again, and the job stays releasing. That is LND's to fix; this drill
-        is about funding, so by default it does not stop LND in the middle of a payout."""
-        return self.opts.lnd_stop_anytime or self.count("validating", "releasing") == 0
+    async def _escrow_payments(self) -> list[dict]:
+        """The escrow LND's payments created since this drill started (its escrow key and database are new)."""
+        out = await asyncio.to_thread(
+            self.parts.lncli, "escrow", "listpayments", "--include_incomplete", "--max_payments", "1000000"
+        )
+        since = int(self.started_wall * 1e9)
+        return [p for p in out.get("payments", []) if int(p.get("creation_time_ns", 0)) >= since]
+
+    async def busy(self, sessions) -> tuple[list[str], dict]:
+        """What is under way at this moment, from LND and then the database (the last thing read
+        before the stop). LND v0.20.2 stopped while it dispatches a payment can keep that payment
+        IN_FLIGHT for good (no HTLC on the channel; like lnd#5152): the escrow then rightly never
+        pays it again and the job stays releasing. Recovering it is issue 17; this drill is about
+        funding, so by default it stops LND only when nothing here is busy."""
+        pays = await self._escrow_payments()
+        out = await asyncio.to_thread(
+            self.parts.lncli, "escrow", "listinvoices", "--pending_only", "--max_invoices", "1000000"
+        )
+        inflight = [p["payment_hash"][:12] for p in pays if p.get("status") == "IN_FLIGHT"]
+        accepted = [
+            i["r_hash"][:12]
+            for i in out.get("invoices", [])
+            if i.get("state") == "ACCEPTED" and i.get("r_hash") in self.market.offers
+        ]
+        async with sessions() as s:
+            jobs = {str(k): n for k, n in (await s.execute(select(Job.state, func.count()).group_by(Job.state))).all()}
+            payouts = {
+                str(k): n for k, n in (await s.execute(select(Payout.state, func.count()).group_by(Payout.state))).all()
+            }
+            attempts = {
+                str(k): n
+                for k, n in (
+                    await s.execute(select(PayoutAttempt.state, func.count()).group_by(PayoutAttempt.state))
+                ).all()
+            }
+        view = {
+            "jobs": jobs,
+            "payouts": payouts,
+            "attempts": attempts,
+            "lnd_in_flight": inflight,
+            "lnd_accepted": accepted,
+        }
+        busy = [f"jobs {k} {jobs[k]}" for k in self.BUSY_JOBS if jobs.get(k)]
+        busy += [f"payouts {k} {payouts[k]}" for k in self.BUSY_PAYOUTS if payouts.get(k)]
+        busy += [f"attempts {k} {attempts[k]}" for k in self.BUSY_ATTEMPTS if attempts.get(k)]
+        busy += [f"LND IN_FLIGHT {h}" for h in inflight] + [f"LND invoice ACCEPTED {h}" for h in accepted]
+        return busy, view
+
+    def wanted(self, t0: float) -> bool:
+        """Customers funding (from the market's live view): two holding an offer, one after 10 s, any after 40 s."""
+        waited = time.monotonic() - t0
+        return self.funding() >= 2 or (self.funding() >= 1 and waited > 10) or waited > 40
 
     async def body(self) -> None:
+        self.started_wall = time.time() - 5  # LND's clock, not ours: a margin
         _, launcher = await self.start_one()
-        # while customers fund: two of them holding an offer they are paying (one will do after 20 s)
+        engine = create_engine(self.url)
+        sessions = session_factory(engine)
         t0 = time.monotonic()
-        await self.until(
-            lambda: (
-                self.quiet()
-                and (
-                    self.funding() >= 2
-                    or self.funding() >= 1
-                    and time.monotonic() - t0 > 20
-                    or time.monotonic() - t0 > 40
-                )
-                or time.monotonic() - t0 > 60
-            ),
-            "customers funding",
-        )
-        funding, quiet = self.funding(), self.quiet()
-        t = time.monotonic()
-        await self.parts.stop_lnd("escrow")
-        stopped = time.monotonic()
-        f = self.fault(
-            "lnd-stopped",
-            node="escrow",
-            stop_s=round(stopped - t, 1),
-            customers_funding=funding,
-            jobs_requested=self.count("requested"),
-            payouts_quiet=quiet,
-        )
-        await asyncio.sleep(self.opts.lnd_outage)
-        f["stopped_s"] = round(time.monotonic() - stopped, 1)
+        checks = 0
+        try:
+            while True:
+                await self.until(lambda: self.wanted(t0), "customers funding")
+                checks += 1
+                busy, view = await self.busy(sessions)
+                if not busy or self.opts.lnd_stop_anytime:
+                    break
+                if time.monotonic() - t0 > self.QUIET_WAIT:
+                    raise RuntimeError(
+                        f"drill setup: no quiet moment to stop the escrow's LND in {self.QUIET_WAIT:.0f} s "
+                        f"({checks} checks; last busy: {', '.join(busy)}; {view}); the drill does not stop LND "
+                        "mid-payout (that is --lnd-stop-anytime): its timings leave no gap, or something is stuck"
+                    )
+                await asyncio.sleep(0.05)
+            funding = self.funding()
+            checked = datetime.now(UTC)
+            t = time.monotonic()
+            await self.parts.stop_lnd("escrow")
+            stopped = time.monotonic()
+            f = self.fault(
+                "lnd-stopped",
+                node="escrow",
+                stop_s=round(stopped - t, 1),
+                customers_funding=funding,
+                jobs_requested=self.count("requested"),
+                payouts_quiet=not busy,
+                busy=busy,
+                quiet_checks=checks,
+                at_stop=view,
+            )
+            await asyncio.sleep(self.opts.lnd_outage)
+            f["stopped_s"] = round(time.monotonic() - stopped, 1)
+            async with sessions() as s:  # sent (or written ahead) between the check and the end of the stop
+                since = (await s.scalars(select(PayoutAttempt.created_at))).all()
+            f["attempts_during_stop"] = sum(
+                1 for c in since if checked <= aware(c) <= checked + timedelta(seconds=stopped - t + 0.5)
+            )
+        finally:
+            await engine.dispose()
         await self.parts.start_lnd("escrow")
         self.recovered(f, down_s=round(time.monotonic() - stopped, 1))
         await self.until_finished(launcher)
+
+    async def restore(self) -> None:
+        await super().restore()
+        # evidence for a job left open: the escrow LND's unfinished payments of this drill
+        if not self.started_wall or all(self.states.get(j.id) == "closed" for j in self.market.jobs):
+            return
+        try:
+            stuck = [p for p in await self._escrow_payments() if p.get("status") == "IN_FLIGHT"]
+        except Exception as e:  # noqa: BLE001
+            self.notes.append(f"escrow ListPayments failed: {e}")
+            return
+        if stuck:
+            path = self.dir / "escrow-in-flight.json"
+            path.write_text(json.dumps(stuck, indent=1) + "\n")
+            self.notes.append(
+                f"escrow LND has {len(stuck)} payment(s) IN_FLIGHT: "
+                + ", ".join(
+                    f"{p['payment_hash'][:12]} created {p.get('creation_date')} htlcs "
+                    f"{[h.get('status') for h in p.get('htlcs', [])]} failure {p.get('failure_reason')}"
+                    for p in stuck
+                )
+                + f" (ListPayments in {path})"
+            )
 
 
 # ------------------------------------------------------------------------------ relay-restart
@@ -738,8 +835,6 @@ class AdversarialDrill(Drill):
 
     async def judge(self, svc: Service) -> dict:
         """What the hostile participants got, from the database and the escrow node."""
-        from sqlalchemy import func
-
         from service.ledger import accounts
         from service.ledger.models import LedgerLine
 

@@ -106,7 +106,33 @@ class StackParts:
         await asyncio.to_thread(self.stack.stop_node, node)
 
     async def start_lnd(self, node: str) -> None:
-        await asyncio.to_thread(self.stack.start_node, node)
+        await asyncio.to_thread(self._start_lnd, node)
+
+    def _start_lnd(self, node: str) -> None:
+        """``start_node``, with its channel peers told to connect at once: a peer that cannot dial
+        back (the customer, which opened its channel and announces no address) otherwise waits
+        out LND's reconnection backoff, which doubles with every short-lived connection (minutes
+        after a few restarts of the same node)."""
+        if not self.stack.alive(f"lnd-{node}"):
+            self.stack.lnd_start(node)
+        logf = self.stack.dir / f"lnd-{node}.log"
+        self.mod.wait_for(
+            120, lambda: self.stack.lnd_state(node) == "SERVER_ACTIVE", f"lnd {node} active", logfile=logf
+        )
+        pubkey = self.desc["nodes"][node]["pubkey"]
+        for other in self.desc["nodes"]:
+            if other == node or not self.stack.alive(f"lnd-{other}"):
+                continue
+            try:
+                chans = self.stack.lncli(other, "listchannels", timeout=10).get("channels", [])
+                if any(c.get("remote_pubkey") == pubkey for c in chans):
+                    self.stack.lncli(other, "connect", f"{pubkey}@127.0.0.1:{self.stack.port(node) + 1}", timeout=10)
+            except (
+                self.mod.StackError,
+                subprocess.TimeoutExpired,
+            ):  # already connected, or dialing: start_node waits for the channels
+                pass
+        self.stack.start_node(node)
 
     def lncli(self, node: str, *args: str) -> dict:
         return self.stack.lncli(node, *args, timeout=60)
