@@ -20,7 +20,7 @@ import sys
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
-from service.nostr.nip19 import Nip19Error, decode_npub, encode_npub
+from service.nostr.nip19 import Nip19Error, Nip19ErrorReason, encode_npub, pubkey_from_text
 
 from . import ml
 from .common import DEFAULT_KEY_DIR, AgentError, escrow_info, escrow_terms, key_path, load_key
@@ -33,15 +33,12 @@ DEFAULT_STACK = Path(".devstack/dev/stack.json")
 
 
 def _pubkey(text: str) -> str:
-    text = text.strip()
-    if text.startswith("npub1"):
-        try:
-            return decode_npub(text)
-        except Nip19Error as e:
-            raise argparse.ArgumentTypeError(f"invalid npub: {e.reason}") from None
-    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
-        raise argparse.ArgumentTypeError("a public key is 64 lowercase hex characters or an npub1… string")
-    return text
+    try:
+        return pubkey_from_text(text)
+    except Nip19Error as e:
+        raise argparse.ArgumentTypeError(
+            e.message if e.reason is Nip19ErrorReason.INVALID_HEX else f"invalid npub: {e.reason}"
+        ) from None
 
 
 def _decimal(text: str) -> Decimal:

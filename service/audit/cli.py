@@ -11,7 +11,7 @@ import asyncio
 import sys
 from collections.abc import Callable
 
-from service.nostr.nip19 import Nip19Error, decode_npub
+from service.nostr.nip19 import Nip19Error, Nip19ErrorReason, pubkey_from_text
 from service.nostr.protocol.fields import is_hex64
 
 from .fetch import RelayReader, audit_job
@@ -30,13 +30,12 @@ def _hex64(text: str) -> str:
 
 
 def _pubkey(text: str) -> str:
-    text = text.strip()
-    if text.startswith("npub1"):
-        try:
-            return decode_npub(text)
-        except Nip19Error as e:
-            raise argparse.ArgumentTypeError(f"invalid npub: {e.reason}") from None
-    return _hex64(text)
+    try:
+        return pubkey_from_text(text)
+    except Nip19Error as e:
+        raise argparse.ArgumentTypeError(
+            e.message if e.reason is Nip19ErrorReason.INVALID_HEX else f"invalid npub: {e.reason}"
+        ) from None
 
 
 def _relay(text: str) -> str:

@@ -164,6 +164,20 @@ def decode_npub(text: str) -> str:
     return _decode_32(text, HRP_NPUB)
 
 
+def pubkey_from_text(text: str) -> str:
+    """A public key as people write it: an ``npub1…`` or 64 lowercase hex characters (surrounding
+    space ignored) -> lowercase hex. Raises :class:`Nip19Error` (``invalid_hex`` for hex that is not
+    a 64-character key)."""
+    text = text.strip()
+    if text.startswith("npub1"):
+        return decode_npub(text)
+    if len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise Nip19Error(
+            Nip19ErrorReason.INVALID_HEX, "a public key is 64 lowercase hex characters or an npub1… string"
+        )
+    return text
+
+
 def encode_nsec(secret_hex: str) -> str:
     return encode_bech32(HRP_NSEC, _hex32(secret_hex, "secret key"))
 
