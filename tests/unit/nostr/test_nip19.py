@@ -24,6 +24,7 @@ from service.nostr.nip19 import (
     encode_nprofile,
     encode_npub,
     encode_nsec,
+    pubkey_from_text,
 )
 
 R = Nip19ErrorReason
@@ -284,3 +285,12 @@ def test_encode_rejects_bad_pointer_values() -> None:
     assert _error(encode_nprofile, ProfilePointer(SPEC_NPUB_HEX, ("w" * 256,))) is R.INVALID_TLV
     assert _error(encode_nevent, EventPointer(SPEC_NPUB_HEX, kind=2**32)) is R.INVALID_TLV
     assert _error(encode_nevent, EventPointer(SPEC_NPUB_HEX, kind=-1)) is R.INVALID_TLV
+
+
+def test_a_public_key_as_people_write_it() -> None:
+    hex_key = "7e7e9c42a91bfef19fa929e5fda1b72e0ebc1a4c1141673e2794234d86addf4e"
+    npub = encode_npub(hex_key)
+    assert pubkey_from_text(hex_key) == pubkey_from_text(f"  {npub}\n") == hex_key
+    for bad in (hex_key.upper(), hex_key[:-1], "", "npub1" + npub[5:-1] + "q"):
+        with pytest.raises(Nip19Error):
+            pubkey_from_text(bad)
