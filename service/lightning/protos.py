@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTO_DIR = ROOT / "proto"
@@ -43,19 +44,18 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def recorded() -> dict[str, object]:
+def recorded(proto_dir: Path = PROTO_DIR) -> dict[str, Any]:
     """proto/lnd-version.json: ``{"lnd_version": ..., "files": {path: {"sha256": ...}}, ...}``."""
-    data: dict[str, object] = json.loads(VERSION_FILE.read_text())
+    data: dict[str, Any] = json.loads((proto_dir / VERSION_FILE.name).read_text())
     return data
 
 
-def source_drift() -> list[str]:
+def source_drift(proto_dir: Path = PROTO_DIR) -> list[str]:
     """What is wrong between proto/ and its version file (empty: nothing)."""
-    files = recorded()["files"]
-    assert isinstance(files, dict)
+    files = recorded(proto_dir)["files"]
     problems = [f"{p}: not in {VERSION_FILE.name}" for p in PROTOS if p not in files]
     for p, meta in files.items():
-        f = PROTO_DIR / p
+        f = proto_dir / p
         if not f.is_file():
             problems.append(f"{p}: missing from proto/")
         elif sha256(f) != meta["sha256"]:
@@ -69,13 +69,13 @@ def _fix_imports(text: str, depth: int) -> str:
     return _IMPORT.sub(lambda m: f"from {up}{m[1] or ''} import {m[2]} as {m[3]}", text)
 
 
-def generate(out: Path) -> None:
+def generate(out: Path, proto_dir: Path = PROTO_DIR) -> None:
     """Write the stubs for proto/ into ``out`` (a package: ``__init__.py`` in every folder)."""
     from grpc_tools import protoc  # dev extra: only regeneration needs it
 
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}"]
+        args = ["protoc", f"-I{proto_dir}", f"--python_out={tmp}", f"--pyi_out={tmp}", f"--grpc_python_out={tmp}"]
         if protoc.main([*args, *PROTOS]) != 0:
             raise RuntimeError("grpc_tools.protoc failed")
         for f in sorted(Path(tmp).rglob("*")):
@@ -97,11 +97,11 @@ def _files(d: Path) -> dict[str, bytes]:
     }
 
 
-def stub_drift() -> list[str]:
+def stub_drift(package_dir: Path = PACKAGE_DIR, proto_dir: Path = PROTO_DIR) -> list[str]:
     """Files of service/lightning/lnrpc/ that differ from a fresh generation (empty: none)."""
     with tempfile.TemporaryDirectory() as tmp:
-        generate(Path(tmp))
-        want, have = _files(Path(tmp)), _files(PACKAGE_DIR)
+        generate(Path(tmp), proto_dir)
+        want, have = _files(Path(tmp)), _files(package_dir)
     return sorted(
         f"{name}: {'missing' if name not in have else 'not generated' if name not in want else 'differs'}"
         for name in want.keys() | have.keys()
