@@ -27,25 +27,27 @@ MAX_MESSAGE_BYTES = 50 * 1024 * 1024
 MAX_FEE_QUERY_MSAT = 2**62  # "no fee limit" for QueryRoutes (its default limit is about the amount)
 
 
+# Our names for LND's enums, valued by the generated stubs (proto/lightning.proto), so a number
+# never appears here; a value LND adds later maps to the default given to _enum.
 class InvoiceState(enum.Enum):
-    OPEN = 0
-    SETTLED = 1
-    CANCELED = 2
-    ACCEPTED = 3
+    OPEN = ln.Invoice.OPEN
+    SETTLED = ln.Invoice.SETTLED
+    CANCELED = ln.Invoice.CANCELED
+    ACCEPTED = ln.Invoice.ACCEPTED
 
 
 class HtlcState(enum.Enum):
-    ACCEPTED = 0
-    SETTLED = 1
-    CANCELED = 2
+    ACCEPTED = ln.InvoiceHTLCState.ACCEPTED
+    SETTLED = ln.InvoiceHTLCState.SETTLED
+    CANCELED = ln.InvoiceHTLCState.CANCELED
 
 
 class PaymentStatus(enum.Enum):
-    UNKNOWN = 0
-    IN_FLIGHT = 1
-    SUCCEEDED = 2
-    FAILED = 3
-    INITIATED = 4  # lnd >= 0.18; absent from the 0.16 stubs but sent on the wire
+    UNKNOWN = ln.Payment.UNKNOWN  # deprecated: LND never sends it; our default for a value we do not know
+    IN_FLIGHT = ln.Payment.IN_FLIGHT
+    SUCCEEDED = ln.Payment.SUCCEEDED
+    FAILED = ln.Payment.FAILED
+    INITIATED = ln.Payment.INITIATED  # created, no HTLC attempted yet
 
     @property
     def final(self) -> bool:
@@ -53,13 +55,13 @@ class PaymentStatus(enum.Enum):
 
 
 class FailureReason(enum.Enum):
-    NONE = 0
-    TIMEOUT = 1
-    NO_ROUTE = 2
-    ERROR = 3
-    INCORRECT_PAYMENT_DETAILS = 4
-    INSUFFICIENT_BALANCE = 5
-    CANCELED = 6  # lnd >= 0.18
+    NONE = ln.FAILURE_REASON_NONE
+    TIMEOUT = ln.FAILURE_REASON_TIMEOUT
+    NO_ROUTE = ln.FAILURE_REASON_NO_ROUTE
+    ERROR = ln.FAILURE_REASON_ERROR
+    INCORRECT_PAYMENT_DETAILS = ln.FAILURE_REASON_INCORRECT_PAYMENT_DETAILS
+    INSUFFICIENT_BALANCE = ln.FAILURE_REASON_INSUFFICIENT_BALANCE
+    CANCELED = ln.FAILURE_REASON_CANCELED  # the payment was canceled (SendPaymentRequest.cancelable)
 
 
 def _enum(cls: type[enum.Enum], value: int, default: enum.Enum) -> Any:

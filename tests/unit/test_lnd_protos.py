@@ -63,3 +63,20 @@ def test_the_stubs_are_lnds_current_api() -> None:
     assert "cancelable" in rt.SendPaymentRequest.DESCRIPTOR.fields_by_name
     assert "blinded_paths" in ln.PayReq.DESCRIPTOR.fields_by_name
     assert "DeleteCanceledInvoice" in ln.DESCRIPTOR.services_by_name["Lightning"].methods_by_name
+
+
+def test_the_clients_enums_name_every_value_of_lnds() -> None:
+    """A value a new LND version adds (read as our default today) fails here, to be named."""
+    from service.lightning import client
+    from service.lightning._stubs import ln
+
+    pairs = [
+        (client.InvoiceState, ln.Invoice.InvoiceState, ""),
+        (client.HtlcState, ln.InvoiceHTLCState, ""),
+        (client.PaymentStatus, ln.Payment.PaymentStatus, ""),
+        (client.FailureReason, ln.PaymentFailureReason, "FAILURE_REASON_"),
+    ]
+    for ours, theirs, prefix in pairs:
+        assert {m.name: m.value for m in ours} == {
+            name.removeprefix(prefix): value for name, value in theirs.items()
+        }, ours.__name__
