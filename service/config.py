@@ -146,6 +146,8 @@ class Settings(BaseSettings):
     payout_fee_ppm: int = Field(default=5_000, ge=0, le=1_000_000)
     payout_fee_cap_msat: int = Field(default=5_000_000, ge=0)
     payout_timeout_seconds: int = Field(default=60, ge=5, le=600)
+    # EstimateRouteFee's probe before a payee's invoice is first paid (its time limit); 0: no quote.
+    payout_fee_quote_seconds: int = Field(default=10, ge=0, le=120)
     payout_max_attempts: int = Field(default=3, ge=1, le=20)
     payout_retry_seconds: float = Field(default=60.0, ge=0)
     payout_invoice_min_expiry_seconds: int = Field(default=300, ge=0)

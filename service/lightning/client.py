@@ -147,6 +147,16 @@ class PayReq:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteFeeQuote:
+    """``EstimateRouteFee``'s answer for an invoice: the fee of the route its probe found (LND calls
+    it a lower bound) when ``failure_reason`` is NONE; otherwise why the probe found no route."""
+
+    fee_msat: int
+    time_lock_delay: int
+    failure_reason: FailureReason
+
+
+@dataclass(frozen=True, slots=True)
 class ChannelBalance:
     local_msat: int
     remote_msat: int
@@ -477,6 +487,22 @@ class LndClient:
                 return None
             raise
         return int(r.routes[0].total_fees_msat) if r.routes else None
+
+    async def estimate_route_fee(self, payment_request: str, *, timeout_seconds: int) -> RouteFeeQuote:
+        """``EstimateRouteFee`` by payment request: LND sends a probe to the invoice's node with a
+        random payment hash (nobody can settle it: nothing is paid) and reports the fee of the route
+        that reached it. ``timeout_seconds`` bounds LND's probe loop (cancelling the call does not
+        stop it); the call's deadline is that plus a little. (A probe's HTLC can still be held past
+        it by a node on the route, as any payment's can.)"""
+        if timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
+        req = rt.RouteFeeRequest(payment_request=payment_request, timeout=timeout_seconds)
+        r = await self._unary("EstimateRouteFee", self._rt.EstimateRouteFee, req, timeout=timeout_seconds + 2.0)
+        return RouteFeeQuote(
+            fee_msat=int(r.routing_fee_msat),
+            time_lock_delay=int(r.time_lock_delay),
+            failure_reason=_enum(FailureReason, r.failure_reason, FailureReason.ERROR),
+        )
 
     async def track_payment(
         self, payment_hash: bytes, *, no_inflight_updates: bool = False
