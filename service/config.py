@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     guard_margin_blocks: int = Field(default=12, ge=1)  # we act this much before LND would
     guard_interval_seconds: float = Field(default=30.0, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    # How long LND keeps our canceled hold invoices before the sweep deletes them there (ours stay); 0: kept.
+    canceled_invoice_retention_seconds: float = Field(default=7 * 86400.0, ge=0)
     max_invoice_streams: int = Field(default=1000, ge=0, le=100_000)  # SubscribeSingleInvoice streams
     unstreamed_sweep_seconds: float = Field(default=2.0, gt=0)  # sweep period while some have none
     # Payouts (docs/lightning.md). The routing-fee limit is amount × ppm, capped; no floor (a floor

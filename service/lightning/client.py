@@ -386,6 +386,12 @@ class LndClient:
         req = inv.CancelInvoiceMsg(payment_hash=_check_hash("payment_hash", payment_hash))
         await self._unary("CancelInvoice", self._inv.CancelInvoice, req)
 
+    async def delete_canceled_invoice(self, payment_hash: bytes) -> None:
+        """``DeleteCanceledInvoice``: remove a canceled invoice from LND's database (LND refuses one in
+        any other state: :class:`errors.InvoiceStateError`; an unknown one: :class:`errors.LndNotFound`)."""
+        req = ln.DelCanceledInvoiceReq(invoice_hash=_check_hash("payment_hash", payment_hash).hex())
+        await self._unary("DeleteCanceledInvoice", self._ln.DeleteCanceledInvoice, req)
+
     async def subscribe_invoices(self, *, add_index: int = 0, settle_index: int = 0) -> AsyncIterator[Invoice]:
         """New invoices after ``add_index`` and settlements after ``settle_index``, then live updates.
 
