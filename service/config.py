@@ -138,6 +138,8 @@ class Settings(BaseSettings):
     guard_margin_blocks: int = Field(default=12, ge=1)  # we act this much before LND would
     guard_interval_seconds: float = Field(default=30.0, gt=0)
     sweep_interval_seconds: float = Field(default=30.0, gt=0)
+    # How long LND keeps our canceled hold invoices before the sweep deletes them there (ours stay); 0: kept.
+    canceled_invoice_retention_seconds: float = Field(default=7 * 86400.0, ge=0)
     max_invoice_streams: int = Field(default=1000, ge=0, le=100_000)  # SubscribeSingleInvoice streams
     unstreamed_sweep_seconds: float = Field(default=2.0, gt=0)  # sweep period while some have none
     # Payouts (docs/lightning.md). The routing-fee limit is amount × ppm, capped; no floor (a floor
@@ -146,6 +148,8 @@ class Settings(BaseSettings):
     payout_fee_ppm: int = Field(default=5_000, ge=0, le=1_000_000)
     payout_fee_cap_msat: int = Field(default=5_000_000, ge=0)
     payout_timeout_seconds: int = Field(default=60, ge=5, le=600)
+    # EstimateRouteFee's probe before a payee's invoice is first paid (its time limit); 0: no quote.
+    payout_fee_quote_seconds: int = Field(default=10, ge=0, le=120)
     payout_max_attempts: int = Field(default=3, ge=1, le=20)
     payout_retry_seconds: float = Field(default=60.0, ge=0)
     payout_invoice_min_expiry_seconds: int = Field(default=300, ge=0)

@@ -48,6 +48,7 @@ class LightningService:
             lnd,
             sessions,
             sweep_interval=settings.sweep_interval_seconds,
+            canceled_retention=settings.canceled_invoice_retention_seconds,
             max_streams=settings.max_invoice_streams,
             overflow_interval=settings.unstreamed_sweep_seconds,
             signals=self.signals,

@@ -27,25 +27,27 @@ MAX_MESSAGE_BYTES = 50 * 1024 * 1024
 MAX_FEE_QUERY_MSAT = 2**62  # "no fee limit" for QueryRoutes (its default limit is about the amount)
 
 
+# Our names for LND's enums, valued by the generated stubs (proto/lightning.proto), so a number
+# never appears here; a value LND adds later maps to the default given to _enum.
 class InvoiceState(enum.Enum):
-    OPEN = 0
-    SETTLED = 1
-    CANCELED = 2
-    ACCEPTED = 3
+    OPEN = ln.Invoice.OPEN
+    SETTLED = ln.Invoice.SETTLED
+    CANCELED = ln.Invoice.CANCELED
+    ACCEPTED = ln.Invoice.ACCEPTED
 
 
 class HtlcState(enum.Enum):
-    ACCEPTED = 0
-    SETTLED = 1
-    CANCELED = 2
+    ACCEPTED = ln.InvoiceHTLCState.ACCEPTED
+    SETTLED = ln.InvoiceHTLCState.SETTLED
+    CANCELED = ln.InvoiceHTLCState.CANCELED
 
 
 class PaymentStatus(enum.Enum):
-    UNKNOWN = 0
-    IN_FLIGHT = 1
-    SUCCEEDED = 2
-    FAILED = 3
-    INITIATED = 4  # lnd >= 0.18; absent from the 0.16 stubs but sent on the wire
+    UNKNOWN = ln.Payment.UNKNOWN  # deprecated: LND never sends it; our default for a value we do not know
+    IN_FLIGHT = ln.Payment.IN_FLIGHT
+    SUCCEEDED = ln.Payment.SUCCEEDED
+    FAILED = ln.Payment.FAILED
+    INITIATED = ln.Payment.INITIATED  # created, no HTLC attempted yet
 
     @property
     def final(self) -> bool:
@@ -53,13 +55,13 @@ class PaymentStatus(enum.Enum):
 
 
 class FailureReason(enum.Enum):
-    NONE = 0
-    TIMEOUT = 1
-    NO_ROUTE = 2
-    ERROR = 3
-    INCORRECT_PAYMENT_DETAILS = 4
-    INSUFFICIENT_BALANCE = 5
-    CANCELED = 6  # lnd >= 0.18
+    NONE = ln.FAILURE_REASON_NONE
+    TIMEOUT = ln.FAILURE_REASON_TIMEOUT
+    NO_ROUTE = ln.FAILURE_REASON_NO_ROUTE
+    ERROR = ln.FAILURE_REASON_ERROR
+    INCORRECT_PAYMENT_DETAILS = ln.FAILURE_REASON_INCORRECT_PAYMENT_DETAILS
+    INSUFFICIENT_BALANCE = ln.FAILURE_REASON_INSUFFICIENT_BALANCE
+    CANCELED = ln.FAILURE_REASON_CANCELED  # the payment was canceled (SendPaymentRequest.cancelable)
 
 
 def _enum(cls: type[enum.Enum], value: int, default: enum.Enum) -> Any:
@@ -142,6 +144,16 @@ class PayReq:
     description: str
     description_hash: bytes | None
     payment_addr: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class RouteFeeQuote:
+    """``EstimateRouteFee``'s answer for an invoice: the fee of the route its probe found (LND calls
+    it a lower bound) when ``failure_reason`` is NONE; otherwise why the probe found no route."""
+
+    fee_msat: int
+    time_lock_delay: int
+    failure_reason: FailureReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -374,6 +386,12 @@ class LndClient:
         req = inv.CancelInvoiceMsg(payment_hash=_check_hash("payment_hash", payment_hash))
         await self._unary("CancelInvoice", self._inv.CancelInvoice, req)
 
+    async def delete_canceled_invoice(self, payment_hash: bytes) -> None:
+        """``DeleteCanceledInvoice``: remove a canceled invoice from LND's database (LND refuses one in
+        any other state: :class:`errors.InvoiceStateError`; an unknown one: :class:`errors.LndNotFound`)."""
+        req = ln.DelCanceledInvoiceReq(invoice_hash=_check_hash("payment_hash", payment_hash).hex())
+        await self._unary("DeleteCanceledInvoice", self._ln.DeleteCanceledInvoice, req)
+
     async def subscribe_invoices(self, *, add_index: int = 0, settle_index: int = 0) -> AsyncIterator[Invoice]:
         """New invoices after ``add_index`` and settlements after ``settle_index``, then live updates.
 
@@ -475,6 +493,22 @@ class LndClient:
                 return None
             raise
         return int(r.routes[0].total_fees_msat) if r.routes else None
+
+    async def estimate_route_fee(self, payment_request: str, *, timeout_seconds: int) -> RouteFeeQuote:
+        """``EstimateRouteFee`` by payment request: LND sends a probe to the invoice's node with a
+        random payment hash (nobody can settle it: nothing is paid) and reports the fee of the route
+        that reached it. ``timeout_seconds`` bounds LND's probe loop (cancelling the call does not
+        stop it); the call's deadline is that plus a little. (A probe's HTLC can still be held past
+        it by a node on the route, as any payment's can.)"""
+        if timeout_seconds <= 0:
+            raise ValueError("timeout_seconds must be positive")
+        req = rt.RouteFeeRequest(payment_request=payment_request, timeout=timeout_seconds)
+        r = await self._unary("EstimateRouteFee", self._rt.EstimateRouteFee, req, timeout=timeout_seconds + 2.0)
+        return RouteFeeQuote(
+            fee_msat=int(r.routing_fee_msat),
+            time_lock_delay=int(r.time_lock_delay),
+            failure_reason=_enum(FailureReason, r.failure_reason, FailureReason.ERROR),
+        )
 
     async def track_payment(
         self, payment_hash: bytes, *, no_inflight_updates: bool = False

@@ -86,6 +86,7 @@ _MESSAGES: tuple[tuple[str, type[LndError]], ...] = (
     ("invoice already settled", InvoiceStateError),
     ("invoice already canceled", InvoiceStateError),
     ("invoice still open", InvoiceStateError),
+    ("invoice not canceled", InvoiceStateError),  # DeleteCanceledInvoice
     ("cannot settle", InvoiceStateError),
     ("cannot cancel", InvoiceStateError),
     ("invoice expired", InvoiceExpired),

@@ -6,7 +6,8 @@ Sources of *hints* (none is trusted alone):
   first run backfills with ``ListInvoices``), which reports OPEN and SETTLED only;
 - ``SubscribeSingleInvoice`` for every open or accepted hold invoice (the only
   stream that reports ACCEPTED and CANCELED), re-established at start-up;
-- a periodic sweep of every open or accepted invoice (the backstop);
+- a periodic sweep of every open or accepted invoice (the backstop), which also deletes our
+  hold invoices canceled longer ago than the retention period from LND (``prune_canceled``);
 - webhooks from LND-side notifiers (``webhook.py``) and the deadline guard.
 
 Every hint leads to :meth:`SettlementWatcher.confirm`, which asks
@@ -28,14 +29,15 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from service import cursors
-from service.db import insert_ignore, rowcount, utcnow
+from service.db import aware, insert_ignore, rowcount, utcnow
 from service.lightning.client import Invoice, InvoiceState, LndClient
-from service.lightning.errors import LndError, LndNotFound
+from service.lightning.errors import InvoiceStateError, LndError, LndNotFound
 from service.lightning.models import LnFact, LnInvoice
 from service.signals import Signals
 
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 
 ADD_CURSOR = "lnd:add_index"
 SETTLE_CURSOR = "lnd:settle_index"
+# When (µs since the epoch) the last hold invoice deleted from LND was canceled; pruning goes on from there.
+PRUNE_CURSOR = "lnd:canceled_pruned_until_us"
+PRUNE_BATCH = 200  # invoices deleted from LND per sweep at most
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 # Invoice state -> (fact kind, states it may move from)
 _TRANSITIONS = {
@@ -134,9 +140,11 @@ class SettlementWatcher:
         backoff_max: float = 30.0,
         max_streams: int = 1000,
         overflow_interval: float = 2.0,
+        canceled_retention: float = 0.0,
         signals: Signals | None = None,
     ) -> None:
         self.lnd = lnd
+        self.canceled_retention = canceled_retention  # seconds; 0: canceled invoices stay in LND
         self.max_streams = max_streams
         self.overflow_interval = overflow_interval
         self._overflow: set[str] = set()  # open hold invoices over the stream budget
@@ -388,11 +396,57 @@ class SettlementWatcher:
         self.health.unstreamed = len(self._overflow)
         return recorded
 
+    async def prune_canceled(self, *, now: datetime | None = None) -> int:
+        """Delete from LND (``DeleteCanceledInvoice``) our hold invoices that were canceled more than
+        ``canceled_retention`` seconds ago; our rows and facts stay. Oldest first, from a cursor, at
+        most PRUNE_BATCH per call; returns how many LND deleted. Nothing when the retention is 0."""
+        if self.canceled_retention <= 0:
+            return 0
+        until = (now or utcnow()) - timedelta(seconds=self.canceled_retention)
+        async with self.sessions() as s:
+            since = await cursors.get(s, PRUNE_CURSOR)
+            rows = (
+                await s.execute(
+                    select(LnInvoice.payment_hash, LnInvoice.updated_at)
+                    .where(
+                        LnInvoice.mode == "hold",
+                        LnInvoice.state == "canceled",  # recorded from LND's CANCELED, never changed after
+                        # >=: the last one of the previous pass again (LND: not found), so a tie is never skipped
+                        LnInvoice.updated_at >= _EPOCH + timedelta(microseconds=since),
+                        LnInvoice.updated_at <= until,
+                    )
+                    .order_by(LnInvoice.updated_at)
+                    .limit(PRUNE_BATCH)
+                )
+            ).all()
+        deleted, position = 0, since
+        try:
+            for r in rows:
+                try:
+                    await self.lnd.delete_canceled_invoice(bytes.fromhex(r.payment_hash))
+                    deleted += 1
+                except LndNotFound:
+                    pass  # gone already (an earlier pass, or by hand)
+                except InvoiceStateError as e:  # LND's state is not canceled: it keeps the invoice
+                    log.warning("invoice %s: recorded canceled, LND refuses to delete it: %s", r.payment_hash, e.detail)
+                position = (aware(r.updated_at) - _EPOCH) // timedelta(microseconds=1)
+        finally:
+            if position > since:  # what was done stays done when LND stops answering mid-batch
+                async with self.sessions.begin() as s:
+                    await cursors.advance(s, PRUNE_CURSOR, position)
+        if deleted:
+            log.info("deleted %d canceled hold invoice(s) from LND", deleted)
+        return deleted
+
     async def _sweep_loop(self) -> None:
         attempt = 0
         while not self._stop.is_set():
             try:
                 await self.sweep()
+                try:
+                    await self.prune_canceled()
+                except LndError as e:  # housekeeping: the next sweep goes on from the cursor
+                    log.info("pruning canceled invoices: %s", e)
                 attempt = 0
                 # hold invoices without a stream of their own are found by the sweep: sooner
                 # (and an invoice going over the budget cuts the long wait short)

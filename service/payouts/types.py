@@ -200,6 +200,7 @@ class PayoutPolicy:
     fee_ppm: int = 5_000
     fee_cap_msat: int = 5_000_000
     timeout_seconds: int = 60
+    fee_quote_seconds: int = 10  # EstimateRouteFee's probe time limit; 0: no quote
     max_attempts: int = 3
     retry_seconds: float = 60.0
     min_expiry_seconds: int = 300
@@ -216,6 +217,7 @@ class PayoutPolicy:
             fee_ppm=s.payout_fee_ppm,
             fee_cap_msat=s.payout_fee_cap_msat,
             timeout_seconds=s.payout_timeout_seconds,
+            fee_quote_seconds=s.payout_fee_quote_seconds,
             max_attempts=s.payout_max_attempts,
             retry_seconds=s.payout_retry_seconds,
             min_expiry_seconds=s.payout_invoice_min_expiry_seconds,

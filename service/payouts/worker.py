@@ -39,6 +39,8 @@ Rules that keep a hostile payee from hurting anyone else:
 - ``SendPaymentV2`` gets ``cltv_limit``: no route may lock our funds for longer.
 - The routing-fee limit is ``amount × ppm``, capped, and no more than the engine's own limit
   for the payout (``ln_payouts.fee_limit_msat``); no floor, and 0 means zero-fee routes only.
+- Before an invoice's first send, ``EstimateRouteFee`` quotes its route (a probe: nothing paid);
+  one that costs more than that limit is handed back with the same reason as LND's own refusal.
 - What a payee gets back (``needs_invoice``) always carries a stable reason code first in
   ``last_error`` (:class:`CheckReason`, :class:`PayoutReason`): the engine tells the payee.
 """
@@ -86,6 +88,17 @@ class Outcome:
     payout_id: str
     state: PayoutState | str
     detail: str = ""
+
+
+def route_fee_refusal(fee_msat: int, fee_limit_msat: int) -> str:
+    """What a payee is told when the route to its invoice costs more than the payout allows: by the
+    fee quote before sending, or by the route query after LND's NO_ROUTE. Handed back, not retried."""
+    return why(
+        PayoutReason.ROUTE_FEE_EXCEEDS_LIMIT,
+        f"the cheapest route to the invoice costs {fee_msat} msat in fees and this payout allows "
+        f"{fee_limit_msat} msat; give an invoice reachable for less (a direct channel, or "
+        "route hints through cheaper channels)",
+    )
 
 
 class Claim(NamedTuple):
@@ -203,8 +216,31 @@ class Payouts:
                 retry=True,
             )
         if fresh:
+            # The first send of this hash: LND cannot know it, so the quote may refuse it. (A re-armed
+            # attempt of this payout goes without: the send's fee limit and NO_ROUTE check still hold.)
+            refusal = await self._quote(checked.payment_request, fee_limit)
+            if refusal is not None:
+                await self._attempt_state(checked.payment_hash, AttemptState.NOT_INITIATED, failure=refusal[:200])
+                return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, refusal)
             self._fresh.add(checked.payment_hash)
         return await self._send(payout_id, checked.payment_hash, checked.payment_request, fee_limit)
+
+    async def _quote(self, payreq: str, fee_limit: int) -> str | None:
+        """``EstimateRouteFee`` before the first send: the reason to hand the payout back if the route
+        its probe found costs more than ``fee_limit``, else None. A probe that finds no route, fails
+        or runs out of time decides nothing: SendPaymentV2 runs with the fee limit, which still bounds
+        the fee, and its NO_ROUTE is told apart as before (``_why_no_route``)."""
+        if self.policy.fee_quote_seconds <= 0:
+            return None
+        try:
+            quote = await self.lnd.estimate_route_fee(payreq, timeout_seconds=self.policy.fee_quote_seconds)
+        except errors.LndError as e:
+            log.info("route fee quote failed (%s); the send's fee limit decides", type(e).__name__)
+            return None
+        if quote.failure_reason is not FailureReason.NONE:
+            log.info("route fee quote found no route (%s); the send decides", quote.failure_reason.name)
+            return None
+        return route_fee_refusal(quote.fee_msat, fee_limit) if quote.fee_msat > fee_limit else None
 
     async def _write_ahead(self, s: AsyncSession, payout_id: str, checked: CheckedInvoice, fee_limit: int) -> bool:
         """Insert the attempt row in the caller's transaction; True if this call created it.
@@ -393,12 +429,7 @@ class Payouts:
                 f"(asking for one without it failed: {type(e).__name__})",
             )
         if fee is not None and fee > a.fee_limit_msat:
-            return True, why(
-                PayoutReason.ROUTE_FEE_EXCEEDS_LIMIT,
-                f"the cheapest route to the invoice costs {fee} msat in fees and this payout allows "
-                f"{a.fee_limit_msat} msat; give an invoice reachable for less (a direct channel, or "
-                "route hints through cheaper channels)",
-            )
+            return True, route_fee_refusal(fee, a.fee_limit_msat)
         return False, why(
             PayoutReason.NO_ROUTE,
             f"no route to the invoice's node within {self.policy.cltv_limit} "

@@ -8,13 +8,14 @@ import json
 import os
 import secrets
 import time
+from datetime import timedelta
 
 import bolt11
 import pytest
 from bolt11 import Bolt11, MilliSatoshi, TagChar, Tags
 from sqlalchemy import select
 
-from service.db import create_engine, session_factory
+from service.db import aware, create_engine, session_factory, utcnow
 from service.escrow.mode import ModeRefused, decide_mode
 from service.lightning import errors, webhook
 from service.lightning.client import InvoiceState, PaymentStatus
@@ -164,6 +165,38 @@ async def test_hold_cancel_restores_customer_balance(ln: Ln, regtest: Regtest) -
     assert (await asyncio.wait_for(pay, 30)).status == PaymentStatus.FAILED
     await wait_until(lambda: _balance_is(regtest, before), 15, "customer balance restored")
     assert await ln.state(inv.payment_hash) == "canceled"
+
+
+async def test_canceled_hold_invoices_are_deleted_from_lnd_after_the_retention(ln: Ln, regtest: Regtest) -> None:
+    """DeleteCanceledInvoice: a hold invoice canceled longer ago than the retention is gone from LND,
+    ours stays recorded as canceled; one canceled since, and an open one, stay in LND."""
+    old, recent, still_open = [await ln.invoice(10_000, "hold", hold_seconds=600) for _ in range(3)]
+    for inv in (old, recent):
+        await regtest.escrow.cancel_invoice(bytes.fromhex(inv.payment_hash))
+        await ln.wait_fact(inv.payment_hash, "canceled")
+        await asyncio.sleep(0.01)
+    async with ln.sessions() as s:
+        canceled_at = {r.payment_hash: aware(r.updated_at) for r in (await s.scalars(select(LnInvoice))).all()}
+    assert canceled_at[old.payment_hash] < canceled_at[recent.payment_hash]
+    pruner = SettlementWatcher(regtest.escrow, ln.sessions, canceled_retention=3600)
+    retention = timedelta(seconds=3600)
+
+    async def in_lnd(inv: LnInvoice) -> str | None:
+        try:
+            return (await regtest.escrow.lookup_invoice(bytes.fromhex(inv.payment_hash))).state.name
+        except errors.LndNotFound:
+            return None
+
+    # The moment just before `recent` has been canceled for the whole retention period:
+    assert (
+        await pruner.prune_canceled(now=canceled_at[recent.payment_hash] + retention - timedelta(microseconds=1)) == 1
+    )
+    assert [await in_lnd(i) for i in (old, recent, still_open)] == [None, "CANCELED", "OPEN"]
+    assert await pruner.prune_canceled(now=canceled_at[recent.payment_hash] + retention) == 1
+    assert [await in_lnd(i) for i in (old, recent, still_open)] == [None, None, "OPEN"]
+    assert await pruner.prune_canceled(now=utcnow() + retention) == 0, "each is deleted once"
+    assert [await ln.state(i.payment_hash) for i in (old, recent, still_open)] == ["canceled", "canceled", "open"]
+    assert await SettlementWatcher(regtest.escrow, ln.sessions).prune_canceled() == 0, "retention 0: off"
 
 
 async def _balance_is(regtest: Regtest, expected: int) -> bool:

@@ -1,0 +1,1 @@
+"""Generated from proto/ by `python -m service.lightning.protos --update`; do not edit."""
