@@ -92,13 +92,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.utils import formatdate
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import (
     ColumnElement,
@@ -144,15 +145,16 @@ CORS = {
 
 DEFAULTS = {
     "blob_dir": "./blobs",
-    "blob_max_bytes": 5 * 1024 * 1024,
+    "blob_max_bytes": 512 * 1024**2,
+    "blob_io_chunk_bytes": 1024**2,
     "blob_uploads_per_minute": 30.0,
     "blob_uploads_burst": 10,
     "blob_allowed_pubkeys": (),
     "blob_auth_max_age_seconds": 3600,
     "public_url": None,
-    "blob_key_quota_bytes": 50 * 1024 * 1024,
+    "blob_key_quota_bytes": 2 * 1024**3,
     "blob_key_quota_count": 64,
-    "blob_store_quota_bytes": 4 * 1024**3,
+    "blob_store_quota_bytes": 16 * 1024**3,
     "blob_retention_seconds": 7 * 86_400,
     "blob_unreferenced_grace_seconds": 3600,
     "blob_sweep_interval_seconds": 300.0,
@@ -273,6 +275,12 @@ class BlobStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         h = hashlib.sha256()
         size = 0
+        pending = bytearray()  # at most ~chunk_size bytes: hashed and written together, off the event loop
+
+        def flush(f: Any, data: bytes | bytearray) -> None:
+            h.update(data)
+            f.write(data)
+
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
                 async for chunk in chunks:
@@ -281,8 +289,12 @@ class BlobStore:
                     size += len(chunk)
                     if size > max_bytes:
                         raise BlobTooLarge(f"blob over {max_bytes} bytes")
-                    h.update(chunk)
-                    await anyio.to_thread.run_sync(f.write, chunk)
+                    pending += chunk
+                    if len(pending) >= self.chunk_size:
+                        data, pending = pending, bytearray()
+                        await anyio.to_thread.run_sync(flush, f, data)
+                if pending:
+                    await anyio.to_thread.run_sync(flush, f, pending)
                 await anyio.to_thread.run_sync(os.fsync, f.fileno())
             sha256 = h.hexdigest()
             if accept is not None and sha256 not in accept:
@@ -393,9 +405,9 @@ class BlobService:
     allowed: frozenset[str]
     auth_max_age: int
     public_url: str | None
-    key_quota_bytes: int = 50 * 1024 * 1024
+    key_quota_bytes: int = 2 * 1024**3
     key_quota_count: int = 64
-    store_quota_bytes: int = 4 * 1024**3
+    store_quota_bytes: int = 16 * 1024**3
     retention_seconds: int = 7 * 86_400
     grace_seconds: int = 3600
     sweep_interval: float = 300.0
@@ -426,7 +438,7 @@ def build_service(settings: object) -> BlobService:
     """The blob service for these settings (the router builds one lazily per app)."""
     public_url = _setting(settings, "public_url")
     return BlobService(
-        store=BlobStore(str(_setting(settings, "blob_dir"))),
+        store=BlobStore(str(_setting(settings, "blob_dir")), chunk_size=int(_setting(settings, "blob_io_chunk_bytes"))),
         seen=SeenAuth(),
         limits=RateLimiter(
             float(_setting(settings, "blob_uploads_per_minute")), int(_setting(settings, "blob_uploads_burst"))
@@ -776,19 +788,99 @@ def _not_modified(request: Request, sha256: str) -> bool:
     return "*" in tags or f'"{sha256}"' in tags
 
 
+class RangeNotSatisfiable(Exception):
+    """A byte range that starts past the end of the blob (or an empty suffix): 416."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range ``[start, end)`` a ``Range`` header asks of a blob of ``size`` bytes, or
+    None to send the whole blob (no header, another unit, several ranges, bad syntax: RFC 9110
+    lets a server ignore those). Raises :class:`RangeNotSatisfiable` for a well-formed range
+    that selects nothing (``bytes=<size>-``, ``bytes=-0``), which is 416."""
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first or last) or not (first.isascii() and last.isascii()):
+        return None
+    if (first and not first.isdigit()) or (last and not last.isdigit()) or len(first) > 19 or len(last) > 19:
+        return None
+    if not first:  # a suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(0, size - n), size
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid syntax: ignored
+    if start >= size:
+        raise RangeNotSatisfiable
+    return start, size if not last else min(int(last) + 1, size)
+
+
+def _range_applies(request: Request, sha256: str, st: os.stat_result) -> bool:
+    """``If-Range``: the range holds only for this blob (its ETag, or the Last-Modified we sent)."""
+    validator = request.headers.get("if-range")
+    return validator is None or validator.strip() in (f'"{sha256}"', formatdate(st.st_mtime, usegmt=True))
+
+
+async def _file_chunks(f: BinaryIO, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+    """``[start, end)`` of an open file, ``chunk_size`` at a time (the only buffer held)."""
+    try:
+        await anyio.to_thread.run_sync(f.seek, start)
+        left = end - start
+        while left > 0:
+            chunk = await anyio.to_thread.run_sync(f.read, min(chunk_size, left))
+            if not chunk:  # the file cannot shrink (it is replaced, never rewritten): defensive
+                break
+            left -= len(chunk)
+            yield chunk
+    finally:
+        f.close()
+
+
 def _serve(request: Request, name: str) -> Response:
+    """GET and HEAD: the whole blob (200) or one byte range of it (206), streamed from its file."""
     sha256 = _parse_name(name)
     svc = service(request)
     st = svc.store.stat(sha256)
     if st is None:
         raise _error(404, "blob_not_found", "no blob with this hash")
-    headers = _blob_headers(sha256)
+    headers = {**_blob_headers(sha256), "Accept-Ranges": "bytes", "Last-Modified": formatdate(st.st_mtime, usegmt=True)}
     if _not_modified(request, sha256):
         return Response(status_code=304, headers=headers)
-    return FileResponse(svc.store.path(sha256), media_type=BLOB_TYPE, stat_result=st, headers=headers)
+    size = st.st_size
+    try:
+        wanted = byte_range(request.headers.get("range"), size) if _range_applies(request, sha256, st) else None
+    except RangeNotSatisfiable:
+        raise _error(
+            416, "range_not_satisfiable", f"the blob has {size} bytes", {"Content-Range": f"bytes */{size}"}
+        ) from None
+    start, end = wanted if wanted is not None else (0, size)
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=BLOB_TYPE)
+    try:  # opened now: a sweep removing the name later does not cut this response short
+        f = open(svc.store.path(sha256), "rb")  # noqa: SIM115 (closed by _file_chunks)
+    except FileNotFoundError:
+        raise _error(404, "blob_not_found", "no blob with this hash") from None
+    return StreamingResponse(
+        _file_chunks(f, start, end, svc.store.chunk_size), status_code=status, headers=headers, media_type=BLOB_TYPE
+    )
 
 
-_BLOB_RESPONSES = {200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}}, **responses(400, 404)}
+_BLOB_RESPONSES = {
+    200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}},
+    206: {"description": "one byte range of the blob (``Range: bytes=...``)", "content": {BLOB_TYPE: {}}},
+    **responses(400, 404, 416),
+}
 
 
 @router.head("/upload", responses=responses(400, 413), include_in_schema=True)
