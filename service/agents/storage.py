@@ -4,13 +4,19 @@ Shards and models travel as content-addressed blobs: a blob URL ends in ``/<sha2
 (BUD-01), so whoever holds the URL also holds the hash the bytes must have, and
 :meth:`Blobs.download` refuses any other bytes. Uploads are authorized by the agent's
 own Nostr key (a one-use kind-24242 event, BUD-02).
+
+Small payloads (shards, digits models) travel as ``bytes``; large ones (models of 100 MB and
+more) as files: :meth:`Blobs.upload_file` and :meth:`Blobs.download_to_file` stream them with
+one chunk in memory, and a download dropped midway resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 
@@ -110,3 +116,27 @@ class Blobs:
             )
         except ValueError as exc:  # the URL names another hash than the expected one
             raise BlobError(str(exc)) from exc
+
+    async def upload_file(self, path: str | os.PathLike[str], *, job: str | None = None) -> Blob:
+        """Store a file for ``job`` as :meth:`upload` stores bytes, without holding it in memory
+        (hashed in one pass, sent from a second)."""
+        sha, size = await asyncio.to_thread(blob_client.file_sha256, path)
+        blob = Blob(url=blob_client.blob_url(self.base_url, sha), sha256=sha, size=size)
+        if job is not None or not await self.has(blob.sha256, blob.size):
+            await self._retrying(
+                lambda: blob_client.upload_file(self.base_url, self.key, path, timeout=self.timeout, job=job)
+            )
+        return blob
+
+    async def download_to_file(self, url: str, sha256: str, path: str | os.PathLike[str], *, max_bytes: int) -> Path:
+        """The blob at ``url`` streamed into ``path``, only once whole, hashing to ``sha256`` and
+        at most ``max_bytes``; a dropped connection resumes where it stopped."""
+        if not (url.startswith("https://") or url.startswith("http://")):
+            raise BlobError("only http(s) URLs are fetched")
+        try:
+            await self._retrying(
+                lambda: blob_client.download_to_file(url, sha256, path, max_bytes=max_bytes, timeout=self.timeout)
+            )
+        except ValueError as exc:  # the URL names another hash than the expected one
+            raise BlobError(str(exc)) from exc
+        return Path(path)

@@ -868,7 +868,7 @@ def _serve(request: Request, name: str) -> Response:
     if request.method == "HEAD":
         return Response(status_code=status, headers=headers, media_type=BLOB_TYPE)
     try:  # opened now: a sweep removing the name later does not cut this response short
-        f = open(svc.store.path(sha256), "rb")  # noqa: SIM115 (closed by _file_chunks)
+        f = open(svc.store.path(sha256), "rb")  # closed by _file_chunks
     except FileNotFoundError:
         raise _error(404, "blob_not_found", "no blob with this hash") from None
     return StreamingResponse(
