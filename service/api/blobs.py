@@ -8,10 +8,15 @@ Endpoints (the Blossom *server URL* is ``https://<host>/blobs``, so that blob pa
 never collide with ``/v1``, ``/admin``, ``/metrics``, ``/docs`` or ``/openapi.json``):
 
 ``GET /blobs/<sha256>[.ext]`` and ``HEAD /blobs/<sha256>[.ext]`` (BUD-01)
-    The bytes, ``application/octet-stream``, with ``Content-Length``, ``ETag: "<sha256>"``
-    and ``Cache-Control: public, max-age=31536000, immutable`` (single byte ranges are
-    honoured). 400 ``invalid_hash`` unless the name is 64 lowercase hex characters with an
-    optional short alphanumeric extension; 404 ``blob_not_found``.
+    The bytes, ``application/octet-stream``, streamed from the blob's file ``blob_io_chunk_bytes``
+    at a time, with ``Content-Length``, ``ETag: "<sha256>"``, ``Last-Modified``,
+    ``Accept-Ranges: bytes`` and ``Cache-Control: public, max-age=31536000, immutable``. One
+    byte range per request (:func:`byte_range`: ``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) is
+    answered 206 with ``Content-Range``, so that a client resumes a dropped download; a range
+    that selects nothing is 416 ``range_not_satisfiable`` (``Content-Range: bytes */<size>``);
+    other ``Range`` headers, and an ``If-Range`` naming another version, get the whole blob.
+    400 ``invalid_hash`` unless the name is 64 lowercase hex characters with an optional short
+    alphanumeric extension; 404 ``blob_not_found``.
 
 ``PUT /blobs/upload`` (BUD-02)
     The raw body is the blob. ``Authorization: Nostr <base64 event>``: a kind-24242 event,
@@ -61,9 +66,10 @@ Storage: ``<blob_dir>/<sha256>``, the directory created with mode 0700 on first 
 records (``blob_objects``: hash and size; ``blob_uploads``: uploader and job) are in the
 database, written before the file is renamed into place. Replicas must share ``blob_dir``.
 An upload streams into ``<blob_dir>/.tmp-<random>`` (counted while it arrives: over
-``blob_max_bytes`` stops reading at once), is fsynced, then renamed onto its final name,
-so a blob file is always complete; failed uploads remove their temporary file, and
-temporary files left by a crash are removed (after an hour) on start.
+``blob_max_bytes`` stops reading at once; hashed and written ``blob_io_chunk_bytes`` at a
+time off the event loop, so memory does not grow with the blob), is fsynced, then renamed
+onto its final name, so a blob file is always complete; failed uploads remove their
+temporary file, and temporary files left by a crash are removed (after an hour) on start.
 
 Process-local state (acceptable here, by design): the used-authorization set and the
 rate-limit buckets live in the process. With several replicas, one authorization event
