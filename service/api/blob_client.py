@@ -206,6 +206,8 @@ async def upload_stream(
     server refuses such a body too, and stores nothing).
     """
     _check_hash(sha256)
+    if isinstance(chunks, (bytes, bytearray, memoryview, str)):
+        raise TypeError("chunks must be an iterator of bytes (use upload() for one bytes object)")
     h = hashlib.sha256()
     sent = 0
 

@@ -884,7 +884,7 @@ def _serve(request: Request, name: str) -> Response:
 
 _BLOB_RESPONSES = {
     200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}},
-    206: {"description": "one byte range of the blob (``Range: bytes=...``)", "content": {BLOB_TYPE: {}}},
+    206: {"description": "one byte range of the blob (Range: bytes=a-b, a- or -n)", "content": {BLOB_TYPE: {}}},
     **responses(400, 404, 416),
 }
 
@@ -980,7 +980,8 @@ async def upload(request: Request) -> JSONResponse:
 @router.get("/{name}", responses=_BLOB_RESPONSES, response_class=Response)
 async def get_blob(request: Request, name: str) -> Response:
     """A blob's bytes (Blossom BUD-01). ``name`` is its SHA-256 (64 lowercase hex), optionally
-    with a file extension. Check the hash of what you receive."""
+    with a file extension. One byte range (``Range: bytes=a-b``, ``a-`` or ``-n``) answers 206,
+    for resuming a download; a range past the end is 416. Check the hash of what you receive."""
     return _serve(request, name)
 
 
