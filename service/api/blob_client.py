@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import hashlib
 import os
 import re
@@ -40,6 +41,8 @@ from typing import TYPE_CHECKING, BinaryIO
 import anyio
 import httpx
 
+from service.api import blob_io
+from service.api.blob_io import ChunkWriter
 from service.nostr.nip01 import SecretKey, sign_event
 
 if TYPE_CHECKING:
@@ -162,15 +165,24 @@ def file_sha256(path: str | os.PathLike[str], *, chunk_size: int = CHUNK_SIZE) -
 
 
 async def _file_chunks(path: str | os.PathLike[str], size: int, chunk_size: int) -> AsyncIterator[bytes]:
-    """The first ``size`` bytes of a file (what was hashed), read off the event loop."""
+    """The first ``size`` bytes of a file (what was hashed), read by a worker thread one chunk
+    ahead of the one being sent (two chunks held at most)."""
     with open(path, "rb") as f:
         left = size
-        while left > 0:
-            chunk = await anyio.to_thread.run_sync(f.read, min(chunk_size, left))
-            if not chunk:
-                raise BlobClientError("the file shrank while it was being uploaded")
-            left -= len(chunk)
-            yield chunk
+        ahead = blob_io.executor().submit(f.read, min(chunk_size, left)) if left else None
+        try:
+            while ahead is not None:
+                chunk = await asyncio.wrap_future(ahead)
+                ahead = None
+                if not chunk:
+                    raise BlobClientError("the file shrank while it was being uploaded")
+                left -= len(chunk)
+                if left > 0:
+                    ahead = blob_io.executor().submit(f.read, min(chunk_size, left))
+                yield chunk
+        finally:
+            if ahead is not None:
+                concurrent.futures.wait([ahead])  # before the file closes
 
 
 def _check_descriptor(response: httpx.Response, digest: str, size: int) -> None:
@@ -475,13 +487,13 @@ async def _fetch_into(
     if offset:
         headers |= {"Range": f"bytes={offset}-", "If-Range": f'"{sha256}"'}
     size = offset
-    pending = bytearray()
+    pending = bytearray()  # up to chunk_size bytes, then hashed and written by a worker thread
 
-    def flush() -> None:
-        h.update(pending)
-        f.write(pending)
-        pending.clear()
+    def hash_and_write(data: bytes | bytearray) -> None:
+        h.update(data)
+        f.write(data)
 
+    writer = ChunkWriter(hash_and_write)  # the next chunk arrives while one is written
     async with http.stream("GET", url, headers=headers) as response:
         if offset and response.status_code == 416:  # nothing after ``offset``
             await response.aread()
@@ -515,10 +527,15 @@ async def _fetch_into(
                     raise BlobTooLarge(max_bytes)
                 pending += chunk
                 if len(pending) >= chunk_size:
-                    await anyio.to_thread.run_sync(flush)
+                    data, pending = pending, bytearray()
+                    await writer.put(data)
             if pending:
-                await anyio.to_thread.run_sync(flush)
+                await writer.put(pending)
+            await writer.drain()
         except httpx.TransportError:
-            flush()  # the bytes that did arrive are good so far: a resume goes on after them
+            writer.settle()
+            hash_and_write(pending)  # the bytes that did arrive are good so far: a resume goes on after them
             raise
+        finally:
+            writer.settle()  # before the caller reads the file's length or closes it
     return size

@@ -121,6 +121,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import ClientDisconnect
 
+from service.api.blob_io import ChunkWriter
 from service.api.errors import ApiError, responses
 from service.api.limits import RateLimiter, client_address
 from service.api.models import BlobObject, BlobUpload
@@ -281,26 +282,31 @@ class BlobStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         h = hashlib.sha256()
         size = 0
-        pending = bytearray()  # at most ~chunk_size bytes: hashed and written together, off the event loop
-
-        def flush(f: Any, data: bytes | bytearray) -> None:
-            h.update(data)
-            f.write(data)
-
+        pending = bytearray()  # up to chunk_size bytes, then hashed and written by a worker thread
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BlobTooLarge(f"blob over {max_bytes} bytes")
-                    pending += chunk
-                    if len(pending) >= self.chunk_size:
-                        data, pending = pending, bytearray()
-                        await anyio.to_thread.run_sync(flush, f, data)
-                if pending:
-                    await anyio.to_thread.run_sync(flush, f, pending)
+
+                def hash_and_write(data: bytes | bytearray) -> None:
+                    h.update(data)
+                    f.write(data)
+
+                writer = ChunkWriter(hash_and_write)  # the next chunk arrives while one is written
+                try:
+                    async for chunk in chunks:
+                        if not chunk:
+                            continue
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise BlobTooLarge(f"blob over {max_bytes} bytes")
+                        pending += chunk
+                        if len(pending) >= self.chunk_size:
+                            data, pending = pending, bytearray()
+                            await writer.put(data)
+                    if pending:
+                        await writer.put(pending)
+                    await writer.drain()
+                finally:
+                    writer.settle()  # before the file closes
                 await anyio.to_thread.run_sync(os.fsync, f.fileno())
             sha256 = h.hexdigest()
             if accept is not None and sha256 not in accept:
