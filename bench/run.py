@@ -6,7 +6,7 @@ network, and writes ``bench/results/summary.md``: every target with its figure, 
 baseline from the same run, and whether it is met. Each benchmark also writes its own
 JSON and markdown in ``bench/results/``.
 
-    python -m bench.run [--only intake,lightning,escrow,lnbits]
+    python -m bench.run [--only intake,lightning,escrow,lnbits,blobs]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 
 from bench.common import RESULTS, ROOT, markdown_table, stack, stack_down
 
-BENCHES = ("intake", "lightning", "escrow", "lnbits")
+BENCHES = ("intake", "lightning", "escrow", "lnbits", "blobs")
 
 
 def _load(name: str) -> dict | None:
@@ -140,6 +140,29 @@ def summary_rows() -> list[tuple]:
                 s["p50_ms"] <= 50,
             )
         )
+    if d := _load("blobs"):  # no network needed: the blob store over loopback
+        for op, label in (("up", "upload"), ("down", "download")):
+            x = d[op]
+            rows.append(
+                (
+                    f"blob {label}, {d['size_mb']} MB: MB/s",
+                    x["ours_mb_per_s"],
+                    f"plain loopback copy {x['plain_mb_per_s']}",
+                    x["ratio"],
+                    ">= 0.5",
+                    x["met"]["throughput"],
+                )
+            )
+            rows.append(
+                (
+                    f"blob {label}, {d['size_mb']} MB: peak RSS growth, server / client (MB)",
+                    f"{x['ours_server_peak_mb']} / {x['ours_client_peak_mb']}",
+                    f"plain {x['plain_server_peak_mb']} / {x['plain_client_peak_mb']}",
+                    "",
+                    "<= 32",
+                    x["met"]["rss"],
+                )
+            )
     return [(*r[:5], "met" if r[5] else "**missed**") for r in rows]
 
 

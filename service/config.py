@@ -187,14 +187,17 @@ class Settings(BaseSettings):
     trusted_proxies: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Blob store (/blobs, Blossom BUD-01/02; service/api/blobs.py).
     blob_dir: Path = Path("./blobs")  # created 0700 on first use
-    blob_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1)
+    # A blob streams through the store (hashed and size-checked as it arrives, served from its
+    # file, byte ranges for resuming): the limits bound disk, never memory.
+    blob_max_bytes: int = Field(default=512 * 1024**2, ge=1)  # one blob (a model of 100 MB+ fits)
+    blob_io_chunk_bytes: int = Field(default=1024**2, ge=4096, le=64 * 1024**2)  # per write / read of a blob file
     blob_uploads_per_minute: float = Field(default=30.0, gt=0)  # per client address and per pubkey
     blob_uploads_burst: int = Field(default=10, ge=1)
     blob_allowed_pubkeys: Annotated[list[str], NoDecode] = Field(default_factory=list)  # hex or npub; empty = any
     blob_auth_max_age_seconds: int = Field(default=3600, ge=60, le=86_400)
-    blob_key_quota_bytes: int = Field(default=50 * 1024 * 1024, ge=1)  # per key, over its open jobs
+    blob_key_quota_bytes: int = Field(default=2 * 1024**3, ge=1)  # per key, over its open jobs (>= max_bytes)
     blob_key_quota_count: int = Field(default=64, ge=1)
-    blob_store_quota_bytes: int = Field(default=4 * 1024**3, ge=1)  # the whole store
+    blob_store_quota_bytes: int = Field(default=16 * 1024**3, ge=1)  # the whole store (>= key quota)
     blob_retention_seconds: int = Field(default=7 * 86_400, ge=0)  # after the last referencing job ended
     blob_unreferenced_grace_seconds: int = Field(default=3600, ge=0)  # blobs no job references
     blob_sweep_interval_seconds: float = Field(default=300.0, gt=0)  # the leader's expiry sweep
@@ -217,6 +220,15 @@ class Settings(BaseSettings):
         problem = payout_cltv_problem(self.payout_max_final_cltv, self.payout_cltv_limit)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _blob_limits_coherent(self) -> Settings:
+        # A key whose quota is below one blob could never upload a blob of the allowed size.
+        if self.blob_key_quota_bytes < self.blob_max_bytes:
+            raise ValueError("FEDSTR_BLOB_KEY_QUOTA_BYTES must be at least FEDSTR_BLOB_MAX_BYTES")
+        if self.blob_store_quota_bytes < self.blob_key_quota_bytes:
+            raise ValueError("FEDSTR_BLOB_STORE_QUOTA_BYTES must be at least FEDSTR_BLOB_KEY_QUOTA_BYTES")
         return self
 
     @field_validator("lnd_grpc_host")

@@ -26,7 +26,7 @@ from . import ml
 from .common import DEFAULT_KEY_DIR, AgentError, escrow_info, escrow_terms, key_path, load_key
 from .customer import Customer, RoundConfig
 from .relay import RelayError, Relays
-from .storage import Blobs
+from .storage import DEFAULT_MAX_MODEL_BYTES, Blobs
 
 log = logging.getLogger("fedstr_escrow.agents")
 DEFAULT_STACK = Path(".devstack/dev/stack.json")
@@ -54,6 +54,12 @@ def _common(ap: argparse.ArgumentParser, *, lnd: bool = True) -> None:
     g.add_argument("--escrow", type=_pubkey, help="the escrow's public key (hex or npub), instead of --escrow-url")
     g.add_argument("--relay", action="append", default=[], help="relay URL (repeatable; default: the escrow's)")
     g.add_argument("--blob-url", help="Blossom server URL (default: <escrow-url>/blobs)")
+    g.add_argument(
+        "--max-model-bytes",
+        type=int,
+        default=DEFAULT_MAX_MODEL_BYTES,
+        help="the largest model (or sealed model) fetched from others, in bytes (default %(default)s)",
+    )
     g = ap.add_argument_group("identity")
     g.add_argument("--name", default="default", help="agent name: the key is <key-dir>/<role>-<name>.key")
     g.add_argument("--key-dir", type=Path, default=DEFAULT_KEY_DIR, help="where keys live (default %(default)s)")
@@ -256,7 +262,7 @@ async def _customer(args: argparse.Namespace) -> int:
             key,
             relays,
             escrow,
-            Blobs(blob_url, key),
+            Blobs(blob_url, key, max_model_bytes=args.max_model_bytes),
             lnd,
             name=args.name,
             terms=terms,
@@ -321,7 +327,7 @@ async def _payee(args: argparse.Namespace) -> int:
                 key,
                 relays,
                 escrow,
-                Blobs(blob_url, key),
+                Blobs(blob_url, key, max_model_bytes=args.max_model_bytes),
                 dishonest=args.dishonest,
                 max_iter=args.max_iter,
                 policy=policy,
@@ -334,7 +340,7 @@ async def _payee(args: argparse.Namespace) -> int:
                 key,
                 relays,
                 escrow,
-                Blobs(blob_url, key),
+                Blobs(blob_url, key, max_model_bytes=args.max_model_bytes),
                 holdout,
                 escrow_url=args.escrow_url,
                 seal_scores=not args.plain_scores,

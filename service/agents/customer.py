@@ -443,7 +443,9 @@ class Customer:
         assert sealed is not None
         key = unwrap_key(self.key, self.escrow, payload, sealed.key_sha256)
         ciphertext = await self.blobs.download(
-            sealed.url, sealed.ciphertext_sha256, max_bytes=min(sealed.ciphertext_bytes, ml.MAX_MODEL_BYTES + OVERHEAD)
+            sealed.url,
+            sealed.ciphertext_sha256,
+            max_bytes=min(sealed.ciphertext_bytes, self.blobs.max_model_bytes + OVERHEAD),
         )
         return open_sealed(ciphertext, key, sealed)
 
@@ -503,9 +505,11 @@ class Customer:
                     data = await self._open(result, payload)
                 else:
                     data = await self.blobs.download(
-                        result.model_url, result.model_sha256, max_bytes=min(result.model_size, ml.MAX_MODEL_BYTES)
+                        result.model_url,
+                        result.model_sha256,
+                        max_bytes=min(result.model_size, self.blobs.max_model_bytes),
                     )
-                model = ml.model_from_bytes(data)
+                model = ml.model_from_bytes(data, max_bytes=self.blobs.max_model_bytes)
             except (BlobError, SealError, ml.UnsafeData) as exc:
                 cand.problem = f"model unusable: {exc}"
                 continue

@@ -29,11 +29,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from service.agents.storage import DEFAULT_MAX_MODEL_BYTES
+
 N_FEATURES = 64  # 8x8 pixels
 CLASSES = np.arange(10)  # the digits 0..9
 DEFAULT_SEED = 7
-#: Upper bounds for what an agent accepts from others (bytes of a .npz, rows of a shard).
-MAX_MODEL_BYTES = 1 << 20
+#: Upper bounds for what an agent accepts from others (bytes of a .npz, rows of a shard). The
+#: model bound is a setting (``Blobs.max_model_bytes``, ``--max-model-bytes``); this is its
+#: default. A large bound costs no memory for a bad archive: members' inflated sizes and
+#: array headers are checked before numpy reads anything.
+MAX_MODEL_BYTES = DEFAULT_MAX_MODEL_BYTES
 MAX_SHARD_BYTES = 16 << 20
 MAX_SHARD_ROWS = 100_000
 

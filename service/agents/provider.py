@@ -302,8 +302,8 @@ class Provider(Payee):
         url, sha = params.get("model"), params.get("model_sha256")
         if not url or not sha:
             return None
-        data = await self.blobs.download(url, sha, max_bytes=ml.MAX_MODEL_BYTES)
-        return ml.model_from_bytes(data)
+        data = await self.blobs.download(url, sha, max_bytes=self.blobs.max_model_bytes)
+        return ml.model_from_bytes(data, max_bytes=self.blobs.max_model_bytes)
 
     async def _train_and_publish(self, job: JobRequest, index: int, report: ProviderReport) -> Event:
         shard = job.shard(index)

@@ -6,7 +6,7 @@ For each evaluation request (kind 5702) signed by the escrow and naming this val
 1. fetch the job request and every candidate result from the relays (signatures
    verified); read each result against the job (codec checks: right job, right shard,
    allowed provider) to get its ``model`` (plain) or ``sealed`` tag;
-2. a plain model: download it (at most :data:`ml.MAX_MODEL_BYTES`), refusing any bytes
+2. a plain model: download it (at most ``Blobs.max_model_bytes``), refusing any bytes
    whose SHA-256 is not the one in the result; a sealed model (protocol.md §5a): unwrap our
    own key envelope (checked against the committed key sha256), download the ciphertext
    (its size and SHA-256 checked) and open it (the model's SHA-256 and size checked);
@@ -184,12 +184,12 @@ class Validator(Payee):
         else:
             try:
                 data = await self.blobs.download(
-                    result.model_url, result.model_sha256, max_bytes=min(result.model_size, ml.MAX_MODEL_BYTES)
+                    result.model_url, result.model_sha256, max_bytes=min(result.model_size, self.blobs.max_model_bytes)
                 )
             except BlobError as exc:
                 return Score(result_id, Decimal("0.0000"), result.model_sha256), f"{type(exc).__name__}: {exc}"
         try:
-            value = await asyncio.to_thread(ml.evaluate_bytes, data, self.holdout)
+            value = await asyncio.to_thread(ml.evaluate_bytes, data, self.holdout, max_bytes=self.blobs.max_model_bytes)
         except ml.UnsafeData as exc:  # it is the committed model, but not a usable one
             return Score(result_id, Decimal("0.0000"), result.model_sha256), f"{type(exc).__name__}: {exc}"
         return Score(result_id, Decimal(f"{value:.4f}"), result.model_sha256), None
@@ -204,7 +204,9 @@ class Validator(Payee):
             raise SealError("wrong_key", "the result has no key for this validator")
         key = unwrap_key(self.key, result.provider, envelope.payload, sealed.key_sha256)
         ciphertext = await self.blobs.download(
-            sealed.url, sealed.ciphertext_sha256, max_bytes=min(sealed.ciphertext_bytes, ml.MAX_MODEL_BYTES + OVERHEAD)
+            sealed.url,
+            sealed.ciphertext_sha256,
+            max_bytes=min(sealed.ciphertext_bytes, self.blobs.max_model_bytes + OVERHEAD),
         )
         return open_sealed(ciphertext, key, sealed)
 

@@ -8,10 +8,15 @@ Endpoints (the Blossom *server URL* is ``https://<host>/blobs``, so that blob pa
 never collide with ``/v1``, ``/admin``, ``/metrics``, ``/docs`` or ``/openapi.json``):
 
 ``GET /blobs/<sha256>[.ext]`` and ``HEAD /blobs/<sha256>[.ext]`` (BUD-01)
-    The bytes, ``application/octet-stream``, with ``Content-Length``, ``ETag: "<sha256>"``
-    and ``Cache-Control: public, max-age=31536000, immutable`` (single byte ranges are
-    honoured). 400 ``invalid_hash`` unless the name is 64 lowercase hex characters with an
-    optional short alphanumeric extension; 404 ``blob_not_found``.
+    The bytes, ``application/octet-stream``, streamed from the blob's file ``blob_io_chunk_bytes``
+    at a time, with ``Content-Length``, ``ETag: "<sha256>"``, ``Last-Modified``,
+    ``Accept-Ranges: bytes`` and ``Cache-Control: public, max-age=31536000, immutable``. One
+    byte range per request (:func:`byte_range`: ``bytes=a-b``, ``bytes=a-``, ``bytes=-n``) is
+    answered 206 with ``Content-Range``, so that a client resumes a dropped download; a range
+    that selects nothing is 416 ``range_not_satisfiable`` (``Content-Range: bytes */<size>``);
+    other ``Range`` headers, and an ``If-Range`` naming another version, get the whole blob.
+    400 ``invalid_hash`` unless the name is 64 lowercase hex characters with an optional short
+    alphanumeric extension; 404 ``blob_not_found``.
 
 ``PUT /blobs/upload`` (BUD-02)
     The raw body is the blob. ``Authorization: Nostr <base64 event>``: a kind-24242 event,
@@ -61,9 +66,10 @@ Storage: ``<blob_dir>/<sha256>``, the directory created with mode 0700 on first 
 records (``blob_objects``: hash and size; ``blob_uploads``: uploader and job) are in the
 database, written before the file is renamed into place. Replicas must share ``blob_dir``.
 An upload streams into ``<blob_dir>/.tmp-<random>`` (counted while it arrives: over
-``blob_max_bytes`` stops reading at once), is fsynced, then renamed onto its final name,
-so a blob file is always complete; failed uploads remove their temporary file, and
-temporary files left by a crash are removed (after an hour) on start.
+``blob_max_bytes`` stops reading at once; hashed and written ``blob_io_chunk_bytes`` at a
+time off the event loop, so memory does not grow with the blob), is fsynced, then renamed
+onto its final name, so a blob file is always complete; failed uploads remove their
+temporary file, and temporary files left by a crash are removed (after an hour) on start.
 
 Process-local state (acceptable here, by design): the used-authorization set and the
 rate-limit buckets live in the process. With several replicas, one authorization event
@@ -92,13 +98,14 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from email.utils import formatdate
 from pathlib import Path
 from stat import S_ISREG
-from typing import Any, cast
+from typing import Any, BinaryIO, cast
 
 import anyio
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from sqlalchemy import (
     ColumnElement,
@@ -114,6 +121,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import ClientDisconnect
 
+from service.api.blob_io import ChunkWriter
 from service.api.errors import ApiError, responses
 from service.api.limits import RateLimiter, client_address
 from service.api.models import BlobObject, BlobUpload
@@ -144,15 +152,16 @@ CORS = {
 
 DEFAULTS = {
     "blob_dir": "./blobs",
-    "blob_max_bytes": 5 * 1024 * 1024,
+    "blob_max_bytes": 512 * 1024**2,
+    "blob_io_chunk_bytes": 1024**2,
     "blob_uploads_per_minute": 30.0,
     "blob_uploads_burst": 10,
     "blob_allowed_pubkeys": (),
     "blob_auth_max_age_seconds": 3600,
     "public_url": None,
-    "blob_key_quota_bytes": 50 * 1024 * 1024,
+    "blob_key_quota_bytes": 2 * 1024**3,
     "blob_key_quota_count": 64,
-    "blob_store_quota_bytes": 4 * 1024**3,
+    "blob_store_quota_bytes": 16 * 1024**3,
     "blob_retention_seconds": 7 * 86_400,
     "blob_unreferenced_grace_seconds": 3600,
     "blob_sweep_interval_seconds": 300.0,
@@ -273,16 +282,31 @@ class BlobStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
         h = hashlib.sha256()
         size = 0
+        pending = bytearray()  # up to chunk_size bytes, then hashed and written by a worker thread
         try:
             with os.fdopen(fd, "wb", buffering=0) as f:
-                async for chunk in chunks:
-                    if not chunk:
-                        continue
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise BlobTooLarge(f"blob over {max_bytes} bytes")
-                    h.update(chunk)
-                    await anyio.to_thread.run_sync(f.write, chunk)
+
+                def hash_and_write(data: bytes | bytearray) -> None:
+                    h.update(data)
+                    f.write(data)
+
+                writer = ChunkWriter(hash_and_write)  # the next chunk arrives while one is written
+                try:
+                    async for chunk in chunks:
+                        if not chunk:
+                            continue
+                        size += len(chunk)
+                        if size > max_bytes:
+                            raise BlobTooLarge(f"blob over {max_bytes} bytes")
+                        pending += chunk
+                        if len(pending) >= self.chunk_size:
+                            data, pending = pending, bytearray()
+                            await writer.put(data)
+                    if pending:
+                        await writer.put(pending)
+                    await writer.drain()
+                finally:
+                    writer.settle()  # before the file closes
                 await anyio.to_thread.run_sync(os.fsync, f.fileno())
             sha256 = h.hexdigest()
             if accept is not None and sha256 not in accept:
@@ -393,9 +417,9 @@ class BlobService:
     allowed: frozenset[str]
     auth_max_age: int
     public_url: str | None
-    key_quota_bytes: int = 50 * 1024 * 1024
+    key_quota_bytes: int = 2 * 1024**3
     key_quota_count: int = 64
-    store_quota_bytes: int = 4 * 1024**3
+    store_quota_bytes: int = 16 * 1024**3
     retention_seconds: int = 7 * 86_400
     grace_seconds: int = 3600
     sweep_interval: float = 300.0
@@ -426,7 +450,7 @@ def build_service(settings: object) -> BlobService:
     """The blob service for these settings (the router builds one lazily per app)."""
     public_url = _setting(settings, "public_url")
     return BlobService(
-        store=BlobStore(str(_setting(settings, "blob_dir"))),
+        store=BlobStore(str(_setting(settings, "blob_dir")), chunk_size=int(_setting(settings, "blob_io_chunk_bytes"))),
         seen=SeenAuth(),
         limits=RateLimiter(
             float(_setting(settings, "blob_uploads_per_minute")), int(_setting(settings, "blob_uploads_burst"))
@@ -776,19 +800,99 @@ def _not_modified(request: Request, sha256: str) -> bool:
     return "*" in tags or f'"{sha256}"' in tags
 
 
+class RangeNotSatisfiable(Exception):
+    """A byte range that starts past the end of the blob (or an empty suffix): 416."""
+
+
+def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """The one byte range ``[start, end)`` a ``Range`` header asks of a blob of ``size`` bytes, or
+    None to send the whole blob (no header, another unit, several ranges, bad syntax: RFC 9110
+    lets a server ignore those). Raises :class:`RangeNotSatisfiable` for a well-formed range
+    that selects nothing (``bytes=<size>-``, ``bytes=-0``), which is 416."""
+    if header is None:
+        return None
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    first, last = first.strip(), last.strip()
+    if not dash or not (first or last) or not (first.isascii() and last.isascii()):
+        return None
+    if (first and not first.isdigit()) or (last and not last.isdigit()) or len(first) > 19 or len(last) > 19:
+        return None
+    if not first:  # a suffix: the last N bytes
+        n = int(last)
+        if n == 0 or size == 0:
+            raise RangeNotSatisfiable
+        return max(0, size - n), size
+    start = int(first)
+    if last and int(last) < start:
+        return None  # invalid syntax: ignored
+    if start >= size:
+        raise RangeNotSatisfiable
+    return start, size if not last else min(int(last) + 1, size)
+
+
+def _range_applies(request: Request, sha256: str, st: os.stat_result) -> bool:
+    """``If-Range``: the range holds only for this blob (its ETag, or the Last-Modified we sent)."""
+    validator = request.headers.get("if-range")
+    return validator is None or validator.strip() in (f'"{sha256}"', formatdate(st.st_mtime, usegmt=True))
+
+
+async def _file_chunks(f: BinaryIO, start: int, end: int, chunk_size: int) -> AsyncIterator[bytes]:
+    """``[start, end)`` of an open file, ``chunk_size`` at a time (the only buffer held)."""
+    try:
+        await anyio.to_thread.run_sync(f.seek, start)
+        left = end - start
+        while left > 0:
+            chunk = await anyio.to_thread.run_sync(f.read, min(chunk_size, left))
+            if not chunk:  # the file cannot shrink (it is replaced, never rewritten): defensive
+                break
+            left -= len(chunk)
+            yield chunk
+    finally:
+        f.close()
+
+
 def _serve(request: Request, name: str) -> Response:
+    """GET and HEAD: the whole blob (200) or one byte range of it (206), streamed from its file."""
     sha256 = _parse_name(name)
     svc = service(request)
     st = svc.store.stat(sha256)
     if st is None:
         raise _error(404, "blob_not_found", "no blob with this hash")
-    headers = _blob_headers(sha256)
+    headers = {**_blob_headers(sha256), "Accept-Ranges": "bytes", "Last-Modified": formatdate(st.st_mtime, usegmt=True)}
     if _not_modified(request, sha256):
         return Response(status_code=304, headers=headers)
-    return FileResponse(svc.store.path(sha256), media_type=BLOB_TYPE, stat_result=st, headers=headers)
+    size = st.st_size
+    try:
+        wanted = byte_range(request.headers.get("range"), size) if _range_applies(request, sha256, st) else None
+    except RangeNotSatisfiable:
+        raise _error(
+            416, "range_not_satisfiable", f"the blob has {size} bytes", {"Content-Range": f"bytes */{size}"}
+        ) from None
+    start, end = wanted if wanted is not None else (0, size)
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+    headers["Content-Length"] = str(end - start)
+    if request.method == "HEAD":
+        return Response(status_code=status, headers=headers, media_type=BLOB_TYPE)
+    try:  # opened now: a sweep removing the name later does not cut this response short
+        f = open(svc.store.path(sha256), "rb")  # closed by _file_chunks
+    except FileNotFoundError:
+        raise _error(404, "blob_not_found", "no blob with this hash") from None
+    return StreamingResponse(
+        _file_chunks(f, start, end, svc.store.chunk_size), status_code=status, headers=headers, media_type=BLOB_TYPE
+    )
 
 
-_BLOB_RESPONSES = {200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}}, **responses(400, 404)}
+_BLOB_RESPONSES = {
+    200: {"description": "the blob's bytes", "content": {BLOB_TYPE: {}}},
+    206: {"description": "one byte range of the blob (Range: bytes=a-b, a- or -n)", "content": {BLOB_TYPE: {}}},
+    **responses(400, 404, 416),
+}
 
 
 @router.head("/upload", responses=responses(400, 413), include_in_schema=True)
@@ -882,7 +986,8 @@ async def upload(request: Request) -> JSONResponse:
 @router.get("/{name}", responses=_BLOB_RESPONSES, response_class=Response)
 async def get_blob(request: Request, name: str) -> Response:
     """A blob's bytes (Blossom BUD-01). ``name`` is its SHA-256 (64 lowercase hex), optionally
-    with a file extension. Check the hash of what you receive."""
+    with a file extension. One byte range (``Range: bytes=a-b``, ``a-`` or ``-n``) answers 206,
+    for resuming a download; a range past the end is 416. Check the hash of what you receive."""
     return _serve(request, name)
 
 

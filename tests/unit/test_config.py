@@ -56,3 +56,15 @@ def test_secrets_do_not_leak_in_repr(monkeypatch: pytest.MonkeyPatch) -> None:
     s = Settings(_env_file=None)
     assert s.admin_token is not None and s.admin_token.get_secret_value() == "s3cr3t-admin-0123456789-abcdefghijkl"
     assert "s3cr3t" not in repr(s) and "s3cr3t" not in str(s.model_dump())
+
+
+def test_blob_limits_fit_a_real_model_and_stay_coherent() -> None:
+    s = make()
+    assert s.blob_max_bytes >= 100 * 1024 * 1024  # a model of 100 MB and more fits by default
+    assert s.blob_max_bytes <= s.blob_key_quota_bytes <= s.blob_store_quota_bytes
+    with pytest.raises(ValidationError, match="KEY_QUOTA_BYTES must be at least FEDSTR_BLOB_MAX_BYTES"):
+        make(blob_max_bytes=str(2 * 1024**3), blob_key_quota_bytes=str(1024**3))
+    with pytest.raises(ValidationError, match="STORE_QUOTA_BYTES must be at least"):
+        make(blob_store_quota_bytes=str(1024**3))
+    small = make(blob_max_bytes="4096", blob_key_quota_bytes="8192", blob_store_quota_bytes="8192")
+    assert (small.blob_max_bytes, small.blob_key_quota_bytes) == (4096, 8192)
