@@ -1024,7 +1024,9 @@ complete_case(R.INVALID_SCORE, "score-validator-uppercase", add(("score", h("r1"
 complete_case(R.DUPLICATE_SCORE, "v1-scores-r1-twice", add(("score", h("r1"), V1K, "0.8")))
 complete_case(R.INVALID_SCORE_VALUE, "score-words", add(("score", h("r2"), V2K, "good")))
 complete_case(R.SCORE_OUT_OF_RANGE, "score-16-digits", add(("score", h("r2"), V2K, "9" * 16)))
-complete_case(R.NON_FINITE_SCORE, "score-nan", add(("score", h("r2"), V2K, "NaN")))  # the same rule as an evaluation result
+complete_case(
+    R.NON_FINITE_SCORE, "score-nan", add(("score", h("r2"), V2K, "NaN"))
+)  # the same rule as an evaluation result
 
 
 # ------------------------------------------------------------------ model key (§5a)
