@@ -145,9 +145,7 @@ class World:
         return dict(self.balances).get(account, 0)
 
 
-def start(
-    req: machine.RequestAccepted, *, overpay: int = 0, config: MachineConfig = CONFIG, outages: int = 0
-) -> World:
+def start(req: machine.RequestAccepted, *, overpay: int = 0, config: MachineConfig = CONFIG, outages: int = 0) -> World:
     return World(view=JobView(id=req.request.id), request=req, overpay_msat=overpay, config=config, outages=outages)
 
 
