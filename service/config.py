@@ -172,6 +172,9 @@ class Settings(BaseSettings):
     # than any job lives: an outage pruned early could no longer extend a deadline).
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=300)
     heartbeat_tolerance_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # after an outage across a deadline, the deadline is at least this long after the escrow's return
+    # (the relays' backlog of what was sent meanwhile is read first)
+    outage_catch_up_seconds: int = Field(default=60, ge=0, le=3600)
     liveness_retention_seconds: int = Field(default=90 * 86_400, ge=3600)
 
     http_host: str = "127.0.0.1"

@@ -72,21 +72,25 @@ def outages(intervals: Iterable[tuple[float, float]], tolerance: float) -> list[
     return out
 
 
-def extend_deadline(deadline: int, window_start: float, down: Sequence[Outage]) -> int:
+def extend_deadline(deadline: int, window_start: float, down: Sequence[Outage], catch_up: float = 0) -> int:
     """The deadline ``deadline`` of a window that started at ``window_start``, extended for ``down``.
 
     For each outage (a, b) in time order with a < d' (a clamped to the window's start):
     d' = max(d', b) + (min(b, d') - a). An outage inside the window adds its length; one that
     swallows the deadline gives back, after the escrow returns, the part of the window it took.
     (Both cases are d' + (b - a): an outage that begins before the deadline adds its whole length.)
-    Outages wholly before the window or after the deadline change nothing. Rounded up to a second.
+    And d' is at least ``catch_up`` after the return: what was sent during the outage waits on the
+    relays, and reading that backlog takes the escrow a while once it is back (without this, an
+    outage that began a second before the deadline would give back one second, less than the
+    backlog takes to arrive). Outages wholly before the window or after the deadline change
+    nothing. Rounded up to a second.
     """
     d = float(deadline)
     for o in sorted(down):
         a, b = max(o.start, float(window_start)), o.end
         if b <= a or a >= d:
             continue
-        d = max(d, b) + (min(b, d) - a)
+        d = max(max(d, b) + (min(b, d) - a), b + catch_up)
     return math.ceil(d) if d != deadline else deadline
 
 

@@ -132,6 +132,7 @@ class EngineConfig:
     reply_relays_max: int = 3  # of a request's NIP-90 `relays`, how many also get our replies
     network: str = "regtest"  # ours (Settings.network): a payee invoice for another is refused
     heartbeat_tolerance_seconds: float = 15.0  # a gap between liveness intervals longer than this: an outage
+    outage_catch_up_seconds: int = 60  # an extended deadline is at least this long after the escrow's return
 
     def machine(self) -> MachineConfig:
         return MachineConfig(
@@ -573,6 +574,8 @@ class Engine:
                 # Not counted: the validators may hold another key than the one we could release.
                 return await self._ignore(s, job.id, event, f"key_mismatch: {e.message}")
         received = await self.received_at(s, event)
+        if received.timestamp() > job.results_due + self.config.results_grace_seconds:
+            job = await self._extend_first(s, job)
         fact = machine.ResultReceived(
             result_view_of(res, customer_key), event.id, event.created_at, received.timestamp()
         )
@@ -606,6 +609,8 @@ class Engine:
         except CodecError as e:
             return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
         received = await self.received_at(s, event)
+        if job.state == S.VALIDATING and received.timestamp() > job.validation_due:
+            job = await self._extend_first(s, job)
         fact = machine.ScoresReceived(
             ev.validator,
             ev.request_id,
@@ -767,6 +772,18 @@ class Engine:
         plan = await self.apply(s, job.id, machine.DeadlineReached(), row=job)
         return due if plan.state is not S(job.state) else None
 
+    async def _extend_first(self, s: AsyncSession, job: Job) -> Job:
+        """An event that looks late may have waited on the relays through an outage the timer scan
+        has not acted on yet (the pool can deliver the backlog before the first scan after a
+        restart): the deadline's extension is applied first, whoever gets there first."""
+        extension = await self.deadline_extension(s, job)
+        if extension is None:
+            return job
+        await self.apply(s, job.id, extension, row=job)
+        fresh = await self._job(s, job.id)
+        assert fresh is not None
+        return fresh
+
     async def deadline_extension(self, s: AsyncSession, job: Job) -> machine.DeadlineExtended | None:
         """Where the escrow's outages (``service/liveness.py``) move the deadline about to be judged,
         or None when it stays. Both windows start when the job was taken (an outage while collecting
@@ -780,10 +797,10 @@ class Engine:
         down = await liveness.outages_since(s, start, self.config.heartbeat_tolerance_seconds)
         if not down:
             return None
-        grace = self.config.results_grace_seconds
-        validation_to = liveness.extend_deadline(job.validation_deadline, start, down)
+        grace, catch_up = self.config.results_grace_seconds, self.config.outage_catch_up_seconds
+        validation_to = liveness.extend_deadline(job.validation_deadline, start, down, catch_up)
         if state is S.COLLECTING:
-            results_to = liveness.extend_deadline(job.results_deadline + grace, start, down) - grace
+            results_to = liveness.extend_deadline(job.results_deadline + grace, start, down, catch_up) - grace
             if results_to <= job.results_due:
                 return None
             return machine.DeadlineExtended(results_to, validation_to if validation_to > job.validation_due else None)

@@ -81,6 +81,7 @@ class EscrowService:
                 reply_relays_max=settings.reply_relays_max,
                 network=settings.network,
                 heartbeat_tolerance_seconds=settings.heartbeat_tolerance_seconds,
+                outage_catch_up_seconds=settings.outage_catch_up_seconds,
             ),
         )
         # When this process is live: opened before the engine's timers first run (the gap before

@@ -53,6 +53,14 @@ def test_an_outage_after_the_original_deadline_but_before_the_extended_one_exten
     assert extend_deadline(1000, 0, [Outage(990, 1200), Outage(1205, 1300)]) == 1305
 
 
+def test_after_an_outage_that_swallowed_the_deadline_the_backlog_has_its_catch_up() -> None:
+    # Down from a second before the deadline: one second back is less than reading the relays'
+    # backlog takes; the deadline is at least the catch-up after the return.
+    assert extend_deadline(1000, 0, [Outage(999, 1100)], catch_up=60) == 1160
+    assert extend_deadline(1000, 0, [Outage(900, 1100)], catch_up=60) == 1200  # 100 s back is more
+    assert extend_deadline(1000, 0, [Outage(100, 130)], catch_up=60) == 1030  # long before: its length
+
+
 def test_fractional_outages_round_the_deadline_up() -> None:
     assert extend_deadline(1000, 0, [Outage(100.2, 100.5)]) == 1001
 
@@ -70,29 +78,49 @@ def _disjoint(xs: list[Outage]) -> list[Outage]:
     return out
 
 
+_catch_up = st.sampled_from([0, 15, 60])
+
+
 @settings(max_examples=300, deadline=None)
-@given(d=st.integers(1, 6_000), s=st.integers(0, 1_000), down=_outage_lists)
-def test_never_earlier_and_never_more_than_the_outages_added(d: int, s: int, down: list[Outage]) -> None:
-    extended = extend_deadline(d, s, down)
+@given(d=st.integers(1, 6_000), s=st.integers(0, 1_000), down=_outage_lists, c=_catch_up)
+def test_never_earlier_and_never_more_than_the_outages_added(d: int, s: int, down: list[Outage], c: int) -> None:
+    extended = extend_deadline(d, s, down, c)
     assert extended >= d
-    assert extended <= d + sum(o.seconds for o in down)  # at most every outage's whole length
+    # at most every outage's whole length and a catch-up each
+    assert extended <= d + sum(o.seconds + c for o in down)
+    touched = [o for o in down if max(o.start, s) < extended and o.end > s]
+    if touched:  # after the last outage that touched the window, at least the catch-up
+        assert extended >= max(o.end for o in touched) + c
 
 
 @settings(max_examples=300, deadline=None)
-@given(d=st.integers(1, 6_000), s=st.integers(0, 1_000), down=_outage_lists, more=st.integers(0, 1_000))
-def test_monotone_in_an_outages_length(d: int, s: int, down: list[Outage], more: int) -> None:
+@given(
+    d=st.integers(1, 6_000),
+    s=st.integers(0, 1_000),
+    down=_outage_lists,
+    more=st.integers(0, 1_000),
+    k=st.integers(0, 4),
+    c=_catch_up,
+)
+def test_monotone_in_an_outages_length(d: int, s: int, down: list[Outage], more: int, k: int, c: int) -> None:
     if not down:
         return
-    last = down[-1]
-    longer = [*down[:-1], Outage(last.start, last.end + more)]
-    assert extend_deadline(d, s, longer) >= extend_deadline(d, s, down)
+    k %= len(down)
+    o = down[k]
+    nxt = down[k + 1].start if k + 1 < len(down) else o.end + more + 1
+    longer = [*down[:k], Outage(o.start, min(o.end + more, nxt - 0.5)), *down[k + 1 :]]  # still disjoint
+    earlier = [*down[:k], Outage(max(0, o.start - more), o.end), *down[k + 1 :]]
+    if k > 0:
+        earlier[k] = Outage(max(down[k - 1].end + 0.5, o.start - more), o.end)
+    assert extend_deadline(d, s, longer, c) >= extend_deadline(d, s, down, c)
+    assert extend_deadline(d, s, earlier, c) >= extend_deadline(d, s, down, c)
 
 
 @settings(max_examples=300, deadline=None)
-@given(d=st.integers(1, 6_000), s=st.integers(0, 1_000), down=_outage_lists)
-def test_outages_wholly_outside_the_window_change_nothing(d: int, s: int, down: list[Outage]) -> None:
-    outside = [o for o in down if o.end <= s or o.start >= d + sum(x.seconds for x in down)]
-    assert extend_deadline(d, s, outside) == d
+@given(d=st.integers(1, 6_000), s=st.integers(0, 1_000), down=_outage_lists, c=_catch_up)
+def test_outages_wholly_outside_the_window_change_nothing(d: int, s: int, down: list[Outage], c: int) -> None:
+    outside = [o for o in down if o.end <= s or o.start >= d]
+    assert extend_deadline(d, s, outside, c) == d
 
 
 # ---------------------------------------------------------------------------- intervals -> outages
