@@ -172,6 +172,8 @@ class Settings(BaseSettings):
     # than any job lives: an outage pruned early could no longer extend a deadline).
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=300)
     heartbeat_tolerance_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # a result may reach the escrow this long after the results deadline (relay latency; protocol.md)
+    results_grace_seconds: int = Field(default=60, ge=0, le=3600)
     # after an outage across a deadline, the deadline is at least this long after the escrow's return
     # (the relays' backlog of what was sent meanwhile is read first)
     outage_catch_up_seconds: int = Field(default=60, ge=0, le=3600)

@@ -80,6 +80,7 @@ class EscrowService:
                 ),
                 reply_relays_max=settings.reply_relays_max,
                 network=settings.network,
+                results_grace_seconds=settings.results_grace_seconds,
                 heartbeat_tolerance_seconds=settings.heartbeat_tolerance_seconds,
                 outage_catch_up_seconds=settings.outage_catch_up_seconds,
             ),
