@@ -30,10 +30,13 @@ def upgrade() -> None:
     with op.batch_alter_table('escrow_jobs') as batch:
         batch.add_column(sa.Column('results_extended_to', sa.BigInteger(), nullable=True))
         batch.add_column(sa.Column('validation_extended_to', sa.BigInteger(), nullable=True))
+        # when they were last moved: the outages before it are in them already
+        batch.add_column(sa.Column('deadlines_extended_at', sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table('escrow_jobs') as batch:
+        batch.drop_column('deadlines_extended_at')
         batch.drop_column('validation_extended_to')
         batch.drop_column('results_extended_to')
     op.drop_index('ix_escrow_liveness_last_beat_at', table_name='escrow_liveness')

@@ -229,6 +229,8 @@ class Engine:
                 values["results_extended_to"] = plan.results_extended_to
             if plan.validation_extended_to is not None:
                 values["validation_extended_to"] = plan.validation_extended_to
+            if plan.deadlines_extended_at is not None:
+                values["deadlines_extended_at"] = plan.deadlines_extended_at
             if plan.refund_reason is not None:
                 values["refund_reason"] = plan.refund_reason
             if plan.decision is not None or plan.release_detail is not None:
@@ -430,6 +432,7 @@ class Engine:
             offer_expires_at=job.offer_expires_at,
             results_extended_to=job.results_extended_to,
             validation_extended_to=job.validation_extended_to,
+            deadlines_extended_at=job.deadlines_extended_at,
             eval_request_id=job.eval_request_id,
             refund_reason=job.refund_reason,
             decision=decision_of(job.decision),
@@ -788,19 +791,21 @@ class Engine:
         """Where the escrow's outages (``service/liveness.py``) move the deadline about to be judged,
         or None when it stays. Both windows start when the job was taken (an outage while collecting
         delays validation too); results are judged with their grace, so the rule applies to the
-        deadline plus the grace (an outage inside the grace loses results in flight). Computed from
-        the request's deadlines every time: an outage after an extension extends again."""
+        deadline plus the grace (an outage inside the grace loses results in flight). The rule runs
+        on the deadlines in force with the outages since they were last moved (the escrow was live
+        then: every earlier outage is in them already), so an outage after an extension extends again,
+        and the machine's own adjustment (validation keeps its window) is the base of the next one."""
         state = S(job.state)
         if state not in (S.COLLECTING, S.VALIDATING):
             return None
-        start = aware(job.created_at).timestamp()
-        down = await liveness.outages_since(s, start, self.config.heartbeat_tolerance_seconds)
+        since = job.deadlines_extended_at or aware(job.created_at).timestamp()
+        down = await liveness.outages_since(s, since, self.config.heartbeat_tolerance_seconds)
         if not down:
             return None
         grace, catch_up = self.config.results_grace_seconds, self.config.outage_catch_up_seconds
-        validation_to = liveness.extend_deadline(job.validation_deadline, start, down, catch_up)
+        validation_to = liveness.extend_deadline(job.validation_due, since, down, catch_up)
         if state is S.COLLECTING:
-            results_to = liveness.extend_deadline(job.results_deadline + grace, start, down, catch_up) - grace
+            results_to = liveness.extend_deadline(job.results_due + grace, since, down, catch_up) - grace
             if results_to <= job.results_due:
                 return None
             return machine.DeadlineExtended(results_to, validation_to if validation_to > job.validation_due else None)

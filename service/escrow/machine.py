@@ -248,6 +248,7 @@ class JobView:
     # Deadlines moved by an escrow outage (DeadlineExtended); None: the request's own.
     results_extended_to: int | None = None
     validation_extended_to: int | None = None
+    deadlines_extended_at: int | None = None  # when (the outages before it are in the deadlines in force)
     eval_request_id: str | None = None
     refund_reason: str | None = None
     decision: Decision | None = None  # stored when validation ended
@@ -496,6 +497,7 @@ class Plan:
     offer_expires_at: int | None = None
     results_extended_to: int | None = None  # set when an outage moved the deadline
     validation_extended_to: int | None = None
+    deadlines_extended_at: int | None = None  # and when
     refund_reason: str | None = None
     decision: Decision | None = None
     release_detail: Mapping[str, object] | None = None  # added to the stored decision at release
@@ -517,6 +519,7 @@ class Plan:
             or self.offer_expires_at is not None
             or self.results_extended_to is not None
             or self.validation_extended_to is not None
+            or self.deadlines_extended_at is not None
             or self.refund_reason
             or self.decision
             or self.release_detail
@@ -549,6 +552,7 @@ class _Builder:
         self.offer_expires_at: int | None = None
         self.results_extended_to: int | None = None
         self.validation_extended_to: int | None = None
+        self.deadlines_extended_at: int | None = None
         self.refund_reason: str | None = None
         self.decision: Decision | None = None
         self.release_detail: Mapping[str, object] | None = None
@@ -608,6 +612,7 @@ class _Builder:
             offer_expires_at=self.offer_expires_at,
             results_extended_to=self.results_extended_to,
             validation_extended_to=self.validation_extended_to,
+            deadlines_extended_at=self.deadlines_extended_at,
             refund_reason=self.refund_reason,
             decision=self.decision,
             release_detail=self.release_detail,
@@ -1037,6 +1042,7 @@ def _deadline_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
     if results_to is None and validation_to is None:
         return ignored(b, "deadline extension: no deadline later than the one in force")
     b.results_extended_to, b.validation_extended_to = results_to, validation_to
+    b.deadlines_extended_at = now  # the next extension counts only the outages after this
     b.note(
         Note.FACT,
         {

@@ -58,6 +58,8 @@ class Job(Base):
     # above stay the request's own, so the public view and the audit show both.
     results_extended_to: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     validation_extended_to: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # When they were last moved (unix seconds): the outages that ended before it are in them already.
+    deadlines_extended_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     offer_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     eval_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)

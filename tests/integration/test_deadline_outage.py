@@ -76,7 +76,9 @@ async def _received(sessions, event: Event, at: float) -> None:
         await s.execute(update(InboxEvent).where(InboxEvent.id == event.id).values(received_at=_at(at)))
 
 
-async def _collecting_job(sessions, engine: Engine, t0: int) -> tuple[Event, object, World]:
+async def _collecting_job(
+    sessions, engine: Engine, t0: int, validation_window: int = 100
+) -> tuple[Event, object, World]:
     world = World(sessions, engine.clock)  # type: ignore[arg-type]
     world.engine = engine
     spec = JobSpec(
@@ -86,7 +88,7 @@ async def _collecting_job(sessions, engine: Engine, t0: int) -> tuple[Event, obj
         validation=Validation("accuracy", Direction.MAX, Decimal("0.5"), 1),
         payout=PayoutPolicy.BEST,
         results_deadline=t0 + 100,
-        validation_deadline=t0 + 200,
+        validation_deadline=t0 + 100 + validation_window,
         validators=(VALIDATORS[0].public_key_hex,),
         validator_fee_msat=1_000,
         mode=Mode.CUSTODIAL,
@@ -242,5 +244,78 @@ async def test_without_an_outage_on_record_a_late_receipt_stays_late(db: str, da
             assert (await s.scalars(select(Result.id).where(Result.job_id == ev.id))).all() == []
             assert (await s.get(Job, ev.id)).results_extended_to is None
         assert await _published_extensions(sessions, ev.id) == []
+    finally:
+        await engine_db.dispose()
+
+
+@BOTH
+async def test_a_second_outage_extends_from_the_deadline_in_force(db: str, database_url: str) -> None:
+    """The rule runs on the deadlines in force with the outages since they were last moved: here the
+    machine pushed the validation deadline past the rule's own value (it keeps its window after the
+    moved results deadline), and a second outage that begins inside that pushed window still counts.
+    (Found by the deadline-outage drill: computed again from the request's deadline, it was missed
+    and an on-time score was refused.)"""
+    t0 = int(time.time())
+    engine_db = create_engine(database_url)
+    sessions = session_factory(engine_db)
+    clock = Clock(t0)
+    config = EngineConfig(
+        terms=TERMS,
+        relays=["ws://127.0.0.1:1"],
+        results_grace_seconds=5,
+        outage_catch_up_seconds=15,
+        heartbeat_tolerance_seconds=1,
+    )
+    engine = Engine(sessions, ESCROW, config, clock=clock)
+    try:
+        ev, req, world = await _collecting_job(sessions, engine, t0, validation_window=30)
+        await _outage(sessions, t0, t0 + 104, t0 + 106)  # a 2 s outage across the results grace (t0+105)
+        clock.t = t0 + 107
+        await EngineRunner(engine, world.inbox).step()
+        async with sessions() as s:
+            job = await s.get(Job, ev.id)
+        # results: t0+105 -> t0+106 + 15 (catch-up), less the grace: t0+116; validation: t0+132 by the
+        # rule, pushed to t0+116 + 30 to keep its window
+        assert (job.results_extended_to, job.validation_extended_to) == (t0 + 116, t0 + 146)
+        result, sha = _result_event(req, 0, t0 + 104)
+        await world.inbox.store(result, "relay")
+        await _received(sessions, result, t0 + 108)
+        clock.t = t0 + 108
+        await world.inbox.process_pending(engine.handle_event)
+        async with sessions() as s:
+            job = await s.get(Job, ev.id)
+        assert job.state is S.VALIDATING
+        # Down again from t0+140 to t0+170, across the validation deadline in force (t0+146).
+        async with sessions.begin() as s:
+            await s.execute(
+                update(LivenessInterval).where(LivenessInterval.id == "b" * 32).values(last_beat_at=_at(t0 + 140))
+            )
+            await s.execute(
+                insert(LivenessInterval).values(
+                    id="d" * 32, replica="third", started_at=_at(t0 + 170), last_beat_at=_at(t0 + 170)
+                )
+            )
+        clock.t = t0 + 171
+        await EngineRunner(engine, world.inbox).step()
+        async with sessions() as s:
+            job = await s.get(Job, ev.id)
+        assert job.state is S.VALIDATING and job.validation_extended_to == t0 + 185  # max(146 + 30, 170 + 15)
+        scores = sign_event(
+            VALIDATORS[0],
+            *build_evaluation_result(
+                request_id=job.eval_request_id,
+                job_id=ev.id,
+                escrow=ESCROW.public_key_hex,
+                scores=(Score(result.id, Decimal("0.9"), sha),),
+            ),
+            created_at=t0 + 144,
+        )
+        await world.inbox.store(scores, "relay")
+        await _received(sessions, scores, t0 + 172)
+        clock.t = t0 + 172
+        await world.inbox.process_pending(engine.handle_event)
+        async with sessions() as s:
+            assert (await s.get(Job, ev.id)).state is S.RELEASING
+        assert [x.validation_deadline for x in await _published_extensions(sessions, ev.id)] == [t0 + 146, t0 + 185]
     finally:
         await engine_db.dispose()

@@ -203,6 +203,9 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         validation_extended_to=(
             plan.validation_extended_to if plan.validation_extended_to is not None else v.validation_extended_to
         ),
+        deadlines_extended_at=(
+            plan.deadlines_extended_at if plan.deadlines_extended_at is not None else v.deadlines_extended_at
+        ),
         refund_reason=plan.refund_reason if plan.refund_reason is not None else v.refund_reason,
         decision=plan.decision if plan.decision is not None else v.decision,
         eval_request_id=("eval-" + v.id[:8]) if any(o.is_eval_request for o in plan.events) else v.eval_request_id,

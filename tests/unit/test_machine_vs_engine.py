@@ -178,9 +178,10 @@ class EngineVsMachine(RuleBasedStateMachine):
             assert real.state is pure.state, where
             assert (real.funds, real.mode, real.refund_reason) == (pure.funds, pure.mode, pure.refund_reason), where
             assert real.offer_expires_at == pure.offer_expires_at, where
-            assert (real.results_extended_to, real.validation_extended_to) == (
+            assert (real.results_extended_to, real.validation_extended_to, real.deadlines_extended_at) == (
                 pure.results_extended_to,
                 pure.validation_extended_to,
+                pure.deadlines_extended_at,
             ), where
             assert [r.id for r in real.results] == [r.id for r in pure.results], where
             assert [r.customer_key for r in real.results] == [r.customer_key for r in pure.results], where
