@@ -302,3 +302,13 @@ def test_malformed_extensions_are_refused(extended: list[tuple[str, ...]]) -> No
     tags = [("status", "processing", "deadline extended"), *extended, ("e", "a" * 64), ("p", "b" * 64)]
     with pytest.raises(CodecError):
         parse_deadline_extension(placeholder_event(template(KIND_FEEDBACK, tags, "")))
+
+
+def test_a_tolerance_at_or_below_the_heartbeat_is_refused() -> None:
+    from pydantic import ValidationError
+
+    from service.config import Settings
+
+    with pytest.raises(ValidationError, match="HEARTBEAT_TOLERANCE"):
+        Settings(_env_file=None, heartbeat_seconds=5, heartbeat_tolerance_seconds=5)
+    assert Settings(_env_file=None).heartbeat_tolerance_seconds == 3 * Settings(_env_file=None).heartbeat_seconds
