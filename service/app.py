@@ -170,6 +170,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.leadership = Leadership(engine, gain, loss)
         if app.state.lightning is not None:
             await app.state.lightning.start_workers()
+        await app.state.escrow.heartbeat.start()  # before the timers: a restart's outage is on record first
         await app.state.escrow.loop.start()
         await app.state.leadership.start()
         try:
@@ -177,6 +178,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             await app.state.leadership.stop()
             await app.state.escrow.loop.stop()
+            await app.state.escrow.heartbeat.stop()
             if app.state.lightning is not None:
                 await app.state.lightning.stop()
             if app.state.lnd is not None:

@@ -170,6 +170,18 @@ class Settings(BaseSettings):
     quarantine_after: int = Field(default=5, ge=1, le=100)  # failures before quarantine
     item_retry_base_seconds: float = Field(default=1.0, ge=0, le=3600)  # first backoff, doubling ...
     item_retry_max_seconds: float = Field(default=300.0, ge=0, le=86_400)  # ... up to this
+    # Deadlines that survive the escrow's outages (service/liveness.py, docs/escrow.md): every process
+    # beats every heartbeat_seconds; a stretch longer than the tolerance that no beat covers is an
+    # outage, and a deadline it touched is extended. Intervals are kept for the retention (longer
+    # than any job lives: an outage pruned early could no longer extend a deadline).
+    heartbeat_seconds: float = Field(default=5.0, gt=0, le=300)
+    heartbeat_tolerance_seconds: float = Field(default=15.0, gt=0, le=3600)
+    # a result may reach the escrow this long after the results deadline (relay latency; protocol.md)
+    results_grace_seconds: int = Field(default=60, ge=0, le=3600)
+    # after an outage across a deadline, the deadline is at least this long after the escrow's return
+    # (the relays' backlog of what was sent meanwhile is read first)
+    outage_catch_up_seconds: int = Field(default=60, ge=0, le=3600)
+    liveness_retention_seconds: int = Field(default=90 * 86_400, ge=3600)
 
     http_host: str = "127.0.0.1"
     http_port: int = Field(default=8080, ge=1, le=65535)
@@ -229,6 +241,16 @@ class Settings(BaseSettings):
             raise ValueError("FEDSTR_BLOB_KEY_QUOTA_BYTES must be at least FEDSTR_BLOB_MAX_BYTES")
         if self.blob_store_quota_bytes < self.blob_key_quota_bytes:
             raise ValueError("FEDSTR_BLOB_STORE_QUOTA_BYTES must be at least FEDSTR_BLOB_KEY_QUOTA_BYTES")
+        return self
+
+    @model_validator(mode="after")
+    def _tolerance_above_heartbeat(self) -> Settings:
+        # A tolerance at or below the beat would see an outage between every two beats.
+        if self.heartbeat_tolerance_seconds <= self.heartbeat_seconds:
+            raise ValueError(
+                f"FEDSTR_HEARTBEAT_TOLERANCE_SECONDS ({self.heartbeat_tolerance_seconds}) must exceed "
+                f"FEDSTR_HEARTBEAT_SECONDS ({self.heartbeat_seconds}); 3 x the heartbeat is the default"
+            )
         return self
 
     @field_validator("lnd_grpc_host")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 def import_models() -> None:
     """Import every module that defines tables, so ``Base.metadata`` is complete."""
-    from service import cursors, quarantine  # noqa: F401
+    from service import cursors, liveness, quarantine  # noqa: F401
     from service import timeline as _timeline  # noqa: F401
     from service.api import models as _api  # noqa: F401
     from service.escrow import models as _escrow  # noqa: F401

@@ -1,4 +1,5 @@
-"""python -m bench.drills [all|sigkill|lnd-outage|relay-restart|postgres-restart|replicas|adversarial] [options]
+"""python -m bench.drills [all|sigkill|lnd-outage|relay-restart|postgres-restart|replicas|adversarial|deadline-outage]
+[options]
 
     --jobs N        jobs per drill (default: sigkill 50, the others 10)
     --kills K       SIGKILLs in the sigkill drill (default 20; a quarter of them, at least one,

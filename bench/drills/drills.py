@@ -46,6 +46,7 @@ class Options:
     timeout: float | None = None
     work: tuple[float, float, float] | None = None  # at most this long to train, score, pay (None: the drill's)
     lnd_stop_anytime: bool = False  # lnd-outage: also while a payout is being sent
+    outage: tuple[float, float] = (8.0, 40.0)  # deadline-outage: seconds the service stays down (drawn)
 
 
 class Drill:
@@ -930,7 +931,153 @@ class AdversarialDrill(Drill):
         return out
 
 
+# ------------------------------------------------------------------------------ deadline outage
+class DeadlineOutageDrill(Drill):
+    """The escrow's own outages across the jobs' deadlines (docs/escrow.md, "Deadlines that survive
+    the escrow's outages"). Jobs run in waves with short windows; their providers and validators
+    send their work a few seconds before the deadline in force. For each wave the service is
+    SIGKILLed a few seconds before one job's results deadline and again before one job's
+    validation deadline, stays down for a random length (``Options.outage``), and is started
+    again. Every piece of work sent before its deadline in force must be counted and paid: the
+    audit's counts, and the drill's own (a result and every score counted for every job)."""
+
+    name = "deadline-outage"
+    default_jobs = 20
+    about = "the service SIGKILLed across results and validation deadlines, down for a random length; on-time work kept"
+    needs_verdict = True
+    WAVE = 5
+    # A beat every second, so that any restart is an outage on record; a short catch-up keeps waves short.
+    # (and 5 s of results grace instead of 60, so that an outage across a results deadline needs the extension).
+    SETTINGS = {
+        "heartbeat_seconds": 1,
+        "heartbeat_tolerance_seconds": 3,
+        "outage_catch_up_seconds": 15,
+        "results_grace_seconds": 5,
+    }
+    results_in, validation_window = 30, 30
+
+    def timeout(self) -> float:
+        waves = -(-self.jobs // self.WAVE)
+        return self.opts.timeout or (120 + waves * (120 + 2 * self.opts.outage[1]))
+
+    async def body(self) -> None:
+        from bench.drills.deadline_market import DeadlineMarket
+
+        old = self.market
+        self.market = self.dm = DeadlineMarket(
+            self.desc,
+            self.key.public_key_hex,
+            self.api_urls,
+            seed=old.seed,
+            run_id=old.run_id,
+            work=old.work,
+            results_in=self.results_in,
+            validation_window=self.validation_window,
+        )
+        await old.close()
+        svc = Service("a", self.desc, self.url, self.key.to_hex(), self.dir / "service-a.log", **self.SETTINGS)
+        self.services.append(svc)
+        self.svc = svc
+        svc.start()
+        await svc.wait_ready(90)
+        self.market.hub.start()
+        for first in range(0, self.jobs, self.WAVE):
+            await self.wave(range(first, min(self.jobs, first + self.WAVE)))
+        self.verdict = await self.check()
+
+    async def wave(self, numbers: range) -> None:
+        jobs = []
+        for n in numbers:
+            job = self.market.new_job(n)
+            task = asyncio.create_task(self._job(job))
+            while not job.id and not task.done():
+                await asyncio.sleep(0.01)
+            self.tasks[job.id] = task
+            self.launched += 1
+            jobs.append(job)
+            await asyncio.sleep(self.rng.uniform(0.5, 2.5))  # deadlines spread over a few seconds
+        ids = [j.id for j in jobs]
+        await self.until(lambda: all(i in self.dm.funded_at for i in ids), "the wave funded", 120)
+        await self.outage_before(jobs, 0, "results")
+        await self.until(lambda: all(self.states.get(i) not in ("collecting", None) for i in ids), "validating", 300)
+        await self.outage_before([j for j in jobs if self.states.get(j.id) == "validating"], 1, "validation")
+        await self.until(lambda: all(self.states.get(i) == "closed" for i in ids), "the wave closed", 600)
+
+    async def outage_before(self, jobs: list, which: int, name: str) -> None:
+        """SIGKILL a few seconds before a deadline (in force) of one of ``jobs``; start again after a random time."""
+        ahead = [(self.dm.deadlines(j)[which], j) for j in jobs if self.dm.deadlines(j)[which] > time.time() + 2]
+        if not ahead:
+            self.notes.append(f"no {name} deadline ahead to take the service down across")
+            return
+        deadline, job = self.rng.choice(ahead)
+        await asyncio.sleep(max(0.0, deadline - self.rng.uniform(1.0, 6.0) - time.time()))
+        self.svc.kill()
+        down = self.rng.uniform(*self.opts.outage)
+        covered = sum(1 for d, _ in ahead if time.time() < d < time.time() + down)
+        f = self.fault(
+            f"sigkill-across-{name}-deadline",
+            job=job.plan.n,
+            before_deadline_s=round(deadline - time.time(), 1),
+            down_s=round(down, 1),
+            deadlines_inside=covered,
+        )
+        await asyncio.sleep(down)
+        self.svc.start()
+        await self.svc.wait_ready(90)
+        self.recovered(f, up_after_deadline_s=round(time.time() - deadline, 1))
+
+    async def check(self) -> dict:
+        """On-time work lost: a job whose result or a score was sent before its deadline in force but
+        not counted. Also, the drill tested what it claims: the work was sent on time, deadlines were
+        extended and published."""
+        from service.escrow.models import Result, ScoreRow
+
+        engine = create_engine(self.url)
+        lost: list[str] = []
+        late_sent: list[int] = []
+        try:
+            async with session_factory(engine)() as s:
+                for j in self.market.jobs:
+                    result_ok, scores_ok = self.dm.on_time_sent(j)
+                    if not (result_ok and scores_ok):
+                        late_sent.append(j.plan.n)
+                    results = (await s.scalars(select(Result.id).where(Result.job_id == j.id))).all()
+                    scores = (await s.scalars(select(ScoreRow.validator).where(ScoreRow.job_id == j.id))).all()
+                    if len(results) != 1 or len(scores) != len(j.validators):
+                        lost.append(
+                            f"job {j.plan.n}: {len(results)} result(s), {len(scores)}/{len(j.validators)} scores"
+                        )
+                extended = {j.plan.n: len(self.dm.extensions(j)) for j in self.market.jobs}
+                stored = (
+                    await s.scalars(
+                        select(Job.id).where(
+                            Job.id.in_([j.id for j in self.market.jobs]),
+                            (Job.results_extended_to.is_not(None)) | (Job.validation_extended_to.is_not(None)),
+                        )
+                    )
+                ).all()
+        finally:
+            await engine.dispose()
+        out = {
+            "on_time_work_lost": lost,
+            "work_sent_late": late_sent,  # the drill's own participants: must be none
+            "jobs_extended": len(stored),
+            "extensions_published": sum(extended.values()),
+        }
+        out["ok"] = not lost and not late_sent and len(stored) >= 1 and out["extensions_published"] >= len(stored)
+        self.say("verdict: " + json.dumps(out))
+        return out
+
+
 DRILLS = {
     d.name: d
-    for d in (SigkillDrill, LndOutageDrill, RelayRestartDrill, PostgresRestartDrill, ReplicasDrill, AdversarialDrill)
+    for d in (
+        SigkillDrill,
+        LndOutageDrill,
+        RelayRestartDrill,
+        PostgresRestartDrill,
+        ReplicasDrill,
+        AdversarialDrill,
+        DeadlineOutageDrill,
+    )
 }

@@ -87,6 +87,9 @@ def job_summary(j: Job) -> dict:
         "payout_policy": j.payout_policy,
         "results_deadline": j.results_deadline,
         "validation_deadline": j.validation_deadline,
+        # Where an escrow outage moved them (null: not moved); judged at these when set.
+        "results_deadline_extended_to": j.results_extended_to,
+        "validation_deadline_extended_to": j.validation_extended_to,
         "refund_reason": j.refund_reason,
         "reject_reason": j.reject_reason,
         "created_at": _ts(j.created_at),

@@ -37,7 +37,7 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from service import timeline
+from service import liveness, timeline
 from service.db import aware, insert_ignore, rowcount, table_of, utcnow
 from service.escrow import machine
 from service.escrow.machine import (
@@ -131,6 +131,8 @@ class EngineConfig:
     budget: IntakeBudget = field(default_factory=IntakeBudget)
     reply_relays_max: int = 3  # of a request's NIP-90 `relays`, how many also get our replies
     network: str = "regtest"  # ours (Settings.network): a payee invoice for another is refused
+    heartbeat_tolerance_seconds: float = 15.0  # a gap between liveness intervals longer than this: an outage
+    outage_catch_up_seconds: int = 60  # an extended deadline is at least this long after the escrow's return
 
     def machine(self) -> MachineConfig:
         return MachineConfig(
@@ -223,6 +225,12 @@ class Engine:
                 values["funds"] = plan.funds
             if plan.offer_expires_at is not None:
                 values["offer_expires_at"] = plan.offer_expires_at
+            if plan.results_extended_to is not None:
+                values["results_extended_to"] = plan.results_extended_to
+            if plan.validation_extended_to is not None:
+                values["validation_extended_to"] = plan.validation_extended_to
+            if plan.deadlines_extended_at is not None:
+                values["deadlines_extended_at"] = plan.deadlines_extended_at
             if plan.refund_reason is not None:
                 values["refund_reason"] = plan.refund_reason
             if plan.decision is not None or plan.release_detail is not None:
@@ -422,6 +430,9 @@ class Engine:
             mode=EscrowMode(job.mode) if job.mode else None,
             funds=Funds(job.funds),
             offer_expires_at=job.offer_expires_at,
+            results_extended_to=job.results_extended_to,
+            validation_extended_to=job.validation_extended_to,
+            deadlines_extended_at=job.deadlines_extended_at,
             eval_request_id=job.eval_request_id,
             refund_reason=job.refund_reason,
             decision=decision_of(job.decision),
@@ -566,6 +577,8 @@ class Engine:
                 # Not counted: the validators may hold another key than the one we could release.
                 return await self._ignore(s, job.id, event, f"key_mismatch: {e.message}")
         received = await self.received_at(s, event)
+        if received.timestamp() > job.results_due + self.config.results_grace_seconds:
+            job = await self._extend_first(s, job)
         fact = machine.ResultReceived(
             result_view_of(res, customer_key), event.id, event.created_at, received.timestamp()
         )
@@ -599,6 +612,8 @@ class Engine:
         except CodecError as e:
             return await self._ignore(s, job.id, event, f"{e.reason.value}: {e.message}")
         received = await self.received_at(s, event)
+        if job.state == S.VALIDATING and received.timestamp() > job.validation_due:
+            job = await self._extend_first(s, job)
         fact = machine.ScoresReceived(
             ev.validator,
             ev.request_id,
@@ -742,8 +757,8 @@ class Engine:
         return machine.due_deadline_of(
             S(job.state),
             job.offer_expires_at,
-            job.results_deadline,
-            job.validation_deadline,
+            job.results_due,
+            job.validation_due,
             self.now(),
             self.machine_config,
         )
@@ -752,8 +767,49 @@ class Engine:
         due = self.due_timer(job)
         if due is None:
             return None
+        # Before judging: was the escrow down across this deadline? Then it moves (a fact, published).
+        extension = await self.deadline_extension(s, job)
+        if extension is not None:
+            plan = await self.apply(s, job.id, extension, row=job)
+            return "deadline extended" if plan.outcome == "deadline extended" else None
         plan = await self.apply(s, job.id, machine.DeadlineReached(), row=job)
         return due if plan.state is not S(job.state) else None
+
+    async def _extend_first(self, s: AsyncSession, job: Job) -> Job:
+        """An event that looks late may have waited on the relays through an outage the timer scan
+        has not acted on yet (the pool can deliver the backlog before the first scan after a
+        restart): the deadline's extension is applied first, whoever gets there first."""
+        extension = await self.deadline_extension(s, job)
+        if extension is None:
+            return job
+        await self.apply(s, job.id, extension, row=job)
+        fresh = await self._job(s, job.id)
+        assert fresh is not None
+        return fresh
+
+    async def deadline_extension(self, s: AsyncSession, job: Job) -> machine.DeadlineExtended | None:
+        """Where the escrow's outages (``service/liveness.py``) move the deadline about to be judged,
+        or None when it stays. Both windows start when the job was taken (an outage while collecting
+        delays validation too); results are judged with their grace, so the rule applies to the
+        deadline plus the grace (an outage inside the grace loses results in flight). The rule runs
+        on the deadlines in force with the outages since they were last moved (the escrow was live
+        then: every earlier outage is in them already), so an outage after an extension extends again,
+        and the machine's own adjustment (validation keeps its window) is the base of the next one."""
+        state = S(job.state)
+        if state not in (S.COLLECTING, S.VALIDATING):
+            return None
+        since = job.deadlines_extended_at or aware(job.created_at).timestamp()
+        down = await liveness.outages_since(s, since, self.config.heartbeat_tolerance_seconds)
+        if not down:
+            return None
+        grace, catch_up = self.config.results_grace_seconds, self.config.outage_catch_up_seconds
+        validation_to = liveness.extend_deadline(job.validation_due, since, down, catch_up)
+        if state is S.COLLECTING:
+            results_to = liveness.extend_deadline(job.results_due + grace, since, down, catch_up) - grace
+            if results_to <= job.results_due:
+                return None
+            return machine.DeadlineExtended(results_to, validation_to if validation_to > job.validation_due else None)
+        return machine.DeadlineExtended(None, validation_to) if validation_to > job.validation_due else None
 
 
 def decision_json(decision: Decision | None, release: dict[str, object] | Any, stored: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from service.nostr.protocol import (
     CancelReason,
     Candidate,
     CodecError,
+    DeadlineExtension,
     ErrorFeedback,
     EscrowOffer,
     EscrowTerms,
@@ -52,6 +53,7 @@ from service.nostr.protocol import (
     RewardPaid,
     ValidationComplete,
     build_cancelled,
+    build_deadline_extension,
     build_error_feedback,
     build_escrow_offer,
     build_evaluation_request,
@@ -127,6 +129,7 @@ class FactKind(enum.StrEnum):
     RESULT = "result"
     SCORES = "scores"
     DEADLINE = "deadline reached"
+    DEADLINE_EXTENDED = "deadline extended"
     DELETED = "deleted"
     PAYOUT_SUCCEEDED = "payout succeeded"
     PAYOUT_NEEDS_INVOICE = "payout needs an invoice"
@@ -242,6 +245,10 @@ class JobView:
     mode: EscrowMode | None = None
     funds: Funds = Funds.NONE
     offer_expires_at: int | None = None
+    # Deadlines moved by an escrow outage (DeadlineExtended); None: the request's own.
+    results_extended_to: int | None = None
+    validation_extended_to: int | None = None
+    deadlines_extended_at: int | None = None  # when (the outages before it are in the deadlines in force)
     eval_request_id: str | None = None
     refund_reason: str | None = None
     decision: Decision | None = None  # stored when validation ended
@@ -264,10 +271,16 @@ class JobView:
 
     @property
     def results_deadline(self) -> int:
+        """The results deadline in force: the request's, or where an outage moved it."""
+        if self.results_extended_to is not None:
+            return self.results_extended_to
         return self.req.spec.results_deadline
 
     @property
     def validation_deadline(self) -> int:
+        """The validation deadline in force: the request's, or where an outage moved it."""
+        if self.validation_extended_to is not None:
+            return self.validation_extended_to
         return self.req.spec.validation_deadline
 
 
@@ -385,6 +398,18 @@ class DeadlineReached:
 
 
 @dataclass(frozen=True)
+class DeadlineExtended:
+    """The escrow was down across the job's deadline(s): the timer scan computed where they move
+    (``service/liveness.py``: the outages from the heartbeat, the extension rule) before it would
+    have judged. ``None``: that deadline does not move. Judging at the new deadline is the ordinary
+    DeadlineReached."""
+
+    results_to: int | None
+    validation_to: int | None
+    kind: ClassVar[FactKind] = FactKind.DEADLINE_EXTENDED
+
+
+@dataclass(frozen=True)
 class Deleted:
     by: str  # the deletion's signer
     kind: ClassVar[FactKind] = FactKind.DELETED
@@ -420,6 +445,7 @@ Fact = (
     | ResultReceived
     | ScoresReceived
     | DeadlineReached
+    | DeadlineExtended
     | Deleted
     | PayoutSucceeded
     | PayoutNeedsInvoice
@@ -469,6 +495,9 @@ class Plan:
     new_job: NewJob | None = None
     funds: Funds | None = None  # set when it changes
     offer_expires_at: int | None = None
+    results_extended_to: int | None = None  # set when an outage moved the deadline
+    validation_extended_to: int | None = None
+    deadlines_extended_at: int | None = None  # and when
     refund_reason: str | None = None
     decision: Decision | None = None
     release_detail: Mapping[str, object] | None = None  # added to the stored decision at release
@@ -488,6 +517,9 @@ class Plan:
             self.new_job
             or self.funds
             or self.offer_expires_at is not None
+            or self.results_extended_to is not None
+            or self.validation_extended_to is not None
+            or self.deadlines_extended_at is not None
             or self.refund_reason
             or self.decision
             or self.release_detail
@@ -518,6 +550,9 @@ class _Builder:
         self.posted = set(view.posted)
         self.new_job: NewJob | None = None
         self.offer_expires_at: int | None = None
+        self.results_extended_to: int | None = None
+        self.validation_extended_to: int | None = None
+        self.deadlines_extended_at: int | None = None
         self.refund_reason: str | None = None
         self.decision: Decision | None = None
         self.release_detail: Mapping[str, object] | None = None
@@ -575,6 +610,9 @@ class _Builder:
             notes=tuple(self.notes),
             new_job=self.new_job,
             offer_expires_at=self.offer_expires_at,
+            results_extended_to=self.results_extended_to,
+            validation_extended_to=self.validation_extended_to,
+            deadlines_extended_at=self.deadlines_extended_at,
             refund_reason=self.refund_reason,
             decision=self.decision,
             release_detail=self.release_detail,
@@ -981,6 +1019,52 @@ def _deadline(b: _Builder, view: JobView, fact: DeadlineReached, now: int, c: Ma
     return due
 
 
+def _deadline_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: int, c: MachineConfig) -> str:
+    """Move the deadlines an outage touched (never earlier), and say so before anything is judged.
+
+    Collecting: the results deadline, and the validation deadline with it (validation starts
+    later); validating: the validation deadline. The validation deadline keeps at least its
+    distance from the results deadline, so validators always get their window. A hold job whose
+    money is still locked moves into custody first (settle_hold, as the deadline guard would): its
+    HTLC was sized to outlive the request's validation deadline by the release margin (the mode
+    rule), not a later one."""
+    if view.state not in (S.COLLECTING, S.VALIDATING):
+        return ignored(b, f"job is {view.state}: no deadline to extend")
+    results_to = fact.results_to if view.state is S.COLLECTING else None
+    if results_to is not None and results_to <= view.results_deadline:
+        results_to = None
+    validation_to = fact.validation_to
+    if results_to is not None:
+        window = view.req.spec.validation_deadline - view.req.spec.results_deadline
+        validation_to = max(validation_to or view.validation_deadline, results_to + window)
+    if validation_to is not None and validation_to <= view.validation_deadline:
+        validation_to = None
+    if results_to is None and validation_to is None:
+        return ignored(b, "deadline extension: no deadline later than the one in force")
+    b.results_extended_to, b.validation_extended_to = results_to, validation_to
+    b.deadlines_extended_at = now  # the next extension counts only the outages after this
+    b.note(
+        Note.FACT,
+        {
+            "event": "deadline extended (escrow outage)",
+            "results_deadline": results_to,
+            "validation_deadline": validation_to,
+            "was": [view.results_deadline, view.validation_deadline],
+        },
+    )
+    b.publish(build_deadline_extension(DeadlineExtension(view.id, view.customer, results_to, validation_to)))
+    if validation_to is not None and b.current_funds is Funds.LOCKED:
+        b.note(
+            Note.TRANSITION,
+            {
+                "to": view.state.value,
+                "why": "validation deadline extended past the hold invoice's margin: into custody",
+            },
+        )
+        b.effect(EffectKind.SETTLE_HOLD)  # the settled fact books it; the job continues custodially
+    return "deadline extended"
+
+
 def due_deadline(view: JobView, now: int, c: MachineConfig) -> str | None:
     """Which of the job's deadlines has passed and still needs acting on."""
     if view.state not in TIMED_STATES:
@@ -1323,6 +1407,8 @@ def _dispatch(b: _Builder, view: JobView, fact: Fact, now: int, c: MachineConfig
             return _scores(b, view, fact, now, c)
         case DeadlineReached():
             return _deadline(b, view, fact, now, c)
+        case DeadlineExtended():
+            return _deadline_extended(b, view, fact, now, c)
         case Deleted():
             return _deleted(b, view, fact, now, c)
         case PayoutSucceeded():

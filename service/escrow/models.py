@@ -54,6 +54,12 @@ class Job(Base):
     payout_policy: Mapped[str] = mapped_column(String(8), nullable=False, default="best")
     results_deadline: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     validation_deadline: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
+    # A deadline moved by an escrow outage (the machine's DeadlineExtended; null: not moved). The two
+    # above stay the request's own, so the public view and the audit show both.
+    results_extended_to: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    validation_extended_to: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    # When they were last moved (unix seconds): the outages that ended before it are in them already.
+    deadlines_extended_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     offer_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     eval_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -64,6 +70,16 @@ class Job(Base):
     reply_relays: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON: the request's checked relays
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow, index=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+    @property
+    def results_due(self) -> int:
+        """The results deadline in force (extended or the request's)."""
+        return self.results_extended_to if self.results_extended_to is not None else self.results_deadline
+
+    @property
+    def validation_due(self) -> int:
+        """The validation deadline in force (extended or the request's)."""
+        return self.validation_extended_to if self.validation_extended_to is not None else self.validation_deadline
 
     @property
     def custody(self) -> bool:

@@ -21,7 +21,7 @@ import logging
 import time
 from datetime import timedelta
 
-from sqlalchemy import String, and_, case, cast, exists, literal, or_, select, update
+from sqlalchemy import String, and_, case, cast, exists, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -155,8 +155,14 @@ class EngineRunner:
                 Job.offer_expires_at.is_not(None),
                 Job.offer_expires_at <= now - cfg.offer_grace_seconds,
             ),
-            and_(Job.state == JobState.COLLECTING.value, Job.results_deadline <= now - cfg.results_grace_seconds),
-            and_(Job.state == JobState.VALIDATING.value, Job.validation_deadline <= now),
+            and_(
+                Job.state == JobState.COLLECTING.value,
+                func.coalesce(Job.results_extended_to, Job.results_deadline) <= now - cfg.results_grace_seconds,
+            ),
+            and_(
+                Job.state == JobState.VALIDATING.value,
+                func.coalesce(Job.validation_extended_to, Job.validation_deadline) <= now,
+            ),
         )
         ref = _timer_ref_sql()
         async with self.sessions() as s:

@@ -16,6 +16,7 @@ from service.escrow.models import Job, JobState
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
 from service.lightning.invoices import HoldSizing
 from service.lightning.models import LnInvoice
+from service.liveness import Heartbeat
 from service.node import LightningService
 from service.nostr import outbox
 from service.nostr.inbox import Inbox
@@ -79,7 +80,18 @@ class EscrowService:
                 ),
                 reply_relays_max=settings.reply_relays_max,
                 network=settings.network,
+                results_grace_seconds=settings.results_grace_seconds,
+                heartbeat_tolerance_seconds=settings.heartbeat_tolerance_seconds,
+                outage_catch_up_seconds=settings.outage_catch_up_seconds,
             ),
+        )
+        # When this process is live: opened before the engine's timers first run (the gap before
+        # it is the outage a restart ends), beaten every heartbeat_seconds.
+        self.heartbeat = Heartbeat(
+            sessions,
+            interval=settings.heartbeat_seconds,
+            tolerance=settings.heartbeat_tolerance_seconds,
+            retention=settings.liveness_retention_seconds,
         )
         self.quarantine = quarantine_from_settings(sessions, settings)
         self.runner = EngineRunner(self.engine, Inbox(sessions, quarantine=self.quarantine))

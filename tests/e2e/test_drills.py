@@ -38,6 +38,7 @@ SMALL = {
     "postgres-restart": Options(jobs=5, seed=SEED, work=(1.0, 0.5, 1.0), timeout=120),
     "replicas": Options(jobs=5, seed=SEED, work=(1.0, 0.5, 1.0), timeout=150),
     "adversarial": Options(jobs=4, seed=SEED, work=(1.0, 0.5, 1.0), timeout=200),
+    "deadline-outage": Options(jobs=3, seed=SEED, outage=(8.0, 15.0), timeout=220),
 }
 
 

@@ -79,6 +79,7 @@ STRANGER = SecretKey(hashlib.sha256(b"machine stranger").digest()).public_key_he
 PROVIDERS = [SecretKey(hashlib.sha256(f"machine provider {i}".encode()).digest()).public_key_hex for i in range(3)]
 VALIDATORS = [SecretKey(hashlib.sha256(f"machine validator {i}".encode()).digest()).public_key_hex for i in range(2)]
 SEALED_PROVIDER = 0  # this provider's results are sealed
+OUTAGE_SECONDS = 50  # an outage across a deadline moves it by this much
 CONTENT_KEY = hashlib.sha256(b"machine content key").digest()
 #: Its content key for the customer, as the engine re-encrypts it at intake (escrow -> customer).
 CUSTOMER_KEY = wrap_key(ESCROW, CUSTOMER.public_key_hex, CONTENT_KEY, nonce=bytes(32)).payload
@@ -136,6 +137,7 @@ class World:
     effects: tuple[EffectKind, ...] = ()
     published: int = 0
     keys: tuple[str, ...] = ()  # the results whose model key was published, in order
+    outages: int = 0  # how many escrow outages across a deadline may still happen (DeadlineExtended)
     last: Fact | None = field(default=None, compare=False)
     problems: tuple[str, ...] = ()
 
@@ -143,8 +145,8 @@ class World:
         return dict(self.balances).get(account, 0)
 
 
-def start(req: machine.RequestAccepted, *, overpay: int = 0, config: MachineConfig = CONFIG) -> World:
-    return World(view=JobView(id=req.request.id), request=req, overpay_msat=overpay, config=config)
+def start(req: machine.RequestAccepted, *, overpay: int = 0, config: MachineConfig = CONFIG, outages: int = 0) -> World:
+    return World(view=JobView(id=req.request.id), request=req, overpay_msat=overpay, config=config, outages=outages)
 
 
 def _ledger_view(bal: dict[str, int], job_id: str) -> tuple[int, int]:
@@ -197,6 +199,13 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         mode=plan.new_job.mode if plan.new_job else v.mode,
         funds=plan.funds if plan.funds is not None else v.funds,
         offer_expires_at=plan.offer_expires_at if plan.offer_expires_at is not None else v.offer_expires_at,
+        results_extended_to=plan.results_extended_to if plan.results_extended_to is not None else v.results_extended_to,
+        validation_extended_to=(
+            plan.validation_extended_to if plan.validation_extended_to is not None else v.validation_extended_to
+        ),
+        deadlines_extended_at=(
+            plan.deadlines_extended_at if plan.deadlines_extended_at is not None else v.deadlines_extended_at
+        ),
         refund_reason=plan.refund_reason if plan.refund_reason is not None else v.refund_reason,
         decision=plan.decision if plan.decision is not None else v.decision,
         eval_request_id=("eval-" + v.id[:8]) if any(o.is_eval_request for o in plan.events) else v.eval_request_id,
@@ -366,6 +375,18 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
     due = _next_deadline(w)
     if due is not None:
         yield "deadline", step(w, machine.DeadlineReached(), now=max(w.now, due))
+    if due is not None and w.outages and v.state in (S.COLLECTING, S.VALIDATING):
+        # The escrow was down across the deadline: the timer scan moves it by the outage (50 s).
+        results_to = v.results_deadline + OUTAGE_SECONDS if v.state is S.COLLECTING else None
+        yield (
+            "outage across the deadline",
+            step(
+                w,
+                machine.DeadlineExtended(results_to, v.validation_deadline + OUTAGE_SECONDS),
+                now=max(w.now, due),
+                outages=w.outages - 1,
+            ),
+        )
     if v.state in (S.REQUESTED, S.OFFERED):
         yield "deleted", step(w, machine.Deleted(v.customer))
         yield "deleted by a stranger", step(w, machine.Deleted(STRANGER))
@@ -443,7 +464,26 @@ def violations(w: World) -> list[str]:
             out.append("closed with a payout unpaid")
     if v.funds is Funds.HELD and w.paid_msat == 0:
         out.append("funds held without a payment")
+    out.extend(_deadline_violations(w))
     out.extend(_key_violations(w))
+    return out
+
+
+def _deadline_violations(w: World) -> list[str]:
+    """An outage only ever moves deadlines later, keeps validation after results, and a hold job
+    whose validation deadline moved while its money is locked is on its way into custody (its HTLC
+    was sized for the request's deadline, not a later one)."""
+    v = w.view
+    if v.request is None:
+        return []
+    out = []
+    if v.results_deadline < v.req.spec.results_deadline or v.validation_deadline < v.req.spec.validation_deadline:
+        out.append("a deadline moved earlier")
+    if v.validation_deadline <= v.results_deadline:
+        out.append(f"validation deadline {v.validation_deadline} not after results {v.results_deadline}")
+    locked = v.funds is Funds.LOCKED and v.state in (S.COLLECTING, S.VALIDATING)
+    if v.validation_extended_to is not None and locked and EffectKind.SETTLE_HOLD not in w.effects:
+        out.append("a hold job's validation deadline moved past its HTLC's margin, and it is not going into custody")
     return out
 
 

@@ -63,7 +63,9 @@ def reachable() -> dict[str, mw.World]:
     wide = mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL), overpay=150_000)
     too_long_for_hold = mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD, validation_in=200_000))
     dust = [mw.start(mw.request(shards=1, validators=1, mode=m), config=mw.DUST) for m in (Mode.HOLD, Mode.CUSTODIAL)]
-    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust])
+    # An escrow outage across a deadline (DeadlineExtended), once per world, from these roots.
+    outage = [mw.start(mw.request(shards=1, validators=1, mode=m), outages=1) for m in (Mode.HOLD, Mode.CUSTODIAL)]
+    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage])
 
 
 def _facts(w: mw.World) -> list[tuple[FactKind, mw.World, JobState]]:
@@ -144,6 +146,8 @@ def test_every_sequence_of_facts_keeps_the_invariants() -> None:
         *ROOTS,
         *(mw.start(mw.request(shards=1, validators=1, mode=m), config=mw.DUST) for m in (Mode.HOLD, Mode.CUSTODIAL)),
         mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.HOLD, policy="split"), overpay=150_000),
+        # an escrow outage across a deadline, once: hold (its money goes into custody first)
+        mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD), outages=1),
     ]
     total = sum(paths(r, depth) for r in roots)
     elapsed = time.monotonic() - t0

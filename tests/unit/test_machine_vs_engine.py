@@ -87,7 +87,7 @@ class EngineVsMachine(RuleBasedStateMachine):
             return
         # One job per run, its id unique across runs (a PostgreSQL database is shared by them).
         req = mw.request(bid=1_000_000 + 1_000 * EngineVsMachine.runs, **ROOTS[root])  # type: ignore[arg-type]
-        self.world = mw.start(req, overpay=overpay)
+        self.world = mw.start(req, overpay=overpay, outages=1)  # one escrow outage across a deadline may happen
 
     @rule(choice=st.integers(0, 10_000))
     def next_fact(self, choice: int) -> None:
@@ -178,6 +178,11 @@ class EngineVsMachine(RuleBasedStateMachine):
             assert real.state is pure.state, where
             assert (real.funds, real.mode, real.refund_reason) == (pure.funds, pure.mode, pure.refund_reason), where
             assert real.offer_expires_at == pure.offer_expires_at, where
+            assert (real.results_extended_to, real.validation_extended_to, real.deadlines_extended_at) == (
+                pure.results_extended_to,
+                pure.validation_extended_to,
+                pure.deadlines_extended_at,
+            ), where
             assert [r.id for r in real.results] == [r.id for r in pure.results], where
             assert [r.customer_key for r in real.results] == [r.customer_key for r in pure.results], where
             assert released == set(w.keys), where  # the sealed results whose model key went out
@@ -224,7 +229,7 @@ def test_the_engine_on_postgres_does_what_the_machine_says(database_url: str) ->
 def test_the_world_offers_every_kind_of_fact() -> None:
     """The random walk can reach every fact kind (else the comparison would miss a path)."""
     seen: set[FactKind] = set()
-    frontier = [mw.start(mw.request(bid=1_000_000, **r)) for r in ROOTS]  # type: ignore[arg-type]
+    frontier = [mw.start(mw.request(bid=1_000_000, **r), outages=1) for r in ROOTS]  # type: ignore[arg-type]
     for _ in range(9):
         nxt = []
         for w in frontier:

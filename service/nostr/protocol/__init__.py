@@ -47,6 +47,7 @@ from .evaluation import (
 from .feedback import (
     Cancelled,
     CancelReason,
+    DeadlineExtension,
     ErrorFeedback,
     EscrowFeedback,
     EscrowOffer,
@@ -62,6 +63,7 @@ from .feedback import (
     ValidationComplete,
     Verdict,
     build_cancelled,
+    build_deadline_extension,
     build_error_feedback,
     build_escrow_offer,
     build_funded,
@@ -73,6 +75,7 @@ from .feedback import (
     build_reward_paid,
     build_validation_complete,
     parse_cancelled,
+    parse_deadline_extension,
     parse_error_feedback,
     parse_escrow_feedback,
     parse_escrow_offer,
@@ -113,6 +116,9 @@ from .terms import (
 )
 
 __all__ = [
+    "DeadlineExtension",
+    "build_deadline_extension",
+    "parse_deadline_extension",
     "PoolValidator",
     "open_scores",
     "ModelKey",

@@ -32,6 +32,7 @@ from .evaluation import Candidate, EvaluationRequest, Score, build_evaluation_re
 from .feedback import (
     Cancelled,
     CancelReason,
+    DeadlineExtension,
     EscrowOffer,
     Funded,
     ModelKey,
@@ -44,6 +45,7 @@ from .feedback import (
     ValidationComplete,
     Verdict,
     build_cancelled,
+    build_deadline_extension,
     build_escrow_offer,
     build_funded,
     build_model_key,
@@ -226,6 +228,21 @@ def example_events() -> list[Example]:
     out.append(Example("Escrow offer", "§3 kind 7000", sign_reproducibly(escrow, build_escrow_offer(offer), T0 + 5)))
     funded = Funded(job_id=job.id, customer=C, amount_msat=job.split.bid_msat, job_relay=RELAY)
     out.append(Example("Funded", "§4 kind 7000", sign_reproducibly(escrow, build_funded(funded), T0 + 60)))
+    # The escrow was down for 20 minutes across the results deadline: both deadlines move by 20 minutes.
+    extension = DeadlineExtension(
+        job_id=job.id,
+        customer=C,
+        results_deadline=job.spec.results_deadline + 1_200,
+        validation_deadline=job.spec.validation_deadline + 1_200,
+        job_relay=RELAY,
+    )
+    out.append(
+        Example(
+            "Deadline extended (after an escrow outage)",
+            "§4a kind 7000",
+            sign_reproducibly(escrow, build_deadline_extension(extension), job.spec.results_deadline + 1_300),
+        )
+    )
 
     each = whole_sats(split_shares(job.split.provider_share_msat, 2)[0])
     recipients = (*job.spec.validators, E)

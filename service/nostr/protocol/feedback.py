@@ -10,6 +10,7 @@ status / info                   escrow tag                                 body
 ==============================  =========================================  ==========================
 payment-required / escrow       ``["escrow","awaiting-funding",<mode>]``   :class:`EscrowOffer`
 processing / escrow funded      ``["escrow","funded",<msat>]``             :class:`Funded`
+processing / deadline extended  ``["extended",<which>,<unix>]`` (1 or 2)   :class:`DeadlineExtension`
 success / validation complete   —                                          :class:`ValidationComplete`
 success / reward claimable      —                                          :class:`RewardClaimable`
 success / reward paid           —                                          :class:`RewardPaid`
@@ -47,6 +48,7 @@ from .fields import (
     expect_kind,
     format_decimal,
     format_msat,
+    format_timestamp,
     is_bolt11,
     named,
     parse_amount_tag,
@@ -54,6 +56,7 @@ from .fields import (
     parse_hex64,
     parse_msat,
     parse_score_value,
+    parse_timestamp,
     parse_uint,
     placeholder_event,
     pubkey_tag,
@@ -75,6 +78,10 @@ REWARD_ROLES = ("job", "result")
 
 INFO_OFFER = "escrow"
 INFO_FUNDED = "escrow funded"
+INFO_DEADLINE_EXTENDED = "deadline extended"
+#: The deadlines an extension may move (``["extended", <which>, <unix seconds>]``).
+DEADLINE_RESULTS = "results"
+DEADLINE_VALIDATION = "validation"
 INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
@@ -128,6 +135,19 @@ class Funded:
     job_id: str
     customer: str
     amount_msat: int
+    job_relay: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeadlineExtension:
+    """§4a: the escrow was down across a deadline of the job and moved it (docs/escrow.md). Each
+    deadline moved is given as its new unix time; a deadline not moved is ``None`` (at least one is
+    moved). Judging happens at the new deadline; on time stays "first handed to the escrow"."""
+
+    job_id: str
+    customer: str
+    results_deadline: int | None
+    validation_deadline: int | None
     job_relay: str = ""
 
 
@@ -253,6 +273,7 @@ class ErrorFeedback:
 EscrowFeedback = (
     EscrowOffer
     | Funded
+    | DeadlineExtension
     | ValidationComplete
     | RewardClaimable
     | RewardPaid
@@ -391,6 +412,48 @@ def build_funded(funded: Funded) -> Template:
         pubkey_tag(funded.customer),
     ]
     return _finish(tags, parse_funded, funded)
+
+
+# ------------------------------------------------------- 4a. deadline extended
+
+
+def parse_deadline_extension(event: Event) -> DeadlineExtension:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "processing", INFO_DEADLINE_EXTENDED)
+    moved: dict[str, int] = {}
+    for tag in named(tags, "extended"):
+        arity(tag, 3, 3, R.INVALID_DEADLINE)
+        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION):
+            raise CodecError(
+                R.INVALID_DEADLINE, f"an extended deadline is {DEADLINE_RESULTS!r} or {DEADLINE_VALIDATION!r}"
+            )
+        if tag[1] in moved:
+            raise CodecError(R.INVALID_DEADLINE, f"the {tag[1]} deadline is extended twice")
+        moved[tag[1]] = parse_timestamp(tag[2], R.INVALID_DEADLINE, f"extended {tag[1]} deadline")
+    if not moved:
+        raise CodecError(R.INVALID_DEADLINE, "no ['extended', <which>, <unix>] tag")
+    results, validation = moved.get(DEADLINE_RESULTS), moved.get(DEADLINE_VALIDATION)
+    if results is not None and validation is not None and validation <= results:
+        raise CodecError(R.DEADLINE_ORDER, "the validation deadline must be after the results deadline")
+    job_id, relay, customer = _job_and_addressee(tags)
+    return DeadlineExtension(job_id, customer, results, validation, relay)
+
+
+def build_deadline_extension(ext: DeadlineExtension) -> Template:
+    if ext.results_deadline is None and ext.validation_deadline is None:
+        raise ValueError("an extension moves at least one deadline")
+    tags: list[Tag] = [_status_tag("processing", INFO_DEADLINE_EXTENDED)]
+    if ext.results_deadline is not None:
+        tags.append(
+            ("extended", DEADLINE_RESULTS, format_timestamp(ext.results_deadline, R.INVALID_DEADLINE, "deadline"))
+        )
+    if ext.validation_deadline is not None:
+        tags.append(
+            ("extended", DEADLINE_VALIDATION, format_timestamp(ext.validation_deadline, R.INVALID_DEADLINE, "deadline"))
+        )
+    tags += [event_tag(ext.job_id, ext.job_relay), pubkey_tag(ext.customer)]
+    return _finish(tags, parse_deadline_extension, ext)
 
 
 # ----------------------------------------------------- 6. validation complete
@@ -753,6 +816,7 @@ def build_rejection(job: Event, error: CodecError, *, job_relay: str = "") -> Te
 _BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
     ("payment-required", INFO_OFFER): parse_escrow_offer,
     ("processing", INFO_FUNDED): parse_funded,
+    ("processing", INFO_DEADLINE_EXTENDED): parse_deadline_extension,
     ("success", INFO_VALIDATION_COMPLETE): parse_validation_complete,
     ("success", INFO_REWARD_CLAIMABLE): parse_reward_claimable,
     ("success", INFO_REWARD_PAID): parse_reward_paid,

@@ -15,6 +15,7 @@ from service.nostr.nip01 import Event, verify_event
 from service.nostr.protocol import (
     Cancelled,
     CodecErrorReason,
+    DeadlineExtension,
     ErrorFeedback,
     EscrowOffer,
     Funded,
@@ -125,6 +126,7 @@ def test_every_documented_event_verifies_and_parses(doc):
     assert seen_bodies == {
         EscrowOffer,
         Funded,
+        DeadlineExtension,
         ValidationComplete,
         RewardClaimable,
         RewardPaid,
