@@ -21,6 +21,7 @@ from service.nostr.protocol import (
     MAX_MSAT,
     Announcement,
     CodecError,
+    DeadlineExtension,
     EscrowFeedback,
     EscrowTerms,
     JobRequest,
@@ -266,15 +267,22 @@ class Payee:
 
 
 async def wait_validation(
-    sub: Subscription, escrow: str, job_id: str, *, timeout: float
+    sub: Subscription, escrow: str, job_id: str, *, deadline: int, margin: float
 ) -> ValidationComplete | Refunded:
-    """The job's verdicts, or its refund."""
+    """The job's verdicts, or its refund; given up ``margin`` seconds after the validation deadline
+    in force (the request's, or where the escrow moved it after an outage: protocol.md §4a)."""
 
     def done(event: Event) -> ValidationComplete | Refunded | None:
         fb = escrow_feedback(event, escrow, job_id)
         return fb if isinstance(fb, (ValidationComplete, Refunded)) else None
 
-    return await sub.wait_for(done, timeout)
+    def moved(event: Event) -> float | None:
+        fb = escrow_feedback(event, escrow, job_id)
+        if isinstance(fb, DeadlineExtension) and fb.validation_deadline is not None:
+            return fb.validation_deadline + margin
+        return None
+
+    return await sub.wait_for(done, seconds_until(deadline, margin), extend=moved)
 
 
 def seconds_until(ts: int, margin: float = 0.0) -> float:

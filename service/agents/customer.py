@@ -78,6 +78,7 @@ from .common import (
     no_progress,
     read_job,
     seconds_until,
+    wait_validation,
 )
 from .relay import Relays, Subscription
 from .storage import BlobError, Blobs
@@ -351,12 +352,8 @@ class Customer:
             raise AgentError(f"refunded before funding completed: {fb.reason}")
 
     async def _wait_verdict(self, sub: Subscription, job_id: str, deadline: int) -> ValidationComplete | Refunded:
-        def done(event: Event) -> ValidationComplete | Refunded | None:
-            fb = escrow_feedback(event, self.escrow, job_id)
-            return fb if isinstance(fb, (ValidationComplete, Refunded)) else None
-
         try:
-            return await sub.wait_for(done, seconds_until(deadline, 180))
+            return await wait_validation(sub, self.escrow, job_id, deadline=deadline, margin=180)
         except TimeoutError:
             raise AgentError("no verdict by the validation deadline") from None
 

@@ -266,9 +266,7 @@ class Provider(Payee):
             result = await self._train_and_publish(job, index, report)
             report.result_id = result.id
             report.timings["train_publish"] = time.monotonic() - t0 - report.timings["wait_funded"]
-            verdict = await wait_validation(
-                sub, self.escrow, job.id, timeout=seconds_until(job.spec.validation_deadline, 120)
-            )
+            verdict = await wait_validation(sub, self.escrow, job.id, deadline=job.spec.validation_deadline, margin=120)
             if isinstance(verdict, Refunded):
                 report.accepted = False
                 self.progress("verdict", f"{self.name}: job refunded ({verdict.reason}), nothing earned")

@@ -215,19 +215,32 @@ class Subscription:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
 
-    async def wait_for(self, predicate: Callable[[Event], T | None], timeout: float | None = None) -> T:
+    async def wait_for(
+        self,
+        predicate: Callable[[Event], T | None],
+        timeout: float | None = None,
+        *,
+        extend: Callable[[Event], float | None] | None = None,
+    ) -> T:
         """The first truthy ``predicate(event)``, over the events received so far and then new ones.
 
         Raises ``TimeoutError`` after ``timeout`` seconds. A predicate may raise to abort.
+        ``extend(event)``: a later unix time to give up at instead (the escrow moved a deadline);
+        the wait is never shortened.
         """
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(timeout) as limit:
             index = 0
             while True:
                 while index < len(self.events):
-                    value = predicate(self.events[index])
+                    event = self.events[index]
                     index += 1
+                    value = predicate(event)
                     if value is not None and value is not False:
                         return value
+                    later = extend(event) if extend is not None else None
+                    when = limit.when()
+                    if later is not None and when is not None:
+                        limit.reschedule(max(when, asyncio.get_running_loop().time() + later - time.time()))
                 self._changed.clear()
                 await self._changed.wait()
 

@@ -58,7 +58,6 @@ from .common import (
     feedback_filter,
     no_progress,
     read_job,
-    seconds_until,
     wait_validation,
 )
 from .relay import Relays
@@ -277,7 +276,7 @@ class Validator(Payee):
                 f"{' (sealed to the escrow)' if self.seal_scores else ''}: "
                 + ", ".join(f"{r[:8]}={v}" for r, v in report.scores.items()),
             )
-            verdict = await wait_validation(sub, self.escrow, job.id, timeout=seconds_until(request.deadline, 120))
+            verdict = await wait_validation(sub, self.escrow, job.id, deadline=request.deadline, margin=120)
             if isinstance(verdict, Refunded):
                 report.reward = Reward(job_id=job.id, why=f"the job was refunded ({verdict.reason})")
                 return report
