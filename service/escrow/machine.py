@@ -1346,18 +1346,21 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
         if view.state is S.REFUNDING:
             return _finish_refund(b, view.refund_reason or "refunded", p.amount_msat, "payout booked")
     elif not to_customer:
-        earned_by = p.earned_by or _scores_event(view, b, p.payee) or view.id
-        b.publish(
-            build_reward_paid(
-                RewardPaid(
-                    job_id=view.id,
-                    earned_by=earned_by,
-                    payee=p.payee,
-                    payment=ProofBody(p.payment_hash, p.preimage or "", p.amount_msat, p.fee_msat),
-                    bolt11=p.bolt11,
+        earned_by = p.earned_by or _scores_event(view, b, p.payee)
+        if earned_by is None:  # a receipt must name what earned it (never the job twice: unparseable)
+            b.note(Note.FACT, {"event": "receipt not published: no earning event", "payout": p.id})
+        else:
+            b.publish(
+                build_reward_paid(
+                    RewardPaid(
+                        job_id=view.id,
+                        earned_by=earned_by,
+                        payee=p.payee,
+                        payment=ProofBody(p.payment_hash, p.preimage or "", p.amount_msat, p.fee_msat),
+                        bolt11=p.bolt11,
+                    )
                 )
             )
-        )
     others_paid = all(x.state is PayoutState.SUCCEEDED for x in view.payouts if x.id != p.id)
     if view.state is S.RELEASING and others_paid and b.owed == 0:
         b.move(S.CLOSED, "every payout succeeded and is booked")
