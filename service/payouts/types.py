@@ -128,6 +128,7 @@ class PayoutReason(enum.StrEnum):
     IN_FLIGHT = "payment_in_flight"  # unknown: LND has not finished it (e.g. a held HTLC)
     OUTCOME_UNKNOWN = "payment_outcome_unknown"  # unknown: LND did not answer in time
     NODE_UNAVAILABLE = "node_unavailable"  # pending: our node could not check the invoice
+    CANCELED = "payment_canceled"  # retried: stopped before it left (lease lost, operator's cancel)
 
 
 class AcceptReason(enum.StrEnum):
