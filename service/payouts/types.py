@@ -150,6 +150,22 @@ class RetryReason(enum.StrEnum):
     CONFLICT = "conflict"
 
 
+class CancelReason(enum.StrEnum):
+    """Why an operator's cancel (:func:`store.cancel_payment`) was refused."""
+
+    NOT_FOUND = "not_found"
+    NOT_SENDING = "payout_not_sending"  # no payment of it is being sent now
+    PAYMENT_LEFT = "payment_left"  # an HTLC is out (or it succeeded): only LND's outcome decides now
+    CONFLICT = "conflict"
+
+
+class CancelRefused(Exception):
+    def __init__(self, code: CancelReason, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")
+
+
 def why(reason: CheckReason | PayoutReason, message: str) -> str:
     """A ``last_error``: the stable reason code, then what a person needs to know (no secret)."""
     return f"{reason.value}: {message}"[:300]
