@@ -137,10 +137,11 @@ class Payment:
 
     @property
     def left(self) -> bool:
-        """Whether money may have left: an HTLC was attempted (or it succeeded). Only a payment that
-        has not left can be stopped by cancelling its ``cancelable`` stream; a FAILED one has no HTLC
-        left in flight (LND fails a payment only once its HTLCs are resolved)."""
-        return self.htlc_attempts > 0 or self.status in (PaymentStatus.IN_FLIGHT, PaymentStatus.SUCCEEDED)
+        """Whether money may have left: an HTLC was attempted (LND records each attempt before it
+        sends the HTLC), or it succeeded. LND v0.20 reports a payment IN_FLIGHT from its creation,
+        before any HTLC, so the status alone does not tell. A FAILED payment has no HTLC in flight
+        (LND fails a payment only once its HTLCs are resolved)."""
+        return self.htlc_attempts > 0 or self.status is PaymentStatus.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,6 +86,7 @@ FOLLOW_GRACE_SECONDS = 2.0  # a send is followed for the payout timeout plus thi
 RECHECK_MAX_SECONDS = 600.0  # a payment still in flight is looked at again at least this often
 LEASE_CHECK_SECONDS = 1.0  # while a send is followed, its lease is looked at this often
 CANCEL_SETTLE_SECONDS = 5.0  # after a send is stopped, LND's final word on it is awaited this long
+CANCEL_RECHECK_SECONDS = 0.5  # a stopped send LND did not know is looked up once more after this
 
 
 class LeaseLost(Exception):
@@ -465,9 +466,9 @@ class Payouts:
         )
 
     async def _after_cancel(self, payment_hash: str) -> Payment | None:
-        """LND's word on a payment whose cancelable stream we ended: followed until it is final or
-        an HTLC of it is out (then it is in flight: not ours to decide), for CANCEL_SETTLE_SECONDS at
-        most (then its last state); None if LND never initiated it."""
+        """LND's word on a payment whose cancelable stream we ended: followed until it is final, for
+        CANCEL_SETTLE_SECONDS at most (then its last state, in flight: an HTLC of it is out, or LND
+        has not marked it failed yet; the reconciler looks again); None if LND never initiated it."""
         last = None
         try:
             async with (
@@ -476,10 +477,14 @@ class Payouts:
             ):
                 async for p in stream:
                     last = p
-                    if p.status.final or p.left:
+                    if p.status.final:
                         break
         except errors.LndNotFound:
-            return None
+            # The stream may have ended before LND created the payment; if it did create it, it fails
+            # it at once (its context is gone). One more look, so the attempt row says what LND did.
+            await asyncio.sleep(CANCEL_RECHECK_SECONDS)
+            again = await self._current(payment_hash)
+            return again if again is None or again.status.final else await self._after_cancel(payment_hash)
         except TimeoutError:
             if last is None:
                 raise
