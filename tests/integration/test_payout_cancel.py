@@ -18,13 +18,17 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta
 
+import httpx
 import pytest
 from sqlalchemy import select, update
 
 from service.api import actions
 from service.api.models import AdminAction
+from service.app import create_app
+from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
 from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
+from service.nostr.nip01 import SecretKey
 from service.payouts import (
     AttemptState,
     Destination,
@@ -216,3 +220,61 @@ async def test_an_operator_cancel_of_a_payment_that_left_is_refused_and_the_paym
     assert inv.state is InvoiceState.SETTLED and inv.amt_paid_msat == AMOUNT
     lnd = await regtest.escrow.current_payment(h)
     assert lnd is not None and lnd.status is PaymentStatus.SUCCEEDED and lnd.htlc_attempts == 1
+
+
+async def test_the_admin_cancel_over_http_refuses_a_payment_that_left_with_409_and_audits_it(
+    regtest: Regtest, database_url: str, relay_url: str
+) -> None:
+    """On the running service (its own payout worker): a held HTLC has left, so the operator's
+    cancel is `409 payment_left`, the refusal is audited, and the payment completes."""
+    token = "t" * 40
+    node = regtest.desc["nodes"]["escrow"]
+    app = create_app(
+        Settings(
+            _env_file=None,
+            network="regtest",
+            database_url=database_url,
+            lnd_grpc_host=node["rpc"],
+            lnd_tls_cert_path=node["tls_cert"],
+            lnd_macaroon_path=node["macaroon"],
+            relays=[relay_url],
+            nostr_secret_key=SecretKey.generate().to_hex(),
+            admin_token=token,
+            payout_invoice_min_expiry_seconds=60,
+            payout_fee_quote_seconds=0,
+        )
+    )
+    preimage, h = new_preimage()
+    held = await regtest.payee.add_hold_invoice(h, AMOUNT, memo="held, over http", cltv_expiry=80)
+    async with app.router.lifespan_context(app):
+        sessions = app.state.sessions
+        await _payout(sessions, "http-left", held.payment_request)
+        app.state.lightning.wake_payouts()
+
+        async def held_by_payee() -> bool:
+            return (await regtest.payee.lookup_invoice(h)).state is InvoiceState.ACCEPTED
+
+        await wait_until(held_by_payee, 30, "the escrow's HTLC held by the payee")
+        async with httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://escrow",
+            headers={"Authorization": f"Bearer {token}"},
+        ) as api:
+            r = await api.post("/v1/admin/payouts/http-left/cancel", json={"reason": "test: stop it"})
+            assert r.status_code == 409, r.text
+            assert r.json()["code"] == "payment_left"
+            r = await api.post("/v1/admin/payouts/no-such/cancel", json={"reason": "test: stop it"})
+            assert r.status_code == 404 and r.json()["code"] == "not_found"
+        async with sessions() as s:
+            audited = (await s.scalars(select(AdminAction).where(AdminAction.action == "cancel_payout"))).all()
+        assert sorted((a.target, a.outcome) for a in audited) == [
+            ("http-left", "refused: payment_left"),
+            ("no-such", "refused: not_found"),
+        ]
+        await regtest.payee.settle_invoice(preimage)
+
+        async def paid() -> bool:
+            return (await _get(sessions, Payout, "http-left")).state is PayoutState.SUCCEEDED
+
+        await wait_until(paid, 30, "the payout recorded as succeeded")
+    assert (await regtest.payee.lookup_invoice(h)).amt_paid_msat == AMOUNT
