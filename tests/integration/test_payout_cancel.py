@@ -26,8 +26,9 @@ from service.api import actions
 from service.api.models import AdminAction
 from service.app import create_app
 from service.config import Settings
-from service.db import create_engine, session_factory, utcnow
+from service.db import aware, create_engine, session_factory, utcnow
 from service.lightning.client import FailureReason, InvoiceState, PaymentStatus
+from service.node import LightningService
 from service.nostr.nip01 import SecretKey
 from service.payouts import (
     AttemptState,
@@ -277,4 +278,50 @@ async def test_the_admin_cancel_over_http_refuses_a_payment_that_left_with_409_a
             return (await _get(sessions, Payout, "http-left")).state is PayoutState.SUCCEEDED
 
         await wait_until(paid, 30, "the payout recorded as succeeded")
+    assert (await regtest.payee.lookup_invoice(h)).amt_paid_msat == AMOUNT
+
+
+async def test_a_service_stopping_mid_payment_ends_its_stream_and_leaves_the_outcome_to_lnd(
+    regtest: Regtest, sessions
+) -> None:
+    """The service stops while a payment's HTLC is out (held by the payee): its lease is given up
+    at once (the next reconciler pass looks without waiting for it to run out), LND goes on with
+    the HTLC, and the payout is recorded as LND reports: in flight, then succeeded, paid once."""
+    settings = Settings(
+        _env_file=None,
+        payout_timeout_seconds=30,
+        payout_lease_seconds=300,
+        payout_fee_quote_seconds=0,
+        payout_invoice_min_expiry_seconds=60,
+    )
+    preimage, h = new_preimage()
+    held = await regtest.payee.add_hold_invoice(h, AMOUNT, memo="held while stopping", cltv_expiry=80)
+    await _payout(sessions, "stopping", held.payment_request)
+    svc = LightningService(regtest.escrow, sessions, settings)
+    await svc.start_workers()
+    try:
+
+        async def held_by_payee() -> bool:
+            return (await regtest.payee.lookup_invoice(h)).state is InvoiceState.ACCEPTED
+
+        await wait_until(held_by_payee, 30, "the escrow's HTLC held by the payee")
+    finally:
+        await svc.stop()
+    p = await _get(sessions, Payout, "stopping")
+    assert p.state is PayoutState.SENDING and p.lease_until is not None and aware(p.lease_until) <= utcnow()
+    lnd = await regtest.escrow.current_payment(h)
+    assert lnd is not None and lnd.status is PaymentStatus.IN_FLIGHT and lnd.htlc_attempts == 1
+    payouts = Payouts(regtest.escrow, sessions, POLICY, our_pubkey=regtest.desc["nodes"]["escrow"]["pubkey"])
+    [outcome] = await payouts.reconcile()
+    assert outcome.state is PayoutState.UNKNOWN and outcome.detail.startswith(PayoutReason.IN_FLIGHT.value)
+    await regtest.payee.settle_invoice(preimage)
+
+    async def settled() -> bool:
+        return (await regtest.escrow.current_payment(h)).status is PaymentStatus.SUCCEEDED
+
+    await wait_until(settled, 30, "LND's payment succeeded")
+    async with sessions.begin() as s:  # its next look is due now (not after a quarter of its age)
+        await s.execute(update(Payout).where(Payout.id == "stopping").values(next_attempt_at=utcnow()))
+    [outcome] = await payouts.reconcile()
+    assert outcome.state is PayoutState.SUCCEEDED
     assert (await regtest.payee.lookup_invoice(h)).amt_paid_msat == AMOUNT
