@@ -15,8 +15,9 @@ from service.db import rowcount, utcnow
 from service.escrow.engine import Engine
 from service.escrow.machine import OPERATOR_REFUNDABLE
 from service.escrow.models import Effect, Job, JobState
+from service.lightning.client import LndClient
 from service.nostr.models import Delivery, InboxEvent
-from service.payouts import RetryRefused
+from service.payouts import CancelRefused, RetryRefused
 from service.payouts import store as payouts
 from service.reconcile import resume_payouts
 
@@ -41,6 +42,17 @@ async def retry_payout(s: AsyncSession, payout_id: str, reason: str) -> str:
         raise ActionRefused(e.code.value, e.message) from None
     await audit(s, "retry_payout", payout_id, reason, state.value)
     return state.value
+
+
+async def cancel_payout(s: AsyncSession, lnd: LndClient, payout_id: str, reason: str) -> str:
+    """Stop a payout's payment that has not left (its worker cancels it in LND; LND's report
+    decides what follows: see the payouts package)."""
+    try:
+        result = await payouts.cancel_payment(s, lnd, payout_id)
+    except CancelRefused as e:
+        raise ActionRefused(e.code.value, e.message) from None
+    await audit(s, "cancel_payout", payout_id, reason, result)
+    return result
 
 
 async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) -> str:

@@ -149,6 +149,31 @@ async def retry(request: Request, body: Reason, payout_id: str = Path(min_length
     return ActionOut(target=payout_id, result=result)
 
 
+@router.post("/payouts/{payout_id}/cancel", response_model=ActionOut, responses=responses(404, 409, 422, 503))
+async def cancel(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
+    """Stop a sending payout's payment that has not left our node (LND reports no HTLC of it): its
+    worker ends the payment's cancelable stream, LND fails it (`FAILURE_REASON_CANCELED`) and the
+    payout is sent again after the retry pause. `409 payment_left` once an HTLC is out (the payment
+    then completes or fails as LND decides); `409 payout_not_sending`; `503 node_unavailable`."""
+    st = request.app.state
+    if st.lnd is None:
+        raise ApiError(503, "node_unavailable", "no LND node is configured")
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.cancel_payout(s, st.lnd, payout_id, body.reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "cancel_payout", payout_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    except LndError as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(
+                s, "cancel_payout", payout_id, body.reason, f"refused: node_unavailable ({type(e).__name__})"
+            )
+        raise ApiError(503, "node_unavailable", f"our node did not answer: {type(e).__name__}") from None
+    return ActionOut(target=payout_id, result=result)
+
+
 def _csv(rows: list[dict], fields: list[str]) -> Response:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")

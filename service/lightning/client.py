@@ -12,8 +12,10 @@ cancels the underlying gRPC call.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,6 +133,15 @@ class Payment:
     failure_reason: FailureReason
     payment_index: int
     creation_time_ns: int
+    htlc_attempts: int = 0  # HTLCs LND has sent for it, whatever became of them
+
+    @property
+    def left(self) -> bool:
+        """Whether money may have left: an HTLC was attempted (LND records each attempt before it
+        sends the HTLC), or it succeeded. LND v0.20 reports a payment IN_FLIGHT from its creation,
+        before any HTLC, so the status alone does not tell. A FAILED payment has no HTLC in flight
+        (LND fails a payment only once its HTLCs are resolved)."""
+        return self.htlc_attempts > 0 or self.status is PaymentStatus.SUCCEEDED
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +227,7 @@ def _payment(m: Any) -> Payment:
         failure_reason=_enum(FailureReason, m.failure_reason, FailureReason.ERROR),
         payment_index=int(m.payment_index),
         creation_time_ns=int(m.creation_time_ns),
+        htlc_attempts=len(m.htlcs),
     )
 
 
@@ -434,8 +446,13 @@ class LndClient:
         timeout_seconds: int = 60,
         cltv_limit: int = 0,
         amt_msat: int = 0,
+        cancelable: bool = False,
     ) -> AsyncIterator[Payment]:
         """``SendPaymentV2``: a stream of the payment's states until SUCCEEDED or FAILED.
+
+        ``cancelable``: ending the stream (leaving the ``async for``, a cancelled task, a closed
+        channel) stops LND's payment loop: no further HTLC is sent, and a payment with none in
+        flight ends FAILED with ``FAILURE_REASON_CANCELED``; one already sent may still succeed.
 
         ``fee_limit_msat`` is required; 0 means "zero-fee routes only" (routerrpc's rule, lnd
         v0.20 router.proto; tested on regtest), never "no limit". ``cltv_limit`` bounds the
@@ -454,6 +471,7 @@ class LndClient:
             cltv_limit=cltv_limit,
             amt_msat=amt_msat,
             no_inflight_updates=False,
+            cancelable=cancelable,
         )
         async for m in self._stream("SendPaymentV2", self._rt.SendPaymentV2(req, metadata=self._md)):
             yield _payment(m)
@@ -509,6 +527,17 @@ class LndClient:
             time_lock_delay=int(r.time_lock_delay),
             failure_reason=_enum(FailureReason, r.failure_reason, FailureReason.ERROR),
         )
+
+    async def current_payment(self, payment_hash: bytes) -> Payment | None:
+        """LND's view of a payment now: the first update of ``TrackPaymentV2`` (never waiting for a
+        final state); None if LND does not know the hash."""
+        try:
+            async with aclosing(self.track_payment(payment_hash)) as stream, asyncio.timeout(self.timeout):
+                async for p in stream:
+                    return p
+        except errors.LndNotFound:
+            return None
+        raise errors.LndError("TrackPaymentV2", "the stream ended without a payment update")
 
     async def track_payment(
         self, payment_hash: bytes, *, no_inflight_updates: bool = False

@@ -4,7 +4,7 @@
 - :mod:`.types`   the typed values: states, kinds, destinations, reasons, the worker's policy
 - :mod:`.store`   writes in the caller's transaction: :func:`~.store.create`,
                   :func:`~.store.accept_invoice` (every path that gives a payout an invoice),
-                  :func:`~.store.retry` (an operator's)
+                  :func:`~.store.retry`, :func:`~.store.cancel_payment` (an operator's)
 - :mod:`.check`   the invoice checks: offline (any path) and full, with our node (before paying)
 - :mod:`.worker`  :class:`~.worker.Payouts`: claim, pay, finish, reconcile
 
@@ -15,6 +15,8 @@ and the other modules import those models.
 from service.payouts.types import (
     AcceptReason,
     AttemptState,
+    CancelReason,
+    CancelRefused,
     CheckReason,
     Destination,
     DestinationKind,
@@ -34,6 +36,8 @@ from service.payouts.types import (
 __all__ = [
     "AcceptReason",
     "AttemptState",
+    "CancelReason",
+    "CancelRefused",
     "CheckReason",
     "Destination",
     "DestinationKind",

@@ -1,6 +1,6 @@
 """Writes to ``ln_payouts`` from outside the worker, each in the caller's transaction: a new
 payout (:func:`create`), a payee's invoice (:func:`accept_invoice`), an operator's retry
-(:func:`retry`). With the worker (``service/payouts/worker.py``) these are the only writers of
+(:func:`retry`) or cancel (:func:`cancel_payment`). With the worker (``service/payouts/worker.py``) these are the only writers of
 ``ln_payouts`` and ``ln_payout_attempts`` (tests/unit/test_payout_writers.py checks it).
 
 Every path that gives a payout an invoice goes through :func:`accept_invoice` (the Nostr
@@ -20,10 +20,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from service import timeline
 from service.bitcoin import MAX_MSAT
 from service.db import insert_ignore, utcnow
+from service.lightning.client import LndClient
 from service.payouts.check import decode_offline, refuse_used_hash
-from service.payouts.models import Payout
+from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import (
     AcceptReason,
+    AttemptState,
+    CancelReason,
+    CancelRefused,
     CheckReason,
     DestinationKind,
     InvoiceCheckError,
@@ -199,6 +203,55 @@ async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> P
             {"payout": p.id, "state": PayoutState.PENDING.value, "why": "retried by an operator"},
         )
     return PayoutState.PENDING
+
+
+async def cancel_payment(s: AsyncSession, lnd: LndClient, payout_id: str) -> str:
+    """An operator's cancel of a payout's payment that has not left: its worker's lease is revoked
+    (compare-and-set), the worker ends its cancelable ``SendPaymentV2`` stream within a second, LND
+    stops the payment, and what LND then reports decides (FAILED ``CANCELED``: sent again after the
+    retry pause). Refused (:class:`CancelRefused`) unless the payout is ``sending`` and LND reports no
+    HTLC of its payment (not initiated, or initiated with none attempted). An HTLC can still leave
+    between LND's answer and the worker's cancel: then the payment goes on, and is followed as any.
+    Raises :class:`~service.lightning.errors.LndError` when our node does not answer."""
+    p = await s.get(Payout, payout_id)
+    if p is None:
+        raise CancelRefused(CancelReason.NOT_FOUND, "no such payout")
+    if p.state is not PayoutState.SENDING or p.lease_until is None:
+        hint = " (the reconciler follows its payment in LND)" if p.state is PayoutState.UNKNOWN else ""
+        raise CancelRefused(CancelReason.NOT_SENDING, f"payout is {p.state}{hint}; no payment of it is being sent")
+    lease = p.lease_until
+    attempt = (
+        await s.scalars(
+            select(PayoutAttempt)
+            .where(PayoutAttempt.payout_id == payout_id, PayoutAttempt.state == AttemptState.SENDING)
+            .order_by(PayoutAttempt.created_at.desc())
+        )
+    ).first()
+    detail = "nothing sent yet"
+    if attempt is not None:
+        payment = await lnd.current_payment(bytes.fromhex(attempt.payment_hash))
+        if payment is not None and payment.left:
+            raise CancelRefused(
+                CancelReason.PAYMENT_LEFT,
+                f"the payment has left (LND: {payment.status.name}, {payment.htlc_attempts} HTLC(s)); "
+                "it can no longer be cancelled",
+            )
+        detail = "not initiated in LND" if payment is None else f"LND: {payment.status.name}, no HTLC"
+    res = await s.execute(
+        update(Payout)
+        .where(Payout.id == payout_id, Payout.state == PayoutState.SENDING, Payout.lease_until == lease)
+        .values(lease_until=utcnow(), updated_at=utcnow())
+    )
+    if rows_matched(res) != 1:
+        raise CancelRefused(CancelReason.CONFLICT, "the payout changed meanwhile")
+    if p.job_id is not None:
+        await timeline.record(
+            s,
+            p.job_id,
+            timeline.EntryKind.PAYMENT,
+            {"payout": p.id, "state": PayoutState.SENDING.value, "why": "cancel requested by an operator"},
+        )
+    return f"cancel_requested ({detail})"
 
 
 def rows_matched(result: Result[Any]) -> int:

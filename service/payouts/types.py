@@ -128,6 +128,7 @@ class PayoutReason(enum.StrEnum):
     IN_FLIGHT = "payment_in_flight"  # unknown: LND has not finished it (e.g. a held HTLC)
     OUTCOME_UNKNOWN = "payment_outcome_unknown"  # unknown: LND did not answer in time
     NODE_UNAVAILABLE = "node_unavailable"  # pending: our node could not check the invoice
+    CANCELED = "payment_canceled"  # retried: stopped before it left (lease lost, operator's cancel)
 
 
 class AcceptReason(enum.StrEnum):
@@ -147,6 +148,22 @@ class RetryReason(enum.StrEnum):
     NOT_RETRYABLE = "payout_not_retryable"
     NEEDS_INVOICE = "payout_needs_invoice"  # no invoice or address to retry with
     CONFLICT = "conflict"
+
+
+class CancelReason(enum.StrEnum):
+    """Why an operator's cancel (:func:`store.cancel_payment`) was refused."""
+
+    NOT_FOUND = "not_found"
+    NOT_SENDING = "payout_not_sending"  # no payment of it is being sent now
+    PAYMENT_LEFT = "payment_left"  # an HTLC is out (or it succeeded): only LND's outcome decides now
+    CONFLICT = "conflict"
+
+
+class CancelRefused(Exception):
+    def __init__(self, code: CancelReason, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")
 
 
 def why(reason: CheckReason | PayoutReason, message: str) -> str:

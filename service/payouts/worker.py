@@ -29,6 +29,10 @@ Rules that keep money from leaving twice:
    with nothing initiated → the payee must send a new invoice.
 5. State changes are compare-and-set on the current state, so two workers (or
    replicas) cannot both claim one payout.
+6. Every send is ``cancelable``: when the stream ends (the worker lost its lease on the payout, an
+   operator cancelled it, the service stops), LND stops its payment loop. What happened then is
+   LND's to say (:meth:`Payouts._stopped`): only a payment it reports FAILED (``CANCELED``), or
+   never initiated, may be sent again; one whose HTLC left is followed like any other.
 
 Rules that keep a hostile payee from hurting anyone else:
 
@@ -48,11 +52,12 @@ Rules that keep a hostile payee from hurting anyone else:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from contextlib import aclosing
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import and_, or_, select, update
@@ -79,6 +84,14 @@ log = logging.getLogger(__name__)
 
 FOLLOW_GRACE_SECONDS = 2.0  # a send is followed for the payout timeout plus this, then left `unknown`
 RECHECK_MAX_SECONDS = 600.0  # a payment still in flight is looked at again at least this often
+LEASE_CHECK_SECONDS = 1.0  # while a send is followed, its lease is looked at this often
+CANCEL_SETTLE_SECONDS = 5.0  # after a send is stopped, LND's final word on it is awaited this long
+CANCEL_RECHECK_SECONDS = 0.5  # a stopped send LND did not know is looked up once more after this
+
+
+class LeaseLost(Exception):
+    """This worker's claim on the payout is gone (taken by the reconciler, revoked by an operator's
+    cancel, run out) while it followed a send."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +137,7 @@ class Payouts:
         self.fetch_invoice = fetch_invoice or self._fetch_lnurl
         self.on_outcome = on_outcome
         self._fresh: set[str] = set()  # hashes whose write-ahead row this process just created
+        self._leases: dict[str, datetime] = {}  # payout id -> the lease this process's claim holds
 
     # ---- the worker -------------------------------------------------------------------
     async def claim_due(self, limit: int, *, busy_payees: Collection[str] = ()) -> list[Claim]:
@@ -165,7 +179,15 @@ class Payouts:
             p = await s.get(Payout, payout_id)
         if p is None:  # claimed by us a moment ago; payouts are never deleted
             raise LookupError(f"no payout {payout_id}")
-        kind = p.destination_kind
+        if p.state is PayoutState.SENDING and p.lease_until is not None:
+            self._leases[payout_id] = aware(p.lease_until)  # what the send's lease watch compares
+        try:
+            return await self._pay(p)
+        finally:
+            self._leases.pop(payout_id, None)
+
+    async def _pay(self, p: Payout) -> Outcome:
+        payout_id, kind = p.id, p.destination_kind
         try:
             if kind is DestinationKind.BOLT11:
                 payreq = p.destination
@@ -304,21 +326,35 @@ class Payouts:
                 return await self._unknown(payout_id, payment_hash, e)
             if known is not None and known.status != PaymentStatus.FAILED:
                 return await self._settle_attempt(payout_id, payment_hash, known)
+        lease = self._leases.get(payout_id)  # None: the reconciler's send (its own time budget)
+        if lease is not None and not await self._leased(payout_id, lease):
+            return await self._stopped(payout_id, payment_hash, sent=False)
         refused: errors.LndError | None = None
         try:
             # Followed for one payout timeout at most: a payee that holds the HTLC keeps its own
-            # payout `unknown` (the reconciler looks again), not a slot of ours.
+            # payout `unknown` (the reconciler looks again), not a slot of ours. Cancelable: when we
+            # stop following, LND stops trying (an HTLC already out still settles or fails).
             payment = await asyncio.wait_for(
-                self._follow(
+                self._follow_leased(
+                    payout_id,
+                    lease,
                     self.lnd.send_payment(
                         payreq,
                         fee_limit_msat=fee_limit,
                         timeout_seconds=self.policy.timeout_seconds,
                         cltv_limit=self.policy.cltv_limit,
-                    )
+                        cancelable=True,
+                    ),
                 ),
                 self.policy.timeout_seconds + FOLLOW_GRACE_SECONDS,
             )
+        except LeaseLost:
+            return await self._stopped(payout_id, payment_hash, sent=True)
+        except asyncio.CancelledError:
+            if lease is not None:  # the service stops: the reconciler's next pass looks at it at once
+                with contextlib.suppress(Exception):
+                    await self._release_lease(payout_id, lease)
+            raise
         except (errors.PaymentInTransition, errors.PaymentAlreadyPaid, errors.InvoiceExpired) as e:
             refused, payment = e, None  # LND refused this send: what it knows of the hash decides
         except (errors.LndError, TimeoutError) as e:
@@ -352,6 +388,108 @@ class Payouts:
             last = p
             if p.status.final:
                 break
+        return last
+
+    async def _follow_leased(
+        self, payout_id: str, lease: datetime | None, stream: AsyncIterator[Payment]
+    ) -> Payment | None:
+        """``_follow`` while this worker holds its lease on the payout; raises :class:`LeaseLost`
+        once it does not, after ending the stream (which stops a cancelable payment in LND)."""
+        if lease is None:
+            return await self._follow(stream)
+        follow = asyncio.ensure_future(self._follow(stream))
+        watch = asyncio.ensure_future(self._watch_lease(payout_id, lease))
+        try:
+            await asyncio.wait((follow, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when cancelled (timeout, shutdown): the gRPC call ends before we go on
+            watch.cancel()
+            if not follow.done():
+                follow.cancel()
+            await asyncio.gather(follow, watch, return_exceptions=True)
+        if follow.cancelled():
+            raise LeaseLost(payout_id)
+        return follow.result()
+
+    async def _watch_lease(self, payout_id: str, lease: datetime) -> None:
+        """Return once this worker's claim on the payout is gone (fault-injection hook:
+        tests/integration/test_payout_cancel.py)."""
+        while True:
+            await asyncio.sleep(LEASE_CHECK_SECONDS)
+            try:
+                if not await self._leased(payout_id, lease):
+                    return
+            except Exception as e:  # noqa: BLE001 - a database hiccup is not a lost lease
+                log.warning("payout %s: lease check failed (%s); the send goes on", payout_id, type(e).__name__)
+
+    async def _leased(self, payout_id: str, lease: datetime) -> bool:
+        """Whether the payout is still ours: ``sending`` with the lease our claim set, not run out.
+        (The reconciler takes one whose lease ran out; an operator's cancel revokes it.)"""
+        async with self.sessions() as s:
+            row = (
+                await s.execute(select(Payout.state, Payout.lease_until).where(Payout.id == payout_id))
+            ).one_or_none()
+        return (
+            row is not None
+            and row.state is PayoutState.SENDING
+            and row.lease_until is not None
+            and aware(row.lease_until) == lease
+            and lease > utcnow()
+        )
+
+    async def _release_lease(self, payout_id: str, lease: datetime) -> None:
+        async with self.sessions.begin() as s:
+            await s.execute(
+                update(Payout)
+                .where(Payout.id == payout_id, Payout.state == PayoutState.SENDING, Payout.lease_until == lease)
+                .values(lease_until=utcnow())
+            )
+
+    async def _stopped(self, payout_id: str, payment_hash: str, *, sent: bool) -> Outcome:
+        """The claim was lost: before the send (``sent=False``: nothing went to LND), or while it was
+        followed, and ending the cancelable stream stopped LND's payment loop. LND's report decides:
+        FAILED (``CANCELED``, no HTLC left) or unknown to LND is sent again later; SUCCEEDED is paid;
+        an HTLC still out is followed (``unknown``). Never assumed cancelled."""
+        payment = None
+        if sent:
+            try:
+                payment = await self._after_cancel(payment_hash)
+            except (errors.LndError, TimeoutError) as e:
+                return await self._unknown(payout_id, payment_hash, e)
+        if payment is not None:
+            log.info("payout %s: send stopped (lease lost); LND reports %s", payout_id, payment.status.name)
+            return await self._settle_attempt(payout_id, payment_hash, payment)
+        await self._attempt_state(payment_hash, AttemptState.NOT_INITIATED, failure="canceled before LND initiated it")
+        async with self.sessions() as s:
+            attempts = await s.scalar(select(Payout.attempts).where(Payout.id == payout_id)) or 0
+        return await self._retry_or_give_up(
+            payout_id, attempts, why(PayoutReason.CANCELED, "the payment was stopped before LND initiated it")
+        )
+
+    async def _after_cancel(self, payment_hash: str) -> Payment | None:
+        """LND's word on a payment whose cancelable stream we ended: followed until it is final, for
+        CANCEL_SETTLE_SECONDS at most (then its last state, in flight: an HTLC of it is out, or LND
+        has not marked it failed yet; the reconciler looks again); None if LND never initiated it."""
+        last = None
+        try:
+            async with (
+                aclosing(self.lnd.track_payment(bytes.fromhex(payment_hash))) as stream,
+                asyncio.timeout(CANCEL_SETTLE_SECONDS),
+            ):
+                async for p in stream:
+                    last = p
+                    if p.status.final:
+                        break
+        except errors.LndNotFound:
+            # The stream may have ended before LND created the payment; if it did create it, it fails
+            # it at once (its context is gone). One more look, so the attempt row says what LND did.
+            await asyncio.sleep(CANCEL_RECHECK_SECONDS)
+            again = await self._current(payment_hash)
+            return again if again is None or again.status.final else await self._after_cancel(payment_hash)
+        except TimeoutError:
+            if last is None:
+                raise
+        if last is None:
+            raise errors.LndError("TrackPaymentV2", "the stream ended without a payment update")
         return last
 
     async def _current(self, payment_hash: str) -> Payment | None:
@@ -393,6 +531,11 @@ class Payouts:
                 if hand_back:
                     return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, detail)
                 return await self._retry_or_give_up(payout_id, attempts, detail)
+            if payment.failure_reason == FailureReason.CANCELED:
+                # stopped before it left (a FAILED payment has no HTLC out): LND lets it be sent again
+                return await self._retry_or_give_up(
+                    payout_id, attempts, why(PayoutReason.CANCELED, "the payment was stopped before it left")
+                )
             if payment.failure_reason == FailureReason.INCORRECT_PAYMENT_DETAILS:
                 return await self._finish(
                     payout_id,
