@@ -208,4 +208,9 @@ async def test_a_quote_that_finds_no_route_leaves_the_decision_to_the_send(regte
     assert p.last_error.startswith("no_route: "), p.last_error
     assert (attempt.state, attempt.failure) == ("failed", "NO_ROUTE"), "SendPaymentV2 ran and LND failed it"
     tracked = await _track_all(regtest, inv.payment_hash)
-    assert tracked[-1].status == PaymentStatus.FAILED and tracked[-1].failure_reason == FailureReason.NO_ROUTE
+    # LND's own record: failed with nothing sent. Sends are cancelable, and when our stream ends
+    # right as LND fails the payment NO_ROUTE, LND v0.20.2 may record it CANCELED instead (seen
+    # once in CI); either way no HTLC left, which is what the payee's money depends on.
+    final = tracked[-1]
+    assert final.status == PaymentStatus.FAILED and final.htlc_attempts == 0, final
+    assert final.failure_reason in (FailureReason.NO_ROUTE, FailureReason.CANCELED), final
