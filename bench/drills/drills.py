@@ -159,13 +159,16 @@ class Drill:
         for n in range(self.jobs):
             while not self.launch_gate(n):
                 await asyncio.sleep(0.1)
-            job = self.market.new_job(n)
-            task = asyncio.create_task(self._job(job))
-            while not job.id and not task.done():
-                await asyncio.sleep(0.01)
-            self.tasks[job.id] = task
-            self.launched += 1
+            await self._launch_one(self.market.new_job(n))
             await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
+
+    async def _launch_one(self, job: JobRun) -> None:
+        """Start ``job``'s run and wait until it has an id (its request is signed)."""
+        task = asyncio.create_task(self._job(job))
+        while not job.id and not task.done():
+            await asyncio.sleep(0.01)
+        self.tasks[job.id] = task
+        self.launched += 1
 
     async def until(self, predicate, what: str, timeout: float = 3600) -> None:
         end = time.monotonic() + timeout
@@ -775,13 +778,6 @@ class AdversarialDrill(Drill):
             await self._launch_one(self.market.new_job(n, customer=customers[n % len(customers)]))
             await asyncio.sleep(stagger * self.rng.uniform(0.5, 1.5))
 
-    async def _launch_one(self, job: JobRun) -> None:
-        task = asyncio.create_task(self._job(job))
-        while not job.id and not task.done():
-            await asyncio.sleep(0.01)
-        self.tasks[job.id] = task
-        self.launched += 1
-
     async def body(self) -> None:
         from bench.drills.hostile import HOP_BASE_FEE_MSAT, Attacks
 
@@ -989,11 +985,7 @@ class DeadlineOutageDrill(Drill):
         jobs = []
         for n in numbers:
             job = self.market.new_job(n)
-            task = asyncio.create_task(self._job(job))
-            while not job.id and not task.done():
-                await asyncio.sleep(0.01)
-            self.tasks[job.id] = task
-            self.launched += 1
+            await self._launch_one(job)
             jobs.append(job)
             await asyncio.sleep(self.rng.uniform(0.5, 2.5))  # deadlines spread over a few seconds
         ids = [j.id for j in jobs]
