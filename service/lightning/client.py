@@ -145,8 +145,23 @@ class Payment:
 
 
 @dataclass(frozen=True, slots=True)
+class BlindedPath:
+    """One blinded payment path of an invoice (bLIP 39; LND's ``BlindedPaymentPath``): the one real
+    node of the path (its introduction node), how many hops it has counting that node, and the
+    aggregate policy of its hops, which the payer pays on top of the route to the introduction node."""
+
+    introduction_node: str  # 33-byte compressed key, hex
+    num_hops: int  # the introduction node included; the last hop is the (blinded) recipient
+    base_fee_msat: int
+    fee_ppm: int
+    total_cltv_delta: int  # the whole path's, the recipient's final CLTV delta included
+    htlc_min_msat: int
+    htlc_max_msat: int
+
+
+@dataclass(frozen=True, slots=True)
 class PayReq:
-    destination: str
+    destination: str  # for a blinded invoice a one-time key, not the recipient's node (bLIP 39)
     payment_hash: bytes
     num_msat: int
     timestamp: int
@@ -155,6 +170,7 @@ class PayReq:
     description: str
     description_hash: bytes | None
     payment_addr: bytes
+    blinded_paths: tuple[BlindedPath, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +244,18 @@ def _payment(m: Any) -> Payment:
         payment_index=int(m.payment_index),
         creation_time_ns=int(m.creation_time_ns),
         htlc_attempts=len(m.htlcs),
+    )
+
+
+def _blinded_path(m: Any) -> BlindedPath:
+    return BlindedPath(
+        introduction_node=bytes(m.blinded_path.introduction_node).hex(),
+        num_hops=len(m.blinded_path.blinded_hops),
+        base_fee_msat=int(m.base_fee_msat),
+        fee_ppm=int(m.proportional_fee_rate),
+        total_cltv_delta=int(m.total_cltv_delta),
+        htlc_min_msat=int(m.htlc_min_msat),
+        htlc_max_msat=int(m.htlc_max_msat),
     )
 
 
@@ -436,6 +464,7 @@ class LndClient:
             description=r.description,
             description_hash=bytes.fromhex(r.description_hash) if r.description_hash else None,
             payment_addr=bytes(r.payment_addr),
+            blinded_paths=tuple(_blinded_path(b) for b in r.blinded_paths),
         )
 
     async def send_payment(
