@@ -160,6 +160,17 @@ class BlindedPath:
 
 
 @dataclass(frozen=True, slots=True)
+class BlindedPathsWanted:
+    """What a blinded invoice's paths should be (``BlindedPathConfig``; None: the node's
+    ``--routing.blinding.*`` setting): real hops before this node at least, hops in all (dummy
+    hops pad a shorter path), paths at most."""
+
+    min_real_hops: int | None = None
+    num_hops: int | None = None
+    max_paths: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class PayReq:
     destination: str  # for a blinded invoice a one-time key, not the recipient's node (bLIP 39)
     payment_hash: bytes
@@ -368,12 +379,24 @@ class LndClient:
         expiry: int = 3600,
         description_hash: bytes | None = None,
         private: bool = False,
+        blinded: BlindedPathsWanted | None = None,
     ) -> AddedInvoice:
+        """``AddInvoice``; with ``blinded``, an invoice that reaches this node over blinded paths only
+        (``is_blinded``; LND signs it with a one-time key and writes no route hints)."""
         if value_msat <= 0:
             raise ValueError("invoice amount must be positive")
         req = ln.Invoice(
             value_msat=value_msat, memo=memo, expiry=expiry, private=private, description_hash=description_hash or b""
         )
+        if blinded is not None:
+            req.is_blinded = True
+            cfg = req.blinded_path_config
+            if blinded.min_real_hops is not None:
+                cfg.min_num_real_hops = blinded.min_real_hops
+            if blinded.num_hops is not None:
+                cfg.num_hops = blinded.num_hops
+            if blinded.max_paths is not None:
+                cfg.max_num_paths = blinded.max_paths
         r = await self._unary("AddInvoice", self._ln.AddInvoice, req)
         return AddedInvoice(payment_hash=bytes(r.r_hash), payment_request=r.payment_request, add_index=int(r.add_index))
 
@@ -523,16 +546,24 @@ class LndClient:
         if it finds none: ``QueryRoutes`` with the invoice's destination, amount, final CLTV, route
         hints and features, without mission control (the graph as it is). Sends nothing."""
         d = await self._unary("DecodePayReq", self._ln.DecodePayReq, ln.PayReqString(pay_req=payment_request))
-        req = ln.QueryRoutesRequest(
-            pub_key=d.destination,
-            amt_msat=int(d.num_msat),
-            final_cltv_delta=int(d.cltv_expiry),
-            route_hints=list(d.route_hints),
-            dest_features=list(d.features.keys()),
-            cltv_limit=cltv_limit,
-            fee_limit=ln.FeeLimit(fixed_msat=MAX_FEE_QUERY_MSAT),
-            use_mission_control=False,
-        )
+        common: dict[str, Any] = {
+            "amt_msat": int(d.num_msat),
+            "cltv_limit": cltv_limit,
+            "fee_limit": ln.FeeLimit(fixed_msat=MAX_FEE_QUERY_MSAT),
+            "use_mission_control": False,
+        }
+        if d.blinded_paths:
+            # to the paths' introduction nodes; their fees and time locks are the paths' aggregates
+            # (LND refuses a destination, a final CLTV delta or features with blinded paths)
+            req = ln.QueryRoutesRequest(blinded_payment_paths=list(d.blinded_paths), **common)
+        else:
+            req = ln.QueryRoutesRequest(
+                pub_key=d.destination,
+                final_cltv_delta=int(d.cltv_expiry),
+                route_hints=list(d.route_hints),
+                dest_features=list(d.features.keys()),
+                **common,
+            )
         try:
             r = await self._unary("QueryRoutes", self._ln.QueryRoutes, req)
         except errors.LndError as e:

@@ -6,7 +6,7 @@ on PyPI) skips that field as unknown, and no maintained Python library reads it;
 second reading of the paths that :func:`service.payouts.check.check_invoice` compares with our
 node's ``DecodePayReq``, written from bLIP 39 alone.
 
-A field's data (bytes; the bits left over from the 5-bit words are padding)::
+A field's data (bytes; the fewer than 5 bits left over from the 5-bit words are zero padding)::
 
     u32 fee_base_msat, u32 fee_proportional_millionths, u16 cltv_expiry_delta,
     u64 htlc_minimum_msat, u64 htlc_maximum_msat, u16 flen, flen bytes features,
@@ -50,12 +50,16 @@ def read_blinded_paths(payment_request: str) -> tuple[BlindedPath, ...]:
 
 
 def _to_bytes(words: list[int]) -> bytes:
+    """5-bit words to bytes; what is left over must be fewer than 5 bits, all zero (padding, as
+    LND's bech32 conversion requires)."""
     acc, bits, out = 0, 0, bytearray()
     for w in words:
         acc, bits = acc << 5 | w, bits + 5
         if bits >= 8:
             bits -= 8
             out.append(acc >> bits & 0xFF)
+    if bits >= 5 or acc & ((1 << bits) - 1):
+        raise UnreadablePath("blinded path field has bad padding")
     return bytes(out)
 
 

@@ -16,8 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.bitcoin import network_of_currency
 from service.lightning import errors
-from service.lightning.client import LndClient
+from service.lightning.client import BlindedPath, LndClient, PayReq
 from service.lightning.models import LnInvoice
+from service.payouts.blinded import UnreadablePath, read_blinded_paths
 from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import AttemptState, CheckReason, InvoiceCheckError, PayoutPolicy
 
@@ -37,9 +38,32 @@ class CheckedInvoice:
     payment_request: str
     payment_hash: str
     amount_msat: int
-    destination: str
+    destination: str  # a blinded invoice's is a one-time key, not the recipient's node
     expires_at: int
-    final_cltv: int
+    final_cltv: int  # a blinded invoice's: its longest path's total CLTV delta
+    blinded_paths: tuple[BlindedPath, ...] = ()
+
+
+def final_cltv_of(node: PayReq) -> int:
+    """The blocks the invoice's end of the route may lock our HTLC for: its final CLTV delta, or for
+    a blinded invoice its longest path's total delta (its hops' deltas and the recipient's final
+    one; the invoice's own ``c`` field means nothing there, bLIP 39)."""
+    return max((p.total_cltv_delta for p in node.blinded_paths), default=node.cltv_expiry)
+
+
+async def is_our_nodes_invoice(lnd: LndClient, node: PayReq, our_pubkey: str) -> bool:
+    """Whether our node issued the invoice. A plain invoice is signed with its node's key (the
+    destination). A blinded one is signed with a one-time key and its recipient is hidden behind
+    the path, so our node is asked whether the payment hash is one of its invoices."""
+    if node.destination == our_pubkey:
+        return True
+    if not node.blinded_paths:
+        return False
+    try:
+        await lnd.lookup_invoice(node.payment_hash)
+    except errors.LndNotFound:
+        return False
+    return True
 
 
 def normalize(payment_request: str) -> str:
@@ -128,6 +152,10 @@ async def check_invoice(
         ours = bolt11.decode(pr)
     except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
         raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
+    try:
+        our_paths = read_blinded_paths(pr)  # the bolt11 library skips them
+    except UnreadablePath as e:
+        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"unreadable blinded path: {e}") from None
     network = network_of_currency(ours.currency) or ours.currency
     if network != policy.network:
         raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {network}, we pay on {policy.network}")
@@ -145,6 +173,7 @@ async def check_invoice(
         node.payment_hash.hex() != ours.payment_hash
         or (ours.amount_msat or 0) != node.num_msat
         or (ours.payee and ours.payee != node.destination)
+        or our_paths != node.blinded_paths
     ):
         raise InvoiceCheckError(CheckReason.DECODERS_DISAGREE, "our decoder and the node read the invoice differently")
     if not node.num_msat:
@@ -161,12 +190,14 @@ async def check_invoice(
             CheckReason.EXPIRES_TOO_SOON,
             f"invoice expires in {expires_at - now} s; at least {policy.min_expiry_seconds} s needed",
         )
-    if node.cltv_expiry > policy.max_final_cltv:
+    final_cltv = final_cltv_of(node)
+    if final_cltv > policy.max_final_cltv:
+        what = "a blinded path's total CLTV delta" if node.blinded_paths else "final CLTV"
         raise InvoiceCheckError(
-            CheckReason.CLTV_TOO_LARGE, f"final CLTV {node.cltv_expiry} is over the limit {policy.max_final_cltv}"
+            CheckReason.CLTV_TOO_LARGE, f"{what} {final_cltv} is over the limit {policy.max_final_cltv}"
         )
-    if node.destination == our_pubkey:
+    if await is_our_nodes_invoice(lnd, node, our_pubkey):
         raise InvoiceCheckError(CheckReason.SELF_PAYMENT, "the invoice is our own node's")
     h = node.payment_hash.hex()
     await refuse_used_hash(session, h, payout_id=payout_id)
-    return CheckedInvoice(pr, h, node.num_msat, node.destination, expires_at, node.cltv_expiry)
+    return CheckedInvoice(pr, h, node.num_msat, node.destination, expires_at, final_cltv, node.blinded_paths)

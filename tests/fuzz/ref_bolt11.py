@@ -8,7 +8,9 @@ integer arithmetic; pico amounts must be whole millisatoshis; at most 2^64-1 msa
 a 35-bit timestamp; tagged fields where the first ``p``/``h``/``s``/``n``/``d``/``x``/
 ``c`` of the right length counts and unknown or mis-sized fields are skipped; the
 signature checked against ``n`` or, without ``n``, the payee recovered from it; exactly
-one of ``d`` and ``h``; defaults expiry 3600 s, final CLTV delta 18.
+one of ``d`` and ``h``; defaults expiry 3600 s, final CLTV delta 18. Every field of type 20
+(``5``) is a blinded payment path (bLIP 39), as LND reads it: strict padding, a whole
+``blinded_payinfo`` or the invoice is refused.
 
 It also writes bech32 (:func:`encode`) so the fuzzer can mutate an invoice's words and
 keep a valid checksum.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import struct
 from dataclasses import dataclass
 
 import coincurve
@@ -144,10 +147,57 @@ class RefInvoice:
     expiry: int
     min_final_cltv: int
     destination: str  # 33-byte compressed key, hex
+    # (introduction node hex, hops, base fee, ppm, total CLTV delta, htlc min, htlc max) per path
+    blinded_paths: tuple[tuple[str, int, int, int, int, int, int], ...] = ()
 
     @property
     def expires_at(self) -> int:
         return self.timestamp + self.expiry
+
+
+def blinded_path(data: bytes) -> tuple[str, int, int, int, int, int, int]:
+    """bLIP 39's ``blinded_payinfo``: the fixed head, features, blinding point, then the hops."""
+    head = struct.Struct(">IIHQQH")
+    if len(data) < head.size:
+        raise RefError("blinded path shorter than its head")
+    base, ppm, cltv, lo, hi, flen = head.unpack_from(data)
+    at = head.size + flen + 33  # features, then the first blinding point
+    if at + 1 > len(data) or data[at] == 0:
+        raise RefError("blinded path without hops")
+    hops, at = data[at], at + 1
+    intro = data[at : at + 33].hex()
+    for _ in range(hops):
+        at += 33
+        if at >= len(data):
+            raise RefError("blinded hop cut short")
+        size, width = data[at], 1
+        if size >= 0xFD:
+            width = {0xFD: 3, 0xFE: 5, 0xFF: 9}[size]
+            size = int.from_bytes(data[at + 1 : at + width], "big")
+        at += width + size
+        if at > len(data):
+            raise RefError("blinded hop data cut short")
+    if at != len(data):
+        raise RefError("bytes after the blinded path")
+    return intro, hops, base, ppm, cltv, lo, hi
+
+
+def blinded_field(words: list[int]) -> tuple[str, int, int, int, int, int, int]:
+    if len(words) * 5 % 8 >= 5:
+        raise RefError("blinded path field: too many padding bits")
+    return blinded_path(words_to_bytes(words, strict_padding=True))
+
+
+def blinded_paths_of(text: str) -> list[tuple[str, int, int, int, int, int, int]]:
+    """The blinded paths of any bech32 invoice (whatever its network), or RefError."""
+    _, words = split(text, strict_case=False)
+    body, out, i = words[:-104], [], 7
+    while i + 3 <= len(body):
+        kind, length = CHARSET[body[i]], body[i + 1] * 32 + body[i + 2]
+        if kind == "5":
+            out.append(blinded_field(body[i + 3 : i + 3 + length]))
+        i += 3 + length
+    return out
 
 
 def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
@@ -162,6 +212,7 @@ def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
     body, sig_words = words[:-104], words[-104:]
     timestamp = words_to_int(body[:7])
     fields: dict[str, object] = {}
+    paths = []
     i = 7
     while i < len(body):
         if len(body) - i < 3:
@@ -171,6 +222,9 @@ def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
         if len(data) < length:
             raise RefError("tagged field runs past the signature")
         i += 3 + length
+        if kind == "5":
+            paths.append(blinded_field(data))
+            continue
         if kind in fields:
             continue  # the first known field of a type counts
         if kind in ("p", "h", "s") and length == 52:
@@ -229,6 +283,7 @@ def decode(text: str, network: str, *, strict_case: bool = True) -> RefInvoice:
         expiry=fields.get("x", 3600),
         min_final_cltv=fields.get("c", 18),  # type: ignore[arg-type]
         destination=destination,
+        blinded_paths=tuple(paths),
     )
 
 
