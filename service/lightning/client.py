@@ -544,7 +544,12 @@ class LndClient:
     async def route_fee(self, payment_request: str, *, cltv_limit: int = 0) -> int | None:
         """The fee (msat) of the route LND would choose for this invoice with no fee limit, or None
         if it finds none: ``QueryRoutes`` with the invoice's destination, amount, final CLTV, route
-        hints and features, without mission control (the graph as it is). Sends nothing."""
+        hints and features, without mission control (the graph as it is). Sends nothing.
+
+        For a blinded invoice: ``QueryRoutes`` to its blinded paths, whose fees (the paths'
+        aggregate ones, dummy hops' included) are part of the total. Paths that start at this node
+        are left out: LND v0.20.2 refuses the whole query for one ("introduction point as own node
+        not supported"), and cannot pay one either."""
         d = await self._unary("DecodePayReq", self._ln.DecodePayReq, ln.PayReqString(pay_req=payment_request))
         common: dict[str, Any] = {
             "amt_msat": int(d.num_msat),
@@ -553,9 +558,12 @@ class LndClient:
             "use_mission_control": False,
         }
         if d.blinded_paths:
-            # to the paths' introduction nodes; their fees and time locks are the paths' aggregates
-            # (LND refuses a destination, a final CLTV delta or features with blinded paths)
-            req = ln.QueryRoutesRequest(blinded_payment_paths=list(d.blinded_paths), **common)
+            me = bytes.fromhex((await self.get_info()).pubkey)
+            paths = [b for b in d.blinded_paths if bytes(b.blinded_path.introduction_node) != me]
+            if not paths:
+                return None
+            # no destination, final CLTV delta or features: the paths carry them (lightning.proto)
+            req = ln.QueryRoutesRequest(blinded_payment_paths=paths, **common)
         else:
             req = ln.QueryRoutesRequest(
                 pub_key=d.destination,

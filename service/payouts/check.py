@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 
 import bolt11
+from bolt11.exceptions import Bolt11DescriptionException, Bolt11NoPaymentSecretException
 from sqlalchemy import String, cast, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -66,6 +67,47 @@ async def is_our_nodes_invoice(lnd: LndClient, node: PayReq, our_pubkey: str) ->
     return True
 
 
+def read_invoice(payment_request: str) -> tuple[bolt11.Bolt11, tuple[BlindedPath, ...]]:
+    """Our own decoding of an invoice (no node): the ``bolt11`` library's, and the invoice's blinded
+    paths (bLIP 39), which the library skips. Raises InvoiceCheckError(UNDECODABLE).
+
+    A blinded invoice has no payment secret (bLIP 39: the recipient's path id, inside the path's
+    encrypted data, does its work; LND v0.20 writes none), and the library refuses an invoice
+    without one: for an invoice with blinded paths that one rule of the library's is lifted."""
+    try:
+        ours = bolt11.decode(payment_request, ignore_exceptions=True)
+        paths = read_blinded_paths(payment_request)
+        _validate(ours, blinded=bool(paths))
+    except UnreadablePath as e:
+        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"unreadable blinded path ({e})") from None
+    except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
+        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
+    return ours, paths
+
+
+def _validate(ours: bolt11.Bolt11, *, blinded: bool) -> None:
+    try:
+        ours.validate()
+    except Bolt11NoPaymentSecretException:
+        if not blinded:
+            raise
+        # validate() stopped there; its one later rule (decode always sets the signature):
+        if bool(ours.description) == bool(ours.description_hash):
+            raise Bolt11DescriptionException() from None  # type: ignore[no-untyped-call]
+
+
+def decoders_disagree(ours: bolt11.Bolt11, our_paths: tuple[BlindedPath, ...], node: PayReq) -> bool:
+    """Whether our decoding and our node's differ in what decides the payment: the hash, the
+    amount, the destination (for a blinded invoice the one-time key both recover from the
+    signature) and every blinded path (introduction node, hops, fees, CLTV delta, HTLC range)."""
+    return (
+        node.payment_hash.hex() != ours.payment_hash
+        or (ours.amount_msat or 0) != node.num_msat
+        or bool(ours.payee and ours.payee != node.destination)
+        or our_paths != node.blinded_paths
+    )
+
+
 def normalize(payment_request: str) -> str:
     """The invoice as stored and sent: trimmed, no ``lightning:`` URI prefix, lower case (BOLT11
     is case-insensitive and its checksum is computed over the lower-case form)."""
@@ -84,10 +126,7 @@ def decode_offline(payment_request: str, *, network: str | None, now: int | None
     already checked once), an amount, not expired."""
     now = int(time.time()) if now is None else now
     pr = normalize(payment_request)
-    try:
-        ours = bolt11.decode(pr)
-    except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
-        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
+    ours, _ = read_invoice(pr)
     theirs = network_of_currency(ours.currency) or ours.currency
     if network is not None and theirs != network:
         raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {theirs}, we pay on {network}")
@@ -141,21 +180,15 @@ async def check_invoice(
 ) -> CheckedInvoice:
     """Every check before any attempt; raises InvoiceCheckError with the first failing reason.
 
-    Both our bolt11 decoder and our node's ``DecodePayReq`` must read the invoice the same way; the
-    network matches; the amount is exactly the payout; it is not expired and will not expire within
-    the payment window; its final CLTV is within the limit; it is not our own node's; its payment
-    hash was never used by us before."""
+    Both our decoding (:func:`read_invoice`) and our node's ``DecodePayReq`` must read the invoice
+    the same way, blinded paths included; the network matches; the amount is exactly the payout; it
+    is not expired and will not expire within the payment window; its final CLTV (a blinded
+    invoice's: its longest path's) is within the limit; it is not our own node's; a blinded one has
+    a path that does not start at our node; its payment hash was never used by us before."""
     now = int(time.time()) if now is None else now
     pr = payment_request.strip()
     pr = pr[len("lightning:") :] if pr.lower().startswith("lightning:") else pr
-    try:
-        ours = bolt11.decode(pr)
-    except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
-        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
-    try:
-        our_paths = read_blinded_paths(pr)  # the bolt11 library skips them
-    except UnreadablePath as e:
-        raise InvoiceCheckError(CheckReason.UNDECODABLE, f"unreadable blinded path: {e}") from None
+    ours, our_paths = read_invoice(pr)
     network = network_of_currency(ours.currency) or ours.currency
     if network != policy.network:
         raise InvoiceCheckError(CheckReason.WRONG_NETWORK, f"invoice is for {network}, we pay on {policy.network}")
@@ -169,12 +202,7 @@ async def check_invoice(
         if type(e) is errors.LndError and e.code is not None and e.code.name == "UNKNOWN":
             raise InvoiceCheckError(CheckReason.NODE_REFUSED, e.detail[:200]) from None
         raise
-    if (
-        node.payment_hash.hex() != ours.payment_hash
-        or (ours.amount_msat or 0) != node.num_msat
-        or (ours.payee and ours.payee != node.destination)
-        or our_paths != node.blinded_paths
-    ):
+    if decoders_disagree(ours, our_paths, node):
         raise InvoiceCheckError(CheckReason.DECODERS_DISAGREE, "our decoder and the node read the invoice differently")
     if not node.num_msat:
         raise InvoiceCheckError(CheckReason.NO_AMOUNT, "invoice has no amount")
@@ -198,6 +226,15 @@ async def check_invoice(
         )
     if await is_our_nodes_invoice(lnd, node, our_pubkey):
         raise InvoiceCheckError(CheckReason.SELF_PAYMENT, "the invoice is our own node's")
+    if node.blinded_paths and all(p.introduction_node == our_pubkey for p in node.blinded_paths):
+        # LND v0.20.2 refuses a route to a blinded path that starts at itself ("introduction point
+        # as own node not supported"; its payment fails NO_ROUTE): ask for another one now
+        raise InvoiceCheckError(
+            CheckReason.PATHS_START_AT_US,
+            "every blinded path of the invoice starts at our node, which our node cannot pay; give an "
+            "invoice with a path that starts at another node (your own, or another peer of yours), "
+            "or one without blinded paths",
+        )
     h = node.payment_hash.hex()
     await refuse_used_hash(session, h, payout_id=payout_id)
     return CheckedInvoice(pr, h, node.num_msat, node.destination, expires_at, final_cltv, node.blinded_paths)

@@ -111,6 +111,7 @@ class CheckReason(enum.StrEnum):
     EXPIRES_TOO_SOON = "invoice_expires_too_soon"
     CLTV_TOO_LARGE = "final_cltv_too_large"
     SELF_PAYMENT = "own_node_invoice"
+    PATHS_START_AT_US = "blinded_paths_start_at_our_node"  # LND v0.20 cannot pay such a path
     HASH_REUSED = "payment_hash_used_before"
 
 

@@ -110,7 +110,7 @@ def route_fee_refusal(fee_msat: int, fee_limit_msat: int) -> str:
         PayoutReason.ROUTE_FEE_EXCEEDS_LIMIT,
         f"the cheapest route to the invoice costs {fee_msat} msat in fees and this payout allows "
         f"{fee_limit_msat} msat; give an invoice reachable for less (a direct channel, or "
-        "route hints through cheaper channels)",
+        "route hints or blinded paths through cheaper channels, fewer dummy hops)",
     )
 
 
@@ -240,20 +240,32 @@ class Payouts:
         if fresh:
             # The first send of this hash: LND cannot know it, so the quote may refuse it. (A re-armed
             # attempt of this payout goes without: the send's fee limit and NO_ROUTE check still hold.)
-            refusal = await self._quote(checked.payment_request, fee_limit)
+            refusal = await self._quote(checked, fee_limit)
             if refusal is not None:
                 await self._attempt_state(checked.payment_hash, AttemptState.NOT_INITIATED, failure=refusal[:200])
                 return await self._finish(payout_id, PayoutState.NEEDS_INVOICE, refusal)
             self._fresh.add(checked.payment_hash)
         return await self._send(payout_id, checked.payment_hash, checked.payment_request, fee_limit)
 
-    async def _quote(self, payreq: str, fee_limit: int) -> str | None:
+    async def _quote(self, checked: CheckedInvoice, fee_limit: int) -> str | None:
         """``EstimateRouteFee`` before the first send: the reason to hand the payout back if the route
         its probe found costs more than ``fee_limit``, else None. A probe that finds no route, fails
         or runs out of time decides nothing: SendPaymentV2 runs with the fee limit, which still bounds
-        the fee, and its NO_ROUTE is told apart as before (``_why_no_route``)."""
+        the fee, and its NO_ROUTE is told apart as before (``_why_no_route``).
+
+        A blinded invoice is quoted by ``QueryRoutes`` instead (nothing sent; the paths' own fees
+        included): LND v0.20.2's probe goes to the invoice's destination, for a blinded invoice a
+        one-time key no graph knows, and always finds no route."""
         if self.policy.fee_quote_seconds <= 0:
             return None
+        payreq = checked.payment_request
+        if checked.blinded_paths:
+            try:
+                fee = await self.lnd.route_fee(payreq, cltv_limit=self.policy.cltv_limit)
+            except errors.LndError as e:
+                log.info("blinded route fee query failed (%s); the send's fee limit decides", type(e).__name__)
+                return None
+            return route_fee_refusal(fee, fee_limit) if fee is not None and fee > fee_limit else None
         try:
             quote = await self.lnd.estimate_route_fee(payreq, timeout_seconds=self.policy.fee_quote_seconds)
         except errors.LndError as e:
