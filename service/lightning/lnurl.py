@@ -57,10 +57,10 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote_plus, urlsplit
 
 import bech32
-import bolt11
 import httpx
 
 from service.bitcoin import BOLT11_HRP, BOLT11_PREFIX_RE, MAX_MSAT, NETWORK_OF_HRP, looks_like_bolt11
+from service.lightning.blinded import decode_invoice
 
 USER_AGENT = "fedstr-escrow-lnurl/1"
 MAX_DESTINATION_CHARS = 2048
@@ -680,7 +680,7 @@ def _check_invoice(pr: object, amount_msat: int, metadata: str, network: str | N
         raise _fail(LnurlReason.BAD_INVOICE, "pr is not a BOLT11 invoice")
     invoice_network, hrp_msat = _hrp_amount(pr)
     try:
-        inv = bolt11.decode(pr)
+        inv, _ = decode_invoice(pr)  # a blinded invoice too (it has no payment secret)
     except Exception as e:  # noqa: BLE001 - the decoder raises many types on hostile input
         raise _fail(LnurlReason.BAD_INVOICE, f"invoice does not decode: {_clip(type(e).__name__, 60)}") from None
     if network is not None and invoice_network != network:

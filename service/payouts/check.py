@@ -11,15 +11,14 @@ import time
 from dataclasses import dataclass
 
 import bolt11
-from bolt11.exceptions import Bolt11DescriptionException, Bolt11NoPaymentSecretException
 from sqlalchemy import String, cast, literal, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.bitcoin import network_of_currency
 from service.lightning import errors
+from service.lightning.blinded import UnreadablePath, decode_invoice
 from service.lightning.client import BlindedPath, LndClient, PayReq
 from service.lightning.models import LnInvoice
-from service.payouts.blinded import UnreadablePath, read_blinded_paths
 from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import AttemptState, CheckReason, InvoiceCheckError, PayoutPolicy
 
@@ -69,31 +68,14 @@ async def is_our_nodes_invoice(lnd: LndClient, node: PayReq, our_pubkey: str) ->
 
 def read_invoice(payment_request: str) -> tuple[bolt11.Bolt11, tuple[BlindedPath, ...]]:
     """Our own decoding of an invoice (no node): the ``bolt11`` library's, and the invoice's blinded
-    paths (bLIP 39), which the library skips. Raises InvoiceCheckError(UNDECODABLE).
-
-    A blinded invoice has no payment secret (bLIP 39: the recipient's path id, inside the path's
-    encrypted data, does its work; LND v0.20 writes none), and the library refuses an invoice
-    without one: for an invoice with blinded paths that one rule of the library's is lifted."""
+    paths (bLIP 39), which the library skips (:func:`service.lightning.blinded.decode_invoice`: a
+    blinded invoice needs no payment secret). Raises InvoiceCheckError(UNDECODABLE)."""
     try:
-        ours = bolt11.decode(payment_request, ignore_exceptions=True)
-        paths = read_blinded_paths(payment_request)
-        _validate(ours, blinded=bool(paths))
+        return decode_invoice(payment_request)
     except UnreadablePath as e:
         raise InvoiceCheckError(CheckReason.UNDECODABLE, f"unreadable blinded path ({e})") from None
     except Exception as e:  # noqa: BLE001 - the library raises several types for garbage
         raise InvoiceCheckError(CheckReason.UNDECODABLE, f"not a BOLT11 invoice ({type(e).__name__})") from None
-    return ours, paths
-
-
-def _validate(ours: bolt11.Bolt11, *, blinded: bool) -> None:
-    try:
-        ours.validate()
-    except Bolt11NoPaymentSecretException:
-        if not blinded:
-            raise
-        # validate() stopped there; its one later rule (decode always sets the signature):
-        if bool(ours.description) == bool(ours.description_hash):
-            raise Bolt11DescriptionException() from None  # type: ignore[no-untyped-call]
 
 
 def decoders_disagree(ours: bolt11.Bolt11, our_paths: tuple[BlindedPath, ...], node: PayReq) -> bool:

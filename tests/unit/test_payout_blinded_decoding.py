@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from bech32 import bech32_decode, bech32_encode
 
+from service.lightning.blinded import BLINDED_PATH_FIELD, UnreadablePath, read_blinded_paths
 from service.lightning.client import BlindedPath, PayReq
 from service.payouts import CheckReason, InvoiceCheckError
-from service.payouts.blinded import BLINDED_PATH_FIELD, UnreadablePath, read_blinded_paths
 from service.payouts.check import decode_offline, decoders_disagree, final_cltv_of, read_invoice
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "blinded_invoices.json").read_text())

@@ -4,7 +4,8 @@ LND (v0.18 and later) writes each blinded path of an invoice in its own tagged f
 (bLIP 39, "BOLT 11 Invoice Blinded Path Tagged Field"). The ``bolt11`` library (2.2.0, the latest
 on PyPI) skips that field as unknown, and no maintained Python library reads it; this is the
 second reading of the paths that :func:`service.payouts.check.check_invoice` compares with our
-node's ``DecodePayReq``, written from bLIP 39 alone.
+node's ``DecodePayReq``, written from bLIP 39 alone. :func:`decode_invoice` is the library's
+decoding with the paths beside it, for every place that reads a payee's invoice.
 
 A field's data (bytes; the fewer than 5 bits left over from the 5-bit words are zero padding)::
 
@@ -18,7 +19,9 @@ The first hop's key is the introduction node's real key.
 
 from __future__ import annotations
 
+import bolt11
 from bech32 import bech32_decode
+from bolt11.exceptions import Bolt11DescriptionException, Bolt11NoPaymentSecretException
 
 from service.lightning.client import BlindedPath
 
@@ -29,6 +32,26 @@ _SIGNATURE_WORDS = 104  # 65 bytes
 
 class UnreadablePath(ValueError):
     """A blinded-path field that does not hold one whole path."""
+
+
+def decode_invoice(payment_request: str) -> tuple[bolt11.Bolt11, tuple[BlindedPath, ...]]:
+    """The ``bolt11`` library's decoding of an invoice and its blinded paths; raises what the
+    library raises, or :class:`UnreadablePath`.
+
+    A blinded invoice has no payment secret (bLIP 39: the recipient's path id, inside the path's
+    encrypted data, does its work; LND v0.20 writes none), and the library refuses an invoice
+    without one: for an invoice with blinded paths that one rule of the library's is lifted."""
+    ours = bolt11.decode(payment_request, ignore_exceptions=True)
+    paths = read_blinded_paths(payment_request)
+    try:
+        ours.validate()
+    except Bolt11NoPaymentSecretException:
+        if not paths:
+            raise
+        # validate() stopped there; its one later rule (decode always sets the signature):
+        if bool(ours.description) == bool(ours.description_hash):
+            raise Bolt11DescriptionException() from None
+    return ours, paths
 
 
 def read_blinded_paths(payment_request: str) -> tuple[BlindedPath, ...]:
