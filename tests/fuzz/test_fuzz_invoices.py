@@ -540,6 +540,7 @@ def expected_outcome(case: Case) -> tuple[CheckReason | None, ref.RefInvoice | N
         (CR.EXPIRES_TOO_SOON, node.expires_at < case.now + case.min_expiry),
         (CR.CLTV_TOO_LARGE, final_cltv(node) > case.max_cltv),
         (CR.SELF_PAYMENT, node.destination == OUR_NODE or (node.blinded_paths and hash_hex in OWN_HASHES)),
+        (CR.PATHS_START_AT_US, node.blinded_paths and all(path[0] == OUR_NODE for path in node.blinded_paths)),
         (CR.HASH_REUSED, hash_hex in OWN_HASHES or (prior is not None and prior != (case.payout_id, "failed"))),
     ):
         if broken:
