@@ -163,11 +163,12 @@ class BlindedPath:
 class BlindedPathsWanted:
     """What a blinded invoice's paths should be (``BlindedPathConfig``; None: the node's
     ``--routing.blinding.*`` setting): real hops before this node at least, hops in all (dummy
-    hops pad a shorter path), paths at most."""
+    hops pad a shorter path), paths at most, nodes no path may use (hex keys)."""
 
     min_real_hops: int | None = None
     num_hops: int | None = None
     max_paths: int | None = None
+    omit_nodes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +398,7 @@ class LndClient:
                 cfg.num_hops = blinded.num_hops
             if blinded.max_paths is not None:
                 cfg.max_num_paths = blinded.max_paths
+            cfg.node_omission_list.extend(bytes.fromhex(k) for k in blinded.omit_nodes)
         r = await self._unary("AddInvoice", self._ln.AddInvoice, req)
         return AddedInvoice(payment_hash=bytes(r.r_hash), payment_request=r.payment_request, add_index=int(r.add_index))
 

@@ -181,7 +181,8 @@ async def test_our_own_blinded_invoice_is_refused(regtest: Regtest, sessions) ->
 async def test_a_blinded_invoice_whose_paths_all_start_at_our_node_is_handed_back(regtest: Regtest, sessions) -> None:
     """LND's defaults on the payee node (one real hop) make its only path start at our node, which
     LND cannot pay ("introduction point as own node not supported"): asked for another at once."""
-    inv = await regtest.payee.add_invoice(5_000, memo="via the escrow", blinded=BlindedPathsWanted(max_paths=1))
+    wanted = BlindedPathsWanted(omit_nodes=(regtest.node("payee2")["pubkey"],))  # its other peer
+    inv = await regtest.payee.add_invoice(5_000, memo="via the escrow", blinded=wanted)
     [path] = (await regtest.escrow.decode_pay_req(inv.payment_request)).blinded_paths
     assert path.introduction_node == regtest.node("escrow")["pubkey"]
     await _payout(sessions, "job:reward:via-us", 5_000, inv.payment_request)
