@@ -64,10 +64,12 @@ async def client(market: Market):
         yield c
 
 
-async def releasing_job(market: Market, provider: SecretKey) -> Event:
+async def releasing_job(market: Market, provider: SecretKey, *, bid: int = 3_000_000) -> Event:
     """A funded one-shard job whose only reward (``provider``'s) waits for an invoice."""
     job_ev = await market.post_job(
-        market.job_spec(shards=1, validators=1, quorum=1, validator_fee=0, providers=(provider.public_key_hex,))
+        market.job_spec(
+            shards=1, validators=1, quorum=1, validator_fee=0, bid=bid, providers=(provider.public_key_hex,)
+        )
     )  # distinct jobs
     await market.fund(job_ev.id)
     result = await market.submit(job_ev, provider, 0, b"good model " + provider.public_key_hex.encode())

@@ -38,8 +38,8 @@ from service.payouts.check import check_invoice, decode_offline
 from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.store import create as create_payout
 from service.payouts.worker import Payouts
-from tests.conftest import Regtest
-from tests.e2e.market import Market
+from tests.conftest import Regtest, wait_until
+from tests.e2e.market import Market, tag
 from tests.e2e.test_payout_hash_race import releasing_job, rest_invoice
 from tests.support.payouts import pay_due
 
@@ -107,6 +107,43 @@ async def test_a_blinded_invoice_is_accepted_paid_exactly_and_its_fee_booked(
             assert await ledger.check_invariants(s, closed_job_ids=[job.id]) == []
         assert postings[f"payout:{h}"] == "payout" and postings[f"routing_fee:{h}"] == "routing_fee"
         assert balances[accounts.ROUTING_EXPENSE] == paid.fee_msat
+
+
+@pytest.mark.relay
+async def test_a_payee_whose_blinded_path_costs_too_much_is_told_why_and_paid_on_a_cheaper_invoice(
+    regtest: Regtest, relay_url: str, database_url: str
+) -> None:
+    """A 100-sat job: its reward's fee limit (at most 0.5 %, and no more than the escrow earned) is
+    below the blinded path's fee. The payout goes back to the payee with the reason published to it,
+    nothing is paid; the payee's next invoice (a plain one, over a direct channel) is paid, and the
+    job costs the escrow no routing fee."""
+    market = Market(regtest, relay_url, database_url, reconcile_interval_seconds=3600)
+    async with market.running():
+        provider = market.providers[0]
+        job = await releasing_job(market, provider, bid=100_000)
+        [p] = await market.payouts(job.id)
+        inv = await regtest.payee2.add_invoice(p.amount_msat, memo="reward, blinded, dear", blinded=ONE_REAL_HOP)
+        [path] = (await regtest.escrow.decode_pay_req(inv.payment_request)).blinded_paths
+        assert path.base_fee_msat > p.amount_msat * 5_000 // 1_000_000, "the path costs more than the limit"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=market.app), base_url="http://api.test") as c:
+            r = await rest_invoice(c, provider, job.id, inv.payment_request)
+            assert r.status_code == 202, r.text
+
+            async def told() -> bool:
+                return ["reason", "route_fee_exceeds_limit"] in [
+                    tag(ev, "reason") for ev in await market.escrow_events(job.id)
+                ]
+
+            await wait_until(told, 60, "the payee told its blinded path costs too much", interval=0.5)
+            assert (await regtest.payee2.lookup_invoice(inv.payment_hash)).state == InvoiceState.OPEN
+            assert await regtest.escrow.current_payment(inv.payment_hash) is None, "nothing sent"
+            plain, h = await regtest.payee_invoice(p.amount_msat, memo="reward, direct")
+            r = await rest_invoice(c, provider, job.id, plain)
+            assert r.status_code == 202, r.text
+        await market.wait_state(job.id, "closed", timeout=60)
+        assert (await regtest.payee.lookup_invoice(h)).state == InvoiceState.SETTLED
+        balances = await market.check_ledger(job.id, closed=True)
+        assert balances.get(accounts.ROUTING_EXPENSE, 0) == 0 and -balances[accounts.FEE_INCOME] > 0, balances
 
 
 async def test_a_blinded_path_dearer_than_the_fee_limit_is_refused_and_nothing_paid(regtest: Regtest, sessions) -> None:
