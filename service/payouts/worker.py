@@ -11,10 +11,10 @@ Life of a payout (``ln_payouts``)::
 Rules that keep money from leaving twice:
 
 1. Every invoice is checked before any attempt (:func:`service.payouts.check.check_invoice`): both our
-   bolt11 decoder and our node's ``DecodePayReq`` must read it the same way; the
-   network matches; the amount is exactly the payout; it is not expired and will
-   not expire within the payment window; its final CLTV is within the limit; it is
-   not our own node's; its payment hash was never used by us before.
+   decoding and our node's ``DecodePayReq`` must read it the same way (blinded paths
+   included); the network matches; the amount is exactly the payout; it is not expired
+   and will not expire within the payment window; its final CLTV is within the limit;
+   it is not our own node's; its payment hash was never used by us before.
 2. The attempt row (``ln_payout_attempts``, payment hash as primary key) is
    committed *before* ``SendPaymentV2``. After a crash, the row tells us a payment
    may exist. The primary key is also what makes a hash belong to one payout: an
@@ -43,8 +43,9 @@ Rules that keep a hostile payee from hurting anyone else:
 - ``SendPaymentV2`` gets ``cltv_limit``: no route may lock our funds for longer.
 - The routing-fee limit is ``amount × ppm``, capped, and no more than the engine's own limit
   for the payout (``ln_payouts.fee_limit_msat``); no floor, and 0 means zero-fee routes only.
-- Before an invoice's first send, ``EstimateRouteFee`` quotes its route (a probe: nothing paid);
-  one that costs more than that limit is handed back with the same reason as LND's own refusal.
+- Before an invoice's first send, ``EstimateRouteFee`` quotes its route (a probe: nothing paid;
+  ``QueryRoutes`` to the paths of a blinded invoice, whose fees count in the limit too); one that
+  costs more than that limit is handed back with the same reason as LND's own refusal.
 - What a payee gets back (``needs_invoice``) always carries a stable reason code first in
   ``last_error`` (:class:`CheckReason`, :class:`PayoutReason`): the engine tells the payee.
 """
