@@ -15,6 +15,8 @@ blinded invoice), paid within the payout's fee limit (the paths' fees included),
 
 from __future__ import annotations
 
+import hashlib
+
 import httpx
 import pytest
 from sqlalchemy import select
@@ -24,6 +26,7 @@ from service.db import create_engine, session_factory
 from service.ledger import accounts
 from service.ledger import service as ledger
 from service.ledger.models import LedgerPosting
+from service.lightning import lnurl
 from service.lightning.client import BlindedPathsWanted, InvoiceState
 from service.payouts import (
     CheckReason,
@@ -237,3 +240,13 @@ async def test_the_offline_check_reads_a_blinded_invoice(regtest: Regtest) -> No
     inv = await regtest.payee2.add_invoice(7_000, memo="offline", blinded=ONE_REAL_HOP)
     got = decode_offline(inv.payment_request, network="regtest")
     assert (got.payment_hash, got.amount_msat) == (inv.payment_hash.hex(), 7_000)
+
+
+async def test_an_lnurl_services_blinded_invoice_passes_its_check(regtest: Regtest) -> None:
+    """An LNURL-pay service may answer with a blinded invoice: its check reads it the same way."""
+    metadata = '[["text/plain","blinded reward"]]'
+    inv = await regtest.payee2.add_invoice(
+        9_000, description_hash=hashlib.sha256(metadata.encode()).digest(), blinded=ONE_REAL_HOP
+    )
+    got = lnurl._check_invoice(inv.payment_request, 9_000, metadata, "regtest")
+    assert (got.payment_hash, got.description_hash) == (inv.payment_hash, hashlib.sha256(metadata.encode()).digest())
