@@ -281,8 +281,8 @@ class OuterState:
     def to_bytes(self, config: LMConfig) -> bytes:
         """For a customer that stops between rounds (``--outer-state FILE``)."""
         if self.momentum is None:
-            return ml.savez(config=config.to_array())
-        return ml.savez(config=config.to_array(), **_flat(self.momentum))
+            return ml.savez({"config": config.to_array()})
+        return ml.savez({"config": config.to_array(), **_flat(self.momentum)})
 
     @classmethod
     def from_bytes(cls, data: bytes, config: LMConfig) -> OuterState:
@@ -349,7 +349,7 @@ def _checked(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, .
 
 
 def model_to_bytes(params: Params, config: LMConfig) -> bytes:
-    return ml.savez(config=config.to_array(), **_flat(params))
+    return ml.savez({"config": config.to_array(), **_flat(params)})
 
 
 def model_from_bytes(data: bytes, *, config: LMConfig, max_bytes: int = ml.MAX_MODEL_BYTES) -> Params:

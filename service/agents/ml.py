@@ -24,7 +24,7 @@ import threading
 import warnings
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,12 +199,12 @@ def fedavg(models: Sequence[Model], weights: Sequence[float] | None = None) -> M
 # --------------------------------------------------------------------- bytes, safely
 
 
-def savez(*, compress: bool = False, **arrays: np.ndarray) -> bytes:
+def savez(arrays: Mapping[str, np.ndarray], *, compress: bool = False) -> bytes:
     buf = io.BytesIO()
     if compress:
-        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+        np.savez_compressed(buf, **dict(arrays))  # type: ignore[arg-type]
     else:
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        np.savez(buf, **dict(arrays))  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -266,9 +266,11 @@ def finite_float(arr: np.ndarray, name: str) -> np.ndarray:
 
 def model_to_bytes(model: Model) -> bytes:
     return savez(
-        coef=model.coef.astype(np.float64),
-        intercept=model.intercept.astype(np.float64),
-        classes=model.classes.astype(np.int64),
+        {
+            "coef": model.coef.astype(np.float64),
+            "intercept": model.intercept.astype(np.float64),
+            "classes": model.classes.astype(np.int64),
+        }
     )
 
 
@@ -288,7 +290,7 @@ def model_from_bytes(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES, n_feature
 
 def dataset_to_bytes(data: Dataset) -> bytes:
     """A shard as a compressed ``.npz`` of ``X`` (float32) and ``y`` (int64)."""
-    return savez(compress=True, X=data.X.astype(np.float32), y=data.y.astype(np.int64))
+    return savez({"X": data.X.astype(np.float32), "y": data.y.astype(np.int64)}, compress=True)
 
 
 def dataset_from_bytes(

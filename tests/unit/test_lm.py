@@ -90,7 +90,7 @@ def test_model_bytes_round_trip_and_hostile_files_are_refused() -> None:
         {**flat, "extra": np.zeros(1, np.float32)},  # a member too many
     ):
         with pytest.raises(ml.UnsafeData):
-            lm.model_from_bytes(ml.savez(config=CONFIG.to_array(), **bad), config=CONFIG)
+            lm.model_from_bytes(ml.savez({"config": CONFIG.to_array(), **bad}), config=CONFIG)
     buf = io.BytesIO()
     np.savez(buf, config=CONFIG.to_array())
     with pytest.raises(ml.UnsafeData):
