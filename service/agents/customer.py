@@ -44,6 +44,7 @@ from service.lightning.client import LndClient, Payment, PaymentStatus
 from service.nostr import nip98
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
+    Baseline,
     CodecError,
     ErrorFeedback,
     EscrowOffer,
@@ -105,6 +106,9 @@ class RoundConfig:
     refund: str | None = None  # lud16 / lnurl for a custodial refund
     sealing: bool = True  # require sealed results (needs validators: else the customer would validate)
     key_timeout: float = 60.0  # how long to wait for the escrow's model keys after the verdict
+    # Relative acceptance (protocol.md §6): a result must beat the round's starting model by this
+    # much in the metric's units (None: absolute threshold only; needs a starting model).
+    min_improvement: Decimal | None = None
 
 
 @dataclass
@@ -220,10 +224,13 @@ class Customer:
         ]
         params = task.params()
         start_payload = task.start_payload()
+        baseline: Baseline | None = None
         if start_payload is not None:
             payloads.append(start_payload)
             blob = self.blobs.locate(payloads[-1])
             params += [("model", blob.url), ("model_sha256", blob.sha256)]
+            if config.min_improvement is not None:
+                baseline = Baseline(blob.sha256, blob.url, config.min_improvement)
 
         # 2. the request
         now = int(time.time())
@@ -244,6 +251,7 @@ class Customer:
             relays=self.relays.urls,
             previous_job=previous_job,
             sealing=Sealing.REQUIRED if config.sealing and validators else Sealing.OPTIONAL,
+            baseline=baseline,
         )
         event = sign_event(self.key, *build_job_request(spec, customer=self.pubkey))
         report = RoundReport(

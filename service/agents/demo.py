@@ -61,6 +61,9 @@ REFUND_THRESHOLD = MAX_THRESHOLD
 #: has about 5.5, uniform over bytes), and the one the refunded round asks (no model reaches it).
 LM_THRESHOLD = Decimal("4.5")
 LM_REFUND_THRESHOLD = Decimal("0.5")
+#: DiLoCo rounds use relative acceptance: a model must beat the round's global model on the
+#: validators' hold-outs by this much (nats per byte), so a lazy provider is never paid.
+LM_MIN_IMPROVEMENT = Decimal("0.01")
 TASKS = ("digits", "diloco")
 
 
@@ -392,7 +395,11 @@ async def run_demo(
     terms = announcement.terms if announcement else None
     pool = frozenset(v.pubkey for v in announcement.validator_pool) if announcement else None
     if config is None:
-        config = RoundConfig(threshold=LM_THRESHOLD) if task == "diloco" else RoundConfig()
+        config = (
+            RoundConfig(threshold=LM_THRESHOLD, min_improvement=LM_MIN_IMPROVEMENT)
+            if task == "diloco"
+            else RoundConfig()
+        )
     config = fit_config(config, terms)
     refund_threshold = LM_REFUND_THRESHOLD if task == "diloco" else REFUND_THRESHOLD
     show(
@@ -514,11 +521,18 @@ def diloco_problems(summary: dict) -> list[str]:
     losses = [summary.get("initial_val_loss"), *summary.get("val_loss", [])]
     if any(v is None for v in losses):
         return [f"a round produced no global model: losses {losses}"]
-    return [
+    problems = [
         f"round {i}: the global model's loss did not fall ({losses[i - 1]} -> {losses[i]})"
         for i in range(1, len(losses))
         if not losses[i] < losses[i - 1]
     ]
+    for r in summary["rounds"]:
+        for name, p in r["payees"].items():
+            if "(lazy)" in p["role"] and p["received_msat"]:
+                problems.append(f"round {r['round']}: the lazy {name} was paid {p['received_msat']} msat")
+            if p["role"] == "provider" and not p["received_msat"]:
+                problems.append(f"round {r['round']}: the honest {name} was not paid")
+    return problems
 
 
 def sealing_problems(summary: dict) -> list[str]:

@@ -33,6 +33,7 @@ import httpx
 from service.lightning.client import LndClient
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
 from service.nostr.protocol import (
+    BASELINE,
     KIND_EVALUATION_REQUEST,
     CodecError,
     Direction,
@@ -191,6 +192,9 @@ class Validator(Payee):
                 )
             except BlobError as exc:
                 return Score(result_id, _worst(job), result.model_sha256), f"{type(exc).__name__}: {exc}"
+        return await self._evaluate(result_id, data, result.model_sha256, job)
+
+    async def _evaluate(self, result_id: str, data: bytes, sha256: str, job: JobRequest) -> tuple[Score, str | None]:
         params = dict(job.spec.params)
         try:
             if task_of(params) == DILOCO:
@@ -200,8 +204,18 @@ class Validator(Payee):
                     ml.evaluate_bytes, data, self.holdout, max_bytes=self.blobs.max_model_bytes
                 )
         except (ml.UnsafeData, TaskError) as exc:  # it is the committed model, but not a usable one
-            return Score(result_id, _worst(job), result.model_sha256), f"{type(exc).__name__}: {exc}"
-        return Score(result_id, Decimal(f"{value:.4f}"), result.model_sha256), None
+            return Score(result_id, _worst(job), sha256), f"{type(exc).__name__}: {exc}"
+        return Score(result_id, Decimal(f"{value:.4f}"), sha256), None
+
+    async def _score_baseline(self, request: EvaluationRequest, job: JobRequest) -> tuple[Score, str | None]:
+        """The job's baseline model, scored like a candidate (relative acceptance, protocol.md §6)."""
+        assert request.baseline is not None
+        sha256, url = request.baseline
+        try:
+            data = await self.blobs.download(url, sha256, max_bytes=self.blobs.max_model_bytes)
+        except BlobError as exc:
+            return Score(BASELINE, _worst(job), sha256), f"{type(exc).__name__}: {exc}"
+        return await self._evaluate(BASELINE, data, sha256, job)
 
     def _lm_loss(self, data: bytes, params: dict[str, str]) -> float:
         from . import lm
@@ -273,8 +287,14 @@ class Validator(Payee):
             report.scores[rid] = "unreadable" if score.value is None else str(score.value)
             if problem:
                 report.problems[rid] = problem
+        if request.baseline is not None:
+            score, problem = await self._score_baseline(request, job)
+            scores.append(score)
+            report.scores[BASELINE] = "unreadable" if score.value is None else str(score.value)
+            if problem:
+                report.problems[BASELINE] = problem
         report.eval_seconds = time.monotonic() - t
-        if not scores:
+        if not any(x.result_id != BASELINE for x in scores):
             raise AgentError("no candidate could be read")
         ev = sign_event(
             self.key,
