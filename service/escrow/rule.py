@@ -196,9 +196,8 @@ def decide(
         ok = passes(m, threshold, direction) and not below
         verdicts.append(Verdict(c.result_id, c.provider, ok, m, below_baseline=below))
     accepted = [v for v in verdicts if v.accepted]
-    counted_validators = [
-        v for v in validators if any(v in c.scores for c in candidates) or (baseline is not None and v in baseline)
-    ]
+    # (a validator that scored only the baseline scored no candidate: it earns nothing)
+    counted_validators = [v for v in validators if any(v in c.scores for c in candidates)]
     validator_fees = {v: whole_sats(validator_fee_msat) for v in counted_validators if whole_sats(validator_fee_msat)}
     share = bid_msat - fee_msat - validator_fee_msat * len(validator_fees)
     rewards: dict[str, int] = {}
