@@ -315,6 +315,11 @@ async def run_round(
         "accuracy": report.accuracy,
         "metric": report.metric,
         "test_value": report.test_value,
+        "outer_momentum_norm": (
+            cast.diloco.momentum_norms[-1]
+            if cast.diloco is not None and report.test_value is not None and cast.diloco.momentum_norms
+            else None
+        ),
         "models": [
             {
                 "provider": cast.names.get(c.provider, c.provider[:8]),

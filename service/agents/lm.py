@@ -326,6 +326,11 @@ def outer_step(
     return optax.apply_updates(global_params, updates), OuterState(momentum=trace)
 
 
+def global_norm(tree: Params | None) -> float:
+    """The L2 norm of a parameter tree (0 for None): how much momentum the customer carries."""
+    return 0.0 if tree is None else float(optax.global_norm(tree))
+
+
 # --------------------------------------------------------------------- bytes, safely
 
 

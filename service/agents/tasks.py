@@ -145,6 +145,7 @@ class DiLoCoRun:
     metric: str = "val_loss"
     direction: Direction = Direction.MIN
     history: list[float] = field(default_factory=list)  # the global model's test loss after each round
+    momentum_norms: list[float] = field(default_factory=list)  # the outer momentum's L2 norm after each round
 
     def __post_init__(self) -> None:
         from . import lm
@@ -195,4 +196,5 @@ class DiLoCoRun:
         self.global_params, self.state = lm.outer_step(self.global_params, models, weights, self.state)
         loss = self.global_loss()
         self.history.append(loss)
+        self.momentum_norms.append(lm.global_norm(self.state.momentum))
         return self.global_params, loss
