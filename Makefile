@@ -8,9 +8,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # The service, its tests and linters (dev) and the reference agents the e2e tests and the demo
-# run (agents: numpy, scikit-learn). The stamp names the extras: changing them re-installs.
+# run (agents: numpy, scikit-learn; lm: JAX, optax, flax for the DiLoCo task). The stamp names
+# the extras: changing them re-installs.
 comma := ,
-EXTRAS := dev,agents
+EXTRAS := dev,agents,lm
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: install build up down status run demo test lint bench drills openapi clean

@@ -119,7 +119,14 @@ async def run(args: argparse.Namespace) -> int:
     ok = False
     try:
         summary = await run_demo(
-            stack_json, url, desc["relay"]["url"], f"{url}/blobs", rounds=args.rounds, key_dir=data / "agents"
+            stack_json,
+            url,
+            desc["relay"]["url"],
+            f"{url}/blobs",
+            rounds=args.rounds,
+            key_dir=data / "agents",
+            task=args.task,
+            inner_steps=args.inner_steps,
         )
         job_ids = [r["job_id"] for r in summary["rounds"]]
         violations = await _ledger_ok(app, job_ids)
@@ -161,6 +168,16 @@ def main(argv: list[str]) -> int:
     )
     ap.add_argument("--rounds", type=int, default=1, help="federated rounds, each its own escrowed job (default 1)")
     ap.add_argument("--once", action="store_true", help="exit after the rounds with a status code")
+    ap.add_argument(
+        "--task",
+        choices=("digits", "diloco"),
+        default="digits",
+        help="digits: FedAvg of logistic regressions (default); diloco: DiLoCo rounds of a small "
+        "language model (needs the lm extra: pip install 'fedstr-escrow[lm]')",
+    )
+    ap.add_argument(
+        "--inner-steps", type=int, default=30, help="diloco: inner AdamW steps per provider per round (default 30)"
+    )
     ap.add_argument("--stack-dir", type=Path, default=ROOT / ".devstack" / "dev")
     ap.add_argument("--port-base", type=int, default=29700)
     ap.add_argument("--http-port", type=int, default=8080)

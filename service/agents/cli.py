@@ -1,7 +1,7 @@
 """``fedstr-escrow agent …``: run one reference agent (or the whole demo) from the command line.
 
     fedstr-escrow agent whoami    --role provider --name alice
-    fedstr-escrow agent provider  --escrow-url URL --name alice --lnd-host … [--dishonest] [--jobs N]
+    fedstr-escrow agent provider  --escrow-url URL --name alice --lnd-host … [--dishonest | --lazy] [--jobs N]
                                   [--trust-validator PK …] [--max-threshold D] [--min-reward-per-shard-msat N]
     fedstr-escrow agent validator --escrow-url URL --name victor --lnd-host … [--holdout-index I --holdout-count N]
     fedstr-escrow agent customer  --escrow-url URL --provider PK … --validator PK … --lnd-host … [--rounds N]
@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--lud16", help="lightning address to be paid at (instead of, or without, an LND node)")
     p.add_argument("--dishonest", action="store_true", help="return random weights instead of training (testing)")
+    p.add_argument(
+        "--lazy", action="store_true", help="return the job's starting model unchanged (testing relative acceptance)"
+    )
     p.add_argument("--max-iter", type=int, default=10, help="training iterations unless the job says otherwise")
     p.add_argument("--jobs", type=int, help="exit after this many jobs (default: run until interrupted)")
     p.add_argument("--since", type=int, help="also handle jobs published since this Unix time (default: now-60)")
@@ -160,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--lud16", help="lightning address to be paid at (instead of, or without, an LND node)")
     v.add_argument("--holdout-index", type=int, default=0, help="which part of the hold-out pool is ours")
     v.add_argument("--holdout-count", type=int, default=1, help="how many parts the pool is cut into")
+    v.add_argument(
+        "--text-holdout",
+        type=Path,
+        help="DiLoCo jobs: a file of held-out text to score language models on (without it we score digits only)",
+    )
     v.add_argument("--seed", type=int, default=ml.DEFAULT_SEED, help="data split seed")
     v.add_argument("--jobs", type=int, help="exit after this many evaluation requests")
     v.add_argument("--since", type=int, help="also answer requests published since this Unix time")
@@ -329,6 +337,7 @@ async def _payee(args: argparse.Namespace) -> int:
                 escrow,
                 Blobs(blob_url, key, max_model_bytes=args.max_model_bytes),
                 dishonest=args.dishonest,
+                lazy=args.lazy,
                 max_iter=args.max_iter,
                 policy=policy,
                 seal=not args.no_seal,
@@ -344,6 +353,7 @@ async def _payee(args: argparse.Namespace) -> int:
                 holdout,
                 escrow_url=args.escrow_url,
                 seal_scores=not args.plain_scores,
+                text_holdout=args.text_holdout.read_bytes() if args.text_holdout else None,
                 **common,
             )
         _say(

@@ -36,6 +36,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Any
 
 import httpx
 
@@ -43,8 +44,8 @@ from service.lightning.client import LndClient, Payment, PaymentStatus
 from service.nostr import nip98
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
+    Baseline,
     CodecError,
-    Direction,
     ErrorFeedback,
     EscrowOffer,
     EscrowTerms,
@@ -82,6 +83,7 @@ from .common import (
 )
 from .relay import Relays, Subscription
 from .storage import BlobError, Blobs
+from .tasks import DigitsRound, RoundTask
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,9 @@ class RoundConfig:
     refund: str | None = None  # lud16 / lnurl for a custodial refund
     sealing: bool = True  # require sealed results (needs validators: else the customer would validate)
     key_timeout: float = 60.0  # how long to wait for the escrow's model keys after the verdict
+    # Relative acceptance (protocol.md §6): a result must beat the round's starting model by this
+    # much in the metric's units (None: absolute threshold only; needs a starting model).
+    min_improvement: Decimal | None = None
 
 
 @dataclass
@@ -114,7 +119,8 @@ class CandidateReport:
     accepted: bool
     median: str | None
     reward_msat: int | None
-    accuracy: float | None = None  # on the customer's test set
+    accuracy: float | None = None  # digits: on the customer's test set
+    test_value: float | None = None  # the task's metric on the customer's test data
     problem: str | None = None
     sealed: bool = False
     key_received: bool = False  # the escrow released this sealed model's content key to us
@@ -137,8 +143,10 @@ class RoundReport:
     validator_fee_msat: int = 0
     provider_share_msat: int | None = None
     candidates: list[CandidateReport] = field(default_factory=list)
-    accuracy: float | None = None  # of the averaged model on the customer's test set
-    model: ml.Model | None = None  # the averaged model (the next round's start)
+    accuracy: float | None = None  # digits: of the averaged model on the customer's test set
+    metric: str = "accuracy"  # the task's metric (val_loss for DiLoCo)
+    test_value: float | None = None  # the new global model's score on the customer's test data
+    model: Any = None  # the new global model (the next round's start)
     timings: dict[str, float] = field(default_factory=dict)
 
     def summary(self) -> dict:
@@ -176,14 +184,22 @@ class Customer:
         *,
         providers: list[str],
         validators: list[str],
-        shards: list[ml.Dataset],
-        test: ml.Dataset,
+        shards: list[ml.Dataset] | None = None,
+        test: ml.Dataset | None = None,
         config: RoundConfig = RoundConfig(),
         previous_job: str | None = None,
         start_model: ml.Model | None = None,
         round_no: int = 1,
+        task: RoundTask | None = None,
     ) -> RoundReport:
-        if len(providers) != len(shards) or not shards:
+        """One escrowed round. ``task`` says what is trained (default: digits from ``shards``,
+        ``test`` and ``start_model``; a :class:`~service.agents.tasks.DiLoCoRun` for DiLoCo)."""
+        if task is None:
+            if shards is None or test is None:
+                raise ValueError("a digits round needs its shards and test set")
+            task = DigitsRound(shards, test, start_model, config.max_iter)
+        payloads = task.shard_payloads()
+        if len(providers) != len(payloads) or not payloads:
             raise ValueError("one shard per provider")
         t0 = time.monotonic()
         timings: dict[str, float] = {}
@@ -201,20 +217,20 @@ class Customer:
             since[0] = now
 
         # 1. the data (and the starting model), named by their blob URLs; uploaded once the job exists
-        payloads = [ml.dataset_to_bytes(data) for data in shards]
+        n_shards = len(payloads)
         shard_tags = [
             Shard.for_provider(self.key, provider, index, self.blobs.locate(payload).url)
             for index, (provider, payload) in enumerate(zip(providers, payloads, strict=True))
         ]
-        params: list[tuple[str, str]] = [
-            ("task", "sklearn-digits/logreg"),
-            ("format", "npz:coef,intercept,classes"),
-            ("max_iter", str(config.max_iter)),
-        ]
-        if start_model is not None:
-            payloads.append(ml.model_to_bytes(start_model))
+        params = task.params()
+        start_payload = task.start_payload()
+        baseline: Baseline | None = None
+        if start_payload is not None:
+            payloads.append(start_payload)
             blob = self.blobs.locate(payloads[-1])
             params += [("model", blob.url), ("model_sha256", blob.sha256)]
+            if config.min_improvement is not None:
+                baseline = Baseline(blob.sha256, blob.url, config.min_improvement)
 
         # 2. the request
         now = int(time.time())
@@ -222,7 +238,7 @@ class Customer:
             escrow=self.escrow,
             bid_msat=config.bid_msat,
             shards=tuple(shard_tags),
-            validation=Validation("accuracy", Direction.MAX, config.threshold, config.quorum),
+            validation=Validation(task.metric, task.direction, config.threshold, config.quorum),
             payout=PayoutPolicy(config.payout),
             results_deadline=now + config.results_in,
             validation_deadline=now + config.validation_in,
@@ -235,6 +251,7 @@ class Customer:
             relays=self.relays.urls,
             previous_job=previous_job,
             sealing=Sealing.REQUIRED if config.sealing and validators else Sealing.OPTIONAL,
+            baseline=baseline,
         )
         event = sign_event(self.key, *build_job_request(spec, customer=self.pubkey))
         report = RoundReport(
@@ -244,6 +261,7 @@ class Customer:
             bid_msat=config.bid_msat,
             validator_fee_msat=spec.validator_fee_msat,
             timings=timings,
+            metric=task.metric,
         )
         if self.terms is not None:
             with contextlib.suppress(CodecError):
@@ -262,7 +280,7 @@ class Customer:
                 self.progress(
                     "request",
                     f"{self.name}: job {event.id[:8]} published: bid {config.bid_msat} msat, "
-                    f"{len(shards)} shards, {len(validators)} validators, quorum {config.quorum}, "
+                    f"{n_shards} shards, {len(validators)} validators, quorum {config.quorum}, "
                     f"payout {config.payout}, threshold {config.threshold}",
                 )
                 mark("request")
@@ -279,8 +297,8 @@ class Customer:
                     await self.blobs.upload(payload, job=event.id)
                 self.progress(
                     "upload",
-                    f"{self.name}: uploaded {len(shards)} encrypted-URL shard(s)"
-                    f"{' and the starting model' if start_model is not None else ''}",
+                    f"{self.name}: uploaded {n_shards} encrypted-URL shard(s)"
+                    f"{' and the starting model' if start_payload is not None else ''}",
                 )
                 mark("upload")
                 self.progress("offer", f"{self.name}: offer {offer.amount_msat} msat ({offer.mode}); paying")
@@ -297,7 +315,7 @@ class Customer:
                     report.outcome = f"refunded: {verdict.reason}"
                     self.progress("verdict", f"{self.name}: refunded ({verdict.reason}), {verdict.amount_msat} msat")
                 elif not any(v.accepted for v in verdict.verdicts):
-                    await self._aggregate(report, verdict, event, shards, test, sub, config)
+                    await self._aggregate(report, verdict, event, task, sub, config)
                     report.outcome = "rejected: no model accepted"
                     with contextlib.suppress(TimeoutError):
                         refund = await self._wait_refund(sub, event.id)
@@ -305,7 +323,7 @@ class Customer:
                         self.progress("verdict", f"{self.name}: refunded ({refund.reason}), {refund.amount_msat} msat")
                 else:
                     report.outcome = "validated"
-                    await self._aggregate(report, verdict, event, shards, test, sub, config)
+                    await self._aggregate(report, verdict, event, task, sub, config)
                     mark("aggregate")
                 self._late_keys(report, sub)
             finally:
@@ -452,8 +470,7 @@ class Customer:
         report: RoundReport,
         verdict: ValidationComplete,
         job_event: Event,
-        shards: list[ml.Dataset],
-        test: ml.Dataset,
+        task: RoundTask,
         sub: Subscription,
         config: RoundConfig,
     ) -> None:
@@ -467,7 +484,7 @@ class Customer:
             if v.accepted and v.reward_msat != 0 and v.result_id in results and _sealed(results[v.result_id], job)
         }
         keys = await self._wait_keys(sub, job.id, owed, config.key_timeout)
-        models: list[ml.Model] = []
+        models: list[Any] = []
         weights: list[float] = []
         for v in verdict.verdicts:
             cand = CandidateReport(
@@ -506,14 +523,16 @@ class Customer:
                         result.model_sha256,
                         max_bytes=min(result.model_size, self.blobs.max_model_bytes),
                     )
-                model = ml.model_from_bytes(data, max_bytes=self.blobs.max_model_bytes)
+                model = await asyncio.to_thread(task.load, data, max_bytes=self.blobs.max_model_bytes)
             except (BlobError, SealError, ml.UnsafeData) as exc:
                 cand.problem = f"model unusable: {exc}"
                 continue
             cand.readable = True
-            cand.accuracy = round(ml.accuracy(model, test), 4)
+            cand.test_value = await asyncio.to_thread(task.test_score, model)
+            if task.metric == "accuracy":
+                cand.accuracy = cand.test_value
             models.append(model)
-            weights.append(float(len(shards[result.shard_index])) if 0 <= result.shard_index < len(shards) else 1.0)
+            weights.append(task.shard_weight(result.shard_index))
         accepted = [c for c in report.candidates if c.accepted]
         self.progress(
             "verdict",
@@ -529,16 +548,16 @@ class Customer:
         if not models:
             return
         try:
-            avg = ml.fedavg(models, weights)
+            report.model, report.test_value = await asyncio.to_thread(task.combine, models, weights)
         except ValueError as exc:
             report.outcome = f"validated; not aggregated: {exc}"
             return
-        report.model = avg
-        report.accuracy = round(ml.accuracy(avg, test), 4)
+        if task.metric == "accuracy":
+            report.accuracy = report.test_value
+        how = "FedAvg" if task.metric == "accuracy" else "DiLoCo outer step (Nesterov)"
         self.progress(
             "aggregate",
-            f"{self.name}: FedAvg of {len(models)} model(s): accuracy {report.accuracy:.4f} "
-            f"on {len(test)} held-out samples",
+            f"{self.name}: {how} of {len(models)} model(s): {task.metric} {report.test_value:.4f} on its test data",
         )
 
 

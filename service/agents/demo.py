@@ -16,6 +16,12 @@ customer received its key and could read it (:func:`sealing_problems` checks it)
 
 :func:`run_demo` prints progress through ``progress(phase, message)`` and returns a summary:
 who got what (msat), fees, accuracy per round, keys, time per phase.
+
+``task="diloco"`` plays DiLoCo rounds of a small language model instead (the ``lm`` extra;
+:mod:`service.agents.lm`): alice and bob run the inner AdamW steps on their text shards,
+mallory is lazy (returns the round's global model unchanged), the validators score held-out
+loss, and the customer applies the outer Nesterov step, its momentum kept from round to round.
+The summary shows the global model's loss per round.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from .customer import Customer, RoundConfig, RoundReport
 from .provider import AcceptancePolicy, Provider, ProviderReport
 from .relay import Relays
 from .storage import Blobs
+from .tasks import DEFAULT_INNER_STEPS, DiLoCoRun
 from .validator import Validator, ValidatorReport
 
 PROVIDER_NAMES = ("alice", "bob", "mallory")  # the last one is dishonest
@@ -50,6 +57,14 @@ VALIDATOR_NAMES = ("victor", "vera")
 #: which no model of the demo reaches (about 0.9 after one round).
 MAX_THRESHOLD = Decimal("0.99")
 REFUND_THRESHOLD = MAX_THRESHOLD
+#: DiLoCo: the most held-out loss (nats per byte) an accepted model may have (an untrained model
+#: has about 5.5, uniform over bytes), and the one the refunded round asks (no model reaches it).
+LM_THRESHOLD = Decimal("4.5")
+LM_REFUND_THRESHOLD = Decimal("0.5")
+#: DiLoCo rounds use relative acceptance: a model must beat the round's global model on the
+#: validators' hold-outs by this much (nats per byte), so a lazy provider is never paid.
+LM_MIN_IMPROVEMENT = Decimal("0.01")
+TASKS = ("digits", "diloco")
 
 
 def demo_key(key_dir: Path | str | None, role: str, name: str) -> SecretKey:
@@ -81,6 +96,7 @@ class Cast:
     providers: list[Provider]
     validators: list[Validator]
     split: ml.DigitsSplit
+    diloco: DiLoCoRun | None = None  # the DiLoCo task's chain of rounds (None: digits)
     names: dict[str, str] = field(default_factory=dict)  # pubkey -> name
     roles: dict[str, str] = field(default_factory=dict)  # pubkey -> role
 
@@ -115,6 +131,8 @@ def build_cast(
     network: str | None = None,
     escrow_url: str | None = None,
     pool: frozenset[str] | None = None,
+    task: str = "digits",
+    inner_steps: int = DEFAULT_INNER_STEPS,
 ) -> Cast:
     """The demo's agents. ``pool``: the escrow's announced validator pool. When it holds the demo's
     validators the providers keep their default policy (trust the pool); otherwise (an escrow that
@@ -124,6 +142,16 @@ def build_cast(
         return demo_key(key_dir, role, name)
 
     split = ml.split_digits(len(PROVIDER_NAMES), len(VALIDATOR_NAMES), seed=seed)
+    diloco: DiLoCoRun | None = None
+    text_holdouts: tuple[bytes | None, ...] = (None,) * len(VALIDATOR_NAMES)
+    if task == "diloco":
+        from . import lm
+
+        text = lm.split_corpus(len(PROVIDER_NAMES), len(VALIDATOR_NAMES), seed=seed)
+        diloco = DiLoCoRun(text.shards, text.test, lm.LMConfig(), inner_steps=inner_steps)
+        text_holdouts = text.holdouts
+    elif task != "digits":
+        raise ValueError(f"unknown task {task!r} (one of {', '.join(TASKS)})")
     ck = key("customer", "carol")
     customer = Customer(
         ck,
@@ -155,7 +183,8 @@ def build_cast(
                 Blobs(blob_url, k),
                 lnd=payee_lnd,
                 name=name,
-                dishonest=(name == "mallory"),
+                dishonest=(name == "mallory" and diloco is None),
+                lazy=(name == "mallory" and diloco is not None),
                 policy=policy,
                 progress=progress,
                 network=network,
@@ -175,13 +204,17 @@ def build_cast(
                 progress=progress,
                 network=network,
                 escrow_url=escrow_url,
+                text_holdout=text_holdouts[i],
             )
         )
-    cast = Cast(customer=customer, providers=providers, validators=validators, split=split)
+    cast = Cast(customer=customer, providers=providers, validators=validators, split=split, diloco=diloco)
     everyone: list[Customer | Provider | Validator] = [customer, *providers, *validators]
     for agent in everyone:
         cast.names[agent.pubkey] = agent.name
-        cast.roles[agent.pubkey] = agent.role + (" (dishonest)" if getattr(agent, "dishonest", False) else "")
+        cheat = (
+            " (dishonest)" if getattr(agent, "dishonest", False) else " (lazy)" if getattr(agent, "lazy", False) else ""
+        )
+        cast.roles[agent.pubkey] = agent.role + cheat
     return cast
 
 
@@ -218,9 +251,11 @@ async def run_round(
     """One round with ``cast`` (which must be :meth:`Cast.running`); returns the round's summary."""
     show = progress or cast.customer.progress
     t0 = time.monotonic()
+    metric = "accuracy" if cast.diloco is None else "val_loss"
     show(
         "round",
-        f"round {round_no}" + (f" (from job {previous.job_id[:8]}, accuracy {previous.accuracy})" if previous else ""),
+        f"round {round_no}"
+        + (f" (from job {previous.job_id[:8]}, {metric} {previous.test_value})" if previous else ""),
     )
     report = await cast.customer.run_round(
         providers=[p.pubkey for p in cast.providers],
@@ -230,7 +265,8 @@ async def run_round(
         config=config,
         round_no=round_no,
         previous_job=previous.job_id if previous else None,
-        start_model=previous.model if previous else None,
+        start_model=previous.model if previous and cast.diloco is None else None,
+        task=cast.diloco,
     )
     job_id = report.job_id
     t_verdict = time.monotonic()
@@ -277,6 +313,13 @@ async def run_round(
         "outcome": report.outcome,
         "mode": report.mode,
         "accuracy": report.accuracy,
+        "metric": report.metric,
+        "test_value": report.test_value,
+        "outer_momentum_norm": (
+            cast.diloco.momentum_norms[-1]
+            if cast.diloco is not None and report.test_value is not None and cast.diloco.momentum_norms
+            else None
+        ),
         "models": [
             {
                 "provider": cast.names.get(c.provider, c.provider[:8]),
@@ -285,6 +328,7 @@ async def run_round(
                 "median": c.median,
                 "reward_msat": c.reward_msat,
                 "customer_accuracy": c.accuracy,
+                "customer_test_value": c.test_value,
                 "sealed": c.sealed,
                 "key_received": c.key_received,
                 "key_source": c.key_source,
@@ -311,7 +355,7 @@ async def run_round(
     }
     show(
         "summary",
-        f"round {round_no}: accuracy {report.accuracy}, "
+        f"round {round_no}: {report.metric} {report.test_value}, "
         + ", ".join(f"{n} {p['received_msat']} msat" for n, p in payees.items()),
     )
     return summary
@@ -336,6 +380,8 @@ async def run_demo(
     key_dir: Path | str | None = None,
     seed: int = ml.DEFAULT_SEED,
     refund_round: bool = True,
+    task: str = "digits",
+    inner_steps: int = DEFAULT_INNER_STEPS,
 ) -> dict:
     """Play ``rounds`` rounds against the escrow at ``service_url`` on the devstack of ``stack_json_path``,
     then (``refund_round``) one that asks for :data:`REFUND_THRESHOLD` and is refunded
@@ -353,7 +399,14 @@ async def run_demo(
     announcement = await escrow_announcement(relays, info.pubkey)
     terms = announcement.terms if announcement else None
     pool = frozenset(v.pubkey for v in announcement.validator_pool) if announcement else None
-    config = fit_config(config or RoundConfig(), terms)
+    if config is None:
+        config = (
+            RoundConfig(threshold=LM_THRESHOLD, min_improvement=LM_MIN_IMPROVEMENT)
+            if task == "diloco"
+            else RoundConfig()
+        )
+    config = fit_config(config, terms)
+    refund_threshold = LM_REFUND_THRESHOLD if task == "diloco" else REFUND_THRESHOLD
     show(
         "setup",
         f"escrow {info.pubkey[:12]} ({info.network}) on {', '.join(relays.urls)}; blobs at {blob_url}; "
@@ -380,11 +433,16 @@ async def run_demo(
             network=info.network or None,
             escrow_url=service_url,
             pool=pool,
+            task=task,
+            inner_steps=inner_steps,
         )
         out["agents"] = {name: {"pubkey": pk, "role": cast.roles[pk]} for pk, name in cast.names.items()}
         for name, a in out["agents"].items():
             show("setup", f"{name:<8} {a['role']:<22} {a['pubkey']}")
         previous: RoundReport | None = None
+        if cast.diloco is not None:
+            out["initial_val_loss"] = await asyncio.to_thread(cast.diloco.global_loss)
+            show("setup", f"DiLoCo: the initial global model's test loss is {out['initial_val_loss']:.4f} nats/byte")
         async with cast.running():
             for n in range(1, rounds + 1):
                 summary = await run_round(
@@ -398,7 +456,7 @@ async def run_demo(
             if refund_round:
                 summary = await run_round(
                     cast,
-                    config=replace(config, threshold=REFUND_THRESHOLD),
+                    config=replace(config, threshold=refund_threshold),
                     round_no=len(out["rounds"]) + 1,
                     service_url=service_url,
                     progress=show,
@@ -414,7 +472,9 @@ async def run_demo(
         for name, p in r["payees"].items():
             totals[name] = totals.get(name, 0) + p["received_msat"]
     out["totals_msat"] = totals
+    out["task"] = task
     out["accuracy"] = [r["accuracy"] for r in out["rounds"]]
+    out["val_loss"] = [r["test_value"] for r in out["rounds"]] if task == "diloco" else []
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
 
@@ -454,8 +514,30 @@ def audit_problems(summary: dict) -> list[str]:
 
 
 def demo_problems(summary: dict) -> list[str]:
-    """What went wrong in a demo run that otherwise finished: fair exchange or public record."""
-    return sealing_problems(summary) + audit_problems(summary)
+    """What went wrong in a demo run that otherwise finished: fair exchange, public record, and
+    (DiLoCo) the training itself."""
+    return sealing_problems(summary) + audit_problems(summary) + diloco_problems(summary)
+
+
+def diloco_problems(summary: dict) -> list[str]:
+    """DiLoCo rounds must lower the global model's held-out loss, round over round."""
+    if summary.get("task") != "diloco":
+        return []
+    losses = [summary.get("initial_val_loss"), *summary.get("val_loss", [])]
+    if any(v is None for v in losses):
+        return [f"a round produced no global model: losses {losses}"]
+    problems = [
+        f"round {i}: the global model's loss did not fall ({losses[i - 1]} -> {losses[i]})"
+        for i in range(1, len(losses))
+        if not losses[i] < losses[i - 1]
+    ]
+    for r in summary["rounds"]:
+        for name, p in r["payees"].items():
+            if "(lazy)" in p["role"] and p["received_msat"]:
+                problems.append(f"round {r['round']}: the lazy {name} was paid {p['received_msat']} msat")
+            if p["role"] == "provider" and not p["received_msat"]:
+                problems.append(f"round {r['round']}: the honest {name} was not paid")
+    return problems
 
 
 def sealing_problems(summary: dict) -> list[str]:
@@ -498,7 +580,11 @@ def format_summary(summary: dict) -> str:
     for r in [*summary["rounds"], *([refund] if refund else [])]:
         lines.append(
             f"round {r['round']}: job {r['job_id'][:16]}… {r['state'] or '?'} ({r['outcome']}, {r['mode']}), "
-            f"accuracy of the average: {r['accuracy']}"
+            + (
+                f"accuracy of the average: {r['accuracy']}"
+                if r.get("metric", "accuracy") == "accuracy"
+                else f"global model's {r['metric']} after the outer step: {r['test_value']}"
+            )
         )
         for m in r["models"]:
             if m.get("sealed"):
@@ -508,7 +594,8 @@ def format_summary(summary: dict) -> str:
             lines.append(
                 f"  model of {m['provider']:<8} shard {m['shard']}: "
                 f"{'accepted' if m['accepted'] else 'rejected'} median {m['median']}, {access}, "
-                f"customer-measured accuracy {m['customer_accuracy'] or 'n/a (not readable)'}"
+                f"customer-measured {r.get('metric', 'accuracy')} "
+                f"{m.get('customer_test_value') or 'n/a (not readable)'}"
             )
         c = r["customer"]
         lines.append(
@@ -525,6 +612,8 @@ def format_summary(summary: dict) -> str:
             f"paid {e['routing_fees_paid_msat']} msat routing"
         )
         lines.append("  time: " + ", ".join(f"{k} {v:.1f}s" for k, v in r["timings"].items()))
+    if summary.get("task") == "diloco":
+        lines.append(loss_table(summary))
     lines.append(_sealing_line(summary))
     lines.append(_audit_line(summary))
     return "\n".join(lines)
@@ -555,3 +644,17 @@ def _audit_line(summary: dict) -> str:
     text = f"audit (fedstr-escrow audit, from the relays alone): {clean} of {len(audits)} jobs without discrepancy"
     problems = audit_problems(summary)
     return text + ("" if not problems else "\n  PROBLEMS: " + "; ".join(problems))
+
+
+def loss_table(summary: dict) -> str:
+    """The DiLoCo global model's held-out loss round by round, as a table with a bar each."""
+    losses = [("start", summary.get("initial_val_loss"))] + [
+        (f"round {r['round']}", r["test_value"]) for r in summary["rounds"]
+    ]
+    known = [v for _, v in losses if v is not None]
+    top = max(known) if known else 1.0
+    rows = ["DiLoCo: the global model's test loss (nats per byte; lower is better)"]
+    for label, value in losses:
+        bar = "#" * round(40 * value / top) if value is not None else ""
+        rows.append(f"  {label:<8} {value if value is not None else 'n/a':>8}  {bar}")
+    return "\n".join(rows)

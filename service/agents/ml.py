@@ -24,7 +24,7 @@ import threading
 import warnings
 import zipfile
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,16 +199,16 @@ def fedavg(models: Sequence[Model], weights: Sequence[float] | None = None) -> M
 # --------------------------------------------------------------------- bytes, safely
 
 
-def _savez(*, compress: bool = False, **arrays: np.ndarray) -> bytes:
+def savez(arrays: Mapping[str, np.ndarray], *, compress: bool = False) -> bytes:
     buf = io.BytesIO()
     if compress:
-        np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+        np.savez_compressed(buf, **dict(arrays))  # type: ignore[arg-type]
     else:
-        np.savez(buf, **arrays)  # type: ignore[arg-type]
+        np.savez(buf, **dict(arrays))  # type: ignore[arg-type]
     return buf.getvalue()
 
 
-def _check_members(zf: zipfile.ZipFile, members: set[str], max_bytes: int) -> None:
+def check_members(zf: zipfile.ZipFile, members: set[str], max_bytes: int) -> None:
     """Before numpy reads anything: exactly ``members``, plain or deflated, at most ``max_bytes``
     once inflated, and each ``.npy`` header a plain numeric dtype whose shape fits its member
     (so numpy never allocates more than the declared, bounded, size)."""
@@ -234,7 +234,7 @@ def _check_members(zf: zipfile.ZipFile, members: set[str], max_bytes: int) -> No
             raise UnsafeData(f"{info.filename}: shape larger than its data")
 
 
-def _load_npz(data: bytes, members: set[str], max_bytes: int) -> dict[str, np.ndarray]:
+def load_npz(data: bytes, members: set[str], max_bytes: int) -> dict[str, np.ndarray]:
     """Read a .npz of exactly ``members``: no unpickling, no inflation bomb, no huge allocation."""
     if type(data) is not bytes:
         raise UnsafeData("expected bytes")
@@ -242,7 +242,7 @@ def _load_npz(data: bytes, members: set[str], max_bytes: int) -> dict[str, np.nd
         raise UnsafeData(f"archive is larger than {max_bytes} bytes")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            _check_members(zf, members, max_bytes)
+            check_members(zf, members, max_bytes)
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             out = {name[:-4]: np.array(npz[name[:-4]]) for name in members}
     except UnsafeData:
@@ -255,7 +255,7 @@ def _load_npz(data: bytes, members: set[str], max_bytes: int) -> dict[str, np.nd
     return out
 
 
-def _finite_float(arr: np.ndarray, name: str) -> np.ndarray:
+def finite_float(arr: np.ndarray, name: str) -> np.ndarray:
     if arr.dtype.kind != "f":
         raise UnsafeData(f"{name} must be floating point")
     out = arr.astype(np.float64)
@@ -265,17 +265,19 @@ def _finite_float(arr: np.ndarray, name: str) -> np.ndarray:
 
 
 def model_to_bytes(model: Model) -> bytes:
-    return _savez(
-        coef=model.coef.astype(np.float64),
-        intercept=model.intercept.astype(np.float64),
-        classes=model.classes.astype(np.int64),
+    return savez(
+        {
+            "coef": model.coef.astype(np.float64),
+            "intercept": model.intercept.astype(np.float64),
+            "classes": model.classes.astype(np.int64),
+        }
     )
 
 
 def model_from_bytes(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES, n_features: int = N_FEATURES) -> Model:
-    arrays = _load_npz(data, _MODEL_MEMBERS, max_bytes)
-    coef = _finite_float(arrays["coef"], "coef")
-    intercept = _finite_float(arrays["intercept"], "intercept")
+    arrays = load_npz(data, _MODEL_MEMBERS, max_bytes)
+    coef = finite_float(arrays["coef"], "coef")
+    intercept = finite_float(arrays["intercept"], "intercept")
     classes = arrays["classes"]
     if classes.dtype.kind not in "iu" or classes.ndim != 1 or not 2 <= len(classes) <= 1000:
         raise UnsafeData("classes must be a 1-d integer array of 2..1000 labels")
@@ -288,14 +290,14 @@ def model_from_bytes(data: bytes, *, max_bytes: int = MAX_MODEL_BYTES, n_feature
 
 def dataset_to_bytes(data: Dataset) -> bytes:
     """A shard as a compressed ``.npz`` of ``X`` (float32) and ``y`` (int64)."""
-    return _savez(compress=True, X=data.X.astype(np.float32), y=data.y.astype(np.int64))
+    return savez({"X": data.X.astype(np.float32), "y": data.y.astype(np.int64)}, compress=True)
 
 
 def dataset_from_bytes(
     data: bytes, *, max_bytes: int = MAX_SHARD_BYTES, n_features: int = N_FEATURES, max_rows: int = MAX_SHARD_ROWS
 ) -> Dataset:
-    arrays = _load_npz(data, _DATASET_MEMBERS, max_bytes)
-    X = _finite_float(arrays["X"], "X")
+    arrays = load_npz(data, _DATASET_MEMBERS, max_bytes)
+    X = finite_float(arrays["X"], "X")
     y = arrays["y"]
     if X.ndim != 2 or X.shape[1] != n_features or not 1 <= X.shape[0] <= max_rows:
         raise UnsafeData(f"X must be (1..{max_rows}, {n_features})")

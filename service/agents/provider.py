@@ -11,7 +11,10 @@ shard encrypted to this provider's key:
    shard, check its SHA-256 (the URL is content-addressed) and its shape;
 2. if the job names a starting model (``param model`` + ``param model_sha256``, the
    previous round's average), download and check it too, and warm-start from it;
-3. train (``dishonest=True``: skip training and return random weights);
+3. train for the job's task (:mod:`service.agents.tasks`: digits, or DiLoCo's inner AdamW
+   steps from the round's global model; ``dishonest=True``: skip training and return random
+   weights; ``lazy=True``: return the starting model unchanged, the cheat relative acceptance
+   exists for);
 4. seal the model (protocol.md §5a: a fresh content key, wrapped for the job's validators
    and the escrow, never for the customer), upload only the ciphertext, and publish the
    result (kind 6701) with its ``sealed`` and ``key`` tags (``seal=False``, or a job it may
@@ -66,6 +69,7 @@ from .common import (
 )
 from .relay import Relays, Subscription
 from .storage import Blobs, sha256_from_url
+from .tasks import DIGITS, DILOCO, TaskError, inner_steps_of, lm_config_of, task_of
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,7 @@ class ProviderReport:
     sealed: bool = False
     refused: str | None = None  # why the acceptance policy refused the job (nothing was done)
     dishonest: bool = False
+    lazy: bool = False
     accepted: bool | None = None
     median: str | None = None
     reward: Reward | None = None
@@ -162,6 +167,7 @@ class Provider(Payee):
         lud16: str | None = None,
         name: str = "provider",
         dishonest: bool = False,
+        lazy: bool = False,
         policy: AcceptancePolicy | None = None,
         seal: bool = True,
         max_iter: int = 10,
@@ -174,7 +180,7 @@ class Provider(Payee):
         if lnd is None and not lud16:
             raise ValueError("a provider needs an LND node or a lud16 address to be paid")
         self.key, self.relays, self.escrow, self.blobs = key, relays, escrow, blobs
-        self.lnd, self.lud16, self.name, self.dishonest = lnd, lud16, name, dishonest
+        self.lnd, self.lud16, self.name, self.dishonest, self.lazy = lnd, lud16, name, dishonest, lazy
         self.policy = policy or AcceptancePolicy()
         self.seal = seal
         self.max_iter, self.C, self.progress = max_iter, C, progress
@@ -251,11 +257,11 @@ class Provider(Payee):
         index = self.my_shard(job)
         if index is None:
             raise AgentError("this job has no shard for us")
-        report = ProviderReport(job_id=job.id, shard_index=index, dishonest=self.dishonest)
+        report = ProviderReport(job_id=job.id, shard_index=index, dishonest=self.dishonest, lazy=self.lazy)
         announcement = await escrow_announcement(self.relays, self.escrow)
         pool = None if announcement is None else frozenset(v.pubkey for v in announcement.validator_pool)
         terms = None if announcement is None else announcement.terms
-        report.refused = self.policy.refusal(job, pool=pool, terms=terms)
+        report.refused = self.policy.refusal(job, pool=pool, terms=terms) or unsupported_task(job)
         if report.refused is not None:
             self.progress("refused", f"{self.name}: job {job.id[:8]} refused: {report.refused}")
             return report
@@ -310,26 +316,12 @@ class Provider(Payee):
         sha = sha256_from_url(url)
         if sha is None:
             raise AgentError("the shard URL is not content-addressed (no /<sha256>): cannot verify it")
-        data = ml.dataset_from_bytes(await self.blobs.download(url, sha, max_bytes=ml.MAX_SHARD_BYTES))
-        report.samples = len(data)
         params = dict(job.spec.params)
-        max_iter = _int_param(params, "max_iter", self.max_iter, 1, 10_000)
-        t = time.monotonic()
-        if self.dishonest:
-            model = ml.random_model()
-            self.progress("training", f"{self.name}: (dishonest) skipped training, random weights for shard {index}")
+        if task_of(params) == DILOCO:
+            model_bytes = await self._train_lm(job, index, report, url, sha, params)
         else:
-            start = await self._fetch_start_model(job)
-            model = await asyncio.to_thread(ml.train, data, start=start, max_iter=max_iter, C=self.C)
-            local = ml.accuracy(model, data)
-            self.progress(
-                "training",
-                f"{self.name}: trained on shard {index} ({len(data)} samples"
-                f"{', warm start' if start else ''}) in {time.monotonic() - t:.2f} s, "
-                f"train accuracy {local:.3f}",
-            )
-        report.train_seconds = time.monotonic() - t
-        ref = await self._upload(job, ml.model_to_bytes(model))
+            model_bytes = await self._train_digits(job, index, report, url, sha, params)
+        ref = await self._upload(job, model_bytes)
         report.sealed = isinstance(ref, SealedModel)
         report.model_sha256 = ref.sha256
         payout = PayoutAddress("lud16", self.lud16) if self.lud16 and self.lnd is None else None
@@ -341,6 +333,69 @@ class Provider(Payee):
             f"{', sealed for ' + str(len(job.spec.validators)) + ' validator(s) and the escrow' if report.sealed else ''})",
         )
         return ev
+
+    async def _train_digits(
+        self, job: JobRequest, index: int, report: ProviderReport, url: str, sha: str, params: dict[str, str]
+    ) -> bytes:
+        data = ml.dataset_from_bytes(await self.blobs.download(url, sha, max_bytes=ml.MAX_SHARD_BYTES))
+        report.samples = len(data)
+        max_iter = _int_param(params, "max_iter", self.max_iter, 1, 10_000)
+        t = time.monotonic()
+        start = await self._fetch_start_model(job)
+        if self.dishonest:
+            model = ml.random_model()
+            self.progress("training", f"{self.name}: (dishonest) skipped training, random weights for shard {index}")
+        elif self.lazy and start is not None:
+            model = start
+            self.progress("training", f"{self.name}: (lazy) returned the starting model unchanged for shard {index}")
+        else:
+            model = await asyncio.to_thread(ml.train, data, start=start, max_iter=max_iter, C=self.C)
+            local = ml.accuracy(model, data)
+            self.progress(
+                "training",
+                f"{self.name}: trained on shard {index} ({len(data)} samples"
+                f"{', warm start' if start else ''}) in {time.monotonic() - t:.2f} s, "
+                f"train accuracy {local:.3f}",
+            )
+        report.train_seconds = time.monotonic() - t
+        return ml.model_to_bytes(model)
+
+    async def _train_lm(
+        self, job: JobRequest, index: int, report: ProviderReport, url: str, sha: str, params: dict[str, str]
+    ) -> bytes:
+        """DiLoCo's inner loop: H AdamW steps on our text shard from the round's global model."""
+        from . import lm
+
+        config, steps = lm_config_of(params), inner_steps_of(params)
+        text = lm.text_from_bytes(await self.blobs.download(url, sha, max_bytes=lm.MAX_SHARD_BYTES), config=config)
+        report.samples = len(text)
+        start_url, start_sha = params.get("model"), params.get("model_sha256")
+        if not start_url or not start_sha:
+            raise AgentError("a DiLoCo round names its global model (param model, model_sha256)")
+        start_bytes = await self.blobs.download(start_url, start_sha, max_bytes=self.blobs.max_model_bytes)
+        start = await asyncio.to_thread(
+            lm.model_from_bytes, start_bytes, config=config, max_bytes=self.blobs.max_model_bytes
+        )
+        t = time.monotonic()
+        if self.lazy:
+            self.progress("training", f"{self.name}: (lazy) returned the global model unchanged for shard {index}")
+            report.train_seconds = time.monotonic() - t
+            return start_bytes
+        if self.dishonest:
+            params_out = await asyncio.to_thread(lm.init_params, config, int(job.id[:8], 16))
+            self.progress("training", f"{self.name}: (dishonest) skipped training, random weights for shard {index}")
+        else:
+            seed = int(job.id[:8], 16) ^ index  # reproducible per job and shard
+            params_out, loss = await asyncio.to_thread(
+                lm.train_inner, start, text, config=config, steps=steps, seed=seed
+            )
+            self.progress(
+                "training",
+                f"{self.name}: {steps} inner AdamW steps on shard {index} ({len(text)} bytes) in "
+                f"{time.monotonic() - t:.2f} s, last batch loss {loss:.3f}",
+            )
+        report.train_seconds = time.monotonic() - t
+        return await asyncio.to_thread(lm.model_to_bytes, params_out, config)
 
     def _seals(self, job: JobRequest) -> bool:
         """Whether this job's result is sealed: always when the job requires it; else when we seal and
@@ -362,6 +417,25 @@ class Provider(Payee):
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def unsupported_task(job: JobRequest) -> str | None:
+    """Why we cannot run this job's task (unknown, its extra missing, bad params), or None."""
+    params = dict(job.spec.params)
+    task = task_of(params)
+    if task == DIGITS:
+        return None
+    if task != DILOCO:
+        return f"task {task!r} is not one we run"
+    try:
+        from . import lm  # noqa: F401 - the lm extra is installed
+    except ImportError:
+        return "the DiLoCo task needs the 'lm' extra (pip install 'fedstr-escrow[lm]')"
+    try:
+        lm_config_of(params), inner_steps_of(params)
+    except TaskError as exc:
+        return str(exc)
+    return None
 
 
 def _int_param(params: dict[str, str], name: str, default: int, low: int, high: int) -> int:

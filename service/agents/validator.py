@@ -33,8 +33,10 @@ import httpx
 from service.lightning.client import LndClient
 from service.nostr.nip01 import Event, EventError, SecretKey, sign_event, verify_event
 from service.nostr.protocol import (
+    BASELINE,
     KIND_EVALUATION_REQUEST,
     CodecError,
+    Direction,
     EvaluationRequest,
     JobRequest,
     JobResult,
@@ -62,6 +64,7 @@ from .common import (
 )
 from .relay import Relays
 from .storage import BlobError, Blobs
+from .tasks import DILOCO, TaskError, lm_config_of, task_of
 
 
 @dataclass
@@ -97,6 +100,7 @@ class Validator(Payee):
         network: str | None = None,
         escrow_url: str | None = None,
         seal_scores: bool = True,
+        text_holdout: bytes | None = None,
     ) -> None:
         if lnd is None and not lud16:
             raise ValueError("a validator needs an LND node or a lud16 address to be paid")
@@ -107,6 +111,7 @@ class Validator(Payee):
         self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
         self.escrow_url = escrow_url.rstrip("/") if escrow_url else None
         self.seal_scores = seal_scores
+        self.text_holdout = text_holdout  # the DiLoCo task's held-out text (None: we score digits only)
         self.reports: dict[str, asyncio.Future[ValidatorReport]] = {}  # by job id
         self._tasks: set[asyncio.Task] = set()
 
@@ -186,12 +191,40 @@ class Validator(Payee):
                     result.model_url, result.model_sha256, max_bytes=min(result.model_size, self.blobs.max_model_bytes)
                 )
             except BlobError as exc:
-                return Score(result_id, Decimal("0.0000"), result.model_sha256), f"{type(exc).__name__}: {exc}"
+                return Score(result_id, _worst(job), result.model_sha256), f"{type(exc).__name__}: {exc}"
+        return await self._evaluate(result_id, data, result.model_sha256, job)
+
+    async def _evaluate(self, result_id: str, data: bytes, sha256: str, job: JobRequest) -> tuple[Score, str | None]:
+        params = dict(job.spec.params)
         try:
-            value = await asyncio.to_thread(ml.evaluate_bytes, data, self.holdout, max_bytes=self.blobs.max_model_bytes)
-        except ml.UnsafeData as exc:  # it is the committed model, but not a usable one
-            return Score(result_id, Decimal("0.0000"), result.model_sha256), f"{type(exc).__name__}: {exc}"
-        return Score(result_id, Decimal(f"{value:.4f}"), result.model_sha256), None
+            if task_of(params) == DILOCO:
+                value = await asyncio.to_thread(self._lm_loss, data, params)
+            else:
+                value = await asyncio.to_thread(
+                    ml.evaluate_bytes, data, self.holdout, max_bytes=self.blobs.max_model_bytes
+                )
+        except (ml.UnsafeData, TaskError) as exc:  # it is the committed model, but not a usable one
+            return Score(result_id, _worst(job), sha256), f"{type(exc).__name__}: {exc}"
+        return Score(result_id, Decimal(f"{value:.4f}"), sha256), None
+
+    async def _score_baseline(self, request: EvaluationRequest, job: JobRequest) -> tuple[Score, str | None]:
+        """The job's baseline model, scored like a candidate (relative acceptance, protocol.md §6)."""
+        assert request.baseline is not None
+        sha256, url = request.baseline
+        try:
+            data = await self.blobs.download(url, sha256, max_bytes=self.blobs.max_model_bytes)
+        except BlobError as exc:
+            return Score(BASELINE, _worst(job), sha256), f"{type(exc).__name__}: {exc}"
+        return await self._evaluate(BASELINE, data, sha256, job)
+
+    def _lm_loss(self, data: bytes, params: dict[str, str]) -> float:
+        from . import lm
+
+        if self.text_holdout is None:
+            raise TaskError("this validator has no held-out text for the DiLoCo task")
+        config = lm_config_of(params)
+        tokens = lm.text_from_bytes(self.text_holdout, config=config)
+        return lm.evaluate_bytes(data, tokens, config=config, max_bytes=self.blobs.max_model_bytes)
 
     async def _open(self, result: JobResult) -> bytes:
         """A sealed result's model: our envelope unwrapped, the ciphertext fetched and opened.
@@ -254,8 +287,14 @@ class Validator(Payee):
             report.scores[rid] = "unreadable" if score.value is None else str(score.value)
             if problem:
                 report.problems[rid] = problem
+        if request.baseline is not None:
+            score, problem = await self._score_baseline(request, job)
+            scores.append(score)
+            report.scores[BASELINE] = "unreadable" if score.value is None else str(score.value)
+            if problem:
+                report.problems[BASELINE] = problem
         report.eval_seconds = time.monotonic() - t
-        if not scores:
+        if not any(x.result_id != BASELINE for x in scores):
             raise AgentError("no candidate could be read")
         ev = sign_event(
             self.key,
@@ -292,3 +331,9 @@ class Validator(Payee):
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+def _worst(job: JobRequest) -> Decimal | None:
+    """The score of a model we cannot use: accuracy 0 for a ``max`` metric; for a ``min`` one
+    (a loss) no number is the worst, so ``unreadable``, which the escrow ranks worst."""
+    return Decimal("0.0000") if job.spec.validation.direction is Direction.MAX else None

@@ -44,7 +44,7 @@ from service.nostr.protocol.feedback import (
     ValidationComplete,
     parse_escrow_feedback,
 )
-from service.nostr.protocol.fields import check_singles
+from service.nostr.protocol.fields import BASELINE, check_singles
 from service.nostr.protocol.job import SINGLE_TAGS, JobRequest, check_roles, read_job_spec
 from service.nostr.protocol.money import MoneySplit
 from service.nostr.protocol.result import JobResult, parse_result
@@ -465,6 +465,8 @@ class _Audit:
                 policy=str(spec.payout),
                 split=split,
                 validators=self.job.validators,
+                baseline=spec.baseline,
+                baseline_scores={s.validator: s.value for s in self.complete.scores if s.result_id == BASELINE},
             )
         except (ValueError, AssertionError) as e:
             self.bad("verdict", "undecidable", f"the published scores and split make no decision: {e}")

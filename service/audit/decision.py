@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from service.escrow import rule
-from service.nostr.protocol.job import Validation
+from service.nostr.protocol.job import Baseline, Validation
 from service.nostr.protocol.money import MoneySplit
 
 
@@ -41,10 +41,16 @@ def recompute(
     policy: str,
     split: MoneySplit,
     validators: tuple[str, ...],
+    baseline: Baseline | None = None,
+    baseline_scores: Mapping[str, Decimal | None] | None = None,
 ) -> Recomputed:
-    """``rule.decide`` over the published scores and split. Raises ``ValueError`` (or
-    ``AssertionError``, the rule's own check) when they cannot make a decision."""
+    """``rule.decide`` over the published scores and split (and, for a job with a ``baseline``,
+    the published scores of the baseline model). Raises ``ValueError`` (or ``AssertionError``,
+    the rule's own check) when they cannot make a decision."""
     direction = str(validation.direction)
+    base = None
+    if baseline is not None:
+        base = {v: rule.UNREADABLE if value is None else value for v, value in (baseline_scores or {}).items()}
     decision = rule.decide(
         [
             rule.CandidateScores(
@@ -63,5 +69,7 @@ def recompute(
         fee_msat=split.fee_msat,
         validator_fee_msat=split.validator_fee_msat,
         validators=validators,
+        baseline=base,
+        min_improvement=Decimal(0) if baseline is None else baseline.min_improvement,
     )
     return Recomputed(decision, frozenset(v.result_id for v in decision.verdicts if v.unreadable))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from decimal import Decimal
 from typing import ClassVar, Final
 
 from service.escrow import rule
@@ -67,7 +68,7 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol import PaymentProof as ProofBody
 from service.nostr.protocol import Verdict as VerdictBody
-from service.nostr.protocol.fields import Template
+from service.nostr.protocol.fields import BASELINE, Template
 from service.nostr.protocol.terms import Mode
 from service.payouts.types import Destination, DestinationKind, NewPayout, PayoutKind, PayoutState
 
@@ -878,11 +879,22 @@ def _start_validation(b: _Builder, results: tuple[ResultView, ...], why: str) ->
                 validators=req.validators,
                 metric=req.spec.validation.metric,
                 deadline=view.validation_deadline,
+                baseline=None if req.spec.baseline is None else (req.spec.baseline.model_sha256, req.spec.baseline.url),
             )
         ),
         is_eval_request=True,
     )
     return "validating"
+
+
+def scored_models(view: JobView) -> dict[str, str]:
+    """What the validators score, by the id their scores use: each candidate's model sha256, and
+    the job's baseline model under :data:`BASELINE` (relative acceptance)."""
+    targets = {r.id: r.model_sha256 for r in view.results}
+    baseline = view.req.spec.baseline
+    if baseline is not None:
+        targets[BASELINE] = baseline.model_sha256
+    return targets
 
 
 def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: MachineConfig) -> str:
@@ -895,20 +907,20 @@ def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: Machi
         return ignored(b, "answers another evaluation request", **seen)
     if fact.created_at > view.validation_deadline or not _on_time(fact.received_at, view.validation_deadline):
         return ignored(b, "after the validation deadline", **seen)
-    results = {r.id: r for r in view.results}
+    targets = scored_models(view)
     have = {(x.result_id, x.validator) for x in view.scores}
     notes: list[str] = []
     for sc in fact.scores:
-        r = results.get(sc.result_id)
-        if r is None:
+        sha = targets.get(sc.result_id)
+        if sha is None:
             notes.append(f"{sc.result_id[:12]}: not a candidate")
-        elif sc.model_sha256 != r.model_sha256:
+        elif sc.model_sha256 != sha:
             notes.append(f"{sc.result_id[:12]}: score for another model hash")
-        elif (r.id, fact.validator) in have:
+        elif (sc.result_id, fact.validator) in have:
             notes.append(f"{sc.result_id[:12]}: not the validator's first score")
         else:
-            have.add((r.id, fact.validator))
-            b.scores.append(ScoreView(r.id, fact.validator, sc.value, fact.event_id))
+            have.add((sc.result_id, fact.validator))
+            b.scores.append(ScoreView(sc.result_id, fact.validator, sc.value, fact.event_id))
     b.note(
         Note.FACT if b.scores else Note.IGNORED,
         {
@@ -920,7 +932,7 @@ def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: Machi
         },
     )
     counted = f"counted {len(b.scores)} score(s)" + (f"; ignored {len(notes)}" if notes else "")
-    if len(have) >= len(results) * len(view.req.validators):
+    if len(have) >= len(targets) * len(view.req.validators):
         _decide(b, (*view.scores, *b.scores), c, "every validator scored every candidate")
     return counted
 
@@ -939,6 +951,7 @@ def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
         for rank, r in enumerate(view.results)
     ]
     v = req.spec.validation
+    baseline = req.spec.baseline
     d = rule.decide(
         cands,
         quorum=v.quorum,
@@ -949,6 +962,10 @@ def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
         fee_msat=req.split.fee_msat,
         validator_fee_msat=req.split.validator_fee_msat,
         validators=req.validators,
+        baseline=None
+        if baseline is None
+        else {x.validator: x.value for x in scores if x.result_id == BASELINE and x.value is not None},
+        min_improvement=Decimal(0) if baseline is None else baseline.min_improvement,
     )
     return Decision(d.verdicts, dict(d.validator_fees), d.fee_income_msat, d.remainder_msat, why)
 
@@ -958,6 +975,9 @@ def published_scores(view: JobView, scores: tuple[ScoreView, ...]) -> tuple[Publ
     decision is taken, and anyone can recompute it), in the candidates' and validators' order."""
     validators = {v: k for k, v in enumerate(view.req.validators)}
     rank = {r.id: k for k, r in enumerate(view.results)}
+    if view.req.spec.baseline is not None:
+        rank[BASELINE] = len(rank)  # the baseline's scores after the candidates'
+
     counted = sorted(
         (x for x in scores if x.value is not None and x.result_id in rank),
         key=lambda x: (rank[x.result_id], validators.get(x.validator, len(validators)), x.validator),

@@ -13,6 +13,13 @@ commitment): it sorts as the worst value in the job's direction, so one dishones
 cannot reject a readable model alone; when the median is (or is the mean with) an unreadable
 score, the result is rejected ``unreadable`` (:func:`median_score`).
 
+**Relative acceptance** (a job with a ``baseline``, protocol.md §6): the validators score the
+baseline model too, and a result is accepted only if, besides the threshold, its median is
+better than the baseline's median by more than 0 and by at least the job's minimum improvement
+(:func:`improves`). A baseline with fewer than ``quorum`` scores rejects every result (nothing
+can be shown to improve on it); an unreadable baseline median is beaten by any readable one.
+A provider that returns the baseline unchanged has the baseline's scores, so it never passes.
+
 Money (integer msat): the bid splits into the escrow fee, validator fees and the
 provider share (``MoneySplit``). Every payout is a whole number of **satoshis**, because
 that is what ordinary wallets invoice (LNbits, phoenixd, most mobile wallets); what the
@@ -76,6 +83,7 @@ class Verdict:
     median: Decimal | None  # None: fewer than quorum scores, or unreadable
     reward_msat: int = 0
     unreadable: bool = False  # rejected because the median is (or is the mean with) an unreadable score
+    below_baseline: bool = False  # rejected because it does not improve on the job's baseline (or it has no quorum)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,7 @@ class Decision:
     validator_fees: dict[str, int]  # validator pubkey -> msat (whole satoshis)
     fee_income_msat: int  # escrow fee + remainders
     remainder_msat: int  # the split remainder and the sub-satoshi rounding (part of fee income)
+    baseline_median: ScoreValue | None = None  # None: no baseline, or fewer than quorum scores of it
 
     @property
     def accepted(self) -> tuple[Verdict, ...]:
@@ -143,6 +152,16 @@ def better(a: Decimal, b: Decimal, direction: str) -> bool:
     return a > b if direction == "max" else a < b
 
 
+def improves(value: Decimal, baseline: ScoreValue, min_improvement: Decimal, direction: str) -> bool:
+    """Whether a median beats the baseline's median by more than 0 and by at least
+    ``min_improvement`` in ``direction`` (an unreadable baseline is beaten by any number)."""
+    if isinstance(baseline, Unreadable):
+        return True
+    with localcontext(_EXACT):
+        gain = value - baseline if direction == "max" else baseline - value
+    return gain > 0 and gain >= min_improvement
+
+
 def decide(
     candidates: list[CandidateScores],
     *,
@@ -154,9 +173,16 @@ def decide(
     fee_msat: int,
     validator_fee_msat: int,
     validators: tuple[str, ...],
+    baseline: dict[str, ScoreValue] | None = None,
+    min_improvement: Decimal = Decimal(0),
 ) -> Decision:
-    if direction not in ("max", "min") or policy not in ("best", "split") or quorum < 1:
+    """``baseline``: the counted scores of the job's baseline model (validator -> value), None
+    for a job without one (absolute acceptance only)."""
+    if direction not in ("max", "min") or policy not in ("best", "split") or quorum < 1 or min_improvement < 0:
         raise ValueError("bad rule")
+    base: ScoreValue | None = None
+    if baseline is not None and len(baseline) >= quorum:
+        base = median_score(list(baseline.values()), direction)
     verdicts: list[Verdict] = []
     for c in candidates:
         if len(c.scores) < quorum:
@@ -166,8 +192,11 @@ def decide(
         if isinstance(m, Unreadable):
             verdicts.append(Verdict(c.result_id, c.provider, False, None, unreadable=True))
             continue
-        verdicts.append(Verdict(c.result_id, c.provider, passes(m, threshold, direction), m))
+        below = baseline is not None and (base is None or not improves(m, base, min_improvement, direction))
+        ok = passes(m, threshold, direction) and not below
+        verdicts.append(Verdict(c.result_id, c.provider, ok, m, below_baseline=below))
     accepted = [v for v in verdicts if v.accepted]
+    # (a validator that scored only the baseline scored no candidate: it earns nothing)
     counted_validators = [v for v in validators if any(v in c.scores for c in candidates)]
     validator_fees = {v: whole_sats(validator_fee_msat) for v in counted_validators if whole_sats(validator_fee_msat)}
     share = bid_msat - fee_msat - validator_fee_msat * len(validator_fees)
@@ -190,14 +219,16 @@ def decide(
     else:
         validator_fees = {}
     final = tuple(
-        Verdict(v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0), v.unreadable)
+        Verdict(
+            v.result_id, v.provider, v.accepted, v.median, rewards.get(v.result_id, 0), v.unreadable, v.below_baseline
+        )
         for v in verdicts
     )
     if not accepted:
-        return Decision(final, {}, {}, 0, 0)
+        return Decision(final, {}, {}, 0, 0, base)
     paid = sum(rewards.values()) + sum(validator_fees.values())
     fee_income = bid_msat - paid
-    decision = Decision(final, rewards, validator_fees, fee_income, fee_income - fee_msat)
+    decision = Decision(final, rewards, validator_fees, fee_income, fee_income - fee_msat, base)
     if decision.total_msat != bid_msat or decision.remainder_msat < 0:
         raise AssertionError(f"split does not add up: {decision.total_msat} != {bid_msat}")
     return decision

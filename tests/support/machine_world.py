@@ -34,6 +34,7 @@ from service.escrow.machine import (
 from service.ledger import accounts, postings
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import (
+    Baseline,
     Direction,
     EscrowTerms,
     JobSpec,
@@ -96,6 +97,7 @@ def request(
     refund: str | None = "refund@wallet.example",
     validation_in: int = 200,
     quorum: int | None = None,
+    baseline: Baseline | None = None,
 ) -> machine.RequestAccepted:
     spec = JobSpec(
         escrow=ESCROW.public_key_hex,
@@ -109,6 +111,7 @@ def request(
         validator_fee_msat=validator_fee,
         mode=mode,
         refund=refund,
+        baseline=baseline,
     )
     ev = sign_event(CUSTOMER, *build_job_request(spec, customer=CUSTOMER.public_key_hex), created_at=T0)
     # (the codec's own hold-window check is skipped: the machine's mode rule is what is tested)

@@ -23,7 +23,15 @@ from service.escrow import machine
 from service.escrow.machine import TRANSITIONS, FactKind, Funds, JobState
 from service.escrow.rule import ScoreValue
 from service.nostr.nip01 import SecretKey
-from service.nostr.protocol import Mode, parse_model_key, parse_reward_paid, parse_validation_complete
+from service.nostr.protocol import (
+    BASELINE,
+    Baseline,
+    Mode,
+    parse_evaluation_request,
+    parse_model_key,
+    parse_reward_paid,
+    parse_validation_complete,
+)
 from service.nostr.protocol.fields import Template, placeholder_event
 from service.nostr.protocol.sealing import SealError, key_sha256, unwrap_key
 from tests.support import machine_world as mw
@@ -357,3 +365,45 @@ def test_the_reward_paid_receipt_names_the_invoice_that_was_paid() -> None:
     _, events = _events(w, machine.PayoutSucceeded(done))
     paid = parse_reward_paid(placeholder_event(next(t for t in events if _info(t) == "reward paid")))
     assert paid.bolt11 == mw.FAKE_BOLT11 and paid.payment.payment_hash == done.payment_hash
+
+
+# ------------------------------------------------------------------ relative acceptance (§2, §6)
+
+
+def test_a_baseline_job_asks_for_the_baselines_score_and_rejects_the_unchanged_model() -> None:
+    base_sha = hashlib.sha256(b"the round's global model").hexdigest()
+    req = mw.request(
+        shards=2,
+        validators=1,
+        mode=Mode.CUSTODIAL,
+        policy="split",
+        baseline=Baseline(base_sha, "https://m.example/global.npz", Decimal("0.01")),
+    )
+    w = _play(mw.start(req), "request", "invoice created", "pay", "result p0 s0")
+    w, events = _events(w, mw._result(w, 1, 1))
+    assert w.view.state is S.VALIDATING
+    [ask] = [parse_evaluation_request(placeholder_event(t)) for t in events if t.kind == 5702]
+    assert ask.baseline == (base_sha, "https://m.example/global.npz")
+    r0, r1 = w.view.results
+    v0 = mw.VALIDATORS[0]
+    scores = (
+        machine.Score(r0.id, r0.model_sha256, Decimal("0.7")),  # the unchanged model: the baseline's score
+        machine.Score(r1.id, r1.model_sha256, Decimal("0.8")),
+    )
+    # scores of the candidates alone do not end the round: the baseline is still to be scored
+    w = mw.step(w, machine.ScoresReceived(v0, w.view.eval_request_id or "", scores[:1], "e1" * 32, w.now, w.now))
+    assert w.view.state is S.VALIDATING
+    wrong = machine.Score(BASELINE, hashlib.sha256(b"another model").hexdigest(), Decimal("0.1"))
+    w = mw.step(w, machine.ScoresReceived(v0, w.view.eval_request_id or "", (wrong,), "e2" * 32, w.now, w.now))
+    assert w.view.state is S.VALIDATING  # a score of another model is not the baseline's
+    rest = (scores[1], machine.Score(BASELINE, base_sha, Decimal("0.7")))
+    w, events = _events(w, machine.ScoresReceived(v0, w.view.eval_request_id or "", rest, "e3" * 32, w.now, w.now))
+    assert w.view.state is S.RELEASING
+    assert w.view.decision is not None
+    assert [(v.result_id, v.accepted) for v in w.view.decision.verdicts] == [(r0.id, False), (r1.id, True)]
+    complete = parse_validation_complete(
+        placeholder_event(next(t for t in events if _info(t) == "validation complete"))
+    )
+    assert (BASELINE, v0, Decimal("0.7")) in [(x.result_id, x.validator, x.value) for x in complete.scores]
+    assert [p.earned_by for p in w.payouts if p.kind == "reward"] == [r1.id]
+    assert not mw.violations(w)

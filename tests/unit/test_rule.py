@@ -330,3 +330,117 @@ def test_unreadable_scores_count_towards_quorum_and_earn_their_validators_fees()
     assert not b.accepted and b.unreadable and b.median is None and b.reward_msat == 0
     assert d.provider_rewards == {"a": a.reward_msat}
     assert set(d.validator_fees) == {"v1", "v2", "v3"}  # each scored, unreadable included
+
+
+# ------------------------------------------------------------------ relative acceptance
+
+
+def _relative(cands, baseline, *, direction="min", threshold="5", margin="0", quorum=2):
+    return rule.decide(
+        cands,
+        quorum=quorum,
+        threshold=Decimal(threshold),
+        direction=direction,
+        policy="split",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=5_000,
+        validators=("v1", "v2", "v3"),
+        baseline=None if baseline is None else {k: Decimal(v) for k, v in baseline.items()},
+        min_improvement=Decimal(margin),
+    )
+
+
+def test_a_lazy_result_equal_to_the_baseline_is_rejected_and_the_improvers_share_the_reward() -> None:
+    baseline = {"v1": "2.50", "v2": "2.60", "v3": "2.55"}
+    cands = _scored(
+        ("lazy", dict(baseline)),  # the global model returned unchanged: the same scores
+        ("good", {"v1": "2.40", "v2": "2.45", "v3": "2.44"}),
+    )
+    d = _relative(cands, baseline)
+    by = {v.result_id: v for v in d.verdicts}
+    assert not by["lazy"].accepted and by["lazy"].below_baseline and by["lazy"].median == Decimal("2.55")
+    assert by["good"].accepted and not by["good"].below_baseline
+    assert d.baseline_median == Decimal("2.55")
+    assert set(d.provider_rewards) == {"good"}
+    # without a baseline the same lazy result passes the absolute threshold: the hole this closes
+    assert {v.result_id for v in _relative(cands, None).accepted} == {"lazy", "good"}
+
+
+@pytest.mark.parametrize(
+    ("direction", "base", "value", "margin", "accepted"),
+    [
+        ("min", "2.5", "2.49", "0.01", True),  # exactly the margin
+        ("min", "2.5", "2.495", "0.01", False),  # better, but by less than the margin
+        ("min", "2.5", "2.5", "0", False),  # equal is not better, even with no margin
+        ("min", "2.5", "2.6", "0", False),  # worse
+        ("max", "0.80", "0.85", "0.05", True),
+        ("max", "0.80", "0.84", "0.05", False),
+        ("max", "0.80", "0.80", "0", False),
+        ("max", "0.80", "0.8000001", "0", True),
+    ],
+)
+def test_a_result_must_beat_the_baselines_median_by_the_margin(direction, base, value, margin, accepted) -> None:
+    threshold = "100" if direction == "min" else "0"
+    cands = _scored(("r", {"v1": value, "v2": value}))
+    d = _relative(cands, {"v1": base, "v2": base}, direction=direction, threshold=threshold, margin=margin)
+    assert d.verdicts[0].accepted is accepted
+    assert d.verdicts[0].below_baseline is not accepted
+
+
+def test_the_threshold_still_applies_with_a_baseline() -> None:
+    cands = _scored(("r", {"v1": "6", "v2": "6"}))  # much better than the baseline, worse than the threshold
+    d = _relative(cands, {"v1": "9", "v2": "9"}, threshold="5")
+    assert not d.verdicts[0].accepted and not d.verdicts[0].below_baseline
+
+
+def test_a_baseline_short_of_quorum_rejects_everything_and_only_candidates_earn_validator_fees() -> None:
+    cands = _scored(("r", {"v1": "1.0", "v2": "1.0"}))
+    d = _relative(cands, {"v1": "2.0"})  # one baseline score, quorum 2: no improvement can be shown
+    assert not d.accepted and d.verdicts[0].below_baseline and d.baseline_median is None
+    # v3 scored only the baseline: it scored no candidate, so it earns no fee
+    d = _relative(_scored(("r", {"v1": "1.0", "v2": "1.0"})), {"v1": "2.0", "v2": "2.0", "v3": "2.0"})
+    assert d.accepted and set(d.validator_fees) == {"v1", "v2"}
+
+
+def test_an_unreadable_baseline_is_beaten_by_any_readable_median() -> None:
+    cands = _scored(("r", {"v1": "3.0", "v2": "3.0"}))
+    d = rule.decide(
+        cands,
+        quorum=2,
+        threshold=Decimal("5"),
+        direction="min",
+        policy="best",
+        bid_msat=1_000_000,
+        fee_msat=10_000,
+        validator_fee_msat=0,
+        validators=("v1", "v2"),
+        baseline={"v1": rule.UNREADABLE, "v2": rule.UNREADABLE},
+        min_improvement=Decimal("0.5"),
+    )
+    assert d.accepted and d.baseline_median is rule.UNREADABLE
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(bounded, min_size=2, max_size=5),
+    st.sampled_from(["max", "min"]),
+    st.decimals(min_value=0, max_value=10, places=3),
+)
+def test_whoever_returns_the_baseline_unchanged_is_never_accepted(scores, direction, margin) -> None:
+    validators = tuple(f"v{i}" for i in range(len(scores)))
+    same = dict(zip(validators, scores, strict=True))
+    d = rule.decide(
+        [rule.CandidateScores("lazy", "p", 0, dict(same))],
+        quorum=len(scores),
+        threshold=-LIMIT if direction == "max" else LIMIT,  # any median passes the threshold
+        direction=direction,
+        policy="best",
+        bid_msat=1_000_000,
+        fee_msat=0,
+        validator_fee_msat=0,
+        validators=validators,
+        baseline=dict(same),
+        min_improvement=margin,
+    )
+    assert not d.accepted

@@ -87,8 +87,9 @@ from .feedback import (
     parse_reward_paid,
     parse_validation_complete,
 )
-from .fields import Invoice, Template
+from .fields import BASELINE, Invoice, Template
 from .job import (
+    Baseline,
     JobRequest,
     JobSpec,
     Validation,
@@ -116,6 +117,8 @@ from .terms import (
 )
 
 __all__ = [
+    "BASELINE",
+    "Baseline",
     "DeadlineExtension",
     "build_deadline_extension",
     "parse_deadline_extension",

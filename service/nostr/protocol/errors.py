@@ -128,6 +128,7 @@ class CodecErrorReason(enum.StrEnum):
     INVALID_ANNOUNCEMENT = "invalid_announcement"
     UNDECRYPTABLE_SHARD = "undecryptable_shard"
     INVALID_SEALING = "invalid_sealing"
+    INVALID_BASELINE = "invalid_baseline"
     UNDECRYPTABLE_SCORES = "undecryptable_scores"
     SCORES_AND_ENCRYPTED = "scores_and_encrypted"
     INVALID_POOL = "invalid_pool"
@@ -250,6 +251,7 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_ANNOUNCEMENT: "the announcement's `d`/`k` tags or JSON terms are malformed",
     R.UNDECRYPTABLE_SHARD: "a NIP-44 shard does not decrypt (wrong key, tampered) or is not a URL",
     R.INVALID_SEALING: "the `sealing` tag is not `required` or `optional`",
+    R.INVALID_BASELINE: "a `baseline` tag is malformed (model sha256, URL, minimum improvement >= 0)",
     R.UNDECRYPTABLE_SCORES: "sealed scores (`encrypted`) do not decrypt for the escrow or are not a JSON list "
     "of `score` tags",
     R.SCORES_AND_ENCRYPTED: "an evaluation result marked `encrypted` also carries `score` tags in the clear",

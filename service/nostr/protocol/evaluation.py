@@ -21,6 +21,7 @@ from service.nostr.nip01 import Event, SecretKey
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
+    BASELINE,
     UNREADABLE,
     Tag,
     Template,
@@ -30,6 +31,7 @@ from .fields import (
     expect_kind,
     format_decimal,
     format_timestamp,
+    is_url,
     named,
     parse_hex64,
     parse_pubkey_ref,
@@ -70,6 +72,8 @@ class EvaluationRequest:
     metric: str
     deadline: int
     job_relay: str = ""
+    # ``["baseline", <model sha256>, <url>]``: the job's baseline, which every validator scores too
+    baseline: tuple[str, str] | None = None
 
 
 def _read_param(tags: tuple[Tag, ...], name: str) -> str:
@@ -108,6 +112,16 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
     if _METRIC.fullmatch(metric) is None:
         raise CodecError(R.INVALID_METRIC, "metric must match [A-Za-z0-9_.:@/+-]{1,64}")
     deadline = parse_timestamp(_read_param(tags, "deadline"), R.INVALID_DEADLINE, "validation deadline")
+    baselines = named(tags, "baseline")
+    if len(baselines) > 1:
+        raise CodecError(R.INVALID_BASELINE, "at most one 'baseline' tag")
+    baseline = None
+    if baselines:
+        arity(baselines[0], 3, 3, R.INVALID_BASELINE)
+        sha256 = parse_hex64(baselines[0][1], R.INVALID_BASELINE, "baseline model sha256")
+        if not is_url(baselines[0][2]):
+            raise CodecError(R.INVALID_BASELINE, "the baseline url must be a printable-ASCII URL with a scheme")
+        baseline = (sha256, baselines[0][2])
     return EvaluationRequest(
         job_id=job.id,
         candidates=tuple(candidates),
@@ -115,6 +129,7 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
         metric=metric,
         deadline=deadline,
         job_relay=job.relay,
+        baseline=baseline,
     )
 
 
@@ -133,6 +148,8 @@ def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVA
     tags += [pubkey_tag(validator) for validator in request.validators]
     tags.append(("param", "metric", request.metric))
     tags.append(("param", "deadline", format_timestamp(request.deadline, R.INVALID_DEADLINE, "deadline")))
+    if request.baseline is not None:
+        tags.append(("baseline", *request.baseline))
     result = template(kind, tags, "")
     parse_evaluation_request(placeholder_event(result), kind=kind)
     return result
@@ -143,7 +160,8 @@ def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVA
 
 @dataclass(frozen=True, slots=True)
 class Score:
-    """``["score", <result id>, <value>, <model sha256>]``: one validator's score of one result.
+    """``["score", <result id>, <value>, <model sha256>]``: one validator's score of one result
+    (``result_id`` :data:`BASELINE`: of the job's baseline model).
     ``value`` None is ``"unreadable"``: a sealed model that did not open to its commitment."""
 
     result_id: str
@@ -174,7 +192,8 @@ class EvaluationResult:
 def _read_score(tag: Tag) -> Score:
     arity(tag, 4, 4, R.INVALID_SCORE)
     _, result_id, value, sha256 = tag
-    parse_hex64(result_id, R.INVALID_SCORE, "scored result id")
+    if result_id != BASELINE:
+        parse_hex64(result_id, R.INVALID_SCORE, "scored result id")
     decimal = parse_score_value(value)  # None: unreadable
     parse_hex64(sha256, R.INVALID_SCORE, "scored model sha256")
     return Score(result_id, decimal, sha256)

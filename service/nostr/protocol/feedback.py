@@ -35,6 +35,7 @@ from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
 from .fields import (
+    BASELINE,
     MEDIAN_PLACES,
     UNREADABLE,
     Tag,
@@ -501,9 +502,9 @@ def _read_published_scores(tags: Tags, results: set[str]) -> tuple[PublishedScor
     scores: list[PublishedScore] = []
     for tag in named(tags, "score"):
         arity(tag, 4, 4, R.INVALID_SCORE)
-        result_id = parse_hex64(tag[1], R.INVALID_SCORE, "scored result id")
+        result_id = tag[1] if tag[1] == BASELINE else parse_hex64(tag[1], R.INVALID_SCORE, "scored result id")
         validator = parse_hex64(tag[2], R.INVALID_SCORE, "validator pubkey")
-        if result_id not in results:
+        if result_id not in results and result_id != BASELINE:
             raise CodecError(R.INVALID_SCORE, "a published score is for a result without a verdict")
         value = parse_score_value(tag[3])  # None: unreadable
         if any(x.result_id == result_id and x.validator == validator for x in scores):

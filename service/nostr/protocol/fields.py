@@ -366,6 +366,10 @@ def amount_tag(amount_msat: int, bolt11: str | None = None) -> Tag:
 
 #: The score value of a sealed model that did not open to its commitment (protocol.md §6).
 UNREADABLE = "unreadable"
+#: The result id of a score of the job's baseline model (relative acceptance, protocol.md §6):
+#: ``["score", "baseline", <value>, <baseline model sha256>]``, published as
+#: ``["score", "baseline", <validator>, <value>]``.
+BASELINE = "baseline"
 _NON_FINITE = re.compile(r"[+-]?(?:s?nan|inf|infinity)", re.IGNORECASE)
 
 

@@ -40,6 +40,7 @@ from .fields import (
     is_lnurl,
     is_lud16,
     is_relay_url,
+    is_url,
     named,
     parse_bounded_decimal,
     parse_hex64,
@@ -78,6 +79,7 @@ SINGLE_TAGS = (
     "expiration",
     "relays",
     "sealing",
+    "baseline",
 )
 MAX_PARAMS = 64
 MAX_PARAM_VALUE = 1024
@@ -115,6 +117,44 @@ class Validation:
 
 
 @dataclass(frozen=True, slots=True)
+class Baseline:
+    """``["baseline", <model sha256>, <url>, <min improvement>]``: relative acceptance (§6).
+
+    The model a result must beat, typically the round's starting (global) model: validators
+    score it too, and a result is accepted only if its median is better than the baseline's
+    median by more than 0 and by at least ``min_improvement`` (in the metric's units), besides
+    passing the threshold. A provider that returns the baseline unchanged never beats it.
+    """
+
+    model_sha256: str
+    url: str
+    min_improvement: Decimal = Decimal(0)
+
+    def to_tag(self) -> Tag:
+        return (
+            "baseline",
+            parse_hex64(self.model_sha256, R.INVALID_BASELINE, "baseline model sha256"),
+            self.url,
+            format_decimal(self.min_improvement, R.INVALID_BASELINE, "minimum improvement"),
+        )
+
+
+def _read_baseline(tags: Tags) -> Baseline | None:
+    tag = single(tags, "baseline")
+    if tag is None:
+        return None
+    arity(tag, 4, 4, R.INVALID_BASELINE)
+    _, sha256, url, margin = tag
+    parse_hex64(sha256, R.INVALID_BASELINE, "baseline model sha256")
+    if not is_url(url):
+        raise CodecError(R.INVALID_BASELINE, "the baseline url must be a printable-ASCII URL with a scheme")
+    improvement = parse_bounded_decimal(margin, R.INVALID_BASELINE, "minimum improvement")
+    if improvement < 0:
+        raise CodecError(R.INVALID_BASELINE, "the minimum improvement must not be negative")
+    return Baseline(sha256, url, improvement)
+
+
+@dataclass(frozen=True, slots=True)
 class JobSpec:
     """Everything the customer writes in a job request (the build input, the parse output)."""
 
@@ -136,6 +176,7 @@ class JobSpec:
     escrow_relay: str = ""
     previous_job: str | None = None
     sealing: Sealing = Sealing.OPTIONAL
+    baseline: Baseline | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,6 +406,7 @@ def read_job_spec(tags: Tags, escrow: str, escrow_relay: str = "") -> JobSpec:
         escrow_relay=escrow_relay,
         previous_job=previous,
         sealing=Sealing(sealing) if sealing is not None else Sealing.OPTIONAL,
+        baseline=_read_baseline(tags),
     )
 
 
@@ -511,6 +553,8 @@ def build_job_request(
         tags.append(("relays", *spec.relays))
     if spec.sealing is Sealing.REQUIRED:
         tags.append(("sealing", str(spec.sealing)))
+    if spec.baseline is not None:
+        tags.append(spec.baseline.to_tag())
     for tag in tags:
         if any(type(item) is not str for item in tag):
             raise TypeError(f"{tag[0]!r} tag items must be strings")

@@ -905,6 +905,22 @@ for sealing in ("REQUIRED", "maybe", "", "required "):
 job_case(R.INVALID_SEALING, "sealing-no-value", add(("sealing",)))
 job_case(R.INVALID_SEALING, "sealing-three-items", add(("sealing", "required", "now")))
 job_case(R.DUPLICATE_TAG, "two-sealing", dup("sealing"), tmpl=SEALING_JOB_TMPL)
+GOOD_SHA = "ab" * 32
+for name, tag in (
+    ("baseline-short", ("baseline", GOOD_SHA, "https://m.example.org/g")),
+    ("baseline-long", ("baseline", GOOD_SHA, "https://m.example.org/g", "0", "x")),
+    ("baseline-sha", ("baseline", "xyz", "https://m.example.org/g", "0")),
+    ("baseline-url", ("baseline", GOOD_SHA, "not a url", "0")),
+    ("baseline-negative", ("baseline", GOOD_SHA, "https://m.example.org/g", "-0.1")),
+    ("baseline-nan", ("baseline", GOOD_SHA, "https://m.example.org/g", "NaN")),
+    ("baseline-exponent", ("baseline", GOOD_SHA, "https://m.example.org/g", "1e3")),
+):
+    job_case(R.INVALID_BASELINE, name, add(tag))
+job_case(
+    R.DUPLICATE_TAG,
+    "two-baselines",
+    add(("baseline", GOOD_SHA, "https://m.example.org/g", "0"), ("baseline", GOOD_SHA, "https://m.example.org/h", "0")),
+)
 
 
 # ------------------------------------------------------------------ sealed scores (§6)

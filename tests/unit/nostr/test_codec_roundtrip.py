@@ -11,7 +11,9 @@ import pytest
 from service.nostr import nip44
 from service.nostr.nip01 import verify_event
 from service.nostr.protocol import (
+    BASELINE,
     Announcement,
+    Baseline,
     Candidate,
     CodecError,
     CodecErrorReason,
@@ -126,6 +128,7 @@ def test_job_request_round_trip_keeps_every_field():
         relays=(RELAY, "ws://127.0.0.1:7777"),
         previous_job=h("round 1"),
         params=(("epochs", "5"), ("model", "https://m.example.org/a.onnx")),
+        baseline=Baseline(h("global model"), "https://m.example.org/a.onnx", Decimal("0.01")),
     )
     event = signed_verified(CUSTOMER, build_job_request(spec, customer=C))
     job = parse_job(event)
@@ -307,6 +310,8 @@ def test_evaluation_request_round_trip():
         job_relay=RELAY,
     )
     assert parse_evaluation_request(signed_verified(ESCROW, build_evaluation_request(request))) == request
+    with_baseline = replace(request, baseline=(h("global model"), "https://m.example.org/g.npz"))
+    assert parse_evaluation_request(signed_verified(ESCROW, build_evaluation_request(with_baseline))) == with_baseline
 
 
 def test_evaluation_result_round_trip():
@@ -314,6 +319,7 @@ def test_evaluation_result_round_trip():
         Score(h("r1"), Decimal("0.9125"), h("m1")),
         Score(h("r2"), Decimal("-3"), h("m2")),
         Score(h("r3"), Decimal("123456789012345.123456789012"), h("m3")),
+        Score(BASELINE, Decimal("2.5"), h("global model")),  # relative acceptance: the baseline's score
     )  # the largest shape: 15 + 12
     tmpl = build_evaluation_result(request_id=h("req"), job_id=h("job"), escrow=E, scores=scores)
     event = signed_verified(V1, tmpl)

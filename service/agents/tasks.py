@@ -1,0 +1,200 @@
+"""The training tasks the reference agents know, and what each means for a round.
+
+A job request names its task in ``["param", "task", …]`` (absent: digits, the first task):
+
+* ``sklearn-digits/logreg`` (:mod:`service.agents.ml`): FedAvg of logistic regressions, scored
+  by accuracy (``max``).
+* ``diloco/tinylm-bytes`` (:mod:`service.agents.lm`, the ``lm`` extra): DiLoCo rounds of a
+  small language model, scored by held-out loss (``val_loss``, ``min``). The request carries
+  the round's global model (``model``, ``model_sha256``), its shape (``lm_config``: six
+  integers, :class:`~service.agents.lm.LMConfig`) and the inner steps (``inner_steps``).
+
+The customer's side of a round is a :class:`RoundTask`: what it sends (params, shard bytes,
+the starting model) and what it does with the accepted models (FedAvg, or DiLoCo's outer step).
+Providers and validators read the same params (:func:`task_of`, :func:`lm_config_of`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from service.nostr.protocol import Direction
+
+from . import ml
+
+if TYPE_CHECKING:  # the lm extra is optional: imported only when a job asks for it
+    from . import lm
+
+DIGITS = "sklearn-digits/logreg"
+DILOCO = "diloco/tinylm-bytes"  # == lm.TASK (kept here so that naming it needs no JAX)
+LM_CONFIG_PARAM = "lm_config"
+INNER_STEPS_PARAM = "inner_steps"
+DEFAULT_INNER_STEPS = 30
+MAX_INNER_STEPS = 10_000
+
+
+class TaskError(ValueError):
+    """A request's task params that an agent cannot work with (unknown task, bad config)."""
+
+
+def task_of(params: Mapping[str, str]) -> str:
+    return params.get("task", DIGITS)
+
+
+def lm_config_of(params: Mapping[str, str]) -> lm.LMConfig:
+    from . import lm
+
+    raw = params.get(LM_CONFIG_PARAM)
+    if raw is None:
+        return lm.LMConfig()
+    try:
+        values = [int(v) for v in raw.split(",")]
+        if len(values) != 6:
+            raise ValueError("six integers")
+        return lm.LMConfig(*values)
+    except (ValueError, ml.UnsafeData) as exc:
+        raise TaskError(f"{LM_CONFIG_PARAM} must be six integers of a valid model shape: {exc}") from None
+
+
+def format_lm_config(config: lm.LMConfig) -> str:
+    return ",".join(str(int(v)) for v in config.to_array())
+
+
+def inner_steps_of(params: Mapping[str, str], default: int = DEFAULT_INNER_STEPS) -> int:
+    try:
+        value = int(params.get(INNER_STEPS_PARAM, default))
+    except ValueError:
+        raise TaskError(f"{INNER_STEPS_PARAM} must be an integer") from None
+    if not 1 <= value <= MAX_INNER_STEPS:
+        raise TaskError(f"{INNER_STEPS_PARAM} must be 1..{MAX_INNER_STEPS}")
+    return value
+
+
+class RoundTask(Protocol):
+    """The customer's side of one round of a task."""
+
+    metric: str
+    direction: Direction
+
+    def params(self) -> list[tuple[str, str]]: ...
+
+    def shard_payloads(self) -> list[bytes]: ...
+
+    def shard_weight(self, index: int) -> float: ...
+
+    def start_payload(self) -> bytes | None: ...
+
+    def load(self, data: bytes, *, max_bytes: int) -> Any:
+        """A returned model (raises :class:`ml.UnsafeData` for one that is not usable)."""
+        ...
+
+    def test_score(self, model: Any) -> float:
+        """The customer's own score of a model on its test data (the task's metric)."""
+        ...
+
+    def combine(self, models: Sequence[Any], weights: Sequence[float]) -> tuple[Any, float]:
+        """The next global model from the accepted ones, and its test score."""
+        ...
+
+
+@dataclass
+class DigitsRound:
+    shards: Sequence[ml.Dataset]
+    test: ml.Dataset
+    start_model: ml.Model | None = None
+    max_iter: int = 10
+    metric: str = "accuracy"
+    direction: Direction = Direction.MAX
+
+    def params(self) -> list[tuple[str, str]]:
+        return [("task", DIGITS), ("format", "npz:coef,intercept,classes"), ("max_iter", str(self.max_iter))]
+
+    def shard_payloads(self) -> list[bytes]:
+        return [ml.dataset_to_bytes(data) for data in self.shards]
+
+    def shard_weight(self, index: int) -> float:
+        return float(len(self.shards[index])) if 0 <= index < len(self.shards) else 1.0
+
+    def start_payload(self) -> bytes | None:
+        return None if self.start_model is None else ml.model_to_bytes(self.start_model)
+
+    def load(self, data: bytes, *, max_bytes: int) -> ml.Model:
+        return ml.model_from_bytes(data, max_bytes=max_bytes)
+
+    def test_score(self, model: ml.Model) -> float:
+        return round(ml.accuracy(model, self.test), 4)
+
+    def combine(self, models: Sequence[ml.Model], weights: Sequence[float]) -> tuple[ml.Model, float]:
+        avg = ml.fedavg(models, weights)
+        return avg, self.test_score(avg)
+
+
+@dataclass
+class DiLoCoRun:
+    """A chain of DiLoCo rounds, kept by the customer: the global model and the outer momentum
+    move from round to round (``combine`` is the outer Nesterov step)."""
+
+    shards: Sequence[bytes]
+    test: bytes
+    config: lm.LMConfig
+    inner_steps: int = DEFAULT_INNER_STEPS
+    global_params: Any = None  # set from the config's seeded initialization when None
+    state: lm.OuterState = field(default=None)  # type: ignore[assignment]
+    metric: str = "val_loss"
+    direction: Direction = Direction.MIN
+    history: list[float] = field(default_factory=list)  # the global model's test loss after each round
+    momentum_norms: list[float] = field(default_factory=list)  # the outer momentum's L2 norm after each round
+
+    def __post_init__(self) -> None:
+        from . import lm
+
+        if self.global_params is None:
+            self.global_params = lm.init_params(self.config)
+        if self.state is None:
+            self.state = lm.OuterState()
+        self._test_tokens = lm.text_from_bytes(self.test, config=self.config)
+
+    def params(self) -> list[tuple[str, str]]:
+        from . import lm
+
+        return [
+            ("task", DILOCO),
+            ("format", lm.FORMAT),
+            (LM_CONFIG_PARAM, format_lm_config(self.config)),
+            (INNER_STEPS_PARAM, str(self.inner_steps)),
+        ]
+
+    def shard_payloads(self) -> list[bytes]:
+        return list(self.shards)
+
+    def shard_weight(self, index: int) -> float:
+        return float(len(self.shards[index])) if 0 <= index < len(self.shards) else 1.0
+
+    def start_payload(self) -> bytes:
+        from . import lm
+
+        return lm.model_to_bytes(self.global_params, self.config)
+
+    def load(self, data: bytes, *, max_bytes: int) -> Any:
+        from . import lm
+
+        return lm.model_from_bytes(data, config=self.config, max_bytes=max_bytes)
+
+    def test_score(self, model: Any) -> float:
+        from . import lm
+
+        return round(lm.evaluate(model, self._test_tokens, config=self.config), 4)
+
+    def global_loss(self) -> float:
+        return self.test_score(self.global_params)
+
+    def combine(self, models: Sequence[Any], weights: Sequence[float]) -> tuple[Any, float]:
+        from . import lm
+
+        self.global_params, self.state = lm.outer_step(self.global_params, models, weights, self.state)
+        loss = self.global_loss()
+        self.history.append(loss)
+        self.momentum_norms.append(lm.global_norm(self.state.momentum))
+        return self.global_params, loss
