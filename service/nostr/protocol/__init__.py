@@ -35,9 +35,11 @@ from .deletion import Deletion, build_deletion, parse_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError, CodecErrorReason
 from .evaluation import (
     Candidate,
+    EvalRound,
     EvaluationRequest,
     EvaluationResult,
     Score,
+    ValidatorKey,
     build_evaluation_request,
     build_evaluation_result,
     open_scores,
@@ -51,6 +53,7 @@ from .feedback import (
     ErrorFeedback,
     EscrowFeedback,
     EscrowOffer,
+    FallbackStarted,
     Feedback,
     Funded,
     ModelKey,
@@ -66,6 +69,7 @@ from .feedback import (
     build_deadline_extension,
     build_error_feedback,
     build_escrow_offer,
+    build_fallback_started,
     build_funded,
     build_model_key,
     build_payee_invoice,
@@ -79,6 +83,7 @@ from .feedback import (
     parse_error_feedback,
     parse_escrow_feedback,
     parse_escrow_offer,
+    parse_fallback_started,
     parse_feedback,
     parse_funded,
     parse_model_key,
@@ -91,6 +96,7 @@ from .fields import Invoice, Template
 from .job import (
     JobRequest,
     JobSpec,
+    RoundParam,
     Validation,
     build_job_request,
     parse_job_request,
@@ -116,6 +122,12 @@ from .terms import (
 )
 
 __all__ = [
+    "FallbackStarted",
+    "build_fallback_started",
+    "parse_fallback_started",
+    "EvalRound",
+    "RoundParam",
+    "ValidatorKey",
     "DeadlineExtension",
     "build_deadline_extension",
     "parse_deadline_extension",
