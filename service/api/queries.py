@@ -167,6 +167,7 @@ def job_decided(detail: dict) -> bool:
     return detail.get("decision") is not None or detail["state"] not in (
         JobState.COLLECTING.value,
         JobState.VALIDATING.value,
+        JobState.FALLBACK.value,
     )
 
 
