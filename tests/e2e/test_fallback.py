@@ -15,6 +15,8 @@ from decimal import Decimal
 
 import pytest
 
+from service.audit.checks import audit_events
+from service.audit.report import Status
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
@@ -29,7 +31,7 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol.sealing import key_sha256
 from tests.conftest import Regtest, wait_until
-from tests.e2e.market import Market, publish, settle_payment, tag
+from tests.e2e.market import Market, publish, query, settle_payment, tag
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
@@ -140,6 +142,16 @@ async def test_a_no_show_is_answered_by_the_fallback_round_then_released(market:
     scored_by = {t[2] for t in complete["tags"] if t[0] == "score"}
     assert scored_by == {named.public_key_hex, POOL.public_key_hex}
     await market.check_ledger(job_ev.id, closed=True)
+    # anyone recomputes the same decision from the public events: the fallback round audits clean
+    events = [Event.from_dict(e) for e in await query(market.relay, {"ids": [job_ev.id]})]
+    events += [Event.from_dict(e) for e in await query(market.relay, {"#e": [job_ev.id]})]
+    events += [Event.from_dict(e) for e in await query(market.relay, {"kinds": [31990], "authors": [market.E]})]
+    report = audit_events(job_ev.id, events, escrow=market.E)
+    assert report.ok, report.discrepancies
+    assert any(f.check == "fallback" and f.status is Status.OK for f in report.findings), report.findings
+    # without the fallback request, the pool validator's score is a stranger's
+    hidden = audit_events(job_ev.id, [e for e in events if e.id != request["id"]], escrow=market.E)
+    assert "score_not_by_validator" in {f.code for f in hidden.discrepancies}
 
 
 async def test_both_rounds_missing_quorum_refund(market: Market) -> None:
