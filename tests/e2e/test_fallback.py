@@ -2,19 +2,27 @@
 §6b): a named validator does not score by the validation deadline, quorum is missed, and the escrow
 asks a validator from its announced pool instead of refunding.
 
-(1) a sealed result, a hold job: the pool validator opens the model's key the escrow handed it in the
-    fallback request, scores, the job is released and the provider is paid on its node; the named
-    no-show earns nothing.
+(1) a sealed result (a real model, its ciphertext in the escrow's blob store), a hold job: the pool
+    validator (the reference validator agent) opens the model with the key the escrow handed it in
+    the fallback request, scores it, the job is released and the provider and the validators who
+    scored are paid on their node; the named no-show earns nothing; the job audits clean.
 (2) the pool validator does not score either: at the fallback deadline the job is refunded (no_quorum).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
 
+from service.agents import ml
+from service.agents.relay import Relays
+from service.agents.storage import Blobs
+from service.agents.validator import Validator
 from service.audit.checks import audit_events
 from service.audit.report import Status
 from service.lightning.client import InvoiceState, PaymentStatus
@@ -31,7 +39,7 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol.sealing import key_sha256
 from tests.conftest import Regtest, wait_until
-from tests.e2e.market import Market, publish, query, settle_payment, tag
+from tests.e2e.market import Market, publish, query, serving, settle_payment, tag
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
@@ -45,7 +53,8 @@ def sha(b: bytes) -> str:
 
 
 @pytest.fixture
-async def market(regtest: Regtest, relay_url: str, database_url: str):
+async def served(regtest: Regtest, relay_url: str, database_url: str, tmp_path: Path):
+    """The service with its API and blob store; its pool is one validator outside every job."""
     m = Market(
         regtest,
         relay_url,
@@ -53,8 +62,13 @@ async def market(regtest: Regtest, relay_url: str, database_url: str):
         validator_pool=[("pia", POOL.public_key_hex)],
         fallback_round_seconds=FALLBACK_SECONDS,
     )
-    async with m.running():
-        yield m
+    async with serving(m, tmp_path / "blobs") as url:
+        yield m, url
+
+
+@pytest.fixture
+def market(served: tuple[Market, str]) -> Market:
+    return served[0]
 
 
 async def _requests(market: Market, job_id: str) -> dict[EvalRound, dict]:
@@ -86,23 +100,39 @@ async def _score(market: Market, job_id: str, request: dict, validator: SecretKe
     return ev
 
 
-async def test_a_no_show_is_answered_by_the_fallback_round_then_released(market: Market, regtest: Regtest) -> None:
-    spec = market.job_spec(shards=1, validators=2, quorum=2, results_in=20, validation_in=26, mode="hold")
+async def test_a_no_show_is_answered_by_the_fallback_round_then_released(
+    served: tuple[Market, str], regtest: Regtest
+) -> None:
+    market, url = served
+    split = ml.split_digits(1, 1)
+    trained = ml.model_to_bytes(ml.train(split.shards[0], max_iter=50))
+    spec = market.job_spec(
+        shards=1, validators=2, quorum=2, results_in=20, validation_in=30, mode="hold", threshold="0.5"
+    )
     job_ev = await market.post_job(spec)
     pay = await market.fund(job_ev.id)
     provider = market.providers[0]
     named, no_show = market.validators
-    job = await market.job_request(job_ev)
-    sealed = seal(GOOD)
-    model = sealed_model(
-        provider,
-        sealed,
-        url=f"https://models.example.org/{sha(sealed.ciphertext)}",
-        recipients=(*job.spec.validators, market.E),
+    # the pool validator: the reference agent, watching for evaluation requests naming it
+    agent = Validator(
+        POOL,
+        Relays([market.relay]),
+        market.E,
+        Blobs(f"{url}/blobs", POOL),
+        split.holdouts[0],
+        lnd=regtest.payee,
+        name="pia",
+        network="regtest",
+        escrow_url=url,
     )
+    serving_agent = asyncio.create_task(agent.serve(jobs=1, since=int(time.time()) - 5))
+    job = await market.job_request(job_ev)
+    sealed = seal(trained)
+    blob = await Blobs(f"{url}/blobs", provider).upload(sealed.ciphertext, job=job_ev.id)
+    model = sealed_model(provider, sealed, url=blob.url, recipients=(*job.spec.validators, market.E))
     result = await market.submit_model(job_ev, provider, 0, model)  # type: ignore[arg-type]
     first = await market.eval_request(job_ev.id)
-    await _score(market, job_ev.id, first, named, result.id, GOOD)  # the other named validator never scores
+    await _score(market, job_ev.id, first, named, result.id, trained)  # the other named validator never scores
 
     request = await _fallback_request(market, job_ev.id)
     fallback = parse_evaluation_request(Event.from_dict(request))
@@ -124,17 +154,21 @@ async def test_a_no_show_is_answered_by_the_fallback_round_then_released(market:
     # its money went into custody (the HTLC was sized for the request's deadline)
     assert (await settle_payment(pay)).status == PaymentStatus.SUCCEEDED
 
-    await _score(market, job_ev.id, request, POOL, result.id, GOOD)
-    await market.released(job_ev.id)
+    await market.released(job_ev.id, timeout=FALLBACK_SECONDS + 60)
     row = await market.job(job_ev.id)
     share = row.bid_msat - row.fee_msat - 2 * row.validator_fee_msat
-    hashes = await market.claim_rewards(job_ev.id, [provider, named, POOL])
+    hashes = await market.claim_rewards(job_ev.id, [provider, named])
+    [report] = await asyncio.wait_for(serving_agent, 120)  # it claims its own fee
+    assert report.error is None and not report.problems, report
+    assert report.scores[result.id] not in ("unreadable", "0.0000"), report  # it opened and scored the model
+    assert report.reward is not None and report.reward.paid and report.reward.invoice_settled, report.reward
+    assert report.reward.amount_msat == row.validator_fee_msat
     await market.wait_state(job_ev.id, "closed")
     amounts = {provider.public_key_hex: share, named.public_key_hex: row.validator_fee_msat}
-    amounts[POOL.public_key_hex] = row.validator_fee_msat
     for payee, h in hashes.items():
         inv = await regtest.payee.lookup_invoice(h)
         assert inv.state == InvoiceState.SETTLED and inv.amt_paid_msat == amounts[payee], (payee, inv)
+    amounts[POOL.public_key_hex] = row.validator_fee_msat
     payees = {p.payee for p in await market.payouts(job_ev.id)}
     assert no_show.public_key_hex not in payees, "a named validator who did not score earns nothing"
     assert payees == set(amounts)
