@@ -83,7 +83,8 @@ class EscrowService:
                 results_grace_seconds=settings.results_grace_seconds,
                 heartbeat_tolerance_seconds=settings.heartbeat_tolerance_seconds,
                 outage_catch_up_seconds=settings.outage_catch_up_seconds,
-                validator_pool=tuple(v.pubkey for v in self.validator_pool),
+                # the escrow never asks itself, should its own key be listed
+                validator_pool=tuple(v.pubkey for v in self.validator_pool if v.pubkey != key.public_key_hex),
                 fallback_round_seconds=settings.fallback_round_seconds,
             ),
         )
