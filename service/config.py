@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     # after an outage across a deadline, the deadline is at least this long after the escrow's return
     # (the relays' backlog of what was sent meanwhile is read first)
     outage_catch_up_seconds: int = Field(default=60, ge=0, le=3600)
+    # a fallback evaluation round's window (docs/escrow.md): when quorum is missed at the validation
+    # deadline and validators from the pool are asked to score
+    fallback_round_seconds: int = Field(default=600, ge=1, le=7 * 86_400)
     liveness_retention_seconds: int = Field(default=90 * 86_400, ge=3600)
 
     http_host: str = "127.0.0.1"

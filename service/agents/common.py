@@ -24,6 +24,7 @@ from service.nostr.protocol import (
     DeadlineExtension,
     EscrowFeedback,
     EscrowTerms,
+    FallbackStarted,
     JobRequest,
     Mode,
     Network,
@@ -270,7 +271,8 @@ async def wait_validation(
     sub: Subscription, escrow: str, job_id: str, *, deadline: int, margin: float
 ) -> ValidationComplete | Refunded:
     """The job's verdicts, or its refund; given up ``margin`` seconds after the validation deadline
-    in force (the request's, or where the escrow moved it after an outage: protocol.md §4a)."""
+    in force (the request's, or where the escrow moved it after an outage: protocol.md §4a; or a
+    fallback round's, when the escrow started one: §6b)."""
 
     def done(event: Event) -> ValidationComplete | Refunded | None:
         fb = escrow_feedback(event, escrow, job_id)
@@ -278,8 +280,11 @@ async def wait_validation(
 
     def moved(event: Event) -> float | None:
         fb = escrow_feedback(event, escrow, job_id)
-        if isinstance(fb, DeadlineExtension) and fb.validation_deadline is not None:
-            return fb.validation_deadline + margin
+        if isinstance(fb, DeadlineExtension):
+            later = fb.fallback_deadline if fb.fallback_deadline is not None else fb.validation_deadline
+            return None if later is None else later + margin
+        if isinstance(fb, FallbackStarted):  # the decision waits for the fallback round
+            return fb.deadline + margin
         return None
 
     return await sub.wait_for(done, seconds_until(deadline, margin), extend=moved)

@@ -8,7 +8,8 @@ For each evaluation request (kind 5702) signed by the escrow and naming this val
    allowed provider) to get its ``model`` (plain) or ``sealed`` tag;
 2. a plain model: download it (at most ``Blobs.max_model_bytes``), refusing any bytes
    whose SHA-256 is not the one in the result; a sealed model (protocol.md §5a): unwrap our
-   own key envelope (checked against the committed key sha256), download the ciphertext
+   own key envelope (checked against the committed key sha256; in a fallback round, §6b, where
+   the provider gave us none, the escrow's ``key`` tag in the request), download the ciphertext
    (its size and SHA-256 checked) and open it (the model's SHA-256 and size checked);
    then load it without pickle and check its shape;
 3. score = accuracy on the hold-out (4 decimals), with the model's SHA-256 (that is what
@@ -37,6 +38,7 @@ from service.nostr.protocol import (
     KIND_EVALUATION_REQUEST,
     CodecError,
     Direction,
+    EvalRound,
     EvaluationRequest,
     JobRequest,
     JobResult,
@@ -175,14 +177,16 @@ class Validator(Payee):
                 await asyncio.sleep(0.1)
             return await asyncio.shield(self.reports[job_id])
 
-    async def _score(self, result_id: str, events: dict[str, Event], job: JobRequest) -> tuple[Score, str | None]:
+    async def _score(
+        self, result_id: str, events: dict[str, Event], job: JobRequest, request: EvaluationRequest
+    ) -> tuple[Score, str | None]:
         event = events.get(result_id)
         if event is None:
             raise AgentError(f"candidate {result_id[:8]} not found on the relays")
         result = parse_result(event, job)
         if result.sealed is not None:
             try:
-                data = await self._open(result)
+                data = await self._open(result, request)
             except (SealError, BlobError) as exc:
                 return Score(result_id, None, result.model_sha256), f"unreadable: {type(exc).__name__}: {exc}"
         else:
@@ -226,15 +230,20 @@ class Validator(Payee):
         tokens = lm.text_from_bytes(self.text_holdout, config=config)
         return lm.evaluate_bytes(data, tokens, config=config, max_bytes=self.blobs.max_model_bytes)
 
-    async def _open(self, result: JobResult) -> bytes:
-        """A sealed result's model: our envelope unwrapped, the ciphertext fetched and opened.
-        Raises :class:`SealError` or :class:`BlobError`; neither message names the key."""
+    async def _open(self, result: JobResult, request: EvaluationRequest) -> bytes:
+        """A sealed result's model: our envelope unwrapped (the provider's, or in a fallback round the
+        escrow's from the request: checked against the same commitment), the ciphertext fetched and
+        opened. Raises :class:`SealError` or :class:`BlobError`; neither message names the key."""
         sealed = result.sealed
         assert sealed is not None
         envelope = sealed.key_for(self.pubkey)
-        if envelope is None:  # the codec requires one key per validator: not reached for a parsed result
-            raise SealError("wrong_key", "the result has no key for this validator")
-        key = unwrap_key(self.key, result.provider, envelope.payload, sealed.key_sha256)
+        handed = request.key_for(result.id, self.pubkey) if request.round is EvalRound.FALLBACK else None
+        if envelope is not None:
+            key = unwrap_key(self.key, result.provider, envelope.payload, sealed.key_sha256)
+        elif handed is not None:
+            key = unwrap_key(self.key, self.escrow, handed.payload, sealed.key_sha256)
+        else:
+            raise SealError("wrong_key", "neither the result nor the request has a key for this validator")
         ciphertext = await self.blobs.download(
             sealed.url,
             sealed.ciphertext_sha256,
@@ -273,13 +282,13 @@ class Validator(Payee):
         if job_event is None:
             raise AgentError("the job request is neither on the relays nor at the escrow")
         job = read_job(job_event, self.escrow)
-        if self.pubkey not in job.validators:
-            raise AgentError("the job does not name us as a validator")
+        if self.pubkey not in job.validators and request.round is not EvalRound.FALLBACK:
+            raise AgentError("the job does not name us as a validator")  # (a fallback round's come from the pool)
         t = time.monotonic()
         scores: list[Score] = []
         for rid in ids:
             try:
-                score, problem = await self._score(rid, found, job)
+                score, problem = await self._score(rid, found, job, request)
             except (AgentError, CodecError) as exc:
                 report.problems[rid] = str(exc)  # not a result of this job: nothing to score
                 continue

@@ -63,7 +63,7 @@ async def refund_job(s: AsyncSession, engine: Engine, job_id: str, reason: str) 
     if job.state not in OPERATOR_REFUNDABLE:
         raise ActionRefused(
             "refund_not_safe",
-            f"a job that is {job.state} cannot be refunded by hand (only collecting or validating jobs)",
+            f"a job that is {job.state} cannot be refunded by hand (only collecting, validating or fallback jobs)",
         )
     plan = await engine.operator_refund(s, job_id, reason)
     if plan.state not in (JobState.REFUNDING, JobState.REFUNDED):

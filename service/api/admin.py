@@ -116,7 +116,7 @@ async def job(request: Request, job_id: str = Path(pattern=HEX64)) -> dict:
 
 @router.post("/jobs/{job_id}/refund", response_model=ActionOut, responses=responses(404, 409, 422))
 async def refund(request: Request, body: Reason, job_id: str = Path(pattern=HEX64)) -> ActionOut:
-    """Refund a collecting or validating job by hand (never after a release decision)."""
+    """Refund a collecting, validating or fallback job by hand (never after a release decision)."""
     st = request.app.state
     try:
         async with st.sessions.begin() as s:

@@ -90,6 +90,10 @@ def job_summary(j: Job) -> dict:
         # Where an escrow outage moved them (null: not moved); judged at these when set.
         "results_deadline_extended_to": j.results_extended_to,
         "validation_deadline_extended_to": j.validation_extended_to,
+        # A fallback evaluation round (docs/escrow.md): its request, deadline in force and pool validators.
+        "fallback_request_id": j.fallback_request_id,
+        "fallback_deadline": j.fallback_deadline,
+        "fallback_validators": json.loads(j.fallback_validators) if j.fallback_validators else [],
         "refund_reason": j.refund_reason,
         "reject_reason": j.reject_reason,
         "created_at": _ts(j.created_at),
@@ -167,6 +171,7 @@ def job_decided(detail: dict) -> bool:
     return detail.get("decision") is not None or detail["state"] not in (
         JobState.COLLECTING.value,
         JobState.VALIDATING.value,
+        JobState.FALLBACK.value,
     )
 
 

@@ -10,7 +10,10 @@ each signature, attributes the escrow's events by the key the job names, and che
 ``funded``      the funded amount covers the bid
 ``outcome``     a validation complete, a refund, or neither yet
 ``candidates``  the verdicts are for the evaluation request's candidates, each a valid result
-``scores``      every published score is by a designated validator
+``fallback``    a fallback round (§6b), if any: it follows the first request, asks only pool keys that are
+                not the customer, a provider or a named validator, no more of them than named
+                validators who scored nothing, and only for candidates the first round left short
+``scores``      every published score is by a designated validator (or a fallback one, of its candidates)
 ``verdict``     every verdict, recomputed with the published rule from the published scores
 ``split``       the published split is the job's bid, validator fee and validators
 ``terms``       its escrow fee matches the announced fee terms (a warning only: terms change)
@@ -33,7 +36,7 @@ from service.escrow import rule
 from service.nostr.nip01 import MAX_CREATED_AT, Event, EventError, verify_event
 from service.nostr.protocol.announcement import Announcement, parse_announcement
 from service.nostr.protocol.errors import CodecError, CodecErrorReason
-from service.nostr.protocol.evaluation import EvaluationRequest, parse_evaluation_request
+from service.nostr.protocol.evaluation import EvalRound, EvaluationRequest, parse_evaluation_request
 from service.nostr.protocol.feedback import (
     ErrorFeedback,
     EscrowOffer,
@@ -79,7 +82,8 @@ class _Record:
     keys: list[tuple[Event, ModelKey]] = field(default_factory=list)
     refunds: list[tuple[Event, Refunded]] = field(default_factory=list)
     errors: list[tuple[Event, ErrorFeedback]] = field(default_factory=list)
-    requests: list[tuple[Event, EvaluationRequest]] = field(default_factory=list)
+    requests: list[tuple[Event, EvaluationRequest]] = field(default_factory=list)  # the first round's
+    fallbacks: list[tuple[Event, EvaluationRequest]] = field(default_factory=list)  # a fallback round's
     results: dict[str, Event] = field(default_factory=dict)  # result id -> event (any author)
     evaluations: dict[str, Event] = field(default_factory=dict)  # evaluation result id -> event
     announcement: Announcement | None = None
@@ -204,10 +208,12 @@ class _Audit:
                     continue
                 if request.job_id != self.job_id:
                     continue
-                if event.pubkey == self.escrow:
-                    rec.requests.append((event, request))
-                else:
+                if event.pubkey != self.escrow:
                     impostors.append(event)
+                elif request.round is EvalRound.FALLBACK:
+                    rec.fallbacks.append((event, request))
+                else:
+                    rec.requests.append((event, request))
             elif event.kind == self.job.result_kind:
                 rec.results[event.id] = event
             elif event.kind == KIND_EVALUATION_REQUEST + KIND_EVALUATION_RESULT_OFFSET:
@@ -262,6 +268,7 @@ class _Audit:
                 self.na(check, "no validation complete")
         else:
             candidates = self._check_candidates()
+            self._check_fallback(candidates)
             self._check_scores()
             split = self._check_split()
             if split is not None:
@@ -389,6 +396,61 @@ class _Audit:
             scores.setdefault(s.result_id, {})[s.validator] = s.value
         return [Scored(i, providers.get(i, ""), scores[i]) for i in order]
 
+    @property
+    def fallback(self) -> EvaluationRequest | None:
+        return self.rec.fallbacks[0][1] if self.rec.fallbacks else None
+
+    @property
+    def validators(self) -> tuple[str, ...]:
+        """Whose scores may count: the named validators, then the fallback round's (as the escrow orders them)."""
+        assert self.job is not None
+        fallback = self.fallback
+        return (*self.job.validators, *(fallback.validators if fallback is not None else ()))
+
+    def _check_fallback(self, candidates: list[Scored]) -> None:
+        """The fallback round is the escrow's rule (docs/escrow.md): after the first request, pool
+        keys that are none of the job's own people, one per named validator who scored nothing,
+        for the candidates the first round left short of quorum."""
+        assert self.job is not None and self.complete is not None
+        if not self.rec.fallbacks:
+            self.na("fallback", "no fallback round")
+            return
+        if len(self.rec.fallbacks) > 1:
+            self.bad("fallback", "two_fallbacks", "more than one fallback evaluation request")
+        event, fallback = self.rec.fallbacks[0]
+        first = self.rec.requests[0][0] if self.rec.requests else None
+        if first is None or fallback.previous != first.id:
+            self.bad("fallback", "wrong_previous", "the fallback request does not follow the first request", event.id)
+        named = set(self.job.validators)
+        barred = {self.job.customer, *named, *(c.provider for c in candidates if c.provider)}
+        if barred & set(fallback.validators):
+            self.bad(
+                "fallback", "barred_validator", "the fallback round asks the customer, a provider or a named validator"
+            )
+        announcement = self.rec.announcement
+        if announcement is not None and not set(fallback.validators) <= {v.pubkey for v in announcement.validator_pool}:
+            self.warn(
+                "fallback", "not_in_pool", "a fallback validator is not in the announced pool (it may have changed)"
+            )
+        counted = {v for c in candidates for v, value in c.scores.items() if v in named}
+        no_shows = [v for v in self.job.validators if v not in counted]
+        if len(fallback.validators) > len(no_shows):
+            self.bad(
+                "fallback",
+                "too_many_fallback_validators",
+                "more fallback validators than named validators who did not score",
+            )
+        quorum = self.job.spec.validation.quorum
+        short_ = {c.result_id for c in candidates if sum(v in named for v in c.scores) < quorum}
+        if {c.result_id for c in fallback.candidates} != short_:
+            self.bad("fallback", "wrong_candidates", "the fallback round's candidates are not the ones short of quorum")
+        if self._clean("fallback"):
+            self.ok(
+                "fallback",
+                f"fallback round: {len(fallback.validators)} pool validator(s) for {len(no_shows)} named no-show(s), "
+                f"{len(short_)} candidate(s) short of quorum",
+            )
+
     def _check_unique(self, result: JobResult, providers: dict[str, str], models: dict[str, str]) -> None:
         if result.provider in providers.values():
             self.bad("candidates", "provider_twice", f"provider {short(result.provider)} has two candidates")
@@ -399,7 +461,14 @@ class _Audit:
 
     def _check_scores(self) -> None:
         assert self.job is not None and self.complete is not None
-        strangers = [s for s in self.complete.scores if s.validator not in self.job.validators]
+        fallback = self.fallback
+        round_two = set(fallback.validators) if fallback is not None else set()
+        asked = {c.result_id for c in fallback.candidates} if fallback is not None else set()
+        strangers = [
+            s
+            for s in self.complete.scores
+            if s.validator not in self.job.validators and not (s.validator in round_two and s.result_id in asked)
+        ]
         for s in strangers:
             self.bad(
                 "scores",
@@ -464,7 +533,7 @@ class _Audit:
                 validation=spec.validation,
                 policy=str(spec.payout),
                 split=split,
-                validators=self.job.validators,
+                validators=self.validators,
                 baseline=spec.baseline,
                 baseline_scores={s.validator: s.value for s in self.complete.scores if s.result_id == BASELINE},
             )

@@ -44,6 +44,7 @@ from service.escrow.machine import (
     FUNDED_STATES,
     Decision,
     EscrowMode,
+    EventRole,
     Fact,
     FactKind,
     Funds,
@@ -72,6 +73,8 @@ from service.nostr.protocol import (
     CodecErrorReason,
     EscrowTerms,
     JobRequest,
+    ValidatorKey,
+    build_evaluation_request,
     parse_deletion,
     parse_evaluation_result,
     parse_feedback,
@@ -79,7 +82,7 @@ from service.nostr.protocol import (
     parse_result,
 )
 from service.nostr.protocol.evaluation import open_scores
-from service.nostr.protocol.fields import parse_bounded_decimal
+from service.nostr.protocol.fields import Template, parse_bounded_decimal
 from service.nostr.protocol.job import read_job_spec
 from service.nostr.protocol.money import MoneySplit
 from service.nostr.protocol.result import JobResult
@@ -133,6 +136,8 @@ class EngineConfig:
     network: str = "regtest"  # ours (Settings.network): a payee invoice for another is refused
     heartbeat_tolerance_seconds: float = 15.0  # a gap between liveness intervals longer than this: an outage
     outage_catch_up_seconds: int = 60  # an extended deadline is at least this long after the escrow's return
+    validator_pool: tuple[str, ...] = ()  # the announced pool's keys: a fallback round's validators
+    fallback_round_seconds: int = 600  # a fallback evaluation round's window
 
     def machine(self) -> MachineConfig:
         return MachineConfig(
@@ -142,6 +147,8 @@ class EngineConfig:
             offer_grace_seconds=self.offer_grace_seconds,
             results_grace_seconds=self.results_grace_seconds,
             release_margin_seconds=self.release_margin_seconds,
+            validator_pool=self.validator_pool,
+            fallback_round_seconds=self.fallback_round_seconds,
         )
 
 
@@ -209,13 +216,10 @@ class Engine:
     async def _apply(self, s: AsyncSession, view: JobView, plan: Plan, row: Job | None) -> None:
         job_id = view.id
         rows: list[dict[str, Any]] = []  # the timeline, written in one statement at the end
-        signed = [
-            (
-                sign_event(self.key, o.template.kind, o.template.tags, o.template.content, created_at=self.now()),
-                o.is_eval_request,
-            )
-            for o in plan.events
-        ]
+        signed = []
+        for o in plan.events:
+            t = self._with_keys(o) if o.seal_keys else o.template
+            signed.append((sign_event(self.key, t.kind, t.tags, t.content, created_at=self.now()), o.role))
         if plan.new_job is not None:
             if not await self._insert_job(s, job_id, plan):
                 raise StaleView(job_id)
@@ -231,6 +235,10 @@ class Engine:
                 values["validation_extended_to"] = plan.validation_extended_to
             if plan.deadlines_extended_at is not None:
                 values["deadlines_extended_at"] = plan.deadlines_extended_at
+            if plan.fallback_deadline is not None:
+                values["fallback_deadline"] = plan.fallback_deadline
+            if plan.fallback_validators is not None:
+                values["fallback_validators"] = json.dumps(list(plan.fallback_validators))
             if plan.refund_reason is not None:
                 values["refund_reason"] = plan.refund_reason
             if plan.decision is not None or plan.release_detail is not None:
@@ -239,9 +247,11 @@ class Engine:
                     plan.release_detail,
                     json.loads(row.decision) if row is not None and row.decision else {},
                 )
-            for event, is_eval_request in signed:
-                if is_eval_request:
+            for event, role in signed:
+                if role is EventRole.EVAL_REQUEST:
                     values["eval_request_id"] = event.id
+                elif role is EventRole.FALLBACK_REQUEST:
+                    values["fallback_request_id"] = event.id
             res = await s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == view.state, Job.version == view.version)
@@ -316,6 +326,22 @@ class Engine:
             )
         if rows:
             await s.execute(insert(table_of(TimelineEntry)), rows)
+
+    def _with_keys(self, o: machine.Outgoing) -> Template:
+        """A pool round's request with each sealed candidate's key wrapped escrow -> pool validator.
+        The key is opened from the escrow -> customer payload stored at intake (NIP-44 is symmetric),
+        checked against the result's commitment, and lives only here: never stored or logged. A key
+        that does not open (it did at intake) is left out: that validator scores it unreadable."""
+        assert o.evaluation is not None
+        keys: list[ValidatorKey] = []
+        for k in o.seal_keys:
+            try:
+                raw = unwrap_key(self.key, k.customer, k.customer_key, k.key_sha256)
+            except SealError:
+                log.warning("fallback round: the stored key of result %s does not open; not handed on", k.result_id)
+                continue
+            keys.append(ValidatorKey(k.result_id, k.validator, wrap_key(self.key, k.validator, raw).payload))
+        return build_evaluation_request(replace(o.evaluation, keys=tuple(keys)))
 
     async def _insert_job(self, s: AsyncSession, job_id: str, plan: Plan) -> bool:
         new = plan.new_job
@@ -434,6 +460,9 @@ class Engine:
             validation_extended_to=job.validation_extended_to,
             deadlines_extended_at=job.deadlines_extended_at,
             eval_request_id=job.eval_request_id,
+            fallback_request_id=job.fallback_request_id,
+            fallback_deadline=job.fallback_deadline,
+            fallback_validators=tuple(json.loads(job.fallback_validators)) if job.fallback_validators else (),
             refund_reason=job.refund_reason,
             decision=decision_of(job.decision),
             results=results,
@@ -614,6 +643,8 @@ class Engine:
         received = await self.received_at(s, event)
         if job.state == S.VALIDATING and received.timestamp() > job.validation_due:
             job = await self._extend_first(s, job)
+        elif job.state == S.FALLBACK and job.fallback_deadline and received.timestamp() > job.fallback_deadline:
+            job = await self._extend_first(s, job)
         fact = machine.ScoresReceived(
             ev.validator,
             ev.request_id,
@@ -761,6 +792,7 @@ class Engine:
             job.validation_due,
             self.now(),
             self.machine_config,
+            fallback_deadline=job.fallback_deadline,
         )
 
     async def on_timers(self, s: AsyncSession, job: Job) -> str | None:
@@ -796,13 +828,18 @@ class Engine:
         then: every earlier outage is in them already), so an outage after an extension extends again,
         and the machine's own adjustment (validation keeps its window) is the base of the next one."""
         state = S(job.state)
-        if state not in (S.COLLECTING, S.VALIDATING):
+        if state not in (S.COLLECTING, S.VALIDATING, S.FALLBACK):
             return None
         since = job.deadlines_extended_at or aware(job.created_at).timestamp()
         down = await liveness.outages_since(s, since, self.config.heartbeat_tolerance_seconds)
         if not down:
             return None
         grace, catch_up = self.config.results_grace_seconds, self.config.outage_catch_up_seconds
+        if state is S.FALLBACK:  # its own deadline (set when the round started: earlier outages are behind it)
+            if job.fallback_deadline is None:
+                return None
+            fallback_to = liveness.extend_deadline(job.fallback_deadline, since, down, catch_up)
+            return machine.DeadlineExtended(None, None, fallback_to) if fallback_to > job.fallback_deadline else None
         validation_to = liveness.extend_deadline(job.validation_due, since, down, catch_up)
         if state is S.COLLECTING:
             results_to = liveness.extend_deadline(job.results_due + grace, since, down, catch_up) - grace

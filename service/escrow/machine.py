@@ -43,7 +43,9 @@ from service.nostr.protocol import (
     ErrorFeedback,
     EscrowOffer,
     EscrowTerms,
+    EvalRound,
     EvaluationRequest,
+    FallbackStarted,
     Funded,
     JobRequest,
     ModelKey,
@@ -52,12 +54,14 @@ from service.nostr.protocol import (
     RefundReason,
     RewardClaimable,
     RewardPaid,
+    RoundParam,
     ValidationComplete,
     build_cancelled,
     build_deadline_extension,
     build_error_feedback,
     build_escrow_offer,
     build_evaluation_request,
+    build_fallback_started,
     build_funded,
     build_model_key,
     build_refunded,
@@ -81,6 +85,7 @@ class JobState(enum.StrEnum):
     OFFERED = "offered"  # offer published; waiting for funding
     COLLECTING = "collecting"  # funded; providers train and submit results
     VALIDATING = "validating"  # evaluation request out; validators score
+    FALLBACK = "fallback"  # quorum missed: a fallback evaluation round from the escrow's pool is out
     RELEASING = "releasing"  # decided: paying providers and validators
     CLOSED = "closed"  # every payout made; the job's accounts are zero
     REFUNDING = "refunding"  # nothing accepted (or expired hold): money going back
@@ -96,11 +101,15 @@ class JobState(enum.StrEnum):
 S = JobState
 FINAL_STATES: Final = frozenset({S.CLOSED, S.REFUNDED, S.REJECTED, S.CANCELLED})
 #: States a job is only in once it was funded (the intake budget's "returning customer").
-FUNDED_STATES: Final = frozenset({S.COLLECTING, S.VALIDATING, S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED})
+FUNDED_STATES: Final = frozenset(
+    {S.COLLECTING, S.VALIDATING, S.FALLBACK, S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED}
+)
 #: States an operator may refund a job from by hand (before any release decision: nothing paid out).
-OPERATOR_REFUNDABLE: Final = frozenset({S.COLLECTING, S.VALIDATING})
+OPERATOR_REFUNDABLE: Final = frozenset({S.COLLECTING, S.VALIDATING, S.FALLBACK})
 #: States with a deadline the timers watch.
-TIMED_STATES: Final = frozenset({S.OFFERED, S.COLLECTING, S.VALIDATING})
+TIMED_STATES: Final = frozenset({S.OFFERED, S.COLLECTING, S.VALIDATING, S.FALLBACK})
+#: States in which the job's money waits for a decision (a hold may be moved into custody).
+DECIDING_STATES: Final = frozenset({S.COLLECTING, S.VALIDATING, S.FALLBACK})
 
 
 class Funds(enum.StrEnum):
@@ -158,9 +167,14 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     (S.COLLECTING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),  # the hold HTLC went back
     (S.COLLECTING, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
     (S.VALIDATING, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
-    (S.VALIDATING, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    # fallback: quorum missed, and a fallback round from the escrow's pool is possible and allowed
+    (S.VALIDATING, FactKind.DEADLINE): frozenset({S.FALLBACK, S.RELEASING, S.REFUNDING, S.REFUNDED}),
     (S.VALIDATING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
     (S.VALIDATING, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
+    (S.FALLBACK, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),  # every fallback validator
+    (S.FALLBACK, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    (S.FALLBACK, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
+    (S.FALLBACK, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
     (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),  # the hold expired before settling
     (S.RELEASING, FactKind.PAYOUT_SUCCEEDED): frozenset({S.CLOSED}),  # the last payout booked
     (S.REFUNDING, FactKind.SETTLED): frozenset({S.REFUNDED}),  # nothing left to send back
@@ -251,6 +265,10 @@ class JobView:
     validation_extended_to: int | None = None
     deadlines_extended_at: int | None = None  # when (the outages before it are in the deadlines in force)
     eval_request_id: str | None = None
+    # The fallback round (state FALLBACK and after): its request, deadline (in force) and validators.
+    fallback_request_id: str | None = None
+    fallback_deadline: int | None = None
+    fallback_validators: tuple[str, ...] = ()
     refund_reason: str | None = None
     decision: Decision | None = None  # stored when validation ended
     results: tuple[ResultView, ...] = ()
@@ -284,6 +302,11 @@ class JobView:
             return self.validation_extended_to
         return self.req.spec.validation_deadline
 
+    @property
+    def all_validators(self) -> tuple[str, ...]:
+        """Everyone whose scores may count: the named validators, then the fallback round's."""
+        return (*self.req.validators, *self.fallback_validators)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -308,6 +331,8 @@ class MachineConfig:
     offer_grace_seconds: int = 30  # late payments within this are still honoured
     results_grace_seconds: int = 60  # receipt may lag a result's deadline by this much (relay latency)
     release_margin_seconds: int = 3600  # hold invoices must outlive the validation deadline by this
+    validator_pool: tuple[str, ...] = ()  # the pool the escrow announces (§1): fallback validators come from it
+    fallback_round_seconds: int = 600  # a fallback evaluation round's window
 
 
 # ---------------------------------------------------------------------------- facts
@@ -407,6 +432,7 @@ class DeadlineExtended:
 
     results_to: int | None
     validation_to: int | None
+    fallback_to: int | None = None  # a fallback round's deadline (state FALLBACK)
     kind: ClassVar[FactKind] = FactKind.DEADLINE_EXTENDED
 
 
@@ -482,11 +508,39 @@ class NewJob:
 
 
 @dataclass(frozen=True)
+class SealKey:
+    """A sealed candidate's key to hand to a pool validator: the engine opens ``customer_key`` (NIP-44
+    is symmetric between the escrow and the customer), checks it against ``key_sha256`` and wraps it
+    escrow -> ``validator`` into the request's ``key`` tag when it signs. The machine never sees a key."""
+
+    result_id: str
+    validator: str
+    customer: str
+    customer_key: str
+    key_sha256: str
+
+
+class EventRole(enum.StrEnum):
+    """An outgoing event whose id the job keeps."""
+
+    OTHER = "other"
+    EVAL_REQUEST = "eval_request"  # becomes eval_request_id
+    FALLBACK_REQUEST = "fallback_request"  # becomes fallback_request_id
+
+
+@dataclass(frozen=True)
 class Outgoing:
-    """An event to sign and publish; ``is_eval_request``: its id becomes the job's ``eval_request_id``."""
+    """An event to sign and publish. ``evaluation`` + ``seal_keys``: a pool round's request, rebuilt
+    by the engine with the wrapped keys (``template`` is the same request without them)."""
 
     template: Template
-    is_eval_request: bool = False
+    role: EventRole = EventRole.OTHER
+    evaluation: EvaluationRequest | None = None
+    seal_keys: tuple[SealKey, ...] = ()
+
+    @property
+    def is_eval_request(self) -> bool:
+        return self.role is EventRole.EVAL_REQUEST
 
 
 @dataclass(frozen=True)
@@ -499,6 +553,8 @@ class Plan:
     results_extended_to: int | None = None  # set when an outage moved the deadline
     validation_extended_to: int | None = None
     deadlines_extended_at: int | None = None  # and when
+    fallback_deadline: int | None = None  # set when a fallback round starts (or an outage moves it)
+    fallback_validators: tuple[str, ...] | None = None  # set when a fallback round starts
     refund_reason: str | None = None
     decision: Decision | None = None
     release_detail: Mapping[str, object] | None = None  # added to the stored decision at release
@@ -521,6 +577,8 @@ class Plan:
             or self.results_extended_to is not None
             or self.validation_extended_to is not None
             or self.deadlines_extended_at is not None
+            or self.fallback_deadline is not None
+            or self.fallback_validators is not None
             or self.refund_reason
             or self.decision
             or self.release_detail
@@ -554,6 +612,8 @@ class _Builder:
         self.results_extended_to: int | None = None
         self.validation_extended_to: int | None = None
         self.deadlines_extended_at: int | None = None
+        self.fallback_deadline: int | None = None
+        self.fallback_validators: tuple[str, ...] | None = None
         self.refund_reason: str | None = None
         self.decision: Decision | None = None
         self.release_detail: Mapping[str, object] | None = None
@@ -578,7 +638,7 @@ class _Builder:
         self.notes.append((kind, detail))
 
     def publish(self, template: Template, *, is_eval_request: bool = False) -> None:
-        self.events.append(Outgoing(template, is_eval_request))
+        self.events.append(Outgoing(template, EventRole.EVAL_REQUEST if is_eval_request else EventRole.OTHER))
 
     def effect(self, kind: EffectKind) -> None:
         self.effects.append(kind)
@@ -614,6 +674,8 @@ class _Builder:
             results_extended_to=self.results_extended_to,
             validation_extended_to=self.validation_extended_to,
             deadlines_extended_at=self.deadlines_extended_at,
+            fallback_deadline=self.fallback_deadline,
+            fallback_validators=self.fallback_validators,
             refund_reason=self.refund_reason,
             decision=self.decision,
             release_detail=self.release_detail,
@@ -798,7 +860,7 @@ def _settled(b: _Builder, view: JobView, fact: Settled, now: int, c: MachineConf
         return _custodial_refund(b, RefundReason.PAID_AFTER_CANCEL, "late payment of a cancelled job: refunding")
     if view.state is S.RELEASING:
         return _release(b, c, "hold settled: released")
-    if view.state in (S.COLLECTING, S.VALIDATING):
+    if view.state in DECIDING_STATES:
         b.note(
             Note.TRANSITION,
             {
@@ -822,7 +884,7 @@ def _invoice_canceled(b: _Builder, view: JobView, fact: InvoiceCanceled, now: in
         return _finish_refund(
             b, view.refund_reason or RefundReason.HOLD_EXPIRED, view.bid_msat, "refunded (hold cancelled)"
         )
-    if view.state in (S.COLLECTING, S.VALIDATING, S.RELEASING):
+    if view.state in (*DECIDING_STATES, S.RELEASING):
         b.move(S.REFUNDING, RefundReason.HOLD_EXPIRED)
         b.refund_reason = RefundReason.HOLD_EXPIRED.value
         return _finish_refund(b, RefundReason.HOLD_EXPIRED, view.bid_msat, "refunded (hold cancelled before release)")
@@ -887,10 +949,10 @@ def _start_validation(b: _Builder, results: tuple[ResultView, ...], why: str) ->
     return "validating"
 
 
-def scored_models(view: JobView) -> dict[str, str]:
-    """What the validators score, by the id their scores use: each candidate's model sha256, and
-    the job's baseline model under :data:`BASELINE` (relative acceptance)."""
-    targets = {r.id: r.model_sha256 for r in view.results}
+def scored_models(view: JobView, candidates: tuple[ResultView, ...]) -> dict[str, str]:
+    """What the validators of a round score, by the id their scores use: each candidate's model
+    sha256, and the job's baseline model under :data:`BASELINE` (relative acceptance)."""
+    targets = {r.id: r.model_sha256 for r in candidates}
     baseline = view.req.spec.baseline
     if baseline is not None:
         targets[BASELINE] = baseline.model_sha256
@@ -899,15 +961,25 @@ def scored_models(view: JobView) -> dict[str, str]:
 
 def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: MachineConfig) -> str:
     seen = {"event": fact.event_id, "from": fact.validator}
-    if view.state is not S.VALIDATING:
+    if view.state is S.VALIDATING:
+        validators, request_id, deadline = view.req.validators, view.eval_request_id, view.validation_deadline
+        candidates = view.results
+    elif view.state is S.FALLBACK:
+        # Only the fallback validators, for the fallback request, before its deadline: a named
+        # validator's late first-round scores are not counted.
+        validators, request_id = view.fallback_validators, view.fallback_request_id
+        deadline = view.fallback_deadline if view.fallback_deadline is not None else view.validation_deadline
+        candidates = fallback_candidates(view)
+    else:
         return ignored(b, f"job is {view.state}, not validating", **seen)
-    if fact.validator not in view.req.validators:
-        return ignored(b, "signed by a key that is not a designated validator", **seen)
-    if fact.request_id != view.eval_request_id:
+    if fact.validator not in validators:
+        why = "not a fallback validator" if view.state is S.FALLBACK else "not a designated validator"
+        return ignored(b, f"signed by a key that is {why}", **seen)
+    if fact.request_id != request_id:
         return ignored(b, "answers another evaluation request", **seen)
-    if fact.created_at > view.validation_deadline or not _on_time(fact.received_at, view.validation_deadline):
+    if fact.created_at > deadline or not _on_time(fact.received_at, deadline):
         return ignored(b, "after the validation deadline", **seen)
-    targets = scored_models(view)
+    targets = scored_models(view, candidates)
     have = {(x.result_id, x.validator) for x in view.scores}
     notes: list[str] = []
     for sc in fact.scores:
@@ -932,8 +1004,11 @@ def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: Machi
         },
     )
     counted = f"counted {len(b.scores)} score(s)" + (f"; ignored {len(notes)}" if notes else "")
-    if len(have) >= len(targets) * len(view.req.validators):
-        _decide(b, (*view.scores, *b.scores), c, "every validator scored every candidate")
+    if all((r, v) in have for r in targets for v in validators):
+        why = (
+            "every fallback validator scored" if view.state is S.FALLBACK else "every validator scored every candidate"
+        )
+        _decide(b, (*view.scores, *b.scores), c, why)
     return counted
 
 
@@ -961,7 +1036,7 @@ def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
         bid_msat=req.split.bid_msat,
         fee_msat=req.split.fee_msat,
         validator_fee_msat=req.split.validator_fee_msat,
-        validators=req.validators,
+        validators=view.all_validators,  # a fee only for those who scored (a named no-show earns nothing)
         baseline=None
         if baseline is None
         else {x.validator: x.value for x in scores if x.result_id == BASELINE and x.value is not None},
@@ -973,7 +1048,7 @@ def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
 def published_scores(view: JobView, scores: tuple[ScoreView, ...]) -> tuple[PublishedScore, ...]:
     """Every counted score, in the clear in the validation complete (sealed ones included: the
     decision is taken, and anyone can recompute it), in the candidates' and validators' order."""
-    validators = {v: k for k, v in enumerate(view.req.validators)}
+    validators = {v: k for k, v in enumerate(view.all_validators)}
     rank = {r.id: k for k, r in enumerate(view.results)}
     if view.req.spec.baseline is not None:
         rank[BASELINE] = len(rank)  # the baseline's scores after the candidates'
@@ -1035,7 +1110,10 @@ def _deadline(b: _Builder, view: JobView, fact: DeadlineReached, now: int, c: Ma
     elif view.state is S.COLLECTING:
         _start_validation(b, view.results, "results deadline passed")
     elif view.state is S.VALIDATING:
-        _decide(b, view.scores, c, "validation deadline passed")
+        if not _start_fallback(b, view, now, c):
+            _decide(b, view.scores, c, "validation deadline passed")
+    elif view.state is S.FALLBACK:
+        _decide(b, view.scores, c, "fallback deadline passed")
     return due
 
 
@@ -1048,6 +1126,8 @@ def _deadline_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
     money is still locked moves into custody first (settle_hold, as the deadline guard would): its
     HTLC was sized to outlive the request's validation deadline by the release margin (the mode
     rule), not a later one."""
+    if view.state is S.FALLBACK:
+        return _fallback_extended(b, view, fact, now)
     if view.state not in (S.COLLECTING, S.VALIDATING):
         return ignored(b, f"job is {view.state}: no deadline to extend")
     results_to = fact.results_to if view.state is S.COLLECTING else None
@@ -1073,23 +1153,196 @@ def _deadline_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
         },
     )
     b.publish(build_deadline_extension(DeadlineExtension(view.id, view.customer, results_to, validation_to)))
-    if validation_to is not None and b.current_funds is Funds.LOCKED:
-        b.note(
-            Note.TRANSITION,
-            {
-                "to": view.state.value,
-                "why": "validation deadline extended past the hold invoice's margin: into custody",
-            },
-        )
-        b.effect(EffectKind.SETTLE_HOLD)  # the settled fact books it; the job continues custodially
+    if validation_to is not None:
+        _into_custody(b, "validation deadline extended past the hold invoice's margin: into custody")
     return "deadline extended"
+
+
+def _fallback_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: int) -> str:
+    """An outage across the fallback round's deadline moves it (never earlier), as the validation one."""
+    if fact.fallback_to is None or view.fallback_deadline is None or fact.fallback_to <= view.fallback_deadline:
+        return ignored(b, "deadline extension: no deadline later than the one in force")
+    b.fallback_deadline = fact.fallback_to
+    b.deadlines_extended_at = now
+    b.note(
+        Note.FACT,
+        {
+            "event": "deadline extended (escrow outage)",
+            "fallback_deadline": fact.fallback_to,
+            "was": view.fallback_deadline,
+        },
+    )
+    b.publish(
+        build_deadline_extension(
+            DeadlineExtension(view.id, view.customer, None, None, fallback_deadline=fact.fallback_to)
+        )
+    )
+    _into_custody(b, "fallback deadline extended past the hold invoice's margin: into custody")
+    return "deadline extended"
+
+
+def _into_custody(b: _Builder, why: str) -> None:
+    """A hold job whose money is still locked moves into custody (settle_hold): its HTLC was sized
+    to outlive the request's validation deadline by the release margin (the mode rule), not a later
+    one. The settled fact books it; the job continues custodially."""
+    if b.current_funds is not Funds.LOCKED:
+        return
+    b.note(Note.TRANSITION, {"to": b.view.state.value, "why": why})
+    b.effect(EffectKind.SETTLE_HOLD)
+
+
+# ---------------------------------------------------------------------------- pool rounds
+
+
+@dataclass(frozen=True)
+class PoolRound:
+    """An evaluation round by validators from the escrow's pool (the fallback round; the appeal
+    round reuses it): who was picked, and the request to publish (its keys wrapped at signing)."""
+
+    validators: tuple[str, ...]
+    request: EvaluationRequest
+    seal_keys: tuple[SealKey, ...]
+
+
+def pool_eligible(view: JobView, pool: tuple[str, ...], exclude: frozenset[str] = frozenset()) -> tuple[str, ...]:
+    """The pool keys that may score this job, sorted: never the customer, a provider of one of its
+    results, a named validator (who scored already, or did not and is not asked again), or ``exclude``."""
+    barred = {view.customer, *(r.provider for r in view.results), *view.req.validators, *exclude}
+    return tuple(sorted(set(pool) - barred))
+
+
+def pool_round(
+    view: JobView,
+    *,
+    pool: tuple[str, ...],
+    count: int,
+    candidates: tuple[ResultView, ...],
+    deadline: int,
+    previous: str | None,
+    exclude: frozenset[str] = frozenset(),
+) -> PoolRound | None:
+    """The first ``count`` eligible pool keys (by key: deterministic, nobody chooses) asked to score
+    ``candidates`` by ``deadline``; None when no pool key is eligible."""
+    chosen = pool_eligible(view, pool, exclude)[:count]
+    if not chosen or not candidates:
+        return None
+    request = EvaluationRequest(
+        job_id=view.id,
+        candidates=tuple(Candidate(r.id) for r in candidates),
+        validators=chosen,
+        metric=view.req.spec.validation.metric,
+        deadline=deadline,
+        round=EvalRound.FALLBACK,
+        previous=previous,
+        baseline=_baseline_ref(view),
+    )
+    keys = tuple(
+        SealKey(r.id, v, view.customer, r.customer_key, r.key_sha256)
+        for r in candidates
+        if r.customer_key is not None and r.key_sha256 is not None
+        for v in chosen
+    )
+    return PoolRound(chosen, request, keys)
+
+
+def _baseline_ref(view: JobView) -> tuple[str, str] | None:
+    """The job's baseline as an evaluation request names it (relative acceptance), or None."""
+    baseline = view.req.spec.baseline
+    return None if baseline is None else (baseline.model_sha256, baseline.url)
+
+
+def named_counts(view: JobView) -> dict[str, int]:
+    """Per scored model (each result, and the baseline under :data:`BASELINE`), how many named
+    validators' scores were counted (the first round's)."""
+    named = set(view.req.validators)
+    return {
+        rid: sum(1 for x in view.scores if x.result_id == rid and x.validator in named and x.value is not None)
+        for rid in scored_models(view, view.results)
+    }
+
+
+def fallback_candidates(view: JobView) -> tuple[ResultView, ...]:
+    """The candidates the first round left short of quorum: the ones a fallback round scores. When
+    the job's baseline is short of quorum no result can be shown to beat it: all are scored again
+    (with the baseline, which every round of a baseline job scores)."""
+    quorum = view.req.spec.validation.quorum
+    counts = named_counts(view)
+    if BASELINE in counts and counts[BASELINE] < quorum:
+        return view.results
+    return tuple(r for r in view.results if counts[r.id] < quorum)
+
+
+def fallback_allowed(view: JobView, c: MachineConfig) -> bool:
+    """The request opts in (``round fallback``), or the escrow announces a pool and it did not opt out."""
+    chosen = view.req.spec.round
+    return chosen is RoundParam.FALLBACK or (chosen is None and bool(c.validator_pool))
+
+
+def _start_fallback(b: _Builder, view: JobView, now: int, c: MachineConfig) -> bool:
+    """At the validation deadline, quorum missed: ask pool validators, one per named validator who
+    scored nothing (their fees are the ones free), as many as the worst candidate lacks. False:
+    no fallback (not allowed, quorum met, nobody eligible); the caller decides."""
+    short = fallback_candidates(view)
+    if not short or not fallback_allowed(view, c) or view.eval_request_id is None:
+        return False
+    scored = {x.validator for x in view.scores if x.value is not None}
+    no_shows = [v for v in view.req.validators if v not in scored]
+    counts = named_counts(view)
+    lacking = max(
+        view.req.spec.validation.quorum - counts[rid] for rid in (*(r.id for r in short), *counts.keys() & {BASELINE})
+    )
+    deadline = now + c.fallback_round_seconds
+    picked = pool_round(
+        view,
+        pool=c.validator_pool,
+        count=min(len(no_shows), lacking),
+        candidates=short,
+        deadline=deadline,
+        previous=view.eval_request_id,
+    )
+    if picked is None:
+        return False
+    b.move(S.FALLBACK, f"quorum missed for {len(short)} candidate(s): fallback round")
+    b.fallback_deadline, b.fallback_validators = deadline, picked.validators
+    b.deadlines_extended_at = now  # the fallback deadline counts from now: earlier outages are behind it
+    b.note(
+        Note.FACT,
+        {
+            "event": "fallback round",
+            "validators": list(picked.validators),
+            "no_shows": no_shows,
+            "candidates": [r.id for r in short],
+            "deadline": deadline,
+        },
+    )
+    b.events.append(
+        Outgoing(
+            build_evaluation_request(picked.request),
+            EventRole.FALLBACK_REQUEST,
+            evaluation=picked.request,
+            seal_keys=picked.seal_keys,
+        )
+    )
+    addressees = dict.fromkeys((view.customer, *(r.provider for r in view.results)))
+    for who in addressees:
+        b.publish(build_fallback_started(FallbackStarted(view.id, who, deadline)))
+    _into_custody(b, "fallback round past the hold invoice's margin: into custody")
+    return True
 
 
 def due_deadline(view: JobView, now: int, c: MachineConfig) -> str | None:
     """Which of the job's deadlines has passed and still needs acting on."""
     if view.state not in TIMED_STATES:
         return None
-    return due_deadline_of(view.state, view.offer_expires_at, view.results_deadline, view.validation_deadline, now, c)
+    return due_deadline_of(
+        view.state,
+        view.offer_expires_at,
+        view.results_deadline,
+        view.validation_deadline,
+        now,
+        c,
+        fallback_deadline=view.fallback_deadline,
+    )
 
 
 def due_deadline_of(
@@ -1099,6 +1352,8 @@ def due_deadline_of(
     validation_deadline: int,
     now: int,
     c: MachineConfig,
+    *,
+    fallback_deadline: int | None = None,
 ) -> str | None:
     """:func:`due_deadline` from a job row's columns (the timer scan decides without a view)."""
     if state is S.OFFERED and offer_expires_at and now > offer_expires_at + c.offer_grace_seconds:
@@ -1107,6 +1362,8 @@ def due_deadline_of(
         return "results deadline"
     if state is S.VALIDATING and now > validation_deadline:
         return "validation deadline"
+    if state is S.FALLBACK and now > (fallback_deadline if fallback_deadline is not None else validation_deadline):
+        return "fallback deadline"
     return None
 
 

@@ -62,6 +62,11 @@ class Job(Base):
     deadlines_extended_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     offer_expires_at: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     eval_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A fallback evaluation round (docs/escrow.md): its request, its deadline in force (an outage may
+    # move it) and the pool validators it names (JSON list; they are the only ones whose scores count then).
+    fallback_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    fallback_deadline: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    fallback_validators: Mapped[str | None] = mapped_column(Text, nullable=True)
     refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reject_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
     decision: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
@@ -87,7 +92,7 @@ class Job(Base):
         return (
             self.mode is EscrowMode.HOLD
             and self.funds is Funds.HELD
-            and self.state in (JobState.COLLECTING, JobState.VALIDATING)
+            and self.state in (JobState.COLLECTING, JobState.VALIDATING, JobState.FALLBACK)
         )
 
 

@@ -44,6 +44,7 @@ DEADLINE_OF_STATE = {
     JobState.OFFERED.value: "offer_expiry",
     JobState.COLLECTING.value: "results_deadline",
     JobState.VALIDATING.value: "validation_deadline",
+    JobState.FALLBACK.value: "fallback_deadline",
 }
 
 
@@ -163,6 +164,7 @@ class EngineRunner:
                 Job.state == JobState.VALIDATING.value,
                 func.coalesce(Job.validation_extended_to, Job.validation_deadline) <= now,
             ),
+            and_(Job.state == JobState.FALLBACK.value, Job.fallback_deadline <= now),
         )
         ref = _timer_ref_sql()
         async with self.sessions() as s:

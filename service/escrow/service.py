@@ -83,6 +83,9 @@ class EscrowService:
                 results_grace_seconds=settings.results_grace_seconds,
                 heartbeat_tolerance_seconds=settings.heartbeat_tolerance_seconds,
                 outage_catch_up_seconds=settings.outage_catch_up_seconds,
+                # the escrow never asks itself, should its own key be listed
+                validator_pool=tuple(v.pubkey for v in self.validator_pool if v.pubkey != key.public_key_hex),
+                fallback_round_seconds=settings.fallback_round_seconds,
             ),
         )
         # When this process is live: opened before the engine's timers first run (the gap before

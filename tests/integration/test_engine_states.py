@@ -9,6 +9,8 @@ missing from the table must leave the state unchanged. The pure version, every p
 from __future__ import annotations
 
 import asyncio
+import hashlib
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import select
@@ -16,11 +18,12 @@ from sqlalchemy import select
 from service.db import create_engine, session_factory
 from service.escrow.models import Job, JobState
 from service.lightning.models import LnInvoice
-from service.nostr.nip01 import sign_event
+from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import build_deletion
 from tests.unit.test_engine_properties import CUSTOMER, ESCROW, Clock, World, _fresh_db
 
 S = JobState
+POOL_KEY = SecretKey(hashlib.sha256(b"engine states pool validator").digest()).public_key_hex  # outside every job
 FACTS = (
     "effects_run",
     "funded",
@@ -47,6 +50,11 @@ TABLE: dict[tuple[JobState, str], JobState] = {
     (S.COLLECTING, "validation_deadline"): S.REFUNDING,
     (S.VALIDATING, "hold_canceled"): S.REFUNDED,
     (S.VALIDATING, "validation_deadline"): S.REFUNDING,  # no scores: no quorum
+    # A fallback round (one of two validators scored; the escrow's pool asked): its deadline is a
+    # no-quorum refund when nobody else scored; the hold HTLC going back refunds it too.
+    (S.FALLBACK, "hold_canceled"): S.REFUNDED,
+    (S.FALLBACK, "results_deadline"): S.REFUNDING,
+    (S.FALLBACK, "validation_deadline"): S.REFUNDING,
     (S.RELEASING, "payouts_done"): S.RELEASING,  # nothing is paid before the hold is settled
     # The hold expired (LND gave the money back) before our settle: the customer has it back. (Before
     # the machine this job stayed `releasing` for ever, its settle effect failing on a cancelled invoice.)
@@ -59,6 +67,7 @@ START_STATES = (
     S.OFFERED,
     S.COLLECTING,
     S.VALIDATING,
+    S.FALLBACK,
     S.RELEASING,
     S.CLOSED,
     S.REFUNDING,
@@ -101,6 +110,15 @@ async def reach(world: World, state: JobState) -> str:
     await world.result(0, 0, 0, True)
     await world.result(0, 1, 1, True)
     if state is S.VALIDATING:
+        return job_id
+    if state is S.FALLBACK:
+        # the escrow announces a pool; one named validator scores, the other does not
+        world.engine.machine_config = replace(
+            world.engine.machine_config, validator_pool=(POOL_KEY,), fallback_round_seconds=100
+        )
+        await world.score(0, 0, False)
+        world.clock.t += 201  # past the validation deadline
+        await world.step_engine()
         return job_id
     await world.score(0, 0, False)
     await world.score(0, 1, False)

@@ -80,6 +80,10 @@ STRANGER = SecretKey(hashlib.sha256(b"machine stranger").digest()).public_key_he
 PROVIDERS = [SecretKey(hashlib.sha256(f"machine provider {i}".encode()).digest()).public_key_hex for i in range(3)]
 VALIDATORS = [SecretKey(hashlib.sha256(f"machine validator {i}".encode()).digest()).public_key_hex for i in range(2)]
 SEALED_PROVIDER = 0  # this provider's results are sealed
+#: The escrow's announced validator pool (a fallback round's validators come from it; VALIDATORS[0]
+#: is in it too, and is never picked for a job that names it).
+POOL = [SecretKey(hashlib.sha256(f"machine pool {i}".encode()).digest()).public_key_hex for i in range(2)]
+POOL_CONFIG = MachineConfig(terms=TERMS, validator_pool=(VALIDATORS[0], *POOL), fallback_round_seconds=100)
 OUTAGE_SECONDS = 50  # an outage across a deadline moves it by this much
 CONTENT_KEY = hashlib.sha256(b"machine content key").digest()
 #: Its content key for the customer, as the engine re-encrypts it at intake (escrow -> customer).
@@ -209,9 +213,20 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         deadlines_extended_at=(
             plan.deadlines_extended_at if plan.deadlines_extended_at is not None else v.deadlines_extended_at
         ),
+        fallback_deadline=plan.fallback_deadline if plan.fallback_deadline is not None else v.fallback_deadline,
+        fallback_validators=(
+            plan.fallback_validators if plan.fallback_validators is not None else v.fallback_validators
+        ),
+        fallback_request_id=(
+            hashlib.sha256(f"fallback {v.id}".encode()).hexdigest()
+            if any(o.role is machine.EventRole.FALLBACK_REQUEST for o in plan.events)
+            else v.fallback_request_id
+        ),
         refund_reason=plan.refund_reason if plan.refund_reason is not None else v.refund_reason,
         decision=plan.decision if plan.decision is not None else v.decision,
-        eval_request_id=("eval-" + v.id[:8]) if any(o.is_eval_request for o in plan.events) else v.eval_request_id,
+        eval_request_id=hashlib.sha256(f"eval {v.id}".encode()).hexdigest()
+        if any(o.is_eval_request for o in plan.events)
+        else v.eval_request_id,
         results=results,
         scores=v.scores + plan.scores,
         payouts=tuple(rows),
@@ -278,17 +293,23 @@ def _result(w: World, provider: int, shard: int, copy_of: int | None = None) -> 
     return machine.ResultReceived(r, rid, w.now, float(w.now))
 
 
-def _scores(w: World, validator: int, good: bool) -> machine.ScoresReceived:
+def _scores(w: World, validator: int, good: bool, *, first_only: bool = False) -> machine.ScoresReceived:
+    """Validator ``validator``'s scores of every candidate (``first_only``: of the first one only).
+    In a fallback round: the fallback validator of that index, for the fallback request."""
+    fallback = w.view.state is S.FALLBACK
+    candidates = machine.fallback_candidates(w.view) if fallback else w.view.results
     scores = tuple(
         machine.Score(
             r.id,
             r.model_sha256,
             Decimal("0.9") if good else machine.UNREADABLE if r.sealed else Decimal("0.1"),
         )
-        for r in w.view.results
+        for r in candidates[: 1 if first_only else None]
     )
-    eid = hashlib.sha256(f"scores {validator} {good} {len(scores)}".encode()).hexdigest()
-    return machine.ScoresReceived(VALIDATORS[validator], w.view.eval_request_id or "", scores, eid, w.now, float(w.now))
+    who = w.view.fallback_validators[validator] if fallback else VALIDATORS[validator]
+    request_id = (w.view.fallback_request_id if fallback else w.view.eval_request_id) or ""
+    eid = hashlib.sha256(f"scores {who} {good} {len(scores)}".encode()).hexdigest()
+    return machine.ScoresReceived(who, request_id, scores, eid, w.now, float(w.now))
 
 
 def _next_deadline(w: World) -> int | None:
@@ -299,6 +320,8 @@ def _next_deadline(w: World) -> int | None:
         return v.results_deadline + w.config.results_grace_seconds + 1
     if v.state is S.VALIDATING:
         return v.validation_deadline + 1
+    if v.state is S.FALLBACK and v.fallback_deadline is not None:
+        return v.fallback_deadline + 1
     return None
 
 
@@ -375,9 +398,30 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
         for k in range(len(v.req.validators)):
             for good in (True, False):
                 yield f"scores v{k} {'good' if good else 'bad'}", step(w, _scores(w, k, good))
+    if v.state is S.FALLBACK:
+        for k in range(len(v.fallback_validators)):
+            for good in (True, False):
+                yield f"fallback scores f{k} {'good' if good else 'bad'}", step(w, _scores(w, k, good))
+            if len(machine.fallback_candidates(v)) > 1:
+                yield f"fallback scores f{k} first only", step(w, _scores(w, k, True, first_only=True))
+        # a named validator's late first-round scores: never counted
+        yield (
+            "late first-round scores v0",
+            step(w, replace(_scores(w, 0, True), validator=VALIDATORS[0], request_id=v.eval_request_id or "")),
+        )
     due = _next_deadline(w)
     if due is not None:
         yield "deadline", step(w, machine.DeadlineReached(), now=max(w.now, due))
+    if due is not None and w.outages and v.state is S.FALLBACK and v.fallback_deadline is not None:
+        yield (
+            "outage across the fallback deadline",
+            step(
+                w,
+                machine.DeadlineExtended(None, None, v.fallback_deadline + OUTAGE_SECONDS),
+                now=max(w.now, due),
+                outages=w.outages - 1,
+            ),
+        )
     if due is not None and w.outages and v.state in (S.COLLECTING, S.VALIDATING):
         # The escrow was down across the deadline: the timer scan moves it by the outage (50 s).
         results_to = v.results_deadline + OUTAGE_SECONDS if v.state is S.COLLECTING else None
@@ -393,7 +437,7 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
     if v.state in (S.REQUESTED, S.OFFERED):
         yield "deleted", step(w, machine.Deleted(v.customer))
         yield "deleted by a stranger", step(w, machine.Deleted(STRANGER))
-    if v.state in (S.COLLECTING, S.VALIDATING):
+    if v.state in (S.COLLECTING, S.VALIDATING, S.FALLBACK):
         yield "operator refund", step(w, machine.OperatorRefund("test"))
     for i, p in enumerate(w.payouts):
         if p.state is PayoutState.PENDING:
@@ -469,6 +513,37 @@ def violations(w: World) -> list[str]:
         out.append("funds held without a payment")
     out.extend(_deadline_violations(w))
     out.extend(_key_violations(w))
+    out.extend(_fallback_violations(w))
+    return out
+
+
+def _fallback_violations(w: World) -> list[str]:
+    """A fallback round asks only eligible pool keys (never the customer, a provider, a named
+    validator), no more of them than named validators who scored nothing; validator fees go only to
+    validators whose scores counted (a named no-show earns nothing); a hold job in the fallback
+    round with its money still locked is on its way into custody."""
+    v = w.view
+    if v.request is None:
+        return []
+    out = []
+    fallback = set(v.fallback_validators)
+    barred = {v.customer, *(r.provider for r in v.results), *v.req.validators}
+    if fallback & barred or not fallback <= set(w.config.validator_pool):
+        out.append(f"fallback validators {sorted(fallback)} include a barred or unpooled key")
+    counted = {x.validator for x in v.scores if x.value is not None}
+    no_shows = [x for x in v.req.validators if x not in counted]
+    if len(fallback) > len(v.req.validators):
+        out.append("more fallback validators than named ones")
+    if fallback and len(fallback) > len(no_shows) + len(fallback & counted):
+        out.append("more fallback validators than named no-shows")
+    for p in w.payouts:
+        if p.kind is PayoutKind.VALIDATOR_FEE and p.payee not in counted:
+            out.append(f"validator fee to {p.payee[:8]}, whose scores did not count")
+    if v.state is S.FALLBACK and v.funds is Funds.LOCKED and EffectKind.SETTLE_HOLD not in w.effects:
+        out.append("a hold job in the fallback round with its money locked, not going into custody")
+    late = [x for x in v.scores if x.validator not in fallback and x.validator not in v.req.validators]
+    if late:
+        out.append("a score counted from someone neither named nor in the fallback round")
     return out
 
 

@@ -307,3 +307,40 @@ def test_the_command_refuses_a_malformed_job_id_or_relay(capsys: pytest.CaptureF
     assert main(["audit", "not-an-id", "--relay", "wss://relay.example.org"]) == 2
     assert main(["audit", "ab" * 32, "--relay", "https://relay.example.org"]) == 2
     assert "ws:// or wss://" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- a fallback round (§6b)
+
+
+def _fallback(world: AuditWorld, validator: str, *, previous: str | None = None) -> Template:
+    from service.nostr.protocol import EvalRound, build_evaluation_request, parse_evaluation_request
+
+    first = parse_evaluation_request(world.events["evaluation request"])
+    return build_evaluation_request(
+        replace(
+            first,
+            validators=(world.keys[validator].public_key_hex,),
+            round=EvalRound.FALLBACK,
+            previous=previous or world.events["evaluation request"].id,
+            deadline=first.deadline + 600,
+        )
+    )
+
+
+def test_a_fallback_round_when_every_named_validator_scored_is_reported(world: AuditWorld) -> None:
+    """Both named validators scored every candidate: a fallback round had no reason to be, and
+    mallory's scores could not count."""
+    problems = found(audit(world, world.plus(_fallback(world, "mallory"))))
+    assert ("fallback", "too_many_fallback_validators") in problems
+    assert ("fallback", "wrong_candidates") in problems
+
+
+def test_a_fallback_round_asking_a_named_validator_or_not_following_the_first_is_reported(world: AuditWorld) -> None:
+    assert ("fallback", "barred_validator") in found(audit(world, world.plus(_fallback(world, "validator 1"))))
+    other = _fallback(world, "mallory", previous="ee" * 32)
+    assert ("fallback", "wrong_previous") in found(audit(world, world.plus(other)))
+
+
+def test_no_fallback_round_is_not_applicable(world: AuditWorld) -> None:
+    statuses = {f.check: f.status for f in audit(world, world.all()).findings}
+    assert statuses["fallback"] is Status.NOT_APPLICABLE

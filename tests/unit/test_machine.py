@@ -73,7 +73,15 @@ def reachable() -> dict[str, mw.World]:
     dust = [mw.start(mw.request(shards=1, validators=1, mode=m), config=mw.DUST) for m in (Mode.HOLD, Mode.CUSTODIAL)]
     # An escrow outage across a deadline (DeadlineExtended), once per world, from these roots.
     outage = [mw.start(mw.request(shards=1, validators=1, mode=m), outages=1) for m in (Mode.HOLD, Mode.CUSTODIAL)]
-    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage])
+    # A fallback round: two named validators and quorum 2 (one no-show reaches it), from the pool.
+    fallback = [
+        mw.start(mw.request(shards=1, validators=2, mode=m), config=cfg, outages=1)
+        for m in (Mode.HOLD, Mode.CUSTODIAL)
+        for cfg in (mw.POOL_CONFIG, replace(mw.DUST, validator_pool=mw.POOL_CONFIG.validator_pool))
+    ]
+    # two candidates, quorum 1, nobody scored: one pool validator, who may score one candidate only
+    fallback_wide = mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL), config=mw.POOL_CONFIG)
+    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage, *fallback, fallback_wide])
 
 
 def _facts(w: mw.World) -> list[tuple[FactKind, mw.World, JobState]]:
@@ -157,7 +165,10 @@ def test_every_sequence_of_facts_keeps_the_invariants() -> None:
         # an escrow outage across a deadline, once: hold (its money goes into custody first)
         mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD), outages=1),
     ]
-    total = sum(paths(r, depth) for r in roots)
+    # a fallback round (two named validators, quorum 2, a pool; hold: its money goes into custody
+    # first), three facts shorter (to its release): the extra validator multiplies the sequences
+    fallback = mw.start(mw.request(shards=1, validators=2, mode=Mode.HOLD), config=mw.POOL_CONFIG)
+    total = sum(paths(r, depth) for r in roots) + paths(fallback, depth - 3)
     elapsed = time.monotonic() - t0
     print(
         f"\nexhaustive check: {total:,} sequences of up to {depth} facts, {len(checked):,} distinct worlds, "

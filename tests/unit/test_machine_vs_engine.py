@@ -28,7 +28,7 @@ from sqlalchemy import select, update
 
 from service.db import create_engine, session_factory
 from service.escrow.engine import Engine, EngineConfig
-from service.escrow.machine import FactKind
+from service.escrow.machine import FactKind, JobState
 from service.escrow.models import Result
 from service.ledger import service as ledger
 from service.migrate import upgrade_async
@@ -43,6 +43,8 @@ ROOTS = [
     dict(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL, policy="split"),
     dict(shards=2, validators=2, mode=Mode.HOLD, policy="best"),
 ]
+#: Roots (by index) run with the escrow announcing a validator pool: a missed quorum may get a fallback round.
+POOLED = {1, 3}
 _TEMPLATE: list[str] = []
 
 
@@ -87,7 +89,9 @@ class EngineVsMachine(RuleBasedStateMachine):
             return
         # One job per run, its id unique across runs (a PostgreSQL database is shared by them).
         req = mw.request(bid=1_000_000 + 1_000 * EngineVsMachine.runs, **ROOTS[root])  # type: ignore[arg-type]
-        self.world = mw.start(req, overpay=overpay, outages=1)  # one escrow outage across a deadline may happen
+        config = mw.POOL_CONFIG if root in POOLED else mw.CONFIG
+        self.world = mw.start(req, overpay=overpay, outages=1, config=config)  # one escrow outage may happen
+        self.engine.machine_config = config  # the engine's pool and fallback window: the world's
 
     @rule(choice=st.integers(0, 10_000))
     def next_fact(self, choice: int) -> None:
@@ -150,9 +154,16 @@ class EngineVsMachine(RuleBasedStateMachine):
         async with self.sessions() as s:
             from service.escrow.models import Job
 
-            eid = await s.scalar(select(Job.eval_request_id).where(Job.id == self.world.view.id))
+            row = (
+                await s.execute(
+                    select(Job.eval_request_id, Job.fallback_request_id).where(Job.id == self.world.view.id)
+                )
+            ).one_or_none()
+        eid, fid = row if row is not None else (None, None)
         if eid is not None and eid != self.world.view.eval_request_id:
             self.world = replace(self.world, view=replace(self.world.view, eval_request_id=eid))
+        if fid is not None and fid != self.world.view.fallback_request_id:
+            self.world = replace(self.world, view=replace(self.world.view, fallback_request_id=fid))
 
     @invariant()
     def engine_and_machine_agree(self) -> None:
@@ -182,6 +193,10 @@ class EngineVsMachine(RuleBasedStateMachine):
                 pure.results_extended_to,
                 pure.validation_extended_to,
                 pure.deadlines_extended_at,
+            ), where
+            assert (real.fallback_deadline, real.fallback_validators) == (
+                pure.fallback_deadline,
+                pure.fallback_validators,
             ), where
             assert [r.id for r in real.results] == [r.id for r in pure.results], where
             assert [r.customer_key for r in real.results] == [r.customer_key for r in pure.results], where
@@ -229,13 +244,19 @@ def test_the_engine_on_postgres_does_what_the_machine_says(database_url: str) ->
 def test_the_world_offers_every_kind_of_fact() -> None:
     """The random walk can reach every fact kind (else the comparison would miss a path)."""
     seen: set[FactKind] = set()
-    frontier = [mw.start(mw.request(bid=1_000_000, **r), outages=1) for r in ROOTS]  # type: ignore[arg-type]
+    states: set[JobState] = set()
+    frontier = [
+        mw.start(mw.request(bid=1_000_000, **r), outages=1, config=mw.POOL_CONFIG if k in POOLED else mw.CONFIG)  # type: ignore[arg-type]
+        for k, r in enumerate(ROOTS)
+    ]
     for _ in range(9):
         nxt = []
         for w in frontier:
             for _, x in mw.actions(w):
                 if x.last is not None:
                     seen.add(x.last.kind)
+                states.add(x.view.state)
                 nxt.append(x)
         frontier = nxt[:4000]
     assert seen == set(FactKind), set(FactKind) - seen
+    assert JobState.FALLBACK in states  # the pooled roots reach a fallback round

@@ -115,6 +115,7 @@ class CodecErrorReason(enum.StrEnum):
     NON_FINITE_SCORE = "non_finite_score"
     SCORE_OUT_OF_RANGE = "score_out_of_range"
     DUPLICATE_SCORE = "duplicate_score"
+    INVALID_FALLBACK_REQUEST = "invalid_fallback_request"
     # --- feedback (7000) and deletion (5) ---------------------------------------------
     MISSING_STATUS = "missing_status"
     INVALID_STATUS = "invalid_status"
@@ -129,6 +130,7 @@ class CodecErrorReason(enum.StrEnum):
     UNDECRYPTABLE_SHARD = "undecryptable_shard"
     INVALID_SEALING = "invalid_sealing"
     INVALID_BASELINE = "invalid_baseline"
+    INVALID_ROUND_PARAM = "invalid_round_param"
     UNDECRYPTABLE_SCORES = "undecryptable_scores"
     SCORES_AND_ENCRYPTED = "scores_and_encrypted"
     INVALID_POOL = "invalid_pool"
@@ -240,6 +242,8 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.NON_FINITE_SCORE: "a score value is NaN or infinite",
     R.SCORE_OUT_OF_RANGE: "a score (or threshold) has more than 15 digits before the point or 12 after it",
     R.DUPLICATE_SCORE: "one evaluation result scores the same result twice",
+    R.INVALID_FALLBACK_REQUEST: "a fallback evaluation request lacks its `previous` link, a first-round one "
+    "carries one or a `key` tag, or a `key` tag is malformed, repeated, or not for a candidate and a named validator",
     R.MISSING_STATUS: "the feedback has no `status` tag",
     R.INVALID_STATUS: "the `status` tag is malformed or does not fit this feedback",
     R.UNSUPPORTED_FEEDBACK: "a feedback status the escrow does not act on (ignored)",
@@ -252,6 +256,7 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.UNDECRYPTABLE_SHARD: "a NIP-44 shard does not decrypt (wrong key, tampered) or is not a URL",
     R.INVALID_SEALING: "the `sealing` tag is not `required` or `optional`",
     R.INVALID_BASELINE: "a `baseline` tag is malformed (model sha256, URL, minimum improvement >= 0)",
+    R.INVALID_ROUND_PARAM: 'the `["param", "round", …]` value is not `fallback` or `single`',
     R.UNDECRYPTABLE_SCORES: "sealed scores (`encrypted`) do not decrypt for the escrow or are not a JSON list "
     "of `score` tags",
     R.SCORES_AND_ENCRYPTED: "an evaluation result marked `encrypted` also carries `score` tags in the clear",

@@ -11,6 +11,7 @@ validator for that result) is the engine's rule: it needs the stored request and
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from dataclasses import dataclass, replace
@@ -50,6 +51,8 @@ R = CodecErrorReason
 
 _METRIC = re.compile(r"[A-Za-z0-9_.:@/+\-]{1,64}")
 REQUEST_ROLES = ("request", "job")
+#: The events an evaluation request references: the job, and (a fallback round) the first request.
+REQUEST_REFS = ("job", "previous")
 #: A score value meaning "the sealed model did not open to its commitment" (protocol.md §6).
 
 
@@ -64,6 +67,23 @@ class Candidate:
     relay: str = ""
 
 
+class EvalRound(enum.StrEnum):
+    """Which round an evaluation request opens (``["param", "round", …]``; absent: the first)."""
+
+    FIRST = "first"  # §6: the job's named validators
+    FALLBACK = "fallback"  # §6b: validators from the escrow's pool, after the first round missed quorum
+
+
+@dataclass(frozen=True, slots=True)
+class ValidatorKey:
+    """``["key", <result id>, <validator pubkey>, <NIP-44 payload escrow -> validator>]``: a sealed
+    candidate's content key for a validator the provider gave none (a fallback round, §6b)."""
+
+    result_id: str
+    validator: str
+    payload: str
+
+
 @dataclass(frozen=True, slots=True)
 class EvaluationRequest:
     job_id: str
@@ -74,20 +94,49 @@ class EvaluationRequest:
     job_relay: str = ""
     # ``["baseline", <model sha256>, <url>]``: the job's baseline, which every validator scores too
     baseline: tuple[str, str] | None = None
+    round: EvalRound = EvalRound.FIRST
+    previous: str | None = None  # a fallback round's: the first evaluation request's id
+    previous_relay: str = ""
+    keys: tuple[ValidatorKey, ...] = ()  # a fallback round's keys of sealed candidates
+
+    def key_for(self, result_id: str, validator: str) -> ValidatorKey | None:
+        return next((k for k in self.keys if k.result_id == result_id and k.validator == validator), None)
 
 
-def _read_param(tags: tuple[Tag, ...], name: str) -> str:
+def _read_param(tags: tuple[Tag, ...], name: str, *, required: bool = True) -> str | None:
     found = [tag for tag in named(tags, "param") if len(tag) >= 2 and tag[1] == name]
+    if not found and not required:
+        return None
     if len(found) != 1:
         raise CodecError(R.INVALID_PARAM, f"exactly one {name!r} param is required")
     arity(found[0], 3, 3, R.INVALID_PARAM)
     return found[0][2]
 
 
+def _read_validator_keys(
+    tags: tuple[Tag, ...], candidates: list[Candidate], validators: list[str]
+) -> tuple[ValidatorKey, ...]:
+    keys: list[ValidatorKey] = []
+    ids = {c.result_id for c in candidates}
+    for tag in named(tags, "key"):
+        arity(tag, 4, 4, R.INVALID_FALLBACK_REQUEST)
+        result_id = parse_hex64(tag[1], R.INVALID_FALLBACK_REQUEST, "key result id")
+        validator = parse_hex64(tag[2], R.INVALID_FALLBACK_REQUEST, "key validator pubkey")
+        if result_id not in ids or validator not in validators:
+            raise CodecError(R.INVALID_FALLBACK_REQUEST, "a 'key' tag is not for a candidate and a named validator")
+        if not is_nip44_payload(tag[3]):
+            raise CodecError(R.INVALID_FALLBACK_REQUEST, "a 'key' payload must be a NIP-44 v2 payload")
+        if any(k.result_id == result_id and k.validator == validator for k in keys):
+            raise CodecError(R.INVALID_FALLBACK_REQUEST, "two 'key' tags for one candidate and validator")
+        keys.append(ValidatorKey(result_id, validator, tag[3]))
+    return tuple(keys)
+
+
 def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUEST) -> EvaluationRequest:
     expect_kind(event, kind)
     tags = event.tags
-    job = event_refs(tags, ("job",), ("job",))["job"]
+    refs = event_refs(tags, REQUEST_REFS, ("job",))
+    job = refs["job"]
     candidates: list[Candidate] = []
     for tag in named(tags, "i"):
         arity(tag, 3, 4, R.INVALID_CANDIDATE)
@@ -109,9 +158,22 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
     if not validators:
         raise CodecError(R.MISSING_PUBKEY_REF, "no validator 'p' tag")
     metric = _read_param(tags, "metric")
+    assert metric is not None
     if _METRIC.fullmatch(metric) is None:
         raise CodecError(R.INVALID_METRIC, "metric must match [A-Za-z0-9_.:@/+-]{1,64}")
-    deadline = parse_timestamp(_read_param(tags, "deadline"), R.INVALID_DEADLINE, "validation deadline")
+    deadline = parse_timestamp(_read_param(tags, "deadline") or "", R.INVALID_DEADLINE, "validation deadline")
+    round_text = _read_param(tags, "round", required=False)
+    if round_text is not None and round_text != EvalRound.FALLBACK:
+        raise CodecError(R.INVALID_ROUND_PARAM, "an evaluation request's 'round' param can only be 'fallback'")
+    eval_round = EvalRound.FALLBACK if round_text is not None else EvalRound.FIRST
+    previous = refs.get("previous")
+    if (previous is None) == (eval_round is EvalRound.FALLBACK):
+        raise CodecError(
+            R.INVALID_FALLBACK_REQUEST, "a fallback round (and only one) links the first request as 'previous'"
+        )
+    keys = _read_validator_keys(tags, candidates, validators)
+    if keys and eval_round is EvalRound.FIRST:
+        raise CodecError(R.INVALID_FALLBACK_REQUEST, "a first-round request carries no 'key' tag")
     baselines = named(tags, "baseline")
     if len(baselines) > 1:
         raise CodecError(R.INVALID_BASELINE, "at most one 'baseline' tag")
@@ -130,11 +192,21 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
         deadline=deadline,
         job_relay=job.relay,
         baseline=baseline,
+        round=eval_round,
+        previous=previous.id if previous is not None else None,
+        previous_relay=previous.relay if previous is not None else "",
+        keys=keys,
     )
 
 
 def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVALUATION_REQUEST) -> Template:
-    tags: list[Tag] = [event_tag(request.job_id, request.job_relay)]
+    fallback = request.round is EvalRound.FALLBACK
+    if fallback != (request.previous is not None):
+        raise CodecError(R.INVALID_FALLBACK_REQUEST, "a fallback round (and only one) names its previous request")
+    # A fallback request's refs are marked (job, previous); a first round's single ref stays unmarked.
+    tags: list[Tag] = [event_tag(request.job_id, request.job_relay, "job" if fallback else None)]
+    if request.previous is not None:
+        tags.append(event_tag(request.previous, request.previous_relay, "previous"))
     for candidate in request.candidates:
         parse_hex64(candidate.result_id, R.INVALID_CANDIDATE, "candidate result id")
         tags.append(
@@ -150,6 +222,9 @@ def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVA
     tags.append(("param", "deadline", format_timestamp(request.deadline, R.INVALID_DEADLINE, "deadline")))
     if request.baseline is not None:
         tags.append(("baseline", *request.baseline))
+    if fallback:
+        tags.append(("param", "round", EvalRound.FALLBACK.value))
+    tags += [("key", k.result_id, k.validator, k.payload) for k in request.keys]
     result = template(kind, tags, "")
     parse_evaluation_request(placeholder_event(result), kind=kind)
     return result

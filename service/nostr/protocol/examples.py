@@ -28,12 +28,21 @@ from service.nostr.nip01 import Event, SecretKey, compute_id, verify_event
 from .announcement import Announcement, PoolValidator, build_announcement
 from .deletion import build_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError
-from .evaluation import Candidate, EvaluationRequest, Score, build_evaluation_request, build_evaluation_result
+from .evaluation import (
+    Candidate,
+    EvalRound,
+    EvaluationRequest,
+    Score,
+    ValidatorKey,
+    build_evaluation_request,
+    build_evaluation_result,
+)
 from .feedback import (
     Cancelled,
     CancelReason,
     DeadlineExtension,
     EscrowOffer,
+    FallbackStarted,
     Funded,
     ModelKey,
     PaymentProof,
@@ -47,6 +56,7 @@ from .feedback import (
     build_cancelled,
     build_deadline_extension,
     build_escrow_offer,
+    build_fallback_started,
     build_funded,
     build_model_key,
     build_payee_invoice,
@@ -134,7 +144,7 @@ class Example:
 def example_events() -> list[Example]:
     escrow, customer = example_key("escrow"), example_key("customer")
     alice, bob = example_key("provider alice"), example_key("provider bob")
-    v1, v2 = example_key("validator 1"), example_key("validator 2")
+    v1, v2, v3 = example_key("validator 1"), example_key("validator 2"), example_key("validator 3")
     E, C = escrow.public_key_hex, customer.public_key_hex
     out: list[Example] = []
 
@@ -146,6 +156,7 @@ def example_events() -> list[Example]:
         validator_pool=(
             PoolValidator(v1.public_key_hex, "validator 1"),
             PoolValidator(v2.public_key_hex, "validator 2"),
+            PoolValidator(v3.public_key_hex, "validator 3"),
         ),
     )
     out.append(
@@ -293,6 +304,49 @@ def example_events() -> list[Example]:
             "Evaluation result (scores sealed to the escrow)",
             "§6 kind 6702",
             sign_reproducibly(v1, evaluation, T0 + 4_000),
+        )
+    )
+
+    # Had validator 2 not scored by the deadline (quorum 2): the fallback round asks validator 3.
+    fallback_deadline = job.spec.validation_deadline + 600
+    fallback = EvaluationRequest(
+        job_id=job.id,
+        candidates=request.candidates,
+        validators=(v3.public_key_hex,),
+        metric="accuracy",
+        deadline=fallback_deadline,
+        job_relay=RELAY,
+        round=EvalRound.FALLBACK,
+        previous=request_event.id,
+        previous_relay=RELAY,
+        keys=tuple(
+            ValidatorKey(
+                c.result_id,
+                v3.public_key_hex,
+                wrap_key(
+                    escrow,
+                    v3.public_key_hex,
+                    _example_content_key(name),
+                    nonce=bytes.fromhex(_hash(f"example fallback key nonce {name}")),
+                ).payload,
+            )
+            for c, name in zip(request.candidates, ("alice", "bob"), strict=True)
+        ),
+    )
+    out.append(
+        Example(
+            "Fallback evaluation request (had validator 2 not scored: validator 3 from the pool, with the "
+            "sealed candidates' keys)",
+            "§6b kind 5702",
+            sign_reproducibly(escrow, build_evaluation_request(fallback), job.spec.validation_deadline + 1),
+        )
+    )
+    started = FallbackStarted(job.id, C, fallback_deadline, RELAY)
+    out.append(
+        Example(
+            "Fallback round (to the customer; each provider gets its own)",
+            "§6b kind 7000",
+            sign_reproducibly(escrow, build_fallback_started(started), job.spec.validation_deadline + 1),
         )
     )
 

@@ -11,6 +11,7 @@ status / info                   escrow tag                                 body
 payment-required / escrow       ``["escrow","awaiting-funding",<mode>]``   :class:`EscrowOffer`
 processing / escrow funded      ``["escrow","funded",<msat>]``             :class:`Funded`
 processing / deadline extended  ``["extended",<which>,<unix>]`` (1 or 2)   :class:`DeadlineExtension`
+processing / fallback round     ``["fallback",<unix>]``                    :class:`FallbackStarted`
 success / validation complete   —                                          :class:`ValidationComplete`
 success / reward claimable      —                                          :class:`RewardClaimable`
 success / reward paid           —                                          :class:`RewardPaid`
@@ -80,9 +81,11 @@ REWARD_ROLES = ("job", "result")
 INFO_OFFER = "escrow"
 INFO_FUNDED = "escrow funded"
 INFO_DEADLINE_EXTENDED = "deadline extended"
+INFO_FALLBACK = "fallback round"
 #: The deadlines an extension may move (``["extended", <which>, <unix seconds>]``).
 DEADLINE_RESULTS = "results"
 DEADLINE_VALIDATION = "validation"
+DEADLINE_FALLBACK = "fallback"
 INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
@@ -149,6 +152,18 @@ class DeadlineExtension:
     customer: str
     results_deadline: int | None
     validation_deadline: int | None
+    job_relay: str = ""
+    fallback_deadline: int | None = None  # a fallback round's (§6b), moved alone
+
+
+@dataclass(frozen=True, slots=True)
+class FallbackStarted:
+    """§6b: the first round missed quorum and a fallback evaluation round is out; the decision waits
+    for its ``deadline``. One per addressee (the customer, each provider of a result)."""
+
+    job_id: str
+    addressee: str
+    deadline: int
     job_relay: str = ""
 
 
@@ -275,6 +290,7 @@ EscrowFeedback = (
     EscrowOffer
     | Funded
     | DeadlineExtension
+    | FallbackStarted
     | ValidationComplete
     | RewardClaimable
     | RewardPaid
@@ -425,9 +441,10 @@ def parse_deadline_extension(event: Event) -> DeadlineExtension:
     moved: dict[str, int] = {}
     for tag in named(tags, "extended"):
         arity(tag, 3, 3, R.INVALID_DEADLINE)
-        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION):
+        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION, DEADLINE_FALLBACK):
             raise CodecError(
-                R.INVALID_DEADLINE, f"an extended deadline is {DEADLINE_RESULTS!r} or {DEADLINE_VALIDATION!r}"
+                R.INVALID_DEADLINE,
+                f"an extended deadline is {DEADLINE_RESULTS!r}, {DEADLINE_VALIDATION!r} or {DEADLINE_FALLBACK!r}",
             )
         if tag[1] in moved:
             raise CodecError(R.INVALID_DEADLINE, f"the {tag[1]} deadline is extended twice")
@@ -435,14 +452,17 @@ def parse_deadline_extension(event: Event) -> DeadlineExtension:
     if not moved:
         raise CodecError(R.INVALID_DEADLINE, "no ['extended', <which>, <unix>] tag")
     results, validation = moved.get(DEADLINE_RESULTS), moved.get(DEADLINE_VALIDATION)
+    fallback = moved.get(DEADLINE_FALLBACK)
     if results is not None and validation is not None and validation <= results:
         raise CodecError(R.DEADLINE_ORDER, "the validation deadline must be after the results deadline")
+    if fallback is not None and (results is not None or validation is not None):
+        raise CodecError(R.INVALID_DEADLINE, "a fallback round's deadline is extended alone")
     job_id, relay, customer = _job_and_addressee(tags)
-    return DeadlineExtension(job_id, customer, results, validation, relay)
+    return DeadlineExtension(job_id, customer, results, validation, relay, fallback)
 
 
 def build_deadline_extension(ext: DeadlineExtension) -> Template:
-    if ext.results_deadline is None and ext.validation_deadline is None:
+    if ext.results_deadline is None and ext.validation_deadline is None and ext.fallback_deadline is None:
         raise ValueError("an extension moves at least one deadline")
     tags: list[Tag] = [_status_tag("processing", INFO_DEADLINE_EXTENDED)]
     if ext.results_deadline is not None:
@@ -453,8 +473,37 @@ def build_deadline_extension(ext: DeadlineExtension) -> Template:
         tags.append(
             ("extended", DEADLINE_VALIDATION, format_timestamp(ext.validation_deadline, R.INVALID_DEADLINE, "deadline"))
         )
+    if ext.fallback_deadline is not None:
+        tags.append(
+            ("extended", DEADLINE_FALLBACK, format_timestamp(ext.fallback_deadline, R.INVALID_DEADLINE, "deadline"))
+        )
     tags += [event_tag(ext.job_id, ext.job_relay), pubkey_tag(ext.customer)]
     return _finish(tags, parse_deadline_extension, ext)
+
+
+# ------------------------------------------------------- 6b. fallback round
+
+
+def parse_fallback_started(event: Event) -> FallbackStarted:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "processing", INFO_FALLBACK)
+    tag = single(tags, "fallback", R.INVALID_DEADLINE)
+    assert tag is not None
+    arity(tag, 2, 2, R.INVALID_DEADLINE)
+    deadline = parse_timestamp(tag[1], R.INVALID_DEADLINE, "fallback deadline")
+    job_id, relay, addressee = _job_and_addressee(tags)
+    return FallbackStarted(job_id, addressee, deadline, relay)
+
+
+def build_fallback_started(started: FallbackStarted) -> Template:
+    tags: list[Tag] = [
+        _status_tag("processing", INFO_FALLBACK),
+        ("fallback", format_timestamp(started.deadline, R.INVALID_DEADLINE, "fallback deadline")),
+        event_tag(started.job_id, started.job_relay),
+        pubkey_tag(started.addressee),
+    ]
+    return _finish(tags, parse_fallback_started, started)
 
 
 # ----------------------------------------------------- 6. validation complete
@@ -818,6 +867,7 @@ _BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
     ("payment-required", INFO_OFFER): parse_escrow_offer,
     ("processing", INFO_FUNDED): parse_funded,
     ("processing", INFO_DEADLINE_EXTENDED): parse_deadline_extension,
+    ("processing", INFO_FALLBACK): parse_fallback_started,
     ("success", INFO_VALIDATION_COMPLETE): parse_validation_complete,
     ("success", INFO_REWARD_CLAIMABLE): parse_reward_claimable,
     ("success", INFO_REWARD_PAID): parse_reward_paid,

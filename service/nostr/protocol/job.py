@@ -17,6 +17,7 @@ Unknown tag names are ignored (forward compatibility); the content is not read.
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass
 from decimal import Decimal
@@ -116,6 +117,25 @@ class Validation:
         return a > b if self.direction is Direction.MAX else a < b
 
 
+class RoundParam(enum.StrEnum):
+    """``["param", "round", …]``: whether the job may get a fallback evaluation round (protocol.md §2)."""
+
+    FALLBACK = "fallback"  # opt in: a fallback round from the escrow's pool if quorum is missed
+    SINGLE = "single"  # opt out: one round only; missed quorum is a refund
+
+
+ROUND_PARAM = "round"
+
+
+def _read_round(params: tuple[tuple[str, str], ...]) -> RoundParam | None:
+    value = dict(params).get(ROUND_PARAM)
+    if value is None:
+        return None
+    if value not in {r.value for r in RoundParam}:
+        raise CodecError(R.INVALID_ROUND_PARAM, "the 'round' param must be 'fallback' or 'single'")
+    return RoundParam(value)
+
+
 @dataclass(frozen=True, slots=True)
 class Baseline:
     """``["baseline", <model sha256>, <url>, <min improvement>]``: relative acceptance (§6).
@@ -177,6 +197,11 @@ class JobSpec:
     previous_job: str | None = None
     sealing: Sealing = Sealing.OPTIONAL
     baseline: Baseline | None = None
+
+    @property
+    def round(self) -> RoundParam | None:
+        """The request's ``round`` param (checked when it was read); None: the escrow's default."""
+        return _read_round(self.params)
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,6 +392,7 @@ def read_job_spec(tags: Tags, escrow: str, escrow_relay: str = "") -> JobSpec:
     """Phase 2: the shape of every tag (no roles, no terms, no clock)."""
     shards, previous = _read_inputs(tags)
     params = _read_params(tags)
+    _read_round(params)
     bid = parse_msat(_read_one(tags, "bid", R.INVALID_BID, R.MISSING_BID) or "", R.INVALID_BID, "bid")
     validators = _read_validators(tags)
     validation = _read_validation(tags)

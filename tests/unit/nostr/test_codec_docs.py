@@ -18,6 +18,7 @@ from service.nostr.protocol import (
     DeadlineExtension,
     ErrorFeedback,
     EscrowOffer,
+    FallbackStarted,
     Funded,
     ModelKey,
     Refunded,
@@ -104,7 +105,12 @@ def test_every_documented_event_verifies_and_parses(doc):
                 assert envelope is not None
                 unwrap_key(me, result.provider, envelope.payload, result.sealed.key_sha256)
         elif event.kind == 5702:
-            assert parse_evaluation_request(event).job_id in jobs
+            request = parse_evaluation_request(event)
+            assert request.job_id in jobs
+            for key in request.keys:  # a fallback round's: the pool validator opens each sealed candidate's key
+                sealed_candidate = results[key.result_id].sealed
+                assert sealed_candidate is not None and key.validator == example_key("validator 3").public_key_hex
+                unwrap_key(example_key("validator 3"), escrow, key.payload, sealed_candidate.key_sha256)
         elif event.kind == 6702:
             sealed = parse_evaluation_result(event, escrow_pubkey=escrow)
             assert sealed.job_id in jobs and sealed.sealed and not sealed.scores
@@ -127,6 +133,7 @@ def test_every_documented_event_verifies_and_parses(doc):
         EscrowOffer,
         Funded,
         DeadlineExtension,
+        FallbackStarted,
         ValidationComplete,
         RewardClaimable,
         RewardPaid,

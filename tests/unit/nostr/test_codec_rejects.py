@@ -24,6 +24,7 @@ from service.nostr.protocol import (
     CodecErrorReason,
     ErrorFeedback,
     EscrowOffer,
+    EvalRound,
     EvaluationRequest,
     Funded,
     Mode,
@@ -504,6 +505,33 @@ eval_request_case(R.INVALID_CANDIDATE, "bad-id", set_tag("i", "r1", "event", "")
 eval_request_case(R.INVALID_CANDIDATE, "bad-relay", set_tag("i", h("r1"), "event", "relay"))
 eval_request_case(R.DUPLICATE_CANDIDATE, "r1-twice", add(("i", h("r1"), "event", RELAY)))
 eval_request_case(R.MISSING_PUBKEY_REF, "no-validator", drop("p"))
+# a fallback round (§6b): the round param, its previous link, the keys it hands on
+eval_request_case(R.INVALID_ROUND_PARAM, "round-appeal", add(("param", "round", "appeal")))
+eval_request_case(R.INVALID_FALLBACK_REQUEST, "fallback-without-previous", add(("param", "round", "fallback")))
+eval_request_case(R.INVALID_FALLBACK_REQUEST, "first-with-a-key", add(("key", h("r1"), V1K, "A" * 100)))
+FALLBACK_REQ = build_evaluation_request(
+    EvaluationRequest(
+        job_id=JOB.id,
+        candidates=(Candidate(h("r1")),),
+        validators=(V1K,),
+        metric="accuracy",
+        deadline=NOW + 7800,
+        round=EvalRound.FALLBACK,
+        previous=h("first request"),
+    )
+)
+for name, key_tag in (
+    ("key-for-no-candidate", ("key", h("r2"), V1K, "A" * 100)),
+    ("key-for-no-validator", ("key", h("r1"), V2K, "A" * 100)),
+    ("key-not-nip44", ("key", h("r1"), V1K, "not a payload")),
+    ("key-three-items", ("key", h("r1"), V1K)),
+):
+    case(
+        R.INVALID_FALLBACK_REQUEST,
+        f"evalreq-{name}",
+        lambda key_tag=key_tag: parse_evaluation_request(mutated(FALLBACK_REQ, add(key_tag), pubkey=E)),
+    )
+job_case(R.INVALID_ROUND_PARAM, "round-twice", add(("param", "round", "twice")))
 eval_request_case(R.DUPLICATE_VALIDATOR, "v1-twice", add(("p", V1K)))
 eval_request_case(R.INVALID_PARAM, "no-metric", drop("param", lambda t: t[1] == "metric"))
 eval_request_case(R.INVALID_PARAM, "two-deadlines", add(("param", "deadline", "1")))
