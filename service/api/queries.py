@@ -94,11 +94,21 @@ def job_summary(j: Job) -> dict:
         "fallback_request_id": j.fallback_request_id,
         "fallback_deadline": j.fallback_deadline,
         "fallback_validators": json.loads(j.fallback_validators) if j.fallback_validators else [],
+        # Relative acceptance (protocol.md §2): the model a result must beat, and by how much.
+        "baseline": _baseline(j.request_raw),
         "refund_reason": j.refund_reason,
         "reject_reason": j.reject_reason,
         "created_at": _ts(j.created_at),
         "updated_at": _ts(j.updated_at),
     }
+
+
+def _baseline(request_raw: str) -> dict | None:
+    """The stored request's ``baseline`` tag (checked by the codec at intake), as a view."""
+    for tag in json.loads(request_raw).get("tags", []):
+        if len(tag) == 4 and tag[0] == "baseline":
+            return {"model_sha256": tag[1], "url": tag[2], "min_improvement": tag[3]}
+    return None
 
 
 async def job_events(s: AsyncSession, job_id: str) -> dict | None:
