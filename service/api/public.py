@@ -47,6 +47,10 @@ class TermsOut(BaseModel):
         description="the most a payout's route may cost, in ppm of the payout; a "
         "refund's route is paid from the refunded amount"
     )
+    claim_window_s: int = Field(
+        description="seconds a payout waiting for its payee's invoice may be claimed, from its creation; "
+        "then it expires (0: no window)"
+    )
 
 
 class PoolValidatorOut(BaseModel):
@@ -149,6 +153,7 @@ async def info(request: Request) -> InfoOut:
             min_payout_msat=t.min_payout_msat,
             max_results_per_shard=t.max_results_per_shard,
             routing_fee_ppm=t.routing_fee_ppm,
+            claim_window_s=t.claim_window_s,
         ),
         validator_pool=[PoolValidatorOut(pubkey=v.pubkey, name=v.name) for v in st.escrow.validator_pool],
     )

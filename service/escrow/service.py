@@ -42,6 +42,7 @@ def terms_from_settings(s: Settings) -> EscrowTerms:
         min_payout_msat=s.min_payout_msat,
         max_results_per_shard=s.max_results_per_shard,
         routing_fee_ppm=s.payout_fee_ppm,
+        claim_window_s=s.claim_window_seconds,
     )
 
 
@@ -83,6 +84,7 @@ class EscrowService:
                 results_grace_seconds=settings.results_grace_seconds,
                 heartbeat_tolerance_seconds=settings.heartbeat_tolerance_seconds,
                 outage_catch_up_seconds=settings.outage_catch_up_seconds,
+                claim_reminder_seconds=settings.claim_reminder_seconds,
             ),
         )
         # When this process is live: opened before the engine's timers first run (the gap before

@@ -14,7 +14,9 @@ from service.config import Settings
 
 class PayoutState(enum.StrEnum):
     """``ln_payouts.state``. pending -> sending -> succeeded | failed | unknown | needs_invoice;
-    needs_invoice -> pending when the payee gives an invoice (:func:`store.accept_invoice`)."""
+    needs_invoice -> pending when the payee gives an invoice (:func:`store.accept_invoice`);
+    needs_invoice -> expired at its ``claim_by`` (:func:`store.expire_due`), terminal unless an
+    operator reopens it (:func:`store.reopen`: back to needs_invoice with a fresh window)."""
 
     PENDING = "pending"
     SENDING = "sending"
@@ -22,6 +24,7 @@ class PayoutState(enum.StrEnum):
     FAILED = "failed"
     UNKNOWN = "unknown"
     NEEDS_INVOICE = "needs_invoice"
+    EXPIRED = "expired"  # nobody claimed it within its claim window: the money is the operator's
 
 
 class AttemptState(enum.StrEnum):
@@ -138,6 +141,22 @@ class AcceptReason(enum.StrEnum):
     NO_PAYOUT = "no_payout"  # this job owes nothing to this key
     NOT_WAITING = "payout_not_waiting"  # nothing of this payee's waits for an invoice
     CONFLICT = "conflict"  # the payout changed meanwhile (compare-and-set lost)
+    CLAIM_EXPIRED = "claim_expired"  # its claim window ended before the invoice came
+
+
+class ReopenReason(enum.StrEnum):
+    """Why an operator's reopen (:func:`store.reopen`) was refused."""
+
+    NOT_FOUND = "not_found"
+    NOT_EXPIRED = "payout_not_expired"  # only an expired claim is reopened
+    CONFLICT = "conflict"
+
+
+class ReopenRefused(Exception):
+    def __init__(self, code: ReopenReason, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")
 
 
 class RetryReason(enum.StrEnum):
@@ -209,6 +228,10 @@ class NewPayout:
     destination: Destination
     fee_limit_msat: int | None = None  # the engine's routing budget; None: the policy's alone
     earned_by: str | None = None  # a reward's result event id
+    # Until when the payee may give an invoice while it waits for one (unix seconds; None: no window),
+    # and when it is reminded (the engine decides both: service/escrow/machine.py, claim_window).
+    claim_by: int | None = None
+    remind_at: int | None = None
 
 
 @dataclass(frozen=True)
