@@ -132,6 +132,8 @@ class PayoutReason(enum.StrEnum):
     OUTCOME_UNKNOWN = "payment_outcome_unknown"  # unknown: LND did not answer in time
     NODE_UNAVAILABLE = "node_unavailable"  # pending: our node could not check the invoice
     CANCELED = "payment_canceled"  # retried: stopped before it left (lease lost, operator's cancel)
+    CLAIM_EXPIRED = "claim_expired"  # expired: nobody gave an invoice within the claim window
+    CLAIM_REOPENED = "claim_reopened"  # waiting again: an operator reopened an expired claim
 
 
 class AcceptReason(enum.StrEnum):
@@ -232,6 +234,23 @@ class NewPayout:
     # and when it is reminded (the engine decides both: service/escrow/machine.py, claim_window).
     claim_by: int | None = None
     remind_at: int | None = None
+
+
+@dataclass(frozen=True)
+class ClaimWindow:
+    """How long a payout waiting for its payee's invoice may be claimed (``window_s``, announced as
+    ``claim_window_s``; 0: for ever) and how long before the end its payee is reminded
+    (``reminder_s``, at most half the window). The one place these times are computed."""
+
+    window_s: int = 0
+    reminder_s: int = 0
+
+    def times(self, start: int) -> tuple[int | None, int | None]:
+        """``(claim_by, remind_at)`` of a window opening at ``start`` (unix seconds); None, None: no window."""
+        if self.window_s <= 0:
+            return None, None
+        claim_by = start + self.window_s
+        return claim_by, claim_by - min(self.reminder_s, self.window_s // 2)
 
 
 @dataclass(frozen=True)
