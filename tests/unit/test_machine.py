@@ -65,7 +65,12 @@ def reachable() -> dict[str, mw.World]:
     dust = [mw.start(mw.request(shards=1, validators=1, mode=m), config=mw.DUST) for m in (Mode.HOLD, Mode.CUSTODIAL)]
     # An escrow outage across a deadline (DeadlineExtended), once per world, from these roots.
     outage = [mw.start(mw.request(shards=1, validators=1, mode=m), outages=1) for m in (Mode.HOLD, Mode.CUSTODIAL)]
-    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage])
+    # Claim windows: rewards and a refund nobody claims expire, and an operator reopens one.
+    claims = [
+        mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=r), config=mw.CLAIMS, claims=3)
+        for r in (None, "refund@wallet.example")
+    ]
+    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage, *claims])
 
 
 def _facts(w: mw.World) -> list[tuple[FactKind, mw.World, JobState]]:
@@ -148,6 +153,8 @@ def test_every_sequence_of_facts_keeps_the_invariants() -> None:
         mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.HOLD, policy="split"), overpay=150_000),
         # an escrow outage across a deadline, once: hold (its money goes into custody first)
         mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD), outages=1),
+        # claim windows: a payout nobody claims expires (reopens: the table test and the engine-vs-machine test)
+        mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=None), config=mw.CLAIMS, claims=1),
     ]
     total = sum(paths(r, depth) for r in roots)
     elapsed = time.monotonic() - t0
@@ -200,7 +207,9 @@ def test_the_docs_show_the_table_as_generated() -> None:
 
 def test_pairs_are_every_state_and_fact() -> None:
     assert {s for s, _ in TRANSITIONS} <= set(JobState) and {f for _, f in TRANSITIONS} <= set(FactKind)
-    assert not any(s.final for s, _ in TRANSITIONS if s is not S.CANCELLED)  # only a cancelled job may still be paid
+    # Only a cancelled job may still be paid, and an operator may reopen a finished job's expired claim.
+    reopen = {(S.CLOSED, FactKind.PAYOUT_REOPENED), (S.REFUNDED, FactKind.PAYOUT_REOPENED)}
+    assert not any(s.final for s, f in TRANSITIONS if s is not S.CANCELLED and (s, f) not in reopen)
     assert list(itertools.islice(TRANSITIONS, 1)) == [(S.NEW, FactKind.REQUEST_ACCEPTED)]
 
 
