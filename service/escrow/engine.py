@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -176,6 +176,10 @@ class Engine:
 
     def now(self) -> int:
         return int(self.clock())
+
+    def clock_at(self) -> datetime:
+        """The engine's clock (:meth:`now`) as a timestamp, for the payouts' claim windows."""
+        return datetime.fromtimestamp(self.now(), UTC)
 
     async def timeline(self, s: AsyncSession, job_id: str, kind: str, detail: object) -> None:
         await timeline.record(s, job_id, kind, detail)
@@ -761,7 +765,7 @@ class Engine:
     async def expire_claim(self, s: AsyncSession, payout_id: str) -> str:
         """A payout's claim window ended: service/payouts moves it to expired (compare-and-set) and
         its outcome is consumed here, in the same transaction (booked to unclaimed, the payee told)."""
-        if not await payouts.expire(s, payout_id, utcnow()):
+        if not await payouts.expire(s, payout_id, self.clock_at()):
             return "not expired"
         p = await s.get(Payout, payout_id, populate_existing=True)
         assert p is not None
@@ -786,7 +790,7 @@ class Engine:
         moves it back to needs_invoice with a fresh window, and the engine consumes that outcome at
         once (the unclaimed booking reversed, the payee asked again, a finished job open again).
         Raises :class:`~service.payouts.ReopenRefused`."""
-        p = await payouts.reopen(s, payout_id, self.machine_config.claim_window)
+        p = await payouts.reopen(s, payout_id, self.machine_config.claim_window, at=self.clock_at())
         res = await s.execute(
             insert_ignore(s, table_of(Consumed)), [{"source": "payout", "ref": payout_ref(p), "at": utcnow()}]
         )

@@ -25,7 +25,7 @@ from sqlalchemy import String, and_, case, cast, exists, func, literal, or_, sel
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
-from service.db import rowcount, table_of, utcnow
+from service.db import rowcount, table_of
 from service.escrow.engine import Engine, payout_ref
 from service.escrow.models import Consumed, Effect, Job, JobState
 from service.lightning.errors import InvoiceStateError
@@ -194,7 +194,7 @@ class EngineRunner:
         """Claim windows (docs/escrow.md, "Claim window"): payouts still waiting for an invoice at
         their claim_by expire, and those whose reminder is due are reminded, each payout in its own
         transaction (a timer item: ``<payout>:claim_expiry`` / ``<payout>:claim_reminder``)."""
-        q, now = self.quarantine, utcnow()
+        q, now = self.quarantine, self.engine.clock_at()
         waiting = and_(Payout.state == PayoutState.NEEDS_INVOICE, Payout.job_id.is_not(None))
         expiry_ref = Payout.id + literal(":claim_expiry")
         reminder_ref = Payout.id + literal(":claim_reminder")

@@ -141,6 +141,7 @@ class World:
     keys: tuple[str, ...] = ()  # the results whose model key was published, in order
     outages: int = 0  # how many escrow outages across a deadline may still happen (DeadlineExtended)
     claims: int = 0  # how many claim expiries and operator's reopens may still happen
+    reminded: frozenset[str] = frozenset()  # "<payout>:<round>" reminded (the engine's once per window)
     last: Fact | None = field(default=None, compare=False)
     problems: tuple[str, ...] = ()
 
@@ -447,6 +448,12 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
             given = replace(p, state=PayoutState.PENDING, destination=DestinationKind.BOLT11)
             rows = tuple(given if x.id == p.id else x for x in w.payouts)
             yield f"payout {i} invoice given", replace(w, payouts=rows, view=replace(w.view, payouts=rows))
+            window = f"{p.id}:{p.claim_round}"
+            if p.claim_by is not None and w.claims and window not in w.reminded:
+                _, remind_at = w.config.claim_window.times(p.claim_by - w.config.terms.claim_window_s)
+                assert remind_at is not None
+                ww = replace(w, reminded=w.reminded | {window})
+                yield f"payout {i} reminded", step(ww, machine.ClaimReminder(p), now=max(w.now, remind_at))
             if p.claim_by is not None and w.claims:
                 # Nobody gave one by claim_by: service/payouts moves it to expired.
                 gone = replace(p, state=PayoutState.EXPIRED)
