@@ -22,8 +22,8 @@ import pytest
 from service.escrow import machine
 from service.escrow.machine import TRANSITIONS, FactKind, Funds, JobState
 from service.escrow.rule import ScoreValue
-from service.nostr.nip01 import SecretKey
 from service.ledger import accounts, postings
+from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import (
     Mode,
     parse_claim_expired,
