@@ -174,6 +174,25 @@ async def cancel(request: Request, body: Reason, payout_id: str = Path(min_lengt
     return ActionOut(target=payout_id, result=result)
 
 
+@router.post("/payouts/{payout_id}/reopen", response_model=ActionOut, responses=responses(404, 409, 422))
+async def reopen(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
+    """Reopen an expired claim (a payout nobody gave an invoice for within its claim window), to
+    honour a late claimant: it waits for the payee's invoice again with a fresh window, the money
+    goes back from `income:unclaimed` to what the job owes, the payee gets a new reward claimable
+    (`["reason", "claim_reopened"]`), and a closed (refunded) job is releasing (refunding) again
+    until it is paid. `409 payout_not_expired` for any other payout."""
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.reopen_payout(s, st.escrow.engine, payout_id, body.reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "reopen_payout", payout_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    st.escrow.loop.wake.set()
+    return ActionOut(target=payout_id, result=result)
+
+
 def _csv(rows: list[dict], fields: list[str]) -> Response:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")

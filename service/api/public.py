@@ -116,6 +116,7 @@ _REFUSAL_STATUS: dict[AcceptReason | CheckReason, int] = {
     AcceptReason.NO_PAYOUT: 404,
     AcceptReason.NOT_WAITING: 409,
     AcceptReason.CONFLICT: 409,
+    AcceptReason.CLAIM_EXPIRED: 409,  # its claim window ended: only an operator's reopen brings it back
 }
 
 
@@ -284,7 +285,8 @@ async def submit_payout_invoice(
     """A payee gives the invoice for its reward (NIP-98 auth: the payee's key). Checked now
     without our node (BOLT11, network, an amount that is exactly a waiting payout's, not expired,
     hash unused: 422 with the reason's code), then in full (our node's
-    decoding, expiry window, CLTV, not ours) before payment."""
+    decoding, expiry window, CLTV, not ours) before payment. `409 claim_expired`: the payout's
+    claim window ended (`claim_by`); an operator may reopen it."""
     st = request.app.state
     st.limits_invoices.check("ip:" + _client(request))
     raw = await request.body()
