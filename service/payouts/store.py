@@ -151,6 +151,7 @@ async def accept_invoice(
             next_attempt_at=utcnow(),
             updated_at=utcnow(),
         )
+        .execution_options(synchronize_session=False)  # (SQLite's naive claim_by; refreshed below)
     )
     if rows_matched(res) != 1:
         raise InvoiceRefused(AcceptReason.CONFLICT, "the payout changed meanwhile")
@@ -209,6 +210,7 @@ async def expire(s: AsyncSession, payout_id: str, at: datetime) -> bool:
             last_error=why(PayoutReason.CLAIM_EXPIRED, "nobody gave an invoice within the claim window"),
             updated_at=utcnow(),
         )
+        .execution_options(synchronize_session=False)
     )
     return rows_matched(res) == 1
 
@@ -235,6 +237,7 @@ async def reopen(s: AsyncSession, payout_id: str, window: ClaimWindow, *, at: da
             last_error=why(PayoutReason.CLAIM_REOPENED, "an operator reopened the claim"),
             updated_at=utcnow(),
         )
+        .execution_options(synchronize_session=False)
     )
     if rows_matched(res) != 1:
         raise ReopenRefused(ReopenReason.CONFLICT, "the payout changed meanwhile")
