@@ -111,7 +111,7 @@ async def accept_invoice(
     ).all()
     if not mine:
         raise InvoiceRefused(AcceptReason.NO_PAYOUT, "this job owes nothing to this key")
-    at = utcnow()
+    at = utcnow() if now is None else datetime.fromtimestamp(now, UTC)
     waiting = [p for p in mine if p.state is PayoutState.NEEDS_INVOICE and claimable(p, at)]
     if not waiting:
         if any(p.state is PayoutState.EXPIRED or p.state is PayoutState.NEEDS_INVOICE for p in mine):
