@@ -131,9 +131,16 @@ async def refund(request: Request, body: Reason, job_id: str = Path(pattern=HEX6
 
 @router.get("/payouts")
 async def payouts(request: Request) -> dict:
-    """Payouts that need attention: unknown, failed, or waiting for the payee's invoice."""
+    """Payouts that need attention: unknown, failed, or waiting for the payee's invoice; and the
+    expired claims (nobody gave an invoice within the claim window; reopen with
+    `POST /payouts/{id}/reopen`) with the unclaimed total (`income:unclaimed`)."""
     async with request.app.state.sessions() as s:
-        return {"items": await queries.payouts_needing_attention(s)}
+        expired, unclaimed_msat = await queries.expired_claims(s)
+        return {
+            "items": await queries.payouts_needing_attention(s),
+            "expired": expired,
+            "unclaimed_msat": unclaimed_msat,
+        }
 
 
 @router.post("/payouts/{payout_id}/retry", response_model=ActionOut, responses=responses(404, 409, 422))
