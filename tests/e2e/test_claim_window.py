@@ -28,7 +28,7 @@ from tests.e2e.market import Market, publish, tag
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
 ADMIN = "claim-window-admin-token-" + "x" * 16
-WINDOW, REMINDER = 20, 10  # seconds: reminded 10 s after the release, expired 20 s after it
+WINDOW, REMINDER = 30, 16  # seconds: reminded 14 s after the release, expired 30 s after it (16 s to restart)
 MODEL = b"a model nobody claims the reward for"
 
 
