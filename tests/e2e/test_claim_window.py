@@ -1,12 +1,13 @@
 """The claim window end to end (real LND, relay, SQLite; docs/escrow.md "Claim window"): a provider
 that never claims its reward is reminded once (a restart between the reminder and the end sends no
 second one), then the claim expires: the money is in income:unclaimed, the job is closed, the payee
-is told and a late invoice is refused with claim_expired. An operator reopens it; the payee's
+is told and a late invoice is refused with claim_expired (Nostr and REST). An operator reopens it; the payee's
 invoice is then paid exactly once on its node."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 
 import httpx
@@ -18,6 +19,7 @@ from service.db import aware
 from service.ledger import accounts
 from service.ledger import service as ledger
 from service.lightning.client import InvoiceState
+from service.nostr import nip98
 from service.nostr.nip01 import sign_event
 from service.nostr.protocol import build_payee_invoice
 from service.payouts.models import PayoutAttempt
@@ -117,6 +119,21 @@ async def test_an_unclaimed_reward_is_reminded_once_expires_to_unclaimed_and_an_
         async with httpx.AsyncClient(
             transport=httpx.ASGITransport(app=second.app), base_url="http://api.test"
         ) as client:
+            # ... after the same late invoice over REST (NIP-98, the payee's key) is refused: 409 claim_expired.
+            path = f"/v1/jobs/{job_ev.id}/payout-invoice"
+            body = json.dumps({"bolt11": late}).encode()
+            auth = sign_event(
+                provider,
+                nip98.KIND_HTTP_AUTH,
+                [["u", "http://api.test" + path], ["method", "POST"], ["payload", hashlib.sha256(body).hexdigest()]],
+                "",
+            )
+            r = await client.post(
+                path,
+                content=body,
+                headers={"Authorization": nip98.build_header(auth), "content-type": "application/json"},
+            )
+            assert r.status_code == 409 and r.json()["code"] == "claim_expired", r.text
             r = await client.post(
                 f"/v1/admin/payouts/{payout.id}/reopen",
                 json={"reason": "the provider's wallet was down for a month"},
