@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     # Every payout is at least this (whole satoshis); requests that could pay less are refused.
     min_payout_msat: int = Field(default=1_000, ge=1_000, multiple_of=1_000)
     max_results_per_shard: int = Field(default=4, ge=1, le=64)  # candidates per shard, first received
+    # A payout waiting for its payee's invoice may be claimed this long from its creation (announced
+    # as claim_window_s), then it expires to the operator's unclaimed account; 0: wait for ever.
+    claim_window_seconds: int = Field(default=30 * 86_400, ge=0)
+    # The payee is reminded this long before its claim window ends (at most half the window).
+    claim_reminder_seconds: int = Field(default=3 * 86_400, ge=0)
     # Intake budget, whatever the source (relay or REST), counted in the database (docs/escrow.md).
     job_requests_per_minute: int = Field(default=120, ge=1)  # accepted requests, all keys
     job_requests_per_minute_per_key: int = Field(default=10, ge=1)  # any outcome, one key

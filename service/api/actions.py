@@ -17,7 +17,7 @@ from service.escrow.machine import OPERATOR_REFUNDABLE
 from service.escrow.models import Effect, Job, JobState
 from service.lightning.client import LndClient
 from service.nostr.models import Delivery, InboxEvent
-from service.payouts import CancelRefused, RetryRefused
+from service.payouts import CancelRefused, ReopenRefused, RetryRefused
 from service.payouts import store as payouts
 from service.reconcile import resume_payouts
 
@@ -52,6 +52,20 @@ async def cancel_payout(s: AsyncSession, lnd: LndClient, payout_id: str, reason:
     except CancelRefused as e:
         raise ActionRefused(e.code.value, e.message) from None
     await audit(s, "cancel_payout", payout_id, reason, result)
+    return result
+
+
+async def reopen_payout(s: AsyncSession, engine: Engine, payout_id: str, reason: str) -> str:
+    """Reopen an expired claim for a late claimant: a fresh claim window, the unclaimed booking
+    reversed and the payee asked again (the engine consumes it in this transaction)."""
+    try:
+        plan = await engine.reopen_claim(s, payout_id)
+    except ReopenRefused as e:
+        raise ActionRefused(e.code.value, e.message) from None
+    if plan.outcome.startswith("ignored"):
+        raise ActionRefused("conflict", f"the job did not take the reopen: {plan.outcome}")
+    result = f"needs_invoice (job {plan.state.value})"
+    await audit(s, "reopen_payout", payout_id, reason, result)
     return result
 
 

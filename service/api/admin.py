@@ -131,9 +131,16 @@ async def refund(request: Request, body: Reason, job_id: str = Path(pattern=HEX6
 
 @router.get("/payouts")
 async def payouts(request: Request) -> dict:
-    """Payouts that need attention: unknown, failed, or waiting for the payee's invoice."""
+    """Payouts that need attention: unknown, failed, or waiting for the payee's invoice; and the
+    expired claims (nobody gave an invoice within the claim window; reopen with
+    `POST /payouts/{id}/reopen`) with the unclaimed total (`income:unclaimed`)."""
     async with request.app.state.sessions() as s:
-        return {"items": await queries.payouts_needing_attention(s)}
+        expired, unclaimed_msat = await queries.expired_claims(s)
+        return {
+            "items": await queries.payouts_needing_attention(s),
+            "expired": expired,
+            "unclaimed_msat": unclaimed_msat,
+        }
 
 
 @router.post("/payouts/{payout_id}/retry", response_model=ActionOut, responses=responses(404, 409, 422))
@@ -171,6 +178,25 @@ async def cancel(request: Request, body: Reason, payout_id: str = Path(min_lengt
                 s, "cancel_payout", payout_id, body.reason, f"refused: node_unavailable ({type(e).__name__})"
             )
         raise ApiError(503, "node_unavailable", f"our node did not answer: {type(e).__name__}") from None
+    return ActionOut(target=payout_id, result=result)
+
+
+@router.post("/payouts/{payout_id}/reopen", response_model=ActionOut, responses=responses(404, 409, 422))
+async def reopen(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
+    """Reopen an expired claim (a payout nobody gave an invoice for within its claim window), to
+    honour a late claimant: it waits for the payee's invoice again with a fresh window, the money
+    goes back from `income:unclaimed` to what the job owes, the payee gets a new reward claimable
+    (`["reason", "claim_reopened"]`), and a closed (refunded) job is releasing (refunding) again
+    until it is paid. `409 payout_not_expired` for any other payout."""
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.reopen_payout(s, st.escrow.engine, payout_id, body.reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "reopen_payout", payout_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    st.escrow.loop.wake.set()
     return ActionOut(target=payout_id, result=result)
 
 

@@ -485,7 +485,17 @@ async def payouts(request: Request) -> Response:
         return key
     async with request.app.state.sessions() as s:
         rows = await queries.payouts_needing_attention(s)
-    return _render(request, "payouts.html", key=key, title="Payouts", payouts=rows, max_reason=MAX_REASON)
+        expired, unclaimed_msat = await queries.expired_claims(s)
+    return _render(
+        request,
+        "payouts.html",
+        key=key,
+        title="Payouts",
+        payouts=rows,
+        expired=expired,
+        unclaimed_msat=unclaimed_msat,
+        max_reason=MAX_REASON,
+    )
 
 
 async def _action(request: Request, back: str, no_reason: str) -> tuple[Signed, str] | Response:
@@ -521,6 +531,28 @@ async def retry_payout(request: Request, payout_id: str) -> Response:
         return _redirect(request, "/admin/payouts", key=key, flash=("error", f"retry refused: {e.message}"))
     return _redirect(
         request, "/admin/payouts", key=key, flash=("ok", f"payout {abbr(payout_id)} will be retried (now {outcome})")
+    )
+
+
+@router.post("/admin/payouts/{payout_id:path}/reopen")
+async def reopen_payout(request: Request, payout_id: str) -> Response:
+    action = await _action(request, "/admin/payouts", "a reason is required to reopen a claim")
+    if isinstance(action, Response):
+        return action
+    key, reason = action
+    if len(payout_id) > 200:  # longer than any payout id can be
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", "reopen refused: no such payout"))
+    st = request.app.state
+    try:
+        async with st.sessions.begin() as s:
+            outcome = await actions.reopen_payout(s, st.escrow.engine, payout_id, reason)
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
+            await actions.audit(s, "reopen_payout", payout_id, reason, f"refused: {e.code}")
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"reopen refused: {e.message}"))
+    st.escrow.loop.wake.set()
+    return _redirect(
+        request, "/admin/payouts", key=key, flash=("ok", f"claim {abbr(payout_id)} reopened (now {outcome})")
     )
 
 

@@ -25,6 +25,7 @@ from service.escrow.models import Job, JobState
 from service.lightning.models import LnFact, LnInvoice
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.payouts.models import Payout, PayoutAttempt
+from service.payouts.types import PayoutState
 
 router = APIRouter(include_in_schema=False)
 
@@ -62,14 +63,19 @@ async def metrics(request: Request) -> PlainTextResponse:
             "fedstr_payouts",
             "Payouts by state.",
             [
-                ({"state": k}, payouts.get(k, 0))
-                for k in ("pending", "sending", "succeeded", "failed", "unknown", "needs_invoice")
+                ({"state": k.value}, payouts.get(k, 0))
+                for k in PayoutState  # every state, expired (claims nobody made) included
             ],
         )
         ov = await queries.overview(s)
         gauge("fedstr_escrow_msat", "Money held in escrow (ledger).", [(None, ov["escrow_msat"])])
         gauge("fedstr_payable_msat", "Money owed to payees (ledger).", [(None, ov["payable_msat"])])
         gauge("fedstr_fees_earned_msat", "Fee income (ledger).", [(None, ov["fees_earned_msat"])])
+        gauge(
+            "fedstr_unclaimed_msat",
+            "Payouts nobody claimed within their claim window (ledger: income:unclaimed).",
+            [(None, ov["unclaimed_msat"])],
+        )
         gauge(
             "fedstr_inbox_events_total",
             "Verified events stored in the inbox.",

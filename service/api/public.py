@@ -47,6 +47,10 @@ class TermsOut(BaseModel):
         description="the most a payout's route may cost, in ppm of the payout; a "
         "refund's route is paid from the refunded amount"
     )
+    claim_window_s: int = Field(
+        description="seconds a payout waiting for its payee's invoice may be claimed, from its creation; "
+        "then it expires (0: no window)"
+    )
 
 
 class PoolValidatorOut(BaseModel):
@@ -112,6 +116,7 @@ _REFUSAL_STATUS: dict[AcceptReason | CheckReason, int] = {
     AcceptReason.NO_PAYOUT: 404,
     AcceptReason.NOT_WAITING: 409,
     AcceptReason.CONFLICT: 409,
+    AcceptReason.CLAIM_EXPIRED: 409,  # its claim window ended: only an operator's reopen brings it back
 }
 
 
@@ -149,6 +154,7 @@ async def info(request: Request) -> InfoOut:
             min_payout_msat=t.min_payout_msat,
             max_results_per_shard=t.max_results_per_shard,
             routing_fee_ppm=t.routing_fee_ppm,
+            claim_window_s=t.claim_window_s,
         ),
         validator_pool=[PoolValidatorOut(pubkey=v.pubkey, name=v.name) for v in st.escrow.validator_pool],
     )
@@ -279,7 +285,8 @@ async def submit_payout_invoice(
     """A payee gives the invoice for its reward (NIP-98 auth: the payee's key). Checked now
     without our node (BOLT11, network, an amount that is exactly a waiting payout's, not expired,
     hash unused: 422 with the reason's code), then in full (our node's
-    decoding, expiry window, CLTV, not ours) before payment."""
+    decoding, expiry window, CLTV, not ours) before payment. `409 claim_expired`: the payout's
+    claim window ended (`claim_by`); an operator may reopen it."""
     st = request.app.state
     st.limits_invoices.check("ip:" + _client(request))
     raw = await request.body()

@@ -22,11 +22,13 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.escrow.models import Job, JobState, Result, ScoreRow, TimelineEntry
+from service.ledger import accounts as ledger_accounts
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning.models import LnInvoice
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.payouts.models import Payout
+from service.payouts.types import PayoutState
 
 ATTENTION = ("unknown", "failed", "needs_invoice")
 _CODE = re.compile(r"([a-z_]+): ")
@@ -70,6 +72,7 @@ def payout_view(p: Payout) -> dict:
         "fee_msat": p.fee_msat,
         "payment_hash": p.payment_hash,
         "last_error": p.last_error,
+        "claim_by": _ts(p.claim_by),
         "updated_at": _ts(p.updated_at),
     }
 
@@ -266,6 +269,7 @@ async def overview(s: AsyncSession) -> dict:
         "payable_msat": payable,
         "refunds_payable_msat": refunds,
         "fees_earned_msat": -balances.get("income:fees", 0),
+        "unclaimed_msat": -balances.get(ledger_accounts.UNCLAIMED, 0),
         "routing_fees_msat": balances.get("expense:routing", 0),
         "node_funds_ledger_msat": balances.get("asset:node", 0),
         "payouts_needing_attention": attention,
@@ -299,6 +303,18 @@ async def latest_reconciliation(s: AsyncSession) -> dict | None:
 async def payouts_needing_attention(s: AsyncSession) -> list[dict]:
     rows = (await s.scalars(select(Payout).where(Payout.state.in_(ATTENTION)).order_by(Payout.updated_at))).all()
     return [payout_view(p) for p in rows]
+
+
+async def expired_claims(s: AsyncSession, *, limit: int = 500) -> tuple[list[dict], int]:
+    """Payouts nobody claimed within their claim window (newest first, at most ``limit``), and the
+    ledger's unclaimed total (``income:unclaimed``: what they hold, less what was reopened)."""
+    rows = (
+        await s.scalars(
+            select(Payout).where(Payout.state == PayoutState.EXPIRED).order_by(Payout.updated_at.desc()).limit(limit)
+        )
+    ).all()
+    total = -(await ledger.balances(s, prefix=ledger_accounts.UNCLAIMED)).get(ledger_accounts.UNCLAIMED, 0)
+    return [payout_view(p) for p in rows], total
 
 
 async def accounts(s: AsyncSession, *, prefix: str | None = None) -> list[dict]:

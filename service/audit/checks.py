@@ -63,6 +63,7 @@ _CHECK_OF_INFO = {
     "validation complete": "verdict",
     "reward paid": "receipt",
     "reward claimable": "receipt",
+    "claim expired": "receipt",
     "model key": "model key",
 }
 
@@ -256,7 +257,7 @@ class _Audit:
                 rec.refunds.append((event, body))
             case ErrorFeedback():
                 rec.errors.append((event, body))
-            case _:  # reward claimable, cancelled: nothing to check against
+            case _:  # reward claimable, claim expired, cancelled: nothing to check against
                 pass
 
     # ---- the checks ------------------------------------------------------------------------

@@ -6,8 +6,8 @@ Facts come from four places, and each is consumed exactly once:
   deletions), through :meth:`Inbox.process_one`, whose claim is a compare-and-set;
 - **LN facts** (``ln_facts``: accepted / settled / canceled, confirmed by lookup), claimed by
   setting ``consumed_at``;
-- **payout outcomes** (``ln_payouts`` reaching succeeded or needs_invoice), claimed by
-  inserting ``(source, ref)`` into ``escrow_consumed``;
+- **payout outcomes** (``ln_payouts`` reaching succeeded, needs_invoice or expired, an operator's
+  reopen, a claim window's reminder), claimed by inserting ``(source, ref)`` into ``escrow_consumed``;
 - **timers** (offer expiry, results deadline, validation deadline), driven by the
   deadlines stored on the job, so a restart loses none.
 
@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -101,13 +101,15 @@ _MONEY = frozenset(
     {
         FactKind.SETTLED,
         FactKind.PAYOUT_SUCCEEDED,
+        FactKind.PAYOUT_EXPIRED,
+        FactKind.PAYOUT_REOPENED,
         FactKind.SCORES,
         FactKind.DEADLINE,
         FactKind.OPERATOR_REFUND,
         FactKind.INVOICE_CANCELED,
     }
 )
-_PAYOUTS = frozenset({FactKind.PAYOUT_SUCCEEDED})
+_PAYOUTS = frozenset({FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_EXPIRED, FactKind.PAYOUT_REOPENED})
 
 
 @dataclass
@@ -138,6 +140,7 @@ class EngineConfig:
     outage_catch_up_seconds: int = 60  # an extended deadline is at least this long after the escrow's return
     validator_pool: tuple[str, ...] = ()  # the announced pool's keys: a fallback round's validators
     fallback_round_seconds: int = 600  # a fallback evaluation round's window
+    claim_reminder_seconds: int = 0  # a waiting payee is reminded this long before its claim window ends
 
     def machine(self) -> MachineConfig:
         return MachineConfig(
@@ -149,6 +152,7 @@ class EngineConfig:
             release_margin_seconds=self.release_margin_seconds,
             validator_pool=self.validator_pool,
             fallback_round_seconds=self.fallback_round_seconds,
+            claim_reminder_seconds=self.claim_reminder_seconds,
         )
 
 
@@ -179,6 +183,10 @@ class Engine:
 
     def now(self) -> int:
         return int(self.clock())
+
+    def clock_at(self) -> datetime:
+        """The engine's clock (:meth:`now`) as a timestamp, for the payouts' claim windows."""
+        return datetime.fromtimestamp(self.now(), UTC)
 
     async def timeline(self, s: AsyncSession, job_id: str, kind: str, detail: object) -> None:
         await timeline.record(s, job_id, kind, detail)
@@ -780,7 +788,47 @@ class Engine:
         if view.state is PayoutState.NEEDS_INVOICE:
             fact = machine.PayoutNeedsInvoice(view, reason_code(p.last_error))
             return (await self.apply(s, job.id, fact, row=job)).outcome
+        if view.state is PayoutState.EXPIRED:
+            return (await self.apply(s, job.id, machine.PayoutExpired(view), row=job)).outcome
         return "no change"
+
+    # ------------------------------------------------------------------ claim windows
+    async def expire_claim(self, s: AsyncSession, payout_id: str) -> str:
+        """A payout's claim window ended: service/payouts moves it to expired (compare-and-set) and
+        its outcome is consumed here, in the same transaction (booked to unclaimed, the payee told)."""
+        if not await payouts.expire(s, payout_id, self.clock_at()):
+            return "not expired"
+        p = await s.get(Payout, payout_id, populate_existing=True)
+        assert p is not None
+        return await self.handle_payout(s, p)
+
+    async def remind_claim(self, s: AsyncSession, p: Payout) -> str:
+        """The reminder before a claim window ends, once per payout and window: the database's
+        ``escrow_consumed`` key ``<payout>:<round>`` decides, whatever the restarts or replicas."""
+        res = await s.execute(
+            insert_ignore(s, table_of(Consumed)),
+            [{"source": "claim_reminder", "ref": f"{p.id}:{p.claim_round}", "at": utcnow()}],
+        )
+        if rowcount(res) != 1:
+            return "already reminded"
+        job = await self._job(s, p.job_id) if p.job_id is not None else None
+        if job is None:
+            return "no job"
+        return (await self.apply(s, job.id, machine.ClaimReminder(payout_view(p)), row=job)).outcome
+
+    async def reopen_claim(self, s: AsyncSession, payout_id: str) -> Plan:
+        """An operator's reopen of an expired claim, in the caller's transaction: service/payouts
+        moves it back to needs_invoice with a fresh window, and the engine consumes that outcome at
+        once (the unclaimed booking reversed, the payee asked again, a finished job open again).
+        Raises :class:`~service.payouts.ReopenRefused`."""
+        p = await payouts.reopen(s, payout_id, self.machine_config.claim_window, at=self.clock_at())
+        res = await s.execute(
+            insert_ignore(s, table_of(Consumed)), [{"source": "payout", "ref": payout_ref(p), "at": utcnow()}]
+        )
+        if rowcount(res) != 1:  # a fresh round's outcome cannot have been seen before
+            raise RuntimeError(f"the reopened outcome of {payout_id} was consumed before")
+        assert p.job_id is not None
+        return await self.apply(s, p.job_id, machine.PayoutReopened(payout_view(p)))
 
     # ------------------------------------------------------------------ timers
     def due_timer(self, job: Job) -> str | None:
@@ -915,6 +963,8 @@ def payout_view(p: Payout) -> machine.PayoutView:
         preimage=p.preimage,
         earned_by=p.earned_by,
         last_error=p.last_error,
+        claim_by=int(aware(p.claim_by).timestamp()) if p.claim_by is not None else None,
+        claim_round=p.claim_round,
     )
 
 
@@ -965,4 +1015,6 @@ def stored_score(text: str) -> ScoreValue | None:
 def payout_ref(p: Payout) -> str:
     """The outcome of a payout the engine consumes once (EngineRunner._payouts builds the same in SQL)."""
     ref = f"{p.id}:{p.state}:{p.attempts}"
-    return f"{ref}:{p.needs_invoice_count}" if p.needs_invoice_count else ref
+    if p.needs_invoice_count:
+        ref += f":{p.needs_invoice_count}"
+    return f"{ref}:r{p.claim_round}" if p.claim_round else ref  # each reopened window's outcomes are new

@@ -38,6 +38,7 @@ from service.nostr.protocol import (
     Cancelled,
     CancelReason,
     Candidate,
+    ClaimExpired,
     CodecError,
     DeadlineExtension,
     ErrorFeedback,
@@ -57,6 +58,7 @@ from service.nostr.protocol import (
     RoundParam,
     ValidationComplete,
     build_cancelled,
+    build_claim_expired,
     build_deadline_extension,
     build_error_feedback,
     build_escrow_offer,
@@ -72,9 +74,18 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol import PaymentProof as ProofBody
 from service.nostr.protocol import Verdict as VerdictBody
+from service.nostr.protocol.feedback import REASON_CLAIM_WINDOW_ENDING
 from service.nostr.protocol.fields import BASELINE, Template
 from service.nostr.protocol.terms import Mode
-from service.payouts.types import Destination, DestinationKind, NewPayout, PayoutKind, PayoutState
+from service.payouts.types import (
+    ClaimWindow,
+    Destination,
+    DestinationKind,
+    NewPayout,
+    PayoutKind,
+    PayoutReason,
+    PayoutState,
+)
 
 
 class JobState(enum.StrEnum):
@@ -143,6 +154,9 @@ class FactKind(enum.StrEnum):
     DELETED = "deleted"
     PAYOUT_SUCCEEDED = "payout succeeded"
     PAYOUT_NEEDS_INVOICE = "payout needs an invoice"
+    PAYOUT_EXPIRED = "payout expired"
+    PAYOUT_REOPENED = "payout reopened"
+    CLAIM_REMINDER = "claim window ending"
     OPERATOR_REFUND = "operator refund"
 
 
@@ -177,10 +191,15 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     (S.FALLBACK, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
     (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),  # the hold expired before settling
     (S.RELEASING, FactKind.PAYOUT_SUCCEEDED): frozenset({S.CLOSED}),  # the last payout booked
+    (S.RELEASING, FactKind.PAYOUT_EXPIRED): frozenset({S.CLOSED}),  # the last open payout expired
     (S.REFUNDING, FactKind.SETTLED): frozenset({S.REFUNDED}),  # nothing left to send back
     (S.REFUNDING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
     (S.REFUNDING, FactKind.PAYOUT_SUCCEEDED): frozenset({S.REFUNDED}),  # the refund payout
+    (S.REFUNDING, FactKind.PAYOUT_EXPIRED): frozenset({S.REFUNDED}),  # nobody claimed the refund
     (S.CANCELLED, FactKind.SETTLED): frozenset({S.REFUNDING, S.REFUNDED}),  # a custodial payment after cancel
+    # An operator reopened an expired claim of a finished job: it owes that payout again.
+    (S.CLOSED, FactKind.PAYOUT_REOPENED): frozenset({S.RELEASING}),
+    (S.REFUNDED, FactKind.PAYOUT_REOPENED): frozenset({S.REFUNDING}),
 }
 
 
@@ -246,6 +265,13 @@ class PayoutView:
     earned_by: str | None = None
     last_error: str | None = None
     bolt11: str | None = None  # the invoice a succeeded payout paid (its receipt names it)
+    claim_by: int | None = None  # while it waits for an invoice: its claim window's end (None: none)
+    claim_round: int = 0  # an operator's reopens so far (each a fresh window)
+
+    @property
+    def open(self) -> bool:
+        """Whether the job still owes on it (neither paid nor expired)."""
+        return self.state not in (PayoutState.SUCCEEDED, PayoutState.EXPIRED)
 
 
 @dataclass(frozen=True)
@@ -333,6 +359,12 @@ class MachineConfig:
     release_margin_seconds: int = 3600  # hold invoices must outlive the validation deadline by this
     validator_pool: tuple[str, ...] = ()  # the pool the escrow announces (§1): fallback validators come from it
     fallback_round_seconds: int = 600  # a fallback evaluation round's window
+    claim_reminder_seconds: int = 0  # the payee is reminded this long before its claim window ends
+
+    @property
+    def claim_window(self) -> ClaimWindow:
+        """The announced claim window (``terms.claim_window_s``) with its reminder."""
+        return ClaimWindow(self.terms.claim_window_s, self.claim_reminder_seconds)
 
 
 # ---------------------------------------------------------------------------- facts
@@ -456,6 +488,33 @@ class PayoutNeedsInvoice:
 
 
 @dataclass(frozen=True)
+class PayoutExpired:
+    """Nobody gave the payout an invoice within its claim window (service/payouts moved it to
+    ``expired``): the money is the operator's (``income:unclaimed``)."""
+
+    payout: PayoutView
+    kind: ClassVar[FactKind] = FactKind.PAYOUT_EXPIRED
+
+
+@dataclass(frozen=True)
+class PayoutReopened:
+    """An operator reopened an expired claim (``payout.claim_round`` counts it; a fresh window to
+    ``payout.claim_by``): owed to its payee again, who is asked again."""
+
+    payout: PayoutView
+    kind: ClassVar[FactKind] = FactKind.PAYOUT_REOPENED
+
+
+@dataclass(frozen=True)
+class ClaimReminder:
+    """The payout still waits for its payee's invoice and its claim window ends soon (the engine
+    hands each window's reminder to the machine once: ``escrow_consumed``)."""
+
+    payout: PayoutView
+    kind: ClassVar[FactKind] = FactKind.CLAIM_REMINDER
+
+
+@dataclass(frozen=True)
 class OperatorRefund:
     reason: str
     kind: ClassVar[FactKind] = FactKind.OPERATOR_REFUND
@@ -476,6 +535,9 @@ Fact = (
     | Deleted
     | PayoutSucceeded
     | PayoutNeedsInvoice
+    | PayoutExpired
+    | PayoutReopened
+    | ClaimReminder
     | OperatorRefund
 )
 
@@ -599,9 +661,10 @@ class IllegalTransition(AssertionError):
 class _Builder:
     """Collects a plan while a step runs (the step's only mutable state)."""
 
-    def __init__(self, view: JobView, config: MachineConfig) -> None:
+    def __init__(self, view: JobView, config: MachineConfig, now: int) -> None:
         self.view = view
         self.config = config
+        self.now = now
         self.state = view.state
         self.funds: Funds | None = None
         self.held = view.held_msat
@@ -688,7 +751,7 @@ class _Builder:
 
 def step(view: JobView, fact: Fact, now: int, config: MachineConfig) -> Plan:
     """The plan for ``fact`` happening to the job in ``view`` at ``now`` (unix seconds)."""
-    b = _Builder(view, config)
+    b = _Builder(view, config, now)
     outcome = _dispatch(b, view, fact, now, config)
     plan = b.plan(outcome)
     if plan.state != view.state and plan.state not in TRANSITIONS.get((view.state, fact.kind), frozenset()):
@@ -1571,6 +1634,8 @@ def _scores_event(view: JobView, b: _Builder, validator: str) -> str | None:
 
 
 def _pay(b: _Builder, p: NewPayout) -> None:
+    claim_by, remind_at = b.config.claim_window.times(b.now)  # the window runs from the payout's creation
+    p = replace(p, claim_by=claim_by, remind_at=remind_at)
     b.payouts.append(p)
     b.note(
         Note.PAYMENT,
@@ -1589,6 +1654,7 @@ def _pay(b: _Builder, p: NewPayout) -> None:
                     payee=p.payee,
                     amount_msat=p.amount_msat,
                     earned_by=p.earned_by if p.kind is PayoutKind.REWARD else None,
+                    claim_by=claim_by,
                 )
             )
         )
@@ -1638,10 +1704,99 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
                     )
                 )
             )
-    others_paid = all(x.state is PayoutState.SUCCEEDED for x in view.payouts if x.id != p.id)
-    if view.state is S.RELEASING and others_paid and b.owed == 0:
-        b.move(S.CLOSED, "every payout succeeded and is booked")
+    if view.state is S.RELEASING and _none_open(view, p) and b.owed == 0:
+        b.move(S.CLOSED, "every payout succeeded (or expired) and is booked")
     return "payout booked"
+
+
+def _none_open(view: JobView, p: PayoutView) -> bool:
+    """No payout of the job but ``p`` is still owed (each succeeded or expired)."""
+    return not any(x.open for x in view.payouts if x.id != p.id)
+
+
+def _owed_on(view: JobView, p: PayoutView) -> str:
+    """The liability a payout settles: the customer's refund account, or the payee's payable."""
+    return accounts.refund(p.payee, view.id) if p.kind.to_customer else accounts.payable(p.payee, view.id)
+
+
+def _claimable(view: JobView, p: PayoutView, reason: str | None, claim_by: int | None) -> Template:
+    return build_reward_claimable(
+        RewardClaimable(
+            job_id=view.id,
+            payee=p.payee,
+            amount_msat=p.amount_msat,
+            earned_by=p.earned_by if p.kind is PayoutKind.REWARD else None,
+            reason=reason,
+            claim_by=claim_by,
+        )
+    )
+
+
+def _claim_reminder(b: _Builder, view: JobView, fact: ClaimReminder, now: int, c: MachineConfig) -> str:
+    p = fact.payout
+    if p.state is not PayoutState.NEEDS_INVOICE or p.claim_by is None or p.claim_by <= now:
+        return ignored(b, f"payout {p.id} no longer waits for an invoice in an open window")
+    b.note(
+        Note.PAYMENT, {"payout": p.id, "state": "needs_invoice", "why": "claim window ending", "claim_by": p.claim_by}
+    )
+    b.publish(_claimable(view, p, REASON_CLAIM_WINDOW_ENDING, p.claim_by))
+    return "payee reminded: claim window ending"
+
+
+def _payout_expired(b: _Builder, view: JobView, fact: PayoutExpired, now: int, c: MachineConfig) -> str:
+    """Nobody claimed it: what the job owed on it goes to the operator's unclaimed account, the payee
+    is told, and the job finishes when nothing else is owed (as after the last success)."""
+    p = fact.payout
+    if p.state is not PayoutState.EXPIRED:
+        return ignored(b, f"payout {p.id} is {p.state}, not expired")
+    booked = b.post(
+        postings.unclaimed(
+            view.id, p.id, p.claim_round, _owed_on(view, p), p.amount_msat, f"claim of {p.id} expired (unclaimed)"
+        )
+    )
+    if not booked:
+        return ignored(b, f"the expiry of payout {p.id} was booked before")
+    b.note(Note.PAYMENT, {"payout": p.id, "state": "expired", "amount_msat": p.amount_msat, "claim_by": p.claim_by})
+    b.publish(
+        build_claim_expired(
+            ClaimExpired(
+                job_id=view.id,
+                payee=p.payee,
+                amount_msat=p.amount_msat,
+                claim_by=p.claim_by if p.claim_by is not None else now,
+                earned_by=p.earned_by if p.kind is PayoutKind.REWARD else None,
+            )
+        )
+    )
+    if _none_open(view, p) and b.owed == 0:
+        if view.state is S.RELEASING:
+            b.move(S.CLOSED, "every payout succeeded or expired and is booked")
+        elif view.state is S.REFUNDING and p.kind is PayoutKind.REFUND:
+            b.move(S.REFUNDED, "the refund's claim expired: booked to unclaimed")
+    return "payout expired: booked to unclaimed"
+
+
+def _payout_reopened(b: _Builder, view: JobView, fact: PayoutReopened, now: int, c: MachineConfig) -> str:
+    """An operator reopened an expired claim: the unclaimed booking of the window that ended is
+    reversed (owed to the payee again), the payee is asked again, and a finished job is open again."""
+    p = fact.payout
+    ended = p.claim_round - 1  # the round whose expiry this reopen reverses
+    if p.state is not PayoutState.NEEDS_INVOICE or ended < 0:
+        return ignored(b, f"payout {p.id} is {p.state}: nothing reopened")
+    if postings.unclaimed_key(p.id, ended) not in b.posted:
+        return ignored(b, f"payout {p.id} has no expiry booked to reverse")
+    booked = b.post(
+        postings.reclaimed(view.id, p.id, ended, _owed_on(view, p), p.amount_msat, f"claim of {p.id} reopened")
+    )
+    if not booked:
+        return ignored(b, f"the reopen of payout {p.id} was booked before")
+    b.note(Note.PAYMENT, {"payout": p.id, "state": "needs_invoice", "why": "reopened by an operator"})
+    b.publish(_claimable(view, p, PayoutReason.CLAIM_REOPENED.value, p.claim_by))
+    if view.state is S.CLOSED:
+        b.move(S.RELEASING, f"an operator reopened the claim of {p.id}")
+    elif view.state is S.REFUNDED:
+        b.move(S.REFUNDING, f"an operator reopened the claim of {p.id}")
+    return "claim reopened"
 
 
 def _payout_needs_invoice(b: _Builder, view: JobView, fact: PayoutNeedsInvoice, now: int, c: MachineConfig) -> str:
@@ -1651,17 +1806,7 @@ def _payout_needs_invoice(b: _Builder, view: JobView, fact: PayoutNeedsInvoice, 
     b.note(Note.PAYMENT, {"payout": p.id, "state": "needs_invoice", "why": p.last_error})
     # Asked again with the reason's code (the payee can act on it), never its text (which
     # may hold an LNURL server's answer or an address: those are for the operator).
-    b.publish(
-        build_reward_claimable(
-            RewardClaimable(
-                job_id=view.id,
-                payee=p.payee,
-                amount_msat=p.amount_msat,
-                earned_by=p.earned_by if p.kind is PayoutKind.REWARD else None,
-                reason=fact.reason,
-            )
-        )
-    )
+    b.publish(_claimable(view, p, fact.reason, p.claim_by))
     return "payee asked for a new invoice"
 
 
@@ -1695,6 +1840,12 @@ def _dispatch(b: _Builder, view: JobView, fact: Fact, now: int, c: MachineConfig
             return _payout_succeeded(b, view, fact, now, c)
         case PayoutNeedsInvoice():
             return _payout_needs_invoice(b, view, fact, now, c)
+        case PayoutExpired():
+            return _payout_expired(b, view, fact, now, c)
+        case PayoutReopened():
+            return _payout_reopened(b, view, fact, now, c)
+        case ClaimReminder():
+            return _claim_reminder(b, view, fact, now, c)
         case OperatorRefund():
             return _operator_refund(b, view, fact, now, c)
     raise TypeError(f"not a fact: {fact!r}")

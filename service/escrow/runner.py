@@ -34,6 +34,7 @@ from service.lightning.models import LnFact, LnInvoice
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
 from service.payouts.models import Payout
+from service.payouts.types import PayoutState
 from service.quarantine import LoopBackoff, Quarantine, RetryPolicy, Verdict, is_outage
 from service.signals import Signals
 
@@ -73,6 +74,10 @@ def _payout_ref_sql() -> ColumnElement[str]:
             (Payout.needs_invoice_count > 0, literal(":") + Payout.needs_invoice_count.cast(Consumed.ref.type)),
             else_=literal(""),
         )
+        + case(
+            (Payout.claim_round > 0, literal(":r") + Payout.claim_round.cast(Consumed.ref.type)),
+            else_=literal(""),
+        )
     )
 
 
@@ -94,6 +99,7 @@ class EngineRunner:
             n += await self._payouts()
         if timers:
             n += await self._timers()
+            n += await self._claims()
         return n
 
     async def _ln_facts(self) -> int:
@@ -128,7 +134,7 @@ class EngineRunner:
                 await s.execute(
                     select(Payout, q.failing("payout_outcome", ref))
                     .where(
-                        Payout.state.in_(("succeeded", "needs_invoice")),
+                        Payout.state.in_(("succeeded", "needs_invoice", "expired")),
                         Payout.job_id.is_not(None),
                         ~seen,
                         q.due("payout_outcome", ref),
@@ -184,6 +190,57 @@ class EngineRunner:
 
             attempt = await q.attempt("timer", timer_ref(job.id, job.state), work, failing=bool(failing), job_id=job.id)
             done += bool(attempt.value) if attempt.ok else attempt.finished
+        return done
+
+    async def _claims(self) -> int:
+        """Claim windows (docs/escrow.md, "Claim window"): payouts still waiting for an invoice at
+        their claim_by expire, and those whose reminder is due are reminded, each payout in its own
+        transaction (a timer item: ``<payout>:claim_expiry`` / ``<payout>:claim_reminder``)."""
+        q, now = self.quarantine, self.engine.clock_at()
+        waiting = and_(Payout.state == PayoutState.NEEDS_INVOICE, Payout.job_id.is_not(None))
+        expiry_ref = Payout.id + literal(":claim_expiry")
+        reminder_ref = Payout.id + literal(":claim_reminder")
+        reminded = exists().where(
+            and_(
+                Consumed.source == "claim_reminder",
+                Consumed.ref == Payout.id + literal(":") + Payout.claim_round.cast(Consumed.ref.type),
+            )
+        )
+        async with self.sessions() as s:
+            ended = (
+                await s.execute(
+                    select(Payout.id, Payout.job_id, q.failing("timer", expiry_ref))
+                    .where(waiting, Payout.claim_by <= now, q.due("timer", expiry_ref))
+                    .order_by(Payout.claim_by)
+                    .limit(200)
+                )
+            ).all()
+            remind = (
+                await s.execute(
+                    select(Payout, q.failing("timer", reminder_ref))
+                    .where(waiting, Payout.remind_at <= now, Payout.claim_by > now, ~reminded)
+                    .where(q.due("timer", reminder_ref))
+                    .order_by(Payout.remind_at)
+                    .limit(200)
+                )
+            ).all()
+        done = 0
+        for pid, job_id, failing in ended:
+
+            async def expire(s: AsyncSession, pid: str = pid) -> str:
+                return await self.engine.expire_claim(s, pid)
+
+            attempt = await q.attempt("timer", f"{pid}:claim_expiry", expire, failing=bool(failing), job_id=job_id)
+            done += attempt.value != "not expired" if attempt.ok else attempt.finished
+        for p, failing in remind:
+
+            async def reminder(s: AsyncSession, p: Payout = p) -> str:
+                return await self.engine.remind_claim(s, p)
+
+            attempt = await q.attempt(
+                "timer", f"{p.id}:claim_reminder", reminder, failing=bool(failing), job_id=p.job_id
+            )
+            done += attempt.value != "already reminded" if attempt.ok else attempt.finished
         return done
 
 

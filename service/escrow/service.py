@@ -42,6 +42,7 @@ def terms_from_settings(s: Settings) -> EscrowTerms:
         min_payout_msat=s.min_payout_msat,
         max_results_per_shard=s.max_results_per_shard,
         routing_fee_ppm=s.payout_fee_ppm,
+        claim_window_s=s.claim_window_seconds,
     )
 
 
@@ -86,6 +87,7 @@ class EscrowService:
                 # the escrow never asks itself, should its own key be listed
                 validator_pool=tuple(v.pubkey for v in self.validator_pool if v.pubkey != key.public_key_hex),
                 fallback_round_seconds=settings.fallback_round_seconds,
+                claim_reminder_seconds=settings.claim_reminder_seconds,
             ),
         )
         # When this process is live: opened before the engine's timers first run (the gap before

@@ -6,6 +6,8 @@ Grammar (every id is 1–64 lowercase hex digits, so names never contain spaces,
     asset:node                              the escrow's LND node's funds
     income:fees                             escrow fees and split remainders we keep
     expense:routing                         Lightning routing fees we paid on payouts
+    income:unclaimed                        payouts nobody claimed within their claim window (the
+                                            operator's; an operator's reopen books one back)
     liability:escrow:<job>                  money held for a job (funded, not yet released)
     liability:payable:<payee>:<job>         released to a payee, not yet paid out
     liability:refund:<customer>:<job>       owed back to the customer, not yet paid out
@@ -31,8 +33,9 @@ Side = Literal["debit", "credit"]
 NODE = "asset:node"
 FEE_INCOME = "income:fees"
 ROUTING_EXPENSE = "expense:routing"
+UNCLAIMED = "income:unclaimed"
 
-GLOBAL_ACCOUNTS: frozenset[str] = frozenset({NODE, FEE_INCOME, ROUTING_EXPENSE})
+GLOBAL_ACCOUNTS: frozenset[str] = frozenset({NODE, FEE_INCOME, ROUTING_EXPENSE, UNCLAIMED})
 KINDS: tuple[Kind, ...] = ("asset", "liability", "income", "expense")
 CREDIT_NORMAL: frozenset[str] = frozenset({"liability", "income"})
 MAX_NAME = 200
@@ -51,7 +54,7 @@ class AccountError(ValueError):
 class Account(NamedTuple):
     name: str
     kind: Kind
-    category: str  # node | fees | routing | escrow | payable | refund
+    category: str  # node | fees | routing | unclaimed | escrow | payable | refund
     party: str | None  # payee or customer pubkey for payable/refund
     job_id: str | None
 
@@ -89,6 +92,8 @@ def parse(name: object) -> Account:
         return Account(name, "income", "fees", None, None)
     if name == ROUTING_EXPENSE:
         return Account(name, "expense", "routing", None, None)
+    if name == UNCLAIMED:
+        return Account(name, "income", "unclaimed", None, None)
     m = _JOB_SCOPED.match(name)
     if m is None:
         raise AccountError(f"unknown or malformed account name {name!r}")

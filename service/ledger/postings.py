@@ -14,7 +14,12 @@ refund             refund:<job>            escrow(job) +held, refund(customer) -
 payout             payout:<payment hash>   payable(payee) +amount, node -amount
 refund_payout      payout:<payment hash>   refund(customer) +amount, node -amount
 routing_fee        routing_fee:<hash>      routing expense +fee, node -fee
+unclaimed          unclaimed:<payout>:<n>  payable/refund +amount, unclaimed income -amount
+reclaimed          reclaimed:<payout>:<n>  unclaimed income +amount, payable/refund -amount
 =================  ======================  ==============================================
+
+``<n>`` is the payout's claim round (0, then one more for each operator's reopen): each window
+that ends books once, and each reopen books its way back once.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class PostingKind(enum.StrEnum):
     PAYOUT = "payout"
     REFUND_PAYOUT = "refund_payout"
     ROUTING_FEE = "routing_fee"
+    UNCLAIMED = "unclaimed"
+    RECLAIMED = "reclaimed"
 
 
 class KeyPrefix(enum.StrEnum):
@@ -154,5 +161,36 @@ def routing_fee(job_id: str, payment_hash: str, fee_msat: int, memo: str) -> Pos
         PostingKind.ROUTING_FEE,
         job_id,
         ((accounts.ROUTING_EXPENSE, fee_msat), (accounts.NODE, -fee_msat)),
+        memo,
+    )
+
+
+def unclaimed_key(payout_id: str, claim_round: int) -> str:
+    return f"{PostingKind.UNCLAIMED}:{payout_id}:{claim_round}"
+
+
+def reclaimed_key(payout_id: str, claim_round: int) -> str:
+    return f"{PostingKind.RECLAIMED}:{payout_id}:{claim_round}"
+
+
+def unclaimed(job_id: str, payout_id: str, claim_round: int, liability: str, amount_msat: int, memo: str) -> Posting:
+    """Nobody claimed a payout within its window: what the job owed (``liability``: the payee's
+    payable or the customer's refund) becomes the operator's unclaimed income."""
+    return Posting(
+        unclaimed_key(payout_id, claim_round),
+        PostingKind.UNCLAIMED,
+        job_id,
+        ((liability, amount_msat), (accounts.UNCLAIMED, -amount_msat)),
+        memo,
+    )
+
+
+def reclaimed(job_id: str, payout_id: str, claim_round: int, liability: str, amount_msat: int, memo: str) -> Posting:
+    """An operator reopened an expired claim (its round ``claim_round``): owed to its payee again."""
+    return Posting(
+        reclaimed_key(payout_id, claim_round),
+        PostingKind.RECLAIMED,
+        job_id,
+        ((accounts.UNCLAIMED, amount_msat), (liability, -amount_msat)),
         memo,
     )

@@ -4,7 +4,8 @@
 - :mod:`.types`   the typed values: states, kinds, destinations, reasons, the worker's policy
 - :mod:`.store`   writes in the caller's transaction: :func:`~.store.create`,
                   :func:`~.store.accept_invoice` (every path that gives a payout an invoice),
-                  :func:`~.store.retry`, :func:`~.store.cancel_payment` (an operator's)
+                  :func:`~.store.retry`, :func:`~.store.cancel_payment` (an operator's),
+                  :func:`~.store.expire` (a claim window's end), :func:`~.store.reopen` (an operator's)
 - :mod:`.check`   the invoice checks: offline (any path) and full, with our node (before paying)
 - :mod:`.worker`  :class:`~.worker.Payouts`: claim, pay, finish, reconcile
 
@@ -18,6 +19,7 @@ from service.payouts.types import (
     CancelReason,
     CancelRefused,
     CheckReason,
+    ClaimWindow,
     Destination,
     DestinationKind,
     InvoiceCheckError,
@@ -28,6 +30,8 @@ from service.payouts.types import (
     PayoutPolicy,
     PayoutReason,
     PayoutState,
+    ReopenReason,
+    ReopenRefused,
     RetryReason,
     RetryRefused,
     why,
@@ -39,6 +43,7 @@ __all__ = [
     "CancelReason",
     "CancelRefused",
     "CheckReason",
+    "ClaimWindow",
     "Destination",
     "DestinationKind",
     "InvoiceCheckError",
@@ -49,6 +54,8 @@ __all__ = [
     "PayoutPolicy",
     "PayoutReason",
     "PayoutState",
+    "ReopenReason",
+    "ReopenRefused",
     "RetryReason",
     "RetryRefused",
     "why",

@@ -46,6 +46,12 @@ class Payout(Base):
     payment_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     preimage: Mapped[str | None] = mapped_column(String(64), nullable=True)
     last_error: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    # The claim window (docs/escrow.md, "Claim window"): while it waits for an invoice, the payout
+    # expires at claim_by and its payee is reminded at remind_at (both NULL: no window); claim_round
+    # counts an operator's reopens (each a fresh window: its outcomes and reminder are new ones).
+    claim_by: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    remind_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    claim_round: Mapped[int] = mapped_column(Integer, nullable=False, default=0, server_default="0")
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
@@ -53,6 +59,7 @@ class Payout(Base):
 
     __table_args__ = (
         Index("ix_ln_payouts_due", "state", "next_attempt_at"),
+        Index("ix_ln_payouts_claim_by", "state", "claim_by"),
         Index("uq_ln_payouts_payment_hash", "payment_hash", unique=True),
     )
 

@@ -1,6 +1,7 @@
 """Writes to ``ln_payouts`` from outside the worker, each in the caller's transaction: a new
 payout (:func:`create`), a payee's invoice (:func:`accept_invoice`), an operator's retry
-(:func:`retry`) or cancel (:func:`cancel_payment`). With the worker (``service/payouts/worker.py``) these are the only writers of
+(:func:`retry`) or cancel (:func:`cancel_payment`), a claim window's end (:func:`expire`) and an
+operator's reopen of it (:func:`reopen`). With the worker (``service/payouts/worker.py``) these are the only writers of
 ``ln_payouts`` and ``ln_payout_attempts`` (tests/unit/test_payout_writers.py checks it).
 
 Every path that gives a payout an invoice goes through :func:`accept_invoice` (the Nostr
@@ -12,14 +13,16 @@ compare-and-set. The full check (with our node's ``DecodePayReq``) comes again b
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, Result, select, update
+from sqlalchemy import CursorResult, Result, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
 
 from service import timeline
 from service.bitcoin import MAX_MSAT
-from service.db import insert_ignore, utcnow
+from service.db import aware, insert_ignore, utcnow
 from service.lightning.client import LndClient
 from service.payouts.check import decode_offline, refuse_used_hash
 from service.payouts.models import Payout, PayoutAttempt
@@ -29,12 +32,16 @@ from service.payouts.types import (
     CancelReason,
     CancelRefused,
     CheckReason,
+    ClaimWindow,
     DestinationKind,
     InvoiceCheckError,
     InvoiceRefused,
     InvoiceSource,
     NewPayout,
+    PayoutReason,
     PayoutState,
+    ReopenReason,
+    ReopenRefused,
     RetryReason,
     RetryRefused,
     why,
@@ -65,6 +72,8 @@ async def create(s: AsyncSession, p: NewPayout) -> bool:
             destination=p.destination.value,
             state=PayoutState.NEEDS_INVOICE if waiting else PayoutState.PENDING,
             fee_limit_msat=p.fee_limit_msat,
+            claim_by=_at(p.claim_by),
+            remind_at=_at(p.remind_at),
             attempts=0,
             next_attempt_at=now,
             created_at=now,
@@ -102,8 +111,13 @@ async def accept_invoice(
     ).all()
     if not mine:
         raise InvoiceRefused(AcceptReason.NO_PAYOUT, "this job owes nothing to this key")
-    waiting = [p for p in mine if p.state is PayoutState.NEEDS_INVOICE]
+    at = utcnow() if now is None else datetime.fromtimestamp(now, UTC)
+    waiting = [p for p in mine if p.state is PayoutState.NEEDS_INVOICE and claimable(p, at)]
     if not waiting:
+        if any(p.state is PayoutState.EXPIRED or p.state is PayoutState.NEEDS_INVOICE for p in mine):
+            raise InvoiceRefused(
+                AcceptReason.CLAIM_EXPIRED, "the claim window ended before this invoice came; ask the operator"
+            )
         raise InvoiceRefused(AcceptReason.NOT_WAITING, f"the payout is {mine[0].state}; no invoice is needed now")
     if amount_msat is not None:
         waiting = [p for p in waiting if p.amount_msat == amount_msat]
@@ -128,7 +142,7 @@ async def accept_invoice(
         raise InvoiceRefused(e.reason, e.message) from None
     res = await s.execute(
         update(Payout)
-        .where(Payout.id == target.id, Payout.state == PayoutState.NEEDS_INVOICE)
+        .where(Payout.id == target.id, Payout.state == PayoutState.NEEDS_INVOICE, open_claim(at))
         .values(
             destination_kind=DestinationKind.BOLT11,
             destination=inv.payment_request,
@@ -137,6 +151,7 @@ async def accept_invoice(
             next_attempt_at=utcnow(),
             updated_at=utcnow(),
         )
+        .execution_options(synchronize_session=False)  # (SQLite's naive claim_by; refreshed below)
     )
     if rows_matched(res) != 1:
         raise InvoiceRefused(AcceptReason.CONFLICT, "the payout changed meanwhile")
@@ -161,6 +176,73 @@ async def _note_refusal(s: AsyncSession, p: Payout, last_error: str) -> None:
         .where(Payout.id == p.id, Payout.state == PayoutState.NEEDS_INVOICE)
         .values(last_error=last_error, needs_invoice_count=Payout.needs_invoice_count + 1, updated_at=utcnow())
     )
+
+
+def _at(unix: int | None) -> datetime | None:
+    return None if unix is None else datetime.fromtimestamp(unix, UTC)
+
+
+def claimable(p: Payout, at: datetime) -> bool:
+    """Whether a payout's claim window is still open at ``at`` (none: open for ever)."""
+    return p.claim_by is None or aware(p.claim_by) > at
+
+
+def open_claim(at: datetime) -> ColumnElement[bool]:
+    """:func:`claimable` in SQL: the condition every move out of needs_invoice by a payee checks."""
+    return or_(Payout.claim_by.is_(None), Payout.claim_by > at)
+
+
+async def expire(s: AsyncSession, payout_id: str, at: datetime) -> bool:
+    """The claim window ended: a payout still waiting for its payee's invoice moves to ``expired``
+    (compare-and-set on needs_invoice and its claim_by having passed; one that is pending, sending or
+    unknown never expires: money may be in flight). The engine books it (``PayoutExpired``) when it
+    consumes the outcome. True if this call moved it."""
+    res = await s.execute(
+        update(Payout)
+        .where(
+            Payout.id == payout_id,
+            Payout.state == PayoutState.NEEDS_INVOICE,
+            Payout.claim_by.is_not(None),
+            Payout.claim_by <= at,
+        )
+        .values(
+            state=PayoutState.EXPIRED,
+            last_error=why(PayoutReason.CLAIM_EXPIRED, "nobody gave an invoice within the claim window"),
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    return rows_matched(res) == 1
+
+
+async def reopen(s: AsyncSession, payout_id: str, window: ClaimWindow, *, at: datetime | None = None) -> Payout:
+    """An operator's reopen of an expired claim (to honour a late claimant): back to needs_invoice
+    with a fresh window from now, its round counted (a new outcome for the engine, which reverses the
+    unclaimed booking and asks the payee again). Raises :class:`ReopenRefused`."""
+    p = await s.get(Payout, payout_id)
+    if p is None:
+        raise ReopenRefused(ReopenReason.NOT_FOUND, "no such payout")
+    if p.state is not PayoutState.EXPIRED:
+        raise ReopenRefused(ReopenReason.NOT_EXPIRED, f"payout is {p.state}; only an expired claim is reopened")
+    now = at or utcnow()
+    claim_by, remind_at = window.times(int(now.timestamp()))
+    res = await s.execute(
+        update(Payout)
+        .where(Payout.id == payout_id, Payout.state == PayoutState.EXPIRED, Payout.claim_round == p.claim_round)
+        .values(
+            state=PayoutState.NEEDS_INVOICE,
+            claim_by=_at(claim_by),
+            remind_at=_at(remind_at),
+            claim_round=Payout.claim_round + 1,
+            last_error=why(PayoutReason.CLAIM_REOPENED, "an operator reopened the claim"),
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if rows_matched(res) != 1:
+        raise ReopenRefused(ReopenReason.CONFLICT, "the payout changed meanwhile")
+    await s.refresh(p)
+    return p
 
 
 async def retry(s: AsyncSession, payout_id: str, *, now: int | None = None) -> PayoutState:

@@ -14,7 +14,9 @@ from service.config import Settings
 
 class PayoutState(enum.StrEnum):
     """``ln_payouts.state``. pending -> sending -> succeeded | failed | unknown | needs_invoice;
-    needs_invoice -> pending when the payee gives an invoice (:func:`store.accept_invoice`)."""
+    needs_invoice -> pending when the payee gives an invoice (:func:`store.accept_invoice`);
+    needs_invoice -> expired at its ``claim_by`` (:func:`store.expire_due`), terminal unless an
+    operator reopens it (:func:`store.reopen`: back to needs_invoice with a fresh window)."""
 
     PENDING = "pending"
     SENDING = "sending"
@@ -22,6 +24,7 @@ class PayoutState(enum.StrEnum):
     FAILED = "failed"
     UNKNOWN = "unknown"
     NEEDS_INVOICE = "needs_invoice"
+    EXPIRED = "expired"  # nobody claimed it within its claim window: the money is the operator's
 
 
 class AttemptState(enum.StrEnum):
@@ -130,6 +133,8 @@ class PayoutReason(enum.StrEnum):
     OUTCOME_UNKNOWN = "payment_outcome_unknown"  # unknown: LND did not answer in time
     NODE_UNAVAILABLE = "node_unavailable"  # pending: our node could not check the invoice
     CANCELED = "payment_canceled"  # retried: stopped before it left (lease lost, operator's cancel)
+    CLAIM_EXPIRED = "claim_expired"  # expired: nobody gave an invoice within the claim window
+    CLAIM_REOPENED = "claim_reopened"  # waiting again: an operator reopened an expired claim
 
 
 class AcceptReason(enum.StrEnum):
@@ -139,6 +144,22 @@ class AcceptReason(enum.StrEnum):
     NO_PAYOUT = "no_payout"  # this job owes nothing to this key
     NOT_WAITING = "payout_not_waiting"  # nothing of this payee's waits for an invoice
     CONFLICT = "conflict"  # the payout changed meanwhile (compare-and-set lost)
+    CLAIM_EXPIRED = "claim_expired"  # its claim window ended before the invoice came
+
+
+class ReopenReason(enum.StrEnum):
+    """Why an operator's reopen (:func:`store.reopen`) was refused."""
+
+    NOT_FOUND = "not_found"
+    NOT_EXPIRED = "payout_not_expired"  # only an expired claim is reopened
+    CONFLICT = "conflict"
+
+
+class ReopenRefused(Exception):
+    def __init__(self, code: ReopenReason, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")
 
 
 class RetryReason(enum.StrEnum):
@@ -210,6 +231,27 @@ class NewPayout:
     destination: Destination
     fee_limit_msat: int | None = None  # the engine's routing budget; None: the policy's alone
     earned_by: str | None = None  # a reward's result event id
+    # Until when the payee may give an invoice while it waits for one (unix seconds; None: no window),
+    # and when it is reminded (the engine decides both: service/escrow/machine.py, claim_window).
+    claim_by: int | None = None
+    remind_at: int | None = None
+
+
+@dataclass(frozen=True)
+class ClaimWindow:
+    """How long a payout waiting for its payee's invoice may be claimed (``window_s``, announced as
+    ``claim_window_s``; 0: for ever) and how long before the end its payee is reminded
+    (``reminder_s``, at most half the window). The one place these times are computed."""
+
+    window_s: int = 0
+    reminder_s: int = 0
+
+    def times(self, start: int) -> tuple[int | None, int | None]:
+        """``(claim_by, remind_at)`` of a window opening at ``start`` (unix seconds); None, None: no window."""
+        if self.window_s <= 0:
+            return None, None
+        claim_by = start + self.window_s
+        return claim_by, claim_by - min(self.reminder_s, self.window_s // 2)
 
 
 @dataclass(frozen=True)

@@ -80,10 +80,12 @@ def tag(ev: dict, name: str) -> list[str] | None:
 
 
 class Market:
-    def __init__(self, regtest: Regtest, relay: str, database_url: str, **settings) -> None:
+    def __init__(
+        self, regtest: Regtest, relay: str, database_url: str, escrow_key: SecretKey | None = None, **settings
+    ) -> None:
         self.regtest = regtest
         self.relay = relay
-        self.escrow_key = SecretKey.generate()
+        self.escrow_key = escrow_key or SecretKey.generate()  # given: the same escrow started again
         self.E = self.escrow_key.public_key_hex
         node = regtest.node("escrow")
         base = dict(

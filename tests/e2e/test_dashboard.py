@@ -17,6 +17,7 @@ import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -31,9 +32,14 @@ from service.api.models import AdminAction, AdminSession
 from service.app import create_app
 from service.config import Settings
 from service.db import create_engine, session_factory, utcnow
+from service.escrow.engine import Engine, EngineConfig
 from service.escrow.models import Job, TimelineEntry
+from service.escrow.service import terms_from_settings
+from service.ledger import accounts
+from service.ledger import service as ledger
 from service.lightning.client import InvoiceState
 from service.lightning.models import LnInvoice
+from service.nostr.nip01 import SecretKey
 from service.payouts import DestinationKind, PayoutKind
 from service.payouts.models import Payout
 from tests.conftest import ROOT, Regtest, free_port, wait_until
@@ -119,7 +125,12 @@ async def test_every_page_requires_login(offline_app: FastAPI) -> None:
         for path in PAGES:
             r = await c.get(path)
             assert r.status_code == 303 and r.headers["location"] == "/admin/login", path
-        for path in ("/admin/payouts/x:reward:y/retry", "/admin/quarantine/inbox/x/replay", "/admin/logout"):
+        for path in (
+            "/admin/payouts/x:reward:y/retry",
+            "/admin/payouts/x:reward:y/reopen",
+            "/admin/quarantine/inbox/x/replay",
+            "/admin/logout",
+        ):
             r = await c.post(path, data={"reason": "r"})
             assert r.status_code == 303 and r.headers["location"] == "/admin/login", path
         r = await c.get("/admin/login")
@@ -211,6 +222,67 @@ async def test_post_forms_need_the_csrf_token(offline_app: FastAPI) -> None:
         r = await c.post("/admin/logout", data={"csrf": csrf})
         assert r.status_code == 303 and r.headers["location"] == "/admin/login"
         assert (await c.get("/admin")).status_code == 303, "signed out"
+
+
+async def test_expired_claims_are_listed_with_the_unclaimed_total_and_a_reopen_form(offline_app: FastAPI) -> None:
+    """The payouts page lists each expired claim (payee, amount, claim_by) and the unclaimed total
+    (the ledger's income:unclaimed); its Reopen form needs the CSRF token and a reason, and a
+    refusal is shown and audited (the whole reopen: tests/e2e/test_claim_window.py)."""
+    job_id = "ce" * 32
+    expired_id, waiting_id = f"{job_id}:reward:{'aa' * 32}", f"{job_id}:validator:{'bb' * 32}"
+    async with offline_app.state.sessions.begin() as s:
+        for pid, state, payee in ((expired_id, "expired", "56" * 32), (waiting_id, "needs_invoice", "78" * 32)):
+            s.add(
+                Payout(
+                    id=pid,
+                    kind=PayoutKind.REWARD,
+                    job_id=job_id,
+                    payee=payee,
+                    amount_msat=2_345_000,
+                    destination_kind=DestinationKind.NONE,
+                    destination="",
+                    state=state,
+                    claim_by=utcnow(),
+                )
+            )
+        payable = accounts.payable("56" * 32, job_id)
+        for key, kind, lines in (
+            ("funding:" + "cf" * 32, "funding", [(accounts.NODE, 2_345_000), (accounts.escrow(job_id), -2_345_000)]),
+            (f"release:{job_id}", "release", [(accounts.escrow(job_id), 2_345_000), (payable, -2_345_000)]),
+        ):
+            await ledger.post(s, key=key, kind=kind, job_id=job_id, lines=lines)
+        await ledger.post(
+            s,
+            key=f"unclaimed:{expired_id}:0",
+            kind="unclaimed",
+            job_id=job_id,
+            lines=[(payable, 2_345_000), (accounts.UNCLAIMED, -2_345_000)],
+        )
+    offline_app.state.escrow = SimpleNamespace(
+        engine=Engine(
+            offline_app.state.sessions,
+            SecretKey.generate(),
+            EngineConfig(terms=terms_from_settings(Settings()), relays=[]),
+        ),
+        loop=SimpleNamespace(wake=asyncio.Event()),
+    )
+    async with signed_in(offline_app) as c:
+        page = (await c.get("/admin/payouts")).text
+        expired = page.split('<table id="expired">', 1)[1]
+        assert f'data-payout-id="{expired_id}"' in expired and f'data-payout-id="{waiting_id}"' not in expired
+        assert "2,345.000 sat" in expired and ("56" * 32)[:8] in expired
+        assert re.search(r'id="unclaimed-total">2,345\.000 sat<', page)
+        assert expired.count('<form class="reopen"') == 1
+        r = await c.post(f"/admin/payouts/{waiting_id}/reopen", data={"reason": "late claimant"})
+        assert r.status_code == 403, "no CSRF token: refused"
+        csrf = csrf_of(page)
+        r = await c.post(f"/admin/payouts/{waiting_id}/reopen", data={"csrf": csrf, "reason": "late claimant"})
+        assert r.status_code == 303
+        flash = flash_of((await c.get("/admin/payouts")).text)
+        assert flash.startswith("reopen refused: payout is needs_invoice"), flash
+    async with offline_app.state.sessions() as s:
+        (audit,) = (await s.scalars(select(AdminAction).where(AdminAction.target == waiting_id))).all()
+    assert (audit.action, audit.outcome) == ("reopen_payout", "refused: payout_not_expired")
 
 
 async def test_hostile_strings_are_escaped(offline_app: FastAPI) -> None:

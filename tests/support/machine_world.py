@@ -72,6 +72,8 @@ TERMS = EscrowTerms(
     routing_fee_ppm=5_000,
 )
 CONFIG = MachineConfig(terms=TERMS)
+#: Payouts waiting for an invoice expire after 1000 s (the payee reminded 100 s before).
+CLAIMS = MachineConfig(terms=replace(TERMS, claim_window_s=1_000), claim_reminder_seconds=100)
 #: A routing reserve as large as the payment: a refund would give back nothing.
 DUST = MachineConfig(terms=replace(TERMS, routing_fee_ppm=1_000_000))
 ESCROW = SecretKey(hashlib.sha256(b"machine escrow").digest())
@@ -145,6 +147,8 @@ class World:
     published: int = 0
     keys: tuple[str, ...] = ()  # the results whose model key was published, in order
     outages: int = 0  # how many escrow outages across a deadline may still happen (DeadlineExtended)
+    claims: int = 0  # how many claim expiries and operator's reopens may still happen
+    reminded: frozenset[str] = frozenset()  # "<payout>:<round>" reminded (the engine's once per window)
     last: Fact | None = field(default=None, compare=False)
     problems: tuple[str, ...] = ()
 
@@ -152,8 +156,22 @@ class World:
         return dict(self.balances).get(account, 0)
 
 
-def start(req: machine.RequestAccepted, *, overpay: int = 0, config: MachineConfig = CONFIG, outages: int = 0) -> World:
-    return World(view=JobView(id=req.request.id), request=req, overpay_msat=overpay, config=config, outages=outages)
+def start(
+    req: machine.RequestAccepted,
+    *,
+    overpay: int = 0,
+    config: MachineConfig = CONFIG,
+    outages: int = 0,
+    claims: int = 0,
+) -> World:
+    return World(
+        view=JobView(id=req.request.id),
+        request=req,
+        overpay_msat=overpay,
+        config=config,
+        outages=outages,
+        claims=claims,
+    )
 
 
 def _ledger_view(bal: dict[str, int], job_id: str) -> tuple[int, int]:
@@ -190,6 +208,7 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
                 PayoutState.NEEDS_INVOICE if np.destination.kind is DestinationKind.NONE else PayoutState.PENDING,
                 np.destination.kind,
                 earned_by=np.earned_by,
+                claim_by=np.claim_by,
             )
         )
     results = v.results + tuple(r for r, _, _ in plan.results)
@@ -440,6 +459,13 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
     if v.state in (S.COLLECTING, S.VALIDATING, S.FALLBACK):
         yield "operator refund", step(w, machine.OperatorRefund("test"))
     for i, p in enumerate(w.payouts):
+        if p.state is PayoutState.EXPIRED and w.claims:
+            # An operator reopens the expired claim: a fresh window from now (service/payouts).
+            claim_by, _ = w.config.claim_window.times(w.now)
+            again = replace(p, state=PayoutState.NEEDS_INVOICE, claim_round=p.claim_round + 1, claim_by=claim_by)
+            rows = tuple(again if x.id == p.id else x for x in w.payouts)
+            ww = replace(w, payouts=rows, view=replace(w.view, payouts=rows), claims=w.claims - 1)
+            yield f"payout {i} reopened", step(ww, machine.PayoutReopened(again))
         if p.state is PayoutState.PENDING:
             preimage = hashlib.sha256(f"preimage {p.id}".encode()).hexdigest()
             done = replace(
@@ -469,6 +495,18 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
             given = replace(p, state=PayoutState.PENDING, destination=DestinationKind.BOLT11)
             rows = tuple(given if x.id == p.id else x for x in w.payouts)
             yield f"payout {i} invoice given", replace(w, payouts=rows, view=replace(w.view, payouts=rows))
+            window = f"{p.id}:{p.claim_round}"
+            if p.claim_by is not None and w.claims and window not in w.reminded:
+                _, remind_at = w.config.claim_window.times(p.claim_by - w.config.terms.claim_window_s)
+                assert remind_at is not None
+                ww = replace(w, reminded=w.reminded | {window})
+                yield f"payout {i} reminded", step(ww, machine.ClaimReminder(p), now=max(w.now, remind_at))
+            if p.claim_by is not None and w.claims:
+                # Nobody gave one by claim_by: service/payouts moves it to expired.
+                gone = replace(p, state=PayoutState.EXPIRED)
+                rows = tuple(gone if x.id == p.id else x for x in w.payouts)
+                ww = replace(w, payouts=rows, view=replace(w.view, payouts=rows), claims=w.claims - 1)
+                yield f"payout {i} claim expired", step(ww, machine.PayoutExpired(gone), now=max(w.now, p.claim_by))
             break
 
 
@@ -507,8 +545,12 @@ def violations(w: World) -> list[str]:
     if v.state.final:
         if held != 0 or owed != 0:
             out.append(f"final state {v.state} with accounts held={held} owed={owed}")
-        if v.state is S.CLOSED and any(p.state is not PayoutState.SUCCEEDED for p in w.payouts):
-            out.append("closed with a payout unpaid")
+        if v.state is S.CLOSED and any(p.open for p in w.payouts):
+            out.append("closed with a payout neither paid nor expired")
+    # What nobody claimed is the operator's: the unclaimed account holds exactly the expired payouts.
+    expired = sum(p.amount_msat for p in w.payouts if p.state is PayoutState.EXPIRED)
+    if -w.balance(accounts.UNCLAIMED) != expired:
+        out.append(f"unclaimed account {-w.balance(accounts.UNCLAIMED)} != expired payouts {expired}")
     if v.funds is Funds.HELD and w.paid_msat == 0:
         out.append("funds held without a payment")
     out.extend(_deadline_violations(w))

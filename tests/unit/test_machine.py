@@ -22,11 +22,13 @@ import pytest
 from service.escrow import machine
 from service.escrow.machine import TRANSITIONS, FactKind, Funds, JobState
 from service.escrow.rule import ScoreValue
+from service.ledger import accounts, postings
 from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import (
     BASELINE,
     Baseline,
     Mode,
+    parse_claim_expired,
     parse_evaluation_request,
     parse_model_key,
     parse_reward_paid,
@@ -81,7 +83,12 @@ def reachable() -> dict[str, mw.World]:
     ]
     # two candidates, quorum 1, nobody scored: one pool validator, who may score one candidate only
     fallback_wide = mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL), config=mw.POOL_CONFIG)
-    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage, *fallback, fallback_wide])
+    # Claim windows: rewards and a refund nobody claims expire, and an operator reopens one.
+    claims = [
+        mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=r), config=mw.CLAIMS, claims=3)
+        for r in (None, "refund@wallet.example")
+    ]
+    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage, *fallback, fallback_wide, *claims])
 
 
 def _facts(w: mw.World) -> list[tuple[FactKind, mw.World, JobState]]:
@@ -164,6 +171,8 @@ def test_every_sequence_of_facts_keeps_the_invariants() -> None:
         mw.start(mw.request(shards=2, validators=2, quorum=1, mode=Mode.HOLD, policy="split"), overpay=150_000),
         # an escrow outage across a deadline, once: hold (its money goes into custody first)
         mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD), outages=1),
+        # claim windows: a payout nobody claims expires (reopens: the table test and the engine-vs-machine test)
+        mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=None), config=mw.CLAIMS, claims=1),
     ]
     # a fallback round (two named validators, quorum 2, a pool; hold: its money goes into custody
     # first), three facts shorter (to its release): the extra validator multiplies the sequences
@@ -219,7 +228,9 @@ def test_the_docs_show_the_table_as_generated() -> None:
 
 def test_pairs_are_every_state_and_fact() -> None:
     assert {s for s, _ in TRANSITIONS} <= set(JobState) and {f for _, f in TRANSITIONS} <= set(FactKind)
-    assert not any(s.final for s, _ in TRANSITIONS if s is not S.CANCELLED)  # only a cancelled job may still be paid
+    # Only a cancelled job may still be paid, and an operator may reopen a finished job's expired claim.
+    reopen = {(S.CLOSED, FactKind.PAYOUT_REOPENED), (S.REFUNDED, FactKind.PAYOUT_REOPENED)}
+    assert not any(s.final for s, f in TRANSITIONS if s is not S.CANCELLED and (s, f) not in reopen)
     assert list(itertools.islice(TRANSITIONS, 1)) == [(S.NEW, FactKind.REQUEST_ACCEPTED)]
 
 
@@ -418,3 +429,108 @@ def test_a_baseline_job_asks_for_the_baselines_score_and_rejects_the_unchanged_m
     assert (BASELINE, v0, Decimal("0.7")) in [(x.result_id, x.validator, x.value) for x in complete.scores]
     assert [p.earned_by for p in w.payouts if p.kind == "reward"] == [r1.id]
     assert not mw.violations(w)
+
+
+# ---------------------------------------------------------------------------- claim windows (§7)
+
+
+def _claim_world(refund: str | None = "refund@wallet.example") -> mw.World:
+    """A custodial job released to provider 0 (no address: its reward waits for an invoice) and
+    its validator, with a 1000 s claim window (reminder 100 s before)."""
+    w = mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=refund), config=mw.CLAIMS, claims=9)
+    return _play(w, "request", "invoice created", "pay", "result p0 s0", "scores v0 good")
+
+
+def _tags(template: Template) -> dict[str, tuple[str, ...]]:
+    return {t[0]: tuple(t[1:]) for t in template.tags}
+
+
+def test_a_waiting_payout_announces_its_claim_by_from_its_creation() -> None:
+    w = _claim_world()
+    assert w.view.state is S.RELEASING
+    waiting = [p for p in w.payouts if p.state is machine.PayoutState.NEEDS_INVOICE]
+    assert len(waiting) == 2 and all(p.claim_by == w.now + 1_000 for p in waiting)
+    fresh = mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL), config=mw.CLAIMS)
+    before = _play(fresh, "request", "invoice created", "pay", "result p0 s0")
+    plan = machine.step(before.view, mw._scores(before, 0, True), w.now, w.config)
+    claimables = [o.template for o in plan.events if _tags(o.template)["status"][1] == "reward claimable"]
+    assert claimables and all(_tags(t)["claim_by"] == (str(w.now + 1_000),) for t in claimables)
+    assert all(np.claim_by == w.now + 1_000 and np.remind_at == w.now + 900 for np in plan.payouts)
+
+
+def test_the_reminder_repeats_the_claimable_with_its_reason_and_only_while_it_waits() -> None:
+    w = _claim_world()
+    p = next(x for x in w.payouts if x.state is machine.PayoutState.NEEDS_INVOICE)
+    plan = machine.step(w.view, machine.ClaimReminder(p), w.now + 900, w.config)
+    (event,) = plan.events
+    tags = _tags(event.template)
+    assert tags["reason"] == ("claim_window_ending",) and tags["claim_by"] == (str(p.claim_by),)
+    assert plan.state is S.RELEASING and not plan.postings
+    paid = replace(p, state=machine.PayoutState.PENDING)
+    assert not machine.step(w.view, machine.ClaimReminder(paid), w.now + 900, w.config).events
+    late = machine.step(w.view, machine.ClaimReminder(p), p.claim_by or 0, w.config)
+    assert not late.events and late.outcome.startswith("ignored")
+
+
+def test_an_expired_claim_is_booked_to_unclaimed_told_to_the_payee_and_closes_the_job() -> None:
+    w = _claim_world()
+    w = _play(w, "payout 0 claim expired")
+    assert w.view.state is S.RELEASING  # the validator's fee is still owed
+    w = _play(w, "payout 1 claim expired")
+    assert w.view.state is S.CLOSED and w.view.owed_msat == 0 and not mw.violations(w)
+    expired = sum(p.amount_msat for p in w.payouts)
+    assert -w.balance(accounts.UNCLAIMED) == expired
+    # Replayed, the fact books nothing twice.
+    again = machine.step(w.view, w.last, w.now, w.config)  # type: ignore[arg-type]
+    assert not again.postings and again.outcome.startswith("ignored")
+    last = replace(w.payouts[1], state=machine.PayoutState.EXPIRED)
+    before = _play(_claim_world(), "payout 0 claim expired")
+    plan = machine.step(before.view, machine.PayoutExpired(last), before.now + 1_000, before.config)
+    (event,) = plan.events
+    body = parse_claim_expired(placeholder_event(event.template))
+    assert body.payee == last.payee and body.amount_msat == last.amount_msat and body.claim_by == last.claim_by
+
+
+def test_a_reopened_claim_is_owed_again_and_paid_once_then_the_job_closes_again() -> None:
+    w = _play(_claim_world(), "payout 0 claim expired", "payout 1 claim expired")
+    w = _play(w, "payout 0 reopened")
+    assert w.view.state is S.RELEASING and w.view.owed_msat == w.payouts[0].amount_msat
+    (event,) = machine.step(
+        replace(w.view, posted=w.view.posted - {postings.reclaimed_key(w.payouts[0].id, 0)}),
+        w.last,  # type: ignore[arg-type]
+        w.now,
+        w.config,
+    ).events
+    assert _tags(event.template)["reason"] == ("claim_reopened",)
+    assert -w.balance(accounts.UNCLAIMED) == w.payouts[1].amount_msat and not mw.violations(w)
+    w = _play(w, "payout 0 invoice given", "payout 0 succeeded")
+    assert w.view.state is S.CLOSED and w.sent_msat == w.payouts[0].amount_msat and not mw.violations(w)
+
+
+def test_a_refund_nobody_claims_expires_and_the_job_is_refunded() -> None:
+    w = mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=None), config=mw.CLAIMS, claims=9)
+    w = _play(w, "request", "invoice created", "pay", "deadline")
+    assert w.view.state is S.REFUNDING
+    w = _play(w, "payout 0 claim expired")
+    assert w.view.state is S.REFUNDED and not mw.violations(w)
+    w = _play(w, "payout 0 reopened")
+    assert w.view.state is S.REFUNDING
+    w = _play(w, "payout 0 invoice given", "payout 0 succeeded")
+    assert w.view.state is S.REFUNDED and w.sent_msat == w.payouts[0].amount_msat and not mw.violations(w)
+
+
+def test_no_window_means_no_claim_by_and_no_expiry() -> None:
+    w = mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL))
+    w = _play(w, "request", "invoice created", "pay", "result p0 s0", "scores v0 good")
+    assert all(p.claim_by is None for p in w.payouts)
+    assert not any("claim expired" in label for label, _ in mw.actions(replace(w, claims=9)))
+
+
+@pytest.mark.parametrize(
+    ("window", "reminder", "expected"),
+    [(0, 100, (None, None)), (1_000, 100, (2_000, 1_900)), (1_000, 800, (2_000, 1_500)), (1_000, 0, (2_000, 2_000))],
+)
+def test_the_reminder_comes_before_the_end_at_most_half_the_window_early(
+    window: int, reminder: int, expected: tuple[int | None, int | None]
+) -> None:
+    assert machine.ClaimWindow(window, reminder).times(1_000) == expected

@@ -45,6 +45,8 @@ ROOTS = [
 ]
 #: Roots (by index) run with the escrow announcing a validator pool: a missed quorum may get a fallback round.
 POOLED = {1, 3}
+#: Their config: the pool and its fallback window, with the claim window every root has.
+POOLED_CLAIMS = replace(mw.CLAIMS, validator_pool=mw.POOL_CONFIG.validator_pool, fallback_round_seconds=100)
 _TEMPLATE: list[str] = []
 
 
@@ -70,9 +72,12 @@ class EngineVsMachine(RuleBasedStateMachine):
         self.db = create_engine(self.url or _sqlite_url())
         self.sessions = session_factory(self.db)
         self.world: mw.World | None = None
-        self.engine = Engine(
-            self.sessions, mw.ESCROW, EngineConfig(terms=mw.TERMS, relays=["ws://127.0.0.1:1"]), clock=lambda: self.now
+        config = EngineConfig(
+            terms=mw.CLAIMS.terms,
+            relays=["ws://127.0.0.1:1"],
+            claim_reminder_seconds=mw.CLAIMS.claim_reminder_seconds,
         )
+        self.engine = Engine(self.sessions, mw.ESCROW, config, clock=lambda: self.now)
         self.now = mw.T0
         self.steps: list[str] = []
 
@@ -89,9 +94,10 @@ class EngineVsMachine(RuleBasedStateMachine):
             return
         # One job per run, its id unique across runs (a PostgreSQL database is shared by them).
         req = mw.request(bid=1_000_000 + 1_000 * EngineVsMachine.runs, **ROOTS[root])  # type: ignore[arg-type]
-        config = mw.POOL_CONFIG if root in POOLED else mw.CONFIG
-        self.world = mw.start(req, overpay=overpay, outages=1, config=config)  # one escrow outage may happen
-        self.engine.machine_config = config  # the engine's pool and fallback window: the world's
+        # One escrow outage across a deadline may happen; payouts expire and are reopened, twice.
+        config = POOLED_CLAIMS if root in POOLED else mw.CLAIMS
+        self.world = mw.start(req, overpay=overpay, outages=1, config=config, claims=2)
+        self.engine.machine_config = config  # the engine's pool, fallback and claim windows: the world's
 
     @rule(choice=st.integers(0, 10_000))
     def next_fact(self, choice: int) -> None:
@@ -112,6 +118,20 @@ class EngineVsMachine(RuleBasedStateMachine):
         if fact is None or (nxt.payouts != w.payouts and fact is w.last):
             await self._write_payouts(nxt)  # a payee gave an invoice: no job fact
             return
+        if fact.kind is FactKind.PAYOUT_EXPIRED and fact is not w.last:
+            async with self.sessions.begin() as s:  # the claim scan: service/payouts' CAS, then the outcome
+                await self.engine.expire_claim(s, fact.payout.id)  # type: ignore[union-attr]
+            return
+        if fact.kind is FactKind.PAYOUT_REOPENED and fact is not w.last:
+            async with self.sessions.begin() as s:  # the operator's reopen (POST /v1/admin/payouts/{id}/reopen)
+                await self.engine.reopen_claim(s, fact.payout.id)  # type: ignore[union-attr]
+            return
+        if fact.kind is FactKind.CLAIM_REMINDER:
+            async with self.sessions.begin() as s:
+                row = await s.get(Payout, fact.payout.id)  # type: ignore[union-attr]
+                assert row is not None
+                await self.engine.remind_claim(s, row)
+            return
         if fact.kind in (FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_NEEDS_INVOICE) and fact is not w.last:
             await self._write_payouts(nxt)
             async with self.sessions.begin() as s:
@@ -119,7 +139,12 @@ class EngineVsMachine(RuleBasedStateMachine):
                 assert row is not None
                 await self.engine.handle_payout(s, row)
             return
-        if fact.kind in (FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_NEEDS_INVOICE):  # a duplicate outcome
+        if fact.kind in (
+            FactKind.PAYOUT_SUCCEEDED,
+            FactKind.PAYOUT_NEEDS_INVOICE,
+            FactKind.PAYOUT_EXPIRED,
+            FactKind.PAYOUT_REOPENED,
+        ):  # a duplicate outcome
             async with self.sessions.begin() as s:
                 await self.engine.apply(s, w.view.id, fact)
             return
@@ -204,8 +229,10 @@ class EngineVsMachine(RuleBasedStateMachine):
             assert sorted((x.result_id, x.validator, x.value) for x in real.scores) == sorted(
                 (x.result_id, x.validator, x.value) for x in pure.scores
             ), where
-            assert sorted((p.id, p.kind, p.amount_msat, p.state, p.payee) for p in real.payouts) == sorted(
-                (p.id, p.kind, p.amount_msat, p.state, p.payee) for p in pure.payouts
+            assert sorted(
+                (p.id, p.kind, p.amount_msat, p.state, p.payee, p.claim_by, p.claim_round) for p in real.payouts
+            ) == sorted(
+                (p.id, p.kind, p.amount_msat, p.state, p.payee, p.claim_by, p.claim_round) for p in pure.payouts
             ), where
             assert (real.held_msat, real.owed_msat, real.posted) == (pure.held_msat, pure.owed_msat, pure.posted), where
             assert (real.decision is None) == (pure.decision is None), where
@@ -246,7 +273,9 @@ def test_the_world_offers_every_kind_of_fact() -> None:
     seen: set[FactKind] = set()
     states: set[JobState] = set()
     frontier = [
-        mw.start(mw.request(bid=1_000_000, **r), outages=1, config=mw.POOL_CONFIG if k in POOLED else mw.CONFIG)  # type: ignore[arg-type]
+        mw.start(
+            mw.request(bid=1_000_000, **r), outages=1, config=POOLED_CLAIMS if k in POOLED else mw.CLAIMS, claims=2
+        )  # type: ignore[arg-type]
         for k, r in enumerate(ROOTS)
     ]
     for _ in range(9):

@@ -3,7 +3,8 @@
 ``["d", <identifier>]``, ``["k", "<job kind>"]``, content = the terms as a JSON object
 (keys sorted, compact): ``name``, ``about``, every :class:`~.terms.EscrowTerms` field,
 ``modes`` as a sorted list and ``network`` as its name. Parsers ignore unknown JSON
-keys (forward compatibility) and refuse missing or mistyped ones. ``validators`` (optional) is
+keys (forward compatibility) and refuse missing or mistyped ones, except the terms added later
+(``claim_window_s``: absent is 0, no window announced). ``validators`` (optional) is
 the operator's validator pool: ``[{"pubkey": <hex>, "name": <text>}, …]``.
 """
 
@@ -35,6 +36,9 @@ _INT_TERMS = (
     "max_results_per_shard",
     "routing_fee_ppm",
 )
+#: Terms added after the first announcements: absent means their default (older announcements
+#: still parse); present, they must be integers like the others.
+_OPTIONAL_INT_TERMS = {"claim_window_s": 0}
 
 
 MAX_POOL = 64
@@ -79,7 +83,7 @@ def _bad(message: str) -> CodecError:
 
 def _terms_json(announcement: Announcement) -> str:
     terms = announcement.terms
-    body: dict[str, Any] = {name: getattr(terms, name) for name in _INT_TERMS}
+    body: dict[str, Any] = {name: getattr(terms, name) for name in (*_INT_TERMS, *_OPTIONAL_INT_TERMS)}
     body.update(
         name=announcement.name,
         about=announcement.about,
@@ -109,6 +113,11 @@ def parse_announcement(event: Event) -> Announcement:
     values: dict[str, Any] = {}
     for name in _INT_TERMS:
         value = body.get(name)
+        if type(value) is not int:
+            raise _bad(f"{name} must be an integer")
+        values[name] = value
+    for name, default in _OPTIONAL_INT_TERMS.items():
+        value = body.get(name, default)
         if type(value) is not int:
             raise _bad(f"{name} must be an integer")
         values[name] = value

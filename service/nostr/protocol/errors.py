@@ -134,6 +134,7 @@ class CodecErrorReason(enum.StrEnum):
     UNDECRYPTABLE_SCORES = "undecryptable_scores"
     SCORES_AND_ENCRYPTED = "scores_and_encrypted"
     INVALID_POOL = "invalid_pool"
+    INVALID_CLAIM_BY = "invalid_claim_by"
     INVALID_SPLIT = "invalid_split"
 
 
@@ -262,6 +263,7 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.SCORES_AND_ENCRYPTED: "an evaluation result marked `encrypted` also carries `score` tags in the clear",
     R.INVALID_SPLIT: "a validation complete's `split` tag is malformed, or its parts do not add up to the bid",
     R.INVALID_POOL: "the announcement's validator pool is malformed (not a list of {pubkey, name})",
+    R.INVALID_CLAIM_BY: "a reward claimable's or claim expired's `claim_by` tag is not one unix time",
 }
 
 

@@ -17,7 +17,7 @@ import argparse
 import hashlib
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal
 from pathlib import Path
 
@@ -38,8 +38,10 @@ from .evaluation import (
     build_evaluation_result,
 )
 from .feedback import (
+    REASON_CLAIM_WINDOW_ENDING,
     Cancelled,
     CancelReason,
+    ClaimExpired,
     DeadlineExtension,
     EscrowOffer,
     FallbackStarted,
@@ -54,6 +56,7 @@ from .feedback import (
     ValidationComplete,
     Verdict,
     build_cancelled,
+    build_claim_expired,
     build_deadline_extension,
     build_escrow_offer,
     build_fallback_started,
@@ -131,6 +134,7 @@ EXAMPLE_TERMS = EscrowTerms(
     modes=frozenset({Mode.HOLD, Mode.CUSTODIAL}),
     network=Network.REGTEST,
     max_hold_seconds=3 * 86_400,
+    claim_window_s=30 * 86_400,
 )
 
 
@@ -388,8 +392,14 @@ def example_events() -> list[Example]:
             sign_reproducibly(escrow, build_model_key(model_key), T0 + 7_205),
         )
     )
+    claim_by = T0 + 7_210 + EXAMPLE_TERMS.claim_window_s  # the window runs from the release
     claimable = RewardClaimable(
-        job_id=job.id, payee=alice.public_key_hex, amount_msat=each, earned_by=result_a.id, job_relay=RELAY
+        job_id=job.id,
+        payee=alice.public_key_hex,
+        amount_msat=each,
+        earned_by=result_a.id,
+        job_relay=RELAY,
+        claim_by=claim_by,
     )
     out.append(
         Example(
@@ -403,12 +413,21 @@ def example_events() -> list[Example]:
         earned_by=result_a.id,
         job_relay=RELAY,
         reason="invoice_expired",
+        claim_by=claim_by,
     )
     out.append(
         Example(
             "Reward claimable again, with the reason the last invoice was refused",
             "§7 kind 7000",
             sign_reproducibly(escrow, build_reward_claimable(again), T0 + 7_250),
+        )
+    )
+    reminder = replace(claimable, reason=REASON_CLAIM_WINDOW_ENDING)
+    out.append(
+        Example(
+            "Reward claimable once more, three days before the claim window ends (the reminder)",
+            "§7 kind 7000",
+            sign_reproducibly(escrow, build_reward_claimable(reminder), claim_by - 3 * 86_400),
         )
     )
     alice_hash = _hash("alice preimage")
@@ -450,6 +469,20 @@ def example_events() -> list[Example]:
             "Refunded (another job, no quorum)",
             "§8 kind 7000",
             sign_reproducibly(escrow, build_refunded(refunded), T0 + 9_000),
+        )
+    )
+    expired = ClaimExpired(
+        job_id=_hash("a third job"),
+        payee=bob.public_key_hex,
+        amount_msat=each,
+        claim_by=T0 + 9_050,
+        earned_by=_hash("bob's result in the third job"),
+    )
+    out.append(
+        Example(
+            "Claim expired (another job: nobody gave an invoice by claim_by)",
+            "§7 kind 7000",
+            sign_reproducibly(escrow, build_claim_expired(expired), T0 + 9_051),
         )
     )
     deletion = build_deletion(

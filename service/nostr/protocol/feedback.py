@@ -16,6 +16,7 @@ success / validation complete   —                                          :cl
 success / reward claimable      —                                          :class:`RewardClaimable`
 success / reward paid           —                                          :class:`RewardPaid`
 success / model key             —                                          :class:`ModelKey`
+error / claim expired           —                                          :class:`ClaimExpired`
 error / refunded: <code>        ``["escrow","refunded",<msat>]``           :class:`Refunded`
 error / cancelled: <code>       ``["escrow","cancelled",<code>]``          :class:`Cancelled`
 error / <reason>: <message>     —                                          :class:`ErrorFeedback`
@@ -90,6 +91,9 @@ INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
 INFO_MODEL_KEY = "model key"
+INFO_CLAIM_EXPIRED = "claim expired"
+#: The ``reason`` of the reward claimable the escrow repeats before a claim window ends.
+REASON_CLAIM_WINDOW_ENDING = "claim_window_ending"
 REFUNDED_PREFIX = "refunded: "
 CANCELLED_PREFIX = "cancelled: "
 #: Codes that start a status info of their own feedback, never an error's.
@@ -222,7 +226,10 @@ class RewardClaimable:
     """§7: a reward waits for the payee's invoice; ``earned_by`` = its result or evaluation event.
 
     ``reason``: why the escrow asks again, when it does (``["reason", <code>]``: the payee's last
-    invoice or address was refused, e.g. ``wrong_amount``, ``route_fee_exceeds_limit``).
+    invoice or address was refused, e.g. ``wrong_amount``, ``route_fee_exceeds_limit``; or
+    ``claim_window_ending``, the reminder before ``claim_by``).
+    ``claim_by``: until when the payee may give its invoice (``["claim_by", <unix>]``, our addition;
+    None: no window, or an older escrow that did not say).
     """
 
     job_id: str
@@ -231,6 +238,20 @@ class RewardClaimable:
     earned_by: str | None = None
     job_relay: str = ""
     reason: str | None = None
+    claim_by: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimExpired:
+    """§7: nobody claimed the payout by ``claim_by``: it is closed, its money booked to the operator
+    (``["status", "error", "claim expired"]``). An operator may reopen it (a new reward claimable)."""
+
+    job_id: str
+    payee: str
+    amount_msat: int
+    claim_by: int
+    earned_by: str | None = None
+    job_relay: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +314,7 @@ EscrowFeedback = (
     | FallbackStarted
     | ValidationComplete
     | RewardClaimable
+    | ClaimExpired
     | RewardPaid
     | ModelKey
     | Refunded
@@ -681,7 +703,22 @@ def parse_reward_claimable(event: Event) -> RewardClaimable:
         earned_by=earned_by,
         job_relay=refs["job"].relay,
         reason=_read_reason(tags),
+        claim_by=_read_claim_by(tags, required=False),
     )
+
+
+def _read_claim_by(tags: Tags, *, required: bool) -> int | None:
+    tag = single(tags, "claim_by", R.INVALID_CLAIM_BY if required else None)
+    if tag is None:
+        return None
+    arity(tag, 2, 2, R.INVALID_CLAIM_BY)
+    return parse_timestamp(tag[1], R.INVALID_CLAIM_BY, "claim_by")
+
+
+def _reward_refs(job_id: str, job_relay: str, earned_by: str | None) -> list[Tag]:
+    if earned_by is None:
+        return [event_tag(job_id, job_relay)]
+    return [event_tag(job_id, job_relay, "job"), event_tag(earned_by, "", "result")]
 
 
 def _read_reason(tags: Tags) -> str | None:
@@ -695,19 +732,50 @@ def _read_reason(tags: Tags) -> str | None:
 
 
 def build_reward_claimable(claimable: RewardClaimable) -> Template:
-    if claimable.earned_by is None:
-        refs = [event_tag(claimable.job_id, claimable.job_relay)]
-    else:
-        refs = [event_tag(claimable.job_id, claimable.job_relay, "job"), event_tag(claimable.earned_by, "", "result")]
     tags = [
         _status_tag("success", INFO_REWARD_CLAIMABLE),
         amount_tag(claimable.amount_msat),
-        *refs,
+        *_reward_refs(claimable.job_id, claimable.job_relay, claimable.earned_by),
         pubkey_tag(claimable.payee),
     ]
     if claimable.reason is not None:
         tags.append(("reason", claimable.reason))
+    if claimable.claim_by is not None:
+        tags.append(("claim_by", format_timestamp(claimable.claim_by, R.INVALID_CLAIM_BY, "claim_by")))
     return _finish(tags, parse_reward_claimable, claimable)
+
+
+def parse_claim_expired(event: Event) -> ClaimExpired:
+    expect_kind(event, KIND_FEEDBACK)
+    tags = event.tags
+    _expect_status(tags, "error", INFO_CLAIM_EXPIRED)
+    amount = single(tags, "amount", R.MISSING_AMOUNT)
+    assert amount is not None
+    arity(amount, 2, 2, R.INVALID_AMOUNT)
+    amount_msat, _ = parse_amount_tag(amount, bolt11_required=False)
+    refs = event_refs(tags, REWARD_ROLES, ("job",))
+    payee, _ = single_pubkey_ref(tags)
+    claim_by = _read_claim_by(tags, required=True)
+    assert claim_by is not None
+    return ClaimExpired(
+        job_id=refs["job"].id,
+        payee=payee,
+        amount_msat=amount_msat,
+        claim_by=claim_by,
+        earned_by=refs["result"].id if "result" in refs else None,
+        job_relay=refs["job"].relay,
+    )
+
+
+def build_claim_expired(expired: ClaimExpired) -> Template:
+    tags = [
+        _status_tag("error", INFO_CLAIM_EXPIRED),
+        amount_tag(expired.amount_msat),
+        *_reward_refs(expired.job_id, expired.job_relay, expired.earned_by),
+        pubkey_tag(expired.payee),
+        ("claim_by", format_timestamp(expired.claim_by, R.INVALID_CLAIM_BY, "claim_by")),
+    ]
+    return _finish(tags, parse_claim_expired, expired)
 
 
 def _read_payment(tags: Tags) -> PaymentProof:
@@ -872,6 +940,7 @@ _BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
     ("success", INFO_REWARD_CLAIMABLE): parse_reward_claimable,
     ("success", INFO_REWARD_PAID): parse_reward_paid,
     ("success", INFO_MODEL_KEY): parse_model_key,
+    ("error", INFO_CLAIM_EXPIRED): parse_claim_expired,
 }
 
 

@@ -91,6 +91,10 @@ class EscrowTerms:
     results per shard are candidates, and a payout's route may cost at most
     ``routing_fee_ppm`` of its amount (and never more, over a job, than the escrow earned on
     it; a refund's route is paid from the refunded amount).
+
+    Claims: a payout that waits for its payee's invoice may be claimed for ``claim_window_s``
+    seconds from its creation (the release or the refund); after that it expires and the money
+    is the operator's (protocol.md §7). 0: no window (absent from an older announcement).
     Construction raises ``ValueError`` for inconsistent terms (a configuration error).
     """
 
@@ -108,6 +112,7 @@ class EscrowTerms:
     min_payout_msat: int = 1_000
     max_results_per_shard: int = 4
     routing_fee_ppm: int = 5_000
+    claim_window_s: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -123,6 +128,7 @@ class EscrowTerms:
             "min_payout_msat",
             "max_results_per_shard",
             "routing_fee_ppm",
+            "claim_window_s",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 0:

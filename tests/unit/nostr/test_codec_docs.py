@@ -14,6 +14,7 @@ import pytest
 from service.nostr.nip01 import Event, verify_event
 from service.nostr.protocol import (
     Cancelled,
+    ClaimExpired,
     CodecErrorReason,
     DeadlineExtension,
     ErrorFeedback,
@@ -136,6 +137,7 @@ def test_every_documented_event_verifies_and_parses(doc):
         FallbackStarted,
         ValidationComplete,
         RewardClaimable,
+        ClaimExpired,
         RewardPaid,
         ModelKey,
         Refunded,

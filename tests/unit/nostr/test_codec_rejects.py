@@ -20,6 +20,7 @@ from service.nostr import nip40, nip44
 from service.nostr.protocol import (
     Announcement,
     Candidate,
+    ClaimExpired,
     CodecError,
     CodecErrorReason,
     ErrorFeedback,
@@ -43,6 +44,7 @@ from service.nostr.protocol import (
     ValidationComplete,
     Verdict,
     build_announcement,
+    build_claim_expired,
     build_deletion,
     build_error_feedback,
     build_escrow_offer,
@@ -60,6 +62,7 @@ from service.nostr.protocol import (
     decrypt_shard,
     open_scores,
     parse_announcement,
+    parse_claim_expired,
     parse_deletion,
     parse_error_feedback,
     parse_escrow_feedback,
@@ -635,6 +638,7 @@ OFFER = build_escrow_offer(EscrowOffer(JOB.id, C, 50_000_000, BOLT11, Mode.HOLD)
 FUNDED = build_funded(Funded(JOB.id, C, 50_000_000))
 COMPLETE = build_validation_complete(ValidationComplete(JOB.id, C, (Verdict(h("r1"), True, Decimal("0.9"), 5),)))
 CLAIMABLE = build_reward_claimable(RewardClaimable(JOB.id, P1K, 5, h("r1")))
+EXPIRED = build_claim_expired(ClaimExpired(JOB.id, P1K, 5, NOW, h("r1")))
 PAID = build_reward_paid(RewardPaid(JOB.id, h("r1"), P1K, PaymentProof(PAYMENT_HASH, PREIMAGE, 5, 1)))
 REFUNDED = build_refunded(Refunded(JOB.id, C, "no_results", 50_000_000))
 ERROR = build_error_feedback(ErrorFeedback(JOB.id, C, "bid_too_low", "bid must be at least 1 msat"))
@@ -698,6 +702,19 @@ fb_case(
 )
 fb_case(R.INVALID_AMOUNT, "claimable-with-invoice", CLAIMABLE, parse_reward_claimable, set_tag("amount", "5", BOLT11))
 fb_case(R.MISSING_AMOUNT, "claimable-no-amount", CLAIMABLE, parse_reward_claimable, drop("amount"))
+fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-word", CLAIMABLE, parse_reward_claimable, add(("claim_by", "soon")))
+fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-float", CLAIMABLE, parse_reward_claimable, add(("claim_by", "1.5")))
+fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-empty", CLAIMABLE, parse_reward_claimable, add(("claim_by",)))
+fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-two", CLAIMABLE, parse_reward_claimable, add(("claim_by", "1", "2")))
+fb_case(
+    R.INVALID_CLAIM_BY, "claimable-claim-by-int64", CLAIMABLE, parse_reward_claimable, add(("claim_by", str(2**63)))
+)
+fb_case(R.INVALID_CLAIM_BY, "expired-no-claim-by", EXPIRED, parse_claim_expired, drop("claim_by"))
+fb_case(R.INVALID_CLAIM_BY, "expired-claim-by-negative", EXPIRED, parse_claim_expired, set_tag("claim_by", "-1"))
+fb_case(R.MISSING_AMOUNT, "expired-no-amount", EXPIRED, parse_claim_expired, drop("amount"))
+fb_case(
+    R.INVALID_STATUS, "expired-as-success", EXPIRED, parse_claim_expired, set_tag("status", "success", "claim expired")
+)
 fb_case(
     R.INVALID_PAYMENT,
     "preimage-mismatch",
