@@ -136,6 +136,52 @@ async def payouts(request: Request) -> dict:
         return {"items": await queries.payouts_needing_attention(s)}
 
 
+@router.get("/payouts/{payout_id}", responses=responses(404, 422))
+async def payout(request: Request, payout_id: str = Path(min_length=1, max_length=200)) -> dict:
+    """One payout, its attempts, and, when its payment may be stuck (`unknown`, or `sending` past its
+    lease), LND's view of its open attempt: status, each HTLC's state, attempt time and expiry
+    height, the current block height, and whether a reissue is allowed now (`lnd.reissue`)."""
+    st = request.app.state
+    async with st.sessions() as s:
+        detail = await queries.payout_detail(
+            s, payout_id, st.lnd, payment_timeout_seconds=st.settings.payout_timeout_seconds
+        )
+    if detail is None:
+        raise ApiError(404, "payout_not_found", "no payout with this id")
+    return detail
+
+
+@router.post("/payouts/{payout_id}/reissue", response_model=ActionOut, responses=responses(404, 409, 422, 503))
+async def reissue(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
+    """Close the payment LND keeps in flight for an `unknown` payout and ask its payee for a new
+    invoice (`reward claimable` with reason `payment_failed`). Allowed only when LND reports the
+    payment FAILED, or when every HTLC of it is failed or in flight at least 6 blocks past its
+    expiry height and LND can start no new one (docs/operations.md, *A payment stuck in flight*).
+    `409 payment_may_still_settle`, `payment_succeeded`, `payment_not_initiated`,
+    `payout_not_unknown`, `payout_being_reconciled`, `no_attempt`, `conflict`: nothing changed;
+    `503 node_unavailable`."""
+    st = request.app.state
+    if st.lnd is None:
+        raise ApiError(503, "node_unavailable", "no LND node is configured")
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.reissue_payout(
+                s, st.lnd, payout_id, body.reason, payment_timeout_seconds=st.settings.payout_timeout_seconds
+            )
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "reissue_payout", payout_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    except LndError as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(
+                s, "reissue_payout", payout_id, body.reason, f"refused: node_unavailable ({type(e).__name__})"
+            )
+        raise ApiError(503, "node_unavailable", f"our node did not answer: {type(e).__name__}") from None
+    actions.wake_engine(st)
+    return ActionOut(target=payout_id, result=result)
+
+
 @router.post("/payouts/{payout_id}/retry", response_model=ActionOut, responses=responses(404, 409, 422))
 async def retry(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
     st = request.app.state

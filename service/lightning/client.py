@@ -56,6 +56,14 @@ class PaymentStatus(enum.Enum):
         return self in (PaymentStatus.SUCCEEDED, PaymentStatus.FAILED)
 
 
+class HtlcAttemptStatus(enum.Enum):
+    """The state of one HTLC LND sent for a payment (``HTLCAttempt.status``)."""
+
+    IN_FLIGHT = ln.HTLCAttempt.IN_FLIGHT
+    SUCCEEDED = ln.HTLCAttempt.SUCCEEDED
+    FAILED = ln.HTLCAttempt.FAILED
+
+
 class FailureReason(enum.Enum):
     NONE = ln.FAILURE_REASON_NONE
     TIMEOUT = ln.FAILURE_REASON_TIMEOUT
@@ -124,6 +132,16 @@ class Invoice:
 
 
 @dataclass(frozen=True, slots=True)
+class PaymentHtlc:
+    """One HTLC LND sent for a payment, as its payment record shows it."""
+
+    status: HtlcAttemptStatus
+    attempt_time_ns: int  # when LND sent it (unix ns)
+    resolve_time_ns: int  # when it settled or failed (0 while in flight)
+    expiry_height: int  # the route's total time lock: the block height at which our node may time it out
+
+
+@dataclass(frozen=True, slots=True)
 class Payment:
     payment_hash: bytes
     status: PaymentStatus
@@ -134,6 +152,7 @@ class Payment:
     payment_index: int
     creation_time_ns: int
     htlc_attempts: int = 0  # HTLCs LND has sent for it, whatever became of them
+    htlcs: tuple[PaymentHtlc, ...] = ()  # each of them (ListPayments / TrackPaymentV2 report them all)
 
     @property
     def left(self) -> bool:
@@ -228,6 +247,15 @@ def _payment(m: Any) -> Payment:
         payment_index=int(m.payment_index),
         creation_time_ns=int(m.creation_time_ns),
         htlc_attempts=len(m.htlcs),
+        htlcs=tuple(
+            PaymentHtlc(
+                status=_enum(HtlcAttemptStatus, h.status, HtlcAttemptStatus.IN_FLIGHT),
+                attempt_time_ns=int(h.attempt_time_ns),
+                resolve_time_ns=int(h.resolve_time_ns),
+                expiry_height=int(h.route.total_time_lock),
+            )
+            for h in m.htlcs
+        ),
     )
 
 

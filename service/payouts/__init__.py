@@ -4,7 +4,8 @@
 - :mod:`.types`   the typed values: states, kinds, destinations, reasons, the worker's policy
 - :mod:`.store`   writes in the caller's transaction: :func:`~.store.create`,
                   :func:`~.store.accept_invoice` (every path that gives a payout an invoice),
-                  :func:`~.store.retry`, :func:`~.store.cancel_payment` (an operator's)
+                  :func:`~.store.retry`, :func:`~.store.cancel_payment`, :func:`~.store.reissue` (an operator's)
+- :mod:`.stuck`   LND's view of a payment it keeps in flight, and the rule for reissuing its payout
 - :mod:`.check`   the invoice checks: offline (any path) and full, with our node (before paying)
 - :mod:`.worker`  :class:`~.worker.Payouts`: claim, pay, finish, reconcile
 
@@ -28,6 +29,8 @@ from service.payouts.types import (
     PayoutPolicy,
     PayoutReason,
     PayoutState,
+    ReissueReason,
+    ReissueRefused,
     RetryReason,
     RetryRefused,
     why,
@@ -49,6 +52,8 @@ __all__ = [
     "PayoutPolicy",
     "PayoutReason",
     "PayoutState",
+    "ReissueReason",
+    "ReissueRefused",
     "RetryReason",
     "RetryRefused",
     "why",
