@@ -40,7 +40,9 @@ def view(
         value_msat=50_000,
         fee_msat=0,
         preimage=preimage,
-        failure_reason=FailureReason.INCORRECT_PAYMENT_DETAILS if status is PaymentStatus.FAILED else FailureReason.NONE,
+        failure_reason=FailureReason.INCORRECT_PAYMENT_DETAILS
+        if status is PaymentStatus.FAILED
+        else FailureReason.NONE,
         payment_index=1,
         creation_time_ns=created,
         htlc_attempts=len(htlcs),
