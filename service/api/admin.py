@@ -69,6 +69,60 @@ class ActionOut(BaseModel):
     result: str
 
 
+class LndHtlc(BaseModel):
+    status: str = Field(description="IN_FLIGHT, SUCCEEDED or FAILED")
+    attempted_at: str | None = Field(description="when LND sent it (ISO 8601)")
+    resolved_at: str | None = Field(description="when it settled or failed; null while in flight")
+    expiry_height: int = Field(description="the route's total time lock: from this height our node may time it out")
+
+
+class ReissueVerdict(BaseModel):
+    allowed: bool = Field(description="whether POST .../reissue would be accepted now")
+    code: str | None = Field(description="the refusal code it would get (payment_may_still_settle, ...)")
+    why: str
+
+
+class LndPaymentView(BaseModel):
+    """LND's view of a payout's open attempt (TrackPaymentV2's first update, GetInfo's height)."""
+
+    payment_hash: str
+    status: str | None = Field(None, description="IN_FLIGHT, INITIATED, SUCCEEDED, FAILED; null: unknown to LND")
+    failure_reason: str | None = None
+    created_at: str | None = None
+    block_height: int | None = Field(None, description="our node's block height now")
+    htlcs: list[LndHtlc] = []
+    summary: str | None = Field(None, description='one line, e.g. "LND: IN_FLIGHT, 1 HTLC in flight since …"')
+    reissue: ReissueVerdict | None = None
+    error: str | None = Field(None, description="node_unavailable (…) when our node did not answer")
+
+
+class PayoutAttemptOut(BaseModel):
+    payment_hash: str
+    state: str = Field(description="sending, succeeded, failed, unknown, not_initiated, abandoned")
+    fee_msat: int | None
+    failure: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class PayoutDetail(BaseModel):
+    id: str
+    job_id: str | None
+    payee: str
+    amount_msat: int
+    state: str
+    destination: str
+    attempts: int
+    fee_msat: int | None
+    payment_hash: str | None
+    last_error: str | None
+    updated_at: str | None
+    attempts_log: list[PayoutAttemptOut] = Field(description="every attempt, oldest first")
+    lnd: LndPaymentView | None = Field(
+        description="for a payout `unknown` or `sending` past its lease: LND's view of its open attempt"
+    )
+
+
 def _refused(e: actions.ActionRefused) -> ApiError:
     return ApiError(404 if e.code == "not_found" else 409, e.code, e.message)
 
@@ -136,7 +190,7 @@ async def payouts(request: Request) -> dict:
         return {"items": await queries.payouts_needing_attention(s)}
 
 
-@router.get("/payouts/{payout_id}", responses=responses(404, 422))
+@router.get("/payouts/{payout_id}", response_model=PayoutDetail, responses=responses(404, 422))
 async def payout(request: Request, payout_id: str = Path(min_length=1, max_length=200)) -> dict:
     """One payout, its attempts, and, when its payment may be stuck (`unknown`, or `sending` past its
     lease), LND's view of its open attempt: status, each HTLC's state, attempt time and expiry
