@@ -172,11 +172,18 @@ async def lnd_report(
         async with asyncio.timeout(timeout):
             view = await lnd_view(lnd, payment_hash)
     except (errors.LndError, TimeoutError) as e:
-        return {"payment_hash": payment_hash, "error": f"node_unavailable ({type(e).__name__})"}
+        return {
+            "payment_hash": payment_hash,
+            "status": None,
+            "summary": None,
+            "reissue": None,
+            "error": f"node_unavailable ({type(e).__name__})",
+        }
     refusal = reissue_refusal(view, now_ns=time.time_ns(), payment_timeout_seconds=payment_timeout_seconds)
     if refusal is None and state is not PayoutState.UNKNOWN:
         refusal = ReissueReason.NOT_STUCK, f"payout is {state}; the reconciler takes it first"
     out = view.as_dict()
+    out["error"] = None
     out["reissue"] = {
         "allowed": refusal is None,
         "code": None if refusal is None else refusal[0].value,
