@@ -6,8 +6,9 @@
                     exactly between a payout's write-ahead and its send)
     --seed S        seeds every random choice (printed; repeat a failing run with it)
     --lnd-outage T  seconds the escrow's LND stays stopped (default 30)
-    --lnd-stop-anytime  lnd-outage: stop LND even while a payout is being sent (LND v0.20.2 may
-                    then keep that payment IN_FLIGHT for good, and its job never finishes)
+    --lnd-stop-anytime  lnd-outage: stop LND while a payout is being sent (the first seen written
+                    ahead; LND v0.20.2 may then keep that payment IN_FLIGHT for good): the drill
+                    then acts as the operator, reissuing such a payout once LND allows it
     --relay-down T  seconds the relay stays stopped (default 8)
     --timeout T     hard timeout of each drill in seconds (default: from its size)
     --no-write      do not write bench/results/drills.json and drills.md
