@@ -70,6 +70,7 @@ PAGE_SIZE = 25
 MAX_PAGE = 1_000_000
 MAX_FORM_BYTES = 8 * 1024
 MAX_REASON = 500
+MAX_LND_VIEWS = 20  # unknown payouts whose payment the payouts page asks LND about (the oldest first)
 STATES = tuple(s.value for s in JobState if s is not JobState.NEW)  # NEW: never a stored job's
 
 SECURITY_HEADERS = {
@@ -491,7 +492,8 @@ async def payouts(request: Request) -> Response:
     async with st.sessions() as s:
         rows = await queries.payouts_needing_attention(s)
         # LND's view of each unknown payout's open attempt (its payment may be stuck in flight)
-        hashes = {r["id"]: await queries.open_attempt(s, r["id"]) for r in rows if r["state"] == "unknown"}
+        unknown = [r for r in rows if r["state"] == "unknown"][:MAX_LND_VIEWS]
+        hashes = {r["id"]: await queries.open_attempt(s, r["id"]) for r in unknown}
     views = await asyncio.gather(
         *(
             lnd_report(st.lnd, h, state=PayoutState.UNKNOWN, payment_timeout_seconds=st.settings.payout_timeout_seconds)
