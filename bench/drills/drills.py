@@ -50,6 +50,7 @@ class Options:
     timeout: float | None = None
     work: tuple[float, float, float] | None = None  # at most this long to train, score, pay (None: the drill's)
     lnd_stop_anytime: bool = False  # lnd-outage: also while a payout is being sent
+    inject_stuck_payment: bool = False  # lnd-outage: LND's stuck IN_FLIGHT record of one payout (injected)
     outage: tuple[float, float] = (8.0, 40.0)  # deadline-outage: seconds the service stays down (drawn)
 
 
@@ -320,9 +321,9 @@ class Drill:
     async def body(self) -> None:
         raise NotImplementedError
 
-    async def start_one(self) -> tuple[Service, asyncio.Task]:
+    async def start_one(self, die_at: str | None = None) -> tuple[Service, asyncio.Task]:
         svc = self.service("a")
-        svc.start()
+        svc.start(die_at)
         await svc.wait_ready(90)
         self.market.hub.start()
         return svc, asyncio.create_task(self.launch(self.stagger()))
@@ -576,11 +577,13 @@ class LndOutageDrill(Drill):
         return self.funding() >= 2 or (self.funding() >= 1 and waited > 10) or waited > 40
 
     async def body(self) -> None:
-        if self.opts.lnd_stop_anytime:  # the operator's admin API, and sends LND resolves sooner
+        operated = self.opts.lnd_stop_anytime or self.opts.inject_stuck_payment
+        if operated:  # the operator's admin API, and sends LND resolves sooner
             self.admin_token = secrets.token_hex(24)
             self.service_settings = {"admin_token": self.admin_token, "payout_timeout_seconds": 20}
         self.started_wall = time.time() - 5  # LND's clock, not ours: a margin
-        _, launcher = await self.start_one()
+        # INJECTED (--inject-stuck-payment): the second payout sent gets LND's stuck record instead
+        _, launcher = await self.start_one("stuck:2" if self.opts.inject_stuck_payment else None)
         engine = create_engine(self.url)
         sessions = session_factory(engine)
         t0 = time.monotonic()
@@ -634,7 +637,7 @@ class LndOutageDrill(Drill):
             await engine.dispose()
         await self.parts.start_lnd("escrow")
         self.recovered(f, down_s=round(time.monotonic() - stopped, 1))
-        if not self.opts.lnd_stop_anytime:
+        if not (self.opts.lnd_stop_anytime or self.opts.inject_stuck_payment):
             await self.until_finished(launcher)
             return
         operator = asyncio.create_task(self.operate())

@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import re
 import time
+from datetime import timedelta
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from service.api import dashboard
 from service.api.models import AdminAction
 from service.app import create_app
 from service.config import Settings
-from service.db import create_engine, session_factory
+from service.db import create_engine, session_factory, utcnow
 from service.lightning.client import (
     FailureReason,
     HtlcAttemptStatus,
@@ -332,6 +333,15 @@ async def test_past_the_timelock_the_reissue_is_allowed_and_a_late_success_is_fl
         assert [o.state for o in await worker.reconcile()] == [PayoutState.UNKNOWN]
 
         await regtest.mine(1)  # the expiry is now REISSUE_MARGIN_BLOCKS behind the tip
+        # while a reconciler pass holds the payout (its lease), the reissue waits for it
+        async with sessions.begin() as s:
+            held_until = utcnow() + timedelta(seconds=30)
+            await s.execute(update(Payout).where(Payout.id == "late:reward").values(lease_until=held_until))
+        with pytest.raises(ReissueRefused) as busy:
+            await reissue()
+        assert busy.value.code is ReissueReason.BEING_RECONCILED
+        async with sessions.begin() as s:
+            await s.execute(update(Payout).where(Payout.id == "late:reward").values(lease_until=None))
         result = await reissue()
         assert result.startswith("needs_invoice (LND: IN_FLIGHT, 1 HTLC in flight since "), result
         assert (await _get(sessions, PayoutAttempt, h.hex())).state is AttemptState.ABANDONED
