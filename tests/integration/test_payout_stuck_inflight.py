@@ -262,25 +262,29 @@ class InjectedLnd:
     ``succeeded`` is set, reported SUCCEEDED after all. Block heights, sends, invoices: real."""
 
     def __init__(self, real, payment_hash: bytes, expiry: int) -> None:
-        self.real, self.h, self.expiry, self.succeeded = real, payment_hash, expiry, False
+        self.real, self.h, self.expiry, self.succeeded, self.failed = real, payment_hash, expiry, False, False
 
     def __getattr__(self, name: str):
         return getattr(self.real, name)
 
     def _injected(self) -> Payment:
         long_ago = time.time_ns() - 3600 * 10**9
-        status = HtlcAttemptStatus.SUCCEEDED if self.succeeded else HtlcAttemptStatus.IN_FLIGHT
+        status, htlc = PaymentStatus.IN_FLIGHT, HtlcAttemptStatus.IN_FLIGHT
+        if self.succeeded:
+            status, htlc = PaymentStatus.SUCCEEDED, HtlcAttemptStatus.SUCCEEDED
+        elif self.failed:
+            status, htlc = PaymentStatus.FAILED, HtlcAttemptStatus.FAILED
         return Payment(
             payment_hash=self.h,
-            status=PaymentStatus.SUCCEEDED if self.succeeded else PaymentStatus.IN_FLIGHT,
+            status=status,
             value_msat=AMOUNT,
             fee_msat=0,
             preimage=b"\x07" * 32 if self.succeeded else None,
-            failure_reason=FailureReason.NONE,
+            failure_reason=FailureReason.TIMEOUT if self.failed else FailureReason.NONE,
             payment_index=1,
             creation_time_ns=long_ago,
             htlc_attempts=1,
-            htlcs=(PaymentHtlc(status, long_ago, 0, self.expiry),),
+            htlcs=(PaymentHtlc(htlc, long_ago, 0, self.expiry),),
         )
 
     async def track_payment(self, payment_hash: bytes, **kw):
@@ -385,4 +389,46 @@ async def test_past_the_timelock_the_reissue_is_allowed_and_a_late_success_is_fl
         assert (new_inv.state, new_inv.amt_paid_msat) == (InvoiceState.SETTLED, AMOUNT)
     finally:
         await regtest.payee.cancel_invoice(h)
+        await engine.dispose()
+
+
+async def test_a_stuck_payment_lnd_fails_on_its_own_needs_no_operator(regtest: Regtest, database_url: str) -> None:
+    """INJECTED: LND's record of the payment IN_FLIGHT, then FAILED (TIMEOUT) on its own; LND never
+    sent it for real. The reconciler's existing path resolves it with no operator: the attempt is
+    failed, the payout sent again (LND retries a FAILED hash) and paid, once."""
+    engine = create_engine(database_url)
+    sessions = session_factory(engine)
+    req, h = await regtest.payee_invoice(AMOUNT, memo="stuck, then failed by LND")
+    lnd = InjectedLnd(regtest.escrow, h, expiry=await regtest.block_height() + 80)
+    policy = PayoutPolicy(timeout_seconds=TIMEOUT, fee_quote_seconds=0, min_expiry_seconds=60, retry_seconds=0.1)
+    worker = Payouts(lnd, sessions, policy, our_pubkey=regtest.node("escrow")["pubkey"])
+    try:
+        await _payout(sessions, "failed:reward", req)
+        async with sessions.begin() as s:
+            p = await s.get(Payout, "failed:reward")
+            p.state, p.attempts = PayoutState.UNKNOWN, 1
+            s.add(
+                PayoutAttempt(
+                    payment_hash=h.hex(),
+                    payout_id="failed:reward",
+                    payment_request=req,
+                    fee_limit_msat=0,
+                    state=AttemptState.UNKNOWN,
+                )
+            )
+        assert [o.state for o in await worker.reconcile()] == [PayoutState.UNKNOWN]  # in flight: left alone
+        lnd.failed = True
+        assert [o.state for o in await worker.reconcile()] == [PayoutState.PENDING]
+        assert (await _get(sessions, PayoutAttempt, h.hex())).state is AttemptState.FAILED
+
+        async def claimed() -> list:
+            return await worker.claim_due(5)
+
+        [claim] = await wait_until(claimed, 10, "the payout due again after the retry pause")
+        assert (await worker.pay(claim.payout_id)).state is PayoutState.SUCCEEDED
+        inv = await regtest.payee.lookup_invoice(h)
+        assert (inv.state, inv.amt_paid_msat) == (InvoiceState.SETTLED, AMOUNT)
+        p = await _get(sessions, Payout, "failed:reward")
+        assert (p.state, p.payment_hash, p.needs_invoice_count) == (PayoutState.SUCCEEDED, h.hex(), 0)
+    finally:
         await engine.dispose()
