@@ -298,8 +298,12 @@ class InjectedLnd:
         return self._injected() if payment_hash == self.h else await self.real.current_payment(payment_hash)
 
 
+BOTH = pytest.mark.parametrize("db", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+
+
+@BOTH
 async def test_past_the_timelock_the_reissue_is_allowed_and_a_late_success_is_flagged_never_booked(
-    regtest: Regtest, database_url: str
+    regtest: Regtest, database_url: str, db: str
 ) -> None:
     """INJECTED: LND keeps the payment IN_FLIGHT past its HTLC's expiry (blocks are mined for real),
     then reports it SUCCEEDED after the payout was reissued and paid. The reissue is refused until the
@@ -392,7 +396,10 @@ async def test_past_the_timelock_the_reissue_is_allowed_and_a_late_success_is_fl
         await engine.dispose()
 
 
-async def test_a_stuck_payment_lnd_fails_on_its_own_needs_no_operator(regtest: Regtest, database_url: str) -> None:
+@BOTH
+async def test_a_stuck_payment_lnd_fails_on_its_own_needs_no_operator(
+    regtest: Regtest, database_url: str, db: str
+) -> None:
     """INJECTED: LND's record of the payment IN_FLIGHT, then FAILED (TIMEOUT) on its own; LND never
     sent it for real. The reconciler's existing path resolves it with no operator: the attempt is
     failed, the payout sent again (LND retries a FAILED hash) and paid, once."""
