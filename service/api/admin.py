@@ -91,6 +91,10 @@ class LndPaymentView(BaseModel):
     created_at: str | None = None
     block_height: int | None = Field(None, description="our node's block height now")
     htlcs: list[LndHtlc] = []
+    on_channel: bool | None = Field(None, description="an HTLC with this hash is on one of our open channels")
+    htlcs_on_chain: int | None = Field(
+        None, description="outgoing HTLCs of our channels being force-closed, not swept yet (any refuses a reissue)"
+    )
     summary: str | None = Field(None, description='one line, e.g. "LND: IN_FLIGHT, 1 HTLC in flight since …"')
     reissue: ReissueVerdict | None = None
     error: str | None = Field(None, description="node_unavailable (…) when our node did not answer")
@@ -210,7 +214,7 @@ async def reissue(request: Request, body: Reason, payout_id: str = Path(min_leng
     """Close the payment LND keeps in flight for an `unknown` payout and ask its payee for a new
     invoice (`reward claimable` with reason `payment_failed`). Allowed only when LND reports the
     payment FAILED, or when every HTLC of it is failed or in flight at least 6 blocks past its
-    expiry height and LND can start no new one (docs/operations.md, *A payment stuck in flight*).
+    expiry height, none is on a channel or unresolved on chain, and LND can start no new one (docs/operations.md, *A payment stuck in flight*).
     `409 payment_may_still_settle`, `payment_succeeded`, `payment_not_initiated`,
     `payout_not_unknown`, `payout_being_reconciled`, `no_attempt`, `conflict`: nothing changed;
     `503 node_unavailable`."""

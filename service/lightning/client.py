@@ -164,6 +164,15 @@ class Payment:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelHtlcs:
+    """Our node's HTLCs not resolved yet (``ListChannels``, ``PendingChannels``)."""
+
+    open_hashes: frozenset[str]  # payment hashes (hex) of the HTLCs on our open channels
+    on_chain_outgoing: int  # outgoing HTLCs of our channels being force-closed, not swept yet
+    waiting_close: int  # channels whose closing transaction is not confirmed yet
+
+
+@dataclass(frozen=True, slots=True)
 class PayReq:
     destination: str
     payment_hash: bytes
@@ -349,6 +358,21 @@ class LndClient:
             network=network,
             num_active_channels=r.num_active_channels,
             num_peers=r.num_peers,
+        )
+
+    async def channel_htlcs(self) -> ChannelHtlcs:
+        """Our node's HTLCs that are not resolved: on open channels (by payment hash), and outgoing ones
+        of channels being force-closed (on chain: LND gives no hash for them) or waiting to close."""
+        chans, pending = await asyncio.gather(
+            self._unary("ListChannels", self._ln.ListChannels, ln.ListChannelsRequest()),
+            self._unary("PendingChannels", self._ln.PendingChannels, ln.PendingChannelsRequest()),
+        )
+        return ChannelHtlcs(
+            open_hashes=frozenset(bytes(h.hash_lock).hex() for c in chans.channels for h in c.pending_htlcs),
+            on_chain_outgoing=sum(
+                1 for c in pending.pending_force_closing_channels for h in c.pending_htlcs if not h.incoming
+            ),
+            waiting_close=len(pending.waiting_close_channels),
         )
 
     async def channel_balance(self) -> ChannelBalance:

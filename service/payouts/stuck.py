@@ -19,6 +19,7 @@ from typing import Any
 
 from service.lightning import errors
 from service.lightning.client import (
+    ChannelHtlcs,
     FailureReason,
     HtlcAttemptStatus,
     LndClient,
@@ -44,6 +45,12 @@ class LndView:
     payment_hash: str
     payment: Payment | None  # None: LND does not know the hash
     block_height: int
+    channels: ChannelHtlcs = ChannelHtlcs(frozenset(), 0, 0)  # our node's unresolved HTLCs
+
+    @property
+    def on_channel(self) -> bool:
+        """An HTLC with this payment's hash is on one of our open channels."""
+        return self.payment_hash in self.channels.open_hashes
 
     @property
     def last_activity_ns(self) -> int:
@@ -62,6 +69,8 @@ class LndView:
             "created_at": None if p is None else _iso(p.creation_time_ns),
             "block_height": self.block_height,
             "htlcs": [] if p is None else [_htlc(h) for h in p.htlcs],
+            "on_channel": self.on_channel,
+            "htlcs_on_chain": self.channels.on_chain_outgoing,
             "summary": self.summary(),
         }
 
@@ -83,6 +92,8 @@ class LndView:
             )
         else:
             parts.append(f"no HTLC in flight ({len(p.htlcs)} sent), now height {self.block_height}")
+        if self.on_channel:
+            parts.append("an HTLC of it is on a channel")
         return ", ".join(parts)
 
 
@@ -102,8 +113,10 @@ def _htlc(h: PaymentHtlc) -> dict[str, Any]:
 async def lnd_view(lnd: LndClient, payment_hash: str) -> LndView:
     """Ask LND about a payment (TrackPaymentV2 with in-flight updates, its first message only) and
     its block height. Raises :class:`~service.lightning.errors.LndError` when our node does not answer."""
-    payment, info = await asyncio.gather(lnd.current_payment(bytes.fromhex(payment_hash)), lnd.get_info())
-    return LndView(payment_hash, payment, info.block_height)
+    payment, info, channels = await asyncio.gather(
+        lnd.current_payment(bytes.fromhex(payment_hash)), lnd.get_info(), lnd.channel_htlcs()
+    )
+    return LndView(payment_hash, payment, info.block_height, channels)
 
 
 def reissue_refusal(view: LndView, *, now_ns: int, payment_timeout_seconds: float) -> tuple[ReissueReason, str] | None:
@@ -114,8 +127,10 @@ def reissue_refusal(view: LndView, *, now_ns: int, payment_timeout_seconds: floa
     1. LND reports it FAILED (LND fails a payment only once every HTLC of it is resolved), or
     2. LND shows no HTLC that could still settle and can start no new one: every HTLC it shows
        is FAILED, or IN_FLIGHT with its expiry height at least REISSUE_MARGIN_BLOCKS blocks behind
-       the current height; and the payment's loop has run out (its last HTLC attempt, or its
-       creation, is more than the payment timeout plus PAYMENT_LOOP_MARGIN_SECONDS ago).
+       the current height; no HTLC with its hash is on any of our channels, and no channel of ours
+       being closed still has an HTLC out (on chain LND names no hash: any one refuses); and the
+       payment's loop has run out (its last HTLC attempt, or its creation, is more than the
+       payment timeout plus PAYMENT_LOOP_MARGIN_SECONDS ago).
 
     ``payment_timeout_seconds``: the timeout our sends give LND (``PayoutPolicy.timeout_seconds``)."""
     p = view.payment
@@ -140,6 +155,13 @@ def reissue_refusal(view: LndView, *, now_ns: int, payment_timeout_seconds: floa
             f"{len(live)} HTLC(s) in flight could still settle until height {expiry} "
             f"(reissue allowed from height {expiry + REISSUE_MARGIN_BLOCKS}, now {view.block_height}), "
             "unless LND reports the payment failed first"
+        )
+    if view.on_channel:
+        return ReissueReason.MAY_STILL_SETTLE, "an HTLC with its hash is on one of our channels: it can still settle"
+    if view.channels.on_chain_outgoing or view.channels.waiting_close:
+        return ReissueReason.MAY_STILL_SETTLE, (
+            f"{view.channels.on_chain_outgoing} outgoing HTLC(s) of channels being force-closed are not resolved "
+            f"on chain yet ({view.channels.waiting_close} channel(s) waiting to close): one may be this payment's"
         )
     loop_ends_ns = view.last_activity_ns + int((payment_timeout_seconds + PAYMENT_LOOP_MARGIN_SECONDS) * 1e9)
     if now_ns < loop_ends_ns:

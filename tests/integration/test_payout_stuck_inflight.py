@@ -158,6 +158,7 @@ async def _held_then_reissued(regtest: Regtest, app, h: bytes, held_request: str
             [htlc] = lnd["htlcs"]
             assert htlc["status"] == "IN_FLIGHT" and htlc["attempted_at"] and htlc["resolved_at"] is None
             assert htlc["expiry_height"] > height and lnd["block_height"] >= height
+            assert lnd["on_channel"] is True and lnd["htlcs_on_chain"] == 0  # held by the payee: on our channel
             assert lnd["summary"].startswith("LND: IN_FLIGHT, 1 HTLC in flight since ")
             assert f"expires at height {htlc['expiry_height']} (now " in lnd["summary"]
             assert lnd["reissue"] == {
@@ -188,6 +189,7 @@ async def _held_then_reissued(regtest: Regtest, app, h: bytes, held_request: str
             await wait_until(failed_in_lnd, 30, "LND reports the payment failed")
             lnd = (await api.get("/v1/admin/payouts/stuck:reward")).json()["lnd"]
             assert lnd["status"] == "FAILED" and lnd["reissue"]["allowed"] is True, lnd
+            assert lnd["on_channel"] is False
             page = (await browser.get("/admin/payouts")).text
             assert "LND: FAILED" in page and 'action="/admin/payouts/stuck%3Areward/reissue"' in page
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from service.lightning.client import FailureReason, HtlcAttemptStatus, Payment, PaymentHtlc, PaymentStatus
+from service.lightning.client import ChannelHtlcs, FailureReason, HtlcAttemptStatus, Payment, PaymentHtlc, PaymentStatus
 from service.payouts.check import may_reuse
 from service.payouts.stuck import PAYMENT_LOOP_MARGIN_SECONDS, REISSUE_MARGIN_BLOCKS, LndView, reissue_refusal
 from service.payouts.types import AttemptState, ReissueReason
@@ -111,6 +111,23 @@ PASSED = HEIGHT - REISSUE_MARGIN_BLOCKS  # an expiry this low is far enough behi
 )
 def test_the_reissue_rule(case: str, v: LndView, expected: ReissueReason | None) -> None:
     assert verdict(v) == expected, case
+
+
+def test_an_htlc_on_a_channel_or_unresolved_on_chain_refuses_the_timelock_path() -> None:
+    """Past its expiry by the margin, but our node still has the HTLC on a channel (by its hash), or a
+    channel being force-closed still has an outgoing HTLC on chain (LND names no hash there)."""
+    past = view(PaymentStatus.IN_FLIGHT, htlc(IN, PASSED))
+    assert verdict(past) is None
+    on_channel = LndView(past.payment_hash, past.payment, HEIGHT, ChannelHtlcs(frozenset({past.payment_hash}), 0, 0))
+    assert verdict(on_channel) is ReissueReason.MAY_STILL_SETTLE
+    assert on_channel.summary().endswith("an HTLC of it is on a channel")
+    other_hash = LndView(past.payment_hash, past.payment, HEIGHT, ChannelHtlcs(frozenset({"cd" * 32}), 0, 0))
+    assert verdict(other_hash) is None
+    for channels in (ChannelHtlcs(frozenset(), 1, 0), ChannelHtlcs(frozenset(), 0, 1)):
+        assert verdict(LndView(past.payment_hash, past.payment, HEIGHT, channels)) is ReissueReason.MAY_STILL_SETTLE
+    # LND's FAILED needs none of it: it fails a payment only once every HTLC of it is resolved
+    failed = view(PaymentStatus.FAILED, htlc(NO, HEIGHT + 80))
+    assert verdict(LndView(failed.payment_hash, failed.payment, HEIGHT, ChannelHtlcs(frozenset(), 2, 1))) is None
 
 
 def test_the_payment_loop_bound_is_the_timeout_plus_the_margin_after_the_last_attempt() -> None:
