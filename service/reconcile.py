@@ -14,7 +14,11 @@ those payments:
    attempt's fee; ``payout:<payment_hash>`` must credit ``asset:node`` by the amount
    and, when the fee is non-zero, ``routing_fee:<payment_hash>`` must credit
    ``asset:node`` and debit ``expense:routing`` by the fee;
-3. any other posting that moves ``asset:node`` is a discrepancy, and the ledger's
+3. each attempt an operator abandoned (``store.reissue``: LND had failed it, or it could no
+   longer settle) must not be SUCCEEDED in LND: if LND reports it paid after all, that is
+   ``reissued_payment_succeeded`` (payouts pause; nothing is booked for it, ever: the operator
+   decides what the payee owes back);
+4. any other posting that moves ``asset:node`` is a discrepancy, and the ledger's
    total on ``asset:node`` must equal (settled − paid − fees) as reported by LND,
    up to the per-item discrepancies already listed.
 
@@ -79,6 +83,7 @@ PAYOUT_MISMATCH = "payout_mismatch"
 ROUTING_FEE_MISSING = "routing_fee_missing"
 ROUTING_FEE_MISMATCH = "routing_fee_mismatch"  # node credit of routing_fee:<hash> vs LND's fee
 ROUTING_EXPENSE_MISMATCH = "routing_expense_mismatch"  # expense debit of routing_fee:<hash> vs LND's fee
+REISSUED_PAYMENT_SUCCEEDED = "reissued_payment_succeeded"  # an abandoned attempt LND reports paid after all
 UNMATCHED_NODE_POSTING = "unmatched_node_posting"  # moves asset:node without a matching LND payment
 NODE_TOTAL_MISMATCH = "node_total_mismatch"  # asset:node total differs beyond the items above
 
@@ -158,6 +163,18 @@ def _snapshot_query() -> CompoundSelect[Any]:
         .join(Payout, Payout.id == PayoutAttempt.payout_id)
         .where(PayoutAttempt.state == AttemptState.SUCCEEDED)
     )
+    abandoned = (
+        select(
+            literal("aban", s),
+            cast(PayoutAttempt.payment_hash, s),
+            cast(PayoutAttempt.payout_id, s),
+            cast(null(), s),
+            cast(Payout.amount_msat, b),
+            cast(null(), b),
+        )
+        .join(Payout, Payout.id == PayoutAttempt.payout_id)
+        .where(PayoutAttempt.state == AttemptState.ABANDONED)
+    )
     node = func.sum(case((LedgerLine.account == accounts.NODE, LedgerLine.amount_msat), else_=0))
     expense = func.sum(case((LedgerLine.account == accounts.ROUTING_EXPENSE, LedgerLine.amount_msat), else_=0))
     led = (
@@ -181,7 +198,7 @@ def _snapshot_query() -> CompoundSelect[Any]:
         cast(func.coalesce(func.sum(LedgerLine.amount_msat), 0), b),
         cast(null(), b),
     ).where(LedgerLine.account == accounts.NODE)
-    return union_all(inv, pay, led, tot)
+    return union_all(inv, pay, abandoned, led, tot)
 
 
 def _reconciliation_key(key: str) -> str:
@@ -246,6 +263,7 @@ async def reconcile(
 
     invoices: list[tuple[str, int]] = []
     attempts: list[tuple[str, str, int, int]] = []
+    abandoned: list[tuple[str, str]] = []
     postings: dict[str, tuple[str, str | None, int, int]] = {}
     ledger_node = 0
     rows: list[tuple[str, str, str, str | None, int | None, int | None]] = [
@@ -256,6 +274,8 @@ async def reconcile(
             invoices.append((ref, int(v1 or 0)))
         elif src == "pay":
             attempts.append((ref, key, int(v1 or 0), int(v2 or 0)))
+        elif src == "aban":
+            abandoned.append((ref, key))
         elif src == "led":
             postings[ref] = (key, extra, int(v1 or 0), int(v2 or 0))
         else:
@@ -349,6 +369,28 @@ async def reconcile(
                     )
                 )
         explained += fee - booked_fee
+
+    for h, payout_id in sorted(abandoned):
+        try:
+            p = await _bounded(_first_update(lnd, bytes.fromhex(h)), timeout)
+        except (errors.LndNotFound, ValueError):
+            p = None
+        if p is not None and p.status == PaymentStatus.SUCCEEDED:
+            # Money left for an attempt the payout no longer counts: never booked here (the payout
+            # is paid by its new invoice, or will be); the operator settles it with the payee.
+            found.append(
+                Discrepancy(
+                    REISSUED_PAYMENT_SUCCEEDED,
+                    h,
+                    p.value_msat + p.fee_msat,
+                    0,
+                    f"payout {payout_id}: an operator reissued it, and LND now reports this payment SUCCEEDED "
+                    f"({p.value_msat} msat + {p.fee_msat} fee): the payee may have been paid twice",
+                )
+            )
+            paid_out += p.value_msat
+            fees_out += p.fee_msat
+            explained += p.value_msat + p.fee_msat
 
     for key in sorted(set(by_key) - matched):
         node = by_key[key].node

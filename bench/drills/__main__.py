@@ -6,8 +6,12 @@
                     exactly between a payout's write-ahead and its send)
     --seed S        seeds every random choice (printed; repeat a failing run with it)
     --lnd-outage T  seconds the escrow's LND stays stopped (default 30)
-    --lnd-stop-anytime  lnd-outage: stop LND even while a payout is being sent (LND v0.20.2 may
-                    then keep that payment IN_FLIGHT for good, and its job never finishes)
+    --lnd-stop-anytime  lnd-outage: stop LND while a payout is being sent (the first seen written
+                    ahead; LND v0.20.2 may then keep that payment IN_FLIGHT for good): the drill
+                    then acts as the operator, reissuing such a payout once LND allows it
+    --inject-stuck-payment  lnd-outage: INJECTED, LND's stuck record (IN_FLIGHT for good, an HTLC
+                    expiring 80 blocks on) for the second payout sent, which is never sent; the
+                    drill as the operator mines past the expiry and reissues it
     --relay-down T  seconds the relay stays stopped (default 8)
     --timeout T     hard timeout of each drill in seconds (default: from its size)
     --no-write      do not write bench/results/drills.json and drills.md
@@ -167,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--lnd-outage", type=float, default=30.0)
     ap.add_argument("--lnd-stop-anytime", action="store_true")
+    ap.add_argument("--inject-stuck-payment", action="store_true")
     ap.add_argument("--relay-down", type=float, default=8.0)
     ap.add_argument("--timeout", type=float)
     ap.add_argument("--no-write", action="store_true")
@@ -188,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         relay_down=args.relay_down,
         timeout=args.timeout,
         lnd_stop_anytime=args.lnd_stop_anytime,
+        inject_stuck_payment=args.inject_stuck_payment,
     )
     desc = stack(postgres=True)
     try:

@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import json
 import random
+import secrets
 import time
 import traceback
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import quote
 
+import httpx
 from sqlalchemy import func, select
 
 from bench.common import fresh_pg_database
@@ -32,6 +35,7 @@ from service.migrate import upgrade_async
 from service.nostr.nip01 import SecretKey
 from service.payouts import PayoutKind
 from service.payouts.models import Payout, PayoutAttempt
+from service.payouts.stuck import REISSUE_MARGIN_BLOCKS
 
 OPEN = ("requested", "offered", "collecting", "validating", "releasing")
 
@@ -46,6 +50,7 @@ class Options:
     timeout: float | None = None
     work: tuple[float, float, float] | None = None  # at most this long to train, score, pay (None: the drill's)
     lnd_stop_anytime: bool = False  # lnd-outage: also while a payout is being sent
+    inject_stuck_payment: bool = False  # lnd-outage: LND's stuck IN_FLIGHT record of one payout (injected)
     outage: tuple[float, float] = (8.0, 40.0)  # deadline-outage: seconds the service stays down (drawn)
 
 
@@ -90,8 +95,12 @@ class Drill:
         await upgrade_async(url)  # before any replica starts: two would race on the migrations
         return url
 
+    service_settings: dict[str, object] = {}  # a drill's own service settings (beyond DRILL_SETTINGS)
+
     def service(self, name: str) -> Service:
-        svc = Service(name, self.desc, self.url, self.key.to_hex(), self.dir / f"service-{name}.log")
+        svc = Service(
+            name, self.desc, self.url, self.key.to_hex(), self.dir / f"service-{name}.log", **self.service_settings
+        )
         self.services.append(svc)
         return svc
 
@@ -312,9 +321,9 @@ class Drill:
     async def body(self) -> None:
         raise NotImplementedError
 
-    async def start_one(self) -> tuple[Service, asyncio.Task]:
+    async def start_one(self, die_at: str | None = None) -> tuple[Service, asyncio.Task]:
         svc = self.service("a")
-        svc.start()
+        svc.start(die_at)
         await svc.wait_ready(90)
         self.market.hub.start()
         return svc, asyncio.create_task(self.launch(self.stagger()))
@@ -495,6 +504,7 @@ class LndOutageDrill(Drill):
     BUSY_ATTEMPTS = ("sending", "unknown")
     QUIET_WAIT = 60.0  # seconds from the first launch to find a quiet moment, else the drill fails
     started_wall = 0.0  # time.time() at the start of the body, less a margin (LND's creation times)
+    admin_token = ""  # --lnd-stop-anytime: the operator's
     work = (4.0, 2.0, 20.0)  # customers look at their offer up to 20 s: some hold one while nothing is paid out
 
     def timeout(self) -> float:
@@ -516,8 +526,9 @@ class LndOutageDrill(Drill):
         """What is under way at this moment, from LND and then the database (the last thing read
         before the stop). LND v0.20.2 stopped while it dispatches a payment can keep that payment
         IN_FLIGHT for good (no HTLC on the channel; like lnd#5152): the escrow then rightly never
-        pays it again and the job stays releasing. Recovering it is issue 17; this drill is about
-        funding, so by default it stops LND only when nothing here is busy."""
+        pays it again and the job stays releasing until an operator reissues the payout (with
+        --lnd-stop-anytime the drill does, :meth:`operate`). This drill is about funding, so by
+        default it stops LND only when nothing here is busy."""
         pays = await self._escrow_payments()
         out = await asyncio.to_thread(
             self.parts.lncli, "escrow", "listinvoices", "--pending_only", "--max_invoices", "1000000"
@@ -552,24 +563,45 @@ class LndOutageDrill(Drill):
         busy += [f"LND IN_FLIGHT {h}" for h in inflight] + [f"LND invoice ACCEPTED {h}" for h in accepted]
         return busy, view
 
+    async def sending(self, sessions) -> int:
+        """Attempts written ahead and not finished (a payout being dispatched to LND right now)."""
+        async with sessions() as s:
+            return int(
+                await s.scalar(select(func.count()).select_from(PayoutAttempt).where(PayoutAttempt.state == "sending"))
+                or 0
+            )
+
     def wanted(self, t0: float) -> bool:
         """Customers funding (from the market's live view): two holding an offer, one after 10 s, any after 40 s."""
         waited = time.monotonic() - t0
         return self.funding() >= 2 or (self.funding() >= 1 and waited > 10) or waited > 40
 
     async def body(self) -> None:
+        operated = self.opts.lnd_stop_anytime or self.opts.inject_stuck_payment
+        if operated:  # the operator's admin API, and sends LND resolves sooner
+            self.admin_token = secrets.token_hex(24)
+            self.service_settings = {"admin_token": self.admin_token, "payout_timeout_seconds": 20}
         self.started_wall = time.time() - 5  # LND's clock, not ours: a margin
-        _, launcher = await self.start_one()
+        # INJECTED (--inject-stuck-payment): the second payout sent gets LND's stuck record instead
+        _, launcher = await self.start_one("stuck:2" if self.opts.inject_stuck_payment else None)
         engine = create_engine(self.url)
         sessions = session_factory(engine)
         t0 = time.monotonic()
         checks = 0
         try:
-            while True:
+            while self.opts.lnd_stop_anytime:
+                # LND stopped while it dispatches a payment (what can leave one IN_FLIGHT for good):
+                # at the first attempt seen written ahead, else whatever is going on after QUIET_WAIT
+                checks += 1
+                if await self.sending(sessions) or time.monotonic() - t0 > self.QUIET_WAIT:
+                    busy, view = await self.busy(sessions)
+                    break
+                await asyncio.sleep(0.02)
+            while not self.opts.lnd_stop_anytime:
                 await self.until(lambda: self.wanted(t0), "customers funding")
                 checks += 1
                 busy, view = await self.busy(sessions)
-                if not busy or self.opts.lnd_stop_anytime:
+                if not busy:
                     break
                 if time.monotonic() - t0 > self.QUIET_WAIT:
                     raise RuntimeError(
@@ -605,7 +637,93 @@ class LndOutageDrill(Drill):
             await engine.dispose()
         await self.parts.start_lnd("escrow")
         self.recovered(f, down_s=round(time.monotonic() - stopped, 1))
-        await self.until_finished(launcher)
+        if not (self.opts.lnd_stop_anytime or self.opts.inject_stuck_payment):
+            await self.until_finished(launcher)
+            return
+        operator = asyncio.create_task(self.operate())
+        try:
+            await self.until_finished(launcher)
+        finally:
+            operator.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await operator
+
+    # ---- the operator (--lnd-stop-anytime): docs/operations.md, "A payment stuck in flight"
+    STUCK_AFTER = 20.0  # seconds a payout stays unknown before the operator looks at it in LND
+
+    async def operate(self) -> None:
+        """What an operator does about a payout whose payment LND keeps IN_FLIGHT: looks at it over
+        the admin API once it has been `unknown` for STUCK_AFTER s; reissues it as soon as the API
+        says LND allows it (FAILED, or past the timelock); while an HTLC of it keeps it and every
+        other job has finished, mines blocks past its expiry height (regtest: the timelock passing),
+        provided no HTLC is on the escrow's channels (our node would go on chain for it)."""
+        first_seen: dict[str, float] = {}
+        async with httpx.AsyncClient(
+            base_url=self.services[0].url, headers={"Authorization": f"Bearer {self.admin_token}"}, timeout=30
+        ) as api:
+            while True:
+                await asyncio.sleep(2)
+                try:
+                    items = (await api.get("/v1/admin/payouts")).json()["items"]
+                except (httpx.HTTPError, KeyError, ValueError):
+                    continue
+                unknown = {p["id"]: p for p in items if p["state"] == "unknown"}
+                for pid in list(first_seen):
+                    if pid not in unknown:
+                        del first_seen[pid]
+                now = time.monotonic()
+                for pid in unknown:
+                    first_seen.setdefault(pid, now)
+                stuck = {pid: p for pid, p in unknown.items() if now - first_seen[pid] >= self.STUCK_AFTER}
+                for pid, p in stuck.items():
+                    await self._look_at(api, pid, p, stuck_jobs={q["job_id"] for q in stuck.values()})
+
+    async def _look_at(self, api: httpx.AsyncClient, pid: str, p: dict, stuck_jobs: set[str]) -> None:
+        try:
+            lnd_view = (await api.get(f"/v1/admin/payouts/{quote(pid, safe='')}")).json().get("lnd") or {}
+        except (httpx.HTTPError, ValueError):
+            return
+        verdict = lnd_view.get("reissue") or {}
+        short = f"{str(p.get('job_id'))[:12]}…:{pid.rsplit(':', 1)[-1][:12]}"
+        if verdict.get("allowed"):
+            r = await api.post(
+                f"/v1/admin/payouts/{quote(pid, safe='')}/reissue",
+                json={"reason": f"drill operator: {lnd_view.get('summary')}"[:500]},
+            )
+            self.fault(
+                "stuck-payment-reissued",
+                payout=short,
+                lnd=lnd_view.get("summary"),
+                status=r.status_code,
+                result=r.json().get("result") or r.json().get("code"),
+            )
+            return
+        if verdict.get("code") != "payment_may_still_settle":
+            return
+        held = [h for h in lnd_view.get("htlcs", []) if h["status"] == "IN_FLIGHT"]
+        others_open = [j.id for j in self.market.jobs if j.id not in stuck_jobs and self.states.get(j.id) != "closed"]
+        if not held or others_open or await self._htlcs_on_channels():
+            return
+        target = max(h["expiry_height"] for h in held) + REISSUE_MARGIN_BLOCKS
+        height = int(lnd_view.get("block_height") or 0)
+        if height >= target:
+            return
+        self.fault("timelock-mined-past", payout=short, lnd=lnd_view.get("summary"), blocks=target - height)
+        await asyncio.to_thread(self.parts.stack.mine, target - height)
+        await self.until_synced(target)
+
+    async def _htlcs_on_channels(self) -> int:
+        out = await asyncio.to_thread(self.parts.lncli, "escrow", "listchannels")
+        return sum(len(c.get("pending_htlcs", [])) for c in out.get("channels", []))
+
+    async def until_synced(self, height: int) -> None:
+        end = time.monotonic() + 120
+        while time.monotonic() < end:
+            info = await asyncio.to_thread(self.parts.lncli, "escrow", "getinfo")
+            if int(info.get("block_height", 0)) >= height and info.get("synced_to_chain"):
+                return
+            await asyncio.sleep(0.5)
+        raise TimeoutError(f"escrow LND synced to height {height}")
 
     async def restore(self) -> None:
         await super().restore()

@@ -67,7 +67,7 @@ class Service(ServiceProc):
         with open(self.log_path, "a") as log:
             log.write(
                 f"\n=== drill: start #{self.starts} of {self.name} ({module}"
-                f"{f', dies at {die_at}' if die_at else ''}) {time.strftime('%H:%M:%S')}\n"
+                f"{f', fault injected: {die_at}' if die_at else ''}) {time.strftime('%H:%M:%S')}\n"
             )
             log.flush()
             self.proc = subprocess.Popen(

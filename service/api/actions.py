@@ -17,7 +17,7 @@ from service.escrow.machine import OPERATOR_REFUNDABLE
 from service.escrow.models import Effect, Job, JobState
 from service.lightning.client import LndClient
 from service.nostr.models import Delivery, InboxEvent
-from service.payouts import CancelRefused, ReopenRefused, RetryRefused
+from service.payouts import CancelRefused, ReissueRefused, ReopenRefused, RetryRefused
 from service.payouts import store as payouts
 from service.reconcile import resume_payouts
 
@@ -66,6 +66,20 @@ async def reopen_payout(s: AsyncSession, engine: Engine, payout_id: str, reason:
         raise ActionRefused("conflict", f"the job did not take the reopen: {plan.outcome}")
     result = f"needs_invoice (job {plan.state.value})"
     await audit(s, "reopen_payout", payout_id, reason, result)
+    return result
+
+
+async def reissue_payout(
+    s: AsyncSession, lnd: LndClient, payout_id: str, reason: str, *, payment_timeout_seconds: float
+) -> str:
+    """Send the payee of a payout whose payment LND keeps in flight back to giving a new invoice,
+    once LND reports the payment failed or no HTLC of it can settle (the rule:
+    :func:`service.payouts.stuck.reissue_refusal`)."""
+    try:
+        result = await payouts.reissue(s, lnd, payout_id, payment_timeout_seconds=payment_timeout_seconds)
+    except ReissueRefused as e:
+        raise ActionRefused(e.code.value, e.message) from None
+    await audit(s, "reissue_payout", payout_id, reason, result)
     return result
 
 
@@ -145,6 +159,14 @@ async def replay_quarantined(s: AsyncSession, source: str, ref: str, reason: str
         raise ActionRefused(e.code, e.message) from None
     await audit(s, "replay_quarantined", f"{source}/{ref}", reason, "pending")
     return "pending"
+
+
+def wake_engine(state: object) -> None:
+    """After the commit: this replica's engine loop looks at payout outcomes now (a reissued payout's
+    payee is asked for a new invoice without waiting for the next scan)."""
+    escrow = getattr(state, "escrow", None)
+    if escrow is not None:
+        escrow.loop.wake.set()
 
 
 def wake_for_replay(state: object, source: str) -> None:

@@ -69,6 +69,64 @@ class ActionOut(BaseModel):
     result: str
 
 
+class LndHtlc(BaseModel):
+    status: str = Field(description="IN_FLIGHT, SUCCEEDED or FAILED")
+    attempted_at: str | None = Field(description="when LND sent it (ISO 8601)")
+    resolved_at: str | None = Field(description="when it settled or failed; null while in flight")
+    expiry_height: int = Field(description="the route's total time lock: from this height our node may time it out")
+
+
+class ReissueVerdict(BaseModel):
+    allowed: bool = Field(description="whether POST .../reissue would be accepted now")
+    code: str | None = Field(description="the refusal code it would get (payment_may_still_settle, ...)")
+    why: str
+
+
+class LndPaymentView(BaseModel):
+    """LND's view of a payout's open attempt (TrackPaymentV2's first update, GetInfo's height)."""
+
+    payment_hash: str
+    status: str | None = Field(None, description="IN_FLIGHT, INITIATED, SUCCEEDED, FAILED; null: unknown to LND")
+    failure_reason: str | None = None
+    created_at: str | None = None
+    block_height: int | None = Field(None, description="our node's block height now")
+    htlcs: list[LndHtlc] = []
+    on_channel: bool | None = Field(None, description="an HTLC with this hash is on one of our open channels")
+    htlcs_on_chain: int | None = Field(
+        None, description="outgoing HTLCs of our channels being force-closed, not swept yet (any refuses a reissue)"
+    )
+    summary: str | None = Field(None, description='one line, e.g. "LND: IN_FLIGHT, 1 HTLC in flight since …"')
+    reissue: ReissueVerdict | None = None
+    error: str | None = Field(None, description="node_unavailable (…) when our node did not answer")
+
+
+class PayoutAttemptOut(BaseModel):
+    payment_hash: str
+    state: str = Field(description="sending, succeeded, failed, unknown, not_initiated, abandoned")
+    fee_msat: int | None
+    failure: str | None
+    created_at: str | None
+    updated_at: str | None
+
+
+class PayoutDetail(BaseModel):
+    id: str
+    job_id: str | None
+    payee: str
+    amount_msat: int
+    state: str
+    destination: str
+    attempts: int
+    fee_msat: int | None
+    payment_hash: str | None
+    last_error: str | None
+    updated_at: str | None
+    attempts_log: list[PayoutAttemptOut] = Field(description="every attempt, oldest first")
+    lnd: LndPaymentView | None = Field(
+        description="for a payout `unknown` or `sending` past its lease: LND's view of its open attempt"
+    )
+
+
 def _refused(e: actions.ActionRefused) -> ApiError:
     return ApiError(404 if e.code == "not_found" else 409, e.code, e.message)
 
@@ -141,6 +199,52 @@ async def payouts(request: Request) -> dict:
             "expired": expired,
             "unclaimed_msat": unclaimed_msat,
         }
+
+
+@router.get("/payouts/{payout_id}", response_model=PayoutDetail, responses=responses(404, 422))
+async def payout(request: Request, payout_id: str = Path(min_length=1, max_length=200)) -> dict:
+    """One payout, its attempts, and, when its payment may be stuck (`unknown`, or `sending` past its
+    lease), LND's view of its open attempt: status, each HTLC's state, attempt time and expiry
+    height, the current block height, and whether a reissue is allowed now (`lnd.reissue`)."""
+    st = request.app.state
+    async with st.sessions() as s:
+        detail = await queries.payout_detail(
+            s, payout_id, st.lnd, payment_timeout_seconds=st.settings.payout_timeout_seconds
+        )
+    if detail is None:
+        raise ApiError(404, "payout_not_found", "no payout with this id")
+    return detail
+
+
+@router.post("/payouts/{payout_id}/reissue", response_model=ActionOut, responses=responses(404, 409, 422, 503))
+async def reissue(request: Request, body: Reason, payout_id: str = Path(min_length=1, max_length=200)) -> ActionOut:
+    """Close the payment LND keeps in flight for an `unknown` payout and ask its payee for a new
+    invoice (`reward claimable` with reason `payment_failed`). Allowed only when LND reports the
+    payment FAILED, or when every HTLC of it is failed or in flight at least 6 blocks past its
+    expiry height, none is on a channel or unresolved on chain, and LND can start no new one (docs/operations.md, *A payment stuck in flight*).
+    `409 payment_may_still_settle`, `payment_succeeded`, `payment_not_initiated`,
+    `payout_not_unknown`, `payout_being_reconciled`, `no_attempt`, `conflict`: nothing changed;
+    `503 node_unavailable`."""
+    st = request.app.state
+    if st.lnd is None:
+        raise ApiError(503, "node_unavailable", "no LND node is configured")
+    try:
+        async with st.sessions.begin() as s:
+            result = await actions.reissue_payout(
+                s, st.lnd, payout_id, body.reason, payment_timeout_seconds=st.settings.payout_timeout_seconds
+            )
+    except actions.ActionRefused as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(s, "reissue_payout", payout_id, body.reason, f"refused: {e.code}")
+        raise _refused(e) from None
+    except LndError as e:
+        async with st.sessions.begin() as s:
+            await actions.audit(
+                s, "reissue_payout", payout_id, body.reason, f"refused: node_unavailable ({type(e).__name__})"
+            )
+        raise ApiError(503, "node_unavailable", f"our node did not answer: {type(e).__name__}") from None
+    actions.wake_engine(st)
+    return ActionOut(target=payout_id, result=result)
 
 
 @router.post("/payouts/{payout_id}/retry", response_model=ActionOut, responses=responses(404, 409, 422))

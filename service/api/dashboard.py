@@ -17,12 +17,13 @@ Jinja2 autoescaping always on, and every page is sent with a strict Content-Secu
 The pages need nothing from outside: the stylesheet is served here.
 
 Reads go through :mod:`service.api.queries` (which never selects a preimage) and
-:mod:`service.quarantine`; the actions, retrying a payout and replaying a quarantined item,
+:mod:`service.quarantine`; the actions, retrying or reissuing a payout and replaying a quarantined item,
 through :mod:`service.api.actions`, each in one transaction and audited.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -50,6 +51,9 @@ from service.api.models import AdminSession
 from service.db import utcnow
 from service.escrow.models import JobState
 from service.ledger.models import LedgerPosting
+from service.lightning.errors import LndError
+from service.payouts.stuck import lnd_report
+from service.payouts.types import PayoutState
 
 router = APIRouter(include_in_schema=False)
 
@@ -66,6 +70,7 @@ PAGE_SIZE = 25
 MAX_PAGE = 1_000_000
 MAX_FORM_BYTES = 8 * 1024
 MAX_REASON = 500
+MAX_LND_VIEWS = 20  # unknown payouts whose payment the payouts page asks LND about (the oldest first)
 STATES = tuple(s.value for s in JobState if s is not JobState.NEW)  # NEW: never a stored job's
 
 SECURITY_HEADERS = {
@@ -483,9 +488,24 @@ async def payouts(request: Request) -> Response:
     key = await _signed_in(request)
     if isinstance(key, Response):
         return key
-    async with request.app.state.sessions() as s:
+    st = request.app.state
+    async with st.sessions() as s:
         rows = await queries.payouts_needing_attention(s)
         expired, unclaimed_msat = await queries.expired_claims(s)
+        # LND's view of each unknown payout's open attempt (its payment may be stuck in flight)
+        unknown = [r for r in rows if r["state"] == "unknown"][:MAX_LND_VIEWS]
+        hashes = {r["id"]: await queries.open_attempt(s, r["id"]) for r in unknown}
+    views = await asyncio.gather(
+        *(
+            lnd_report(st.lnd, h, state=PayoutState.UNKNOWN, payment_timeout_seconds=st.settings.payout_timeout_seconds)
+            for h in hashes.values()
+            if h is not None and st.lnd is not None
+        )
+    )
+    by_hash = {v["payment_hash"]: v for v in views}
+    for r in rows:
+        h = hashes.get(r["id"])
+        r["lnd"] = by_hash.get(h) if h else None
     return _render(
         request,
         "payouts.html",
@@ -553,6 +573,40 @@ async def reopen_payout(request: Request, payout_id: str) -> Response:
     st.escrow.loop.wake.set()
     return _redirect(
         request, "/admin/payouts", key=key, flash=("ok", f"claim {abbr(payout_id)} reopened (now {outcome})")
+    )
+
+
+@router.post("/admin/payouts/{payout_id:path}/reissue")
+async def reissue_payout(request: Request, payout_id: str) -> Response:
+    action = await _action(request, "/admin/payouts", "a reason is required to reissue a payout")
+    if isinstance(action, Response):
+        return action
+    key, reason = action
+    st = request.app.state
+    if len(payout_id) > 200:  # longer than any payout id can be
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", "reissue refused: no such payout"))
+    if st.lnd is None:
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", "reissue refused: no LND node"))
+    try:
+        async with st.sessions.begin() as s:
+            outcome = await actions.reissue_payout(
+                s, st.lnd, payout_id, reason, payment_timeout_seconds=st.settings.payout_timeout_seconds
+            )
+    except (actions.ActionRefused, LndError) as e:
+        code, message = (
+            (e.code, e.message)
+            if isinstance(e, actions.ActionRefused)
+            else (f"node_unavailable ({type(e).__name__})", "our node did not answer")
+        )
+        async with st.sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
+            await actions.audit(s, "reissue_payout", payout_id, reason, f"refused: {code}")
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"reissue refused: {message}"))
+    actions.wake_engine(st)
+    return _redirect(
+        request,
+        "/admin/payouts",
+        key=key,
+        flash=("ok", f"payout {abbr(payout_id)} reissued: its payee is asked for a new invoice ({outcome[:120]})"),
     )
 
 

@@ -21,14 +21,17 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.db import aware, utcnow
 from service.escrow.models import Job, JobState, Result, ScoreRow, TimelineEntry
 from service.ledger import accounts as ledger_accounts
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
+from service.lightning.client import LndClient
 from service.lightning.models import LnInvoice
 from service.nostr.models import InboxEvent, RejectedEvent
-from service.payouts.models import Payout
-from service.payouts.types import PayoutState
+from service.payouts.models import Payout, PayoutAttempt
+from service.payouts.stuck import lnd_report, wants_lnd_view
+from service.payouts.types import AttemptState, PayoutState
 
 ATTENTION = ("unknown", "failed", "needs_invoice")
 _CODE = re.compile(r"([a-z_]+): ")
@@ -315,6 +318,55 @@ async def expired_claims(s: AsyncSession, *, limit: int = 500) -> tuple[list[dic
     ).all()
     total = -(await ledger.balances(s, prefix=ledger_accounts.UNCLAIMED)).get(ledger_accounts.UNCLAIMED, 0)
     return [payout_view(p) for p in rows], total
+
+
+async def open_attempt(s: AsyncSession, payout_id: str) -> str | None:
+    """The payment hash of the payout's latest attempt still open (``sending`` or ``unknown``)."""
+    return await s.scalar(
+        select(PayoutAttempt.payment_hash)
+        .where(
+            PayoutAttempt.payout_id == payout_id,
+            PayoutAttempt.state.in_((AttemptState.SENDING, AttemptState.UNKNOWN)),
+        )
+        .order_by(PayoutAttempt.created_at.desc())
+        .limit(1)
+    )
+
+
+async def payout_detail(
+    s: AsyncSession, payout_id: str, lnd: LndClient | None, *, payment_timeout_seconds: float
+) -> dict | None:
+    """One payout with its attempts and, when its payment may be stuck (``unknown``, or ``sending``
+    past its lease), LND's view of its open attempt (``lnd``; null otherwise)."""
+    p = await s.get(Payout, payout_id)
+    if p is None:
+        return None
+    out = payout_view(p)
+    attempts = (
+        await s.scalars(
+            select(PayoutAttempt).where(PayoutAttempt.payout_id == payout_id).order_by(PayoutAttempt.created_at)
+        )
+    ).all()
+    out["attempts_log"] = [
+        {
+            "payment_hash": a.payment_hash,
+            "state": a.state.value,
+            "fee_msat": a.fee_msat,
+            "failure": a.failure,
+            "created_at": _ts(a.created_at),
+            "updated_at": _ts(a.updated_at),
+        }
+        for a in attempts
+    ]
+    out["lnd"] = None
+    lease = aware(p.lease_until) if p.lease_until is not None else None
+    if wants_lnd_view(p.state, lease, utcnow()):
+        h = await open_attempt(s, payout_id)
+        if h is not None and lnd is not None:
+            out["lnd"] = await lnd_report(lnd, h, state=p.state, payment_timeout_seconds=payment_timeout_seconds)
+        elif h is not None:
+            out["lnd"] = {"payment_hash": h, "error": "node_unavailable (no LND node is configured)"}
+    return out
 
 
 async def accounts(s: AsyncSession, *, prefix: str | None = None) -> list[dict]:

@@ -56,6 +56,14 @@ class PaymentStatus(enum.Enum):
         return self in (PaymentStatus.SUCCEEDED, PaymentStatus.FAILED)
 
 
+class HtlcAttemptStatus(enum.Enum):
+    """The state of one HTLC LND sent for a payment (``HTLCAttempt.status``)."""
+
+    IN_FLIGHT = ln.HTLCAttempt.IN_FLIGHT
+    SUCCEEDED = ln.HTLCAttempt.SUCCEEDED
+    FAILED = ln.HTLCAttempt.FAILED
+
+
 class FailureReason(enum.Enum):
     NONE = ln.FAILURE_REASON_NONE
     TIMEOUT = ln.FAILURE_REASON_TIMEOUT
@@ -124,6 +132,16 @@ class Invoice:
 
 
 @dataclass(frozen=True, slots=True)
+class PaymentHtlc:
+    """One HTLC LND sent for a payment, as its payment record shows it."""
+
+    status: HtlcAttemptStatus
+    attempt_time_ns: int  # when LND sent it (unix ns)
+    resolve_time_ns: int  # when it settled or failed (0 while in flight)
+    expiry_height: int  # the route's total time lock: the block height at which our node may time it out
+
+
+@dataclass(frozen=True, slots=True)
 class Payment:
     payment_hash: bytes
     status: PaymentStatus
@@ -134,6 +152,7 @@ class Payment:
     payment_index: int
     creation_time_ns: int
     htlc_attempts: int = 0  # HTLCs LND has sent for it, whatever became of them
+    htlcs: tuple[PaymentHtlc, ...] = ()  # each of them (ListPayments / TrackPaymentV2 report them all)
 
     @property
     def left(self) -> bool:
@@ -169,6 +188,15 @@ class BlindedPathsWanted:
     num_hops: int | None = None
     max_paths: int | None = None
     omit_nodes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelHtlcs:
+    """Our node's HTLCs not resolved yet (``ListChannels``, ``PendingChannels``)."""
+
+    open_hashes: frozenset[str]  # payment hashes (hex) of the HTLCs on our open channels
+    on_chain_outgoing: int  # outgoing HTLCs of our channels being force-closed, not swept yet
+    waiting_close: int  # channels whose closing transaction is not confirmed yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +284,15 @@ def _payment(m: Any) -> Payment:
         payment_index=int(m.payment_index),
         creation_time_ns=int(m.creation_time_ns),
         htlc_attempts=len(m.htlcs),
+        htlcs=tuple(
+            PaymentHtlc(
+                status=_enum(HtlcAttemptStatus, h.status, HtlcAttemptStatus.IN_FLIGHT),
+                attempt_time_ns=int(h.attempt_time_ns),
+                resolve_time_ns=int(h.resolve_time_ns),
+                expiry_height=int(h.route.total_time_lock),
+            )
+            for h in m.htlcs
+        ),
     )
 
 
@@ -361,6 +398,21 @@ class LndClient:
             network=network,
             num_active_channels=r.num_active_channels,
             num_peers=r.num_peers,
+        )
+
+    async def channel_htlcs(self) -> ChannelHtlcs:
+        """Our node's HTLCs that are not resolved: on open channels (by payment hash), and outgoing ones
+        of channels being force-closed (on chain: LND gives no hash for them) or waiting to close."""
+        chans, pending = await asyncio.gather(
+            self._unary("ListChannels", self._ln.ListChannels, ln.ListChannelsRequest()),
+            self._unary("PendingChannels", self._ln.PendingChannels, ln.PendingChannelsRequest()),
+        )
+        return ChannelHtlcs(
+            open_hashes=frozenset(bytes(h.hash_lock).hex() for c in chans.channels for h in c.pending_htlcs),
+            on_chain_outgoing=sum(
+                1 for c in pending.pending_force_closing_channels for h in c.pending_htlcs if not h.incoming
+            ),
+            waiting_close=len(pending.waiting_close_channels),
         )
 
     async def channel_balance(self) -> ChannelBalance:

@@ -5,7 +5,9 @@
 - :mod:`.store`   writes in the caller's transaction: :func:`~.store.create`,
                   :func:`~.store.accept_invoice` (every path that gives a payout an invoice),
                   :func:`~.store.retry`, :func:`~.store.cancel_payment` (an operator's),
-                  :func:`~.store.expire` (a claim window's end), :func:`~.store.reopen` (an operator's)
+                  :func:`~.store.expire` (a claim window's end), :func:`~.store.reopen` and
+                  :func:`~.store.reissue` (an operator's)
+- :mod:`.stuck`   LND's view of a payment it keeps in flight, and the rule for reissuing its payout
 - :mod:`.check`   the invoice checks: offline (any path) and full, with our node (before paying)
 - :mod:`.worker`  :class:`~.worker.Payouts`: claim, pay, finish, reconcile
 
@@ -30,6 +32,8 @@ from service.payouts.types import (
     PayoutPolicy,
     PayoutReason,
     PayoutState,
+    ReissueReason,
+    ReissueRefused,
     ReopenReason,
     ReopenRefused,
     RetryReason,
@@ -54,6 +58,8 @@ __all__ = [
     "PayoutPolicy",
     "PayoutReason",
     "PayoutState",
+    "ReissueReason",
+    "ReissueRefused",
     "ReopenReason",
     "ReopenRefused",
     "RetryReason",

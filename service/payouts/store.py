@@ -1,7 +1,7 @@
 """Writes to ``ln_payouts`` from outside the worker, each in the caller's transaction: a new
 payout (:func:`create`), a payee's invoice (:func:`accept_invoice`), an operator's retry
-(:func:`retry`) or cancel (:func:`cancel_payment`), a claim window's end (:func:`expire`) and an
-operator's reopen of it (:func:`reopen`). With the worker (``service/payouts/worker.py``) these are the only writers of
+(:func:`retry`), cancel (:func:`cancel_payment`) or reissue of a stuck payment (:func:`reissue`), a claim
+window's end (:func:`expire`) and an operator's reopen of it (:func:`reopen`). With the worker (``service/payouts/worker.py``) these are the only writers of
 ``ln_payouts`` and ``ln_payout_attempts`` (tests/unit/test_payout_writers.py checks it).
 
 Every path that gives a payout an invoice goes through :func:`accept_invoice` (the Nostr
@@ -12,6 +12,7 @@ compare-and-set. The full check (with our node's ``DecodePayReq``) comes again b
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +27,7 @@ from service.db import aware, insert_ignore, utcnow
 from service.lightning.client import LndClient
 from service.payouts.check import decode_offline, refuse_used_hash
 from service.payouts.models import Payout, PayoutAttempt
+from service.payouts.stuck import lnd_view, reissue_refusal
 from service.payouts.types import (
     AcceptReason,
     AttemptState,
@@ -40,6 +42,8 @@ from service.payouts.types import (
     NewPayout,
     PayoutReason,
     PayoutState,
+    ReissueReason,
+    ReissueRefused,
     ReopenReason,
     ReopenRefused,
     RetryReason,
@@ -334,6 +338,84 @@ async def cancel_payment(s: AsyncSession, lnd: LndClient, payout_id: str) -> str
             {"payout": p.id, "state": PayoutState.SENDING.value, "why": "cancel requested by an operator"},
         )
     return f"cancel_requested ({detail})"
+
+
+async def reissue(s: AsyncSession, lnd: LndClient, payout_id: str, *, payment_timeout_seconds: float) -> str:
+    """An operator's reissue of an ``unknown`` payout whose payment LND keeps in flight: allowed only
+    as :func:`service.payouts.stuck.reissue_refusal` says (LND reports it FAILED, or no HTLC of it
+    can settle any more and LND starts no new one). Then, in the caller's transaction, its attempt
+    is closed as ``abandoned`` (the row stays: the write-ahead record; its hash is never sent or
+    accepted again) and the payout goes back to ``needs_invoice`` with ``payment_failed``: the
+    engine asks the payee for a new invoice, and the ledger is booked only when a payment succeeds.
+    Refused (:class:`ReissueRefused`) otherwise, nothing changed; also while a reconciler pass holds
+    the payout. Raises :class:`~service.lightning.errors.LndError` when our node does not answer."""
+    p = await s.get(Payout, payout_id)
+    if p is None:
+        raise ReissueRefused(ReissueReason.NOT_FOUND, "no such payout")
+    if p.state is not PayoutState.UNKNOWN:
+        raise ReissueRefused(
+            ReissueReason.NOT_STUCK, f"payout is {p.state}; only an unknown payout's payment can be stuck in LND"
+        )
+    now = utcnow()
+    if p.lease_until is not None and aware(p.lease_until) > now:
+        raise ReissueRefused(
+            ReissueReason.BEING_RECONCILED, "the reconciler is looking at this payout now; try again in a few seconds"
+        )
+    attempt = (
+        await s.scalars(
+            select(PayoutAttempt)
+            .where(
+                PayoutAttempt.payout_id == payout_id,
+                PayoutAttempt.state.in_((AttemptState.SENDING, AttemptState.UNKNOWN)),
+            )
+            .order_by(PayoutAttempt.created_at.desc())
+        )
+    ).first()
+    if attempt is None:
+        raise ReissueRefused(ReissueReason.NO_ATTEMPT, "no attempt of it is open; the reconciler resolves it")
+    view = await lnd_view(lnd, attempt.payment_hash)
+    refusal = reissue_refusal(view, now_ns=time.time_ns(), payment_timeout_seconds=payment_timeout_seconds)
+    if refusal is not None:
+        raise ReissueRefused(refusal[0], f"{refusal[1]} ({view.summary()})")
+    res = await s.execute(
+        update(PayoutAttempt)
+        .where(PayoutAttempt.payment_hash == attempt.payment_hash, PayoutAttempt.state == attempt.state)
+        .values(
+            state=AttemptState.ABANDONED, failure=f"reissued by an operator; {view.summary()}"[:200], updated_at=now
+        )
+    )
+    if rows_matched(res) != 1:
+        raise ReissueRefused(ReissueReason.CONFLICT, "the attempt changed meanwhile")
+    values: dict[str, Any] = {
+        "state": PayoutState.NEEDS_INVOICE,
+        "last_error": why(
+            PayoutReason.PAYMENT_FAILED, f"the payment LND kept in flight was closed by an operator; {view.summary()}"
+        ),
+        "needs_invoice_count": Payout.needs_invoice_count + 1,
+        "lease_until": None,
+        "updated_at": now,
+    }
+    if p.destination_kind is DestinationKind.BOLT11:  # its hash is never paid again: the payee gives another
+        values.update(destination_kind=DestinationKind.NONE, destination="")
+    res = await s.execute(
+        update(Payout)
+        .where(
+            Payout.id == payout_id,
+            Payout.state == PayoutState.UNKNOWN,
+            or_(Payout.lease_until.is_(None), Payout.lease_until <= now),
+        )
+        .values(**values)
+    )
+    if rows_matched(res) != 1:
+        raise ReissueRefused(ReissueReason.CONFLICT, "the payout changed meanwhile")
+    if p.job_id is not None:
+        await timeline.record(
+            s,
+            p.job_id,
+            timeline.EntryKind.PAYMENT,
+            {"payout": p.id, "state": PayoutState.NEEDS_INVOICE.value, "why": "reissued by an operator"},
+        )
+    return f"needs_invoice ({view.summary()})"
 
 
 def rows_matched(result: Result[Any]) -> int:

@@ -28,13 +28,17 @@ class PayoutState(enum.StrEnum):
 
 
 class AttemptState(enum.StrEnum):
-    """``ln_payout_attempts.state``. sending -> succeeded | failed | unknown | not_initiated."""
+    """``ln_payout_attempts.state``. sending -> succeeded | failed | unknown | not_initiated;
+    unknown -> abandoned (an operator's reissue, :func:`store.reissue`)."""
 
     SENDING = "sending"
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     UNKNOWN = "unknown"
     NOT_INITIATED = "not_initiated"
+    # closed by an operator's reissue once LND's payment failed or can no longer settle
+    # (service.payouts.stuck.reissue_refusal): never sent again, its hash never used again
+    ABANDONED = "abandoned"
 
     @property
     def reusable(self) -> bool:
@@ -179,6 +183,27 @@ class CancelReason(enum.StrEnum):
     NOT_SENDING = "payout_not_sending"  # no payment of it is being sent now
     PAYMENT_LEFT = "payment_left"  # an HTLC is out (or it succeeded): only LND's outcome decides now
     CONFLICT = "conflict"
+
+
+class ReissueReason(enum.StrEnum):
+    """Why an operator's reissue of a stuck payout (:func:`store.reissue`) was refused; nothing
+    changed then."""
+
+    NOT_FOUND = "not_found"
+    NOT_STUCK = "payout_not_unknown"  # only an `unknown` payout's payment can be stuck
+    BEING_RECONCILED = "payout_being_reconciled"  # the reconciler is looking at it this moment
+    NO_ATTEMPT = "no_attempt"  # nothing was written ahead: the reconciler sets it back to pending
+    NOT_INITIATED = "payment_not_initiated"  # LND does not know it: the reconciler sends it
+    SUCCEEDED = "payment_succeeded"  # LND has (or an HTLC has) the payee's preimage: it is paid
+    MAY_STILL_SETTLE = "payment_may_still_settle"  # an HTLC of it could still settle, or LND could send one
+    CONFLICT = "conflict"
+
+
+class ReissueRefused(Exception):
+    def __init__(self, code: ReissueReason, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code.value}: {message}")
 
 
 class CancelRefused(Exception):

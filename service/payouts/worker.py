@@ -4,7 +4,9 @@ Life of a payout (``ln_payouts``)::
 
     pending ──claim──► sending ──► succeeded
        ▲                  │  ├──► unknown ──(reconciler: LND's current view)──► succeeded | pending | needs_invoice
-       │                  │  │      └── still in flight: looked at again later, less and less often
+       │                  │  │      ├── still in flight: looked at again later, less and less often
+       │                  │  │      └── kept in flight by LND for good: an operator's reissue (store.reissue,
+       │                  │  │          once LND reports it failed or it is past its timelock) ──► needs_invoice
        │                  │  └──► failed (retry after a pause, bounded) ──► needs_invoice
        └──── payee submits a new invoice (store.accept_invoice) ◄────── needs_invoice
 
@@ -604,7 +606,11 @@ class Payouts:
         async with self.sessions.begin() as s:
             await s.execute(
                 update(PayoutAttempt)
-                .where(PayoutAttempt.payment_hash == payment_hash, PayoutAttempt.state != AttemptState.SUCCEEDED)
+                # an abandoned attempt (an operator's reissue) stays so: its hash is never sent again
+                .where(
+                    PayoutAttempt.payment_hash == payment_hash,
+                    PayoutAttempt.state.not_in((AttemptState.SUCCEEDED, AttemptState.ABANDONED)),
+                )
                 .values(state=state, fee_msat=fee, preimage=preimage, failure=failure, updated_at=utcnow())
             )
 
@@ -711,8 +717,9 @@ class Payouts:
 
     async def _reconcile_one(self, pid: str, allow_send: bool) -> Outcome | None:
         now = utcnow()
-        # Taken for this pass (compare-and-set): another replica's reconciler skips it meanwhile. A
-        # dead worker's `sending` becomes `unknown`, so a cut-short pass leaves it for the next.
+        # Taken for this pass (compare-and-set): another replica's reconciler skips it meanwhile, and
+        # an operator's reissue waits for the pass (its lease). A dead worker's `sending` becomes
+        # `unknown`, so a cut-short pass leaves it for the next.
         hold = now + timedelta(seconds=2 * self.policy.reconcile_budget_seconds)
         async with self.sessions.begin() as s:
             taken = await s.execute(
@@ -727,7 +734,7 @@ class Payouts:
                         ),
                     ),
                 )
-                .values(state=PayoutState.UNKNOWN, lease_until=None, next_attempt_at=hold, updated_at=now)
+                .values(state=PayoutState.UNKNOWN, lease_until=hold, next_attempt_at=hold, updated_at=now)
             )
         if rows_matched(taken) != 1:
             return None
@@ -771,7 +778,7 @@ class Payouts:
                 await s.execute(
                     update(Payout)
                     .where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN)
-                    .values(state=PayoutState.PENDING, next_attempt_at=utcnow(), updated_at=utcnow())
+                    .values(state=PayoutState.PENDING, lease_until=None, next_attempt_at=utcnow(), updated_at=utcnow())
                 )
             return Outcome(pid, PayoutState.PENDING, "no attempt was written")
         payment = await self._current(attempt.payment_hash)
@@ -788,7 +795,10 @@ class Payouts:
             await s.execute(
                 update(Payout)
                 .where(Payout.id == pid, Payout.state == PayoutState.UNKNOWN)
-                .values(next_attempt_at=now + timedelta(seconds=min(RECHECK_MAX_SECONDS, max(0.0, age / 4))))
+                .values(
+                    lease_until=None,
+                    next_attempt_at=now + timedelta(seconds=min(RECHECK_MAX_SECONDS, max(0.0, age / 4))),
+                )
             )
         status = "not sent (payouts paused)" if payment is None else payment.status.name
         return Outcome(pid, PayoutState.UNKNOWN, why(PayoutReason.IN_FLIGHT, f"payment {status}"))
