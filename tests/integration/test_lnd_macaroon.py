@@ -45,6 +45,7 @@ async def test_the_documented_macaroon_allows_every_call_the_service_makes(regte
     async with LndClient(escrow["rpc"], Path(escrow["tls_cert"]).read_bytes(), mac) as lnd:
         await lnd.get_info()
         await lnd.channel_balance()
+        await lnd.channel_htlcs()  # ListChannels, PendingChannels (a stuck payment's view)
         payee = await regtest.payee.add_invoice(3_000, memo="macaroon check")
         await lnd.decode_pay_req(payee.payment_request)
         assert await lnd.route_fee(payee.payment_request) == 0  # QueryRoutes
