@@ -20,8 +20,8 @@ from service.nostr import nip40, nip44
 from service.nostr.protocol import (
     MAX_MSAT,
     Announcement,
-    Capabilities,
     Candidate,
+    Capabilities,
     CodecError,
     CodecErrorReason,
     ErrorFeedback,
