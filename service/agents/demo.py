@@ -5,7 +5,9 @@ Cast: one customer (pays from the devstack's ``customer`` LND node), three provi
 validators ``victor`` and ``vera``; every payee creates its own invoices on the ``payee``
 node. Each round: the customer posts 3 private shards, 2 validators, quorum 2,
 ``payout split``; the providers train, the validators score, the escrow decides and pays;
-the customer averages the accepted models (FedAvg). With ``rounds > 1`` each round links
+the customer averages the accepted models (FedAvg). The providers announce their capabilities
+first (protocol.md §1a, each its own price per shard) and the customer discovers them
+(:func:`discover_cast`), cheapest first, instead of being given their keys. With ``rounds > 1`` each round links
 the previous job and starts from the previous round's averaged model.
 
 Every model is sealed (protocol.md §5a): the customer reads a model only with the content key
@@ -103,7 +105,8 @@ class Cast:
     names: dict[str, str] = field(default_factory=dict)  # pubkey -> name
     roles: dict[str, str] = field(default_factory=dict)  # pubkey -> role
     announced_since: int | None = None  # when the providers announced their capabilities
-    discovered: list[str] | None = None  # the providers the customer found (first round), in shard order
+    # the providers the customer found (run_demo), in shard order; None: the cast's, in its order
+    discovered: list[str] | None = None
 
     @property
     def task(self) -> str:
@@ -274,10 +277,8 @@ async def run_round(
         f"round {round_no}"
         + (f" (from job {previous.job_id[:8]}, {metric} {previous.test_value})" if previous else ""),
     )
-    if cast.discovered is None:
-        cast.discovered = await discover_cast(cast, config)
     report = await cast.customer.run_round(
-        providers=cast.discovered,
+        providers=cast.discovered or [p.pubkey for p in cast.providers],
         validators=[v.pubkey for v in cast.validators],
         shards=list(cast.split.shards),
         test=cast.split.test,
@@ -480,6 +481,7 @@ async def run_demo(
             out["initial_val_loss"] = await asyncio.to_thread(cast.diloco.global_loss)
             show("setup", f"DiLoCo: the initial global model's test loss is {out['initial_val_loss']:.4f} nats/byte")
         async with cast.running():
+            cast.discovered = await discover_cast(cast, config)
             for n in range(1, rounds + 1):
                 summary = await run_round(
                     cast, config=config, round_no=n, previous=previous, service_url=service_url, progress=show
