@@ -193,7 +193,7 @@ def choose_providers(
     return sorted(chosen, key=lambda p: (p.capabilities.price_msat_per_shard, p.pubkey))
 
 
-async def discover_providers(
+async def find_providers(
     relays: Relays,
     *,
     task: str,
@@ -204,9 +204,9 @@ async def discover_providers(
     code_sha256: str | None = None,
     exclude: Collection[str] = (),
     since: int | None = None,
-) -> list[str]:
-    """``count`` provider pubkeys from their capability events (:func:`choose_providers`'s order),
-    or :class:`AgentError` saying how many were found. ``since``: only events published since then
+) -> list[FoundProvider]:
+    """``count`` providers from their capability events (:func:`choose_providers`'s order), or
+    :class:`AgentError` saying how many were found. ``since``: only events published since then
     (a provider republishes at start: an old event may be a provider long gone)."""
     if count < 1:
         raise ValueError("count must be at least 1")
@@ -230,7 +230,34 @@ async def discover_providers(
             f"found {len(chosen)} provider(s) for {wanted} and this escrow "
             f"(of {len(found)} announcing capabilities), need {count}"
         )
-    return [p.pubkey for p in chosen[:count]]
+    return chosen[:count]
+
+
+async def discover_providers(
+    relays: Relays,
+    *,
+    task: str,
+    escrow: str,
+    count: int,
+    max_price_msat_per_shard: int | None = None,
+    hardware: str | None = None,
+    code_sha256: str | None = None,
+    exclude: Collection[str] = (),
+    since: int | None = None,
+) -> list[str]:
+    """The pubkeys of :func:`find_providers`'s choice."""
+    found = await find_providers(
+        relays,
+        task=task,
+        escrow=escrow,
+        count=count,
+        max_price_msat_per_shard=max_price_msat_per_shard,
+        hardware=hardware,
+        code_sha256=code_sha256,
+        exclude=exclude,
+        since=since,
+    )
+    return [p.pubkey for p in found]
 
 
 #: Terms that accept any well-formed request: agents read jobs with these (the escrow applies its own).

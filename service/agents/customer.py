@@ -79,9 +79,9 @@ from . import ml
 from .common import (
     AgentError,
     Progress,
-    discover_providers,
     escrow_feedback,
     feedback_filter,
+    find_providers,
     no_progress,
     read_job,
     seconds_until,
@@ -214,7 +214,7 @@ class Customer:
         """``count`` providers for ``task`` from their capability events (protocol.md §1a): for this
         escrow, running the task's reference code, on ``config.hardware`` when set, asking no more
         per shard than this round pays; never ourselves or a validator of ours."""
-        providers = await discover_providers(
+        found = await find_providers(
             self.relays,
             task=task,
             escrow=self.escrow,
@@ -227,9 +227,14 @@ class Customer:
         )
         self.progress(
             "discovery",
-            f"{self.name}: discovered {len(providers)} providers for {task}: " + ", ".join(pk[:12] for pk in providers),
+            f"{self.name}: discovered {len(found)} providers for {task}: "
+            + ", ".join(
+                f"{p.capabilities.name} {p.pubkey[:12]} ({p.capabilities.price_msat_per_shard} msat/shard, "
+                f"{p.capabilities.hardware})"
+                for p in found
+            ),
         )
-        return providers
+        return [p.pubkey for p in found]
 
     async def run_round(
         self,
@@ -358,7 +363,7 @@ class Customer:
                     await self.blobs.upload(payload, job=event.id)
                 self.progress(
                     "upload",
-                    f"{self.name}: uploaded {n_shards} encrypted-URL shard(s)"
+                    f"{self.name}: uploaded {n_shards} encrypted-URL shard(s), the task's code"
                     f"{' and the starting model' if start_payload is not None else ''}",
                 )
                 mark("upload")
