@@ -443,6 +443,8 @@ async def run_demo(
             else RoundConfig()
         )
     config = fit_config(config, terms)
+    # the providers' training must end before the results deadline: the request says so
+    config = replace(config, max_runtime_s=config.max_runtime_s or config.results_in)
     refund_threshold = LM_REFUND_THRESHOLD if task == "diloco" else REFUND_THRESHOLD
     show(
         "setup",

@@ -93,6 +93,7 @@ async def test_diloco_rounds_lower_the_loss_and_the_lazy_provider_is_never_paid(
                 # and the code it asks for: the source of the DiLoCo module, by URL and SHA-256
                 assert params["code_sha256"] == task_code_sha256(DILOCO)
                 assert params["code"].endswith(params["code_sha256"])
+                assert 0 < int(params["max_runtime_s"]) <= request.spec.results_deadline - request.created_at
                 payouts = (await s.scalars(select(Payout).where(Payout.job_id == job.id))).all()
                 assert await ledger.check_invariants(s, closed_job_ids=[job.id]) == []
                 paid = {p.payee: p for p in payouts}

@@ -200,3 +200,20 @@ async def test_training_past_max_runtime_is_given_up_and_its_result_never_used()
 async def test_training_within_max_runtime_returns_its_model() -> None:
     assert await within_runtime(600, lambda x: x * 2, 21) == 42
     assert await within_runtime(None, lambda: "no limit") == "no limit"
+
+
+# ---------------------------------------------------------------------------- the CLI
+
+
+def test_the_customer_takes_provider_keys_or_discovers_them_never_both(capsys: pytest.CaptureFixture[str]) -> None:
+    from service.agents.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["customer", "--discover", "3", "--hardware", "cpu:2", "--max-runtime-s", "90"])
+    assert (args.discover, args.provider, args.hardware, args.max_runtime_s) == (3, None, "cpu:2", 90)
+    pk = SecretKey.generate().public_key_hex
+    assert parser.parse_args(["customer", "--provider", pk]).provider == [pk]
+    for wrong in (["customer"], ["customer", "--provider", pk, "--discover", "1"], ["customer", "--discover", "0"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(wrong)
+    assert "--discover" in capsys.readouterr().err
