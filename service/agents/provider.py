@@ -247,6 +247,7 @@ class Provider(Payee):
         self.code = dict(runnable_code() if code is None else code)
         self.reports: dict[str, asyncio.Future[ProviderReport]] = {}
         self._tasks: set[asyncio.Task] = set()
+        build_capabilities(self.capabilities())  # an unannounceable provider (e.g. hardware text) fails here
 
     @property
     def pubkey(self) -> str:

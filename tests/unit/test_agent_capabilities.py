@@ -36,6 +36,7 @@ from service.agents.tasks import (
 )
 from service.nostr.nip01 import SecretKey, sign_event
 from service.nostr.protocol import (
+    CodecError,
     Direction,
     JobRequest,
     JobSpec,
@@ -217,3 +218,16 @@ def test_the_customer_takes_provider_keys_or_discovers_them_never_both(capsys: p
         with pytest.raises(SystemExit):
             parser.parse_args(wrong)
     assert "--discover" in capsys.readouterr().err
+
+
+def test_a_provider_whose_capabilities_cannot_be_announced_does_not_start() -> None:
+    key = SecretKey.generate()
+    with pytest.raises(CodecError, match="hardware"):
+        Provider(
+            key,
+            Relays(["ws://127.0.0.1:1"]),
+            ESCROW.public_key_hex,
+            Blobs("http://127.0.0.1:1", key),
+            lud16="a@b.c",
+            hardware="h" * 65,
+        )
