@@ -1166,6 +1166,11 @@ caps_case("no-d", drop("d"))
 caps_case("other-d", set_tag("d", "fedstr-escrow"))
 caps_case("d-arity", set_tag("d", "fedstr-provider", "extra"))
 caps_case("no-k", drop("k"))
+case(
+    R.DUPLICATE_TAG,
+    "capabilities-two-d",
+    lambda: parse_capabilities(mutated(CAPS_TMPL, add(("d", "fedstr-provider")), pubkey=P1K)),
+)
 caps_case("k-words", set_tag("k", "job"))
 caps_case("no-t", drop("t"))
 caps_case("t-other-topic", set_tag("t", "nostr"))
