@@ -117,8 +117,9 @@ class Cast:
         """Providers announce their capabilities, then they and the validators listen (in the
         background) while the block runs."""
         since = int(time.time()) - 5
+        # discovery reads only these announcements (signed from now on), not an earlier run's
+        self.announced_since = int(time.time())
         await asyncio.gather(*(p.publish_capabilities() for p in self.providers))
-        self.announced_since = since
         tasks = [
             *(
                 asyncio.create_task(p.serve(since=since, announce=False), name=f"serve {p.name}")
