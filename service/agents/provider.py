@@ -354,7 +354,7 @@ class Provider(Payee):
         pool = None if announcement is None else frozenset(v.pubkey for v in announcement.validator_pool)
         terms = None if announcement is None else announcement.terms
         report.refused = self.policy.refusal(job, pool=pool, terms=terms) or unsupported_task(
-            job, code=self.code, hardware=self.hardware
+            job, code=self.code, hardware=self.hardware, max_model_bytes=self.blobs.max_model_bytes
         )
         if report.refused is not None:
             self.progress("refused", f"{self.name}: job {job.id[:8]} refused: {report.refused}")
@@ -525,10 +525,13 @@ class Provider(Payee):
                 await task
 
 
-def unsupported_task(job: JobRequest, *, code: Mapping[str, str], hardware: str) -> str | None:
+def unsupported_task(
+    job: JobRequest, *, code: Mapping[str, str], hardware: str, max_model_bytes: int | None = None
+) -> str | None:
     """Why we cannot run this job as asked (one short sentence), or None: its task is not one of
     ours (``code``: task -> SHA-256 of the code we run for it), its task params are malformed,
-    it asks for other code than ours (``code_sha256``) or other hardware than ours (``hardware``)."""
+    it asks for other code than ours (``code_sha256``) or other hardware than ours (``hardware``),
+    or (DiLoCo) its model's parameters alone are larger than ``max_model_bytes``."""
     params = dict(job.spec.params)
     task = task_of(params)
     if task not in code:
@@ -538,7 +541,13 @@ def unsupported_task(job: JobRequest, *, code: Mapping[str, str], hardware: str)
     try:
         wanted = requirements_of(params)
         if task == DILOCO:
-            lm_config_of(params), inner_steps_of(params)
+            config, _ = lm_config_of(params), inner_steps_of(params)
+            if max_model_bytes is not None:
+                from . import lm
+
+                size = lm.parameter_bytes(config)
+                if size > max_model_bytes:
+                    return f"the job's model has {size} bytes of parameters, more than our max_model_bytes {max_model_bytes}"
     except TaskError as exc:
         return str(exc)
     if wanted.code_sha256 is not None and wanted.code_sha256 != code[task]:

@@ -231,3 +231,15 @@ def test_a_provider_whose_capabilities_cannot_be_announced_does_not_start() -> N
             lud16="a@b.c",
             hardware="h" * 65,
         )
+
+
+def test_a_diloco_model_larger_than_our_max_model_bytes_is_refused() -> None:
+    pytest.importorskip("jax")  # the lm extra
+    from service.agents import lm
+
+    size = lm.parameter_bytes(lm.LMConfig())
+    assert size > 4 * 256 * 64  # at least the byte embedding
+    diloco = job((("task", DILOCO),))
+    why = unsupported_task(diloco, code=OURS, hardware=HARDWARE, max_model_bytes=size - 1)
+    assert why is not None and f"{size} bytes of parameters" in why
+    assert unsupported_task(diloco, code=OURS, hardware=HARDWARE, max_model_bytes=size) is None
