@@ -21,8 +21,18 @@ from service.bitcoin import MAX_MSAT
 from service.nostr.nip01 import Event
 
 from .errors import CodecError, CodecErrorReason
-from .fields import Template, arity, check_text, expect_kind, is_hex64, named, parse_uint, placeholder_event, single
-from .fields import template as make_template
+from .fields import (
+    Template,
+    arity,
+    check_text,
+    expect_kind,
+    is_hex64,
+    named,
+    parse_uint,
+    placeholder_event,
+    single,
+    template,
+)
 from .terms import KIND_ANNOUNCEMENT, KIND_JOB_REQUEST
 
 R = CodecErrorReason
@@ -153,7 +163,7 @@ def _content(caps: Capabilities) -> str:
 
 
 def build_capabilities(caps: Capabilities) -> Template:
-    result = make_template(
+    result = template(
         KIND_ANNOUNCEMENT,
         [("d", CAPABILITY_D), ("k", str(caps.job_kind)), ("t", CAPABILITY_TOPIC)],
         _content(caps),
