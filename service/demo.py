@@ -7,7 +7,8 @@
    validators as its validator pool (``FEDSTR_VALIDATOR_POOL``), so the providers' default
    policy trusts them.
 3. Plays ``--rounds`` rounds with the reference agents (``service/agents``): a customer,
-   three providers (one dishonest) and two validators, with live progress; every model is
+   three providers (one dishonest) and two validators, with live progress; the providers
+   announce their capabilities (NIP-89) and the customer discovers them; every model is
    sealed. Then one more round that no model passes: it is refunded.
 4. Prints a summary (who got what, fees, accuracy, keys, ledger, time per phase). With
    ``--once`` it stops and exits 0 only if every round closed with the honest paid, the

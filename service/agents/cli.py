@@ -3,8 +3,10 @@
     fedstr-escrow agent whoami    --role provider --name alice
     fedstr-escrow agent provider  --escrow-url URL --name alice --lnd-host … [--dishonest | --lazy] [--jobs N]
                                   [--trust-validator PK …] [--max-threshold D] [--min-reward-per-shard-msat N]
+                                  [--hardware TEXT]
     fedstr-escrow agent validator --escrow-url URL --name victor --lnd-host … [--holdout-index I --holdout-count N]
-    fedstr-escrow agent customer  --escrow-url URL --provider PK … --validator PK … --lnd-host … [--rounds N]
+    fedstr-escrow agent customer  --escrow-url URL (--provider PK … | --discover N) --validator PK … --lnd-host …
+                                  [--rounds N] [--hardware TEXT] [--max-runtime-s S]
     fedstr-escrow agent demo      --escrow-url URL [--stack .devstack/dev/stack.json] [--rounds N]
 
 ``main(argv)`` takes the arguments after ``agent``. See docs/agents.md.
@@ -27,6 +29,7 @@ from .common import DEFAULT_KEY_DIR, AgentError, escrow_info, escrow_terms, key_
 from .customer import Customer, RoundConfig
 from .relay import RelayError, Relays
 from .storage import DEFAULT_MAX_MODEL_BYTES, Blobs
+from .tasks import DIGITS
 
 log = logging.getLogger("fedstr_escrow.agents")
 DEFAULT_STACK = Path(".devstack/dev/stack.json")
@@ -46,6 +49,16 @@ def _decimal(text: str) -> Decimal:
         return Decimal(text)
     except InvalidOperation:
         raise argparse.ArgumentTypeError("not a decimal number") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def _common(ap: argparse.ArgumentParser, *, lnd: bool = True) -> None:
@@ -87,12 +100,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("customer", help="post rounds, pay them, aggregate the accepted models")
     _common(c)
-    c.add_argument(
+    who = c.add_mutually_exclusive_group(required=True)
+    who.add_argument(
         "--provider",
         action="append",
         type=_pubkey,
-        required=True,
         help="provider public key (repeatable): one shard each, encrypted to it",
+    )
+    who.add_argument(
+        "--discover",
+        type=_positive,
+        metavar="N",
+        help="find N providers from their capability events instead (task, this escrow, a price per shard "
+        "the bid covers, --hardware)",
+    )
+    c.add_argument("--hardware", help="the hardware asked of the providers (param hardware; default: any)")
+    c.add_argument(
+        "--max-runtime-s", type=_positive, help="the providers' training time limit in seconds (param max_runtime_s)"
     )
     c.add_argument("--validator", action="append", type=_pubkey, default=[], help="validator public key (repeatable)")
     c.add_argument("--quorum", type=int, help="scores needed per model (default: all validators, or 1)")
@@ -148,7 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="a validator we trust (repeatable); default: the escrow's announced validator pool",
     )
-    g.add_argument("--min-reward-per-shard-msat", type=int, default=0, help="refuse jobs paying less per shard")
+    g.add_argument(
+        "--min-reward-per-shard-msat",
+        type=int,
+        default=0,
+        help="refuse jobs paying less per shard (announced as our price)",
+    )
+    g.add_argument("--hardware", help="the hardware we announce and take jobs for (default: cpu:<cores>)")
     g.add_argument("--max-threshold", type=_decimal, help="refuse 'max' jobs whose threshold is above this")
     g.add_argument("--min-threshold", type=_decimal, help="refuse 'min' jobs whose threshold is below this")
     g.add_argument(
@@ -262,8 +292,11 @@ async def _customer(args: argparse.Namespace) -> int:
         refund=args.refund,
         sealing=not args.no_sealing,
         key_timeout=args.key_timeout,
+        hardware=args.hardware,
+        max_runtime_s=args.max_runtime_s,
     )
-    split = ml.split_digits(len(args.provider), max(1, len(args.validator)), seed=args.seed)
+    count = args.discover or len(args.provider)
+    split = ml.split_digits(count, max(1, len(args.validator)), seed=args.seed)
     lnd = _lnd(args, required=True)
     try:
         customer = Customer(
@@ -278,10 +311,13 @@ async def _customer(args: argparse.Namespace) -> int:
             escrow_url=args.escrow_url,
         )
         _say("setup", f"customer {args.name} {key.public_key_hex} -> escrow {escrow[:12]} on {', '.join(relays.urls)}")
+        providers = args.provider or await customer.discover(
+            count, task=DIGITS, config=config, validators=args.validator
+        )
         previous, model, reports = args.previous_job, None, []
         for n in range(1, args.rounds + 1):
             report = await customer.run_round(
-                providers=args.provider,
+                providers=providers,
                 validators=args.validator,
                 shards=list(split.shards),
                 test=split.test,
@@ -341,6 +377,7 @@ async def _payee(args: argparse.Namespace) -> int:
                 max_iter=args.max_iter,
                 policy=policy,
                 seal=not args.no_seal,
+                hardware=args.hardware,
                 **common,
             )
         else:

@@ -1,12 +1,13 @@
-"""What the three agents share: keys, the escrow's identity and terms, reading its feedback,
-and claiming a reward (providers and validators are both payees).
+"""What the three agents share: keys, the escrow's identity and terms, finding providers by
+their capabilities, reading the escrow's feedback, and claiming a reward (providers and
+validators are both payees).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from service.lightning.client import InvoiceState, LndClient
 from service.nostr.keys import load_or_create
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
+    CAPABILITY_TOPIC,
     KIND_ANNOUNCEMENT,
     KIND_FEEDBACK,
     MAX_MSAT,
     Announcement,
+    Capabilities,
     CodecError,
     DeadlineExtension,
     EscrowFeedback,
@@ -34,9 +37,11 @@ from service.nostr.protocol import (
     ValidationComplete,
     build_payee_invoice,
     parse_announcement,
+    parse_capabilities,
     parse_escrow_feedback,
     parse_job_request,
 )
+from service.nostr.protocol.capability import CAPABILITY_D
 
 from .relay import Relays, Subscription
 
@@ -118,6 +123,142 @@ async def escrow_pool(relays: Relays, escrow: str) -> frozenset[str] | None:
     """The keys of the escrow's announced validator pool (§1); ``None`` when no announcement is found."""
     announcement = await escrow_announcement(relays, escrow)
     return None if announcement is None else frozenset(v.pubkey for v in announcement.validator_pool)
+
+
+# ------------------------------------------------------------------ provider discovery
+
+
+@dataclass(frozen=True, slots=True)
+class FoundProvider:
+    pubkey: str
+    capabilities: Capabilities
+    created_at: int
+
+
+async def provider_capabilities(relays: Relays, *, since: int | None = None) -> dict[str, FoundProvider]:
+    """Every provider's newest capability event (protocol.md §1a) on the relays, by pubkey.
+
+    Newest = greatest ``created_at``, then the lowest id (NIP-01's rule for replaceable events).
+    A provider whose newest event does not parse is left out: its last word is unreadable, and an
+    older event it replaced is not its word any more. The relay client verifies every signature."""
+    flt: dict = {"kinds": [KIND_ANNOUNCEMENT], "#t": [CAPABILITY_TOPIC]}
+    if since is not None:
+        flt["since"] = since
+    newest: dict[str, Event] = {}
+    for event in await relays.query(flt):
+        if not any(tag[:2] == ("d", CAPABILITY_D) for tag in event.tags):
+            continue  # another replaceable slot of the same key: not its capabilities
+        held = newest.get(event.pubkey)
+        if held is None or (event.created_at, _negated(event.id)) > (held.created_at, _negated(held.id)):
+            newest[event.pubkey] = event
+    found: dict[str, FoundProvider] = {}
+    for pubkey, event in newest.items():
+        try:
+            found[pubkey] = FoundProvider(pubkey, parse_capabilities(event), event.created_at)
+        except CodecError as exc:
+            log.info("provider %s: capabilities refused: %s", pubkey[:12], exc)
+    return found
+
+
+def _negated(event_id: str) -> tuple[int, ...]:
+    """An order key under which the lowest id is the greatest."""
+    return tuple(-b for b in bytes.fromhex(event_id))
+
+
+def choose_providers(
+    found: Collection[FoundProvider],
+    *,
+    task: str,
+    escrow: str,
+    max_price_msat_per_shard: int | None = None,
+    hardware: str | None = None,
+    code_sha256: str | None = None,
+    exclude: Collection[str] = (),
+) -> list[FoundProvider]:
+    """The providers of ``found`` that run ``task`` (with code ``code_sha256``, when given), work
+    with ``escrow`` (no ``escrows`` list: any), ask at most ``max_price_msat_per_shard`` and have
+    exactly ``hardware`` (when given); ``exclude`` (the customer, its validators) never. Cheapest
+    first, then by pubkey: the same relays' answer always gives the same choice."""
+    chosen = []
+    for p in found:
+        caps, offer = p.capabilities, p.capabilities.offer(task)
+        if offer is None or p.pubkey in exclude or p.pubkey == escrow or not caps.works_with(escrow):
+            continue
+        if code_sha256 is not None and offer.code_sha256 != code_sha256:
+            continue
+        if max_price_msat_per_shard is not None and caps.price_msat_per_shard > max_price_msat_per_shard:
+            continue
+        if hardware is not None and caps.hardware != hardware:
+            continue
+        chosen.append(p)
+    return sorted(chosen, key=lambda p: (p.capabilities.price_msat_per_shard, p.pubkey))
+
+
+async def find_providers(
+    relays: Relays,
+    *,
+    task: str,
+    escrow: str,
+    count: int,
+    max_price_msat_per_shard: int | None = None,
+    hardware: str | None = None,
+    code_sha256: str | None = None,
+    exclude: Collection[str] = (),
+    since: int | None = None,
+) -> list[FoundProvider]:
+    """``count`` providers from their capability events (:func:`choose_providers`'s order), or
+    :class:`AgentError` saying how many were found. ``since``: only events published since then
+    (a provider republishes at start: an old event may be a provider long gone)."""
+    if count < 1:
+        raise ValueError("count must be at least 1")
+    found = await provider_capabilities(relays, since=since)
+    chosen = choose_providers(
+        found.values(),
+        task=task,
+        escrow=escrow,
+        max_price_msat_per_shard=max_price_msat_per_shard,
+        hardware=hardware,
+        code_sha256=code_sha256,
+        exclude=exclude,
+    )
+    if len(chosen) < count:
+        wanted = (
+            f"task {task!r}"
+            + (f", at most {max_price_msat_per_shard} msat per shard" if max_price_msat_per_shard is not None else "")
+            + (f", hardware {hardware!r}" if hardware else "")
+        )
+        raise AgentError(
+            f"found {len(chosen)} provider(s) for {wanted} and this escrow "
+            f"(of {len(found)} announcing capabilities), need {count}"
+        )
+    return chosen[:count]
+
+
+async def discover_providers(
+    relays: Relays,
+    *,
+    task: str,
+    escrow: str,
+    count: int,
+    max_price_msat_per_shard: int | None = None,
+    hardware: str | None = None,
+    code_sha256: str | None = None,
+    exclude: Collection[str] = (),
+    since: int | None = None,
+) -> list[str]:
+    """The pubkeys of :func:`find_providers`'s choice."""
+    found = await find_providers(
+        relays,
+        task=task,
+        escrow=escrow,
+        count=count,
+        max_price_msat_per_shard=max_price_msat_per_shard,
+        hardware=hardware,
+        code_sha256=code_sha256,
+        exclude=exclude,
+        since=since,
+    )
+    return [p.pubkey for p in found]
 
 
 #: Terms that accept any well-formed request: agents read jobs with these (the escrow applies its own).

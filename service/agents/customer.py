@@ -2,12 +2,17 @@
 
 One round (:meth:`Customer.run_round`):
 
+0. (:meth:`Customer.discover`) find the providers, when not given their keys: their capability
+   events (protocol.md §1a) for the task, this escrow, a price per shard the bid covers, the
+   hardware asked and the task's reference code;
 1. name each provider's shard (an ``.npz`` of ``X``, ``y``) by its blob URL, which is its
    SHA-256 on the blob server; the URL goes into the request NIP-44-encrypted to the
    provider assigned to it (:meth:`Shard.for_provider`), so only that provider can read it
    and only it may submit for it; the starting model of a later round is named too
    (``param model`` + ``model_sha256``) and the round links the previous job
-   (``["i", <id>, "job"]``);
+   (``["i", <id>, "job"]``); so is the task's code (``param code`` + ``code_sha256``: the
+   source of the module that trains it, uploaded with the shards) and, when the config says
+   so, the ``hardware`` and ``max_runtime_s`` asked of the providers;
 2. publish the job request (kind 5701): the validators, ``validation accuracy max
    <threshold> <quorum>``, ``payout split``, deadlines, and ``sealing required`` (by
    default: every model is sealed, so the customer reads only the models it pays for);
@@ -76,6 +81,7 @@ from .common import (
     Progress,
     escrow_feedback,
     feedback_filter,
+    find_providers,
     no_progress,
     read_job,
     seconds_until,
@@ -83,7 +89,7 @@ from .common import (
 )
 from .relay import Relays, Subscription
 from .storage import BlobError, Blobs
-from .tasks import DigitsRound, RoundTask
+from .tasks import DigitsRound, Requirements, RoundTask, task_code, task_code_sha256, task_of
 
 
 @dataclass(frozen=True)
@@ -109,6 +115,8 @@ class RoundConfig:
     # Relative acceptance (protocol.md §6): a result must beat the round's starting model by this
     # much in the metric's units (None: absolute threshold only; needs a starting model).
     min_improvement: Decimal | None = None
+    hardware: str | None = None  # the hardware asked of the providers (param hardware; None: any)
+    max_runtime_s: int | None = None  # the providers' training time limit (param max_runtime_s)
 
 
 @dataclass
@@ -179,6 +187,55 @@ class Customer:
     def pubkey(self) -> str:
         return self.key.public_key_hex
 
+    def reward_per_shard_msat(self, config: RoundConfig, *, shards: int, validators: int) -> int:
+        """What one shard's model earns under ``config`` when every model is accepted: the provider
+        share (with the escrow's announced fee; 0 fee when unknown) divided by the shards."""
+        try:
+            split = money_split(
+                config.bid_msat,
+                fee_base_msat=self.terms.fee_base_msat if self.terms else 0,
+                fee_ppm=self.terms.fee_ppm if self.terms else 0,
+                validator_fee_msat=config.validator_fee_msat if validators else 0,
+                validator_count=validators,
+            )
+        except CodecError:
+            return 0
+        return split.provider_share_msat // shards
+
+    async def discover(
+        self,
+        count: int,
+        *,
+        task: str,
+        config: RoundConfig,
+        validators: list[str],
+        since: int | None = None,
+    ) -> list[str]:
+        """``count`` providers for ``task`` from their capability events (protocol.md §1a): for this
+        escrow, running the task's reference code, on ``config.hardware`` when set, asking no more
+        per shard than this round pays; never ourselves or a validator of ours."""
+        found = await find_providers(
+            self.relays,
+            task=task,
+            escrow=self.escrow,
+            count=count,
+            max_price_msat_per_shard=self.reward_per_shard_msat(config, shards=count, validators=len(validators)),
+            hardware=config.hardware,
+            code_sha256=task_code_sha256(task),
+            exclude={self.pubkey, *validators},
+            since=since,
+        )
+        self.progress(
+            "discovery",
+            f"{self.name}: discovered {len(found)} providers for {task}: "
+            + ", ".join(
+                f"{p.capabilities.name} {p.pubkey[:12]} ({p.capabilities.price_msat_per_shard} msat/shard, "
+                f"{p.capabilities.hardware})"
+                for p in found
+            ),
+        )
+        return [p.pubkey for p in found]
+
     async def run_round(
         self,
         *,
@@ -223,6 +280,15 @@ class Customer:
             for index, (provider, payload) in enumerate(zip(providers, payloads, strict=True))
         ]
         params = task.params()
+        code = task_code(task_of(dict(params)))  # the code we ask for, by reference
+        code_blob = self.blobs.locate(code)
+        payloads.append(code)
+        params += Requirements(
+            code_url=code_blob.url,
+            code_sha256=code_blob.sha256,
+            hardware=config.hardware,
+            max_runtime_s=config.max_runtime_s,
+        ).params()
         start_payload = task.start_payload()
         baseline: Baseline | None = None
         if start_payload is not None:
@@ -297,7 +363,7 @@ class Customer:
                     await self.blobs.upload(payload, job=event.id)
                 self.progress(
                     "upload",
-                    f"{self.name}: uploaded {n_shards} encrypted-URL shard(s)"
+                    f"{self.name}: uploaded {n_shards} encrypted-URL shard(s), the task's code"
                     f"{' and the starting model' if start_payload is not None else ''}",
                 )
                 mark("upload")

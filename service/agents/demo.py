@@ -5,7 +5,9 @@ Cast: one customer (pays from the devstack's ``customer`` LND node), three provi
 validators ``victor`` and ``vera``; every payee creates its own invoices on the ``payee``
 node. Each round: the customer posts 3 private shards, 2 validators, quorum 2,
 ``payout split``; the providers train, the validators score, the escrow decides and pays;
-the customer averages the accepted models (FedAvg). With ``rounds > 1`` each round links
+the customer averages the accepted models (FedAvg). The providers announce their capabilities
+first (protocol.md §1a, each its own price per shard) and the customer discovers them
+(:func:`discover_cast`), cheapest first, instead of being given their keys. With ``rounds > 1`` each round links
 the previous job and starts from the previous round's averaged model.
 
 Every model is sealed (protocol.md §5a): the customer reads a model only with the content key
@@ -43,15 +45,18 @@ from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import EscrowTerms
 
 from . import ml
-from .common import Progress, escrow_announcement, escrow_info, load_key
+from .common import AgentError, Progress, escrow_announcement, escrow_info, load_key
 from .customer import Customer, RoundConfig, RoundReport
 from .provider import AcceptancePolicy, Provider, ProviderReport
 from .relay import Relays
 from .storage import Blobs
-from .tasks import DEFAULT_INNER_STEPS, DiLoCoRun
+from .tasks import DEFAULT_INNER_STEPS, DIGITS, DILOCO, DiLoCoRun
 from .validator import Validator, ValidatorReport
 
 PROVIDER_NAMES = ("alice", "bob", "mallory")  # the last one is dishonest
+#: What each provider announces as its price per shard (and takes at least): all below the
+#: demo round's reward per shard (about 950 000 msat), so that the customer discovers all three.
+PROVIDER_PRICES_MSAT = {"alice": 200_000, "bob": 250_000, "mallory": 100_000}
 VALIDATOR_NAMES = ("victor", "vera")
 #: The providers take no job asking more accuracy than this; the refunded round asks exactly it,
 #: which no model of the demo reaches (about 0.9 after one round).
@@ -99,13 +104,29 @@ class Cast:
     diloco: DiLoCoRun | None = None  # the DiLoCo task's chain of rounds (None: digits)
     names: dict[str, str] = field(default_factory=dict)  # pubkey -> name
     roles: dict[str, str] = field(default_factory=dict)  # pubkey -> role
+    announced_since: int | None = None  # when the providers announced their capabilities
+    # the providers the customer found (run_demo), in shard order; None: the cast's, in its order
+    discovered: list[str] | None = None
+
+    @property
+    def task(self) -> str:
+        return DIGITS if self.diloco is None else DILOCO
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Cast]:
-        """Providers and validators listen (in the background) while the block runs."""
+        """Providers announce their capabilities, then they and the validators listen (in the
+        background) while the block runs."""
         since = int(time.time()) - 5
-        agents: list[Provider | Validator] = [*self.providers, *self.validators]
-        tasks = [asyncio.create_task(a.serve(since=since), name=f"serve {a.name}") for a in agents]
+        # discovery reads only these announcements (signed from now on), not an earlier run's
+        self.announced_since = int(time.time())
+        await asyncio.gather(*(p.publish_capabilities() for p in self.providers))
+        tasks = [
+            *(
+                asyncio.create_task(p.serve(since=since, announce=False), name=f"serve {p.name}")
+                for p in self.providers
+            ),
+            *(asyncio.create_task(v.serve(since=since), name=f"serve {v.name}") for v in self.validators),
+        ]
         try:
             await asyncio.sleep(0.5)  # let the subscriptions reach the relays
             yield self
@@ -185,7 +206,7 @@ def build_cast(
                 name=name,
                 dishonest=(name == "mallory" and diloco is None),
                 lazy=(name == "mallory" and diloco is not None),
-                policy=policy,
+                policy=replace(policy, min_reward_per_shard_msat=PROVIDER_PRICES_MSAT[name]),
                 progress=progress,
                 network=network,
             )
@@ -258,7 +279,7 @@ async def run_round(
         + (f" (from job {previous.job_id[:8]}, {metric} {previous.test_value})" if previous else ""),
     )
     report = await cast.customer.run_round(
-        providers=[p.pubkey for p in cast.providers],
+        providers=cast.discovered or [p.pubkey for p in cast.providers],
         validators=[v.pubkey for v in cast.validators],
         shards=list(cast.split.shards),
         test=cast.split.test,
@@ -361,6 +382,23 @@ async def run_round(
     return summary
 
 
+async def discover_cast(cast: Cast, config: RoundConfig) -> list[str]:
+    """The customer finds its providers from their capability events (protocol.md §1a), as it would
+    on a public relay; in the demo they must be the cast's own (a stranger announcing for this
+    escrow on the same relay would never answer)."""
+    found = await cast.customer.discover(
+        len(cast.providers),
+        task=cast.task,
+        config=config,
+        validators=[v.pubkey for v in cast.validators],
+        since=cast.announced_since,
+    )
+    strangers = [pk[:12] for pk in found if pk not in {p.pubkey for p in cast.providers}]
+    if strangers:
+        raise AgentError(f"discovered providers that are not the demo's: {', '.join(strangers)}")
+    return found
+
+
 def cast_name(cast: Cast, report: RoundReport, result_id: str) -> str:
     for c in report.candidates:
         if c.result_id == result_id:
@@ -406,6 +444,8 @@ async def run_demo(
             else RoundConfig()
         )
     config = fit_config(config, terms)
+    # the providers' training must end before the results deadline: the request says so
+    config = replace(config, max_runtime_s=config.max_runtime_s or config.results_in)
     refund_threshold = LM_REFUND_THRESHOLD if task == "diloco" else REFUND_THRESHOLD
     show(
         "setup",
@@ -444,6 +484,7 @@ async def run_demo(
             out["initial_val_loss"] = await asyncio.to_thread(cast.diloco.global_loss)
             show("setup", f"DiLoCo: the initial global model's test loss is {out['initial_val_loss']:.4f} nats/byte")
         async with cast.running():
+            cast.discovered = await discover_cast(cast, config)
             for n in range(1, rounds + 1):
                 summary = await run_round(
                     cast, config=config, round_no=n, previous=previous, service_url=service_url, progress=show
@@ -463,6 +504,7 @@ async def run_demo(
                 )
                 summary.pop("_report")
                 out["refund_round"] = summary
+        out["discovered"] = [cast.names.get(pk, pk[:12]) for pk in cast.discovered or []]
         out["audits"] = await audit_rounds(relays, out, escrow=info.pubkey, progress=show)
     finally:
         await customer_lnd.close()
@@ -576,6 +618,9 @@ def fit_config(config: RoundConfig, terms: EscrowTerms | None) -> RoundConfig:
 def format_summary(summary: dict) -> str:
     """A human-readable table of :func:`run_demo`'s result."""
     lines = [f"escrow {summary['escrow'][:16]}…  ({summary['seconds']} s)"]
+    if "discovered" in summary:
+        found = summary["discovered"]
+        lines.append(f"discovered {len(found)} providers from their capability events (kind 31990): {', '.join(found)}")
     refund = summary.get("refund_round")
     for r in [*summary["rounds"], *([refund] if refund else [])]:
         lines.append(

@@ -25,6 +25,7 @@ never imports this module.
 from __future__ import annotations
 
 import functools
+import math
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import astuple, dataclass
@@ -186,6 +187,12 @@ def _param_shapes(config: LMConfig) -> dict[str, tuple[int, ...]]:
     dummy = jax.ShapeDtypeStruct((1, config.context), jnp.int32)
     tree = jax.eval_shape(lambda t: TinyLM(config).init(jax.random.PRNGKey(0), t)["params"], dummy)
     return {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+
+def parameter_bytes(config: LMConfig) -> int:
+    """The bytes of a model of ``config``'s parameters (float32): a lower bound of its file's size,
+    known from the config alone (what a provider compares with its ``max_model_bytes``)."""
+    return 4 * sum(math.prod(shape) for shape in _param_shapes(config).values())
 
 
 def _loss(params: Params, config: LMConfig, x: jax.Array, y: jax.Array) -> jax.Array:

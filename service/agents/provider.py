@@ -4,9 +4,11 @@ sealed, and collects its reward.
 For each job request routed to the escrow (kind 5701, ``#p`` = escrow) that holds a private
 shard encrypted to this provider's key:
 
-0. apply its :class:`AcceptancePolicy` *before* any work: reward, threshold, whether every
-   validator is trusted (by default: the escrow's announced validator pool), whether the job
-   can be sealed; a refused job is reported (``ProviderReport.refused``) and left alone;
+0. apply its :class:`AcceptancePolicy` *before* any work: reward (its announced price per
+   shard), threshold, whether every validator is trusted (by default: the escrow's announced
+   validator pool), whether the job can be sealed; then :func:`unsupported_task`: the task, the
+   code the job asks for (``code_sha256``: the one we run for the task?), the hardware; a
+   refused job is reported (``ProviderReport.refused``) and left alone;
 1. once the escrow announced "escrow funded", decrypt the shard URL (NIP-44), download the
    shard, check its SHA-256 (the URL is content-addressed) and its shape;
 2. if the job names a starting model (``param model`` + ``param model_sha256``, the
@@ -22,20 +24,30 @@ shard encrypted to this provider's key:
    it has a lightning address;
 5. wait for the verdict; if accepted, answer "reward claimable" with an invoice and wait
    for "reward paid" (the escrow then gives the customer the content key).
+
+At start (:meth:`Provider.serve`) it publishes its capabilities (kind 31990, protocol.md §1a):
+the tasks it runs with the SHA-256 of the code it runs for each (:func:`tasks.task_code`), its
+hardware, the largest model it handles and its price (``min_reward_per_shard_msat``), for this
+escrow, so that customers can discover it. Training stops at the job's ``max_runtime_s``: no
+result is published then, and the report says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TypeVar
 
 from service.lightning.client import LndClient
 from service.nostr.nip01 import Event, SecretKey, sign_event
 from service.nostr.protocol import (
     KIND_JOB_REQUEST,
+    Capabilities,
     CodecError,
     Direction,
     EscrowTerms,
@@ -46,6 +58,8 @@ from service.nostr.protocol import (
     Refunded,
     SealedModel,
     Sealing,
+    TaskOffer,
+    build_capabilities,
     build_result,
     decrypt_shard,
     money_split,
@@ -67,9 +81,49 @@ from .common import (
     seconds_until,
     wait_validation,
 )
-from .relay import Relays, Subscription
+from .relay import RelayError, Relays, Subscription
 from .storage import Blobs, sha256_from_url
-from .tasks import DIGITS, DILOCO, TaskError, inner_steps_of, lm_config_of, task_of
+from .tasks import (
+    DIGITS,
+    DILOCO,
+    TaskError,
+    inner_steps_of,
+    lm_available,
+    lm_config_of,
+    requirements_of,
+    task_code_sha256,
+    task_of,
+)
+
+T = TypeVar("T")
+
+
+def default_hardware() -> str:
+    """What the reference provider announces as its hardware: ``cpu:<cores>``."""
+    return f"cpu:{os.cpu_count() or 1}"
+
+
+def runnable_code() -> dict[str, str]:
+    """The tasks this installation runs -> the SHA-256 of the code it runs for each (DiLoCo only
+    with the ``lm`` extra)."""
+    tasks = [DIGITS, *([DILOCO] if lm_available() else [])]
+    return {task: task_code_sha256(task) for task in tasks}
+
+
+class RuntimeExceeded(AgentError):
+    """Training ran past the job's ``max_runtime_s``."""
+
+
+async def within_runtime(limit_s: int | None, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """``fn(*args, **kwargs)`` in a worker thread, given up after ``limit_s`` seconds (None: no
+    limit). The thread cannot be interrupted: past the limit its result is dropped, never used."""
+    if limit_s is None:
+        return await asyncio.to_thread(fn, *args, **kwargs)
+    try:
+        async with asyncio.timeout(limit_s):
+            return await asyncio.to_thread(fn, *args, **kwargs)
+    except TimeoutError:
+        raise RuntimeExceeded(f"training ran past the job's max_runtime_s ({limit_s} s): no result") from None
 
 
 @dataclass(frozen=True)
@@ -176,7 +230,11 @@ class Provider(Payee):
         invoice_expiry: int = 3600,
         allow_private_lnurl: bool = False,
         network: str | None = None,
+        hardware: str | None = None,
+        code: Mapping[str, str] | None = None,
     ) -> None:
+        """``hardware``: what we announce and accept jobs for (default :func:`default_hardware`);
+        ``code``: task -> SHA-256 of the code we run for it (default :func:`runnable_code`)."""
         if lnd is None and not lud16:
             raise ValueError("a provider needs an LND node or a lud16 address to be paid")
         self.key, self.relays, self.escrow, self.blobs = key, relays, escrow, blobs
@@ -185,12 +243,38 @@ class Provider(Payee):
         self.seal = seal
         self.max_iter, self.C, self.progress = max_iter, C, progress
         self.invoice_expiry, self.allow_private_lnurl, self.network = invoice_expiry, allow_private_lnurl, network
+        self.hardware = hardware or default_hardware()
+        self.code = dict(runnable_code() if code is None else code)
         self.reports: dict[str, asyncio.Future[ProviderReport]] = {}
         self._tasks: set[asyncio.Task] = set()
+        build_capabilities(self.capabilities())  # an unannounceable provider (e.g. hardware text) fails here
 
     @property
     def pubkey(self) -> str:
         return self.key.public_key_hex
+
+    def capabilities(self) -> Capabilities:
+        """What we announce (protocol.md §1a): our tasks and code, hardware, model size and price."""
+        return Capabilities(
+            name=self.name,
+            tasks=tuple(TaskOffer(task, sha) for task, sha in sorted(self.code.items())),
+            hardware=self.hardware,
+            max_model_bytes=self.blobs.max_model_bytes,
+            price_msat_per_shard=self.policy.min_reward_per_shard_msat,
+            escrows=(self.escrow,),
+        )
+
+    async def publish_capabilities(self) -> Event:
+        """Publish (replace) our capability event on the relays."""
+        caps = self.capabilities()
+        event = sign_event(self.key, *build_capabilities(caps))
+        await self.relays.publish(event)
+        self.progress(
+            "setup",
+            f"{self.name}: announced {', '.join(t.task for t in caps.tasks)} on {caps.hardware}, "
+            f"{caps.price_msat_per_shard} msat per shard",
+        )
+        return event
 
     def my_shard(self, job: JobRequest) -> int | None:
         for shard in job.spec.shards:
@@ -199,9 +283,17 @@ class Provider(Payee):
         return None
 
     # ---- the loop ----------------------------------------------------------------------
-    async def serve(self, *, jobs: int | None = None, since: int | None = None) -> list[ProviderReport]:
-        """Handle every job naming this provider (after ``since``); return after ``jobs`` of them."""
+    async def serve(
+        self, *, jobs: int | None = None, since: int | None = None, announce: bool = True
+    ) -> list[ProviderReport]:
+        """Handle every job naming this provider (after ``since``); return after ``jobs`` of them.
+        ``announce``: publish our capabilities first (False: the caller already did)."""
         since = int(time.time()) - 60 if since is None else since
+        if announce:
+            try:
+                await self.publish_capabilities()
+            except RelayError as exc:  # customers who know our key can still use us
+                self.progress("warning", f"{self.name}: capabilities not published: {exc}")
         started: list[asyncio.Future[ProviderReport]] = []
         flt = {"kinds": [KIND_JOB_REQUEST], "#p": [self.escrow], "since": since}
         async with self.relays.subscribe(flt) as sub:
@@ -261,7 +353,9 @@ class Provider(Payee):
         announcement = await escrow_announcement(self.relays, self.escrow)
         pool = None if announcement is None else frozenset(v.pubkey for v in announcement.validator_pool)
         terms = None if announcement is None else announcement.terms
-        report.refused = self.policy.refusal(job, pool=pool, terms=terms) or unsupported_task(job)
+        report.refused = self.policy.refusal(job, pool=pool, terms=terms) or unsupported_task(
+            job, code=self.code, hardware=self.hardware, max_model_bytes=self.blobs.max_model_bytes
+        )
         if report.refused is not None:
             self.progress("refused", f"{self.name}: job {job.id[:8]} refused: {report.refused}")
             return report
@@ -269,7 +363,12 @@ class Provider(Payee):
         async with self.relays.subscribe(feedback_filter(self.escrow, job.id)) as sub:
             await self._wait_funded(sub, job)
             report.timings["wait_funded"] = time.monotonic() - t0
-            result = await self._train_and_publish(job, index, report)
+            try:
+                result = await self._train_and_publish(job, index, report)
+            except RuntimeExceeded as exc:
+                report.error = str(exc)
+                self.progress("training", f"{self.name}: job {job.id[:8]}: {exc}")
+                return report
             report.result_id = result.id
             report.timings["train_publish"] = time.monotonic() - t0 - report.timings["wait_funded"]
             verdict = await wait_validation(sub, self.escrow, job.id, deadline=job.spec.validation_deadline, margin=120)
@@ -340,6 +439,7 @@ class Provider(Payee):
         data = ml.dataset_from_bytes(await self.blobs.download(url, sha, max_bytes=ml.MAX_SHARD_BYTES))
         report.samples = len(data)
         max_iter = _int_param(params, "max_iter", self.max_iter, 1, 10_000)
+        limit = requirements_of(params).max_runtime_s
         t = time.monotonic()
         start = await self._fetch_start_model(job)
         if self.dishonest:
@@ -349,7 +449,7 @@ class Provider(Payee):
             model = start
             self.progress("training", f"{self.name}: (lazy) returned the starting model unchanged for shard {index}")
         else:
-            model = await asyncio.to_thread(ml.train, data, start=start, max_iter=max_iter, C=self.C)
+            model = await within_runtime(limit, ml.train, data, start=start, max_iter=max_iter, C=self.C)
             local = ml.accuracy(model, data)
             self.progress(
                 "training",
@@ -386,8 +486,14 @@ class Provider(Payee):
             self.progress("training", f"{self.name}: (dishonest) skipped training, random weights for shard {index}")
         else:
             seed = int(job.id[:8], 16) ^ index  # reproducible per job and shard
-            params_out, loss = await asyncio.to_thread(
-                lm.train_inner, start, text, config=config, steps=steps, seed=seed
+            params_out, loss = await within_runtime(
+                requirements_of(params).max_runtime_s,
+                lm.train_inner,
+                start,
+                text,
+                config=config,
+                steps=steps,
+                seed=seed,
             )
             self.progress(
                 "training",
@@ -419,22 +525,35 @@ class Provider(Payee):
                 await task
 
 
-def unsupported_task(job: JobRequest) -> str | None:
-    """Why we cannot run this job's task (unknown, its extra missing, bad params), or None."""
+def unsupported_task(
+    job: JobRequest, *, code: Mapping[str, str], hardware: str, max_model_bytes: int | None = None
+) -> str | None:
+    """Why we cannot run this job as asked (one short sentence), or None: its task is not one of
+    ours (``code``: task -> SHA-256 of the code we run for it), its task params are malformed,
+    it asks for other code than ours (``code_sha256``) or other hardware than ours (``hardware``),
+    or (DiLoCo) its model's parameters alone are larger than ``max_model_bytes``."""
     params = dict(job.spec.params)
     task = task_of(params)
-    if task == DIGITS:
-        return None
-    if task != DILOCO:
+    if task not in code:
+        if task == DILOCO and not lm_available():
+            return "the DiLoCo task needs the 'lm' extra (pip install 'fedstr-escrow[lm]')"
         return f"task {task!r} is not one we run"
     try:
-        from . import lm  # noqa: F401 - the lm extra is installed
-    except ImportError:
-        return "the DiLoCo task needs the 'lm' extra (pip install 'fedstr-escrow[lm]')"
-    try:
-        lm_config_of(params), inner_steps_of(params)
+        wanted = requirements_of(params)
+        if task == DILOCO:
+            config, _ = lm_config_of(params), inner_steps_of(params)
+            if max_model_bytes is not None:
+                from . import lm
+
+                size = lm.parameter_bytes(config)
+                if size > max_model_bytes:
+                    return f"the job's model has {size} bytes of parameters, more than our max_model_bytes {max_model_bytes}"
     except TaskError as exc:
         return str(exc)
+    if wanted.code_sha256 is not None and wanted.code_sha256 != code[task]:
+        return f"the job asks for code {wanted.code_sha256[:12]}, we run {code[task][:12]} for {task}"
+    if wanted.hardware is not None and wanted.hardware != hardware:
+        return f"the job asks for hardware {wanted.hardware!r}, ours is {hardware!r}"
     return None
 
 

@@ -12,15 +12,23 @@ A job request names its task in ``["param", "task", …]`` (absent: digits, the 
 The customer's side of a round is a :class:`RoundTask`: what it sends (params, shard bytes,
 the starting model) and what it does with the accepted models (FedAvg, or DiLoCo's outer step).
 Providers and validators read the same params (:func:`task_of`, :func:`lm_config_of`).
+
+A request may also name the code it expects (``code`` URL + ``code_sha256``), the hardware
+(``hardware``) and a maximum training time (``max_runtime_s``): :func:`requirements_of`
+(protocol.md §2). The reference code of a task is the source of the module that trains it
+(:func:`task_code`): what a reference provider announces (§1a) and checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from service.nostr.protocol import Direction
+from service.nostr.protocol.fields import has_control, is_hex64, is_url
 
 from . import ml
 
@@ -33,6 +41,14 @@ LM_CONFIG_PARAM = "lm_config"
 INNER_STEPS_PARAM = "inner_steps"
 DEFAULT_INNER_STEPS = 30
 MAX_INNER_STEPS = 10_000
+CODE_PARAM = "code"
+CODE_SHA256_PARAM = "code_sha256"
+HARDWARE_PARAM = "hardware"
+MAX_RUNTIME_PARAM = "max_runtime_s"
+MAX_RUNTIME_S = 7 * 86_400
+MAX_HARDWARE = 64
+#: The module whose source is a task's reference code (its SHA-256 is the task's ``code_sha256``).
+TASK_MODULES = {DIGITS: "ml.py", DILOCO: "lm.py"}
 
 
 class TaskError(ValueError):
@@ -70,6 +86,75 @@ def inner_steps_of(params: Mapping[str, str], default: int = DEFAULT_INNER_STEPS
     if not 1 <= value <= MAX_INNER_STEPS:
         raise TaskError(f"{INNER_STEPS_PARAM} must be 1..{MAX_INNER_STEPS}")
     return value
+
+
+def lm_available() -> bool:
+    """Whether the ``lm`` extra (JAX, optax, flax) is installed, without importing it (slow)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("jax", "optax", "flax"))
+
+
+def task_code(task: str) -> bytes:
+    """The reference code of ``task``: the source of the module that trains it (read as a file, so
+    the DiLoCo task's needs no JAX). Raises :class:`TaskError` for a task we do not know."""
+    module = TASK_MODULES.get(task)
+    if module is None:
+        raise TaskError(f"task {task!r} is not one we know")
+    return (Path(__file__).parent / module).read_bytes()
+
+
+def task_code_sha256(task: str) -> str:
+    return hashlib.sha256(task_code(task)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    """What a request expects of its provider (protocol.md §2, task params); None = not asked."""
+
+    code_url: str | None = None
+    code_sha256: str | None = None
+    hardware: str | None = None
+    max_runtime_s: int | None = None
+
+    def params(self) -> list[tuple[str, str]]:
+        """The ``param`` pairs that say these requirements (the inverse of :func:`requirements_of`)."""
+        out: list[tuple[str, str]] = []
+        if self.code_url is not None:
+            out.append((CODE_PARAM, self.code_url))
+        if self.code_sha256 is not None:
+            out.append((CODE_SHA256_PARAM, self.code_sha256))
+        if self.hardware is not None:
+            out.append((HARDWARE_PARAM, self.hardware))
+        if self.max_runtime_s is not None:
+            out.append((MAX_RUNTIME_PARAM, str(self.max_runtime_s)))
+        requirements_of(dict(out))  # refuse to write what a provider would refuse to read
+        return out
+
+
+def requirements_of(params: Mapping[str, str]) -> Requirements:
+    """The request's code reference, hardware and maximum runtime; :class:`TaskError` when one is
+    malformed (a ``code`` without its ``code_sha256``, a hash that is not 64 lowercase hex, …)."""
+    code, sha = params.get(CODE_PARAM), params.get(CODE_SHA256_PARAM)
+    if code is not None and not is_url(code):
+        raise TaskError(f"{CODE_PARAM} must be a URL")
+    if code is not None and sha is None:
+        raise TaskError(f"{CODE_PARAM} needs its {CODE_SHA256_PARAM}")
+    if sha is not None and not is_hex64(sha):
+        raise TaskError(f"{CODE_SHA256_PARAM} must be 64 lowercase hex characters")
+    hardware = params.get(HARDWARE_PARAM)
+    if hardware is not None and (not 1 <= len(hardware) <= MAX_HARDWARE or has_control(hardware)):
+        raise TaskError(f"{HARDWARE_PARAM} must be text of 1..{MAX_HARDWARE} characters")
+    runtime_text = params.get(MAX_RUNTIME_PARAM)
+    runtime = None
+    if runtime_text is not None:
+        # canonical digits only: int() would take signs, spaces and other scripts' digits
+        if not (runtime_text.isascii() and runtime_text.isdigit()) or runtime_text != str(int(runtime_text)):
+            raise TaskError(f"{MAX_RUNTIME_PARAM} must be a canonical integer")
+        runtime = int(runtime_text)
+        if not 1 <= runtime <= MAX_RUNTIME_S:
+            raise TaskError(f"{MAX_RUNTIME_PARAM} must be 1..{MAX_RUNTIME_S}")
+    return Requirements(code, sha, hardware, runtime)
 
 
 class RoundTask(Protocol):

@@ -53,6 +53,9 @@ async def test_demo_once_pays_the_honest_and_not_the_cheat(regtest: Regtest, tmp
     assert "SUCCESS" in r.stdout and "ledger: balanced" in r.stdout
     summary = json.loads(out.read_text())
     names = {a: v["pubkey"] for a, v in summary["agents"].items()}
+    # the customer found its providers from their capability events, cheapest first
+    assert "discovered 3 providers" in r.stdout
+    assert summary["discovered"] == ["mallory", "alice", "bob"]
     [round1] = summary["rounds"]
     assert round1["accuracy"] > 0.85
 

@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select
 
 from service.agents.common import read_job
+from service.agents.tasks import DILOCO, task_code_sha256
 from service.db import create_engine, session_factory
 from service.escrow.models import Job
 from service.ledger import service as ledger
@@ -67,6 +68,7 @@ async def test_diloco_rounds_lower_the_loss_and_the_lazy_provider_is_never_paid(
     summary = json.loads(out.read_text())
     names = {a: v["pubkey"] for a, v in summary["agents"].items()}
     round1, round2 = summary["rounds"]
+    assert summary["discovered"] == ["mallory", "alice", "bob"]  # found by their capabilities, cheapest first
     # chained, and the loss falls round over round
     assert round2["previous_job"] == round1["job_id"]
     assert summary["initial_val_loss"] > round1["test_value"] > round2["test_value"]
@@ -88,6 +90,10 @@ async def test_diloco_rounds_lower_the_loss_and_the_lazy_provider_is_never_paid(
                 params = dict(request.spec.params)
                 assert request.spec.baseline is not None
                 assert request.spec.baseline.model_sha256 == params["model_sha256"]
+                # and the code it asks for: the source of the DiLoCo module, by URL and SHA-256
+                assert params["code_sha256"] == task_code_sha256(DILOCO)
+                assert params["code"].endswith(params["code_sha256"])
+                assert 0 < int(params["max_runtime_s"]) <= request.spec.results_deadline - request.created_at
                 payouts = (await s.scalars(select(Payout).where(Payout.job_id == job.id))).all()
                 assert await ledger.check_invariants(s, closed_job_ids=[job.id]) == []
                 paid = {p.payee: p for p in payouts}

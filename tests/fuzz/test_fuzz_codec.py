@@ -2,7 +2,7 @@
 
 Inputs: valid events built with the ``build_*`` functions from hypothesis-generated
 fields (job request, result, evaluation request and result, payee invoice, every escrow
-feedback, deletion, announcement), then structurally mutated: tags dropped, duplicated,
+feedback, deletion, announcement, provider capabilities), then structurally mutated: tags dropped, duplicated,
 reordered, truncated, extended, renamed; values replaced with negatives, overflows
 (> 2^64), floats, exponent notation, empty strings, unicode digits, wrong hex lengths,
 other escrows' and other roles' pubkeys; the signer, the kind and the content changed.
@@ -41,6 +41,7 @@ from service.nostr.protocol import (
     REASON_DESCRIPTIONS,
     Announcement,
     Candidate,
+    Capabilities,
     CodecError,
     CodecErrorReason,
     Deletion,
@@ -74,10 +75,12 @@ from service.nostr.protocol import (
     SealedModel,
     Sealing,
     Shard,
+    TaskOffer,
     Validation,
     ValidationComplete,
     Verdict,
     build_announcement,
+    build_capabilities,
     build_deletion,
     build_error_feedback,
     build_escrow_offer,
@@ -94,6 +97,7 @@ from service.nostr.protocol import (
     build_validation_complete,
     open_scores,
     parse_announcement,
+    parse_capabilities,
     parse_deletion,
     parse_error_feedback,
     parse_escrow_feedback,
@@ -559,6 +563,27 @@ def announcements(draw, pool_size: tuple[int, int] = (0, 4)) -> dict[str, Any]:
     return {"family": "announcement", "variant": "/pool" if pool else "", "event": raw(E, tmpl), "now": NOW}
 
 
+@st.composite
+def provider_capabilities(draw) -> dict[str, Any]:
+    tasks = draw(st.lists(st.tuples(name_text, hex64), min_size=1, max_size=5, unique_by=lambda t: t[0]))
+    escrows = draw(st.none() | st.lists(st.sampled_from([E, OTHER_E, STRANGER]), min_size=1, max_size=3, unique=True))
+    caps = Capabilities(
+        name=draw(name_text),
+        tasks=tuple(TaskOffer(task, sha) for task, sha in tasks),
+        hardware=draw(name_text),
+        max_model_bytes=draw(st.integers(1, 2**63 - 1)),
+        price_msat_per_shard=draw(st.integers(0, MAX_MSAT)),
+        escrows=None if escrows is None else tuple(escrows),
+        job_kind=draw(st.sampled_from([5701, 5801])),
+    )
+    try:
+        tmpl = build_capabilities(caps)
+    except CodecError:  # e.g. a name with a character check_text refuses
+        assume(False)
+        raise
+    return {"family": "capabilities", "event": raw(draw(st.sampled_from(PROVIDERS)), tmpl), "now": NOW}
+
+
 # ------------------------------------------------------------------------------ mutation
 
 
@@ -966,6 +991,8 @@ def round_trip(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> Non
         _same(parsed, parse_deletion(_event_like(ev, tmpl)), "id")
     elif isinstance(parsed, Announcement):
         assert parse_announcement(_event_like(ev, build_announcement(parsed))) == parsed
+    elif isinstance(parsed, Capabilities):
+        assert parse_capabilities(_event_like(ev, build_capabilities(parsed))) == parsed
     elif isinstance(
         parsed,
         (EscrowOffer, Funded, ValidationComplete, RewardClaimable, RewardPaid, Refunded, ErrorFeedback, ModelKey),
@@ -1070,7 +1097,17 @@ def check_rules(name: str, parsed: object, ev: Event, ctx: dict[str, Any]) -> No
             s = parsed.split
             assert s.provider_share_msat > 0
             assert s.fee_msat + s.validator_fees_msat + s.provider_share_msat == s.bid_msat
+    elif isinstance(parsed, Capabilities):  # §1a: never an escrow's announcement too
+        assert named_in(ev, "t") and ("d", "fedstr-provider") in ev.tags
+        names = [t.task for t in parsed.tasks]
+        assert 1 <= len(names) <= 32 and len(set(names)) == len(names)
+        assert 0 <= parsed.price_msat_per_shard <= MAX_MSAT and parsed.max_model_bytes >= 1
+        assert parsed.escrows is None or 1 <= len(set(parsed.escrows)) == len(parsed.escrows) <= 64
+        with pytest.raises(CodecError) as refused:
+            parse_announcement(ev)
+        assert refused.value.reason is CodecErrorReason.PROVIDER_CAPABILITIES
     elif isinstance(parsed, Announcement):
+        assert ("d", "fedstr-provider") not in ev.tags and ("t", "fedstr-provider") not in ev.tags
         pubkeys = [v.pubkey for v in parsed.validator_pool]
         assert len(pubkeys) == len(set(pubkeys)) <= 64
         assert all(1 <= len(v.name) <= 64 for v in parsed.validator_pool)
@@ -1105,6 +1142,7 @@ PARSERS = {
     "error": lambda ev, ctx: parse_error_feedback(ev),
     "deletion": lambda ev, ctx: parse_deletion(ev),
     "announcement": lambda ev, ctx: parse_announcement(ev),
+    "capabilities": lambda ev, ctx: parse_capabilities(ev),
     "expiration": lambda ev, ctx: nip40.expiration(ev),
 }
 
@@ -1177,6 +1215,7 @@ def test_fuzz_codec_events() -> None:
         escrow_feedbacks(which=4),
         escrow_feedbacks(which=7),
         announcements(pool_size=(1, 6)),
+        provider_capabilities(),
     )
     base, started = seeded("codec_events", families)
     report = harness.run("codec_events", mutated(base), check_codec, from_json=_decode, started=started)
@@ -1188,6 +1227,7 @@ def test_fuzz_codec_events() -> None:
         "escrow_feedback",
         "deletion",
         "announcement",
+        "capabilities",
     ):
         assert report.outcomes[f"{family}:accepted"] > 0, f"no valid {family} parsed: {report.line()}"
     for variant in (

@@ -12,7 +12,8 @@ Modules, one per concept:
 * :mod:`.errors` - :class:`CodecError`, the reason codes and their descriptions;
 * :mod:`.fields` - amounts, hex, decimals, URLs, lud16/lnurl/bolt11 shapes, ``e``/``p`` tags;
 * :mod:`.terms` - kinds, modes, policies, :class:`EscrowTerms`;
-* :mod:`.announcement` - kind 31990 (§1);
+* :mod:`.announcement` - kind 31990 by the escrow (§1);
+* :mod:`.capability` - kind 31990 by a provider: its capabilities (§1a);
 * :mod:`.job` - kind 5701 (§2);
 * :mod:`.shards` - its shard tags, plain and private (NIP-44);
 * :mod:`.money` - the money split (§9);
@@ -31,6 +32,13 @@ from __future__ import annotations
 from service.bitcoin import MAX_MSAT
 
 from .announcement import Announcement, PoolValidator, build_announcement, parse_announcement
+from .capability import (
+    CAPABILITY_TOPIC,
+    Capabilities,
+    TaskOffer,
+    build_capabilities,
+    parse_capabilities,
+)
 from .deletion import Deletion, build_deletion, parse_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError, CodecErrorReason
 from .evaluation import (
@@ -126,6 +134,11 @@ from .terms import (
 )
 
 __all__ = [
+    "CAPABILITY_TOPIC",
+    "Capabilities",
+    "TaskOffer",
+    "build_capabilities",
+    "parse_capabilities",
     "BASELINE",
     "Baseline",
     "FallbackStarted",

@@ -6,6 +6,9 @@
 keys (forward compatibility) and refuse missing or mistyped ones, except the terms added later
 (``claim_window_s``: absent is 0, no window announced). ``validators`` (optional) is
 the operator's validator pool: ``[{"pubkey": <hex>, "name": <text>}, …]``.
+
+Providers publish kind 31990 too (their capabilities, :mod:`.capability`, §1a): such an event is
+refused here as ``provider_capabilities`` before anything else is read.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 
 from service.nostr.nip01 import Event
 
+from .capability import is_capability_event
 from .errors import CodecError, CodecErrorReason
 from .fields import Template, arity, check_text, expect_kind, is_hex64, parse_uint, placeholder_event, single, template
 from .terms import KIND_ANNOUNCEMENT, KIND_JOB_REQUEST, EscrowTerms, Mode, Network
@@ -97,6 +101,8 @@ def _terms_json(announcement: Announcement) -> str:
 
 def parse_announcement(event: Event) -> Announcement:
     expect_kind(event, KIND_ANNOUNCEMENT)
+    if is_capability_event(event):
+        raise CodecError(R.PROVIDER_CAPABILITIES, "a provider's capability event (§1a), not an escrow's announcement")
     d = single(event.tags, "d", R.INVALID_ANNOUNCEMENT)
     k = single(event.tags, "k", R.INVALID_ANNOUNCEMENT)
     assert d is not None and k is not None

@@ -135,6 +135,9 @@ class CodecErrorReason(enum.StrEnum):
     SCORES_AND_ENCRYPTED = "scores_and_encrypted"
     INVALID_POOL = "invalid_pool"
     INVALID_CLAIM_BY = "invalid_claim_by"
+    PROVIDER_CAPABILITIES = "provider_capabilities"
+    # --- provider capabilities (31990 by a provider, §1a) ----------------------------------
+    INVALID_CAPABILITIES = "invalid_capabilities"
     INVALID_SPLIT = "invalid_split"
 
 
@@ -264,6 +267,10 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_SPLIT: "a validation complete's `split` tag is malformed, or its parts do not add up to the bid",
     R.INVALID_POOL: "the announcement's validator pool is malformed (not a list of {pubkey, name})",
     R.INVALID_CLAIM_BY: "a reward claimable's or claim expired's `claim_by` tag is not one unix time",
+    R.PROVIDER_CAPABILITIES: "a kind-31990 event marked `fedstr-provider` (its `d` or `t` tag) is a provider's "
+    "capabilities (§1a), not an escrow's announcement",
+    R.INVALID_CAPABILITIES: "a provider's capability event is malformed: its `d`/`k`/`t` tags, or its JSON "
+    "(name, tasks, hardware, max_model_bytes, price_msat_per_shard, escrows)",
 }
 
 

@@ -26,6 +26,7 @@ import coincurve
 from service.nostr.nip01 import Event, SecretKey, compute_id, verify_event
 
 from .announcement import Announcement, PoolValidator, build_announcement
+from .capability import Capabilities, TaskOffer, build_capabilities
 from .deletion import build_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError
 from .evaluation import (
@@ -168,6 +169,25 @@ def example_events() -> list[Example]:
             "Announcement (with a validator pool)",
             "§1 kind 31990",
             sign_reproducibly(escrow, build_announcement(announcement), T0),
+        )
+    )
+
+    capabilities = Capabilities(
+        name="alice",
+        tasks=(
+            TaskOffer("sklearn-digits/logreg", _hash("example code digits")),
+            TaskOffer("diloco/tinylm-bytes", _hash("example code diloco")),
+        ),
+        hardware="cpu:8",
+        max_model_bytes=64 * 1024 * 1024,
+        price_msat_per_shard=200_000,
+        escrows=(E,),
+    )
+    out.append(
+        Example(
+            "Provider capabilities (alice: two tasks, one escrow)",
+            "§1a kind 31990",
+            sign_reproducibly(alice, build_capabilities(capabilities), T0),
         )
     )
 

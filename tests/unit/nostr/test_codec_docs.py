@@ -28,6 +28,7 @@ from service.nostr.protocol import (
     ValidationComplete,
     open_scores,
     parse_announcement,
+    parse_capabilities,
     parse_deletion,
     parse_escrow_feedback,
     parse_evaluation_request,
@@ -88,8 +89,11 @@ def test_every_documented_event_verifies_and_parses(doc):
     results: dict = {}
     seen_bodies = set()
     for event in events:
-        if event.kind == 31990:
+        if event.kind == 31990 and event.pubkey == escrow:
             assert parse_announcement(event).terms == EXAMPLE_TERMS
+        elif event.kind == 31990:  # a provider's capabilities (§1a), for this escrow
+            caps = parse_capabilities(event)
+            assert caps.works_with(escrow) and caps.tasks
         elif event.kind == 5701:
             job = parse_job_request(event, escrow_pubkey=escrow, terms=EXAMPLE_TERMS, now=event.created_at)
             jobs[job.id] = job

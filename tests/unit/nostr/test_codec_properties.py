@@ -18,6 +18,7 @@ from service.nostr.nip01 import SecretKey
 from service.nostr.protocol import (
     MAX_MSAT,
     Announcement,
+    Capabilities,
     CodecError,
     CodecErrorReason,
     Direction,
@@ -39,10 +40,12 @@ from service.nostr.protocol import (
     SealError,
     Sealing,
     Shard,
+    TaskOffer,
     Validation,
     ValidationComplete,
     Verdict,
     build_announcement,
+    build_capabilities,
     build_evaluation_result,
     build_job_request,
     build_model_key,
@@ -53,6 +56,7 @@ from service.nostr.protocol import (
     open_scores,
     open_sealed,
     parse_announcement,
+    parse_capabilities,
     parse_deletion,
     parse_escrow_feedback,
     parse_evaluation_request,
@@ -395,6 +399,7 @@ def test_hostile_tags_on_every_parser_raise_only_codec_errors(tags, content):
         (7000, parse_escrow_feedback),
         (5, parse_deletion),
         (31990, parse_announcement),
+        (31990, parse_capabilities),
     ]:
         event = unsigned(kind, tags, content, pubkey=h("hostile"))
         _only_codec_errors(lambda: parse(event))  # noqa: B023 - called at once, within this iteration
@@ -751,3 +756,31 @@ def test_announcement_with_a_pool_round_trip(pool):
     )
     tmpl = build_announcement(announcement)
     assert parse_announcement(unsigned(tmpl.kind, tmpl.tags, tmpl.content, pubkey=E)) == announcement
+
+
+task_names = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=64)
+
+
+@SETTINGS
+@given(
+    tasks=st.lists(st.tuples(task_names, hex64), min_size=1, max_size=32, unique_by=lambda t: t[0]),
+    hardware=st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=64),
+    max_model_bytes=st.integers(1, 2**63 - 1),
+    price=st.integers(0, MAX_MSAT),
+    escrows=st.none() | st.lists(hex64, min_size=1, max_size=64, unique=True),
+)
+def test_capabilities_round_trip(tasks, hardware, max_model_bytes, price, escrows):
+    caps = Capabilities(
+        name="provider",
+        tasks=tuple(TaskOffer(name, sha) for name, sha in tasks),
+        hardware=hardware,
+        max_model_bytes=max_model_bytes,
+        price_msat_per_shard=price,
+        escrows=None if escrows is None else tuple(escrows),
+    )
+    tmpl = build_capabilities(caps)
+    event = unsigned(tmpl.kind, tmpl.tags, tmpl.content, pubkey=h("provider"))
+    assert parse_capabilities(event) == caps
+    with pytest.raises(CodecError) as exc:  # and never for an escrow's announcement
+        parse_announcement(event)
+    assert exc.value.reason is CodecErrorReason.PROVIDER_CAPABILITIES

@@ -18,8 +18,10 @@ import pytest
 
 from service.nostr import nip40, nip44
 from service.nostr.protocol import (
+    MAX_MSAT,
     Announcement,
     Candidate,
+    Capabilities,
     ClaimExpired,
     CodecError,
     CodecErrorReason,
@@ -41,9 +43,11 @@ from service.nostr.protocol import (
     Score,
     Sealing,
     Shard,
+    TaskOffer,
     ValidationComplete,
     Verdict,
     build_announcement,
+    build_capabilities,
     build_claim_expired,
     build_deletion,
     build_error_feedback,
@@ -62,6 +66,7 @@ from service.nostr.protocol import (
     decrypt_shard,
     open_scores,
     parse_announcement,
+    parse_capabilities,
     parse_claim_expired,
     parse_deletion,
     parse_error_feedback,
@@ -1174,6 +1179,108 @@ pool_case("name-with-newline", [{**ONE, "name": "validator\none"}])
 pool_case("same-validator-twice", [ONE, {**ONE, "name": "again"}])
 
 
+# ---------------------------------------------------------- provider capabilities (§1a)
+
+CAPS = Capabilities(
+    name="alice",
+    tasks=(TaskOffer("sklearn-digits/logreg", h("digits code")), TaskOffer("diloco/tinylm-bytes", h("lm code"))),
+    hardware="cpu:2",
+    max_model_bytes=1_000_000,
+    price_msat_per_shard=100_000,
+    escrows=(E,),
+)
+CAPS_TMPL = build_capabilities(CAPS)
+CAPS_BODY = json.loads(CAPS_TMPL.content)
+TASK0 = CAPS_BODY["tasks"][0]
+
+
+def caps_case(label: str, mutation: Mutation = keep, content: str | None = None, **changes: object) -> None:
+    if changes:
+        content = json.dumps({k: v for k, v in {**CAPS_BODY, **changes}.items() if v is not ...})
+    case(
+        R.INVALID_CAPABILITIES,
+        f"capabilities-{label}",
+        lambda: parse_capabilities(mutated(CAPS_TMPL, mutation, pubkey=P1K, content=content)),
+    )
+
+
+caps_case("not-json", content="{caps")
+caps_case("array", content="[]")
+caps_case("deep-nesting", content="[" * 100_000 + "]" * 100_000)
+caps_case("no-d", drop("d"))
+caps_case("other-d", set_tag("d", "fedstr-escrow"))
+caps_case("d-arity", set_tag("d", "fedstr-provider", "extra"))
+caps_case("no-k", drop("k"))
+case(
+    R.DUPLICATE_TAG,
+    "capabilities-two-d",
+    lambda: parse_capabilities(mutated(CAPS_TMPL, add(("d", "fedstr-provider")), pubkey=P1K)),
+)
+caps_case("k-words", set_tag("k", "job"))
+caps_case("no-t", drop("t"))
+caps_case("t-other-topic", set_tag("t", "nostr"))
+caps_case("t-arity", set_tag("t", "fedstr-provider", "x"))
+caps_case("no-name", name=...)
+caps_case("name-empty", name="")
+caps_case("name-129-characters", name="n" * 129)
+caps_case("name-with-newline", name="al\nice")
+caps_case("no-tasks", tasks=...)
+caps_case("tasks-empty", tasks=[])
+caps_case("tasks-object", tasks=TASK0)
+caps_case("tasks-33", tasks=[{"task": f"t{k}", "code_sha256": h(f"c{k}")} for k in range(33)])
+caps_case("task-string-item", tasks=["sklearn-digits/logreg"])
+caps_case("task-no-name", tasks=[{"code_sha256": h("c")}])
+caps_case("task-name-number", tasks=[{**TASK0, "task": 5}])
+caps_case("task-name-empty", tasks=[{**TASK0, "task": ""}])
+caps_case("task-name-65-characters", tasks=[{**TASK0, "task": "t" * 65}])
+caps_case("task-no-code", tasks=[{"task": "x"}])
+caps_case("task-code-uppercase", tasks=[{**TASK0, "code_sha256": TASK0["code_sha256"].upper()}])
+caps_case("task-code-63-hex", tasks=[{**TASK0, "code_sha256": TASK0["code_sha256"][:63]}])
+caps_case("task-twice", tasks=[TASK0, {**TASK0, "code_sha256": h("other code")}])
+caps_case("no-hardware", hardware=...)
+caps_case("hardware-number", hardware=2)
+caps_case("hardware-65-characters", hardware="h" * 65)
+caps_case("no-max-model-bytes", max_model_bytes=...)
+caps_case("max-model-bytes-zero", max_model_bytes=0)
+caps_case("max-model-bytes-float", max_model_bytes=1e6)
+caps_case("max-model-bytes-bool", max_model_bytes=True)
+caps_case("max-model-bytes-string", max_model_bytes="1000000")
+caps_case("max-model-bytes-2^63", max_model_bytes=2**63)
+caps_case("no-price", price_msat_per_shard=...)
+caps_case("price-negative", price_msat_per_shard=-1)
+caps_case("price-above-max-msat", price_msat_per_shard=MAX_MSAT + 1)
+caps_case("price-bool", price_msat_per_shard=False)
+caps_case("escrows-empty", escrows=[])
+caps_case("escrows-null", escrows=None)
+caps_case("escrows-string", escrows=E)
+caps_case("escrows-bad-key", escrows=[E[:63]])
+caps_case("escrows-twice", escrows=[E, E])
+caps_case("escrows-65", escrows=[h(f"escrow {k}") for k in range(65)])
+# an escrow's announcement is not a provider's capabilities (no fedstr-provider d or t)...
+case(
+    R.INVALID_CAPABILITIES,
+    "capabilities-from-an-escrow-announcement",
+    lambda: parse_capabilities(mutated(ANNOUNCE, keep, pubkey=E)),
+)
+case(R.WRONG_KIND, "capabilities-kind-0", lambda: parse_capabilities(mutated(CAPS_TMPL, keep, kind=0)))
+# ...and a provider's capabilities are not an escrow's announcement, whatever their content
+case(
+    R.PROVIDER_CAPABILITIES,
+    "announcement-from-provider-capabilities",
+    lambda: parse_announcement(mutated(CAPS_TMPL, keep, pubkey=P1K)),
+)
+case(
+    R.PROVIDER_CAPABILITIES,
+    "announcement-with-escrow-terms-and-a-provider-topic",
+    lambda: parse_announcement(mutated(ANNOUNCE, add(("t", "fedstr-provider")), pubkey=E)),
+)
+case(
+    R.PROVIDER_CAPABILITIES,
+    "announcement-with-escrow-terms-and-the-provider-d",
+    lambda: parse_announcement(mutated(ANNOUNCE, set_tag("d", "fedstr-provider"), pubkey=E)),
+)
+
+
 @pytest.mark.parametrize("reason, thunk", CASES)
 def test_refused_with_exactly_this_reason(reason, thunk):
     with pytest.raises(CodecError) as exc:
@@ -1220,3 +1327,4 @@ def test_the_unmutated_sealed_bases_are_valid():
     assert parse_model_key(mutated(MODEL_KEY, keep, pubkey=E)).payload == MODEL_KEY_PAYLOAD
     assert parse_reward_paid(mutated(PAID_WITH_INVOICE, keep, pubkey=E)).bolt11 == BOLT11
     assert parse_announcement(mutated(ANNOUNCE_POOL, keep, pubkey=E)).validator_pool == POOL
+    assert parse_capabilities(mutated(CAPS_TMPL, keep, pubkey=P1K)) == CAPS

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import replace
 from decimal import Decimal
 
@@ -12,9 +13,11 @@ from service.nostr import nip44
 from service.nostr.nip01 import verify_event
 from service.nostr.protocol import (
     BASELINE,
+    CAPABILITY_TOPIC,
     Announcement,
     Baseline,
     Candidate,
+    Capabilities,
     CodecError,
     CodecErrorReason,
     ErrorFeedback,
@@ -37,9 +40,11 @@ from service.nostr.protocol import (
     SealError,
     Sealing,
     Shard,
+    TaskOffer,
     ValidationComplete,
     Verdict,
     build_announcement,
+    build_capabilities,
     build_deletion,
     build_error_feedback,
     build_escrow_offer,
@@ -60,6 +65,7 @@ from service.nostr.protocol import (
     open_scores,
     open_sealed,
     parse_announcement,
+    parse_capabilities,
     parse_deletion,
     parse_error_feedback,
     parse_escrow_feedback,
@@ -449,6 +455,65 @@ def test_announcement_ignores_unknown_json_keys():
     tmpl = build_announcement(Announcement(d="main", name="E", about="", terms=TERMS))
     content = tmpl.content[:-1] + ',"future_field":[1,2,{"x":null}]}'
     assert parse_announcement(sign(ESCROW, (tmpl.kind, tmpl.tags, content))).terms == TERMS
+
+
+CAPS = Capabilities(
+    name="Alice ✓ ünïcode",
+    tasks=(TaskOffer("sklearn-digits/logreg", h("digits code")), TaskOffer("diloco/tinylm-bytes", h("lm code"))),
+    hardware="gpu:a100x8",
+    max_model_bytes=64 * 1024 * 1024,
+    price_msat_per_shard=250_000,
+    escrows=(ESCROW.public_key_hex,),
+)
+
+
+def test_capabilities_round_trip_and_are_found_by_their_topic():
+    event = signed_verified(P1, build_capabilities(CAPS))
+    assert event.kind == 31990
+    assert {("d", "fedstr-provider"), ("k", "5701"), ("t", CAPABILITY_TOPIC)} <= set(event.tags)
+    caps = parse_capabilities(event)
+    assert caps == CAPS
+    assert caps.offer("diloco/tinylm-bytes") == TaskOffer("diloco/tinylm-bytes", h("lm code"))
+    assert caps.offer("some/other-task") is None
+    assert caps.works_with(ESCROW.public_key_hex) and not caps.works_with(h("another escrow"))
+
+
+def test_capabilities_without_escrows_work_with_any_escrow():
+    caps = replace(CAPS, escrows=None)
+    tmpl = build_capabilities(caps)
+    assert "escrows" not in json.loads(tmpl.content)
+    parsed = parse_capabilities(sign(P1, tmpl))
+    assert parsed == caps and parsed.works_with(h("any escrow at all"))
+
+
+def test_capabilities_ignore_unknown_keys_and_extra_topics():
+    tmpl = build_capabilities(CAPS)
+    content = tmpl.content[:-1] + ',"gpu_memory_gb":80,"future":{"x":[1]}}'
+    tags = (*tmpl.tags, ("t", "machine-learning"))
+    assert parse_capabilities(sign(P1, (tmpl.kind, tags, content))) == CAPS
+
+
+def test_capabilities_content_is_sorted_and_compact():
+    content = build_capabilities(CAPS).content
+    assert content == json.dumps(json.loads(content), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"tasks": ()},
+        {"hardware": ""},
+        {"price_msat_per_shard": -1},
+        {"max_model_bytes": 0},
+        {"escrows": ()},
+        {"tasks": (TaskOffer("x", "ABC"),)},
+        {"tasks": [TaskOffer("x", h("x"))]},  # a list: would not round-trip as the frozen tuple
+    ],
+)
+def test_build_capabilities_refuses_what_the_parser_refuses(change):
+    with pytest.raises(CodecError) as exc:
+        build_capabilities(replace(CAPS, **change))
+    assert exc.value.reason is CodecErrorReason.INVALID_CAPABILITIES
 
 
 def test_deletion_round_trip_and_dedup():
