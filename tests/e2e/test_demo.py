@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,42 +12,18 @@ from service.escrow.models import Job
 from service.ledger import service as ledger
 from service.lightning.client import InvoiceState
 from service.payouts.models import Payout
-from tests.conftest import ROOT, Regtest, free_port
+from tests.conftest import Regtest
+from tests.e2e.demo_cli import run_demo_cli
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
 
 async def test_demo_once_pays_the_honest_and_not_the_cheat(regtest: Regtest, tmp_path: Path) -> None:
-    stack_dir = Path(regtest.desc["dir"])
-    out = tmp_path / "summary.json"
-    db = stack_dir / "demo.sqlite3"
-    db.unlink(missing_ok=True)
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "demo",
-            "--once",
-            "--stack-dir",
-            str(stack_dir),
-            "--port-base",
-            str(regtest.desc["port_base"]),
-            "--http-port",
-            str(free_port()),
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    (tmp_path / "demo.log").write_text(r.stdout + r.stderr)
+    run = await run_demo_cli(regtest, tmp_path)
+    r, db = run.process, run.database
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "SUCCESS" in r.stdout and "ledger: balanced" in r.stdout
-    summary = json.loads(out.read_text())
+    summary = run.summary
     names = {a: v["pubkey"] for a, v in summary["agents"].items()}
     # the customer found its providers from their capability events, cheapest first
     assert "discovered 3 providers" in r.stdout

@@ -4,10 +4,7 @@ acceptance and unpaid, everyone else paid on the payee's node, the ledger balanc
 
 from __future__ import annotations
 
-import asyncio
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,8 @@ from service.lightning.client import InvoiceState
 from service.nostr.nip01 import verify_event
 from service.nostr.protocol import JobRequest
 from service.payouts.models import Payout
-from tests.conftest import ROOT, Regtest, free_port
+from tests.conftest import Regtest
+from tests.e2e.demo_cli import run_demo_cli
 
 pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 
@@ -30,42 +28,11 @@ pytestmark = [pytest.mark.lnd, pytest.mark.relay]
 async def test_diloco_rounds_lower_the_loss_and_the_lazy_provider_is_never_paid(
     regtest: Regtest, tmp_path: Path
 ) -> None:
-    stack_dir = Path(regtest.desc["dir"])
-    out = tmp_path / "summary.json"
-    db = stack_dir / "demo.sqlite3"
-    db.unlink(missing_ok=True)
-    r = await asyncio.to_thread(
-        subprocess.run,
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "demo",
-            "--once",
-            "--task",
-            "diloco",
-            "--rounds",
-            "2",
-            "--inner-steps",
-            "12",
-            "--stack-dir",
-            str(stack_dir),
-            "--port-base",
-            str(regtest.desc["port_base"]),
-            "--http-port",
-            str(free_port()),
-            "--json",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    (tmp_path / "demo.log").write_text(r.stdout + r.stderr)
+    run = await run_demo_cli(regtest, tmp_path, "--task", "diloco", "--rounds", "2", "--inner-steps", "12")
+    r, db = run.process, run.database
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "DiLoCo: the global model's test loss" in r.stdout
-    summary = json.loads(out.read_text())
+    summary = run.summary
     names = {a: v["pubkey"] for a, v in summary["agents"].items()}
     round1, round2 = summary["rounds"]
     assert summary["discovered"] == ["mallory", "alice", "bob"]  # found by their capabilities, cheapest first
