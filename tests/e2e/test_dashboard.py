@@ -560,3 +560,12 @@ async def test_dashboard_in_headless_chromium(regtest: Regtest, relay_url: str, 
         async with market.sessions() as s:
             audited = (await s.execute(select(AdminAction.outcome, AdminAction.target).order_by(AdminAction.id))).all()
         assert [(o, t) for o, t in audited] == [("refused: payout_needs_invoice", refused.id), ("pending", target.id)]
+
+
+@pytest.mark.parametrize("path", ["/v1/admin/jobs", "/v1/admin/ledger/postings", "/v1/admin/quarantine"])
+async def test_a_page_offset_beyond_any_table_is_a_422_not_a_server_error(offline_app: FastAPI, path: str) -> None:
+    async with client(offline_app) as c:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        r = await c.get(path, params={"offset": 21220605398943604028215394304}, headers=auth)
+        assert r.status_code == 422, r.text
+        assert (await c.get(path, params={"offset": 1_000_000_000}, headers=auth)).status_code == 200
