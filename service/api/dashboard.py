@@ -32,15 +32,18 @@ import math
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 from fastapi import APIRouter, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.templating import Jinja2Templates
 
 from service import quarantine
@@ -533,65 +536,30 @@ async def _action(request: Request, back: str, no_reason: str) -> tuple[Signed, 
     return key, reason
 
 
-@router.post("/admin/payouts/{payout_id:path}/retry")
-async def retry_payout(request: Request, payout_id: str) -> Response:
-    action = await _action(request, "/admin/payouts", "a reason is required to retry a payout")
-    if isinstance(action, Response):
-        return action
-    key, reason = action
-    if len(payout_id) > 200:  # longer than any payout id can be
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", "retry refused: no such payout"))
-    sessions = request.app.state.sessions
-    try:
-        async with sessions.begin() as s:
-            outcome = await actions.retry_payout(s, payout_id, reason)
-    except actions.ActionRefused as e:
-        async with sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
-            await actions.audit(s, "retry_payout", payout_id, reason, f"refused: {e.code}")
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"retry refused: {e.message}"))
-    return _redirect(
-        request, "/admin/payouts", key=key, flash=("ok", f"payout {abbr(payout_id)} will be retried (now {outcome})")
-    )
-
-
-@router.post("/admin/payouts/{payout_id:path}/reopen")
-async def reopen_payout(request: Request, payout_id: str) -> Response:
-    action = await _action(request, "/admin/payouts", "a reason is required to reopen a claim")
-    if isinstance(action, Response):
-        return action
-    key, reason = action
-    if len(payout_id) > 200:  # longer than any payout id can be
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", "reopen refused: no such payout"))
-    st = request.app.state
-    try:
-        async with st.sessions.begin() as s:
-            outcome = await actions.reopen_payout(s, st.escrow.engine, payout_id, reason)
-    except actions.ActionRefused as e:
-        async with st.sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
-            await actions.audit(s, "reopen_payout", payout_id, reason, f"refused: {e.code}")
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"reopen refused: {e.message}"))
-    st.escrow.loop.wake.set()
-    return _redirect(
-        request, "/admin/payouts", key=key, flash=("ok", f"claim {abbr(payout_id)} reopened (now {outcome})")
-    )
-
-
-@router.post("/admin/payouts/{payout_id:path}/reissue")
-async def reissue_payout(request: Request, payout_id: str) -> Response:
-    action = await _action(request, "/admin/payouts", "a reason is required to reissue a payout")
+async def _payout_action(
+    request: Request,
+    payout_id: str,
+    *,
+    verb: str,
+    run: Callable[[AsyncSession, Any, str], Awaitable[str]],
+    done: Callable[[str], str],
+    needs_lnd: bool = False,
+) -> Response:
+    """An operator's action on one payout from the payouts page: signed in, CSRF, a reason; ``run``
+    (session, app state, reason) in a transaction of its own; a refusal audited in another (as
+    ``<verb>_payout``); the engine woken after a success; back to the page with ``done(outcome)``."""
+    action = await _action(request, "/admin/payouts", f"a reason is required to {verb} a payout")
     if isinstance(action, Response):
         return action
     key, reason = action
     st = request.app.state
     if len(payout_id) > 200:  # longer than any payout id can be
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", "reissue refused: no such payout"))
-    if st.lnd is None:
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", "reissue refused: no LND node"))
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"{verb} refused: no such payout"))
+    if needs_lnd and st.lnd is None:
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"{verb} refused: no LND node"))
     try:
         async with st.sessions.begin() as s:
-            outcome = await actions.reissue_payout(
-                s, st.lnd, payout_id, reason, payment_timeout_seconds=st.settings.payout_timeout_seconds
-            )
+            outcome = await run(s, st, reason)
     except (actions.ActionRefused, LndError) as e:
         code, message = (
             (e.code, e.message)
@@ -599,14 +567,47 @@ async def reissue_payout(request: Request, payout_id: str) -> Response:
             else (f"node_unavailable ({type(e).__name__})", "our node did not answer")
         )
         async with st.sessions.begin() as s:  # the refusal is audited too, in a transaction of its own
-            await actions.audit(s, "reissue_payout", payout_id, reason, f"refused: {code}")
-        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"reissue refused: {message}"))
+            await actions.audit(s, f"{verb}_payout", payout_id, reason, f"refused: {code}")
+        return _redirect(request, "/admin/payouts", key=key, flash=("error", f"{verb} refused: {message}"))
     actions.wake_engine(st)
-    return _redirect(
+    return _redirect(request, "/admin/payouts", key=key, flash=("ok", done(outcome)))
+
+
+@router.post("/admin/payouts/{payout_id:path}/retry")
+async def retry_payout(request: Request, payout_id: str) -> Response:
+    return await _payout_action(
         request,
-        "/admin/payouts",
-        key=key,
-        flash=("ok", f"payout {abbr(payout_id)} reissued: its payee is asked for a new invoice ({outcome[:120]})"),
+        payout_id,
+        verb="retry",
+        run=lambda s, st, reason: actions.retry_payout(s, payout_id, reason),
+        done=lambda outcome: f"payout {abbr(payout_id)} will be retried (now {outcome})",
+    )
+
+
+@router.post("/admin/payouts/{payout_id:path}/reopen")
+async def reopen_payout(request: Request, payout_id: str) -> Response:
+    return await _payout_action(
+        request,
+        payout_id,
+        verb="reopen",
+        run=lambda s, st, reason: actions.reopen_payout(s, st.escrow.engine, payout_id, reason),
+        done=lambda outcome: f"claim {abbr(payout_id)} reopened (now {outcome})",
+    )
+
+
+@router.post("/admin/payouts/{payout_id:path}/reissue")
+async def reissue_payout(request: Request, payout_id: str) -> Response:
+    return await _payout_action(
+        request,
+        payout_id,
+        verb="reissue",
+        run=lambda s, st, reason: actions.reissue_payout(
+            s, st.lnd, payout_id, reason, payment_timeout_seconds=st.settings.payout_timeout_seconds
+        ),
+        done=lambda outcome: (
+            f"payout {abbr(payout_id)} reissued: its payee is asked for a new invoice ({outcome[:120]})"
+        ),
+        needs_lnd=True,
     )
 
 
