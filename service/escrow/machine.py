@@ -222,11 +222,13 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     # appeal: the fee paid in time, and a pool validator eligible (else the decision goes ahead)
     (S.APPEALABLE, FactKind.APPEAL_FEE_PAID): frozenset({S.APPEAL, S.RELEASING, S.REFUNDING, S.REFUNDED}),
     (S.APPEALABLE, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),  # as decided
-    (S.APPEALABLE, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
+    # refunding: the hold went back, and an appeal's payouts are still owed (refunded once they are paid)
+    (S.APPEALABLE, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDING, S.REFUNDED}),
     (S.APPEAL, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),  # every appeal validator
     (S.APPEAL, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
-    (S.APPEAL, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
-    (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),  # the hold expired before settling
+    (S.APPEAL, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDING, S.REFUNDED}),
+    # the hold expired before settling (refunding: an appeal's payouts still owed)
+    (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDING, S.REFUNDED}),
     (S.RELEASING, FactKind.PAYOUT_SUCCEEDED): frozenset({S.CLOSED}),  # the last payout booked
     (S.RELEASING, FactKind.PAYOUT_EXPIRED): frozenset({S.CLOSED}),  # the last open payout expired
     (S.REFUNDING, FactKind.SETTLED): frozenset({S.REFUNDED}),  # nothing left to send back
@@ -237,6 +239,9 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     # An operator reopened an expired claim of a finished job: it owes that payout again.
     (S.CLOSED, FactKind.PAYOUT_REOPENED): frozenset({S.RELEASING}),
     (S.REFUNDED, FactKind.PAYOUT_REOPENED): frozenset({S.REFUNDING}),
+    # An appeal fee paid after the appeal deadline, when the job had finished: owed back to its appellant.
+    (S.CLOSED, FactKind.APPEAL_FEE_PAID): frozenset({S.RELEASING}),
+    (S.REFUNDED, FactKind.APPEAL_FEE_PAID): frozenset({S.REFUNDING}),
 }
 
 
@@ -1049,6 +1054,10 @@ def _invoice_canceled(b: _Builder, view: JobView, fact: InvoiceCanceled, now: in
             b, view.refund_reason or RefundReason.HOLD_EXPIRED, view.bid_msat, "refunded (hold cancelled)"
         )
     if view.state in (*DECIDING_STATES, S.RELEASING):
+        appeal = view.appeal
+        if appeal is not None and appeal.status is AppealStatus.RUNNING:  # the round cannot decide any more
+            b.appeal = replace(appeal, status=AppealStatus.VOID)
+            _refund_appeal_fee(b, appeal, appeal.fee_msat, "the job's hold invoice was cancelled")
         b.move(S.REFUNDING, RefundReason.HOLD_EXPIRED)
         b.refund_reason = RefundReason.HOLD_EXPIRED.value
         return _finish_refund(b, RefundReason.HOLD_EXPIRED, view.bid_msat, "refunded (hold cancelled before release)")
@@ -1681,6 +1690,10 @@ def _appeal_fee_paid(b: _Builder, view: JobView, fact: AppealFeePaid, now: int, 
     if not in_time:
         b.appeal = replace(appeal, status=AppealStatus.LATE)
         _refund_appeal_fee(b, appeal, fact.amount_msat, "paid after the appeal deadline")
+        if b.owed > 0 and view.state is S.CLOSED:  # a finished job owes again until the fee is back
+            b.move(S.RELEASING, "an appeal fee paid after the appeal deadline is owed back")
+        elif b.owed > 0 and view.state is S.REFUNDED:
+            b.move(S.REFUNDING, "an appeal fee paid after the appeal deadline is owed back")
         return "appeal fee paid late: refunded"
     return _start_appeal(b, view, replace(appeal, fee_msat=fact.amount_msat), c)
 
@@ -1911,7 +1924,10 @@ def _custodial_refund(b: _Builder, reason: str, outcome: str) -> str:
 
 def _finish_refund(b: _Builder, reason: str, amount_msat: int, outcome: str) -> str:
     view = b.view
-    b.move(S.REFUNDED, str(reason))
+    if b.owed > 0:  # an appeal's payouts (its fee back, or its validators) are still owed: final once paid
+        b.move(S.REFUNDING, f"{reason}: the customer's money is back; the appeal's payouts are still owed")
+    else:
+        b.move(S.REFUNDED, str(reason))
     if amount_msat > 0:
         b.publish(
             build_refunded(
@@ -2088,6 +2104,8 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
     if p.kind is PayoutKind.REFUND:
         if view.state is S.REFUNDING:
             return _finish_refund(b, view.refund_reason or "refunded", p.amount_msat, "payout booked")
+    elif view.state is S.REFUNDING and _refund_done(b, view, p):
+        b.move(S.REFUNDED, "the customer's refund and the appeal's payouts are paid")
     elif not to_customer:
         earned_by = p.earned_by or _scores_event(view, b, p.payee)
         if earned_by is None:  # a receipt must name what earned it (never the job twice: unparseable)
@@ -2104,9 +2122,17 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
                     )
                 )
             )
-    if view.state is S.RELEASING and _none_open(view, p) and b.owed == 0:
+    released = postings.release_key(view.id) in b.posted  # (a lost appeal's fees may be paid before it)
+    if view.state is S.RELEASING and released and _none_open(view, p) and b.owed == 0:
         b.move(S.CLOSED, "every payout succeeded (or expired) and is booked")
     return "payout booked"
+
+
+def _refund_done(b: _Builder, view: JobView, p: PayoutView) -> bool:
+    """A refunding job whose customer has its money back (the hold cancelled, or the refund booked and
+    paid) and which owes nothing else (an appeal's payouts): it is refunded."""
+    back = b.current_funds is Funds.NONE or postings.refund_key(view.id) in b.posted
+    return back and _none_open(view, p) and b.owed == 0
 
 
 def _none_open(view: JobView, p: PayoutView) -> bool:
@@ -2169,9 +2195,9 @@ def _payout_expired(b: _Builder, view: JobView, fact: PayoutExpired, now: int, c
         )
     )
     if _none_open(view, p) and b.owed == 0:
-        if view.state is S.RELEASING:
+        if view.state is S.RELEASING and postings.release_key(view.id) in b.posted:
             b.move(S.CLOSED, "every payout succeeded or expired and is booked")
-        elif view.state is S.REFUNDING and p.kind is PayoutKind.REFUND:
+        elif view.state is S.REFUNDING and (p.kind is PayoutKind.REFUND or _refund_done(b, view, p)):
             b.move(S.REFUNDED, "the refund's claim expired: booked to unclaimed")
     return "payout expired: booked to unclaimed"
 
