@@ -15,7 +15,7 @@ from service.escrow.engine import Engine, EngineConfig, IntakeBudget
 from service.escrow.models import Job, JobState
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
 from service.lightning.invoices import HoldSizing
-from service.lightning.models import LnInvoice
+from service.lightning.models import InvoicePurpose, LnInvoice
 from service.liveness import Heartbeat
 from service.node import LightningService
 from service.nostr import outbox
@@ -168,7 +168,7 @@ class EscrowService:
                         LnInvoice.mode,
                         LnInvoice.expires_at,
                     )
-                    .where(LnInvoice.job_id == job_id)
+                    .where(LnInvoice.job_id == job_id, LnInvoice.purpose == InvoicePurpose.JOB)
                     .order_by(LnInvoice.created_at)
                 )
             ).first()
