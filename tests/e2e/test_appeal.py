@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from service.audit.checks import audit_events
+from service.audit.report import Status
 from service.escrow import rule
 from service.lightning.client import InvoiceState, PaymentStatus
 from service.nostr.nip01 import Event, SecretKey, sign_event
@@ -194,12 +195,7 @@ async def test_an_appeal_overturns_a_rejection_the_provider_is_paid_and_its_fee_
     assert view["state"] == "closed"
     assert view["appeal"]["appellant"] == provider.public_key_hex and view["appeal"]["status"] == "won"
     assert view["appeal"]["validators"] == [POOL.public_key_hex] and view["appeal"]["fee_msat"] == FEE
-    # anyone recomputes the final decision from the appeal round's published scores
-    events = [Event.from_dict(e) for e in await query(market.relay, {"ids": [job_ev.id]})]
-    events += [Event.from_dict(e) for e in await query(market.relay, {"#e": [job_ev.id]})]
-    events += [Event.from_dict(e) for e in await query(market.relay, {"kinds": [31990], "authors": [market.E]})]
-    report = audit_events(job_ev.id, events, escrow=market.E)
-    assert report.ok, report.discrepancies
+    await _audits_clean(market, job_ev.id)
 
 
 async def test_an_appeal_that_fails_keeps_its_fee_and_the_job_refunds_as_decided(
@@ -219,3 +215,15 @@ async def test_an_appeal_that_fails_keeps_its_fee_and_the_job_refunds_as_decided
     row = await market.job(job_ev.id)
     assert '"status": "lost"' in (row.appeal or "")
     await market.check_ledger(job_ev.id, closed=False)
+    await _audits_clean(market, job_ev.id)
+
+
+async def _audits_clean(market: Market, job_id: str) -> None:
+    """Anyone recomputes the final decision from the appeal round's published scores."""
+    events = [Event.from_dict(e) for e in await query(market.relay, {"ids": [job_id]})]
+    events += [Event.from_dict(e) for e in await query(market.relay, {"#e": [job_id]})]
+    events += [Event.from_dict(e) for e in await query(market.relay, {"kinds": [31990], "authors": [market.E]})]
+    report = audit_events(job_id, events, escrow=market.E)
+    assert report.ok, report.discrepancies
+    assert any(f.check == "appeal" and f.status is Status.OK for f in report.findings), report.findings
+    assert any(f.check == "outcome" and f.message.startswith("appealed") for f in report.findings)

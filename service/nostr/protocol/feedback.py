@@ -17,6 +17,9 @@ success / reward claimable      —                                          :cl
 success / reward paid           —                                          :class:`RewardPaid`
 success / model key             —                                          :class:`ModelKey`
 error / claim expired           —                                          :class:`ClaimExpired`
+processing / appeal window,     (the appeals module, §6c)                  :class:`~.appeal.AppealWindow` …
+payment-required / appeal fee,
+processing / appeal round
 error / refunded: <code>        ``["escrow","refunded",<msat>]``           :class:`Refunded`
 error / cancelled: <code>       ``["escrow","cancelled",<code>]``          :class:`Cancelled`
 error / <reason>: <message>     —                                          :class:`ErrorFeedback`
@@ -35,6 +38,17 @@ from typing import Any
 
 from service.nostr.nip01 import Event
 
+from .appeal import (
+    INFO_APPEAL_FEE,
+    INFO_APPEAL_ROUND,
+    INFO_APPEAL_WINDOW,
+    AppealFee,
+    AppealRoundStarted,
+    AppealWindow,
+    parse_appeal_fee,
+    parse_appeal_round,
+    parse_appeal_window,
+)
 from .errors import CodecError, CodecErrorReason
 from .fields import (
     BASELINE,
@@ -320,6 +334,9 @@ EscrowFeedback = (
     | Refunded
     | Cancelled
     | ErrorFeedback
+    | AppealWindow
+    | AppealFee
+    | AppealRoundStarted
 )
 
 
@@ -941,6 +958,9 @@ _BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
     ("success", INFO_REWARD_PAID): parse_reward_paid,
     ("success", INFO_MODEL_KEY): parse_model_key,
     ("error", INFO_CLAIM_EXPIRED): parse_claim_expired,
+    ("processing", INFO_APPEAL_WINDOW): parse_appeal_window,
+    ("payment-required", INFO_APPEAL_FEE): parse_appeal_fee,
+    ("processing", INFO_APPEAL_ROUND): parse_appeal_round,
 }
 
 
