@@ -1700,8 +1700,8 @@ def _appeal_fee_paid(b: _Builder, view: JobView, fact: AppealFeePaid, now: int, 
 
 def _start_appeal(b: _Builder, view: JobView, appeal: AppealView, c: MachineConfig) -> str:
     """An appeal round over every candidate: the job's quorum of pool validators who are not the
-    customer, a provider, a named validator or a fallback validator (``pool_round``). Nobody
-    eligible: the fee goes back and the decision goes ahead."""
+    customer, a provider, a named validator or a fallback validator (``pool_round``). Fewer eligible
+    than the quorum (none, say): the fee goes back and the decision goes ahead."""
     decision = view.decision
     assert decision is not None
     deadline = b.now + c.appeal_round_seconds
@@ -1715,9 +1715,10 @@ def _start_appeal(b: _Builder, view: JobView, appeal: AppealView, c: MachineConf
         exclude=frozenset(view.fallback_validators),
         eval_round=EvalRound.APPEAL,
     )
-    if picked is None or view.eval_request_id is None:
+    if picked is None or view.eval_request_id is None or len(picked.validators) < view.req.spec.validation.quorum:
+        # (fewer eligible pool keys than the quorum could never reach a verdict)
         b.appeal = replace(appeal, status=AppealStatus.VOID)
-        _refund_appeal_fee(b, appeal, appeal.fee_msat, "no pool validator is eligible: the appeal cannot run")
+        _refund_appeal_fee(b, appeal, appeal.fee_msat, "too few pool validators are eligible: the appeal cannot run")
         _carry_out(b, decision, c, "appeal void (no pool validator eligible): the decision stands")
         return "appeal void: fee refunded, the decision stands"
     b.move(S.APPEAL, "appeal fee paid: appeal round")
