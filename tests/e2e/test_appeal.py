@@ -17,6 +17,7 @@ from decimal import Decimal
 import httpx
 import pytest
 
+from service.api.dashboard import router as dashboard_router
 from service.audit.checks import audit_events
 from service.audit.report import Status
 from service.escrow import rule
@@ -43,6 +44,7 @@ WINDOW = 20  # seconds to appeal and pay
 ROUND = 20  # the appeal round's window
 FEE = 10_000  # msat
 VALIDATOR_FEE = 5_000
+ADMIN_TOKEN = "appeal-e2e-admin-token-" + "x" * 24
 POOL = SecretKey(hashlib.sha256(b"appeal e2e pool validator").digest())
 
 
@@ -60,7 +62,10 @@ async def served(regtest: Regtest, relay_url: str, database_url: str, tmp_path):
         appeal_window_seconds=WINDOW,
         appeal_fee_msat=FEE,
         appeal_round_seconds=ROUND,
+        admin_token=ADMIN_TOKEN,
     )
+    if not any(getattr(r, "path", None) == "/admin" for r in m.app.routes):
+        m.app.include_router(dashboard_router)
     async with serving(m, tmp_path / "blobs") as url:
         yield m, url
 
@@ -195,6 +200,13 @@ async def test_an_appeal_overturns_a_rejection_the_provider_is_paid_and_its_fee_
     assert view["state"] == "closed"
     assert view["appeal"]["appellant"] == provider.public_key_hex and view["appeal"]["status"] == "won"
     assert view["appeal"]["validators"] == [POOL.public_key_hex] and view["appeal"]["fee_msat"] == FEE
+    # the operator's job page shows the appeal: its state, appellant, fee, the round's validators
+    async with httpx.AsyncClient(base_url=url) as admin:
+        r = await admin.post("/admin/login", data={"token": ADMIN_TOKEN})
+        assert r.status_code == 303, r.text
+        page = (await admin.get(f"/admin/jobs/{job_ev.id}")).text
+    row = page.split('id="appeal"', 1)[1].split("</tr>", 1)[0]
+    assert "won" in row and provider.public_key_hex in row and POOL.public_key_hex in row, row
     await _audits_clean(market, job_ev.id)
 
 
