@@ -17,13 +17,14 @@ from sqlalchemy import select
 
 from service.db import create_engine, session_factory
 from service.escrow.models import Job, JobState
-from service.lightning.models import LnInvoice
+from service.lightning.models import InvoicePurpose, LnInvoice
 from service.nostr.nip01 import SecretKey, sign_event
-from service.nostr.protocol import build_deletion
+from service.nostr.protocol import build_appeal, build_deletion
 from tests.unit.test_engine_properties import CUSTOMER, ESCROW, Clock, World, _fresh_db
 
 S = JobState
 POOL_KEY = SecretKey(hashlib.sha256(b"engine states pool validator").digest()).public_key_hex  # outside every job
+POOL_KEY_2 = SecretKey(hashlib.sha256(b"engine states pool validator 2").digest()).public_key_hex
 FACTS = (
     "effects_run",
     "funded",
@@ -55,6 +56,16 @@ TABLE: dict[tuple[JobState, str], JobState] = {
     (S.FALLBACK, "hold_canceled"): S.REFUNDED,
     (S.FALLBACK, "results_deadline"): S.REFUNDING,
     (S.FALLBACK, "validation_deadline"): S.REFUNDING,
+    # Appeals announced: the decision waits for its window (50 s), then goes ahead as decided; the
+    # hold HTLC going back refunds it.
+    (S.APPEALABLE, "hold_canceled"): S.REFUNDED,
+    (S.APPEALABLE, "results_deadline"): S.RELEASING,
+    (S.APPEALABLE, "validation_deadline"): S.RELEASING,
+    # The customer's paid appeal runs (100 s): nobody scores, so at its deadline the first decision
+    # stands; the HTLC going back refunds the job, which waits for the appeal fee's refund to be paid.
+    (S.APPEAL, "hold_canceled"): S.REFUNDING,
+    (S.APPEAL, "results_deadline"): S.RELEASING,
+    (S.APPEAL, "validation_deadline"): S.RELEASING,
     (S.RELEASING, "payouts_done"): S.RELEASING,  # nothing is paid before the hold is settled
     # The hold expired (LND gave the money back) before our settle: the customer has it back. (Before
     # the machine this job stayed `releasing` for ever, its settle effect failing on a cancelled invoice.)
@@ -68,6 +79,8 @@ START_STATES = (
     S.COLLECTING,
     S.VALIDATING,
     S.FALLBACK,
+    S.APPEALABLE,
+    S.APPEAL,
     S.RELEASING,
     S.CLOSED,
     S.REFUNDING,
@@ -120,9 +133,29 @@ async def reach(world: World, state: JobState) -> str:
         world.clock.t += 201  # past the validation deadline
         await world.step_engine()
         return job_id
+    if state in (S.APPEALABLE, S.APPEAL):
+        # the escrow announces appeals (and a pool of two: the job's quorum); both validators score
+        world.engine.machine_config = replace(
+            world.engine.machine_config,
+            terms=replace(world.engine.machine_config.terms, appeal_window_s=50, appeal_fee_msat=5_000),
+            validator_pool=(POOL_KEY, POOL_KEY_2),
+            appeal_round_seconds=100,
+        )
     await world.score(0, 0, False)
     await world.score(0, 1, False)
-    if state is S.RELEASING:
+    if state is S.APPEAL:  # the customer appeals the acceptance and pays the fee
+        appeal = build_appeal(job_id=job_id, escrow=ESCROW.public_key_hex, reason="not convinced")
+        await world.feed(sign_event(CUSTOMER, *appeal, created_at=int(world.clock())))
+        await world.effects()
+        async with world.sessions.begin() as s:
+            fee = (
+                await s.scalars(
+                    select(LnInvoice).where(LnInvoice.job_id == job_id, LnInvoice.purpose == InvoicePurpose.APPEAL_FEE)
+                )
+            ).one()
+            await world._fact(s, fee, "settled")
+        await world.step_engine()
+    if state in (S.RELEASING, S.APPEALABLE, S.APPEAL):
         return job_id
     await world.effects()
     await world.step_engine()
@@ -139,7 +172,11 @@ async def deletion(world: World, job_id: str) -> None:
 
 async def ln_fact(world: World, job_id: str, kind: str) -> None:
     async with world.sessions.begin() as s:
-        inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job_id))).first()
+        inv = (
+            await s.scalars(
+                select(LnInvoice).where(LnInvoice.job_id == job_id, LnInvoice.purpose == InvoicePurpose.JOB)
+            )
+        ).first()
         if inv is not None and (kind != "settled" or inv.state == "accepted") and inv.state in ("open", "accepted"):
             await world._fact(s, inv, kind)
     await world.step_engine()
