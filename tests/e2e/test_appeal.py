@@ -239,3 +239,7 @@ async def _audits_clean(market: Market, job_id: str) -> None:
     assert report.ok, report.discrepancies
     assert any(f.check == "appeal" and f.status is Status.OK for f in report.findings), report.findings
     assert any(f.check == "outcome" and f.message.startswith("appealed") for f in report.findings)
+    # without the appeal request, the final decision's scores are strangers' and the two decisions disagree
+    appeal_request = next(e for e in events if e.kind == 5702 and ("param", "round", "appeal") in e.tags)
+    hidden = audit_events(job_id, [e for e in events if e.id != appeal_request.id], escrow=market.E)
+    assert {"two_decisions"} <= {f.code for f in hidden.discrepancies}, hidden.discrepancies
