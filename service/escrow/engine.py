@@ -672,6 +672,8 @@ class Engine:
             job = await self._extend_first(s, job)
         elif job.state == S.FALLBACK and job.fallback_deadline and received.timestamp() > job.fallback_deadline:
             job = await self._extend_first(s, job)
+        elif job.state == S.APPEAL and job.appeal_round_deadline and received.timestamp() > job.appeal_round_deadline:
+            job = await self._extend_first(s, job)
         fact = machine.ScoresReceived(
             ev.validator,
             ev.request_id,
@@ -718,6 +720,8 @@ class Engine:
         if job is None:
             return "ignored: appeal of an unknown job"
         received = await self.received_at(s, event)
+        if job.state == S.APPEALABLE and job.appeal_deadline and received.timestamp() > job.appeal_deadline:
+            job = await self._extend_first(s, job)  # it may have waited on the relays through an outage
         fact = machine.AppealReceived(appeal.appellant, appeal.result_id, event.id, received.timestamp())
         return (await self.apply(s, job.id, fact, row=job)).outcome
 
@@ -926,13 +930,19 @@ class Engine:
         then: every earlier outage is in them already), so an outage after an extension extends again,
         and the machine's own adjustment (validation keeps its window) is the base of the next one."""
         state = S(job.state)
-        if state not in (S.COLLECTING, S.VALIDATING, S.FALLBACK):
+        if state not in (S.COLLECTING, S.VALIDATING, S.FALLBACK, S.APPEALABLE, S.APPEAL):
             return None
         since = job.deadlines_extended_at or aware(job.created_at).timestamp()
         down = await liveness.outages_since(s, since, self.config.heartbeat_tolerance_seconds)
         if not down:
             return None
         grace, catch_up = self.config.results_grace_seconds, self.config.outage_catch_up_seconds
+        if state in (S.APPEALABLE, S.APPEAL):  # the appeal window's or round's own (set when it opened)
+            appeal_due = job.appeal_deadline if state is S.APPEALABLE else job.appeal_round_deadline
+            if appeal_due is None:
+                return None
+            appeal_to = liveness.extend_deadline(appeal_due, since, down, catch_up)
+            return machine.DeadlineExtended(None, None, appeal_to=appeal_to) if appeal_to > appeal_due else None
         if state is S.FALLBACK:  # its own deadline (set when the round started: earlier outages are behind it)
             if job.fallback_deadline is None:
                 return None

@@ -530,6 +530,7 @@ class DeadlineExtended:
     results_to: int | None
     validation_to: int | None
     fallback_to: int | None = None  # a fallback round's deadline (state FALLBACK)
+    appeal_to: int | None = None  # the appeal window's (APPEALABLE) or the appeal round's (APPEAL) deadline
     kind: ClassVar[FactKind] = FactKind.DEADLINE_EXTENDED
 
 
@@ -1333,6 +1334,8 @@ def _deadline_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
     rule), not a later one."""
     if view.state is S.FALLBACK:
         return _fallback_extended(b, view, fact, now)
+    if view.state in (S.APPEALABLE, S.APPEAL):
+        return _appeal_extended(b, view, fact, now)
     if view.state not in (S.COLLECTING, S.VALIDATING):
         return ignored(b, f"job is {view.state}: no deadline to extend")
     results_to = fact.results_to if view.state is S.COLLECTING else None
@@ -1383,6 +1386,38 @@ def _fallback_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
         )
     )
     _into_custody(b, "fallback deadline extended past the hold invoice's margin: into custody")
+    return "deadline extended"
+
+
+def _appeal_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: int) -> str:
+    """An outage across the appeal deadline (or the appeal round's) moves it, never earlier: an appeal,
+    its fee or the round's scores sent meanwhile waited on the relays (or at LND)."""
+    appeal = view.appeal
+    window = view.state is S.APPEALABLE
+    current = view.appeal_deadline if window else appeal.round_deadline if appeal is not None else None
+    if fact.appeal_to is None or current is None or fact.appeal_to <= current:
+        return ignored(b, "deadline extension: no deadline later than the one in force")
+    if window:
+        b.appeal_deadline = fact.appeal_to
+    else:
+        assert appeal is not None
+        b.appeal = replace(appeal, round_deadline=fact.appeal_to)
+    b.deadlines_extended_at = now
+    which = "appeal_deadline" if window else "appeal_round_deadline"
+    b.note(Note.FACT, {"event": "deadline extended (escrow outage)", which: fact.appeal_to, "was": current})
+    b.publish(
+        build_deadline_extension(
+            DeadlineExtension(
+                view.id,
+                view.customer,
+                None,
+                None,
+                appeal_deadline=fact.appeal_to if window else None,
+                appeal_round_deadline=None if window else fact.appeal_to,
+            )
+        )
+    )
+    _into_custody(b, "appeal deadline extended past the hold invoice's margin: into custody")
     return "deadline extended"
 
 
@@ -1614,6 +1649,7 @@ def _open_appeal_window(b: _Builder, c: MachineConfig) -> None:
     deadline = now + c.terms.appeal_window_s
     b.move(S.APPEALABLE, "decided: the appeal window is open")
     b.appeal_deadline = deadline
+    b.deadlines_extended_at = now  # the appeal deadline counts from now: earlier outages are behind it
     b.note(
         Note.FACT,
         {"event": "appeal window", "deadline": deadline, "accepted": b.decision is not None and b.decision.accepted},
@@ -1722,6 +1758,7 @@ def _start_appeal(b: _Builder, view: JobView, appeal: AppealView, c: MachineConf
         _carry_out(b, decision, c, "appeal void (no pool validator eligible): the decision stands")
         return "appeal void: fee refunded, the decision stands"
     b.move(S.APPEAL, "appeal fee paid: appeal round")
+    b.deadlines_extended_at = b.now  # the round's deadline counts from now
     b.appeal = replace(appeal, status=AppealStatus.RUNNING, round_deadline=deadline, validators=picked.validators)
     b.note(Note.FACT, {"event": "appeal round", "validators": list(picked.validators), "deadline": deadline})
     b.events.append(

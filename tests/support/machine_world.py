@@ -523,6 +523,18 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
                 outages=w.outages - 1,
             ),
         )
+    if due is not None and w.outages and v.state in (S.APPEALABLE, S.APPEAL):
+        current = v.appeal_deadline if v.state is S.APPEALABLE else v.appeal.round_deadline if v.appeal else None
+        if current is not None:
+            yield (
+                "outage across the appeal deadline",
+                step(
+                    w,
+                    machine.DeadlineExtended(None, None, appeal_to=current + OUTAGE_SECONDS),
+                    now=max(w.now, due),
+                    outages=w.outages - 1,
+                ),
+            )
     if due is not None and w.outages and v.state in (S.COLLECTING, S.VALIDATING):
         # The escrow was down across the deadline: the timer scan moves it by the outage (50 s).
         results_to = v.results_deadline + OUTAGE_SECONDS if v.state is S.COLLECTING else None

@@ -34,6 +34,7 @@ from service.nostr.protocol import (
     parse_evaluation_request,
     parse_validation_complete,
 )
+from service.nostr.protocol.feedback import parse_deadline_extension
 from service.nostr.protocol.fields import Template, placeholder_event
 from service.payouts.types import PayoutKind
 from tests.support import machine_world as mw
@@ -315,3 +316,27 @@ def test_a_hold_job_goes_into_custody_when_its_htlc_cannot_outlive_the_window_an
     long = replace(mw.APPEALS, appeal_round_seconds=1_000)
     too_long = _appealable("scores v0 good", mode=Mode.HOLD, config=long)
     assert too_long.view.state is S.APPEALABLE and EffectKind.SETTLE_HOLD in too_long.effects
+
+
+def test_an_outage_across_the_appeal_deadline_moves_it_and_an_appeal_sent_meanwhile_counts() -> None:
+    w = _appealable("scores v0 good")
+    deadline = w.view.appeal_deadline
+    assert deadline is not None
+    plan = _published(replace(w, now=deadline + 30), machine.DeadlineExtended(None, None, appeal_to=deadline + 80))
+    assert plan.appeal_deadline == deadline + 80 and plan.state is S.APPEALABLE
+    moved = [parse_deadline_extension(placeholder_event(o.template)) for o in plan.events]
+    assert [x.appeal_deadline for x in moved] == [deadline + 80]
+    later = _published(
+        replace(w, now=deadline + 30), machine.DeadlineExtended(None, None, appeal_to=deadline)
+    )  # never earlier than the one in force
+    assert later.outcome.startswith("ignored") and later.appeal_deadline is None
+    extended = mw.after(replace(w, now=deadline + 30), plan, machine.DeadlineExtended(None, None, deadline + 80))
+    fact = machine.AppealReceived(w.view.customer, None, "e" * 64, float(deadline + 40))
+    assert _published(extended, fact).appeal is not None  # on time for the deadline in force
+    round_ = _paid("scores v0 bad", f"appeal by {P0[:4]}")
+    assert round_.view.appeal is not None and round_.view.appeal.round_deadline is not None
+    ext = _published(round_, machine.DeadlineExtended(None, None, appeal_to=round_.view.appeal.round_deadline + 50))
+    assert ext.appeal is not None and ext.appeal.round_deadline == round_.view.appeal.round_deadline + 50
+    assert [parse_deadline_extension(placeholder_event(o.template)).appeal_round_deadline for o in ext.events] == [
+        round_.view.appeal.round_deadline + 50
+    ]

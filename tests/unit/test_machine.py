@@ -90,7 +90,7 @@ def reachable() -> dict[str, mw.World]:
     ]
     # Appeals: a pool for the appeal round (one named validator; two with a fallback round first), or none.
     appeals = [
-        mw.start(mw.request(shards=1, validators=n, mode=m), config=mw.APPEALS)
+        mw.start(mw.request(shards=1, validators=n, mode=m), config=mw.APPEALS, outages=1)
         for m in (Mode.HOLD, Mode.CUSTODIAL)
         for n in (1, 2)
     ]

@@ -101,6 +101,10 @@ INFO_FALLBACK = "fallback round"
 DEADLINE_RESULTS = "results"
 DEADLINE_VALIDATION = "validation"
 DEADLINE_FALLBACK = "fallback"
+DEADLINE_APPEAL = "appeal"  # the appeal window's (§6c)
+DEADLINE_APPEAL_ROUND = "appeal_round"  # an appeal round's
+#: Deadlines extended alone (one round's own), never with another.
+_ALONE = (DEADLINE_FALLBACK, DEADLINE_APPEAL, DEADLINE_APPEAL_ROUND)
 INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
@@ -172,6 +176,8 @@ class DeadlineExtension:
     validation_deadline: int | None
     job_relay: str = ""
     fallback_deadline: int | None = None  # a fallback round's (§6b), moved alone
+    appeal_deadline: int | None = None  # the appeal window's (§6c), moved alone
+    appeal_round_deadline: int | None = None  # an appeal round's (§6c), moved alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -480,10 +486,10 @@ def parse_deadline_extension(event: Event) -> DeadlineExtension:
     moved: dict[str, int] = {}
     for tag in named(tags, "extended"):
         arity(tag, 3, 3, R.INVALID_DEADLINE)
-        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION, DEADLINE_FALLBACK):
+        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION, *_ALONE):
             raise CodecError(
                 R.INVALID_DEADLINE,
-                f"an extended deadline is {DEADLINE_RESULTS!r}, {DEADLINE_VALIDATION!r} or {DEADLINE_FALLBACK!r}",
+                f"an extended deadline is one of {', '.join((DEADLINE_RESULTS, DEADLINE_VALIDATION, *_ALONE))}",
             )
         if tag[1] in moved:
             raise CodecError(R.INVALID_DEADLINE, f"the {tag[1]} deadline is extended twice")
@@ -494,14 +500,30 @@ def parse_deadline_extension(event: Event) -> DeadlineExtension:
     fallback = moved.get(DEADLINE_FALLBACK)
     if results is not None and validation is not None and validation <= results:
         raise CodecError(R.DEADLINE_ORDER, "the validation deadline must be after the results deadline")
-    if fallback is not None and (results is not None or validation is not None):
-        raise CodecError(R.INVALID_DEADLINE, "a fallback round's deadline is extended alone")
+    if any(moved.get(x) is not None for x in _ALONE) and len(moved) > 1:
+        raise CodecError(R.INVALID_DEADLINE, "a fallback round's or an appeal's deadline is extended alone")
     job_id, relay, customer = _job_and_addressee(tags)
-    return DeadlineExtension(job_id, customer, results, validation, relay, fallback)
+    return DeadlineExtension(
+        job_id,
+        customer,
+        results,
+        validation,
+        relay,
+        fallback,
+        moved.get(DEADLINE_APPEAL),
+        moved.get(DEADLINE_APPEAL_ROUND),
+    )
 
 
 def build_deadline_extension(ext: DeadlineExtension) -> Template:
-    if ext.results_deadline is None and ext.validation_deadline is None and ext.fallback_deadline is None:
+    moved = (
+        ext.results_deadline,
+        ext.validation_deadline,
+        ext.fallback_deadline,
+        ext.appeal_deadline,
+        ext.appeal_round_deadline,
+    )
+    if all(x is None for x in moved):
         raise ValueError("an extension moves at least one deadline")
     tags: list[Tag] = [_status_tag("processing", INFO_DEADLINE_EXTENDED)]
     if ext.results_deadline is not None:
@@ -512,10 +534,13 @@ def build_deadline_extension(ext: DeadlineExtension) -> Template:
         tags.append(
             ("extended", DEADLINE_VALIDATION, format_timestamp(ext.validation_deadline, R.INVALID_DEADLINE, "deadline"))
         )
-    if ext.fallback_deadline is not None:
-        tags.append(
-            ("extended", DEADLINE_FALLBACK, format_timestamp(ext.fallback_deadline, R.INVALID_DEADLINE, "deadline"))
-        )
+    for which, value in (
+        (DEADLINE_FALLBACK, ext.fallback_deadline),
+        (DEADLINE_APPEAL, ext.appeal_deadline),
+        (DEADLINE_APPEAL_ROUND, ext.appeal_round_deadline),
+    ):
+        if value is not None:
+            tags.append(("extended", which, format_timestamp(value, R.INVALID_DEADLINE, "deadline")))
     tags += [event_tag(ext.job_id, ext.job_relay), pubkey_tag(ext.customer)]
     return _finish(tags, parse_deadline_extension, ext)
 
