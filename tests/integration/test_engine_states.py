@@ -11,20 +11,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from dataclasses import replace
+from decimal import Decimal
 
 import pytest
 from sqlalchemy import select
 
+from service.api import queries
 from service.db import create_engine, session_factory
+from service.escrow.engine import appeal_of
 from service.escrow.models import Job, JobState
 from service.lightning.models import InvoicePurpose, LnInvoice
 from service.nostr.nip01 import SecretKey, sign_event
-from service.nostr.protocol import build_appeal, build_deletion
+from service.nostr.protocol import Score, build_appeal, build_deletion, build_evaluation_result
 from tests.unit.test_engine_properties import CUSTOMER, ESCROW, Clock, World, _fresh_db
 
 S = JobState
 POOL_KEY = SecretKey(hashlib.sha256(b"engine states pool validator").digest()).public_key_hex  # outside every job
-POOL_KEY_2 = SecretKey(hashlib.sha256(b"engine states pool validator 2").digest()).public_key_hex
+POOL_SECRET_2 = SecretKey(hashlib.sha256(b"engine states pool validator 2").digest())
+POOL_KEY_2 = POOL_SECRET_2.public_key_hex
 FACTS = (
     "effects_run",
     "funded",
@@ -229,3 +233,41 @@ async def _case(tmp, state: JobState, fact: str) -> None:
 def test_every_state_is_covered() -> None:
     assert set(START_STATES) == set(JobState) - {JobState.NEW}  # NEW: a request not stored yet
     assert all(s in START_STATES and f in FACTS for s, f in TABLE)
+
+
+def test_a_running_appeal_rounds_scores_are_hidden_in_public_until_its_verdict(tmp_path) -> None:
+    asyncio.run(_hidden_appeal_scores(tmp_path))
+
+
+async def _hidden_appeal_scores(tmp) -> None:
+    url = await _fresh_db(tmp)
+    engine = create_engine(url)
+    world = World(session_factory(engine), Clock())
+    try:
+        job_id = await reach(world, S.APPEAL)
+        async with world.sessions() as s:
+            job = await s.get(Job, job_id)
+            appeal = appeal_of(job.appeal, job.appeal_round_deadline)
+        assert appeal is not None and POOL_KEY_2 in appeal.validators and appeal.request_id is not None
+        scores = tuple(Score(rid, Decimal("0.2"), sha) for rid, sha, _ in world.results[job_id])
+        ev = sign_event(
+            POOL_SECRET_2,
+            *build_evaluation_result(
+                request_id=appeal.request_id, job_id=job_id, escrow=ESCROW.public_key_hex, scores=scores
+            ),
+            created_at=int(world.clock()),
+        )
+        await world.feed(ev)
+        async with world.sessions() as s:
+            assert (await s.get(Job, job_id)).state == S.APPEAL.value  # the other appeal validator has not scored
+            public = await queries.public_job(s, job_id)
+            admin = await queries.job_detail(s, job_id)
+        assert public is not None and admin is not None
+        mine = [x for x in public["scores"] if x["validator"] == POOL_KEY_2]
+        assert mine and all(x["value"] is None for x in mine)  # hidden while the round runs
+        assert {x["value"] for x in admin["scores"] if x["validator"] == POOL_KEY_2} == {"0.2"}
+        first = [x for x in public["scores"] if x["validator"] != POOL_KEY_2]
+        assert first and all(x["value"] is not None for x in first)  # the first decision's are published
+        assert public["appeal"]["status"] == "running" and public["appeal"]["appellant"] == CUSTOMER.public_key_hex
+    finally:
+        await engine.dispose()
