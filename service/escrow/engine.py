@@ -361,7 +361,7 @@ class Engine:
             try:
                 raw = unwrap_key(self.key, k.customer, k.customer_key, k.key_sha256)
             except SealError:
-                log.warning("fallback round: the stored key of result %s does not open; not handed on", k.result_id)
+                log.warning("pool round: the stored key of result %s does not open; not handed on", k.result_id)
                 continue
             keys.append(ValidatorKey(k.result_id, k.validator, wrap_key(self.key, k.validator, raw).payload))
         return build_evaluation_request(replace(o.evaluation, keys=tuple(keys)))
