@@ -124,6 +124,12 @@ class Settings(BaseSettings):
     claim_window_seconds: int = Field(default=30 * 86_400, ge=0)
     # The payee is reminded this long before its claim window ends (at most half the window).
     claim_reminder_seconds: int = Field(default=3 * 86_400, ge=0)
+    # Appeals (announced as appeal_window_s / appeal_fee_msat; docs/escrow.md "Appeals"): a decision
+    # waits this long before money moves, for a paid appeal. 0 (the default): no appeals, so
+    # payouts are not delayed; the operator turns it on.
+    appeal_window_seconds: int = Field(default=0, ge=0, le=30 * 86_400)
+    appeal_fee_msat: int = Field(default=10_000, ge=1_000, multiple_of=1_000)  # whole satoshis
+    appeal_round_seconds: int = Field(default=600, ge=1, le=7 * 86_400)  # the appeal round's window
     # Intake budget, whatever the source (relay or REST), counted in the database (docs/escrow.md).
     job_requests_per_minute: int = Field(default=120, ge=1)  # accepted requests, all keys
     job_requests_per_minute_per_key: int = Field(default=10, ge=1)  # any outcome, one key

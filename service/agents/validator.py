@@ -38,7 +38,6 @@ from service.nostr.protocol import (
     KIND_EVALUATION_REQUEST,
     CodecError,
     Direction,
-    EvalRound,
     EvaluationRequest,
     JobRequest,
     JobResult,
@@ -237,7 +236,7 @@ class Validator(Payee):
         sealed = result.sealed
         assert sealed is not None
         envelope = sealed.key_for(self.pubkey)
-        handed = request.key_for(result.id, self.pubkey) if request.round is EvalRound.FALLBACK else None
+        handed = request.key_for(result.id, self.pubkey) if request.round.pooled else None
         if envelope is not None:
             key = unwrap_key(self.key, result.provider, envelope.payload, sealed.key_sha256)
         elif handed is not None:
@@ -282,7 +281,7 @@ class Validator(Payee):
         if job_event is None:
             raise AgentError("the job request is neither on the relays nor at the escrow")
         job = read_job(job_event, self.escrow)
-        if self.pubkey not in job.validators and request.round is not EvalRound.FALLBACK:
+        if self.pubkey not in job.validators and not request.round.pooled:
             raise AgentError("the job does not name us as a validator")  # (a fallback round's come from the pool)
         t = time.monotonic()
         scores: list[Score] = []

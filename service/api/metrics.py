@@ -22,7 +22,7 @@ from service.api import queries
 from service.api.admin import check_bearer, usable
 from service.api.errors import ApiError
 from service.escrow.models import Job, JobState
-from service.lightning.models import LnFact, LnInvoice
+from service.lightning.models import InvoicePurpose, LnFact, LnInvoice
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.types import PayoutState
@@ -98,7 +98,7 @@ async def metrics(request: Request) -> PlainTextResponse:
             await s.execute(
                 select(LnFact.observed_at, LnInvoice.created_at)
                 .join(LnInvoice, LnInvoice.payment_hash == LnFact.payment_hash)
-                .where(LnFact.kind.in_(("accepted", "settled")))
+                .where(LnFact.kind.in_(("accepted", "settled")), LnInvoice.purpose == InvoicePurpose.JOB)
                 .order_by(LnFact.seq.desc())
                 .limit(500)
             )

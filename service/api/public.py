@@ -51,6 +51,11 @@ class TermsOut(BaseModel):
         description="seconds a payout waiting for its payee's invoice may be claimed, from its creation; "
         "then it expires (0: no window)"
     )
+    appeal_window_s: int = Field(
+        description="seconds after validation is complete in which the customer or a rejected provider may "
+        "appeal, before money moves (0: no appeals)"
+    )
+    appeal_fee_msat: int = Field(description="the appeal fee, in whole satoshis; refunded if the appeal wins")
 
 
 class PoolValidatorOut(BaseModel):
@@ -155,6 +160,8 @@ async def info(request: Request) -> InfoOut:
             max_results_per_shard=t.max_results_per_shard,
             routing_fee_ppm=t.routing_fee_ppm,
             claim_window_s=t.claim_window_s,
+            appeal_window_s=t.appeal_window_s,
+            appeal_fee_msat=t.appeal_fee_msat,
         ),
         validator_pool=[PoolValidatorOut(pubkey=v.pubkey, name=v.name) for v in st.escrow.validator_pool],
     )

@@ -27,7 +27,7 @@ from service.ledger import accounts as ledger_accounts
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting, LedgerReconciliation
 from service.lightning.client import LndClient
-from service.lightning.models import LnInvoice
+from service.lightning.models import InvoicePurpose, LnInvoice
 from service.nostr.models import InboxEvent, RejectedEvent
 from service.payouts.models import Payout, PayoutAttempt
 from service.payouts.stuck import lnd_report, wants_lnd_view
@@ -100,12 +100,33 @@ def job_summary(j: Job) -> dict:
         "fallback_request_id": j.fallback_request_id,
         "fallback_deadline": j.fallback_deadline,
         "fallback_validators": json.loads(j.fallback_validators) if j.fallback_validators else [],
+        # An appeal (docs/escrow.md "Appeals"): until when one may be made, and the appeal itself.
+        "appeal_deadline": j.appeal_deadline,
+        "appeal": _appeal(j),
         # Relative acceptance (protocol.md §2): the model a result must beat, and by how much.
         "baseline": _baseline(j.request_raw),
         "refund_reason": j.refund_reason,
         "reject_reason": j.reject_reason,
         "created_at": _ts(j.created_at),
         "updated_at": _ts(j.updated_at),
+    }
+
+
+def _appeal(j: Job) -> dict | None:
+    """The job's appeal as a view: who appealed (and for which result), its fee and its state, and
+    the appeal round's request, validators and deadline (its reason is never stored)."""
+    if not j.appeal:
+        return None
+    a = json.loads(j.appeal)
+    return {
+        "appellant": a["appellant"],
+        "result_id": a.get("result_id"),
+        "status": a["status"],
+        "fee_msat": a["fee_msat"],
+        "fee_payment_hash": a.get("payment_hash"),
+        "request_id": a.get("request_id"),
+        "validators": a.get("validators", []),
+        "round_deadline": j.appeal_round_deadline,
     }
 
 
@@ -132,7 +153,13 @@ async def job_detail(s: AsyncSession, job_id: str) -> dict | None:
     if job is None:
         return None
     out = job_summary(job)
-    inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job_id).order_by(LnInvoice.created_at))).first()
+    inv = (
+        await s.scalars(
+            select(LnInvoice)
+            .where(LnInvoice.job_id == job_id, LnInvoice.purpose == InvoicePurpose.JOB)
+            .order_by(LnInvoice.created_at)
+        )
+    ).first()
     out["invoice"] = invoice_view(inv) if inv else None
     results = (await s.scalars(select(Result).where(Result.job_id == job_id).order_by(Result.created_at))).all()
     out["results"] = [
@@ -175,6 +202,10 @@ async def public_job(s: AsyncSession, job_id: str) -> dict | None:
     if not job_decided(out):
         for x in out["scores"]:
             x["value"] = None  # who scored is public; what, only once the decision is taken
+    elif out["state"] == JobState.APPEAL.value and out["appeal"] is not None:
+        for x in out["scores"]:  # the appeal round's, only once its verdict is taken
+            if x.get("validator") in out["appeal"]["validators"]:
+                x["value"] = None
     for p in out["payouts"]:
         p["last_error"] = reason_code(p["last_error"])
     for entry in out["timeline"]:

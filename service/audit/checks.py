@@ -13,8 +13,13 @@ each signature, attributes the escrow's events by the key the job names, and che
 ``fallback``    a fallback round (§6b), if any: it follows the first request, asks only pool keys that are
                 not the customer, a provider or a named validator, no more of them than named
                 validators who scored nothing, and only for candidates the first round left short
-``scores``      every published score is by a designated validator (or a fallback one, of its candidates)
-``verdict``     every verdict, recomputed with the published rule from the published scores
+``appeal``      an appeal round (§6c), if any: it follows the first request, asks the job's quorum of pool
+                keys that are none of the job's own people (nor a fallback validator), for every
+                candidate; its validation complete, the final one, scores only by them
+``scores``      every published score is by a designated validator (or a fallback one, of its candidates;
+                after an appeal, by the appeal validators)
+``verdict``     every verdict, recomputed with the published rule from the published scores (after an
+                appeal: the final decision from the appeal round's scores, the first one's validator fees kept)
 ``split``       the published split is the job's bid, validator fee and validators
 ``terms``       its escrow fee matches the announced fee terms (a warning only: terms change)
 ``rewards``     every verdict's reward is the split rule's (whole satoshis, remainder to the escrow)
@@ -49,7 +54,7 @@ from service.nostr.protocol.feedback import (
 )
 from service.nostr.protocol.fields import BASELINE, check_singles
 from service.nostr.protocol.job import SINGLE_TAGS, JobRequest, check_roles, read_job_spec
-from service.nostr.protocol.money import MoneySplit
+from service.nostr.protocol.money import MoneySplit, whole_sats
 from service.nostr.protocol.result import JobResult, parse_result
 from service.nostr.protocol.terms import KIND_ANNOUNCEMENT, KIND_EVALUATION_REQUEST, KIND_FEEDBACK
 
@@ -85,6 +90,7 @@ class _Record:
     errors: list[tuple[Event, ErrorFeedback]] = field(default_factory=list)
     requests: list[tuple[Event, EvaluationRequest]] = field(default_factory=list)  # the first round's
     fallbacks: list[tuple[Event, EvaluationRequest]] = field(default_factory=list)  # a fallback round's
+    appeals: list[tuple[Event, EvaluationRequest]] = field(default_factory=list)  # an appeal round's
     results: dict[str, Event] = field(default_factory=dict)  # result id -> event (any author)
     evaluations: dict[str, Event] = field(default_factory=dict)  # evaluation result id -> event
     announcement: Announcement | None = None
@@ -98,7 +104,8 @@ class _Audit:
         self.rec = _Record()
         self.job: JobRequest | None = None
         self.decided: Recomputed | None = None
-        self.complete: ValidationComplete | None = None
+        self.complete: ValidationComplete | None = None  # the final decision's (after an appeal: its round's)
+        self.first_complete: ValidationComplete | None = None  # the first decision's (the same without an appeal)
 
     # ---- findings --------------------------------------------------------------------------
     def ok(self, check: str, message: str) -> None:
@@ -213,6 +220,8 @@ class _Audit:
                     impostors.append(event)
                 elif request.round is EvalRound.FALLBACK:
                     rec.fallbacks.append((event, request))
+                elif request.round is EvalRound.APPEAL:
+                    rec.appeals.append((event, request))
                 else:
                     rec.requests.append((event, request))
             elif event.kind == self.job.result_kind:
@@ -269,7 +278,8 @@ class _Audit:
                 self.na(check, "no validation complete")
         else:
             candidates = self._check_candidates()
-            self._check_fallback(candidates)
+            self._check_fallback(self._scored(candidates, self.first_complete))
+            self._check_appeal(candidates)
             self._check_scores()
             split = self._check_split()
             if split is not None:
@@ -335,10 +345,24 @@ class _Audit:
     def _check_outcome(self) -> bool:
         completes = self.rec.completes
         refunds = self.rec.refunds
-        if len({tuple(e.tags) for e, _ in completes}) > 1:
+        distinct = list({tuple(e.tags): c for e, c in completes}.values())
+        appeal = self.appeal
+        finals = [c for c in distinct if appeal is not None and _scored_by(c, appeal.validators)]
+        if appeal is not None and len(distinct) == 2 and len(finals) == 1:
+            # An appeal ran: the first decision, and the final one from the appeal round's scores.
+            self.first_complete = next(c for c in distinct if c is not finals[0])
+            self.complete = finals[0]
+            accepted = sum(v.accepted for v in self.complete.verdicts)
+            self.ok(
+                "outcome",
+                f"appealed: the final validation complete accepts {accepted} of {len(self.complete.verdicts)} "
+                "result(s)" + (f"; refunded ({refunds[0][1].reason})" if refunds else ""),
+            )
+            return True
+        if len(distinct) > 1:
             self.bad("outcome", "two_decisions", f"{len(completes)} different validation completes: the first is read")
         if completes:
-            self.complete = completes[0][1]
+            self.complete = self.first_complete = completes[0][1]
             accepted = sum(v.accepted for v in self.complete.verdicts)
             self.ok(
                 "outcome",
@@ -402,11 +426,70 @@ class _Audit:
         return self.rec.fallbacks[0][1] if self.rec.fallbacks else None
 
     @property
+    def appeal(self) -> EvaluationRequest | None:
+        return self.rec.appeals[0][1] if self.rec.appeals else None
+
+    @property
+    def appealed(self) -> bool:
+        """Whether the final decision is an appeal round's (its validation complete is not the first)."""
+        return self.complete is not None and self.complete is not self.first_complete
+
+    @property
     def validators(self) -> tuple[str, ...]:
-        """Whose scores may count: the named validators, then the fallback round's (as the escrow orders them)."""
+        """Whose scores may count: the named validators, then the fallback round's (as the escrow orders
+        them); after an appeal, the appeal round's."""
         assert self.job is not None
+        if self.appealed and self.appeal is not None:
+            return self.appeal.validators
         fallback = self.fallback
         return (*self.job.validators, *(fallback.validators if fallback is not None else ()))
+
+    def _scored(self, candidates: list[Scored], complete: ValidationComplete | None) -> list[Scored]:
+        """The candidates with ``complete``'s scores (the first decision's, after an appeal)."""
+        if complete is None or complete is self.complete:
+            return candidates
+        scores: dict[str, dict[str, Decimal | None]] = {c.result_id: {} for c in candidates}
+        for x in complete.scores:
+            scores.setdefault(x.result_id, {})[x.validator] = x.value
+        return [Scored(c.result_id, c.provider, scores.get(c.result_id, {})) for c in candidates]
+
+    def _check_appeal(self, candidates: list[Scored]) -> None:
+        """The appeal round is the escrow's rule (docs/escrow.md "Appeals"): after the first request,
+        at most the job's quorum of pool keys that are none of the job's own people nor a fallback
+        validator, for every candidate."""
+        assert self.job is not None
+        if not self.rec.appeals:
+            self.na("appeal", "no appeal round")
+            return
+        if len(self.rec.appeals) > 1:
+            self.bad("appeal", "two_appeals", "more than one appeal evaluation request")
+        event, appeal = self.rec.appeals[0]
+        first = self.rec.requests[0][0] if self.rec.requests else None
+        if first is None or appeal.previous != first.id:
+            self.bad("appeal", "wrong_previous", "the appeal request does not follow the first request", event.id)
+        fallback = self.fallback
+        barred = {
+            self.job.customer,
+            *self.job.validators,
+            *(c.provider for c in candidates if c.provider),
+            *(fallback.validators if fallback is not None else ()),
+        }
+        if barred & set(appeal.validators):
+            self.bad(
+                "appeal",
+                "barred_validator",
+                "the appeal round asks the customer, a provider, a named or a fallback validator",
+            )
+        if len(appeal.validators) > self.job.spec.validation.quorum:
+            self.bad("appeal", "too_many_appeal_validators", "more appeal validators than the job's quorum")
+        if {c.result_id for c in appeal.candidates} != {c.result_id for c in candidates}:
+            self.bad("appeal", "wrong_candidates", "the appeal round does not score every candidate")
+        announcement = self.rec.announcement
+        if announcement is not None and not set(appeal.validators) <= {v.pubkey for v in announcement.validator_pool}:
+            self.warn("appeal", "not_in_pool", "an appeal validator is not in the announced pool (it may have changed)")
+        if self._clean("appeal"):
+            final = "its verdict is final" if self.appealed else "no final decision from it (the first one stands)"
+            self.ok("appeal", f"appeal round: {len(appeal.validators)} pool validator(s), every candidate; {final}")
 
     def _check_fallback(self, candidates: list[Scored]) -> None:
         """The fallback round is the escrow's rule (docs/escrow.md): after the first request, pool
@@ -465,11 +548,14 @@ class _Audit:
         fallback = self.fallback
         round_two = set(fallback.validators) if fallback is not None else set()
         asked = {c.result_id for c in fallback.candidates} if fallback is not None else set()
-        strangers = [
-            s
-            for s in self.complete.scores
-            if s.validator not in self.job.validators and not (s.validator in round_two and s.result_id in asked)
-        ]
+        if self.appealed and self.appeal is not None:  # the final decision counts the appeal round's alone
+            strangers = [s for s in self.complete.scores if s.validator not in self.appeal.validators]
+        else:
+            strangers = [
+                s
+                for s in self.complete.scores
+                if s.validator not in self.job.validators and not (s.validator in round_two and s.result_id in asked)
+            ]
         for s in strangers:
             self.bad(
                 "scores",
@@ -529,6 +615,20 @@ class _Audit:
         assert self.job is not None and self.complete is not None
         spec = self.job.spec
         try:
+            kept = None
+            if self.appealed and self.first_complete is not None:  # the first decision's validator fees are kept
+                first = recompute(
+                    self._scored(candidates, self.first_complete),
+                    validation=spec.validation,
+                    policy=str(spec.payout),
+                    split=split,
+                    validators=(*self.job.validators, *(self.fallback.validators if self.fallback else ())),
+                    baseline=spec.baseline,
+                    baseline_scores={
+                        s.validator: s.value for s in self.first_complete.scores if s.result_id == BASELINE
+                    },
+                )
+                kept = dict(first.decision.validator_fees)
             decided = recompute(
                 candidates,
                 validation=spec.validation,
@@ -537,6 +637,7 @@ class _Audit:
                 validators=self.validators,
                 baseline=spec.baseline,
                 baseline_scores={s.validator: s.value for s in self.complete.scores if s.result_id == BASELINE},
+                kept_validator_fees=kept,
             )
         except (ValueError, AssertionError) as e:
             self.bad("verdict", "undecidable", f"the published scores and split make no decision: {e}")
@@ -672,6 +773,12 @@ class _Audit:
             return
         fee = decision.validator_fees.get(paid.payee)
         evaluation = self.rec.evaluations.get(paid.earned_by)
+        appeal = self.appeal
+        if fee is None and self.appealed and appeal is not None and paid.payee in appeal.validators:
+            # An appeal validator: paid at most the job's validator fee, from the appeal fee or the
+            # escrow's income on the job (rule.appeal_money; the fee's amount is not in the decision).
+            if self.complete is not None and self.complete.split is not None:
+                fee = min(amount, whole_sats(self.complete.split.validator_fee_msat))
         if fee is None:
             self.bad(
                 "receipt",
@@ -722,7 +829,11 @@ class _Audit:
         reasons = ", ".join(sorted({r.reason for _, r in refunds}))
         if funded is not None and total > funded:
             self.bad("refund", "refund_exceeds_funding", f"refunded {total} msat of {funded} funded")
-        released = (len(self.rec.receipts), len(self.rec.keys))
+        appeal = self.appeal
+        paid_by_appeal = set(appeal.validators) if appeal is not None and self.appealed else set()
+        # (an appeal validator paid from a lost appeal's fee is no release of the job's money)
+        receipts = [r for _, r in self.rec.receipts if r.payee not in paid_by_appeal]
+        released = (len(receipts), len(self.rec.keys))
         if any(released):
             self.bad(
                 "refund",
@@ -772,3 +883,8 @@ def audit_events(
     audit = _Audit(job_id, escrow)
     count = audit.run(events)
     return AuditReport(job_id, audit.escrow, tuple(audit.findings), count, relays)
+
+
+def _scored_by(complete: ValidationComplete, validators: tuple[str, ...]) -> bool:
+    """Whether every score ``complete`` publishes is by ``validators`` (and it has one)."""
+    return bool(complete.scores) and all(x.validator in validators for x in complete.scores)

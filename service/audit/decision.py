@@ -43,10 +43,12 @@ def recompute(
     validators: tuple[str, ...],
     baseline: Baseline | None = None,
     baseline_scores: Mapping[str, Decimal | None] | None = None,
+    kept_validator_fees: dict[str, int] | None = None,
 ) -> Recomputed:
     """``rule.decide`` over the published scores and split (and, for a job with a ``baseline``,
     the published scores of the baseline model). Raises ``ValueError`` (or ``AssertionError``,
-    the rule's own check) when they cannot make a decision."""
+    the rule's own check) when they cannot make a decision. ``kept_validator_fees``: an appeal's final
+    decision keeps the first one's validator fees (``rule.decide``)."""
     direction = str(validation.direction)
     base = None
     if baseline is not None:
@@ -71,5 +73,6 @@ def recompute(
         validators=validators,
         baseline=base,
         min_improvement=Decimal(0) if baseline is None else baseline.min_improvement,
+        kept_validator_fees=kept_validator_fees,
     )
     return Recomputed(decision, frozenset(v.result_id for v in decision.verdicts if v.unreadable))

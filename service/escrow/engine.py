@@ -63,7 +63,7 @@ from service.ledger import accounts
 from service.ledger import service as ledger
 from service.ledger.models import LedgerLine, LedgerPosting
 from service.lightning.hold import HoldSizing
-from service.lightning.models import LnFact, LnInvoice
+from service.lightning.models import InvoicePurpose, LnFact, LnInvoice
 from service.nostr import outbox
 from service.nostr.kinds import KIND_DELETION, KIND_EVALUATION_RESULT, KIND_FEEDBACK, KIND_JOB_REQUEST, KIND_JOB_RESULT
 from service.nostr.models import InboxEvent
@@ -75,6 +75,8 @@ from service.nostr.protocol import (
     JobRequest,
     ValidatorKey,
     build_evaluation_request,
+    is_appeal,
+    parse_appeal,
     parse_deletion,
     parse_evaluation_result,
     parse_feedback,
@@ -95,8 +97,10 @@ log = logging.getLogger(__name__)
 
 S = JobState
 #: Of the view, what each fact needs loaded besides the job row (the machine looks at nothing else).
-_RESULTS = frozenset({FactKind.RESULT, FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED})
-_SCORES = frozenset({FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED, FactKind.PAYOUT_SUCCEEDED})
+_RESULTS = frozenset({FactKind.RESULT, FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED, FactKind.APPEAL_FEE_PAID})
+_SCORES = frozenset(
+    {FactKind.SCORES, FactKind.DEADLINE, FactKind.SETTLED, FactKind.PAYOUT_SUCCEEDED, FactKind.APPEAL_FEE_PAID}
+)
 _MONEY = frozenset(
     {
         FactKind.SETTLED,
@@ -107,6 +111,7 @@ _MONEY = frozenset(
         FactKind.DEADLINE,
         FactKind.OPERATOR_REFUND,
         FactKind.INVOICE_CANCELED,
+        FactKind.APPEAL_FEE_PAID,
     }
 )
 _PAYOUTS = frozenset({FactKind.PAYOUT_SUCCEEDED, FactKind.PAYOUT_EXPIRED, FactKind.PAYOUT_REOPENED})
@@ -140,6 +145,7 @@ class EngineConfig:
     outage_catch_up_seconds: int = 60  # an extended deadline is at least this long after the escrow's return
     validator_pool: tuple[str, ...] = ()  # the announced pool's keys: a fallback round's validators
     fallback_round_seconds: int = 600  # a fallback evaluation round's window
+    appeal_round_seconds: int = 600  # an appeal round's window
     claim_reminder_seconds: int = 0  # a waiting payee is reminded this long before its claim window ends
 
     def machine(self) -> MachineConfig:
@@ -152,6 +158,7 @@ class EngineConfig:
             release_margin_seconds=self.release_margin_seconds,
             validator_pool=self.validator_pool,
             fallback_round_seconds=self.fallback_round_seconds,
+            appeal_round_seconds=self.appeal_round_seconds,
             claim_reminder_seconds=self.claim_reminder_seconds,
         )
 
@@ -255,11 +262,19 @@ class Engine:
                     plan.release_detail,
                     json.loads(row.decision) if row is not None and row.decision else {},
                 )
+            if plan.appeal_deadline is not None:
+                values["appeal_deadline"] = plan.appeal_deadline
+            appeal = plan.appeal
             for event, role in signed:
                 if role is EventRole.EVAL_REQUEST:
                     values["eval_request_id"] = event.id
                 elif role is EventRole.FALLBACK_REQUEST:
                     values["fallback_request_id"] = event.id
+                elif role is EventRole.APPEAL_REQUEST and appeal is not None:
+                    appeal = replace(appeal, request_id=event.id)
+            if appeal is not None:
+                values["appeal"] = appeal_json(appeal)
+                values["appeal_round_deadline"] = appeal.round_deadline
             res = await s.execute(
                 update(Job)
                 .where(Job.id == job_id, Job.state == view.state, Job.version == view.version)
@@ -346,7 +361,7 @@ class Engine:
             try:
                 raw = unwrap_key(self.key, k.customer, k.customer_key, k.key_sha256)
             except SealError:
-                log.warning("fallback round: the stored key of result %s does not open; not handed on", k.result_id)
+                log.warning("pool round: the stored key of result %s does not open; not handed on", k.result_id)
                 continue
             keys.append(ValidatorKey(k.result_id, k.validator, wrap_key(self.key, k.validator, raw).payload))
         return build_evaluation_request(replace(o.evaluation, keys=tuple(keys)))
@@ -471,6 +486,8 @@ class Engine:
             fallback_request_id=job.fallback_request_id,
             fallback_deadline=job.fallback_deadline,
             fallback_validators=tuple(json.loads(job.fallback_validators)) if job.fallback_validators else (),
+            appeal_deadline=job.appeal_deadline,
+            appeal=appeal_of(job.appeal, job.appeal_round_deadline),
             refund_reason=job.refund_reason,
             decision=decision_of(job.decision),
             results=results,
@@ -490,6 +507,8 @@ class Engine:
         if event.kind == KIND_EVALUATION_RESULT:
             return await self.on_scores(s, event)
         if event.kind == KIND_FEEDBACK:
+            if is_appeal(event):
+                return await self.on_appeal(s, event)
             return await self.on_payee_invoice(s, event)
         if event.kind == KIND_DELETION:
             return await self.on_deletion(s, event)
@@ -653,6 +672,8 @@ class Engine:
             job = await self._extend_first(s, job)
         elif job.state == S.FALLBACK and job.fallback_deadline and received.timestamp() > job.fallback_deadline:
             job = await self._extend_first(s, job)
+        elif job.state == S.APPEAL and job.appeal_round_deadline and received.timestamp() > job.appeal_round_deadline:
+            job = await self._extend_first(s, job)
         fact = machine.ScoresReceived(
             ev.validator,
             ev.request_id,
@@ -687,6 +708,29 @@ class Engine:
         except InvoiceRefused as e:
             return await self._ignore(s, job.id, event, f"{e.code.value}: {e.message}")
         return "invoice accepted for checking"
+
+    async def on_appeal(self, s: AsyncSession, event: Event) -> str:
+        """An appeal (protocol.md §6c): the codec checks its shape (its reason is never stored or
+        echoed); who may appeal and when is the machine's. On time is when the escrow received it."""
+        try:
+            appeal = parse_appeal(event, escrow_pubkey=self.E)
+        except CodecError as e:
+            return f"ignored: {e.reason.value}"
+        job = await self._job(s, appeal.job_id)
+        if job is None:
+            return "ignored: appeal of an unknown job"
+        received = await self.received_at(s, event)
+        if job.state == S.APPEALABLE and job.appeal_deadline and received.timestamp() > job.appeal_deadline:
+            job = await self._extend_first(s, job)  # it may have waited on the relays through an outage
+        fact = machine.AppealReceived(appeal.appellant, appeal.result_id, event.id, received.timestamp())
+        return (await self.apply(s, job.id, fact, row=job)).outcome
+
+    async def on_appeal_invoice_created(
+        self, s: AsyncSession, job_id: str, payment_hash: str, payment_request: str, amount_msat: int
+    ) -> str:
+        """The effect runner made the appeal fee's invoice: the machine publishes it to the appellant."""
+        fact = machine.AppealInvoiceCreated(payment_hash, payment_request, amount_msat)
+        return (await self.apply(s, job_id, fact)).outcome
 
     async def on_deletion(self, s: AsyncSession, event: Event) -> str:
         try:
@@ -742,13 +786,21 @@ class Engine:
         )
         if rowcount(claimed) != 1:
             return "already consumed"
-        job_id = await s.scalar(select(LnInvoice.job_id).where(LnInvoice.payment_hash == fact.payment_hash))
-        job = await self._job(s, job_id) if job_id is not None else None
-        if job is None:
+        found = (
+            await s.execute(
+                select(LnInvoice.job_id, LnInvoice.purpose).where(LnInvoice.payment_hash == fact.payment_hash)
+            )
+        ).first()
+        job = await self._job(s, found.job_id) if found is not None and found.job_id is not None else None
+        if job is None or found is None:
             return "no job"
         observed = int(aware(fact.observed_at).timestamp())
         step: Fact
-        if fact.kind == "accepted":
+        if found.purpose == InvoicePurpose.APPEAL_FEE:  # an appeal's fee: never the job's funding
+            if fact.kind != "settled":
+                return f"appeal fee invoice {fact.kind}: no change"
+            step = machine.AppealFeePaid(fact.payment_hash, fact.amount_msat, observed)
+        elif fact.kind == "accepted":
             step = machine.HoldAccepted(fact.amount_msat, observed)
         elif fact.kind == "settled":
             step = machine.Settled(fact.payment_hash, fact.amount_msat, observed)
@@ -841,6 +893,8 @@ class Engine:
             self.now(),
             self.machine_config,
             fallback_deadline=job.fallback_deadline,
+            appeal_deadline=job.appeal_deadline,
+            appeal_round_deadline=job.appeal_round_deadline,
         )
 
     async def on_timers(self, s: AsyncSession, job: Job) -> str | None:
@@ -876,13 +930,19 @@ class Engine:
         then: every earlier outage is in them already), so an outage after an extension extends again,
         and the machine's own adjustment (validation keeps its window) is the base of the next one."""
         state = S(job.state)
-        if state not in (S.COLLECTING, S.VALIDATING, S.FALLBACK):
+        if state not in (S.COLLECTING, S.VALIDATING, S.FALLBACK, S.APPEALABLE, S.APPEAL):
             return None
         since = job.deadlines_extended_at or aware(job.created_at).timestamp()
         down = await liveness.outages_since(s, since, self.config.heartbeat_tolerance_seconds)
         if not down:
             return None
         grace, catch_up = self.config.results_grace_seconds, self.config.outage_catch_up_seconds
+        if state in (S.APPEALABLE, S.APPEAL):  # the appeal window's or round's own (set when it opened)
+            appeal_due = job.appeal_deadline if state is S.APPEALABLE else job.appeal_round_deadline
+            if appeal_due is None:
+                return None
+            appeal_to = liveness.extend_deadline(appeal_due, since, down, catch_up)
+            return machine.DeadlineExtended(None, None, appeal_to=appeal_to) if appeal_to > appeal_due else None
         if state is S.FALLBACK:  # its own deadline (set when the round started: earlier outages are behind it)
             if job.fallback_deadline is None:
                 return None
@@ -918,6 +978,7 @@ def decision_json(decision: Decision | None, release: dict[str, object] | Any, s
                 "validator_fees": dict(decision.validator_fees),
                 "fee_income_msat": decision.fee_income_msat,
                 "remainder_msat": decision.remainder_msat,
+                "appeal_fees": dict(decision.appeal_fees),
             }
         )
     if release:
@@ -943,7 +1004,45 @@ def decision_of(raw: str | None) -> Decision | None:
         for v in d["verdicts"]
     )
     return Decision(
-        verdicts, d.get("validator_fees", {}), d.get("fee_income_msat", 0), d.get("remainder_msat", 0), d.get("why", "")
+        verdicts,
+        d.get("validator_fees", {}),
+        d.get("fee_income_msat", 0),
+        d.get("remainder_msat", 0),
+        d.get("why", ""),
+        d.get("appeal_fees", {}),
+    )
+
+
+def appeal_json(a: machine.AppealView) -> str:
+    """A job's appeal as stored (``escrow_jobs.appeal``; its round's deadline is a column of its own)."""
+    return json.dumps(
+        {
+            "appellant": a.appellant,
+            "status": a.status.value,
+            "fee_msat": a.fee_msat,
+            "result_id": a.result_id,
+            "event_id": a.event_id,
+            "payment_hash": a.payment_hash,
+            "request_id": a.request_id,
+            "validators": list(a.validators),
+        }
+    )
+
+
+def appeal_of(raw: str | None, round_deadline: int | None) -> machine.AppealView | None:
+    if not raw:
+        return None
+    d = json.loads(raw)
+    return machine.AppealView(
+        appellant=d["appellant"],
+        status=machine.AppealStatus(d["status"]),
+        fee_msat=d["fee_msat"],
+        result_id=d.get("result_id"),
+        event_id=d.get("event_id", ""),
+        payment_hash=d.get("payment_hash"),
+        request_id=d.get("request_id"),
+        round_deadline=round_deadline,
+        validators=tuple(d.get("validators", ())),
     )
 
 

@@ -74,6 +74,14 @@ from service.nostr.protocol import (
 )
 from service.nostr.protocol import PaymentProof as ProofBody
 from service.nostr.protocol import Verdict as VerdictBody
+from service.nostr.protocol.appeal import (
+    AppealFee,
+    AppealRoundStarted,
+    AppealWindow,
+    build_appeal_fee,
+    build_appeal_round,
+    build_appeal_window,
+)
 from service.nostr.protocol.feedback import REASON_CLAIM_WINDOW_ENDING
 from service.nostr.protocol.fields import BASELINE, Template
 from service.nostr.protocol.terms import Mode
@@ -97,6 +105,8 @@ class JobState(enum.StrEnum):
     COLLECTING = "collecting"  # funded; providers train and submit results
     VALIDATING = "validating"  # evaluation request out; validators score
     FALLBACK = "fallback"  # quorum missed: a fallback evaluation round from the escrow's pool is out
+    APPEALABLE = "appealable"  # decided and published; the money waits for the appeal window to close
+    APPEAL = "appeal"  # a paid appeal: an appeal round from the escrow's pool is out; its verdict is final
     RELEASING = "releasing"  # decided: paying providers and validators
     CLOSED = "closed"  # every payout made; the job's accounts are zero
     REFUNDING = "refunding"  # nothing accepted (or expired hold): money going back
@@ -113,14 +123,27 @@ S = JobState
 FINAL_STATES: Final = frozenset({S.CLOSED, S.REFUNDED, S.REJECTED, S.CANCELLED})
 #: States a job is only in once it was funded (the intake budget's "returning customer").
 FUNDED_STATES: Final = frozenset(
-    {S.COLLECTING, S.VALIDATING, S.FALLBACK, S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED}
+    {S.COLLECTING, S.VALIDATING, S.FALLBACK, S.APPEALABLE, S.APPEAL, S.RELEASING, S.CLOSED, S.REFUNDING, S.REFUNDED}
 )
 #: States an operator may refund a job from by hand (before any release decision: nothing paid out).
 OPERATOR_REFUNDABLE: Final = frozenset({S.COLLECTING, S.VALIDATING, S.FALLBACK})
 #: States with a deadline the timers watch.
-TIMED_STATES: Final = frozenset({S.OFFERED, S.COLLECTING, S.VALIDATING, S.FALLBACK})
+TIMED_STATES: Final = frozenset({S.OFFERED, S.COLLECTING, S.VALIDATING, S.FALLBACK, S.APPEALABLE, S.APPEAL})
 #: States in which the job's money waits for a decision (a hold may be moved into custody).
-DECIDING_STATES: Final = frozenset({S.COLLECTING, S.VALIDATING, S.FALLBACK})
+DECIDING_STATES: Final = frozenset({S.COLLECTING, S.VALIDATING, S.FALLBACK, S.APPEALABLE, S.APPEAL})
+
+
+class AppealStatus(enum.StrEnum):
+    """Where a job's appeal is (docs/escrow.md, "Appeals"); None on a job nobody appealed."""
+
+    REQUESTED = "requested"  # a valid appeal: its fee invoice is being made
+    INVOICED = "invoiced"  # the fee invoice is out, payable until the appeal deadline
+    UNPAID = "unpaid"  # the appeal deadline passed with the fee unpaid: the decision stands
+    RUNNING = "running"  # the fee is paid: the appeal round is out
+    WON = "won"  # the final decision went the appellant's way: its fee is refunded
+    LOST = "lost"  # it did not: the fee paid the appeal validators, the rest is the escrow's
+    VOID = "void"  # the round could not run or missed quorum: the decision stands, the fee is refunded
+    LATE = "late"  # the fee was paid after the appeal deadline: refunded, the appeal ignored
 
 
 class Funds(enum.StrEnum):
@@ -137,6 +160,7 @@ class EffectKind(enum.StrEnum):
     CREATE_INVOICE = "create_invoice"
     SETTLE_HOLD = "settle_hold"
     CANCEL_INVOICE = "cancel_invoice"
+    CREATE_APPEAL_INVOICE = "appeal_invoice"  # the appeal fee's (plain) invoice
 
 
 class FactKind(enum.StrEnum):
@@ -158,6 +182,9 @@ class FactKind(enum.StrEnum):
     PAYOUT_REOPENED = "payout reopened"
     CLAIM_REMINDER = "claim window ending"
     OPERATOR_REFUND = "operator refund"
+    APPEAL = "appeal"
+    APPEAL_INVOICE_CREATED = "appeal invoice created"
+    APPEAL_FEE_PAID = "appeal fee paid"
 
 
 # ---------------------------------------------------------------------------- the table
@@ -180,16 +207,28 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     (S.COLLECTING, FactKind.DEADLINE): frozenset({S.VALIDATING, S.REFUNDING, S.REFUNDED}),  # no results
     (S.COLLECTING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),  # the hold HTLC went back
     (S.COLLECTING, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
-    (S.VALIDATING, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    # appealable: decided, and the escrow announces an appeal window (the money waits for it)
+    (S.VALIDATING, FactKind.SCORES): frozenset({S.APPEALABLE, S.RELEASING, S.REFUNDING, S.REFUNDED}),
     # fallback: quorum missed, and a fallback round from the escrow's pool is possible and allowed
-    (S.VALIDATING, FactKind.DEADLINE): frozenset({S.FALLBACK, S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    (S.VALIDATING, FactKind.DEADLINE): frozenset({S.FALLBACK, S.APPEALABLE, S.RELEASING, S.REFUNDING, S.REFUNDED}),
     (S.VALIDATING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
     (S.VALIDATING, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
-    (S.FALLBACK, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),  # every fallback validator
-    (S.FALLBACK, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    (S.FALLBACK, FactKind.SCORES): frozenset(  # every fallback validator scored
+        {S.APPEALABLE, S.RELEASING, S.REFUNDING, S.REFUNDED}
+    ),
+    (S.FALLBACK, FactKind.DEADLINE): frozenset({S.APPEALABLE, S.RELEASING, S.REFUNDING, S.REFUNDED}),
     (S.FALLBACK, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),
     (S.FALLBACK, FactKind.OPERATOR_REFUND): frozenset({S.REFUNDING, S.REFUNDED}),
-    (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDED}),  # the hold expired before settling
+    # appeal: the fee paid in time, and a pool validator eligible (else the decision goes ahead)
+    (S.APPEALABLE, FactKind.APPEAL_FEE_PAID): frozenset({S.APPEAL, S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    (S.APPEALABLE, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),  # as decided
+    # refunding: the hold went back, and an appeal's payouts are still owed (refunded once they are paid)
+    (S.APPEALABLE, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDING, S.REFUNDED}),
+    (S.APPEAL, FactKind.SCORES): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),  # every appeal validator
+    (S.APPEAL, FactKind.DEADLINE): frozenset({S.RELEASING, S.REFUNDING, S.REFUNDED}),
+    (S.APPEAL, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDING, S.REFUNDED}),
+    # the hold expired before settling (refunding: an appeal's payouts still owed)
+    (S.RELEASING, FactKind.INVOICE_CANCELED): frozenset({S.REFUNDING, S.REFUNDED}),
     (S.RELEASING, FactKind.PAYOUT_SUCCEEDED): frozenset({S.CLOSED}),  # the last payout booked
     (S.RELEASING, FactKind.PAYOUT_EXPIRED): frozenset({S.CLOSED}),  # the last open payout expired
     (S.REFUNDING, FactKind.SETTLED): frozenset({S.REFUNDED}),  # nothing left to send back
@@ -200,6 +239,9 @@ TRANSITIONS: Final[Mapping[tuple[JobState, FactKind], frozenset[JobState]]] = {
     # An operator reopened an expired claim of a finished job: it owes that payout again.
     (S.CLOSED, FactKind.PAYOUT_REOPENED): frozenset({S.RELEASING}),
     (S.REFUNDED, FactKind.PAYOUT_REOPENED): frozenset({S.REFUNDING}),
+    # An appeal fee paid after the appeal deadline, when the job had finished: owed back to its appellant.
+    (S.CLOSED, FactKind.APPEAL_FEE_PAID): frozenset({S.RELEASING}),
+    (S.REFUNDED, FactKind.APPEAL_FEE_PAID): frozenset({S.REFUNDING}),
 }
 
 
@@ -295,6 +337,10 @@ class JobView:
     fallback_request_id: str | None = None
     fallback_deadline: int | None = None
     fallback_validators: tuple[str, ...] = ()
+    # The appeal (states APPEALABLE and APPEAL, and after): until when one may be made, by whom (a
+    # provider: for its rejected result), its fee invoice, and the appeal round.
+    appeal_deadline: int | None = None
+    appeal: AppealView | None = None
     refund_reason: str | None = None
     decision: Decision | None = None  # stored when validation ended
     results: tuple[ResultView, ...] = ()
@@ -335,14 +381,32 @@ class JobView:
 
 
 @dataclass(frozen=True)
+class AppealView:
+    """A job's appeal: the first valid one (one per job). ``fee_msat``: the fee asked (the terms')."""
+
+    appellant: str
+    status: AppealStatus
+    fee_msat: int
+    result_id: str | None = None  # a provider's rejected result; None: the customer's appeal
+    event_id: str = ""
+    payment_hash: str | None = None
+    request_id: str | None = None  # the appeal round's evaluation request
+    round_deadline: int | None = None
+    validators: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Decision:
-    """What validation decided (stored with the job as JSON, see ``service/escrow/engine.py``)."""
+    """What validation decided (stored with the job as JSON, see ``service/escrow/engine.py``).
+
+    ``appeal_fees``: a won appeal's validators, paid at release from the escrow's income on the job."""
 
     verdicts: tuple[rule.Verdict, ...]
     validator_fees: Mapping[str, int]
     fee_income_msat: int
     remainder_msat: int
     why: str
+    appeal_fees: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def accepted(self) -> bool:
@@ -359,6 +423,7 @@ class MachineConfig:
     release_margin_seconds: int = 3600  # hold invoices must outlive the validation deadline by this
     validator_pool: tuple[str, ...] = ()  # the pool the escrow announces (§1): fallback validators come from it
     fallback_round_seconds: int = 600  # a fallback evaluation round's window
+    appeal_round_seconds: int = 600  # an appeal round's window
     claim_reminder_seconds: int = 0  # the payee is reminded this long before its claim window ends
 
     @property
@@ -465,6 +530,7 @@ class DeadlineExtended:
     results_to: int | None
     validation_to: int | None
     fallback_to: int | None = None  # a fallback round's deadline (state FALLBACK)
+    appeal_to: int | None = None  # the appeal window's (APPEALABLE) or the appeal round's (APPEAL) deadline
     kind: ClassVar[FactKind] = FactKind.DEADLINE_EXTENDED
 
 
@@ -520,6 +586,35 @@ class OperatorRefund:
     kind: ClassVar[FactKind] = FactKind.OPERATOR_REFUND
 
 
+@dataclass(frozen=True)
+class AppealReceived:
+    """A kind-7000 appeal the codec accepted (``result_id``: the provider's rejected result)."""
+
+    appellant: str
+    result_id: str | None
+    event_id: str
+    received_at: float  # when the escrow first received it (its inbox row), never its created_at
+    kind: ClassVar[FactKind] = FactKind.APPEAL
+
+
+@dataclass(frozen=True)
+class AppealInvoiceCreated:
+    payment_hash: str
+    bolt11: str
+    amount_msat: int
+    kind: ClassVar[FactKind] = FactKind.APPEAL_INVOICE_CREATED
+
+
+@dataclass(frozen=True)
+class AppealFeePaid:
+    """The appeal fee invoice settled (LND's observation time, never the payer's)."""
+
+    payment_hash: str
+    amount_msat: int
+    observed_at: int
+    kind: ClassVar[FactKind] = FactKind.APPEAL_FEE_PAID
+
+
 Fact = (
     RequestAccepted
     | RequestRejected
@@ -539,6 +634,9 @@ Fact = (
     | PayoutReopened
     | ClaimReminder
     | OperatorRefund
+    | AppealReceived
+    | AppealInvoiceCreated
+    | AppealFeePaid
 )
 
 
@@ -588,6 +686,7 @@ class EventRole(enum.StrEnum):
     OTHER = "other"
     EVAL_REQUEST = "eval_request"  # becomes eval_request_id
     FALLBACK_REQUEST = "fallback_request"  # becomes fallback_request_id
+    APPEAL_REQUEST = "appeal_request"  # becomes appeal_request_id
 
 
 @dataclass(frozen=True)
@@ -617,6 +716,8 @@ class Plan:
     deadlines_extended_at: int | None = None  # and when
     fallback_deadline: int | None = None  # set when a fallback round starts (or an outage moves it)
     fallback_validators: tuple[str, ...] | None = None  # set when a fallback round starts
+    appeal_deadline: int | None = None  # set when the decision opens the appeal window
+    appeal: AppealView | None = None  # set when the appeal changes (the whole of it)
     refund_reason: str | None = None
     decision: Decision | None = None
     release_detail: Mapping[str, object] | None = None  # added to the stored decision at release
@@ -641,6 +742,8 @@ class Plan:
             or self.deadlines_extended_at is not None
             or self.fallback_deadline is not None
             or self.fallback_validators is not None
+            or self.appeal_deadline is not None
+            or self.appeal is not None
             or self.refund_reason
             or self.decision
             or self.release_detail
@@ -677,6 +780,8 @@ class _Builder:
         self.deadlines_extended_at: int | None = None
         self.fallback_deadline: int | None = None
         self.fallback_validators: tuple[str, ...] | None = None
+        self.appeal_deadline: int | None = None
+        self.appeal: AppealView | None = None
         self.refund_reason: str | None = None
         self.decision: Decision | None = None
         self.release_detail: Mapping[str, object] | None = None
@@ -739,6 +844,8 @@ class _Builder:
             deadlines_extended_at=self.deadlines_extended_at,
             fallback_deadline=self.fallback_deadline,
             fallback_validators=self.fallback_validators,
+            appeal_deadline=self.appeal_deadline,
+            appeal=self.appeal,
             refund_reason=self.refund_reason,
             decision=self.decision,
             release_detail=self.release_detail,
@@ -948,6 +1055,10 @@ def _invoice_canceled(b: _Builder, view: JobView, fact: InvoiceCanceled, now: in
             b, view.refund_reason or RefundReason.HOLD_EXPIRED, view.bid_msat, "refunded (hold cancelled)"
         )
     if view.state in (*DECIDING_STATES, S.RELEASING):
+        appeal = view.appeal
+        if appeal is not None and appeal.status is AppealStatus.RUNNING:  # the round cannot decide any more
+            b.appeal = replace(appeal, status=AppealStatus.VOID)
+            _refund_appeal_fee(b, appeal, appeal.fee_msat, "the job's hold invoice was cancelled")
         b.move(S.REFUNDING, RefundReason.HOLD_EXPIRED)
         b.refund_reason = RefundReason.HOLD_EXPIRED.value
         return _finish_refund(b, RefundReason.HOLD_EXPIRED, view.bid_msat, "refunded (hold cancelled before release)")
@@ -1033,10 +1144,17 @@ def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: Machi
         validators, request_id = view.fallback_validators, view.fallback_request_id
         deadline = view.fallback_deadline if view.fallback_deadline is not None else view.validation_deadline
         candidates = fallback_candidates(view)
+    elif view.state is S.APPEAL and view.appeal is not None:
+        # Only the appeal validators, for the appeal request, before the appeal round's deadline.
+        validators, request_id = view.appeal.validators, view.appeal.request_id
+        deadline = view.appeal.round_deadline if view.appeal.round_deadline is not None else now
+        candidates = view.results
     else:
         return ignored(b, f"job is {view.state}, not validating", **seen)
     if fact.validator not in validators:
-        why = "not a fallback validator" if view.state is S.FALLBACK else "not a designated validator"
+        why = {S.FALLBACK: "not a fallback validator", S.APPEAL: "not an appeal validator"}.get(
+            view.state, "not a designated validator"
+        )
         return ignored(b, f"signed by a key that is {why}", **seen)
     if fact.request_id != request_id:
         return ignored(b, "answers another evaluation request", **seen)
@@ -1068,15 +1186,23 @@ def _scores(b: _Builder, view: JobView, fact: ScoresReceived, now: int, c: Machi
     )
     counted = f"counted {len(b.scores)} score(s)" + (f"; ignored {len(notes)}" if notes else "")
     if all((r, v) in have for r in targets for v in validators):
-        why = (
-            "every fallback validator scored" if view.state is S.FALLBACK else "every validator scored every candidate"
-        )
-        _decide(b, (*view.scores, *b.scores), c, why)
+        if view.state is S.APPEAL:
+            _appeal_verdict(b, (*view.scores, *b.scores), c, "every appeal validator scored")
+        else:
+            why = (
+                "every fallback validator scored"
+                if view.state is S.FALLBACK
+                else "every validator scored every candidate"
+            )
+            _decide(b, (*view.scores, *b.scores), c, why)
     return counted
 
 
-def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
-    """The validation rule (``service/escrow/rule.py``) applied to the job's counted scores."""
+def decide(
+    view: JobView, scores: tuple[ScoreView, ...], why: str, *, kept_validator_fees: dict[str, int] | None = None
+) -> Decision:
+    """The validation rule (``service/escrow/rule.py``) applied to the job's counted scores
+    (``kept_validator_fees``: an appeal's final decision keeps the first one's validator fees)."""
     req = view.req
     # Every counted score, unreadable ones included (a None value was never counted).
     cands = [
@@ -1104,6 +1230,7 @@ def decide(view: JobView, scores: tuple[ScoreView, ...], why: str) -> Decision:
         if baseline is None
         else {x.validator: x.value for x in scores if x.result_id == BASELINE and x.value is not None},
         min_improvement=Decimal(0) if baseline is None else baseline.min_improvement,
+        kept_validator_fees=kept_validator_fees,
     )
     return Decision(d.verdicts, dict(d.validator_fees), d.fee_income_msat, d.remainder_msat, why)
 
@@ -1126,9 +1253,18 @@ def published_scores(view: JobView, scores: tuple[ScoreView, ...]) -> tuple[Publ
 
 
 def _decide(b: _Builder, scores: tuple[ScoreView, ...], c: MachineConfig, why: str) -> None:
-    view = b.view
-    decision = decide(view, scores, why)
+    """Decide, publish the validation complete, and carry the decision out, or (an appeal window
+    announced) wait for the window: nothing is paid or refunded until it closes."""
+    decision = decide(b.view, scores, why)
     b.decision = decision
+    b.publish(_validation_complete(b.view, decision, scores))
+    if c.terms.appeals:
+        _open_appeal_window(b, c)
+        return
+    _carry_out(b, decision, c, why)
+
+
+def _validation_complete(view: JobView, decision: Decision, scores: tuple[ScoreView, ...]) -> Template:
     verdicts = tuple(
         VerdictBody(
             result_id=x.result_id,
@@ -1139,23 +1275,26 @@ def _decide(b: _Builder, scores: tuple[ScoreView, ...], c: MachineConfig, why: s
         )
         for x in decision.verdicts
     )
-    complete = build_validation_complete(
+    return build_validation_complete(
         ValidationComplete(
             view.id, view.customer, verdicts, scores=published_scores(view, scores), split=view.req.split
         )
     )
+
+
+def _carry_out(b: _Builder, decision: Decision, c: MachineConfig, why: str) -> None:
+    """Release or refund as ``decision`` says (the one code path for every decision, appealed or not)."""
+    b.decision = decision
     if not decision.accepted:
         reason = (
             RefundReason.NO_QUORUM
             if all(x.median is None and not x.unreadable for x in decision.verdicts)
             else RefundReason.NO_ACCEPTED_RESULT
         )
-        b.publish(complete)
         b.move(S.REFUNDING, reason)
         _refund(b, reason)
         return
     b.move(S.RELEASING, why)
-    b.publish(complete)
     if b.current_funds is Funds.HELD:
         _release(b, c, "released")
     else:
@@ -1177,6 +1316,10 @@ def _deadline(b: _Builder, view: JobView, fact: DeadlineReached, now: int, c: Ma
             _decide(b, view.scores, c, "validation deadline passed")
     elif view.state is S.FALLBACK:
         _decide(b, view.scores, c, "fallback deadline passed")
+    elif view.state is S.APPEALABLE:
+        _appeal_window_closed(b, view, c)
+    elif view.state is S.APPEAL:
+        _appeal_verdict(b, view.scores, c, "appeal round deadline passed")
     return due
 
 
@@ -1191,6 +1334,8 @@ def _deadline_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
     rule), not a later one."""
     if view.state is S.FALLBACK:
         return _fallback_extended(b, view, fact, now)
+    if view.state in (S.APPEALABLE, S.APPEAL):
+        return _appeal_extended(b, view, fact, now)
     if view.state not in (S.COLLECTING, S.VALIDATING):
         return ignored(b, f"job is {view.state}: no deadline to extend")
     results_to = fact.results_to if view.state is S.COLLECTING else None
@@ -1244,6 +1389,38 @@ def _fallback_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: 
     return "deadline extended"
 
 
+def _appeal_extended(b: _Builder, view: JobView, fact: DeadlineExtended, now: int) -> str:
+    """An outage across the appeal deadline (or the appeal round's) moves it, never earlier: an appeal,
+    its fee or the round's scores sent meanwhile waited on the relays (or at LND)."""
+    appeal = view.appeal
+    window = view.state is S.APPEALABLE
+    current = view.appeal_deadline if window else appeal.round_deadline if appeal is not None else None
+    if fact.appeal_to is None or current is None or fact.appeal_to <= current:
+        return ignored(b, "deadline extension: no deadline later than the one in force")
+    if window:
+        b.appeal_deadline = fact.appeal_to
+    else:
+        assert appeal is not None
+        b.appeal = replace(appeal, round_deadline=fact.appeal_to)
+    b.deadlines_extended_at = now
+    which = "appeal_deadline" if window else "appeal_round_deadline"
+    b.note(Note.FACT, {"event": "deadline extended (escrow outage)", which: fact.appeal_to, "was": current})
+    b.publish(
+        build_deadline_extension(
+            DeadlineExtension(
+                view.id,
+                view.customer,
+                None,
+                None,
+                appeal_deadline=fact.appeal_to if window else None,
+                appeal_round_deadline=None if window else fact.appeal_to,
+            )
+        )
+    )
+    _into_custody(b, "appeal deadline extended past the hold invoice's margin: into custody")
+    return "deadline extended"
+
+
 def _into_custody(b: _Builder, why: str) -> None:
     """A hold job whose money is still locked moves into custody (settle_hold): its HTLC was sized
     to outlive the request's validation deadline by the release margin (the mode rule), not a later
@@ -1283,6 +1460,7 @@ def pool_round(
     deadline: int,
     previous: str | None,
     exclude: frozenset[str] = frozenset(),
+    eval_round: EvalRound = EvalRound.FALLBACK,
 ) -> PoolRound | None:
     """The first ``count`` eligible pool keys (by key: deterministic, nobody chooses) asked to score
     ``candidates`` by ``deadline``; None when no pool key is eligible."""
@@ -1295,7 +1473,7 @@ def pool_round(
         validators=chosen,
         metric=view.req.spec.validation.metric,
         deadline=deadline,
-        round=EvalRound.FALLBACK,
+        round=eval_round,
         previous=previous,
         baseline=_baseline_ref(view),
     )
@@ -1405,6 +1583,8 @@ def due_deadline(view: JobView, now: int, c: MachineConfig) -> str | None:
         now,
         c,
         fallback_deadline=view.fallback_deadline,
+        appeal_deadline=view.appeal_deadline,
+        appeal_round_deadline=view.appeal.round_deadline if view.appeal is not None else None,
     )
 
 
@@ -1417,6 +1597,8 @@ def due_deadline_of(
     c: MachineConfig,
     *,
     fallback_deadline: int | None = None,
+    appeal_deadline: int | None = None,
+    appeal_round_deadline: int | None = None,
 ) -> str | None:
     """:func:`due_deadline` from a job row's columns (the timer scan decides without a view)."""
     if state is S.OFFERED and offer_expires_at and now > offer_expires_at + c.offer_grace_seconds:
@@ -1427,6 +1609,10 @@ def due_deadline_of(
         return "validation deadline"
     if state is S.FALLBACK and now > (fallback_deadline if fallback_deadline is not None else validation_deadline):
         return "fallback deadline"
+    if state is S.APPEALABLE and appeal_deadline is not None and now > appeal_deadline:
+        return "appeal deadline"
+    if state is S.APPEAL and appeal_round_deadline is not None and now > appeal_round_deadline:
+        return "appeal round deadline"
     return None
 
 
@@ -1446,6 +1632,269 @@ def _operator_refund(b: _Builder, view: JobView, fact: OperatorRefund, now: int,
         return ignored(b, f"job is {view.state}: an operator refunds only collecting or validating jobs")
     b.move(S.REFUNDING, f"operator refund: {fact.reason}"[:300])
     return _refund(b, RefundReason.OPERATOR)
+
+
+# ---------------------------------------------------------------------------- appeals
+
+
+def _current_appeal(b: _Builder) -> AppealView | None:
+    return b.appeal if b.appeal is not None else b.view.appeal
+
+
+def _open_appeal_window(b: _Builder, c: MachineConfig) -> None:
+    """The decision is published; nothing is paid or refunded until the appeal window closes. A hold
+    job whose HTLC cannot outlive the window and an appeal round (the mode rule sized it to outlive
+    the request's validation deadline by the release margin) goes into custody now."""
+    view, now = b.view, b.now
+    deadline = now + c.terms.appeal_window_s
+    b.move(S.APPEALABLE, "decided: the appeal window is open")
+    b.appeal_deadline = deadline
+    b.deadlines_extended_at = now  # the appeal deadline counts from now: earlier outages are behind it
+    b.note(
+        Note.FACT,
+        {"event": "appeal window", "deadline": deadline, "accepted": b.decision is not None and b.decision.accepted},
+    )
+    for who in dict.fromkeys((view.customer, *(r.provider for r in view.results))):
+        b.publish(build_appeal_window(AppealWindow(view.id, who, deadline)))
+    if deadline + c.appeal_round_seconds > view.req.spec.validation_deadline:
+        _into_custody(b, "the appeal window and round outlast the hold invoice's margin: into custody")
+
+
+def _appeal_received(b: _Builder, view: JobView, fact: AppealReceived, now: int, c: MachineConfig) -> str:
+    """The first valid appeal of the job is answered with its fee invoice (an effect); any other is
+    ignored with the reason in the timeline: not appealable now, late, a second appeal, a key that is
+    neither the customer nor the provider of a rejected result."""
+    seen = {"event": fact.event_id, "from": fact.appellant}
+    if view.state is not S.APPEALABLE or view.appeal_deadline is None:
+        return ignored(b, f"job is {view.state}: no appeal window open", **seen)
+    if not _on_time(fact.received_at, view.appeal_deadline):
+        return ignored(b, "after the appeal deadline", **seen)
+    if view.appeal is not None:
+        return ignored(b, "the job was appealed before (one appeal per job)", **seen)
+    decision = view.decision
+    assert decision is not None, "an appealable job has its decision"
+    if fact.appellant == view.customer:
+        if fact.result_id is not None:
+            return ignored(b, "a customer's appeal names no result", **seen)
+        if not decision.accepted:
+            return ignored(b, "nothing was accepted: the customer's appeal could not change the decision", **seen)
+    else:
+        verdict = next((v for v in decision.verdicts if v.result_id == fact.result_id), None)
+        if verdict is None or verdict.provider != fact.appellant:
+            return ignored(b, "not the customer, nor the provider of the result it names", **seen)
+        if verdict.accepted:
+            return ignored(b, "the result it names was accepted", **seen)
+    b.appeal = AppealView(
+        appellant=fact.appellant,
+        status=AppealStatus.REQUESTED,
+        fee_msat=c.terms.appeal_fee_msat,
+        result_id=fact.result_id,
+        event_id=fact.event_id,
+    )
+    b.note(Note.FACT, {"event": "appeal", "id": fact.event_id, "appellant": fact.appellant, "result": fact.result_id})
+    b.effect(EffectKind.CREATE_APPEAL_INVOICE)
+    return "appeal received: fee invoice being made"
+
+
+def _appeal_invoice_created(b: _Builder, view: JobView, fact: AppealInvoiceCreated, now: int, c: MachineConfig) -> str:
+    appeal = view.appeal
+    if appeal is None or appeal.status is not AppealStatus.REQUESTED:
+        return ignored(b, "no appeal waits for its fee invoice")
+    b.appeal = replace(appeal, status=AppealStatus.INVOICED, payment_hash=fact.payment_hash)
+    b.note(Note.INVOICE, {"payment_hash": fact.payment_hash, "purpose": "appeal fee", "amount_msat": fact.amount_msat})
+    b.publish(build_appeal_fee(AppealFee(view.id, appeal.appellant, fact.amount_msat, fact.bolt11)))
+    return "appeal fee invoice published"
+
+
+def _appeal_fee_paid(b: _Builder, view: JobView, fact: AppealFeePaid, now: int, c: MachineConfig) -> str:
+    """Booked into the job's appeal account; paid by the appeal deadline (LND's time): the appeal
+    round starts; later (or the appeal over): the fee goes back to the appellant and is ignored."""
+    appeal = view.appeal
+    if appeal is None or appeal.payment_hash != fact.payment_hash:
+        return ignored(b, "not this job's appeal fee invoice")
+    fee = postings.appeal_fee(view.id, fact.payment_hash, fact.amount_msat, f"appeal fee of {appeal.appellant[:16]}")
+    if not b.post(fee):
+        return ignored(b, "the appeal fee was booked before")
+    b.note(Note.POSTING, {"key": fee.key, "amount_msat": fact.amount_msat})
+    deadline = view.appeal_deadline
+    in_time = (
+        view.state is S.APPEALABLE
+        and appeal.status is AppealStatus.INVOICED
+        and deadline is not None
+        and fact.observed_at <= deadline
+    )
+    if not in_time:
+        b.appeal = replace(appeal, status=AppealStatus.LATE)
+        _refund_appeal_fee(b, appeal, fact.amount_msat, "paid after the appeal deadline")
+        if b.owed > 0 and view.state is S.CLOSED:  # a finished job owes again until the fee is back
+            b.move(S.RELEASING, "an appeal fee paid after the appeal deadline is owed back")
+        elif b.owed > 0 and view.state is S.REFUNDED:
+            b.move(S.REFUNDING, "an appeal fee paid after the appeal deadline is owed back")
+        return "appeal fee paid late: refunded"
+    return _start_appeal(b, view, replace(appeal, fee_msat=fact.amount_msat), c)
+
+
+def _start_appeal(b: _Builder, view: JobView, appeal: AppealView, c: MachineConfig) -> str:
+    """An appeal round over every candidate: the job's quorum of pool validators who are not the
+    customer, a provider, a named validator or a fallback validator (``pool_round``). Fewer eligible
+    than the quorum (none, say): the fee goes back and the decision goes ahead."""
+    decision = view.decision
+    assert decision is not None
+    deadline = b.now + c.appeal_round_seconds
+    picked = pool_round(
+        view,
+        pool=c.validator_pool,
+        count=view.req.spec.validation.quorum,
+        candidates=view.results,
+        deadline=deadline,
+        previous=view.eval_request_id,
+        exclude=frozenset(view.fallback_validators),
+        eval_round=EvalRound.APPEAL,
+    )
+    if picked is None or view.eval_request_id is None or len(picked.validators) < view.req.spec.validation.quorum:
+        # (fewer eligible pool keys than the quorum could never reach a verdict)
+        b.appeal = replace(appeal, status=AppealStatus.VOID)
+        _refund_appeal_fee(b, appeal, appeal.fee_msat, "too few pool validators are eligible: the appeal cannot run")
+        _carry_out(b, decision, c, "appeal void (no pool validator eligible): the decision stands")
+        return "appeal void: fee refunded, the decision stands"
+    b.move(S.APPEAL, "appeal fee paid: appeal round")
+    b.deadlines_extended_at = b.now  # the round's deadline counts from now
+    b.appeal = replace(appeal, status=AppealStatus.RUNNING, round_deadline=deadline, validators=picked.validators)
+    b.note(Note.FACT, {"event": "appeal round", "validators": list(picked.validators), "deadline": deadline})
+    b.events.append(
+        Outgoing(
+            build_evaluation_request(picked.request),
+            EventRole.APPEAL_REQUEST,
+            evaluation=picked.request,
+            seal_keys=picked.seal_keys,
+        )
+    )
+    for who in dict.fromkeys((view.customer, *(r.provider for r in view.results))):
+        b.publish(build_appeal_round(AppealRoundStarted(view.id, who, deadline)))
+    _into_custody(b, "appeal round past the hold invoice's margin: into custody")
+    return "appeal round started"
+
+
+def _appeal_window_closed(b: _Builder, view: JobView, c: MachineConfig) -> None:
+    """No paid appeal by the deadline: the decision goes ahead exactly as it was taken."""
+    decision = view.decision
+    assert decision is not None
+    appeal = view.appeal
+    if appeal is not None and appeal.status in (AppealStatus.REQUESTED, AppealStatus.INVOICED):
+        b.appeal = replace(appeal, status=AppealStatus.UNPAID)
+    _carry_out(b, decision, c, "appeal window closed: as decided")
+
+
+def appeal_won(view: JobView, appeal: AppealView, first: Decision, final: Decision) -> bool:
+    """The final decision went the appellant's way: the provider's result now accepted, or (the
+    customer's appeal) a result the first decision accepted now rejected."""
+    accepted = {v.result_id for v in final.verdicts if v.accepted}
+    if appeal.appellant != view.customer:
+        return appeal.result_id in accepted
+    return any(v.accepted and v.result_id not in accepted for v in first.verdicts)
+
+
+def _appeal_verdict(b: _Builder, scores: tuple[ScoreView, ...], c: MachineConfig, why: str) -> None:
+    """Only the appeal round's scores count; its decision is final and carried out instead of the
+    first. Short of quorum: the first decision stands and the fee goes back (not the appellant's fault)."""
+    view = b.view
+    appeal, first = view.appeal, view.decision
+    assert appeal is not None and first is not None
+    ours = tuple(x for x in scores if x.validator in appeal.validators and x.value is not None)
+    quorum = view.req.spec.validation.quorum
+    short = [rid for rid in scored_models(view, view.results) if sum(1 for x in ours if x.result_id == rid) < quorum]
+    if short:
+        b.appeal = replace(appeal, status=AppealStatus.VOID)
+        b.note(Note.FACT, {"event": "appeal round short of quorum", "short": short})
+        _refund_appeal_fee(b, appeal, appeal.fee_msat, "the appeal round missed quorum")
+        _carry_out(b, first, c, "appeal void (quorum missed): the decision stands")
+        return
+    final = decide(view, ours, f"appeal verdict ({why})", kept_validator_fees=dict(first.validator_fees))
+    won = appeal_won(view, appeal, first, final)
+    scorers = tuple(
+        v for v in sorted(appeal.validators) if any(x.validator == v and x.result_id != BASELINE for x in ours)
+    )
+    money = rule.appeal_money(
+        won=won,
+        scorers=scorers,
+        validator_fee_msat=view.req.split.validator_fee_msat,
+        appeal_fee_msat=appeal.fee_msat,
+        job_income_msat=final.fee_income_msat if final.accepted else 0,
+    )
+    b.appeal = replace(appeal, status=AppealStatus.WON if won else AppealStatus.LOST)
+    b.note(
+        Note.FACT,
+        {"event": "appeal verdict", "won": won, "validator_fees": money.validator_fees, "why": why},
+    )
+    b.release_detail = {"first_decision": decision_summary(first), "appeal_won": won}
+    b.publish(_validation_complete(view, final, ours))
+    if won:
+        _refund_appeal_fee(b, appeal, appeal.fee_msat, "the appeal won")
+        final = replace(final, appeal_fees=money.validator_fees)
+    else:
+        _keep_appeal_fee(b, appeal, money)
+    _carry_out(b, final, c, "appeal verdict: final")
+
+
+def decision_summary(d: Decision) -> dict[str, object]:
+    """What the first decision said, kept with the final one (the API and the audit show both)."""
+    return {
+        "why": d.why,
+        "accepted": [v.result_id for v in d.verdicts if v.accepted],
+        "validator_fees": dict(d.validator_fees),
+    }
+
+
+def _refund_appeal_fee(b: _Builder, appeal: AppealView, held: int, why: str) -> None:
+    """The appeal fee held for the job goes back to its appellant, less its route's reserve (as any
+    refund: the escrow earned nothing on it), claimable with an invoice (no destination is known)."""
+    view = b.view
+    back = rule.refundable(held, b.config.terms.routing_fee_ppm)
+    if back < b.config.terms.min_payout_msat:
+        back = 0
+    owed = ((accounts.refund(appeal.appellant, view.id), -back),) if back else ()
+    p = postings.appeal(view.id, held, owed, held - back, f"appeal fee refunded: {why}")
+    if not b.post(p):
+        return
+    b.note(Note.POSTING, {"key": p.key, "lines": [list(x) for x in p.lines]})
+    if back:
+        _pay(
+            b,
+            NewPayout(
+                f"{view.id}:appeal_fee_refund",
+                view.id,
+                PayoutKind.APPEAL_FEE_REFUND,
+                appeal.appellant,
+                back,
+                Destination.none(),
+                held - back,
+            ),
+        )
+
+
+def _keep_appeal_fee(b: _Builder, appeal: AppealView, money: rule.AppealMoney) -> None:
+    """A lost appeal: its fee pays the appeal validators who scored; the rest is the escrow's."""
+    view = b.view
+    owed = tuple((accounts.payable(v, view.id), -fee) for v, fee in money.validator_fees.items())
+    p = postings.appeal(view.id, appeal.fee_msat, owed, money.fee_income_msat, "appeal lost: the fee is kept")
+    if not b.post(p):
+        return
+    b.note(Note.POSTING, {"key": p.key, "lines": [list(x) for x in p.lines]})
+    budgets = rule.routing_budgets(dict(money.validator_fees), money.fee_income_msat)
+    for v, fee in money.validator_fees.items():
+        _pay(
+            b,
+            NewPayout(
+                f"{view.id}:validator:{v}",
+                view.id,
+                PayoutKind.VALIDATOR_FEE,
+                v,
+                fee,
+                Destination.none(),
+                budgets[v],
+                earned_by=_scores_event(view, b, v),
+            ),
+        )
 
 
 # ---------------------------------------------------------------------------- money out
@@ -1513,7 +1962,10 @@ def _custodial_refund(b: _Builder, reason: str, outcome: str) -> str:
 
 def _finish_refund(b: _Builder, reason: str, amount_msat: int, outcome: str) -> str:
     view = b.view
-    b.move(S.REFUNDED, str(reason))
+    if b.owed > 0:  # an appeal's payouts (its fee back, or its validators) are still owed: final once paid
+        b.move(S.REFUNDING, f"{reason}: the customer's money is back; the appeal's payouts are still owed")
+    else:
+        b.move(S.REFUNDED, str(reason))
     if amount_msat > 0:
         b.publish(
             build_refunded(
@@ -1560,7 +2012,8 @@ def _release(b: _Builder, c: MachineConfig, outcome: str) -> str:
                     earned_by=r.id,
                 )
             )
-    for validator, fee in decision.validator_fees.items():
+    # A won appeal's validators are paid here, from what the escrow earns on the job (rule.appeal_money).
+    for validator, fee in (*decision.validator_fees.items(), *decision.appeal_fees.items()):
         owed.append((accounts.payable(validator, view.id), -fee))
         payouts.append(
             NewPayout(
@@ -1603,6 +2056,7 @@ def _release(b: _Builder, c: MachineConfig, outcome: str) -> str:
         return ignored(b, "released before")
     b.note(Note.POSTING, {"key": p.key, "lines": [list(x) for x in p.lines]})
     b.release_detail = {
+        **(b.release_detail or {}),
         "overpaid_msat": max(0, overpaid),
         "routing_budgets_msat": budgets,
         "fee_income_at_release_msat": fee_income,
@@ -1664,7 +2118,7 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
     p = fact.payout
     if p.payment_hash is None:
         return ignored(b, f"payout {p.id} succeeded without a payment hash")
-    to_customer = p.kind in (PayoutKind.REFUND, PayoutKind.OVERPAID)  # money back, not earned
+    to_customer = p.kind.to_customer  # money back, not earned
     liability = accounts.refund(p.payee, view.id) if to_customer else accounts.payable(p.payee, view.id)
     booked = b.post(
         postings.payout(
@@ -1688,6 +2142,8 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
     if p.kind is PayoutKind.REFUND:
         if view.state is S.REFUNDING:
             return _finish_refund(b, view.refund_reason or "refunded", p.amount_msat, "payout booked")
+    elif view.state is S.REFUNDING and _refund_done(b, view, p):
+        b.move(S.REFUNDED, "the customer's refund and the appeal's payouts are paid")
     elif not to_customer:
         earned_by = p.earned_by or _scores_event(view, b, p.payee)
         if earned_by is None:  # a receipt must name what earned it (never the job twice: unparseable)
@@ -1704,9 +2160,17 @@ def _payout_succeeded(b: _Builder, view: JobView, fact: PayoutSucceeded, now: in
                     )
                 )
             )
-    if view.state is S.RELEASING and _none_open(view, p) and b.owed == 0:
+    released = postings.release_key(view.id) in b.posted  # (a lost appeal's fees may be paid before it)
+    if view.state is S.RELEASING and released and _none_open(view, p) and b.owed == 0:
         b.move(S.CLOSED, "every payout succeeded (or expired) and is booked")
     return "payout booked"
+
+
+def _refund_done(b: _Builder, view: JobView, p: PayoutView) -> bool:
+    """A refunding job whose customer has its money back (the hold cancelled, or the refund booked and
+    paid) and which owes nothing else (an appeal's payouts): it is refunded."""
+    back = b.current_funds is Funds.NONE or postings.refund_key(view.id) in b.posted
+    return back and _none_open(view, p) and b.owed == 0
 
 
 def _none_open(view: JobView, p: PayoutView) -> bool:
@@ -1769,9 +2233,9 @@ def _payout_expired(b: _Builder, view: JobView, fact: PayoutExpired, now: int, c
         )
     )
     if _none_open(view, p) and b.owed == 0:
-        if view.state is S.RELEASING:
+        if view.state is S.RELEASING and postings.release_key(view.id) in b.posted:
             b.move(S.CLOSED, "every payout succeeded or expired and is booked")
-        elif view.state is S.REFUNDING and p.kind is PayoutKind.REFUND:
+        elif view.state is S.REFUNDING and (p.kind is PayoutKind.REFUND or _refund_done(b, view, p)):
             b.move(S.REFUNDED, "the refund's claim expired: booked to unclaimed")
     return "payout expired: booked to unclaimed"
 
@@ -1848,6 +2312,12 @@ def _dispatch(b: _Builder, view: JobView, fact: Fact, now: int, c: MachineConfig
             return _claim_reminder(b, view, fact, now, c)
         case OperatorRefund():
             return _operator_refund(b, view, fact, now, c)
+        case AppealReceived():
+            return _appeal_received(b, view, fact, now, c)
+        case AppealInvoiceCreated():
+            return _appeal_invoice_created(b, view, fact, now, c)
+        case AppealFeePaid():
+            return _appeal_fee_paid(b, view, fact, now, c)
     raise TypeError(f"not a fact: {fact!r}")
 
 

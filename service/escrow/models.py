@@ -67,6 +67,12 @@ class Job(Base):
     fallback_request_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     fallback_deadline: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     fallback_validators: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The appeal (docs/escrow.md, "Appeals"): until when one may be made (set when the decision opens
+    # the window), the appeal round's deadline, and the appeal itself (JSON: appellant, status, fee,
+    # result, fee invoice's payment hash, the round's request and validators).
+    appeal_deadline: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    appeal_round_deadline: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    appeal: Mapped[str | None] = mapped_column(Text, nullable=True)
     refund_reason: Mapped[str | None] = mapped_column(String(64), nullable=True)
     reject_reason: Mapped[str | None] = mapped_column(String(300), nullable=True)
     decision: Mapped[str | None] = mapped_column(Text, nullable=True)  # JSON
@@ -92,7 +98,8 @@ class Job(Base):
         return (
             self.mode is EscrowMode.HOLD
             and self.funds is Funds.HELD
-            and self.state in (JobState.COLLECTING, JobState.VALIDATING, JobState.FALLBACK)
+            and self.state
+            in (JobState.COLLECTING, JobState.VALIDATING, JobState.FALLBACK, JobState.APPEALABLE, JobState.APPEAL)
         )
 
 

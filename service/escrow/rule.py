@@ -175,9 +175,12 @@ def decide(
     validators: tuple[str, ...],
     baseline: dict[str, ScoreValue] | None = None,
     min_improvement: Decimal = Decimal(0),
+    kept_validator_fees: dict[str, int] | None = None,
 ) -> Decision:
     """``baseline``: the counted scores of the job's baseline model (validator -> value), None
-    for a job without one (absolute acceptance only)."""
+    for a job without one (absolute acceptance only). ``kept_validator_fees``: an appeal's final
+    decision, whose scores are the appeal round's but whose validator fees (on release) are the ones
+    the first decision gave (the appeal validators are paid by :func:`appeal_money`)."""
     if direction not in ("max", "min") or policy not in ("best", "split") or quorum < 1 or min_improvement < 0:
         raise ValueError("bad rule")
     base: ScoreValue | None = None
@@ -199,6 +202,8 @@ def decide(
     # (a validator that scored only the baseline scored no candidate: it earns nothing)
     counted_validators = [v for v in validators if any(v in c.scores for c in candidates)]
     validator_fees = {v: whole_sats(validator_fee_msat) for v in counted_validators if whole_sats(validator_fee_msat)}
+    if kept_validator_fees is not None:
+        validator_fees = dict(kept_validator_fees)
     share = bid_msat - fee_msat - validator_fee_msat * len(validator_fees)
     rewards: dict[str, int] = {}
     if accepted:
@@ -250,3 +255,37 @@ def routing_budgets(amounts: dict[str, int], budget_msat: int) -> dict[str, int]
     if total <= 0 or budget_msat <= 0:
         return {k: 0 for k in amounts}
     return {k: budget_msat * amount // total for k, amount in amounts.items()}
+
+
+@dataclass(frozen=True)
+class AppealMoney:
+    """Where an appeal's money goes (:func:`appeal_money`)."""
+
+    validator_fees: dict[str, int]  # appeal validator -> msat (whole satoshis)
+    from_appeal_fee: bool  # True: the fees come out of the appeal fee; False: the escrow's income on the job
+    fee_refund_msat: int  # the appeal fee going back to the appellant (before its route's reserve)
+    fee_income_msat: int  # of the appeal fee, what the escrow keeps
+
+
+def appeal_money(
+    *, won: bool, scorers: tuple[str, ...], validator_fee_msat: int, appeal_fee_msat: int, job_income_msat: int
+) -> AppealMoney:
+    """The appeal's money (docs/escrow.md, "Appeals"): each appeal validator who scored (``scorers``,
+    in key order) earns the job's validator fee in whole satoshis. An appeal that **loses** pays them
+    from its fee (the appellant asked for the round) and the escrow keeps the rest of the fee; one
+    that **wins** has its fee refunded in full, and they are paid from the escrow's income on the job
+    (``job_income_msat``: the escrow fee and remainders of the final decision; 0 when it refunds),
+    because the escrow's first round was wrong. Either way each fee is capped at what its source
+    still holds, in key order, so no source is overdrawn."""
+    each = whole_sats(validator_fee_msat)
+    left = appeal_fee_msat if not won else max(0, job_income_msat)
+    fees: dict[str, int] = {}
+    for v in scorers:
+        fee = min(each, whole_sats(left))
+        if fee <= 0:
+            break
+        fees[v] = fee
+        left -= fee
+    if won:
+        return AppealMoney(fees, False, appeal_fee_msat, 0)
+    return AppealMoney(fees, True, 0, appeal_fee_msat - sum(fees.values()))

@@ -26,11 +26,11 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.db import rowcount, table_of
-from service.escrow.engine import Engine, payout_ref
+from service.escrow.engine import Engine, appeal_of, payout_ref
 from service.escrow.models import Consumed, Effect, Job, JobState
 from service.lightning.errors import InvoiceStateError
 from service.lightning.invoices import EscrowInvoices
-from service.lightning.models import LnFact, LnInvoice
+from service.lightning.models import InvoicePurpose, LnFact, LnInvoice
 from service.lightning.settlement import SettlementWatcher
 from service.nostr.inbox import Inbox
 from service.payouts.models import Payout
@@ -46,6 +46,8 @@ DEADLINE_OF_STATE = {
     JobState.COLLECTING.value: "results_deadline",
     JobState.VALIDATING.value: "validation_deadline",
     JobState.FALLBACK.value: "fallback_deadline",
+    JobState.APPEALABLE.value: "appeal_deadline",
+    JobState.APPEAL.value: "appeal_round_deadline",
 }
 
 
@@ -171,6 +173,8 @@ class EngineRunner:
                 func.coalesce(Job.validation_extended_to, Job.validation_deadline) <= now,
             ),
             and_(Job.state == JobState.FALLBACK.value, Job.fallback_deadline <= now),
+            and_(Job.state == JobState.APPEALABLE.value, Job.appeal_deadline <= now),
+            and_(Job.state == JobState.APPEAL.value, Job.appeal_round_deadline <= now),
         )
         ref = _timer_ref_sql()
         async with self.sessions() as s:
@@ -382,9 +386,15 @@ class EffectRunner:
         async with self.sessions() as s:
             job = await s.get(Job, eff.job_id)
             existing = (
-                await s.scalars(select(LnInvoice).where(LnInvoice.job_id == eff.job_id).order_by(LnInvoice.created_at))
+                await s.scalars(
+                    select(LnInvoice)
+                    .where(LnInvoice.job_id == eff.job_id, LnInvoice.purpose == InvoicePurpose.JOB)
+                    .order_by(LnInvoice.created_at)
+                )
             ).first()
-        if eff.kind == "create_invoice":
+        if eff.kind == "appeal_invoice":
+            await self._appeal_invoice(eff, job, failing)
+        elif eff.kind == "create_invoice":
             if job is None or (existing is None and job.state is not JobState.REQUESTED):
                 # Cancelled meanwhile (deleted, or this effect was quarantined and is replayed):
                 # an invoice now would be one nobody may pay.
@@ -435,6 +445,46 @@ class EffectRunner:
                 await self._done(s, eff, failing)
         else:
             raise ValueError(f"unknown effect {eff.kind}")
+
+    async def _appeal_invoice(self, eff: Effect, job: Job | None, failing: bool) -> None:
+        """The appeal fee's plain invoice, expiring at the appeal deadline; a retry after a crash reuses
+        the one recorded (one appeal per job, so one fee invoice)."""
+        async with self.sessions() as s:
+            existing = (
+                await s.scalars(
+                    select(LnInvoice).where(
+                        LnInvoice.job_id == eff.job_id, LnInvoice.purpose == InvoicePurpose.APPEAL_FEE
+                    )
+                )
+            ).first()
+        appeal = appeal_of(job.appeal, job.appeal_round_deadline) if job is not None else None
+        now = self.engine.now()
+        if existing is None:
+            if (
+                job is None
+                or appeal is None
+                or job.state is not JobState.APPEALABLE
+                or job.appeal_deadline is None
+                or job.appeal_deadline <= now
+            ):
+                async with self.sessions.begin() as s:  # the window closed meanwhile: nobody may pay it
+                    await self._done(s, eff, failing)
+                return
+            issued = await self.invoices.create(
+                None,
+                job_id=job.id,
+                amount_msat=appeal.fee_msat,
+                mode="custodial",
+                memo=f"fedstr appeal fee for job {job.id[:16]}",
+                expiry_seconds=job.appeal_deadline - now,
+                purpose=InvoicePurpose.APPEAL_FEE.value,
+            )
+            h, pr, amount = issued.payment_hash, issued.payment_request, appeal.fee_msat
+        else:
+            h, pr, amount = existing.payment_hash, existing.payment_request, existing.amount_msat
+        async with self.sessions.begin() as s:
+            await self.engine.on_appeal_invoice_created(s, eff.job_id, h, pr, amount)
+            await self._done(s, eff, failing)
 
 
 class EscrowLoop:

@@ -15,7 +15,7 @@ from service.escrow.engine import Engine, EngineConfig, IntakeBudget
 from service.escrow.models import Job, JobState
 from service.escrow.runner import EffectRunner, EngineRunner, EscrowLoop
 from service.lightning.invoices import HoldSizing
-from service.lightning.models import LnInvoice
+from service.lightning.models import InvoicePurpose, LnInvoice
 from service.liveness import Heartbeat
 from service.node import LightningService
 from service.nostr import outbox
@@ -43,6 +43,8 @@ def terms_from_settings(s: Settings) -> EscrowTerms:
         max_results_per_shard=s.max_results_per_shard,
         routing_fee_ppm=s.payout_fee_ppm,
         claim_window_s=s.claim_window_seconds,
+        appeal_window_s=s.appeal_window_seconds,
+        appeal_fee_msat=s.appeal_fee_msat if s.appeal_window_seconds else 0,
     )
 
 
@@ -88,6 +90,7 @@ class EscrowService:
                 validator_pool=tuple(v.pubkey for v in self.validator_pool if v.pubkey != key.public_key_hex),
                 fallback_round_seconds=settings.fallback_round_seconds,
                 claim_reminder_seconds=settings.claim_reminder_seconds,
+                appeal_round_seconds=settings.appeal_round_seconds,
             ),
         )
         # When this process is live: opened before the engine's timers first run (the gap before
@@ -165,7 +168,7 @@ class EscrowService:
                         LnInvoice.mode,
                         LnInvoice.expires_at,
                     )
-                    .where(LnInvoice.job_id == job_id)
+                    .where(LnInvoice.job_id == job_id, LnInvoice.purpose == InvoicePurpose.JOB)
                     .order_by(LnInvoice.created_at)
                 )
             ).first()

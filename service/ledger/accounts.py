@@ -9,6 +9,7 @@ Grammar (every id is 1–64 lowercase hex digits, so names never contain spaces,
     income:unclaimed                        payouts nobody claimed within their claim window (the
                                             operator's; an operator's reopen books one back)
     liability:escrow:<job>                  money held for a job (funded, not yet released)
+    liability:appeal:<job>                  a paid appeal fee held while the job's appeal runs
     liability:payable:<payee>:<job>         released to a payee, not yet paid out
     liability:refund:<customer>:<job>       owed back to the customer, not yet paid out
 
@@ -43,7 +44,7 @@ MAX_NAME = 200
 _ID = r"[0-9a-f]{1,64}"
 _ID_RE = re.compile(rf"\A{_ID}\Z")
 _JOB_SCOPED = re.compile(
-    rf"\Aliability:(?:escrow:(?P<job1>{_ID})|(?P<cat>payable|refund):(?P<party>{_ID}):(?P<job2>{_ID}))\Z"
+    rf"\Aliability:(?:(?P<held>escrow|appeal):(?P<job1>{_ID})|(?P<cat>payable|refund):(?P<party>{_ID}):(?P<job2>{_ID}))\Z"
 )
 
 
@@ -54,7 +55,7 @@ class AccountError(ValueError):
 class Account(NamedTuple):
     name: str
     kind: Kind
-    category: str  # node | fees | routing | unclaimed | escrow | payable | refund
+    category: str  # node | fees | routing | unclaimed | escrow | appeal | payable | refund
     party: str | None  # payee or customer pubkey for payable/refund
     job_id: str | None
 
@@ -68,6 +69,11 @@ def _check_id(what: str, value: object) -> str:
 def escrow(job_id: str) -> str:
     """Money held for ``job_id`` (credited by funding, debited by release or refund)."""
     return f"liability:escrow:{_check_id('job_id', job_id)}"
+
+
+def appeal(job_id: str) -> str:
+    """A paid appeal fee held for ``job_id`` while its appeal runs (emptied by the verdict)."""
+    return f"liability:appeal:{_check_id('job_id', job_id)}"
 
 
 def payable(payee_pubkey: str, job_id: str) -> str:
@@ -98,7 +104,7 @@ def parse(name: object) -> Account:
     if m is None:
         raise AccountError(f"unknown or malformed account name {name!r}")
     if m["job1"] is not None:
-        return Account(name, "liability", "escrow", None, m["job1"])
+        return Account(name, "liability", m["held"], None, m["job1"])
     return Account(name, "liability", m["cat"], m["party"], m["job2"])
 
 

@@ -16,7 +16,13 @@ refund_payout      payout:<payment hash>   refund(customer) +amount, node -amoun
 routing_fee        routing_fee:<hash>      routing expense +fee, node -fee
 unclaimed          unclaimed:<payout>:<n>  payable/refund +amount, unclaimed income -amount
 reclaimed          reclaimed:<payout>:<n>  unclaimed income +amount, payable/refund -amount
+appeal_fee         funding:<payment hash>  node +fee, appeal(job) -fee
+appeal             appeal:<job>            appeal(job) +fee, payables/refund(appellant) -, income -
 =================  ======================  ==============================================
+
+An appeal fee is keyed ``funding:<hash>`` like a job's funding (reconciliation matches every
+settled invoice of ours to the posting of its payment hash); ``appeal:<job>`` books the verdict's
+use of it once (docs/escrow.md, "Appeals").
 
 ``<n>`` is the payout's claim round (0, then one more for each operator's reopen): each window
 that ends books once, and each reopen books its way back once.
@@ -42,6 +48,8 @@ class PostingKind(enum.StrEnum):
     ROUTING_FEE = "routing_fee"
     UNCLAIMED = "unclaimed"
     RECLAIMED = "reclaimed"
+    APPEAL_FEE = "appeal_fee"
+    APPEAL = "appeal"
 
 
 class KeyPrefix(enum.StrEnum):
@@ -194,3 +202,27 @@ def reclaimed(job_id: str, payout_id: str, claim_round: int, liability: str, amo
         ((accounts.UNCLAIMED, amount_msat), (liability, -amount_msat)),
         memo,
     )
+
+
+def appeal_key(job_id: str) -> str:
+    return f"{PostingKind.APPEAL}:{job_id}"
+
+
+def appeal_fee(job_id: str, payment_hash: str, amount_msat: int, memo: str) -> Posting:
+    """An appellant paid the appeal fee invoice: held for the job's appeal."""
+    return Posting(
+        funding_key(payment_hash),
+        PostingKind.APPEAL_FEE,
+        job_id,
+        ((accounts.NODE, amount_msat), (accounts.appeal(job_id), -amount_msat)),
+        memo,
+    )
+
+
+def appeal(job_id: str, held_msat: int, owed: Lines, fee_income_msat: int, memo: str) -> Posting:
+    """The appeal's verdict empties the held fee (``held_msat``) into what is owed (``owed``: credits
+    to the appeal validators' payables, or the appellant's refund) and fee income (the rest)."""
+    lines: list[tuple[str, int]] = [(accounts.appeal(job_id), held_msat), *owed]
+    if fee_income_msat:
+        lines.append((accounts.FEE_INCOME, -fee_income_msat))
+    return Posting(appeal_key(job_id), PostingKind.APPEAL, job_id, tuple(lines), memo)

@@ -443,7 +443,7 @@ async def _all(session: AsyncSession, query: Select[*tuple[Any, ...]]) -> list[A
 
 
 _LIABILITY = "liability:%"
-_SCOPED_PREFIXES = ("liability:escrow:%", "liability:payable:%:%", "liability:refund:%:%")
+_SCOPED_PREFIXES = ("liability:escrow:%", "liability:appeal:%", "liability:payable:%:%", "liability:refund:%:%")
 _CHUNK = 500
 
 

@@ -76,6 +76,7 @@ class EscrowInvoices:
         memo: str = "",
         on_deadline: str = "cancel",
         expiry_seconds: int | None = None,
+        purpose: str = "job",
     ) -> IssuedInvoice:
         """Create the invoice in LND, then record it.
 
@@ -85,6 +86,7 @@ class EscrowInvoices:
         ``mode`` is the job's, ``hold`` or ``custodial``: decided once, at intake
         (``service.lightning.hold.decide_mode``); a hold invoice too long for the CLTV limit is refused.
         ``expiry_seconds``: a payment window shorter than the configured one (at least 60 s).
+        ``purpose``: ``job`` (the job's escrow invoice) or ``appeal_fee`` (``ln_invoices.purpose``).
         """
         if not 0 < amount_msat <= MAX_MSAT:
             raise ValueError("amount_msat out of range")
@@ -137,6 +139,7 @@ class EscrowInvoices:
             "state": "open",
             "amount_paid_msat": 0,
             "on_deadline": on_deadline,
+            "purpose": purpose,
             "add_index": row.add_index,
             "settle_index": 0,
             "created_at": stamp,

@@ -38,6 +38,13 @@ class OnDeadline(enum.StrEnum):
     CANCEL = "cancel"  # give it back
 
 
+class InvoicePurpose(enum.StrEnum):
+    """``ln_invoices.purpose``: what an invoice of a job is for."""
+
+    JOB = "job"  # the job's escrow invoice (hold or custodial)
+    APPEAL_FEE = "appeal_fee"  # a plain invoice for an appeal's fee
+
+
 class LnInvoice(Base):
     """An invoice the escrow issued. ``state`` changes only on a fact confirmed by lookup."""
 
@@ -58,6 +65,10 @@ class LnInvoice(Base):
     htlc_expiry_height: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # What the deadline guard does with an accepted hold invoice near its CLTV expiry.
     on_deadline: Mapped[OnDeadline] = mapped_column(StringEnum(OnDeadline), nullable=False, default=OnDeadline.CANCEL)
+    # What it is for: the job's own escrow invoice, or an appeal's fee (service/escrow: its own fact).
+    purpose: Mapped[InvoicePurpose] = mapped_column(
+        StringEnum(InvoicePurpose), nullable=False, default=InvoicePurpose.JOB, server_default="job"
+    )
     add_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     settle_index: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

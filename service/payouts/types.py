@@ -54,11 +54,13 @@ class PayoutKind(enum.StrEnum):
     VALIDATOR_FEE = "validator_fee"
     REFUND = "refund"
     OVERPAID = "overpaid"
+    APPEAL_FEE_REFUND = "appeal_refund"  # an appeal fee back to its appellant (customer or provider)
 
     @property
     def to_customer(self) -> bool:
-        """Money back to the customer (booked against its refund account), not earned."""
-        return self in (PayoutKind.REFUND, PayoutKind.OVERPAID)
+        """Money back to whoever paid it (booked against its refund account), not earned: the
+        customer's refund or overpayment, or an appellant's appeal fee."""
+        return self in (PayoutKind.REFUND, PayoutKind.OVERPAID, PayoutKind.APPEAL_FEE_REFUND)
 
 
 class DestinationKind(enum.StrEnum):

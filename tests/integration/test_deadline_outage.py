@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -34,6 +35,7 @@ from service.nostr.protocol import (
     Score,
     Shard,
     Validation,
+    build_appeal,
     build_evaluation_result,
     build_job_request,
     build_result,
@@ -317,5 +319,56 @@ async def test_a_second_outage_extends_from_the_deadline_in_force(db: str, datab
         async with sessions() as s:
             assert (await s.get(Job, ev.id)).state is S.RELEASING
         assert [x.validation_deadline for x in await _published_extensions(sessions, ev.id)] == [t0 + 146, t0 + 185]
+    finally:
+        await engine_db.dispose()
+
+
+@BOTH
+async def test_an_appeal_sent_during_an_outage_across_the_appeal_deadline_counts(db: str, database_url: str) -> None:
+    """Appeals announced (a 50 s window): the escrow is down across the appeal deadline; the
+    customer's appeal, first received after the announced deadline but before the extended one,
+    has the extension applied first and counts (its fee invoice is asked for)."""
+    t0 = int(time.time())
+    engine_db = create_engine(database_url)
+    sessions = session_factory(engine_db)
+    clock = Clock(t0)
+    terms = replace(TERMS, appeal_window_s=50, appeal_fee_msat=5_000)
+    engine = Engine(sessions, ESCROW, EngineConfig(terms=terms, relays=["ws://127.0.0.1:1"]), clock=clock)
+    try:
+        ev, req, world = await _collecting_job(sessions, engine, t0)
+        result, sha = _result_event(req, 0, t0 + 10)
+        await world.feed(result)
+        async with sessions() as s:
+            job = await s.get(Job, ev.id)
+        scores = sign_event(
+            VALIDATORS[0],
+            *build_evaluation_result(
+                request_id=job.eval_request_id,
+                job_id=ev.id,
+                escrow=ESCROW.public_key_hex,
+                scores=(Score(result.id, Decimal("0.9"), sha),),
+            ),
+            created_at=t0 + 20,
+        )
+        clock.t = t0 + 20
+        await world.feed(scores)
+        async with sessions() as s:
+            job = await s.get(Job, ev.id)
+        assert job.state is S.APPEALABLE and job.appeal_deadline == t0 + 70
+        # Down from t0+60 to t0+100: the appeal deadline (t0+70) inside; back, the appeal arrives.
+        await _outage(sessions, t0, t0 + 60, t0 + 100)
+        appeal = sign_event(
+            CUSTOMER, *build_appeal(job_id=ev.id, escrow=ESCROW.public_key_hex, reason="x"), created_at=t0 + 65
+        )
+        await world.inbox.store(appeal, "relay")
+        await _received(sessions, appeal, t0 + 101)
+        clock.t = t0 + 101
+        await world.inbox.process_pending(engine.handle_event)
+        async with sessions() as s:
+            job = await s.get(Job, ev.id)
+        assert job.state is S.APPEALABLE and job.appeal_deadline is not None and job.appeal_deadline > t0 + 101
+        assert json.loads(job.appeal or "{}").get("appellant") == CUSTOMER.public_key_hex
+        [ext] = await _published_extensions(sessions, ev.id)
+        assert ext.appeal_deadline == job.appeal_deadline
     finally:
         await engine_db.dispose()

@@ -86,6 +86,11 @@ SEALED_PROVIDER = 0  # this provider's results are sealed
 #: is in it too, and is never picked for a job that names it).
 POOL = [SecretKey(hashlib.sha256(f"machine pool {i}".encode()).digest()).public_key_hex for i in range(2)]
 POOL_CONFIG = MachineConfig(terms=TERMS, validator_pool=(VALIDATORS[0], *POOL), fallback_round_seconds=100)
+#: Appeals: a 50 s window and a 5-sat fee, an appeal round of 100 s from the pool (APPEALS), or with
+#: no pool key eligible (APPEALS_NO_POOL: a paid appeal cannot run).
+APPEAL_TERMS = replace(TERMS, appeal_window_s=50, appeal_fee_msat=5_000)
+APPEALS = replace(POOL_CONFIG, terms=APPEAL_TERMS, appeal_round_seconds=100)
+APPEALS_NO_POOL = MachineConfig(terms=APPEAL_TERMS)
 OUTAGE_SECONDS = 50  # an outage across a deadline moves it by this much
 CONTENT_KEY = hashlib.sha256(b"machine content key").digest()
 #: Its content key for the customer, as the engine re-encrypts it at intake (escrow -> customer).
@@ -138,6 +143,7 @@ class World:
     now: int = T0
     invoice: str = "none"  # none | open | accepted | settled | canceled (LND's view)
     paid_msat: int = 0  # what the customer paid into our node (settled)
+    fee_paid_msat: int = 0  # what an appellant paid into our node (the appeal fee)
     overpay_msat: int = 0  # paid beyond the invoice (LND accepts up to twice)
     payouts: tuple[PayoutView, ...] = ()
     balances: Balances = ()  # the ledger, per account
@@ -241,6 +247,8 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
             if any(o.role is machine.EventRole.FALLBACK_REQUEST for o in plan.events)
             else v.fallback_request_id
         ),
+        appeal_deadline=plan.appeal_deadline if plan.appeal_deadline is not None else v.appeal_deadline,
+        appeal=_appeal_after(v, plan),
         refund_reason=plan.refund_reason if plan.refund_reason is not None else v.refund_reason,
         decision=plan.decision if plan.decision is not None else v.decision,
         eval_request_id=hashlib.sha256(f"eval {v.id}".encode()).hexdigest()
@@ -265,6 +273,15 @@ def after(w: World, plan: Plan, fact: Fact) -> World:
         last=fact,
         problems=tuple(problems),
     )
+
+
+def _appeal_after(v: JobView, plan: Plan) -> machine.AppealView | None:
+    """The job's appeal once ``plan`` applies (the engine stamps the appeal request's id)."""
+    if plan.appeal is None:
+        return v.appeal
+    if any(o.role is machine.EventRole.APPEAL_REQUEST for o in plan.events):
+        return replace(plan.appeal, request_id=hashlib.sha256(f"appeal {v.id}".encode()).hexdigest())
+    return plan.appeal
 
 
 def _model_keys(plan: Plan) -> tuple[str, ...]:
@@ -316,6 +333,8 @@ def _scores(w: World, validator: int, good: bool, *, first_only: bool = False) -
     """Validator ``validator``'s scores of every candidate (``first_only``: of the first one only).
     In a fallback round: the fallback validator of that index, for the fallback request."""
     fallback = w.view.state is S.FALLBACK
+    if w.view.state is S.APPEAL and w.view.appeal is not None:
+        return _appeal_scores(w, validator, good)
     candidates = machine.fallback_candidates(w.view) if fallback else w.view.results
     scores = tuple(
         machine.Score(
@@ -331,6 +350,64 @@ def _scores(w: World, validator: int, good: bool, *, first_only: bool = False) -
     return machine.ScoresReceived(who, request_id, scores, eid, w.now, float(w.now))
 
 
+def _appeal_scores(w: World, validator: int, good: bool) -> machine.ScoresReceived:
+    """An appeal validator's scores of every candidate (the appeal round scores them all)."""
+    appeal = w.view.appeal
+    assert appeal is not None
+    scores = tuple(
+        machine.Score(r.id, r.model_sha256, Decimal("0.9") if good else Decimal("0.1")) for r in w.view.results
+    )
+    who = appeal.validators[validator]
+    eid = hashlib.sha256(f"appeal scores {who} {good}".encode()).hexdigest()
+    return machine.ScoresReceived(who, appeal.request_id or "", scores, eid, w.now, float(w.now))
+
+
+def _appeal_hash(job_id: str) -> str:
+    return hashlib.sha256(f"appeal fee {job_id}".encode()).hexdigest()
+
+
+def _appeal_actions(w: World) -> Iterator[tuple[str, World]]:
+    """Appeals: by the customer, by the provider of each rejected result, by a stranger; the fee
+    invoice made; the fee paid in time or after the deadline; the appeal validators' scores."""
+    v = w.view
+    if v.state is S.APPEALABLE and v.decision is not None and v.appeal is None:
+        yield "appeal by the customer", step(w, machine.AppealReceived(v.customer, None, "a" * 64, float(w.now)))
+        for r in v.results:
+            yield (
+                f"appeal by {r.provider[:4]}",
+                step(w, machine.AppealReceived(r.provider, r.id, "b" * 64, float(w.now))),
+            )
+        yield "appeal by a stranger", step(w, machine.AppealReceived(STRANGER, None, "c" * 64, float(w.now)))
+    appeal = v.appeal
+    if appeal is not None and appeal.status is machine.AppealStatus.REQUESTED:
+        yield (
+            "appeal invoice created",
+            step(w, machine.AppealInvoiceCreated(_appeal_hash(v.id), FAKE_BOLT11, appeal.fee_msat)),
+        )
+    payable = (machine.AppealStatus.INVOICED, machine.AppealStatus.UNPAID)  # LND may settle it after our deadline
+    if (
+        appeal is not None
+        and appeal.status in payable
+        and appeal.payment_hash
+        and _appeal_hash(v.id) not in {k.split(":", 1)[1] for k in v.posted if k.startswith("funding:")}
+    ):
+        deadline = v.appeal_deadline or w.now
+        for label, at in (("appeal fee paid", w.now), ("appeal fee paid late", deadline + 5)):
+            yield (
+                label,
+                step(
+                    w,
+                    machine.AppealFeePaid(_appeal_hash(v.id), appeal.fee_msat, at),
+                    fee_paid_msat=appeal.fee_msat,
+                    now=max(w.now, at),
+                ),
+            )
+    if v.state is S.APPEAL and appeal is not None:
+        for k in range(len(appeal.validators)):
+            for good in (True, False):
+                yield f"appeal scores a{k} {'good' if good else 'bad'}", step(w, _appeal_scores(w, k, good))
+
+
 def _next_deadline(w: World) -> int | None:
     v = w.view
     if v.state is S.OFFERED and v.offer_expires_at:
@@ -341,6 +418,10 @@ def _next_deadline(w: World) -> int | None:
         return v.validation_deadline + 1
     if v.state is S.FALLBACK and v.fallback_deadline is not None:
         return v.fallback_deadline + 1
+    if v.state is S.APPEALABLE and v.appeal_deadline is not None:
+        return v.appeal_deadline + 1
+    if v.state is S.APPEAL and v.appeal is not None and v.appeal.round_deadline is not None:
+        return v.appeal.round_deadline + 1
     return None
 
 
@@ -428,6 +509,7 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
             "late first-round scores v0",
             step(w, replace(_scores(w, 0, True), validator=VALIDATORS[0], request_id=v.eval_request_id or "")),
         )
+    yield from _appeal_actions(w)
     due = _next_deadline(w)
     if due is not None:
         yield "deadline", step(w, machine.DeadlineReached(), now=max(w.now, due))
@@ -441,6 +523,18 @@ def actions(w: World, *, providers: int = 2, copies: bool = True) -> Iterator[tu
                 outages=w.outages - 1,
             ),
         )
+    if due is not None and w.outages and v.state in (S.APPEALABLE, S.APPEAL):
+        current = v.appeal_deadline if v.state is S.APPEALABLE else v.appeal.round_deadline if v.appeal else None
+        if current is not None:
+            yield (
+                "outage across the appeal deadline",
+                step(
+                    w,
+                    machine.DeadlineExtended(None, None, appeal_to=current + OUTAGE_SECONDS),
+                    now=max(w.now, due),
+                    outages=w.outages - 1,
+                ),
+            )
     if due is not None and w.outages and v.state in (S.COLLECTING, S.VALIDATING):
         # The escrow was down across the deadline: the timer scan moves it by the outage (50 s).
         results_to = v.results_deadline + OUTAGE_SECONDS if v.state is S.COLLECTING else None
@@ -522,13 +616,14 @@ def violations(w: World) -> list[str]:
     if owed < 0:
         out.append(f"a liability paid beyond what was owed: {owed}")
     promised = sum(p.amount_msat for p in w.payouts)
-    if promised > w.paid_msat:
-        out.append(f"payouts of {promised} msat from {w.paid_msat} msat received")
-    if w.sent_msat > w.paid_msat:
-        out.append(f"sent {w.sent_msat} msat of {w.paid_msat} msat received")
+    came_in = w.paid_msat + w.fee_paid_msat
+    if promised > came_in:
+        out.append(f"payouts of {promised} msat from {came_in} msat received")
+    if w.sent_msat > came_in:
+        out.append(f"sent {w.sent_msat} msat of {came_in} msat received")
     # Money is conserved: the node holds what came in less what went out, as the ledger says.
-    if w.balance(accounts.NODE) != w.paid_msat - w.sent_msat - w.fees_msat:
-        out.append(f"node {w.balance(accounts.NODE)} != paid {w.paid_msat} - sent {w.sent_msat} - fees {w.fees_msat}")
+    if w.balance(accounts.NODE) != came_in - w.sent_msat - w.fees_msat:
+        out.append(f"node {w.balance(accounts.NODE)} != in {came_in} - sent {w.sent_msat} - fees {w.fees_msat}")
     ids = [p.id for p in w.payouts]
     if len(ids) != len(set(ids)):
         out.append("a payout twice")
@@ -536,8 +631,11 @@ def violations(w: World) -> list[str]:
     for p in w.payouts:
         if p.kind is PayoutKind.REWARD and p.earned_by not in accepted:
             out.append(f"reward {p.id} for a result not accepted")
-        if p.kind is PayoutKind.VALIDATOR_FEE and not accepted:
-            out.append(f"validator fee {p.id} without an accepted result")
+        appeal_validators = v.appeal.validators if v.appeal is not None else ()
+        if p.kind is PayoutKind.VALIDATOR_FEE and not accepted and p.payee not in appeal_validators:
+            out.append(f"validator fee {p.id} without an accepted result (nor a lost appeal's)")
+        if p.kind is PayoutKind.APPEAL_FEE_REFUND and (v.appeal is None or p.payee != v.appeal.appellant):
+            out.append(f"appeal fee refund {p.id} to someone who did not appeal")
         if p.kind is PayoutKind.REFUND and (v.state not in (S.REFUNDING, S.REFUNDED) or p.payee != v.customer):
             out.append(f"refund {p.id} of a job {v.state} (to {p.payee[:8]})")
         if p.kind is PayoutKind.OVERPAID and p.payee != v.customer:
@@ -556,6 +654,34 @@ def violations(w: World) -> list[str]:
     out.extend(_deadline_violations(w))
     out.extend(_key_violations(w))
     out.extend(_fallback_violations(w))
+    out.extend(_appeal_violations(w))
+    return out
+
+
+def _appeal_violations(w: World) -> list[str]:
+    """While a decision may be appealed (or an appeal runs) no money moves for the job; a paid fee is
+    refunded exactly when the appeal won, was void or came late, kept when it lost; a hold job in the
+    appeal round with its money locked can outlive it (or is going into custody)."""
+    v = w.view
+    out = []
+    moved = {postings.release_key(v.id), postings.refund_key(v.id)} & v.posted
+    if v.state in (S.APPEALABLE, S.APPEAL) and moved:
+        out.append(f"money moved ({sorted(moved)}) while the job is {v.state}")
+    appeal = v.appeal
+    refunds = [p for p in w.payouts if p.kind is PayoutKind.APPEAL_FEE_REFUND]
+    if appeal is not None and postings.appeal_key(v.id) in v.posted:
+        refunded = appeal.status in (machine.AppealStatus.WON, machine.AppealStatus.VOID, machine.AppealStatus.LATE)
+        if refunds and not refunded:
+            out.append(f"appeal {appeal.status}: its fee refunded")
+        back = -w.balance(accounts.refund(appeal.appellant, v.id)) + sum(p.amount_msat for p in refunds)
+        if refunded and w.config.terms.routing_fee_ppm < 1_000_000 and not refunds and back == 0:
+            out.append(f"appeal {appeal.status}: its fee not refunded")
+    if appeal is not None and appeal.status is machine.AppealStatus.RUNNING and v.state is not S.APPEAL:
+        out.append(f"an appeal running in a job {v.state}")
+    if v.state is S.APPEAL and v.funds is Funds.LOCKED and EffectKind.SETTLE_HOLD not in w.effects:
+        assert appeal is not None and appeal.round_deadline is not None
+        if appeal.round_deadline > v.req.spec.validation_deadline:
+            out.append("a hold job's appeal round outlasts its HTLC's margin, and it is not going into custody")
     return out
 
 
@@ -583,7 +709,14 @@ def _fallback_violations(w: World) -> list[str]:
             out.append(f"validator fee to {p.payee[:8]}, whose scores did not count")
     if v.state is S.FALLBACK and v.funds is Funds.LOCKED and EffectKind.SETTLE_HOLD not in w.effects:
         out.append("a hold job in the fallback round with its money locked, not going into custody")
-    late = [x for x in v.scores if x.validator not in fallback and x.validator not in v.req.validators]
+    appealed = set(v.appeal.validators) if v.appeal is not None else set()
+    if appealed & (barred | fallback) or not appealed <= set(w.config.validator_pool):
+        out.append(f"appeal validators {sorted(appealed)} include a barred, fallback or unpooled key")
+    late = [
+        x
+        for x in v.scores
+        if x.validator not in fallback and x.validator not in v.req.validators and x.validator not in appealed
+    ]
     if late:
         out.append("a score counted from someone neither named nor in the fallback round")
     return out

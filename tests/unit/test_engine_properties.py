@@ -19,11 +19,11 @@ from hypothesis import strategies as st
 from sqlalchemy import select, update
 
 from service.db import create_engine, insert_ignore, session_factory, utcnow
-from service.escrow.engine import Engine, EngineConfig
+from service.escrow.engine import Engine, EngineConfig, appeal_of
 from service.escrow.models import Effect, Job, JobState
 from service.ledger import accounts
 from service.ledger import service as ledger
-from service.lightning.models import LnFact, LnInvoice
+from service.lightning.models import InvoicePurpose, LnFact, LnInvoice
 from service.migrate import upgrade_async
 from service.nostr.inbox import Inbox
 from service.nostr.nip01 import SecretKey, sign_event
@@ -117,8 +117,29 @@ class World:
         for eff in effs:
             async with self.sessions.begin() as s:
                 job = await s.get(Job, eff.job_id)
-                inv = (await s.scalars(select(LnInvoice).where(LnInvoice.job_id == job.id))).first()
-                if eff.kind == "create_invoice":
+                inv = (
+                    await s.scalars(
+                        select(LnInvoice).where(LnInvoice.job_id == job.id, LnInvoice.purpose == InvoicePurpose.JOB)
+                    )
+                ).first()
+                if eff.kind == "appeal_invoice":  # the appeal fee's plain invoice
+                    appeal = appeal_of(job.appeal, None)
+                    assert appeal is not None
+                    h = hashlib.sha256(os.urandom(32)).hexdigest()
+                    s.add(
+                        LnInvoice(
+                            payment_hash=h,
+                            job_id=job.id,
+                            mode="custodial",
+                            amount_msat=appeal.fee_msat,
+                            payment_request=FAKE_BOLT11,
+                            expires_at=T0 + 10**6,
+                            purpose=InvoicePurpose.APPEAL_FEE,
+                        )
+                    )
+                    await s.flush()
+                    await self.engine.on_appeal_invoice_created(s, job.id, h, FAKE_BOLT11, appeal.fee_msat)
+                elif eff.kind == "create_invoice":
                     if inv is None:
                         pre = os.urandom(32)
                         h = hashlib.sha256(pre).hexdigest()

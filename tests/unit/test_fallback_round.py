@@ -231,14 +231,19 @@ def test_a_malformed_fallback_request_is_refused(mutate) -> None:
     assert e.value.reason is R.INVALID_FALLBACK_REQUEST
 
 
-def test_a_first_round_request_carries_no_previous_link_and_no_round_other_than_fallback() -> None:
+def test_a_first_round_request_carries_no_previous_link_and_no_round_other_than_a_pool_one() -> None:
     first = replace(REQ, round=EvalRound.FIRST, previous=None)
     t = build_evaluation_request(first)
     with pytest.raises(CodecError) as e:
         parse_evaluation_request(
-            placeholder_event(Template(t.kind, (*t.tags, ("param", "round", "appeal")), t.content))
+            placeholder_event(Template(t.kind, (*t.tags, ("param", "round", "second")), t.content))
         )
     assert e.value.reason is R.INVALID_ROUND_PARAM
+    with pytest.raises(CodecError) as e:  # an appeal round (a pool round) links the first request too
+        parse_evaluation_request(
+            placeholder_event(Template(t.kind, (*t.tags, ("param", "round", "appeal")), t.content))
+        )
+    assert e.value.reason is R.INVALID_FALLBACK_REQUEST
     with pytest.raises(CodecError):
         build_evaluation_request(replace(first, previous="3" * 64))
 

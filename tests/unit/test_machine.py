@@ -88,7 +88,60 @@ def reachable() -> dict[str, mw.World]:
         mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL, refund=r), config=mw.CLAIMS, claims=3)
         for r in (None, "refund@wallet.example")
     ]
-    return _worlds(9, [*ROOTS, wide, too_long_for_hold, *dust, *outage, *fallback, fallback_wide, *claims])
+    # Appeals: a pool for the appeal round (one named validator; two with a fallback round first), or none.
+    appeals = [
+        mw.start(mw.request(shards=1, validators=n, mode=m), config=mw.APPEALS, outages=1)
+        for m in (Mode.HOLD, Mode.CUSTODIAL)
+        for n in (1, 2)
+    ]
+    dusty = replace(mw.APPEAL_TERMS, routing_fee_ppm=1_000_000)  # a refund gives back nothing: refunded at once
+    appeals += [
+        mw.start(mw.request(shards=1, validators=1, mode=m), config=replace(cfg, terms=dusty))
+        for cfg in (mw.APPEALS, mw.APPEALS_NO_POOL)
+        for m in (Mode.HOLD, Mode.CUSTODIAL)
+    ]
+    appeals_no_pool = mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL), config=mw.APPEALS_NO_POOL)
+    worlds = _worlds(
+        9,
+        [*ROOTS, wide, too_long_for_hold, *dust, *outage, *fallback, fallback_wide, *claims, *appeals, appeals_no_pool],
+    )
+    # Deeper than the search: an appeal's verdict releasing a hold job whose HTLC then goes back, and an
+    # appeal fee paid after the deadline of a job that has finished meanwhile (closed, refunded).
+    for w in _appeal_edges():
+        worlds[_key(w)] = w
+    return worlds
+
+
+def _appeal_edges() -> list[mw.World]:
+    out = []
+    hold = mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD), config=mw.APPEALS)
+    w = _play(hold, "request", "invoice created", "pay", "result p0 s0", "scores v0 good", "appeal by the customer")
+    out.append(_play(w, "appeal invoice created", "appeal fee paid", "appeal scores a0 good"))  # lost: releasing
+    custodial = mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL), config=mw.APPEALS)
+    w = _play(
+        custodial, "request", "invoice created", "pay", "result p1 s0", "scores v0 good", "appeal by the customer"
+    )
+    w = _paid_out(_play(w, "appeal invoice created", "deadline"))
+    assert w.view.state is S.CLOSED, w.view.state
+    out.append(w)
+    dusty = replace(mw.APPEALS, terms=replace(mw.APPEAL_TERMS, routing_fee_ppm=1_000_000))
+    w = _play(mw.start(mw.request(shards=1, validators=1, mode=Mode.CUSTODIAL), config=dusty), "request")
+    w = _play(w, "invoice created", "pay", "result p0 s0", "scores v0 bad", f"appeal by {mw.PROVIDERS[0][:4]}")
+    w = _play(w, "appeal invoice created", "deadline")
+    assert w.view.state is S.REFUNDED, w.view.state
+    out.append(w)
+    return out
+
+
+def _paid_out(w: mw.World) -> mw.World:
+    """Every payout of ``w`` paid (the payee gives an invoice where one is needed)."""
+    for _ in range(8):
+        nxt = dict(mw.actions(w))
+        label = next((k for k in nxt if k.endswith("invoice given") or k.endswith("succeeded")), None)
+        if label is None:
+            break
+        w = nxt[label]
+    return w
 
 
 def _facts(w: mw.World) -> list[tuple[FactKind, mw.World, JobState]]:
@@ -177,7 +230,10 @@ def test_every_sequence_of_facts_keeps_the_invariants() -> None:
     # a fallback round (two named validators, quorum 2, a pool; hold: its money goes into custody
     # first), three facts shorter (to its release): the extra validator multiplies the sequences
     fallback = mw.start(mw.request(shards=1, validators=2, mode=Mode.HOLD), config=mw.POOL_CONFIG)
-    total = sum(paths(r, depth) for r in roots) + paths(fallback, depth - 3)
+    # an appeal (hold: its money may stay locked through the appeal round): the customer's or a
+    # provider's, paid in time or late, won or lost, and the late fee of a finished job
+    appeal = mw.start(mw.request(shards=1, validators=1, mode=Mode.HOLD), config=mw.APPEALS)
+    total = sum(paths(r, depth) for r in roots) + paths(fallback, depth - 3) + paths(appeal, depth)
     elapsed = time.monotonic() - t0
     print(
         f"\nexhaustive check: {total:,} sequences of up to {depth} facts, {len(checked):,} distinct worlds, "
@@ -229,7 +285,12 @@ def test_the_docs_show_the_table_as_generated() -> None:
 def test_pairs_are_every_state_and_fact() -> None:
     assert {s for s, _ in TRANSITIONS} <= set(JobState) and {f for _, f in TRANSITIONS} <= set(FactKind)
     # Only a cancelled job may still be paid, and an operator may reopen a finished job's expired claim.
-    reopen = {(S.CLOSED, FactKind.PAYOUT_REOPENED), (S.REFUNDED, FactKind.PAYOUT_REOPENED)}
+    reopen = {
+        (S.CLOSED, FactKind.PAYOUT_REOPENED),
+        (S.REFUNDED, FactKind.PAYOUT_REOPENED),
+        (S.CLOSED, FactKind.APPEAL_FEE_PAID),  # a late appeal fee is owed back
+        (S.REFUNDED, FactKind.APPEAL_FEE_PAID),
+    }
     assert not any(s.final for s, f in TRANSITIONS if s is not S.CANCELLED and (s, f) not in reopen)
     assert list(itertools.islice(TRANSITIONS, 1)) == [(S.NEW, FactKind.REQUEST_ACCEPTED)]
 

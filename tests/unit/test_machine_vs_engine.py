@@ -27,7 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from sqlalchemy import select, update
 
 from service.db import create_engine, session_factory
-from service.escrow.engine import Engine, EngineConfig
+from service.escrow.engine import Engine, EngineConfig, appeal_of
 from service.escrow.machine import FactKind, JobState
 from service.escrow.models import Result
 from service.ledger import service as ledger
@@ -42,11 +42,22 @@ ROOTS = [
     dict(shards=1, validators=1, mode=Mode.CUSTODIAL),
     dict(shards=2, validators=2, quorum=1, mode=Mode.CUSTODIAL, policy="split"),
     dict(shards=2, validators=2, mode=Mode.HOLD, policy="best"),
+    dict(shards=1, validators=1, mode=Mode.HOLD),  # with appeals (APPEALED)
+    dict(shards=2, validators=1, quorum=1, mode=Mode.CUSTODIAL),  # with appeals
 ]
 #: Roots (by index) run with the escrow announcing a validator pool: a missed quorum may get a fallback round.
 POOLED = {1, 3}
 #: Their config: the pool and its fallback window, with the claim window every root has.
 POOLED_CLAIMS = replace(mw.CLAIMS, validator_pool=mw.POOL_CONFIG.validator_pool, fallback_round_seconds=100)
+#: Roots (by index) whose decisions may be appealed (a window, a fee, an appeal round from the pool).
+APPEALED = {4, 5}
+APPEALED_CLAIMS = replace(mw.APPEALS, terms=replace(mw.APPEAL_TERMS, claim_window_s=1_000), claim_reminder_seconds=100)
+
+
+def _config(root: int) -> Any:
+    return APPEALED_CLAIMS if root in APPEALED else POOLED_CLAIMS if root in POOLED else mw.CLAIMS
+
+
 _TEMPLATE: list[str] = []
 
 
@@ -95,7 +106,7 @@ class EngineVsMachine(RuleBasedStateMachine):
         # One job per run, its id unique across runs (a PostgreSQL database is shared by them).
         req = mw.request(bid=1_000_000 + 1_000 * EngineVsMachine.runs, **ROOTS[root])  # type: ignore[arg-type]
         # One escrow outage across a deadline may happen; payouts expire and are reopened, twice.
-        config = POOLED_CLAIMS if root in POOLED else mw.CLAIMS
+        config = _config(root)
         self.world = mw.start(req, overpay=overpay, outages=1, config=config, claims=2)
         self.engine.machine_config = config  # the engine's pool, fallback and claim windows: the world's
 
@@ -181,10 +192,16 @@ class EngineVsMachine(RuleBasedStateMachine):
 
             row = (
                 await s.execute(
-                    select(Job.eval_request_id, Job.fallback_request_id).where(Job.id == self.world.view.id)
+                    select(Job.eval_request_id, Job.fallback_request_id, Job.appeal).where(Job.id == self.world.view.id)
                 )
             ).one_or_none()
-        eid, fid = row if row is not None else (None, None)
+        eid, fid, appeal = row if row is not None else (None, None, None)
+        stored = appeal_of(appeal, None)
+        pure = self.world.view.appeal
+        if stored is not None and pure is not None and stored.request_id != pure.request_id:
+            self.world = replace(
+                self.world, view=replace(self.world.view, appeal=replace(pure, request_id=stored.request_id))
+            )
         if eid is not None and eid != self.world.view.eval_request_id:
             self.world = replace(self.world, view=replace(self.world.view, eval_request_id=eid))
         if fid is not None and fid != self.world.view.fallback_request_id:
@@ -223,6 +240,7 @@ class EngineVsMachine(RuleBasedStateMachine):
                 pure.fallback_deadline,
                 pure.fallback_validators,
             ), where
+            assert (real.appeal_deadline, real.appeal) == (pure.appeal_deadline, pure.appeal), where
             assert [r.id for r in real.results] == [r.id for r in pure.results], where
             assert [r.customer_key for r in real.results] == [r.customer_key for r in pure.results], where
             assert released == set(w.keys), where  # the sealed results whose model key went out
@@ -272,20 +290,55 @@ def test_the_world_offers_every_kind_of_fact() -> None:
     """The random walk can reach every fact kind (else the comparison would miss a path)."""
     seen: set[FactKind] = set()
     states: set[JobState] = set()
-    frontier = [
-        mw.start(
-            mw.request(bid=1_000_000, **r), outages=1, config=POOLED_CLAIMS if k in POOLED else mw.CLAIMS, claims=2
-        )  # type: ignore[arg-type]
-        for k, r in enumerate(ROOTS)
-    ]
-    for _ in range(9):
-        nxt = []
-        for w in frontier:
-            for _, x in mw.actions(w):
-                if x.last is not None:
-                    seen.add(x.last.kind)
-                states.add(x.view.state)
-                nxt.append(x)
-        frontier = nxt[:4000]
+    for k, r in enumerate(ROOTS):  # each root's walk on its own: one cannot crowd out another's facts
+        frontier = [mw.start(mw.request(bid=1_000_000, **r), outages=1, config=_config(k), claims=2)]  # type: ignore[arg-type]
+        for _ in range(9):
+            nxt = []
+            for w in frontier:
+                for _, x in mw.actions(w):
+                    if x.last is not None:
+                        seen.add(x.last.kind)
+                    states.add(x.view.state)
+                    nxt.append(x)
+            frontier = nxt[:3000]
     assert seen == set(FactKind), set(FactKind) - seen
     assert JobState.FALLBACK in states  # the pooled roots reach a fallback round
+    assert JobState.APPEAL in states  # the appealed roots reach an appeal round
+
+
+APPEAL_SCRIPTS = {
+    # the provider of a rejected result appeals, pays, the pool accepts it: won (fee back), released
+    "won": (4, ["request", "invoice created", "pay", "result p0 s0", "scores v0 bad", "appeal by {p0}",
+                "appeal invoice created", "appeal fee paid", "appeal scores a0 good", "settle"]),
+    # the customer appeals an acceptance, the pool agrees with it: lost (fee kept, pays the appeal validator)
+    "lost": (5, ["request", "invoice created", "pay", "result p0 s1", "result p1 s0", "scores v0 good",
+                 "appeal by the customer",
+                 "appeal invoice created", "appeal fee paid", "appeal scores a0 good"]),
+    # the fee paid after the appeal deadline: refunded, the decision as it was
+    "late": (5, ["request", "invoice created", "pay", "result p0 s1", "result p1 s0", "scores v0 bad",
+                 "appeal by {p1}",
+                 "appeal invoice created", "deadline", "appeal fee paid late"]),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(APPEAL_SCRIPTS))
+def test_the_engine_follows_the_machine_through_an_appeal(name: str) -> None:
+    """The appeal paths, scripted (the random walk reaches them less often): the engine on SQLite
+    agrees with the machine after every step, and its ledger's invariants hold."""
+    root, script = APPEAL_SCRIPTS[name]
+    EngineVsMachine.url = ""
+    m = EngineVsMachine()
+    try:
+        m.new_job(root, 0)
+        for label in script:
+            label = label.format(p0=mw.PROVIDERS[0][:4], p1=mw.PROVIDERS[1][:4])
+            assert m.world is not None
+            labels = [x for x, _ in mw.actions(m.world)]
+            assert label in labels, (label, labels)
+            m.next_fact(labels.index(label))
+            m.engine_and_machine_agree()
+        assert m.world is not None and m.world.view.appeal is not None
+        status = m.world.view.appeal.status.value
+        assert status == name, status
+    finally:
+        m.teardown()

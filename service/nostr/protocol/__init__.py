@@ -21,6 +21,7 @@ Modules, one per concept:
 * :mod:`.sealing` - sealed results: the ``sealed``/``key`` tags and the AEAD (§5a);
 * :mod:`.evaluation` - kinds 5702 / 6702 (§6);
 * :mod:`.feedback` - kind 7000: offer, funded, verdicts, rewards, refund, errors, payee invoices;
+* :mod:`.appeal` - kind 7000 appeals: the appeal, its fee invoice, the appeal round (§6c);
 * :mod:`.deletion` - kind 5 (NIP-09);
 * :mod:`.examples` - the example events of docs/protocol.md, built with fixed keys.
 
@@ -32,6 +33,21 @@ from __future__ import annotations
 from service.bitcoin import MAX_MSAT
 
 from .announcement import Announcement, PoolValidator, build_announcement, parse_announcement
+from .appeal import (
+    Appeal,
+    AppealFee,
+    AppealRoundStarted,
+    AppealWindow,
+    build_appeal,
+    build_appeal_fee,
+    build_appeal_round,
+    build_appeal_window,
+    is_appeal,
+    parse_appeal,
+    parse_appeal_fee,
+    parse_appeal_round,
+    parse_appeal_window,
+)
 from .capability import (
     CAPABILITY_TOPIC,
     Capabilities,
@@ -140,6 +156,19 @@ __all__ = [
     "build_capabilities",
     "parse_capabilities",
     "BASELINE",
+    "Appeal",
+    "AppealFee",
+    "AppealRoundStarted",
+    "AppealWindow",
+    "build_appeal",
+    "build_appeal_fee",
+    "build_appeal_round",
+    "build_appeal_window",
+    "is_appeal",
+    "parse_appeal",
+    "parse_appeal_fee",
+    "parse_appeal_round",
+    "parse_appeal_window",
     "Baseline",
     "FallbackStarted",
     "build_fallback_started",

@@ -4,7 +4,8 @@
 (keys sorted, compact): ``name``, ``about``, every :class:`~.terms.EscrowTerms` field,
 ``modes`` as a sorted list and ``network`` as its name. Parsers ignore unknown JSON
 keys (forward compatibility) and refuse missing or mistyped ones, except the terms added later
-(``claim_window_s``: absent is 0, no window announced). ``validators`` (optional) is
+(``claim_window_s``: absent is 0, no window announced; ``appeal_window_s`` and
+``appeal_fee_msat``: absent is 0, no appeals). ``validators`` (optional) is
 the operator's validator pool: ``[{"pubkey": <hex>, "name": <text>}, …]``.
 
 Providers publish kind 31990 too (their capabilities, :mod:`.capability`, §1a): such an event is
@@ -42,7 +43,7 @@ _INT_TERMS = (
 )
 #: Terms added after the first announcements: absent means their default (older announcements
 #: still parse); present, they must be integers like the others.
-_OPTIONAL_INT_TERMS = {"claim_window_s": 0}
+_OPTIONAL_INT_TERMS = {"claim_window_s": 0, "appeal_window_s": 0, "appeal_fee_msat": 0}
 
 
 MAX_POOL = 64

@@ -125,6 +125,7 @@ class CodecErrorReason(enum.StrEnum):
     INVALID_VERDICT = "invalid_verdict"
     INVALID_PAYMENT = "invalid_payment"
     INVALID_KIND_REF = "invalid_kind_ref"
+    INVALID_APPEAL_REASON = "invalid_appeal_reason"
     # --- announcement (31990) and shard decryption ------------------------------------
     INVALID_ANNOUNCEMENT = "invalid_announcement"
     UNDECRYPTABLE_SHARD = "undecryptable_shard"
@@ -256,6 +257,8 @@ REASON_DESCRIPTIONS: dict[CodecErrorReason, str] = {
     R.INVALID_VERDICT: "an `accepted`/`rejected` tag is malformed",
     R.INVALID_PAYMENT: "a `payment` receipt tag is malformed, or the preimage does not hash to the hash",
     R.INVALID_KIND_REF: "a deletion's `k` tag is not a kind number",
+    R.INVALID_APPEAL_REASON: "an appeal's reason (its content) is longer than 1000 characters or holds control "
+    "characters",
     R.INVALID_ANNOUNCEMENT: "the announcement's `d`/`k` tags or JSON terms are malformed",
     R.UNDECRYPTABLE_SHARD: "a NIP-44 shard does not decrypt (wrong key, tampered) or is not a URL",
     R.INVALID_SEALING: "the `sealing` tag is not `required` or `optional`",

@@ -72,6 +72,12 @@ class EvalRound(enum.StrEnum):
 
     FIRST = "first"  # §6: the job's named validators
     FALLBACK = "fallback"  # §6b: validators from the escrow's pool, after the first round missed quorum
+    APPEAL = "appeal"  # §6c: validators from the escrow's pool, after a paid appeal (its verdict is final)
+
+    @property
+    def pooled(self) -> bool:
+        """A pool round (fallback or appeal): it links the first request as ``previous`` and may carry keys."""
+        return self is not EvalRound.FIRST
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,13 +169,15 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
         raise CodecError(R.INVALID_METRIC, "metric must match [A-Za-z0-9_.:@/+-]{1,64}")
     deadline = parse_timestamp(_read_param(tags, "deadline") or "", R.INVALID_DEADLINE, "validation deadline")
     round_text = _read_param(tags, "round", required=False)
-    if round_text is not None and round_text != EvalRound.FALLBACK:
-        raise CodecError(R.INVALID_ROUND_PARAM, "an evaluation request's 'round' param can only be 'fallback'")
-    eval_round = EvalRound.FALLBACK if round_text is not None else EvalRound.FIRST
-    previous = refs.get("previous")
-    if (previous is None) == (eval_round is EvalRound.FALLBACK):
+    if round_text is not None and round_text not in (EvalRound.FALLBACK, EvalRound.APPEAL):
         raise CodecError(
-            R.INVALID_FALLBACK_REQUEST, "a fallback round (and only one) links the first request as 'previous'"
+            R.INVALID_ROUND_PARAM, "an evaluation request's 'round' param can only be 'fallback' or 'appeal'"
+        )
+    eval_round = EvalRound(round_text) if round_text is not None else EvalRound.FIRST
+    previous = refs.get("previous")
+    if (previous is None) == eval_round.pooled:
+        raise CodecError(
+            R.INVALID_FALLBACK_REQUEST, "a pool round (and only one) links the first request as 'previous'"
         )
     keys = _read_validator_keys(tags, candidates, validators)
     if keys and eval_round is EvalRound.FIRST:
@@ -200,9 +208,9 @@ def parse_evaluation_request(event: Event, *, kind: int = KIND_EVALUATION_REQUES
 
 
 def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVALUATION_REQUEST) -> Template:
-    fallback = request.round is EvalRound.FALLBACK
+    fallback = request.round.pooled
     if fallback != (request.previous is not None):
-        raise CodecError(R.INVALID_FALLBACK_REQUEST, "a fallback round (and only one) names its previous request")
+        raise CodecError(R.INVALID_FALLBACK_REQUEST, "a pool round (and only one) names its previous request")
     # A fallback request's refs are marked (job, previous); a first round's single ref stays unmarked.
     tags: list[Tag] = [event_tag(request.job_id, request.job_relay, "job" if fallback else None)]
     if request.previous is not None:
@@ -223,7 +231,7 @@ def build_evaluation_request(request: EvaluationRequest, *, kind: int = KIND_EVA
     if request.baseline is not None:
         tags.append(("baseline", *request.baseline))
     if fallback:
-        tags.append(("param", "round", EvalRound.FALLBACK.value))
+        tags.append(("param", "round", request.round.value))
     tags += [("key", k.result_id, k.validator, k.payload) for k in request.keys]
     result = template(kind, tags, "")
     parse_evaluation_request(placeholder_event(result), kind=kind)

@@ -26,6 +26,15 @@ import coincurve
 from service.nostr.nip01 import Event, SecretKey, compute_id, verify_event
 
 from .announcement import Announcement, PoolValidator, build_announcement
+from .appeal import (
+    AppealFee,
+    AppealRoundStarted,
+    AppealWindow,
+    build_appeal,
+    build_appeal_fee,
+    build_appeal_round,
+    build_appeal_window,
+)
 from .capability import Capabilities, TaskOffer, build_capabilities
 from .deletion import build_deletion
 from .errors import REASON_DESCRIPTIONS, CodecError
@@ -136,6 +145,8 @@ EXAMPLE_TERMS = EscrowTerms(
     network=Network.REGTEST,
     max_hold_seconds=3 * 86_400,
     claim_window_s=30 * 86_400,
+    appeal_window_s=86_400,
+    appeal_fee_msat=10_000,
 )
 
 
@@ -150,6 +161,7 @@ def example_events() -> list[Example]:
     escrow, customer = example_key("escrow"), example_key("customer")
     alice, bob = example_key("provider alice"), example_key("provider bob")
     v1, v2, v3 = example_key("validator 1"), example_key("validator 2"), example_key("validator 3")
+    v4 = example_key("validator 4")
     E, C = escrow.public_key_hex, customer.public_key_hex
     out: list[Example] = []
 
@@ -162,6 +174,7 @@ def example_events() -> list[Example]:
             PoolValidator(v1.public_key_hex, "validator 1"),
             PoolValidator(v2.public_key_hex, "validator 2"),
             PoolValidator(v3.public_key_hex, "validator 3"),
+            PoolValidator(v4.public_key_hex, "validator 4"),
         ),
     )
     out.append(
@@ -489,6 +502,75 @@ def example_events() -> list[Example]:
             "Refunded (another job, no quorum)",
             "§8 kind 7000",
             sign_reproducibly(escrow, build_refunded(refunded), T0 + 9_000),
+        )
+    )
+    # Had the validators rejected bob's result: the decision waits a day for an appeal; bob appeals.
+    appeal_deadline = T0 + 7_200 + EXAMPLE_TERMS.appeal_window_s
+    window = AppealWindow(job.id, bob.public_key_hex, appeal_deadline, RELAY)
+    out.append(
+        Example(
+            "Appeal window (to the customer and each provider, with the validation complete)",
+            "§6c kind 7000",
+            sign_reproducibly(escrow, build_appeal_window(window), T0 + 7_200),
+        )
+    )
+    appeal = build_appeal(
+        job_id=job.id, escrow=E, result_id=result_b.id, reason="my holdout accuracy is 0.93", job_relay=RELAY
+    )
+    appeal_event = sign_reproducibly(bob, appeal, T0 + 8_000)
+    out.append(Example("Appeal (by the provider of a rejected result)", "§6c kind 7000", appeal_event))
+    fee_hash = _hash("example appeal fee")
+    fee = AppealFee(
+        job.id,
+        bob.public_key_hex,
+        EXAMPLE_TERMS.appeal_fee_msat,
+        regtest_invoice("escrow", EXAMPLE_TERMS.appeal_fee_msat, fee_hash, "fedstr appeal fee", T0 + 8_001),
+        RELAY,
+    )
+    out.append(
+        Example(
+            "Appeal fee (the escrow's answer: a plain invoice until the appeal deadline)",
+            "§6c kind 7000",
+            sign_reproducibly(escrow, build_appeal_fee(fee), T0 + 8_001),
+        )
+    )
+    round_deadline = T0 + 8_100 + 600
+    pool = (v3.public_key_hex, v4.public_key_hex)  # the job's quorum (2) of pool keys, by key order
+    appeal_request = EvaluationRequest(
+        job_id=job.id,
+        candidates=request.candidates,
+        validators=tuple(sorted(pool)),
+        metric=job.spec.validation.metric,
+        deadline=round_deadline,
+        job_relay=RELAY,
+        round=EvalRound.APPEAL,
+        previous=request_event.id,
+        previous_relay=RELAY,
+        keys=tuple(
+            ValidatorKey(
+                c.result_id,
+                v,
+                wrap_key(
+                    escrow, v, _example_content_key(name), nonce=bytes.fromhex(_hash(f"example appeal key {name} {v}"))
+                ).payload,
+            )
+            for c, name in zip(request.candidates, ("alice", "bob"), strict=True)
+            for v in sorted(pool)
+        ),
+    )
+    out.append(
+        Example(
+            "Appeal round (the fee is paid: pool validators score every candidate; their verdict is final)",
+            "§6c kind 5702",
+            sign_reproducibly(escrow, build_evaluation_request(appeal_request), T0 + 8_100),
+        )
+    )
+    round_started = AppealRoundStarted(job.id, C, round_deadline, RELAY)
+    out.append(
+        Example(
+            "Appeal round started (to the customer and each provider)",
+            "§6c kind 7000",
+            sign_reproducibly(escrow, build_appeal_round(round_started), T0 + 8_100),
         )
     )
     expired = ClaimExpired(

@@ -17,6 +17,9 @@ success / reward claimable      —                                          :cl
 success / reward paid           —                                          :class:`RewardPaid`
 success / model key             —                                          :class:`ModelKey`
 error / claim expired           —                                          :class:`ClaimExpired`
+processing / appeal window,     (the appeals module, §6c)                  :class:`~.appeal.AppealWindow` …
+payment-required / appeal fee,
+processing / appeal round
 error / refunded: <code>        ``["escrow","refunded",<msat>]``           :class:`Refunded`
 error / cancelled: <code>       ``["escrow","cancelled",<code>]``          :class:`Cancelled`
 error / <reason>: <message>     —                                          :class:`ErrorFeedback`
@@ -35,6 +38,17 @@ from typing import Any
 
 from service.nostr.nip01 import Event
 
+from .appeal import (
+    INFO_APPEAL_FEE,
+    INFO_APPEAL_ROUND,
+    INFO_APPEAL_WINDOW,
+    AppealFee,
+    AppealRoundStarted,
+    AppealWindow,
+    parse_appeal_fee,
+    parse_appeal_round,
+    parse_appeal_window,
+)
 from .errors import CodecError, CodecErrorReason
 from .fields import (
     BASELINE,
@@ -87,6 +101,10 @@ INFO_FALLBACK = "fallback round"
 DEADLINE_RESULTS = "results"
 DEADLINE_VALIDATION = "validation"
 DEADLINE_FALLBACK = "fallback"
+DEADLINE_APPEAL = "appeal"  # the appeal window's (§6c)
+DEADLINE_APPEAL_ROUND = "appeal_round"  # an appeal round's
+#: Deadlines extended alone (one round's own), never with another.
+_ALONE = (DEADLINE_FALLBACK, DEADLINE_APPEAL, DEADLINE_APPEAL_ROUND)
 INFO_VALIDATION_COMPLETE = "validation complete"
 INFO_REWARD_CLAIMABLE = "reward claimable"
 INFO_REWARD_PAID = "reward paid"
@@ -158,6 +176,8 @@ class DeadlineExtension:
     validation_deadline: int | None
     job_relay: str = ""
     fallback_deadline: int | None = None  # a fallback round's (§6b), moved alone
+    appeal_deadline: int | None = None  # the appeal window's (§6c), moved alone
+    appeal_round_deadline: int | None = None  # an appeal round's (§6c), moved alone
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +340,9 @@ EscrowFeedback = (
     | Refunded
     | Cancelled
     | ErrorFeedback
+    | AppealWindow
+    | AppealFee
+    | AppealRoundStarted
 )
 
 
@@ -463,10 +486,10 @@ def parse_deadline_extension(event: Event) -> DeadlineExtension:
     moved: dict[str, int] = {}
     for tag in named(tags, "extended"):
         arity(tag, 3, 3, R.INVALID_DEADLINE)
-        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION, DEADLINE_FALLBACK):
+        if tag[1] not in (DEADLINE_RESULTS, DEADLINE_VALIDATION, *_ALONE):
             raise CodecError(
                 R.INVALID_DEADLINE,
-                f"an extended deadline is {DEADLINE_RESULTS!r}, {DEADLINE_VALIDATION!r} or {DEADLINE_FALLBACK!r}",
+                f"an extended deadline is one of {', '.join((DEADLINE_RESULTS, DEADLINE_VALIDATION, *_ALONE))}",
             )
         if tag[1] in moved:
             raise CodecError(R.INVALID_DEADLINE, f"the {tag[1]} deadline is extended twice")
@@ -477,14 +500,30 @@ def parse_deadline_extension(event: Event) -> DeadlineExtension:
     fallback = moved.get(DEADLINE_FALLBACK)
     if results is not None and validation is not None and validation <= results:
         raise CodecError(R.DEADLINE_ORDER, "the validation deadline must be after the results deadline")
-    if fallback is not None and (results is not None or validation is not None):
-        raise CodecError(R.INVALID_DEADLINE, "a fallback round's deadline is extended alone")
+    if any(moved.get(x) is not None for x in _ALONE) and len(moved) > 1:
+        raise CodecError(R.INVALID_DEADLINE, "a fallback round's or an appeal's deadline is extended alone")
     job_id, relay, customer = _job_and_addressee(tags)
-    return DeadlineExtension(job_id, customer, results, validation, relay, fallback)
+    return DeadlineExtension(
+        job_id,
+        customer,
+        results,
+        validation,
+        relay,
+        fallback,
+        moved.get(DEADLINE_APPEAL),
+        moved.get(DEADLINE_APPEAL_ROUND),
+    )
 
 
 def build_deadline_extension(ext: DeadlineExtension) -> Template:
-    if ext.results_deadline is None and ext.validation_deadline is None and ext.fallback_deadline is None:
+    moved = (
+        ext.results_deadline,
+        ext.validation_deadline,
+        ext.fallback_deadline,
+        ext.appeal_deadline,
+        ext.appeal_round_deadline,
+    )
+    if all(x is None for x in moved):
         raise ValueError("an extension moves at least one deadline")
     tags: list[Tag] = [_status_tag("processing", INFO_DEADLINE_EXTENDED)]
     if ext.results_deadline is not None:
@@ -495,10 +534,13 @@ def build_deadline_extension(ext: DeadlineExtension) -> Template:
         tags.append(
             ("extended", DEADLINE_VALIDATION, format_timestamp(ext.validation_deadline, R.INVALID_DEADLINE, "deadline"))
         )
-    if ext.fallback_deadline is not None:
-        tags.append(
-            ("extended", DEADLINE_FALLBACK, format_timestamp(ext.fallback_deadline, R.INVALID_DEADLINE, "deadline"))
-        )
+    for which, value in (
+        (DEADLINE_FALLBACK, ext.fallback_deadline),
+        (DEADLINE_APPEAL, ext.appeal_deadline),
+        (DEADLINE_APPEAL_ROUND, ext.appeal_round_deadline),
+    ):
+        if value is not None:
+            tags.append(("extended", which, format_timestamp(value, R.INVALID_DEADLINE, "deadline")))
     tags += [event_tag(ext.job_id, ext.job_relay), pubkey_tag(ext.customer)]
     return _finish(tags, parse_deadline_extension, ext)
 
@@ -941,6 +983,9 @@ _BY_INFO: dict[tuple[str, str], Callable[[Event], Any]] = {
     ("success", INFO_REWARD_PAID): parse_reward_paid,
     ("success", INFO_MODEL_KEY): parse_model_key,
     ("error", INFO_CLAIM_EXPIRED): parse_claim_expired,
+    ("processing", INFO_APPEAL_WINDOW): parse_appeal_window,
+    ("payment-required", INFO_APPEAL_FEE): parse_appeal_fee,
+    ("processing", INFO_APPEAL_ROUND): parse_appeal_round,
 }
 
 

@@ -95,6 +95,11 @@ class EscrowTerms:
     Claims: a payout that waits for its payee's invoice may be claimed for ``claim_window_s``
     seconds from its creation (the release or the refund); after that it expires and the money
     is the operator's (protocol.md §7). 0: no window (absent from an older announcement).
+
+    Appeals (protocol.md §6c): after validation is complete the decision waits ``appeal_window_s``
+    seconds before money moves, and the customer or a rejected provider may appeal, paying
+    ``appeal_fee_msat`` (whole satoshis; refunded if the appeal wins). 0: no appeals (absent from
+    an older announcement).
     Construction raises ``ValueError`` for inconsistent terms (a configuration error).
     """
 
@@ -113,6 +118,8 @@ class EscrowTerms:
     max_results_per_shard: int = 4
     routing_fee_ppm: int = 5_000
     claim_window_s: int = 0
+    appeal_window_s: int = 0
+    appeal_fee_msat: int = 0
 
     def __post_init__(self) -> None:
         for name in (
@@ -129,6 +136,8 @@ class EscrowTerms:
             "max_results_per_shard",
             "routing_fee_ppm",
             "claim_window_s",
+            "appeal_window_s",
+            "appeal_fee_msat",
         ):
             value = getattr(self, name)
             if type(value) is not int or value < 0:
@@ -137,6 +146,10 @@ class EscrowTerms:
             raise ValueError("fee_ppm and routing_fee_ppm must be at most 1000000")
         if self.min_payout_msat < 1_000 or self.min_payout_msat % 1_000:
             raise ValueError("min_payout_msat must be a positive whole number of satoshis (a multiple of 1000)")
+        if self.appeal_fee_msat % 1_000:
+            raise ValueError("appeal_fee_msat must be a whole number of satoshis (a multiple of 1000)")
+        if self.appeal_window_s and self.appeal_fee_msat < 1_000:
+            raise ValueError("appeals (appeal_window_s > 0) need an appeal_fee_msat of at least one satoshi")
         if self.max_results_per_shard < 1:
             raise ValueError("max_results_per_shard must be at least 1")
         if not 1 <= self.min_bid_msat <= self.max_bid_msat <= MAX_MSAT:
@@ -151,6 +164,11 @@ class EscrowTerms:
             raise ValueError("network must be a Network")
         if Mode.HOLD in self.modes and self.max_hold_seconds < 1:
             raise ValueError("offering hold mode needs max_hold_seconds >= 1")
+
+    @property
+    def appeals(self) -> bool:
+        """Whether decisions may be appealed (an appeal window is announced)."""
+        return self.appeal_window_s > 0
 
     def offers(self, mode: Mode) -> bool:
         return mode is Mode.AUTO or mode in self.modes

@@ -13,6 +13,9 @@ import pytest
 
 from service.nostr.nip01 import Event, verify_event
 from service.nostr.protocol import (
+    AppealFee,
+    AppealRoundStarted,
+    AppealWindow,
     Cancelled,
     ClaimExpired,
     CodecErrorReason,
@@ -26,8 +29,10 @@ from service.nostr.protocol import (
     RewardClaimable,
     RewardPaid,
     ValidationComplete,
+    is_appeal,
     open_scores,
     parse_announcement,
+    parse_appeal,
     parse_capabilities,
     parse_deletion,
     parse_escrow_feedback,
@@ -112,10 +117,11 @@ def test_every_documented_event_verifies_and_parses(doc):
         elif event.kind == 5702:
             request = parse_evaluation_request(event)
             assert request.job_id in jobs
-            for key in request.keys:  # a fallback round's: the pool validator opens each sealed candidate's key
+            pool = {example_key(f"validator {k}").public_key_hex: example_key(f"validator {k}") for k in (3, 4)}
+            for key in request.keys:  # a pool round's: the pool validator opens each sealed candidate's key
                 sealed_candidate = results[key.result_id].sealed
-                assert sealed_candidate is not None and key.validator == example_key("validator 3").public_key_hex
-                unwrap_key(example_key("validator 3"), escrow, key.payload, sealed_candidate.key_sha256)
+                assert sealed_candidate is not None and key.validator in pool
+                unwrap_key(pool[key.validator], escrow, key.payload, sealed_candidate.key_sha256)
         elif event.kind == 6702:
             sealed = parse_evaluation_result(event, escrow_pubkey=escrow)
             assert sealed.job_id in jobs and sealed.sealed and not sealed.scores
@@ -128,6 +134,8 @@ def test_every_documented_event_verifies_and_parses(doc):
                 sealed_model = results[body.result_id].sealed
                 assert sealed_model is not None
                 unwrap_key(example_key("customer"), escrow, body.payload, sealed_model.key_sha256)
+        elif event.kind == 7000 and is_appeal(event):
+            assert parse_appeal(event, escrow_pubkey=escrow).job_id in jobs
         elif event.kind == 7000:
             assert parse_feedback(event, escrow_pubkey=escrow).payee == event.pubkey
         elif event.kind == 5:
@@ -147,6 +155,9 @@ def test_every_documented_event_verifies_and_parses(doc):
         Refunded,
         Cancelled,
         ErrorFeedback,
+        AppealWindow,
+        AppealFee,
+        AppealRoundStarted,
     }
     assert {e.kind for e in events} == {31990, 5701, 6701, 5702, 6702, 7000, 5}
 

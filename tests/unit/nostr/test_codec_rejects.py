@@ -47,6 +47,7 @@ from service.nostr.protocol import (
     ValidationComplete,
     Verdict,
     build_announcement,
+    build_appeal,
     build_capabilities,
     build_claim_expired,
     build_deletion,
@@ -66,6 +67,7 @@ from service.nostr.protocol import (
     decrypt_shard,
     open_scores,
     parse_announcement,
+    parse_appeal,
     parse_capabilities,
     parse_claim_expired,
     parse_deletion,
@@ -514,7 +516,7 @@ eval_request_case(R.INVALID_CANDIDATE, "bad-relay", set_tag("i", h("r1"), "event
 eval_request_case(R.DUPLICATE_CANDIDATE, "r1-twice", add(("i", h("r1"), "event", RELAY)))
 eval_request_case(R.MISSING_PUBKEY_REF, "no-validator", drop("p"))
 # a fallback round (§6b): the round param, its previous link, the keys it hands on
-eval_request_case(R.INVALID_ROUND_PARAM, "round-appeal", add(("param", "round", "appeal")))
+eval_request_case(R.INVALID_ROUND_PARAM, "round-second", add(("param", "round", "second")))
 eval_request_case(R.INVALID_FALLBACK_REQUEST, "fallback-without-previous", add(("param", "round", "fallback")))
 eval_request_case(R.INVALID_FALLBACK_REQUEST, "first-with-a-key", add(("key", h("r1"), V1K, "A" * 100)))
 FALLBACK_REQ = build_evaluation_request(
@@ -708,6 +710,10 @@ fb_case(
 fb_case(R.INVALID_AMOUNT, "claimable-with-invoice", CLAIMABLE, parse_reward_claimable, set_tag("amount", "5", BOLT11))
 fb_case(R.MISSING_AMOUNT, "claimable-no-amount", CLAIMABLE, parse_reward_claimable, drop("amount"))
 fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-word", CLAIMABLE, parse_reward_claimable, add(("claim_by", "soon")))
+# an appeal (by the appellant, §6c): its reason is bounded text
+APPEAL = build_appeal(job_id=JOB.id, escrow=E, result_id="c" * 64, reason="scored on the wrong split")
+case(R.INVALID_APPEAL_REASON, "appeal-reason-too-long", lambda: parse_appeal(mutated(APPEAL, keep, content="x" * 1001)))
+case(R.INVALID_APPEAL_REASON, "appeal-reason-control", lambda: parse_appeal(mutated(APPEAL, keep, content="a\x07b")))
 fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-float", CLAIMABLE, parse_reward_claimable, add(("claim_by", "1.5")))
 fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-empty", CLAIMABLE, parse_reward_claimable, add(("claim_by",)))
 fb_case(R.INVALID_CLAIM_BY, "claimable-claim-by-two", CLAIMABLE, parse_reward_claimable, add(("claim_by", "1", "2")))
