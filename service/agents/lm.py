@@ -200,8 +200,9 @@ def _loss(params: Params, config: LMConfig, x: jax.Array, y: jax.Array) -> jax.A
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-# One compiled step per (config, optimizer settings), shared by every agent of the process; XLA
-# compiles once and the lock keeps two threads from compiling the same function at once.
+# One jitted step per (config, optimizer settings), shared by every agent of the process (XLA
+# compiles it on its first call and caches it). The lock guards only the building of those
+# functions (functools.cache is not thread-safe against two threads building one entry).
 _COMPILE_LOCK = threading.Lock()
 
 
